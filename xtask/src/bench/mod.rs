@@ -1,0 +1,1 @@
+//! Benchmark support (kube-proxy rule generators, runners).
