@@ -1,1 +1,161 @@
-fn main(){}
+//! `kpr`: the node agent of the eBPF kube-proxy replacement, and its tools.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use proxy_common::DatapathConfigV1;
+use proxy_userspace::{
+    agent::{self, AgentConfig},
+    model::ModelSettings,
+};
+use tracing_subscriber::EnvFilter;
+
+/// eBPF replacement for kube-proxy: translates Service traffic in the kernel.
+#[derive(Parser, Debug)]
+#[command(name = "kpr", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent: load the datapath, follow Services and EndpointSlices, attach to
+    /// pod interfaces.
+    Run(RunArgs),
+    /// Remove every program link and pinned map the agent left (like kube-proxy --cleanup).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Read Services, EndpointSlices and the Node from this directory of YAML/JSON
+    /// manifests, following changes to it.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+
+    /// This node's name: endpoints with this nodeName are local (traffic policies,
+    /// topology).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Directory on a BPF filesystem where maps and program links are pinned, so they
+    /// outlive the agent across restarts.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
+    bpffs: PathBuf,
+
+    /// Pod-facing interfaces to attach to: exact names or prefixes ending in `*`,
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "veth*,cali*,lxc*")]
+    pod_interfaces: Vec<String>,
+
+    /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
+    #[arg(long)]
+    keep_state: bool,
+
+    /// Capacity of the conntrack map (two entries per flow).
+    #[arg(long, value_name = "ENTRIES")]
+    conntrack_max: Option<u32>,
+
+    /// Idle timeout of established TCP flows, seconds.
+    #[arg(long, default_value_t = DatapathConfigV1::DEFAULT.tcp_established_timeout_s)]
+    conntrack_tcp_timeout: u32,
+
+    /// Idle timeout of TCP flows after FIN or RST, seconds.
+    #[arg(long, default_value_t = DatapathConfigV1::DEFAULT.tcp_closing_timeout_s)]
+    conntrack_tcp_close_timeout: u32,
+
+    /// Idle timeout of UDP flows, seconds.
+    #[arg(long, default_value_t = DatapathConfigV1::DEFAULT.udp_timeout_s)]
+    conntrack_udp_timeout: u32,
+
+    /// Handle services labelled service.kubernetes.io/service-proxy-name=NAME (services
+    /// labelled with another name are skipped, as kube-proxy does).
+    #[arg(long)]
+    proxy_name: Option<String>,
+
+    /// Address of the /healthz and /livez server ("" to disable).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+
+    /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Args, Debug)]
+struct CleanupArgs {
+    /// The pin directory the agent used.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
+    bpffs: PathBuf,
+}
+
+fn init_logging(level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn shutdown_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(&args.log_level);
+            let healthz_bind_address = if args.healthz_bind_address.is_empty() {
+                None
+            } else {
+                Some(
+                    args.healthz_bind_address
+                        .parse::<SocketAddr>()
+                        .context("--healthz-bind-address")?,
+                )
+            };
+            let config = AgentConfig {
+                manifests: args.manifests,
+                node_name: args.node_name,
+                pin_dir: args.bpffs,
+                pod_interfaces: args.pod_interfaces,
+                keep_state: args.keep_state,
+                conntrack_max: args.conntrack_max,
+                datapath: DatapathConfigV1 {
+                    tcp_established_timeout_s: args.conntrack_tcp_timeout,
+                    tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
+                    udp_timeout_s: args.conntrack_udp_timeout,
+                    _pad: 0,
+                },
+                conntrack_gc_interval: Duration::from_secs(10),
+                model: ModelSettings {
+                    proxy_name: args.proxy_name,
+                    node_port_addresses: Vec::new(),
+                },
+                healthz_bind_address,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(agent::run(config, shutdown_signal()))
+        }
+        Command::Cleanup(args) => {
+            init_logging("info");
+            agent::cleanup(&args.bpffs);
+            Ok(())
+        }
+    }
+}

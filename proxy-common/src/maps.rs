@@ -1,0 +1,361 @@
+//! BPF map layouts, names, capacities and flag values.
+//!
+//! The service table follows the layout the best-known datapaths converged on: one hash
+//! map keyed by `(frontend address, port, protocol, scope, slot)`. Slot 0 is the
+//! frontend itself (backend count, flags, service id); slots `1..=count` name the
+//! backends. A packet picks a random slot in `1..=count`, so choosing a backend is two
+//! O(1) lookups no matter how many services or backends exist.
+//!
+//! Update ordering (kept by the agent's syncer, relied upon here): backends and slots
+//! are written before the frontend's count is raised, and the count is lowered before
+//! slots or backends are deleted. A packet that reads count `n` therefore always finds
+//! slots `1..=n` and the backends they name.
+use crate::{Be16, Be32};
+
+/// Map names. The kernel keeps 15 bytes of a map name, and the agent pins maps under
+/// these names, so they double as the on-disk ABI: a layout change bumps the suffix.
+pub mod names {
+    pub const SERVICES_V4: &str = "SVC_V4_V1";
+    pub const BACKENDS_V4: &str = "BACKEND_V4_V1";
+    pub const CONNTRACK_V4: &str = "CT_V4_V1";
+    pub const AFFINITY_V4: &str = "AFFINITY_V4_V1";
+    pub const COUNTERS: &str = "COUNTERS_V1";
+    pub const CONFIG: &str = "CONFIG_V1";
+}
+
+/// Default capacities; the agent may raise them at load time.
+pub mod capacity {
+    /// Frontends plus backend slots (a service with 3 backends takes 4 entries).
+    pub const SERVICES_V4: u32 = 262_144;
+    pub const BACKENDS_V4: u32 = 131_072;
+    /// Two entries per translated flow (original and reply direction).
+    pub const CONNTRACK_V4: u32 = 524_288;
+    pub const AFFINITY_V4: u32 = 131_072;
+}
+
+/// Scope of a frontend entry: which traffic it applies to.
+pub mod scope {
+    /// The backend set for every client (the only scope most services have).
+    pub const DEFAULT: u8 = 0;
+    /// The backend set for clients inside the cluster when it differs from the
+    /// external one (externalTrafficPolicy Local reached from a local pod).
+    pub const INTERNAL: u8 = 1;
+}
+
+/// Frontend flags (slot 0 `flags`).
+pub mod service_flags {
+    /// sessionAffinity ClientIP: a client keeps its backend for `affinity_timeout_s`.
+    pub const AFFINITY: u16 = 1 << 0;
+    /// With no backend, drop silently instead of rejecting (kube-proxy drops traffic
+    /// for internalTrafficPolicy/externalTrafficPolicy Local services that have
+    /// endpoints elsewhere but none on this node; it rejects only when a service has
+    /// no endpoints at all).
+    pub const DROP_WHEN_EMPTY: u16 = 1 << 1;
+    /// A scope-INTERNAL entry exists for the same frontend.
+    pub const HAS_INTERNAL_SCOPE: u16 = 1 << 2;
+    /// The frontend is reached from outside the cluster (NodePort, externalIP,
+    /// LoadBalancer): candidates for SNAT.
+    pub const EXTERNAL: u16 = 1 << 3;
+    /// externalTrafficPolicy Local: keep the client's source address.
+    pub const EXTERNAL_LOCAL: u16 = 1 << 4;
+    /// loadBalancerSourceRanges apply to this frontend.
+    pub const SOURCE_RANGES: u16 = 1 << 5;
+}
+
+/// Conntrack entry flags.
+pub mod ct_flags {
+    /// Rewrite the packet's source to `nat_src_addr:nat_src_port`.
+    pub const REWRITE_SRC: u16 = 1 << 0;
+    /// Rewrite the packet's destination to `nat_dst_addr:nat_dst_port`.
+    pub const REWRITE_DST: u16 = 1 << 1;
+    /// The entry matches the reply direction of a translated flow.
+    pub const REPLY: u16 = 1 << 2;
+    /// A TCP FIN or RST was seen: the short closing timeout applies.
+    pub const CLOSING: u16 = 1 << 3;
+}
+
+/// Key of the service map: a frontend (slot 0) or one of its backend slots.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct ServiceKeyV4 {
+    /// Frontend address: ClusterIP, node address, externalIP or LoadBalancer IP.
+    pub addr: Be32,
+    /// Frontend port.
+    pub port: Be16,
+    /// 0 for the frontend entry, `1..=count` for backend slots.
+    pub slot: u16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    /// [`scope`] of this entry.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 12);
+
+/// Value of the service map. Slot 0 uses `count`, `flags`, `service_id` and
+/// `affinity_timeout_s`; backend slots use `backend_id` only.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct ServiceValueV4 {
+    /// Slot > 0: the backend this slot names.
+    pub backend_id: u32,
+    /// Slot 0: id of the service port, shared by all its frontends (ClusterIP,
+    /// NodePorts, ...), keys session affinity as kube-proxy's per-service-port chains do.
+    pub service_id: u32,
+    /// Slot 0: session affinity timeout in seconds (with [`service_flags::AFFINITY`]).
+    pub affinity_timeout_s: u32,
+    /// Slot 0: number of backend slots.
+    pub count: u16,
+    /// Slot 0: [`service_flags`].
+    pub flags: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValueV4>() == 16);
+
+/// A backend (endpoint address and target port), keyed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct BackendV4 {
+    pub addr: Be32,
+    pub port: Be16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<BackendV4>() == 8);
+
+/// Conntrack key: the 5-tuple of a packet as it arrives at the program.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct CtKeyV4 {
+    pub src_addr: Be32,
+    pub dst_addr: Be32,
+    pub src_port: Be16,
+    pub dst_port: Be16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
+
+/// Conntrack value: the translation to apply to packets matching the key.
+///
+/// Each translated flow has two entries, one per direction, each saying how to rewrite
+/// the packets it matches. Storing the rewrite itself (rather than an index into a
+/// reverse-NAT table) keeps a reply's translation a single lookup and lets NAT of both
+/// addresses (NodePort with SNAT) use the same entry shape.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct CtEntryV4 {
+    /// `bpf_ktime_get_ns()` of the last packet (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+    /// New source address (with [`ct_flags::REWRITE_SRC`]).
+    pub nat_src_addr: Be32,
+    /// New destination address (with [`ct_flags::REWRITE_DST`]).
+    pub nat_dst_addr: Be32,
+    /// The backend of the flow, so the agent can flush UDP flows of a removed backend.
+    pub backend_id: u32,
+    /// The service port of the flow.
+    pub service_id: u32,
+    pub nat_src_port: Be16,
+    pub nat_dst_port: Be16,
+    /// [`ct_flags`].
+    pub flags: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 32);
+
+/// Session affinity key: a client address and a service port.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct AffinityKeyV4 {
+    pub client_addr: Be32,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKeyV4>() == 8);
+
+/// Session affinity value: the backend a client sticks to.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct AffinityValueV4 {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValueV4>() == 16);
+
+/// Runtime settings of the datapath (single entry of the config array), written by
+/// the agent at start. Timeouts follow kube-proxy's conntrack settings.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct DatapathConfigV1 {
+    /// Idle timeout of an established TCP flow.
+    pub tcp_established_timeout_s: u32,
+    /// Idle timeout of a TCP flow after FIN or RST.
+    pub tcp_closing_timeout_s: u32,
+    /// Idle timeout of a UDP (or SCTP) flow.
+    pub udp_timeout_s: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DatapathConfigV1>() == 16);
+
+impl DatapathConfigV1 {
+    /// Defaults: 24 h established TCP (kube-proxy's conntrack.tcpEstablishedTimeout),
+    /// 10 s after close, 120 s UDP (the kernel's udp_timeout_stream; our entries do not
+    /// distinguish one-shot UDP).
+    pub const DEFAULT: Self = Self {
+        tcp_established_timeout_s: 86_400,
+        tcp_closing_timeout_s: 10,
+        udp_timeout_s: 120,
+        _pad: 0,
+    };
+}
+
+impl DatapathConfigV1 {
+    /// Idle timeout of a conntrack entry in nanoseconds. Shared by the datapath (which
+    /// ignores expired entries) and the agent (which reaps them).
+    #[must_use]
+    pub const fn ct_timeout_ns(&self, entry: &CtEntryV4, l4_proto: u8) -> u64 {
+        let seconds = if l4_proto != crate::proto::TCP {
+            self.udp_timeout_s
+        } else if entry.flags & ct_flags::CLOSING != 0 {
+            self.tcp_closing_timeout_s
+        } else {
+            self.tcp_established_timeout_s
+        };
+        seconds as u64 * 1_000_000_000
+    }
+
+    /// Whether `entry`, last seen at `entry.last_seen_ns`, is expired at `now_ns`.
+    #[must_use]
+    pub const fn ct_expired(&self, entry: &CtEntryV4, l4_proto: u8, now_ns: u64) -> bool {
+        now_ns.saturating_sub(entry.last_seen_ns) > self.ct_timeout_ns(entry, l4_proto)
+    }
+}
+
+impl Default for DatapathConfigV1 {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Indices of the per-CPU counters map. Events first, then drop reasons; every index
+/// has a name in [`COUNTER_NAMES`] (metric labels).
+pub mod counter {
+    /// A new flow to a frontend got a backend and a conntrack entry.
+    pub const NEW_FLOW: u32 = 0;
+    /// A packet of a known flow was translated in its original direction.
+    pub const FORWARD_TRANSLATED: u32 = 1;
+    /// A reply was translated back.
+    pub const REPLY_TRANSLATED: u32 = 2;
+    /// A new flow to a frontend without backends was answered with ICMP unreachable.
+    pub const REJECTED_NO_BACKEND: u32 = 3;
+    /// A session affinity entry chose the backend.
+    pub const AFFINITY_HIT: u32 = 4;
+    /// A non-first IPv4 fragment reached a frontend; it cannot be translated.
+    pub const FRAGMENT_PASSED: u32 = 5;
+
+    /// First drop reason; everything from here on counts dropped packets.
+    pub const FIRST_DROP: u32 = 8;
+    /// Dropped: the frontend has no backends and asks for drop (Local policies).
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 8;
+    /// Dropped: a backend slot or backend vanished under a concurrent update.
+    pub const DROP_BACKEND_MISSING: u32 = 9;
+    /// Dropped: the conntrack map refused the new entry.
+    pub const DROP_CT_INSERT: u32 = 10;
+    /// Dropped: rewriting the packet failed.
+    pub const DROP_REWRITE: u32 = 11;
+    /// Dropped: the ICMP reject could not be built.
+    pub const DROP_REJECT_FAILED: u32 = 12;
+
+    /// Size of the counters map.
+    pub const COUNT: u32 = 16;
+}
+
+/// Metric label of each counter index (empty for unused indices).
+pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
+    "new_flow",
+    "forward_translated",
+    "reply_translated",
+    "rejected_no_backend",
+    "affinity_hit",
+    "fragment_passed",
+    "",
+    "",
+    "drop_no_local_backend",
+    "drop_backend_missing",
+    "drop_ct_insert",
+    "drop_rewrite",
+    "drop_reject_failed",
+    "",
+    "",
+    "",
+];
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    //! Userspace only: aya's `Pod` marks the types safe to copy to and from the kernel.
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: #[repr(C)], only integer fields, every padding byte is an
+            // explicit field, so any bit pattern is valid and none is uninitialised.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        ServiceKeyV4,
+        ServiceValueV4,
+        BackendV4,
+        CtKeyV4,
+        CtEntryV4,
+        AffinityKeyV4,
+        AffinityValueV4,
+        DatapathConfigV1,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_names_cover_every_used_index() {
+        for index in [
+            counter::NEW_FLOW,
+            counter::FORWARD_TRANSLATED,
+            counter::REPLY_TRANSLATED,
+            counter::REJECTED_NO_BACKEND,
+            counter::AFFINITY_HIT,
+            counter::FRAGMENT_PASSED,
+            counter::DROP_NO_LOCAL_BACKEND,
+            counter::DROP_BACKEND_MISSING,
+            counter::DROP_CT_INSERT,
+            counter::DROP_REWRITE,
+            counter::DROP_REJECT_FAILED,
+        ] {
+            assert!(!COUNTER_NAMES[index as usize].is_empty(), "counter {index}");
+        }
+    }
+
+    #[test]
+    fn drop_counters_are_named_drop() {
+        for (index, name) in COUNTER_NAMES.iter().enumerate() {
+            let is_drop = index as u32 >= counter::FIRST_DROP;
+            assert!(name.is_empty() || name.starts_with("drop_") == is_drop, "{name}");
+        }
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in [
+            names::SERVICES_V4,
+            names::BACKENDS_V4,
+            names::CONNTRACK_V4,
+            names::AFFINITY_V4,
+            names::COUNTERS,
+            names::CONFIG,
+        ] {
+            assert!(name.len() <= 15, "{name}");
+        }
+    }
+}

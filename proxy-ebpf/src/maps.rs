@@ -1,0 +1,48 @@
+//! The maps, declared once. Layouts, names and capacities live in proxy-common; the
+//! static's name is the map name the agent looks up and pins. Maps are declared
+//! unpinned: the agent chooses the pin directory at load time (tests load without one).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4, DatapathConfigV1,
+    ServiceKeyV4, ServiceValueV4, capacity, counter,
+};
+
+/// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
+#[map]
+pub static SVC_V4_V1: HashMap<ServiceKeyV4, ServiceValueV4> =
+    HashMap::with_max_entries(capacity::SERVICES_V4, 0);
+
+/// Backends by id ([`proxy_common::names::BACKENDS_V4`]).
+#[map]
+pub static BACKEND_V4_V1: HashMap<u32, BackendV4> = HashMap::with_max_entries(capacity::BACKENDS_V4, 0);
+
+/// Flows, both directions ([`proxy_common::names::CONNTRACK_V4`]). LRU so a flood of
+/// new flows evicts the oldest instead of failing inserts.
+#[map]
+pub static CT_V4_V1: LruHashMap<CtKeyV4, CtEntryV4> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK_V4, 0);
+
+/// Session affinity ([`proxy_common::names::AFFINITY_V4`]).
+#[map]
+pub static AFFINITY_V4_V1: LruHashMap<AffinityKeyV4, AffinityValueV4> =
+    LruHashMap::with_max_entries(capacity::AFFINITY_V4, 0);
+
+/// Event and drop counters ([`proxy_common::counter`]).
+#[map]
+pub static COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Runtime settings, one entry ([`proxy_common::DatapathConfigV1`]).
+#[map]
+pub static CONFIG_V1: Array<DatapathConfigV1> = Array::with_max_entries(1, 0);
+
+/// The datapath settings, or the defaults until the agent has written them.
+#[inline(always)]
+pub fn config() -> DatapathConfigV1 {
+    match CONFIG_V1.get(0) {
+        Some(config) if config.udp_timeout_s != 0 => *config,
+        _ => DatapathConfigV1::DEFAULT,
+    }
+}

@@ -1,0 +1,67 @@
+//! The pod-facing TC ingress program: service translation of traffic leaving pods, and
+//! reverse translation of backend replies on their way back to clients.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use proxy_common::{counter, ct_flags, service_flags};
+
+use crate::{
+    conntrack::{self, Translation},
+    nat::{self, End},
+    parse, reject, service, stats,
+};
+
+const PASS: i32 = TC_ACT_OK as i32;
+
+pub fn try_pod_ingress(ctx: &TcContext) -> Result<i32, u32> {
+    let Some(pkt) = parse::ipv4(ctx) else {
+        return Ok(PASS);
+    };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if pkt.is_later_fragment {
+        // Without ports there is nothing to match; count those aimed at a frontend.
+        if service::lookup(&pkt.tuple, true).is_some() {
+            stats::count(counter::FRAGMENT_PASSED);
+        }
+        return Ok(PASS);
+    }
+
+    if let Some(entry) = conntrack::lookup(&pkt, now) {
+        if entry.flags & ct_flags::REWRITE_DST != 0 {
+            nat::rewrite(ctx, &pkt, End::Destination, entry.nat_dst_addr, entry.nat_dst_port)?;
+        }
+        if entry.flags & ct_flags::REWRITE_SRC != 0 {
+            nat::rewrite(ctx, &pkt, End::Source, entry.nat_src_addr, entry.nat_src_port)?;
+        }
+        stats::count(if entry.flags & ct_flags::REPLY != 0 {
+            counter::REPLY_TRANSLATED
+        } else {
+            counter::FORWARD_TRANSLATED
+        });
+        return Ok(PASS);
+    }
+
+    let Some(frontend) = service::lookup(&pkt.tuple, true) else {
+        return Ok(PASS);
+    };
+    if frontend.value.count == 0 {
+        if frontend.value.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            return Err(counter::DROP_NO_LOCAL_BACKEND);
+        }
+        let verdict = reject::port_unreachable(ctx, &pkt)?;
+        stats::count(counter::REJECTED_NO_BACKEND);
+        return Ok(verdict);
+    }
+
+    let (backend_id, backend) = service::select_backend(&frontend, pkt.tuple.src_addr)?;
+    let translation = Translation {
+        new_src: (pkt.tuple.src_addr, pkt.tuple.src_port),
+        new_dst: (backend.addr, backend.port),
+        backend_id,
+        service_id: frontend.value.service_id,
+    };
+    conntrack::create(&pkt.tuple, &translation, now)?;
+    nat::rewrite(ctx, &pkt, End::Destination, backend.addr, backend.port)?;
+    stats::count(counter::NEW_FLOW);
+    Ok(PASS)
+}

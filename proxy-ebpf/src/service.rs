@@ -1,0 +1,122 @@
+//! Frontend lookup and backend selection (random slot, or the client's affinity).
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use proxy_common::{
+    AffinityKeyV4, AffinityValueV4, BackendV4, CtKeyV4, ServiceKeyV4, ServiceValueV4, counter,
+    scope, service_flags,
+};
+
+use crate::{
+    maps::{AFFINITY_V4_V1, BACKEND_V4_V1, SVC_V4_V1},
+    stats,
+};
+
+/// A frontend entry (slot 0) as found.
+#[derive(Clone, Copy)]
+pub struct Frontend {
+    pub key: ServiceKeyV4,
+    pub value: ServiceValueV4,
+}
+
+#[inline(always)]
+fn get(key: &ServiceKeyV4) -> Option<ServiceValueV4> {
+    // SAFETY: copied out immediately; entries are replaced, never edited in place.
+    SVC_V4_V1.get_ptr(key).map(|value| unsafe { *value })
+}
+
+/// The frontend the packet is addressed to, if any. Traffic from pods uses the
+/// internal backend set where a service has one (`from_pod`).
+#[inline(always)]
+pub fn lookup(tuple: &CtKeyV4, from_pod: bool) -> Option<Frontend> {
+    let mut key = ServiceKeyV4 {
+        addr: tuple.dst_addr,
+        port: tuple.dst_port,
+        slot: 0,
+        proto: tuple.proto,
+        scope: scope::DEFAULT,
+        _pad: [0; 2],
+    };
+    let value = get(&key)?;
+    if from_pod && value.flags & service_flags::HAS_INTERNAL_SCOPE != 0 {
+        key.scope = scope::INTERNAL;
+        if let Some(internal) = get(&key) {
+            return Some(Frontend {
+                key,
+                value: internal,
+            });
+        }
+    }
+    Some(Frontend { key, value })
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<BackendV4> {
+    // SAFETY: copied out immediately.
+    BACKEND_V4_V1.get_ptr(id).map(|backend| unsafe { *backend })
+}
+
+/// The backend id in `slot` of the frontend.
+#[inline(always)]
+fn slot(frontend: &Frontend, slot: u16) -> Option<u32> {
+    let mut key = frontend.key;
+    key.slot = slot;
+    get(&key).map(|value| value.backend_id)
+}
+
+/// Picks the backend for a new flow from `client`. The frontend must have
+/// `count > 0`.
+#[inline(always)]
+pub fn select_backend(
+    frontend: &Frontend,
+    client: proxy_common::Be32,
+) -> Result<(u32, BackendV4), u32> {
+    let affinity = frontend.value.flags & service_flags::AFFINITY != 0;
+    let affinity_key = AffinityKeyV4 {
+        client_addr: client,
+        service_id: frontend.value.service_id,
+    };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if affinity {
+        if let Some(found) = AFFINITY_V4_V1.get_ptr(&affinity_key) {
+            // SAFETY: copied out immediately.
+            let found = unsafe { *found };
+            let timeout_ns = u64::from(frontend.value.affinity_timeout_s) * 1_000_000_000;
+            if now.saturating_sub(found.last_used_ns) <= timeout_ns {
+                if let Some(chosen) = backend(found.backend_id) {
+                    stats::count(counter::AFFINITY_HIT);
+                    remember(&affinity_key, found.backend_id, now);
+                    return Ok((found.backend_id, chosen));
+                }
+            }
+        }
+    }
+    let count = u32::from(frontend.value.count);
+    // SAFETY: the helper has no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    // count > 0 and <= u16::MAX, so the slot fits in u16.
+    let chosen_slot = (random % count + 1) as u16;
+    // A slot can vanish while the agent shrinks the service (count lowered first, then
+    // slots deleted); slot 1 is the last to go.
+    let backend_id = slot(frontend, chosen_slot)
+        .or_else(|| slot(frontend, 1))
+        .ok_or(counter::DROP_BACKEND_MISSING)?;
+    let chosen = backend(backend_id).ok_or(counter::DROP_BACKEND_MISSING)?;
+    if affinity {
+        remember(&affinity_key, backend_id, now);
+    }
+    Ok((backend_id, chosen))
+}
+
+#[inline(always)]
+fn remember(key: &AffinityKeyV4, backend_id: u32, now: u64) {
+    let value = AffinityValueV4 {
+        last_used_ns: now,
+        backend_id,
+        _pad: 0,
+    };
+    // Losing an affinity record only costs stickiness for one flow; never drop for it.
+    let _ = AFFINITY_V4_V1.insert(key, &value, u64::from(BPF_ANY));
+}

@@ -1,0 +1,278 @@
+//! The agent's main loop: load and adopt the datapath, follow the source, keep maps and
+//! attachments in step, reap conntrack, and leave the node clean on exit.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use proxy_common::DatapathConfigV1;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    datapath::{
+        Datapath, LoadOptions,
+        attach::Attachments,
+        conntrack,
+        interfaces::{self, LinkEvents},
+    },
+    health::{self, SyncHealth},
+    model::{self, Diagnostic, ModelSettings},
+    source::manifests::{self, Snapshot},
+    sync::Syncer,
+};
+
+/// Everything the agent needs to run.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Directory of manifests to read objects from.
+    pub manifests: PathBuf,
+    /// This node's name (local endpoints, topology).
+    pub node_name: Option<String>,
+    /// Pin directory on a bpffs.
+    pub pin_dir: PathBuf,
+    /// Interfaces facing pods (exact names or `prefix*`).
+    pub pod_interfaces: Vec<String>,
+    /// Leave programs and maps in place on exit.
+    pub keep_state: bool,
+    /// Conntrack capacity.
+    pub conntrack_max: Option<u32>,
+    /// Conntrack timeouts.
+    pub datapath: DatapathConfigV1,
+    /// How often expired conntrack entries are reaped.
+    pub conntrack_gc_interval: Duration,
+    /// Model settings (proxy name, NodePort addresses).
+    pub model: ModelSettings,
+    /// Where `/healthz` listens (`None`: no health server).
+    pub healthz_bind_address: Option<SocketAddr>,
+}
+
+/// Runs the agent until `shutdown` resolves.
+///
+/// # Errors
+/// When the datapath cannot be loaded or its maps cannot be read at start; later
+/// failures are logged and retried instead.
+pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: Some(config.pin_dir.clone()),
+        conntrack_max: config.conntrack_max,
+    })
+    .context("loading the datapath")?;
+    datapath
+        .maps
+        .set_config(&config.datapath)
+        .context("writing the datapath settings")?;
+    let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
+    if !mirror.services.is_empty() {
+        info!(
+            entries = mirror.services.len(),
+            backends = mirror.backends.len(),
+            "adopting the maps of a previous agent"
+        );
+    }
+    let mut syncer = Syncer::adopt(mirror);
+    let mut attachments = Attachments::new(Some(&config.pin_dir));
+    let health = SyncHealth::new(Duration::from_secs(60));
+    health.queued();
+    if let Some(addr) = config.healthz_bind_address {
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(error) = health::serve(addr, health).await {
+                error!(%addr, %error, "health server stopped");
+            }
+        });
+    }
+
+    let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
+    snapshots.mark_unchanged();
+    let watcher = tokio::spawn(manifests::watch_dir(
+        config.manifests.clone(),
+        config.node_name.clone(),
+        snapshots_tx,
+    ));
+
+    let mut link_events = LinkEvents::subscribe().context("subscribing to link notifications")?;
+    let mut gc_timer = tokio::time::interval(config.conntrack_gc_interval);
+    // A backstop for lost link notifications.
+    let mut rescan_timer = tokio::time::interval(Duration::from_secs(5));
+    let mut known_diagnostics = BTreeSet::new();
+    let mut synced_once = false;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    warn!("the manifest source stopped; keeping the datapath as it is");
+                    break;
+                }
+                health.queued();
+                let snapshot = snapshots.borrow_and_update().clone();
+                sync_once(&config, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics);
+                health.synced();
+                if !synced_once {
+                    synced_once = true;
+                    reconcile_interfaces(&config, &mut datapath, &mut attachments, true);
+                }
+            }
+            event = link_events.changed() => {
+                if let Err(error) = event {
+                    warn!(%error, "link notifications failed; relying on periodic rescans");
+                    link_events = LinkEvents::subscribe().context("resubscribing to link notifications")?;
+                }
+                if synced_once {
+                    reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
+                }
+            }
+            _ = rescan_timer.tick() => {
+                if synced_once {
+                    reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
+                }
+            }
+            _ = gc_timer.tick() => {
+                let now = conntrack::monotonic_now_ns();
+                match conntrack::collect_expired(&mut datapath.maps, &config.datapath, now) {
+                    Ok(report) => debug!(live = report.live, removed = report.removed, "conntrack reaped"),
+                    Err(error) => warn!(%error, "conntrack reaping failed"),
+                }
+            }
+        }
+    }
+    watcher.abort();
+    if config.keep_state {
+        info!(pin_dir = %config.pin_dir.display(), "leaving programs and maps in place (--keep-state)");
+        attachments.keep_all();
+    } else {
+        attachments.detach_all();
+        drop(datapath);
+        remove_pins(&config.pin_dir);
+        info!("detached all programs and removed the pinned maps");
+    }
+    Ok(())
+}
+
+/// One pass: model, sync, flow cleanup, logs.
+fn sync_once(
+    config: &AgentConfig,
+    snapshot: &Snapshot,
+    syncer: &mut Syncer,
+    datapath: &mut Datapath,
+    known_diagnostics: &mut BTreeSet<Diagnostic>,
+) {
+    let started = Instant::now();
+    let desired = model::desired(&snapshot.state, &config.model);
+    let diagnostics: BTreeSet<Diagnostic> = snapshot
+        .diagnostics
+        .iter()
+        .chain(&desired.diagnostics)
+        .cloned()
+        .collect();
+    for diagnostic in diagnostics.difference(known_diagnostics) {
+        warn!(
+            object = %diagnostic.object,
+            reason = diagnostic.reason.label(),
+            "skipped: {}",
+            diagnostic.message
+        );
+    }
+    for diagnostic in known_diagnostics.difference(&diagnostics) {
+        info!(object = %diagnostic.object, reason = diagnostic.reason.label(), "resolved");
+    }
+    *known_diagnostics = diagnostics;
+
+    let report = syncer.sync(&desired, &mut datapath.maps);
+    for failure in &report.failures {
+        error!(
+            service = %failure.service_port,
+            frontend = %format!("{}:{}", failure.frontend.addr, failure.frontend.port),
+            map_full = failure.error.map_full,
+            "cannot program frontend: {}",
+            failure.error.message
+        );
+    }
+    for error in &report.cleanup_errors {
+        warn!(%error, "cleanup write failed; retrying on the next pass");
+    }
+    match conntrack::forget_backends(&mut datapath.maps, &report.removed_pairs) {
+        Ok((flows, affinities)) if flows + affinities > 0 => {
+            info!(udp_flows = flows, affinities, "forgot flows of removed backends");
+        }
+        Ok(_) => {}
+        Err(error) => warn!(%error, "cannot flush flows of removed backends"),
+    }
+    info!(
+        services = snapshot.state.services.len(),
+        frontends = desired.frontends.len(),
+        written = report.frontends_written,
+        removed = report.frontends_removed,
+        map_writes = report.ops_applied,
+        failed = report.failures.len(),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "synced"
+    );
+}
+
+fn reconcile_interfaces(
+    config: &AgentConfig,
+    datapath: &mut Datapath,
+    attachments: &mut Attachments,
+    first: bool,
+) {
+    let all = match interfaces::list() {
+        Ok(all) => all,
+        Err(error) => {
+            warn!(%error, "cannot list interfaces");
+            return;
+        }
+    };
+    if first {
+        attachments.sweep_stale_pins(&all);
+    }
+    let wanted: Vec<_> = all
+        .iter()
+        .filter(|interface| interfaces::matches(&interface.name, &config.pod_interfaces))
+        .cloned()
+        .collect();
+    let program = match datapath.pod_ingress() {
+        Ok(program) => program,
+        Err(error) => {
+            error!(%error, "pod ingress program unavailable");
+            return;
+        }
+    };
+    for error in attachments.reconcile(program, &wanted) {
+        warn!(%error, "attach failed; retrying on the next interface change");
+    }
+}
+
+/// Removes the pinned maps and the pin directory (what `cleanup` and a normal exit do).
+pub fn remove_pins(pin_dir: &Path) {
+    for name in crate::datapath::ALL_MAPS {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => debug!(path = %path.display(), "unpinned"),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => warn!(path = %path.display(), %error, "cannot unpin"),
+        }
+    }
+    let _ = std::fs::remove_dir(pin_dir.join("links"));
+    let _ = std::fs::remove_dir(pin_dir);
+}
+
+/// Removes everything an agent pinned under `pin_dir`: link pins (which detaches the
+/// programs once no process holds them) and map pins.
+pub fn cleanup(pin_dir: &Path) {
+    let links = pin_dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries.filter_map(Result::ok) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(link = %entry.path().display(), "detached"),
+                Err(error) => warn!(link = %entry.path().display(), %error, "cannot remove link pin"),
+            }
+        }
+    }
+    remove_pins(pin_dir);
+}

@@ -1,0 +1,201 @@
+//! Attaching the pod-facing program to interfaces with TCX links.
+//!
+//! With a pin directory, each link is pinned as `links/<ifname>@<ifindex>`: the program
+//! stays attached when the agent exits (restart without a gap), and the next agent
+//! takes the pinned link over and swaps its program atomically (`bpf_link_update`), so
+//! no packet ever meets an interface without a program.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    LinkOrder, SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
+    tc::{SchedClassifierLink, TcAttachOptions},
+};
+use tracing::{debug, info, warn};
+
+use super::interfaces::Interface;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("attaching to {interface}: {source}")]
+    Attach {
+        interface: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning the link of {interface}: {source}")]
+    Pin {
+        interface: String,
+        source: aya::pin::PinError,
+    },
+    #[error("adopting the pinned link {path}: {message}")]
+    Adopt { path: PathBuf, message: String },
+}
+
+/// The links this agent holds, by interface.
+#[derive(Default)]
+pub struct Attachments {
+    links_dir: Option<PathBuf>,
+    links: BTreeMap<Interface, FdLink>,
+}
+
+fn pin_name(interface: &Interface) -> String {
+    format!("{}@{}", interface.name, interface.index)
+}
+
+fn parse_pin_name(name: &str) -> Option<Interface> {
+    let (ifname, index) = name.rsplit_once('@')?;
+    Some(Interface {
+        name: ifname.to_owned(),
+        index: index.parse().ok()?,
+    })
+}
+
+impl Attachments {
+    /// Attachments pinned under `pin_dir/links` (if any).
+    #[must_use]
+    pub fn new(pin_dir: Option<&Path>) -> Self {
+        Self {
+            links_dir: pin_dir.map(|dir| dir.join("links")),
+            links: BTreeMap::new(),
+        }
+    }
+
+    /// Interfaces with the program attached.
+    pub fn interfaces(&self) -> impl Iterator<Item = &Interface> {
+        self.links.keys()
+    }
+
+    /// Attaches `program` to exactly the `wanted` interfaces: new ones get a link (or
+    /// take over a pinned one), vanished ones are forgotten. Returns the errors of
+    /// interfaces that could not be attached (retried on the next call).
+    pub fn reconcile(&mut self, program: &mut SchedClassifier, wanted: &[Interface]) -> Vec<Error> {
+        let mut errors = Vec::new();
+        let gone: Vec<Interface> = self
+            .links
+            .keys()
+            .filter(|interface| !wanted.contains(interface))
+            .cloned()
+            .collect();
+        for interface in gone {
+            debug!(interface = %interface.name, "interface gone; dropping its link");
+            self.links.remove(&interface);
+            self.remove_pin(&interface);
+        }
+        for interface in wanted {
+            if self.links.contains_key(interface) {
+                continue;
+            }
+            match self.attach_one(program, interface) {
+                Ok(link) => {
+                    info!(interface = %interface.name, ifindex = interface.index, "attached pod ingress program");
+                    self.links.insert(interface.clone(), link);
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+        errors
+    }
+
+    fn attach_one(&self, program: &mut SchedClassifier, interface: &Interface) -> Result<FdLink, Error> {
+        let pin_path = self.links_dir.as_ref().map(|dir| dir.join(pin_name(interface)));
+        if let Some(path) = pin_path.as_ref().filter(|path| path.exists()) {
+            match adopt(program, path) {
+                Ok(link) => return Ok(link),
+                Err(error) => {
+                    warn!(%error, "replacing a pinned link that cannot be adopted");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let link_id = program
+            .attach_with_options(
+                &interface.name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| Error::Attach { interface: interface.name.clone(), source })?;
+        let link = program
+            .take_link(link_id)
+            .map_err(|source| Error::Attach { interface: interface.name.clone(), source })?;
+        let link: FdLink = link
+            .try_into()
+            .map_err(|_| Error::Attach {
+                interface: interface.name.clone(),
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+        let Some(path) = pin_path else {
+            return Ok(link);
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        // The pin keeps the link alive; the returned handle only holds a reference.
+        let pinned = link
+            .pin(&path)
+            .map_err(|source| Error::Pin { interface: interface.name.clone(), source })?;
+        Ok(FdLink::from(pinned))
+    }
+
+    fn remove_pin(&self, interface: &Interface) {
+        if let Some(dir) = &self.links_dir {
+            let _ = std::fs::remove_file(dir.join(pin_name(interface)));
+        }
+    }
+
+    /// Removes pins of links whose interface no longer exists (their links died with
+    /// the interface).
+    pub fn sweep_stale_pins(&self, existing: &[Interface]) {
+        let Some(dir) = &self.links_dir else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if parse_pin_name(&name).is_none_or(|interface| !existing.contains(&interface)) {
+                debug!(pin = %name, "removing the pin of a vanished interface");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Detaches everything: pins are removed, then the links dropped.
+    pub fn detach_all(&mut self) {
+        let interfaces: Vec<Interface> = self.links.keys().cloned().collect();
+        for interface in interfaces {
+            self.remove_pin(&interface);
+            self.links.remove(&interface);
+        }
+        if let Some(dir) = &self.links_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// Lets go of the links without detaching: pinned links stay attached.
+    pub fn keep_all(&mut self) {
+        self.links.clear();
+    }
+}
+
+/// Takes over a pinned link and points it at `program` atomically.
+fn adopt(program: &mut SchedClassifier, path: &Path) -> Result<FdLink, Error> {
+    let adopt_error = |message: String| Error::Adopt { path: path.to_path_buf(), message };
+    let pinned = PinnedLink::from_pin(path).map_err(|error| adopt_error(error.to_string()))?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+        .map_err(|error| adopt_error(error.to_string()))?;
+    let link_id = program.attach_to_link(link).map_err(|error| adopt_error(error.to_string()))?;
+    let link = program.take_link(link_id).map_err(|error| adopt_error(error.to_string()))?;
+    FdLink::try_from(link).map_err(|error| adopt_error(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip() {
+        let interface = Interface { name: "veth-a@b".into(), index: 42 };
+        assert_eq!(parse_pin_name(&pin_name(&interface)), Some(interface));
+        assert_eq!(parse_pin_name("garbage"), None);
+    }
+}

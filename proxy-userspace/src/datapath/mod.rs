@@ -1,0 +1,271 @@
+//! Loading the eBPF object, typed handles on its maps, and the writes the agent makes.
+pub mod attach;
+pub mod conntrack;
+pub mod interfaces;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, SchedClassifier},
+};
+use proxy_common::{
+    AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4, DatapathConfigV1,
+    ServiceKeyV4, ServiceValueV4, counter, names,
+};
+
+use crate::sync::{MapOp, MapWriter, Mirror, WriteError};
+
+/// The eBPF object, built by `proxy-userspace/build.rs` (see `cargo xtask build-ebpf`).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPR_EBPF_OBJECT"));
+
+/// Name of the pod-facing TC ingress program in the object.
+pub const PROG_POD_INGRESS: &str = "tc_pod_ingress";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("{path} is not on a BPF filesystem (mount one: mount -t bpf bpf {path})")]
+    NotBpffs { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl Error {
+    /// Metric label.
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Load(_) => "load",
+            Self::Map { .. } | Self::MissingMap(_) => "map",
+            Self::MissingProgram(_) | Self::Program { .. } => "program",
+            Self::NotBpffs { .. } => "bpffs",
+            Self::Io { .. } => "io",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to load the datapath.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Directory on a bpffs to pin maps (and links) under, so they survive the agent.
+    /// `None` keeps everything private to this process (tests).
+    pub pin_dir: Option<PathBuf>,
+    /// Capacity of the conntrack map (default [`proxy_common::capacity::CONNTRACK_V4`]).
+    pub conntrack_max: Option<u32>,
+}
+
+/// Typed handles on every map.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
+    pub backends: HashMap<MapData, u32, BackendV4>,
+    pub conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
+    pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub config: Array<MapData, DatapathConfigV1>,
+}
+
+/// The loaded object: programs plus maps.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    pub maps: Maps,
+    pub pin_dir: Option<PathBuf>,
+}
+
+pub const ALL_MAPS: [&str; 6] = [
+    names::SERVICES_V4,
+    names::BACKENDS_V4,
+    names::CONNTRACK_V4,
+    names::AFFINITY_V4,
+    names::COUNTERS,
+    names::CONFIG,
+];
+
+/// BPF_FS_MAGIC from linux/magic.h.
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+
+/// Whether `path` lives on a bpffs.
+#[must_use]
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct; the path is NUL-terminated.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        // f_type's width differs between architectures; the magic fits in 32 bits.
+        libc::statfs(c_path.as_ptr(), &raw mut stat) == 0
+            && (stat.f_type as u64 & 0xffff_ffff) == BPF_FS_MAGIC
+    }
+}
+
+fn take<K, V>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+{
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+    HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+impl Datapath {
+    /// Loads the object, reusing maps pinned by an earlier agent in `pin_dir`.
+    ///
+    /// # Errors
+    /// When the kernel refuses the object or a pin directory is unusable.
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+                if !is_bpffs(dir) {
+                    return Err(Error::NotBpffs { path: dir.clone() });
+                }
+                ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(max) = options.conntrack_max {
+            loader.map_max_entries(names::CONNTRACK_V4, max);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let maps = Maps {
+            services: take(&mut ebpf, names::SERVICES_V4)?,
+            backends: take(&mut ebpf, names::BACKENDS_V4)?,
+            conntrack: take(&mut ebpf, names::CONNTRACK_V4)?,
+            affinity: take(&mut ebpf, names::AFFINITY_V4)?,
+            counters: {
+                let map = ebpf.take_map(names::COUNTERS).ok_or(Error::MissingMap(names::COUNTERS))?;
+                PerCpuArray::try_from(map).map_err(|source| Error::Map { name: names::COUNTERS, source })?
+            },
+            config: {
+                let map = ebpf.take_map(names::CONFIG).ok_or(Error::MissingMap(names::CONFIG))?;
+                Array::try_from(map).map_err(|source| Error::Map { name: names::CONFIG, source })?
+            },
+        };
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROG_POD_INGRESS)
+            .ok_or(Error::MissingProgram(PROG_POD_INGRESS))?
+            .try_into()
+            .map_err(|source| Error::Program { name: PROG_POD_INGRESS, source })?;
+        program
+            .load()
+            .map_err(|source| Error::Program { name: PROG_POD_INGRESS, source })?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: options.pin_dir.clone(),
+        })
+    }
+
+    /// The pod-facing ingress program.
+    ///
+    /// # Errors
+    /// When the object lacks it (a build problem).
+    pub fn pod_ingress(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(PROG_POD_INGRESS)
+            .ok_or(Error::MissingProgram(PROG_POD_INGRESS))?
+            .try_into()
+            .map_err(|source| Error::Program { name: PROG_POD_INGRESS, source })
+    }
+}
+
+impl Maps {
+    /// Writes the datapath settings.
+    ///
+    /// # Errors
+    /// When the kernel refuses the write.
+    pub fn set_config(&mut self, config: &DatapathConfigV1) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|source| Error::Map { name: names::CONFIG, source })
+    }
+
+    /// Reads the service and backend maps, for the syncer to adopt.
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn read_mirror(&self) -> Result<Mirror> {
+        let mut mirror = Mirror::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(|source| Error::Map { name: names::SERVICES_V4, source })?;
+            mirror.services.insert(key, value);
+        }
+        for entry in self.backends.iter() {
+            let (id, backend) = entry.map_err(|source| Error::Map { name: names::BACKENDS_V4, source })?;
+            mirror.backends.insert(id, backend);
+        }
+        Ok(mirror)
+    }
+
+    /// Sums each per-CPU counter.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn counters(&self) -> Result<[u64; counter::COUNT as usize]> {
+        let mut totals = [0u64; counter::COUNT as usize];
+        for (index, total) in (0..counter::COUNT).zip(totals.iter_mut()) {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(|source| Error::Map { name: names::COUNTERS, source })?;
+            *total = values.iter().sum();
+        }
+        Ok(totals)
+    }
+}
+
+/// Whether a map error means "the map is full".
+fn is_full(error: &MapError) -> bool {
+    match error {
+        MapError::SyscallError(syscall) => matches!(
+            syscall.io_error.raw_os_error(),
+            Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC)
+        ),
+        _ => false,
+    }
+}
+
+impl MapWriter for Maps {
+    fn apply(&mut self, op: &MapOp) -> std::result::Result<(), WriteError> {
+        let result = match *op {
+            MapOp::PutBackend { id, backend } => self.backends.insert(id, backend, 0),
+            MapOp::DeleteBackend { id } => self.backends.remove(&id),
+            MapOp::PutService { key, value } => self.services.insert(key, value, 0),
+            MapOp::DeleteService { key } => self.services.remove(&key),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            // Deleting what is already gone reaches the desired state.
+            Err(MapError::KeyNotFound)
+                if matches!(op, MapOp::DeleteBackend { .. } | MapOp::DeleteService { .. }) =>
+            {
+                Ok(())
+            }
+            Err(error) => Err(WriteError {
+                op: *op,
+                map_full: is_full(&error),
+                message: error.to_string(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,661 @@
+//! The pure model: Kubernetes objects in, desired frontends and backends out.
+//!
+//! No kernel, no network, no clock: [`desired`] is a function of a [`ClusterState`] and
+//! [`ModelSettings`], so every rule kube-proxy applies can be table-tested here. Objects
+//! that cannot be used produce a [`Diagnostic`] (logged and counted by the agent) and
+//! never disturb the other services.
+mod endpoints;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+};
+
+pub use endpoints::{Categorized, Endpoint, Policies, categorize};
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+use proxy_common::{proto, scope, service_flags};
+
+use crate::state::{ClusterState, ObjectKey};
+
+/// Label naming the proxy that should handle a service (kube-proxy skips services
+/// labelled for another proxy).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label marking headless services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label tying an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Node label with the topology zone.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+/// sessionAffinityConfig.clientIP.timeoutSeconds default and maximum.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// Settings of this node that shape the model.
+#[derive(Clone, Debug, Default)]
+pub struct ModelSettings {
+    /// Services labelled with `service.kubernetes.io/service-proxy-name` are ours only
+    /// when the label equals this name.
+    pub proxy_name: Option<String>,
+    /// Node addresses NodePorts listen on (kube-proxy's nodePortAddresses, resolved).
+    pub node_port_addresses: Vec<Ipv4Addr>,
+}
+
+/// A service port as kube-proxy names it: service, port name and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub service: ObjectKey,
+    pub port: String,
+    pub proto: u8,
+}
+
+impl std::fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.service, self.port, proto_name(self.proto))
+    }
+}
+
+/// Lower-case protocol name for logs and labels.
+#[must_use]
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        proto::SCTP => "sctp",
+        _ => "other",
+    }
+}
+
+/// Where a frontend listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// [`proxy_common::scope`].
+    pub scope: u8,
+}
+
+/// What kind of address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// The desired state of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service_port: ServicePortName,
+    pub kind: FrontendKind,
+    /// Sorted, without duplicates.
+    pub backends: Vec<SocketAddrV4>,
+    /// [`proxy_common::service_flags`].
+    pub flags: u16,
+    /// Session affinity timeout (with [`service_flags::AFFINITY`]), else 0.
+    pub affinity_timeout_s: u32,
+}
+
+/// Why an object (or part of it) was not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DiagnosticReason {
+    /// A field has a value the API would not accept (bad IP, port out of range, ...).
+    Malformed,
+    /// IPv6 frontends or endpoints: the datapath translates IPv4 only.
+    UnsupportedIpFamily,
+    /// SCTP: the datapath translates TCP and UDP only.
+    UnsupportedProtocol,
+    /// An EndpointSlice names a Service that does not exist (or has no name label).
+    OrphanEndpointSlice,
+    /// Two services claim the same address, port and protocol; the first keeps it.
+    FrontendConflict,
+    /// A source file could not be read or parsed (manifest directory source).
+    UnreadableSource,
+}
+
+impl DiagnosticReason {
+    /// Metric label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnsupportedIpFamily => "unsupported_ip_family",
+            Self::UnsupportedProtocol => "unsupported_protocol",
+            Self::OrphanEndpointSlice => "orphan_endpoint_slice",
+            Self::FrontendConflict => "frontend_conflict",
+            Self::UnreadableSource => "unreadable_source",
+        }
+    }
+}
+
+/// One problem with one object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Diagnostic {
+    /// `Service ns/name`, `EndpointSlice ns/name` or a file path.
+    pub object: String,
+    pub reason: DiagnosticReason,
+    pub message: String,
+}
+
+/// Everything the datapath should hold, plus what was skipped and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Desired {
+    fn diagnose(&mut self, object: String, reason: DiagnosticReason, message: String) {
+        self.diagnostics.push(Diagnostic {
+            object,
+            reason,
+            message,
+        });
+    }
+}
+
+/// Computes the desired frontends of every service in `state`.
+#[must_use]
+pub fn desired(state: &ClusterState, settings: &ModelSettings) -> Desired {
+    let mut out = Desired::default();
+    let slices = slices_by_service(state, &mut out);
+    let node_name = state.node.name.as_deref().unwrap_or_default();
+    let zone = state
+        .node
+        .labels
+        .get(LABEL_TOPOLOGY_ZONE)
+        .map_or("", String::as_str);
+    for (key, service) in &state.services {
+        let context = ServiceContext {
+            key,
+            service,
+            slices: slices.get(key).map_or(&[][..], Vec::as_slice),
+            node_name,
+            zone,
+            settings,
+        };
+        context.add_frontends(&mut out);
+    }
+    out
+}
+
+/// EndpointSlices grouped by the service they belong to. Slices without the
+/// service-name label or for unknown services are reported.
+fn slices_by_service<'a>(
+    state: &'a ClusterState,
+    out: &mut Desired,
+) -> BTreeMap<ObjectKey, Vec<&'a EndpointSlice>> {
+    let mut grouped: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for (key, slice) in &state.endpoint_slices {
+        let service_name = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(LABEL_SERVICE_NAME));
+        let Some(service_name) = service_name else {
+            out.diagnose(
+                format!("EndpointSlice {key}"),
+                DiagnosticReason::OrphanEndpointSlice,
+                format!("no {LABEL_SERVICE_NAME} label"),
+            );
+            continue;
+        };
+        let service = ObjectKey::new(key.namespace.clone(), service_name.clone());
+        if !state.services.contains_key(&service) {
+            out.diagnose(
+                format!("EndpointSlice {key}"),
+                DiagnosticReason::OrphanEndpointSlice,
+                format!("service {service} does not exist"),
+            );
+            continue;
+        }
+        grouped.entry(service).or_default().push(slice);
+    }
+    grouped
+}
+
+/// Parses an L4 protocol name (unset means TCP, as the API defaults it).
+fn parse_protocol(protocol: Option<&str>) -> Result<u8, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(proto::TCP),
+        "UDP" => Ok(proto::UDP),
+        "SCTP" => Ok(proto::SCTP),
+        other => Err(format!("unknown protocol {other:?}")),
+    }
+}
+
+/// A port number in 1..=65535.
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|port| *port != 0)
+}
+
+/// One service being turned into frontends.
+struct ServiceContext<'a> {
+    key: &'a ObjectKey,
+    service: &'a Service,
+    slices: &'a [&'a EndpointSlice],
+    node_name: &'a str,
+    zone: &'a str,
+    settings: &'a ModelSettings,
+}
+
+/// Addresses a service answers on, by kind.
+struct Addresses {
+    cluster_ips: Vec<Ipv4Addr>,
+    external_ips: Vec<Ipv4Addr>,
+    load_balancer_ips: Vec<Ipv4Addr>,
+}
+
+impl ServiceContext<'_> {
+    fn object(&self) -> String {
+        format!("Service {}", self.key)
+    }
+
+    fn diagnose(&self, out: &mut Desired, reason: DiagnosticReason, message: String) {
+        out.diagnose(self.object(), reason, message);
+    }
+
+    /// kube-proxy's filters: services for another proxy, headless services and
+    /// ExternalName services are not ours.
+    fn is_ours(&self) -> bool {
+        let labels = self.service.metadata.labels.as_ref();
+        let label = |name: &str| labels.and_then(|labels| labels.get(name));
+        if let Some(proxy) = label(LABEL_SERVICE_PROXY_NAME) {
+            if self.settings.proxy_name.as_deref() != Some(proxy.as_str()) {
+                return false;
+            }
+        }
+        if label(LABEL_HEADLESS).is_some() {
+            return false;
+        }
+        let Some(spec) = &self.service.spec else {
+            return true;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return false;
+        }
+        spec.cluster_ip.as_deref() != Some("None")
+    }
+
+    /// Parses a list of IP strings, keeping IPv4 and reporting the rest.
+    fn ipv4_list<'s>(
+        &self,
+        out: &mut Desired,
+        what: &str,
+        ips: impl Iterator<Item = &'s str>,
+    ) -> Vec<Ipv4Addr> {
+        let mut v4 = Vec::new();
+        for ip in ips {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(addr)) => v4.push(addr),
+                Ok(IpAddr::V6(addr)) => self.diagnose(
+                    out,
+                    DiagnosticReason::UnsupportedIpFamily,
+                    format!("{what} {addr} is IPv6; the datapath translates IPv4 only"),
+                ),
+                Err(_) => self.diagnose(
+                    out,
+                    DiagnosticReason::Malformed,
+                    format!("{what} {ip:?} is not an IP address"),
+                ),
+            }
+        }
+        v4.sort_unstable();
+        v4.dedup();
+        v4
+    }
+
+    fn addresses(&self, out: &mut Desired) -> Addresses {
+        let Some(spec) = &self.service.spec else {
+            return Addresses {
+                cluster_ips: Vec::new(),
+                external_ips: Vec::new(),
+                load_balancer_ips: Vec::new(),
+            };
+        };
+        // clusterIPs (dual stack) supersedes clusterIP; both may be set and agree.
+        let cluster_ips: Vec<&str> = match &spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+            _ => spec.cluster_ip.iter().map(String::as_str).collect(),
+        };
+        let cluster_ips = self.ipv4_list(out, "clusterIP", cluster_ips.into_iter());
+        let external_ips = self.ipv4_list(
+            out,
+            "externalIP",
+            spec.external_ips.iter().flatten().map(String::as_str),
+        );
+        let load_balancer_ips = if spec.type_.as_deref() == Some("LoadBalancer") {
+            let ingress = self
+                .service
+                .status
+                .as_ref()
+                .and_then(|status| status.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            // ipMode Proxy: the load balancer proxies, so traffic never arrives with
+            // the LB IP as destination; kube-proxy skips those.
+            let ips = ingress
+                .into_iter()
+                .flatten()
+                .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|ingress| ingress.ip.as_deref());
+            self.ipv4_list(out, "loadBalancer ingress IP", ips)
+        } else {
+            Vec::new()
+        };
+        Addresses {
+            cluster_ips,
+            external_ips,
+            load_balancer_ips,
+        }
+    }
+
+    fn affinity_timeout(&self, out: &mut Desired) -> Option<u32> {
+        let spec = self.service.spec.as_ref()?;
+        if spec.session_affinity.as_deref() != Some("ClientIP") {
+            return None;
+        }
+        let configured = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|config| config.client_ip.as_ref())
+            .and_then(|client_ip| client_ip.timeout_seconds);
+        match configured {
+            None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+            Some(seconds) => match u32::try_from(seconds) {
+                Ok(seconds) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&seconds) => Some(seconds),
+                _ => {
+                    self.diagnose(
+                        out,
+                        DiagnosticReason::Malformed,
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is outside \
+                             1..={MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                        ),
+                    );
+                    Some(DEFAULT_AFFINITY_TIMEOUT_S)
+                }
+            },
+        }
+    }
+
+    /// The endpoints of one service port, from every slice of the service.
+    fn endpoints(&self, out: &mut Desired, port_name: &str, proto: u8) -> Vec<Endpoint> {
+        let mut found: BTreeMap<SocketAddrV4, Endpoint> = BTreeMap::new();
+        for slice in self.slices {
+            let slice_name = ObjectKey::of(&slice.metadata);
+            match slice.address_type.as_str() {
+                "IPv4" => {}
+                // IPv6 slices belong to the IPv6 family we do not translate (reported
+                // with the service's IPv6 clusterIP); FQDN slices kube-proxy ignores.
+                "IPv6" | "FQDN" => continue,
+                other => {
+                    out.diagnose(
+                        format!("EndpointSlice {slice_name}"),
+                        DiagnosticReason::Malformed,
+                        format!("unknown addressType {other:?}"),
+                    );
+                    continue;
+                }
+            }
+            let matching_port = slice.ports.iter().flatten().find(|port| {
+                port.name.as_deref().unwrap_or_default() == port_name
+                    && parse_protocol(port.protocol.as_deref()) == Ok(proto)
+            });
+            let Some(target_port) = matching_port.and_then(|port| port.port) else {
+                continue;
+            };
+            let Some(target_port) = valid_port(target_port) else {
+                out.diagnose(
+                    format!("EndpointSlice {slice_name}"),
+                    DiagnosticReason::Malformed,
+                    format!("port {target_port} of {port_name:?} is outside 1..=65535"),
+                );
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                // kube-proxy uses the first address of an endpoint only.
+                let Some(address) = endpoint.addresses.first() else {
+                    continue;
+                };
+                let Ok(ip) = address.parse::<Ipv4Addr>() else {
+                    out.diagnose(
+                        format!("EndpointSlice {slice_name}"),
+                        DiagnosticReason::Malformed,
+                        format!("endpoint address {address:?} is not an IPv4 address"),
+                    );
+                    continue;
+                };
+                let conditions = endpoint.conditions.as_ref();
+                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                let hints = endpoint.hints.as_ref();
+                let addr = SocketAddrV4::new(ip, target_port);
+                found.entry(addr).or_insert_with(|| Endpoint {
+                    addr,
+                    ready,
+                    serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                    is_local: !self.node_name.is_empty()
+                        && endpoint.node_name.as_deref() == Some(self.node_name),
+                    zone_hints: hints
+                        .and_then(|h| h.for_zones.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|zone| zone.name.clone())
+                        .collect::<BTreeSet<_>>(),
+                    node_hints: hints
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|node| node.name.clone())
+                        .collect::<BTreeSet<_>>(),
+                });
+            }
+        }
+        found.into_values().collect()
+    }
+
+    fn add_frontends(&self, out: &mut Desired) {
+        if !self.is_ours() {
+            return;
+        }
+        let Some(spec) = &self.service.spec else {
+            self.diagnose(out, DiagnosticReason::Malformed, "no spec".into());
+            return;
+        };
+        let addresses = self.addresses(out);
+        if addresses.cluster_ips.is_empty() {
+            // No IPv4 ClusterIP (IPv6-only, or not yet allocated): nothing to translate.
+            return;
+        }
+        let affinity_timeout = self.affinity_timeout(out);
+        let is_node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        for port in spec.ports.iter().flatten() {
+            self.add_port_frontends(
+                out,
+                port,
+                &addresses,
+                affinity_timeout,
+                is_node_port_type,
+                internal_local,
+                external_local,
+            );
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "service-wide facts computed once by add_frontends"
+    )]
+    fn add_port_frontends(
+        &self,
+        out: &mut Desired,
+        port: &ServicePort,
+        addresses: &Addresses,
+        affinity_timeout: Option<u32>,
+        is_node_port_type: bool,
+        internal_local: bool,
+        external_local: bool,
+    ) {
+        let port_name = port.name.clone().unwrap_or_default();
+        let proto = match parse_protocol(port.protocol.as_deref()) {
+            Ok(proto::SCTP) => {
+                self.diagnose(
+                    out,
+                    DiagnosticReason::UnsupportedProtocol,
+                    format!("port {port_name:?} is SCTP; the datapath translates TCP and UDP"),
+                );
+                return;
+            }
+            Ok(proto) => proto,
+            Err(message) => {
+                self.diagnose(out, DiagnosticReason::Malformed, format!("port {port_name:?}: {message}"));
+                return;
+            }
+        };
+        let Some(service_port) = valid_port(port.port) else {
+            self.diagnose(
+                out,
+                DiagnosticReason::Malformed,
+                format!("port {port_name:?} number {} is outside 1..=65535", port.port),
+            );
+            return;
+        };
+        let node_port = match port.node_port.filter(|_| is_node_port_type) {
+            None => None,
+            Some(number) => match valid_port(number) {
+                Some(node_port) => Some(node_port),
+                None => {
+                    self.diagnose(
+                        out,
+                        DiagnosticReason::Malformed,
+                        format!("nodePort {number} of port {port_name:?} is outside 1..=65535"),
+                    );
+                    None
+                }
+            },
+        };
+        let has_external = node_port.is_some()
+            || !addresses.external_ips.is_empty()
+            || !addresses.load_balancer_ips.is_empty();
+        let policies = Policies {
+            internal_local,
+            external_local: external_local && has_external,
+            has_external,
+        };
+        let endpoints = self.endpoints(out, &port_name, proto);
+        let categorized = categorize(&endpoints, policies, self.node_name, self.zone);
+
+        let name = ServicePortName {
+            service: self.key.clone(),
+            port: port_name,
+            proto,
+        };
+        let mut base_flags = 0;
+        if affinity_timeout.is_some() {
+            base_flags |= service_flags::AFFINITY;
+        }
+        let spec_for = |kind: FrontendKind, backends: &[SocketAddrV4], mut flags: u16| {
+            // With endpoints somewhere but none usable here (Local policies),
+            // kube-proxy drops; with no endpoints at all, it rejects.
+            if backends.is_empty() && categorized.has_any {
+                flags |= service_flags::DROP_WHEN_EMPTY;
+            }
+            FrontendSpec {
+                service_port: name.clone(),
+                kind,
+                backends: backends.to_vec(),
+                flags: base_flags | flags,
+                affinity_timeout_s: affinity_timeout.unwrap_or(0),
+            }
+        };
+
+        let internal_backends = if internal_local {
+            &categorized.local
+        } else {
+            &categorized.cluster
+        };
+        for &addr in &addresses.cluster_ips {
+            let spec = spec_for(FrontendKind::ClusterIp, internal_backends, 0);
+            self.insert(out, FrontendKey { addr, port: service_port, proto, scope: scope::DEFAULT }, spec);
+        }
+
+        let (external_backends, mut external_flags) = if policies.external_local {
+            (&categorized.local, service_flags::EXTERNAL | service_flags::EXTERNAL_LOCAL)
+        } else {
+            (&categorized.cluster, service_flags::EXTERNAL)
+        };
+        if policies.external_local {
+            // Pods on this node reaching an external address of a Local-policy service
+            // go to any endpoint, as kube-proxy short-circuits them to the service chain.
+            external_flags |= service_flags::HAS_INTERNAL_SCOPE;
+        }
+        let has_source_ranges = spec_source_ranges(self.service);
+        let external = addresses
+            .external_ips
+            .iter()
+            .map(|&addr| (FrontendKind::ExternalIp, addr, service_port))
+            .chain(
+                addresses
+                    .load_balancer_ips
+                    .iter()
+                    .map(|&addr| (FrontendKind::LoadBalancer, addr, service_port)),
+            )
+            .chain(node_port.into_iter().flat_map(|node_port| {
+                self.settings
+                    .node_port_addresses
+                    .iter()
+                    .map(move |&addr| (FrontendKind::NodePort, addr, node_port))
+            }));
+        for (kind, addr, port) in external {
+            let mut flags = external_flags;
+            if kind == FrontendKind::LoadBalancer && has_source_ranges {
+                flags |= service_flags::SOURCE_RANGES;
+            }
+            let key = FrontendKey { addr, port, proto, scope: scope::DEFAULT };
+            self.insert(out, key, spec_for(kind, external_backends, flags));
+            if policies.external_local {
+                // Cluster-internal clients get the ClusterIP's backend set.
+                let internal = FrontendKey { scope: scope::INTERNAL, ..key };
+                let internal_spec = spec_for(kind, internal_backends, service_flags::EXTERNAL);
+                self.insert(out, internal, internal_spec);
+            }
+        }
+    }
+
+    fn insert(&self, out: &mut Desired, key: FrontendKey, spec: FrontendSpec) {
+        if let Some(existing) = out.frontends.get(&key) {
+            if existing.service_port != spec.service_port {
+                self.diagnose(
+                    out,
+                    DiagnosticReason::FrontendConflict,
+                    format!(
+                        "{}:{}/{} is already used by {}",
+                        key.addr,
+                        key.port,
+                        proto_name(key.proto),
+                        existing.service_port
+                    ),
+                );
+            }
+            return;
+        }
+        out.frontends.insert(key, spec);
+    }
+}
+
+/// Whether loadBalancerSourceRanges restrict the service.
+fn spec_source_ranges(service: &Service) -> bool {
+    service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.load_balancer_source_ranges.as_ref())
+        .is_some_and(|ranges| !ranges.is_empty())
+}

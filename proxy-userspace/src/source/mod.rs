@@ -1,0 +1,2 @@
+//! Where Kubernetes objects come from.
+pub mod manifests;

@@ -1,0 +1,426 @@
+//! Turns desired frontends into service/backend map writes, writing only the
+//! difference with what the maps hold.
+//!
+//! The syncer keeps a [`Mirror`] of the two maps it owns (read back from the kernel at
+//! start, so a restarted agent adopts what a previous one wrote) and, per frontend,
+//! emits [`MapOp`]s in an order that keeps every packet on a valid backend:
+//!
+//! 1. new backends are written before any slot names them;
+//! 2. slots `1..=n` are written before the frontend's count is raised to `n`;
+//! 3. the count is lowered before the slots above it are deleted;
+//! 4. a frontend entry is deleted before its slots, and backends are deleted last,
+//!    once no slot names them.
+//!
+//! A datapath reader that sees count `n` therefore always finds slots `1..=n` and their
+//! backends (`proxy-ebpf/src/service.rs` relies on this). Each op updates the mirror only
+//! once the writer has applied it, so a failed write (a full map) leaves the mirror equal
+//! to the kernel and the next pass retries.
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddrV4,
+};
+
+use proxy_common::{BackendV4, Be16, Be32, ServiceKeyV4, ServiceValueV4};
+
+use crate::model::{Desired, FrontendKey, FrontendSpec, ServicePortName};
+
+/// One write to the service or backend map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend { id: u32, backend: BackendV4 },
+    DeleteBackend { id: u32 },
+    PutService { key: ServiceKeyV4, value: ServiceValueV4 },
+    DeleteService { key: ServiceKeyV4 },
+}
+
+/// A map write the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{op:?} failed: {message}")]
+pub struct WriteError {
+    pub op: MapOp,
+    pub message: String,
+    /// The map is full (E2BIG / ENOMEM / ENOSPC): a capacity problem, not a bug.
+    pub map_full: bool,
+}
+
+/// Something that applies map writes: the real BPF maps, or in tests a recorder.
+pub trait MapWriter {
+    /// Applies one op.
+    ///
+    /// # Errors
+    /// When the kernel refuses the write.
+    fn apply(&mut self, op: &MapOp) -> Result<(), WriteError>;
+}
+
+/// What the syncer believes the service and backend maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mirror {
+    pub services: HashMap<ServiceKeyV4, ServiceValueV4>,
+    pub backends: HashMap<u32, BackendV4>,
+}
+
+impl Mirror {
+    fn apply(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PutBackend { id, backend } => {
+                self.backends.insert(id, backend);
+            }
+            MapOp::DeleteBackend { id } => {
+                self.backends.remove(&id);
+            }
+            MapOp::PutService { key, value } => {
+                self.services.insert(key, value);
+            }
+            MapOp::DeleteService { key } => {
+                self.services.remove(&key);
+            }
+        }
+    }
+
+    /// Frontend entries (slot 0).
+    fn frontends(&self) -> impl Iterator<Item = (&ServiceKeyV4, &ServiceValueV4)> {
+        self.services.iter().filter(|(key, _)| key.slot == 0)
+    }
+}
+
+/// The map key of a frontend's slot.
+#[must_use]
+pub fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKeyV4 {
+    ServiceKeyV4 {
+        addr: Be32::from_ipv4(frontend.addr),
+        port: Be16::from_host(frontend.port),
+        slot,
+        proto: frontend.proto,
+        scope: frontend.scope,
+        _pad: [0; 2],
+    }
+}
+
+/// The map value of a backend.
+#[must_use]
+pub fn backend_value(addr: SocketAddrV4, proto: u8) -> BackendV4 {
+    BackendV4 {
+        addr: Be32::from_ipv4(*addr.ip()),
+        port: Be16::from_host(addr.port()),
+        proto,
+        _pad: 0,
+    }
+}
+
+/// A frontend the kernel refused to take (fully or partly).
+#[derive(Debug)]
+pub struct FrontendFailure {
+    pub frontend: FrontendKey,
+    pub service_port: ServicePortName,
+    pub error: WriteError,
+}
+
+/// What one sync pass did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Frontends written (created or changed).
+    pub frontends_written: usize,
+    /// Frontends removed.
+    pub frontends_removed: usize,
+    /// Map writes applied.
+    pub ops_applied: usize,
+    /// Frontends the kernel refused; their old state (if any) stays in place.
+    pub failures: Vec<FrontendFailure>,
+    /// Ops on leftover entries that failed (retried on the next pass).
+    pub cleanup_errors: Vec<WriteError>,
+    /// `(service id, backend id)` pairs that stopped being used: their UDP flows and
+    /// affinity entries must go.
+    pub removed_pairs: BTreeSet<(u32, u32)>,
+}
+
+/// Keeps the service and backend maps equal to the desired state.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    mirror: Mirror,
+    backend_ids: HashMap<BackendV4, u32>,
+    next_backend_id: u32,
+    service_ids: HashMap<ServicePortName, u32>,
+    next_service_id: u32,
+}
+
+impl Syncer {
+    /// A syncer for maps that hold `mirror` (empty maps, or what the kernel holds
+    /// after a restart).
+    #[must_use]
+    pub fn adopt(mirror: Mirror) -> Self {
+        let backend_ids = mirror.backends.iter().map(|(&id, &b)| (b, id)).collect();
+        let next_backend_id = mirror.backends.keys().max().map_or(1, |max| max + 1);
+        let next_service_id = mirror
+            .frontends()
+            .map(|(_, value)| value.service_id)
+            .max()
+            .map_or(1, |max| max + 1);
+        Self {
+            mirror,
+            backend_ids,
+            next_backend_id,
+            service_ids: HashMap::new(),
+            next_service_id,
+        }
+    }
+
+    /// What the syncer believes the maps hold.
+    #[must_use]
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+
+    /// The id of a service port, if it has one.
+    #[must_use]
+    pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
+        self.service_ids.get(name).copied()
+    }
+
+    /// Brings the maps to `desired`, through `writer`.
+    pub fn sync(&mut self, desired: &Desired, writer: &mut impl MapWriter) -> SyncReport {
+        let mut report = SyncReport::default();
+        self.assign_service_ids(desired);
+        for (frontend, spec) in &desired.frontends {
+            self.sync_frontend(frontend, spec, writer, &mut report);
+        }
+        self.remove_undesired(desired, writer, &mut report);
+        self.collect_backends(writer, &mut report);
+        report
+    }
+
+    /// Gives every desired service port a stable id: the one it has, else the one its
+    /// frontends carry in the maps (adoption), else a new one.
+    fn assign_service_ids(&mut self, desired: &Desired) {
+        let wanted: BTreeSet<&ServicePortName> =
+            desired.frontends.values().map(|spec| &spec.service_port).collect();
+        self.service_ids.retain(|name, _| wanted.contains(name));
+        let mut taken: BTreeSet<u32> = self.service_ids.values().copied().collect();
+        for (frontend, spec) in &desired.frontends {
+            if self.service_ids.contains_key(&spec.service_port) {
+                continue;
+            }
+            let adopted = self
+                .mirror
+                .services
+                .get(&service_key(frontend, 0))
+                .map(|value| value.service_id)
+                .filter(|id| *id != 0 && !taken.contains(id));
+            if let Some(id) = adopted {
+                taken.insert(id);
+                self.service_ids.insert(spec.service_port.clone(), id);
+            }
+        }
+        for spec in desired.frontends.values() {
+            if !self.service_ids.contains_key(&spec.service_port) {
+                while taken.contains(&self.next_service_id) || self.next_service_id == 0 {
+                    self.next_service_id = self.next_service_id.wrapping_add(1);
+                }
+                taken.insert(self.next_service_id);
+                self.service_ids
+                    .insert(spec.service_port.clone(), self.next_service_id);
+            }
+        }
+    }
+
+    /// The id of a backend, allocating one if it has none yet.
+    fn backend_id(&mut self, backend: BackendV4) -> u32 {
+        if let Some(&id) = self.backend_ids.get(&backend) {
+            return id;
+        }
+        while self.next_backend_id == 0 || self.mirror.backends.contains_key(&self.next_backend_id) {
+            self.next_backend_id = self.next_backend_id.wrapping_add(1);
+        }
+        let id = self.next_backend_id;
+        self.next_backend_id = self.next_backend_id.wrapping_add(1);
+        self.backend_ids.insert(backend, id);
+        id
+    }
+
+    fn apply(&mut self, op: MapOp, writer: &mut impl MapWriter, report: &mut SyncReport) -> Result<(), WriteError> {
+        writer.apply(&op)?;
+        self.mirror.apply(&op);
+        if let MapOp::DeleteBackend { id } = op {
+            self.backend_ids.retain(|_, known| *known != id);
+        }
+        report.ops_applied += 1;
+        Ok(())
+    }
+
+    /// The backend ids in slots `1..=count` of a frontend, as the mirror holds them.
+    fn current_slots(&self, frontend: &FrontendKey, count: u16) -> Vec<u32> {
+        (1..=count)
+            .map(|slot| {
+                self.mirror
+                    .services
+                    .get(&service_key(frontend, slot))
+                    .map_or(0, |value| value.backend_id)
+            })
+            .collect()
+    }
+
+    fn sync_frontend(
+        &mut self,
+        frontend: &FrontendKey,
+        spec: &FrontendSpec,
+        writer: &mut impl MapWriter,
+        report: &mut SyncReport,
+    ) {
+        let Some(&service_id) = self.service_ids.get(&spec.service_port) else {
+            return;
+        };
+        let Ok(count) = u16::try_from(spec.backends.len()) else {
+            report.failures.push(FrontendFailure {
+                frontend: *frontend,
+                service_port: spec.service_port.clone(),
+                error: WriteError {
+                    op: MapOp::PutService {
+                        key: service_key(frontend, 0),
+                        value: ServiceValueV4::default(),
+                    },
+                    message: format!("{} backends exceed the 65535 slots of a frontend", spec.backends.len()),
+                    map_full: true,
+                },
+            });
+            return;
+        };
+        let backends: Vec<BackendV4> = spec
+            .backends
+            .iter()
+            .map(|addr| backend_value(*addr, frontend.proto))
+            .collect();
+        let wanted_ids: Vec<u32> = backends.iter().map(|b| self.backend_id(*b)).collect();
+        let head_key = service_key(frontend, 0);
+        let head = ServiceValueV4 {
+            backend_id: 0,
+            service_id,
+            affinity_timeout_s: spec.affinity_timeout_s,
+            count,
+            flags: spec.flags,
+        };
+        let current_head = self.mirror.services.get(&head_key).copied();
+        let current_count = current_head.map_or(0, |value| value.count);
+        let current_ids = self.current_slots(frontend, current_count);
+        if current_head == Some(head) && current_ids == wanted_ids {
+            return;
+        }
+
+        let mut ops = Vec::new();
+        for (id, backend) in wanted_ids.iter().zip(&backends) {
+            if self.mirror.backends.get(id) != Some(backend)
+                && !ops.contains(&MapOp::PutBackend { id: *id, backend: *backend })
+            {
+                ops.push(MapOp::PutBackend { id: *id, backend: *backend });
+            }
+        }
+        for (index, id) in wanted_ids.iter().enumerate() {
+            if current_ids.get(index) != Some(id) {
+                let slot = (index + 1) as u16;
+                ops.push(MapOp::PutService {
+                    key: service_key(frontend, slot),
+                    value: ServiceValueV4 { backend_id: *id, ..ServiceValueV4::default() },
+                });
+            }
+        }
+        if current_head != Some(head) {
+            ops.push(MapOp::PutService { key: head_key, value: head });
+        }
+        for slot in (count + 1)..=current_count {
+            ops.push(MapOp::DeleteService { key: service_key(frontend, slot) });
+        }
+        for op in ops {
+            if let Err(error) = self.apply(op, writer, report) {
+                report.failures.push(FrontendFailure {
+                    frontend: *frontend,
+                    service_port: spec.service_port.clone(),
+                    error,
+                });
+                return;
+            }
+        }
+        report.frontends_written += 1;
+        if let Some(old) = current_head {
+            let kept: BTreeSet<u32> = wanted_ids.iter().copied().collect();
+            for id in current_ids {
+                if !kept.contains(&id) || old.service_id != service_id {
+                    report.removed_pairs.insert((old.service_id, id));
+                }
+            }
+        }
+    }
+
+    /// Deletes frontends nobody wants, and slots no frontend count covers.
+    fn remove_undesired(&mut self, desired: &Desired, writer: &mut impl MapWriter, report: &mut SyncReport) {
+        let desired_keys: BTreeSet<ServiceKeyV4> =
+            desired.frontends.keys().map(|key| service_key(key, 0)).collect();
+        let mut stale: Vec<(ServiceKeyV4, ServiceValueV4)> = self
+            .mirror
+            .frontends()
+            .filter(|(key, _)| !desired_keys.contains(key))
+            .map(|(key, value)| (*key, *value))
+            .collect();
+        stale.sort_by_key(|(key, _)| *key);
+        for (head_key, head) in stale {
+            if let Err(error) = self.apply(MapOp::DeleteService { key: head_key }, writer, report) {
+                report.cleanup_errors.push(error);
+                continue;
+            }
+            report.frontends_removed += 1;
+            for slot in 1..=head.count {
+                let key = ServiceKeyV4 { slot, ..head_key };
+                if let Some(value) = self.mirror.services.get(&key).copied() {
+                    report.removed_pairs.insert((head.service_id, value.backend_id));
+                    if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
+                        report.cleanup_errors.push(error);
+                    }
+                }
+            }
+        }
+        // Slots without a frontend covering them (left by an interrupted agent).
+        let mut orphans: Vec<ServiceKeyV4> = self
+            .mirror
+            .services
+            .keys()
+            .filter(|key| key.slot != 0)
+            .filter(|key| {
+                let head = self.mirror.services.get(&ServiceKeyV4 { slot: 0, ..**key });
+                head.is_none_or(|head| key.slot > head.count)
+            })
+            .copied()
+            .collect();
+        orphans.sort();
+        for key in orphans {
+            if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
+                report.cleanup_errors.push(error);
+            }
+        }
+    }
+
+    /// Deletes backends that no slot names any more.
+    fn collect_backends(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
+        let used: BTreeSet<u32> = self
+            .mirror
+            .services
+            .iter()
+            .filter(|(key, _)| key.slot != 0)
+            .map(|(_, value)| value.backend_id)
+            .collect();
+        let unused: BTreeMap<u32, BackendV4> = self
+            .mirror
+            .backends
+            .iter()
+            .filter(|(id, _)| !used.contains(id))
+            .map(|(id, backend)| (*id, *backend))
+            .collect();
+        for id in unused.into_keys() {
+            if let Err(error) = self.apply(MapOp::DeleteBackend { id }, writer, report) {
+                report.cleanup_errors.push(error);
+            }
+        }
+        // Ids allocated for backends whose frontend failed were never written.
+        let backends = &self.mirror.backends;
+        self.backend_ids.retain(|_, id| backends.contains_key(id));
+    }
+}
