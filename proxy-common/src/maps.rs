@@ -250,7 +250,7 @@ pub mod counter {
     pub const REJECTED_NO_BACKEND: u32 = 3;
     /// A session affinity entry chose the backend.
     pub const AFFINITY_HIT: u32 = 4;
-    /// A non-first IPv4 fragment reached a frontend; it cannot be translated.
+    /// A non-first IPv4 fragment passed untranslated (it carries no ports).
     pub const FRAGMENT_PASSED: u32 = 5;
 
     /// First drop reason; everything from here on counts dropped packets.

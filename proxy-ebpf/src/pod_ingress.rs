@@ -19,10 +19,9 @@ pub fn try_pod_ingress(ctx: &TcContext) -> Result<i32, u32> {
     let now = unsafe { bpf_ktime_get_ns() };
 
     if pkt.is_later_fragment {
-        // Without ports there is nothing to match; count those aimed at a frontend.
-        if service::lookup(&pkt.tuple, true).is_some() {
-            stats::count(counter::FRAGMENT_PASSED);
-        }
+        // Without ports there is no frontend to match; counted so that services
+        // receiving fragmented datagrams show up in the metrics.
+        stats::count(counter::FRAGMENT_PASSED);
         return Ok(PASS);
     }
 

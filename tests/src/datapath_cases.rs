@@ -1,0 +1,391 @@
+//! The datapath test table and its runner: crafted frames through the real, loaded TC
+//! program with `BPF_PROG_TEST_RUN`, maps filled by the real syncer, output compared
+//! byte for byte (checksums included) with frames built independently.
+//!
+//! The same table, run with a repeat count, is the per-packet benchmark.
+use std::{net::SocketAddrV4, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    maps::PerCpuValues,
+    programs::{TestRun as _, TestRunOptions},
+};
+use proxy_common::{counter, proto, scope, service_flags};
+use proxy_userspace::{
+    datapath::{Datapath, LoadOptions},
+    model::{Desired, FrontendKey, FrontendKind, FrontendSpec, ServicePortName},
+    state::ObjectKey,
+    sync::Syncer,
+};
+
+use crate::packets::{Frame, TcpFlags, Transport, port_unreachable_reply, sock};
+
+/// The verdicts the program returns (TC_ACT_*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass = 0,
+    Drop = 2,
+    Redirect = 7,
+}
+
+/// What the program should leave in the packet buffer.
+#[derive(Clone, Debug)]
+pub enum Expected {
+    /// The input, byte for byte.
+    Unchanged,
+    /// Exactly this frame.
+    Frame(Frame),
+    /// Exactly these bytes.
+    Bytes(Vec<u8>),
+}
+
+/// One packet of a case and what must come out.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub input: Frame,
+    pub verdict: Verdict,
+    pub output: Expected,
+}
+
+/// A datapath test: frontends to program, packets in order (sharing conntrack), and
+/// counters to check afterwards.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: &'static str,
+    pub frontends: Vec<(FrontendKey, FrontendSpec)>,
+    pub steps: Vec<Step>,
+    pub counters: Vec<(u32, u64)>,
+}
+
+/// A ClusterIP frontend of service `default/<name>`, port `port`.
+#[must_use]
+pub fn frontend(
+    name: &str,
+    vip: SocketAddrV4,
+    l4_proto: u8,
+    backends: &[SocketAddrV4],
+    flags: u16,
+) -> (FrontendKey, FrontendSpec) {
+    (
+        FrontendKey { addr: *vip.ip(), port: vip.port(), proto: l4_proto, scope: scope::DEFAULT },
+        FrontendSpec {
+            service_port: ServicePortName {
+                service: ObjectKey::new("default", name),
+                port: "p".into(),
+                proto: l4_proto,
+            },
+            kind: FrontendKind::ClusterIp,
+            backends: backends.to_vec(),
+            flags,
+            affinity_timeout_s: if flags & service_flags::AFFINITY != 0 { 10_800 } else { 0 },
+        },
+    )
+}
+
+/// Addresses used by the table.
+pub mod addr {
+    use std::net::SocketAddrV4;
+
+    use crate::packets::sock;
+
+    pub fn client() -> SocketAddrV4 {
+        sock(10, 244, 1, 2, 40_000)
+    }
+    pub fn vip() -> SocketAddrV4 {
+        sock(10, 96, 0, 10, 80)
+    }
+    pub fn vip_dns() -> SocketAddrV4 {
+        sock(10, 96, 0, 53, 53)
+    }
+    pub fn empty_vip() -> SocketAddrV4 {
+        sock(10, 96, 0, 99, 80)
+    }
+    pub fn backend() -> SocketAddrV4 {
+        sock(10, 244, 1, 11, 8080)
+    }
+    pub fn dns_backend() -> SocketAddrV4 {
+        sock(10, 244, 1, 12, 5353)
+    }
+}
+
+/// The table.
+#[must_use]
+pub fn cases() -> Vec<Case> {
+    use addr::*;
+    let syn = Frame::tcp(client(), vip(), TcpFlags::SYN);
+    let web = frontend("web", vip(), proto::TCP, &[backend()], 0);
+    let dns = frontend("dns", vip_dns(), proto::UDP, &[dns_backend()], 0);
+    let query = Frame::udp(client(), vip_dns(), b"query");
+    let mut unchecked_query = query.clone();
+    unchecked_query.transport = Transport::Udp { checksum: false };
+    let mut fragment = query.clone();
+    fragment.fragment_offset = 4;
+
+    vec![
+        Case {
+            name: "tcp to a ClusterIP is DNATed to its backend, replies come back from the ClusterIP",
+            frontends: vec![web.clone()],
+            steps: vec![
+                Step {
+                    input: syn.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.clone().with_dst(backend())),
+                },
+                Step {
+                    input: syn.clone().with_dst(backend()).reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.reply(Transport::Tcp(TcpFlags::SYN_ACK))),
+                },
+                Step {
+                    input: Frame::tcp(client(), vip(), TcpFlags::ACK),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(Frame::tcp(client(), backend(), TcpFlags::ACK)),
+                },
+            ],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::FORWARD_TRANSLATED, 1),
+            ],
+        },
+        Case {
+            name: "udp to a ClusterIP is DNATed, the response comes back from the ClusterIP",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                Step {
+                    input: query.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(query.clone().with_dst(dns_backend())),
+                },
+                Step {
+                    input: {
+                        let mut answer = query.clone().with_dst(dns_backend()).reply(Transport::Udp { checksum: true });
+                        answer.payload = b"answer".to_vec();
+                        answer
+                    },
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame({
+                        let mut answer = query.reply(Transport::Udp { checksum: true });
+                        answer.payload = b"answer".to_vec();
+                        answer
+                    }),
+                },
+            ],
+            counters: vec![(counter::NEW_FLOW, 1), (counter::REPLY_TRANSLATED, 1)],
+        },
+        Case {
+            name: "udp without a checksum keeps checksum 0 through DNAT",
+            frontends: vec![dns.clone()],
+            steps: vec![Step {
+                input: unchecked_query.clone(),
+                verdict: Verdict::Pass,
+                output: Expected::Frame(unchecked_query.with_dst(dns_backend())),
+            }],
+            counters: vec![(counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "traffic that is not for a service passes untouched",
+            frontends: vec![web.clone(), dns.clone()],
+            steps: vec![
+                // straight to a pod
+                Step {
+                    input: Frame::tcp(client(), backend(), TcpFlags::SYN),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                // the ClusterIP on a port the service does not have
+                Step {
+                    input: Frame::tcp(client(), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                // the service port over the other protocol
+                Step {
+                    input: Frame::udp(client(), vip(), b"x"),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                // a reply-shaped packet without a flow
+                Step {
+                    input: Frame::tcp(backend(), client(), TcpFlags::SYN_ACK),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+            ],
+            counters: vec![(counter::NEW_FLOW, 0), (counter::REPLY_TRANSLATED, 0)],
+        },
+        Case {
+            name: "tcp to a service without endpoints is rejected with ICMP port unreachable",
+            frontends: vec![frontend("empty", empty_vip(), proto::TCP, &[], 0)],
+            steps: vec![Step {
+                input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
+                verdict: Verdict::Redirect,
+                output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(client(), empty_vip(), TcpFlags::SYN))),
+            }],
+            counters: vec![(counter::REJECTED_NO_BACKEND, 1), (counter::NEW_FLOW, 0)],
+        },
+        Case {
+            name: "udp to a service without endpoints is rejected with ICMP port unreachable",
+            frontends: vec![frontend("empty", empty_vip(), proto::UDP, &[], 0)],
+            steps: vec![Step {
+                input: Frame::udp(client(), empty_vip(), b"hi"),
+                verdict: Verdict::Redirect,
+                output: Expected::Bytes(port_unreachable_reply(&Frame::udp(client(), empty_vip(), b"hi"))),
+            }],
+            counters: vec![(counter::REJECTED_NO_BACKEND, 1)],
+        },
+        Case {
+            name: "a Local-policy service with endpoints elsewhere only drops",
+            frontends: vec![frontend("local", empty_vip(), proto::TCP, &[], service_flags::DROP_WHEN_EMPTY)],
+            steps: vec![Step {
+                input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
+                verdict: Verdict::Drop,
+                output: Expected::Unchanged,
+            }],
+            counters: vec![(counter::DROP_NO_LOCAL_BACKEND, 1), (counter::REJECTED_NO_BACKEND, 0)],
+        },
+        Case {
+            name: "a later IPv4 fragment passes untouched and is counted",
+            frontends: vec![dns],
+            steps: vec![Step {
+                input: fragment,
+                verdict: Verdict::Pass,
+                output: Expected::Unchanged,
+            }],
+            counters: vec![(counter::FRAGMENT_PASSED, 1), (counter::NEW_FLOW, 0)],
+        },
+    ]
+}
+
+/// What one program run produced.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub verdict: i32,
+    pub packet: Vec<u8>,
+    /// Average time per run as the kernel measured it.
+    pub duration: Duration,
+}
+
+/// The loaded datapath, private to this process (no pins).
+pub struct DatapathHarness {
+    pub datapath: Datapath,
+    syncer: Syncer,
+}
+
+impl DatapathHarness {
+    /// Loads the eBPF object.
+    ///
+    /// # Errors
+    /// When the kernel refuses it.
+    pub fn new() -> Result<Self> {
+        crate::require_root();
+        let datapath = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
+        Ok(Self { datapath, syncer: Syncer::default() })
+    }
+
+    /// Empties every map and zeroes the counters.
+    ///
+    /// # Errors
+    /// When a map write fails.
+    pub fn clear(&mut self) -> Result<()> {
+        self.syncer = Syncer::default();
+        let maps = &mut self.datapath.maps;
+        let keys: Vec<_> = maps.services.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            maps.services.remove(&key)?;
+        }
+        let keys: Vec<_> = maps.backends.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            maps.backends.remove(&key)?;
+        }
+        let keys: Vec<_> = maps.conntrack.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = maps.conntrack.remove(&key);
+        }
+        let keys: Vec<_> = maps.affinity.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = maps.affinity.remove(&key);
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;
+        for index in 0..counter::COUNT {
+            maps.counters.set(index, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Programs `frontends` through the real syncer.
+    ///
+    /// # Errors
+    /// When the kernel refuses a write.
+    pub fn install(&mut self, frontends: &[(FrontendKey, FrontendSpec)]) -> Result<()> {
+        let desired = Desired { frontends: frontends.iter().cloned().collect(), diagnostics: Vec::new() };
+        let report = self.syncer.sync(&desired, &mut self.datapath.maps);
+        if let Some(failure) = report.failures.first() {
+            bail!("programming {}: {}", failure.service_port, failure.error);
+        }
+        Ok(())
+    }
+
+    /// Runs the pod ingress program `repeat` times on `frame`.
+    ///
+    /// # Errors
+    /// When BPF_PROG_TEST_RUN fails.
+    pub fn run(&mut self, frame: &[u8], repeat: u32) -> Result<RunOutput> {
+        let mut out = vec![0u8; 2048];
+        let program = self.datapath.pod_ingress()?;
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunOutput {
+            verdict: result.return_value as i32,
+            packet: out,
+            duration: result.duration,
+        })
+    }
+
+    /// Runs a case from a clean state. Returns a description of the first mismatch.
+    ///
+    /// # Errors
+    /// When the case fails or the kernel refuses something.
+    pub fn run_case(&mut self, case: &Case) -> Result<()> {
+        self.clear()?;
+        self.install(&case.frontends)?;
+        for (index, step) in case.steps.iter().enumerate() {
+            let input = step.input.to_bytes();
+            let output = self.run(&input, 1)?;
+            let context = || format!("{}: step {}", case.name, index + 1);
+            if output.verdict != step.verdict as i32 {
+                bail!("{}: verdict {} instead of {:?}", context(), output.verdict, step.verdict);
+            }
+            let expected = match &step.output {
+                Expected::Unchanged => input.clone(),
+                Expected::Frame(frame) => frame.to_bytes(),
+                Expected::Bytes(bytes) => bytes.clone(),
+            };
+            if output.packet != expected {
+                bail!(
+                    "{}: packet differs\n  expected {}\n  got      {}",
+                    context(),
+                    hex(&expected),
+                    hex(&output.packet)
+                );
+            }
+        }
+        let counters = self.datapath.maps.counters()?;
+        for &(index, expected) in &case.counters {
+            let name = proxy_common::COUNTER_NAMES[index as usize];
+            if counters[index as usize] != expected {
+                bail!("{}: counter {name} is {} instead of {expected}", case.name, counters[index as usize]);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join("")
+}
