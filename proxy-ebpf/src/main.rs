@@ -12,6 +12,7 @@ mod conntrack;
 mod maps;
 mod nat;
 mod parse;
+mod pod_egress;
 mod pod_ingress;
 mod reject;
 mod service;
@@ -24,6 +25,19 @@ use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
     match pod_ingress::try_pod_ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            stats::count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// TC egress of pod-facing interfaces: replies on their way into client pods, whose
+/// translation is undone here.
+#[classifier]
+pub fn tc_pod_egress(ctx: TcContext) -> i32 {
+    match pod_egress::try_pod_egress(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count(reason);

@@ -4,7 +4,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{Be16, Be32, counter, proto};
+use proxy_common::{Be16, Be32, CtEntryV4, counter, ct_flags, proto};
 
 use crate::parse::{
     ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4Packet, L4_DST_PORT_OFF, L4_SRC_PORT_OFF,
@@ -77,6 +77,18 @@ pub fn rewrite(
         .map_err(|_| counter::DROP_REWRITE)?;
         ctx.store(port_off, &port.0, 0)
             .map_err(|_| counter::DROP_REWRITE)?;
+    }
+    Ok(())
+}
+
+/// Applies a conntrack entry's rewrite to the packet.
+#[inline(always)]
+pub fn apply(ctx: &TcContext, pkt: &Ipv4Packet, entry: &CtEntryV4) -> Result<(), u32> {
+    if entry.flags & ct_flags::REWRITE_DST != 0 {
+        rewrite(ctx, pkt, End::Destination, entry.nat_dst_addr, entry.nat_dst_port)?;
+    }
+    if entry.flags & ct_flags::REWRITE_SRC != 0 {
+        rewrite(ctx, pkt, End::Source, entry.nat_src_addr, entry.nat_src_port)?;
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! The pod-facing TC ingress program: service translation of traffic leaving pods, and
-//! reverse translation of backend replies on their way back to clients.
+//! The pod-facing TC ingress program: packets leaving pods. Flows to a service get a
+//! backend and are DNATed; later packets of those flows follow their conntrack entry.
+//! Replies are left to [`crate::pod_egress`], which runs after the kernel routed them,
+//! so the reverse-path filter never sees a service address as a source.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
 use proxy_common::{counter, ct_flags, service_flags};
 
@@ -9,34 +11,26 @@ use crate::{
     parse, reject, service, stats,
 };
 
-const PASS: i32 = TC_ACT_OK as i32;
+pub const PASS: i32 = TC_ACT_OK as i32;
 
 pub fn try_pod_ingress(ctx: &TcContext) -> Result<i32, u32> {
     let Some(pkt) = parse::ipv4(ctx) else {
         return Ok(PASS);
     };
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-
     if pkt.is_later_fragment {
         // Without ports there is no frontend to match; counted so that services
         // receiving fragmented datagrams show up in the metrics.
         stats::count(counter::FRAGMENT_PASSED);
         return Ok(PASS);
     }
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(entry) = conntrack::lookup(&pkt, now) {
-        if entry.flags & ct_flags::REWRITE_DST != 0 {
-            nat::rewrite(ctx, &pkt, End::Destination, entry.nat_dst_addr, entry.nat_dst_port)?;
+        if entry.flags & ct_flags::REPLY == 0 {
+            nat::apply(ctx, &pkt, &entry)?;
+            stats::count(counter::FORWARD_TRANSLATED);
         }
-        if entry.flags & ct_flags::REWRITE_SRC != 0 {
-            nat::rewrite(ctx, &pkt, End::Source, entry.nat_src_addr, entry.nat_src_port)?;
-        }
-        stats::count(if entry.flags & ct_flags::REPLY != 0 {
-            counter::REPLY_TRANSLATED
-        } else {
-            counter::FORWARD_TRANSLATED
-        });
         return Ok(PASS);
     }
 

@@ -236,14 +236,7 @@ fn reconcile_interfaces(
         .filter(|interface| interfaces::matches(&interface.name, &config.pod_interfaces))
         .cloned()
         .collect();
-    let program = match datapath.pod_ingress() {
-        Ok(program) => program,
-        Err(error) => {
-            error!(%error, "pod ingress program unavailable");
-            return;
-        }
-    };
-    for error in attachments.reconcile(program, &wanted) {
+    for error in attachments.reconcile(datapath, &wanted) {
         warn!(%error, "attach failed; retrying on the next interface change");
     }
 }

@@ -12,7 +12,7 @@ use aya::{
 };
 use proxy_common::{counter, proto, scope, service_flags};
 use proxy_userspace::{
-    datapath::{Datapath, LoadOptions},
+    datapath::{Datapath, Hook, LoadOptions},
     model::{Desired, FrontendKey, FrontendKind, FrontendSpec, ServicePortName},
     state::ObjectKey,
     sync::Syncer,
@@ -42,6 +42,8 @@ pub enum Expected {
 /// One packet of a case and what must come out.
 #[derive(Clone, Debug)]
 pub struct Step {
+    /// The program the packet goes through.
+    pub hook: Hook,
     pub input: Frame,
     pub verdict: Verdict,
     pub output: Expected,
@@ -127,16 +129,27 @@ pub fn cases() -> Vec<Case> {
             frontends: vec![web.clone()],
             steps: vec![
                 Step {
+                    hook: Hook::PodIngress,
                     input: syn.clone(),
                     verdict: Verdict::Pass,
                     output: Expected::Frame(syn.clone().with_dst(backend())),
                 },
+                // at the backend's interface the reply is left alone...
                 Step {
+                    hook: Hook::PodIngress,
+                    input: syn.clone().with_dst(backend()).reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                // ...and translated back on its way into the client
+                Step {
+                    hook: Hook::PodEgress,
                     input: syn.clone().with_dst(backend()).reply(Transport::Tcp(TcpFlags::SYN_ACK)),
                     verdict: Verdict::Pass,
                     output: Expected::Frame(syn.reply(Transport::Tcp(TcpFlags::SYN_ACK))),
                 },
                 Step {
+                    hook: Hook::PodIngress,
                     input: Frame::tcp(client(), vip(), TcpFlags::ACK),
                     verdict: Verdict::Pass,
                     output: Expected::Frame(Frame::tcp(client(), backend(), TcpFlags::ACK)),
@@ -153,11 +166,13 @@ pub fn cases() -> Vec<Case> {
             frontends: vec![dns.clone()],
             steps: vec![
                 Step {
+                    hook: Hook::PodIngress,
                     input: query.clone(),
                     verdict: Verdict::Pass,
                     output: Expected::Frame(query.clone().with_dst(dns_backend())),
                 },
                 Step {
+                    hook: Hook::PodEgress,
                     input: {
                         let mut answer = query.clone().with_dst(dns_backend()).reply(Transport::Udp { checksum: true });
                         answer.payload = b"answer".to_vec();
@@ -177,6 +192,7 @@ pub fn cases() -> Vec<Case> {
             name: "udp without a checksum keeps checksum 0 through DNAT",
             frontends: vec![dns.clone()],
             steps: vec![Step {
+                hook: Hook::PodIngress,
                 input: unchecked_query.clone(),
                 verdict: Verdict::Pass,
                 output: Expected::Frame(unchecked_query.with_dst(dns_backend())),
@@ -189,25 +205,42 @@ pub fn cases() -> Vec<Case> {
             steps: vec![
                 // straight to a pod
                 Step {
+                    hook: Hook::PodIngress,
                     input: Frame::tcp(client(), backend(), TcpFlags::SYN),
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
                 // the ClusterIP on a port the service does not have
                 Step {
+                    hook: Hook::PodIngress,
                     input: Frame::tcp(client(), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
                 // the service port over the other protocol
                 Step {
+                    hook: Hook::PodIngress,
                     input: Frame::udp(client(), vip(), b"x"),
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
-                // a reply-shaped packet without a flow
+                // a reply-shaped packet without a flow, at both hooks
                 Step {
+                    hook: Hook::PodIngress,
                     input: Frame::tcp(backend(), client(), TcpFlags::SYN_ACK),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::PodEgress,
+                    input: Frame::tcp(backend(), client(), TcpFlags::SYN_ACK),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                // a packet towards a ClusterIP at pod egress (never translated there)
+                Step {
+                    hook: Hook::PodEgress,
+                    input: Frame::tcp(client(), vip(), TcpFlags::SYN),
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
@@ -218,6 +251,7 @@ pub fn cases() -> Vec<Case> {
             name: "tcp to a service without endpoints is rejected with ICMP port unreachable",
             frontends: vec![frontend("empty", empty_vip(), proto::TCP, &[], 0)],
             steps: vec![Step {
+                hook: Hook::PodIngress,
                 input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
                 verdict: Verdict::Redirect,
                 output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(client(), empty_vip(), TcpFlags::SYN))),
@@ -228,6 +262,7 @@ pub fn cases() -> Vec<Case> {
             name: "udp to a service without endpoints is rejected with ICMP port unreachable",
             frontends: vec![frontend("empty", empty_vip(), proto::UDP, &[], 0)],
             steps: vec![Step {
+                hook: Hook::PodIngress,
                 input: Frame::udp(client(), empty_vip(), b"hi"),
                 verdict: Verdict::Redirect,
                 output: Expected::Bytes(port_unreachable_reply(&Frame::udp(client(), empty_vip(), b"hi"))),
@@ -238,6 +273,7 @@ pub fn cases() -> Vec<Case> {
             name: "a Local-policy service with endpoints elsewhere only drops",
             frontends: vec![frontend("local", empty_vip(), proto::TCP, &[], service_flags::DROP_WHEN_EMPTY)],
             steps: vec![Step {
+                hook: Hook::PodIngress,
                 input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
                 verdict: Verdict::Drop,
                 output: Expected::Unchanged,
@@ -248,6 +284,7 @@ pub fn cases() -> Vec<Case> {
             name: "a later IPv4 fragment passes untouched and is counted",
             frontends: vec![dns],
             steps: vec![Step {
+                hook: Hook::PodIngress,
                 input: fragment,
                 verdict: Verdict::Pass,
                 output: Expected::Unchanged,
@@ -331,8 +368,16 @@ impl DatapathHarness {
     /// # Errors
     /// When BPF_PROG_TEST_RUN fails.
     pub fn run(&mut self, frame: &[u8], repeat: u32) -> Result<RunOutput> {
+        self.run_on(Hook::PodIngress, frame, repeat)
+    }
+
+    /// Runs the program of `hook` `repeat` times on `frame`.
+    ///
+    /// # Errors
+    /// When BPF_PROG_TEST_RUN fails.
+    pub fn run_on(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<RunOutput> {
         let mut out = vec![0u8; 2048];
-        let program = self.datapath.pod_ingress()?;
+        let program = self.datapath.program(hook)?;
         let result = program.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
@@ -356,8 +401,8 @@ impl DatapathHarness {
         self.install(&case.frontends)?;
         for (index, step) in case.steps.iter().enumerate() {
             let input = step.input.to_bytes();
-            let output = self.run(&input, 1)?;
-            let context = || format!("{}: step {}", case.name, index + 1);
+            let output = self.run_on(step.hook, &input, 1)?;
+            let context = || format!("{}: step {} ({})", case.name, index + 1, step.hook.label());
             if output.verdict != step.verdict as i32 {
                 bail!("{}: verdict {} instead of {:?}", context(), output.verdict, step.verdict);
             }

@@ -1,6 +1,6 @@
-//! Attaching the pod-facing program to interfaces with TCX links.
+//! Attaching the pod-facing programs to interfaces with TCX links.
 //!
-//! With a pin directory, each link is pinned as `links/<ifname>@<ifindex>`: the program
+//! With a pin directory, each link is pinned as `links/<ifname>@<ifindex>.<hook>`: the program
 //! stays attached when the agent exits (restart without a gap), and the next agent
 //! takes the pinned link over and swaps its program atomically (`bpf_link_update`), so
 //! no packet ever meets an interface without a program.
@@ -10,13 +10,13 @@ use std::{
 };
 
 use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType,
+    LinkOrder, SchedClassifier,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
 };
 use tracing::{debug, info, warn};
 
-use super::interfaces::Interface;
+use super::{Datapath, Hook, interfaces::Interface};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,27 +30,32 @@ pub enum Error {
         interface: String,
         source: aya::pin::PinError,
     },
+    #[error("the {hook} program is unavailable: {message}")]
+    Unavailable { hook: &'static str, message: String },
     #[error("adopting the pinned link {path}: {message}")]
     Adopt { path: PathBuf, message: String },
 }
 
-/// The links this agent holds, by interface.
+/// The links this agent holds, by interface and hook.
 #[derive(Default)]
 pub struct Attachments {
     links_dir: Option<PathBuf>,
-    links: BTreeMap<Interface, FdLink>,
+    links: BTreeMap<(Interface, Hook), FdLink>,
 }
 
-fn pin_name(interface: &Interface) -> String {
-    format!("{}@{}", interface.name, interface.index)
+fn pin_name(interface: &Interface, hook: Hook) -> String {
+    format!("{}@{}.{}", interface.name, interface.index, hook.label())
 }
 
-fn parse_pin_name(name: &str) -> Option<Interface> {
-    let (ifname, index) = name.rsplit_once('@')?;
-    Some(Interface {
+fn parse_pin_name(name: &str) -> Option<(Interface, Hook)> {
+    let (link, label) = name.rsplit_once('.')?;
+    let hook = Hook::ALL.into_iter().find(|hook| hook.label() == label)?;
+    let (ifname, index) = link.rsplit_once('@')?;
+    let interface = Interface {
         name: ifname.to_owned(),
         index: index.parse().ok()?,
-    })
+    };
+    Some((interface, hook))
 }
 
 impl Attachments {
@@ -63,44 +68,54 @@ impl Attachments {
         }
     }
 
-    /// Interfaces with the program attached.
-    pub fn interfaces(&self) -> impl Iterator<Item = &Interface> {
+    /// The (interface, hook) pairs with a program attached.
+    pub fn attached(&self) -> impl Iterator<Item = &(Interface, Hook)> {
         self.links.keys()
     }
 
-    /// Attaches `program` to exactly the `wanted` interfaces: new ones get a link (or
-    /// take over a pinned one), vanished ones are forgotten. Returns the errors of
-    /// interfaces that could not be attached (retried on the next call).
-    pub fn reconcile(&mut self, program: &mut SchedClassifier, wanted: &[Interface]) -> Vec<Error> {
+    /// Attaches every hook's program to exactly the `wanted` interfaces: new ones get
+    /// links (or take over pinned ones), vanished ones are forgotten. Returns the errors
+    /// of attachments that failed (retried on the next call).
+    pub fn reconcile(&mut self, datapath: &mut Datapath, wanted: &[Interface]) -> Vec<Error> {
         let mut errors = Vec::new();
-        let gone: Vec<Interface> = self
+        let gone: Vec<(Interface, Hook)> = self
             .links
             .keys()
-            .filter(|interface| !wanted.contains(interface))
+            .filter(|(interface, _)| !wanted.contains(interface))
             .cloned()
             .collect();
-        for interface in gone {
-            debug!(interface = %interface.name, "interface gone; dropping its link");
-            self.links.remove(&interface);
-            self.remove_pin(&interface);
+        for (interface, hook) in gone {
+            debug!(interface = %interface.name, hook = hook.label(), "interface gone; dropping its link");
+            self.links.remove(&(interface.clone(), hook));
+            self.remove_pin(&interface, hook);
         }
-        for interface in wanted {
-            if self.links.contains_key(interface) {
-                continue;
-            }
-            match self.attach_one(program, interface) {
-                Ok(link) => {
-                    info!(interface = %interface.name, ifindex = interface.index, "attached pod ingress program");
-                    self.links.insert(interface.clone(), link);
+        for hook in Hook::ALL {
+            let program = match datapath.program(hook) {
+                Ok(program) => program,
+                Err(error) => {
+                    errors.push(Error::Unavailable { hook: hook.label(), message: error.to_string() });
+                    continue;
                 }
-                Err(error) => errors.push(error),
+            };
+            for interface in wanted {
+                let key = (interface.clone(), hook);
+                if self.links.contains_key(&key) {
+                    continue;
+                }
+                match self.attach_one(program, interface, hook) {
+                    Ok(link) => {
+                        info!(interface = %interface.name, ifindex = interface.index, hook = hook.label(), "attached");
+                        self.links.insert(key, link);
+                    }
+                    Err(error) => errors.push(error),
+                }
             }
         }
         errors
     }
 
-    fn attach_one(&self, program: &mut SchedClassifier, interface: &Interface) -> Result<FdLink, Error> {
-        let pin_path = self.links_dir.as_ref().map(|dir| dir.join(pin_name(interface)));
+    fn attach_one(&self, program: &mut SchedClassifier, interface: &Interface, hook: Hook) -> Result<FdLink, Error> {
+        let pin_path = self.links_dir.as_ref().map(|dir| dir.join(pin_name(interface, hook)));
         if let Some(path) = pin_path.as_ref().filter(|path| path.exists()) {
             match adopt(program, path) {
                 Ok(link) => return Ok(link),
@@ -113,7 +128,7 @@ impl Attachments {
         let link_id = program
             .attach_with_options(
                 &interface.name,
-                TcAttachType::Ingress,
+                hook.attach_type(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(|source| Error::Attach { interface: interface.name.clone(), source })?;
@@ -139,9 +154,9 @@ impl Attachments {
         Ok(FdLink::from(pinned))
     }
 
-    fn remove_pin(&self, interface: &Interface) {
+    fn remove_pin(&self, interface: &Interface, hook: Hook) {
         if let Some(dir) = &self.links_dir {
-            let _ = std::fs::remove_file(dir.join(pin_name(interface)));
+            let _ = std::fs::remove_file(dir.join(pin_name(interface, hook)));
         }
     }
 
@@ -152,7 +167,7 @@ impl Attachments {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if parse_pin_name(&name).is_none_or(|interface| !existing.contains(&interface)) {
+            if parse_pin_name(&name).is_none_or(|(interface, _)| !existing.contains(&interface)) {
                 debug!(pin = %name, "removing the pin of a vanished interface");
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -161,10 +176,10 @@ impl Attachments {
 
     /// Detaches everything: pins are removed, then the links dropped.
     pub fn detach_all(&mut self) {
-        let interfaces: Vec<Interface> = self.links.keys().cloned().collect();
-        for interface in interfaces {
-            self.remove_pin(&interface);
-            self.links.remove(&interface);
+        let keys: Vec<(Interface, Hook)> = self.links.keys().cloned().collect();
+        for (interface, hook) in keys {
+            self.remove_pin(&interface, hook);
+            self.links.remove(&(interface, hook));
         }
         if let Some(dir) = &self.links_dir {
             let _ = std::fs::remove_dir(dir);
@@ -194,8 +209,11 @@ mod tests {
 
     #[test]
     fn pin_names_round_trip() {
-        let interface = Interface { name: "veth-a@b".into(), index: 42 };
-        assert_eq!(parse_pin_name(&pin_name(&interface)), Some(interface));
+        let interface = Interface { name: "veth-a@b.c".into(), index: 42 };
+        for hook in Hook::ALL {
+            assert_eq!(parse_pin_name(&pin_name(&interface, hook)), Some((interface.clone(), hook)));
+        }
         assert_eq!(parse_pin_name("garbage"), None);
+        assert_eq!(parse_pin_name("eth0@3.unknown-hook"), None);
     }
 }

@@ -23,8 +23,45 @@ use crate::sync::{MapOp, MapWriter, Mirror, WriteError};
 /// The eBPF object, built by `proxy-userspace/build.rs` (see `cargo xtask build-ebpf`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPR_EBPF_OBJECT"));
 
-/// Name of the pod-facing TC ingress program in the object.
-pub const PROG_POD_INGRESS: &str = "tc_pod_ingress";
+/// A TC program of the object and where it attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// Ingress of pod-facing interfaces (traffic from pods): `tc_pod_ingress`.
+    PodIngress,
+    /// Egress of pod-facing interfaces (traffic into pods): `tc_pod_egress`.
+    PodEgress,
+}
+
+impl Hook {
+    pub const ALL: [Self; 2] = [Self::PodIngress, Self::PodEgress];
+
+    /// The program's name in the object.
+    #[must_use]
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Self::PodIngress => "tc_pod_ingress",
+            Self::PodEgress => "tc_pod_egress",
+        }
+    }
+
+    /// The TC direction.
+    #[must_use]
+    pub fn attach_type(self) -> aya::programs::TcAttachType {
+        match self {
+            Self::PodIngress => aya::programs::TcAttachType::Ingress,
+            Self::PodEgress => aya::programs::TcAttachType::Egress,
+        }
+    }
+
+    /// Short name for pins and logs.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::PodIngress => "pod-ingress",
+            Self::PodEgress => "pod-egress",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -161,31 +198,32 @@ impl Datapath {
                 Array::try_from(map).map_err(|source| Error::Map { name: names::CONFIG, source })?
             },
         };
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROG_POD_INGRESS)
-            .ok_or(Error::MissingProgram(PROG_POD_INGRESS))?
-            .try_into()
-            .map_err(|source| Error::Program { name: PROG_POD_INGRESS, source })?;
-        program
-            .load()
-            .map_err(|source| Error::Program { name: PROG_POD_INGRESS, source })?;
-        Ok(Self {
+        let mut datapath = Self {
             ebpf,
             maps,
             pin_dir: options.pin_dir.clone(),
-        })
+        };
+        for hook in Hook::ALL {
+            let name = hook.program_name();
+            datapath
+                .program(hook)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(datapath)
     }
 
-    /// The pod-facing ingress program.
+    /// The program of a hook.
     ///
     /// # Errors
     /// When the object lacks it (a build problem).
-    pub fn pod_ingress(&mut self) -> Result<&mut SchedClassifier> {
+    pub fn program(&mut self, hook: Hook) -> Result<&mut SchedClassifier> {
+        let name = hook.program_name();
         self.ebpf
-            .program_mut(PROG_POD_INGRESS)
-            .ok_or(Error::MissingProgram(PROG_POD_INGRESS))?
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
             .try_into()
-            .map_err(|source| Error::Program { name: PROG_POD_INGRESS, source })
+            .map_err(|source| Error::Program { name, source })
     }
 }
 
