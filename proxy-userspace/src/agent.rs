@@ -112,11 +112,13 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                 health.queued();
                 let snapshot = snapshots.borrow_and_update().clone();
                 sync_once(&config, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics);
-                health.synced();
                 if !synced_once {
+                    // Attach only once the maps hold the whole desired state, so no pod
+                    // ever sees a half-programmed datapath; healthy only after both.
                     synced_once = true;
                     reconcile_interfaces(&config, &mut datapath, &mut attachments, true);
                 }
+                health.synced();
             }
             event = link_events.changed() => {
                 if let Err(error) = event {
@@ -237,7 +239,7 @@ fn reconcile_interfaces(
         .cloned()
         .collect();
     for error in attachments.reconcile(datapath, &wanted) {
-        warn!(%error, "attach failed; retrying on the next interface change");
+        warn!(error = %crate::error_chain(&error), "attach failed; retrying on the next interface change");
     }
 }
 

@@ -11,3 +11,17 @@ pub mod model;
 pub mod source;
 pub mod state;
 pub mod sync;
+
+/// An error with all its causes, `outer: inner: root`, for log lines (library error
+/// types keep causes as sources, which `Display` alone leaves out).
+#[must_use]
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -5,7 +5,11 @@
 
 pub mod apiserver;
 pub mod datapath_cases;
+pub mod lab;
+pub mod netns;
 pub mod packets;
+pub mod scenario;
+pub mod traffic;
 
 /// Stops a test that needs the kernel unless it runs as root. Such tests fail loudly
 /// instead of skipping: CI runs them as root, and a skipped datapath test proves nothing.

@@ -1,6 +1,7 @@
 //! Attaching the pod-facing programs to interfaces with TCX links.
 //!
-//! With a pin directory, each link is pinned as `links/<ifname>@<ifindex>.<hook>`: the program
+//! With a pin directory, each link is pinned as `links/<ifname>@<ifindex>:<hook>` (bpffs refuses
+//! names with a dot): the program
 //! stays attached when the agent exits (restart without a gap), and the next agent
 //! takes the pinned link over and swaps its program atomically (`bpf_link_update`), so
 //! no packet ever meets an interface without a program.
@@ -44,11 +45,11 @@ pub struct Attachments {
 }
 
 fn pin_name(interface: &Interface, hook: Hook) -> String {
-    format!("{}@{}.{}", interface.name, interface.index, hook.label())
+    format!("{}@{}:{}", interface.name, interface.index, hook.label())
 }
 
 fn parse_pin_name(name: &str) -> Option<(Interface, Hook)> {
-    let (link, label) = name.rsplit_once('.')?;
+    let (link, label) = name.rsplit_once(':')?;
     let hook = Hook::ALL.into_iter().find(|hook| hook.label() == label)?;
     let (ifname, index) = link.rsplit_once('@')?;
     let interface = Interface {
@@ -214,6 +215,6 @@ mod tests {
             assert_eq!(parse_pin_name(&pin_name(&interface, hook)), Some((interface.clone(), hook)));
         }
         assert_eq!(parse_pin_name("garbage"), None);
-        assert_eq!(parse_pin_name("eth0@3.unknown-hook"), None);
+        assert_eq!(parse_pin_name("eth0@3:unknown-hook"), None);
     }
 }

@@ -170,8 +170,12 @@ pub async fn watch_dir(
 ) -> Result<(), Error> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // The receiver only needs to know that something changed.
-        let _ = events_tx.send(event.is_ok());
+        // Reading the files ourselves produces access events: only changes count, or
+        // every read would trigger the next one.
+        let changed = event.is_ok_and(|event| !matches!(event.kind, notify::EventKind::Access(_)));
+        if changed {
+            let _ = events_tx.send(());
+        }
     })
     .map_err(|source| Error::Watch {
         path: dir.clone(),

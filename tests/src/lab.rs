@@ -1,0 +1,450 @@
+//! A lab node: one node namespace, pod namespaces on veth pairs, and the agent running
+//! inside the node namespace as a real process.
+//!
+//! Topology (routed, like Calico): each pod has `eth0` with a /32 address and a default
+//! route via 169.254.1.1 on-link; the node side of each pair (`veth<n>`) carries
+//! 169.254.1.1/32 so it answers the pod's ARP, and the node routes each pod's /32 to
+//! its veth. ClusterIPs are routed nowhere: only the datapath makes them answer.
+//!
+//! Everything lives under the run's prefix (see [`crate::netns`]): namespaces, the run
+//! directory with the manifests the agent reads, a private bpffs for its pins, and its
+//! log. Drop stops the agent and removes all of it, also when a test panics.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Read as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    netns::{self, Netns, RUN_ROOT},
+    traffic::EchoServer,
+};
+
+/// The node's address on every pod-facing veth (the pods' gateway).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Where the agent's health server listens inside the node namespace.
+pub const HEALTHZ: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
+
+/// A pod: a namespace with one address.
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The node-side interface of its veth pair.
+    pub host_interface: String,
+    pub netns: Netns,
+}
+
+/// The agent process.
+struct Agent {
+    child: Child,
+}
+
+/// One lab node and its pods.
+pub struct Lab {
+    pub prefix: String,
+    pub node_name: String,
+    run_dir: PathBuf,
+    pods: BTreeMap<String, Pod>,
+    servers: Vec<EchoServer>,
+    agent: Option<Agent>,
+    /// Declared last: dropped after the pods, whose veths live in it.
+    pub node: Netns,
+}
+
+impl Lab {
+    /// Builds an empty node namespace (forwarding on) and the run directory with its
+    /// private bpffs. Removes what crashed earlier runs left first.
+    ///
+    /// # Errors
+    /// When a namespace, the directory or the mount cannot be made.
+    pub fn new() -> Result<Self> {
+        crate::require_root();
+        netns::sweep_stale();
+        let prefix = netns::unique_prefix();
+        let run_dir = Path::new(RUN_ROOT).join(&prefix);
+        std::fs::create_dir_all(run_dir.join("manifests"))
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        let bpffs = run_dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs)?;
+        let guard = RunDirGuard(run_dir.clone());
+        netns::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))?;
+        let node = Netns::create(&format!("{prefix}-node"))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        std::mem::forget(guard);
+        Ok(Self {
+            node_name: "node-a".into(),
+            prefix,
+            run_dir,
+            pods: BTreeMap::new(),
+            servers: Vec::new(),
+            agent: None,
+            node,
+        })
+    }
+
+    /// Adds a pod namespace with address `ip`, wired to the node.
+    ///
+    /// # Errors
+    /// When a command fails.
+    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
+        let netns = Netns::create(&format!("{}-{name}", self.prefix))?;
+        let host_interface = format!("veth{}", self.pods.len());
+        self.node.ip(&[
+            "link", "add", &host_interface, "type", "veth", "peer", "name", "eth0", "netns", netns.name(),
+        ])?;
+        self.node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_interface])?;
+        self.node.ip(&["link", "set", &host_interface, "up"])?;
+        self.node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_interface])?;
+        netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", &GATEWAY.to_string(), "dev", "eth0", "onlink"])?;
+        let pod = Pod { name: name.to_owned(), ip, host_interface, netns };
+        Ok(self.pods.entry(name.to_owned()).or_insert(pod))
+    }
+
+    /// The pod called `name`.
+    ///
+    /// # Panics
+    /// When there is none (a test bug).
+    #[must_use]
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.get(name).unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    /// Pods by name.
+    #[must_use]
+    pub fn pods(&self) -> &BTreeMap<String, Pod> {
+        &self.pods
+    }
+
+    /// Starts TCP and UDP echo servers named after the pod on `port` of its address.
+    ///
+    /// # Errors
+    /// When binding fails.
+    pub fn serve(&mut self, pod: &str, port: u16) -> Result<()> {
+        let pod = self.pod(pod);
+        let server = EchoServer::start(&pod.netns, &pod.name, SocketAddrV4::new(pod.ip, port))?;
+        self.servers.push(server);
+        Ok(())
+    }
+
+    /// The directory the agent reads manifests from.
+    #[must_use]
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.run_dir.join("manifests")
+    }
+
+    /// Writes (or replaces) a manifest file atomically, as `kubectl`-driven tooling
+    /// would: the agent never sees half a file.
+    ///
+    /// # Errors
+    /// When the write fails.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let path = self.manifests_dir().join(file);
+        let temporary = self.run_dir.join(format!(".{file}.tmp"));
+        std::fs::write(&temporary, yaml)?;
+        std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Removes a manifest file.
+    ///
+    /// # Errors
+    /// When it does not exist.
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        std::fs::remove_file(self.manifests_dir().join(file)).with_context(|| format!("removing manifest {file}"))
+    }
+
+    /// Copies every file of `dir` into the manifests directory.
+    ///
+    /// # Errors
+    /// When reading or writing fails.
+    pub fn copy_manifests(&self, dir: &Path) -> Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                self.write_manifest(&name, &std::fs::read_to_string(entry.path())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent's pin directory (on the run's private bpffs).
+    #[must_use]
+    pub fn pin_dir(&self) -> PathBuf {
+        self.run_dir.join("bpffs/kpr")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.run_dir.join("agent.log")
+    }
+
+    /// Starts `kpr run` inside the node namespace with the lab's manifests, pins and
+    /// node name, plus `extra_args`, and waits until it reports healthy.
+    ///
+    /// # Errors
+    /// When it cannot start or does not become healthy in time.
+    pub fn start_agent(&mut self, extra_args: &[&str]) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        let binary = agent_binary()?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening the agent log")?;
+        let node = File::open(self.node.path())?;
+        let mut command = Command::new(&binary);
+        command
+            .arg("run")
+            .arg("--manifests")
+            .arg(self.manifests_dir())
+            .args(["--node-name", &self.node_name])
+            .arg("--bpffs")
+            .arg(self.pin_dir())
+            .args(["--healthz-bind-address", &HEALTHZ.to_string()])
+            .args(extra_args)
+            .env("RUST_LOG", std::env::var("KPR_LAB_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let node_fd = node.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (setns, prctl) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The agent never outlives the test that started it, even on SIGKILL.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        self.agent = Some(Agent { child });
+        self.wait_healthy(Duration::from_secs(30))
+    }
+
+    /// Waits until `/healthz` answers 200 (the first sync is done and programs attached).
+    ///
+    /// # Errors
+    /// When the agent exits or the deadline passes.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(agent) = self.agent.as_mut() {
+                if let Some(status) = agent.child.try_wait()? {
+                    bail!("the agent exited ({status}); log:\n{}", self.agent_log());
+                }
+            }
+            if self.healthz().is_ok_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not become healthy; log:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until both programs are attached to every pod's interface (their link
+    /// pins exist).
+    ///
+    /// # Errors
+    /// When the deadline passes.
+    pub fn wait_attached(&self) -> Result<()> {
+        let links = self.pin_dir().join("links");
+        let hooks = ["pod-ingress", "pod-egress"];
+        self.wait_for("programs attached to every pod interface", Duration::from_secs(10), || {
+            let pins: Vec<String> = std::fs::read_dir(&links)?
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect();
+            // Pins are named `<ifname>@<ifindex>:<hook>`.
+            Ok(self.pods.values().all(|pod| {
+                hooks.iter().all(|hook| {
+                    pins.iter().any(|pin| {
+                        pin.starts_with(&format!("{}@", pod.host_interface)) && pin.ends_with(&format!(":{hook}"))
+                    })
+                })
+            }))
+        })
+        .map(drop)
+    }
+
+    /// Programs attached with TCX to the pods' interfaces, as
+    /// `(interface, "ingress"|"egress", program name)`, read from the kernel.
+    ///
+    /// # Errors
+    /// When the query fails.
+    pub fn attached_programs(&self) -> Result<Vec<(String, &'static str, String)>> {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let interfaces: Vec<String> = self.pods.values().map(|pod| pod.host_interface.clone()).collect();
+        self.node.run(|| {
+            let mut attached = Vec::new();
+            for interface in &interfaces {
+                for (direction, attach_type) in [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)] {
+                    let (_, programs) = SchedClassifier::query_tcx(interface, attach_type)
+                        .with_context(|| format!("querying tcx {direction} of {interface}"))?;
+                    for program in programs {
+                        let name = program.name_as_str().unwrap_or("?").to_owned();
+                        attached.push((interface.clone(), direction, name));
+                    }
+                }
+            }
+            Ok(attached)
+        })
+    }
+
+    /// GET /healthz from inside the node namespace: status code and body.
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub fn healthz(&self) -> Result<(u16, String)> {
+        self.node.run(|| http_get(HEALTHZ, "/healthz"))
+    }
+
+    /// Stops the agent with SIGTERM (it detaches and unpins unless told to keep state).
+    ///
+    /// # Errors
+    /// When it does not exit in time.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        let Some(mut agent) = self.agent.take() else { return Ok(()) };
+        let pid = i32::try_from(agent.child.id()).context("pid")?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = agent.child.kill();
+                let _ = agent.child.wait();
+                bail!("the agent ignored SIGTERM; log:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would.
+    ///
+    /// # Errors
+    /// When it cannot be reaped.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut agent) = self.agent.take() {
+            agent.child.kill()?;
+            agent.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The agent's log so far.
+    #[must_use]
+    pub fn agent_log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = File::open(self.log_path()) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Polls `condition` every 50 ms until it holds or `timeout` passes. Returns how long
+    /// it took.
+    ///
+    /// # Errors
+    /// With the last error or a timeout message, and the agent's log.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut() -> Result<bool>,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        let mut last = String::from("condition false");
+        while started.elapsed() < timeout {
+            match condition() {
+                Ok(true) => return Ok(started.elapsed()),
+                Ok(false) => last = String::from("condition false"),
+                Err(error) => last = format!("{error:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out after {timeout:?} waiting for {what} ({last}); agent log:\n{}", self.agent_log())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(error) = self.stop_agent() {
+            eprintln!("lab {}: {error:#}", self.prefix);
+        }
+        self.servers.clear();
+        self.pods.clear();
+        netns::remove_run_dir(&self.run_dir);
+    }
+}
+
+/// Removes the run directory if construction fails halfway.
+struct RunDirGuard(PathBuf);
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        netns::remove_run_dir(&self.0);
+    }
+}
+
+/// The `kpr` binary: `$KPR_BIN`, or built on demand into a target directory of the
+/// lab's own (the test's cargo still holds the lock of the main one).
+///
+/// # Errors
+/// When the build fails.
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KPR_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let target_dir = workspace.join("target/lab");
+    netns::run(
+        Command::new(env!("CARGO"))
+            .current_dir(&workspace)
+            .args(["build", "--quiet", "--package", "proxy-userspace", "--bin", "kpr"])
+            .arg("--target-dir")
+            .arg(&target_dir),
+    )?;
+    Ok(target_dir.join("debug/kpr"))
+}
+
+/// A minimal HTTP/1.0 GET (call inside the right namespace).
+///
+/// # Errors
+/// When the server does not answer.
+pub fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("malformed response {response:?}"))?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
+    Ok((code, body))
+}

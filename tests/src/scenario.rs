@@ -1,0 +1,105 @@
+//! Labs built from manifests: every endpoint of every EndpointSlice becomes a pod with
+//! echo servers on the slice's ports, plus a client pod; the agent then reads the same
+//! manifests. The demo and the end-to-end tests share this.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Deserialize as _;
+
+use crate::lab::Lab;
+
+/// The client pod's address (in the example pod CIDR, distinct from every endpoint).
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+
+/// `manifests/examples` of this repository.
+#[must_use]
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples")
+}
+
+/// A pod the manifests expect: its name, address and the ports it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendPod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ports: Vec<u16>,
+}
+
+/// The pods behind every IPv4 EndpointSlice found in `dir`, by address. A pod is named
+/// after the endpoint's targetRef, else after its address.
+///
+/// # Errors
+/// When a file cannot be read or parsed as YAML.
+pub fn backend_pods(dir: &Path) -> Result<Vec<BackendPod>> {
+    let mut pods: BTreeMap<Ipv4Addr, BackendPod> = BTreeMap::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(document)
+                .with_context(|| format!("parsing {}", file.display()))?;
+            if value["kind"].as_str() != Some("EndpointSlice") || value["addressType"].as_str() != Some("IPv4") {
+                continue;
+            }
+            let ports: Vec<u16> = value["ports"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|port| port["port"].as_u64())
+                .filter_map(|port| u16::try_from(port).ok())
+                .collect();
+            for endpoint in value["endpoints"].as_sequence().into_iter().flatten() {
+                for address in endpoint["addresses"].as_sequence().into_iter().flatten() {
+                    let Some(ip) = address.as_str().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+                        continue;
+                    };
+                    let name = endpoint["targetRef"]["name"]
+                        .as_str()
+                        .map_or_else(|| format!("ep-{}", ip.to_string().replace('.', "-")), str::to_owned);
+                    let pod = pods.entry(ip).or_insert_with(|| BackendPod { name, ip, ports: Vec::new() });
+                    for port in &ports {
+                        if !pod.ports.contains(port) {
+                            pod.ports.push(*port);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(pods.into_values().collect())
+}
+
+/// A lab with a `client` pod and the pods of `manifests`, serving; the manifests are
+/// copied in and the agent started (healthy and attached when this returns).
+///
+/// # Errors
+/// When any step fails.
+pub fn lab_for_manifests(manifests: &Path) -> Result<Lab> {
+    let mut lab = Lab::new()?;
+    lab.add_pod("client", CLIENT_IP)?;
+    for pod in backend_pods(manifests)? {
+        lab.add_pod(&pod.name, pod.ip)?;
+        for port in pod.ports {
+            lab.serve(&pod.name, port)?;
+        }
+    }
+    lab.copy_manifests(manifests)?;
+    lab.start_agent(&[])?;
+    lab.wait_attached()?;
+    Ok(lab)
+}
+
+/// `ip:port`.
+#[must_use]
+pub fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}

@@ -1,0 +1,147 @@
+//! End to end in the lab: real TCP and UDP sockets in pod namespaces, the agent as a
+//! process in the node namespace reading the bundled example manifests, the datapath
+//! attached to the pods' veths.
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use anyhow::Result;
+use kpr_lab::{
+    scenario::{CLIENT_IP, examples_dir, lab_for_manifests, sock},
+    traffic::{tcp_request, udp_request},
+};
+
+const WEB_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
+const DNS_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 53);
+const NOBODY_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 99);
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a manifest change may take to reach the datapath before a test gives up
+/// (the agent's goal is well under a second; this only bounds a broken run).
+const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
+
+#[test]
+fn tcp_connections_to_a_cluster_ip_spread_over_every_backend_and_keep_the_client_source() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let client = &lab.pod("client").netns;
+    let answers = client
+        .run(|| (0..200).map(|_| tcp_request(sock(WEB_VIP, 80), TIMEOUT)).collect::<Result<Vec<_>>>())
+        .expect("200 connections to the ClusterIP");
+
+    let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
+    for answer in &answers {
+        *per_backend.entry(answer.server.clone()).or_default() += 1;
+        // The backend sees the client pod itself, not a node or service address.
+        assert_eq!(
+            answer.seen_client.ip(),
+            std::net::IpAddr::V4(CLIENT_IP),
+            "{} saw {}",
+            answer.server,
+            answer.seen_client
+        );
+    }
+    eprintln!("connections per backend: {per_backend:?}");
+    assert_eq!(per_backend.keys().cloned().collect::<Vec<_>>(), ["web-0", "web-1", "web-2"]);
+    for (backend, count) in &per_backend {
+        assert!(*count >= 30, "{backend} answered {count} of 200 (< 15%): {per_backend:?}");
+    }
+}
+
+#[test]
+fn udp_requests_are_translated_both_ways() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let client = &lab.pod("client").netns;
+    let replies = client
+        .run(|| (0..60).map(|_| udp_request(sock(DNS_VIP, 53), TIMEOUT)).collect::<Result<Vec<_>>>())
+        .expect("UDP answers through the ClusterIP");
+    let mut servers = BTreeMap::<String, usize>::new();
+    for (answer, from) in &replies {
+        // recv_from reports the packet's real source: the reply was reverse-translated.
+        assert_eq!(*from, SocketAddr::from(sock(DNS_VIP, 53)));
+        assert_eq!(answer.seen_client.ip(), std::net::IpAddr::V4(CLIENT_IP));
+        *servers.entry(answer.server.clone()).or_default() += 1;
+    }
+    assert_eq!(servers.len(), 3, "every backend answers some datagrams: {servers:?}");
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_new_connections_at_once() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let error = lab
+        .pod("client")
+        .netns
+        .run(|| Ok(tcp_request(sock(NOBODY_VIP, 80), Duration::from_secs(5))))
+        .expect("run")
+        .expect_err("nobody serves this service");
+    let refused = error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+    assert!(refused, "expected connection refused (ICMP port unreachable), got {error:#}");
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_connections() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let web = std::fs::read_to_string(examples_dir().join("web.yaml")).expect("web.yaml");
+    // Drop web-2's endpoint (the last three lines of its entry).
+    let without_web2 = web
+        .split("  - addresses: [10.244.1.13]")
+        .next()
+        .expect("web.yaml lists 10.244.1.13")
+        .to_owned();
+    lab.write_manifest("web.yaml", &without_web2).expect("write");
+    let client = &lab.pod("client").netns;
+    let took = lab
+        .wait_for("web-2 to leave the rotation", CHANGE_DEADLINE, || {
+            client.run(|| {
+                let servers = (0..30)
+                    .map(|_| tcp_request(sock(WEB_VIP, 80), TIMEOUT).map(|a| a.server))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(!servers.iter().any(|server| server == "web-2"))
+            })
+        })
+        .expect("web-2 removed");
+    eprintln!("backend removal visible after {took:?}");
+    let servers = client
+        .run(|| {
+            (0..100)
+                .map(|_| tcp_request(sock(WEB_VIP, 80), TIMEOUT).map(|a| a.server))
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("connections after the removal");
+    assert!(!servers.iter().any(|server| server == "web-2"), "web-2 still chosen: {servers:?}");
+    assert!(servers.iter().any(|server| server == "web-0") && servers.iter().any(|server| server == "web-1"));
+}
+
+#[test]
+fn a_deleted_service_stops_answering() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let client = &lab.pod("client").netns;
+    client.run(|| tcp_request(sock(WEB_VIP, 80), TIMEOUT)).expect("answers before");
+    lab.remove_manifest("web.yaml").expect("remove");
+    lab.wait_for("the ClusterIP to stop answering", CHANGE_DEADLINE, || {
+        client.run(|| Ok(tcp_request(sock(WEB_VIP, 80), Duration::from_millis(300)).is_err()))
+    })
+    .expect("web deleted");
+    // The other service is untouched.
+    client.run(|| udp_request(sock(DNS_VIP, 53), TIMEOUT)).expect("dns still answers");
+}
+
+#[test]
+fn stopping_the_agent_detaches_everything_and_removes_its_pins() {
+    let mut lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let before = lab.attached_programs().expect("query tcx");
+    for pod in lab.pods().values() {
+        for (direction, program) in [("ingress", "tc_pod_ingress"), ("egress", "tc_pod_egress")] {
+            let wanted = (pod.host_interface.clone(), direction, program.to_owned());
+            assert!(before.contains(&wanted), "{wanted:?} missing from {before:?}");
+        }
+    }
+    lab.stop_agent().expect("stop");
+    let after = lab.attached_programs().expect("query tcx");
+    assert!(after.is_empty(), "programs left attached: {after:?}");
+    assert!(!lab.pin_dir().exists(), "pins left in {}", lab.pin_dir().display());
+    lab.pod("client")
+        .netns
+        .run(|| Ok(tcp_request(sock(WEB_VIP, 80), Duration::from_millis(500)).is_err()))
+        .map(|failed| assert!(failed, "the ClusterIP still answers without the agent"))
+        .expect("run");
+}
