@@ -47,7 +47,9 @@ pub fn backend_pods(dir: &Path) -> Result<Vec<BackendPod>> {
         for document in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_yaml::Value::deserialize(document)
                 .with_context(|| format!("parsing {}", file.display()))?;
-            if value["kind"].as_str() != Some("EndpointSlice") || value["addressType"].as_str() != Some("IPv4") {
+            if value["kind"].as_str() != Some("EndpointSlice")
+                || value["addressType"].as_str() != Some("IPv4")
+            {
                 continue;
             }
             let ports: Vec<u16> = value["ports"]
@@ -59,13 +61,19 @@ pub fn backend_pods(dir: &Path) -> Result<Vec<BackendPod>> {
                 .collect();
             for endpoint in value["endpoints"].as_sequence().into_iter().flatten() {
                 for address in endpoint["addresses"].as_sequence().into_iter().flatten() {
-                    let Some(ip) = address.as_str().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+                    let Some(ip) = address.as_str().and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                    else {
                         continue;
                     };
-                    let name = endpoint["targetRef"]["name"]
-                        .as_str()
-                        .map_or_else(|| format!("ep-{}", ip.to_string().replace('.', "-")), str::to_owned);
-                    let pod = pods.entry(ip).or_insert_with(|| BackendPod { name, ip, ports: Vec::new() });
+                    let name = endpoint["targetRef"]["name"].as_str().map_or_else(
+                        || format!("ep-{}", ip.to_string().replace('.', "-")),
+                        str::to_owned,
+                    );
+                    let pod = pods.entry(ip).or_insert_with(|| BackendPod {
+                        name,
+                        ip,
+                        ports: Vec::new(),
+                    });
                     for port in &ports {
                         if !pod.ports.contains(port) {
                             pod.ports.push(*port);
@@ -102,4 +110,60 @@ pub fn lab_for_manifests(manifests: &Path) -> Result<Lab> {
 #[must_use]
 pub fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
+}
+
+/// A ClusterIP frontend named in the manifests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFrontend {
+    /// `namespace/name:port-name`.
+    pub name: String,
+    pub addr: SocketAddrV4,
+    /// "TCP" or "UDP".
+    pub protocol: String,
+}
+
+/// Every IPv4 ClusterIP port of the Services in `dir`, in file order.
+///
+/// # Errors
+/// When a file cannot be read or parsed as YAML.
+pub fn service_frontends(dir: &Path) -> Result<Vec<ServiceFrontend>> {
+    let mut frontends = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(document)
+                .with_context(|| format!("parsing {}", file.display()))?;
+            if value["kind"].as_str() != Some("Service") {
+                continue;
+            }
+            let Some(ip) = value["spec"]["clusterIP"]
+                .as_str()
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let namespace = value["metadata"]["namespace"].as_str().unwrap_or("default");
+            let service = value["metadata"]["name"].as_str().unwrap_or("?");
+            for port in value["spec"]["ports"].as_sequence().into_iter().flatten() {
+                let Some(number) = port["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
+                    continue;
+                };
+                frontends.push(ServiceFrontend {
+                    name: format!(
+                        "{namespace}/{service}:{}",
+                        port["name"].as_str().unwrap_or("")
+                    ),
+                    addr: SocketAddrV4::new(ip, number),
+                    protocol: port["protocol"].as_str().unwrap_or("TCP").to_owned(),
+                });
+            }
+        }
+    }
+    Ok(frontends)
 }

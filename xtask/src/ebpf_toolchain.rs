@@ -115,7 +115,9 @@ pub fn target_dir(workspace_root: &Path) -> PathBuf {
 /// The built object.
 #[must_use]
 pub fn object_path(workspace_root: &Path) -> PathBuf {
-    target_dir(workspace_root).join(TARGET).join("release/proxy-ebpf")
+    target_dir(workspace_root)
+        .join(TARGET)
+        .join("release/proxy-ebpf")
 }
 
 /// The build command. It starts from an empty environment: a cargo run from a build
@@ -136,7 +138,10 @@ pub fn build_command(workspace_root: &Path, bpf_linker: &Path) -> Command {
     command
         .env_clear()
         .env("PATH", path)
-        .env("HOME", env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+        .env(
+            "HOME",
+            env::var_os("HOME").unwrap_or_else(|| "/root".into()),
+        )
         .env("RUSTC", DEBIAN_RUSTC)
         // build-std is a nightly feature; the stable Debian compiler allows it this way.
         .env("RUSTC_BOOTSTRAP", "1")

@@ -1,2 +1,258 @@
+//! Developer tasks: `cargo xtask <command>`.
+//!
+//! xtask depends on nothing of the workspace, so it compiles on a fresh machine before
+//! the eBPF toolchain exists, and can install that toolchain first.
 mod bench;
-fn main() {}
+mod ebpf_toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, demo and test tasks of the kube-proxy replacement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (proxy-ebpf), installing the toolchain first when run as
+    /// root on Debian (apt packages and a pinned bpf-linker).
+    BuildEbpf {
+        /// Only report what is missing; install nothing.
+        #[arg(long)]
+        no_install: bool,
+    },
+    /// Build everything, create a lab, run the agent on manifests/examples, send
+    /// traffic, print which backend answered each request, and clean up. Needs root.
+    Demo {
+        /// Directory of Services and EndpointSlices to demonstrate.
+        #[arg(long, default_value = "manifests/examples")]
+        manifests: PathBuf,
+    },
+    /// The whole test suite: formatting, clippy, unit, BPF_PROG_TEST_RUN and lab
+    /// end-to-end tests. Needs root. `.ci/run` runs exactly this.
+    Test {
+        /// Extra arguments for `cargo test` (a filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true)]
+        cargo_test_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::BuildEbpf { no_install } => build_ebpf(&root, !no_install).map(drop),
+        Task::Demo { manifests } => {
+            require_root("the demo builds network namespaces and loads BPF programs")?;
+            ensure_lab_tools()?;
+            build_ebpf(&root, true)?;
+            let kpr = build_agent(&root)?;
+            let manifests = if manifests.is_absolute() {
+                manifests
+            } else {
+                root.join(manifests)
+            };
+            step("running the demo");
+            run(cargo(&root)
+                .args([
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "kpr-lab",
+                    "--bin",
+                    "kpr-demo",
+                    "--",
+                ])
+                .arg(&manifests)
+                .env("KPR_BIN", &kpr))
+        }
+        Task::Test { cargo_test_args } => {
+            require_root(
+                "the datapath and lab tests load BPF programs and build network namespaces",
+            )?;
+            ensure_lab_tools()?;
+            build_ebpf(&root, true)?;
+            step("cargo fmt --check");
+            run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
+            step("cargo clippy -D warnings");
+            run(cargo(&root).args([
+                "clippy",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            let kpr = build_agent(&root)?;
+            step("cargo test");
+            run(cargo(&root)
+                .args(["test", "--locked", "--no-fail-fast"])
+                .args(&cargo_test_args)
+                .env("KPR_BIN", &kpr))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives in <root>/xtask.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn step(what: &str) {
+    eprintln!("\x1b[1m==> {what}\x1b[0m");
+}
+
+/// The cargo that runs this xtask (rustup's), for userspace builds.
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root);
+    command
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("run this as root: {why}");
+    }
+    Ok(())
+}
+
+/// The commands the lab runs (`ip`, `sysctl`, `mount`) and their Debian packages.
+const LAB_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("sysctl", "procps"), ("mount", "mount")];
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Installs the lab's command-line tools when they are missing.
+fn ensure_lab_tools() -> Result<()> {
+    let missing: Vec<&str> = LAB_TOOLS
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step("installing the lab's tools");
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Installs what the eBPF build lacks (as root), then builds the object.
+fn build_ebpf(root: &Path, install: bool) -> Result<PathBuf> {
+    let missing = ebpf_toolchain::missing();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        if !install || !is_root() {
+            bail!(
+                "the eBPF toolchain is incomplete (missing: {}).\n{}",
+                names.join(", "),
+                ebpf_toolchain::install_hint()
+            );
+        }
+        install_toolchain(&missing)?;
+    }
+    let bpf_linker = ebpf_toolchain::find_bpf_linker()
+        .context("bpf-linker is still missing after installing it")?;
+    step("building the eBPF object (proxy-ebpf)");
+    run(&mut ebpf_toolchain::build_command(root, &bpf_linker))?;
+    let object = ebpf_toolchain::object_path(root);
+    eprintln!("eBPF object: {}", object.display());
+    Ok(object)
+}
+
+fn install_toolchain(missing: &[ebpf_toolchain::Missing]) -> Result<()> {
+    use ebpf_toolchain::Missing;
+    let needs_apt = missing.iter().any(|m| !matches!(m, Missing::BpfLinker));
+    // bpf-linker links against LLVM 22: its build needs the apt packages too.
+    let llvm_present = Path::new(ebpf_toolchain::LLVM_PREFIX)
+        .join("bin/llvm-config")
+        .is_file();
+    if needs_apt || !llvm_present {
+        step("installing Debian packages of the eBPF toolchain");
+        run(Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(ebpf_toolchain::APT_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if ebpf_toolchain::find_bpf_linker().is_none() {
+        step("installing bpf-linker (a few minutes)");
+        let path = std::env::var("PATH").unwrap_or_default();
+        run(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    ebpf_toolchain::BPF_LINKER_VERSION,
+                ])
+                .args(["--locked", "--no-default-features", "--features", "llvm-22"])
+                .env(
+                    "PATH",
+                    format!("{}/bin:{path}", ebpf_toolchain::LLVM_PREFIX),
+                )
+                .env("LLVM_SYS_221_PREFIX", ebpf_toolchain::LLVM_PREFIX),
+        )?;
+    }
+    let still: Vec<String> = ebpf_toolchain::missing()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if !still.is_empty() {
+        bail!("still missing after installing: {}", still.join(", "));
+    }
+    Ok(())
+}
+
+/// Builds the agent binary (its build script embeds the eBPF object).
+fn build_agent(root: &Path) -> Result<PathBuf> {
+    step("building the agent (kpr)");
+    run(cargo(root).args([
+        "build",
+        "--locked",
+        "--package",
+        "proxy-userspace",
+        "--bin",
+        "kpr",
+    ]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    Ok(target.join("debug/kpr"))
+}
