@@ -12,7 +12,11 @@ fn main() -> ExitCode {
         println!("cargo::error=cannot find the workspace root");
         return ExitCode::FAILURE;
     };
-    for watched in ["proxy-ebpf/src", "proxy-ebpf/Cargo.toml", "proxy-common/src"] {
+    for watched in [
+        "proxy-ebpf/src",
+        "proxy-ebpf/Cargo.toml",
+        "proxy-common/src",
+    ] {
         println!(
             "cargo::rerun-if-changed={}",
             workspace_root.join(watched).display()
@@ -23,7 +27,10 @@ fn main() -> ExitCode {
 
     // A prebuilt object (container builds, packaging) short-circuits the build.
     if let Some(object) = env::var_os("KPR_EBPF_OBJECT") {
-        println!("cargo::rustc-env=KPR_EBPF_OBJECT={}", PathBuf::from(object).display());
+        println!(
+            "cargo::rustc-env=KPR_EBPF_OBJECT={}",
+            PathBuf::from(object).display()
+        );
         return ExitCode::SUCCESS;
     }
 
@@ -49,7 +56,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         Err(error) => {
-            println!("cargo::error=cannot run {}: {error}", ebpf_toolchain::DEBIAN_CARGO);
+            println!(
+                "cargo::error=cannot run {}: {error}",
+                ebpf_toolchain::DEBIAN_CARGO
+            );
             return ExitCode::FAILURE;
         }
     }

@@ -341,7 +341,10 @@ mod tests {
     fn drop_counters_are_named_drop() {
         for (index, name) in COUNTER_NAMES.iter().enumerate() {
             let is_drop = index as u32 >= counter::FIRST_DROP;
-            assert!(name.is_empty() || name.starts_with("drop_") == is_drop, "{name}");
+            assert!(
+                name.is_empty() || name.starts_with("drop_") == is_drop,
+                "{name}"
+            );
         }
     }
 

@@ -2,11 +2,11 @@
 //! the rewrite for the packets it matches. Entries expire by idle time (checked here,
 //! so a stale entry is never used) and are reaped by the agent and by LRU eviction.
 use aya_ebpf::bindings::BPF_ANY;
-use proxy_common::{Be16, Be32, CtEntryV4, CtKeyV4, counter, ct_flags};
+use proxy_common::{counter, ct_flags, Be16, Be32, CtEntryV4, CtKeyV4};
 
 use crate::{
     maps::{self, CT_V4_V1},
-    parse::{Ipv4Packet, reversed, tcp_flag},
+    parse::{reversed, tcp_flag, Ipv4Packet},
 };
 
 /// The tuple of the packet after `entry`'s rewrite.

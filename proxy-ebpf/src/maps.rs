@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4, DatapathConfigV1,
-    ServiceKeyV4, ServiceValueV4, capacity, counter,
+    capacity, counter, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4,
+    DatapathConfigV1, ServiceKeyV4, ServiceValueV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
@@ -17,7 +17,8 @@ pub static SVC_V4_V1: HashMap<ServiceKeyV4, ServiceValueV4> =
 
 /// Backends by id ([`proxy_common::names::BACKENDS_V4`]).
 #[map]
-pub static BACKEND_V4_V1: HashMap<u32, BackendV4> = HashMap::with_max_entries(capacity::BACKENDS_V4, 0);
+pub static BACKEND_V4_V1: HashMap<u32, BackendV4> =
+    HashMap::with_max_entries(capacity::BACKENDS_V4, 0);
 
 /// Flows, both directions ([`proxy_common::names::CONNTRACK_V4`]). LRU so a flood of
 /// new flows evicts the oldest instead of failing inserts.

@@ -4,10 +4,10 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{Be16, Be32, CtEntryV4, counter, ct_flags, proto};
+use proxy_common::{counter, ct_flags, proto, Be16, Be32, CtEntryV4};
 
 use crate::parse::{
-    ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4Packet, L4_DST_PORT_OFF, L4_SRC_PORT_OFF,
+    Ipv4Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF,
 };
 
 /// Which end of the packet to rewrite.
@@ -85,10 +85,22 @@ pub fn rewrite(
 #[inline(always)]
 pub fn apply(ctx: &TcContext, pkt: &Ipv4Packet, entry: &CtEntryV4) -> Result<(), u32> {
     if entry.flags & ct_flags::REWRITE_DST != 0 {
-        rewrite(ctx, pkt, End::Destination, entry.nat_dst_addr, entry.nat_dst_port)?;
+        rewrite(
+            ctx,
+            pkt,
+            End::Destination,
+            entry.nat_dst_addr,
+            entry.nat_dst_port,
+        )?;
     }
     if entry.flags & ct_flags::REWRITE_SRC != 0 {
-        rewrite(ctx, pkt, End::Source, entry.nat_src_addr, entry.nat_src_port)?;
+        rewrite(
+            ctx,
+            pkt,
+            End::Source,
+            entry.nat_src_addr,
+            entry.nat_src_port,
+        )?;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Header parsing: Ethernet, IPv4, TCP/UDP. Produces offsets and the 5-tuple; never
 //! keeps pointers, because every helper that writes the packet invalidates them.
 use aya_ebpf::programs::TcContext;
-use proxy_common::{Be16, Be32, CtKeyV4, proto};
+use proxy_common::{proto, Be16, Be32, CtKeyV4};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

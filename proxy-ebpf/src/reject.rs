@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use proxy_common::counter;
 
-use crate::parse::{ETH_HLEN, Ipv4Packet};
+use crate::parse::{Ipv4Packet, ETH_HLEN};
 
 const IP_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;

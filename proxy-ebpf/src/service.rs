@@ -4,8 +4,8 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    AffinityKeyV4, AffinityValueV4, BackendV4, CtKeyV4, ServiceKeyV4, ServiceValueV4, counter,
-    scope, service_flags,
+    counter, scope, service_flags, AffinityKeyV4, AffinityValueV4, BackendV4, CtKeyV4,
+    ServiceKeyV4, ServiceValueV4,
 };
 
 use crate::{

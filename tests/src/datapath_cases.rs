@@ -5,7 +5,7 @@
 //! The same table, run with a repeat count, is the per-packet benchmark.
 use std::{net::SocketAddrV4, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::PerCpuValues,
     programs::{TestRun as _, TestRunOptions},
@@ -18,7 +18,7 @@ use proxy_userspace::{
     sync::Syncer,
 };
 
-use crate::packets::{Frame, TcpFlags, Transport, port_unreachable_reply, sock};
+use crate::packets::{port_unreachable_reply, sock, Frame, TcpFlags, Transport};
 
 /// The verdicts the program returns (TC_ACT_*).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +69,12 @@ pub fn frontend(
     flags: u16,
 ) -> (FrontendKey, FrontendSpec) {
     (
-        FrontendKey { addr: *vip.ip(), port: vip.port(), proto: l4_proto, scope: scope::DEFAULT },
+        FrontendKey {
+            addr: *vip.ip(),
+            port: vip.port(),
+            proto: l4_proto,
+            scope: scope::DEFAULT,
+        },
         FrontendSpec {
             service_port: ServicePortName {
                 service: ObjectKey::new("default", name),
@@ -79,7 +84,11 @@ pub fn frontend(
             kind: FrontendKind::ClusterIp,
             backends: backends.to_vec(),
             flags,
-            affinity_timeout_s: if flags & service_flags::AFFINITY != 0 { 10_800 } else { 0 },
+            affinity_timeout_s: if flags & service_flags::AFFINITY != 0 {
+                10_800
+            } else {
+                0
+            },
         },
     )
 }
@@ -125,7 +134,8 @@ pub fn cases() -> Vec<Case> {
 
     vec![
         Case {
-            name: "tcp to a ClusterIP is DNATed to its backend, replies come back from the ClusterIP",
+            name:
+                "tcp to a ClusterIP is DNATed to its backend, replies come back from the ClusterIP",
             frontends: vec![web.clone()],
             steps: vec![
                 Step {
@@ -137,14 +147,20 @@ pub fn cases() -> Vec<Case> {
                 // at the backend's interface the reply is left alone...
                 Step {
                     hook: Hook::PodIngress,
-                    input: syn.clone().with_dst(backend()).reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    input: syn
+                        .clone()
+                        .with_dst(backend())
+                        .reply(Transport::Tcp(TcpFlags::SYN_ACK)),
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
                 // ...and translated back on its way into the client
                 Step {
                     hook: Hook::PodEgress,
-                    input: syn.clone().with_dst(backend()).reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    input: syn
+                        .clone()
+                        .with_dst(backend())
+                        .reply(Transport::Tcp(TcpFlags::SYN_ACK)),
                     verdict: Verdict::Pass,
                     output: Expected::Frame(syn.reply(Transport::Tcp(TcpFlags::SYN_ACK))),
                 },
@@ -174,7 +190,10 @@ pub fn cases() -> Vec<Case> {
                 Step {
                     hook: Hook::PodEgress,
                     input: {
-                        let mut answer = query.clone().with_dst(dns_backend()).reply(Transport::Udp { checksum: true });
+                        let mut answer = query
+                            .clone()
+                            .with_dst(dns_backend())
+                            .reply(Transport::Udp { checksum: true });
                         answer.payload = b"answer".to_vec();
                         answer
                     },
@@ -254,7 +273,11 @@ pub fn cases() -> Vec<Case> {
                 hook: Hook::PodIngress,
                 input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
                 verdict: Verdict::Redirect,
-                output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(client(), empty_vip(), TcpFlags::SYN))),
+                output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(
+                    client(),
+                    empty_vip(),
+                    TcpFlags::SYN,
+                ))),
             }],
             counters: vec![(counter::REJECTED_NO_BACKEND, 1), (counter::NEW_FLOW, 0)],
         },
@@ -265,20 +288,33 @@ pub fn cases() -> Vec<Case> {
                 hook: Hook::PodIngress,
                 input: Frame::udp(client(), empty_vip(), b"hi"),
                 verdict: Verdict::Redirect,
-                output: Expected::Bytes(port_unreachable_reply(&Frame::udp(client(), empty_vip(), b"hi"))),
+                output: Expected::Bytes(port_unreachable_reply(&Frame::udp(
+                    client(),
+                    empty_vip(),
+                    b"hi",
+                ))),
             }],
             counters: vec![(counter::REJECTED_NO_BACKEND, 1)],
         },
         Case {
             name: "a Local-policy service with endpoints elsewhere only drops",
-            frontends: vec![frontend("local", empty_vip(), proto::TCP, &[], service_flags::DROP_WHEN_EMPTY)],
+            frontends: vec![frontend(
+                "local",
+                empty_vip(),
+                proto::TCP,
+                &[],
+                service_flags::DROP_WHEN_EMPTY,
+            )],
             steps: vec![Step {
                 hook: Hook::PodIngress,
                 input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
                 verdict: Verdict::Drop,
                 output: Expected::Unchanged,
             }],
-            counters: vec![(counter::DROP_NO_LOCAL_BACKEND, 1), (counter::REJECTED_NO_BACKEND, 0)],
+            counters: vec![
+                (counter::DROP_NO_LOCAL_BACKEND, 1),
+                (counter::REJECTED_NO_BACKEND, 0),
+            ],
         },
         Case {
             name: "a later IPv4 fragment passes untouched and is counted",
@@ -317,7 +353,10 @@ impl DatapathHarness {
     pub fn new() -> Result<Self> {
         crate::require_root();
         let datapath = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
-        Ok(Self { datapath, syncer: Syncer::default() })
+        Ok(Self {
+            datapath,
+            syncer: Syncer::default(),
+        })
     }
 
     /// Empties every map and zeroes the counters.
@@ -345,7 +384,8 @@ impl DatapathHarness {
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;
         for index in 0..counter::COUNT {
-            maps.counters.set(index, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+            maps.counters
+                .set(index, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         }
         Ok(())
     }
@@ -355,7 +395,10 @@ impl DatapathHarness {
     /// # Errors
     /// When the kernel refuses a write.
     pub fn install(&mut self, frontends: &[(FrontendKey, FrontendSpec)]) -> Result<()> {
-        let desired = Desired { frontends: frontends.iter().cloned().collect(), diagnostics: Vec::new() };
+        let desired = Desired {
+            frontends: frontends.iter().cloned().collect(),
+            diagnostics: Vec::new(),
+        };
         let report = self.syncer.sync(&desired, &mut self.datapath.maps);
         if let Some(failure) = report.failures.first() {
             bail!("programming {}: {}", failure.service_port, failure.error);
@@ -404,7 +447,12 @@ impl DatapathHarness {
             let output = self.run_on(step.hook, &input, 1)?;
             let context = || format!("{}: step {} ({})", case.name, index + 1, step.hook.label());
             if output.verdict != step.verdict as i32 {
-                bail!("{}: verdict {} instead of {:?}", context(), output.verdict, step.verdict);
+                bail!(
+                    "{}: verdict {} instead of {:?}",
+                    context(),
+                    output.verdict,
+                    step.verdict
+                );
             }
             let expected = match &step.output {
                 Expected::Unchanged => input.clone(),
@@ -424,7 +472,11 @@ impl DatapathHarness {
         for &(index, expected) in &case.counters {
             let name = proxy_common::COUNTER_NAMES[index as usize];
             if counters[index as usize] != expected {
-                bail!("{}: counter {name} is {} instead of {expected}", case.name, counters[index as usize]);
+                bail!(
+                    "{}: counter {name} is {} instead of {expected}",
+                    case.name,
+                    counters[index as usize]
+                );
             }
         }
         Ok(())
@@ -432,5 +484,9 @@ impl DatapathHarness {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join("")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join("")
 }

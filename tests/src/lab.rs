@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 
 use crate::{
     netns::{self, Netns, RUN_ROOT},
@@ -100,15 +100,45 @@ impl Lab {
         let netns = Netns::create(&format!("{}-{name}", self.prefix))?;
         let host_interface = format!("veth{}", self.pods.len());
         self.node.ip(&[
-            "link", "add", &host_interface, "type", "veth", "peer", "name", "eth0", "netns", netns.name(),
+            "link",
+            "add",
+            &host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
         ])?;
-        self.node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_interface])?;
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("{GATEWAY}/32"),
+            "dev",
+            &host_interface,
+        ])?;
         self.node.ip(&["link", "set", &host_interface, "up"])?;
-        self.node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_interface])?;
+        self.node
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_interface])?;
         netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&["route", "add", "default", "via", &GATEWAY.to_string(), "dev", "eth0", "onlink"])?;
-        let pod = Pod { name: name.to_owned(), ip, host_interface, netns };
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &GATEWAY.to_string(),
+            "dev",
+            "eth0",
+            "onlink",
+        ])?;
+        let pod = Pod {
+            name: name.to_owned(),
+            ip,
+            host_interface,
+            netns,
+        };
         Ok(self.pods.entry(name.to_owned()).or_insert(pod))
     }
 
@@ -118,7 +148,9 @@ impl Lab {
     /// When there is none (a test bug).
     #[must_use]
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.get(name).unwrap_or_else(|| panic!("no pod {name} in the lab"))
+        self.pods
+            .get(name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
     }
 
     /// Pods by name.
@@ -161,7 +193,8 @@ impl Lab {
     /// # Errors
     /// When it does not exist.
     pub fn remove_manifest(&self, file: &str) -> Result<()> {
-        std::fs::remove_file(self.manifests_dir().join(file)).with_context(|| format!("removing manifest {file}"))
+        std::fs::remove_file(self.manifests_dir().join(file))
+            .with_context(|| format!("removing manifest {file}"))
     }
 
     /// Copies every file of `dir` into the manifests directory.
@@ -215,7 +248,10 @@ impl Lab {
             .arg(self.pin_dir())
             .args(["--healthz-bind-address", &HEALTHZ.to_string()])
             .args(extra_args)
-            .env("RUST_LOG", std::env::var("KPR_LAB_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("KPR_LAB_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -233,7 +269,9 @@ impl Lab {
                 Ok(())
             });
         }
-        let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
         self.agent = Some(Agent { child });
         self.wait_healthy(Duration::from_secs(30))
     }
@@ -254,7 +292,10 @@ impl Lab {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the agent did not become healthy; log:\n{}", self.agent_log());
+                bail!(
+                    "the agent did not become healthy; log:\n{}",
+                    self.agent_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -268,20 +309,25 @@ impl Lab {
     pub fn wait_attached(&self) -> Result<()> {
         let links = self.pin_dir().join("links");
         let hooks = ["pod-ingress", "pod-egress"];
-        self.wait_for("programs attached to every pod interface", Duration::from_secs(10), || {
-            let pins: Vec<String> = std::fs::read_dir(&links)?
-                .filter_map(Result::ok)
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect();
-            // Pins are named `<ifname>@<ifindex>:<hook>`.
-            Ok(self.pods.values().all(|pod| {
-                hooks.iter().all(|hook| {
-                    pins.iter().any(|pin| {
-                        pin.starts_with(&format!("{}@", pod.host_interface)) && pin.ends_with(&format!(":{hook}"))
+        self.wait_for(
+            "programs attached to every pod interface",
+            Duration::from_secs(10),
+            || {
+                let pins: Vec<String> = std::fs::read_dir(&links)?
+                    .filter_map(Result::ok)
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .collect();
+                // Pins are named `<ifname>@<ifindex>:<hook>`.
+                Ok(self.pods.values().all(|pod| {
+                    hooks.iter().all(|hook| {
+                        pins.iter().any(|pin| {
+                            pin.starts_with(&format!("{}@", pod.host_interface))
+                                && pin.ends_with(&format!(":{hook}"))
+                        })
                     })
-                })
-            }))
-        })
+                }))
+            },
+        )
         .map(drop)
     }
 
@@ -292,11 +338,18 @@ impl Lab {
     /// When the query fails.
     pub fn attached_programs(&self) -> Result<Vec<(String, &'static str, String)>> {
         use aya::programs::{SchedClassifier, TcAttachType};
-        let interfaces: Vec<String> = self.pods.values().map(|pod| pod.host_interface.clone()).collect();
+        let interfaces: Vec<String> = self
+            .pods
+            .values()
+            .map(|pod| pod.host_interface.clone())
+            .collect();
         self.node.run(|| {
             let mut attached = Vec::new();
             for interface in &interfaces {
-                for (direction, attach_type) in [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)] {
+                for (direction, attach_type) in [
+                    ("ingress", TcAttachType::Ingress),
+                    ("egress", TcAttachType::Egress),
+                ] {
                     let (_, programs) = SchedClassifier::query_tcx(interface, attach_type)
                         .with_context(|| format!("querying tcx {direction} of {interface}"))?;
                     for program in programs {
@@ -322,7 +375,9 @@ impl Lab {
     /// # Errors
     /// When it does not exit in time.
     pub fn stop_agent(&mut self) -> Result<()> {
-        let Some(mut agent) = self.agent.take() else { return Ok(()) };
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
         let pid = i32::try_from(agent.child.id()).context("pid")?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -381,7 +436,10 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("timed out after {timeout:?} waiting for {what} ({last}); agent log:\n{}", self.agent_log())
+        bail!(
+            "timed out after {timeout:?} waiting for {what} ({last}); agent log:\n{}",
+            self.agent_log()
+        )
     }
 }
 
@@ -422,7 +480,14 @@ pub fn agent_binary() -> Result<PathBuf> {
     netns::run(
         Command::new(env!("CARGO"))
             .current_dir(&workspace)
-            .args(["build", "--quiet", "--package", "proxy-userspace", "--bin", "kpr"])
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "proxy-userspace",
+                "--bin",
+                "kpr",
+            ])
             .arg("--target-dir")
             .arg(&target_dir),
     )?;
@@ -445,6 +510,9 @@ pub fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("malformed response {response:?}"))?;
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
     Ok((code, body))
 }

@@ -11,7 +11,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 
 /// Where `ip netns` keeps its named namespaces.
 const NETNS_DIR: &str = "/run/netns";
@@ -22,7 +22,11 @@ pub const RUN_ROOT: &str = "/run/kpr-lab";
 #[must_use]
 pub fn unique_prefix() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("kpr{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "kpr{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The pid encoded in a name made by [`unique_prefix`], if it is one.
@@ -70,7 +74,9 @@ pub fn remove_run_dir(dir: &Path) {
 /// # Errors
 /// When it cannot start or exits non-zero.
 pub fn run(command: &mut Command) -> Result<Output> {
-    let output = command.output().with_context(|| format!("starting {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
     if !output.status.success() {
         bail!(
             "{command:?} failed ({}): {}",
@@ -98,7 +104,9 @@ impl Netns {
     /// When `ip netns add` fails (not root, name taken).
     pub fn create(name: &str) -> Result<Self> {
         run(Command::new("ip").args(["netns", "add", name]))?;
-        let netns = Self { name: name.to_owned() };
+        let netns = Self {
+            name: name.to_owned(),
+        };
         netns.ip(&["link", "set", "lo", "up"])?;
         Ok(netns)
     }
@@ -126,7 +134,9 @@ impl Netns {
     /// # Errors
     /// When the command fails.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
-        run(Command::new("ip").args(["netns", "exec", &self.name, program]).args(args))
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args))
     }
 
     /// Sets a sysctl of this namespace's network stack.
@@ -134,7 +144,8 @@ impl Netns {
     /// # Errors
     /// When the write fails.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(drop)
     }
 
     /// Runs `work` on a thread that has entered this namespace; sockets it opens live
@@ -143,7 +154,8 @@ impl Netns {
     /// # Errors
     /// When the namespace cannot be entered; otherwise whatever `work` returns.
     pub fn run<R: Send>(&self, work: impl FnOnce() -> Result<R> + Send) -> Result<R> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))?;
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -163,7 +175,8 @@ impl Netns {
         &self,
         work: impl FnOnce() -> R + Send + 'static,
     ) -> Result<std::thread::JoinHandle<Result<R>>> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))?;
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
         Ok(std::thread::spawn(move || {
             enter(&file)?;
             Ok(work())
@@ -198,7 +211,10 @@ mod tests {
     #[test]
     fn prefixes_name_their_process() {
         let prefix = unique_prefix();
-        assert_eq!(owner_pid(&format!("{prefix}-node")), Some(std::process::id()));
+        assert_eq!(
+            owner_pid(&format!("{prefix}-node")),
+            Some(std::process::id())
+        );
         assert_ne!(unique_prefix(), prefix);
         assert_eq!(owner_pid("kprfoo-node"), None);
         assert_eq!(owner_pid("cni-1234"), None);

@@ -3,8 +3,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader,
-    UdpHeader, icmpv4::DestUnreachableHeader,
+    icmpv4::DestUnreachableHeader, EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber,
+    Ipv4Header, TcpHeader, UdpHeader,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -21,10 +21,30 @@ pub struct TcpFlags {
 }
 
 impl TcpFlags {
-    pub const SYN: Self = Self { syn: true, ack: false, fin: false, rst: false };
-    pub const SYN_ACK: Self = Self { syn: true, ack: true, fin: false, rst: false };
-    pub const ACK: Self = Self { syn: false, ack: true, fin: false, rst: false };
-    pub const FIN_ACK: Self = Self { syn: false, ack: true, fin: true, rst: false };
+    pub const SYN: Self = Self {
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+    };
+    pub const SYN_ACK: Self = Self {
+        syn: true,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
+    pub const ACK: Self = Self {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: false,
+    };
+    pub const FIN_ACK: Self = Self {
+        syn: false,
+        ack: true,
+        fin: true,
+        rst: false,
+    };
 }
 
 /// The transport of a crafted packet.
@@ -32,7 +52,9 @@ impl TcpFlags {
 pub enum Transport {
     Tcp(TcpFlags),
     /// UDP; `checksum: false` sends checksum 0 ("none", legal for IPv4).
-    Udp { checksum: bool },
+    Udp {
+        checksum: bool,
+    },
 }
 
 /// An Ethernet + IPv4 + TCP/UDP frame, described by its fields.
@@ -120,7 +142,10 @@ impl Frame {
         .expect("valid IPv4 header");
         ip.identification = 0x1234;
         ip.dont_fragment = self.fragment_offset == 0;
-        ip.fragment_offset = self.fragment_offset.try_into().expect("13-bit fragment offset");
+        ip.fragment_offset = self
+            .fragment_offset
+            .try_into()
+            .expect("13-bit fragment offset");
         ip.header_checksum = ip.calc_header_checksum();
         ip
     }
@@ -147,7 +172,9 @@ impl Frame {
                     tcp.acknowledgment_number = 2000;
                 }
                 let ip = self.ip_header(tcp.header_len() + self.payload.len());
-                tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).expect("small payload");
+                tcp.checksum = tcp
+                    .calc_checksum_ipv4(&ip, &self.payload)
+                    .expect("small payload");
                 ip.write(&mut out).expect("write to Vec");
                 if self.fragment_offset == 0 {
                     tcp.write(&mut out).expect("write to Vec");
@@ -162,7 +189,9 @@ impl Frame {
                 .expect("small payload");
                 let ip = self.ip_header(UdpHeader::LEN + self.payload.len());
                 if checksum {
-                    udp.checksum = udp.calc_checksum_ipv4(&ip, &self.payload).expect("small payload");
+                    udp.checksum = udp
+                        .calc_checksum_ipv4(&ip, &self.payload)
+                        .expect("small payload");
                 }
                 ip.write(&mut out).expect("write to Vec");
                 if self.fragment_offset == 0 {

@@ -8,14 +8,14 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
-        Arc,
         atomic::{AtomicBool, Ordering},
+        Arc,
     },
     thread::JoinHandle,
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 
 use crate::netns::Netns;
 
@@ -36,7 +36,9 @@ impl Answer {
             .with_context(|| format!("malformed answer {line:?}"))?;
         Ok(Self {
             server: server.to_owned(),
-            seen_client: seen.parse().with_context(|| format!("malformed answer {line:?}"))?,
+            seen_client: seen
+                .parse()
+                .with_context(|| format!("malformed answer {line:?}"))?,
         })
     }
 }
@@ -73,7 +75,10 @@ impl EchoServer {
             let name = name.to_owned();
             std::thread::spawn(move || serve_udp(&udp, &name, &stop))
         };
-        Ok(Self { stop, threads: vec![tcp_thread, udp_thread] })
+        Ok(Self {
+            stop,
+            threads: vec![tcp_thread, udp_thread],
+        })
     }
 }
 
@@ -85,14 +90,21 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>) -> Resu
                 let stop = Arc::clone(stop);
                 std::thread::spawn(move || serve_connection(stream, peer, &name, &stop));
             }
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(POLL)
+            }
             Err(error) => return Err(error).context("accept"),
         }
     }
     Ok(())
 }
 
-fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) -> Result<()> {
+fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    stop: &AtomicBool,
+) -> Result<()> {
     stream.set_nonblocking(false)?;
     // Wakes up now and then to notice the stop flag on idle long-lived connections.
     stream.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -107,7 +119,10 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, name: &str, stop: &Atom
                 line.clear();
             }
             Err(error)
-                if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -122,7 +137,10 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) -> Result<()> {
                 let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
             }
             Err(error)
-                if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(error) => return Err(error).context("recv_from"),
         }
     }
@@ -147,11 +165,14 @@ impl Drop for EchoServer {
 /// # Errors
 /// When the connection is refused, times out, or the answer is malformed.
 pub fn tcp_request(dst: SocketAddrV4, timeout: Duration) -> Result<Answer> {
-    let mut stream = TcpStream::connect_timeout(&dst.into(), timeout).with_context(|| format!("connecting to {dst}"))?;
+    let mut stream = TcpStream::connect_timeout(&dst.into(), timeout)
+        .with_context(|| format!("connecting to {dst}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"hello\n")?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).context("reading the answer")?;
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .context("reading the answer")?;
     Answer::parse(&line)
 }
 
@@ -165,7 +186,9 @@ pub fn udp_request(dst: SocketAddrV4, timeout: Duration) -> Result<(Answer, Sock
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello\n", dst)?;
     let mut buf = [0u8; 1500];
-    let (len, from) = socket.recv_from(&mut buf).with_context(|| format!("no UDP answer from {dst}"))?;
+    let (len, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP answer from {dst}"))?;
     let answer = Answer::parse(&String::from_utf8_lossy(&buf[..len]))?;
     Ok((answer, from))
 }
@@ -181,9 +204,12 @@ impl Conversation {
     /// # Errors
     /// When the connection fails.
     pub fn open(dst: SocketAddrV4, timeout: Duration) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&dst.into(), timeout).with_context(|| format!("connecting to {dst}"))?;
+        let stream = TcpStream::connect_timeout(&dst.into(), timeout)
+            .with_context(|| format!("connecting to {dst}"))?;
         stream.set_read_timeout(Some(timeout))?;
-        Ok(Self { stream: BufReader::new(stream) })
+        Ok(Self {
+            stream: BufReader::new(stream),
+        })
     }
 
     /// Sends a line and reads the answer.

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::Result;
 use kpr_lab::{
-    scenario::{CLIENT_IP, examples_dir, lab_for_manifests, sock},
+    scenario::{examples_dir, lab_for_manifests, sock, CLIENT_IP},
     traffic::{tcp_request, udp_request},
 };
 
@@ -22,7 +22,11 @@ fn tcp_connections_to_a_cluster_ip_spread_over_every_backend_and_keep_the_client
     let lab = lab_for_manifests(&examples_dir()).expect("lab");
     let client = &lab.pod("client").netns;
     let answers = client
-        .run(|| (0..200).map(|_| tcp_request(sock(WEB_VIP, 80), TIMEOUT)).collect::<Result<Vec<_>>>())
+        .run(|| {
+            (0..200)
+                .map(|_| tcp_request(sock(WEB_VIP, 80), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
         .expect("200 connections to the ClusterIP");
 
     let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
@@ -38,9 +42,15 @@ fn tcp_connections_to_a_cluster_ip_spread_over_every_backend_and_keep_the_client
         );
     }
     eprintln!("connections per backend: {per_backend:?}");
-    assert_eq!(per_backend.keys().cloned().collect::<Vec<_>>(), ["web-0", "web-1", "web-2"]);
+    assert_eq!(
+        per_backend.keys().cloned().collect::<Vec<_>>(),
+        ["web-0", "web-1", "web-2"]
+    );
     for (backend, count) in &per_backend {
-        assert!(*count >= 30, "{backend} answered {count} of 200 (< 15%): {per_backend:?}");
+        assert!(
+            *count >= 30,
+            "{backend} answered {count} of 200 (< 15%): {per_backend:?}"
+        );
     }
 }
 
@@ -49,7 +59,11 @@ fn udp_requests_are_translated_both_ways() {
     let lab = lab_for_manifests(&examples_dir()).expect("lab");
     let client = &lab.pod("client").netns;
     let replies = client
-        .run(|| (0..60).map(|_| udp_request(sock(DNS_VIP, 53), TIMEOUT)).collect::<Result<Vec<_>>>())
+        .run(|| {
+            (0..60)
+                .map(|_| udp_request(sock(DNS_VIP, 53), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
         .expect("UDP answers through the ClusterIP");
     let mut servers = BTreeMap::<String, usize>::new();
     for (answer, from) in &replies {
@@ -58,7 +72,11 @@ fn udp_requests_are_translated_both_ways() {
         assert_eq!(answer.seen_client.ip(), std::net::IpAddr::V4(CLIENT_IP));
         *servers.entry(answer.server.clone()).or_default() += 1;
     }
-    assert_eq!(servers.len(), 3, "every backend answers some datagrams: {servers:?}");
+    assert_eq!(
+        servers.len(),
+        3,
+        "every backend answers some datagrams: {servers:?}"
+    );
 }
 
 #[test]
@@ -74,7 +92,10 @@ fn a_service_without_endpoints_refuses_new_connections_at_once() {
         .chain()
         .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
         .any(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-    assert!(refused, "expected connection refused (ICMP port unreachable), got {error:#}");
+    assert!(
+        refused,
+        "expected connection refused (ICMP port unreachable), got {error:#}"
+    );
 }
 
 #[test]
@@ -87,7 +108,8 @@ fn a_removed_backend_gets_no_new_connections() {
         .next()
         .expect("web.yaml lists 10.244.1.13")
         .to_owned();
-    lab.write_manifest("web.yaml", &without_web2).expect("write");
+    lab.write_manifest("web.yaml", &without_web2)
+        .expect("write");
     let client = &lab.pod("client").netns;
     let took = lab
         .wait_for("web-2 to leave the rotation", CHANGE_DEADLINE, || {
@@ -107,22 +129,32 @@ fn a_removed_backend_gets_no_new_connections() {
                 .collect::<Result<Vec<_>>>()
         })
         .expect("connections after the removal");
-    assert!(!servers.iter().any(|server| server == "web-2"), "web-2 still chosen: {servers:?}");
-    assert!(servers.iter().any(|server| server == "web-0") && servers.iter().any(|server| server == "web-1"));
+    assert!(
+        !servers.iter().any(|server| server == "web-2"),
+        "web-2 still chosen: {servers:?}"
+    );
+    assert!(
+        servers.iter().any(|server| server == "web-0")
+            && servers.iter().any(|server| server == "web-1")
+    );
 }
 
 #[test]
 fn a_deleted_service_stops_answering() {
     let lab = lab_for_manifests(&examples_dir()).expect("lab");
     let client = &lab.pod("client").netns;
-    client.run(|| tcp_request(sock(WEB_VIP, 80), TIMEOUT)).expect("answers before");
+    client
+        .run(|| tcp_request(sock(WEB_VIP, 80), TIMEOUT))
+        .expect("answers before");
     lab.remove_manifest("web.yaml").expect("remove");
     lab.wait_for("the ClusterIP to stop answering", CHANGE_DEADLINE, || {
         client.run(|| Ok(tcp_request(sock(WEB_VIP, 80), Duration::from_millis(300)).is_err()))
     })
     .expect("web deleted");
     // The other service is untouched.
-    client.run(|| udp_request(sock(DNS_VIP, 53), TIMEOUT)).expect("dns still answers");
+    client
+        .run(|| udp_request(sock(DNS_VIP, 53), TIMEOUT))
+        .expect("dns still answers");
 }
 
 #[test]
@@ -132,13 +164,20 @@ fn stopping_the_agent_detaches_everything_and_removes_its_pins() {
     for pod in lab.pods().values() {
         for (direction, program) in [("ingress", "tc_pod_ingress"), ("egress", "tc_pod_egress")] {
             let wanted = (pod.host_interface.clone(), direction, program.to_owned());
-            assert!(before.contains(&wanted), "{wanted:?} missing from {before:?}");
+            assert!(
+                before.contains(&wanted),
+                "{wanted:?} missing from {before:?}"
+            );
         }
     }
     lab.stop_agent().expect("stop");
     let after = lab.attached_programs().expect("query tcx");
     assert!(after.is_empty(), "programs left attached: {after:?}");
-    assert!(!lab.pin_dir().exists(), "pins left in {}", lab.pin_dir().display());
+    assert!(
+        !lab.pin_dir().exists(),
+        "pins left in {}",
+        lab.pin_dir().display()
+    );
     lab.pod("client")
         .netns
         .run(|| Ok(tcp_request(sock(WEB_VIP, 80), Duration::from_millis(500)).is_err()))

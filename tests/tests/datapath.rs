@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use kpr_lab::{
-    datapath_cases::{DatapathHarness, addr, cases, frontend},
-    packets::{Frame, TcpFlags, sock},
+    datapath_cases::{addr, cases, frontend, DatapathHarness},
+    packets::{sock, Frame, TcpFlags},
 };
-use proxy_common::{Be16, Be32, CtEntryV4, CtKeyV4, counter, ct_flags, proto, service_flags};
+use proxy_common::{counter, ct_flags, proto, service_flags, Be16, Be32, CtEntryV4, CtKeyV4};
 
 #[test]
 fn datapath_table() {
@@ -18,18 +18,30 @@ fn datapath_table() {
             failures.push(format!("{error:#}"));
         }
     }
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn backends3() -> Vec<std::net::SocketAddrV4> {
-    vec![sock(10, 244, 1, 11, 8080), sock(10, 244, 1, 12, 8080), sock(10, 244, 1, 13, 8080)]
+    vec![
+        sock(10, 244, 1, 11, 8080),
+        sock(10, 244, 1, 12, 8080),
+        sock(10, 244, 1, 13, 8080),
+    ]
 }
 
 /// The backend a translated SYN was sent to.
 fn chosen_backend(harness: &mut DatapathHarness, client_port: u16) -> std::net::SocketAddrV4 {
     let client = sock(10, 244, 1, 2, client_port);
     let output = harness
-        .run(&Frame::tcp(client, addr::vip(), TcpFlags::SYN).to_bytes(), 1)
+        .run(
+            &Frame::tcp(client, addr::vip(), TcpFlags::SYN).to_bytes(),
+            1,
+        )
         .expect("run");
     assert_eq!(output.verdict, 0);
     backends3()
@@ -47,7 +59,9 @@ fn new_flows_spread_over_every_backend() {
         .expect("install");
     let mut hits: BTreeMap<_, u32> = BTreeMap::new();
     for port in 0..300 {
-        *hits.entry(chosen_backend(&mut harness, 20_000 + port)).or_default() += 1;
+        *hits
+            .entry(chosen_backend(&mut harness, 20_000 + port))
+            .or_default() += 1;
     }
     assert_eq!(hits.len(), 3, "{hits:?}");
     // Uniform choice: each backend gets 100 on average; 50 is > 7 standard deviations off.
@@ -60,7 +74,13 @@ fn session_affinity_keeps_a_client_on_one_backend_until_the_backend_leaves() {
     harness.clear().expect("clear");
     let all = backends3();
     harness
-        .install(&[frontend("sticky", addr::vip(), proto::TCP, &all, service_flags::AFFINITY)])
+        .install(&[frontend(
+            "sticky",
+            addr::vip(),
+            proto::TCP,
+            &all,
+            service_flags::AFFINITY,
+        )])
         .expect("install");
     let first = chosen_backend(&mut harness, 30_000);
     for port in 1..50 {
@@ -72,7 +92,13 @@ fn session_affinity_keeps_a_client_on_one_backend_until_the_backend_leaves() {
     // Another client is free to land elsewhere; its choice is its own.
     let remaining: Vec<_> = all.iter().copied().filter(|b| *b != first).collect();
     harness
-        .install(&[frontend("sticky", addr::vip(), proto::TCP, &remaining, service_flags::AFFINITY)])
+        .install(&[frontend(
+            "sticky",
+            addr::vip(),
+            proto::TCP,
+            &remaining,
+            service_flags::AFFINITY,
+        )])
         .expect("shrink");
     // The affinity entry still names the removed backend, whose backend entry is gone:
     // the datapath must not follow it.
@@ -105,17 +131,32 @@ fn an_expired_flow_is_not_reused() {
         flags: ct_flags::REWRITE_DST,
         ..CtEntryV4::default()
     };
-    harness.datapath.maps.conntrack.insert(stale_key, stale, 0).expect("insert");
+    harness
+        .datapath
+        .maps
+        .conntrack
+        .insert(stale_key, stale, 0)
+        .expect("insert");
     // The defaults (24 h) would keep a boot-time entry on a young machine; use 1 s.
     let mut config = proxy_common::DatapathConfigV1::DEFAULT;
     config.tcp_established_timeout_s = 1;
     harness.datapath.maps.set_config(&config).expect("config");
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let output = harness
-        .run(&Frame::tcp(addr::client(), addr::vip(), TcpFlags::SYN).to_bytes(), 1)
+        .run(
+            &Frame::tcp(addr::client(), addr::vip(), TcpFlags::SYN).to_bytes(),
+            1,
+        )
         .expect("run");
-    harness.datapath.maps.set_config(&proxy_common::DatapathConfigV1::DEFAULT).expect("config");
-    assert_eq!(output.packet, Frame::tcp(addr::client(), backend, TcpFlags::SYN).to_bytes());
+    harness
+        .datapath
+        .maps
+        .set_config(&proxy_common::DatapathConfigV1::DEFAULT)
+        .expect("config");
+    assert_eq!(
+        output.packet,
+        Frame::tcp(addr::client(), backend, TcpFlags::SYN).to_bytes()
+    );
 }
 
 #[test]
@@ -127,10 +168,25 @@ fn a_fin_marks_both_directions_closing() {
         .install(&[frontend("web", addr::vip(), proto::TCP, &[backend], 0)])
         .expect("install");
     let client = addr::client();
-    harness.run(&Frame::tcp(client, addr::vip(), TcpFlags::SYN).to_bytes(), 1).expect("syn");
-    harness.run(&Frame::tcp(client, addr::vip(), TcpFlags::FIN_ACK).to_bytes(), 1).expect("fin");
-    let entries: Vec<(CtKeyV4, CtEntryV4)> =
-        harness.datapath.maps.conntrack.iter().filter_map(Result::ok).collect();
+    harness
+        .run(
+            &Frame::tcp(client, addr::vip(), TcpFlags::SYN).to_bytes(),
+            1,
+        )
+        .expect("syn");
+    harness
+        .run(
+            &Frame::tcp(client, addr::vip(), TcpFlags::FIN_ACK).to_bytes(),
+            1,
+        )
+        .expect("fin");
+    let entries: Vec<(CtKeyV4, CtEntryV4)> = harness
+        .datapath
+        .maps
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .collect();
     assert_eq!(entries.len(), 2, "{entries:?}");
     for (key, entry) in entries {
         assert_ne!(entry.flags & ct_flags::CLOSING, 0, "{key:?} {entry:?}");
