@@ -4,7 +4,8 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -20,7 +21,8 @@ use crate::{
         interfaces::{self, LinkEvents},
     },
     health::{self, SyncHealth},
-    model::{self, Diagnostic, ModelSettings},
+    metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
+    model::{self, Diagnostic, DiagnosticReason, ModelSettings},
     source::manifests::{self, Snapshot},
     sync::Syncer,
 };
@@ -48,6 +50,8 @@ pub struct AgentConfig {
     pub model: ModelSettings,
     /// Where `/healthz` listens (`None`: no health server).
     pub healthz_bind_address: Option<SocketAddr>,
+    /// Where `/metrics` listens (`None`: no metrics server).
+    pub metrics_bind_address: Option<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -77,6 +81,15 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let mut attachments = Attachments::new(Some(&config.pin_dir));
     let health = SyncHealth::new(Duration::from_secs(60));
     health.queued();
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = config.metrics_bind_address {
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            if let Err(error) = crate::metrics::serve(addr, metrics).await {
+                error!(%addr, %error, "metrics server stopped");
+            }
+        });
+    }
     if let Some(addr) = config.healthz_bind_address {
         let health = health.clone();
         tokio::spawn(async move {
@@ -98,6 +111,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let mut gc_timer = tokio::time::interval(config.conntrack_gc_interval);
     // A backstop for lost link notifications.
     let mut rescan_timer = tokio::time::interval(Duration::from_secs(5));
+    let mut metrics_timer = tokio::time::interval(METRICS_REFRESH);
     let mut known_diagnostics = BTreeSet::new();
     let mut synced_once = false;
     tokio::pin!(shutdown);
@@ -110,8 +124,9 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     break;
                 }
                 health.queued();
+                metrics.queued(SystemTime::now());
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync_once(&config, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics);
+                sync_once(&config, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
                 if !synced_once {
                     // Attach only once the maps hold the whole desired state, so no pod
                     // ever sees a half-programmed datapath; healthy only after both.
@@ -119,6 +134,7 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     reconcile_interfaces(&config, &mut datapath, &mut attachments, true);
                 }
                 health.synced();
+                refresh_metrics(&metrics, &datapath, &syncer, &attachments);
             }
             event = link_events.changed() => {
                 if let Err(error) = event {
@@ -134,10 +150,14 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
                     reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
                 }
             }
+            _ = metrics_timer.tick() => refresh_metrics(&metrics, &datapath, &syncer, &attachments),
             _ = gc_timer.tick() => {
                 let now = conntrack::monotonic_now_ns();
                 match conntrack::collect_expired(&mut datapath.maps, &config.datapath, now) {
-                    Ok(report) => debug!(live = report.live, removed = report.removed, "conntrack reaped"),
+                    Ok(report) => {
+                        debug!(live = report.live, removed = report.removed, "conntrack reaped");
+                        metrics.conntrack_reaped.inc_by(report.removed as u64);
+                    }
                     Err(error) => warn!(%error, "conntrack reaping failed"),
                 }
             }
@@ -163,6 +183,7 @@ fn sync_once(
     syncer: &mut Syncer,
     datapath: &mut Datapath,
     known_diagnostics: &mut BTreeSet<Diagnostic>,
+    metrics: &Metrics,
 ) {
     let started = Instant::now();
     let desired = model::desired(&snapshot.state, &config.model);
@@ -183,10 +204,23 @@ fn sync_once(
     for diagnostic in known_diagnostics.difference(&diagnostics) {
         info!(object = %diagnostic.object, reason = diagnostic.reason.label(), "resolved");
     }
+    // Every reason is exported, at 0 when nothing is skipped for it.
+    for reason in DiagnosticReason::ALL {
+        let count = diagnostics.iter().filter(|diagnostic| diagnostic.reason == reason).count();
+        metrics
+            .skipped_objects
+            .get_or_create(&ReasonLabels { reason: reason.label().to_owned() })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
     *known_diagnostics = diagnostics;
 
     let report = syncer.sync(&desired, &mut datapath.maps);
     for failure in &report.failures {
+        let reason = if failure.error.map_full { "map_full" } else { "write_error" };
+        metrics
+            .frontend_failures
+            .get_or_create(&ReasonLabels { reason: reason.to_owned() })
+            .inc();
         error!(
             service = %failure.service_port,
             frontend = %format!("{}:{}", failure.frontend.addr, failure.frontend.port),
@@ -205,6 +239,8 @@ fn sync_once(
         Ok(_) => {}
         Err(error) => warn!(%error, "cannot flush flows of removed backends"),
     }
+    metrics.synced(started.elapsed(), SystemTime::now());
+    metrics.observe_programmed(&snapshot.state, SystemTime::now());
     info!(
         services = snapshot.state.services.len(),
         frontends = desired.frontends.len(),
@@ -215,6 +251,44 @@ fn sync_once(
         elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "synced"
     );
+}
+
+/// How often gauges read from the maps (fill, counters, attachments) are refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(2);
+
+/// Reads map fill, datapath counters and attachments into the metrics.
+fn refresh_metrics(metrics: &Metrics, datapath: &Datapath, syncer: &Syncer, attachments: &Attachments) {
+    let mirror = syncer.mirror();
+    let fill = [
+        (proxy_common::names::SERVICES_V4, mirror.services.len(), proxy_common::capacity::SERVICES_V4),
+        (proxy_common::names::BACKENDS_V4, mirror.backends.len(), proxy_common::capacity::BACKENDS_V4),
+        (
+            proxy_common::names::CONNTRACK_V4,
+            datapath.maps.conntrack.keys().count(),
+            datapath.maps.conntrack_capacity,
+        ),
+        (
+            proxy_common::names::AFFINITY_V4,
+            datapath.maps.affinity.keys().count(),
+            proxy_common::capacity::AFFINITY_V4,
+        ),
+    ];
+    for (map, entries, capacity) in fill {
+        let labels = MapLabels { map: map.to_owned() };
+        metrics.map_entries.get_or_create(&labels).set(i64::try_from(entries).unwrap_or(i64::MAX));
+        metrics.map_capacity.get_or_create(&labels).set(i64::from(capacity));
+    }
+    match datapath.maps.counters() {
+        Ok(totals) => metrics.record_datapath_totals(&totals),
+        Err(error) => debug!(%error, "cannot read the datapath counters"),
+    }
+    metrics.programs_attached.clear();
+    for (interface, hook) in attachments.attached() {
+        metrics
+            .programs_attached
+            .get_or_create(&AttachLabels { interface: interface.name.clone(), hook: hook.label().to_owned() })
+            .set(1);
+    }
 }
 
 fn reconcile_interfaces(

@@ -78,6 +78,10 @@ struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
 
+    /// Address of the Prometheus /metrics server ("" to disable).
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    metrics_bind_address: String,
+
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -88,6 +92,14 @@ struct CleanupArgs {
     /// The pin directory the agent used.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
     bpffs: PathBuf,
+}
+
+/// An address flag where "" means off.
+fn optional_address(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(text.parse()?))
 }
 
 fn init_logging(level: &str) {
@@ -148,6 +160,8 @@ fn main() -> anyhow::Result<()> {
                     node_port_addresses: Vec::new(),
                 },
                 healthz_bind_address,
+                metrics_bind_address: optional_address(&args.metrics_bind_address)
+                    .context("--metrics-bind-address")?,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

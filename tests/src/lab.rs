@@ -31,6 +31,8 @@ use crate::{
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Where the agent's health server listens inside the node namespace.
 pub const HEALTHZ: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
+/// Where the agent's metrics server listens inside the node namespace.
+pub const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
 
 /// A pod: a namespace with one address.
 #[derive(Debug)]
@@ -247,6 +249,7 @@ impl Lab {
             .arg("--bpffs")
             .arg(self.pin_dir())
             .args(["--healthz-bind-address", &HEALTHZ.to_string()])
+            .args(["--metrics-bind-address", &METRICS.to_string()])
             .args(extra_args)
             .env(
                 "RUST_LOG",
@@ -368,6 +371,18 @@ impl Lab {
     /// When the server does not answer.
     pub fn healthz(&self) -> Result<(u16, String)> {
         self.node.run(|| http_get(HEALTHZ, "/healthz"))
+    }
+
+    /// GET /metrics from inside the node namespace.
+    ///
+    /// # Errors
+    /// When the server does not answer 200.
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = self.node.run(|| http_get(METRICS, "/metrics"))?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body)
     }
 
     /// Stops the agent with SIGTERM (it detaches and unpins unless told to keep state).

@@ -115,6 +115,8 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     pub counters: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfigV1>,
+    /// Capacity the conntrack map was created with.
+    pub conntrack_capacity: u32,
 }
 
 /// The loaded object: programs plus maps.
@@ -197,6 +199,7 @@ impl Datapath {
                 let map = ebpf.take_map(names::CONFIG).ok_or(Error::MissingMap(names::CONFIG))?;
                 Array::try_from(map).map_err(|source| Error::Map { name: names::CONFIG, source })?
             },
+            conntrack_capacity: options.conntrack_max.unwrap_or(proxy_common::capacity::CONNTRACK_V4),
         };
         let mut datapath = Self {
             ebpf,

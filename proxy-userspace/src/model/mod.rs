@@ -120,6 +120,15 @@ pub enum DiagnosticReason {
 }
 
 impl DiagnosticReason {
+    pub const ALL: [Self; 6] = [
+        Self::Malformed,
+        Self::UnsupportedIpFamily,
+        Self::UnsupportedProtocol,
+        Self::OrphanEndpointSlice,
+        Self::FrontendConflict,
+        Self::UnreadableSource,
+    ];
+
     /// Metric label.
     #[must_use]
     pub fn label(self) -> &'static str {

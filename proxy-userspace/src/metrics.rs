@@ -1,0 +1,328 @@
+//! Prometheus metrics, served on `--metrics-bind-address` (kube-proxy's default port
+//! 10249) at `/metrics`.
+//!
+//! Where kube-proxy has a metric for the same thing, it has kube-proxy's name (prefix
+//! `kubeproxy_`), so dashboards and alerts carry over. Ours are prefixed `kpr_`.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::AtomicU64,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{Router, http::StatusCode, response::IntoResponse, routing::get};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use proxy_common::COUNTER_NAMES;
+
+use crate::state::{ClusterState, ObjectKey};
+
+/// The annotation the EndpointSlice controller sets to when the change that produced a
+/// slice happened (what kube-proxy measures network programming latency from).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttachLabels {
+    pub interface: String,
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    /// kubeproxy_sync_proxy_rules_duration_seconds: one model + map sync pass.
+    pub sync_duration: Histogram,
+    /// kubeproxy_sync_proxy_rules_last_timestamp_seconds.
+    pub sync_last_timestamp: Gauge<f64, AtomicU64>,
+    /// kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds.
+    pub sync_last_queued_timestamp: Gauge<f64, AtomicU64>,
+    /// kubeproxy_network_programming_duration_seconds: from an endpoint change (its
+    /// trigger-time annotation) to the map writes being done.
+    pub network_programming: Histogram,
+    /// kpr_map_entries{map}.
+    pub map_entries: Family<MapLabels, Gauge>,
+    /// kpr_map_capacity{map}.
+    pub map_capacity: Family<MapLabels, Gauge>,
+    /// kpr_datapath_events_total{event}: the datapath's per-CPU counters, summed.
+    pub datapath_events: Family<EventLabels, Counter>,
+    /// kpr_programs_attached{interface,hook}: 1 per attached program.
+    pub programs_attached: Family<AttachLabels, Gauge>,
+    /// kpr_skipped_objects{reason}: objects (or parts) skipped as invalid right now.
+    pub skipped_objects: Family<ReasonLabels, Gauge>,
+    /// kpr_frontend_failures_total{reason}: frontends that could not be programmed.
+    pub frontend_failures: Family<ReasonLabels, Counter>,
+    /// kpr_conntrack_reaped_total.
+    pub conntrack_reaped: Counter,
+    /// The counter totals last seen, to turn totals into increments.
+    last_datapath_totals: Mutex<Vec<u64>>,
+    /// Trigger times already measured, per slice.
+    seen_trigger_times: Mutex<BTreeMap<ObjectKey, String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn seconds_since_epoch(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let metrics = Self {
+            // kube-proxy's buckets: 1 ms doubling up to ~16 s.
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            sync_last_timestamp: Gauge::default(),
+            sync_last_queued_timestamp: Gauge::default(),
+            // kube-proxy: 0.25 s .. 15 min; ours starts lower, map writes are fast.
+            network_programming: Histogram::new(
+                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            datapath_events: Family::default(),
+            programs_attached: Family::default(),
+            skipped_objects: Family::default(),
+            frontend_failures: Family::default(),
+            conntrack_reaped: Counter::default(),
+            last_datapath_totals: Mutex::new(Vec::new()),
+            seen_trigger_times: Mutex::new(BTreeMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time of one pass turning Services and EndpointSlices into map writes",
+            metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the maps were last synced",
+            metrics.sync_last_timestamp.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "When a change was last queued for sync",
+            metrics.sync_last_queued_timestamp.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice change (its last-change-trigger-time) to the datapath programmed",
+            metrics.network_programming.clone(),
+        );
+        registry.register("kpr_map_entries", "Entries in each BPF map", metrics.map_entries.clone());
+        registry.register("kpr_map_capacity", "Capacity of each BPF map", metrics.map_capacity.clone());
+        registry.register(
+            "kpr_datapath_events",
+            "Packets and flows seen by the datapath, by event (drop_* are drops by reason)",
+            metrics.datapath_events.clone(),
+        );
+        registry.register(
+            "kpr_programs_attached",
+            "Programs attached, by interface and hook",
+            metrics.programs_attached.clone(),
+        );
+        registry.register(
+            "kpr_skipped_objects",
+            "Objects or parts of objects currently skipped as invalid, by reason",
+            metrics.skipped_objects.clone(),
+        );
+        registry.register(
+            "kpr_frontend_failures",
+            "Frontends that could not be programmed, by reason",
+            metrics.frontend_failures.clone(),
+        );
+        registry.register(
+            "kpr_conntrack_reaped",
+            "Expired conntrack entries removed by the agent",
+            metrics.conntrack_reaped.clone(),
+        );
+        for reason in ["map_full", "write_error"] {
+            let _ = metrics.frontend_failures.get_or_create(&ReasonLabels { reason: reason.into() });
+        }
+        Self { registry, ..metrics }
+    }
+
+    /// Turns the datapath's running totals into counter increments.
+    pub fn record_datapath_totals(&self, totals: &[u64]) {
+        let mut last = self.last_datapath_totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.resize(totals.len(), 0);
+        for (index, (&total, previous)) in totals.iter().zip(last.iter_mut()).enumerate() {
+            let Some(name) = COUNTER_NAMES.get(index).filter(|name| !name.is_empty()) else {
+                continue;
+            };
+            // A total below the last one means the maps were recreated: count from 0.
+            let increment = total.checked_sub(*previous).unwrap_or(total);
+            self.datapath_events
+                .get_or_create(&EventLabels { event: (*name).to_owned() })
+                .inc_by(increment);
+            *previous = total;
+        }
+    }
+
+    /// Observes network programming latency for every EndpointSlice whose trigger time
+    /// is new since the last call; `programmed_at` is when the maps were written.
+    pub fn observe_programmed(&self, state: &ClusterState, programmed_at: SystemTime) {
+        let mut seen = self.seen_trigger_times.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut still_present = BTreeMap::new();
+        for (key, slice) in &state.endpoint_slices {
+            let Some(trigger) = trigger_time(slice) else { continue };
+            if seen.get(key) != Some(&trigger.0) {
+                if let Ok(latency) = programmed_at.duration_since(trigger.1) {
+                    self.network_programming.observe(latency.as_secs_f64());
+                }
+            }
+            still_present.insert(key.clone(), trigger.0);
+        }
+        *seen = still_present;
+    }
+
+    /// Marks a sync pass done.
+    pub fn synced(&self, duration: Duration, at: SystemTime) {
+        self.sync_duration.observe(duration.as_secs_f64());
+        self.sync_last_timestamp.set(seconds_since_epoch(at));
+    }
+
+    /// Marks a change queued.
+    pub fn queued(&self, at: SystemTime) {
+        self.sync_last_queued_timestamp.set(seconds_since_epoch(at));
+    }
+
+    /// The text exposition.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+/// The trigger-time annotation of a slice: its text and its parsed time.
+fn trigger_time(slice: &EndpointSlice) -> Option<(String, SystemTime)> {
+    let text = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let parsed = parse_rfc3339(text)?;
+    Some((text.clone(), parsed))
+}
+
+/// RFC 3339 in UTC as Kubernetes writes it (`2024-01-02T03:04:05Z`, optionally with a
+/// fraction or a numeric offset).
+fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let parsed: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
+    Some(SystemTime::from(parsed))
+}
+
+/// Serves `/metrics` until the task is dropped.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                (
+                    StatusCode::OK,
+                    [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    metrics.render(),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap as Map;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn slice(trigger: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("web-abc".into()),
+                namespace: Some("default".into()),
+                annotations: Some(Map::from([(TRIGGER_TIME_ANNOTATION.to_owned(), trigger.to_owned())])),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: Vec::new(),
+            ports: None,
+        }
+    }
+
+    #[test]
+    fn kube_proxy_metric_names_are_exported() {
+        let metrics = Metrics::new();
+        metrics.synced(Duration::from_millis(3), SystemTime::now());
+        let text = metrics.render();
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_network_programming_duration_seconds_count",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn each_trigger_time_is_measured_once() {
+        let metrics = Metrics::new();
+        let mut state = ClusterState::default();
+        state
+            .endpoint_slices
+            .insert(ObjectKey::new("default", "web-abc"), slice("2026-01-01T00:00:00Z"));
+        let later = SystemTime::from(k8s_openapi::jiff::Timestamp::from_second(1_767_225_602).expect("time"));
+        metrics.observe_programmed(&state, later);
+        metrics.observe_programmed(&state, later);
+        let text = metrics.render();
+        assert!(text.contains("kubeproxy_network_programming_duration_seconds_count 1"), "{text}");
+        assert!(text.contains("kubeproxy_network_programming_duration_seconds_sum 2.0"), "{text}");
+    }
+
+    #[test]
+    fn datapath_totals_become_increments() {
+        let metrics = Metrics::new();
+        metrics.record_datapath_totals(&[5, 0, 1]);
+        metrics.record_datapath_totals(&[7, 0, 1]);
+        let text = metrics.render();
+        assert!(text.contains("kpr_datapath_events_total{event=\"new_flow\"} 7"), "{text}");
+    }
+}

@@ -1,0 +1,203 @@
+//! Operating the agent in the lab: health and metrics endpoints, restarts and upgrades
+//! without dropping traffic, and a clean node after `kpr cleanup`.
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use kpr_lab::{
+    lab::Lab,
+    scenario::{examples_dir, lab_for_manifests, sock},
+    traffic::{Conversation, tcp_request},
+};
+
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The value of the first sample of `metric` whose line starts with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn health_and_metrics_endpoints_report_the_datapath() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let (code, body) = lab.healthz().expect("healthz");
+    assert_eq!(code, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("healthz is JSON");
+    assert!(health["lastUpdated"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+
+    lab.pod("client")
+        .netns
+        .run(|| {
+            (0..20)
+                .map(|_| tcp_request(sock(WEB_VIP, 80), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("traffic");
+    let mut metrics = String::new();
+    lab.wait_for("the new flows to show in the metrics", Duration::from_secs(10), || {
+        metrics = lab.metrics()?;
+        Ok(sample(&metrics, "kpr_datapath_events_total{event=\"new_flow\"}").is_some_and(|n| n >= 20.0))
+    })
+    .expect("datapath counters exported");
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "kubeproxy_network_programming_duration_seconds_count",
+        "kpr_skipped_objects",
+        "kpr_frontend_failures",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    // web (3 backends) + dns (3) + nobody (0): 3 frontends + 6 backend slots.
+    assert_eq!(sample(&metrics, "kpr_map_entries{map=\"SVC_V4_V1\"}"), Some(9.0), "{metrics}");
+    let attached = metrics
+        .lines()
+        .filter(|line| line.starts_with("kpr_programs_attached{"))
+        .count();
+    assert_eq!(attached, 2 * lab.pods().len(), "{metrics}");
+    assert!(
+        sample(&metrics, "kpr_datapath_events_total{event=\"rejected_no_backend\"}").is_some(),
+        "{metrics}"
+    );
+
+    // A malformed Service is skipped with a metric; the others keep working.
+    lab.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: demo}\n\
+         spec:\n  clusterIP: 10.96.0.300\n  ports: [{name: http, port: 80, protocol: TCP}]\n",
+    )
+    .expect("write");
+    lab.wait_for("the malformed service to be counted", Duration::from_secs(10), || {
+        Ok(sample(&lab.metrics()?, "kpr_skipped_objects{reason=\"malformed\"}") == Some(1.0))
+    })
+    .expect("skipped_objects metric");
+    lab.pod("client")
+        .netns
+        .run(|| tcp_request(sock(WEB_VIP, 80), TIMEOUT))
+        .expect("web still answers");
+    assert!(lab.agent_log().contains("broken"), "the skip is logged");
+}
+
+/// Background new connections, one every few milliseconds, recording the longest run
+/// of failures.
+struct NewConnections {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(usize, usize, Duration)>>,
+}
+
+impl NewConnections {
+    fn start(lab: &Lab) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = lab
+            .pod("client")
+            .netns
+            .spawn(move || {
+                let (mut ok, mut failed) = (0, 0);
+                let mut longest_gap = Duration::ZERO;
+                let mut last_success = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    if tcp_request(sock(WEB_VIP, 80), TIMEOUT).is_ok() {
+                        ok += 1;
+                        longest_gap = longest_gap.max(last_success.elapsed());
+                        last_success = Instant::now();
+                    } else {
+                        failed += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (ok, failed, longest_gap)
+            })
+            .expect("spawn in the client pod");
+        let thread = std::thread::spawn(move || thread.join().map_err(|_| anyhow::anyhow!("panicked"))?);
+        Self { stop, thread }
+    }
+
+    /// (successful, failed, longest time between two successes).
+    fn finish(self) -> (usize, usize, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("join").expect("client thread")
+    }
+}
+
+#[test]
+fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
+    let mut lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let mut conversations: Vec<(Conversation, String)> = lab
+        .pod("client")
+        .netns
+        .run(|| {
+            (0..200)
+                .map(|_| {
+                    let mut conversation = Conversation::open(sock(WEB_VIP, 80), TIMEOUT)?;
+                    let server = conversation.ask()?.server;
+                    Ok((conversation, server))
+                })
+                .collect()
+        })
+        .expect("200 long-lived connections");
+    let new_connections = NewConnections::start(&lab);
+
+    // A crash: SIGKILL leaves programs attached and maps pinned; the next agent adopts them.
+    std::thread::sleep(Duration::from_millis(300));
+    let restart = Instant::now();
+    lab.kill_agent().expect("kill");
+    std::thread::sleep(Duration::from_millis(300));
+    lab.start_agent(&["--keep-state"]).expect("restart after SIGKILL");
+    let crash_restart = restart.elapsed();
+
+    // An upgrade: SIGTERM with --keep-state, then a new agent swaps the programs in place.
+    std::thread::sleep(Duration::from_millis(300));
+    let upgrade = Instant::now();
+    lab.stop_agent().expect("stop with --keep-state");
+    lab.start_agent(&[]).expect("start the new agent");
+    let upgrade_restart = upgrade.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (ok, failed, longest_gap) = new_connections.finish();
+    let mut broken = 0;
+    for (conversation, server) in &mut conversations {
+        match conversation.ask() {
+            Ok(answer) if answer.server == *server => {}
+            _ => broken += 1,
+        }
+    }
+    eprintln!(
+        "restart figures: {} established connections kept of 200; new connections {ok} ok, \
+         {failed} failed; longest gap between new connections {longest_gap:?}; \
+         crash restart took {crash_restart:?}, upgrade took {upgrade_restart:?}",
+        200 - broken
+    );
+    assert_eq!(broken, 0, "established connections broke across the restarts");
+    assert_eq!(failed, 0, "new connections failed during the restarts");
+    assert!(ok > 0);
+    assert!(lab.agent_log().contains("adopting the maps of a previous agent"), "{}", lab.agent_log());
+}
+
+#[test]
+fn cleanup_removes_every_program_and_pin() {
+    let mut lab = lab_for_manifests(&examples_dir()).expect("lab");
+    lab.kill_agent().expect("kill");
+    assert!(!lab.attached_programs().expect("query").is_empty(), "a killed agent leaves its programs");
+    let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(lab.pin_dir())
+        .output()
+        .expect("kpr cleanup");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(lab.attached_programs().expect("query"), Vec::new());
+    assert!(!lab.pin_dir().exists(), "pins left in {}", lab.pin_dir().display());
+}
