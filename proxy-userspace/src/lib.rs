@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod health;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod source;

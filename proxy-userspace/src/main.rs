@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use proxy_common::DatapathConfigV1;
 use proxy_userspace::{
     agent::{self, AgentConfig},
+    inspect::{self, PinnedMaps},
     model::ModelSettings,
 };
 use tracing_subscriber::EnvFilter;
@@ -25,6 +26,80 @@ enum Command {
     Run(RunArgs),
     /// Remove every program link and pinned map the agent left (like kube-proxy --cleanup).
     Cleanup(CleanupArgs),
+    /// Print what a running node's maps hold: services, conntrack, affinity, counters.
+    Inspect(InspectArgs),
+    /// Say which frontend a packet matches and which backend the datapath would choose.
+    Trace(TraceArgs),
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    #[command(subcommand)]
+    what: InspectWhat,
+    /// The pin directory of the running agent.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr", global = true)]
+    bpffs: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum InspectWhat {
+    /// Frontends with their backends.
+    Services,
+    /// Conntrack entries (two per translated flow).
+    Conntrack {
+        /// Only flows with this address at either end, before or after translation.
+        #[arg(long)]
+        addr: Option<std::net::Ipv4Addr>,
+        /// Only flows with this port at either end.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only this protocol (tcp or udp).
+        #[arg(long, value_parser = parse_protocol)]
+        protocol: Option<u8>,
+    },
+    /// Session affinity records.
+    Affinity,
+    /// Datapath event counters, summed over CPUs.
+    Counters,
+}
+
+#[derive(Args, Debug)]
+struct TraceArgs {
+    /// The client: an address, or address:port to also match an existing flow.
+    #[arg(long, value_parser = parse_client)]
+    client: std::net::SocketAddrV4,
+    /// The destination address:port.
+    #[arg(long)]
+    to: std::net::SocketAddrV4,
+    /// tcp or udp.
+    #[arg(long, value_parser = parse_protocol, default_value = "tcp")]
+    protocol: u8,
+    /// The client is outside the cluster (not a pod): no internal backend set.
+    #[arg(long)]
+    from_outside: bool,
+    /// The pin directory of the running agent.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
+    bpffs: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_protocol(text: &str) -> Result<u8, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(proxy_common::proto::TCP),
+        "udp" => Ok(proxy_common::proto::UDP),
+        other => Err(format!("unknown protocol {other:?} (tcp or udp)")),
+    }
+}
+
+fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
+    text.parse()
+        .or_else(|_| text.parse().map(|ip| std::net::SocketAddrV4::new(ip, 0)))
+        .map_err(|_| format!("{text:?} is neither an IPv4 address nor address:port"))
 }
 
 #[derive(Args, Debug)]
@@ -175,5 +250,101 @@ fn main() -> anyhow::Result<()> {
             agent::cleanup(&args.bpffs);
             Ok(())
         }
+        Command::Inspect(args) => inspect(&args),
+        Command::Trace(args) => trace(&args),
     }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(&args.bpffs)?;
+    let now = proxy_userspace::datapath::conntrack::monotonic_now_ns();
+    match &args.what {
+        InspectWhat::Services => {
+            let services = inspect::services(&maps)?;
+            if args.json {
+                return print_json(&services);
+            }
+            println!("{:<22} {:<5} {:<8} {:>4} {:<24} BACKENDS", "FRONTEND", "PROTO", "SCOPE", "ID", "FLAGS");
+            for service in services {
+                println!(
+                    "{:<22} {:<5} {:<8} {:>4} {:<24} {}",
+                    service.frontend,
+                    service.protocol,
+                    service.scope,
+                    service.service_id,
+                    service.flags.join(","),
+                    if service.backends.is_empty() { "(none)".to_owned() } else { service.backends.join(" ") }
+                );
+            }
+        }
+        InspectWhat::Conntrack { addr, port, protocol } => {
+            let filter = inspect::FlowFilter { addr: *addr, port: *port, protocol: *protocol };
+            let flows = inspect::conntrack(&maps, &filter, now)?;
+            if args.json {
+                return print_json(&flows);
+            }
+            println!("{:<5} {:<22} {:<22} {:<8} {:<30} {:>8} STATE", "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE", "IDLE_S");
+            for flow in flows {
+                println!(
+                    "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8.1} {}",
+                    flow.protocol,
+                    flow.source,
+                    flow.destination,
+                    flow.direction,
+                    flow.rewrite,
+                    flow.idle_s,
+                    if flow.closing { "closing" } else { "open" }
+                );
+            }
+        }
+        InspectWhat::Affinity => {
+            let records = inspect::affinity(&maps, now)?;
+            if args.json {
+                return print_json(&records);
+            }
+            println!("{:<16} {:>4} {:<22} {:>8}", "CLIENT", "ID", "BACKEND", "IDLE_S");
+            for record in records {
+                println!(
+                    "{:<16} {:>4} {:<22} {:>8.1}",
+                    record.client,
+                    record.service_id,
+                    record.backend.unwrap_or_else(|| "(gone)".into()),
+                    record.idle_s
+                );
+            }
+        }
+        InspectWhat::Counters => {
+            let counters = inspect::counters(&maps)?;
+            if args.json {
+                return print_json(&counters);
+            }
+            for (name, value) in counters {
+                println!("{name:<24} {value}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn trace(args: &TraceArgs) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(&args.bpffs)?;
+    let view = inspect::trace(&maps, args.client, args.to, args.protocol, !args.from_outside)?;
+    if args.json {
+        return print_json(&view);
+    }
+    println!("{} -> {} {}", view.client, view.destination, view.protocol);
+    for step in &view.steps {
+        println!("  {step}");
+    }
+    match (&view.backend, view.candidates.is_empty()) {
+        (Some(backend), _) => println!("verdict: {} to {backend}", view.verdict),
+        (None, false) => println!("verdict: {} to one of {}", view.verdict, view.candidates.join(", ")),
+        (None, true) => println!("verdict: {}", view.verdict),
+    }
+    Ok(())
 }

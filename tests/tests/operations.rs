@@ -201,3 +201,70 @@ fn cleanup_removes_every_program_and_pin() {
     assert_eq!(lab.attached_programs().expect("query"), Vec::new());
     assert!(!lab.pin_dir().exists(), "pins left in {}", lab.pin_dir().display());
 }
+
+/// Runs `kpr <args> --bpffs <pins> --json` and parses its output.
+fn kpr_json(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
+        .args(args)
+        .arg("--bpffs")
+        .arg(lab.pin_dir())
+        .arg("--json")
+        .output()
+        .expect("run kpr");
+    assert!(output.status.success(), "kpr {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("JSON output")
+}
+
+#[test]
+fn inspect_and_trace_read_the_running_node() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let mut conversation = lab
+        .pod("client")
+        .netns
+        .run(|| Conversation::open(sock(WEB_VIP, 80), TIMEOUT))
+        .expect("connect");
+    let server = conversation.ask().expect("ask").server;
+
+    let services = kpr_json(&lab, &["inspect", "services"]);
+    let web = services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|service| service["frontend"] == "10.96.0.10:80")
+        .unwrap_or_else(|| panic!("web missing: {services}"));
+    assert_eq!(web["protocol"], "TCP");
+    let mut backends: Vec<&str> = web["backends"].as_array().expect("backends").iter().filter_map(|b| b.as_str()).collect();
+    backends.sort_unstable();
+    assert_eq!(backends, ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"]);
+
+    // The open connection has both directions in conntrack, the original one rewriting
+    // the destination to the backend that answered.
+    let flows = kpr_json(&lab, &["inspect", "conntrack", "--addr", "10.96.0.10", "--protocol", "tcp"]);
+    let flows = flows.as_array().expect("a list");
+    let original = flows
+        .iter()
+        .find(|flow| flow["direction"] == "original" && flow["destination"] == "10.96.0.10:80")
+        .unwrap_or_else(|| panic!("no original entry: {flows:?}"));
+    let backend_ip = match server.as_str() {
+        "web-0" => "10.244.1.11",
+        "web-1" => "10.244.1.12",
+        _ => "10.244.1.13",
+    };
+    assert_eq!(original["rewrite"], format!("dst -> {backend_ip}:8080"));
+    assert!(flows.iter().any(|flow| flow["direction"] == "reply"), "{flows:?}");
+
+    let counters = kpr_json(&lab, &["inspect", "counters"]);
+    assert!(counters["new_flow"].as_u64().is_some_and(|n| n >= 1), "{counters}");
+    let affinity = kpr_json(&lab, &["inspect", "affinity"]);
+    assert_eq!(affinity, serde_json::json!([]), "no service uses affinity");
+
+    let refused = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.96.0.99:80"]);
+    assert_eq!(refused["verdict"], "reject", "{refused}");
+    let fresh = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.96.0.10:80"]);
+    assert_eq!(fresh["verdict"], "translate");
+    assert_eq!(fresh["candidates"].as_array().map(Vec::len), Some(3), "{fresh}");
+    let other = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.244.1.11:8080"]);
+    assert_eq!(other["verdict"], "pass");
+    let dns = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.96.0.53:53", "--protocol", "udp"]);
+    assert_eq!(dns["verdict"], "translate");
+}

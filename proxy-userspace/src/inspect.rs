@@ -1,0 +1,363 @@
+//! Reading a running node's pinned maps: what `kpr inspect` and `kpr trace` print.
+//!
+//! Everything here reads only; it never writes a map, so it is safe next to a running
+//! agent. Views are plain serializable structs, printed as tables or JSON by `main`.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use proxy_common::{
+    AffinityKeyV4, AffinityValueV4, BackendV4, Be16, Be32, CtEntryV4, CtKeyV4, ServiceKeyV4,
+    ServiceValueV4, COUNTER_NAMES, counter, ct_flags, names, proto, scope, service_flags,
+};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening the pinned map {path}: {source} (is the agent running with this --bpffs?)")]
+    Open { path: String, source: aya::maps::MapError },
+    #[error("reading {name}: {source}")]
+    Read { name: &'static str, source: aya::maps::MapError },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// The pinned maps of a node.
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
+    backends: HashMap<MapData, u32, BackendV4>,
+    conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
+    affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).map_err(|source| Error::Open { path: path.display().to_string(), source })
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &'static str, lru: bool) -> Result<HashMap<MapData, K, V>> {
+    let data = open(pin_dir, name)?;
+    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    HashMap::try_from(map).map_err(|source| Error::Read { name, source })
+}
+
+impl PinnedMaps {
+    /// Opens the maps pinned in `pin_dir`.
+    ///
+    /// # Errors
+    /// When a map is not pinned there or has another layout.
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            services: hash(pin_dir, names::SERVICES_V4, false)?,
+            backends: hash(pin_dir, names::BACKENDS_V4, false)?,
+            conntrack: hash(pin_dir, names::CONNTRACK_V4, true)?,
+            affinity: hash(pin_dir, names::AFFINITY_V4, true)?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, names::COUNTERS)?))
+                .map_err(|source| Error::Read { name: names::COUNTERS, source })?,
+        })
+    }
+
+    fn service_entries(&self) -> Result<BTreeMap<ServiceKeyV4, ServiceValueV4>> {
+        self.services
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| Error::Read { name: names::SERVICES_V4, source })
+    }
+
+    fn backend(&self, id: u32) -> Option<BackendV4> {
+        self.backends.get(&id, 0).ok()
+    }
+}
+
+fn protocol_name(number: u8) -> String {
+    match number {
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::SCTP => "SCTP".into(),
+        other => other.to_string(),
+    }
+}
+
+fn endpoint(addr: Be32, port: Be16) -> String {
+    SocketAddrV4::new(addr.to_ipv4(), port.to_host()).to_string()
+}
+
+fn service_flag_names(flags: u16) -> Vec<&'static str> {
+    [
+        (service_flags::AFFINITY, "affinity"),
+        (service_flags::DROP_WHEN_EMPTY, "drop-when-empty"),
+        (service_flags::HAS_INTERNAL_SCOPE, "internal-scope"),
+        (service_flags::EXTERNAL, "external"),
+        (service_flags::EXTERNAL_LOCAL, "external-local"),
+        (service_flags::SOURCE_RANGES, "source-ranges"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// A frontend and its backends.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub frontend: String,
+    pub protocol: String,
+    /// "default" or "internal" (the backend set of internalTrafficPolicy Local for pods).
+    pub scope: &'static str,
+    pub service_id: u32,
+    pub flags: Vec<&'static str>,
+    pub affinity_timeout_s: u32,
+    pub backends: Vec<String>,
+}
+
+/// Every frontend, sorted by address, port, protocol and scope.
+///
+/// # Errors
+/// When a map cannot be read.
+pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
+    let entries = maps.service_entries()?;
+    let mut views = Vec::new();
+    for (key, value) in entries.iter().filter(|(key, _)| key.slot == 0) {
+        let backends = (1..=value.count)
+            .filter_map(|slot| entries.get(&ServiceKeyV4 { slot, ..*key }))
+            .filter_map(|slot_value| maps.backend(slot_value.backend_id))
+            .map(|backend| endpoint(backend.addr, backend.port))
+            .collect();
+        views.push(ServiceView {
+            frontend: endpoint(key.addr, key.port),
+            protocol: protocol_name(key.proto),
+            scope: if key.scope == scope::INTERNAL { "internal" } else { "default" },
+            service_id: value.service_id,
+            flags: service_flag_names(value.flags),
+            affinity_timeout_s: value.affinity_timeout_s,
+            backends,
+        });
+    }
+    Ok(views)
+}
+
+/// One conntrack entry.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FlowView {
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    /// "original" or "reply".
+    pub direction: &'static str,
+    /// What the datapath rewrites, e.g. `dst -> 10.244.1.11:8080`.
+    pub rewrite: String,
+    pub closing: bool,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub idle_s: f64,
+}
+
+/// Which flows to show.
+#[derive(Clone, Debug, Default)]
+pub struct FlowFilter {
+    /// Either end (before or after translation) has this address.
+    pub addr: Option<Ipv4Addr>,
+    /// Either end has this port.
+    pub port: Option<u16>,
+    pub protocol: Option<u8>,
+}
+
+/// Conntrack entries that match `filter`.
+///
+/// # Errors
+/// When the map cannot be read.
+pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<Vec<FlowView>> {
+    let mut flows = Vec::new();
+    for entry in maps.conntrack.iter() {
+        // LRU entries can vanish during the walk; skip those.
+        let Ok((key, value)) = entry else { continue };
+        let addrs = [key.src_addr, key.dst_addr, value.nat_src_addr, value.nat_dst_addr];
+        let ports = [key.src_port, key.dst_port, value.nat_src_port, value.nat_dst_port];
+        if filter.addr.is_some_and(|addr| !addrs.contains(&Be32::from_ipv4(addr)))
+            || filter.port.is_some_and(|port| !ports.contains(&Be16::from_host(port)))
+            || filter.protocol.is_some_and(|number| number != key.proto)
+        {
+            continue;
+        }
+        let mut rewrite = Vec::new();
+        if value.flags & ct_flags::REWRITE_SRC != 0 {
+            rewrite.push(format!("src -> {}", endpoint(value.nat_src_addr, value.nat_src_port)));
+        }
+        if value.flags & ct_flags::REWRITE_DST != 0 {
+            rewrite.push(format!("dst -> {}", endpoint(value.nat_dst_addr, value.nat_dst_port)));
+        }
+        flows.push(FlowView {
+            protocol: protocol_name(key.proto),
+            source: endpoint(key.src_addr, key.src_port),
+            destination: endpoint(key.dst_addr, key.dst_port),
+            direction: if value.flags & ct_flags::REPLY != 0 { "reply" } else { "original" },
+            rewrite: rewrite.join(", "),
+            closing: value.flags & ct_flags::CLOSING != 0,
+            service_id: value.service_id,
+            backend_id: value.backend_id,
+            idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+        });
+    }
+    flows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+    Ok(flows)
+}
+
+/// One session affinity record.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AffinityView {
+    pub client: Ipv4Addr,
+    pub service_id: u32,
+    pub backend: Option<String>,
+    pub idle_s: f64,
+}
+
+/// Every affinity record.
+///
+/// # Errors
+/// When the map cannot be read.
+pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
+    let mut views: Vec<AffinityView> = maps
+        .affinity
+        .iter()
+        .filter_map(std::result::Result::ok)
+        .map(|(key, value)| AffinityView {
+            client: key.client_addr.to_ipv4(),
+            service_id: key.service_id,
+            backend: maps.backend(value.backend_id).map(|b| endpoint(b.addr, b.port)),
+            idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
+        })
+        .collect();
+    views.sort_by_key(|view| (view.client, view.service_id));
+    Ok(views)
+}
+
+/// The datapath's counters by name, summed over CPUs.
+///
+/// # Errors
+/// When the map cannot be read.
+pub fn counters(maps: &PinnedMaps) -> Result<BTreeMap<&'static str, u64>> {
+    let mut totals = BTreeMap::new();
+    for index in 0..counter::COUNT {
+        let name = COUNTER_NAMES[index as usize];
+        if name.is_empty() {
+            continue;
+        }
+        let values = maps
+            .counters
+            .get(&index, 0)
+            .map_err(|source| Error::Read { name: names::COUNTERS, source })?;
+        totals.insert(name, values.iter().sum());
+    }
+    Ok(totals)
+}
+
+/// What the datapath would do with a new packet.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TraceView {
+    pub client: Ipv4Addr,
+    pub destination: String,
+    pub protocol: String,
+    /// The frontend entry that matches, if any.
+    pub frontend: Option<ServiceView>,
+    /// "pass", "translate", "reject" or "drop".
+    pub verdict: &'static str,
+    /// The backend it goes to when that is decided already (an existing flow or an
+    /// affinity record), else `None` with `candidates` to pick from at random.
+    pub backend: Option<String>,
+    pub candidates: Vec<String>,
+    /// Each step of the decision, in the datapath's order.
+    pub steps: Vec<String>,
+}
+
+/// Follows the datapath's decision for a packet from `client` (a pod when `from_pod`)
+/// to `destination` over `protocol`, reading the maps as they are now.
+///
+/// # Errors
+/// When a map cannot be read.
+pub fn trace(
+    maps: &PinnedMaps,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+    protocol: u8,
+    from_pod: bool,
+) -> Result<TraceView> {
+    let mut view = TraceView {
+        client: *client.ip(),
+        destination: destination.to_string(),
+        protocol: protocol_name(protocol),
+        frontend: None,
+        verdict: "pass",
+        backend: None,
+        candidates: Vec::new(),
+        steps: Vec::new(),
+    };
+    let tuple = CtKeyV4 {
+        src_addr: Be32::from_ipv4(*client.ip()),
+        dst_addr: Be32::from_ipv4(*destination.ip()),
+        src_port: Be16::from_host(client.port()),
+        dst_port: Be16::from_host(destination.port()),
+        proto: protocol,
+        _pad: [0; 3],
+    };
+    if client.port() != 0 {
+        if let Ok(existing) = maps.conntrack.get(&tuple, 0) {
+            view.verdict = "translate";
+            view.backend = Some(endpoint(existing.nat_dst_addr, existing.nat_dst_port));
+            view.steps.push("conntrack: an existing flow matches; its rewrite applies".into());
+            return Ok(view);
+        }
+        view.steps.push("conntrack: no flow for this 5-tuple".into());
+    }
+    let services = services(maps)?;
+    let find = |wanted_scope: &str| {
+        services.iter().find(|service| {
+            service.frontend == destination.to_string()
+                && service.protocol == protocol_name(protocol)
+                && service.scope == wanted_scope
+        })
+    };
+    let Some(mut frontend) = find("default") else {
+        view.steps.push("service: no frontend for this address, port and protocol; passes untouched".into());
+        return Ok(view);
+    };
+    view.steps.push(format!("service: frontend {} (service id {})", frontend.frontend, frontend.service_id));
+    if from_pod && frontend.flags.contains(&"internal-scope") {
+        if let Some(internal) = find("internal") {
+            view.steps.push("service: pod traffic uses the internal (node-local) backend set".into());
+            frontend = internal;
+        }
+    }
+    view.frontend = Some(frontend.clone());
+    if frontend.backends.is_empty() {
+        if frontend.flags.contains(&"drop-when-empty") {
+            view.verdict = "drop";
+            view.steps.push("backends: none on this node for a Local policy; dropped".into());
+        } else {
+            view.verdict = "reject";
+            view.steps.push("backends: none; rejected with ICMP port unreachable".into());
+        }
+        return Ok(view);
+    }
+    view.verdict = "translate";
+    if frontend.flags.contains(&"affinity") {
+        let key = AffinityKeyV4 { client_addr: tuple.src_addr, service_id: frontend.service_id };
+        if let Ok(record) = maps.affinity.get(&key, 0) {
+            if let Some(backend) = maps.backend(record.backend_id) {
+                view.backend = Some(endpoint(backend.addr, backend.port));
+                view.steps.push(format!(
+                    "affinity: this client sticks to its backend unless idle for more than {} s",
+                    frontend.affinity_timeout_s
+                ));
+                return Ok(view);
+            }
+        }
+        view.steps.push("affinity: no record for this client yet".into());
+    }
+    view.candidates.clone_from(&frontend.backends);
+    view.steps.push(format!("backends: one of {} picked uniformly at random", frontend.backends.len()));
+    Ok(view)
+}
