@@ -5,9 +5,11 @@
 //! [`sync::Syncer`] writes the difference into the BPF maps of the [`datapath`], whose
 //! programs the agent attaches to pod-facing interfaces.
 pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod health;
 pub mod inspect;
+pub mod kernel;
 pub mod metrics;
 pub mod model;
 pub mod source;

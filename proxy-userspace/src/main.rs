@@ -2,10 +2,11 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
 use proxy_common::DatapathConfigV1;
 use proxy_userspace::{
     agent::{self, AgentConfig},
+    config,
     inspect::{self, PinnedMaps},
     model::ModelSettings,
 };
@@ -104,6 +105,13 @@ fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
 
 #[derive(Args, Debug)]
 struct RunArgs {
+    /// Configuration file with kube-proxy's KubeProxyConfiguration names (clusterCIDR,
+    /// conntrack.*, healthzBindAddress, metricsBindAddress, ...) plus ours (bpffs,
+    /// podInterfaces). Flags given on the command line win over it. Unknown settings
+    /// are rejected.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// Read Services, EndpointSlices and the Node from this directory of YAML/JSON
     /// manifests, following changes to it.
     #[arg(long, value_name = "DIR")]
@@ -203,41 +211,20 @@ async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Run(args) => {
             init_logging(&args.log_level);
-            let healthz_bind_address = if args.healthz_bind_address.is_empty() {
-                None
-            } else {
-                Some(
-                    args.healthz_bind_address
-                        .parse::<SocketAddr>()
-                        .context("--healthz-bind-address")?,
-                )
+            let explicit = |id: &str| {
+                matches.subcommand_matches("run").and_then(|run| run.value_source(id)).is_some_and(|source| {
+                    matches!(source, ValueSource::CommandLine | ValueSource::EnvVariable)
+                })
             };
-            let config = AgentConfig {
-                manifests: args.manifests,
-                node_name: args.node_name,
-                pin_dir: args.bpffs,
-                pod_interfaces: args.pod_interfaces,
-                keep_state: args.keep_state,
-                conntrack_max: args.conntrack_max,
-                datapath: DatapathConfigV1 {
-                    tcp_established_timeout_s: args.conntrack_tcp_timeout,
-                    tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
-                    udp_timeout_s: args.conntrack_udp_timeout,
-                    _pad: 0,
-                },
-                conntrack_gc_interval: Duration::from_secs(10),
-                model: ModelSettings {
-                    proxy_name: args.proxy_name,
-                    node_port_addresses: Vec::new(),
-                },
-                healthz_bind_address,
-                metrics_bind_address: optional_address(&args.metrics_bind_address)
-                    .context("--metrics-bind-address")?,
-            };
+            let config = agent_config(args, &explicit)?;
+            if let Err(missing) = proxy_userspace::kernel::check() {
+                anyhow::bail!("this kernel lacks what the datapath needs:\n{missing}");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -253,6 +240,79 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(args) => inspect(&args),
         Command::Trace(args) => trace(&args),
     }
+}
+
+/// The agent's configuration: flags given on the command line (or by environment)
+/// win over the `--config` file, which wins over the flags' defaults.
+fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::Result<AgentConfig> {
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => config::FileConfig::default(),
+    };
+    if let Some(value) = file.healthz_bind_address.clone().filter(|_| !explicit("healthz_bind_address")) {
+        args.healthz_bind_address = value;
+    }
+    if let Some(value) = file.metrics_bind_address.clone().filter(|_| !explicit("metrics_bind_address")) {
+        args.metrics_bind_address = value;
+    }
+    if let Some(value) = file.hostname_override.clone().filter(|_| !explicit("node_name")) {
+        args.node_name = Some(value);
+    }
+    if let Some(value) = file.bpffs.clone().filter(|_| !explicit("bpffs")) {
+        args.bpffs = value;
+    }
+    if let Some(value) = file.pod_interfaces.clone().filter(|_| !explicit("pod_interfaces")) {
+        args.pod_interfaces = value;
+    }
+    if let Some(value) = file.service_proxy_name.clone().filter(|_| !explicit("proxy_name")) {
+        args.proxy_name = Some(value);
+    }
+    let seconds = |duration: config::DurationText| u32::try_from(duration.0.as_secs()).unwrap_or(u32::MAX);
+    if let Some(conntrack) = &file.conntrack {
+        if let Some(value) = conntrack.tcp_established_timeout.filter(|_| !explicit("conntrack_tcp_timeout")) {
+            args.conntrack_tcp_timeout = seconds(value);
+        }
+        if let Some(value) = conntrack.tcp_close_wait_timeout.filter(|_| !explicit("conntrack_tcp_close_timeout")) {
+            args.conntrack_tcp_close_timeout = seconds(value);
+        }
+        if let Some(value) = conntrack.udp_timeout.filter(|_| !explicit("conntrack_udp_timeout")) {
+            args.conntrack_udp_timeout = seconds(value);
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        if let Some(capacity) = conntrack.capacity(cores).filter(|_| !explicit("conntrack_max")) {
+            args.conntrack_max = Some(capacity);
+        }
+    }
+    for (name, set) in [
+        ("clusterCIDR", file.cluster_cidr.is_some()),
+        ("nodePortAddresses", file.node_port_addresses.is_some()),
+        ("minSyncPeriod", file.min_sync_period.is_some()),
+    ] {
+        if set {
+            tracing::warn!(setting = name, "accepted, but not in effect yet: this agent serves ClusterIPs from pods only");
+        }
+    }
+    Ok(AgentConfig {
+        manifests: args.manifests,
+        node_name: args.node_name,
+        pin_dir: args.bpffs,
+        pod_interfaces: args.pod_interfaces,
+        keep_state: args.keep_state,
+        conntrack_max: args.conntrack_max,
+        datapath: DatapathConfigV1 {
+            tcp_established_timeout_s: args.conntrack_tcp_timeout,
+            tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
+            udp_timeout_s: args.conntrack_udp_timeout,
+            _pad: 0,
+        },
+        conntrack_gc_interval: Duration::from_secs(10),
+        model: ModelSettings {
+            proxy_name: args.proxy_name,
+            node_port_addresses: Vec::new(),
+        },
+        healthz_bind_address: optional_address(&args.healthz_bind_address).context("healthz bind address")?,
+        metrics_bind_address: optional_address(&args.metrics_bind_address).context("metrics bind address")?,
+    })
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -268,3 +268,28 @@ fn inspect_and_trace_read_the_running_node() {
     let dns = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.96.0.53:53", "--protocol", "udp"]);
     assert_eq!(dns["verdict"], "translate");
 }
+
+#[test]
+fn an_invalid_config_file_stops_the_agent_at_start_with_the_setting_named() {
+    let dir = std::env::temp_dir().join(format!("kpr-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (text, expected) in [
+        ("kind: KubeProxyConfiguration\nmode: iptables\n", "unknown field `mode`"),
+        ("conntrack:\n  udpTimeout: soon\n", "invalid duration"),
+        ("metricsBindAddress: everywhere\n", "metricsBindAddress"),
+    ] {
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, text).expect("write");
+        let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
+            .args(["run", "--manifests"])
+            .arg(&dir)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run kpr");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{text:?} accepted");
+        assert!(stderr.contains(expected), "{text:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,262 @@
+//! The configuration file (`kpr run --config FILE`).
+//!
+//! It uses kube-proxy's `KubeProxyConfiguration` names wherever the concept is the
+//! same, so operators can carry their settings over; settings of ours sit beside them.
+//! Anything unknown, or known to kube-proxy but meaningless here (`mode`, `iptables`,
+//! `ipvs`, ...), is rejected at start with a message naming it: a silently ignored
+//! setting is worse than a refused one.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The file's contents. Every field is optional; flags given on the command line win.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    /// `kubeproxy.config.k8s.io/v1alpha1` (kube-proxy's) or `kpr.dev/v1alpha1`.
+    pub api_version: Option<String>,
+    /// `KubeProxyConfiguration`.
+    pub kind: Option<String>,
+    /// kube-proxy: the cluster's pod CIDR(s), comma-separated.
+    #[serde(rename = "clusterCIDR")]
+    pub cluster_cidr: Option<String>,
+    /// kube-proxy: addresses NodePorts answer on (CIDRs, or `primary`).
+    pub node_port_addresses: Option<Vec<String>>,
+    /// kube-proxy: `/healthz` and `/livez` address ("" disables).
+    pub healthz_bind_address: Option<String>,
+    /// kube-proxy: `/metrics` address ("" disables).
+    pub metrics_bind_address: Option<String>,
+    /// kube-proxy: the node name to use instead of NODE_NAME.
+    pub hostname_override: Option<String>,
+    /// kube-proxy: the shortest time between two syncs (batches bursts of changes).
+    pub min_sync_period: Option<DurationText>,
+    /// kube-proxy: conntrack settings.
+    pub conntrack: Option<ConntrackConfig>,
+    /// kube-proxy (≥1.31 as a flag, here too): serve only services labelled with this
+    /// `service.kubernetes.io/service-proxy-name`.
+    pub service_proxy_name: Option<String>,
+    /// Ours: the bpffs pin directory.
+    pub bpffs: Option<PathBuf>,
+    /// Ours: pod-facing interface names or prefixes ending in `*`.
+    pub pod_interfaces: Option<Vec<String>>,
+}
+
+/// kube-proxy's `conntrack` block. Timeouts apply to our own conntrack map.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConntrackConfig {
+    /// Entries per CPU core (the table holds `maxPerCore * cores`, at least `min`).
+    pub max_per_core: Option<u32>,
+    pub min: Option<u32>,
+    pub tcp_established_timeout: Option<DurationText>,
+    pub tcp_close_wait_timeout: Option<DurationText>,
+    pub udp_timeout: Option<DurationText>,
+    /// Accepted for compatibility; our datapath has no separate UDP stream timeout.
+    pub udp_stream_timeout: Option<DurationText>,
+}
+
+/// A Go-style duration (`1s`, `500ms`, `1h30m`, `24h0m0s`), as kube-proxy's file has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurationText(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text).map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a Go duration: a sequence of `<number><unit>` with units h, m, s, ms, us, ns.
+///
+/// # Errors
+/// When the text is not such a sequence.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("invalid duration {text:?} (examples: 30s, 500ms, 1h30m)");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(invalid)?;
+        let number: f64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let seconds_per_unit = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(invalid()),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::from_secs_f64(number * seconds_per_unit);
+    }
+    Ok(total)
+}
+
+const API_VERSIONS: [&str; 2] = ["kubeproxy.config.k8s.io/v1alpha1", "kpr.dev/v1alpha1"];
+
+/// Reads and validates `path`.
+///
+/// # Errors
+/// When the file cannot be read, has unknown fields, or has invalid values.
+pub fn load(path: &std::path::Path) -> Result<FileConfig, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    parse(&text).map_err(|message| Error::Invalid { path: path.to_path_buf(), message })
+}
+
+/// Parses and validates a configuration text.
+///
+/// # Errors
+/// A message naming the offending setting.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    let config: FileConfig = serde_yaml::from_str(text).map_err(|error| {
+        let message = error.to_string();
+        if message.contains("unknown field") {
+            format!("{message}; kube-proxy settings that have no meaning for an eBPF dataplane (mode, iptables, ipvs, nftables, winkernel, ...) are not accepted")
+        } else {
+            message
+        }
+    })?;
+    if let Some(version) = &config.api_version {
+        if !API_VERSIONS.contains(&version.as_str()) {
+            return Err(format!("apiVersion {version:?} is not one of {API_VERSIONS:?}"));
+        }
+    }
+    if let Some(kind) = &config.kind {
+        if kind != "KubeProxyConfiguration" {
+            return Err(format!("kind {kind:?} must be KubeProxyConfiguration"));
+        }
+    }
+    for (name, value) in [
+        ("healthzBindAddress", &config.healthz_bind_address),
+        ("metricsBindAddress", &config.metrics_bind_address),
+    ] {
+        if let Some(text) = value.as_deref().filter(|text| !text.is_empty()) {
+            text.parse::<SocketAddr>()
+                .map_err(|_| format!("{name}: {text:?} is not an address:port"))?;
+        }
+    }
+    if let Some(cidrs) = &config.cluster_cidr {
+        for cidr in cidrs.split(',').filter(|cidr| !cidr.is_empty()) {
+            parse_ipv4_cidr(cidr).map_err(|message| format!("clusterCIDR: {message}"))?;
+        }
+    }
+    for address in config.node_port_addresses.iter().flatten() {
+        if address != "primary" {
+            parse_ipv4_cidr(address).map_err(|message| format!("nodePortAddresses: {message}"))?;
+        }
+    }
+    if let Some(conntrack) = &config.conntrack {
+        for (name, value) in [
+            ("conntrack.tcpEstablishedTimeout", conntrack.tcp_established_timeout),
+            ("conntrack.tcpCloseWaitTimeout", conntrack.tcp_close_wait_timeout),
+            ("conntrack.udpTimeout", conntrack.udp_timeout),
+        ] {
+            if value.is_some_and(|duration| duration.0.as_secs() > u64::from(u32::MAX)) {
+                return Err(format!("{name} is too long"));
+            }
+        }
+    }
+    if config.pod_interfaces.as_ref().is_some_and(Vec::is_empty) {
+        return Err("podInterfaces must name at least one interface or prefix".into());
+    }
+    Ok(config)
+}
+
+/// Parses `a.b.c.d/len` (IPv4 only: the datapath is IPv4).
+///
+/// # Errors
+/// When it is not an IPv4 CIDR.
+pub fn parse_ipv4_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (addr, len) = text.trim().split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR"))?;
+    let addr = addr
+        .parse::<std::net::Ipv4Addr>()
+        .map_err(|_| format!("{text:?}: not an IPv4 address (IPv6 is not supported by the datapath yet)"))?;
+    let len: u8 = len.parse().ok().filter(|len| *len <= 32).ok_or_else(|| format!("{text:?}: bad prefix length"))?;
+    Ok((addr, len))
+}
+
+impl ConntrackConfig {
+    /// The conntrack map capacity kube-proxy's settings ask for on this machine.
+    #[must_use]
+    pub fn capacity(&self, cores: u32) -> Option<u32> {
+        let per_core = self.max_per_core.filter(|n| *n > 0)?;
+        Some(per_core.saturating_mul(cores).max(self.min.unwrap_or(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kube_proxy_file_carries_over() {
+        let config = parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clusterCIDR: 10.244.0.0/16
+healthzBindAddress: 0.0.0.0:10256
+metricsBindAddress: 127.0.0.1:10249
+minSyncPeriod: 1s
+nodePortAddresses: [primary, 192.168.0.0/24]
+conntrack:
+  maxPerCore: 32768
+  min: 131072
+  tcpEstablishedTimeout: 24h0m0s
+  tcpCloseWaitTimeout: 1h0m0s
+  udpTimeout: 30s
+",
+        )
+        .expect("valid");
+        assert_eq!(config.min_sync_period, Some(DurationText(Duration::from_secs(1))));
+        let conntrack = config.conntrack.expect("conntrack");
+        assert_eq!(conntrack.tcp_established_timeout, Some(DurationText(Duration::from_secs(86_400))));
+        assert_eq!(conntrack.capacity(2), Some(131_072));
+        assert_eq!(conntrack.capacity(8), Some(262_144));
+    }
+
+    #[test]
+    fn bad_settings_are_rejected_with_their_name() {
+        let table = [
+            ("mode: iptables\n", "unknown field `mode`"),
+            ("iptables: {masqueradeAll: true}\n", "unknown field `iptables`"),
+            ("healthzBindAddress: nonsense\n", "healthzBindAddress"),
+            ("clusterCIDR: 10.244.0.0/33\n", "clusterCIDR"),
+            ("clusterCIDR: fd00::/64\n", "IPv6"),
+            ("minSyncPeriod: 5 parsecs\n", "invalid duration"),
+            ("kind: Deployment\n", "kind"),
+            ("apiVersion: v1\n", "apiVersion"),
+            ("podInterfaces: []\n", "podInterfaces"),
+            ("conntrack: {tcpTimeout: 1s}\n", "unknown field `tcpTimeout`"),
+        ];
+        for (text, expected) in table {
+            let error = parse(text).expect_err(text);
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn go_durations() {
+        for (text, seconds) in [("1s", 1.0), ("500ms", 0.5), ("1h30m", 5400.0), ("24h0m0s", 86_400.0), ("0", 0.0)] {
+            assert_eq!(parse_duration(text), Ok(Duration::from_secs_f64(seconds)), "{text}");
+        }
+        for text in ["", "1", "s", "1x", "-1s"] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
+}
