@@ -15,10 +15,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::{
-        Datapath, LoadOptions,
         attach::Attachments,
         conntrack,
         interfaces::{self, LinkEvents},
+        Datapath, LoadOptions,
     },
     health::{self, SyncHealth},
     metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
@@ -59,7 +59,10 @@ pub struct AgentConfig {
 /// # Errors
 /// When the datapath cannot be loaded or its maps cannot be read at start; later
 /// failures are logged and retried instead.
-pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: Some(config.pin_dir.clone()),
         conntrack_max: config.conntrack_max,
@@ -206,20 +209,31 @@ fn sync_once(
     }
     // Every reason is exported, at 0 when nothing is skipped for it.
     for reason in DiagnosticReason::ALL {
-        let count = diagnostics.iter().filter(|diagnostic| diagnostic.reason == reason).count();
+        let count = diagnostics
+            .iter()
+            .filter(|diagnostic| diagnostic.reason == reason)
+            .count();
         metrics
             .skipped_objects
-            .get_or_create(&ReasonLabels { reason: reason.label().to_owned() })
+            .get_or_create(&ReasonLabels {
+                reason: reason.label().to_owned(),
+            })
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
     *known_diagnostics = diagnostics;
 
     let report = syncer.sync(&desired, &mut datapath.maps);
     for failure in &report.failures {
-        let reason = if failure.error.map_full { "map_full" } else { "write_error" };
+        let reason = if failure.error.map_full {
+            "map_full"
+        } else {
+            "write_error"
+        };
         metrics
             .frontend_failures
-            .get_or_create(&ReasonLabels { reason: reason.to_owned() })
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
             .inc();
         error!(
             service = %failure.service_port,
@@ -234,7 +248,10 @@ fn sync_once(
     }
     match conntrack::forget_backends(&mut datapath.maps, &report.removed_pairs) {
         Ok((flows, affinities)) if flows + affinities > 0 => {
-            info!(udp_flows = flows, affinities, "forgot flows of removed backends");
+            info!(
+                udp_flows = flows,
+                affinities, "forgot flows of removed backends"
+            );
         }
         Ok(_) => {}
         Err(error) => warn!(%error, "cannot flush flows of removed backends"),
@@ -257,11 +274,24 @@ fn sync_once(
 const METRICS_REFRESH: Duration = Duration::from_secs(2);
 
 /// Reads map fill, datapath counters and attachments into the metrics.
-fn refresh_metrics(metrics: &Metrics, datapath: &Datapath, syncer: &Syncer, attachments: &Attachments) {
+fn refresh_metrics(
+    metrics: &Metrics,
+    datapath: &Datapath,
+    syncer: &Syncer,
+    attachments: &Attachments,
+) {
     let mirror = syncer.mirror();
     let fill = [
-        (proxy_common::names::SERVICES_V4, mirror.services.len(), proxy_common::capacity::SERVICES_V4),
-        (proxy_common::names::BACKENDS_V4, mirror.backends.len(), proxy_common::capacity::BACKENDS_V4),
+        (
+            proxy_common::names::SERVICES_V4,
+            mirror.services.len(),
+            proxy_common::capacity::SERVICES_V4,
+        ),
+        (
+            proxy_common::names::BACKENDS_V4,
+            mirror.backends.len(),
+            proxy_common::capacity::BACKENDS_V4,
+        ),
         (
             proxy_common::names::CONNTRACK_V4,
             datapath.maps.conntrack.keys().count(),
@@ -274,9 +304,17 @@ fn refresh_metrics(metrics: &Metrics, datapath: &Datapath, syncer: &Syncer, atta
         ),
     ];
     for (map, entries, capacity) in fill {
-        let labels = MapLabels { map: map.to_owned() };
-        metrics.map_entries.get_or_create(&labels).set(i64::try_from(entries).unwrap_or(i64::MAX));
-        metrics.map_capacity.get_or_create(&labels).set(i64::from(capacity));
+        let labels = MapLabels {
+            map: map.to_owned(),
+        };
+        metrics
+            .map_entries
+            .get_or_create(&labels)
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        metrics
+            .map_capacity
+            .get_or_create(&labels)
+            .set(i64::from(capacity));
     }
     match datapath.maps.counters() {
         Ok(totals) => metrics.record_datapath_totals(&totals),
@@ -286,7 +324,10 @@ fn refresh_metrics(metrics: &Metrics, datapath: &Datapath, syncer: &Syncer, atta
     for (interface, hook) in attachments.attached() {
         metrics
             .programs_attached
-            .get_or_create(&AttachLabels { interface: interface.name.clone(), hook: hook.label().to_owned() })
+            .get_or_create(&AttachLabels {
+                interface: interface.name.clone(),
+                hook: hook.label().to_owned(),
+            })
             .set(1);
     }
 }
@@ -339,7 +380,9 @@ pub fn cleanup(pin_dir: &Path) {
         for entry in entries.filter_map(Result::ok) {
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => info!(link = %entry.path().display(), "detached"),
-                Err(error) => warn!(link = %entry.path().display(), %error, "cannot remove link pin"),
+                Err(error) => {
+                    warn!(link = %entry.path().display(), %error, "cannot remove link pin")
+                }
             }
         }
     }

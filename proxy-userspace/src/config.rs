@@ -12,7 +12,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -70,7 +73,9 @@ pub struct DurationText(pub Duration);
 impl<'de> Deserialize<'de> for DurationText {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        parse_duration(&text).map(Self).map_err(serde::de::Error::custom)
+        parse_duration(&text)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -89,10 +94,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(invalid());
     }
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(invalid)?;
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(invalid)?;
         let number: f64 = rest[..digits].parse().map_err(|_| invalid())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let seconds_per_unit = match &rest[..unit_len] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -115,8 +124,14 @@ const API_VERSIONS: [&str; 2] = ["kubeproxy.config.k8s.io/v1alpha1", "kpr.dev/v1
 /// # Errors
 /// When the file cannot be read, has unknown fields, or has invalid values.
 pub fn load(path: &std::path::Path) -> Result<FileConfig, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-    parse(&text).map_err(|message| Error::Invalid { path: path.to_path_buf(), message })
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|message| Error::Invalid {
+        path: path.to_path_buf(),
+        message,
+    })
 }
 
 /// Parses and validates a configuration text.
@@ -134,7 +149,9 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     })?;
     if let Some(version) = &config.api_version {
         if !API_VERSIONS.contains(&version.as_str()) {
-            return Err(format!("apiVersion {version:?} is not one of {API_VERSIONS:?}"));
+            return Err(format!(
+                "apiVersion {version:?} is not one of {API_VERSIONS:?}"
+            ));
         }
     }
     if let Some(kind) = &config.kind {
@@ -163,8 +180,14 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     }
     if let Some(conntrack) = &config.conntrack {
         for (name, value) in [
-            ("conntrack.tcpEstablishedTimeout", conntrack.tcp_established_timeout),
-            ("conntrack.tcpCloseWaitTimeout", conntrack.tcp_close_wait_timeout),
+            (
+                "conntrack.tcpEstablishedTimeout",
+                conntrack.tcp_established_timeout,
+            ),
+            (
+                "conntrack.tcpCloseWaitTimeout",
+                conntrack.tcp_close_wait_timeout,
+            ),
             ("conntrack.udpTimeout", conntrack.udp_timeout),
         ] {
             if value.is_some_and(|duration| duration.0.as_secs() > u64::from(u32::MAX)) {
@@ -183,11 +206,18 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
 /// # Errors
 /// When it is not an IPv4 CIDR.
 pub fn parse_ipv4_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
-    let (addr, len) = text.trim().split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR"))?;
-    let addr = addr
-        .parse::<std::net::Ipv4Addr>()
-        .map_err(|_| format!("{text:?}: not an IPv4 address (IPv6 is not supported by the datapath yet)"))?;
-    let len: u8 = len.parse().ok().filter(|len| *len <= 32).ok_or_else(|| format!("{text:?}: bad prefix length"))?;
+    let (addr, len) = text
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR"))?;
+    let addr = addr.parse::<std::net::Ipv4Addr>().map_err(|_| {
+        format!("{text:?}: not an IPv4 address (IPv6 is not supported by the datapath yet)")
+    })?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|len| *len <= 32)
+        .ok_or_else(|| format!("{text:?}: bad prefix length"))?;
     Ok((addr, len))
 }
 
@@ -223,9 +253,15 @@ conntrack:
 ",
         )
         .expect("valid");
-        assert_eq!(config.min_sync_period, Some(DurationText(Duration::from_secs(1))));
+        assert_eq!(
+            config.min_sync_period,
+            Some(DurationText(Duration::from_secs(1)))
+        );
         let conntrack = config.conntrack.expect("conntrack");
-        assert_eq!(conntrack.tcp_established_timeout, Some(DurationText(Duration::from_secs(86_400))));
+        assert_eq!(
+            conntrack.tcp_established_timeout,
+            Some(DurationText(Duration::from_secs(86_400)))
+        );
         assert_eq!(conntrack.capacity(2), Some(131_072));
         assert_eq!(conntrack.capacity(8), Some(262_144));
     }
@@ -234,7 +270,10 @@ conntrack:
     fn bad_settings_are_rejected_with_their_name() {
         let table = [
             ("mode: iptables\n", "unknown field `mode`"),
-            ("iptables: {masqueradeAll: true}\n", "unknown field `iptables`"),
+            (
+                "iptables: {masqueradeAll: true}\n",
+                "unknown field `iptables`",
+            ),
             ("healthzBindAddress: nonsense\n", "healthzBindAddress"),
             ("clusterCIDR: 10.244.0.0/33\n", "clusterCIDR"),
             ("clusterCIDR: fd00::/64\n", "IPv6"),
@@ -242,7 +281,10 @@ conntrack:
             ("kind: Deployment\n", "kind"),
             ("apiVersion: v1\n", "apiVersion"),
             ("podInterfaces: []\n", "podInterfaces"),
-            ("conntrack: {tcpTimeout: 1s}\n", "unknown field `tcpTimeout`"),
+            (
+                "conntrack: {tcpTimeout: 1s}\n",
+                "unknown field `tcpTimeout`",
+            ),
         ];
         for (text, expected) in table {
             let error = parse(text).expect_err(text);
@@ -252,8 +294,18 @@ conntrack:
 
     #[test]
     fn go_durations() {
-        for (text, seconds) in [("1s", 1.0), ("500ms", 0.5), ("1h30m", 5400.0), ("24h0m0s", 86_400.0), ("0", 0.0)] {
-            assert_eq!(parse_duration(text), Ok(Duration::from_secs_f64(seconds)), "{text}");
+        for (text, seconds) in [
+            ("1s", 1.0),
+            ("500ms", 0.5),
+            ("1h30m", 5400.0),
+            ("24h0m0s", 86_400.0),
+            ("0", 0.0),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs_f64(seconds)),
+                "{text}"
+            );
         }
         for text in ["", "1", "s", "1x", "-1s"] {
             assert!(parse_duration(text).is_err(), "{text}");

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use axum::{Router, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
 
 /// Sync progress shared between the sync loop and the health server.
 #[derive(Debug, Default)]
@@ -35,7 +35,9 @@ impl SyncHealth {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave it inconsistent (two Options).
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A change arrived and is not applied yet.
@@ -58,13 +60,18 @@ impl SyncHealth {
         let pending_too_long = inner
             .oldest_pending
             .is_some_and(|since| now.duration_since(since).unwrap_or_default() > self.timeout);
-        (inner.last_synced.is_some() && !pending_too_long, inner.last_synced)
+        (
+            inner.last_synced.is_some() && !pending_too_long,
+            inner.last_synced,
+        )
     }
 }
 
 fn rfc3339ish(time: Option<SystemTime>) -> String {
     time.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or_else(String::new, |d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()))
+        .map_or_else(String::new, |d| {
+            format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+        })
 }
 
 async fn healthz(health: SyncHealth) -> impl IntoResponse {
@@ -76,7 +83,11 @@ async fn healthz(health: SyncHealth) -> impl IntoResponse {
         "nodeEligible": true,
     })
     .to_string();
-    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, [("content-type", "application/json")], body)
 }
 
@@ -107,7 +118,10 @@ mod tests {
         health.queued();
         assert!(health.status(SystemTime::now()).0, "pending but recent");
         let later = SystemTime::now() + Duration::from_secs(11);
-        assert!(!health.status(later).0, "pending for longer than the timeout");
+        assert!(
+            !health.status(later).0,
+            "pending for longer than the timeout"
+        );
         health.synced();
         assert!(health.status(later).0);
     }

@@ -10,17 +10,23 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKeyV4, AffinityValueV4, BackendV4, Be16, Be32, CtEntryV4, CtKeyV4, ServiceKeyV4,
-    ServiceValueV4, COUNTER_NAMES, counter, ct_flags, names, proto, scope, service_flags,
+    counter, ct_flags, names, proto, scope, service_flags, AffinityKeyV4, AffinityValueV4,
+    BackendV4, Be16, Be32, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceValueV4, COUNTER_NAMES,
 };
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("opening the pinned map {path}: {source} (is the agent running with this --bpffs?)")]
-    Open { path: String, source: aya::maps::MapError },
+    Open {
+        path: String,
+        source: aya::maps::MapError,
+    },
     #[error("reading {name}: {source}")]
-    Read { name: &'static str, source: aya::maps::MapError },
+    Read {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -36,12 +42,23 @@ pub struct PinnedMaps {
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<MapData> {
     let path = pin_dir.join(name);
-    MapData::from_pin(&path).map_err(|source| Error::Open { path: path.display().to_string(), source })
+    MapData::from_pin(&path).map_err(|source| Error::Open {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
-fn hash<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &'static str, lru: bool) -> Result<HashMap<MapData, K, V>> {
+fn hash<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+    lru: bool,
+) -> Result<HashMap<MapData, K, V>> {
     let data = open(pin_dir, name)?;
-    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
     HashMap::try_from(map).map_err(|source| Error::Read { name, source })
 }
 
@@ -57,7 +74,10 @@ impl PinnedMaps {
             conntrack: hash(pin_dir, names::CONNTRACK_V4, true)?,
             affinity: hash(pin_dir, names::AFFINITY_V4, true)?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, names::COUNTERS)?))
-                .map_err(|source| Error::Read { name: names::COUNTERS, source })?,
+                .map_err(|source| Error::Read {
+                    name: names::COUNTERS,
+                    source,
+                })?,
         })
     }
 
@@ -65,7 +85,10 @@ impl PinnedMaps {
         self.services
             .iter()
             .collect::<std::result::Result<_, _>>()
-            .map_err(|source| Error::Read { name: names::SERVICES_V4, source })
+            .map_err(|source| Error::Read {
+                name: names::SERVICES_V4,
+                source,
+            })
     }
 
     fn backend(&self, id: u32) -> Option<BackendV4> {
@@ -130,7 +153,11 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
         views.push(ServiceView {
             frontend: endpoint(key.addr, key.port),
             protocol: protocol_name(key.proto),
-            scope: if key.scope == scope::INTERNAL { "internal" } else { "default" },
+            scope: if key.scope == scope::INTERNAL {
+                "internal"
+            } else {
+                "default"
+            },
             service_id: value.service_id,
             flags: service_flag_names(value.flags),
             affinity_timeout_s: value.affinity_timeout_s,
@@ -175,26 +202,50 @@ pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<
     for entry in maps.conntrack.iter() {
         // LRU entries can vanish during the walk; skip those.
         let Ok((key, value)) = entry else { continue };
-        let addrs = [key.src_addr, key.dst_addr, value.nat_src_addr, value.nat_dst_addr];
-        let ports = [key.src_port, key.dst_port, value.nat_src_port, value.nat_dst_port];
-        if filter.addr.is_some_and(|addr| !addrs.contains(&Be32::from_ipv4(addr)))
-            || filter.port.is_some_and(|port| !ports.contains(&Be16::from_host(port)))
+        let addrs = [
+            key.src_addr,
+            key.dst_addr,
+            value.nat_src_addr,
+            value.nat_dst_addr,
+        ];
+        let ports = [
+            key.src_port,
+            key.dst_port,
+            value.nat_src_port,
+            value.nat_dst_port,
+        ];
+        if filter
+            .addr
+            .is_some_and(|addr| !addrs.contains(&Be32::from_ipv4(addr)))
+            || filter
+                .port
+                .is_some_and(|port| !ports.contains(&Be16::from_host(port)))
             || filter.protocol.is_some_and(|number| number != key.proto)
         {
             continue;
         }
         let mut rewrite = Vec::new();
         if value.flags & ct_flags::REWRITE_SRC != 0 {
-            rewrite.push(format!("src -> {}", endpoint(value.nat_src_addr, value.nat_src_port)));
+            rewrite.push(format!(
+                "src -> {}",
+                endpoint(value.nat_src_addr, value.nat_src_port)
+            ));
         }
         if value.flags & ct_flags::REWRITE_DST != 0 {
-            rewrite.push(format!("dst -> {}", endpoint(value.nat_dst_addr, value.nat_dst_port)));
+            rewrite.push(format!(
+                "dst -> {}",
+                endpoint(value.nat_dst_addr, value.nat_dst_port)
+            ));
         }
         flows.push(FlowView {
             protocol: protocol_name(key.proto),
             source: endpoint(key.src_addr, key.src_port),
             destination: endpoint(key.dst_addr, key.dst_port),
-            direction: if value.flags & ct_flags::REPLY != 0 { "reply" } else { "original" },
+            direction: if value.flags & ct_flags::REPLY != 0 {
+                "reply"
+            } else {
+                "original"
+            },
             rewrite: rewrite.join(", "),
             closing: value.flags & ct_flags::CLOSING != 0,
             service_id: value.service_id,
@@ -227,7 +278,9 @@ pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
         .map(|(key, value)| AffinityView {
             client: key.client_addr.to_ipv4(),
             service_id: key.service_id,
-            backend: maps.backend(value.backend_id).map(|b| endpoint(b.addr, b.port)),
+            backend: maps
+                .backend(value.backend_id)
+                .map(|b| endpoint(b.addr, b.port)),
             idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
         })
         .collect();
@@ -246,10 +299,10 @@ pub fn counters(maps: &PinnedMaps) -> Result<BTreeMap<&'static str, u64>> {
         if name.is_empty() {
             continue;
         }
-        let values = maps
-            .counters
-            .get(&index, 0)
-            .map_err(|source| Error::Read { name: names::COUNTERS, source })?;
+        let values = maps.counters.get(&index, 0).map_err(|source| Error::Read {
+            name: names::COUNTERS,
+            source,
+        })?;
         totals.insert(name, values.iter().sum());
     }
     Ok(totals)
@@ -307,10 +360,12 @@ pub fn trace(
         if let Ok(existing) = maps.conntrack.get(&tuple, 0) {
             view.verdict = "translate";
             view.backend = Some(endpoint(existing.nat_dst_addr, existing.nat_dst_port));
-            view.steps.push("conntrack: an existing flow matches; its rewrite applies".into());
+            view.steps
+                .push("conntrack: an existing flow matches; its rewrite applies".into());
             return Ok(view);
         }
-        view.steps.push("conntrack: no flow for this 5-tuple".into());
+        view.steps
+            .push("conntrack: no flow for this 5-tuple".into());
     }
     let services = services(maps)?;
     let find = |wanted_scope: &str| {
@@ -321,13 +376,19 @@ pub fn trace(
         })
     };
     let Some(mut frontend) = find("default") else {
-        view.steps.push("service: no frontend for this address, port and protocol; passes untouched".into());
+        view.steps.push(
+            "service: no frontend for this address, port and protocol; passes untouched".into(),
+        );
         return Ok(view);
     };
-    view.steps.push(format!("service: frontend {} (service id {})", frontend.frontend, frontend.service_id));
+    view.steps.push(format!(
+        "service: frontend {} (service id {})",
+        frontend.frontend, frontend.service_id
+    ));
     if from_pod && frontend.flags.contains(&"internal-scope") {
         if let Some(internal) = find("internal") {
-            view.steps.push("service: pod traffic uses the internal (node-local) backend set".into());
+            view.steps
+                .push("service: pod traffic uses the internal (node-local) backend set".into());
             frontend = internal;
         }
     }
@@ -335,16 +396,21 @@ pub fn trace(
     if frontend.backends.is_empty() {
         if frontend.flags.contains(&"drop-when-empty") {
             view.verdict = "drop";
-            view.steps.push("backends: none on this node for a Local policy; dropped".into());
+            view.steps
+                .push("backends: none on this node for a Local policy; dropped".into());
         } else {
             view.verdict = "reject";
-            view.steps.push("backends: none; rejected with ICMP port unreachable".into());
+            view.steps
+                .push("backends: none; rejected with ICMP port unreachable".into());
         }
         return Ok(view);
     }
     view.verdict = "translate";
     if frontend.flags.contains(&"affinity") {
-        let key = AffinityKeyV4 { client_addr: tuple.src_addr, service_id: frontend.service_id };
+        let key = AffinityKeyV4 {
+            client_addr: tuple.src_addr,
+            service_id: frontend.service_id,
+        };
         if let Ok(record) = maps.affinity.get(&key, 0) {
             if let Some(backend) = maps.backend(record.backend_id) {
                 view.backend = Some(endpoint(backend.addr, backend.port));
@@ -355,9 +421,13 @@ pub fn trace(
                 return Ok(view);
             }
         }
-        view.steps.push("affinity: no record for this client yet".into());
+        view.steps
+            .push("affinity: no record for this client yet".into());
     }
     view.candidates.clone_from(&frontend.backends);
-    view.steps.push(format!("backends: one of {} picked uniformly at random", frontend.backends.len()));
+    view.steps.push(format!(
+        "backends: one of {} picked uniformly at random",
+        frontend.backends.len()
+    ));
     Ok(view)
 }

@@ -19,12 +19,23 @@ struct MapCreateAttr {
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;
-const MAP_TYPES: [(u32, &str); 4] = [(1, "hash"), (2, "array"), (6, "per-CPU array"), (9, "LRU hash")];
+const MAP_TYPES: [(u32, &str); 4] = [
+    (1, "hash"),
+    (2, "array"),
+    (6, "per-CPU array"),
+    (9, "LRU hash"),
+];
 
 /// Whether a map of `map_type` can be created (the bpf() syscall works, we have the
 /// capability, and the kernel knows the type).
 fn can_create_map(map_type: u32) -> Result<(), std::io::Error> {
-    let attr = MapCreateAttr { map_type, key_size: 4, value_size: 8, max_entries: 1, map_flags: 0 };
+    let attr = MapCreateAttr {
+        map_type,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        map_flags: 0,
+    };
     // SAFETY: bpf(BPF_MAP_CREATE) reads `size_of::<MapCreateAttr>()` bytes of `attr`.
     let fd = unsafe {
         libc::syscall(
@@ -69,7 +80,11 @@ pub fn check() -> Result<(), String> {
             }
         }
     }
-    if missing.is_empty() { Ok(()) } else { Err(missing.join("\n")) }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(missing.join("\n"))
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
+use clap::{
+    parser::ValueSource, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand,
+};
 use proxy_common::DatapathConfigV1;
 use proxy_userspace::{
     agent::{self, AgentConfig},
@@ -38,7 +40,12 @@ struct InspectArgs {
     #[command(subcommand)]
     what: InspectWhat,
     /// The pin directory of the running agent.
-    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr", global = true)]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/sys/fs/bpf/kpr",
+        global = true
+    )]
     bpffs: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -217,9 +224,12 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             init_logging(&args.log_level);
             let explicit = |id: &str| {
-                matches.subcommand_matches("run").and_then(|run| run.value_source(id)).is_some_and(|source| {
-                    matches!(source, ValueSource::CommandLine | ValueSource::EnvVariable)
-                })
+                matches
+                    .subcommand_matches("run")
+                    .and_then(|run| run.value_source(id))
+                    .is_some_and(|source| {
+                        matches!(source, ValueSource::CommandLine | ValueSource::EnvVariable)
+                    })
             };
             let config = agent_config(args, &explicit)?;
             if let Err(missing) = proxy_userspace::kernel::check() {
@@ -249,37 +259,71 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         Some(path) => config::load(path)?,
         None => config::FileConfig::default(),
     };
-    if let Some(value) = file.healthz_bind_address.clone().filter(|_| !explicit("healthz_bind_address")) {
+    if let Some(value) = file
+        .healthz_bind_address
+        .clone()
+        .filter(|_| !explicit("healthz_bind_address"))
+    {
         args.healthz_bind_address = value;
     }
-    if let Some(value) = file.metrics_bind_address.clone().filter(|_| !explicit("metrics_bind_address")) {
+    if let Some(value) = file
+        .metrics_bind_address
+        .clone()
+        .filter(|_| !explicit("metrics_bind_address"))
+    {
         args.metrics_bind_address = value;
     }
-    if let Some(value) = file.hostname_override.clone().filter(|_| !explicit("node_name")) {
+    if let Some(value) = file
+        .hostname_override
+        .clone()
+        .filter(|_| !explicit("node_name"))
+    {
         args.node_name = Some(value);
     }
     if let Some(value) = file.bpffs.clone().filter(|_| !explicit("bpffs")) {
         args.bpffs = value;
     }
-    if let Some(value) = file.pod_interfaces.clone().filter(|_| !explicit("pod_interfaces")) {
+    if let Some(value) = file
+        .pod_interfaces
+        .clone()
+        .filter(|_| !explicit("pod_interfaces"))
+    {
         args.pod_interfaces = value;
     }
-    if let Some(value) = file.service_proxy_name.clone().filter(|_| !explicit("proxy_name")) {
+    if let Some(value) = file
+        .service_proxy_name
+        .clone()
+        .filter(|_| !explicit("proxy_name"))
+    {
         args.proxy_name = Some(value);
     }
-    let seconds = |duration: config::DurationText| u32::try_from(duration.0.as_secs()).unwrap_or(u32::MAX);
+    let seconds =
+        |duration: config::DurationText| u32::try_from(duration.0.as_secs()).unwrap_or(u32::MAX);
     if let Some(conntrack) = &file.conntrack {
-        if let Some(value) = conntrack.tcp_established_timeout.filter(|_| !explicit("conntrack_tcp_timeout")) {
+        if let Some(value) = conntrack
+            .tcp_established_timeout
+            .filter(|_| !explicit("conntrack_tcp_timeout"))
+        {
             args.conntrack_tcp_timeout = seconds(value);
         }
-        if let Some(value) = conntrack.tcp_close_wait_timeout.filter(|_| !explicit("conntrack_tcp_close_timeout")) {
+        if let Some(value) = conntrack
+            .tcp_close_wait_timeout
+            .filter(|_| !explicit("conntrack_tcp_close_timeout"))
+        {
             args.conntrack_tcp_close_timeout = seconds(value);
         }
-        if let Some(value) = conntrack.udp_timeout.filter(|_| !explicit("conntrack_udp_timeout")) {
+        if let Some(value) = conntrack
+            .udp_timeout
+            .filter(|_| !explicit("conntrack_udp_timeout"))
+        {
             args.conntrack_udp_timeout = seconds(value);
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
-        if let Some(capacity) = conntrack.capacity(cores).filter(|_| !explicit("conntrack_max")) {
+        let cores = std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        if let Some(capacity) = conntrack
+            .capacity(cores)
+            .filter(|_| !explicit("conntrack_max"))
+        {
             args.conntrack_max = Some(capacity);
         }
     }
@@ -289,7 +333,10 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         ("minSyncPeriod", file.min_sync_period.is_some()),
     ] {
         if set {
-            tracing::warn!(setting = name, "accepted, but not in effect yet: this agent serves ClusterIPs from pods only");
+            tracing::warn!(
+                setting = name,
+                "accepted, but not in effect yet: this agent serves ClusterIPs from pods only"
+            );
         }
     }
     Ok(AgentConfig {
@@ -310,8 +357,10 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
             proxy_name: args.proxy_name,
             node_port_addresses: Vec::new(),
         },
-        healthz_bind_address: optional_address(&args.healthz_bind_address).context("healthz bind address")?,
-        metrics_bind_address: optional_address(&args.metrics_bind_address).context("metrics bind address")?,
+        healthz_bind_address: optional_address(&args.healthz_bind_address)
+            .context("healthz bind address")?,
+        metrics_bind_address: optional_address(&args.metrics_bind_address)
+            .context("metrics bind address")?,
     })
 }
 
@@ -329,7 +378,10 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&services);
             }
-            println!("{:<22} {:<5} {:<8} {:>4} {:<24} BACKENDS", "FRONTEND", "PROTO", "SCOPE", "ID", "FLAGS");
+            println!(
+                "{:<22} {:<5} {:<8} {:>4} {:<24} BACKENDS",
+                "FRONTEND", "PROTO", "SCOPE", "ID", "FLAGS"
+            );
             for service in services {
                 println!(
                     "{:<22} {:<5} {:<8} {:>4} {:<24} {}",
@@ -338,17 +390,32 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
                     service.scope,
                     service.service_id,
                     service.flags.join(","),
-                    if service.backends.is_empty() { "(none)".to_owned() } else { service.backends.join(" ") }
+                    if service.backends.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        service.backends.join(" ")
+                    }
                 );
             }
         }
-        InspectWhat::Conntrack { addr, port, protocol } => {
-            let filter = inspect::FlowFilter { addr: *addr, port: *port, protocol: *protocol };
+        InspectWhat::Conntrack {
+            addr,
+            port,
+            protocol,
+        } => {
+            let filter = inspect::FlowFilter {
+                addr: *addr,
+                port: *port,
+                protocol: *protocol,
+            };
             let flows = inspect::conntrack(&maps, &filter, now)?;
             if args.json {
                 return print_json(&flows);
             }
-            println!("{:<5} {:<22} {:<22} {:<8} {:<30} {:>8} STATE", "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE", "IDLE_S");
+            println!(
+                "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8} STATE",
+                "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE", "IDLE_S"
+            );
             for flow in flows {
                 println!(
                     "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8.1} {}",
@@ -367,7 +434,10 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&records);
             }
-            println!("{:<16} {:>4} {:<22} {:>8}", "CLIENT", "ID", "BACKEND", "IDLE_S");
+            println!(
+                "{:<16} {:>4} {:<22} {:>8}",
+                "CLIENT", "ID", "BACKEND", "IDLE_S"
+            );
             for record in records {
                 println!(
                     "{:<16} {:>4} {:<22} {:>8.1}",
@@ -393,7 +463,13 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
 
 fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&args.bpffs)?;
-    let view = inspect::trace(&maps, args.client, args.to, args.protocol, !args.from_outside)?;
+    let view = inspect::trace(
+        &maps,
+        args.client,
+        args.to,
+        args.protocol,
+        !args.from_outside,
+    )?;
     if args.json {
         return print_json(&view);
     }
@@ -403,7 +479,11 @@ fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     }
     match (&view.backend, view.candidates.is_empty()) {
         (Some(backend), _) => println!("verdict: {} to {backend}", view.verdict),
-        (None, false) => println!("verdict: {} to one of {}", view.verdict, view.candidates.join(", ")),
+        (None, false) => println!(
+            "verdict: {} to one of {}",
+            view.verdict,
+            view.candidates.join(", ")
+        ),
         (None, true) => println!("verdict: {}", view.verdict),
     }
     Ok(())

@@ -6,22 +6,19 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::AtomicU64,
-    },
+    sync::{atomic::AtomicU64, Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use axum::{Router, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{text::encode, EncodeLabelSet},
     metrics::{
         counter::Counter,
         family::Family,
         gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
+        histogram::{exponential_buckets, Histogram},
     },
     registry::Registry,
 };
@@ -93,7 +90,9 @@ impl Default for Metrics {
 }
 
 fn seconds_since_epoch(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 impl Metrics {
@@ -106,9 +105,10 @@ impl Metrics {
             sync_last_timestamp: Gauge::default(),
             sync_last_queued_timestamp: Gauge::default(),
             // kube-proxy: 0.25 s .. 15 min; ours starts lower, map writes are fast.
-            network_programming: Histogram::new(
-                [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0],
-            ),
+            network_programming: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+                300.0,
+            ]),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             datapath_events: Family::default(),
@@ -140,8 +140,16 @@ impl Metrics {
             "From an EndpointSlice change (its last-change-trigger-time) to the datapath programmed",
             metrics.network_programming.clone(),
         );
-        registry.register("kpr_map_entries", "Entries in each BPF map", metrics.map_entries.clone());
-        registry.register("kpr_map_capacity", "Capacity of each BPF map", metrics.map_capacity.clone());
+        registry.register(
+            "kpr_map_entries",
+            "Entries in each BPF map",
+            metrics.map_entries.clone(),
+        );
+        registry.register(
+            "kpr_map_capacity",
+            "Capacity of each BPF map",
+            metrics.map_capacity.clone(),
+        );
         registry.register(
             "kpr_datapath_events",
             "Packets and flows seen by the datapath, by event (drop_* are drops by reason)",
@@ -168,14 +176,22 @@ impl Metrics {
             metrics.conntrack_reaped.clone(),
         );
         for reason in ["map_full", "write_error"] {
-            let _ = metrics.frontend_failures.get_or_create(&ReasonLabels { reason: reason.into() });
+            let _ = metrics.frontend_failures.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
         }
-        Self { registry, ..metrics }
+        Self {
+            registry,
+            ..metrics
+        }
     }
 
     /// Turns the datapath's running totals into counter increments.
     pub fn record_datapath_totals(&self, totals: &[u64]) {
-        let mut last = self.last_datapath_totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self
+            .last_datapath_totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         last.resize(totals.len(), 0);
         for (index, (&total, previous)) in totals.iter().zip(last.iter_mut()).enumerate() {
             let Some(name) = COUNTER_NAMES.get(index).filter(|name| !name.is_empty()) else {
@@ -184,7 +200,9 @@ impl Metrics {
             // A total below the last one means the maps were recreated: count from 0.
             let increment = total.checked_sub(*previous).unwrap_or(total);
             self.datapath_events
-                .get_or_create(&EventLabels { event: (*name).to_owned() })
+                .get_or_create(&EventLabels {
+                    event: (*name).to_owned(),
+                })
                 .inc_by(increment);
             *previous = total;
         }
@@ -193,10 +211,15 @@ impl Metrics {
     /// Observes network programming latency for every EndpointSlice whose trigger time
     /// is new since the last call; `programmed_at` is when the maps were written.
     pub fn observe_programmed(&self, state: &ClusterState, programmed_at: SystemTime) {
-        let mut seen = self.seen_trigger_times.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = self
+            .seen_trigger_times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut still_present = BTreeMap::new();
         for (key, slice) in &state.endpoint_slices {
-            let Some(trigger) = trigger_time(slice) else { continue };
+            let Some(trigger) = trigger_time(slice) else {
+                continue;
+            };
             if seen.get(key) != Some(&trigger.0) {
                 if let Ok(latency) = programmed_at.duration_since(trigger.1) {
                     self.network_programming.observe(latency.as_secs_f64());
@@ -231,7 +254,11 @@ impl Metrics {
 
 /// The trigger-time annotation of a slice: its text and its parsed time.
 fn trigger_time(slice: &EndpointSlice) -> Option<(String, SystemTime)> {
-    let text = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let text = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?;
     let parsed = parse_rfc3339(text)?;
     Some((text.clone(), parsed))
 }
@@ -255,7 +282,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             async move {
                 (
                     StatusCode::OK,
-                    [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     metrics.render(),
                 )
                     .into_response()
@@ -279,7 +309,10 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some("web-abc".into()),
                 namespace: Some("default".into()),
-                annotations: Some(Map::from([(TRIGGER_TIME_ANNOTATION.to_owned(), trigger.to_owned())])),
+                annotations: Some(Map::from([(
+                    TRIGGER_TIME_ANNOTATION.to_owned(),
+                    trigger.to_owned(),
+                )])),
                 ..ObjectMeta::default()
             },
             address_type: "IPv4".into(),
@@ -306,15 +339,24 @@ mod tests {
     fn each_trigger_time_is_measured_once() {
         let metrics = Metrics::new();
         let mut state = ClusterState::default();
-        state
-            .endpoint_slices
-            .insert(ObjectKey::new("default", "web-abc"), slice("2026-01-01T00:00:00Z"));
-        let later = SystemTime::from(k8s_openapi::jiff::Timestamp::from_second(1_767_225_602).expect("time"));
+        state.endpoint_slices.insert(
+            ObjectKey::new("default", "web-abc"),
+            slice("2026-01-01T00:00:00Z"),
+        );
+        let later = SystemTime::from(
+            k8s_openapi::jiff::Timestamp::from_second(1_767_225_602).expect("time"),
+        );
         metrics.observe_programmed(&state, later);
         metrics.observe_programmed(&state, later);
         let text = metrics.render();
-        assert!(text.contains("kubeproxy_network_programming_duration_seconds_count 1"), "{text}");
-        assert!(text.contains("kubeproxy_network_programming_duration_seconds_sum 2.0"), "{text}");
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_sum 2.0"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -323,6 +365,9 @@ mod tests {
         metrics.record_datapath_totals(&[5, 0, 1]);
         metrics.record_datapath_totals(&[7, 0, 1]);
         let text = metrics.render();
-        assert!(text.contains("kpr_datapath_events_total{event=\"new_flow\"} 7"), "{text}");
+        assert!(
+            text.contains("kpr_datapath_events_total{event=\"new_flow\"} 7"),
+            "{text}"
+        );
     }
 }

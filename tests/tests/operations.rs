@@ -3,8 +3,8 @@
 use std::{
     net::Ipv4Addr,
     sync::{
-        Arc,
         atomic::{AtomicBool, Ordering},
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use anyhow::Result;
 use kpr_lab::{
     lab::Lab,
     scenario::{examples_dir, lab_for_manifests, sock},
-    traffic::{Conversation, tcp_request},
+    traffic::{tcp_request, Conversation},
 };
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -34,7 +34,12 @@ fn health_and_metrics_endpoints_report_the_datapath() {
     let (code, body) = lab.healthz().expect("healthz");
     assert_eq!(code, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).expect("healthz is JSON");
-    assert!(health["lastUpdated"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert!(
+        health["lastUpdated"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
 
     lab.pod("client")
         .netns
@@ -45,10 +50,17 @@ fn health_and_metrics_endpoints_report_the_datapath() {
         })
         .expect("traffic");
     let mut metrics = String::new();
-    lab.wait_for("the new flows to show in the metrics", Duration::from_secs(10), || {
-        metrics = lab.metrics()?;
-        Ok(sample(&metrics, "kpr_datapath_events_total{event=\"new_flow\"}").is_some_and(|n| n >= 20.0))
-    })
+    lab.wait_for(
+        "the new flows to show in the metrics",
+        Duration::from_secs(10),
+        || {
+            metrics = lab.metrics()?;
+            Ok(
+                sample(&metrics, "kpr_datapath_events_total{event=\"new_flow\"}")
+                    .is_some_and(|n| n >= 20.0),
+            )
+        },
+    )
     .expect("datapath counters exported");
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
@@ -61,14 +73,22 @@ fn health_and_metrics_endpoints_report_the_datapath() {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
     // web (3 backends) + dns (3) + nobody (0): 3 frontends + 6 backend slots.
-    assert_eq!(sample(&metrics, "kpr_map_entries{map=\"SVC_V4_V1\"}"), Some(9.0), "{metrics}");
+    assert_eq!(
+        sample(&metrics, "kpr_map_entries{map=\"SVC_V4_V1\"}"),
+        Some(9.0),
+        "{metrics}"
+    );
     let attached = metrics
         .lines()
         .filter(|line| line.starts_with("kpr_programs_attached{"))
         .count();
     assert_eq!(attached, 2 * lab.pods().len(), "{metrics}");
     assert!(
-        sample(&metrics, "kpr_datapath_events_total{event=\"rejected_no_backend\"}").is_some(),
+        sample(
+            &metrics,
+            "kpr_datapath_events_total{event=\"rejected_no_backend\"}"
+        )
+        .is_some(),
         "{metrics}"
     );
 
@@ -79,9 +99,11 @@ fn health_and_metrics_endpoints_report_the_datapath() {
          spec:\n  clusterIP: 10.96.0.300\n  ports: [{name: http, port: 80, protocol: TCP}]\n",
     )
     .expect("write");
-    lab.wait_for("the malformed service to be counted", Duration::from_secs(10), || {
-        Ok(sample(&lab.metrics()?, "kpr_skipped_objects{reason=\"malformed\"}") == Some(1.0))
-    })
+    lab.wait_for(
+        "the malformed service to be counted",
+        Duration::from_secs(10),
+        || Ok(sample(&lab.metrics()?, "kpr_skipped_objects{reason=\"malformed\"}") == Some(1.0)),
+    )
     .expect("skipped_objects metric");
     lab.pod("client")
         .netns
@@ -121,7 +143,8 @@ impl NewConnections {
                 (ok, failed, longest_gap)
             })
             .expect("spawn in the client pod");
-        let thread = std::thread::spawn(move || thread.join().map_err(|_| anyhow::anyhow!("panicked"))?);
+        let thread =
+            std::thread::spawn(move || thread.join().map_err(|_| anyhow::anyhow!("panicked"))?);
         Self { stop, thread }
     }
 
@@ -155,7 +178,8 @@ fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
     let restart = Instant::now();
     lab.kill_agent().expect("kill");
     std::thread::sleep(Duration::from_millis(300));
-    lab.start_agent(&["--keep-state"]).expect("restart after SIGKILL");
+    lab.start_agent(&["--keep-state"])
+        .expect("restart after SIGKILL");
     let crash_restart = restart.elapsed();
 
     // An upgrade: SIGTERM with --keep-state, then a new agent swaps the programs in place.
@@ -180,26 +204,45 @@ fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
          crash restart took {crash_restart:?}, upgrade took {upgrade_restart:?}",
         200 - broken
     );
-    assert_eq!(broken, 0, "established connections broke across the restarts");
+    assert_eq!(
+        broken, 0,
+        "established connections broke across the restarts"
+    );
     assert_eq!(failed, 0, "new connections failed during the restarts");
     assert!(ok > 0);
-    assert!(lab.agent_log().contains("adopting the maps of a previous agent"), "{}", lab.agent_log());
+    assert!(
+        lab.agent_log()
+            .contains("adopting the maps of a previous agent"),
+        "{}",
+        lab.agent_log()
+    );
 }
 
 #[test]
 fn cleanup_removes_every_program_and_pin() {
     let mut lab = lab_for_manifests(&examples_dir()).expect("lab");
     lab.kill_agent().expect("kill");
-    assert!(!lab.attached_programs().expect("query").is_empty(), "a killed agent leaves its programs");
+    assert!(
+        !lab.attached_programs().expect("query").is_empty(),
+        "a killed agent leaves its programs"
+    );
     let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
         .arg("cleanup")
         .arg("--bpffs")
         .arg(lab.pin_dir())
         .output()
         .expect("kpr cleanup");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(lab.attached_programs().expect("query"), Vec::new());
-    assert!(!lab.pin_dir().exists(), "pins left in {}", lab.pin_dir().display());
+    assert!(
+        !lab.pin_dir().exists(),
+        "pins left in {}",
+        lab.pin_dir().display()
+    );
 }
 
 /// Runs `kpr <args> --bpffs <pins> --json` and parses its output.
@@ -211,7 +254,11 @@ fn kpr_json(lab: &Lab, args: &[&str]) -> serde_json::Value {
         .arg("--json")
         .output()
         .expect("run kpr");
-    assert!(output.status.success(), "kpr {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "kpr {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).expect("JSON output")
 }
 
@@ -233,13 +280,31 @@ fn inspect_and_trace_read_the_running_node() {
         .find(|service| service["frontend"] == "10.96.0.10:80")
         .unwrap_or_else(|| panic!("web missing: {services}"));
     assert_eq!(web["protocol"], "TCP");
-    let mut backends: Vec<&str> = web["backends"].as_array().expect("backends").iter().filter_map(|b| b.as_str()).collect();
+    let mut backends: Vec<&str> = web["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter_map(|b| b.as_str())
+        .collect();
     backends.sort_unstable();
-    assert_eq!(backends, ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"]);
+    assert_eq!(
+        backends,
+        ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"]
+    );
 
     // The open connection has both directions in conntrack, the original one rewriting
     // the destination to the backend that answered.
-    let flows = kpr_json(&lab, &["inspect", "conntrack", "--addr", "10.96.0.10", "--protocol", "tcp"]);
+    let flows = kpr_json(
+        &lab,
+        &[
+            "inspect",
+            "conntrack",
+            "--addr",
+            "10.96.0.10",
+            "--protocol",
+            "tcp",
+        ],
+    );
     let flows = flows.as_array().expect("a list");
     let original = flows
         .iter()
@@ -251,21 +316,57 @@ fn inspect_and_trace_read_the_running_node() {
         _ => "10.244.1.13",
     };
     assert_eq!(original["rewrite"], format!("dst -> {backend_ip}:8080"));
-    assert!(flows.iter().any(|flow| flow["direction"] == "reply"), "{flows:?}");
+    assert!(
+        flows.iter().any(|flow| flow["direction"] == "reply"),
+        "{flows:?}"
+    );
 
     let counters = kpr_json(&lab, &["inspect", "counters"]);
-    assert!(counters["new_flow"].as_u64().is_some_and(|n| n >= 1), "{counters}");
+    assert!(
+        counters["new_flow"].as_u64().is_some_and(|n| n >= 1),
+        "{counters}"
+    );
     let affinity = kpr_json(&lab, &["inspect", "affinity"]);
     assert_eq!(affinity, serde_json::json!([]), "no service uses affinity");
 
-    let refused = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.96.0.99:80"]);
+    let refused = kpr_json(
+        &lab,
+        &["trace", "--client", "10.244.1.2", "--to", "10.96.0.99:80"],
+    );
     assert_eq!(refused["verdict"], "reject", "{refused}");
-    let fresh = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.96.0.10:80"]);
+    let fresh = kpr_json(
+        &lab,
+        &["trace", "--client", "10.244.1.2", "--to", "10.96.0.10:80"],
+    );
     assert_eq!(fresh["verdict"], "translate");
-    assert_eq!(fresh["candidates"].as_array().map(Vec::len), Some(3), "{fresh}");
-    let other = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.244.1.11:8080"]);
+    assert_eq!(
+        fresh["candidates"].as_array().map(Vec::len),
+        Some(3),
+        "{fresh}"
+    );
+    let other = kpr_json(
+        &lab,
+        &[
+            "trace",
+            "--client",
+            "10.244.1.2",
+            "--to",
+            "10.244.1.11:8080",
+        ],
+    );
     assert_eq!(other["verdict"], "pass");
-    let dns = kpr_json(&lab, &["trace", "--client", "10.244.1.2", "--to", "10.96.0.53:53", "--protocol", "udp"]);
+    let dns = kpr_json(
+        &lab,
+        &[
+            "trace",
+            "--client",
+            "10.244.1.2",
+            "--to",
+            "10.96.0.53:53",
+            "--protocol",
+            "udp",
+        ],
+    );
     assert_eq!(dns["verdict"], "translate");
 }
 
@@ -274,7 +375,10 @@ fn an_invalid_config_file_stops_the_agent_at_start_with_the_setting_named() {
     let dir = std::env::temp_dir().join(format!("kpr-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     for (text, expected) in [
-        ("kind: KubeProxyConfiguration\nmode: iptables\n", "unknown field `mode`"),
+        (
+            "kind: KubeProxyConfiguration\nmode: iptables\n",
+            "unknown field `mode`",
+        ),
         ("conntrack:\n  udpTimeout: soon\n", "invalid duration"),
         ("metricsBindAddress: everywhere\n", "metricsBindAddress"),
     ] {

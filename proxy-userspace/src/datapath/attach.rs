@@ -11,13 +11,13 @@ use std::{
 };
 
 use aya::programs::{
-    LinkOrder, SchedClassifier,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
+    LinkOrder, SchedClassifier,
 };
 use tracing::{debug, info, warn};
 
-use super::{Datapath, Hook, interfaces::Interface};
+use super::{interfaces::Interface, Datapath, Hook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -94,7 +94,10 @@ impl Attachments {
             let program = match datapath.program(hook) {
                 Ok(program) => program,
                 Err(error) => {
-                    errors.push(Error::Unavailable { hook: hook.label(), message: error.to_string() });
+                    errors.push(Error::Unavailable {
+                        hook: hook.label(),
+                        message: error.to_string(),
+                    });
                     continue;
                 }
             };
@@ -115,8 +118,16 @@ impl Attachments {
         errors
     }
 
-    fn attach_one(&self, program: &mut SchedClassifier, interface: &Interface, hook: Hook) -> Result<FdLink, Error> {
-        let pin_path = self.links_dir.as_ref().map(|dir| dir.join(pin_name(interface, hook)));
+    fn attach_one(
+        &self,
+        program: &mut SchedClassifier,
+        interface: &Interface,
+        hook: Hook,
+    ) -> Result<FdLink, Error> {
+        let pin_path = self
+            .links_dir
+            .as_ref()
+            .map(|dir| dir.join(pin_name(interface, hook)));
         if let Some(path) = pin_path.as_ref().filter(|path| path.exists()) {
             match adopt(program, path) {
                 Ok(link) => return Ok(link),
@@ -132,16 +143,18 @@ impl Attachments {
                 hook.attach_type(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
-            .map_err(|source| Error::Attach { interface: interface.name.clone(), source })?;
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| Error::Attach { interface: interface.name.clone(), source })?;
-        let link: FdLink = link
-            .try_into()
-            .map_err(|_| Error::Attach {
+            .map_err(|source| Error::Attach {
                 interface: interface.name.clone(),
-                source: aya::programs::ProgramError::UnexpectedProgramType,
+                source,
             })?;
+        let link = program.take_link(link_id).map_err(|source| Error::Attach {
+            interface: interface.name.clone(),
+            source,
+        })?;
+        let link: FdLink = link.try_into().map_err(|_| Error::Attach {
+            interface: interface.name.clone(),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
         let Some(path) = pin_path else {
             return Ok(link);
         };
@@ -149,9 +162,10 @@ impl Attachments {
             let _ = std::fs::create_dir_all(dir);
         }
         // The pin keeps the link alive; the returned handle only holds a reference.
-        let pinned = link
-            .pin(&path)
-            .map_err(|source| Error::Pin { interface: interface.name.clone(), source })?;
+        let pinned = link.pin(&path).map_err(|source| Error::Pin {
+            interface: interface.name.clone(),
+            source,
+        })?;
         Ok(FdLink::from(pinned))
     }
 
@@ -165,7 +179,9 @@ impl Attachments {
     /// the interface).
     pub fn sweep_stale_pins(&self, existing: &[Interface]) {
         let Some(dir) = &self.links_dir else { return };
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
             if parse_pin_name(&name).is_none_or(|(interface, _)| !existing.contains(&interface)) {
@@ -195,12 +211,19 @@ impl Attachments {
 
 /// Takes over a pinned link and points it at `program` atomically.
 fn adopt(program: &mut SchedClassifier, path: &Path) -> Result<FdLink, Error> {
-    let adopt_error = |message: String| Error::Adopt { path: path.to_path_buf(), message };
+    let adopt_error = |message: String| Error::Adopt {
+        path: path.to_path_buf(),
+        message,
+    };
     let pinned = PinnedLink::from_pin(path).map_err(|error| adopt_error(error.to_string()))?;
     let link = SchedClassifierLink::try_from(FdLink::from(pinned))
         .map_err(|error| adopt_error(error.to_string()))?;
-    let link_id = program.attach_to_link(link).map_err(|error| adopt_error(error.to_string()))?;
-    let link = program.take_link(link_id).map_err(|error| adopt_error(error.to_string()))?;
+    let link_id = program
+        .attach_to_link(link)
+        .map_err(|error| adopt_error(error.to_string()))?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|error| adopt_error(error.to_string()))?;
     FdLink::try_from(link).map_err(|error| adopt_error(error.to_string()))
 }
 
@@ -210,9 +233,15 @@ mod tests {
 
     #[test]
     fn pin_names_round_trip() {
-        let interface = Interface { name: "veth-a@b.c".into(), index: 42 };
+        let interface = Interface {
+            name: "veth-a@b.c".into(),
+            index: 42,
+        };
         for hook in Hook::ALL {
-            assert_eq!(parse_pin_name(&pin_name(&interface, hook)), Some((interface.clone(), hook)));
+            assert_eq!(
+                parse_pin_name(&pin_name(&interface, hook)),
+                Some((interface.clone(), hook))
+            );
         }
         assert_eq!(parse_pin_name("garbage"), None);
         assert_eq!(parse_pin_name("eth0@3:unknown-hook"), None);

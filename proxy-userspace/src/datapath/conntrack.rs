@@ -2,14 +2,17 @@
 //! and affinities of backends that left a service.
 use std::collections::BTreeSet;
 
-use proxy_common::{AffinityKeyV4, CtKeyV4, DatapathConfigV1, names, proto};
+use proxy_common::{names, proto, AffinityKeyV4, CtKeyV4, DatapathConfigV1};
 
 use super::{Error, Maps, Result};
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 #[must_use]
 pub fn monotonic_now_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
     u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
@@ -25,7 +28,10 @@ pub struct GcReport {
 }
 
 fn ct_error(source: aya::maps::MapError) -> Error {
-    Error::Map { name: names::CONNTRACK_V4, source }
+    Error::Map {
+        name: names::CONNTRACK_V4,
+        source,
+    }
 }
 
 /// Removes conntrack entries idle for longer than their timeout. Keys are collected
@@ -33,7 +39,11 @@ fn ct_error(source: aya::maps::MapError) -> Error {
 ///
 /// # Errors
 /// When the map cannot be read.
-pub fn collect_expired(maps: &mut Maps, config: &DatapathConfigV1, now_ns: u64) -> Result<GcReport> {
+pub fn collect_expired(
+    maps: &mut Maps,
+    config: &DatapathConfigV1,
+    now_ns: u64,
+) -> Result<GcReport> {
     let mut expired = Vec::new();
     let mut live = 0;
     for entry in maps.conntrack.iter() {
@@ -54,7 +64,9 @@ pub fn collect_expired(maps: &mut Maps, config: &DatapathConfigV1, now_ns: u64) 
 }
 
 fn remove_all(maps: &mut Maps, keys: &[CtKeyV4]) -> usize {
-    keys.iter().filter(|key| maps.conntrack.remove(key).is_ok()).count()
+    keys.iter()
+        .filter(|key| maps.conntrack.remove(key).is_ok())
+        .count()
 }
 
 /// Forgets what tied clients to `(service id, backend id)` pairs that are gone: UDP
@@ -88,7 +100,12 @@ pub fn forget_backends(maps: &mut Maps, pairs: &BTreeSet<(u32, u32)>) -> Result<
         let (key, value) = match entry {
             Ok(entry) => entry,
             Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(source) => return Err(Error::Map { name: names::AFFINITY_V4, source }),
+            Err(source) => {
+                return Err(Error::Map {
+                    name: names::AFFINITY_V4,
+                    source,
+                })
+            }
         };
         if pairs.contains(&(key.service_id, value.backend_id)) {
             affinities.push(key);

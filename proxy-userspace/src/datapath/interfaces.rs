@@ -32,7 +32,9 @@ pub fn list() -> io::Result<Vec<Interface>> {
         let mut entry = head;
         while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
             out.push(Interface {
-                name: CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned(),
+                name: CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
                 index: (*entry).if_index,
             });
             entry = entry.add(1);
@@ -46,10 +48,12 @@ pub fn list() -> io::Result<Vec<Interface>> {
 /// Whether `name` matches one of `patterns` (exact names, or prefixes ending in `*`).
 #[must_use]
 pub fn matches(name: &str, patterns: &[String]) -> bool {
-    patterns.iter().any(|pattern| match pattern.strip_suffix('*') {
-        Some(prefix) => name.starts_with(prefix),
-        None => name == pattern,
-    })
+    patterns
+        .iter()
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == pattern,
+        })
 }
 
 /// A netlink socket subscribed to link notifications; [`LinkEvents::changed`] returns
@@ -159,6 +163,9 @@ mod tests {
     #[test]
     fn lists_the_loopback_interface() {
         let interfaces = list().expect("if_nameindex");
-        assert!(interfaces.iter().any(|i| i.name == "lo" && i.index == 1), "{interfaces:?}");
+        assert!(
+            interfaces.iter().any(|i| i.name == "lo" && i.index == 1),
+            "{interfaces:?}"
+        );
     }
 }

@@ -9,13 +9,13 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, SchedClassifier},
+    Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4, DatapathConfigV1,
-    ServiceKeyV4, ServiceValueV4, counter, names,
+    counter, names, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4,
+    DatapathConfigV1, ServiceKeyV4, ServiceValueV4,
 };
 
 use crate::sync::{MapOp, MapWriter, Mirror, WriteError};
@@ -68,13 +68,19 @@ pub enum Error {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("{path} is not on a BPF filesystem (mount one: mount -t bpf bpf {path})")]
     NotBpffs { path: PathBuf },
     #[error("{path}: {source}")]
@@ -171,11 +177,17 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+                std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
                 if !is_bpffs(dir) {
                     return Err(Error::NotBpffs { path: dir.clone() });
                 }
-                ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+                ALL_MAPS
+                    .iter()
+                    .map(|name| (*name, dir.join(name)))
+                    .collect()
             }
             None => Vec::new(),
         };
@@ -192,14 +204,26 @@ impl Datapath {
             conntrack: take(&mut ebpf, names::CONNTRACK_V4)?,
             affinity: take(&mut ebpf, names::AFFINITY_V4)?,
             counters: {
-                let map = ebpf.take_map(names::COUNTERS).ok_or(Error::MissingMap(names::COUNTERS))?;
-                PerCpuArray::try_from(map).map_err(|source| Error::Map { name: names::COUNTERS, source })?
+                let map = ebpf
+                    .take_map(names::COUNTERS)
+                    .ok_or(Error::MissingMap(names::COUNTERS))?;
+                PerCpuArray::try_from(map).map_err(|source| Error::Map {
+                    name: names::COUNTERS,
+                    source,
+                })?
             },
             config: {
-                let map = ebpf.take_map(names::CONFIG).ok_or(Error::MissingMap(names::CONFIG))?;
-                Array::try_from(map).map_err(|source| Error::Map { name: names::CONFIG, source })?
+                let map = ebpf
+                    .take_map(names::CONFIG)
+                    .ok_or(Error::MissingMap(names::CONFIG))?;
+                Array::try_from(map).map_err(|source| Error::Map {
+                    name: names::CONFIG,
+                    source,
+                })?
             },
-            conntrack_capacity: options.conntrack_max.unwrap_or(proxy_common::capacity::CONNTRACK_V4),
+            conntrack_capacity: options
+                .conntrack_max
+                .unwrap_or(proxy_common::capacity::CONNTRACK_V4),
         };
         let mut datapath = Self {
             ebpf,
@@ -236,9 +260,10 @@ impl Maps {
     /// # Errors
     /// When the kernel refuses the write.
     pub fn set_config(&mut self, config: &DatapathConfigV1) -> Result<()> {
-        self.config
-            .set(0, config, 0)
-            .map_err(|source| Error::Map { name: names::CONFIG, source })
+        self.config.set(0, config, 0).map_err(|source| Error::Map {
+            name: names::CONFIG,
+            source,
+        })
     }
 
     /// Reads the service and backend maps, for the syncer to adopt.
@@ -248,11 +273,17 @@ impl Maps {
     pub fn read_mirror(&self) -> Result<Mirror> {
         let mut mirror = Mirror::default();
         for entry in self.services.iter() {
-            let (key, value) = entry.map_err(|source| Error::Map { name: names::SERVICES_V4, source })?;
+            let (key, value) = entry.map_err(|source| Error::Map {
+                name: names::SERVICES_V4,
+                source,
+            })?;
             mirror.services.insert(key, value);
         }
         for entry in self.backends.iter() {
-            let (id, backend) = entry.map_err(|source| Error::Map { name: names::BACKENDS_V4, source })?;
+            let (id, backend) = entry.map_err(|source| Error::Map {
+                name: names::BACKENDS_V4,
+                source,
+            })?;
             mirror.backends.insert(id, backend);
         }
         Ok(mirror)
@@ -265,10 +296,10 @@ impl Maps {
     pub fn counters(&self) -> Result<[u64; counter::COUNT as usize]> {
         let mut totals = [0u64; counter::COUNT as usize];
         for (index, total) in (0..counter::COUNT).zip(totals.iter_mut()) {
-            let values = self
-                .counters
-                .get(&index, 0)
-                .map_err(|source| Error::Map { name: names::COUNTERS, source })?;
+            let values = self.counters.get(&index, 0).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
             *total = values.iter().sum();
         }
         Ok(totals)
@@ -298,7 +329,10 @@ impl MapWriter for Maps {
             Ok(()) => Ok(()),
             // Deleting what is already gone reaches the desired state.
             Err(MapError::KeyNotFound)
-                if matches!(op, MapOp::DeleteBackend { .. } | MapOp::DeleteService { .. }) =>
+                if matches!(
+                    op,
+                    MapOp::DeleteBackend { .. } | MapOp::DeleteService { .. }
+                ) =>
             {
                 Ok(())
             }

@@ -105,9 +105,11 @@ pub fn categorize(
     }
     if policies.uses_cluster_endpoints() {
         let topology = topology_from_hints(endpoints, node_name, zone);
-        out.cluster = addrs(endpoints.iter().filter(|ep| {
-            ep.ready && available_for_topology(ep, topology, node_name, zone)
-        }));
+        out.cluster = addrs(
+            endpoints
+                .iter()
+                .filter(|ep| ep.ready && available_for_topology(ep, topology, node_name, zone)),
+        );
         if out.cluster.is_empty() {
             out.cluster = addrs(endpoints.iter().filter(|ep| ep.serving && ep.terminating));
         }

@@ -13,7 +13,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
-pub use endpoints::{Categorized, Endpoint, Policies, categorize};
+pub use endpoints::{categorize, Categorized, Endpoint, Policies};
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
     discovery::v1::EndpointSlice,
@@ -55,7 +55,13 @@ pub struct ServicePortName {
 
 impl std::fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.service, self.port, proto_name(self.proto))
+        write!(
+            f,
+            "{}:{}/{}",
+            self.service,
+            self.port,
+            proto_name(self.proto)
+        )
     }
 }
 
@@ -525,7 +531,11 @@ impl ServiceContext<'_> {
             }
             Ok(proto) => proto,
             Err(message) => {
-                self.diagnose(out, DiagnosticReason::Malformed, format!("port {port_name:?}: {message}"));
+                self.diagnose(
+                    out,
+                    DiagnosticReason::Malformed,
+                    format!("port {port_name:?}: {message}"),
+                );
                 return;
             }
         };
@@ -533,7 +543,10 @@ impl ServiceContext<'_> {
             self.diagnose(
                 out,
                 DiagnosticReason::Malformed,
-                format!("port {port_name:?} number {} is outside 1..=65535", port.port),
+                format!(
+                    "port {port_name:?} number {} is outside 1..=65535",
+                    port.port
+                ),
             );
             return;
         };
@@ -593,11 +606,23 @@ impl ServiceContext<'_> {
         };
         for &addr in &addresses.cluster_ips {
             let spec = spec_for(FrontendKind::ClusterIp, internal_backends, 0);
-            self.insert(out, FrontendKey { addr, port: service_port, proto, scope: scope::DEFAULT }, spec);
+            self.insert(
+                out,
+                FrontendKey {
+                    addr,
+                    port: service_port,
+                    proto,
+                    scope: scope::DEFAULT,
+                },
+                spec,
+            );
         }
 
         let (external_backends, mut external_flags) = if policies.external_local {
-            (&categorized.local, service_flags::EXTERNAL | service_flags::EXTERNAL_LOCAL)
+            (
+                &categorized.local,
+                service_flags::EXTERNAL | service_flags::EXTERNAL_LOCAL,
+            )
         } else {
             (&categorized.cluster, service_flags::EXTERNAL)
         };
@@ -628,11 +653,19 @@ impl ServiceContext<'_> {
             if kind == FrontendKind::LoadBalancer && has_source_ranges {
                 flags |= service_flags::SOURCE_RANGES;
             }
-            let key = FrontendKey { addr, port, proto, scope: scope::DEFAULT };
+            let key = FrontendKey {
+                addr,
+                port,
+                proto,
+                scope: scope::DEFAULT,
+            };
             self.insert(out, key, spec_for(kind, external_backends, flags));
             if policies.external_local {
                 // Cluster-internal clients get the ClusterIP's backend set.
-                let internal = FrontendKey { scope: scope::INTERNAL, ..key };
+                let internal = FrontendKey {
+                    scope: scope::INTERNAL,
+                    ..key
+                };
                 let internal_spec = spec_for(kind, internal_backends, service_flags::EXTERNAL);
                 self.insert(out, internal, internal_spec);
             }

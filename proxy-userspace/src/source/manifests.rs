@@ -54,7 +54,9 @@ pub fn read_dir(dir: &Path, node_name: Option<&str>) -> Snapshot {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) => {
-            snapshot.diagnostics.push(unreadable(dir, &error.to_string()));
+            snapshot
+                .diagnostics
+                .push(unreadable(dir, &error.to_string()));
             return snapshot;
         }
     };
@@ -73,7 +75,9 @@ pub fn read_dir(dir: &Path, node_name: Option<&str>) -> Snapshot {
     for file in files {
         match std::fs::read_to_string(&file) {
             Ok(text) => parse_documents(&text, &file.display().to_string(), &mut snapshot),
-            Err(error) => snapshot.diagnostics.push(unreadable(&file, &error.to_string())),
+            Err(error) => snapshot
+                .diagnostics
+                .push(unreadable(&file, &error.to_string())),
         }
     }
     snapshot
@@ -108,7 +112,12 @@ pub fn parse_documents(text: &str, origin: &str, snapshot: &mut Snapshot) {
 }
 
 fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
-    let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str).unwrap_or("");
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("")
+    };
     let (api_version, kind) = (field("apiVersion").to_owned(), field("kind").to_owned());
     let malformed = |snapshot: &mut Snapshot, message: String| {
         snapshot.diagnostics.push(Diagnostic {
@@ -136,9 +145,7 @@ fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
         }
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
             Ok(node) => {
-                if node.metadata.name.is_some()
-                    && node.metadata.name == snapshot.state.node.name
-                {
+                if node.metadata.name.is_some() && node.metadata.name == snapshot.state.node.name {
                     snapshot.state.node.labels = node.metadata.labels.unwrap_or_default();
                 }
             }

@@ -30,10 +30,20 @@ use crate::model::{Desired, FrontendKey, FrontendSpec, ServicePortName};
 /// One write to the service or backend map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend { id: u32, backend: BackendV4 },
-    DeleteBackend { id: u32 },
-    PutService { key: ServiceKeyV4, value: ServiceValueV4 },
-    DeleteService { key: ServiceKeyV4 },
+    PutBackend {
+        id: u32,
+        backend: BackendV4,
+    },
+    DeleteBackend {
+        id: u32,
+    },
+    PutService {
+        key: ServiceKeyV4,
+        value: ServiceValueV4,
+    },
+    DeleteService {
+        key: ServiceKeyV4,
+    },
 }
 
 /// A map write the kernel refused.
@@ -194,8 +204,11 @@ impl Syncer {
     /// Gives every desired service port a stable id: the one it has, else the one its
     /// frontends carry in the maps (adoption), else a new one.
     fn assign_service_ids(&mut self, desired: &Desired) {
-        let wanted: BTreeSet<&ServicePortName> =
-            desired.frontends.values().map(|spec| &spec.service_port).collect();
+        let wanted: BTreeSet<&ServicePortName> = desired
+            .frontends
+            .values()
+            .map(|spec| &spec.service_port)
+            .collect();
         self.service_ids.retain(|name, _| wanted.contains(name));
         let mut taken: BTreeSet<u32> = self.service_ids.values().copied().collect();
         for (frontend, spec) in &desired.frontends {
@@ -230,7 +243,8 @@ impl Syncer {
         if let Some(&id) = self.backend_ids.get(&backend) {
             return id;
         }
-        while self.next_backend_id == 0 || self.mirror.backends.contains_key(&self.next_backend_id) {
+        while self.next_backend_id == 0 || self.mirror.backends.contains_key(&self.next_backend_id)
+        {
             self.next_backend_id = self.next_backend_id.wrapping_add(1);
         }
         let id = self.next_backend_id;
@@ -239,7 +253,12 @@ impl Syncer {
         id
     }
 
-    fn apply(&mut self, op: MapOp, writer: &mut impl MapWriter, report: &mut SyncReport) -> Result<(), WriteError> {
+    fn apply(
+        &mut self,
+        op: MapOp,
+        writer: &mut impl MapWriter,
+        report: &mut SyncReport,
+    ) -> Result<(), WriteError> {
         writer.apply(&op)?;
         self.mirror.apply(&op);
         if let MapOp::DeleteBackend { id } = op {
@@ -280,7 +299,10 @@ impl Syncer {
                         key: service_key(frontend, 0),
                         value: ServiceValueV4::default(),
                     },
-                    message: format!("{} backends exceed the 65535 slots of a frontend", spec.backends.len()),
+                    message: format!(
+                        "{} backends exceed the 65535 slots of a frontend",
+                        spec.backends.len()
+                    ),
                     map_full: true,
                 },
             });
@@ -310,9 +332,15 @@ impl Syncer {
         let mut ops = Vec::new();
         for (id, backend) in wanted_ids.iter().zip(&backends) {
             if self.mirror.backends.get(id) != Some(backend)
-                && !ops.contains(&MapOp::PutBackend { id: *id, backend: *backend })
+                && !ops.contains(&MapOp::PutBackend {
+                    id: *id,
+                    backend: *backend,
+                })
             {
-                ops.push(MapOp::PutBackend { id: *id, backend: *backend });
+                ops.push(MapOp::PutBackend {
+                    id: *id,
+                    backend: *backend,
+                });
             }
         }
         for (index, id) in wanted_ids.iter().enumerate() {
@@ -320,15 +348,23 @@ impl Syncer {
                 let slot = (index + 1) as u16;
                 ops.push(MapOp::PutService {
                     key: service_key(frontend, slot),
-                    value: ServiceValueV4 { backend_id: *id, ..ServiceValueV4::default() },
+                    value: ServiceValueV4 {
+                        backend_id: *id,
+                        ..ServiceValueV4::default()
+                    },
                 });
             }
         }
         if current_head != Some(head) {
-            ops.push(MapOp::PutService { key: head_key, value: head });
+            ops.push(MapOp::PutService {
+                key: head_key,
+                value: head,
+            });
         }
         for slot in (count + 1)..=current_count {
-            ops.push(MapOp::DeleteService { key: service_key(frontend, slot) });
+            ops.push(MapOp::DeleteService {
+                key: service_key(frontend, slot),
+            });
         }
         for op in ops {
             if let Err(error) = self.apply(op, writer, report) {
@@ -352,9 +388,17 @@ impl Syncer {
     }
 
     /// Deletes frontends nobody wants, and slots no frontend count covers.
-    fn remove_undesired(&mut self, desired: &Desired, writer: &mut impl MapWriter, report: &mut SyncReport) {
-        let desired_keys: BTreeSet<ServiceKeyV4> =
-            desired.frontends.keys().map(|key| service_key(key, 0)).collect();
+    fn remove_undesired(
+        &mut self,
+        desired: &Desired,
+        writer: &mut impl MapWriter,
+        report: &mut SyncReport,
+    ) {
+        let desired_keys: BTreeSet<ServiceKeyV4> = desired
+            .frontends
+            .keys()
+            .map(|key| service_key(key, 0))
+            .collect();
         let mut stale: Vec<(ServiceKeyV4, ServiceValueV4)> = self
             .mirror
             .frontends()
@@ -371,7 +415,9 @@ impl Syncer {
             for slot in 1..=head.count {
                 let key = ServiceKeyV4 { slot, ..head_key };
                 if let Some(value) = self.mirror.services.get(&key).copied() {
-                    report.removed_pairs.insert((head.service_id, value.backend_id));
+                    report
+                        .removed_pairs
+                        .insert((head.service_id, value.backend_id));
                     if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
                         report.cleanup_errors.push(error);
                     }
