@@ -7,7 +7,9 @@ use serde::Deserialize as _;
 use serde_yaml::Value;
 
 fn manifests_dir(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests").join(sub)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests")
+        .join(sub)
 }
 
 /// Every YAML document under `dir`, with its file name.
@@ -21,9 +23,14 @@ fn documents(dir: &Path) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read");
-        let name = file.file_name().expect("name").to_string_lossy().into_owned();
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = Value::deserialize(document).unwrap_or_else(|error| panic!("{name}: {error}"));
+            let value =
+                Value::deserialize(document).unwrap_or_else(|error| panic!("{name}: {error}"));
             if !value.is_null() {
                 out.push((name.clone(), value));
             }
@@ -42,7 +49,12 @@ fn find<'a>(docs: &'a [(String, Value)], kind: &str) -> &'a Value {
 fn strings(value: &Value) -> Vec<String> {
     value
         .as_sequence()
-        .map(|items| items.iter().filter_map(|item| item.as_str().map(str::to_owned)).collect())
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -56,7 +68,10 @@ fn every_document_has_identity() {
             for field in ["apiVersion", "kind"] {
                 assert!(doc[field].as_str().is_some(), "{file}: no {field}");
             }
-            assert!(doc["metadata"]["name"].as_str().is_some(), "{file}: no metadata.name");
+            assert!(
+                doc["metadata"]["name"].as_str().is_some(),
+                "{file}: no metadata.name"
+            );
         }
     }
 }
@@ -73,7 +88,9 @@ fn the_cluster_role_reads_and_only_writes_events() {
             continue;
         }
         assert!(
-            verbs.iter().all(|verb| ["get", "list", "watch"].contains(&verb.as_str())),
+            verbs
+                .iter()
+                .all(|verb| ["get", "list", "watch"].contains(&verb.as_str())),
             "write verbs on {resources:?}: {verbs:?}"
         );
         readable.extend(resources);
@@ -82,7 +99,10 @@ fn the_cluster_role_reads_and_only_writes_events() {
     assert_eq!(readable, ["endpointslices", "nodes", "services"]);
     let binding = find(&docs, "ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
-    assert_eq!(binding["subjects"][0]["name"], find(&docs, "ServiceAccount")["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        find(&docs, "ServiceAccount")["metadata"]["name"]
+    );
 }
 
 #[test]
@@ -91,9 +111,16 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
     let daemonset = find(&docs, "DaemonSet");
     let pod = &daemonset["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(pod["serviceAccountName"], find(&docs, "ServiceAccount")["metadata"]["name"]);
+    assert_eq!(
+        pod["serviceAccountName"],
+        find(&docs, "ServiceAccount")["metadata"]["name"]
+    );
     assert!(
-        pod["tolerations"].as_sequence().expect("tolerations").iter().any(|t| t["operator"] == "Exists"),
+        pod["tolerations"]
+            .as_sequence()
+            .expect("tolerations")
+            .iter()
+            .any(|t| t["operator"] == "Exists"),
         "must run on every node"
     );
     let container = &pod["containers"][0];
@@ -103,11 +130,17 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
         .iter()
         .find(|env| env["name"] == "NODE_NAME")
         .expect("NODE_NAME");
-    assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
     let security = &container["securityContext"];
     assert_ne!(security["privileged"], true);
     assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
-    assert_eq!(strings(&security["capabilities"]["add"]), ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    assert_eq!(
+        strings(&security["capabilities"]["add"]),
+        ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]
+    );
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["port"], 10256);
     let mounts: Vec<String> = container["volumeMounts"]
@@ -117,14 +150,23 @@ fn the_daemonset_has_what_the_agent_needs_and_no_more() {
         .filter_map(|mount| mount["mountPath"].as_str().map(str::to_owned))
         .collect();
     for needed in ["/sys/fs/bpf", "/sys/fs/cgroup", "/etc/kpr"] {
-        assert!(mounts.iter().any(|mount| mount == needed), "{needed} not mounted: {mounts:?}");
+        assert!(
+            mounts.iter().any(|mount| mount == needed),
+            "{needed} not mounted: {mounts:?}"
+        );
     }
     // The agent reads the ConfigMap's file: it must be a valid configuration.
     let config_map = find(&docs, "ConfigMap");
-    let text = config_map["data"]["config.yaml"].as_str().expect("config.yaml");
-    proxy_userspace::config::parse(text).expect("the shipped configuration is accepted by the agent");
+    let text = config_map["data"]["config.yaml"]
+        .as_str()
+        .expect("config.yaml");
+    proxy_userspace::config::parse(text)
+        .expect("the shipped configuration is accepted by the agent");
     let args = strings(&container["args"]);
-    assert!(args.contains(&"--config=/etc/kpr/config.yaml".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--config=/etc/kpr/config.yaml".to_owned()),
+        "{args:?}"
+    );
 }
 
 #[test]
@@ -135,7 +177,13 @@ fn the_kustomization_lists_every_file() {
     listed.sort();
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .expect("dir")
-        .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
         .collect();
     files.sort();

@@ -204,11 +204,6 @@ pub async fn watch_dir(
             warn!(dir = %dir.display(), "file watcher stopped");
             return Ok(());
         }
-        loop {
-            match tokio::time::timeout(DEBOUNCE, events.recv()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
     }
 }

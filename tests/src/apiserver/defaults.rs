@@ -34,7 +34,9 @@ fn set_default(obj: &mut Map<String, Value>, key: &str, value: Value) {
 }
 
 fn str_of<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    obj.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+    obj.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 /// Values allocated to other Services, so new allocations do not collide.
@@ -49,7 +51,9 @@ impl Allocated {
     pub fn from_services<'a>(services: impl Iterator<Item = &'a Value>) -> Self {
         let mut a = Self::default();
         for svc in services {
-            let Some(spec) = svc.get("spec") else { continue };
+            let Some(spec) = svc.get("spec") else {
+                continue;
+            };
             if let Some(ip) = spec.get("clusterIP").and_then(Value::as_str) {
                 a.ips.insert(ip.to_owned());
             }
@@ -62,7 +66,12 @@ impl Allocated {
             {
                 a.ips.insert(ip.to_owned());
             }
-            for p in spec.get("ports").and_then(Value::as_array).into_iter().flatten() {
+            for p in spec
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 if let Some(np) = p.get("nodePort").and_then(Value::as_u64) {
                     a.node_ports.insert(np);
                 }
@@ -82,7 +91,9 @@ impl Allocated {
                 Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i).to_string()
             }
         };
-        let ip = (1..0xffff).map(candidate).find(|ip| !self.ips.contains(ip))?;
+        let ip = (1..0xffff)
+            .map(candidate)
+            .find(|ip| !self.ips.contains(ip))?;
         self.ips.insert(ip.clone());
         Some(ip)
     }
@@ -105,17 +116,27 @@ fn family_of(ip: &str) -> &'static str {
 /// Defaults and allocates `svc` (a Service object) in place; `old` is the stored
 /// object on update.
 pub fn service(svc: &mut Value, old: Option<&Value>, allocated: &mut Allocated) {
-    let Some(obj) = svc.as_object_mut() else { return };
+    let Some(obj) = svc.as_object_mut() else {
+        return;
+    };
     let spec = obj.entry("spec").or_insert_with(|| json!({}));
     if !spec.is_object() {
         *spec = json!({});
     }
-    let Some(spec) = spec.as_object_mut() else { return };
+    let Some(spec) = spec.as_object_mut() else {
+        return;
+    };
     let old_spec = old.and_then(|o| o.get("spec")).and_then(Value::as_object);
 
     // Keep allocated values the update leaves out.
     if let Some(old_spec) = old_spec {
-        for key in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "healthCheckNodePort"] {
+        for key in [
+            "clusterIP",
+            "clusterIPs",
+            "ipFamilies",
+            "ipFamilyPolicy",
+            "healthCheckNodePort",
+        ] {
             if let Some(v) = old_spec.get(key) {
                 set_default(spec, key, v.clone());
             }
@@ -131,7 +152,12 @@ pub fn service(svc: &mut Value, old: Option<&Value>, allocated: &mut Allocated) 
             && spec.get("allocateLoadBalancerNodePorts") == Some(&Value::Bool(false)));
 
     // This object's own explicit node ports are taken too.
-    for p in spec.get("ports").and_then(Value::as_array).into_iter().flatten() {
+    for p in spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(np) = p.get("nodePort").and_then(Value::as_u64) {
             allocated.node_ports.insert(np);
         }
@@ -160,10 +186,16 @@ pub fn service(svc: &mut Value, old: Option<&Value>, allocated: &mut Allocated) 
                     p.insert("targetPort".to_owned(), port);
                 }
             }
-            if node_ports && !p.get("nodePort").and_then(Value::as_u64).is_some_and(|n| n != 0) {
+            if node_ports
+                && p.get("nodePort")
+                    .and_then(Value::as_u64)
+                    .is_none_or(|n| n == 0)
+            {
                 let kept = old_ports
                     .iter()
-                    .find(|o| o.get("port") == p.get("port") && o.get("protocol") == p.get("protocol"))
+                    .find(|o| {
+                        o.get("port") == p.get("port") && o.get("protocol") == p.get("protocol")
+                    })
                     .and_then(|o| o.get("nodePort"))
                     .and_then(Value::as_u64);
                 if let Some(np) = kept.or_else(|| allocated.node_port()) {
@@ -175,7 +207,10 @@ pub fn service(svc: &mut Value, old: Option<&Value>, allocated: &mut Allocated) 
 
     if svc_type == "LoadBalancer"
         && str_of(spec, "externalTrafficPolicy") == Some("Local")
-        && !spec.get("healthCheckNodePort").and_then(Value::as_u64).is_some_and(|n| n != 0)
+        && spec
+            .get("healthCheckNodePort")
+            .and_then(Value::as_u64)
+            .is_none_or(|n| n == 0)
     {
         if let Some(np) = allocated.node_port() {
             spec.insert("healthCheckNodePort".to_owned(), json!(np));
@@ -188,18 +223,30 @@ fn allocate_cluster_ips(spec: &mut Map<String, Value>, allocated: &mut Allocated
     let mut ips: Vec<String> = spec
         .get("clusterIPs")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     if ips.is_empty() {
         if let Some(ip) = str_of(spec, "clusterIP") {
             ips.push(ip.to_owned());
         }
     }
-    let policy = str_of(spec, "ipFamilyPolicy").unwrap_or("SingleStack").to_owned();
+    let policy = str_of(spec, "ipFamilyPolicy")
+        .unwrap_or("SingleStack")
+        .to_owned();
     let mut families: Vec<String> = spec
         .get("ipFamilies")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     if families.is_empty() {
         families = ips
@@ -212,7 +259,11 @@ fn allocate_cluster_ips(spec: &mut Map<String, Value>, allocated: &mut Allocated
         families.push("IPv4".to_owned());
     }
     if policy != "SingleStack" && families.len() == 1 {
-        let other = if families[0] == "IPv4" { "IPv6" } else { "IPv4" };
+        let other = if families[0] == "IPv4" {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
         families.push(other.to_owned());
     }
     if headless {
@@ -269,7 +320,10 @@ mod tests {
         service(&mut svc, None, &mut a);
         assert_eq!(svc["spec"]["clusterIP"], "10.0.0.5");
         assert_eq!(svc["spec"]["clusterIPs"], json!(["10.0.0.5"]));
-        assert_eq!(svc["spec"]["ports"][0], json!({"port": 53, "protocol": "UDP", "targetPort": "dns"}));
+        assert_eq!(
+            svc["spec"]["ports"][0],
+            json!({"port": 53, "protocol": "UDP", "targetPort": "dns"})
+        );
     }
 
     #[test]

@@ -35,7 +35,15 @@ const KUBE_MINOR: &str = "34";
 /// Responds with `status` and a JSON body.
 fn json_response(status: StatusCode, body: &Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response()
 }
 
 impl IntoResponse for ApiError {
@@ -64,7 +72,9 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
     match v {
         "true" | "1" | "True" => Ok(true),
         "false" | "0" | "False" | "" => Ok(false),
-        _ => Err(ApiError::bad_request(format!("invalid boolean {v:?} for query parameter {name}"))),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid boolean {v:?} for query parameter {name}"
+        ))),
     }
 }
 
@@ -77,16 +87,17 @@ impl Params {
             match k.as_str() {
                 "watch" => p.watch = parse_bool(&k, &v)?,
                 "resourceVersion" => p.resource_version = Some(v).filter(|v| !v.is_empty()),
-                "resourceVersionMatch" => p.resource_version_match = Some(v).filter(|v| !v.is_empty()),
+                "resourceVersionMatch" => {
+                    p.resource_version_match = Some(v).filter(|v| !v.is_empty())
+                }
                 "labelSelector" => p.label_selector = v,
                 "fieldSelector" => p.field_selector = v,
                 "allowWatchBookmarks" => p.allow_watch_bookmarks = parse_bool(&k, &v)?,
                 "sendInitialEvents" => p.send_initial_events = Some(parse_bool(&k, &v)?),
                 "timeoutSeconds" => {
-                    p.timeout_seconds = Some(
-                        v.parse()
-                            .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {v:?}")))?,
-                    );
+                    p.timeout_seconds = Some(v.parse().map_err(|_| {
+                        ApiError::bad_request(format!("invalid timeoutSeconds {v:?}"))
+                    })?);
                 }
                 "fieldManager" => p.field_manager = Some(v),
                 "dryRun" => p.dry_run = !v.is_empty(),
@@ -102,10 +113,12 @@ impl Params {
         Ok(Filter {
             kind,
             namespace: namespace.map(str::to_owned),
-            labels: LabelSelector::parse(&self.label_selector)
-                .map_err(|e| ApiError::bad_request(format!("unable to parse labelSelector: {}", e.0)))?,
-            fields: FieldSelector::parse(&self.field_selector)
-                .map_err(|e| ApiError::bad_request(format!("unable to parse fieldSelector: {}", e.0)))?,
+            labels: LabelSelector::parse(&self.label_selector).map_err(|e| {
+                ApiError::bad_request(format!("unable to parse labelSelector: {}", e.0))
+            })?,
+            fields: FieldSelector::parse(&self.field_selector).map_err(|e| {
+                ApiError::bad_request(format!("unable to parse fieldSelector: {}", e.0))
+            })?,
         })
     }
 }
@@ -114,23 +127,34 @@ impl Params {
 pub(super) async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let response = route(&shared, req).await.unwrap_or_else(IntoResponse::into_response);
+    let response = route(&shared, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
     tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
     response
 }
 
 async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let segments: Vec<&str> = parts.uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = parts
+        .uri
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
 
     if segments.first() == Some(&"testing") {
         return control(shared, &parts.method, &segments[1..], &parts.uri);
     }
     if shared.paused.load(Ordering::SeqCst) {
         let code = shared.pause_code.load(Ordering::SeqCst);
-        let mut resp = ApiError::unavailable(code, "the test API server is paused (POST /testing/resume)").into_response();
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut resp =
+            ApiError::unavailable(code, "the test API server is paused (POST /testing/resume)")
+                .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
     if let Some(doc) = discovery(&segments) {
@@ -159,12 +183,16 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     let kind = ResourceKind::from_path(&api_version, plural).ok_or_else(ApiError::no_route)?;
     // Cluster-scoped resources have no namespaced paths; a namespaced resource's
     // single objects are only reachable under their namespace.
-    if (namespace.is_some() && !kind.namespaced()) || (name.is_some() && namespace.is_none() && kind.namespaced()) {
+    if (namespace.is_some() && !kind.namespaced())
+        || (name.is_some() && namespace.is_none() && kind.namespaced())
+    {
         return Err(ApiError::no_route());
     }
     let params = Params::parse(&parts.uri)?;
     if params.dry_run && parts.method != Method::GET {
-        return Err(ApiError::bad_request("dryRun is not supported by the test API server"));
+        return Err(ApiError::bad_request(
+            "dryRun is not supported by the test API server",
+        ));
     }
     let body = to_bytes(body, MAX_BODY)
         .await
@@ -206,16 +234,28 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
         (Some(name), &Method::PATCH) => {
             let patch_type = patch_type(&parts.headers)?;
             let patch = if patch_type == PatchType::Apply {
-                if params.field_manager.as_deref().unwrap_or_default().is_empty() {
-                    return Err(ApiError::bad_request("fieldManager is required for apply requests"));
+                if params
+                    .field_manager
+                    .as_deref()
+                    .unwrap_or_default()
+                    .is_empty()
+                {
+                    return Err(ApiError::bad_request(
+                        "fieldManager is required for apply requests",
+                    ));
                 }
                 serde_yaml::from_slice::<Value>(&body)
                     .map_err(|e| ApiError::bad_request(format!("invalid apply patch: {e}")))?
             } else {
                 parse_json(&body)?
             };
-            let (obj, created) = shared.mutate(|s| s.patch(kind, namespace, name, patch_type, patch))?;
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let (obj, created) =
+                shared.mutate(|s| s.patch(kind, namespace, name, patch_type, patch))?;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             Ok(json_response(status, &obj))
         }
         (Some(name), &Method::DELETE) => {
@@ -224,7 +264,8 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
             } else {
                 parse_json(&body)?
             };
-            let gone = shared.mutate(|s| s.delete(kind, namespace, name, opts.get("preconditions")))?;
+            let gone =
+                shared.mutate(|s| s.delete(kind, namespace, name, opts.get("preconditions")))?;
             Ok(json_response(StatusCode::OK, &gone))
         }
         (None, &Method::DELETE) => Err(ApiError::method_not_allowed(
@@ -238,7 +279,8 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn patch_type(headers: &HeaderMap) -> Result<PatchType, ApiError> {
@@ -260,7 +302,12 @@ fn patch_type(headers: &HeaderMap) -> Result<PatchType, ApiError> {
     }
 }
 
-fn list(shared: &Shared, kind: ResourceKind, namespace: Option<&str>, params: &Params) -> Result<Response, ApiError> {
+fn list(
+    shared: &Shared,
+    kind: ResourceKind,
+    namespace: Option<&str>,
+    params: &Params,
+) -> Result<Response, ApiError> {
     let filter = params.filter(kind, namespace)?;
     let (rv, items) = shared.read(|s| s.list(&filter));
     #[derive(Serialize)]
@@ -278,7 +325,15 @@ fn list(shared: &Shared, kind: ResourceKind, namespace: Option<&str>, params: &P
         items: items.iter().map(|o| &**o).collect(),
     };
     let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::unavailable(500, e.to_string()))?;
-    Ok((StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response())
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response())
 }
 
 /// One line of a watch stream.
@@ -315,7 +370,12 @@ enum Start {
     Exact(u64),
 }
 
-fn watch(shared: &Arc<Shared>, kind: ResourceKind, namespace: Option<&str>, params: &Params) -> Result<Response, ApiError> {
+fn watch(
+    shared: &Arc<Shared>,
+    kind: ResourceKind,
+    namespace: Option<&str>,
+    params: &Params,
+) -> Result<Response, ApiError> {
     let filter = params.filter(kind, namespace)?;
     let start = match params.resource_version.as_deref() {
         None => Start::MostRecent,
@@ -356,12 +416,24 @@ fn watch(shared: &Arc<Shared>, kind: ResourceKind, namespace: Option<&str>, para
                 n
             }
             Start::Exact(n) if n > store.resource_version() => {
-                return Err(ApiError::too_large_resource_version(n, store.resource_version()));
+                return Err(ApiError::too_large_resource_version(
+                    n,
+                    store.resource_version(),
+                ));
             }
             _ => store.resource_version(),
         };
-        let initial = if send_initial { store.list(&filter).1 } else { Vec::new() };
-        Ok((position, initial, shared.rv_tx.subscribe(), shared.drop_tx.subscribe()))
+        let initial = if send_initial {
+            store.list(&filter).1
+        } else {
+            Vec::new()
+        };
+        Ok((
+            position,
+            initial,
+            shared.rv_tx.subscribe(),
+            shared.drop_tx.subscribe(),
+        ))
     });
     let mut lines = VecDeque::new();
     let mut finished = false;
@@ -403,8 +475,10 @@ fn watch(shared: &Arc<Shared>, kind: ResourceKind, namespace: Option<&str>, para
     };
     let stream = futures::stream::unfold(state, WatchStream::next);
     let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }
 
@@ -525,7 +599,9 @@ fn discovery(segments: &[&str]) -> Option<Discovery> {
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}],
         }),
         ["api", "v1"] => resources("v1"),
-        ["apis"] => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [discovery_group]}),
+        ["apis"] => {
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [discovery_group]})
+        }
         ["apis", "discovery.k8s.io"] => {
             let mut g = discovery_group;
             g["kind"] = json!("APIGroup");
@@ -538,13 +614,27 @@ fn discovery(segments: &[&str]) -> Option<Discovery> {
 }
 
 /// `/testing/...`: test-only controls; always served, even while paused.
-fn control(shared: &Shared, method: &Method, segments: &[&str], uri: &Uri) -> Result<Response, ApiError> {
+fn control(
+    shared: &Shared,
+    method: &Method,
+    segments: &[&str],
+    uri: &Uri,
+) -> Result<Response, ApiError> {
     let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
-    let param = |name: &str| pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let param = |name: &str| {
+        pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
     match (method, segments) {
-        (&Method::GET, ["watchers"]) => ok(json!({"watchers": shared.watchers()})),
+        (&Method::GET, ["watchers"]) => ok(json!({
+            "watchers": shared.watchers(),
+            "watchRequests": shared.watch_requests.load(Ordering::SeqCst),
+        })),
         (&Method::GET, ["resource-version"]) => {
             ok(json!({"resourceVersion": shared.read(|s| s.resource_version()).to_string()}))
         }
@@ -561,7 +651,9 @@ fn control(shared: &Shared, method: &Method, segments: &[&str], uri: &Uri) -> Re
                     .parse::<u16>()
                     .ok()
                     .filter(|c| (400..=599).contains(c))
-                    .ok_or_else(|| ApiError::bad_request(format!("invalid code {c:?}: want 400..=599")))?,
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("invalid code {c:?}: want 400..=599"))
+                    })?,
             };
             shared.pause(code);
             ok(json!({"paused": true, "code": code}))
@@ -570,9 +662,12 @@ fn control(shared: &Shared, method: &Method, segments: &[&str], uri: &Uri) -> Re
             shared.resume();
             ok(json!({"paused": false}))
         }
-        (_, ["watchers" | "resource-version" | "drop-watches" | "compact" | "pause" | "resume"]) => {
-            Err(ApiError::method_not_allowed(format!("{method} is not supported on this path")))
-        }
+        (
+            _,
+            ["watchers" | "resource-version" | "drop-watches" | "compact" | "pause" | "resume"],
+        ) => Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported on this path"
+        ))),
         _ => Err(ApiError::no_route()),
     }
 }

@@ -66,8 +66,9 @@
 //!   `code=500` to make every request fail at once so the caller's own backoff
 //!   (e.g. the watcher's `default_backoff`) is exercised. A 503 is the closest an HTTP
 //!   server can get to "connection refused" while keeping `/testing/resume` reachable.
-//! - `GET /testing/watchers`: `{"watchers": N}`, the number of open watch responses
-//!   (to wait until a client has reconnected). `GET /testing/resource-version`.
+//! - `GET /testing/watchers`: `{"watchers": N, "watchRequests": M}`: open watch
+//!   responses, and watch responses started so far (to wait until a client has
+//!   reconnected). `GET /testing/resource-version`: `{"resourceVersion": "N"}`.
 //!
 //! The same controls are methods of [`TestApiServerHandle`].
 //!
@@ -91,7 +92,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
     time::Duration,
@@ -166,6 +167,8 @@ struct Shared {
     /// Bumped to abort every open watch.
     drop_tx: watch::Sender<u64>,
     watchers: AtomicUsize,
+    /// Watch responses started since the server started.
+    watch_requests: AtomicU64,
     paused: AtomicBool,
     pause_code: AtomicU16,
     config: ServerConfig,
@@ -227,6 +230,7 @@ struct WatcherGuard(Arc<Shared>);
 impl WatcherGuard {
     fn new(shared: Arc<Shared>) -> Self {
         shared.watchers.fetch_add(1, Ordering::SeqCst);
+        shared.watch_requests.fetch_add(1, Ordering::SeqCst);
         Self(shared)
     }
 }
@@ -264,6 +268,7 @@ impl TestApiServer {
             rv_tx,
             drop_tx,
             watchers: AtomicUsize::new(0),
+            watch_requests: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             pause_code: AtomicU16::new(503),
             config,
@@ -330,8 +335,17 @@ impl TestApiServerHandle {
         self.shared.watchers()
     }
 
+    /// Number of watch responses started so far (a reconnecting client adds one).
+    pub fn watch_requests(&self) -> u64 {
+        self.shared.watch_requests.load(Ordering::SeqCst)
+    }
+
     /// Waits until `pred(open watches)` holds, polling every 10 ms.
-    pub async fn wait_for_watchers(&self, timeout: Duration, pred: impl Fn(usize) -> bool) -> Result<usize> {
+    pub async fn wait_for_watchers(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(usize) -> bool,
+    ) -> Result<usize> {
         let wait = async {
             loop {
                 let n = self.watchers();

@@ -46,7 +46,11 @@ fn array_index(token: &str, len: usize, allow_end: bool) -> Result<usize, String
     let idx: usize = token
         .parse()
         .map_err(|_| format!("invalid array index {token:?}"))?;
-    let max = if allow_end { len } else { len.saturating_sub(1) };
+    let max = if allow_end {
+        len
+    } else {
+        len.saturating_sub(1)
+    };
     if idx > max || (!allow_end && len == 0) {
         return Err(format!("array index {idx} out of bounds"));
     }
@@ -62,10 +66,13 @@ fn parent_mut<'a>(doc: &'a mut Value, path: &str) -> Result<(&'a mut Value, Stri
     let mut cur = doc;
     for t in &toks {
         cur = match cur {
-            Value::Object(m) => m.get_mut(t).ok_or_else(|| format!("path {path:?} not found"))?,
+            Value::Object(m) => m
+                .get_mut(t)
+                .ok_or_else(|| format!("path {path:?} not found"))?,
             Value::Array(a) => {
                 let i = array_index(t, a.len(), false)?;
-                a.get_mut(i).ok_or_else(|| format!("path {path:?} not found"))?
+                a.get_mut(i)
+                    .ok_or_else(|| format!("path {path:?} not found"))?
             }
             _ => return Err(format!("path {path:?} not found")),
         };
@@ -109,7 +116,9 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
 fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
     let (parent, last) = parent_mut(doc, path)?;
     match parent {
-        Value::Object(m) => m.remove(&last).ok_or_else(|| format!("path {path:?} not found")),
+        Value::Object(m) => m
+            .remove(&last)
+            .ok_or_else(|| format!("path {path:?} not found")),
         Value::Array(a) => {
             let i = array_index(&last, a.len(), false)?;
             Ok(a.remove(i))
@@ -187,12 +196,28 @@ mod tests {
     fn merge_patch_rfc7386_examples() {
         let cases = [
             (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
-            (json!({"a": "b"}), json!({"b": "c"}), json!({"a": "b", "b": "c"})),
+            (
+                json!({"a": "b"}),
+                json!({"b": "c"}),
+                json!({"a": "b", "b": "c"}),
+            ),
             (json!({"a": "b"}), json!({"a": null}), json!({})),
-            (json!({"a": [{"b": "c"}]}), json!({"a": [1]}), json!({"a": [1]})),
+            (
+                json!({"a": [{"b": "c"}]}),
+                json!({"a": [1]}),
+                json!({"a": [1]}),
+            ),
             (json!(["a"]), json!({"a": "c"}), json!({"a": "c"})),
-            (json!({"e": null}), json!({"a": 1}), json!({"e": null, "a": 1})),
-            (json!({}), json!({"a": {"bb": {"ccc": null}}}), json!({"a": {"bb": {}}})),
+            (
+                json!({"e": null}),
+                json!({"a": 1}),
+                json!({"e": null, "a": 1}),
+            ),
+            (
+                json!({}),
+                json!({"a": {"bb": {"ccc": null}}}),
+                json!({"a": {"bb": {}}}),
+            ),
         ];
         for (mut doc, patch, want) in cases {
             merge_patch(&mut doc, &patch);
@@ -217,7 +242,10 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(doc, json!({"a": {"b": [0, 2, 3]}, "c": "y", "e": "y", "f/g": true}));
+        assert_eq!(
+            doc,
+            json!({"a": {"b": [0, 2, 3]}, "c": "y", "e": "y", "f/g": true})
+        );
     }
 
     #[test]

@@ -130,12 +130,21 @@ impl ApiError {
 
     /// 404 `NotFound` for one object.
     pub fn not_found(kind: ResourceKind, name: &str) -> Self {
-        Self::new(404, "NotFound", format!("{} \"{name}\" not found", resource_ref(kind))).about(kind, name)
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", resource_ref(kind)),
+        )
+        .about(kind, name)
     }
 
     /// 404 `NotFound` for a path the server does not serve.
     pub fn no_route() -> Self {
-        Self::new(404, "NotFound", "the server could not find the requested resource")
+        Self::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
     }
 
     /// 405 `MethodNotAllowed`.
@@ -145,7 +154,12 @@ impl ApiError {
 
     /// 409 `AlreadyExists`.
     pub fn already_exists(kind: ResourceKind, name: &str) -> Self {
-        Self::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", resource_ref(kind))).about(kind, name)
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", resource_ref(kind)),
+        )
+        .about(kind, name)
     }
 
     /// 409 `Conflict` (stale resourceVersion, failed precondition).
@@ -153,7 +167,10 @@ impl ApiError {
         Self::new(
             409,
             "Conflict",
-            format!("Operation cannot be fulfilled on {} \"{name}\": {why}", resource_ref(kind)),
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": {why}",
+                resource_ref(kind)
+            ),
         )
         .about(kind, name)
     }
@@ -170,7 +187,12 @@ impl ApiError {
 
     /// 422 `Invalid`.
     pub fn invalid(kind: ResourceKind, name: &str, why: &str) -> Self {
-        Self::new(422, "Invalid", format!("{} \"{name}\" is invalid: {why}", kind.kind())).about(kind, name)
+        Self::new(
+            422,
+            "Invalid",
+            format!("{} \"{name}\" is invalid: {why}", kind.kind()),
+        )
+        .about(kind, name)
     }
 
     /// 503 `ServiceUnavailable`.
@@ -200,7 +222,11 @@ impl ApiError {
 
     /// 410 `Expired`: the requested resourceVersion is older than the retained history.
     pub fn expired(requested: u64, oldest: u64) -> Self {
-        Self::new(410, "Expired", format!("too old resource version: {requested} ({oldest})"))
+        Self::new(
+            410,
+            "Expired",
+            format!("too old resource version: {requested} ({oldest})"),
+        )
     }
 
     /// The `Status` object.

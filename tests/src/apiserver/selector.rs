@@ -77,12 +77,18 @@ fn parse_set(rest: &str, whole: &str) -> Result<Vec<String>, SelectorError> {
     let inner = rest
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| SelectorError(format!("expected '(...)' set in label selector term {whole:?}")))?;
+        .ok_or_else(|| {
+            SelectorError(format!(
+                "expected '(...)' set in label selector term {whole:?}"
+            ))
+        })?;
     let mut values = Vec::new();
     for v in inner.split(',') {
         let v = v.trim();
         if !valid_value(v) {
-            return Err(SelectorError(format!("invalid label value {v:?} in {whole:?}")));
+            return Err(SelectorError(format!(
+                "invalid label value {v:?} in {whole:?}"
+            )));
         }
         values.push(v.to_owned());
     }
@@ -112,7 +118,9 @@ fn parse_requirement(term: &str) -> Result<LabelRequirement, SelectorError> {
             let op = match kind {
                 0 | 1 => {
                     if !valid_value(value) {
-                        return Err(SelectorError(format!("invalid label value {value:?} in {t:?}")));
+                        return Err(SelectorError(format!(
+                            "invalid label value {value:?} in {t:?}"
+                        )));
                     }
                     if kind == 0 {
                         LabelOp::NotEquals(value.to_owned())
@@ -162,7 +170,9 @@ fn parse_requirement(term: &str) -> Result<LabelRequirement, SelectorError> {
             op: LabelOp::In(parse_set(set, t)?),
         });
     }
-    Err(SelectorError(format!("unable to parse label selector term {t:?}")))
+    Err(SelectorError(format!(
+        "unable to parse label selector term {t:?}"
+    )))
 }
 
 impl LabelSelector {
@@ -180,7 +190,9 @@ impl LabelSelector {
 
     /// Whether the object's `metadata.labels` satisfy every requirement.
     pub fn matches(&self, object: &Value) -> bool {
-        let labels = object.pointer("/metadata/labels").and_then(Value::as_object);
+        let labels = object
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object);
         let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
         self.requirements.iter().all(|r| {
             let v = get(&r.key);
@@ -191,8 +203,12 @@ impl LabelSelector {
                 LabelOp::NotEquals(want) => v != Some(want.as_str()),
                 LabelOp::In(set) => v.is_some_and(|v| set.iter().any(|s| s == v)),
                 LabelOp::NotIn(set) => !v.is_some_and(|v| set.iter().any(|s| s == v)),
-                LabelOp::GreaterThan(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v > *n),
-                LabelOp::LessThan(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v < *n),
+                LabelOp::GreaterThan(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|v| v > *n),
+                LabelOp::LessThan(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|v| v < *n),
             }
         })
     }
@@ -227,7 +243,9 @@ impl FieldSelector {
             } else if let Some((f, v)) = term.split_once('=') {
                 (f, v, false)
             } else {
-                return Err(SelectorError(format!("invalid field selector term {term:?}")));
+                return Err(SelectorError(format!(
+                    "invalid field selector term {term:?}"
+                )));
             };
             let field = field.trim();
             if field.is_empty() || field.split('.').any(str::is_empty) {

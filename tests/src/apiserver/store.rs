@@ -186,7 +186,10 @@ impl Store {
             rv: 1,
             floor: 1,
             evicted_upto: 0,
-            objects: ResourceKind::ALL.into_iter().map(|k| (k, BTreeMap::new())).collect(),
+            objects: ResourceKind::ALL
+                .into_iter()
+                .map(|k| (k, BTreeMap::new()))
+                .collect(),
             history: VecDeque::new(),
             config,
             rng: RandomState::new().hash_one(SystemTime::now()) | 1,
@@ -266,7 +269,12 @@ impl Store {
     }
 
     /// One object.
-    pub fn get(&self, kind: ResourceKind, namespace: &str, name: &str) -> Result<Arc<Value>, ApiError> {
+    pub fn get(
+        &self,
+        kind: ResourceKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Arc<Value>, ApiError> {
         self.lookup(kind, &(namespace.to_owned(), name.to_owned()))
             .ok_or_else(|| ApiError::not_found(kind, name))
     }
@@ -306,7 +314,9 @@ impl Store {
     /// set, match; fills them in and makes `metadata` an object.
     fn prepare_body(kind: ResourceKind, obj: &mut Value) -> Result<(), ApiError> {
         let Some(map) = obj.as_object_mut() else {
-            return Err(ApiError::bad_request("the request body must be a JSON object"));
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
         };
         for (field, want) in [("kind", kind.kind()), ("apiVersion", kind.api_version())] {
             match map.get(field) {
@@ -335,7 +345,11 @@ impl Store {
     }
 
     /// The namespace key of an object in a request to `path_ns`.
-    fn namespace_key(kind: ResourceKind, path_ns: Option<&str>, obj: &mut Value) -> Result<String, ApiError> {
+    fn namespace_key(
+        kind: ResourceKind,
+        path_ns: Option<&str>,
+        obj: &mut Value,
+    ) -> Result<String, ApiError> {
         if !kind.namespaced() {
             remove_meta(obj, "namespace");
             return Ok(String::new());
@@ -367,7 +381,11 @@ impl Store {
         if ok {
             Ok(())
         } else {
-            Err(ApiError::invalid(kind, name, "metadata.name: Invalid value: may not contain '/' or '%'"))
+            Err(ApiError::invalid(
+                kind,
+                name,
+                "metadata.name: Invalid value: may not contain '/' or '%'",
+            ))
         }
     }
 
@@ -379,13 +397,20 @@ impl Store {
                 );
                 defaults::service(obj, old, &mut allocated);
             }
-            ResourceKind::EndpointSlice if self.config.service_defaults => defaults::endpoint_slice(obj),
+            ResourceKind::EndpointSlice if self.config.service_defaults => {
+                defaults::endpoint_slice(obj)
+            }
             _ => {}
         }
     }
 
     /// POST: creates an object.
-    pub fn create(&mut self, kind: ResourceKind, path_ns: Option<&str>, mut obj: Value) -> Result<Arc<Value>, ApiError> {
+    pub fn create(
+        &mut self,
+        kind: ResourceKind,
+        path_ns: Option<&str>,
+        mut obj: Value,
+    ) -> Result<Arc<Value>, ApiError> {
         Self::prepare_body(kind, &mut obj)?;
         let ns = Self::namespace_key(kind, path_ns, &mut obj)?;
         let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
@@ -428,16 +453,30 @@ impl Store {
     }
 
     /// PUT: replaces an existing object.
-    pub fn replace(&mut self, kind: ResourceKind, path_ns: Option<&str>, name: &str, mut obj: Value) -> Result<Arc<Value>, ApiError> {
+    pub fn replace(
+        &mut self,
+        kind: ResourceKind,
+        path_ns: Option<&str>,
+        name: &str,
+        mut obj: Value,
+    ) -> Result<Arc<Value>, ApiError> {
         Self::prepare_body(kind, &mut obj)?;
         let ns = Self::namespace_key(kind, path_ns, &mut obj)?;
         let key = (ns, name.to_owned());
-        let old = self.lookup(kind, &key).ok_or_else(|| ApiError::not_found(kind, name))?;
+        let old = self
+            .lookup(kind, &key)
+            .ok_or_else(|| ApiError::not_found(kind, name))?;
         self.update(kind, key, &old, obj)
     }
 
     /// Stores `new` over `old` (same key), after the checks an update makes.
-    fn update(&mut self, kind: ResourceKind, key: Key, old: &Arc<Value>, mut new: Value) -> Result<Arc<Value>, ApiError> {
+    fn update(
+        &mut self,
+        kind: ResourceKind,
+        key: Key,
+        old: &Arc<Value>,
+        mut new: Value,
+    ) -> Result<Arc<Value>, ApiError> {
         let name = key.1.clone();
         Self::prepare_body(kind, &mut new)?;
         let body_name = meta_str(&new, "name").unwrap_or_default();
@@ -451,7 +490,9 @@ impl Store {
                 "the namespace of the provided object does not match the namespace sent on the request",
             ));
         }
-        let old_rv = meta_str(old, "resourceVersion").unwrap_or_default().to_owned();
+        let old_rv = meta_str(old, "resourceVersion")
+            .unwrap_or_default()
+            .to_owned();
         match meta_str(&new, "resourceVersion") {
             Some(rv) if !rv.is_empty() && rv != old_rv => {
                 return Err(ApiError::conflict(
@@ -512,7 +553,11 @@ impl Store {
     ) -> Result<(Arc<Value>, bool), ApiError> {
         let ns = if kind.namespaced() {
             path_ns
-                .ok_or_else(|| ApiError::method_not_allowed("namespaced resources are patched under /namespaces/{namespace}"))?
+                .ok_or_else(|| {
+                    ApiError::method_not_allowed(
+                        "namespaced resources are patched under /namespaces/{namespace}",
+                    )
+                })?
                 .to_owned()
         } else {
             String::new()
@@ -542,7 +587,9 @@ impl Store {
                 }
                 merge_patch(&mut new, &patch);
             }
-            PatchType::Json => json_patch(&mut new, &patch).map_err(|e| ApiError::invalid(kind, name, &e))?,
+            PatchType::Json => {
+                json_patch(&mut new, &patch).map_err(|e| ApiError::invalid(kind, name, &e))?
+            }
         }
         Ok((self.update(kind, key, &old, new)?, false))
     }
@@ -555,9 +602,15 @@ impl Store {
         name: &str,
         preconditions: Option<&Value>,
     ) -> Result<Arc<Value>, ApiError> {
-        let ns = if kind.namespaced() { path_ns.unwrap_or_default() } else { "" };
+        let ns = if kind.namespaced() {
+            path_ns.unwrap_or_default()
+        } else {
+            ""
+        };
         let key = (ns.to_owned(), name.to_owned());
-        let old = self.lookup(kind, &key).ok_or_else(|| ApiError::not_found(kind, name))?;
+        let old = self
+            .lookup(kind, &key)
+            .ok_or_else(|| ApiError::not_found(kind, name))?;
         if let Some(pre) = preconditions {
             for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
                 if let Some(want) = pre.get(field).and_then(Value::as_str) {
@@ -615,26 +668,36 @@ mod tests {
     #[test]
     fn crud_bumps_resource_versions() {
         let mut s = store(100);
-        let a = s.create(ResourceKind::Service, Some("ns"), svc("a")).unwrap();
+        let a = s
+            .create(ResourceKind::Service, Some("ns"), svc("a"))
+            .unwrap();
         assert_eq!(meta_str(&a, "resourceVersion"), Some("2"));
         assert_eq!(meta_str(&a, "namespace"), Some("ns"));
         assert_eq!(a["kind"], "Service");
         assert_eq!(meta_str(&a, "uid").map(str::len), Some(36));
         assert_eq!(
-            s.create(ResourceKind::Service, Some("ns"), svc("a")).unwrap_err().code,
+            s.create(ResourceKind::Service, Some("ns"), svc("a"))
+                .unwrap_err()
+                .code,
             409
         );
         let mut changed = (*a).clone();
         changed["spec"]["clusterIP"] = json!("10.0.0.2");
-        let b = s.replace(ResourceKind::Service, Some("ns"), "a", changed.clone()).unwrap();
+        let b = s
+            .replace(ResourceKind::Service, Some("ns"), "a", changed.clone())
+            .unwrap();
         assert_eq!(meta_str(&b, "resourceVersion"), Some("3"));
         // Stale resourceVersion.
         assert_eq!(
-            s.replace(ResourceKind::Service, Some("ns"), "a", changed).unwrap_err().code,
+            s.replace(ResourceKind::Service, Some("ns"), "a", changed)
+                .unwrap_err()
+                .code,
             409
         );
         // No-op update: no new resourceVersion.
-        let same = s.replace(ResourceKind::Service, Some("ns"), "a", (*b).clone()).unwrap();
+        let same = s
+            .replace(ResourceKind::Service, Some("ns"), "a", (*b).clone())
+            .unwrap();
         assert_eq!(meta_str(&same, "resourceVersion"), Some("3"));
         let (p, created) = s
             .patch(
@@ -647,9 +710,14 @@ mod tests {
             .unwrap();
         assert!(!created);
         assert_eq!(p["metadata"]["labels"]["x"], "y");
-        let d = s.delete(ResourceKind::Service, Some("ns"), "a", None).unwrap();
+        let d = s
+            .delete(ResourceKind::Service, Some("ns"), "a", None)
+            .unwrap();
         assert_eq!(meta_str(&d, "resourceVersion"), Some("5"));
-        assert_eq!(s.get(ResourceKind::Service, "ns", "a").unwrap_err().code, 404);
+        assert_eq!(
+            s.get(ResourceKind::Service, "ns", "a").unwrap_err().code,
+            404
+        );
         let evs = s.events_since(1).unwrap();
         let types: Vec<_> = evs.iter().map(|e| (e.rv, e.ty)).collect();
         assert_eq!(
@@ -689,7 +757,8 @@ mod tests {
         let mut s = store(100);
         let mut f = all(ResourceKind::Service);
         f.labels = LabelSelector::parse("app=web").unwrap();
-        s.create(ResourceKind::Service, Some("ns"), svc("a")).unwrap();
+        s.create(ResourceKind::Service, Some("ns"), svc("a"))
+            .unwrap();
         s.patch(
             ResourceKind::Service,
             Some("ns"),
@@ -711,11 +780,21 @@ mod tests {
             .unwrap()
             .iter()
             .filter_map(|e| f.view(e))
-            .map(|(t, o)| (t, meta_str(&o, "resourceVersion").unwrap_or_default().to_owned()))
+            .map(|(t, o)| {
+                (
+                    t,
+                    meta_str(&o, "resourceVersion")
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
             .collect();
         assert_eq!(
             seen,
-            [(EventType::Added, "3".to_owned()), (EventType::Deleted, "4".to_owned())]
+            [
+                (EventType::Added, "3".to_owned()),
+                (EventType::Deleted, "4".to_owned())
+            ]
         );
     }
 
@@ -724,13 +803,27 @@ mod tests {
         let mut s = store(10);
         let k = ResourceKind::Service;
         assert_eq!(s.create(k, Some("ns"), json!([])).unwrap_err().code, 400);
-        assert_eq!(s.create(k, Some("ns"), json!({"kind": "Pod"})).unwrap_err().code, 400);
-        assert_eq!(s.create(k, Some("ns"), json!({"metadata": 5})).unwrap_err().code, 400);
-        assert_eq!(s.create(k, Some("ns"), json!({})).unwrap_err().code, 422);
         assert_eq!(
-            s.create(k, Some("ns"), json!({"metadata": {"name": "a", "namespace": "other"}}))
+            s.create(k, Some("ns"), json!({"kind": "Pod"}))
                 .unwrap_err()
                 .code,
+            400
+        );
+        assert_eq!(
+            s.create(k, Some("ns"), json!({"metadata": 5}))
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(s.create(k, Some("ns"), json!({})).unwrap_err().code, 422);
+        assert_eq!(
+            s.create(
+                k,
+                Some("ns"),
+                json!({"metadata": {"name": "a", "namespace": "other"}})
+            )
+            .unwrap_err()
+            .code,
             400
         );
         assert_eq!(s.create(k, None, svc("a")).unwrap_err().code, 405);
@@ -738,7 +831,13 @@ mod tests {
             .create(k, Some("ns"), json!({"metadata": {"generateName": "web-"}}))
             .unwrap();
         assert!(meta_str(&g, "name").is_some_and(|n| n.starts_with("web-") && n.len() == 9));
-        let n = s.create(ResourceKind::Node, None, json!({"metadata": {"name": "n", "namespace": "x"}})).unwrap();
+        let n = s
+            .create(
+                ResourceKind::Node,
+                None,
+                json!({"metadata": {"name": "n", "namespace": "x"}}),
+            )
+            .unwrap();
         assert_eq!(meta_str(&n, "namespace"), None);
     }
 

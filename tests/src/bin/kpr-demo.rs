@@ -36,10 +36,7 @@ fn main() -> Result<()> {
         lab.node.name()
     );
 
-    println!(
-        "{:<3} {:<18} {:<4} {:<15} {:<11} {:<20} {}",
-        "#", "service", "", "to", "answered by", "backend saw client", "client saw peer"
-    );
+    println!("#   service            PROTO to              answered by backend saw client   client saw peer");
     let client = &lab.pod("client").netns;
     let mut tally: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut row = 0;
