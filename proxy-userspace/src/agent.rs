@@ -23,15 +23,19 @@ use crate::{
     health::{self, SyncHealth},
     metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, Diagnostic, DiagnosticReason, ModelSettings},
-    source::manifests::{self, Snapshot},
+    source::{
+        self,
+        manifests::{self, Snapshot},
+        SourceConfig,
+    },
     sync::Syncer,
 };
 
 /// Everything the agent needs to run.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// Directory of manifests to read objects from.
-    pub manifests: PathBuf,
+    /// Where Services, EndpointSlices and the Node come from.
+    pub source: SourceConfig,
     /// This node's name (local endpoints, topology).
     pub node_name: Option<String>,
     /// Pin directory on a bpffs.
@@ -104,11 +108,30 @@ pub async fn run(
 
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
     snapshots.mark_unchanged();
-    let watcher = tokio::spawn(manifests::watch_dir(
-        config.manifests.clone(),
-        config.node_name.clone(),
-        snapshots_tx,
-    ));
+    let watcher = match &config.source {
+        SourceConfig::Manifests(dir) => {
+            let watch = manifests::watch_dir(dir.clone(), config.node_name.clone(), snapshots_tx);
+            tokio::spawn(async move {
+                if let Err(error) = watch.await {
+                    error!(%error, "the manifest source failed");
+                }
+            })
+        }
+        SourceConfig::Api {
+            kubeconfig,
+            min_sync_period,
+        } => {
+            let client = source::kube::client(kubeconfig.as_ref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            tokio::spawn(source::kube::watch_api(
+                client,
+                config.node_name.clone(),
+                *min_sync_period,
+                snapshots_tx,
+            ))
+        }
+    };
 
     let mut link_events = LinkEvents::subscribe().context("subscribing to link notifications")?;
     let mut gc_timer = tokio::time::interval(config.conntrack_gc_interval);

@@ -11,6 +11,7 @@ use proxy_userspace::{
     config,
     inspect::{self, PinnedMaps},
     model::ModelSettings,
+    source::SourceConfig,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -120,9 +121,19 @@ struct RunArgs {
     config: Option<PathBuf>,
 
     /// Read Services, EndpointSlices and the Node from this directory of YAML/JSON
-    /// manifests, following changes to it.
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    /// manifests, following changes to it, instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+
+    /// Kubeconfig for the API server. Without it and without --manifests, the
+    /// in-cluster configuration (service account) is used.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Changes from the API are batched over this many milliseconds before a sync
+    /// (kube-proxy's minSyncPeriod).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    min_sync_period_ms: u64,
 
     /// This node's name: endpoints with this nodeName are local (traffic policies,
     /// topology).
@@ -330,7 +341,6 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
     for (name, set) in [
         ("clusterCIDR", file.cluster_cidr.is_some()),
         ("nodePortAddresses", file.node_port_addresses.is_some()),
-        ("minSyncPeriod", file.min_sync_period.is_some()),
     ] {
         if set {
             tracing::warn!(
@@ -340,7 +350,13 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         }
     }
     Ok(AgentConfig {
-        manifests: args.manifests,
+        source: match args.manifests {
+            Some(dir) => SourceConfig::Manifests(dir),
+            None => SourceConfig::Api {
+                kubeconfig: args.kubeconfig,
+                min_sync_period: Duration::from_millis(args.min_sync_period_ms),
+            },
+        },
         node_name: args.node_name,
         pin_dir: args.bpffs,
         pod_interfaces: args.pod_interfaces,

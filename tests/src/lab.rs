@@ -57,6 +57,8 @@ pub struct Lab {
     pods: BTreeMap<String, Pod>,
     servers: Vec<EchoServer>,
     agent: Option<Agent>,
+    /// Replaces `--manifests <dir>` on the agent's command line (e.g. `--kubeconfig`).
+    source_args: Option<Vec<String>>,
     /// Declared last: dropped after the pods, whose veths live in it.
     pub node: Netns,
 }
@@ -90,6 +92,7 @@ impl Lab {
             pods: BTreeMap::new(),
             servers: Vec::new(),
             agent: None,
+            source_args: None,
             node,
         })
     }
@@ -214,6 +217,23 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes the agent follow the API server of `kubeconfig` instead of the manifests
+    /// directory, batching changes over `min_sync_period_ms`.
+    pub fn use_api_source(&mut self, kubeconfig: &Path, min_sync_period_ms: u64) {
+        self.source_args = Some(vec![
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--min-sync-period-ms".into(),
+            min_sync_period_ms.to_string(),
+        ]);
+    }
+
+    /// The run directory (for files a test wants cleaned up with the lab).
+    #[must_use]
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// The agent's pin directory (on the run's private bpffs).
     #[must_use]
     pub fn pin_dir(&self) -> PathBuf {
@@ -241,10 +261,12 @@ impl Lab {
             .context("opening the agent log")?;
         let node = File::open(self.node.path())?;
         let mut command = Command::new(&binary);
+        command.arg("run");
+        match &self.source_args {
+            Some(args) => command.args(args),
+            None => command.arg("--manifests").arg(self.manifests_dir()),
+        };
         command
-            .arg("run")
-            .arg("--manifests")
-            .arg(self.manifests_dir())
             .args(["--node-name", &self.node_name])
             .arg("--bpffs")
             .arg(self.pin_dir())
