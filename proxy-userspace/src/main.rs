@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Run the agent: load the datapath, follow Services and EndpointSlices, attach to
     /// pod interfaces.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every program link and pinned map the agent left (like kube-proxy --cleanup).
     Cleanup(CleanupArgs),
     /// Print what a running node's maps hold: services, conntrack, affinity, counters.
@@ -242,7 +242,7 @@ fn main() -> anyhow::Result<()> {
                         matches!(source, ValueSource::CommandLine | ValueSource::EnvVariable)
                     })
             };
-            let config = agent_config(args, &explicit)?;
+            let config = agent_config(*args, &explicit)?;
             if let Err(missing) = proxy_userspace::kernel::check() {
                 anyhow::bail!("this kernel lacks what the datapath needs:\n{missing}");
             }
