@@ -121,7 +121,7 @@ pub async fn run(
             kubeconfig,
             min_sync_period,
         } => {
-            let client = source::kube::client(kubeconfig.as_ref())
+            let client = source::kube::client(kubeconfig.as_deref())
                 .await
                 .context("connecting to the Kubernetes API")?;
             tokio::spawn(source::kube::watch_api(

@@ -130,8 +130,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
 
-    /// Changes from the API are batched over this many milliseconds before a sync
-    /// (kube-proxy's minSyncPeriod).
+    /// After a change from the API, further changes are collected for this many
+    /// milliseconds and applied in one sync (kube-proxy's minSyncPeriod).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     min_sync_period_ms: u64,
 
@@ -307,6 +307,12 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         .filter(|_| !explicit("proxy_name"))
     {
         args.proxy_name = Some(value);
+    }
+    if let Some(value) = file
+        .min_sync_period
+        .filter(|_| !explicit("min_sync_period_ms"))
+    {
+        args.min_sync_period_ms = u64::try_from(value.0.as_millis()).unwrap_or(u64::MAX);
     }
     let seconds =
         |duration: config::DurationText| u32::try_from(duration.0.as_secs()).unwrap_or(u32::MAX);

@@ -250,6 +250,16 @@ impl Lab {
     /// # Errors
     /// When it cannot start or does not become healthy in time.
     pub fn start_agent(&mut self, extra_args: &[&str]) -> Result<()> {
+        self.spawn_agent(extra_args)?;
+        self.wait_healthy(Duration::from_secs(30))
+    }
+
+    /// Starts `kpr run` like [`Lab::start_agent`], without waiting for it to become
+    /// healthy (an agent that cannot sync yet, e.g. while its API server is down).
+    ///
+    /// # Errors
+    /// When it cannot start.
+    pub fn spawn_agent(&mut self, extra_args: &[&str]) -> Result<()> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
@@ -298,7 +308,7 @@ impl Lab {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         self.agent = Some(Agent { child });
-        self.wait_healthy(Duration::from_secs(30))
+        Ok(())
     }
 
     /// Waits until `/healthz` answers 200 (the first sync is done and programs attached).

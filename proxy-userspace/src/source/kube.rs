@@ -1,224 +1,681 @@
 //! The Kubernetes API as the source: kube-rs watchers with reflector stores for
-//! Services, EndpointSlices and this node's Node object.
+//! Services, EndpointSlices (discovery.k8s.io/v1) and this node's own Node object.
 //!
 //! Two rules keep the datapath safe while the API misbehaves:
-//! - nothing is published until all three watchers finished their initial list, so the
+//! - nothing is published until every watcher has finished its initial list, so the
 //!   agent never syncs a partial view (which would delete frontends);
-//! - a broken watch publishes nothing: the stores keep their last state, the watcher
-//!   reconnects with backoff and relists on 410 Gone, and only real changes reach the
-//!   maps. Maps are never flushed because a watch broke.
+//! - a broken watch publishes nothing: the reflector stores keep their last state, the
+//!   watcher reconnects with backoff (`default_backoff`) and relists after 410 Gone,
+//!   and a relist replaces a store only once it is complete (`InitDone`). Maps are never
+//!   flushed because a watch broke; only real changes reach them.
 //!
-//! Bursts of events are batched: after the first change the source waits the minimum
-//! sync period (kube-proxy's `minSyncPeriod`) collecting further events, then publishes
-//! one snapshot, so a thousand events cost one sync.
-use std::{path::PathBuf, pin::pin, sync::Arc, time::Duration};
+//! Bursts are batched: after a change the source waits the minimum sync period
+//! (kube-proxy's `minSyncPeriod`, 1 s by default) collecting further changes, then
+//! publishes one [`Snapshot`], so a thousand events cost one sync. The period is short
+//! on purpose: kube-runtime warns that a long debounce on EndpointSlices hides updates.
+//!
+//! Each published snapshot is the whole state of the stores (the model and the syncer
+//! diff it against the maps), built with the same [`Snapshot`] methods the manifest
+//! source uses.
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    path::{Path, PathBuf},
+    pin::pin,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
+};
 
-use futures::{stream::BoxStream, StreamExt as _};
+use futures::{
+    stream::{self, BoxStream},
+    Stream, StreamExt as _,
+};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    config::{KubeConfigOptions, Kubeconfig},
+    config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
     runtime::{
         reflector::{self, Store},
         watcher, WatchStreamExt as _,
     },
-    Api, Client, Config,
+    Api, Client, Config, ResourceExt as _,
 };
+use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::manifests::Snapshot;
-use crate::state::{ClusterState, NodeInfo, ObjectKey};
 
+/// kube-proxy's default `minSyncPeriod`.
+pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+
+/// Errors of setting up the API client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading the kubeconfig {path}: {message}")]
-    Kubeconfig { path: PathBuf, message: String },
-    #[error("configuring the API client: {0}")]
-    Config(String),
+    #[error("reading the kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
+    #[error("no cluster configuration: neither a kubeconfig nor the in-cluster service account")]
+    Infer(#[source] InferConfigError),
+    #[error("building the API client")]
+    Client(#[source] kube::Error),
 }
 
-/// Builds a client from `kubeconfig`, or from the in-cluster environment (service
-/// account) or the default kubeconfig when `None`.
+/// Builds a client from `kubeconfig`, else by kube's inference (`$KUBECONFIG` or
+/// `~/.kube/config` if present, then the in-cluster service account, as a DaemonSet
+/// pod has).
 ///
 /// # Errors
 /// When no usable configuration is found.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, Error> {
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     let config = match kubeconfig {
         Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path).map_err(|error| Error::Kubeconfig {
-                path: path.clone(),
-                message: error.to_string(),
-            })?;
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            let kubeconfig_error = |source| Error::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
                 .await
-                .map_err(|error| Error::Kubeconfig {
-                    path: path.clone(),
-                    message: error.to_string(),
-                })?
+                .map_err(kubeconfig_error)?
         }
-        None => Config::infer()
-            .await
-            .map_err(|error| Error::Config(error.to_string()))?,
+        None => Config::infer().await.map_err(Error::Infer)?,
     };
-    Client::try_from(config).map_err(|error| Error::Config(error.to_string()))
+    info!(server = %config.cluster_url, "using the Kubernetes API");
+    Client::try_from(config).map_err(Error::Client)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Resource {
+/// The watched resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resource {
     Services,
     EndpointSlices,
     Node,
 }
 
-/// What a watcher reported: a change, the end of an initial list, or an error.
+impl Resource {
+    /// A short name for logs and metric labels.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+            Self::Node => "node",
+        }
+    }
+}
+
+/// How one watcher is doing, for health and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchStatus {
+    /// The initial list finished (the store is complete).
+    pub listed: bool,
+    /// When the watcher last delivered something (a listed object or a change).
+    pub last_success: Option<SystemTime>,
+    /// When it last failed, and why (it retries with backoff).
+    pub last_failure: Option<(SystemTime, String)>,
+    /// Failures so far.
+    pub failures: u64,
+}
+
+/// The source's state as others (health, metrics) read it. Cheap to share.
+#[derive(Debug, Default)]
+pub struct ApiStatus {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    watches: BTreeMap<Resource, WatchStatus>,
+    last_published: Option<SystemTime>,
+}
+
+impl ApiStatus {
+    fn update<T>(&self, f: impl FnOnce(&mut StatusInner) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Each watcher's status.
+    #[must_use]
+    pub fn watches(&self) -> BTreeMap<Resource, WatchStatus> {
+        self.update(|inner| inner.watches.clone())
+    }
+
+    /// When a snapshot was last published.
+    #[must_use]
+    pub fn last_published(&self) -> Option<SystemTime> {
+        self.update(|inner| inner.last_published)
+    }
+
+    /// The most recent time every watcher was known to work: the oldest of their last
+    /// successes (`None` until all have delivered something).
+    #[must_use]
+    pub fn last_success(&self) -> Option<SystemTime> {
+        self.update(|inner| {
+            let mut oldest: Option<SystemTime> = None;
+            for status in inner.watches.values() {
+                let success = status.last_success?;
+                oldest = Some(oldest.map_or(success, |o| o.min(success)));
+            }
+            oldest
+        })
+    }
+
+    fn register(&self, resource: Resource) {
+        self.update(|inner| {
+            inner.watches.entry(resource).or_default();
+        });
+    }
+
+    fn succeeded(&self, resource: Resource, listed: bool) {
+        self.update(|inner| {
+            let status = inner.watches.entry(resource).or_default();
+            status.last_success = Some(SystemTime::now());
+            status.listed |= listed;
+        });
+    }
+
+    fn failed(&self, resource: Resource, error: String) {
+        self.update(|inner| {
+            let status = inner.watches.entry(resource).or_default();
+            status.last_failure = Some((SystemTime::now(), error));
+            status.failures += 1;
+        });
+    }
+
+    fn published(&self) {
+        self.update(|inner| inner.last_published = Some(SystemTime::now()));
+    }
+}
+
+/// What a watcher reported.
+#[derive(Debug)]
 enum Update {
+    /// A change reached the store (Apply, Delete).
     Changed(Resource),
+    /// A (re)list started or delivered an object; the store is unchanged until it ends.
+    Listing(Resource),
+    /// A (re)list ended: the store now holds exactly the listed objects.
     Listed(Resource),
+    /// The watch failed; the watcher retries with backoff.
     Failed(Resource, String),
 }
 
+/// Turns a reflected watcher stream into [`Update`]s.
+fn updates<K, S>(resource: Resource, events: S) -> BoxStream<'static, Update>
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    events
+        .map(move |event| match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Update::Changed(resource),
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Update::Listing(resource),
+            Ok(watcher::Event::InitDone) => Update::Listed(resource),
+            // kube-runtime's errors already include their causes in Display.
+            Err(error) => Update::Failed(resource, error.to_string()),
+        })
+        .boxed()
+}
+
+/// A watcher with backoff, managed fields dropped, reflected into a new store.
 fn follow<K>(
     resource: Resource,
     api: Api<K>,
     config: watcher::Config,
 ) -> (Store<K>, BoxStream<'static, Update>)
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: kube::Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff())
-        .map(move |event| match event {
-            Ok(watcher::Event::InitDone) => Update::Listed(resource),
-            Ok(_) => Update::Changed(resource),
-            Err(error) => Update::Failed(resource, error.to_string()),
-        })
-        .boxed();
-    (store, stream)
+    let events = watcher(api, config)
+        .default_backoff()
+        .modify(|object: &mut K| object.managed_fields_mut().clear());
+    (
+        store,
+        updates(resource, reflector::reflector(writer, events)),
+    )
 }
 
-/// Follows the API and publishes a [`Snapshot`] after the initial lists and after every
-/// batch of changes, until the receiver is gone.
+/// The stores the snapshots are read from.
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    /// `None` without a node name: no Node is watched.
+    node: Option<Store<Node>>,
+}
+
+impl Stores {
+    fn snapshot(&self, node_name: Option<&str>) -> Snapshot {
+        let mut snapshot = Snapshot::for_node(node_name);
+        for service in self.services.state() {
+            snapshot.add_service(Arc::unwrap_or_clone(service));
+        }
+        for slice in self.slices.state() {
+            snapshot.add_endpoint_slice(Arc::unwrap_or_clone(slice));
+        }
+        for node in self.node.iter().flat_map(Store::state) {
+            snapshot.add_node(&node);
+        }
+        snapshot
+    }
+}
+
+/// The API source: create it, keep its [`ApiStatus`] if you want to read it, then
+/// [`ApiSource::run`] it.
+pub struct ApiSource {
+    client: Client,
+    node_name: Option<String>,
+    min_sync_period: Duration,
+    status: Arc<ApiStatus>,
+}
+
+impl ApiSource {
+    #[must_use]
+    pub fn new(client: Client, node_name: Option<String>, min_sync_period: Duration) -> Self {
+        Self {
+            client,
+            node_name,
+            min_sync_period,
+            status: Arc::default(),
+        }
+    }
+
+    /// The source's status, updated while it runs.
+    #[must_use]
+    pub fn status(&self) -> Arc<ApiStatus> {
+        Arc::clone(&self.status)
+    }
+
+    /// Follows the API and publishes a [`Snapshot`] once every initial list is done
+    /// and then after every batch of changes, until the receiver is gone.
+    pub async fn run(self, snapshots: watch::Sender<Snapshot>) {
+        let (services, services_updates) = follow(
+            Resource::Services,
+            Api::<Service>::all(self.client.clone()),
+            watcher::Config::default(),
+        );
+        let (slices, slices_updates) = follow(
+            Resource::EndpointSlices,
+            Api::<EndpointSlice>::all(self.client.clone()),
+            watcher::Config::default(),
+        );
+        let mut streams = vec![services_updates, slices_updates];
+        // Only our own Node (its labels carry the topology zone).
+        let node = match self.node_name.as_deref() {
+            Some(name) => {
+                let (store, node_updates) = follow(
+                    Resource::Node,
+                    Api::<Node>::all(self.client.clone()),
+                    watcher::Config::default().fields(&format!("metadata.name={name}")),
+                );
+                streams.push(node_updates);
+                Some(store)
+            }
+            None => {
+                warn!("no node name (--node-name, NODE_NAME): node-local endpoints and topology are unknown");
+                None
+            }
+        };
+        let stores = Stores {
+            services,
+            slices,
+            node,
+        };
+        publish(
+            stream::select_all(streams),
+            &stores,
+            self.node_name.as_deref(),
+            self.min_sync_period,
+            &self.status,
+            &snapshots,
+        )
+        .await;
+    }
+}
+
+/// [`ApiSource::run`] without keeping its status.
 pub async fn watch_api(
     client: Client,
     node_name: Option<String>,
     min_sync_period: Duration,
     snapshots: watch::Sender<Snapshot>,
 ) {
-    let (services, services_updates) = follow(
-        Resource::Services,
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let (slices, slices_updates) = follow(
-        Resource::EndpointSlices,
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    // Only our own Node (its labels: topology zone). Without a node name, none.
-    let node_selector = format!("metadata.name={}", node_name.as_deref().unwrap_or(""));
-    let (nodes, node_updates) = follow(
-        Resource::Node,
-        Api::<Node>::all(client),
-        watcher::Config::default().fields(&node_selector),
-    );
-    let mut updates = pin!(futures::stream::select_all([
-        services_updates,
-        slices_updates,
-        node_updates
-    ]));
+    ApiSource::new(client, node_name, min_sync_period)
+        .run(snapshots)
+        .await;
+}
 
-    let mut listed = Vec::new();
+/// The publishing loop over every watcher's updates: waits for all initial lists,
+/// then batches changes over `min_sync_period`. Returns when the updates end or the
+/// receiver is gone.
+async fn publish(
+    updates: impl Stream<Item = Update>,
+    stores: &Stores,
+    node_name: Option<&str>,
+    min_sync_period: Duration,
+    status: &ApiStatus,
+    snapshots: &watch::Sender<Snapshot>,
+) {
+    let mut updates = pin!(updates);
+    let mut watched = vec![Resource::Services, Resource::EndpointSlices];
+    if stores.node.is_some() {
+        watched.push(Resource::Node);
+    }
+    for resource in &watched {
+        status.register(*resource);
+    }
+    let mut listed: Vec<Resource> = Vec::new();
     let mut pending = false;
     loop {
         let Some(update) = updates.next().await else {
             return;
         };
-        match update {
-            Update::Changed(resource) => {
-                debug!(?resource, "change");
-                pending = true;
-            }
-            Update::Listed(resource) => {
-                if !listed.contains(&resource) {
-                    info!(?resource, "initial list done");
-                    listed.push(resource);
-                }
-                pending = true;
-            }
-            Update::Failed(resource, error) => {
-                // The watcher retries with backoff (and relists after 410 Gone); the
-                // stores and the datapath stay as they are meanwhile.
-                warn!(?resource, %error, "watch failed; keeping the last known state");
-            }
-        }
-        if !pending || listed.len() < 3 {
+        pending |= note(update, &mut listed, status);
+        if !pending || listed.len() < watched.len() {
             continue;
         }
-        // Batch: collect everything that arrives within the minimum sync period.
-        let deadline = tokio::time::sleep(min_sync_period);
-        let mut deadline = pin!(deadline);
+        // Batch: collect whatever else arrives within the minimum sync period.
+        let mut window = pin!(tokio::time::sleep(min_sync_period));
         loop {
             tokio::select! {
-                () = &mut deadline => break,
-                next = updates.next() => match next {
-                    None => return,
-                    Some(Update::Failed(resource, error)) => {
-                        warn!(?resource, %error, "watch failed; keeping the last known state");
+                () = &mut window => break,
+                update = updates.next() => match update {
+                    Some(update) => {
+                        note(update, &mut listed, status);
                     }
-                    Some(_) => {}
+                    None => return,
                 },
             }
         }
         pending = false;
-        let snapshot = snapshot(&services, &slices, &nodes, node_name.as_deref());
+        let snapshot = stores.snapshot(node_name);
+        debug!(
+            services = snapshot.state.services.len(),
+            endpoint_slices = snapshot.state.endpoint_slices.len(),
+            "publishing a snapshot"
+        );
         if snapshots.send(snapshot).is_err() {
             return;
+        }
+        status.published();
+    }
+}
+
+/// Records an update in the status and the list of listed resources; true when it
+/// changed a store.
+fn note(update: Update, listed: &mut Vec<Resource>, status: &ApiStatus) -> bool {
+    match update {
+        Update::Changed(resource) => {
+            status.succeeded(resource, false);
+            true
+        }
+        Update::Listing(resource) => {
+            status.succeeded(resource, false);
+            false
+        }
+        Update::Listed(resource) => {
+            status.succeeded(resource, true);
+            if !listed.contains(&resource) {
+                info!(resource = resource.label(), "initial list done");
+                listed.push(resource);
+            }
+            true
+        }
+        Update::Failed(resource, error) => {
+            // The watcher retries with backoff (and relists after 410 Gone); the stores
+            // and the datapath stay as they are meanwhile.
+            warn!(resource = resource.label(), %error, "watch failed; keeping the last known state");
+            status.failed(resource, error);
+            false
         }
     }
 }
 
-fn snapshot(
-    services: &Store<Service>,
-    slices: &Store<EndpointSlice>,
-    nodes: &Store<Node>,
-    node_name: Option<&str>,
-) -> Snapshot {
-    let mut state = ClusterState {
-        node: NodeInfo {
-            name: node_name.map(str::to_owned),
-            ..NodeInfo::default()
-        },
-        ..ClusterState::default()
-    };
-    for service in services.state() {
-        state.services.insert(
-            ObjectKey::of(&service.metadata),
-            Arc::unwrap_or_clone(service),
+#[cfg(test)]
+mod tests {
+    //! The publishing loop fed with `stream::iter` of watcher events (kube-runtime's own
+    //! tests do the same), no API server involved.
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_millis(100);
+    /// Long enough for any publish the loop would make to have happened.
+    const QUIET: Duration = Duration::from_millis(500);
+
+    fn service(name: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
+        }))
+        .expect("valid service")
+    }
+
+    fn slice(name: &str) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.0.5"]}],
+        }))
+        .expect("valid slice")
+    }
+
+    fn node(name: &str, zone: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        }))
+        .expect("valid node")
+    }
+
+    fn listed<K>(objects: Vec<K>) -> Vec<Result<watcher::Event<K>, watcher::Error>> {
+        let mut events = vec![Ok(watcher::Event::Init)];
+        events.extend(
+            objects
+                .into_iter()
+                .map(|o| Ok(watcher::Event::InitApply(o))),
+        );
+        events.push(Ok(watcher::Event::InitDone));
+        events
+    }
+
+    fn failure<K>() -> Result<watcher::Event<K>, watcher::Error> {
+        Err(watcher::Error::NoResourceVersion)
+    }
+
+    /// Sends events into a reflector; the stream never ends by itself.
+    struct Feed<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
+        tx: futures::channel::mpsc::UnboundedSender<Result<watcher::Event<K>, watcher::Error>>,
+    }
+
+    impl<K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static> Feed<K> {
+        fn new(resource: Resource) -> (Self, Store<K>, BoxStream<'static, Update>) {
+            let (tx, rx) = futures::channel::mpsc::unbounded();
+            let (store, writer) = reflector::store();
+            let stream = updates(resource, reflector::reflector(writer, rx));
+            (Self { tx }, store, stream)
+        }
+
+        fn send(&self, events: Vec<Result<watcher::Event<K>, watcher::Error>>) {
+            for event in events {
+                self.tx.unbounded_send(event).expect("the loop is running");
+            }
+        }
+    }
+
+    struct Harness {
+        services: Feed<Service>,
+        slices: Feed<EndpointSlice>,
+        nodes: Feed<Node>,
+        snapshots: watch::Receiver<Snapshot>,
+        status: Arc<ApiStatus>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Harness {
+        fn start() -> Self {
+            let (services, services_store, a) = Feed::new(Resource::Services);
+            let (slices, slices_store, b) = Feed::new(Resource::EndpointSlices);
+            let (nodes, node_store, c) = Feed::new(Resource::Node);
+            let (tx, mut snapshots) = watch::channel(Snapshot::default());
+            snapshots.mark_unchanged();
+            let status = Arc::new(ApiStatus::default());
+            let task = tokio::spawn({
+                let status = Arc::clone(&status);
+                async move {
+                    let stores = Stores {
+                        services: services_store,
+                        slices: slices_store,
+                        node: Some(node_store),
+                    };
+                    let updates = stream::select_all([a, b, c]);
+                    publish(updates, &stores, Some("node-a"), PERIOD, &status, &tx).await;
+                }
+            });
+            Self {
+                services,
+                slices,
+                nodes,
+                snapshots,
+                status,
+                task,
+            }
+        }
+
+        /// The next snapshot, if one is published within [`QUIET`].
+        async fn next(&mut self) -> Option<Snapshot> {
+            tokio::time::timeout(QUIET, self.snapshots.changed())
+                .await
+                .ok()?
+                .ok()?;
+            Some(self.snapshots.borrow_and_update().clone())
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn names<V>(map: &BTreeMap<crate::state::ObjectKey, V>) -> Vec<String> {
+        map.keys().map(|key| key.name.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn nothing_is_published_before_every_initial_list() {
+        let mut h = Harness::start();
+        h.services.send(listed(vec![service("web")]));
+        h.slices.send(listed(vec![slice("web")]));
+        h.services
+            .send(vec![Ok(watcher::Event::Apply(service("db")))]);
+        assert!(
+            h.next().await.is_none(),
+            "published without the Node's list"
+        );
+
+        h.nodes.send(listed(vec![node("node-a", "zone-1")]));
+        let snapshot = h.next().await.expect("published once all are listed");
+        assert_eq!(names(&snapshot.state.services), ["db", "web"]);
+        assert_eq!(names(&snapshot.state.endpoint_slices), ["web"]);
+        assert_eq!(snapshot.state.node.name.as_deref(), Some("node-a"));
+        assert_eq!(
+            snapshot
+                .state
+                .node
+                .labels
+                .get("topology.kubernetes.io/zone")
+                .map(String::as_str),
+            Some("zone-1")
+        );
+        assert!(h.status.watches().values().all(|w| w.listed));
+        assert!(h.status.last_published().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_changes_is_published_once() {
+        let mut h = Harness::start();
+        h.services.send(listed(vec![]));
+        h.slices.send(listed(vec![]));
+        h.nodes.send(listed(vec![]));
+        assert!(h.next().await.is_some());
+
+        let burst: Vec<_> = (0..1000)
+            .map(|i| Ok(watcher::Event::Apply(service(&format!("svc-{i:04}")))))
+            .collect();
+        h.services.send(burst);
+        let snapshot = h.next().await.expect("one snapshot");
+        assert_eq!(snapshot.state.services.len(), 1000);
+        assert!(
+            h.next().await.is_none(),
+            "the burst cost more than one snapshot"
         );
     }
-    for slice in slices.state() {
-        state
-            .endpoint_slices
-            .insert(ObjectKey::of(&slice.metadata), Arc::unwrap_or_clone(slice));
+
+    #[tokio::test]
+    async fn failures_and_unfinished_relists_publish_nothing_and_keep_the_state() {
+        let mut h = Harness::start();
+        h.services.send(listed(vec![service("a"), service("b")]));
+        h.slices.send(listed(vec![slice("a")]));
+        h.nodes.send(listed(vec![node("node-a", "z")]));
+        assert_eq!(
+            names(&h.next().await.expect("first").state.services),
+            ["a", "b"]
+        );
+
+        // The watch breaks, again and again (the API server is gone).
+        h.services.send(vec![failure(), failure()]);
+        h.slices.send(vec![failure()]);
+        assert!(h.next().await.is_none(), "a failure published something");
+        let watches = h.status.watches();
+        assert_eq!(watches[&Resource::Services].failures, 2);
+        assert!(watches[&Resource::Services].last_failure.is_some());
+
+        // A relist (after 410 Gone) that has not finished changes nothing...
+        h.services.send(vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(service("b"))),
+        ]);
+        assert!(
+            h.next().await.is_none(),
+            "a partial relist published something"
+        );
+        // ...and once it has, it replaces the store: `a` was deleted meanwhile.
+        h.services.send(vec![Ok(watcher::Event::InitDone)]);
+        let snapshot = h.next().await.expect("the relist");
+        assert_eq!(names(&snapshot.state.services), ["b"]);
+        assert_eq!(
+            names(&snapshot.state.endpoint_slices),
+            ["a"],
+            "other stores kept"
+        );
     }
-    if let Some(node) = nodes
-        .state()
-        .into_iter()
-        .find(|node| node.metadata.name.as_deref() == node_name)
-    {
-        state.node.labels = node.metadata.labels.clone().unwrap_or_default();
+
+    #[tokio::test]
+    async fn deletions_are_published() {
+        let mut h = Harness::start();
+        h.services.send(listed(vec![service("a"), service("b")]));
+        h.slices.send(listed(vec![slice("a"), slice("b")]));
+        h.nodes.send(listed(vec![]));
+        assert!(h.next().await.is_some());
+        h.services
+            .send(vec![Ok(watcher::Event::Delete(service("a")))]);
+        h.slices.send(vec![Ok(watcher::Event::Delete(slice("a")))]);
+        let snapshot = h.next().await.expect("the deletion");
+        assert_eq!(names(&snapshot.state.services), ["b"]);
+        assert_eq!(names(&snapshot.state.endpoint_slices), ["b"]);
     }
-    Snapshot {
-        state,
-        diagnostics: Vec::new(),
+
+    #[tokio::test]
+    async fn another_nodes_labels_are_ignored() {
+        let mut h = Harness::start();
+        h.services.send(listed(vec![]));
+        h.slices.send(listed(vec![]));
+        h.nodes.send(listed(vec![node("node-b", "elsewhere")]));
+        let snapshot = h.next().await.expect("published");
+        assert!(snapshot.state.node.labels.is_empty());
     }
 }

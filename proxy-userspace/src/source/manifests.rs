@@ -26,11 +26,46 @@ use crate::{
 /// How long to wait for a burst of file events to settle before re-reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// The objects read from the directory, and what could not be read.
+/// What a source delivers: the objects it holds, and what it could not read. Both
+/// sources (this directory and the API, [`super::kube`]) build it with the same
+/// methods, so an object means the same thing whichever way it arrived.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub state: ClusterState,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Snapshot {
+    /// An empty snapshot for the node called `node_name`.
+    #[must_use]
+    pub fn for_node(node_name: Option<&str>) -> Self {
+        let mut snapshot = Self::default();
+        snapshot.state.node = NodeInfo {
+            name: node_name.map(str::to_owned),
+            ..NodeInfo::default()
+        };
+        snapshot
+    }
+
+    /// Adds a Service, replacing one with the same namespace and name.
+    pub fn add_service(&mut self, service: Service) {
+        let key = ObjectKey::of(&service.metadata);
+        self.state.services.insert(key, service);
+    }
+
+    /// Adds an EndpointSlice, replacing one with the same namespace and name.
+    pub fn add_endpoint_slice(&mut self, slice: EndpointSlice) {
+        let key = ObjectKey::of(&slice.metadata);
+        self.state.endpoint_slices.insert(key, slice);
+    }
+
+    /// Takes the labels (topology zone) of `node` if it is this node; other nodes are
+    /// ignored.
+    pub fn add_node(&mut self, node: &Node) {
+        if node.metadata.name.is_some() && node.metadata.name == self.state.node.name {
+            self.state.node.labels = node.metadata.labels.clone().unwrap_or_default();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +81,7 @@ pub enum Error {
 /// order. Unreadable files and objects become diagnostics; the rest is used.
 #[must_use]
 pub fn read_dir(dir: &Path, node_name: Option<&str>) -> Snapshot {
-    let mut snapshot = Snapshot::default();
-    snapshot.state.node = NodeInfo {
-        name: node_name.map(str::to_owned),
-        ..NodeInfo::default()
-    };
+    let mut snapshot = Snapshot::for_node(node_name);
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) => {
@@ -128,27 +159,17 @@ fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
     };
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
-            Ok(service) => {
-                let key = ObjectKey::of(&service.metadata);
-                snapshot.state.services.insert(key, service);
-            }
+            Ok(service) => snapshot.add_service(service),
             Err(error) => malformed(snapshot, error.to_string()),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_yaml::from_value::<EndpointSlice>(value) {
-                Ok(slice) => {
-                    let key = ObjectKey::of(&slice.metadata);
-                    snapshot.state.endpoint_slices.insert(key, slice);
-                }
+                Ok(slice) => snapshot.add_endpoint_slice(slice),
                 Err(error) => malformed(snapshot, error.to_string()),
             }
         }
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
-            Ok(node) => {
-                if node.metadata.name.is_some() && node.metadata.name == snapshot.state.node.name {
-                    snapshot.state.node.labels = node.metadata.labels.unwrap_or_default();
-                }
-            }
+            Ok(node) => snapshot.add_node(&node),
             Err(error) => malformed(snapshot, error.to_string()),
         },
         (_, "List" | "ServiceList" | "EndpointSliceList") => {

@@ -21,7 +21,7 @@ use super::{
     resource::{ApiError, ResourceKind},
     selector::{FieldSelector, LabelSelector},
     store::{Filter, PatchType},
-    Shared, WatcherGuard,
+    Shared, WatcherGuard, BYPASS_PAUSE_HEADER,
 };
 
 /// Request bodies larger than this are refused (the real default is 3 MiB).
@@ -146,7 +146,7 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     if segments.first() == Some(&"testing") {
         return control(shared, &parts.method, &segments[1..], &parts.uri);
     }
-    if shared.paused.load(Ordering::SeqCst) {
+    if shared.paused.load(Ordering::SeqCst) && !parts.headers.contains_key(BYPASS_PAUSE_HEADER) {
         let code = shared.pause_code.load(Ordering::SeqCst);
         let mut resp =
             ApiError::unavailable(code, "the test API server is paused (POST /testing/resume)")
@@ -544,14 +544,22 @@ impl WatchStream {
 
     /// Queues the events after `position`, or a 410 ERROR if they were forgotten.
     fn catch_up(&mut self) {
-        match self.shared.read(|s| s.events_since(self.position)) {
-            Ok(events) => {
+        let since = self.shared.read(|s| {
+            s.events_since(self.position)
+                .map(|events| (events, s.resource_version()))
+        });
+        match since {
+            Ok((events, now)) => {
                 for ev in &events {
                     if let Some((ty, obj)) = self.filter.view(ev) {
                         self.lines.push_back(event_line(ty.wire(), &obj));
                     }
                     self.position = ev.rv;
                 }
+                // Every change up to `now` has been seen; versions issued without an
+                // event (compaction) count as seen too, so a later compaction does not
+                // strand an up-to-date watch before its floor.
+                self.position = self.position.max(now);
             }
             Err(e) => {
                 self.lines.push_back(event_line("ERROR", &e.status()));

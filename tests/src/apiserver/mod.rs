@@ -36,8 +36,9 @@
 //!   matching as DELETED. A watch from a resourceVersion older than the retained
 //!   history gets HTTP 200 and one `ERROR` event with a `Status` of code 410, reason
 //!   `Expired`, which makes kube-rs's watcher relist; a resourceVersion newer than the
-//!   server's gets 504 `Too large resource version`. `timeoutSeconds` ends the stream
-//!   cleanly (default 30 minutes).
+//!   server's gets 504 `Too large resource version` (kube-rs's client retries a 504 by
+//!   itself for minutes; turn `Config::default_retry` off to see it). `timeoutSeconds`
+//!   ends the stream cleanly (default 30 minutes).
 //! - Discovery, minimal: `/version`, `/api`, `/api/v1`, `/apis`,
 //!   `/apis/discovery.k8s.io[/v1]`, `/healthz`, `/livez`, `/readyz`. kube-rs's typed
 //!   `Api` and `watcher` do not need them.
@@ -66,6 +67,9 @@
 //!   `code=500` to make every request fail at once so the caller's own backoff
 //!   (e.g. the watcher's `default_backoff`) is exercised. A 503 is the closest an HTTP
 //!   server can get to "connection refused" while keeping `/testing/resume` reachable.
+//!   Requests carrying the header [`BYPASS_PAUSE_HEADER`] are served anyway, so a test
+//!   can change objects while the client under test is cut off (kube's `Config` takes
+//!   extra headers in `headers`).
 //! - `GET /testing/watchers`: `{"watchers": N, "watchRequests": M}`: open watch
 //!   responses, and watch responses started so far (to wait until a client has
 //!   reconnected). `GET /testing/resource-version`: `{"resourceVersion": "N"}`.
@@ -106,6 +110,9 @@ use tokio::{
 
 pub use self::resource::ApiError;
 use self::store::{Store, StoreConfig};
+
+/// Requests with this header (any value) are served while the server is paused.
+pub const BYPASS_PAUSE_HEADER: &str = "x-kpr-test-bypass-pause";
 
 /// Errors of starting and driving the server.
 #[derive(Debug, thiserror::Error)]

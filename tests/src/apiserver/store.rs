@@ -303,8 +303,12 @@ impl Store {
     /// start a watch from. Watches already open are unaffected (they are up to date),
     /// but one resumed from a resourceVersion they delivered gets 410.
     pub fn compact(&mut self) -> u64 {
+        // Only events that were really forgotten count against open watches: one that
+        // has seen the last of them is up to date, however many compactions follow.
+        if let Some(last) = self.history.back() {
+            self.evicted_upto = self.evicted_upto.max(last.rv);
+        }
         self.history.clear();
-        self.evicted_upto = self.rv;
         self.rv += 1;
         self.floor = self.rv;
         self.rv
