@@ -450,10 +450,11 @@ impl ServiceContext<'_> {
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                 let hints = endpoint.hints.as_ref();
                 let addr = SocketAddrV4::new(ip, target_port);
-                found.entry(addr).or_insert_with(|| Endpoint {
+                let candidate = Endpoint {
                     addr,
                     ready,
-                    serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                    // Unset means serving (API docs; kube-proxy's endpointslicecache).
+                    serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                     terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                     is_local: !self.node_name.is_empty()
                         && endpoint.node_name.as_deref() == Some(self.node_name),
@@ -469,7 +470,16 @@ impl ServiceContext<'_> {
                         .flatten()
                         .map(|node| node.name.clone())
                         .collect::<BTreeSet<_>>(),
-                });
+                };
+                // The same address in two slices (a reused pod IP, an endpoint moving
+                // between slices): like kube-proxy, a terminating copy never replaces
+                // a live one.
+                let keep_existing = found
+                    .get(&addr)
+                    .is_some_and(|existing| candidate.terminating && !existing.terminating);
+                if !keep_existing {
+                    found.insert(addr, candidate);
+                }
             }
         }
         found.into_values().collect()

@@ -1,428 +1,1559 @@
-//! Table tests of the model: Kubernetes objects as the API serves them (YAML) in,
-//! frontends and diagnostics out.
-use std::collections::BTreeMap;
+//! Table tests of the model: Kubernetes objects as the API serves them (YAML, parsed by
+//! the manifest source's own parser, so malformed objects are covered too) in, frontends
+//! and diagnostics out. Then a table of `categorize` on hand-made endpoints.
+//!
+//! A frontend is written as one line:
+//! `addr:port/PROTO[/internal] namespace/service[:port-name] kind -> backends [flags]`,
+//! with `-` for no backends and flags `affinity=<s>`, `drop`, `ext`, `ext-local`,
+//! `has-internal`, `src-ranges`.
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use proxy_common::{proto, scope, service_flags};
+use proxy_common::{scope, service_flags};
 
-use super::*;
-use crate::{
-    source::manifests::{parse_documents, Snapshot},
-    state::NodeInfo,
+use super::{
+    DiagnosticReason::{
+        FrontendConflict, Malformed, OrphanEndpointSlice, UnreadableSource, UnsupportedIpFamily,
+        UnsupportedProtocol,
+    },
+    *,
 };
+use crate::source::manifests::{parse_documents, Snapshot};
 
-/// A frontend as the table writes it: `ip:port/PROTO` (plus `/internal` for the
-/// internal scope) → sorted backends.
-type Summary = BTreeMap<String, Vec<String>>;
+/// The node the agent runs on in every case.
+const NODE: &str = "node-a";
+/// Addresses NodePorts listen on in every case.
+const NODE_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(192, 168, 1, 10),
+    Ipv4Addr::new(192, 168, 1, 11),
+];
 
-fn run(
-    yaml: &str,
-    node_labels: &[(&str, &str)],
-    settings: &ModelSettings,
-) -> (Desired, Vec<Diagnostic>) {
-    let mut snapshot = Snapshot::default();
-    parse_documents(yaml, "test.yaml", &mut snapshot);
-    snapshot.state.node = NodeInfo {
-        name: Some("node-a".into()),
-        labels: node_labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-    };
-    let desired = desired(&snapshot.state, settings);
-    let mut diagnostics = snapshot.diagnostics.clone();
-    diagnostics.extend(desired.diagnostics.iter().cloned());
-    (desired, diagnostics)
+// Endpoint conditions as the EndpointSlice controller writes them.
+const READY: &str = "conditions: {ready: true, serving: true, terminating: false}";
+const TERMINATING: &str = "conditions: {ready: false, serving: true, terminating: true}";
+const TERMINATING_NOT_SERVING: &str =
+    "conditions: {ready: false, serving: false, terminating: true}";
+const NOT_READY: &str = "conditions: {ready: false, serving: false, terminating: false}";
+/// No `conditions` at all (hand-written slices): ready.
+const UNSET: &str = "";
+
+// ---------------------------------------------------------------------------------
+// Object builders: YAML as `kubectl get -o yaml` shows it.
+
+/// The `web` Service: ClusterIP 10.96.0.10, port `http` 80 -> targetPort 8080.
+fn web() -> String {
+    web_with("")
 }
 
-fn summary(desired: &Desired) -> Summary {
-    desired
-        .frontends
-        .iter()
-        .map(|(key, spec)| {
-            let mut name = format!(
-                "{}:{}/{}",
-                key.addr,
-                key.port,
-                proto_name(key.proto).to_uppercase()
-            );
-            if key.scope == scope::INTERNAL {
-                name.push_str("/internal");
-            }
-            (
-                name,
-                spec.backends.iter().map(ToString::to_string).collect(),
-            )
-        })
-        .collect()
-}
-
-fn expect(pairs: &[(&str, &[&str])]) -> Summary {
-    pairs
-        .iter()
-        .map(|(frontend, backends)| {
-            (
-                (*frontend).to_owned(),
-                backends.iter().map(|b| (*b).to_owned()).collect(),
-            )
-        })
-        .collect()
-}
-
-const WEB: &str = "
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
-";
-
-fn slice(name: &str, service: &str, port_name: &str, port: u16, endpoints: &str) -> String {
+/// The `web` Service with extra `spec` lines (each indented by two spaces).
+fn web_with(extra_spec: &str) -> String {
     format!(
-        "
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
+        "apiVersion: v1
+kind: Service
 metadata:
-  name: {name}
+  name: web
   namespace: default
-  labels: {{kubernetes.io/service-name: {service}}}
-addressType: IPv4
-ports: [{{name: '{port_name}', port: {port}, protocol: TCP}}]
-endpoints: {endpoints}
+  uid: 6f1a9c1e-0d7b-4a55-9d0e-3c1f3f1b7a10
+  resourceVersion: \"1201\"
+  creationTimestamp: \"2024-05-01T10:00:00Z\"
+  labels: {{app: web}}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ipFamilies: [IPv4]
+  ipFamilyPolicy: SingleStack
+  internalTrafficPolicy: Cluster
+  sessionAffinity: None
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
+{extra_spec}status:
+  loadBalancer: {{}}
 "
     )
 }
 
-struct Case {
-    name: &'static str,
-    yaml: String,
-    node_labels: &'static [(&'static str, &'static str)],
-    frontends: Summary,
-    /// Diagnostic reasons expected, in any order.
-    diagnostics: Vec<DiagnosticReason>,
+/// A Service in `default` with a flow-style spec (and optional flow-style labels).
+fn service(name: &str, labels: &str, spec: &str) -> String {
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(", labels: {labels}")
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, uid: uid-{name}, resourceVersion: \"7\"{labels}}}
+spec: {spec}
+"
+    )
 }
 
-#[allow(clippy::too_many_lines, reason = "one table")]
-fn cases() -> Vec<Case> {
-    let web_8080 = ["10.244.1.11:8080", "10.244.1.12:8080"];
+/// An endpoint of a slice: its address, node, and extra fields (conditions, zone, hints).
+fn ep(ip: &str, node: &str, extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
+    format!(
+        "{{addresses: ['{ip}'], nodeName: {node}, \
+         targetRef: {{kind: Pod, namespace: default, name: pod-{node}}}{extra}}}"
+    )
+}
+
+/// An IPv4 EndpointSlice of `service` as the EndpointSlice controller writes it.
+fn slice(name: &str, service: &str, ports: &str, endpoints: &[String]) -> String {
+    typed_slice(name, service, "IPv4", ports, endpoints)
+}
+
+fn typed_slice(
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &str,
+    endpoints: &[String],
+) -> String {
+    let endpoints: String = endpoints.iter().map(|ep| format!("- {ep}\n")).collect();
+    let endpoints = if endpoints.is_empty() {
+        " []\n".to_owned()
+    } else {
+        format!("\n{endpoints}")
+    };
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: default
+  generateName: {service}-
+  labels:
+    kubernetes.io/service-name: {service}
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+  ownerReferences:
+  - {{apiVersion: v1, kind: Service, name: {service}, uid: uid-{service}, controller: true, blockOwnerDeletion: true}}
+addressType: {address_type}
+ports: {ports}
+endpoints:{endpoints}"
+    )
+}
+
+/// A slice of `web` with port `http` 8080.
+fn web_slice(name: &str, endpoints: &[String]) -> String {
+    slice(
+        name,
+        "web",
+        "[{name: http, port: 8080, protocol: TCP}]",
+        endpoints,
+    )
+}
+
+/// A Node with flow-style labels.
+fn node(name: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Node
+metadata: {{name: {name}, labels: {labels}}}
+status: {{addresses: [{{type: InternalIP, address: 192.168.1.10}}]}}
+"
+    )
+}
+
+/// One multi-document YAML file.
+fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}
+
+// ---------------------------------------------------------------------------------
+// Running and rendering.
+
+fn settings(proxy_name: Option<&str>) -> ModelSettings {
+    ModelSettings {
+        proxy_name: proxy_name.map(str::to_owned),
+        node_port_addresses: NODE_IPS.to_vec(),
+    }
+}
+
+/// Parses `yaml` as the manifest source does, for node [`NODE`], and runs the model.
+/// Returns the model's output and every diagnostic (source's and model's).
+fn run(yaml: &str, settings: &ModelSettings) -> (Desired, Vec<Diagnostic>) {
+    let mut snapshot = Snapshot::for_node(Some(NODE));
+    parse_documents(yaml, "test.yaml", &mut snapshot);
+    let desired = desired(&snapshot.state, settings);
+    let mut diagnostics = snapshot.diagnostics;
+    diagnostics.extend(desired.diagnostics.iter().cloned());
+    (desired, diagnostics)
+}
+
+fn render(key: &FrontendKey, spec: &FrontendSpec) -> String {
+    let mut line = format!(
+        "{}:{}/{}",
+        key.addr,
+        key.port,
+        proto_name(key.proto).to_uppercase()
+    );
+    if key.scope == scope::INTERNAL {
+        line.push_str("/internal");
+    }
+    let name = &spec.service_port;
+    assert_eq!(name.proto, key.proto, "frontend and service port protocols");
+    line.push_str(&format!(" {}", name.service));
+    if !name.port.is_empty() {
+        line.push_str(&format!(":{}", name.port));
+    }
+    let kind = match spec.kind {
+        FrontendKind::ClusterIp => "cluster",
+        FrontendKind::NodePort => "nodeport",
+        FrontendKind::ExternalIp => "external",
+        FrontendKind::LoadBalancer => "lb",
+    };
+    let backends: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
+    let backends = if backends.is_empty() {
+        "-".to_owned()
+    } else {
+        backends.join(",")
+    };
+    line.push_str(&format!(" {kind} -> {backends}"));
+    let flags = [
+        (service_flags::DROP_WHEN_EMPTY, "drop"),
+        (service_flags::EXTERNAL, "ext"),
+        (service_flags::EXTERNAL_LOCAL, "ext-local"),
+        (service_flags::HAS_INTERNAL_SCOPE, "has-internal"),
+        (service_flags::SOURCE_RANGES, "src-ranges"),
+    ];
+    if spec.flags & service_flags::AFFINITY != 0 {
+        line.push_str(&format!(" affinity={}", spec.affinity_timeout_s));
+    } else if spec.affinity_timeout_s != 0 {
+        line.push_str(&format!(
+            " timeout-without-affinity={}",
+            spec.affinity_timeout_s
+        ));
+    }
+    for (flag, label) in flags {
+        if spec.flags & flag != 0 {
+            line.push(' ');
+            line.push_str(label);
+        }
+    }
+    line
+}
+
+// ---------------------------------------------------------------------------------
+// The table.
+
+struct Case {
+    name: &'static str,
+    description: &'static str,
+    yaml: String,
+    proxy_name: Option<&'static str>,
+    /// Every frontend, rendered (order does not matter).
+    frontends: Vec<&'static str>,
+    /// Every diagnostic as (reason, object) (order does not matter).
+    diagnostics: Vec<(DiagnosticReason, &'static str)>,
+}
+
+fn case(name: &'static str, description: &'static str, parts: &[String]) -> Case {
+    Case {
+        name,
+        description,
+        yaml: docs(parts),
+        proxy_name: None,
+        frontends: Vec::new(),
+        diagnostics: Vec::new(),
+    }
+}
+
+impl Case {
+    fn frontends(mut self, frontends: &[&'static str]) -> Self {
+        self.frontends = frontends.to_vec();
+        self
+    }
+
+    fn diagnostics(mut self, diagnostics: &[(DiagnosticReason, &'static str)]) -> Self {
+        self.diagnostics = diagnostics.to_vec();
+        self
+    }
+
+    fn proxy_name(mut self, name: &'static str) -> Self {
+        self.proxy_name = Some(name);
+        self
+    }
+}
+
+const WEB_11_12: &str =
+    "10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.11:8080,10.244.1.12:8080";
+const WEB_11: &str = "10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.11:8080";
+
+fn endpoint_cases() -> Vec<Case> {
     vec![
-        Case {
-            name: "slices of one service are merged",
-            yaml: format!(
-                "{WEB}{}{}",
-                slice("web-a", "web", "http", 8080, "[{addresses: [10.244.1.11]}]"),
-                slice("web-b", "web", "http", 8080, "[{addresses: [10.244.1.12]}]")
-            ),
-            node_labels: &[],
-            frontends: expect(&[("10.96.0.10:80/TCP", &web_8080)]),
-            diagnostics: vec![],
-        },
-        Case {
-            name: "only ready endpoints; ready unset counts as ready",
-            yaml: format!(
-                "{WEB}{}",
+        case(
+            "merge_slices",
+            "two EndpointSlices of one Service are merged; an endpoint in both counts once",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY), ep("10.244.1.12", "node-b", READY)]),
+                web_slice("web-9fj3q", &[ep("10.244.1.12", "node-b", READY), ep("10.244.1.13", "node-c", READY)]),
+            ],
+        )
+        .frontends(&["10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.11:8080,10.244.1.12:8080,10.244.1.13:8080"]),
+        case(
+            "ready_only",
+            "only ready endpoints are used; conditions unset count as ready",
+            &[
+                web(),
+                web_slice(
+                    "web-7xk2p",
+                    &[
+                        ep("10.244.1.11", NODE, UNSET),
+                        ep("10.244.1.12", "node-b", READY),
+                        ep("10.244.1.13", "node-b", NOT_READY),
+                        ep("10.244.1.14", "node-b", TERMINATING),
+                        ep("10.244.1.15", "node-b", "conditions: {}"),
+                    ],
+                ),
+            ],
+        )
+        .frontends(&["10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.11:8080,10.244.1.12:8080,10.244.1.15:8080"]),
+        case(
+            "terminating_fallback",
+            "no ready endpoint: serving-and-terminating ones are used (KEP-1669), others not",
+            &[
+                web(),
+                web_slice(
+                    "web-7xk2p",
+                    &[
+                        ep("10.244.1.11", NODE, TERMINATING),
+                        ep("10.244.1.12", "node-b", TERMINATING_NOT_SERVING),
+                        ep("10.244.1.13", "node-b", NOT_READY),
+                        ep("10.244.1.14", "node-b", "conditions: {ready: false, serving: true, terminating: false}"),
+                    ],
+                ),
+            ],
+        )
+        .frontends(&[WEB_11]),
+        case(
+            "no_usable_endpoints_rejects",
+            "a service with no usable endpoint (or no slice) keeps its frontend, empty, to reject",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, NOT_READY), ep("10.244.1.12", NODE, TERMINATING_NOT_SERVING)]),
+                service("lonely", "", "{clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}"),
+                service("emptyslice", "", "{clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}"),
+                slice("emptyslice-1", "emptyslice", "[{name: http, port: 8080}]", &[]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.10:80/TCP default/web:http cluster -> -",
+            "10.96.0.11:80/TCP default/lonely:http cluster -> -",
+            "10.96.0.12:80/TCP default/emptyslice:http cluster -> -",
+        ]),
+        case(
+            "ports_by_name",
+            "each service port takes the slice port of the same name; targetPort by name or number",
+            &[
+                service(
+                    "two",
+                    "",
+                    "{clusterIP: 10.96.0.20, ports: [{name: http, port: 80, targetPort: web}, {name: metrics, port: 9090, targetPort: 9100}]}",
+                ),
                 slice(
-                    "web-a",
-                    "web",
-                    "http",
-                    8080,
-                    "[{addresses: [10.244.1.11]}, {addresses: [10.244.1.12], conditions: {ready: true}},
-                      {addresses: [10.244.1.13], conditions: {ready: false}}]"
-                )
-            ),
-            node_labels: &[],
-            frontends: expect(&[("10.96.0.10:80/TCP", &web_8080)]),
-            diagnostics: vec![],
-        },
-        Case {
-            name: "no ready endpoints: serving and terminating ones are used (KEP-1669)",
-            yaml: format!(
-                "{WEB}{}",
+                    "two-abcde",
+                    "two",
+                    "[{name: metrics, port: 9100, protocol: TCP}, {name: http, port: 8080, protocol: TCP}]",
+                    &[ep("10.244.1.11", NODE, READY)],
+                ),
+                slice("two-fghij", "two", "[{name: http, port: 8080, protocol: TCP}]", &[ep("10.244.1.12", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.20:80/TCP default/two:http cluster -> 10.244.1.11:8080,10.244.1.12:8080",
+            "10.96.0.20:9090/TCP default/two:metrics cluster -> 10.244.1.11:9100",
+        ]),
+        case(
+            "ports_by_name_and_protocol",
+            "DNS: port 53 over UDP and TCP are two frontends, each matched by name and protocol",
+            &[
+                service(
+                    "kube-dns",
+                    "",
+                    "{clusterIP: 10.96.0.53, ports: [{name: dns, port: 53, protocol: UDP, targetPort: 53}, \
+                     {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}]}",
+                ),
                 slice(
-                    "web-a",
-                    "web",
-                    "http",
-                    8080,
-                    "[{addresses: [10.244.1.11], conditions: {ready: false, serving: true, terminating: true}},
-                      {addresses: [10.244.1.12], conditions: {ready: false, serving: false, terminating: true}}]"
-                )
-            ),
-            node_labels: &[],
-            frontends: expect(&[("10.96.0.10:80/TCP", &["10.244.1.11:8080"])]),
-            diagnostics: vec![],
-        },
-        Case {
-            name: "ports are matched by name",
-            yaml: format!(
-                "
-apiVersion: v1
-kind: Service
-metadata: {{name: two, namespace: default}}
-spec:
-  clusterIP: 10.96.0.20
-  ports: [{{name: http, port: 80, targetPort: web}}, {{name: metrics, port: 9090, targetPort: 9100}}]
-{}{}",
-                slice("two-a", "two", "http", 8080, "[{addresses: [10.244.1.11]}]"),
-                slice("two-b", "two", "metrics", 9100, "[{addresses: [10.244.1.12]}]")
-            ),
-            node_labels: &[],
-            frontends: expect(&[
-                ("10.96.0.20:80/TCP", &["10.244.1.11:8080"]),
-                ("10.96.0.20:9090/TCP", &["10.244.1.12:9100"]),
-            ]),
-            diagnostics: vec![],
-        },
-        Case {
-            name: "a service without selector works with manual slices",
-            yaml: format!(
-                "
-apiVersion: v1
-kind: Service
-metadata: {{name: manual, namespace: default}}
-spec:
-  clusterIP: 10.96.0.30
-  ports: [{{name: '', port: 5432}}]
-{}",
-                slice("manual-1", "manual", "", 5432, "[{addresses: [192.168.5.5]}]")
-            ),
-            node_labels: &[],
-            frontends: expect(&[("10.96.0.30:5432/TCP", &["192.168.5.5:5432"])]),
-            diagnostics: vec![],
-        },
-        Case {
-            name: "ExternalName and headless services produce nothing",
-            yaml: "
-apiVersion: v1
-kind: Service
-metadata: {name: ext, namespace: default}
-spec: {type: ExternalName, externalName: example.com}
----
-apiVersion: v1
-kind: Service
-metadata: {name: headless, namespace: default}
-spec: {clusterIP: None, ports: [{port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: labelled, namespace: default, labels: {service.kubernetes.io/headless: ''}}
-spec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}
+                    "kube-dns-x1",
+                    "kube-dns",
+                    "[{name: dns-tcp, port: 5353, protocol: TCP}, {name: dns, port: 53, protocol: UDP}, {name: dns, port: 9999, protocol: TCP}]",
+                    &[ep("10.244.1.11", NODE, READY)],
+                ),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.53:53/TCP default/kube-dns:dns-tcp cluster -> 10.244.1.11:5353",
+            "10.96.0.53:53/UDP default/kube-dns:dns cluster -> 10.244.1.11:53",
+        ]),
+        case(
+            "unnamed_single_port",
+            "an unnamed service port matches a slice port named '' or with no name",
+            &[
+                service("plain", "", "{clusterIP: 10.96.0.21, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}"),
+                slice("plain-1", "plain", "[{name: '', port: 8080, protocol: TCP}]", &[ep("10.244.1.11", NODE, READY)]),
+                service("bare", "", "{clusterIP: 10.96.0.22, ports: [{port: 80}]}"),
+                slice("bare-1", "bare", "[{port: 8080}]", &[ep("10.244.1.12", NODE, READY)]),
+                slice("bare-2", "bare", "[{name: http, port: 9090}]", &[ep("10.244.1.13", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.21:80/TCP default/plain cluster -> 10.244.1.11:8080",
+            "10.96.0.22:80/TCP default/bare cluster -> 10.244.1.12:8080",
+        ]),
+        case(
+            "target_port_from_slice",
+            "the backend port is the slice's port (resolved targetPort), not the Service's targetPort",
+            &[
+                web(),
+                slice("web-7xk2p", "web", "[{name: http, port: 9090, protocol: TCP}]", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&["10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.11:9090"]),
+        case(
+            "selectorless_manual_slice",
+            "a Service without selector works with a hand-made slice carrying kubernetes.io/service-name",
+            &[
+                service("db", "", "{clusterIP: 10.96.0.30, ports: [{name: pg, port: 5432, protocol: TCP}]}"),
+                "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-manual
+  namespace: default
+  labels: {kubernetes.io/service-name: db, endpointslice.kubernetes.io/managed-by: staff}
+addressType: IPv4
+ports: [{name: pg, port: 5432}]
+endpoints: [{addresses: [192.168.5.5]}]
 "
-            .into(),
-            node_labels: &[],
-            frontends: expect(&[]),
-            diagnostics: vec![],
-        },
-        Case {
-            name: "services of another proxy are skipped",
-            yaml: "
-apiVersion: v1
-kind: Service
-metadata: {name: theirs, namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}
-spec: {clusterIP: 10.96.0.41, ports: [{port: 80}]}
+                .to_owned(),
+            ],
+        )
+        .frontends(&["10.96.0.30:5432/TCP default/db:pg cluster -> 192.168.5.5:5432"]),
+        case(
+            "other_namespace_slice",
+            "a slice names a service of its own namespace: a same-named service elsewhere is not it",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                web_slice("web-other", &[ep("10.244.9.9", NODE, READY)]).replace("namespace: default", "namespace: other"),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[(OrphanEndpointSlice, "EndpointSlice other/web-other")]),
+        case(
+            "duplicate_endpoint_later_slice_wins",
+            "an address in two slices is used once; a later slice's copy wins unless it is terminating (kube-proxy)",
+            &[
+                web(),
+                web_slice("web-a", &[ep("10.244.1.11", NODE, NOT_READY), ep("10.244.1.12", NODE, READY)]),
+                web_slice("web-b", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[WEB_11_12]),
+    ]
+}
+
+fn selection_cases() -> Vec<Case> {
+    vec![
+        case(
+            "external_name",
+            "an ExternalName service produces nothing (no diagnostic)",
+            &[service("ext", "", "{type: ExternalName, externalName: db.example.com}")],
+        ),
+        case(
+            "headless_cluster_ip_none",
+            "clusterIP None produces nothing; its slices are not orphans",
+            &[
+                service("hl", "", "{clusterIP: None, clusterIPs: [None], selector: {app: hl}, ports: [{name: http, port: 80}]}"),
+                slice("hl-1", "hl", "[{name: http, port: 80}]", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        ),
+        case(
+            "headless_label",
+            "the service.kubernetes.io/headless label skips a service even with a clusterIP",
+            &[
+                service("hl", "{service.kubernetes.io/headless: ''}", "{clusterIP: 10.96.0.40, ports: [{name: http, port: 80}]}"),
+                slice("hl-1", "hl", "[{name: http, port: 80}]", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        ),
+        case(
+            "other_proxy_skipped",
+            "service-proxy-name set while we have no proxy name: not ours",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service(
+                    "theirs",
+                    "{service.kubernetes.io/service-proxy-name: kpr}",
+                    "{clusterIP: 10.96.0.41, ports: [{name: http, port: 80}]}",
+                ),
+            ],
+        )
+        .frontends(&[WEB_11]),
+        case(
+            "proxy_name_selects",
+            "with proxy name kpr: services labelled kpr and unlabelled ones are ours, others not",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service(
+                    "ours",
+                    "{service.kubernetes.io/service-proxy-name: kpr}",
+                    "{clusterIP: 10.96.0.42, ports: [{name: http, port: 80}]}",
+                ),
+                service(
+                    "theirs",
+                    "{service.kubernetes.io/service-proxy-name: cilium}",
+                    "{clusterIP: 10.96.0.43, ports: [{name: http, port: 80}]}",
+                ),
+                service(
+                    "empty-label",
+                    "{service.kubernetes.io/service-proxy-name: ''}",
+                    "{clusterIP: 10.96.0.44, ports: [{name: http, port: 80}]}",
+                ),
+            ],
+        )
+        .proxy_name("kpr")
+        .frontends(&[WEB_11, "10.96.0.42:80/TCP default/ours:http cluster -> -"]),
+        case(
+            "cluster_ip_not_allocated",
+            "a service without any clusterIP (hand-written manifest) produces nothing",
+            &[service("raw", "", "{ports: [{name: http, port: 80}]}")],
+        ),
+        case(
+            "frontend_conflict",
+            "two services on one clusterIP:port: the first by namespace/name keeps it, reported",
+            &[
+                service("a", "", "{clusterIP: 10.96.0.45, ports: [{name: http, port: 80}]}"),
+                service("b", "", "{clusterIP: 10.96.0.45, ports: [{name: http, port: 80}, {name: https, port: 443}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.45:80/TCP default/a:http cluster -> -",
+            "10.96.0.45:443/TCP default/b:https cluster -> -",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service default/b")]),
+    ]
+}
+
+fn malformed_cases() -> Vec<Case> {
+    vec![
+        case(
+            "bad_cluster_ip",
+            "an unparsable clusterIP skips that service only",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service("broken", "", "{clusterIP: 10.96.0.300, ports: [{port: 80}]}"),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[(Malformed, "Service default/broken")]),
+        case(
+            "bad_service_ports",
+            "service ports 0 and 70000 are skipped; the service's valid port stays",
+            &[service(
+                "ports",
+                "",
+                "{clusterIP: 10.96.0.50, ports: [{name: zero, port: 0}, {name: big, port: 70000}, {name: ok, port: 81}]}",
+            )],
+        )
+        .frontends(&["10.96.0.50:81/TCP default/ports:ok cluster -> -"])
+        .diagnostics(&[(Malformed, "Service default/ports"), (Malformed, "Service default/ports")]),
+        case(
+            "bad_protocols",
+            "SCTP is unsupported and an unknown protocol malformed; the TCP port stays",
+            &[service(
+                "protos",
+                "",
+                "{clusterIP: 10.96.0.51, ports: [{name: s, port: 80, protocol: SCTP}, {name: i, port: 81, protocol: ICMP}, \
+                 {name: t, port: 82, protocol: TCP}]}",
+            )],
+        )
+        .frontends(&["10.96.0.51:82/TCP default/protos:t cluster -> -"])
+        .diagnostics(&[(UnsupportedProtocol, "Service default/protos"), (Malformed, "Service default/protos")]),
+        case(
+            "bad_endpoint_addresses",
+            "a non-IP and an IPv6 address in an IPv4 slice are skipped; the slice's other endpoints stay",
+            &[
+                web(),
+                web_slice(
+                    "web-7xk2p",
+                    &[ep("10.244.1.11", NODE, READY), ep("not-an-ip", NODE, READY), ep("fd00::11", NODE, READY)],
+                ),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[(Malformed, "EndpointSlice default/web-7xk2p"), (Malformed, "EndpointSlice default/web-7xk2p")]),
+        case(
+            "bad_slice_ports",
+            "slices with port 0 or 70000 are skipped; another slice of the service stays",
+            &[
+                web(),
+                slice("web-zero", "web", "[{name: http, port: 0}]", &[ep("10.244.1.13", NODE, READY)]),
+                slice("web-big", "web", "[{name: http, port: 70000}]", &[ep("10.244.1.14", NODE, READY)]),
+                slice("web-none", "web", "[{name: http}]", &[ep("10.244.1.15", NODE, READY)]),
+                web_slice("web-ok", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[(Malformed, "EndpointSlice default/web-zero"), (Malformed, "EndpointSlice default/web-big")]),
+        case(
+            "orphan_slices",
+            "slices for an unknown service or without the service-name label are reported",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                slice("ghost-1", "ghost", "[{name: http, port: 8080}]", &[ep("10.244.1.12", NODE, READY)]),
+                "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: nolabel, namespace: default}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.13]}]
 "
-            .into(),
-            node_labels: &[],
-            frontends: expect(&[]),
-            diagnostics: vec![],
-        },
-        Case {
-            name: "a malformed service is skipped with a diagnostic; the others stay",
-            yaml: format!(
-                "{WEB}{}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: broken, namespace: default}}
-spec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: badport, namespace: default}}
-spec: {{clusterIP: 10.96.0.51, ports: [{{port: 70000}}]}}
-",
-                slice("web-a", "web", "http", 8080, "[{addresses: [10.244.1.11]}, {addresses: [10.244.1.12]}]")
-            ),
-            node_labels: &[],
-            frontends: expect(&[("10.96.0.10:80/TCP", &web_8080)]),
-            diagnostics: vec![DiagnosticReason::Malformed, DiagnosticReason::Malformed],
-        },
-        Case {
-            name: "bad endpoint addresses and slices of unknown services are reported",
-            yaml: format!(
-                "{WEB}{}{}",
-                slice("web-a", "web", "http", 8080, "[{addresses: [10.244.1.11]}, {addresses: [not-an-ip]}]"),
-                slice("ghost-a", "ghost", "http", 8080, "[{addresses: [10.244.1.12]}]")
-            ),
-            node_labels: &[],
-            frontends: expect(&[("10.96.0.10:80/TCP", &["10.244.1.11:8080"])]),
-            diagnostics: vec![DiagnosticReason::Malformed, DiagnosticReason::OrphanEndpointSlice],
-        },
-        Case {
-            name: "IPv6 services are rejected cleanly",
-            yaml: "
-apiVersion: v1
-kind: Service
-metadata: {name: six, namespace: default}
-spec: {clusterIP: 'fd00::10', ipFamilies: [IPv6], ports: [{port: 80}]}
+                .to_owned(),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[
+            (OrphanEndpointSlice, "EndpointSlice default/ghost-1"),
+            (OrphanEndpointSlice, "EndpointSlice default/nolabel"),
+        ]),
+        case(
+            "address_types",
+            "FQDN and IPv6 slices are ignored silently; an unknown addressType is malformed",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                typed_slice("web-fqdn", "web", "FQDN", "[{name: http, port: 8080}]", &[ep("db.example.com", NODE, READY)]),
+                typed_slice("web-v6", "web", "IPv6", "[{name: http, port: 8080}]", &[ep("fd00::12", NODE, READY)]),
+                typed_slice("web-ipx", "web", "IPX", "[{name: http, port: 8080}]", &[ep("10.244.1.13", NODE, READY)]),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[(Malformed, "EndpointSlice default/web-ipx")]),
+        case(
+            "unparsable_objects",
+            "objects the API types reject are reported (by the source or the model); the rest is used",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service("words", "", "{clusterIP: 10.96.0.52, ports: [{name: http, port: eighty}]}"),
+                "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-notype, namespace: default, labels: {kubernetes.io/service-name: web}}
+endpoints: [{addresses: [10.244.1.12]}]
 "
-            .into(),
-            node_labels: &[],
-            frontends: expect(&[]),
-            diagnostics: vec![DiagnosticReason::UnsupportedIpFamily],
-        },
-        Case {
-            name: "internalTrafficPolicy Local keeps this node's endpoints only",
-            yaml: format!(
-                "
-apiVersion: v1
+                .to_owned(),
+                "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: [not, a, map]}\n".to_owned(),
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\ndata: {a: b}\n".to_owned(),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[
+            (Malformed, "Service in test.yaml (document 3)"),
+            // k8s-openapi reads a missing addressType as ""; the model reports it.
+            (Malformed, "EndpointSlice default/web-notype"),
+            (Malformed, "Node in test.yaml (document 5)"),
+        ]),
+        case(
+            "yaml_syntax_error",
+            "a YAML syntax error reports the file; documents before it are used",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                "kind: Service\nmetadata: {name: [unclosed\n".to_owned(),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[(UnreadableSource, "test.yaml (document 3)")]),
+        case(
+            "no_spec",
+            "a Service without spec is malformed",
+            &["apiVersion: v1\nkind: Service\nmetadata: {name: nospec, namespace: default}\n".to_owned()],
+        )
+        .diagnostics(&[(Malformed, "Service default/nospec")]),
+    ]
+}
+
+fn policy_cases() -> Vec<Case> {
+    let local = |extra: &str| {
+        service(
+            "local",
+            "",
+            &format!(
+                "{{clusterIP: 10.96.0.60, internalTrafficPolicy: Local, {extra}ports: [{{name: http, port: 80, targetPort: 8080}}]}}"
+            ),
+        )
+    };
+    let local_slice =
+        |endpoints: &[String]| slice("local-1", "local", "[{name: http, port: 8080}]", endpoints);
+    vec![
+        case(
+            "itp_local",
+            "internalTrafficPolicy Local: only endpoints with nodeName == this node",
+            &[local(""), local_slice(&[ep("10.244.1.11", NODE, READY), ep("10.244.2.11", "node-b", READY)])],
+        )
+        .frontends(&["10.96.0.60:80/TCP default/local:http cluster -> 10.244.1.11:8080"]),
+        case(
+            "itp_local_none_here",
+            "internalTrafficPolicy Local with endpoints on other nodes only: empty frontend that drops",
+            &[local(""), local_slice(&[ep("10.244.2.11", "node-b", READY)])],
+        )
+        .frontends(&["10.96.0.60:80/TCP default/local:http cluster -> - drop"]),
+        case(
+            "itp_local_none_anywhere",
+            "internalTrafficPolicy Local with no usable endpoint anywhere: empty frontend that rejects",
+            &[local(""), local_slice(&[ep("10.244.1.11", NODE, NOT_READY)])],
+        )
+        .frontends(&["10.96.0.60:80/TCP default/local:http cluster -> -"]),
+        case(
+            "itp_local_terminating_fallback",
+            "internalTrafficPolicy Local: a local serving-terminating endpoint beats a remote ready one",
+            &[
+                local(""),
+                local_slice(&[
+                    ep("10.244.1.11", NODE, TERMINATING),
+                    ep("10.244.1.12", NODE, NOT_READY),
+                    ep("10.244.2.11", "node-b", READY),
+                ]),
+            ],
+        )
+        .frontends(&["10.96.0.60:80/TCP default/local:http cluster -> 10.244.1.11:8080"]),
+        case(
+            "affinity_default_timeout",
+            "sessionAffinity ClientIP without config: AFFINITY with 10800 s",
+            &[
+                web_with("  sessionAffinityConfig: {}\n").replace("sessionAffinity: None", "sessionAffinity: ClientIP"),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&["10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.11:8080 affinity=10800"]),
+        case(
+            "affinity_custom_timeout",
+            "sessionAffinity ClientIP with timeoutSeconds 60: AFFINITY with 60 s",
+            &[
+                web_with("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n")
+                    .replace("sessionAffinity: None", "sessionAffinity: ClientIP"),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&["10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.11:8080 affinity=60"]),
+        case(
+            "affinity_timeout_out_of_range",
+            "timeoutSeconds 0 or above 86400 is reported and 10800 used",
+            &[
+                service(
+                    "zero",
+                    "",
+                    "{clusterIP: 10.96.0.71, sessionAffinity: ClientIP, \
+                     sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{name: http, port: 80}]}",
+                ),
+                service(
+                    "long",
+                    "",
+                    "{clusterIP: 10.96.0.72, sessionAffinity: ClientIP, \
+                     sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}, ports: [{name: http, port: 80}]}",
+                ),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.71:80/TCP default/zero:http cluster -> - affinity=10800",
+            "10.96.0.72:80/TCP default/long:http cluster -> - affinity=10800",
+        ])
+        .diagnostics(&[(Malformed, "Service default/zero"), (Malformed, "Service default/long")]),
+        case(
+            "affinity_none",
+            "sessionAffinity None with a config left over: no AFFINITY",
+            &[
+                web_with("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n"),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[WEB_11]),
+    ]
+}
+
+fn topology_cases() -> Vec<Case> {
+    let hinted = |ip: &str, zone: &str| {
+        ep(
+            ip,
+            "node-x",
+            &format!("{READY}, zone: {zone}, hints: {{forZones: [{{name: {zone}}}]}}"),
+        )
+    };
+    let zoned = |ip: &str, zone: &str| ep(ip, "node-x", &format!("{READY}, zone: {zone}"));
+    let prefer_close = "  trafficDistribution: PreferClose\n";
+    vec![
+        case(
+            "hints_same_zone",
+            "every endpoint hinted and the node in zone z1: z1 endpoints only",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z1}"),
+                web(),
+                web_slice("web-7xk2p", &[hinted("10.244.1.11", "z1"), hinted("10.244.1.12", "z2")]),
+            ],
+        )
+        .frontends(&[WEB_11]),
+        case(
+            "hints_incomplete",
+            "one ready endpoint without hints: hints ignored, all endpoints",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z1}"),
+                web(),
+                web_slice("web-7xk2p", &[hinted("10.244.1.11", "z1"), zoned("10.244.1.12", "z2")]),
+            ],
+        )
+        .frontends(&[WEB_11_12]),
+        case(
+            "hints_not_ready_unhinted",
+            "an unhinted endpoint that is not ready does not disable hints",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z1}"),
+                web(),
+                web_slice(
+                    "web-7xk2p",
+                    &[hinted("10.244.1.11", "z1"), hinted("10.244.1.12", "z2"), ep("10.244.1.13", "node-x", NOT_READY)],
+                ),
+            ],
+        )
+        .frontends(&[WEB_11]),
+        case(
+            "hints_node_without_zone",
+            "this node has no zone label (another node's label is not ours): hints ignored",
+            &[
+                node(NODE, "{kubernetes.io/hostname: node-a}"),
+                node("node-b", "{topology.kubernetes.io/zone: z1}"),
+                web(),
+                web_slice("web-7xk2p", &[hinted("10.244.1.11", "z1"), hinted("10.244.1.12", "z2")]),
+            ],
+        )
+        .frontends(&[WEB_11_12]),
+        case(
+            "hints_other_zones_only",
+            "no endpoint is hinted for this node's zone: hints ignored",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z3}"),
+                web(),
+                web_slice("web-7xk2p", &[hinted("10.244.1.11", "z1"), hinted("10.244.1.12", "z2")]),
+            ],
+        )
+        .frontends(&[WEB_11_12]),
+        case(
+            "prefer_close_with_hints",
+            "trafficDistribution PreferClose: the controller's zone hints are honoured",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z2}"),
+                web_with(prefer_close),
+                web_slice("web-7xk2p", &[hinted("10.244.1.11", "z1"), hinted("10.244.1.12", "z2")]),
+            ],
+        )
+        .frontends(&["10.96.0.10:80/TCP default/web:http cluster -> 10.244.1.12:8080"]),
+        case(
+            "prefer_close_without_hints",
+            "trafficDistribution PreferClose before the controller wrote hints: all endpoints",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z1}"),
+                web_with(prefer_close),
+                web_slice("web-7xk2p", &[zoned("10.244.1.11", "z1"), zoned("10.244.1.12", "z2")]),
+            ],
+        )
+        .frontends(&[WEB_11_12]),
+        case(
+            "node_hints",
+            "forNodes hints on every endpoint (PreferSameNode): this node's endpoints, before zones",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z1}"),
+                web(),
+                web_slice(
+                    "web-7xk2p",
+                    &[
+                        ep("10.244.1.11", NODE, &format!("{READY}, hints: {{forNodes: [{{name: node-a}}], forZones: [{{name: z2}}]}}")),
+                        ep("10.244.1.12", "node-b", &format!("{READY}, hints: {{forNodes: [{{name: node-b}}], forZones: [{{name: z1}}]}}")),
+                    ],
+                ),
+            ],
+        )
+        .frontends(&[WEB_11]),
+        case(
+            "node_hints_not_for_us",
+            "forNodes hints naming other nodes only: zone hints decide",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z1}"),
+                web(),
+                web_slice(
+                    "web-7xk2p",
+                    &[
+                        ep("10.244.1.11", "node-b", &format!("{READY}, hints: {{forNodes: [{{name: node-b}}], forZones: [{{name: z1}}]}}")),
+                        ep("10.244.1.12", "node-c", &format!("{READY}, hints: {{forNodes: [{{name: node-c}}], forZones: [{{name: z2}}]}}")),
+                    ],
+                ),
+            ],
+        )
+        .frontends(&[WEB_11]),
+        case(
+            "terminating_fallback_ignores_hints",
+            "no ready endpoint: every serving-terminating endpoint, whatever its hints",
+            &[
+                node(NODE, "{topology.kubernetes.io/zone: z1}"),
+                web(),
+                web_slice(
+                    "web-7xk2p",
+                    &[
+                        ep("10.244.1.11", "node-x", &format!("{TERMINATING}, hints: {{forZones: [{{name: z1}}]}}")),
+                        ep("10.244.1.12", "node-x", &format!("{TERMINATING}, hints: {{forZones: [{{name: z2}}]}}")),
+                    ],
+                ),
+            ],
+        )
+        .frontends(&[WEB_11_12]),
+    ]
+}
+
+fn external_cases() -> Vec<Case> {
+    let lb = |extra_spec: &str| {
+        format!(
+            "apiVersion: v1
 kind: Service
-metadata: {{name: local, namespace: default}}
+metadata: {{name: lb, namespace: default}}
 spec:
-  clusterIP: 10.96.0.60
-  internalTrafficPolicy: Local
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-{}",
-                slice(
-                    "local-a",
-                    "local",
-                    "http",
-                    8080,
-                    "[{addresses: [10.244.1.11], nodeName: node-a}, {addresses: [10.244.2.11], nodeName: node-b}]"
-                )
-            ),
-            node_labels: &[],
-            frontends: expect(&[("10.96.0.60:80/TCP", &["10.244.1.11:8080"])]),
-            diagnostics: vec![],
+  type: LoadBalancer
+  clusterIP: 10.96.0.80
+  clusterIPs: [10.96.0.80]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}]
+  selector: {{app: lb}}
+{extra_spec}status:
+  loadBalancer:
+    ingress:
+    - {{ip: 198.51.100.7, ipMode: VIP}}
+    - {{hostname: lb.example.com}}
+    - {{ip: 198.51.100.8, ipMode: Proxy}}
+    - {{ip: 198.51.100.9}}
+"
+        )
+    };
+    let lb_slice =
+        |endpoints: &[String]| slice("lb-1", "lb", "[{name: http, port: 8080}]", endpoints);
+    let both = [
+        ep("10.244.1.11", NODE, READY),
+        ep("10.244.2.11", "node-b", READY),
+    ];
+    vec![
+        case(
+            "external_ips",
+            "externalIPs get EXTERNAL frontends with the cluster backends; duplicates once",
+            &[
+                web_with("  externalIPs: [203.0.113.10, 203.0.113.11, 203.0.113.10]\n"),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            WEB_11,
+            "203.0.113.10:80/TCP default/web:http external -> 10.244.1.11:8080 ext",
+            "203.0.113.11:80/TCP default/web:http external -> 10.244.1.11:8080 ext",
+        ]),
+        case(
+            "node_port",
+            "type NodePort: a frontend per node address on the nodePort",
+            &[
+                service(
+                    "np",
+                    "",
+                    "{type: NodePort, clusterIP: 10.96.0.81, externalTrafficPolicy: Cluster, \
+                     ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]}",
+                ),
+                slice("np-1", "np", "[{name: http, port: 8080}]", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.81:80/TCP default/np:http cluster -> 10.244.1.11:8080",
+            "192.168.1.10:30081/TCP default/np:http nodeport -> 10.244.1.11:8080 ext",
+            "192.168.1.11:30081/TCP default/np:http nodeport -> 10.244.1.11:8080 ext",
+        ]),
+        case(
+            "node_port_ignored_on_cluster_ip_type",
+            "a nodePort on a ClusterIP-type service opens nothing",
+            &[service(
+                "cip",
+                "",
+                "{type: ClusterIP, clusterIP: 10.96.0.82, ports: [{name: http, port: 80, nodePort: 30082}]}",
+            )],
+        )
+        .frontends(&["10.96.0.82:80/TCP default/cip:http cluster -> -"]),
+        case(
+            "load_balancer",
+            "LoadBalancer: VIP-mode ingress IPs (not Proxy, not hostnames), NodePorts, source ranges on LB only",
+            &[lb("  loadBalancerSourceRanges: [203.0.113.0/24]\n"), lb_slice(&both)],
+        )
+        .frontends(&[
+            "10.96.0.80:80/TCP default/lb:http cluster -> 10.244.1.11:8080,10.244.2.11:8080",
+            "198.51.100.7:80/TCP default/lb:http lb -> 10.244.1.11:8080,10.244.2.11:8080 ext src-ranges",
+            "198.51.100.9:80/TCP default/lb:http lb -> 10.244.1.11:8080,10.244.2.11:8080 ext src-ranges",
+            "192.168.1.10:30080/TCP default/lb:http nodeport -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+            "192.168.1.11:30080/TCP default/lb:http nodeport -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+        ]),
+        case(
+            "external_traffic_policy_local",
+            "externalTrafficPolicy Local: external frontends get local endpoints, plus an internal-scope twin",
+            &[lb("  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n"), lb_slice(&both)],
+        )
+        .frontends(&[
+            "10.96.0.80:80/TCP default/lb:http cluster -> 10.244.1.11:8080,10.244.2.11:8080",
+            "198.51.100.7:80/TCP default/lb:http lb -> 10.244.1.11:8080 ext ext-local has-internal",
+            "198.51.100.7:80/TCP/internal default/lb:http lb -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+            "198.51.100.9:80/TCP default/lb:http lb -> 10.244.1.11:8080 ext ext-local has-internal",
+            "198.51.100.9:80/TCP/internal default/lb:http lb -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+            "192.168.1.10:30080/TCP default/lb:http nodeport -> 10.244.1.11:8080 ext ext-local has-internal",
+            "192.168.1.10:30080/TCP/internal default/lb:http nodeport -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+            "192.168.1.11:30080/TCP default/lb:http nodeport -> 10.244.1.11:8080 ext ext-local has-internal",
+            "192.168.1.11:30080/TCP/internal default/lb:http nodeport -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+        ]),
+        case(
+            "external_traffic_policy_local_none_here",
+            "externalTrafficPolicy Local with endpoints elsewhere only: external frontends drop",
+            &[lb("  externalTrafficPolicy: Local\n"), lb_slice(&[ep("10.244.2.11", "node-b", READY)])],
+        )
+        .frontends(&[
+            "10.96.0.80:80/TCP default/lb:http cluster -> 10.244.2.11:8080",
+            "198.51.100.7:80/TCP default/lb:http lb -> - drop ext ext-local has-internal",
+            "198.51.100.7:80/TCP/internal default/lb:http lb -> 10.244.2.11:8080 ext",
+            "198.51.100.9:80/TCP default/lb:http lb -> - drop ext ext-local has-internal",
+            "198.51.100.9:80/TCP/internal default/lb:http lb -> 10.244.2.11:8080 ext",
+            "192.168.1.10:30080/TCP default/lb:http nodeport -> - drop ext ext-local has-internal",
+            "192.168.1.10:30080/TCP/internal default/lb:http nodeport -> 10.244.2.11:8080 ext",
+            "192.168.1.11:30080/TCP default/lb:http nodeport -> - drop ext ext-local has-internal",
+            "192.168.1.11:30080/TCP/internal default/lb:http nodeport -> 10.244.2.11:8080 ext",
+        ]),
+        case(
+            "load_balancer_without_node_ports",
+            "allocateLoadBalancerNodePorts false: ingress IPs only",
+            &[
+                lb("  allocateLoadBalancerNodePorts: false\n").replace(", nodePort: 30080", ""),
+                lb_slice(&[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.80:80/TCP default/lb:http cluster -> 10.244.1.11:8080",
+            "198.51.100.7:80/TCP default/lb:http lb -> 10.244.1.11:8080 ext",
+            "198.51.100.9:80/TCP default/lb:http lb -> 10.244.1.11:8080 ext",
+        ]),
+        case(
+            "bad_external_addresses",
+            "a bad externalIP, an IPv6 externalIP and a bad nodePort are reported; the rest stays",
+            &[
+                service(
+                    "np",
+                    "",
+                    "{type: NodePort, clusterIP: 10.96.0.83, externalIPs: [203.0.113.20, 203.0.113.999, '2001:db8::20'], \
+                     ports: [{name: http, port: 80, nodePort: 70000}]}",
+                ),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.83:80/TCP default/np:http cluster -> -",
+            "203.0.113.20:80/TCP default/np:http external -> - ext",
+        ])
+        .diagnostics(&[
+            (Malformed, "Service default/np"),
+            (UnsupportedIpFamily, "Service default/np"),
+            (Malformed, "Service default/np"),
+        ]),
+    ]
+}
+
+fn ip_family_cases() -> Vec<Case> {
+    vec![
+        case(
+            "ipv6_only",
+            "ipFamilies [IPv6] is rejected with a diagnostic; its IPv6 slice is ignored; others stay",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service(
+                    "six",
+                    "",
+                    "{clusterIP: 'fd00::10', clusterIPs: ['fd00::10'], ipFamilies: [IPv6], ipFamilyPolicy: SingleStack, \
+                     type: NodePort, ports: [{name: http, port: 80, nodePort: 30090}]}",
+                ),
+                typed_slice("six-1", "six", "IPv6", "[{name: http, port: 8080}]", &[ep("fd00::1:11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[WEB_11])
+        .diagnostics(&[(UnsupportedIpFamily, "Service default/six")]),
+        case(
+            "dual_stack",
+            "dual-stack service: the IPv4 half is programmed, the IPv6 clusterIP reported",
+            &[
+                service(
+                    "dual",
+                    "",
+                    "{clusterIP: 10.96.0.90, clusterIPs: [10.96.0.90, 'fd00::90'], ipFamilies: [IPv4, IPv6], \
+                     ipFamilyPolicy: RequireDualStack, ports: [{name: http, port: 80}]}",
+                ),
+                slice("dual-v4", "dual", "[{name: http, port: 8080}]", &[ep("10.244.1.11", NODE, READY)]),
+                typed_slice("dual-v6", "dual", "IPv6", "[{name: http, port: 8080}]", &[ep("fd00::1:11", NODE, READY)]),
+            ],
+        )
+        .frontends(&["10.96.0.90:80/TCP default/dual:http cluster -> 10.244.1.11:8080"])
+        .diagnostics(&[(UnsupportedIpFamily, "Service default/dual")]),
+    ]
+}
+
+fn all_cases() -> Vec<Case> {
+    let mut cases = endpoint_cases();
+    cases.extend(selection_cases());
+    cases.extend(malformed_cases());
+    cases.extend(policy_cases());
+    cases.extend(topology_cases());
+    cases.extend(external_cases());
+    cases.extend(ip_family_cases());
+    cases
+}
+
+/// Runs every case and reports all mismatches at once.
+#[test]
+fn model_table() {
+    let mut failures = Vec::new();
+    let mut names = BTreeSet::new();
+    let cases = all_cases();
+    for case in &cases {
+        assert!(names.insert(case.name), "duplicate case name {}", case.name);
+        let (desired, diagnostics) = run(&case.yaml, &settings(case.proxy_name));
+        let got: BTreeSet<String> = desired
+            .frontends
+            .iter()
+            .map(|(key, spec)| render(key, spec))
+            .collect();
+        let want: BTreeSet<String> = case.frontends.iter().map(|s| (*s).to_owned()).collect();
+        if got != want {
+            failures.push(format!(
+                "{} ({}): frontends\n  missing    {:#?}\n  unexpected {:#?}",
+                case.name,
+                case.description,
+                want.difference(&got).collect::<Vec<_>>(),
+                got.difference(&want).collect::<Vec<_>>(),
+            ));
+        }
+        let mut got: Vec<(DiagnosticReason, &str)> = diagnostics
+            .iter()
+            .map(|d| (d.reason, d.object.as_str()))
+            .collect();
+        got.sort_unstable();
+        let mut want = case.diagnostics.clone();
+        want.sort_unstable();
+        if got != want {
+            failures.push(format!(
+                "{} ({}): diagnostics\n  want {want:?}\n  got  {diagnostics:#?}",
+                case.name, case.description
+            ));
+        }
+        if let Some(empty) = diagnostics.iter().find(|d| d.message.is_empty()) {
+            failures.push(format!(
+                "{}: diagnostic without message {empty:?}",
+                case.name
+            ));
+        }
+        // The model is a function: the same input gives the same output.
+        if run(&case.yaml, &settings(case.proxy_name)).0 != desired {
+            failures.push(format!("{}: not deterministic", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+/// All the malformed rows in one cluster at once: however many objects are broken,
+/// `web` keeps exactly its frontend.
+#[test]
+fn malformed_objects_do_not_disturb_others() {
+    let mut parts = vec![
+        web(),
+        web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+    ];
+    for case in malformed_cases() {
+        // Drop syntax errors (they end the stream) and the cases' own web objects.
+        if case.name == "yaml_syntax_error" {
+            continue;
+        }
+        parts.extend(
+            case.yaml
+                .split("---\n")
+                .filter(|doc| !doc.contains("name: web\n") && !doc.contains("name: web-7xk2p\n"))
+                .map(str::to_owned),
+        );
+    }
+    let (desired, diagnostics) = run(&docs(&parts), &settings(None));
+    assert!(!diagnostics.is_empty());
+    let web = desired
+        .frontends
+        .iter()
+        .find(|(_, spec)| spec.service_port.service.name == "web")
+        .map(|(key, spec)| render(key, spec));
+    assert_eq!(web.as_deref(), Some(WEB_11), "{diagnostics:#?}");
+}
+
+#[test]
+fn default_settings_open_no_node_ports() {
+    let yaml = service(
+        "np",
+        "",
+        "{type: NodePort, clusterIP: 10.96.0.81, ports: [{name: http, port: 80, nodePort: 30081}]}",
+    );
+    let (desired, diagnostics) = run(&yaml, &ModelSettings::default());
+    assert!(diagnostics.is_empty(), "{diagnostics:?}");
+    let kinds: Vec<FrontendKind> = desired.frontends.values().map(|spec| spec.kind).collect();
+    assert_eq!(kinds, [FrontendKind::ClusterIp]);
+}
+
+#[test]
+fn empty_state_gives_nothing() {
+    let desired = desired(&ClusterState::default(), &ModelSettings::default());
+    assert_eq!(desired, Desired::default());
+}
+
+/// Reproduces a divergence from kube-proxy, see the helper's report: the API (and
+/// kube-proxy's `endpointslicecache.go`) read an unset `serving` as true, so a
+/// not-ready terminating endpoint without `serving` is a fallback endpoint.
+#[test]
+fn serving_unset_counts_as_serving() {
+    let yaml = docs(&[
+        web(),
+        web_slice(
+            "web-7xk2p",
+            &[ep(
+                "10.244.1.11",
+                NODE,
+                "conditions: {ready: false, terminating: true}",
+            )],
+        ),
+    ]);
+    let (desired, _) = run(&yaml, &settings(None));
+    let lines: Vec<String> = desired
+        .frontends
+        .iter()
+        .map(|(k, s)| render(k, s))
+        .collect();
+    assert_eq!(lines, [WEB_11]);
+}
+
+/// Reproduces a divergence from kube-proxy, see the helper's report: when one address
+/// is in two slices (pod IP reused, or an endpoint moving between slices), kube-proxy
+/// prefers the non-terminating entry; the model keeps the first slice's by name.
+#[test]
+fn duplicate_endpoint_prefers_the_non_terminating_one() {
+    let yaml = docs(&[
+        web(),
+        web_slice(
+            "web-a",
+            &[
+                ep("10.244.1.11", NODE, TERMINATING),
+                ep("10.244.1.12", NODE, READY),
+            ],
+        ),
+        web_slice("web-b", &[ep("10.244.1.11", NODE, READY)]),
+    ]);
+    let (desired, _) = run(&yaml, &settings(None));
+    let lines: Vec<String> = desired
+        .frontends
+        .iter()
+        .map(|(k, s)| render(k, s))
+        .collect();
+    assert_eq!(lines, [WEB_11_12]);
+}
+
+// ---------------------------------------------------------------------------------
+// `categorize` (model/endpoints.rs) on hand-made endpoints.
+
+/// Endpoint shorthand: `10.244.<node>.<n>:8080`; node 1 is local.
+#[derive(Clone, Copy)]
+struct Ep {
+    node: u8,
+    n: u8,
+    /// ready, serving, terminating.
+    state: (bool, bool, bool),
+    zones: &'static [&'static str],
+    nodes: &'static [&'static str],
+}
+
+const R: (bool, bool, bool) = (true, true, false);
+const T: (bool, bool, bool) = (false, true, true);
+const N: (bool, bool, bool) = (false, false, false);
+
+const fn e(node: u8, n: u8, state: (bool, bool, bool)) -> Ep {
+    Ep {
+        node,
+        n,
+        state,
+        zones: &[],
+        nodes: &[],
+    }
+}
+
+const fn z(node: u8, n: u8, zones: &'static [&'static str]) -> Ep {
+    Ep {
+        node,
+        n,
+        state: R,
+        zones,
+        nodes: &[],
+    }
+}
+
+impl Ep {
+    fn addr(self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 244, self.node, self.n), 8080)
+    }
+
+    fn endpoint(self) -> Endpoint {
+        let set = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect();
+        Endpoint {
+            addr: self.addr(),
+            ready: self.state.0,
+            serving: self.state.1,
+            terminating: self.state.2,
+            is_local: self.node == 1,
+            zone_hints: set(self.zones),
+            node_hints: set(self.nodes),
+        }
+    }
+}
+
+const CLUSTER: Policies = Policies {
+    internal_local: false,
+    external_local: false,
+    has_external: false,
+};
+const INTERNAL_LOCAL: Policies = Policies {
+    internal_local: true,
+    external_local: false,
+    has_external: false,
+};
+const EXTERNAL_LOCAL: Policies = Policies {
+    internal_local: false,
+    external_local: true,
+    has_external: true,
+};
+const INTERNAL_LOCAL_EXTERNAL_CLUSTER: Policies = Policies {
+    internal_local: true,
+    external_local: false,
+    has_external: true,
+};
+
+struct CategorizeCase {
+    name: &'static str,
+    description: &'static str,
+    endpoints: Vec<Ep>,
+    policies: Policies,
+    zone: &'static str,
+    cluster: &'static [(u8, u8)],
+    local: &'static [(u8, u8)],
+    has_any: bool,
+}
+
+fn categorize_cases() -> Vec<CategorizeCase> {
+    const NODE_HINTED: &[Ep] = &[
+        Ep {
+            nodes: &["node-a"],
+            ..z(1, 1, &["z2"])
         },
-        Case {
-            name: "topology hints are honoured when every endpoint has them",
-            yaml: format!(
-                "{WEB}{}",
-                slice(
-                    "web-a",
-                    "web",
-                    "http",
-                    8080,
-                    "[{addresses: [10.244.1.11], zone: z1, hints: {forZones: [{name: z1}]}},
-                      {addresses: [10.244.1.12], zone: z2, hints: {forZones: [{name: z2}]}}]"
-                )
-            ),
-            node_labels: &[("topology.kubernetes.io/zone", "z1")],
-            frontends: expect(&[("10.96.0.10:80/TCP", &["10.244.1.11:8080"])]),
-            diagnostics: vec![],
+        Ep {
+            nodes: &["node-b"],
+            ..z(2, 1, &["z1"])
         },
-        Case {
-            name: "topology hints are ignored when one endpoint lacks them",
-            yaml: format!(
-                "{WEB}{}",
-                slice(
-                    "web-a",
-                    "web",
-                    "http",
-                    8080,
-                    "[{addresses: [10.244.1.11], zone: z1, hints: {forZones: [{name: z1}]}},
-                      {addresses: [10.244.1.12], zone: z2}]"
-                )
-            ),
-            node_labels: &[("topology.kubernetes.io/zone", "z1")],
-            frontends: expect(&[("10.96.0.10:80/TCP", &web_8080)]),
-            diagnostics: vec![],
+    ];
+    vec![
+        CategorizeCase {
+            name: "empty",
+            description: "no endpoints: nothing, and nothing anywhere (reject)",
+            endpoints: vec![],
+            policies: EXTERNAL_LOCAL,
+            zone: "z1",
+            cluster: &[],
+            local: &[],
+            has_any: false,
+        },
+        CategorizeCase {
+            name: "cluster_ready",
+            description: "Cluster policy: ready endpoints on any node; no local set computed",
+            endpoints: vec![e(1, 1, R), e(2, 1, R), e(2, 2, T), e(2, 3, N)],
+            policies: CLUSTER,
+            zone: "",
+            cluster: &[(1, 1), (2, 1)],
+            local: &[],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "cluster_terminating_fallback",
+            description: "Cluster policy, none ready: serving-terminating endpoints",
+            endpoints: vec![e(1, 1, N), e(2, 1, T), e(2, 2, (false, false, true))],
+            policies: CLUSTER,
+            zone: "",
+            cluster: &[(2, 1)],
+            local: &[],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "cluster_none_usable",
+            description: "Cluster policy, nothing ready or serving-terminating: reject",
+            endpoints: vec![e(1, 1, N), e(2, 1, (false, true, false))],
+            policies: CLUSTER,
+            zone: "",
+            cluster: &[],
+            local: &[],
+            has_any: false,
+        },
+        CategorizeCase {
+            name: "internal_local",
+            description: "internal Local: local ready endpoints; no cluster set computed",
+            endpoints: vec![e(1, 1, R), e(1, 2, T), e(2, 1, R)],
+            policies: INTERNAL_LOCAL,
+            zone: "",
+            cluster: &[],
+            local: &[(1, 1)],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "internal_local_terminating_fallback",
+            description: "internal Local, no local ready: local serving-terminating ones",
+            endpoints: vec![e(1, 1, N), e(1, 2, T), e(2, 1, R)],
+            policies: INTERNAL_LOCAL,
+            zone: "",
+            cluster: &[],
+            local: &[(1, 2)],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "internal_local_none_here",
+            description: "internal Local, endpoints elsewhere only: empty but has_any (drop)",
+            endpoints: vec![e(2, 1, R), e(1, 1, N)],
+            policies: INTERNAL_LOCAL,
+            zone: "",
+            cluster: &[],
+            local: &[],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "internal_local_terminating_elsewhere",
+            description:
+                "internal Local, only a remote serving-terminating endpoint: has_any (drop)",
+            endpoints: vec![e(2, 1, T)],
+            policies: INTERNAL_LOCAL,
+            zone: "",
+            cluster: &[],
+            local: &[],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "external_local",
+            description: "external Local: cluster set for internal traffic, local set for external",
+            endpoints: vec![e(1, 1, R), e(2, 1, R)],
+            policies: EXTERNAL_LOCAL,
+            zone: "",
+            cluster: &[(1, 1), (2, 1)],
+            local: &[(1, 1)],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "internal_local_external_cluster",
+            description: "internal Local with external Cluster: both sets",
+            endpoints: vec![e(1, 1, R), e(2, 1, R)],
+            policies: INTERNAL_LOCAL_EXTERNAL_CLUSTER,
+            zone: "",
+            cluster: &[(1, 1), (2, 1)],
+            local: &[(1, 1)],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "zone_hints",
+            description: "every ready endpoint zone-hinted, one for our zone: hinted ones only",
+            endpoints: vec![
+                z(1, 1, &["z2"]),
+                z(2, 1, &["z1"]),
+                z(2, 2, &["z1", "z2"]),
+                e(3, 1, N),
+            ],
+            policies: CLUSTER,
+            zone: "z1",
+            cluster: &[(2, 1), (2, 2)],
+            local: &[],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "zone_hints_no_zone",
+            description: "zone hints but this node has no zone: all ready endpoints",
+            endpoints: vec![z(1, 1, &["z2"]), z(2, 1, &["z1"])],
+            policies: CLUSTER,
+            zone: "",
+            cluster: &[(1, 1), (2, 1)],
+            local: &[],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "zone_hints_partial",
+            description: "one ready endpoint without zone hints: all ready endpoints",
+            endpoints: vec![z(1, 1, &["z2"]), z(2, 1, &["z1"]), e(2, 2, R)],
+            policies: CLUSTER,
+            zone: "z1",
+            cluster: &[(1, 1), (2, 1), (2, 2)],
+            local: &[],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "zone_hints_do_not_touch_local",
+            description: "external Local: zone hints shape the cluster set, never the local one",
+            endpoints: vec![z(1, 1, &["z2"]), z(2, 1, &["z1"])],
+            policies: EXTERNAL_LOCAL,
+            zone: "z1",
+            cluster: &[(2, 1)],
+            local: &[(1, 1)],
+            has_any: true,
+        },
+        CategorizeCase {
+            name: "node_hints",
+            description: "every ready endpoint node-hinted, one for us: same node beats same zone",
+            endpoints: NODE_HINTED.to_vec(),
+            policies: CLUSTER,
+            zone: "z1",
+            cluster: &[(1, 1)],
+            local: &[],
+            has_any: true,
         },
     ]
 }
 
 #[test]
-fn model_table() {
-    let settings = ModelSettings::default();
+fn categorize_table() {
     let mut failures = Vec::new();
-    for case in cases() {
-        let (desired, diagnostics) = run(&case.yaml, case.node_labels, &settings);
-        let got = summary(&desired);
-        if got != case.frontends {
+    for case in categorize_cases() {
+        let endpoints: Vec<Endpoint> = case.endpoints.iter().map(|ep| ep.endpoint()).collect();
+        let got = categorize(&endpoints, case.policies, NODE, case.zone);
+        let addrs = |pairs: &[(u8, u8)]| -> Vec<SocketAddrV4> {
+            pairs
+                .iter()
+                .map(|&(node, n)| e(node, n, R).addr())
+                .collect()
+        };
+        let want = Categorized {
+            cluster: addrs(case.cluster),
+            local: addrs(case.local),
+            has_any: case.has_any,
+        };
+        if got != want {
             failures.push(format!(
-                "{}: frontends\n  want {:?}\n  got  {:?}",
-                case.name, case.frontends, got
-            ));
-        }
-        let mut reasons: Vec<DiagnosticReason> = diagnostics.iter().map(|d| d.reason).collect();
-        reasons.sort();
-        let mut want = case.diagnostics.clone();
-        want.sort();
-        if reasons != want {
-            failures.push(format!(
-                "{}: diagnostics\n  want {want:?}\n  got  {diagnostics:?}",
-                case.name
+                "{} ({}):\n  want {want:?}\n  got  {got:?}",
+                case.name, case.description
             ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-#[test]
-fn session_affinity_sets_the_flag_and_timeout() {
-    let yaml = |config: &str| {
-        format!(
-            "
-apiVersion: v1
-kind: Service
-metadata: {{name: sticky, namespace: default}}
-spec:
-  clusterIP: 10.96.0.70
-  sessionAffinity: ClientIP
-  {config}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-{}",
-            slice(
-                "sticky-a",
-                "sticky",
-                "http",
-                8080,
-                "[{addresses: [10.244.1.11]}]"
-            )
-        )
-    };
-    for (config, timeout) in [
-        ("", 10_800),
-        (
-            "sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
-            60,
-        ),
-    ] {
-        let (desired, _) = run(&yaml(config), &[], &ModelSettings::default());
-        let spec = desired.frontends.values().next().expect("one frontend");
-        assert_ne!(spec.flags & service_flags::AFFINITY, 0);
-        assert_eq!(spec.affinity_timeout_s, timeout, "{config}");
-    }
-}
-
-#[test]
-fn a_service_without_endpoints_is_kept_to_reject() {
-    let (desired, _) = run(WEB, &[], &ModelSettings::default());
-    let spec = desired.frontends.values().next().expect("frontend kept");
-    assert!(spec.backends.is_empty());
-    assert_eq!(
-        spec.flags & service_flags::DROP_WHEN_EMPTY,
-        0,
-        "rejects, not drops"
-    );
-}
-
-#[test]
-fn our_proxy_name_selects_labelled_services() {
-    let yaml = "
-apiVersion: v1
-kind: Service
-metadata: {name: ours, namespace: default, labels: {service.kubernetes.io/service-proxy-name: kpr}}
-spec: {clusterIP: 10.96.0.42, ports: [{port: 80}]}
-";
-    let settings = ModelSettings {
-        proxy_name: Some("kpr".into()),
-        ..ModelSettings::default()
-    };
-    let (desired, _) = run(yaml, &[], &settings);
-    assert_eq!(desired.frontends.len(), 1);
-    let key = desired.frontends.keys().next().expect("frontend");
-    assert_eq!((key.port, key.proto), (80, proto::TCP));
 }

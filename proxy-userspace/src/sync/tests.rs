@@ -1,9 +1,13 @@
-//! Syncer tests against an in-memory map pair that behaves like the kernel's hash maps
-//! (capacity included). The syncer's contract is about which writes it issues and in
-//! what order; the real maps are exercised by the datapath and lab tests.
+//! Syncer tests against in-memory maps. The syncer's contract is which writes it
+//! issues and in what order; the real BPF maps are exercised by the datapath and lab
+//! tests. The fake maps:
+//! - log every applied op in a readable form (`put slot 10.96.0.10:80/TCP#2 = ...`),
+//! - check after every op the invariant the datapath relies on (a frontend with count
+//!   `n` has slots `1..=n`, each naming an existing backend),
+//! - fail with `map_full` on the Nth write, or when the service map is at capacity.
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use proxy_common::{proto, scope};
+use proxy_common::{proto, scope, service_flags};
 
 use super::*;
 use crate::{
@@ -11,29 +15,175 @@ use crate::{
     state::ObjectKey,
 };
 
-/// Hash maps with a capacity, recording every op.
+// ---------------------------------------------------------------------------------
+// The fake maps.
+
 #[derive(Default)]
 struct FakeMaps {
     services: HashMap<ServiceKeyV4, ServiceValueV4>,
     backends: HashMap<u32, BackendV4>,
+    /// The service map holds at most this many entries (like a BPF hash map's
+    /// max_entries): inserting a new key beyond it fails with `map_full`.
     service_capacity: Option<usize>,
-    ops: Vec<MapOp>,
+    /// The Nth write from now (1-based, counting failed ones) fails with `map_full`.
+    fail_on: Option<usize>,
+    writes: usize,
+    /// Applied ops, rendered.
+    log: Vec<String>,
+    /// Invariant violations, with the op that caused them.
+    violations: Vec<String>,
+}
+
+fn frontend_name(key: &ServiceKeyV4) -> String {
+    let mut name = format!(
+        "{}:{}/{}",
+        key.addr.to_ipv4(),
+        key.port.to_host(),
+        match key.proto {
+            proto::TCP => "TCP",
+            proto::UDP => "UDP",
+            _ => "?",
+        }
+    );
+    if key.scope == scope::INTERNAL {
+        name.push_str("/internal");
+    }
+    name
+}
+
+fn backend_name(backend: &BackendV4) -> String {
+    format!("{}:{}", backend.addr.to_ipv4(), backend.port.to_host())
+}
+
+impl FakeMaps {
+    fn at_capacity(capacity: usize) -> Self {
+        Self {
+            service_capacity: Some(capacity),
+            ..Self::default()
+        }
+    }
+
+    fn failing_on(write: usize) -> Self {
+        Self {
+            fail_on: Some(write),
+            ..Self::default()
+        }
+    }
+
+    fn backend(&self, id: u32) -> String {
+        self.backends
+            .get(&id)
+            .map_or_else(|| format!("<no backend {id}>"), backend_name)
+    }
+
+    fn render(&self, op: &MapOp) -> String {
+        match *op {
+            MapOp::PutBackend { backend, .. } => format!("put backend {}", backend_name(&backend)),
+            MapOp::DeleteBackend { id } => format!("delete backend {}", self.backend(id)),
+            MapOp::PutService { key, value } if key.slot == 0 => {
+                let mut line =
+                    format!("put frontend {} count={}", frontend_name(&key), value.count);
+                if value.flags != 0 {
+                    line.push_str(&format!(" flags={:#x}", value.flags));
+                }
+                if value.affinity_timeout_s != 0 {
+                    line.push_str(&format!(" affinity={}", value.affinity_timeout_s));
+                }
+                line
+            }
+            MapOp::PutService { key, value } => format!(
+                "put slot {}#{} = {}",
+                frontend_name(&key),
+                key.slot,
+                self.backend(value.backend_id)
+            ),
+            MapOp::DeleteService { key } if key.slot == 0 => {
+                format!("delete frontend {}", frontend_name(&key))
+            }
+            MapOp::DeleteService { key } => {
+                format!("delete slot {}#{}", frontend_name(&key), key.slot)
+            }
+        }
+    }
+
+    /// What a packet can see: every frontend's count, slots and backends are whole.
+    fn check_invariant(&mut self, after: &str) {
+        for (key, head) in self.services.iter().filter(|(key, _)| key.slot == 0) {
+            for slot in 1..=head.count {
+                let value = self.services.get(&ServiceKeyV4 { slot, ..*key });
+                let problem = match value {
+                    None => Some(format!("slot {slot} missing")),
+                    Some(value) if !self.backends.contains_key(&value.backend_id) => Some(format!(
+                        "slot {slot} names missing backend {}",
+                        value.backend_id
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(problem) = problem {
+                    self.violations.push(format!(
+                        "after `{after}`: {} count={}: {problem}",
+                        frontend_name(key),
+                        head.count
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The frontends as the datapath resolves them, one line each, sorted.
+    fn resolved(&self) -> Vec<String> {
+        let mut heads: Vec<(&ServiceKeyV4, &ServiceValueV4)> = self
+            .services
+            .iter()
+            .filter(|(key, _)| key.slot == 0)
+            .collect();
+        heads.sort_by_key(|(key, _)| **key);
+        heads
+            .into_iter()
+            .map(|(key, head)| {
+                let mut backends: Vec<(Ipv4Addr, u16)> = (1..=head.count)
+                    .filter_map(|slot| self.services.get(&ServiceKeyV4 { slot, ..*key }))
+                    .filter_map(|value| self.backends.get(&value.backend_id))
+                    .map(|b| (b.addr.to_ipv4(), b.port.to_host()))
+                    .collect();
+                backends.sort_unstable();
+                let backends: Vec<String> = backends
+                    .iter()
+                    .map(|(addr, port)| format!("{addr}:{port}"))
+                    .collect();
+                format!("{} -> {}", frontend_name(key), backends.join(","))
+            })
+            .collect()
+    }
+
+    fn mirror(&self) -> Mirror {
+        Mirror {
+            services: self.services.clone(),
+            backends: self.backends.clone(),
+        }
+    }
 }
 
 impl MapWriter for FakeMaps {
     fn apply(&mut self, op: &MapOp) -> Result<(), WriteError> {
+        self.writes += 1;
+        let full = |message: &str| WriteError {
+            op: *op,
+            message: message.to_owned(),
+            map_full: true,
+        };
+        if self.fail_on == Some(self.writes) {
+            return Err(full("injected: ENOSPC"));
+        }
+        if let (MapOp::PutService { key, .. }, Some(capacity)) = (op, self.service_capacity) {
+            if self.services.len() >= capacity && !self.services.contains_key(key) {
+                return Err(full("E2BIG"));
+            }
+        }
+        // Rendered before applying, so deletions still show what they delete.
+        let line = self.render(op);
         match *op {
             MapOp::PutService { key, value } => {
-                let full = self
-                    .service_capacity
-                    .is_some_and(|capacity| self.services.len() >= capacity);
-                if full && !self.services.contains_key(&key) {
-                    return Err(WriteError {
-                        op: *op,
-                        message: "E2BIG".into(),
-                        map_full: true,
-                    });
-                }
                 self.services.insert(key, value);
             }
             MapOp::DeleteService { key } => {
@@ -46,149 +196,870 @@ impl MapWriter for FakeMaps {
                 self.backends.remove(&id);
             }
         }
-        self.ops.push(*op);
+        self.check_invariant(&line);
+        self.log.push(line);
         Ok(())
     }
 }
 
-fn frontend(name: &str, last_octet: u8, backends: &[u8]) -> (FrontendKey, FrontendSpec) {
-    (
-        FrontendKey {
-            addr: Ipv4Addr::new(10, 96, 0, last_octet),
+// ---------------------------------------------------------------------------------
+// Desired frontends, written compactly.
+
+/// A frontend of service `name` (port `http`) on `10.96.0.<octet>:80/TCP` with backends
+/// `10.244.1.<b>:8080`.
+#[derive(Clone)]
+struct Fe {
+    name: &'static str,
+    key: FrontendKey,
+    kind: FrontendKind,
+    backends: Vec<u8>,
+    flags: u16,
+    affinity_timeout_s: u32,
+}
+
+fn fe(name: &'static str, octet: u8, backends: &[u8]) -> Fe {
+    Fe {
+        name,
+        key: FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, octet),
             port: 80,
             proto: proto::TCP,
             scope: scope::DEFAULT,
         },
-        FrontendSpec {
-            service_port: ServicePortName {
-                service: ObjectKey::new("default", name),
-                port: "http".into(),
-                proto: proto::TCP,
-            },
-            kind: FrontendKind::ClusterIp,
-            backends: backends
-                .iter()
-                .map(|octet| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, *octet), 8080))
-                .collect(),
-            flags: 0,
-            affinity_timeout_s: 0,
-        },
-    )
+        kind: FrontendKind::ClusterIp,
+        backends: backends.to_vec(),
+        flags: 0,
+        affinity_timeout_s: 0,
+    }
 }
 
-fn desired(frontends: &[(FrontendKey, FrontendSpec)]) -> Desired {
+impl Fe {
+    /// The same service port on a NodePort.
+    fn node_port(mut self, node_port: u16) -> Self {
+        self.key.addr = Ipv4Addr::new(192, 168, 1, 10);
+        self.key.port = node_port;
+        self.kind = FrontendKind::NodePort;
+        self.flags |= service_flags::EXTERNAL;
+        self
+    }
+
+    fn affinity(mut self, timeout: u32) -> Self {
+        self.flags |= service_flags::AFFINITY;
+        self.affinity_timeout_s = timeout;
+        self
+    }
+
+    fn udp(mut self) -> Self {
+        self.key.proto = proto::UDP;
+        self
+    }
+
+    fn service_port(&self) -> ServicePortName {
+        ServicePortName {
+            service: ObjectKey::new("default", self.name),
+            port: "http".into(),
+            proto: self.key.proto,
+        }
+    }
+
+    fn spec(&self) -> FrontendSpec {
+        FrontendSpec {
+            service_port: self.service_port(),
+            kind: self.kind,
+            backends: self
+                .backends
+                .iter()
+                .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, *b), 8080))
+                .collect(),
+            flags: self.flags,
+            affinity_timeout_s: self.affinity_timeout_s,
+        }
+    }
+}
+
+fn desired(frontends: &[Fe]) -> Desired {
     Desired {
-        frontends: frontends.iter().cloned().collect(),
+        frontends: frontends.iter().map(|fe| (fe.key, fe.spec())).collect(),
         diagnostics: Vec::new(),
     }
 }
 
-/// Every frontend's backends as the maps resolve them.
-fn resolved(maps: &FakeMaps) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
-    maps.services
+/// What `desired` resolves to, as [`FakeMaps::resolved`] writes it.
+fn resolved(frontends: &[Fe]) -> Vec<String> {
+    let mut sorted = frontends.to_vec();
+    sorted.sort_by_key(|fe| service_key(&fe.key, 0));
+    sorted
         .iter()
-        .filter(|(key, _)| key.slot == 0)
-        .map(|(key, value)| {
-            let mut backends: Vec<Ipv4Addr> = (1..=value.count)
-                .map(|slot| maps.services[&ServiceKeyV4 { slot, ..*key }].backend_id)
-                .map(|id| maps.backends[&id].addr.to_ipv4())
+        .map(|fe| {
+            let mut backends = fe.backends.clone();
+            backends.sort_unstable();
+            let backends: Vec<String> = backends
+                .iter()
+                .map(|b| format!("10.244.1.{b}:8080"))
                 .collect();
-            backends.sort();
-            (key.addr.to_ipv4(), backends)
+            format!(
+                "{} -> {}",
+                frontend_name(&service_key(&fe.key, 0)),
+                backends.join(",")
+            )
         })
         .collect()
 }
 
-fn ip(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, 1, last)
+/// Syncs and checks what must hold after every pass: the mirror equals the maps, and
+/// no op broke the datapath invariant.
+fn sync(syncer: &mut Syncer, fake: &mut FakeMaps, frontends: &[Fe]) -> SyncReport {
+    let before = fake.log.len();
+    let report = syncer.sync(&desired(frontends), fake);
+    assert!(fake.violations.is_empty(), "{:#?}", fake.violations);
+    assert_eq!(
+        syncer.mirror(),
+        &fake.mirror(),
+        "mirror differs from the maps"
+    );
+    assert_eq!(report.ops_applied, fake.log.len() - before, "ops_applied");
+    report
+}
+
+/// `(service, backend)` pairs of a report, by name, sorted.
+fn removed_pairs(
+    report: &SyncReport,
+    service_names: &HashMap<u32, &str>,
+    backend_names: &HashMap<u32, String>,
+) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = report
+        .removed_pairs
+        .iter()
+        .map(|(service, backend)| {
+            (
+                service_names
+                    .get(service)
+                    .map_or_else(|| format!("<service {service}>"), |name| (*name).to_owned()),
+                backend_names
+                    .get(backend)
+                    .cloned()
+                    .unwrap_or_else(|| format!("<backend {backend}>")),
+            )
+        })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+// ---------------------------------------------------------------------------------
+// Transitions: sync `before`, then `after`; check the exact ops of the second pass.
+
+struct Transition {
+    name: &'static str,
+    description: &'static str,
+    before: Vec<Fe>,
+    after: Vec<Fe>,
+    /// The second pass's ops, in order.
+    ops: &'static [&'static str],
+    /// `(service, backend)` pairs reported for flow cleanup.
+    removed: &'static [(&'static str, &'static str)],
+}
+
+fn transitions() -> Vec<Transition> {
+    let web = |backends: &[u8]| fe("web", 10, backends);
+    let dns = fe("dns", 53, &[21]);
+    vec![
+        Transition {
+            name: "first_sync",
+            description: "empty maps: backends, then slots, then the frontend, for each frontend",
+            before: vec![],
+            after: vec![web(&[11, 12]), dns.clone()],
+            ops: &[
+                "put backend 10.244.1.11:8080",
+                "put backend 10.244.1.12:8080",
+                "put slot 10.96.0.10:80/TCP#1 = 10.244.1.11:8080",
+                "put slot 10.96.0.10:80/TCP#2 = 10.244.1.12:8080",
+                "put frontend 10.96.0.10:80/TCP count=2",
+                "put backend 10.244.1.21:8080",
+                "put slot 10.96.0.53:80/TCP#1 = 10.244.1.21:8080",
+                "put frontend 10.96.0.53:80/TCP count=1",
+            ],
+            removed: &[],
+        },
+        Transition {
+            name: "identical",
+            description: "the same desired state again writes nothing",
+            before: vec![web(&[11, 12]), dns.clone()],
+            after: vec![web(&[11, 12]), dns.clone()],
+            ops: &[],
+            removed: &[],
+        },
+        Transition {
+            name: "last_backend_removed",
+            description:
+                "count lowered first, then the slot, then the unused backend; dns untouched",
+            before: vec![web(&[11, 12, 13]), dns.clone()],
+            after: vec![web(&[11, 12]), dns.clone()],
+            ops: &[
+                "put frontend 10.96.0.10:80/TCP count=2",
+                "delete slot 10.96.0.10:80/TCP#3",
+                "delete backend 10.244.1.13:8080",
+            ],
+            removed: &[("web", "10.244.1.13:8080")],
+        },
+        Transition {
+            name: "middle_backend_removed",
+            description: "the last backend moves into the freed slot before the count shrinks",
+            before: vec![web(&[11, 12, 13])],
+            after: vec![web(&[11, 13])],
+            ops: &[
+                "put slot 10.96.0.10:80/TCP#2 = 10.244.1.13:8080",
+                "put frontend 10.96.0.10:80/TCP count=2",
+                "delete slot 10.96.0.10:80/TCP#3",
+                "delete backend 10.244.1.12:8080",
+            ],
+            removed: &[("web", "10.244.1.12:8080")],
+        },
+        Transition {
+            name: "backend_added",
+            description: "backend, then slot, then the raised count; nothing reported removed",
+            before: vec![web(&[11])],
+            after: vec![web(&[11, 12])],
+            ops: &[
+                "put backend 10.244.1.12:8080",
+                "put slot 10.96.0.10:80/TCP#2 = 10.244.1.12:8080",
+                "put frontend 10.96.0.10:80/TCP count=2",
+            ],
+            removed: &[],
+        },
+        Transition {
+            name: "backend_replaced",
+            description: "same count: the slot is rewritten, the frontend entry is not",
+            before: vec![web(&[11])],
+            after: vec![web(&[12])],
+            ops: &[
+                "put backend 10.244.1.12:8080",
+                "put slot 10.96.0.10:80/TCP#1 = 10.244.1.12:8080",
+                "delete backend 10.244.1.11:8080",
+            ],
+            removed: &[("web", "10.244.1.11:8080")],
+        },
+        Transition {
+            name: "to_no_backends",
+            description: "the frontend stays with count 0 (to reject or drop)",
+            before: vec![web(&[11])],
+            after: vec![web(&[])],
+            ops: &[
+                "put frontend 10.96.0.10:80/TCP count=0",
+                "delete slot 10.96.0.10:80/TCP#1",
+                "delete backend 10.244.1.11:8080",
+            ],
+            removed: &[("web", "10.244.1.11:8080")],
+        },
+        Transition {
+            name: "service_deleted",
+            description: "frontend entry first, then its slots, then its backends; dns untouched",
+            before: vec![web(&[11, 12]), dns.clone()],
+            after: vec![dns.clone()],
+            ops: &[
+                "delete frontend 10.96.0.10:80/TCP",
+                "delete slot 10.96.0.10:80/TCP#1",
+                "delete slot 10.96.0.10:80/TCP#2",
+                "delete backend 10.244.1.11:8080",
+                "delete backend 10.244.1.12:8080",
+            ],
+            removed: &[("web", "10.244.1.11:8080"), ("web", "10.244.1.12:8080")],
+        },
+        Transition {
+            name: "everything_deleted",
+            description: "an empty desired state empties the maps",
+            before: vec![web(&[11]), dns.clone()],
+            after: vec![],
+            ops: &[
+                "delete frontend 10.96.0.10:80/TCP",
+                "delete slot 10.96.0.10:80/TCP#1",
+                "delete frontend 10.96.0.53:80/TCP",
+                "delete slot 10.96.0.53:80/TCP#1",
+                "delete backend 10.244.1.11:8080",
+                "delete backend 10.244.1.21:8080",
+            ],
+            removed: &[("dns", "10.244.1.21:8080"), ("web", "10.244.1.11:8080")],
+        },
+        Transition {
+            name: "flags_changed",
+            description: "only the frontend entry is rewritten when affinity is turned on",
+            before: vec![web(&[11])],
+            after: vec![web(&[11]).affinity(10_800)],
+            ops: &["put frontend 10.96.0.10:80/TCP count=1 flags=0x1 affinity=10800"],
+            removed: &[],
+        },
+        Transition {
+            name: "shared_backend",
+            description: "a backend another service still uses is not deleted",
+            before: vec![web(&[11, 12]), fe("api", 20, &[11])],
+            after: vec![web(&[12]), fe("api", 20, &[11])],
+            ops: &[
+                "put slot 10.96.0.10:80/TCP#1 = 10.244.1.12:8080",
+                "put frontend 10.96.0.10:80/TCP count=1",
+                "delete slot 10.96.0.10:80/TCP#2",
+            ],
+            removed: &[("web", "10.244.1.11:8080")],
+        },
+        Transition {
+            name: "node_port_added",
+            description: "a new frontend of a service reuses its backends (no backend write)",
+            before: vec![web(&[11])],
+            after: vec![web(&[11]), web(&[11]).node_port(30080)],
+            ops: &[
+                "put slot 192.168.1.10:30080/TCP#1 = 10.244.1.11:8080",
+                "put frontend 192.168.1.10:30080/TCP count=1 flags=0x8",
+            ],
+            removed: &[],
+        },
+        Transition {
+            name: "udp_twin",
+            description: "the same address over UDP is another backend entry",
+            before: vec![web(&[11])],
+            after: vec![web(&[11]), fe("web", 10, &[11]).udp()],
+            ops: &[
+                "put backend 10.244.1.11:8080",
+                "put slot 10.96.0.10:80/UDP#1 = 10.244.1.11:8080",
+                "put frontend 10.96.0.10:80/UDP count=1",
+            ],
+            removed: &[],
+        },
+    ]
 }
 
 #[test]
-fn writes_only_the_difference() {
-    let mut maps = FakeMaps::default();
-    let mut syncer = Syncer::default();
-    let state = desired(&[
-        frontend("web", 10, &[11, 12, 13]),
-        frontend("dns", 53, &[21]),
-    ]);
-    let report = syncer.sync(&state, &mut maps);
-    assert!(report.failures.is_empty());
-    assert_eq!(
-        resolved(&maps)[&Ipv4Addr::new(10, 96, 0, 10)],
-        [ip(11), ip(12), ip(13)]
-    );
-    let first_ops = maps.ops.len();
+fn transition_table() {
+    let mut failures = Vec::new();
+    for case in transitions() {
+        let mut fake = FakeMaps::default();
+        let mut syncer = Syncer::default();
+        let first = sync(&mut syncer, &mut fake, &case.before);
+        assert!(
+            first.failures.is_empty(),
+            "{}: {:?}",
+            case.name,
+            first.failures
+        );
+        assert_eq!(
+            fake.resolved(),
+            resolved(&case.before),
+            "{}: before",
+            case.name
+        );
 
-    // The same state again: nothing to write.
-    let report = syncer.sync(&state, &mut maps);
-    assert_eq!(report.ops_applied, 0);
-    assert_eq!(maps.ops.len(), first_ops);
+        // Names of ids, as known before the second pass (deleted things included).
+        let mut service_names: HashMap<u32, &str> = HashMap::new();
+        for fe in case.before.iter().chain(&case.after) {
+            if let Some(id) = syncer.service_id(&fe.service_port()) {
+                service_names.insert(id, fe.name);
+            }
+        }
+        let mut backend_names: HashMap<u32, String> = fake
+            .backends
+            .iter()
+            .map(|(id, b)| (*id, backend_name(b)))
+            .collect();
 
-    // One backend leaves web: dns is not touched, and the pair is reported for flow cleanup.
-    maps.ops.clear();
-    let report = syncer.sync(
-        &desired(&[frontend("web", 10, &[11, 12]), frontend("dns", 53, &[21])]),
-        &mut maps,
-    );
-    assert_eq!(
-        resolved(&maps)[&Ipv4Addr::new(10, 96, 0, 10)],
-        [ip(11), ip(12)]
-    );
-    assert_eq!(report.removed_pairs.len(), 1, "{:?}", report.removed_pairs);
-    assert!(maps.ops.iter().all(|op| match op {
-        MapOp::PutService { key, .. } | MapOp::DeleteService { key } =>
-            key.addr.to_ipv4() == Ipv4Addr::new(10, 96, 0, 10),
-        _ => true,
-    }));
+        fake.log.clear();
+        let report = sync(&mut syncer, &mut fake, &case.after);
+        backend_names.extend(fake.backends.iter().map(|(id, b)| (*id, backend_name(b))));
+        let problems = [
+            (fake.log != case.ops)
+                .then(|| format!("ops\n    want {:#?}\n    got  {:#?}", case.ops, fake.log)),
+            (fake.resolved() != resolved(&case.after)).then(|| {
+                format!(
+                    "maps\n    want {:#?}\n    got  {:#?}",
+                    resolved(&case.after),
+                    fake.resolved()
+                )
+            }),
+            {
+                let got = removed_pairs(&report, &service_names, &backend_names);
+                let want: Vec<(String, String)> = case
+                    .removed
+                    .iter()
+                    .map(|(s, b)| ((*s).to_owned(), (*b).to_owned()))
+                    .collect();
+                (got != want).then(|| format!("removed pairs\n    want {want:?}\n    got  {got:?}"))
+            },
+            (!report.failures.is_empty() || !report.cleanup_errors.is_empty())
+                .then(|| format!("errors {:?} {:?}", report.failures, report.cleanup_errors)),
+        ];
+        for problem in problems.into_iter().flatten() {
+            failures.push(format!("{} ({}): {problem}", case.name, case.description));
+        }
 
-    // A service deleted: its entries go.
-    syncer.sync(&desired(&[frontend("dns", 53, &[21])]), &mut maps);
-    assert_eq!(
-        resolved(&maps).keys().copied().collect::<Vec<_>>(),
-        [Ipv4Addr::new(10, 96, 0, 53)]
-    );
-    assert_eq!(maps.backends.len(), 1, "unused backends are removed");
+        // Whatever the transition, one more pass has nothing to do.
+        fake.log.clear();
+        let again = sync(&mut syncer, &mut fake, &case.after);
+        if again.ops_applied != 0 {
+            failures.push(format!("{}: third pass wrote {:?}", case.name, fake.log));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------
+// Failures: a write refused (map full) fails that frontend only.
+
+enum Fault {
+    /// The Nth write of the second pass fails.
+    OnWrite(usize),
+    /// The service map holds this many entries at most during the second pass.
+    Capacity(usize),
+}
+
+struct FailureCase {
+    name: &'static str,
+    description: &'static str,
+    before: Vec<Fe>,
+    after: Vec<Fe>,
+    fault: Fault,
+    /// Services in `report.failures`.
+    failed: &'static [&'static str],
+    cleanup_errors: usize,
+    /// What the maps resolve to after the failed pass.
+    programmed: Vec<Fe>,
+}
+
+fn failure_cases() -> Vec<FailureCase> {
+    let a = fe("a", 10, &[11, 12]);
+    let b = fe("b", 20, &[13]);
+    let c = fe("c", 30, &[14]);
+    vec![
+        FailureCase {
+            name: "new_frontend_head_refused",
+            description: "b's frontend entry is refused (write 8): a and c programmed, b's slot and backend cleaned",
+            before: vec![],
+            after: vec![a.clone(), b.clone(), c.clone()],
+            fault: Fault::OnWrite(8),
+            failed: &["b"],
+            cleanup_errors: 0,
+            programmed: vec![a.clone(), c.clone()],
+        },
+        FailureCase {
+            name: "new_backend_refused",
+            description: "b's backend is refused (write 6): nothing of b is written",
+            before: vec![],
+            after: vec![a.clone(), b.clone(), c.clone()],
+            fault: Fault::OnWrite(6),
+            failed: &["b"],
+            cleanup_errors: 0,
+            programmed: vec![a.clone(), c.clone()],
+        },
+        FailureCase {
+            name: "service_map_full",
+            description: "room for a (3 entries): b and c are refused, a stays whole",
+            before: vec![],
+            after: vec![a.clone(), b.clone(), c.clone()],
+            fault: Fault::Capacity(3),
+            failed: &["b", "c"],
+            cleanup_errors: 0,
+            programmed: vec![a.clone()],
+        },
+        FailureCase {
+            name: "growing_frontend_refused",
+            description: "a new slot for a does not fit: a keeps its old backends, b is untouched",
+            before: vec![a.clone(), b.clone()],
+            after: vec![fe("a", 10, &[11, 12, 15]), b.clone()],
+            fault: Fault::Capacity(5),
+            failed: &["a"],
+            cleanup_errors: 0,
+            programmed: vec![a.clone(), b.clone()],
+        },
+        FailureCase {
+            name: "first_write_refused",
+            description: "the very first write fails: that frontend only",
+            before: vec![],
+            after: vec![a.clone(), b.clone()],
+            fault: Fault::OnWrite(1),
+            failed: &["a"],
+            cleanup_errors: 0,
+            programmed: vec![b.clone()],
+        },
+        FailureCase {
+            name: "delete_refused",
+            description: "deleting b's frontend fails: reported as cleanup error, b stays whole, a unaffected",
+            before: vec![a.clone(), b.clone()],
+            after: vec![a.clone()],
+            fault: Fault::OnWrite(1),
+            failed: &[],
+            cleanup_errors: 1,
+            programmed: vec![a.clone(), b.clone()],
+        },
+        FailureCase {
+            name: "backend_delete_refused",
+            description: "deleting b's unused backend fails: b is gone from the service map, error reported",
+            before: vec![a.clone(), b.clone()],
+            after: vec![a.clone()],
+            fault: Fault::OnWrite(3),
+            failed: &[],
+            cleanup_errors: 1,
+            programmed: vec![a.clone()],
+        },
+    ]
 }
 
 #[test]
-fn a_full_map_fails_one_service_and_keeps_the_others() {
-    // Room for web (1 frontend + 2 slots) and nothing more.
-    let mut maps = FakeMaps {
-        service_capacity: Some(3),
-        ..FakeMaps::default()
-    };
+fn failure_table() {
+    let mut failures = Vec::new();
+    for case in failure_cases() {
+        let mut fake = FakeMaps::default();
+        let mut syncer = Syncer::default();
+        let first = sync(&mut syncer, &mut fake, &case.before);
+        assert!(first.failures.is_empty(), "{}", case.name);
+
+        match case.fault {
+            Fault::OnWrite(n) => {
+                fake.writes = 0;
+                fake.fail_on = Some(n);
+            }
+            Fault::Capacity(n) => fake.service_capacity = Some(n),
+        }
+        let report = sync(&mut syncer, &mut fake, &case.after);
+        let mut failed: Vec<&str> = report
+            .failures
+            .iter()
+            .map(|f| f.service_port.service.name.as_str())
+            .collect();
+        failed.sort_unstable();
+        if failed != case.failed {
+            failures.push(format!(
+                "{} ({}): failed {failed:?}, want {:?}",
+                case.name, case.description, case.failed
+            ));
+        }
+        if report.failures.iter().any(|f| !f.error.map_full)
+            || report.cleanup_errors.iter().any(|e| !e.map_full)
+        {
+            failures.push(format!("{}: map_full lost", case.name));
+        }
+        for failure in &report.failures {
+            let fe = case.after.iter().find(|fe| fe.key == failure.frontend);
+            if fe.map(Fe::service_port) != Some(failure.service_port.clone()) {
+                failures.push(format!("{}: failure names the wrong frontend", case.name));
+            }
+        }
+        if report.cleanup_errors.len() != case.cleanup_errors {
+            failures.push(format!(
+                "{}: cleanup errors {:?}, want {}",
+                case.name, report.cleanup_errors, case.cleanup_errors
+            ));
+        }
+        if fake.resolved() != resolved(&case.programmed) {
+            failures.push(format!(
+                "{} ({}): after the failed pass\n    want {:#?}\n    got  {:#?}",
+                case.name,
+                case.description,
+                resolved(&case.programmed),
+                fake.resolved()
+            ));
+        }
+        // No backend the maps hold is unused, unless a failed delete left it.
+        if case.cleanup_errors == 0 {
+            let used: BTreeSet<u32> = fake
+                .services
+                .iter()
+                .filter(|(key, _)| key.slot != 0)
+                .map(|(_, value)| value.backend_id)
+                .collect();
+            if fake.backends.keys().any(|id| !used.contains(id)) {
+                failures.push(format!("{}: unused backend left behind", case.name));
+            }
+        }
+
+        // The fault goes away: the next pass completes the job.
+        fake.fail_on = None;
+        fake.service_capacity = None;
+        let retry = sync(&mut syncer, &mut fake, &case.after);
+        if !retry.failures.is_empty() || !retry.cleanup_errors.is_empty() {
+            failures.push(format!("{}: retry failed {:?}", case.name, retry.failures));
+        }
+        if fake.resolved() != resolved(&case.after) {
+            failures.push(format!(
+                "{}: after the retry\n    want {:#?}\n    got  {:#?}",
+                case.name,
+                resolved(&case.after),
+                fake.resolved()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Reproduces a syncer bug, see the helper's report: when a frontend's update fails
+/// part-way, the slots already rewritten (or cut by the lowered count) no longer name
+/// the old backends, which are then deleted as unused, but their (service, backend)
+/// pairs are never reported, so their UDP flows and affinities are never forgotten.
+#[test]
+#[ignore = "syncer bug: removed_pairs lost when a frontend update fails part-way (sync/mod.rs)"]
+fn a_part_way_failure_still_reports_removed_pairs() {
+    // Replacing every backend; the third slot does not fit.
+    let mut fake = FakeMaps::default();
     let mut syncer = Syncer::default();
-    let report = syncer.sync(
-        &desired(&[
-            frontend("a-web", 10, &[11, 12]),
-            frontend("b-big", 20, &[11, 12, 13]),
-        ]),
-        &mut maps,
-    );
-    assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
-    assert!(report.failures[0].error.map_full);
-    assert_eq!(report.failures[0].service_port.service.name, "b-big");
+    sync(&mut syncer, &mut fake, &[fe("web", 10, &[11, 12])]);
+    let web = syncer
+        .service_id(&fe("web", 10, &[]).service_port())
+        .expect("web has an id");
+    let old: BTreeSet<u32> = fake.backends.keys().copied().collect();
+    fake.service_capacity = Some(3);
+    let report = sync(&mut syncer, &mut fake, &[fe("web", 10, &[13, 14, 15])]);
+    assert_eq!(report.failures.len(), 1);
     assert_eq!(
-        resolved(&maps)[&Ipv4Addr::new(10, 96, 0, 10)],
-        [ip(11), ip(12)]
+        fake.resolved(),
+        ["10.96.0.10:80/TCP -> 10.244.1.13:8080,10.244.1.14:8080"],
+        "part-way state"
     );
     assert!(
-        !resolved(&maps).contains_key(&Ipv4Addr::new(10, 96, 0, 20)),
-        "no half-written frontend"
+        old.iter().all(|id| !fake.backends.contains_key(id)),
+        "old backends deleted"
     );
+    let want: BTreeSet<(u32, u32)> = old.iter().map(|id| (web, *id)).collect();
+    assert_eq!(report.removed_pairs, want);
+}
+
+/// Same bug, shrinking: the count is lowered, then deleting a slot fails.
+#[test]
+#[ignore = "syncer bug: removed_pairs lost when a frontend update fails part-way (sync/mod.rs)"]
+fn a_failed_slot_delete_still_reports_removed_pairs() {
+    let mut fake = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    sync(&mut syncer, &mut fake, &[fe("web", 10, &[11, 12, 13])]);
+    let web = syncer
+        .service_id(&fe("web", 10, &[]).service_port())
+        .expect("web has an id");
+    let ids: HashMap<String, u32> = fake
+        .backends
+        .iter()
+        .map(|(id, b)| (backend_name(b), *id))
+        .collect();
+    // Ops: count=1, delete slot 2 (refused), delete slot 3.
+    fake.writes = 0;
+    fake.fail_on = Some(2);
+    let report = sync(&mut syncer, &mut fake, &[fe("web", 10, &[11])]);
+    assert_eq!(fake.resolved(), ["10.96.0.10:80/TCP -> 10.244.1.11:8080"]);
+    let want: BTreeSet<(u32, u32)> = ["10.244.1.12:8080", "10.244.1.13:8080"]
+        .iter()
+        .map(|b| (web, ids[*b]))
+        .collect();
+    assert_eq!(report.removed_pairs, want);
+}
+
+// ---------------------------------------------------------------------------------
+// Ids and adoption.
+
+#[test]
+fn service_ids_are_shared_and_stable() {
+    let mut fake = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    let web = fe("web", 10, &[11]);
+    let state = [
+        web.clone(),
+        web.clone().node_port(30080),
+        fe("dns", 53, &[21]),
+    ];
+    sync(&mut syncer, &mut fake, &state);
+    let id = |syncer: &Syncer, fe: &Fe| syncer.service_id(&fe.service_port()).expect("an id");
+    let web_id = id(&syncer, &web);
+    assert_ne!(web_id, 0);
+    assert_ne!(web_id, id(&syncer, &state[2]), "one id per service port");
+    let heads: Vec<u32> = fake
+        .services
+        .iter()
+        .filter(|(key, _)| {
+            key.slot == 0 && key.addr != Be32::from_ipv4(Ipv4Addr::new(10, 96, 0, 53))
+        })
+        .map(|(_, value)| value.service_id)
+        .collect();
+    assert_eq!(
+        heads,
+        [web_id, web_id],
+        "every frontend of web carries its id"
+    );
+
+    // Backends change: the id does not.
+    sync(
+        &mut syncer,
+        &mut fake,
+        &[fe("web", 10, &[12]), state[2].clone()],
+    );
+    assert_eq!(id(&syncer, &web), web_id);
+
+    // web goes and comes back: its id is forgotten, and it gets another.
+    sync(&mut syncer, &mut fake, &[state[2].clone()]);
+    assert_eq!(syncer.service_id(&web.service_port()), None);
+    sync(&mut syncer, &mut fake, &state);
+    assert_ne!(id(&syncer, &web), web_id);
+}
+
+/// A design question rather than a crash, see the helper's report: the id of a service
+/// deleted in one pass is handed to the next new service at once (the allocator stays on
+/// the last id it gave). Conntrack and affinity entries are keyed by service id, and the
+/// datapath trusts an affinity entry's backend without checking it belongs to the
+/// service, so an entry whose cleanup was missed would steer the new service's clients.
+#[test]
+#[ignore = "syncer: a deleted service's id is reused by the next new service (sync/mod.rs)"]
+fn a_deleted_services_id_is_not_handed_out_at_once() {
+    let mut fake = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    let (a, b, c) = (fe("a", 10, &[11]), fe("b", 20, &[11]), fe("c", 30, &[11]));
+    sync(&mut syncer, &mut fake, &[a.clone(), b.clone()]);
+    let b_id = syncer.service_id(&b.service_port()).expect("id");
+    sync(&mut syncer, &mut fake, std::slice::from_ref(&a));
+    sync(&mut syncer, &mut fake, &[a, c.clone()]);
+    assert_ne!(syncer.service_id(&c.service_port()), Some(b_id));
 }
 
 #[test]
-fn an_adopted_mirror_needs_no_writes() {
-    let mut maps = FakeMaps::default();
-    let state = desired(&[frontend("web", 10, &[11, 12, 13])]);
-    Syncer::default().sync(&state, &mut maps);
-    // A restarted agent reads the maps back and syncs the same state.
-    let mirror = Mirror {
-        services: maps.services.clone(),
-        backends: maps.backends.clone(),
+fn adopting_the_maps_then_syncing_the_same_state_writes_nothing() {
+    let state = [
+        fe("web", 10, &[11, 12, 13]).affinity(60),
+        fe("web", 10, &[11, 12, 13]).affinity(60).node_port(30080),
+        fe("dns", 53, &[21]).udp(),
+    ];
+    let mut fake = FakeMaps::default();
+    let mut first = Syncer::default();
+    sync(&mut first, &mut fake, &state);
+
+    // A restarted agent reads the maps back.
+    let mut adopted = Syncer::adopt(fake.mirror());
+    fake.log.clear();
+    let report = sync(&mut adopted, &mut fake, &state);
+    assert_eq!(report.ops_applied, 0, "{:#?}", fake.log);
+    assert!(report.removed_pairs.is_empty());
+    for fe in &state {
+        assert_eq!(
+            adopted.service_id(&fe.service_port()),
+            first.service_id(&fe.service_port()),
+            "{} keeps its id",
+            fe.name
+        );
+    }
+
+    // The adopted syncer then writes differences only, and new ids do not collide.
+    let mut changed = state.to_vec();
+    changed[0].backends = vec![11, 12];
+    changed[1].backends = vec![11, 12];
+    changed.push(fe("new", 99, &[31]));
+    let report = sync(&mut adopted, &mut fake, &changed);
+    assert_eq!(
+        fake.log,
+        [
+            "put frontend 10.96.0.10:80/TCP count=2 flags=0x1 affinity=60",
+            "delete slot 10.96.0.10:80/TCP#3",
+            "put backend 10.244.1.31:8080",
+            "put slot 10.96.0.99:80/TCP#1 = 10.244.1.31:8080",
+            "put frontend 10.96.0.99:80/TCP count=1",
+            "put frontend 192.168.1.10:30080/TCP count=2 flags=0x9 affinity=60",
+            "delete slot 192.168.1.10:30080/TCP#3",
+            "delete backend 10.244.1.13:8080",
+        ]
+    );
+    assert_eq!(
+        report.removed_pairs.len(),
+        1,
+        "(web, 13) once: one id for both frontends"
+    );
+    let new_id = adopted.service_id(&changed[3].service_port()).expect("id");
+    let old_ids: BTreeSet<u32> = state
+        .iter()
+        .filter_map(|fe| first.service_id(&fe.service_port()))
+        .collect();
+    assert!(!old_ids.contains(&new_id));
+}
+
+#[test]
+fn adopting_cleans_what_an_interrupted_agent_left() {
+    let web = fe("web", 10, &[11, 12]);
+    let gone = fe("gone", 20, &[13]);
+    let mut fake = FakeMaps::default();
+    sync(&mut Syncer::default(), &mut fake, &[web.clone(), gone]);
+    // Left-overs: a slot above web's count, a backend nothing names.
+    let web_head = service_key(&web.key, 0);
+    let backend_id = fake.services[&ServiceKeyV4 {
+        slot: 1,
+        ..web_head
+    }]
+        .backend_id;
+    fake.services.insert(
+        ServiceKeyV4 {
+            slot: 5,
+            ..web_head
+        },
+        ServiceValueV4 {
+            backend_id,
+            ..ServiceValueV4::default()
+        },
+    );
+    fake.backends.insert(
+        77,
+        backend_value(
+            SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 77), 8080),
+            proto::TCP,
+        ),
+    );
+
+    let mut syncer = Syncer::adopt(fake.mirror());
+    fake.log.clear();
+    let report = sync(&mut syncer, &mut fake, std::slice::from_ref(&web));
+    assert_eq!(
+        fake.log,
+        [
+            "delete frontend 10.96.0.20:80/TCP",
+            "delete slot 10.96.0.20:80/TCP#1",
+            "delete slot 10.96.0.10:80/TCP#5",
+            "delete backend 10.244.1.13:8080",
+            "delete backend 10.244.1.77:8080",
+        ]
+    );
+    assert_eq!(report.frontends_removed, 1);
+    assert_eq!(fake.resolved(), resolved(&[web]));
+}
+
+#[test]
+fn report_counts() {
+    let mut fake = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    let report = sync(
+        &mut syncer,
+        &mut fake,
+        &[fe("a", 10, &[11]), fe("b", 20, &[12])],
+    );
+    assert_eq!((report.frontends_written, report.frontends_removed), (2, 0));
+    let report = sync(&mut syncer, &mut fake, &[fe("a", 10, &[11, 13])]);
+    assert_eq!((report.frontends_written, report.frontends_removed), (1, 1));
+    let report = sync(&mut syncer, &mut fake, &[fe("a", 10, &[11, 13])]);
+    assert_eq!((report.frontends_written, report.frontends_removed), (0, 0));
+}
+
+#[test]
+fn the_fake_counts_writes_and_capacity() {
+    // The fakes themselves: failing on the Nth write and at capacity.
+    let op = MapOp::DeleteBackend { id: 1 };
+    let mut fake = FakeMaps::failing_on(2);
+    assert!(fake.apply(&op).is_ok());
+    assert!(fake.apply(&op).is_err_and(|e| e.map_full));
+    assert!(fake.apply(&op).is_ok());
+    let mut fake = FakeMaps::at_capacity(1);
+    let put = |slot| MapOp::PutService {
+        key: ServiceKeyV4 {
+            slot,
+            ..ServiceKeyV4::default()
+        },
+        value: ServiceValueV4::default(),
     };
-    maps.ops.clear();
-    let report = Syncer::adopt(mirror).sync(&state, &mut maps);
-    assert_eq!(report.ops_applied, 0, "{:?}", maps.ops);
+    assert!(fake.apply(&put(1)).is_ok());
+    assert!(fake.apply(&put(1)).is_ok(), "overwriting needs no room");
+    assert!(fake.apply(&put(2)).is_err_and(|e| e.map_full));
+
+    // The invariant check: a frontend counting a slot that does not exist.
+    let mut fake = FakeMaps::default();
+    let head = MapOp::PutService {
+        key: ServiceKeyV4::default(),
+        value: ServiceValueV4 {
+            count: 1,
+            ..ServiceValueV4::default()
+        },
+    };
+    assert!(fake.apply(&head).is_ok());
+    assert_eq!(fake.violations.len(), 1, "{:?}", fake.violations);
 }
