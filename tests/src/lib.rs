@@ -4,6 +4,7 @@
 //! (`packets`, `datapath_cases`), and a test Kubernetes API server (`apiserver`).
 
 pub mod apiserver;
+pub mod bench;
 pub mod datapath_cases;
 pub mod lab;
 pub mod netns;

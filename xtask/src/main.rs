@@ -2,7 +2,6 @@
 //!
 //! xtask depends on nothing of the workspace, so it compiles on a fresh machine before
 //! the eBPF toolchain exists, and can install that toolchain first.
-mod bench;
 mod ebpf_toolchain;
 
 use std::{
@@ -38,6 +37,35 @@ enum Task {
         /// Directory of Services and EndpointSlices to demonstrate.
         #[arg(long, default_value = "manifests/examples")]
         manifests: PathBuf,
+    },
+    /// Benchmark the eBPF dataplane against kube-proxy's iptables and nftables rules
+    /// and against no proxy, in a lab, with the same services and traffic. Builds
+    /// everything in release mode, installs iptables and nftables if missing, prints a
+    /// table and writes CSV, JSON and an SVG plot under target/bench/. Needs root.
+    Bench {
+        /// Modes, alternated in this order (ebpf, iptables, iptables-legacy, nftables,
+        /// none) [default: ebpf,iptables,nftables,none].
+        #[arg(long)]
+        modes: Option<String>,
+        /// Service counts, comma-separated [default: 1,1000,10000].
+        #[arg(long)]
+        services: Option<String>,
+        /// Endpoints per service [default: 3].
+        #[arg(long)]
+        endpoints: Option<usize>,
+        /// Seconds of each connection-rate test [default: 5].
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Rounds; figures are medians over rounds [default: 3].
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Output directory [default: target/bench/<UTC timestamp>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Further kpr-bench flags, after `--`: --affinity, --clients, --stream-duration,
+        /// --tc-repeat, --dump-rules.
+        #[arg(last = true)]
+        extra: Vec<String>,
     },
     /// The whole test suite: formatting, clippy, unit, BPF_PROG_TEST_RUN and lab
     /// end-to-end tests. Needs root. `.ci/run` runs exactly this.
@@ -77,11 +105,68 @@ fn main() -> Result<()> {
                 .arg(&manifests)
                 .env("KPR_BIN", &kpr))
         }
+        Task::Bench {
+            modes,
+            services,
+            endpoints,
+            duration,
+            rounds,
+            out,
+            extra,
+        } => {
+            require_root("the benchmark builds network namespaces and loads BPF programs")?;
+            ensure_lab_tools()?;
+            ensure_bench_tools()?;
+            build_ebpf(&root, true)?;
+            let kpr = build_agent_release(&root)?;
+            let mut flags: Vec<String> = Vec::new();
+            let mut flag = |name: &str, value: Option<String>| {
+                if let Some(value) = value {
+                    flags.push(format!("--{name}"));
+                    flags.push(value);
+                }
+            };
+            flag("modes", modes);
+            flag("services", services);
+            flag("endpoints", endpoints.map(|n| n.to_string()));
+            flag("duration", duration.map(|s| s.to_string()));
+            flag("rounds", rounds.map(|n| n.to_string()));
+            flag(
+                "out",
+                out.map(|dir| {
+                    if dir.is_absolute() {
+                        dir
+                    } else {
+                        root.join(dir)
+                    }
+                    .display()
+                    .to_string()
+                }),
+            );
+            step("running the benchmark");
+            run(cargo(&root)
+                .args([
+                    "run",
+                    "--release",
+                    "--locked",
+                    "--quiet",
+                    "--package",
+                    "kpr-lab",
+                    "--bin",
+                    "kpr-bench",
+                    "--",
+                ])
+                .args(&flags)
+                .args(&extra)
+                .env("KPR_BIN", &kpr))
+        }
         Task::Test { cargo_test_args } => {
             require_root(
                 "the datapath and lab tests load BPF programs and build network namespaces",
             )?;
             ensure_lab_tools()?;
+            // The benchmark smoke test loads kube-proxy-style rules.
+            ensure_bench_tools()?;
             build_ebpf(&root, true)?;
             step("cargo fmt --check");
             run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
@@ -170,6 +255,55 @@ fn ensure_lab_tools() -> Result<()> {
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// What the benchmark's kube-proxy modes run, and their Debian packages.
+const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("iptables-nft-restore", "iptables"),
+    ("iptables-legacy-restore", "iptables"),
+    ("nft", "nftables"),
+];
+
+/// Installs iptables and nftables when they are missing (the benchmark loads
+/// kube-proxy's rules with them, inside its own namespaces only).
+fn ensure_bench_tools() -> Result<()> {
+    let on_sbin_path =
+        |program: &str| on_path(program) || Path::new("/usr/sbin").join(program).is_file();
+    let mut missing: Vec<&str> = BENCH_TOOLS
+        .iter()
+        .filter(|(program, _)| !on_sbin_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step("installing iptables and nftables for the benchmark");
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Builds the agent in release mode: the benchmark measures the agent's own times,
+/// CPU and memory, which a debug build would inflate.
+fn build_agent_release(root: &Path) -> Result<PathBuf> {
+    step("building the agent (kpr, release)");
+    run(cargo(root).args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "proxy-userspace",
+        "--bin",
+        "kpr",
+    ]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    Ok(target.join("release/kpr"))
 }
 
 /// Installs what the eBPF build lacks (as root), then builds the object.

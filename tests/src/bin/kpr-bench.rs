@@ -1,0 +1,108 @@
+//! `cargo xtask bench`: our dataplane against kube-proxy's iptables and nftables
+//! modes and against no proxy at all, in the same lab with the same services and the
+//! same traffic (see `kpr_lab::bench`). Prints a table and writes CSV, JSON, a
+//! Markdown table and an SVG plot under `target/bench/<UTC timestamp>/`.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use kpr_lab::bench::{self, report::utc_timestamp, Config, Mode};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kpr-bench",
+    about = "Benchmark the eBPF dataplane against kube-proxy's iptables and nftables rules"
+)]
+struct Args {
+    /// Modes, alternated in this order: ebpf, iptables, iptables-legacy, nftables, none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ebpf,iptables,nftables,none"
+    )]
+    modes: Vec<Mode>,
+    /// Service counts N (add 50000 where the machine holds it).
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    services: Vec<usize>,
+    /// Endpoints per service M (one backend pod each).
+    #[arg(long, default_value_t = 3)]
+    endpoints: usize,
+    /// Give every service `sessionAffinity: ClientIP` (kube-proxy's `recent` matches
+    /// and affinity sets).
+    #[arg(long)]
+    affinity: bool,
+    /// Seconds of each connection-rate test.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of each long-lived-connection test.
+    #[arg(long, default_value_t = 2.0)]
+    stream_duration: f64,
+    /// Rounds (each runs every mode at every N); figures are medians over rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Client threads opening connections.
+    #[arg(long, default_value_t = 2)]
+    clients: usize,
+    /// BPF_PROG_TEST_RUN repeat count for the per-packet cost.
+    #[arg(long, default_value_t = 100_000)]
+    tc_repeat: u32,
+    /// Output directory [default: target/bench/<UTC timestamp>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only write the iptables-restore and nft inputs of the kube-proxy modes at each
+    /// N into the output directory, and exit.
+    #[arg(long)]
+    dump_rules: bool,
+}
+
+fn seconds(value: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(value).with_context(|| format!("--{what} {value}"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let out = args.out.unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+            PathBuf::from,
+        );
+        target.join("bench").join(utc_timestamp())
+    });
+    let dump_rules = args.dump_rules;
+    let config = Config {
+        modes: args.modes,
+        services: args.services,
+        endpoints: args.endpoints,
+        affinity: args.affinity,
+        duration: seconds(args.duration, "duration")?,
+        stream_duration: seconds(args.stream_duration, "stream-duration")?,
+        rounds: args.rounds,
+        clients: args.clients,
+        tc_repeat: args.tc_repeat,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        out: out.clone(),
+        ..Config::default()
+    };
+    if dump_rules {
+        for path in bench::dump_rules(&config, &out)? {
+            println!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    let report = bench::run(&config)?;
+    println!("\n{}", report.table());
+    println!(
+        "machine: {} ({} CPUs, {} GiB), kernel {}, {}; {}; {}",
+        report.machine.cpu,
+        report.machine.cpus,
+        report.machine.memory_gib,
+        report.machine.kernel,
+        report.machine.os,
+        report.machine.iptables,
+        report.machine.nft
+    );
+    for path in report.write(&out)? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! A short run of the benchmark (`cargo xtask bench`) so it cannot rot: tiny service
+//! counts, about a second per mode, every mode. It checks that each mode carries
+//! traffic and that the result files are written; it asserts nothing about speed.
+use std::time::Duration;
+
+use kpr_lab::bench::{self, Config, Mode};
+
+/// The kube-proxy modes load rules with these (Debian packages iptables, nftables);
+/// `cargo xtask bench` installs them.
+const TOOLS: &[&str] = &["iptables-nft-restore", "iptables-legacy-restore", "nft"];
+
+#[test]
+fn every_mode_carries_connections_and_the_results_are_written() {
+    kpr_lab::require_root();
+    for tool in TOOLS {
+        let found = ["/usr/sbin", "/sbin", "/usr/bin"]
+            .iter()
+            .any(|dir| std::path::Path::new(dir).join(tool).is_file());
+        assert!(
+            found,
+            "{tool} is missing: apt-get install iptables nftables (or run `cargo xtask bench` once)"
+        );
+    }
+    let out = std::env::temp_dir().join(format!("kpr-bench-smoke-{}", std::process::id()));
+    let config = Config {
+        modes: vec![
+            Mode::Ebpf,
+            Mode::Iptables,
+            Mode::IptablesLegacy,
+            Mode::Nftables,
+            Mode::None,
+        ],
+        services: vec![1, 10],
+        endpoints: 2,
+        affinity: false,
+        duration: Duration::from_millis(800),
+        stream_duration: Duration::from_millis(300),
+        rounds: 1,
+        clients: 1,
+        tc_repeat: 1000,
+        tc_new_flows: 50,
+        out: out.clone(),
+        command: "bench_smoke".into(),
+    };
+    let report = bench::run(&config).expect("benchmark run");
+    eprintln!("{}", report.table());
+
+    assert_eq!(report.summary.len(), 2 * config.modes.len());
+    for row in &report.summary {
+        assert!(
+            row.conn_per_s > 0.0,
+            "{} at N={} completed no connection",
+            row.mode,
+            row.services
+        );
+        assert!(row.stream_mb_per_s > 0.0, "{} streamed nothing", row.mode);
+        if row.mode == "none" {
+            assert!(row.program_ms.is_none());
+        } else {
+            assert!(
+                row.program_ms.is_some(),
+                "{} has no programming time",
+                row.mode
+            );
+            assert!(row.change_ms.is_some(), "{} has no change time", row.mode);
+        }
+    }
+    let ebpf = report
+        .summary
+        .iter()
+        .find(|row| row.mode == "ebpf")
+        .expect("ebpf row");
+    assert!(ebpf.agent_peak_mib.is_some_and(|mib| mib > 0.0));
+    assert!(ebpf.tc_established_ns.is_some_and(|ns| ns > 0.0));
+    assert_eq!(report.tc.len(), 2);
+
+    let files = report.write(&out).expect("writing results");
+    for name in [
+        "cells.csv",
+        "summary.csv",
+        "summary.md",
+        "results.json",
+        "plot.svg",
+    ] {
+        let path = out.join(name);
+        assert!(files.contains(&path), "{name} not reported");
+        let text = std::fs::read_to_string(&path).expect("result file");
+        assert!(!text.is_empty(), "{name} is empty");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("json"))
+            .expect("results.json parses");
+    assert_eq!(
+        json["cells"].as_array().map(Vec::len),
+        Some(2 * config.modes.len())
+    );
+    assert!(std::fs::read_to_string(out.join("plot.svg"))
+        .expect("svg")
+        .starts_with("<svg"));
+    std::fs::remove_dir_all(&out).expect("removing the results");
+}

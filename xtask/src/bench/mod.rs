@@ -1,1 +1,0 @@
-//! Benchmark support (kube-proxy rule generators, runners).
