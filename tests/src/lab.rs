@@ -397,6 +397,25 @@ impl Lab {
         })
     }
 
+    /// Waits until no program is attached to any pod interface, then checks that the
+    /// pin directory is gone: the state after a clean exit or `kpr cleanup`. The kernel
+    /// releases a link whose last reference (its pin) went away in deferred work, so the
+    /// detach is observed, not assumed instant.
+    ///
+    /// # Errors
+    /// When programs stay attached for 5 s, or pins remain.
+    pub fn wait_detached_and_unpinned(&self) -> Result<()> {
+        self.wait_for(
+            "the programs to be detached",
+            Duration::from_secs(5),
+            || Ok(self.attached_programs()?.is_empty()),
+        )?;
+        if self.pin_dir().exists() {
+            bail!("pins left in {}", self.pin_dir().display());
+        }
+        Ok(())
+    }
+
     /// GET /healthz from inside the node namespace: status code and body.
     ///
     /// # Errors

@@ -29,6 +29,27 @@ pub struct BackendPod {
     pub ports: Vec<u16>,
 }
 
+/// Every YAML document of the files in `dir`, in file-name order.
+fn documents(dir: &Path) -> Result<Vec<serde_yaml::Value>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .collect();
+    files.sort();
+    let mut documents = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            documents.push(
+                serde_yaml::Value::deserialize(document)
+                    .with_context(|| format!("parsing {}", file.display()))?,
+            );
+        }
+    }
+    Ok(documents)
+}
+
 /// The pods behind every IPv4 EndpointSlice found in `dir`, by address. A pod is named
 /// after the endpoint's targetRef, else after its address.
 ///
@@ -36,48 +57,36 @@ pub struct BackendPod {
 /// When a file cannot be read or parsed as YAML.
 pub fn backend_pods(dir: &Path) -> Result<Vec<BackendPod>> {
     let mut pods: BTreeMap<Ipv4Addr, BackendPod> = BTreeMap::new();
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .collect();
-    files.sort();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(document)
-                .with_context(|| format!("parsing {}", file.display()))?;
-            if value["kind"].as_str() != Some("EndpointSlice")
-                || value["addressType"].as_str() != Some("IPv4")
-            {
-                continue;
-            }
-            let ports: Vec<u16> = value["ports"]
-                .as_sequence()
-                .into_iter()
-                .flatten()
-                .filter_map(|port| port["port"].as_u64())
-                .filter_map(|port| u16::try_from(port).ok())
-                .collect();
-            for endpoint in value["endpoints"].as_sequence().into_iter().flatten() {
-                for address in endpoint["addresses"].as_sequence().into_iter().flatten() {
-                    let Some(ip) = address.as_str().and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-                    else {
-                        continue;
-                    };
-                    let name = endpoint["targetRef"]["name"].as_str().map_or_else(
-                        || format!("ep-{}", ip.to_string().replace('.', "-")),
-                        str::to_owned,
-                    );
-                    let pod = pods.entry(ip).or_insert_with(|| BackendPod {
-                        name,
-                        ip,
-                        ports: Vec::new(),
-                    });
-                    for port in &ports {
-                        if !pod.ports.contains(port) {
-                            pod.ports.push(*port);
-                        }
+    for value in documents(dir)? {
+        if value["kind"].as_str() != Some("EndpointSlice")
+            || value["addressType"].as_str() != Some("IPv4")
+        {
+            continue;
+        }
+        let ports: Vec<u16> = value["ports"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|port| port["port"].as_u64())
+            .filter_map(|port| u16::try_from(port).ok())
+            .collect();
+        for endpoint in value["endpoints"].as_sequence().into_iter().flatten() {
+            for address in endpoint["addresses"].as_sequence().into_iter().flatten() {
+                let Some(ip) = address.as_str().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+                    continue;
+                };
+                let name = endpoint["targetRef"]["name"].as_str().map_or_else(
+                    || format!("ep-{}", ip.to_string().replace('.', "-")),
+                    str::to_owned,
+                );
+                let pod = pods.entry(ip).or_insert_with(|| BackendPod {
+                    name,
+                    ip,
+                    ports: Vec::new(),
+                });
+                for port in &ports {
+                    if !pod.ports.contains(port) {
+                        pod.ports.push(*port);
                     }
                 }
             }
@@ -128,41 +137,30 @@ pub struct ServiceFrontend {
 /// When a file cannot be read or parsed as YAML.
 pub fn service_frontends(dir: &Path) -> Result<Vec<ServiceFrontend>> {
     let mut frontends = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .collect();
-    files.sort();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(document)
-                .with_context(|| format!("parsing {}", file.display()))?;
-            if value["kind"].as_str() != Some("Service") {
-                continue;
-            }
-            let Some(ip) = value["spec"]["clusterIP"]
-                .as_str()
-                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            else {
+    for value in documents(dir)? {
+        if value["kind"].as_str() != Some("Service") {
+            continue;
+        }
+        let Some(ip) = value["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
+        let namespace = value["metadata"]["namespace"].as_str().unwrap_or("default");
+        let service = value["metadata"]["name"].as_str().unwrap_or("?");
+        for port in value["spec"]["ports"].as_sequence().into_iter().flatten() {
+            let Some(number) = port["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
                 continue;
             };
-            let namespace = value["metadata"]["namespace"].as_str().unwrap_or("default");
-            let service = value["metadata"]["name"].as_str().unwrap_or("?");
-            for port in value["spec"]["ports"].as_sequence().into_iter().flatten() {
-                let Some(number) = port["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
-                    continue;
-                };
-                frontends.push(ServiceFrontend {
-                    name: format!(
-                        "{namespace}/{service}:{}",
-                        port["name"].as_str().unwrap_or("")
-                    ),
-                    addr: SocketAddrV4::new(ip, number),
-                    protocol: port["protocol"].as_str().unwrap_or("TCP").to_owned(),
-                });
-            }
+            frontends.push(ServiceFrontend {
+                name: format!(
+                    "{namespace}/{service}:{}",
+                    port["name"].as_str().unwrap_or("")
+                ),
+                addr: SocketAddrV4::new(ip, number),
+                protocol: port["protocol"].as_str().unwrap_or("TCP").to_owned(),
+            });
         }
     }
     Ok(frontends)

@@ -171,18 +171,8 @@ fn stopping_the_agent_detaches_everything_and_removes_its_pins() {
         }
     }
     lab.stop_agent().expect("stop");
-    // Links are released in deferred kernel work once their last reference is gone.
-    lab.wait_for(
-        "the programs to be detached",
-        Duration::from_secs(5),
-        || Ok(lab.attached_programs()?.is_empty()),
-    )
-    .expect("no program left attached");
-    assert!(
-        !lab.pin_dir().exists(),
-        "pins left in {}",
-        lab.pin_dir().display()
-    );
+    lab.wait_detached_and_unpinned()
+        .expect("nothing left attached or pinned");
     lab.pod("client")
         .netns
         .run(|| Ok(tcp_request(sock(WEB_VIP, 80), Duration::from_millis(500)).is_err()))

@@ -237,19 +237,8 @@ fn cleanup_removes_every_program_and_pin() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // The kernel releases a link whose last reference (its pin) went away in deferred
-    // work, so the detach is observed, not assumed instant.
-    lab.wait_for(
-        "the programs to be detached",
-        Duration::from_secs(5),
-        || Ok(lab.attached_programs()?.is_empty()),
-    )
-    .expect("no program left attached");
-    assert!(
-        !lab.pin_dir().exists(),
-        "pins left in {}",
-        lab.pin_dir().display()
-    );
+    lab.wait_detached_and_unpinned()
+        .expect("nothing left attached or pinned");
 }
 
 /// Runs `kpr <args> --bpffs <pins> --json` and parses its output.

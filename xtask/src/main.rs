@@ -239,22 +239,7 @@ fn on_path(program: &str) -> bool {
 
 /// Installs the lab's command-line tools when they are missing.
 fn ensure_lab_tools() -> Result<()> {
-    let missing: Vec<&str> = LAB_TOOLS
-        .iter()
-        .filter(|(program, _)| !on_path(program))
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    step("installing the lab's tools");
-    run(Command::new("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    ensure_programs("the lab's tools", LAB_TOOLS)
 }
 
 /// What the benchmark's kube-proxy modes run, and their Debian packages.
@@ -267,24 +252,33 @@ const BENCH_TOOLS: &[(&str, &str)] = &[
 /// Installs iptables and nftables when they are missing (the benchmark loads
 /// kube-proxy's rules with them, inside its own namespaces only).
 fn ensure_bench_tools() -> Result<()> {
-    let on_sbin_path =
-        |program: &str| on_path(program) || Path::new("/usr/sbin").join(program).is_file();
-    let mut missing: Vec<&str> = BENCH_TOOLS
+    ensure_programs("iptables and nftables for the benchmark", BENCH_TOOLS)
+}
+
+/// Installs the packages of the `(program, package)` pairs whose program is neither on
+/// PATH nor in /usr/sbin.
+fn ensure_programs(what: &str, tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
-        .filter(|(program, _)| !on_sbin_path(program))
+        .filter(|(program, _)| !on_path(program) && !Path::new("/usr/sbin").join(program).is_file())
         .map(|(_, package)| *package)
         .collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
-    step("installing iptables and nftables for the benchmark");
+    step(&format!("installing {what}"));
+    apt_install(&missing)
+}
+
+/// `apt-get update` then `apt-get install` of `packages`, non-interactively.
+fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get")
         .arg("update")
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
@@ -338,13 +332,7 @@ fn install_toolchain(missing: &[ebpf_toolchain::Missing]) -> Result<()> {
         .is_file();
     if needs_apt || !llvm_present {
         step("installing Debian packages of the eBPF toolchain");
-        run(Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(ebpf_toolchain::APT_PACKAGES)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(ebpf_toolchain::APT_PACKAGES)?;
     }
     if ebpf_toolchain::find_bpf_linker().is_none() {
         step("installing bpf-linker (a few minutes)");
