@@ -59,7 +59,18 @@ pub fn collect_expired(
             live += 1;
         }
     }
-    let removed = remove_all(maps, &expired);
+    // The datapath may have reused a key since the walk (an expired flow's 5-tuple
+    // seen again starts a new flow under the same key): only delete what is still
+    // expired now, or a fresh connection would lose its entry.
+    let still_expired: Vec<CtKeyV4> = expired
+        .into_iter()
+        .filter(|key| {
+            maps.conntrack
+                .get(key, 0)
+                .is_ok_and(|value| config.ct_expired(&value, key.proto, now_ns))
+        })
+        .collect();
+    let removed = remove_all(maps, &still_expired);
     Ok(GcReport { live, removed })
 }
 
