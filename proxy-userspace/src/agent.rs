@@ -108,6 +108,7 @@ pub async fn run(
 
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
     snapshots.mark_unchanged();
+    let mut api_status = None;
     let watcher = match &config.source {
         SourceConfig::Manifests(dir) => {
             let watch = manifests::watch_dir(dir.clone(), config.node_name.clone(), snapshots_tx);
@@ -124,12 +125,10 @@ pub async fn run(
             let client = source::kube::client(kubeconfig.as_deref())
                 .await
                 .context("connecting to the Kubernetes API")?;
-            tokio::spawn(source::kube::watch_api(
-                client,
-                config.node_name.clone(),
-                *min_sync_period,
-                snapshots_tx,
-            ))
+            let api =
+                source::kube::ApiSource::new(client, config.node_name.clone(), *min_sync_period);
+            api_status = Some(api.status());
+            tokio::spawn(api.run(snapshots_tx))
         }
     };
 
@@ -176,7 +175,12 @@ pub async fn run(
                     reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
                 }
             }
-            _ = metrics_timer.tick() => refresh_metrics(&metrics, &datapath, &syncer, &attachments),
+            _ = metrics_timer.tick() => {
+                refresh_metrics(&metrics, &datapath, &syncer, &attachments);
+                if let Some(status) = &api_status {
+                    metrics.record_api_status(status);
+                }
+            }
             _ = gc_timer.tick() => {
                 let now = conntrack::monotonic_now_ns();
                 match conntrack::collect_expired(&mut datapath.maps, &config.datapath, now) {

@@ -47,6 +47,11 @@ pub struct AttachLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -77,6 +82,16 @@ pub struct Metrics {
     pub frontend_failures: Family<ReasonLabels, Counter>,
     /// kpr_conntrack_reaped_total.
     pub conntrack_reaped: Counter,
+    /// kpr_api_watch_failures_total{resource}: failed watch or list calls (each is
+    /// retried with backoff; the datapath keeps its state meanwhile).
+    pub api_watch_failures: Family<ResourceLabels, Counter>,
+    /// kpr_api_watch_listed{resource}: 1 once the resource's initial list is complete.
+    pub api_watch_listed: Family<ResourceLabels, Gauge>,
+    /// kpr_api_last_success_timestamp_seconds: the latest time every watch was known
+    /// to work; alert on its age to catch an agent cut off from the API server.
+    pub api_last_success: Gauge<f64, AtomicU64>,
+    /// Watch failures already counted, per resource.
+    last_watch_failures: Mutex<BTreeMap<String, u64>>,
     /// The counter totals last seen, to turn totals into increments.
     last_datapath_totals: Mutex<Vec<u64>>,
     /// Trigger times already measured, per slice.
@@ -116,6 +131,10 @@ impl Metrics {
             skipped_objects: Family::default(),
             frontend_failures: Family::default(),
             conntrack_reaped: Counter::default(),
+            api_watch_failures: Family::default(),
+            api_watch_listed: Family::default(),
+            api_last_success: Gauge::default(),
+            last_watch_failures: Mutex::new(BTreeMap::new()),
             last_datapath_totals: Mutex::new(Vec::new()),
             seen_trigger_times: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
@@ -175,6 +194,21 @@ impl Metrics {
             "Expired conntrack entries removed by the agent",
             metrics.conntrack_reaped.clone(),
         );
+        registry.register(
+            "kpr_api_watch_failures",
+            "Failed list or watch calls to the API server, by resource (retried with backoff)",
+            metrics.api_watch_failures.clone(),
+        );
+        registry.register(
+            "kpr_api_watch_listed",
+            "1 once the resource's initial list from the API server is complete",
+            metrics.api_watch_listed.clone(),
+        );
+        registry.register(
+            "kpr_api_last_success_timestamp_seconds",
+            "Latest time every API watch was known to work",
+            metrics.api_last_success.clone(),
+        );
         for reason in ["map_full", "write_error"] {
             let _ = metrics.frontend_failures.get_or_create(&ReasonLabels {
                 reason: reason.into(),
@@ -183,6 +217,30 @@ impl Metrics {
         Self {
             registry,
             ..metrics
+        }
+    }
+
+    /// Records the API source's watcher status.
+    pub fn record_api_status(&self, status: &crate::source::kube::ApiStatus) {
+        let mut counted = self
+            .last_watch_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (resource, watch) in status.watches() {
+            let labels = ResourceLabels {
+                resource: resource.label().to_owned(),
+            };
+            let previous = counted.entry(labels.resource.clone()).or_insert(0);
+            self.api_watch_failures
+                .get_or_create(&labels)
+                .inc_by(watch.failures.saturating_sub(*previous));
+            *previous = watch.failures;
+            self.api_watch_listed
+                .get_or_create(&labels)
+                .set(i64::from(watch.listed));
+        }
+        if let Some(success) = status.last_success() {
+            self.api_last_success.set(seconds_since_epoch(success));
         }
     }
 
@@ -319,6 +377,35 @@ mod tests {
             endpoints: Vec::new(),
             ports: None,
         }
+    }
+
+    #[test]
+    fn api_watch_status_becomes_counters_and_gauges() {
+        use crate::source::kube::{ApiStatus, Resource};
+        let metrics = Metrics::new();
+        let status = ApiStatus::default();
+        status.succeeded(Resource::Services, true);
+        status.failed(Resource::EndpointSlices, "connection refused".into());
+        status.failed(Resource::EndpointSlices, "connection refused".into());
+        metrics.record_api_status(&status);
+        // Recording the same status again must not count its failures twice.
+        metrics.record_api_status(&status);
+        let text = metrics.render();
+        for line in [
+            "kpr_api_watch_failures_total{resource=\"endpointslices\"} 2",
+            "kpr_api_watch_failures_total{resource=\"services\"} 0",
+            "kpr_api_watch_listed{resource=\"services\"} 1",
+            "kpr_api_watch_listed{resource=\"endpointslices\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Not every watch has succeeded yet: no timestamp.
+        assert!(text.contains("kpr_api_last_success_timestamp_seconds 0"));
+        status.succeeded(Resource::EndpointSlices, true);
+        metrics.record_api_status(&status);
+        assert!(!metrics
+            .render()
+            .contains("kpr_api_last_success_timestamp_seconds 0"));
     }
 
     #[test]

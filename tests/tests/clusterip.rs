@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::Result;
 use kpr_lab::{
-    scenario::{examples_dir, lab_for_manifests, sock, CLIENT_IP},
-    traffic::{tcp_request, udp_request},
+    scenario::{backend_pods, examples_dir, lab_for_manifests, sock, CLIENT_IP},
+    traffic::{tcp_request, udp_request, Conversation},
 };
 
 const WEB_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
@@ -137,6 +137,118 @@ fn a_removed_backend_gets_no_new_connections() {
         servers.iter().any(|server| server == "web-0")
             && servers.iter().any(|server| server == "web-1")
     );
+}
+
+/// `yaml` without the endpoint entry of `ip` (its `- addresses:` line and the lines
+/// under it).
+fn without_endpoint(yaml: &str, ip: std::net::IpAddr) -> String {
+    let entry = format!("  - addresses: [{ip}]");
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in yaml.lines() {
+        if line.starts_with("  - addresses:") || !line.starts_with("    ") {
+            skipping = line == entry;
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert_ne!(out.len(), yaml.len() + 1, "{ip} not found in the manifest");
+    out
+}
+
+/// kube-proxy's rules when a backend leaves: UDP flows to it are flushed at once (a DNS
+/// client reusing its socket must not blackhole until the UDP timeout), established TCP
+/// connections keep their conntrack entry until they close (the backend may still be
+/// draining them), and new connections of either protocol avoid it.
+#[test]
+fn a_removed_backends_udp_flows_move_at_once_while_its_tcp_connections_stay() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let client = &lab.pod("client").netns;
+    // One UDP socket, connected: every datagram has the same 5-tuple, so without a
+    // flush it would follow its conntrack entry to the removed backend for 120 s.
+    let udp = client
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(sock(DNS_VIP, 53))?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            Ok(socket)
+        })
+        .expect("UDP socket");
+    let ask_udp = || -> Result<String> {
+        udp.send(b"hello\n")?;
+        let mut buf = [0u8; 1500];
+        let len = udp.recv(&mut buf)?;
+        Ok(kpr_lab::traffic::Answer::parse(&String::from_utf8_lossy(&buf[..len]))?.server)
+    };
+    let udp_backend = ask_udp().expect("first datagram");
+    for _ in 0..5 {
+        assert_eq!(
+            ask_udp().expect("datagram"),
+            udp_backend,
+            "a flow keeps its backend"
+        );
+    }
+    let mut tcp = client
+        .run(|| Conversation::open(sock(WEB_VIP, 80), TIMEOUT))
+        .expect("TCP connection");
+    let tcp_answer = tcp.ask().expect("first TCP answer");
+
+    let ip_of = |name: &str| {
+        backend_pods(&examples_dir())
+            .expect("backend pods")
+            .into_iter()
+            .find(|pod| pod.name == name)
+            .map(|pod| std::net::IpAddr::V4(pod.ip))
+            .expect("a backend pod of that name")
+    };
+    let dns = std::fs::read_to_string(examples_dir().join("dns.yaml")).expect("dns.yaml");
+    let web = std::fs::read_to_string(examples_dir().join("web.yaml")).expect("web.yaml");
+    lab.write_manifest("dns.yaml", &without_endpoint(&dns, ip_of(&udp_backend)))
+        .expect("write dns");
+    lab.write_manifest(
+        "web.yaml",
+        &without_endpoint(&web, ip_of(&tcp_answer.server)),
+    )
+    .expect("write web");
+
+    // The same UDP socket moves to another backend as soon as the change is applied
+    // (the deadline, far below the 120 s UDP timeout, only bounds a broken run).
+    let took = lab
+        .wait_for(
+            "the UDP flow to leave the removed backend",
+            CHANGE_DEADLINE,
+            || Ok(ask_udp().is_ok_and(|server| server != udp_backend)),
+        )
+        .expect("UDP flow moved");
+    eprintln!("UDP flow moved {took:?} after the manifest change");
+    let moved_to = ask_udp().expect("datagram after the move");
+    assert_ne!(moved_to, udp_backend);
+    for _ in 0..5 {
+        assert_eq!(
+            ask_udp().expect("datagram"),
+            moved_to,
+            "the new flow is stable"
+        );
+    }
+
+    // New TCP connections avoid the removed backend...
+    lab.wait_for("new TCP connections to avoid it", CHANGE_DEADLINE, || {
+        client.run(|| {
+            let servers = (0..20)
+                .map(|_| tcp_request(sock(WEB_VIP, 80), TIMEOUT).map(|a| a.server))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(!servers.contains(&tcp_answer.server))
+        })
+    })
+    .expect("web backend removed");
+    // ...while the established one still talks to it, with its original port.
+    for _ in 0..5 {
+        let again = tcp.ask().expect("the established connection survives");
+        assert_eq!(again.server, tcp_answer.server);
+        assert_eq!(again.seen_client, tcp_answer.seen_client);
+    }
 }
 
 #[test]

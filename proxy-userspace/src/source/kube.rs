@@ -9,10 +9,13 @@
 //!   and a relist replaces a store only once it is complete (`InitDone`). Maps are never
 //!   flushed because a watch broke; only real changes reach them.
 //!
-//! Bursts are batched: after a change the source waits the minimum sync period
-//! (kube-proxy's `minSyncPeriod`, 1 s by default) collecting further changes, then
-//! publishes one [`Snapshot`], so a thousand events cost one sync. The period is short
-//! on purpose: kube-runtime warns that a long debounce on EndpointSlices hides updates.
+//! Bursts are batched the way kube-proxy's bounded-frequency runner does it: the
+//! minimum sync period (`minSyncPeriod`, 1 s by default) is the least time between two
+//! published snapshots. A change after a quiet spell is published at once (together
+//! with whatever else has already arrived); changes within the period of the last
+//! publish wait for its end and go out together, so a thousand events cost one sync.
+//! The period is short on purpose: kube-runtime warns that a long debounce on
+//! EndpointSlices hides updates.
 //!
 //! Each published snapshot is the whole state of the stores (the model and the syncer
 //! diff it against the maps), built with the same [`Snapshot`] methods the manifest
@@ -172,7 +175,7 @@ impl ApiStatus {
         });
     }
 
-    fn succeeded(&self, resource: Resource, listed: bool) {
+    pub(crate) fn succeeded(&self, resource: Resource, listed: bool) {
         self.update(|inner| {
             let status = inner.watches.entry(resource).or_default();
             status.last_success = Some(SystemTime::now());
@@ -180,7 +183,7 @@ impl ApiStatus {
         });
     }
 
-    fn failed(&self, resource: Resource, error: String) {
+    pub(crate) fn failed(&self, resource: Resource, error: String) {
         self.update(|inner| {
             let status = inner.watches.entry(resource).or_default();
             status.last_failure = Some((SystemTime::now(), error));
@@ -338,21 +341,9 @@ impl ApiSource {
     }
 }
 
-/// [`ApiSource::run`] without keeping its status.
-pub async fn watch_api(
-    client: Client,
-    node_name: Option<String>,
-    min_sync_period: Duration,
-    snapshots: watch::Sender<Snapshot>,
-) {
-    ApiSource::new(client, node_name, min_sync_period)
-        .run(snapshots)
-        .await;
-}
-
 /// The publishing loop over every watcher's updates: waits for all initial lists,
-/// then batches changes over `min_sync_period`. Returns when the updates end or the
-/// receiver is gone.
+/// then publishes changes at most once per `min_sync_period` (at once when the last
+/// publish is older than that). Returns when the updates end or the receiver is gone.
 async fn publish(
     updates: impl Stream<Item = Update>,
     stores: &Stores,
@@ -371,6 +362,7 @@ async fn publish(
     }
     let mut listed: Vec<Resource> = Vec::new();
     let mut pending = false;
+    let mut last_publish: Option<tokio::time::Instant> = None;
     loop {
         let Some(update) = updates.next().await else {
             return;
@@ -379,20 +371,26 @@ async fn publish(
         if !pending || listed.len() < watched.len() {
             continue;
         }
-        // Batch: collect whatever else arrives within the minimum sync period.
-        let mut window = pin!(tokio::time::sleep(min_sync_period));
+        // Batch: collect what arrives until `min_sync_period` after the last publish
+        // (already past after a quiet spell: then only what is ready right now).
+        let now = tokio::time::Instant::now();
+        let due = last_publish.map_or(now, |last| (last + min_sync_period).max(now));
+        let mut window = pin!(tokio::time::sleep_until(due));
         loop {
             tokio::select! {
-                () = &mut window => break,
+                // Updates first, so an elapsed window still takes everything ready.
+                biased;
                 update = updates.next() => match update {
                     Some(update) => {
                         note(update, &mut listed, status);
                     }
                     None => return,
                 },
+                () = &mut window => break,
             }
         }
         pending = false;
+        last_publish = Some(tokio::time::Instant::now());
         let snapshot = stores.snapshot(node_name);
         debug!(
             services = snapshot.state.services.len(),
@@ -651,6 +649,38 @@ mod tests {
             names(&snapshot.state.endpoint_slices),
             ["a"],
             "other stores kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_after_a_quiet_spell_is_published_at_once_then_rate_limited() {
+        let mut h = Harness::start();
+        h.services.send(listed(vec![]));
+        h.slices.send(listed(vec![]));
+        h.nodes.send(listed(vec![]));
+        assert!(h.next().await.is_some());
+        tokio::time::sleep(PERIOD * 3).await;
+
+        let started = tokio::time::Instant::now();
+        h.services
+            .send(vec![Ok(watcher::Event::Apply(service("a")))]);
+        let first = h.next().await.expect("the change");
+        assert_eq!(names(&first.state.services), ["a"]);
+        assert!(
+            started.elapsed() < PERIOD / 10,
+            "idle change waited {:?}",
+            started.elapsed()
+        );
+
+        // Within the period of that publish: held back until the period ends.
+        h.services
+            .send(vec![Ok(watcher::Event::Apply(service("b")))]);
+        let second = h.next().await.expect("the second change");
+        assert_eq!(names(&second.state.services), ["a", "b"]);
+        assert!(
+            started.elapsed() >= PERIOD,
+            "published {:?} after the previous one, inside the minimum period",
+            started.elapsed()
         );
     }
 

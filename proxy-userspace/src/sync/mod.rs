@@ -94,6 +94,21 @@ impl Mirror {
     fn frontends(&self) -> impl Iterator<Item = (&ServiceKeyV4, &ServiceValueV4)> {
         self.services.iter().filter(|(key, _)| key.slot == 0)
     }
+
+    /// `(service id, backend id)` pairs a packet can reach: the slots `1..=count` of
+    /// every frontend (slots above a count are never read by the datapath).
+    fn pairs_in_use(&self) -> BTreeSet<(u32, u32)> {
+        let mut pairs = BTreeSet::new();
+        for (head_key, head) in self.frontends() {
+            for slot in 1..=head.count {
+                let key = ServiceKeyV4 { slot, ..*head_key };
+                if let Some(value) = self.services.get(&key) {
+                    pairs.insert((head.service_id, value.backend_id));
+                }
+            }
+        }
+        pairs
+    }
 }
 
 /// The map key of a frontend's slot.
@@ -192,12 +207,19 @@ impl Syncer {
     /// Brings the maps to `desired`, through `writer`.
     pub fn sync(&mut self, desired: &Desired, writer: &mut impl MapWriter) -> SyncReport {
         let mut report = SyncReport::default();
+        let pairs_before = self.mirror.pairs_in_use();
         self.assign_service_ids(desired);
         for (frontend, spec) in &desired.frontends {
             self.sync_frontend(frontend, spec, writer, &mut report);
         }
         self.remove_undesired(desired, writer, &mut report);
         self.collect_backends(writer, &mut report);
+        // From the maps' state before and after, not from what the pass meant to do:
+        // a pass that fails part-way still reports every pair it took out of use.
+        report.removed_pairs = pairs_before
+            .difference(&self.mirror.pairs_in_use())
+            .copied()
+            .collect();
         report
     }
 
@@ -234,6 +256,9 @@ impl Syncer {
                 taken.insert(self.next_service_id);
                 self.service_ids
                     .insert(spec.service_port.clone(), self.next_service_id);
+                // Never hand a just-freed id to the next new service: flows and
+                // affinities of the old one may still carry it.
+                self.next_service_id = self.next_service_id.wrapping_add(1);
             }
         }
     }
@@ -377,14 +402,6 @@ impl Syncer {
             }
         }
         report.frontends_written += 1;
-        if let Some(old) = current_head {
-            let kept: BTreeSet<u32> = wanted_ids.iter().copied().collect();
-            for id in current_ids {
-                if !kept.contains(&id) || old.service_id != service_id {
-                    report.removed_pairs.insert((old.service_id, id));
-                }
-            }
-        }
     }
 
     /// Deletes frontends nobody wants, and slots no frontend count covers.
@@ -414,10 +431,7 @@ impl Syncer {
             report.frontends_removed += 1;
             for slot in 1..=head.count {
                 let key = ServiceKeyV4 { slot, ..head_key };
-                if let Some(value) = self.mirror.services.get(&key).copied() {
-                    report
-                        .removed_pairs
-                        .insert((head.service_id, value.backend_id));
+                if self.mirror.services.contains_key(&key) {
                     if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
                         report.cleanup_errors.push(error);
                     }

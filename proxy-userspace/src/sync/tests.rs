@@ -786,12 +786,11 @@ fn failure_table() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Reproduces a syncer bug, see the helper's report: when a frontend's update fails
-/// part-way, the slots already rewritten (or cut by the lowered count) no longer name
-/// the old backends, which are then deleted as unused, but their (service, backend)
-/// pairs are never reported, so their UDP flows and affinities are never forgotten.
+/// When a frontend's update fails part-way, the slots already rewritten (or cut by the
+/// lowered count) no longer name the old backends, which are then deleted as unused;
+/// their (service, backend) pairs must still be reported so their UDP flows and
+/// affinities are forgotten.
 #[test]
-#[ignore = "syncer bug: removed_pairs lost when a frontend update fails part-way (sync/mod.rs)"]
 fn a_part_way_failure_still_reports_removed_pairs() {
     // Replacing every backend; the third slot does not fit.
     let mut fake = FakeMaps::default();
@@ -817,9 +816,8 @@ fn a_part_way_failure_still_reports_removed_pairs() {
     assert_eq!(report.removed_pairs, want);
 }
 
-/// Same bug, shrinking: the count is lowered, then deleting a slot fails.
+/// The same, shrinking: the count is lowered, then deleting a slot fails.
 #[test]
-#[ignore = "syncer bug: removed_pairs lost when a frontend update fails part-way (sync/mod.rs)"]
 fn a_failed_slot_delete_still_reports_removed_pairs() {
     let mut fake = FakeMaps::default();
     let mut syncer = Syncer::default();
@@ -891,13 +889,11 @@ fn service_ids_are_shared_and_stable() {
     assert_ne!(id(&syncer, &web), web_id);
 }
 
-/// A design question rather than a crash, see the helper's report: the id of a service
-/// deleted in one pass is handed to the next new service at once (the allocator stays on
-/// the last id it gave). Conntrack and affinity entries are keyed by service id, and the
-/// datapath trusts an affinity entry's backend without checking it belongs to the
-/// service, so an entry whose cleanup was missed would steer the new service's clients.
+/// The id of a service deleted in one pass is not handed to the next new service at
+/// once. Conntrack and affinity entries are keyed by service id, and the datapath trusts
+/// an affinity entry's backend, so an entry whose cleanup was missed would otherwise
+/// steer the new service's clients.
 #[test]
-#[ignore = "syncer: a deleted service's id is reused by the next new service (sync/mod.rs)"]
 fn a_deleted_services_id_is_not_handed_out_at_once() {
     let mut fake = FakeMaps::default();
     let mut syncer = Syncer::default();
