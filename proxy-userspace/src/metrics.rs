@@ -77,6 +77,9 @@ pub struct Metrics {
     pub frontend_failures: Family<ReasonLabels, Counter>,
     /// kpr_conntrack_reaped_total.
     pub conntrack_reaped: Counter,
+    /// kpr_health_check_bind_failures_total{reason}: healthCheckNodePort listeners that
+    /// could not be opened (each failed attempt; they are retried).
+    pub health_check_bind_failures: Family<ReasonLabels, Counter>,
     /// The counter totals last seen, to turn totals into increments.
     last_datapath_totals: Mutex<Vec<u64>>,
     /// Trigger times already measured, per slice.
@@ -116,6 +119,7 @@ impl Metrics {
             skipped_objects: Family::default(),
             frontend_failures: Family::default(),
             conntrack_reaped: Counter::default(),
+            health_check_bind_failures: Family::default(),
             last_datapath_totals: Mutex::new(Vec::new()),
             seen_trigger_times: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
@@ -174,6 +178,11 @@ impl Metrics {
             "kpr_conntrack_reaped",
             "Expired conntrack entries removed by the agent",
             metrics.conntrack_reaped.clone(),
+        );
+        registry.register(
+            "kpr_health_check_bind_failures",
+            "Attempts to open a healthCheckNodePort listener that failed, by reason",
+            metrics.health_check_bind_failures.clone(),
         );
         for reason in ["map_full", "write_error"] {
             let _ = metrics.frontend_failures.get_or_create(&ReasonLabels {
