@@ -1,8 +1,8 @@
 //! The agent's main loop: load and adopt the datapath, follow the source, keep maps and
 //! attachments in step, reap conntrack, and leave the node clean on exit.
 use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -21,8 +21,9 @@ use crate::{
         Datapath, LoadOptions,
     },
     health::{self, SyncHealth},
+    healthcheck::HealthCheckServers,
     metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
-    model::{self, Diagnostic, DiagnosticReason, ModelSettings},
+    model::{self, Diagnostic, DiagnosticReason, ModelSettings, ServiceHealth},
     source::{
         self,
         manifests::{self, Snapshot},
@@ -56,6 +57,9 @@ pub struct AgentConfig {
     pub healthz_bind_address: Option<SocketAddr>,
     /// Where `/metrics` listens (`None`: no metrics server).
     pub metrics_bind_address: Option<SocketAddr>,
+    /// Addresses healthCheckNodePorts listen on (kube-proxy: the nodePortAddresses,
+    /// else `0.0.0.0`); empty: none.
+    pub health_check_addresses: Vec<IpAddr>,
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -106,6 +110,12 @@ pub async fn run(
         });
     }
 
+    let mut health_checks = HealthCheckServers::new(
+        config.health_check_addresses.clone(),
+        health.clone(),
+        metrics.health_check_bind_failures.clone(),
+    );
+
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
     snapshots.mark_unchanged();
     let mut api_status = None;
@@ -151,7 +161,8 @@ pub async fn run(
                 health.queued();
                 metrics.queued(SystemTime::now());
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync_once(&config, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
+                let wanted_health_checks = sync_once(&config, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
+                health_checks.update(&wanted_health_checks).await;
                 if !synced_once {
                     // Attach only once the maps hold the whole desired state, so no pod
                     // ever sees a half-programmed datapath; healthy only after both.
@@ -173,6 +184,8 @@ pub async fn run(
             _ = rescan_timer.tick() => {
                 if synced_once {
                     reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
+                    // A health check port another process held may be free by now.
+                    health_checks.retry().await;
                 }
             }
             _ = metrics_timer.tick() => {
@@ -207,7 +220,7 @@ pub async fn run(
     Ok(())
 }
 
-/// One pass: model, sync, flow cleanup, logs.
+/// One pass: model, sync, flow cleanup, logs. Returns the health checks to serve.
 fn sync_once(
     config: &AgentConfig,
     snapshot: &Snapshot,
@@ -215,7 +228,7 @@ fn sync_once(
     datapath: &mut Datapath,
     known_diagnostics: &mut BTreeSet<Diagnostic>,
     metrics: &Metrics,
-) {
+) -> BTreeMap<u16, ServiceHealth> {
     let started = Instant::now();
     let desired = model::desired(&snapshot.state, &config.model);
     let diagnostics: BTreeSet<Diagnostic> = snapshot
@@ -296,6 +309,7 @@ fn sync_once(
         elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "synced"
     );
+    desired.health_checks
 }
 
 /// Sets the conntrack map's fill from the reaper's count of live entries.

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod health;
+pub mod healthcheck;
 pub mod inspect;
 pub mod kernel;
 pub mod metrics;

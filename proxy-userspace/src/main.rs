@@ -383,6 +383,8 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
             .context("healthz bind address")?,
         metrics_bind_address: optional_address(&args.metrics_bind_address)
             .context("metrics bind address")?,
+        // kube-proxy's choice while nodePortAddresses is unset: every address.
+        health_check_addresses: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
     })
 }
 

@@ -92,6 +92,9 @@ pub struct Metrics {
     pub api_last_success: Gauge<f64, AtomicU64>,
     /// Watch failures already counted, per resource.
     last_watch_failures: Mutex<BTreeMap<String, u64>>,
+    /// kpr_health_check_bind_failures_total{reason}: healthCheckNodePort listeners that
+    /// could not be opened (each failed attempt; they are retried).
+    pub health_check_bind_failures: Family<ReasonLabels, Counter>,
     /// The counter totals last seen, to turn totals into increments.
     last_datapath_totals: Mutex<Vec<u64>>,
     /// Trigger times already measured, per slice.
@@ -135,6 +138,7 @@ impl Metrics {
             api_watch_listed: Family::default(),
             api_last_success: Gauge::default(),
             last_watch_failures: Mutex::new(BTreeMap::new()),
+            health_check_bind_failures: Family::default(),
             last_datapath_totals: Mutex::new(Vec::new()),
             seen_trigger_times: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
@@ -208,6 +212,11 @@ impl Metrics {
             "kpr_api_last_success_timestamp_seconds",
             "Latest time every API watch was known to work",
             metrics.api_last_success.clone(),
+        );
+        registry.register(
+            "kpr_health_check_bind_failures",
+            "Attempts to open a healthCheckNodePort listener that failed, by reason",
+            metrics.health_check_bind_failures.clone(),
         );
         for reason in ["map_full", "write_error"] {
             let _ = metrics.frontend_failures.get_or_create(&ReasonLabels {

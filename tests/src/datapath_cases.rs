@@ -397,7 +397,7 @@ impl DatapathHarness {
     pub fn install(&mut self, frontends: &[(FrontendKey, FrontendSpec)]) -> Result<()> {
         let desired = Desired {
             frontends: frontends.iter().cloned().collect(),
-            diagnostics: Vec::new(),
+            ..Desired::default()
         };
         let report = self.syncer.sync(&desired, &mut self.datapath.maps);
         if let Some(failure) = report.failures.first() {

@@ -393,3 +393,81 @@ fn an_invalid_config_file_stops_the_agent_at_start_with_the_setting_named() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A LoadBalancer service with externalTrafficPolicy Local in the lab: its
+/// healthCheckNodePort answers in the node namespace as kube-proxy's does.
+fn health_check_manifest(node: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: hc}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.70
+  clusterIPs: [10.96.0.70]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  allocateLoadBalancerNodePorts: false
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb-1
+  namespace: hc
+  labels: {{kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: [10.244.1.50], nodeName: {node}, conditions: {{ready: true, serving: true, terminating: false}}}}
+"
+    )
+}
+
+#[test]
+fn health_check_node_port_follows_local_endpoints() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let port = std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 32100);
+    let answer = |lab: &Lab| lab.node.run(|| kpr_lab::lab::http_get(port, "/"));
+    let wait_for = |lab: &Lab, what: &str, code: u16, local: u64| {
+        lab.wait_for(what, Duration::from_secs(10), || {
+            Ok(answer(lab).ok().is_some_and(|(got, body)| {
+                let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                got == code && json["localEndpoints"] == local
+            }))
+        })
+    };
+
+    lab.write_manifest("lb.yaml", &health_check_manifest(&lab.node_name))
+        .expect("write");
+    wait_for(&lab, "200 with one local endpoint", 200, 1).expect("health check up");
+    let (_, body) = answer(&lab).expect("answer");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "service": {"namespace": "hc", "name": "lb"},
+            "localEndpoints": 1,
+            "serviceProxyHealthy": true,
+        })
+    );
+
+    lab.write_manifest("lb.yaml", &health_check_manifest("node-b"))
+        .expect("write");
+    wait_for(&lab, "503 once the endpoint is elsewhere", 503, 0).expect("count updated");
+
+    lab.remove_manifest("lb.yaml").expect("remove");
+    lab.wait_for("the port to close", Duration::from_secs(10), || {
+        Ok(answer(&lab).is_err())
+    })
+    .expect("port closed");
+    let metrics = lab.metrics().expect("metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            "kpr_health_check_bind_failures_total{reason=\"address_in_use\"}"
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+}

@@ -15,7 +15,7 @@ use std::{
 
 pub use endpoints::{categorize, Categorized, Endpoint, Policies};
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use proxy_common::{proto, scope, service_flags};
@@ -158,10 +158,21 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+/// What one healthCheckNodePort answers: which service, and how many of its endpoints
+/// on this node are ready (kube-proxy's `pkg/proxy/healthcheck/service_health.go`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub service: ObjectKey,
+    /// Distinct IPs of ready endpoints on this node, over every port of the service.
+    pub local_endpoints: usize,
+}
+
 /// Everything the datapath should hold, plus what was skipped and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
+    /// healthCheckNodePort servers this node should run, by port.
+    pub health_checks: BTreeMap<u16, ServiceHealth>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -498,6 +509,7 @@ impl ServiceContext<'_> {
             // No IPv4 ClusterIP (IPv6-only, or not yet allocated): nothing to translate.
             return;
         }
+        self.add_health_check(out, spec);
         let affinity_timeout = self.affinity_timeout(out);
         let is_node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
@@ -513,6 +525,87 @@ impl ServiceContext<'_> {
                 external_local,
             );
         }
+    }
+
+    /// kube-proxy serves a health check for a service exactly when its `NeedsHealthCheck`
+    /// holds (type LoadBalancer and externalTrafficPolicy Local) and it has ports; a
+    /// NodePort service with Local policy gets none. Called only for services with an
+    /// IPv4 ClusterIP, as kube-proxy's IPv4 proxier sees no others.
+    fn add_health_check(&self, out: &mut Desired, spec: &ServiceSpec) {
+        let needs_health_check = spec.type_.as_deref() == Some("LoadBalancer")
+            && spec.external_traffic_policy.as_deref() == Some("Local")
+            && spec.ports.as_ref().is_some_and(|ports| !ports.is_empty());
+        if !needs_health_check {
+            return;
+        }
+        let port = match spec.health_check_node_port {
+            // The API allocates one for every such service; without it, load balancers
+            // cannot tell which nodes have endpoints (kube-proxy logs and goes on).
+            None | Some(0) => {
+                self.diagnose(
+                    out,
+                    DiagnosticReason::Malformed,
+                    "externalTrafficPolicy Local without a healthCheckNodePort".into(),
+                );
+                return;
+            }
+            Some(number) => match valid_port(number) {
+                Some(port) => port,
+                None => {
+                    self.diagnose(
+                        out,
+                        DiagnosticReason::Malformed,
+                        format!("healthCheckNodePort {number} is outside 1..=65535"),
+                    );
+                    return;
+                }
+            },
+        };
+        if let Some(existing) = out.health_checks.get(&port) {
+            // kube-proxy would fail to bind the second one on every sync; the first
+            // service (in key order) keeps the port, as with frontends.
+            let message = format!(
+                "healthCheckNodePort {port} is already used by {}",
+                existing.service
+            );
+            self.diagnose(out, DiagnosticReason::FrontendConflict, message);
+            return;
+        }
+        let local_endpoints = self.local_ready_endpoints();
+        out.health_checks.insert(
+            port,
+            ServiceHealth {
+                service: self.key.clone(),
+                local_endpoints,
+            },
+        );
+    }
+
+    /// kube-proxy's `EndpointsMap.LocalReadyEndpoints` (pkg/proxy/endpointschangetracker.go):
+    /// this node's ready endpoints over every port of the service's slices, counted
+    /// by IP, so a pod serving two ports counts once. Serving-but-terminating endpoints
+    /// do not count even when the frontends fall back to them (KEP-1669): the check
+    /// fails so load balancers drain the node while its connections finish.
+    fn local_ready_endpoints(&self) -> usize {
+        let ports: BTreeSet<(String, u8)> = self
+            .slices
+            .iter()
+            .flat_map(|slice| slice.ports.iter().flatten())
+            .filter_map(|port| {
+                let proto = parse_protocol(port.protocol.as_deref()).ok()?;
+                Some((port.name.clone().unwrap_or_default(), proto))
+            })
+            .collect();
+        // Problems in these slices are reported by the frontends of the service's own
+        // ports; reporting them again per slice port would only duplicate them.
+        let mut unreported = Desired::default();
+        let ips: BTreeSet<Ipv4Addr> = ports
+            .iter()
+            .flat_map(|(name, proto)| self.endpoints(&mut unreported, name, *proto))
+            .filter(|endpoint| endpoint.is_local && endpoint.ready)
+            .map(|endpoint| *endpoint.addr.ip())
+            .collect();
+        ips.len()
     }
 
     #[expect(

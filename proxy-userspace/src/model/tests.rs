@@ -6,6 +6,8 @@
 //! `addr:port/PROTO[/internal] namespace/service[:port-name] kind -> backends [flags]`,
 //! with `-` for no backends and flags `affinity=<s>`, `drop`, `ext`, `ext-local`,
 //! `has-internal`, `src-ranges`.
+//!
+//! A health check (healthCheckNodePort) is written `port namespace/service local=N`.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use proxy_common::{scope, service_flags};
@@ -238,6 +240,10 @@ fn render(key: &FrontendKey, spec: &FrontendSpec) -> String {
     line
 }
 
+fn render_health_check(port: u16, health: &ServiceHealth) -> String {
+    format!("{port} {} local={}", health.service, health.local_endpoints)
+}
+
 // ---------------------------------------------------------------------------------
 // The table.
 
@@ -248,6 +254,8 @@ struct Case {
     proxy_name: Option<&'static str>,
     /// Every frontend, rendered (order does not matter).
     frontends: Vec<&'static str>,
+    /// Every health check, rendered (order does not matter).
+    health_checks: Vec<&'static str>,
     /// Every diagnostic as (reason, object) (order does not matter).
     diagnostics: Vec<(DiagnosticReason, &'static str)>,
 }
@@ -259,6 +267,7 @@ fn case(name: &'static str, description: &'static str, parts: &[String]) -> Case
         yaml: docs(parts),
         proxy_name: None,
         frontends: Vec::new(),
+        health_checks: Vec::new(),
         diagnostics: Vec::new(),
     }
 }
@@ -266,6 +275,11 @@ fn case(name: &'static str, description: &'static str, parts: &[String]) -> Case
 impl Case {
     fn frontends(mut self, frontends: &[&'static str]) -> Self {
         self.frontends = frontends.to_vec();
+        self
+    }
+
+    fn health_checks(mut self, health_checks: &[&'static str]) -> Self {
+        self.health_checks = health_checks.to_vec();
         self
     }
 
@@ -1012,11 +1026,15 @@ spec:
             "192.168.1.10:30080/TCP/internal default/lb:http nodeport -> 10.244.1.11:8080,10.244.2.11:8080 ext",
             "192.168.1.11:30080/TCP default/lb:http nodeport -> 10.244.1.11:8080 ext ext-local has-internal",
             "192.168.1.11:30080/TCP/internal default/lb:http nodeport -> 10.244.1.11:8080,10.244.2.11:8080 ext",
-        ]),
+        ])
+        .health_checks(&["31000 default/lb local=1"]),
         case(
             "external_traffic_policy_local_none_here",
             "externalTrafficPolicy Local with endpoints elsewhere only: external frontends drop",
-            &[lb("  externalTrafficPolicy: Local\n"), lb_slice(&[ep("10.244.2.11", "node-b", READY)])],
+            &[
+                lb("  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n"),
+                lb_slice(&[ep("10.244.2.11", "node-b", READY)]),
+            ],
         )
         .frontends(&[
             "10.96.0.80:80/TCP default/lb:http cluster -> 10.244.2.11:8080",
@@ -1028,7 +1046,8 @@ spec:
             "192.168.1.10:30080/TCP/internal default/lb:http nodeport -> 10.244.2.11:8080 ext",
             "192.168.1.11:30080/TCP default/lb:http nodeport -> - drop ext ext-local has-internal",
             "192.168.1.11:30080/TCP/internal default/lb:http nodeport -> 10.244.2.11:8080 ext",
-        ]),
+        ])
+        .health_checks(&["31000 default/lb local=0"]),
         case(
             "load_balancer_without_node_ports",
             "allocateLoadBalancerNodePorts false: ingress IPs only",
@@ -1104,6 +1123,216 @@ fn ip_family_cases() -> Vec<Case> {
     ]
 }
 
+/// A Service waiting for its load balancer, as the API stores it before the cloud
+/// controller writes an ingress IP (and without NodePorts), so its only frontends are
+/// ClusterIP ones; `spec` lines (type, policies, ports) are indented by two spaces.
+fn pending_lb(name: &str, cluster_ip: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, uid: uid-{name}, resourceVersion: \"9\"}}
+spec:
+  clusterIP: {cluster_ip}
+  clusterIPs: [{cluster_ip}]
+  allocateLoadBalancerNodePorts: false
+  selector: {{app: {name}}}
+{spec}status:
+  loadBalancer: {{}}
+"
+    )
+}
+
+const LB_LOCAL: &str = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n";
+const HTTP_PORT: &str = "  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n";
+
+fn health_check_cases() -> Vec<Case> {
+    let lb_local = |name: &str, cluster_ip: &str, health_check_port: &str| {
+        pending_lb(
+            name,
+            cluster_ip,
+            &format!("{LB_LOCAL}  healthCheckNodePort: {health_check_port}\n{HTTP_PORT}"),
+        )
+    };
+    let http_slice = |name: &str, service: &str, endpoints: &[String]| {
+        slice(
+            name,
+            service,
+            "[{name: http, port: 8080, protocol: TCP}]",
+            endpoints,
+        )
+    };
+    vec![
+        case(
+            "health_check_counts_local_ready",
+            "LoadBalancer + Local: the health check counts this node's ready endpoints (unset conditions count as ready)",
+            &[
+                lb_local("lb", "10.96.0.70", "32000"),
+                http_slice("lb-1", "lb", &[
+                    ep("10.244.1.11", NODE, READY),
+                    ep("10.244.1.12", NODE, UNSET),
+                    ep("10.244.1.13", NODE, NOT_READY),
+                    ep("10.244.2.11", "node-b", READY),
+                ]),
+            ],
+        )
+        .frontends(&["10.96.0.70:80/TCP default/lb:http cluster -> 10.244.1.11:8080,10.244.1.12:8080,10.244.2.11:8080"])
+        .health_checks(&["32000 default/lb local=2"]),
+        case(
+            "health_check_counts_pods_not_ports",
+            "an endpoint is counted once by IP across ports and slices (kube-proxy squashes 10.0.0.1:80 and :443)",
+            &[
+                pending_lb(
+                    "lb",
+                    "10.96.0.70",
+                    &format!(
+                        "{LB_LOCAL}  healthCheckNodePort: 32000\n  ports:\n  \
+                         - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n  \
+                         - {{name: metrics, port: 9090, targetPort: 9090, protocol: TCP}}\n"
+                    ),
+                ),
+                slice("lb-1", "lb", "[{name: http, port: 8080, protocol: TCP}, {name: metrics, port: 9090, protocol: TCP}]", &[
+                    ep("10.244.1.11", NODE, READY),
+                    ep("10.244.1.12", NODE, READY),
+                ]),
+                http_slice("lb-2", "lb", &[ep("10.244.1.12", NODE, READY), ep("10.244.1.14", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.70:80/TCP default/lb:http cluster -> 10.244.1.11:8080,10.244.1.12:8080,10.244.1.14:8080",
+            "10.96.0.70:9090/TCP default/lb:metrics cluster -> 10.244.1.11:9090,10.244.1.12:9090",
+        ])
+        .health_checks(&["32000 default/lb local=3"]),
+        case(
+            "health_check_terminating_does_not_count",
+            "only terminating endpoints here: traffic falls back to them, the health check says 0 so load balancers drain the node",
+            &[
+                lb_local("lb", "10.96.0.70", "32000"),
+                http_slice("lb-1", "lb", &[
+                    ep("10.244.1.11", NODE, TERMINATING),
+                    ep("10.244.1.12", NODE, TERMINATING_NOT_SERVING),
+                ]),
+            ],
+        )
+        .frontends(&["10.96.0.70:80/TCP default/lb:http cluster -> 10.244.1.11:8080"])
+        .health_checks(&["32000 default/lb local=0"]),
+        case(
+            "health_check_no_endpoints_here",
+            "ready endpoints on other nodes only, and a service without slices: both checks say 0",
+            &[
+                lb_local("lb", "10.96.0.70", "32000"),
+                http_slice("lb-1", "lb", &[ep("10.244.2.11", "node-b", READY)]),
+                lb_local("empty", "10.96.0.71", "32001"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.70:80/TCP default/lb:http cluster -> 10.244.2.11:8080",
+            "10.96.0.71:80/TCP default/empty:http cluster -> -",
+        ])
+        .health_checks(&["32000 default/lb local=0", "32001 default/empty local=0"]),
+        case(
+            "health_check_only_for_load_balancer_local",
+            "kube-proxy's NeedsHealthCheck: a Local NodePort service or a Cluster LoadBalancer gets none, even with a port set",
+            &[
+                service(
+                    "np",
+                    "",
+                    "{type: NodePort, clusterIP: 10.96.0.72, externalTrafficPolicy: Local, healthCheckNodePort: 32002, \
+                     ports: [{name: http, port: 80}]}",
+                ),
+                pending_lb(
+                    "lbc",
+                    "10.96.0.73",
+                    &format!("  type: LoadBalancer\n  externalTrafficPolicy: Cluster\n  healthCheckNodePort: 32003\n{HTTP_PORT}"),
+                ),
+                http_slice("lbc-1", "lbc", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.72:80/TCP default/np:http cluster -> -",
+            "10.96.0.73:80/TCP default/lbc:http cluster -> 10.244.1.11:8080",
+        ]),
+        case(
+            "health_check_port_missing_or_out_of_range",
+            "Local without healthCheckNodePort, or with 0, 70000 or -5: reported, the frontends stay",
+            &[
+                pending_lb("lb-a", "10.96.0.74", &format!("{LB_LOCAL}{HTTP_PORT}")),
+                lb_local("lb-b", "10.96.0.75", "0"),
+                lb_local("lb-c", "10.96.0.76", "70000"),
+                lb_local("lb-d", "10.96.0.77", "-5"),
+                http_slice("lb-c-1", "lb-c", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.74:80/TCP default/lb-a:http cluster -> -",
+            "10.96.0.75:80/TCP default/lb-b:http cluster -> -",
+            "10.96.0.76:80/TCP default/lb-c:http cluster -> 10.244.1.11:8080",
+            "10.96.0.77:80/TCP default/lb-d:http cluster -> -",
+        ])
+        .diagnostics(&[
+            (Malformed, "Service default/lb-a"),
+            (Malformed, "Service default/lb-b"),
+            (Malformed, "Service default/lb-c"),
+            (Malformed, "Service default/lb-d"),
+        ]),
+        case(
+            "health_check_port_conflict",
+            "two services claim one healthCheckNodePort: the first by key keeps it, the second is reported",
+            &[
+                lb_local("lb-b", "10.96.0.79", "32000"),
+                lb_local("lb-a", "10.96.0.78", "32000"),
+                http_slice("lb-a-1", "lb-a", &[ep("10.244.1.11", NODE, READY)]),
+                http_slice("lb-b-1", "lb-b", &[ep("10.244.1.12", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.78:80/TCP default/lb-a:http cluster -> 10.244.1.11:8080",
+            "10.96.0.79:80/TCP default/lb-b:http cluster -> 10.244.1.12:8080",
+        ])
+        .health_checks(&["32000 default/lb-a local=1"])
+        .diagnostics(&[(FrontendConflict, "Service default/lb-b")]),
+        case(
+            "health_check_not_ours",
+            "a service for another proxy gets no health check",
+            &[
+                service(
+                    "theirs",
+                    "{service.kubernetes.io/service-proxy-name: other}",
+                    "{type: LoadBalancer, clusterIP: 10.96.0.80, externalTrafficPolicy: Local, healthCheckNodePort: 32004, \
+                     allocateLoadBalancerNodePorts: false, ports: [{name: http, port: 80}]}",
+                ),
+                http_slice("theirs-1", "theirs", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        ),
+        case(
+            "health_check_ip_families",
+            "IPv6-only: no check (kube-proxy's IPv4 proxier does not see it); dual-stack: IPv6 endpoints are not counted",
+            &[
+                pending_lb(
+                    "six",
+                    "'fd00::81'",
+                    &format!("  ipFamilies: [IPv6]\n{LB_LOCAL}  healthCheckNodePort: 32005\n{HTTP_PORT}"),
+                ),
+                typed_slice("six-1", "six", "IPv6", "[{name: http, port: 8080}]", &[ep("fd00::1:11", NODE, READY)]),
+                service(
+                    "dual",
+                    "",
+                    "{type: LoadBalancer, clusterIP: 10.96.0.82, clusterIPs: [10.96.0.82, 'fd00::82'], \
+                     ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, externalTrafficPolicy: Local, \
+                     healthCheckNodePort: 32006, allocateLoadBalancerNodePorts: false, ports: [{name: http, port: 80}]}",
+                ),
+                slice("dual-v4", "dual", "[{name: http, port: 8080}]", &[ep("10.244.1.11", NODE, READY)]),
+                typed_slice("dual-v6", "dual", "IPv6", "[{name: http, port: 8080}]", &[
+                    ep("fd00::1:11", NODE, READY),
+                    ep("fd00::1:12", NODE, READY),
+                ]),
+            ],
+        )
+        .frontends(&["10.96.0.82:80/TCP default/dual:http cluster -> 10.244.1.11:8080"])
+        .health_checks(&["32006 default/dual local=1"])
+        .diagnostics(&[(UnsupportedIpFamily, "Service default/six"), (UnsupportedIpFamily, "Service default/dual")]),
+    ]
+}
+
 fn all_cases() -> Vec<Case> {
     let mut cases = endpoint_cases();
     cases.extend(selection_cases());
@@ -1112,6 +1341,7 @@ fn all_cases() -> Vec<Case> {
     cases.extend(topology_cases());
     cases.extend(external_cases());
     cases.extend(ip_family_cases());
+    cases.extend(health_check_cases());
     cases
 }
 
@@ -1137,6 +1367,18 @@ fn model_table() {
                 case.description,
                 want.difference(&got).collect::<Vec<_>>(),
                 got.difference(&want).collect::<Vec<_>>(),
+            ));
+        }
+        let got: BTreeSet<String> = desired
+            .health_checks
+            .iter()
+            .map(|(port, health)| render_health_check(*port, health))
+            .collect();
+        let want: BTreeSet<String> = case.health_checks.iter().map(|s| (*s).to_owned()).collect();
+        if got != want {
+            failures.push(format!(
+                "{} ({}): health checks\n  want {want:?}\n  got  {got:?}",
+                case.name, case.description
             ));
         }
         let mut got: Vec<(DiagnosticReason, &str)> = diagnostics

@@ -280,7 +280,7 @@ impl Fe {
 fn desired(frontends: &[Fe]) -> Desired {
     Desired {
         frontends: frontends.iter().map(|fe| (fe.key, fe.spec())).collect(),
-        diagnostics: Vec::new(),
+        ..Desired::default()
     }
 }
 
