@@ -19,8 +19,9 @@ pub mod names {
     pub const BACKENDS_V4: &str = "BACKEND_V4_V1";
     pub const CONNTRACK_V4: &str = "CT_V4_V1";
     pub const AFFINITY_V4: &str = "AFFINITY_V4_V1";
-    pub const COUNTERS: &str = "COUNTERS_V1";
-    pub const CONFIG: &str = "CONFIG_V1";
+    pub const SOURCE_RANGES_V4: &str = "SRCRANGE_V4_V1";
+    pub const COUNTERS: &str = "COUNTERS_V2";
+    pub const CONFIG: &str = "CONFIG_V2";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -31,6 +32,8 @@ pub mod capacity {
     /// Two entries per translated flow (original and reply direction).
     pub const CONNTRACK_V4: u32 = 524_288;
     pub const AFFINITY_V4: u32 = 131_072;
+    /// loadBalancerSourceRanges entries, all services together.
+    pub const SOURCE_RANGES_V4: u32 = 16_384;
 }
 
 /// Scope of a frontend entry: which traffic it applies to.
@@ -60,6 +63,13 @@ pub mod service_flags {
     pub const EXTERNAL_LOCAL: u16 = 1 << 4;
     /// loadBalancerSourceRanges apply to this frontend.
     pub const SOURCE_RANGES: u16 = 1 << 5;
+}
+
+/// Backend flags.
+pub mod backend_flags {
+    /// The endpoint runs on this node: traffic from outside reaches it without SNAT,
+    /// because its replies pass back through this node anyway.
+    pub const LOCAL: u8 = 1 << 0;
 }
 
 /// Conntrack entry flags.
@@ -119,7 +129,8 @@ pub struct BackendV4 {
     pub port: Be16,
     /// IP protocol ([`crate::proto`]).
     pub proto: u8,
-    pub _pad: u8,
+    /// [`backend_flags`].
+    pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<BackendV4>() == 8);
 
@@ -182,22 +193,46 @@ pub struct AffinityValueV4 {
 }
 const _: () = assert!(core::mem::size_of::<AffinityValueV4>() == 16);
 
+/// A loadBalancerSourceRanges entry: the data of an LPM trie key whose prefix length
+/// is `32 + CIDR length`, so the service id always matches whole and the client
+/// address by prefix. Value: `1` (presence is what counts).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SourceRangeV4 {
+    /// The service port's id, big-endian so the trie's bitwise prefix starts with it.
+    pub service_id: Be32,
+    pub addr: Be32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeV4>() == 8);
+
 /// Runtime settings of the datapath (single entry of the config array), written by
 /// the agent at start. Timeouts follow kube-proxy's conntrack settings.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct DatapathConfigV1 {
+pub struct DatapathConfig {
     /// Idle timeout of an established TCP flow.
     pub tcp_established_timeout_s: u32,
     /// Idle timeout of a TCP flow after FIN or RST.
     pub tcp_closing_timeout_s: u32,
     /// Idle timeout of a UDP (or SCTP) flow.
     pub udp_timeout_s: u32,
-    pub _pad: u32,
+    /// The node's own address, the source of masqueraded (SNAT) traffic. 0 (not
+    /// set): flows that need SNAT are dropped and counted (`drop_no_snat_addr`).
+    pub snat_addr: Be32,
+    /// The cluster's pod CIDR (kube-proxy's clusterCIDR): ClusterIP traffic arriving
+    /// from outside it is masqueraded when its backend is remote. Length 0: unset,
+    /// every such flow is masqueraded.
+    pub cluster_cidr_addr: Be32,
+    pub cluster_cidr_len: u8,
+    pub _pad: [u8; 3],
+    /// Source ports for SNAT, inclusive, outside the kernel's ephemeral range so the
+    /// node's own connections never collide with them.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfigV1>() == 16);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 28);
 
-impl DatapathConfigV1 {
+impl DatapathConfig {
     /// Defaults: 24 h established TCP (kube-proxy's conntrack.tcpEstablishedTimeout),
     /// 10 s after close, 120 s UDP (the kernel's udp_timeout_stream; our entries do not
     /// distinguish one-shot UDP).
@@ -205,11 +240,16 @@ impl DatapathConfigV1 {
         tcp_established_timeout_s: 86_400,
         tcp_closing_timeout_s: 10,
         udp_timeout_s: 120,
-        _pad: 0,
+        snat_addr: Be32(0),
+        cluster_cidr_addr: Be32(0),
+        cluster_cidr_len: 0,
+        _pad: [0; 3],
+        snat_port_min: 61_000,
+        snat_port_max: 65_535,
     };
 }
 
-impl DatapathConfigV1 {
+impl DatapathConfig {
     /// Idle timeout of a conntrack entry in nanoseconds. Shared by the datapath (which
     /// ignores expired entries) and the agent (which reaps them).
     #[must_use]
@@ -224,6 +264,16 @@ impl DatapathConfigV1 {
         seconds as u64 * 1_000_000_000
     }
 
+    /// Whether `addr` is inside the cluster CIDR (false when it is unset).
+    #[must_use]
+    pub const fn in_cluster_cidr(&self, addr: Be32) -> bool {
+        if self.cluster_cidr_len == 0 || self.cluster_cidr_len > 32 {
+            return false;
+        }
+        let mask = u32::MAX << (32 - self.cluster_cidr_len as u32);
+        (u32::from_be(addr.0) & mask) == (u32::from_be(self.cluster_cidr_addr.0) & mask)
+    }
+
     /// Whether `entry`, last seen at `entry.last_seen_ns`, is expired at `now_ns`.
     #[must_use]
     pub const fn ct_expired(&self, entry: &CtEntryV4, l4_proto: u8, now_ns: u64) -> bool {
@@ -231,7 +281,7 @@ impl DatapathConfigV1 {
     }
 }
 
-impl Default for DatapathConfigV1 {
+impl Default for DatapathConfig {
     fn default() -> Self {
         Self::DEFAULT
     }
@@ -252,22 +302,34 @@ pub mod counter {
     pub const AFFINITY_HIT: u32 = 4;
     /// A non-first IPv4 fragment passed untranslated (it carries no ports).
     pub const FRAGMENT_PASSED: u32 = 5;
+    /// A new flow from outside was masqueraded to the node's address (SNAT).
+    pub const SNAT_FLOW: u32 = 8;
+    /// A translated packet was sent straight to its next hop (FIB lookup + redirect).
+    pub const REDIRECTED: u32 = 9;
+    /// A pod reached itself through a service and was masqueraded (hairpin).
+    pub const HAIRPIN_FLOW: u32 = 10;
 
     /// First drop reason; everything from here on counts dropped packets.
-    pub const FIRST_DROP: u32 = 8;
+    pub const FIRST_DROP: u32 = 16;
     /// Dropped: the frontend has no backends and asks for drop (Local policies).
-    pub const DROP_NO_LOCAL_BACKEND: u32 = 8;
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 16;
     /// Dropped: a backend slot or backend vanished under a concurrent update.
-    pub const DROP_BACKEND_MISSING: u32 = 9;
+    pub const DROP_BACKEND_MISSING: u32 = 17;
     /// Dropped: the conntrack map refused the new entry.
-    pub const DROP_CT_INSERT: u32 = 10;
+    pub const DROP_CT_INSERT: u32 = 18;
     /// Dropped: rewriting the packet failed.
-    pub const DROP_REWRITE: u32 = 11;
+    pub const DROP_REWRITE: u32 = 19;
     /// Dropped: the ICMP reject could not be built.
-    pub const DROP_REJECT_FAILED: u32 = 12;
+    pub const DROP_REJECT_FAILED: u32 = 20;
+    /// Dropped: the client is outside the service's loadBalancerSourceRanges.
+    pub const DROP_SOURCE_RANGE: u32 = 21;
+    /// Dropped: no free SNAT port for the flow (every try collided with a live flow).
+    pub const DROP_SNAT_PORTS: u32 = 22;
+    /// Dropped: SNAT was needed but the agent has not set the node's address.
+    pub const DROP_NO_SNAT_ADDR: u32 = 23;
 
     /// Size of the counters map.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 32;
 }
 
 /// Metric label of each counter index (empty for unused indices).
@@ -280,11 +342,27 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "fragment_passed",
     "",
     "",
+    "snat_flow",
+    "redirected",
+    "hairpin_flow",
+    "",
+    "",
+    "",
+    "",
+    "",
     "drop_no_local_backend",
     "drop_backend_missing",
     "drop_ct_insert",
     "drop_rewrite",
     "drop_reject_failed",
+    "drop_source_range",
+    "drop_snat_ports",
+    "drop_no_snat_addr",
+    "",
+    "",
+    "",
+    "",
+    "",
     "",
     "",
     "",
@@ -306,11 +384,12 @@ mod pod_impls {
         ServiceKeyV4,
         ServiceValueV4,
         BackendV4,
+        SourceRangeV4,
         CtKeyV4,
         CtEntryV4,
         AffinityKeyV4,
         AffinityValueV4,
-        DatapathConfigV1,
+        DatapathConfig,
     );
 }
 
@@ -332,6 +411,12 @@ mod tests {
             counter::DROP_CT_INSERT,
             counter::DROP_REWRITE,
             counter::DROP_REJECT_FAILED,
+            counter::SNAT_FLOW,
+            counter::REDIRECTED,
+            counter::HAIRPIN_FLOW,
+            counter::DROP_SOURCE_RANGE,
+            counter::DROP_SNAT_PORTS,
+            counter::DROP_NO_SNAT_ADDR,
         ] {
             assert!(!COUNTER_NAMES[index as usize].is_empty(), "counter {index}");
         }
@@ -349,12 +434,34 @@ mod tests {
     }
 
     #[test]
+    fn cluster_cidr_membership() {
+        let config = |addr: [u8; 4], len: u8| DatapathConfig {
+            cluster_cidr_addr: Be32(u32::from_ne_bytes(addr)),
+            cluster_cidr_len: len,
+            ..DatapathConfig::DEFAULT
+        };
+        let ip = |addr: [u8; 4]| Be32(u32::from_ne_bytes(addr));
+        let cidr = config([10, 244, 0, 0], 16);
+        assert!(cidr.in_cluster_cidr(ip([10, 244, 1, 2])));
+        assert!(cidr.in_cluster_cidr(ip([10, 244, 255, 255])));
+        assert!(!cidr.in_cluster_cidr(ip([10, 245, 0, 1])));
+        assert!(!cidr.in_cluster_cidr(ip([192, 168, 1, 10])));
+        assert!(config([10, 244, 1, 0], 32).in_cluster_cidr(ip([10, 244, 1, 0])));
+        assert!(!config([10, 244, 1, 0], 32).in_cluster_cidr(ip([10, 244, 1, 1])));
+        assert!(
+            !config([0, 0, 0, 0], 0).in_cluster_cidr(ip([10, 244, 1, 2])),
+            "unset"
+        );
+    }
+
+    #[test]
     fn map_names_fit_the_kernel_limit() {
         for name in [
             names::SERVICES_V4,
             names::BACKENDS_V4,
             names::CONNTRACK_V4,
             names::AFFINITY_V4,
+            names::SOURCE_RANGES_V4,
             names::COUNTERS,
             names::CONFIG,
         ] {

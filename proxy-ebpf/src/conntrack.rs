@@ -1,7 +1,7 @@
 //! Connection tracking: every translated flow has one entry per direction, each holding
 //! the rewrite for the packets it matches. Entries expire by idle time (checked here,
 //! so a stale entry is never used) and are reaped by the agent and by LRU eviction.
-use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{counter, ct_flags, Be16, Be32, CtEntryV4, CtKeyV4};
 
 use crate::{
@@ -11,7 +11,7 @@ use crate::{
 
 /// The tuple of the packet after `entry`'s rewrite.
 #[inline(always)]
-fn translated(tuple: &CtKeyV4, entry: &CtEntryV4) -> CtKeyV4 {
+pub fn translated(tuple: &CtKeyV4, entry: &CtEntryV4) -> CtKeyV4 {
     let mut out = *tuple;
     if entry.flags & ct_flags::REWRITE_SRC != 0 {
         out.src_addr = entry.nat_src_addr;
@@ -58,6 +58,7 @@ pub fn lookup(pkt: &Ipv4Packet, now: u64) -> Option<CtEntryV4> {
 }
 
 /// What a new flow is translated to.
+#[derive(Clone, Copy)]
 pub struct Translation {
     pub new_src: (Be32, Be16),
     pub new_dst: (Be32, Be16),
@@ -67,8 +68,17 @@ pub struct Translation {
 
 /// Records a new flow: the entry for its original direction (`original` becomes the
 /// translated tuple) and the entry for replies (which undo it).
+///
+/// With `claim_reply`, the reply key must be free (or held by an expired flow): that is
+/// how a masqueraded flow claims its source port ([`crate::snat`]); a live holder
+/// fails with `DROP_SNAT_PORTS` so the caller can draw another port.
 #[inline(always)]
-pub fn create(original: &CtKeyV4, nat: &Translation, now: u64) -> Result<(), u32> {
+pub fn create(
+    original: &CtKeyV4,
+    nat: &Translation,
+    now: u64,
+    claim_reply: bool,
+) -> Result<(), u32> {
     let mut after = *original;
     (after.src_addr, after.src_port) = nat.new_src;
     (after.dst_addr, after.dst_port) = nat.new_dst;
@@ -98,9 +108,28 @@ pub fn create(original: &CtKeyV4, nat: &Translation, now: u64) -> Result<(), u32
         reply.nat_dst_port = original.src_port;
     }
     let reply_key = reversed(&after);
-    CT_V4_V1
-        .insert(&reply_key, &reply, u64::from(BPF_ANY))
-        .map_err(|_| counter::DROP_CT_INSERT)?;
+    if claim_reply {
+        if CT_V4_V1
+            .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            let holder_expired = CT_V4_V1.get_ptr(&reply_key).is_none_or(|holder| {
+                // SAFETY: copied out at once.
+                let holder = unsafe { *holder };
+                maps::config().ct_expired(&holder, original.proto, now)
+            });
+            if !holder_expired {
+                return Err(counter::DROP_SNAT_PORTS);
+            }
+            CT_V4_V1
+                .insert(&reply_key, &reply, u64::from(BPF_ANY))
+                .map_err(|_| counter::DROP_CT_INSERT)?;
+        }
+    } else {
+        CT_V4_V1
+            .insert(&reply_key, &reply, u64::from(BPF_ANY))
+            .map_err(|_| counter::DROP_CT_INSERT)?;
+    }
     if CT_V4_V1
         .insert(original, &forward, u64::from(BPF_ANY))
         .is_err()

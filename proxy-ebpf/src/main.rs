@@ -1,21 +1,32 @@
 //! Kernel programs of the proxy.
 //!
 //! One module per datapath stage: [`parse`] reads headers, [`conntrack`] finds or
-//! records flows, [`service`] finds frontends and picks backends, [`nat`] rewrites
-//! addresses with their checksums, [`reject`] answers flows to empty services. Entry
-//! points stay thin: they call a `try_*` function and return its verdict; errors carry
-//! the drop reason that is counted in [`stats`].
+//! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
+//! a new flow's translation, [`snat`] masquerades with a port it claims, [`nat`]
+//! rewrites addresses with their checksums, [`forward`] sends translated packets to
+//! their next hop, [`reject`] answers flows to empty services. Entry points stay thin:
+//! they call a `try_*` function and return its verdict; errors carry the drop reason
+//! that is counted in [`stats`].
+//!
+//! Hooks: TC on pod-facing interfaces (`tc_pod_*`: pods as clients and as backends)
+//! and on the node's external interfaces (`tc_node_*`: NodePort, externalIPs,
+//! LoadBalancer IPs, replies of remote backends).
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod forward;
 mod maps;
 mod nat;
+mod new_flow;
+mod node_egress;
+mod node_ingress;
 mod parse;
 mod pod_egress;
 mod pod_ingress;
 mod reject;
 mod service;
+mod snat;
 mod stats;
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
@@ -38,6 +49,33 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
     match pod_egress::try_pod_egress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            stats::count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// TC ingress of the node's external interfaces: traffic from other nodes and from
+/// outside the cluster to NodePorts, externalIPs, LoadBalancer IPs and ClusterIPs, and
+/// replies that must be translated back.
+#[classifier]
+pub fn tc_node_ingress(ctx: TcContext) -> i32 {
+    match node_ingress::try_node_ingress(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            stats::count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// TC egress of the node's external interfaces: replies of local backends to clients
+/// outside the node, translated back.
+#[classifier]
+pub fn tc_node_egress(ctx: TcContext) -> i32 {
+    match node_egress::try_node_egress(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count(reason);

@@ -3,11 +3,11 @@
 //! unpinned: the agent chooses the pin directory at load time (tests load without one).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     capacity, counter, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4,
-    DatapathConfigV1, ServiceKeyV4, ServiceValueV4,
+    DatapathConfig, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
@@ -31,19 +31,24 @@ pub static CT_V4_V1: LruHashMap<CtKeyV4, CtEntryV4> =
 pub static AFFINITY_V4_V1: LruHashMap<AffinityKeyV4, AffinityValueV4> =
     LruHashMap::with_max_entries(capacity::AFFINITY_V4, 0);
 
+/// loadBalancerSourceRanges by service id ([`proxy_common::names::SOURCE_RANGES_V4`]).
+#[map]
+pub static SRCRANGE_V4_V1: LpmTrie<SourceRangeV4, u8> =
+    LpmTrie::with_max_entries(capacity::SOURCE_RANGES_V4, 0);
+
 /// Event and drop counters ([`proxy_common::counter`]).
 #[map]
-pub static COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+pub static COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Runtime settings, one entry ([`proxy_common::DatapathConfigV1`]).
+/// Runtime settings, one entry ([`proxy_common::DatapathConfig`]).
 #[map]
-pub static CONFIG_V1: Array<DatapathConfigV1> = Array::with_max_entries(1, 0);
+pub static CONFIG_V2: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 /// The datapath settings, or the defaults until the agent has written them.
 #[inline(always)]
-pub fn config() -> DatapathConfigV1 {
-    match CONFIG_V1.get(0) {
+pub fn config() -> DatapathConfig {
+    match CONFIG_V2.get(0) {
         Some(config) if config.udp_timeout_s != 0 => *config,
-        _ => DatapathConfigV1::DEFAULT,
+        _ => DatapathConfig::DEFAULT,
     }
 }

@@ -1,15 +1,16 @@
 //! Frontend lookup and backend selection (random slot, or the client's affinity).
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    counter, scope, service_flags, AffinityKeyV4, AffinityValueV4, BackendV4, CtKeyV4,
-    ServiceKeyV4, ServiceValueV4,
+    counter, scope, service_flags, AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtKeyV4,
+    ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
 use crate::{
-    maps::{AFFINITY_V4_V1, BACKEND_V4_V1, SVC_V4_V1},
+    maps::{AFFINITY_V4_V1, BACKEND_V4_V1, SRCRANGE_V4_V1, SVC_V4_V1},
     stats,
 };
 
@@ -49,6 +50,20 @@ pub fn lookup(tuple: &CtKeyV4, from_pod: bool) -> Option<Frontend> {
         }
     }
     Some(Frontend { key, value })
+}
+
+/// Whether `client` is inside the frontend's loadBalancerSourceRanges. The trie key
+/// matches the service id whole (32 bits) and then the address by prefix.
+#[inline(always)]
+pub fn source_allowed(frontend: &Frontend, client: Be32) -> bool {
+    let key = Key::new(
+        64,
+        SourceRangeV4 {
+            service_id: Be32::from_host(frontend.value.service_id),
+            addr: client,
+        },
+    );
+    SRCRANGE_V4_V1.get(&key).is_some()
 }
 
 #[inline(always)]

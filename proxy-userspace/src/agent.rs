@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use proxy_common::DatapathConfigV1;
+use proxy_common::DatapathConfig;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -18,7 +18,8 @@ use crate::{
         attach::Attachments,
         conntrack,
         interfaces::{self, LinkEvents},
-        Datapath, LoadOptions,
+        node_network::{self, NodeNetwork, NodePortFilter},
+        Datapath, Hook, LoadOptions,
     },
     health::{self, SyncHealth},
     healthcheck::HealthCheckServers,
@@ -43,12 +44,20 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     /// Interfaces facing pods (exact names or `prefix*`).
     pub pod_interfaces: Vec<String>,
+    /// The node's external interfaces (exact names or `prefix*`); `None`: those that
+    /// carry a default route.
+    pub node_interfaces: Option<Vec<String>>,
+    /// kube-proxy's nodePortAddresses (empty: every address of the external
+    /// interfaces).
+    pub node_port_filters: Vec<NodePortFilter>,
+    /// The masquerade address (`None`: the first address of the external interfaces).
+    pub node_ip: Option<std::net::Ipv4Addr>,
     /// Leave programs and maps in place on exit.
     pub keep_state: bool,
     /// Conntrack capacity.
     pub conntrack_max: Option<u32>,
     /// Conntrack timeouts.
-    pub datapath: DatapathConfigV1,
+    pub datapath: DatapathConfig,
     /// How often expired conntrack entries are reaped.
     pub conntrack_gc_interval: Duration,
     /// Model settings (proxy name, NodePort addresses).
@@ -76,9 +85,14 @@ pub async fn run(
         conntrack_max: config.conntrack_max,
     })
     .context("loading the datapath")?;
+    let mut node = read_node_network(&config);
+    let mut model_settings = config.model.clone();
+    model_settings
+        .node_port_addresses
+        .clone_from(&node.node_port_addresses);
     datapath
         .maps
-        .set_config(&config.datapath)
+        .set_config(&datapath_config(&config, &node))
         .context("writing the datapath settings")?;
     let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
     if !mirror.services.is_empty() {
@@ -161,13 +175,13 @@ pub async fn run(
                 health.queued();
                 metrics.queued(SystemTime::now());
                 let snapshot = snapshots.borrow_and_update().clone();
-                let wanted_health_checks = sync_once(&config, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
+                let wanted_health_checks = sync_once(&model_settings, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
                 health_checks.update(&wanted_health_checks).await;
                 if !synced_once {
                     // Attach only once the maps hold the whole desired state, so no pod
                     // ever sees a half-programmed datapath; healthy only after both.
                     synced_once = true;
-                    reconcile_interfaces(&config, &mut datapath, &mut attachments, true);
+                    reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, true);
                 }
                 health.synced();
                 refresh_metrics(&metrics, &datapath, &syncer, &attachments);
@@ -178,12 +192,22 @@ pub async fn run(
                     link_events = LinkEvents::subscribe().context("resubscribing to link notifications")?;
                 }
                 if synced_once {
-                    reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
+                    let now = read_node_network(&config);
+                    if now != node {
+                        node = now;
+                        apply_node_network(&config, &node, &mut model_settings, &snapshots.borrow().clone(), &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
+                    }
+                    reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, false);
                 }
             }
             _ = rescan_timer.tick() => {
                 if synced_once {
-                    reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
+                    let now = read_node_network(&config);
+                    if now != node {
+                        node = now;
+                        apply_node_network(&config, &node, &mut model_settings, &snapshots.borrow().clone(), &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
+                    }
+                    reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, false);
                     // A health check port another process held may be free by now.
                     health_checks.retry().await;
                 }
@@ -196,7 +220,7 @@ pub async fn run(
             }
             _ = gc_timer.tick() => {
                 let now = conntrack::monotonic_now_ns();
-                match conntrack::collect_expired(&mut datapath.maps, &config.datapath, now) {
+                match conntrack::collect_expired(&mut datapath.maps, &datapath_config(&config, &node), now) {
                     Ok(report) => {
                         debug!(live = report.live, removed = report.removed, "conntrack reaped");
                         metrics.conntrack_reaped.inc_by(report.removed as u64);
@@ -222,7 +246,7 @@ pub async fn run(
 
 /// One pass: model, sync, flow cleanup, logs. Returns the health checks to serve.
 fn sync_once(
-    config: &AgentConfig,
+    model_settings: &ModelSettings,
     snapshot: &Snapshot,
     syncer: &mut Syncer,
     datapath: &mut Datapath,
@@ -230,7 +254,7 @@ fn sync_once(
     metrics: &Metrics,
 ) -> BTreeMap<u16, ServiceHealth> {
     let started = Instant::now();
-    let desired = model::desired(&snapshot.state, &config.model);
+    let desired = model::desired(&snapshot.state, model_settings);
     let diagnostics: BTreeSet<Diagnostic> = snapshot
         .diagnostics
         .iter()
@@ -387,8 +411,89 @@ fn refresh_metrics(
     }
 }
 
+/// The node's external interfaces and addresses, as the namespace holds them now.
+fn read_node_network(config: &AgentConfig) -> NodeNetwork {
+    let patterns = match &config.node_interfaces {
+        Some(patterns) => patterns.clone(),
+        None => match node_network::default_route_interfaces() {
+            Ok(names) => names.into_iter().collect(),
+            Err(error) => {
+                warn!(%error, "cannot read the routing table; no external interfaces");
+                Vec::new()
+            }
+        },
+    };
+    let addresses = match node_network::ipv4_addresses(|name| interfaces::matches(name, &patterns))
+    {
+        Ok(addresses) => addresses,
+        Err(error) => {
+            warn!(%error, "cannot list the node's addresses");
+            Vec::new()
+        }
+    };
+    let mut node = node_network::decide(&addresses, &config.node_port_filters, config.node_ip);
+    // Interfaces without an IPv4 address still get the node hooks (replies of remote
+    // backends may arrive on them).
+    if let Ok(all) = interfaces::list() {
+        node.interfaces.extend(
+            all.into_iter()
+                .map(|interface| interface.name)
+                .filter(|name| interfaces::matches(name, &patterns)),
+        );
+    }
+    node
+}
+
+/// The datapath settings: the configured ones plus the node's masquerade address.
+fn datapath_config(config: &AgentConfig, node: &NodeNetwork) -> DatapathConfig {
+    DatapathConfig {
+        snat_addr: node
+            .snat_addr
+            .map_or(proxy_common::Be32(0), proxy_common::Be32::from_ipv4),
+        ..config.datapath
+    }
+}
+
+/// Applies a changed node network: settings, then a sync pass for the NodePorts.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the agent loop's state, passed through"
+)]
+fn apply_node_network(
+    config: &AgentConfig,
+    node: &NodeNetwork,
+    model_settings: &mut ModelSettings,
+    snapshot: &Snapshot,
+    syncer: &mut Syncer,
+    datapath: &mut Datapath,
+    known_diagnostics: &mut BTreeSet<Diagnostic>,
+    metrics: &Metrics,
+) {
+    info!(
+        interfaces = ?node.interfaces,
+        node_port_addresses = ?node.node_port_addresses,
+        snat_addr = ?node.snat_addr,
+        "the node's network changed"
+    );
+    if let Err(error) = datapath.maps.set_config(&datapath_config(config, node)) {
+        warn!(%error, "cannot update the datapath settings");
+    }
+    model_settings
+        .node_port_addresses
+        .clone_from(&node.node_port_addresses);
+    sync_once(
+        model_settings,
+        snapshot,
+        syncer,
+        datapath,
+        known_diagnostics,
+        metrics,
+    );
+}
+
 fn reconcile_interfaces(
     config: &AgentConfig,
+    node: &NodeNetwork,
     datapath: &mut Datapath,
     attachments: &mut Attachments,
     first: bool,
@@ -403,11 +508,19 @@ fn reconcile_interfaces(
     if first {
         attachments.sweep_stale_pins(&all);
     }
-    let wanted: Vec<_> = all
-        .iter()
-        .filter(|interface| interfaces::matches(&interface.name, &config.pod_interfaces))
-        .cloned()
-        .collect();
+    let mut wanted = Vec::new();
+    for interface in &all {
+        // An external interface is never treated as a pod interface, whatever the
+        // patterns say.
+        let hooks = if node.interfaces.contains(&interface.name) {
+            &Hook::NODE
+        } else if interfaces::matches(&interface.name, &config.pod_interfaces) {
+            &Hook::POD
+        } else {
+            continue;
+        };
+        wanted.extend(hooks.iter().map(|hook| (interface.clone(), *hook)));
+    }
     for error in attachments.reconcile(datapath, &wanted) {
         warn!(error = %crate::error_chain(&error), "attach failed; retrying on the next interface change");
     }

@@ -5,10 +5,11 @@ use anyhow::Context as _;
 use clap::{
     parser::ValueSource, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand,
 };
-use proxy_common::DatapathConfigV1;
+use proxy_common::DatapathConfig;
 use proxy_userspace::{
     agent::{self, AgentConfig},
     config,
+    datapath::node_network::NodePortFilter,
     inspect::{self, PinnedMaps},
     model::ModelSettings,
     source::SourceConfig,
@@ -150,6 +151,29 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_value = "veth*,cali*,lxc*")]
     pod_interfaces: Vec<String>,
 
+    /// The node's external interfaces, where traffic from other nodes and from outside
+    /// the cluster arrives (NodePort, externalIPs, LoadBalancer IPs): exact names or
+    /// prefixes ending in `*`, comma-separated. Default: the interfaces that carry a
+    /// default route.
+    #[arg(long, value_delimiter = ',')]
+    node_interfaces: Option<Vec<String>>,
+
+    /// Addresses NodePorts answer on, as kube-proxy's nodePortAddresses: IPv4 CIDRs or
+    /// `primary`, comma-separated. Default: every address of the external interfaces.
+    #[arg(long, value_delimiter = ',')]
+    node_port_addresses: Vec<String>,
+
+    /// The node's primary address: masqueraded (SNAT) traffic leaves with it. Default:
+    /// the first address of the external interfaces.
+    #[arg(long)]
+    node_ip: Option<std::net::Ipv4Addr>,
+
+    /// The cluster's pod CIDR (kube-proxy's clusterCIDR): ClusterIP traffic from
+    /// outside it is masqueraded when its backend is on another node. Unset: all such
+    /// traffic is.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+
     /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
     #[arg(long)]
     keep_state: bool,
@@ -159,15 +183,15 @@ struct RunArgs {
     conntrack_max: Option<u32>,
 
     /// Idle timeout of established TCP flows, seconds.
-    #[arg(long, default_value_t = DatapathConfigV1::DEFAULT.tcp_established_timeout_s)]
+    #[arg(long, default_value_t = DatapathConfig::DEFAULT.tcp_established_timeout_s)]
     conntrack_tcp_timeout: u32,
 
     /// Idle timeout of TCP flows after FIN or RST, seconds.
-    #[arg(long, default_value_t = DatapathConfigV1::DEFAULT.tcp_closing_timeout_s)]
+    #[arg(long, default_value_t = DatapathConfig::DEFAULT.tcp_closing_timeout_s)]
     conntrack_tcp_close_timeout: u32,
 
     /// Idle timeout of UDP flows, seconds.
-    #[arg(long, default_value_t = DatapathConfigV1::DEFAULT.udp_timeout_s)]
+    #[arg(long, default_value_t = DatapathConfig::DEFAULT.udp_timeout_s)]
     conntrack_udp_timeout: u32,
 
     /// Handle services labelled service.kubernetes.io/service-proxy-name=NAME (services
@@ -344,17 +368,38 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
             args.conntrack_max = Some(capacity);
         }
     }
-    for (name, set) in [
-        ("clusterCIDR", file.cluster_cidr.is_some()),
-        ("nodePortAddresses", file.node_port_addresses.is_some()),
-    ] {
-        if set {
-            tracing::warn!(
-                setting = name,
-                "accepted, but not in effect yet: this agent serves ClusterIPs from pods only"
-            );
-        }
+    if let Some(value) = file
+        .cluster_cidr
+        .clone()
+        .filter(|_| !explicit("cluster_cidr"))
+    {
+        args.cluster_cidr = Some(value);
     }
+    if let Some(value) = file
+        .node_port_addresses
+        .clone()
+        .filter(|_| !explicit("node_port_addresses"))
+    {
+        args.node_port_addresses = value;
+    }
+    let node_port_filters = args
+        .node_port_addresses
+        .iter()
+        .filter(|text| !text.trim().is_empty())
+        .map(|text| NodePortFilter::parse(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|message| anyhow::anyhow!("nodePortAddresses: {message}"))?;
+    // kube-proxy takes a comma-separated list per family; the datapath is IPv4, so the
+    // first IPv4 CIDR counts.
+    let cluster_cidr = match args.cluster_cidr.as_deref() {
+        None | Some("") => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(config::parse_ipv4_cidr)
+                .find_map(Result::ok)
+                .ok_or_else(|| anyhow::anyhow!("clusterCIDR: no IPv4 CIDR in {list:?}"))?,
+        ),
+    };
     Ok(AgentConfig {
         source: match args.manifests {
             Some(dir) => SourceConfig::Manifests(dir),
@@ -366,13 +411,20 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         node_name: args.node_name,
         pin_dir: args.bpffs,
         pod_interfaces: args.pod_interfaces,
+        node_interfaces: args.node_interfaces,
+        node_port_filters,
+        node_ip: args.node_ip,
         keep_state: args.keep_state,
         conntrack_max: args.conntrack_max,
-        datapath: DatapathConfigV1 {
+        datapath: DatapathConfig {
             tcp_established_timeout_s: args.conntrack_tcp_timeout,
             tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
             udp_timeout_s: args.conntrack_udp_timeout,
-            _pad: 0,
+            cluster_cidr_addr: cluster_cidr.map_or(proxy_common::Be32(0), |(addr, _)| {
+                proxy_common::Be32::from_ipv4(addr)
+            }),
+            cluster_cidr_len: cluster_cidr.map_or(0, |(_, len)| len),
+            ..DatapathConfig::DEFAULT
         },
         conntrack_gc_interval: Duration::from_secs(10),
         model: ModelSettings {

@@ -138,7 +138,7 @@ fn an_expired_flow_is_not_reused() {
         .insert(stale_key, stale, 0)
         .expect("insert");
     // The defaults (24 h) would keep a boot-time entry on a young machine; use 1 s.
-    let mut config = proxy_common::DatapathConfigV1::DEFAULT;
+    let mut config = proxy_common::DatapathConfig::DEFAULT;
     config.tcp_established_timeout_s = 1;
     harness.datapath.maps.set_config(&config).expect("config");
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -151,7 +151,7 @@ fn an_expired_flow_is_not_reused() {
     harness
         .datapath
         .maps
-        .set_config(&proxy_common::DatapathConfigV1::DEFAULT)
+        .set_config(&proxy_common::DatapathConfig::DEFAULT)
         .expect("config");
     assert_eq!(
         output.packet,

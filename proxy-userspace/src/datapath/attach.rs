@@ -1,4 +1,5 @@
-//! Attaching the pod-facing programs to interfaces with TCX links.
+//! Attaching the TC programs to interfaces with TCX links: the pod hooks on
+//! pod-facing interfaces, the node hooks on the node's external interfaces.
 //!
 //! With a pin directory, each link is pinned as `links/<ifname>@<ifindex>:<hook>` (bpffs refuses
 //! names with a dot): the program
@@ -74,15 +75,19 @@ impl Attachments {
         self.links.keys()
     }
 
-    /// Attaches every hook's program to exactly the `wanted` interfaces: new ones get
+    /// Attaches programs to exactly the `wanted` (interface, hook) pairs: new ones get
     /// links (or take over pinned ones), vanished ones are forgotten. Returns the errors
     /// of attachments that failed (retried on the next call).
-    pub fn reconcile(&mut self, datapath: &mut Datapath, wanted: &[Interface]) -> Vec<Error> {
+    pub fn reconcile(
+        &mut self,
+        datapath: &mut Datapath,
+        wanted: &[(Interface, Hook)],
+    ) -> Vec<Error> {
         let mut errors = Vec::new();
         let gone: Vec<(Interface, Hook)> = self
             .links
             .keys()
-            .filter(|(interface, _)| !wanted.contains(interface))
+            .filter(|pair| !wanted.contains(pair))
             .cloned()
             .collect();
         for (interface, hook) in gone {
@@ -101,7 +106,11 @@ impl Attachments {
                     continue;
                 }
             };
-            for interface in wanted {
+            for interface in wanted
+                .iter()
+                .filter(|(_, wanted_hook)| *wanted_hook == hook)
+                .map(|(interface, _)| interface)
+            {
                 let key = (interface.clone(), hook);
                 if self.links.contains_key(&key) {
                     continue;

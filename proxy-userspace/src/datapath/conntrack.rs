@@ -2,7 +2,7 @@
 //! and affinities of backends that left a service.
 use std::collections::BTreeSet;
 
-use proxy_common::{names, proto, AffinityKeyV4, CtKeyV4, DatapathConfigV1};
+use proxy_common::{names, proto, AffinityKeyV4, CtKeyV4, DatapathConfig};
 
 use super::{Error, Maps, Result};
 
@@ -39,11 +39,7 @@ fn ct_error(source: aya::maps::MapError) -> Error {
 ///
 /// # Errors
 /// When the map cannot be read.
-pub fn collect_expired(
-    maps: &mut Maps,
-    config: &DatapathConfigV1,
-    now_ns: u64,
-) -> Result<GcReport> {
+pub fn collect_expired(maps: &mut Maps, config: &DatapathConfig, now_ns: u64) -> Result<GcReport> {
     let mut expired = Vec::new();
     let mut live = 0;
     for entry in maps.conntrack.iter() {

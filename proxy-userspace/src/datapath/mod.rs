@@ -2,6 +2,7 @@
 pub mod attach;
 pub mod conntrack;
 pub mod interfaces;
+pub mod node_network;
 
 use std::{
     io,
@@ -9,13 +10,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, SchedClassifier},
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    counter, names, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4,
-    DatapathConfigV1, ServiceKeyV4, ServiceValueV4,
+    counter, names, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4, DatapathConfig,
+    ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
 use crate::sync::{MapOp, MapWriter, Mirror, WriteError};
@@ -30,10 +31,25 @@ pub enum Hook {
     PodIngress,
     /// Egress of pod-facing interfaces (traffic into pods): `tc_pod_egress`.
     PodEgress,
+    /// Ingress of the node's external interfaces (NodePort, externalIPs, LoadBalancer
+    /// IPs, replies of remote backends): `tc_node_ingress`.
+    NodeIngress,
+    /// Egress of the node's external interfaces (replies of local backends to
+    /// outside clients): `tc_node_egress`.
+    NodeEgress,
 }
 
 impl Hook {
-    pub const ALL: [Self; 2] = [Self::PodIngress, Self::PodEgress];
+    pub const ALL: [Self; 4] = [
+        Self::PodIngress,
+        Self::PodEgress,
+        Self::NodeIngress,
+        Self::NodeEgress,
+    ];
+    /// The hooks of pod-facing interfaces.
+    pub const POD: [Self; 2] = [Self::PodIngress, Self::PodEgress];
+    /// The hooks of the node's external interfaces.
+    pub const NODE: [Self; 2] = [Self::NodeIngress, Self::NodeEgress];
 
     /// The program's name in the object.
     #[must_use]
@@ -41,6 +57,8 @@ impl Hook {
         match self {
             Self::PodIngress => "tc_pod_ingress",
             Self::PodEgress => "tc_pod_egress",
+            Self::NodeIngress => "tc_node_ingress",
+            Self::NodeEgress => "tc_node_egress",
         }
     }
 
@@ -48,8 +66,8 @@ impl Hook {
     #[must_use]
     pub fn attach_type(self) -> aya::programs::TcAttachType {
         match self {
-            Self::PodIngress => aya::programs::TcAttachType::Ingress,
-            Self::PodEgress => aya::programs::TcAttachType::Egress,
+            Self::PodIngress | Self::NodeIngress => aya::programs::TcAttachType::Ingress,
+            Self::PodEgress | Self::NodeEgress => aya::programs::TcAttachType::Egress,
         }
     }
 
@@ -59,6 +77,8 @@ impl Hook {
         match self {
             Self::PodIngress => "pod-ingress",
             Self::PodEgress => "pod-egress",
+            Self::NodeIngress => "node-ingress",
+            Self::NodeEgress => "node-egress",
         }
     }
 }
@@ -119,8 +139,9 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, BackendV4>,
     pub conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
     pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
     pub counters: PerCpuArray<MapData, u64>,
-    pub config: Array<MapData, DatapathConfigV1>,
+    pub config: Array<MapData, DatapathConfig>,
     /// Capacity the conntrack map was created with.
     pub conntrack_capacity: u32,
 }
@@ -132,11 +153,12 @@ pub struct Datapath {
     pub pin_dir: Option<PathBuf>,
 }
 
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
     names::AFFINITY_V4,
+    names::SOURCE_RANGES_V4,
     names::COUNTERS,
     names::CONFIG,
 ];
@@ -203,6 +225,15 @@ impl Datapath {
             backends: take(&mut ebpf, names::BACKENDS_V4)?,
             conntrack: take(&mut ebpf, names::CONNTRACK_V4)?,
             affinity: take(&mut ebpf, names::AFFINITY_V4)?,
+            source_ranges: {
+                let map = ebpf
+                    .take_map(names::SOURCE_RANGES_V4)
+                    .ok_or(Error::MissingMap(names::SOURCE_RANGES_V4))?;
+                LpmTrie::try_from(map).map_err(|source| Error::Map {
+                    name: names::SOURCE_RANGES_V4,
+                    source,
+                })?
+            },
             counters: {
                 let map = ebpf
                     .take_map(names::COUNTERS)
@@ -259,7 +290,7 @@ impl Maps {
     ///
     /// # Errors
     /// When the kernel refuses the write.
-    pub fn set_config(&mut self, config: &DatapathConfigV1) -> Result<()> {
+    pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
         self.config.set(0, config, 0).map_err(|source| Error::Map {
             name: names::CONFIG,
             source,
@@ -285,6 +316,15 @@ impl Maps {
                 source,
             })?;
             mirror.backends.insert(id, backend);
+        }
+        for entry in self.source_ranges.iter() {
+            let (key, _) = entry.map_err(|source| Error::Map {
+                name: names::SOURCE_RANGES_V4,
+                source,
+            })?;
+            mirror
+                .source_ranges
+                .insert(crate::sync::SourceRangeKey::from_trie(&key));
         }
         Ok(mirror)
     }
@@ -324,6 +364,8 @@ impl MapWriter for Maps {
             MapOp::DeleteBackend { id } => self.backends.remove(&id),
             MapOp::PutService { key, value } => self.services.insert(key, value, 0),
             MapOp::DeleteService { key } => self.services.remove(&key),
+            MapOp::PutSourceRange { key } => self.source_ranges.insert(&key.trie_key(), 1, 0),
+            MapOp::DeleteSourceRange { key } => self.source_ranges.remove(&key.trie_key()),
         };
         match result {
             Ok(()) => Ok(()),
@@ -331,7 +373,9 @@ impl MapWriter for Maps {
             Err(MapError::KeyNotFound)
                 if matches!(
                     op,
-                    MapOp::DeleteBackend { .. } | MapOp::DeleteService { .. }
+                    MapOp::DeleteBackend { .. }
+                        | MapOp::DeleteService { .. }
+                        | MapOp::DeleteSourceRange { .. }
                 ) =>
             {
                 Ok(())

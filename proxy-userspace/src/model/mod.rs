@@ -171,6 +171,11 @@ pub struct ServiceHealth {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
+    /// Addresses of endpoints on this node (their backends need no SNAT from outside).
+    pub local_endpoints: BTreeSet<Ipv4Addr>,
+    /// loadBalancerSourceRanges (IPv4 CIDRs) of service ports whose LoadBalancer
+    /// frontends carry [`service_flags::SOURCE_RANGES`].
+    pub source_ranges: BTreeMap<ServicePortName, BTreeSet<(Ipv4Addr, u8)>>,
     /// healthCheckNodePort servers this node should run, by port.
     pub health_checks: BTreeMap<u16, ServiceHealth>,
     pub diagnostics: Vec<Diagnostic>,
@@ -276,6 +281,8 @@ struct Addresses {
     cluster_ips: Vec<Ipv4Addr>,
     external_ips: Vec<Ipv4Addr>,
     load_balancer_ips: Vec<Ipv4Addr>,
+    /// IPv4 loadBalancerSourceRanges (address masked, prefix length).
+    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 impl ServiceContext<'_> {
@@ -343,6 +350,7 @@ impl ServiceContext<'_> {
                 cluster_ips: Vec::new(),
                 external_ips: Vec::new(),
                 load_balancer_ips: Vec::new(),
+                source_ranges: BTreeSet::new(),
             };
         };
         // clusterIPs (dual stack) supersedes clusterIP; both may be set and agree.
@@ -374,10 +382,33 @@ impl ServiceContext<'_> {
         } else {
             Vec::new()
         };
+        // Only IPv4 ranges restrict IPv4 traffic; with none valid, kube-proxy (per IP
+        // family) installs no filter, and neither do we.
+        let mut source_ranges = BTreeSet::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            match parse_cidr(range) {
+                Ok((IpAddr::V4(addr), len)) => {
+                    source_ranges.insert((addr, len));
+                }
+                Ok((IpAddr::V6(_), _)) => self.diagnose(
+                    out,
+                    DiagnosticReason::UnsupportedIpFamily,
+                    format!(
+                        "loadBalancerSourceRange {range:?} is IPv6; the datapath filters IPv4 only"
+                    ),
+                ),
+                Err(message) => self.diagnose(
+                    out,
+                    DiagnosticReason::Malformed,
+                    format!("loadBalancerSourceRange {message}"),
+                ),
+            }
+        }
         Addresses {
             cluster_ips,
             external_ips,
             load_balancer_ips,
+            source_ranges,
         }
     }
 
@@ -676,6 +707,12 @@ impl ServiceContext<'_> {
             has_external,
         };
         let endpoints = self.endpoints(out, &port_name, proto);
+        out.local_endpoints.extend(
+            endpoints
+                .iter()
+                .filter(|endpoint| endpoint.is_local)
+                .map(|endpoint| *endpoint.addr.ip()),
+        );
         let categorized = categorize(&endpoints, policies, self.node_name, self.zone);
 
         let name = ServicePortName {
@@ -734,7 +771,11 @@ impl ServiceContext<'_> {
             // go to any endpoint, as kube-proxy short-circuits them to the service chain.
             external_flags |= service_flags::HAS_INTERNAL_SCOPE;
         }
-        let has_source_ranges = spec_source_ranges(self.service);
+        let has_source_ranges = !addresses.source_ranges.is_empty();
+        if has_source_ranges && !addresses.load_balancer_ips.is_empty() {
+            out.source_ranges
+                .insert(name.clone(), addresses.source_ranges.clone());
+        }
         let external = addresses
             .external_ips
             .iter()
@@ -796,11 +837,28 @@ impl ServiceContext<'_> {
     }
 }
 
-/// Whether loadBalancerSourceRanges restrict the service.
-fn spec_source_ranges(service: &Service) -> bool {
-    service
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.load_balancer_source_ranges.as_ref())
-        .is_some_and(|ranges| !ranges.is_empty())
+/// Parses one loadBalancerSourceRanges entry (`a.b.c.d/len`, spaces trimmed as
+/// kube-proxy does); the address is masked to its prefix.
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    let text = text.trim();
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{text:?} is not a CIDR"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|len| *len <= max)
+        .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?;
+    let addr = match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        v6 @ IpAddr::V6(_) => v6,
+    };
+    Ok((addr, len))
 }

@@ -20,10 +20,12 @@ mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
 };
 
-use proxy_common::{BackendV4, Be16, Be32, ServiceKeyV4, ServiceValueV4};
+use proxy_common::{
+    backend_flags, BackendV4, Be16, Be32, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
+};
 
 use crate::model::{Desired, FrontendKey, FrontendSpec, ServicePortName};
 
@@ -44,6 +46,45 @@ pub enum MapOp {
     DeleteService {
         key: ServiceKeyV4,
     },
+    PutSourceRange {
+        key: SourceRangeKey,
+    },
+    DeleteSourceRange {
+        key: SourceRangeKey,
+    },
+}
+
+/// One loadBalancerSourceRanges entry: a service port's id and an IPv4 CIDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl SourceRangeKey {
+    /// The LPM trie key: the service id matches whole, the address by prefix.
+    #[must_use]
+    pub fn trie_key(&self) -> aya::maps::lpm_trie::Key<SourceRangeV4> {
+        aya::maps::lpm_trie::Key::new(
+            32 + u32::from(self.prefix_len),
+            SourceRangeV4 {
+                service_id: Be32::from_host(self.service_id),
+                addr: Be32::from_ipv4(self.addr),
+            },
+        )
+    }
+
+    /// The entry a trie key stands for.
+    #[must_use]
+    pub fn from_trie(key: &aya::maps::lpm_trie::Key<SourceRangeV4>) -> Self {
+        let data = key.data();
+        Self {
+            service_id: data.service_id.to_host(),
+            addr: data.addr.to_ipv4(),
+            prefix_len: u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32),
+        }
+    }
 }
 
 /// A map write the kernel refused.
@@ -70,6 +111,7 @@ pub trait MapWriter {
 pub struct Mirror {
     pub services: HashMap<ServiceKeyV4, ServiceValueV4>,
     pub backends: HashMap<u32, BackendV4>,
+    pub source_ranges: BTreeSet<SourceRangeKey>,
 }
 
 impl Mirror {
@@ -86,6 +128,12 @@ impl Mirror {
             }
             MapOp::DeleteService { key } => {
                 self.services.remove(&key);
+            }
+            MapOp::PutSourceRange { key } => {
+                self.source_ranges.insert(key);
+            }
+            MapOp::DeleteSourceRange { key } => {
+                self.source_ranges.remove(&key);
             }
         }
     }
@@ -124,14 +172,14 @@ pub fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKeyV4 {
     }
 }
 
-/// The map value of a backend.
+/// The map value of a backend; `local`: the endpoint runs on this node.
 #[must_use]
-pub fn backend_value(addr: SocketAddrV4, proto: u8) -> BackendV4 {
+pub fn backend_value(addr: SocketAddrV4, proto: u8, local: bool) -> BackendV4 {
     BackendV4 {
         addr: Be32::from_ipv4(*addr.ip()),
         port: Be16::from_host(addr.port()),
         proto,
-        _pad: 0,
+        flags: if local { backend_flags::LOCAL } else { 0 },
     }
 }
 
@@ -209,10 +257,36 @@ impl Syncer {
         let mut report = SyncReport::default();
         let pairs_before = self.mirror.pairs_in_use();
         self.assign_service_ids(desired);
+        // Ranges before the frontends that check them, stale ones after: a client in
+        // range is never dropped while a service is being written.
+        let wanted_ranges = self.wanted_source_ranges(desired);
+        for key in wanted_ranges.difference(&self.mirror.source_ranges.clone()) {
+            if let Err(error) = self.apply(MapOp::PutSourceRange { key: *key }, writer, &mut report)
+            {
+                report.cleanup_errors.push(error);
+            }
+        }
         for (frontend, spec) in &desired.frontends {
-            self.sync_frontend(frontend, spec, writer, &mut report);
+            self.sync_frontend(
+                frontend,
+                spec,
+                &desired.local_endpoints,
+                writer,
+                &mut report,
+            );
         }
         self.remove_undesired(desired, writer, &mut report);
+        let stale_ranges: Vec<SourceRangeKey> = self
+            .mirror
+            .source_ranges
+            .difference(&wanted_ranges)
+            .copied()
+            .collect();
+        for key in stale_ranges {
+            if let Err(error) = self.apply(MapOp::DeleteSourceRange { key }, writer, &mut report) {
+                report.cleanup_errors.push(error);
+            }
+        }
         self.collect_backends(writer, &mut report);
         // From the maps' state before and after, not from what the pass meant to do:
         // a pass that fails part-way still reports every pair it took out of use.
@@ -263,6 +337,24 @@ impl Syncer {
         }
     }
 
+    /// The source range entries the desired state asks for, by service id.
+    fn wanted_source_ranges(&self, desired: &Desired) -> BTreeSet<SourceRangeKey> {
+        let mut wanted = BTreeSet::new();
+        for (name, ranges) in &desired.source_ranges {
+            let Some(&service_id) = self.service_ids.get(name) else {
+                continue;
+            };
+            for &(addr, prefix_len) in ranges {
+                wanted.insert(SourceRangeKey {
+                    service_id,
+                    addr,
+                    prefix_len,
+                });
+            }
+        }
+        wanted
+    }
+
     /// The id of a backend, allocating one if it has none yet.
     fn backend_id(&mut self, backend: BackendV4) -> u32 {
         if let Some(&id) = self.backend_ids.get(&backend) {
@@ -309,6 +401,7 @@ impl Syncer {
         &mut self,
         frontend: &FrontendKey,
         spec: &FrontendSpec,
+        local_endpoints: &BTreeSet<Ipv4Addr>,
         writer: &mut impl MapWriter,
         report: &mut SyncReport,
     ) {
@@ -336,7 +429,7 @@ impl Syncer {
         let backends: Vec<BackendV4> = spec
             .backends
             .iter()
-            .map(|addr| backend_value(*addr, frontend.proto))
+            .map(|addr| backend_value(*addr, frontend.proto, local_endpoints.contains(addr.ip())))
             .collect();
         let wanted_ids: Vec<u32> = backends.iter().map(|b| self.backend_id(*b)).collect();
         let head_key = service_key(frontend, 0);

@@ -22,6 +22,7 @@ use crate::{
 struct FakeMaps {
     services: HashMap<ServiceKeyV4, ServiceValueV4>,
     backends: HashMap<u32, BackendV4>,
+    source_ranges: std::collections::BTreeSet<crate::sync::SourceRangeKey>,
     /// The service map holds at most this many entries (like a BPF hash map's
     /// max_entries): inserting a new key beyond it fails with `map_full`.
     service_capacity: Option<usize>,
@@ -103,6 +104,14 @@ impl FakeMaps {
             MapOp::DeleteService { key } => {
                 format!("delete slot {}#{}", frontend_name(&key), key.slot)
             }
+            MapOp::PutSourceRange { key } => format!(
+                "put source range {}/{} for #{}",
+                key.addr, key.prefix_len, key.service_id
+            ),
+            MapOp::DeleteSourceRange { key } => format!(
+                "delete source range {}/{} for #{}",
+                key.addr, key.prefix_len, key.service_id
+            ),
         }
     }
 
@@ -160,6 +169,7 @@ impl FakeMaps {
         Mirror {
             services: self.services.clone(),
             backends: self.backends.clone(),
+            source_ranges: self.source_ranges.clone(),
         }
     }
 }
@@ -194,6 +204,12 @@ impl MapWriter for FakeMaps {
             }
             MapOp::DeleteBackend { id } => {
                 self.backends.remove(&id);
+            }
+            MapOp::PutSourceRange { key } => {
+                self.source_ranges.insert(key);
+            }
+            MapOp::DeleteSourceRange { key } => {
+                self.source_ranges.remove(&key);
             }
         }
         self.check_invariant(&line);
@@ -991,6 +1007,7 @@ fn adopting_cleans_what_an_interrupted_agent_left() {
         backend_value(
             SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 77), 8080),
             proto::TCP,
+            false,
         ),
     );
 

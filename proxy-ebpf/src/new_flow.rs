@@ -1,0 +1,111 @@
+//! The first packet of a flow to a frontend: source ranges, reject or drop when there
+//! is no backend, backend choice, masquerade decision, conntrack entries, rewrite.
+//! Shared by the pod-facing and the node-facing ingress programs, which differ only in
+//! where the client is ([`Origin`]).
+use aya_ebpf::programs::TcContext;
+use proxy_common::{backend_flags, counter, service_flags, CtKeyV4};
+
+use crate::{
+    conntrack::{self, Translation},
+    forward, maps,
+    nat::{self, End},
+    parse::Ipv4Packet,
+    pod_ingress::PASS,
+    reject, service, snat, stats,
+};
+
+/// Where the client of a new flow is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A pod on this node (pod-facing ingress).
+    Pod,
+    /// Outside this node: another node's pod or host, or a client outside the cluster
+    /// (node-facing ingress).
+    Outside,
+}
+
+/// Whether a new flow must be masqueraded to the node's address.
+///
+/// - From a pod: only when the pod reaches itself (hairpin). Its own reply would
+///   otherwise never leave it; every other pod flow keeps the pod's address, as
+///   kube-proxy does.
+/// - From outside to a remote backend: always for NodePort, externalIP and
+///   LoadBalancer (with externalTrafficPolicy Cluster; Local frontends have local
+///   backends only), and for ClusterIPs when the client is outside the cluster CIDR
+///   (kube-proxy's masquerade rule). The backend's reply then comes back here to be
+///   translated. Local backends are never masqueraded: their replies pass this node
+///   anyway, so the backend can see the real client (kube-proxy masquerades these too;
+///   keeping the source is a deliberate improvement).
+#[inline(always)]
+fn needs_masquerade(
+    origin: Origin,
+    client: &CtKeyV4,
+    frontend_flags: u16,
+    backend: &proxy_common::BackendV4,
+) -> bool {
+    match origin {
+        Origin::Pod => backend.addr == client.src_addr,
+        Origin::Outside => {
+            backend.flags & backend_flags::LOCAL == 0
+                && (frontend_flags & service_flags::EXTERNAL != 0
+                    || !maps::config().in_cluster_cidr(client.src_addr))
+        }
+    }
+}
+
+/// Handles a packet that matched no conntrack entry. Returns the verdict; packets not
+/// addressed to a frontend pass untouched.
+#[inline(always)]
+pub fn handle(ctx: &TcContext, pkt: &Ipv4Packet, now: u64, origin: Origin) -> Result<i32, u32> {
+    let Some(frontend) = service::lookup(&pkt.tuple, origin == Origin::Pod) else {
+        return Ok(PASS);
+    };
+    let flags = frontend.value.flags;
+    if flags & service_flags::SOURCE_RANGES != 0
+        && !service::source_allowed(&frontend, pkt.tuple.src_addr)
+    {
+        return Err(counter::DROP_SOURCE_RANGE);
+    }
+    if frontend.value.count == 0 {
+        if flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            return Err(counter::DROP_NO_LOCAL_BACKEND);
+        }
+        let verdict = reject::port_unreachable(ctx, pkt)?;
+        stats::count(counter::REJECTED_NO_BACKEND);
+        return Ok(verdict);
+    }
+
+    let (backend_id, backend) = service::select_backend(&frontend, pkt.tuple.src_addr)?;
+    let service_id = frontend.value.service_id;
+    let masquerade = needs_masquerade(origin, &pkt.tuple, flags, &backend);
+    let translation = if masquerade {
+        snat::create(&pkt.tuple, &backend, backend_id, service_id, now)?
+    } else {
+        let translation = Translation {
+            new_src: (pkt.tuple.src_addr, pkt.tuple.src_port),
+            new_dst: (backend.addr, backend.port),
+            backend_id,
+            service_id,
+        };
+        conntrack::create(&pkt.tuple, &translation, now, false)?;
+        translation
+    };
+    nat::rewrite(ctx, pkt, End::Destination, backend.addr, backend.port)?;
+    if masquerade {
+        let (addr, port) = translation.new_src;
+        nat::rewrite(ctx, pkt, End::Source, addr, port)?;
+        stats::count(if origin == Origin::Pod {
+            counter::HAIRPIN_FLOW
+        } else {
+            counter::SNAT_FLOW
+        });
+    }
+    stats::count(counter::NEW_FLOW);
+    if masquerade || origin == Origin::Outside {
+        let mut after = pkt.tuple;
+        (after.src_addr, after.src_port) = translation.new_src;
+        (after.dst_addr, after.dst_port) = translation.new_dst;
+        return Ok(forward::to_next_hop(ctx, &after));
+    }
+    Ok(PASS)
+}

@@ -1,0 +1,46 @@
+//! The node-facing TC ingress program: packets arriving from the underlay (other
+//! nodes, clients outside the cluster). It serves NodePorts, externalIPs,
+//! LoadBalancer IPs and ClusterIPs reached from outside ([`crate::new_flow`] with
+//! [`Origin::Outside`]), and translates back the replies that come to this node:
+//! those of masqueraded flows (addressed to the node's own address and SNAT port) and
+//! those of flows from local pods to remote backends.
+//!
+//! Every translated packet goes straight to its next hop ([`crate::forward`]): a reply
+//! translated back carries a frontend as its source, which may be this node's own
+//! address, and the kernel's input path would drop it as a martian.
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use proxy_common::{counter, ct_flags};
+
+use crate::{
+    conntrack, forward, nat,
+    new_flow::{self, Origin},
+    parse,
+    pod_ingress::PASS,
+    stats,
+};
+
+pub fn try_node_ingress(ctx: &TcContext) -> Result<i32, u32> {
+    let Some(pkt) = parse::ipv4(ctx) else {
+        return Ok(PASS);
+    };
+    if pkt.is_later_fragment {
+        stats::count(counter::FRAGMENT_PASSED);
+        return Ok(PASS);
+    }
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if let Some(entry) = conntrack::lookup(&pkt, now) {
+        nat::apply(ctx, &pkt, &entry)?;
+        stats::count(if entry.flags & ct_flags::REPLY != 0 {
+            counter::REPLY_TRANSLATED
+        } else {
+            counter::FORWARD_TRANSLATED
+        });
+        return Ok(forward::to_next_hop(
+            ctx,
+            &conntrack::translated(&pkt.tuple, &entry),
+        ));
+    }
+    new_flow::handle(ctx, &pkt, now, Origin::Outside)
+}

@@ -1,0 +1,188 @@
+//! The node's side of the network, read from its namespace: which interfaces face the
+//! outside (where the node hooks attach), their IPv4 addresses, which of those serve
+//! NodePorts (kube-proxy's `nodePortAddresses`) and which one masqueraded traffic
+//! leaves with.
+use std::{collections::BTreeSet, ffi::CStr, io, net::Ipv4Addr};
+
+/// The node's external interfaces and addresses as found now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeNetwork {
+    /// Names of the external interfaces.
+    pub interfaces: BTreeSet<String>,
+    /// Addresses NodePorts answer on.
+    pub node_port_addresses: Vec<Ipv4Addr>,
+    /// The address masqueraded traffic gets (`None`: no address found).
+    pub snat_addr: Option<Ipv4Addr>,
+}
+
+/// A `nodePortAddresses` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePortFilter {
+    /// An IPv4 CIDR: node addresses inside it.
+    Cidr(Ipv4Addr, u8),
+    /// `primary`: the node's primary address (the masquerade address).
+    Primary,
+}
+
+impl NodePortFilter {
+    /// Parses kube-proxy's syntax (`10.0.0.0/8`, `primary`).
+    ///
+    /// # Errors
+    /// When the entry is neither.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "primary" {
+            return Ok(Self::Primary);
+        }
+        crate::config::parse_ipv4_cidr(text).map(|(addr, len)| Self::Cidr(addr, len))
+    }
+
+    fn admits(self, addr: Ipv4Addr, primary: Option<Ipv4Addr>) -> bool {
+        match self {
+            Self::Primary => primary == Some(addr),
+            Self::Cidr(net, len) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(addr) & mask == u32::from(net) & mask
+            }
+        }
+    }
+}
+
+/// Decides the node's network from what the namespace holds: `addresses` are the
+/// (interface, IPv4 address) pairs of the external interfaces, in interface order.
+/// The masquerade address is `node_ip` if given, else the first external address;
+/// NodePorts answer on every external address the filters admit (all when there are
+/// no filters, kube-proxy's default).
+#[must_use]
+pub fn decide(
+    addresses: &[(String, Ipv4Addr)],
+    filters: &[NodePortFilter],
+    node_ip: Option<Ipv4Addr>,
+) -> NodeNetwork {
+    let snat_addr = node_ip.or_else(|| addresses.first().map(|(_, addr)| *addr));
+    let mut node_port_addresses: Vec<Ipv4Addr> = addresses
+        .iter()
+        .map(|(_, addr)| *addr)
+        .filter(|addr| filters.is_empty() || filters.iter().any(|f| f.admits(*addr, snat_addr)))
+        .collect();
+    node_port_addresses.sort_unstable();
+    node_port_addresses.dedup();
+    NodeNetwork {
+        interfaces: addresses.iter().map(|(name, _)| name.clone()).collect(),
+        node_port_addresses,
+        snat_addr,
+    }
+}
+
+/// Interfaces that carry a default route (`/proc/net/route`): the node's way out, and
+/// where traffic from outside arrives on a typical node.
+///
+/// # Errors
+/// When the routing table cannot be read.
+pub fn default_route_interfaces() -> io::Result<BTreeSet<String>> {
+    let table = std::fs::read_to_string("/proc/net/route")?;
+    Ok(parse_default_routes(&table))
+}
+
+fn parse_default_routes(table: &str) -> BTreeSet<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let name = fields.next()?;
+            let destination = fields.next()?;
+            (destination == "00000000").then(|| name.to_owned())
+        })
+        .collect()
+}
+
+/// The IPv4 addresses of the interfaces whose names `wanted` accepts, sorted by
+/// interface name then address (so the first is stable across calls).
+///
+/// # Errors
+/// When the kernel cannot list addresses.
+pub fn ipv4_addresses(wanted: impl Fn(&str) -> bool) -> io::Result<Vec<(String, Ipv4Addr)>> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs fills a linked list freed by freeifaddrs; every pointer read
+    // is checked for null and only read while the list is alive.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&raw mut head) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut entry = head;
+        while !entry.is_null() {
+            let current = &*entry;
+            entry = current.ifa_next;
+            if current.ifa_addr.is_null() || current.ifa_name.is_null() {
+                continue;
+            }
+            if i32::from((*current.ifa_addr).sa_family) != libc::AF_INET {
+                continue;
+            }
+            let name = CStr::from_ptr(current.ifa_name)
+                .to_string_lossy()
+                .into_owned();
+            if !wanted(&name) {
+                continue;
+            }
+            let sockaddr = &*current.ifa_addr.cast::<libc::sockaddr_in>();
+            let addr = Ipv4Addr::from(u32::from_be(sockaddr.sin_addr.s_addr));
+            out.push((name, addr));
+        }
+        libc::freeifaddrs(head);
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> Ipv4Addr {
+        text.parse().expect("test address")
+    }
+
+    #[test]
+    fn default_routes_name_their_interfaces() {
+        let table = "Iface\tDestination\tGateway\tFlags\n\
+                     eth0\t00000000\t0101A8C0\t0003\n\
+                     eth0\t0001A8C0\t00000000\t0001\n\
+                     eth1\t0000000A\t00000000\t0001\n";
+        assert_eq!(
+            parse_default_routes(table),
+            BTreeSet::from(["eth0".to_owned()])
+        );
+    }
+
+    #[test]
+    fn node_port_addresses_follow_kube_proxys_filters() {
+        let addresses = vec![
+            ("eth0".to_owned(), ip("192.168.1.10")),
+            ("eth0".to_owned(), ip("10.0.0.5")),
+            ("eth1".to_owned(), ip("172.16.0.2")),
+        ];
+        let all = decide(&addresses, &[], None);
+        assert_eq!(all.snat_addr, Some(ip("192.168.1.10")));
+        assert_eq!(
+            all.node_port_addresses,
+            [ip("10.0.0.5"), ip("172.16.0.2"), ip("192.168.1.10")]
+        );
+        let cidr = decide(
+            &addresses,
+            &[NodePortFilter::parse("192.168.0.0/16").expect("cidr")],
+            None,
+        );
+        assert_eq!(cidr.node_port_addresses, [ip("192.168.1.10")]);
+        let primary = decide(
+            &addresses,
+            &[NodePortFilter::Primary],
+            Some(ip("172.16.0.2")),
+        );
+        assert_eq!(primary.node_port_addresses, [ip("172.16.0.2")]);
+        assert_eq!(primary.snat_addr, Some(ip("172.16.0.2")));
+        assert_eq!(decide(&[], &[], None).snat_addr, None);
+        assert!(NodePortFilter::parse("not-a-cidr").is_err());
+    }
+}
