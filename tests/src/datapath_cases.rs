@@ -3,14 +3,17 @@
 //! byte for byte (checksums included) with frames built independently.
 //!
 //! The same table, run with a repeat count, is the per-packet benchmark.
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::PerCpuValues,
     programs::{TestRun as _, TestRunOptions},
 };
-use proxy_common::{counter, proto, scope, service_flags};
+use proxy_common::{counter, proto, scope, service_flags, Be32, DatapathConfig};
 use proxy_userspace::{
     datapath::{Datapath, Hook, LoadOptions},
     model::{Desired, FrontendKey, FrontendKind, FrontendSpec, ServicePortName},
@@ -56,7 +59,39 @@ pub struct Case {
     pub name: &'static str,
     pub frontends: Vec<(FrontendKey, FrontendSpec)>,
     pub steps: Vec<Step>,
+    /// The node around the program: masquerade address, cluster CIDR, local backends,
+    /// source ranges.
+    pub node: NodeSetup,
     pub counters: Vec<(u32, u64)>,
+}
+
+/// What the agent would know about the node, for cases that need it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSetup {
+    /// The masquerade address and the only SNAT port (one port makes the translation
+    /// predictable, and a second flow must then find it taken).
+    pub snat: Option<(Ipv4Addr, u16)>,
+    pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// Backend addresses on this node.
+    pub local_backends: Vec<Ipv4Addr>,
+    /// loadBalancerSourceRanges of every service in the case.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+impl NodeSetup {
+    fn config(&self) -> DatapathConfig {
+        let mut config = DatapathConfig::DEFAULT;
+        if let Some((addr, port)) = self.snat {
+            config.snat_addr = Be32::from_ipv4(addr);
+            config.snat_port_min = port;
+            config.snat_port_max = port;
+        }
+        if let Some((addr, len)) = self.cluster_cidr {
+            config.cluster_cidr_addr = Be32::from_ipv4(addr);
+            config.cluster_cidr_len = len;
+        }
+        config
+    }
 }
 
 /// A ClusterIP frontend of service `default/<name>`, port `port`.
@@ -171,6 +206,7 @@ pub fn cases() -> Vec<Case> {
                     output: Expected::Frame(Frame::tcp(client(), backend(), TcpFlags::ACK)),
                 },
             ],
+            node: NodeSetup::default(),
             counters: vec![
                 (counter::NEW_FLOW, 1),
                 (counter::REPLY_TRANSLATED, 1),
@@ -205,6 +241,7 @@ pub fn cases() -> Vec<Case> {
                     }),
                 },
             ],
+            node: NodeSetup::default(),
             counters: vec![(counter::NEW_FLOW, 1), (counter::REPLY_TRANSLATED, 1)],
         },
         Case {
@@ -216,6 +253,7 @@ pub fn cases() -> Vec<Case> {
                 verdict: Verdict::Pass,
                 output: Expected::Frame(unchecked_query.with_dst(dns_backend())),
             }],
+            node: NodeSetup::default(),
             counters: vec![(counter::NEW_FLOW, 1)],
         },
         Case {
@@ -264,6 +302,7 @@ pub fn cases() -> Vec<Case> {
                     output: Expected::Unchanged,
                 },
             ],
+            node: NodeSetup::default(),
             counters: vec![(counter::NEW_FLOW, 0), (counter::REPLY_TRANSLATED, 0)],
         },
         Case {
@@ -279,6 +318,7 @@ pub fn cases() -> Vec<Case> {
                     TcpFlags::SYN,
                 ))),
             }],
+            node: NodeSetup::default(),
             counters: vec![(counter::REJECTED_NO_BACKEND, 1), (counter::NEW_FLOW, 0)],
         },
         Case {
@@ -294,6 +334,7 @@ pub fn cases() -> Vec<Case> {
                     b"hi",
                 ))),
             }],
+            node: NodeSetup::default(),
             counters: vec![(counter::REJECTED_NO_BACKEND, 1)],
         },
         Case {
@@ -311,6 +352,7 @@ pub fn cases() -> Vec<Case> {
                 verdict: Verdict::Drop,
                 output: Expected::Unchanged,
             }],
+            node: NodeSetup::default(),
             counters: vec![
                 (counter::DROP_NO_LOCAL_BACKEND, 1),
                 (counter::REJECTED_NO_BACKEND, 0),
@@ -325,7 +367,210 @@ pub fn cases() -> Vec<Case> {
                 verdict: Verdict::Pass,
                 output: Expected::Unchanged,
             }],
+            node: NodeSetup::default(),
             counters: vec![(counter::FRAGMENT_PASSED, 1), (counter::NEW_FLOW, 0)],
+        },
+    ]
+}
+
+/// Addresses of the node cases: this node, a client outside the cluster, a local and
+/// a remote backend.
+pub mod node_addr {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use crate::packets::sock;
+
+    pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+    pub const SNAT_PORT: u16 = 61_000;
+    pub fn outside_client() -> SocketAddrV4 {
+        sock(203, 0, 113, 7, 40_000)
+    }
+    pub fn node_port() -> SocketAddrV4 {
+        sock(192, 168, 1, 10, 30_080)
+    }
+    pub fn lb_ip() -> SocketAddrV4 {
+        sock(198, 51, 100, 10, 80)
+    }
+    pub fn local_backend() -> SocketAddrV4 {
+        sock(10, 244, 1, 11, 8080)
+    }
+    pub fn remote_backend() -> SocketAddrV4 {
+        sock(10, 244, 2, 11, 8080)
+    }
+    pub fn masqueraded() -> SocketAddrV4 {
+        SocketAddrV4::new(NODE, SNAT_PORT)
+    }
+}
+
+/// The node-facing table: NodePort, LoadBalancer and ClusterIP from outside, SNAT,
+/// source ranges, hairpin. Run in an empty network namespace, where the FIB lookup
+/// finds no route: the programs then pass the translated packet to the stack, so the
+/// verdict is Pass and the bytes are what is compared (the redirect itself is shown by
+/// the lab tests).
+#[must_use]
+pub fn node_cases() -> Vec<Case> {
+    use node_addr::*;
+    let tcp = |src, dst| Frame::tcp(src, dst, TcpFlags::SYN);
+    let syn_ack = Transport::Tcp(TcpFlags::SYN_ACK);
+    let external = service_flags::EXTERNAL;
+    let snat = NodeSetup {
+        snat: Some((NODE, SNAT_PORT)),
+        cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
+        local_backends: vec![*local_backend().ip()],
+        source_ranges: Vec::new(),
+    };
+    let syn = tcp(outside_client(), node_port());
+    vec![
+        Case {
+            name: "NodePort to a local backend: DNAT only (the backend sees the client), the reply leaves from the NodePort",
+            frontends: vec![frontend("np", node_port(), proto::TCP, &[local_backend()], external)],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: syn.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.clone().with_dst(local_backend())),
+                },
+                Step {
+                    hook: Hook::NodeEgress,
+                    input: syn.clone().with_dst(local_backend()).reply(syn_ack),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.reply(syn_ack)),
+                },
+            ],
+            node: snat.clone(),
+            counters: vec![(counter::NEW_FLOW, 1), (counter::SNAT_FLOW, 0), (counter::REPLY_TRANSLATED, 1)],
+        },
+        Case {
+            name: "NodePort to a remote backend: masqueraded with a claimed port, the reply translated back; a second flow finds the only port taken",
+            frontends: vec![frontend("np", node_port(), proto::TCP, &[remote_backend()], external)],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: syn.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(tcp(masqueraded(), remote_backend())),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: tcp(masqueraded(), remote_backend()).reply(syn_ack),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.reply(syn_ack)),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: tcp(sock(203, 0, 113, 7, 40_001), node_port()),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+            ],
+            node: snat.clone(),
+            counters: vec![
+                (counter::SNAT_FLOW, 1),
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::DROP_SNAT_PORTS, 1),
+            ],
+        },
+        Case {
+            name: "ClusterIP from outside: masqueraded from outside the cluster CIDR, not from a pod of another node",
+            frontends: vec![frontend("web", addr::vip(), proto::TCP, &[remote_backend()], 0)],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: tcp(sock(10, 244, 3, 5, 40_000), addr::vip()),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(tcp(sock(10, 244, 3, 5, 40_000), remote_backend())),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: tcp(outside_client(), addr::vip()),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(tcp(masqueraded(), remote_backend())),
+                },
+            ],
+            node: snat.clone(),
+            counters: vec![(counter::NEW_FLOW, 2), (counter::SNAT_FLOW, 1)],
+        },
+        Case {
+            name: "loadBalancerSourceRanges: a client in range is served, others are dropped",
+            frontends: vec![frontend(
+                "lb",
+                lb_ip(),
+                proto::TCP,
+                &[local_backend()],
+                external | service_flags::SOURCE_RANGES,
+            )],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: tcp(outside_client(), lb_ip()),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(tcp(outside_client(), local_backend())),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: tcp(sock(192, 0, 2, 1, 40_000), lb_ip()),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+            ],
+            node: NodeSetup {
+                source_ranges: vec![(Ipv4Addr::new(203, 0, 113, 0), 24)],
+                ..snat.clone()
+            },
+            counters: vec![(counter::NEW_FLOW, 1), (counter::DROP_SOURCE_RANGE, 1)],
+        },
+        Case {
+            name: "externalTrafficPolicy Local with no endpoint here drops; without a masquerade address SNAT drops",
+            frontends: vec![
+                frontend(
+                    "etp-local",
+                    lb_ip(),
+                    proto::TCP,
+                    &[],
+                    external | service_flags::EXTERNAL_LOCAL | service_flags::DROP_WHEN_EMPTY,
+                ),
+                frontend("np", node_port(), proto::TCP, &[remote_backend()], external),
+            ],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: tcp(outside_client(), lb_ip()),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: syn.clone(),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::DROP_NO_LOCAL_BACKEND, 1), (counter::DROP_NO_SNAT_ADDR, 1)],
+        },
+        Case {
+            name: "hairpin: a pod reaching itself through its ClusterIP is masqueraded, the reply comes back from the ClusterIP",
+            frontends: vec![frontend("self", addr::vip(), proto::TCP, &[sock(10, 244, 1, 2, 8080)], 0)],
+            steps: vec![
+                Step {
+                    hook: Hook::PodIngress,
+                    input: tcp(addr::client(), addr::vip()),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(tcp(masqueraded(), sock(10, 244, 1, 2, 8080))),
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: tcp(masqueraded(), sock(10, 244, 1, 2, 8080)).reply(syn_ack),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(tcp(addr::client(), addr::vip()).reply(syn_ack)),
+                },
+            ],
+            node: NodeSetup {
+                local_backends: vec![Ipv4Addr::new(10, 244, 1, 2)],
+                ..snat
+            },
+            counters: vec![(counter::HAIRPIN_FLOW, 1), (counter::REPLY_TRANSLATED, 1)],
         },
     ]
 }
@@ -382,6 +627,11 @@ impl DatapathHarness {
         for key in keys {
             let _ = maps.affinity.remove(&key);
         }
+        let keys: Vec<_> = maps.source_ranges.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = maps.source_ranges.remove(&key);
+        }
+        maps.set_config(&DatapathConfig::DEFAULT)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;
         for index in 0..counter::COUNT {
             maps.counters
@@ -395,8 +645,35 @@ impl DatapathHarness {
     /// # Errors
     /// When the kernel refuses a write.
     pub fn install(&mut self, frontends: &[(FrontendKey, FrontendSpec)]) -> Result<()> {
+        self.install_on(frontends, &NodeSetup::default())
+    }
+
+    /// Programs `frontends` and the node's settings through the real syncer.
+    ///
+    /// # Errors
+    /// When the kernel refuses a write.
+    pub fn install_on(
+        &mut self,
+        frontends: &[(FrontendKey, FrontendSpec)],
+        node: &NodeSetup,
+    ) -> Result<()> {
+        self.datapath.maps.set_config(&node.config())?;
         let desired = Desired {
             frontends: frontends.iter().cloned().collect(),
+            local_endpoints: node.local_backends.iter().copied().collect(),
+            source_ranges: if node.source_ranges.is_empty() {
+                std::collections::BTreeMap::new()
+            } else {
+                frontends
+                    .iter()
+                    .map(|(_, spec)| {
+                        (
+                            spec.service_port.clone(),
+                            node.source_ranges.iter().copied().collect(),
+                        )
+                    })
+                    .collect()
+            },
             ..Desired::default()
         };
         let report = self.syncer.sync(&desired, &mut self.datapath.maps);
@@ -441,7 +718,7 @@ impl DatapathHarness {
     /// When the case fails or the kernel refuses something.
     pub fn run_case(&mut self, case: &Case) -> Result<()> {
         self.clear()?;
-        self.install(&case.frontends)?;
+        self.install_on(&case.frontends, &case.node)?;
         for (index, step) in case.steps.iter().enumerate() {
             let input = step.input.to_bytes();
             let output = self.run_on(step.hook, &input, 1)?;

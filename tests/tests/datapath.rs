@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use kpr_lab::{
-    datapath_cases::{addr, cases, frontend, DatapathHarness},
+    datapath_cases::{addr, cases, frontend, node_cases, DatapathHarness},
     packets::{sock, Frame, TcpFlags},
 };
 use proxy_common::{counter, ct_flags, proto, service_flags, Be16, Be32, CtEntryV4, CtKeyV4};
@@ -18,6 +18,32 @@ fn datapath_table() {
             failures.push(format!("{error:#}"));
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn node_datapath_table() {
+    // An empty namespace of our own: the FIB lookup of the redirect path must not see
+    // the machine's routes (see `node_cases`).
+    let netns = kpr_lab::netns::Netns::create(&format!("{}-dp", kpr_lab::netns::unique_prefix()))
+        .expect("namespace");
+    let failures = netns
+        .run(|| {
+            let mut harness = DatapathHarness::new()?;
+            let mut failures = Vec::new();
+            for case in node_cases() {
+                if let Err(error) = harness.run_case(&case) {
+                    failures.push(format!("{error:#}"));
+                }
+            }
+            Ok(failures)
+        })
+        .expect("run in the namespace");
     assert!(
         failures.is_empty(),
         "{} case(s) failed:\n{}",
