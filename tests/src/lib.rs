@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod cluster;
 pub mod datapath_cases;
 pub mod lab;
 pub mod netns;

@@ -216,6 +216,14 @@ impl Conversation {
         })
     }
 
+    /// Wraps a connected stream (one with a read timeout set).
+    #[must_use]
+    pub fn from_stream(stream: TcpStream) -> Self {
+        Self {
+            stream: BufReader::new(stream),
+        }
+    }
+
     /// Sends a line and reads the answer.
     ///
     /// # Errors

@@ -1,0 +1,159 @@
+//! A two-node lab with an outside client, for the paths that cross nodes: NodePort,
+//! externalIPs, LoadBalancer IPs, SNAT, traffic policies.
+//!
+//! ```text
+//!   outside client ns          underlay ns (bridge br0, 192.168.50.1)
+//!   192.168.50.100, .101  ──── br0 ──── eth0 192.168.50.11  node-a ns ── pods 10.244.1.0/24
+//!                                └───── eth0 192.168.50.12  node-b ns ── pods 10.244.2.0/24
+//! ```
+//! Each node is a [`Lab`] (its own namespace, bpffs, agent, pods); pod CIDRs are routed
+//! between nodes through the underlay like a routed CNI, and each node's default route
+//! points at the underlay, so the agent finds `eth0` as its external interface by
+//! itself. The outside client reaches LoadBalancer and external IPs (198.51.100.0/24)
+//! through node-a, as a load balancer's router would.
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+
+use crate::{lab::Lab, netns::Netns};
+
+pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+pub const NODE_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(192, 168, 50, 11),
+    Ipv4Addr::new(192, 168, 50, 12),
+];
+pub const NODE_NAMES: [&str; 2] = ["node-a", "node-b"];
+pub const POD_CIDRS: [&str; 2] = ["10.244.1.0/24", "10.244.2.0/24"];
+/// The outside client's addresses: the first is inside test source ranges, the second
+/// outside them.
+pub const CLIENT_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(192, 168, 50, 100),
+    Ipv4Addr::new(192, 168, 50, 101),
+];
+/// Where the outside client sends LoadBalancer and external IPs.
+pub const SERVICE_IPS_ROUTE: &str = "198.51.100.0/24";
+
+/// Two nodes, an underlay and an outside client. Dropping it removes everything.
+pub struct Cluster {
+    /// The outside client's namespace.
+    pub client: Netns,
+    /// The bridge namespace, dropped before the nodes (its veth ends go with it).
+    underlay: Netns,
+    /// node-a, node-b.
+    pub nodes: Vec<Lab>,
+}
+
+impl Cluster {
+    /// Builds the nodes, the underlay and the client, with routes between them.
+    ///
+    /// # Errors
+    /// When a namespace, link or route cannot be made.
+    pub fn new() -> Result<Self> {
+        let mut nodes = Vec::new();
+        for name in NODE_NAMES {
+            let mut lab = Lab::new()?;
+            lab.node_name = name.to_owned();
+            nodes.push(lab);
+        }
+        let prefix = nodes[0].prefix.clone();
+        let underlay = Netns::create(&format!("{prefix}-ul"))?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&[
+            "addr",
+            "add",
+            &format!("{UNDERLAY_GATEWAY}/24"),
+            "dev",
+            "br0",
+        ])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::create(&format!("{prefix}-out"))?;
+        let mut members: Vec<(&Netns, String)> = nodes
+            .iter()
+            .zip(NODE_IPS)
+            .map(|(lab, ip)| (&lab.node, format!("{ip}/24")))
+            .collect();
+        members.push((&client, format!("{}/24", CLIENT_IPS[0])));
+        for (index, (netns, address)) in members.iter().enumerate() {
+            let port = format!("ul{index}");
+            underlay.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ])?;
+            underlay.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            netns.ip(&["addr", "add", address, "dev", "eth0"])?;
+            netns.ip(&["link", "set", "eth0", "up"])?;
+        }
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", CLIENT_IPS[1]),
+            "dev",
+            "eth0",
+        ])?;
+        client.ip(&[
+            "route",
+            "add",
+            SERVICE_IPS_ROUTE,
+            "via",
+            &NODE_IPS[0].to_string(),
+        ])?;
+        for (index, lab) in nodes.iter().enumerate() {
+            lab.node.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &UNDERLAY_GATEWAY.to_string(),
+            ])?;
+            let other = 1 - index;
+            lab.node.ip(&[
+                "route",
+                "add",
+                POD_CIDRS[other],
+                "via",
+                &NODE_IPS[other].to_string(),
+            ])?;
+        }
+        Ok(Self {
+            client,
+            underlay,
+            nodes,
+        })
+    }
+
+    /// Writes a manifest into every node's manifest directory.
+    ///
+    /// # Errors
+    /// When a write fails.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        for lab in &self.nodes {
+            lab.write_manifest(file, yaml)?;
+        }
+        Ok(())
+    }
+
+    /// Starts every node's agent and waits until each is healthy.
+    ///
+    /// # Errors
+    /// When an agent does not start.
+    pub fn start_agents(&mut self, extra_args: &[&str]) -> Result<()> {
+        for lab in &mut self.nodes {
+            lab.start_agent(extra_args)?;
+        }
+        Ok(())
+    }
+
+    /// The underlay namespace (for captures while debugging).
+    #[must_use]
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+}
