@@ -252,6 +252,12 @@ pub mod counter {
     pub const AFFINITY_HIT: u32 = 4;
     /// A non-first IPv4 fragment passed untranslated (it carries no ports).
     pub const FRAGMENT_PASSED: u32 = 5;
+    /// A host-network client's connect() or sendto() to a frontend was rewritten to a
+    /// backend by a cgroup sock_addr hook ([`crate::sock`]).
+    pub const SOCK_TRANSLATED: u32 = 6;
+    /// A host-network client's connect() or sendto() to a frontend without backends was
+    /// refused with ECONNREFUSED (or to a Local-policy frontend without local backends).
+    pub const SOCK_REJECTED: u32 = 7;
 
     /// First drop reason; everything from here on counts dropped packets.
     pub const FIRST_DROP: u32 = 8;
@@ -265,6 +271,11 @@ pub mod counter {
     pub const DROP_REWRITE: u32 = 11;
     /// Dropped: the ICMP reject could not be built.
     pub const DROP_REJECT_FAILED: u32 = 12;
+    /// Refused: a host-network client's connect() or sendto() was translated, but the
+    /// reverse entry that lets getpeername()/recvfrom() show the frontend could not be
+    /// stored. Refusing beats a UDP reply that the client would reject as coming from a
+    /// stranger.
+    pub const DROP_SOCK_RNAT_INSERT: u32 = 13;
 
     /// Size of the counters map.
     pub const COUNT: u32 = 16;
@@ -278,14 +289,14 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "rejected_no_backend",
     "affinity_hit",
     "fragment_passed",
-    "",
-    "",
+    "sock_translated",
+    "sock_rejected",
     "drop_no_local_backend",
     "drop_backend_missing",
     "drop_ct_insert",
     "drop_rewrite",
     "drop_reject_failed",
-    "",
+    "drop_sock_rnat_insert",
     "",
     "",
 ];
@@ -327,11 +338,14 @@ mod tests {
             counter::REJECTED_NO_BACKEND,
             counter::AFFINITY_HIT,
             counter::FRAGMENT_PASSED,
+            counter::SOCK_TRANSLATED,
+            counter::SOCK_REJECTED,
             counter::DROP_NO_LOCAL_BACKEND,
             counter::DROP_BACKEND_MISSING,
             counter::DROP_CT_INSERT,
             counter::DROP_REWRITE,
             counter::DROP_REJECT_FAILED,
+            counter::DROP_SOCK_RNAT_INSERT,
         ] {
             assert!(!COUNTER_NAMES[index as usize].is_empty(), "counter {index}");
         }

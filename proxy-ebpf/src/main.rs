@@ -2,7 +2,8 @@
 //!
 //! One module per datapath stage: [`parse`] reads headers, [`conntrack`] finds or
 //! records flows, [`service`] finds frontends and picks backends, [`nat`] rewrites
-//! addresses with their checksums, [`reject`] answers flows to empty services. Entry
+//! addresses with their checksums, [`reject`] answers flows to empty services, and
+//! [`sock`] translates at the socket layer for clients in the node's own namespace. Entry
 //! points stay thin: they call a `try_*` function and return its verdict; errors carry
 //! the drop reason that is counted in [`stats`].
 #![no_std]
@@ -16,6 +17,7 @@ mod pod_egress;
 mod pod_ingress;
 mod reject;
 mod service;
+mod sock;
 mod stats;
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
