@@ -21,8 +21,7 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use proxy_common::{
-    counter, proto, sock, Be16, Be32, CtKeyV4, SockRevKeyV4, SockRevValueV4,
-    HOST_AFFINITY_CLIENT,
+    counter, proto, sock, Be16, Be32, CtKeyV4, SockRevKeyV4, SockRevValueV4, HOST_AFFINITY_CLIENT,
 };
 
 use crate::{service, stats};

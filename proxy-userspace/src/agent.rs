@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::{
         attach::Attachments,
+        cgroup::{self, CgroupHooks},
         conntrack,
         interfaces::{self, LinkEvents},
         Datapath, LoadOptions,
@@ -42,6 +43,11 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     /// Interfaces facing pods (exact names or `prefix*`).
     pub pod_interfaces: Vec<String>,
+    /// The cgroup v2 directory whose processes (and their descendants') get the
+    /// socket-layer hooks that translate for host-network clients. `None`: no cgroup
+    /// hook at all (the default: attaching is a node-wide decision, and a lab or test
+    /// must never touch the machine's own cgroups).
+    pub cgroup_path: Option<PathBuf>,
     /// Leave programs and maps in place on exit.
     pub keep_state: bool,
     /// Conntrack capacity.
@@ -67,6 +73,15 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    match &config.cgroup_path {
+        Some(path) => {
+            cgroup::check_cgroup2(path).context("--cgroup-path")?;
+            info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
+        }
+        None => info!(
+            "host-network clients are not translated: no --cgroup-path, so no socket-layer hooks"
+        ),
+    }
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: Some(config.pin_dir.clone()),
         conntrack_max: config.conntrack_max,
@@ -86,6 +101,10 @@ pub async fn run(
     }
     let mut syncer = Syncer::adopt(mirror);
     let mut attachments = Attachments::new(Some(&config.pin_dir));
+    let mut cgroup_hooks = config
+        .cgroup_path
+        .as_deref()
+        .map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
     let health = SyncHealth::new(Duration::from_secs(60));
     health.queued();
     let metrics = Arc::new(Metrics::new());
@@ -158,9 +177,15 @@ pub async fn run(
                     // ever sees a half-programmed datapath; healthy only after both.
                     synced_once = true;
                     reconcile_interfaces(&config, &mut datapath, &mut attachments, true);
+                    match cgroup_hooks.as_mut() {
+                        Some(hooks) => attach_cgroup_hooks(hooks, &mut datapath),
+                        // Hooks an earlier agent left would go on translating with
+                        // whatever it last knew: this configuration wants none.
+                        None => drop(cgroup::remove_pins(&config.pin_dir)),
+                    }
                 }
                 health.synced();
-                refresh_metrics(&metrics, &datapath, &syncer, &attachments);
+                refresh_metrics(&metrics, &datapath, &syncer, &attachments, cgroup_hooks.as_ref());
             }
             event = link_events.changed() => {
                 if let Err(error) = event {
@@ -174,9 +199,12 @@ pub async fn run(
             _ = rescan_timer.tick() => {
                 if synced_once {
                     reconcile_interfaces(&config, &mut datapath, &mut attachments, false);
+                    if let Some(hooks) = cgroup_hooks.as_mut() {
+                        attach_cgroup_hooks(hooks, &mut datapath);
+                    }
                 }
             }
-            _ = metrics_timer.tick() => refresh_metrics(&metrics, &datapath, &syncer, &attachments),
+            _ = metrics_timer.tick() => refresh_metrics(&metrics, &datapath, &syncer, &attachments, cgroup_hooks.as_ref()),
             _ = gc_timer.tick() => {
                 let now = conntrack::monotonic_now_ns();
                 match conntrack::collect_expired(&mut datapath.maps, &config.datapath, now) {
@@ -194,8 +222,14 @@ pub async fn run(
     if config.keep_state {
         info!(pin_dir = %config.pin_dir.display(), "leaving programs and maps in place (--keep-state)");
         attachments.keep_all();
+        if let Some(hooks) = cgroup_hooks.as_mut() {
+            hooks.keep_all();
+        }
     } else {
         attachments.detach_all();
+        if let Some(hooks) = cgroup_hooks.as_mut() {
+            hooks.detach_all();
+        }
         drop(datapath);
         remove_pins(&config.pin_dir);
         info!("detached all programs and removed the pinned maps");
@@ -321,6 +355,7 @@ fn refresh_metrics(
     datapath: &Datapath,
     syncer: &Syncer,
     attachments: &Attachments,
+    cgroup_hooks: Option<&CgroupHooks>,
 ) {
     let mirror = syncer.mirror();
     let fill = [
@@ -366,6 +401,26 @@ fn refresh_metrics(
                 hook: hook.label().to_owned(),
             })
             .set(1);
+    }
+    if let Some(hooks) = cgroup_hooks {
+        let interface = format!("cgroup:{}", hooks.cgroup().display());
+        for hook in hooks.attached() {
+            metrics
+                .programs_attached
+                .get_or_create(&AttachLabels {
+                    interface: interface.clone(),
+                    hook: hook.label().to_owned(),
+                })
+                .set(1);
+        }
+    }
+}
+
+/// Attaches the socket-layer hooks that are not attached yet (all of them the first
+/// time; failures are retried on the next rescan).
+fn attach_cgroup_hooks(hooks: &mut CgroupHooks, datapath: &mut Datapath) {
+    for error in hooks.attach(datapath) {
+        warn!(error = %crate::error_chain(&error), "cgroup attach failed; retrying on the next rescan");
     }
 }
 

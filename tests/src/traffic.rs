@@ -29,7 +29,11 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn parse(line: &str) -> Result<Self> {
+    /// Parses a server's answer line.
+    ///
+    /// # Errors
+    /// When the line is malformed.
+    pub fn parse(line: &str) -> Result<Self> {
         let (server, seen) = line
             .trim()
             .split_once(' ')

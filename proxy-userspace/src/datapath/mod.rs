@@ -1,5 +1,6 @@
 //! Loading the eBPF object, typed handles on its maps, and the writes the agent makes.
 pub mod attach;
+pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
 
@@ -10,7 +11,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier},
+    programs::{CgroupSockAddr, ProgramError, SchedClassifier},
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
@@ -132,13 +133,15 @@ pub struct Datapath {
     pub pin_dir: Option<PathBuf>,
 }
 
-pub const ALL_MAPS: [&str; 6] = [
+/// Every map of the object, pinned under these names.
+pub const ALL_MAPS: [&str; 7] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
     names::AFFINITY_V4,
     names::COUNTERS,
     names::CONFIG,
+    proxy_common::sock::RNAT_V4_NAME,
 ];
 
 /// BPF_FS_MAGIC from linux/magic.h.
@@ -251,6 +254,29 @@ impl Datapath {
             .ok_or(Error::MissingProgram(name))?
             .try_into()
             .map_err(|source| Error::Program { name, source })
+    }
+}
+
+impl Datapath {
+    /// The socket-layer program of a cgroup hook, loaded on first use: an agent without
+    /// `--cgroup-path` never asks the kernel to verify programs it will not attach.
+    ///
+    /// # Errors
+    /// When the object lacks it or the kernel refuses it.
+    pub fn sock_program(&mut self, hook: cgroup::SockHook) -> Result<&mut CgroupSockAddr> {
+        let name = hook.program_name();
+        let program: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(program)
     }
 }
 
