@@ -22,6 +22,17 @@ pub const RNAT_V4_NAME: &str = "SOCK_RNAT_V4_V1";
 /// stale entry can never match a new socket.
 pub const RNAT_V4_CAPACITY: u32 = 131_072;
 
+/// Name of the one-entry array holding the network namespace cookie
+/// (`SO_NETNS_COOKIE`) of the node's own namespace, which the agent writes at start.
+///
+/// The hooks sit on a cgroup, and a cgroup holds pods as well as host processes: on a
+/// node, the host's cgroup2 root holds every pod. Only sockets of the node's namespace
+/// are translated at the socket layer; a pod's traffic keeps going through the TC
+/// programs, which know the pod's address (session affinity is per client address, and
+/// at `connect()` time the socket layer knows none, see [`HOST_AFFINITY_CLIENT`]). Until
+/// the agent has written the cookie (0), nothing is translated.
+pub const HOST_NETNS_NAME: &str = "SOCK_HOSTNS_V1";
+
 /// The client address session affinity uses for every host-network client.
 ///
 /// At `connect()` time an unbound socket has no source address yet, and every process
@@ -78,6 +89,7 @@ mod tests {
     #[test]
     fn map_names_fit_the_kernel_limit() {
         assert!(RNAT_V4_NAME.len() <= 15);
+        assert!(HOST_NETNS_NAME.len() <= 15);
     }
 
     #[test]

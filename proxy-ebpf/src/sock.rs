@@ -14,9 +14,9 @@
 //! the service lookup and backend choice are the same functions.
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::SockAddrContext,
     EbpfContext as _,
 };
@@ -32,6 +32,11 @@ use crate::{service, stats};
 #[map]
 pub static SOCK_RNAT_V4_V1: LruHashMap<SockRevKeyV4, SockRevValueV4> =
     LruHashMap::with_max_entries(sock::RNAT_V4_CAPACITY, 0);
+
+/// The node's network namespace cookie ([`proxy_common::sock::HOST_NETNS_NAME`]): only
+/// sockets of that namespace are translated here.
+#[map]
+pub static SOCK_HOSTNS_V1: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Verdicts of sock_addr programs: the syscall goes ahead, or fails (with EPERM, or with
 /// the error set by `bpf_set_retval`).
@@ -103,6 +108,19 @@ fn user_port(addr: &bpf_sock_addr) -> Be16 {
     Be16(addr.user_port as u16)
 }
 
+/// Whether the socket lives in the node's own network namespace. Pods share the
+/// cgroup tree with host processes but not their namespace; their traffic is left to
+/// the TC programs.
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    let Some(host) = SOCK_HOSTNS_V1.get(0).copied().filter(|cookie| *cookie != 0) else {
+        return false;
+    };
+    // SAFETY: the helper only reads the namespace of the context's socket.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    netns == host
+}
+
 #[inline(always)]
 fn cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper only reads the socket behind the program's own context.
@@ -118,6 +136,9 @@ fn try_translate(ctx: &SockAddrContext) -> Result<i32, u32> {
     let Some(l4) = l4_proto(addr) else {
         return Ok(ALLOW);
     };
+    if !in_host_netns(ctx) {
+        return Ok(ALLOW);
+    }
     let tuple = CtKeyV4 {
         dst_addr: Be32(addr.user_ip4),
         dst_port: user_port(addr),
@@ -163,7 +184,9 @@ fn try_translate(ctx: &SockAddrContext) -> Result<i32, u32> {
     Ok(ALLOW)
 }
 
-/// Shows the frontend in place of a backend this socket was translated to.
+/// Shows the frontend in place of a backend this socket was translated to. Only a
+/// translated socket has reverse entries (they are keyed by its cookie), so there is no
+/// namespace test here.
 #[inline(always)]
 fn restore_frontend(ctx: &SockAddrContext) {
     // SAFETY: the kernel hands every sock_addr program a valid context.

@@ -91,6 +91,13 @@ pub async fn run(
         .maps
         .set_config(&config.datapath)
         .context("writing the datapath settings")?;
+    // The agent runs in the node's namespace (hostNetwork): its own is the one whose
+    // sockets the cgroup hooks translate.
+    let host_netns = cgroup::own_netns_cookie().context("reading the network namespace cookie")?;
+    datapath
+        .maps
+        .set_host_netns(host_netns)
+        .context("writing the network namespace cookie")?;
     let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
     if !mirror.services.is_empty() {
         info!(

@@ -54,7 +54,7 @@ impl HostLab {
         self.lab.wait_attached().expect("TC hooks attached");
         self.lab
             .wait_for("the cgroup hooks to be attached", DEADLINE, || {
-                Ok(hooks(&self.cgroup.path()).len() == SockHook::ALL.len())
+                Ok(hooks(self.cgroup.path()).len() == SockHook::ALL.len())
             })
             .expect("cgroup hooks attached");
     }
@@ -62,9 +62,21 @@ impl HostLab {
     /// `count` requests from a client process in the node namespace, inside the test's
     /// cgroup or not.
     fn client(&self, in_cgroup: bool, mode: Mode, dst: SocketAddrV4, count: usize) -> Vec<Outcome> {
+        self.client_in(&self.lab.node.path(), in_cgroup, mode, dst, count)
+    }
+
+    /// Like [`HostLab::client`], in the network namespace at `netns`.
+    fn client_in(
+        &self,
+        netns: &Path,
+        in_cgroup: bool,
+        mode: Mode,
+        dst: SocketAddrV4,
+        count: usize,
+    ) -> Vec<Outcome> {
         run_client(
             Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
-            &self.lab.node.path(),
+            netns,
             in_cgroup.then_some(&self.cgroup),
             mode,
             dst,
@@ -116,6 +128,21 @@ fn plain_log(lab: &Lab) -> String {
         }
     }
     plain
+}
+
+/// The datapath counters by name, read from the pinned maps (`kpr inspect counters`).
+fn counters(lab: &Lab) -> serde_json::Value {
+    let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
+        .args(["inspect", "counters", "--json", "--bpffs"])
+        .arg(lab.pin_dir())
+        .output()
+        .expect("kpr inspect counters");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON counters")
 }
 
 fn metric(metrics: &str, prefix: &str) -> Option<f64> {
@@ -220,6 +247,32 @@ fn host_clients_in_the_cgroup_reach_cluster_ips_and_see_the_frontend() {
         BTreeSet::from(["web-0"])
     );
     assert_eq!(direct[0].peer.as_deref(), Some("10.244.1.11:8080"));
+
+    // A pod's process in the cgroup is left to the TC programs: the cgroup tree holds
+    // pods as well as host processes, but only the node's namespace is translated at
+    // the socket layer (session affinity needs the pod's address, which connect() does
+    // not know). The pod still reaches the ClusterIP, through TC.
+    let before = counters(&host.lab);
+    let pod_netns = host.lab.pod("client").netns.path();
+    let from_pod = host.client_in(&pod_netns, true, Mode::Tcp, web, 3);
+    answered_by(&from_pod, &WEB_BACKENDS);
+    for outcome in &from_pod {
+        assert_eq!(
+            outcome.peer.as_deref(),
+            Some("10.96.0.10:80"),
+            "{outcome:?}"
+        );
+    }
+    let after = counters(&host.lab);
+    assert_eq!(
+        after["sock_translated"], before["sock_translated"],
+        "a pod's socket was translated by the cgroup hook"
+    );
+    let new_flows = |counters: &serde_json::Value| counters["new_flow"].as_u64().unwrap_or(0);
+    assert!(
+        new_flows(&after) >= new_flows(&before) + 3,
+        "the pod's connections went through TC: {before} -> {after}"
+    );
 
     // The metrics show the hooks and count the translations and refusals.
     let interface = format!("cgroup:{}", host.cgroup.path().display());

@@ -141,6 +141,33 @@ pub fn check_cgroup2(path: &Path) -> Result<(), Error> {
     }
 }
 
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux
+/// 5.14), which the socket-layer hooks compare with each socket's.
+///
+/// # Errors
+/// When no socket can be made or the kernel has no such option.
+pub fn own_netns_cookie() -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)))?;
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>())
+        .map_err(|_| io::Error::other("socklen"))?;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The pin name of a hook's link.
 #[must_use]
 pub fn pin_name(hook: SockHook) -> String {

@@ -122,6 +122,8 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     pub counters: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfigV1>,
+    /// The node's network namespace cookie, for the socket-layer hooks.
+    pub host_netns: Array<MapData, u64>,
     /// Capacity the conntrack map was created with.
     pub conntrack_capacity: u32,
 }
@@ -134,7 +136,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -142,6 +144,7 @@ pub const ALL_MAPS: [&str; 7] = [
     names::COUNTERS,
     names::CONFIG,
     proxy_common::sock::RNAT_V4_NAME,
+    proxy_common::sock::HOST_NETNS_NAME,
 ];
 
 /// BPF_FS_MAGIC from linux/magic.h.
@@ -224,6 +227,11 @@ impl Datapath {
                     source,
                 })?
             },
+            host_netns: {
+                let name = proxy_common::sock::HOST_NETNS_NAME;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                Array::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
             conntrack_capacity: options
                 .conntrack_max
                 .unwrap_or(proxy_common::capacity::CONNTRACK_V4),
@@ -290,6 +298,20 @@ impl Maps {
             name: names::CONFIG,
             source,
         })
+    }
+
+    /// Tells the socket-layer hooks which network namespace is the node's (its
+    /// `SO_NETNS_COOKIE`); sockets of other namespaces are left to the TC programs.
+    ///
+    /// # Errors
+    /// When the kernel refuses the write.
+    pub fn set_host_netns(&mut self, cookie: u64) -> Result<()> {
+        self.host_netns
+            .set(0, cookie, 0)
+            .map_err(|source| Error::Map {
+                name: proxy_common::sock::HOST_NETNS_NAME,
+                source,
+            })
     }
 
     /// Reads the service and backend maps, for the syncer to adopt.
