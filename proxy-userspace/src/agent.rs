@@ -188,7 +188,7 @@ pub async fn run(
                         Some(hooks) => attach_cgroup_hooks(hooks, &mut datapath),
                         // Hooks an earlier agent left would go on translating with
                         // whatever it last knew: this configuration wants none.
-                        None => drop(cgroup::remove_pins(&config.pin_dir)),
+                        None => cgroup::remove_pins(&config.pin_dir),
                     }
                 }
                 health.synced();

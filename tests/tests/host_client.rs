@@ -339,7 +339,8 @@ fn assert_translated(host: &HostLab, when: &str) {
 }
 
 #[test]
-fn keep_state_restarts_adopt_the_cgroup_links_and_stops_and_cleanup_detach_them() {
+fn keep_state_restarts_adopt_the_cgroup_links_and_stops_unconfigured_agents_and_cleanup_detach_them(
+) {
     let mut host = HostLab::new();
     let cgroup_path = host.cgroup.path().to_path_buf();
     host.start_agent(&["--keep-state"]);
@@ -385,6 +386,22 @@ fn keep_state_restarts_adopt_the_cgroup_links_and_stops_and_cleanup_detach_them(
     for outcome in host.client(true, Mode::Tcp, sock(WEB_VIP, 80), 1) {
         assert_eq!(outcome.errno, Some(libc::ENETUNREACH), "{outcome:?}");
     }
+
+    // An agent started without --cgroup-path removes hooks an earlier one left.
+    host.start_agent(&["--keep-state"]);
+    host.lab.stop_agent().expect("stop with --keep-state");
+    one_program_per_hook(&cgroup_path);
+    host.lab
+        .start_agent(&[])
+        .expect("agent without --cgroup-path");
+    host.lab
+        .wait_for(
+            "the left-over cgroup hooks to be detached",
+            DEADLINE,
+            || Ok(hooks(&cgroup_path).is_empty()),
+        )
+        .expect("an agent without --cgroup-path detaches earlier hooks");
+    host.lab.stop_agent().expect("stop");
 
     // After a crash the hooks stay; `kpr cleanup` removes them.
     host.start_agent(&[]);

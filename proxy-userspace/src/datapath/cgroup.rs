@@ -372,17 +372,14 @@ impl CgroupHooks {
 
 /// Removes the cgroup link pins under `pin_dir/links` (detaching their links): what an
 /// agent started without `--cgroup-path` does with hooks an earlier one left.
-pub fn remove_pins(pin_dir: &Path) -> usize {
+pub fn remove_pins(pin_dir: &Path) {
     let links = pin_dir.join("links");
-    let mut removed = 0;
     for hook in SockHook::ALL {
         let path = links.join(pin_name(hook));
         if std::fs::remove_file(&path).is_ok() {
             info!(pin = %path.display(), "detached a cgroup hook an earlier agent left");
-            removed += 1;
         }
     }
-    removed
 }
 
 /// The programs attached directly to `cgroup` at each hook, as kernel program ids (all
@@ -500,20 +497,35 @@ mod sys {
     /// `BPF_PROG_QUERY`: ids of the programs attached directly to a cgroup at one
     /// attach type.
     pub fn prog_query(cgroup: &impl AsRawFd, attach_type: u32) -> io::Result<Vec<u32>> {
-        // Far more than any cgroup holds at one hook; the kernel says how many there are.
-        let mut ids = vec![0u32; 64];
-        let mut attr = zeroed_attr();
-        attr.query.__bindgen_anon_1.target_fd = u32::try_from(cgroup.as_raw_fd())
+        let target_fd = u32::try_from(cgroup.as_raw_fd())
             .map_err(|_| io::Error::other("negative descriptor"))?;
-        attr.query.attach_type = attach_type;
-        attr.query.prog_ids = ids.as_mut_ptr() as u64;
-        attr.query.__bindgen_anon_2.prog_cnt =
-            u32::try_from(ids.len()).map_err(|_| io::Error::other("too many ids"))?;
-        bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr)?;
-        // SAFETY: the kernel wrote the count back into the member it reads it from.
-        let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
-        ids.truncate(count.min(ids.len()));
-        Ok(ids)
+        // More than a cgroup usually holds at one hook; when the kernel finds the
+        // buffer too small (ENOSPC) it says how many there are, and the call is repeated
+        // once with that size (a program attached in between makes it fail).
+        let mut capacity = 64usize;
+        for attempt in 0..2 {
+            let mut ids = vec![0u32; capacity];
+            let mut attr = zeroed_attr();
+            attr.query.__bindgen_anon_1.target_fd = target_fd;
+            attr.query.attach_type = attach_type;
+            attr.query.prog_ids = ids.as_mut_ptr() as u64;
+            attr.query.__bindgen_anon_2.prog_cnt =
+                u32::try_from(ids.len()).map_err(|_| io::Error::other("too many ids"))?;
+            let result = bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr);
+            // SAFETY: the kernel writes the count back into the member it read it from.
+            let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
+            match result {
+                Ok(_) => {
+                    ids.truncate(count.min(ids.len()));
+                    return Ok(ids);
+                }
+                Err(error) if error.raw_os_error() == Some(libc::ENOSPC) && attempt == 0 => {
+                    capacity = count;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
     }
 }
 
