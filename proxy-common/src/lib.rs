@@ -14,8 +14,10 @@
 #![no_std]
 
 pub mod maps;
+pub mod sock;
 
 pub use maps::*;
+pub use sock::{SockRevKeyV4, SockRevValueV4, HOST_AFFINITY_CLIENT};
 
 /// A `u16` in network byte order, as it sits in a packet header.
 #[repr(transparent)]

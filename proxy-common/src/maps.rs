@@ -302,6 +302,12 @@ pub mod counter {
     pub const AFFINITY_HIT: u32 = 4;
     /// A non-first IPv4 fragment passed untranslated (it carries no ports).
     pub const FRAGMENT_PASSED: u32 = 5;
+    /// A host-network client's connect() or sendto() to a frontend was rewritten to a
+    /// backend by a cgroup sock_addr hook ([`crate::sock`]).
+    pub const SOCK_TRANSLATED: u32 = 6;
+    /// A host-network client's connect() or sendto() to a frontend without backends was
+    /// refused with ECONNREFUSED (or to a Local-policy frontend without local backends).
+    pub const SOCK_REJECTED: u32 = 7;
     /// A new flow from outside was masqueraded to the node's address (SNAT).
     pub const SNAT_FLOW: u32 = 8;
     /// A translated packet was sent straight to its next hop (FIB lookup + redirect).
@@ -327,6 +333,11 @@ pub mod counter {
     pub const DROP_SNAT_PORTS: u32 = 22;
     /// Dropped: SNAT was needed but the agent has not set the node's address.
     pub const DROP_NO_SNAT_ADDR: u32 = 23;
+    /// Refused: a host-network client's connect() or sendto() was translated, but the
+    /// reverse entry that lets getpeername()/recvfrom() show the frontend could not be
+    /// stored. Refusing beats a UDP reply that the client would reject as coming from a
+    /// stranger.
+    pub const DROP_SOCK_RNAT_INSERT: u32 = 24;
 
     /// Size of the counters map.
     pub const COUNT: u32 = 32;
@@ -340,8 +351,8 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "rejected_no_backend",
     "affinity_hit",
     "fragment_passed",
-    "",
-    "",
+    "sock_translated",
+    "sock_rejected",
     "snat_flow",
     "redirected",
     "hairpin_flow",
@@ -358,7 +369,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "drop_source_range",
     "drop_snat_ports",
     "drop_no_snat_addr",
-    "",
+    "drop_sock_rnat_insert",
     "",
     "",
     "",
@@ -406,6 +417,8 @@ mod tests {
             counter::REJECTED_NO_BACKEND,
             counter::AFFINITY_HIT,
             counter::FRAGMENT_PASSED,
+            counter::SOCK_TRANSLATED,
+            counter::SOCK_REJECTED,
             counter::DROP_NO_LOCAL_BACKEND,
             counter::DROP_BACKEND_MISSING,
             counter::DROP_CT_INSERT,
@@ -417,6 +430,7 @@ mod tests {
             counter::DROP_SOURCE_RANGE,
             counter::DROP_SNAT_PORTS,
             counter::DROP_NO_SNAT_ADDR,
+            counter::DROP_SOCK_RNAT_INSERT,
         ] {
             assert!(!COUNTER_NAMES[index as usize].is_empty(), "counter {index}");
         }

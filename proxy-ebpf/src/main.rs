@@ -4,7 +4,8 @@
 //! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
 //! a new flow's translation, [`snat`] masquerades with a port it claims, [`nat`]
 //! rewrites addresses with their checksums, [`forward`] sends translated packets to
-//! their next hop, [`reject`] answers flows to empty services. Entry points stay thin:
+//! their next hop, [`reject`] answers flows to empty services, [`sock`] translates at the socket layer
+//! for clients in the node's own namespace. Entry points stay thin:
 //! they call a `try_*` function and return its verdict; errors carry the drop reason
 //! that is counted in [`stats`].
 //!
@@ -27,6 +28,7 @@ mod pod_ingress;
 mod reject;
 mod service;
 mod snat;
+mod sock;
 mod stats;
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};

@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::{
         attach::Attachments,
+        cgroup::{self, CgroupHooks},
         conntrack,
         interfaces::{self, LinkEvents},
         node_network::{self, NodeNetwork, NodePortFilter},
@@ -52,6 +53,11 @@ pub struct AgentConfig {
     pub node_port_filters: Vec<NodePortFilter>,
     /// The masquerade address (`None`: the first address of the external interfaces).
     pub node_ip: Option<std::net::Ipv4Addr>,
+    /// The cgroup v2 directory whose processes (and their descendants') get the
+    /// socket-layer hooks that translate for host-network clients. `None`: no cgroup
+    /// hook at all (the default: attaching is a node-wide decision, and a lab or test
+    /// must never touch the machine's own cgroups).
+    pub cgroup_path: Option<PathBuf>,
     /// Leave programs and maps in place on exit.
     pub keep_state: bool,
     /// Conntrack capacity.
@@ -80,6 +86,15 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    match &config.cgroup_path {
+        Some(path) => {
+            cgroup::check_cgroup2(path).context("--cgroup-path")?;
+            info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
+        }
+        None => info!(
+            "host-network clients are not translated: no --cgroup-path, so no socket-layer hooks"
+        ),
+    }
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: Some(config.pin_dir.clone()),
         conntrack_max: config.conntrack_max,
@@ -94,6 +109,13 @@ pub async fn run(
         .maps
         .set_config(&datapath_config(&config, &node))
         .context("writing the datapath settings")?;
+    // The agent runs in the node's namespace (hostNetwork): its own is the one whose
+    // sockets the cgroup hooks translate.
+    let host_netns = cgroup::own_netns_cookie().context("reading the network namespace cookie")?;
+    datapath
+        .maps
+        .set_host_netns(host_netns)
+        .context("writing the network namespace cookie")?;
     let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
     if !mirror.services.is_empty() {
         info!(
@@ -104,6 +126,10 @@ pub async fn run(
     }
     let mut syncer = Syncer::adopt(mirror);
     let mut attachments = Attachments::new(Some(&config.pin_dir));
+    let mut cgroup_hooks = config
+        .cgroup_path
+        .as_deref()
+        .map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
     let health = SyncHealth::new(Duration::from_secs(60));
     health.queued();
     let metrics = Arc::new(Metrics::new());
@@ -182,9 +208,15 @@ pub async fn run(
                     // ever sees a half-programmed datapath; healthy only after both.
                     synced_once = true;
                     reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, true);
+                    match cgroup_hooks.as_mut() {
+                        Some(hooks) => attach_cgroup_hooks(hooks, &mut datapath),
+                        // Hooks an earlier agent left would go on translating with
+                        // whatever it last knew: this configuration wants none.
+                        None => cgroup::remove_pins(&config.pin_dir),
+                    }
                 }
                 health.synced();
-                refresh_metrics(&metrics, &datapath, &syncer, &attachments);
+                refresh_metrics(&metrics, &datapath, &syncer, &attachments, cgroup_hooks.as_ref());
             }
             event = link_events.changed() => {
                 if let Err(error) = event {
@@ -208,12 +240,15 @@ pub async fn run(
                         apply_node_network(&config, &node, &mut model_settings, &snapshots.borrow().clone(), &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
                     }
                     reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, false);
+                    if let Some(hooks) = cgroup_hooks.as_mut() {
+                        attach_cgroup_hooks(hooks, &mut datapath);
+                    }
                     // A health check port another process held may be free by now.
                     health_checks.retry().await;
                 }
             }
             _ = metrics_timer.tick() => {
-                refresh_metrics(&metrics, &datapath, &syncer, &attachments);
+                refresh_metrics(&metrics, &datapath, &syncer, &attachments, cgroup_hooks.as_ref());
                 if let Some(status) = &api_status {
                     metrics.record_api_status(status);
                 }
@@ -235,8 +270,14 @@ pub async fn run(
     if config.keep_state {
         info!(pin_dir = %config.pin_dir.display(), "leaving programs and maps in place (--keep-state)");
         attachments.keep_all();
+        if let Some(hooks) = cgroup_hooks.as_mut() {
+            hooks.keep_all();
+        }
     } else {
         attachments.detach_all();
+        if let Some(hooks) = cgroup_hooks.as_mut() {
+            hooks.detach_all();
+        }
         drop(datapath);
         remove_pins(&config.pin_dir);
         info!("detached all programs and removed the pinned maps");
@@ -363,6 +404,7 @@ fn refresh_metrics(
     datapath: &Datapath,
     syncer: &Syncer,
     attachments: &Attachments,
+    cgroup_hooks: Option<&CgroupHooks>,
 ) {
     let mirror = syncer.mirror();
     let fill = [
@@ -408,6 +450,26 @@ fn refresh_metrics(
                 hook: hook.label().to_owned(),
             })
             .set(1);
+    }
+    if let Some(hooks) = cgroup_hooks {
+        let interface = format!("cgroup:{}", hooks.cgroup().display());
+        for hook in hooks.attached() {
+            metrics
+                .programs_attached
+                .get_or_create(&AttachLabels {
+                    interface: interface.clone(),
+                    hook: hook.label().to_owned(),
+                })
+                .set(1);
+        }
+    }
+}
+
+/// Attaches the socket-layer hooks that are not attached yet (all of them the first
+/// time; failures are retried on the next rescan).
+fn attach_cgroup_hooks(hooks: &mut CgroupHooks, datapath: &mut Datapath) {
+    for error in hooks.attach(datapath) {
+        warn!(error = %crate::error_chain(&error), "cgroup attach failed; retrying on the next rescan");
     }
 }
 

@@ -50,6 +50,10 @@ pub struct FileConfig {
     pub bpffs: Option<PathBuf>,
     /// Ours: pod-facing interface names or prefixes ending in `*`.
     pub pod_interfaces: Option<Vec<String>>,
+    /// Ours: the cgroup v2 directory whose processes get the socket-layer hooks that
+    /// translate for host-network clients (the host's cgroup2 root in production; ""
+    /// or absent: none).
+    pub cgroup_path: Option<PathBuf>,
 }
 
 /// kube-proxy's `conntrack` block. Timeouts apply to our own conntrack map.
@@ -195,6 +199,18 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
             }
         }
     }
+    if let Some(path) = config
+        .cgroup_path
+        .as_ref()
+        .filter(|path| !path.as_os_str().is_empty())
+    {
+        if !path.is_absolute() {
+            return Err(format!(
+                "cgroupPath: {} is not an absolute path",
+                path.display()
+            ));
+        }
+    }
     if config.pod_interfaces.as_ref().is_some_and(Vec::is_empty) {
         return Err("podInterfaces must name at least one interface or prefix".into());
     }
@@ -281,6 +297,7 @@ conntrack:
             ("kind: Deployment\n", "kind"),
             ("apiVersion: v1\n", "apiVersion"),
             ("podInterfaces: []\n", "podInterfaces"),
+            ("cgroupPath: sys/fs/cgroup\n", "cgroupPath"),
             (
                 "conntrack: {tcpTimeout: 1s}\n",
                 "unknown field `tcpTimeout`",
@@ -290,6 +307,18 @@ conntrack:
             let error = parse(text).expect_err(text);
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn cgroup_path_is_ours_and_optional() {
+        let config = parse("cgroupPath: /sys/fs/cgroup\n").expect("valid");
+        assert_eq!(
+            config.cgroup_path.as_deref(),
+            Some(std::path::Path::new("/sys/fs/cgroup"))
+        );
+        assert_eq!(parse("{}\n").expect("valid").cgroup_path, None);
+        // "" is accepted and means no hooks, as "" turns the bind addresses off.
+        assert!(parse("cgroupPath: \"\"\n").is_ok());
     }
 
     #[test]

@@ -116,7 +116,7 @@ fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
 struct RunArgs {
     /// Configuration file with kube-proxy's KubeProxyConfiguration names (clusterCIDR,
     /// conntrack.*, healthzBindAddress, metricsBindAddress, ...) plus ours (bpffs,
-    /// podInterfaces). Flags given on the command line win over it. Unknown settings
+    /// podInterfaces, cgroupPath). Flags given on the command line win over it. Unknown settings
     /// are rejected.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -173,6 +173,14 @@ struct RunArgs {
     /// traffic is.
     #[arg(long)]
     cluster_cidr: Option<String>,
+
+    /// Translate for host-network clients (kubelet, hostNetwork pods) too: attach the
+    /// socket-layer hooks (cgroup v2 connect4, sendmsg4, recvmsg4, getpeername4) to this
+    /// cgroup v2 directory, which covers every process in it and below it. In production
+    /// the host's cgroup2 root (often /sys/fs/cgroup). Off by default ("" turns it off
+    /// when the config file sets cgroupPath).
+    #[arg(long, value_name = "DIR")]
+    cgroup_path: Option<PathBuf>,
 
     /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
     #[arg(long)]
@@ -326,6 +334,13 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         args.pod_interfaces = value;
     }
     if let Some(value) = file
+        .cgroup_path
+        .clone()
+        .filter(|_| !explicit("cgroup_path"))
+    {
+        args.cgroup_path = Some(value);
+    }
+    if let Some(value) = file
         .service_proxy_name
         .clone()
         .filter(|_| !explicit("proxy_name"))
@@ -414,6 +429,7 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         node_interfaces: args.node_interfaces,
         node_port_filters,
         node_ip: args.node_ip,
+        cgroup_path: args.cgroup_path.filter(|path| !path.as_os_str().is_empty()),
         keep_state: args.keep_state,
         conntrack_max: args.conntrack_max,
         datapath: DatapathConfig {

@@ -74,7 +74,8 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabels, Gauge>,
     /// kpr_datapath_events_total{event}: the datapath's per-CPU counters, summed.
     pub datapath_events: Family<EventLabels, Counter>,
-    /// kpr_programs_attached{interface,hook}: 1 per attached program.
+    /// kpr_programs_attached{interface,hook}: 1 per attached program; the socket-layer
+    /// hooks have `interface="cgroup:<path>"`.
     pub programs_attached: Family<AttachLabels, Gauge>,
     /// kpr_skipped_objects{reason}: objects (or parts) skipped as invalid right now.
     pub skipped_objects: Family<ReasonLabels, Gauge>,

@@ -1,12 +1,13 @@
 //! The lab: everything tests and benchmarks need to put real packets through real
 //! kernels. Network namespaces (`netns`), the lab topology and the agent process
-//! (`lab`), traffic helpers (`traffic`), crafted packets and the datapath test table
+//! (`lab`), traffic helpers (`traffic`), host-network clients in a cgroup of their own (`host`), crafted packets and the datapath test table
 //! (`packets`, `datapath_cases`), and a test Kubernetes API server (`apiserver`).
 
 pub mod apiserver;
 pub mod bench;
 pub mod cluster;
 pub mod datapath_cases;
+pub mod host;
 pub mod lab;
 pub mod netns;
 pub mod packets;

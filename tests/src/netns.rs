@@ -40,12 +40,18 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `name` was made by a lab run whose process is gone.
+#[must_use]
+pub fn is_stale_name(name: &str) -> bool {
+    owner_pid(name).is_some_and(|pid| !alive(pid))
+}
+
 /// Removes namespaces and run directories left by lab runs whose process is gone.
 pub fn sweep_stale() {
     if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if owner_pid(&name).is_some_and(|pid| !alive(pid)) {
+            if is_stale_name(&name) {
                 let _ = run_quiet(Command::new("ip").args(["netns", "del", &name]));
             }
         }
@@ -53,7 +59,7 @@ pub fn sweep_stale() {
     if let Ok(entries) = std::fs::read_dir(RUN_ROOT) {
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if owner_pid(&name).is_some_and(|pid| !alive(pid)) {
+            if is_stale_name(&name) {
                 remove_run_dir(&entry.path());
             }
         }

@@ -101,6 +101,18 @@ pub fn backend_pods(dir: &Path) -> Result<Vec<BackendPod>> {
 /// # Errors
 /// When any step fails.
 pub fn lab_for_manifests(manifests: &Path) -> Result<Lab> {
+    let mut lab = lab_without_agent(manifests)?;
+    lab.start_agent(&[])?;
+    lab.wait_attached()?;
+    Ok(lab)
+}
+
+/// The lab of [`lab_for_manifests`] before its agent starts, for tests that must
+/// prepare something named after the lab (its prefix) and pass it to the agent.
+///
+/// # Errors
+/// When any step fails.
+pub fn lab_without_agent(manifests: &Path) -> Result<Lab> {
     let mut lab = Lab::new()?;
     lab.add_pod("client", CLIENT_IP)?;
     for pod in backend_pods(manifests)? {
@@ -110,8 +122,6 @@ pub fn lab_for_manifests(manifests: &Path) -> Result<Lab> {
         }
     }
     lab.copy_manifests(manifests)?;
-    lab.start_agent(&[])?;
-    lab.wait_attached()?;
     Ok(lab)
 }
 

@@ -547,6 +547,22 @@ fn the_probes_ports_and_mounts_match_the_configuration() {
         "{} is not under the bpffs mount",
         bpffs.display()
     );
+
+    // The cgroup the socket-layer hooks go on is in the host's cgroup tree mount.
+    let cgroup = config
+        .cgroup_path
+        .expect("the configuration sets cgroupPath");
+    assert!(
+        mounts.iter().any(|mount| {
+            volume(pod, &mount.name)
+                .host_path
+                .as_ref()
+                .is_some_and(|host| host.path == "/sys/fs/cgroup")
+                && cgroup.starts_with(&mount.mount_path)
+        }),
+        "{} is not under the cgroup mount",
+        cgroup.display()
+    );
 }
 
 #[test]
@@ -575,6 +591,7 @@ fn the_shipped_configuration_has_the_expected_settings() {
             "conntrack",
             "bpffs",
             "podInterfaces",
+            "cgroupPath",
         ])
     );
     assert_eq!(
@@ -590,6 +607,12 @@ fn the_shipped_configuration_has_the_expected_settings() {
     assert_eq!(config["kind"], "KubeProxyConfiguration");
     let parsed = proxy_userspace::config::parse(&text).expect("accepted by the agent");
     assert_eq!(parsed.bpffs.as_deref(), Some(Path::new("/sys/fs/bpf/kpr")));
+    // Host-network clients are translated on a production node: the hooks go on the
+    // host's cgroup2 root.
+    assert_eq!(
+        parsed.cgroup_path.as_deref(),
+        Some(Path::new("/sys/fs/cgroup"))
+    );
 
     // The settings shown commented out are valid when an operator uncomments them.
     let mut uncommented = 0;

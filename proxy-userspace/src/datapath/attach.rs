@@ -193,6 +193,10 @@ impl Attachments {
         };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
+            // The cgroup hooks' pins share the directory (see `super::cgroup`).
+            if name.starts_with(super::cgroup::PIN_PREFIX) {
+                continue;
+            }
             if parse_pin_name(&name).is_none_or(|(interface, _)| !existing.contains(&interface)) {
                 debug!(pin = %name, "removing the pin of a vanished interface");
                 let _ = std::fs::remove_file(entry.path());

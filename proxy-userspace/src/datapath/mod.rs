@@ -1,5 +1,6 @@
 //! Loading the eBPF object, typed handles on its maps, and the writes the agent makes.
 pub mod attach;
+pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
 pub mod node_network;
@@ -11,7 +12,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier},
+    programs::{CgroupSockAddr, ProgramError, SchedClassifier},
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
@@ -142,6 +143,8 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
     pub counters: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
+    /// The node's network namespace cookie, for the socket-layer hooks.
+    pub host_netns: Array<MapData, u64>,
     /// Capacity the conntrack map was created with.
     pub conntrack_capacity: u32,
 }
@@ -153,7 +156,8 @@ pub struct Datapath {
     pub pin_dir: Option<PathBuf>,
 }
 
-pub const ALL_MAPS: [&str; 7] = [
+/// Every map of the object, pinned under these names.
+pub const ALL_MAPS: [&str; 9] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -161,6 +165,8 @@ pub const ALL_MAPS: [&str; 7] = [
     names::SOURCE_RANGES_V4,
     names::COUNTERS,
     names::CONFIG,
+    proxy_common::sock::RNAT_V4_NAME,
+    proxy_common::sock::HOST_NETNS_NAME,
 ];
 
 /// BPF_FS_MAGIC from linux/magic.h.
@@ -252,6 +258,11 @@ impl Datapath {
                     source,
                 })?
             },
+            host_netns: {
+                let name = proxy_common::sock::HOST_NETNS_NAME;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                Array::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
             conntrack_capacity: options
                 .conntrack_max
                 .unwrap_or(proxy_common::capacity::CONNTRACK_V4),
@@ -285,6 +296,29 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// The socket-layer program of a cgroup hook, loaded on first use: an agent without
+    /// `--cgroup-path` never asks the kernel to verify programs it will not attach.
+    ///
+    /// # Errors
+    /// When the object lacks it or the kernel refuses it.
+    pub fn sock_program(&mut self, hook: cgroup::SockHook) -> Result<&mut CgroupSockAddr> {
+        let name = hook.program_name();
+        let program: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(program)
+    }
+}
+
 impl Maps {
     /// Writes the datapath settings.
     ///
@@ -295,6 +329,20 @@ impl Maps {
             name: names::CONFIG,
             source,
         })
+    }
+
+    /// Tells the socket-layer hooks which network namespace is the node's (its
+    /// `SO_NETNS_COOKIE`); sockets of other namespaces are left to the TC programs.
+    ///
+    /// # Errors
+    /// When the kernel refuses the write.
+    pub fn set_host_netns(&mut self, cookie: u64) -> Result<()> {
+        self.host_netns
+            .set(0, cookie, 0)
+            .map_err(|source| Error::Map {
+                name: proxy_common::sock::HOST_NETNS_NAME,
+                source,
+            })
     }
 
     /// Reads the service and backend maps, for the syncer to adopt.

@@ -1,0 +1,211 @@
+//! cgroup v2 sock_addr programs: ClusterIP translation for clients in the node's own
+//! network namespace (kubelet, hostNetwork pods), whose packets never cross a pod
+//! interface and so never meet the TC programs.
+//!
+//! The translation happens once per socket (TCP, connected UDP) or once per datagram
+//! (unconnected UDP), before the kernel routes anything: `connect4` and `sendmsg4`
+//! replace the frontend in the socket address with a backend, so every packet leaves
+//! already addressed to the backend, with no conntrack entry and no per-packet NAT. The
+//! application must still see the address it asked for, so each translation leaves a
+//! reverse entry keyed by the socket's cookie, which `getpeername4` and `recvmsg4` use
+//! to show the frontend again.
+//!
+//! The programs share the service, backend, affinity and counter maps with the TC path;
+//! the service lookup and backend choice are the same functions.
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_ANY},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, LruHashMap},
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use proxy_common::{
+    counter, proto, sock, Be16, Be32, CtKeyV4, SockRevKeyV4, SockRevValueV4, HOST_AFFINITY_CLIENT,
+};
+
+use crate::{service, stats};
+
+/// Per-socket reverse translation ([`proxy_common::sock::RNAT_V4_NAME`]). LRU: the
+/// datapath never deletes entries, the oldest make room (see
+/// [`proxy_common::sock::RNAT_V4_CAPACITY`]).
+#[map]
+pub static SOCK_RNAT_V4_V1: LruHashMap<SockRevKeyV4, SockRevValueV4> =
+    LruHashMap::with_max_entries(sock::RNAT_V4_CAPACITY, 0);
+
+/// The node's network namespace cookie ([`proxy_common::sock::HOST_NETNS_NAME`]): only
+/// sockets of that namespace are translated here.
+#[map]
+pub static SOCK_HOSTNS_V1: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Verdicts of sock_addr programs: the syscall goes ahead, or fails (with EPERM, or with
+/// the error set by `bpf_set_retval`).
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+/// `socket(2)` types, from linux/net.h.
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+/// errno of a refused connection, as kube-proxy's REJECT rule makes the client see.
+const ECONNREFUSED: i32 = 111;
+
+/// `connect()` of TCP and UDP sockets: a frontend becomes a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// `sendto()`/`sendmsg()` with a destination on unconnected UDP sockets: the same
+/// translation, per datagram.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// `recvfrom()`/`recvmsg()` on UDP sockets: a reply from a backend this socket was sent
+/// to shows the frontend as its source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_frontend(&ctx);
+    // The verifier accepts nothing but 1 from recvmsg and getpeername programs.
+    ALLOW
+}
+
+/// `getpeername()`: a translated socket reports the frontend as its peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_frontend(&ctx);
+    ALLOW
+}
+
+/// Counts and returns the verdict of a translating hook.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext) -> i32 {
+    match try_translate(ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            stats::count(reason);
+            REFUSE
+        }
+    }
+}
+
+/// The protocol the service map knows the socket by, if it is one we translate.
+#[inline(always)]
+fn l4_proto(addr: &bpf_sock_addr) -> Option<u8> {
+    // The type alone is not enough: SCTP has stream sockets too, ICMP datagram ones.
+    match (addr.type_, addr.protocol) {
+        (SOCK_STREAM, p) if p == u32::from(proto::TCP) => Some(proto::TCP),
+        (SOCK_DGRAM, p) if p == u32::from(proto::UDP) => Some(proto::UDP),
+        _ => None,
+    }
+}
+
+/// `user_port` holds the port as `sin_port` does (network order) in its low 16 bits.
+#[inline(always)]
+fn user_port(addr: &bpf_sock_addr) -> Be16 {
+    Be16(addr.user_port as u16)
+}
+
+/// Whether the socket lives in the node's own network namespace. Pods share the
+/// cgroup tree with host processes but not their namespace; their traffic is left to
+/// the TC programs.
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    let Some(host) = SOCK_HOSTNS_V1.get(0).copied().filter(|cookie| *cookie != 0) else {
+        return false;
+    };
+    // SAFETY: the helper only reads the namespace of the context's socket.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    netns == host
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper only reads the socket behind the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Rewrites a frontend destination to a backend and records the reverse entry. `Ok`
+/// carries the verdict; `Err` a drop reason (the syscall is refused with EPERM).
+#[inline(always)]
+fn try_translate(ctx: &SockAddrContext) -> Result<i32, u32> {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Some(l4) = l4_proto(addr) else {
+        return Ok(ALLOW);
+    };
+    if !in_host_netns(ctx) {
+        return Ok(ALLOW);
+    }
+    let tuple = CtKeyV4 {
+        dst_addr: Be32(addr.user_ip4),
+        dst_port: user_port(addr),
+        proto: l4,
+        ..CtKeyV4::default()
+    };
+    // Clients in the node are inside the cluster: they get the internal backend set
+    // (internalTrafficPolicy), as pods do.
+    let Some(frontend) = service::lookup(&tuple, true) else {
+        return Ok(ALLOW);
+    };
+    if frontend.value.count == 0 {
+        // No endpoints, or (DROP_WHEN_EMPTY, Local traffic policies) none on this
+        // node: fail at once with what kube-proxy's REJECT gives a client. The TC path
+        // drops silently in the second case, but a syscall has no silent drop to offer
+        // short of sending into the void and letting the client time out, which helps
+        // nobody; so both refuse.
+        // SAFETY: the helper only sets the syscall's return value; connect4 and
+        // sendmsg4 may call it (6.18 allows it for every sock_addr hook that can refuse).
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        stats::count(counter::SOCK_REJECTED);
+        return Ok(REFUSE);
+    }
+    let (_, backend) = service::select_backend(&frontend, HOST_AFFINITY_CLIENT)?;
+    let key = SockRevKeyV4 {
+        cookie: cookie(ctx),
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        proto: l4,
+        _pad: 0,
+    };
+    let value = SockRevValueV4 {
+        frontend_addr: tuple.dst_addr,
+        frontend_port: tuple.dst_port,
+        _pad: [0; 2],
+    };
+    SOCK_RNAT_V4_V1
+        .insert(&key, &value, u64::from(BPF_ANY))
+        .map_err(|_| counter::DROP_SOCK_RNAT_INSERT)?;
+    addr.user_ip4 = backend.addr.0;
+    addr.user_port = u32::from(backend.port.0);
+    stats::count(counter::SOCK_TRANSLATED);
+    Ok(ALLOW)
+}
+
+/// Shows the frontend in place of a backend this socket was translated to. Only a
+/// translated socket has reverse entries (they are keyed by its cookie), so there is no
+/// namespace test here.
+#[inline(always)]
+fn restore_frontend(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let Some(l4) = l4_proto(addr) else {
+        return;
+    };
+    let key = SockRevKeyV4 {
+        cookie: cookie(ctx),
+        backend_addr: Be32(addr.user_ip4),
+        backend_port: user_port(addr),
+        proto: l4,
+        _pad: 0,
+    };
+    let Some(frontend) = SOCK_RNAT_V4_V1.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: copied out at once; entries are replaced, never edited in place.
+    let frontend = unsafe { *frontend };
+    addr.user_ip4 = frontend.frontend_addr.0;
+    addr.user_port = u32::from(frontend.frontend_port.0);
+}

@@ -1,0 +1,116 @@
+//! A host-network client for the lab (see `kpr_lab::host`): the test starts it in the
+//! node's network namespace, inside or outside the cgroup the socket-layer hooks are on,
+//! because cgroup membership belongs to a process, not to a thread of the test.
+//!
+//! `kpr-host-client tcp|udp-connected|udp-unconnected ADDR COUNT` makes COUNT requests
+//! to ADDR, each on a fresh socket, and prints one JSON [`Outcome`] per request: who
+//! answered and which addresses the socket calls reported, or the errno of the failure.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+use kpr_lab::{
+    host::{Mode, Outcome},
+    traffic::Answer,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn failed(error: &std::io::Error) -> Outcome {
+    Outcome {
+        errno: error.raw_os_error(),
+        error: Some(error.to_string()),
+        ..Outcome::default()
+    }
+}
+
+fn answered(text: &str, outcome: Outcome) -> Outcome {
+    match Answer::parse(text) {
+        Ok(answer) => Outcome {
+            server: Some(answer.server),
+            seen_client: Some(answer.seen_client.to_string()),
+            ..outcome
+        },
+        Err(error) => Outcome {
+            error: Some(format!("{error:#}")),
+            ..outcome
+        },
+    }
+}
+
+fn tcp(dst: SocketAddrV4) -> std::io::Result<Outcome> {
+    let stream = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+    let peer = stream.peer_addr()?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    (&stream).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    Ok(answered(
+        &line,
+        Outcome {
+            peer: Some(peer.to_string()),
+            ..Outcome::default()
+        },
+    ))
+}
+
+fn udp(dst: SocketAddrV4, connected: bool) -> std::io::Result<Outcome> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    let peer = if connected {
+        socket.connect(dst)?;
+        socket.send(b"hello\n")?;
+        Some(socket.peer_addr()?)
+    } else {
+        socket.send_to(b"hello\n", dst)?;
+        None
+    };
+    let mut buf = [0u8; 1500];
+    let (len, source): (usize, SocketAddr) = socket.recv_from(&mut buf)?;
+    let text = String::from_utf8_lossy(buf.get(..len).unwrap_or_default()).into_owned();
+    Ok(answered(
+        &text,
+        Outcome {
+            peer: peer.map(|peer| peer.to_string()),
+            source: Some(source.to_string()),
+            ..Outcome::default()
+        },
+    ))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parsed = match args.as_slice() {
+        [mode, dst, count] => Mode::parse(mode)
+            .zip(dst.parse().ok())
+            .zip(count.parse().ok()),
+        _ => None,
+    };
+    let Some(((mode, dst), count)) = parsed else {
+        eprintln!("usage: kpr-host-client tcp|udp-connected|udp-unconnected ADDR:PORT COUNT");
+        return ExitCode::from(2);
+    };
+    let mut stdout = std::io::stdout().lock();
+    for _ in 0..count {
+        let result = match mode {
+            Mode::Tcp => tcp(dst),
+            Mode::UdpConnected => udp(dst, true),
+            Mode::UdpUnconnected => udp(dst, false),
+        };
+        let outcome = result.unwrap_or_else(|error| failed(&error));
+        let line = match serde_json::to_string(&outcome) {
+            Ok(line) => line,
+            Err(error) => {
+                eprintln!("cannot encode {outcome:?}: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if writeln!(stdout, "{line}").is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
