@@ -20,7 +20,6 @@ mod forward;
 mod maps;
 mod nat;
 mod new_flow;
-mod node_egress;
 mod node_ingress;
 mod parse;
 mod pod_egress;
@@ -50,7 +49,7 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 /// translation is undone here.
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
-    match pod_egress::try_pod_egress(&ctx) {
+    match pod_egress::try_reply_egress(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count(reason);
@@ -74,10 +73,11 @@ pub fn tc_node_ingress(ctx: TcContext) -> i32 {
 }
 
 /// TC egress of the node's external interfaces: replies of local backends to clients
-/// outside the node, translated back.
+/// outside the node, translated back (the same work as `tc_pod_egress`, on another
+/// interface).
 #[classifier]
 pub fn tc_node_egress(ctx: TcContext) -> i32 {
-    match node_egress::try_node_egress(&ctx) {
+    match pod_egress::try_reply_egress(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count(reason);

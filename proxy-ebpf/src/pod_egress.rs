@@ -1,4 +1,5 @@
-//! The pod-facing TC egress program: packets about to enter a pod. Replies of
+//! The egress programs (pod-facing, and node-facing for replies of local backends to
+//! outside clients): packets about to leave through the interface. Replies of
 //! translated flows get their original addresses back (the client sees the service
 //! address as its peer). Running after routing, wherever the reply came from (a local
 //! pod or another node), is what lets one hook cover every backend location.
@@ -7,7 +8,7 @@ use proxy_common::{counter, ct_flags};
 
 use crate::{conntrack, nat, parse, pod_ingress::PASS, stats};
 
-pub fn try_pod_egress(ctx: &TcContext) -> Result<i32, u32> {
+pub fn try_reply_egress(ctx: &TcContext) -> Result<i32, u32> {
     let Some(pkt) = parse::ipv4(ctx) else {
         return Ok(PASS);
     };
