@@ -314,6 +314,22 @@ pub mod counter {
     pub const REDIRECTED: u32 = 9;
     /// A pod reached itself through a service and was masqueraded (hairpin).
     pub const HAIRPIN_FLOW: u32 = 10;
+    /// An ICMP error about a translated flow (destination unreachable, fragmentation
+    /// needed, time exceeded, parameter problem) was translated, outer and quoted
+    /// headers.
+    pub const ICMP_ERROR_TRANSLATED: u32 = 11;
+    /// A non-first IPv4 fragment was translated with the ports its first fragment
+    /// left in the fragment map.
+    pub const FRAGMENT_TRANSLATED: u32 = 12;
+    /// A packet too big for the next hop, with DF set, was answered with ICMP
+    /// fragmentation needed (the redirect path skips the kernel's forwarding, which
+    /// would send it).
+    pub const FRAG_NEEDED_SENT: u32 = 13;
+    /// A packet that would leave with TTL 0 was answered with ICMP time exceeded.
+    pub const TIME_EXCEEDED_SENT: u32 = 14;
+    /// A flow was seen both ways and moved to the established table, where floods of
+    /// new flows cannot evict it.
+    pub const CT_ASSURED: u32 = 15;
 
     /// First drop reason; everything from here on counts dropped packets.
     pub const FIRST_DROP: u32 = 16;
@@ -338,6 +354,12 @@ pub mod counter {
     /// stored. Refusing beats a UDP reply that the client would reject as coming from a
     /// stranger.
     pub const DROP_SOCK_RNAT_INSERT: u32 = 24;
+    /// Dropped: a redirected packet's TTL ran out and no ICMP time exceeded could be
+    /// sent (ICMP errors themselves are never answered with one).
+    pub const DROP_TTL_EXCEEDED: u32 = 25;
+    /// Dropped: a new flow while the established conntrack table is full (the kernel's
+    /// "table full, dropping packet"); established flows keep working.
+    pub const DROP_CT_FULL: u32 = 26;
 
     /// Size of the counters map.
     pub const COUNT: u32 = 32;
@@ -356,11 +378,11 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "snat_flow",
     "redirected",
     "hairpin_flow",
-    "",
-    "",
-    "",
-    "",
-    "",
+    "icmp_error_translated",
+    "fragment_translated",
+    "frag_needed_sent",
+    "time_exceeded_sent",
+    "ct_assured",
     "drop_no_local_backend",
     "drop_backend_missing",
     "drop_ct_insert",
@@ -370,8 +392,8 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "drop_snat_ports",
     "drop_no_snat_addr",
     "drop_sock_rnat_insert",
-    "",
-    "",
+    "drop_ttl_exceeded",
+    "drop_ct_full",
     "",
     "",
     "",
@@ -431,6 +453,13 @@ mod tests {
             counter::DROP_SNAT_PORTS,
             counter::DROP_NO_SNAT_ADDR,
             counter::DROP_SOCK_RNAT_INSERT,
+            counter::ICMP_ERROR_TRANSLATED,
+            counter::FRAGMENT_TRANSLATED,
+            counter::FRAG_NEEDED_SENT,
+            counter::TIME_EXCEEDED_SENT,
+            counter::CT_ASSURED,
+            counter::DROP_TTL_EXCEEDED,
+            counter::DROP_CT_FULL,
         ] {
             assert!(!COUNTER_NAMES[index as usize].is_empty(), "counter {index}");
         }

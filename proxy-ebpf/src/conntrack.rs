@@ -2,11 +2,12 @@
 //! the rewrite for the packets it matches. Entries expire by idle time (checked here,
 //! so a stale entry is never used) and are reaped by the agent and by LRU eviction.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use proxy_common::{counter, ct_flags, Be16, Be32, CtEntryV4, CtKeyV4};
+use proxy_common::{ct_flags, Be16, Be32, CtEntryV4, CtKeyV4};
 
 use crate::{
     maps::{self, CT_V4_V1},
-    parse::{reversed, tcp_flag, Ipv4Packet},
+    parse::{reversed, tcp_flag, Kind, Packet},
+    verdict::{DropReason, Result},
 };
 
 /// The tuple of the packet after `entry`'s rewrite.
@@ -26,13 +27,18 @@ pub fn translated(tuple: &CtKeyV4, entry: &CtEntryV4) -> CtKeyV4 {
 
 /// Finds the live entry of the packet's flow, refreshes its idle timer and returns a
 /// copy. A TCP SYN that finds a closing flow starts a new one instead (port reuse).
+/// An ICMP error only reads the entry of the flow it is about: it says nothing about
+/// the flow's state and may be forged, so it neither refreshes nor closes anything.
 #[inline(always)]
-pub fn lookup(pkt: &Ipv4Packet, now: u64) -> Option<CtEntryV4> {
+pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
     let ptr = CT_V4_V1.get_ptr_mut(&pkt.tuple)?;
     // SAFETY: the pointer is valid for this program run; copy the value out at once.
     let entry = unsafe { *ptr };
     if maps::config().ct_expired(&entry, pkt.tuple.proto, now) {
         return None;
+    }
+    if pkt.kind == Kind::IcmpError {
+        return Some(entry);
     }
     let is_syn = pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
     if is_syn && entry.flags & ct_flags::CLOSING != 0 {
@@ -66,19 +72,28 @@ pub struct Translation {
     pub service_id: u32,
 }
 
+/// What [`create`] did.
+#[derive(Clone, Copy)]
+pub enum Created {
+    /// Both entries are in place; this is the original direction's.
+    Flow(CtEntryV4),
+    /// The reply key a claim asked for is held by a live flow (see [`create`]).
+    ReplyKeyTaken,
+}
+
 /// Records a new flow: the entry for its original direction (`original` becomes the
 /// translated tuple) and the entry for replies (which undo it).
 ///
 /// With `claim_reply`, the reply key must be free (or held by an expired flow): that is
 /// how a masqueraded flow claims its source port ([`crate::snat`]); a live holder
-/// fails with `DROP_SNAT_PORTS` so the caller can draw another port.
+/// gives [`Created::ReplyKeyTaken`] so the caller can draw another port.
 #[inline(always)]
 pub fn create(
     original: &CtKeyV4,
     nat: &Translation,
     now: u64,
     claim_reply: bool,
-) -> Result<(), u32> {
+) -> Result<Created> {
     let mut after = *original;
     (after.src_addr, after.src_port) = nat.new_src;
     (after.dst_addr, after.dst_port) = nat.new_dst;
@@ -119,23 +134,23 @@ pub fn create(
                 maps::config().ct_expired(&holder, original.proto, now)
             });
             if !holder_expired {
-                return Err(counter::DROP_SNAT_PORTS);
+                return Ok(Created::ReplyKeyTaken);
             }
             CT_V4_V1
                 .insert(&reply_key, &reply, u64::from(BPF_ANY))
-                .map_err(|_| counter::DROP_CT_INSERT)?;
+                .map_err(|_| DropReason::CT_INSERT)?;
         }
     } else {
         CT_V4_V1
             .insert(&reply_key, &reply, u64::from(BPF_ANY))
-            .map_err(|_| counter::DROP_CT_INSERT)?;
+            .map_err(|_| DropReason::CT_INSERT)?;
     }
     if CT_V4_V1
         .insert(original, &forward, u64::from(BPF_ANY))
         .is_err()
     {
         let _ = CT_V4_V1.remove(&reply_key);
-        return Err(counter::DROP_CT_INSERT);
+        return Err(DropReason::CT_INSERT);
     }
-    Ok(())
+    Ok(Created::Flow(forward))
 }

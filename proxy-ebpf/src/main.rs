@@ -3,11 +3,13 @@
 //! One module per datapath stage: [`parse`] reads headers, [`conntrack`] finds or
 //! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
 //! a new flow's translation, [`snat`] masquerades with a port it claims, [`nat`]
-//! rewrites addresses with their checksums, [`forward`] sends translated packets to
-//! their next hop, [`reject`] answers flows to empty services, [`sock`] translates at the socket layer
-//! for clients in the node's own namespace. Entry points stay thin:
-//! they call a `try_*` function and return its verdict; errors carry the drop reason
-//! that is counted in [`stats`].
+//! rewrites addresses with their checksums, [`icmp_error`] translates ICMP errors
+//! about translated flows, [`forward`] sends translated packets to their next hop,
+//! [`icmp_reply`] sends the ICMP errors the datapath answers with itself (reject,
+//! fragmentation needed, time exceeded), [`sock`] translates at the socket layer for
+//! clients in the node's own namespace. Entry points stay thin: they call a `try_*`
+//! function and return its verdict; errors carry the typed drop reason
+//! ([`verdict::DropReason`]) that is counted in [`stats`].
 //!
 //! Hooks: TC on pod-facing interfaces (`tc_pod_*`: pods as clients and as backends)
 //! and on the node's external interfaces (`tc_node_*`: NodePort, externalIPs,
@@ -17,6 +19,8 @@
 
 mod conntrack;
 mod forward;
+mod icmp_error;
+mod icmp_reply;
 mod maps;
 mod nat;
 mod new_flow;
@@ -24,38 +28,38 @@ mod node_ingress;
 mod parse;
 mod pod_egress;
 mod pod_ingress;
-mod reject;
 mod service;
 mod snat;
 mod sock;
 mod stats;
+mod verdict;
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// The verdict of a stage's result; a drop is counted under its reason.
+#[inline(always)]
+fn verdict_of(result: verdict::Result<i32>) -> i32 {
+    match result {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            stats::count(reason.counter());
+            verdict::SHOT
+        }
+    }
+}
 
 /// TC ingress of pod-facing interfaces: packets leaving pods towards services, and
 /// replies of backends that must be translated back.
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
-    match pod_ingress::try_pod_ingress(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            stats::count(reason);
-            TC_ACT_SHOT as i32
-        }
-    }
+    verdict_of(pod_ingress::try_pod_ingress(&ctx))
 }
 
 /// TC egress of pod-facing interfaces: replies on their way into client pods, whose
 /// translation is undone here.
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
-    match pod_egress::try_reply_egress(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            stats::count(reason);
-            TC_ACT_SHOT as i32
-        }
-    }
+    verdict_of(pod_egress::try_reply_egress(&ctx))
 }
 
 /// TC ingress of the node's external interfaces: traffic from other nodes and from
@@ -63,13 +67,7 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
 /// replies that must be translated back.
 #[classifier]
 pub fn tc_node_ingress(ctx: TcContext) -> i32 {
-    match node_ingress::try_node_ingress(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            stats::count(reason);
-            TC_ACT_SHOT as i32
-        }
-    }
+    verdict_of(node_ingress::try_node_ingress(&ctx))
 }
 
 /// TC egress of the node's external interfaces: replies of local backends to clients
@@ -77,13 +75,7 @@ pub fn tc_node_ingress(ctx: TcContext) -> i32 {
 /// interface).
 #[classifier]
 pub fn tc_node_egress(ctx: TcContext) -> i32 {
-    match pod_egress::try_reply_egress(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            stats::count(reason);
-            TC_ACT_SHOT as i32
-        }
-    }
+    verdict_of(pod_egress::try_reply_egress(&ctx))
 }
 
 #[cfg(not(test))]

@@ -4,10 +4,16 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{counter, ct_flags, proto, Be16, Be32, CtEntryV4};
+use proxy_common::{ct_flags, proto, Be16, Be32, CtEntryV4, CtKeyV4};
 
-use crate::parse::{
-    Ipv4Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_PORT_OFF, L4_SRC_PORT_OFF,
+use crate::{
+    conntrack, icmp_error,
+    parse::{
+        Kind, Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_PORT_OFF,
+        L4_SRC_PORT_OFF,
+    },
+    stats,
+    verdict::{DropReason, Result},
 };
 
 /// Which end of the packet to rewrite.
@@ -17,16 +23,33 @@ pub enum End {
     Destination,
 }
 
-/// Rewrites one end of the packet to `addr:port`. `pkt` holds the values before the
-/// rewrite; unchanged fields are left alone.
+/// Replaces the IPv4 address at `addr_off` (of the packet's header or of the header an
+/// ICMP error quotes) and updates that header's checksum at `ip_csum_off`.
 #[inline(always)]
-pub fn rewrite(
+pub fn replace_ip_addr(
     ctx: &TcContext,
-    pkt: &Ipv4Packet,
-    end: End,
-    addr: Be32,
-    port: Be16,
-) -> Result<(), u32> {
+    ip_csum_off: usize,
+    addr_off: usize,
+    old: Be32,
+    new: Be32,
+) -> Result<()> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(ip_csum_off, u64::from(old.0), u64::from(new.0), 4)
+        .map_err(|_| DropReason::REWRITE)?;
+    ctx.store(addr_off, &new.0, 0)
+        .map_err(|_| DropReason::REWRITE)
+}
+
+/// Rewrites one end of a TCP/UDP packet (or fragment) to `addr:port`. `pkt` holds the
+/// values before the rewrite; unchanged fields are left alone.
+///
+/// A later fragment has no L4 header: only its IP header changes. The datagram's L4
+/// checksum, in the first fragment, already covers the new addresses: its update
+/// there accounted for the whole pseudo-header.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: Be16) -> Result<()> {
     let (old_addr, old_port, addr_off, port_off) = match end {
         End::Source => (
             pkt.tuple.src_addr,
@@ -41,6 +64,7 @@ pub fn rewrite(
             pkt.l4_off + L4_DST_PORT_OFF,
         ),
     };
+    let has_l4_header = pkt.kind == Kind::Transport;
     // UDP checksum 0 means "none": MARK_MANGLED_0 keeps it 0 instead of inventing one.
     let l4_flags = if pkt.tuple.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
@@ -48,7 +72,7 @@ pub fn rewrite(
         0
     };
     let l4_csum_off = pkt.l4_csum_off();
-    if old_addr != addr {
+    if old_addr != addr && has_l4_header {
         // The L4 checksum covers the addresses through the pseudo-header.
         ctx.l4_csum_replace(
             l4_csum_off,
@@ -56,34 +80,30 @@ pub fn rewrite(
             u64::from(addr.0),
             l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
         )
-        .map_err(|_| counter::DROP_REWRITE)?;
-        ctx.l3_csum_replace(
-            ETH_HLEN + IP_CSUM_OFF,
-            u64::from(old_addr.0),
-            u64::from(addr.0),
-            4,
-        )
-        .map_err(|_| counter::DROP_REWRITE)?;
-        ctx.store(addr_off, &addr.0, 0)
-            .map_err(|_| counter::DROP_REWRITE)?;
+        .map_err(|_| DropReason::REWRITE)?;
     }
-    if old_port != port && !pkt.is_later_fragment {
+    replace_ip_addr(ctx, ETH_HLEN + IP_CSUM_OFF, addr_off, old_addr, addr)?;
+    if old_port != port && has_l4_header {
         ctx.l4_csum_replace(
             l4_csum_off,
             u64::from(old_port.0),
             u64::from(port.0),
             l4_flags | 2,
         )
-        .map_err(|_| counter::DROP_REWRITE)?;
+        .map_err(|_| DropReason::REWRITE)?;
         ctx.store(port_off, &port.0, 0)
-            .map_err(|_| counter::DROP_REWRITE)?;
+            .map_err(|_| DropReason::REWRITE)?;
     }
     Ok(())
 }
 
-/// Applies a conntrack entry's rewrite to the packet.
+/// Applies a conntrack entry's rewrite to the packet (a TCP/UDP packet or fragment, or
+/// an ICMP error about the entry's flow).
 #[inline(always)]
-pub fn apply(ctx: &TcContext, pkt: &Ipv4Packet, entry: &CtEntryV4) -> Result<(), u32> {
+pub fn apply(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
+    if pkt.kind == Kind::IcmpError {
+        return icmp_error::translate(ctx, pkt, entry);
+    }
     if entry.flags & ct_flags::REWRITE_DST != 0 {
         rewrite(
             ctx,
@@ -103,4 +123,28 @@ pub fn apply(ctx: &TcContext, pkt: &Ipv4Packet, entry: &CtEntryV4) -> Result<(),
         )?;
     }
     Ok(())
+}
+
+/// [`apply`], counted as a translated packet of a known flow.
+#[inline(always)]
+pub fn translate(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
+    apply(ctx, pkt, entry)?;
+    stats::count_translated(pkt, entry);
+    Ok(())
+}
+
+/// What the packet's header will say after [`apply`], for the route lookup: the
+/// translated tuple, or for an ICMP error its outer addresses (proto ICMP, no ports).
+#[inline(always)]
+pub fn routed_tuple(pkt: &Packet, entry: &CtEntryV4) -> CtKeyV4 {
+    if pkt.kind == Kind::IcmpError {
+        let (src_addr, dst_addr) = icmp_error::outer_after(pkt, entry);
+        return CtKeyV4 {
+            src_addr,
+            dst_addr,
+            proto: proto::ICMP,
+            ..CtKeyV4::default()
+        };
+    }
+    conntrack::translated(&pkt.tuple, entry)
 }

@@ -6,12 +6,13 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::{backend_flags, counter, service_flags, CtKeyV4};
 
 use crate::{
-    conntrack::{self, Translation},
-    forward, maps,
-    nat::{self, End},
-    parse::Ipv4Packet,
-    pod_ingress::PASS,
-    reject, service, snat, stats,
+    conntrack::{self, Created, Translation},
+    forward::{self, Flow},
+    icmp_reply::{self, IcmpReply},
+    maps, nat,
+    parse::{Kind, Packet},
+    service, snat, stats,
+    verdict::{DropReason, Result, PASS},
 };
 
 /// Where the client of a new flow is.
@@ -54,9 +55,13 @@ fn needs_masquerade(
 }
 
 /// Handles a packet that matched no conntrack entry. Returns the verdict; packets not
-/// addressed to a frontend pass untouched.
+/// addressed to a frontend pass untouched, and only a packet with ports (not an ICMP
+/// error, not a later fragment) can start a flow.
 #[inline(always)]
-pub fn handle(ctx: &TcContext, pkt: &Ipv4Packet, now: u64, origin: Origin) -> Result<i32, u32> {
+pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result<i32> {
+    if pkt.kind != Kind::Transport {
+        return Ok(PASS);
+    }
     let Some(frontend) = service::lookup(&pkt.tuple, origin == Origin::Pod) else {
         return Ok(PASS);
     };
@@ -64,21 +69,19 @@ pub fn handle(ctx: &TcContext, pkt: &Ipv4Packet, now: u64, origin: Origin) -> Re
     if flags & service_flags::SOURCE_RANGES != 0
         && !service::source_allowed(&frontend, pkt.tuple.src_addr)
     {
-        return Err(counter::DROP_SOURCE_RANGE);
+        return Err(DropReason::SOURCE_RANGE);
     }
     if frontend.value.count == 0 {
         if flags & service_flags::DROP_WHEN_EMPTY != 0 {
-            return Err(counter::DROP_NO_LOCAL_BACKEND);
+            return Err(DropReason::NO_LOCAL_BACKEND);
         }
-        let verdict = reject::port_unreachable(ctx, pkt)?;
-        stats::count(counter::REJECTED_NO_BACKEND);
-        return Ok(verdict);
+        return icmp_reply::send(ctx, pkt, IcmpReply::PortUnreachable);
     }
 
     let (backend_id, backend) = service::select_backend(&frontend, pkt.tuple.src_addr)?;
     let service_id = frontend.value.service_id;
     let masquerade = needs_masquerade(origin, &pkt.tuple, flags, &backend);
-    let translation = if masquerade {
+    let entry = if masquerade {
         snat::create(&pkt.tuple, &backend, backend_id, service_id, now)?
     } else {
         let translation = Translation {
@@ -87,25 +90,23 @@ pub fn handle(ctx: &TcContext, pkt: &Ipv4Packet, now: u64, origin: Origin) -> Re
             backend_id,
             service_id,
         };
-        conntrack::create(&pkt.tuple, &translation, now, false)?;
-        translation
+        match conntrack::create(&pkt.tuple, &translation, now, false)? {
+            Created::Flow(entry) => entry,
+            // Only a claim can find its reply key taken.
+            Created::ReplyKeyTaken => return Err(DropReason::CT_INSERT),
+        }
     };
-    nat::rewrite(ctx, pkt, End::Destination, backend.addr, backend.port)?;
+    stats::count(counter::NEW_FLOW);
     if masquerade {
-        let (addr, port) = translation.new_src;
-        nat::rewrite(ctx, pkt, End::Source, addr, port)?;
         stats::count(if origin == Origin::Pod {
             counter::HAIRPIN_FLOW
         } else {
             counter::SNAT_FLOW
         });
     }
-    stats::count(counter::NEW_FLOW);
     if masquerade || origin == Origin::Outside {
-        let mut after = pkt.tuple;
-        (after.src_addr, after.src_port) = translation.new_src;
-        (after.dst_addr, after.dst_port) = translation.new_dst;
-        return Ok(forward::to_next_hop(ctx, &after));
+        return forward::translate_and_send(ctx, pkt, &entry, Flow::New);
     }
+    nat::apply(ctx, pkt, &entry)?;
     Ok(PASS)
 }

@@ -3,27 +3,30 @@
 //! LoadBalancer IPs and ClusterIPs reached from outside ([`crate::new_flow`] with
 //! [`Origin::Outside`]), and translates back the replies that come to this node:
 //! those of masqueraded flows (addressed to the node's own address and SNAT port) and
-//! those of flows from local pods to remote backends.
+//! those of flows from local pods to remote backends. ICMP errors about those flows
+//! (from a backend, from a router on either side of the node) are translated the same
+//! way.
 //!
 //! Every translated packet goes straight to its next hop ([`crate::forward`]): a reply
 //! translated back carries a frontend as its source, which may be this node's own
 //! address, and the kernel's input path would drop it as a martian.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use proxy_common::{counter, ct_flags};
+use proxy_common::counter;
 
 use crate::{
-    conntrack, forward, nat,
+    conntrack,
+    forward::{self, Flow},
     new_flow::{self, Origin},
-    parse,
-    pod_ingress::PASS,
+    parse::{self, Kind},
     stats,
+    verdict::{Result, PASS},
 };
 
-pub fn try_node_ingress(ctx: &TcContext) -> Result<i32, u32> {
+pub fn try_node_ingress(ctx: &TcContext) -> Result<i32> {
     let Some(pkt) = parse::ipv4(ctx) else {
         return Ok(PASS);
     };
-    if pkt.is_later_fragment {
+    if pkt.kind == Kind::LaterFragment {
         stats::count(counter::FRAGMENT_PASSED);
         return Ok(PASS);
     }
@@ -31,16 +34,7 @@ pub fn try_node_ingress(ctx: &TcContext) -> Result<i32, u32> {
     let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(entry) = conntrack::lookup(&pkt, now) {
-        nat::apply(ctx, &pkt, &entry)?;
-        stats::count(if entry.flags & ct_flags::REPLY != 0 {
-            counter::REPLY_TRANSLATED
-        } else {
-            counter::FORWARD_TRANSLATED
-        });
-        return Ok(forward::to_next_hop(
-            ctx,
-            &conntrack::translated(&pkt.tuple, &entry),
-        ));
+        return forward::translate_and_send(ctx, &pkt, &entry, Flow::Known);
     }
     new_flow::handle(ctx, &pkt, now, Origin::Outside)
 }

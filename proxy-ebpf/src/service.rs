@@ -12,6 +12,7 @@ use proxy_common::{
 use crate::{
     maps::{AFFINITY_V4_V1, BACKEND_V4_V1, SRCRANGE_V4_V1, SVC_V4_V1},
     stats,
+    verdict::{DropReason, Result},
 };
 
 /// A frontend entry (slot 0) as found.
@@ -83,10 +84,7 @@ fn slot(frontend: &Frontend, slot: u16) -> Option<u32> {
 /// Picks the backend for a new flow from `client`. The frontend must have
 /// `count > 0`.
 #[inline(always)]
-pub fn select_backend(
-    frontend: &Frontend,
-    client: proxy_common::Be32,
-) -> Result<(u32, BackendV4), u32> {
+pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result<(u32, BackendV4)> {
     let affinity = frontend.value.flags & service_flags::AFFINITY != 0;
     let affinity_key = AffinityKeyV4 {
         client_addr: client,
@@ -117,8 +115,8 @@ pub fn select_backend(
     // slots deleted); slot 1 is the last to go.
     let backend_id = slot(frontend, chosen_slot)
         .or_else(|| slot(frontend, 1))
-        .ok_or(counter::DROP_BACKEND_MISSING)?;
-    let chosen = backend(backend_id).ok_or(counter::DROP_BACKEND_MISSING)?;
+        .ok_or(DropReason::BACKEND_MISSING)?;
+    let chosen = backend(backend_id).ok_or(DropReason::BACKEND_MISSING)?;
     if affinity {
         remember(&affinity_key, backend_id, now);
     }

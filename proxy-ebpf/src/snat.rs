@@ -7,11 +7,12 @@
 //! port, and a port is only ever taken over from an expired flow. The range sits above
 //! the kernel's ephemeral ports, so the node's own connections never collide with it.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{counter, BackendV4, Be16, CtKeyV4};
+use proxy_common::{BackendV4, Be16, CtEntryV4, CtKeyV4};
 
 use crate::{
-    conntrack::{self, Translation},
+    conntrack::{self, Created, Translation},
     maps,
+    verdict::{DropReason, Result},
 };
 
 /// Random draws before giving up. With a range of ~4,500 ports, failing 8 draws needs
@@ -19,7 +20,7 @@ use crate::{
 const ATTEMPTS: u32 = 8;
 
 /// Creates the conntrack entries of a new masqueraded flow to `backend` and returns
-/// the translation (source: node address and the claimed port).
+/// the original direction's entry (source: node address and the claimed port).
 #[inline(always)]
 pub fn create(
     original: &CtKeyV4,
@@ -27,10 +28,10 @@ pub fn create(
     backend_id: u32,
     service_id: u32,
     now: u64,
-) -> Result<Translation, u32> {
+) -> Result<CtEntryV4> {
     let config = maps::config();
     if config.snat_addr.0 == 0 {
-        return Err(counter::DROP_NO_SNAT_ADDR);
+        return Err(DropReason::NO_SNAT_ADDR);
     }
     let (low, high) = (config.snat_port_min, config.snat_port_max);
     let span = if high >= low {
@@ -49,11 +50,10 @@ pub fn create(
             backend_id,
             service_id,
         };
-        match conntrack::create(original, &translation, now, true) {
-            Ok(()) => return Ok(translation),
-            Err(counter::DROP_SNAT_PORTS) => continue,
-            Err(other) => return Err(other),
+        match conntrack::create(original, &translation, now, true)? {
+            Created::Flow(entry) => return Ok(entry),
+            Created::ReplyKeyTaken => continue,
         }
     }
-    Err(counter::DROP_SNAT_PORTS)
+    Err(DropReason::SNAT_PORTS)
 }

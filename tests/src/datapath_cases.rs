@@ -21,7 +21,9 @@ use proxy_userspace::{
     sync::Syncer,
 };
 
-use crate::packets::{port_unreachable_reply, sock, Frame, TcpFlags, Transport};
+use crate::packets::{
+    icmp_reply, port_unreachable_reply, sock, Fragment, Frame, IcmpError, TcpFlags, Transport,
+};
 
 /// The verdicts the program returns (TC_ACT_*).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,8 +166,11 @@ pub fn cases() -> Vec<Case> {
     let query = Frame::udp(client(), vip_dns(), b"query");
     let mut unchecked_query = query.clone();
     unchecked_query.transport = Transport::Udp { checksum: false };
-    let mut fragment = query.clone();
-    fragment.fragment_offset = 4;
+    let fragment = Frame::udp(client(), vip_dns(), &[7; 40]).fragment(Fragment {
+        offset: 3,
+        len: 24,
+        more: false,
+    });
 
     vec![
         Case {
@@ -371,6 +376,150 @@ pub fn cases() -> Vec<Case> {
             counters: vec![(counter::FRAGMENT_PASSED, 1), (counter::NEW_FLOW, 0)],
         },
     ]
+    .into_iter()
+    .chain(icmp_cases())
+    .collect()
+}
+
+/// A router between this node and the backends (this node's own address on the pod
+/// veths, which is what the kernel sends its forwarding errors from).
+const ROUTER: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Linux quotes up to 576 bytes of the offending packet; RFC 792 asks for 28.
+const QUOTE_ALL: usize = 576;
+const QUOTE_MIN: usize = 28;
+
+/// ICMP errors about translated pod flows, from each side, of each type: translated
+/// outer and quoted headers, every checksum recomputed independently by etherparse.
+#[must_use]
+pub fn icmp_cases() -> Vec<Case> {
+    use addr::*;
+    let web = frontend("web", vip(), proto::TCP, &[backend()], 0);
+    let dns = frontend("dns", vip_dns(), proto::UDP, &[dns_backend()], 0);
+    let query = Frame::udp(client(), vip_dns(), b"query");
+    let sent_query = query.clone().with_dst(dns_backend());
+    let syn = Frame::tcp(client(), vip(), TcpFlags::SYN);
+    let mut data = Frame::tcp(client(), vip(), TcpFlags::ACK);
+    data.payload = vec![0x5a; 1400];
+    let sent_data = data.clone().with_dst(backend());
+    // An error the backend or a router sends about the translated packet, and the
+    // error the client must receive: about its own packet, to the service.
+    let about = |from, sent: &Frame, original: &Frame, error, quote, endpoint| {
+        let arriving = Frame::icmp_error(from, sent, error, quote);
+        let delivered = arriving
+            .clone()
+            .with_quoted(if endpoint { *original.dst.ip() } else { from }, original);
+        (arriving, delivered)
+    };
+    let (unreachable_in, unreachable_out) = about(
+        *dns_backend().ip(),
+        &sent_query,
+        &query,
+        IcmpError::PortUnreachable,
+        QUOTE_ALL,
+        true,
+    );
+    let (frag_in, frag_out) = about(
+        ROUTER,
+        &sent_data,
+        &data,
+        IcmpError::FragNeeded { mtu: 1200 },
+        QUOTE_ALL,
+        false,
+    );
+    let (short_frag_in, short_frag_out) = about(
+        ROUTER,
+        &sent_data,
+        &data,
+        IcmpError::FragNeeded { mtu: 1200 },
+        QUOTE_MIN,
+        false,
+    );
+    let (ttl_in, ttl_out) = about(
+        ROUTER,
+        &sent_query,
+        &query,
+        IcmpError::TimeExceeded,
+        QUOTE_MIN,
+        false,
+    );
+    // The client's own error about a reply (a response to a socket it closed): it
+    // leaves about the service's packet and must reach the backend about the backend's.
+    let answer = sent_query.reply(Transport::Udp { checksum: true });
+    let seen_answer = query.reply(Transport::Udp { checksum: true });
+    let client_error = Frame::icmp_error(
+        *client().ip(),
+        &seen_answer,
+        IcmpError::PortUnreachable,
+        QUOTE_ALL,
+    );
+    let mut client_error_out = client_error.clone().with_quoted(*client().ip(), &answer);
+    client_error_out.dst = SocketAddrV4::new(*dns_backend().ip(), 0);
+    let step = |hook, input: &Frame, output: Expected| Step {
+        hook,
+        input: input.clone(),
+        verdict: Verdict::Pass,
+        output,
+    };
+    vec![
+        Case {
+            name: "ICMP port unreachable from a UDP backend: left alone at the backend, translated into the client (outer source, quoted packet, UDP and ICMP checksums)",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &query, Expected::Frame(sent_query.clone())),
+                step(Hook::PodIngress, &unreachable_in, Expected::Unchanged),
+                step(Hook::PodEgress, &unreachable_in, Expected::Frame(unreachable_out)),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1), (counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "ICMP fragmentation needed from a router quoting the whole TCP header: the router's address stays, the quoted TCP checksum follows",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &syn, Expected::Frame(syn.clone().with_dst(backend()))),
+                step(Hook::PodEgress, &frag_in, Expected::Frame(frag_out)),
+                step(Hook::PodEgress, &short_frag_in, Expected::Frame(short_frag_out)),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 2)],
+        },
+        Case {
+            name: "ICMP time exceeded from a router quoting 8 bytes of UDP (its checksum among them)",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &query, Expected::Frame(sent_query.clone())),
+                step(Hook::PodEgress, &ttl_in, Expected::Frame(ttl_out)),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "the client's ICMP error about a reply reaches the backend about the backend's packet",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &query, Expected::Frame(sent_query.clone())),
+                step(Hook::PodIngress, &client_error, Expected::Frame(client_error_out)),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "ICMP errors about no known flow pass untouched and start nothing; they never refresh a flow",
+            frontends: vec![dns],
+            steps: vec![
+                // about a packet to the service itself: no flow starts from an error
+                step(
+                    Hook::PodIngress,
+                    &Frame::icmp_error(ROUTER, &query, IcmpError::PortUnreachable, QUOTE_ALL)
+                        .with_quoted(*client().ip(), &query.reply(Transport::Udp { checksum: true })),
+                    Expected::Unchanged,
+                ),
+                step(Hook::PodEgress, &unreachable_in, Expected::Unchanged),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 0), (counter::NEW_FLOW, 0)],
+        },
+    ]
 }
 
 /// Addresses of the node cases: this node, a client outside the cluster, a local and
@@ -571,6 +720,197 @@ pub fn node_cases() -> Vec<Case> {
                 ..snat
             },
             counters: vec![(counter::HAIRPIN_FLOW, 1), (counter::REPLY_TRANSLATED, 1)],
+        },
+    ]
+    .into_iter()
+    .chain(node_icmp_cases())
+    .collect()
+}
+
+/// ICMP errors across SNAT and on the node-facing paths: from the backend, from a
+/// router on the backend's side, from a router on the client's side.
+#[must_use]
+pub fn node_icmp_cases() -> Vec<Case> {
+    use node_addr::*;
+    let external = service_flags::EXTERNAL;
+    let snat = NodeSetup {
+        snat: Some((NODE, SNAT_PORT)),
+        cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
+        local_backends: vec![*local_backend().ip()],
+        source_ranges: Vec::new(),
+    };
+    let backend_router = Ipv4Addr::new(10, 244, 2, 1);
+    let client_router = Ipv4Addr::new(203, 0, 113, 1);
+    let syn = Frame::tcp(outside_client(), node_port(), TcpFlags::SYN);
+    let masqueraded_syn = Frame::tcp(masqueraded(), remote_backend(), TcpFlags::SYN);
+    let mut data = Frame::tcp(outside_client(), node_port(), TcpFlags::ACK);
+    data.payload = vec![0xa5; 1400];
+    let mut masqueraded_data = Frame::tcp(masqueraded(), remote_backend(), TcpFlags::ACK);
+    masqueraded_data.payload = data.payload.clone();
+    let mut response = masqueraded_data.reply(Transport::Tcp(TcpFlags::ACK));
+    response.payload = data.payload.clone();
+    let mut seen_response = data.reply(Transport::Tcp(TcpFlags::ACK));
+    seen_response.payload = data.payload.clone();
+
+    let frag = IcmpError::FragNeeded { mtu: 1200 };
+    let from_backend_router = Frame::icmp_error(backend_router, &masqueraded_data, frag, QUOTE_ALL);
+    let from_backend = Frame::icmp_error(
+        *remote_backend().ip(),
+        &masqueraded_syn,
+        IcmpError::PortUnreachable,
+        QUOTE_MIN,
+    );
+    let from_client_router = Frame::icmp_error(client_router, &seen_response, frag, QUOTE_ALL);
+    let mut to_backend = from_client_router
+        .clone()
+        .with_quoted(client_router, &response);
+    to_backend.dst = SocketAddrV4::new(*remote_backend().ip(), 0);
+    let local_syn = syn.clone().with_dst(local_backend());
+    let from_local_backend = Frame::icmp_error(
+        *local_backend().ip(),
+        &local_syn,
+        IcmpError::PortUnreachable,
+        QUOTE_MIN,
+    );
+    let step = |hook, input: &Frame, output: Expected| Step {
+        hook,
+        input: input.clone(),
+        verdict: Verdict::Pass,
+        output,
+    };
+    vec![
+        Case {
+            name: "NodePort with SNAT: errors from a router near the backend and from the backend reach the client about its own packet; the client side's router error reaches the backend about the masqueraded one",
+            frontends: vec![frontend("np", node_port(), proto::TCP, &[remote_backend()], external)],
+            steps: vec![
+                step(Hook::NodeIngress, &syn, Expected::Frame(masqueraded_syn.clone())),
+                step(
+                    Hook::NodeIngress,
+                    &from_backend_router,
+                    Expected::Frame(from_backend_router.clone().with_quoted(backend_router, &data)),
+                ),
+                step(
+                    Hook::NodeIngress,
+                    &from_backend,
+                    Expected::Frame(from_backend.clone().with_quoted(NODE, &syn)),
+                ),
+                step(Hook::NodeIngress, &from_client_router, Expected::Frame(to_backend)),
+            ],
+            node: snat.clone(),
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 3), (counter::SNAT_FLOW, 1)],
+        },
+        Case {
+            name: "NodePort to a local backend: the backend's port unreachable leaves the node from the NodePort",
+            frontends: vec![frontend("np", node_port(), proto::TCP, &[local_backend()], external)],
+            steps: vec![
+                step(Hook::NodeIngress, &syn, Expected::Frame(local_syn.clone())),
+                step(
+                    Hook::NodeEgress,
+                    &from_local_backend,
+                    Expected::Frame(from_local_backend.clone().with_quoted(NODE, &syn)),
+                ),
+            ],
+            node: snat,
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+    ]
+}
+
+/// The routes of [`routed_cases`]: the node's address on a link of MTU 1200
+/// ([`ROUTED_LINK_MTU`]) with a gateway towards the other nodes' pods and the outside
+/// clients, so the FIB lookup succeeds and the programs redirect.
+pub const ROUTED_LINK_MTU: u16 = 1200;
+pub const ROUTED_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+
+/// Cases of the redirect path (run where the routes above exist): the TTL decremented
+/// as by any router; TTL 1 answered with time exceeded; a DF packet bigger than the
+/// route's MTU answered with fragmentation needed; both errors quote the packet as the
+/// client sent it and come from the address it sent to.
+#[must_use]
+pub fn routed_cases() -> Vec<Case> {
+    use node_addr::*;
+    let external = service_flags::EXTERNAL;
+    let snat = NodeSetup {
+        snat: Some((NODE, SNAT_PORT)),
+        cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
+        local_backends: Vec::new(),
+        source_ranges: Vec::new(),
+    };
+    let np = frontend("np", node_port(), proto::TCP, &[remote_backend()], external);
+    let syn = Frame::tcp(outside_client(), node_port(), TcpFlags::SYN);
+    let masqueraded_syn = Frame::tcp(masqueraded(), remote_backend(), TcpFlags::SYN);
+    let syn_ack = masqueraded_syn.reply(Transport::Tcp(TcpFlags::SYN_ACK));
+    let mut big = Frame::tcp(outside_client(), node_port(), TcpFlags::ACK);
+    big.payload = vec![0x11; usize::from(ROUTED_LINK_MTU)];
+    let mut fits = big.clone();
+    fits.payload.truncate(usize::from(ROUTED_LINK_MTU) - 40);
+    let mut fits_out = Frame::tcp(masqueraded(), remote_backend(), TcpFlags::ACK).with_ttl(63);
+    fits_out.payload = fits.payload.clone();
+    vec![
+        Case {
+            name: "redirected packets leave with their TTL decremented, both directions",
+            frontends: vec![np.clone()],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: syn.clone(),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(masqueraded_syn.clone().with_ttl(63)),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: syn_ack.clone(),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(
+                        syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)).with_ttl(63),
+                    ),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: fits.clone(),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(fits_out),
+                },
+            ],
+            node: snat.clone(),
+            counters: vec![(counter::REDIRECTED, 3), (counter::FRAG_NEEDED_SENT, 0)],
+        },
+        Case {
+            name: "TTL 1 is answered with ICMP time exceeded from the NodePort, quoting the client's packet",
+            frontends: vec![np.clone()],
+            steps: vec![Step {
+                hook: Hook::NodeIngress,
+                input: syn.clone().with_ttl(1),
+                verdict: Verdict::Redirect,
+                output: Expected::Bytes(icmp_reply(&syn.clone().with_ttl(1), IcmpError::TimeExceeded)),
+            }],
+            node: snat.clone(),
+            counters: vec![(counter::TIME_EXCEEDED_SENT, 1), (counter::REDIRECTED, 0)],
+        },
+        Case {
+            name: "a DF packet bigger than the route's MTU is answered with ICMP fragmentation needed (MTU 1200), quoting it untranslated",
+            frontends: vec![np],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: syn,
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(masqueraded_syn.with_ttl(63)),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: big.clone(),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Bytes(icmp_reply(
+                        &big,
+                        IcmpError::FragNeeded {
+                            mtu: ROUTED_LINK_MTU,
+                        },
+                    )),
+                },
+            ],
+            node: snat,
+            counters: vec![(counter::FRAG_NEEDED_SENT, 1), (counter::REDIRECTED, 1)],
         },
     ]
 }

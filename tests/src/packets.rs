@@ -3,8 +3,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use etherparse::{
-    icmpv4::DestUnreachableHeader, EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber,
-    Ipv4Header, TcpHeader, UdpHeader,
+    icmpv4::{DestUnreachableHeader, TimeExceededCode},
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader,
+    UdpHeader,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -47,6 +48,30 @@ impl TcpFlags {
     };
 }
 
+/// An ICMP error message (RFC 792).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpError {
+    PortUnreachable,
+    FragNeeded { mtu: u16 },
+    TimeExceeded,
+}
+
+impl IcmpError {
+    fn icmp_type(self) -> Icmpv4Type {
+        match self {
+            Self::PortUnreachable => {
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+            }
+            Self::FragNeeded { mtu } => {
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: mtu,
+                })
+            }
+            Self::TimeExceeded => Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+        }
+    }
+}
+
 /// The transport of a crafted packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -55,19 +80,43 @@ pub enum Transport {
     Udp {
         checksum: bool,
     },
+    /// An ICMP error quoting the first `quote` bytes of the IP packet in
+    /// [`Frame::quoted`] (its header and at least 8 bytes after it).
+    Icmp {
+        error: IcmpError,
+        quote: usize,
+    },
 }
 
-/// An Ethernet + IPv4 + TCP/UDP frame, described by its fields.
+/// Which part of a datagram a frame carries, when it is an IPv4 fragment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fragment {
+    /// Offset in the datagram's IP payload, in 8-byte units.
+    pub offset: u16,
+    /// Bytes of IP payload this fragment carries (a multiple of 8 unless it is last).
+    pub len: usize,
+    /// More fragments follow.
+    pub more: bool,
+}
+
+/// An Ethernet + IPv4 + TCP/UDP/ICMP-error frame, described by its fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// Source and destination; ICMP frames ignore the ports.
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
     pub transport: Transport,
     pub payload: Vec<u8>,
-    /// IPv4 fragment offset in 8-byte units (non-zero: a later fragment).
-    pub fragment_offset: u16,
+    pub ttl: u8,
+    pub ip_id: u16,
+    /// DF: set on every unfragmented TCP/UDP frame, as Linux sends them.
+    pub dont_fragment: bool,
+    /// The part of the datagram this frame carries (`None`: all of it).
+    pub fragment: Option<Fragment>,
+    /// For [`Transport::Icmp`]: the packet the error is about.
+    pub quoted: Option<Box<Frame>>,
 }
 
 impl Frame {
@@ -81,8 +130,66 @@ impl Frame {
             dst,
             transport: Transport::Tcp(flags),
             payload: Vec::new(),
-            fragment_offset: 0,
+            ..Self::blank()
         }
+    }
+
+    fn blank() -> Self {
+        Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
+            src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            dst: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            transport: Transport::Udp { checksum: true },
+            payload: Vec::new(),
+            ttl: 64,
+            ip_id: 0x1234,
+            dont_fragment: true,
+            fragment: None,
+            quoted: None,
+        }
+    }
+
+    /// The ICMP error `from` sends to the sender of `about`, quoting its first `quote`
+    /// bytes (28: the IP header and 8 bytes, RFC 792's minimum; Linux quotes up to 576).
+    #[must_use]
+    pub fn icmp_error(from: Ipv4Addr, about: &Frame, error: IcmpError, quote: usize) -> Self {
+        Self {
+            src_mac: about.dst_mac,
+            dst_mac: about.src_mac,
+            src: SocketAddrV4::new(from, 0),
+            dst: SocketAddrV4::new(*about.src.ip(), 0),
+            transport: Transport::Icmp { error, quote },
+            // Linux sends its own ICMP errors without DF.
+            dont_fragment: false,
+            quoted: Some(Box::new(about.clone())),
+            ..Self::blank()
+        }
+    }
+
+    /// The same error quoting another packet (the one the receiver really sent, after
+    /// translation), from another address.
+    #[must_use]
+    pub fn with_quoted(mut self, from: Ipv4Addr, about: &Frame) -> Self {
+        self.src = SocketAddrV4::new(from, 0);
+        self.dst = SocketAddrV4::new(*about.src.ip(), 0);
+        self.quoted = Some(Box::new(about.clone()));
+        self
+    }
+
+    /// This datagram's part `fragment`.
+    #[must_use]
+    pub fn fragment(mut self, fragment: Fragment) -> Self {
+        self.fragment = Some(fragment);
+        self.dont_fragment = false;
+        self
+    }
+
+    /// The same frame with another TTL.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
     }
 
     /// A UDP datagram from `src` to `dst` with `payload`.
@@ -95,7 +202,7 @@ impl Frame {
             dst,
             transport: Transport::Udp { checksum: true },
             payload: payload.to_vec(),
-            fragment_offset: 0,
+            ..Self::blank()
         }
     }
 
@@ -122,35 +229,82 @@ impl Frame {
             src: self.dst,
             dst: self.src,
             transport,
-            payload: Vec::new(),
-            fragment_offset: 0,
+            ..Self::blank()
         }
     }
 
-    fn ip_header(&self, l4_len: usize) -> Ipv4Header {
-        let protocol = match self.transport {
-            Transport::Tcp(_) => IpNumber::TCP,
-            Transport::Udp { .. } => IpNumber::UDP,
-        };
+    fn ip_header(&self, protocol: IpNumber, payload_len: usize) -> Ipv4Header {
         let mut ip = Ipv4Header::new(
-            u16::try_from(l4_len).expect("small test packet"),
-            64,
+            u16::try_from(payload_len).expect("small test packet"),
+            self.ttl,
             protocol,
             self.src.ip().octets(),
             self.dst.ip().octets(),
         )
         .expect("valid IPv4 header");
-        ip.identification = 0x1234;
-        ip.dont_fragment = self.fragment_offset == 0;
-        ip.fragment_offset = self
-            .fragment_offset
-            .try_into()
-            .expect("13-bit fragment offset");
+        ip.identification = self.ip_id;
+        ip.dont_fragment = self.dont_fragment;
         ip.header_checksum = ip.calc_header_checksum();
         ip
     }
 
-    /// The frame's bytes, every checksum computed.
+    /// The IP header and payload of the whole datagram (every checksum computed).
+    fn datagram(&self) -> (Ipv4Header, Vec<u8>) {
+        let mut l4 = Vec::new();
+        let ip = match self.transport {
+            Transport::Tcp(flags) => {
+                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1000, 64_240);
+                tcp.syn = flags.syn;
+                tcp.ack = flags.ack;
+                tcp.fin = flags.fin;
+                tcp.rst = flags.rst;
+                if flags.ack {
+                    tcp.acknowledgment_number = 2000;
+                }
+                let ip = self.ip_header(IpNumber::TCP, tcp.header_len() + self.payload.len());
+                tcp.checksum = tcp
+                    .calc_checksum_ipv4(&ip, &self.payload)
+                    .expect("small payload");
+                tcp.write(&mut l4).expect("write to Vec");
+                l4.extend_from_slice(&self.payload);
+                ip
+            }
+            Transport::Udp { checksum } => {
+                let mut udp = UdpHeader::without_ipv4_checksum(
+                    self.src.port(),
+                    self.dst.port(),
+                    self.payload.len(),
+                )
+                .expect("small payload");
+                let ip = self.ip_header(IpNumber::UDP, UdpHeader::LEN + self.payload.len());
+                if checksum {
+                    udp.checksum = udp
+                        .calc_checksum_ipv4(&ip, &self.payload)
+                        .expect("small payload");
+                }
+                udp.write(&mut l4).expect("write to Vec");
+                l4.extend_from_slice(&self.payload);
+                ip
+            }
+            Transport::Icmp { error, quote } => {
+                let quoted = self
+                    .quoted
+                    .as_ref()
+                    .expect("an ICMP error frame names the packet it quotes")
+                    .to_bytes();
+                let quoted = &quoted[ETH_HLEN..(ETH_HLEN + quote).min(quoted.len())];
+                let icmp = Icmpv4Header::with_checksum(error.icmp_type(), quoted);
+                let ip = self.ip_header(IpNumber::ICMP, icmp.header_len() + quoted.len());
+                icmp.write(&mut l4).expect("write to Vec");
+                l4.extend_from_slice(quoted);
+                ip
+            }
+        };
+        (ip, l4)
+    }
+
+    /// The frame's bytes, every checksum computed. A fragment carries its part of the
+    /// datagram's IP payload (whose L4 checksum covers the whole datagram).
     #[must_use]
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -161,60 +315,40 @@ impl Frame {
         }
         .write(&mut out)
         .expect("write to Vec");
-        match self.transport {
-            Transport::Tcp(flags) => {
-                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1000, 64_240);
-                tcp.syn = flags.syn;
-                tcp.ack = flags.ack;
-                tcp.fin = flags.fin;
-                tcp.rst = flags.rst;
-                if flags.ack {
-                    tcp.acknowledgment_number = 2000;
-                }
-                let ip = self.ip_header(tcp.header_len() + self.payload.len());
-                tcp.checksum = tcp
-                    .calc_checksum_ipv4(&ip, &self.payload)
-                    .expect("small payload");
-                ip.write(&mut out).expect("write to Vec");
-                if self.fragment_offset == 0 {
-                    tcp.write(&mut out).expect("write to Vec");
-                }
+        let (mut ip, payload) = self.datagram();
+        let payload = match self.fragment {
+            None => payload,
+            Some(fragment) => {
+                let start = usize::from(fragment.offset) * 8;
+                let part = payload[start..start + fragment.len].to_vec();
+                ip.fragment_offset = fragment.offset.try_into().expect("13-bit offset");
+                ip.more_fragments = fragment.more;
+                ip.set_payload_len(part.len()).expect("small fragment");
+                ip.header_checksum = ip.calc_header_checksum();
+                part
             }
-            Transport::Udp { checksum } => {
-                let mut udp = UdpHeader::without_ipv4_checksum(
-                    self.src.port(),
-                    self.dst.port(),
-                    self.payload.len(),
-                )
-                .expect("small payload");
-                let ip = self.ip_header(UdpHeader::LEN + self.payload.len());
-                if checksum {
-                    udp.checksum = udp
-                        .calc_checksum_ipv4(&ip, &self.payload)
-                        .expect("small payload");
-                }
-                ip.write(&mut out).expect("write to Vec");
-                if self.fragment_offset == 0 {
-                    udp.write(&mut out).expect("write to Vec");
-                }
-            }
-        }
-        out.extend_from_slice(&self.payload);
+        };
+        ip.write(&mut out).expect("write to Vec");
+        out.extend_from_slice(&payload);
         out
     }
 }
 
-/// The ICMP port unreachable a frontend without endpoints answers `original` with:
-/// addressed back to the sender from the service address, quoting the original IP
-/// header and the first 8 bytes after it (RFC 792), as kube-proxy's REJECT does.
+/// The ICMP port unreachable a frontend without endpoints answers `original` with, as
+/// kube-proxy's REJECT does (see [`icmp_reply`]).
 #[must_use]
 pub fn port_unreachable_reply(original: &Frame) -> Vec<u8> {
+    icmp_reply(original, IcmpError::PortUnreachable)
+}
+
+/// The ICMP error the datapath answers `original` with: addressed back to the sender
+/// from the address it sent to, quoting the original IP header and the first 8 bytes
+/// after it (RFC 792), marked CS6 as the kernel marks its own errors.
+#[must_use]
+pub fn icmp_reply(original: &Frame, error: IcmpError) -> Vec<u8> {
     let bytes = original.to_bytes();
     let quoted = &bytes[ETH_HLEN..ETH_HLEN + 28];
-    let icmp = Icmpv4Header::with_checksum(
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-        quoted,
-    );
+    let icmp = Icmpv4Header::with_checksum(error.icmp_type(), quoted);
     let mut ip = Ipv4Header::new(
         u16::try_from(icmp.header_len() + quoted.len()).expect("small"),
         64,

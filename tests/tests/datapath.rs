@@ -4,7 +4,11 @@
 use std::collections::BTreeMap;
 
 use kpr_lab::{
-    datapath_cases::{addr, cases, frontend, node_cases, DatapathHarness},
+    datapath_cases::{
+        addr, cases, frontend, node_cases, routed_cases, Case, DatapathHarness, ROUTED_GATEWAY,
+        ROUTED_LINK_MTU,
+    },
+    netns::Netns,
     packets::{sock, Frame, TcpFlags},
 };
 use proxy_common::{counter, ct_flags, proto, service_flags, Be16, Be32, CtEntryV4, CtKeyV4};
@@ -26,18 +30,15 @@ fn datapath_table() {
     );
 }
 
-#[test]
-fn node_datapath_table() {
-    // An empty namespace of our own: the FIB lookup of the redirect path must not see
-    // the machine's routes (see `node_cases`).
-    let netns = kpr_lab::netns::Netns::create(&format!("{}-dp", kpr_lab::netns::unique_prefix()))
-        .expect("namespace");
+/// Runs `cases` inside `netns` (the FIB lookups of the redirect path see its routes
+/// only, never the machine's) and asserts they all pass.
+fn run_cases_in(netns: &Netns, cases: &[Case]) {
     let failures = netns
         .run(|| {
             let mut harness = DatapathHarness::new()?;
             let mut failures = Vec::new();
-            for case in node_cases() {
-                if let Err(error) = harness.run_case(&case) {
+            for case in cases {
+                if let Err(error) = harness.run_case(case) {
                     failures.push(format!("{error:#}"));
                 }
             }
@@ -50,6 +51,51 @@ fn node_datapath_table() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn node_datapath_table() {
+    // An empty namespace of our own: no route, so the programs leave translated packets
+    // to the stack (see `node_cases`).
+    let netns =
+        Netns::create(&format!("{}-dp", kpr_lab::netns::unique_prefix())).expect("namespace");
+    run_cases_in(&netns, &node_cases());
+}
+
+#[test]
+fn routed_datapath_table() {
+    // A namespace whose only link (a veth pair of its own) has MTU 1200 and a gateway
+    // with a fixed neighbour entry, so the FIB lookup succeeds (see `routed_cases`).
+    let netns =
+        Netns::create(&format!("{}-rt", kpr_lab::netns::unique_prefix())).expect("namespace");
+    let mtu = ROUTED_LINK_MTU.to_string();
+    let gateway = ROUTED_GATEWAY.to_string();
+    for command in [
+        vec!["link", "set", "lo", "up"],
+        vec!["link", "add", "up0", "type", "veth", "peer", "name", "up1"],
+        vec!["link", "set", "up0", "mtu", &mtu, "up"],
+        vec!["link", "set", "up1", "up"],
+        vec!["addr", "add", "192.168.1.10/24", "dev", "up0"],
+        vec![
+            "neigh",
+            "add",
+            &gateway,
+            "lladdr",
+            "02:00:00:00:00:aa",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ],
+        vec!["route", "add", "10.244.2.0/24", "via", &gateway],
+        vec!["route", "add", "203.0.113.0/24", "via", &gateway],
+    ] {
+        netns.ip(&command).expect("routed namespace");
+    }
+    netns
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding");
+    run_cases_in(&netns, &routed_cases());
 }
 
 fn backends3() -> Vec<std::net::SocketAddrV4> {
