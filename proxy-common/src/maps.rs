@@ -20,6 +20,7 @@ pub mod names {
     pub const CONNTRACK_V4: &str = "CT_V4_V1";
     pub const AFFINITY_V4: &str = "AFFINITY_V4_V1";
     pub const SOURCE_RANGES_V4: &str = "SRCRANGE_V4_V1";
+    pub const FRAGMENTS_V4: &str = "FRAG_V4_V1";
     pub const COUNTERS: &str = "COUNTERS_V2";
     pub const CONFIG: &str = "CONFIG_V2";
 }
@@ -34,7 +35,13 @@ pub mod capacity {
     pub const AFFINITY_V4: u32 = 131_072;
     /// loadBalancerSourceRanges entries, all services together.
     pub const SOURCE_RANGES_V4: u32 = 16_384;
+    /// Fragmented datagrams of translated flows in flight (LRU: the oldest make room).
+    pub const FRAGMENTS_V4: u32 = 8_192;
 }
+
+/// How long a fragmented datagram's first fragment vouches for the later ones: the
+/// kernel's reassembly timeout (`net.ipv4.ipfrag_time`, 30 s).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// Scope of a frontend entry: which traffic it applies to.
 pub mod scope {
@@ -205,6 +212,33 @@ pub struct SourceRangeV4 {
 }
 const _: () = assert!(core::mem::size_of::<SourceRangeV4>() == 8);
 
+/// Fragment map key: one IPv4 datagram in fragments, as its fragments' headers name it
+/// (RFC 791: source, destination, protocol and identification identify a datagram).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct FragKeyV4 {
+    pub src_addr: Be32,
+    pub dst_addr: Be32,
+    /// The IP identification, as in the header.
+    pub id: Be16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKeyV4>() == 12);
+
+/// Fragment map value: the ports the first fragment carried, which the later ones
+/// lack, so they can follow the same conntrack entry.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct FragValueV4 {
+    /// `bpf_ktime_get_ns()` when the first fragment passed.
+    pub seen_ns: u64,
+    pub src_port: Be16,
+    pub dst_port: Be16,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<FragValueV4>() == 16);
+
 /// Runtime settings of the datapath (single entry of the config array), written by
 /// the agent at start. Timeouts follow kube-proxy's conntrack settings.
 #[repr(C)]
@@ -300,7 +334,8 @@ pub mod counter {
     pub const REJECTED_NO_BACKEND: u32 = 3;
     /// A session affinity entry chose the backend.
     pub const AFFINITY_HIT: u32 = 4;
-    /// A non-first IPv4 fragment passed untranslated (it carries no ports).
+    /// A non-first IPv4 fragment passed untranslated: no first fragment of a flow we
+    /// translate was seen for its datagram (it is not ours, or it came first).
     pub const FRAGMENT_PASSED: u32 = 5;
     /// A host-network client's connect() or sendto() to a frontend was rewritten to a
     /// backend by a cgroup sock_addr hook ([`crate::sock`]).
@@ -422,6 +457,8 @@ mod pod_impls {
         CtEntryV4,
         AffinityKeyV4,
         AffinityValueV4,
+        FragKeyV4,
+        FragValueV4,
         DatapathConfig,
     );
 }
@@ -505,6 +542,7 @@ mod tests {
             names::CONNTRACK_V4,
             names::AFFINITY_V4,
             names::SOURCE_RANGES_V4,
+            names::FRAGMENTS_V4,
             names::COUNTERS,
             names::CONFIG,
         ] {

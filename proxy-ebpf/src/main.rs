@@ -2,7 +2,7 @@
 //!
 //! One module per datapath stage: [`parse`] reads headers, [`conntrack`] finds or
 //! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
-//! a new flow's translation, [`snat`] masquerades with a port it claims, [`nat`]
+//! a new flow's translation, [`fragments`] lets later IP fragments follow their first, [`snat`] masquerades with a port it claims, [`nat`]
 //! rewrites addresses with their checksums, [`icmp_error`] translates ICMP errors
 //! about translated flows, [`forward`] sends translated packets to their next hop,
 //! [`icmp_reply`] sends the ICMP errors the datapath answers with itself (reject,
@@ -19,6 +19,7 @@
 
 mod conntrack;
 mod forward;
+mod fragments;
 mod icmp_error;
 mod icmp_reply;
 mod maps;

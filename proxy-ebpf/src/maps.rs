@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity, counter, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4,
-    DatapathConfig, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
+    DatapathConfig, FragKeyV4, FragValueV4, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
@@ -35,6 +35,13 @@ pub static AFFINITY_V4_V1: LruHashMap<AffinityKeyV4, AffinityValueV4> =
 #[map]
 pub static SRCRANGE_V4_V1: LpmTrie<SourceRangeV4, u8> =
     LpmTrie::with_max_entries(capacity::SOURCE_RANGES_V4, 0);
+
+/// First fragments' ports by datagram ([`proxy_common::names::FRAGMENTS_V4`]), for
+/// the fragments that follow. LRU: a datagram whose later fragments never come just
+/// ages out.
+#[map]
+pub static FRAG_V4_V1: LruHashMap<FragKeyV4, FragValueV4> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS_V4, 0);
 
 /// Event and drop counters ([`proxy_common::counter`]).
 #[map]

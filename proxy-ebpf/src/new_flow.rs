@@ -8,6 +8,7 @@ use proxy_common::{backend_flags, counter, service_flags, CtKeyV4};
 use crate::{
     conntrack::{self, Created, Translation},
     forward::{self, Flow},
+    fragments,
     icmp_reply::{self, IcmpReply},
     maps, nat,
     parse::{Kind, Packet},
@@ -96,6 +97,7 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
             Created::ReplyKeyTaken => return Err(DropReason::CT_INSERT),
         }
     };
+    fragments::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
     if masquerade {
         stats::count(if origin == Origin::Pod {

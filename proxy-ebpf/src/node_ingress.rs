@@ -11,29 +11,24 @@
 //! translated back carries a frontend as its source, which may be this node's own
 //! address, and the kernel's input path would drop it as a martian.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use proxy_common::counter;
 
 use crate::{
     conntrack,
     forward::{self, Flow},
+    fragments,
     new_flow::{self, Origin},
-    parse::{self, Kind},
-    stats,
     verdict::{Result, PASS},
 };
 
 pub fn try_node_ingress(ctx: &TcContext) -> Result<i32> {
-    let Some(pkt) = parse::ipv4(ctx) else {
-        return Ok(PASS);
-    };
-    if pkt.kind == Kind::LaterFragment {
-        stats::count(counter::FRAGMENT_PASSED);
-        return Ok(PASS);
-    }
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let Some(pkt) = fragments::parse(ctx, now) else {
+        return Ok(PASS);
+    };
 
     if let Some(entry) = conntrack::lookup(&pkt, now) {
+        fragments::remember(&pkt, now);
         return forward::translate_and_send(ctx, &pkt, &entry, Flow::Known);
     }
     new_flow::handle(ctx, &pkt, now, Origin::Outside)

@@ -6,26 +6,21 @@
 //! wherever the reply came from (a local pod, another node, this node's own ICMP), is
 //! what lets one hook cover every backend location.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use proxy_common::{counter, ct_flags};
+use proxy_common::ct_flags;
 
 use crate::{
-    conntrack, nat,
-    parse::{self, Kind},
-    stats,
+    conntrack, fragments, nat,
     verdict::{Result, PASS},
 };
 
 pub fn try_reply_egress(ctx: &TcContext) -> Result<i32> {
-    let Some(pkt) = parse::ipv4(ctx) else {
-        return Ok(PASS);
-    };
-    if pkt.kind == Kind::LaterFragment {
-        stats::count(counter::FRAGMENT_PASSED);
-        return Ok(PASS);
-    }
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let Some(pkt) = fragments::parse(ctx, now) else {
+        return Ok(PASS);
+    };
     if let Some(entry) = conntrack::lookup(&pkt, now) {
+        fragments::remember(&pkt, now);
         if entry.flags & ct_flags::REPLY != 0 {
             nat::translate(ctx, &pkt, &entry)?;
         }

@@ -9,15 +9,13 @@
 //! replies carry the node's own address, which the kernel would drop as a martian on
 //! this interface, so both directions go straight to their next hop.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use proxy_common::{counter, ct_flags};
+use proxy_common::ct_flags;
 
 use crate::{
     conntrack,
     forward::{self, Flow},
-    nat,
+    fragments, nat,
     new_flow::{self, Origin},
-    parse::{self, Kind},
-    stats,
     verdict::{Result, PASS},
 };
 
@@ -29,19 +27,14 @@ fn is_masqueraded(flags: u16) -> bool {
 }
 
 pub fn try_pod_ingress(ctx: &TcContext) -> Result<i32> {
-    let Some(pkt) = parse::ipv4(ctx) else {
-        return Ok(PASS);
-    };
-    if pkt.kind == Kind::LaterFragment {
-        // Without ports there is no frontend to match; counted so that services
-        // receiving fragmented datagrams show up in the metrics.
-        stats::count(counter::FRAGMENT_PASSED);
-        return Ok(PASS);
-    }
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let Some(pkt) = fragments::parse(ctx, now) else {
+        return Ok(PASS);
+    };
 
     if let Some(entry) = conntrack::lookup(&pkt, now) {
+        fragments::remember(&pkt, now);
         if is_masqueraded(entry.flags) {
             return forward::translate_and_send(ctx, &pkt, &entry, Flow::Known);
         }

@@ -151,6 +151,48 @@ impl Cluster {
         Ok(())
     }
 
+    /// Carries pod traffic between the two nodes over a link of its own with `mtu`
+    /// (`tun0` in both node namespaces, 10.255.0.1/30 and .2/30), as an overlay or a
+    /// narrower hop would, while node addresses and outside clients stay on the
+    /// underlay (MTU 1500). Each node is then a router from 1500-byte pod links into a
+    /// smaller hop: a DF packet that does not fit is answered with ICMP fragmentation
+    /// needed, which is what path MTU discovery needs to see.
+    ///
+    /// # Errors
+    /// When a link or route cannot be made.
+    pub fn route_pods_over_link(&self, mtu: u16) -> Result<()> {
+        let [a, b] = [&self.nodes[0].node, &self.nodes[1].node];
+        a.ip(&[
+            "link",
+            "add",
+            "tun0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "tun0",
+            "netns",
+            b.name(),
+        ])?;
+        let mtu = mtu.to_string();
+        for (index, (netns, address)) in [(a, "10.255.0.1/30"), (b, "10.255.0.2/30")]
+            .into_iter()
+            .enumerate()
+        {
+            netns.ip(&["addr", "add", address, "dev", "tun0"])?;
+            netns.ip(&["link", "set", "tun0", "mtu", &mtu, "up"])?;
+            let (other_pods, other_end) = if index == 0 {
+                (POD_CIDRS[1], "10.255.0.2")
+            } else {
+                (POD_CIDRS[0], "10.255.0.1")
+            };
+            netns.ip(&[
+                "route", "replace", other_pods, "via", other_end, "dev", "tun0",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// The underlay namespace (for captures while debugging).
     #[must_use]
     pub fn underlay(&self) -> &Netns {

@@ -378,7 +378,90 @@ pub fn cases() -> Vec<Case> {
     ]
     .into_iter()
     .chain(icmp_cases())
+    .chain(fragment_cases())
     .collect()
+}
+
+/// A datagram's two fragments: the first with the UDP header and 16 payload bytes,
+/// the second with the other 24.
+fn halves(datagram: &Frame) -> (Frame, Frame) {
+    (
+        datagram.clone().fragment(Fragment {
+            offset: 0,
+            len: 24,
+            more: true,
+        }),
+        datagram.clone().fragment(Fragment {
+            offset: 3,
+            len: 24,
+            more: false,
+        }),
+    )
+}
+
+/// IPv4 fragments of datagrams to and from a ClusterIP: every fragment translated.
+#[must_use]
+pub fn fragment_cases() -> Vec<Case> {
+    use addr::*;
+    let dns = frontend("dns", vip_dns(), proto::UDP, &[dns_backend()], 0);
+    let big_query = Frame::udp(client(), vip_dns(), &[0x42; 40]);
+    let (first, later) = halves(&big_query);
+    let (sent_first, sent_later) = halves(&big_query.clone().with_dst(dns_backend()));
+    let mut big_answer = big_query
+        .clone()
+        .with_dst(dns_backend())
+        .reply(Transport::Udp { checksum: true });
+    big_answer.payload = vec![0x24; 40];
+    let mut seen_answer = big_query.reply(Transport::Udp { checksum: true });
+    seen_answer.payload = big_answer.payload.clone();
+    let (answer_first, answer_later) = halves(&big_answer);
+    let (seen_first, seen_later) = halves(&seen_answer);
+    let step = |hook, input: &Frame, output: Expected| Step {
+        hook,
+        input: input.clone(),
+        verdict: Verdict::Pass,
+        output,
+    };
+    vec![
+        Case {
+            name: "every fragment of a datagram to a ClusterIP is DNATed (the first's UDP checksum covers the whole datagram)",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &first, Expected::Frame(sent_first.clone())),
+                step(Hook::PodIngress, &later, Expected::Frame(sent_later.clone())),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::NEW_FLOW, 1), (counter::FRAGMENT_TRANSLATED, 1)],
+        },
+        Case {
+            name: "every fragment of the reply comes back from the ClusterIP",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &first, Expected::Frame(sent_first.clone())),
+                step(Hook::PodEgress, &answer_first, Expected::Frame(seen_first)),
+                step(Hook::PodEgress, &answer_later, Expected::Frame(seen_later)),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::FRAGMENT_TRANSLATED, 1),
+            ],
+        },
+        Case {
+            name: "a later fragment ahead of its first passes untouched and is counted; once the first passed, later ones are translated",
+            frontends: vec![dns],
+            steps: vec![
+                step(Hook::PodIngress, &later, Expected::Unchanged),
+                step(Hook::PodIngress, &first, Expected::Frame(sent_first)),
+                step(Hook::PodIngress, &later, Expected::Frame(sent_later)),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![
+                (counter::FRAGMENT_PASSED, 1),
+                (counter::FRAGMENT_TRANSLATED, 1),
+            ],
+        },
+    ]
 }
 
 /// A router between this node and the backends (this node's own address on the pod
@@ -778,7 +861,29 @@ pub fn node_icmp_cases() -> Vec<Case> {
         verdict: Verdict::Pass,
         output,
     };
+    let big = Frame::udp(outside_client(), node_port(), &[0x33; 40]);
+    let (big_first, big_later) = halves(&big);
+    let masqueraded_big = Frame::udp(masqueraded(), remote_backend(), &[0x33; 40]);
+    let (masqueraded_first, masqueraded_later) = halves(&masqueraded_big);
+    let mut big_reply = masqueraded_big.reply(Transport::Udp { checksum: true });
+    big_reply.payload = vec![0x44; 40];
+    let (reply_first, reply_later) = halves(&big_reply);
+    let mut seen_reply = big.reply(Transport::Udp { checksum: true });
+    seen_reply.payload = big_reply.payload.clone();
+    let (seen_first, seen_later) = halves(&seen_reply);
     vec![
+        Case {
+            name: "every fragment of a datagram to a NodePort is masqueraded, and every fragment of its reply translated back",
+            frontends: vec![frontend("np-udp", node_port(), proto::UDP, &[remote_backend()], external)],
+            steps: vec![
+                step(Hook::NodeIngress, &big_first, Expected::Frame(masqueraded_first)),
+                step(Hook::NodeIngress, &big_later, Expected::Frame(masqueraded_later)),
+                step(Hook::NodeIngress, &reply_first, Expected::Frame(seen_first)),
+                step(Hook::NodeIngress, &reply_later, Expected::Frame(seen_later)),
+            ],
+            node: snat.clone(),
+            counters: vec![(counter::SNAT_FLOW, 1), (counter::FRAGMENT_TRANSLATED, 2)],
+        },
         Case {
             name: "NodePort with SNAT: errors from a router near the backend and from the backend reach the client about its own packet; the client side's router error reaches the backend about the masqueraded one",
             frontends: vec![frontend("np", node_port(), proto::TCP, &[remote_backend()], external)],
@@ -970,6 +1075,10 @@ impl DatapathHarness {
         let keys: Vec<_> = maps.source_ranges.keys().filter_map(Result::ok).collect();
         for key in keys {
             let _ = maps.source_ranges.remove(&key);
+        }
+        let keys: Vec<_> = maps.fragments.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = maps.fragments.remove(&key);
         }
         maps.set_config(&DatapathConfig::DEFAULT)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;

@@ -17,7 +17,7 @@ use aya::{
 };
 use proxy_common::{
     counter, names, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4, DatapathConfig,
-    ServiceKeyV4, ServiceValueV4, SourceRangeV4,
+    FragKeyV4, FragValueV4, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
 use crate::sync::{MapOp, MapWriter, Mirror, WriteError};
@@ -141,6 +141,9 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
     pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     pub source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
+    /// First fragments' ports of datagrams in flight (the datapath keeps it; read by
+    /// tests and inspection).
+    pub fragments: HashMap<MapData, FragKeyV4, FragValueV4>,
     pub counters: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
     /// The node's network namespace cookie, for the socket-layer hooks.
@@ -157,12 +160,13 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
     names::AFFINITY_V4,
     names::SOURCE_RANGES_V4,
+    names::FRAGMENTS_V4,
     names::COUNTERS,
     names::CONFIG,
     proxy_common::sock::RNAT_V4_NAME,
@@ -240,6 +244,7 @@ impl Datapath {
                     source,
                 })?
             },
+            fragments: take(&mut ebpf, names::FRAGMENTS_V4)?,
             counters: {
                 let map = ebpf
                     .take_map(names::COUNTERS)
