@@ -17,12 +17,17 @@ use crate::{Be16, Be32};
 pub mod names {
     pub const SERVICES_V4: &str = "SVC_V4_V1";
     pub const BACKENDS_V4: &str = "BACKEND_V4_V1";
-    pub const CONNTRACK_V4: &str = "CT_V4_V1";
+    /// Established flows (seen both ways): a plain hash, never evicted by inserts.
+    pub const CONNTRACK_V4: &str = "CT_V4_V2";
+    /// Flows not yet seen both ways (half-open TCP, unanswered UDP): LRU.
+    pub const CONNTRACK_NEW_V4: &str = "CT_NEW_V4_V2";
+    /// When an insert into the established table last failed for lack of room.
+    pub const CONNTRACK_FULL: &str = "CT_FULL_V1";
     pub const AFFINITY_V4: &str = "AFFINITY_V4_V1";
     pub const SOURCE_RANGES_V4: &str = "SRCRANGE_V4_V1";
     pub const FRAGMENTS_V4: &str = "FRAG_V4_V1";
     pub const COUNTERS: &str = "COUNTERS_V2";
-    pub const CONFIG: &str = "CONFIG_V2";
+    pub const CONFIG: &str = "CONFIG_V3";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -30,8 +35,23 @@ pub mod capacity {
     /// Frontends plus backend slots (a service with 3 backends takes 4 entries).
     pub const SERVICES_V4: u32 = 262_144;
     pub const BACKENDS_V4: u32 = 131_072;
-    /// Two entries per translated flow (original and reply direction).
+    /// Established flows, two entries each (original and reply direction).
     pub const CONNTRACK_V4: u32 = 524_288;
+    /// Flows not yet established, two entries each. A quarter of the established
+    /// table: a flow stays here for one round trip (TCP) or while it is unanswered.
+    pub const CONNTRACK_NEW_V4: u32 = 131_072;
+
+    /// The new-flow table that goes with an established table of `established`
+    /// entries (`--conntrack-max`).
+    #[must_use]
+    pub const fn conntrack_new_for(established: u32) -> u32 {
+        let quarter = established / 4;
+        if quarter < 256 {
+            256
+        } else {
+            quarter
+        }
+    }
     pub const AFFINITY_V4: u32 = 131_072;
     /// loadBalancerSourceRanges entries, all services together.
     pub const SOURCE_RANGES_V4: u32 = 16_384;
@@ -79,7 +99,20 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
 }
 
-/// Conntrack entry flags.
+/// Conntrack entry flags. The first three describe the entry's own direction; the
+/// others are the flow's state, the same in both entries of a flow (the datapath
+/// writes both whenever the state changes), modelled on the kernel's TCP tracker
+/// (`nf_conntrack_proto_tcp.c`) and Cilium's `conntrack.h`:
+///
+/// | state | flags | timeout |
+/// |---|---|---|
+/// | SYN sent (only the client spoke) | none of the below | `tcp_syn_timeout_s` |
+/// | SYN received (the server answered) | `SEEN_REPLY` | `tcp_syn_timeout_s` |
+/// | established | `SEEN_REPLY`, `ASSURED` | `tcp_established_timeout_s` |
+/// | half-closed (one FIN) | + `FIN_ORIGINAL` or `FIN_REPLY` | `tcp_established_timeout_s` |
+/// | closed (both FINs, or a RST) | both FINs, or `RST` | `tcp_closing_timeout_s` |
+///
+/// UDP uses `SEEN_REPLY` and `ASSURED` alike, with `udp_timeout_s` throughout.
 pub mod ct_flags {
     /// Rewrite the packet's source to `nat_src_addr:nat_src_port`.
     pub const REWRITE_SRC: u16 = 1 << 0;
@@ -87,8 +120,24 @@ pub mod ct_flags {
     pub const REWRITE_DST: u16 = 1 << 1;
     /// The entry matches the reply direction of a translated flow.
     pub const REPLY: u16 = 1 << 2;
-    /// A TCP FIN or RST was seen: the short closing timeout applies.
-    pub const CLOSING: u16 = 1 << 3;
+    /// A packet of the reply direction was seen.
+    pub const SEEN_REPLY: u16 = 1 << 4;
+    /// The flow was seen both ways (the client spoke again after the reply: TCP's
+    /// handshake completed) and lives in the established table.
+    pub const ASSURED: u16 = 1 << 5;
+    /// The client (original direction) sent a FIN.
+    pub const FIN_ORIGINAL: u16 = 1 << 6;
+    /// The server (reply direction) sent a FIN.
+    pub const FIN_REPLY: u16 = 1 << 7;
+    /// Either side sent a RST.
+    pub const RST: u16 = 1 << 8;
+
+    /// Both sides closed, or the connection was reset: the close timeout applies and a
+    /// new SYN on the same tuple starts a new flow.
+    #[must_use]
+    pub const fn is_closed(flags: u16) -> bool {
+        flags & RST != 0 || flags & (FIN_ORIGINAL | FIN_REPLY) == (FIN_ORIGINAL | FIN_REPLY)
+    }
 }
 
 /// Key of the service map: a frontend (slot 0) or one of its backend slots.
@@ -163,8 +212,14 @@ const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub struct CtEntryV4 {
-    /// `bpf_ktime_get_ns()` of the last packet (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the flow's last packet, in either
+    /// direction: each packet refreshes its own entry and, at most once a second
+    /// ([`CT_PEER_REFRESH_NS`]), its peer's, so both entries of a flow share one
+    /// lifetime (a one-way UDP flow keeps its reply entry, which is also its SNAT port
+    /// claim).
     pub last_seen_ns: u64,
+    /// When a packet matching this entry last refreshed the peer entry.
+    pub peer_refreshed_ns: u64,
     /// New source address (with [`ct_flags::REWRITE_SRC`]).
     pub nat_src_addr: Be32,
     /// New destination address (with [`ct_flags::REWRITE_DST`]).
@@ -179,7 +234,17 @@ pub struct CtEntryV4 {
     pub flags: u16,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 32);
+const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 40);
+
+/// How stale a peer entry's timestamp may get before a packet refreshes it: the two
+/// entries of a flow expire within this of each other, at the cost of one extra
+/// lookup per second of traffic instead of one per packet.
+pub const CT_PEER_REFRESH_NS: u64 = 1_000_000_000;
+
+/// How long after an insert into the established table failed for lack of room new
+/// flows are refused (`drop_ct_full`). Each failed insert renews it, so the refusal
+/// lasts while the table stays full and ends within this once the reaper frees room.
+pub const CT_FULL_HOLD_NS: u64 = 1_000_000_000;
 
 /// Session affinity key: a client address and a service port.
 #[repr(C)]
@@ -246,8 +311,10 @@ const _: () = assert!(core::mem::size_of::<FragValueV4>() == 16);
 pub struct DatapathConfig {
     /// Idle timeout of an established TCP flow.
     pub tcp_established_timeout_s: u32,
-    /// Idle timeout of a TCP flow after FIN or RST.
+    /// Idle timeout of a TCP flow after both FINs or a RST.
     pub tcp_closing_timeout_s: u32,
+    /// Idle timeout of a TCP flow not yet established (SYN sent or received).
+    pub tcp_syn_timeout_s: u32,
     /// Idle timeout of a UDP (or SCTP) flow.
     pub udp_timeout_s: u32,
     /// The node's own address, the source of masqueraded (SNAT) traffic. 0 (not
@@ -264,15 +331,19 @@ pub struct DatapathConfig {
     pub snat_port_min: u16,
     pub snat_port_max: u16,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 
 impl DatapathConfig {
     /// Defaults: 24 h established TCP (kube-proxy's conntrack.tcpEstablishedTimeout),
-    /// 10 s after close, 120 s UDP (the kernel's udp_timeout_stream; our entries do not
-    /// distinguish one-shot UDP).
+    /// 10 s after close, 60 s for a handshake (the kernel's SYN_RECV timeout and
+    /// Cilium's CT_SYN_TIMEOUT; the kernel gives SYN_SENT 120 s because its own
+    /// client retries a SYN for about 127 s, but a retry after 60 s here only starts
+    /// the flow again: nothing was established to lose), 120 s UDP (the kernel's
+    /// udp_timeout_stream; our entries do not distinguish one-shot UDP).
     pub const DEFAULT: Self = Self {
         tcp_established_timeout_s: 86_400,
         tcp_closing_timeout_s: 10,
+        tcp_syn_timeout_s: 60,
         udp_timeout_s: 120,
         snat_addr: Be32(0),
         cluster_cidr_addr: Be32(0),
@@ -290,8 +361,10 @@ impl DatapathConfig {
     pub const fn ct_timeout_ns(&self, entry: &CtEntryV4, l4_proto: u8) -> u64 {
         let seconds = if l4_proto != crate::proto::TCP {
             self.udp_timeout_s
-        } else if entry.flags & ct_flags::CLOSING != 0 {
+        } else if ct_flags::is_closed(entry.flags) {
             self.tcp_closing_timeout_s
+        } else if entry.flags & ct_flags::ASSURED == 0 {
+            self.tcp_syn_timeout_s
         } else {
             self.tcp_established_timeout_s
         };
@@ -514,6 +587,53 @@ mod tests {
     }
 
     #[test]
+    fn tcp_timeouts_follow_the_flow_state() {
+        let config = DatapathConfig::DEFAULT;
+        let timeout = |flags| {
+            let entry = CtEntryV4 {
+                flags,
+                ..CtEntryV4::default()
+            };
+            config.ct_timeout_ns(&entry, crate::proto::TCP) / 1_000_000_000
+        };
+        use ct_flags::*;
+        assert_eq!(timeout(0), 60, "SYN sent");
+        assert_eq!(timeout(SEEN_REPLY), 60, "SYN received");
+        assert_eq!(timeout(SEEN_REPLY | ASSURED), 86_400, "established");
+        assert_eq!(
+            timeout(SEEN_REPLY | ASSURED | FIN_ORIGINAL),
+            86_400,
+            "half-closed"
+        );
+        assert_eq!(
+            timeout(SEEN_REPLY | ASSURED | FIN_REPLY),
+            86_400,
+            "half-closed"
+        );
+        assert_eq!(
+            timeout(SEEN_REPLY | ASSURED | FIN_ORIGINAL | FIN_REPLY),
+            10,
+            "both closed"
+        );
+        assert_eq!(timeout(SEEN_REPLY | ASSURED | RST), 10, "reset");
+        assert_eq!(timeout(RST), 10, "reset before established");
+        let udp = CtEntryV4::default();
+        assert_eq!(
+            config.ct_timeout_ns(&udp, crate::proto::UDP),
+            120_000_000_000
+        );
+    }
+
+    #[test]
+    fn the_new_flow_table_is_a_quarter_of_the_established_one() {
+        assert_eq!(
+            capacity::conntrack_new_for(capacity::CONNTRACK_V4),
+            capacity::CONNTRACK_NEW_V4
+        );
+        assert_eq!(capacity::conntrack_new_for(100), 256);
+    }
+
+    #[test]
     fn cluster_cidr_membership() {
         let config = |addr: [u8; 4], len: u8| DatapathConfig {
             cluster_cidr_addr: Be32(u32::from_ne_bytes(addr)),
@@ -540,6 +660,8 @@ mod tests {
             names::SERVICES_V4,
             names::BACKENDS_V4,
             names::CONNTRACK_V4,
+            names::CONNTRACK_NEW_V4,
+            names::CONNTRACK_FULL,
             names::AFFINITY_V4,
             names::SOURCE_RANGES_V4,
             names::FRAGMENTS_V4,

@@ -1,14 +1,70 @@
 //! Connection tracking: every translated flow has one entry per direction, each holding
-//! the rewrite for the packets it matches. Entries expire by idle time (checked here,
-//! so a stale entry is never used) and are reaped by the agent and by LRU eviction.
+//! the rewrite for the packets it matches, and both holding the flow's state
+//! ([`proxy_common::ct_flags`]: SYN sent, SYN received, established, half-closed,
+//! closed, as the kernel's TCP tracker). Entries expire by idle time, with a timeout
+//! that follows the state (checked here, so a stale entry is never used), and are
+//! reaped by the agent.
+//!
+//! Two tables keep floods away from established flows, the way the kernel's
+//! `early_drop` only ever evicts unassured entries:
+//! - new flows start in the LRU table `CT_NEW_V4_V2`; a flood of half-open flows (a
+//!   SYN flood from random sources) only pushes out other half-open flows;
+//! - a flow seen both ways (the client spoke again after the reply: the TCP handshake
+//!   completed) moves to the plain hash `CT_V4_V2`, where no insert evicts anything.
+//!   When that table is full the move fails, the flow stays new, and new flows are
+//!   refused for a moment ([`proxy_common::CT_FULL_HOLD_NS`], `drop_ct_full`), as the
+//!   kernel drops new connections when its table is full; established ones keep
+//!   working.
+//!
+//! Lookups try the established table first, so the common packet costs one lookup.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use proxy_common::{ct_flags, Be16, Be32, CtEntryV4, CtKeyV4};
+use proxy_common::{
+    counter, ct_flags, proto, Be16, Be32, CtEntryV4, CtKeyV4, CT_FULL_HOLD_NS, CT_PEER_REFRESH_NS,
+};
 
 use crate::{
-    maps::{self, CT_V4_V1},
+    maps::{self, CT_FULL_V1, CT_NEW_V4_V2, CT_V4_V2},
     parse::{reversed, tcp_flag, Kind, Packet},
+    stats,
     verdict::{DropReason, Result},
 };
+
+/// Flags that describe an entry's own direction; the rest is the flow's state.
+const DIRECTION: u16 = ct_flags::REWRITE_SRC | ct_flags::REWRITE_DST | ct_flags::REPLY;
+
+/// The table an entry lives in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Established,
+    New,
+}
+
+impl Table {
+    #[inline(always)]
+    fn get(self, key: &CtKeyV4) -> Option<*mut CtEntryV4> {
+        match self {
+            Self::Established => CT_V4_V2.get_ptr_mut(key),
+            Self::New => CT_NEW_V4_V2.get_ptr_mut(key),
+        }
+    }
+
+    #[inline(always)]
+    fn insert(self, key: &CtKeyV4, entry: &CtEntryV4, flags: u32) -> bool {
+        match self {
+            Self::Established => CT_V4_V2.insert(key, entry, u64::from(flags)).is_ok(),
+            Self::New => CT_NEW_V4_V2.insert(key, entry, u64::from(flags)).is_ok(),
+        }
+    }
+
+    #[inline(always)]
+    fn remove(self, key: &CtKeyV4) {
+        // Gone already is as good as removed.
+        let _ = match self {
+            Self::Established => CT_V4_V2.remove(key),
+            Self::New => CT_NEW_V4_V2.remove(key),
+        };
+    }
+}
 
 /// The tuple of the packet after `entry`'s rewrite.
 #[inline(always)]
@@ -25,42 +81,185 @@ pub fn translated(tuple: &CtKeyV4, entry: &CtEntryV4) -> CtKeyV4 {
     out
 }
 
-/// Finds the live entry of the packet's flow, refreshes its idle timer and returns a
-/// copy. A TCP SYN that finds a closing flow starts a new one instead (port reuse).
-/// An ICMP error only reads the entry of the flow it is about: it says nothing about
-/// the flow's state and may be forged, so it neither refreshes nor closes anything.
+/// The key of the other direction's entry of the same flow.
 #[inline(always)]
-pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
-    let ptr = CT_V4_V1.get_ptr_mut(&pkt.tuple)?;
-    // SAFETY: the pointer is valid for this program run; copy the value out at once.
+fn peer_key(tuple: &CtKeyV4, entry: &CtEntryV4) -> CtKeyV4 {
+    reversed(&translated(tuple, entry))
+}
+
+/// Finds the live entry of `key`: established table first. An expired entry of the
+/// established table is removed on sight, or it would shadow the new flow that
+/// replaces it until the reaper came by.
+#[inline(always)]
+fn find(key: &CtKeyV4, now: u64) -> Option<(Table, *mut CtEntryV4)> {
+    let config = maps::config();
+    if let Some(ptr) = Table::Established.get(key) {
+        // SAFETY: valid for this program run; read at once.
+        let entry = unsafe { *ptr };
+        if !config.ct_expired(&entry, key.proto, now) {
+            return Some((Table::Established, ptr));
+        }
+        Table::Established.remove(key);
+    }
+    let ptr = Table::New.get(key)?;
+    // SAFETY: as above.
     let entry = unsafe { *ptr };
-    if maps::config().ct_expired(&entry, pkt.tuple.proto, now) {
+    if config.ct_expired(&entry, key.proto, now) {
         return None;
     }
+    Some((Table::New, ptr))
+}
+
+/// A TCP SYN without ACK: a client opening a connection.
+#[inline(always)]
+fn is_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
+}
+
+/// The state bits a packet adds to its flow.
+#[inline(always)]
+fn transition(pkt: &Packet, is_reply: bool) -> u16 {
+    let mut add = if is_reply { ct_flags::SEEN_REPLY } else { 0 };
+    if pkt.tuple.proto == proto::TCP {
+        if pkt.tcp_flags & tcp_flag::RST != 0 {
+            add |= ct_flags::RST;
+        }
+        if pkt.tcp_flags & tcp_flag::FIN != 0 {
+            add |= if is_reply {
+                ct_flags::FIN_REPLY
+            } else {
+                ct_flags::FIN_ORIGINAL
+            };
+        }
+    }
+    add
+}
+
+/// Whether a packet of the original direction, after the reply was seen, shows the
+/// flow established: for TCP the client's ACK of the SYN-ACK (or any later segment),
+/// for UDP any datagram.
+#[inline(always)]
+fn completes_handshake(pkt: &Packet) -> bool {
+    pkt.tuple.proto != proto::TCP
+        || pkt.tcp_flags & (tcp_flag::ACK | tcp_flag::SYN | tcp_flag::RST) == tcp_flag::ACK
+}
+
+/// Records that the established table had no room, so new flows are refused for
+/// [`CT_FULL_HOLD_NS`].
+#[inline(always)]
+fn mark_full(now: u64) {
+    if let Some(slot) = CT_FULL_V1.get_ptr_mut(0) {
+        // SAFETY: a plain store into the map value; racing CPUs all store "now".
+        unsafe { *slot = now };
+    }
+}
+
+/// Whether new flows are admitted (the established table had room lately).
+#[inline(always)]
+fn admits_new_flows(now: u64) -> bool {
+    CT_FULL_V1
+        .get(0)
+        .is_none_or(|&full_at| now.saturating_sub(full_at) > CT_FULL_HOLD_NS)
+}
+
+/// Moves a flow seen both ways from the new table to the established one. `false`
+/// (and the flow stays new) when the established table is full or the peer entry is
+/// gone.
+#[inline(always)]
+fn promote(key: &CtKeyV4, entry: &CtEntryV4, peer: &CtKeyV4, state: u16, now: u64) -> bool {
+    let Some(peer_ptr) = Table::New.get(peer) else {
+        return false;
+    };
+    // SAFETY: valid for this program run; copied at once.
+    let peer_entry = unsafe { *peer_ptr };
+    let state = state | ct_flags::ASSURED;
+    let own = CtEntryV4 {
+        flags: (entry.flags & DIRECTION) | state,
+        last_seen_ns: now,
+        peer_refreshed_ns: now,
+        ..*entry
+    };
+    let other = CtEntryV4 {
+        flags: (peer_entry.flags & DIRECTION) | state,
+        last_seen_ns: now,
+        ..peer_entry
+    };
+    // Established first, new removed after: a packet racing on another CPU finds the
+    // flow in one table or the other.
+    if !Table::Established.insert(peer, &other, BPF_ANY) {
+        mark_full(now);
+        return false;
+    }
+    if !Table::Established.insert(key, &own, BPF_ANY) {
+        Table::Established.remove(peer);
+        mark_full(now);
+        return false;
+    }
+    Table::New.remove(key);
+    Table::New.remove(peer);
+    stats::count(counter::CT_ASSURED);
+    true
+}
+
+/// Finds the live entry of the packet's flow, advances the flow's state, refreshes
+/// both entries' idle timers, and returns a copy.
+///
+/// A TCP SYN that finds a closed flow (both FINs, or a RST) starts a new one instead
+/// (port reuse): the old entries are removed and `None` returned. An ICMP error only
+/// reads the entry of the flow it is about: it says nothing about the flow's state and
+/// may be forged, so it neither refreshes nor closes anything.
+#[inline(always)]
+pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
+    let (table, ptr) = find(&pkt.tuple, now)?;
+    // SAFETY: the pointer is valid for this program run; copy the value out at once.
+    let entry = unsafe { *ptr };
     if pkt.kind == Kind::IcmpError {
         return Some(entry);
     }
-    let is_syn = pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
-    if is_syn && entry.flags & ct_flags::CLOSING != 0 {
+    let is_reply = entry.flags & ct_flags::REPLY != 0;
+    let peer = peer_key(&pkt.tuple, &entry);
+    if !is_reply
+        && pkt.tuple.proto == proto::TCP
+        && is_syn(pkt.tcp_flags)
+        && ct_flags::is_closed(entry.flags)
+    {
+        table.remove(&pkt.tuple);
+        table.remove(&peer);
         return None;
     }
-    let closing = pkt.tcp_flags & (tcp_flag::FIN | tcp_flag::RST) != 0;
-    // SAFETY: as above; plain stores into the map value.
+    let state = (entry.flags | transition(pkt, is_reply)) & !DIRECTION;
+    let flags = (entry.flags & DIRECTION) | state;
+    if table == Table::New
+        && !is_reply
+        && state & ct_flags::SEEN_REPLY != 0
+        && completes_handshake(pkt)
+        && promote(&pkt.tuple, &entry, &peer, state, now)
+    {
+        return Some(CtEntryV4 {
+            flags: flags | ct_flags::ASSURED,
+            ..entry
+        });
+    }
+    let state_changed = flags != entry.flags;
+    let refresh_peer = now.saturating_sub(entry.peer_refreshed_ns) > CT_PEER_REFRESH_NS;
+    // SAFETY: plain stores into the map value of this program run.
     unsafe {
         (*ptr).last_seen_ns = now;
-        if closing {
-            (*ptr).flags |= ct_flags::CLOSING;
+        (*ptr).flags = flags;
+        if refresh_peer {
+            (*ptr).peer_refreshed_ns = now;
         }
     }
-    if closing && entry.flags & ct_flags::CLOSING == 0 {
-        // The other direction closes with it, so both entries take the short timeout.
-        let peer = reversed(&translated(&pkt.tuple, &entry));
-        if let Some(peer) = CT_V4_V1.get_ptr_mut(&peer) {
+    if state_changed || refresh_peer {
+        if let Some(peer_ptr) = table.get(&peer) {
             // SAFETY: as above.
-            unsafe { (*peer).flags |= ct_flags::CLOSING };
+            unsafe {
+                (*peer_ptr).last_seen_ns = now;
+                (*peer_ptr).flags = ((*peer_ptr).flags & DIRECTION) | state;
+            }
         }
     }
-    Some(entry)
+    Some(CtEntryV4 { flags, ..entry })
 }
 
 /// What a new flow is translated to.
@@ -81,12 +280,43 @@ pub enum Created {
     ReplyKeyTaken,
 }
 
-/// Records a new flow: the entry for its original direction (`original` becomes the
-/// translated tuple) and the entry for replies (which undo it).
+/// Claims `key` for a new flow's reply entry: free, or held by an expired flow, in
+/// both tables. The insert into the new table is atomic (BPF_NOEXIST), so two CPUs
+/// never claim the same key; the established table is checked after it, so a flow
+/// moving there concurrently is seen either way.
+#[inline(always)]
+fn claim(key: &CtKeyV4, reply: &CtEntryV4, now: u64) -> bool {
+    let config = maps::config();
+    let expired = |ptr: Option<*mut CtEntryV4>| {
+        ptr.is_none_or(|holder| {
+            // SAFETY: copied out at once.
+            let holder = unsafe { *holder };
+            config.ct_expired(&holder, key.proto, now)
+        })
+    };
+    let claimed = Table::New.insert(key, reply, BPF_NOEXIST)
+        || (expired(Table::New.get(key)) && Table::New.insert(key, reply, BPF_ANY));
+    if !claimed {
+        return false;
+    }
+    if !expired(Table::Established.get(key)) {
+        Table::New.remove(key);
+        return false;
+    }
+    true
+}
+
+/// Records a new flow in the new-flow table: the entry for its original direction
+/// (`original` becomes the translated tuple) and the entry for replies (which undo
+/// it).
 ///
 /// With `claim_reply`, the reply key must be free (or held by an expired flow): that is
 /// how a masqueraded flow claims its source port ([`crate::snat`]); a live holder
-/// gives [`Created::ReplyKeyTaken`] so the caller can draw another port.
+/// gives [`Created::ReplyKeyTaken`] so the caller can draw another port. A port held by
+/// an established flow is never taken.
+///
+/// # Errors
+/// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails.
 #[inline(always)]
 pub fn create(
     original: &CtKeyV4,
@@ -94,12 +324,16 @@ pub fn create(
     now: u64,
     claim_reply: bool,
 ) -> Result<Created> {
+    if !admits_new_flows(now) {
+        return Err(DropReason::CT_FULL);
+    }
     let mut after = *original;
     (after.src_addr, after.src_port) = nat.new_src;
     (after.dst_addr, after.dst_port) = nat.new_dst;
 
     let mut forward = CtEntryV4 {
         last_seen_ns: now,
+        peer_refreshed_ns: now,
         backend_id: nat.backend_id,
         service_id: nat.service_id,
         ..CtEntryV4::default()
@@ -124,32 +358,14 @@ pub fn create(
     }
     let reply_key = reversed(&after);
     if claim_reply {
-        if CT_V4_V1
-            .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
-            .is_err()
-        {
-            let holder_expired = CT_V4_V1.get_ptr(&reply_key).is_none_or(|holder| {
-                // SAFETY: copied out at once.
-                let holder = unsafe { *holder };
-                maps::config().ct_expired(&holder, original.proto, now)
-            });
-            if !holder_expired {
-                return Ok(Created::ReplyKeyTaken);
-            }
-            CT_V4_V1
-                .insert(&reply_key, &reply, u64::from(BPF_ANY))
-                .map_err(|_| DropReason::CT_INSERT)?;
+        if !claim(&reply_key, &reply, now) {
+            return Ok(Created::ReplyKeyTaken);
         }
-    } else {
-        CT_V4_V1
-            .insert(&reply_key, &reply, u64::from(BPF_ANY))
-            .map_err(|_| DropReason::CT_INSERT)?;
+    } else if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
+        return Err(DropReason::CT_INSERT);
     }
-    if CT_V4_V1
-        .insert(original, &forward, u64::from(BPF_ANY))
-        .is_err()
-    {
-        let _ = CT_V4_V1.remove(&reply_key);
+    if !Table::New.insert(original, &forward, BPF_ANY) {
+        Table::New.remove(&reply_key);
         return Err(DropReason::CT_INSERT);
     }
     Ok(Created::Flow(forward))

@@ -20,11 +20,23 @@ pub static SVC_V4_V1: HashMap<ServiceKeyV4, ServiceValueV4> =
 pub static BACKEND_V4_V1: HashMap<u32, BackendV4> =
     HashMap::with_max_entries(capacity::BACKENDS_V4, 0);
 
-/// Flows, both directions ([`proxy_common::names::CONNTRACK_V4`]). LRU so a flood of
-/// new flows evicts the oldest instead of failing inserts.
+/// Established flows, both directions ([`proxy_common::names::CONNTRACK_V4`]). A plain
+/// hash: inserts fail when it is full instead of evicting an established flow (see
+/// [`crate::conntrack`]).
 #[map]
-pub static CT_V4_V1: LruHashMap<CtKeyV4, CtEntryV4> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK_V4, 0);
+pub static CT_V4_V2: HashMap<CtKeyV4, CtEntryV4> =
+    HashMap::with_max_entries(capacity::CONNTRACK_V4, 0);
+
+/// Flows not yet seen both ways ([`proxy_common::names::CONNTRACK_NEW_V4`]). LRU: a
+/// flood of new flows evicts the oldest new flows, never an established one.
+#[map]
+pub static CT_NEW_V4_V2: LruHashMap<CtKeyV4, CtEntryV4> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK_NEW_V4, 0);
+
+/// When an insert into the established table last failed for lack of room
+/// ([`proxy_common::names::CONNTRACK_FULL`]), `bpf_ktime_get_ns()`.
+#[map]
+pub static CT_FULL_V1: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Session affinity ([`proxy_common::names::AFFINITY_V4`]).
 #[map]
@@ -49,12 +61,12 @@ pub static COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter
 
 /// Runtime settings, one entry ([`proxy_common::DatapathConfig`]).
 #[map]
-pub static CONFIG_V2: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+pub static CONFIG_V3: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 /// The datapath settings, or the defaults until the agent has written them.
 #[inline(always)]
 pub fn config() -> DatapathConfig {
-    match CONFIG_V2.get(0) {
+    match CONFIG_V3.get(0) {
         Some(config) if config.udp_timeout_s != 0 => *config,
         _ => DatapathConfig::DEFAULT,
     }

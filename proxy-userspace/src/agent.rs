@@ -259,7 +259,8 @@ pub async fn run(
                     Ok(report) => {
                         debug!(live = report.live, removed = report.removed, "conntrack reaped");
                         metrics.conntrack_reaped.inc_by(report.removed as u64);
-                        record_conntrack_fill(&metrics, report.live, datapath.maps.conntrack_capacity);
+                        record_conntrack_fill(&metrics, proxy_common::names::CONNTRACK_V4, report.live, datapath.maps.conntrack_capacity);
+                        record_conntrack_fill(&metrics, proxy_common::names::CONNTRACK_NEW_V4, report.live_new, datapath.maps.conntrack_new_capacity);
                     }
                     Err(error) => warn!(%error, "conntrack reaping failed"),
                 }
@@ -377,10 +378,10 @@ fn sync_once(
     desired.health_checks
 }
 
-/// Sets the conntrack map's fill from the reaper's count of live entries.
-fn record_conntrack_fill(metrics: &Metrics, live: usize, capacity: u32) {
+/// Sets a conntrack table's fill from the reaper's count of live entries.
+fn record_conntrack_fill(metrics: &Metrics, map: &str, live: usize, capacity: u32) {
     let labels = MapLabels {
-        map: proxy_common::names::CONNTRACK_V4.to_owned(),
+        map: map.to_owned(),
     };
     metrics
         .map_entries

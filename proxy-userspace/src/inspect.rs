@@ -36,6 +36,7 @@ pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
     backends: HashMap<MapData, u32, BackendV4>,
     conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
+    conntrack_new: HashMap<MapData, CtKeyV4, CtEntryV4>,
     affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -71,7 +72,8 @@ impl PinnedMaps {
         Ok(Self {
             services: hash(pin_dir, names::SERVICES_V4, false)?,
             backends: hash(pin_dir, names::BACKENDS_V4, false)?,
-            conntrack: hash(pin_dir, names::CONNTRACK_V4, true)?,
+            conntrack: hash(pin_dir, names::CONNTRACK_V4, false)?,
+            conntrack_new: hash(pin_dir, names::CONNTRACK_NEW_V4, true)?,
             affinity: hash(pin_dir, names::AFFINITY_V4, true)?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, names::COUNTERS)?))
                 .map_err(|source| Error::Read {
@@ -177,6 +179,13 @@ pub struct FlowView {
     pub direction: &'static str,
     /// What the datapath rewrites, e.g. `dst -> 10.244.1.11:8080`.
     pub rewrite: String,
+    /// "established" (seen both ways, never evicted) or "new" (evictable by floods).
+    pub table: &'static str,
+    /// The flow's state: `syn_sent`, `syn_received`, `established`,
+    /// `fin_from_client`, `fin_from_server`, `closed`, `reset` (TCP), or
+    /// `unreplied`, `replied`, `assured` (UDP).
+    pub state: &'static str,
+    /// The close timeout applies (both sides sent FIN, or one a RST).
     pub closing: bool,
     pub service_id: u32,
     pub backend_id: u32,
@@ -199,8 +208,15 @@ pub struct FlowFilter {
 /// When the map cannot be read.
 pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<Vec<FlowView>> {
     let mut flows = Vec::new();
-    for entry in maps.conntrack.iter() {
-        // LRU entries can vanish during the walk; skip those.
+    let tables = [
+        ("established", &maps.conntrack),
+        ("new", &maps.conntrack_new),
+    ];
+    for (table, entry) in tables
+        .into_iter()
+        .flat_map(|(table, map)| map.iter().map(move |entry| (table, entry)))
+    {
+        // Entries can vanish (evicted, moved, reaped) during the walk; skip those.
         let Ok((key, value)) = entry else { continue };
         let addrs = [
             key.src_addr,
@@ -247,7 +263,9 @@ pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<
                 "original"
             },
             rewrite: rewrite.join(", "),
-            closing: value.flags & ct_flags::CLOSING != 0,
+            table,
+            state: flow_state(key.proto, value.flags),
+            closing: ct_flags::is_closed(value.flags),
             service_id: value.service_id,
             backend_id: value.backend_id,
             idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
@@ -255,6 +273,36 @@ pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<
     }
     flows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
     Ok(flows)
+}
+
+/// The name of a flow's state (see [`FlowView::state`]).
+fn flow_state(l4_proto: u8, flags: u16) -> &'static str {
+    let seen_reply = flags & ct_flags::SEEN_REPLY != 0;
+    let assured = flags & ct_flags::ASSURED != 0;
+    if l4_proto != proto::TCP {
+        return match (seen_reply, assured) {
+            (_, true) => "assured",
+            (true, false) => "replied",
+            (false, false) => "unreplied",
+        };
+    }
+    let fin_client = flags & ct_flags::FIN_ORIGINAL != 0;
+    let fin_server = flags & ct_flags::FIN_REPLY != 0;
+    if flags & ct_flags::RST != 0 {
+        "reset"
+    } else if fin_client && fin_server {
+        "closed"
+    } else if fin_client {
+        "fin_from_client"
+    } else if fin_server {
+        "fin_from_server"
+    } else if assured {
+        "established"
+    } else if seen_reply {
+        "syn_received"
+    } else {
+        "syn_sent"
+    }
 }
 
 /// One session affinity record.
@@ -357,7 +405,11 @@ pub fn trace(
         _pad: [0; 3],
     };
     if client.port() != 0 {
-        if let Ok(existing) = maps.conntrack.get(&tuple, 0) {
+        if let Ok(existing) = maps
+            .conntrack
+            .get(&tuple, 0)
+            .or_else(|_| maps.conntrack_new.get(&tuple, 0))
+        {
             view.verdict = "translate";
             view.backend = Some(endpoint(existing.nat_dst_addr, existing.nat_dst_port));
             view.steps

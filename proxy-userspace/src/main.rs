@@ -505,19 +505,20 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
                 return print_json(&flows);
             }
             println!(
-                "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8} STATE",
-                "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE", "IDLE_S"
+                "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8} {:<11} STATE",
+                "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE", "IDLE_S", "TABLE"
             );
             for flow in flows {
                 println!(
-                    "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8.1} {}",
+                    "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8.1} {:<11} {}",
                     flow.protocol,
                     flow.source,
                     flow.destination,
                     flow.direction,
                     flow.rewrite,
                     flow.idle_s,
-                    if flow.closing { "closing" } else { "open" }
+                    flow.table,
+                    flow.state
                 );
             }
         }

@@ -1041,8 +1041,16 @@ impl DatapathHarness {
     /// # Errors
     /// When the kernel refuses it.
     pub fn new() -> Result<Self> {
+        Self::with_options(&LoadOptions::default())
+    }
+
+    /// Loads the eBPF object with `options` (e.g. a small conntrack table).
+    ///
+    /// # Errors
+    /// When the kernel refuses it.
+    pub fn with_options(options: &LoadOptions) -> Result<Self> {
         crate::require_root();
-        let datapath = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
+        let datapath = Datapath::load(options).context("loading the datapath")?;
         Ok(Self {
             datapath,
             syncer: Syncer::default(),
@@ -1064,10 +1072,13 @@ impl DatapathHarness {
         for key in keys {
             maps.backends.remove(&key)?;
         }
-        let keys: Vec<_> = maps.conntrack.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = maps.conntrack.remove(&key);
+        for table in [&mut maps.conntrack, &mut maps.conntrack_new] {
+            let keys: Vec<_> = table.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = table.remove(&key);
+            }
         }
+        maps.conntrack_full.set(0, 0, 0)?;
         let keys: Vec<_> = maps.affinity.keys().filter_map(Result::ok).collect();
         for key in keys {
             let _ = maps.affinity.remove(&key);

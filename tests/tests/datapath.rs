@@ -9,9 +9,12 @@ use kpr_lab::{
         ROUTED_LINK_MTU,
     },
     netns::Netns,
-    packets::{sock, Frame, TcpFlags},
+    packets::{sock, Frame, TcpFlags, Transport},
 };
+use std::time::Duration;
+
 use proxy_common::{counter, ct_flags, proto, service_flags, Be16, Be32, CtEntryV4, CtKeyV4};
+use proxy_userspace::datapath::{Hook, LoadOptions};
 
 #[test]
 fn datapath_table() {
@@ -231,36 +234,422 @@ fn an_expired_flow_is_not_reused() {
     );
 }
 
-#[test]
-fn a_fin_marks_both_directions_closing() {
-    let mut harness = DatapathHarness::new().expect("load datapath");
-    harness.clear().expect("clear");
-    let backend = sock(10, 244, 1, 11, 8080);
-    harness
-        .install(&[frontend("web", addr::vip(), proto::TCP, &[backend], 0)])
-        .expect("install");
-    let client = addr::client();
-    harness
-        .run(
-            &Frame::tcp(client, addr::vip(), TcpFlags::SYN).to_bytes(),
-            1,
-        )
-        .expect("syn");
-    harness
-        .run(
-            &Frame::tcp(client, addr::vip(), TcpFlags::FIN_ACK).to_bytes(),
-            1,
-        )
-        .expect("fin");
-    let entries: Vec<(CtKeyV4, CtEntryV4)> = harness
-        .datapath
-        .maps
+/// The conntrack entries of every flow: `(established?, key, entry)`.
+fn flow_entries(harness: &DatapathHarness) -> Vec<(bool, CtKeyV4, CtEntryV4)> {
+    let maps = &harness.datapath.maps;
+    let established = maps
         .conntrack
         .iter()
         .filter_map(Result::ok)
-        .collect();
-    assert_eq!(entries.len(), 2, "{entries:?}");
-    for (key, entry) in entries {
-        assert_ne!(entry.flags & ct_flags::CLOSING, 0, "{key:?} {entry:?}");
+        .map(|(k, e)| (true, k, e));
+    let new = maps
+        .conntrack_new
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, e)| (false, k, e));
+    established.chain(new).collect()
+}
+
+/// Makes every conntrack entry look `by` older, as if that long passed without a
+/// packet (the datapath and the test share CLOCK_MONOTONIC).
+fn age(harness: &mut DatapathHarness, by: Duration) {
+    let by = u64::try_from(by.as_nanos()).expect("short");
+    for (established, key, mut entry) in flow_entries(harness) {
+        entry.last_seen_ns -= by;
+        entry.peer_refreshed_ns -= by;
+        let maps = &mut harness.datapath.maps;
+        let table = if established {
+            &mut maps.conntrack
+        } else {
+            &mut maps.conntrack_new
+        };
+        table.insert(key, entry, 0).expect("rewrite entry");
     }
+}
+
+/// A harness with `web` (TCP) and `dns` (UDP) ClusterIPs of one backend each.
+fn lifecycle_harness(options: &LoadOptions) -> DatapathHarness {
+    let mut harness = DatapathHarness::with_options(options).expect("load datapath");
+    harness.clear().expect("clear");
+    harness
+        .install(&[
+            frontend("web", addr::vip(), proto::TCP, &[addr::backend()], 0),
+            frontend(
+                "dns",
+                addr::vip_dns(),
+                proto::UDP,
+                &[addr::dns_backend()],
+                0,
+            ),
+        ])
+        .expect("install");
+    harness
+}
+
+/// A TCP segment of the client (from `port`) to the ClusterIP, through pod ingress.
+fn from_client(harness: &mut DatapathHarness, port: u16, flags: TcpFlags) -> i32 {
+    let client = sock(10, 244, 1, 2, port);
+    let output = harness
+        .run_on(
+            Hook::PodIngress,
+            &Frame::tcp(client, addr::vip(), flags).to_bytes(),
+            1,
+        )
+        .expect("run");
+    if output.verdict == 0 {
+        assert_eq!(
+            output.packet,
+            Frame::tcp(client, addr::backend(), flags).to_bytes(),
+            "the client's segment goes to the backend"
+        );
+    }
+    output.verdict
+}
+
+/// A TCP segment of the backend to the client (at `port`), through the client's pod
+/// egress. `true` when it was translated back (the flow is alive), `false` when it
+/// passed untouched (no live flow).
+fn from_server(harness: &mut DatapathHarness, port: u16, flags: TcpFlags) -> bool {
+    let client = sock(10, 244, 1, 2, port);
+    let input = Frame::tcp(addr::backend(), client, flags);
+    let output = harness
+        .run_on(Hook::PodEgress, &input.to_bytes(), 1)
+        .expect("run");
+    assert_eq!(output.verdict, 0);
+    if output.packet == input.to_bytes() {
+        return false;
+    }
+    assert_eq!(
+        output.packet,
+        Frame::tcp(addr::vip(), client, flags).to_bytes(),
+        "translated back to the ClusterIP"
+    );
+    true
+}
+
+/// Opens a connection from `port`: SYN, SYN-ACK, ACK.
+fn establish(harness: &mut DatapathHarness, port: u16) {
+    assert_eq!(from_client(harness, port, TcpFlags::SYN), 0);
+    assert!(from_server(harness, port, TcpFlags::SYN_ACK));
+    assert_eq!(from_client(harness, port, TcpFlags::ACK), 0);
+}
+
+/// The state flags of the flow from `port` (both entries must agree), and whether it
+/// is in the established table.
+fn flow_state(harness: &DatapathHarness, port: u16) -> (u16, bool) {
+    let state_mask = !(ct_flags::REWRITE_SRC | ct_flags::REWRITE_DST | ct_flags::REPLY);
+    let mine: Vec<_> = flow_entries(harness)
+        .into_iter()
+        .filter(|(_, key, _)| {
+            key.src_port == Be16::from_host(port) || key.dst_port == Be16::from_host(port)
+        })
+        .collect();
+    assert_eq!(mine.len(), 2, "two entries per flow: {mine:?}");
+    let (established, _, entry) = mine[0];
+    for (other_table, _, other) in &mine {
+        assert_eq!(
+            *other_table, established,
+            "both entries in one table: {mine:?}"
+        );
+        assert_eq!(
+            other.flags & state_mask,
+            entry.flags & state_mask,
+            "{mine:?}"
+        );
+    }
+    (entry.flags & state_mask, established)
+}
+
+const SYN_TIMEOUT: Duration = Duration::from_secs(60);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+const SECOND: Duration = Duration::from_secs(1);
+const FIN: TcpFlags = TcpFlags::FIN_ACK;
+const RST: TcpFlags = TcpFlags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: true,
+};
+
+#[test]
+fn the_tcp_handshake_moves_a_flow_from_the_new_table_to_the_established_one() {
+    let mut harness = lifecycle_harness(&LoadOptions::default());
+    from_client(&mut harness, 41_000, TcpFlags::SYN);
+    assert_eq!(flow_state(&harness, 41_000), (0, false), "SYN sent");
+    from_server(&mut harness, 41_000, TcpFlags::SYN_ACK);
+    assert_eq!(
+        flow_state(&harness, 41_000),
+        (ct_flags::SEEN_REPLY, false),
+        "SYN received"
+    );
+    from_client(&mut harness, 41_000, TcpFlags::ACK);
+    assert_eq!(
+        flow_state(&harness, 41_000),
+        (ct_flags::SEEN_REPLY | ct_flags::ASSURED, true),
+        "established"
+    );
+    let counters = harness.datapath.maps.counters().expect("counters");
+    assert_eq!(counters[counter::CT_ASSURED as usize], 1);
+}
+
+#[test]
+fn a_half_open_flow_lives_for_the_syn_timeout() {
+    let mut harness = lifecycle_harness(&LoadOptions::default());
+    from_client(&mut harness, 41_001, TcpFlags::SYN);
+    age(&mut harness, SYN_TIMEOUT - SECOND);
+    assert!(
+        from_server(&mut harness, 41_001, TcpFlags::SYN_ACK),
+        "alive"
+    );
+    from_client(&mut harness, 41_002, TcpFlags::SYN);
+    age(&mut harness, SYN_TIMEOUT + SECOND);
+    assert!(
+        !from_server(&mut harness, 41_002, TcpFlags::SYN_ACK),
+        "expired after the SYN timeout, not the 24 h established one"
+    );
+}
+
+#[test]
+fn a_half_closed_flow_keeps_the_established_timeout() {
+    let mut harness = lifecycle_harness(&LoadOptions::default());
+    for (port, closing_side) in [(41_010, "client"), (41_011, "server")] {
+        establish(&mut harness, port);
+        if closing_side == "client" {
+            from_client(&mut harness, port, FIN);
+        } else {
+            from_server(&mut harness, port, FIN);
+        }
+        let (state, established) = flow_state(&harness, port);
+        assert!(established);
+        assert!(
+            !ct_flags::is_closed(state),
+            "one FIN: half-closed ({closing_side})"
+        );
+    }
+    // Far beyond the close and SYN timeouts: the other side may still be sending.
+    age(&mut harness, SYN_TIMEOUT * 2);
+    assert!(from_server(&mut harness, 41_010, TcpFlags::ACK));
+    assert!(from_server(&mut harness, 41_011, TcpFlags::ACK));
+}
+
+#[test]
+fn both_fins_or_a_reset_give_the_close_timeout() {
+    let mut harness = lifecycle_harness(&LoadOptions::default());
+    establish(&mut harness, 41_020);
+    from_client(&mut harness, 41_020, FIN);
+    from_server(&mut harness, 41_020, FIN);
+    establish(&mut harness, 41_021);
+    from_server(&mut harness, 41_021, RST);
+    for port in [41_020, 41_021] {
+        assert!(ct_flags::is_closed(flow_state(&harness, port).0), "{port}");
+    }
+    age(&mut harness, CLOSE_TIMEOUT - SECOND);
+    assert!(from_server(&mut harness, 41_020, TcpFlags::ACK), "last ACK");
+    assert!(from_server(&mut harness, 41_021, RST), "RST retransmitted");
+    age(&mut harness, CLOSE_TIMEOUT + SECOND);
+    assert!(!from_server(&mut harness, 41_020, TcpFlags::ACK), "closed");
+    assert!(!from_server(&mut harness, 41_021, TcpFlags::ACK), "reset");
+}
+
+#[test]
+fn a_syn_on_a_closed_tuple_starts_a_new_flow_and_on_an_open_one_does_not() {
+    let mut harness = lifecycle_harness(&LoadOptions::default());
+    establish(&mut harness, 41_030);
+    from_client(&mut harness, 41_030, FIN);
+    from_server(&mut harness, 41_030, FIN);
+    assert_eq!(from_client(&mut harness, 41_030, TcpFlags::SYN), 0);
+    assert_eq!(
+        flow_state(&harness, 41_030),
+        (0, false),
+        "a fresh flow in the new table, the closed one gone from the established table"
+    );
+    establish(&mut harness, 41_031);
+    from_client(&mut harness, 41_031, TcpFlags::SYN);
+    assert_eq!(
+        flow_state(&harness, 41_031),
+        (ct_flags::SEEN_REPLY | ct_flags::ASSURED, true),
+        "a stray SYN leaves an open connection alone"
+    );
+    let counters = harness.datapath.maps.counters().expect("counters");
+    assert_eq!(counters[counter::NEW_FLOW as usize], 3);
+}
+
+#[test]
+fn a_one_way_udp_flow_keeps_its_reply_entry_alive() {
+    let mut harness = lifecycle_harness(&LoadOptions::default());
+    let udp_timeout = Duration::from_secs(120);
+    let query = Frame::udp(addr::client(), addr::vip_dns(), b"stream");
+    let answer = query
+        .clone()
+        .with_dst(addr::dns_backend())
+        .reply(Transport::Udp { checksum: true });
+    let seen_answer = query.reply(Transport::Udp { checksum: true });
+    // The client streams and the server never answers, for longer than the timeout.
+    for _ in 0..3 {
+        harness
+            .run_on(Hook::PodIngress, &query.to_bytes(), 1)
+            .expect("run");
+        age(&mut harness, udp_timeout / 2 + SECOND);
+    }
+    let output = harness
+        .run_on(Hook::PodEgress, &answer.to_bytes(), 1)
+        .expect("run");
+    assert_eq!(
+        output.packet,
+        seen_answer.to_bytes(),
+        "the reply entry lived as long as the flow: the answer comes from the ClusterIP"
+    );
+}
+
+/// Opens `count` half-open flows (SYNs from other client ports).
+fn syn_flood(harness: &mut DatapathHarness, first_port: u16, count: u16) {
+    for port in first_port..first_port + count {
+        from_client(harness, port, TcpFlags::SYN);
+    }
+}
+
+#[test]
+fn a_flood_of_half_open_flows_never_evicts_an_established_one() {
+    // A new-flow table of 256 entries (128 flows), flooded with 2000.
+    let options = LoadOptions {
+        conntrack_max: Some(64),
+        ..LoadOptions::default()
+    };
+    let mut harness = lifecycle_harness(&options);
+    assert_eq!(harness.datapath.maps.conntrack_new_capacity, 256);
+    establish(&mut harness, 41_040);
+    from_client(&mut harness, 41_041, TcpFlags::SYN);
+    syn_flood(&mut harness, 50_000, 2000);
+    assert!(
+        from_server(&mut harness, 41_040, TcpFlags::ACK),
+        "established survives"
+    );
+    assert!(
+        !from_server(&mut harness, 41_041, TcpFlags::SYN_ACK),
+        "the oldest half-open flow made room"
+    );
+    assert_eq!(from_client(&mut harness, 41_040, TcpFlags::ACK), 0);
+}
+
+#[test]
+fn with_the_established_table_full_new_flows_are_dropped_and_counted() {
+    let options = LoadOptions {
+        conntrack_max: Some(4),
+        ..LoadOptions::default()
+    };
+    let mut harness = lifecycle_harness(&options);
+    establish(&mut harness, 41_050);
+    establish(&mut harness, 41_051);
+    // A third handshake completes, but its flow finds no room to move.
+    establish(&mut harness, 41_052);
+    assert!(!flow_state(&harness, 41_052).1, "stays new");
+    assert_eq!(
+        from_client(&mut harness, 41_053, TcpFlags::SYN),
+        2,
+        "a new flow is dropped while the table is full"
+    );
+    let counters = harness.datapath.maps.counters().expect("counters");
+    assert_eq!(counters[counter::DROP_CT_FULL as usize], 1);
+    for port in [41_050, 41_051] {
+        assert!(
+            from_server(&mut harness, port, TcpFlags::ACK),
+            "{port} keeps working"
+        );
+        assert_eq!(from_client(&mut harness, port, TcpFlags::ACK), 0);
+    }
+    // Once the reaper freed room (here: the first flow closed and removed) and the
+    // refusal's hold passed, new flows are admitted and established again.
+    from_client(&mut harness, 41_050, FIN);
+    from_server(&mut harness, 41_050, FIN);
+    age(&mut harness, CLOSE_TIMEOUT + SECOND);
+    let config = proxy_common::DatapathConfig::DEFAULT;
+    let now = proxy_userspace::datapath::conntrack::monotonic_now_ns();
+    proxy_userspace::datapath::conntrack::collect_expired(&mut harness.datapath.maps, &config, now)
+        .expect("reap");
+    let hold_passed = now - 2 * proxy_common::CT_FULL_HOLD_NS;
+    harness
+        .datapath
+        .maps
+        .conntrack_full
+        .set(0, hold_passed, 0)
+        .expect("age the refusal");
+    establish(&mut harness, 41_054);
+    assert!(flow_state(&harness, 41_054).1, "established again");
+}
+
+#[test]
+fn a_snat_port_held_by_an_established_flow_is_never_taken_even_by_a_flood() {
+    use kpr_lab::datapath_cases::{node_addr::*, NodeSetup};
+    let netns =
+        Netns::create(&format!("{}-snat", kpr_lab::netns::unique_prefix())).expect("namespace");
+    netns
+        .run(|| {
+            let options = LoadOptions {
+                conntrack_max: Some(64),
+                ..LoadOptions::default()
+            };
+            let mut harness = DatapathHarness::with_options(&options)?;
+            harness.clear()?;
+            // One SNAT port, so a second masqueraded flow needs exactly that port.
+            let node = NodeSetup {
+                snat: Some((NODE, SNAT_PORT)),
+                cluster_cidr: Some((std::net::Ipv4Addr::new(10, 244, 0, 0), 16)),
+                ..NodeSetup::default()
+            };
+            harness.install_on(
+                &[
+                    frontend(
+                        "np",
+                        node_port(),
+                        proto::TCP,
+                        &[remote_backend()],
+                        service_flags::EXTERNAL,
+                    ),
+                    frontend("web", addr::vip(), proto::TCP, &[addr::backend()], 0),
+                ],
+                &node,
+            )?;
+            let mut run = |hook, frame: &Frame| harness.run_on(hook, &frame.to_bytes(), 1);
+            let client = outside_client();
+            let masqueraded_syn = Frame::tcp(masqueraded(), remote_backend(), TcpFlags::SYN);
+            run(
+                Hook::NodeIngress,
+                &Frame::tcp(client, node_port(), TcpFlags::SYN),
+            )?;
+            run(
+                Hook::NodeIngress,
+                &masqueraded_syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+            )?;
+            run(
+                Hook::NodeIngress,
+                &Frame::tcp(client, node_port(), TcpFlags::ACK),
+            )?;
+            // Half-open flows from pods fill the new-flow table many times over.
+            for port in 50_000..52_000 {
+                run(
+                    Hook::PodIngress,
+                    &Frame::tcp(sock(10, 244, 1, 2, port), addr::vip(), TcpFlags::SYN),
+                )?;
+            }
+            let second = run(
+                Hook::NodeIngress,
+                &Frame::tcp(sock(203, 0, 113, 8, 40_000), node_port(), TcpFlags::SYN),
+            )?;
+            let reply = masqueraded_syn.reply(Transport::Tcp(TcpFlags::ACK));
+            let translated = run(Hook::NodeIngress, &reply)?;
+            let counters = harness.datapath.maps.counters()?;
+            Ok((second.verdict, translated.packet, counters))
+        })
+        .map(|(second_verdict, translated, counters)| {
+            assert_eq!(second_verdict, 2, "the only port is taken: dropped");
+            assert_eq!(counters[counter::DROP_SNAT_PORTS as usize], 1);
+            assert_eq!(
+                translated,
+                Frame::tcp(outside_client(), node_port(), TcpFlags::ACK)
+                    .reply(Transport::Tcp(TcpFlags::ACK))
+                    .to_bytes(),
+                "the established flow's replies still reach its client"
+            );
+        })
+        .expect("run in the namespace");
 }

@@ -1,10 +1,14 @@
-//! Conntrack upkeep from userspace: reaping expired entries, and forgetting the flows
-//! and affinities of backends that left a service.
+//! Conntrack upkeep from userspace: reaping expired entries of both tables (established
+//! and new flows), and forgetting the flows and affinities of backends that left a
+//! service.
 use std::collections::BTreeSet;
 
-use proxy_common::{names, proto, AffinityKeyV4, CtKeyV4, DatapathConfig};
+use aya::maps::{HashMap, MapData};
+use proxy_common::{names, proto, AffinityKeyV4, CtEntryV4, CtKeyV4, DatapathConfig};
 
 use super::{Error, Maps, Result};
+
+type Table = HashMap<MapData, CtKeyV4, CtEntryV4>;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 #[must_use]
@@ -21,33 +25,35 @@ pub fn monotonic_now_ns() -> u64 {
 /// Result of one reaping pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
-    /// Entries alive after the pass.
+    /// Entries of the established table alive after the pass.
     pub live: usize,
-    /// Entries removed.
+    /// Entries of the new-flow table alive after the pass.
+    pub live_new: usize,
+    /// Entries removed, both tables.
     pub removed: usize,
 }
 
-fn ct_error(source: aya::maps::MapError) -> Error {
-    Error::Map {
-        name: names::CONNTRACK_V4,
-        source,
-    }
+fn ct_error(name: &'static str, source: aya::maps::MapError) -> Error {
+    Error::Map { name, source }
 }
 
-/// Removes conntrack entries idle for longer than their timeout. Keys are collected
-/// first: deleting while walking with get_next_key restarts the walk.
-///
-/// # Errors
-/// When the map cannot be read.
-pub fn collect_expired(maps: &mut Maps, config: &DatapathConfig, now_ns: u64) -> Result<GcReport> {
+/// Removes the entries of one table idle for longer than their timeout; returns
+/// `(live, removed)`. Keys are collected first: deleting while walking with
+/// get_next_key restarts the walk.
+fn collect_table(
+    table: &mut Table,
+    name: &'static str,
+    config: &DatapathConfig,
+    now_ns: u64,
+) -> Result<(usize, usize)> {
     let mut expired = Vec::new();
     let mut live = 0;
-    for entry in maps.conntrack.iter() {
+    for entry in table.iter() {
         let (key, value) = match entry {
             Ok(entry) => entry,
-            // An entry evicted between get_next_key and lookup: skip it.
+            // An entry evicted or moved between get_next_key and lookup: skip it.
             Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(error) => return Err(ct_error(error)),
+            Err(error) => return Err(ct_error(name, error)),
         };
         if config.ct_expired(&value, key.proto, now_ns) {
             expired.push(key);
@@ -61,19 +67,35 @@ pub fn collect_expired(maps: &mut Maps, config: &DatapathConfig, now_ns: u64) ->
     let still_expired: Vec<CtKeyV4> = expired
         .into_iter()
         .filter(|key| {
-            maps.conntrack
+            table
                 .get(key, 0)
                 .is_ok_and(|value| config.ct_expired(&value, key.proto, now_ns))
         })
         .collect();
-    let removed = remove_all(maps, &still_expired);
-    Ok(GcReport { live, removed })
+    Ok((live, remove_all(table, &still_expired)))
 }
 
-fn remove_all(maps: &mut Maps, keys: &[CtKeyV4]) -> usize {
-    keys.iter()
-        .filter(|key| maps.conntrack.remove(key).is_ok())
-        .count()
+/// Removes conntrack entries idle for longer than their timeout, in both tables.
+///
+/// # Errors
+/// When a table cannot be read.
+pub fn collect_expired(maps: &mut Maps, config: &DatapathConfig, now_ns: u64) -> Result<GcReport> {
+    let (live, removed) = collect_table(&mut maps.conntrack, names::CONNTRACK_V4, config, now_ns)?;
+    let (live_new, removed_new) = collect_table(
+        &mut maps.conntrack_new,
+        names::CONNTRACK_NEW_V4,
+        config,
+        now_ns,
+    )?;
+    Ok(GcReport {
+        live,
+        live_new,
+        removed: removed + removed_new,
+    })
+}
+
+fn remove_all(table: &mut Table, keys: &[CtKeyV4]) -> usize {
+    keys.iter().filter(|key| table.remove(key).is_ok()).count()
 }
 
 /// Forgets what tied clients to `(service id, backend id)` pairs that are gone: UDP
@@ -89,18 +111,24 @@ pub fn forget_backends(maps: &mut Maps, pairs: &BTreeSet<(u32, u32)>) -> Result<
     if pairs.is_empty() {
         return Ok((0, 0));
     }
-    let mut flows = Vec::new();
-    for entry in maps.conntrack.iter() {
-        let (key, value) = match entry {
-            Ok(entry) => entry,
-            Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(error) => return Err(ct_error(error)),
-        };
-        if key.proto == proto::UDP && pairs.contains(&(value.service_id, value.backend_id)) {
-            flows.push(key);
+    let mut flows_removed = 0;
+    for (table, name) in [
+        (&mut maps.conntrack, names::CONNTRACK_V4),
+        (&mut maps.conntrack_new, names::CONNTRACK_NEW_V4),
+    ] {
+        let mut flows = Vec::new();
+        for entry in table.iter() {
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(error) => return Err(ct_error(name, error)),
+            };
+            if key.proto == proto::UDP && pairs.contains(&(value.service_id, value.backend_id)) {
+                flows.push(key);
+            }
         }
+        flows_removed += remove_all(table, &flows);
     }
-    let flows_removed = remove_all(maps, &flows);
 
     let mut affinities: Vec<AffinityKeyV4> = Vec::new();
     for entry in maps.affinity.iter() {

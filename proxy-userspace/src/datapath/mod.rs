@@ -130,7 +130,9 @@ pub struct LoadOptions {
     /// Directory on a bpffs to pin maps (and links) under, so they survive the agent.
     /// `None` keeps everything private to this process (tests).
     pub pin_dir: Option<PathBuf>,
-    /// Capacity of the conntrack map (default [`proxy_common::capacity::CONNTRACK_V4`]).
+    /// Capacity of the established conntrack table (default
+    /// [`proxy_common::capacity::CONNTRACK_V4`]); the new-flow table gets a quarter
+    /// ([`proxy_common::capacity::conntrack_new_for`]).
     pub conntrack_max: Option<u32>,
 }
 
@@ -138,7 +140,12 @@ pub struct LoadOptions {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
     pub backends: HashMap<MapData, u32, BackendV4>,
+    /// Established flows (a plain hash).
     pub conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
+    /// Flows not yet seen both ways (LRU).
+    pub conntrack_new: HashMap<MapData, CtKeyV4, CtEntryV4>,
+    /// When the datapath last found the established table full (one entry).
+    pub conntrack_full: Array<MapData, u64>,
     pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     pub source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
     /// First fragments' ports of datagrams in flight (the datapath keeps it; read by
@@ -148,8 +155,10 @@ pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
     /// The node's network namespace cookie, for the socket-layer hooks.
     pub host_netns: Array<MapData, u64>,
-    /// Capacity the conntrack map was created with.
+    /// Capacity the established conntrack table was created with.
     pub conntrack_capacity: u32,
+    /// Capacity the new-flow conntrack table was created with.
+    pub conntrack_new_capacity: u32,
 }
 
 /// The loaded object: programs plus maps.
@@ -160,10 +169,12 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
+    names::CONNTRACK_NEW_V4,
+    names::CONNTRACK_FULL,
     names::AFFINITY_V4,
     names::SOURCE_RANGES_V4,
     names::FRAGMENTS_V4,
@@ -226,14 +237,23 @@ impl Datapath {
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
-        if let Some(max) = options.conntrack_max {
-            loader.map_max_entries(names::CONNTRACK_V4, max);
-        }
+        let conntrack_capacity = options
+            .conntrack_max
+            .unwrap_or(proxy_common::capacity::CONNTRACK_V4);
+        let conntrack_new_capacity = proxy_common::capacity::conntrack_new_for(conntrack_capacity);
+        loader.map_max_entries(names::CONNTRACK_V4, conntrack_capacity);
+        loader.map_max_entries(names::CONNTRACK_NEW_V4, conntrack_new_capacity);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let maps = Maps {
             services: take(&mut ebpf, names::SERVICES_V4)?,
             backends: take(&mut ebpf, names::BACKENDS_V4)?,
             conntrack: take(&mut ebpf, names::CONNTRACK_V4)?,
+            conntrack_new: take(&mut ebpf, names::CONNTRACK_NEW_V4)?,
+            conntrack_full: {
+                let name = names::CONNTRACK_FULL;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                Array::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
             affinity: take(&mut ebpf, names::AFFINITY_V4)?,
             source_ranges: {
                 let map = ebpf
@@ -268,9 +288,8 @@ impl Datapath {
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
             },
-            conntrack_capacity: options
-                .conntrack_max
-                .unwrap_or(proxy_common::capacity::CONNTRACK_V4),
+            conntrack_capacity,
+            conntrack_new_capacity,
         };
         let mut datapath = Self {
             ebpf,
