@@ -20,7 +20,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use kpr_lab::{
     cluster::{Cluster, CLIENT_IPS, NODE_IPS},
+    lab::Lab,
     netns::Netns,
+    traffic::Conversation,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -449,4 +451,184 @@ fn counter_value(metrics: &str, event: &str) -> u64 {
         .find_map(|line| line.strip_prefix(&prefix))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The SYN flood's target: `web`, three backends, so a connection whose conntrack entry
+/// was evicted is re-balanced to another backend two times in three (and reset).
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const WEB_BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 1, 11),
+    Ipv4Addr::new(10, 244, 1, 12),
+    Ipv4Addr::new(10, 244, 1, 13),
+];
+const ATTACKER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+/// The established conntrack table of the flooded agent (the new-flow table gets a
+/// quarter: 2048 entries, 1024 half-open flows), small so the flood fills it many
+/// times over.
+const FLOOD_CONNTRACK_MAX: &str = "8192";
+const FLOOD_SECONDS: &str = "10";
+/// hping3 stops after this many SYNs even if the 10 s are not over.
+const FLOOD_MAX_SYNS: &str = "3000000";
+const IDLE_CONNECTIONS: usize = 30;
+const STREAMING_CONNECTIONS: usize = 20;
+/// A conversation's answer may take this long under the flood's load.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+fn web_manifest() -> String {
+    let endpoints: String = WEB_BACKENDS
+        .iter()
+        .map(|ip| {
+            format!(
+                "  - addresses: [{ip}]\n    nodeName: node-a\n    conditions: {{ready: true}}\n"
+            )
+        })
+        .collect();
+    format!(
+        r"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: flood}}
+spec:
+  clusterIP: {WEB_VIP}
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-x
+  namespace: flood
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+{endpoints}"
+    )
+}
+
+/// The value of a metric line that starts with `prefix` (labels included).
+fn metric(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[test]
+fn a_syn_flood_from_random_sources_leaves_every_established_connection_alone() {
+    let mut lab = Lab::new().expect("lab");
+    lab.add_pod("client", CLIENT).expect("client");
+    lab.add_pod("attacker", ATTACKER).expect("attacker");
+    for (index, ip) in WEB_BACKENDS.into_iter().enumerate() {
+        let name = format!("web-{index}");
+        lab.add_pod(&name, ip).expect("backend");
+        lab.serve(&name, 8080).expect("serve");
+    }
+    lab.write_manifest("web.yaml", &web_manifest())
+        .expect("manifest");
+    lab.start_agent(&["--conntrack-max", FLOOD_CONNTRACK_MAX])
+        .expect("agent");
+    lab.wait_attached().expect("attached");
+    let web = SocketAddrV4::new(WEB_VIP, 80);
+    let client = &lab.pod("client").netns;
+
+    let mut idle = client
+        .run(|| {
+            (0..IDLE_CONNECTIONS)
+                .map(|_| {
+                    let mut conversation = Conversation::open(web, ANSWER_WAIT)?;
+                    let first = conversation.ask()?;
+                    Ok((conversation, first.server))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("idle connections");
+    let stop = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..STREAMING_CONNECTIONS)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            client
+                .spawn(move || -> Result<(usize, String)> {
+                    let mut conversation = Conversation::open(web, ANSWER_WAIT)?;
+                    let server = conversation.ask()?.server;
+                    let mut answers = 1;
+                    while !stop.load(Ordering::Relaxed) {
+                        let answer = conversation
+                            .ask()
+                            .with_context(|| format!("after {answers} answers"))?;
+                        if answer.server != server {
+                            bail!("moved from {server} to {}", answer.server);
+                        }
+                        answers += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Ok((answers, server))
+                })
+                .expect("streaming thread")
+        })
+        .collect();
+
+    // hping3 in the attacker pod: SYNs to the ClusterIP from random source addresses,
+    // as fast as it can, for 10 s at most and FLOOD_MAX_SYNS at most.
+    let flood = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.pod("attacker").netns.name()])
+        .args(["timeout", "-s", "INT", FLOOD_SECONDS, "hping3", "-q", "-S"])
+        .args(["--rand-source", "--flood", "-c", FLOOD_MAX_SYNS, "-p", "80"])
+        .arg(WEB_VIP.to_string())
+        .output()
+        .expect("hping3 (installed by cargo xtask test)");
+    let hping_stderr = String::from_utf8_lossy(&flood.stderr).into_owned();
+    eprintln!("hping3 {}: {}", flood.status, hping_stderr.trim());
+    stop.store(true, Ordering::Relaxed);
+
+    let mut failures = Vec::new();
+    let mut streamed = 0;
+    for (index, stream) in streams.into_iter().enumerate() {
+        match stream.join().map_err(|_| anyhow::anyhow!("panicked")) {
+            Ok(Ok(Ok((answers, _)))) => streamed += answers,
+            Ok(Ok(Err(error))) | Ok(Err(error)) | Err(error) => {
+                failures.push(format!("streaming connection {index}: {error:#}"));
+            }
+        }
+    }
+    let idle_results = client
+        .run(|| {
+            Ok(idle
+                .iter_mut()
+                .map(|(conversation, server)| match conversation.ask() {
+                    Ok(answer) if answer.server == *server => Ok(()),
+                    Ok(answer) => Err(format!("moved from {server} to {}", answer.server)),
+                    Err(error) => Err(format!("{error:#}")),
+                })
+                .collect::<Vec<_>>())
+        })
+        .expect("idle connections after the flood");
+    for (index, result) in idle_results.into_iter().enumerate() {
+        if let Err(error) = result {
+            failures.push(format!("idle connection {index}: {error}"));
+        }
+    }
+
+    // The flood really flooded: many times more new flows than the new-flow table
+    // holds (its counters reach the metrics within 2 s).
+    let new_table_flows = 8192 / 4 / 2;
+    let mut new_flows = 0.0;
+    lab.wait_for(
+        "the flood's flows in the metrics",
+        Duration::from_secs(10),
+        || {
+            new_flows = metric(
+                &lab.metrics()?,
+                "kpr_datapath_events_total{event=\"new_flow\"} ",
+            )
+            .unwrap_or(0.0);
+            Ok(new_flows > f64::from(10 * new_table_flows))
+        },
+    )
+    .unwrap_or_else(|error| panic!("the flood was too small to mean anything: {error:#}"));
+    eprintln!(
+        "flood: {new_flows} new flows (the new-flow table holds {new_table_flows}); \
+         {IDLE_CONNECTIONS} idle and {STREAMING_CONNECTIONS} streaming connections \
+         ({streamed} answers during the flood); failures: {}",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

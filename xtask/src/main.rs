@@ -229,8 +229,14 @@ fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
-/// The commands the lab runs (`ip`, `sysctl`, `mount`) and their Debian packages.
-const LAB_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("sysctl", "procps"), ("mount", "mount")];
+/// The commands the lab runs (`ip`, `sysctl`, `mount`; `hping3` for the SYN flood of
+/// `tests/tests/real_network.rs`) and their Debian packages.
+const LAB_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("mount", "mount"),
+    ("hping3", "hping3"),
+];
 
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
