@@ -23,7 +23,7 @@ pub mod names {
     pub const CONNTRACK_NEW_V4: &str = "CT_NEW_V4_V2";
     /// When an insert into the established table last failed for lack of room.
     pub const CONNTRACK_FULL: &str = "CT_FULL_V1";
-    pub const AFFINITY_V4: &str = "AFFINITY_V4_V1";
+    pub const AFFINITY_V4: &str = "AFFINITY_V4_V2";
     pub const SOURCE_RANGES_V4: &str = "SRCRANGE_V4_V1";
     pub const FRAGMENTS_V4: &str = "FRAG_V4_V1";
     pub const COUNTERS: &str = "COUNTERS_V2";
@@ -261,7 +261,11 @@ const _: () = assert!(core::mem::size_of::<AffinityKeyV4>() == 8);
 pub struct AffinityValueV4 {
     pub last_used_ns: u64,
     pub backend_id: u32,
-    pub _pad: u32,
+    /// The frontend slot that named the backend when it was chosen: a hit is honoured
+    /// only while a slot of the service (this one first) still names it, so a backend
+    /// that left the service is never followed, even when another service keeps it.
+    pub slot: u16,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<AffinityValueV4>() == 16);
 

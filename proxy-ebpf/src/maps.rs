@@ -40,7 +40,7 @@ pub static CT_FULL_V1: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Session affinity ([`proxy_common::names::AFFINITY_V4`]).
 #[map]
-pub static AFFINITY_V4_V1: LruHashMap<AffinityKeyV4, AffinityValueV4> =
+pub static AFFINITY_V4_V2: LruHashMap<AffinityKeyV4, AffinityValueV4> =
     LruHashMap::with_max_entries(capacity::AFFINITY_V4, 0);
 
 /// loadBalancerSourceRanges by service id ([`proxy_common::names::SOURCE_RANGES_V4`]).

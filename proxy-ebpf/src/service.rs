@@ -10,7 +10,7 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{AFFINITY_V4_V1, BACKEND_V4_V1, SRCRANGE_V4_V1, SVC_V4_V1},
+    maps::{AFFINITY_V4_V2, BACKEND_V4_V1, SRCRANGE_V4_V1, SVC_V4_V1},
     stats,
     verdict::{DropReason, Result},
 };
@@ -81,6 +81,33 @@ fn slot(frontend: &Frontend, slot: u16) -> Option<u32> {
     get(&key).map(|value| value.backend_id)
 }
 
+/// Slots an affinity hit searches when its backend moved to another slot (the syncer
+/// rewrites slots in order when the backend set changes). Beyond them the client is
+/// re-balanced, as if the backend had left: a bounded loop for the verifier and the
+/// packet, and stickiness lost only for services that large after a change.
+const AFFINITY_SEARCH_SLOTS: u16 = 32;
+
+/// The slot of `frontend` that names `backend_id` now: `hint` first, then the first
+/// [`AFFINITY_SEARCH_SLOTS`]. `None`: the backend left the service.
+#[inline(always)]
+fn current_slot(frontend: &Frontend, backend_id: u32, hint: u16) -> Option<u16> {
+    let count = frontend.value.count;
+    if hint >= 1 && hint <= count && slot(frontend, hint) == Some(backend_id) {
+        return Some(hint);
+    }
+    let mut candidate = 1;
+    while candidate <= AFFINITY_SEARCH_SLOTS {
+        if candidate > count {
+            return None;
+        }
+        if slot(frontend, candidate) == Some(backend_id) {
+            return Some(candidate);
+        }
+        candidate += 1;
+    }
+    None
+}
+
 /// Picks the backend for a new flow from `client`. The frontend must have
 /// `count > 0`.
 #[inline(always)]
@@ -93,14 +120,15 @@ pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if affinity {
-        if let Some(found) = AFFINITY_V4_V1.get_ptr(&affinity_key) {
+        if let Some(found) = AFFINITY_V4_V2.get_ptr(&affinity_key) {
             // SAFETY: copied out immediately.
             let found = unsafe { *found };
             let timeout_ns = u64::from(frontend.value.affinity_timeout_s) * 1_000_000_000;
             if now.saturating_sub(found.last_used_ns) <= timeout_ns {
-                if let Some(chosen) = backend(found.backend_id) {
+                let still_member = current_slot(frontend, found.backend_id, found.slot);
+                if let (Some(slot), Some(chosen)) = (still_member, backend(found.backend_id)) {
                     stats::count(counter::AFFINITY_HIT);
-                    remember(&affinity_key, found.backend_id, now);
+                    remember(&affinity_key, found.backend_id, slot, now);
                     return Ok((found.backend_id, chosen));
                 }
             }
@@ -113,23 +141,25 @@ pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result
     let chosen_slot = (random % count + 1) as u16;
     // A slot can vanish while the agent shrinks the service (count lowered first, then
     // slots deleted); slot 1 is the last to go.
-    let backend_id = slot(frontend, chosen_slot)
-        .or_else(|| slot(frontend, 1))
-        .ok_or(DropReason::BACKEND_MISSING)?;
+    let (chosen_slot, backend_id) = match slot(frontend, chosen_slot) {
+        Some(id) => (chosen_slot, id),
+        None => (1, slot(frontend, 1).ok_or(DropReason::BACKEND_MISSING)?),
+    };
     let chosen = backend(backend_id).ok_or(DropReason::BACKEND_MISSING)?;
     if affinity {
-        remember(&affinity_key, backend_id, now);
+        remember(&affinity_key, backend_id, chosen_slot, now);
     }
     Ok((backend_id, chosen))
 }
 
 #[inline(always)]
-fn remember(key: &AffinityKeyV4, backend_id: u32, now: u64) {
+fn remember(key: &AffinityKeyV4, backend_id: u32, slot: u16, now: u64) {
     let value = AffinityValueV4 {
         last_used_ns: now,
         backend_id,
-        _pad: 0,
+        slot,
+        _pad: [0; 2],
     };
     // Losing an affinity record only costs stickiness for one flow; never drop for it.
-    let _ = AFFINITY_V4_V1.insert(key, &value, u64::from(BPF_ANY));
+    let _ = AFFINITY_V4_V2.insert(key, &value, u64::from(BPF_ANY));
 }

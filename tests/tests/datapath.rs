@@ -183,6 +183,56 @@ fn session_affinity_keeps_a_client_on_one_backend_until_the_backend_leaves() {
 }
 
 #[test]
+fn an_affinity_hit_is_honoured_only_while_the_service_still_has_the_backend() {
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    harness.clear().expect("clear");
+    let all = backends3();
+    let other_vip = sock(10, 96, 0, 20, 80);
+    let sticky = |backends: &[std::net::SocketAddrV4]| {
+        frontend(
+            "sticky",
+            addr::vip(),
+            proto::TCP,
+            backends,
+            service_flags::AFFINITY,
+        )
+    };
+    // Another service keeps every backend in the backend map throughout.
+    let other = frontend("other", other_vip, proto::TCP, &all, 0);
+    harness
+        .install(&[sticky(&all), other.clone()])
+        .expect("install");
+    let first = chosen_backend(&mut harness, 31_000);
+
+    // Another backend leaves: the client keeps its own, wherever its slot is now.
+    let another = all
+        .iter()
+        .copied()
+        .find(|b| *b != first)
+        .expect("three backends");
+    let without_another: Vec<_> = all.iter().copied().filter(|b| *b != another).collect();
+    harness
+        .install(&[sticky(&without_another), other.clone()])
+        .expect("shrink by another");
+    for port in 1..20 {
+        assert_eq!(chosen_backend(&mut harness, 31_000 + port), first, "sticks");
+    }
+
+    // Its own backend leaves the service (but not the backend map: `other` uses it).
+    let without_first: Vec<_> = all.iter().copied().filter(|b| *b != first).collect();
+    harness
+        .install(&[sticky(&without_first), other])
+        .expect("shrink by the chosen one");
+    for port in 100..120 {
+        assert_ne!(
+            chosen_backend(&mut harness, 31_000 + port),
+            first,
+            "a backend that left the service is never followed"
+        );
+    }
+}
+
+#[test]
 fn an_expired_flow_is_not_reused() {
     let mut harness = DatapathHarness::new().expect("load datapath");
     harness.clear().expect("clear");
