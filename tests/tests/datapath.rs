@@ -240,7 +240,8 @@ fn an_expired_flow_is_not_reused() {
     harness
         .install(&[frontend("web", addr::vip(), proto::TCP, &[backend], 0)])
         .expect("install");
-    // A stale entry pointing elsewhere, last seen at boot.
+    // A stale established entry pointing elsewhere, idle for longer than the
+    // established timeout (10 s here; the clock is the datapath's).
     let stale_key = CtKeyV4 {
         src_addr: Be32::from_ipv4(*addr::client().ip()),
         dst_addr: Be32::from_ipv4(*addr::vip().ip()),
@@ -249,11 +250,16 @@ fn an_expired_flow_is_not_reused() {
         proto: proto::TCP,
         _pad: [0; 3],
     };
+    let mut config = proxy_common::DatapathConfig::DEFAULT;
+    config.tcp_established_timeout_s = 10;
+    harness.datapath.maps.set_config(&config).expect("config");
+    let now = proxy_userspace::datapath::conntrack::monotonic_now_ns();
     let stale = CtEntryV4 {
-        last_seen_ns: 0,
+        last_seen_ns: now - 11_000_000_000,
+        peer_refreshed_ns: now - 11_000_000_000,
         nat_dst_addr: Be32::from_ipv4(std::net::Ipv4Addr::new(10, 244, 9, 9)),
         nat_dst_port: Be16::from_host(9),
-        flags: ct_flags::REWRITE_DST,
+        flags: ct_flags::REWRITE_DST | ct_flags::SEEN_REPLY | ct_flags::ASSURED,
         ..CtEntryV4::default()
     };
     harness
@@ -262,26 +268,26 @@ fn an_expired_flow_is_not_reused() {
         .conntrack
         .insert(stale_key, stale, 0)
         .expect("insert");
-    // The defaults (24 h) would keep a boot-time entry on a young machine; use 1 s.
-    let mut config = proxy_common::DatapathConfig::DEFAULT;
-    config.tcp_established_timeout_s = 1;
-    harness.datapath.maps.set_config(&config).expect("config");
-    std::thread::sleep(std::time::Duration::from_millis(1100));
     let output = harness
         .run(
             &Frame::tcp(addr::client(), addr::vip(), TcpFlags::SYN).to_bytes(),
             1,
         )
         .expect("run");
+    assert_eq!(
+        output.packet,
+        Frame::tcp(addr::client(), backend, TcpFlags::SYN).to_bytes()
+    );
+    assert!(
+        harness.datapath.maps.conntrack.get(&stale_key, 0).is_err(),
+        "the datapath removed the expired established entry, which would otherwise \
+         shadow the new flow"
+    );
     harness
         .datapath
         .maps
         .set_config(&proxy_common::DatapathConfig::DEFAULT)
         .expect("config");
-    assert_eq!(
-        output.packet,
-        Frame::tcp(addr::client(), backend, TcpFlags::SYN).to_bytes()
-    );
 }
 
 /// The conntrack entries of every flow: `(established?, key, entry)`.
