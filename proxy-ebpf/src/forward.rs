@@ -138,12 +138,14 @@ pub fn send(ctx: &TcContext, pkt: &Packet, hop: NextHop) -> Result<i32> {
     let NextHop::Redirect { ifindex } = hop else {
         return Ok(PASS);
     };
-    decrement_ttl(ctx, pkt)?;
     // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
     let verdict = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
     if verdict != i64::from(TC_ACT_REDIRECT) {
+        // The stack forwards it and decrements the TTL itself.
         return Ok(PASS);
     }
+    // The redirect happens once the program returns, with the packet as it is then.
+    decrement_ttl(ctx, pkt)?;
     stats::count(counter::REDIRECTED);
     Ok(REDIRECT)
 }

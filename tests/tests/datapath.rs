@@ -311,8 +311,8 @@ fn flow_entries(harness: &DatapathHarness) -> Vec<(bool, CtKeyV4, CtEntryV4)> {
 fn age(harness: &mut DatapathHarness, by: Duration) {
     let by = u64::try_from(by.as_nanos()).expect("short");
     for (established, key, mut entry) in flow_entries(harness) {
-        entry.last_seen_ns -= by;
-        entry.peer_refreshed_ns -= by;
+        entry.last_seen_ns = entry.last_seen_ns.saturating_sub(by);
+        entry.peer_refreshed_ns = entry.peer_refreshed_ns.saturating_sub(by);
         let maps = &mut harness.datapath.maps;
         let table = if established {
             &mut maps.conntrack
