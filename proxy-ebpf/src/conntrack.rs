@@ -217,14 +217,13 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
         return Some(entry);
     }
     let is_reply = entry.flags & ct_flags::REPLY != 0;
-    let peer = peer_key(&pkt.tuple, &entry);
     if !is_reply
         && pkt.tuple.proto == proto::TCP
         && is_syn(pkt.tcp_flags)
         && ct_flags::is_closed(entry.flags)
     {
         table.remove(&pkt.tuple);
-        table.remove(&peer);
+        table.remove(&peer_key(&pkt.tuple, &entry));
         return None;
     }
     let state = (entry.flags | transition(pkt, is_reply)) & !DIRECTION;
@@ -233,7 +232,13 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
         && !is_reply
         && state & ct_flags::SEEN_REPLY != 0
         && completes_handshake(pkt)
-        && promote(&pkt.tuple, &entry, &peer, state, now)
+        && promote(
+            &pkt.tuple,
+            &entry,
+            &peer_key(&pkt.tuple, &entry),
+            state,
+            now,
+        )
     {
         return Some(CtEntryV4 {
             flags: flags | ct_flags::ASSURED,
@@ -243,15 +248,17 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
     let state_changed = flags != entry.flags;
     let refresh_peer = now.saturating_sub(entry.peer_refreshed_ns) > CT_PEER_REFRESH_NS;
     // SAFETY: plain stores into the map value of this program run.
-    unsafe {
-        (*ptr).last_seen_ns = now;
-        (*ptr).flags = flags;
-        if refresh_peer {
-            (*ptr).peer_refreshed_ns = now;
-        }
-    }
+    unsafe { (*ptr).last_seen_ns = now };
+    // The established packet's path ends here: one lookup, one store.
     if state_changed || refresh_peer {
-        if let Some(peer_ptr) = table.get(&peer) {
+        // SAFETY: as above.
+        unsafe {
+            (*ptr).flags = flags;
+            if refresh_peer {
+                (*ptr).peer_refreshed_ns = now;
+            }
+        }
+        if let Some(peer_ptr) = table.get(&peer_key(&pkt.tuple, &entry)) {
             // SAFETY: as above.
             unsafe {
                 (*peer_ptr).last_seen_ns = now;
