@@ -302,11 +302,10 @@ pub mod counter {
     pub const AFFINITY_HIT: u32 = 4;
     /// A non-first IPv4 fragment passed untranslated (it carries no ports).
     pub const FRAGMENT_PASSED: u32 = 5;
-    /// A host-network client's connect() or sendto() to a frontend was rewritten to a
-    /// backend by a cgroup sock_addr hook ([`crate::sock`]).
+    /// A client's connect() or sendto() to a frontend was rewritten to a backend by a
+    /// cgroup sock_addr hook ([`crate::sock`]).
     pub const SOCK_TRANSLATED: u32 = 6;
-    /// A host-network client's connect() or sendto() to a frontend without backends was
-    /// refused with ECONNREFUSED (or to a Local-policy frontend without local backends).
+    /// A client's connect() or sendto() to a frontend without backends was refused with ECONNREFUSED (or to a Local-policy frontend without local backends).
     pub const SOCK_REJECTED: u32 = 7;
     /// A new flow from outside was masqueraded to the node's address (SNAT).
     pub const SNAT_FLOW: u32 = 8;
@@ -314,6 +313,12 @@ pub mod counter {
     pub const REDIRECTED: u32 = 9;
     /// A pod reached itself through a service and was masqueraded (hairpin).
     pub const HAIRPIN_FLOW: u32 = 10;
+    /// Of [`SOCK_TRANSLATED`], the sockets of a pod (any network namespace but the
+    /// node's): connections that took the socket path instead of TC.
+    pub const SOCK_TRANSLATED_POD: u32 = 11;
+    /// A connected socket whose backend left was destroyed by the socket iterator
+    /// (`bpf_sock_destroy`), so its application connects again.
+    pub const SOCK_DESTROYED: u32 = 12;
 
     /// First drop reason; everything from here on counts dropped packets.
     pub const FIRST_DROP: u32 = 16;
@@ -333,7 +338,7 @@ pub mod counter {
     pub const DROP_SNAT_PORTS: u32 = 22;
     /// Dropped: SNAT was needed but the agent has not set the node's address.
     pub const DROP_NO_SNAT_ADDR: u32 = 23;
-    /// Refused: a host-network client's connect() or sendto() was translated, but the
+    /// Refused: a client's connect() or sendto() was translated, but the
     /// reverse entry that lets getpeername()/recvfrom() show the frontend could not be
     /// stored. Refusing beats a UDP reply that the client would reject as coming from a
     /// stranger.
@@ -356,8 +361,8 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "snat_flow",
     "redirected",
     "hairpin_flow",
-    "",
-    "",
+    "sock_translated_pod",
+    "sock_destroyed",
     "",
     "",
     "",
@@ -427,6 +432,8 @@ mod tests {
             counter::SNAT_FLOW,
             counter::REDIRECTED,
             counter::HAIRPIN_FLOW,
+            counter::SOCK_TRANSLATED_POD,
+            counter::SOCK_DESTROYED,
             counter::DROP_SOURCE_RANGE,
             counter::DROP_SNAT_PORTS,
             counter::DROP_NO_SNAT_ADDR,

@@ -5,7 +5,8 @@
 //! a new flow's translation, [`snat`] masquerades with a port it claims, [`nat`]
 //! rewrites addresses with their checksums, [`forward`] sends translated packets to
 //! their next hop, [`reject`] answers flows to empty services, [`sock`] translates at the socket layer
-//! for clients in the node's own namespace. Entry points stay thin:
+//! for clients on the node (pods and the node's own processes), [`sock_destroy`] aborts
+//! connected sockets whose backend left. Entry points stay thin:
 //! they call a `try_*` function and return its verdict; errors carry the drop reason
 //! that is counted in [`stats`].
 //!
@@ -28,6 +29,7 @@ mod reject;
 mod service;
 mod snat;
 mod sock;
+mod sock_destroy;
 mod stats;
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};

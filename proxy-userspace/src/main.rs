@@ -116,7 +116,7 @@ fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
 struct RunArgs {
     /// Configuration file with kube-proxy's KubeProxyConfiguration names (clusterCIDR,
     /// conntrack.*, healthzBindAddress, metricsBindAddress, ...) plus ours (bpffs,
-    /// podInterfaces, cgroupPath). Flags given on the command line win over it. Unknown settings
+    /// podInterfaces, cgroupPath, socketLb). Flags given on the command line win over it. Unknown settings
     /// are rejected.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -181,6 +181,12 @@ struct RunArgs {
     /// when the config file sets cgroupPath).
     #[arg(long, value_name = "DIR")]
     cgroup_path: Option<PathBuf>,
+
+    /// Which sockets in the --cgroup-path cgroup are translated at connect()/sendmsg()
+    /// (no per-packet NAT): all (pods and the node's own processes), host (the node's
+    /// network namespace only; pods take the TC path) or off (no hooks attached).
+    #[arg(long, value_enum, default_value_t = proxy_userspace::socket_lb::Mode::All)]
+    socket_lb: proxy_userspace::socket_lb::Mode,
 
     /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
     #[arg(long)]
@@ -340,6 +346,9 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
     {
         args.cgroup_path = Some(value);
     }
+    if let Some(value) = file.socket_lb.filter(|_| !explicit("socket_lb")) {
+        args.socket_lb = value;
+    }
     if let Some(value) = file
         .service_proxy_name
         .clone()
@@ -430,6 +439,7 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         node_port_filters,
         node_ip: args.node_ip,
         cgroup_path: args.cgroup_path.filter(|path| !path.as_os_str().is_empty()),
+        socket_lb: args.socket_lb,
         keep_state: args.keep_state,
         conntrack_max: args.conntrack_max,
         datapath: DatapathConfig {

@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
 pub mod node_network;
+pub mod sock_destroy;
 
 use std::{
     io,
@@ -143,8 +144,8 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
     pub counters: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
-    /// The node's network namespace cookie, for the socket-layer hooks.
-    pub host_netns: Array<MapData, u64>,
+    /// Settings of the socket-layer hooks (which sockets they translate).
+    pub sock_config: Array<MapData, proxy_common::SockConfig>,
     /// Capacity the conntrack map was created with.
     pub conntrack_capacity: u32,
 }
@@ -157,7 +158,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 11] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -166,7 +167,9 @@ pub const ALL_MAPS: [&str; 9] = [
     names::COUNTERS,
     names::CONFIG,
     proxy_common::sock::RNAT_V4_NAME,
-    proxy_common::sock::HOST_NETNS_NAME,
+    proxy_common::sock::CONFIG_NAME,
+    proxy_common::sock::AFFINITY_V4_NAME,
+    proxy_common::sock::DESTROY_V4_NAME,
 ];
 
 /// BPF_FS_MAGIC from linux/magic.h.
@@ -225,7 +228,12 @@ impl Datapath {
         if let Some(max) = options.conntrack_max {
             loader.map_max_entries(names::CONNTRACK_V4, max);
         }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // The kernel's BTF, also to turn the object's kfunc calls into ones the kernel
+        // resolves (see sock_destroy).
+        let btf = aya::Btf::from_sys_fs().ok();
+        loader.btf(btf.as_ref());
+        let object = sock_destroy::patch_kfunc_calls(EBPF_OBJECT, btf.as_ref());
+        let mut ebpf = loader.load(&object)?;
         let maps = Maps {
             services: take(&mut ebpf, names::SERVICES_V4)?,
             backends: take(&mut ebpf, names::BACKENDS_V4)?,
@@ -258,8 +266,8 @@ impl Datapath {
                     source,
                 })?
             },
-            host_netns: {
-                let name = proxy_common::sock::HOST_NETNS_NAME;
+            sock_config: {
+                let name = proxy_common::sock::CONFIG_NAME;
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
             },
@@ -331,16 +339,16 @@ impl Maps {
         })
     }
 
-    /// Tells the socket-layer hooks which network namespace is the node's (its
-    /// `SO_NETNS_COOKIE`); sockets of other namespaces are left to the TC programs.
+    /// Tells the socket-layer hooks which network namespace is the node's and which
+    /// sockets to translate.
     ///
     /// # Errors
     /// When the kernel refuses the write.
-    pub fn set_host_netns(&mut self, cookie: u64) -> Result<()> {
-        self.host_netns
-            .set(0, cookie, 0)
+    pub fn set_sock_config(&mut self, config: &proxy_common::SockConfig) -> Result<()> {
+        self.sock_config
+            .set(0, config, 0)
             .map_err(|source| Error::Map {
-                name: proxy_common::sock::HOST_NETNS_NAME,
+                name: proxy_common::sock::CONFIG_NAME,
                 source,
             })
     }
