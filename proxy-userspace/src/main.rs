@@ -31,7 +31,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Remove every program link and pinned map the agent left (like kube-proxy --cleanup).
     Cleanup(CleanupArgs),
-    /// Print what a running node's maps hold: services, conntrack, affinity, counters.
+    /// Print what a running node's maps hold: services, conntrack, affinity, sockets,
+    /// counters.
     Inspect(InspectArgs),
     /// Say which frontend a packet matches and which backend the datapath would choose.
     Trace(TraceArgs),
@@ -70,8 +71,12 @@ enum InspectWhat {
         #[arg(long, value_parser = parse_protocol)]
         protocol: Option<u8>,
     },
-    /// Session affinity records.
+    /// Session affinity records (TC path by client address, socket path by client
+    /// network namespace).
     Affinity,
+    /// Sockets translated at connect()/sendmsg() by the socket-layer hooks (flows that
+    /// took the socket path and so have no conntrack entry).
+    Sockets,
     /// Datapath event counters, summed over CPUs.
     Counters,
 }
@@ -537,16 +542,39 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
                 return print_json(&records);
             }
             println!(
-                "{:<16} {:>4} {:<22} {:>8}",
-                "CLIENT", "ID", "BACKEND", "IDLE_S"
+                "{:<6} {:<26} {:>4} {:<22} {:>8}",
+                "PATH", "CLIENT", "ID", "BACKEND", "IDLE_S"
             );
             for record in records {
                 println!(
-                    "{:<16} {:>4} {:<22} {:>8.1}",
+                    "{:<6} {:<26} {:>4} {:<22} {:>8.1}",
+                    record.path,
                     record.client,
                     record.service_id,
                     record.backend.unwrap_or_else(|| "(gone)".into()),
                     record.idle_s
+                );
+            }
+        }
+        InspectWhat::Sockets => {
+            let sockets = inspect::sockets(&maps)?;
+            if args.json {
+                return print_json(&sockets);
+            }
+            println!(
+                "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} CONNECTED",
+                "NETNS", "NETNS_COOKIE", "PROTO", "FRONTEND", "BACKEND", "ID"
+            );
+            for socket in sockets {
+                println!(
+                    "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} {}",
+                    socket.netns,
+                    socket.netns_cookie,
+                    socket.protocol,
+                    socket.frontend,
+                    socket.backend,
+                    socket.service_id,
+                    if socket.connected { "yes" } else { "no" }
                 );
             }
         }

@@ -19,6 +19,7 @@ use std::{collections::BTreeSet, path::Path};
 
 use aya::maps::{HashMap, MapData};
 use proxy_common::{
+    proto,
     sock::{self, rev_flags},
     AffinityValueV4, SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4,
 };
@@ -122,7 +123,7 @@ pub fn configure(datapath: &mut Datapath, mode: Mode) -> Result<(), Error> {
 /// What [`forget_backends`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Forgotten {
-    /// Reverse entries of the removed backends.
+    /// Reverse entries of connected UDP sockets of the removed backends.
     pub reverse_entries: usize,
     /// Socket-layer affinity entries.
     pub affinities: usize,
@@ -180,13 +181,17 @@ pub fn forget_backends(
             pairs.contains(&(value.service_id, value.backend_id))
         })?;
         for (key, value) in &stale {
-            if value.flags & rev_flags::CONNECTED != 0 {
-                cookies.insert(key.cookie);
-                namespaces.insert(value.netns_cookie);
+            if value.flags & rev_flags::CONNECTED == 0 {
+                // Unconnected UDP: translated again on its next datagram; the entry
+                // still shows the frontend for a late reply of the old backend.
+                continue;
             }
-            // The socket is destroyed below, or unconnected and translated again on
-            // its next datagram: either way the entry has nothing left to restore.
-            if reverse.remove(key).is_ok() {
+            cookies.insert(key.cookie);
+            namespaces.insert(value.netns_cookie);
+            // A connected UDP socket is destroyed below: its entry has nothing left to
+            // restore. A TCP socket is destroyed only while still connecting; an
+            // established one keeps its backend, and getpeername() its frontend.
+            if key.proto == proto::UDP && reverse.remove(key).is_ok() {
                 forgotten.reverse_entries += 1;
             }
         }

@@ -61,6 +61,24 @@ impl SocketLab {
             .expect("cgroup hooks attached");
     }
 
+    /// Starts the agent with `extra` arguments that keep the hooks off
+    /// (`--socket-lb off`): waits for TC and for the cgroup to hold none of ours.
+    ///
+    /// # Panics
+    /// When the agent does not come up or hooks stay attached.
+    pub fn start_agent_without_hooks(&mut self, extra: &[&str]) {
+        let path = self.cgroup.path().display().to_string();
+        let mut args = vec!["--cgroup-path", path.as_str()];
+        args.extend_from_slice(extra);
+        self.lab.start_agent(&args).expect("agent");
+        self.lab.wait_attached().expect("TC hooks attached");
+        self.lab
+            .wait_for("the cgroup hooks to be detached", DEADLINE, || {
+                Ok(hooks(self.cgroup.path()).is_empty())
+            })
+            .expect("no cgroup hooks");
+    }
+
     /// `count` requests from a client process in the node namespace, inside the test's
     /// cgroup or not.
     #[must_use]
