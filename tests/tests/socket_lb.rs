@@ -340,7 +340,7 @@ fn connected_udp_sockets_of_a_removed_backend_are_destroyed_and_reconnect() {
             );
         }
         let next = session.ask().expect("request after the move");
-        let _ = answered_by(&[next.clone()], &["web-1", "web-2"]);
+        let _ = answered_by(std::slice::from_ref(&next), &["web-1", "web-2"]);
         assert_eq!(
             next.source.as_deref(),
             Some("10.96.0.53:53"),

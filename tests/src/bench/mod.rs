@@ -1,7 +1,11 @@
 //! The benchmark against kube-proxy (`cargo xtask bench`, binary `kpr-bench`): the
 //! same lab, the same services and the same traffic through each dataplane:
 //!
-//! - `ebpf`: our agent in the node namespace, reading the services as manifests;
+//! - `ebpf`: our agent in the node namespace, reading the services as manifests, with
+//!   the socket-layer hooks on the bench's own cgroup (`--socket-lb all`): the client
+//!   pod's connections are translated at `connect()`;
+//! - `ebpf-tc`: the same agent with the hooks off (`--socket-lb off`): every packet
+//!   through the TC programs, as for traffic the hooks cannot see;
 //! - `iptables` / `iptables-legacy`: the rules kube-proxy's iptables proxier writes
 //!   for those services ([`iptables`]), loaded into the node namespace with
 //!   `iptables-nft-restore` (the Debian default backend) or `iptables-legacy-restore`;
@@ -37,6 +41,7 @@ use services::ServiceSet;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {
     Ebpf,
+    EbpfTc,
     Iptables,
     IptablesLegacy,
     Nftables,
@@ -45,12 +50,25 @@ pub enum Mode {
 
 impl Mode {
     /// The default set, in the order they alternate.
-    pub const DEFAULT: [Self; 4] = [Self::Ebpf, Self::Iptables, Self::Nftables, Self::None];
+    pub const DEFAULT: [Self; 5] = [
+        Self::Ebpf,
+        Self::EbpfTc,
+        Self::Iptables,
+        Self::Nftables,
+        Self::None,
+    ];
+
+    /// Whether our agent is the dataplane.
+    #[must_use]
+    pub fn is_ebpf(self) -> bool {
+        matches!(self, Self::Ebpf | Self::EbpfTc)
+    }
 
     #[must_use]
     pub fn label(self) -> &'static str {
         match self {
             Self::Ebpf => "ebpf",
+            Self::EbpfTc => "ebpf-tc",
             Self::Iptables => "iptables",
             Self::IptablesLegacy => "iptables-legacy",
             Self::Nftables => "nftables",
@@ -65,12 +83,13 @@ impl FromStr for Mode {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "ebpf" => Ok(Self::Ebpf),
+            "ebpf-tc" => Ok(Self::EbpfTc),
             "iptables" => Ok(Self::Iptables),
             "iptables-legacy" => Ok(Self::IptablesLegacy),
             "nftables" => Ok(Self::Nftables),
             "none" => Ok(Self::None),
             other => Err(format!(
-                "unknown mode {other:?} (ebpf, iptables, iptables-legacy, nftables, none)"
+                "unknown mode {other:?} (ebpf, ebpf-tc, iptables, iptables-legacy, nftables, none)"
             )),
         }
     }
@@ -179,7 +198,7 @@ pub fn run(config: &Config) -> Result<Report> {
         .collect::<Result<_>>()?;
     let mut report = Report::new(config);
 
-    if config.modes.contains(&Mode::Ebpf) {
+    if config.modes.iter().any(|mode| mode.is_ebpf()) {
         for set in &sets {
             eprintln!("tc program cost at N={} ...", set.len());
             let cost = tc_cost::measure(set, config.tc_repeat, config.tc_new_flows)
@@ -196,16 +215,26 @@ pub fn run(config: &Config) -> Result<Report> {
         .into_iter()
         .map(|set| Programs::new(set, &config.modes))
         .collect();
+    // The socket-layer hooks see processes by cgroup: the bench's clients are threads
+    // of this process, so it joins a cgroup of its own for the run (and leaves it
+    // after). No hook is on it except while an `ebpf` agent runs.
+    let cgroup = config
+        .modes
+        .contains(&Mode::Ebpf)
+        .then(|| runner::JoinedCgroup::join(&crate::netns::unique_prefix()))
+        .transpose()?;
+    let socket_cgroup = cgroup.as_ref().map(runner::JoinedCgroup::path);
     for round in 1..=config.rounds {
         for programs in &programs {
             for &mode in &config.modes {
-                let cell = runner::measure(config, programs, mode, round).with_context(|| {
-                    format!(
-                        "{} with {} services (round {round})",
-                        mode.label(),
-                        programs.set.len()
-                    )
-                })?;
+                let cell = runner::measure(config, programs, mode, round, socket_cgroup)
+                    .with_context(|| {
+                        format!(
+                            "{} with {} services (round {round})",
+                            mode.label(),
+                            programs.set.len()
+                        )
+                    })?;
                 eprintln!(
                     "[round {round}/{}] N={:<6} {:<15} {:>8.0} conn/s  p50 {:>6.0} us  p99 {:>6.0} us  {:>7.0} MB/s  program {} ms  change {} ms",
                     config.rounds,

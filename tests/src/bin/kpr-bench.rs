@@ -14,11 +14,11 @@ use kpr_lab::bench::{self, report::utc_timestamp, Config, Mode};
     about = "Benchmark the eBPF dataplane against kube-proxy's iptables and nftables rules"
 )]
 struct Args {
-    /// Modes, alternated in this order: ebpf, iptables, iptables-legacy, nftables, none.
+    /// Modes, alternated in this order: ebpf, ebpf-tc, iptables, iptables-legacy, nftables, none.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ebpf,iptables,nftables,none"
+        default_value = "ebpf,ebpf-tc,iptables,nftables,none"
     )]
     modes: Vec<Mode>,
     /// Service counts N (add 50000 where the machine holds it).
