@@ -162,6 +162,9 @@ pub enum Mode {
     UdpConnected,
     /// sendto() and recvfrom() on an unconnected UDP socket.
     UdpUnconnected,
+    /// connect() that waits up to 30 s (a handshake that gets no answer stays in
+    /// SYN-SENT), then one line each way.
+    TcpWait,
     /// One TCP connection kept open, one request per line on stdin ([`Session`]); a
     /// failed request closes it and the next one connects again.
     TcpSession,
@@ -178,15 +181,17 @@ impl Mode {
             Self::Tcp => "tcp",
             Self::UdpConnected => "udp-connected",
             Self::UdpUnconnected => "udp-unconnected",
+            Self::TcpWait => "tcp-wait",
             Self::TcpSession => "tcp-session",
             Self::UdpSession => "udp-session",
         }
     }
 
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Tcp,
         Self::UdpConnected,
         Self::UdpUnconnected,
+        Self::TcpWait,
         Self::TcpSession,
         Self::UdpSession,
     ];
@@ -211,9 +216,10 @@ pub fn run_client(
     count: usize,
 ) -> Result<Vec<Outcome>> {
     let mut child = spawn_client(client, netns, cgroup, mode, dst, count, Stdio::null())?;
-    // Every request has its own 2 s timeouts; this only bounds a hung client.
+    // Every request has its own 2 s timeouts (30 s for tcp-wait); this only bounds a
+    // hung client.
     let deadline = Instant::now()
-        + Duration::from_secs(10)
+        + Duration::from_secs(40)
         + Duration::from_secs(5) * u32::try_from(count).unwrap_or(u32::MAX);
     let status = loop {
         if let Some(status) = child.try_wait()? {

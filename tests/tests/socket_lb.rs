@@ -428,3 +428,48 @@ fn socket_lb_connections_survive_an_agent_restart_and_off_detaches_the_hooks() {
         counter(&before, "sock_translated")
     );
 }
+
+#[test]
+fn a_connect_still_waiting_for_a_removed_backend_is_aborted() {
+    let mut lab = socket_lab();
+    const SLOW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
+    write(
+        &lab,
+        "slow.yaml",
+        &service("slow", SLOW_VIP, "TCP", "", &[("web-2", "node-a")]),
+    );
+    // web-2's answers to the client go nowhere: the client's handshake stays in
+    // SYN-SENT, retransmitting.
+    lab.lab
+        .pod("web-2")
+        .netns
+        .ip(&["route", "add", "blackhole", &format!("{CLIENT_IP}/32")])
+        .expect("blackhole route");
+    lab.start_agent(&[]);
+    let connecting = std::thread::scope(|scope| {
+        let client =
+            scope.spawn(|| lab.pod_client("client", true, Mode::TcpWait, sock(SLOW_VIP, 80), 1));
+        // The socket was translated (its reverse entry exists) and is connecting.
+        lab.lab
+            .wait_for("the connect() to be translated", DEADLINE, || {
+                let sockets = inspect_json(&lab.lab, "sockets");
+                Ok(sockets.as_array().is_some_and(|entries| {
+                    entries
+                        .iter()
+                        .any(|entry| entry["frontend"] == "10.96.0.60:80")
+                }))
+            })
+            .expect("translated");
+        write(
+            &lab,
+            "slow.yaml",
+            &service("slow", SLOW_VIP, "TCP", "", &[("web-1", "node-a")]),
+        );
+        client.join().expect("client thread")
+    });
+    // Aborted when web-2 left, instead of waiting out the handshake's timeout.
+    assert_eq!(connecting.len(), 1);
+    assert_eq!(connecting[0].errno, Some(ECONNABORTED), "{connecting:?}");
+    let next = lab.pod_client("client", true, Mode::Tcp, sock(SLOW_VIP, 80), 2);
+    let _ = answered_by(&next, &["web-1"]);
+}

@@ -43,8 +43,8 @@ fn answered(text: &str, outcome: Outcome) -> Outcome {
     }
 }
 
-fn tcp(dst: SocketAddrV4) -> std::io::Result<Outcome> {
-    let stream = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+fn tcp(dst: SocketAddrV4, connect_timeout: Duration) -> std::io::Result<Outcome> {
+    let stream = TcpStream::connect_timeout(&dst.into(), connect_timeout)?;
     let peer = stream.peer_addr()?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     (&stream).write_all(b"hello\n")?;
@@ -189,7 +189,8 @@ fn main() -> ExitCode {
     let mut stdout = std::io::stdout().lock();
     for _ in 0..count {
         let result = match mode {
-            Mode::Tcp => tcp(dst),
+            Mode::Tcp => tcp(dst, TIMEOUT),
+            Mode::TcpWait => tcp(dst, Duration::from_secs(30)),
             Mode::UdpConnected => udp(dst, true),
             Mode::UdpUnconnected => udp(dst, false),
             Mode::TcpSession | Mode::UdpSession => break,
