@@ -18,6 +18,7 @@
 //! (every mode at one service count, then the next count, then the next round) so
 //! that drift of the machine spreads over all of them; each figure is the median
 //! over rounds. Every measurement gets a fresh lab ([`runner`]).
+pub mod bpf_stats;
 pub mod hash;
 pub mod iptables;
 pub mod measure;
@@ -117,6 +118,9 @@ pub struct Config {
     pub tc_repeat: u32,
     /// New flows measured one run each.
     pub tc_new_flows: u16,
+    /// Per-program run time of the agent's programs during the connection test
+    /// ([`bpf_stats`]; machine-wide kernel statistics while on, so opt-in).
+    pub bpf_stats: bool,
     /// Where the CSV, JSON and SVG go.
     pub out: PathBuf,
     /// The command line, recorded in the JSON.
@@ -136,6 +140,7 @@ impl Default for Config {
             clients: 2,
             tc_repeat: 100_000,
             tc_new_flows: 2000,
+            bpf_stats: false,
             out: PathBuf::from("target/bench"),
             command: String::new(),
         }
@@ -247,6 +252,12 @@ pub fn run(config: &Config) -> Result<Report> {
                     report::optional(cell.program_ms, 1),
                     report::optional(cell.change_ms, 2),
                 );
+                for (program, cost) in &cell.programs {
+                    eprintln!(
+                        "    {program:<20} {:>5.2} runs/conn {:>7.0} ns/run {:>7.0} ns/conn",
+                        cost.runs_per_conn, cost.ns_per_run, cost.ns_per_conn
+                    );
+                }
                 report.cells.push(cell);
             }
         }

@@ -76,6 +76,9 @@ pub struct Cell {
     /// ebpf modes, during the connection test: new flows the TC programs translated
     /// (`new_flow`).
     pub tc_new_flows: u64,
+    /// ebpf modes with `--bpf-stats`: each of the agent's programs that ran during the
+    /// connection test.
+    pub programs: std::collections::BTreeMap<String, super::bpf_stats::ProgramCost>,
 }
 
 /// What a measurement programs, generated once per service count.
@@ -277,9 +280,20 @@ pub fn measure(
         .is_ebpf()
         .then(|| datapath_counters(&bench.lab))
         .transpose()?;
+    let stats = (config.bpf_stats && mode.is_ebpf())
+        .then(|| -> Result<_> {
+            let enabled = super::bpf_stats::enable()?;
+            Ok((enabled, super::bpf_stats::snapshot(&bench.lab.pin_dir())?))
+        })
+        .transpose()?;
     let cpu_before = MachineCpu::read()?;
     let crr = workload::connect_request_close(client, &targets, config.clients, config.duration)?;
     let cpu = MachineCpu::read()?.since(cpu_before);
+    if let Some((_enabled, before)) = &stats {
+        let after = super::bpf_stats::snapshot(&bench.lab.pin_dir())?;
+        cell.programs = super::bpf_stats::costs(before, &after, crr.connections);
+    }
+    drop(stats);
     if let Some(before) = counters_before {
         let after = datapath_counters(&bench.lab)?;
         let delta = |name: &str| {
