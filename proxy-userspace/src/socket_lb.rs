@@ -95,6 +95,11 @@ pub fn hooked_cgroup(config: &crate::agent::AgentConfig) -> Option<&Path> {
         .filter(|_| config.socket_lb.hooks_attached())
 }
 
+/// Pins of socket-layer maps whose layout an earlier version used: an upgraded agent
+/// removes them, since nothing reads them any more (the `_V1` reverse map had no
+/// namespace, service or backend; the namespace cookie array became [`SockConfig`]).
+const RETIRED_PINS: [&str; 2] = ["SOCK_RNAT_V4_V1", "SOCK_HOSTNS_V1"];
+
 /// Writes the settings the hooks read: the node's namespace (the agent runs in it,
 /// hostNetwork) and the mode. Also reports at start whether stale sockets can be
 /// destroyed on this kernel.
@@ -112,6 +117,13 @@ pub fn configure(datapath: &mut Datapath, mode: Mode) -> Result<(), Error> {
         })
         .map_err(Error::Config)?;
     info!(mode = mode.label(), "socket-layer load balancing");
+    if let Some(dir) = &datapath.pin_dir {
+        for name in RETIRED_PINS {
+            if std::fs::remove_file(dir.join(name)).is_ok() {
+                info!(map = name, "removed the pin of a retired map layout");
+            }
+        }
+    }
     if mode.hooks_attached() {
         if let Err(error) = sock_destroy::check(datapath) {
             warn!(error = %crate::error_chain(&error), "connected UDP sockets of removed backends cannot be destroyed on this kernel; they keep their backend until they close");

@@ -288,3 +288,93 @@ fn run_iterator(program: i32) -> io::Result<()> {
     File::from(iterator).read_to_end(&mut output)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kfunc calls of the real object, as (section, instruction bytes).
+    fn kfunc_calls(bytes: &[u8]) -> Vec<(String, [u8; 8])> {
+        let file = object::File::parse(bytes).expect("the eBPF object parses");
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            let Some((offset, _)) = section.file_range() else {
+                continue;
+            };
+            for (at, relocation) in section.relocations() {
+                let RelocationTarget::Symbol(index) = relocation.target() else {
+                    continue;
+                };
+                let symbol = file.symbol_by_index(index).expect("symbol");
+                if symbol.name() == Ok("bpf_sock_destroy") {
+                    let start = usize::try_from(offset + at).expect("offset");
+                    let mut instruction = [0u8; 8];
+                    instruction.copy_from_slice(&bytes[start..start + 8]);
+                    calls.push((section.name().unwrap_or("?").to_owned(), instruction));
+                }
+            }
+        }
+        calls
+    }
+
+    #[test]
+    fn every_bpf_sock_destroy_call_becomes_a_kfunc_call() {
+        let object = super::super::EBPF_OBJECT;
+        let before = kfunc_calls(object);
+        let sections: BTreeSet<&str> = before.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            sections,
+            BTreeSet::from(["iter/tcp", "iter/udp"]),
+            "{before:?}"
+        );
+        for (_, instruction) in &before {
+            // As bpf-linker leaves it: call (0x85), src_reg 1 (BPF-to-BPF), imm -1.
+            assert_eq!(instruction[0], 0x85);
+            assert_eq!(instruction[1] >> 4, 1);
+        }
+        // No kernel BTF: the call is still rewritten (so aya can link the object), with
+        // id 0, which only the verifier of that one program refuses.
+        for (_, instruction) in kfunc_calls(&patch_kfunc_calls(object, None)) {
+            assert_eq!(instruction[0], 0x85);
+            assert_eq!(instruction[1] >> 4, BPF_PSEUDO_KFUNC_CALL);
+            assert_eq!(instruction[1] & 0x0f, 0, "dst_reg untouched");
+            assert_eq!(
+                i32::from_le_bytes(instruction[4..8].try_into().expect("imm")),
+                0
+            );
+        }
+    }
+
+    #[test]
+    fn the_kfunc_gets_the_kernels_btf_id() {
+        // The machine's own BTF: the kernels this project supports all have it.
+        let btf = Btf::from_sys_fs().expect("/sys/kernel/btf/vmlinux");
+        let id = btf
+            .id_by_type_name_kind("bpf_sock_destroy", aya_obj::btf::BtfKind::Func)
+            .expect("kernel 6.5+ has bpf_sock_destroy");
+        let patched = patch_kfunc_calls(super::super::EBPF_OBJECT, Some(&btf));
+        for (_, instruction) in kfunc_calls(&patched) {
+            assert_eq!(
+                u32::from_le_bytes(instruction[4..8].try_into().expect("imm")),
+                id
+            );
+        }
+    }
+
+    #[test]
+    fn other_bytes_stay_as_they_were() {
+        let object = super::super::EBPF_OBJECT;
+        let patched = patch_kfunc_calls(object, None);
+        let changed = object
+            .iter()
+            .zip(&patched)
+            .filter(|(old, new)| old != new)
+            .count();
+        // Per call: the register byte and up to four immediate bytes.
+        assert!(
+            changed <= 5 * kfunc_calls(object).len(),
+            "{changed} bytes changed"
+        );
+        assert_eq!(patched.len(), object.len());
+    }
+}

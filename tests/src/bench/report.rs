@@ -488,6 +488,7 @@ mod tests {
             established_ns: 60.0,
             miss_ns: 30.0,
             single_run_miss_ns: 200.0,
+            new_flow_one_service_ns: 250.0,
         });
         report.summarize();
         assert_eq!(report.summary.len(), 2);
