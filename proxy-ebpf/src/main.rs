@@ -12,7 +12,10 @@
 //!
 //! Hooks: TC on pod-facing interfaces (`tc_pod_*`: pods as clients and as backends)
 //! and on the node's external interfaces (`tc_node_*`: NodePort, externalIPs,
-//! LoadBalancer IPs, replies of remote backends).
+//! LoadBalancer IPs, replies of remote backends); cgroup v2 sock_addr hooks
+//! (`sock_*4`, in [`sock`]: clients on the node, at `connect()`/`sendmsg()`); socket
+//! iterators (`sock_destroy_*`, in [`sock_destroy`]: run by the agent when backends
+//! leave).
 #![no_std]
 #![no_main]
 

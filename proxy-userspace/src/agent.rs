@@ -112,7 +112,7 @@ pub async fn run(
         .maps
         .set_config(&datapath_config(&config, &node))
         .context("writing the datapath settings")?;
-    socket_lb::configure(&mut datapath, config.socket_lb)?;
+    socket_lb::configure(&mut datapath, &config)?;
     let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
     if !mirror.services.is_empty() {
         info!(

@@ -102,11 +102,12 @@ const RETIRED_PINS: [&str; 2] = ["SOCK_RNAT_V4_V1", "SOCK_HOSTNS_V1"];
 
 /// Writes the settings the hooks read: the node's namespace (the agent runs in it,
 /// hostNetwork) and the mode. Also reports at start whether stale sockets can be
-/// destroyed on this kernel.
+/// destroyed on this kernel, when hooks are to be attached.
 ///
 /// # Errors
 /// When the cookie cannot be read or the map written.
-pub fn configure(datapath: &mut Datapath, mode: Mode) -> Result<(), Error> {
+pub fn configure(datapath: &mut Datapath, config: &crate::agent::AgentConfig) -> Result<(), Error> {
+    let mode = config.socket_lb;
     let host_netns_cookie = cgroup::own_netns_cookie().map_err(Error::NetnsCookie)?;
     datapath
         .maps
@@ -116,7 +117,16 @@ pub fn configure(datapath: &mut Datapath, mode: Mode) -> Result<(), Error> {
             _pad: 0,
         })
         .map_err(Error::Config)?;
-    info!(mode = mode.label(), "socket-layer load balancing");
+    let hooked = hooked_cgroup(config);
+    match hooked {
+        Some(cgroup) => {
+            info!(mode = mode.label(), cgroup = %cgroup.display(), "socket-layer load balancing")
+        }
+        None => info!(
+            mode = mode.label(),
+            "socket-layer load balancing: no hooks (no --cgroup-path, or off)"
+        ),
+    }
     if let Some(dir) = &datapath.pin_dir {
         for name in RETIRED_PINS {
             if std::fs::remove_file(dir.join(name)).is_ok() {
@@ -124,7 +134,7 @@ pub fn configure(datapath: &mut Datapath, mode: Mode) -> Result<(), Error> {
             }
         }
     }
-    if mode.hooks_attached() {
+    if hooked.is_some() {
         if let Err(error) = sock_destroy::check(datapath) {
             warn!(error = %crate::error_chain(&error), "connected UDP sockets of removed backends cannot be destroyed on this kernel; they keep their backend until they close");
         }
