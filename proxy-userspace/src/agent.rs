@@ -360,6 +360,7 @@ fn sync_once(
     }
     if let Err(error) = socket_lb::forget_backends(datapath, socket_cgroup, &report.removed_pairs) {
         warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
+        metrics.socket_forget_failures.inc();
     }
     metrics.synced(started.elapsed(), SystemTime::now());
     metrics.observe_programmed(&snapshot.state, SystemTime::now());
