@@ -99,7 +99,7 @@ impl TestCgroup {
 
 /// Removes cgroups named by lab runs whose process is gone. rmdir only succeeds on an
 /// empty cgroup, so nothing alive is ever disturbed.
-fn sweep_stale(mount: &Path) {
+pub(crate) fn sweep_stale(mount: &Path) {
     let Ok(entries) = std::fs::read_dir(mount) else {
         return;
     };

@@ -415,6 +415,8 @@ impl JoinedCgroup {
     /// When there is no cgroup2 mount or the move fails.
     pub fn join(prefix: &str) -> Result<Self> {
         let mount = crate::host::cgroup2_mount()?;
+        // Empty cgroups of crashed runs (a SIGKILLed bench cannot move back).
+        crate::host::sweep_stale(&mount);
         let own = std::fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
         // cgroup v2: the one line `0::/path`.
         let relative = own
