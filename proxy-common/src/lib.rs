@@ -17,7 +17,7 @@ pub mod maps;
 pub mod sock;
 
 pub use maps::*;
-pub use sock::{SockRevKeyV4, SockRevValueV4, HOST_AFFINITY_CLIENT};
+pub use sock::{SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4};
 
 /// A `u16` in network byte order, as it sits in a packet header.
 #[repr(transparent)]

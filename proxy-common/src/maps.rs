@@ -26,7 +26,7 @@ pub mod names {
     pub const AFFINITY_V4: &str = "AFFINITY_V4_V2";
     pub const SOURCE_RANGES_V4: &str = "SRCRANGE_V4_V1";
     pub const FRAGMENTS_V4: &str = "FRAG_V4_V1";
-    pub const COUNTERS: &str = "COUNTERS_V2";
+    pub const COUNTERS: &str = "COUNTERS_V3";
     pub const CONFIG: &str = "CONFIG_V3";
 }
 
@@ -414,11 +414,10 @@ pub mod counter {
     /// A non-first IPv4 fragment passed untranslated: no first fragment of a flow we
     /// translate was seen for its datagram (it is not ours, or it came first).
     pub const FRAGMENT_PASSED: u32 = 5;
-    /// A host-network client's connect() or sendto() to a frontend was rewritten to a
-    /// backend by a cgroup sock_addr hook ([`crate::sock`]).
+    /// A client's connect() or sendto() to a frontend was rewritten to a backend by a
+    /// cgroup sock_addr hook ([`crate::sock`]).
     pub const SOCK_TRANSLATED: u32 = 6;
-    /// A host-network client's connect() or sendto() to a frontend without backends was
-    /// refused with ECONNREFUSED (or to a Local-policy frontend without local backends).
+    /// A client's connect() or sendto() to a frontend without backends was refused with ECONNREFUSED (or to a Local-policy frontend without local backends).
     pub const SOCK_REJECTED: u32 = 7;
     /// A new flow from outside was masqueraded to the node's address (SNAT).
     pub const SNAT_FLOW: u32 = 8;
@@ -442,39 +441,45 @@ pub mod counter {
     /// A flow was seen both ways and moved to the established table, where floods of
     /// new flows cannot evict it.
     pub const CT_ASSURED: u32 = 15;
+    /// Of [`SOCK_TRANSLATED`], the sockets of a pod (any network namespace but the
+    /// node's): connections that took the socket path instead of TC.
+    pub const SOCK_TRANSLATED_POD: u32 = 16;
+    /// A connected socket whose backend left was destroyed by the socket iterator
+    /// (`bpf_sock_destroy`), so its application connects again.
+    pub const SOCK_DESTROYED: u32 = 17;
 
     /// First drop reason; everything from here on counts dropped packets.
-    pub const FIRST_DROP: u32 = 16;
+    pub const FIRST_DROP: u32 = 32;
     /// Dropped: the frontend has no backends and asks for drop (Local policies).
-    pub const DROP_NO_LOCAL_BACKEND: u32 = 16;
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 32;
     /// Dropped: a backend slot or backend vanished under a concurrent update.
-    pub const DROP_BACKEND_MISSING: u32 = 17;
+    pub const DROP_BACKEND_MISSING: u32 = 33;
     /// Dropped: the conntrack map refused the new entry.
-    pub const DROP_CT_INSERT: u32 = 18;
+    pub const DROP_CT_INSERT: u32 = 34;
     /// Dropped: rewriting the packet failed.
-    pub const DROP_REWRITE: u32 = 19;
+    pub const DROP_REWRITE: u32 = 35;
     /// Dropped: the ICMP reject could not be built.
-    pub const DROP_REJECT_FAILED: u32 = 20;
+    pub const DROP_REJECT_FAILED: u32 = 36;
     /// Dropped: the client is outside the service's loadBalancerSourceRanges.
-    pub const DROP_SOURCE_RANGE: u32 = 21;
+    pub const DROP_SOURCE_RANGE: u32 = 37;
     /// Dropped: no free SNAT port for the flow (every try collided with a live flow).
-    pub const DROP_SNAT_PORTS: u32 = 22;
+    pub const DROP_SNAT_PORTS: u32 = 38;
     /// Dropped: SNAT was needed but the agent has not set the node's address.
-    pub const DROP_NO_SNAT_ADDR: u32 = 23;
-    /// Refused: a host-network client's connect() or sendto() was translated, but the
+    pub const DROP_NO_SNAT_ADDR: u32 = 39;
+    /// Refused: a client's connect() or sendto() was translated, but the
     /// reverse entry that lets getpeername()/recvfrom() show the frontend could not be
     /// stored. Refusing beats a UDP reply that the client would reject as coming from a
     /// stranger.
-    pub const DROP_SOCK_RNAT_INSERT: u32 = 24;
+    pub const DROP_SOCK_RNAT_INSERT: u32 = 40;
     /// Dropped: a redirected packet's TTL ran out and no ICMP time exceeded could be
     /// sent (ICMP errors themselves are never answered with one).
-    pub const DROP_TTL_EXCEEDED: u32 = 25;
+    pub const DROP_TTL_EXCEEDED: u32 = 41;
     /// Dropped: a new flow while the established conntrack table is full (the kernel's
     /// "table full, dropping packet"); established flows keep working.
-    pub const DROP_CT_FULL: u32 = 26;
+    pub const DROP_CT_FULL: u32 = 42;
 
     /// Size of the counters map.
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 64;
 }
 
 /// Metric label of each counter index (empty for unused indices).
@@ -495,6 +500,22 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "frag_needed_sent",
     "time_exceeded_sent",
     "ct_assured",
+    "sock_translated_pod",
+    "sock_destroyed",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
     "drop_no_local_backend",
     "drop_backend_missing",
     "drop_ct_insert",
@@ -506,6 +527,22 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "drop_sock_rnat_insert",
     "drop_ttl_exceeded",
     "drop_ct_full",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "",
     "",
     "",
     "",
@@ -563,6 +600,8 @@ mod tests {
             counter::SNAT_FLOW,
             counter::REDIRECTED,
             counter::HAIRPIN_FLOW,
+            counter::SOCK_TRANSLATED_POD,
+            counter::SOCK_DESTROYED,
             counter::DROP_SOURCE_RANGE,
             counter::DROP_SNAT_PORTS,
             counter::DROP_NO_SNAT_ADDR,

@@ -2,18 +2,22 @@
 //!
 //! One module per datapath stage: [`parse`] reads headers, [`conntrack`] finds or
 //! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
-//! a new flow's translation, [`fragments`] lets later IP fragments follow their first, [`snat`] masquerades with a port it claims, [`nat`]
-//! rewrites addresses with their checksums, [`icmp_error`] translates ICMP errors
-//! about translated flows, [`forward`] sends translated packets to their next hop,
-//! [`icmp_reply`] sends the ICMP errors the datapath answers with itself (reject,
-//! fragmentation needed, time exceeded), [`sock`] translates at the socket layer for
-//! clients in the node's own namespace. Entry points stay thin: they call a `try_*`
-//! function and return its verdict; errors carry the typed drop reason
-//! ([`verdict::DropReason`]) that is counted in [`stats`].
+//! a new flow's translation, [`fragments`] lets later IP fragments follow their first,
+//! [`snat`] masquerades with a port it claims, [`nat`] rewrites addresses with their
+//! checksums, [`icmp_error`] translates ICMP errors about translated flows, [`forward`]
+//! sends translated packets to their next hop, [`icmp_reply`] sends the ICMP errors the
+//! datapath answers with itself (reject, fragmentation needed, time exceeded), [`sock`]
+//! translates at the socket layer for clients on the node (pods and the node's own
+//! processes), [`sock_destroy`] aborts connected sockets whose backend left. Entry
+//! points stay thin: they call a `try_*` function and return its verdict; errors carry
+//! the typed drop reason ([`verdict::DropReason`]) that is counted in [`stats`].
 //!
 //! Hooks: TC on pod-facing interfaces (`tc_pod_*`: pods as clients and as backends)
 //! and on the node's external interfaces (`tc_node_*`: NodePort, externalIPs,
-//! LoadBalancer IPs, replies of remote backends).
+//! LoadBalancer IPs, replies of remote backends); cgroup v2 sock_addr hooks
+//! (`sock_*4`, in [`sock`]: clients on the node, at `connect()`/`sendmsg()`); socket
+//! iterators (`sock_destroy_*`, in [`sock_destroy`]: run by the agent when backends
+//! leave).
 #![no_std]
 #![no_main]
 
@@ -32,6 +36,7 @@ mod pod_ingress;
 mod service;
 mod snat;
 mod sock;
+mod sock_destroy;
 mod stats;
 mod verdict;
 

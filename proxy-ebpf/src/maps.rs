@@ -57,7 +57,7 @@ pub static FRAG_V4_V1: LruHashMap<FragKeyV4, FragValueV4> =
 
 /// Event and drop counters ([`proxy_common::counter`]).
 #[map]
-pub static COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+pub static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 /// Runtime settings, one entry ([`proxy_common::DatapathConfig`]).
 #[map]

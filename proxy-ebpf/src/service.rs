@@ -108,32 +108,47 @@ fn current_slot(frontend: &Frontend, backend_id: u32, hint: u16) -> Option<u16> 
     None
 }
 
-/// Picks the backend for a new flow from `client`. The frontend must have
+/// A backend chosen for a new flow, with the slot that named it (kept in affinity
+/// records, so a later hit can check the backend is still the service's).
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    pub backend_id: u32,
+    pub backend: BackendV4,
+    pub slot: u16,
+}
+
+/// The affinity record of `chosen` made at `now`.
+#[inline(always)]
+pub fn affinity_record(chosen: &Chosen, now: u64) -> AffinityValueV4 {
+    AffinityValueV4 {
+        last_used_ns: now,
+        backend_id: chosen.backend_id,
+        slot: chosen.slot,
+        _pad: [0; 2],
+    }
+}
+
+/// The backend an affinity record names, if the record still holds at `now`: within
+/// the service's timeout, and the backend still in one of its slots.
+#[inline(always)]
+pub fn remembered(frontend: &Frontend, record: &AffinityValueV4, now: u64) -> Option<Chosen> {
+    let timeout_ns = u64::from(frontend.value.affinity_timeout_s) * 1_000_000_000;
+    if now.saturating_sub(record.last_used_ns) > timeout_ns {
+        return None;
+    }
+    let slot = current_slot(frontend, record.backend_id, record.slot)?;
+    let backend = backend(record.backend_id)?;
+    Some(Chosen {
+        backend_id: record.backend_id,
+        backend,
+        slot,
+    })
+}
+
+/// A backend picked at random among the frontend's slots. The frontend must have
 /// `count > 0`.
 #[inline(always)]
-pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result<(u32, BackendV4)> {
-    let affinity = frontend.value.flags & service_flags::AFFINITY != 0;
-    let affinity_key = AffinityKeyV4 {
-        client_addr: client,
-        service_id: frontend.value.service_id,
-    };
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if affinity {
-        if let Some(found) = AFFINITY_V4_V2.get_ptr(&affinity_key) {
-            // SAFETY: copied out immediately.
-            let found = unsafe { *found };
-            let timeout_ns = u64::from(frontend.value.affinity_timeout_s) * 1_000_000_000;
-            if now.saturating_sub(found.last_used_ns) <= timeout_ns {
-                let still_member = current_slot(frontend, found.backend_id, found.slot);
-                if let (Some(slot), Some(chosen)) = (still_member, backend(found.backend_id)) {
-                    stats::count(counter::AFFINITY_HIT);
-                    remember(&affinity_key, found.backend_id, slot, now);
-                    return Ok((found.backend_id, chosen));
-                }
-            }
-        }
-    }
+pub fn pick_random(frontend: &Frontend) -> Result<Chosen> {
     let count = u32::from(frontend.value.count);
     // SAFETY: the helper has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
@@ -141,25 +156,42 @@ pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result
     let chosen_slot = (random % count + 1) as u16;
     // A slot can vanish while the agent shrinks the service (count lowered first, then
     // slots deleted); slot 1 is the last to go.
-    let (chosen_slot, backend_id) = match slot(frontend, chosen_slot) {
+    let (slot, backend_id) = match slot(frontend, chosen_slot) {
         Some(id) => (chosen_slot, id),
         None => (1, slot(frontend, 1).ok_or(DropReason::BACKEND_MISSING)?),
     };
-    let chosen = backend(backend_id).ok_or(DropReason::BACKEND_MISSING)?;
-    if affinity {
-        remember(&affinity_key, backend_id, chosen_slot, now);
-    }
-    Ok((backend_id, chosen))
+    let backend = backend(backend_id).ok_or(DropReason::BACKEND_MISSING)?;
+    Ok(Chosen {
+        backend_id,
+        backend,
+        slot,
+    })
 }
 
+/// Picks the backend for a new flow from `client`: the client's affinity record while
+/// it holds, else at random. The frontend must have `count > 0`.
 #[inline(always)]
-fn remember(key: &AffinityKeyV4, backend_id: u32, slot: u16, now: u64) {
-    let value = AffinityValueV4 {
-        last_used_ns: now,
-        backend_id,
-        slot,
-        _pad: [0; 2],
+pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result<(u32, BackendV4)> {
+    if frontend.value.flags & service_flags::AFFINITY == 0 {
+        let chosen = pick_random(frontend)?;
+        return Ok((chosen.backend_id, chosen.backend));
+    }
+    let key = AffinityKeyV4 {
+        client_addr: client,
+        service_id: frontend.value.service_id,
+    };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: copied out immediately.
+    let record = AFFINITY_V4_V2.get_ptr(&key).map(|found| unsafe { *found });
+    let chosen = match record.and_then(|record| remembered(frontend, &record, now)) {
+        Some(chosen) => {
+            stats::count(counter::AFFINITY_HIT);
+            chosen
+        }
+        None => pick_random(frontend)?,
     };
     // Losing an affinity record only costs stickiness for one flow; never drop for it.
-    let _ = AFFINITY_V4_V2.insert(key, &value, u64::from(BPF_ANY));
+    let _ = AFFINITY_V4_V2.insert(&key, &affinity_record(&chosen, now), u64::from(BPF_ANY));
+    Ok((chosen.backend_id, chosen.backend))
 }

@@ -1,6 +1,6 @@
-//! cgroup v2 sock_addr programs: ClusterIP translation for clients in the node's own
-//! network namespace (kubelet, hostNetwork pods), whose packets never cross a pod
-//! interface and so never meet the TC programs.
+//! cgroup v2 sock_addr programs: ClusterIP translation at the socket layer for clients
+//! on this node: pods, and the node's own processes (kubelet, hostNetwork pods), whose
+//! packets never cross a pod interface and so never meet the TC programs.
 //!
 //! The translation happens once per socket (TCP, connected UDP) or once per datagram
 //! (unconnected UDP), before the kernel routes anything: `connect4` and `sendmsg4`
@@ -10,18 +10,25 @@
 //! reverse entry keyed by the socket's cookie, which `getpeername4` and `recvmsg4` use
 //! to show the frontend again.
 //!
-//! The programs share the service, backend, affinity and counter maps with the TC path;
-//! the service lookup and backend choice are the same functions.
+//! The programs share the service, backend and counter maps with the TC path; the
+//! service lookup and backend choice are the same functions. Session affinity has a map
+//! of its own, keyed by the client's network namespace ([`SockAffinityKeyV4`]).
+//!
+//! Which sockets are translated follows [`proxy_common::sock::mode`]: all of the hooked
+//! cgroup's, only the node namespace's, or none.
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
     maps::{Array, LruHashMap},
     programs::SockAddrContext,
     EbpfContext as _,
 };
 use proxy_common::{
-    counter, proto, sock, Be16, Be32, CtKeyV4, SockRevKeyV4, SockRevValueV4, HOST_AFFINITY_CLIENT,
+    counter, proto, service_flags,
+    sock::{self, mode, rev_flags},
+    AffinityValueV4, Be16, Be32, CtKeyV4, SockAffinityKeyV4, SockConfig, SockRevKeyV4,
+    SockRevValueV4,
 };
 
 use crate::{service, stats};
@@ -30,13 +37,17 @@ use crate::{service, stats};
 /// datapath never deletes entries, the oldest make room (see
 /// [`proxy_common::sock::RNAT_V4_CAPACITY`]).
 #[map]
-pub static SOCK_RNAT_V4_V1: LruHashMap<SockRevKeyV4, SockRevValueV4> =
+pub static SOCK_RNAT_V4_V2: LruHashMap<SockRevKeyV4, SockRevValueV4> =
     LruHashMap::with_max_entries(sock::RNAT_V4_CAPACITY, 0);
 
-/// The node's network namespace cookie ([`proxy_common::sock::HOST_NETNS_NAME`]): only
-/// sockets of that namespace are translated here.
+/// Which sockets are translated ([`proxy_common::sock::CONFIG_NAME`]).
 #[map]
-pub static SOCK_HOSTNS_V1: Array<u64> = Array::with_max_entries(1, 0);
+pub static SOCK_CONFIG_V1: Array<SockConfig> = Array::with_max_entries(1, 0);
+
+/// Session affinity of socket-layer clients ([`proxy_common::sock::AFFINITY_V4_NAME`]).
+#[map]
+pub static SOCK_AFF_V4_V1: LruHashMap<SockAffinityKeyV4, AffinityValueV4> =
+    LruHashMap::with_max_entries(sock::AFFINITY_V4_CAPACITY, 0);
 
 /// Verdicts of sock_addr programs: the syscall goes ahead, or fails (with EPERM, or with
 /// the error set by `bpf_set_retval`).
@@ -53,14 +64,14 @@ const ECONNREFUSED: i32 = 111;
 /// `connect()` of TCP and UDP sockets: a frontend becomes a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    translate(&ctx, rev_flags::CONNECTED)
 }
 
 /// `sendto()`/`sendmsg()` with a destination on unconnected UDP sockets: the same
 /// translation, per datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    translate(&ctx, 0)
 }
 
 /// `recvfrom()`/`recvmsg()` on UDP sockets: a reply from a backend this socket was sent
@@ -81,8 +92,8 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 
 /// Counts and returns the verdict of a translating hook.
 #[inline(always)]
-fn translate(ctx: &SockAddrContext) -> i32 {
-    match try_translate(ctx) {
+fn translate(ctx: &SockAddrContext, flags: u8) -> i32 {
+    match try_translate(ctx, flags) {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count(reason);
@@ -108,17 +119,28 @@ fn user_port(addr: &bpf_sock_addr) -> Be16 {
     Be16(addr.user_port as u16)
 }
 
-/// Whether the socket lives in the node's own network namespace. Pods share the
-/// cgroup tree with host processes but not their namespace; their traffic is left to
-/// the TC programs.
+/// Where a socket to translate lives.
+#[derive(Clone, Copy)]
+struct Client {
+    /// Its network namespace's cookie.
+    netns_cookie: u64,
+    /// Whether that is the node's own namespace.
+    host: bool,
+}
+
+/// The socket's namespace, if the configured [`mode`] translates its sockets. Pods
+/// share the cgroup tree with host processes but not their namespace, so with
+/// [`mode::HOST`] their traffic is left to the TC programs.
 #[inline(always)]
-fn in_host_netns(ctx: &SockAddrContext) -> bool {
-    let Some(host) = SOCK_HOSTNS_V1.get(0).copied().filter(|cookie| *cookie != 0) else {
-        return false;
-    };
+fn client(ctx: &SockAddrContext) -> Option<Client> {
+    let config = SOCK_CONFIG_V1.get(0).copied().unwrap_or_default();
+    if config.mode == mode::OFF || config.host_netns_cookie == 0 {
+        return None;
+    }
     // SAFETY: the helper only reads the namespace of the context's socket.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    netns == host
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let host = netns_cookie == config.host_netns_cookie;
+    (host || config.mode == mode::ALL).then_some(Client { netns_cookie, host })
 }
 
 #[inline(always)]
@@ -130,23 +152,23 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// Rewrites a frontend destination to a backend and records the reverse entry. `Ok`
 /// carries the verdict; `Err` a drop reason (the syscall is refused with EPERM).
 #[inline(always)]
-fn try_translate(ctx: &SockAddrContext) -> Result<i32, u32> {
+fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32, u32> {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
     let Some(l4) = l4_proto(addr) else {
         return Ok(ALLOW);
     };
-    if !in_host_netns(ctx) {
+    let Some(client) = client(ctx) else {
         return Ok(ALLOW);
-    }
+    };
     let tuple = CtKeyV4 {
         dst_addr: Be32(addr.user_ip4),
         dst_port: user_port(addr),
         proto: l4,
         ..CtKeyV4::default()
     };
-    // Clients in the node are inside the cluster: they get the internal backend set
-    // (internalTrafficPolicy), as pods do.
+    // Clients on the node, pods or not, are inside the cluster: they get the internal
+    // backend set (internalTrafficPolicy), as pods do on the TC path.
     let Some(frontend) = service::lookup(&tuple, true) else {
         return Ok(ALLOW);
     };
@@ -162,7 +184,7 @@ fn try_translate(ctx: &SockAddrContext) -> Result<i32, u32> {
         stats::count(counter::SOCK_REJECTED);
         return Ok(REFUSE);
     }
-    let (_, backend) = service::select_backend(&frontend, HOST_AFFINITY_CLIENT)?;
+    let (backend_id, backend) = select_backend(&frontend, client.netns_cookie)?;
     let key = SockRevKeyV4 {
         cookie: cookie(ctx),
         backend_addr: backend.addr,
@@ -171,17 +193,61 @@ fn try_translate(ctx: &SockAddrContext) -> Result<i32, u32> {
         _pad: 0,
     };
     let value = SockRevValueV4 {
+        netns_cookie: client.netns_cookie,
+        service_id: frontend.value.service_id,
+        backend_id,
         frontend_addr: tuple.dst_addr,
         frontend_port: tuple.dst_port,
-        _pad: [0; 2],
+        flags,
+        _pad: 0,
     };
-    SOCK_RNAT_V4_V1
+    SOCK_RNAT_V4_V2
         .insert(&key, &value, u64::from(BPF_ANY))
         .map_err(|_| counter::DROP_SOCK_RNAT_INSERT)?;
     addr.user_ip4 = backend.addr.0;
     addr.user_port = u32::from(backend.port.0);
     stats::count(counter::SOCK_TRANSLATED);
+    if !client.host {
+        stats::count(counter::SOCK_TRANSLATED_POD);
+    }
     Ok(ALLOW)
+}
+
+/// Picks the backend as the TC path does, with session affinity kept per client network
+/// namespace instead of per client address (a socket has no source address yet at
+/// `connect()`); a record holds only while its backend is still the service's.
+#[inline(always)]
+fn select_backend(
+    frontend: &service::Frontend,
+    netns_cookie: u64,
+) -> Result<(u32, proxy_common::BackendV4), u32> {
+    if frontend.value.flags & service_flags::AFFINITY == 0 {
+        let chosen = service::pick_random(frontend)?;
+        return Ok((chosen.backend_id, chosen.backend));
+    }
+    let key = SockAffinityKeyV4 {
+        netns_cookie,
+        service_id: frontend.value.service_id,
+        _pad: 0,
+    };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: copied out at once; entries are replaced, never edited in place.
+    let record = SOCK_AFF_V4_V1.get_ptr(&key).map(|found| unsafe { *found });
+    let chosen = match record.and_then(|record| service::remembered(frontend, &record, now)) {
+        Some(chosen) => {
+            stats::count(counter::AFFINITY_HIT);
+            chosen
+        }
+        None => service::pick_random(frontend)?,
+    };
+    // Losing an affinity record only costs stickiness for one socket; never refuse for it.
+    let _ = SOCK_AFF_V4_V1.insert(
+        &key,
+        &service::affinity_record(&chosen, now),
+        u64::from(BPF_ANY),
+    );
+    Ok((chosen.backend_id, chosen.backend))
 }
 
 /// Shows the frontend in place of a backend this socket was translated to. Only a
@@ -201,7 +267,7 @@ fn restore_frontend(ctx: &SockAddrContext) {
         proto: l4,
         _pad: 0,
     };
-    let Some(frontend) = SOCK_RNAT_V4_V1.get_ptr(&key) else {
+    let Some(frontend) = SOCK_RNAT_V4_V2.get_ptr(&key) else {
         return;
     };
     // SAFETY: copied out at once; entries are replaced, never edited in place.

@@ -2,13 +2,13 @@
 use proxy_common::{counter, ct_flags, CtEntryV4};
 
 use crate::{
-    maps::COUNTERS_V2,
+    maps::COUNTERS_V3,
     parse::{Kind, Packet},
 };
 
 #[inline(always)]
 pub fn count(index: u32) {
-    if let Some(slot) = COUNTERS_V2.get_ptr_mut(index) {
+    if let Some(slot) = COUNTERS_V3.get_ptr_mut(index) {
         // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
         unsafe { *slot += 1 };
     }

@@ -26,6 +26,7 @@ use crate::{
     healthcheck::HealthCheckServers,
     metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, Diagnostic, DiagnosticReason, ModelSettings, ServiceHealth},
+    socket_lb,
     source::{
         self,
         manifests::{self, Snapshot},
@@ -58,6 +59,8 @@ pub struct AgentConfig {
     /// hook at all (the default: attaching is a node-wide decision, and a lab or test
     /// must never touch the machine's own cgroups).
     pub cgroup_path: Option<PathBuf>,
+    /// Which sockets in that cgroup are translated at the socket layer (`--socket-lb`).
+    pub socket_lb: socket_lb::Mode,
     /// Leave programs and maps in place on exit.
     pub keep_state: bool,
     /// Conntrack capacity.
@@ -109,13 +112,7 @@ pub async fn run(
         .maps
         .set_config(&datapath_config(&config, &node))
         .context("writing the datapath settings")?;
-    // The agent runs in the node's namespace (hostNetwork): its own is the one whose
-    // sockets the cgroup hooks translate.
-    let host_netns = cgroup::own_netns_cookie().context("reading the network namespace cookie")?;
-    datapath
-        .maps
-        .set_host_netns(host_netns)
-        .context("writing the network namespace cookie")?;
+    socket_lb::configure(&mut datapath, &config)?;
     let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
     if !mirror.services.is_empty() {
         info!(
@@ -126,10 +123,8 @@ pub async fn run(
     }
     let mut syncer = Syncer::adopt(mirror);
     let mut attachments = Attachments::new(Some(&config.pin_dir));
-    let mut cgroup_hooks = config
-        .cgroup_path
-        .as_deref()
-        .map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
+    let mut cgroup_hooks =
+        socket_lb::hooked_cgroup(&config).map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
     let health = SyncHealth::new(Duration::from_secs(60));
     health.queued();
     let metrics = Arc::new(Metrics::new());
@@ -201,7 +196,7 @@ pub async fn run(
                 health.queued();
                 metrics.queued(SystemTime::now());
                 let snapshot = snapshots.borrow_and_update().clone();
-                let wanted_health_checks = sync_once(&model_settings, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
+                let wanted_health_checks = sync_once(&model_settings, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics, socket_lb::hooked_cgroup(&config));
                 health_checks.update(&wanted_health_checks).await;
                 if !synced_once {
                     // Attach only once the maps hold the whole desired state, so no pod
@@ -294,6 +289,7 @@ fn sync_once(
     datapath: &mut Datapath,
     known_diagnostics: &mut BTreeSet<Diagnostic>,
     metrics: &Metrics,
+    socket_cgroup: Option<&Path>,
 ) -> BTreeMap<u16, ServiceHealth> {
     let started = Instant::now();
     let desired = model::desired(&snapshot.state, model_settings);
@@ -362,6 +358,10 @@ fn sync_once(
         }
         Ok(_) => {}
         Err(error) => warn!(%error, "cannot flush flows of removed backends"),
+    }
+    if let Err(error) = socket_lb::forget_backends(datapath, socket_cgroup, &report.removed_pairs) {
+        warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
+        metrics.socket_forget_failures.inc();
     }
     metrics.synced(started.elapsed(), SystemTime::now());
     metrics.observe_programmed(&snapshot.state, SystemTime::now());
@@ -551,6 +551,7 @@ fn apply_node_network(
         datapath,
         known_diagnostics,
         metrics,
+        socket_lb::hooked_cgroup(config),
     );
 }
 
@@ -599,6 +600,7 @@ pub fn remove_pins(pin_dir: &Path) {
             Err(error) => warn!(path = %path.display(), %error, "cannot unpin"),
         }
     }
+    crate::datapath::remove_retired_pins(pin_dir);
     let _ = std::fs::remove_dir(pin_dir.join("links"));
     let _ = std::fs::remove_dir(pin_dir);
 }

@@ -54,6 +54,9 @@ pub struct FileConfig {
     /// translate for host-network clients (the host's cgroup2 root in production; ""
     /// or absent: none).
     pub cgroup_path: Option<PathBuf>,
+    /// Ours: which sockets of that cgroup are translated at the socket layer
+    /// (`all`, `host` or `off`; default `all`).
+    pub socket_lb: Option<crate::socket_lb::Mode>,
 }
 
 /// kube-proxy's `conntrack` block. Timeouts apply to our own conntrack map.
@@ -307,6 +310,14 @@ conntrack:
             let error = parse(text).expect_err(text);
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn socket_lb_is_ours_and_checked() {
+        let config = parse("socketLb: host\n").expect("valid");
+        assert_eq!(config.socket_lb, Some(crate::socket_lb::Mode::Host));
+        assert_eq!(parse("{}\n").expect("valid").socket_lb, None);
+        assert!(parse("socketLb: pods\n").is_err());
     }
 
     #[test]

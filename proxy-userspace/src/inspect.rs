@@ -8,10 +8,11 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    counter, ct_flags, names, proto, scope, service_flags, AffinityKeyV4, AffinityValueV4,
-    BackendV4, Be16, Be32, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceValueV4, COUNTER_NAMES,
+    counter, ct_flags, names, proto, scope, service_flags, sock, AffinityKeyV4, AffinityValueV4,
+    BackendV4, Be16, Be32, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceValueV4, SockAffinityKeyV4,
+    SockConfig, SockRevKeyV4, SockRevValueV4, COUNTER_NAMES,
 };
 use serde::Serialize;
 
@@ -39,6 +40,9 @@ pub struct PinnedMaps {
     conntrack_new: HashMap<MapData, CtKeyV4, CtEntryV4>,
     affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     counters: PerCpuArray<MapData, u64>,
+    sock_reverse: HashMap<MapData, SockRevKeyV4, SockRevValueV4>,
+    sock_affinity: HashMap<MapData, SockAffinityKeyV4, AffinityValueV4>,
+    sock_config: Array<MapData, SockConfig>,
 }
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<MapData> {
@@ -80,6 +84,14 @@ impl PinnedMaps {
                     name: names::COUNTERS,
                     source,
                 })?,
+            sock_reverse: hash(pin_dir, sock::RNAT_V4_NAME, true)?,
+            sock_affinity: hash(pin_dir, sock::AFFINITY_V4_NAME, true)?,
+            sock_config: Array::try_from(Map::Array(open(pin_dir, sock::CONFIG_NAME)?)).map_err(
+                |source| Error::Read {
+                    name: sock::CONFIG_NAME,
+                    source,
+                },
+            )?,
         })
     }
 
@@ -308,7 +320,10 @@ fn flow_state(l4_proto: u8, flags: u16) -> &'static str {
 /// One session affinity record.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct AffinityView {
-    pub client: Ipv4Addr,
+    /// `tc` (keyed by client address) or `socket` (keyed by client network namespace).
+    pub path: &'static str,
+    /// The client address (TC path), or `node` / `netns:<cookie>` (socket path).
+    pub client: String,
     pub service_id: u32,
     pub backend: Option<String>,
     pub idle_s: f64,
@@ -324,7 +339,8 @@ pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
         .iter()
         .filter_map(std::result::Result::ok)
         .map(|(key, value)| AffinityView {
-            client: key.client_addr.to_ipv4(),
+            path: "tc",
+            client: key.client_addr.to_ipv4().to_string(),
             service_id: key.service_id,
             backend: maps
                 .backend(value.backend_id)
@@ -332,7 +348,95 @@ pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
             idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
         })
         .collect();
-    views.sort_by_key(|view| (view.client, view.service_id));
+    let host = maps.host_netns_cookie();
+    views.extend(
+        maps.sock_affinity
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .map(|(key, value)| AffinityView {
+                path: "socket",
+                client: netns_name(key.netns_cookie, host),
+                service_id: key.service_id,
+                backend: maps
+                    .backend(value.backend_id)
+                    .map(|b| endpoint(b.addr, b.port)),
+                idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
+            }),
+    );
+    views.sort_by(|a, b| (a.path, &a.client, a.service_id).cmp(&(b.path, &b.client, b.service_id)));
+    Ok(views)
+}
+
+/// A socket-layer client's name: the node, or a pod's network namespace by cookie.
+fn netns_name(cookie: u64, host: u64) -> String {
+    if cookie == host {
+        "node".to_owned()
+    } else {
+        format!("netns:{cookie}")
+    }
+}
+
+impl PinnedMaps {
+    fn host_netns_cookie(&self) -> u64 {
+        self.sock_config
+            .get(&0, 0)
+            .map_or(0, |config| config.host_netns_cookie)
+    }
+}
+
+/// A socket the socket-layer hooks translated (one reverse entry): the flow took the
+/// socket path, so it has no conntrack entry.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SocketView {
+    /// `host` (the node's own namespace) or `pod`.
+    pub netns: &'static str,
+    pub netns_cookie: u64,
+    /// The socket's cookie (`SO_COOKIE`).
+    pub cookie: u64,
+    pub protocol: String,
+    /// What the application addressed.
+    pub frontend: String,
+    /// Where its packets go.
+    pub backend: String,
+    pub service_id: u32,
+    /// Translated at `connect()` (else per datagram by `sendmsg()`).
+    pub connected: bool,
+}
+
+/// Every socket-layer translation the reverse map remembers.
+///
+/// # Errors
+/// When the map cannot be read.
+pub fn sockets(maps: &PinnedMaps) -> Result<Vec<SocketView>> {
+    let host = maps.host_netns_cookie();
+    let mut views = Vec::new();
+    for entry in maps.sock_reverse.iter() {
+        let (key, value) = match entry {
+            Ok(entry) => entry,
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(source) => {
+                return Err(Error::Read {
+                    name: sock::RNAT_V4_NAME,
+                    source,
+                })
+            }
+        };
+        views.push(SocketView {
+            netns: if value.netns_cookie == host {
+                "host"
+            } else {
+                "pod"
+            },
+            netns_cookie: value.netns_cookie,
+            cookie: key.cookie,
+            protocol: protocol_name(key.proto),
+            frontend: endpoint(value.frontend_addr, value.frontend_port),
+            backend: endpoint(key.backend_addr, key.backend_port),
+            service_id: value.service_id,
+            connected: value.flags & sock::rev_flags::CONNECTED != 0,
+        });
+    }
+    views.sort_by_key(|view| (view.netns_cookie, view.cookie));
     Ok(views)
 }
 

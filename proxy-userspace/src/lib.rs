@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod kernel;
 pub mod metrics;
 pub mod model;
+pub mod socket_lb;
 pub mod source;
 pub mod state;
 pub mod sync;

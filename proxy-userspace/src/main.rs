@@ -31,7 +31,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Remove every program link and pinned map the agent left (like kube-proxy --cleanup).
     Cleanup(CleanupArgs),
-    /// Print what a running node's maps hold: services, conntrack, affinity, counters.
+    /// Print what a running node's maps hold: services, conntrack, affinity, sockets,
+    /// counters.
     Inspect(InspectArgs),
     /// Say which frontend a packet matches and which backend the datapath would choose.
     Trace(TraceArgs),
@@ -70,8 +71,12 @@ enum InspectWhat {
         #[arg(long, value_parser = parse_protocol)]
         protocol: Option<u8>,
     },
-    /// Session affinity records.
+    /// Session affinity records (TC path by client address, socket path by client
+    /// network namespace).
     Affinity,
+    /// Sockets translated at connect()/sendmsg() by the socket-layer hooks (flows that
+    /// took the socket path and so have no conntrack entry).
+    Sockets,
     /// Datapath event counters, summed over CPUs.
     Counters,
 }
@@ -116,7 +121,7 @@ fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
 struct RunArgs {
     /// Configuration file with kube-proxy's KubeProxyConfiguration names (clusterCIDR,
     /// conntrack.*, healthzBindAddress, metricsBindAddress, ...) plus ours (bpffs,
-    /// podInterfaces, cgroupPath). Flags given on the command line win over it. Unknown settings
+    /// podInterfaces, cgroupPath, socketLb). Flags given on the command line win over it. Unknown settings
     /// are rejected.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -181,6 +186,12 @@ struct RunArgs {
     /// when the config file sets cgroupPath).
     #[arg(long, value_name = "DIR")]
     cgroup_path: Option<PathBuf>,
+
+    /// Which sockets in the --cgroup-path cgroup are translated at connect()/sendmsg()
+    /// (no per-packet NAT): all (pods and the node's own processes), host (the node's
+    /// network namespace only; pods take the TC path) or off (no hooks attached).
+    #[arg(long, value_enum, default_value_t = proxy_userspace::socket_lb::Mode::All)]
+    socket_lb: proxy_userspace::socket_lb::Mode,
 
     /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
     #[arg(long)]
@@ -340,6 +351,9 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
     {
         args.cgroup_path = Some(value);
     }
+    if let Some(value) = file.socket_lb.filter(|_| !explicit("socket_lb")) {
+        args.socket_lb = value;
+    }
     if let Some(value) = file
         .service_proxy_name
         .clone()
@@ -430,6 +444,7 @@ fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::R
         node_port_filters,
         node_ip: args.node_ip,
         cgroup_path: args.cgroup_path.filter(|path| !path.as_os_str().is_empty()),
+        socket_lb: args.socket_lb,
         keep_state: args.keep_state,
         conntrack_max: args.conntrack_max,
         datapath: DatapathConfig {
@@ -528,16 +543,39 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
                 return print_json(&records);
             }
             println!(
-                "{:<16} {:>4} {:<22} {:>8}",
-                "CLIENT", "ID", "BACKEND", "IDLE_S"
+                "{:<6} {:<26} {:>4} {:<22} {:>8}",
+                "PATH", "CLIENT", "ID", "BACKEND", "IDLE_S"
             );
             for record in records {
                 println!(
-                    "{:<16} {:>4} {:<22} {:>8.1}",
+                    "{:<6} {:<26} {:>4} {:<22} {:>8.1}",
+                    record.path,
                     record.client,
                     record.service_id,
                     record.backend.unwrap_or_else(|| "(gone)".into()),
                     record.idle_s
+                );
+            }
+        }
+        InspectWhat::Sockets => {
+            let sockets = inspect::sockets(&maps)?;
+            if args.json {
+                return print_json(&sockets);
+            }
+            println!(
+                "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} CONNECTED",
+                "NETNS", "NETNS_COOKIE", "PROTO", "FRONTEND", "BACKEND", "ID"
+            );
+            for socket in sockets {
+                println!(
+                    "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} {}",
+                    socket.netns,
+                    socket.netns_cookie,
+                    socket.protocol,
+                    socket.frontend,
+                    socket.backend,
+                    socket.service_id,
+                    if socket.connected { "yes" } else { "no" }
                 );
             }
         }

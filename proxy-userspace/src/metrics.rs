@@ -83,6 +83,9 @@ pub struct Metrics {
     pub frontend_failures: Family<ReasonLabels, Counter>,
     /// kpr_conntrack_reaped_total.
     pub conntrack_reaped: Counter,
+    /// kpr_socket_forget_failures_total: sync passes whose socket-layer cleanup (reverse
+    /// and affinity entries, destroying connected sockets of removed backends) failed.
+    pub socket_forget_failures: Counter,
     /// kpr_api_watch_failures_total{resource}: failed watch or list calls (each is
     /// retried with backoff; the datapath keeps its state meanwhile).
     pub api_watch_failures: Family<ResourceLabels, Counter>,
@@ -135,6 +138,7 @@ impl Metrics {
             skipped_objects: Family::default(),
             frontend_failures: Family::default(),
             conntrack_reaped: Counter::default(),
+            socket_forget_failures: Counter::default(),
             api_watch_failures: Family::default(),
             api_watch_listed: Family::default(),
             api_last_success: Gauge::default(),
@@ -198,6 +202,11 @@ impl Metrics {
             "kpr_conntrack_reaped",
             "Expired conntrack entries removed by the agent",
             metrics.conntrack_reaped.clone(),
+        );
+        registry.register(
+            "kpr_socket_forget_failures",
+            "Sync passes whose socket-layer cleanup of removed backends failed",
+            metrics.socket_forget_failures.clone(),
         );
         registry.register(
             "kpr_api_watch_failures",

@@ -99,7 +99,7 @@ impl TestCgroup {
 
 /// Removes cgroups named by lab runs whose process is gone. rmdir only succeeds on an
 /// empty cgroup, so nothing alive is ever disturbed.
-fn sweep_stale(mount: &Path) {
+pub(crate) fn sweep_stale(mount: &Path) {
     let Ok(entries) = std::fs::read_dir(mount) else {
         return;
     };
@@ -162,6 +162,16 @@ pub enum Mode {
     UdpConnected,
     /// sendto() and recvfrom() on an unconnected UDP socket.
     UdpUnconnected,
+    /// connect() that waits up to 30 s (a handshake that gets no answer stays in
+    /// SYN-SENT), then one line each way.
+    TcpWait,
+    /// One TCP connection kept open, one request per line on stdin ([`Session`]); a
+    /// failed request closes it and the next one connects again.
+    TcpSession,
+    /// One connected UDP socket kept open, one request per line on stdin; a failed
+    /// request (say `ECONNABORTED` after the socket was destroyed) closes it and the next
+    /// one connects again, as a DNS client does.
+    UdpSession,
 }
 
 impl Mode {
@@ -171,14 +181,24 @@ impl Mode {
             Self::Tcp => "tcp",
             Self::UdpConnected => "udp-connected",
             Self::UdpUnconnected => "udp-unconnected",
+            Self::TcpWait => "tcp-wait",
+            Self::TcpSession => "tcp-session",
+            Self::UdpSession => "udp-session",
         }
     }
 
+    pub const ALL: [Self; 6] = [
+        Self::Tcp,
+        Self::UdpConnected,
+        Self::UdpUnconnected,
+        Self::TcpWait,
+        Self::TcpSession,
+        Self::UdpSession,
+    ];
+
     #[must_use]
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Tcp, Self::UdpConnected, Self::UdpUnconnected]
-            .into_iter()
-            .find(|mode| mode.arg() == text)
+        Self::ALL.into_iter().find(|mode| mode.arg() == text)
     }
 }
 
@@ -195,49 +215,11 @@ pub fn run_client(
     dst: std::net::SocketAddrV4,
     count: usize,
 ) -> Result<Vec<Outcome>> {
-    let netns_file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    let procs = cgroup
-        .map(|cgroup| {
-            let path = cgroup.path().join("cgroup.procs");
-            File::options()
-                .write(true)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))
-        })
-        .transpose()?;
-    let mut command = Command::new(client);
-    command
-        .args([mode.arg(), &dst.to_string(), &count.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let netns_fd = netns_file.as_raw_fd();
-    let procs_fd = procs.as_ref().map(AsRawFd::as_raw_fd);
-    // SAFETY: only async-signal-safe calls (setns, write, prctl) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // "0" moves the writing process itself; sockets it creates from now on
-            // belong to the cgroup.
-            if let Some(fd) = procs_fd {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {}", client.display()))?;
-    // Every request has its own 2 s timeouts; this only bounds a hung client.
+    let mut child = spawn_client(client, netns, cgroup, mode, dst, count, Stdio::null())?;
+    // Every request has its own 2 s timeouts (30 s for tcp-wait); this only bounds a
+    // hung client.
     let deadline = Instant::now()
-        + Duration::from_secs(10)
+        + Duration::from_secs(40)
         + Duration::from_secs(5) * u32::try_from(count).unwrap_or(u32::MAX);
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -272,6 +254,112 @@ pub fn run_client(
         .collect()
 }
 
+/// A client process with a long-lived socket ([`Mode::TcpSession`],
+/// [`Mode::UdpSession`]): one request per [`Session::ask`]. Killed on drop.
+pub struct Session {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    /// Starts a session client like [`run_client`] starts a client.
+    ///
+    /// # Errors
+    /// When it cannot start.
+    pub fn start(
+        client: &Path,
+        netns: &Path,
+        cgroup: Option<&TestCgroup>,
+        mode: Mode,
+        dst: std::net::SocketAddrV4,
+    ) -> Result<Self> {
+        let mut child = spawn_client(client, netns, cgroup, mode, dst, 0, Stdio::piped())?;
+        let stdin = child.stdin.take().context("client stdin")?;
+        let stdout = child.stdout.take().context("client stdout")?;
+        Ok(Self {
+            child,
+            stdin,
+            stdout: std::io::BufReader::new(stdout),
+        })
+    }
+
+    /// One request on the session's socket (each bounded by the client's 2 s
+    /// timeouts).
+    ///
+    /// # Errors
+    /// When the client has died or prints something other than an outcome.
+    pub fn ask(&mut self) -> Result<Outcome> {
+        use std::io::{BufRead as _, Write as _};
+        self.stdin.write_all(b"ask\n")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the session client exited");
+        }
+        serde_json::from_str(&line).with_context(|| format!("malformed outcome {line:?}"))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `client` in `netns` (and `cgroup`) with `stdin`.
+fn spawn_client(
+    client: &Path,
+    netns: &Path,
+    cgroup: Option<&TestCgroup>,
+    mode: Mode,
+    dst: std::net::SocketAddrV4,
+    count: usize,
+    stdin: Stdio,
+) -> Result<std::process::Child> {
+    let netns_file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    let procs = cgroup
+        .map(|cgroup| {
+            let path = cgroup.path().join("cgroup.procs");
+            File::options()
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))
+        })
+        .transpose()?;
+    let mut command = Command::new(client);
+    command
+        .args([mode.arg(), &dst.to_string(), &count.to_string()])
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let netns_fd = netns_file.as_raw_fd();
+    let procs_fd = procs.as_ref().map(AsRawFd::as_raw_fd);
+    // SAFETY: only async-signal-safe calls (setns, write, prctl) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself; sockets it creates from now on
+            // belong to the cgroup.
+            if let Some(fd) = procs_fd {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .with_context(|| format!("starting {}", client.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,7 +373,7 @@ mod tests {
 
     #[test]
     fn modes_round_trip() {
-        for mode in [Mode::Tcp, Mode::UdpConnected, Mode::UdpUnconnected] {
+        for mode in Mode::ALL {
             assert_eq!(Mode::parse(mode.arg()), Some(mode));
         }
         assert_eq!(Mode::parse("sctp"), None);

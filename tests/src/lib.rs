@@ -12,6 +12,7 @@ pub mod lab;
 pub mod netns;
 pub mod packets;
 pub mod scenario;
+pub mod socket_lab;
 pub mod traffic;
 
 /// Stops a test that needs the kernel unless it runs as root. Such tests fail loudly

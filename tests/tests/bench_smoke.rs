@@ -25,6 +25,7 @@ fn every_mode_carries_connections_and_the_results_are_written() {
     let config = Config {
         modes: vec![
             Mode::Ebpf,
+            Mode::EbpfTc,
             Mode::Iptables,
             Mode::IptablesLegacy,
             Mode::Nftables,
@@ -39,6 +40,7 @@ fn every_mode_carries_connections_and_the_results_are_written() {
         clients: 1,
         tc_repeat: 1000,
         tc_new_flows: 50,
+        bpf_stats: true,
         out: out.clone(),
         command: "bench_smoke".into(),
     };
@@ -65,13 +67,49 @@ fn every_mode_carries_connections_and_the_results_are_written() {
             assert!(row.change_ms.is_some(), "{} has no change time", row.mode);
         }
     }
-    let ebpf = report
-        .summary
-        .iter()
-        .find(|row| row.mode == "ebpf")
-        .expect("ebpf row");
-    assert!(ebpf.agent_peak_mib.is_some_and(|mib| mib > 0.0));
-    assert!(ebpf.tc_established_ns.is_some_and(|ns| ns > 0.0));
+    for mode in ["ebpf", "ebpf-tc"] {
+        let ebpf = report
+            .summary
+            .iter()
+            .find(|row| row.mode == mode)
+            .unwrap_or_else(|| panic!("{mode} row"));
+        assert!(ebpf.agent_peak_mib.is_some_and(|mib| mib > 0.0), "{mode}");
+        assert!(ebpf.tc_established_ns.is_some_and(|ns| ns > 0.0), "{mode}");
+    }
+    // The per-program figures: the ebpf cells' connect() hook ran once per connection,
+    // the ebpf-tc cells' pod ingress program on every packet.
+    for cell in &report.cells {
+        match cell.mode.as_str() {
+            "ebpf" => assert!(
+                cell.programs
+                    .get("sock_connect4")
+                    .is_some_and(|cost| cost.runs_per_conn >= 1.0),
+                "{cell:?}"
+            ),
+            "ebpf-tc" => assert!(
+                cell.programs
+                    .get("tc_pod_ingress")
+                    .is_some_and(|cost| cost.runs_per_conn >= 2.0),
+                "{cell:?}"
+            ),
+            _ => {}
+        }
+    }
+    // Socket-layer translation really ran in the `ebpf` cells, and only there: every
+    // `ebpf` connection was translated at connect(), every `ebpf-tc` one by TC.
+    for cell in &report.cells {
+        match cell.mode.as_str() {
+            "ebpf" => assert!(
+                cell.socket_translated >= cell.connections && cell.tc_new_flows == 0,
+                "{cell:?}"
+            ),
+            "ebpf-tc" => assert!(
+                cell.socket_translated == 0 && cell.tc_new_flows >= cell.connections,
+                "{cell:?}"
+            ),
+            _ => {}
+        }
+    }
     assert_eq!(report.tc.len(), 2);
 
     let files = report.write(&out).expect("writing results");

@@ -11,15 +11,15 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    time::Duration,
 };
 
 use kpr_lab::{
-    host::{run_client, Mode, Outcome, TestCgroup},
-    lab::{Lab, GATEWAY},
-    scenario::{examples_dir, lab_without_agent, sock},
+    host::Mode,
+    lab::GATEWAY,
+    scenario::sock,
+    socket_lab::{answered_by, hooks, metric, plain_log, SocketLab, DEADLINE},
 };
-use proxy_userspace::datapath::cgroup::{self, SockHook};
+use proxy_userspace::datapath::cgroup::SockHook;
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
@@ -27,136 +27,16 @@ const NOBODY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 /// A UDP service without endpoints, added by the test.
 const NOBODY_UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 98);
 const WEB_BACKENDS: [&str; 3] = ["web-0", "web-1", "web-2"];
-const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A lab whose agent hooks the test's own cgroup. Fields drop in order: the lab (and its
-/// agent, which detaches) before the cgroup.
-struct HostLab {
-    lab: Lab,
-    cgroup: TestCgroup,
-}
-
-impl HostLab {
-    /// The example lab with a fresh cgroup; the agent is not started yet.
-    fn new() -> Self {
-        let lab = lab_without_agent(&examples_dir()).expect("lab");
-        let cgroup = TestCgroup::create(&lab.prefix).expect("the test's cgroup");
-        Self { lab, cgroup }
-    }
-
-    /// Starts the agent on the test's cgroup (plus `extra` arguments) and waits until
-    /// every TC and cgroup hook is attached.
-    fn start_agent(&mut self, extra: &[&str]) {
-        let path = self.cgroup.path().display().to_string();
-        let mut args = vec!["--cgroup-path", path.as_str()];
-        args.extend_from_slice(extra);
-        self.lab.start_agent(&args).expect("agent");
-        self.lab.wait_attached().expect("TC hooks attached");
-        self.lab
-            .wait_for("the cgroup hooks to be attached", DEADLINE, || {
-                Ok(hooks(self.cgroup.path()).len() == SockHook::ALL.len())
-            })
-            .expect("cgroup hooks attached");
-    }
-
-    /// `count` requests from a client process in the node namespace, inside the test's
-    /// cgroup or not.
-    fn client(&self, in_cgroup: bool, mode: Mode, dst: SocketAddrV4, count: usize) -> Vec<Outcome> {
-        self.client_in(&self.lab.node.path(), in_cgroup, mode, dst, count)
-    }
-
-    /// Like [`HostLab::client`], in the network namespace at `netns`.
-    fn client_in(
-        &self,
-        netns: &Path,
-        in_cgroup: bool,
-        mode: Mode,
-        dst: SocketAddrV4,
-        count: usize,
-    ) -> Vec<Outcome> {
-        run_client(
-            Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
-            netns,
-            in_cgroup.then_some(&self.cgroup),
-            mode,
-            dst,
-            count,
-        )
-        .unwrap_or_else(|error| panic!("client {mode:?} {dst}: {error:#}"))
-    }
-}
-
-/// The programs attached to `cgroup`, one entry per (hook, program id).
-fn hooks(cgroup: &Path) -> Vec<(SockHook, u32)> {
-    cgroup::query(cgroup).expect("BPF_PROG_QUERY of the test's cgroup")
-}
-
-/// Asserts that every outcome got an answer from one of `backends`, and returns who
-/// answered.
-fn answered_by<'a>(outcomes: &[Outcome], backends: &[&'a str]) -> BTreeSet<&'a str> {
-    assert!(!outcomes.is_empty());
-    outcomes
-        .iter()
-        .map(|outcome| {
-            let server = outcome
-                .server
-                .as_deref()
-                .unwrap_or_else(|| panic!("no answer: {outcome:?}"));
-            *backends
-                .iter()
-                .find(|backend| **backend == server)
-                .unwrap_or_else(|| panic!("answered by {server}, not a backend: {outcome:?}"))
-        })
-        .collect()
-}
-
-/// The agent's log without the terminal colours tracing puts around field names.
-fn plain_log(lab: &Lab) -> String {
-    let mut plain = String::new();
-    let log = lab.agent_log();
-    let mut chars = log.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            // CSI: parameters up to a final byte in @..~.
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-}
-
-/// The datapath counters by name, read from the pinned maps (`kpr inspect counters`).
-fn counters(lab: &Lab) -> serde_json::Value {
-    let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
-        .args(["inspect", "counters", "--json", "--bpffs"])
-        .arg(lab.pin_dir())
-        .output()
-        .expect("kpr inspect counters");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON counters")
-}
-
-fn metric(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
+fn host_lab() -> SocketLab {
+    SocketLab::new(Path::new(env!("CARGO_BIN_EXE_kpr-host-client")), &[])
 }
 
 #[test]
 fn host_clients_in_the_cgroup_reach_cluster_ips_and_see_the_frontend() {
-    let mut host = HostLab::new();
-    host.start_agent(&[]);
+    let mut host = host_lab();
+    // Host clients only: pods stay on the TC path (socket_lb.rs covers `all`).
+    host.start_agent(&["--socket-lb", "host"]);
     let web = sock(WEB_VIP, 80);
     let dns = sock(DNS_VIP, 53);
 
@@ -248,11 +128,11 @@ fn host_clients_in_the_cgroup_reach_cluster_ips_and_see_the_frontend() {
     );
     assert_eq!(direct[0].peer.as_deref(), Some("10.244.1.11:8080"));
 
-    // A pod's process in the cgroup is left to the TC programs: the cgroup tree holds
-    // pods as well as host processes, but only the node's namespace is translated at
-    // the socket layer (session affinity needs the pod's address, which connect() does
-    // not know). The pod still reaches the ClusterIP, through TC.
-    let before = counters(&host.lab);
+    // With `--socket-lb host`, a pod's process in the cgroup is left to the TC
+    // programs: the cgroup tree holds pods as well as host processes, but only the
+    // node's namespace is translated at the socket layer. The pod still reaches the
+    // ClusterIP, through TC.
+    let before = host.counters();
     let pod_netns = host.lab.pod("client").netns.path();
     let from_pod = host.client_in(&pod_netns, true, Mode::Tcp, web, 3);
     answered_by(&from_pod, &WEB_BACKENDS);
@@ -263,7 +143,7 @@ fn host_clients_in_the_cgroup_reach_cluster_ips_and_see_the_frontend() {
             "{outcome:?}"
         );
     }
-    let after = counters(&host.lab);
+    let after = host.counters();
     assert_eq!(
         after["sock_translated"], before["sock_translated"],
         "a pod's socket was translated by the cgroup hook"
@@ -326,7 +206,7 @@ fn one_program_per_hook(cgroup: &Path) -> Vec<u32> {
 }
 
 /// One TCP request through the hooks answers and shows the ClusterIP.
-fn assert_translated(host: &HostLab, when: &str) {
+fn assert_translated(host: &SocketLab, when: &str) {
     let outcomes = host.client(true, Mode::Tcp, sock(WEB_VIP, 80), 3);
     for outcome in &outcomes {
         assert!(outcome.server.is_some(), "{when}: {outcome:?}");
@@ -341,7 +221,7 @@ fn assert_translated(host: &HostLab, when: &str) {
 #[test]
 fn keep_state_restarts_adopt_the_cgroup_links_and_stops_unconfigured_agents_and_cleanup_detach_them(
 ) {
-    let mut host = HostLab::new();
+    let mut host = host_lab();
     let cgroup_path = host.cgroup.path().to_path_buf();
     host.start_agent(&["--keep-state"]);
     let first = one_program_per_hook(&cgroup_path);

@@ -592,6 +592,7 @@ fn the_shipped_configuration_has_the_expected_settings() {
             "bpffs",
             "podInterfaces",
             "cgroupPath",
+            "socketLb",
         ])
     );
     assert_eq!(
@@ -612,6 +613,11 @@ fn the_shipped_configuration_has_the_expected_settings() {
     assert_eq!(
         parsed.cgroup_path.as_deref(),
         Some(Path::new("/sys/fs/cgroup"))
+    );
+    // ... and pods are translated at connect() too.
+    assert_eq!(
+        parsed.socket_lb,
+        Some(proxy_userspace::socket_lb::Mode::All)
     );
 
     // The settings shown commented out are valid when an operator uncomments them.

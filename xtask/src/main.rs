@@ -43,8 +43,8 @@ enum Task {
     /// everything in release mode, installs iptables and nftables if missing, prints a
     /// table and writes CSV, JSON and an SVG plot under target/bench/. Needs root.
     Bench {
-        /// Modes, alternated in this order (ebpf, iptables, iptables-legacy, nftables,
-        /// none) [default: ebpf,iptables,nftables,none].
+        /// Modes, alternated in this order (ebpf, ebpf-tc, iptables, iptables-legacy, nftables,
+        /// none) [default: ebpf,ebpf-tc,iptables,nftables,none].
         #[arg(long)]
         modes: Option<String>,
         /// Service counts, comma-separated [default: 1,1000,10000].

@@ -406,8 +406,9 @@ pub fn query(cgroup: &Path) -> Result<Vec<(SockHook, u32)>, Error> {
 
 /// The few `bpf()` commands aya 0.14 keeps private: opening a pinned object as a plain
 /// descriptor, reading a cgroup link's target, swapping a link's program, listing a
-/// cgroup's programs.
-mod sys {
+/// cgroup's programs, and opening socket iterators in the calling thread's namespace
+/// ([`super::sock_destroy`]).
+pub(super) mod sys {
     use std::{
         io,
         os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
@@ -447,9 +448,30 @@ mod sys {
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
         let mut attr = zeroed_attr();
         attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
-        let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?;
+        new_fd(bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?)
+    }
+
+    /// `BPF_LINK_CREATE` of an iterator program (`BPF_TRACE_ITER`).
+    pub fn iter_link_create(program: i32) -> io::Result<OwnedFd> {
+        let mut attr = zeroed_attr();
+        attr.link_create.__bindgen_anon_1.prog_fd =
+            u32::try_from(program).map_err(|_| io::Error::other("negative descriptor"))?;
+        attr.link_create.attach_type = aya_obj::generated::bpf_attach_type::BPF_TRACE_ITER as u32;
+        new_fd(bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)?)
+    }
+
+    /// `BPF_ITER_CREATE`: an iterator over the calling thread's network namespace.
+    pub fn iter_create(link: &impl AsRawFd) -> io::Result<OwnedFd> {
+        let mut attr = zeroed_attr();
+        attr.iter_create.link_fd =
+            u32::try_from(link.as_raw_fd()).map_err(|_| io::Error::other("negative descriptor"))?;
+        new_fd(bpf(bpf_cmd::BPF_ITER_CREATE, &mut attr)?)
+    }
+
+    /// Owns a descriptor a `bpf()` command returned.
+    fn new_fd(fd: i64) -> io::Result<OwnedFd> {
         let fd = i32::try_from(fd).map_err(|_| io::Error::other("descriptor out of range"))?;
-        // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+        // SAFETY: the command returned a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 

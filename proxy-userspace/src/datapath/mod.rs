@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
 pub mod node_network;
+pub mod sock_destroy;
 
 use std::{
     io,
@@ -153,8 +154,8 @@ pub struct Maps {
     pub fragments: HashMap<MapData, FragKeyV4, FragValueV4>,
     pub counters: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
-    /// The node's network namespace cookie, for the socket-layer hooks.
-    pub host_netns: Array<MapData, u64>,
+    /// Settings of the socket-layer hooks (which sockets they translate).
+    pub sock_config: Array<MapData, proxy_common::SockConfig>,
     /// Capacity the established conntrack table was created with.
     pub conntrack_capacity: u32,
     /// Capacity the new-flow conntrack table was created with.
@@ -169,7 +170,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 14] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -181,8 +182,31 @@ pub const ALL_MAPS: [&str; 12] = [
     names::COUNTERS,
     names::CONFIG,
     proxy_common::sock::RNAT_V4_NAME,
-    proxy_common::sock::HOST_NETNS_NAME,
+    proxy_common::sock::CONFIG_NAME,
+    proxy_common::sock::AFFINITY_V4_NAME,
+    proxy_common::sock::DESTROY_V4_NAME,
 ];
+
+/// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
+/// layout change renames the map), so a loading agent and `kpr cleanup` remove them;
+/// otherwise an upgraded node would keep the old tables' memory forever.
+pub const RETIRED_MAPS: [&str; 6] = [
+    "CT_V4_V1",
+    "AFFINITY_V4_V1",
+    "CONFIG_V2",
+    "COUNTERS_V2",
+    "SOCK_RNAT_V4_V1",
+    "SOCK_HOSTNS_V1",
+];
+
+/// Removes the pins of [`RETIRED_MAPS`] under `dir`.
+pub fn remove_retired_pins(dir: &Path) {
+    for name in RETIRED_MAPS {
+        if std::fs::remove_file(dir.join(name)).is_ok() {
+            tracing::info!(map = name, "removed the pin of a retired map layout");
+        }
+    }
+}
 
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
@@ -227,6 +251,7 @@ impl Datapath {
                 if !is_bpffs(dir) {
                     return Err(Error::NotBpffs { path: dir.clone() });
                 }
+                remove_retired_pins(dir);
                 ALL_MAPS
                     .iter()
                     .map(|name| (*name, dir.join(name)))
@@ -243,7 +268,12 @@ impl Datapath {
         let conntrack_new_capacity = proxy_common::capacity::conntrack_new_for(conntrack_capacity);
         loader.map_max_entries(names::CONNTRACK_V4, conntrack_capacity);
         loader.map_max_entries(names::CONNTRACK_NEW_V4, conntrack_new_capacity);
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // The kernel's BTF, also to turn the object's kfunc calls into ones the kernel
+        // resolves (see sock_destroy).
+        let btf = aya::Btf::from_sys_fs().ok();
+        loader.btf(btf.as_ref());
+        let object = sock_destroy::patch_kfunc_calls(EBPF_OBJECT, btf.as_ref());
+        let mut ebpf = loader.load(&object)?;
         let maps = Maps {
             services: take(&mut ebpf, names::SERVICES_V4)?,
             backends: take(&mut ebpf, names::BACKENDS_V4)?,
@@ -283,8 +313,8 @@ impl Datapath {
                     source,
                 })?
             },
-            host_netns: {
-                let name = proxy_common::sock::HOST_NETNS_NAME;
+            sock_config: {
+                let name = proxy_common::sock::CONFIG_NAME;
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
             },
@@ -355,16 +385,16 @@ impl Maps {
         })
     }
 
-    /// Tells the socket-layer hooks which network namespace is the node's (its
-    /// `SO_NETNS_COOKIE`); sockets of other namespaces are left to the TC programs.
+    /// Tells the socket-layer hooks which network namespace is the node's and which
+    /// sockets to translate.
     ///
     /// # Errors
     /// When the kernel refuses the write.
-    pub fn set_host_netns(&mut self, cookie: u64) -> Result<()> {
-        self.host_netns
-            .set(0, cookie, 0)
+    pub fn set_sock_config(&mut self, config: &proxy_common::SockConfig) -> Result<()> {
+        self.sock_config
+            .set(0, config, 0)
             .map_err(|source| Error::Map {
-                name: proxy_common::sock::HOST_NETNS_NAME,
+                name: proxy_common::sock::CONFIG_NAME,
                 source,
             })
     }

@@ -1,7 +1,11 @@
 //! The benchmark against kube-proxy (`cargo xtask bench`, binary `kpr-bench`): the
 //! same lab, the same services and the same traffic through each dataplane:
 //!
-//! - `ebpf`: our agent in the node namespace, reading the services as manifests;
+//! - `ebpf`: our agent in the node namespace, reading the services as manifests, with
+//!   the socket-layer hooks on the bench's own cgroup (`--socket-lb all`): the client
+//!   pod's connections are translated at `connect()`;
+//! - `ebpf-tc`: the same agent with the hooks off (`--socket-lb off`): every packet
+//!   through the TC programs, as for traffic the hooks cannot see;
 //! - `iptables` / `iptables-legacy`: the rules kube-proxy's iptables proxier writes
 //!   for those services ([`iptables`]), loaded into the node namespace with
 //!   `iptables-nft-restore` (the Debian default backend) or `iptables-legacy-restore`;
@@ -14,6 +18,7 @@
 //! (every mode at one service count, then the next count, then the next round) so
 //! that drift of the machine spreads over all of them; each figure is the median
 //! over rounds. Every measurement gets a fresh lab ([`runner`]).
+pub mod bpf_stats;
 pub mod hash;
 pub mod iptables;
 pub mod measure;
@@ -37,6 +42,7 @@ use services::ServiceSet;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {
     Ebpf,
+    EbpfTc,
     Iptables,
     IptablesLegacy,
     Nftables,
@@ -45,12 +51,25 @@ pub enum Mode {
 
 impl Mode {
     /// The default set, in the order they alternate.
-    pub const DEFAULT: [Self; 4] = [Self::Ebpf, Self::Iptables, Self::Nftables, Self::None];
+    pub const DEFAULT: [Self; 5] = [
+        Self::Ebpf,
+        Self::EbpfTc,
+        Self::Iptables,
+        Self::Nftables,
+        Self::None,
+    ];
+
+    /// Whether our agent is the dataplane.
+    #[must_use]
+    pub fn is_ebpf(self) -> bool {
+        matches!(self, Self::Ebpf | Self::EbpfTc)
+    }
 
     #[must_use]
     pub fn label(self) -> &'static str {
         match self {
             Self::Ebpf => "ebpf",
+            Self::EbpfTc => "ebpf-tc",
             Self::Iptables => "iptables",
             Self::IptablesLegacy => "iptables-legacy",
             Self::Nftables => "nftables",
@@ -65,12 +84,13 @@ impl FromStr for Mode {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "ebpf" => Ok(Self::Ebpf),
+            "ebpf-tc" => Ok(Self::EbpfTc),
             "iptables" => Ok(Self::Iptables),
             "iptables-legacy" => Ok(Self::IptablesLegacy),
             "nftables" => Ok(Self::Nftables),
             "none" => Ok(Self::None),
             other => Err(format!(
-                "unknown mode {other:?} (ebpf, iptables, iptables-legacy, nftables, none)"
+                "unknown mode {other:?} (ebpf, ebpf-tc, iptables, iptables-legacy, nftables, none)"
             )),
         }
     }
@@ -98,6 +118,9 @@ pub struct Config {
     pub tc_repeat: u32,
     /// New flows measured one run each.
     pub tc_new_flows: u16,
+    /// Per-program run time of the agent's programs during the connection test
+    /// ([`bpf_stats`]; machine-wide kernel statistics while on, so opt-in).
+    pub bpf_stats: bool,
     /// Where the CSV, JSON and SVG go.
     pub out: PathBuf,
     /// The command line, recorded in the JSON.
@@ -117,6 +140,7 @@ impl Default for Config {
             clients: 2,
             tc_repeat: 100_000,
             tc_new_flows: 2000,
+            bpf_stats: false,
             out: PathBuf::from("target/bench"),
             command: String::new(),
         }
@@ -179,14 +203,18 @@ pub fn run(config: &Config) -> Result<Report> {
         .collect::<Result<_>>()?;
     let mut report = Report::new(config);
 
-    if config.modes.contains(&Mode::Ebpf) {
+    if config.modes.iter().any(|mode| mode.is_ebpf()) {
         for set in &sets {
             eprintln!("tc program cost at N={} ...", set.len());
             let cost = tc_cost::measure(set, config.tc_repeat, config.tc_new_flows)
                 .with_context(|| format!("BPF_PROG_TEST_RUN at N={}", set.len()))?;
             eprintln!(
-                "  new flow {:.0} ns, established {:.0} ns, miss {:.0} ns (one run per call: {:.0} ns)",
-                cost.new_flow_ns, cost.established_ns, cost.miss_ns, cost.single_run_miss_ns
+                "  new flow {:.0} ns (all to one service: {:.0} ns), established {:.0} ns, miss {:.0} ns (one run per call: {:.0} ns)",
+                cost.new_flow_ns,
+                cost.new_flow_one_service_ns,
+                cost.established_ns,
+                cost.miss_ns,
+                cost.single_run_miss_ns
             );
             report.tc.push(cost);
         }
@@ -196,16 +224,26 @@ pub fn run(config: &Config) -> Result<Report> {
         .into_iter()
         .map(|set| Programs::new(set, &config.modes))
         .collect();
+    // The socket-layer hooks see processes by cgroup: the bench's clients are threads
+    // of this process, so it joins a cgroup of its own for the run (and leaves it
+    // after). No hook is on it except while an `ebpf` agent runs.
+    let cgroup = config
+        .modes
+        .contains(&Mode::Ebpf)
+        .then(|| runner::JoinedCgroup::join(&crate::netns::unique_prefix()))
+        .transpose()?;
+    let socket_cgroup = cgroup.as_ref().map(runner::JoinedCgroup::path);
     for round in 1..=config.rounds {
         for programs in &programs {
             for &mode in &config.modes {
-                let cell = runner::measure(config, programs, mode, round).with_context(|| {
-                    format!(
-                        "{} with {} services (round {round})",
-                        mode.label(),
-                        programs.set.len()
-                    )
-                })?;
+                let cell = runner::measure(config, programs, mode, round, socket_cgroup)
+                    .with_context(|| {
+                        format!(
+                            "{} with {} services (round {round})",
+                            mode.label(),
+                            programs.set.len()
+                        )
+                    })?;
                 eprintln!(
                     "[round {round}/{}] N={:<6} {:<15} {:>8.0} conn/s  p50 {:>6.0} us  p99 {:>6.0} us  {:>7.0} MB/s  program {} ms  change {} ms",
                     config.rounds,
@@ -218,6 +256,12 @@ pub fn run(config: &Config) -> Result<Report> {
                     report::optional(cell.program_ms, 1),
                     report::optional(cell.change_ms, 2),
                 );
+                for (program, cost) in &cell.programs {
+                    eprintln!(
+                        "    {program:<20} {:>5.2} runs/conn {:>7.0} ns/run {:>7.0} ns/conn",
+                        cost.runs_per_conn, cost.ns_per_run, cost.ns_per_conn
+                    );
+                }
                 report.cells.push(cell);
             }
         }

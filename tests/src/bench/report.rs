@@ -182,7 +182,7 @@ impl Report {
                     )
                 };
                 let first = cells[0];
-                let tc = (first.mode == Mode::Ebpf.label())
+                let tc = (first.mode == Mode::Ebpf.label() || first.mode == Mode::EbpfTc.label())
                     .then(|| self.tc.iter().find(|tc| tc.services == first.services))
                     .flatten();
                 Summary {
@@ -316,12 +316,12 @@ impl Report {
 
     fn cells_csv(&self) -> String {
         let mut out = String::from(
-            "round,mode,services,endpoints,conn_per_s,connections,errors,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib\n",
+            "round,mode,services,endpoints,conn_per_s,connections,errors,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,socket_translated,tc_new_flows\n",
         );
         for cell in &self.cells {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{:.1},{},{},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{}",
+                "{},{},{},{},{:.1},{},{},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{}",
                 cell.round,
                 cell.mode,
                 cell.services,
@@ -341,6 +341,8 @@ impl Report {
                 cell.softirq_us_per_conn,
                 csv_optional(cell.agent_cpu_ms),
                 csv_optional(cell.agent_peak_mib),
+                cell.socket_translated,
+                cell.tc_new_flows,
             );
         }
         out
@@ -486,6 +488,7 @@ mod tests {
             established_ns: 60.0,
             miss_ns: 30.0,
             single_run_miss_ns: 200.0,
+            new_flow_one_service_ns: 250.0,
         });
         report.summarize();
         assert_eq!(report.summary.len(), 2);

@@ -4,6 +4,7 @@
 //! another's rules, conntrack state or TIME_WAIT sockets.
 use std::{
     net::SocketAddrV4,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -69,6 +70,15 @@ pub struct Cell {
     pub agent_cpu_ms: Option<f64>,
     /// The agent's peak resident memory (VmHWM), MiB (ebpf).
     pub agent_peak_mib: Option<f64>,
+    /// ebpf modes, during the connection test: sockets the socket-layer hooks
+    /// translated (datapath counter `sock_translated`).
+    pub socket_translated: u64,
+    /// ebpf modes, during the connection test: new flows the TC programs translated
+    /// (`new_flow`).
+    pub tc_new_flows: u64,
+    /// ebpf modes with `--bpf-stats`: each of the agent's programs that ran during the
+    /// connection test.
+    pub programs: std::collections::BTreeMap<String, super::bpf_stats::ProgramCost>,
 }
 
 /// What a measurement programs, generated once per service count.
@@ -92,7 +102,7 @@ impl Programs {
             .iter()
             .any(|mode| matches!(mode, Mode::Iptables | Mode::IptablesLegacy));
         let wants_nft = modes.contains(&Mode::Nftables);
-        let wants_ebpf = modes.contains(&Mode::Ebpf);
+        let wants_ebpf = modes.iter().any(|mode| mode.is_ebpf());
         let frontends = Arc::new((0..set.len()).map(ServiceSet::frontend).collect());
         Self {
             frontends,
@@ -169,7 +179,13 @@ fn millis(duration: Duration) -> f64 {
 ///
 /// # Errors
 /// When the lab, the programming, the check or the traffic fails.
-pub fn measure(config: &Config, programs: &Programs, mode: Mode, round: usize) -> Result<Cell> {
+pub fn measure(
+    config: &Config,
+    programs: &Programs,
+    mode: Mode,
+    round: usize,
+    socket_cgroup: Option<&Path>,
+) -> Result<Cell> {
     let set = &programs.set;
     let mut bench = build_lab(config, set)?;
     let mut cell = Cell {
@@ -181,12 +197,14 @@ pub fn measure(config: &Config, programs: &Programs, mode: Mode, round: usize) -
     };
     let mut agent_pid = None;
     match mode {
-        Mode::Ebpf => {
+        Mode::Ebpf | Mode::EbpfTc => {
             for (file, yaml) in &programs.manifests {
                 bench.lab.write_manifest(file, yaml)?;
             }
+            let args = agent_args(mode, socket_cgroup)?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let started = Instant::now();
-            bench.lab.start_agent(&[])?;
+            bench.lab.start_agent(&args)?;
             cell.program_wall_ms = Some(millis(started.elapsed()));
             bench.lab.wait_attached()?;
             let pid = find_process_with_argument(&bench.lab.pin_dir())
@@ -244,7 +262,9 @@ pub fn measure(config: &Config, programs: &Programs, mode: Mode, round: usize) -
         .run(|| workload::check_targets(&sample, 3 * sample.len().max(4)))
         .with_context(|| format!("{} does not carry traffic", mode.label()))
         .map_err(|error| match mode {
-            Mode::Ebpf => error.context(format!("agent log:\n{}", bench.lab.agent_log())),
+            Mode::Ebpf | Mode::EbpfTc => {
+                error.context(format!("agent log:\n{}", bench.lab.agent_log()))
+            }
             _ => error,
         })?;
 
@@ -256,9 +276,36 @@ pub fn measure(config: &Config, programs: &Programs, mode: Mode, round: usize) -
         WARM_UP.min(config.duration),
     )?;
     let agent_before = agent_pid.map(measure::process_cpu).transpose()?;
+    let counters_before = mode
+        .is_ebpf()
+        .then(|| datapath_counters(&bench.lab))
+        .transpose()?;
+    let stats = (config.bpf_stats && mode.is_ebpf())
+        .then(|| -> Result<_> {
+            let enabled = super::bpf_stats::enable()?;
+            Ok((enabled, super::bpf_stats::snapshot(&bench.lab.pin_dir())?))
+        })
+        .transpose()?;
     let cpu_before = MachineCpu::read()?;
     let crr = workload::connect_request_close(client, &targets, config.clients, config.duration)?;
     let cpu = MachineCpu::read()?.since(cpu_before);
+    if let Some((_enabled, before)) = &stats {
+        let after = super::bpf_stats::snapshot(&bench.lab.pin_dir())?;
+        cell.programs = super::bpf_stats::costs(before, &after, crr.connections);
+    }
+    drop(stats);
+    if let Some(before) = counters_before {
+        let after = datapath_counters(&bench.lab)?;
+        let delta = |name: &str| {
+            after
+                .get(name)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(before.get(name).copied().unwrap_or(0))
+        };
+        cell.socket_translated = delta("sock_translated");
+        cell.tc_new_flows = delta("new_flow");
+    }
     if let (Some(pid), Some(before)) = (agent_pid, agent_before) {
         cell.agent_cpu_ms = Some(millis(measure::process_cpu(pid)?.saturating_sub(before)));
     }
@@ -281,7 +328,7 @@ pub fn measure(config: &Config, programs: &Programs, mode: Mode, round: usize) -
     cell.stream_mb_per_s = bytes_per_s / 1e6;
 
     match mode {
-        Mode::Ebpf => {
+        Mode::Ebpf | Mode::EbpfTc => {
             let before = measure::synced_passes(&bench.lab.agent_log()).len();
             let (file, yaml) = &programs.changed_manifest;
             let written = Instant::now();
@@ -330,6 +377,76 @@ pub fn measure(config: &Config, programs: &Programs, mode: Mode, round: usize) -
     drop(bench.servers);
     drop(bench.lab);
     Ok(cell)
+}
+
+/// The datapath counters of the lab's agent, from its pinned maps.
+fn datapath_counters(lab: &Lab) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+    let maps = proxy_userspace::inspect::PinnedMaps::open(&lab.pin_dir())?;
+    Ok(proxy_userspace::inspect::counters(&maps)?)
+}
+
+/// The agent's arguments in an ebpf mode: the hooks on the bench's cgroup (`ebpf`) or
+/// off (`ebpf-tc`).
+fn agent_args(mode: Mode, socket_cgroup: Option<&Path>) -> Result<Vec<String>> {
+    if mode == Mode::EbpfTc {
+        return Ok(vec!["--socket-lb".into(), "off".into()]);
+    }
+    let cgroup = socket_cgroup.context("the ebpf mode needs the bench's cgroup")?;
+    Ok(vec![
+        "--cgroup-path".into(),
+        cgroup.display().to_string(),
+        "--socket-lb".into(),
+        "all".into(),
+    ])
+}
+
+/// A cgroup of the bench's own that the bench process has joined, so the sockets of
+/// its client threads are the ones the socket-layer hooks see. On drop the process goes
+/// back to the cgroup it came from and the cgroup is removed.
+pub struct JoinedCgroup {
+    path: PathBuf,
+    home: PathBuf,
+}
+
+impl JoinedCgroup {
+    /// Creates `<cgroup2 mount>/<prefix>-bench` and moves this process into it.
+    ///
+    /// # Errors
+    /// When there is no cgroup2 mount or the move fails.
+    pub fn join(prefix: &str) -> Result<Self> {
+        let mount = crate::host::cgroup2_mount()?;
+        // Empty cgroups of crashed runs (a SIGKILLed bench cannot move back).
+        crate::host::sweep_stale(&mount);
+        let own = std::fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
+        // cgroup v2: the one line `0::/path`.
+        let relative = own
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .context("this process is in no cgroup v2")?;
+        let home = mount.join(relative.trim_start_matches('/'));
+        let path = mount.join(format!("{prefix}-bench"));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        let joined = Self { path, home };
+        std::fs::write(joined.path.join("cgroup.procs"), "0")
+            .with_context(|| format!("joining {}", joined.path.display()))?;
+        Ok(joined)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for JoinedCgroup {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::write(self.home.join("cgroup.procs"), "0") {
+            eprintln!("bench: cannot return to {}: {error}", self.home.display());
+        }
+        if let Err(error) = std::fs::remove_dir(&self.path) {
+            eprintln!("bench: cannot remove {}: {error}", self.path.display());
+        }
+    }
 }
 
 fn iptables_tools(mode: Mode) -> (&'static str, &'static str) {

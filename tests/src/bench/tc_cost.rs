@@ -11,7 +11,11 @@
 //!   not for a service pays), `repeat` runs per call;
 //! - single-run miss: the miss measured one run per call, like new flows: the
 //!   difference to the miss is what one-run calls add (timer, cold caches), so
-//!   new flow minus (single-run miss minus miss) estimates a new flow's own cost.
+//!   new flow minus (single-run miss minus miss) estimates a new flow's own cost;
+//! - new flow to one service: new flows as above, all to the same ClusterIP, so its
+//!   frontend, slot and backend entries stay in the caches: the new flow (random
+//!   services) minus this is what the service and backend lookups cost when they miss
+//!   the CPU caches and TLB at N services.
 use std::net::SocketAddrV4;
 
 use anyhow::{bail, Result};
@@ -33,6 +37,7 @@ pub struct TcCost {
     pub established_ns: f64,
     pub miss_ns: f64,
     pub single_run_miss_ns: f64,
+    pub new_flow_one_service_ns: f64,
 }
 
 /// Loads the datapath, programs `set` and measures. `repeat` runs per call for the
@@ -101,12 +106,20 @@ pub fn measure(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> 
         total += run_checked(&mut harness, &syn, 1, "new flow")?;
     }
     let new_flow_ns = total / f64::from(new_flows.max(1));
+
+    let mut one_service = 0.0;
+    for flow in 0..new_flows {
+        let syn = Frame::tcp(client(30_000 + flow), middle, TcpFlags::SYN).to_bytes();
+        one_service += run_checked(&mut harness, &syn, 1, "new flow to one service")?;
+    }
+    let new_flow_one_service_ns = one_service / f64::from(new_flows.max(1));
     Ok(TcCost {
         services: set.len(),
         new_flow_ns,
         established_ns,
         miss_ns,
         single_run_miss_ns,
+        new_flow_one_service_ns,
     })
 }
 

@@ -14,11 +14,11 @@ use kpr_lab::bench::{self, report::utc_timestamp, Config, Mode};
     about = "Benchmark the eBPF dataplane against kube-proxy's iptables and nftables rules"
 )]
 struct Args {
-    /// Modes, alternated in this order: ebpf, iptables, iptables-legacy, nftables, none.
+    /// Modes, alternated in this order: ebpf, ebpf-tc, iptables, iptables-legacy, nftables, none.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ebpf,iptables,nftables,none"
+        default_value = "ebpf,ebpf-tc,iptables,nftables,none"
     )]
     modes: Vec<Mode>,
     /// Service counts N (add 50000 where the machine holds it).
@@ -46,6 +46,11 @@ struct Args {
     /// BPF_PROG_TEST_RUN repeat count for the per-packet cost.
     #[arg(long, default_value_t = 100_000)]
     tc_repeat: u32,
+    /// Per-program run time of the agent's programs (kernel BPF statistics, on only
+    /// during the ebpf connection tests; they cost every BPF program on the machine two
+    /// clock reads per run while on).
+    #[arg(long)]
+    bpf_stats: bool,
     /// Output directory [default: target/bench/<UTC timestamp>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -79,6 +84,7 @@ fn main() -> Result<()> {
         rounds: args.rounds,
         clients: args.clients,
         tc_repeat: args.tc_repeat,
+        bpf_stats: args.bpf_stats,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         out: out.clone(),
         ..Config::default()

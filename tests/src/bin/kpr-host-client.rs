@@ -5,6 +5,8 @@
 //! `kpr-host-client tcp|udp-connected|udp-unconnected ADDR COUNT` makes COUNT requests
 //! to ADDR, each on a fresh socket, and prints one JSON [`Outcome`] per request: who
 //! answered and which addresses the socket calls reported, or the errno of the failure.
+//! `tcp-session|udp-session ADDR 0` keeps one socket and makes one request per line
+//! read from stdin, connecting again after a failure.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
@@ -41,8 +43,8 @@ fn answered(text: &str, outcome: Outcome) -> Outcome {
     }
 }
 
-fn tcp(dst: SocketAddrV4) -> std::io::Result<Outcome> {
-    let stream = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+fn tcp(dst: SocketAddrV4, connect_timeout: Duration) -> std::io::Result<Outcome> {
+    let stream = TcpStream::connect_timeout(&dst.into(), connect_timeout)?;
     let peer = stream.peer_addr()?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     (&stream).write_all(b"hello\n")?;
@@ -81,6 +83,94 @@ fn udp(dst: SocketAddrV4, connected: bool) -> std::io::Result<Outcome> {
     ))
 }
 
+/// A long-lived socket: a TCP connection or a connected UDP socket.
+enum Held {
+    Tcp(BufReader<TcpStream>),
+    Udp(UdpSocket),
+}
+
+fn open(dst: SocketAddrV4, tcp: bool) -> std::io::Result<Held> {
+    if tcp {
+        let stream = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        Ok(Held::Tcp(BufReader::new(stream)))
+    } else {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.connect(dst)?;
+        Ok(Held::Udp(socket))
+    }
+}
+
+/// One request on the held socket.
+fn ask(held: &mut Held) -> std::io::Result<Outcome> {
+    match held {
+        Held::Tcp(reader) => {
+            let peer = reader.get_ref().peer_addr()?;
+            reader.get_mut().write_all(b"hello\n")?;
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(answered(
+                &line,
+                Outcome {
+                    peer: Some(peer.to_string()),
+                    ..Outcome::default()
+                },
+            ))
+        }
+        Held::Udp(socket) => {
+            socket.send(b"hello\n")?;
+            let peer = socket.peer_addr()?;
+            let mut buf = [0u8; 1500];
+            let (len, source) = socket.recv_from(&mut buf)?;
+            let text = String::from_utf8_lossy(buf.get(..len).unwrap_or_default()).into_owned();
+            Ok(answered(
+                &text,
+                Outcome {
+                    peer: Some(peer.to_string()),
+                    source: Some(source.to_string()),
+                    ..Outcome::default()
+                },
+            ))
+        }
+    }
+}
+
+/// The session modes: one request per stdin line on a socket kept between requests.
+fn session(dst: SocketAddrV4, tcp: bool, out: &mut impl std::io::Write) -> ExitCode {
+    let mut held: Option<Held> = None;
+    for line in std::io::stdin().lines() {
+        if line.is_err() {
+            break;
+        }
+        let result = match held.take() {
+            Some(socket) => Ok(socket),
+            None => open(dst, tcp),
+        }
+        .and_then(|mut socket| {
+            let outcome = ask(&mut socket)?;
+            held = Some(socket);
+            Ok(outcome)
+        });
+        // A failure leaves `held` empty: the next request connects again.
+        let outcome = result.unwrap_or_else(|error| failed(&error));
+        if print(out, &outcome).is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn print(out: &mut impl std::io::Write, outcome: &Outcome) -> Result<(), ()> {
+    let line = serde_json::to_string(outcome).map_err(|error| {
+        eprintln!("cannot encode {outcome:?}: {error}");
+    })?;
+    writeln!(out, "{line}").map_err(drop)?;
+    out.flush().map_err(drop)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parsed = match args.as_slice() {
@@ -90,27 +180,29 @@ fn main() -> ExitCode {
         _ => None,
     };
     let Some(((mode, dst), count)) = parsed else {
-        eprintln!("usage: kpr-host-client tcp|udp-connected|udp-unconnected ADDR:PORT COUNT");
+        eprintln!(
+            "usage: kpr-host-client tcp|udp-connected|udp-unconnected|tcp-session|udp-session \
+             ADDR:PORT COUNT"
+        );
         return ExitCode::from(2);
     };
     let mut stdout = std::io::stdout().lock();
     for _ in 0..count {
         let result = match mode {
-            Mode::Tcp => tcp(dst),
+            Mode::Tcp => tcp(dst, TIMEOUT),
+            Mode::TcpWait => tcp(dst, Duration::from_secs(30)),
             Mode::UdpConnected => udp(dst, true),
             Mode::UdpUnconnected => udp(dst, false),
+            Mode::TcpSession | Mode::UdpSession => break,
         };
         let outcome = result.unwrap_or_else(|error| failed(&error));
-        let line = match serde_json::to_string(&outcome) {
-            Ok(line) => line,
-            Err(error) => {
-                eprintln!("cannot encode {outcome:?}: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if writeln!(stdout, "{line}").is_err() {
+        if print(&mut stdout, &outcome).is_err() {
             return ExitCode::FAILURE;
         }
     }
-    ExitCode::SUCCESS
+    match mode {
+        Mode::TcpSession => session(dst, true, &mut stdout),
+        Mode::UdpSession => session(dst, false, &mut stdout),
+        _ => ExitCode::SUCCESS,
+    }
 }

@@ -1,0 +1,232 @@
+//! Socket-layer load balancing (`--socket-lb`): which sockets the cgroup hooks
+//! translate at `connect()`/`sendmsg()`, and what happens to translated sockets when
+//! their backend leaves.
+//!
+//! With `all` (the default) every TCP and UDP socket in the hooked cgroup, a pod's or
+//! the node's, is translated once at the socket layer: its packets leave addressed to
+//! the backend, with no per-packet DNAT, no conntrack entry and no checksum rewrite. The
+//! TC programs stay for what no hook sees (traffic from outside the node, replies to
+//! it) and take over for every socket with `off` (hooks not attached). `host` keeps the
+//! socket layer to the node's own namespace (kubelet, hostNetwork pods) and leaves pods
+//! to TC.
+//!
+//! A backend leaving a service is handled like the TC path's conntrack flush: the
+//! reverse and affinity entries that point at it are removed, and connected sockets
+//! still tied to it (connected UDP, TCP still in SYN-SENT) are destroyed
+//! (`datapath::sock_destroy`), so their applications connect again to a live backend.
+//! Established TCP connections stay, as kube-proxy leaves their conntrack entries.
+use std::{collections::BTreeSet, path::Path};
+
+use aya::maps::{HashMap, MapData};
+use proxy_common::{
+    proto,
+    sock::{self, rev_flags},
+    AffinityValueV4, SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4,
+};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::datapath::{cgroup, sock_destroy, Datapath};
+
+/// Which sockets the hooks translate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Pods and the node's own processes.
+    #[default]
+    All,
+    /// The node's own network namespace only; pods take the TC path.
+    Host,
+    /// None: the hooks are not attached, every socket takes the TC path.
+    Off,
+}
+
+impl Mode {
+    /// The value of [`SockConfig::mode`].
+    #[must_use]
+    pub fn map_value(self) -> u32 {
+        match self {
+            Self::All => sock::mode::ALL,
+            Self::Host => sock::mode::HOST,
+            Self::Off => sock::mode::OFF,
+        }
+    }
+
+    /// Whether the cgroup hooks are attached at all.
+    #[must_use]
+    pub fn hooks_attached(self) -> bool {
+        self != Self::Off
+    }
+
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Host => "host",
+            Self::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading the network namespace cookie")]
+    NetnsCookie(#[source] std::io::Error),
+    #[error("writing the socket-layer settings")]
+    Config(#[source] crate::datapath::Error),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("destroying sockets of removed backends")]
+    Destroy(#[source] sock_destroy::Error),
+}
+
+/// The cgroup the hooks go on: `--cgroup-path`, unless `--socket-lb off`.
+#[must_use]
+pub fn hooked_cgroup(config: &crate::agent::AgentConfig) -> Option<&Path> {
+    config
+        .cgroup_path
+        .as_deref()
+        .filter(|_| config.socket_lb.hooks_attached())
+}
+
+/// Writes the settings the hooks read: the node's namespace (the agent runs in it,
+/// hostNetwork) and the mode. Also reports at start whether stale sockets can be
+/// destroyed on this kernel, when hooks are to be attached.
+///
+/// # Errors
+/// When the cookie cannot be read or the map written.
+pub fn configure(datapath: &mut Datapath, config: &crate::agent::AgentConfig) -> Result<(), Error> {
+    let mode = config.socket_lb;
+    let host_netns_cookie = cgroup::own_netns_cookie().map_err(Error::NetnsCookie)?;
+    datapath
+        .maps
+        .set_sock_config(&SockConfig {
+            host_netns_cookie,
+            mode: mode.map_value(),
+            _pad: 0,
+        })
+        .map_err(Error::Config)?;
+    let hooked = hooked_cgroup(config);
+    match hooked {
+        Some(cgroup) => {
+            info!(mode = mode.label(), cgroup = %cgroup.display(), "socket-layer load balancing")
+        }
+        None => info!(
+            mode = mode.label(),
+            "socket-layer load balancing: no hooks (no --cgroup-path, or off)"
+        ),
+    }
+    if hooked.is_some() {
+        if let Err(error) = sock_destroy::check(datapath) {
+            warn!(error = %crate::error_chain(&error), "connected UDP sockets of removed backends cannot be destroyed on this kernel; they keep their backend until they close");
+        }
+    }
+    Ok(())
+}
+
+/// What [`forget_backends`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Reverse entries of connected UDP sockets of the removed backends.
+    pub reverse_entries: usize,
+    /// Socket-layer affinity entries.
+    pub affinities: usize,
+    /// Connected sockets listed for destruction.
+    pub sockets_listed: usize,
+}
+
+fn map<'a, K: aya::Pod, V: aya::Pod>(
+    datapath: &'a mut Datapath,
+    name: &'static str,
+) -> Result<HashMap<&'a mut MapData, K, V>, Error> {
+    let data = datapath.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+    HashMap::try_from(data).map_err(|source| Error::Map { name, source })
+}
+
+/// Every entry of a hash map whose value matches, skipping entries evicted during the
+/// walk.
+fn matching<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    wanted: impl Fn(&K, &V) -> bool,
+) -> Result<Vec<(K, V)>, Error> {
+    let mut found = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((key, value)) if wanted(&key, &value) => found.push((key, value)),
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(Error::Map { name, source }),
+        }
+    }
+    Ok(found)
+}
+
+/// Forgets the socket-layer state of `(service id, backend id)` pairs that are gone
+/// and destroys the connected sockets still tied to them, in the namespaces of the
+/// processes of `cgroup` (the hooked cgroup; `None`: no hooks, nothing to destroy).
+///
+/// # Errors
+/// When a map cannot be read or the sockets cannot be destroyed.
+pub fn forget_backends(
+    datapath: &mut Datapath,
+    cgroup: Option<&Path>,
+    pairs: &BTreeSet<(u32, u32)>,
+) -> Result<Forgotten, Error> {
+    if pairs.is_empty() {
+        return Ok(Forgotten::default());
+    }
+    let mut forgotten = Forgotten::default();
+    let mut cookies = BTreeSet::new();
+    let mut namespaces = BTreeSet::new();
+    {
+        let name = sock::RNAT_V4_NAME;
+        let mut reverse: HashMap<_, SockRevKeyV4, SockRevValueV4> = map(datapath, name)?;
+        let stale = matching(&reverse, name, |_, value| {
+            pairs.contains(&(value.service_id, value.backend_id))
+        })?;
+        for (key, value) in &stale {
+            if value.flags & rev_flags::CONNECTED == 0 {
+                // Unconnected UDP: translated again on its next datagram; the entry
+                // still shows the frontend for a late reply of the old backend.
+                continue;
+            }
+            cookies.insert(key.cookie);
+            namespaces.insert(value.netns_cookie);
+            // A connected UDP socket is destroyed below: its entry has nothing left to
+            // restore. A TCP socket is destroyed only while still connecting; an
+            // established one keeps its backend, and getpeername() its frontend.
+            if key.proto == proto::UDP && reverse.remove(key).is_ok() {
+                forgotten.reverse_entries += 1;
+            }
+        }
+    }
+    {
+        let name = sock::AFFINITY_V4_NAME;
+        let mut affinity: HashMap<_, SockAffinityKeyV4, AffinityValueV4> = map(datapath, name)?;
+        let stale = matching(&affinity, name, |key, value| {
+            pairs.contains(&(key.service_id, value.backend_id))
+        })?;
+        forgotten.affinities = stale
+            .iter()
+            .filter(|(key, _)| affinity.remove(key).is_ok())
+            .count();
+    }
+    forgotten.sockets_listed = cookies.len();
+    if let Some(cgroup) = cgroup.filter(|_| !cookies.is_empty()) {
+        let report = sock_destroy::destroy(datapath, cgroup, &cookies, &namespaces)
+            .map_err(Error::Destroy)?;
+        info!(
+            sockets = cookies.len(),
+            namespaces = report.namespaces,
+            gone = report.namespaces_missing,
+            "destroyed connected sockets of removed backends"
+        );
+    }
+    Ok(forgotten)
+}
