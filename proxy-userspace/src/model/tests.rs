@@ -19,7 +19,7 @@ use super::{
     },
     *,
 };
-use crate::source::manifests::{parse_documents, Snapshot};
+use crate::source::{manifests::parse_documents, Snapshot};
 
 /// The node the agent runs on in every case.
 const NODE: &str = "node-a";

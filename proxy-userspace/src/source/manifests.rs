@@ -6,6 +6,7 @@
 //! simplest way to never miss a deletion.
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,55 +19,11 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::{
-    model::{Diagnostic, DiagnosticReason},
-    state::{ClusterState, NodeInfo, ObjectKey},
-};
+use super::Snapshot;
+use crate::model::{Diagnostic, DiagnosticReason};
 
 /// How long to wait for a burst of file events to settle before re-reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-
-/// What a source delivers: the objects it holds, and what it could not read. Both
-/// sources (this directory and the API, [`super::kube`]) build it with the same
-/// methods, so an object means the same thing whichever way it arrived.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub state: ClusterState,
-    pub diagnostics: Vec<Diagnostic>,
-}
-
-impl Snapshot {
-    /// An empty snapshot for the node called `node_name`.
-    #[must_use]
-    pub fn for_node(node_name: Option<&str>) -> Self {
-        let mut snapshot = Self::default();
-        snapshot.state.node = NodeInfo {
-            name: node_name.map(str::to_owned),
-            ..NodeInfo::default()
-        };
-        snapshot
-    }
-
-    /// Adds a Service, replacing one with the same namespace and name.
-    pub fn add_service(&mut self, service: Service) {
-        let key = ObjectKey::of(&service.metadata);
-        self.state.services.insert(key, service);
-    }
-
-    /// Adds an EndpointSlice, replacing one with the same namespace and name.
-    pub fn add_endpoint_slice(&mut self, slice: EndpointSlice) {
-        let key = ObjectKey::of(&slice.metadata);
-        self.state.endpoint_slices.insert(key, slice);
-    }
-
-    /// Takes the labels (topology zone) of `node` if it is this node; other nodes are
-    /// ignored.
-    pub fn add_node(&mut self, node: &Node) {
-        if node.metadata.name.is_some() && node.metadata.name == self.state.node.name {
-            self.state.node.labels = node.metadata.labels.clone().unwrap_or_default();
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -194,7 +151,7 @@ fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
 pub async fn watch_dir(
     dir: PathBuf,
     node_name: Option<String>,
-    snapshots: watch::Sender<Snapshot>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
 ) -> Result<(), Error> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -217,7 +174,7 @@ pub async fn watch_dir(
         })?;
     loop {
         let snapshot = read_dir(&dir, node_name.as_deref());
-        if snapshots.send(snapshot).is_err() {
+        if snapshots.send(Arc::new(snapshot)).is_err() {
             return Ok(());
         }
         // Wait for a change, then let the burst settle.

@@ -209,6 +209,17 @@ pub struct SyncReport {
     pub removed_pairs: BTreeSet<(u32, u32)>,
 }
 
+impl SyncReport {
+    /// Whether the pass wrote the maps: nothing failed but frontends that do not fit
+    /// (a capacity limit, reported per frontend). A failed write of any other kind
+    /// means the maps could not be written, and the pass must be retried.
+    #[must_use]
+    pub fn complete(&self) -> bool {
+        self.failures.iter().all(|failure| failure.error.map_full)
+            && self.cleanup_errors.iter().all(|error| error.map_full)
+    }
+}
+
 /// Keeps the service and backend maps equal to the desired state.
 #[derive(Debug, Default)]
 pub struct Syncer {
