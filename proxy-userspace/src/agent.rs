@@ -105,14 +105,28 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut agent = Agent::start(config)?;
-    let mut source = source::start(&agent.config.source, agent.config.node_name.clone())
-        .await
-        .context("starting the source")?;
-    agent.api_status.clone_from(&source.api_status);
-    let exit = agent.follow(&mut source, shutdown).await;
-    drop(source);
-    agent.finish(exit)
+    let agent = Agent::start(config)?;
+    let source = source::start(
+        &agent.config.source,
+        agent.config.node_name.clone(),
+        &agent.metrics,
+    )
+    .await
+    .context("starting the source")?;
+    agent.serve(source, shutdown).await
+}
+
+/// Runs the agent like [`run`], on a source of the caller's own instead of the one
+/// `config.source` names (an embedding; the lab's tests of what a source can do).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_on(
+    config: AgentConfig,
+    source: source::Running,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Agent::start(config)?.serve(source, shutdown).await
 }
 
 /// The agent loop's state.
@@ -230,6 +244,18 @@ impl Agent {
             synced_once: false,
             retry_pending: false,
         })
+    }
+
+    /// Follows `source` until `shutdown` or the source's end, then leaves the node.
+    async fn serve(
+        mut self,
+        mut source: source::Running,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        self.api_status.clone_from(&source.api_status);
+        let exit = self.follow(&mut source, shutdown).await;
+        drop(source);
+        self.finish(exit)
     }
 
     /// The event loop: one method per event, until shutdown or the source's end.
@@ -373,10 +399,13 @@ impl Agent {
     /// `--keep-state`; when the source ended, as it is (an error, so the agent exits
     /// non-zero and is restarted, adopting the datapath).
     fn finish(mut self, exit: Exit) -> anyhow::Result<()> {
-        if matches!(exit, Exit::SourceEnded) {
-            warn!("the manifest source stopped; keeping the datapath as it is");
-        }
-        let keep = self.config.keep_state;
+        let keep = match exit {
+            Exit::Shutdown => self.config.keep_state,
+            Exit::SourceEnded => {
+                error!("the source stopped; keeping the datapath as it is and exiting");
+                true
+            }
+        };
         if keep {
             info!(pin_dir = %self.config.pin_dir.display(), "leaving programs and maps in place");
             self.attachments.keep_all();
@@ -393,7 +422,13 @@ impl Agent {
             remove_pins(&pin_dir);
             info!("detached all programs and removed the pinned maps");
         }
-        Ok(())
+        match exit {
+            Exit::Shutdown => Ok(()),
+            // Non-zero, so the DaemonSet restarts it: the next agent adopts the datapath.
+            Exit::SourceEnded => {
+                anyhow::bail!("the source of Services and EndpointSlices stopped")
+            }
+        }
     }
 
     /// One pass over the last snapshot: model, sync, flow cleanup, logs. `None` before

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub frontend_failures: Family<ReasonLabels, Counter>,
     /// kpr_conntrack_reaped_total.
     pub conntrack_reaped: Counter,
+    /// kpr_source_read_failures_total{reason}: reads of the manifest source that failed
+    /// (the directory as a whole, or a file); nothing changes in the maps for them.
+    pub source_read_failures: Family<ReasonLabels, Counter>,
     /// kpr_api_watch_failures_total{resource}: failed watch or list calls (each is
     /// retried with backoff; the datapath keeps its state meanwhile).
     pub api_watch_failures: Family<ResourceLabels, Counter>,
@@ -135,6 +138,7 @@ impl Metrics {
             skipped_objects: Family::default(),
             frontend_failures: Family::default(),
             conntrack_reaped: Counter::default(),
+            source_read_failures: Family::default(),
             api_watch_failures: Family::default(),
             api_watch_listed: Family::default(),
             api_last_success: Gauge::default(),
@@ -198,6 +202,11 @@ impl Metrics {
             "kpr_conntrack_reaped",
             "Expired conntrack entries removed by the agent",
             metrics.conntrack_reaped.clone(),
+        );
+        registry.register(
+            "kpr_source_read_failures",
+            "Failed reads of the manifests directory or one of its files, by reason (nothing changes in the maps; retried)",
+            metrics.source_read_failures.clone(),
         );
         registry.register(
             "kpr_api_watch_failures",

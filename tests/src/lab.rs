@@ -436,6 +436,15 @@ impl Lab {
         Ok(body)
     }
 
+    /// The value of the first sample of `/metrics` whose line starts with `prefix`
+    /// (e.g. `kpr_map_entries{map="SVC_V4_V1"}`), if there is one.
+    ///
+    /// # Errors
+    /// When the metrics server does not answer.
+    pub fn metric(&self, prefix: &str) -> Result<Option<f64>> {
+        Ok(sample(&self.metrics()?, prefix))
+    }
+
     /// Stops the agent with SIGTERM (it detaches and unpins unless told to keep state).
     ///
     /// # Errors
@@ -558,6 +567,16 @@ pub fn agent_binary() -> Result<PathBuf> {
             .arg(&target_dir),
     )?;
     Ok(target_dir.join("debug/kpr"))
+}
+
+/// The value of the first sample in a metrics text whose line starts with `prefix`.
+#[must_use]
+pub fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
 }
 
 /// A minimal HTTP/1.0 GET (call inside the right namespace).

@@ -17,6 +17,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::error;
 
 use crate::{
+    metrics::Metrics,
     model::Diagnostic,
     state::{ClusterState, NodeInfo, ObjectKey},
 };
@@ -89,25 +90,50 @@ pub struct Running {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     /// The API source's watcher status, for the metrics.
     pub api_status: Option<Arc<self::kube::ApiStatus>>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// A source of the caller's own: whatever it sends on the other end of
+    /// `snapshots`; it ends when that sender is dropped.
+    #[must_use]
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+        Self {
+            snapshots,
+            api_status: None,
+            task: None,
+        }
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
-/// Starts the source `config` names for the node `node_name`.
+/// Starts the source `config` names for the node `node_name`; read failures are
+/// counted in `metrics`.
 ///
 /// # Errors
 /// When the API client cannot be configured.
-pub async fn start(config: &SourceConfig, node_name: Option<String>) -> Result<Running, Error> {
+pub async fn start(
+    config: &SourceConfig,
+    node_name: Option<String>,
+    metrics: &Metrics,
+) -> Result<Running, Error> {
     let (snapshots_tx, mut snapshots) = watch::channel(Arc::new(Snapshot::default()));
     snapshots.mark_unchanged();
     let (task, api_status) = match config {
         SourceConfig::Manifests(dir) => {
-            let watch = manifests::watch_dir(dir.clone(), node_name, snapshots_tx);
+            let watch = manifests::watch_dir(
+                dir.clone(),
+                node_name,
+                snapshots_tx,
+                metrics.source_read_failures.clone(),
+            );
             let task = tokio::spawn(async move {
                 if let Err(error) = watch.await {
                     error!(error = %crate::error_chain(&error), "the manifest source failed");
@@ -130,6 +156,6 @@ pub async fn start(config: &SourceConfig, node_name: Option<String>) -> Result<R
     Ok(Running {
         snapshots,
         api_status,
-        task,
+        task: Some(task),
     })
 }
