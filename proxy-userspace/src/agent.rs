@@ -216,8 +216,9 @@ impl Agent {
         }
         if let Some(addr) = config.healthz_bind_address {
             let health = health.clone();
+            let rejected = metrics.http_rejected("healthz");
             tokio::spawn(async move {
-                if let Err(error) = health::serve(addr, health).await {
+                if let Err(error) = health::serve(addr, health, rejected).await {
                     error!(%addr, %error, "health server stopped");
                 }
             });
@@ -226,7 +227,8 @@ impl Agent {
             config.health_check_addresses.clone(),
             health.clone(),
             metrics.health_check_bind_failures.clone(),
-        );
+        )
+        .with_rejected_counter(metrics.http_rejected("health_check"));
         Ok(Self {
             config,
             datapath,

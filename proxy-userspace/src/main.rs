@@ -140,6 +140,36 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Raises the soft limit on open files to the hard one, as Go's runtime does at start
+/// for kube-proxy: the soft default (often 1024) is a relic of `select()`, which the
+/// agent never uses, and running out means maps, links and manifests it cannot open.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) } == 0 {
+        tracing::info!(
+            from = soft,
+            to = limit.rlim_max,
+            "raised the open files limit"
+        );
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open files limit");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
@@ -155,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                     })
             };
             let config = (*args).agent_config(&explicit)?;
+            raise_open_files_limit();
             if let Err(missing) = proxy_userspace::kernel::check() {
                 anyhow::bail!("this kernel lacks what the datapath needs:\n{missing}");
             }

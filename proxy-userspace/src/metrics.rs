@@ -52,6 +52,11 @@ pub struct ResourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -96,6 +101,9 @@ pub struct Metrics {
     pub api_last_success: Gauge<f64, AtomicU64>,
     /// Watch failures already counted, per resource.
     last_watch_failures: Mutex<BTreeMap<String, u64>>,
+    /// kpr_http_connections_rejected_total{server}: connections closed at once because
+    /// their listener served its maximum (see [`crate::http`]).
+    pub http_rejected: Family<ServerLabels, Counter>,
     /// kpr_health_check_bind_failures_total{reason}: healthCheckNodePort listeners that
     /// could not be opened (each failed attempt; they are retried).
     pub health_check_bind_failures: Family<ReasonLabels, Counter>,
@@ -144,6 +152,7 @@ impl Metrics {
             api_last_success: Gauge::default(),
             last_watch_failures: Mutex::new(BTreeMap::new()),
             health_check_bind_failures: Family::default(),
+            http_rejected: Family::default(),
             last_datapath_totals: Mutex::new(Vec::new()),
             seen_trigger_times: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
@@ -228,6 +237,16 @@ impl Metrics {
             "Attempts to open a healthCheckNodePort listener that failed, by reason",
             metrics.health_check_bind_failures.clone(),
         );
+        registry.register(
+            "kpr_http_connections_rejected",
+            "Connections to the agent's HTTP listeners closed at once because the listener served its maximum, by server",
+            metrics.http_rejected.clone(),
+        );
+        for server in ["healthz", "metrics", "health_check"] {
+            let _ = metrics.http_rejected.get_or_create(&ServerLabels {
+                server: server.into(),
+            });
+        }
         for reason in ["map_full", "write_error"] {
             let _ = metrics.frontend_failures.get_or_create(&ReasonLabels {
                 reason: reason.into(),
@@ -237,6 +256,16 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// The rejected-connections counter of one HTTP server.
+    #[must_use]
+    pub fn http_rejected(&self, server: &str) -> Counter {
+        self.http_rejected
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .clone()
     }
 
     /// Records the API source's watcher status.
@@ -347,11 +376,12 @@ fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     Some(SystemTime::from(parsed))
 }
 
-/// Serves `/metrics` until the task is dropped.
+/// Serves `/metrics` until the task is dropped, within [`crate::http::Limits::DEFAULT`].
 ///
 /// # Errors
 /// When the address cannot be bound.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let rejected = metrics.http_rejected("metrics");
     let app = Router::new().route(
         "/metrics",
         get(move || {
@@ -369,8 +399,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    crate::http::bind_and_serve(addr, app, rejected).await
 }
 
 #[cfg(test)]

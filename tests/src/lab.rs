@@ -59,6 +59,8 @@ pub struct Lab {
     agent: Option<Agent>,
     /// Replaces `--manifests <dir>` on the agent's command line (e.g. `--kubeconfig`).
     source_args: Option<Vec<String>>,
+    /// RLIMIT_NOFILE (soft, hard) the agent starts with, if not the test's own.
+    open_files_limit: Option<(u64, u64)>,
     /// Declared last: dropped after the pods, whose veths live in it.
     pub node: Netns,
 }
@@ -93,6 +95,7 @@ impl Lab {
             servers: Vec::new(),
             agent: None,
             source_args: None,
+            open_files_limit: None,
             node,
         })
     }
@@ -228,6 +231,18 @@ impl Lab {
         ]);
     }
 
+    /// Starts the agent with this open files limit (soft, hard), as a container runtime
+    /// would set it, instead of the test's own.
+    pub fn set_agent_open_files_limit(&mut self, soft: u64, hard: u64) {
+        self.open_files_limit = Some((soft, hard));
+    }
+
+    /// The agent's process id, while it runs.
+    #[must_use]
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|agent| agent.child.id())
+    }
+
     /// The run directory (for files a test wants cleaned up with the lab).
     #[must_use]
     pub fn run_dir(&self) -> &Path {
@@ -291,11 +306,21 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         let node_fd = node.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (setns, prctl) between fork and exec.
+        let open_files_limit = self.open_files_limit.map(|(soft, hard)| libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        });
+        // SAFETY: only async-signal-safe calls (setns, prctl, setrlimit) between fork and
+        // exec.
         unsafe {
             command.pre_exec(move || {
                 if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(limit) = &open_files_limit {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // The agent never outlives the test that started it, even on SIGKILL.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

@@ -8,8 +8,8 @@ use std::{
 };
 
 use kpr_lab::{
-    lab::Lab,
-    scenario::{examples_dir, lab_for_manifests, sock, CLIENT_IP},
+    lab::{Lab, HEALTHZ, METRICS},
+    scenario::{examples_dir, lab_for_manifests, lab_without_agent, sock, CLIENT_IP},
     traffic::tcp_request,
 };
 use proxy_common::names;
@@ -173,4 +173,102 @@ fn when_the_source_ends_the_datapath_stays_and_the_agent_exits_with_an_error() {
         request_from(&lab, "client", sock(WEB_VIP, 80)).expect("the datapath stays"),
         "web-0"
     );
+}
+
+/// Raises this test process's soft open files limit to its hard one: it holds more
+/// connections than the usual soft limit of 1024.
+fn raise_own_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit), 0);
+    }
+}
+
+/// The soft open files limit of process `pid`.
+fn open_files_limit(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse().ok())
+        .unwrap_or_else(|| panic!("no open files limit in\n{limits}"))
+}
+
+#[test]
+fn idle_connections_to_the_health_and_metrics_ports_never_cost_the_datapath() {
+    const IDLE: usize = 1100;
+    raise_own_open_files_limit();
+    let mut lab = lab_without_agent(&examples_dir()).expect("lab");
+    // A container runtime's usual limits: soft 1024, and a hard one to raise it to.
+    lab.set_agent_open_files_limit(1024, 2048);
+    lab.start_agent(&[]).expect("agent");
+    lab.wait_attached().expect("attached");
+    let pid = lab.agent_pid().expect("running");
+    assert_eq!(
+        open_files_limit(pid),
+        2048,
+        "the agent raises its soft limit"
+    );
+
+    // More idle connections than the raised limit, through both ports. A connect may
+    // time out (a listener that stopped accepting leaves the queue full).
+    let (idle, refused) = lab
+        .node
+        .run(|| {
+            let mut idle = Vec::new();
+            let mut refused = 0;
+            for addr in [HEALTHZ, METRICS] {
+                for _ in 0..IDLE {
+                    match std::net::TcpStream::connect_timeout(&addr.into(), TIMEOUT) {
+                        Ok(stream) => idle.push(stream),
+                        Err(_) => refused += 1,
+                    }
+                }
+            }
+            Ok((idle, refused))
+        })
+        .expect("connections");
+    eprintln!("{} idle connections open, {refused} not", idle.len());
+
+    // kube-proxy's column: the rules stay and follow changes.
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
+    let extra = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 77), 80);
+    lab.write_manifest(
+        "extra.yaml",
+        &one_endpoint_service("demo", "extra", *extra.ip()),
+    )
+    .expect("a new service");
+    lab.wait_for("the new service to answer", WAIT, || {
+        Ok(request_from(&lab, "client", extra).is_ok())
+    })
+    .expect("a change is applied under the flood");
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web still answers");
+    // A pod created now gets its programs.
+    lab.add_pod("late", Ipv4Addr::new(10, 244, 1, 50))
+        .expect("a new pod");
+    lab.wait_attached()
+        .expect("the new pod's interface gets programs");
+    lab.wait_for("the new pod to reach web", WAIT, || {
+        Ok(request_from(&lab, "late", sock(WEB_VIP, 80)).is_ok())
+    })
+    .expect("the new pod reaches web");
+    // The listeners' bound turned the flood away; health answers again.
+    lab.wait_for("the health port to answer", WAIT, || {
+        Ok(lab.healthz()?.0 == 200)
+    })
+    .expect("healthy");
+    lab.wait_for("the rejected connections to be counted", WAIT, || {
+        Ok(lab
+            .metric("kpr_http_connections_rejected_total{server=\"healthz\"}")?
+            .is_some_and(|n| n > 0.0))
+    })
+    .expect("the bound turned connections away");
+    drop(idle);
 }
