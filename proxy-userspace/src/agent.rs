@@ -23,6 +23,7 @@ use crate::{
         cgroup::{self, CgroupHooks},
         conntrack,
         interfaces::{self, LinkEvents},
+        lock::PinDirLock,
         node_network::{self, NodeNetwork, NodePortFilter},
         Datapath, Hook, LoadOptions,
     },
@@ -131,6 +132,8 @@ pub async fn run_on(
 
 /// The agent loop's state.
 struct Agent {
+    /// Held from before the datapath is loaded until its pins are removed (or left).
+    lock: Option<PinDirLock>,
     config: AgentConfig,
     datapath: Datapath,
     /// The node's external interfaces and addresses, as last read.
@@ -158,6 +161,9 @@ struct Agent {
 impl Agent {
     /// Loads (or adopts) the datapath and starts the health and metrics servers.
     fn start(config: AgentConfig) -> anyhow::Result<Self> {
+        // Before anything is opened, written or removed: a second agent on the same
+        // pins must leave the first one's alone.
+        let lock = PinDirLock::acquire(&config.pin_dir)?;
         match &config.cgroup_path {
             Some(path) => {
                 cgroup::check_cgroup2(path).context("--cgroup-path")?;
@@ -230,6 +236,7 @@ impl Agent {
         )
         .with_rejected_counter(metrics.http_rejected("health_check"));
         Ok(Self {
+            lock: Some(lock),
             config,
             datapath,
             node,
@@ -420,8 +427,12 @@ impl Agent {
                 hooks.detach_all();
             }
             let pin_dir = self.config.pin_dir.clone();
+            // Unlocked only once the pins are gone, so no agent starting meanwhile
+            // loses them.
+            let lock = self.lock.take();
             drop(self);
             remove_pins(&pin_dir);
+            drop(lock);
             info!("detached all programs and removed the pinned maps");
         }
         match exit {
@@ -741,7 +752,14 @@ pub fn remove_pins(pin_dir: &Path) {
 
 /// Removes everything an agent pinned under `pin_dir`: link pins (which detaches the
 /// programs once no process holds them) and map pins.
-pub fn cleanup(pin_dir: &Path) {
+///
+/// # Errors
+/// When an agent is running on `pin_dir` (its lock is held): its pins stay.
+pub fn cleanup(pin_dir: &Path) -> Result<(), crate::datapath::lock::Error> {
+    let Some(_lock) = PinDirLock::acquire_existing(pin_dir)? else {
+        info!(pin_dir = %pin_dir.display(), "nothing to clean up");
+        return Ok(());
+    };
     let links = pin_dir.join("links");
     if let Ok(entries) = std::fs::read_dir(&links) {
         for entry in entries.filter_map(Result::ok) {
@@ -754,4 +772,5 @@ pub fn cleanup(pin_dir: &Path) {
         }
     }
     remove_pins(pin_dir);
+    Ok(())
 }

@@ -198,7 +198,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup(args) => {
             init_logging("info");
-            agent::cleanup(&args.bpffs);
+            agent::cleanup(&args.bpffs)?;
             Ok(())
         }
         Command::Inspect(args) => inspect(&args),

@@ -272,3 +272,61 @@ fn idle_connections_to_the_health_and_metrics_ports_never_cost_the_datapath() {
     .expect("the bound turned connections away");
     drop(idle);
 }
+
+#[test]
+fn a_second_agent_on_the_same_pins_is_refused_and_the_first_keeps_them() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let entries = service_map_entries(&lab);
+    let first = lab.agent_pid().expect("running");
+    // The second agent would sync an empty view over the first one's maps.
+    let empty = lab.run_dir().join("empty");
+    std::fs::create_dir_all(&empty).expect("an empty manifests directory");
+    let binary = kpr_lab::lab::agent_binary().expect("kpr");
+    let mut second = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.node.name()])
+        .arg(&binary)
+        .arg("run")
+        .arg("--manifests")
+        .arg(&empty)
+        .arg("--bpffs")
+        .arg(lab.pin_dir())
+        .args(["--node-name", &lab.node_name])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the second agent");
+    let exited = lab.wait_for("the second agent to exit", WAIT, || {
+        Ok(second.try_wait()?.is_some())
+    });
+    if exited.is_err() {
+        let _ = second.kill();
+    }
+    let output = second.wait_with_output().expect("its output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        exited.is_ok(),
+        "the second agent was not refused:\n{stderr}"
+    );
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("already uses the pin directory") && stderr.contains(&first.to_string()),
+        "no clear error naming the first agent:\n{stderr}"
+    );
+    // The first agent is unharmed: its pins, its maps, its traffic.
+    for map in [names::SERVICES_V4, names::BACKENDS_V4, names::CONNTRACK_V4] {
+        assert!(lab.pin_dir().join(map).exists(), "{map} unpinned");
+    }
+    assert_eq!(service_map_entries(&lab), entries);
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
+    // `kpr cleanup` is refused too while the agent runs.
+    let cleanup = std::process::Command::new(&binary)
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(lab.pin_dir())
+        .output()
+        .expect("kpr cleanup");
+    assert!(!cleanup.status.success());
+    assert!(lab.pin_dir().join(names::SERVICES_V4).exists());
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web still answers");
+}

@@ -3,6 +3,7 @@ pub mod attach;
 pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
+pub mod lock;
 pub mod node_network;
 
 use std::{
