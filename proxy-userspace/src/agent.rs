@@ -6,7 +6,7 @@
 //! notification ([`Agent::on_link_change`]), the periodic rescan ([`Agent::on_rescan`]),
 //! the metrics and conntrack GC ticks, and shutdown ([`Agent::finish`]).
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -30,9 +30,9 @@ use crate::{
     health::{self, SyncHealth},
     healthcheck::HealthCheckServers,
     metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
-    model::{self, Desired, Diagnostic, DiagnosticReason, ModelSettings},
+    model::{self, Desired, Diagnostic, DiagnosticReason, FrontendKey, ModelSettings},
     source::{self, Snapshot, SourceConfig},
-    sync::{SyncReport, Syncer},
+    sync::{FrontendFailure, SyncReport, Syncer},
 };
 
 /// Everything the agent needs to run.
@@ -152,10 +152,14 @@ struct Agent {
     known_diagnostics: BTreeSet<Diagnostic>,
     /// The last snapshot the source published (`None` before the first).
     snapshot: Option<Arc<Snapshot>>,
+    /// The model's output for it (and the node's settings).
+    desired: Option<Arc<Desired>>,
     /// Whether the first sync pass is done (programs attach only after it).
     synced_once: bool,
     /// The last pass left something unwritten: the next rescan tries again.
     retry_pending: bool,
+    /// Frontends the last pass could not program, with the reason label.
+    failing: BTreeMap<FrontendKey, &'static str>,
 }
 
 impl Agent {
@@ -250,8 +254,10 @@ impl Agent {
             api_status: None,
             known_diagnostics: BTreeSet::new(),
             snapshot: None,
+            desired: None,
             synced_once: false,
             retry_pending: false,
+            failing: BTreeMap::new(),
         })
     }
 
@@ -315,15 +321,16 @@ impl Agent {
         self.health.queued();
         self.metrics.queued(SystemTime::now());
         self.snapshot = Some(snapshot);
-        self.apply_snapshot().await;
+        self.compute_desired();
+        self.apply_desired().await;
     }
 
-    /// Syncs the maps (and health check ports) to the last snapshot.
-    async fn apply_snapshot(&mut self) {
-        let Some(pass) = self.sync_pass() else {
+    /// Syncs the maps (and health check ports) to the desired state last computed.
+    async fn apply_desired(&mut self) {
+        let Some((desired, report)) = self.sync_pass() else {
             return;
         };
-        self.health_checks.update(&pass.desired.health_checks).await;
+        self.health_checks.update(&desired.health_checks).await;
         if !self.synced_once {
             // Attach only once the maps hold the whole desired state, so no pod ever
             // sees a half-programmed datapath; healthy only after both.
@@ -339,7 +346,7 @@ impl Agent {
         // kube-proxy's rule: healthy again once a pass has written the maps; a pass
         // that could not write them leaves the change pending (unhealthy once it has
         // waited too long). A frontend that does not fit is logged and counted only.
-        if pass.report.complete() {
+        if report.complete() {
             self.health.synced();
         }
         self.refresh_metrics();
@@ -367,7 +374,7 @@ impl Agent {
         self.on_link_change();
         if self.retry_pending {
             info!("retrying what the last sync pass could not write");
-            self.apply_snapshot().await;
+            self.apply_desired().await;
         }
         if let Some(hooks) = self.cgroup_hooks.as_mut() {
             attach_cgroup_hooks(hooks, &mut self.datapath);
@@ -444,34 +451,32 @@ impl Agent {
         }
     }
 
-    /// One pass over the last snapshot: model, sync, flow cleanup, logs. `None` before
-    /// the source's first snapshot.
-    fn sync_pass(&mut self) -> Option<Pass> {
-        let snapshot = Arc::clone(self.snapshot.as_ref()?);
-        let started = Instant::now();
+    /// Runs the model over the last snapshot and the node's settings, and reports
+    /// what it skipped.
+    fn compute_desired(&mut self) {
+        let Some(snapshot) = self.snapshot.clone() else {
+            return;
+        };
         let desired = model::desired(&snapshot.state, &self.model_settings);
         self.report_diagnostics(&snapshot, &desired);
-        let report = self.syncer.sync(&desired, &mut self.datapath.maps);
-        for failure in &report.failures {
-            let reason = if failure.error.map_full {
-                "map_full"
-            } else {
-                "write_error"
-            };
-            self.metrics
-                .frontend_failures
-                .get_or_create(&ReasonLabels {
-                    reason: reason.to_owned(),
-                })
-                .inc();
-            error!(
-                service = %failure.service_port,
-                frontend = %format!("{}:{}", failure.frontend.addr, failure.frontend.port),
-                map_full = failure.error.map_full,
-                "cannot program frontend: {}",
-                failure.error.message
-            );
+        self.desired = Some(Arc::new(desired));
+    }
+
+    /// One pass bringing the maps to the desired state last computed: sync, flow
+    /// cleanup, logs. Retries run it again without running the model again. `None`
+    /// before the source's first snapshot.
+    fn sync_pass(&mut self) -> Option<(Arc<Desired>, SyncReport)> {
+        let snapshot = Arc::clone(self.snapshot.as_ref()?);
+        let desired = Arc::clone(self.desired.as_ref()?);
+        let started = Instant::now();
+        let mut report = self.syncer.sync(&desired, &mut self.datapath.maps);
+        if report.failures.iter().any(|f| f.error.map_full) && report.ops_applied > 0 {
+            // The pass may have made room only after a frontend was refused (backends
+            // are deleted last, once no slot names them): one more pass takes it.
+            let again = self.syncer.sync(&desired, &mut self.datapath.maps);
+            report.merge(again);
         }
+        self.report_failures(&report);
         for error in &report.cleanup_errors {
             warn!(%error, "cleanup write failed; retrying on the next pass");
         }
@@ -499,7 +504,48 @@ impl Agent {
             "synced"
         );
         self.retry_pending = !report.failures.is_empty() || !report.cleanup_errors.is_empty();
-        Some(Pass { desired, report })
+        Some((desired, report))
+    }
+
+    /// Logs frontends that newly failed (and those programmed again) and counts them;
+    /// one that keeps failing on every retry is logged once.
+    fn report_failures(&mut self, report: &SyncReport) {
+        let failing: BTreeMap<FrontendKey, &'static str> = report
+            .failures
+            .iter()
+            .map(|failure| (failure.frontend, failure_label(failure)))
+            .collect();
+        for failure in &report.failures {
+            if self.failing.contains_key(&failure.frontend) {
+                continue;
+            }
+            self.metrics
+                .frontend_failures
+                .get_or_create(&ReasonLabels {
+                    reason: failure_label(failure).to_owned(),
+                })
+                .inc();
+            error!(
+                service = %failure.service_port,
+                frontend = %format!("{}:{}", failure.frontend.addr, failure.frontend.port),
+                map_full = failure.error.map_full,
+                "cannot program frontend (retrying): {}",
+                failure.error.message
+            );
+        }
+        for frontend in self.failing.keys().filter(|key| !failing.contains_key(key)) {
+            info!(frontend = %format!("{}:{}", frontend.addr, frontend.port), "frontend programmed after failures");
+        }
+        for reason in FAILURE_LABELS {
+            let count = failing.values().filter(|label| **label == reason).count();
+            self.metrics
+                .frontends_unprogrammed
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        self.failing = failing;
     }
 
     /// Logs new and resolved diagnostics and exports their counts.
@@ -556,6 +602,7 @@ impl Agent {
         self.model_settings
             .node_port_addresses
             .clone_from(&node.node_port_addresses);
+        self.compute_desired();
         self.sync_pass();
     }
 
@@ -656,10 +703,15 @@ impl Agent {
     }
 }
 
-/// What one sync pass computed and did.
-struct Pass {
-    desired: Desired,
-    report: SyncReport,
+/// Labels of `kpr_frontend_failures_total{reason}` and `kpr_frontends_unprogrammed`.
+const FAILURE_LABELS: [&str; 2] = ["map_full", "write_error"];
+
+fn failure_label(failure: &FrontendFailure) -> &'static str {
+    if failure.error.map_full {
+        FAILURE_LABELS[0]
+    } else {
+        FAILURE_LABELS[1]
+    }
 }
 
 /// The next link notification; never, without a subscription.

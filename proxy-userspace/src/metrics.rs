@@ -84,8 +84,11 @@ pub struct Metrics {
     pub programs_attached: Family<AttachLabels, Gauge>,
     /// kpr_skipped_objects{reason}: objects (or parts) skipped as invalid right now.
     pub skipped_objects: Family<ReasonLabels, Gauge>,
-    /// kpr_frontend_failures_total{reason}: frontends that could not be programmed.
+    /// kpr_frontend_failures_total{reason}: frontends that could not be programmed
+    /// (each time one starts failing; it is retried meanwhile).
     pub frontend_failures: Family<ReasonLabels, Counter>,
+    /// kpr_frontends_unprogrammed{reason}: frontends the last pass could not program.
+    pub frontends_unprogrammed: Family<ReasonLabels, Gauge>,
     /// kpr_conntrack_reaped_total.
     pub conntrack_reaped: Counter,
     /// kpr_source_read_failures_total{reason}: reads of the manifest source that failed
@@ -145,6 +148,7 @@ impl Metrics {
             programs_attached: Family::default(),
             skipped_objects: Family::default(),
             frontend_failures: Family::default(),
+            frontends_unprogrammed: Family::default(),
             conntrack_reaped: Counter::default(),
             source_read_failures: Family::default(),
             api_watch_failures: Family::default(),
@@ -208,6 +212,11 @@ impl Metrics {
             metrics.frontend_failures.clone(),
         );
         registry.register(
+            "kpr_frontends_unprogrammed",
+            "Frontends the last sync pass could not program (retried), by reason",
+            metrics.frontends_unprogrammed.clone(),
+        );
+        registry.register(
             "kpr_conntrack_reaped",
             "Expired conntrack entries removed by the agent",
             metrics.conntrack_reaped.clone(),
@@ -248,9 +257,11 @@ impl Metrics {
             });
         }
         for reason in ["map_full", "write_error"] {
-            let _ = metrics.frontend_failures.get_or_create(&ReasonLabels {
+            let labels = ReasonLabels {
                 reason: reason.into(),
-            });
+            };
+            let _ = metrics.frontend_failures.get_or_create(&labels);
+            let _ = metrics.frontends_unprogrammed.get_or_create(&labels);
         }
         Self {
             registry,

@@ -470,6 +470,26 @@ impl Lab {
         Ok(sample(&self.metrics()?, prefix))
     }
 
+    /// The agent's pinned service map, opened from outside as any tool could (to read
+    /// it, or to change it behind the agent's back).
+    ///
+    /// # Errors
+    /// When it is not pinned.
+    pub fn pinned_service_map(
+        &self,
+    ) -> Result<
+        aya::maps::HashMap<
+            aya::maps::MapData,
+            proxy_common::ServiceKeyV4,
+            proxy_common::ServiceValueV4,
+        >,
+    > {
+        let path = self.pin_dir().join(proxy_common::names::SERVICES_V4);
+        let data = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?)
+    }
+
     /// Stops the agent with SIGTERM (it detaches and unpins unless told to keep state).
     ///
     /// # Errors

@@ -330,3 +330,136 @@ fn a_second_agent_on_the_same_pins_is_refused_and_the_first_keeps_them() {
     assert!(lab.pin_dir().join(names::SERVICES_V4).exists());
     request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web still answers");
 }
+
+/// A Service `namespace/name` on `vips` (the first its ClusterIP, the others
+/// externalIPs), port 80, with `endpoints` ready endpoints from `first` on, in one
+/// slice.
+fn big_service(
+    namespace: &str,
+    name: &str,
+    vips: &[Ipv4Addr],
+    first: Ipv4Addr,
+    endpoints: u32,
+) -> String {
+    let external: Vec<String> = vips[1..].iter().map(ToString::to_string).collect();
+    let mut yaml = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  clusterIP: {}
+  externalIPs: [{}]
+  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: {namespace}
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+",
+        vips[0],
+        external.join(", ")
+    );
+    for i in 0..endpoints {
+        let ip = Ipv4Addr::from(u32::from(first) + i);
+        yaml.push_str(&format!(
+            "- {{addresses: [{ip}], conditions: {{ready: true}}}}\n"
+        ));
+    }
+    yaml
+}
+
+/// The slot count of the frontend `vip:80/TCP` in the pinned service map, read from
+/// the kernel.
+fn programmed_count(lab: &Lab, vip: Ipv4Addr) -> Option<u16> {
+    let map = lab.pinned_service_map().expect("the service map");
+    let key = proxy_common::ServiceKeyV4 {
+        addr: proxy_common::Be32::from_ipv4(vip),
+        port: proxy_common::Be16::from_host(80),
+        slot: 0,
+        proto: proxy_common::proto::TCP,
+        scope: proxy_common::scope::DEFAULT,
+        _pad: [0; 2],
+    };
+    map.get(&key, 0).ok().map(|value| value.count)
+}
+
+#[test]
+fn a_service_that_does_not_fit_blocks_no_other_and_is_programmed_once_room_is_made() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let vip = |third: u8, fourth: u8| Ipv4Addr::new(10, 96, third, fourth);
+    // aaa/huge: 3 frontends of 65 535 backends, 196 608 of the 262 144 entries.
+    lab.write_manifest(
+        "huge.yaml",
+        &big_service(
+            "aaa",
+            "huge",
+            &[vip(1, 1), vip(1, 2), vip(1, 3)],
+            Ipv4Addr::new(10, 100, 0, 1),
+            65_535,
+        ),
+    )
+    .expect("write");
+    lab.wait_for("aaa/huge to be programmed", WAIT, || {
+        Ok(programmed_count(&lab, vip(1, 3)) == Some(65_535))
+    })
+    .expect("huge programmed");
+    // bbb/big's two frontends need 40 001 entries each where 65 527 are free: its
+    // ClusterIP fits, its externalIP does not; ccc/small, sorting after them, needs 2.
+    lab.write_manifest(
+        "big.yaml",
+        &big_service(
+            "bbb",
+            "big",
+            &[vip(2, 1), vip(2, 2)],
+            Ipv4Addr::new(10, 101, 0, 1),
+            40_000,
+        ),
+    )
+    .expect("write");
+    lab.write_manifest(
+        "small.yaml",
+        &one_endpoint_service("ccc", "small", vip(3, 1)),
+    )
+    .expect("write");
+    lab.wait_for("ccc/small to answer", WAIT, || {
+        Ok(request_from(&lab, "client", sock(vip(3, 1), 80)).is_ok())
+    })
+    .expect("a small service after the one that does not fit is programmed");
+    lab.wait_for("bbb/big to be reported", WAIT, || {
+        Ok(lab
+            .metric("kpr_frontends_unprogrammed{reason=\"map_full\"}")?
+            .is_some_and(|n| n >= 1.0))
+    })
+    .expect("the refusal is counted");
+    assert_eq!(programmed_count(&lab, vip(2, 1)), Some(40_000));
+    assert_eq!(programmed_count(&lab, vip(2, 2)), None, "written partly");
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
+    // Still room for small services.
+    lab.write_manifest(
+        "small2.yaml",
+        &one_endpoint_service("ddd", "small", vip(4, 1)),
+    )
+    .expect("write");
+    lab.wait_for("ddd/small to answer", WAIT, || {
+        Ok(request_from(&lab, "client", sock(vip(4, 1), 80)).is_ok())
+    })
+    .expect("small services keep being programmed");
+
+    // Room is made: bbb/big goes in, with nothing else changing.
+    lab.remove_manifest("huge.yaml").expect("remove");
+    lab.wait_for("bbb/big to be programmed", WAIT, || {
+        Ok(programmed_count(&lab, vip(2, 2)) == Some(40_000))
+    })
+    .expect("retried once there is room");
+    assert_eq!(programmed_count(&lab, vip(2, 1)), Some(40_000));
+    lab.wait_for("no frontend to be left unprogrammed", WAIT, || {
+        Ok(lab.metric("kpr_frontends_unprogrammed{reason=\"map_full\"}")? == Some(0.0))
+    })
+    .expect("reported programmed");
+    request_from(&lab, "client", sock(vip(3, 1), 80)).expect("ccc/small answers");
+}

@@ -35,6 +35,56 @@ pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
+/// The most backends one frontend holds: its slots are counted by the 16-bit `count`
+/// of its map entry.
+pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
+
+/// The `limit` of `backends` a frontend of `name` serves when it has more: those whose
+/// hash with the service port's name is lowest (rendezvous hashing). The choice is the
+/// same on every pass, every node and after a restart, an endpoint joining or leaving
+/// moves at most one other in or out, and different services choose differently.
+/// Returned in the order given.
+#[must_use]
+pub fn choose_backends(
+    name: &ServicePortName,
+    backends: &[SocketAddrV4],
+    limit: usize,
+) -> Vec<SocketAddrV4> {
+    if backends.len() <= limit {
+        return backends.to_vec();
+    }
+    let seed = fnv1a(
+        FNV_OFFSET,
+        format!("{}/{}/{}", name.service, name.port, name.proto).as_bytes(),
+    );
+    let mut ranked: Vec<(u64, usize)> = backends
+        .iter()
+        .enumerate()
+        .map(|(index, addr)| {
+            let mut bytes = [0u8; 6];
+            bytes[..4].copy_from_slice(&addr.ip().octets());
+            bytes[4..].copy_from_slice(&addr.port().to_be_bytes());
+            (fnv1a(seed, &bytes), index)
+        })
+        .collect();
+    ranked.sort_unstable();
+    let mut chosen: Vec<usize> = ranked.into_iter().take(limit).map(|(_, i)| i).collect();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|index| backends[index]).collect()
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// 64-bit FNV-1a: small, fixed and the same everywhere (std's hashers promise none of
+/// that across releases).
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
 /// Settings of this node that shape the model.
 #[derive(Clone, Debug, Default)]
 pub struct ModelSettings {
@@ -123,16 +173,20 @@ pub enum DiagnosticReason {
     FrontendConflict,
     /// A source file could not be read or parsed (manifest directory source).
     UnreadableSource,
+    /// A service port has more usable endpoints than one frontend holds
+    /// ([`MAX_BACKENDS_PER_FRONTEND`]): it serves that many of them.
+    EndpointLimit,
 }
 
 impl DiagnosticReason {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Malformed,
         Self::UnsupportedIpFamily,
         Self::UnsupportedProtocol,
         Self::OrphanEndpointSlice,
         Self::FrontendConflict,
         Self::UnreadableSource,
+        Self::EndpointLimit,
     ];
 
     /// Metric label.
@@ -145,6 +199,7 @@ impl DiagnosticReason {
             Self::OrphanEndpointSlice => "orphan_endpoint_slice",
             Self::FrontendConflict => "frontend_conflict",
             Self::UnreadableSource => "unreadable_source",
+            Self::EndpointLimit => "endpoint_limit",
         }
     }
 }
@@ -713,13 +768,29 @@ impl ServiceContext<'_> {
                 .filter(|endpoint| endpoint.is_local)
                 .map(|endpoint| *endpoint.addr.ip()),
         );
-        let categorized = categorize(&endpoints, policies, self.node_name, self.zone);
+        let mut categorized = categorize(&endpoints, policies, self.node_name, self.zone);
 
         let name = ServicePortName {
             service: self.key.clone(),
             port: port_name,
             proto,
         };
+        let usable = categorized.cluster.len().max(categorized.local.len());
+        if usable > MAX_BACKENDS_PER_FRONTEND {
+            self.diagnose(
+                out,
+                DiagnosticReason::EndpointLimit,
+                format!(
+                    "port {:?} has {usable} usable endpoints; a frontend holds at most \
+                     {MAX_BACKENDS_PER_FRONTEND}, so it serves that many (a stable choice)",
+                    name.port
+                ),
+            );
+            categorized.cluster =
+                choose_backends(&name, &categorized.cluster, MAX_BACKENDS_PER_FRONTEND);
+            categorized.local =
+                choose_backends(&name, &categorized.local, MAX_BACKENDS_PER_FRONTEND);
+        }
         let mut base_flags = 0;
         if affinity_timeout.is_some() {
             base_flags |= service_flags::AFFINITY;

@@ -14,8 +14,8 @@ use proxy_common::{scope, service_flags};
 
 use super::{
     DiagnosticReason::{
-        FrontendConflict, Malformed, OrphanEndpointSlice, UnreadableSource, UnsupportedIpFamily,
-        UnsupportedProtocol,
+        EndpointLimit, FrontendConflict, Malformed, OrphanEndpointSlice, UnreadableSource,
+        UnsupportedIpFamily, UnsupportedProtocol,
     },
     *,
 };
@@ -1798,4 +1798,123 @@ fn categorize_table() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------
+// More endpoints than a frontend holds.
+
+/// The `web` Service with `count` ready endpoints (10.<a>.<b>.<c>:8080) in slices of
+/// 1000, the API's most per slice; objects built directly, 66 000 endpoints as YAML
+/// would only test the parser's speed.
+fn web_with_endpoints(count: usize) -> ClusterState {
+    use k8s_openapi::{
+        api::discovery::v1::{
+            Endpoint as ApiEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
+        },
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+    let mut snapshot = Snapshot::for_node(Some(NODE));
+    parse_documents(&web(), "test.yaml", &mut snapshot);
+    let addresses: Vec<Ipv4Addr> = (0..count)
+        .map(|i| Ipv4Addr::from(0x0a00_0000 + u32::try_from(i).expect("small") + 1))
+        .collect();
+    for (index, chunk) in addresses.chunks(1000).enumerate() {
+        snapshot.add_endpoint_slice(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("web-{index:03}")),
+                namespace: Some("default".into()),
+                labels: Some([(LABEL_SERVICE_NAME.to_owned(), "web".to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: chunk
+                .iter()
+                .map(|ip| ApiEndpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..EndpointConditions::default()
+                    }),
+                    ..ApiEndpoint::default()
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                ..EndpointPort::default()
+            }]),
+        });
+    }
+    snapshot.state
+}
+
+#[test]
+fn a_service_port_with_more_endpoints_than_a_frontend_holds_serves_as_many_as_fit() {
+    let extra = 100;
+    let mut state = web_with_endpoints(MAX_BACKENDS_PER_FRONTEND + extra);
+    let settings = settings(None);
+    let first = desired(&state, &settings);
+    let [(_, spec)] = first.frontends.iter().collect::<Vec<_>>()[..] else {
+        panic!("one frontend: {:?}", first.frontends.keys());
+    };
+    assert_eq!(spec.backends.len(), MAX_BACKENDS_PER_FRONTEND);
+    assert!(spec.backends.is_sorted(), "backends stay sorted");
+    let reasons: Vec<(DiagnosticReason, &str, &str)> = first
+        .diagnostics
+        .iter()
+        .map(|d| (d.reason, d.object.as_str(), d.message.as_str()))
+        .collect();
+    assert!(
+        matches!(reasons[..], [(EndpointLimit, "Service default/web", message)] if message.contains("65535")),
+        "{reasons:?}"
+    );
+    // Stable: the same choice again, and a chosen endpoint leaving lets exactly one of
+    // the others in.
+    assert_eq!(desired(&state, &settings), first);
+    let leaving = spec.backends[7];
+    for slice in state.endpoint_slices.values_mut() {
+        slice
+            .endpoints
+            .retain(|endpoint| endpoint.addresses != [leaving.ip().to_string()]);
+    }
+    let second = desired(&state, &settings);
+    let after: BTreeSet<SocketAddrV4> = second
+        .frontends
+        .values()
+        .flat_map(|spec| spec.backends.iter().copied())
+        .collect();
+    let before: BTreeSet<SocketAddrV4> = spec.backends.iter().copied().collect();
+    assert_eq!(after.len(), MAX_BACKENDS_PER_FRONTEND);
+    assert_eq!(
+        before.difference(&after).copied().collect::<Vec<_>>(),
+        [leaving]
+    );
+    assert_eq!(after.difference(&before).count(), 1);
+}
+
+#[test]
+fn choose_backends_is_a_stable_subset_that_differs_between_services() {
+    let backends: Vec<SocketAddrV4> = (1..=20)
+        .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, i), 8080))
+        .collect();
+    let name = |service: &str| ServicePortName {
+        service: ObjectKey::new("default", service),
+        port: "http".into(),
+        proto: proxy_common::proto::TCP,
+    };
+    let web = choose_backends(&name("web"), &backends, 5);
+    assert_eq!(web.len(), 5);
+    assert!(web.is_sorted() && web.iter().all(|b| backends.contains(b)));
+    assert_eq!(choose_backends(&name("web"), &backends, 5), web, "stable");
+    assert_ne!(
+        choose_backends(&name("api"), &backends, 5),
+        web,
+        "every service chooses its own"
+    );
+    assert_eq!(
+        choose_backends(&name("web"), &backends[..4], 5),
+        backends[..4],
+        "within the limit: all"
+    );
 }
