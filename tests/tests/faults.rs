@@ -463,3 +463,47 @@ fn a_service_that_does_not_fit_blocks_no_other_and_is_programmed_once_room_is_ma
     .expect("reported programmed");
     request_from(&lab, "client", sock(vip(3, 1), 80)).expect("ccc/small answers");
 }
+
+#[test]
+fn an_external_ip_on_another_services_cluster_ip_is_refused_and_reported_on_its_service() {
+    let mut lab = lab_without_agent(&examples_dir()).expect("lab");
+    lab.add_pod("evil", Ipv4Addr::new(10, 244, 1, 66))
+        .expect("pod");
+    lab.serve("evil", 8080).expect("serve");
+    // aaa/evil sorts before demo/web, and names web's ClusterIP as its externalIP.
+    let evil = one_endpoint_service("aaa", "evil", Ipv4Addr::new(10, 96, 0, 88))
+        .replace(
+            "  clusterIP: 10.96.0.88\n",
+            "  clusterIP: 10.96.0.88\n  externalIPs: [10.96.0.10]\n",
+        )
+        .replace("10.244.1.11", "10.244.1.66");
+    lab.write_manifest("evil.yaml", &evil).expect("write");
+    lab.start_agent(&[]).expect("agent");
+    lab.wait_attached().expect("attached");
+    for _ in 0..20 {
+        let server = request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
+        assert!(
+            server.starts_with("web-"),
+            "{server} answered web's ClusterIP"
+        );
+    }
+    assert_eq!(
+        request_from(&lab, "client", sock(Ipv4Addr::new(10, 96, 0, 88), 80))
+            .expect("evil's own ClusterIP"),
+        "evil"
+    );
+    assert_eq!(
+        lab.metric("kpr_skipped_objects{reason=\"frontend_conflict\"}")
+            .expect("metrics"),
+        Some(1.0)
+    );
+    let log = lab.agent_log();
+    let reported = log
+        .lines()
+        .find(|line| line.contains("frontend_conflict"))
+        .unwrap_or_default();
+    assert!(
+        reported.contains("aaa/evil") && reported.contains("10.96.0.10:80"),
+        "the conflict is reported on the loser:\n{log}"
+    );
+}

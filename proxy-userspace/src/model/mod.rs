@@ -9,6 +9,7 @@ mod endpoints;
 mod tests;
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
@@ -257,6 +258,7 @@ pub fn desired(state: &ClusterState, settings: &ModelSettings) -> Desired {
         .labels
         .get(LABEL_TOPOLOGY_ZONE)
         .map_or("", String::as_str);
+    let claims = RefCell::new(BTreeMap::new());
     for (key, service) in &state.services {
         let context = ServiceContext {
             key,
@@ -265,6 +267,7 @@ pub fn desired(state: &ClusterState, settings: &ModelSettings) -> Desired {
             node_name,
             zone,
             settings,
+            claims: &claims,
         };
         context.add_frontends(&mut out);
     }
@@ -329,6 +332,35 @@ struct ServiceContext<'a> {
     node_name: &'a str,
     zone: &'a str,
     settings: &'a ModelSettings,
+    /// Who holds each frontend so far, to decide conflicts.
+    claims: &'a RefCell<BTreeMap<FrontendKey, Claim>>,
+}
+
+/// A service's claim on a frontend, ordered by the API's rules: what the API
+/// allocated (a ClusterIP, a NodePort) beats what a spec or a load balancer merely
+/// names (externalIPs, LoadBalancer ingress IPs); between equal claims the older
+/// Service wins (creationTimestamp; unknown counts as newest), then namespace/name.
+/// The smaller claim wins.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    /// 0 for allocated addresses, 1 for claimed ones.
+    rank: u8,
+    /// `(false, time)` with a creationTimestamp, `(true, _)` without.
+    age: (bool, Option<k8s_openapi::jiff::Timestamp>),
+    service: ObjectKey,
+}
+
+impl Claim {
+    /// Why this claim beats `other`.
+    fn beats(&self, other: &Self) -> &'static str {
+        if self.rank < other.rank {
+            "an address the API allocated beats an externalIP or LoadBalancer claim"
+        } else if self.age < other.age {
+            "the older Service wins"
+        } else {
+            "equal claims of the same age: first by namespace/name"
+        }
+    }
 }
 
 /// Addresses a service answers on, by kind.
@@ -874,8 +906,8 @@ impl ServiceContext<'_> {
                 proto,
                 scope: scope::DEFAULT,
             };
-            self.insert(out, key, spec_for(kind, external_backends, flags));
-            if policies.external_local {
+            let held = self.insert(out, key, spec_for(kind, external_backends, flags));
+            if held && policies.external_local {
                 // Cluster-internal clients get the ClusterIP's backend set.
                 let internal = FrontendKey {
                     scope: scope::INTERNAL,
@@ -887,25 +919,92 @@ impl ServiceContext<'_> {
         }
     }
 
-    fn insert(&self, out: &mut Desired, key: FrontendKey, spec: FrontendSpec) {
-        if let Some(existing) = out.frontends.get(&key) {
+    /// This service's claim on a frontend of `kind`.
+    fn claim(&self, kind: FrontendKind) -> Claim {
+        let created = self
+            .service
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|time| time.0);
+        Claim {
+            rank: u8::from(matches!(
+                kind,
+                FrontendKind::ExternalIp | FrontendKind::LoadBalancer
+            )),
+            age: (created.is_none(), created),
+            service: self.key.clone(),
+        }
+    }
+
+    /// Adds a frontend unless a better claim holds it (see [`Claim`]); a better claim
+    /// takes it from a worse one. The loser is reported. Returns whether this
+    /// service holds the frontend now.
+    fn insert(&self, out: &mut Desired, key: FrontendKey, spec: FrontendSpec) -> bool {
+        let claim = self.claim(spec.kind);
+        let Some(existing) = out.frontends.get(&key) else {
+            self.claims.borrow_mut().insert(key, claim);
+            out.frontends.insert(key, spec);
+            return true;
+        };
+        // Two ports of one service on one frontend: the first keeps it.
+        if existing.service_port.service == spec.service_port.service {
             if existing.service_port != spec.service_port {
                 self.diagnose(
                     out,
                     DiagnosticReason::FrontendConflict,
-                    format!(
-                        "{}:{}/{} is already used by {}",
-                        key.addr,
-                        key.port,
-                        proto_name(key.proto),
-                        existing.service_port
+                    conflict(
+                        &key,
+                        &existing.service_port,
+                        "the same service's earlier port",
                     ),
                 );
             }
-            return;
+            return false;
         }
+        let Some(holder) = self.claims.borrow().get(&key).cloned() else {
+            return false;
+        };
+        if holder < claim {
+            let message = conflict(&key, &existing.service_port, holder.beats(&claim));
+            self.diagnose(out, DiagnosticReason::FrontendConflict, message);
+            return false;
+        }
+        // Taken from the holder, which is reported; its cluster-internal twin (an
+        // externalTrafficPolicy Local frontend's) goes with it.
+        out.diagnose(
+            format!("Service {}", holder.service),
+            DiagnosticReason::FrontendConflict,
+            conflict(&key, &spec.service_port, claim.beats(&holder)),
+        );
+        if key.scope == scope::DEFAULT {
+            let twin = FrontendKey {
+                scope: scope::INTERNAL,
+                ..key
+            };
+            if out
+                .frontends
+                .get(&twin)
+                .is_some_and(|twin| twin.service_port.service == holder.service)
+            {
+                out.frontends.remove(&twin);
+                self.claims.borrow_mut().remove(&twin);
+            }
+        }
+        self.claims.borrow_mut().insert(key, claim);
         out.frontends.insert(key, spec);
+        true
     }
+}
+
+/// The message of a frontend conflict: who holds `key`, and by which right.
+fn conflict(key: &FrontendKey, holder: &ServicePortName, why: &str) -> String {
+    format!(
+        "{}:{}/{} is held by {holder} ({why})",
+        key.addr,
+        key.port,
+        proto_name(key.proto),
+    )
 }
 
 /// Parses one loadBalancerSourceRanges entry (`a.b.c.d/len`, spaces trimmed as

@@ -555,6 +555,116 @@ fn selection_cases() -> Vec<Case> {
     ]
 }
 
+/// A Service `namespace/name` created at `created` (RFC 3339, or "" for none) with
+/// the flow-style `spec`.
+fn service_in(namespace: &str, name: &str, created: &str, spec: &str) -> String {
+    let created = if created.is_empty() {
+        String::new()
+    } else {
+        format!(", creationTimestamp: '{created}'")
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}{created}}}
+spec: {spec}
+"
+    )
+}
+
+/// Frontend conflicts, decided as the API would: an allocated ClusterIP beats any
+/// externalIP or LoadBalancer claim; between equal claims the older Service wins, then
+/// namespace/name. The loser is reported.
+fn conflict_cases() -> Vec<Case> {
+    let evil = |spec: &str| service_in("aaa", "evil", "2024-06-01T00:00:00Z", spec);
+    vec![
+        case(
+            "external_ip_hijack_refused",
+            "aaa/evil's externalIP is web's ClusterIP: web keeps it (allocated beats claimed), evil is reported and keeps its own ClusterIP",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                evil("{clusterIP: 10.96.0.66, externalIPs: [10.96.0.10], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            WEB_11,
+            "10.96.0.66:80/TCP aaa/evil:http cluster -> -",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/evil")]),
+        case(
+            "load_balancer_ip_hijack_refused",
+            "a LoadBalancer ingress IP equal to another service's ClusterIP loses too, whatever the names",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service_in("aaa", "lb", "", "{type: LoadBalancer, clusterIP: 10.96.0.67, ports: [{name: http, port: 80}]}")
+                    .replace("spec:", "status: {loadBalancer: {ingress: [{ip: 10.96.0.10}]}}\nspec:"),
+            ],
+        )
+        .frontends(&[
+            WEB_11,
+            "10.96.0.67:80/TCP aaa/lb:http cluster -> -",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/lb")]),
+        case(
+            "older_external_claim_wins",
+            "two services name one externalIP: the older keeps it, though its name sorts last",
+            &[
+                service_in("aaa", "new", "2025-01-01T00:00:00Z", "{clusterIP: 10.96.0.68, externalIPs: [203.0.113.5], ports: [{name: http, port: 80}]}"),
+                service_in("zzz", "old", "2023-01-01T00:00:00Z", "{clusterIP: 10.96.0.69, externalIPs: [203.0.113.5], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.68:80/TCP aaa/new:http cluster -> -",
+            "10.96.0.69:80/TCP zzz/old:http cluster -> -",
+            "203.0.113.5:80/TCP zzz/old:http external -> - ext",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/new")]),
+        case(
+            "unknown_age_counts_as_newest",
+            "a claim with a creationTimestamp beats one without (a hand-written manifest)",
+            &[
+                service_in("aaa", "undated", "", "{clusterIP: 10.96.0.70, externalIPs: [203.0.113.6], ports: [{name: http, port: 80}]}"),
+                service_in("bbb", "dated", "2025-01-01T00:00:00Z", "{clusterIP: 10.96.0.71, externalIPs: [203.0.113.6], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.70:80/TCP aaa/undated:http cluster -> -",
+            "10.96.0.71:80/TCP bbb/dated:http cluster -> -",
+            "203.0.113.6:80/TCP bbb/dated:http external -> - ext",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/undated")]),
+        case(
+            "equal_claims_same_age_by_name",
+            "the same age (or none): namespace/name decides",
+            &[
+                service_in("bbb", "b", "", "{clusterIP: 10.96.0.72, externalIPs: [203.0.113.7], ports: [{name: http, port: 80}]}"),
+                service_in("aaa", "a", "", "{clusterIP: 10.96.0.73, externalIPs: [203.0.113.7], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.72:80/TCP bbb/b:http cluster -> -",
+            "10.96.0.73:80/TCP aaa/a:http cluster -> -",
+            "203.0.113.7:80/TCP aaa/a:http external -> - ext",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service bbb/b")]),
+        case(
+            "a_lost_local_claim_leaves_no_internal_twin",
+            "an externalTrafficPolicy Local externalIP that loses to a ClusterIP takes its cluster-internal entry with it",
+            &[
+                service_in("aaa", "local", "", "{type: NodePort, externalTrafficPolicy: Local, clusterIP: 10.96.0.74, externalIPs: [10.96.0.75], ports: [{name: http, port: 80}]}"),
+                service_in("zzz", "victim", "", "{clusterIP: 10.96.0.75, ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.74:80/TCP aaa/local:http cluster -> -",
+            "10.96.0.75:80/TCP zzz/victim:http cluster -> -",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/local")]),
+    ]
+}
+
 fn malformed_cases() -> Vec<Case> {
     vec![
         case(
@@ -1336,6 +1446,7 @@ fn health_check_cases() -> Vec<Case> {
 fn all_cases() -> Vec<Case> {
     let mut cases = endpoint_cases();
     cases.extend(selection_cases());
+    cases.extend(conflict_cases());
     cases.extend(malformed_cases());
     cases.extend(policy_cases());
     cases.extend(topology_cases());
