@@ -25,11 +25,12 @@ use crate::{
         interfaces::{self, LinkEvents},
         lock::PinDirLock,
         node_network::{self, NodeNetwork, NodePortFilter},
+        pins::MapPins,
         Datapath, Hook, LoadOptions,
     },
     health::{self, SyncHealth},
     healthcheck::HealthCheckServers,
-    metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
+    metrics::{AttachLabels, DriftLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, Desired, Diagnostic, DiagnosticReason, FrontendKey, ModelSettings},
     source::{self, Snapshot, SourceConfig},
     sync::{FrontendFailure, SyncReport, Syncer},
@@ -67,6 +68,8 @@ pub struct AgentConfig {
     pub datapath: DatapathConfig,
     /// How often expired conntrack entries are reaped.
     pub conntrack_gc_interval: Duration,
+    /// How often the maps are read back and repaired (kube-proxy's syncPeriod).
+    pub sync_period: Duration,
     /// Model settings (proxy name, NodePort addresses).
     pub model: ModelSettings,
     /// Where `/healthz` listens (`None`: no health server).
@@ -136,6 +139,8 @@ struct Agent {
     lock: Option<PinDirLock>,
     config: AgentConfig,
     datapath: Datapath,
+    /// The map pins and the ids they must name.
+    map_pins: MapPins,
     /// The node's external interfaces and addresses, as last read.
     node: NodeNetwork,
     /// The configured model settings plus the node's NodePort addresses.
@@ -199,6 +204,8 @@ impl Agent {
             .maps
             .set_host_netns(host_netns)
             .context("writing the network namespace cookie")?;
+        let map_pins = MapPins::record(&config.pin_dir, &crate::datapath::ALL_MAPS)
+            .context("reading the map pins")?;
         let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
         if !mirror.services.is_empty() {
             info!(
@@ -243,6 +250,7 @@ impl Agent {
             lock: Some(lock),
             config,
             datapath,
+            map_pins,
             node,
             model_settings,
             syncer,
@@ -289,6 +297,9 @@ impl Agent {
         let mut gc_timer = tokio::time::interval(self.config.conntrack_gc_interval);
         let mut rescan_timer = tokio::time::interval(RESCAN_INTERVAL);
         let mut metrics_timer = tokio::time::interval(METRICS_REFRESH);
+        let period = self.config.sync_period;
+        let mut resync_timer =
+            tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -312,6 +323,7 @@ impl Agent {
                 _ = rescan_timer.tick() => self.on_rescan().await,
                 _ = metrics_timer.tick() => self.on_metrics_tick(),
                 _ = gc_timer.tick() => self.on_gc_tick(),
+                _ = resync_timer.tick() => self.on_resync_tick().await,
             }
         }
     }
@@ -388,6 +400,63 @@ impl Agent {
         if let Some(status) = &self.api_status {
             self.metrics.record_api_status(status);
         }
+    }
+
+    /// The periodic full resync (kube-proxy's syncPeriod): the maps themselves, not
+    /// the agent's copy of them, against the desired state; whatever differs (written
+    /// or deleted by someone else) is logged, counted and repaired, and so are missing
+    /// or replaced pins.
+    async fn on_resync_tick(&mut self) {
+        if !self.synced_once {
+            return;
+        }
+        let (repaired, errors) = self.map_pins.repair();
+        for map in repaired {
+            warn!(map, "a map pin was missing or replaced; pinned it again");
+            self.drift_repaired(map, "pin", 1);
+        }
+        for error in errors {
+            warn!(error = %crate::error_chain(&error), "cannot pin a map again; retrying on the next resync");
+        }
+        let real = match self.datapath.maps.read_mirror() {
+            Ok(real) => real,
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot read the maps back; retrying on the next resync");
+                return;
+            }
+        };
+        let differences = self.syncer.mirror().differences(&real);
+        if differences == [0; 3] {
+            debug!("resync: the maps hold what the agent wrote");
+            return;
+        }
+        let maps = [
+            proxy_common::names::SERVICES_V4,
+            proxy_common::names::BACKENDS_V4,
+            proxy_common::names::SOURCE_RANGES_V4,
+        ];
+        for (map, count) in maps.into_iter().zip(differences) {
+            if count > 0 {
+                warn!(
+                    map,
+                    entries = count,
+                    "the map differs from what the agent wrote; repairing"
+                );
+                self.drift_repaired(map, "entries", count);
+            }
+        }
+        self.syncer.readopt(real);
+        self.apply_desired().await;
+    }
+
+    fn drift_repaired(&self, map: &str, kind: &str, count: usize) {
+        self.metrics
+            .drift_repaired
+            .get_or_create(&DriftLabels {
+                map: map.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc_by(count as u64);
     }
 
     fn on_gc_tick(&mut self) {

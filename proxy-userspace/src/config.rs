@@ -54,6 +54,9 @@ pub struct FileConfig {
     pub hostname_override: Option<String>,
     /// kube-proxy: the shortest time between two syncs (batches bursts of changes).
     pub min_sync_period: Option<DurationText>,
+    /// kube-proxy: how often the datapath is resynced in full (here: read back from the
+    /// maps and repaired where it differs).
+    pub sync_period: Option<DurationText>,
     /// kube-proxy: conntrack settings.
     pub conntrack: Option<ConntrackConfig>,
     /// kube-proxy (≥1.31 as a flag, here too): serve only services labelled with this
@@ -284,6 +287,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     min_sync_period_ms: u64,
 
+    /// How often the maps themselves are read back and compared with the desired
+    /// state, repairing what differs (entries changed or deleted behind the agent's
+    /// back, missing pins): kube-proxy's syncPeriod.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    sync_period_ms: u64,
+
     /// This node's name: endpoints with this nodeName are local (traffic policies,
     /// topology).
     #[arg(long, env = "NODE_NAME")]
@@ -455,6 +464,15 @@ impl RunArgs {
         {
             args.min_sync_period_ms = u64::try_from(value.0.as_millis()).unwrap_or(u64::MAX);
         }
+        if let Some(value) = file.sync_period.filter(|_| !explicit("sync_period_ms")) {
+            args.sync_period_ms = u64::try_from(value.0.as_millis()).unwrap_or(u64::MAX);
+        }
+        if args.sync_period_ms == 0 {
+            return Err(Error::Setting {
+                name: "syncPeriod",
+                message: "must be longer than 0".into(),
+            });
+        }
         let seconds =
             |duration: DurationText| u32::try_from(duration.0.as_secs()).unwrap_or(u32::MAX);
         if let Some(conntrack) = &file.conntrack {
@@ -531,6 +549,7 @@ impl RunArgs {
                     min_sync_period: Duration::from_millis(args.min_sync_period_ms),
                 },
             },
+            sync_period: Duration::from_millis(args.sync_period_ms),
             node_name: args.node_name,
             pin_dir: args.bpffs,
             pod_interfaces: args.pod_interfaces,
@@ -582,6 +601,7 @@ clusterCIDR: 10.244.0.0/16
 healthzBindAddress: 0.0.0.0:10256
 metricsBindAddress: 127.0.0.1:10249
 minSyncPeriod: 1s
+syncPeriod: 30s
 nodePortAddresses: [primary, 192.168.0.0/24]
 conntrack:
   maxPerCore: 32768
@@ -595,6 +615,10 @@ conntrack:
         assert_eq!(
             config.min_sync_period,
             Some(DurationText(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            config.sync_period,
+            Some(DurationText(Duration::from_secs(30)))
         );
         let conntrack = config.conntrack.expect("conntrack");
         assert_eq!(

@@ -52,6 +52,13 @@ pub struct ResourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub map: String,
+    /// `entries` or `pin`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
     pub server: String,
 }
@@ -91,6 +98,9 @@ pub struct Metrics {
     pub frontends_unprogrammed: Family<ReasonLabels, Gauge>,
     /// kpr_conntrack_reaped_total.
     pub conntrack_reaped: Counter,
+    /// kpr_datapath_drift_repaired_total{map,kind}: map entries (or pins) the periodic
+    /// resync found different from what the agent wrote, and repaired.
+    pub drift_repaired: Family<DriftLabels, Counter>,
     /// kpr_source_read_failures_total{reason}: reads of the manifest source that failed
     /// (the directory as a whole, or a file); nothing changes in the maps for them.
     pub source_read_failures: Family<ReasonLabels, Counter>,
@@ -150,6 +160,7 @@ impl Metrics {
             frontend_failures: Family::default(),
             frontends_unprogrammed: Family::default(),
             conntrack_reaped: Counter::default(),
+            drift_repaired: Family::default(),
             source_read_failures: Family::default(),
             api_watch_failures: Family::default(),
             api_watch_listed: Family::default(),
@@ -220,6 +231,11 @@ impl Metrics {
             "kpr_conntrack_reaped",
             "Expired conntrack entries removed by the agent",
             metrics.conntrack_reaped.clone(),
+        );
+        registry.register(
+            "kpr_datapath_drift_repaired",
+            "Map entries and pins the periodic resync found changed behind the agent's back, and repaired, by map and kind",
+            metrics.drift_repaired.clone(),
         );
         registry.register(
             "kpr_source_read_failures",

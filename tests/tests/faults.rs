@@ -128,6 +128,7 @@ fn when_the_source_ends_the_datapath_stays_and_the_agent_exits_with_an_error() {
         conntrack_max: None,
         datapath: proxy_common::DatapathConfig::DEFAULT,
         conntrack_gc_interval: Duration::from_secs(10),
+        sync_period: Duration::from_secs(30),
         model: ModelSettings::default(),
         healthz_bind_address: None,
         metrics_bind_address: None,
@@ -506,4 +507,67 @@ fn an_external_ip_on_another_services_cluster_ip_is_refused_and_reported_on_its_
         reported.contains("aaa/evil") && reported.contains("10.96.0.10:80"),
         "the conflict is reported on the loser:\n{log}"
     );
+}
+
+/// The service map key of `vip:port/TCP`'s frontend entry.
+fn frontend_key(vip: Ipv4Addr, port: u16) -> proxy_common::ServiceKeyV4 {
+    proxy_common::ServiceKeyV4 {
+        addr: proxy_common::Be32::from_ipv4(vip),
+        port: proxy_common::Be16::from_host(port),
+        slot: 0,
+        proto: proxy_common::proto::TCP,
+        scope: proxy_common::scope::DEFAULT,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn entries_and_pins_changed_behind_the_agents_back_are_repaired_by_the_periodic_resync() {
+    let mut lab = lab_without_agent(&examples_dir()).expect("lab");
+    lab.start_agent(&["--sync-period-ms", "500"])
+        .expect("agent");
+    lab.wait_attached().expect("attached");
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
+
+    // What `bpftool map delete` would do: web's frontend entry goes, and a map pin.
+    let mut services = lab.pinned_service_map().expect("the service map");
+    services
+        .remove(&frontend_key(WEB_VIP, 80))
+        .expect("delete web's frontend entry");
+    assert!(
+        request_from(&lab, "client", sock(WEB_VIP, 80)).is_err(),
+        "web answers without its frontend entry"
+    );
+    let backends_pin = lab.pin_dir().join(names::BACKENDS_V4);
+    std::fs::remove_file(&backends_pin).expect("unpin the backend map");
+
+    // kube-proxy's column: the periodic full sync puts it back.
+    lab.wait_for("web to answer again", WAIT, || {
+        Ok(request_from(&lab, "client", sock(WEB_VIP, 80)).is_ok())
+    })
+    .expect("the entry is repaired");
+    lab.wait_for("the backend map to be pinned again", WAIT, || {
+        Ok(backends_pin.exists())
+    })
+    .expect("the pin is repaired");
+    // The pin names the map in use: the examples' six backends are in it.
+    let backends = aya::maps::HashMap::<_, u32, proxy_common::BackendV4>::try_from(
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&backends_pin).expect("open")),
+    )
+    .expect("the backend map");
+    assert_eq!(backends.keys().count(), 6);
+    lab.wait_for("the repairs to be counted", WAIT, || {
+        let metrics = lab.metrics()?;
+        let entries = kpr_lab::lab::sample(
+            &metrics,
+            "kpr_datapath_drift_repaired_total{map=\"SVC_V4_V1\",kind=\"entries\"}",
+        );
+        let pins = kpr_lab::lab::sample(
+            &metrics,
+            "kpr_datapath_drift_repaired_total{map=\"BACKEND_V4_V1\",kind=\"pin\"}",
+        );
+        Ok(entries.is_some_and(|n| n >= 1.0) && pins == Some(1.0))
+    })
+    .expect("counted");
+    assert!(lab.agent_log().contains("repairing"), "logged");
 }

@@ -5,6 +5,7 @@ pub mod conntrack;
 pub mod interfaces;
 pub mod lock;
 pub mod node_network;
+pub mod pins;
 
 use std::{
     io,

@@ -138,6 +138,28 @@ impl Mirror {
         }
     }
 
+    /// How many entries of each map differ between `self` and `other` (present in
+    /// one only, or with another value): service map, backend map, source ranges.
+    #[must_use]
+    pub fn differences(&self, other: &Self) -> [usize; 3] {
+        fn count<K: Eq + std::hash::Hash, V: PartialEq>(
+            a: &HashMap<K, V>,
+            b: &HashMap<K, V>,
+        ) -> usize {
+            a.iter()
+                .filter(|(key, value)| b.get(*key) != Some(*value))
+                .count()
+                + b.keys().filter(|key| !a.contains_key(*key)).count()
+        }
+        [
+            count(&self.services, &other.services),
+            count(&self.backends, &other.backends),
+            self.source_ranges
+                .symmetric_difference(&other.source_ranges)
+                .count(),
+        ]
+    }
+
     /// Frontend entries (slot 0).
     fn frontends(&self) -> impl Iterator<Item = (&ServiceKeyV4, &ServiceValueV4)> {
         self.services.iter().filter(|(key, _)| key.slot == 0)
@@ -288,6 +310,17 @@ impl Syncer {
             service_ids: HashMap::new(),
             next_service_id,
         }
+    }
+
+    /// Takes `mirror`, read from the maps themselves, as what they hold (after someone
+    /// else wrote them): the next [`Self::sync`] repairs whatever differs from the
+    /// desired state. Service ids stay; ids in use in `mirror` are never handed out.
+    pub fn readopt(&mut self, mirror: Mirror) {
+        let adopted = Self::adopt(mirror);
+        self.backend_ids = adopted.backend_ids;
+        self.next_backend_id = self.next_backend_id.max(adopted.next_backend_id);
+        self.next_service_id = self.next_service_id.max(adopted.next_service_id);
+        self.mirror = adopted.mirror;
     }
 
     /// The same syncer, for maps of `capacity`.

@@ -922,6 +922,42 @@ fn a_frontend_using_every_slot_syncs_and_shrinks() {
     assert!(fake.violations.is_empty(), "{:?}", fake.violations);
 }
 
+/// Someone else wrote the maps (another agent, bpftool): read back and re-adopted,
+/// the next pass repairs every difference with the desired state.
+#[test]
+fn maps_changed_behind_the_syncers_back_are_repaired_after_readopting_them() {
+    let (web, dns) = (fe("web", 10, &[11, 12]), fe("dns", 53, &[21]));
+    let mut fake = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    sync(&mut syncer, &mut fake, &[web.clone(), dns.clone()]);
+    // Behind its back: web's frontend entry deleted, dns's backend rewritten, a
+    // stray frontend added.
+    fake.services.remove(&service_key(&web.key, 0));
+    let dns_backend = fake.services[&service_key(&dns.key, 1)].backend_id;
+    fake.backends
+        .get_mut(&dns_backend)
+        .expect("dns backend")
+        .port = Be16::from_host(9);
+    let stray = fe("stray", 99, &[]);
+    fake.services.insert(
+        service_key(&stray.key, 0),
+        ServiceValueV4 {
+            service_id: 4242,
+            ..ServiceValueV4::default()
+        },
+    );
+    assert_eq!(syncer.mirror().differences(&fake.mirror()), [2, 1, 0]);
+    syncer.readopt(fake.mirror());
+    let report = sync(&mut syncer, &mut fake, &[web.clone(), dns.clone()]);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(fake.resolved(), resolved(&[web.clone(), dns.clone()]));
+    assert_eq!(syncer.mirror().differences(&fake.mirror()), [0; 3]);
+    // The stray frontend's id is never handed out to a new service.
+    let new = fe("new", 77, &[]);
+    sync(&mut syncer, &mut fake, &[web, dns, new.clone()]);
+    assert_ne!(syncer.service_id(&new.service_port()), Some(4242));
+}
+
 /// When a frontend's update fails part-way, the slots already rewritten (or cut by the
 /// lowered count) no longer name the old backends, which are then deleted as unused;
 /// their (service, backend) pairs must still be reported so their UDP flows and
