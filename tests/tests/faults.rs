@@ -571,3 +571,32 @@ fn entries_and_pins_changed_behind_the_agents_back_are_repaired_by_the_periodic_
     .expect("counted");
     assert!(lab.agent_log().contains("repairing"), "logged");
 }
+
+#[test]
+fn a_deeply_nested_manifest_is_refused_at_once_and_health_stays_answered() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    // 200 KB of `[`: libyaml alone takes half a minute over it.
+    let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    lab.write_manifest("deep.yaml", &deep).expect("write");
+    let extra = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 77), 80);
+    lab.write_manifest(
+        "extra.yaml",
+        &one_endpoint_service("demo", "extra", *extra.ip()),
+    )
+    .expect("a change after it");
+    // Every health request is answered (within the client's 2 s read timeout) while
+    // the file is read, and the change behind it is applied.
+    lab.wait_for("the change after the deep file to be applied", WAIT, || {
+        let (code, _) = lab.healthz()?;
+        anyhow::ensure!(code == 200, "healthz answered {code}");
+        Ok(request_from(&lab, "client", extra).is_ok())
+    })
+    .expect("health answered and the change applied");
+    assert_eq!(
+        lab.metric("kpr_skipped_objects{reason=\"unreadable_source\"}")
+            .expect("metrics"),
+        Some(1.0)
+    );
+    assert!(lab.agent_log().contains("nested deeper than 128"));
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
+}

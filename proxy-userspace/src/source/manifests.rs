@@ -35,6 +35,14 @@ use crate::{
     model::{Diagnostic, DiagnosticReason},
 };
 
+/// The largest manifest file read (a file of 65 535 endpoints is about 4 MiB).
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+/// The deepest nesting of a manifest: serde_yaml's own recursion limit, so nothing it
+/// would accept is refused. It is checked first, in one linear pass, because
+/// libyaml's parser takes time quadratic in the depth of flow collections before
+/// serde_yaml gets to refuse them (`a: [[[[…` of 200 KB: half a minute).
+pub const MAX_DEPTH: usize = 128;
+
 /// How long to wait for a burst of file events to settle before re-reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// The first retry after a failed read, doubled after each failure up to
@@ -177,6 +185,15 @@ impl ManifestDir {
 fn read_file(path: &Path) -> io::Result<Option<String>> {
     match std::fs::metadata(path) {
         Ok(metadata) if !metadata.is_file() => return Ok(None),
+        Ok(metadata) if metadata.len() > MAX_FILE_BYTES => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} bytes; a manifest file may have at most {MAX_FILE_BYTES}",
+                    metadata.len()
+                ),
+            ))
+        }
         Ok(_) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error),
@@ -198,6 +215,14 @@ fn unreadable_diagnostic(path: &Path, message: &str) -> Diagnostic {
 
 /// Adds every object of a multi-document YAML (or JSON) text to `snapshot`.
 pub fn parse_documents(text: &str, origin: &str, snapshot: &mut Snapshot) {
+    if let Err(message) = check_depth(text, MAX_DEPTH) {
+        snapshot.diagnostics.push(Diagnostic {
+            object: origin.to_owned(),
+            reason: DiagnosticReason::UnreadableSource,
+            message,
+        });
+        return;
+    }
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let object = format!("{origin} (document {})", index + 1);
         match serde_yaml::Value::deserialize(document) {
@@ -214,6 +239,47 @@ pub fn parse_documents(text: &str, origin: &str, snapshot: &mut Snapshot) {
             }
         }
     }
+}
+
+/// Whether `text` nests flow collections (`[`, `{`) no deeper than `limit`, outside
+/// quoted strings and comments. Block nesting needs indentation, so its depth is
+/// bounded by the square root of the size and left to serde_yaml.
+fn check_depth(text: &str, limit: usize) -> Result<(), String> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let (mut single, mut double, mut escaped, mut comment) = (false, false, false, false);
+    let mut previous = '\n';
+    for c in text.chars() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+        } else if comment {
+        } else if double {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => double = false,
+                _ => {}
+            }
+        } else if single {
+            single = c != '\'';
+        } else {
+            match c {
+                '#' if previous.is_whitespace() => comment = true,
+                '"' => double = true,
+                '\'' => single = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return Err(format!("nested deeper than {limit} levels at line {line}"));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        previous = c;
+    }
+    Ok(())
 }
 
 fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
@@ -477,6 +543,66 @@ mod tests {
     fn make_unreadable(path: &Path) {
         let _ = std::fs::remove_file(path);
         std::os::unix::fs::symlink("/proc/self/mem", path).expect("symlink");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_parser_sees_it() {
+        let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let mut snapshot = Snapshot::default();
+        parse_documents(&deep, "deep.yaml", &mut snapshot);
+        let [diagnostic] = &snapshot.diagnostics[..] else {
+            panic!("{:?}", snapshot.diagnostics);
+        };
+        assert_eq!(diagnostic.reason, DiagnosticReason::UnreadableSource);
+        assert!(
+            diagnostic.message.contains("deeper than 128"),
+            "{}",
+            diagnostic.message
+        );
+        // Brackets in quotes and comments are no nesting; 128 levels are fine.
+        let fine = format!(
+            "{}\n# {}\nb: '{}'\nc: \"{}\\\"\"\nd: {}{}\n",
+            service("web", "10.96.0.10"),
+            "[".repeat(500),
+            "[".repeat(500),
+            "{".repeat(500),
+            "[".repeat(MAX_DEPTH - 1),
+            "]".repeat(MAX_DEPTH - 1)
+        );
+        let mut snapshot = Snapshot::default();
+        parse_documents(&fine, "fine.yaml", &mut snapshot);
+        assert!(
+            snapshot
+                .diagnostics
+                .iter()
+                .all(|d| !d.message.contains("deeper")),
+            "{:?}",
+            snapshot.diagnostics
+        );
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_reported_not_read() {
+        let temp = TempDir::new();
+        let file = temp.manifests().join("huge.yaml");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(MAX_FILE_BYTES + 1))
+            .expect("a sparse file");
+        let read = ManifestDir::new(temp.manifests(), None)
+            .read()
+            .expect("readable");
+        assert!(
+            read.unreadable.is_empty(),
+            "content, not reading, is at fault"
+        );
+        assert!(
+            read.snapshot
+                .diagnostics
+                .iter()
+                .any(|d| d.message.contains("at most")),
+            "{:?}",
+            read.snapshot.diagnostics
+        );
     }
 
     #[test]
