@@ -368,8 +368,10 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
 
-    /// Address of the Prometheus /metrics server ("" to disable).
-    #[arg(long, default_value = "0.0.0.0:10249")]
+    /// Address of the Prometheus /metrics server ("" to disable). The loopback by
+    /// default, as kube-proxy's: metrics tell anyone who reads them every service and
+    /// backend count of the node.
+    #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: String,
 
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.

@@ -61,6 +61,8 @@ pub struct Lab {
     source_args: Option<Vec<String>>,
     /// RLIMIT_NOFILE (soft, hard) the agent starts with, if not the test's own.
     open_files_limit: Option<(u64, u64)>,
+    /// Leave `--metrics-bind-address` to the agent's default.
+    default_metrics_address: bool,
     /// Declared last: dropped after the pods, whose veths live in it.
     pub node: Netns,
 }
@@ -96,6 +98,7 @@ impl Lab {
             agent: None,
             source_args: None,
             open_files_limit: None,
+            default_metrics_address: false,
             node,
         })
     }
@@ -237,6 +240,11 @@ impl Lab {
         self.open_files_limit = Some((soft, hard));
     }
 
+    /// Starts the agent without `--metrics-bind-address`, on its default address.
+    pub fn use_default_metrics_address(&mut self) {
+        self.default_metrics_address = true;
+    }
+
     /// The agent's process id, while it runs.
     #[must_use]
     pub fn agent_pid(&self) -> Option<u32> {
@@ -295,8 +303,11 @@ impl Lab {
             .args(["--node-name", &self.node_name])
             .arg("--bpffs")
             .arg(self.pin_dir())
-            .args(["--healthz-bind-address", &HEALTHZ.to_string()])
-            .args(["--metrics-bind-address", &METRICS.to_string()])
+            .args(["--healthz-bind-address", &HEALTHZ.to_string()]);
+        if !self.default_metrics_address {
+            command.args(["--metrics-bind-address", &METRICS.to_string()]);
+        }
+        command
             .args(extra_args)
             .env(
                 "RUST_LOG",

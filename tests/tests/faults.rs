@@ -600,3 +600,70 @@ fn a_deeply_nested_manifest_is_refused_at_once_and_health_stays_answered() {
     assert!(lab.agent_log().contains("nested deeper than 128"));
     request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
 }
+
+/// Every pin under `dir` (recursively) with its permission bits.
+fn pin_modes(dir: &std::path::Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut modes = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("the pin directory") {
+            let entry = entry.expect("an entry");
+            let meta = entry.metadata().expect("metadata");
+            let name = entry
+                .path()
+                .strip_prefix(dir.as_path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            modes.push((name, meta.permissions().mode() & 0o7777));
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    modes
+}
+
+#[test]
+fn metrics_listen_on_the_loopback_by_default_and_pins_are_the_owners_only() {
+    let mut lab = lab_without_agent(&examples_dir()).expect("lab");
+    lab.use_default_metrics_address();
+    lab.start_agent(&[]).expect("agent");
+    lab.wait_attached().expect("attached");
+    // kube-proxy's default: 127.0.0.1:10249. The node answers on it...
+    assert!(lab
+        .metrics()
+        .expect("metrics on the loopback")
+        .contains("kpr_map_entries"));
+    // ...and a pod reaching the node's address does not get in.
+    let from_pod = lab.pod("client").netns.run(|| {
+        Ok(std::net::TcpStream::connect_timeout(
+            &SocketAddrV4::new(kpr_lab::lab::GATEWAY, METRICS.port()).into(),
+            TIMEOUT,
+        ))
+    });
+    assert!(
+        from_pod.expect("in the pod").is_err(),
+        "a pod reached the metrics port"
+    );
+    // The pins are readable and writable by their owner (root) only; what the README's
+    // security section says.
+    let modes = pin_modes(&lab.pin_dir());
+    assert!(modes.len() > 9, "{modes:?}");
+    for (name, mode) in &modes {
+        if name == "links" {
+            assert_eq!(mode & 0o022, 0, "{name}: {mode:o} is writable by others");
+        } else {
+            assert_eq!(*mode, 0o600, "{name}: {mode:o} ({modes:?})");
+        }
+    }
+    let dir_mode = {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(lab.pin_dir())
+            .expect("the pin directory")
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(dir_mode, 0o700);
+}

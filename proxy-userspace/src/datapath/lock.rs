@@ -39,15 +39,21 @@ pub struct PinDirLock {
 }
 
 impl PinDirLock {
-    /// Creates `pin_dir` if needed and locks it.
+    /// Creates `pin_dir` if needed (mode 0700: the pins are root's business) and locks
+    /// it.
     ///
     /// # Errors
     /// [`Error::Held`] when another process holds the lock.
     pub fn acquire(pin_dir: &Path) -> Result<Self, Error> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| Error::Io {
-            path: pin_dir.to_path_buf(),
-            source,
-        })?;
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pin_dir)
+            .map_err(|source| Error::Io {
+                path: pin_dir.to_path_buf(),
+                source,
+            })?;
         Self::acquire_existing(pin_dir)?.ok_or_else(|| Error::Io {
             path: pin_dir.to_path_buf(),
             source: io::ErrorKind::NotFound.into(),
