@@ -476,7 +476,7 @@ impl Agent {
                     self.datapath.maps.conntrack_capacity,
                 );
             }
-            Err(error) => warn!(%error, "conntrack reaping failed"),
+            Err(error) => warn!(error = %crate::error_chain(&error), "conntrack reaping failed"),
         }
     }
 
@@ -557,7 +557,9 @@ impl Agent {
                 );
             }
             Ok(_) => {}
-            Err(error) => warn!(%error, "cannot flush flows of removed backends"),
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot flush flows of removed backends");
+            }
         }
         self.metrics.synced(started.elapsed(), SystemTime::now());
         self.metrics
@@ -666,7 +668,7 @@ impl Agent {
             .maps
             .set_config(&datapath_config(&self.config, node))
         {
-            warn!(%error, "cannot update the datapath settings");
+            warn!(error = %crate::error_chain(&error), "cannot update the datapath settings");
         }
         self.model_settings
             .node_port_addresses
@@ -745,7 +747,9 @@ impl Agent {
         }
         match self.datapath.maps.counters() {
             Ok(totals) => metrics.record_datapath_totals(&totals),
-            Err(error) => debug!(%error, "cannot read the datapath counters"),
+            Err(error) => {
+                debug!(error = %crate::error_chain(&error), "cannot read the datapath counters");
+            }
         }
         metrics.programs_attached.clear();
         for (interface, hook) in self.attachments.attached() {
