@@ -1,5 +1,10 @@
 //! The agent's main loop: load and adopt the datapath, follow the source, keep maps and
 //! attachments in step, reap conntrack, and leave the node clean on exit.
+//!
+//! [`run`] starts an [`Agent`] (the loop's whole state) and hands each event to one
+//! method: a new snapshot from the source ([`Agent::on_source_change`]), a link
+//! notification ([`Agent::on_link_change`]), the periodic rescan ([`Agent::on_rescan`]),
+//! the metrics and conntrack GC ticks, and shutdown ([`Agent::finish`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -10,7 +15,6 @@ use std::{
 
 use anyhow::Context as _;
 use proxy_common::DatapathConfig;
-use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -19,20 +23,18 @@ use crate::{
         cgroup::{self, CgroupHooks},
         conntrack,
         interfaces::{self, LinkEvents},
+        lock::PinDirLock,
         node_network::{self, NodeNetwork, NodePortFilter},
+        pins::MapPins,
         Datapath, Hook, LoadOptions,
     },
     health::{self, SyncHealth},
     healthcheck::HealthCheckServers,
-    metrics::{AttachLabels, MapLabels, Metrics, ReasonLabels},
-    model::{self, Diagnostic, DiagnosticReason, ModelSettings, ServiceHealth},
+    metrics::{AttachLabels, DriftLabels, MapLabels, Metrics, ReasonLabels},
+    model::{self, Desired, Diagnostic, DiagnosticReason, FrontendKey, ModelSettings},
     socket_lb,
-    source::{
-        self,
-        manifests::{self, Snapshot},
-        SourceConfig,
-    },
-    sync::Syncer,
+    source::{self, Snapshot, SourceConfig},
+    sync::{FrontendFailure, SyncReport, Syncer},
 };
 
 /// Everything the agent needs to run.
@@ -69,6 +71,8 @@ pub struct AgentConfig {
     pub datapath: DatapathConfig,
     /// How often expired conntrack entries are reaped.
     pub conntrack_gc_interval: Duration,
+    /// How often the maps are read back and repaired (kube-proxy's syncPeriod).
+    pub sync_period: Duration,
     /// Model settings (proxy name, NodePort addresses).
     pub model: ModelSettings,
     /// Where `/healthz` listens (`None`: no health server).
@@ -80,302 +84,723 @@ pub struct AgentConfig {
     pub health_check_addresses: Vec<IpAddr>,
 }
 
+/// How the loop ended.
+enum Exit {
+    /// Asked to stop (SIGTERM): leave the node as configured.
+    Shutdown,
+    /// The source stopped publishing: keep the datapath and fail.
+    SourceEnded,
+}
+
+/// A backstop for lost link notifications.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often gauges read from the maps (fill, counters, attachments) are refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(2);
+
+/// How long a change may wait to be applied before the node reports unhealthy
+/// (kube-proxy's healthzBindAddress timeout is the same).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Runs the agent until `shutdown` resolves.
 ///
 /// # Errors
-/// When the datapath cannot be loaded or its maps cannot be read at start; later
+/// When the datapath cannot be loaded or its maps cannot be read at start, and when
+/// the source ends (the datapath is then left in place for the next agent); later
 /// failures are logged and retried instead.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    match &config.cgroup_path {
-        Some(path) => {
-            cgroup::check_cgroup2(path).context("--cgroup-path")?;
-            info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
-        }
-        None => info!(
-            "host-network clients are not translated: no --cgroup-path, so no socket-layer hooks"
-        ),
-    }
-    let mut datapath = Datapath::load(&LoadOptions {
-        pin_dir: Some(config.pin_dir.clone()),
-        conntrack_max: config.conntrack_max,
-    })
-    .context("loading the datapath")?;
-    let mut node = read_node_network(&config);
-    let mut model_settings = config.model.clone();
-    model_settings
-        .node_port_addresses
-        .clone_from(&node.node_port_addresses);
-    datapath
-        .maps
-        .set_config(&datapath_config(&config, &node))
-        .context("writing the datapath settings")?;
-    socket_lb::configure(&mut datapath, &config)?;
-    let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
-    if !mirror.services.is_empty() {
-        info!(
-            entries = mirror.services.len(),
-            backends = mirror.backends.len(),
-            "adopting the maps of a previous agent"
-        );
-    }
-    let mut syncer = Syncer::adopt(mirror);
-    let mut attachments = Attachments::new(Some(&config.pin_dir));
-    let mut cgroup_hooks =
-        socket_lb::hooked_cgroup(&config).map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
-    let health = SyncHealth::new(Duration::from_secs(60));
-    health.queued();
-    let metrics = Arc::new(Metrics::new());
-    if let Some(addr) = config.metrics_bind_address {
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            if let Err(error) = crate::metrics::serve(addr, metrics).await {
-                error!(%addr, %error, "metrics server stopped");
-            }
-        });
-    }
-    if let Some(addr) = config.healthz_bind_address {
-        let health = health.clone();
-        tokio::spawn(async move {
-            if let Err(error) = health::serve(addr, health).await {
-                error!(%addr, %error, "health server stopped");
-            }
-        });
-    }
-
-    let mut health_checks = HealthCheckServers::new(
-        config.health_check_addresses.clone(),
-        health.clone(),
-        metrics.health_check_bind_failures.clone(),
-    );
-
-    let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
-    snapshots.mark_unchanged();
-    let mut api_status = None;
-    let watcher = match &config.source {
-        SourceConfig::Manifests(dir) => {
-            let watch = manifests::watch_dir(dir.clone(), config.node_name.clone(), snapshots_tx);
-            tokio::spawn(async move {
-                if let Err(error) = watch.await {
-                    error!(%error, "the manifest source failed");
-                }
-            })
-        }
-        SourceConfig::Api {
-            kubeconfig,
-            min_sync_period,
-        } => {
-            let client = source::kube::client(kubeconfig.as_deref())
-                .await
-                .context("connecting to the Kubernetes API")?;
-            let api =
-                source::kube::ApiSource::new(client, config.node_name.clone(), *min_sync_period);
-            api_status = Some(api.status());
-            tokio::spawn(api.run(snapshots_tx))
-        }
-    };
-
-    let mut link_events = LinkEvents::subscribe().context("subscribing to link notifications")?;
-    let mut gc_timer = tokio::time::interval(config.conntrack_gc_interval);
-    // A backstop for lost link notifications.
-    let mut rescan_timer = tokio::time::interval(Duration::from_secs(5));
-    let mut metrics_timer = tokio::time::interval(METRICS_REFRESH);
-    let mut known_diagnostics = BTreeSet::new();
-    let mut synced_once = false;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    warn!("the manifest source stopped; keeping the datapath as it is");
-                    break;
-                }
-                health.queued();
-                metrics.queued(SystemTime::now());
-                let snapshot = snapshots.borrow_and_update().clone();
-                let wanted_health_checks = sync_once(&model_settings, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics, socket_lb::hooked_cgroup(&config));
-                health_checks.update(&wanted_health_checks).await;
-                if !synced_once {
-                    // Attach only once the maps hold the whole desired state, so no pod
-                    // ever sees a half-programmed datapath; healthy only after both.
-                    synced_once = true;
-                    reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, true);
-                    match cgroup_hooks.as_mut() {
-                        Some(hooks) => attach_cgroup_hooks(hooks, &mut datapath),
-                        // Hooks an earlier agent left would go on translating with
-                        // whatever it last knew: this configuration wants none.
-                        None => cgroup::remove_pins(&config.pin_dir),
-                    }
-                }
-                health.synced();
-                refresh_metrics(&metrics, &datapath, &syncer, &attachments, cgroup_hooks.as_ref());
-            }
-            event = link_events.changed() => {
-                if let Err(error) = event {
-                    warn!(%error, "link notifications failed; relying on periodic rescans");
-                    link_events = LinkEvents::subscribe().context("resubscribing to link notifications")?;
-                }
-                if synced_once {
-                    let now = read_node_network(&config);
-                    if now != node {
-                        node = now;
-                        apply_node_network(&config, &node, &mut model_settings, &snapshots.borrow().clone(), &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
-                    }
-                    reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, false);
-                }
-            }
-            _ = rescan_timer.tick() => {
-                if synced_once {
-                    let now = read_node_network(&config);
-                    if now != node {
-                        node = now;
-                        apply_node_network(&config, &node, &mut model_settings, &snapshots.borrow().clone(), &mut syncer, &mut datapath, &mut known_diagnostics, &metrics);
-                    }
-                    reconcile_interfaces(&config, &node, &mut datapath, &mut attachments, false);
-                    if let Some(hooks) = cgroup_hooks.as_mut() {
-                        attach_cgroup_hooks(hooks, &mut datapath);
-                    }
-                    // A health check port another process held may be free by now.
-                    health_checks.retry().await;
-                }
-            }
-            _ = metrics_timer.tick() => {
-                refresh_metrics(&metrics, &datapath, &syncer, &attachments, cgroup_hooks.as_ref());
-                if let Some(status) = &api_status {
-                    metrics.record_api_status(status);
-                }
-            }
-            _ = gc_timer.tick() => {
-                let now = conntrack::monotonic_now_ns();
-                match conntrack::collect_expired(&mut datapath.maps, &datapath_config(&config, &node), now) {
-                    Ok(report) => {
-                        debug!(live = report.live, removed = report.removed, "conntrack reaped");
-                        metrics.conntrack_reaped.inc_by(report.removed as u64);
-                        record_conntrack_fill(&metrics, proxy_common::names::CONNTRACK_V4, report.live, datapath.maps.conntrack_capacity);
-                        record_conntrack_fill(&metrics, proxy_common::names::CONNTRACK_NEW_V4, report.live_new, datapath.maps.conntrack_new_capacity);
-                    }
-                    Err(error) => warn!(%error, "conntrack reaping failed"),
-                }
-            }
-        }
-    }
-    watcher.abort();
-    if config.keep_state {
-        info!(pin_dir = %config.pin_dir.display(), "leaving programs and maps in place (--keep-state)");
-        attachments.keep_all();
-        if let Some(hooks) = cgroup_hooks.as_mut() {
-            hooks.keep_all();
-        }
-    } else {
-        attachments.detach_all();
-        if let Some(hooks) = cgroup_hooks.as_mut() {
-            hooks.detach_all();
-        }
-        drop(datapath);
-        remove_pins(&config.pin_dir);
-        info!("detached all programs and removed the pinned maps");
-    }
-    Ok(())
+    let agent = Agent::start(config)?;
+    let source = source::start(
+        &agent.config.source,
+        agent.config.node_name.clone(),
+        &agent.metrics,
+    )
+    .await
+    .context("starting the source")?;
+    agent.serve(source, shutdown).await
 }
 
-/// One pass: model, sync, flow cleanup, logs. Returns the health checks to serve.
-fn sync_once(
-    model_settings: &ModelSettings,
-    snapshot: &Snapshot,
-    syncer: &mut Syncer,
-    datapath: &mut Datapath,
-    known_diagnostics: &mut BTreeSet<Diagnostic>,
-    metrics: &Metrics,
-    socket_cgroup: Option<&Path>,
-) -> BTreeMap<u16, ServiceHealth> {
-    let started = Instant::now();
-    let desired = model::desired(&snapshot.state, model_settings);
-    let diagnostics: BTreeSet<Diagnostic> = snapshot
-        .diagnostics
-        .iter()
-        .chain(&desired.diagnostics)
-        .cloned()
-        .collect();
-    for diagnostic in diagnostics.difference(known_diagnostics) {
-        warn!(
-            object = %diagnostic.object,
-            reason = diagnostic.reason.label(),
-            "skipped: {}",
-            diagnostic.message
-        );
-    }
-    for diagnostic in known_diagnostics.difference(&diagnostics) {
-        info!(object = %diagnostic.object, reason = diagnostic.reason.label(), "resolved");
-    }
-    // Every reason is exported, at 0 when nothing is skipped for it.
-    for reason in DiagnosticReason::ALL {
-        let count = diagnostics
-            .iter()
-            .filter(|diagnostic| diagnostic.reason == reason)
-            .count();
-        metrics
-            .skipped_objects
-            .get_or_create(&ReasonLabels {
-                reason: reason.label().to_owned(),
-            })
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
-    }
-    *known_diagnostics = diagnostics;
+/// Runs the agent like [`run`], on a source of the caller's own instead of the one
+/// `config.source` names (an embedding; the lab's tests of what a source can do).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_on(
+    config: AgentConfig,
+    source: source::Running,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Agent::start(config)?.serve(source, shutdown).await
+}
 
-    let report = syncer.sync(&desired, &mut datapath.maps);
-    for failure in &report.failures {
-        let reason = if failure.error.map_full {
-            "map_full"
-        } else {
-            "write_error"
-        };
-        metrics
-            .frontend_failures
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
-        error!(
-            service = %failure.service_port,
-            frontend = %format!("{}:{}", failure.frontend.addr, failure.frontend.port),
-            map_full = failure.error.map_full,
-            "cannot program frontend: {}",
-            failure.error.message
-        );
-    }
-    for error in &report.cleanup_errors {
-        warn!(%error, "cleanup write failed; retrying on the next pass");
-    }
-    match conntrack::forget_backends(&mut datapath.maps, &report.removed_pairs) {
-        Ok((flows, affinities)) if flows + affinities > 0 => {
+/// The agent loop's state.
+struct Agent {
+    /// Held from before the datapath is loaded until its pins are removed (or left).
+    lock: Option<PinDirLock>,
+    config: AgentConfig,
+    datapath: Datapath,
+    /// The map pins and the ids they must name.
+    map_pins: MapPins,
+    /// The node's external interfaces and addresses, as last read.
+    node: NodeNetwork,
+    /// The configured model settings plus the node's NodePort addresses.
+    model_settings: ModelSettings,
+    syncer: Syncer,
+    attachments: Attachments,
+    cgroup_hooks: Option<CgroupHooks>,
+    health: SyncHealth,
+    metrics: Arc<Metrics>,
+    health_checks: HealthCheckServers,
+    /// The API source's status, for the metrics.
+    api_status: Option<Arc<source::kube::ApiStatus>>,
+    /// Diagnostics already logged (each is logged once, and again when resolved).
+    known_diagnostics: BTreeSet<Diagnostic>,
+    /// The last snapshot the source published (`None` before the first).
+    snapshot: Option<Arc<Snapshot>>,
+    /// The model's output for it (and the node's settings).
+    desired: Option<Arc<Desired>>,
+    /// Whether the first sync pass is done (programs attach only after it).
+    synced_once: bool,
+    /// The last pass left something unwritten: the next rescan tries again.
+    retry_pending: bool,
+    /// Frontends the last pass could not program, with the reason label.
+    failing: BTreeMap<FrontendKey, &'static str>,
+}
+
+impl Agent {
+    /// Loads (or adopts) the datapath and starts the health and metrics servers.
+    fn start(config: AgentConfig) -> anyhow::Result<Self> {
+        // Before anything is opened, written or removed: a second agent on the same
+        // pins must leave the first one's alone.
+        let lock = PinDirLock::acquire(&config.pin_dir)?;
+        match &config.cgroup_path {
+            Some(path) => {
+                cgroup::check_cgroup2(path).context("--cgroup-path")?;
+                info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
+            }
+            None => info!(
+                "host-network clients are not translated: no --cgroup-path, so no socket-layer hooks"
+            ),
+        }
+        let mut datapath = Datapath::load(&LoadOptions {
+            pin_dir: Some(config.pin_dir.clone()),
+            conntrack_max: config.conntrack_max,
+        })
+        .context("loading the datapath")?;
+        let node = read_node_network(&config);
+        let mut model_settings = config.model.clone();
+        model_settings
+            .node_port_addresses
+            .clone_from(&node.node_port_addresses);
+        datapath
+            .maps
+            .set_config(&datapath_config(&config, &node))
+            .context("writing the datapath settings")?;
+        socket_lb::configure(&mut datapath, &config)?;
+        let map_pins = MapPins::record(&config.pin_dir, &crate::datapath::ALL_MAPS)
+            .context("reading the map pins")?;
+        let mirror = datapath.maps.read_mirror().context("reading pinned maps")?;
+        if !mirror.services.is_empty() {
             info!(
-                udp_flows = flows,
-                affinities, "forgot flows of removed backends"
+                entries = mirror.services.len(),
+                backends = mirror.backends.len(),
+                "adopting the maps of a previous agent"
             );
         }
-        Ok(_) => {}
-        Err(error) => warn!(%error, "cannot flush flows of removed backends"),
+        let syncer = Syncer::adopt(mirror);
+        let attachments = Attachments::new(Some(&config.pin_dir));
+        let cgroup_hooks = socket_lb::hooked_cgroup(&config)
+            .map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
+        let health = SyncHealth::new(HEALTH_TIMEOUT);
+        health.queued();
+        let metrics = Arc::new(Metrics::new());
+        if let Some(addr) = config.metrics_bind_address {
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                if let Err(error) = crate::metrics::serve(addr, metrics).await {
+                    error!(%addr, %error, "metrics server stopped");
+                }
+            });
+        }
+        if let Some(addr) = config.healthz_bind_address {
+            let health = health.clone();
+            let rejected = metrics.http_rejected("healthz");
+            tokio::spawn(async move {
+                if let Err(error) = health::serve(addr, health, rejected).await {
+                    error!(%addr, %error, "health server stopped");
+                }
+            });
+        }
+        let health_checks = HealthCheckServers::new(
+            config.health_check_addresses.clone(),
+            health.clone(),
+            metrics.health_check_bind_failures.clone(),
+        )
+        .with_rejected_counter(metrics.http_rejected("health_check"));
+        Ok(Self {
+            lock: Some(lock),
+            config,
+            datapath,
+            map_pins,
+            node,
+            model_settings,
+            syncer,
+            attachments,
+            cgroup_hooks,
+            health,
+            metrics,
+            health_checks,
+            api_status: None,
+            known_diagnostics: BTreeSet::new(),
+            snapshot: None,
+            desired: None,
+            synced_once: false,
+            retry_pending: false,
+            failing: BTreeMap::new(),
+        })
     }
-    if let Err(error) = socket_lb::forget_backends(datapath, socket_cgroup, &report.removed_pairs) {
-        warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
-        metrics.socket_forget_failures.inc();
+
+    /// Follows `source` until `shutdown` or the source's end, then leaves the node.
+    async fn serve(
+        mut self,
+        mut source: source::Running,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        self.api_status.clone_from(&source.api_status);
+        let exit = self.follow(&mut source, shutdown).await;
+        drop(source);
+        self.finish(exit)
     }
-    metrics.synced(started.elapsed(), SystemTime::now());
-    metrics.observe_programmed(&snapshot.state, SystemTime::now());
-    info!(
-        services = snapshot.state.services.len(),
-        frontends = desired.frontends.len(),
-        written = report.frontends_written,
-        removed = report.frontends_removed,
-        map_writes = report.ops_applied,
-        failed = report.failures.len(),
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "synced"
-    );
-    desired.health_checks
+
+    /// The event loop: one method per event, until shutdown or the source's end.
+    async fn follow(
+        &mut self,
+        source: &mut source::Running,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Exit {
+        let mut link_events = match LinkEvents::subscribe() {
+            Ok(events) => Some(events),
+            Err(error) => {
+                warn!(%error, "cannot subscribe to link notifications; relying on periodic rescans");
+                None
+            }
+        };
+        let mut gc_timer = tokio::time::interval(self.config.conntrack_gc_interval);
+        let mut rescan_timer = tokio::time::interval(RESCAN_INTERVAL);
+        let mut metrics_timer = tokio::time::interval(METRICS_REFRESH);
+        let period = self.config.sync_period;
+        let mut resync_timer =
+            tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return Exit::Shutdown,
+                changed = source.snapshots.changed() => {
+                    if changed.is_err() {
+                        return Exit::SourceEnded;
+                    }
+                    let snapshot = Arc::clone(&source.snapshots.borrow_and_update());
+                    self.on_source_change(snapshot).await;
+                }
+                event = next_link_event(&mut link_events) => {
+                    if let Err(error) = event {
+                        warn!(%error, "link notifications failed; resubscribing, with periodic rescans meanwhile");
+                        link_events = LinkEvents::subscribe()
+                            .inspect_err(|error| warn!(%error, "cannot resubscribe to link notifications"))
+                            .ok();
+                    }
+                    self.on_link_change();
+                }
+                _ = rescan_timer.tick() => self.on_rescan().await,
+                _ = metrics_timer.tick() => self.on_metrics_tick(),
+                _ = gc_timer.tick() => self.on_gc_tick(),
+                _ = resync_timer.tick() => self.on_resync_tick().await,
+            }
+        }
+    }
+
+    /// A new snapshot: sync the maps to it; the first one also attaches the programs.
+    async fn on_source_change(&mut self, snapshot: Arc<Snapshot>) {
+        self.health.queued();
+        self.metrics.queued(SystemTime::now());
+        self.snapshot = Some(snapshot);
+        self.compute_desired();
+        self.apply_desired().await;
+    }
+
+    /// Syncs the maps (and health check ports) to the desired state last computed.
+    async fn apply_desired(&mut self) {
+        let Some((desired, report)) = self.sync_pass() else {
+            return;
+        };
+        self.health_checks.update(&desired.health_checks).await;
+        if !self.synced_once {
+            // Attach only once the maps hold the whole desired state, so no pod ever
+            // sees a half-programmed datapath; healthy only after both.
+            self.synced_once = true;
+            self.reconcile_interfaces(true);
+            match self.cgroup_hooks.as_mut() {
+                Some(hooks) => attach_cgroup_hooks(hooks, &mut self.datapath),
+                // Hooks an earlier agent left would go on translating with whatever it
+                // last knew: this configuration wants none.
+                None => cgroup::remove_pins(&self.config.pin_dir),
+            }
+        }
+        // kube-proxy's rule: healthy again once a pass has written the maps; a pass
+        // that could not write them leaves the change pending (unhealthy once it has
+        // waited too long). A frontend that does not fit is logged and counted only.
+        if report.complete() {
+            self.health.synced();
+        }
+        self.refresh_metrics();
+    }
+
+    /// A link came, went or changed: follow the node's network and attach.
+    fn on_link_change(&mut self) {
+        if !self.synced_once {
+            return;
+        }
+        let now = read_node_network(&self.config);
+        if now != self.node {
+            self.node = now;
+            self.apply_node_network();
+        }
+        self.reconcile_interfaces(false);
+    }
+
+    /// The periodic rescan: what a link change does (notifications can be lost), plus
+    /// the retries of cgroup hooks and health check ports.
+    async fn on_rescan(&mut self) {
+        if !self.synced_once {
+            return;
+        }
+        self.on_link_change();
+        if self.retry_pending {
+            info!("retrying what the last sync pass could not write");
+            self.apply_desired().await;
+        }
+        if let Some(hooks) = self.cgroup_hooks.as_mut() {
+            attach_cgroup_hooks(hooks, &mut self.datapath);
+        }
+        // A health check port another process held may be free by now.
+        self.health_checks.retry().await;
+    }
+
+    fn on_metrics_tick(&mut self) {
+        self.refresh_metrics();
+        if let Some(status) = &self.api_status {
+            self.metrics.record_api_status(status);
+        }
+    }
+
+    /// The periodic full resync (kube-proxy's syncPeriod): the maps themselves, not
+    /// the agent's copy of them, against the desired state; whatever differs (written
+    /// or deleted by someone else) is logged, counted and repaired, and so are missing
+    /// or replaced pins.
+    async fn on_resync_tick(&mut self) {
+        if !self.synced_once {
+            return;
+        }
+        let (repaired, errors) = self.map_pins.repair();
+        for map in repaired {
+            warn!(map, "a map pin was missing or replaced; pinned it again");
+            self.drift_repaired(map, "pin", 1);
+        }
+        for error in errors {
+            warn!(error = %crate::error_chain(&error), "cannot pin a map again; retrying on the next resync");
+        }
+        let real = match self.datapath.maps.read_mirror() {
+            Ok(real) => real,
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot read the maps back; retrying on the next resync");
+                return;
+            }
+        };
+        let differences = self.syncer.mirror().differences(&real);
+        if differences == [0; 3] {
+            debug!("resync: the maps hold what the agent wrote");
+            return;
+        }
+        let maps = [
+            proxy_common::names::SERVICES_V4,
+            proxy_common::names::BACKENDS_V4,
+            proxy_common::names::SOURCE_RANGES_V4,
+        ];
+        for (map, count) in maps.into_iter().zip(differences) {
+            if count > 0 {
+                warn!(
+                    map,
+                    entries = count,
+                    "the map differs from what the agent wrote; repairing"
+                );
+                self.drift_repaired(map, "entries", count);
+            }
+        }
+        self.syncer.readopt(real);
+        self.apply_desired().await;
+    }
+
+    fn drift_repaired(&self, map: &str, kind: &str, count: usize) {
+        self.metrics
+            .drift_repaired
+            .get_or_create(&DriftLabels {
+                map: map.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc_by(count as u64);
+    }
+
+    fn on_gc_tick(&mut self) {
+        let now = conntrack::monotonic_now_ns();
+        let config = datapath_config(&self.config, &self.node);
+        match conntrack::collect_expired(&mut self.datapath.maps, &config, now) {
+            Ok(report) => {
+                debug!(
+                    live = report.live,
+                    removed = report.removed,
+                    "conntrack reaped"
+                );
+                self.metrics.conntrack_reaped.inc_by(report.removed as u64);
+                record_conntrack_fill(
+                    &self.metrics,
+                    proxy_common::names::CONNTRACK_V4,
+                    report.live,
+                    self.datapath.maps.conntrack_capacity,
+                );
+                record_conntrack_fill(
+                    &self.metrics,
+                    proxy_common::names::CONNTRACK_NEW_V4,
+                    report.live_new,
+                    self.datapath.maps.conntrack_new_capacity,
+                );
+            }
+            Err(error) => warn!(error = %crate::error_chain(&error), "conntrack reaping failed"),
+        }
+    }
+
+    /// Leaves the node as `exit` asks: on shutdown, detached and unpinned unless
+    /// `--keep-state`; when the source ended, as it is (an error, so the agent exits
+    /// non-zero and is restarted, adopting the datapath).
+    fn finish(mut self, exit: Exit) -> anyhow::Result<()> {
+        let keep = match exit {
+            Exit::Shutdown => self.config.keep_state,
+            Exit::SourceEnded => {
+                error!("the source stopped; keeping the datapath as it is and exiting");
+                true
+            }
+        };
+        if keep {
+            info!(pin_dir = %self.config.pin_dir.display(), "leaving programs and maps in place");
+            self.attachments.keep_all();
+            if let Some(hooks) = self.cgroup_hooks.as_mut() {
+                hooks.keep_all();
+            }
+        } else {
+            self.attachments.detach_all();
+            if let Some(hooks) = self.cgroup_hooks.as_mut() {
+                hooks.detach_all();
+            }
+            let pin_dir = self.config.pin_dir.clone();
+            // Unlocked only once the pins are gone, so no agent starting meanwhile
+            // loses them.
+            let lock = self.lock.take();
+            drop(self);
+            remove_pins(&pin_dir);
+            drop(lock);
+            info!("detached all programs and removed the pinned maps");
+        }
+        match exit {
+            Exit::Shutdown => Ok(()),
+            // Non-zero, so the DaemonSet restarts it: the next agent adopts the datapath.
+            Exit::SourceEnded => {
+                anyhow::bail!("the source of Services and EndpointSlices stopped")
+            }
+        }
+    }
+
+    /// Runs the model over the last snapshot and the node's settings, and reports
+    /// what it skipped.
+    fn compute_desired(&mut self) {
+        let Some(snapshot) = self.snapshot.clone() else {
+            return;
+        };
+        let desired = model::desired(&snapshot.state, &self.model_settings);
+        self.report_diagnostics(&snapshot, &desired);
+        self.desired = Some(Arc::new(desired));
+    }
+
+    /// One pass bringing the maps to the desired state last computed: sync, flow
+    /// cleanup, logs. Retries run it again without running the model again. `None`
+    /// before the source's first snapshot.
+    fn sync_pass(&mut self) -> Option<(Arc<Desired>, SyncReport)> {
+        let snapshot = Arc::clone(self.snapshot.as_ref()?);
+        let desired = Arc::clone(self.desired.as_ref()?);
+        let started = Instant::now();
+        let mut report = self.syncer.sync(&desired, &mut self.datapath.maps);
+        if report.failures.iter().any(|f| f.error.map_full) && report.ops_applied > 0 {
+            // The pass may have made room only after a frontend was refused (backends
+            // are deleted last, once no slot names them): one more pass takes it.
+            let again = self.syncer.sync(&desired, &mut self.datapath.maps);
+            report.merge(again);
+        }
+        self.report_failures(&report);
+        for error in &report.cleanup_errors {
+            warn!(%error, "cleanup write failed; retrying on the next pass");
+        }
+        match conntrack::forget_backends(&mut self.datapath.maps, &report.removed_pairs) {
+            Ok((flows, affinities)) if flows + affinities > 0 => {
+                info!(
+                    udp_flows = flows,
+                    affinities, "forgot flows of removed backends"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot flush flows of removed backends");
+            }
+        }
+        let socket_cgroup = socket_lb::hooked_cgroup(&self.config);
+        if let Err(error) =
+            socket_lb::forget_backends(&mut self.datapath, socket_cgroup, &report.removed_pairs)
+        {
+            warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
+            self.metrics.socket_forget_failures.inc();
+        }
+        self.metrics.synced(started.elapsed(), SystemTime::now());
+        self.metrics
+            .observe_programmed(&snapshot.state, SystemTime::now());
+        info!(
+            services = snapshot.state.services.len(),
+            frontends = desired.frontends.len(),
+            written = report.frontends_written,
+            removed = report.frontends_removed,
+            map_writes = report.ops_applied,
+            failed = report.failures.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "synced"
+        );
+        self.retry_pending = !report.failures.is_empty() || !report.cleanup_errors.is_empty();
+        Some((desired, report))
+    }
+
+    /// Logs frontends that newly failed (and those programmed again) and counts them;
+    /// one that keeps failing on every retry is logged once.
+    fn report_failures(&mut self, report: &SyncReport) {
+        let failing: BTreeMap<FrontendKey, &'static str> = report
+            .failures
+            .iter()
+            .map(|failure| (failure.frontend, failure_label(failure)))
+            .collect();
+        for failure in &report.failures {
+            if self.failing.contains_key(&failure.frontend) {
+                continue;
+            }
+            self.metrics
+                .frontend_failures
+                .get_or_create(&ReasonLabels {
+                    reason: failure_label(failure).to_owned(),
+                })
+                .inc();
+            error!(
+                service = %failure.service_port,
+                frontend = %format!("{}:{}", failure.frontend.addr, failure.frontend.port),
+                map_full = failure.error.map_full,
+                "cannot program frontend (retrying): {}",
+                failure.error.message
+            );
+        }
+        for frontend in self.failing.keys().filter(|key| !failing.contains_key(key)) {
+            info!(frontend = %format!("{}:{}", frontend.addr, frontend.port), "frontend programmed after failures");
+        }
+        for reason in FAILURE_LABELS {
+            let count = failing.values().filter(|label| **label == reason).count();
+            self.metrics
+                .frontends_unprogrammed
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        self.failing = failing;
+    }
+
+    /// Logs new and resolved diagnostics and exports their counts.
+    fn report_diagnostics(&mut self, snapshot: &Snapshot, desired: &Desired) {
+        let diagnostics: BTreeSet<Diagnostic> = snapshot
+            .diagnostics
+            .iter()
+            .chain(&desired.diagnostics)
+            .cloned()
+            .collect();
+        for diagnostic in diagnostics.difference(&self.known_diagnostics) {
+            warn!(
+                object = %diagnostic.object,
+                reason = diagnostic.reason.label(),
+                "skipped: {}",
+                diagnostic.message
+            );
+        }
+        for diagnostic in self.known_diagnostics.difference(&diagnostics) {
+            info!(object = %diagnostic.object, reason = diagnostic.reason.label(), "resolved");
+        }
+        // Every reason is exported, at 0 when nothing is skipped for it.
+        for reason in DiagnosticReason::ALL {
+            let count = diagnostics
+                .iter()
+                .filter(|diagnostic| diagnostic.reason == reason)
+                .count();
+            self.metrics
+                .skipped_objects
+                .get_or_create(&ReasonLabels {
+                    reason: reason.label().to_owned(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        self.known_diagnostics = diagnostics;
+    }
+
+    /// Applies a changed node network: settings, then a sync pass for the NodePorts.
+    fn apply_node_network(&mut self) {
+        let node = &self.node;
+        info!(
+            interfaces = ?node.interfaces,
+            node_port_addresses = ?node.node_port_addresses,
+            snat_addr = ?node.snat_addr,
+            "the node's network changed"
+        );
+        if let Err(error) = self
+            .datapath
+            .maps
+            .set_config(&datapath_config(&self.config, node))
+        {
+            warn!(error = %crate::error_chain(&error), "cannot update the datapath settings");
+        }
+        self.model_settings
+            .node_port_addresses
+            .clone_from(&node.node_port_addresses);
+        self.compute_desired();
+        self.sync_pass();
+    }
+
+    /// Attaches the programs to the interfaces that want them (and forgets vanished
+    /// ones); `first`: also sweep pins of interfaces gone while no agent ran.
+    fn reconcile_interfaces(&mut self, first: bool) {
+        let all = match interfaces::list() {
+            Ok(all) => all,
+            Err(error) => {
+                warn!(%error, "cannot list interfaces");
+                return;
+            }
+        };
+        if first {
+            self.attachments.sweep_stale_pins(&all);
+        }
+        let mut wanted = Vec::new();
+        for interface in &all {
+            // An external interface is never treated as a pod interface, whatever the
+            // patterns say.
+            let hooks = if self.node.interfaces.contains(&interface.name) {
+                &Hook::NODE
+            } else if interfaces::matches(&interface.name, &self.config.pod_interfaces) {
+                &Hook::POD
+            } else {
+                continue;
+            };
+            wanted.extend(hooks.iter().map(|hook| (interface.clone(), *hook)));
+        }
+        for error in self.attachments.reconcile(&mut self.datapath, &wanted) {
+            warn!(error = %crate::error_chain(&error), "attach failed; retrying on the next interface change");
+        }
+    }
+
+    /// Reads map fill, datapath counters and attachments into the metrics. The
+    /// conntrack map's fill comes from the reaper, which walks that map anyway (see
+    /// [`record_conntrack_fill`]): a second walk every refresh would double the agent's
+    /// busiest work.
+    fn refresh_metrics(&self) {
+        let metrics = &self.metrics;
+        let mirror = self.syncer.mirror();
+        let fill = [
+            (
+                proxy_common::names::SERVICES_V4,
+                mirror.services.len(),
+                proxy_common::capacity::SERVICES_V4,
+            ),
+            (
+                proxy_common::names::BACKENDS_V4,
+                mirror.backends.len(),
+                proxy_common::capacity::BACKENDS_V4,
+            ),
+            (
+                proxy_common::names::AFFINITY_V4,
+                self.datapath.maps.affinity.keys().count(),
+                proxy_common::capacity::AFFINITY_V4,
+            ),
+        ];
+        for (map, entries, capacity) in fill {
+            let labels = MapLabels {
+                map: map.to_owned(),
+            };
+            metrics
+                .map_entries
+                .get_or_create(&labels)
+                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+            metrics
+                .map_capacity
+                .get_or_create(&labels)
+                .set(i64::from(capacity));
+        }
+        match self.datapath.maps.counters() {
+            Ok(totals) => metrics.record_datapath_totals(&totals),
+            Err(error) => {
+                debug!(error = %crate::error_chain(&error), "cannot read the datapath counters");
+            }
+        }
+        metrics.programs_attached.clear();
+        for (interface, hook) in self.attachments.attached() {
+            metrics
+                .programs_attached
+                .get_or_create(&AttachLabels {
+                    interface: interface.name.clone(),
+                    hook: hook.label().to_owned(),
+                })
+                .set(1);
+        }
+        if let Some(hooks) = &self.cgroup_hooks {
+            let interface = format!("cgroup:{}", hooks.cgroup().display());
+            for hook in hooks.attached() {
+                metrics
+                    .programs_attached
+                    .get_or_create(&AttachLabels {
+                        interface: interface.clone(),
+                        hook: hook.label().to_owned(),
+                    })
+                    .set(1);
+            }
+        }
+    }
+}
+
+/// Labels of `kpr_frontend_failures_total{reason}` and `kpr_frontends_unprogrammed`.
+const FAILURE_LABELS: [&str; 2] = ["map_full", "write_error"];
+
+fn failure_label(failure: &FrontendFailure) -> &'static str {
+    if failure.error.map_full {
+        FAILURE_LABELS[0]
+    } else {
+        FAILURE_LABELS[1]
+    }
+}
+
+/// The next link notification; never, without a subscription.
+async fn next_link_event(events: &mut Option<LinkEvents>) -> std::io::Result<()> {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sets a conntrack table's fill from the reaper's count of live entries.
@@ -391,79 +816,6 @@ fn record_conntrack_fill(metrics: &Metrics, map: &str, live: usize, capacity: u3
         .map_capacity
         .get_or_create(&labels)
         .set(i64::from(capacity));
-}
-
-/// How often gauges read from the maps (fill, counters, attachments) are refreshed.
-const METRICS_REFRESH: Duration = Duration::from_secs(2);
-
-/// Reads map fill, datapath counters and attachments into the metrics. The conntrack
-/// map's fill comes from the reaper, which walks that map anyway (see
-/// [`record_conntrack_fill`]): a second walk every refresh would double the agent's
-/// busiest work.
-fn refresh_metrics(
-    metrics: &Metrics,
-    datapath: &Datapath,
-    syncer: &Syncer,
-    attachments: &Attachments,
-    cgroup_hooks: Option<&CgroupHooks>,
-) {
-    let mirror = syncer.mirror();
-    let fill = [
-        (
-            proxy_common::names::SERVICES_V4,
-            mirror.services.len(),
-            proxy_common::capacity::SERVICES_V4,
-        ),
-        (
-            proxy_common::names::BACKENDS_V4,
-            mirror.backends.len(),
-            proxy_common::capacity::BACKENDS_V4,
-        ),
-        (
-            proxy_common::names::AFFINITY_V4,
-            datapath.maps.affinity.keys().count(),
-            proxy_common::capacity::AFFINITY_V4,
-        ),
-    ];
-    for (map, entries, capacity) in fill {
-        let labels = MapLabels {
-            map: map.to_owned(),
-        };
-        metrics
-            .map_entries
-            .get_or_create(&labels)
-            .set(i64::try_from(entries).unwrap_or(i64::MAX));
-        metrics
-            .map_capacity
-            .get_or_create(&labels)
-            .set(i64::from(capacity));
-    }
-    match datapath.maps.counters() {
-        Ok(totals) => metrics.record_datapath_totals(&totals),
-        Err(error) => debug!(%error, "cannot read the datapath counters"),
-    }
-    metrics.programs_attached.clear();
-    for (interface, hook) in attachments.attached() {
-        metrics
-            .programs_attached
-            .get_or_create(&AttachLabels {
-                interface: interface.name.clone(),
-                hook: hook.label().to_owned(),
-            })
-            .set(1);
-    }
-    if let Some(hooks) = cgroup_hooks {
-        let interface = format!("cgroup:{}", hooks.cgroup().display());
-        for hook in hooks.attached() {
-            metrics
-                .programs_attached
-                .get_or_create(&AttachLabels {
-                    interface: interface.clone(),
-                    hook: hook.label().to_owned(),
-                })
-                .set(1);
-        }
-    }
 }
 
 /// Attaches the socket-layer hooks that are not attached yet (all of them the first
@@ -517,79 +869,6 @@ fn datapath_config(config: &AgentConfig, node: &NodeNetwork) -> DatapathConfig {
     }
 }
 
-/// Applies a changed node network: settings, then a sync pass for the NodePorts.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the agent loop's state, passed through"
-)]
-fn apply_node_network(
-    config: &AgentConfig,
-    node: &NodeNetwork,
-    model_settings: &mut ModelSettings,
-    snapshot: &Snapshot,
-    syncer: &mut Syncer,
-    datapath: &mut Datapath,
-    known_diagnostics: &mut BTreeSet<Diagnostic>,
-    metrics: &Metrics,
-) {
-    info!(
-        interfaces = ?node.interfaces,
-        node_port_addresses = ?node.node_port_addresses,
-        snat_addr = ?node.snat_addr,
-        "the node's network changed"
-    );
-    if let Err(error) = datapath.maps.set_config(&datapath_config(config, node)) {
-        warn!(%error, "cannot update the datapath settings");
-    }
-    model_settings
-        .node_port_addresses
-        .clone_from(&node.node_port_addresses);
-    sync_once(
-        model_settings,
-        snapshot,
-        syncer,
-        datapath,
-        known_diagnostics,
-        metrics,
-        socket_lb::hooked_cgroup(config),
-    );
-}
-
-fn reconcile_interfaces(
-    config: &AgentConfig,
-    node: &NodeNetwork,
-    datapath: &mut Datapath,
-    attachments: &mut Attachments,
-    first: bool,
-) {
-    let all = match interfaces::list() {
-        Ok(all) => all,
-        Err(error) => {
-            warn!(%error, "cannot list interfaces");
-            return;
-        }
-    };
-    if first {
-        attachments.sweep_stale_pins(&all);
-    }
-    let mut wanted = Vec::new();
-    for interface in &all {
-        // An external interface is never treated as a pod interface, whatever the
-        // patterns say.
-        let hooks = if node.interfaces.contains(&interface.name) {
-            &Hook::NODE
-        } else if interfaces::matches(&interface.name, &config.pod_interfaces) {
-            &Hook::POD
-        } else {
-            continue;
-        };
-        wanted.extend(hooks.iter().map(|hook| (interface.clone(), *hook)));
-    }
-    for error in attachments.reconcile(datapath, &wanted) {
-        warn!(error = %crate::error_chain(&error), "attach failed; retrying on the next interface change");
-    }
-}
-
 /// Removes the pinned maps and the pin directory (what `cleanup` and a normal exit do).
 pub fn remove_pins(pin_dir: &Path) {
     for name in crate::datapath::ALL_MAPS {
@@ -607,7 +886,14 @@ pub fn remove_pins(pin_dir: &Path) {
 
 /// Removes everything an agent pinned under `pin_dir`: link pins (which detaches the
 /// programs once no process holds them) and map pins.
-pub fn cleanup(pin_dir: &Path) {
+///
+/// # Errors
+/// When an agent is running on `pin_dir` (its lock is held): its pins stay.
+pub fn cleanup(pin_dir: &Path) -> Result<(), crate::datapath::lock::Error> {
+    let Some(_lock) = PinDirLock::acquire_existing(pin_dir)? else {
+        info!(pin_dir = %pin_dir.display(), "nothing to clean up");
+        return Ok(());
+    };
     let links = pin_dir.join("links");
     if let Ok(entries) = std::fs::read_dir(&links) {
         for entry in entries.filter_map(Result::ok) {
@@ -620,4 +906,5 @@ pub fn cleanup(pin_dir: &Path) {
         }
     }
     remove_pins(pin_dir);
+    Ok(())
 }

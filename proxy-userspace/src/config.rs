@@ -5,19 +5,32 @@
 //! Anything unknown, or known to kube-proxy but meaningless here (`mode`, `iptables`,
 //! `ipvs`, ...), is rejected at start with a message naming it: a silently ignored
 //! setting is worse than a refused one.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use proxy_common::DatapathConfig;
 use serde::Deserialize;
+
+use crate::{
+    agent::AgentConfig, datapath::node_network::NodePortFilter, model::ModelSettings,
+    source::SourceConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{name}: {message}")]
+    Setting { name: &'static str, message: String },
 }
 
 /// The file's contents. Every field is optional; flags given on the command line win.
@@ -41,6 +54,9 @@ pub struct FileConfig {
     pub hostname_override: Option<String>,
     /// kube-proxy: the shortest time between two syncs (batches bursts of changes).
     pub min_sync_period: Option<DurationText>,
+    /// kube-proxy: how often the datapath is resynced in full (here: read back from the
+    /// maps and repaired where it differs).
+    pub sync_period: Option<DurationText>,
     /// kube-proxy: conntrack settings.
     pub conntrack: Option<ConntrackConfig>,
     /// kube-proxy (≥1.31 as a flag, here too): serve only services labelled with this
@@ -249,6 +265,344 @@ impl ConntrackConfig {
     }
 }
 
+/// The flags of `kpr run`; [`RunArgs::agent_config`] merges them with the file.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Configuration file with kube-proxy's KubeProxyConfiguration names (clusterCIDR,
+    /// conntrack.*, healthzBindAddress, metricsBindAddress, ...) plus ours (bpffs,
+    /// podInterfaces, cgroupPath, socketLb). Flags given on the command line win over it. Unknown settings
+    /// are rejected.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Read Services, EndpointSlices and the Node from this directory of YAML/JSON
+    /// manifests, following changes to it, instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+
+    /// Kubeconfig for the API server. Without it and without --manifests, the
+    /// in-cluster configuration (service account) is used.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+
+    /// After a change from the API, further changes are collected for this many
+    /// milliseconds and applied in one sync (kube-proxy's minSyncPeriod).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    min_sync_period_ms: u64,
+
+    /// How often the maps themselves are read back and compared with the desired
+    /// state, repairing what differs (entries changed or deleted behind the agent's
+    /// back, missing pins): kube-proxy's syncPeriod.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    sync_period_ms: u64,
+
+    /// This node's name: endpoints with this nodeName are local (traffic policies,
+    /// topology).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Directory on a BPF filesystem where maps and program links are pinned, so they
+    /// outlive the agent across restarts.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
+    bpffs: PathBuf,
+
+    /// Pod-facing interfaces to attach to: exact names or prefixes ending in `*`,
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "veth*,cali*,lxc*")]
+    pod_interfaces: Vec<String>,
+
+    /// The node's external interfaces, where traffic from other nodes and from outside
+    /// the cluster arrives (NodePort, externalIPs, LoadBalancer IPs): exact names or
+    /// prefixes ending in `*`, comma-separated. Default: the interfaces that carry a
+    /// default route.
+    #[arg(long, value_delimiter = ',')]
+    node_interfaces: Option<Vec<String>>,
+
+    /// Addresses NodePorts answer on, as kube-proxy's nodePortAddresses: IPv4 CIDRs or
+    /// `primary`, comma-separated. Default: every address of the external interfaces.
+    #[arg(long, value_delimiter = ',')]
+    node_port_addresses: Vec<String>,
+
+    /// The node's primary address: masqueraded (SNAT) traffic leaves with it. Default:
+    /// the first address of the external interfaces.
+    #[arg(long)]
+    node_ip: Option<std::net::Ipv4Addr>,
+
+    /// The cluster's pod CIDR (kube-proxy's clusterCIDR): ClusterIP traffic from
+    /// outside it is masqueraded when its backend is on another node. Unset: all such
+    /// traffic is.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+
+    /// Translate for host-network clients (kubelet, hostNetwork pods) too: attach the
+    /// socket-layer hooks (cgroup v2 connect4, sendmsg4, recvmsg4, getpeername4) to this
+    /// cgroup v2 directory, which covers every process in it and below it. In production
+    /// the host's cgroup2 root (often /sys/fs/cgroup). Off by default ("" turns it off
+    /// when the config file sets cgroupPath).
+    #[arg(long, value_name = "DIR")]
+    cgroup_path: Option<PathBuf>,
+
+    /// Which sockets in the --cgroup-path cgroup are translated at connect()/sendmsg()
+    /// (no per-packet NAT): all (pods and the node's own processes), host (the node's
+    /// network namespace only; pods take the TC path) or off (no hooks attached).
+    #[arg(long, value_enum, default_value_t = crate::socket_lb::Mode::All)]
+    socket_lb: crate::socket_lb::Mode,
+
+    /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
+    #[arg(long)]
+    keep_state: bool,
+
+    /// Capacity of the conntrack map (two entries per flow).
+    #[arg(long, value_name = "ENTRIES")]
+    conntrack_max: Option<u32>,
+
+    /// Idle timeout of established TCP flows, seconds.
+    #[arg(long, default_value_t = DatapathConfig::DEFAULT.tcp_established_timeout_s)]
+    conntrack_tcp_timeout: u32,
+
+    /// Idle timeout of TCP flows after FIN or RST, seconds.
+    #[arg(long, default_value_t = DatapathConfig::DEFAULT.tcp_closing_timeout_s)]
+    conntrack_tcp_close_timeout: u32,
+
+    /// Idle timeout of UDP flows, seconds.
+    #[arg(long, default_value_t = DatapathConfig::DEFAULT.udp_timeout_s)]
+    conntrack_udp_timeout: u32,
+
+    /// Handle services labelled service.kubernetes.io/service-proxy-name=NAME (services
+    /// labelled with another name are skipped, as kube-proxy does).
+    #[arg(long)]
+    proxy_name: Option<String>,
+
+    /// Address of the /healthz and /livez server ("" to disable).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+
+    /// Address of the Prometheus /metrics server ("" to disable). The loopback by
+    /// default, as kube-proxy's: metrics tell anyone who reads them every service and
+    /// backend count of the node.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+
+    /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+/// An address setting where "" means off.
+fn optional_address(name: &'static str, text: &str) -> Result<Option<SocketAddr>, Error> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| Error::Setting {
+        name,
+        message: format!("{text:?} is not an address:port"),
+    })
+}
+
+impl RunArgs {
+    /// Where `kpr run` reads its configuration file, if anywhere.
+    #[must_use]
+    pub fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    /// The log filter flag.
+    #[must_use]
+    pub fn log_level(&self) -> &str {
+        &self.log_level
+    }
+
+    /// The agent's configuration: flags given on the command line (or by environment),
+    /// as `explicit` tells, win over the `--config` file, which wins over the flags'
+    /// defaults.
+    ///
+    /// # Errors
+    /// When the file cannot be read or a setting is invalid.
+    pub fn agent_config(self, explicit: &dyn Fn(&str) -> bool) -> Result<AgentConfig, Error> {
+        let mut args = self;
+        let file = match &args.config {
+            Some(path) => load(path)?,
+            None => FileConfig::default(),
+        };
+        if let Some(value) = file
+            .healthz_bind_address
+            .clone()
+            .filter(|_| !explicit("healthz_bind_address"))
+        {
+            args.healthz_bind_address = value;
+        }
+        if let Some(value) = file
+            .metrics_bind_address
+            .clone()
+            .filter(|_| !explicit("metrics_bind_address"))
+        {
+            args.metrics_bind_address = value;
+        }
+        if let Some(value) = file
+            .hostname_override
+            .clone()
+            .filter(|_| !explicit("node_name"))
+        {
+            args.node_name = Some(value);
+        }
+        if let Some(value) = file.bpffs.clone().filter(|_| !explicit("bpffs")) {
+            args.bpffs = value;
+        }
+        if let Some(value) = file
+            .pod_interfaces
+            .clone()
+            .filter(|_| !explicit("pod_interfaces"))
+        {
+            args.pod_interfaces = value;
+        }
+        if let Some(value) = file
+            .cgroup_path
+            .clone()
+            .filter(|_| !explicit("cgroup_path"))
+        {
+            args.cgroup_path = Some(value);
+        }
+        if let Some(value) = file.socket_lb.filter(|_| !explicit("socket_lb")) {
+            args.socket_lb = value;
+        }
+        if let Some(value) = file
+            .service_proxy_name
+            .clone()
+            .filter(|_| !explicit("proxy_name"))
+        {
+            args.proxy_name = Some(value);
+        }
+        if let Some(value) = file
+            .min_sync_period
+            .filter(|_| !explicit("min_sync_period_ms"))
+        {
+            args.min_sync_period_ms = u64::try_from(value.0.as_millis()).unwrap_or(u64::MAX);
+        }
+        if let Some(value) = file.sync_period.filter(|_| !explicit("sync_period_ms")) {
+            args.sync_period_ms = u64::try_from(value.0.as_millis()).unwrap_or(u64::MAX);
+        }
+        if args.sync_period_ms == 0 {
+            return Err(Error::Setting {
+                name: "syncPeriod",
+                message: "must be longer than 0".into(),
+            });
+        }
+        let seconds =
+            |duration: DurationText| u32::try_from(duration.0.as_secs()).unwrap_or(u32::MAX);
+        if let Some(conntrack) = &file.conntrack {
+            if let Some(value) = conntrack
+                .tcp_established_timeout
+                .filter(|_| !explicit("conntrack_tcp_timeout"))
+            {
+                args.conntrack_tcp_timeout = seconds(value);
+            }
+            if let Some(value) = conntrack
+                .tcp_close_wait_timeout
+                .filter(|_| !explicit("conntrack_tcp_close_timeout"))
+            {
+                args.conntrack_tcp_close_timeout = seconds(value);
+            }
+            if let Some(value) = conntrack
+                .udp_timeout
+                .filter(|_| !explicit("conntrack_udp_timeout"))
+            {
+                args.conntrack_udp_timeout = seconds(value);
+            }
+            let cores = std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+            if let Some(capacity) = conntrack
+                .capacity(cores)
+                .filter(|_| !explicit("conntrack_max"))
+            {
+                args.conntrack_max = Some(capacity);
+            }
+        }
+        if let Some(value) = file
+            .cluster_cidr
+            .clone()
+            .filter(|_| !explicit("cluster_cidr"))
+        {
+            args.cluster_cidr = Some(value);
+        }
+        if let Some(value) = file
+            .node_port_addresses
+            .clone()
+            .filter(|_| !explicit("node_port_addresses"))
+        {
+            args.node_port_addresses = value;
+        }
+        let node_port_filters = args
+            .node_port_addresses
+            .iter()
+            .filter(|text| !text.trim().is_empty())
+            .map(|text| NodePortFilter::parse(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| Error::Setting {
+                name: "nodePortAddresses",
+                message,
+            })?;
+        // kube-proxy takes a comma-separated list per family; the datapath is IPv4, so the
+        // first IPv4 CIDR counts.
+        let cluster_cidr = match args.cluster_cidr.as_deref() {
+            None | Some("") => None,
+            Some(list) => Some(
+                list.split(',')
+                    .map(parse_ipv4_cidr)
+                    .find_map(Result::ok)
+                    .ok_or_else(|| Error::Setting {
+                        name: "clusterCIDR",
+                        message: format!("no IPv4 CIDR in {list:?}"),
+                    })?,
+            ),
+        };
+        Ok(AgentConfig {
+            source: match args.manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Api {
+                    kubeconfig: args.kubeconfig,
+                    min_sync_period: Duration::from_millis(args.min_sync_period_ms),
+                },
+            },
+            sync_period: Duration::from_millis(args.sync_period_ms),
+            node_name: args.node_name,
+            pin_dir: args.bpffs,
+            pod_interfaces: args.pod_interfaces,
+            node_interfaces: args.node_interfaces,
+            node_port_filters,
+            node_ip: args.node_ip,
+            cgroup_path: args.cgroup_path.filter(|path| !path.as_os_str().is_empty()),
+            socket_lb: args.socket_lb,
+            keep_state: args.keep_state,
+            conntrack_max: args.conntrack_max,
+            datapath: DatapathConfig {
+                tcp_established_timeout_s: args.conntrack_tcp_timeout,
+                tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
+                udp_timeout_s: args.conntrack_udp_timeout,
+                cluster_cidr_addr: cluster_cidr.map_or(proxy_common::Be32(0), |(addr, _)| {
+                    proxy_common::Be32::from_ipv4(addr)
+                }),
+                cluster_cidr_len: cluster_cidr.map_or(0, |(_, len)| len),
+                ..DatapathConfig::DEFAULT
+            },
+            conntrack_gc_interval: Duration::from_secs(10),
+            model: ModelSettings {
+                proxy_name: args.proxy_name,
+                node_port_addresses: Vec::new(),
+            },
+            healthz_bind_address: optional_address(
+                "healthzBindAddress",
+                &args.healthz_bind_address,
+            )?,
+            metrics_bind_address: optional_address(
+                "metricsBindAddress",
+                &args.metrics_bind_address,
+            )?,
+            // kube-proxy's choice while nodePortAddresses is unset: every address.
+            health_check_addresses: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +616,7 @@ clusterCIDR: 10.244.0.0/16
 healthzBindAddress: 0.0.0.0:10256
 metricsBindAddress: 127.0.0.1:10249
 minSyncPeriod: 1s
+syncPeriod: 30s
 nodePortAddresses: [primary, 192.168.0.0/24]
 conntrack:
   maxPerCore: 32768
@@ -275,6 +630,10 @@ conntrack:
         assert_eq!(
             config.min_sync_period,
             Some(DurationText(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            config.sync_period,
+            Some(DurationText(Duration::from_secs(30)))
         );
         let conntrack = config.conntrack.expect("conntrack");
         assert_eq!(

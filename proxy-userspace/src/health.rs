@@ -91,17 +91,21 @@ async fn healthz(health: SyncHealth) -> impl IntoResponse {
     (status, [("content-type", "application/json")], body)
 }
 
-/// Serves `/healthz` and `/livez` until the task is dropped.
+/// Serves `/healthz` and `/livez` until the task is dropped, within
+/// [`crate::http::Limits::DEFAULT`]; connections turned away count in `rejected`.
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub async fn serve(addr: SocketAddr, health: SyncHealth) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    health: SyncHealth,
+    rejected: prometheus_client::metrics::counter::Counter,
+) -> std::io::Result<()> {
     let healthz_state = health.clone();
     let app = Router::new()
         .route("/healthz", get(move || healthz(healthz_state.clone())))
         .route("/livez", get(move || healthz(health.clone())));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    crate::http::bind_and_serve(addr, app, rejected).await
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use axum::{
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{oneshot, watch},
 };
 use tracing::{debug, info, warn};
@@ -99,6 +99,8 @@ pub struct HealthCheckServers {
     /// Wanted ports whose last bind failed, so a port failing on every retry is
     /// logged as a warning once and its recovery is logged too.
     failing: BTreeSet<u16>,
+    /// Connections turned away by the listeners' bound ([`crate::http`]).
+    rejected: Counter,
 }
 
 /// One served port: the answer's data and a listener per bind address.
@@ -114,27 +116,6 @@ struct Served {
     shutdown: oneshot::Sender<()>,
     /// Resolves once the listening socket is closed.
     closed: oneshot::Receiver<()>,
-}
-
-/// A TCP listener that reports when it is dropped, so closing a port can wait until
-/// the port is free again (a port removed and re-added at once must bind).
-struct ReportingListener {
-    inner: TcpListener,
-    _closed: oneshot::Sender<()>,
-}
-
-impl axum::serve::Listener for ReportingListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // axum's own accept: logs and backs off on errors such as EMFILE.
-        axum::serve::Listener::accept(&mut self.inner).await
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
 }
 
 impl HealthCheckServers {
@@ -159,7 +140,14 @@ impl HealthCheckServers {
             wanted: BTreeMap::new(),
             open: BTreeMap::new(),
             failing: BTreeSet::new(),
+            rejected: Counter::default(),
         }
+    }
+
+    /// Counts the connections the listeners turn away in `rejected`.
+    #[must_use]
+    pub fn with_rejected_counter(self, rejected: Counter) -> Self {
+        Self { rejected, ..self }
     }
 
     /// Serves exactly `wanted`: closes ports no longer wanted, updates the answers of
@@ -205,7 +193,7 @@ impl HealthCheckServers {
             if self.open.contains_key(&port) {
                 continue;
             }
-            match open_port(&self.addresses, port, health, &self.health).await {
+            match open_port(&self.addresses, port, health, &self.health, &self.rejected).await {
                 Ok(open) => {
                     let addresses: Vec<String> =
                         open.listeners.iter().map(|l| l.addr.to_string()).collect();
@@ -274,6 +262,7 @@ async fn open_port(
     port: u16,
     health: &ServiceHealth,
     proxy_health: &SyncHealth,
+    rejected: &Counter,
 ) -> Result<OpenPort, Error> {
     let mut bound = Vec::with_capacity(addresses.len());
     for &ip in addresses {
@@ -291,38 +280,51 @@ async fn open_port(
     let (state, state_rx) = watch::channel(health.clone());
     let listeners = bound
         .into_iter()
-        .map(|(addr, listener)| serve(addr, listener, state_rx.clone(), proxy_health.clone()))
+        .map(|(addr, listener)| {
+            serve(
+                addr,
+                listener,
+                state_rx.clone(),
+                proxy_health.clone(),
+                rejected.clone(),
+            )
+        })
         .collect();
     Ok(OpenPort { state, listeners })
 }
 
-/// Serves one listener until its shutdown sender is used or dropped.
+/// Serves one listener until its shutdown sender is used or dropped, within
+/// [`crate::http::Limits::DEFAULT`].
 fn serve(
     addr: SocketAddr,
     listener: TcpListener,
     state: watch::Receiver<ServiceHealth>,
     proxy_health: SyncHealth,
+    rejected: Counter,
 ) -> Served {
     let addr = listener.local_addr().unwrap_or(addr);
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-    let (closed_tx, closed) = oneshot::channel();
-    let listener = ReportingListener {
-        inner: listener,
-        _closed: closed_tx,
-    };
+    // Dropped once the listener is: closing a port waits for it, so a port removed and
+    // added again at once binds.
+    let (closed_tx, closed) = oneshot::channel::<()>();
     let app = Router::new().fallback(move || {
         let health = state.borrow().clone();
         let healthy = proxy_health.status(SystemTime::now()).0;
         async move { answer(&health, healthy) }
     });
     tokio::spawn(async move {
-        let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
-            // Sent or dropped: either way, stop.
-            let _ = shutdown_rx.await;
-        });
-        if let Err(error) = serving.await {
-            warn!(%addr, %error, "health check listener failed");
-        }
+        crate::http::serve(
+            listener,
+            app,
+            crate::http::Limits::DEFAULT,
+            rejected,
+            async move {
+                // Sent or dropped: either way, stop.
+                let _ = shutdown_rx.await;
+            },
+        )
+        .await;
+        drop(closed_tx);
     });
     Served {
         addr,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod datapath;
 pub mod health;
 pub mod healthcheck;
+pub mod http;
 pub mod inspect;
 pub mod kernel;
 pub mod metrics;

@@ -1,18 +1,14 @@
 //! `kpr`: the node agent of the eBPF kube-proxy replacement, and its tools.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{
     parser::ValueSource, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand,
 };
-use proxy_common::DatapathConfig;
 use proxy_userspace::{
-    agent::{self, AgentConfig},
-    config,
-    datapath::node_network::NodePortFilter,
+    agent,
+    config::RunArgs,
     inspect::{self, PinnedMaps},
-    model::ModelSettings,
-    source::SourceConfig,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -118,132 +114,10 @@ fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
 }
 
 #[derive(Args, Debug)]
-struct RunArgs {
-    /// Configuration file with kube-proxy's KubeProxyConfiguration names (clusterCIDR,
-    /// conntrack.*, healthzBindAddress, metricsBindAddress, ...) plus ours (bpffs,
-    /// podInterfaces, cgroupPath, socketLb). Flags given on the command line win over it. Unknown settings
-    /// are rejected.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-
-    /// Read Services, EndpointSlices and the Node from this directory of YAML/JSON
-    /// manifests, following changes to it, instead of the Kubernetes API.
-    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
-    manifests: Option<PathBuf>,
-
-    /// Kubeconfig for the API server. Without it and without --manifests, the
-    /// in-cluster configuration (service account) is used.
-    #[arg(long, value_name = "FILE")]
-    kubeconfig: Option<PathBuf>,
-
-    /// After a change from the API, further changes are collected for this many
-    /// milliseconds and applied in one sync (kube-proxy's minSyncPeriod).
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
-    min_sync_period_ms: u64,
-
-    /// This node's name: endpoints with this nodeName are local (traffic policies,
-    /// topology).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: Option<String>,
-
-    /// Directory on a BPF filesystem where maps and program links are pinned, so they
-    /// outlive the agent across restarts.
-    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
-    bpffs: PathBuf,
-
-    /// Pod-facing interfaces to attach to: exact names or prefixes ending in `*`,
-    /// comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "veth*,cali*,lxc*")]
-    pod_interfaces: Vec<String>,
-
-    /// The node's external interfaces, where traffic from other nodes and from outside
-    /// the cluster arrives (NodePort, externalIPs, LoadBalancer IPs): exact names or
-    /// prefixes ending in `*`, comma-separated. Default: the interfaces that carry a
-    /// default route.
-    #[arg(long, value_delimiter = ',')]
-    node_interfaces: Option<Vec<String>>,
-
-    /// Addresses NodePorts answer on, as kube-proxy's nodePortAddresses: IPv4 CIDRs or
-    /// `primary`, comma-separated. Default: every address of the external interfaces.
-    #[arg(long, value_delimiter = ',')]
-    node_port_addresses: Vec<String>,
-
-    /// The node's primary address: masqueraded (SNAT) traffic leaves with it. Default:
-    /// the first address of the external interfaces.
-    #[arg(long)]
-    node_ip: Option<std::net::Ipv4Addr>,
-
-    /// The cluster's pod CIDR (kube-proxy's clusterCIDR): ClusterIP traffic from
-    /// outside it is masqueraded when its backend is on another node. Unset: all such
-    /// traffic is.
-    #[arg(long)]
-    cluster_cidr: Option<String>,
-
-    /// Translate for host-network clients (kubelet, hostNetwork pods) too: attach the
-    /// socket-layer hooks (cgroup v2 connect4, sendmsg4, recvmsg4, getpeername4) to this
-    /// cgroup v2 directory, which covers every process in it and below it. In production
-    /// the host's cgroup2 root (often /sys/fs/cgroup). Off by default ("" turns it off
-    /// when the config file sets cgroupPath).
-    #[arg(long, value_name = "DIR")]
-    cgroup_path: Option<PathBuf>,
-
-    /// Which sockets in the --cgroup-path cgroup are translated at connect()/sendmsg()
-    /// (no per-packet NAT): all (pods and the node's own processes), host (the node's
-    /// network namespace only; pods take the TC path) or off (no hooks attached).
-    #[arg(long, value_enum, default_value_t = proxy_userspace::socket_lb::Mode::All)]
-    socket_lb: proxy_userspace::socket_lb::Mode,
-
-    /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
-    #[arg(long)]
-    keep_state: bool,
-
-    /// Capacity of the conntrack map (two entries per flow).
-    #[arg(long, value_name = "ENTRIES")]
-    conntrack_max: Option<u32>,
-
-    /// Idle timeout of established TCP flows, seconds.
-    #[arg(long, default_value_t = DatapathConfig::DEFAULT.tcp_established_timeout_s)]
-    conntrack_tcp_timeout: u32,
-
-    /// Idle timeout of TCP flows after FIN or RST, seconds.
-    #[arg(long, default_value_t = DatapathConfig::DEFAULT.tcp_closing_timeout_s)]
-    conntrack_tcp_close_timeout: u32,
-
-    /// Idle timeout of UDP flows, seconds.
-    #[arg(long, default_value_t = DatapathConfig::DEFAULT.udp_timeout_s)]
-    conntrack_udp_timeout: u32,
-
-    /// Handle services labelled service.kubernetes.io/service-proxy-name=NAME (services
-    /// labelled with another name are skipped, as kube-proxy does).
-    #[arg(long)]
-    proxy_name: Option<String>,
-
-    /// Address of the /healthz and /livez server ("" to disable).
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    healthz_bind_address: String,
-
-    /// Address of the Prometheus /metrics server ("" to disable).
-    #[arg(long, default_value = "0.0.0.0:10249")]
-    metrics_bind_address: String,
-
-    /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
-    #[arg(long, default_value = "info")]
-    log_level: String,
-}
-
-#[derive(Args, Debug)]
 struct CleanupArgs {
     /// The pin directory the agent used.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
     bpffs: PathBuf,
-}
-
-/// An address flag where "" means off.
-fn optional_address(text: &str) -> anyhow::Result<Option<SocketAddr>> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(text.parse()?))
 }
 
 fn init_logging(level: &str) {
@@ -271,12 +145,42 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Raises the soft limit on open files to the hard one, as Go's runtime does at start
+/// for kube-proxy: the soft default (often 1024) is a relic of `select()`, which the
+/// agent never uses, and running out means maps, links and manifests it cannot open.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) } == 0 {
+        tracing::info!(
+            from = soft,
+            to = limit.rlim_max,
+            "raised the open files limit"
+        );
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open files limit");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Run(args) => {
-            init_logging(&args.log_level);
+            init_logging(args.log_level());
             let explicit = |id: &str| {
                 matches
                     .subcommand_matches("run")
@@ -285,7 +189,8 @@ fn main() -> anyhow::Result<()> {
                         matches!(source, ValueSource::CommandLine | ValueSource::EnvVariable)
                     })
             };
-            let config = agent_config(*args, &explicit)?;
+            let config = (*args).agent_config(&explicit)?;
+            raise_open_files_limit();
             if let Err(missing) = proxy_userspace::kernel::check() {
                 anyhow::bail!("this kernel lacks what the datapath needs:\n{missing}");
             }
@@ -298,177 +203,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup(args) => {
             init_logging("info");
-            agent::cleanup(&args.bpffs);
+            agent::cleanup(&args.bpffs)?;
             Ok(())
         }
         Command::Inspect(args) => inspect(&args),
         Command::Trace(args) => trace(&args),
     }
-}
-
-/// The agent's configuration: flags given on the command line (or by environment)
-/// win over the `--config` file, which wins over the flags' defaults.
-fn agent_config(mut args: RunArgs, explicit: &dyn Fn(&str) -> bool) -> anyhow::Result<AgentConfig> {
-    let file = match &args.config {
-        Some(path) => config::load(path)?,
-        None => config::FileConfig::default(),
-    };
-    if let Some(value) = file
-        .healthz_bind_address
-        .clone()
-        .filter(|_| !explicit("healthz_bind_address"))
-    {
-        args.healthz_bind_address = value;
-    }
-    if let Some(value) = file
-        .metrics_bind_address
-        .clone()
-        .filter(|_| !explicit("metrics_bind_address"))
-    {
-        args.metrics_bind_address = value;
-    }
-    if let Some(value) = file
-        .hostname_override
-        .clone()
-        .filter(|_| !explicit("node_name"))
-    {
-        args.node_name = Some(value);
-    }
-    if let Some(value) = file.bpffs.clone().filter(|_| !explicit("bpffs")) {
-        args.bpffs = value;
-    }
-    if let Some(value) = file
-        .pod_interfaces
-        .clone()
-        .filter(|_| !explicit("pod_interfaces"))
-    {
-        args.pod_interfaces = value;
-    }
-    if let Some(value) = file
-        .cgroup_path
-        .clone()
-        .filter(|_| !explicit("cgroup_path"))
-    {
-        args.cgroup_path = Some(value);
-    }
-    if let Some(value) = file.socket_lb.filter(|_| !explicit("socket_lb")) {
-        args.socket_lb = value;
-    }
-    if let Some(value) = file
-        .service_proxy_name
-        .clone()
-        .filter(|_| !explicit("proxy_name"))
-    {
-        args.proxy_name = Some(value);
-    }
-    if let Some(value) = file
-        .min_sync_period
-        .filter(|_| !explicit("min_sync_period_ms"))
-    {
-        args.min_sync_period_ms = u64::try_from(value.0.as_millis()).unwrap_or(u64::MAX);
-    }
-    let seconds =
-        |duration: config::DurationText| u32::try_from(duration.0.as_secs()).unwrap_or(u32::MAX);
-    if let Some(conntrack) = &file.conntrack {
-        if let Some(value) = conntrack
-            .tcp_established_timeout
-            .filter(|_| !explicit("conntrack_tcp_timeout"))
-        {
-            args.conntrack_tcp_timeout = seconds(value);
-        }
-        if let Some(value) = conntrack
-            .tcp_close_wait_timeout
-            .filter(|_| !explicit("conntrack_tcp_close_timeout"))
-        {
-            args.conntrack_tcp_close_timeout = seconds(value);
-        }
-        if let Some(value) = conntrack
-            .udp_timeout
-            .filter(|_| !explicit("conntrack_udp_timeout"))
-        {
-            args.conntrack_udp_timeout = seconds(value);
-        }
-        let cores = std::thread::available_parallelism()
-            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
-        if let Some(capacity) = conntrack
-            .capacity(cores)
-            .filter(|_| !explicit("conntrack_max"))
-        {
-            args.conntrack_max = Some(capacity);
-        }
-    }
-    if let Some(value) = file
-        .cluster_cidr
-        .clone()
-        .filter(|_| !explicit("cluster_cidr"))
-    {
-        args.cluster_cidr = Some(value);
-    }
-    if let Some(value) = file
-        .node_port_addresses
-        .clone()
-        .filter(|_| !explicit("node_port_addresses"))
-    {
-        args.node_port_addresses = value;
-    }
-    let node_port_filters = args
-        .node_port_addresses
-        .iter()
-        .filter(|text| !text.trim().is_empty())
-        .map(|text| NodePortFilter::parse(text))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|message| anyhow::anyhow!("nodePortAddresses: {message}"))?;
-    // kube-proxy takes a comma-separated list per family; the datapath is IPv4, so the
-    // first IPv4 CIDR counts.
-    let cluster_cidr = match args.cluster_cidr.as_deref() {
-        None | Some("") => None,
-        Some(list) => Some(
-            list.split(',')
-                .map(config::parse_ipv4_cidr)
-                .find_map(Result::ok)
-                .ok_or_else(|| anyhow::anyhow!("clusterCIDR: no IPv4 CIDR in {list:?}"))?,
-        ),
-    };
-    Ok(AgentConfig {
-        source: match args.manifests {
-            Some(dir) => SourceConfig::Manifests(dir),
-            None => SourceConfig::Api {
-                kubeconfig: args.kubeconfig,
-                min_sync_period: Duration::from_millis(args.min_sync_period_ms),
-            },
-        },
-        node_name: args.node_name,
-        pin_dir: args.bpffs,
-        pod_interfaces: args.pod_interfaces,
-        node_interfaces: args.node_interfaces,
-        node_port_filters,
-        node_ip: args.node_ip,
-        cgroup_path: args.cgroup_path.filter(|path| !path.as_os_str().is_empty()),
-        socket_lb: args.socket_lb,
-        keep_state: args.keep_state,
-        conntrack_max: args.conntrack_max,
-        datapath: DatapathConfig {
-            tcp_established_timeout_s: args.conntrack_tcp_timeout,
-            tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
-            udp_timeout_s: args.conntrack_udp_timeout,
-            cluster_cidr_addr: cluster_cidr.map_or(proxy_common::Be32(0), |(addr, _)| {
-                proxy_common::Be32::from_ipv4(addr)
-            }),
-            cluster_cidr_len: cluster_cidr.map_or(0, |(_, len)| len),
-            ..DatapathConfig::DEFAULT
-        },
-        conntrack_gc_interval: Duration::from_secs(10),
-        model: ModelSettings {
-            proxy_name: args.proxy_name,
-            node_port_addresses: Vec::new(),
-        },
-        healthz_bind_address: optional_address(&args.healthz_bind_address)
-            .context("healthz bind address")?,
-        metrics_bind_address: optional_address(&args.metrics_bind_address)
-            .context("metrics bind address")?,
-        // kube-proxy's choice while nodePortAddresses is unset: every address.
-        health_check_addresses: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
-    })
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

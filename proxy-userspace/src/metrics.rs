@@ -52,6 +52,18 @@ pub struct ResourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub map: String,
+    /// `entries` or `pin`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -79,13 +91,22 @@ pub struct Metrics {
     pub programs_attached: Family<AttachLabels, Gauge>,
     /// kpr_skipped_objects{reason}: objects (or parts) skipped as invalid right now.
     pub skipped_objects: Family<ReasonLabels, Gauge>,
-    /// kpr_frontend_failures_total{reason}: frontends that could not be programmed.
+    /// kpr_frontend_failures_total{reason}: frontends that could not be programmed
+    /// (each time one starts failing; it is retried meanwhile).
     pub frontend_failures: Family<ReasonLabels, Counter>,
+    /// kpr_frontends_unprogrammed{reason}: frontends the last pass could not program.
+    pub frontends_unprogrammed: Family<ReasonLabels, Gauge>,
     /// kpr_conntrack_reaped_total.
     pub conntrack_reaped: Counter,
     /// kpr_socket_forget_failures_total: sync passes whose socket-layer cleanup (reverse
     /// and affinity entries, destroying connected sockets of removed backends) failed.
     pub socket_forget_failures: Counter,
+    /// kpr_datapath_drift_repaired_total{map,kind}: map entries (or pins) the periodic
+    /// resync found different from what the agent wrote, and repaired.
+    pub drift_repaired: Family<DriftLabels, Counter>,
+    /// kpr_source_read_failures_total{reason}: reads of the manifest source that failed
+    /// (the directory as a whole, or a file); nothing changes in the maps for them.
+    pub source_read_failures: Family<ReasonLabels, Counter>,
     /// kpr_api_watch_failures_total{resource}: failed watch or list calls (each is
     /// retried with backoff; the datapath keeps its state meanwhile).
     pub api_watch_failures: Family<ResourceLabels, Counter>,
@@ -96,6 +117,9 @@ pub struct Metrics {
     pub api_last_success: Gauge<f64, AtomicU64>,
     /// Watch failures already counted, per resource.
     last_watch_failures: Mutex<BTreeMap<String, u64>>,
+    /// kpr_http_connections_rejected_total{server}: connections closed at once because
+    /// their listener served its maximum (see [`crate::http`]).
+    pub http_rejected: Family<ServerLabels, Counter>,
     /// kpr_health_check_bind_failures_total{reason}: healthCheckNodePort listeners that
     /// could not be opened (each failed attempt; they are retried).
     pub health_check_bind_failures: Family<ReasonLabels, Counter>,
@@ -137,13 +161,17 @@ impl Metrics {
             programs_attached: Family::default(),
             skipped_objects: Family::default(),
             frontend_failures: Family::default(),
+            frontends_unprogrammed: Family::default(),
             conntrack_reaped: Counter::default(),
             socket_forget_failures: Counter::default(),
+            drift_repaired: Family::default(),
+            source_read_failures: Family::default(),
             api_watch_failures: Family::default(),
             api_watch_listed: Family::default(),
             api_last_success: Gauge::default(),
             last_watch_failures: Mutex::new(BTreeMap::new()),
             health_check_bind_failures: Family::default(),
+            http_rejected: Family::default(),
             last_datapath_totals: Mutex::new(Vec::new()),
             seen_trigger_times: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
@@ -199,6 +227,11 @@ impl Metrics {
             metrics.frontend_failures.clone(),
         );
         registry.register(
+            "kpr_frontends_unprogrammed",
+            "Frontends the last sync pass could not program (retried), by reason",
+            metrics.frontends_unprogrammed.clone(),
+        );
+        registry.register(
             "kpr_conntrack_reaped",
             "Expired conntrack entries removed by the agent",
             metrics.conntrack_reaped.clone(),
@@ -207,6 +240,16 @@ impl Metrics {
             "kpr_socket_forget_failures",
             "Sync passes whose socket-layer cleanup of removed backends failed",
             metrics.socket_forget_failures.clone(),
+        );
+        registry.register(
+            "kpr_datapath_drift_repaired",
+            "Map entries and pins the periodic resync found changed behind the agent's back, and repaired, by map and kind",
+            metrics.drift_repaired.clone(),
+        );
+        registry.register(
+            "kpr_source_read_failures",
+            "Failed reads of the manifests directory or one of its files, by reason (nothing changes in the maps; retried)",
+            metrics.source_read_failures.clone(),
         );
         registry.register(
             "kpr_api_watch_failures",
@@ -228,15 +271,37 @@ impl Metrics {
             "Attempts to open a healthCheckNodePort listener that failed, by reason",
             metrics.health_check_bind_failures.clone(),
         );
-        for reason in ["map_full", "write_error"] {
-            let _ = metrics.frontend_failures.get_or_create(&ReasonLabels {
-                reason: reason.into(),
+        registry.register(
+            "kpr_http_connections_rejected",
+            "Connections to the agent's HTTP listeners closed at once because the listener served its maximum, by server",
+            metrics.http_rejected.clone(),
+        );
+        for server in ["healthz", "metrics", "health_check"] {
+            let _ = metrics.http_rejected.get_or_create(&ServerLabels {
+                server: server.into(),
             });
+        }
+        for reason in ["map_full", "write_error"] {
+            let labels = ReasonLabels {
+                reason: reason.into(),
+            };
+            let _ = metrics.frontend_failures.get_or_create(&labels);
+            let _ = metrics.frontends_unprogrammed.get_or_create(&labels);
         }
         Self {
             registry,
             ..metrics
         }
+    }
+
+    /// The rejected-connections counter of one HTTP server.
+    #[must_use]
+    pub fn http_rejected(&self, server: &str) -> Counter {
+        self.http_rejected
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .clone()
     }
 
     /// Records the API source's watcher status.
@@ -347,11 +412,12 @@ fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     Some(SystemTime::from(parsed))
 }
 
-/// Serves `/metrics` until the task is dropped.
+/// Serves `/metrics` until the task is dropped, within [`crate::http::Limits::DEFAULT`].
 ///
 /// # Errors
 /// When the address cannot be bound.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let rejected = metrics.http_rejected("metrics");
     let app = Router::new().route(
         "/metrics",
         get(move || {
@@ -369,8 +435,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    crate::http::bind_and_serve(addr, app, rejected).await
 }
 
 #[cfg(test)]

@@ -59,6 +59,10 @@ pub struct Lab {
     agent: Option<Agent>,
     /// Replaces `--manifests <dir>` on the agent's command line (e.g. `--kubeconfig`).
     source_args: Option<Vec<String>>,
+    /// RLIMIT_NOFILE (soft, hard) the agent starts with, if not the test's own.
+    open_files_limit: Option<(u64, u64)>,
+    /// Leave `--metrics-bind-address` to the agent's default.
+    default_metrics_address: bool,
     /// Declared last: dropped after the pods, whose veths live in it.
     pub node: Netns,
 }
@@ -93,6 +97,8 @@ impl Lab {
             servers: Vec::new(),
             agent: None,
             source_args: None,
+            open_files_limit: None,
+            default_metrics_address: false,
             node,
         })
     }
@@ -228,6 +234,23 @@ impl Lab {
         ]);
     }
 
+    /// Starts the agent with this open files limit (soft, hard), as a container runtime
+    /// would set it, instead of the test's own.
+    pub fn set_agent_open_files_limit(&mut self, soft: u64, hard: u64) {
+        self.open_files_limit = Some((soft, hard));
+    }
+
+    /// Starts the agent without `--metrics-bind-address`, on its default address.
+    pub fn use_default_metrics_address(&mut self) {
+        self.default_metrics_address = true;
+    }
+
+    /// The agent's process id, while it runs.
+    #[must_use]
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|agent| agent.child.id())
+    }
+
     /// The run directory (for files a test wants cleaned up with the lab).
     #[must_use]
     pub fn run_dir(&self) -> &Path {
@@ -280,8 +303,11 @@ impl Lab {
             .args(["--node-name", &self.node_name])
             .arg("--bpffs")
             .arg(self.pin_dir())
-            .args(["--healthz-bind-address", &HEALTHZ.to_string()])
-            .args(["--metrics-bind-address", &METRICS.to_string()])
+            .args(["--healthz-bind-address", &HEALTHZ.to_string()]);
+        if !self.default_metrics_address {
+            command.args(["--metrics-bind-address", &METRICS.to_string()]);
+        }
+        command
             .args(extra_args)
             .env(
                 "RUST_LOG",
@@ -291,11 +317,21 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         let node_fd = node.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (setns, prctl) between fork and exec.
+        let open_files_limit = self.open_files_limit.map(|(soft, hard)| libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        });
+        // SAFETY: only async-signal-safe calls (setns, prctl, setrlimit) between fork and
+        // exec.
         unsafe {
             command.pre_exec(move || {
                 if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(limit) = &open_files_limit {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // The agent never outlives the test that started it, even on SIGKILL.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -436,6 +472,35 @@ impl Lab {
         Ok(body)
     }
 
+    /// The value of the first sample of `/metrics` whose line starts with `prefix`
+    /// (e.g. `kpr_map_entries{map="SVC_V4_V1"}`), if there is one.
+    ///
+    /// # Errors
+    /// When the metrics server does not answer.
+    pub fn metric(&self, prefix: &str) -> Result<Option<f64>> {
+        Ok(sample(&self.metrics()?, prefix))
+    }
+
+    /// The agent's pinned service map, opened from outside as any tool could (to read
+    /// it, or to change it behind the agent's back).
+    ///
+    /// # Errors
+    /// When it is not pinned.
+    pub fn pinned_service_map(
+        &self,
+    ) -> Result<
+        aya::maps::HashMap<
+            aya::maps::MapData,
+            proxy_common::ServiceKeyV4,
+            proxy_common::ServiceValueV4,
+        >,
+    > {
+        let path = self.pin_dir().join(proxy_common::names::SERVICES_V4);
+        let data = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?)
+    }
+
     /// Stops the agent with SIGTERM (it detaches and unpins unless told to keep state).
     ///
     /// # Errors
@@ -558,6 +623,16 @@ pub fn agent_binary() -> Result<PathBuf> {
             .arg(&target_dir),
     )?;
     Ok(target_dir.join("debug/kpr"))
+}
+
+/// The value of the first sample in a metrics text whose line starts with `prefix`.
+#[must_use]
+pub fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
 }
 
 /// A minimal HTTP/1.0 GET (call inside the right namespace).

@@ -295,34 +295,58 @@ fn ready(name: &str) -> Value {
 /// New connections from the client pod to `vip`, one every 20 ms, until stopped.
 struct Traffic {
     stop: Arc<AtomicBool>,
+    /// The servers that answered so far, as the thread sees them.
+    answered: Arc<std::sync::Mutex<BTreeSet<String>>>,
     thread: JoinHandle<Result<Vec<Result<String, String>>>>,
 }
 
 impl Traffic {
     fn start(lab: &ApiLab, vip: Ipv4Addr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
         let thread = lab
             .lab
             .pod("client")
             .netns
             .spawn({
                 let stop = Arc::clone(&stop);
+                let answered = Arc::clone(&answered);
                 move || {
                     let mut results = Vec::new();
                     // Bounded: at most 10 minutes' worth, whatever happens to the test.
                     while !stop.load(Ordering::Relaxed) && results.len() < 30_000 {
-                        results.push(
-                            tcp_request(sock(vip, 80), TIMEOUT)
-                                .map(|answer| answer.server)
-                                .map_err(|error| format!("{error:#}")),
-                        );
+                        let result = tcp_request(sock(vip, 80), TIMEOUT)
+                            .map(|answer| answer.server)
+                            .map_err(|error| format!("{error:#}"));
+                        if let (Ok(server), Ok(mut seen)) = (&result, answered.lock()) {
+                            seen.insert(server.clone());
+                        }
+                        results.push(result);
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     results
                 }
             })
             .expect("a traffic thread in the client pod");
-        Self { stop, thread }
+        Self {
+            stop,
+            answered,
+            thread,
+        }
+    }
+
+    /// Waits until each of `servers` has answered the flowing traffic, so a phase of the
+    /// test never ends before the traffic has met the backends it is about.
+    fn wait_answered(&self, lab: &ApiLab, servers: &[&str]) {
+        lab.lab
+            .wait_for("the traffic to reach every backend", DEADLINE, || {
+                let seen = self
+                    .answered
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the traffic thread panicked"))?;
+                Ok(servers.iter().all(|server| seen.contains(*server)))
+            })
+            .unwrap_or_else(|error| panic!("{error:#}"));
     }
 
     /// Stops and returns the servers that answered; panics on any failed connection.
@@ -352,9 +376,11 @@ fn services_are_created_scaled_drained_and_deleted_while_traffic_flows() {
     lab.wait_backends("the new service", WEB_VIP, &["web-0", "web-1"]);
 
     let traffic = Traffic::start(&lab, WEB_VIP);
+    traffic.wait_answered(&lab, &["web-0", "web-1"]);
     // Scale up.
     lab.apply_slice("web", vec![ready("web-0"), ready("web-1"), ready("web-2")]);
     lab.wait_backends("web-2 to join", WEB_VIP, &["web-0", "web-1", "web-2"]);
+    traffic.wait_answered(&lab, &["web-2"]);
     // Drain web-1: its pod is terminating but still serving; the others are ready, so
     // it gets no new connections.
     lab.apply_slice(

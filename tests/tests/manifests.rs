@@ -483,6 +483,12 @@ fn the_probes_ports_and_mounts_match_the_configuration() {
     let healthz = bound(config.healthz_bind_address.as_ref(), "healthzBindAddress");
     let metrics = bound(config.metrics_bind_address.as_ref(), "metricsBindAddress");
     assert_eq!(healthz, 10256);
+    // Least exposure, as kube-proxy's default: metrics on the loopback only.
+    assert!(config
+        .metrics_bind_address
+        .as_deref()
+        .and_then(|address| address.parse::<SocketAddr>().ok())
+        .is_some_and(|address| address.ip().is_loopback()));
 
     for (probe, path) in [
         (container.readiness_probe.as_ref(), "/healthz"),

@@ -11,22 +11,13 @@ use std::{
 
 use anyhow::Result;
 use kpr_lab::{
-    lab::Lab,
+    lab::{sample, Lab},
     scenario::{examples_dir, lab_for_manifests, sock},
     traffic::{tcp_request, Conversation},
 };
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The value of the first sample of `metric` whose line starts with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
 
 #[test]
 fn health_and_metrics_endpoints_report_the_datapath() {

@@ -22,14 +22,16 @@ use super::{interfaces::Interface, Datapath, Hook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("attaching to {interface}: {source}")]
+    #[error("attaching to {interface}")]
     Attach {
         interface: String,
+        #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("pinning the link of {interface}: {source}")]
+    #[error("pinning the link of {interface}")]
     Pin {
         interface: String,
+        #[source]
         source: aya::pin::PinError,
     },
     #[error("the {hook} program is unavailable: {message}")]
@@ -101,7 +103,7 @@ impl Attachments {
                 Err(error) => {
                     errors.push(Error::Unavailable {
                         hook: hook.label(),
-                        message: error.to_string(),
+                        message: crate::error_chain(&error),
                     });
                     continue;
                 }
@@ -141,7 +143,7 @@ impl Attachments {
             match adopt(program, path) {
                 Ok(link) => return Ok(link),
                 Err(error) => {
-                    warn!(%error, "replacing a pinned link that cannot be adopted");
+                    warn!(error = %crate::error_chain(&error), "replacing a pinned link that cannot be adopted");
                     let _ = std::fs::remove_file(path);
                 }
             }

@@ -3,7 +3,9 @@ pub mod attach;
 pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
+pub mod lock;
 pub mod node_network;
+pub mod pins;
 pub mod sock_destroy;
 
 use std::{
@@ -87,26 +89,32 @@ impl Hook {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
+        #[source]
         source: MapError,
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
+        #[source]
         source: ProgramError,
     },
     #[error("{path} is not on a BPF filesystem (mount one: mount -t bpf bpf {path})")]
     NotBpffs { path: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {

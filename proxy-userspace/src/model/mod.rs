@@ -9,6 +9,7 @@ mod endpoints;
 mod tests;
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
@@ -34,6 +35,56 @@ pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 /// sessionAffinityConfig.clientIP.timeoutSeconds default and maximum.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// The most backends one frontend holds: its slots are counted by the 16-bit `count`
+/// of its map entry.
+pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
+
+/// The `limit` of `backends` a frontend of `name` serves when it has more: those whose
+/// hash with the service port's name is lowest (rendezvous hashing). The choice is the
+/// same on every pass, every node and after a restart, an endpoint joining or leaving
+/// moves at most one other in or out, and different services choose differently.
+/// Returned in the order given.
+#[must_use]
+pub fn choose_backends(
+    name: &ServicePortName,
+    backends: &[SocketAddrV4],
+    limit: usize,
+) -> Vec<SocketAddrV4> {
+    if backends.len() <= limit {
+        return backends.to_vec();
+    }
+    let seed = fnv1a(
+        FNV_OFFSET,
+        format!("{}/{}/{}", name.service, name.port, name.proto).as_bytes(),
+    );
+    let mut ranked: Vec<(u64, usize)> = backends
+        .iter()
+        .enumerate()
+        .map(|(index, addr)| {
+            let mut bytes = [0u8; 6];
+            bytes[..4].copy_from_slice(&addr.ip().octets());
+            bytes[4..].copy_from_slice(&addr.port().to_be_bytes());
+            (fnv1a(seed, &bytes), index)
+        })
+        .collect();
+    ranked.sort_unstable();
+    let mut chosen: Vec<usize> = ranked.into_iter().take(limit).map(|(_, i)| i).collect();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|index| backends[index]).collect()
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// 64-bit FNV-1a: small, fixed and the same everywhere (std's hashers promise none of
+/// that across releases).
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
 
 /// Settings of this node that shape the model.
 #[derive(Clone, Debug, Default)]
@@ -123,16 +174,20 @@ pub enum DiagnosticReason {
     FrontendConflict,
     /// A source file could not be read or parsed (manifest directory source).
     UnreadableSource,
+    /// A service port has more usable endpoints than one frontend holds
+    /// ([`MAX_BACKENDS_PER_FRONTEND`]): it serves that many of them.
+    EndpointLimit,
 }
 
 impl DiagnosticReason {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Malformed,
         Self::UnsupportedIpFamily,
         Self::UnsupportedProtocol,
         Self::OrphanEndpointSlice,
         Self::FrontendConflict,
         Self::UnreadableSource,
+        Self::EndpointLimit,
     ];
 
     /// Metric label.
@@ -145,6 +200,7 @@ impl DiagnosticReason {
             Self::OrphanEndpointSlice => "orphan_endpoint_slice",
             Self::FrontendConflict => "frontend_conflict",
             Self::UnreadableSource => "unreadable_source",
+            Self::EndpointLimit => "endpoint_limit",
         }
     }
 }
@@ -202,6 +258,7 @@ pub fn desired(state: &ClusterState, settings: &ModelSettings) -> Desired {
         .labels
         .get(LABEL_TOPOLOGY_ZONE)
         .map_or("", String::as_str);
+    let claims = RefCell::new(BTreeMap::new());
     for (key, service) in &state.services {
         let context = ServiceContext {
             key,
@@ -210,6 +267,7 @@ pub fn desired(state: &ClusterState, settings: &ModelSettings) -> Desired {
             node_name,
             zone,
             settings,
+            claims: &claims,
         };
         context.add_frontends(&mut out);
     }
@@ -274,6 +332,35 @@ struct ServiceContext<'a> {
     node_name: &'a str,
     zone: &'a str,
     settings: &'a ModelSettings,
+    /// Who holds each frontend so far, to decide conflicts.
+    claims: &'a RefCell<BTreeMap<FrontendKey, Claim>>,
+}
+
+/// A service's claim on a frontend, ordered by the API's rules: what the API
+/// allocated (a ClusterIP, a NodePort) beats what a spec or a load balancer merely
+/// names (externalIPs, LoadBalancer ingress IPs); between equal claims the older
+/// Service wins (creationTimestamp; unknown counts as newest), then namespace/name.
+/// The smaller claim wins.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    /// 0 for allocated addresses, 1 for claimed ones.
+    rank: u8,
+    /// `(false, time)` with a creationTimestamp, `(true, _)` without.
+    age: (bool, Option<k8s_openapi::jiff::Timestamp>),
+    service: ObjectKey,
+}
+
+impl Claim {
+    /// Why this claim beats `other`.
+    fn beats(&self, other: &Self) -> &'static str {
+        if self.rank < other.rank {
+            "an address the API allocated beats an externalIP or LoadBalancer claim"
+        } else if self.age < other.age {
+            "the older Service wins"
+        } else {
+            "equal claims of the same age: first by namespace/name"
+        }
+    }
 }
 
 /// Addresses a service answers on, by kind.
@@ -713,13 +800,29 @@ impl ServiceContext<'_> {
                 .filter(|endpoint| endpoint.is_local)
                 .map(|endpoint| *endpoint.addr.ip()),
         );
-        let categorized = categorize(&endpoints, policies, self.node_name, self.zone);
+        let mut categorized = categorize(&endpoints, policies, self.node_name, self.zone);
 
         let name = ServicePortName {
             service: self.key.clone(),
             port: port_name,
             proto,
         };
+        let usable = categorized.cluster.len().max(categorized.local.len());
+        if usable > MAX_BACKENDS_PER_FRONTEND {
+            self.diagnose(
+                out,
+                DiagnosticReason::EndpointLimit,
+                format!(
+                    "port {:?} has {usable} usable endpoints; a frontend holds at most \
+                     {MAX_BACKENDS_PER_FRONTEND}, so it serves that many (a stable choice)",
+                    name.port
+                ),
+            );
+            categorized.cluster =
+                choose_backends(&name, &categorized.cluster, MAX_BACKENDS_PER_FRONTEND);
+            categorized.local =
+                choose_backends(&name, &categorized.local, MAX_BACKENDS_PER_FRONTEND);
+        }
         let mut base_flags = 0;
         if affinity_timeout.is_some() {
             base_flags |= service_flags::AFFINITY;
@@ -803,8 +906,8 @@ impl ServiceContext<'_> {
                 proto,
                 scope: scope::DEFAULT,
             };
-            self.insert(out, key, spec_for(kind, external_backends, flags));
-            if policies.external_local {
+            let held = self.insert(out, key, spec_for(kind, external_backends, flags));
+            if held && policies.external_local {
                 // Cluster-internal clients get the ClusterIP's backend set.
                 let internal = FrontendKey {
                     scope: scope::INTERNAL,
@@ -816,25 +919,92 @@ impl ServiceContext<'_> {
         }
     }
 
-    fn insert(&self, out: &mut Desired, key: FrontendKey, spec: FrontendSpec) {
-        if let Some(existing) = out.frontends.get(&key) {
+    /// This service's claim on a frontend of `kind`.
+    fn claim(&self, kind: FrontendKind) -> Claim {
+        let created = self
+            .service
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|time| time.0);
+        Claim {
+            rank: u8::from(matches!(
+                kind,
+                FrontendKind::ExternalIp | FrontendKind::LoadBalancer
+            )),
+            age: (created.is_none(), created),
+            service: self.key.clone(),
+        }
+    }
+
+    /// Adds a frontend unless a better claim holds it (see [`Claim`]); a better claim
+    /// takes it from a worse one. The loser is reported. Returns whether this
+    /// service holds the frontend now.
+    fn insert(&self, out: &mut Desired, key: FrontendKey, spec: FrontendSpec) -> bool {
+        let claim = self.claim(spec.kind);
+        let Some(existing) = out.frontends.get(&key) else {
+            self.claims.borrow_mut().insert(key, claim);
+            out.frontends.insert(key, spec);
+            return true;
+        };
+        // Two ports of one service on one frontend: the first keeps it.
+        if existing.service_port.service == spec.service_port.service {
             if existing.service_port != spec.service_port {
                 self.diagnose(
                     out,
                     DiagnosticReason::FrontendConflict,
-                    format!(
-                        "{}:{}/{} is already used by {}",
-                        key.addr,
-                        key.port,
-                        proto_name(key.proto),
-                        existing.service_port
+                    conflict(
+                        &key,
+                        &existing.service_port,
+                        "the same service's earlier port",
                     ),
                 );
             }
-            return;
+            return false;
         }
+        let Some(holder) = self.claims.borrow().get(&key).cloned() else {
+            return false;
+        };
+        if holder < claim {
+            let message = conflict(&key, &existing.service_port, holder.beats(&claim));
+            self.diagnose(out, DiagnosticReason::FrontendConflict, message);
+            return false;
+        }
+        // Taken from the holder, which is reported; its cluster-internal twin (an
+        // externalTrafficPolicy Local frontend's) goes with it.
+        out.diagnose(
+            format!("Service {}", holder.service),
+            DiagnosticReason::FrontendConflict,
+            conflict(&key, &spec.service_port, claim.beats(&holder)),
+        );
+        if key.scope == scope::DEFAULT {
+            let twin = FrontendKey {
+                scope: scope::INTERNAL,
+                ..key
+            };
+            if out
+                .frontends
+                .get(&twin)
+                .is_some_and(|twin| twin.service_port.service == holder.service)
+            {
+                out.frontends.remove(&twin);
+                self.claims.borrow_mut().remove(&twin);
+            }
+        }
+        self.claims.borrow_mut().insert(key, claim);
         out.frontends.insert(key, spec);
+        true
     }
+}
+
+/// The message of a frontend conflict: who holds `key`, and by which right.
+fn conflict(key: &FrontendKey, holder: &ServicePortName, why: &str) -> String {
+    format!(
+        "{}:{}/{} is held by {holder} ({why})",
+        key.addr,
+        key.port,
+        proto_name(key.proto),
+    )
 }
 
 /// Parses one loadBalancerSourceRanges entry (`a.b.c.d/len`, spaces trimmed as

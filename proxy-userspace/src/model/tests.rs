@@ -14,12 +14,12 @@ use proxy_common::{scope, service_flags};
 
 use super::{
     DiagnosticReason::{
-        FrontendConflict, Malformed, OrphanEndpointSlice, UnreadableSource, UnsupportedIpFamily,
-        UnsupportedProtocol,
+        EndpointLimit, FrontendConflict, Malformed, OrphanEndpointSlice, UnreadableSource,
+        UnsupportedIpFamily, UnsupportedProtocol,
     },
     *,
 };
-use crate::source::manifests::{parse_documents, Snapshot};
+use crate::source::{manifests::parse_documents, Snapshot};
 
 /// The node the agent runs on in every case.
 const NODE: &str = "node-a";
@@ -552,6 +552,116 @@ fn selection_cases() -> Vec<Case> {
             "10.96.0.45:443/TCP default/b:https cluster -> -",
         ])
         .diagnostics(&[(FrontendConflict, "Service default/b")]),
+    ]
+}
+
+/// A Service `namespace/name` created at `created` (RFC 3339, or "" for none) with
+/// the flow-style `spec`.
+fn service_in(namespace: &str, name: &str, created: &str, spec: &str) -> String {
+    let created = if created.is_empty() {
+        String::new()
+    } else {
+        format!(", creationTimestamp: '{created}'")
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}{created}}}
+spec: {spec}
+"
+    )
+}
+
+/// Frontend conflicts, decided as the API would: an allocated ClusterIP beats any
+/// externalIP or LoadBalancer claim; between equal claims the older Service wins, then
+/// namespace/name. The loser is reported.
+fn conflict_cases() -> Vec<Case> {
+    let evil = |spec: &str| service_in("aaa", "evil", "2024-06-01T00:00:00Z", spec);
+    vec![
+        case(
+            "external_ip_hijack_refused",
+            "aaa/evil's externalIP is web's ClusterIP: web keeps it (allocated beats claimed), evil is reported and keeps its own ClusterIP",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                evil("{clusterIP: 10.96.0.66, externalIPs: [10.96.0.10], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            WEB_11,
+            "10.96.0.66:80/TCP aaa/evil:http cluster -> -",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/evil")]),
+        case(
+            "load_balancer_ip_hijack_refused",
+            "a LoadBalancer ingress IP equal to another service's ClusterIP loses too, whatever the names",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service_in("aaa", "lb", "", "{type: LoadBalancer, clusterIP: 10.96.0.67, ports: [{name: http, port: 80}]}")
+                    .replace("spec:", "status: {loadBalancer: {ingress: [{ip: 10.96.0.10}]}}\nspec:"),
+            ],
+        )
+        .frontends(&[
+            WEB_11,
+            "10.96.0.67:80/TCP aaa/lb:http cluster -> -",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/lb")]),
+        case(
+            "older_external_claim_wins",
+            "two services name one externalIP: the older keeps it, though its name sorts last",
+            &[
+                service_in("aaa", "new", "2025-01-01T00:00:00Z", "{clusterIP: 10.96.0.68, externalIPs: [203.0.113.5], ports: [{name: http, port: 80}]}"),
+                service_in("zzz", "old", "2023-01-01T00:00:00Z", "{clusterIP: 10.96.0.69, externalIPs: [203.0.113.5], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.68:80/TCP aaa/new:http cluster -> -",
+            "10.96.0.69:80/TCP zzz/old:http cluster -> -",
+            "203.0.113.5:80/TCP zzz/old:http external -> - ext",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/new")]),
+        case(
+            "unknown_age_counts_as_newest",
+            "a claim with a creationTimestamp beats one without (a hand-written manifest)",
+            &[
+                service_in("aaa", "undated", "", "{clusterIP: 10.96.0.70, externalIPs: [203.0.113.6], ports: [{name: http, port: 80}]}"),
+                service_in("bbb", "dated", "2025-01-01T00:00:00Z", "{clusterIP: 10.96.0.71, externalIPs: [203.0.113.6], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.70:80/TCP aaa/undated:http cluster -> -",
+            "10.96.0.71:80/TCP bbb/dated:http cluster -> -",
+            "203.0.113.6:80/TCP bbb/dated:http external -> - ext",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/undated")]),
+        case(
+            "equal_claims_same_age_by_name",
+            "the same age (or none): namespace/name decides",
+            &[
+                service_in("bbb", "b", "", "{clusterIP: 10.96.0.72, externalIPs: [203.0.113.7], ports: [{name: http, port: 80}]}"),
+                service_in("aaa", "a", "", "{clusterIP: 10.96.0.73, externalIPs: [203.0.113.7], ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.72:80/TCP bbb/b:http cluster -> -",
+            "10.96.0.73:80/TCP aaa/a:http cluster -> -",
+            "203.0.113.7:80/TCP aaa/a:http external -> - ext",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service bbb/b")]),
+        case(
+            "a_lost_local_claim_leaves_no_internal_twin",
+            "an externalTrafficPolicy Local externalIP that loses to a ClusterIP takes its cluster-internal entry with it",
+            &[
+                service_in("aaa", "local", "", "{type: NodePort, externalTrafficPolicy: Local, clusterIP: 10.96.0.74, externalIPs: [10.96.0.75], ports: [{name: http, port: 80}]}"),
+                service_in("zzz", "victim", "", "{clusterIP: 10.96.0.75, ports: [{name: http, port: 80}]}"),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.74:80/TCP aaa/local:http cluster -> -",
+            "10.96.0.75:80/TCP zzz/victim:http cluster -> -",
+        ])
+        .diagnostics(&[(FrontendConflict, "Service aaa/local")]),
     ]
 }
 
@@ -1336,6 +1446,7 @@ fn health_check_cases() -> Vec<Case> {
 fn all_cases() -> Vec<Case> {
     let mut cases = endpoint_cases();
     cases.extend(selection_cases());
+    cases.extend(conflict_cases());
     cases.extend(malformed_cases());
     cases.extend(policy_cases());
     cases.extend(topology_cases());
@@ -1798,4 +1909,123 @@ fn categorize_table() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------
+// More endpoints than a frontend holds.
+
+/// The `web` Service with `count` ready endpoints (10.<a>.<b>.<c>:8080) in slices of
+/// 1000, the API's most per slice; objects built directly, 66 000 endpoints as YAML
+/// would only test the parser's speed.
+fn web_with_endpoints(count: usize) -> ClusterState {
+    use k8s_openapi::{
+        api::discovery::v1::{
+            Endpoint as ApiEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
+        },
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+    let mut snapshot = Snapshot::for_node(Some(NODE));
+    parse_documents(&web(), "test.yaml", &mut snapshot);
+    let addresses: Vec<Ipv4Addr> = (0..count)
+        .map(|i| Ipv4Addr::from(0x0a00_0000 + u32::try_from(i).expect("small") + 1))
+        .collect();
+    for (index, chunk) in addresses.chunks(1000).enumerate() {
+        snapshot.add_endpoint_slice(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("web-{index:03}")),
+                namespace: Some("default".into()),
+                labels: Some([(LABEL_SERVICE_NAME.to_owned(), "web".to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: chunk
+                .iter()
+                .map(|ip| ApiEndpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..EndpointConditions::default()
+                    }),
+                    ..ApiEndpoint::default()
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                ..EndpointPort::default()
+            }]),
+        });
+    }
+    snapshot.state
+}
+
+#[test]
+fn a_service_port_with_more_endpoints_than_a_frontend_holds_serves_as_many_as_fit() {
+    let extra = 100;
+    let mut state = web_with_endpoints(MAX_BACKENDS_PER_FRONTEND + extra);
+    let settings = settings(None);
+    let first = desired(&state, &settings);
+    let [(_, spec)] = first.frontends.iter().collect::<Vec<_>>()[..] else {
+        panic!("one frontend: {:?}", first.frontends.keys());
+    };
+    assert_eq!(spec.backends.len(), MAX_BACKENDS_PER_FRONTEND);
+    assert!(spec.backends.is_sorted(), "backends stay sorted");
+    let reasons: Vec<(DiagnosticReason, &str, &str)> = first
+        .diagnostics
+        .iter()
+        .map(|d| (d.reason, d.object.as_str(), d.message.as_str()))
+        .collect();
+    assert!(
+        matches!(reasons[..], [(EndpointLimit, "Service default/web", message)] if message.contains("65535")),
+        "{reasons:?}"
+    );
+    // Stable: the same choice again, and a chosen endpoint leaving lets exactly one of
+    // the others in.
+    assert_eq!(desired(&state, &settings), first);
+    let leaving = spec.backends[7];
+    for slice in state.endpoint_slices.values_mut() {
+        slice
+            .endpoints
+            .retain(|endpoint| endpoint.addresses != [leaving.ip().to_string()]);
+    }
+    let second = desired(&state, &settings);
+    let after: BTreeSet<SocketAddrV4> = second
+        .frontends
+        .values()
+        .flat_map(|spec| spec.backends.iter().copied())
+        .collect();
+    let before: BTreeSet<SocketAddrV4> = spec.backends.iter().copied().collect();
+    assert_eq!(after.len(), MAX_BACKENDS_PER_FRONTEND);
+    assert_eq!(
+        before.difference(&after).copied().collect::<Vec<_>>(),
+        [leaving]
+    );
+    assert_eq!(after.difference(&before).count(), 1);
+}
+
+#[test]
+fn choose_backends_is_a_stable_subset_that_differs_between_services() {
+    let backends: Vec<SocketAddrV4> = (1..=20)
+        .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, i), 8080))
+        .collect();
+    let name = |service: &str| ServicePortName {
+        service: ObjectKey::new("default", service),
+        port: "http".into(),
+        proto: proxy_common::proto::TCP,
+    };
+    let web = choose_backends(&name("web"), &backends, 5);
+    assert_eq!(web.len(), 5);
+    assert!(web.is_sorted() && web.iter().all(|b| backends.contains(b)));
+    assert_eq!(choose_backends(&name("web"), &backends, 5), web, "stable");
+    assert_ne!(
+        choose_backends(&name("api"), &backends, 5),
+        web,
+        "every service chooses its own"
+    );
+    assert_eq!(
+        choose_backends(&name("web"), &backends[..4], 5),
+        backends[..4],
+        "within the limit: all"
+    );
 }

@@ -49,7 +49,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::manifests::Snapshot;
+use super::Snapshot;
 
 /// kube-proxy's default `minSyncPeriod`.
 pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
@@ -296,7 +296,7 @@ impl ApiSource {
 
     /// Follows the API and publishes a [`Snapshot`] once every initial list is done
     /// and then after every batch of changes, until the receiver is gone.
-    pub async fn run(self, snapshots: watch::Sender<Snapshot>) {
+    pub async fn run(self, snapshots: watch::Sender<Arc<Snapshot>>) {
         let (services, services_updates) = follow(
             Resource::Services,
             Api::<Service>::all(self.client.clone()),
@@ -350,7 +350,7 @@ async fn publish(
     node_name: Option<&str>,
     min_sync_period: Duration,
     status: &ApiStatus,
-    snapshots: &watch::Sender<Snapshot>,
+    snapshots: &watch::Sender<Arc<Snapshot>>,
 ) {
     let mut updates = pin!(updates);
     let mut watched = vec![Resource::Services, Resource::EndpointSlices];
@@ -397,7 +397,7 @@ async fn publish(
             endpoint_slices = snapshot.state.endpoint_slices.len(),
             "publishing a snapshot"
         );
-        if snapshots.send(snapshot).is_err() {
+        if snapshots.send(Arc::new(snapshot)).is_err() {
             return;
         }
         status.published();
@@ -508,7 +508,7 @@ mod tests {
         services: Feed<Service>,
         slices: Feed<EndpointSlice>,
         nodes: Feed<Node>,
-        snapshots: watch::Receiver<Snapshot>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
         status: Arc<ApiStatus>,
         task: tokio::task::JoinHandle<()>,
     }
@@ -518,7 +518,7 @@ mod tests {
             let (services, services_store, a) = Feed::new(Resource::Services);
             let (slices, slices_store, b) = Feed::new(Resource::EndpointSlices);
             let (nodes, node_store, c) = Feed::new(Resource::Node);
-            let (tx, mut snapshots) = watch::channel(Snapshot::default());
+            let (tx, mut snapshots) = watch::channel(Arc::new(Snapshot::default()));
             snapshots.mark_unchanged();
             let status = Arc::new(ApiStatus::default());
             let task = tokio::spawn({
@@ -544,7 +544,7 @@ mod tests {
         }
 
         /// The next snapshot, if one is published within [`QUIET`].
-        async fn next(&mut self) -> Option<Snapshot> {
+        async fn next(&mut self) -> Option<Arc<Snapshot>> {
             tokio::time::timeout(QUIET, self.snapshots.changed())
                 .await
                 .ok()?

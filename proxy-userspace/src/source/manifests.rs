@@ -3,9 +3,19 @@
 //! the Kubernetes API serves (multi-document YAML and `List` kinds allowed).
 //!
 //! The whole directory is re-read on every change: it is small, and a full read is the
-//! simplest way to never miss a deletion.
+//! simplest way to never miss a deletion. A read that fails changes nothing: when the
+//! directory cannot be listed (removed, descriptors exhausted, an I/O error) nothing
+//! is published, and a file that cannot be read stands in with its last readable text,
+//! so the datapath keeps what it has until a successful read says otherwise. Failed
+//! reads are retried on a timer (descriptor exhaustion ends without any file event),
+//! and a directory removed and created again is watched again: its parent is watched
+//! too, for the directory's return.
 use std::{
+    collections::BTreeMap,
+    io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -13,108 +23,189 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use notify::{RecursiveMode, Watcher};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use super::Snapshot;
 use crate::{
+    metrics::ReasonLabels,
     model::{Diagnostic, DiagnosticReason},
-    state::{ClusterState, NodeInfo, ObjectKey},
 };
+
+/// The largest manifest file read (a file of 65 535 endpoints is about 4 MiB).
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+/// The deepest nesting of a manifest: serde_yaml's own recursion limit, so nothing it
+/// would accept is refused. It is checked first, in one linear pass, because
+/// libyaml's parser takes time quadratic in the depth of flow collections before
+/// serde_yaml gets to refuse them (`a: [[[[…` of 200 KB: half a minute).
+pub const MAX_DEPTH: usize = 128;
 
 /// How long to wait for a burst of file events to settle before re-reading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-
-/// What a source delivers: the objects it holds, and what it could not read. Both
-/// sources (this directory and the API, [`super::kube`]) build it with the same
-/// methods, so an object means the same thing whichever way it arrived.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub state: ClusterState,
-    pub diagnostics: Vec<Diagnostic>,
-}
-
-impl Snapshot {
-    /// An empty snapshot for the node called `node_name`.
-    #[must_use]
-    pub fn for_node(node_name: Option<&str>) -> Self {
-        let mut snapshot = Self::default();
-        snapshot.state.node = NodeInfo {
-            name: node_name.map(str::to_owned),
-            ..NodeInfo::default()
-        };
-        snapshot
-    }
-
-    /// Adds a Service, replacing one with the same namespace and name.
-    pub fn add_service(&mut self, service: Service) {
-        let key = ObjectKey::of(&service.metadata);
-        self.state.services.insert(key, service);
-    }
-
-    /// Adds an EndpointSlice, replacing one with the same namespace and name.
-    pub fn add_endpoint_slice(&mut self, slice: EndpointSlice) {
-        let key = ObjectKey::of(&slice.metadata);
-        self.state.endpoint_slices.insert(key, slice);
-    }
-
-    /// Takes the labels (topology zone) of `node` if it is this node; other nodes are
-    /// ignored.
-    pub fn add_node(&mut self, node: &Node) {
-        if node.metadata.name.is_some() && node.metadata.name == self.state.node.name {
-            self.state.node.labels = node.metadata.labels.clone().unwrap_or_default();
-        }
-    }
-}
+/// The first retry after a failed read, doubled after each failure up to
+/// [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot watch {path}: {source}")]
-    Watch {
-        path: PathBuf,
-        source: notify::Error,
-    },
+    #[error("cannot create a file watcher")]
+    Watcher(#[source] notify::Error),
+    #[error("the manifest reader panicked")]
+    Reader(#[source] tokio::task::JoinError),
 }
 
-/// Reads every `*.yaml`, `*.yml` and `*.json` file of `dir` (not recursing), in name
-/// order. Unreadable files and objects become diagnostics; the rest is used.
+/// Why a read of the directory failed as a whole.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list the manifests directory {path}")]
+pub struct ReadError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Label of `kpr_source_read_failures_total{reason}` for an I/O error.
 #[must_use]
-pub fn read_dir(dir: &Path, node_name: Option<&str>) -> Snapshot {
-    let mut snapshot = Snapshot::for_node(node_name);
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(error) => {
-            snapshot
-                .diagnostics
-                .push(unreadable(dir, &error.to_string()));
-            return snapshot;
-        }
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.is_file()
-                && path
-                    .extension()
-                    .and_then(|ext| ext.to_str())
-                    .is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"))
-        })
-        .collect();
-    files.sort();
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_documents(&text, &file.display().to_string(), &mut snapshot),
-            Err(error) => snapshot
-                .diagnostics
-                .push(unreadable(&file, &error.to_string())),
+pub fn failure_label(error: &io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => "descriptors_exhausted",
+        _ => match error.kind() {
+            io::ErrorKind::NotFound => "not_found",
+            io::ErrorKind::PermissionDenied => "permission_denied",
+            _ => "io_error",
+        },
+    }
+}
+
+/// Every label [`failure_label`] gives, to export them at 0.
+pub const FAILURE_LABELS: [&str; 4] = [
+    "descriptors_exhausted",
+    "not_found",
+    "permission_denied",
+    "io_error",
+];
+
+/// One successful read of the directory.
+#[derive(Debug)]
+pub struct Read {
+    pub snapshot: Snapshot,
+    /// Files that could not be read, each with its error: they stand in with their
+    /// last readable text (or not at all, without one), and the read is retried.
+    pub unreadable: Vec<(PathBuf, io::Error)>,
+}
+
+/// The manifests directory, with the last readable text of each file.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    node_name: Option<String>,
+    last_text: BTreeMap<PathBuf, Arc<str>>,
+}
+
+impl ManifestDir {
+    #[must_use]
+    pub fn new(dir: PathBuf, node_name: Option<String>) -> Self {
+        Self {
+            dir,
+            node_name,
+            last_text: BTreeMap::new(),
         }
     }
-    snapshot
+
+    /// Reads every `*.yaml`, `*.yml` and `*.json` file of the directory (not
+    /// recursing), in name order. Objects that cannot be used become diagnostics; so
+    /// do files that cannot be read, which keep their last readable text.
+    ///
+    /// # Errors
+    /// When the directory cannot be listed: nothing is known then.
+    pub fn read(&mut self) -> Result<Read, ReadError> {
+        let failed = |source| ReadError {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(failed)? {
+            let path = entry.map_err(failed)?.path();
+            let manifest = path
+                .extension()
+                .and_then(|ext| ext.to_str())
+                .is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"));
+            if manifest {
+                files.push(path);
+            }
+        }
+        files.sort();
+        let mut snapshot = Snapshot::for_node(self.node_name.as_deref());
+        let mut unreadable = Vec::new();
+        let mut last_text = BTreeMap::new();
+        for file in files {
+            let text = match read_file(&file) {
+                Ok(Some(text)) => Arc::<str>::from(text),
+                // A directory, or gone since the listing.
+                Ok(None) => continue,
+                Err(error) if error.kind() == io::ErrorKind::InvalidData => {
+                    // Its content is at fault, not the reading: as with a syntax error.
+                    snapshot
+                        .diagnostics
+                        .push(unreadable_diagnostic(&file, &error.to_string()));
+                    continue;
+                }
+                Err(error) => {
+                    let Some(text) = self.last_text.get(&file).cloned() else {
+                        snapshot
+                            .diagnostics
+                            .push(unreadable_diagnostic(&file, &error.to_string()));
+                        unreadable.push((file, error));
+                        continue;
+                    };
+                    snapshot.diagnostics.push(unreadable_diagnostic(
+                        &file,
+                        &format!("{error}; using its last readable content"),
+                    ));
+                    unreadable.push((file.clone(), error));
+                    text
+                }
+            };
+            parse_documents(&text, &file.display().to_string(), &mut snapshot);
+            last_text.insert(file, text);
+        }
+        self.last_text = last_text;
+        Ok(Read {
+            snapshot,
+            unreadable,
+        })
+    }
 }
 
-fn unreadable(path: &Path, message: &str) -> Diagnostic {
+/// A manifest file's text; `None` when it is not a regular file (after following
+/// symlinks, as ConfigMap volumes use them) or no longer exists.
+fn read_file(path: &Path) -> io::Result<Option<String>> {
+    match std::fs::metadata(path) {
+        Ok(metadata) if !metadata.is_file() => return Ok(None),
+        Ok(metadata) if metadata.len() > MAX_FILE_BYTES => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} bytes; a manifest file may have at most {MAX_FILE_BYTES}",
+                    metadata.len()
+                ),
+            ))
+        }
+        Ok(_) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn unreadable_diagnostic(path: &Path, message: &str) -> Diagnostic {
     Diagnostic {
         object: path.display().to_string(),
         reason: DiagnosticReason::UnreadableSource,
@@ -124,6 +215,14 @@ fn unreadable(path: &Path, message: &str) -> Diagnostic {
 
 /// Adds every object of a multi-document YAML (or JSON) text to `snapshot`.
 pub fn parse_documents(text: &str, origin: &str, snapshot: &mut Snapshot) {
+    if let Err(message) = check_depth(text, MAX_DEPTH) {
+        snapshot.diagnostics.push(Diagnostic {
+            object: origin.to_owned(),
+            reason: DiagnosticReason::UnreadableSource,
+            message,
+        });
+        return;
+    }
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let object = format!("{origin} (document {})", index + 1);
         match serde_yaml::Value::deserialize(document) {
@@ -140,6 +239,47 @@ pub fn parse_documents(text: &str, origin: &str, snapshot: &mut Snapshot) {
             }
         }
     }
+}
+
+/// Whether `text` nests flow collections (`[`, `{`) no deeper than `limit`, outside
+/// quoted strings and comments. Block nesting needs indentation, so its depth is
+/// bounded by the square root of the size and left to serde_yaml.
+fn check_depth(text: &str, limit: usize) -> Result<(), String> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let (mut single, mut double, mut escaped, mut comment) = (false, false, false, false);
+    let mut previous = '\n';
+    for c in text.chars() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+        } else if comment {
+        } else if double {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => double = false,
+                _ => {}
+            }
+        } else if single {
+            single = c != '\'';
+        } else {
+            match c {
+                '#' if previous.is_whitespace() => comment = true,
+                '"' => double = true,
+                '\'' => single = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return Err(format!("nested deeper than {limit} levels at line {line}"));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        previous = c;
+    }
+    Ok(())
 }
 
 fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
@@ -186,45 +326,381 @@ fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
     }
 }
 
+/// The watches that keep the directory followed: on the directory itself (its files),
+/// and on its parent (the directory being removed and created again).
+struct DirWatch {
+    watcher: RecommendedWatcher,
+    dir: PathBuf,
+    /// The device and inode of the directory being watched, if any.
+    watching: Option<(u64, u64)>,
+    parent_watched: bool,
+}
+
+impl DirWatch {
+    /// Watches the directory as it is now: again when it was replaced since, not at
+    /// all while it does not exist (the parent's watch reports its return).
+    fn refresh(&mut self) {
+        if !self.parent_watched {
+            if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                self.parent_watched = self
+                    .watcher
+                    .watch(parent, RecursiveMode::NonRecursive)
+                    .inspect_err(|error| debug!(parent = %parent.display(), %error, "cannot watch the manifests directory's parent"))
+                    .is_ok();
+            }
+        }
+        let now = std::fs::metadata(&self.dir)
+            .ok()
+            .filter(std::fs::Metadata::is_dir)
+            .map(|metadata| (metadata.dev(), metadata.ino()));
+        if now == self.watching {
+            return;
+        }
+        if self.watching.is_some() {
+            // Already gone with the old directory, usually.
+            let _ = self.watcher.unwatch(&self.dir);
+        }
+        self.watching = None;
+        if now.is_some() {
+            match self.watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.watching = now;
+                    debug!(dir = %self.dir.display(), "watching the manifests directory");
+                }
+                Err(error) => {
+                    debug!(dir = %self.dir.display(), %error, "cannot watch the manifests directory yet");
+                }
+            }
+        }
+    }
+}
+
 /// Publishes a fresh [`Snapshot`] of `dir` at start and after every change (settled
-/// for [`DEBOUNCE`]), until the receiver is gone.
+/// for [`DEBOUNCE`]), until the receiver is gone. Reads that fail publish nothing;
+/// they are logged, counted in `failures` (by [`failure_label`]) and retried.
 ///
 /// # Errors
-/// When the directory cannot be watched.
+/// When no file watcher can be created, or the reader panicked.
 pub async fn watch_dir(
     dir: PathBuf,
     node_name: Option<String>,
-    snapshots: watch::Sender<Snapshot>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    failures: Family<ReasonLabels, Counter>,
 ) -> Result<(), Error> {
+    for reason in FAILURE_LABELS {
+        let _ = failures.get_or_create(&ReasonLabels {
+            reason: reason.to_owned(),
+        });
+    }
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    let relevant = dir.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reading the files ourselves produces access events: only changes count, or
-        // every read would trigger the next one.
-        let changed = event.is_ok_and(|event| !matches!(event.kind, notify::EventKind::Access(_)));
+        // every read would trigger the next one. The parent's watch reports its other
+        // entries too: only the directory and what is in it count.
+        let changed = event.is_ok_and(|event| {
+            !matches!(event.kind, notify::EventKind::Access(_))
+                && (event.paths.is_empty()
+                    || event.paths.iter().any(|path| path.starts_with(&relevant)))
+        });
         if changed {
             let _ = events_tx.send(());
         }
     })
-    .map_err(|source| Error::Watch {
-        path: dir.clone(),
-        source,
-    })?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| Error::Watch {
-            path: dir.clone(),
-            source,
-        })?;
+    .map_err(Error::Watcher)?;
+    let mut watch = DirWatch {
+        watcher,
+        dir: dir.clone(),
+        watching: None,
+        parent_watched: false,
+    };
+    let mut reader = ManifestDir::new(dir.clone(), node_name);
+    let mut retry = RETRY_MIN;
+    let mut failing = false;
     loop {
-        let snapshot = read_dir(&dir, node_name.as_deref());
-        if snapshots.send(snapshot).is_err() {
-            return Ok(());
+        watch.refresh();
+        // Parsing a large directory takes a while: not on the runtime's workers, which
+        // serve health and metrics meanwhile.
+        let (returned, read) = tokio::task::spawn_blocking(move || {
+            let read = reader.read();
+            (reader, read)
+        })
+        .await
+        .map_err(Error::Reader)?;
+        reader = returned;
+        let complete = match read {
+            Ok(read) => {
+                for (file, error) in &read.unreadable {
+                    failures
+                        .get_or_create(&ReasonLabels {
+                            reason: failure_label(error).to_owned(),
+                        })
+                        .inc();
+                    debug!(file = %file.display(), %error, "cannot read a manifest");
+                }
+                if failing {
+                    info!(dir = %dir.display(), "the manifests directory can be read again");
+                    failing = false;
+                }
+                let complete = read.unreadable.is_empty();
+                if snapshots.send(Arc::new(read.snapshot)).is_err() {
+                    return Ok(());
+                }
+                complete
+            }
+            Err(error) => {
+                failures
+                    .get_or_create(&ReasonLabels {
+                        reason: failure_label(&error.source).to_owned(),
+                    })
+                    .inc();
+                if failing {
+                    debug!(error = %crate::error_chain(&error), "the manifests directory still cannot be read");
+                } else {
+                    warn!(
+                        error = %crate::error_chain(&error),
+                        "the manifests directory cannot be read; keeping the datapath as it is and retrying"
+                    );
+                    failing = true;
+                }
+                false
+            }
+        };
+        if complete {
+            retry = RETRY_MIN;
+            if events.recv().await.is_none() {
+                warn!(dir = %dir.display(), "file watcher stopped");
+                return Ok(());
+            }
+        } else {
+            // A change or the retry timer, whichever comes first.
+            match tokio::time::timeout(retry, events.recv()).await {
+                Ok(None) => {
+                    warn!(dir = %dir.display(), "file watcher stopped");
+                    return Ok(());
+                }
+                Ok(Some(())) => {}
+                Err(_) => retry = (retry * 2).min(RETRY_MAX),
+            }
         }
-        // Wait for a change, then let the burst settle.
-        if events.recv().await.is_none() {
-            warn!(dir = %dir.display(), "file watcher stopped");
-            return Ok(());
-        }
+        // Let the burst settle.
         while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// A directory of this test's own under the system's temporary directory, removed
+    /// on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "kpr-manifests-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(path.join("manifests")).expect("temporary directory");
+            Self(path)
+        }
+
+        fn manifests(&self) -> PathBuf {
+            self.0.join("manifests")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    fn names(snapshot: &Snapshot) -> Vec<String> {
+        snapshot
+            .state
+            .services
+            .keys()
+            .map(|key| key.name.clone())
+            .collect()
+    }
+
+    /// Replaces `path` with a symlink to a file whose read fails with EIO (reading
+    /// /proc/self/mem at offset 0, which is never mapped): a real I/O error, which a
+    /// permission change cannot give a test running as root.
+    fn make_unreadable(path: &Path) {
+        let _ = std::fs::remove_file(path);
+        std::os::unix::fs::symlink("/proc/self/mem", path).expect("symlink");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_parser_sees_it() {
+        let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let mut snapshot = Snapshot::default();
+        parse_documents(&deep, "deep.yaml", &mut snapshot);
+        let [diagnostic] = &snapshot.diagnostics[..] else {
+            panic!("{:?}", snapshot.diagnostics);
+        };
+        assert_eq!(diagnostic.reason, DiagnosticReason::UnreadableSource);
+        assert!(
+            diagnostic.message.contains("deeper than 128"),
+            "{}",
+            diagnostic.message
+        );
+        // Brackets in quotes and comments are no nesting; 128 levels are fine.
+        let fine = format!(
+            "{}\n# {}\nb: '{}'\nc: \"{}\\\"\"\nd: {}{}\n",
+            service("web", "10.96.0.10"),
+            "[".repeat(500),
+            "[".repeat(500),
+            "{".repeat(500),
+            "[".repeat(MAX_DEPTH - 1),
+            "]".repeat(MAX_DEPTH - 1)
+        );
+        let mut snapshot = Snapshot::default();
+        parse_documents(&fine, "fine.yaml", &mut snapshot);
+        assert!(
+            snapshot
+                .diagnostics
+                .iter()
+                .all(|d| !d.message.contains("deeper")),
+            "{:?}",
+            snapshot.diagnostics
+        );
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_reported_not_read() {
+        let temp = TempDir::new();
+        let file = temp.manifests().join("huge.yaml");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(MAX_FILE_BYTES + 1))
+            .expect("a sparse file");
+        let read = ManifestDir::new(temp.manifests(), None)
+            .read()
+            .expect("readable");
+        assert!(
+            read.unreadable.is_empty(),
+            "content, not reading, is at fault"
+        );
+        assert!(
+            read.snapshot
+                .diagnostics
+                .iter()
+                .any(|d| d.message.contains("at most")),
+            "{:?}",
+            read.snapshot.diagnostics
+        );
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_listed_is_an_error_not_an_empty_snapshot() {
+        let temp = TempDir::new();
+        let mut dir = ManifestDir::new(temp.0.join("missing"), None);
+        let error = dir.read().expect_err("a missing directory");
+        assert_eq!(failure_label(&error.source), "not_found");
+    }
+
+    #[test]
+    fn an_unreadable_file_keeps_its_last_readable_content() {
+        let temp = TempDir::new();
+        let file = temp.manifests().join("web.yaml");
+        std::fs::write(&file, service("web", "10.96.0.10")).expect("write");
+        let mut dir = ManifestDir::new(temp.manifests(), None);
+        let first = dir.read().expect("readable");
+        assert_eq!(names(&first.snapshot), ["web"]);
+        assert!(first.unreadable.is_empty());
+
+        make_unreadable(&file);
+        make_unreadable(&temp.manifests().join("new.yaml"));
+        let second = dir.read().expect("the directory is readable");
+        assert_eq!(names(&second.snapshot), ["web"], "web.yaml's objects kept");
+        assert_eq!(second.unreadable.len(), 2, "{:?}", second.unreadable);
+        let objects: Vec<&str> = second
+            .snapshot
+            .diagnostics
+            .iter()
+            .filter(|d| d.reason == DiagnosticReason::UnreadableSource)
+            .map(|d| d.object.as_str())
+            .collect();
+        assert_eq!(objects.len(), 2, "{:?}", second.snapshot.diagnostics);
+        assert!(second
+            .snapshot
+            .diagnostics
+            .iter()
+            .any(|d| d.message.contains("using its last readable content")));
+
+        // Removed for real: its objects go.
+        std::fs::remove_file(&file).expect("remove");
+        std::fs::remove_file(temp.manifests().join("new.yaml")).expect("remove");
+        let third = dir.read().expect("readable");
+        assert!(names(&third.snapshot).is_empty());
+        assert!(third.unreadable.is_empty());
+    }
+
+    /// Waits (bounded) until `counter` of `failures` is above zero.
+    async fn wait_counted(failures: &Family<ReasonLabels, Counter>, reason: &str) {
+        let labels = ReasonLabels {
+            reason: reason.to_owned(),
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while failures.get_or_create(&labels).get() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the failed read to be counted");
+    }
+
+    async fn next(snapshots: &mut watch::Receiver<Arc<Snapshot>>) -> Arc<Snapshot> {
+        tokio::time::timeout(Duration::from_secs(10), snapshots.changed())
+            .await
+            .expect("a snapshot in time")
+            .expect("the source runs");
+        Arc::clone(&snapshots.borrow_and_update())
+    }
+
+    #[tokio::test]
+    async fn a_removed_directory_publishes_nothing_and_is_followed_again_once_back() {
+        let temp = TempDir::new();
+        let dir = temp.manifests();
+        std::fs::write(dir.join("web.yaml"), service("web", "10.96.0.10")).expect("write");
+        let (tx, mut snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        snapshots.mark_unchanged();
+        let failures = Family::<ReasonLabels, Counter>::default();
+        let task = tokio::spawn(watch_dir(dir.clone(), None, tx, failures.clone()));
+        assert_eq!(names(&*next(&mut snapshots).await), ["web"]);
+
+        std::fs::remove_dir_all(&dir).expect("remove the directory");
+        wait_counted(&failures, "not_found").await;
+        assert!(
+            !snapshots.has_changed().expect("the source runs"),
+            "a failed read published a snapshot"
+        );
+
+        std::fs::create_dir(&dir).expect("create it again");
+        std::fs::write(dir.join("web.yaml"), service("web", "10.96.0.10")).expect("write");
+        let mut snapshot = next(&mut snapshots).await;
+        // The directory's creation and its first file may come as two reads.
+        if names(&snapshot).is_empty() {
+            snapshot = next(&mut snapshots).await;
+        }
+        assert_eq!(names(&snapshot), ["web"]);
+        // Followed again: a change in the new directory arrives.
+        std::fs::write(dir.join("db.yaml"), service("db", "10.96.0.11")).expect("write");
+        assert_eq!(names(&*next(&mut snapshots).await), ["db", "web"]);
+        task.abort();
     }
 }

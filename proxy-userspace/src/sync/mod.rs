@@ -138,6 +138,28 @@ impl Mirror {
         }
     }
 
+    /// How many entries of each map differ between `self` and `other` (present in
+    /// one only, or with another value): service map, backend map, source ranges.
+    #[must_use]
+    pub fn differences(&self, other: &Self) -> [usize; 3] {
+        fn count<K: Eq + std::hash::Hash, V: PartialEq>(
+            a: &HashMap<K, V>,
+            b: &HashMap<K, V>,
+        ) -> usize {
+            a.iter()
+                .filter(|(key, value)| b.get(*key) != Some(*value))
+                .count()
+                + b.keys().filter(|key| !a.contains_key(*key)).count()
+        }
+        [
+            count(&self.services, &other.services),
+            count(&self.backends, &other.backends),
+            self.source_ranges
+                .symmetric_difference(&other.source_ranges)
+                .count(),
+        ]
+    }
+
     /// Frontend entries (slot 0).
     fn frontends(&self) -> impl Iterator<Item = (&ServiceKeyV4, &ServiceValueV4)> {
         self.services.iter().filter(|(key, _)| key.slot == 0)
@@ -209,9 +231,54 @@ pub struct SyncReport {
     pub removed_pairs: BTreeSet<(u32, u32)>,
 }
 
+impl SyncReport {
+    /// Adds what a second pass right after this one did: its failures replace these
+    /// (they are the state now), the rest adds up.
+    pub fn merge(&mut self, later: Self) {
+        self.frontends_written += later.frontends_written;
+        self.frontends_removed += later.frontends_removed;
+        self.ops_applied += later.ops_applied;
+        self.failures = later.failures;
+        self.cleanup_errors.extend(later.cleanup_errors);
+        self.removed_pairs.extend(later.removed_pairs);
+    }
+
+    /// Whether the pass wrote the maps: nothing failed but frontends that do not fit
+    /// (a capacity limit, reported per frontend). A failed write of any other kind
+    /// means the maps could not be written, and the pass must be retried.
+    #[must_use]
+    pub fn complete(&self) -> bool {
+        self.failures.iter().all(|failure| failure.error.map_full)
+            && self.cleanup_errors.iter().all(|error| error.map_full)
+    }
+}
+
+/// How many entries the service and backend maps hold at most (their max_entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: proxy_common::capacity::SERVICES_V4 as usize,
+            backends: proxy_common::capacity::BACKENDS_V4 as usize,
+        }
+    }
+}
+
 /// Keeps the service and backend maps equal to the desired state.
+///
+/// A frontend that does not fit the room left in the maps is refused before anything
+/// of it is written (its old state, if any, stays): it can neither fill the maps and
+/// be rolled back on every pass, nor take the room of the frontends after it. Room is
+/// made first: frontends nobody wants any more are removed before the desired ones are
+/// written.
 #[derive(Debug, Default)]
 pub struct Syncer {
+    capacity: Capacity,
     mirror: Mirror,
     backend_ids: HashMap<BackendV4, u32>,
     next_backend_id: u32,
@@ -225,19 +292,41 @@ impl Syncer {
     #[must_use]
     pub fn adopt(mirror: Mirror) -> Self {
         let backend_ids = mirror.backends.iter().map(|(&id, &b)| (b, id)).collect();
-        let next_backend_id = mirror.backends.keys().max().map_or(1, |max| max + 1);
+        let next_backend_id = mirror
+            .backends
+            .keys()
+            .max()
+            .map_or(1, |max| max.wrapping_add(1));
         let next_service_id = mirror
             .frontends()
             .map(|(_, value)| value.service_id)
             .max()
-            .map_or(1, |max| max + 1);
+            .map_or(1, |max| max.wrapping_add(1));
         Self {
+            capacity: Capacity::default(),
             mirror,
             backend_ids,
             next_backend_id,
             service_ids: HashMap::new(),
             next_service_id,
         }
+    }
+
+    /// Takes `mirror`, read from the maps themselves, as what they hold (after someone
+    /// else wrote them): the next [`Self::sync`] repairs whatever differs from the
+    /// desired state. Service ids stay; ids in use in `mirror` are never handed out.
+    pub fn readopt(&mut self, mirror: Mirror) {
+        let adopted = Self::adopt(mirror);
+        self.backend_ids = adopted.backend_ids;
+        self.next_backend_id = self.next_backend_id.max(adopted.next_backend_id);
+        self.next_service_id = self.next_service_id.max(adopted.next_service_id);
+        self.mirror = adopted.mirror;
+    }
+
+    /// The same syncer, for maps of `capacity`.
+    #[must_use]
+    pub fn with_capacity(self, capacity: Capacity) -> Self {
+        Self { capacity, ..self }
     }
 
     /// What the syncer believes the maps hold.
@@ -266,6 +355,8 @@ impl Syncer {
                 report.cleanup_errors.push(error);
             }
         }
+        // Room first: what nobody wants goes before anything new is written.
+        self.remove_undesired(desired, writer, &mut report);
         for (frontend, spec) in &desired.frontends {
             self.sync_frontend(
                 frontend,
@@ -275,7 +366,7 @@ impl Syncer {
                 &mut report,
             );
         }
-        self.remove_undesired(desired, writer, &mut report);
+        self.remove_orphan_slots(writer, &mut report);
         let stale_ranges: Vec<SourceRangeKey> = self
             .mirror
             .source_ranges
@@ -377,10 +468,15 @@ impl Syncer {
         report: &mut SyncReport,
     ) -> Result<(), WriteError> {
         writer.apply(&op)?;
-        self.mirror.apply(&op);
         if let MapOp::DeleteBackend { id } = op {
-            self.backend_ids.retain(|_, known| *known != id);
+            // By the deleted entry's value, not by a scan of every id.
+            if let Some(backend) = self.mirror.backends.get(&id) {
+                if self.backend_ids.get(backend) == Some(&id) {
+                    self.backend_ids.remove(backend);
+                }
+            }
         }
+        self.mirror.apply(&op);
         report.ops_applied += 1;
         Ok(())
     }
@@ -446,15 +542,20 @@ impl Syncer {
         if current_head == Some(head) && current_ids == wanted_ids {
             return;
         }
+        if let Err(error) = self.check_room(frontend, count, &wanted_ids) {
+            report.failures.push(FrontendFailure {
+                frontend: *frontend,
+                service_port: spec.service_port.clone(),
+                error,
+            });
+            return;
+        }
 
         let mut ops = Vec::new();
+        // A set, not a scan of `ops`: a frontend may have 65 535 backends.
+        let mut queued = std::collections::HashSet::new();
         for (id, backend) in wanted_ids.iter().zip(&backends) {
-            if self.mirror.backends.get(id) != Some(backend)
-                && !ops.contains(&MapOp::PutBackend {
-                    id: *id,
-                    backend: *backend,
-                })
-            {
+            if self.mirror.backends.get(id) != Some(backend) && queued.insert(*id) {
                 ops.push(MapOp::PutBackend {
                     id: *id,
                     backend: *backend,
@@ -479,7 +580,9 @@ impl Syncer {
                 value: head,
             });
         }
-        for slot in (count + 1)..=current_count {
+        // Counted in u32: a full frontend has slot 65535, and no slot above it.
+        for slot in (u32::from(count) + 1)..=u32::from(current_count) {
+            let slot = u16::try_from(slot).unwrap_or(u16::MAX);
             ops.push(MapOp::DeleteService {
                 key: service_key(frontend, slot),
             });
@@ -495,6 +598,59 @@ impl Syncer {
             }
         }
         report.frontends_written += 1;
+    }
+
+    /// Whether the maps have room for the new entries a frontend of `count` slots
+    /// naming `backend_ids` needs; the refusal names the map and the numbers.
+    fn check_room(
+        &self,
+        frontend: &FrontendKey,
+        count: u16,
+        backend_ids: &[u32],
+    ) -> Result<(), WriteError> {
+        let new_services = (0..=count)
+            .filter(|slot| {
+                !self
+                    .mirror
+                    .services
+                    .contains_key(&service_key(frontend, *slot))
+            })
+            .count();
+        let new_backends = backend_ids
+            .iter()
+            .filter(|id| !self.mirror.backends.contains_key(id))
+            .collect::<BTreeSet<_>>()
+            .len();
+        let checks = [
+            (
+                proxy_common::names::SERVICES_V4,
+                new_services,
+                self.mirror.services.len(),
+                self.capacity.services,
+            ),
+            (
+                proxy_common::names::BACKENDS_V4,
+                new_backends,
+                self.mirror.backends.len(),
+                self.capacity.backends,
+            ),
+        ];
+        for (map, needed, used, capacity) in checks {
+            let free = capacity.saturating_sub(used);
+            if needed > free {
+                return Err(WriteError {
+                    op: MapOp::PutService {
+                        key: service_key(frontend, 0),
+                        value: ServiceValueV4::default(),
+                    },
+                    message: format!(
+                        "needs {needed} more entries in {map}, which has {free} free of {capacity}; retried when there is room"
+                    ),
+                    map_full: true,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Deletes frontends nobody wants, and slots no frontend count covers.
@@ -531,7 +687,12 @@ impl Syncer {
                 }
             }
         }
-        // Slots without a frontend covering them (left by an interrupted agent).
+        self.remove_orphan_slots(writer, report);
+    }
+
+    /// Deletes slots no frontend count covers (left by an interrupted agent, or by a
+    /// frontend whose update failed part-way).
+    fn remove_orphan_slots(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
         let mut orphans: Vec<ServiceKeyV4> = self
             .mirror
             .services
