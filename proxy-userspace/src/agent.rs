@@ -412,6 +412,21 @@ impl Agent {
         for error in errors {
             warn!(error = %crate::error_chain(&error), "cannot pin a map again; retrying on the next resync");
         }
+        let (mut relinked, mut link_errors) = self.attachments.repair_pins();
+        if let Some(hooks) = &self.cgroup_hooks {
+            let (more, more_errors) = hooks.repair_pins();
+            relinked.extend(more);
+            link_errors.extend(more_errors);
+        }
+        for pin in &relinked {
+            warn!(pin = %pin.display(), "a link pin was missing or replaced; pinned it again");
+        }
+        if !relinked.is_empty() {
+            self.drift_repaired("links", "pin", relinked.len());
+        }
+        for error in link_errors {
+            warn!(error = %crate::error_chain(&error), "cannot pin a link again; retrying on the next resync");
+        }
         let real = match self.datapath.maps.read_mirror() {
             Ok(real) => real,
             Err(error) => {

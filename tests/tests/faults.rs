@@ -547,6 +547,15 @@ fn entries_and_pins_changed_behind_the_agents_back_are_repaired_by_the_periodic_
     );
     let backends_pin = lab.pin_dir().join(names::BACKENDS_V4);
     std::fs::remove_file(&backends_pin).expect("unpin the backend map");
+    // And a link pin: the program stays attached while the agent holds the link, but
+    // would be detached when it exits.
+    let link_pin = std::fs::read_dir(lab.pin_dir().join("links"))
+        .expect("the link pins")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.to_string_lossy().ends_with(":pod-ingress"))
+        .expect("a pod-ingress link pin");
+    std::fs::remove_file(&link_pin).expect("unpin a link");
 
     // kube-proxy's column: the periodic full sync puts it back.
     lab.wait_for("web to answer again", WAIT, || {
@@ -557,6 +566,13 @@ fn entries_and_pins_changed_behind_the_agents_back_are_repaired_by_the_periodic_
         Ok(backends_pin.exists())
     })
     .expect("the pin is repaired");
+    lab.wait_for(
+        "the link to be pinned again",
+        WAIT,
+        || Ok(link_pin.exists()),
+    )
+    .expect("the link pin is repaired");
+    aya::programs::links::PinnedLink::from_pin(&link_pin).expect("the pin is a link");
     // The pin names the map in use: the examples' six backends are in it.
     let backends = aya::maps::HashMap::<_, u32, proxy_common::BackendV4>::try_from(
         aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&backends_pin).expect("open")),
@@ -573,7 +589,11 @@ fn entries_and_pins_changed_behind_the_agents_back_are_repaired_by_the_periodic_
             &metrics,
             "kpr_datapath_drift_repaired_total{map=\"BACKEND_V4_V1\",kind=\"pin\"}",
         );
-        Ok(entries.is_some_and(|n| n >= 1.0) && pins == Some(1.0))
+        let links = kpr_lab::lab::sample(
+            &metrics,
+            "kpr_datapath_drift_repaired_total{map=\"links\",kind=\"pin\"}",
+        );
+        Ok(entries.is_some_and(|n| n >= 1.0) && pins == Some(1.0) && links == Some(1.0))
     })
     .expect("counted");
     assert!(lab.agent_log().contains("repairing"), "logged");

@@ -218,6 +218,32 @@ impl Attachments {
         }
     }
 
+    /// Pins again every held link whose pin is missing or names another link (see
+    /// [`super::link_pins`]). Returns the pins repaired and the errors.
+    pub fn repair_pins(&self) -> (Vec<PathBuf>, Vec<super::link_pins::Error>) {
+        let mut repaired = Vec::new();
+        let mut errors = Vec::new();
+        let Some(dir) = &self.links_dir else {
+            return (repaired, errors);
+        };
+        for ((interface, hook), link) in &self.links {
+            let path = dir.join(pin_name(interface, *hook));
+            let id =
+                link.info()
+                    .map(|info| info.id())
+                    .map_err(|error| super::link_pins::Error::Id {
+                        path: path.clone(),
+                        source: std::io::Error::other(error.to_string()),
+                    });
+            match id.and_then(|id| super::link_pins::ensure_pinned(id, &path)) {
+                Ok(true) => repaired.push(path),
+                Ok(false) => {}
+                Err(error) => errors.push(error),
+            }
+        }
+        (repaired, errors)
+    }
+
     /// Lets go of the links without detaching: pinned links stay attached.
     pub fn keep_all(&mut self) {
         self.links.clear();

@@ -368,6 +368,40 @@ impl CgroupHooks {
     pub fn keep_all(&mut self) {
         self.links.clear();
     }
+
+    /// Pins again every held link whose pin is missing or names another link (see
+    /// [`super::link_pins`]). Returns the pins repaired and the errors.
+    pub fn repair_pins(&self) -> (Vec<PathBuf>, Vec<super::link_pins::Error>) {
+        let mut repaired = Vec::new();
+        let mut errors = Vec::new();
+        for (hook, held) in &self.links {
+            let Some(path) = self.pin_path(*hook) else {
+                continue;
+            };
+            let id = match held {
+                HeldLink::Created { _link: link } => {
+                    link.info()
+                        .map(|info| info.id())
+                        .map_err(|error| super::link_pins::Error::Id {
+                            path: path.clone(),
+                            source: std::io::Error::other(error.to_string()),
+                        })
+                }
+                HeldLink::Adopted { _link: link } => {
+                    sys::link_id(link).map_err(|source| super::link_pins::Error::Id {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            };
+            match id.and_then(|id| super::link_pins::ensure_pinned(id, &path)) {
+                Ok(true) => repaired.push(path),
+                Ok(false) => {}
+                Err(error) => errors.push(error),
+            }
+        }
+        (repaired, errors)
+    }
 }
 
 /// Removes the cgroup link pins under `pin_dir/links` (detaching their links): what an
@@ -408,7 +442,7 @@ pub fn query(cgroup: &Path) -> Result<Vec<(SockHook, u32)>, Error> {
 /// descriptor, reading a cgroup link's target, swapping a link's program, listing a
 /// cgroup's programs, and opening socket iterators in the calling thread's namespace
 /// ([`super::sock_destroy`]).
-pub(super) mod sys {
+pub(crate) mod sys {
     use std::{
         io,
         os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
@@ -451,6 +485,29 @@ pub(super) mod sys {
         new_fd(bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?)
     }
 
+    /// `BPF_OBJ_PIN`: pins the object behind `fd` at `path` (which must not exist).
+    pub fn obj_pin(fd: &impl AsRawFd, path: &Path) -> io::Result<()> {
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+        let mut attr = zeroed_attr();
+        attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
+        attr.__bindgen_anon_4.bpf_fd =
+            u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative descriptor"))?;
+        bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(drop)
+    }
+
+    /// `BPF_LINK_GET_FD_BY_ID`: a new descriptor of the link with id `id`.
+    pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+        let mut attr = zeroed_attr();
+        attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
+        new_fd(bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr)?)
+    }
+
+    /// The id of the link behind `link`.
+    pub fn link_id(link: &impl AsRawFd) -> io::Result<u32> {
+        Ok(link_info(link)?.id)
+    }
+
     /// `BPF_LINK_CREATE` of an iterator program (`BPF_TRACE_ITER`).
     pub fn iter_link_create(program: i32) -> io::Result<OwnedFd> {
         let mut attr = zeroed_attr();
@@ -481,8 +538,8 @@ pub(super) mod sys {
         pub attach_type: u32,
     }
 
-    /// `BPF_OBJ_GET_INFO_BY_FD` of a link, which must be a cgroup link.
-    pub fn cgroup_link_info(link: &impl AsRawFd) -> io::Result<CgroupLinkInfo> {
+    /// `BPF_OBJ_GET_INFO_BY_FD` of a link.
+    fn link_info(link: &impl AsRawFd) -> io::Result<bpf_link_info> {
         // SAFETY: an all-zero bpf_link_info is valid (integers and unions of integers).
         let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
         let mut attr = zeroed_attr();
@@ -492,6 +549,12 @@ pub(super) mod sys {
             .map_err(|_| io::Error::other("bpf_link_info too large"))?;
         attr.info.info = std::ptr::from_mut(&mut info) as u64;
         bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        Ok(info)
+    }
+
+    /// What the kernel says about `link`, which must be a cgroup link.
+    pub fn cgroup_link_info(link: &impl AsRawFd) -> io::Result<CgroupLinkInfo> {
+        let info = link_info(link)?;
         if info.type_ != bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
             return Err(io::Error::other(format!(
                 "link type {} is not a cgroup link",

@@ -3,6 +3,7 @@ pub mod attach;
 pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
+pub mod link_pins;
 pub mod lock;
 pub mod node_network;
 pub mod pins;
