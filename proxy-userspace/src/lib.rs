@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+mod ebpf_stub;
 pub mod health;
 pub mod healthcheck;
 pub mod http;

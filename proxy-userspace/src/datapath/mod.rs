@@ -29,6 +29,14 @@ use crate::sync::{MapOp, MapWriter, Mirror, WriteError};
 /// The eBPF object, built by `proxy-userspace/build.rs` (see `cargo xtask build-ebpf`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPR_EBPF_OBJECT"));
 
+/// Whether this binary carries the stub `build.rs` embeds when the eBPF toolchain is
+/// missing (so the userspace crates build, and clippy runs, without bpf-linker) instead
+/// of the eBPF object.
+#[must_use]
+pub fn is_stub_object() -> bool {
+    EBPF_OBJECT == crate::ebpf_stub::MARKER
+}
+
 /// A TC program of the object and where it attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
@@ -108,6 +116,10 @@ pub enum Error {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "this kpr was built without the eBPF toolchain and carries no eBPF programs; run `cargo xtask build-ebpf` (it says what is missing), then build again"
+    )]
+    StubObject,
     #[error("{path} is not on a BPF filesystem (mount one: mount -t bpf bpf {path})")]
     NotBpffs { path: PathBuf },
     #[error("{path}")]
@@ -123,7 +135,7 @@ impl Error {
     #[must_use]
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Self::Load(_) => "load",
+            Self::Load(_) | Self::StubObject => "load",
             Self::Map { .. } | Self::MissingMap(_) => "map",
             Self::MissingProgram(_) | Self::Program { .. } => "program",
             Self::NotBpffs { .. } => "bpffs",
@@ -250,6 +262,9 @@ impl Datapath {
     /// # Errors
     /// When the kernel refuses the object or a pin directory is unusable.
     pub fn load(options: &LoadOptions) -> Result<Self> {
+        if is_stub_object() {
+            return Err(Error::StubObject);
+        }
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
