@@ -17,6 +17,7 @@ pub mod socket_lb;
 pub mod source;
 pub mod state;
 pub mod sync;
+pub mod takeover;
 
 /// An error with all its causes, `outer: inner: root`, for log lines (library error
 /// types keep causes as sources, which `Display` alone leaves out).

@@ -170,7 +170,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -185,6 +185,7 @@ pub const ALL_MAPS: [&str; 14] = [
     proxy_common::sock::CONFIG_NAME,
     proxy_common::sock::AFFINITY_V4_NAME,
     proxy_common::sock::DESTROY_V4_NAME,
+    proxy_common::takeover::NF_CHECK_NAME,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
