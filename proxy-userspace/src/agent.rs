@@ -33,6 +33,7 @@ use crate::{
         SourceConfig,
     },
     sync::Syncer,
+    takeover::{self, KernelSupport, Takeover},
 };
 
 /// Everything the agent needs to run.
@@ -145,6 +146,10 @@ pub async fn run(
         });
     }
 
+    // Before anything is attached: connections kube-proxy translated stay netfilter's.
+    let mut takeover = Takeover::new(KernelSupport::probe());
+    takeover.refresh_recorded(&mut datapath, syncer.mirror(), &metrics);
+
     let mut health_checks = HealthCheckServers::new(
         config.health_check_addresses.clone(),
         health.clone(),
@@ -182,6 +187,7 @@ pub async fn run(
     // A backstop for lost link notifications.
     let mut rescan_timer = tokio::time::interval(Duration::from_secs(5));
     let mut metrics_timer = tokio::time::interval(METRICS_REFRESH);
+    let mut takeover_timer = tokio::time::interval(takeover::SCAN_INTERVAL);
     let mut known_diagnostics = BTreeSet::new();
     let mut synced_once = false;
     tokio::pin!(shutdown);
@@ -198,6 +204,7 @@ pub async fn run(
                 let snapshot = snapshots.borrow_and_update().clone();
                 let wanted_health_checks = sync_once(&model_settings, &snapshot, &mut syncer, &mut datapath, &mut known_diagnostics, &metrics, socket_lb::hooked_cgroup(&config));
                 health_checks.update(&wanted_health_checks).await;
+                takeover.after_sync(&mut datapath, syncer.mirror(), &metrics);
                 if !synced_once {
                     // Attach only once the maps hold the whole desired state, so no pod
                     // ever sees a half-programmed datapath; healthy only after both.
@@ -242,6 +249,7 @@ pub async fn run(
                     health_checks.retry().await;
                 }
             }
+            _ = takeover_timer.tick() => takeover.refresh_recorded(&mut datapath, syncer.mirror(), &metrics),
             _ = metrics_timer.tick() => {
                 refresh_metrics(&metrics, &datapath, &syncer, &attachments, cgroup_hooks.as_ref());
                 if let Some(status) = &api_status {

@@ -11,6 +11,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod inspect;
 pub mod kernel;
+pub mod kube_proxy_rules;
 pub mod metrics;
 pub mod model;
 pub mod socket_lb;

@@ -236,6 +236,11 @@ struct CleanupArgs {
     /// The pin directory the agent used.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
     bpffs: PathBuf,
+    /// Remove kube-proxy's iptables chains and nftables tables instead (and nothing
+    /// of kpr's): the last step of a takeover, once kpr serves the node. Connections
+    /// kube-proxy set up keep their backend until they end.
+    #[arg(long)]
+    kube_proxy_rules: bool,
 }
 
 /// An address flag where "" means off.
@@ -295,6 +300,12 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(agent::run(config, shutdown_signal()))
+        }
+        Command::Cleanup(args) if args.kube_proxy_rules => {
+            init_logging("info");
+            proxy_userspace::kube_proxy_rules::cleanup()
+                .context("removing kube-proxy's rules")
+                .map(drop)
         }
         Command::Cleanup(args) => {
             init_logging("info");

@@ -11,13 +11,17 @@
 pub mod btf;
 pub mod ctnetlink;
 
-use std::{collections::BTreeSet, io, net::Ipv4Addr};
+use std::{collections::BTreeSet, io, net::Ipv4Addr, time::Duration};
 
 use aya::maps::{Array, MapError};
 use proxy_common::takeover::{NfCheck, NF_CHECK_NAME};
 use tracing::{info, warn};
 
-use crate::datapath::Datapath;
+use crate::{
+    datapath::Datapath,
+    metrics::{Metrics, ReasonLabels},
+    sync::Mirror,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,7 +49,7 @@ pub type FrontendAddr = (Ipv4Addr, u16, u8);
 
 /// The frontends of the service map (slot-0 entries), as the datapath holds them.
 #[must_use]
-pub fn frontends_of(mirror: &crate::sync::Mirror) -> BTreeSet<FrontendAddr> {
+pub fn frontends_of(mirror: &Mirror) -> BTreeSet<FrontendAddr> {
     mirror
         .services
         .keys()
@@ -122,11 +126,19 @@ pub struct Report {
     pub enabled: bool,
 }
 
+/// How often netfilter's conntrack is read again: the check goes off this long after
+/// kube-proxy's last connection ended at the latest, and on this long after kube-proxy
+/// (still running beside kpr) translated a connection the datapath does not see first,
+/// e.g. one from the node itself.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Keeps the datapath's check in step with netfilter's conntrack.
 pub struct Takeover {
     support: KernelSupport,
     /// What the map holds, as last written (`None`: not written yet).
     written: Option<NfCheck>,
+    /// The frontends of the last refresh.
+    frontends: Option<BTreeSet<FrontendAddr>>,
 }
 
 impl Takeover {
@@ -136,6 +148,7 @@ impl Takeover {
         Self {
             support,
             written: None,
+            frontends: None,
         }
     }
 
@@ -172,6 +185,51 @@ impl Takeover {
             frontend_flows,
             enabled,
         })
+    }
+
+    /// [`Self::refresh`] against the frontends the maps hold, with its outcome in the
+    /// metrics and failures logged.
+    pub fn refresh_recorded(
+        &mut self,
+        datapath: &mut Datapath,
+        mirror: &Mirror,
+        metrics: &Metrics,
+    ) {
+        let frontends = frontends_of(mirror);
+        let result = self.refresh(datapath, &frontends);
+        self.frontends = Some(frontends);
+        match result {
+            Ok(report) => {
+                metrics
+                    .takeover_netfilter_flows
+                    .set(i64::try_from(report.frontend_flows).unwrap_or(i64::MAX));
+                metrics
+                    .takeover_check_enabled
+                    .set(i64::from(report.enabled));
+            }
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "takeover from kube-proxy: cannot tell whether netfilter translates connections to our frontends; the datapath keeps asking it");
+                metrics
+                    .takeover_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: error.metric_label().to_owned(),
+                    })
+                    .inc();
+                if let Ok(check) = read_check(datapath) {
+                    metrics
+                        .takeover_check_enabled
+                        .set(i64::from(check.enabled != 0));
+                }
+            }
+        }
+    }
+
+    /// After a sync: refreshes when the frontends changed, so a frontend that
+    /// netfilter holds connections for is never translated before the next scan.
+    pub fn after_sync(&mut self, datapath: &mut Datapath, mirror: &Mirror, metrics: &Metrics) {
+        if self.frontends.as_ref() != Some(&frontends_of(mirror)) {
+            self.refresh_recorded(datapath, mirror, metrics);
+        }
     }
 
     /// Sets the check on or off (on only where the kernel supports it); returns what
