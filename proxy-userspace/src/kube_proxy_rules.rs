@@ -34,6 +34,18 @@ const TABLES: [&str; 3] = ["nat", "filter", "mangle"];
 /// The nftables tables kube-proxy's nftables mode creates, as (family, name).
 const NFT_TABLES: [(&str, &str); 2] = [("ip", "kube-proxy"), ("ip6", "kube-proxy")];
 
+/// A table of kpr's that keeps netfilter translating the connections kube-proxy set
+/// up, added before kube-proxy's rules go while netfilter still translates some.
+/// netfilter applies an established connection's NAT (kept in its conntrack entry)
+/// only while the namespace has a NAT chain (which registers the NAT hooks) and a
+/// rule that needs conntrack (which registers the conntrack hooks, taken per namespace
+/// on demand). kube-proxy's rules are often the only ones of either kind: without
+/// them every connection kube-proxy translated stops being translated at once
+/// (measured: all 202 of the takeover test broke with nftables-mode rules removed).
+/// The hold is one NAT chain with one conntrack rule that changes nothing; the agent
+/// removes it once those connections are gone ([`release_nat_hold`]).
+const NAT_HOLD: (&str, &str) = ("ip", "kpr-nat-hold");
+
 /// kube-proxy's chains with fixed names (`pkg/proxy/iptables/proxier.go`).
 const KUBE_PROXY_CHAINS: [&str; 9] = [
     "KUBE-SERVICES",
@@ -100,6 +112,8 @@ pub struct Report {
     pub nft_tables: Vec<String>,
     /// Tools not found (what they would show was not checked).
     pub missing_tools: Vec<String>,
+    /// The NAT hold table was added ([`NAT_HOLD`]).
+    pub nat_hold: bool,
 }
 
 /// One table of `iptables-save` output: chains in order, rules by chain.
@@ -364,19 +378,80 @@ fn clean_nftables(report: &mut Report) -> Result<(), Error> {
         report.missing_tools.push("nft".to_owned());
         return Ok(());
     };
-    let listed = run(&nft, &["list", "tables"], None)?;
-    for line in listed.lines() {
-        let mut words = line.split_whitespace();
-        let (Some("table"), Some(family), Some(name)) = (words.next(), words.next(), words.next())
-        else {
-            continue;
-        };
-        if NFT_TABLES.contains(&(family, name)) {
-            run(&nft, &["delete", "table", family, name], None)?;
-            report.nft_tables.push(format!("{family} {name}"));
-        }
+    let tables = nft_tables(&nft)?;
+    let theirs: Vec<&(String, String)> = tables
+        .iter()
+        .filter(|(family, name)| NFT_TABLES.contains(&(family.as_str(), name.as_str())))
+        .collect();
+    if theirs.is_empty() {
+        return Ok(());
+    }
+    for (family, name) in theirs {
+        run(&nft, &["delete", "table", family, name], None)?;
+        report.nft_tables.push(format!("{family} {name}"));
     }
     Ok(())
+}
+
+/// Adds the NAT hold ([`NAT_HOLD`]) while netfilter translates connections (an
+/// unreadable conntrack table counts as translating: the hold is harmless).
+fn hold_nat(report: &mut Report) -> Result<(), Error> {
+    let translating =
+        crate::takeover::ctnetlink::nat_flows().map_or(true, |flows| !flows.is_empty());
+    if !translating {
+        return Ok(());
+    }
+    let Some(nft) = find_tool("nft") else {
+        report.missing_tools.push("nft".to_owned());
+        warn!("nft is not installed: cannot keep netfilter translating; connections kube-proxy translated may break once its rules are gone");
+        return Ok(());
+    };
+    let (family, name) = NAT_HOLD;
+    let input = format!(
+        "add table {family} {name} {{ comment \"kpr: keeps netfilter translating kube-proxy's connections until they end\" ; }}\n\
+         add chain {family} {name} hold {{ type nat hook postrouting priority 100 ; }}\n\
+         flush chain {family} {name} hold\n\
+         add rule {family} {name} hold ct state established counter\n"
+    );
+    run(&nft, &["-f", "-"], Some(&input))?;
+    report.nat_hold = true;
+    Ok(())
+}
+
+/// The tables nft lists, as (family, name).
+fn nft_tables(nft: &Path) -> Result<Vec<(String, String)>, Error> {
+    let listed = run(nft, &["list", "tables"], None)?;
+    Ok(listed
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("table"), Some(family), Some(name)) => {
+                    Some((family.to_owned(), name.to_owned()))
+                }
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// Removes the NAT hold table ([`NAT_HOLD`]) if there is one; returns whether there was.
+/// Called by the agent once netfilter translates no connection to a frontend any more.
+///
+/// # Errors
+/// When nft fails.
+pub fn release_nat_hold() -> Result<bool, Error> {
+    let Some(nft) = find_tool("nft") else {
+        return Ok(false);
+    };
+    let (family, name) = NAT_HOLD;
+    let held = nft_tables(&nft)?
+        .iter()
+        .any(|(listed_family, listed)| listed_family == family && listed == name);
+    if held {
+        run(&nft, &["delete", "table", family, name], None)?;
+    }
+    Ok(held)
 }
 
 /// Removes kube-proxy's rules from every flavour of this network namespace, logging
@@ -387,6 +462,7 @@ fn clean_nftables(report: &mut Report) -> Result<(), Error> {
 /// cleanup again finishes the job).
 pub fn cleanup() -> Result<Report, Error> {
     let mut report = Report::default();
+    hold_nat(&mut report)?;
     for flavour in IPTABLES {
         clean_iptables(flavour, &mut report)?;
     }
@@ -411,6 +487,12 @@ pub fn cleanup() -> Result<Report, Error> {
     }
     for table in &report.nft_tables {
         info!(table, "removed kube-proxy's nftables table");
+    }
+    if report.nat_hold {
+        info!(
+            table = format!("{} {}", NAT_HOLD.0, NAT_HOLD.1),
+            "netfilter still translates kube-proxy's connections: a table of kpr's keeps them translated, and the agent removes it once they have ended"
+        );
     }
     for tool in &report.missing_tools {
         info!(tool, "not installed: its rules were not checked");

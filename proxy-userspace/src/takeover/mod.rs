@@ -139,6 +139,9 @@ pub struct Takeover {
     written: Option<NfCheck>,
     /// The frontends of the last refresh.
     frontends: Option<BTreeSet<FrontendAddr>>,
+    /// Whether `kpr cleanup --kube-proxy-rules`'s NAT hold was looked for since
+    /// netfilter last translated a connection to a frontend.
+    hold_released: bool,
 }
 
 impl Takeover {
@@ -149,6 +152,7 @@ impl Takeover {
             support,
             written: None,
             frontends: None,
+            hold_released: false,
         }
     }
 
@@ -200,6 +204,7 @@ impl Takeover {
         self.frontends = Some(frontends);
         match result {
             Ok(report) => {
+                self.release_hold_when_done(report.frontend_flows);
                 metrics
                     .takeover_netfilter_flows
                     .set(i64::try_from(report.frontend_flows).unwrap_or(i64::MAX));
@@ -220,6 +225,27 @@ impl Takeover {
                         .takeover_check_enabled
                         .set(i64::from(check.enabled != 0));
                 }
+            }
+        }
+    }
+
+    /// Once no connection of kube-proxy's is left, removes the table that kept
+    /// netfilter's NAT working for them after kube-proxy's nftables table went
+    /// ([`crate::kube_proxy_rules::release_nat_hold`]); looked for once per takeover.
+    fn release_hold_when_done(&mut self, frontend_flows: usize) {
+        if frontend_flows > 0 {
+            self.hold_released = false;
+            return;
+        }
+        if self.hold_released {
+            return;
+        }
+        self.hold_released = true;
+        match crate::kube_proxy_rules::release_nat_hold() {
+            Ok(true) => info!("kube-proxy's last connection ended: removed the NAT hold table"),
+            Ok(false) => {}
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot remove the NAT hold table");
             }
         }
     }
