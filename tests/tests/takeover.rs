@@ -576,16 +576,28 @@ struct Flows {
 impl Flows {
     /// Asks every flow once more; returns the flows that broke or moved, with why.
     fn check(&mut self) -> Vec<String> {
-        let mut broken = Vec::new();
-        for (name, conversation, backend) in &mut self.tcp {
-            match conversation.ask() {
-                Ok(answer) if answer.server == *backend => {}
-                Ok(answer) => {
-                    broken.push(format!("{name}: moved from {backend} to {}", answer.server))
-                }
-                Err(error) => broken.push(format!("{name} (to {backend}): {error:#}")),
-            }
-        }
+        // All at once: a broken connection costs its read timeout, once.
+        let mut broken: Vec<String> = std::thread::scope(|scope| {
+            let asks: Vec<_> = self
+                .tcp
+                .iter_mut()
+                .map(|(name, conversation, backend)| {
+                    scope.spawn(move || match conversation.ask() {
+                        Ok(answer) if answer.server == *backend => None,
+                        Ok(answer) => {
+                            Some(format!("{name}: moved from {backend} to {}", answer.server))
+                        }
+                        Err(error) => Some(format!("{name} (to {backend}): {error:#}")),
+                    })
+                })
+                .collect();
+            asks.into_iter()
+                .filter_map(|ask| {
+                    ask.join()
+                        .unwrap_or_else(|_| Some("a check panicked".into()))
+                })
+                .collect()
+        });
         for (name, stream, backend) in &self.udp {
             let log = stream.take();
             let moved = log.answers.keys().any(|server| server != backend);
@@ -702,7 +714,11 @@ fn metric(lab: &kpr_lab::lab::Lab, name: &str) -> Result<Option<f64>> {
         .and_then(|value| value.parse().ok()))
 }
 
-fn takeover_from(mode: KubeProxyMode) {
+/// Two nodes with a web pod each (TCP and UDP echo), a client pod on node-a, and
+/// short conntrack timeouts for closed and silent flows on node-a: netfilter forgets
+/// them within seconds, so the end of a takeover comes soon after its flows end (the
+/// streams send every 100 ms and wait at most 3 s for an answer, well inside 5 s).
+fn lab_cluster() -> Cluster {
     let mut cluster = Cluster::new().expect("cluster");
     for (node, name, ip) in [(0, "web-a", WEB_A), (1, "web-b", WEB_B)] {
         let lab = &mut cluster.nodes[node];
@@ -713,6 +729,25 @@ fn takeover_from(mode: KubeProxyMode) {
     cluster.nodes[0]
         .add_pod("client", CLIENT_POD)
         .expect("client pod");
+    for (key, value) in [
+        ("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1"),
+        ("net.netfilter.nf_conntrack_tcp_timeout_close", "1"),
+        ("net.netfilter.nf_conntrack_udp_timeout", "5"),
+        ("net.netfilter.nf_conntrack_udp_timeout_stream", "5"),
+    ] {
+        cluster.nodes[0]
+            .node
+            .sysctl(key, value)
+            .expect("conntrack timeout");
+    }
+    cluster.nodes[0]
+        .write_manifest("web.yaml", &web_manifest())
+        .expect("manifest");
+    cluster
+}
+
+fn takeover_from(mode: KubeProxyMode) {
+    let mut cluster = lab_cluster();
     load_kube_proxy(&cluster.nodes[0].node, mode).expect("kube-proxy's rules");
 
     // 1. Under kube-proxy: 200 connections and 2 UDP streams, spread over both
@@ -732,9 +767,6 @@ fn takeover_from(mode: KubeProxyMode) {
 
     // 2. kpr starts beside kube-proxy's rules: it finds netfilter's flows and leaves
     //    them to it; new connections are its own.
-    cluster.nodes[0]
-        .write_manifest("web.yaml", &web_manifest())
-        .expect("manifest");
     cluster.nodes[0]
         .start_agent(&["--cluster-cidr", "10.244.0.0/16"])
         .expect("agent");
@@ -822,16 +854,8 @@ fn takeover_from(mode: KubeProxyMode) {
     };
     assert!(held().expect("nft"), "the NAT hold is there");
 
-    // 4. kube-proxy's connections end (netfilter forgets them in a second here): the
-    //    datapath stops asking netfilter, the hold goes, new connections still work.
-    for (key, value) in [
-        ("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1"),
-        ("net.netfilter.nf_conntrack_tcp_timeout_close", "1"),
-        ("net.netfilter.nf_conntrack_udp_timeout", "1"),
-        ("net.netfilter.nf_conntrack_udp_timeout_stream", "1"),
-    ] {
-        lab.node.sysctl(key, value).expect("conntrack timeout");
-    }
+    // 4. kube-proxy's connections end (netfilter forgets them within seconds here):
+    //    the datapath stops asking netfilter, the hold goes, new connections still work.
     drop(flows);
     lab.wait_for(
         "the takeover check to go off",
@@ -841,7 +865,10 @@ fn takeover_from(mode: KubeProxyMode) {
                 && metric(lab, "kpr_takeover_netfilter_flows")? == Some(0.0))
         },
     )
-    .expect("check off");
+    .unwrap_or_else(|error| {
+        let left = lab.node.run(|| Ok(takeover::ctnetlink::nat_flows()?));
+        panic!("{error:#}\nnetfilter's DNAT flows: {left:?}")
+    });
     assert!(!held().expect("nft"), "the NAT hold is gone");
     let (answered, by_netfilter, failed) = new_connections(&cluster, 10).expect("new connections");
     assert!(failed.is_empty(), "{}", failed.join("\n"));
@@ -861,4 +888,40 @@ fn takeover_from_kube_proxys_iptables_legacy_mode_keeps_every_connection() {
 #[test]
 fn takeover_from_kube_proxys_nftables_mode_keeps_every_connection() {
     takeover_from(KubeProxyMode::Nftables);
+}
+
+/// The reverse, measured: kpr stops (programs detached) and kube-proxy's rules come
+/// back. Connections kpr translated per packet (TC) were never netfilter's: their
+/// next packets reach kube-proxy's rules as new flows, are sent to a backend chosen
+/// again, and the connections break (a reset from a backend that never saw them, or
+/// drops where netfilter's new entry clashes with the one it kept for the translated
+/// flow). UDP streams carry on, to kube-proxy's choice. New connections are
+/// kube-proxy's at once.
+#[test]
+fn rolling_back_to_kube_proxy_breaks_the_tcp_connections_kpr_translated() {
+    let mut cluster = lab_cluster();
+    cluster.nodes[0]
+        .start_agent(&["--cluster-cidr", "10.244.0.0/16"])
+        .expect("agent");
+    let mut flows = open_lab_flows(&cluster).expect("flows under kpr");
+    assert!(flows.check().is_empty(), "every flow works under kpr");
+
+    cluster.nodes[0].stop_agent().expect("stopping kpr");
+    load_kube_proxy(&cluster.nodes[0].node, KubeProxyMode::IptablesNft)
+        .expect("kube-proxy's rules");
+    let broken = flows.check();
+    let tcp_broken = broken.iter().filter(|line| line.contains(" tcp #")).count();
+    let udp: Vec<&String> = broken.iter().filter(|line| line.contains(" udp")).collect();
+    eprintln!(
+        "rollback to kube-proxy (iptables): {tcp_broken} of {} TCP connections kpr translated broke; UDP streams: {udp:?}",
+        flows.tcp.len()
+    );
+    assert_eq!(tcp_broken, flows.tcp.len(), "{broken:#?}");
+    let (answered, by_netfilter, failed) = new_connections(&cluster, 10).expect("new connections");
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert_eq!(
+        (answered, by_netfilter),
+        (20, 20),
+        "new connections are kube-proxy's"
+    );
 }
