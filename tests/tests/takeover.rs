@@ -162,6 +162,52 @@ fn outcome(
     }
 }
 
+/// The check's cost per packet, as the kernel times BPF_PROG_TEST_RUN (a figure for
+/// the README, not asserted: no timed assertions). `owned` is a packet of a flow
+/// netfilter translates.
+fn check_cost(harness: &mut DatapathHarness, owned: &Frame, status_offset: u32) -> Result<String> {
+    const REPEAT: u32 = 200_000;
+    let mut run = |frame: &Frame, enabled: bool, frontend_flags: u16| -> Result<(i32, Duration)> {
+        harness.clear()?;
+        let backends = if frontend_flags == 0 {
+            vec![kpr_backend(8080)]
+        } else {
+            Vec::new()
+        };
+        harness.install(&[frontend(
+            "web",
+            SocketAddrV4::new(VIP, 80),
+            proto::TCP,
+            &backends,
+            frontend_flags,
+        )])?;
+        takeover::write_check(
+            &mut harness.datapath,
+            NfCheck {
+                enabled: u32::from(enabled),
+                status_offset,
+            },
+        )?;
+        let output = harness.run_on(Hook::PodIngress, &frame.to_bytes(), REPEAT)?;
+        Ok((output.verdict, output.duration))
+    };
+    // A frontend without backends that drops: every run takes the new-flow path
+    // (conntrack misses, frontend found) and leaves no state behind.
+    let drop_flags = proxy_common::service_flags::DROP_WHEN_EMPTY;
+    let stranger = Frame::tcp(
+        sock(10, 244, 1, 2, 1),
+        SocketAddrV4::new(VIP, 80),
+        TcpFlags::ACK,
+    );
+    let (_, off) = run(&stranger, false, drop_flags)?;
+    let (_, missed) = run(&stranger, true, drop_flags)?;
+    let (verdict, owned_on) = run(owned, true, 0)?;
+    anyhow::ensure!(verdict == 0, "netfilter's packet passes");
+    Ok(format!(
+        "takeover check, ns per packet on the new-flow path: check off {off:?}, check on and netfilter knows no such flow {missed:?}, check on for a packet of netfilter's (passed) {owned_on:?}"
+    ))
+}
+
 #[test]
 fn the_datapath_asks_netfilter_about_new_flows_while_the_check_is_on() {
     let support = KernelSupport::probe();
@@ -272,7 +318,9 @@ fn the_datapath_asks_netfilter_about_new_flows_while_the_check_is_on() {
                     seen.push((*name, enabled, result, passed));
                 }
             }
+            let cost = check_cost(&mut harness, &ack, support.status_offset.unwrap_or(0))?;
             drop(flows);
+            eprintln!("{cost}");
             Ok((nat, tcp, udp, seen))
         })
         .expect("run in the namespace");
