@@ -90,9 +90,12 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    if let Some(path) = &config.cgroup_path {
+        config.cgroup_path = Some(cgroup::resolve_cgroup2(path).context("--cgroup-path")?);
+    }
     match &config.cgroup_path {
         Some(path) => {
-            cgroup::check_cgroup2(path).context("--cgroup-path")?;
             info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
         }
         None => info!(
@@ -380,7 +383,8 @@ fn sync_once(
         removed = report.frontends_removed,
         map_writes = report.ops_applied,
         failed = report.failures.len(),
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        // Whole microseconds: the shortest float that prints them has no noise.
+        elapsed_ms = started.elapsed().as_micros() as f64 / 1000.0,
         "synced"
     );
     desired.health_checks

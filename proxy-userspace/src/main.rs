@@ -229,6 +229,18 @@ struct RunArgs {
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
     #[arg(long, default_value = "info")]
     log_level: String,
+
+    /// Log line format: `text` (coloured only when stderr is a terminal) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -251,12 +263,18 @@ fn optional_address(text: &str) -> anyhow::Result<Option<SocketAddr>> {
     Ok(Some(text.parse()?))
 }
 
-fn init_logging(level: &str) {
+/// Logs to stderr: colour only on a terminal (a file or a pipe gets plain text), or
+/// JSON lines.
+fn init_logging(level: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 async fn shutdown_signal() {
@@ -281,7 +299,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Run(args) => {
-            init_logging(&args.log_level);
+            init_logging(&args.log_level, args.log_format);
             let explicit = |id: &str| {
                 matches
                     .subcommand_matches("run")
@@ -302,13 +320,13 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(agent::run(config, shutdown_signal()))
         }
         Command::Cleanup(args) if args.kube_proxy_rules => {
-            init_logging("info");
+            init_logging("info", LogFormat::Text);
             proxy_userspace::kube_proxy_rules::cleanup()
                 .context("removing kube-proxy's rules")
                 .map(drop)
         }
         Command::Cleanup(args) => {
-            init_logging("info");
+            init_logging("info", LogFormat::Text);
             agent::cleanup(&args.bpffs);
             Ok(())
         }

@@ -105,6 +105,10 @@ pub enum Error {
     },
     #[error("{path} is not on a BPF filesystem (mount one: mount -t bpf bpf {path})")]
     NotBpffs { path: PathBuf },
+    #[error(
+        "{path} cannot be made: {sysfs} is a sysfs with no BPF filesystem on it. `ip netns exec` mounts a fresh /sys for the namespace, hiding the host's /sys/fs/bpf: enter the namespace with `nsenter --net=/run/netns/NAME` (which keeps /sys), mount one (mount -t bpf bpf /sys/fs/bpf), or pass --bpffs DIR on a BPF filesystem"
+    )]
+    BpffsHidden { path: PathBuf, sysfs: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -117,7 +121,7 @@ impl Error {
             Self::Load(_) => "load",
             Self::Map { .. } | Self::MissingMap(_) => "map",
             Self::MissingProgram(_) | Self::Program { .. } => "program",
-            Self::NotBpffs { .. } => "bpffs",
+            Self::NotBpffs { .. } | Self::BpffsHidden { .. } => "bpffs",
             Self::Io { .. } => "io",
         }
     }
@@ -227,6 +231,16 @@ pub fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// The error for a pin directory whose nearest existing ancestor is a sysfs (a
+/// directory cannot be made there): what `ip netns exec` leaves of /sys/fs/bpf.
+fn pin_dir_on_sysfs(dir: &Path) -> Option<Error> {
+    let existing = dir.ancestors().find(|ancestor| ancestor.exists())?;
+    (cgroup::fs_magic(existing) == Some(cgroup::SYSFS_MAGIC)).then(|| Error::BpffsHidden {
+        path: dir.to_path_buf(),
+        sysfs: existing.to_path_buf(),
+    })
+}
+
 fn take<K, V>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>>
 where
     K: aya::Pod,
@@ -245,9 +259,11 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-                    path: dir.clone(),
-                    source,
+                std::fs::create_dir_all(dir).map_err(|source| {
+                    pin_dir_on_sysfs(dir).unwrap_or(Error::Io {
+                        path: dir.clone(),
+                        source,
+                    })
                 })?;
                 if !is_bpffs(dir) {
                     return Err(Error::NotBpffs { path: dir.clone() });
