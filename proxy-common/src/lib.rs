@@ -15,6 +15,7 @@
 
 pub mod maps;
 pub mod sock;
+pub mod takeover;
 
 pub use maps::*;
 pub use sock::{SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4};

@@ -447,6 +447,9 @@ pub mod counter {
     /// A connected socket whose backend left was destroyed by the socket iterator
     /// (`bpf_sock_destroy`), so its application connects again.
     pub const SOCK_DESTROYED: u32 = 17;
+    /// A new flow to a frontend that netfilter's conntrack already tracks (a flow
+    /// kube-proxy's NAT set up before kpr took over) passed untouched, left to netfilter.
+    pub const NF_TRACKED_PASSED: u32 = 31;
 
     /// First drop reason; everything from here on counts dropped packets.
     pub const FIRST_DROP: u32 = 32;
@@ -515,7 +518,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "",
     "",
     "",
-    "",
+    "nf_tracked_passed",
     "drop_no_local_backend",
     "drop_backend_missing",
     "drop_ct_insert",

@@ -38,6 +38,7 @@ mod snat;
 mod sock;
 mod sock_destroy;
 mod stats;
+mod takeover;
 mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};

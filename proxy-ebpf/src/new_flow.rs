@@ -12,7 +12,7 @@ use crate::{
     icmp_reply::{self, IcmpReply},
     maps, nat,
     parse::{Kind, Packet},
-    service, snat, stats,
+    service, snat, stats, takeover,
     verdict::{DropReason, Result, PASS},
 };
 
@@ -66,6 +66,9 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
     let Some(frontend) = service::lookup(&pkt.tuple, origin == Origin::Pod) else {
         return Ok(PASS);
     };
+    if takeover::netfilter_translates(ctx, pkt) {
+        return Ok(PASS);
+    }
     let flags = frontend.value.flags;
     if flags & service_flags::SOURCE_RANGES != 0
         && !service::source_allowed(&frontend, pkt.tuple.src_addr)

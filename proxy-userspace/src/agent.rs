@@ -35,6 +35,7 @@ use crate::{
     socket_lb,
     source::{self, Snapshot, SourceConfig},
     sync::{FrontendFailure, SyncReport, Syncer},
+    takeover::{self, KernelSupport, Takeover},
 };
 
 /// Everything the agent needs to run.
@@ -154,6 +155,9 @@ struct Agent {
     health: SyncHealth,
     metrics: Arc<Metrics>,
     health_checks: HealthCheckServers,
+    /// Whether the datapath leaves flows netfilter already translates to it (taking
+    /// over from kube-proxy).
+    takeover: Takeover,
     /// The API source's status, for the metrics.
     api_status: Option<Arc<source::kube::ApiStatus>>,
     /// Diagnostics already logged (each is logged once, and again when resolved).
@@ -172,13 +176,15 @@ struct Agent {
 
 impl Agent {
     /// Loads (or adopts) the datapath and starts the health and metrics servers.
-    fn start(config: AgentConfig) -> anyhow::Result<Self> {
+    fn start(mut config: AgentConfig) -> anyhow::Result<Self> {
         // Before anything is opened, written or removed: a second agent on the same
         // pins must leave the first one's alone.
         let lock = PinDirLock::acquire(&config.pin_dir)?;
+        if let Some(path) = &config.cgroup_path {
+            config.cgroup_path = Some(cgroup::resolve_cgroup2(path).context("--cgroup-path")?);
+        }
         match &config.cgroup_path {
             Some(path) => {
-                cgroup::check_cgroup2(path).context("--cgroup-path")?;
                 info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
             }
             None => info!(
@@ -240,6 +246,9 @@ impl Agent {
             metrics.health_check_bind_failures.clone(),
         )
         .with_rejected_counter(metrics.http_rejected("health_check"));
+        // Before anything is attached: connections kube-proxy translated stay netfilter's.
+        let mut takeover = Takeover::new(KernelSupport::probe());
+        takeover.refresh_recorded(&mut datapath, syncer.mirror(), &metrics);
         Ok(Self {
             lock: Some(lock),
             config,
@@ -253,6 +262,7 @@ impl Agent {
             health,
             metrics,
             health_checks,
+            takeover,
             api_status: None,
             known_diagnostics: BTreeSet::new(),
             snapshot: None,
@@ -291,6 +301,7 @@ impl Agent {
         let mut gc_timer = tokio::time::interval(self.config.conntrack_gc_interval);
         let mut rescan_timer = tokio::time::interval(RESCAN_INTERVAL);
         let mut metrics_timer = tokio::time::interval(METRICS_REFRESH);
+        let mut takeover_timer = tokio::time::interval(takeover::SCAN_INTERVAL);
         let period = self.config.sync_period;
         let mut resync_timer =
             tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -318,6 +329,7 @@ impl Agent {
                 _ = metrics_timer.tick() => self.on_metrics_tick(),
                 _ = gc_timer.tick() => self.on_gc_tick(),
                 _ = resync_timer.tick() => self.on_resync_tick().await,
+                _ = takeover_timer.tick() => self.on_takeover_tick(),
             }
         }
     }
@@ -337,6 +349,8 @@ impl Agent {
             return;
         };
         self.health_checks.update(&desired.health_checks).await;
+        self.takeover
+            .after_sync(&mut self.datapath, self.syncer.mirror(), &self.metrics);
         if !self.synced_once {
             // Attach only once the maps hold the whole desired state, so no pod ever
             // sees a half-programmed datapath; healthy only after both.
@@ -356,6 +370,13 @@ impl Agent {
             self.health.synced();
         }
         self.refresh_metrics();
+    }
+
+    /// Whether netfilter still holds flows kube-proxy translated to our frontends: the
+    /// datapath's check stays on exactly as long.
+    fn on_takeover_tick(&mut self) {
+        self.takeover
+            .refresh_recorded(&mut self.datapath, self.syncer.mirror(), &self.metrics);
     }
 
     /// A link came, went or changed: follow the node's network and attach.
@@ -594,7 +615,8 @@ impl Agent {
             removed = report.frontends_removed,
             map_writes = report.ops_applied,
             failed = report.failures.len(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            // Whole microseconds: the shortest float that prints them has no noise.
+            elapsed_ms = started.elapsed().as_micros() as f64 / 1000.0,
             "synced"
         );
         self.retry_pending = !report.failures.is_empty() || !report.cleanup_errors.is_empty();

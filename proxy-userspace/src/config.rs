@@ -386,6 +386,18 @@ pub struct RunArgs {
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
     #[arg(long, default_value = "info")]
     log_level: String,
+
+    /// Log line format: `text` (coloured only when stderr is a terminal) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// An address setting where "" means off.
@@ -410,6 +422,12 @@ impl RunArgs {
     #[must_use]
     pub fn log_level(&self) -> &str {
         &self.log_level
+    }
+
+    /// The log format flag.
+    #[must_use]
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
     }
 
     /// The agent's configuration: flags given on the command line (or by environment),

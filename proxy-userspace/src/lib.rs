@@ -13,12 +13,14 @@ pub mod healthcheck;
 pub mod http;
 pub mod inspect;
 pub mod kernel;
+pub mod kube_proxy_rules;
 pub mod metrics;
 pub mod model;
 pub mod socket_lb;
 pub mod source;
 pub mod state;
 pub mod sync;
+pub mod takeover;
 
 /// An error with all its causes, `outer: inner: root`, for log lines (library error
 /// types keep causes as sources, which `Display` alone leaves out).

@@ -7,7 +7,7 @@ use clap::{
 };
 use proxy_userspace::{
     agent,
-    config::RunArgs,
+    config::{LogFormat, RunArgs},
     inspect::{self, PinnedMaps},
 };
 use tracing_subscriber::EnvFilter;
@@ -118,14 +118,25 @@ struct CleanupArgs {
     /// The pin directory the agent used.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/kpr")]
     bpffs: PathBuf,
+    /// Remove kube-proxy's iptables chains and nftables tables instead (and nothing
+    /// of kpr's): the last step of a takeover, once kpr serves the node. Connections
+    /// kube-proxy set up keep their backend until they end.
+    #[arg(long)]
+    kube_proxy_rules: bool,
 }
 
-fn init_logging(level: &str) {
+/// Logs to stderr: colour only on a terminal (a file or a pipe gets plain text), or
+/// JSON lines.
+fn init_logging(level: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 async fn shutdown_signal() {
@@ -180,7 +191,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Run(args) => {
-            init_logging(args.log_level());
+            init_logging(args.log_level(), args.log_format());
             let explicit = |id: &str| {
                 matches
                     .subcommand_matches("run")
@@ -201,8 +212,14 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(agent::run(config, shutdown_signal()))
         }
+        Command::Cleanup(args) if args.kube_proxy_rules => {
+            init_logging("info", LogFormat::Text);
+            proxy_userspace::kube_proxy_rules::cleanup()
+                .context("removing kube-proxy's rules")
+                .map(drop)
+        }
         Command::Cleanup(args) => {
-            init_logging("info");
+            init_logging("info", LogFormat::Text);
             agent::cleanup(&args.bpffs)?;
             Ok(())
         }

@@ -123,6 +123,15 @@ pub struct Metrics {
     /// kpr_health_check_bind_failures_total{reason}: healthCheckNodePort listeners that
     /// could not be opened (each failed attempt; they are retried).
     pub health_check_bind_failures: Family<ReasonLabels, Counter>,
+    /// kpr_takeover_netfilter_flows: connections netfilter translates to a frontend of
+    /// ours (kube-proxy's, from before the takeover), which the datapath leaves to it.
+    pub takeover_netfilter_flows: Gauge,
+    /// kpr_takeover_check_enabled: 1 while the datapath asks netfilter's conntrack
+    /// about new flows to frontends.
+    pub takeover_check_enabled: Gauge,
+    /// kpr_takeover_failures_total{reason}: failed reads of netfilter's conntrack or
+    /// writes of the check (the check is then left on).
+    pub takeover_failures: Family<ReasonLabels, Counter>,
     /// The counter totals last seen, to turn totals into increments.
     last_datapath_totals: Mutex<Vec<u64>>,
     /// Trigger times already measured, per slice.
@@ -172,6 +181,9 @@ impl Metrics {
             last_watch_failures: Mutex::new(BTreeMap::new()),
             health_check_bind_failures: Family::default(),
             http_rejected: Family::default(),
+            takeover_netfilter_flows: Gauge::default(),
+            takeover_check_enabled: Gauge::default(),
+            takeover_failures: Family::default(),
             last_datapath_totals: Mutex::new(Vec::new()),
             seen_trigger_times: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
@@ -220,6 +232,21 @@ impl Metrics {
             "kpr_skipped_objects",
             "Objects or parts of objects currently skipped as invalid, by reason",
             metrics.skipped_objects.clone(),
+        );
+        registry.register(
+            "kpr_takeover_netfilter_flows",
+            "Connections netfilter translates to our frontends (kube-proxy's), left to it until they end",
+            metrics.takeover_netfilter_flows.clone(),
+        );
+        registry.register(
+            "kpr_takeover_check_enabled",
+            "1 while the datapath asks netfilter's conntrack about new flows to frontends",
+            metrics.takeover_check_enabled.clone(),
+        );
+        registry.register(
+            "kpr_takeover_failures",
+            "Failed reads of netfilter's conntrack or writes of the takeover check, by reason",
+            metrics.takeover_failures.clone(),
         );
         registry.register(
             "kpr_frontend_failures",

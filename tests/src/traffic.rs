@@ -224,6 +224,14 @@ impl Conversation {
         }
     }
 
+    /// The connection's own address (the client's end).
+    ///
+    /// # Errors
+    /// When the socket is gone.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.get_ref().local_addr()?)
+    }
+
     /// Sends a line and reads the answer.
     ///
     /// # Errors

@@ -90,10 +90,16 @@ impl SockHook {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("{path} is not a directory of a cgroup v2 hierarchy; {found}")]
+    NotCgroup2 {
+        path: PathBuf,
+        /// Where cgroup2 is mounted, or where the agent looked for it.
+        found: String,
+    },
     #[error(
-        "{path} is not a directory of a cgroup v2 hierarchy (find yours with `findmnt -t cgroup2`)"
+        "{path} is on a sysfs without cgroup mounts: `ip netns exec` mounts a fresh /sys for the namespace, hiding the host's /sys/fs/cgroup. Enter the namespace with `nsenter --net=/run/netns/NAME` (which keeps /sys), or mount cgroup2 there; {found}"
     )]
-    NotCgroup2 { path: PathBuf },
+    FreshSysfs { path: PathBuf, found: String },
     #[error("opening the cgroup {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
     #[error("the {hook} program is unavailable: {message}")]
@@ -116,28 +122,102 @@ pub enum Error {
 /// CGROUP2_SUPER_MAGIC from linux/magic.h.
 const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
+/// SYSFS_MAGIC from linux/magic.h.
+pub(crate) const SYSFS_MAGIC: u64 = 0x6265_6572;
+
+/// The filesystem magic of the filesystem holding `path`.
+pub(crate) fn fs_magic(path: &Path) -> Option<u64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs writes into the zeroed struct; the path is NUL-terminated.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        // f_type's width differs between architectures; the magics fit in 32 bits.
+        (libc::statfs(c_path.as_ptr(), &raw mut stat) == 0)
+            .then_some(stat.f_type as u64 & 0xffff_ffff)
+    }
+}
+
+/// Mount points of the cgroup2 filesystems this process sees (`/proc/self/mountinfo`).
+#[must_use]
+pub fn cgroup2_mounts() -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            // `id parent major:minor root mount-point options ... - type source ...`
+            let (before, after) = line.split_once(" - ")?;
+            let mount_point = before.split(' ').nth(4)?;
+            (after.split(' ').next() == Some("cgroup2"))
+                .then(|| PathBuf::from(mount_point.replace("\\040", " ")))
+        })
+        .collect()
+}
+
+/// What the agent found when looking for cgroup2, for error messages.
+fn where_cgroup2_is() -> String {
+    let mounts = cgroup2_mounts();
+    if mounts.is_empty() {
+        "no cgroup2 filesystem is mounted here (looked in /proc/self/mountinfo)".to_owned()
+    } else {
+        let list: Vec<String> = mounts
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
+        format!("cgroup2 is mounted at {}", list.join(", "))
+    }
+}
+
 /// Checks that `path` is a directory of a cgroup v2 hierarchy, so a wrong
 /// `--cgroup-path` stops the agent at start instead of failing later.
 ///
 /// # Errors
-/// When it is not.
+/// When it is not, saying where cgroup2 is mounted (or that `ip netns exec` hid it).
 pub fn check_cgroup2(path: &Path) -> Result<(), Error> {
-    let not_cgroup2 = || Error::NotCgroup2 {
-        path: path.to_path_buf(),
-    };
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| not_cgroup2())?;
-    // SAFETY: statfs writes into the zeroed struct; the path is NUL-terminated.
-    let on_cgroup2 = unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        // f_type's width differs between architectures; the magic fits in 32 bits.
-        libc::statfs(c_path.as_ptr(), &raw mut stat) == 0
-            && (stat.f_type as u64 & 0xffff_ffff) == CGROUP2_SUPER_MAGIC
-    };
-    if on_cgroup2 && path.is_dir() {
-        Ok(())
-    } else {
-        Err(not_cgroup2())
+    match fs_magic(path) {
+        Some(CGROUP2_SUPER_MAGIC) if path.is_dir() => Ok(()),
+        Some(SYSFS_MAGIC) => Err(Error::FreshSysfs {
+            path: path.to_path_buf(),
+            found: where_cgroup2_is(),
+        }),
+        None if path.starts_with("/sys/fs/cgroup")
+            && fs_magic(Path::new("/sys/fs/cgroup")) == Some(SYSFS_MAGIC) =>
+        {
+            Err(Error::FreshSysfs {
+                path: path.to_path_buf(),
+                found: where_cgroup2_is(),
+            })
+        }
+        _ => Err(Error::NotCgroup2 {
+            path: path.to_path_buf(),
+            found: where_cgroup2_is(),
+        }),
+    }
+}
+
+/// The cgroup v2 directory `--cgroup-path` means. The hierarchy's root given as the
+/// mount point of a hybrid layout (`/sys/fs/cgroup` a tmpfs of v1 controllers, cgroup2
+/// at `/sys/fs/cgroup/unified`) means the cgroup2 root below it: the same cgroup, the
+/// root, in the only v2 hierarchy there is.
+///
+/// # Errors
+/// When neither `path` nor its `unified` directory is cgroup2 ([`check_cgroup2`]).
+pub fn resolve_cgroup2(path: &Path) -> Result<PathBuf, Error> {
+    let unified = path.join("unified");
+    match check_cgroup2(path) {
+        Ok(()) => Ok(path.to_path_buf()),
+        Err(error) => {
+            if check_cgroup2(&unified).is_ok() && cgroup2_mounts().contains(&unified) {
+                info!(
+                    given = %path.display(),
+                    cgroup = %unified.display(),
+                    "hybrid cgroup layout: the cgroup2 root is mounted below the given path; using it"
+                );
+                Ok(unified)
+            } else {
+                Err(error)
+            }
+        }
     }
 }
 
@@ -617,6 +697,27 @@ pub(crate) mod sys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cgroup2_root_is_found_in_either_layout() {
+        // The machine's own layout, read only: unified (cgroup2 at /sys/fs/cgroup) or
+        // hybrid (v1 controllers there, cgroup2 at /sys/fs/cgroup/unified).
+        let mounts = cgroup2_mounts();
+        assert!(!mounts.is_empty(), "no cgroup2 mount on this machine");
+        let root = Path::new("/sys/fs/cgroup");
+        let resolved = resolve_cgroup2(root).expect("the cgroup2 root");
+        assert!(mounts.contains(&resolved), "{resolved:?} not in {mounts:?}");
+        assert!(resolved == root || resolved == root.join("unified"));
+    }
+
+    #[test]
+    fn a_path_outside_cgroup2_says_where_cgroup2_is() {
+        let error = check_cgroup2(Path::new("/proc")).expect_err("/proc is no cgroup");
+        let text = error.to_string();
+        for mount in cgroup2_mounts() {
+            assert!(text.contains(&mount.display().to_string()), "{text}");
+        }
+    }
 
     #[test]
     fn pin_names_are_distinct_and_marked() {

@@ -122,6 +122,10 @@ pub enum Error {
     StubObject,
     #[error("{path} is not on a BPF filesystem (mount one: mount -t bpf bpf {path})")]
     NotBpffs { path: PathBuf },
+    #[error(
+        "{path} cannot be made: {sysfs} is a sysfs with no BPF filesystem on it. `ip netns exec` mounts a fresh /sys for the namespace, hiding the host's /sys/fs/bpf: enter the namespace with `nsenter --net=/run/netns/NAME` (which keeps /sys), mount one (mount -t bpf bpf /sys/fs/bpf), or pass --bpffs DIR on a BPF filesystem"
+    )]
+    BpffsHidden { path: PathBuf, sysfs: PathBuf },
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -138,7 +142,7 @@ impl Error {
             Self::Load(_) | Self::StubObject => "load",
             Self::Map { .. } | Self::MissingMap(_) => "map",
             Self::MissingProgram(_) | Self::Program { .. } => "program",
-            Self::NotBpffs { .. } => "bpffs",
+            Self::NotBpffs { .. } | Self::BpffsHidden { .. } => "bpffs",
             Self::Io { .. } => "io",
         }
     }
@@ -191,7 +195,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -206,6 +210,7 @@ pub const ALL_MAPS: [&str; 14] = [
     proxy_common::sock::CONFIG_NAME,
     proxy_common::sock::AFFINITY_V4_NAME,
     proxy_common::sock::DESTROY_V4_NAME,
+    proxy_common::takeover::NF_CHECK_NAME,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
@@ -247,6 +252,16 @@ pub fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// The error for a pin directory whose nearest existing ancestor is a sysfs (a
+/// directory cannot be made there): what `ip netns exec` leaves of /sys/fs/bpf.
+fn pin_dir_on_sysfs(dir: &Path) -> Option<Error> {
+    let existing = dir.ancestors().find(|ancestor| ancestor.exists())?;
+    (cgroup::fs_magic(existing) == Some(cgroup::SYSFS_MAGIC)).then(|| Error::BpffsHidden {
+        path: dir.to_path_buf(),
+        sysfs: existing.to_path_buf(),
+    })
+}
+
 fn take<K, V>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>>
 where
     K: aya::Pod,
@@ -268,9 +283,11 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-                    path: dir.clone(),
-                    source,
+                std::fs::create_dir_all(dir).map_err(|source| {
+                    pin_dir_on_sysfs(dir).unwrap_or(Error::Io {
+                        path: dir.clone(),
+                        source,
+                    })
                 })?;
                 if !is_bpffs(dir) {
                     return Err(Error::NotBpffs { path: dir.clone() });

@@ -33,8 +33,27 @@ use tracing::debug;
 
 use super::{cgroup, Datapath};
 
-/// The kfuncs the object calls.
-const KFUNCS: [&str; 1] = ["bpf_sock_destroy"];
+/// What a kernel without a kfunc gets instead of its calls.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Missing {
+    /// A kfunc call with id 0, which the verifier refuses: only the program that
+    /// calls it fails to load, saying why.
+    Refuse,
+    /// `r0 = 0` in place of the call: the kfunc "found nothing", and the program
+    /// loads (the takeover check of the TC programs, which must load everywhere).
+    ReturnZero,
+}
+
+/// The kfuncs the object calls, and what a kernel without them gets.
+const KFUNCS: [(&str, Missing); 3] = [
+    ("bpf_sock_destroy", Missing::Refuse),
+    // proxy-ebpf/src/takeover.rs: asking netfilter's conntrack about a new flow.
+    ("bpf_skb_ct_lookup", Missing::ReturnZero),
+    ("bpf_ct_release", Missing::ReturnZero),
+];
+
+/// `r0 = 0` (`BPF_ALU64 | BPF_MOV | BPF_K`, dst r0, imm 0).
+const MOV_R0_0: [u8; 8] = [0xb7, 0, 0, 0, 0, 0, 0, 0];
 
 /// `BPF_PSEUDO_KFUNC_CALL`: the call's `imm` is a BTF id of the kernel's.
 const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
@@ -71,8 +90,9 @@ pub enum Error {
 }
 
 /// Rewrites every call to a kfunc of [`KFUNCS`] in the ELF object into a kfunc call,
-/// with the function's id in `btf` (the kernel's). A kfunc the kernel lacks gets id 0:
-/// only the program that calls it then fails to load, with the verifier saying so.
+/// with the function's id in `btf` (the kernel's). A kfunc the kernel lacks gets what
+/// [`KFUNCS`] says: id 0 (only the program that calls it then fails to load, with the
+/// verifier saying so) or `r0 = 0`.
 #[must_use]
 pub fn patch_kfunc_calls(object_bytes: &[u8], btf: Option<&Btf>) -> Vec<u8> {
     let mut patched = object_bytes.to_vec();
@@ -88,21 +108,19 @@ pub fn patch_kfunc_calls(object_bytes: &[u8], btf: Option<&Btf>) -> Vec<u8> {
             let RelocationTarget::Symbol(index) = relocation.target() else {
                 continue;
             };
-            let Some(name) = file
+            let Some((name, missing)) = file
                 .symbol_by_index(index)
                 .ok()
                 .filter(|symbol| symbol.is_undefined())
                 .and_then(|symbol| symbol.name().ok())
-                .filter(|name| KFUNCS.contains(name))
+                .and_then(|name| KFUNCS.iter().find(|(kfunc, _)| *kfunc == name))
             else {
                 continue;
             };
-            let id = btf
-                .and_then(|btf| {
-                    btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
-                        .ok()
-                })
-                .unwrap_or(0);
+            let id = btf.and_then(|btf| {
+                btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
+                    .ok()
+            });
             // One instruction: code, registers (dst low nibble, src high), off, imm.
             let Some(at) = usize::try_from(section_offset + offset)
                 .ok()
@@ -113,8 +131,13 @@ pub fn patch_kfunc_calls(object_bytes: &[u8], btf: Option<&Btf>) -> Vec<u8> {
             let Some(instruction) = patched.get_mut(at..at + 8) else {
                 continue;
             };
-            instruction[1] = (instruction[1] & 0x0f) | (BPF_PSEUDO_KFUNC_CALL << 4);
-            instruction[4..8].copy_from_slice(&id.to_le_bytes());
+            match (id, missing) {
+                (None, Missing::ReturnZero) => instruction.copy_from_slice(&MOV_R0_0),
+                (id, _) => {
+                    instruction[1] = (instruction[1] & 0x0f) | (BPF_PSEUDO_KFUNC_CALL << 4);
+                    instruction[4..8].copy_from_slice(&id.unwrap_or(0).to_le_bytes());
+                }
+            }
         }
     }
     patched
@@ -293,8 +316,14 @@ fn run_iterator(program: i32) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// The kfunc calls of the real object, as (section, instruction bytes).
+    /// The calls of the real object to `bpf_sock_destroy`, as (section, instruction
+    /// bytes).
     fn kfunc_calls(bytes: &[u8]) -> Vec<(String, [u8; 8])> {
+        calls_to(bytes, "bpf_sock_destroy")
+    }
+
+    /// The calls of the object to `kfunc`, as (section, instruction bytes).
+    fn calls_to(bytes: &[u8], kfunc: &str) -> Vec<(String, [u8; 8])> {
         let file = object::File::parse(bytes).expect("the eBPF object parses");
         let mut calls = Vec::new();
         for section in file.sections() {
@@ -306,7 +335,7 @@ mod tests {
                     continue;
                 };
                 let symbol = file.symbol_by_index(index).expect("symbol");
-                if symbol.name() == Ok("bpf_sock_destroy") {
+                if symbol.name() == Ok(kfunc) {
                     let start = usize::try_from(offset + at).expect("offset");
                     let mut instruction = [0u8; 8];
                     instruction.copy_from_slice(&bytes[start..start + 8]);
@@ -362,6 +391,37 @@ mod tests {
     }
 
     #[test]
+    fn the_takeover_kfuncs_become_found_nothing_on_a_kernel_without_them() {
+        let object = super::super::EBPF_OBJECT;
+        for kfunc in ["bpf_skb_ct_lookup", "bpf_ct_release"] {
+            let before = calls_to(object, kfunc);
+            // Both TC ingress programs (pod- and node-facing) ask netfilter.
+            assert!(before.len() >= 2, "{kfunc}: {before:?}");
+            for (section, instruction) in calls_to(&patch_kfunc_calls(object, None), kfunc) {
+                assert_eq!(instruction, MOV_R0_0, "{kfunc} in {section}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_takeover_kfuncs_get_the_kernels_btf_ids() {
+        let btf = Btf::from_sys_fs().expect("/sys/kernel/btf/vmlinux");
+        let patched = patch_kfunc_calls(super::super::EBPF_OBJECT, Some(&btf));
+        for kfunc in ["bpf_skb_ct_lookup", "bpf_ct_release"] {
+            let id = btf
+                .id_by_type_name_kind(kfunc, aya_obj::btf::BtfKind::Func)
+                .expect("kernel 6.0+ with netfilter conntrack has the kfunc");
+            for (_, instruction) in calls_to(&patched, kfunc) {
+                assert_eq!(instruction[1] >> 4, BPF_PSEUDO_KFUNC_CALL);
+                assert_eq!(
+                    u32::from_le_bytes(instruction[4..8].try_into().expect("imm")),
+                    id
+                );
+            }
+        }
+    }
+
+    #[test]
     fn other_bytes_stay_as_they_were() {
         let object = super::super::EBPF_OBJECT;
         let patched = patch_kfunc_calls(object, None);
@@ -370,11 +430,13 @@ mod tests {
             .zip(&patched)
             .filter(|(old, new)| old != new)
             .count();
-        // Per call: the register byte and up to four immediate bytes.
-        assert!(
-            changed <= 5 * kfunc_calls(object).len(),
-            "{changed} bytes changed"
-        );
+        // Per call: the register byte and up to four immediate bytes, or the whole
+        // instruction where it becomes `r0 = 0`.
+        let calls: usize = KFUNCS
+            .iter()
+            .map(|(name, _)| calls_to(object, name).len())
+            .sum();
+        assert!(changed <= 8 * calls, "{changed} bytes changed");
         assert_eq!(patched.len(), object.len());
     }
 }

@@ -1,0 +1,291 @@
+//! Taking over from kube-proxy without dropping a connection, userspace side.
+//!
+//! Connections kube-proxy's rules translated live on in netfilter's conntrack: its NAT
+//! bindings keep translating their packets after the rules are gone. The TC programs
+//! leave those flows to netfilter (`proxy-ebpf/src/takeover.rs`), but asking netfilter
+//! costs a conntrack lookup on every packet that misses our own conntrack and hits a
+//! frontend, so the agent switches the question on only while netfilter holds flows it
+//! translates (`IPS_DST_NAT`) to an address and port that is a frontend of ours
+//! ([`Takeover::refresh`], at start before anything is attached, after each sync, and
+//! periodically). Once those flows have ended, the check goes off by itself.
+pub mod btf;
+pub mod ctnetlink;
+
+use std::{collections::BTreeSet, io, net::Ipv4Addr, time::Duration};
+
+use aya::maps::{Array, MapError};
+use proxy_common::takeover::{NfCheck, NF_CHECK_NAME};
+use tracing::{info, warn};
+
+use crate::{
+    datapath::Datapath,
+    metrics::{Metrics, ReasonLabels},
+    sync::Mirror,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("map {NF_CHECK_NAME} is missing from the eBPF object")]
+    MissingMap,
+    #[error("map {NF_CHECK_NAME}")]
+    Map(#[source] MapError),
+    #[error("reading netfilter's conntrack table")]
+    Dump(#[source] io::Error),
+}
+
+impl Error {
+    /// Metric label.
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::MissingMap | Self::Map(_) => "map",
+            Self::Dump(_) => "conntrack_dump",
+        }
+    }
+}
+
+/// A frontend as netfilter's tuples name it: address, port, protocol.
+pub type FrontendAddr = (Ipv4Addr, u16, u8);
+
+/// The frontends of the service map (slot-0 entries), as the datapath holds them.
+#[must_use]
+pub fn frontends_of(mirror: &Mirror) -> BTreeSet<FrontendAddr> {
+    mirror
+        .services
+        .keys()
+        .filter(|key| key.slot == 0)
+        .map(|key| (key.addr.to_ipv4(), key.port.to_host(), key.proto))
+        .collect()
+}
+
+/// Writes the check's setting.
+///
+/// # Errors
+/// When the object lacks the map or the kernel refuses the write.
+pub fn write_check(datapath: &mut Datapath, check: NfCheck) -> Result<(), Error> {
+    let map = datapath
+        .ebpf
+        .map_mut(NF_CHECK_NAME)
+        .ok_or(Error::MissingMap)?;
+    let mut array: Array<_, NfCheck> = Array::try_from(map).map_err(Error::Map)?;
+    array.set(0, check, 0).map_err(Error::Map)
+}
+
+/// The setting the datapath holds.
+///
+/// # Errors
+/// When the object lacks the map or the kernel refuses the read.
+pub fn read_check(datapath: &Datapath) -> Result<NfCheck, Error> {
+    let map = datapath.ebpf.map(NF_CHECK_NAME).ok_or(Error::MissingMap)?;
+    let array: Array<_, NfCheck> = Array::try_from(map).map_err(Error::Map)?;
+    array.get(&0, 0).map_err(Error::Map)
+}
+
+/// What the kernel offers for the check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSupport {
+    /// `bpf_skb_ct_lookup` exists (without it the agent loaded the programs with the
+    /// call replaced by "found nothing").
+    pub kfunc: bool,
+    /// Where `nf_conn.status` sits.
+    pub status_offset: Option<u32>,
+}
+
+impl KernelSupport {
+    /// Reads the kernel's BTF.
+    #[must_use]
+    pub fn probe() -> Self {
+        let kfunc = aya::Btf::from_sys_fs().is_ok_and(|btf| {
+            btf.id_by_type_name_kind("bpf_skb_ct_lookup", aya_obj::btf::BtfKind::Func)
+                .is_ok()
+        });
+        let status_offset = std::fs::read("/sys/kernel/btf/vmlinux")
+            .ok()
+            .and_then(|bytes| btf::nf_conn_status_offset(&bytes));
+        Self {
+            kfunc,
+            status_offset,
+        }
+    }
+
+    /// The check can run on this kernel.
+    #[must_use]
+    pub fn usable(self) -> bool {
+        self.kfunc && self.status_offset.is_some()
+    }
+}
+
+/// What a refresh found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Flows netfilter translates (any destination).
+    pub nat_flows: usize,
+    /// Of those, the flows to a frontend of ours: kube-proxy's connections still open.
+    pub frontend_flows: usize,
+    /// Whether the datapath now asks netfilter.
+    pub enabled: bool,
+}
+
+/// How often netfilter's conntrack is read again: the check goes off this long after
+/// kube-proxy's last connection ended at the latest, and on this long after kube-proxy
+/// (still running beside kpr) translated a connection the datapath does not see first,
+/// e.g. one from the node itself.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Keeps the datapath's check in step with netfilter's conntrack.
+pub struct Takeover {
+    support: KernelSupport,
+    /// What the map holds, as last written (`None`: not written yet).
+    written: Option<NfCheck>,
+    /// The frontends of the last refresh.
+    frontends: Option<BTreeSet<FrontendAddr>>,
+    /// Whether `kpr cleanup --kube-proxy-rules`'s NAT hold was looked for since
+    /// netfilter last translated a connection to a frontend.
+    hold_released: bool,
+}
+
+impl Takeover {
+    /// A takeover tracker for this kernel.
+    #[must_use]
+    pub fn new(support: KernelSupport) -> Self {
+        Self {
+            support,
+            written: None,
+            frontends: None,
+            hold_released: false,
+        }
+    }
+
+    /// Dumps netfilter's NAT flows, counts those to `frontends` and switches the check
+    /// on while there are any. Before the first sync `frontends` is empty: then every
+    /// NAT flow counts, so nothing kube-proxy set up is translated again while the
+    /// agent does not yet know its frontends.
+    ///
+    /// # Errors
+    /// When netfilter's table cannot be read (the check is then left on, the safe
+    /// side) or the map cannot be written.
+    pub fn refresh(
+        &mut self,
+        datapath: &mut Datapath,
+        frontends: &BTreeSet<FrontendAddr>,
+    ) -> Result<Report, Error> {
+        let flows = match ctnetlink::nat_flows() {
+            Ok(flows) => flows,
+            Err(error) => {
+                self.write(datapath, true)?;
+                return Err(Error::Dump(error));
+            }
+        };
+        let frontend_flows = flows
+            .iter()
+            .filter(|flow| {
+                frontends.is_empty()
+                    || frontends.contains(&(*flow.dst.ip(), flow.dst.port(), flow.proto))
+            })
+            .count();
+        let enabled = self.write(datapath, frontend_flows > 0)?;
+        Ok(Report {
+            nat_flows: flows.len(),
+            frontend_flows,
+            enabled,
+        })
+    }
+
+    /// [`Self::refresh`] against the frontends the maps hold, with its outcome in the
+    /// metrics and failures logged.
+    pub fn refresh_recorded(
+        &mut self,
+        datapath: &mut Datapath,
+        mirror: &Mirror,
+        metrics: &Metrics,
+    ) {
+        let frontends = frontends_of(mirror);
+        let result = self.refresh(datapath, &frontends);
+        self.frontends = Some(frontends);
+        match result {
+            Ok(report) => {
+                self.release_hold_when_done(report.frontend_flows);
+                metrics
+                    .takeover_netfilter_flows
+                    .set(i64::try_from(report.frontend_flows).unwrap_or(i64::MAX));
+                metrics
+                    .takeover_check_enabled
+                    .set(i64::from(report.enabled));
+            }
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "takeover from kube-proxy: cannot tell whether netfilter translates connections to our frontends; the datapath keeps asking it");
+                metrics
+                    .takeover_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: error.metric_label().to_owned(),
+                    })
+                    .inc();
+                if let Ok(check) = read_check(datapath) {
+                    metrics
+                        .takeover_check_enabled
+                        .set(i64::from(check.enabled != 0));
+                }
+            }
+        }
+    }
+
+    /// Once no connection of kube-proxy's is left, removes the table that kept
+    /// netfilter's NAT working for them after kube-proxy's nftables table went
+    /// ([`crate::kube_proxy_rules::release_nat_hold`]); looked for once per takeover.
+    fn release_hold_when_done(&mut self, frontend_flows: usize) {
+        if frontend_flows > 0 {
+            self.hold_released = false;
+            return;
+        }
+        if self.hold_released {
+            return;
+        }
+        self.hold_released = true;
+        match crate::kube_proxy_rules::release_nat_hold() {
+            Ok(true) => info!("kube-proxy's last connection ended: removed the NAT hold table"),
+            Ok(false) => {}
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot remove the NAT hold table");
+            }
+        }
+    }
+
+    /// After a sync: refreshes when the frontends changed, so a frontend that
+    /// netfilter holds connections for is never translated before the next scan.
+    pub fn after_sync(&mut self, datapath: &mut Datapath, mirror: &Mirror, metrics: &Metrics) {
+        if self.frontends.as_ref() != Some(&frontends_of(mirror)) {
+            self.refresh_recorded(datapath, mirror, metrics);
+        }
+    }
+
+    /// Sets the check on or off (on only where the kernel supports it); returns what
+    /// the datapath now does. Logs each change.
+    fn write(&mut self, datapath: &mut Datapath, wanted: bool) -> Result<bool, Error> {
+        let enabled = wanted && self.support.usable();
+        let check = NfCheck {
+            enabled: u32::from(enabled),
+            status_offset: self.support.status_offset.unwrap_or(0),
+        };
+        if self.written == Some(check) {
+            return Ok(enabled);
+        }
+        write_check(datapath, check)?;
+        let first = self.written.is_none();
+        self.written = Some(check);
+        match (wanted, enabled) {
+            (true, true) => info!(
+                "netfilter translates connections to our frontends (kube-proxy's): the datapath leaves them to it until they end"
+            ),
+            (true, false) => warn!(
+                kfunc = self.support.kfunc,
+                nf_conn_layout = self.support.status_offset.is_some(),
+                "netfilter translates connections to our frontends, but this kernel cannot tell the datapath about them (bpf_skb_ct_lookup or nf_conn's BTF missing): they will be translated again and break"
+            ),
+            (false, _) if !first => info!(
+                "no connection kube-proxy translated is left: the datapath stops asking netfilter"
+            ),
+            (false, _) => {}
+        }
+        Ok(enabled)
+    }
+}
