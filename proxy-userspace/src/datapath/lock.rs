@@ -24,6 +24,10 @@ pub enum Error {
         holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
     )]
     Held { path: PathBuf, holder: Option<u32> },
+    /// The directory cannot be made where it is asked for (the datapath's own
+    /// diagnosis: `ip netns exec` hiding /sys/fs/bpf).
+    #[error(transparent)]
+    Unusable(Box<super::Error>),
     #[error("locking the pin directory {path}")]
     Io {
         path: PathBuf,
@@ -50,9 +54,12 @@ impl PinDirLock {
             .recursive(true)
             .mode(0o700)
             .create(pin_dir)
-            .map_err(|source| Error::Io {
-                path: pin_dir.to_path_buf(),
-                source,
+            .map_err(|source| match super::pin_dir_on_sysfs(pin_dir) {
+                Some(hidden) => Error::Unusable(Box::new(hidden)),
+                None => Error::Io {
+                    path: pin_dir.to_path_buf(),
+                    source,
+                },
             })?;
         Self::acquire_existing(pin_dir)?.ok_or_else(|| Error::Io {
             path: pin_dir.to_path_buf(),

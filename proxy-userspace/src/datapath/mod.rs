@@ -254,7 +254,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 
 /// The error for a pin directory whose nearest existing ancestor is a sysfs (a
 /// directory cannot be made there): what `ip netns exec` leaves of /sys/fs/bpf.
-fn pin_dir_on_sysfs(dir: &Path) -> Option<Error> {
+pub(super) fn pin_dir_on_sysfs(dir: &Path) -> Option<Error> {
     let existing = dir.ancestors().find(|ancestor| ancestor.exists())?;
     (cgroup::fs_magic(existing) == Some(cgroup::SYSFS_MAGIC)).then(|| Error::BpffsHidden {
         path: dir.to_path_buf(),
