@@ -10,7 +10,7 @@ use crate::{
     forward::{self, Flow},
     fragments,
     icmp_reply::{self, IcmpReply},
-    maps, nat,
+    maps,
     parse::{Kind, Packet},
     service, snat, stats, takeover,
     verdict::{DropReason, Result, PASS},
@@ -109,9 +109,8 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
             counter::SNAT_FLOW
         });
     }
-    if masquerade || origin == Origin::Outside {
-        return forward::translate_and_send(ctx, pkt, &entry, Flow::New);
-    }
-    nat::apply(ctx, pkt, &entry)?;
-    Ok(PASS)
+    // Straight to the next hop from either origin, so that the flow's replies, which
+    // the ingress programs redirect too, and its requests take the same path past
+    // netfilter (see `pod_ingress`).
+    forward::translate_and_send(ctx, pkt, &entry, Flow::New)
 }

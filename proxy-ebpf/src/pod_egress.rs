@@ -1,10 +1,10 @@
-//! The egress programs (pod-facing, and node-facing for replies of local backends to
-//! outside clients): packets about to leave through the interface. Replies of
-//! translated flows get their original addresses back (the client sees the service
-//! address as its peer), and so do ICMP errors travelling like replies (from the
-//! backend, or from a router between it and the client). Running after routing,
-//! wherever the reply came from (a local pod, another node, this node's own ICMP), is
-//! what lets one hook cover every backend location.
+//! The egress programs (pod-facing, and node-facing): packets about to leave through
+//! the interface. Replies the ingress programs translated are already redirected past
+//! these hooks' lookups (their tuples no longer match an entry); what is left here is
+//! what came through the stack without meeting an ingress hook of ours: replies of a
+//! host-network backend on this node, and ICMP errors the node itself sends about a
+//! flow (from its own forwarding or input path). They get their original addresses
+//! back, so the client sees the service address as its peer.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use proxy_common::ct_flags;
 

@@ -184,7 +184,8 @@ pub fn cases() -> Vec<Case> {
                     verdict: Verdict::Pass,
                     output: Expected::Frame(syn.clone().with_dst(backend())),
                 },
-                // at the backend's interface the reply is left alone...
+                // the reply is translated where it enters, at the backend's interface
+                // (sent on to the client: see `routed_cases`)...
                 Step {
                     hook: Hook::PodIngress,
                     input: syn
@@ -192,9 +193,17 @@ pub fn cases() -> Vec<Case> {
                         .with_dst(backend())
                         .reply(Transport::Tcp(TcpFlags::SYN_ACK)),
                     verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.reply(Transport::Tcp(TcpFlags::SYN_ACK))),
+                },
+                // ...so the client's interface has nothing left to do...
+                Step {
+                    hook: Hook::PodEgress,
+                    input: syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
-                // ...and translated back on its way into the client
+                // ...except for a reply that came through the stack without meeting an
+                // ingress hook (a host-network backend's)
                 Step {
                     hook: Hook::PodEgress,
                     input: syn
@@ -214,7 +223,7 @@ pub fn cases() -> Vec<Case> {
             node: NodeSetup::default(),
             counters: vec![
                 (counter::NEW_FLOW, 1),
-                (counter::REPLY_TRANSLATED, 1),
+                (counter::REPLY_TRANSLATED, 2),
                 (counter::FORWARD_TRANSLATED, 1),
             ],
         },
@@ -545,12 +554,12 @@ pub fn icmp_cases() -> Vec<Case> {
     };
     vec![
         Case {
-            name: "ICMP port unreachable from a UDP backend: left alone at the backend, translated into the client (outer source, quoted packet, UDP and ICMP checksums)",
+            name: "ICMP port unreachable from a UDP backend: translated at the backend (outer source, quoted packet, UDP and ICMP checksums), then left alone into the client",
             frontends: vec![dns.clone()],
             steps: vec![
                 step(Hook::PodIngress, &query, Expected::Frame(sent_query.clone())),
-                step(Hook::PodIngress, &unreachable_in, Expected::Unchanged),
-                step(Hook::PodEgress, &unreachable_in, Expected::Frame(unreachable_out)),
+                step(Hook::PodIngress, &unreachable_in, Expected::Frame(unreachable_out.clone())),
+                step(Hook::PodEgress, &unreachable_out, Expected::Unchanged),
             ],
             node: NodeSetup::default(),
             counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1), (counter::NEW_FLOW, 1)],
@@ -951,7 +960,63 @@ pub fn routed_cases() -> Vec<Case> {
     fits.payload.truncate(usize::from(ROUTED_LINK_MTU) - 40);
     let mut fits_out = Frame::tcp(masqueraded(), remote_backend(), TcpFlags::ACK).with_ttl(63);
     fits_out.payload = fits.payload.clone();
+    let pod_client = sock(10, 244, 1, 2, 40_000);
+    let vip = sock(10, 96, 0, 10, 80);
+    let pod_syn = Frame::tcp(pod_client, vip, TcpFlags::SYN);
+    let local_syn = syn.clone().with_dst(local_backend());
     vec![
+        // A flow passes netfilter both ways or not at all: otherwise a forward-path
+        // `ct state invalid drop` (kube-proxy's KUBE-FORWARD) sees half a handshake.
+        Case {
+            name: "a pod's flow to a remote backend is redirected both ways: the request at the pod's interface, the reply at the node's",
+            frontends: vec![frontend("web", vip, proto::TCP, &[remote_backend()], 0)],
+            steps: vec![
+                Step {
+                    hook: Hook::PodIngress,
+                    input: pod_syn.clone(),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(pod_syn.clone().with_dst(remote_backend()).with_ttl(63)),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: pod_syn
+                        .clone()
+                        .with_dst(remote_backend())
+                        .reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(
+                        pod_syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)).with_ttl(63),
+                    ),
+                },
+            ],
+            node: snat.clone(),
+            counters: vec![(counter::REDIRECTED, 2), (counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "NodePort to a local backend is redirected both ways: the request at the node's interface, the reply at the backend's",
+            frontends: vec![frontend("np", node_port(), proto::TCP, &[local_backend()], external)],
+            steps: vec![
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: syn.clone(),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(local_syn.clone().with_ttl(63)),
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: local_syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Frame(
+                        syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)).with_ttl(63),
+                    ),
+                },
+            ],
+            node: NodeSetup {
+                local_backends: vec![*local_backend().ip()],
+                ..snat.clone()
+            },
+            counters: vec![(counter::REDIRECTED, 2), (counter::SNAT_FLOW, 0)],
+        },
         Case {
             name: "redirected packets leave with their TTL decremented, both directions",
             frontends: vec![np.clone()],

@@ -92,6 +92,8 @@ fn routed_datapath_table() {
         ],
         vec!["route", "add", "10.244.2.0/24", "via", &gateway],
         vec!["route", "add", "203.0.113.0/24", "via", &gateway],
+        // This node's pods, behind their veth (here the pair's other end).
+        vec!["route", "add", "10.244.1.0/24", "dev", "up1"],
     ] {
         netns.ip(&command).expect("routed namespace");
     }
