@@ -20,6 +20,18 @@
 //! leave).
 #![no_std]
 #![no_main]
+// Kernel code has no way to report a panic: the verifier rejects a program that could
+// reach one, so a panic path is a load failure found late. These make it a build error
+// (clippy, `cargo xtask clippy`), and keep every `unsafe` block's argument written down.
+#![deny(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::todo,
+    clippy::unimplemented,
+    clippy::undocumented_unsafe_blocks,
+    clippy::dbg_macro
+)]
 
 mod conntrack;
 mod forward;
