@@ -36,7 +36,17 @@ spec:
   clusterIP: {vip}
   ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
 ---
-apiVersion: discovery.k8s.io/v1
+{} [{{addresses: [10.244.1.11], conditions: {{ready: true}}}}]
+",
+        slice_up_to_endpoints(namespace, name)
+    )
+}
+
+/// The EndpointSlice `namespace/name-1` of Service `name` (port http, 8080/TCP), up to
+/// and including its `endpoints:` key.
+fn slice_up_to_endpoints(namespace: &str, name: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: {name}-1
@@ -44,8 +54,7 @@ metadata:
   labels: {{kubernetes.io/service-name: {name}}}
 addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints: [{{addresses: [10.244.1.11], conditions: {{ready: true}}}}]
-"
+endpoints:"
     )
 }
 
@@ -354,18 +363,11 @@ spec:
   externalIPs: [{}]
   ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
 ---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {namespace}
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
+{}
 ",
         vips[0],
-        external.join(", ")
+        external.join(", "),
+        slice_up_to_endpoints(namespace, name)
     );
     for i in 0..endpoints {
         let ip = Ipv4Addr::from(u32::from(first) + i);
