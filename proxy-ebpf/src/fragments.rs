@@ -42,14 +42,14 @@ pub fn remember(pkt: &Packet, now: u64) {
     };
     // Losing the record loses this datagram's later fragments, which is what happens
     // to them without the map; never drop the first fragment for it.
-    let _ = FRAG_V4_V1.insert(&key(pkt), &value, 0);
+    let _ = FRAG_V4_V1.insert(key(pkt), value, 0);
 }
 
 /// Gives a later fragment the ports of its datagram's first fragment. `false` when the
 /// datagram is unknown (or its record expired): the fragment is not ours.
 #[inline(always)]
 pub fn resolve(pkt: &mut Packet, now: u64) -> bool {
-    let Some(found) = FRAG_V4_V1.get_ptr(&key(pkt)) else {
+    let Some(found) = FRAG_V4_V1.get_ptr(key(pkt)) else {
         return false;
     };
     // SAFETY: copied out at once.

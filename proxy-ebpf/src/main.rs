@@ -18,8 +18,23 @@
 //! (`sock_*4`, in [`sock`]: clients on the node, at `connect()`/`sendmsg()`); socket
 //! iterators (`sock_destroy_*`, in [`sock_destroy`]: run by the agent when backends
 //! leave).
-#![no_std]
-#![no_main]
+// For the kernel (bpfel-unknown-none): no std, no `main`. On the host, where
+// `cargo clippy --workspace` and `cargo build --workspace` check this crate with the
+// ordinary toolchain, it is a std binary with an empty `main`; nothing runs it.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+// Kernel code has no way to report a panic: the verifier rejects a program that could
+// reach one, so a panic path is a load failure found late. These make it a build error
+// (clippy, `cargo xtask clippy`), and keep every `unsafe` block's argument written down.
+#![deny(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::todo,
+    clippy::unimplemented,
+    clippy::undocumented_unsafe_blocks,
+    clippy::dbg_macro
+)]
 
 mod conntrack;
 mod forward;
@@ -85,7 +100,11 @@ pub fn tc_node_egress(ctx: TcContext) -> i32 {
     verdict_of(pod_egress::try_reply_egress(&ctx))
 }
 
-#[cfg(not(test))]
+/// Host builds only exist to be checked (see the top of this file).
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects any program that could reach this; it exists for rustc.

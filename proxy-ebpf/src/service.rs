@@ -183,7 +183,7 @@ pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: copied out immediately.
-    let record = AFFINITY_V4_V2.get_ptr(&key).map(|found| unsafe { *found });
+    let record = AFFINITY_V4_V2.get_ptr(key).map(|found| unsafe { *found });
     let chosen = match record.and_then(|record| remembered(frontend, &record, now)) {
         Some(chosen) => {
             stats::count(counter::AFFINITY_HIT);
@@ -192,6 +192,6 @@ pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result
         None => pick_random(frontend)?,
     };
     // Losing an affinity record only costs stickiness for one flow; never drop for it.
-    let _ = AFFINITY_V4_V2.insert(&key, &affinity_record(&chosen, now), u64::from(BPF_ANY));
+    let _ = AFFINITY_V4_V2.insert(key, affinity_record(&chosen, now), u64::from(BPF_ANY));
     Ok((chosen.backend_id, chosen.backend))
 }

@@ -31,7 +31,10 @@ use proxy_common::{
     SockRevValueV4,
 };
 
-use crate::{service, stats};
+use crate::{
+    service, stats,
+    verdict::{DropReason, Result},
+};
 
 /// Per-socket reverse translation ([`proxy_common::sock::RNAT_V4_NAME`]). LRU: the
 /// datapath never deletes entries, the oldest make room (see
@@ -96,7 +99,7 @@ fn translate(ctx: &SockAddrContext, flags: u8) -> i32 {
     match try_translate(ctx, flags) {
         Ok(verdict) => verdict,
         Err(reason) => {
-            stats::count(reason);
+            stats::count(reason.counter());
             REFUSE
         }
     }
@@ -152,7 +155,7 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// Rewrites a frontend destination to a backend and records the reverse entry. `Ok`
 /// carries the verdict; `Err` a drop reason (the syscall is refused with EPERM).
 #[inline(always)]
-fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32, u32> {
+fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32> {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let addr = unsafe { &mut *ctx.sock_addr };
     let Some(l4) = l4_proto(addr) else {
@@ -202,8 +205,8 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32, u32> {
         _pad: 0,
     };
     SOCK_RNAT_V4_V2
-        .insert(&key, &value, u64::from(BPF_ANY))
-        .map_err(|_| counter::DROP_SOCK_RNAT_INSERT)?;
+        .insert(key, value, u64::from(BPF_ANY))
+        .map_err(|_| DropReason::SOCK_RNAT_INSERT)?;
     addr.user_ip4 = backend.addr.0;
     addr.user_port = u32::from(backend.port.0);
     stats::count(counter::SOCK_TRANSLATED);
@@ -220,7 +223,7 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32, u32> {
 fn select_backend(
     frontend: &service::Frontend,
     netns_cookie: u64,
-) -> Result<(u32, proxy_common::BackendV4), u32> {
+) -> Result<(u32, proxy_common::BackendV4)> {
     if frontend.value.flags & service_flags::AFFINITY == 0 {
         let chosen = service::pick_random(frontend)?;
         return Ok((chosen.backend_id, chosen.backend));
@@ -233,7 +236,7 @@ fn select_backend(
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: copied out at once; entries are replaced, never edited in place.
-    let record = SOCK_AFF_V4_V1.get_ptr(&key).map(|found| unsafe { *found });
+    let record = SOCK_AFF_V4_V1.get_ptr(key).map(|found| unsafe { *found });
     let chosen = match record.and_then(|record| service::remembered(frontend, &record, now)) {
         Some(chosen) => {
             stats::count(counter::AFFINITY_HIT);
@@ -243,8 +246,8 @@ fn select_backend(
     };
     // Losing an affinity record only costs stickiness for one socket; never refuse for it.
     let _ = SOCK_AFF_V4_V1.insert(
-        &key,
-        &service::affinity_record(&chosen, now),
+        key,
+        service::affinity_record(&chosen, now),
         u64::from(BPF_ANY),
     );
     Ok((chosen.backend_id, chosen.backend))
@@ -267,7 +270,7 @@ fn restore_frontend(ctx: &SockAddrContext) {
         proto: l4,
         _pad: 0,
     };
-    let Some(frontend) = SOCK_RNAT_V4_V2.get_ptr(&key) else {
+    let Some(frontend) = SOCK_RNAT_V4_V2.get_ptr(key) else {
         return;
     };
     // SAFETY: copied out at once; entries are replaced, never edited in place.

@@ -67,7 +67,7 @@ fn destroy_if_listed(sk: *mut c_void) {
     // SAFETY: `sk` is the iterator's non-null socket; the helper only reads its cookie.
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     // SAFETY: presence is all that is read.
-    if unsafe { SOCK_DESTROY_V1.get(&cookie) }.is_none() {
+    if unsafe { SOCK_DESTROY_V1.get(cookie) }.is_none() {
         return;
     }
     // SAFETY: the kfunc takes the iterator's socket, which the kernel holds locked for

@@ -1,16 +1,16 @@
 //! What a TC program returns, in one place: the TC verdicts, and the typed reason a
 //! packet is dropped for. Every stage returns [`Result`]; the entry points turn an
-//! `Err` into a counted drop (see `main.rs`). Nothing else uses counter numbers as
-//! control flow.
+//! `Err` into a counted drop (see `main.rs`; the socket hooks in `sock.rs` refuse the
+//! syscall instead). Nothing else uses counter numbers as control flow.
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use proxy_common::counter;
 
 /// Let the packet continue through the stack (changed or not).
-pub const PASS: i32 = TC_ACT_OK as i32;
+pub const PASS: i32 = TC_ACT_OK;
 /// Drop the packet.
-pub const SHOT: i32 = TC_ACT_SHOT as i32;
+pub const SHOT: i32 = TC_ACT_SHOT;
 /// The packet was redirected by a helper (`bpf_redirect`, `bpf_redirect_neigh`).
-pub const REDIRECT: i32 = TC_ACT_REDIRECT as i32;
+pub const REDIRECT: i32 = TC_ACT_REDIRECT;
 
 /// Why a packet was dropped: one of the drop counters of [`proxy_common::counter`].
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -27,19 +27,13 @@ impl DropReason {
     pub const NO_SNAT_ADDR: Self = Self(counter::DROP_NO_SNAT_ADDR);
     pub const TTL_EXCEEDED: Self = Self(counter::DROP_TTL_EXCEEDED);
     pub const CT_FULL: Self = Self(counter::DROP_CT_FULL);
+    /// A socket hook's reverse entry could not be stored (the syscall is refused).
+    pub const SOCK_RNAT_INSERT: Self = Self(counter::DROP_SOCK_RNAT_INSERT);
 
     /// The index of the counter this drop increments.
     #[inline(always)]
     pub const fn counter(self) -> u32 {
         self.0
-    }
-}
-
-/// The socket-layer hooks (`sock.rs`) still carry drop reasons as counter numbers.
-impl From<DropReason> for u32 {
-    #[inline(always)]
-    fn from(reason: DropReason) -> Self {
-        reason.0
     }
 }
 

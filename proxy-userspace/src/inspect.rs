@@ -18,12 +18,12 @@ use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("opening the pinned map {path}: {source} (is the agent running with this --bpffs?)")]
+    #[error("opening the pinned map {path} (is the agent running with this --bpffs?)")]
     Open {
         path: String,
         source: aya::maps::MapError,
     },
-    #[error("reading {name}: {source}")]
+    #[error("reading {name}")]
     Read {
         name: &'static str,
         source: aya::maps::MapError,

@@ -26,7 +26,7 @@ use proxy_common::{
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::datapath::{cgroup, sock_destroy, Datapath};
+use crate::datapath::{cgroup, sock_destroy, Datapath, MapAccessError};
 
 /// Which sockets the hooks translate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -74,14 +74,8 @@ pub enum Error {
     NetnsCookie(#[source] std::io::Error),
     #[error("writing the socket-layer settings")]
     Config(#[source] crate::datapath::Error),
-    #[error("map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("map {0} is missing from the eBPF object")]
-    MissingMap(&'static str),
+    #[error(transparent)]
+    Map(#[from] crate::datapath::MapAccessError),
     #[error("destroying sockets of removed backends")]
     Destroy(#[source] sock_destroy::Error),
 }
@@ -141,14 +135,6 @@ pub struct Forgotten {
     pub sockets_listed: usize,
 }
 
-fn map<'a, K: aya::Pod, V: aya::Pod>(
-    datapath: &'a mut Datapath,
-    name: &'static str,
-) -> Result<HashMap<&'a mut MapData, K, V>, Error> {
-    let data = datapath.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
-    HashMap::try_from(data).map_err(|source| Error::Map { name, source })
-}
-
 /// Every entry of a hash map whose value matches, skipping entries evicted during the
 /// walk.
 fn matching<K: aya::Pod + Ord, V: aya::Pod>(
@@ -161,7 +147,7 @@ fn matching<K: aya::Pod + Ord, V: aya::Pod>(
         match entry {
             Ok((key, value)) if wanted(&key, &value) => found.push((key, value)),
             Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(Error::Map { name, source }),
+            Err(source) => return Err(MapAccessError::kernel(name)(source).into()),
         }
     }
     Ok(found)
@@ -186,7 +172,7 @@ pub fn forget_backends(
     let mut namespaces = BTreeSet::new();
     {
         let name = sock::RNAT_V4_NAME;
-        let mut reverse: HashMap<_, SockRevKeyV4, SockRevValueV4> = map(datapath, name)?;
+        let mut reverse: HashMap<_, SockRevKeyV4, SockRevValueV4> = datapath.hash_map(name)?;
         let stale = matching(&reverse, name, |_, value| {
             pairs.contains(&(value.service_id, value.backend_id))
         })?;
@@ -208,7 +194,8 @@ pub fn forget_backends(
     }
     {
         let name = sock::AFFINITY_V4_NAME;
-        let mut affinity: HashMap<_, SockAffinityKeyV4, AffinityValueV4> = map(datapath, name)?;
+        let mut affinity: HashMap<_, SockAffinityKeyV4, AffinityValueV4> =
+            datapath.hash_map(name)?;
         let stale = matching(&affinity, name, |key, value| {
             pairs.contains(&(key.service_id, value.backend_id))
         })?;

@@ -67,6 +67,26 @@ pub struct Case {
     pub counters: Vec<(u32, u64)>,
 }
 
+impl Case {
+    /// A case whose programs need nothing of the node (no masquerade address, cluster
+    /// CIDR, local backends or source ranges).
+    #[must_use]
+    pub fn without_node(
+        name: &'static str,
+        frontends: Vec<(FrontendKey, FrontendSpec)>,
+        steps: Vec<Step>,
+        counters: Vec<(u32, u64)>,
+    ) -> Self {
+        Self {
+            name,
+            frontends,
+            steps,
+            node: NodeSetup::default(),
+            counters,
+        }
+    }
+}
+
 /// What the agent would know about the node, for cases that need it.
 #[derive(Clone, Debug, Default)]
 pub struct NodeSetup {
@@ -552,53 +572,57 @@ pub fn icmp_cases() -> Vec<Case> {
         verdict: Verdict::Pass,
         output,
     };
+    // The flow most cases start with: the client's query, translated to the backend.
+    let query_sent = || {
+        step(
+            Hook::PodIngress,
+            &query,
+            Expected::Frame(sent_query.clone()),
+        )
+    };
     vec![
-        Case {
-            name: "ICMP port unreachable from a UDP backend: translated at the backend (outer source, quoted packet, UDP and ICMP checksums), then left alone into the client",
-            frontends: vec![dns.clone()],
-            steps: vec![
-                step(Hook::PodIngress, &query, Expected::Frame(sent_query.clone())),
+        Case::without_node(
+            "ICMP port unreachable from a UDP backend: translated at the backend (outer source, quoted packet, UDP and ICMP checksums), then left alone into the client",
+            vec![dns.clone()],
+            vec![
+                query_sent(),
                 step(Hook::PodIngress, &unreachable_in, Expected::Frame(unreachable_out.clone())),
                 step(Hook::PodEgress, &unreachable_out, Expected::Unchanged),
             ],
-            node: NodeSetup::default(),
-            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1), (counter::NEW_FLOW, 1)],
-        },
-        Case {
-            name: "ICMP fragmentation needed from a router quoting the whole TCP header: the router's address stays, the quoted TCP checksum follows",
-            frontends: vec![web.clone()],
-            steps: vec![
+            vec![(counter::ICMP_ERROR_TRANSLATED, 1), (counter::NEW_FLOW, 1)],
+        ),
+        Case::without_node(
+            "ICMP fragmentation needed from a router quoting the whole TCP header: the router's address stays, the quoted TCP checksum follows",
+            vec![web.clone()],
+            vec![
                 step(Hook::PodIngress, &syn, Expected::Frame(syn.clone().with_dst(backend()))),
                 step(Hook::PodEgress, &frag_in, Expected::Frame(frag_out)),
                 step(Hook::PodEgress, &short_frag_in, Expected::Frame(short_frag_out)),
             ],
-            node: NodeSetup::default(),
-            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 2)],
-        },
-        Case {
-            name: "ICMP time exceeded from a router quoting 8 bytes of UDP (its checksum among them)",
-            frontends: vec![dns.clone()],
-            steps: vec![
-                step(Hook::PodIngress, &query, Expected::Frame(sent_query.clone())),
+            vec![(counter::ICMP_ERROR_TRANSLATED, 2)],
+        ),
+        Case::without_node(
+            "ICMP time exceeded from a router quoting 8 bytes of UDP (its checksum among them)",
+            vec![dns.clone()],
+            vec![
+                query_sent(),
                 step(Hook::PodEgress, &ttl_in, Expected::Frame(ttl_out)),
             ],
-            node: NodeSetup::default(),
-            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
-        },
-        Case {
-            name: "the client's ICMP error about a reply reaches the backend about the backend's packet",
-            frontends: vec![dns.clone()],
-            steps: vec![
-                step(Hook::PodIngress, &query, Expected::Frame(sent_query.clone())),
+            vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        ),
+        Case::without_node(
+            "the client's ICMP error about a reply reaches the backend about the backend's packet",
+            vec![dns.clone()],
+            vec![
+                query_sent(),
                 step(Hook::PodIngress, &client_error, Expected::Frame(client_error_out)),
             ],
-            node: NodeSetup::default(),
-            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
-        },
-        Case {
-            name: "ICMP errors about no known flow pass untouched and start nothing; they never refresh a flow",
-            frontends: vec![dns],
-            steps: vec![
+            vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        ),
+        Case::without_node(
+            "ICMP errors about no known flow pass untouched and start nothing; they never refresh a flow",
+            vec![dns],
+            vec![
                 // about a packet to the service itself: no flow starts from an error
                 step(
                     Hook::PodIngress,
@@ -608,9 +632,8 @@ pub fn icmp_cases() -> Vec<Case> {
                 ),
                 step(Hook::PodEgress, &unreachable_in, Expected::Unchanged),
             ],
-            node: NodeSetup::default(),
-            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 0), (counter::NEW_FLOW, 0)],
-        },
+            vec![(counter::ICMP_ERROR_TRANSLATED, 0), (counter::NEW_FLOW, 0)],
+        ),
     ]
 }
 

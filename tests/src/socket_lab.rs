@@ -49,16 +49,11 @@ impl SocketLab {
     /// # Panics
     /// When the agent does not come up.
     pub fn start_agent(&mut self, extra: &[&str]) {
-        let path = self.cgroup.path().display().to_string();
-        let mut args = vec!["--cgroup-path", path.as_str()];
-        args.extend_from_slice(extra);
-        self.lab.start_agent(&args).expect("agent");
-        self.lab.wait_attached().expect("TC hooks attached");
-        self.lab
-            .wait_for("the cgroup hooks to be attached", DEADLINE, || {
-                Ok(hooks(self.cgroup.path()).len() == SockHook::ALL.len())
-            })
-            .expect("cgroup hooks attached");
+        self.start_agent_until(
+            extra,
+            "the cgroup hooks to be attached",
+            SockHook::ALL.len(),
+        );
     }
 
     /// Starts the agent with `extra` arguments that keep the hooks off
@@ -67,16 +62,22 @@ impl SocketLab {
     /// # Panics
     /// When the agent does not come up or hooks stay attached.
     pub fn start_agent_without_hooks(&mut self, extra: &[&str]) {
+        self.start_agent_until(extra, "the cgroup hooks to be detached", 0);
+    }
+
+    /// Starts the agent on the test's cgroup and waits for TC and for `hooks` of ours
+    /// on the cgroup.
+    fn start_agent_until(&mut self, extra: &[&str], what: &str, hooks_wanted: usize) {
         let path = self.cgroup.path().display().to_string();
         let mut args = vec!["--cgroup-path", path.as_str()];
         args.extend_from_slice(extra);
         self.lab.start_agent(&args).expect("agent");
         self.lab.wait_attached().expect("TC hooks attached");
         self.lab
-            .wait_for("the cgroup hooks to be detached", DEADLINE, || {
-                Ok(hooks(self.cgroup.path()).is_empty())
+            .wait_for(what, DEADLINE, || {
+                Ok(hooks(self.cgroup.path()).len() == hooks_wanted)
             })
-            .expect("no cgroup hooks");
+            .unwrap_or_else(|error| panic!("{error:#}"));
     }
 
     /// `count` requests from a client process in the node namespace, inside the test's
@@ -178,6 +179,17 @@ pub fn counter(counters: &serde_json::Value, name: &str) -> u64 {
 #[must_use]
 pub fn hooks(cgroup: &Path) -> Vec<(SockHook, u32)> {
     cgroup::query(cgroup).expect("BPF_PROG_QUERY of the test's cgroup")
+}
+
+/// Asserts that every socket of `outcomes` shows `frontend` as its peer
+/// (`getpeername()`): the address the client asked for, whatever path translated it.
+///
+/// # Panics
+/// When one shows another peer, or none.
+pub fn assert_peer(outcomes: &[Outcome], frontend: &str) {
+    for outcome in outcomes {
+        assert_eq!(outcome.peer.as_deref(), Some(frontend), "{outcome:?}");
+    }
 }
 
 /// Asserts that every outcome got an answer from one of `backends`, and returns who

@@ -879,13 +879,20 @@ async fn pause_and_resume() {
         assert!(back.contains(&Seen::Apply("during".into())), "{back:?}");
 
         // 503 (the default): kube's client retries by itself (Retry-After: 1), so a short
-        // pause is ridden out inside one request.
+        // pause is ridden out inside one request. The watcher above is not polled here,
+        // so every refusal counted from now on is an attempt of this list.
         control(&client, "/testing/pause").await;
+        let refused_before = server.refused();
         let list = tokio::spawn({
             let services = services.clone();
             async move { services.list(&ListParams::default()).await }
         });
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        within("the list to be refused and retried", async {
+            while server.refused() < refused_before + 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
         assert!(!list.is_finished(), "still retrying while paused");
         control(&client, "/testing/resume").await;
         let listed = within("the retried list", list).await.unwrap().unwrap();

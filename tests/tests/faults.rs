@@ -20,6 +20,8 @@ use proxy_userspace::{
 };
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// A service the tests add to the examples.
+const EXTRA_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 77);
 const TIMEOUT: Duration = Duration::from_secs(2);
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -34,7 +36,17 @@ spec:
   clusterIP: {vip}
   ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
 ---
-apiVersion: discovery.k8s.io/v1
+{} [{{addresses: [10.244.1.11], conditions: {{ready: true}}}}]
+",
+        slice_up_to_endpoints(namespace, name)
+    )
+}
+
+/// The EndpointSlice `namespace/name-1` of Service `name` (port http, 8080/TCP), up to
+/// and including its `endpoints:` key.
+fn slice_up_to_endpoints(namespace: &str, name: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: {name}-1
@@ -42,13 +54,27 @@ metadata:
   labels: {{kubernetes.io/service-name: {name}}}
 addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints: [{{addresses: [10.244.1.11], conditions: {{ready: true}}}}]
-"
+endpoints:"
     )
 }
 
 fn request_from(lab: &Lab, pod: &str, to: SocketAddrV4) -> anyhow::Result<String> {
     Ok(lab.pod(pod).netns.run(|| tcp_request(to, TIMEOUT))?.server)
+}
+
+/// Writes `file`: a [`one_endpoint_service`] `namespace/name` on `vip:80`; then waits
+/// until the client pod gets an answer through it.
+fn add_service_and_wait(
+    lab: &Lab,
+    file: &str,
+    (namespace, name): (&str, &str),
+    vip: Ipv4Addr,
+) -> anyhow::Result<()> {
+    lab.write_manifest(file, &one_endpoint_service(namespace, name, vip))?;
+    lab.wait_for(&format!("{namespace}/{name} to answer"), WAIT, || {
+        Ok(request_from(lab, "client", sock(vip, 80)).is_ok())
+    })
+    .map(drop)
 }
 
 fn service_map_entries(lab: &Lab) -> Option<f64> {
@@ -88,16 +114,8 @@ fn a_removed_and_recreated_manifests_directory_changes_nothing_and_is_followed_a
     // Created again, with the same files and one more: followed again.
     std::fs::create_dir(lab.manifests_dir()).expect("create it again");
     lab.copy_manifests(&examples_dir()).expect("the same files");
-    let extra = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 77), 80);
-    lab.write_manifest(
-        "extra.yaml",
-        &one_endpoint_service("demo", "extra", *extra.ip()),
-    )
-    .expect("a new service");
-    lab.wait_for("the new service to answer", WAIT, || {
-        Ok(request_from(&lab, "client", extra).is_ok())
-    })
-    .expect("the recreated directory is followed");
+    add_service_and_wait(&lab, "extra.yaml", ("demo", "extra"), EXTRA_VIP)
+        .expect("the recreated directory is followed");
     request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
 }
 
@@ -241,16 +259,8 @@ fn idle_connections_to_the_health_and_metrics_ports_never_cost_the_datapath() {
 
     // kube-proxy's column: the rules stay and follow changes.
     request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
-    let extra = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 77), 80);
-    lab.write_manifest(
-        "extra.yaml",
-        &one_endpoint_service("demo", "extra", *extra.ip()),
-    )
-    .expect("a new service");
-    lab.wait_for("the new service to answer", WAIT, || {
-        Ok(request_from(&lab, "client", extra).is_ok())
-    })
-    .expect("a change is applied under the flood");
+    add_service_and_wait(&lab, "extra.yaml", ("demo", "extra"), EXTRA_VIP)
+        .expect("a change is applied under the flood");
     request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web still answers");
     // A pod created now gets its programs.
     lab.add_pod("late", Ipv4Addr::new(10, 244, 1, 50))
@@ -353,18 +363,11 @@ spec:
   externalIPs: [{}]
   ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
 ---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {namespace}
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
+{}
 ",
         vips[0],
-        external.join(", ")
+        external.join(", "),
+        slice_up_to_endpoints(namespace, name)
     );
     for i in 0..endpoints {
         let ip = Ipv4Addr::from(u32::from(first) + i);
@@ -425,15 +428,8 @@ fn a_service_that_does_not_fit_blocks_no_other_and_is_programmed_once_room_is_ma
         ),
     )
     .expect("write");
-    lab.write_manifest(
-        "small.yaml",
-        &one_endpoint_service("ccc", "small", vip(3, 1)),
-    )
-    .expect("write");
-    lab.wait_for("ccc/small to answer", WAIT, || {
-        Ok(request_from(&lab, "client", sock(vip(3, 1), 80)).is_ok())
-    })
-    .expect("a small service after the ones that do not fit is programmed");
+    add_service_and_wait(&lab, "small.yaml", ("ccc", "small"), vip(3, 1))
+        .expect("a small service after the ones that do not fit is programmed");
     lab.wait_for("bbb/big's refusals to be reported", WAIT, || {
         Ok(lab.metric("kpr_frontends_unprogrammed{reason=\"map_full\"}")? == Some(2.0))
     })
@@ -448,15 +444,8 @@ fn a_service_that_does_not_fit_blocks_no_other_and_is_programmed_once_room_is_ma
     }
     request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
     // Still room for small services.
-    lab.write_manifest(
-        "small2.yaml",
-        &one_endpoint_service("ddd", "small", vip(4, 1)),
-    )
-    .expect("write");
-    lab.wait_for("ddd/small to answer", WAIT, || {
-        Ok(request_from(&lab, "client", sock(vip(4, 1), 80)).is_ok())
-    })
-    .expect("small services keep being programmed");
+    add_service_and_wait(&lab, "small2.yaml", ("ddd", "small"), vip(4, 1))
+        .expect("small services keep being programmed");
 
     // Room is made: bbb/big's last frontends go in, with nothing else changing.
     lab.remove_manifest("huge.yaml").expect("remove");
@@ -605,10 +594,9 @@ fn a_deeply_nested_manifest_is_refused_at_once_and_health_stays_answered() {
     // 200 KB of `[`: libyaml alone takes half a minute over it.
     let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
     lab.write_manifest("deep.yaml", &deep).expect("write");
-    let extra = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 77), 80);
     lab.write_manifest(
         "extra.yaml",
-        &one_endpoint_service("demo", "extra", *extra.ip()),
+        &one_endpoint_service("demo", "extra", EXTRA_VIP),
     )
     .expect("a change after it");
     // Every health request is answered (within the client's 2 s read timeout) while
@@ -616,7 +604,7 @@ fn a_deeply_nested_manifest_is_refused_at_once_and_health_stays_answered() {
     lab.wait_for("the change after the deep file to be applied", WAIT, || {
         let (code, _) = lab.healthz()?;
         anyhow::ensure!(code == 200, "healthz answered {code}");
-        Ok(request_from(&lab, "client", extra).is_ok())
+        Ok(request_from(&lab, "client", sock(EXTRA_VIP, 80)).is_ok())
     })
     .expect("health answered and the change applied");
     assert_eq!(

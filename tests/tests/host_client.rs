@@ -17,7 +17,7 @@ use kpr_lab::{
     host::Mode,
     lab::GATEWAY,
     scenario::sock,
-    socket_lab::{answered_by, hooks, metric, plain_log, SocketLab, DEADLINE},
+    socket_lab::{answered_by, assert_peer, hooks, metric, plain_log, SocketLab, DEADLINE},
 };
 use proxy_userspace::datapath::cgroup::SockHook;
 
@@ -45,12 +45,8 @@ fn host_clients_in_the_cgroup_reach_cluster_ips_and_see_the_frontend() {
     let tcp = host.client(true, Mode::Tcp, web, 30);
     let servers = answered_by(&tcp, &WEB_BACKENDS);
     assert!(servers.len() >= 2, "30 connections all went to {servers:?}");
+    assert_peer(&tcp, "10.96.0.10:80");
     for outcome in &tcp {
-        assert_eq!(
-            outcome.peer.as_deref(),
-            Some("10.96.0.10:80"),
-            "{outcome:?}"
-        );
         let seen: SocketAddrV4 = outcome
             .seen_client
             .as_deref()
@@ -136,13 +132,7 @@ fn host_clients_in_the_cgroup_reach_cluster_ips_and_see_the_frontend() {
     let pod_netns = host.lab.pod("client").netns.path();
     let from_pod = host.client_in(&pod_netns, true, Mode::Tcp, web, 3);
     answered_by(&from_pod, &WEB_BACKENDS);
-    for outcome in &from_pod {
-        assert_eq!(
-            outcome.peer.as_deref(),
-            Some("10.96.0.10:80"),
-            "{outcome:?}"
-        );
-    }
+    assert_peer(&from_pod, "10.96.0.10:80");
     let after = host.counters();
     assert_eq!(
         after["sock_translated"], before["sock_translated"],

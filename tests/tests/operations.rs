@@ -3,7 +3,7 @@
 use std::{
     net::Ipv4Addr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -107,6 +107,8 @@ fn health_and_metrics_endpoints_report_the_datapath() {
 /// of failures.
 struct NewConnections {
     stop: Arc<AtomicBool>,
+    /// Successful connections so far.
+    answered: Arc<AtomicUsize>,
     thread: std::thread::JoinHandle<Result<(usize, usize, Duration)>>,
 }
 
@@ -114,6 +116,8 @@ impl NewConnections {
     fn start(lab: &Lab) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        let answered = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&answered);
         let thread = lab
             .pod("client")
             .netns
@@ -124,6 +128,7 @@ impl NewConnections {
                 while !flag.load(Ordering::Relaxed) {
                     if tcp_request(sock(WEB_VIP, 80), TIMEOUT).is_ok() {
                         ok += 1;
+                        counted.fetch_add(1, Ordering::Relaxed);
                         longest_gap = longest_gap.max(last_success.elapsed());
                         last_success = Instant::now();
                     } else {
@@ -136,7 +141,23 @@ impl NewConnections {
             .expect("spawn in the client pod");
         let thread =
             std::thread::spawn(move || thread.join().map_err(|_| anyhow::anyhow!("panicked"))?);
-        Self { stop, thread }
+        Self {
+            stop,
+            answered,
+            thread,
+        }
+    }
+
+    /// Waits until `more` new connections have been answered from now on: the
+    /// datapath served through whatever the agent is doing meanwhile.
+    fn wait_answered(&self, lab: &Lab, more: usize, while_what: &str) {
+        let target = self.answered.load(Ordering::Relaxed) + more;
+        lab.wait_for(
+            &format!("{more} new connections answered {while_what}"),
+            Duration::from_secs(20),
+            || Ok(self.answered.load(Ordering::Relaxed) >= target),
+        )
+        .unwrap_or_else(|error| panic!("{error:#}"));
     }
 
     /// (successful, failed, longest time between two successes).
@@ -164,22 +185,23 @@ fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
         .expect("200 long-lived connections");
     let new_connections = NewConnections::start(&lab);
 
-    // A crash: SIGKILL leaves programs attached and maps pinned; the next agent adopts them.
-    std::thread::sleep(Duration::from_millis(300));
-    let restart = Instant::now();
+    // A crash: SIGKILL leaves programs attached and maps pinned; the next agent adopts
+    // them. Meanwhile, with no agent at all, new connections are still answered.
+    new_connections.wait_answered(&lab, 20, "before the crash");
     lab.kill_agent().expect("kill");
-    std::thread::sleep(Duration::from_millis(300));
+    new_connections.wait_answered(&lab, 20, "with no agent running");
+    let restart = Instant::now();
     lab.start_agent(&["--keep-state"])
         .expect("restart after SIGKILL");
     let crash_restart = restart.elapsed();
 
     // An upgrade: SIGTERM with --keep-state, then a new agent swaps the programs in place.
-    std::thread::sleep(Duration::from_millis(300));
+    new_connections.wait_answered(&lab, 20, "after the restart");
     let upgrade = Instant::now();
     lab.stop_agent().expect("stop with --keep-state");
     lab.start_agent(&[]).expect("start the new agent");
     let upgrade_restart = upgrade.elapsed();
-    std::thread::sleep(Duration::from_millis(300));
+    new_connections.wait_answered(&lab, 20, "after the upgrade");
 
     let (ok, failed, longest_gap) = new_connections.finish();
     let mut broken = 0;

@@ -15,7 +15,9 @@ use std::{
 use kpr_lab::{
     host::{Mode, Outcome},
     scenario::{sock, CLIENT_IP},
-    socket_lab::{answered_by, counter, hooks, inspect_json, plain_log, SocketLab, DEADLINE},
+    socket_lab::{
+        answered_by, assert_peer, counter, hooks, inspect_json, plain_log, SocketLab, DEADLINE,
+    },
 };
 use proxy_userspace::datapath::cgroup::SockHook;
 
@@ -146,12 +148,8 @@ fn pod_sockets_are_translated_at_connect_with_the_tc_paths_semantics() {
     let tcp = lab.pod_client("client", true, Mode::Tcp, web, 30);
     let servers = answered_by(&tcp, &WEB_BACKENDS);
     assert!(servers.len() >= 2, "30 connections all went to {servers:?}");
+    assert_peer(&tcp, "10.96.0.10:80");
     for outcome in &tcp {
-        assert_eq!(
-            outcome.peer.as_deref(),
-            Some("10.96.0.10:80"),
-            "{outcome:?}"
-        );
         assert_eq!(seen_ip(outcome), CLIENT_IP, "{outcome:?}");
     }
     // UDP, connected and not: recvfrom() shows the ClusterIP as the source.
@@ -248,13 +246,7 @@ fn pod_sockets_are_translated_at_connect_with_the_tc_paths_semantics() {
     // A pod outside the hooked cgroup keeps the TC path.
     let before = lab.counters();
     let outside = lab.pod_client("client", false, Mode::Tcp, web, 3);
-    for outcome in &outside {
-        assert_eq!(
-            outcome.peer.as_deref(),
-            Some("10.96.0.10:80"),
-            "{outcome:?}"
-        );
-    }
+    assert_peer(&outside, "10.96.0.10:80");
     let after = lab.counters();
     assert_eq!(
         counter(&after, "sock_translated_pod"),
@@ -414,13 +406,7 @@ fn socket_lb_connections_survive_an_agent_restart_and_off_detaches_the_hooks() {
     assert!(hooks(lab.cgroup.path()).is_empty());
     let before = lab.counters();
     let through_tc = lab.pod_client("client", true, Mode::Tcp, sock(WEB_VIP, 80), 3);
-    for outcome in &through_tc {
-        assert_eq!(
-            outcome.peer.as_deref(),
-            Some("10.96.0.10:80"),
-            "{outcome:?}"
-        );
-    }
+    assert_peer(&through_tc, "10.96.0.10:80");
     let after = lab.counters();
     assert!(counter(&after, "new_flow") >= counter(&before, "new_flow") + 3);
     assert_eq!(

@@ -100,22 +100,22 @@ pub enum Error {
         "{path} is on a sysfs without cgroup mounts: `ip netns exec` mounts a fresh /sys for the namespace, hiding the host's /sys/fs/cgroup. Enter the namespace with `nsenter --net=/run/netns/NAME` (which keeps /sys), or mount cgroup2 there; {found}"
     )]
     FreshSysfs { path: PathBuf, found: String },
-    #[error("opening the cgroup {path}: {source}")]
+    #[error("opening the cgroup {path}")]
     Open { path: PathBuf, source: io::Error },
     #[error("the {hook} program is unavailable: {message}")]
     Unavailable { hook: &'static str, message: String },
-    #[error("attaching {hook} to {path}: {source}")]
+    #[error("attaching {hook} to {path}")]
     Attach {
         hook: &'static str,
         path: PathBuf,
         source: ProgramError,
     },
-    #[error("pinning the {hook} link: {source}")]
+    #[error("pinning the {hook} link")]
     Pin {
         hook: &'static str,
         source: aya::pin::PinError,
     },
-    #[error("querying the programs of {path}: {source}")]
+    #[error("querying the programs of {path}")]
     Query { path: PathBuf, source: io::Error },
 }
 

@@ -134,6 +134,44 @@ pub enum Error {
     },
 }
 
+/// A map of the loaded object that the socket-layer modules ([`sock_destroy`],
+/// [`crate::socket_lb`]) could not use: absent from the object, or refused by the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum MapAccessError {
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("map {name}")]
+    Kernel {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+impl MapAccessError {
+    /// For `map_err`: the kernel refused an operation on map `name`.
+    pub fn kernel(name: &'static str) -> impl FnOnce(MapError) -> Self {
+        move |source| Self::Kernel { name, source }
+    }
+}
+
+impl Datapath {
+    /// The object's hash map `name`, borrowed (it stays owned by the [`Ebpf`]).
+    ///
+    /// # Errors
+    /// When the object has no such map or its type does not match.
+    pub fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, MapAccessError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(MapAccessError::Missing(name))?;
+        HashMap::try_from(map).map_err(MapAccessError::kernel(name))
+    }
+}
+
 impl Error {
     /// Metric label.
     #[must_use]

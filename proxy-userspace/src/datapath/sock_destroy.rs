@@ -71,14 +71,8 @@ pub enum Error {
     },
     #[error("the kernel's BTF is unavailable")]
     Btf(#[source] aya::BtfError),
-    #[error("map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("map {0} is missing from the eBPF object")]
-    MissingMap(&'static str),
+    #[error(transparent)]
+    Map(#[from] super::MapAccessError),
     #[error("reading the processes of {path}")]
     Cgroup {
         path: PathBuf,
@@ -206,9 +200,7 @@ pub fn destroy(
     }
     let programs = iterator_fds(datapath)?;
     let name = proxy_common::sock::DESTROY_V4_NAME;
-    let mut set: HashMap<_, u64, u8> =
-        HashMap::try_from(datapath.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
-            .map_err(|source| Error::Map { name, source })?;
+    let mut set: HashMap<_, u64, u8> = datapath.hash_map(name)?;
     let mut report = Report::default();
     let namespaces = namespaces_of(cgroup)?;
     // The set holds at most its capacity: larger lists go in batches.
@@ -217,7 +209,7 @@ pub fn destroy(
     for chunk in listed.chunks(batch) {
         for cookie in chunk {
             set.insert(cookie, 1, 0)
-                .map_err(|source| Error::Map { name, source })?;
+                .map_err(super::MapAccessError::kernel(name))?;
         }
         let ran = run_in_namespaces(&programs, &namespaces, netns_cookies);
         for cookie in chunk {

@@ -438,10 +438,17 @@ fn note(update: Update, listed: &mut Vec<Resource>, status: &ApiStatus) -> bool 
 mod tests {
     //! The publishing loop fed with `stream::iter` of watcher events (kube-runtime's own
     //! tests do the same), no API server involved.
+    //!
+    //! Every test runs on tokio's paused clock: time only moves when every task is
+    //! idle, and then straight to the next timer. So "nothing was published" is proven
+    //! without waiting: [`Harness::next`] gives up only once the loop has taken in every
+    //! event sent and has no timer left before [`QUIET`] (a rate-limited publish is such
+    //! a timer, and fires first), never because a slow machine was slow.
     use super::*;
 
     const PERIOD: Duration = Duration::from_millis(100);
-    /// Long enough for any publish the loop would make to have happened.
+    /// Virtual time (the clock is paused) after which a publish the loop would make has
+    /// happened: longer than any of its timers ([`PERIOD`]).
     const QUIET: Duration = Duration::from_millis(500);
 
     fn service(name: &str) -> Service {
@@ -563,7 +570,7 @@ mod tests {
         map.keys().map(|key| key.name.clone()).collect()
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn nothing_is_published_before_every_initial_list() {
         let mut h = Harness::start();
         h.services.send(listed(vec![service("web")]));
@@ -593,7 +600,7 @@ mod tests {
         assert!(h.status.last_published().is_some());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_burst_of_changes_is_published_once() {
         let mut h = Harness::start();
         h.services.send(listed(vec![]));
@@ -613,7 +620,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failures_and_unfinished_relists_publish_nothing_and_keep_the_state() {
         let mut h = Harness::start();
         h.services.send(listed(vec![service("a"), service("b")]));
@@ -684,7 +691,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn deletions_are_published() {
         let mut h = Harness::start();
         h.services.send(listed(vec![service("a"), service("b")]));
@@ -699,7 +706,7 @@ mod tests {
         assert_eq!(names(&snapshot.state.endpoint_slices), ["b"]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn another_nodes_labels_are_ignored() {
         let mut h = Harness::start();
         h.services.send(listed(vec![]));

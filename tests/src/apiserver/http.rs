@@ -148,6 +148,7 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     }
     if shared.paused.load(Ordering::SeqCst) && !parts.headers.contains_key(BYPASS_PAUSE_HEADER) {
         let code = shared.pause_code.load(Ordering::SeqCst);
+        shared.refused.fetch_add(1, Ordering::SeqCst);
         let mut resp =
             ApiError::unavailable(code, "the test API server is paused (POST /testing/resume)")
                 .into_response();

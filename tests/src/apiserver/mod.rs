@@ -70,6 +70,8 @@
 //!   Requests carrying the header [`BYPASS_PAUSE_HEADER`] are served anyway, so a test
 //!   can change objects while the client under test is cut off (kube's `Config` takes
 //!   extra headers in `headers`).
+//!   [`TestApiServerHandle::refused`] counts the requests refused so far, so a test
+//!   can wait for a client's retries instead of sleeping.
 //! - `GET /testing/watchers`: `{"watchers": N, "watchRequests": M}`: open watch
 //!   responses, and watch responses started so far (to wait until a client has
 //!   reconnected). `GET /testing/resource-version`: `{"resourceVersion": "N"}`.
@@ -178,6 +180,8 @@ struct Shared {
     watch_requests: AtomicU64,
     paused: AtomicBool,
     pause_code: AtomicU16,
+    /// Requests answered with the pause's code since the server started.
+    refused: AtomicU64,
     config: ServerConfig,
 }
 
@@ -278,6 +282,7 @@ impl TestApiServer {
             watch_requests: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             pause_code: AtomicU16::new(503),
+            refused: AtomicU64::new(0),
             config,
         });
         let app = axum::Router::new()
@@ -345,6 +350,12 @@ impl TestApiServerHandle {
     /// Number of watch responses started so far (a reconnecting client adds one).
     pub fn watch_requests(&self) -> u64 {
         self.shared.watch_requests.load(Ordering::SeqCst)
+    }
+
+    /// Number of requests answered with a pause's code so far: a client retrying through
+    /// a pause adds one per attempt.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
     }
 
     /// Waits until `pred(open watches)` holds, polling every 10 ms.
