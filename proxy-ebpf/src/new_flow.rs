@@ -7,6 +7,7 @@ use proxy_common::{backend_flags, counter, service_flags, CtKeyV4};
 
 use crate::{
     conntrack::{self, Created, Translation},
+    destination::Destination,
     forward::{self, Flow},
     fragments,
     icmp_reply::{self, IcmpReply},
@@ -55,15 +56,35 @@ fn needs_masquerade(
     }
 }
 
-/// Handles a packet that matched no conntrack entry. Returns the verdict; packets not
-/// addressed to a frontend pass untouched, and only a packet with ports (not an ICMP
-/// error, not a later fragment) can start a flow.
+/// Handles a packet that matched no conntrack entry, going to `destination`. Returns
+/// the verdict; packets not addressed to a frontend pass untouched, and only a packet
+/// with ports (not an ICMP error, not a later fragment) can start a flow.
+///
+/// kube-proxy's nftables semantics for the service CIDR: a packet to an address no
+/// Service holds is dropped (never an ICMP error: it says nothing of its own), and a
+/// new flow to a port a live ClusterIP does not declare is answered with ICMP port
+/// unreachable, as a ClusterIP without endpoints is.
 #[inline(always)]
-pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result<i32> {
+pub fn handle(
+    ctx: &TcContext,
+    pkt: &Packet,
+    now: u64,
+    origin: Origin,
+    destination: Destination,
+) -> Result<i32> {
+    let cluster_ip = match destination {
+        Destination::Elsewhere => return Ok(PASS),
+        Destination::UnallocatedServiceIp if pkt.kind == Kind::IcmpError => return Ok(PASS),
+        Destination::UnallocatedServiceIp => return Err(DropReason::UNALLOCATED_SERVICE_IP),
+        Destination::Frontend { cluster_ip } => cluster_ip,
+    };
     if pkt.kind != Kind::Transport {
         return Ok(PASS);
     }
     let Some(frontend) = service::lookup(&pkt.tuple, origin == Origin::Pod) else {
+        if cluster_ip {
+            return icmp_reply::send(ctx, pkt, IcmpReply::PortUndeclared);
+        }
         return Ok(PASS);
     };
     if takeover::netfilter_translates(ctx, pkt) {

@@ -10,10 +10,15 @@
 //! Every translated packet goes straight to its next hop ([`crate::forward`]): a reply
 //! translated back carries a frontend as its source, which may be this node's own
 //! address, and the kernel's input path would drop it as a martian.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+//!
+//! Replies come to addresses that are no frontend (a local client pod, the node's
+//! masquerade address), so conntrack is asked first; the frontend address set
+//! ([`crate::destination`]) then spares packets that are for no service the service
+//! lookup, and tells an unallocated service address or an undeclared ClusterIP port.
+use aya_ebpf::programs::TcContext;
 
 use crate::{
-    conntrack,
+    conntrack, destination,
     forward::{self, Flow},
     fragments,
     new_flow::{self, Origin},
@@ -21,8 +26,7 @@ use crate::{
 };
 
 pub fn try_node_ingress(ctx: &TcContext) -> Result<i32> {
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = conntrack::now();
     let Some(pkt) = fragments::parse(ctx, now) else {
         return Ok(PASS);
     };
@@ -31,5 +35,6 @@ pub fn try_node_ingress(ctx: &TcContext) -> Result<i32> {
         fragments::remember(&pkt, now);
         return forward::translate_and_send(ctx, &pkt, &entry, Flow::Known);
     }
-    new_flow::handle(ctx, &pkt, now, Origin::Outside)
+    let destination = destination::classify(pkt.tuple.dst_addr);
+    new_flow::handle(ctx, &pkt, now, Origin::Outside, destination)
 }

@@ -5,7 +5,7 @@
 //! backend, or from a router between it and the client). Running after routing,
 //! wherever the reply came from (a local pod, another node, this node's own ICMP), is
 //! what lets one hook cover every backend location.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use proxy_common::ct_flags;
 
 use crate::{
@@ -14,8 +14,7 @@ use crate::{
 };
 
 pub fn try_reply_egress(ctx: &TcContext) -> Result<i32> {
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = conntrack::now();
     let Some(pkt) = fragments::parse(ctx, now) else {
         return Ok(PASS);
     };

@@ -8,13 +8,22 @@
 //! Masqueraded flows are the exception: a hairpin flow (a pod reaching itself) and its
 //! replies carry the node's own address, which the kernel would drop as a martian on
 //! this interface, so both directions go straight to their next hop.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+//!
+//! The lean path: a packet whose destination is neither a frontend address
+//! ([`crate::destination`]) nor the node's masquerade address passes after one small
+//! lookup, without touching conntrack. Such a packet can only be a pod's ordinary
+//! traffic or the reply of a local backend to a flow that was not masqueraded: that
+//! reply is translated after routing by the egress program of the interface it leaves
+//! through ([`crate::pod_egress`]), whose conntrack lookup also records that the flow
+//! saw its reply; nothing here would change it.
+use aya_ebpf::programs::TcContext;
 use proxy_common::ct_flags;
 
 use crate::{
     conntrack,
+    destination::{self, Destination},
     forward::{self, Flow},
-    fragments, nat,
+    fragments, maps, nat,
     new_flow::{self, Origin},
     verdict::{Result, PASS},
 };
@@ -27,11 +36,14 @@ fn is_masqueraded(flags: u16) -> bool {
 }
 
 pub fn try_pod_ingress(ctx: &TcContext) -> Result<i32> {
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = conntrack::now();
     let Some(pkt) = fragments::parse(ctx, now) else {
         return Ok(PASS);
     };
+    let destination = destination::classify(pkt.tuple.dst_addr);
+    if destination == Destination::Elsewhere && pkt.tuple.dst_addr != maps::config().snat_addr {
+        return Ok(PASS);
+    }
 
     if let Some(entry) = conntrack::lookup(&pkt, now) {
         fragments::remember(&pkt, now);
@@ -43,5 +55,5 @@ pub fn try_pod_ingress(ctx: &TcContext) -> Result<i32> {
         }
         return Ok(PASS);
     }
-    new_flow::handle(ctx, &pkt, now, Origin::Pod)
+    new_flow::handle(ctx, &pkt, now, Origin::Pod, destination)
 }

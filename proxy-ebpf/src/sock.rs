@@ -31,7 +31,10 @@ use proxy_common::{
     SockRevValueV4,
 };
 
-use crate::{service, stats};
+use crate::{
+    destination::{self, Destination},
+    service, stats,
+};
 
 /// Per-socket reverse translation ([`proxy_common::sock::RNAT_V4_NAME`]). LRU: the
 /// datapath never deletes entries, the oldest make room (see
@@ -170,6 +173,15 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32, u32> {
     // Clients on the node, pods or not, are inside the cluster: they get the internal
     // backend set (internalTrafficPolicy), as pods do on the TC path.
     let Some(frontend) = service::lookup(&tuple, true) else {
+        // A port a live ClusterIP does not declare: refused at once, as the TC path
+        // rejects it. Everything else (an unallocated service address included) goes
+        // ahead; a pod's packets then meet the TC path, which drops the latter.
+        if let Destination::Frontend { cluster_ip: true } = destination::classify(tuple.dst_addr) {
+            // SAFETY: as for the refusal below.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            stats::count(counter::REJECTED_UNDECLARED_PORT);
+            return Ok(REFUSE);
+        }
         return Ok(ALLOW);
     };
     if frontend.value.count == 0 {

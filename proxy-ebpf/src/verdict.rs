@@ -27,6 +27,7 @@ impl DropReason {
     pub const NO_SNAT_ADDR: Self = Self(counter::DROP_NO_SNAT_ADDR);
     pub const TTL_EXCEEDED: Self = Self(counter::DROP_TTL_EXCEEDED);
     pub const CT_FULL: Self = Self(counter::DROP_CT_FULL);
+    pub const UNALLOCATED_SERVICE_IP: Self = Self(counter::DROP_UNALLOCATED_SERVICE_IP);
 
     /// The index of the counter this drop increments.
     #[inline(always)]

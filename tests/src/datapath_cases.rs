@@ -13,12 +13,12 @@ use aya::{
     maps::PerCpuValues,
     programs::{TestRun as _, TestRunOptions},
 };
-use proxy_common::{counter, proto, scope, service_flags, Be32, DatapathConfig};
+use proxy_common::{counter, proto, scope, service_flags, Be32, DatapathConfig, ServiceCidrV4};
 use proxy_userspace::{
     datapath::{Datapath, Hook, LoadOptions},
     model::{Desired, FrontendKey, FrontendKind, FrontendSpec, ServicePortName},
     state::ObjectKey,
-    sync::Syncer,
+    sync::{frontend_addrs::FrontendAddrs, Syncer},
 };
 
 use crate::packets::{
@@ -74,6 +74,8 @@ pub struct NodeSetup {
     /// predictable, and a second flow must then find it taken).
     pub snat: Option<(Ipv4Addr, u16)>,
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// The service CIDR (`--service-cidr`).
+    pub service_cidr: Option<(Ipv4Addr, u8)>,
     /// Backend addresses on this node.
     pub local_backends: Vec<Ipv4Addr>,
     /// loadBalancerSourceRanges of every service in the case.
@@ -93,6 +95,15 @@ impl NodeSetup {
             config.cluster_cidr_len = len;
         }
         config
+    }
+
+    fn service_cidr(&self) -> ServiceCidrV4 {
+        self.service_cidr
+            .map_or_else(ServiceCidrV4::default, |(addr, len)| ServiceCidrV4 {
+                addr: Be32::from_ipv4(addr),
+                len,
+                _pad: [0; 3],
+            })
     }
 }
 
@@ -272,17 +283,11 @@ pub fn cases() -> Vec<Case> {
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
-                // the ClusterIP on a port the service does not have
+                // an address of the service CIDR no Service holds, without
+                // --service-cidr: nothing is dropped
                 Step {
                     hook: Hook::PodIngress,
-                    input: Frame::tcp(client(), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
-                    verdict: Verdict::Pass,
-                    output: Expected::Unchanged,
-                },
-                // the service port over the other protocol
-                Step {
-                    hook: Hook::PodIngress,
-                    input: Frame::udp(client(), vip(), b"x"),
+                    input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
@@ -308,7 +313,113 @@ pub fn cases() -> Vec<Case> {
                 },
             ],
             node: NodeSetup::default(),
-            counters: vec![(counter::NEW_FLOW, 0), (counter::REPLY_TRANSLATED, 0)],
+            counters: vec![
+                (counter::NEW_FLOW, 0),
+                (counter::REPLY_TRANSLATED, 0),
+                (counter::REJECTED_UNDECLARED_PORT, 0),
+                (counter::DROP_UNALLOCATED_SERVICE_IP, 0),
+            ],
+        },
+        Case {
+            name: "a port a live ClusterIP does not declare is rejected with ICMP port unreachable (tcp, and udp on a tcp-only port), from pods and from outside",
+            frontends: vec![web.clone()],
+            steps: vec![
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(
+                        client(),
+                        sock(10, 96, 0, 10, 81),
+                        TcpFlags::SYN,
+                    ))),
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::udp(client(), vip(), b"x"),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Bytes(port_unreachable_reply(&Frame::udp(
+                        client(),
+                        vip(),
+                        b"x",
+                    ))),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: Frame::tcp(sock(192, 168, 1, 50, 40_000), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(
+                        sock(192, 168, 1, 50, 40_000),
+                        sock(10, 96, 0, 10, 81),
+                        TcpFlags::SYN,
+                    ))),
+                },
+                // the declared port still works
+                Step {
+                    hook: Hook::PodIngress,
+                    input: syn.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.clone().with_dst(backend())),
+                },
+            ],
+            node: NodeSetup::default(),
+            counters: vec![
+                (counter::REJECTED_UNDECLARED_PORT, 3),
+                (counter::REJECTED_NO_BACKEND, 0),
+                (counter::NEW_FLOW, 1),
+            ],
+        },
+        Case {
+            name: "with --service-cidr, an address in it that no Service holds is dropped and counted (pods and outside); ClusterIPs and other addresses work as before",
+            frontends: vec![web.clone(), dns.clone()],
+            steps: vec![
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::udp(client(), sock(10, 111, 255, 254, 53), b"q"),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: Frame::tcp(sock(192, 168, 1, 50, 40_000), empty_vip(), TcpFlags::SYN),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+                // just outside the CIDR: not ours
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), sock(10, 112, 0, 1, 80), TcpFlags::SYN),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), backend(), TcpFlags::SYN),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: query.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(query.clone().with_dst(dns_backend())),
+                },
+            ],
+            node: NodeSetup {
+                service_cidr: Some((Ipv4Addr::new(10, 96, 0, 0), 12)),
+                ..NodeSetup::default()
+            },
+            counters: vec![
+                (counter::DROP_UNALLOCATED_SERVICE_IP, 3),
+                (counter::NEW_FLOW, 1),
+                (counter::REJECTED_UNDECLARED_PORT, 0),
+            ],
         },
         Case {
             name: "tcp to a service without endpoints is rejected with ICMP port unreachable",
@@ -650,6 +761,7 @@ pub fn node_cases() -> Vec<Case> {
         cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
         local_backends: vec![*local_backend().ip()],
         source_ranges: Vec::new(),
+        ..NodeSetup::default()
     };
     let syn = tcp(outside_client(), node_port());
     vec![
@@ -821,6 +933,7 @@ pub fn node_icmp_cases() -> Vec<Case> {
         cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
         local_backends: vec![*local_backend().ip()],
         source_ranges: Vec::new(),
+        ..NodeSetup::default()
     };
     let backend_router = Ipv4Addr::new(10, 244, 2, 1);
     let client_router = Ipv4Addr::new(203, 0, 113, 1);
@@ -940,6 +1053,7 @@ pub fn routed_cases() -> Vec<Case> {
         cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
         local_backends: Vec::new(),
         source_ranges: Vec::new(),
+        ..NodeSetup::default()
     };
     let np = frontend("np", node_port(), proto::TCP, &[remote_backend()], external);
     let syn = Frame::tcp(outside_client(), node_port(), TcpFlags::SYN);
@@ -1033,6 +1147,7 @@ pub struct RunOutput {
 pub struct DatapathHarness {
     pub datapath: Datapath,
     syncer: Syncer,
+    frontend_addrs: FrontendAddrs,
 }
 
 impl DatapathHarness {
@@ -1054,6 +1169,7 @@ impl DatapathHarness {
         Ok(Self {
             datapath,
             syncer: Syncer::default(),
+            frontend_addrs: FrontendAddrs::default(),
         })
     }
 
@@ -1063,7 +1179,13 @@ impl DatapathHarness {
     /// When a map write fails.
     pub fn clear(&mut self) -> Result<()> {
         self.syncer = Syncer::default();
+        self.frontend_addrs = FrontendAddrs::default();
         let maps = &mut self.datapath.maps;
+        let keys: Vec<_> = maps.frontend_addrs.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            maps.frontend_addrs.remove(&key)?;
+        }
+        maps.set_service_cidr(&ServiceCidrV4::default())?;
         let keys: Vec<_> = maps.services.keys().collect::<Result<_, _>>()?;
         for key in keys {
             maps.services.remove(&key)?;
@@ -1136,9 +1258,24 @@ impl DatapathHarness {
             },
             ..Desired::default()
         };
+        self.datapath.maps.set_service_cidr(&node.service_cidr())?;
+        if let Some(error) = self
+            .frontend_addrs
+            .add_desired(&desired, &mut self.datapath.maps)
+            .first()
+        {
+            bail!("programming the frontend address set: {error}");
+        }
         let report = self.syncer.sync(&desired, &mut self.datapath.maps);
         if let Some(failure) = report.failures.first() {
             bail!("programming {}: {}", failure.service_port, failure.error);
+        }
+        if let Some(error) = self
+            .frontend_addrs
+            .remove_stale(&desired, self.syncer.mirror(), &mut self.datapath.maps)
+            .first()
+        {
+            bail!("programming the frontend address set: {error}");
         }
         Ok(())
     }
