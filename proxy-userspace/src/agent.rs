@@ -469,8 +469,42 @@ impl Agent {
                 return;
             }
         };
+        let addr_drift = match self.datapath.maps.read_frontend_addrs() {
+            Ok(real_addrs) => {
+                let held = self.frontend_addrs.held();
+                let drift = real_addrs
+                    .held()
+                    .iter()
+                    .filter(|(addr, kinds)| held.get(*addr) != Some(*kinds))
+                    .count()
+                    + held
+                        .keys()
+                        .filter(|addr| !real_addrs.held().contains_key(*addr))
+                        .count();
+                if drift > 0 {
+                    let map = proxy_common::names::FRONTEND_ADDRS_V4;
+                    warn!(
+                        map,
+                        entries = drift,
+                        "the map differs from what the agent wrote; repairing"
+                    );
+                    self.drift_repaired(map, "entries", drift);
+                    // The next pass writes whatever differs from the desired set.
+                    self.frontend_addrs = real_addrs;
+                }
+                drift
+            }
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot read the frontend address set back; retrying on the next resync");
+                0
+            }
+        };
         let differences = self.syncer.mirror().differences(&real);
         if differences == [0; 3] {
+            if addr_drift > 0 {
+                self.apply_desired().await;
+                return;
+            }
             debug!("resync: the maps hold what the agent wrote");
             return;
         }
