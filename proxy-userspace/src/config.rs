@@ -733,6 +733,15 @@ conntrack:
     }
 
     #[test]
+    fn service_cidr_is_ours_and_checked() {
+        let config = parse("serviceCIDR: 10.96.0.0/12\n").expect("valid");
+        assert_eq!(config.service_cidr.as_deref(), Some("10.96.0.0/12"));
+        assert_eq!(parse("{}\n").expect("valid").service_cidr, None);
+        let error = parse("serviceCIDR: 10.96.0.0/40\n").expect_err("bad length");
+        assert!(error.contains("serviceCIDR"), "{error}");
+    }
+
+    #[test]
     fn socket_lb_is_ours_and_checked() {
         let config = parse("socketLb: host\n").expect("valid");
         assert_eq!(config.socket_lb, Some(crate::socket_lb::Mode::Host));
