@@ -28,6 +28,10 @@ pub mod names {
     pub const FRAGMENTS_V4: &str = "FRAG_V4_V1";
     pub const COUNTERS: &str = "COUNTERS_V3";
     pub const CONFIG: &str = "CONFIG_V3";
+    /// Every address some frontend uses, checked before conntrack and services.
+    pub const FRONTEND_ADDRS_V4: &str = "FE_ADDR_V4_V1";
+    /// The service CIDR (one entry), whose unallocated addresses are dropped.
+    pub const SERVICE_CIDR_V4: &str = "SVC_CIDR_V4_V1";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -57,6 +61,9 @@ pub mod capacity {
     pub const SOURCE_RANGES_V4: u32 = 16_384;
     /// Fragmented datagrams of translated flows in flight (LRU: the oldest make room).
     pub const FRAGMENTS_V4: u32 = 8_192;
+    /// Distinct frontend addresses. Each takes at least one entry of the service map,
+    /// so there can never be more of them than it holds.
+    pub const FRONTEND_ADDRS_V4: u32 = SERVICES_V4;
 }
 
 /// How long a fragmented datagram's first fragment vouches for the later ones: the
@@ -70,6 +77,52 @@ pub mod scope {
     /// The backend set for clients inside the cluster when it differs from the
     /// external one (externalTrafficPolicy Local reached from a local pod).
     pub const INTERNAL: u8 = 1;
+}
+
+/// What an address of the frontend address set is used as (value of
+/// [`names::FRONTEND_ADDRS_V4`], bits ORed when one address serves several kinds).
+pub mod frontend_addr {
+    /// A ClusterIP: a packet to one of its ports that no frontend declares is
+    /// rejected (kube-proxy's nftables mode rejects invalid ports of ClusterIPs).
+    pub const CLUSTER_IP: u8 = 1 << 0;
+    /// A node address (NodePort), externalIP or LoadBalancer IP: its other ports are
+    /// the node's or someone else's, and pass untouched.
+    pub const OTHER: u8 = 1 << 1;
+}
+
+/// Value of the frontend address set: its key is the address (`Be32`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct FrontendAddrV4 {
+    /// [`frontend_addr`] bits.
+    pub kinds: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FrontendAddrV4>() == 4);
+
+/// The service CIDR (kube-proxy's ServiceCIDR, from `--service-cidr`): a packet to an
+/// address inside it that no frontend holds is dropped instead of routed out of the
+/// node (kube-proxy's nftables mode drops traffic to unallocated ClusterIPs). Length
+/// 0: unset, nothing is dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct ServiceCidrV4 {
+    pub addr: Be32,
+    pub len: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ServiceCidrV4>() == 8);
+
+impl ServiceCidrV4 {
+    /// Whether `addr` is inside the CIDR (false when it is unset).
+    #[must_use]
+    pub const fn contains(&self, addr: Be32) -> bool {
+        if self.len == 0 || self.len > 32 {
+            return false;
+        }
+        let mask = u32::MAX << (32 - self.len as u32);
+        (u32::from_be(addr.0) & mask) == (u32::from_be(self.addr.0) & mask)
+    }
 }
 
 /// Frontend flags (slot 0 `flags`).
@@ -120,6 +173,12 @@ pub mod ct_flags {
     pub const REWRITE_DST: u16 = 1 << 1;
     /// The entry matches the reply direction of a translated flow.
     pub const REPLY: u16 = 1 << 2;
+    /// The flow goes through the kernel's stack in both directions (a local backend,
+    /// not masqueraded): its requests are translated at ingress and routed by the
+    /// kernel, its replies translated at egress after routing. Every other flow is
+    /// redirected at TC in both directions. A flow must pass netfilter both ways or not
+    /// at all: a forward-path `ct state invalid drop` drops half a handshake.
+    pub const VIA_STACK: u16 = 1 << 3;
     /// A packet of the reply direction was seen.
     pub const SEEN_REPLY: u16 = 1 << 4;
     /// The flow was seen both ways (the client spoke again after the reply: TCP's
@@ -212,8 +271,9 @@ const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub struct CtEntryV4 {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the flow's last packet, in either
-    /// direction: each packet refreshes its own entry and, at most once a second
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the flow's
+    /// last packet, in either direction, to within [`CT_REFRESH_NS`]: a packet
+    /// refreshes its own entry when this is older than that and, at most once a second
     /// ([`CT_PEER_REFRESH_NS`]), its peer's, so both entries of a flow share one
     /// lifetime (a one-way UDP flow keeps its reply entry, which is also its SNAT port
     /// claim).
@@ -240,6 +300,11 @@ const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 40);
 /// entries of a flow expire within this of each other, at the cost of one extra
 /// lookup per second of traffic instead of one per packet.
 pub const CT_PEER_REFRESH_NS: u64 = 1_000_000_000;
+
+/// How stale an entry's own timestamp may get before a packet matching it writes it:
+/// idle timeouts (seconds to a day) end up to this much early, and a busy flow's
+/// packets write their entry once in this long instead of on every packet.
+pub const CT_REFRESH_NS: u64 = 100_000_000;
 
 /// How long after an insert into the established table failed for lack of room new
 /// flows are refused (`drop_ct_full`). Each failed insert renews it, so the refusal
@@ -447,6 +512,9 @@ pub mod counter {
     /// A connected socket whose backend left was destroyed by the socket iterator
     /// (`bpf_sock_destroy`), so its application connects again.
     pub const SOCK_DESTROYED: u32 = 17;
+    /// A new flow to a port that a live ClusterIP does not declare was answered with
+    /// ICMP port unreachable (kube-proxy's nftables mode rejects it the same way).
+    pub const REJECTED_UNDECLARED_PORT: u32 = 18;
     /// A new flow to a frontend that netfilter's conntrack already tracks (a flow
     /// kube-proxy's NAT set up before kpr took over) passed untouched, left to netfilter.
     pub const NF_TRACKED_PASSED: u32 = 31;
@@ -480,6 +548,9 @@ pub mod counter {
     /// Dropped: a new flow while the established conntrack table is full (the kernel's
     /// "table full, dropping packet"); established flows keep working.
     pub const DROP_CT_FULL: u32 = 42;
+    /// Dropped: addressed to the service CIDR, at an address no Service holds (with
+    /// `--service-cidr`; kube-proxy's nftables mode drops it too).
+    pub const DROP_UNALLOCATED_SERVICE_IP: u32 = 43;
 
     /// Size of the counters map.
     pub const COUNT: u32 = 64;
@@ -505,7 +576,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "ct_assured",
     "sock_translated_pod",
     "sock_destroyed",
-    "",
+    "rejected_undeclared_port",
     "",
     "",
     "",
@@ -530,7 +601,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "drop_sock_rnat_insert",
     "drop_ttl_exceeded",
     "drop_ct_full",
-    "",
+    "drop_unallocated_service_ip",
     "",
     "",
     "",
@@ -577,6 +648,8 @@ mod pod_impls {
         FragKeyV4,
         FragValueV4,
         DatapathConfig,
+        FrontendAddrV4,
+        ServiceCidrV4,
     );
 }
 
@@ -637,6 +710,24 @@ mod tests {
                 "{label} at {index} names no counter"
             );
         }
+    }
+
+    #[test]
+    fn service_cidr_contains_its_addresses_only_when_set() {
+        let cidr = ServiceCidrV4 {
+            addr: Be32::from_ipv4(core::net::Ipv4Addr::new(10, 96, 0, 0)),
+            len: 12,
+            _pad: [0; 3],
+        };
+        let addr = |a, b, c, d| Be32::from_ipv4(core::net::Ipv4Addr::new(a, b, c, d));
+        assert!(cidr.contains(addr(10, 96, 0, 1)));
+        assert!(cidr.contains(addr(10, 111, 255, 255)));
+        assert!(!cidr.contains(addr(10, 112, 0, 0)));
+        assert!(!cidr.contains(addr(10, 95, 255, 255)));
+        assert!(!ServiceCidrV4::default().contains(addr(10, 96, 0, 1)));
+        let all = ServiceCidrV4 { len: 32, ..cidr };
+        assert!(all.contains(addr(10, 96, 0, 0)));
+        assert!(!all.contains(addr(10, 96, 0, 1)));
     }
 
     #[test]

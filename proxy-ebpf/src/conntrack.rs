@@ -17,9 +17,17 @@
 //!   working.
 //!
 //! Lookups try the established table first, so the common packet costs one lookup.
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+//! Timestamps come from the coarse clock ([`now`]) and an entry's own timestamp is only
+//! written when it is older than [`CT_REFRESH_NS`]: an established packet reads its
+//! entry and writes nothing, so the entry's cache line is not bounced between the CPUs
+//! that carry the flow's two directions.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+};
 use proxy_common::{
     counter, ct_flags, proto, Be16, Be32, CtEntryV4, CtKeyV4, CT_FULL_HOLD_NS, CT_PEER_REFRESH_NS,
+    CT_REFRESH_NS,
 };
 
 use crate::{
@@ -64,6 +72,16 @@ impl Table {
             Self::New => CT_NEW_V4_V2.remove(key),
         };
     }
+}
+
+/// The datapath's clock: CLOCK_MONOTONIC at the resolution of the scheduler tick
+/// (`bpf_ktime_get_coarse_ns`, a plain read where `bpf_ktime_get_ns` reads the clock
+/// source), the same clock the agent reaps with. Timeouts are seconds; a few
+/// milliseconds of resolution change nothing.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: reading the clock has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The tuple of the packet after `entry`'s rewrite.
@@ -247,9 +265,11 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
     }
     let state_changed = flags != entry.flags;
     let refresh_peer = now.saturating_sub(entry.peer_refreshed_ns) > CT_PEER_REFRESH_NS;
-    // SAFETY: plain stores into the map value of this program run.
-    unsafe { (*ptr).last_seen_ns = now };
-    // The established packet's path ends here: one lookup, one store.
+    if now.saturating_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+        // SAFETY: plain stores into the map value of this program run.
+        unsafe { (*ptr).last_seen_ns = now };
+    }
+    // The established packet's path ends here: one lookup, no store.
     if state_changed || refresh_peer {
         // SAFETY: as above.
         unsafe {
@@ -276,6 +296,8 @@ pub struct Translation {
     pub new_dst: (Be32, Be16),
     pub backend_id: u32,
     pub service_id: u32,
+    /// Both directions go through the stack ([`ct_flags::VIA_STACK`]).
+    pub via_stack: bool,
 }
 
 /// What [`create`] did.
@@ -345,8 +367,11 @@ pub fn create(
         service_id: nat.service_id,
         ..CtEntryV4::default()
     };
+    if nat.via_stack {
+        forward.flags = ct_flags::VIA_STACK;
+    }
     let mut reply = forward;
-    reply.flags = ct_flags::REPLY;
+    reply.flags |= ct_flags::REPLY;
     if after.dst_addr != original.dst_addr || after.dst_port != original.dst_port {
         forward.flags |= ct_flags::REWRITE_DST;
         forward.nat_dst_addr = after.dst_addr;

@@ -20,7 +20,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
-use proxy_common::{counter, proto, CtEntryV4, CtKeyV4};
+use proxy_common::{counter, ct_flags, proto, CtEntryV4, CtKeyV4};
 
 use crate::{
     icmp_reply::{self, IcmpReply},
@@ -171,6 +171,22 @@ pub enum Flow {
     New,
     /// A packet of a flow conntrack knows (counted as translated).
     Known,
+}
+
+/// Handles a packet of a flow conntrack knows, at an ingress hook: a flow through the
+/// stack ([`ct_flags::VIA_STACK`]) has its requests translated here and routed by the
+/// kernel, and its replies left to the egress hooks, which translate them after
+/// routing; every other flow is translated and sent to its next hop, in both
+/// directions, so that netfilter sees each flow both ways or not at all.
+#[inline(always)]
+pub fn known_flow(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<i32> {
+    if entry.flags & ct_flags::VIA_STACK != 0 {
+        if entry.flags & ct_flags::REPLY == 0 {
+            nat::translate(ctx, pkt, entry)?;
+        }
+        return Ok(PASS);
+    }
+    translate_and_send(ctx, pkt, entry, Flow::Known)
 }
 
 /// Translates a packet with its flow's `entry` and sends it to its next hop.

@@ -1,7 +1,8 @@
 //! ICMP errors the datapath sends itself, in place of the packet that caused them:
 //! - port unreachable for flows to services without endpoints, as kube-proxy's REJECT
 //!   rule does (the client's connect() fails with ECONNREFUSED at once instead of
-//!   timing out);
+//!   timing out), and for flows to a port a live ClusterIP does not declare (kube-proxy
+//!   nftables mode's `reject` of invalid ClusterIP ports, TCP included);
 //! - fragmentation needed and time exceeded for packets the datapath redirects: the
 //!   redirect skips the kernel's forwarding, which would have sent them (path MTU
 //!   discovery and traceroute depend on them).
@@ -37,8 +38,10 @@ const ICMP_EXC_TTL: u8 = 0;
 /// The error to send.
 #[derive(Clone, Copy)]
 pub enum IcmpReply {
-    /// Destination unreachable, port unreachable.
+    /// Destination unreachable, port unreachable: a frontend without endpoints.
     PortUnreachable,
+    /// The same error for a port no frontend of a live ClusterIP declares.
+    PortUndeclared,
     /// Destination unreachable, fragmentation needed and DF set, with the next hop's
     /// MTU (RFC 1191).
     FragNeeded { mtu: u16 },
@@ -51,7 +54,9 @@ impl IcmpReply {
     #[inline(always)]
     fn header(self) -> (u8, u8, [u8; 4]) {
         match self {
-            Self::PortUnreachable => (icmp_type::DEST_UNREACH, ICMP_PORT_UNREACH, [0; 4]),
+            Self::PortUnreachable | Self::PortUndeclared => {
+                (icmp_type::DEST_UNREACH, ICMP_PORT_UNREACH, [0; 4])
+            }
             Self::FragNeeded { mtu } => {
                 let [high, low] = mtu.to_be_bytes();
                 (icmp_type::DEST_UNREACH, ICMP_FRAG_NEEDED, [0, 0, high, low])
@@ -65,6 +70,7 @@ impl IcmpReply {
     fn counter(self) -> u32 {
         match self {
             Self::PortUnreachable => counter::REJECTED_NO_BACKEND,
+            Self::PortUndeclared => counter::REJECTED_UNDECLARED_PORT,
             Self::FragNeeded { .. } => counter::FRAG_NEEDED_SENT,
             Self::TimeExceeded => counter::TIME_EXCEEDED_SENT,
         }

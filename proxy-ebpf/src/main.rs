@@ -1,6 +1,7 @@
 //! Kernel programs of the proxy.
 //!
-//! One module per datapath stage: [`parse`] reads headers, [`conntrack`] finds or
+//! One module per datapath stage: [`parse`] reads headers, [`destination`] tells
+//! frontend addresses (and the service CIDR) from the rest, [`conntrack`] finds or
 //! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
 //! a new flow's translation, [`fragments`] lets later IP fragments follow their first,
 //! [`snat`] masquerades with a port it claims, [`nat`] rewrites addresses with their
@@ -37,6 +38,7 @@
 )]
 
 mod conntrack;
+mod destination;
 mod forward;
 mod fragments;
 mod icmp_error;

@@ -6,14 +6,26 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    capacity, counter, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4,
-    DatapathConfig, FragKeyV4, FragValueV4, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
+    capacity, counter, AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtEntryV4, CtKeyV4,
+    DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, ServiceCidrV4, ServiceKeyV4,
+    ServiceValueV4, SourceRangeV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
 #[map]
 pub static SVC_V4_V1: HashMap<ServiceKeyV4, ServiceValueV4> =
     HashMap::with_max_entries(capacity::SERVICES_V4, 0);
+
+/// Every address a frontend uses, with what it is used as
+/// ([`proxy_common::names::FRONTEND_ADDRS_V4`]): one small lookup tells a packet to a
+/// service from everything else ([`crate::destination`]).
+#[map]
+pub static FE_ADDR_V4_V1: HashMap<Be32, FrontendAddrV4> =
+    HashMap::with_max_entries(capacity::FRONTEND_ADDRS_V4, 0);
+
+/// The service CIDR, one entry ([`proxy_common::names::SERVICE_CIDR_V4`]).
+#[map]
+pub static SVC_CIDR_V4_V1: Array<ServiceCidrV4> = Array::with_max_entries(1, 0);
 
 /// Backends by id ([`proxy_common::names::BACKENDS_V4`]).
 #[map]

@@ -42,14 +42,67 @@ pub fn replace_ip_addr(
         .map_err(|_| DropReason::REWRITE)
 }
 
-/// Rewrites one end of a TCP/UDP packet (or fragment) to `addr:port`. `pkt` holds the
-/// values before the rewrite; unchanged fields are left alone.
+/// Updates the checksums for rewriting one end of a TCP/UDP packet (or fragment) to
+/// `addr:port`, without writing the fields themselves. `pkt` holds the values before
+/// the rewrite; unchanged fields cost nothing.
 ///
-/// A later fragment has no L4 header: only its IP header changes. The datagram's L4
-/// checksum, in the first fragment, already covers the new addresses: its update
-/// there accounted for the whole pseudo-header.
+/// A later fragment has no L4 header: only its IP header checksum changes. The
+/// datagram's L4 checksum, in the first fragment, already covers the new addresses:
+/// its update there accounted for the whole pseudo-header.
+#[inline(always)]
+fn update_checksums(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: Be16) -> Result<()> {
+    let (old_addr, old_port) = match end {
+        End::Source => (pkt.tuple.src_addr, pkt.tuple.src_port),
+        End::Destination => (pkt.tuple.dst_addr, pkt.tuple.dst_port),
+    };
+    let has_l4_header = pkt.kind == Kind::Transport;
+    // UDP checksum 0 means "none": MARK_MANGLED_0 keeps it 0 instead of inventing one.
+    let l4_flags = if pkt.tuple.proto == proto::UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let l4_csum_off = pkt.l4_csum_off();
+    if old_addr != addr {
+        if has_l4_header {
+            // The L4 checksum covers the addresses through the pseudo-header. The
+            // first helper that writes makes a cloned skb's header private; the others
+            // then find it so.
+            ctx.l4_csum_replace(
+                l4_csum_off,
+                u64::from(old_addr.0),
+                u64::from(addr.0),
+                l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+            )
+            .map_err(|_| DropReason::REWRITE)?;
+        }
+        ctx.l3_csum_replace(
+            ETH_HLEN + IP_CSUM_OFF,
+            u64::from(old_addr.0),
+            u64::from(addr.0),
+            4,
+        )
+        .map_err(|_| DropReason::REWRITE)?;
+    }
+    // Ports are not in the pseudo-header: a separate update, which the kernel skips
+    // for CHECKSUM_PARTIAL packets (their checksum field holds the pseudo-header sum).
+    if old_port != port && has_l4_header {
+        ctx.l4_csum_replace(
+            l4_csum_off,
+            u64::from(old_port.0),
+            u64::from(port.0),
+            l4_flags | 2,
+        )
+        .map_err(|_| DropReason::REWRITE)?;
+    }
+    Ok(())
+}
+
+/// Rewrites one end of a TCP/UDP packet (or fragment) to `addr:port`, checksums and
+/// fields. `pkt` holds the values before the rewrite; unchanged fields are left alone.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: Be16) -> Result<()> {
+    update_checksums(ctx, pkt, end, addr, port)?;
     let (old_addr, old_port, addr_off, port_off) = match end {
         End::Source => (
             pkt.tuple.src_addr,
@@ -64,38 +117,29 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: Be16) 
             pkt.l4_off + L4_DST_PORT_OFF,
         ),
     };
-    let has_l4_header = pkt.kind == Kind::Transport;
-    // UDP checksum 0 means "none": MARK_MANGLED_0 keeps it 0 instead of inventing one.
-    let l4_flags = if pkt.tuple.proto == proto::UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    let l4_csum_off = pkt.l4_csum_off();
-    if old_addr != addr && has_l4_header {
-        // The L4 checksum covers the addresses through the pseudo-header.
-        ctx.l4_csum_replace(
-            l4_csum_off,
-            u64::from(old_addr.0),
-            u64::from(addr.0),
-            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
-        )
-        .map_err(|_| DropReason::REWRITE)?;
+    if old_addr != addr {
+        ctx.store(addr_off, &addr.0, 0)
+            .map_err(|_| DropReason::REWRITE)?;
     }
-    replace_ip_addr(ctx, ETH_HLEN + IP_CSUM_OFF, addr_off, old_addr, addr)?;
-    if old_port != port && has_l4_header {
-        ctx.l4_csum_replace(
-            l4_csum_off,
-            u64::from(old_port.0),
-            u64::from(port.0),
-            l4_flags | 2,
-        )
-        .map_err(|_| DropReason::REWRITE)?;
+    if old_port != port && pkt.kind == Kind::Transport {
         ctx.store(port_off, &port.0, 0)
             .map_err(|_| DropReason::REWRITE)?;
     }
     Ok(())
 }
+
+/// The addresses of an IPv4 header without options and the ports of the TCP/UDP header
+/// right after it: 12 contiguous bytes, written by one `bpf_skb_store_bytes`.
+#[repr(C)]
+struct AddrsAndPorts {
+    src_addr: u32,
+    dst_addr: u32,
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// Length of an IPv4 header without options.
+const IP_HLEN_NO_OPTIONS: usize = 20;
 
 /// Applies a conntrack entry's rewrite to the packet (a TCP/UDP packet or fragment, or
 /// an ICMP error about the entry's flow).
@@ -103,6 +147,41 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: Be16) 
 pub fn apply(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
     if pkt.kind == Kind::IcmpError {
         return icmp_error::translate(ctx, pkt, entry);
+    }
+    if pkt.kind == Kind::Transport && pkt.ip_hlen == IP_HLEN_NO_OPTIONS {
+        // The common packet: checksum updates, then every changed field in one store
+        // (instead of one per address and port).
+        if entry.flags & ct_flags::REWRITE_DST != 0 {
+            update_checksums(
+                ctx,
+                pkt,
+                End::Destination,
+                entry.nat_dst_addr,
+                entry.nat_dst_port,
+            )?;
+        }
+        if entry.flags & ct_flags::REWRITE_SRC != 0 {
+            update_checksums(
+                ctx,
+                pkt,
+                End::Source,
+                entry.nat_src_addr,
+                entry.nat_src_port,
+            )?;
+        }
+        let after = conntrack::translated(&pkt.tuple, entry);
+        if after == pkt.tuple {
+            return Ok(());
+        }
+        let fields = AddrsAndPorts {
+            src_addr: after.src_addr.0,
+            dst_addr: after.dst_addr.0,
+            src_port: after.src_port.0,
+            dst_port: after.dst_port.0,
+        };
+        return ctx
+            .store(ETH_HLEN + IP_SRC_OFF, &fields, 0)
+            .map_err(|_| DropReason::REWRITE);
     }
     if entry.flags & ct_flags::REWRITE_DST != 0 {
         rewrite(

@@ -7,10 +7,11 @@ use proxy_common::{backend_flags, counter, service_flags, CtKeyV4};
 
 use crate::{
     conntrack::{self, Created, Translation},
+    destination::Destination,
     forward::{self, Flow},
     fragments,
     icmp_reply::{self, IcmpReply},
-    maps,
+    maps, nat,
     parse::{Kind, Packet},
     service, snat, stats, takeover,
     verdict::{DropReason, Result, PASS},
@@ -55,15 +56,35 @@ fn needs_masquerade(
     }
 }
 
-/// Handles a packet that matched no conntrack entry. Returns the verdict; packets not
-/// addressed to a frontend pass untouched, and only a packet with ports (not an ICMP
-/// error, not a later fragment) can start a flow.
+/// Handles a packet that matched no conntrack entry, going to `destination`. Returns
+/// the verdict; packets not addressed to a frontend pass untouched, and only a packet
+/// with ports (not an ICMP error, not a later fragment) can start a flow.
+///
+/// kube-proxy's nftables semantics for the service CIDR: a packet to an address no
+/// Service holds is dropped (never an ICMP error: it says nothing of its own), and a
+/// new flow to a port a live ClusterIP does not declare is answered with ICMP port
+/// unreachable, as a ClusterIP without endpoints is.
 #[inline(always)]
-pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result<i32> {
+pub fn handle(
+    ctx: &TcContext,
+    pkt: &Packet,
+    now: u64,
+    origin: Origin,
+    destination: Destination,
+) -> Result<i32> {
+    let cluster_ip = match destination {
+        Destination::Elsewhere => return Ok(PASS),
+        Destination::UnallocatedServiceIp if pkt.kind == Kind::IcmpError => return Ok(PASS),
+        Destination::UnallocatedServiceIp => return Err(DropReason::UNALLOCATED_SERVICE_IP),
+        Destination::Frontend { cluster_ip } => cluster_ip,
+    };
     if pkt.kind != Kind::Transport {
         return Ok(PASS);
     }
     let Some(frontend) = service::lookup(&pkt.tuple, origin == Origin::Pod) else {
+        if cluster_ip {
+            return icmp_reply::send(ctx, pkt, IcmpReply::PortUndeclared);
+        }
         return Ok(PASS);
     };
     if takeover::netfilter_translates(ctx, pkt) {
@@ -85,6 +106,11 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
     let (backend_id, backend) = service::select_backend(&frontend, pkt.tuple.src_addr)?;
     let service_id = frontend.value.service_id;
     let masquerade = needs_masquerade(origin, &pkt.tuple, flags, &backend);
+    // A local backend's replies leave its pod through the pod-ingress program of its
+    // veth, which lets traffic to no frontend pass before any conntrack lookup (the
+    // lean path), so they go through the stack and are translated at egress: the
+    // flow's requests must then go through the stack too (see `ct_flags::VIA_STACK`).
+    let via_stack = !masquerade && backend.flags & backend_flags::LOCAL != 0;
     let entry = if masquerade {
         snat::create(&pkt.tuple, &backend, backend_id, service_id, now)?
     } else {
@@ -93,6 +119,7 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
             new_dst: (backend.addr, backend.port),
             backend_id,
             service_id,
+            via_stack,
         };
         match conntrack::create(&pkt.tuple, &translation, now, false)? {
             Created::Flow(entry) => entry,
@@ -109,8 +136,10 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
             counter::SNAT_FLOW
         });
     }
-    // Straight to the next hop from either origin, so that the flow's replies, which
-    // the ingress programs redirect too, and its requests take the same path past
-    // netfilter (see `pod_ingress`).
+    if via_stack {
+        nat::apply(ctx, pkt, &entry)?;
+        return Ok(PASS);
+    }
+    // Straight to the next hop, as the ingress programs send its replies.
     forward::translate_and_send(ctx, pkt, &entry, Flow::New)
 }

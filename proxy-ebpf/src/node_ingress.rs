@@ -7,29 +7,34 @@
 //! (from a backend, from a router on either side of the node) are translated the same
 //! way.
 //!
-//! Every translated packet goes straight to its next hop ([`crate::forward`]): a reply
-//! translated back carries a frontend as its source, which may be this node's own
-//! address, and the kernel's input path would drop it as a martian.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+//! Translated packets go straight to their next hop ([`crate::forward::known_flow`]):
+//! a reply translated back carries a frontend as its source, which may be this node's
+//! own address, and the kernel's input path would drop it as a martian. The exception
+//! is a flow to a local backend that is not masqueraded: it goes through the stack
+//! both ways, its reply translated at this interface's egress.
+//!
+//! Replies come to addresses that are no frontend (a local client pod, the node's
+//! masquerade address), so conntrack is asked first; the frontend address set
+//! ([`crate::destination`]) then spares packets that are for no service the service
+//! lookup, and tells an unallocated service address or an undeclared ClusterIP port.
+use aya_ebpf::programs::TcContext;
 
 use crate::{
-    conntrack,
-    forward::{self, Flow},
-    fragments,
+    conntrack, destination, forward, fragments,
     new_flow::{self, Origin},
     verdict::{Result, PASS},
 };
 
 pub fn try_node_ingress(ctx: &TcContext) -> Result<i32> {
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = conntrack::now();
     let Some(pkt) = fragments::parse(ctx, now) else {
         return Ok(PASS);
     };
 
     if let Some(entry) = conntrack::lookup(&pkt, now) {
         fragments::remember(&pkt, now);
-        return forward::translate_and_send(ctx, &pkt, &entry, Flow::Known);
+        return forward::known_flow(ctx, &pkt, &entry);
     }
-    new_flow::handle(ctx, &pkt, now, Origin::Outside)
+    let destination = destination::classify(pkt.tuple.dst_addr);
+    new_flow::handle(ctx, &pkt, now, Origin::Outside, destination)
 }

@@ -1,9 +1,6 @@
 //! Frontend lookup and backend selection (random slot, or the client's affinity).
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::{
-    bindings::BPF_ANY,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
 use proxy_common::{
     counter, scope, service_flags, AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtKeyV4,
     ServiceKeyV4, ServiceValueV4, SourceRangeV4,
@@ -180,8 +177,7 @@ pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result
         client_addr: client,
         service_id: frontend.value.service_id,
     };
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::conntrack::now();
     // SAFETY: copied out immediately.
     let record = AFFINITY_V4_V2.get_ptr(key).map(|found| unsafe { *found });
     let chosen = match record.and_then(|record| remembered(frontend, &record, now)) {

@@ -49,6 +49,7 @@ pub fn create(
             new_dst: (backend.addr, backend.port),
             backend_id,
             service_id,
+            via_stack: false,
         };
         match conntrack::create(original, &translation, now, true)? {
             Created::Flow(entry) => return Ok(entry),

@@ -32,6 +32,7 @@ use proxy_common::{
 };
 
 use crate::{
+    destination::{self, Destination},
     service, stats,
     verdict::{DropReason, Result},
 };
@@ -173,6 +174,15 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32> {
     // Clients on the node, pods or not, are inside the cluster: they get the internal
     // backend set (internalTrafficPolicy), as pods do on the TC path.
     let Some(frontend) = service::lookup(&tuple, true) else {
+        // A port a live ClusterIP does not declare: refused at once, as the TC path
+        // rejects it. Everything else (an unallocated service address included) goes
+        // ahead; a pod's packets then meet the TC path, which drops the latter.
+        if let Destination::Frontend { cluster_ip: true } = destination::classify(tuple.dst_addr) {
+            // SAFETY: as for the refusal below.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            stats::count(counter::REJECTED_UNDECLARED_PORT);
+            return Ok(REFUSE);
+        }
         return Ok(ALLOW);
     };
     if frontend.value.count == 0 {

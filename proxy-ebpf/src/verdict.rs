@@ -29,6 +29,8 @@ impl DropReason {
     pub const CT_FULL: Self = Self(counter::DROP_CT_FULL);
     /// A socket hook's reverse entry could not be stored (the syscall is refused).
     pub const SOCK_RNAT_INSERT: Self = Self(counter::DROP_SOCK_RNAT_INSERT);
+    /// The destination is in the service CIDR but no Service holds it.
+    pub const UNALLOCATED_SERVICE_IP: Self = Self(counter::DROP_UNALLOCATED_SERVICE_IP);
 
     /// The index of the counter this drop increments.
     #[inline(always)]

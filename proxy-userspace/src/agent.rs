@@ -34,7 +34,7 @@ use crate::{
     model::{self, Desired, Diagnostic, DiagnosticReason, FrontendKey, ModelSettings},
     socket_lb,
     source::{self, Snapshot, SourceConfig},
-    sync::{FrontendFailure, SyncReport, Syncer},
+    sync::{frontend_addrs::FrontendAddrs, FrontendFailure, SyncReport, Syncer},
     takeover::{self, KernelSupport, Takeover},
 };
 
@@ -68,6 +68,9 @@ pub struct AgentConfig {
     pub keep_state: bool,
     /// Conntrack capacity.
     pub conntrack_max: Option<u32>,
+    /// The service CIDR (`--service-cidr`; length 0: unset): its addresses that no
+    /// Service holds are dropped.
+    pub service_cidr: proxy_common::ServiceCidrV4,
     /// Conntrack timeouts.
     pub datapath: DatapathConfig,
     /// How often expired conntrack entries are reaped.
@@ -150,6 +153,8 @@ struct Agent {
     /// The configured model settings plus the node's NodePort addresses.
     model_settings: ModelSettings,
     syncer: Syncer,
+    /// The frontend address set, kept in step with the syncer's frontends.
+    frontend_addrs: FrontendAddrs,
     attachments: Attachments,
     cgroup_hooks: Option<CgroupHooks>,
     health: SyncHealth,
@@ -217,6 +222,14 @@ impl Agent {
             );
         }
         let syncer = Syncer::adopt(mirror);
+        let frontend_addrs = datapath
+            .maps
+            .read_frontend_addrs()
+            .context("reading the pinned frontend address set")?;
+        datapath
+            .maps
+            .set_service_cidr(&config.service_cidr)
+            .context("writing the service CIDR")?;
         let attachments = Attachments::new(Some(&config.pin_dir));
         let cgroup_hooks = socket_lb::hooked_cgroup(&config)
             .map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
@@ -257,6 +270,7 @@ impl Agent {
             node,
             model_settings,
             syncer,
+            frontend_addrs,
             attachments,
             cgroup_hooks,
             health,
@@ -455,8 +469,42 @@ impl Agent {
                 return;
             }
         };
+        let addr_drift = match self.datapath.maps.read_frontend_addrs() {
+            Ok(real_addrs) => {
+                let held = self.frontend_addrs.held();
+                let drift = real_addrs
+                    .held()
+                    .iter()
+                    .filter(|(addr, kinds)| held.get(*addr) != Some(*kinds))
+                    .count()
+                    + held
+                        .keys()
+                        .filter(|addr| !real_addrs.held().contains_key(*addr))
+                        .count();
+                if drift > 0 {
+                    let map = proxy_common::names::FRONTEND_ADDRS_V4;
+                    warn!(
+                        map,
+                        entries = drift,
+                        "the map differs from what the agent wrote; repairing"
+                    );
+                    self.drift_repaired(map, "entries", drift);
+                    // The next pass writes whatever differs from the desired set.
+                    self.frontend_addrs = real_addrs;
+                }
+                drift
+            }
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot read the frontend address set back; retrying on the next resync");
+                0
+            }
+        };
         let differences = self.syncer.mirror().differences(&real);
         if differences == [0; 3] {
+            if addr_drift > 0 {
+                self.apply_desired().await;
+                return;
+            }
             debug!("resync: the maps hold what the agent wrote");
             return;
         }
@@ -575,12 +623,26 @@ impl Agent {
         let snapshot = Arc::clone(self.snapshot.as_ref()?);
         let desired = Arc::clone(self.desired.as_ref()?);
         let started = Instant::now();
+        // Addresses before the frontends that use them, stale ones after (see
+        // sync::frontend_addrs).
+        let mut addr_errors = self
+            .frontend_addrs
+            .add_desired(&desired, &mut self.datapath.maps);
         let mut report = self.syncer.sync(&desired, &mut self.datapath.maps);
         if report.failures.iter().any(|f| f.error.map_full) && report.ops_applied > 0 {
             // The pass may have made room only after a frontend was refused (backends
             // are deleted last, once no slot names them): one more pass takes it.
             let again = self.syncer.sync(&desired, &mut self.datapath.maps);
             report.merge(again);
+        }
+        addr_errors.extend(self.frontend_addrs.remove_stale(
+            &desired,
+            self.syncer.mirror(),
+            &mut self.datapath.maps,
+        ));
+        for error in &addr_errors {
+            warn!(%error, "frontend address set write failed; retrying on the next pass");
+            self.metrics.frontend_addr_write_failures.inc();
         }
         self.report_failures(&report);
         for error in &report.cleanup_errors {
@@ -619,7 +681,9 @@ impl Agent {
             elapsed_ms = started.elapsed().as_micros() as f64 / 1000.0,
             "synced"
         );
-        self.retry_pending = !report.failures.is_empty() || !report.cleanup_errors.is_empty();
+        self.retry_pending = !report.failures.is_empty()
+            || !report.cleanup_errors.is_empty()
+            || !addr_errors.is_empty();
         Some((desired, report))
     }
 

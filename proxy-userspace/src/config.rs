@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::DatapathConfig;
+use proxy_common::{DatapathConfig, ServiceCidrV4};
 use serde::Deserialize;
 
 use crate::{
@@ -44,6 +44,10 @@ pub struct FileConfig {
     /// kube-proxy: the cluster's pod CIDR(s), comma-separated.
     #[serde(rename = "clusterCIDR")]
     pub cluster_cidr: Option<String>,
+    /// kpr (kube-proxy has no such setting; its nftables mode reads ServiceCIDR
+    /// objects): the service CIDR(s), comma-separated; the first IPv4 one counts.
+    #[serde(rename = "serviceCIDR")]
+    pub service_cidr: Option<String>,
     /// kube-proxy: addresses NodePorts answer on (CIDRs, or `primary`).
     pub node_port_addresses: Option<Vec<String>>,
     /// kube-proxy: `/healthz` and `/livez` address ("" disables).
@@ -196,6 +200,11 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
             parse_ipv4_cidr(cidr).map_err(|message| format!("clusterCIDR: {message}"))?;
         }
     }
+    if let Some(cidrs) = &config.service_cidr {
+        for cidr in cidrs.split(',').filter(|cidr| !cidr.is_empty()) {
+            parse_ipv4_cidr(cidr).map_err(|message| format!("serviceCIDR: {message}"))?;
+        }
+    }
     for address in config.node_port_addresses.iter().flatten() {
         if address != "primary" {
             parse_ipv4_cidr(address).map_err(|message| format!("nodePortAddresses: {message}"))?;
@@ -333,6 +342,14 @@ pub struct RunArgs {
     /// traffic is.
     #[arg(long)]
     cluster_cidr: Option<String>,
+
+    /// The service CIDR (the range ClusterIPs are allocated from, the API server's
+    /// --service-cluster-ip-range; comma-separated, the first IPv4 one counts): traffic
+    /// to an address inside it that no Service holds is dropped (counted as
+    /// drop_unallocated_service_ip) instead of routed out of the node, as kube-proxy's
+    /// nftables mode does. Unset: no such drop.
+    #[arg(long)]
+    service_cidr: Option<String>,
 
     /// Translate for host-network clients (kubelet, hostNetwork pods) too: attach the
     /// socket-layer hooks (cgroup v2 connect4, sendmsg4, recvmsg4, getpeername4) to this
@@ -543,6 +560,13 @@ impl RunArgs {
             args.cluster_cidr = Some(value);
         }
         if let Some(value) = file
+            .service_cidr
+            .clone()
+            .filter(|_| !explicit("service_cidr"))
+        {
+            args.service_cidr = Some(value);
+        }
+        if let Some(value) = file
             .node_port_addresses
             .clone()
             .filter(|_| !explicit("node_port_addresses"))
@@ -573,6 +597,18 @@ impl RunArgs {
                     })?,
             ),
         };
+        let service_cidr = match args.service_cidr.as_deref() {
+            None | Some("") => None,
+            Some(list) => Some(
+                list.split(',')
+                    .map(parse_ipv4_cidr)
+                    .find_map(Result::ok)
+                    .ok_or_else(|| Error::Setting {
+                        name: "serviceCIDR",
+                        message: format!("no IPv4 CIDR in {list:?}"),
+                    })?,
+            ),
+        };
         Ok(AgentConfig {
             source: match args.manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
@@ -592,6 +628,13 @@ impl RunArgs {
             socket_lb: args.socket_lb,
             keep_state: args.keep_state,
             conntrack_max: args.conntrack_max,
+            service_cidr: service_cidr.map_or_else(ServiceCidrV4::default, |(addr, len)| {
+                ServiceCidrV4 {
+                    addr: proxy_common::Be32::from_ipv4(addr),
+                    len,
+                    _pad: [0; 3],
+                }
+            }),
             datapath: DatapathConfig {
                 tcp_established_timeout_s: args.conntrack_tcp_timeout,
                 tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
@@ -687,6 +730,15 @@ conntrack:
             let error = parse(text).expect_err(text);
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn service_cidr_is_ours_and_checked() {
+        let config = parse("serviceCIDR: 10.96.0.0/12\n").expect("valid");
+        assert_eq!(config.service_cidr.as_deref(), Some("10.96.0.0/12"));
+        assert_eq!(parse("{}\n").expect("valid").service_cidr, None);
+        let error = parse("serviceCIDR: 10.96.0.0/40\n").expect_err("bad length");
+        assert!(error.contains("serviceCIDR"), "{error}");
     }
 
     #[test]

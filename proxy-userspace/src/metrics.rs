@@ -101,6 +101,9 @@ pub struct Metrics {
     /// kpr_socket_forget_failures_total: sync passes whose socket-layer cleanup (reverse
     /// and affinity entries, destroying connected sockets of removed backends) failed.
     pub socket_forget_failures: Counter,
+    /// kpr_frontend_addr_write_failures_total: writes to the frontend address set that
+    /// the kernel refused (retried on the next pass).
+    pub frontend_addr_write_failures: Counter,
     /// kpr_datapath_drift_repaired_total{map,kind}: map entries (or pins) the periodic
     /// resync found different from what the agent wrote, and repaired.
     pub drift_repaired: Family<DriftLabels, Counter>,
@@ -173,6 +176,7 @@ impl Metrics {
             frontends_unprogrammed: Family::default(),
             conntrack_reaped: Counter::default(),
             socket_forget_failures: Counter::default(),
+            frontend_addr_write_failures: Counter::default(),
             drift_repaired: Family::default(),
             source_read_failures: Family::default(),
             api_watch_failures: Family::default(),
@@ -267,6 +271,11 @@ impl Metrics {
             "kpr_socket_forget_failures",
             "Sync passes whose socket-layer cleanup of removed backends failed",
             metrics.socket_forget_failures.clone(),
+        );
+        registry.register(
+            "kpr_frontend_addr_write_failures",
+            "Writes to the frontend address set the kernel refused",
+            metrics.frontend_addr_write_failures.clone(),
         );
         registry.register(
             "kpr_datapath_drift_repaired",

@@ -13,12 +13,12 @@ use aya::{
     maps::PerCpuValues,
     programs::{TestRun as _, TestRunOptions},
 };
-use proxy_common::{counter, proto, scope, service_flags, Be32, DatapathConfig};
+use proxy_common::{counter, proto, scope, service_flags, Be32, DatapathConfig, ServiceCidrV4};
 use proxy_userspace::{
     datapath::{Datapath, Hook, LoadOptions},
     model::{Desired, FrontendKey, FrontendKind, FrontendSpec, ServicePortName},
     state::ObjectKey,
-    sync::Syncer,
+    sync::{frontend_addrs::FrontendAddrs, Syncer},
 };
 
 use crate::packets::{
@@ -94,6 +94,8 @@ pub struct NodeSetup {
     /// predictable, and a second flow must then find it taken).
     pub snat: Option<(Ipv4Addr, u16)>,
     pub cluster_cidr: Option<(Ipv4Addr, u8)>,
+    /// The service CIDR (`--service-cidr`).
+    pub service_cidr: Option<(Ipv4Addr, u8)>,
     /// Backend addresses on this node.
     pub local_backends: Vec<Ipv4Addr>,
     /// loadBalancerSourceRanges of every service in the case.
@@ -113,6 +115,15 @@ impl NodeSetup {
             config.cluster_cidr_len = len;
         }
         config
+    }
+
+    fn service_cidr(&self) -> ServiceCidrV4 {
+        self.service_cidr
+            .map_or_else(ServiceCidrV4::default, |(addr, len)| ServiceCidrV4 {
+                addr: Be32::from_ipv4(addr),
+                len,
+                _pad: [0; 3],
+            })
     }
 }
 
@@ -204,8 +215,9 @@ pub fn cases() -> Vec<Case> {
                     verdict: Verdict::Pass,
                     output: Expected::Frame(syn.clone().with_dst(backend())),
                 },
-                // the reply is translated where it enters, at the backend's interface
-                // (sent on to the client: see `routed_cases`)...
+                // the local backend's reply passes its interface after one lookup
+                // (no frontend address: the lean path) and goes through the stack,
+                // as the request did...
                 Step {
                     hook: Hook::PodIngress,
                     input: syn
@@ -213,17 +225,9 @@ pub fn cases() -> Vec<Case> {
                         .with_dst(backend())
                         .reply(Transport::Tcp(TcpFlags::SYN_ACK)),
                     verdict: Verdict::Pass,
-                    output: Expected::Frame(syn.reply(Transport::Tcp(TcpFlags::SYN_ACK))),
-                },
-                // ...so the client's interface has nothing left to do...
-                Step {
-                    hook: Hook::PodEgress,
-                    input: syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)),
-                    verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
-                // ...except for a reply that came through the stack without meeting an
-                // ingress hook (a host-network backend's)
+                // ...and is translated back on its way into the client
                 Step {
                     hook: Hook::PodEgress,
                     input: syn
@@ -240,10 +244,13 @@ pub fn cases() -> Vec<Case> {
                     output: Expected::Frame(Frame::tcp(client(), backend(), TcpFlags::ACK)),
                 },
             ],
-            node: NodeSetup::default(),
+            node: NodeSetup {
+                local_backends: vec![*backend().ip()],
+                ..NodeSetup::default()
+            },
             counters: vec![
                 (counter::NEW_FLOW, 1),
-                (counter::REPLY_TRANSLATED, 2),
+                (counter::REPLY_TRANSLATED, 1),
                 (counter::FORWARD_TRANSLATED, 1),
             ],
         },
@@ -301,17 +308,11 @@ pub fn cases() -> Vec<Case> {
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
-                // the ClusterIP on a port the service does not have
+                // an address of the service CIDR no Service holds, without
+                // --service-cidr: nothing is dropped
                 Step {
                     hook: Hook::PodIngress,
-                    input: Frame::tcp(client(), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
-                    verdict: Verdict::Pass,
-                    output: Expected::Unchanged,
-                },
-                // the service port over the other protocol
-                Step {
-                    hook: Hook::PodIngress,
-                    input: Frame::udp(client(), vip(), b"x"),
+                    input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
                     verdict: Verdict::Pass,
                     output: Expected::Unchanged,
                 },
@@ -337,7 +338,113 @@ pub fn cases() -> Vec<Case> {
                 },
             ],
             node: NodeSetup::default(),
-            counters: vec![(counter::NEW_FLOW, 0), (counter::REPLY_TRANSLATED, 0)],
+            counters: vec![
+                (counter::NEW_FLOW, 0),
+                (counter::REPLY_TRANSLATED, 0),
+                (counter::REJECTED_UNDECLARED_PORT, 0),
+                (counter::DROP_UNALLOCATED_SERVICE_IP, 0),
+            ],
+        },
+        Case {
+            name: "a port a live ClusterIP does not declare is rejected with ICMP port unreachable (tcp, and udp on a tcp-only port), from pods and from outside",
+            frontends: vec![web.clone()],
+            steps: vec![
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(
+                        client(),
+                        sock(10, 96, 0, 10, 81),
+                        TcpFlags::SYN,
+                    ))),
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::udp(client(), vip(), b"x"),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Bytes(port_unreachable_reply(&Frame::udp(
+                        client(),
+                        vip(),
+                        b"x",
+                    ))),
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: Frame::tcp(sock(192, 168, 1, 50, 40_000), sock(10, 96, 0, 10, 81), TcpFlags::SYN),
+                    verdict: Verdict::Redirect,
+                    output: Expected::Bytes(port_unreachable_reply(&Frame::tcp(
+                        sock(192, 168, 1, 50, 40_000),
+                        sock(10, 96, 0, 10, 81),
+                        TcpFlags::SYN,
+                    ))),
+                },
+                // the declared port still works
+                Step {
+                    hook: Hook::PodIngress,
+                    input: syn.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.clone().with_dst(backend())),
+                },
+            ],
+            node: NodeSetup::default(),
+            counters: vec![
+                (counter::REJECTED_UNDECLARED_PORT, 3),
+                (counter::REJECTED_NO_BACKEND, 0),
+                (counter::NEW_FLOW, 1),
+            ],
+        },
+        Case {
+            name: "with --service-cidr, an address in it that no Service holds is dropped and counted (pods and outside); ClusterIPs and other addresses work as before",
+            frontends: vec![web.clone(), dns.clone()],
+            steps: vec![
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), empty_vip(), TcpFlags::SYN),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::udp(client(), sock(10, 111, 255, 254, 53), b"q"),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::NodeIngress,
+                    input: Frame::tcp(sock(192, 168, 1, 50, 40_000), empty_vip(), TcpFlags::SYN),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+                // just outside the CIDR: not ours
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), sock(10, 112, 0, 1, 80), TcpFlags::SYN),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), backend(), TcpFlags::SYN),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::PodIngress,
+                    input: query.clone(),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(query.clone().with_dst(dns_backend())),
+                },
+            ],
+            node: NodeSetup {
+                service_cidr: Some((Ipv4Addr::new(10, 96, 0, 0), 12)),
+                ..NodeSetup::default()
+            },
+            counters: vec![
+                (counter::DROP_UNALLOCATED_SERVICE_IP, 3),
+                (counter::NEW_FLOW, 1),
+                (counter::REJECTED_UNDECLARED_PORT, 0),
+            ],
         },
         Case {
             name: "tcp to a service without endpoints is rejected with ICMP port unreachable",
@@ -581,16 +688,20 @@ pub fn icmp_cases() -> Vec<Case> {
         )
     };
     vec![
-        Case::without_node(
-            "ICMP port unreachable from a UDP backend: translated at the backend (outer source, quoted packet, UDP and ICMP checksums), then left alone into the client",
-            vec![dns.clone()],
-            vec![
+        Case {
+            name: "ICMP port unreachable from a local UDP backend: left alone at the backend, translated into the client (outer source, quoted packet, UDP and ICMP checksums)",
+            frontends: vec![dns.clone()],
+            steps: vec![
                 query_sent(),
-                step(Hook::PodIngress, &unreachable_in, Expected::Frame(unreachable_out.clone())),
-                step(Hook::PodEgress, &unreachable_out, Expected::Unchanged),
+                step(Hook::PodIngress, &unreachable_in, Expected::Unchanged),
+                step(Hook::PodEgress, &unreachable_in, Expected::Frame(unreachable_out)),
             ],
-            vec![(counter::ICMP_ERROR_TRANSLATED, 1), (counter::NEW_FLOW, 1)],
-        ),
+            node: NodeSetup {
+                local_backends: vec![*backend().ip()],
+                ..NodeSetup::default()
+            },
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1), (counter::NEW_FLOW, 1)],
+        },
         Case::without_node(
             "ICMP fragmentation needed from a router quoting the whole TCP header: the router's address stays, the quoted TCP checksum follows",
             vec![web.clone()],
@@ -682,6 +793,7 @@ pub fn node_cases() -> Vec<Case> {
         cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
         local_backends: vec![*local_backend().ip()],
         source_ranges: Vec::new(),
+        ..NodeSetup::default()
     };
     let syn = tcp(outside_client(), node_port());
     vec![
@@ -853,6 +965,7 @@ pub fn node_icmp_cases() -> Vec<Case> {
         cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
         local_backends: vec![*local_backend().ip()],
         source_ranges: Vec::new(),
+        ..NodeSetup::default()
     };
     let backend_router = Ipv4Addr::new(10, 244, 2, 1);
     let client_router = Ipv4Addr::new(203, 0, 113, 1);
@@ -972,6 +1085,7 @@ pub fn routed_cases() -> Vec<Case> {
         cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
         local_backends: Vec::new(),
         source_ranges: Vec::new(),
+        ..NodeSetup::default()
     };
     let np = frontend("np", node_port(), proto::TCP, &[remote_backend()], external);
     let syn = Frame::tcp(outside_client(), node_port(), TcpFlags::SYN);
@@ -1016,29 +1130,33 @@ pub fn routed_cases() -> Vec<Case> {
             counters: vec![(counter::REDIRECTED, 2), (counter::NEW_FLOW, 1)],
         },
         Case {
-            name: "NodePort to a local backend is redirected both ways: the request at the node's interface, the reply at the backend's",
+            name: "NodePort to a local backend goes through the stack both ways: translated at the node's ingress, the reply left alone at the backend's interface and translated at the node's egress",
             frontends: vec![frontend("np", node_port(), proto::TCP, &[local_backend()], external)],
             steps: vec![
                 Step {
                     hook: Hook::NodeIngress,
                     input: syn.clone(),
-                    verdict: Verdict::Redirect,
-                    output: Expected::Frame(local_syn.clone().with_ttl(63)),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(local_syn.clone()),
                 },
                 Step {
                     hook: Hook::PodIngress,
                     input: local_syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)),
-                    verdict: Verdict::Redirect,
-                    output: Expected::Frame(
-                        syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)).with_ttl(63),
-                    ),
+                    verdict: Verdict::Pass,
+                    output: Expected::Unchanged,
+                },
+                Step {
+                    hook: Hook::NodeEgress,
+                    input: local_syn.reply(Transport::Tcp(TcpFlags::SYN_ACK)),
+                    verdict: Verdict::Pass,
+                    output: Expected::Frame(syn.reply(Transport::Tcp(TcpFlags::SYN_ACK))),
                 },
             ],
             node: NodeSetup {
                 local_backends: vec![*local_backend().ip()],
                 ..snat.clone()
             },
-            counters: vec![(counter::REDIRECTED, 2), (counter::SNAT_FLOW, 0)],
+            counters: vec![(counter::REDIRECTED, 0), (counter::SNAT_FLOW, 0)],
         },
         Case {
             name: "redirected packets leave with their TTL decremented, both directions",
@@ -1121,6 +1239,7 @@ pub struct RunOutput {
 pub struct DatapathHarness {
     pub datapath: Datapath,
     syncer: Syncer,
+    frontend_addrs: FrontendAddrs,
 }
 
 impl DatapathHarness {
@@ -1142,6 +1261,7 @@ impl DatapathHarness {
         Ok(Self {
             datapath,
             syncer: Syncer::default(),
+            frontend_addrs: FrontendAddrs::default(),
         })
     }
 
@@ -1151,7 +1271,13 @@ impl DatapathHarness {
     /// When a map write fails.
     pub fn clear(&mut self) -> Result<()> {
         self.syncer = Syncer::default();
+        self.frontend_addrs = FrontendAddrs::default();
         let maps = &mut self.datapath.maps;
+        let keys: Vec<_> = maps.frontend_addrs.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            maps.frontend_addrs.remove(&key)?;
+        }
+        maps.set_service_cidr(&ServiceCidrV4::default())?;
         let keys: Vec<_> = maps.services.keys().collect::<Result<_, _>>()?;
         for key in keys {
             maps.services.remove(&key)?;
@@ -1224,9 +1350,24 @@ impl DatapathHarness {
             },
             ..Desired::default()
         };
+        self.datapath.maps.set_service_cidr(&node.service_cidr())?;
+        if let Some(error) = self
+            .frontend_addrs
+            .add_desired(&desired, &mut self.datapath.maps)
+            .first()
+        {
+            bail!("programming the frontend address set: {error}");
+        }
         let report = self.syncer.sync(&desired, &mut self.datapath.maps);
         if let Some(failure) = report.failures.first() {
             bail!("programming {}: {}", failure.service_port, failure.error);
+        }
+        if let Some(error) = self
+            .frontend_addrs
+            .remove_stale(&desired, self.syncer.mirror(), &mut self.datapath.maps)
+            .first()
+        {
+            bail!("programming the frontend address set: {error}");
         }
         Ok(())
     }

@@ -291,3 +291,146 @@ fn stopping_the_agent_detaches_everything_and_removes_its_pins() {
         .map(|failed| assert!(failed, "the ClusterIP still answers without the agent"))
         .expect("run");
 }
+
+#[test]
+fn a_port_a_live_cluster_ip_does_not_declare_is_refused_at_once() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    let client = &lab.pod("client").netns;
+    // web.yaml declares TCP 80 only: TCP 81 and UDP 80 are undeclared.
+    let tcp = client
+        .run(|| Ok(tcp_request(sock(WEB_VIP, 81), Duration::from_secs(5))))
+        .expect("run")
+        .expect_err("no frontend declares port 81");
+    assert!(
+        is_refused(&tcp),
+        "expected connection refused (ICMP port unreachable), got {tcp:#}"
+    );
+    let udp = client
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            socket.connect(sock(WEB_VIP, 80))?;
+            socket.send(b"hello\n")?;
+            let mut buffer = [0u8; 64];
+            Ok(socket.recv(&mut buffer).map(|_| ()))
+        })
+        .expect("run")
+        .expect_err("no frontend declares UDP 80");
+    assert_eq!(
+        udp.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "a connected UDP socket learns of the ICMP port unreachable: {udp}"
+    );
+    // The declared port is untouched.
+    client
+        .run(|| tcp_request(sock(WEB_VIP, 80), TIMEOUT))
+        .expect("the declared port still answers");
+}
+
+fn is_refused(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// An unallocated address of the service CIDR, held by a host beyond the node's
+/// uplink: without the drop, the node's default route would deliver the connection
+/// there.
+const UNALLOCATED_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 200);
+const UPLINK_NODE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
+const UPLINK_PEER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 2);
+
+/// A namespace behind the node's default route (its uplink) answering on
+/// [`UPLINK_PEER`] and [`UNALLOCATED_VIP`], port 80.
+fn uplink_host(
+    lab: &kpr_lab::lab::Lab,
+) -> Result<(
+    kpr_lab::netns::Netns,
+    kpr_lab::traffic::EchoServer,
+    kpr_lab::traffic::EchoServer,
+)> {
+    let peer = kpr_lab::netns::Netns::create(&format!("{}-up", lab.prefix))?;
+    lab.node.ip(&[
+        "link",
+        "add",
+        "uplink0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer.name(),
+    ])?;
+    lab.node.ip(&[
+        "addr",
+        "add",
+        &format!("{UPLINK_NODE}/24"),
+        "dev",
+        "uplink0",
+    ])?;
+    lab.node.ip(&["link", "set", "uplink0", "up"])?;
+    lab.node
+        .ip(&["route", "add", "default", "via", &UPLINK_PEER.to_string()])?;
+    peer.ip(&["addr", "add", &format!("{UPLINK_PEER}/24"), "dev", "eth0"])?;
+    peer.ip(&[
+        "addr",
+        "add",
+        &format!("{UNALLOCATED_VIP}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    peer.ip(&["link", "set", "eth0", "up"])?;
+    peer.ip(&["link", "set", "lo", "up"])?;
+    peer.ip(&["route", "add", "default", "via", &UPLINK_NODE.to_string()])?;
+    let vip_server = kpr_lab::traffic::EchoServer::start(
+        &peer,
+        "beyond-the-uplink-vip",
+        sock(UNALLOCATED_VIP, 80),
+    )?;
+    let server =
+        kpr_lab::traffic::EchoServer::start(&peer, "beyond-the-uplink", sock(UPLINK_PEER, 80))?;
+    Ok((peer, vip_server, server))
+}
+
+#[test]
+fn an_unallocated_service_address_never_leaves_the_node_while_other_traffic_does() {
+    let mut lab = kpr_lab::scenario::lab_without_agent(&examples_dir()).expect("lab");
+    let (_peer, _vip_server, _server) = uplink_host(&lab).expect("uplink host");
+    // Without the service CIDR the address is like any other: the node routes the
+    // connection out of its uplink, to the host that holds it (today's behaviour).
+    lab.start_agent(&[]).expect("agent");
+    lab.wait_attached().expect("attached");
+    let answer = lab
+        .pod("client")
+        .netns
+        .run(|| tcp_request(sock(UNALLOCATED_VIP, 80), TIMEOUT))
+        .expect("without --service-cidr the address is routed out");
+    assert_eq!(answer.server, "beyond-the-uplink-vip");
+    lab.stop_agent().expect("stop");
+
+    lab.start_agent(&["--service-cidr", "10.96.0.0/12"])
+        .expect("agent with --service-cidr");
+    lab.wait_attached().expect("attached");
+    let client_ns = &lab.pod("client").netns;
+    let error = client_ns
+        .run(|| Ok(tcp_request(sock(UNALLOCATED_VIP, 80), TIMEOUT)))
+        .expect("run")
+        .expect_err("the node drops traffic to an unallocated service address");
+    assert!(!is_refused(&error), "dropped, not refused: {error:#}");
+    let dropped = "kpr_datapath_events_total{event=\"drop_unallocated_service_ip\"}";
+    lab.wait_for("the drop to be counted", CHANGE_DEADLINE, || {
+        Ok(lab.metric(dropped)?.is_some_and(|count| count >= 1.0))
+    })
+    .expect("drop counted");
+    // Everything else still flows: the uplink host, and the ClusterIPs.
+    let answer = client_ns
+        .run(|| tcp_request(sock(UPLINK_PEER, 80), TIMEOUT))
+        .expect("a pod's traffic to other addresses leaves the node");
+    assert_eq!(answer.server, "beyond-the-uplink");
+    assert_eq!(answer.seen_client.ip(), std::net::IpAddr::V4(CLIENT_IP));
+    client_ns
+        .run(|| tcp_request(sock(WEB_VIP, 80), TIMEOUT))
+        .expect("a ClusterIP still answers");
+}

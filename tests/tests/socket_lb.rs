@@ -197,6 +197,25 @@ fn pod_sockets_are_translated_at_connect_with_the_tc_paths_semantics() {
         assert_eq!(outcome.errno, Some(libc::ECONNREFUSED), "{outcome:?}");
     }
 
+    // A port the live ClusterIP does not declare: refused at connect() (and for UDP
+    // at sendto()), as the TC path rejects it, and counted.
+    let before_undeclared = lab.counters();
+    for mode in [Mode::Tcp, Mode::UdpConnected] {
+        for outcome in lab.pod_client("client", true, mode, sock(WEB_VIP, 81), 2) {
+            assert_eq!(
+                outcome.errno,
+                Some(libc::ECONNREFUSED),
+                "{mode:?}: {outcome:?}"
+            );
+        }
+    }
+    let after_undeclared = lab.counters();
+    assert_eq!(
+        counter(&after_undeclared, "rejected_undeclared_port"),
+        counter(&before_undeclared, "rejected_undeclared_port") + 4,
+        "{before_undeclared} -> {after_undeclared}"
+    );
+
     // internalTrafficPolicy Local: only this node's endpoint; none here: refused (the
     // TC path drops instead: a syscall has no silent drop to offer).
     let local = lab.pod_client("client", true, Mode::Tcp, sock(LOCAL_VIP, 80), 10);

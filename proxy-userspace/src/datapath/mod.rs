@@ -219,6 +219,10 @@ pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
     /// Settings of the socket-layer hooks (which sockets they translate).
     pub sock_config: Array<MapData, proxy_common::SockConfig>,
+    /// Every frontend address (key: the address in network order, `Be32`'s bytes).
+    pub frontend_addrs: HashMap<MapData, u32, proxy_common::FrontendAddrV4>,
+    /// The service CIDR (one entry).
+    pub service_cidr: Array<MapData, proxy_common::ServiceCidrV4>,
     /// Capacity the established conntrack table was created with.
     pub conntrack_capacity: u32,
     /// Capacity the new-flow conntrack table was created with.
@@ -233,7 +237,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 17] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -249,6 +253,8 @@ pub const ALL_MAPS: [&str; 15] = [
     proxy_common::sock::AFFINITY_V4_NAME,
     proxy_common::sock::DESTROY_V4_NAME,
     proxy_common::takeover::NF_CHECK_NAME,
+    names::FRONTEND_ADDRS_V4,
+    names::SERVICE_CIDR_V4,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
@@ -397,6 +403,12 @@ impl Datapath {
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
             },
+            frontend_addrs: take(&mut ebpf, names::FRONTEND_ADDRS_V4)?,
+            service_cidr: {
+                let name = names::SERVICE_CIDR_V4;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                Array::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
             conntrack_capacity,
             conntrack_new_capacity,
         };
@@ -464,6 +476,35 @@ impl Maps {
         })
     }
 
+    /// Writes the service CIDR (length 0: none, nothing is dropped).
+    ///
+    /// # Errors
+    /// When the kernel refuses the write.
+    pub fn set_service_cidr(&mut self, cidr: &proxy_common::ServiceCidrV4) -> Result<()> {
+        self.service_cidr
+            .set(0, cidr, 0)
+            .map_err(|source| Error::Map {
+                name: names::SERVICE_CIDR_V4,
+                source,
+            })
+    }
+
+    /// Reads the frontend address set, for the agent to adopt.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn read_frontend_addrs(&self) -> Result<crate::sync::frontend_addrs::FrontendAddrs> {
+        let mut held = std::collections::HashMap::new();
+        for entry in self.frontend_addrs.iter() {
+            let (addr, value) = entry.map_err(|source| Error::Map {
+                name: names::FRONTEND_ADDRS_V4,
+                source,
+            })?;
+            held.insert(proxy_common::Be32(addr).to_ipv4(), value.kinds);
+        }
+        Ok(crate::sync::frontend_addrs::FrontendAddrs::adopt(held))
+    }
+
     /// Tells the socket-layer hooks which network namespace is the node's and which
     /// sockets to translate.
     ///
@@ -524,6 +565,31 @@ impl Maps {
             *total = values.iter().sum();
         }
         Ok(totals)
+    }
+}
+
+impl crate::sync::frontend_addrs::AddrWriter for Maps {
+    fn put_frontend_addr(
+        &mut self,
+        addr: std::net::Ipv4Addr,
+        value: proxy_common::FrontendAddrV4,
+    ) -> std::result::Result<(), String> {
+        self.frontend_addrs
+            .insert(proxy_common::Be32::from_ipv4(addr).0, value, 0)
+            .map_err(|error| error.to_string())
+    }
+
+    fn delete_frontend_addr(
+        &mut self,
+        addr: std::net::Ipv4Addr,
+    ) -> std::result::Result<(), String> {
+        match self
+            .frontend_addrs
+            .remove(&proxy_common::Be32::from_ipv4(addr).0)
+        {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(error.to_string()),
+        }
     }
 }
 

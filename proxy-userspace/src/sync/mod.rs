@@ -15,6 +15,7 @@
 //! backends (`proxy-ebpf/src/service.rs` relies on this). Each op updates the mirror only
 //! once the writer has applied it, so a failed write (a full map) leaves the mirror equal
 //! to the kernel and the next pass retries.
+pub mod frontend_addrs;
 #[cfg(test)]
 mod tests;
 

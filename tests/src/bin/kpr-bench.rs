@@ -58,6 +58,10 @@ struct Args {
     /// N into the output directory, and exit.
     #[arg(long)]
     dump_rules: bool,
+    /// Only measure the TC program's per-packet cost (BPF_PROG_TEST_RUN, no lab, no
+    /// agent) at each N, print it, and exit.
+    #[arg(long)]
+    tc_only: bool,
 }
 
 fn seconds(value: f64, what: &str) -> Result<Duration> {
@@ -89,6 +93,24 @@ fn main() -> Result<()> {
         out: out.clone(),
         ..Config::default()
     };
+    if args.tc_only {
+        for &count in &config.services {
+            let set = bench::services::ServiceSet::new(count, config.endpoints)?
+                .with_affinity(config.affinity);
+            let cost = bench::tc_cost::measure(&set, config.tc_repeat, config.tc_new_flows)
+                .with_context(|| format!("BPF_PROG_TEST_RUN at N={count}"))?;
+            println!(
+                "N={count} M={} TC ns: new / est / miss (1-run miss): {:.0} / {:.0} / {:.0} ({:.0}); new flows to one service {:.0}",
+                config.endpoints,
+                cost.new_flow_ns,
+                cost.established_ns,
+                cost.miss_ns,
+                cost.single_run_miss_ns,
+                cost.new_flow_one_service_ns
+            );
+        }
+        return Ok(());
+    }
     if dump_rules {
         for path in bench::dump_rules(&config, &out)? {
             println!("wrote {}", path.display());

@@ -1,0 +1,325 @@
+//! Keeps the frontend address set (`FE_ADDR_V4_V1`: every address some frontend uses,
+//! with what it is used as) equal to the service map's frontends.
+//!
+//! The datapath checks the set before anything else (`proxy-ebpf/src/destination.rs`):
+//! a packet to an address outside it skips conntrack and the service map on pod
+//! ingress, and a new flow to a ClusterIP port no frontend declares is rejected. So the
+//! order matters, as for the service map's own writes:
+//!
+//! 1. before the syncer writes frontends, every address they use is in the set
+//!    ([`FrontendAddrs::add_desired`]; a kind an address gains is added then, one it
+//!    loses is dropped in step 2);
+//! 2. after the syncer, the set holds exactly the addresses of the desired frontends
+//!    and of the frontends the service map still holds (a frontend whose removal
+//!    failed keeps its address): [`FrontendAddrs::remove_stale`].
+//!
+//! A packet therefore never meets a frontend whose address the set lacks. An address
+//! whose frontends are not written yet (or were refused for room) is in the set
+//! without them: for a ClusterIP its packets are rejected as undeclared ports, which
+//! is what a Service that is not programmed yet should get.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use proxy_common::{frontend_addr, FrontendAddrV4};
+
+use super::Mirror;
+use crate::model::{Desired, FrontendKind};
+
+/// Writes to the frontend address set: the BPF map, or in tests a recorder.
+pub trait AddrWriter {
+    /// Sets the kinds of `addr`.
+    ///
+    /// # Errors
+    /// When the kernel refuses the write (the map is full).
+    fn put_frontend_addr(&mut self, addr: Ipv4Addr, value: FrontendAddrV4) -> Result<(), String>;
+
+    /// Removes `addr` (gone already counts as removed).
+    ///
+    /// # Errors
+    /// When the kernel refuses the delete.
+    fn delete_frontend_addr(&mut self, addr: Ipv4Addr) -> Result<(), String>;
+}
+
+/// A write to the set that failed; the next pass retries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddrWriteError {
+    pub addr: Ipv4Addr,
+    pub message: String,
+}
+
+impl std::fmt::Display for AddrWriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "frontend address {}: {}", self.addr, self.message)
+    }
+}
+
+/// What the set holds (as far as the agent wrote it), address to [`frontend_addr`] bits.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendAddrs {
+    held: HashMap<Ipv4Addr, u8>,
+}
+
+/// The [`frontend_addr`] bit of a frontend kind.
+fn kind_bit(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp => frontend_addr::CLUSTER_IP,
+        FrontendKind::NodePort | FrontendKind::ExternalIp | FrontendKind::LoadBalancer => {
+            frontend_addr::OTHER
+        }
+    }
+}
+
+/// The addresses the desired frontends use, with their kinds.
+fn desired_addrs(desired: &Desired) -> BTreeMap<Ipv4Addr, u8> {
+    let mut wanted = BTreeMap::new();
+    for (frontend, spec) in &desired.frontends {
+        *wanted.entry(frontend.addr).or_insert(0) |= kind_bit(spec.kind);
+    }
+    wanted
+}
+
+fn value(kinds: u8) -> FrontendAddrV4 {
+    FrontendAddrV4 {
+        kinds,
+        _pad: [0; 3],
+    }
+}
+
+impl FrontendAddrs {
+    /// A set that holds `held` (read back from the kernel after a restart).
+    #[must_use]
+    pub fn adopt(held: HashMap<Ipv4Addr, u8>) -> Self {
+        Self { held }
+    }
+
+    /// What the agent believes the set holds.
+    #[must_use]
+    pub fn held(&self) -> &HashMap<Ipv4Addr, u8> {
+        &self.held
+    }
+
+    fn put(
+        &mut self,
+        addr: Ipv4Addr,
+        kinds: u8,
+        writer: &mut impl AddrWriter,
+        errors: &mut Vec<AddrWriteError>,
+    ) {
+        if self.held.get(&addr) == Some(&kinds) {
+            return;
+        }
+        match writer.put_frontend_addr(addr, value(kinds)) {
+            Ok(()) => {
+                self.held.insert(addr, kinds);
+            }
+            Err(message) => errors.push(AddrWriteError { addr, message }),
+        }
+    }
+
+    /// Step 1 (before the syncer): every address of a desired frontend is in the set,
+    /// with the kinds it has and the kinds it gains.
+    pub fn add_desired(
+        &mut self,
+        desired: &Desired,
+        writer: &mut impl AddrWriter,
+    ) -> Vec<AddrWriteError> {
+        let mut errors = Vec::new();
+        for (addr, kinds) in desired_addrs(desired) {
+            let with_old = kinds | self.held.get(&addr).copied().unwrap_or(0);
+            self.put(addr, with_old, writer, &mut errors);
+        }
+        errors
+    }
+
+    /// Step 2 (after the syncer): the set holds the addresses of the desired frontends
+    /// with their kinds, and those of frontends the service map still holds (`mirror`)
+    /// as [`frontend_addr::OTHER`] (never rejected); every other address is removed.
+    pub fn remove_stale(
+        &mut self,
+        desired: &Desired,
+        mirror: &Mirror,
+        writer: &mut impl AddrWriter,
+    ) -> Vec<AddrWriteError> {
+        let mut wanted = desired_addrs(desired);
+        for key in mirror.services.keys().filter(|key| key.slot == 0) {
+            wanted
+                .entry(key.addr.to_ipv4())
+                .or_insert(frontend_addr::OTHER);
+        }
+        let mut errors = Vec::new();
+        for (&addr, &kinds) in &wanted {
+            self.put(addr, kinds, writer, &mut errors);
+        }
+        let stale: Vec<Ipv4Addr> = self
+            .held
+            .keys()
+            .filter(|addr| !wanted.contains_key(addr))
+            .copied()
+            .collect();
+        for addr in stale {
+            match writer.delete_frontend_addr(addr) {
+                Ok(()) => {
+                    self.held.remove(&addr);
+                }
+                Err(message) => errors.push(AddrWriteError { addr, message }),
+            }
+        }
+        errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proxy_common::{proto, scope, ServiceValueV4};
+
+    use super::*;
+    use crate::{
+        model::{FrontendKey, FrontendSpec, ServicePortName},
+        state::ObjectKey,
+    };
+
+    /// A recorder of writes, failing those to `refuse`.
+    #[derive(Default)]
+    struct FakeSet {
+        held: HashMap<Ipv4Addr, u8>,
+        log: Vec<String>,
+        refuse: BTreeSet<Ipv4Addr>,
+    }
+
+    impl AddrWriter for FakeSet {
+        fn put_frontend_addr(
+            &mut self,
+            addr: Ipv4Addr,
+            value: FrontendAddrV4,
+        ) -> Result<(), String> {
+            if self.refuse.contains(&addr) {
+                return Err("E2BIG".to_owned());
+            }
+            self.log.push(format!("put {addr} {}", value.kinds));
+            self.held.insert(addr, value.kinds);
+            Ok(())
+        }
+
+        fn delete_frontend_addr(&mut self, addr: Ipv4Addr) -> Result<(), String> {
+            self.log.push(format!("delete {addr}"));
+            self.held.remove(&addr);
+            Ok(())
+        }
+    }
+
+    fn desired(frontends: &[(Ipv4Addr, u16, FrontendKind)]) -> Desired {
+        let mut out = Desired::default();
+        for &(addr, port, kind) in frontends {
+            out.frontends.insert(
+                FrontendKey {
+                    addr,
+                    port,
+                    proto: proto::TCP,
+                    scope: scope::DEFAULT,
+                },
+                FrontendSpec {
+                    service_port: ServicePortName {
+                        service: ObjectKey {
+                            namespace: "default".into(),
+                            name: format!("svc-{addr}"),
+                        },
+                        port: "http".into(),
+                        proto: proto::TCP,
+                    },
+                    kind,
+                    backends: Vec::new(),
+                    flags: 0,
+                    affinity_timeout_s: 0,
+                },
+            );
+        }
+        out
+    }
+
+    const CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
+
+    #[test]
+    fn addresses_are_added_before_and_removed_after_the_frontends() {
+        let mut set = FrontendAddrs::default();
+        let mut kernel = FakeSet::default();
+        let first = desired(&[
+            (CLUSTER, 80, FrontendKind::ClusterIp),
+            (CLUSTER, 443, FrontendKind::ClusterIp),
+            (NODE, 30080, FrontendKind::NodePort),
+        ]);
+        assert!(set.add_desired(&first, &mut kernel).is_empty());
+        assert_eq!(
+            kernel.log,
+            ["put 10.96.0.10 1", "put 192.168.1.2 2"],
+            "one write per address"
+        );
+        assert!(set
+            .remove_stale(&first, &Mirror::default(), &mut kernel)
+            .is_empty());
+        assert_eq!(kernel.log.len(), 2, "nothing left to change");
+
+        // The NodePort goes; the service map still holds its frontend (a failed
+        // delete): the address stays until the map lets it go, as a non-ClusterIP.
+        kernel.log.clear();
+        let second = desired(&[(CLUSTER, 80, FrontendKind::ClusterIp)]);
+        assert!(set.add_desired(&second, &mut kernel).is_empty());
+        assert!(kernel.log.is_empty());
+        let mut mirror = Mirror::default();
+        mirror.services.insert(
+            crate::sync::service_key(
+                &FrontendKey {
+                    addr: NODE,
+                    port: 30080,
+                    proto: proto::TCP,
+                    scope: scope::DEFAULT,
+                },
+                0,
+            ),
+            ServiceValueV4::default(),
+        );
+        assert!(set.remove_stale(&second, &mirror, &mut kernel).is_empty());
+        assert!(kernel.log.is_empty());
+        assert!(set
+            .remove_stale(&second, &Mirror::default(), &mut kernel)
+            .is_empty());
+        assert_eq!(kernel.log, ["delete 192.168.1.2"]);
+        assert_eq!(kernel.held, set.held);
+    }
+
+    #[test]
+    fn a_kind_is_gained_before_and_lost_after() {
+        let mut set = FrontendAddrs::default();
+        let mut kernel = FakeSet::default();
+        let cluster = desired(&[(CLUSTER, 80, FrontendKind::ClusterIp)]);
+        set.add_desired(&cluster, &mut kernel);
+        set.remove_stale(&cluster, &Mirror::default(), &mut kernel);
+        kernel.log.clear();
+        let external = desired(&[(CLUSTER, 80, FrontendKind::ExternalIp)]);
+        set.add_desired(&external, &mut kernel);
+        assert_eq!(kernel.log, ["put 10.96.0.10 3"]);
+        set.remove_stale(&external, &Mirror::default(), &mut kernel);
+        assert_eq!(kernel.log, ["put 10.96.0.10 3", "put 10.96.0.10 2"]);
+    }
+
+    #[test]
+    fn a_refused_write_is_reported_and_retried() {
+        let mut set = FrontendAddrs::default();
+        let mut kernel = FakeSet {
+            refuse: [CLUSTER].into(),
+            ..FakeSet::default()
+        };
+        let cluster = desired(&[(CLUSTER, 80, FrontendKind::ClusterIp)]);
+        let errors = set.add_desired(&cluster, &mut kernel);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].addr, CLUSTER);
+        assert!(set.held().is_empty(), "only what was written is held");
+        kernel.refuse.clear();
+        assert!(set.add_desired(&cluster, &mut kernel).is_empty());
+        assert_eq!(kernel.held, set.held);
+    }
+}
