@@ -14,6 +14,7 @@
 #![no_std]
 
 pub mod maps;
+pub mod service_stats;
 pub mod sock;
 pub mod takeover;
 

@@ -34,6 +34,7 @@ mod parse;
 mod pod_egress;
 mod pod_ingress;
 mod service;
+mod service_stats;
 mod snat;
 mod sock;
 mod sock_destroy;

@@ -12,7 +12,7 @@ use crate::{
     icmp_reply::{self, IcmpReply},
     maps, nat,
     parse::{Kind, Packet},
-    service, snat, stats, takeover,
+    service, service_stats, snat, stats, takeover,
     verdict::{DropReason, Result, PASS},
 };
 
@@ -102,6 +102,7 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
     };
     fragments::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
+    service_stats::count_new_flow(service_id, pkt);
     if masquerade {
         stats::count(if origin == Origin::Pod {
             counter::HAIRPIN_FLOW

@@ -31,7 +31,7 @@ use proxy_common::{
     SockRevValueV4,
 };
 
-use crate::{service, stats};
+use crate::{service, service_stats, stats};
 
 /// Per-socket reverse translation ([`proxy_common::sock::RNAT_V4_NAME`]). LRU: the
 /// datapath never deletes entries, the oldest make room (see
@@ -207,6 +207,11 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32, u32> {
     addr.user_ip4 = backend.addr.0;
     addr.user_port = u32::from(backend.port.0);
     stats::count(counter::SOCK_TRANSLATED);
+    if flags & rev_flags::CONNECTED != 0 {
+        // A connected socket is one connection; unconnected datagrams are not counted
+        // as connections (each sendmsg() passes here).
+        service_stats::count_socket_connection(frontend.value.service_id);
+    }
     if !client.host {
         stats::count(counter::SOCK_TRANSLATED_POD);
     }

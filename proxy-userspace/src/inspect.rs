@@ -16,6 +16,8 @@ use proxy_common::{
 };
 use serde::Serialize;
 
+use crate::names as published;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("opening the pinned map {path}: {source} (is the agent running with this --bpffs?)")]
@@ -119,65 +121,284 @@ fn protocol_name(number: u8) -> String {
     }
 }
 
-fn endpoint(addr: Be32, port: Be16) -> String {
+fn endpoint_text(addr: Be32, port: Be16) -> String {
     SocketAddrV4::new(addr.to_ipv4(), port.to_host()).to_string()
 }
 
-fn service_flag_names(flags: u16) -> Vec<&'static str> {
-    [
-        (service_flags::AFFINITY, "affinity"),
-        (service_flags::DROP_WHEN_EMPTY, "drop-when-empty"),
-        (service_flags::HAS_INTERNAL_SCOPE, "internal-scope"),
-        (service_flags::EXTERNAL, "external"),
-        (service_flags::EXTERNAL_LOCAL, "external-local"),
-        (service_flags::SOURCE_RANGES, "source-ranges"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| name)
-    .collect()
+/// The names the agent published ([`crate::names`]), indexed for lookups; empty when
+/// there is no names file (then ids stand in for names).
+#[derive(Clone, Debug, Default)]
+pub struct NameIndex {
+    service_ports: BTreeMap<u32, published::ServicePortNames>,
+    kinds: BTreeMap<(SocketAddrV4, String, u8), String>,
+    endpoints: BTreeMap<(String, String, Ipv4Addr), published::EndpointNames>,
 }
 
-/// A frontend and its backends.
+impl NameIndex {
+    #[must_use]
+    pub fn new(names: Option<published::Names>) -> Self {
+        let Some(names) = names else {
+            return Self::default();
+        };
+        Self {
+            service_ports: names
+                .service_ports
+                .into_iter()
+                .map(|port| (port.service_id, port))
+                .collect(),
+            kinds: names
+                .frontends
+                .into_iter()
+                .map(|f| ((f.address, f.protocol, f.scope), f.kind))
+                .collect(),
+            endpoints: names
+                .endpoints
+                .into_iter()
+                .map(|e| ((e.namespace.clone(), e.service.clone(), e.address), e))
+                .collect(),
+        }
+    }
+
+    /// Reads the names file of the agent on `pin_dir` (none yet: an empty index).
+    ///
+    /// # Errors
+    /// When the file exists but cannot be read.
+    pub fn read(pin_dir: &Path) -> std::result::Result<Self, published::Error> {
+        published::read(&published::path_for(pin_dir)).map(Self::new)
+    }
+
+    /// `namespace/name:port` of a service port (`service id N` when unknown).
+    #[must_use]
+    pub fn service_port(&self, service_id: u32) -> String {
+        match self.service_ports.get(&service_id) {
+            Some(port) if port.port.is_empty() => format!("{}/{}", port.namespace, port.name),
+            Some(port) => format!("{}/{}:{}", port.namespace, port.name, port.port),
+            None => format!("service id {service_id} (no names file)"),
+        }
+    }
+}
+
+/// A backend as the operator knows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackendView {
+    /// Pod address and target port.
+    pub address: String,
+    /// The Pod (the endpoint's targetRef).
+    pub pod: Option<String>,
+    pub node: Option<String>,
+    /// The endpoint's conditions; `None` when the agent published no names.
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+impl BackendView {
+    /// `10.244.1.11:8080 (web-0 ready)`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut words: Vec<&str> = Vec::new();
+        if let Some(pod) = &self.pod {
+            words.push(pod);
+        }
+        match (self.ready, self.serving, self.terminating) {
+            (Some(true), _, _) => words.push("ready"),
+            (Some(false), Some(true), Some(true)) => words.push("serving terminating"),
+            (Some(false), _, Some(true)) => words.push("terminating"),
+            (Some(false), _, _) => words.push("not ready"),
+            (None, _, _) => {}
+        }
+        if words.is_empty() {
+            self.address.clone()
+        } else {
+            format!("{} ({})", self.address, words.join(" "))
+        }
+    }
+}
+
+/// A frontend and its backends, named as Kubernetes names them.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct ServiceView {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// The service port's name (empty for an unnamed single port).
+    pub port: Option<String>,
+    /// `namespace/name:port`, or `service id N (no names file)` when the agent
+    /// published no names.
+    pub service: String,
+    /// `ClusterIP`, `NodePort`, `externalIP` or `LoadBalancer` (`unknown` without names).
+    #[serde(rename = "type")]
+    pub kind: String,
     pub frontend: String,
     pub protocol: String,
-    /// "default" or "internal" (the backend set of internalTrafficPolicy Local for pods).
-    pub scope: &'static str,
+    /// `all` (every client), or `in-cluster` (the backend set pods get for an
+    /// externalTrafficPolicy Local frontend).
+    pub clients: &'static str,
+    /// The traffic policies and filters in force, in words.
+    pub policy: Vec<String>,
+    /// What happens to a new connection when `backends` is empty.
+    pub when_empty: &'static str,
+    pub backends: Vec<BackendView>,
+    #[serde(skip)]
     pub service_id: u32,
-    pub flags: Vec<&'static str>,
+    #[serde(skip)]
+    pub flags: u16,
+    #[serde(skip)]
+    pub scope: u8,
+    #[serde(skip)]
     pub affinity_timeout_s: u32,
-    pub backends: Vec<String>,
 }
 
-/// Every frontend, sorted by address, port, protocol and scope.
+fn kind_rank(kind: &str) -> u8 {
+    match kind {
+        "ClusterIP" => 0,
+        "NodePort" => 1,
+        "externalIP" => 2,
+        "LoadBalancer" => 3,
+        _ => 4,
+    }
+}
+
+/// The policies a frontend's flags (and its service's spec) put in force, in words.
+fn policy_words(
+    value: &ServiceValueV4,
+    key: &ServiceKeyV4,
+    port: Option<&published::ServicePortNames>,
+) -> Vec<String> {
+    let mut words = Vec::new();
+    let flags = value.flags;
+    if flags & service_flags::AFFINITY != 0 {
+        words.push(format!(
+            "sessionAffinity ClientIP ({} s)",
+            value.affinity_timeout_s
+        ));
+    }
+    if key.scope == scope::INTERNAL {
+        words.push("pods on this node get every endpoint".to_owned());
+    } else if flags & service_flags::EXTERNAL_LOCAL != 0 {
+        words.push("externalTrafficPolicy Local (client address kept)".to_owned());
+    } else if flags & service_flags::EXTERNAL != 0 {
+        words.push(
+            "externalTrafficPolicy Cluster (masqueraded to endpoints on other nodes)".to_owned(),
+        );
+    } else if port.is_some_and(|port| port.internal_traffic_policy == "Local") {
+        words.push("internalTrafficPolicy Local".to_owned());
+    }
+    if flags & service_flags::SOURCE_RANGES != 0 {
+        words.push("loadBalancerSourceRanges".to_owned());
+    }
+    words
+}
+
+/// Which frontends [`services`] lists.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceFilter {
+    /// Only this service (`namespace/name`; a bare name means namespace `default`).
+    pub service: Option<String>,
+}
+
+impl ServiceFilter {
+    fn matches(&self, namespace: Option<&str>, name: Option<&str>) -> bool {
+        let Some(wanted) = &self.service else {
+            return true;
+        };
+        let (wanted_namespace, wanted_name) = wanted.split_once('/').unwrap_or(("default", wanted));
+        namespace == Some(wanted_namespace) && name == Some(wanted_name)
+    }
+}
+
+/// Every frontend (or those `filter` keeps), sorted by namespace/name, port name,
+/// frontend type, address and scope.
 ///
 /// # Errors
 /// When a map cannot be read.
-pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
+pub fn services(
+    maps: &PinnedMaps,
+    index: &NameIndex,
+    filter: &ServiceFilter,
+) -> Result<Vec<ServiceView>> {
     let entries = maps.service_entries()?;
     let mut views = Vec::new();
     for (key, value) in entries.iter().filter(|(key, _)| key.slot == 0) {
-        let backends = (1..=value.count)
+        let port = index.service_ports.get(&value.service_id);
+        let namespace = port.map(|port| port.namespace.clone());
+        let name = port.map(|port| port.name.clone());
+        if !filter.matches(namespace.as_deref(), name.as_deref()) {
+            continue;
+        }
+        let address = SocketAddrV4::new(key.addr.to_ipv4(), key.port.to_host());
+        let protocol = protocol_name(key.proto);
+        let mut backends: Vec<BackendView> = (1..=value.count)
             .filter_map(|slot| entries.get(&ServiceKeyV4 { slot, ..*key }))
             .filter_map(|slot_value| maps.backend(slot_value.backend_id))
-            .map(|backend| endpoint(backend.addr, backend.port))
+            .map(|backend| {
+                let endpoint = port.and_then(|port| {
+                    index.endpoints.get(&(
+                        port.namespace.clone(),
+                        port.name.clone(),
+                        backend.addr.to_ipv4(),
+                    ))
+                });
+                BackendView {
+                    address: endpoint_text(backend.addr, backend.port),
+                    pod: endpoint.and_then(|e| e.pod.clone()),
+                    node: endpoint.and_then(|e| e.node.clone()),
+                    ready: endpoint.map(|e| e.ready),
+                    serving: endpoint.map(|e| e.serving),
+                    terminating: endpoint.map(|e| e.terminating),
+                }
+            })
             .collect();
+        backends.sort_by(|a, b| (&a.pod, &a.address).cmp(&(&b.pod, &b.address)));
         views.push(ServiceView {
-            frontend: endpoint(key.addr, key.port),
-            protocol: protocol_name(key.proto),
-            scope: if key.scope == scope::INTERNAL {
-                "internal"
+            service: index.service_port(value.service_id),
+            port: port.map(|port| port.port.clone()),
+            namespace,
+            name,
+            kind: index
+                .kinds
+                .get(&(address, protocol.clone(), key.scope))
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned()),
+            frontend: address.to_string(),
+            protocol,
+            clients: if key.scope == scope::INTERNAL {
+                "in-cluster"
             } else {
-                "default"
+                "all"
             },
-            service_id: value.service_id,
-            flags: service_flag_names(value.flags),
-            affinity_timeout_s: value.affinity_timeout_s,
+            policy: policy_words(value, key, port),
+            when_empty: if value.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+                "drop (endpoints only on other nodes)"
+            } else {
+                "reject (ICMP port unreachable)"
+            },
             backends,
+            service_id: value.service_id,
+            flags: value.flags,
+            scope: key.scope,
+            affinity_timeout_s: value.affinity_timeout_s,
         });
     }
+    views.sort_by(|a, b| {
+        (
+            &a.namespace,
+            &a.name,
+            &a.port,
+            kind_rank(&a.kind),
+            &a.frontend,
+            &a.protocol,
+            a.scope,
+        )
+            .cmp(&(
+                &b.namespace,
+                &b.name,
+                &b.port,
+                kind_rank(&b.kind),
+                &b.frontend,
+                &b.protocol,
+                b.scope,
+            ))
+    });
     Ok(views)
 }
 
@@ -256,19 +477,19 @@ pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<
         if value.flags & ct_flags::REWRITE_SRC != 0 {
             rewrite.push(format!(
                 "src -> {}",
-                endpoint(value.nat_src_addr, value.nat_src_port)
+                endpoint_text(value.nat_src_addr, value.nat_src_port)
             ));
         }
         if value.flags & ct_flags::REWRITE_DST != 0 {
             rewrite.push(format!(
                 "dst -> {}",
-                endpoint(value.nat_dst_addr, value.nat_dst_port)
+                endpoint_text(value.nat_dst_addr, value.nat_dst_port)
             ));
         }
         flows.push(FlowView {
             protocol: protocol_name(key.proto),
-            source: endpoint(key.src_addr, key.src_port),
-            destination: endpoint(key.dst_addr, key.dst_port),
+            source: endpoint_text(key.src_addr, key.src_port),
+            destination: endpoint_text(key.dst_addr, key.dst_port),
             direction: if value.flags & ct_flags::REPLY != 0 {
                 "reply"
             } else {
@@ -344,7 +565,7 @@ pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
             service_id: key.service_id,
             backend: maps
                 .backend(value.backend_id)
-                .map(|b| endpoint(b.addr, b.port)),
+                .map(|b| endpoint_text(b.addr, b.port)),
             idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
         })
         .collect();
@@ -359,7 +580,7 @@ pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
                 service_id: key.service_id,
                 backend: maps
                     .backend(value.backend_id)
-                    .map(|b| endpoint(b.addr, b.port)),
+                    .map(|b| endpoint_text(b.addr, b.port)),
                 idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
             }),
     );
@@ -430,8 +651,8 @@ pub fn sockets(maps: &PinnedMaps) -> Result<Vec<SocketView>> {
             netns_cookie: value.netns_cookie,
             cookie: key.cookie,
             protocol: protocol_name(key.proto),
-            frontend: endpoint(value.frontend_addr, value.frontend_port),
-            backend: endpoint(key.backend_addr, key.backend_port),
+            frontend: endpoint_text(value.frontend_addr, value.frontend_port),
+            backend: endpoint_text(key.backend_addr, key.backend_port),
             service_id: value.service_id,
             connected: value.flags & sock::rev_flags::CONNECTED != 0,
         });
@@ -479,12 +700,14 @@ pub struct TraceView {
 }
 
 /// Follows the datapath's decision for a packet from `client` (a pod when `from_pod`)
-/// to `destination` over `protocol`, reading the maps as they are now.
+/// to `destination` over `protocol`, reading the maps as they are now; services are
+/// named from `index`.
 ///
 /// # Errors
 /// When a map cannot be read.
 pub fn trace(
     maps: &PinnedMaps,
+    index: &NameIndex,
     client: SocketAddrV4,
     destination: SocketAddrV4,
     protocol: u8,
@@ -515,42 +738,44 @@ pub fn trace(
             .or_else(|_| maps.conntrack_new.get(&tuple, 0))
         {
             view.verdict = "translate";
-            view.backend = Some(endpoint(existing.nat_dst_addr, existing.nat_dst_port));
-            view.steps
-                .push("conntrack: an existing flow matches; its rewrite applies".into());
+            view.backend = Some(endpoint_text(existing.nat_dst_addr, existing.nat_dst_port));
+            view.steps.push(format!(
+                "conntrack: an existing flow of {} matches; its rewrite applies",
+                index.service_port(existing.service_id)
+            ));
             return Ok(view);
         }
         view.steps
             .push("conntrack: no flow for this 5-tuple".into());
     }
-    let services = services(maps)?;
-    let find = |wanted_scope: &str| {
+    let services = services(maps, index, &ServiceFilter::default())?;
+    let find = |wanted_scope: u8| {
         services.iter().find(|service| {
             service.frontend == destination.to_string()
                 && service.protocol == protocol_name(protocol)
                 && service.scope == wanted_scope
         })
     };
-    let Some(mut frontend) = find("default") else {
+    let Some(mut frontend) = find(scope::DEFAULT) else {
         view.steps.push(
             "service: no frontend for this address, port and protocol; passes untouched".into(),
         );
         return Ok(view);
     };
     view.steps.push(format!(
-        "service: frontend {} (service id {})",
-        frontend.frontend, frontend.service_id
+        "service: {} {} frontend {}",
+        frontend.service, frontend.kind, frontend.frontend
     ));
-    if from_pod && frontend.flags.contains(&"internal-scope") {
-        if let Some(internal) = find("internal") {
+    if from_pod && frontend.flags & service_flags::HAS_INTERNAL_SCOPE != 0 {
+        if let Some(internal) = find(scope::INTERNAL) {
             view.steps
-                .push("service: pod traffic uses the internal (node-local) backend set".into());
+                .push("service: pod traffic uses the in-cluster backend set".into());
             frontend = internal;
         }
     }
     view.frontend = Some(frontend.clone());
     if frontend.backends.is_empty() {
-        if frontend.flags.contains(&"drop-when-empty") {
+        if frontend.flags & service_flags::DROP_WHEN_EMPTY != 0 {
             view.verdict = "drop";
             view.steps
                 .push("backends: none on this node for a Local policy; dropped".into());
@@ -562,14 +787,14 @@ pub fn trace(
         return Ok(view);
     }
     view.verdict = "translate";
-    if frontend.flags.contains(&"affinity") {
+    if frontend.flags & service_flags::AFFINITY != 0 {
         let key = AffinityKeyV4 {
             client_addr: tuple.src_addr,
             service_id: frontend.service_id,
         };
         if let Ok(record) = maps.affinity.get(&key, 0) {
             if let Some(backend) = maps.backend(record.backend_id) {
-                view.backend = Some(endpoint(backend.addr, backend.port));
+                view.backend = Some(endpoint_text(backend.addr, backend.port));
                 view.steps.push(format!(
                     "affinity: this client sticks to its backend unless idle for more than {} s",
                     frontend.affinity_timeout_s
@@ -580,7 +805,11 @@ pub fn trace(
         view.steps
             .push("affinity: no record for this client yet".into());
     }
-    view.candidates.clone_from(&frontend.backends);
+    view.candidates = frontend
+        .backends
+        .iter()
+        .map(|backend| backend.address.clone())
+        .collect();
     view.steps.push(format!(
         "backends: one of {} picked uniformly at random",
         frontend.backends.len()

@@ -53,8 +53,13 @@ struct InspectArgs {
 
 #[derive(Subcommand, Debug)]
 enum InspectWhat {
-    /// Frontends with their backends.
-    Services,
+    /// Services: every frontend (ClusterIP, NodePort, externalIP, LoadBalancer) with
+    /// its policies and backends (pods and their readiness).
+    Services {
+        /// Only this service: namespace/name (a bare name means namespace default).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Option<String>,
+    },
     /// Conntrack entries (two per translated flow).
     Conntrack {
         /// Only flows with this address at either end, before or after translation.
@@ -237,30 +242,16 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&args.bpffs)?;
     let now = proxy_userspace::datapath::conntrack::monotonic_now_ns();
     match &args.what {
-        InspectWhat::Services => {
-            let services = inspect::services(&maps)?;
+        InspectWhat::Services { service } => {
+            let index = inspect::NameIndex::read(&args.bpffs)?;
+            let filter = inspect::ServiceFilter {
+                service: service.clone(),
+            };
+            let services = inspect::services(&maps, &index, &filter)?;
             if args.json {
                 return print_json(&services);
             }
-            println!(
-                "{:<22} {:<5} {:<8} {:>4} {:<24} BACKENDS",
-                "FRONTEND", "PROTO", "SCOPE", "ID", "FLAGS"
-            );
-            for service in services {
-                println!(
-                    "{:<22} {:<5} {:<8} {:>4} {:<24} {}",
-                    service.frontend,
-                    service.protocol,
-                    service.scope,
-                    service.service_id,
-                    service.flags.join(","),
-                    if service.backends.is_empty() {
-                        "(none)".to_owned()
-                    } else {
-                        service.backends.join(" ")
-                    }
-                );
-            }
+            print_services(&services);
         }
         InspectWhat::Conntrack {
             addr,
@@ -349,10 +340,46 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The services table: one line per frontend, backends (pod, readiness) after it.
+fn print_services(services: &[inspect::ServiceView]) {
+    println!(
+        "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} BACKENDS",
+        "SERVICE", "TYPE", "FRONTEND", "PROTO", "CLIENTS", "POLICY"
+    );
+    for service in services {
+        let backends = if service.backends.is_empty() {
+            format!("(none: {})", service.when_empty)
+        } else {
+            service
+                .backends
+                .iter()
+                .map(inspect::BackendView::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let policy = if service.policy.is_empty() {
+            "-".to_owned()
+        } else {
+            service.policy.join("; ")
+        };
+        println!(
+            "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} {backends}",
+            service.service,
+            service.kind,
+            service.frontend,
+            service.protocol,
+            service.clients,
+            policy
+        );
+    }
+}
+
 fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&args.bpffs)?;
+    let index = inspect::NameIndex::read(&args.bpffs)?;
     let view = inspect::trace(
         &maps,
+        &index,
         args.client,
         args.to,
         args.protocol,

@@ -581,6 +581,8 @@ impl Drop for Lab {
         }
         self.servers.clear();
         self.pods.clear();
+        // The agent removes its names file when it stops; a killed one leaves it.
+        proxy_userspace::names::remove(&proxy_userspace::names::path_for(&self.pin_dir()));
         netns::remove_run_dir(&self.run_dir);
     }
 }

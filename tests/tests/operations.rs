@@ -249,6 +249,22 @@ fn kpr_json(lab: &Lab, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("JSON output")
 }
 
+/// Runs `kpr <args> --bpffs <pins>` and returns what it printed.
+fn kpr_text(lab: &Lab, args: &[&str]) -> String {
+    let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
+        .args(args)
+        .arg("--bpffs")
+        .arg(lab.pin_dir())
+        .output()
+        .expect("run kpr");
+    assert!(
+        output.status.success(),
+        "kpr {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[test]
 fn inspect_and_trace_read_the_running_node() {
     let lab = lab_for_manifests(&examples_dir()).expect("lab");
@@ -266,17 +282,62 @@ fn inspect_and_trace_read_the_running_node() {
         .iter()
         .find(|service| service["frontend"] == "10.96.0.10:80")
         .unwrap_or_else(|| panic!("web missing: {services}"));
+    assert_eq!(web["service"], "demo/web:http", "{web}");
+    assert_eq!(web["namespace"], "demo");
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["port"], "http");
+    assert_eq!(web["type"], "ClusterIP");
     assert_eq!(web["protocol"], "TCP");
-    let mut backends: Vec<&str> = web["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .filter_map(|b| b.as_str())
-        .collect();
-    backends.sort_unstable();
+    assert_eq!(web["clients"], "all");
+    assert!(
+        services.to_string().find("service_id").is_none(),
+        "ids where names are: {services}"
+    );
+    // Backends sorted, with their pods and conditions from the EndpointSlice.
     assert_eq!(
-        backends,
-        ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"]
+        web["backends"],
+        serde_json::json!([
+            {"address": "10.244.1.11:8080", "pod": "web-0", "node": "node-a", "ready": true, "serving": true, "terminating": false},
+            {"address": "10.244.1.12:8080", "pod": "web-1", "node": "node-a", "ready": true, "serving": true, "terminating": false},
+            {"address": "10.244.1.13:8080", "pod": "web-2", "node": "node-a", "ready": true, "serving": true, "terminating": false},
+        ])
+    );
+    // Sorted by namespace/name: every demo service before any other namespace's.
+    let keys: Vec<(String, String)> = services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| (s["namespace"].to_string(), s["name"].to_string()))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+    let only_web = kpr_json(&lab, &["inspect", "services", "--service", "demo/web"]);
+    assert_eq!(only_web, serde_json::json!([web.clone()]));
+    let none = kpr_json(&lab, &["inspect", "services", "--service", "demo/nothing"]);
+    assert_eq!(none, serde_json::json!([]));
+    // The one connection, counted for its service port (the agent reads the per-CPU
+    // counters every 2 s).
+    let labels = r#"{namespace="demo",service="web",port="http",protocol="TCP"}"#;
+    lab.wait_for(
+        "web's per-service counters",
+        Duration::from_secs(10),
+        || {
+            let metrics = lab.metrics()?;
+            let value = |name: &str| sample(&metrics, &format!("{name}{labels}")).unwrap_or(0.0);
+            // SYN, ACK and request one way, SYN-ACK and answer the other, at least.
+            Ok(value("kpr_service_connections_total") == 1.0
+                && value("kpr_service_packets_total") >= 5.0
+                && value("kpr_service_bytes_total") >= 5.0 * 40.0)
+        },
+    )
+    .expect("per-service counters");
+    let table = kpr_text(&lab, &["inspect", "services", "--service", "demo/web"]);
+    assert!(
+        table.contains("demo/web:http")
+            && table.contains("ClusterIP")
+            && table.contains("10.244.1.11:8080 (web-0 ready)"),
+        "{table}"
     );
 
     // The open connection has both directions in conntrack, the original one rewriting

@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{CgroupSockAddr, ProgramError, SchedClassifier},
     Ebpf, EbpfLoader,
 };
@@ -181,6 +181,8 @@ pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
     /// Settings of the socket-layer hooks (which sockets they translate).
     pub sock_config: Array<MapData, proxy_common::SockConfig>,
+    /// Per-service traffic counters by service id (`crate::service_counters`).
+    pub service_stats: PerCpuHashMap<MapData, u32, proxy_common::service_stats::ServiceStatsV1>,
     /// Capacity the established conntrack table was created with.
     pub conntrack_capacity: u32,
     /// Capacity the new-flow conntrack table was created with.
@@ -195,7 +197,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -211,6 +213,7 @@ pub const ALL_MAPS: [&str; 15] = [
     proxy_common::sock::AFFINITY_V4_NAME,
     proxy_common::sock::DESTROY_V4_NAME,
     proxy_common::takeover::NF_CHECK_NAME,
+    proxy_common::service_stats::NAME,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
@@ -358,6 +361,11 @@ impl Datapath {
                 let name = proxy_common::sock::CONFIG_NAME;
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
+            service_stats: {
+                let name = proxy_common::service_stats::NAME;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                PerCpuHashMap::try_from(map).map_err(|source| Error::Map { name, source })?
             },
             conntrack_capacity,
             conntrack_new_capacity,
