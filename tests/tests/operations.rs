@@ -333,6 +333,7 @@ fn inspect_and_trace_read_the_running_node() {
     )
     .expect("per-service counters");
     let table = kpr_text(&lab, &["inspect", "services", "--service", "demo/web"]);
+    println!("{table}");
     assert!(
         table.contains("demo/web:http")
             && table.contains("ClusterIP")
