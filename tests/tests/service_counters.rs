@@ -104,7 +104,9 @@ fn per_service_counters_cost_per_packet() {
     const ROUNDS: u32 = 5;
     let mut harness = DatapathHarness::new().expect("load datapath");
     let web = frontend("web", addr::vip(), proto::TCP, &[addr::backend()], 0);
-    harness.install(std::slice::from_ref(&web)).expect("install");
+    harness
+        .install(std::slice::from_ref(&web))
+        .expect("install");
     let id = harness.service_id(&web.1.service_port).expect("id");
     let syn = Frame::tcp(addr::client(), addr::vip(), TcpFlags::SYN).to_bytes();
     run_ok(&mut harness, Hook::PodIngress, &syn);
