@@ -40,6 +40,7 @@ mod sock;
 mod sock_destroy;
 mod stats;
 mod takeover;
+mod trace;
 mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -51,6 +52,10 @@ fn verdict_of(result: verdict::Result<i32>) -> i32 {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count(reason.counter());
+            trace::note(|record| {
+                record.stages |= proxy_common::trace::stage::DROPPED;
+                record.drop_reason = reason.counter();
+            });
             verdict::SHOT
         }
     }

@@ -3,7 +3,7 @@
 //! Shared by the pod-facing and the node-facing ingress programs, which differ only in
 //! where the client is ([`Origin`]).
 use aya_ebpf::programs::TcContext;
-use proxy_common::{backend_flags, counter, service_flags, CtKeyV4};
+use proxy_common::{backend_flags, counter, service_flags, trace::stage, CtKeyV4};
 
 use crate::{
     conntrack::{self, Created, Translation},
@@ -12,7 +12,7 @@ use crate::{
     icmp_reply::{self, IcmpReply},
     maps, nat,
     parse::{Kind, Packet},
-    service, service_stats, snat, stats, takeover,
+    service, service_stats, snat, stats, takeover, trace,
     verdict::{DropReason, Result, PASS},
 };
 
@@ -66,25 +66,46 @@ pub fn handle(ctx: &TcContext, pkt: &Packet, now: u64, origin: Origin) -> Result
     let Some(frontend) = service::lookup(&pkt.tuple, origin == Origin::Pod) else {
         return Ok(PASS);
     };
+    trace::note(|record| {
+        record.stages |= stage::FRONTEND;
+        if frontend.key.scope == proxy_common::scope::INTERNAL {
+            record.stages |= stage::INTERNAL_SCOPE;
+        }
+        record.service_id = frontend.value.service_id;
+        record.frontend_flags = frontend.value.flags;
+        record.frontend_count = frontend.value.count;
+    });
     if takeover::netfilter_translates(ctx, pkt) {
+        trace::stage(stage::NETFILTER);
         return Ok(PASS);
     }
     let flags = frontend.value.flags;
-    if flags & service_flags::SOURCE_RANGES != 0
-        && !service::source_allowed(&frontend, pkt.tuple.src_addr)
-    {
-        return Err(DropReason::SOURCE_RANGE);
+    if flags & service_flags::SOURCE_RANGES != 0 {
+        if !service::source_allowed(&frontend, pkt.tuple.src_addr) {
+            trace::stage(stage::SOURCE_DENIED);
+            return Err(DropReason::SOURCE_RANGE);
+        }
+        trace::stage(stage::SOURCE_ALLOWED);
     }
     if frontend.value.count == 0 {
         if flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            trace::stage(stage::EMPTY_DROP);
             return Err(DropReason::NO_LOCAL_BACKEND);
         }
+        trace::stage(stage::EMPTY_REJECT);
         return icmp_reply::send(ctx, pkt, IcmpReply::PortUnreachable);
     }
 
     let (backend_id, backend) = service::select_backend(&frontend, pkt.tuple.src_addr)?;
     let service_id = frontend.value.service_id;
     let masquerade = needs_masquerade(origin, &pkt.tuple, flags, &backend);
+    trace::note(|record| {
+        record.stages |= stage::BACKEND;
+        record.backend_id = backend_id;
+        if masquerade {
+            record.stages |= stage::MASQUERADE;
+        }
+    });
     let entry = if masquerade {
         snat::create(&pkt.tuple, &backend, backend_id, service_id, now)?
     } else {

@@ -8,6 +8,9 @@ use crate::{maps::SVC_STATS_V1, parse::Packet};
 /// Counts the first packet of a new flow to `service_id`: a connection and a packet.
 #[inline(always)]
 pub fn count_new_flow(service_id: u32, pkt: &Packet) {
+    if crate::trace::active() {
+        return;
+    }
     if let Some(stats) = SVC_STATS_V1.get_ptr_mut(service_id) {
         // SAFETY: the per-CPU value belongs to this CPU while the program runs.
         unsafe {
@@ -21,6 +24,9 @@ pub fn count_new_flow(service_id: u32, pkt: &Packet) {
 /// Counts a packet of a known flow translated with `entry`, either direction.
 #[inline(always)]
 pub fn count_packet(entry: &CtEntryV4, pkt: &Packet) {
+    if crate::trace::active() {
+        return;
+    }
     if let Some(stats) = SVC_STATS_V1.get_ptr_mut(entry.service_id) {
         // SAFETY: as in `count_new_flow`.
         unsafe {

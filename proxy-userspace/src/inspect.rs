@@ -681,138 +681,211 @@ pub fn counters(maps: &PinnedMaps) -> Result<BTreeMap<&'static str, u64>> {
     Ok(totals)
 }
 
-/// What the datapath would do with a new packet.
+/// What the datapath did with a packet `kpr trace` ran through it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct TraceView {
-    pub client: Ipv4Addr,
+    pub client: String,
     pub destination: String,
     pub protocol: String,
-    /// The frontend entry that matches, if any.
-    pub frontend: Option<ServiceView>,
-    /// "pass", "translate", "reject" or "drop".
-    pub verdict: &'static str,
-    /// The backend it goes to when that is decided already (an existing flow or an
-    /// affinity record), else `None` with `candidates` to pick from at random.
+    /// The program that ran: `pod-ingress` (a pod's packet) or `node-ingress` (from
+    /// outside the node).
+    pub program: &'static str,
+    /// `namespace/name:port` of the service the packet is for, if any.
+    pub service: Option<String>,
+    /// Each stage's decision, in the datapath's order.
+    pub stages: Vec<String>,
+    /// `pass` (untouched), `translate` (to the stack), `translate and redirect`
+    /// (straight to the next hop), `reject` (answered with ICMP), `drop: <reason>`.
+    pub verdict: String,
+    /// The backend chosen (or the flow's).
     pub backend: Option<String>,
-    pub candidates: Vec<String>,
-    /// Each step of the decision, in the datapath's order.
-    pub steps: Vec<String>,
+    /// The packet as it leaves the program.
+    pub packet_out: String,
 }
 
-/// Follows the datapath's decision for a packet from `client` (a pod when `from_pod`)
-/// to `destination` over `protocol`, reading the maps as they are now; services are
-/// named from `index`.
-///
-/// # Errors
-/// When a map cannot be read.
-pub fn trace(
+impl NameIndex {
+    fn kind(&self, address: SocketAddrV4, protocol: &str, scope: u8) -> Option<&str> {
+        self.kinds
+            .get(&(address, protocol.to_owned(), scope))
+            .map(String::as_str)
+    }
+
+    fn pod(&self, service_id: u32, address: Ipv4Addr) -> Option<&str> {
+        let port = self.service_ports.get(&service_id)?;
+        self.endpoints
+            .get(&(port.namespace.clone(), port.name.clone(), address))?
+            .pod
+            .as_deref()
+    }
+}
+
+/// A packet in words: `10.244.1.2:40000 -> 10.244.1.11:8080 TCP`, or the ICMP message.
+#[must_use]
+pub fn describe_packet(frame: &[u8]) -> String {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let Ok(packet) = SlicedPacket::from_ethernet(frame) else {
+        return format!("{} bytes, not IPv4", frame.len());
+    };
+    let Some(NetSlice::Ipv4(ip)) = &packet.net else {
+        return format!("{} bytes, not IPv4", frame.len());
+    };
+    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+    match &packet.transport {
+        Some(TransportSlice::Tcp(tcp)) => format!(
+            "{src}:{} -> {dst}:{} TCP",
+            tcp.source_port(),
+            tcp.destination_port()
+        ),
+        Some(TransportSlice::Udp(udp)) => format!(
+            "{src}:{} -> {dst}:{} UDP",
+            udp.source_port(),
+            udp.destination_port()
+        ),
+        Some(TransportSlice::Icmpv4(icmp)) => format!(
+            "{src} -> {dst} ICMP type {} code {}",
+            icmp.type_u8(),
+            icmp.code_u8()
+        ),
+        _ => format!("{src} -> {dst} protocol {}", ip.header().protocol().0),
+    }
+}
+
+/// Turns a run of the trace instance ([`crate::datapath::trace`]) into words, with
+/// services named from `index`.
+#[must_use]
+pub fn trace_view(
     maps: &PinnedMaps,
     index: &NameIndex,
-    client: SocketAddrV4,
-    destination: SocketAddrV4,
-    protocol: u8,
-    from_pod: bool,
-) -> Result<TraceView> {
-    let mut view = TraceView {
-        client: *client.ip(),
-        destination: destination.to_string(),
-        protocol: protocol_name(protocol),
-        frontend: None,
-        verdict: "pass",
-        backend: None,
-        candidates: Vec::new(),
-        steps: Vec::new(),
-    };
-    let tuple = CtKeyV4 {
-        src_addr: Be32::from_ipv4(*client.ip()),
-        dst_addr: Be32::from_ipv4(*destination.ip()),
-        src_port: Be16::from_host(client.port()),
-        dst_port: Be16::from_host(destination.port()),
-        proto: protocol,
-        _pad: [0; 3],
-    };
-    if client.port() != 0 {
-        if let Ok(existing) = maps
-            .conntrack
-            .get(&tuple, 0)
-            .or_else(|_| maps.conntrack_new.get(&tuple, 0))
-        {
-            view.verdict = "translate";
-            view.backend = Some(endpoint_text(existing.nat_dst_addr, existing.nat_dst_port));
-            view.steps.push(format!(
-                "conntrack: an existing flow of {} matches; its rewrite applies",
-                index.service_port(existing.service_id)
-            ));
-            return Ok(view);
-        }
-        view.steps
-            .push("conntrack: no flow for this 5-tuple".into());
-    }
-    let services = services(maps, index, &ServiceFilter::default())?;
-    let find = |wanted_scope: u8| {
-        services.iter().find(|service| {
-            service.frontend == destination.to_string()
-                && service.protocol == protocol_name(protocol)
-                && service.scope == wanted_scope
-        })
-    };
-    let Some(mut frontend) = find(scope::DEFAULT) else {
-        view.steps.push(
-            "service: no frontend for this address, port and protocol; passes untouched".into(),
-        );
-        return Ok(view);
-    };
-    view.steps.push(format!(
-        "service: {} {} frontend {}",
-        frontend.service, frontend.kind, frontend.frontend
-    ));
-    if from_pod && frontend.flags & service_flags::HAS_INTERNAL_SCOPE != 0 {
-        if let Some(internal) = find(scope::INTERNAL) {
-            view.steps
-                .push("service: pod traffic uses the in-cluster backend set".into());
-            frontend = internal;
-        }
-    }
-    view.frontend = Some(frontend.clone());
-    if frontend.backends.is_empty() {
-        if frontend.flags & service_flags::DROP_WHEN_EMPTY != 0 {
-            view.verdict = "drop";
-            view.steps
-                .push("backends: none on this node for a Local policy; dropped".into());
-        } else {
-            view.verdict = "reject";
-            view.steps
-                .push("backends: none; rejected with ICMP port unreachable".into());
-        }
-        return Ok(view);
-    }
-    view.verdict = "translate";
-    if frontend.flags & service_flags::AFFINITY != 0 {
-        let key = AffinityKeyV4 {
-            client_addr: tuple.src_addr,
-            service_id: frontend.service_id,
-        };
-        if let Ok(record) = maps.affinity.get(&key, 0) {
-            if let Some(backend) = maps.backend(record.backend_id) {
-                view.backend = Some(endpoint_text(backend.addr, backend.port));
-                view.steps.push(format!(
-                    "affinity: this client sticks to its backend unless idle for more than {} s",
-                    frontend.affinity_timeout_s
-                ));
-                return Ok(view);
+    packet: (SocketAddrV4, SocketAddrV4, u8),
+    from_outside: bool,
+    run: &crate::datapath::trace::TraceRun,
+) -> TraceView {
+    use proxy_common::trace::stage;
+    let (client, destination, l4_proto) = packet;
+    let record = run.record;
+    let has = |bit: u32| record.stages & bit != 0;
+    let protocol = protocol_name(l4_proto);
+    let mut stages = Vec::new();
+    let known = has(stage::CT_HIT) || has(stage::FRONTEND);
+    let service = known.then(|| index.service_port(record.service_id));
+    let backend = (has(stage::CT_HIT) || has(stage::BACKEND))
+        .then(|| maps.backend(record.backend_id))
+        .flatten()
+        .map(|backend| {
+            let address = endpoint_text(backend.addr, backend.port);
+            match index.pod(record.service_id, backend.addr.to_ipv4()) {
+                Some(pod) => format!("{address} ({pod})"),
+                None => address,
             }
-        }
-        view.steps
-            .push("affinity: no record for this client yet".into());
+        });
+    if !has(stage::PARSED) {
+        stages.push("parse: not a packet the datapath handles; passes untouched".to_owned());
+    } else if has(stage::CT_HIT) {
+        stages.push(format!(
+            "conntrack: a flow of {} matches ({} direction); its rewrite applies",
+            service.as_deref().unwrap_or("?"),
+            if record.ct_flags & ct_flags::REPLY != 0 {
+                "reply"
+            } else {
+                "original"
+            }
+        ));
+    } else {
+        stages.push("conntrack: no flow for this 5-tuple".to_owned());
     }
-    view.candidates = frontend
-        .backends
-        .iter()
-        .map(|backend| backend.address.clone())
-        .collect();
-    view.steps.push(format!(
-        "backends: one of {} picked uniformly at random",
-        frontend.backends.len()
-    ));
-    Ok(view)
+    if has(stage::PARSED) && !known {
+        stages.push(
+            "frontend: none for this address, port and protocol; passes untouched".to_owned(),
+        );
+    }
+    if has(stage::FRONTEND) {
+        let scope = if has(stage::INTERNAL_SCOPE) {
+            scope::INTERNAL
+        } else {
+            scope::DEFAULT
+        };
+        stages.push(format!(
+            "frontend: {} {} {destination}, {} backend(s)",
+            service.as_deref().unwrap_or("?"),
+            index
+                .kind(destination, &protocol, scope)
+                .unwrap_or("frontend"),
+            record.frontend_count
+        ));
+        stages.push(if has(stage::INTERNAL_SCOPE) {
+            "scope: in-cluster backend set (a pod of this node reaching an externalTrafficPolicy Local frontend)".to_owned()
+        } else {
+            "scope: the frontend's backend set".to_owned()
+        });
+    }
+    if has(stage::NETFILTER) {
+        stages.push(
+            "takeover: netfilter's conntrack already translates this flow (kube-proxy's); left to it"
+                .to_owned(),
+        );
+    }
+    if has(stage::SOURCE_ALLOWED) {
+        stages.push("source ranges: the client is inside loadBalancerSourceRanges".to_owned());
+    }
+    if has(stage::SOURCE_DENIED) {
+        stages.push("source ranges: the client is outside loadBalancerSourceRanges".to_owned());
+    }
+    if has(stage::EMPTY_DROP) {
+        stages.push("backends: none on this node (Local policy, endpoints elsewhere)".to_owned());
+    }
+    if has(stage::EMPTY_REJECT) {
+        stages.push("backends: none (no endpoints)".to_owned());
+    }
+    if has(stage::BACKEND) {
+        if record.frontend_flags & service_flags::AFFINITY != 0 {
+            stages.push(if has(stage::AFFINITY_HIT) {
+                "affinity: the client's record chose the backend".to_owned()
+            } else {
+                "affinity: no live record for this client; chosen at random (a real flow records it)".to_owned()
+            });
+        }
+        stages.push(format!(
+            "backend: {}",
+            backend.as_deref().unwrap_or("(gone)")
+        ));
+        stages.push(if has(stage::MASQUERADE) {
+            "masquerade: yes, the source becomes the node's address and an SNAT port".to_owned()
+        } else {
+            "masquerade: no, the client's address is kept".to_owned()
+        });
+    }
+    let verdict = if has(stage::DROPPED) || run.verdict == 2 {
+        let reason = COUNTER_NAMES
+            .get(record.drop_reason as usize)
+            .filter(|name| !name.is_empty())
+            .map_or("unknown".to_owned(), |name| (*name).to_owned());
+        format!("drop: {reason}")
+    } else if has(stage::EMPTY_REJECT) {
+        "reject".to_owned()
+    } else if run.verdict == 7 {
+        "translate and redirect".to_owned()
+    } else if has(stage::CT_HIT) || has(stage::BACKEND) {
+        "translate".to_owned()
+    } else {
+        "pass".to_owned()
+    };
+    TraceView {
+        client: client.to_string(),
+        destination: destination.to_string(),
+        protocol,
+        program: if from_outside {
+            "node-ingress"
+        } else {
+            "pod-ingress"
+        },
+        service,
+        stages,
+        verdict,
+        backend,
+        packet_out: if run.verdict == 2 {
+            "(none: dropped)".to_owned()
+        } else {
+            describe_packet(&run.packet)
+        },
+    }
 }

@@ -30,7 +30,9 @@ enum Command {
     /// Print what a running node's maps hold: services, conntrack, affinity, sockets,
     /// counters.
     Inspect(InspectArgs),
-    /// Say which frontend a packet matches and which backend the datapath would choose.
+    /// Run a packet through the node's real datapath (BPF_PROG_TEST_RUN on its live
+    /// maps, writing none of them) and print each stage's decision and the packet that
+    /// would leave.
     Trace(TraceArgs),
 }
 
@@ -84,7 +86,8 @@ enum InspectWhat {
 
 #[derive(Args, Debug)]
 struct TraceArgs {
-    /// The client: an address, or address:port to also match an existing flow.
+    /// The client: an address, or address:port (port 40000 when left out; the port
+    /// of an open connection shows that flow's translation).
     #[arg(long, value_parser = parse_client)]
     client: std::net::SocketAddrV4,
     /// The destination address:port.
@@ -93,7 +96,8 @@ struct TraceArgs {
     /// tcp or udp.
     #[arg(long, value_parser = parse_protocol, default_value = "tcp")]
     protocol: u8,
-    /// The client is outside the cluster (not a pod): no internal backend set.
+    /// The packet arrives from outside the node (the node-facing program) instead of
+    /// from a pod on it (the pod-facing one).
     #[arg(long)]
     from_outside: bool,
     /// The pin directory of the running agent.
@@ -114,7 +118,10 @@ fn parse_protocol(text: &str) -> Result<u8, String> {
 
 fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
     text.parse()
-        .or_else(|_| text.parse().map(|ip| std::net::SocketAddrV4::new(ip, 0)))
+        .or_else(|_| {
+            text.parse()
+                .map(|ip| std::net::SocketAddrV4::new(ip, 40_000))
+        })
         .map_err(|_| format!("{text:?} is neither an IPv4 address nor address:port"))
 }
 
@@ -375,31 +382,35 @@ fn print_services(services: &[inspect::ServiceView]) {
 }
 
 fn trace(args: &TraceArgs) -> anyhow::Result<()> {
+    use proxy_userspace::datapath::{trace, Hook};
     let maps = PinnedMaps::open(&args.bpffs)?;
     let index = inspect::NameIndex::read(&args.bpffs)?;
-    let view = inspect::trace(
+    let mut tracer = trace::Tracer::load(&args.bpffs).context("loading the trace instance")?;
+    let frame = trace::first_packet(args.client, args.to, args.protocol);
+    let hook = if args.from_outside {
+        Hook::NodeIngress
+    } else {
+        Hook::PodIngress
+    };
+    let run = tracer.run(hook, &frame).context("running the packet")?;
+    let view = inspect::trace_view(
         &maps,
         &index,
-        args.client,
-        args.to,
-        args.protocol,
-        !args.from_outside,
-    )?;
+        (args.client, args.to, args.protocol),
+        args.from_outside,
+        &run,
+    );
     if args.json {
         return print_json(&view);
     }
-    println!("{} -> {} {}", view.client, view.destination, view.protocol);
-    for step in &view.steps {
-        println!("  {step}");
+    println!(
+        "{} -> {} {} ({})",
+        view.client, view.destination, view.protocol, view.program
+    );
+    for stage in &view.stages {
+        println!("  {stage}");
     }
-    match (&view.backend, view.candidates.is_empty()) {
-        (Some(backend), _) => println!("verdict: {} to {backend}", view.verdict),
-        (None, false) => println!(
-            "verdict: {} to one of {}",
-            view.verdict,
-            view.candidates.join(", ")
-        ),
-        (None, true) => println!("verdict: {}", view.verdict),
-    }
+    println!("verdict: {}", view.verdict);
+    println!("packet out: {}", view.packet_out);
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod lock;
 pub mod node_network;
 pub mod pins;
 pub mod sock_destroy;
+pub mod trace;
 
 use std::{
     io,
