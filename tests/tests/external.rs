@@ -565,3 +565,119 @@ fn health_check_ports_listen_on_the_node_port_addresses() {
         "127.0.0.1:{HEALTH_CHECK_PORT} is not a NodePort address: {loopback:?}"
     );
 }
+
+/// `kpr trace --from-outside --json` on `lab`'s node (run in its namespace).
+fn trace_from_outside(
+    lab: &kpr_lab::lab::Lab,
+    client: SocketAddrV4,
+    to: SocketAddrV4,
+) -> serde_json::Value {
+    let binary = kpr_lab::lab::agent_binary().expect("kpr");
+    let output = lab
+        .node
+        .run(|| {
+            Ok(std::process::Command::new(&binary)
+                .args(["trace", "--from-outside", "--json", "--client"])
+                .arg(client.to_string())
+                .arg("--to")
+                .arg(to.to_string())
+                .arg("--bpffs")
+                .arg(lab.pin_dir())
+                .output()?)
+        })
+        .expect("run kpr trace");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+fn has_stage(trace: &serde_json::Value, stage: &str) -> bool {
+    trace["stages"]
+        .as_array()
+        .is_some_and(|stages| stages.iter().any(|s| s == stage))
+}
+
+/// Trace from outside agrees with what real outside clients get (the tests above):
+/// NodePort to a local backend keeps the client, to a remote one masquerades; an
+/// externalTrafficPolicy Local NodePort without a local endpoint drops; a client
+/// outside loadBalancerSourceRanges is dropped, one inside served. No map changes.
+#[test]
+fn trace_from_outside_agrees_with_real_traffic() {
+    let cluster = cluster();
+    let node_a = &cluster.nodes[0];
+    let inside = sock(CLIENT_IPS[0], 41_000);
+    let outside_range = sock(CLIENT_IPS[1], 41_000);
+    // Real traffic: eTP Local without a local endpoint is dropped, the range filters.
+    let dropped = cluster
+        .client
+        .run(|| Ok(tcp_request(sock(NODE_IPS[0], 30081), DROP_WAIT)))
+        .expect("run");
+    assert!(dropped.is_err(), "{dropped:?}");
+    let refused = cluster
+        .client
+        .run(|| Ok(tcp_from(CLIENT_IPS[1], sock(RANGED_LB, 80), DROP_WAIT)))
+        .expect("run");
+    assert!(refused.is_err(), "{refused:?}");
+
+    let before = kpr_lab::lab::map_snapshot(&node_a.pin_dir());
+    for _ in 0..10 {
+        let trace = trace_from_outside(node_a, inside, sock(NODE_IPS[0], 30080));
+        assert_eq!(trace["service"], "demo/web:http", "{trace}");
+        assert!(
+            trace["verdict"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("translate")),
+            "{trace}"
+        );
+        let backend = trace["backend"].as_str().unwrap_or_default();
+        let masqueraded = has_stage(
+            &trace,
+            "masquerade: yes, the source becomes the node's address and an SNAT port",
+        );
+        if backend.starts_with(&WEB_A.to_string()) {
+            assert!(!masqueraded, "a local backend keeps the client: {trace}");
+            assert_eq!(
+                trace["packet_out"],
+                format!("{inside} -> {WEB_A}:8080 TCP"),
+                "{trace}"
+            );
+        } else {
+            assert!(backend.starts_with(&WEB_B.to_string()), "{trace}");
+            assert!(masqueraded, "a remote backend is masqueraded: {trace}");
+            assert!(
+                trace["packet_out"]
+                    .as_str()
+                    .is_some_and(|out| out.starts_with(&format!("{}:", NODE_IPS[0]))
+                        && out.ends_with(&format!("-> {WEB_B}:8080 TCP"))),
+                "{trace}"
+            );
+        }
+    }
+    let local = trace_from_outside(node_a, inside, sock(NODE_IPS[0], 30081));
+    assert_eq!(local["verdict"], "drop: drop_no_local_backend", "{local}");
+    assert!(has_stage(
+        &local,
+        "backends: none on this node (Local policy, endpoints elsewhere)"
+    ));
+    let denied = trace_from_outside(node_a, outside_range, sock(RANGED_LB, 80));
+    assert_eq!(denied["verdict"], "drop: drop_source_range", "{denied}");
+    let allowed = trace_from_outside(node_a, inside, sock(RANGED_LB, 80));
+    assert!(
+        has_stage(
+            &allowed,
+            "source ranges: the client is inside loadBalancerSourceRanges"
+        ) && allowed["verdict"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("translate")),
+        "{allowed}"
+    );
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&local).unwrap_or_default()
+    );
+    let after = kpr_lab::lab::map_snapshot(&node_a.pin_dir());
+    assert!(before == after, "trace changed a map");
+}
