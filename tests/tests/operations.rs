@@ -635,6 +635,31 @@ fn trace_agrees_with_real_traffic_and_leaves_every_map_as_it_was() {
         assert_eq!(trace["service"].as_str(), service, "{trace}");
         traces.push(trace);
     }
+    // The text form of the same run.
+    let binary = kpr_lab::lab::agent_binary().expect("kpr");
+    let text = lab
+        .node
+        .run(|| {
+            Ok(std::process::Command::new(&binary)
+                .args([
+                    "trace",
+                    "--client",
+                    "10.244.1.2:41000",
+                    "--to",
+                    "10.96.0.30:80",
+                ])
+                .arg("--bpffs")
+                .arg(lab.pin_dir())
+                .output()?)
+        })
+        .expect("run kpr trace");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    println!("{text}");
+    assert!(
+        text.contains("affinity: the client's record chose the backend")
+            && text.contains("verdict: translate"),
+        "{text}"
+    );
     let after = kpr_lab::lab::map_snapshot(&lab.pin_dir());
     assert!(
         before == after,
