@@ -14,8 +14,10 @@
 #![no_std]
 
 pub mod maps;
+pub mod service_stats;
 pub mod sock;
 pub mod takeover;
+pub mod trace;
 
 pub use maps::*;
 pub use sock::{SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4};

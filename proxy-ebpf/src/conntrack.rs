@@ -33,7 +33,7 @@ use proxy_common::{
 use crate::{
     maps::{self, CT_FULL_V1, CT_NEW_V4_V2, CT_V4_V2},
     parse::{reversed, tcp_flag, Kind, Packet},
-    stats,
+    stats, trace,
     verdict::{DropReason, Result},
 };
 
@@ -58,6 +58,10 @@ impl Table {
 
     #[inline(always)]
     fn insert(self, key: &CtKeyV4, entry: &CtEntryV4, flags: u32) -> bool {
+        if trace::active() {
+            // Written nowhere; the answer the insert would give.
+            return flags != BPF_NOEXIST || self.get(key).is_none();
+        }
         match self {
             Self::Established => CT_V4_V2.insert(key, entry, u64::from(flags)).is_ok(),
             Self::New => CT_NEW_V4_V2.insert(key, entry, u64::from(flags)).is_ok(),
@@ -66,6 +70,9 @@ impl Table {
 
     #[inline(always)]
     fn remove(self, key: &CtKeyV4) {
+        if trace::active() {
+            return;
+        }
         // Gone already is as good as removed.
         let _ = match self {
             Self::Established => CT_V4_V2.remove(key),
@@ -166,6 +173,9 @@ fn completes_handshake(pkt: &Packet) -> bool {
 /// [`CT_FULL_HOLD_NS`].
 #[inline(always)]
 fn mark_full(now: u64) {
+    if trace::active() {
+        return;
+    }
     if let Some(slot) = CT_FULL_V1.get_ptr_mut(0) {
         // SAFETY: a plain store into the map value; racing CPUs all store "now".
         unsafe { *slot = now };
@@ -231,6 +241,12 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
     let (table, ptr) = find(&pkt.tuple, now)?;
     // SAFETY: the pointer is valid for this program run; copy the value out at once.
     let entry = unsafe { *ptr };
+    trace::note(|record| {
+        record.stages |= proxy_common::trace::stage::CT_HIT;
+        record.service_id = entry.service_id;
+        record.backend_id = entry.backend_id;
+        record.ct_flags = entry.flags;
+    });
     if pkt.kind == Kind::IcmpError {
         return Some(entry);
     }
@@ -265,6 +281,9 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
     }
     let state_changed = flags != entry.flags;
     let refresh_peer = now.saturating_sub(entry.peer_refreshed_ns) > CT_PEER_REFRESH_NS;
+    if trace::active() {
+        return Some(CtEntryV4 { flags, ..entry });
+    }
     if now.saturating_sub(entry.last_seen_ns) > CT_REFRESH_NS {
         // SAFETY: plain stores into the map value of this program run.
         unsafe { (*ptr).last_seen_ns = now };

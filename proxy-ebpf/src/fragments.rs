@@ -31,7 +31,7 @@ fn key(pkt: &Packet) -> FragKeyV4 {
 /// packet is known to belong to a flow). Other packets are ignored.
 #[inline(always)]
 pub fn remember(pkt: &Packet, now: u64) {
-    if pkt.kind != Kind::Transport || !pkt.is_first_fragment() {
+    if pkt.kind != Kind::Transport || !pkt.is_first_fragment() || crate::trace::active() {
         return;
     }
     let value = FragValueV4 {

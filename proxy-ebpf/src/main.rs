@@ -51,11 +51,13 @@ mod parse;
 mod pod_egress;
 mod pod_ingress;
 mod service;
+mod service_stats;
 mod snat;
 mod sock;
 mod sock_destroy;
 mod stats;
 mod takeover;
+mod trace;
 mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -67,6 +69,10 @@ fn verdict_of(result: verdict::Result<i32>) -> i32 {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count(reason.counter());
+            trace::note(|record| {
+                record.stages |= proxy_common::trace::stage::DROPPED;
+                record.drop_reason = reason.counter();
+            });
             verdict::SHOT
         }
     }

@@ -3,12 +3,14 @@
 //! unpinned: the agent chooses the pin directory at load time (tests load without one).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use proxy_common::{
-    capacity, counter, AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtEntryV4, CtKeyV4,
-    DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, ServiceCidrV4, ServiceKeyV4,
-    ServiceValueV4, SourceRangeV4,
+    capacity, counter,
+    service_stats::{self, ServiceStatsV1},
+    AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtEntryV4, CtKeyV4, DatapathConfig,
+    FragKeyV4, FragValueV4, FrontendAddrV4, ServiceCidrV4, ServiceKeyV4, ServiceValueV4,
+    SourceRangeV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
@@ -70,6 +72,11 @@ pub static FRAG_V4_V1: LruHashMap<FragKeyV4, FragValueV4> =
 /// Event and drop counters ([`proxy_common::counter`]).
 #[map]
 pub static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per-service traffic counters by service id ([`proxy_common::service_stats`]).
+#[map]
+pub static SVC_STATS_V1: PerCpuHashMap<u32, ServiceStatsV1> =
+    PerCpuHashMap::with_max_entries(service_stats::CAPACITY, service_stats::NO_PREALLOC);
 
 /// Runtime settings, one entry ([`proxy_common::DatapathConfig`]).
 #[map]

@@ -12,7 +12,7 @@ use crate::{
         Kind, Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_PORT_OFF,
         L4_SRC_PORT_OFF,
     },
-    stats,
+    service_stats, stats,
     verdict::{DropReason, Result},
 };
 
@@ -209,6 +209,7 @@ pub fn apply(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
 pub fn translate(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
     apply(ctx, pkt, entry)?;
     stats::count_translated(pkt, entry);
+    service_stats::count_packet(entry, pkt);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! Shared by the pod-facing and the node-facing ingress programs, which differ only in
 //! where the client is ([`Origin`]).
 use aya_ebpf::programs::TcContext;
-use proxy_common::{backend_flags, counter, service_flags, CtKeyV4};
+use proxy_common::{backend_flags, counter, service_flags, trace::stage, CtKeyV4};
 
 use crate::{
     conntrack::{self, Created, Translation},
@@ -13,7 +13,7 @@ use crate::{
     icmp_reply::{self, IcmpReply},
     maps, nat,
     parse::{Kind, Packet},
-    service, snat, stats, takeover,
+    service, service_stats, snat, stats, takeover, trace,
     verdict::{DropReason, Result, PASS},
 };
 
@@ -87,19 +87,33 @@ pub fn handle(
         }
         return Ok(PASS);
     };
+    trace::note(|record| {
+        record.stages |= stage::FRONTEND;
+        if frontend.key.scope == proxy_common::scope::INTERNAL {
+            record.stages |= stage::INTERNAL_SCOPE;
+        }
+        record.service_id = frontend.value.service_id;
+        record.frontend_flags = frontend.value.flags;
+        record.frontend_count = frontend.value.count;
+    });
     if takeover::netfilter_translates(ctx, pkt) {
+        trace::stage(stage::NETFILTER);
         return Ok(PASS);
     }
     let flags = frontend.value.flags;
-    if flags & service_flags::SOURCE_RANGES != 0
-        && !service::source_allowed(&frontend, pkt.tuple.src_addr)
-    {
-        return Err(DropReason::SOURCE_RANGE);
+    if flags & service_flags::SOURCE_RANGES != 0 {
+        if !service::source_allowed(&frontend, pkt.tuple.src_addr) {
+            trace::stage(stage::SOURCE_DENIED);
+            return Err(DropReason::SOURCE_RANGE);
+        }
+        trace::stage(stage::SOURCE_ALLOWED);
     }
     if frontend.value.count == 0 {
         if flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            trace::stage(stage::EMPTY_DROP);
             return Err(DropReason::NO_LOCAL_BACKEND);
         }
+        trace::stage(stage::EMPTY_REJECT);
         return icmp_reply::send(ctx, pkt, IcmpReply::PortUnreachable);
     }
 
@@ -111,6 +125,13 @@ pub fn handle(
     // lean path), so they go through the stack and are translated at egress: the
     // flow's requests must then go through the stack too (see `ct_flags::VIA_STACK`).
     let via_stack = !masquerade && backend.flags & backend_flags::LOCAL != 0;
+    trace::note(|record| {
+        record.stages |= stage::BACKEND;
+        record.backend_id = backend_id;
+        if masquerade {
+            record.stages |= stage::MASQUERADE;
+        }
+    });
     let entry = if masquerade {
         snat::create(&pkt.tuple, &backend, backend_id, service_id, now)?
     } else {
@@ -129,6 +150,7 @@ pub fn handle(
     };
     fragments::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
+    service_stats::count_new_flow(service_id, pkt);
     if masquerade {
         stats::count(if origin == Origin::Pod {
             counter::HAIRPIN_FLOW

@@ -30,6 +30,7 @@ pub fn try_node_ingress(ctx: &TcContext) -> Result<i32> {
     let Some(pkt) = fragments::parse(ctx, now) else {
         return Ok(PASS);
     };
+    crate::trace::stage(proxy_common::trace::stage::PARSED);
 
     if let Some(entry) = conntrack::lookup(&pkt, now) {
         fragments::remember(&pkt, now);

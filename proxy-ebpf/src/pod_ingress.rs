@@ -33,6 +33,7 @@ pub fn try_pod_ingress(ctx: &TcContext) -> Result<i32> {
     let Some(pkt) = fragments::parse(ctx, now) else {
         return Ok(PASS);
     };
+    crate::trace::stage(proxy_common::trace::stage::PARSED);
     let destination = destination::classify(pkt.tuple.dst_addr);
     if destination == Destination::Elsewhere && pkt.tuple.dst_addr != maps::config().snat_addr {
         return Ok(PASS);

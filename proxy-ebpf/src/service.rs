@@ -183,10 +183,14 @@ pub fn select_backend(frontend: &Frontend, client: proxy_common::Be32) -> Result
     let chosen = match record.and_then(|record| remembered(frontend, &record, now)) {
         Some(chosen) => {
             stats::count(counter::AFFINITY_HIT);
+            crate::trace::stage(proxy_common::trace::stage::AFFINITY_HIT);
             chosen
         }
         None => pick_random(frontend)?,
     };
+    if crate::trace::active() {
+        return Ok((chosen.backend_id, chosen.backend));
+    }
     // Losing an affinity record only costs stickiness for one flow; never drop for it.
     let _ = AFFINITY_V4_V2.insert(key, affinity_record(&chosen, now), u64::from(BPF_ANY));
     Ok((chosen.backend_id, chosen.backend))

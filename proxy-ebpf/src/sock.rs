@@ -33,7 +33,7 @@ use proxy_common::{
 
 use crate::{
     destination::{self, Destination},
-    service, stats,
+    service, service_stats, stats,
     verdict::{DropReason, Result},
 };
 
@@ -220,6 +220,11 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32> {
     addr.user_ip4 = backend.addr.0;
     addr.user_port = u32::from(backend.port.0);
     stats::count(counter::SOCK_TRANSLATED);
+    if flags & rev_flags::CONNECTED != 0 {
+        // A connected socket is one connection; unconnected datagrams are not counted
+        // as connections (each sendmsg() passes here).
+        service_stats::count_socket_connection(frontend.value.service_id);
+    }
     if !client.host {
         stats::count(counter::SOCK_TRANSLATED_POD);
     }

@@ -8,6 +8,9 @@ use crate::{
 
 #[inline(always)]
 pub fn count(index: u32) {
+    if crate::trace::active() {
+        return;
+    }
     if let Some(slot) = COUNTERS_V3.get_ptr_mut(index) {
         // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
         unsafe { *slot += 1 };

@@ -32,6 +32,8 @@ use crate::{
     healthcheck::HealthCheckServers,
     metrics::{AttachLabels, DriftLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, Desired, Diagnostic, DiagnosticReason, FrontendKey, ModelSettings},
+    names,
+    service_counters::{self, ServiceCounters},
     socket_lb,
     source::{self, Snapshot, SourceConfig},
     sync::{frontend_addrs::FrontendAddrs, FrontendFailure, SyncReport, Syncer},
@@ -64,6 +66,8 @@ pub struct AgentConfig {
     pub cgroup_path: Option<PathBuf>,
     /// Which sockets in that cgroup are translated at the socket layer (`--socket-lb`).
     pub socket_lb: socket_lb::Mode,
+    /// Whether the datapath counts traffic per service port (`--service-counters`).
+    pub service_counters: service_counters::Mode,
     /// Leave programs and maps in place on exit.
     pub keep_state: bool,
     /// Conntrack capacity.
@@ -83,8 +87,9 @@ pub struct AgentConfig {
     pub healthz_bind_address: Option<SocketAddr>,
     /// Where `/metrics` listens (`None`: no metrics server).
     pub metrics_bind_address: Option<SocketAddr>,
-    /// Addresses healthCheckNodePorts listen on (kube-proxy: the nodePortAddresses,
-    /// else `0.0.0.0`); empty: none.
+    /// Addresses healthCheckNodePorts listen on while `node_port_filters` is empty
+    /// (kube-proxy: `0.0.0.0`); with filters, they listen on the NodePort addresses
+    /// instead ([`health_check_addresses`]). Empty: none.
     pub health_check_addresses: Vec<IpAddr>,
 }
 
@@ -177,6 +182,10 @@ struct Agent {
     retry_pending: bool,
     /// Frontends the last pass could not program, with the reason label.
     failing: BTreeMap<FrontendKey, &'static str>,
+    /// The names file last written ([`names`]), so an unchanged one is not rewritten.
+    published_names: Option<names::Names>,
+    /// Which service ports the datapath counts traffic for.
+    service_counters: ServiceCounters,
 }
 
 impl Agent {
@@ -230,6 +239,7 @@ impl Agent {
             .maps
             .set_service_cidr(&config.service_cidr)
             .context("writing the service CIDR")?;
+        let service_counters = ServiceCounters::adopt(config.service_counters, &datapath.maps);
         let attachments = Attachments::new(Some(&config.pin_dir));
         let cgroup_hooks = socket_lb::hooked_cgroup(&config)
             .map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
@@ -254,7 +264,7 @@ impl Agent {
             });
         }
         let health_checks = HealthCheckServers::new(
-            config.health_check_addresses.clone(),
+            health_check_addresses(&config, &node),
             health.clone(),
             metrics.health_check_bind_failures.clone(),
         )
@@ -284,6 +294,8 @@ impl Agent {
             synced_once: false,
             retry_pending: false,
             failing: BTreeMap::new(),
+            published_names: None,
+            service_counters,
         })
     }
 
@@ -337,7 +349,7 @@ impl Agent {
                             .inspect_err(|error| warn!(%error, "cannot resubscribe to link notifications"))
                             .ok();
                     }
-                    self.on_link_change();
+                    self.on_link_change().await;
                 }
                 _ = rescan_timer.tick() => self.on_rescan().await,
                 _ = metrics_timer.tick() => self.on_metrics_tick(),
@@ -394,14 +406,14 @@ impl Agent {
     }
 
     /// A link came, went or changed: follow the node's network and attach.
-    fn on_link_change(&mut self) {
+    async fn on_link_change(&mut self) {
         if !self.synced_once {
             return;
         }
         let now = read_node_network(&self.config);
         if now != self.node {
             self.node = now;
-            self.apply_node_network();
+            self.apply_node_network().await;
         }
         self.reconcile_interfaces(false);
     }
@@ -412,7 +424,7 @@ impl Agent {
         if !self.synced_once {
             return;
         }
-        self.on_link_change();
+        self.on_link_change().await;
         if self.retry_pending {
             info!("retrying what the last sync pass could not write");
             self.apply_desired().await;
@@ -670,6 +682,8 @@ impl Agent {
         self.metrics.synced(started.elapsed(), SystemTime::now());
         self.metrics
             .observe_programmed(&snapshot.state, SystemTime::now());
+        self.publish_names(&snapshot, &desired);
+        self.sync_service_counters(&desired);
         info!(
             services = snapshot.state.services.len(),
             frontends = desired.frontends.len(),
@@ -685,6 +699,68 @@ impl Agent {
             || !report.cleanup_errors.is_empty()
             || !addr_errors.is_empty();
         Some((desired, report))
+    }
+
+    /// Writes the names of what the maps hold for `kpr inspect` and `kpr trace`
+    /// ([`names`]), when they changed. A failure costs only the names: logged, retried
+    /// on the next pass.
+    fn publish_names(&mut self, snapshot: &Snapshot, desired: &Desired) {
+        let current = names::collect(&snapshot.state, desired, |name| {
+            self.syncer.service_id(name)
+        });
+        if self.published_names.as_ref() == Some(&current) {
+            return;
+        }
+        let path = names::path_for(&self.config.pin_dir);
+        match names::write(&path, &current) {
+            Ok(()) => self.published_names = Some(current),
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot write the names file; kpr inspect shows service ids until a pass writes it");
+                self.published_names = None;
+            }
+        }
+    }
+
+    /// Gives every programmed service port a counter entry (or none, when the counters
+    /// are off). A failure costs only counts: logged, counted, retried on the next pass.
+    fn sync_service_counters(&mut self, desired: &Desired) {
+        let ids: BTreeSet<u32> = desired
+            .frontends
+            .values()
+            .filter_map(|spec| self.syncer.service_id(&spec.service_port))
+            .collect();
+        if let Err(error) = self.service_counters.sync(&mut self.datapath.maps, &ids) {
+            warn!(error = %crate::error_chain(&error), "cannot update the per-service counters; retrying on the next pass");
+            self.metrics.service_counter_failures.inc();
+        }
+    }
+
+    /// Reads the per-service counters into `kpr_service_*_total`, named as the
+    /// desired state names their service ports.
+    fn record_service_counters(&self) {
+        let Some(desired) = &self.desired else {
+            return;
+        };
+        let mut labels = BTreeMap::new();
+        for spec in desired.frontends.values() {
+            if let Some(id) = self.syncer.service_id(&spec.service_port) {
+                labels
+                    .entry(id)
+                    .or_insert_with(|| crate::metrics::ServiceLabels {
+                        namespace: spec.service_port.service.namespace.clone(),
+                        service: spec.service_port.service.name.clone(),
+                        port: spec.service_port.port.clone(),
+                        protocol: names::protocol_name(spec.service_port.proto),
+                    });
+            }
+        }
+        let totals = self
+            .service_counters
+            .read(&self.datapath.maps)
+            .into_iter()
+            .filter_map(|(id, total)| Some((labels.get(&id)?.clone(), total)))
+            .collect();
+        self.metrics.record_service_totals(totals);
     }
 
     /// Logs frontends that newly failed (and those programmed again) and counts them;
@@ -763,8 +839,9 @@ impl Agent {
         self.known_diagnostics = diagnostics;
     }
 
-    /// Applies a changed node network: settings, then a sync pass for the NodePorts.
-    fn apply_node_network(&mut self) {
+    /// Applies a changed node network: settings, then a sync pass for the NodePorts,
+    /// and the health check ports to the new NodePort addresses.
+    async fn apply_node_network(&mut self) {
         let node = &self.node;
         info!(
             interfaces = ?node.interfaces,
@@ -784,6 +861,8 @@ impl Agent {
             .clone_from(&node.node_port_addresses);
         self.compute_desired();
         self.sync_pass();
+        let addresses = health_check_addresses(&self.config, &self.node);
+        self.health_checks.set_addresses(addresses).await;
     }
 
     /// Attaches the programs to the interfaces that want them (and forgets vanished
@@ -854,6 +933,7 @@ impl Agent {
                 .get_or_create(&labels)
                 .set(i64::from(capacity));
         }
+        self.record_service_counters();
         match self.datapath.maps.counters() {
             Ok(totals) => metrics.record_datapath_totals(&totals),
             Err(error) => {
@@ -961,6 +1041,19 @@ fn read_node_network(config: &AgentConfig) -> NodeNetwork {
 }
 
 /// The datapath settings: the configured ones plus the node's masquerade address.
+/// Where healthCheckNodePorts listen: kube-proxy's rule, the node addresses that
+/// nodePortAddresses admits, or every address (`0.0.0.0`) when it is unset.
+fn health_check_addresses(config: &AgentConfig, node: &NodeNetwork) -> Vec<IpAddr> {
+    if config.node_port_filters.is_empty() {
+        config.health_check_addresses.clone()
+    } else {
+        node.node_port_addresses
+            .iter()
+            .map(|addr| IpAddr::V4(*addr))
+            .collect()
+    }
+}
+
 fn datapath_config(config: &AgentConfig, node: &NodeNetwork) -> DatapathConfig {
     DatapathConfig {
         snat_addr: node
@@ -981,6 +1074,7 @@ pub fn remove_pins(pin_dir: &Path) {
         }
     }
     crate::datapath::remove_retired_pins(pin_dir);
+    names::remove(&names::path_for(pin_dir));
     let _ = std::fs::remove_dir(pin_dir.join("links"));
     let _ = std::fs::remove_dir(pin_dir);
 }

@@ -77,6 +77,9 @@ pub struct FileConfig {
     /// Ours: which sockets of that cgroup are translated at the socket layer
     /// (`all`, `host` or `off`; default `all`).
     pub socket_lb: Option<crate::socket_lb::Mode>,
+    /// Ours: per-service traffic counters (`auto`, `on` or `off`; default `auto`: on
+    /// up to 1000 service ports).
+    pub service_counters: Option<crate::service_counters::Mode>,
 }
 
 /// kube-proxy's `conntrack` block. Timeouts apply to our own conntrack map.
@@ -365,6 +368,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = crate::socket_lb::Mode::All)]
     socket_lb: crate::socket_lb::Mode,
 
+    /// Count new connections, packets and bytes per service port in the datapath
+    /// (kpr_service_{connections,packets,bytes}_total): auto (on while the node has at
+    /// most 1000 service ports), on or off.
+    #[arg(long, value_enum, default_value_t = crate::service_counters::Mode::Auto)]
+    service_counters: crate::service_counters::Mode,
+
     /// Leave programs attached and maps pinned on exit (for a restart or an upgrade).
     #[arg(long)]
     keep_state: bool,
@@ -501,6 +510,12 @@ impl RunArgs {
             args.socket_lb = value;
         }
         if let Some(value) = file
+            .service_counters
+            .filter(|_| !explicit("service_counters"))
+        {
+            args.service_counters = value;
+        }
+        if let Some(value) = file
             .service_proxy_name
             .clone()
             .filter(|_| !explicit("proxy_name"))
@@ -626,6 +641,7 @@ impl RunArgs {
             node_ip: args.node_ip,
             cgroup_path: args.cgroup_path.filter(|path| !path.as_os_str().is_empty()),
             socket_lb: args.socket_lb,
+            service_counters: args.service_counters,
             keep_state: args.keep_state,
             conntrack_max: args.conntrack_max,
             service_cidr: service_cidr.map_or_else(ServiceCidrV4::default, |(addr, len)| {

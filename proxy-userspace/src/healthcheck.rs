@@ -185,6 +185,24 @@ impl HealthCheckServers {
         self.retry().await
     }
 
+    /// Listens on `addresses` from now on (the nodePortAddresses changed with the
+    /// node's network): every open port is closed and opened again there. Returns the
+    /// ports that could not be opened, as [`Self::update`].
+    pub async fn set_addresses(&mut self, addresses: Vec<IpAddr>) -> Vec<Error> {
+        if addresses == self.addresses {
+            return Vec::new();
+        }
+        info!(
+            ?addresses,
+            "health check ports move to the node's new NodePort addresses"
+        );
+        self.addresses = addresses;
+        for (_, open) in std::mem::take(&mut self.open) {
+            open.close().await;
+        }
+        self.retry().await
+    }
+
     /// Tries again to open wanted ports that are not open (a port held by another
     /// process may be freed at any time; kube-proxy retries on every sync).
     pub async fn retry(&mut self) -> Vec<Error> {
@@ -719,5 +737,36 @@ mod tests {
             servers.open_ports()
         );
         assert_eq!(probe(port, "GET", "/").await.expect("reply").status, 200);
+    }
+
+    /// When the nodePortAddresses move, the ports follow: closed where they were,
+    /// open where they are now.
+    #[tokio::test]
+    async fn ports_move_with_the_addresses() {
+        let metrics = Metrics::new();
+        let second = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        let mut servers = new_servers(vec![LOCALHOST], synced_health(), &metrics);
+        let port = free_port();
+        assert!(servers
+            .update(&wanted(&[(port, "web", 1)]))
+            .await
+            .is_empty());
+        assert_eq!(probe(port, "GET", "/").await.expect("reply").status, 200);
+
+        assert!(servers.set_addresses(vec![second]).await.is_empty());
+        assert!(refused(port), "127.0.0.1:{port} still open");
+        assert_eq!(
+            servers.open_ports().get(&port),
+            Some(&vec![SocketAddr::new(second, port)])
+        );
+        let reply = tokio::task::spawn_blocking(move || {
+            let stream = StdStream::connect((second, port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            exchange(&mut BufReader::new(stream), "GET", "/")
+        })
+        .await
+        .expect("client thread")
+        .expect("reply on the new address");
+        assert_eq!(reply.status, 200);
     }
 }

@@ -16,6 +16,8 @@ use proxy_common::{
 };
 use serde::Serialize;
 
+use crate::names as published;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("opening the pinned map {path} (is the agent running with this --bpffs?)")]
@@ -119,65 +121,284 @@ fn protocol_name(number: u8) -> String {
     }
 }
 
-fn endpoint(addr: Be32, port: Be16) -> String {
+fn endpoint_text(addr: Be32, port: Be16) -> String {
     SocketAddrV4::new(addr.to_ipv4(), port.to_host()).to_string()
 }
 
-fn service_flag_names(flags: u16) -> Vec<&'static str> {
-    [
-        (service_flags::AFFINITY, "affinity"),
-        (service_flags::DROP_WHEN_EMPTY, "drop-when-empty"),
-        (service_flags::HAS_INTERNAL_SCOPE, "internal-scope"),
-        (service_flags::EXTERNAL, "external"),
-        (service_flags::EXTERNAL_LOCAL, "external-local"),
-        (service_flags::SOURCE_RANGES, "source-ranges"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| name)
-    .collect()
+/// The names the agent published ([`crate::names`]), indexed for lookups; empty when
+/// there is no names file (then ids stand in for names).
+#[derive(Clone, Debug, Default)]
+pub struct NameIndex {
+    service_ports: BTreeMap<u32, published::ServicePortNames>,
+    kinds: BTreeMap<(SocketAddrV4, String, u8), String>,
+    endpoints: BTreeMap<(String, String, Ipv4Addr), published::EndpointNames>,
 }
 
-/// A frontend and its backends.
+impl NameIndex {
+    #[must_use]
+    pub fn new(names: Option<published::Names>) -> Self {
+        let Some(names) = names else {
+            return Self::default();
+        };
+        Self {
+            service_ports: names
+                .service_ports
+                .into_iter()
+                .map(|port| (port.service_id, port))
+                .collect(),
+            kinds: names
+                .frontends
+                .into_iter()
+                .map(|f| ((f.address, f.protocol, f.scope), f.kind))
+                .collect(),
+            endpoints: names
+                .endpoints
+                .into_iter()
+                .map(|e| ((e.namespace.clone(), e.service.clone(), e.address), e))
+                .collect(),
+        }
+    }
+
+    /// Reads the names file of the agent on `pin_dir` (none yet: an empty index).
+    ///
+    /// # Errors
+    /// When the file exists but cannot be read.
+    pub fn read(pin_dir: &Path) -> std::result::Result<Self, published::Error> {
+        published::read(&published::path_for(pin_dir)).map(Self::new)
+    }
+
+    /// `namespace/name:port` of a service port (`service id N` when unknown).
+    #[must_use]
+    pub fn service_port(&self, service_id: u32) -> String {
+        match self.service_ports.get(&service_id) {
+            Some(port) if port.port.is_empty() => format!("{}/{}", port.namespace, port.name),
+            Some(port) => format!("{}/{}:{}", port.namespace, port.name, port.port),
+            None => format!("service id {service_id} (no names file)"),
+        }
+    }
+}
+
+/// A backend as the operator knows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackendView {
+    /// Pod address and target port.
+    pub address: String,
+    /// The Pod (the endpoint's targetRef).
+    pub pod: Option<String>,
+    pub node: Option<String>,
+    /// The endpoint's conditions; `None` when the agent published no names.
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+impl BackendView {
+    /// `10.244.1.11:8080 (web-0 ready)`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut words: Vec<&str> = Vec::new();
+        if let Some(pod) = &self.pod {
+            words.push(pod);
+        }
+        match (self.ready, self.serving, self.terminating) {
+            (Some(true), _, _) => words.push("ready"),
+            (Some(false), Some(true), Some(true)) => words.push("serving terminating"),
+            (Some(false), _, Some(true)) => words.push("terminating"),
+            (Some(false), _, _) => words.push("not ready"),
+            (None, _, _) => {}
+        }
+        if words.is_empty() {
+            self.address.clone()
+        } else {
+            format!("{} ({})", self.address, words.join(" "))
+        }
+    }
+}
+
+/// A frontend and its backends, named as Kubernetes names them.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct ServiceView {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// The service port's name (empty for an unnamed single port).
+    pub port: Option<String>,
+    /// `namespace/name:port`, or `service id N (no names file)` when the agent
+    /// published no names.
+    pub service: String,
+    /// `ClusterIP`, `NodePort`, `externalIP` or `LoadBalancer` (`unknown` without names).
+    #[serde(rename = "type")]
+    pub kind: String,
     pub frontend: String,
     pub protocol: String,
-    /// "default" or "internal" (the backend set of internalTrafficPolicy Local for pods).
-    pub scope: &'static str,
+    /// `all` (every client), or `in-cluster` (the backend set pods get for an
+    /// externalTrafficPolicy Local frontend).
+    pub clients: &'static str,
+    /// The traffic policies and filters in force, in words.
+    pub policy: Vec<String>,
+    /// What happens to a new connection when `backends` is empty.
+    pub when_empty: &'static str,
+    pub backends: Vec<BackendView>,
+    #[serde(skip)]
     pub service_id: u32,
-    pub flags: Vec<&'static str>,
+    #[serde(skip)]
+    pub flags: u16,
+    #[serde(skip)]
+    pub scope: u8,
+    #[serde(skip)]
     pub affinity_timeout_s: u32,
-    pub backends: Vec<String>,
 }
 
-/// Every frontend, sorted by address, port, protocol and scope.
+fn kind_rank(kind: &str) -> u8 {
+    match kind {
+        "ClusterIP" => 0,
+        "NodePort" => 1,
+        "externalIP" => 2,
+        "LoadBalancer" => 3,
+        _ => 4,
+    }
+}
+
+/// The policies a frontend's flags (and its service's spec) put in force, in words.
+fn policy_words(
+    value: &ServiceValueV4,
+    key: &ServiceKeyV4,
+    port: Option<&published::ServicePortNames>,
+) -> Vec<String> {
+    let mut words = Vec::new();
+    let flags = value.flags;
+    if flags & service_flags::AFFINITY != 0 {
+        words.push(format!(
+            "sessionAffinity ClientIP ({} s)",
+            value.affinity_timeout_s
+        ));
+    }
+    if key.scope == scope::INTERNAL {
+        words.push("pods on this node get every endpoint".to_owned());
+    } else if flags & service_flags::EXTERNAL_LOCAL != 0 {
+        words.push("externalTrafficPolicy Local (client address kept)".to_owned());
+    } else if flags & service_flags::EXTERNAL != 0 {
+        words.push(
+            "externalTrafficPolicy Cluster (masqueraded to endpoints on other nodes)".to_owned(),
+        );
+    } else if port.is_some_and(|port| port.internal_traffic_policy == "Local") {
+        words.push("internalTrafficPolicy Local".to_owned());
+    }
+    if flags & service_flags::SOURCE_RANGES != 0 {
+        words.push("loadBalancerSourceRanges".to_owned());
+    }
+    words
+}
+
+/// Which frontends [`services`] lists.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceFilter {
+    /// Only this service (`namespace/name`; a bare name means namespace `default`).
+    pub service: Option<String>,
+}
+
+impl ServiceFilter {
+    fn matches(&self, namespace: Option<&str>, name: Option<&str>) -> bool {
+        let Some(wanted) = &self.service else {
+            return true;
+        };
+        let (wanted_namespace, wanted_name) = wanted.split_once('/').unwrap_or(("default", wanted));
+        namespace == Some(wanted_namespace) && name == Some(wanted_name)
+    }
+}
+
+/// Every frontend (or those `filter` keeps), sorted by namespace/name, port name,
+/// frontend type, address and scope.
 ///
 /// # Errors
 /// When a map cannot be read.
-pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
+pub fn services(
+    maps: &PinnedMaps,
+    index: &NameIndex,
+    filter: &ServiceFilter,
+) -> Result<Vec<ServiceView>> {
     let entries = maps.service_entries()?;
     let mut views = Vec::new();
     for (key, value) in entries.iter().filter(|(key, _)| key.slot == 0) {
-        let backends = (1..=value.count)
+        let port = index.service_ports.get(&value.service_id);
+        let namespace = port.map(|port| port.namespace.clone());
+        let name = port.map(|port| port.name.clone());
+        if !filter.matches(namespace.as_deref(), name.as_deref()) {
+            continue;
+        }
+        let address = SocketAddrV4::new(key.addr.to_ipv4(), key.port.to_host());
+        let protocol = protocol_name(key.proto);
+        let mut backends: Vec<BackendView> = (1..=value.count)
             .filter_map(|slot| entries.get(&ServiceKeyV4 { slot, ..*key }))
             .filter_map(|slot_value| maps.backend(slot_value.backend_id))
-            .map(|backend| endpoint(backend.addr, backend.port))
+            .map(|backend| {
+                let endpoint = port.and_then(|port| {
+                    index.endpoints.get(&(
+                        port.namespace.clone(),
+                        port.name.clone(),
+                        backend.addr.to_ipv4(),
+                    ))
+                });
+                BackendView {
+                    address: endpoint_text(backend.addr, backend.port),
+                    pod: endpoint.and_then(|e| e.pod.clone()),
+                    node: endpoint.and_then(|e| e.node.clone()),
+                    ready: endpoint.map(|e| e.ready),
+                    serving: endpoint.map(|e| e.serving),
+                    terminating: endpoint.map(|e| e.terminating),
+                }
+            })
             .collect();
+        backends.sort_by(|a, b| (&a.pod, &a.address).cmp(&(&b.pod, &b.address)));
         views.push(ServiceView {
-            frontend: endpoint(key.addr, key.port),
-            protocol: protocol_name(key.proto),
-            scope: if key.scope == scope::INTERNAL {
-                "internal"
+            service: index.service_port(value.service_id),
+            port: port.map(|port| port.port.clone()),
+            namespace,
+            name,
+            kind: index
+                .kinds
+                .get(&(address, protocol.clone(), key.scope))
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned()),
+            frontend: address.to_string(),
+            protocol,
+            clients: if key.scope == scope::INTERNAL {
+                "in-cluster"
             } else {
-                "default"
+                "all"
             },
-            service_id: value.service_id,
-            flags: service_flag_names(value.flags),
-            affinity_timeout_s: value.affinity_timeout_s,
+            policy: policy_words(value, key, port),
+            when_empty: if value.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+                "drop (endpoints only on other nodes)"
+            } else {
+                "reject (ICMP port unreachable)"
+            },
             backends,
+            service_id: value.service_id,
+            flags: value.flags,
+            scope: key.scope,
+            affinity_timeout_s: value.affinity_timeout_s,
         });
     }
+    views.sort_by(|a, b| {
+        (
+            &a.namespace,
+            &a.name,
+            &a.port,
+            kind_rank(&a.kind),
+            &a.frontend,
+            &a.protocol,
+            a.scope,
+        )
+            .cmp(&(
+                &b.namespace,
+                &b.name,
+                &b.port,
+                kind_rank(&b.kind),
+                &b.frontend,
+                &b.protocol,
+                b.scope,
+            ))
+    });
     Ok(views)
 }
 
@@ -256,19 +477,19 @@ pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<
         if value.flags & ct_flags::REWRITE_SRC != 0 {
             rewrite.push(format!(
                 "src -> {}",
-                endpoint(value.nat_src_addr, value.nat_src_port)
+                endpoint_text(value.nat_src_addr, value.nat_src_port)
             ));
         }
         if value.flags & ct_flags::REWRITE_DST != 0 {
             rewrite.push(format!(
                 "dst -> {}",
-                endpoint(value.nat_dst_addr, value.nat_dst_port)
+                endpoint_text(value.nat_dst_addr, value.nat_dst_port)
             ));
         }
         flows.push(FlowView {
             protocol: protocol_name(key.proto),
-            source: endpoint(key.src_addr, key.src_port),
-            destination: endpoint(key.dst_addr, key.dst_port),
+            source: endpoint_text(key.src_addr, key.src_port),
+            destination: endpoint_text(key.dst_addr, key.dst_port),
             direction: if value.flags & ct_flags::REPLY != 0 {
                 "reply"
             } else {
@@ -344,7 +565,7 @@ pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
             service_id: key.service_id,
             backend: maps
                 .backend(value.backend_id)
-                .map(|b| endpoint(b.addr, b.port)),
+                .map(|b| endpoint_text(b.addr, b.port)),
             idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
         })
         .collect();
@@ -359,7 +580,7 @@ pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
                 service_id: key.service_id,
                 backend: maps
                     .backend(value.backend_id)
-                    .map(|b| endpoint(b.addr, b.port)),
+                    .map(|b| endpoint_text(b.addr, b.port)),
                 idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
             }),
     );
@@ -430,8 +651,8 @@ pub fn sockets(maps: &PinnedMaps) -> Result<Vec<SocketView>> {
             netns_cookie: value.netns_cookie,
             cookie: key.cookie,
             protocol: protocol_name(key.proto),
-            frontend: endpoint(value.frontend_addr, value.frontend_port),
-            backend: endpoint(key.backend_addr, key.backend_port),
+            frontend: endpoint_text(value.frontend_addr, value.frontend_port),
+            backend: endpoint_text(key.backend_addr, key.backend_port),
             service_id: value.service_id,
             connected: value.flags & sock::rev_flags::CONNECTED != 0,
         });
@@ -460,130 +681,211 @@ pub fn counters(maps: &PinnedMaps) -> Result<BTreeMap<&'static str, u64>> {
     Ok(totals)
 }
 
-/// What the datapath would do with a new packet.
+/// What the datapath did with a packet `kpr trace` ran through it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct TraceView {
-    pub client: Ipv4Addr,
+    pub client: String,
     pub destination: String,
     pub protocol: String,
-    /// The frontend entry that matches, if any.
-    pub frontend: Option<ServiceView>,
-    /// "pass", "translate", "reject" or "drop".
-    pub verdict: &'static str,
-    /// The backend it goes to when that is decided already (an existing flow or an
-    /// affinity record), else `None` with `candidates` to pick from at random.
+    /// The program that ran: `pod-ingress` (a pod's packet) or `node-ingress` (from
+    /// outside the node).
+    pub program: &'static str,
+    /// `namespace/name:port` of the service the packet is for, if any.
+    pub service: Option<String>,
+    /// Each stage's decision, in the datapath's order.
+    pub stages: Vec<String>,
+    /// `pass` (untouched), `translate` (to the stack), `translate and redirect`
+    /// (straight to the next hop), `reject` (answered with ICMP), `drop: <reason>`.
+    pub verdict: String,
+    /// The backend chosen (or the flow's).
     pub backend: Option<String>,
-    pub candidates: Vec<String>,
-    /// Each step of the decision, in the datapath's order.
-    pub steps: Vec<String>,
+    /// The packet as it leaves the program.
+    pub packet_out: String,
 }
 
-/// Follows the datapath's decision for a packet from `client` (a pod when `from_pod`)
-/// to `destination` over `protocol`, reading the maps as they are now.
-///
-/// # Errors
-/// When a map cannot be read.
-pub fn trace(
+impl NameIndex {
+    fn kind(&self, address: SocketAddrV4, protocol: &str, scope: u8) -> Option<&str> {
+        self.kinds
+            .get(&(address, protocol.to_owned(), scope))
+            .map(String::as_str)
+    }
+
+    fn pod(&self, service_id: u32, address: Ipv4Addr) -> Option<&str> {
+        let port = self.service_ports.get(&service_id)?;
+        self.endpoints
+            .get(&(port.namespace.clone(), port.name.clone(), address))?
+            .pod
+            .as_deref()
+    }
+}
+
+/// A packet in words: `10.244.1.2:40000 -> 10.244.1.11:8080 TCP`, or the ICMP message.
+#[must_use]
+pub fn describe_packet(frame: &[u8]) -> String {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let Ok(packet) = SlicedPacket::from_ethernet(frame) else {
+        return format!("{} bytes, not IPv4", frame.len());
+    };
+    let Some(NetSlice::Ipv4(ip)) = &packet.net else {
+        return format!("{} bytes, not IPv4", frame.len());
+    };
+    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+    match &packet.transport {
+        Some(TransportSlice::Tcp(tcp)) => format!(
+            "{src}:{} -> {dst}:{} TCP",
+            tcp.source_port(),
+            tcp.destination_port()
+        ),
+        Some(TransportSlice::Udp(udp)) => format!(
+            "{src}:{} -> {dst}:{} UDP",
+            udp.source_port(),
+            udp.destination_port()
+        ),
+        Some(TransportSlice::Icmpv4(icmp)) => format!(
+            "{src} -> {dst} ICMP type {} code {}",
+            icmp.type_u8(),
+            icmp.code_u8()
+        ),
+        _ => format!("{src} -> {dst} protocol {}", ip.header().protocol().0),
+    }
+}
+
+/// Turns a run of the trace instance ([`crate::datapath::trace`]) into words, with
+/// services named from `index`.
+#[must_use]
+pub fn trace_view(
     maps: &PinnedMaps,
-    client: SocketAddrV4,
-    destination: SocketAddrV4,
-    protocol: u8,
-    from_pod: bool,
-) -> Result<TraceView> {
-    let mut view = TraceView {
-        client: *client.ip(),
-        destination: destination.to_string(),
-        protocol: protocol_name(protocol),
-        frontend: None,
-        verdict: "pass",
-        backend: None,
-        candidates: Vec::new(),
-        steps: Vec::new(),
-    };
-    let tuple = CtKeyV4 {
-        src_addr: Be32::from_ipv4(*client.ip()),
-        dst_addr: Be32::from_ipv4(*destination.ip()),
-        src_port: Be16::from_host(client.port()),
-        dst_port: Be16::from_host(destination.port()),
-        proto: protocol,
-        _pad: [0; 3],
-    };
-    if client.port() != 0 {
-        if let Ok(existing) = maps
-            .conntrack
-            .get(&tuple, 0)
-            .or_else(|_| maps.conntrack_new.get(&tuple, 0))
-        {
-            view.verdict = "translate";
-            view.backend = Some(endpoint(existing.nat_dst_addr, existing.nat_dst_port));
-            view.steps
-                .push("conntrack: an existing flow matches; its rewrite applies".into());
-            return Ok(view);
-        }
-        view.steps
-            .push("conntrack: no flow for this 5-tuple".into());
-    }
-    let services = services(maps)?;
-    let find = |wanted_scope: &str| {
-        services.iter().find(|service| {
-            service.frontend == destination.to_string()
-                && service.protocol == protocol_name(protocol)
-                && service.scope == wanted_scope
-        })
-    };
-    let Some(mut frontend) = find("default") else {
-        view.steps.push(
-            "service: no frontend for this address, port and protocol; passes untouched".into(),
-        );
-        return Ok(view);
-    };
-    view.steps.push(format!(
-        "service: frontend {} (service id {})",
-        frontend.frontend, frontend.service_id
-    ));
-    if from_pod && frontend.flags.contains(&"internal-scope") {
-        if let Some(internal) = find("internal") {
-            view.steps
-                .push("service: pod traffic uses the internal (node-local) backend set".into());
-            frontend = internal;
-        }
-    }
-    view.frontend = Some(frontend.clone());
-    if frontend.backends.is_empty() {
-        if frontend.flags.contains(&"drop-when-empty") {
-            view.verdict = "drop";
-            view.steps
-                .push("backends: none on this node for a Local policy; dropped".into());
-        } else {
-            view.verdict = "reject";
-            view.steps
-                .push("backends: none; rejected with ICMP port unreachable".into());
-        }
-        return Ok(view);
-    }
-    view.verdict = "translate";
-    if frontend.flags.contains(&"affinity") {
-        let key = AffinityKeyV4 {
-            client_addr: tuple.src_addr,
-            service_id: frontend.service_id,
-        };
-        if let Ok(record) = maps.affinity.get(&key, 0) {
-            if let Some(backend) = maps.backend(record.backend_id) {
-                view.backend = Some(endpoint(backend.addr, backend.port));
-                view.steps.push(format!(
-                    "affinity: this client sticks to its backend unless idle for more than {} s",
-                    frontend.affinity_timeout_s
-                ));
-                return Ok(view);
+    index: &NameIndex,
+    packet: (SocketAddrV4, SocketAddrV4, u8),
+    from_outside: bool,
+    run: &crate::datapath::trace::TraceRun,
+) -> TraceView {
+    use proxy_common::trace::stage;
+    let (client, destination, l4_proto) = packet;
+    let record = run.record;
+    let has = |bit: u32| record.stages & bit != 0;
+    let protocol = protocol_name(l4_proto);
+    let mut stages = Vec::new();
+    let known = has(stage::CT_HIT) || has(stage::FRONTEND);
+    let service = known.then(|| index.service_port(record.service_id));
+    let backend = (has(stage::CT_HIT) || has(stage::BACKEND))
+        .then(|| maps.backend(record.backend_id))
+        .flatten()
+        .map(|backend| {
+            let address = endpoint_text(backend.addr, backend.port);
+            match index.pod(record.service_id, backend.addr.to_ipv4()) {
+                Some(pod) => format!("{address} ({pod})"),
+                None => address,
             }
-        }
-        view.steps
-            .push("affinity: no record for this client yet".into());
+        });
+    if !has(stage::PARSED) {
+        stages.push("parse: not a packet the datapath handles; passes untouched".to_owned());
+    } else if has(stage::CT_HIT) {
+        stages.push(format!(
+            "conntrack: a flow of {} matches ({} direction); its rewrite applies",
+            service.as_deref().unwrap_or("?"),
+            if record.ct_flags & ct_flags::REPLY != 0 {
+                "reply"
+            } else {
+                "original"
+            }
+        ));
+    } else {
+        stages.push("conntrack: no flow for this 5-tuple".to_owned());
     }
-    view.candidates.clone_from(&frontend.backends);
-    view.steps.push(format!(
-        "backends: one of {} picked uniformly at random",
-        frontend.backends.len()
-    ));
-    Ok(view)
+    if has(stage::PARSED) && !known {
+        stages.push(
+            "frontend: none for this address, port and protocol; passes untouched".to_owned(),
+        );
+    }
+    if has(stage::FRONTEND) {
+        let scope = if has(stage::INTERNAL_SCOPE) {
+            scope::INTERNAL
+        } else {
+            scope::DEFAULT
+        };
+        stages.push(format!(
+            "frontend: {} {} {destination}, {} backend(s)",
+            service.as_deref().unwrap_or("?"),
+            index
+                .kind(destination, &protocol, scope)
+                .unwrap_or("frontend"),
+            record.frontend_count
+        ));
+        stages.push(if has(stage::INTERNAL_SCOPE) {
+            "scope: in-cluster backend set (a pod of this node reaching an externalTrafficPolicy Local frontend)".to_owned()
+        } else {
+            "scope: the frontend's backend set".to_owned()
+        });
+    }
+    if has(stage::NETFILTER) {
+        stages.push(
+            "takeover: netfilter's conntrack already translates this flow (kube-proxy's); left to it"
+                .to_owned(),
+        );
+    }
+    if has(stage::SOURCE_ALLOWED) {
+        stages.push("source ranges: the client is inside loadBalancerSourceRanges".to_owned());
+    }
+    if has(stage::SOURCE_DENIED) {
+        stages.push("source ranges: the client is outside loadBalancerSourceRanges".to_owned());
+    }
+    if has(stage::EMPTY_DROP) {
+        stages.push("backends: none on this node (Local policy, endpoints elsewhere)".to_owned());
+    }
+    if has(stage::EMPTY_REJECT) {
+        stages.push("backends: none (no endpoints)".to_owned());
+    }
+    if has(stage::BACKEND) {
+        if record.frontend_flags & service_flags::AFFINITY != 0 {
+            stages.push(if has(stage::AFFINITY_HIT) {
+                "affinity: the client's record chose the backend".to_owned()
+            } else {
+                "affinity: no live record for this client; chosen at random (a real flow records it)".to_owned()
+            });
+        }
+        stages.push(format!(
+            "backend: {}",
+            backend.as_deref().unwrap_or("(gone)")
+        ));
+        stages.push(if has(stage::MASQUERADE) {
+            "masquerade: yes, the source becomes the node's address and an SNAT port".to_owned()
+        } else {
+            "masquerade: no, the client's address is kept".to_owned()
+        });
+    }
+    let verdict = if has(stage::DROPPED) || run.verdict == 2 {
+        let reason = COUNTER_NAMES
+            .get(record.drop_reason as usize)
+            .filter(|name| !name.is_empty())
+            .map_or("unknown".to_owned(), |name| (*name).to_owned());
+        format!("drop: {reason}")
+    } else if has(stage::EMPTY_REJECT) {
+        "reject".to_owned()
+    } else if run.verdict == 7 {
+        "translate and redirect".to_owned()
+    } else if has(stage::CT_HIT) || has(stage::BACKEND) {
+        "translate".to_owned()
+    } else {
+        "pass".to_owned()
+    };
+    TraceView {
+        client: client.to_string(),
+        destination: destination.to_string(),
+        protocol,
+        program: if from_outside {
+            "node-ingress"
+        } else {
+            "pod-ingress"
+        },
+        service,
+        stages,
+        verdict,
+        backend,
+        packet_out: if run.verdict == 2 {
+            "(none: dropped)".to_owned()
+        } else {
+            describe_packet(&run.packet)
+        },
+    }
 }

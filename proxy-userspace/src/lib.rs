@@ -16,6 +16,8 @@ pub mod kernel;
 pub mod kube_proxy_rules;
 pub mod metrics;
 pub mod model;
+pub mod names;
+pub mod service_counters;
 pub mod socket_lb;
 pub mod source;
 pub mod state;

@@ -30,7 +30,9 @@ enum Command {
     /// Print what a running node's maps hold: services, conntrack, affinity, sockets,
     /// counters.
     Inspect(InspectArgs),
-    /// Say which frontend a packet matches and which backend the datapath would choose.
+    /// Run a packet through the node's real datapath (BPF_PROG_TEST_RUN on its live
+    /// maps, writing none of them) and print each stage's decision and the packet that
+    /// would leave.
     Trace(TraceArgs),
 }
 
@@ -53,8 +55,13 @@ struct InspectArgs {
 
 #[derive(Subcommand, Debug)]
 enum InspectWhat {
-    /// Frontends with their backends.
-    Services,
+    /// Services: every frontend (ClusterIP, NodePort, externalIP, LoadBalancer) with
+    /// its policies and backends (pods and their readiness).
+    Services {
+        /// Only this service: namespace/name (a bare name means namespace default).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Option<String>,
+    },
     /// Conntrack entries (two per translated flow).
     Conntrack {
         /// Only flows with this address at either end, before or after translation.
@@ -79,7 +86,8 @@ enum InspectWhat {
 
 #[derive(Args, Debug)]
 struct TraceArgs {
-    /// The client: an address, or address:port to also match an existing flow.
+    /// The client: an address, or address:port (port 40000 when left out; the port
+    /// of an open connection shows that flow's translation).
     #[arg(long, value_parser = parse_client)]
     client: std::net::SocketAddrV4,
     /// The destination address:port.
@@ -88,7 +96,8 @@ struct TraceArgs {
     /// tcp or udp.
     #[arg(long, value_parser = parse_protocol, default_value = "tcp")]
     protocol: u8,
-    /// The client is outside the cluster (not a pod): no internal backend set.
+    /// The packet arrives from outside the node (the node-facing program) instead of
+    /// from a pod on it (the pod-facing one).
     #[arg(long)]
     from_outside: bool,
     /// The pin directory of the running agent.
@@ -109,7 +118,10 @@ fn parse_protocol(text: &str) -> Result<u8, String> {
 
 fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
     text.parse()
-        .or_else(|_| text.parse().map(|ip| std::net::SocketAddrV4::new(ip, 0)))
+        .or_else(|_| {
+            text.parse()
+                .map(|ip| std::net::SocketAddrV4::new(ip, 40_000))
+        })
         .map_err(|_| format!("{text:?} is neither an IPv4 address nor address:port"))
 }
 
@@ -237,30 +249,16 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&args.bpffs)?;
     let now = proxy_userspace::datapath::conntrack::monotonic_now_ns();
     match &args.what {
-        InspectWhat::Services => {
-            let services = inspect::services(&maps)?;
+        InspectWhat::Services { service } => {
+            let index = inspect::NameIndex::read(&args.bpffs)?;
+            let filter = inspect::ServiceFilter {
+                service: service.clone(),
+            };
+            let services = inspect::services(&maps, &index, &filter)?;
             if args.json {
                 return print_json(&services);
             }
-            println!(
-                "{:<22} {:<5} {:<8} {:>4} {:<24} BACKENDS",
-                "FRONTEND", "PROTO", "SCOPE", "ID", "FLAGS"
-            );
-            for service in services {
-                println!(
-                    "{:<22} {:<5} {:<8} {:>4} {:<24} {}",
-                    service.frontend,
-                    service.protocol,
-                    service.scope,
-                    service.service_id,
-                    service.flags.join(","),
-                    if service.backends.is_empty() {
-                        "(none)".to_owned()
-                    } else {
-                        service.backends.join(" ")
-                    }
-                );
-            }
+            print_services(&services);
         }
         InspectWhat::Conntrack {
             addr,
@@ -349,30 +347,70 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The services table: one line per frontend, backends (pod, readiness) after it.
+fn print_services(services: &[inspect::ServiceView]) {
+    println!(
+        "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} BACKENDS",
+        "SERVICE", "TYPE", "FRONTEND", "PROTO", "CLIENTS", "POLICY"
+    );
+    for service in services {
+        let backends = if service.backends.is_empty() {
+            format!("(none: {})", service.when_empty)
+        } else {
+            service
+                .backends
+                .iter()
+                .map(inspect::BackendView::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let policy = if service.policy.is_empty() {
+            "-".to_owned()
+        } else {
+            service.policy.join("; ")
+        };
+        println!(
+            "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} {backends}",
+            service.service,
+            service.kind,
+            service.frontend,
+            service.protocol,
+            service.clients,
+            policy
+        );
+    }
+}
+
 fn trace(args: &TraceArgs) -> anyhow::Result<()> {
+    use proxy_userspace::datapath::{trace, Hook};
     let maps = PinnedMaps::open(&args.bpffs)?;
-    let view = inspect::trace(
+    let index = inspect::NameIndex::read(&args.bpffs)?;
+    let mut tracer = trace::Tracer::load(&args.bpffs).context("loading the trace instance")?;
+    let frame = trace::first_packet(args.client, args.to, args.protocol);
+    let hook = if args.from_outside {
+        Hook::NodeIngress
+    } else {
+        Hook::PodIngress
+    };
+    let run = tracer.run(hook, &frame).context("running the packet")?;
+    let view = inspect::trace_view(
         &maps,
-        args.client,
-        args.to,
-        args.protocol,
-        !args.from_outside,
-    )?;
+        &index,
+        (args.client, args.to, args.protocol),
+        args.from_outside,
+        &run,
+    );
     if args.json {
         return print_json(&view);
     }
-    println!("{} -> {} {}", view.client, view.destination, view.protocol);
-    for step in &view.steps {
-        println!("  {step}");
+    println!(
+        "{} -> {} {} ({})",
+        view.client, view.destination, view.protocol, view.program
+    );
+    for stage in &view.stages {
+        println!("  {stage}");
     }
-    match (&view.backend, view.candidates.is_empty()) {
-        (Some(backend), _) => println!("verdict: {} to {backend}", view.verdict),
-        (None, false) => println!(
-            "verdict: {} to one of {}",
-            view.verdict,
-            view.candidates.join(", ")
-        ),
-        (None, true) => println!("verdict: {}", view.verdict),
-    }
+    println!("verdict: {}", view.verdict);
+    println!("packet out: {}", view.packet_out);
     Ok(())
 }

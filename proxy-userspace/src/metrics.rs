@@ -40,6 +40,17 @@ pub struct EventLabels {
     pub event: String,
 }
 
+/// A service port, as `kpr_service_*_total` name it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub service: String,
+    /// The port's name (empty for an unnamed single port).
+    pub port: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttachLabels {
     pub interface: String,
@@ -135,10 +146,26 @@ pub struct Metrics {
     /// kpr_takeover_failures_total{reason}: failed reads of netfilter's conntrack or
     /// writes of the check (the check is then left on).
     pub takeover_failures: Family<ReasonLabels, Counter>,
+    /// kpr_service_connections_total{namespace,service,port,protocol}: new flows to
+    /// the service port (see `crate::service_counters`).
+    pub service_connections: Family<ServiceLabels, Counter>,
+    /// kpr_service_packets_total{...}: packets the TC path translated, both ways.
+    pub service_packets: Family<ServiceLabels, Counter>,
+    /// kpr_service_bytes_total{...}: their IP bytes.
+    pub service_bytes: Family<ServiceLabels, Counter>,
+    /// kpr_service_counter_failures_total: sync passes whose per-service counter
+    /// entries could not all be written (retried on the next pass).
+    pub service_counter_failures: Counter,
+    /// The per-service totals last seen, to turn totals into increments.
+    last_service_totals:
+        Mutex<BTreeMap<ServiceLabels, proxy_common::service_stats::ServiceStatsV1>>,
     /// The counter totals last seen, to turn totals into increments.
     last_datapath_totals: Mutex<Vec<u64>>,
     /// Trigger times already measured, per slice.
     seen_trigger_times: Mutex<BTreeMap<ObjectKey, String>>,
+    /// When the agent started: trigger times before it are not measured (kube-proxy's
+    /// rule: a change made while no proxy ran would count the outage as latency).
+    started: SystemTime,
 }
 
 impl Default for Metrics {
@@ -188,8 +215,14 @@ impl Metrics {
             takeover_netfilter_flows: Gauge::default(),
             takeover_check_enabled: Gauge::default(),
             takeover_failures: Family::default(),
+            service_connections: Family::default(),
+            service_packets: Family::default(),
+            service_bytes: Family::default(),
+            last_service_totals: Mutex::new(BTreeMap::new()),
+            service_counter_failures: Counter::default(),
             last_datapath_totals: Mutex::new(Vec::new()),
             seen_trigger_times: Mutex::new(BTreeMap::new()),
+            started: SystemTime::now(),
             registry: Registry::default(),
         };
         registry.register(
@@ -226,6 +259,26 @@ impl Metrics {
             "kpr_datapath_events",
             "Packets and flows seen by the datapath, by event (drop_* are drops by reason)",
             metrics.datapath_events.clone(),
+        );
+        registry.register(
+            "kpr_service_connections",
+            "New flows to each service port (per-service counters on: --service-counters)",
+            metrics.service_connections.clone(),
+        );
+        registry.register(
+            "kpr_service_packets",
+            "Packets of each service port's flows the TC datapath translated, both directions",
+            metrics.service_packets.clone(),
+        );
+        registry.register(
+            "kpr_service_bytes",
+            "IP bytes of those packets",
+            metrics.service_bytes.clone(),
+        );
+        registry.register(
+            "kpr_service_counter_failures",
+            "Sync passes whose per-service counter entries could not all be written",
+            metrics.service_counter_failures.clone(),
         );
         registry.register(
             "kpr_programs_attached",
@@ -386,8 +439,50 @@ impl Metrics {
         }
     }
 
+    /// The same metrics for an agent that started at `at` (tests of the start rule).
+    #[must_use]
+    pub fn started_at(self, at: SystemTime) -> Self {
+        Self {
+            started: at,
+            ..self
+        }
+    }
+
+    /// Records the per-service totals read from the datapath: the counters grow by what
+    /// each total grew (a total that went down, a service port counted anew, counts
+    /// whole), and service ports no longer counted lose their series.
+    pub fn record_service_totals(
+        &self,
+        totals: BTreeMap<ServiceLabels, proxy_common::service_stats::ServiceStatsV1>,
+    ) {
+        let mut last = self
+            .last_service_totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let grown = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+        for (labels, total) in &totals {
+            let before = last.get(labels).copied().unwrap_or_default();
+            self.service_connections
+                .get_or_create(labels)
+                .inc_by(grown(total.connections, before.connections));
+            self.service_packets
+                .get_or_create(labels)
+                .inc_by(grown(total.packets, before.packets));
+            self.service_bytes
+                .get_or_create(labels)
+                .inc_by(grown(total.bytes, before.bytes));
+        }
+        for labels in last.keys().filter(|labels| !totals.contains_key(labels)) {
+            self.service_connections.remove(labels);
+            self.service_packets.remove(labels);
+            self.service_bytes.remove(labels);
+        }
+        *last = totals;
+    }
+
     /// Observes network programming latency for every EndpointSlice whose trigger time
-    /// is new since the last call; `programmed_at` is when the maps were written.
+    /// is new since the last call and not older than the agent; `programmed_at` is
+    /// when the maps were written.
     pub fn observe_programmed(&self, state: &ClusterState, programmed_at: SystemTime) {
         let mut seen = self
             .seen_trigger_times
@@ -398,7 +493,7 @@ impl Metrics {
             let Some(trigger) = trigger_time(slice) else {
                 continue;
             };
-            if seen.get(key) != Some(&trigger.0) {
+            if seen.get(key) != Some(&trigger.0) && trigger.1 >= self.started {
                 if let Ok(latency) = programmed_at.duration_since(trigger.1) {
                     self.network_programming.observe(latency.as_secs_f64());
                 }
@@ -542,9 +637,45 @@ mod tests {
         }
     }
 
+    fn at(seconds: i64) -> SystemTime {
+        SystemTime::from(k8s_openapi::jiff::Timestamp::from_second(seconds).expect("time"))
+    }
+
+    #[test]
+    fn trigger_times_before_the_agent_started_are_not_measured() {
+        // 2026-01-01T00:00:00Z is 1_767_225_600.
+        let metrics = Metrics::new().started_at(at(1_767_225_601));
+        let mut state = ClusterState::default();
+        state.endpoint_slices.insert(
+            ObjectKey::new("default", "web-abc"),
+            slice("2026-01-01T00:00:00Z"),
+        );
+        metrics.observe_programmed(&state, at(1_767_225_602));
+        let text = metrics.render();
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_count 0"),
+            "{text}"
+        );
+        // A change after the start is measured.
+        state.endpoint_slices.insert(
+            ObjectKey::new("default", "web-abc"),
+            slice("2026-01-01T00:00:03Z"),
+        );
+        metrics.observe_programmed(&state, at(1_767_225_605));
+        let text = metrics.render();
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_sum 2.0"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn each_trigger_time_is_measured_once() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new().started_at(at(1_767_225_000));
         let mut state = ClusterState::default();
         state.endpoint_slices.insert(
             ObjectKey::new("default", "web-abc"),
@@ -564,6 +695,41 @@ mod tests {
             text.contains("kubeproxy_network_programming_duration_seconds_sum 2.0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn service_totals_become_counters_and_leave_with_their_service() {
+        use proxy_common::service_stats::ServiceStatsV1;
+        let metrics = Metrics::new();
+        let web = ServiceLabels {
+            namespace: "demo".into(),
+            service: "web".into(),
+            port: "http".into(),
+            protocol: "TCP".into(),
+        };
+        let totals = |connections, packets, bytes| {
+            BTreeMap::from([(
+                web.clone(),
+                ServiceStatsV1 {
+                    connections,
+                    packets,
+                    bytes,
+                },
+            )])
+        };
+        metrics.record_service_totals(totals(1, 4, 240));
+        metrics.record_service_totals(totals(3, 10, 600));
+        let text = metrics.render();
+        let labels = "{namespace=\"demo\",service=\"web\",port=\"http\",protocol=\"TCP\"}";
+        for line in [
+            format!("kpr_service_connections_total{labels} 3"),
+            format!("kpr_service_packets_total{labels} 10"),
+            format!("kpr_service_bytes_total{labels} 600"),
+        ] {
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        metrics.record_service_totals(BTreeMap::new());
+        assert!(!metrics.render().contains("kpr_service_packets_total{"));
     }
 
     #[test]

@@ -1305,6 +1305,10 @@ impl DatapathHarness {
         for key in keys {
             let _ = maps.fragments.remove(&key);
         }
+        let keys: Vec<_> = maps.service_stats.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = maps.service_stats.remove(&key);
+        }
         maps.set_config(&DatapathConfig::DEFAULT)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;
         for index in 0..counter::COUNT {
@@ -1370,6 +1374,12 @@ impl DatapathHarness {
             bail!("programming the frontend address set: {error}");
         }
         Ok(())
+    }
+
+    /// The id the syncer gave a service port.
+    #[must_use]
+    pub fn service_id(&self, name: &proxy_userspace::model::ServicePortName) -> Option<u32> {
+        self.syncer.service_id(name)
     }
 
     /// Runs the pod ingress program `repeat` times on `frame`.

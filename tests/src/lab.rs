@@ -581,6 +581,8 @@ impl Drop for Lab {
         }
         self.servers.clear();
         self.pods.clear();
+        // The agent removes its names file when it stops; a killed one leaves it.
+        proxy_userspace::names::remove(&proxy_userspace::names::path_for(&self.pin_dir()));
         netns::remove_run_dir(&self.run_dir);
     }
 }
@@ -656,4 +658,63 @@ pub fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
         .map_or("", |(_, body)| body)
         .to_owned();
     Ok((code, body))
+}
+
+/// Every map the TC programs write, as text: entries sorted, per-CPU values whole.
+///
+/// # Panics
+/// When a map is not pinned there or cannot be read.
+#[must_use]
+pub fn map_snapshot(pin_dir: &std::path::Path) -> String {
+    use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+    use proxy_common::{
+        names, service_stats, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4,
+        DatapathConfig, FragKeyV4, FragValueV4, ServiceKeyV4, ServiceValueV4,
+    };
+    fn hash<K: aya::Pod + std::fmt::Debug + Ord + Copy, V: aya::Pod + std::fmt::Debug>(
+        map: Map,
+    ) -> String {
+        let map: HashMap<MapData, K, V> = HashMap::try_from(map).expect("hash map");
+        let mut entries: Vec<(K, V)> = map.iter().map(|entry| entry.expect("entry")).collect();
+        entries.sort_by_key(|entry| entry.0);
+        format!("{entries:?}")
+    }
+    let open = |name: &str| MapData::from_pin(pin_dir.join(name)).expect("pinned map");
+    let mut text = String::new();
+    text += &hash::<ServiceKeyV4, ServiceValueV4>(Map::HashMap(open(names::SERVICES_V4)));
+    text += &hash::<u32, BackendV4>(Map::HashMap(open(names::BACKENDS_V4)));
+    text += &hash::<CtKeyV4, CtEntryV4>(Map::HashMap(open(names::CONNTRACK_V4)));
+    text += &hash::<CtKeyV4, CtEntryV4>(Map::LruHashMap(open(names::CONNTRACK_NEW_V4)));
+    text += &hash::<AffinityKeyV4, AffinityValueV4>(Map::LruHashMap(open(names::AFFINITY_V4)));
+    text += &hash::<FragKeyV4, FragValueV4>(Map::LruHashMap(open(names::FRAGMENTS_V4)));
+    let full: Array<MapData, u64> =
+        Array::try_from(Map::Array(open(names::CONNTRACK_FULL))).expect("array");
+    text += &format!("{:?}", full.get(&0, 0).expect("ct full"));
+    let config: Array<MapData, DatapathConfig> =
+        Array::try_from(Map::Array(open(names::CONFIG))).expect("array");
+    text += &format!("{:?}", config.get(&0, 0).expect("config"));
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(names::COUNTERS))).expect("counters");
+    for index in 0..proxy_common::counter::COUNT {
+        text += &format!(
+            "{:?}",
+            counters
+                .get(&index, 0)
+                .expect("counter")
+                .iter()
+                .collect::<Vec<_>>()
+        );
+    }
+    let stats: PerCpuHashMap<MapData, u32, service_stats::ServiceStatsV1> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(service_stats::NAME))).expect("stats");
+    let mut stats: Vec<(u32, Vec<service_stats::ServiceStatsV1>)> = stats
+        .iter()
+        .map(|entry| {
+            let (id, values) = entry.expect("entry");
+            (id, values.iter().copied().collect())
+        })
+        .collect();
+    stats.sort_by_key(|(id, _)| *id);
+    text += &format!("{stats:?}");
+    text
 }

@@ -1262,3 +1262,76 @@ async fn binary_prints_address_and_serves() {
     })
     .await;
 }
+
+/// An EndpointSlice with one endpoint at `ip`.
+fn slice(name: &str, ip: &str) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip]}],
+    }))
+    .unwrap()
+}
+
+fn trigger_time(slice: &EndpointSlice) -> Option<String> {
+    slice
+        .annotations()
+        .get("endpoints.kubernetes.io/last-change-trigger-time")
+        .cloned()
+}
+
+/// As the EndpointSlice controller: creation and every change of a slice stamp
+/// `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339 with nanoseconds); a
+/// no-op update keeps it (and stays a no-op); a writer's own time is kept.
+#[tokio::test]
+async fn endpoint_slice_changes_get_a_trigger_time() {
+    bounded(async {
+        let (_server, client) = start().await;
+        let api: Api<EndpointSlice> = Api::namespaced(client, "default");
+        let created = api
+            .create(&PostParams::default(), &slice("web-1", "10.244.1.11"))
+            .await
+            .unwrap();
+        let first = trigger_time(&created).expect("stamped on create");
+        let parsed: k8s_openapi::jiff::Timestamp = first.parse().expect("RFC 3339");
+        assert!(first.contains('.'), "with a fraction: {first}");
+        assert!(created.metadata.creation_timestamp.is_some());
+
+        let same = api
+            .replace("web-1", &PostParams::default(), &created)
+            .await
+            .unwrap();
+        assert_eq!(trigger_time(&same).as_deref(), Some(first.as_str()));
+        assert_eq!(rv_of(&same), rv_of(&created), "a no-op stays a no-op");
+
+        let mut changed = same.clone();
+        changed.endpoints[0].addresses = vec!["10.244.1.12".into()];
+        let changed = api
+            .replace("web-1", &PostParams::default(), &changed)
+            .await
+            .unwrap();
+        let second = trigger_time(&changed).expect("stamped on change");
+        let later: k8s_openapi::jiff::Timestamp = second.parse().expect("RFC 3339");
+        assert_ne!(second, first);
+        assert!(later >= parsed);
+
+        let mut own = changed.clone();
+        own.endpoints[0].addresses = vec!["10.244.1.13".into()];
+        own.metadata.annotations = Some(
+            [(
+                "endpoints.kubernetes.io/last-change-trigger-time".to_owned(),
+                "2026-01-01T00:00:00Z".to_owned(),
+            )]
+            .into(),
+        );
+        let own = api
+            .replace("web-1", &PostParams::default(), &own)
+            .await
+            .unwrap();
+        assert_eq!(trigger_time(&own).as_deref(), Some("2026-01-01T00:00:00Z"));
+    })
+    .await;
+}

@@ -126,6 +126,11 @@ status:
 /// Both nodes with one web pod each (TCP and UDP echo) and a client pod on node-a,
 /// agents running.
 fn cluster() -> Cluster {
+    cluster_with(&[])
+}
+
+/// [`cluster`], the agents started with `extra_args` as well.
+fn cluster_with(extra_args: &[&str]) -> Cluster {
     let mut cluster = Cluster::new().expect("cluster");
     for (node, name, ip) in [(0, "web-a", WEB_A), (1, "web-b", WEB_B)] {
         let lab = &mut cluster.nodes[node];
@@ -139,9 +144,9 @@ fn cluster() -> Cluster {
     for (file, yaml) in manifests() {
         cluster.write_manifest(file, &yaml).expect("manifest");
     }
-    cluster
-        .start_agents(&["--cluster-cidr", "10.244.0.0/16"])
-        .expect("agents");
+    let mut args = vec!["--cluster-cidr", "10.244.0.0/16"];
+    args.extend_from_slice(extra_args);
+    cluster.start_agents(&args).expect("agents");
     cluster
 }
 
@@ -408,4 +413,271 @@ fn a_pod_reaches_itself_through_its_service() {
         // Masqueraded to the node, so the reply left the pod and was translated back.
         assert_eq!(seen_ip(answer), IpAddr::V4(NODE_IPS[0]));
     }
+}
+
+/// `kpr inspect services --service <service> --json` of a node.
+fn inspect(lab: &kpr_lab::lab::Lab, service: &str) -> Vec<serde_json::Value> {
+    let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
+        .args([
+            "inspect",
+            "services",
+            "--json",
+            "--service",
+            service,
+            "--bpffs",
+        ])
+        .arg(lab.pin_dir())
+        .output()
+        .expect("kpr inspect");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    json.as_array().expect("a list").clone()
+}
+
+#[test]
+fn inspect_names_every_frontend_type_policy_and_backend() {
+    let cluster = cluster();
+    let node_a = &cluster.nodes[0];
+    let web = inspect(node_a, "demo/web");
+    let rows: Vec<(String, String, String, String)> = web
+        .iter()
+        .map(|row| {
+            (
+                row["service"].as_str().unwrap_or_default().to_owned(),
+                row["type"].as_str().unwrap_or_default().to_owned(),
+                row["frontend"].as_str().unwrap_or_default().to_owned(),
+                row["protocol"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let row = |service: &str, kind: &str, frontend: String, protocol: &str| {
+        (
+            service.to_owned(),
+            kind.to_owned(),
+            frontend,
+            protocol.to_owned(),
+        )
+    };
+    // Sorted by port name (dns before http), then type, then address.
+    assert_eq!(
+        rows,
+        [
+            row("demo/web:dns", "ClusterIP", "10.96.0.10:53".into(), "UDP"),
+            row(
+                "demo/web:dns",
+                "NodePort",
+                format!("{}:30053", NODE_IPS[0]),
+                "UDP"
+            ),
+            row(
+                "demo/web:dns",
+                "externalIP",
+                format!("{EXTERNAL_IP}:53"),
+                "UDP"
+            ),
+            row("demo/web:http", "ClusterIP", "10.96.0.10:80".into(), "TCP"),
+            row(
+                "demo/web:http",
+                "NodePort",
+                format!("{}:30080", NODE_IPS[0]),
+                "TCP"
+            ),
+            row(
+                "demo/web:http",
+                "externalIP",
+                format!("{EXTERNAL_IP}:80"),
+                "TCP"
+            ),
+        ]
+    );
+    let node_port = &web[4];
+    assert_eq!(
+        node_port["policy"],
+        serde_json::json!([
+            "externalTrafficPolicy Cluster (masqueraded to endpoints on other nodes)"
+        ])
+    );
+    assert_eq!(web[3]["policy"], serde_json::json!([]), "a ClusterIP");
+    assert_eq!(
+        node_port["backends"],
+        serde_json::json!([
+            {"address": format!("{WEB_A}:8080"), "pod": null, "node": "node-a", "ready": true, "serving": true, "terminating": false},
+            {"address": format!("{WEB_B}:8080"), "pod": null, "node": "node-b", "ready": true, "serving": true, "terminating": false},
+        ])
+    );
+
+    // externalTrafficPolicy Local on a node without the endpoint: the external
+    // frontends drop, pods here get the in-cluster set.
+    let local = inspect(node_a, "demo/local");
+    let lb: Vec<&serde_json::Value> = local
+        .iter()
+        .filter(|row| row["type"] == "LoadBalancer")
+        .collect();
+    assert_eq!(lb.len(), 2, "{local:?}");
+    assert_eq!(lb[0]["clients"], "all");
+    assert_eq!(lb[0]["backends"], serde_json::json!([]));
+    assert_eq!(lb[0]["when_empty"], "drop (endpoints only on other nodes)");
+    assert_eq!(
+        lb[0]["policy"],
+        serde_json::json!(["externalTrafficPolicy Local (client address kept)"])
+    );
+    assert_eq!(lb[1]["clients"], "in-cluster");
+    assert_eq!(
+        lb[1]["backends"][0]["address"],
+        format!("{WEB_B}:8080"),
+        "{local:?}"
+    );
+    let ranged = inspect(node_a, "demo/ranged");
+    assert!(
+        ranged.iter().any(|row| row["type"] == "LoadBalancer"
+            && row["policy"]
+                .as_array()
+                .is_some_and(|words| words.contains(&"loadBalancerSourceRanges".into()))),
+        "{ranged:?}"
+    );
+}
+
+/// kube-proxy's rule: with nodePortAddresses set, healthCheckNodePorts listen on those
+/// addresses only (without it, on 0.0.0.0: `operations.rs` reaches one on 127.0.0.1).
+#[test]
+fn health_check_ports_listen_on_the_node_port_addresses() {
+    let cluster = cluster_with(&["--node-port-addresses", "192.168.50.0/24"]);
+    let (code, body) = cluster
+        .client
+        .run(|| http_get(sock(NODE_IPS[1], HEALTH_CHECK_PORT), "/healthz"))
+        .expect("node-b's health check port answers on its node address");
+    assert_eq!(code, 200, "{body}");
+    let loopback = cluster.nodes[1]
+        .node
+        .run(|| {
+            Ok(TcpStream::connect(sock(
+                Ipv4Addr::LOCALHOST,
+                HEALTH_CHECK_PORT,
+            )))
+        })
+        .expect("run");
+    assert!(
+        matches!(&loopback, Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused),
+        "127.0.0.1:{HEALTH_CHECK_PORT} is not a NodePort address: {loopback:?}"
+    );
+}
+
+/// `kpr trace --from-outside --json` on `lab`'s node (run in its namespace).
+fn trace_from_outside(
+    lab: &kpr_lab::lab::Lab,
+    client: SocketAddrV4,
+    to: SocketAddrV4,
+) -> serde_json::Value {
+    let binary = kpr_lab::lab::agent_binary().expect("kpr");
+    let output = lab
+        .node
+        .run(|| {
+            Ok(std::process::Command::new(&binary)
+                .args(["trace", "--from-outside", "--json", "--client"])
+                .arg(client.to_string())
+                .arg("--to")
+                .arg(to.to_string())
+                .arg("--bpffs")
+                .arg(lab.pin_dir())
+                .output()?)
+        })
+        .expect("run kpr trace");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+fn has_stage(trace: &serde_json::Value, stage: &str) -> bool {
+    trace["stages"]
+        .as_array()
+        .is_some_and(|stages| stages.iter().any(|s| s == stage))
+}
+
+/// Trace from outside agrees with what real outside clients get (the tests above):
+/// NodePort to a local backend keeps the client, to a remote one masquerades; an
+/// externalTrafficPolicy Local NodePort without a local endpoint drops; a client
+/// outside loadBalancerSourceRanges is dropped, one inside served. No map changes.
+#[test]
+fn trace_from_outside_agrees_with_real_traffic() {
+    let cluster = cluster();
+    let node_a = &cluster.nodes[0];
+    let inside = sock(CLIENT_IPS[0], 41_000);
+    let outside_range = sock(CLIENT_IPS[1], 41_000);
+    // Real traffic: eTP Local without a local endpoint is dropped, the range filters.
+    let dropped = cluster
+        .client
+        .run(|| Ok(tcp_request(sock(NODE_IPS[0], 30081), DROP_WAIT)))
+        .expect("run");
+    assert!(dropped.is_err(), "{dropped:?}");
+    let refused = cluster
+        .client
+        .run(|| Ok(tcp_from(CLIENT_IPS[1], sock(RANGED_LB, 80), DROP_WAIT)))
+        .expect("run");
+    assert!(refused.is_err(), "{refused:?}");
+
+    let before = kpr_lab::lab::map_snapshot(&node_a.pin_dir());
+    for _ in 0..10 {
+        let trace = trace_from_outside(node_a, inside, sock(NODE_IPS[0], 30080));
+        assert_eq!(trace["service"], "demo/web:http", "{trace}");
+        assert!(
+            trace["verdict"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("translate")),
+            "{trace}"
+        );
+        let backend = trace["backend"].as_str().unwrap_or_default();
+        let masqueraded = has_stage(
+            &trace,
+            "masquerade: yes, the source becomes the node's address and an SNAT port",
+        );
+        if backend.starts_with(&WEB_A.to_string()) {
+            assert!(!masqueraded, "a local backend keeps the client: {trace}");
+            assert_eq!(
+                trace["packet_out"],
+                format!("{inside} -> {WEB_A}:8080 TCP"),
+                "{trace}"
+            );
+        } else {
+            assert!(backend.starts_with(&WEB_B.to_string()), "{trace}");
+            assert!(masqueraded, "a remote backend is masqueraded: {trace}");
+            assert!(
+                trace["packet_out"]
+                    .as_str()
+                    .is_some_and(|out| out.starts_with(&format!("{}:", NODE_IPS[0]))
+                        && out.ends_with(&format!("-> {WEB_B}:8080 TCP"))),
+                "{trace}"
+            );
+        }
+    }
+    let local = trace_from_outside(node_a, inside, sock(NODE_IPS[0], 30081));
+    assert_eq!(local["verdict"], "drop: drop_no_local_backend", "{local}");
+    assert!(has_stage(
+        &local,
+        "backends: none on this node (Local policy, endpoints elsewhere)"
+    ));
+    let denied = trace_from_outside(node_a, outside_range, sock(RANGED_LB, 80));
+    assert_eq!(denied["verdict"], "drop: drop_source_range", "{denied}");
+    let allowed = trace_from_outside(node_a, inside, sock(RANGED_LB, 80));
+    assert!(
+        has_stage(
+            &allowed,
+            "source ranges: the client is inside loadBalancerSourceRanges"
+        ) && allowed["verdict"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("translate")),
+        "{allowed}"
+    );
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&local).unwrap_or_default()
+    );
+    let after = kpr_lab::lab::map_snapshot(&node_a.pin_dir());
+    assert!(before == after, "trace changed a map");
 }

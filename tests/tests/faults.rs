@@ -143,6 +143,7 @@ fn when_the_source_ends_the_datapath_stays_and_the_agent_exits_with_an_error() {
         node_ip: None,
         cgroup_path: None,
         socket_lb: proxy_userspace::socket_lb::Mode::All,
+        service_counters: proxy_userspace::service_counters::Mode::Auto,
         keep_state: false,
         conntrack_max: None,
         service_cidr: proxy_common::ServiceCidrV4::default(),

@@ -374,6 +374,16 @@ fn services_are_created_scaled_drained_and_deleted_while_traffic_flows() {
     lab.apply_service("web", WEB_VIP, &json!({}));
     lab.apply_slice("web", vec![ready("web-0"), ready("web-1")]);
     lab.wait_backends("the new service", WEB_VIP, &["web-0", "web-1"]);
+    // The API server stamps last-change-trigger-time as the EndpointSlice controller
+    // does, so network programming latency is measured through it.
+    lab.lab
+        .wait_for("network programming latency measured", DEADLINE, || {
+            Ok(lab
+                .lab
+                .metric("kubeproxy_network_programming_duration_seconds_count")?
+                .is_some_and(|count| count >= 1.0))
+        })
+        .unwrap_or_else(|error| panic!("{error:#}"));
 
     let traffic = Traffic::start(&lab, WEB_VIP);
     traffic.wait_answered(&lab, &["web-0", "web-1"]);

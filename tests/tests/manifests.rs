@@ -433,7 +433,8 @@ fn the_daemonset_has_the_documented_capabilities_and_no_more() {
     assert!(pod.host_pid != Some(true) && pod.host_ipc != Some(true));
 
     // Exactly the host paths the agent uses: the bpffs for its pins, the cgroup tree
-    // (read-only) for the cgroup hooks.
+    // (read-only) for the cgroup hooks, /run/kpr for the names file `kpr inspect`
+    // reads.
     let mounts = container.volume_mounts.as_deref().unwrap_or_default();
     let mut host_paths = BTreeSet::new();
     for mount in mounts {
@@ -455,13 +456,18 @@ fn the_daemonset_has_the_documented_capabilities_and_no_more() {
         match host_path.path.as_str() {
             "/sys/fs/bpf" => assert!(!read_only, "pins are written"),
             "/sys/fs/cgroup" => assert!(read_only, "the cgroup tree is only read"),
+            "/run/kpr" => assert!(!read_only, "the names file is written"),
             other => panic!("unexpected host path {other}"),
         }
         host_paths.insert(host_path.path.clone());
     }
     assert_eq!(
         host_paths,
-        BTreeSet::from(["/sys/fs/bpf".to_owned(), "/sys/fs/cgroup".to_owned()])
+        BTreeSet::from([
+            "/run/kpr".to_owned(),
+            "/sys/fs/bpf".to_owned(),
+            "/sys/fs/cgroup".to_owned()
+        ])
     );
 }
 

@@ -271,6 +271,22 @@ fn kpr_json(lab: &Lab, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("JSON output")
 }
 
+/// Runs `kpr <args> --bpffs <pins>` and returns what it printed.
+fn kpr_text(lab: &Lab, args: &[&str]) -> String {
+    let output = std::process::Command::new(kpr_lab::lab::agent_binary().expect("kpr"))
+        .args(args)
+        .arg("--bpffs")
+        .arg(lab.pin_dir())
+        .output()
+        .expect("run kpr");
+    assert!(
+        output.status.success(),
+        "kpr {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[test]
 fn inspect_and_trace_read_the_running_node() {
     let lab = lab_for_manifests(&examples_dir()).expect("lab");
@@ -288,17 +304,63 @@ fn inspect_and_trace_read_the_running_node() {
         .iter()
         .find(|service| service["frontend"] == "10.96.0.10:80")
         .unwrap_or_else(|| panic!("web missing: {services}"));
+    assert_eq!(web["service"], "demo/web:http", "{web}");
+    assert_eq!(web["namespace"], "demo");
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["port"], "http");
+    assert_eq!(web["type"], "ClusterIP");
     assert_eq!(web["protocol"], "TCP");
-    let mut backends: Vec<&str> = web["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .filter_map(|b| b.as_str())
-        .collect();
-    backends.sort_unstable();
+    assert_eq!(web["clients"], "all");
+    assert!(
+        services.to_string().find("service_id").is_none(),
+        "ids where names are: {services}"
+    );
+    // Backends sorted, with their pods and conditions from the EndpointSlice.
     assert_eq!(
-        backends,
-        ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.1.13:8080"]
+        web["backends"],
+        serde_json::json!([
+            {"address": "10.244.1.11:8080", "pod": "web-0", "node": "node-a", "ready": true, "serving": true, "terminating": false},
+            {"address": "10.244.1.12:8080", "pod": "web-1", "node": "node-a", "ready": true, "serving": true, "terminating": false},
+            {"address": "10.244.1.13:8080", "pod": "web-2", "node": "node-a", "ready": true, "serving": true, "terminating": false},
+        ])
+    );
+    // Sorted by namespace/name: every demo service before any other namespace's.
+    let keys: Vec<(String, String)> = services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| (s["namespace"].to_string(), s["name"].to_string()))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+    let only_web = kpr_json(&lab, &["inspect", "services", "--service", "demo/web"]);
+    assert_eq!(only_web, serde_json::json!([web.clone()]));
+    let none = kpr_json(&lab, &["inspect", "services", "--service", "demo/nothing"]);
+    assert_eq!(none, serde_json::json!([]));
+    // The one connection, counted for its service port (the agent reads the per-CPU
+    // counters every 2 s).
+    let labels = r#"{namespace="demo",service="web",port="http",protocol="TCP"}"#;
+    lab.wait_for(
+        "web's per-service counters",
+        Duration::from_secs(10),
+        || {
+            let metrics = lab.metrics()?;
+            let value = |name: &str| sample(&metrics, &format!("{name}{labels}")).unwrap_or(0.0);
+            // SYN, ACK and request one way, SYN-ACK and answer the other, at least.
+            Ok(value("kpr_service_connections_total") == 1.0
+                && value("kpr_service_packets_total") >= 5.0
+                && value("kpr_service_bytes_total") >= 5.0 * 40.0)
+        },
+    )
+    .expect("per-service counters");
+    let table = kpr_text(&lab, &["inspect", "services", "--service", "demo/web"]);
+    println!("{table}");
+    assert!(
+        table.contains("demo/web:http")
+            && table.contains("ClusterIP")
+            && table.contains("10.244.1.11:8080 (web-0 ready)"),
+        "{table}"
     );
 
     // The open connection has both directions in conntrack, the original one rewriting
@@ -348,9 +410,15 @@ fn inspect_and_trace_read_the_running_node() {
         &["trace", "--client", "10.244.1.2", "--to", "10.96.0.10:80"],
     );
     assert_eq!(fresh["verdict"], "translate");
-    assert_eq!(
-        fresh["candidates"].as_array().map(Vec::len),
-        Some(3),
+    assert_eq!(fresh["service"], "demo/web:http");
+    let chosen = fresh["backend"].as_str().unwrap_or_default();
+    assert!(
+        [
+            "10.244.1.11:8080 (web-0)",
+            "10.244.1.12:8080 (web-1)",
+            "10.244.1.13:8080 (web-2)"
+        ]
+        .contains(&chosen),
         "{fresh}"
     );
     let other = kpr_json(
@@ -483,4 +551,178 @@ fn health_check_node_port_follows_local_endpoints() {
         Some(0.0),
         "{metrics}"
     );
+}
+
+/// A ClusterIP with sessionAffinity ClientIP on the web pods.
+const STICKY: &str = "apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: demo}
+spec:
+  clusterIP: 10.96.0.30
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: sticky-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: sticky}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a, targetRef: {kind: Pod, namespace: demo, name: web-0}}
+- {addresses: [10.244.1.12], nodeName: node-a, targetRef: {kind: Pod, namespace: demo, name: web-1}}
+- {addresses: [10.244.1.13], nodeName: node-a, targetRef: {kind: Pod, namespace: demo, name: web-2}}
+";
+
+/// `kpr trace --json` from the client pod's address, run in the node namespace (the
+/// redirect path's route lookups see the node's routes).
+fn trace_json(lab: &Lab, to: &str, extra: &[&str]) -> serde_json::Value {
+    let binary = kpr_lab::lab::agent_binary().expect("kpr");
+    let output = lab
+        .node
+        .run(|| {
+            Ok(std::process::Command::new(&binary)
+                .args([
+                    "trace",
+                    "--client",
+                    "10.244.1.2:41000",
+                    "--to",
+                    to,
+                    "--json",
+                ])
+                .args(extra)
+                .arg("--bpffs")
+                .arg(lab.pin_dir())
+                .output()?)
+        })
+        .expect("run kpr trace");
+    assert!(
+        output.status.success(),
+        "kpr trace {to}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+/// `kpr trace` runs the node's real programs on its live maps: it agrees with what real
+/// connections from the same client get, and leaves every map as it was.
+#[test]
+fn trace_agrees_with_real_traffic_and_leaves_every_map_as_it_was() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    lab.write_manifest("sticky.yaml", STICKY).expect("write");
+    lab.wait_for("sticky programmed", Duration::from_secs(10), || {
+        Ok(
+            kpr_json(&lab, &["inspect", "services", "--service", "demo/sticky"])
+                .as_array()
+                .is_some_and(|rows| !rows.is_empty()),
+        )
+    })
+    .expect("sticky");
+    let client = &lab.pod("client").netns;
+    // Real traffic first; the connections stay open so nothing expires meanwhile.
+    let mut web = client
+        .run(|| Conversation::open(sock(WEB_VIP, 80), TIMEOUT))
+        .expect("web");
+    let mut sticky = client
+        .run(|| Conversation::open(sock(Ipv4Addr::new(10, 96, 0, 30), 80), TIMEOUT))
+        .expect("sticky");
+    let web_server = web.ask().expect("web answers").server;
+    let sticky_server = sticky.ask().expect("sticky answers").server;
+    let refused = client.run(|| Ok(tcp_request(sock(Ipv4Addr::new(10, 96, 0, 99), 80), TIMEOUT)));
+    let refused = refused.expect("run");
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|error| format!("{error:#}").contains("refused")),
+        "{refused:?}"
+    );
+
+    let before = kpr_lab::lab::map_snapshot(&lab.pin_dir());
+    let cases = [
+        ("10.96.0.10:80", "translate", Some("demo/web:http")),
+        ("10.96.0.30:80", "translate", Some("demo/sticky:http")),
+        ("10.96.0.99:80", "reject", Some("demo/nobody:http")),
+        ("10.244.1.11:8080", "pass", None),
+    ];
+    let mut traces = Vec::new();
+    for (to, verdict, service) in cases {
+        let trace = trace_json(&lab, to, &[]);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&trace).unwrap_or_default()
+        );
+        assert_eq!(trace["verdict"], verdict, "{trace}");
+        assert_eq!(trace["service"].as_str(), service, "{trace}");
+        traces.push(trace);
+    }
+    // The text form of the same run.
+    let binary = kpr_lab::lab::agent_binary().expect("kpr");
+    let text = lab
+        .node
+        .run(|| {
+            Ok(std::process::Command::new(&binary)
+                .args([
+                    "trace",
+                    "--client",
+                    "10.244.1.2:41000",
+                    "--to",
+                    "10.96.0.30:80",
+                ])
+                .arg("--bpffs")
+                .arg(lab.pin_dir())
+                .output()?)
+        })
+        .expect("run kpr trace");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    println!("{text}");
+    assert!(
+        text.contains("affinity: the client's record chose the backend")
+            && text.contains("verdict: translate"),
+        "{text}"
+    );
+    let after = kpr_lab::lab::map_snapshot(&lab.pin_dir());
+    assert!(
+        before == after,
+        "trace changed a map:\nbefore {before}\nafter  {after}"
+    );
+
+    // The same client sticks to its backend: trace shows the affinity record at work
+    // and the backend the real connection reached.
+    let sticky_trace = &traces[1];
+    assert!(
+        sticky_trace["stages"]
+            .as_array()
+            .is_some_and(|stages| stages
+                .iter()
+                .any(|s| s == "affinity: the client's record chose the backend")),
+        "{sticky_trace}"
+    );
+    assert!(
+        sticky_trace["backend"]
+            .as_str()
+            .is_some_and(|backend| backend.ends_with(&format!("({sticky_server})"))),
+        "{sticky_trace} vs {sticky_server}"
+    );
+    // The ClusterIP translates to one of the backends real traffic reaches; the packet
+    // that leaves goes there.
+    let web_trace = &traces[0];
+    let backend = web_trace["backend"].as_str().unwrap_or_default();
+    assert!(backend.starts_with("10.244.1.1"), "{web_trace}");
+    let address = backend.split(' ').next().unwrap_or_default();
+    assert_eq!(
+        web_trace["packet_out"],
+        format!("10.244.1.2:41000 -> {address} TCP"),
+        "{web_trace}"
+    );
+    assert!(["web-0", "web-1", "web-2"].contains(&web_server.as_str()));
+    // No endpoints: the real client was refused; trace answers with ICMP port
+    // unreachable (type 3 code 3) back to the client.
+    assert_eq!(
+        traces[2]["packet_out"], "10.96.0.99 -> 10.244.1.2 ICMP type 3 code 3",
+        "{}",
+        traces[2]
+    );
+    drop((web, sticky));
 }

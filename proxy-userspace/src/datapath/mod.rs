@@ -8,6 +8,7 @@ pub mod lock;
 pub mod node_network;
 pub mod pins;
 pub mod sock_destroy;
+pub mod trace;
 
 use std::{
     io,
@@ -15,7 +16,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{CgroupSockAddr, ProgramError, SchedClassifier},
     Ebpf, EbpfLoader,
 };
@@ -223,6 +224,8 @@ pub struct Maps {
     pub frontend_addrs: HashMap<MapData, u32, proxy_common::FrontendAddrV4>,
     /// The service CIDR (one entry).
     pub service_cidr: Array<MapData, proxy_common::ServiceCidrV4>,
+    /// Per-service traffic counters by service id (`crate::service_counters`).
+    pub service_stats: PerCpuHashMap<MapData, u32, proxy_common::service_stats::ServiceStatsV1>,
     /// Capacity the established conntrack table was created with.
     pub conntrack_capacity: u32,
     /// Capacity the new-flow conntrack table was created with.
@@ -237,7 +240,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -255,6 +258,7 @@ pub const ALL_MAPS: [&str; 17] = [
     proxy_common::takeover::NF_CHECK_NAME,
     names::FRONTEND_ADDRS_V4,
     names::SERVICE_CIDR_V4,
+    proxy_common::service_stats::NAME,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
@@ -408,6 +412,11 @@ impl Datapath {
                 let name = names::SERVICE_CIDR_V4;
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
+            service_stats: {
+                let name = proxy_common::service_stats::NAME;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                PerCpuHashMap::try_from(map).map_err(|source| Error::Map { name, source })?
             },
             conntrack_capacity,
             conntrack_new_capacity,

@@ -44,6 +44,11 @@
 //!   `Api` and `watcher` do not need them.
 //! - Service defaulting and allocation (ClusterIPs, node ports, ...), see `defaults.rs`;
 //!   switch off with [`ServerConfig::service_defaults`].
+//! - `metadata.creationTimestamp` on create (kept on updates), and on EndpointSlices
+//!   `endpoints.kubernetes.io/last-change-trigger-time` stamped on creation and on
+//!   every change of content, as the EndpointSlice controller does (a no-op update
+//!   keeps it; a writer's own time is kept), so network programming latency is
+//!   measured through this server.
 //! - PATCH: `application/merge-patch+json` (RFC 7386), `application/json-patch+json`
 //!   (RFC 6902), and approximations of `application/strategic-merge-patch+json` (as a
 //!   merge patch: lists are replaced, not merged by key) and
@@ -79,7 +84,9 @@
 //! The same controls are methods of [`TestApiServerHandle`].
 //!
 //! # Not implemented
-//! Authentication and authorization, TLS, HTTP/2, protobuf and Table output, other
+//! Authentication and authorization, TLS, HTTP/2, protobuf, Table output and OpenAPI
+//! documents (so `kubectl get` lacks columns and `kubectl apply` needs
+//! `--validate=false`), other
 //! resources and subresources (`/status`), `deletecollection`, pagination, LIST or
 //! WATCH at an exact older resourceVersion (the current state is served), `dryRun`
 //! (refused with 400), finalizers and graceful deletion (deletes are immediate),

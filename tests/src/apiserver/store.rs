@@ -180,6 +180,75 @@ pub fn now_rfc3339() -> String {
     )
 }
 
+/// RFC 3339 UTC timestamp with nanoseconds, as the EndpointSlice controller writes
+/// `endpoints.kubernetes.io/last-change-trigger-time` (Go's RFC3339Nano).
+pub fn now_rfc3339_nanos() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seconds = now_rfc3339();
+    format!("{}.{nanos:09}Z", seconds.trim_end_matches('Z'))
+}
+
+/// The annotation the EndpointSlice controller sets to the time of the change that
+/// produced a slice's state (kube-proxy measures network programming latency from it).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_time(obj: &Value) -> Option<&Value> {
+    obj.get("metadata")?
+        .get("annotations")?
+        .get(TRIGGER_TIME_ANNOTATION)
+}
+
+fn set_trigger_time(obj: &mut Value, time: Option<Value>) {
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    match time {
+        Some(time) => {
+            let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+            if let Some(annotations) = annotations.as_object_mut() {
+                annotations.insert(TRIGGER_TIME_ANNOTATION.to_owned(), time);
+            }
+        }
+        None => {
+            if let Some(annotations) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+                annotations.remove(TRIGGER_TIME_ANNOTATION);
+                if annotations.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
+    }
+}
+
+/// Stamps an EndpointSlice's trigger time as the EndpointSlice controller does: on
+/// creation and on every change of its content, unless the writer set one of its own
+/// (a test replaying a controller). An update that changes nothing else keeps the old
+/// time, so it stays a no-op.
+fn stamp_trigger_time(kind: ResourceKind, new: &mut Value, old: Option<&Value>) {
+    if kind != ResourceKind::EndpointSlice {
+        return;
+    }
+    let previous = old.and_then(trigger_time).cloned();
+    let given = trigger_time(new).cloned();
+    if given.is_some() && given != previous {
+        return;
+    }
+    let changed = old.is_none_or(|old| {
+        let (mut a, mut b) = (new.clone(), old.clone());
+        set_trigger_time(&mut a, None);
+        set_trigger_time(&mut b, None);
+        a != b
+    });
+    let time = if changed {
+        Some(json!(now_rfc3339_nanos()))
+    } else {
+        previous
+    };
+    set_trigger_time(new, time);
+}
+
 impl Store {
     pub fn new(config: StoreConfig) -> Self {
         Self {
@@ -437,6 +506,7 @@ impl Store {
             return Err(ApiError::already_exists(kind, &name));
         }
         self.apply_defaults(kind, &mut obj, None, &key);
+        stamp_trigger_time(kind, &mut obj, None);
         self.rv += 1;
         let uid = self.new_uid();
         set_meta(&mut obj, "name", json!(name));
@@ -528,6 +598,7 @@ impl Store {
         if !kind.namespaced() {
             remove_meta(&mut new, "namespace");
         }
+        stamp_trigger_time(kind, &mut new, Some(old));
         if new == **old {
             // A no-op update issues no resourceVersion and no event, like etcd3's store.
             return Ok(old.clone());

@@ -1,0 +1,179 @@
+//! `kpr trace`: the real TC program run on a packet with BPF_PROG_TEST_RUN against the
+//! node's pinned maps, in a second instance of the object whose global `TRACE` is set
+//! ([`proxy_common::trace`]): it writes no map of the node's (no conntrack, affinity,
+//! SNAT claim, fragment or counter) and records each stage's decision in a map of its
+//! own. The same code as the datapath's, so trace and traffic cannot disagree.
+use std::{net::SocketAddrV4, path::Path};
+
+use aya::{
+    maps::{MapData, PerCpuArray, PerCpuValues},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    EbpfLoader,
+};
+use proxy_common::{
+    names,
+    trace::{TraceRecordV1, GLOBAL, NAME},
+};
+
+use super::{is_bpffs, sock_destroy, Error, Hook, Result, ALL_MAPS, EBPF_OBJECT};
+
+/// The trace instance.
+pub struct Tracer {
+    ebpf: aya::Ebpf,
+    record: PerCpuArray<MapData, TraceRecordV1>,
+}
+
+/// One run's outcome.
+#[derive(Clone, Debug)]
+pub struct TraceRun {
+    /// The TC verdict (0 pass, 2 drop, 7 redirect).
+    pub verdict: i32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    pub record: TraceRecordV1,
+}
+
+/// The capacity of the map pinned at `path` (the trace instance must declare the same).
+fn pinned_max_entries(path: &Path) -> Result<u32> {
+    let name = "pinned map";
+    let map = MapData::from_pin(path).map_err(|source| Error::Map { name, source })?;
+    map.info()
+        .map(|info| info.max_entries())
+        .map_err(|source| Error::Map { name, source })
+}
+
+impl Tracer {
+    /// Loads the trace instance on the maps pinned in `pin_dir` (a running agent's).
+    ///
+    /// # Errors
+    /// When `pin_dir` holds no agent's maps or the kernel refuses the object.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        if super::is_stub_object() {
+            return Err(Error::StubObject);
+        }
+        if !is_bpffs(pin_dir) {
+            return Err(Error::NotBpffs {
+                path: pin_dir.to_path_buf(),
+            });
+        }
+        let mut loader = EbpfLoader::new();
+        for name in ALL_MAPS {
+            let path = pin_dir.join(name);
+            // Reusing every pin, creating none: a missing one means no agent runs here.
+            if !path.exists() {
+                return Err(Error::Io {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no such map pin: is an agent running with this --bpffs?",
+                    ),
+                });
+            }
+            loader.map_pin_path(name, path);
+        }
+        for name in [names::CONNTRACK_V4, names::CONNTRACK_NEW_V4] {
+            loader.map_max_entries(name, pinned_max_entries(&pin_dir.join(name))?);
+        }
+        loader.override_global(GLOBAL, &1u8, true);
+        let btf = aya::Btf::from_sys_fs().ok();
+        loader.btf(btf.as_ref());
+        let object = sock_destroy::patch_kfunc_calls(EBPF_OBJECT, btf.as_ref());
+        let mut ebpf = loader.load(&object)?;
+        let record = ebpf.take_map(NAME).ok_or(Error::MissingMap(NAME))?;
+        let record =
+            PerCpuArray::try_from(record).map_err(|source| Error::Map { name: NAME, source })?;
+        let mut tracer = Self { ebpf, record };
+        for hook in [Hook::PodIngress, Hook::NodeIngress] {
+            let name = hook.program_name();
+            tracer
+                .program(hook)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(tracer)
+    }
+
+    fn program(&mut self, hook: Hook) -> Result<&mut SchedClassifier> {
+        let name = hook.program_name();
+        self.ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    /// Runs the program of `hook` once on `frame`.
+    ///
+    /// # Errors
+    /// When the record cannot be reset or read, or the kernel refuses the run.
+    pub fn run(&mut self, hook: Hook, frame: &[u8]) -> Result<TraceRun> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source,
+        })?;
+        let zeros =
+            PerCpuValues::try_from(vec![TraceRecordV1::default(); cpus]).map_err(|source| {
+                Error::Io {
+                    path: "/sys/devices/system/cpu/possible".into(),
+                    source,
+                }
+            })?;
+        self.record
+            .set(0, zeros, 0)
+            .map_err(|source| Error::Map { name: NAME, source })?;
+        let mut out = vec![0u8; 2048];
+        let name = hook.program_name();
+        let result = self
+            .program(hook)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| Error::Program { name, source })?;
+        out.truncate(result.data_size_out as usize);
+        // The run happened on one CPU: the only record with a stage set.
+        let values = self
+            .record
+            .get(&0, 0)
+            .map_err(|source| Error::Map { name: NAME, source })?;
+        let record = values
+            .iter()
+            .find(|record| record.stages != 0)
+            .copied()
+            .unwrap_or_default();
+        Ok(TraceRun {
+            #[expect(clippy::cast_possible_wrap, reason = "TC verdicts are small")]
+            verdict: result.return_value as i32,
+            packet: out,
+            record,
+        })
+    }
+}
+
+/// A first packet from `client` to `destination`: a TCP SYN or a UDP datagram, in an
+/// Ethernet frame, checksums computed.
+#[must_use]
+pub fn first_packet(client: SocketAddrV4, destination: SocketAddrV4, l4_proto: u8) -> Vec<u8> {
+    let builder =
+        etherparse::PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0xfe])
+            .ipv4(client.ip().octets(), destination.ip().octets(), 64);
+    let payload = b"kpr trace";
+    let mut out = Vec::new();
+    let written = if l4_proto == proxy_common::proto::UDP {
+        builder
+            .udp(client.port(), destination.port())
+            .write(&mut out, payload)
+    } else {
+        builder
+            .tcp(client.port(), destination.port(), 1, 64_240)
+            .syn()
+            .write(&mut out, &[])
+    };
+    // Writing into a Vec fails only for sizes far beyond these.
+    if written.is_err() {
+        out.clear();
+    }
+    out
+}

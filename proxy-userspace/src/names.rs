@@ -1,0 +1,356 @@
+//! The names behind the maps' numbers, for `kpr inspect` and `kpr trace`.
+//!
+//! The maps hold what the datapath needs: addresses, ports, service ids, backend ids.
+//! An operator needs `namespace/name`, the port's name, the frontend's type and which
+//! pod a backend is. The agent knows all of that after each sync pass and writes it to
+//! a small JSON file; the tools join it with the maps (the maps stay the truth about
+//! what the datapath does, the file only names things).
+//!
+//! Why a file and not a map: the names are strings of any length that only userspace
+//! reads, so they need no fixed kernel layout, no versioned map name and no kernel
+//! memory; and a pin directory cannot hold one (bpffs has no regular files). So the
+//! file lives in `/run/kpr/` (tmpfs: gone at reboot, like the pins), named after the
+//! pin directory so that agents on different pin directories never share one; 0600,
+//! because it lists the cluster's services and pods, which the pins (root's) also
+//! guard. It is replaced atomically (write, then rename), so a reader never sees half
+//! of it; it goes with the pins on exit and stays with `--keep-state`.
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    model::{Desired, FrontendKind, ServicePortName},
+    state::{ClusterState, ObjectKey},
+};
+
+/// Where names files live.
+pub const RUN_DIR: &str = "/run/kpr";
+
+/// The layout version of the file; a reader refuses others.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a names file of this version")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The names file of the agent using `pin_dir`: `/run/kpr/<pin dir, / as ->.names.json`
+/// (`/sys/fs/bpf/kpr` gives `/run/kpr/sys-fs-bpf-kpr.names.json`).
+#[must_use]
+pub fn path_for(pin_dir: &Path) -> PathBuf {
+    let absolute = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
+    let text = absolute.to_string_lossy();
+    let escaped: String = text
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    Path::new(RUN_DIR).join(format!("{escaped}.names.json"))
+}
+
+/// A service port by its id in the maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePortNames {
+    pub service_id: u32,
+    pub namespace: String,
+    pub name: String,
+    /// The port's name (empty for a single unnamed port, as the API allows).
+    pub port: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// The Service's `spec.type`.
+    pub service_type: String,
+    /// `Cluster` or `Local`, as the spec says (unset: `Cluster`).
+    pub internal_traffic_policy: String,
+    pub external_traffic_policy: String,
+}
+
+/// A frontend (one address the service port answers on) and its kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendNames {
+    pub address: SocketAddrV4,
+    pub protocol: String,
+    /// [`proxy_common::scope`].
+    pub scope: u8,
+    /// `ClusterIP`, `NodePort`, `externalIP` or `LoadBalancer`.
+    pub kind: String,
+    pub service_id: u32,
+}
+
+/// One endpoint of a service as its EndpointSlices describe it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointNames {
+    pub namespace: String,
+    /// The service the endpoint belongs to.
+    pub service: String,
+    pub address: Ipv4Addr,
+    /// `targetRef` name when it is a Pod.
+    pub pod: Option<String>,
+    pub node: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Names {
+    pub version: u32,
+    pub service_ports: Vec<ServicePortNames>,
+    pub frontends: Vec<FrontendNames>,
+    pub endpoints: Vec<EndpointNames>,
+}
+
+/// The kind's name as operators know it (`kubectl get svc` columns, the API's fields).
+#[must_use]
+pub fn kind_name(kind: FrontendKind) -> &'static str {
+    match kind {
+        FrontendKind::ClusterIp => "ClusterIP",
+        FrontendKind::NodePort => "NodePort",
+        FrontendKind::ExternalIp => "externalIP",
+        FrontendKind::LoadBalancer => "LoadBalancer",
+    }
+}
+
+/// Upper-case protocol name, as the API spells it.
+#[must_use]
+pub fn protocol_name(number: u8) -> String {
+    match number {
+        proxy_common::proto::TCP => "TCP".into(),
+        proxy_common::proto::UDP => "UDP".into(),
+        proxy_common::proto::SCTP => "SCTP".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The names of everything `desired` programs, with the ids `service_id` gives (the
+/// syncer's); service ports without an id (not programmed) are left out.
+#[must_use]
+pub fn collect(
+    state: &ClusterState,
+    desired: &Desired,
+    service_id: impl Fn(&ServicePortName) -> Option<u32>,
+) -> Names {
+    let mut service_ports: BTreeMap<u32, ServicePortNames> = BTreeMap::new();
+    let mut frontends = Vec::new();
+    for (key, spec) in &desired.frontends {
+        let Some(id) = service_id(&spec.service_port) else {
+            continue;
+        };
+        service_ports
+            .entry(id)
+            .or_insert_with(|| port_names(state, &spec.service_port, id));
+        frontends.push(FrontendNames {
+            address: SocketAddrV4::new(key.addr, key.port),
+            protocol: protocol_name(key.proto),
+            scope: key.scope,
+            kind: kind_name(spec.kind).to_owned(),
+            service_id: id,
+        });
+    }
+    let services: std::collections::BTreeSet<&ObjectKey> = desired
+        .frontends
+        .values()
+        .map(|spec| &spec.service_port.service)
+        .collect();
+    let mut endpoints = Vec::new();
+    for slice in state.endpoint_slices.values() {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(crate::model::LABEL_SERVICE_NAME))
+        else {
+            continue;
+        };
+        let namespace = ObjectKey::of(&slice.metadata).namespace;
+        if !services.contains(&ObjectKey::new(namespace.clone(), service.clone())) {
+            continue;
+        }
+        for endpoint in &slice.endpoints {
+            let Some(Ok(address)) = endpoint.addresses.first().map(|a| a.parse()) else {
+                continue;
+            };
+            let conditions = endpoint.conditions.as_ref();
+            endpoints.push(EndpointNames {
+                namespace: namespace.clone(),
+                service: service.clone(),
+                address,
+                pod: endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|target| target.kind.as_deref() == Some("Pod"))
+                    .and_then(|target| target.name.clone()),
+                node: endpoint.node_name.clone(),
+                // The API's defaults for unset conditions (the model reads them alike).
+                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            });
+        }
+    }
+    endpoints.sort_by(|a, b| {
+        (&a.namespace, &a.service, a.address).cmp(&(&b.namespace, &b.service, b.address))
+    });
+    endpoints.dedup_by(|a, b| {
+        (&a.namespace, &a.service, a.address) == (&b.namespace, &b.service, b.address)
+    });
+    Names {
+        version: VERSION,
+        service_ports: service_ports.into_values().collect(),
+        frontends,
+        endpoints,
+    }
+}
+
+fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> ServicePortNames {
+    let spec = state
+        .services
+        .get(&name.service)
+        .and_then(|service| service.spec.as_ref());
+    let policy = |value: Option<&String>| value.map_or("Cluster", String::as_str).to_owned();
+    ServicePortNames {
+        service_id,
+        namespace: name.service.namespace.clone(),
+        name: name.service.name.clone(),
+        port: name.port.clone(),
+        protocol: protocol_name(name.proto),
+        service_type: spec
+            .and_then(|spec| spec.type_.clone())
+            .unwrap_or_else(|| "ClusterIP".to_owned()),
+        internal_traffic_policy: policy(spec.and_then(|s| s.internal_traffic_policy.as_ref())),
+        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy.as_ref())),
+    }
+}
+
+/// Replaces the file at `path` with `names` (0600; a reader sees the old or the new
+/// file whole).
+///
+/// # Errors
+/// When the directory or the file cannot be written.
+pub fn write(path: &Path, names: &Names) -> Result<(), Error> {
+    let error = |source| Error::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(error)?;
+    }
+    let text = serde_json::to_vec(names).map_err(|source| error(source.into()))?;
+    let temporary = path.with_extension("json.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(error)?;
+    file.write_all(&text).map_err(error)?;
+    drop(file);
+    std::fs::rename(&temporary, path).map_err(error)
+}
+
+/// Reads the file at `path`; `Ok(None)` when there is none (no agent wrote it yet).
+///
+/// # Errors
+/// When it exists but cannot be read or is not a names file of [`VERSION`].
+pub fn read(path: &Path) -> Result<Option<Names>, Error> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    let names: Names = serde_json::from_slice(&text).map_err(|source| Error::Parse {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if names.version != VERSION {
+        return Ok(None);
+    }
+    Ok(Some(names))
+}
+
+/// Removes the file (the agent's exit without `--keep-state`, `kpr cleanup`).
+pub fn remove(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::debug!(path = %path.display(), "removed the names file"),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot remove the names file")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_follows_the_pin_directory() {
+        assert_eq!(
+            path_for(Path::new("/sys/fs/bpf/kpr")),
+            Path::new("/run/kpr/sys-fs-bpf-kpr.names.json")
+        );
+        assert_ne!(
+            path_for(Path::new("/sys/fs/bpf/a")),
+            path_for(Path::new("/sys/fs/bpf/b"))
+        );
+    }
+
+    #[test]
+    fn a_written_file_reads_back_whole_and_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("kpr-names-{}", std::process::id()));
+        let path = dir.join("x.names.json");
+        let names = Names {
+            version: VERSION,
+            service_ports: vec![ServicePortNames {
+                service_id: 7,
+                namespace: "default".into(),
+                name: "web".into(),
+                port: "http".into(),
+                protocol: "TCP".into(),
+                service_type: "NodePort".into(),
+                internal_traffic_policy: "Cluster".into(),
+                external_traffic_policy: "Local".into(),
+            }],
+            frontends: Vec::new(),
+            endpoints: Vec::new(),
+        };
+        write(&path, &names).expect("write");
+        assert_eq!(read(&path).expect("read"), Some(names));
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        remove(&path);
+        assert_eq!(read(&path).expect("read"), None);
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
