@@ -149,6 +149,40 @@ fn set_meta(object: &mut Value, key: &str, value: Value) {
     }
 }
 
+/// The annotation the EndpointSlice controller sets to the time of the Service or Pod
+/// change that triggered its write; kube-proxy measures network programming latency
+/// from it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a Value> {
+    object.get("metadata")?.get("annotations")?.get(key)
+}
+
+fn set_annotation(object: &mut Value, key: &str, value: Option<Value>) {
+    let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    match value {
+        Some(value) => {
+            let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+            if !annotations.is_object() {
+                *annotations = json!({});
+            }
+            if let Some(a) = annotations.as_object_mut() {
+                a.insert(key.to_owned(), value);
+            }
+        }
+        None => {
+            if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+                a.remove(key);
+                if a.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
+    }
+}
+
 fn remove_meta(object: &mut Value, key: &str) {
     if let Some(m) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove(key);
@@ -160,6 +194,26 @@ pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    rfc3339(secs, "")
+}
+
+/// RFC 3339 UTC timestamp with nanoseconds, trailing zeros trimmed (Go's
+/// `time.RFC3339Nano`), as the EndpointSlice controller writes trigger times.
+pub fn now_rfc3339_nano() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let frac = format!("{:09}", now.subsec_nanos());
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        rfc3339(now.as_secs(), "")
+    } else {
+        rfc3339(now.as_secs(), &format!(".{frac}"))
+    }
+}
+
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS{fraction}Z`.
+fn rfc3339(secs: u64, fraction: &str) -> String {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.
@@ -173,7 +227,7 @@ pub fn now_rfc3339() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -437,6 +491,17 @@ impl Store {
             return Err(ApiError::already_exists(kind, &name));
         }
         self.apply_defaults(kind, &mut obj, None, &key);
+        // This write is the change that triggered it, unless the writer (a test
+        // standing in for the controller) names an earlier one.
+        if kind == ResourceKind::EndpointSlice
+            && annotation(&obj, TRIGGER_TIME_ANNOTATION).is_none()
+        {
+            set_annotation(
+                &mut obj,
+                TRIGGER_TIME_ANNOTATION,
+                Some(json!(now_rfc3339_nano())),
+            );
+        }
         self.rv += 1;
         let uid = self.new_uid();
         set_meta(&mut obj, "name", json!(name));
@@ -527,6 +592,22 @@ impl Store {
         }
         if !kind.namespaced() {
             remove_meta(&mut new, "namespace");
+        }
+        if kind == ResourceKind::EndpointSlice {
+            let old_trigger = annotation(old, TRIGGER_TIME_ANNOTATION).cloned();
+            let new_trigger = annotation(&new, TRIGGER_TIME_ANNOTATION);
+            // A trigger time carried over (read-modify-write, apply) or left out is
+            // refreshed when anything else changed; one the writer set is kept.
+            if new_trigger.is_none() || new_trigger == old_trigger.as_ref() {
+                set_annotation(&mut new, TRIGGER_TIME_ANNOTATION, old_trigger);
+                if new != **old {
+                    set_annotation(
+                        &mut new,
+                        TRIGGER_TIME_ANNOTATION,
+                        Some(json!(now_rfc3339_nano())),
+                    );
+                }
+            }
         }
         if new == **old {
             // A no-op update issues no resourceVersion and no event, like etcd3's store.
