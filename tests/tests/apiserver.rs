@@ -1733,6 +1733,38 @@ async fn kubectl_applies_the_repos_examples_with_validation_on() {
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success() && stdout.lines().all(|l| l.ends_with(" unchanged")), "{stdout}");
         }
+        // A changed port and a new one, then back: kubectl's strategic merge patches
+        // (computed from the document's merge keys, with `$setElementOrder` and
+        // `$patch: delete`) merged by port.
+        let web = std::fs::read_to_string(examples.join("web.yaml")).unwrap();
+        let changed = web.replace(
+            "      port: 80\n      targetPort: 8080\n",
+            "      port: 80\n      targetPort: 9090\n    - name: https\n      protocol: TCP\n      port: 443\n      targetPort: 8443\n",
+        );
+        assert_ne!(changed, web, "web.yaml has the port this test changes");
+        let changed_path = temp_path("kubectl").join("web-changed.yaml");
+        std::fs::write(&changed_path, changed).unwrap();
+        let demo: Api<Service> = Api::namespaced(client.clone(), "demo");
+        let ports = |svc: Service| serde_json::to_value(svc.spec.unwrap().ports.unwrap()).unwrap();
+        for (file, want) in [
+            (
+                changed_path.clone(),
+                json!([
+                    {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 9090},
+                    {"name": "https", "port": 443, "protocol": "TCP", "targetPort": 8443},
+                ]),
+            ),
+            (
+                examples.join("web.yaml"),
+                json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]),
+            ),
+        ] {
+            let out = kubectl(vec!["apply".into(), "-f".into(), file.display().to_string()]).await.unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && stdout.contains("service/web configured"), "{stdout}");
+            assert_eq!(ports(demo.get("web").await.unwrap()), want);
+        }
+
         let services: Api<Service> = Api::all(client.clone());
         let applied = services.list(&ListParams::default()).await.unwrap().items.len();
         let out = kubectl(vec!["get".into(), "services".into(), "-A".into()]).await.unwrap();

@@ -59,8 +59,11 @@
 //! - Service defaulting and allocation (ClusterIPs, node ports, ...), see `defaults.rs`;
 //!   switch off with [`ServerConfig::service_defaults`].
 //! - PATCH: `application/merge-patch+json` (RFC 7386), `application/json-patch+json`
-//!   (RFC 6902), and approximations of `application/strategic-merge-patch+json` (as a
-//!   merge patch: lists are replaced, not merged by key) and
+//!   (RFC 6902), `application/strategic-merge-patch+json` (the merging lists of the
+//!   served kinds merged by their keys: Service `spec.ports` by port, `ownerReferences`
+//!   by uid, conditions by type, finalizers as a set, ...; every other list replaced;
+//!   the directives `$patch`, `$retainKeys`, `$setElementOrder/`,
+//!   `$deleteFromPrimitiveList/`), and an approximation of
 //!   `application/apply-patch+yaml` (server-side apply as create-or-merge-patch,
 //!   `fieldManager` required, no field ownership or conflicts).
 //!

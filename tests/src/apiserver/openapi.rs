@@ -8,14 +8,12 @@
 //! [`to_protobuf`]. No `/openapi/v3` is served: kubectl >= 1.27 tries it first, gets
 //! 404 and falls back to v2, as against a server from before v3.
 //!
-//! Two choices keep kubectl's requests within what the server implements:
-//! - The PATCH paths do not list the `fieldValidation` parameter, so kubectl does not
-//!   leave validation to the server (which stores untyped JSON and could not honour
-//!   `fieldValidation=Strict`) but validates on the client against these schemas,
-//!   as it does against a server without server-side field validation.
-//! - The list fields carry no `x-kubernetes-patch-strategy: merge`, so `kubectl apply`
-//!   sends whole lists in its strategic merge patches, which the server's merge-patch
-//!   approximation of strategic merge applies exactly (no `$setElementOrder`).
+//! The PATCH paths do not list the `fieldValidation` parameter, so kubectl does not
+//! leave validation to the server (which stores untyped JSON and could not honour
+//! `fieldValidation=Strict`) but validates on the client against these schemas, as it
+//! does against a server without server-side field validation. The merging lists carry
+//! the real patch strategy and merge key (`kubectl apply` computes its strategic merge
+//! patches from them), the same the server merges by (`patch.rs`).
 
 use serde_json::{json, Map, Value};
 
@@ -51,6 +49,20 @@ fn reference(name: &str) -> Value {
 
 fn array(items: Value) -> Value {
     json!({"type": "array", "items": items})
+}
+
+/// A list that strategic merge patches merge: by `merge_key`, or as a set.
+fn merging(mut list: Value, merge_key: Option<&str>) -> Value {
+    list["x-kubernetes-patch-strategy"] = json!("merge");
+    match merge_key {
+        Some(key) => {
+            list["x-kubernetes-patch-merge-key"] = json!(key);
+            list["x-kubernetes-list-type"] = json!("map");
+            list["x-kubernetes-list-map-keys"] = json!([key]);
+        }
+        None => list["x-kubernetes-list-type"] = json!("set"),
+    }
+    list
 }
 
 fn string_map() -> Value {
@@ -137,7 +149,7 @@ fn definitions() -> Map<String, Value> {
                     ("creationTimestamp", time.clone()),
                     ("deletionGracePeriodSeconds", int64()),
                     ("deletionTimestamp", time.clone()),
-                    ("finalizers", array(string())),
+                    ("finalizers", merging(array(string()), None)),
                     ("generateName", string()),
                     ("generation", int64()),
                     ("labels", string_map()),
@@ -149,7 +161,10 @@ fn definitions() -> Map<String, Value> {
                     ("namespace", string()),
                     (
                         "ownerReferences",
-                        array(reference(&format!("{META}.OwnerReference"))),
+                        merging(
+                            array(reference(&format!("{META}.OwnerReference"))),
+                            Some("uid"),
+                        ),
                     ),
                     ("resourceVersion", string()),
                     ("selfLink", string()),
@@ -200,7 +215,13 @@ fn definitions() -> Map<String, Value> {
                     ("loadBalancerClass", string()),
                     ("loadBalancerIP", string()),
                     ("loadBalancerSourceRanges", array(string())),
-                    ("ports", array(reference(&format!("{CORE}.ServicePort")))),
+                    (
+                        "ports",
+                        merging(
+                            array(reference(&format!("{CORE}.ServicePort"))),
+                            Some("port"),
+                        ),
+                    ),
                     ("publishNotReadyAddresses", boolean()),
                     ("selector", string_map()),
                     ("sessionAffinity", string()),
@@ -246,7 +267,10 @@ fn definitions() -> Map<String, Value> {
             format!("{CORE}.ServiceStatus"),
             object(
                 &[
-                    ("conditions", array(reference(&format!("{META}.Condition")))),
+                    (
+                        "conditions",
+                        merging(array(reference(&format!("{META}.Condition"))), Some("type")),
+                    ),
                     (
                         "loadBalancer",
                         reference(&format!("{CORE}.LoadBalancerStatus")),

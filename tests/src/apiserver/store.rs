@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     defaults,
-    patch::{json_patch, merge_patch},
+    patch::{json_patch, merge_patch, strategic_merge_patch},
     resource::{ApiError, ResourceKind},
     selector::{FieldSelector, LabelSelector},
 };
@@ -666,7 +666,17 @@ impl Store {
         };
         let mut new = (*old).clone();
         match patch_type {
-            PatchType::Merge | PatchType::Strategic | PatchType::Apply => {
+            PatchType::Strategic => {
+                if !patch.is_object() {
+                    return Err(ApiError::bad_request(
+                        "a strategic merge patch must be a JSON object",
+                    ));
+                }
+                strategic_merge_patch(&mut new, &patch).map_err(|e| {
+                    ApiError::bad_request(format!("invalid strategic merge patch: {e}"))
+                })?;
+            }
+            PatchType::Merge | PatchType::Apply => {
                 if !patch.is_object() {
                     return Err(ApiError::bad_request("a merge patch must be a JSON object"));
                 }
