@@ -19,15 +19,12 @@ use std::{
 };
 
 use anyhow::Result;
-use k8s_openapi::api::core::v1::Node;
 use kpr_lab::{
     apiserver::{TestApiServer, TestApiServerHandle},
     lab::Lab,
     scenario::{sock, CLIENT_IP},
     traffic::tcp_request,
 };
-use kube::{api::PostParams, Api, Client};
-use serde_json::json;
 
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The backend pods: name and last octet of 10.244.1.x, all serving on port 8080.
@@ -37,6 +34,14 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a change may take to reach the datapath before the test gives up.
 const DEADLINE: Duration = Duration::from_secs(10);
 const NODE: &str = "node-a";
+
+const NODE_YAML: &str = "apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  labels:
+    topology.kubernetes.io/zone: zone-a
+";
 
 /// The Service, as an operator would write it.
 const SERVICE_YAML: &str = "apiVersion: v1
@@ -129,28 +134,24 @@ impl KubectlLab {
         .expect("the test API server");
         let kubeconfig = lab.run_dir().join("kubeconfig");
         server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-        // Our Node (kubectl would need its schema, which the server does not serve).
-        let url = server.url();
-        block_on(&runtime, async move {
-            let client = Client::try_from(kube::Config::new(url.parse().expect("server URL")))
-                .expect("API client");
-            let node: Node =
-                serde_json::from_value(json!({"metadata": {"name": NODE}})).expect("node");
-            Api::<Node>::all(client)
-                .create(&PostParams::default(), &node)
-                .await
-        })
-        .expect("create the Node");
-
         lab.use_api_source(&kubeconfig, 100);
-        lab.start_agent(&[]).expect("the agent starts and syncs");
-        lab.wait_attached().expect("programs attached");
-        Self {
+        let this = Self {
             lab,
             _server: server,
             kubeconfig,
             _runtime: runtime,
-        }
+        };
+        // Our Node (its labels carry the topology zone), before the agent starts.
+        let out = this.apply_ok("node.yaml", NODE_YAML);
+        assert_eq!(out.trim(), format!("node/{NODE} created"));
+        this
+    }
+
+    fn start_agent(&mut self) {
+        self.lab
+            .start_agent(&[])
+            .expect("the agent starts and syncs");
+        self.lab.wait_attached().expect("programs attached");
     }
 
     /// Runs kubectl in the node namespace with the test's kubeconfig and a cache in
@@ -260,7 +261,8 @@ fn table(text: &str) -> Vec<Vec<&str>> {
 
 #[test]
 fn kubectl_applies_lists_and_deletes_a_service_that_the_datapath_serves() {
-    let lab = KubectlLab::start();
+    let mut lab = KubectlLab::start();
+    lab.start_agent();
 
     let out = lab.apply_ok(
         "web.yaml",

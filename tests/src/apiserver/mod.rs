@@ -45,7 +45,8 @@
 //! - kubectl (1.20 to 1.32 tried) works as against a real server, validation on:
 //!   `/openapi/v2` (protobuf for kubectl, JSON otherwise, see `openapi.rs`) has the
 //!   schemas of Service and EndpointSlice, so `kubectl apply` validates on the client
-//!   and rejects unknown fields; `/openapi/v3` is 404 (kubectl falls back to v2).
+//!   and rejects unknown fields (Nodes have no schema there: kubectl applies them
+//!   unvalidated); `/openapi/v3` is 404 (kubectl falls back to v2).
 //!   `Accept: application/json;as=Table;v=v1;g=meta.k8s.io` (or `v1beta1`) on LIST,
 //!   GET and WATCH answers `Table`s with the real server's columns (Services: Name,
 //!   Type, Cluster-IP, External-IP, Port(s), Age, Selector (wide); EndpointSlices:
