@@ -412,8 +412,27 @@ pub fn create(
         if !claim(&reply_key, &reply, now) {
             return Ok(Created::ReplyKeyTaken);
         }
-    } else if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
-        return Err(DropReason::CT_INSERT);
+    } else {
+        // Two flows to different frontends can become the same tuple once translated
+        // (a client reuses a source port for another ClusterIP while the first
+        // connection is in TIME_WAIT, and both go to one backend). Lookups try the
+        // established table first, so an old flow's reply entry left there would take
+        // this flow's replies and translate them to the old frontend: a flow that is
+        // over gives its key up; a live one keeps it (netfilter would remap the source
+        // port; here the new flow is refused and its client retries).
+        if let Some(holder) = Table::Established.get(&reply_key) {
+            // SAFETY: copied out at once.
+            let holder = unsafe { *holder };
+            if !ct_flags::is_closed(holder.flags)
+                && !maps::config().ct_expired(&holder, reply_key.proto, now)
+            {
+                return Ok(Created::ReplyKeyTaken);
+            }
+            Table::Established.remove(&reply_key);
+        }
+        if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
+            return Err(DropReason::CT_INSERT);
+        }
     }
     if !Table::New.insert(original, &forward, BPF_ANY) {
         Table::New.remove(&reply_key);

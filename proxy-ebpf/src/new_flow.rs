@@ -144,7 +144,7 @@ pub fn handle(
         };
         match conntrack::create(&pkt.tuple, &translation, now, false)? {
             Created::Flow(entry) => entry,
-            // Only a claim can find its reply key taken.
+            // A live flow of another frontend is the same tuple once translated.
             Created::ReplyKeyTaken => return Err(DropReason::CT_INSERT),
         }
     };

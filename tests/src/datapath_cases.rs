@@ -202,8 +202,37 @@ pub fn cases() -> Vec<Case> {
         len: 24,
         more: false,
     });
+    // A client reusing its source port for another ClusterIP after the first
+    // connection closed: both are the same tuple once translated to the one backend.
+    let other_vip = sock(10, 96, 0, 20, 80);
+    let other = frontend("other", other_vip, proto::TCP, &[backend()], 0);
+    let reply =
+        |from: SocketAddrV4, flags: TcpFlags| Frame::tcp(backend(), client(), flags).with_src(from);
+    let step = |hook: Hook, input: Frame, output: Frame| Step {
+        hook,
+        input,
+        verdict: Verdict::Pass,
+        output: Expected::Frame(output),
+    };
 
     vec![
+        Case {
+            name: "a port reused for another ClusterIP once the first connection closed: the new flow's replies come from the new ClusterIP, not from the old flow's entry",
+            frontends: vec![web.clone(), other],
+            steps: vec![
+                step(Hook::PodIngress, syn.clone(), syn.clone().with_dst(backend())),
+                step(Hook::PodEgress, reply(backend(), TcpFlags::SYN_ACK), reply(vip(), TcpFlags::SYN_ACK)),
+                // the handshake completes: the flow moves to the established table
+                step(Hook::PodIngress, Frame::tcp(client(), vip(), TcpFlags::ACK), Frame::tcp(client(), backend(), TcpFlags::ACK)),
+                step(Hook::PodIngress, Frame::tcp(client(), vip(), TcpFlags::FIN_ACK), Frame::tcp(client(), backend(), TcpFlags::FIN_ACK)),
+                step(Hook::PodEgress, reply(backend(), TcpFlags::FIN_ACK), reply(vip(), TcpFlags::FIN_ACK)),
+                // the same source port, to the other ClusterIP, the same backend
+                step(Hook::PodIngress, Frame::tcp(client(), other_vip, TcpFlags::SYN), syn.clone().with_dst(backend())),
+                step(Hook::PodEgress, reply(backend(), TcpFlags::SYN_ACK), reply(other_vip, TcpFlags::SYN_ACK)),
+            ],
+            node: NodeSetup::default(),
+            counters: vec![(counter::NEW_FLOW, 2)],
+        },
         Case {
             name:
                 "tcp to a ClusterIP is DNATed to its backend, replies come back from the ClusterIP",
