@@ -539,7 +539,7 @@ mod tests {
         let mut state = ClusterState::default();
         state.endpoint_slices.insert(
             ObjectKey::new("default", "web-abc"),
-            slice("2026-01-01T00:00:00Z"),
+            slice("2026-01-01T00:00:00Z").into(),
         );
         let later = SystemTime::from(
             k8s_openapi::jiff::Timestamp::from_second(1_767_225_602).expect("time"),

@@ -572,7 +572,7 @@ fn a_flood_of_half_open_flows_never_evicts_an_established_one() {
         ..LoadOptions::default()
     };
     let mut harness = lifecycle_harness(&options);
-    assert_eq!(harness.datapath.maps.conntrack_new_capacity, 256);
+    assert_eq!(harness.datapath.maps.capacities.conntrack_new, 256);
     establish(&mut harness, 41_040);
     from_client(&mut harness, 41_041, TcpFlags::SYN);
     syn_flood(&mut harness, 50_000, 2000);

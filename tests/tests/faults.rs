@@ -127,6 +127,7 @@ fn when_the_source_ends_the_datapath_stays_and_the_agent_exits_with_an_error() {
         socket_lb: proxy_userspace::socket_lb::Mode::All,
         keep_state: false,
         conntrack_max: None,
+        map_sizes: proxy_userspace::agent::MapSizes::default(),
         datapath: proxy_common::DatapathConfig::DEFAULT,
         conntrack_gc_interval: Duration::from_secs(10),
         sync_period: Duration::from_secs(30),

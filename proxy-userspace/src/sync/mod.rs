@@ -229,6 +229,9 @@ pub struct SyncReport {
     /// `(service id, backend id)` pairs that stopped being used: their UDP flows and
     /// affinity entries must go.
     pub removed_pairs: BTreeSet<(u32, u32)>,
+    /// A frontend entry (slot 0) was created or deleted: the set of frontends the maps
+    /// hold changed (what needs a look at every frontend only then).
+    pub frontend_set_changed: bool,
 }
 
 impl SyncReport {
@@ -238,6 +241,7 @@ impl SyncReport {
         self.frontends_written += later.frontends_written;
         self.frontends_removed += later.frontends_removed;
         self.ops_applied += later.ops_applied;
+        self.frontend_set_changed |= later.frontend_set_changed;
         self.failures = later.failures;
         self.cleanup_errors.extend(later.cleanup_errors);
         self.removed_pairs.extend(later.removed_pairs);
@@ -284,6 +288,9 @@ pub struct Syncer {
     next_backend_id: u32,
     service_ids: HashMap<ServicePortName, u32>,
     next_service_id: u32,
+    /// Writes applied (and mirrors adopted) so far: tells whether the maps changed
+    /// between two moments.
+    writes: u64,
 }
 
 impl Syncer {
@@ -309,7 +316,15 @@ impl Syncer {
             next_backend_id,
             service_ids: HashMap::new(),
             next_service_id,
+            writes: 0,
         }
+    }
+
+    /// How many writes the syncer applied (and mirrors it adopted): equal at two
+    /// moments when it did not touch the maps in between.
+    #[must_use]
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// Takes `mirror`, read from the maps themselves, as what they hold (after someone
@@ -321,6 +336,7 @@ impl Syncer {
         self.next_backend_id = self.next_backend_id.max(adopted.next_backend_id);
         self.next_service_id = self.next_service_id.max(adopted.next_service_id);
         self.mirror = adopted.mirror;
+        self.writes += 1;
     }
 
     /// The same syncer, for maps of `capacity`.
@@ -468,6 +484,15 @@ impl Syncer {
         report: &mut SyncReport,
     ) -> Result<(), WriteError> {
         writer.apply(&op)?;
+        report.frontend_set_changed |= match op {
+            MapOp::PutService { key, .. } => {
+                key.slot == 0 && !self.mirror.services.contains_key(&key)
+            }
+            MapOp::DeleteService { key } => {
+                key.slot == 0 && self.mirror.services.contains_key(&key)
+            }
+            _ => false,
+        };
         if let MapOp::DeleteBackend { id } = op {
             // By the deleted entry's value, not by a scan of every id.
             if let Some(backend) = self.mirror.backends.get(&id) {
@@ -477,6 +502,7 @@ impl Syncer {
             }
         }
         self.mirror.apply(&op);
+        self.writes += 1;
         report.ops_applied += 1;
         Ok(())
     }
