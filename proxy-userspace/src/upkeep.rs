@@ -35,12 +35,13 @@ enum Request {
     Forget(BTreeSet<(u32, u32)>),
 }
 
-/// How many requests may wait: a reap asked for while one waits is the same reap.
-const QUEUE: usize = 16;
-
 /// The running upkeep thread.
 pub struct Upkeep {
-    requests: Option<mpsc::SyncSender<Request>>,
+    /// Unbounded, so the event loop never waits for a walk: forgets are small and
+    /// rare, and at most one reap waits at a time ([`Self::reap_queued`]).
+    requests: Option<mpsc::Sender<Request>>,
+    /// A reap is queued and not started yet: a tick meanwhile asks for nothing more.
+    reap_queued: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -56,9 +57,11 @@ impl Upkeep {
         capacities: MapCapacities,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let (requests, receiver) = mpsc::sync_channel(QUEUE);
+        let (requests, receiver) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
+        let reap_queued = Arc::new(AtomicBool::new(false));
+        let reap_started = Arc::clone(&reap_queued);
         let thread = std::thread::Builder::new()
             .name("kpr-upkeep".into())
             .spawn(move || {
@@ -69,6 +72,7 @@ impl Upkeep {
                     }
                     match request {
                         Request::Reap => {
+                            reap_started.store(false, Ordering::Relaxed);
                             reap(&mut tables, &config, capacities, &metrics, &keep_going);
                         }
                         Request::Forget(pairs) => forget(&mut tables, &pairs, &keep_going),
@@ -77,13 +81,19 @@ impl Upkeep {
             })?;
         Ok(Self {
             requests: Some(requests),
+            reap_queued,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// Asks for a reaping pass; skipped when the queue is full (a pass is due anyway).
+    /// Asks for a reaping pass; skipped while one is queued and not started (that one
+    /// will do).
     pub fn reap(&self) {
+        if self.reap_queued.swap(true, Ordering::Relaxed) {
+            debug!("conntrack reaping is behind; skipping a pass");
+            return;
+        }
         self.send(Request::Reap);
     }
 
@@ -98,21 +108,8 @@ impl Upkeep {
         let Some(requests) = &self.requests else {
             return;
         };
-        match requests.try_send(request) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(Request::Forget(pairs))) => {
-                // A forget is not repeated by a later tick: wait for room (the thread
-                // takes one request per walk).
-                if requests.send(Request::Forget(pairs)).is_err() {
-                    warn!("the upkeep thread is gone; flows of removed backends stay until they expire");
-                }
-            }
-            Err(mpsc::TrySendError::Full(Request::Reap)) => {
-                debug!("conntrack reaping is behind; skipping a pass");
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => {
-                warn!("the upkeep thread is gone; conntrack entries are not reaped");
-            }
+        if requests.send(request).is_err() {
+            warn!("the upkeep thread is gone; conntrack entries are not reaped, nor flows of removed backends forgotten");
         }
     }
 

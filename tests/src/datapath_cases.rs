@@ -1051,9 +1051,13 @@ impl DatapathHarness {
     pub fn with_options(options: &LoadOptions) -> Result<Self> {
         crate::require_root();
         let datapath = Datapath::load(options).context("loading the datapath")?;
+        let capacities = datapath.maps.capacities;
         Ok(Self {
             datapath,
-            syncer: Syncer::default(),
+            syncer: Syncer::default().with_capacity(proxy_userspace::sync::Capacity {
+                services: capacities.services as usize,
+                backends: capacities.backends as usize,
+            }),
         })
     }
 
