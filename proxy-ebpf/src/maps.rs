@@ -8,9 +8,8 @@ use aya_ebpf::{
 use proxy_common::{
     capacity, counter,
     service_stats::{self, ServiceStatsV1},
-    AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtEntryV4, CtKeyV4, DatapathConfig,
-    FragKeyV4, FragValueV4, FrontendAddrV4, ServiceCidrV4, ServiceKeyV4, ServiceValueV4,
-    SourceRangeV4,
+    AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtEntryV4, CtKeyV4, DatapathConfig, FragKeyV4,
+    FragValueV4, FrontendAddrV4, ServiceCidrV4, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).

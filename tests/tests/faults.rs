@@ -147,6 +147,7 @@ fn when_the_source_ends_the_datapath_stays_and_the_agent_exits_with_an_error() {
         keep_state: false,
         conntrack_max: None,
         service_cidr: proxy_common::ServiceCidrV4::default(),
+        map_sizes: proxy_userspace::agent::MapSizes::default(),
         datapath: proxy_common::DatapathConfig::DEFAULT,
         conntrack_gc_interval: Duration::from_secs(10),
         sync_period: Duration::from_secs(30),
