@@ -48,8 +48,8 @@ mod nat;
 mod new_flow;
 mod node_ingress;
 mod parse;
-mod pod_egress;
 mod pod_ingress;
+mod reply_egress;
 mod service;
 mod service_stats;
 mod snat;
@@ -89,7 +89,7 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 /// translation is undone here.
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
-    verdict_of(pod_egress::try_reply_egress(&ctx))
+    verdict_of(reply_egress::try_reply_egress(&ctx))
 }
 
 /// TC ingress of the node's external interfaces: traffic from other nodes and from
@@ -105,7 +105,7 @@ pub fn tc_node_ingress(ctx: TcContext) -> i32 {
 /// interface).
 #[classifier]
 pub fn tc_node_egress(ctx: TcContext) -> i32 {
-    verdict_of(pod_egress::try_reply_egress(&ctx))
+    verdict_of(reply_egress::try_reply_egress(&ctx))
 }
 
 /// Host builds only exist to be checked (see the top of this file).

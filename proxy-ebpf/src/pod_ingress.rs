@@ -8,7 +8,7 @@
 //! the node's own address, a martian on this interface), is redirected to its next hop
 //! in both directions; a flow to a local backend goes through the stack in both
 //! directions, its replies translated after routing by the egress program of the
-//! client's interface ([`crate::pod_egress`]). Either way netfilter sees a flow both
+//! client's interface ([`crate::reply_egress`]). Either way netfilter sees a flow both
 //! ways or not at all, which a forward-path `ct state invalid drop` (kube-proxy's
 //! `KUBE-FORWARD`, most host firewalls) requires.
 //!

@@ -1381,3 +1381,521 @@ async fn lists_come_in_pages_of_limit_with_continue_tokens() {
     })
     .await;
 }
+
+/// A plain HTTP/1.0 GET with an `Accept` header, over a fresh connection (no client
+/// library between the test and the bytes): status, lower-cased headers, body.
+async fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let request = format!("GET {path} HTTP/1.0\r\nHost: test\r\nAccept: {accept}\r\n\r\n");
+    // Blocking I/O off the runtime thread, which serves the server meanwhile.
+    let raw = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        raw
+    })
+    .await
+    .unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(raw[..split].to_vec())
+        .unwrap()
+        .to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, raw[split + 4..].to_vec())
+}
+
+const TABLE_V1: &str = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
+
+async fn get_table(server: &TestApiServerHandle, path: &str) -> Value {
+    let (status, head, body) = within(path, http_get(server.addr(), path, TABLE_V1)).await;
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    assert!(head.contains("content-type: application/json"), "{head}");
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn column_names(table: &Value) -> Vec<&str> {
+    table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+/// The cells of each row without the AGE cell (checked for its form only: the objects
+/// were created moments ago, the exact value is the clock's).
+fn cells_without_age(table: &Value, age_column: usize) -> Vec<Vec<Value>> {
+    table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let mut cells = row["cells"].as_array().unwrap().clone();
+            let age = cells.remove(age_column);
+            let age = age.as_str().unwrap();
+            assert!(
+                age.ends_with('s') && age[..age.len() - 1].parse::<u32>().is_ok(),
+                "AGE of a new object: {age:?}"
+            );
+            cells
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn table_responses_have_the_real_servers_columns() {
+    bounded(async {
+        let (server, client) = start().await;
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+        let ports = json!([{"name": "http", "port": 80, "targetPort": 8080}, {"name": "dns", "port": 53, "protocol": "UDP"}]);
+        for (name, spec) in [
+            ("a-cluster", json!({"clusterIP": "10.96.0.10", "selector": {"app": "a", "tier": "web"}, "ports": ports})),
+            ("b-headless", json!({"clusterIP": "None", "ports": [{"port": 80}]})),
+            ("c-nodeport", json!({"type": "NodePort", "clusterIP": "10.96.0.11", "externalIPs": ["192.0.2.1", "192.0.2.2"], "ports": [{"port": 80, "nodePort": 30080}]})),
+            ("d-lb", json!({"type": "LoadBalancer", "clusterIP": "10.96.0.12", "ports": [{"port": 443, "nodePort": 30443}]})),
+            ("e-external", json!({"type": "ExternalName", "externalName": "example.org"})),
+        ] {
+            let svc: Service = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+            services.create(&PostParams::default(), &svc).await.unwrap();
+        }
+        let endpoint = |last: u8| json!({"addresses": [format!("10.244.1.{last}")], "conditions": {"ready": true}});
+        for (name, endpoints, ports) in [
+            ("a-1", (1..=5).map(endpoint).collect::<Vec<_>>(), json!([{"port": 1}, {"port": 2}, {}, {"port": 4}])),
+            ("a-2", vec![endpoint(9)], json!([{"port": 8080}])),
+            ("b-1", vec![], json!([])),
+        ] {
+            let slice: EndpointSlice = serde_json::from_value(json!({
+                "metadata": {"name": name}, "addressType": "IPv4", "endpoints": endpoints, "ports": ports,
+            }))
+            .unwrap();
+            slices.create(&PostParams::default(), &slice).await.unwrap();
+        }
+
+        let table = get_table(&server, "/api/v1/namespaces/default/services").await;
+        assert_eq!((table["kind"].as_str(), table["apiVersion"].as_str()), (Some("Table"), Some("meta.k8s.io/v1")));
+        assert_eq!(table["metadata"]["resourceVersion"], json!(server.resource_version().to_string()));
+        assert_eq!(
+            column_names(&table),
+            ["Name", "Type", "Cluster-IP", "External-IP", "Port(s)", "Age", "Selector"]
+        );
+        // Selector is a wide-only column, as on the real server.
+        let priorities: Vec<u64> = table["columnDefinitions"].as_array().unwrap().iter().map(|c| c["priority"].as_u64().unwrap()).collect();
+        assert_eq!(priorities, [0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            cells_without_age(&table, 5),
+            [
+                json!(["a-cluster", "ClusterIP", "10.96.0.10", "<none>", "80/TCP,53/UDP", "app=a,tier=web"]),
+                json!(["b-headless", "ClusterIP", "None", "<none>", "80/TCP", "<none>"]),
+                json!(["c-nodeport", "NodePort", "10.96.0.11", "192.0.2.1,192.0.2.2", "80:30080/TCP", "<none>"]),
+                json!(["d-lb", "LoadBalancer", "10.96.0.12", "<pending>", "443:30443/TCP", "<none>"]),
+                json!(["e-external", "ExternalName", "<none>", "example.org", "<none>", "<none>"]),
+            ]
+            .map(|row| row.as_array().unwrap().clone())
+        );
+        // includeObject: Metadata by default, or the object, or nothing.
+        let row = &table["rows"][0];
+        assert_eq!(row["object"]["kind"], "PartialObjectMetadata");
+        assert_eq!(row["object"]["metadata"]["name"], "a-cluster");
+        assert!(row["object"].get("spec").is_none());
+        let full = get_table(&server, "/api/v1/namespaces/default/services?includeObject=Object").await;
+        assert_eq!(full["rows"][0]["object"]["spec"]["clusterIP"], "10.96.0.10");
+        let bare = get_table(&server, "/api/v1/namespaces/default/services?includeObject=None").await;
+        assert!(bare["rows"][0].get("object").is_none());
+        let (status, _, _) = http_get(server.addr(), "/api/v1/namespaces/default/services?includeObject=All", TABLE_V1).await;
+        assert_eq!(status, 400);
+
+        let table = get_table(&server, "/apis/discovery.k8s.io/v1/endpointslices").await;
+        assert_eq!(column_names(&table), ["Name", "AddressType", "Ports", "Endpoints", "Age"]);
+        assert_eq!(
+            cells_without_age(&table, 4),
+            [
+                json!(["a-1", "IPv4", "1,2,<unset> + 1 more...", "10.244.1.1,10.244.1.2,10.244.1.3 + 2 more..."]),
+                json!(["a-2", "IPv4", "8080", "10.244.1.9"]),
+                json!(["b-1", "IPv4", "<unset>", "<unset>"]),
+            ]
+            .map(|row| row.as_array().unwrap().clone())
+        );
+
+        // One object: a Table of one row; v1beta1 when that is what the client asks for.
+        let one = get_table(&server, "/api/v1/namespaces/default/services/d-lb").await;
+        assert_eq!(one["rows"].as_array().unwrap().len(), 1);
+        assert_eq!(one["rows"][0]["cells"][0], "d-lb");
+        let (_, _, body) = http_get(server.addr(), "/api/v1/namespaces/default/services/d-lb", "application/json;as=Table;v=v1beta1;g=meta.k8s.io").await;
+        let beta: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(beta["apiVersion"], "meta.k8s.io/v1beta1");
+        // Without the Table media type: the object itself.
+        let (_, _, body) = http_get(server.addr(), "/api/v1/namespaces/default/services/d-lb", "application/json").await;
+        let plain: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(plain["kind"], "Service");
+
+        // A watch's events carry Tables too (what `kubectl get -w` prints).
+        let (status, _, body) = http_get(
+            server.addr(),
+            "/api/v1/namespaces/default/services?watch=true&fieldSelector=metadata.name%3Da-cluster&timeoutSeconds=1",
+            TABLE_V1,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let events: Vec<Value> = body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["type"], "ADDED");
+        assert_eq!(events[0]["object"]["kind"], "Table");
+        assert_eq!(events[0]["object"]["rows"][0]["cells"][0], "a-cluster");
+    })
+    .await;
+}
+
+/// The fields of one protobuf message: (field number, wire type, varint or bytes).
+fn proto_fields(mut buf: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
+    fn varint(buf: &mut &[u8]) -> u64 {
+        let mut v = 0;
+        for shift in (0..64).step_by(7) {
+            let (byte, rest) = buf.split_first().unwrap();
+            *buf = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        v
+    }
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let key = varint(&mut buf);
+        match key & 7 {
+            0 => out.push((key >> 3, 0, varint(&mut buf).to_le_bytes().to_vec())),
+            2 => {
+                let len = usize::try_from(varint(&mut buf)).unwrap();
+                out.push((key >> 3, 2, buf[..len].to_vec()));
+                buf = &buf[len..];
+            }
+            other => panic!("unexpected wire type {other}"),
+        }
+    }
+    out
+}
+
+fn proto_field(msg: &[u8], field: u64) -> Vec<Vec<u8>> {
+    proto_fields(msg)
+        .into_iter()
+        .filter(|(f, _, _)| *f == field)
+        .map(|(_, _, v)| v)
+        .collect()
+}
+
+fn proto_string(msg: &[u8], field: u64) -> String {
+    String::from_utf8(proto_field(msg, field).remove(0)).unwrap()
+}
+
+#[tokio::test]
+async fn openapi_v2_as_json_and_as_gnostic_protobuf() {
+    bounded(async {
+        let (server, _) = start().await;
+        let (status, _, body) = http_get(server.addr(), "/openapi/v2", "application/json").await;
+        assert_eq!(status, 200);
+        let doc: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["swagger"], "2.0");
+        let defs = doc["definitions"].as_object().unwrap();
+        assert_eq!(
+            defs["io.k8s.api.core.v1.Service"]["x-kubernetes-group-version-kind"],
+            json!([{"group": "", "kind": "Service", "version": "v1"}])
+        );
+        assert_eq!(
+            defs["io.k8s.api.discovery.v1.EndpointSlice"]["x-kubernetes-group-version-kind"],
+            json!([{"group": "discovery.k8s.io", "kind": "EndpointSlice", "version": "v1"}])
+        );
+        assert_eq!(
+            defs["io.k8s.api.discovery.v1.EndpointSlice"]["required"],
+            json!(["addressType", "endpoints"])
+        );
+        // kubectl finds each kind's PATCH here; without `fieldValidation` listed it
+        // validates on the client.
+        let patch = &doc["paths"]["/api/v1/namespaces/{namespace}/services/{name}"]["patch"];
+        assert_eq!(patch["x-kubernetes-action"], "patch");
+        assert_eq!(patch["x-kubernetes-group-version-kind"]["kind"], "Service");
+        assert!(!patch["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "fieldValidation"));
+        assert!(doc["paths"]
+            ["/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}"]["patch"]
+            .is_object());
+
+        // What kubectl asks for: the same document as gnostic's openapi.v2.Document.
+        let (status, head, pb) = http_get(
+            server.addr(),
+            "/openapi/v2",
+            "application/com.github.proto-openapi.spec.v2@v1.0+protobuf",
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(
+            head.contains(
+                "content-type: application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+            ),
+            "{head}"
+        );
+        assert_eq!(proto_string(&pb, 1), "2.0");
+        // definitions (9) > NamedSchema (1) {name 1, Schema 2}
+        let definitions = proto_field(&pb, 9).remove(0);
+        let named: Vec<(String, Vec<u8>)> = proto_field(&definitions, 1)
+            .iter()
+            .map(|n| (proto_string(n, 1), proto_field(n, 2).remove(0)))
+            .collect();
+        let names: BTreeSet<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, defs.keys().map(String::as_str).collect());
+        let (_, service) = named
+            .iter()
+            .find(|(n, _)| n == "io.k8s.api.core.v1.Service")
+            .unwrap();
+        // Schema.type (22) > TypeItem.value (1)
+        assert_eq!(
+            proto_string(&proto_field(service, 22).remove(0), 1),
+            "object"
+        );
+        // Schema.properties (25) > NamedSchema names
+        let props: BTreeSet<String> = proto_field(&proto_field(service, 25).remove(0), 1)
+            .iter()
+            .map(|n| proto_string(n, 1))
+            .collect();
+        assert_eq!(
+            props,
+            ["apiVersion", "kind", "metadata", "spec", "status"]
+                .map(String::from)
+                .into()
+        );
+        // Schema.vendor_extension (31) > NamedAny {name 1, Any 2 {yaml 2}}
+        let ext = proto_field(service, 31).remove(0);
+        assert_eq!(proto_string(&ext, 1), "x-kubernetes-group-version-kind");
+        let yaml = proto_string(&proto_field(&ext, 2).remove(0), 2);
+        let gvk: Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(
+            gvk,
+            json!([{"group": "", "kind": "Service", "version": "v1"}])
+        );
+        // paths (8) > NamedPathItem (2) {name 1, PathItem 2 {patch 8 > Operation}}
+        let paths = proto_field(&pb, 8).remove(0);
+        let path_names: Vec<String> = proto_field(&paths, 2)
+            .iter()
+            .map(|p| proto_string(p, 1))
+            .collect();
+        assert!(
+            path_names.contains(&"/api/v1/namespaces/{namespace}/services/{name}".to_owned()),
+            "{path_names:?}"
+        );
+
+        // No v3: kubectl falls back to v2.
+        let (status, _, _) = http_get(server.addr(), "/openapi/v3", "application/json").await;
+        assert_eq!(status, 404);
+    })
+    .await;
+}
+
+const TRIGGER: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_of(slice: &EndpointSlice) -> Option<String> {
+    slice.annotations().get(TRIGGER).cloned()
+}
+
+/// (seconds since the epoch, nanoseconds) of an RFC 3339 UTC time with an optional
+/// fraction, parsed here independently of the server.
+fn instant(ts: &str) -> (i64, u32) {
+    let (whole, frac) = ts
+        .strip_suffix('Z')
+        .unwrap()
+        .split_once('.')
+        .unwrap_or((ts.strip_suffix('Z').unwrap(), ""));
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().unwrap()
+    };
+    let dt = chrono_free_seconds(whole);
+    (dt, nanos)
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS`, by counting days.
+fn chrono_free_seconds(s: &str) -> i64 {
+    let n = |a: usize, b: usize| s[a..b].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
+    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let mut days: i64 = (1970..y).map(|y| if leap(y) { 366 } else { 365 }).sum();
+    let month_days = [
+        31,
+        if leap(y) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    days += month_days[..usize::try_from(m - 1).unwrap()]
+        .iter()
+        .sum::<i64>()
+        + d
+        - 1;
+    days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19)
+}
+
+#[tokio::test]
+async fn creation_timestamps_and_endpoint_slice_trigger_times() {
+    bounded(async {
+        let (_server, client) = start().await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let now = i64::try_from(now).unwrap();
+
+        // creationTimestamp: set on create (second precision, as metav1.Time), kept by
+        // updates whatever they send.
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        let created = services.create(&PostParams::default(), &service("web", json!({}))).await.unwrap();
+        let ts = created.metadata.creation_timestamp.clone().unwrap();
+        let secs = ts.0.as_second();
+        assert!((now - 5..=now + 60).contains(&secs), "creationTimestamp {ts:?} is not about now ({now})");
+        let patched = services
+            .patch("web", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"creationTimestamp": "2001-01-01T00:00:00Z", "labels": {"x": "y"}}})))
+            .await
+            .unwrap();
+        assert_eq!(patched.metadata.creation_timestamp, Some(ts));
+
+        // The trigger time: set on create, RFC 3339 with nanoseconds (RFC3339Nano).
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+        let slice = |addresses: &[&str], annotations: Value| -> EndpointSlice {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}, "annotations": annotations},
+                "addressType": "IPv4",
+                "endpoints": addresses.iter().map(|a| json!({"addresses": [a]})).collect::<Vec<_>>(),
+            }))
+            .unwrap()
+        };
+        let first = slices.create(&PostParams::default(), &slice(&["10.244.1.1"], json!({}))).await.unwrap();
+        let t1 = trigger_of(&first).expect("a trigger time on create");
+        assert!(t1.ends_with('Z') && t1.len() > 20 && t1.len() <= 30, "{t1}");
+        let (t1_secs, _) = instant(&t1);
+        assert!((now - 5..=now + 60).contains(&t1_secs), "trigger time {t1} is not about now ({now})");
+
+        // A replace that changes nothing (the annotation carried over or left out):
+        // no new version, the trigger time stays.
+        for annotations in [json!({TRIGGER: t1}), json!({})] {
+            let mut same = slice(&["10.244.1.1"], annotations);
+            same.metadata.resource_version = first.metadata.resource_version.clone();
+            let replaced = slices.replace("web-1", &PostParams::default(), &same).await.unwrap();
+            assert_eq!(replaced.metadata.resource_version, first.metadata.resource_version);
+            assert_eq!(trigger_of(&replaced), Some(t1.clone()));
+        }
+
+        // A writer's own trigger time is kept (here an old one, a test standing in for
+        // the controller) ...
+        let old = "2020-01-01T00:00:00.5Z";
+        let second = slices
+            .patch("web-1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {TRIGGER: old}}, "endpoints": [{"addresses": ["10.244.1.2"]}]})))
+            .await
+            .unwrap();
+        assert_eq!(trigger_of(&second).as_deref(), Some(old));
+        // ... and a change that carries it over (as kubectl apply's patch does) gets
+        // the time of this change.
+        let third = slices
+            .patch("web-1", &PatchParams::default(), &Patch::Merge(json!({"endpoints": [{"addresses": ["10.244.1.3"]}]})))
+            .await
+            .unwrap();
+        let t3 = trigger_of(&third).unwrap();
+        assert!(instant(&t3) > instant(old), "{t3} after {old}");
+        assert!(instant(&t3) >= instant(&t1), "{t3} not before {t1}");
+        // Other kinds get no trigger time.
+        assert!(!patched.annotations().contains_key(TRIGGER));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kubectl_applies_the_repos_examples_with_validation_on() {
+    bounded(async {
+        let (server, client) = start().await;
+        let dir = temp_path("kubectl");
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig).unwrap();
+        let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+        // kubectl blocks; the server runs on this test's runtime thread meanwhile.
+        let kubectl = move |args: Vec<String>| {
+            let (kubeconfig, cache) = (kubeconfig.clone(), dir.join("cache"));
+            tokio::task::spawn_blocking(move || {
+                Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&kubeconfig)
+                    .arg("--cache-dir")
+                    .arg(&cache)
+                    .args(["--request-timeout", "10s"])
+                    .args(&args)
+                    .output()
+                    .expect("kubectl runs (install it: Debian's kubernetes-client, or `cargo xtask test`)")
+            })
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&examples).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        assert!(!files.is_empty());
+        for file in &files {
+            let out = kubectl(vec!["apply".into(), "-f".into(), file.display().to_string()]).await.unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "kubectl apply {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(stdout.lines().all(|l| l.ends_with(" created")), "{stdout}");
+            // Applied again: the same objects, nothing to change.
+            let out = kubectl(vec!["apply".into(), "-f".into(), file.display().to_string()]).await.unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && stdout.lines().all(|l| l.ends_with(" unchanged")), "{stdout}");
+        }
+        // A changed port and a new one, then back: kubectl's strategic merge patches
+        // (computed from the document's merge keys, with `$setElementOrder` and
+        // `$patch: delete`) merged by port.
+        let web = std::fs::read_to_string(examples.join("web.yaml")).unwrap();
+        let changed = web.replace(
+            "      port: 80\n      targetPort: 8080\n",
+            "      port: 80\n      targetPort: 9090\n    - name: https\n      protocol: TCP\n      port: 443\n      targetPort: 8443\n",
+        );
+        assert_ne!(changed, web, "web.yaml has the port this test changes");
+        let changed_path = temp_path("kubectl").join("web-changed.yaml");
+        std::fs::write(&changed_path, changed).unwrap();
+        let demo: Api<Service> = Api::namespaced(client.clone(), "demo");
+        let ports = |svc: Service| serde_json::to_value(svc.spec.unwrap().ports.unwrap()).unwrap();
+        for (file, want) in [
+            (
+                changed_path.clone(),
+                json!([
+                    {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 9090},
+                    {"name": "https", "port": 443, "protocol": "TCP", "targetPort": 8443},
+                ]),
+            ),
+            (
+                examples.join("web.yaml"),
+                json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]),
+            ),
+        ] {
+            let out = kubectl(vec!["apply".into(), "-f".into(), file.display().to_string()]).await.unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && stdout.contains("service/web configured"), "{stdout}");
+            assert_eq!(ports(demo.get("web").await.unwrap()), want);
+        }
+
+        let services: Api<Service> = Api::all(client.clone());
+        let applied = services.list(&ListParams::default()).await.unwrap().items.len();
+        let out = kubectl(vec!["get".into(), "services".into(), "-A".into()]).await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut lines = stdout.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]);
+        assert_eq!(lines.count(), applied, "{stdout}");
+        let out = kubectl(vec!["get".into(), "endpointslices".into(), "-A".into()]).await.unwrap();
+        let header: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().split_whitespace().map(String::from).collect();
+        assert_eq!(header, ["NAMESPACE", "NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"]);
+        let _ = std::fs::remove_dir_all(temp_path("kubectl"));
+    })
+    .await;
+}

@@ -250,6 +250,9 @@ const LAB_TOOLS: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     ("mount", "mount"),
     ("hping3", "hping3"),
+    // A real client of the test API server (tests/tests/apiserver.rs, kubectl.rs);
+    // Debian's is kubectl 1.20, which the server serves as well as newer ones.
+    ("kubectl", "kubernetes-client"),
 ];
 
 fn on_path(program: &str) -> bool {

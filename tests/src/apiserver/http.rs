@@ -18,9 +18,11 @@ use serde_json::{json, Value};
 use tokio::{sync::watch, time::Instant};
 
 use super::{
+    openapi,
     resource::{ApiError, ResourceKind},
     selector::{FieldSelector, LabelSelector},
     store::{meta_str, Filter, PatchType},
+    table::{self, IncludeObject},
     Shared, WatcherGuard, BYPASS_PAUSE_HEADER,
 };
 
@@ -71,6 +73,7 @@ struct Params {
     /// LIST pagination: the token of the page before (`<resourceVersion>/<namespace>/<name>`
     /// of its last item).
     continue_token: Option<String>,
+    include_object: Option<IncludeObject>,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
@@ -112,6 +115,13 @@ impl Params {
                         .map_err(|_| ApiError::bad_request(format!("invalid limit {v:?}")))?;
                 }
                 "continue" => p.continue_token = Some(v).filter(|v| !v.is_empty()),
+                "includeObject" => {
+                    p.include_object = Some(IncludeObject::parse(&v).ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "invalid includeObject {v:?}: want None, Metadata or Object"
+                        ))
+                    })?);
+                }
                 // pretty, force, propagationPolicy, gracePeriodSeconds, fieldValidation, ...
                 _ => {}
             }
@@ -168,6 +178,14 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
+    if segments == ["openapi", "v2"] {
+        if parts.method != Method::GET {
+            return Err(ApiError::method_not_allowed(
+                "the OpenAPI document is read-only",
+            ));
+        }
+        return Ok(openapi_v2(&parts.headers));
+    }
     if let Some(doc) = discovery(&segments) {
         if parts.method != Method::GET {
             return Err(ApiError::method_not_allowed("discovery is read-only"));
@@ -200,6 +218,7 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
         return Err(ApiError::no_route());
     }
     let params = Params::parse(&parts.uri)?;
+    let view = View::negotiate(&parts.headers, &params);
     if params.dry_run && parts.method != Method::GET {
         return Err(ApiError::bad_request(
             "dryRun is not supported by the test API server",
@@ -212,9 +231,9 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
     match (name, &parts.method) {
         (None, &Method::GET) => {
             if params.watch {
-                watch(shared, kind, namespace, &params)
+                watch(shared, kind, namespace, &params, view)
             } else {
-                list(shared, kind, namespace, &params)
+                list(shared, kind, namespace, &params, view)
             }
         }
         (None, &Method::POST) => {
@@ -232,10 +251,10 @@ async fn route(shared: &Arc<Shared>, req: Request) -> Result<Response, ApiError>
                 } else {
                     format!("{},{sel}", params.field_selector)
                 };
-                return watch(shared, kind, namespace, &params);
+                return watch(shared, kind, namespace, &params, view);
             }
             let obj = shared.read(|s| s.get(kind, namespace.unwrap_or_default(), name))?;
-            Ok(json_response(StatusCode::OK, &obj))
+            Ok(json_response(StatusCode::OK, &view.single(kind, &obj)))
         }
         (Some(name), &Method::PUT) => {
             let obj = parse_json(&body)?;
@@ -313,14 +332,79 @@ fn patch_type(headers: &HeaderMap) -> Result<PatchType, ApiError> {
     }
 }
 
+/// How objects are answered: as themselves, or as Table rows (`kubectl get`).
+#[derive(Clone, Copy, Debug)]
+enum View {
+    Object,
+    Table {
+        version: &'static str,
+        include: IncludeObject,
+    },
+}
+
+impl View {
+    fn negotiate(headers: &HeaderMap, params: &Params) -> Self {
+        let accept = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        match table::negotiate(accept) {
+            Some(version) => Self::Table {
+                version,
+                include: params.include_object.unwrap_or(IncludeObject::Metadata),
+            },
+            None => Self::Object,
+        }
+    }
+
+    /// One object (GET, or a watch event's object).
+    fn single(self, kind: ResourceKind, obj: &Value) -> Value {
+        match self {
+            Self::Object => obj.clone(),
+            Self::Table { version, include } => table::table(kind, &[obj], None, include, version),
+        }
+    }
+}
+
+/// `/openapi/v2`: protobuf when the client asks for it (kubectl does), else JSON.
+fn openapi_v2(headers: &HeaderMap) -> Response {
+    let doc = openapi::document(KUBE_MINOR);
+    let wants_protobuf = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("protobuf"));
+    if wants_protobuf {
+        (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(openapi::PROTOBUF_MEDIA_TYPE),
+            )],
+            openapi::to_protobuf(&doc),
+        )
+            .into_response()
+    } else {
+        json_response(StatusCode::OK, &doc)
+    }
+}
+
 fn list(
     shared: &Shared,
     kind: ResourceKind,
     namespace: Option<&str>,
     params: &Params,
+    view: View,
 ) -> Result<Response, ApiError> {
     let filter = params.filter(kind, namespace)?;
     let (current_rv, mut items) = shared.read(|s| s.list(&filter));
+    // A Table (what `kubectl get` asks for) holds every item in one page.
+    if let View::Table { version, include } = view {
+        let objects: Vec<&Value> = items.iter().map(|o| &**o).collect();
+        return Ok(json_response(
+            StatusCode::OK,
+            &table::table(kind, &objects, Some(current_rv), include, version),
+        ));
+    }
     // Pages as the real server cuts them (`limit`, `continue`), in (namespace, name)
     // order. A continued page carries the first page's resourceVersion, so a watch
     // started from it replays every change since: the real server serves a continued
@@ -423,6 +507,7 @@ fn watch(
     kind: ResourceKind,
     namespace: Option<&str>,
     params: &Params,
+    view: View,
 ) -> Result<Response, ApiError> {
     let filter = params.filter(kind, namespace)?;
     let start = match params.resource_version.as_deref() {
@@ -487,7 +572,11 @@ fn watch(
     let mut finished = false;
     let (position, rv_rx, drop_rx) = match snapshot {
         Ok((position, initial, rv_rx, drop_rx)) => {
-            lines.extend(initial.iter().map(|obj| event_line("ADDED", obj)));
+            lines.extend(
+                initial
+                    .iter()
+                    .map(|obj| event_line("ADDED", &view.single(kind, obj))),
+            );
             (position, rv_rx, drop_rx)
         }
         Err(e) if e.code == 410 => {
@@ -510,6 +599,7 @@ fn watch(
     let state = WatchStream {
         shared: shared.clone(),
         filter,
+        view,
         position,
         lines,
         finished,
@@ -534,6 +624,7 @@ fn watch(
 struct WatchStream {
     shared: Arc<Shared>,
     filter: Filter,
+    view: View,
     /// Every event up to here has been sent (or filtered out).
     position: u64,
     lines: VecDeque<Bytes>,
@@ -600,6 +691,7 @@ impl WatchStream {
             Ok((events, now)) => {
                 for ev in &events {
                     if let Some((ty, obj)) = self.filter.view(ev) {
+                        let obj = self.view.single(self.filter.kind, &obj);
                         self.lines.push_back(event_line(ty.wire(), &obj));
                     }
                     self.position = ev.rv;

@@ -41,7 +41,22 @@
 //!   ends the stream cleanly (default 30 minutes).
 //! - Discovery, minimal: `/version`, `/api`, `/api/v1`, `/apis`,
 //!   `/apis/discovery.k8s.io[/v1]`, `/healthz`, `/livez`, `/readyz`. kube-rs's typed
-//!   `Api` and `watcher` do not need them.
+//!   `Api` and `watcher` do not need them; kubectl does.
+//! - kubectl (1.20 to 1.32 tried) works as against a real server, validation on:
+//!   `/openapi/v2` (protobuf for kubectl, JSON otherwise, see `openapi.rs`) has the
+//!   schemas of Service and EndpointSlice, so `kubectl apply` validates on the client
+//!   and rejects unknown fields (Nodes have no schema there: kubectl applies them
+//!   unvalidated); `/openapi/v3` is 404 (kubectl falls back to v2).
+//!   `Accept: application/json;as=Table;v=v1;g=meta.k8s.io` (or `v1beta1`) on LIST,
+//!   GET and WATCH answers `Table`s with the real server's columns (Services: Name,
+//!   Type, Cluster-IP, External-IP, Port(s), Age, Selector (wide); EndpointSlices:
+//!   Name, AddressType, Ports, Endpoints, Age; Nodes: Name, Status, Roles, Age,
+//!   Version) and `includeObject=None|Metadata|Object`, see `table.rs`.
+//! - EndpointSlices get `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339
+//!   with nanoseconds, as the EndpointSlice controller writes it) on create and on
+//!   every update that changes them: the write stands in for the Service or Pod change
+//!   that would have triggered the controller. A value the writer sets itself (a new
+//!   one on update) is kept, so a test can name its own trigger time.
 //! - Service defaulting and allocation (ClusterIPs, node ports, ...), see `defaults.rs`;
 //!   switch off with [`ServerConfig::service_defaults`].
 //! - `metadata.creationTimestamp` on create (kept on updates), and on EndpointSlices
@@ -50,8 +65,11 @@
 //!   keeps it; a writer's own time is kept), so network programming latency is
 //!   measured through this server.
 //! - PATCH: `application/merge-patch+json` (RFC 7386), `application/json-patch+json`
-//!   (RFC 6902), and approximations of `application/strategic-merge-patch+json` (as a
-//!   merge patch: lists are replaced, not merged by key) and
+//!   (RFC 6902), `application/strategic-merge-patch+json` (the merging lists of the
+//!   served kinds merged by their keys: Service `spec.ports` by port, `ownerReferences`
+//!   by uid, conditions by type, finalizers as a set, ...; every other list replaced;
+//!   the directives `$patch`, `$retainKeys`, `$setElementOrder/`,
+//!   `$deleteFromPrimitiveList/`), and an approximation of
 //!   `application/apply-patch+yaml` (server-side apply as create-or-merge-patch,
 //!   `fieldManager` required, no field ownership or conflicts).
 //!
@@ -84,9 +102,9 @@
 //! The same controls are methods of [`TestApiServerHandle`].
 //!
 //! # Not implemented
-//! Authentication and authorization, TLS, HTTP/2, protobuf, Table output and OpenAPI
-//! documents (so `kubectl get` lacks columns and `kubectl apply` needs
-//! `--validate=false`), other
+//! Authentication and authorization, TLS, HTTP/2, protobuf objects (only the OpenAPI
+//! document is protobuf), `PartialObjectMetadata` views, server-side field validation
+//! (`fieldValidation` is ignored and not advertised), OpenAPI v3, other
 //! resources and subresources (`/status`), `deletecollection`, pagination, LIST or
 //! WATCH at an exact older resourceVersion (the current state is served), `dryRun`
 //! (refused with 400), finalizers and graceful deletion (deletes are immediate),
@@ -95,10 +113,12 @@
 
 mod defaults;
 mod http;
+mod openapi;
 mod patch;
 mod resource;
 mod selector;
 mod store;
+mod table;
 
 use std::{
     io,

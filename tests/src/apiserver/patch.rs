@@ -1,9 +1,210 @@
-//! PATCH bodies: JSON merge patch (RFC 7386) and JSON patch (RFC 6902).
+//! PATCH bodies: JSON merge patch (RFC 7386), JSON patch (RFC 6902) and strategic
+//! merge patch.
 //!
-//! Strategic merge patch and server-side apply are approximated by the merge patch in
-//! the caller (lists are replaced, not merged by key).
+//! Server-side apply is approximated by the merge patch in the caller (lists are
+//! replaced, no field ownership).
 
 use serde_json::{Map, Value};
+
+/// How a list field merges in a strategic merge patch (the `patchStrategy` and
+/// `patchMergeKey` of the Go types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListStrategy {
+    /// Replaced whole (atomic lists, and every list the table does not name).
+    Replace,
+    /// Objects merged by the value of this key.
+    MergeByKey(&'static str),
+    /// A set of primitive values (`finalizers`).
+    MergePrimitives,
+}
+
+/// The merging lists of the served kinds, by path of field names (`*` for any map
+/// key); every other list is atomic, as are EndpointSlice's `endpoints` and `ports`.
+const MERGING_LISTS: &[(&[&str], ListStrategy)] = &[
+    (&["metadata", "finalizers"], ListStrategy::MergePrimitives),
+    (
+        &["metadata", "ownerReferences"],
+        ListStrategy::MergeByKey("uid"),
+    ),
+    (&["spec", "ports"], ListStrategy::MergeByKey("port")),
+    (&["spec", "taints"], ListStrategy::MergeByKey("key")),
+    (&["spec", "podCIDRs"], ListStrategy::MergePrimitives),
+    (&["status", "conditions"], ListStrategy::MergeByKey("type")),
+    (&["status", "addresses"], ListStrategy::MergeByKey("type")),
+];
+
+fn list_strategy(path: &[String]) -> ListStrategy {
+    MERGING_LISTS
+        .iter()
+        .find(|(p, _)| {
+            p.len() == path.len() && p.iter().zip(path).all(|(a, b)| *a == "*" || a == b)
+        })
+        .map_or(ListStrategy::Replace, |(_, s)| *s)
+}
+
+/// Applies a strategic merge patch: a merge patch whose lists of the table above merge
+/// by key, with the directives kubectl sends (`$patch: replace|delete|merge`,
+/// `$retainKeys`, `$setElementOrder/<list>`, `$deleteFromPrimitiveList/<list>`).
+///
+/// # Errors
+/// A malformed directive.
+pub fn strategic_merge_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
+    strategic_map(target, patch, &mut Vec::new())
+}
+
+fn strategic_map(target: &mut Value, patch: &Value, path: &mut Vec<String>) -> Result<(), String> {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return Ok(());
+    };
+    match patch.get("$patch").map(|v| v.as_str()) {
+        None | Some(Some("merge")) => {}
+        Some(Some("replace")) => {
+            let mut replaced = patch.clone();
+            replaced.remove("$patch");
+            *target = Value::Object(replaced);
+            return Ok(());
+        }
+        Some(Some("delete")) => {
+            *target = Value::Object(Map::new());
+            return Ok(());
+        }
+        Some(other) => return Err(format!("unknown $patch directive {other:?}")),
+    }
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Value::Object(t) = target else {
+        return Ok(());
+    };
+    for (key, value) in patch {
+        if key == "$patch" || key == "$retainKeys" || key.starts_with("$setElementOrder/") {
+            continue;
+        }
+        if let Some(list) = key.strip_prefix("$deleteFromPrimitiveList/") {
+            let gone = value
+                .as_array()
+                .ok_or("$deleteFromPrimitiveList wants a list")?;
+            if let Some(Value::Array(items)) = t.get_mut(list) {
+                items.retain(|item| !gone.contains(item));
+            }
+            continue;
+        }
+        if value.is_null() || value.get("$patch").and_then(Value::as_str) == Some("delete") {
+            t.remove(key);
+            continue;
+        }
+        path.push(key.clone());
+        let slot = t.entry(key.clone()).or_insert(Value::Null);
+        match value {
+            Value::Array(items) => merge_list(slot, items, list_strategy(path), path)?,
+            Value::Object(_) => strategic_map(slot, value, path)?,
+            _ => *slot = value.clone(),
+        }
+        path.pop();
+    }
+    for (key, value) in patch {
+        if let Some(list) = key.strip_prefix("$setElementOrder/") {
+            let order = value.as_array().ok_or("$setElementOrder wants a list")?;
+            if let Some(Value::Array(items)) = t.get_mut(list) {
+                let mut path = path.clone();
+                path.push(list.to_owned());
+                reorder(items, order, list_strategy(&path));
+            }
+        }
+    }
+    if let Some(keep) = patch.get("$retainKeys") {
+        let keep: Vec<&str> = keep
+            .as_array()
+            .ok_or("$retainKeys wants a list")?
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        t.retain(|k, _| keep.contains(&k.as_str()));
+    }
+    Ok(())
+}
+
+fn merge_list(
+    slot: &mut Value,
+    items: &[Value],
+    strategy: ListStrategy,
+    path: &mut Vec<String>,
+) -> Result<(), String> {
+    let replace = || {
+        Value::Array(
+            items
+                .iter()
+                .filter(|i| i.get("$patch").is_none())
+                .cloned()
+                .collect(),
+        )
+    };
+    match strategy {
+        ListStrategy::Replace => *slot = replace(),
+        _ if items
+            .iter()
+            .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace")) =>
+        {
+            *slot = replace();
+        }
+        ListStrategy::MergePrimitives => {
+            if !slot.is_array() {
+                *slot = Value::Array(Vec::new());
+            }
+            if let Value::Array(existing) = slot {
+                for item in items {
+                    if !existing.contains(item) {
+                        existing.push(item.clone());
+                    }
+                }
+            }
+        }
+        ListStrategy::MergeByKey(merge_key) => {
+            if !slot.is_array() {
+                *slot = Value::Array(Vec::new());
+            }
+            let Value::Array(existing) = slot else {
+                return Ok(());
+            };
+            for item in items {
+                let key = item
+                    .get(merge_key)
+                    .ok_or_else(|| format!("list item without its merge key {merge_key:?}"))?;
+                let found = existing.iter().position(|e| e.get(merge_key) == Some(key));
+                let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
+                match (found, delete) {
+                    (Some(i), true) => {
+                        existing.remove(i);
+                    }
+                    (None, true) => {}
+                    (Some(i), false) => strategic_map(&mut existing[i], item, path)?,
+                    (None, false) => {
+                        let mut new = Value::Null;
+                        strategic_map(&mut new, item, path)?;
+                        existing.push(new);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Orders `items` as `order` names them (by merge key, or by value); items it does not
+/// name keep their relative order after the named ones.
+fn reorder(items: &mut [Value], order: &[Value], strategy: ListStrategy) {
+    let rank = |item: &Value| {
+        order
+            .iter()
+            .position(|o| match strategy {
+                ListStrategy::MergeByKey(k) => o.get(k).is_some() && o.get(k) == item.get(k),
+                _ => o == item,
+            })
+            .unwrap_or(order.len())
+    };
+    items.sort_by_key(rank);
+}
 
 /// Applies an RFC 7386 JSON merge patch to `target`.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
@@ -266,5 +467,70 @@ mod tests {
             assert!(json_patch(&mut doc, &bad).is_err(), "{bad}");
             assert_eq!(doc, orig);
         }
+    }
+
+    #[test]
+    fn strategic_merge_by_key_and_directives() {
+        let mut svc = json!({
+            "metadata": {"finalizers": ["a"], "labels": {"x": "1"}},
+            "spec": {
+                "ports": [{"port": 80, "targetPort": 8080}, {"port": 53, "protocol": "UDP"}],
+                "ipFamilies": ["IPv4"],
+                "selector": {"app": "web", "tier": "front"},
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10}},
+            },
+        });
+        strategic_merge_patch(
+            &mut svc,
+            &json!({
+                "metadata": {"finalizers": ["b", "a"], "labels": {"x": null}},
+                "spec": {
+                    "$setElementOrder/ports": [{"port": 443}, {"port": 80}],
+                    "ports": [{"port": 80, "targetPort": 9090}, {"port": 53, "$patch": "delete"}, {"port": 443}],
+                    "ipFamilies": ["IPv6"],
+                    "selector": {"$patch": "replace", "app": "api"},
+                    "sessionAffinityConfig": {"$patch": "delete"},
+                },
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            svc,
+            json!({
+                "metadata": {"finalizers": ["a", "b"], "labels": {}},
+                "spec": {
+                    "ports": [{"port": 443}, {"port": 80, "targetPort": 9090}],
+                    "ipFamilies": ["IPv6"],
+                    "selector": {"app": "api"},
+                },
+            })
+        );
+        // $retainKeys, $deleteFromPrimitiveList, a list replaced whole.
+        let mut obj =
+            json!({"spec": {"a": 1, "b": 2, "c": 3}, "metadata": {"finalizers": ["a", "b"]}});
+        strategic_merge_patch(
+            &mut obj,
+            &json!({
+                "spec": {"$retainKeys": ["a", "d"], "d": 4},
+                "metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]},
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            obj,
+            json!({"spec": {"a": 1, "d": 4}, "metadata": {"finalizers": ["b"]}})
+        );
+        let mut obj = json!({"spec": {"ports": [{"port": 1}, {"port": 2}]}});
+        strategic_merge_patch(
+            &mut obj,
+            &json!({"spec": {"ports": [{"$patch": "replace"}, {"port": 3}]}}),
+        )
+        .unwrap();
+        assert_eq!(obj, json!({"spec": {"ports": [{"port": 3}]}}));
+        // Errors: a merge-key list item without its key, an unknown directive.
+        assert!(
+            strategic_merge_patch(&mut obj, &json!({"spec": {"ports": [{"name": "x"}]}})).is_err()
+        );
+        assert!(strategic_merge_patch(&mut obj, &json!({"$patch": "frobnicate"})).is_err());
     }
 }

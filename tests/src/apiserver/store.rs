@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     defaults,
-    patch::{json_patch, merge_patch},
+    patch::{json_patch, merge_patch, strategic_merge_patch},
     resource::{ApiError, ResourceKind},
     selector::{FieldSelector, LabelSelector},
 };
@@ -160,6 +160,11 @@ pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    rfc3339(secs, "")
+}
+
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS{fraction}Z`.
+fn rfc3339(secs: u64, fraction: &str) -> String {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.
@@ -173,7 +178,7 @@ pub fn now_rfc3339() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -656,7 +661,17 @@ impl Store {
         };
         let mut new = (*old).clone();
         match patch_type {
-            PatchType::Merge | PatchType::Strategic | PatchType::Apply => {
+            PatchType::Strategic => {
+                if !patch.is_object() {
+                    return Err(ApiError::bad_request(
+                        "a strategic merge patch must be a JSON object",
+                    ));
+                }
+                strategic_merge_patch(&mut new, &patch).map_err(|e| {
+                    ApiError::bad_request(format!("invalid strategic merge patch: {e}"))
+                })?;
+            }
+            PatchType::Merge | PatchType::Apply => {
                 if !patch.is_object() {
                     return Err(ApiError::bad_request("a merge patch must be a JSON object"));
                 }

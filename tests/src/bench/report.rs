@@ -494,6 +494,7 @@ mod tests {
             services: 10,
             new_flow_ns: 300.0,
             established_ns: 60.0,
+            established_counted_ns: 66.0,
             miss_ns: 30.0,
             single_run_miss_ns: 200.0,
             new_flow_one_service_ns: 250.0,

@@ -12,15 +12,19 @@
 //! - single-run miss: the miss measured one run per call, like new flows: the
 //!   difference to the miss is what one-run calls add (timer, cold caches), so
 //!   new flow minus (single-run miss minus miss) estimates a new flow's own cost;
+//! - established with per-service counters: the established packet again with the
+//!   per-service traffic counters on for every service (`--service-counters on`):
+//!   the difference to the established packet is their cost per packet;
 //! - new flow to one service: new flows as above, all to the same ClusterIP, so its
 //!   frontend, slot and backend entries stay in the caches: the new flow (random
 //!   services) minus this is what the service and backend lookups cost when they miss
 //!   the CPU caches and TLB at N services.
-use std::net::SocketAddrV4;
+use std::{collections::BTreeSet, net::SocketAddrV4};
 
 use anyhow::{bail, Result};
 use proxy_common::{proto, service_flags};
 use proxy_userspace::datapath::LoadOptions;
+use proxy_userspace::service_counters::{Mode as CountersMode, ServiceCounters};
 use serde::Serialize;
 
 use super::services::ServiceSet;
@@ -36,6 +40,7 @@ pub struct TcCost {
     pub services: usize,
     pub new_flow_ns: f64,
     pub established_ns: f64,
+    pub established_counted_ns: f64,
     pub miss_ns: f64,
     pub single_run_miss_ns: f64,
     pub new_flow_one_service_ns: f64,
@@ -88,6 +93,20 @@ pub fn measure(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> 
     )?;
     let established = Frame::tcp(client(40_001), middle, TcpFlags::ACK).to_bytes();
     let established_ns = run_checked(&mut harness, &established, repeat, "established")?;
+    let service_ids: BTreeSet<u32> = frontends
+        .iter()
+        .filter_map(|(_, spec)| harness.service_id(&spec.service_port))
+        .collect();
+    let mut counters = ServiceCounters::adopt(CountersMode::On, &harness.datapath.maps);
+    counters.sync(&mut harness.datapath.maps, &service_ids)?;
+    let established_counted_ns = run_checked(
+        &mut harness,
+        &established,
+        repeat,
+        "established, per-service counters on",
+    )?;
+    let mut counters = ServiceCounters::adopt(CountersMode::Off, &harness.datapath.maps);
+    counters.sync(&mut harness.datapath.maps, &service_ids)?;
 
     let mut single = 0.0;
     for flow in 0..new_flows {
@@ -127,6 +146,7 @@ pub fn measure(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> 
         services: set.len(),
         new_flow_ns,
         established_ns,
+        established_counted_ns,
         miss_ns,
         single_run_miss_ns,
         new_flow_one_service_ns,

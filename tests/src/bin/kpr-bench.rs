@@ -100,13 +100,14 @@ fn main() -> Result<()> {
             let cost = bench::tc_cost::measure(&set, config.tc_repeat, config.tc_new_flows)
                 .with_context(|| format!("BPF_PROG_TEST_RUN at N={count}"))?;
             println!(
-                "N={count} M={} TC ns: new / est / miss (1-run miss): {:.0} / {:.0} / {:.0} ({:.0}); new flows to one service {:.0}",
+                "N={count} M={} TC ns: new / est / miss (1-run miss): {:.0} / {:.0} / {:.0} ({:.0}); new flows to one service {:.0}; est with per-service counters {:.0}",
                 config.endpoints,
                 cost.new_flow_ns,
                 cost.established_ns,
                 cost.miss_ns,
                 cost.single_run_miss_ns,
-                cost.new_flow_one_service_ns
+                cost.new_flow_one_service_ns,
+                cost.established_counted_ns
             );
         }
         return Ok(());
