@@ -36,8 +36,12 @@ use crate::{
     service_counters::{self, ServiceCounters},
     socket_lb,
     source::{self, Snapshot, SourceConfig},
-    sync::{frontend_addrs::FrontendAddrs, FrontendFailure, SyncReport, Syncer},
+    sync::{
+        frontend_addrs::FrontendAddrs, Capacity as SyncCapacity, FrontendFailure, Mirror,
+        SyncReport, Syncer,
+    },
     takeover::{self, KernelSupport, Takeover},
+    upkeep::Upkeep,
 };
 
 /// Everything the agent needs to run.
@@ -75,6 +79,9 @@ pub struct AgentConfig {
     /// The service CIDR (`--service-cidr`; length 0: unset): its addresses that no
     /// Service holds are dropped.
     pub service_cidr: proxy_common::ServiceCidrV4,
+    /// The least capacities of the other sized maps (`None`: the default); each grows
+    /// to what the cluster found at start needs, with room to spare.
+    pub map_sizes: MapSizes,
     /// Conntrack timeouts.
     pub datapath: DatapathConfig,
     /// How often expired conntrack entries are reaped.
@@ -91,6 +98,72 @@ pub struct AgentConfig {
     /// (kube-proxy: `0.0.0.0`); with filters, they listen on the NodePort addresses
     /// instead ([`health_check_addresses`]). Empty: none.
     pub health_check_addresses: Vec<IpAddr>,
+}
+
+/// Configured least capacities of the maps sized by the cluster (`--services-max`,
+/// ...; `None`: the default of [`proxy_common::capacity`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: Option<u32>,
+    pub backends: Option<u32>,
+    pub affinity: Option<u32>,
+    pub source_ranges: Option<u32>,
+}
+
+/// How many entries of each cluster-sized map a desired state fills.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapDemand {
+    /// Frontends plus their backend slots.
+    pub services: usize,
+    /// Distinct backends.
+    pub backends: usize,
+    pub source_ranges: usize,
+}
+
+impl MapDemand {
+    /// What `desired` fills in the maps.
+    #[must_use]
+    pub fn of(desired: &Desired) -> Self {
+        let backends: std::collections::HashSet<(std::net::SocketAddrV4, u8)> = desired
+            .frontends
+            .iter()
+            .flat_map(|(key, spec)| spec.backends.iter().map(|addr| (*addr, key.proto)))
+            .collect();
+        Self {
+            services: desired
+                .frontends
+                .values()
+                .map(|spec| 1 + spec.backends.len())
+                .sum(),
+            backends: backends.len(),
+            source_ranges: desired.source_ranges.values().map(BTreeSet::len).sum(),
+        }
+    }
+}
+
+/// The load options for `config`: the configured capacities, each grown to hold
+/// `demand` with room to spare.
+fn load_options(config: &AgentConfig, demand: &MapDemand) -> LoadOptions {
+    use crate::datapath::grown_for;
+    use proxy_common::capacity;
+    let sizes = &config.map_sizes;
+    LoadOptions {
+        pin_dir: Some(config.pin_dir.clone()),
+        conntrack_max: config.conntrack_max,
+        services_max: Some(grown_for(
+            sizes.services.unwrap_or(capacity::SERVICES_V4),
+            demand.services,
+        )),
+        backends_max: Some(grown_for(
+            sizes.backends.unwrap_or(capacity::BACKENDS_V4),
+            demand.backends,
+        )),
+        affinity_max: sizes.affinity,
+        source_ranges_max: Some(grown_for(
+            sizes.source_ranges.unwrap_or(capacity::SOURCE_RANGES_V4),
+            demand.source_ranges,
+        )),
+    }
 }
 
 /// How the loop ended.
@@ -121,15 +194,15 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let agent = Agent::start(config)?;
+    let prepared = Prepared::new(config)?;
     let source = source::start(
-        &agent.config.source,
-        agent.config.node_name.clone(),
-        &agent.metrics,
+        &prepared.config.source,
+        prepared.config.node_name.clone(),
+        &prepared.metrics,
     )
     .await
     .context("starting the source")?;
-    agent.serve(source, shutdown).await
+    prepared.serve(source, shutdown).await
 }
 
 /// Runs the agent like [`run`], on a source of the caller's own instead of the one
@@ -142,7 +215,90 @@ pub async fn run_on(
     source: source::Running,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    Agent::start(config)?.serve(source, shutdown).await
+    Prepared::new(config)?.serve(source, shutdown).await
+}
+
+/// What runs before the source's first snapshot: the lock, the health and metrics
+/// servers. The datapath is loaded only once the first snapshot says how large the
+/// cluster is, so its maps are made large enough for it.
+struct Prepared {
+    lock: PinDirLock,
+    config: AgentConfig,
+    health: SyncHealth,
+    metrics: Arc<Metrics>,
+}
+
+impl Prepared {
+    fn new(mut config: AgentConfig) -> anyhow::Result<Self> {
+        // Before anything is opened, written or removed: a second agent on the same
+        // pins must leave the first one's alone.
+        let lock = PinDirLock::acquire(&config.pin_dir)?;
+        if let Some(path) = &config.cgroup_path {
+            config.cgroup_path = Some(cgroup::resolve_cgroup2(path).context("--cgroup-path")?);
+        }
+        match &config.cgroup_path {
+            Some(path) => {
+                info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
+            }
+            None => info!(
+                "host-network clients are not translated: no --cgroup-path, so no socket-layer hooks"
+            ),
+        }
+        let health = SyncHealth::new(HEALTH_TIMEOUT);
+        health.queued();
+        let metrics = Arc::new(Metrics::new());
+        if let Some(addr) = config.metrics_bind_address {
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                if let Err(error) = crate::metrics::serve(addr, metrics).await {
+                    error!(%addr, %error, "metrics server stopped");
+                }
+            });
+        }
+        if let Some(addr) = config.healthz_bind_address {
+            let health = health.clone();
+            let rejected = metrics.http_rejected("healthz");
+            tokio::spawn(async move {
+                if let Err(error) = health::serve(addr, health, rejected).await {
+                    error!(%addr, %error, "health server stopped");
+                }
+            });
+        }
+        Ok(Self {
+            lock,
+            config,
+            health,
+            metrics,
+        })
+    }
+
+    /// Waits for the source's first snapshot (or `shutdown`), starts the agent on it
+    /// and follows the source.
+    async fn serve(
+        self,
+        mut source: source::Running,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let first = tokio::select! {
+            () = &mut shutdown => {
+                info!("stopped before the source's first snapshot; the datapath was not touched");
+                return Ok(());
+            }
+            changed = source.snapshots.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the source of Services and EndpointSlices stopped before its first snapshot");
+                }
+                Arc::clone(&source.snapshots.borrow_and_update())
+            }
+        };
+        let mut agent = Agent::start(self, first)?;
+        agent.api_status.clone_from(&source.api_status);
+        agent.on_first_snapshot().await;
+        let exit = agent.follow(&mut source, shutdown).await;
+        drop(source);
+        agent.finish(exit)
+    }
 }
 
 /// The agent loop's state.
@@ -186,35 +342,39 @@ struct Agent {
     published_names: Option<names::Names>,
     /// Which service ports the datapath counts traffic for.
     service_counters: ServiceCounters,
+    /// The thread that walks the conntrack and affinity maps.
+    upkeep: Upkeep,
 }
 
 impl Agent {
-    /// Loads (or adopts) the datapath and starts the health and metrics servers.
-    fn start(mut config: AgentConfig) -> anyhow::Result<Self> {
-        // Before anything is opened, written or removed: a second agent on the same
-        // pins must leave the first one's alone.
-        let lock = PinDirLock::acquire(&config.pin_dir)?;
-        if let Some(path) = &config.cgroup_path {
-            config.cgroup_path = Some(cgroup::resolve_cgroup2(path).context("--cgroup-path")?);
-        }
-        match &config.cgroup_path {
-            Some(path) => {
-                info!(cgroup = %path.display(), "host-network clients: socket-layer hooks go on this cgroup");
-            }
-            None => info!(
-                "host-network clients are not translated: no --cgroup-path, so no socket-layer hooks"
-            ),
-        }
-        let mut datapath = Datapath::load(&LoadOptions {
-            pin_dir: Some(config.pin_dir.clone()),
-            conntrack_max: config.conntrack_max,
-        })
-        .context("loading the datapath")?;
+    /// Loads (or adopts) the datapath, its maps sized for the `first` snapshot.
+    fn start(prepared: Prepared, first: Arc<Snapshot>) -> anyhow::Result<Self> {
+        let Prepared {
+            lock,
+            config,
+            health,
+            metrics,
+        } = prepared;
         let node = read_node_network(&config);
         let mut model_settings = config.model.clone();
         model_settings
             .node_port_addresses
             .clone_from(&node.node_port_addresses);
+        let desired = model::desired(&first.state, &model_settings);
+        let demand = MapDemand::of(&desired);
+        let options = load_options(&config, &demand);
+        let mut datapath = Datapath::load(&options).context("loading the datapath")?;
+        let capacities = datapath.maps.capacities;
+        info!(
+            services = capacities.services,
+            backends = capacities.backends,
+            conntrack = capacities.conntrack,
+            affinity = capacities.affinity,
+            source_ranges = capacities.source_ranges,
+            needed_services = demand.services,
+            needed_backends = demand.backends,
+            "map capacities"
+        );
         datapath
             .maps
             .set_config(&datapath_config(&config, &node))
@@ -230,7 +390,17 @@ impl Agent {
                 "adopting the maps of a previous agent"
             );
         }
-        let syncer = Syncer::adopt(mirror);
+        let upkeep = Upkeep::start(
+            conntrack::Tables::open(&datapath.maps).context("opening the conntrack maps")?,
+            datapath_config(&config, &node),
+            capacities,
+            Arc::clone(&metrics),
+        )
+        .context("starting the upkeep thread")?;
+        let syncer = Syncer::adopt(mirror).with_capacity(SyncCapacity {
+            services: capacities.services as usize,
+            backends: capacities.backends as usize,
+        });
         let frontend_addrs = datapath
             .maps
             .read_frontend_addrs()
@@ -243,26 +413,6 @@ impl Agent {
         let attachments = Attachments::new(Some(&config.pin_dir));
         let cgroup_hooks = socket_lb::hooked_cgroup(&config)
             .map(|path| CgroupHooks::new(path, Some(&config.pin_dir)));
-        let health = SyncHealth::new(HEALTH_TIMEOUT);
-        health.queued();
-        let metrics = Arc::new(Metrics::new());
-        if let Some(addr) = config.metrics_bind_address {
-            let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
-                if let Err(error) = crate::metrics::serve(addr, metrics).await {
-                    error!(%addr, %error, "metrics server stopped");
-                }
-            });
-        }
-        if let Some(addr) = config.healthz_bind_address {
-            let health = health.clone();
-            let rejected = metrics.http_rejected("healthz");
-            tokio::spawn(async move {
-                if let Err(error) = health::serve(addr, health, rejected).await {
-                    error!(%addr, %error, "health server stopped");
-                }
-            });
-        }
         let health_checks = HealthCheckServers::new(
             health_check_addresses(&config, &node),
             health.clone(),
@@ -289,33 +439,32 @@ impl Agent {
             takeover,
             api_status: None,
             known_diagnostics: BTreeSet::new(),
-            snapshot: None,
-            desired: None,
+            snapshot: Some(first),
+            desired: Some(Arc::new(desired)),
             synced_once: false,
             retry_pending: false,
             failing: BTreeMap::new(),
             published_names: None,
             service_counters,
+            upkeep,
         })
     }
 
-    /// Follows `source` until `shutdown` or the source's end, then leaves the node.
-    async fn serve(
-        mut self,
-        mut source: source::Running,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
-        self.api_status.clone_from(&source.api_status);
-        let exit = self.follow(&mut source, shutdown).await;
-        drop(source);
-        self.finish(exit)
+    /// The first snapshot, whose desired state [`Self::start`] computed: sync it and
+    /// attach.
+    async fn on_first_snapshot(&mut self) {
+        self.metrics.queued(SystemTime::now());
+        if let (Some(snapshot), Some(desired)) = (self.snapshot.clone(), self.desired.clone()) {
+            self.report_diagnostics(&snapshot, &desired);
+        }
+        self.apply_desired().await;
     }
 
     /// The event loop: one method per event, until shutdown or the source's end.
     async fn follow(
         &mut self,
         source: &mut source::Running,
-        shutdown: impl std::future::Future<Output = ()>,
+        mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Exit {
         let mut link_events = match LinkEvents::subscribe() {
             Ok(events) => Some(events),
@@ -331,10 +480,11 @@ impl Agent {
         let period = self.config.sync_period;
         let mut resync_timer =
             tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        tokio::pin!(shutdown);
+        // The resync's read of the maps, running on a blocking thread.
+        let mut readback: Option<Readback> = None;
         loop {
             tokio::select! {
-                () = &mut shutdown => return Exit::Shutdown,
+                () = shutdown.as_mut() => return Exit::Shutdown,
                 changed = source.snapshots.changed() => {
                     if changed.is_err() {
                         return Exit::SourceEnded;
@@ -354,7 +504,15 @@ impl Agent {
                 _ = rescan_timer.tick() => self.on_rescan().await,
                 _ = metrics_timer.tick() => self.on_metrics_tick(),
                 _ = gc_timer.tick() => self.on_gc_tick(),
-                _ = resync_timer.tick() => self.on_resync_tick().await,
+                _ = resync_timer.tick() => {
+                    if readback.is_none() {
+                        readback = self.on_resync_tick();
+                    }
+                }
+                read = next_readback(&mut readback) => {
+                    readback = None;
+                    self.on_readback(read).await;
+                }
                 _ = takeover_timer.tick() => self.on_takeover_tick(),
             }
         }
@@ -375,8 +533,11 @@ impl Agent {
             return;
         };
         self.health_checks.update(&desired.health_checks).await;
-        self.takeover
-            .after_sync(&mut self.datapath, self.syncer.mirror(), &self.metrics);
+        // Listing the frontends walks the whole mirror: only when the set changed.
+        if report.frontend_set_changed || !self.synced_once {
+            self.takeover
+                .after_sync(&mut self.datapath, self.syncer.mirror(), &self.metrics);
+        }
         if !self.synced_once {
             // Attach only once the maps hold the whole desired state, so no pod ever
             // sees a half-programmed datapath; healthy only after both.
@@ -447,9 +608,9 @@ impl Agent {
     /// the agent's copy of them, against the desired state; whatever differs (written
     /// or deleted by someone else) is logged, counted and repaired, and so are missing
     /// or replaced pins.
-    async fn on_resync_tick(&mut self) {
+    fn on_resync_tick(&mut self) -> Option<Readback> {
         if !self.synced_once {
-            return;
+            return None;
         }
         let (repaired, errors) = self.map_pins.repair();
         for map in repaired {
@@ -474,43 +635,46 @@ impl Agent {
         for error in link_errors {
             warn!(error = %crate::error_chain(&error), "cannot pin a link again; retrying on the next resync");
         }
-        let real = match self.datapath.maps.read_mirror() {
+        // Reading every entry back takes a syscall each: not on the event loop.
+        let reader = match self.datapath.maps.mirror_reader() {
+            Ok(reader) => reader,
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot read the maps back; retrying on the next resync");
+                return None;
+            }
+        };
+        Some(Readback {
+            writes: self.syncer.writes(),
+            addr_writes: self.frontend_addrs.writes(),
+            task: tokio::task::spawn_blocking(move || {
+                (reader.read(), reader.read_frontend_addrs())
+            }),
+        })
+    }
+
+    /// The resync's read of the maps is done: repair what differs from what the agent
+    /// wrote (unless the agent wrote the maps meanwhile: then the next resync looks).
+    async fn on_readback(&mut self, read: MapsRead) {
+        let addr_drift = self.frontend_addr_drift(read.addr_writes, read.frontend_addrs);
+        let real = match read.mirror {
             Ok(real) => real,
             Err(error) => {
                 warn!(error = %crate::error_chain(&error), "cannot read the maps back; retrying on the next resync");
+                if addr_drift > 0 {
+                    self.apply_desired().await;
+                }
                 return;
             }
         };
-        let addr_drift = match self.datapath.maps.read_frontend_addrs() {
-            Ok(real_addrs) => {
-                let held = self.frontend_addrs.held();
-                let drift = real_addrs
-                    .held()
-                    .iter()
-                    .filter(|(addr, kinds)| held.get(*addr) != Some(*kinds))
-                    .count()
-                    + held
-                        .keys()
-                        .filter(|addr| !real_addrs.held().contains_key(*addr))
-                        .count();
-                if drift > 0 {
-                    let map = proxy_common::names::FRONTEND_ADDRS_V4;
-                    warn!(
-                        map,
-                        entries = drift,
-                        "the map differs from what the agent wrote; repairing"
-                    );
-                    self.drift_repaired(map, "entries", drift);
-                    // The next pass writes whatever differs from the desired set.
-                    self.frontend_addrs = real_addrs;
-                }
-                drift
+        if read.writes != self.syncer.writes() {
+            debug!(
+                "resync: the maps were written while being read back; comparing on the next resync"
+            );
+            if addr_drift > 0 {
+                self.apply_desired().await;
             }
-            Err(error) => {
-                warn!(error = %crate::error_chain(&error), "cannot read the frontend address set back; retrying on the next resync");
-                0
-            }
-        };
+            return;
+        }
         let differences = self.syncer.mirror().differences(&real);
         if differences == [0; 3] {
             if addr_drift > 0 {
@@ -539,6 +703,50 @@ impl Agent {
         self.apply_desired().await;
     }
 
+    /// Compares the frontend address set read back (`read`, begun when the set had
+    /// seen `writes_then` writes) with what the agent wrote, and takes what the kernel
+    /// holds when they differ, so the next pass writes whatever differs from the
+    /// desired set. Returns how many addresses differ (0 when the agent wrote the set
+    /// during the read: the next resync compares).
+    fn frontend_addr_drift(
+        &mut self,
+        writes_then: u64,
+        read: crate::datapath::Result<FrontendAddrs>,
+    ) -> usize {
+        let real_addrs = match read {
+            Ok(real_addrs) => real_addrs,
+            Err(error) => {
+                warn!(error = %crate::error_chain(&error), "cannot read the frontend address set back; retrying on the next resync");
+                return 0;
+            }
+        };
+        if writes_then != self.frontend_addrs.writes() {
+            debug!("resync: the frontend address set was written while being read back; comparing on the next resync");
+            return 0;
+        }
+        let held = self.frontend_addrs.held();
+        let drift = real_addrs
+            .held()
+            .iter()
+            .filter(|(addr, kinds)| held.get(*addr) != Some(*kinds))
+            .count()
+            + held
+                .keys()
+                .filter(|addr| !real_addrs.held().contains_key(*addr))
+                .count();
+        if drift > 0 {
+            let map = proxy_common::names::FRONTEND_ADDRS_V4;
+            warn!(
+                map,
+                entries = drift,
+                "the map differs from what the agent wrote; repairing"
+            );
+            self.drift_repaired(map, "entries", drift);
+            self.frontend_addrs.readopt(real_addrs);
+        }
+        drift
+    }
+
     fn drift_repaired(&self, map: &str, kind: &str, count: usize) {
         self.metrics
             .drift_repaired
@@ -549,38 +757,28 @@ impl Agent {
             .inc_by(count as u64);
     }
 
+    /// Conntrack reaping, on the upkeep thread.
     fn on_gc_tick(&mut self) {
-        let now = conntrack::monotonic_now_ns();
-        let config = datapath_config(&self.config, &self.node);
-        match conntrack::collect_expired(&mut self.datapath.maps, &config, now) {
-            Ok(report) => {
-                debug!(
-                    live = report.live,
-                    removed = report.removed,
-                    "conntrack reaped"
-                );
-                self.metrics.conntrack_reaped.inc_by(report.removed as u64);
-                record_conntrack_fill(
-                    &self.metrics,
-                    proxy_common::names::CONNTRACK_V4,
-                    report.live,
-                    self.datapath.maps.conntrack_capacity,
-                );
-                record_conntrack_fill(
-                    &self.metrics,
-                    proxy_common::names::CONNTRACK_NEW_V4,
-                    report.live_new,
-                    self.datapath.maps.conntrack_new_capacity,
-                );
-            }
-            Err(error) => warn!(error = %crate::error_chain(&error), "conntrack reaping failed"),
-        }
+        self.upkeep.reap();
     }
 
     /// Leaves the node as `exit` asks: on shutdown, detached and unpinned unless
     /// `--keep-state`; when the source ended, as it is (an error, so the agent exits
     /// non-zero and is restarted, adopting the datapath).
     fn finish(mut self, exit: Exit) -> anyhow::Result<()> {
+        // A walk in progress ends after its current entry.
+        self.upkeep.stop();
+        // Freeing the cluster's objects and the map mirror (a million allocations at
+        // 100 000 services) would hold the exit back by a second: a thread of its own
+        // frees them, and the process does not wait for it.
+        let state = (
+            self.snapshot.take(),
+            self.desired.take(),
+            std::mem::take(&mut self.syncer),
+        );
+        let _ = std::thread::Builder::new()
+            .name("kpr-free".into())
+            .spawn(move || drop(state));
         let keep = match exit {
             Exit::Shutdown => self.config.keep_state,
             Exit::SourceEnded => {
@@ -649,7 +847,7 @@ impl Agent {
         }
         addr_errors.extend(self.frontend_addrs.remove_stale(
             &desired,
-            self.syncer.mirror(),
+            self.syncer.frontend_addrs(),
             &mut self.datapath.maps,
         ));
         for error in &addr_errors {
@@ -660,18 +858,7 @@ impl Agent {
         for error in &report.cleanup_errors {
             warn!(%error, "cleanup write failed; retrying on the next pass");
         }
-        match conntrack::forget_backends(&mut self.datapath.maps, &report.removed_pairs) {
-            Ok((flows, affinities)) if flows + affinities > 0 => {
-                info!(
-                    udp_flows = flows,
-                    affinities, "forgot flows of removed backends"
-                );
-            }
-            Ok(_) => {}
-            Err(error) => {
-                warn!(error = %crate::error_chain(&error), "cannot flush flows of removed backends");
-            }
-        }
+        self.upkeep.forget(&report.removed_pairs);
         let socket_cgroup = socket_lb::hooked_cgroup(&self.config);
         if let Err(error) =
             socket_lb::forget_backends(&mut self.datapath, socket_cgroup, &report.removed_pairs)
@@ -897,27 +1084,22 @@ impl Agent {
     }
 
     /// Reads map fill, datapath counters and attachments into the metrics. The
-    /// conntrack map's fill comes from the reaper, which walks that map anyway (see
-    /// [`record_conntrack_fill`]): a second walk every refresh would double the agent's
-    /// busiest work.
+    /// conntrack and affinity maps' fill comes from the upkeep thread, which walks
+    /// those maps anyway ([`crate::upkeep`]).
     fn refresh_metrics(&self) {
         let metrics = &self.metrics;
         let mirror = self.syncer.mirror();
+        let capacities = self.datapath.maps.capacities;
         let fill = [
             (
                 proxy_common::names::SERVICES_V4,
                 mirror.services.len(),
-                proxy_common::capacity::SERVICES_V4,
+                capacities.services,
             ),
             (
                 proxy_common::names::BACKENDS_V4,
                 mirror.backends.len(),
-                proxy_common::capacity::BACKENDS_V4,
-            ),
-            (
-                proxy_common::names::AFFINITY_V4,
-                self.datapath.maps.affinity.keys().count(),
-                proxy_common::capacity::AFFINITY_V4,
+                capacities.backends,
             ),
         ];
         for (map, entries, capacity) in fill {
@@ -976,27 +1158,55 @@ fn failure_label(failure: &FrontendFailure) -> &'static str {
     }
 }
 
+/// The resync's read of the maps in progress, with the write counts when it began.
+struct Readback {
+    writes: u64,
+    addr_writes: u64,
+    task: tokio::task::JoinHandle<(
+        crate::datapath::Result<Mirror>,
+        crate::datapath::Result<FrontendAddrs>,
+    )>,
+}
+
+/// What the resync's read of the maps found: the syncer's maps and the frontend
+/// address set, with the write counts from when it began (a read the agent wrote
+/// during is not compared).
+struct MapsRead {
+    writes: u64,
+    addr_writes: u64,
+    mirror: crate::datapath::Result<Mirror>,
+    frontend_addrs: crate::datapath::Result<FrontendAddrs>,
+}
+
+/// The result of the read in progress; never, without one.
+async fn next_readback(readback: &mut Option<Readback>) -> MapsRead {
+    let Some(pending) = readback else {
+        return std::future::pending().await;
+    };
+    let (mirror, frontend_addrs) = match (&mut pending.task).await {
+        Ok(read) => read,
+        Err(error) => {
+            let failed = || crate::datapath::Error::Io {
+                path: "the map readback".into(),
+                source: std::io::Error::other(error.to_string()),
+            };
+            (Err(failed()), Err(failed()))
+        }
+    };
+    MapsRead {
+        writes: pending.writes,
+        addr_writes: pending.addr_writes,
+        mirror,
+        frontend_addrs,
+    }
+}
+
 /// The next link notification; never, without a subscription.
 async fn next_link_event(events: &mut Option<LinkEvents>) -> std::io::Result<()> {
     match events {
         Some(events) => events.changed().await,
         None => std::future::pending().await,
     }
-}
-
-/// Sets a conntrack table's fill from the reaper's count of live entries.
-fn record_conntrack_fill(metrics: &Metrics, map: &str, live: usize, capacity: u32) {
-    let labels = MapLabels {
-        map: map.to_owned(),
-    };
-    metrics
-        .map_entries
-        .get_or_create(&labels)
-        .set(i64::try_from(live).unwrap_or(i64::MAX));
-    metrics
-        .map_capacity
-        .get_or_create(&labels)
-        .set(i64::from(capacity));
 }
 
 /// Attaches the socket-layer hooks that are not attached yet (all of them the first
@@ -1102,4 +1312,97 @@ pub fn cleanup(pin_dir: &Path) -> Result<(), crate::datapath::lock::Error> {
     }
     remove_pins(pin_dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifests::parse_documents;
+
+    fn config(map_sizes: MapSizes) -> AgentConfig {
+        AgentConfig {
+            source: SourceConfig::Manifests(PathBuf::from("/nonexistent")),
+            node_name: None,
+            pin_dir: PathBuf::from("/sys/fs/bpf/test"),
+            pod_interfaces: Vec::new(),
+            node_interfaces: None,
+            node_port_filters: Vec::new(),
+            node_ip: None,
+            cgroup_path: None,
+            socket_lb: socket_lb::Mode::Off,
+            service_counters: service_counters::Mode::Auto,
+            keep_state: false,
+            conntrack_max: None,
+            service_cidr: proxy_common::ServiceCidrV4::default(),
+            map_sizes,
+            datapath: DatapathConfig::DEFAULT,
+            conntrack_gc_interval: Duration::from_secs(10),
+            sync_period: Duration::from_secs(30),
+            model: ModelSettings::default(),
+            healthz_bind_address: None,
+            metrics_bind_address: None,
+            health_check_addresses: Vec::new(),
+        }
+    }
+
+    /// `services` ClusterIP services of one port, each with the same `endpoints`
+    /// endpoints, as the model sees them.
+    fn desired_for(services: usize, endpoints: usize) -> Desired {
+        let mut snapshot = Snapshot::for_node(None);
+        let addresses: Vec<String> = (0..endpoints)
+            .map(|i| format!("\"10.1.0.{}\"", i + 1))
+            .collect();
+        let mut text = String::new();
+        for i in 0..services {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{}], conditions: {{ready: true}}}}]\n",
+                i / 250,
+                i % 250 + 1,
+                addresses.join("]}, {addresses: [")
+            ));
+        }
+        parse_documents(&text, "test.yaml", &mut snapshot);
+        model::desired(&snapshot.state, &ModelSettings::default())
+    }
+
+    #[test]
+    fn the_demand_counts_frontends_slots_and_distinct_backends() {
+        let desired = desired_for(20, 10);
+        assert_eq!(desired.frontends.len(), 20, "{:?}", desired.diagnostics);
+        assert_eq!(
+            MapDemand::of(&desired),
+            MapDemand {
+                services: 20 * 11,
+                backends: 10,
+                source_ranges: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn maps_grow_past_the_configured_size_for_the_cluster_found_at_start() {
+        use proxy_common::capacity;
+        // 100 000 services of 10 endpoints: 1.1 million service entries.
+        let demand = MapDemand {
+            services: 1_100_000,
+            backends: 10,
+            source_ranges: 0,
+        };
+        let options = load_options(&config(MapSizes::default()), &demand);
+        assert_eq!(options.services_max, Some(1_650_000), "half again as room");
+        assert_eq!(options.backends_max, Some(capacity::BACKENDS_V4));
+        assert_eq!(options.source_ranges_max, Some(capacity::SOURCE_RANGES_V4));
+        assert_eq!(options.affinity_max, None);
+        // A configured size is the least one.
+        let sizes = MapSizes {
+            services: Some(4_000_000),
+            backends: Some(16),
+            affinity: Some(1024),
+            source_ranges: None,
+        };
+        let options = load_options(&config(sizes), &demand);
+        assert_eq!(options.services_max, Some(4_000_000));
+        assert_eq!(options.backends_max, Some(16), "10 backends fit");
+        assert_eq!(options.affinity_max, Some(1024));
+    }
 }

@@ -15,7 +15,9 @@ use proxy_common::{DatapathConfig, ServiceCidrV4};
 use serde::Deserialize;
 
 use crate::{
-    agent::AgentConfig, datapath::node_network::NodePortFilter, model::ModelSettings,
+    agent::{AgentConfig, MapSizes},
+    datapath::node_network::NodePortFilter,
+    model::ModelSettings,
     source::SourceConfig,
 };
 
@@ -80,6 +82,24 @@ pub struct FileConfig {
     /// Ours: per-service traffic counters (`auto`, `on` or `off`; default `auto`: on
     /// up to 1000 service ports).
     pub service_counters: Option<crate::service_counters::Mode>,
+    /// Ours: the least capacity of each BPF map (the agent grows a map further when
+    /// the cluster it finds at start needs more).
+    pub maps: Option<MapsConfig>,
+}
+
+/// Our `maps` block: map capacities in entries. The conntrack table's size follows
+/// kube-proxy's `conntrack.maxPerCore`/`min` (or `--conntrack-max`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MapsConfig {
+    /// Frontends plus their backend slots (a service port with 10 endpoints takes 11).
+    pub services: Option<u32>,
+    /// Distinct backends (endpoint address, port, protocol).
+    pub backends: Option<u32>,
+    /// Session affinity entries (client, service port).
+    pub affinity: Option<u32>,
+    /// loadBalancerSourceRanges entries, all services together.
+    pub source_ranges: Option<u32>,
 }
 
 /// kube-proxy's `conntrack` block. Timeouts apply to our own conntrack map.
@@ -382,6 +402,25 @@ pub struct RunArgs {
     #[arg(long, value_name = "ENTRIES")]
     conntrack_max: Option<u32>,
 
+    /// Least capacity of the service map (frontends plus backend slots; default
+    /// 262144). The agent makes it larger when the cluster it finds at start needs more.
+    #[arg(long, value_name = "ENTRIES")]
+    services_max: Option<u32>,
+
+    /// Least capacity of the backend map (distinct endpoints; default 131072), grown
+    /// like --services-max.
+    #[arg(long, value_name = "ENTRIES")]
+    backends_max: Option<u32>,
+
+    /// Capacity of the session affinity map (default 131072).
+    #[arg(long, value_name = "ENTRIES")]
+    affinity_max: Option<u32>,
+
+    /// Least capacity of the loadBalancerSourceRanges map (default 16384), grown like
+    /// --services-max.
+    #[arg(long, value_name = "ENTRIES")]
+    source_ranges_max: Option<u32>,
+
     /// Idle timeout of established TCP flows, seconds.
     #[arg(long, default_value_t = DatapathConfig::DEFAULT.tcp_established_timeout_s)]
     conntrack_tcp_timeout: u32,
@@ -567,6 +606,22 @@ impl RunArgs {
                 args.conntrack_max = Some(capacity);
             }
         }
+        if let Some(maps) = &file.maps {
+            for (id, value, arg) in [
+                ("services_max", maps.services, &mut args.services_max),
+                ("backends_max", maps.backends, &mut args.backends_max),
+                ("affinity_max", maps.affinity, &mut args.affinity_max),
+                (
+                    "source_ranges_max",
+                    maps.source_ranges,
+                    &mut args.source_ranges_max,
+                ),
+            ] {
+                if let Some(value) = value.filter(|_| !explicit(id)) {
+                    *arg = Some(value);
+                }
+            }
+        }
         if let Some(value) = file
             .cluster_cidr
             .clone()
@@ -651,6 +706,12 @@ impl RunArgs {
                     _pad: [0; 3],
                 }
             }),
+            map_sizes: MapSizes {
+                services: args.services_max,
+                backends: args.backends_max,
+                affinity: args.affinity_max,
+                source_ranges: args.source_ranges_max,
+            },
             datapath: DatapathConfig {
                 tcp_established_timeout_s: args.conntrack_tcp_timeout,
                 tcp_closing_timeout_s: args.conntrack_tcp_close_timeout,
@@ -683,6 +744,32 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_capacities_come_from_the_maps_block() {
+        let config = parse(
+            "maps:
+  services: 2000000
+  backends: 300000
+  affinity: 65536
+  sourceRanges: 1024
+",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.maps,
+            Some(MapsConfig {
+                services: Some(2_000_000),
+                backends: Some(300_000),
+                affinity: Some(65_536),
+                source_ranges: Some(1024),
+            })
+        );
+        assert!(
+            parse("maps: {conntrack: 5}\n").is_err(),
+            "conntrack is kube-proxy's block"
+        );
+    }
 
     #[test]
     fn a_kube_proxy_file_carries_over() {

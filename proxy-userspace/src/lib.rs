@@ -23,6 +23,7 @@ pub mod source;
 pub mod state;
 pub mod sync;
 pub mod takeover;
+pub mod upkeep;
 
 /// An error with all its causes, `outer: inner: root`, for log lines (library error
 /// types keep causes as sources, which `Display` alone leaves out).

@@ -648,7 +648,7 @@ mod tests {
         let mut state = ClusterState::default();
         state.endpoint_slices.insert(
             ObjectKey::new("default", "web-abc"),
-            slice("2026-01-01T00:00:00Z"),
+            std::sync::Arc::new(slice("2026-01-01T00:00:00Z")),
         );
         metrics.observe_programmed(&state, at(1_767_225_602));
         let text = metrics.render();
@@ -659,7 +659,7 @@ mod tests {
         // A change after the start is measured.
         state.endpoint_slices.insert(
             ObjectKey::new("default", "web-abc"),
-            slice("2026-01-01T00:00:03Z"),
+            std::sync::Arc::new(slice("2026-01-01T00:00:03Z")),
         );
         metrics.observe_programmed(&state, at(1_767_225_605));
         let text = metrics.render();
@@ -679,7 +679,7 @@ mod tests {
         let mut state = ClusterState::default();
         state.endpoint_slices.insert(
             ObjectKey::new("default", "web-abc"),
-            slice("2026-01-01T00:00:00Z"),
+            slice("2026-01-01T00:00:00Z").into(),
         );
         let later = SystemTime::from(
             k8s_openapi::jiff::Timestamp::from_second(1_767_225_602).expect("time"),

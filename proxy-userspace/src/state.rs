@@ -1,6 +1,6 @@
 //! The Kubernetes objects the agent acts on, as every source (API server, manifest
 //! directory) delivers them.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -49,7 +49,9 @@ pub struct NodeInfo {
 /// Everything the model reads: Services and EndpointSlices by key, and this node.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Shared with the source's own store (the API source's reflector), never copied:
+    /// at 100 000 services a copy per snapshot is most of the agent's memory.
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     pub node: NodeInfo,
 }

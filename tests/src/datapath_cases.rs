@@ -1287,9 +1287,13 @@ impl DatapathHarness {
     pub fn with_options(options: &LoadOptions) -> Result<Self> {
         crate::require_root();
         let datapath = Datapath::load(options).context("loading the datapath")?;
+        let capacities = datapath.maps.capacities;
         Ok(Self {
             datapath,
-            syncer: Syncer::default(),
+            syncer: Syncer::default().with_capacity(proxy_userspace::sync::Capacity {
+                services: capacities.services as usize,
+                backends: capacities.backends as usize,
+            }),
             frontend_addrs: FrontendAddrs::default(),
         })
     }
@@ -1397,7 +1401,11 @@ impl DatapathHarness {
         }
         if let Some(error) = self
             .frontend_addrs
-            .remove_stale(&desired, self.syncer.mirror(), &mut self.datapath.maps)
+            .remove_stale(
+                &desired,
+                self.syncer.frontend_addrs(),
+                &mut self.datapath.maps,
+            )
             .first()
         {
             bail!("programming the frontend address set: {error}");

@@ -74,6 +74,7 @@ fn every_mode_carries_connections_and_the_results_are_written() {
             .find(|row| row.mode == mode)
             .unwrap_or_else(|| panic!("{mode} row"));
         assert!(ebpf.agent_peak_mib.is_some_and(|mib| mib > 0.0), "{mode}");
+        assert!(ebpf.stop_ms.is_some(), "{mode}: the agent's stop time");
         assert!(ebpf.tc_established_ns.is_some_and(|ns| ns > 0.0), "{mode}");
     }
     // The per-program figures: the ebpf cells' connect() hook ran once per connection,

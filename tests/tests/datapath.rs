@@ -574,7 +574,7 @@ fn a_flood_of_half_open_flows_never_evicts_an_established_one() {
         ..LoadOptions::default()
     };
     let mut harness = lifecycle_harness(&options);
-    assert_eq!(harness.datapath.maps.conntrack_new_capacity, 256);
+    assert_eq!(harness.datapath.maps.capacities.conntrack_new, 256);
     establish(&mut harness, 41_040);
     from_client(&mut harness, 41_041, TcpFlags::SYN);
     syn_flood(&mut harness, 50_000, 2000);
@@ -587,6 +587,66 @@ fn a_flood_of_half_open_flows_never_evicts_an_established_one() {
         "the oldest half-open flow made room"
     );
     assert_eq!(from_client(&mut harness, 41_040, TcpFlags::ACK), 0);
+}
+
+/// The frontend address set is sized from the same demand as the service map (every
+/// frontend address takes at least one service entry), and the per-service counters
+/// hold one entry per service port: both follow `services_max`, as the kernel reports.
+#[test]
+fn the_frontend_address_set_and_the_service_counters_follow_the_service_map() {
+    let defaults = DatapathHarness::with_options(&LoadOptions::default()).expect("load datapath");
+    let capacities = defaults.datapath.maps.capacities;
+    assert_eq!(capacities.services, proxy_common::capacity::SERVICES_V4);
+    assert_eq!(capacities.frontend_addrs, capacities.services);
+    assert_eq!(capacities.service_stats, capacities.services);
+    drop(defaults);
+
+    // Above the counters' own floor (65 536 service ports).
+    let large = LoadOptions {
+        services_max: Some(70_000),
+        ..LoadOptions::default()
+    };
+    let harness = DatapathHarness::with_options(&large).expect("load datapath");
+    let capacities = harness.datapath.maps.capacities;
+    assert_eq!(capacities.services, 70_000);
+    assert_eq!(capacities.frontend_addrs, 70_000);
+    assert_eq!(capacities.service_stats, 70_000);
+    drop(harness);
+
+    // A small service map: the address set takes exactly as many addresses.
+    let small = LoadOptions {
+        services_max: Some(16),
+        ..LoadOptions::default()
+    };
+    let mut harness = DatapathHarness::with_options(&small).expect("load datapath");
+    assert_eq!(harness.datapath.maps.capacities.frontend_addrs, 16);
+    assert_eq!(
+        harness.datapath.maps.capacities.service_stats,
+        proxy_common::service_stats::CAPACITY
+    );
+    let value = proxy_common::FrontendAddrV4 {
+        kinds: proxy_common::frontend_addr::CLUSTER_IP,
+        _pad: [0; 3],
+    };
+    for i in 0..16u8 {
+        let addr = Be32::from_ipv4(std::net::Ipv4Addr::new(10, 96, 0, i));
+        harness
+            .datapath
+            .maps
+            .frontend_addrs
+            .insert(addr.0, value, 0)
+            .expect("an address within the capacity");
+    }
+    let one_more = Be32::from_ipv4(std::net::Ipv4Addr::new(10, 96, 0, 16));
+    assert!(
+        harness
+            .datapath
+            .maps
+            .frontend_addrs
+            .insert(one_more.0, value, 0)
+            .is_err(),
+        "the set is full at the service map's capacity"
+    );
 }
 
 #[test]

@@ -349,7 +349,14 @@ fn external_traffic_policy_local_keeps_the_source_and_health_checks_steer() {
             || Ok(health(&cluster, 0).0 == 200),
         )
         .expect("node-a healthy");
-    assert_eq!(health(&cluster, 1).0, 503);
+    // Each node's agent reads the change on its own: node-b's may come a moment later.
+    cluster.nodes[1]
+        .wait_for(
+            "node-b's health check to say 503",
+            Duration::from_secs(10),
+            || Ok(health(&cluster, 1).0 == 503),
+        )
+        .expect("node-b without local endpoints");
     // Traffic to the LoadBalancer IP (routed to node-a) now reaches web-a directly.
     let answer = cluster
         .client

@@ -147,6 +147,7 @@ fn when_the_source_ends_the_datapath_stays_and_the_agent_exits_with_an_error() {
         keep_state: false,
         conntrack_max: None,
         service_cidr: proxy_common::ServiceCidrV4::default(),
+        map_sizes: proxy_userspace::agent::MapSizes::default(),
         datapath: proxy_common::DatapathConfig::DEFAULT,
         conntrack_gc_interval: Duration::from_secs(10),
         sync_period: Duration::from_secs(30),
@@ -585,6 +586,42 @@ fn entries_and_pins_changed_behind_the_agents_back_are_repaired_by_the_periodic_
             "kpr_datapath_drift_repaired_total{map=\"links\",kind=\"pin\"}",
         );
         Ok(entries.is_some_and(|n| n >= 1.0) && pins == Some(1.0) && links == Some(1.0))
+    })
+    .expect("counted");
+    assert!(lab.agent_log().contains("repairing"), "logged");
+}
+
+/// The frontend address set is read back off the event loop with the other maps: an
+/// address deleted behind the agent's back (pod ingress then passes the ClusterIP's
+/// packets untranslated) is put back by the periodic resync and counted.
+#[test]
+fn a_frontend_address_deleted_behind_the_agents_back_is_repaired_by_the_periodic_resync() {
+    let mut lab = lab_without_agent(&examples_dir()).expect("lab");
+    lab.start_agent(&["--sync-period-ms", "500"])
+        .expect("agent");
+    lab.wait_attached().expect("attached");
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers");
+
+    let pin = lab.pin_dir().join(names::FRONTEND_ADDRS_V4);
+    let mut addrs = aya::maps::HashMap::<_, u32, proxy_common::FrontendAddrV4>::try_from(
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pin).expect("open the set")),
+    )
+    .expect("the frontend address set");
+    let web = proxy_common::Be32::from_ipv4(WEB_VIP).0;
+    addrs.remove(&web).expect("delete web's address");
+
+    lab.wait_for("web's address to be written again", WAIT, || {
+        Ok(addrs.get(&web, 0).is_ok())
+    })
+    .expect("the address is repaired");
+    request_from(&lab, "client", sock(WEB_VIP, 80)).expect("web answers again");
+    lab.wait_for("the repair to be counted", WAIT, || {
+        let metrics = lab.metrics()?;
+        Ok(kpr_lab::lab::sample(
+            &metrics,
+            "kpr_datapath_drift_repaired_total{map=\"FE_ADDR_V4_V1\",kind=\"entries\"}",
+        )
+        .is_some_and(|n| n >= 1.0))
     })
     .expect("counted");
     assert!(lab.agent_log().contains("repairing"), "logged");

@@ -482,13 +482,22 @@ fn an_agent_restarted_while_the_api_is_down_keeps_the_datapath_until_it_has_list
     let traffic = Traffic::start(&lab, WEB_VIP);
 
     // A crash (programs and maps stay pinned), and the API is down when the agent comes
-    // back: it adopts the maps and must not sync before its initial lists, because an
-    // empty view would delete every frontend.
+    // back: it must not touch the datapath before its initial lists, because an empty
+    // view would delete every frontend. (It loads and adopts the maps only once the
+    // first snapshot says how large they must be; the pinned programs keep
+    // translating with them meanwhile.)
     lab.lab.kill_agent().expect("kill the agent");
+    // The log is appended to: count what the first agent wrote.
+    let syncs_before = lab.lab.agent_log().matches(" synced ").count();
+    let adoptions_before = lab.lab.agent_log().matches("adopting the maps").count();
     lab.server.pause(500);
     lab.lab.spawn_agent(&[]).expect("restart the agent");
-    lab.wait_log("adopting the maps of a previous agent");
     lab.wait_log("watch failed");
+    assert_eq!(
+        lab.lab.agent_log().matches(" synced ").count(),
+        syncs_before,
+        "no sync before the initial lists"
+    );
     assert_eq!(
         lab.backends(WEB_VIP, 30)
             .expect("traffic while the agent cannot list"),
@@ -500,6 +509,11 @@ fn an_agent_restarted_while_the_api_is_down_keeps_the_datapath_until_it_has_list
     lab.lab
         .wait_healthy(DEADLINE)
         .unwrap_or_else(|error| panic!("{error:#}"));
+    assert_eq!(
+        lab.lab.agent_log().matches("adopting the maps").count(),
+        adoptions_before + 1,
+        "the restarted agent adopted the maps"
+    );
     lab.apply_slice("web", vec![ready("web-0"), ready("web-1")]);
     lab.wait_backends("a change after the restart", WEB_VIP, &["web-0", "web-1"]);
     traffic.stop_without_failures();

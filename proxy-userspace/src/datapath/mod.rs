@@ -199,6 +199,186 @@ pub struct LoadOptions {
     /// [`proxy_common::capacity::CONNTRACK_V4`]); the new-flow table gets a quarter
     /// ([`proxy_common::capacity::conntrack_new_for`]).
     pub conntrack_max: Option<u32>,
+    /// Capacity of the service map: frontends plus their backend slots (default
+    /// [`proxy_common::capacity::SERVICES_V4`]).
+    pub services_max: Option<u32>,
+    /// Capacity of the backend map (default [`proxy_common::capacity::BACKENDS_V4`]).
+    pub backends_max: Option<u32>,
+    /// Capacity of the session affinity map, TC path (default
+    /// [`proxy_common::capacity::AFFINITY_V4`]).
+    pub affinity_max: Option<u32>,
+    /// Capacity of the loadBalancerSourceRanges trie (default
+    /// [`proxy_common::capacity::SOURCE_RANGES_V4`]).
+    pub source_ranges_max: Option<u32>,
+}
+
+/// What the kernel made each sized map hold at most: what was asked for, or, for a map
+/// adopted from a pin, what the earlier agent made it (a pinned map keeps its size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacities {
+    pub services: u32,
+    pub backends: u32,
+    /// The established table.
+    pub conntrack: u32,
+    /// The new-flow table.
+    pub conntrack_new: u32,
+    pub affinity: u32,
+    pub source_ranges: u32,
+    /// The frontend address set: as large as the service map, since every frontend
+    /// address takes at least one of its entries.
+    pub frontend_addrs: u32,
+    /// The per-service counters: one entry per service port, so never more than the
+    /// service map holds frontends (allocated on insert: a larger map costs nothing).
+    pub service_stats: u32,
+}
+
+impl MapCapacities {
+    /// The capacities `options` ask for (defaults where they say nothing).
+    #[must_use]
+    pub fn requested(options: &LoadOptions) -> Self {
+        use proxy_common::capacity;
+        let conntrack = options.conntrack_max.unwrap_or(capacity::CONNTRACK_V4);
+        let services = options.services_max.unwrap_or(capacity::SERVICES_V4);
+        Self {
+            services,
+            backends: options.backends_max.unwrap_or(capacity::BACKENDS_V4),
+            conntrack,
+            conntrack_new: capacity::conntrack_new_for(conntrack),
+            affinity: options.affinity_max.unwrap_or(capacity::AFFINITY_V4),
+            source_ranges: options
+                .source_ranges_max
+                .unwrap_or(capacity::SOURCE_RANGES_V4),
+            frontend_addrs: services,
+            service_stats: services.max(proxy_common::service_stats::CAPACITY),
+        }
+    }
+
+    /// `(map name, capacity)` of each sized map.
+    #[must_use]
+    pub fn by_name(&self) -> [(&'static str, u32); 8] {
+        [
+            (names::SERVICES_V4, self.services),
+            (names::BACKENDS_V4, self.backends),
+            (names::CONNTRACK_V4, self.conntrack),
+            (names::CONNTRACK_NEW_V4, self.conntrack_new),
+            (names::AFFINITY_V4, self.affinity),
+            (names::SOURCE_RANGES_V4, self.source_ranges),
+            (names::FRONTEND_ADDRS_V4, self.frontend_addrs),
+            (proxy_common::service_stats::NAME, self.service_stats),
+        ]
+    }
+}
+
+/// A capacity of at least `configured` that holds `needed` entries with room to grow:
+/// half as many again, so the cluster can grow by half before this agent's maps are
+/// full (a BPF map's size is fixed when it is created).
+#[must_use]
+pub fn grown_for(configured: u32, needed: usize) -> u32 {
+    let with_room = needed.saturating_add(needed / 2);
+    configured.max(u32::try_from(with_room).unwrap_or(u32::MAX))
+}
+
+/// A second handle on the map behind `map` (for another thread).
+pub(crate) fn reopen<M>(map: &MapData, name: &'static str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    use std::os::fd::AsFd as _;
+    let map_error = |source| Error::Map { name, source };
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| Error::Io {
+            path: name.into(),
+            source,
+        })?;
+    let data = MapData::from_fd(fd).map_err(map_error)?;
+    M::try_from(aya::maps::Map::from_map_data(data).map_err(map_error)?).map_err(map_error)
+}
+
+/// Handles of their own on the maps the syncer owns, to read them back on another
+/// thread (the periodic resync's readback walks every entry).
+pub struct MirrorReader {
+    services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
+    backends: HashMap<MapData, u32, BackendV4>,
+    source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
+    frontend_addrs: HashMap<MapData, u32, proxy_common::FrontendAddrV4>,
+}
+
+impl MirrorReader {
+    /// What the maps hold.
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn read(&self) -> Result<Mirror> {
+        read_mirror(&self.services, &self.backends, &self.source_ranges)
+    }
+
+    /// What the frontend address set holds.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn read_frontend_addrs(&self) -> Result<crate::sync::frontend_addrs::FrontendAddrs> {
+        read_frontend_addrs(&self.frontend_addrs)
+    }
+}
+
+fn read_frontend_addrs(
+    map: &HashMap<MapData, u32, proxy_common::FrontendAddrV4>,
+) -> Result<crate::sync::frontend_addrs::FrontendAddrs> {
+    let mut held = std::collections::HashMap::new();
+    for entry in map.iter() {
+        let (addr, value) = entry.map_err(|source| Error::Map {
+            name: names::FRONTEND_ADDRS_V4,
+            source,
+        })?;
+        held.insert(proxy_common::Be32(addr).to_ipv4(), value.kinds);
+    }
+    Ok(crate::sync::frontend_addrs::FrontendAddrs::adopt(held))
+}
+
+fn read_mirror(
+    services: &HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
+    backends: &HashMap<MapData, u32, BackendV4>,
+    source_ranges: &LpmTrie<MapData, SourceRangeV4, u8>,
+) -> Result<Mirror> {
+    let mut mirror = Mirror::default();
+    for entry in services.iter() {
+        let (key, value) = entry.map_err(|source| Error::Map {
+            name: names::SERVICES_V4,
+            source,
+        })?;
+        mirror.services.insert(key, value);
+    }
+    for entry in backends.iter() {
+        let (id, backend) = entry.map_err(|source| Error::Map {
+            name: names::BACKENDS_V4,
+            source,
+        })?;
+        mirror.backends.insert(id, backend);
+    }
+    for entry in source_ranges.iter() {
+        let (key, _) = entry.map_err(|source| Error::Map {
+            name: names::SOURCE_RANGES_V4,
+            source,
+        })?;
+        mirror
+            .source_ranges
+            .insert(crate::sync::SourceRangeKey::from_trie(&key));
+    }
+    Ok(mirror)
+}
+
+/// The capacity of a loaded map, as the kernel reports it.
+fn max_entries<K: aya::Pod, V>(
+    map: &impl aya::maps::IterableMap<K, V>,
+    name: &'static str,
+) -> Result<u32> {
+    map.map()
+        .info()
+        .map(|info| info.max_entries())
+        .map_err(|source| Error::Map { name, source })
 }
 
 /// Typed handles on every map.
@@ -226,10 +406,8 @@ pub struct Maps {
     pub service_cidr: Array<MapData, proxy_common::ServiceCidrV4>,
     /// Per-service traffic counters by service id (`crate::service_counters`).
     pub service_stats: PerCpuHashMap<MapData, u32, proxy_common::service_stats::ServiceStatsV1>,
-    /// Capacity the established conntrack table was created with.
-    pub conntrack_capacity: u32,
-    /// Capacity the new-flow conntrack table was created with.
-    pub conntrack_new_capacity: u32,
+    /// What each sized map holds at most (read from the kernel).
+    pub capacities: MapCapacities,
 }
 
 /// The loaded object: programs plus maps.
@@ -351,19 +529,17 @@ impl Datapath {
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let conntrack_capacity = options
-            .conntrack_max
-            .unwrap_or(proxy_common::capacity::CONNTRACK_V4);
-        let conntrack_new_capacity = proxy_common::capacity::conntrack_new_for(conntrack_capacity);
-        loader.map_max_entries(names::CONNTRACK_V4, conntrack_capacity);
-        loader.map_max_entries(names::CONNTRACK_NEW_V4, conntrack_new_capacity);
+        let requested = MapCapacities::requested(options);
+        for (name, capacity) in requested.by_name() {
+            loader.map_max_entries(name, capacity);
+        }
         // The kernel's BTF, also to turn the object's kfunc calls into ones the kernel
         // resolves (see sock_destroy).
         let btf = aya::Btf::from_sys_fs().ok();
         loader.btf(btf.as_ref());
         let object = sock_destroy::patch_kfunc_calls(EBPF_OBJECT, btf.as_ref());
         let mut ebpf = loader.load(&object)?;
-        let maps = Maps {
+        let mut maps = Maps {
             services: take(&mut ebpf, names::SERVICES_V4)?,
             backends: take(&mut ebpf, names::BACKENDS_V4)?,
             conntrack: take(&mut ebpf, names::CONNTRACK_V4)?,
@@ -418,9 +594,23 @@ impl Datapath {
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 PerCpuHashMap::try_from(map).map_err(|source| Error::Map { name, source })?
             },
-            conntrack_capacity,
-            conntrack_new_capacity,
+            capacities: requested,
         };
+        maps.capacities = maps.read_capacities()?;
+        for ((name, wanted), (_, actual)) in requested
+            .by_name()
+            .into_iter()
+            .zip(maps.capacities.by_name())
+        {
+            if actual < wanted {
+                tracing::warn!(
+                    map = name,
+                    capacity = actual,
+                    wanted,
+                    "a map adopted from a previous agent is smaller than asked for (a pinned map keeps its size); it grows when the node restarts without pins (kpr cleanup, or a stop without --keep-state)"
+                );
+            }
+        }
         let mut datapath = Self {
             ebpf,
             maps,
@@ -474,6 +664,23 @@ impl Datapath {
 }
 
 impl Maps {
+    /// Each sized map's capacity, as the kernel holds it.
+    ///
+    /// # Errors
+    /// When the kernel does not say.
+    pub fn read_capacities(&self) -> Result<MapCapacities> {
+        Ok(MapCapacities {
+            services: max_entries(&self.services, names::SERVICES_V4)?,
+            backends: max_entries(&self.backends, names::BACKENDS_V4)?,
+            conntrack: max_entries(&self.conntrack, names::CONNTRACK_V4)?,
+            conntrack_new: max_entries(&self.conntrack_new, names::CONNTRACK_NEW_V4)?,
+            affinity: max_entries(&self.affinity, names::AFFINITY_V4)?,
+            source_ranges: max_entries(&self.source_ranges, names::SOURCE_RANGES_V4)?,
+            frontend_addrs: max_entries(&self.frontend_addrs, names::FRONTEND_ADDRS_V4)?,
+            service_stats: max_entries(&self.service_stats, proxy_common::service_stats::NAME)?,
+        })
+    }
+
     /// Writes the datapath settings.
     ///
     /// # Errors
@@ -503,15 +710,7 @@ impl Maps {
     /// # Errors
     /// When the map cannot be read.
     pub fn read_frontend_addrs(&self) -> Result<crate::sync::frontend_addrs::FrontendAddrs> {
-        let mut held = std::collections::HashMap::new();
-        for entry in self.frontend_addrs.iter() {
-            let (addr, value) = entry.map_err(|source| Error::Map {
-                name: names::FRONTEND_ADDRS_V4,
-                source,
-            })?;
-            held.insert(proxy_common::Be32(addr).to_ipv4(), value.kinds);
-        }
-        Ok(crate::sync::frontend_addrs::FrontendAddrs::adopt(held))
+        read_frontend_addrs(&self.frontend_addrs)
     }
 
     /// Tells the socket-layer hooks which network namespace is the node's and which
@@ -533,31 +732,21 @@ impl Maps {
     /// # Errors
     /// When a map cannot be read.
     pub fn read_mirror(&self) -> Result<Mirror> {
-        let mut mirror = Mirror::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry.map_err(|source| Error::Map {
-                name: names::SERVICES_V4,
-                source,
-            })?;
-            mirror.services.insert(key, value);
-        }
-        for entry in self.backends.iter() {
-            let (id, backend) = entry.map_err(|source| Error::Map {
-                name: names::BACKENDS_V4,
-                source,
-            })?;
-            mirror.backends.insert(id, backend);
-        }
-        for entry in self.source_ranges.iter() {
-            let (key, _) = entry.map_err(|source| Error::Map {
-                name: names::SOURCE_RANGES_V4,
-                source,
-            })?;
-            mirror
-                .source_ranges
-                .insert(crate::sync::SourceRangeKey::from_trie(&key));
-        }
-        Ok(mirror)
+        read_mirror(&self.services, &self.backends, &self.source_ranges)
+    }
+
+    /// Second handles on the maps [`Self::read_mirror`] reads, for another thread.
+    ///
+    /// # Errors
+    /// When the kernel refuses a handle.
+    pub fn mirror_reader(&self) -> Result<MirrorReader> {
+        use aya::maps::IterableMap as _;
+        Ok(MirrorReader {
+            services: reopen(self.services.map(), names::SERVICES_V4)?,
+            backends: reopen(self.backends.map(), names::BACKENDS_V4)?,
+            source_ranges: reopen(self.source_ranges.map(), names::SOURCE_RANGES_V4)?,
+            frontend_addrs: reopen(self.frontend_addrs.map(), names::FRONTEND_ADDRS_V4)?,
+        })
     }
 
     /// Sums each per-CPU counter.

@@ -1985,7 +1985,7 @@ fn a_service_port_with_more_endpoints_than_a_frontend_holds_serves_as_many_as_fi
     assert_eq!(desired(&state, &settings), first);
     let leaving = spec.backends[7];
     for slice in state.endpoint_slices.values_mut() {
-        slice
+        std::sync::Arc::make_mut(slice)
             .endpoints
             .retain(|endpoint| endpoint.addresses != [leaving.ip().to_string()]);
     }

@@ -225,7 +225,11 @@ where
         .boxed()
 }
 
-/// A watcher with backoff, managed fields dropped, reflected into a new store.
+/// A watcher with backoff, reflected into a new store. The store keeps what the model
+/// and the metrics read, not what only the API needs: managed fields and annotations
+/// (`kubectl apply`'s last-applied-configuration alone is a second copy of each
+/// object) are dropped, all but the EndpointSlice trigger time the network
+/// programming latency is measured from.
 fn follow<K>(
     resource: Resource,
     api: Api<K>,
@@ -237,7 +241,12 @@ where
     let (store, writer) = reflector::store();
     let events = watcher(api, config)
         .default_backoff()
-        .modify(|object: &mut K| object.managed_fields_mut().clear());
+        .modify(|object: &mut K| {
+            object.managed_fields_mut().clear();
+            object
+                .annotations_mut()
+                .retain(|name, _| name == crate::metrics::TRIGGER_TIME_ANNOTATION);
+        });
     (
         store,
         updates(resource, reflector::reflector(writer, events)),
@@ -256,10 +265,10 @@ impl Stores {
     fn snapshot(&self, node_name: Option<&str>) -> Snapshot {
         let mut snapshot = Snapshot::for_node(node_name);
         for service in self.services.state() {
-            snapshot.add_service(Arc::unwrap_or_clone(service));
+            snapshot.add_shared_service(service);
         }
         for slice in self.slices.state() {
-            snapshot.add_endpoint_slice(Arc::unwrap_or_clone(slice));
+            snapshot.add_shared_endpoint_slice(slice);
         }
         for node in self.node.iter().flat_map(Store::state) {
             snapshot.add_node(&node);

@@ -2,11 +2,15 @@
 //! Node: for a standalone node, the demo and the tests. The files hold the same objects
 //! the Kubernetes API serves (multi-document YAML and `List` kinds allowed).
 //!
-//! The whole directory is re-read on every change: it is small, and a full read is the
-//! simplest way to never miss a deletion. A read that fails changes nothing: when the
+//! The whole directory is listed on every change (the simplest way to never miss a
+//! deletion), but only files whose identity, size or times changed are read and parsed
+//! again: the others stand in with the objects parsed last time, shared (not copied)
+//! with the previous snapshot. At 100 000 services that is one `stat` per file instead
+//! of parsing them all, and one copy of the objects in memory instead of two. A read
+//! that fails changes nothing: when the
 //! directory cannot be listed (removed, descriptors exhausted, an I/O error) nothing
-//! is published, and a file that cannot be read stands in with its last readable text,
-//! so the datapath keeps what it has until a successful read says otherwise. Failed
+//! is published, and a file that cannot be read stands in with its last readable
+//! content, so the datapath keeps what it has until a successful read says otherwise. Failed
 //! reads are retried on a timer (descriptor exhaustion ends without any file event),
 //! and a directory removed and created again is watched again: its parent is watched
 //! too, for the directory's return.
@@ -97,12 +101,44 @@ pub struct Read {
     pub unreadable: Vec<(PathBuf, io::Error)>,
 }
 
-/// The manifests directory, with the last readable text of each file.
+/// What identifies a version of a file without reading it: a rewrite changes its
+/// modification or change time (nanoseconds), a replacement its inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(metadata: &std::fs::Metadata) -> Self {
+        let ns = |seconds: i64, nanos: i64| i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.size(),
+            mtime_ns: ns(metadata.mtime(), metadata.mtime_nsec()),
+            ctime_ns: ns(metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+}
+
+/// The objects and diagnostics one file gave, and the version of the file they came
+/// from (`None`: kept from an earlier version after a failed read).
+#[derive(Debug)]
+struct ParsedFile {
+    stamp: Option<FileStamp>,
+    content: Arc<Snapshot>,
+}
+
+/// The manifests directory, with what each file gave when it was last read.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
     node_name: Option<String>,
-    last_text: BTreeMap<PathBuf, Arc<str>>,
+    parsed: BTreeMap<PathBuf, ParsedFile>,
 }
 
 impl ManifestDir {
@@ -111,7 +147,7 @@ impl ManifestDir {
         Self {
             dir,
             node_name,
-            last_text: BTreeMap::new(),
+            parsed: BTreeMap::new(),
         }
     }
 
@@ -140,10 +176,33 @@ impl ManifestDir {
         files.sort();
         let mut snapshot = Snapshot::for_node(self.node_name.as_deref());
         let mut unreadable = Vec::new();
-        let mut last_text = BTreeMap::new();
+        let mut parsed = BTreeMap::new();
         for file in files {
-            let text = match read_file(&file) {
-                Ok(Some(text)) => Arc::<str>::from(text),
+            let stamp = match std::fs::metadata(&file) {
+                Ok(metadata) if !metadata.is_file() => continue,
+                Ok(metadata) => Some(FileStamp::of(&metadata)),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                // Reading it says what is wrong.
+                Err(_) => None,
+            };
+            let unchanged = stamp.is_some()
+                && self
+                    .parsed
+                    .get(&file)
+                    .is_some_and(|known| known.stamp == stamp);
+            if unchanged {
+                if let Some(known) = self.parsed.remove(&file) {
+                    merge(&mut snapshot, &known.content);
+                    parsed.insert(file, known);
+                    continue;
+                }
+            }
+            let content = match read_file(&file) {
+                Ok(Some(text)) => {
+                    let mut content = Snapshot::for_node(self.node_name.as_deref());
+                    parse_documents(&text, &file.display().to_string(), &mut content);
+                    Arc::new(content)
+                }
                 // A directory, or gone since the listing.
                 Ok(None) => continue,
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
@@ -154,7 +213,7 @@ impl ManifestDir {
                     continue;
                 }
                 Err(error) => {
-                    let Some(text) = self.last_text.get(&file).cloned() else {
+                    let Some(known) = self.parsed.remove(&file) else {
                         snapshot
                             .diagnostics
                             .push(unreadable_diagnostic(&file, &error.to_string()));
@@ -166,18 +225,48 @@ impl ManifestDir {
                         &format!("{error}; using its last readable content"),
                     ));
                     unreadable.push((file.clone(), error));
-                    text
+                    merge(&mut snapshot, &known.content);
+                    // Read again next time, whatever its stamp says.
+                    parsed.insert(
+                        file,
+                        ParsedFile {
+                            stamp: None,
+                            content: known.content,
+                        },
+                    );
+                    continue;
                 }
             };
-            parse_documents(&text, &file.display().to_string(), &mut snapshot);
-            last_text.insert(file, text);
+            merge(&mut snapshot, &content);
+            parsed.insert(file, ParsedFile { stamp, content });
         }
-        self.last_text = last_text;
+        self.parsed = parsed;
         Ok(Read {
             snapshot,
             unreadable,
         })
     }
+}
+
+/// Adds what one file gave to the directory's snapshot (later files replace objects of
+/// the same name, as when one text held them all), sharing the objects.
+fn merge(snapshot: &mut Snapshot, file: &Snapshot) {
+    for service in file.state.services.values() {
+        snapshot.add_shared_service(Arc::clone(service));
+    }
+    for slice in file.state.endpoint_slices.values() {
+        snapshot.add_shared_endpoint_slice(Arc::clone(slice));
+    }
+    if !file.state.node.labels.is_empty() {
+        snapshot
+            .state
+            .node
+            .labels
+            .clone_from(&file.state.node.labels);
+    }
+    snapshot
+        .diagnostics
+        .extend(file.diagnostics.iter().cloned());
 }
 
 /// A manifest file's text; `None` when it is not a regular file (after following
@@ -611,6 +700,41 @@ mod tests {
         let mut dir = ManifestDir::new(temp.0.join("missing"), None);
         let error = dir.read().expect_err("a missing directory");
         assert_eq!(failure_label(&error.source), "not_found");
+    }
+
+    #[test]
+    fn only_changed_files_are_parsed_again_and_the_others_share_their_objects() {
+        let temp = TempDir::new();
+        let (web, db) = (
+            temp.manifests().join("web.yaml"),
+            temp.manifests().join("db.yaml"),
+        );
+        std::fs::write(&web, service("web", "10.96.0.10")).expect("write");
+        std::fs::write(&db, service("db", "10.96.0.11")).expect("write");
+        let mut dir = ManifestDir::new(temp.manifests(), None);
+        let first = dir.read().expect("readable").snapshot;
+        let key = |name: &str| crate::state::ObjectKey::new("default", name);
+        // Rewritten (another size, so whatever the clock's granularity).
+        std::fs::write(&web, service("web", "10.96.0.100")).expect("write");
+        let second = dir.read().expect("readable").snapshot;
+        assert_eq!(names(&second), ["db", "web"]);
+        assert!(
+            Arc::ptr_eq(
+                &first.state.services[&key("db")],
+                &second.state.services[&key("db")]
+            ),
+            "an unchanged file's objects are the same objects"
+        );
+        assert_eq!(
+            second.state.services[&key("web")]
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.cluster_ip.as_deref()),
+            Some("10.96.0.100"),
+            "a changed file is parsed again"
+        );
+        std::fs::remove_file(&db).expect("remove");
+        assert_eq!(names(&dir.read().expect("readable").snapshot), ["web"]);
     }
 
     #[test]

@@ -58,12 +58,22 @@ impl Snapshot {
 
     /// Adds a Service, replacing one with the same namespace and name.
     pub fn add_service(&mut self, service: Service) {
+        self.add_shared_service(Arc::new(service));
+    }
+
+    /// Adds a Service held elsewhere too (a source's store), without copying it.
+    pub fn add_shared_service(&mut self, service: Arc<Service>) {
         let key = ObjectKey::of(&service.metadata);
         self.state.services.insert(key, service);
     }
 
     /// Adds an EndpointSlice, replacing one with the same namespace and name.
     pub fn add_endpoint_slice(&mut self, slice: EndpointSlice) {
+        self.add_shared_endpoint_slice(Arc::new(slice));
+    }
+
+    /// Adds an EndpointSlice held elsewhere too (a source's store), without copying it.
+    pub fn add_shared_endpoint_slice(&mut self, slice: Arc<EndpointSlice>) {
         let key = ObjectKey::of(&slice.metadata);
         self.state.endpoint_slices.insert(key, slice);
     }

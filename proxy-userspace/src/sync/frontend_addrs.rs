@@ -24,7 +24,6 @@ use std::{
 
 use proxy_common::{frontend_addr, FrontendAddrV4};
 
-use super::Mirror;
 use crate::model::{Desired, FrontendKind};
 
 /// Writes to the frontend address set: the BPF map, or in tests a recorder.
@@ -59,6 +58,9 @@ impl std::fmt::Display for AddrWriteError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendAddrs {
     held: HashMap<Ipv4Addr, u8>,
+    /// Writes applied (and sets readopted): equal at two moments when the agent did
+    /// not touch the set in between (a readback taken meanwhile is then current).
+    writes: u64,
 }
 
 /// The [`frontend_addr`] bit of a frontend kind.
@@ -91,7 +93,20 @@ impl FrontendAddrs {
     /// A set that holds `held` (read back from the kernel after a restart).
     #[must_use]
     pub fn adopt(held: HashMap<Ipv4Addr, u8>) -> Self {
-        Self { held }
+        Self { held, writes: 0 }
+    }
+
+    /// Takes `real`, read back from the kernel, as what the set holds (someone else
+    /// wrote it): the next pass writes whatever differs from the desired set.
+    pub fn readopt(&mut self, real: Self) {
+        self.held = real.held;
+        self.writes += 1;
+    }
+
+    /// How many writes the set saw (see the field).
+    #[must_use]
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// What the agent believes the set holds.
@@ -113,6 +128,7 @@ impl FrontendAddrs {
         match writer.put_frontend_addr(addr, value(kinds)) {
             Ok(()) => {
                 self.held.insert(addr, kinds);
+                self.writes += 1;
             }
             Err(message) => errors.push(AddrWriteError { addr, message }),
         }
@@ -134,19 +150,18 @@ impl FrontendAddrs {
     }
 
     /// Step 2 (after the syncer): the set holds the addresses of the desired frontends
-    /// with their kinds, and those of frontends the service map still holds (`mirror`)
-    /// as [`frontend_addr::OTHER`] (never rejected); every other address is removed.
+    /// with their kinds, and those of frontends the service map still holds
+    /// (`programmed`: [`super::Syncer::frontend_addrs`]) as [`frontend_addr::OTHER`]
+    /// (never rejected); every other address is removed.
     pub fn remove_stale(
         &mut self,
         desired: &Desired,
-        mirror: &Mirror,
+        programmed: impl IntoIterator<Item = Ipv4Addr>,
         writer: &mut impl AddrWriter,
     ) -> Vec<AddrWriteError> {
         let mut wanted = desired_addrs(desired);
-        for key in mirror.services.keys().filter(|key| key.slot == 0) {
-            wanted
-                .entry(key.addr.to_ipv4())
-                .or_insert(frontend_addr::OTHER);
+        for addr in programmed {
+            wanted.entry(addr).or_insert(frontend_addr::OTHER);
         }
         let mut errors = Vec::new();
         for (&addr, &kinds) in &wanted {
@@ -162,6 +177,7 @@ impl FrontendAddrs {
             match writer.delete_frontend_addr(addr) {
                 Ok(()) => {
                     self.held.remove(&addr);
+                    self.writes += 1;
                 }
                 Err(message) => errors.push(AddrWriteError { addr, message }),
             }
@@ -174,7 +190,7 @@ impl FrontendAddrs {
 mod tests {
     use std::collections::BTreeSet;
 
-    use proxy_common::{proto, scope, ServiceValueV4};
+    use proxy_common::{proto, scope};
 
     use super::*;
     use crate::{
@@ -258,9 +274,7 @@ mod tests {
             ["put 10.96.0.10 1", "put 192.168.1.2 2"],
             "one write per address"
         );
-        assert!(set
-            .remove_stale(&first, &Mirror::default(), &mut kernel)
-            .is_empty());
+        assert!(set.remove_stale(&first, [], &mut kernel).is_empty());
         assert_eq!(kernel.log.len(), 2, "nothing left to change");
 
         // The NodePort goes; the service map still holds its frontend (a failed
@@ -269,24 +283,9 @@ mod tests {
         let second = desired(&[(CLUSTER, 80, FrontendKind::ClusterIp)]);
         assert!(set.add_desired(&second, &mut kernel).is_empty());
         assert!(kernel.log.is_empty());
-        let mut mirror = Mirror::default();
-        mirror.services.insert(
-            crate::sync::service_key(
-                &FrontendKey {
-                    addr: NODE,
-                    port: 30080,
-                    proto: proto::TCP,
-                    scope: scope::DEFAULT,
-                },
-                0,
-            ),
-            ServiceValueV4::default(),
-        );
-        assert!(set.remove_stale(&second, &mirror, &mut kernel).is_empty());
+        assert!(set.remove_stale(&second, [NODE], &mut kernel).is_empty());
         assert!(kernel.log.is_empty());
-        assert!(set
-            .remove_stale(&second, &Mirror::default(), &mut kernel)
-            .is_empty());
+        assert!(set.remove_stale(&second, [], &mut kernel).is_empty());
         assert_eq!(kernel.log, ["delete 192.168.1.2"]);
         assert_eq!(kernel.held, set.held);
     }
@@ -297,12 +296,12 @@ mod tests {
         let mut kernel = FakeSet::default();
         let cluster = desired(&[(CLUSTER, 80, FrontendKind::ClusterIp)]);
         set.add_desired(&cluster, &mut kernel);
-        set.remove_stale(&cluster, &Mirror::default(), &mut kernel);
+        set.remove_stale(&cluster, [], &mut kernel);
         kernel.log.clear();
         let external = desired(&[(CLUSTER, 80, FrontendKind::ExternalIp)]);
         set.add_desired(&external, &mut kernel);
         assert_eq!(kernel.log, ["put 10.96.0.10 3"]);
-        set.remove_stale(&external, &Mirror::default(), &mut kernel);
+        set.remove_stale(&external, [], &mut kernel);
         assert_eq!(kernel.log, ["put 10.96.0.10 3", "put 10.96.0.10 2"]);
     }
 
@@ -321,5 +320,32 @@ mod tests {
         kernel.refuse.clear();
         assert!(set.add_desired(&cluster, &mut kernel).is_empty());
         assert_eq!(kernel.held, set.held);
+    }
+
+    /// The resync compares a readback only when the write count did not move while it
+    /// ran: every applied write and every readopted set moves it, a refused write or a
+    /// pass with nothing to write does not.
+    #[test]
+    fn the_write_count_moves_exactly_when_the_set_changes() {
+        let mut set = FrontendAddrs::default();
+        let mut kernel = FakeSet {
+            refuse: [CLUSTER].into(),
+            ..FakeSet::default()
+        };
+        let cluster = desired(&[(CLUSTER, 80, FrontendKind::ClusterIp)]);
+        set.add_desired(&cluster, &mut kernel);
+        assert_eq!(set.writes(), 0, "refused");
+        kernel.refuse.clear();
+        set.add_desired(&cluster, &mut kernel);
+        assert_eq!(set.writes(), 1);
+        set.remove_stale(&cluster, [], &mut kernel);
+        assert_eq!(set.writes(), 1, "nothing to write");
+        set.readopt(FrontendAddrs::adopt(HashMap::new()));
+        assert_eq!(set.writes(), 2);
+        assert!(set.held().is_empty(), "takes what the kernel holds");
+        set.remove_stale(&desired(&[]), [], &mut kernel);
+        assert_eq!(set.writes(), 2, "nothing held, nothing to delete");
+        set.add_desired(&cluster, &mut kernel);
+        assert_eq!(set.writes(), 3, "written again");
     }
 }

@@ -20,7 +20,7 @@ pub mod frontend_addrs;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -167,7 +167,9 @@ impl Mirror {
     }
 
     /// `(service id, backend id)` pairs a packet can reach: the slots `1..=count` of
-    /// every frontend (slots above a count are never read by the datapath).
+    /// every frontend (slots above a count are never read by the datapath). The full
+    /// walk the syncer's index spares it; the tests check the two agree.
+    #[cfg(test)]
     fn pairs_in_use(&self) -> BTreeSet<(u32, u32)> {
         let mut pairs = BTreeSet::new();
         for (head_key, head) in self.frontends() {
@@ -230,6 +232,9 @@ pub struct SyncReport {
     /// `(service id, backend id)` pairs that stopped being used: their UDP flows and
     /// affinity entries must go.
     pub removed_pairs: BTreeSet<(u32, u32)>,
+    /// A frontend entry (slot 0) was created or deleted: the set of frontends the maps
+    /// hold changed (what needs a look at every frontend only then).
+    pub frontend_set_changed: bool,
 }
 
 impl SyncReport {
@@ -239,6 +244,7 @@ impl SyncReport {
         self.frontends_written += later.frontends_written;
         self.frontends_removed += later.frontends_removed;
         self.ops_applied += later.ops_applied;
+        self.frontend_set_changed |= later.frontend_set_changed;
         self.failures = later.failures;
         self.cleanup_errors.extend(later.cleanup_errors);
         self.removed_pairs.extend(later.removed_pairs);
@@ -285,6 +291,71 @@ pub struct Syncer {
     next_backend_id: u32,
     service_ids: HashMap<ServicePortName, u32>,
     next_service_id: u32,
+    /// Writes applied (and mirrors adopted) so far: tells whether the maps changed
+    /// between two moments.
+    writes: u64,
+    /// What keeps a pass's cleanup from walking every entry (the service map holds a
+    /// frontend plus a slot per backend: 550 000 entries at 50 000 x 10).
+    index: MirrorIndex,
+}
+
+/// Indexes over the mirror, kept by [`Syncer::apply`] op by op, so that a pass looks
+/// only at what it touched: which backends lost their last slot, which frontends share
+/// a service id, and whether orphan slots can exist at all.
+#[derive(Debug, Default)]
+struct MirrorIndex {
+    /// Slot entries (slot > 0, whatever the count) naming each backend id.
+    backend_refs: HashMap<u32, u32>,
+    /// Frontend entries (slot 0) by service id.
+    heads_by_service: HashMap<u32, BTreeSet<ServiceKeyV4>>,
+    /// Backends that may be named by no slot: written, or lost their last slot, since
+    /// the last collection (all of them after an adoption).
+    maybe_unused: BTreeSet<u32>,
+    /// Slots no frontend count covers may exist: after an adoption and after any
+    /// failed write (an update or removal stopped part-way). Without a failure, a pass
+    /// deletes the slots above every count it lowers itself.
+    orphans_possible: bool,
+    /// This pass: each frontend it touched, with its `(service id, backend id)` pairs
+    /// before the first change.
+    touched: HashMap<ServiceKeyV4, Vec<(u32, u32)>>,
+    /// This pass: backend ids handed out (they may never be written).
+    allocated: Vec<(BackendV4, u32)>,
+}
+
+impl MirrorIndex {
+    fn of(mirror: &Mirror) -> Self {
+        let mut index = Self {
+            orphans_possible: true,
+            maybe_unused: mirror.backends.keys().copied().collect(),
+            ..Self::default()
+        };
+        for (key, value) in &mirror.services {
+            if key.slot == 0 {
+                index
+                    .heads_by_service
+                    .entry(value.service_id)
+                    .or_default()
+                    .insert(*key);
+            } else {
+                *index.backend_refs.entry(value.backend_id).or_default() += 1;
+            }
+        }
+        index
+    }
+
+    fn add_ref(&mut self, id: u32) {
+        *self.backend_refs.entry(id).or_default() += 1;
+    }
+
+    fn drop_ref(&mut self, id: u32) {
+        if let Some(count) = self.backend_refs.get_mut(&id) {
+            *count -= 1;
+            if *count == 0 {
+                self.backend_refs.remove(&id);
+                self.maybe_unused.insert(id);
+            }
+        }
+    }
 }
 
 impl Syncer {
@@ -305,12 +376,21 @@ impl Syncer {
             .map_or(1, |max| max.wrapping_add(1));
         Self {
             capacity: Capacity::default(),
-            mirror,
             backend_ids,
             next_backend_id,
             service_ids: HashMap::new(),
             next_service_id,
+            writes: 0,
+            index: MirrorIndex::of(&mirror),
+            mirror,
         }
+    }
+
+    /// How many writes the syncer applied (and mirrors it adopted): equal at two
+    /// moments when it did not touch the maps in between.
+    #[must_use]
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// Takes `mirror`, read from the maps themselves, as what they hold (after someone
@@ -322,6 +402,8 @@ impl Syncer {
         self.next_backend_id = self.next_backend_id.max(adopted.next_backend_id);
         self.next_service_id = self.next_service_id.max(adopted.next_service_id);
         self.mirror = adopted.mirror;
+        self.index = adopted.index;
+        self.writes += 1;
     }
 
     /// The same syncer, for maps of `capacity`.
@@ -336,6 +418,17 @@ impl Syncer {
         &self.mirror
     }
 
+    /// The address of every frontend the service map holds (once per frontend entry),
+    /// from the index: what a walk of the mirror's frontend entries finds, without
+    /// walking their slots.
+    pub fn frontend_addrs(&self) -> impl Iterator<Item = std::net::Ipv4Addr> + '_ {
+        self.index
+            .heads_by_service
+            .values()
+            .flatten()
+            .map(|key| key.addr.to_ipv4())
+    }
+
     /// The id of a service port, if it has one.
     #[must_use]
     pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
@@ -345,7 +438,8 @@ impl Syncer {
     /// Brings the maps to `desired`, through `writer`.
     pub fn sync(&mut self, desired: &Desired, writer: &mut impl MapWriter) -> SyncReport {
         let mut report = SyncReport::default();
-        let pairs_before = self.mirror.pairs_in_use();
+        self.index.touched.clear();
+        self.index.allocated.clear();
         self.assign_service_ids(desired);
         // Ranges before the frontends that check them, stale ones after: a client in
         // range is never dropped while a service is being written.
@@ -382,11 +476,39 @@ impl Syncer {
         self.collect_backends(writer, &mut report);
         // From the maps' state before and after, not from what the pass meant to do:
         // a pass that fails part-way still reports every pair it took out of use.
-        report.removed_pairs = pairs_before
-            .difference(&self.mirror.pairs_in_use())
-            .copied()
-            .collect();
+        report.removed_pairs = self.removed_pairs();
         report
+    }
+
+    /// The `(service id, backend id)` pairs of this pass's touched frontends that no
+    /// frontend of their service reaches any more. Untouched frontends kept theirs, so
+    /// this is what the pairs of all frontends before the pass and after it differ by.
+    fn removed_pairs(&self) -> BTreeSet<(u32, u32)> {
+        let before: BTreeSet<(u32, u32)> = self.index.touched.values().flatten().copied().collect();
+        let services: BTreeSet<u32> = before.iter().map(|(service, _)| *service).collect();
+        let after: BTreeSet<(u32, u32)> = services
+            .iter()
+            .filter_map(|service| self.index.heads_by_service.get(service))
+            .flatten()
+            .flat_map(|head| self.frontend_pairs(head))
+            .collect();
+        before.difference(&after).copied().collect()
+    }
+
+    /// The pairs a packet can reach through the frontend entry `head`: its slots
+    /// `1..=count` (slots above a count are never read by the datapath).
+    fn frontend_pairs(&self, head: &ServiceKeyV4) -> Vec<(u32, u32)> {
+        let Some(value) = self.mirror.services.get(head) else {
+            return Vec::new();
+        };
+        (1..=value.count)
+            .filter_map(|slot| {
+                self.mirror
+                    .services
+                    .get(&ServiceKeyV4 { slot, ..*head })
+                    .map(|slot_value| (value.service_id, slot_value.backend_id))
+            })
+            .collect()
     }
 
     /// Gives every desired service port a stable id: the one it has, else the one its
@@ -459,6 +581,7 @@ impl Syncer {
         let id = self.next_backend_id;
         self.next_backend_id = self.next_backend_id.wrapping_add(1);
         self.backend_ids.insert(backend, id);
+        self.index.allocated.push((backend, id));
         id
     }
 
@@ -468,7 +591,21 @@ impl Syncer {
         writer: &mut impl MapWriter,
         report: &mut SyncReport,
     ) -> Result<(), WriteError> {
-        writer.apply(&op)?;
+        if let Err(error) = writer.apply(&op) {
+            // Whatever this op was part of stopped part-way.
+            self.index.orphans_possible = true;
+            return Err(error);
+        }
+        self.index_op(&op);
+        report.frontend_set_changed |= match op {
+            MapOp::PutService { key, .. } => {
+                key.slot == 0 && !self.mirror.services.contains_key(&key)
+            }
+            MapOp::DeleteService { key } => {
+                key.slot == 0 && self.mirror.services.contains_key(&key)
+            }
+            _ => false,
+        };
         if let MapOp::DeleteBackend { id } = op {
             // By the deleted entry's value, not by a scan of every id.
             if let Some(backend) = self.mirror.backends.get(&id) {
@@ -478,8 +615,54 @@ impl Syncer {
             }
         }
         self.mirror.apply(&op);
+        self.writes += 1;
         report.ops_applied += 1;
         Ok(())
+    }
+
+    /// Keeps [`MirrorIndex`] in step with `op`, which the writer applied and the
+    /// mirror is about to.
+    fn index_op(&mut self, op: &MapOp) {
+        let key = match *op {
+            MapOp::PutService { key, .. } | MapOp::DeleteService { key } => key,
+            MapOp::PutBackend { id, .. } => {
+                if !self.index.backend_refs.contains_key(&id) {
+                    self.index.maybe_unused.insert(id);
+                }
+                return;
+            }
+            _ => return,
+        };
+        let head = ServiceKeyV4 { slot: 0, ..key };
+        if !self.index.touched.contains_key(&head) {
+            let pairs = self.frontend_pairs(&head);
+            self.index.touched.insert(head, pairs);
+        }
+        let old = self.mirror.services.get(&key).copied();
+        if key.slot == 0 {
+            if let Some(old) = old {
+                if let Some(heads) = self.index.heads_by_service.get_mut(&old.service_id) {
+                    heads.remove(&key);
+                    if heads.is_empty() {
+                        self.index.heads_by_service.remove(&old.service_id);
+                    }
+                }
+            }
+            if let MapOp::PutService { value, .. } = *op {
+                self.index
+                    .heads_by_service
+                    .entry(value.service_id)
+                    .or_default()
+                    .insert(key);
+            }
+        } else {
+            if let MapOp::PutService { value, .. } = *op {
+                self.index.add_ref(value.backend_id);
+            }
+            if let Some(old) = old {
+                self.index.drop_ref(old.backend_id);
+            }
+        }
     }
 
     /// The backend ids in slots `1..=count` of a frontend, as the mirror holds them.
@@ -694,6 +877,11 @@ impl Syncer {
     /// Deletes slots no frontend count covers (left by an interrupted agent, or by a
     /// frontend whose update failed part-way).
     fn remove_orphan_slots(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
+        if !self.index.orphans_possible {
+            return;
+        }
+        // Set again by any delete below that fails.
+        self.index.orphans_possible = false;
         let mut orphans: Vec<ServiceKeyV4> = self
             .mirror
             .services
@@ -713,29 +901,27 @@ impl Syncer {
         }
     }
 
-    /// Deletes backends that no slot names any more.
+    /// Deletes backends that no slot names any more (of those that may have become
+    /// unnamed since the last collection).
     fn collect_backends(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
-        let used: BTreeSet<u32> = self
-            .mirror
-            .services
-            .iter()
-            .filter(|(key, _)| key.slot != 0)
-            .map(|(_, value)| value.backend_id)
-            .collect();
-        let unused: BTreeMap<u32, BackendV4> = self
-            .mirror
-            .backends
-            .iter()
-            .filter(|(id, _)| !used.contains(id))
-            .map(|(id, backend)| (*id, *backend))
-            .collect();
-        for id in unused.into_keys() {
+        let candidates = std::mem::take(&mut self.index.maybe_unused);
+        for id in candidates {
+            if self.index.backend_refs.contains_key(&id) || !self.mirror.backends.contains_key(&id)
+            {
+                continue;
+            }
             if let Err(error) = self.apply(MapOp::DeleteBackend { id }, writer, report) {
+                self.index.maybe_unused.insert(id);
                 report.cleanup_errors.push(error);
             }
         }
         // Ids allocated for backends whose frontend failed were never written.
-        let backends = &self.mirror.backends;
-        self.backend_ids.retain(|_, id| backends.contains_key(id));
+        for (backend, id) in std::mem::take(&mut self.index.allocated) {
+            if !self.mirror.backends.contains_key(&id)
+                && self.backend_ids.get(&backend) == Some(&id)
+            {
+                self.backend_ids.remove(&backend);
+            }
+        }
     }
 }

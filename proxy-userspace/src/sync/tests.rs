@@ -5,7 +5,10 @@
 //! - check after every op the invariant the datapath relies on (a frontend with count
 //!   `n` has slots `1..=n`, each naming an existing backend),
 //! - fail with `map_full` on the Nth write, or when the service map is at capacity.
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
 
 use proxy_common::{proto, scope, service_flags};
 
@@ -1231,4 +1234,122 @@ fn the_fake_counts_writes_and_capacity() {
     };
     assert!(fake.apply(&head).is_ok());
     assert_eq!(fake.violations.len(), 1, "{:?}", fake.violations);
+}
+
+// ---------------------------------------------------------------------------------
+// A pass looks only at what it touched: the same maps as a pass that walks them all.
+
+#[test]
+fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_build_would() {
+    const NAMES: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    // xorshift64: a fixed sequence, the same on every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    let mut fake = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    let mut services: BTreeMap<usize, (Vec<u8>, bool)> = BTreeMap::new();
+    for pass in 0..300 {
+        // Change a few services: add, drop, new backends, a NodePort twin on or off.
+        for _ in 0..=next(3) {
+            let index = usize::try_from(next(NAMES.len() as u64)).expect("small");
+            match next(4) {
+                0 => {
+                    services.remove(&index);
+                }
+                _ => {
+                    let count = next(5);
+                    let backends: Vec<u8> = (0..count)
+                        .map(|_| u8::try_from(1 + next(12)).expect("small"))
+                        .collect::<BTreeSet<u8>>()
+                        .into_iter()
+                        .collect();
+                    services.insert(index, (backends, next(2) == 0));
+                }
+            }
+        }
+        let frontends: Vec<Fe> = services
+            .iter()
+            .flat_map(|(index, (backends, node_port))| {
+                let octet = u8::try_from(index + 10).expect("small");
+                let cluster_ip = fe(NAMES[*index], octet, backends);
+                let twin =
+                    node_port.then(|| cluster_ip.clone().node_port(30_000 + u16::from(octet)));
+                std::iter::once(cluster_ip).chain(twin)
+            })
+            .collect();
+        let wanted = desired(&frontends);
+        // Now and then a write fails part-way (a full map).
+        fake.fail_on = (next(6) == 0).then(|| usize::try_from(1 + next(6)).expect("small"));
+        fake.writes = 0;
+        let before = syncer.mirror().pairs_in_use();
+        let report = syncer.sync(&wanted, &mut fake);
+        fake.fail_on = None;
+        let walked: BTreeSet<(u32, u32)> = before
+            .difference(&syncer.mirror().pairs_in_use())
+            .copied()
+            .collect();
+        assert_eq!(report.removed_pairs, walked, "pass {pass}: removed pairs");
+        assert_eq!(
+            syncer.mirror(),
+            &fake.mirror(),
+            "pass {pass}: the mirror is the maps"
+        );
+        let walked_addrs: BTreeSet<std::net::Ipv4Addr> = syncer
+            .mirror()
+            .services
+            .keys()
+            .filter(|key| key.slot == 0)
+            .map(|key| key.addr.to_ipv4())
+            .collect();
+        assert_eq!(
+            syncer.frontend_addrs().collect::<BTreeSet<_>>(),
+            walked_addrs,
+            "pass {pass}: the indexed frontend addresses"
+        );
+        assert!(
+            fake.violations.is_empty(),
+            "pass {pass}: {:?}",
+            fake.violations
+        );
+        if !report.failures.is_empty() || !report.cleanup_errors.is_empty() {
+            // The next pass (nothing failing) finishes what this one left.
+            let again = syncer.sync(&wanted, &mut fake);
+            assert!(again.failures.is_empty() && again.cleanup_errors.is_empty());
+        }
+        // What a fresh syncer builds from nothing.
+        let mut fresh = FakeMaps::default();
+        Syncer::default().sync(&wanted, &mut fresh);
+        assert_eq!(
+            fake.resolved(),
+            fresh.resolved(),
+            "pass {pass}: the same frontends"
+        );
+        // Nothing left behind: no slot above a count, no backend no slot names.
+        let heads: HashMap<ServiceKeyV4, u16> = fake
+            .services
+            .iter()
+            .filter(|(key, _)| key.slot == 0)
+            .map(|(key, value)| (*key, value.count))
+            .collect();
+        for key in fake.services.keys().filter(|key| key.slot != 0) {
+            let count = heads.get(&ServiceKeyV4 { slot: 0, ..*key });
+            assert!(
+                count.is_some_and(|count| key.slot <= *count),
+                "pass {pass}: orphan slot {key:?}"
+            );
+        }
+        let named: BTreeSet<u32> = fake
+            .services
+            .iter()
+            .filter(|(key, _)| key.slot != 0)
+            .map(|(_, value)| value.backend_id)
+            .collect();
+        let held: BTreeSet<u32> = fake.backends.keys().copied().collect();
+        assert_eq!(held, named, "pass {pass}: every backend named, no other");
+    }
 }

@@ -21,7 +21,7 @@ use super::{
     openapi,
     resource::{ApiError, ResourceKind},
     selector::{FieldSelector, LabelSelector},
-    store::{Filter, PatchType},
+    store::{meta_str, Filter, PatchType},
     table::{self, IncludeObject},
     Shared, WatcherGuard, BYPASS_PAUSE_HEADER,
 };
@@ -68,6 +68,11 @@ struct Params {
     timeout_seconds: Option<u64>,
     field_manager: Option<String>,
     dry_run: bool,
+    /// LIST pagination: at most this many items per page (0: all).
+    limit: usize,
+    /// LIST pagination: the token of the page before (`<resourceVersion>/<namespace>/<name>`
+    /// of its last item).
+    continue_token: Option<String>,
     include_object: Option<IncludeObject>,
 }
 
@@ -104,6 +109,12 @@ impl Params {
                 }
                 "fieldManager" => p.field_manager = Some(v),
                 "dryRun" => p.dry_run = !v.is_empty(),
+                "limit" => {
+                    p.limit = v
+                        .parse()
+                        .map_err(|_| ApiError::bad_request(format!("invalid limit {v:?}")))?;
+                }
+                "continue" => p.continue_token = Some(v).filter(|v| !v.is_empty()),
                 "includeObject" => {
                     p.include_object = Some(IncludeObject::parse(&v).ok_or_else(|| {
                         ApiError::bad_request(format!(
@@ -111,8 +122,7 @@ impl Params {
                         ))
                     })?);
                 }
-                // limit / continue (everything is returned in one page), pretty, force,
-                // propagationPolicy, gracePeriodSeconds, fieldValidation, ...
+                // pretty, force, propagationPolicy, gracePeriodSeconds, fieldValidation, ...
                 _ => {}
             }
         }
@@ -386,13 +396,51 @@ fn list(
     view: View,
 ) -> Result<Response, ApiError> {
     let filter = params.filter(kind, namespace)?;
-    let (rv, items) = shared.read(|s| s.list(&filter));
+    let (current_rv, mut items) = shared.read(|s| s.list(&filter));
+    // A Table (what `kubectl get` asks for) holds every item in one page.
     if let View::Table { version, include } = view {
         let objects: Vec<&Value> = items.iter().map(|o| &**o).collect();
         return Ok(json_response(
             StatusCode::OK,
-            &table::table(kind, &objects, Some(rv), include, version),
+            &table::table(kind, &objects, Some(current_rv), include, version),
         ));
+    }
+    // Pages as the real server cuts them (`limit`, `continue`), in (namespace, name)
+    // order. A continued page carries the first page's resourceVersion, so a watch
+    // started from it replays every change since: the real server serves a continued
+    // page from that version's snapshot; this one serves the objects as they are now,
+    // and the replayed events bring the client to the same state.
+    let key_of = |object: &Value| {
+        (
+            meta_str(object, "namespace").unwrap_or_default().to_owned(),
+            meta_str(object, "name").unwrap_or_default().to_owned(),
+        )
+    };
+    let mut rv = current_rv;
+    if let Some(token) = &params.continue_token {
+        let mut parts = token.splitn(3, '/');
+        let (Some(token_rv), Some(namespace), Some(name)) = (
+            parts.next().and_then(|rv| rv.parse::<u64>().ok()),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(ApiError::bad_request(format!(
+                "invalid continue token {token:?}"
+            )));
+        };
+        rv = token_rv;
+        let after = (namespace.to_owned(), name.to_owned());
+        items.retain(|object| key_of(object) > after);
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if params.limit > 0 && items.len() > params.limit {
+        let remaining = items.len() - params.limit;
+        items.truncate(params.limit);
+        if let Some(last) = items.last() {
+            let (namespace, name) = key_of(last);
+            metadata["continue"] = json!(format!("{rv}/{namespace}/{name}"));
+            metadata["remainingItemCount"] = json!(remaining);
+        }
     }
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -405,7 +453,7 @@ fn list(
     let body = List {
         kind: kind.list_kind(),
         api_version: kind.api_version(),
-        metadata: json!({"resourceVersion": rv.to_string()}),
+        metadata,
         items: items.iter().map(|o| &**o).collect(),
     };
     let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::unavailable(500, e.to_string()))?;

@@ -100,6 +100,8 @@ pub struct Summary {
     pub softirq_us_per_conn: f64,
     pub agent_cpu_ms: Option<f64>,
     pub agent_peak_mib: Option<f64>,
+    /// SIGTERM to exit (ebpf).
+    pub stop_ms: Option<f64>,
     /// Failed connections over all rounds.
     pub errors: u64,
     pub tc_new_flow_ns: Option<f64>,
@@ -202,6 +204,7 @@ impl Report {
                     softirq_us_per_conn: med(&|cell| cell.softirq_us_per_conn),
                     agent_cpu_ms: med_opt(&|cell| cell.agent_cpu_ms),
                     agent_peak_mib: med_opt(&|cell| cell.agent_peak_mib),
+                    stop_ms: med_opt(&|cell| cell.stop_ms),
                     errors: cells.iter().map(|cell| cell.errors).sum(),
                     tc_new_flow_ns: tc.map(|tc| tc.new_flow_ns),
                     tc_established_ns: tc.map(|tc| tc.established_ns),
@@ -218,7 +221,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:>6} {:<15} {:>8} {:>7} {:>7} {:>7} {:>17} {:>15} {:>9} {:>9} {:>9} {:>6}  tc ns new/est/miss (1-run miss)",
+            "{:>6} {:<15} {:>8} {:>7} {:>7} {:>7} {:>17} {:>15} {:>9} {:>9} {:>9} {:>7} {:>6}  tc ns new/est/miss (1-run miss)",
             "N",
             "mode",
             "conn/s",
@@ -230,13 +233,14 @@ impl Report {
             "cpu us/c",
             "sirq us/c",
             "agent MiB",
+            "stop ms",
             "errors",
         );
         for row in &self.summary {
             let tc = tc_figures(row, "/");
             let _ = writeln!(
                 out,
-                "{:>6} {:<15} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>17} {:>15} {:>9.1} {:>9.1} {:>9} {:>6}  {}",
+                "{:>6} {:<15} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>17} {:>15} {:>9.1} {:>9.1} {:>9} {:>7} {:>6}  {}",
                 row.services,
                 row.mode,
                 row.conn_per_s,
@@ -248,6 +252,7 @@ impl Report {
                 row.cpu_us_per_conn,
                 row.softirq_us_per_conn,
                 optional(row.agent_peak_mib, 1),
+                optional(row.stop_ms, 0),
                 row.errors,
                 tc,
             );
@@ -263,14 +268,14 @@ impl Report {
     #[must_use]
     pub fn markdown(&self) -> String {
         let mut out = String::from(
-            "| N | mode | conn/s | p50 µs | p99 µs | stream MB/s | program ms | change ms | CPU µs/conn | softirq µs/conn | agent peak MiB | TC ns: new / est / miss (1-run miss) |\n\
-             |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| N | mode | conn/s | p50 µs | p99 µs | stream MB/s | program ms | change ms | CPU µs/conn | softirq µs/conn | agent peak MiB | stop ms | TC ns: new / est / miss (1-run miss) |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for row in &self.summary {
             let tc = tc_figures(row, " / ");
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {} | {} | {} |",
                 row.services,
                 row.mode,
                 row.conn_per_s,
@@ -282,6 +287,7 @@ impl Report {
                 row.cpu_us_per_conn,
                 row.softirq_us_per_conn,
                 optional(row.agent_peak_mib, 1),
+                optional(row.stop_ms, 0),
                 tc,
             );
         }
@@ -316,12 +322,12 @@ impl Report {
 
     fn cells_csv(&self) -> String {
         let mut out = String::from(
-            "round,mode,services,endpoints,conn_per_s,connections,errors,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,socket_translated,tc_new_flows\n",
+            "round,mode,services,endpoints,conn_per_s,connections,errors,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,stop_ms,socket_translated,tc_new_flows\n",
         );
         for cell in &self.cells {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{:.1},{},{},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{}",
+                "{},{},{},{},{:.1},{},{},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{}",
                 cell.round,
                 cell.mode,
                 cell.services,
@@ -341,6 +347,7 @@ impl Report {
                 cell.softirq_us_per_conn,
                 csv_optional(cell.agent_cpu_ms),
                 csv_optional(cell.agent_peak_mib),
+                csv_optional(cell.stop_ms),
                 cell.socket_translated,
                 cell.tc_new_flows,
             );
@@ -350,12 +357,12 @@ impl Report {
 
     fn summary_csv(&self) -> String {
         let mut out = String::from(
-            "services,mode,rounds,conn_per_s,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,errors,tc_new_flow_ns,tc_established_ns,tc_miss_ns,tc_single_run_miss_ns\n",
+            "services,mode,rounds,conn_per_s,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,stop_ms,errors,tc_new_flow_ns,tc_established_ns,tc_miss_ns,tc_single_run_miss_ns\n",
         );
         for row in &self.summary {
             let _ = writeln!(
                 out,
-                "{},{},{},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{},{},{}",
+                "{},{},{},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{},{},{},{}",
                 row.services,
                 row.mode,
                 row.rounds,
@@ -372,6 +379,7 @@ impl Report {
                 row.softirq_us_per_conn,
                 csv_optional(row.agent_cpu_ms),
                 csv_optional(row.agent_peak_mib),
+                csv_optional(row.stop_ms),
                 row.errors,
                 csv_optional(row.tc_new_flow_ns),
                 csv_optional(row.tc_established_ns),

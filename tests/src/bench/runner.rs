@@ -70,6 +70,9 @@ pub struct Cell {
     pub agent_cpu_ms: Option<f64>,
     /// The agent's peak resident memory (VmHWM), MiB (ebpf).
     pub agent_peak_mib: Option<f64>,
+    /// SIGTERM to the agent's exit (ebpf), milliseconds: it detaches, unpins and
+    /// leaves.
+    pub stop_ms: Option<f64>,
     /// ebpf modes, during the connection test: sockets the socket-layer hooks
     /// translated (datapath counter `sock_translated`).
     pub socket_translated: u64,
@@ -373,7 +376,11 @@ pub fn measure(
         let peak = measure::peak_memory(pid)? as f64;
         cell.agent_peak_mib = Some(peak / (1024.0 * 1024.0));
     }
+    let stopping = Instant::now();
     bench.lab.stop_agent()?;
+    if agent_pid.is_some() {
+        cell.stop_ms = Some(millis(stopping.elapsed()));
+    }
     drop(bench.servers);
     drop(bench.lab);
     Ok(cell)

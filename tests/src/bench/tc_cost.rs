@@ -23,6 +23,7 @@ use std::{collections::BTreeSet, net::SocketAddrV4};
 
 use anyhow::{bail, Result};
 use proxy_common::{proto, service_flags};
+use proxy_userspace::datapath::LoadOptions;
 use proxy_userspace::service_counters::{Mode as CountersMode, ServiceCounters};
 use serde::Serialize;
 
@@ -51,7 +52,16 @@ pub struct TcCost {
 /// # Errors
 /// When loading, programming or a run fails, or a packet gets an unexpected verdict.
 pub fn measure(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> {
-    let mut harness = DatapathHarness::new()?;
+    // A service map as large as the agent would make it for this set (frontends plus
+    // a slot per backend, half again to grow), not the default.
+    let entries = set.len() * (1 + set.backends().len());
+    let mut harness = DatapathHarness::with_options(&LoadOptions {
+        services_max: Some(proxy_userspace::datapath::grown_for(
+            proxy_common::capacity::SERVICES_V4,
+            entries,
+        )),
+        ..LoadOptions::default()
+    })?;
     let frontends: Vec<_> = (0..set.len())
         .map(|index| {
             frontend(
