@@ -263,6 +263,30 @@ impl Lab {
         self.run_dir.join("bpffs/kpr")
     }
 
+    /// Runs `kpr <args> --bpffs <pin dir>` in the node namespace (where a command such
+    /// as `kpr trace` sees the node's routes and pins) and returns its stdout.
+    ///
+    /// # Errors
+    /// When it cannot run or exits non-zero (its stderr in the error).
+    pub fn kpr(&self, args: &[&str]) -> Result<String> {
+        let binary = agent_binary()?;
+        let output = self.node.run(|| {
+            Ok(Command::new(&binary)
+                .args(args)
+                .arg("--bpffs")
+                .arg(self.pin_dir())
+                .output()?)
+        })?;
+        if !output.status.success() {
+            bail!(
+                "kpr {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     fn log_path(&self) -> PathBuf {
         self.run_dir.join("agent.log")
     }

@@ -579,26 +579,19 @@ fn trace_from_outside(
     client: SocketAddrV4,
     to: SocketAddrV4,
 ) -> serde_json::Value {
-    let binary = kpr_lab::lab::agent_binary().expect("kpr");
+    let (client, to) = (client.to_string(), to.to_string());
     let output = lab
-        .node
-        .run(|| {
-            Ok(std::process::Command::new(&binary)
-                .args(["trace", "--from-outside", "--json", "--client"])
-                .arg(client.to_string())
-                .arg("--to")
-                .arg(to.to_string())
-                .arg("--bpffs")
-                .arg(lab.pin_dir())
-                .output()?)
-        })
-        .expect("run kpr trace");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON")
+        .kpr(&[
+            "trace",
+            "--from-outside",
+            "--json",
+            "--client",
+            &client,
+            "--to",
+            &to,
+        ])
+        .expect("kpr trace");
+    serde_json::from_str(&output).expect("JSON")
 }
 
 fn has_stage(trace: &serde_json::Value, stage: &str) -> bool {

@@ -579,31 +579,17 @@ endpoints:
 /// `kpr trace --json` from the client pod's address, run in the node namespace (the
 /// redirect path's route lookups see the node's routes).
 fn trace_json(lab: &Lab, to: &str, extra: &[&str]) -> serde_json::Value {
-    let binary = kpr_lab::lab::agent_binary().expect("kpr");
-    let output = lab
-        .node
-        .run(|| {
-            Ok(std::process::Command::new(&binary)
-                .args([
-                    "trace",
-                    "--client",
-                    "10.244.1.2:41000",
-                    "--to",
-                    to,
-                    "--json",
-                ])
-                .args(extra)
-                .arg("--bpffs")
-                .arg(lab.pin_dir())
-                .output()?)
-        })
-        .expect("run kpr trace");
-    assert!(
-        output.status.success(),
-        "kpr trace {to}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON")
+    let mut args = vec![
+        "trace",
+        "--client",
+        "10.244.1.2:41000",
+        "--to",
+        to,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let output = lab.kpr(&args).expect("kpr trace");
+    serde_json::from_str(&output).expect("JSON")
 }
 
 /// `kpr trace` runs the node's real programs on its live maps: it agrees with what real
@@ -658,24 +644,15 @@ fn trace_agrees_with_real_traffic_and_leaves_every_map_as_it_was() {
         traces.push(trace);
     }
     // The text form of the same run.
-    let binary = kpr_lab::lab::agent_binary().expect("kpr");
     let text = lab
-        .node
-        .run(|| {
-            Ok(std::process::Command::new(&binary)
-                .args([
-                    "trace",
-                    "--client",
-                    "10.244.1.2:41000",
-                    "--to",
-                    "10.96.0.30:80",
-                ])
-                .arg("--bpffs")
-                .arg(lab.pin_dir())
-                .output()?)
-        })
-        .expect("run kpr trace");
-    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        .kpr(&[
+            "trace",
+            "--client",
+            "10.244.1.2:41000",
+            "--to",
+            "10.96.0.30:80",
+        ])
+        .expect("kpr trace");
     println!("{text}");
     assert!(
         text.contains("affinity: the client's record chose the backend")
