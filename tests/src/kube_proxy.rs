@@ -55,22 +55,7 @@ impl Service {
         let mut out = crate::bench::iptables::jump_rules();
         let mut chains = String::new();
         let mut rules = String::new();
-        for chain in [
-            "KUBE-SERVICES",
-            "KUBE-NODEPORTS",
-            "KUBE-POSTROUTING",
-            "KUBE-MARK-MASQ",
-            "KUBE-PROXY-CANARY",
-        ] {
-            let _ = writeln!(chains, ":{chain} - [0:0]");
-        }
-        let _ = writeln!(
-            rules,
-            "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
-             -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
-             -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
-             -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"
-        );
+        crate::bench::iptables::write_nat_base(&mut chains, &mut rules, &["KUBE-PROXY-CANARY"]);
         for port in &self.ports {
             self.iptables_port(&mut chains, &mut rules, port);
         }

@@ -212,6 +212,30 @@ pub enum Sync {
     ChangedServiceZero,
 }
 
+/// The nat table's fixed part as kube-proxy writes it: its base chains (plus `extra`)
+/// into `chains`, the masquerade rules of KUBE-POSTROUTING and KUBE-MARK-MASQ into
+/// `rules`.
+pub fn write_nat_base(chains: &mut String, rules: &mut String, extra: &[&str]) {
+    for chain in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        let _ = writeln!(chains, ":{chain} - [0:0]");
+    }
+    let _ = writeln!(
+        rules,
+        "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"
+    );
+}
+
 /// The `iptables-restore --noflush` input of one kube-proxy sync. `changed` selects
 /// the endpoint set after the change (service 0 gained an endpoint).
 #[must_use]
@@ -222,21 +246,7 @@ pub fn restore_input(set: &ServiceSet, sync: Sync, changed: bool) -> String {
 
     let mut chains = String::new();
     let mut rules = String::new();
-    for chain in [
-        "KUBE-SERVICES",
-        "KUBE-NODEPORTS",
-        "KUBE-POSTROUTING",
-        "KUBE-MARK-MASQ",
-    ] {
-        let _ = writeln!(chains, ":{chain} - [0:0]");
-    }
-    let _ = writeln!(
-        rules,
-        "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
-         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
-         -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"
-    );
+    write_nat_base(&mut chains, &mut rules, &[]);
     for index in 0..set.len() {
         let write_chains = sync == Sync::Full || index == 0;
         write_service(
