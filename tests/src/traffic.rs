@@ -160,6 +160,16 @@ impl Drop for EchoServer {
     }
 }
 
+/// The kind of the first I/O error in `error`'s chain (`Other` when there is none): how
+/// a connection failed, for tests that expect a particular refusal.
+#[must_use]
+pub fn io_error_kind(error: &anyhow::Error) -> std::io::ErrorKind {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .map_or(std::io::ErrorKind::Other, std::io::Error::kind)
+}
+
 /// One TCP request on a new connection. Must be called on a thread inside the client's
 /// namespace (see [`Netns::run`]).
 ///

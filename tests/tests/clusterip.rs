@@ -88,12 +88,8 @@ fn a_service_without_endpoints_refuses_new_connections_at_once() {
         .run(|| Ok(tcp_request(sock(NOBODY_VIP, 80), Duration::from_secs(5))))
         .expect("run")
         .expect_err("nobody serves this service");
-    let refused = error
-        .chain()
-        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
-        .any(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
     assert!(
-        refused,
+        is_refused(&error),
         "expected connection refused (ICMP port unreachable), got {error:#}"
     );
 }

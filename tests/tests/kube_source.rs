@@ -228,12 +228,7 @@ impl ApiLab {
             .netns
             .run(|| Ok(tcp_request(sock(vip, 80), timeout).err()))
             .expect("run in the client pod")?;
-        Some(
-            error
-                .chain()
-                .find_map(|cause| cause.downcast_ref::<std::io::Error>())
-                .map_or(std::io::ErrorKind::Other, std::io::Error::kind),
-        )
+        Some(kpr_lab::traffic::io_error_kind(&error))
     }
 
     /// Waits until the agent's log contains `text`.

@@ -224,12 +224,7 @@ impl KubectlLab {
             .netns
             .run(|| Ok(tcp_request(sock(WEB_VIP, 80), timeout).err()))
             .expect("run in the client pod")?;
-        Some(
-            error
-                .chain()
-                .find_map(|cause| cause.downcast_ref::<std::io::Error>())
-                .map_or(std::io::ErrorKind::Other, std::io::Error::kind),
-        )
+        Some(kpr_lab::traffic::io_error_kind(&error))
     }
 
     fn programming_count(&self) -> f64 {
