@@ -222,7 +222,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(agent::run(config, shutdown_signal()))
+            let outcome = runtime.block_on(agent::run(config, shutdown_signal()));
+            // The agent has left the node as asked (detached and unpinned, or kept).
+            // Dropping the runtime would wait for whatever its threads still hold: a
+            // read-back of the maps in progress, the source's store being freed (a
+            // second at 100 000 services). A pod's termination waits on this exit.
+            runtime.shutdown_background();
+            outcome
         }
         Command::Cleanup(args) if args.kube_proxy_rules => {
             init_logging("info", LogFormat::Text);
