@@ -384,7 +384,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "\nTC program per packet, ns (BPF_PROG_TEST_RUN; 1/call: one run per call, the kernel's per-call timer and cold caches included; \
-                 repeat: {} runs per call)\n{:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>13} {:>13}",
+                 repeat: {} runs per call)\n{:>6} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>11} {:>13} {:>13}",
                 self.settings.tc_repeat,
                 "N", "new 1/call", "est 1/call", "est rep.", "miss rep.", "miss 1/call", "new 1 svc", "est counted", "new/est same", "new/est rep."
             );
@@ -413,10 +413,11 @@ impl Report {
     fn ratio_cells(&self, ratios: &Ratios) -> [String; 5] {
         let cell = |value: Option<f64>, other: Mode| match value {
             Some(value) => format!("{value:.2}"),
-            None if self
-                .summary
-                .iter()
-                .any(|row| row.services == ratios.services && row.mode == other.label()) =>
+            None if self.summary.iter().any(|row| {
+                row.services == ratios.services
+                    && row.mode == other.label()
+                    && row.rounds == row.rounds_not_programmed
+            }) =>
             {
                 format!("{} not prog.", short_label(other))
             }
@@ -763,5 +764,95 @@ mod tests {
         assert!(report.table().contains("ebpf"));
         assert!(report.markdown().starts_with("| N |"));
         assert!(report.cells_csv().lines().count() == 7);
+    }
+
+    #[test]
+    fn failed_connections_and_limits_are_shown() {
+        let config = Config {
+            modes: vec![Mode::Ebpf, Mode::Nftables, Mode::None],
+            ..Config::default()
+        };
+        let mut report = Report::new(&config);
+        let limit = Some(180.0);
+        for round in 1..=2 {
+            report.cells.extend([
+                Cell {
+                    round,
+                    mode: "ebpf".into(),
+                    services: 100,
+                    conn_per_s: 900.0,
+                    connections: 1000,
+                    errors: 7,
+                    // One round over the limit, one not.
+                    not_programmed_in_s: (round == 2).then_some(180.0),
+                    ..Cell::default()
+                },
+                Cell {
+                    round,
+                    mode: "nftables".into(),
+                    services: 100,
+                    not_programmed_in_s: limit,
+                    ..Cell::default()
+                },
+                Cell {
+                    round,
+                    mode: "none".into(),
+                    services: 100,
+                    conn_per_s: 1000.0,
+                    connections: 1000,
+                    ..Cell::default()
+                },
+            ]);
+        }
+        report.summarize();
+        let ebpf = &report.summary[0];
+        assert_eq!((ebpf.rounds, ebpf.rounds_not_programmed), (2, 1));
+        // Only the round with figures: its errors, its rate.
+        assert_eq!((ebpf.errors, ebpf.connections), (7, 1000));
+        assert!((ebpf.conn_per_s - 900.0).abs() < 1e-9);
+        assert_eq!(
+            ebpf.limit_note.as_deref(),
+            Some("not programmed in 180 s in 1 of 2 rounds")
+        );
+        let nft = &report.summary[1];
+        assert_eq!(nft.limit_note.as_deref(), Some("not programmed in 180 s"));
+
+        let table = report.table();
+        let ebpf_line = table
+            .lines()
+            .find(|line| line.trim_start().starts_with("100 ebpf "))
+            .expect("the ebpf row");
+        assert!(
+            ebpf_line.contains("      7  (not programmed in 180 s in 1 of 2 rounds)"),
+            "{ebpf_line}"
+        );
+        assert!(
+            table.contains("   100 nftables        not programmed in 180 s\n"),
+            "{table}"
+        );
+        // ebpf over none is 0.9; nftables has no figures to divide by ("not prog."),
+        // none no CPU time here ("-").
+        let ratio_line = table
+            .lines()
+            .filter(|line| line.trim_start().starts_with("100 ebpf "))
+            .nth(1)
+            .expect("the ratio row");
+        assert!(ratio_line.contains("0.90"), "{ratio_line}");
+        assert!(ratio_line.contains("nft not prog."), "{ratio_line}");
+        assert!(ratio_line.trim_end().ends_with(" -"), "{ratio_line}");
+        let markdown = report.markdown();
+        assert!(
+            markdown.contains("| 100 | nftables | not programmed in 180 s |"),
+            "{markdown}"
+        );
+        assert!(
+            markdown.contains("| 7 (not programmed in 180 s in 1 of 2 rounds) |"),
+            "{markdown}"
+        );
+        assert!(report
+            .summary_csv()
+            .contains(",1,not programmed in 180 s in 1 of 2 rounds,"));
+        assert_eq!(report.ratios[0].conn_per_s_vs_nftables, None);
+        assert_eq!(report.ratios[0].conn_per_s_vs_iptables, None);
     }
 }
