@@ -315,101 +315,155 @@ impl Report {
     /// The summary, the ratios and the TC costs as fixed-width tables.
     #[must_use]
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:>6} {:<15} {:>8} {:>7} {:>7} {:>7} {:>17} {:>15} {:>9} {:>9} {:>9} {:>7} {:>6}",
-            "N",
-            "mode",
-            "conn/s",
-            "p50 us",
-            "p99 us",
-            "MB/s",
-            "program ms",
-            "change ms",
-            "cpu us/c",
-            "sirq us/c",
-            "agent MiB",
-            "stop ms",
-            "errors",
-        );
-        for row in &self.summary {
-            if row.rounds == row.rounds_not_programmed {
-                let note = row.limit_note.as_deref().unwrap_or("not programmed");
-                let _ = writeln!(out, "{:>6} {:<15} {note}", row.services, row.mode);
-                continue;
-            }
-            let _ = writeln!(
-                out,
-                "{:>6} {:<15} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>17} {:>15} {:>9.1} {:>9.1} {:>9} {:>7} {:>6}{}",
-                row.services,
-                row.mode,
-                row.conn_per_s,
-                row.latency_p50_us,
-                row.latency_p99_us,
-                row.stream_mb_per_s,
-                with_wall(row.program_ms, row.program_wall_ms, 1),
-                change_figure(row, self.settings.program_limit_s),
-                row.cpu_us_per_conn,
-                row.softirq_us_per_conn,
-                optional(row.agent_peak_mib, 1),
-                optional(row.stop_ms, 0),
-                row.errors,
-                row.limit_note
-                    .as_ref()
-                    .map_or_else(String::new, |note| format!("  ({note})")),
-            );
-        }
+        self.render(Table::text)
+    }
+
+    /// The same tables in Markdown (for the README).
+    #[must_use]
+    pub fn markdown(&self) -> String {
+        self.render(Table::markdown)
+    }
+
+    /// Each table with its caption, through `format`.
+    fn render(&self, format: fn(&Table) -> String) -> String {
+        let mut out = format(&self.summary_table());
         out.push_str(
-            "program/change ms: ebpf modes = the agent's sync pass (in parentheses: agent start to healthy / \
+            "\nprogram/change ms: ebpf modes = the agent's sync pass (in parentheses: agent start to healthy / \
              change written (manifest file, or API object) to the pass that applied it); kube-proxy modes = \
-             their commands' wall time. errors: failed connections of the connection tests, all rounds\n",
+             their commands' wall time. failed: failed connections of the connection tests (refused, timed \
+             out, short answer), all rounds; they count in no other figure.\n",
         );
         if !self.ratios.is_empty() {
-            let _ = writeln!(
-                out,
-                "\nratios: conn/s of the ebpf mode over the other mode's (above 1: more); p99 and CPU/conn over none's (above 1: more)\n{:>6} {:<15} {:>15} {:>15} {:>15} {:>10} {:>10}",
-                "N", "mode", "conn/s ÷ none", "÷ nftables", "÷ iptables", "p99 ÷ none", "CPU ÷ none"
+            out.push_str(
+                "\nRatios per N: conn/s of the ebpf mode over the other mode's (above 1: more connections); \
+                 p99 latency and CPU per connection over none's (above 1: more than no proxy).\n\n",
             );
-            for ratios in &self.ratios {
-                let cells = self.ratio_cells(ratios);
-                let _ = writeln!(
-                    out,
-                    "{:>6} {:<15} {:>15} {:>15} {:>15} {:>10} {:>10}",
-                    ratios.services, ratios.mode, cells[0], cells[1], cells[2], cells[3], cells[4]
-                );
-            }
+            out.push_str(&format(&self.ratio_table()));
         }
         if !self.tc.is_empty() {
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "\nTC program per packet, ns (BPF_PROG_TEST_RUN; 1/call: one run per call, the kernel's per-call timer and cold caches included; \
-                 repeat: {} runs per call)\n{:>6} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>11} {:>13} {:>13}",
-                self.settings.tc_repeat,
-                "N", "new 1/call", "est 1/call", "est rep.", "miss rep.", "miss 1/call", "new 1 svc", "est counted", "new/est same", "new/est rep."
+                "\nTC program per packet, ns (BPF_PROG_TEST_RUN): \"1/call\" one run per call (the kernel's \
+                 per-call timer and cold caches included), \"rep.\" {} runs per call; new/est same: both \
+                 1/call.\n\n",
+                self.settings.tc_repeat
             );
-            for tc in &self.tc {
-                let _ = writeln!(
-                    out,
-                    "{:>6} {:>10.0} {:>10.0} {:>9.0} {:>9.0} {:>11.0} {:>10.0} {:>11.0} {:>13.1} {:>13.1}",
-                    tc.services,
-                    tc.new_flow_ns,
-                    tc.single_run_established_ns,
-                    tc.established_ns,
-                    tc.miss_ns,
-                    tc.single_run_miss_ns,
-                    tc.new_flow_one_service_ns,
-                    tc.established_counted_ns,
-                    tc.new_over_established_same_method(),
-                    tc.new_over_established_repeated(),
-                );
-            }
+            out.push_str(&format(&self.tc_table()));
         }
         out
     }
 
+    fn summary_table(&self) -> Table {
+        let rows = self
+            .summary
+            .iter()
+            .map(|row| {
+                let mut cells = vec![row.services.to_string(), row.mode.clone()];
+                if row.rounds == row.rounds_not_programmed {
+                    cells.push(row.limit_note.clone().unwrap_or_default());
+                    return cells;
+                }
+                cells.extend([
+                    format!("{:.0}", row.conn_per_s),
+                    format!("{:.0}", row.latency_p50_us),
+                    format!("{:.0}", row.latency_p99_us),
+                    format!("{:.0}", row.stream_mb_per_s),
+                    with_wall(row.program_ms, row.program_wall_ms, 1),
+                    change_figure(row, self.settings.program_limit_s),
+                    format!("{:.1}", row.cpu_us_per_conn),
+                    format!("{:.1}", row.softirq_us_per_conn),
+                    optional(row.agent_peak_mib, 1),
+                    optional(row.stop_ms, 0),
+                    row.errors.to_string(),
+                    row.limit_note.clone().unwrap_or_default(),
+                ]);
+                cells
+            })
+            .collect();
+        Table {
+            headers: vec![
+                "N",
+                "mode",
+                "conn/s",
+                "p50 µs",
+                "p99 µs",
+                "MB/s",
+                "program ms",
+                "change ms",
+                "CPU µs/conn",
+                "softirq µs/conn",
+                "agent MiB",
+                "stop ms",
+                "failed",
+                "note",
+            ],
+            left: vec![1, 13],
+            rows,
+        }
+    }
+
+    fn ratio_table(&self) -> Table {
+        Table {
+            headers: vec![
+                "N",
+                "mode",
+                "conn/s ÷ none",
+                "÷ nftables",
+                "÷ iptables",
+                "p99 ÷ none",
+                "CPU/conn ÷ none",
+            ],
+            left: vec![1],
+            rows: self
+                .ratios
+                .iter()
+                .map(|ratios| {
+                    let mut cells = vec![ratios.services.to_string(), ratios.mode.clone()];
+                    cells.extend(self.ratio_cells(ratios));
+                    cells
+                })
+                .collect(),
+        }
+    }
+
+    fn tc_table(&self) -> Table {
+        Table {
+            headers: vec![
+                "N",
+                "new 1/call",
+                "est 1/call",
+                "est rep.",
+                "miss rep.",
+                "miss 1/call",
+                "new, 1 service",
+                "est counted",
+                "new/est same",
+                "new/est rep.",
+            ],
+            left: Vec::new(),
+            rows: self
+                .tc
+                .iter()
+                .map(|tc| {
+                    vec![
+                        tc.services.to_string(),
+                        format!("{:.0}", tc.new_flow_ns),
+                        format!("{:.0}", tc.single_run_established_ns),
+                        format!("{:.0}", tc.established_ns),
+                        format!("{:.0}", tc.miss_ns),
+                        format!("{:.0}", tc.single_run_miss_ns),
+                        format!("{:.0}", tc.new_flow_one_service_ns),
+                        format!("{:.0}", tc.established_counted_ns),
+                        format!("{:.1}", tc.new_over_established_same_method()),
+                        format!("{:.1}", tc.new_over_established_repeated()),
+                    ]
+                })
+                .collect(),
+        }
+    }
+
     /// The five figures of `ratios` as text: the ratio, or why there is none (the
-    /// other mode not programmed, or not run: "-").
+    /// other mode not programmed, or not run or no figure: "-").
     fn ratio_cells(&self, ratios: &Ratios) -> [String; 5] {
         let cell = |value: Option<f64>, other: Mode| match value {
             Some(value) => format!("{value:.2}"),
@@ -430,85 +484,6 @@ impl Report {
             cell(ratios.latency_p99_vs_none, Mode::None),
             cell(ratios.cpu_per_conn_vs_none, Mode::None),
         ]
-    }
-
-    /// The summary, the ratios and the TC costs as Markdown tables (for the README).
-    #[must_use]
-    pub fn markdown(&self) -> String {
-        let mut out = String::from(
-            "| N | mode | conn/s | p50 µs | p99 µs | stream MB/s | program ms | change ms | CPU µs/conn | softirq µs/conn | agent peak MiB | stop ms | failed conns |\n\
-             |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        );
-        for row in &self.summary {
-            if row.rounds == row.rounds_not_programmed {
-                let note = row.limit_note.as_deref().unwrap_or("not programmed");
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {note} | | | | | | | | | | |",
-                    row.services, row.mode
-                );
-                continue;
-            }
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {} | {} | {}{} |",
-                row.services,
-                row.mode,
-                row.conn_per_s,
-                row.latency_p50_us,
-                row.latency_p99_us,
-                row.stream_mb_per_s,
-                with_wall(row.program_ms, row.program_wall_ms, 1),
-                change_figure(row, self.settings.program_limit_s),
-                row.cpu_us_per_conn,
-                row.softirq_us_per_conn,
-                optional(row.agent_peak_mib, 1),
-                optional(row.stop_ms, 0),
-                row.errors,
-                row.limit_note
-                    .as_ref()
-                    .map_or_else(String::new, |note| format!(" ({note})")),
-            );
-        }
-        if !self.ratios.is_empty() {
-            out.push_str(
-                "\n| N | mode | conn/s ÷ none | conn/s ÷ nftables | conn/s ÷ iptables | p99 ÷ none | CPU/conn ÷ none |\n\
-                 |---:|---|---:|---:|---:|---:|---:|\n",
-            );
-            for ratios in &self.ratios {
-                let cells = self.ratio_cells(ratios);
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} |",
-                    ratios.services,
-                    ratios.mode,
-                    cells.join(" | ")
-                );
-            }
-        }
-        if !self.tc.is_empty() {
-            let _ = write!(
-                out,
-                "\n| N | TC ns: new flow (1 run/call) | established (1 run/call) | established ({} runs/call) | miss ({} runs/call) | miss (1 run/call) | new ÷ established, both 1 run/call | new ÷ established ({} runs/call) |\n\
-                 |---:|---:|---:|---:|---:|---:|---:|---:|\n",
-                self.settings.tc_repeat, self.settings.tc_repeat, self.settings.tc_repeat
-            );
-            for tc in &self.tc {
-                let _ = writeln!(
-                    out,
-                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
-                    tc.services,
-                    tc.new_flow_ns,
-                    tc.single_run_established_ns,
-                    tc.established_ns,
-                    tc.miss_ns,
-                    tc.single_run_miss_ns,
-                    tc.new_over_established_same_method(),
-                    tc.new_over_established_repeated(),
-                );
-            }
-        }
-        out
     }
 
     /// Writes `cells.csv`, `summary.csv`, `ratios.csv`, `summary.md`, `results.json`
@@ -632,6 +607,73 @@ impl Report {
                 csv_optional(ratios.latency_p99_vs_none),
                 csv_optional(ratios.cpu_per_conn_vs_none),
             );
+        }
+        out
+    }
+}
+
+/// A table, rendered as fixed-width text or as Markdown from the same cells, so the
+/// two cannot differ. A row with fewer cells than headers ends in a note that spans
+/// the rest (a mode not programmed within the limit).
+struct Table {
+    headers: Vec<&'static str>,
+    /// The left-aligned columns (names, notes); the others are numbers.
+    left: Vec<usize>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn text(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in self
+            .rows
+            .iter()
+            .filter(|row| row.len() == self.headers.len())
+        {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let line = |cells: &mut dyn Iterator<Item = &str>| {
+            let mut text = String::new();
+            for (column, cell) in cells.enumerate() {
+                let width = widths.get(column).copied().unwrap_or(0);
+                if column > 0 {
+                    text.push(' ');
+                }
+                if self.left.contains(&column) {
+                    let _ = write!(text, "{cell:<width$}");
+                } else {
+                    let _ = write!(text, "{cell:>width$}");
+                }
+            }
+            text.trim_end().to_owned() + "\n"
+        };
+        let mut out = line(&mut self.headers.iter().copied());
+        for row in &self.rows {
+            if row.len() == self.headers.len() {
+                out.push_str(&line(&mut row.iter().map(String::as_str)));
+            } else if let Some((note, lead)) = row.split_last() {
+                let lead = line(&mut lead.iter().map(String::as_str));
+                let _ = writeln!(out, "{} {note}", lead.trim_end());
+            }
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = format!("| {} |\n|", self.headers.join(" | "));
+        for column in 0..self.headers.len() {
+            out.push_str(if self.left.contains(&column) {
+                "---|"
+            } else {
+                "---:|"
+            });
+        }
+        out.push('\n');
+        for row in &self.rows {
+            let empty = self.headers.len().saturating_sub(row.len());
+            let _ = writeln!(out, "| {} |{}", row.join(" | "), " |".repeat(empty));
         }
         out
     }
@@ -823,11 +865,11 @@ mod tests {
             .find(|line| line.trim_start().starts_with("100 ebpf "))
             .expect("the ebpf row");
         assert!(
-            ebpf_line.contains("      7  (not programmed in 180 s in 1 of 2 rounds)"),
+            ebpf_line.contains(" 7 not programmed in 180 s in 1 of 2 rounds"),
             "{ebpf_line}"
         );
         assert!(
-            table.contains("   100 nftables        not programmed in 180 s\n"),
+            table.contains("100 nftables not programmed in 180 s\n"),
             "{table}"
         );
         // ebpf over none is 0.9; nftables has no figures to divide by ("not prog."),
@@ -846,7 +888,7 @@ mod tests {
             "{markdown}"
         );
         assert!(
-            markdown.contains("| 7 (not programmed in 180 s in 1 of 2 rounds) |"),
+            markdown.contains("| 7 | not programmed in 180 s in 1 of 2 rounds |"),
             "{markdown}"
         );
         assert!(report
