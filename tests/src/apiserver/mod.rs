@@ -21,9 +21,11 @@
 //! - LIST: `{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"N"},"items":[...]}`
 //!   in (namespace, name) order; `labelSelector` (full syntax: `=`, `==`, `!=`, `in`,
 //!   `notin`, `key`, `!key`, `>`, `<`) and `fieldSelector` (`=`, `==`, `!=` on any
-//!   dotted path, e.g. `metadata.name`). `limit`/`continue` are accepted and ignored
-//!   (one page, no continue token); `resourceVersion`/`resourceVersionMatch` are
-//!   accepted and the current state is always served.
+//!   dotted path, e.g. `metadata.name`). `limit`/`continue`: pages in that order with
+//!   continue tokens, each costing its own objects, not the collection's;
+//!   `remainingItemCount` only without selectors (as the real server);
+//!   `resourceVersion`/`resourceVersionMatch` are accepted and the current state is
+//!   always served.
 //! - WATCH (`watch=true|1`): newline-delimited `{"type":...,"object":...}` in a chunked
 //!   body. `resourceVersion=N` replays every change after N from a bounded history;
 //!   unset or `"0"` first sends the current state as synthetic ADDED events.
