@@ -625,12 +625,14 @@ struct Table {
 impl Table {
     fn text(&self) -> String {
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
-        for row in self
-            .rows
-            .iter()
-            .filter(|row| row.len() == self.headers.len())
-        {
-            for (width, cell) in widths.iter_mut().zip(row) {
+        for row in &self.rows {
+            // A spanning note does not widen its column.
+            let aligned = if row.len() == self.headers.len() {
+                &row[..]
+            } else {
+                &row[..row.len().saturating_sub(1)]
+            };
+            for (width, cell) in widths.iter_mut().zip(aligned) {
                 *width = (*width).max(cell.chars().count());
             }
         }
