@@ -43,8 +43,8 @@ enum Task {
     /// everything in release mode, installs iptables and nftables if missing, prints a
     /// table and writes CSV, JSON and an SVG plot under target/bench/. Needs root.
     Bench {
-        /// Modes, alternated in this order (ebpf, ebpf-tc, iptables, iptables-legacy, nftables,
-        /// none) [default: ebpf,ebpf-tc,iptables,nftables,none].
+        /// Modes, alternated in this order (ebpf, ebpf-tc, ebpf-api, iptables,
+        /// iptables-legacy, nftables, none) [default: ebpf,ebpf-tc,iptables,nftables,none].
         #[arg(long)]
         modes: Option<String>,
         /// Service counts, comma-separated [default: 1,1000,10000].
@@ -59,6 +59,10 @@ enum Task {
         /// Rounds; figures are medians over rounds [default: 3].
         #[arg(long)]
         rounds: Option<usize>,
+        /// Seconds a mode may take to program all services before its cell says "not
+        /// programmed in ..." and the run goes on [default: 180].
+        #[arg(long)]
+        program_limit: Option<f64>,
         /// Output directory [default: target/bench/<UTC timestamp>].
         #[arg(long)]
         out: Option<PathBuf>,
@@ -115,6 +119,7 @@ fn main() -> Result<()> {
             endpoints,
             duration,
             rounds,
+            program_limit,
             out,
             extra,
         } => {
@@ -135,6 +140,7 @@ fn main() -> Result<()> {
             flag("endpoints", endpoints.map(|n| n.to_string()));
             flag("duration", duration.map(|s| s.to_string()));
             flag("rounds", rounds.map(|n| n.to_string()));
+            flag("program-limit", program_limit.map(|s| s.to_string()));
             flag(
                 "out",
                 out.map(|dir| {

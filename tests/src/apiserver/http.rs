@@ -396,9 +396,9 @@ fn list(
     view: View,
 ) -> Result<Response, ApiError> {
     let filter = params.filter(kind, namespace)?;
-    let (current_rv, mut items) = shared.read(|s| s.list(&filter));
     // A Table (what `kubectl get` asks for) holds every item in one page.
     if let View::Table { version, include } = view {
+        let (current_rv, items) = shared.read(|s| s.list(&filter));
         let objects: Vec<&Value> = items.iter().map(|o| &**o).collect();
         return Ok(json_response(
             StatusCode::OK,
@@ -410,16 +410,11 @@ fn list(
     // started from it replays every change since: the real server serves a continued
     // page from that version's snapshot; this one serves the objects as they are now,
     // and the replayed events bring the client to the same state.
-    let key_of = |object: &Value| {
-        (
-            meta_str(object, "namespace").unwrap_or_default().to_owned(),
-            meta_str(object, "name").unwrap_or_default().to_owned(),
-        )
-    };
-    let mut rv = current_rv;
+    let mut after = None;
+    let mut token_rv = None;
     if let Some(token) = &params.continue_token {
         let mut parts = token.splitn(3, '/');
-        let (Some(token_rv), Some(namespace), Some(name)) = (
+        let (Some(rv), Some(namespace), Some(name)) = (
             parts.next().and_then(|rv| rv.parse::<u64>().ok()),
             parts.next(),
             parts.next(),
@@ -428,18 +423,21 @@ fn list(
                 "invalid continue token {token:?}"
             )));
         };
-        rv = token_rv;
-        let after = (namespace.to_owned(), name.to_owned());
-        items.retain(|object| key_of(object) > after);
+        token_rv = Some(rv);
+        after = Some((namespace.to_owned(), name.to_owned()));
     }
+    let page = shared.read(|s| s.list_page(&filter, after.as_ref(), params.limit));
+    let rv = token_rv.unwrap_or(page.rv);
+    let items = page.items;
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if params.limit > 0 && items.len() > params.limit {
-        let remaining = items.len() - params.limit;
-        items.truncate(params.limit);
+    if page.more {
         if let Some(last) = items.last() {
-            let (namespace, name) = key_of(last);
+            let namespace = meta_str(last, "namespace").unwrap_or_default();
+            let name = meta_str(last, "name").unwrap_or_default();
             metadata["continue"] = json!(format!("{rv}/{namespace}/{name}"));
-            metadata["remainingItemCount"] = json!(remaining);
+            if let Some(remaining) = page.remaining {
+                metadata["remainingItemCount"] = json!(remaining);
+            }
         }
     }
     #[derive(Serialize)]

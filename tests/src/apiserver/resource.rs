@@ -72,6 +72,13 @@ impl ResourceKind {
             .find(|k| k.api_version() == api_version && k.plural() == plural)
     }
 
+    /// The resource whose objects have this `apiVersion` and `kind`.
+    pub fn from_kind(api_version: &str, kind: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.kind() == kind)
+    }
+
     /// Short names kubectl knows the resource by.
     fn short_names(self) -> &'static [&'static str] {
         match self {

@@ -188,6 +188,11 @@ impl LabelSelector {
         Ok(Self { requirements })
     }
 
+    /// Whether it has no requirement (matches everything).
+    pub fn is_empty(&self) -> bool {
+        self.requirements.is_empty()
+    }
+
     /// Whether the object's `metadata.labels` satisfy every requirement.
     pub fn matches(&self, object: &Value) -> bool {
         let labels = object
@@ -258,6 +263,11 @@ impl FieldSelector {
             });
         }
         Ok(Self { requirements })
+    }
+
+    /// Whether it has no requirement (matches everything).
+    pub fn is_empty(&self) -> bool {
+        self.requirements.is_empty()
     }
 
     /// Whether the object's fields satisfy every requirement.

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     hash::{BuildHasher, RandomState},
+    ops::Bound,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -47,6 +48,18 @@ pub struct Event {
     pub object: Arc<Value>,
     /// For `Modified`: the object before the change (selectors may match only one).
     pub prev: Option<Arc<Value>>,
+}
+
+/// One page of a LIST ([`Store::list_page`]).
+#[derive(Debug)]
+pub struct Page {
+    /// The store's resourceVersion.
+    pub rv: u64,
+    pub items: Vec<Arc<Value>>,
+    /// Whether objects passing the filter follow the page.
+    pub more: bool,
+    /// How many, when known without selectors.
+    pub remaining: Option<usize>,
 }
 
 /// Which objects a LIST or WATCH returns.
@@ -340,6 +353,47 @@ impl Store {
             .map(|(_, o)| o.clone())
             .collect();
         (self.rv, items)
+    }
+
+    /// One page of a LIST: up to `limit` objects (0: all) passing `filter` whose key
+    /// comes after `after`, in (namespace, name) order. Costs the page and the objects
+    /// after it in the namespace, not the whole collection per page (the agent lists
+    /// 100 000 Services in pages of 500).
+    pub fn list_page(&self, filter: &Filter, after: Option<&Key>, limit: usize) -> Page {
+        let start = match (after, &filter.namespace) {
+            (Some(key), _) => Bound::Excluded(key.clone()),
+            (None, Some(namespace)) => Bound::Included((namespace.clone(), String::new())),
+            (None, None) => Bound::Unbounded,
+        };
+        let selects = !filter.labels.is_empty() || !filter.fields.is_empty();
+        let mut rest = self
+            .objects
+            .get(&filter.kind)
+            .map(|objects| objects.range((start, Bound::Unbounded)))
+            .into_iter()
+            .flatten()
+            .take_while(|(key, _)| filter.namespace.as_ref().is_none_or(|ns| &key.0 == ns))
+            .filter(|(_, object)| !selects || filter.matches(object))
+            .map(|(_, object)| object);
+        let items: Vec<Arc<Value>> = if limit == 0 {
+            rest.by_ref().cloned().collect()
+        } else {
+            rest.by_ref().take(limit).cloned().collect()
+        };
+        // As the real server: no remainingItemCount with selectors (it would cost
+        // matching every object after the page).
+        let (more, remaining) = if selects {
+            (rest.next().is_some(), None)
+        } else {
+            let count = rest.count();
+            (count > 0, Some(count))
+        };
+        Page {
+            rv: self.rv,
+            items,
+            more,
+            remaining,
+        }
     }
 
     /// One object.

@@ -164,6 +164,15 @@ impl std::ops::Add for Timed {
     }
 }
 
+/// A step that did not finish by its deadline: [`run_timed_within`] killed its
+/// command, or the agent was not healthy in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} did not finish within {limit:?}")]
+pub struct OverLimit {
+    pub what: String,
+    pub limit: Duration,
+}
+
 /// Runs `program args` inside `netns` (setns before exec, so no `ip netns exec` in
 /// the timing) with `input` on stdin, and times it. With `must_succeed` false a
 /// non-zero exit is tolerated (kube-proxy's listings of a table that does not exist
@@ -178,6 +187,51 @@ pub fn run_timed(
     input: Option<&str>,
     must_succeed: bool,
 ) -> Result<Timed> {
+    run_timed_until(netns, program, args, input, must_succeed, None)
+}
+
+/// [`run_timed`], killing the command at `deadline` (`limit` is what the deadline
+/// stands for, for the error).
+///
+/// # Errors
+/// As [`run_timed`], and [`OverLimit`] when the command was still running at the
+/// deadline (also when that had passed before it started).
+pub fn run_timed_within(
+    netns: &Netns,
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    must_succeed: bool,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<Timed> {
+    run_timed_until(
+        netns,
+        program,
+        args,
+        input,
+        must_succeed,
+        Some((deadline, limit)),
+    )
+}
+
+fn run_timed_until(
+    netns: &Netns,
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    must_succeed: bool,
+    deadline: Option<(Instant, Duration)>,
+) -> Result<Timed> {
+    let over_limit = |limit: Duration| OverLimit {
+        what: format!("{program} {}", args.join(" ")),
+        limit,
+    };
+    if let Some((deadline, limit)) = deadline {
+        if Instant::now() >= deadline {
+            return Err(over_limit(limit).into());
+        }
+    }
     let namespace =
         File::open(netns.path()).with_context(|| format!("opening {}", netns.path().display()))?;
     let namespace_fd = namespace.as_raw_fd();
@@ -212,16 +266,65 @@ pub fn run_timed(
         }
         _ => None,
     };
-    let output = child.wait_with_output()?;
+    // The watchdog kills the child at the deadline unless told it was reaped first.
+    // The child is not reaped before the watchdog has answered, so its pid cannot
+    // have been reused when it is signalled.
+    let watchdog = deadline.map(|(deadline, _)| {
+        let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
+        let (reaped_tx, reaped_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let killed = matches!(
+                reaped_rx.recv_timeout(wait),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if killed && pid > 0 {
+                // SAFETY: signalling our own child, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            killed
+        });
+        (reaped_tx, thread)
+    });
+    let (output, killed) = match watchdog {
+        None => (child.wait_with_output()?, false),
+        Some((reaped_tx, thread)) => {
+            // Read the output without reaping: wait for the pipes to close, then ask
+            // the watchdog, then reap.
+            let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+            let (stdout, stderr) = std::thread::scope(|scope| {
+                let out = scope.spawn(|| read_to_end(stdout.as_mut()));
+                let err = read_to_end(stderr.as_mut());
+                (out.join().unwrap_or_default(), err)
+            });
+            // The pipes close when the child exits or is killed: stop the watchdog.
+            let _ = reaped_tx.send(());
+            let killed = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the watchdog panicked"))?;
+            let status = child.wait()?;
+            (
+                std::process::Output {
+                    status,
+                    stdout,
+                    stderr,
+                },
+                killed,
+            )
+        }
+    };
     let wall = started.elapsed();
     let cpu = children_cpu().saturating_sub(cpu_before);
     if let Some(writer) = writer {
         let written = writer
             .join()
             .map_err(|_| anyhow::anyhow!("the stdin writer panicked"))?;
-        if must_succeed {
+        if must_succeed && !killed {
             written.with_context(|| format!("writing {program}'s input"))?;
         }
+    }
+    if let (true, Some((_, limit))) = (killed, deadline) {
+        return Err(over_limit(limit).into());
     }
     if must_succeed && !output.status.success() {
         bail!(
@@ -232,6 +335,15 @@ pub fn run_timed(
         );
     }
     Ok(Timed { wall, cpu })
+}
+
+/// Everything `pipe` yields until it closes (what could be read when it fails).
+fn read_to_end(pipe: Option<&mut impl std::io::Read>) -> Vec<u8> {
+    let mut buffer = Vec::new();
+    if let Some(pipe) = pipe {
+        let _ = pipe.read_to_end(&mut buffer);
+    }
+    buffer
 }
 
 /// Removes ANSI escape sequences (the agent's log may be colored).

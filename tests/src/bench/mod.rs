@@ -6,6 +6,10 @@
 //!   pod's connections are translated at `connect()`;
 //! - `ebpf-tc`: the same agent with the hooks off (`--socket-lb off`): every packet
 //!   through the TC programs, as for traffic the hooks cannot see;
+//! - `ebpf-api`: the `ebpf` agent following a Kubernetes API server instead of
+//!   manifests, as in a cluster: the test API server in the node namespace holds the
+//!   services ([`api_source`]), the agent lists and watches them with its kube-rs
+//!   client, and the endpoint change is an EndpointSlice update there;
 //! - `iptables` / `iptables-legacy`: the rules kube-proxy's iptables proxier writes
 //!   for those services ([`iptables`]), loaded into the node namespace with
 //!   `iptables-nft-restore` (the Debian default backend) or `iptables-legacy-restore`;
@@ -17,7 +21,15 @@
 //! so only the mode under test makes them answer. Modes alternate within each round
 //! (every mode at one service count, then the next count, then the next round) so
 //! that drift of the machine spreads over all of them; each figure is the median
-//! over rounds. Every measurement gets a fresh lab ([`runner`]).
+//! over rounds. Every measurement gets a fresh lab ([`runner`]), and each mode's input
+//! (manifests, API objects, rules) is generated for its measurement and dropped after
+//! it, so 100 000 services of every mode are never held at once.
+//!
+//! A mode that does not program the services within `--program-limit` (or apply the
+//! endpoint change within it) gets a cell that says so instead of figures, and the run
+//! goes on; that mode is not tried at larger N in the same round (it would only take
+//! longer), and its cell there says so too.
+pub mod api_source;
 pub mod bpf_stats;
 pub mod hash;
 pub mod iptables;
@@ -30,12 +42,11 @@ pub mod services;
 pub mod tc_cost;
 pub mod workload;
 
-use std::{path::PathBuf, str::FromStr, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, str::FromStr, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 
 pub use report::Report;
-use runner::Programs;
 use services::ServiceSet;
 
 /// A dataplane under test.
@@ -43,6 +54,7 @@ use services::ServiceSet;
 pub enum Mode {
     Ebpf,
     EbpfTc,
+    EbpfApi,
     Iptables,
     IptablesLegacy,
     Nftables,
@@ -59,10 +71,28 @@ impl Mode {
         Self::None,
     ];
 
+    /// Every mode, in the order they alternate.
+    pub const ALL: [Self; 7] = [
+        Self::Ebpf,
+        Self::EbpfTc,
+        Self::EbpfApi,
+        Self::Iptables,
+        Self::IptablesLegacy,
+        Self::Nftables,
+        Self::None,
+    ];
+
     /// Whether our agent is the dataplane.
     #[must_use]
     pub fn is_ebpf(self) -> bool {
-        matches!(self, Self::Ebpf | Self::EbpfTc)
+        matches!(self, Self::Ebpf | Self::EbpfTc | Self::EbpfApi)
+    }
+
+    /// Whether the agent's socket-layer hooks translate the clients' connections (on
+    /// the bench's own cgroup).
+    #[must_use]
+    pub fn uses_socket_hooks(self) -> bool {
+        matches!(self, Self::Ebpf | Self::EbpfApi)
     }
 
     #[must_use]
@@ -70,6 +100,7 @@ impl Mode {
         match self {
             Self::Ebpf => "ebpf",
             Self::EbpfTc => "ebpf-tc",
+            Self::EbpfApi => "ebpf-api",
             Self::Iptables => "iptables",
             Self::IptablesLegacy => "iptables-legacy",
             Self::Nftables => "nftables",
@@ -82,17 +113,13 @@ impl FromStr for Mode {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "ebpf" => Ok(Self::Ebpf),
-            "ebpf-tc" => Ok(Self::EbpfTc),
-            "iptables" => Ok(Self::Iptables),
-            "iptables-legacy" => Ok(Self::IptablesLegacy),
-            "nftables" => Ok(Self::Nftables),
-            "none" => Ok(Self::None),
-            other => Err(format!(
-                "unknown mode {other:?} (ebpf, ebpf-tc, iptables, iptables-legacy, nftables, none)"
-            )),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.label() == text)
+            .ok_or_else(|| {
+                let labels: Vec<&str> = Self::ALL.iter().map(|mode| mode.label()).collect();
+                format!("unknown mode {text:?} ({})", labels.join(", "))
+            })
     }
 }
 
@@ -121,6 +148,9 @@ pub struct Config {
     /// Per-program run time of the agent's programs during the connection test
     /// ([`bpf_stats`]; machine-wide kernel statistics while on, so opt-in).
     pub bpf_stats: bool,
+    /// How long a mode may take to program all services (and, separately, to apply
+    /// the endpoint change) before its cell says "not programmed in ...".
+    pub program_limit: Duration,
     /// Where the CSV, JSON and SVG go.
     pub out: PathBuf,
     /// The command line, recorded in the JSON.
@@ -141,6 +171,7 @@ impl Default for Config {
             tc_repeat: 100_000,
             tc_new_flows: 2000,
             bpf_stats: false,
+            program_limit: Duration::from_secs(180),
             out: PathBuf::from("target/bench"),
             command: String::new(),
         }
@@ -150,37 +181,39 @@ impl Default for Config {
 /// Writes what the kube-proxy modes load at each N, for inspection, into `dir`:
 /// `iptables-jumps.restore`, `iptables-<N>.restore` and `iptables-<N>-change.restore`
 /// (`iptables-restore --noflush` input), `nftables-<N>.nft` and
-/// `nftables-<N>-change.nft` (`nft -f` input). Returns the files written.
+/// `nftables-<N>-change.nft` (`nft -f` input). Each file is generated, written and
+/// dropped before the next. Returns the files written.
 ///
 /// # Errors
 /// When a file cannot be written or a service count is invalid.
 pub fn dump_rules(config: &Config, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut files = vec![("iptables-jumps.restore".to_owned(), iptables::jump_rules())];
-    for &count in &config.services {
-        let set = ServiceSet::new(count, config.endpoints)?.with_affinity(config.affinity);
-        files.push((
-            format!("iptables-{count}.restore"),
-            iptables::restore_input(&set, iptables::Sync::Full, false),
-        ));
-        files.push((
-            format!("iptables-{count}-change.restore"),
-            iptables::restore_input(&set, iptables::Sync::ChangedServiceZero, true),
-        ));
-        files.push((
-            format!("nftables-{count}.nft"),
-            nftables::transaction(&set, nftables::Sync::Full, false),
-        ));
-        files.push((
-            format!("nftables-{count}-change.nft"),
-            nftables::transaction(&set, nftables::Sync::ChangedServiceZero, true),
-        ));
-    }
     let mut written = Vec::new();
-    for (name, text) in files {
+    let mut write = |name: String, text: String| -> Result<()> {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         written.push(path);
+        Ok(())
+    };
+    write("iptables-jumps.restore".to_owned(), iptables::jump_rules())?;
+    for &count in &config.services {
+        let set = ServiceSet::new(count, config.endpoints)?.with_affinity(config.affinity);
+        write(
+            format!("iptables-{count}.restore"),
+            iptables::restore_input(&set, iptables::Sync::Full, false),
+        )?;
+        write(
+            format!("iptables-{count}-change.restore"),
+            iptables::restore_input(&set, iptables::Sync::ChangedServiceZero, true),
+        )?;
+        write(
+            format!("nftables-{count}.nft"),
+            nftables::transaction(&set, nftables::Sync::Full, false),
+        )?;
+        write(
+            format!("nftables-{count}-change.nft"),
+            nftables::transaction(&set, nftables::Sync::ChangedServiceZero, true),
+        )?;
     }
     Ok(written)
 }
@@ -188,7 +221,8 @@ pub fn dump_rules(config: &Config, dir: &std::path::Path) -> Result<Vec<PathBuf>
 /// Runs the whole benchmark, printing progress to stderr.
 ///
 /// # Errors
-/// When a measurement fails (the lab is removed either way).
+/// When a measurement fails (the lab is removed either way). A mode over
+/// [`Config::program_limit`] is no failure: its cell says so.
 pub fn run(config: &Config) -> Result<Report> {
     crate::require_root();
     if config.modes.is_empty() || config.services.is_empty() || config.rounds == 0 {
@@ -209,10 +243,11 @@ pub fn run(config: &Config) -> Result<Report> {
             let cost = tc_cost::measure(set, config.tc_repeat, config.tc_new_flows)
                 .with_context(|| format!("BPF_PROG_TEST_RUN at N={}", set.len()))?;
             eprintln!(
-                "  new flow {:.0} ns (all to one service: {:.0} ns), established {:.0} ns, miss {:.0} ns (one run per call: {:.0} ns)",
+                "  new flow {:.0} ns (all to one service: {:.0} ns), established {:.0} ns (one run per call: {:.0} ns), miss {:.0} ns (one run per call: {:.0} ns)",
                 cost.new_flow_ns,
                 cost.new_flow_one_service_ns,
                 cost.established_ns,
+                cost.single_run_established_ns,
                 cost.miss_ns,
                 cost.single_run_miss_ns
             );
@@ -220,42 +255,36 @@ pub fn run(config: &Config) -> Result<Report> {
         }
     }
 
-    let programs: Vec<Programs> = sets
-        .into_iter()
-        .map(|set| Programs::new(set, &config.modes))
-        .collect();
     // The socket-layer hooks see processes by cgroup: the bench's clients are threads
     // of this process, so it joins a cgroup of its own for the run (and leaves it
-    // after). No hook is on it except while an `ebpf` agent runs.
+    // after). No hook is on it except while an `ebpf` or `ebpf-api` agent runs.
     let cgroup = config
         .modes
-        .contains(&Mode::Ebpf)
+        .iter()
+        .any(|mode| mode.uses_socket_hooks())
         .then(|| runner::JoinedCgroup::join(&crate::netns::unique_prefix()))
         .transpose()?;
     let socket_cgroup = cgroup.as_ref().map(runner::JoinedCgroup::path);
     for round in 1..=config.rounds {
-        for programs in &programs {
+        // Modes over the limit in this round, and the N where they were.
+        let mut over_limit: BTreeMap<Mode, usize> = BTreeMap::new();
+        for set in &sets {
             for &mode in &config.modes {
-                let cell = runner::measure(config, programs, mode, round, socket_cgroup)
-                    .with_context(|| {
+                let cell = if let Some(&at) = over_limit.get(&mode) {
+                    runner::Cell::not_tried(config, set, mode, round, at)
+                } else {
+                    runner::measure(config, set, mode, round, socket_cgroup).with_context(|| {
                         format!(
                             "{} with {} services (round {round})",
                             mode.label(),
-                            programs.set.len()
+                            set.len()
                         )
-                    })?;
-                eprintln!(
-                    "[round {round}/{}] N={:<6} {:<15} {:>8.0} conn/s  p50 {:>6.0} us  p99 {:>6.0} us  {:>7.0} MB/s  program {} ms  change {} ms",
-                    config.rounds,
-                    cell.services,
-                    cell.mode,
-                    cell.conn_per_s,
-                    cell.latency_p50_us,
-                    cell.latency_p99_us,
-                    cell.stream_mb_per_s,
-                    report::optional(cell.program_ms, 1),
-                    report::optional(cell.change_ms, 2),
-                );
+                    })?
+                };
+                if cell.over_limit() {
+                    over_limit.entry(mode).or_insert(set.len());
+                }
+                eprintln!("[round {round}/{}] {}", config.rounds, cell.progress_line());
                 for (program, cost) in &cell.programs {
                     eprintln!(
                         "    {program:<20} {:>5.2} runs/conn {:>7.0} ns/run {:>7.0} ns/conn",

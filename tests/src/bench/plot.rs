@@ -158,7 +158,8 @@ pub fn svg(report: &Report) -> String {
         report
             .summary
             .iter()
-            .filter(|row| row.mode == mode)
+            // Rows without figures (not programmed within the limit) are no points.
+            .filter(|row| row.mode == mode && row.rounds > row.rounds_not_programmed)
             .collect()
     };
     let max_rate = report

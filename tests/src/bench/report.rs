@@ -5,6 +5,7 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
+    str::FromStr as _,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -79,14 +80,22 @@ pub struct Settings {
     pub clients: usize,
     pub tc_repeat: u32,
     pub tc_new_flows: u16,
+    pub program_limit_s: f64,
 }
 
-/// Medians over rounds for one (N, mode).
+/// Medians over the rounds that programmed the services, for one (N, mode).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
     pub services: usize,
     pub mode: String,
     pub rounds: usize,
+    /// Rounds whose cell was not programmed within the limit (no figures).
+    pub rounds_not_programmed: usize,
+    /// "not programmed in 180 s" when every round was; with "in k of n rounds" when
+    /// some were.
+    pub limit_note: Option<String>,
+    /// Rounds whose endpoint change was not applied within the limit.
+    pub changes_not_applied: usize,
     pub conn_per_s: f64,
     pub latency_p50_us: f64,
     pub latency_p99_us: f64,
@@ -102,10 +111,13 @@ pub struct Summary {
     pub agent_peak_mib: Option<f64>,
     /// SIGTERM to exit (ebpf).
     pub stop_ms: Option<f64>,
-    /// Failed connections over all rounds.
+    /// Completed connections over all rounds.
+    pub connections: u64,
+    /// Failed connections over all rounds (refused, timed out, short answer).
     pub errors: u64,
     pub tc_new_flow_ns: Option<f64>,
     pub tc_established_ns: Option<f64>,
+    pub tc_single_run_established_ns: Option<f64>,
     pub tc_miss_ns: Option<f64>,
     pub tc_single_run_miss_ns: Option<f64>,
 }
@@ -120,6 +132,22 @@ pub struct Report {
     pub cells: Vec<Cell>,
     pub tc: Vec<TcCost>,
     pub summary: Vec<Summary>,
+    pub ratios: Vec<Ratios>,
+}
+
+/// How an ebpf mode compares at one N: conn/s as ebpf over the other mode (above 1:
+/// ebpf completes more), p99 latency and CPU per connection as ebpf over `none`
+/// (above 1: ebpf costs more than no proxy). None where the other mode was not run
+/// or not programmed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Ratios {
+    pub services: usize,
+    pub mode: String,
+    pub conn_per_s_vs_none: Option<f64>,
+    pub conn_per_s_vs_nftables: Option<f64>,
+    pub conn_per_s_vs_iptables: Option<f64>,
+    pub latency_p99_vs_none: Option<f64>,
+    pub cpu_per_conn_vs_none: Option<f64>,
 }
 
 impl Report {
@@ -145,14 +173,17 @@ impl Report {
                 clients: config.clients,
                 tc_repeat: config.tc_repeat,
                 tc_new_flows: config.tc_new_flows,
+                program_limit_s: config.program_limit.as_secs_f64(),
             },
             cells: Vec::new(),
             tc: Vec::new(),
             summary: Vec::new(),
+            ratios: Vec::new(),
         }
     }
 
-    /// Computes the medians per (N, mode), in the run's order of N and modes.
+    /// Computes the medians per (N, mode), in the run's order of N and modes, and the
+    /// ratios of the ebpf modes.
     pub fn summarize(&mut self) {
         let mut groups: BTreeMap<(usize, usize), Vec<&Cell>> = BTreeMap::new();
         let mode_order = |label: &str| {
@@ -171,26 +202,54 @@ impl Report {
         self.summary = groups
             .into_values()
             .map(|cells| {
+                let first = cells[0];
+                let measured: Vec<&Cell> = cells
+                    .iter()
+                    .copied()
+                    .filter(|cell| !cell.over_limit())
+                    .collect();
                 let med = |get: &dyn Fn(&Cell) -> f64| {
-                    median(&mut cells.iter().map(|cell| get(cell)).collect::<Vec<_>>())
+                    median(&mut measured.iter().map(|cell| get(cell)).collect::<Vec<_>>())
                         .unwrap_or(0.0)
                 };
                 let med_opt = |get: &dyn Fn(&Cell) -> Option<f64>| {
                     median(
-                        &mut cells
+                        &mut measured
                             .iter()
                             .filter_map(|cell| get(cell))
                             .collect::<Vec<_>>(),
                     )
                 };
-                let first = cells[0];
-                let tc = (first.mode == Mode::Ebpf.label() || first.mode == Mode::EbpfTc.label())
+                let not_programmed = cells.len() - measured.len();
+                let limit_note = if measured.is_empty() {
+                    // A round that tried says more than one that did not.
+                    cells
+                        .iter()
+                        .find(|cell| cell.not_tried_after.is_none())
+                        .unwrap_or(&first)
+                        .limit_note()
+                } else if not_programmed > 0 {
+                    cells
+                        .iter()
+                        .find_map(|cell| cell.limit_note())
+                        .map(|note| format!("{note} in {not_programmed} of {} rounds", cells.len()))
+                } else {
+                    None
+                };
+                let tc = Mode::from_str(&first.mode)
+                    .is_ok_and(Mode::is_ebpf)
                     .then(|| self.tc.iter().find(|tc| tc.services == first.services))
                     .flatten();
                 Summary {
                     services: first.services,
                     mode: first.mode.clone(),
                     rounds: cells.len(),
+                    rounds_not_programmed: not_programmed,
+                    limit_note,
+                    changes_not_applied: measured
+                        .iter()
+                        .filter(|cell| cell.change_not_applied_in_s.is_some())
+                        .count(),
                     conn_per_s: med(&|cell| cell.conn_per_s),
                     latency_p50_us: med(&|cell| cell.latency_p50_us),
                     latency_p99_us: med(&|cell| cell.latency_p99_us),
@@ -205,97 +264,230 @@ impl Report {
                     agent_cpu_ms: med_opt(&|cell| cell.agent_cpu_ms),
                     agent_peak_mib: med_opt(&|cell| cell.agent_peak_mib),
                     stop_ms: med_opt(&|cell| cell.stop_ms),
-                    errors: cells.iter().map(|cell| cell.errors).sum(),
+                    connections: measured.iter().map(|cell| cell.connections).sum(),
+                    errors: measured.iter().map(|cell| cell.errors).sum(),
                     tc_new_flow_ns: tc.map(|tc| tc.new_flow_ns),
                     tc_established_ns: tc.map(|tc| tc.established_ns),
+                    tc_single_run_established_ns: tc.map(|tc| tc.single_run_established_ns),
                     tc_miss_ns: tc.map(|tc| tc.miss_ns),
                     tc_single_run_miss_ns: tc.map(|tc| tc.single_run_miss_ns),
                 }
             })
             .collect();
+        self.ratios = self.compute_ratios();
     }
 
-    /// The summary as a fixed-width table.
+    /// The summary row of (N, mode) if it has figures (some round programmed it).
+    fn measured_row(&self, services: usize, mode: Mode) -> Option<&Summary> {
+        self.summary.iter().find(|row| {
+            row.services == services
+                && row.mode == mode.label()
+                && row.rounds > row.rounds_not_programmed
+        })
+    }
+
+    fn compute_ratios(&self) -> Vec<Ratios> {
+        let ratio = |ours: f64, theirs: f64| (theirs > 0.0).then(|| ours / theirs);
+        self.summary
+            .iter()
+            .filter(|row| Mode::from_str(&row.mode).is_ok_and(Mode::is_ebpf))
+            .filter_map(|row| {
+                let ours = self.measured_row(row.services, Mode::from_str(&row.mode).ok()?)?;
+                let other = |mode| self.measured_row(row.services, mode);
+                let conn =
+                    |mode| other(mode).and_then(|them| ratio(ours.conn_per_s, them.conn_per_s));
+                let none = other(Mode::None);
+                Some(Ratios {
+                    services: row.services,
+                    mode: row.mode.clone(),
+                    conn_per_s_vs_none: conn(Mode::None),
+                    conn_per_s_vs_nftables: conn(Mode::Nftables),
+                    conn_per_s_vs_iptables: conn(Mode::Iptables),
+                    latency_p99_vs_none: none
+                        .and_then(|none| ratio(ours.latency_p99_us, none.latency_p99_us)),
+                    cpu_per_conn_vs_none: none
+                        .and_then(|none| ratio(ours.cpu_us_per_conn, none.cpu_us_per_conn)),
+                })
+            })
+            .collect()
+    }
+
+    /// The summary, the ratios and the TC costs as fixed-width tables.
     #[must_use]
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:>6} {:<15} {:>8} {:>7} {:>7} {:>7} {:>17} {:>15} {:>9} {:>9} {:>9} {:>7} {:>6}  tc ns new/est/miss (1-run miss)",
-            "N",
-            "mode",
-            "conn/s",
-            "p50 us",
-            "p99 us",
-            "MB/s",
-            "program ms",
-            "change ms",
-            "cpu us/c",
-            "sirq us/c",
-            "agent MiB",
-            "stop ms",
-            "errors",
-        );
-        for row in &self.summary {
-            let tc = tc_figures(row, "/");
-            let _ = writeln!(
-                out,
-                "{:>6} {:<15} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>17} {:>15} {:>9.1} {:>9.1} {:>9} {:>7} {:>6}  {}",
-                row.services,
-                row.mode,
-                row.conn_per_s,
-                row.latency_p50_us,
-                row.latency_p99_us,
-                row.stream_mb_per_s,
-                with_wall(row.program_ms, row.program_wall_ms, 1),
-                with_wall(row.change_ms, row.change_wall_ms, 1),
-                row.cpu_us_per_conn,
-                row.softirq_us_per_conn,
-                optional(row.agent_peak_mib, 1),
-                optional(row.stop_ms, 0),
-                row.errors,
-                tc,
-            );
-        }
-        out.push_str(
-            "program/change ms: ebpf = the agent's sync pass (in parentheses: agent start to healthy / \
-             manifest written to change applied); kube-proxy modes = their commands' wall time\n",
-        );
-        out
+        self.render(Table::text)
     }
 
-    /// The summary as a Markdown table (for the README).
+    /// The same tables in Markdown (for the README).
     #[must_use]
     pub fn markdown(&self) -> String {
-        let mut out = String::from(
-            "| N | mode | conn/s | p50 µs | p99 µs | stream MB/s | program ms | change ms | CPU µs/conn | softirq µs/conn | agent peak MiB | stop ms | TC ns: new / est / miss (1-run miss) |\n\
-             |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        self.render(Table::markdown)
+    }
+
+    /// Each table with its caption, through `format`.
+    fn render(&self, format: fn(&Table) -> String) -> String {
+        let mut out = format(&self.summary_table());
+        out.push_str(
+            "\nprogram/change ms: ebpf modes = the agent's sync pass (in parentheses: agent start to healthy / \
+             change written (manifest file, or API object) to the pass that applied it); kube-proxy modes = \
+             their commands' wall time. failed: failed connections of the connection tests (refused, timed \
+             out, short answer), all rounds; they count in no other figure.\n",
         );
-        for row in &self.summary {
-            let tc = tc_figures(row, " / ");
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1} | {} | {} | {} |",
-                row.services,
-                row.mode,
-                row.conn_per_s,
-                row.latency_p50_us,
-                row.latency_p99_us,
-                row.stream_mb_per_s,
-                with_wall(row.program_ms, row.program_wall_ms, 1),
-                with_wall(row.change_ms, row.change_wall_ms, 1),
-                row.cpu_us_per_conn,
-                row.softirq_us_per_conn,
-                optional(row.agent_peak_mib, 1),
-                optional(row.stop_ms, 0),
-                tc,
+        if !self.ratios.is_empty() {
+            out.push_str(
+                "\nRatios per N: conn/s of the ebpf mode over the other mode's (above 1: more connections); \
+                 p99 latency and CPU per connection over none's (above 1: more than no proxy).\n\n",
             );
+            out.push_str(&format(&self.ratio_table()));
+        }
+        if !self.tc.is_empty() {
+            let _ = write!(
+                out,
+                "\nTC program per packet, ns (BPF_PROG_TEST_RUN): \"1/call\" one run per call (the kernel's \
+                 per-call timer and cold caches included), \"rep.\" {} runs per call; new/est same: both \
+                 1/call.\n\n",
+                self.settings.tc_repeat
+            );
+            out.push_str(&format(&self.tc_table()));
         }
         out
     }
 
-    /// Writes `cells.csv`, `summary.csv`, `summary.md`, `results.json` and
-    /// `plot.svg` into `dir`. Returns the files written.
+    fn summary_table(&self) -> Table {
+        let rows = self
+            .summary
+            .iter()
+            .map(|row| {
+                let mut cells = vec![row.services.to_string(), row.mode.clone()];
+                if row.rounds == row.rounds_not_programmed {
+                    cells.push(row.limit_note.clone().unwrap_or_default());
+                    return cells;
+                }
+                cells.extend([
+                    format!("{:.0}", row.conn_per_s),
+                    format!("{:.0}", row.latency_p50_us),
+                    format!("{:.0}", row.latency_p99_us),
+                    format!("{:.0}", row.stream_mb_per_s),
+                    with_wall(row.program_ms, row.program_wall_ms, 1),
+                    change_figure(row, self.settings.program_limit_s),
+                    format!("{:.1}", row.cpu_us_per_conn),
+                    format!("{:.1}", row.softirq_us_per_conn),
+                    optional(row.agent_peak_mib, 1),
+                    optional(row.stop_ms, 0),
+                    row.errors.to_string(),
+                    row.limit_note.clone().unwrap_or_default(),
+                ]);
+                cells
+            })
+            .collect();
+        Table {
+            headers: vec![
+                "N",
+                "mode",
+                "conn/s",
+                "p50 µs",
+                "p99 µs",
+                "MB/s",
+                "program ms",
+                "change ms",
+                "CPU µs/conn",
+                "softirq µs/conn",
+                "agent MiB",
+                "stop ms",
+                "failed",
+                "note",
+            ],
+            left: vec![1, 13],
+            rows,
+        }
+    }
+
+    fn ratio_table(&self) -> Table {
+        Table {
+            headers: vec![
+                "N",
+                "mode",
+                "conn/s ÷ none",
+                "÷ nftables",
+                "÷ iptables",
+                "p99 ÷ none",
+                "CPU/conn ÷ none",
+            ],
+            left: vec![1],
+            rows: self
+                .ratios
+                .iter()
+                .map(|ratios| {
+                    let mut cells = vec![ratios.services.to_string(), ratios.mode.clone()];
+                    cells.extend(self.ratio_cells(ratios));
+                    cells
+                })
+                .collect(),
+        }
+    }
+
+    fn tc_table(&self) -> Table {
+        Table {
+            headers: vec![
+                "N",
+                "new 1/call",
+                "est 1/call",
+                "est rep.",
+                "miss rep.",
+                "miss 1/call",
+                "new, 1 service",
+                "est counted",
+                "new/est same",
+                "new/est rep.",
+            ],
+            left: Vec::new(),
+            rows: self
+                .tc
+                .iter()
+                .map(|tc| {
+                    vec![
+                        tc.services.to_string(),
+                        format!("{:.0}", tc.new_flow_ns),
+                        format!("{:.0}", tc.single_run_established_ns),
+                        format!("{:.0}", tc.established_ns),
+                        format!("{:.0}", tc.miss_ns),
+                        format!("{:.0}", tc.single_run_miss_ns),
+                        format!("{:.0}", tc.new_flow_one_service_ns),
+                        format!("{:.0}", tc.established_counted_ns),
+                        format!("{:.1}", tc.new_over_established_same_method()),
+                        format!("{:.1}", tc.new_over_established_repeated()),
+                    ]
+                })
+                .collect(),
+        }
+    }
+
+    /// The five figures of `ratios` as text: the ratio, or why there is none (the
+    /// other mode not programmed, or not run or no figure: "-").
+    fn ratio_cells(&self, ratios: &Ratios) -> [String; 5] {
+        let cell = |value: Option<f64>, other: Mode| match value {
+            Some(value) => format!("{value:.2}"),
+            None if self.summary.iter().any(|row| {
+                row.services == ratios.services
+                    && row.mode == other.label()
+                    && row.rounds == row.rounds_not_programmed
+            }) =>
+            {
+                format!("{} not prog.", short_label(other))
+            }
+            None => "-".to_owned(),
+        };
+        [
+            cell(ratios.conn_per_s_vs_none, Mode::None),
+            cell(ratios.conn_per_s_vs_nftables, Mode::Nftables),
+            cell(ratios.conn_per_s_vs_iptables, Mode::Iptables),
+            cell(ratios.latency_p99_vs_none, Mode::None),
+            cell(ratios.cpu_per_conn_vs_none, Mode::None),
+        ]
+    }
+
+    /// Writes `cells.csv`, `summary.csv`, `ratios.csv`, `summary.md`, `results.json`
+    /// and `plot.svg` into `dir`. Returns the files written.
     ///
     /// # Errors
     /// When a file cannot be written.
@@ -304,6 +496,7 @@ impl Report {
         let files = [
             ("cells.csv", self.cells_csv()),
             ("summary.csv", self.summary_csv()),
+            ("ratios.csv", self.ratios_csv()),
             ("summary.md", self.markdown()),
             (
                 "results.json",
@@ -322,16 +515,19 @@ impl Report {
 
     fn cells_csv(&self) -> String {
         let mut out = String::from(
-            "round,mode,services,endpoints,conn_per_s,connections,errors,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,stop_ms,socket_translated,tc_new_flows\n",
+            "round,mode,services,endpoints,not_programmed_in_s,not_tried_after,change_not_applied_in_s,conn_per_s,connections,errors,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,stop_ms,socket_translated,tc_new_flows\n",
         );
         for cell in &self.cells {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{:.1},{},{},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{:.1},{},{},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{}",
                 cell.round,
                 cell.mode,
                 cell.services,
                 cell.endpoints,
+                csv_optional(cell.not_programmed_in_s),
+                cell.not_tried_after.map_or_else(String::new, |at| at.to_string()),
+                csv_optional(cell.change_not_applied_in_s),
                 cell.conn_per_s,
                 cell.connections,
                 cell.errors,
@@ -357,15 +553,18 @@ impl Report {
 
     fn summary_csv(&self) -> String {
         let mut out = String::from(
-            "services,mode,rounds,conn_per_s,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,stop_ms,errors,tc_new_flow_ns,tc_established_ns,tc_miss_ns,tc_single_run_miss_ns\n",
+            "services,mode,rounds,rounds_not_programmed,limit_note,changes_not_applied,conn_per_s,latency_p50_us,latency_p99_us,stream_mb_per_s,program_ms,program_wall_ms,program_cpu_ms,change_ms,change_wall_ms,cpu_us_per_conn,softirq_us_per_conn,agent_cpu_ms,agent_peak_mib,stop_ms,connections,errors,tc_new_flow_ns,tc_established_ns,tc_single_run_established_ns,tc_miss_ns,tc_single_run_miss_ns\n",
         );
         for row in &self.summary {
             let _ = writeln!(
                 out,
-                "{},{},{},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{}",
                 row.services,
                 row.mode,
                 row.rounds,
+                row.rounds_not_programmed,
+                row.limit_note.as_deref().unwrap_or_default(),
+                row.changes_not_applied,
                 row.conn_per_s,
                 row.latency_p50_us,
                 row.latency_p99_us,
@@ -380,30 +579,128 @@ impl Report {
                 csv_optional(row.agent_cpu_ms),
                 csv_optional(row.agent_peak_mib),
                 csv_optional(row.stop_ms),
+                row.connections,
                 row.errors,
                 csv_optional(row.tc_new_flow_ns),
                 csv_optional(row.tc_established_ns),
+                csv_optional(row.tc_single_run_established_ns),
                 csv_optional(row.tc_miss_ns),
                 csv_optional(row.tc_single_run_miss_ns),
             );
         }
         out
     }
+
+    fn ratios_csv(&self) -> String {
+        let mut out = String::from(
+            "services,mode,conn_per_s_vs_none,conn_per_s_vs_nftables,conn_per_s_vs_iptables,latency_p99_vs_none,cpu_per_conn_vs_none\n",
+        );
+        for ratios in &self.ratios {
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{}",
+                ratios.services,
+                ratios.mode,
+                csv_optional(ratios.conn_per_s_vs_none),
+                csv_optional(ratios.conn_per_s_vs_nftables),
+                csv_optional(ratios.conn_per_s_vs_iptables),
+                csv_optional(ratios.latency_p99_vs_none),
+                csv_optional(ratios.cpu_per_conn_vs_none),
+            );
+        }
+        out
+    }
 }
 
-/// The TC program's figures of an ebpf row: new flow, established, miss, and the
-/// single-run miss in parentheses; "-" for other modes.
-fn tc_figures(row: &Summary, separator: &str) -> String {
-    match (
-        row.tc_new_flow_ns,
-        row.tc_established_ns,
-        row.tc_miss_ns,
-        row.tc_single_run_miss_ns,
-    ) {
-        (Some(new), Some(established), Some(miss), Some(single)) => {
-            format!("{new:.0}{separator}{established:.0}{separator}{miss:.0} ({single:.0})")
+/// A table, rendered as fixed-width text or as Markdown from the same cells, so the
+/// two cannot differ. A row with fewer cells than headers ends in a note that spans
+/// the rest (a mode not programmed within the limit).
+struct Table {
+    headers: Vec<&'static str>,
+    /// The left-aligned columns (names, notes); the others are numbers.
+    left: Vec<usize>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn text(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            // A spanning note does not widen its column.
+            let aligned = if row.len() == self.headers.len() {
+                &row[..]
+            } else {
+                &row[..row.len().saturating_sub(1)]
+            };
+            for (width, cell) in widths.iter_mut().zip(aligned) {
+                *width = (*width).max(cell.chars().count());
+            }
         }
-        _ => "-".to_owned(),
+        let line = |cells: &mut dyn Iterator<Item = &str>| {
+            let mut text = String::new();
+            for (column, cell) in cells.enumerate() {
+                let width = widths.get(column).copied().unwrap_or(0);
+                if column > 0 {
+                    text.push(' ');
+                }
+                if self.left.contains(&column) {
+                    let _ = write!(text, "{cell:<width$}");
+                } else {
+                    let _ = write!(text, "{cell:>width$}");
+                }
+            }
+            text.trim_end().to_owned() + "\n"
+        };
+        let mut out = line(&mut self.headers.iter().copied());
+        for row in &self.rows {
+            if row.len() == self.headers.len() {
+                out.push_str(&line(&mut row.iter().map(String::as_str)));
+            } else if let Some((note, lead)) = row.split_last() {
+                let lead = line(&mut lead.iter().map(String::as_str));
+                let _ = writeln!(out, "{} {note}", lead.trim_end());
+            }
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = format!("| {} |\n|", self.headers.join(" | "));
+        for column in 0..self.headers.len() {
+            out.push_str(if self.left.contains(&column) {
+                "---|"
+            } else {
+                "---:|"
+            });
+        }
+        out.push('\n');
+        for row in &self.rows {
+            let empty = self.headers.len().saturating_sub(row.len());
+            let _ = writeln!(out, "| {} |{}", row.join(" | "), " |".repeat(empty));
+        }
+        out
+    }
+}
+
+/// A mode's name in a ratio cell.
+fn short_label(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Nftables => "nft",
+        Mode::Iptables => "ipt",
+        other => other.label(),
+    }
+}
+
+/// The change column: the figure, or that the change was not applied within the
+/// limit (in how many rounds, when not all).
+fn change_figure(row: &Summary, limit_s: f64) -> String {
+    let measured = row.rounds - row.rounds_not_programmed;
+    match row.changes_not_applied {
+        0 => with_wall(row.change_ms, row.change_wall_ms, 1),
+        all if all == measured => format!("over {limit_s} s"),
+        some => format!(
+            "{} (over {limit_s} s: {some}/{measured})",
+            optional(row.change_ms, 1)
+        ),
     }
 }
 
@@ -494,6 +791,7 @@ mod tests {
             services: 10,
             new_flow_ns: 300.0,
             established_ns: 60.0,
+            single_run_established_ns: 150.0,
             established_counted_ns: 66.0,
             miss_ns: 30.0,
             single_run_miss_ns: 200.0,
@@ -510,5 +808,95 @@ mod tests {
         assert!(report.table().contains("ebpf"));
         assert!(report.markdown().starts_with("| N |"));
         assert!(report.cells_csv().lines().count() == 7);
+    }
+
+    #[test]
+    fn failed_connections_and_limits_are_shown() {
+        let config = Config {
+            modes: vec![Mode::Ebpf, Mode::Nftables, Mode::None],
+            ..Config::default()
+        };
+        let mut report = Report::new(&config);
+        let limit = Some(180.0);
+        for round in 1..=2 {
+            report.cells.extend([
+                Cell {
+                    round,
+                    mode: "ebpf".into(),
+                    services: 100,
+                    conn_per_s: 900.0,
+                    connections: 1000,
+                    errors: 7,
+                    // One round over the limit, one not.
+                    not_programmed_in_s: (round == 2).then_some(180.0),
+                    ..Cell::default()
+                },
+                Cell {
+                    round,
+                    mode: "nftables".into(),
+                    services: 100,
+                    not_programmed_in_s: limit,
+                    ..Cell::default()
+                },
+                Cell {
+                    round,
+                    mode: "none".into(),
+                    services: 100,
+                    conn_per_s: 1000.0,
+                    connections: 1000,
+                    ..Cell::default()
+                },
+            ]);
+        }
+        report.summarize();
+        let ebpf = &report.summary[0];
+        assert_eq!((ebpf.rounds, ebpf.rounds_not_programmed), (2, 1));
+        // Only the round with figures: its errors, its rate.
+        assert_eq!((ebpf.errors, ebpf.connections), (7, 1000));
+        assert!((ebpf.conn_per_s - 900.0).abs() < 1e-9);
+        assert_eq!(
+            ebpf.limit_note.as_deref(),
+            Some("not programmed in 180 s in 1 of 2 rounds")
+        );
+        let nft = &report.summary[1];
+        assert_eq!(nft.limit_note.as_deref(), Some("not programmed in 180 s"));
+
+        let table = report.table();
+        let ebpf_line = table
+            .lines()
+            .find(|line| line.trim_start().starts_with("100 ebpf "))
+            .expect("the ebpf row");
+        assert!(
+            ebpf_line.contains(" 7 not programmed in 180 s in 1 of 2 rounds"),
+            "{ebpf_line}"
+        );
+        assert!(
+            table.contains("100 nftables not programmed in 180 s\n"),
+            "{table}"
+        );
+        // ebpf over none is 0.9; nftables has no figures to divide by ("not prog."),
+        // none no CPU time here ("-").
+        let ratio_line = table
+            .lines()
+            .filter(|line| line.trim_start().starts_with("100 ebpf "))
+            .nth(1)
+            .expect("the ratio row");
+        assert!(ratio_line.contains("0.90"), "{ratio_line}");
+        assert!(ratio_line.contains("nft not prog."), "{ratio_line}");
+        assert!(ratio_line.trim_end().ends_with(" -"), "{ratio_line}");
+        let markdown = report.markdown();
+        assert!(
+            markdown.contains("| 100 | nftables | not programmed in 180 s |"),
+            "{markdown}"
+        );
+        assert!(
+            markdown.contains("| 7 | not programmed in 180 s in 1 of 2 rounds |"),
+            "{markdown}"
+        );
+        assert!(report
+            .summary_csv()
+            .contains(",1,not programmed in 180 s in 1 of 2 rounds,"));
+        assert_eq!(report.ratios[0].conn_per_s_vs_nftables, None);
+        assert_eq!(report.ratios[0].conn_per_s_vs_iptables, None);
     }
 }

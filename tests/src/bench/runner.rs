@@ -9,12 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::{
+    api_source::{BenchApiServer, MIN_SYNC_PERIOD_MS},
     iptables,
-    measure::{self, find_process_with_argument, MachineCpu, Timed},
+    measure::{self, find_process_with_argument, MachineCpu, OverLimit, Timed},
     nftables,
     services::{backend_name, ServiceSet},
     workload::{self, BenchServer},
@@ -22,8 +23,6 @@ use super::{
 };
 use crate::{lab::Lab, scenario::CLIENT_IP};
 
-/// How long the agent may take to apply the endpoint change before the run fails.
-const CHANGE_DEADLINE: Duration = Duration::from_secs(120);
 /// Unmeasured traffic before each connection test.
 const WARM_UP: Duration = Duration::from_millis(500);
 
@@ -82,73 +81,91 @@ pub struct Cell {
     /// ebpf modes with `--bpf-stats`: each of the agent's programs that ran during the
     /// connection test.
     pub programs: std::collections::BTreeMap<String, super::bpf_stats::ProgramCost>,
+    /// Set when the mode did not program all services within the program limit (its
+    /// seconds): nothing else was measured, every other figure is absent.
+    pub not_programmed_in_s: Option<f64>,
+    /// Set when the mode was not tried at this N because it was not programmed within
+    /// the limit at this smaller N in the same round (`not_programmed_in_s` is set too).
+    pub not_tried_after: Option<usize>,
+    /// Set when the endpoint change was not applied within the limit (its seconds):
+    /// `change_ms` is absent, the traffic figures are there.
+    pub change_not_applied_in_s: Option<f64>,
 }
 
-/// What a measurement programs, generated once per service count.
-pub struct Programs {
-    pub set: ServiceSet,
-    /// Every frontend, for the clients to pick from.
-    pub frontends: Arc<Vec<SocketAddrV4>>,
-    pub manifests: Vec<(String, String)>,
-    pub changed_manifest: (String, String),
-    pub iptables_full: String,
-    pub iptables_change: String,
-    pub nft_full: String,
-    pub nft_change: String,
-}
-
-impl Programs {
-    /// Generates every mode's input for `set`.
-    #[must_use]
-    pub fn new(set: ServiceSet, modes: &[Mode]) -> Self {
-        let wants_iptables = modes
-            .iter()
-            .any(|mode| matches!(mode, Mode::Iptables | Mode::IptablesLegacy));
-        let wants_nft = modes.contains(&Mode::Nftables);
-        let wants_ebpf = modes.iter().any(|mode| mode.is_ebpf());
-        let frontends = Arc::new((0..set.len()).map(ServiceSet::frontend).collect());
+impl Cell {
+    fn new(set: &ServiceSet, mode: Mode, round: usize) -> Self {
         Self {
-            frontends,
-            manifests: if wants_ebpf {
-                set.manifest_files(false)
-            } else {
-                Vec::new()
-            },
-            changed_manifest: if wants_ebpf {
-                set.changed_manifest_file()
-            } else {
-                (String::new(), String::new())
-            },
-            iptables_full: if wants_iptables {
-                iptables::restore_input(&set, iptables::Sync::Full, false)
-            } else {
-                String::new()
-            },
-            iptables_change: if wants_iptables {
-                iptables::restore_input(&set, iptables::Sync::ChangedServiceZero, true)
-            } else {
-                String::new()
-            },
-            nft_full: if wants_nft {
-                nftables::transaction(&set, nftables::Sync::Full, false)
-            } else {
-                String::new()
-            },
-            nft_change: if wants_nft {
-                nftables::transaction(&set, nftables::Sync::ChangedServiceZero, true)
-            } else {
-                String::new()
-            },
-            set,
+            round,
+            mode: mode.label().to_owned(),
+            services: set.len(),
+            endpoints: set.backends().len(),
+            ..Self::default()
         }
+    }
+
+    /// The cell of a mode not tried at `set`'s N because it was over the limit at
+    /// `over_at` services in this round.
+    #[must_use]
+    pub fn not_tried(
+        config: &Config,
+        set: &ServiceSet,
+        mode: Mode,
+        round: usize,
+        over_at: usize,
+    ) -> Self {
+        Self {
+            not_programmed_in_s: Some(config.program_limit.as_secs_f64()),
+            not_tried_after: Some(over_at),
+            ..Self::new(set, mode, round)
+        }
+    }
+
+    /// Whether the mode did not program the services within the limit.
+    #[must_use]
+    pub fn over_limit(&self) -> bool {
+        self.not_programmed_in_s.is_some()
+    }
+
+    /// "not programmed in 180 s" (with why it was not tried), or None when it was.
+    #[must_use]
+    pub fn limit_note(&self) -> Option<String> {
+        let limit = self.not_programmed_in_s?;
+        Some(match self.not_tried_after {
+            Some(at) => format!("not programmed in {limit} s (not tried: over it at N={at})"),
+            None => format!("not programmed in {limit} s"),
+        })
+    }
+
+    /// One line of progress for stderr.
+    #[must_use]
+    pub fn progress_line(&self) -> String {
+        if let Some(note) = self.limit_note() {
+            return format!("N={:<6} {:<15} {note}", self.services, self.mode);
+        }
+        let change = match self.change_not_applied_in_s {
+            Some(limit) => format!("not applied in {limit} s"),
+            None => format!("{} ms", super::report::optional(self.change_ms, 2)),
+        };
+        format!(
+            "N={:<6} {:<15} {:>8.0} conn/s  p50 {:>6.0} us  p99 {:>6.0} us  {:>7.0} MB/s  program {} ms  change {change}  errors {}",
+            self.services,
+            self.mode,
+            self.conn_per_s,
+            self.latency_p50_us,
+            self.latency_p99_us,
+            self.stream_mb_per_s,
+            super::report::optional(self.program_ms, 1),
+            self.errors,
+        )
     }
 }
 
 /// The lab of one measurement. Servers are declared first so they stop before the
-/// lab removes their namespaces.
+/// lab removes their namespaces; the API server last, after the lab stopped the agent.
 struct Bench {
     servers: Vec<BenchServer>,
     lab: Lab,
+    api: Option<BenchApiServer>,
 }
 
 fn build_lab(config: &Config, set: &ServiceSet) -> Result<Bench> {
@@ -171,91 +188,46 @@ fn build_lab(config: &Config, set: &ServiceSet) -> Result<Bench> {
             config.clients + 2,
         )?);
     }
-    Ok(Bench { servers, lab })
+    Ok(Bench {
+        servers,
+        lab,
+        api: None,
+    })
 }
 
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
-/// Measures `mode` at `programs.set`'s scale.
+/// Measures `mode` at `set`'s scale. A mode over [`Config::program_limit`] gets a
+/// cell that says so (see [`Cell::limit_note`]).
 ///
 /// # Errors
 /// When the lab, the programming, the check or the traffic fails.
 pub fn measure(
     config: &Config,
-    programs: &Programs,
+    set: &ServiceSet,
     mode: Mode,
     round: usize,
     socket_cgroup: Option<&Path>,
 ) -> Result<Cell> {
-    let set = &programs.set;
     let mut bench = build_lab(config, set)?;
-    let mut cell = Cell {
-        round,
-        mode: mode.label().to_owned(),
-        services: set.len(),
-        endpoints: set.backends().len(),
-        ..Cell::default()
+    let mut cell = Cell::new(set, mode, round);
+    let limit = config.program_limit;
+    let agent_pid = match program(&mut bench, set, mode, socket_cgroup, limit, &mut cell) {
+        Err(error) if error.downcast_ref::<OverLimit>().is_some() => {
+            cell.not_programmed_in_s = Some(limit.as_secs_f64());
+            return Ok(cell);
+        }
+        other => other?,
     };
-    let mut agent_pid = None;
-    match mode {
-        Mode::Ebpf | Mode::EbpfTc => {
-            for (file, yaml) in &programs.manifests {
-                bench.lab.write_manifest(file, yaml)?;
-            }
-            let args = agent_args(mode, socket_cgroup)?;
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let started = Instant::now();
-            bench.lab.start_agent(&args)?;
-            cell.program_wall_ms = Some(millis(started.elapsed()));
-            bench.lab.wait_attached()?;
-            let pid = find_process_with_argument(&bench.lab.pin_dir())
-                .context("finding the agent's process")?;
-            agent_pid = Some(pid);
-            cell.program_cpu_ms = Some(millis(measure::process_cpu(pid)?));
-            let passes = measure::synced_passes(&bench.lab.agent_log());
-            cell.program_ms = Some(
-                *passes
-                    .first()
-                    .context("the agent logged no \"synced\" line")?,
-            );
-        }
-        Mode::Iptables | Mode::IptablesLegacy => {
-            let (restore, save) = iptables_tools(mode);
-            let node = &bench.lab.node;
-            measure::run_timed(
-                node,
-                restore,
-                &["-w", "5", "--noflush"],
-                Some(&iptables::jump_rules()),
-                true,
-            )?;
-            let timed = iptables_sync(
-                node,
-                restore,
-                save,
-                &programs.iptables_full,
-                iptables::large_cluster(set, false),
-            )?;
-            cell.program_ms = Some(millis(timed.wall));
-            cell.program_wall_ms = cell.program_ms;
-            cell.program_cpu_ms = Some(millis(timed.cpu));
-        }
-        Mode::Nftables => {
-            let timed = nft_sync(&bench.lab.node, &programs.nft_full)?;
-            cell.program_ms = Some(millis(timed.wall));
-            cell.program_wall_ms = cell.program_ms;
-            cell.program_cpu_ms = Some(millis(timed.cpu));
-        }
-        Mode::None => {}
-    }
 
-    let targets: Arc<Vec<SocketAddrV4>> = if mode == Mode::None {
-        Arc::new(set.backends().to_vec())
+    let frontends: Vec<SocketAddrV4> = (0..set.len()).map(ServiceSet::frontend).collect();
+    let targets: Arc<Vec<SocketAddrV4>> = Arc::new(if mode == Mode::None {
+        set.backends().to_vec()
     } else {
-        Arc::clone(&programs.frontends)
-    };
+        frontends
+    });
     let client = &bench.lab.pod("client").netns;
     let sample: Vec<SocketAddrV4> = {
         let step = (targets.len() / 8).max(1);
@@ -264,11 +236,12 @@ pub fn measure(
     client
         .run(|| workload::check_targets(&sample, 3 * sample.len().max(4)))
         .with_context(|| format!("{} does not carry traffic", mode.label()))
-        .map_err(|error| match mode {
-            Mode::Ebpf | Mode::EbpfTc => {
+        .map_err(|error| {
+            if mode.is_ebpf() {
                 error.context(format!("agent log:\n{}", bench.lab.agent_log()))
+            } else {
+                error
             }
-            _ => error,
         })?;
 
     // Warm-up, unmeasured: caches, neighbour entries, the first conntrack entries.
@@ -330,46 +303,11 @@ pub fn measure(
     let bytes_per_s = client.run(|| workload::stream_throughput(stream_target, stream_duration))?;
     cell.stream_mb_per_s = bytes_per_s / 1e6;
 
-    match mode {
-        Mode::Ebpf | Mode::EbpfTc => {
-            let before = measure::synced_passes(&bench.lab.agent_log()).len();
-            let (file, yaml) = &programs.changed_manifest;
-            let written = Instant::now();
-            bench.lab.write_manifest(file, yaml)?;
-            let elapsed = loop {
-                let passes = measure::synced_passes(&bench.lab.agent_log());
-                if passes.len() > before {
-                    break passes[passes.len() - 1];
-                }
-                if written.elapsed() > CHANGE_DEADLINE {
-                    bail!(
-                        "the agent did not apply the endpoint change; log:\n{}",
-                        bench.lab.agent_log()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            };
-            cell.change_wall_ms = Some(millis(written.elapsed()));
-            cell.change_ms = Some(elapsed);
+    match change(&bench, set, mode, limit, &mut cell) {
+        Err(error) if error.downcast_ref::<OverLimit>().is_some() => {
+            cell.change_not_applied_in_s = Some(limit.as_secs_f64());
         }
-        Mode::Iptables | Mode::IptablesLegacy => {
-            let (restore, save) = iptables_tools(mode);
-            let timed = iptables_sync(
-                &bench.lab.node,
-                restore,
-                save,
-                &programs.iptables_change,
-                iptables::large_cluster(set, true),
-            )?;
-            cell.change_ms = Some(millis(timed.wall));
-            cell.change_wall_ms = cell.change_ms;
-        }
-        Mode::Nftables => {
-            let timed = nft_sync(&bench.lab.node, &programs.nft_change)?;
-            cell.change_ms = Some(millis(timed.wall));
-            cell.change_wall_ms = cell.change_ms;
-        }
-        Mode::None => {}
+        other => other?,
     }
     if let Some(pid) = agent_pid {
         #[expect(clippy::cast_precision_loss, reason = "bytes far below 2^52")]
@@ -381,9 +319,163 @@ pub fn measure(
     if agent_pid.is_some() {
         cell.stop_ms = Some(millis(stopping.elapsed()));
     }
-    drop(bench.servers);
-    drop(bench.lab);
+    // Servers first, then the lab and its namespaces, then the API server.
+    let Bench { servers, lab, api } = bench;
+    drop(servers);
+    drop(lab);
+    drop(api);
     Ok(cell)
+}
+
+/// Programs `set` into the lab with `mode`, within `limit` (else [`OverLimit`]), and
+/// records the programming figures in `cell`. Each mode's input is generated here and
+/// dropped when programmed. Returns the agent's pid in the ebpf modes.
+fn program(
+    bench: &mut Bench,
+    set: &ServiceSet,
+    mode: Mode,
+    socket_cgroup: Option<&Path>,
+    limit: Duration,
+    cell: &mut Cell,
+) -> Result<Option<u32>> {
+    match mode {
+        Mode::Ebpf | Mode::EbpfTc | Mode::EbpfApi => {
+            if mode == Mode::EbpfApi {
+                let api = BenchApiServer::start(&bench.lab, set)?;
+                bench
+                    .lab
+                    .use_api_source(api.kubeconfig(), MIN_SYNC_PERIOD_MS);
+                bench.api = Some(api);
+            } else {
+                for (file, yaml) in set.manifest_files(false) {
+                    bench.lab.write_manifest(&file, &yaml)?;
+                }
+            }
+            let args = agent_args(mode, socket_cgroup)?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let started = Instant::now();
+            bench.lab.spawn_agent(&args)?;
+            if let Err(error) = bench.lab.wait_healthy(limit) {
+                if started.elapsed() >= limit {
+                    return Err(OverLimit {
+                        what: "the agent's start to healthy".into(),
+                        limit,
+                    }
+                    .into());
+                }
+                return Err(error);
+            }
+            cell.program_wall_ms = Some(millis(started.elapsed()));
+            bench.lab.wait_attached()?;
+            let pid = find_process_with_argument(&bench.lab.pin_dir())
+                .context("finding the agent's process")?;
+            cell.program_cpu_ms = Some(millis(measure::process_cpu(pid)?));
+            let passes = measure::synced_passes(&bench.lab.agent_log());
+            cell.program_ms = Some(
+                *passes
+                    .first()
+                    .context("the agent logged no \"synced\" line")?,
+            );
+            Ok(Some(pid))
+        }
+        Mode::Iptables | Mode::IptablesLegacy => {
+            let (restore, save) = iptables_tools(mode);
+            let node = &bench.lab.node;
+            measure::run_timed(
+                node,
+                restore,
+                &["-w", "5", "--noflush"],
+                Some(&iptables::jump_rules()),
+                true,
+            )?;
+            let input = iptables::restore_input(set, iptables::Sync::Full, false);
+            let timed = iptables_sync(
+                node,
+                restore,
+                save,
+                &input,
+                iptables::large_cluster(set, false),
+                limit,
+            )?;
+            cell.program_ms = Some(millis(timed.wall));
+            cell.program_wall_ms = cell.program_ms;
+            cell.program_cpu_ms = Some(millis(timed.cpu));
+            Ok(None)
+        }
+        Mode::Nftables => {
+            let transaction = nftables::transaction(set, nftables::Sync::Full, false);
+            let timed = nft_sync(&bench.lab.node, &transaction, limit)?;
+            cell.program_ms = Some(millis(timed.wall));
+            cell.program_wall_ms = cell.program_ms;
+            cell.program_cpu_ms = Some(millis(timed.cpu));
+            Ok(None)
+        }
+        Mode::None => Ok(None),
+    }
+}
+
+/// Makes the one endpoint change (service 0 gains [`super::services::EXTRA_ENDPOINT`])
+/// the way `mode` gets it, within `limit` (else [`OverLimit`]), and records its times
+/// in `cell`.
+fn change(
+    bench: &Bench,
+    set: &ServiceSet,
+    mode: Mode,
+    limit: Duration,
+    cell: &mut Cell,
+) -> Result<()> {
+    match mode {
+        Mode::Ebpf | Mode::EbpfTc | Mode::EbpfApi => {
+            let before = measure::synced_passes(&bench.lab.agent_log()).len();
+            // Generated before the clock starts: the manifest modes' file, or the
+            // server for the API mode.
+            let manifest = (mode != Mode::EbpfApi).then(|| set.changed_manifest_file());
+            let written = Instant::now();
+            match (&manifest, &bench.api) {
+                (Some((file, yaml)), _) => bench.lab.write_manifest(file, yaml)?,
+                (None, Some(api)) => api.change_endpoints(set)?,
+                (None, None) => anyhow::bail!("the ebpf-api mode has no API server"),
+            }
+            let elapsed = loop {
+                let passes = measure::synced_passes(&bench.lab.agent_log());
+                if passes.len() > before {
+                    break passes[passes.len() - 1];
+                }
+                if written.elapsed() > limit {
+                    return Err(OverLimit {
+                        what: "the agent's pass applying the endpoint change".into(),
+                        limit,
+                    }
+                    .into());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            cell.change_wall_ms = Some(millis(written.elapsed()));
+            cell.change_ms = Some(elapsed);
+        }
+        Mode::Iptables | Mode::IptablesLegacy => {
+            let (restore, save) = iptables_tools(mode);
+            let input = iptables::restore_input(set, iptables::Sync::ChangedServiceZero, true);
+            let timed = iptables_sync(
+                &bench.lab.node,
+                restore,
+                save,
+                &input,
+                iptables::large_cluster(set, true),
+                limit,
+            )?;
+            cell.change_ms = Some(millis(timed.wall));
+            cell.change_wall_ms = cell.change_ms;
+        }
+        Mode::Nftables => {
+            let transaction = nftables::transaction(set, nftables::Sync::ChangedServiceZero, true);
+            let timed = nft_sync(&bench.lab.node, &transaction, limit)?;
+            cell.change_ms = Some(millis(timed.wall));
+            cell.change_wall_ms = cell.change_ms;
+        }
+        Mode::None => {}
+    }
+    Ok(())
 }
 
 /// The datapath counters of the lab's agent, from its pinned maps.
@@ -392,13 +484,13 @@ fn datapath_counters(lab: &Lab) -> Result<std::collections::BTreeMap<&'static st
     Ok(proxy_userspace::inspect::counters(&maps)?)
 }
 
-/// The agent's arguments in an ebpf mode: the hooks on the bench's cgroup (`ebpf`) or
-/// off (`ebpf-tc`).
+/// The agent's arguments in an ebpf mode: the hooks on the bench's cgroup (`ebpf`,
+/// `ebpf-api`) or off (`ebpf-tc`).
 fn agent_args(mode: Mode, socket_cgroup: Option<&Path>) -> Result<Vec<String>> {
-    if mode == Mode::EbpfTc {
+    if !mode.uses_socket_hooks() {
         return Ok(vec!["--socket-lb".into(), "off".into()]);
     }
-    let cgroup = socket_cgroup.context("the ebpf mode needs the bench's cgroup")?;
+    let cgroup = socket_cgroup.context("the socket-hook modes need the bench's cgroup")?;
     Ok(vec![
         "--cgroup-path".into(),
         cgroup.display().to_string(),
@@ -465,46 +557,60 @@ fn iptables_tools(mode: Mode) -> (&'static str, &'static str) {
 }
 
 /// What kube-proxy's iptables proxier runs per sync: `iptables-save -t nat` to find
-/// stale chains (skipped in large-cluster mode), then one restore of its input.
+/// stale chains (skipped in large-cluster mode), then one restore of its input; all of
+/// it within `limit` (else [`OverLimit`]).
 fn iptables_sync(
     node: &crate::netns::Netns,
     restore: &str,
     save: &str,
     input: &str,
     large: bool,
+    limit: Duration,
 ) -> Result<Timed> {
+    let deadline = Instant::now() + limit;
     let mut timed = Timed::default();
     if !large {
-        timed = timed + measure::run_timed(node, save, &["-t", "nat"], None, true)?;
+        timed = timed
+            + measure::run_timed_within(node, save, &["-t", "nat"], None, true, deadline, limit)?;
     }
     Ok(timed
-        + measure::run_timed(
+        + measure::run_timed_within(
             node,
             restore,
             &["-w", "5", "-W", "100000", "--noflush", "--counters"],
             Some(input),
             true,
+            deadline,
+            limit,
         )?)
 }
 
 /// What kube-proxy's nftables proxier runs per sync: the listings of chains and sets
 /// (for stale ones; they fail harmlessly before the table exists), then the
-/// transaction.
-fn nft_sync(node: &crate::netns::Netns, transaction: &str) -> Result<Timed> {
-    let chains = measure::run_timed(
+/// transaction; all of it within `limit` (else [`OverLimit`]).
+fn nft_sync(node: &crate::netns::Netns, transaction: &str, limit: Duration) -> Result<Timed> {
+    let deadline = Instant::now() + limit;
+    let list = |what: &str| {
+        measure::run_timed_within(
+            node,
+            "nft",
+            &["--json", "list", what, "ip", "kube-proxy"],
+            None,
+            false,
+            deadline,
+            limit,
+        )
+    };
+    let chains = list("chains")?;
+    let sets = list("sets")?;
+    let apply = measure::run_timed_within(
         node,
         "nft",
-        &["--json", "list", "chains", "ip", "kube-proxy"],
-        None,
-        false,
+        &["-f", "-"],
+        Some(transaction),
+        true,
+        deadline,
+        limit,
     )?;
-    let sets = measure::run_timed(
-        node,
-        "nft",
-        &["--json", "list", "sets", "ip", "kube-proxy"],
-        None,
-        false,
-    )?;
-    let apply = measure::run_timed(node, "nft", &["-f", "-"], Some(transaction), true)?;
     Ok(chains + sets + apply)
 }

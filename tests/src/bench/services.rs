@@ -1,13 +1,13 @@
 //! The services a benchmark installs: `N` ClusterIP services of one TCP port each, all
 //! backed by the same few pods (`M` endpoints per service, one per backend pod), so
 //! the lab needs `M` pods however large `N` is. Every mode programs exactly this set:
-//! the agent reads it as manifests, the kube-proxy generators as rules.
-use std::{
-    fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+//! the agent reads it as manifests or from the test API server (the same objects,
+//! [`ServiceSet::service`] and [`ServiceSet::endpoint_slice`]), the kube-proxy
+//! generators as rules.
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{bail, Result};
+use serde_json::{json, Value};
 
 /// The namespace of every generated service.
 pub const NAMESPACE: &str = "bench";
@@ -29,7 +29,7 @@ pub const EXTRA_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244
 /// Services per manifest file.
 const SERVICES_PER_FILE: usize = 1000;
 /// The node name the endpoints carry (the lab's node).
-const NODE_NAME: &str = "node-a";
+pub const NODE_NAME: &str = "node-a";
 /// The most backend pods a run may ask for.
 pub const MAX_ENDPOINTS: usize = 64;
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` of services with affinity (the
@@ -174,31 +174,76 @@ impl ServiceSet {
     }
 
     fn write_manifest(&self, yaml: &mut String, index: usize, changed: bool) {
-        let name = Self::name(index);
-        let vip = Self::vip(index);
-        let affinity = if self.affinity {
-            format!(
-                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {AFFINITY_TIMEOUT_S}}}}}\n"
-            )
-        } else {
-            String::new()
-        };
-        let _ = write!(
-            yaml,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
-             spec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ipFamilies: [IPv4]\n  \
-             ports:\n    - {{name: {PORT_NAME}, protocol: TCP, port: {SERVICE_PORT}, targetPort: {TARGET_PORT}}}\n\
-             {affinity}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-bench\n  \
-             namespace: {NAMESPACE}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\n\
-             ports:\n  - {{name: {PORT_NAME}, protocol: TCP, port: {TARGET_PORT}}}\nendpoints:\n"
-        );
-        for endpoint in self.endpoints(index, changed) {
-            let _ = writeln!(
-                yaml,
-                "  - {{addresses: [{}], conditions: {{ready: true}}, nodeName: {NODE_NAME}}}",
-                endpoint.ip()
-            );
+        for object in [self.service(index), self.endpoint_slice(index, changed)] {
+            yaml.push_str("---\n");
+            // A JSON value always serializes as YAML.
+            if let Ok(text) = serde_yaml::to_string(&object) {
+                yaml.push_str(&text);
+            }
         }
+    }
+
+    /// Service `index` as a client creates it (with the fields the API server's
+    /// defaulting would add, so a server that does not default stores the same).
+    #[must_use]
+    pub fn service(&self, index: usize) -> Value {
+        let vip = Self::vip(index).to_string();
+        let mut spec = json!({
+            "type": "ClusterIP",
+            "clusterIP": vip,
+            "clusterIPs": [vip],
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "internalTrafficPolicy": "Cluster",
+            "sessionAffinity": "None",
+            "ports": [{
+                "name": PORT_NAME,
+                "protocol": "TCP",
+                "port": SERVICE_PORT,
+                "targetPort": TARGET_PORT,
+            }],
+        });
+        if self.affinity {
+            spec["sessionAffinity"] = json!("ClientIP");
+            spec["sessionAffinityConfig"] =
+                json!({"clientIP": {"timeoutSeconds": AFFINITY_TIMEOUT_S}});
+        }
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": Self::name(index), "namespace": NAMESPACE},
+            "spec": spec,
+        })
+    }
+
+    /// The EndpointSlice of service `index`; `changed` adds [`EXTRA_ENDPOINT`] to
+    /// service 0.
+    #[must_use]
+    pub fn endpoint_slice(&self, index: usize, changed: bool) -> Value {
+        let name = Self::name(index);
+        let endpoints: Vec<Value> = self
+            .endpoints(index, changed)
+            .iter()
+            .map(|endpoint| {
+                json!({
+                    "addresses": [endpoint.ip().to_string()],
+                    "conditions": {"ready": true},
+                    "nodeName": NODE_NAME,
+                })
+            })
+            .collect();
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{name}-bench"),
+                "namespace": NAMESPACE,
+                "labels": {"kubernetes.io/service-name": name},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": PORT_NAME, "protocol": "TCP", "port": TARGET_PORT}],
+            "endpoints": endpoints,
+        })
     }
 }
 
