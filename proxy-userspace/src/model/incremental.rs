@@ -13,6 +13,9 @@
 //! frontend (the smallest [`Claim`] holds it, its cluster-internal twin goes with it)
 //! and of a healthCheckNodePort (the first service in key order), so a change
 //! re-decides only the keys the changed services claim.
+#[cfg(test)]
+mod tests;
+
 use std::{
     cell::RefCell,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -191,12 +194,12 @@ impl IncrementalModel {
     /// changed since the last update; returns what changed.
     pub fn update(&mut self, state: &ClusterState, settings: &ModelSettings) -> ModelChanges {
         let mut changes = ModelChanges::default();
-        let settings_changed = self
-            .computed_with
-            .as_ref()
-            .is_none_or(|(old_settings, old_node)| {
-                old_settings != settings || *old_node != state.node
-            });
+        let settings_changed =
+            self.computed_with
+                .as_ref()
+                .is_none_or(|(old_settings, old_node)| {
+                    old_settings != settings || *old_node != state.node
+                });
         let mut dirty: BTreeSet<ObjectKey> = if settings_changed {
             changes.all = true;
             self.computed_with = Some((settings.clone(), state.node.clone()));
@@ -215,7 +218,8 @@ impl IncrementalModel {
         for key in changed_keys(&self.slices, &state.endpoint_slices, |entry, slice| {
             Arc::ptr_eq(&entry.slice, slice)
         }) {
-            self.replace_slice(&key, state.endpoint_slices.get(&key), &mut dirty);
+            changes.diagnostics |=
+                self.replace_slice(&key, state.endpoint_slices.get(&key), &mut dirty);
             changes.slices.push(key);
         }
 
@@ -280,7 +284,11 @@ impl IncrementalModel {
             }
             // Their backends at `addr` change locality (a backend flag in the maps).
             for key in self.by_backend_ip.get(&addr).into_iter().flatten() {
-                let port = self.desired.frontends.get(key).map(|spec| spec.service_port.clone());
+                let port = self
+                    .desired
+                    .frontends
+                    .get(key)
+                    .map(|spec| spec.service_port.clone());
                 changes.frontends.entry(*key).or_insert(port);
             }
         }
@@ -291,15 +299,16 @@ impl IncrementalModel {
     }
 
     /// Follows one slice from its old state to `new` in the per-service index; the
-    /// services it belonged to and belongs to now become dirty.
+    /// services it belonged to and belongs to now become dirty. Returns whether its
+    /// orphan report changed.
     fn replace_slice(
         &mut self,
         key: &ObjectKey,
         new: Option<&Arc<EndpointSlice>>,
         dirty: &mut BTreeSet<ObjectKey>,
-    ) {
+    ) -> bool {
+        let old_report = self.orphans.remove(key);
         if let Some(old) = self.slices.remove(key) {
-            self.orphans.remove(key);
             if let Some(service) = old.service {
                 if let Some(slices) = self.slices_by_service.get_mut(&service) {
                     slices.remove(key);
@@ -311,7 +320,7 @@ impl IncrementalModel {
             }
         }
         let Some(slice) = new else {
-            return;
+            return old_report.is_some();
         };
         let service = slice_service_name(slice)
             .map(|name| ObjectKey::new(key.namespace.clone(), name.to_owned()));
@@ -341,6 +350,8 @@ impl IncrementalModel {
                 service,
             },
         );
+        // A labelled slice's report is decided with its service (check_orphans).
+        old_report.as_ref() != self.orphans.get(key)
     }
 
     /// Reports the slices naming `service` as orphans exactly when it does not exist;
@@ -471,7 +482,10 @@ impl IncrementalModel {
             local_candidates.insert(*addr);
         }
         for (name, ranges) in &entry.output.source_ranges {
-            let before = self.desired.source_ranges.insert(name.clone(), ranges.clone());
+            let before = self
+                .desired
+                .source_ranges
+                .insert(name.clone(), ranges.clone());
             old_ranges.entry(name.clone()).or_insert(before);
         }
         for port in entry.output.health_checks.keys() {
@@ -583,7 +597,10 @@ impl IncrementalModel {
                 .collect(),
             None => Vec::new(),
         };
-        let reported = self.health_conflicts.get(&port).map_or(&[][..], Vec::as_slice);
+        let reported = self
+            .health_conflicts
+            .get(&port)
+            .map_or(&[][..], Vec::as_slice);
         if reported != diagnostics.as_slice() {
             changes.diagnostics = true;
             if diagnostics.is_empty() {

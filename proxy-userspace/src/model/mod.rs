@@ -913,9 +913,7 @@ impl ServiceContext<'_> {
         }
         // A cluster-internal twin follows the frontend it is the twin of.
         if key.scope == scope::DEFAULT {
-            self.claims
-                .borrow_mut()
-                .insert(key, self.claim(spec.kind));
+            self.claims.borrow_mut().insert(key, self.claim(spec.kind));
         }
         out.frontends.insert(key, spec);
         true
