@@ -299,6 +299,8 @@ pub struct Syncer {
     /// last desired state, so a pass over what changed since is enough. Unset after
     /// an adoption and after any failed write.
     incremental_ready: bool,
+    /// See [`Self::service_id_changes`].
+    service_id_changes: u64,
     /// Writes applied (and mirrors adopted) so far: tells whether the maps changed
     /// between two moments.
     writes: u64,
@@ -316,6 +318,8 @@ struct MirrorIndex {
     backend_refs: HashMap<u32, u32>,
     /// Frontend entries (slot 0) by service id.
     heads_by_service: HashMap<u32, BTreeSet<ServiceKeyV4>>,
+    /// How many frontend entries (slot 0) each address has.
+    heads_by_addr: HashMap<Ipv4Addr, usize>,
     /// Backends that may be named by no slot: written, or lost their last slot, since
     /// the last collection (all of them after an adoption).
     maybe_unused: BTreeSet<u32>,
@@ -344,6 +348,7 @@ impl MirrorIndex {
                     .entry(value.service_id)
                     .or_default()
                     .insert(*key);
+                *index.heads_by_addr.entry(key.addr.to_ipv4()).or_default() += 1;
             } else {
                 *index.backend_refs.entry(value.backend_id).or_default() += 1;
             }
@@ -391,6 +396,7 @@ impl Syncer {
             port_refs: HashMap::new(),
             next_service_id,
             incremental_ready: false,
+            service_id_changes: 0,
             writes: 0,
             index: MirrorIndex::of(&mirror),
             mirror,
@@ -439,6 +445,23 @@ impl Syncer {
             .values()
             .flatten()
             .map(|key| key.addr.to_ipv4())
+    }
+
+    /// Whether the service map holds a frontend at `addr`.
+    #[must_use]
+    pub fn holds_frontend_at(&self, addr: Ipv4Addr) -> bool {
+        self.index.heads_by_addr.contains_key(&addr)
+    }
+
+    /// The ids of the service ports of the desired state last synced.
+    pub fn service_ids_in_use(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ids_in_use.iter().copied()
+    }
+
+    /// Moves whenever the set of service ids in use changes.
+    #[must_use]
+    pub fn service_id_changes(&self) -> u64 {
+        self.service_id_changes
     }
 
     /// The id of a service port, if it has one.
@@ -632,6 +655,7 @@ impl Syncer {
                 self.port_refs.remove(*before);
                 if let Some(id) = self.service_ids.remove(*before) {
                     self.ids_in_use.remove(&id);
+                    self.service_id_changes += 1;
                     gone_ids.insert(id);
                 }
                 range_ports.insert((*before).clone());
@@ -672,6 +696,7 @@ impl Syncer {
         });
         self.ids_in_use.insert(id);
         self.service_ids.insert(name.clone(), id);
+        self.service_id_changes += 1;
     }
 
     /// The `(service id, backend id)` pairs of this pass's touched frontends that no
@@ -730,6 +755,7 @@ impl Syncer {
             if let Some(id) = adopted {
                 self.ids_in_use.insert(id);
                 self.service_ids.insert(spec.service_port.clone(), id);
+                self.service_id_changes += 1;
             }
         }
         for (frontend, spec) in &desired.frontends {
@@ -828,6 +854,7 @@ impl Syncer {
         }
         let old = self.mirror.services.get(&key).copied();
         if key.slot == 0 {
+            let addr = key.addr.to_ipv4();
             if let Some(old) = old {
                 if let Some(heads) = self.index.heads_by_service.get_mut(&old.service_id) {
                     heads.remove(&key);
@@ -835,8 +862,15 @@ impl Syncer {
                         self.index.heads_by_service.remove(&old.service_id);
                     }
                 }
+                if let Some(count) = self.index.heads_by_addr.get_mut(&addr) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.index.heads_by_addr.remove(&addr);
+                    }
+                }
             }
             if let MapOp::PutService { value, .. } = *op {
+                *self.index.heads_by_addr.entry(addr).or_default() += 1;
                 self.index
                     .heads_by_service
                     .entry(value.service_id)
