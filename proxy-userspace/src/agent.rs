@@ -1456,7 +1456,7 @@ mod tests {
             ));
         }
         parse_documents(&text, "test.yaml", &mut snapshot);
-        model::desired(&snapshot.state, &ModelSettings::default())
+        crate::model::desired(&snapshot.state, &ModelSettings::default())
     }
 
     #[test]
