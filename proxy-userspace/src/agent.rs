@@ -40,8 +40,8 @@ use crate::{
     socket_lb,
     source::{self, Snapshot, SourceConfig},
     sync::{
-        frontend_addrs::FrontendAddrs, Capacity as SyncCapacity, FrontendFailure, Mirror,
-        SyncReport, Syncer,
+        frontend_addrs::FrontendAddrs, Capacity as SyncCapacity, FrontendFailure, MapOp, MapWriter,
+        Mirror, SyncReport, Syncer, WriteError,
     },
     takeover::{self, KernelSupport, Takeover},
     upkeep::Upkeep,
@@ -342,6 +342,8 @@ struct Agent {
     model: IncrementalModel,
     /// What the model changed since the last sync pass.
     pending: ModelChanges,
+    /// The time the model took for those changes: part of the pass that applies them.
+    pending_model_time: Duration,
     /// The source's own diagnostics last reported.
     source_diagnostics: Vec<Diagnostic>,
     /// The names may have changed since the names file was written.
@@ -377,7 +379,9 @@ impl Agent {
             .node_port_addresses
             .clone_from(&node.node_port_addresses);
         let mut model = IncrementalModel::default();
+        let model_started = Instant::now();
         let pending = model.update(&first.state, &model_settings);
+        let pending_model_time = model_started.elapsed();
         let demand = MapDemand::of(model.desired());
         let options = load_options(&config, &demand);
         let mut datapath = Datapath::load(&options).context("loading the datapath")?;
@@ -459,6 +463,7 @@ impl Agent {
             snapshot: Some(first),
             model,
             pending,
+            pending_model_time,
             source_diagnostics: Vec::new(),
             names_stale: false,
             synced_once: false,
@@ -862,7 +867,9 @@ impl Agent {
         let Some(snapshot) = self.snapshot.clone() else {
             return;
         };
+        let model_started = Instant::now();
         let changes = self.model.update(&snapshot.state, &self.model_settings);
+        self.pending_model_time += model_started.elapsed();
         let diagnostics_changed =
             changes.diagnostics || changes.all || self.source_diagnostics != snapshot.diagnostics;
         self.pending.merge(changes);
@@ -878,6 +885,7 @@ impl Agent {
     fn sync_pass(&mut self) -> Option<PassOutcome> {
         let snapshot = Arc::clone(self.snapshot.as_ref()?);
         let started = Instant::now();
+        let model_time = std::mem::take(&mut self.pending_model_time);
         let changes = std::mem::take(&mut self.pending);
         let full = changes.all
             || !self.syncer.incremental_ready()
@@ -894,18 +902,23 @@ impl Agent {
             self.frontend_addrs
                 .add_changed(desired, &changed_addrs, &mut self.datapath.maps)
         };
+        let maps_started = Instant::now();
+        let mut writer = TimedWriter {
+            inner: &mut self.datapath.maps,
+            spent: Duration::ZERO,
+        };
         let mut report = if full {
-            self.syncer.sync(desired, &mut self.datapath.maps)
+            self.syncer.sync(desired, &mut writer)
         } else {
-            self.syncer
-                .sync_changes(desired, &changes, &mut self.datapath.maps)
+            self.syncer.sync_changes(desired, &changes, &mut writer)
         };
         if report.failures.iter().any(|f| f.error.map_full) && report.ops_applied > 0 {
             // The pass may have made room only after a frontend was refused (backends
             // are deleted last, once no slot names them): one more pass takes it.
-            let again = self.syncer.sync(desired, &mut self.datapath.maps);
+            let again = self.syncer.sync(desired, &mut writer);
             report.merge(again);
         }
+        let (maps_time, map_writes_time) = (maps_started.elapsed(), writer.spent);
         addr_errors.extend(if full {
             self.frontend_addrs.remove_stale(
                 desired,
@@ -939,11 +952,13 @@ impl Agent {
             warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
             self.metrics.socket_forget_failures.inc();
         }
-        self.metrics.synced(started.elapsed(), SystemTime::now());
+        self.metrics
+            .synced(model_time + started.elapsed(), SystemTime::now());
         let changed_slices = (!full).then_some(changes.slices.as_slice());
         self.metrics
             .observe_programmed(&snapshot.state, changed_slices, SystemTime::now());
         // Names: written by a full pass; after a partial one, by the next names tick.
+        let names_started = Instant::now();
         if full {
             self.publish_names(&snapshot);
         } else if !changes.is_empty() || !changes.slices.is_empty() {
@@ -952,6 +967,7 @@ impl Agent {
         if full || self.service_counter_ids != self.syncer.service_id_changes() {
             self.sync_service_counters();
         }
+        let names_time = names_started.elapsed();
         let frontends = self.model.desired().frontends.len();
         info!(
             services = snapshot.state.services.len(),
@@ -962,7 +978,13 @@ impl Agent {
             failed = report.failures.len(),
             full,
             // Whole microseconds: the shortest float that prints them has no noise.
-            elapsed_ms = started.elapsed().as_micros() as f64 / 1000.0,
+            model_ms = model_time.as_micros() as f64 / 1000.0,
+            syncer_ms = maps_time.as_micros() as f64 / 1000.0,
+            map_writes_ms = map_writes_time.as_micros() as f64 / 1000.0,
+            names_ms = names_time.as_micros() as f64 / 1000.0,
+            // The whole pass: the model's update for the snapshot, then everything
+            // that brings the maps to it.
+            elapsed_ms = (model_time + started.elapsed()).as_micros() as f64 / 1000.0,
             "synced"
         );
         self.retry_pending = !report.failures.is_empty()
@@ -1231,6 +1253,22 @@ impl Agent {
                     .set(1);
             }
         }
+    }
+}
+
+/// A writer that adds up the time the kernel takes for the map writes, which the pass
+/// log tells apart from the syncer's own work.
+struct TimedWriter<'a, W> {
+    inner: &'a mut W,
+    spent: Duration,
+}
+
+impl<W: MapWriter> MapWriter for TimedWriter<'_, W> {
+    fn apply(&mut self, op: &MapOp) -> Result<(), WriteError> {
+        let started = Instant::now();
+        let result = self.inner.apply(op);
+        self.spent += started.elapsed();
+        result
     }
 }
 

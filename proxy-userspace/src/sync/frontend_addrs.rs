@@ -190,7 +190,12 @@ impl FrontendAddrs {
         errors
     }
 
-    fn delete(&mut self, addr: Ipv4Addr, writer: &mut impl AddrWriter, errors: &mut Vec<AddrWriteError>) {
+    fn delete(
+        &mut self,
+        addr: Ipv4Addr,
+        writer: &mut impl AddrWriter,
+        errors: &mut Vec<AddrWriteError>,
+    ) {
         if !self.held.contains_key(&addr) {
             return;
         }
