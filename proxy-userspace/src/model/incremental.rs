@@ -124,15 +124,16 @@ pub struct IncrementalModel {
     desired: Desired,
 }
 
-/// Keys whose value differs between `old` and `new` (present in one only, or another
-/// `Arc`), by one walk of both in key order.
+/// Keys whose value differs between `old` and `new` (present in one only, or `same`
+/// says so), by one walk of both in key order. `same` may take the new `Arc` of an
+/// equal object into its entry.
 fn changed_keys<K: Ord + Clone, A, B>(
-    old: &BTreeMap<K, A>,
+    old: &mut BTreeMap<K, A>,
     new: &BTreeMap<K, Arc<B>>,
-    same: impl Fn(&A, &Arc<B>) -> bool,
+    mut same: impl FnMut(&K, &mut A, &Arc<B>) -> bool,
 ) -> Vec<K> {
     let mut changed = Vec::new();
-    let mut old_iter = old.iter().peekable();
+    let mut old_iter = old.iter_mut().peekable();
     let mut new_iter = new.iter().peekable();
     loop {
         match (old_iter.peek(), new_iter.peek()) {
@@ -145,28 +146,42 @@ fn changed_keys<K: Ord + Clone, A, B>(
                 changed.push((*key).clone());
                 new_iter.next();
             }
-            (Some((old_key, old_value)), Some((new_key, new_value))) => {
-                match old_key.cmp(new_key) {
-                    std::cmp::Ordering::Less => {
-                        changed.push((*old_key).clone());
-                        old_iter.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        changed.push((*new_key).clone());
-                        new_iter.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !same(old_value, new_value) {
-                            changed.push((*old_key).clone());
-                        }
-                        old_iter.next();
-                        new_iter.next();
-                    }
+            (Some((old_key, _)), Some((new_key, new_value))) => match old_key.cmp(new_key) {
+                std::cmp::Ordering::Less => {
+                    changed.push((*old_key).clone());
+                    old_iter.next();
                 }
-            }
+                std::cmp::Ordering::Greater => {
+                    changed.push((*new_key).clone());
+                    new_iter.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if let Some((key, old_value)) = old_iter.next() {
+                        if !same(key, old_value, new_value) {
+                            changed.push(key.clone());
+                        }
+                    }
+                    new_iter.next();
+                }
+            },
         }
     }
     changed
+}
+
+/// Whether `new` is the object `held` is: the same `Arc` (what sources keep for an
+/// unchanged object), or an equal object (a manifest file re-read whole gives every
+/// object in it a new `Arc`), whose `Arc` `held` then takes, so the next update finds
+/// it by identity.
+fn same_object<T: PartialEq>(held: &mut Arc<T>, new: &Arc<T>) -> bool {
+    if Arc::ptr_eq(held, new) {
+        return true;
+    }
+    if **held == **new {
+        *held = Arc::clone(new);
+        return true;
+    }
+    false
 }
 
 /// The twin of a default-scope frontend, for cluster-internal clients.
@@ -209,15 +224,33 @@ impl IncrementalModel {
                 .cloned()
                 .collect()
         } else {
-            changed_keys(&self.services, &state.services, |entry, service| {
-                Arc::ptr_eq(&entry.service, service)
+            changed_keys(&mut self.services, &state.services, |_, entry, service| {
+                same_object(&mut entry.service, service)
             })
             .into_iter()
             .collect()
         };
-        for key in changed_keys(&self.slices, &state.endpoint_slices, |entry, slice| {
-            Arc::ptr_eq(&entry.slice, slice)
-        }) {
+        let by_service = &mut self.slices_by_service;
+        let changed_slices = changed_keys(
+            &mut self.slices,
+            &state.endpoint_slices,
+            |key, entry, slice| {
+                if !same_object(&mut entry.slice, slice) {
+                    return false;
+                }
+                // The index shares the slice: it takes the new Arc too.
+                if let Some(indexed) = entry
+                    .service
+                    .as_ref()
+                    .and_then(|service| by_service.get_mut(service))
+                    .and_then(|slices| slices.get_mut(key))
+                {
+                    *indexed = Arc::clone(slice);
+                }
+                true
+            },
+        );
+        for key in changed_slices {
             changes.diagnostics |=
                 self.replace_slice(&key, state.endpoint_slices.get(&key), &mut dirty);
             changes.slices.push(key);
