@@ -31,14 +31,17 @@ use crate::{
     health::{self, SyncHealth},
     healthcheck::HealthCheckServers,
     metrics::{AttachLabels, DriftLabels, MapLabels, Metrics, ReasonLabels},
-    model::{self, Desired, Diagnostic, DiagnosticReason, FrontendKey, ModelSettings},
+    model::{
+        Desired, Diagnostic, DiagnosticReason, FrontendKey, IncrementalModel, ModelChanges,
+        ModelSettings,
+    },
     names,
     service_counters::{self, ServiceCounters},
     socket_lb,
     source::{self, Snapshot, SourceConfig},
     sync::{
-        frontend_addrs::FrontendAddrs, Capacity as SyncCapacity, FrontendFailure, Mirror,
-        SyncReport, Syncer,
+        frontend_addrs::FrontendAddrs, Capacity as SyncCapacity, FrontendFailure, MapOp, MapWriter,
+        Mirror, SyncReport, Syncer, WriteError,
     },
     takeover::{self, KernelSupport, Takeover},
     upkeep::Upkeep,
@@ -176,6 +179,10 @@ enum Exit {
 
 /// A backstop for lost link notifications.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the names file is brought up to date after passes that changed only
+/// part of the desired state: collecting it walks every service, which such a pass
+/// must not (a full pass writes it itself).
+const NAMES_REFRESH: Duration = Duration::from_secs(1);
 
 /// How often gauges read from the maps (fill, counters, attachments) are refreshed.
 const METRICS_REFRESH: Duration = Duration::from_secs(2);
@@ -330,8 +337,17 @@ struct Agent {
     known_diagnostics: BTreeSet<Diagnostic>,
     /// The last snapshot the source published (`None` before the first).
     snapshot: Option<Arc<Snapshot>>,
-    /// The model's output for it (and the node's settings).
-    desired: Option<Arc<Desired>>,
+    /// The model, kept up to date with each snapshot (and the node's settings); its
+    /// output is the desired state.
+    model: IncrementalModel,
+    /// What the model changed since the last sync pass.
+    pending: ModelChanges,
+    /// The time the model took for those changes: part of the pass that applies them.
+    pending_model_time: Duration,
+    /// The source's own diagnostics last reported.
+    source_diagnostics: Vec<Diagnostic>,
+    /// The names may have changed since the names file was written.
+    names_stale: bool,
     /// Whether the first sync pass is done (programs attach only after it).
     synced_once: bool,
     /// The last pass left something unwritten: the next rescan tries again.
@@ -342,6 +358,8 @@ struct Agent {
     published_names: Option<names::Names>,
     /// Which service ports the datapath counts traffic for.
     service_counters: ServiceCounters,
+    /// The syncer's [`Syncer::service_id_changes`] the counters were last synced at.
+    service_counter_ids: u64,
     /// The thread that walks the conntrack and affinity maps.
     upkeep: Upkeep,
 }
@@ -360,8 +378,11 @@ impl Agent {
         model_settings
             .node_port_addresses
             .clone_from(&node.node_port_addresses);
-        let desired = model::desired(&first.state, &model_settings);
-        let demand = MapDemand::of(&desired);
+        let mut model = IncrementalModel::default();
+        let model_started = Instant::now();
+        let pending = model.update(&first.state, &model_settings);
+        let pending_model_time = model_started.elapsed();
+        let demand = MapDemand::of(model.desired());
         let options = load_options(&config, &demand);
         let mut datapath = Datapath::load(&options).context("loading the datapath")?;
         let capacities = datapath.maps.capacities;
@@ -440,12 +461,17 @@ impl Agent {
             api_status: None,
             known_diagnostics: BTreeSet::new(),
             snapshot: Some(first),
-            desired: Some(Arc::new(desired)),
+            model,
+            pending,
+            pending_model_time,
+            source_diagnostics: Vec::new(),
+            names_stale: false,
             synced_once: false,
             retry_pending: false,
             failing: BTreeMap::new(),
             published_names: None,
             service_counters,
+            service_counter_ids: 0,
             upkeep,
         })
     }
@@ -454,8 +480,8 @@ impl Agent {
     /// attach.
     async fn on_first_snapshot(&mut self) {
         self.metrics.queued(SystemTime::now());
-        if let (Some(snapshot), Some(desired)) = (self.snapshot.clone(), self.desired.clone()) {
-            self.report_diagnostics(&snapshot, &desired);
+        if let Some(snapshot) = self.snapshot.clone() {
+            self.report_diagnostics(&snapshot);
         }
         self.apply_desired().await;
     }
@@ -476,6 +502,7 @@ impl Agent {
         let mut gc_timer = tokio::time::interval(self.config.conntrack_gc_interval);
         let mut rescan_timer = tokio::time::interval(RESCAN_INTERVAL);
         let mut metrics_timer = tokio::time::interval(METRICS_REFRESH);
+        let mut names_timer = tokio::time::interval(NAMES_REFRESH);
         let mut takeover_timer = tokio::time::interval(takeover::SCAN_INTERVAL);
         let period = self.config.sync_period;
         let mut resync_timer =
@@ -503,6 +530,7 @@ impl Agent {
                 }
                 _ = rescan_timer.tick() => self.on_rescan().await,
                 _ = metrics_timer.tick() => self.on_metrics_tick(),
+                _ = names_timer.tick() => self.on_names_tick(),
                 _ = gc_timer.tick() => self.on_gc_tick(),
                 _ = resync_timer.tick() => {
                     if readback.is_none() {
@@ -529,10 +557,18 @@ impl Agent {
 
     /// Syncs the maps (and health check ports) to the desired state last computed.
     async fn apply_desired(&mut self) {
-        let Some((desired, report)) = self.sync_pass() else {
+        let Some(PassOutcome {
+            report,
+            health_checks_changed,
+        }) = self.sync_pass()
+        else {
             return;
         };
-        self.health_checks.update(&desired.health_checks).await;
+        if health_checks_changed || !self.synced_once {
+            self.health_checks
+                .update(&self.model.desired().health_checks)
+                .await;
+        }
         // Listing the frontends walks the whole mirror: only when the set changed.
         if report.frontend_set_changed || !self.synced_once {
             self.takeover
@@ -595,6 +631,16 @@ impl Agent {
         }
         // A health check port another process held may be free by now.
         self.health_checks.retry().await;
+    }
+
+    /// Brings the names file up to date when passes since it was written may have
+    /// changed a name.
+    fn on_names_tick(&mut self) {
+        if self.names_stale {
+            if let Some(snapshot) = self.snapshot.clone() {
+                self.publish_names(&snapshot);
+            }
+        }
     }
 
     fn on_metrics_tick(&mut self) {
@@ -773,7 +819,7 @@ impl Agent {
         // frees them, and the process does not wait for it.
         let state = (
             self.snapshot.take(),
-            self.desired.take(),
+            std::mem::take(&mut self.model),
             std::mem::take(&mut self.syncer),
         );
         let _ = std::thread::Builder::new()
@@ -815,46 +861,86 @@ impl Agent {
         }
     }
 
-    /// Runs the model over the last snapshot and the node's settings, and reports
-    /// what it skipped.
+    /// Brings the model to the last snapshot and the node's settings (computing only
+    /// what changed), and reports what it skipped.
     fn compute_desired(&mut self) {
         let Some(snapshot) = self.snapshot.clone() else {
             return;
         };
-        let desired = model::desired(&snapshot.state, &self.model_settings);
-        self.report_diagnostics(&snapshot, &desired);
-        self.desired = Some(Arc::new(desired));
+        let model_started = Instant::now();
+        let changes = self.model.update(&snapshot.state, &self.model_settings);
+        self.pending_model_time += model_started.elapsed();
+        let diagnostics_changed =
+            changes.diagnostics || changes.all || self.source_diagnostics != snapshot.diagnostics;
+        self.pending.merge(changes);
+        if diagnostics_changed {
+            self.report_diagnostics(&snapshot);
+        }
     }
 
     /// One pass bringing the maps to the desired state last computed: sync, flow
-    /// cleanup, logs. Retries run it again without running the model again. `None`
-    /// before the source's first snapshot.
-    fn sync_pass(&mut self) -> Option<(Arc<Desired>, SyncReport)> {
+    /// cleanup, logs. Retries run it again without running the model again. A pass
+    /// writes what changed since the last one when the last wrote everything, else
+    /// everything. `None` before the source's first snapshot.
+    fn sync_pass(&mut self) -> Option<PassOutcome> {
         let snapshot = Arc::clone(self.snapshot.as_ref()?);
-        let desired = Arc::clone(self.desired.as_ref()?);
         let started = Instant::now();
+        let model_time = std::mem::take(&mut self.pending_model_time);
+        let changes = std::mem::take(&mut self.pending);
+        let full = changes.all
+            || !self.syncer.incremental_ready()
+            || !self.frontend_addrs.incremental_ready();
+        let desired = self.model.desired();
+        let changed_addrs: BTreeSet<std::net::Ipv4Addr> =
+            changes.frontends.keys().map(|key| key.addr).collect();
         // Addresses before the frontends that use them, stale ones after (see
         // sync::frontend_addrs).
-        let mut addr_errors = self
-            .frontend_addrs
-            .add_desired(&desired, &mut self.datapath.maps);
-        let mut report = self.syncer.sync(&desired, &mut self.datapath.maps);
+        let mut addr_errors = if full {
+            self.frontend_addrs
+                .add_desired(desired, &mut self.datapath.maps)
+        } else {
+            self.frontend_addrs
+                .add_changed(desired, &changed_addrs, &mut self.datapath.maps)
+        };
+        let maps_started = Instant::now();
+        let mut writer = TimedWriter {
+            inner: &mut self.datapath.maps,
+            spent: Duration::ZERO,
+        };
+        let mut report = if full {
+            self.syncer.sync(desired, &mut writer)
+        } else {
+            self.syncer.sync_changes(desired, &changes, &mut writer)
+        };
         if report.failures.iter().any(|f| f.error.map_full) && report.ops_applied > 0 {
             // The pass may have made room only after a frontend was refused (backends
             // are deleted last, once no slot names them): one more pass takes it.
-            let again = self.syncer.sync(&desired, &mut self.datapath.maps);
+            let again = self.syncer.sync(desired, &mut writer);
             report.merge(again);
         }
-        addr_errors.extend(self.frontend_addrs.remove_stale(
-            &desired,
-            self.syncer.frontend_addrs(),
-            &mut self.datapath.maps,
-        ));
+        let (maps_time, map_writes_time) = (maps_started.elapsed(), writer.spent);
+        addr_errors.extend(if full {
+            self.frontend_addrs.remove_stale(
+                desired,
+                self.syncer.frontend_addrs(),
+                &mut self.datapath.maps,
+            )
+        } else {
+            let syncer = &self.syncer;
+            self.frontend_addrs.remove_changed(
+                desired,
+                &changed_addrs,
+                |addr| syncer.holds_frontend_at(addr),
+                &mut self.datapath.maps,
+            )
+        });
         for error in &addr_errors {
             warn!(%error, "frontend address set write failed; retrying on the next pass");
             self.metrics.frontend_addr_write_failures.inc();
         }
-        self.report_failures(&report);
+        if full || !report.failures.is_empty() || !self.failing.is_empty() {
+            self.report_failures(&report);
+        }
         for error in &report.cleanup_errors {
             warn!(%error, "cleanup write failed; retrying on the next pass");
         }
@@ -866,33 +952,56 @@ impl Agent {
             warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
             self.metrics.socket_forget_failures.inc();
         }
-        self.metrics.synced(started.elapsed(), SystemTime::now());
         self.metrics
-            .observe_programmed(&snapshot.state, SystemTime::now());
-        self.publish_names(&snapshot, &desired);
-        self.sync_service_counters(&desired);
+            .synced(model_time + started.elapsed(), SystemTime::now());
+        let changed_slices = (!full).then_some(changes.slices.as_slice());
+        self.metrics
+            .observe_programmed(&snapshot.state, changed_slices, SystemTime::now());
+        // Names: written by a full pass; after a partial one, by the next names tick.
+        let names_started = Instant::now();
+        if full {
+            self.publish_names(&snapshot);
+        } else if !changes.is_empty() || !changes.slices.is_empty() {
+            self.names_stale = true;
+        }
+        if full || self.service_counter_ids != self.syncer.service_id_changes() {
+            self.sync_service_counters();
+        }
+        let names_time = names_started.elapsed();
+        let frontends = self.model.desired().frontends.len();
         info!(
             services = snapshot.state.services.len(),
-            frontends = desired.frontends.len(),
+            frontends,
             written = report.frontends_written,
             removed = report.frontends_removed,
             map_writes = report.ops_applied,
             failed = report.failures.len(),
+            full,
             // Whole microseconds: the shortest float that prints them has no noise.
-            elapsed_ms = started.elapsed().as_micros() as f64 / 1000.0,
+            model_ms = model_time.as_micros() as f64 / 1000.0,
+            syncer_ms = maps_time.as_micros() as f64 / 1000.0,
+            map_writes_ms = map_writes_time.as_micros() as f64 / 1000.0,
+            names_ms = names_time.as_micros() as f64 / 1000.0,
+            // The whole pass: the model's update for the snapshot, then everything
+            // that brings the maps to it.
+            elapsed_ms = (model_time + started.elapsed()).as_micros() as f64 / 1000.0,
             "synced"
         );
         self.retry_pending = !report.failures.is_empty()
             || !report.cleanup_errors.is_empty()
             || !addr_errors.is_empty();
-        Some((desired, report))
+        Some(PassOutcome {
+            report,
+            health_checks_changed: full || changes.health_checks,
+        })
     }
 
     /// Writes the names of what the maps hold for `kpr inspect` and `kpr trace`
     /// ([`names`]), when they changed. A failure costs only the names: logged, retried
     /// on the next pass.
-    fn publish_names(&mut self, snapshot: &Snapshot, desired: &Desired) {
-        let current = names::collect(&snapshot.state, desired, |name| {
+    fn publish_names(&mut self, snapshot: &Snapshot) {
+        self.names_stale = false;
+        let current = names::collect(&snapshot.state, self.model.desired(), |name| {
             self.syncer.service_id(name)
         });
         if self.published_names.as_ref() == Some(&current) {
@@ -910,12 +1019,9 @@ impl Agent {
 
     /// Gives every programmed service port a counter entry (or none, when the counters
     /// are off). A failure costs only counts: logged, counted, retried on the next pass.
-    fn sync_service_counters(&mut self, desired: &Desired) {
-        let ids: BTreeSet<u32> = desired
-            .frontends
-            .values()
-            .filter_map(|spec| self.syncer.service_id(&spec.service_port))
-            .collect();
+    fn sync_service_counters(&mut self) {
+        self.service_counter_ids = self.syncer.service_id_changes();
+        let ids: BTreeSet<u32> = self.syncer.service_ids_in_use().collect();
         if let Err(error) = self.service_counters.sync(&mut self.datapath.maps, &ids) {
             warn!(error = %crate::error_chain(&error), "cannot update the per-service counters; retrying on the next pass");
             self.metrics.service_counter_failures.inc();
@@ -925,9 +1031,13 @@ impl Agent {
     /// Reads the per-service counters into `kpr_service_*_total`, named as the
     /// desired state names their service ports.
     fn record_service_counters(&self) {
-        let Some(desired) = &self.desired else {
+        let read = self.service_counters.read(&self.datapath.maps);
+        if read.is_empty() {
+            // Counters off (or none yet): nothing to name, no walk of the frontends.
+            self.metrics.record_service_totals(BTreeMap::new());
             return;
-        };
+        }
+        let desired = self.model.desired();
         let mut labels = BTreeMap::new();
         for spec in desired.frontends.values() {
             if let Some(id) = self.syncer.service_id(&spec.service_port) {
@@ -941,9 +1051,7 @@ impl Agent {
                     });
             }
         }
-        let totals = self
-            .service_counters
-            .read(&self.datapath.maps)
+        let totals = read
             .into_iter()
             .filter_map(|(id, total)| Some((labels.get(&id)?.clone(), total)))
             .collect();
@@ -992,11 +1100,12 @@ impl Agent {
     }
 
     /// Logs new and resolved diagnostics and exports their counts.
-    fn report_diagnostics(&mut self, snapshot: &Snapshot, desired: &Desired) {
+    fn report_diagnostics(&mut self, snapshot: &Snapshot) {
+        self.source_diagnostics.clone_from(&snapshot.diagnostics);
         let diagnostics: BTreeSet<Diagnostic> = snapshot
             .diagnostics
             .iter()
-            .chain(&desired.diagnostics)
+            .chain(&self.model.desired().diagnostics)
             .cloned()
             .collect();
         for diagnostic in diagnostics.difference(&self.known_diagnostics) {
@@ -1145,6 +1254,29 @@ impl Agent {
             }
         }
     }
+}
+
+/// A writer that adds up the time the kernel takes for the map writes, which the pass
+/// log tells apart from the syncer's own work.
+struct TimedWriter<'a, W> {
+    inner: &'a mut W,
+    spent: Duration,
+}
+
+impl<W: MapWriter> MapWriter for TimedWriter<'_, W> {
+    fn apply(&mut self, op: &MapOp) -> Result<(), WriteError> {
+        let started = Instant::now();
+        let result = self.inner.apply(op);
+        self.spent += started.elapsed();
+        result
+    }
+}
+
+/// What a sync pass tells the rest of [`Agent::apply_desired`].
+struct PassOutcome {
+    report: SyncReport,
+    /// The health check servers' desired state may have changed.
+    health_checks_changed: bool,
 }
 
 /// Labels of `kpr_frontend_failures_total{reason}` and `kpr_frontends_unprogrammed`.
@@ -1362,7 +1494,7 @@ mod tests {
             ));
         }
         parse_documents(&text, "test.yaml", &mut snapshot);
-        model::desired(&snapshot.state, &ModelSettings::default())
+        crate::model::desired(&snapshot.state, &ModelSettings::default())
     }
 
     #[test]

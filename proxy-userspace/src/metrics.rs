@@ -482,16 +482,24 @@ impl Metrics {
 
     /// Observes network programming latency for every EndpointSlice whose trigger time
     /// is new since the last call and not older than the agent; `programmed_at` is
-    /// when the maps were written.
-    pub fn observe_programmed(&self, state: &ClusterState, programmed_at: SystemTime) {
+    /// when the maps were written. `changed`: the slices that changed since the last
+    /// call (the others keep the trigger time already seen); `None`: any may have.
+    pub fn observe_programmed(
+        &self,
+        state: &ClusterState,
+        changed: Option<&[ObjectKey]>,
+        programmed_at: SystemTime,
+    ) {
         let mut seen = self
             .seen_trigger_times
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut still_present = BTreeMap::new();
-        for (key, slice) in &state.endpoint_slices {
+        let observe = |key: &ObjectKey,
+                       slice: &EndpointSlice,
+                       seen: &BTreeMap<ObjectKey, String>,
+                       still_present: &mut BTreeMap<ObjectKey, String>| {
             let Some(trigger) = trigger_time(slice) else {
-                continue;
+                return;
             };
             if seen.get(key) != Some(&trigger.0) && trigger.1 >= self.started {
                 if let Ok(latency) = programmed_at.duration_since(trigger.1) {
@@ -499,8 +507,28 @@ impl Metrics {
                 }
             }
             still_present.insert(key.clone(), trigger.0);
+        };
+        match changed {
+            None => {
+                let mut still_present = BTreeMap::new();
+                for (key, slice) in &state.endpoint_slices {
+                    observe(key, slice, &seen, &mut still_present);
+                }
+                *seen = still_present;
+            }
+            Some(changed) => {
+                let mut updated = BTreeMap::new();
+                for key in changed {
+                    if let Some(slice) = state.endpoint_slices.get(key) {
+                        observe(key, slice, &seen, &mut updated);
+                    }
+                }
+                for key in changed {
+                    seen.remove(key);
+                }
+                seen.extend(updated);
+            }
         }
-        *seen = still_present;
     }
 
     /// Marks a sync pass done.
@@ -650,7 +678,7 @@ mod tests {
             ObjectKey::new("default", "web-abc"),
             std::sync::Arc::new(slice("2026-01-01T00:00:00Z")),
         );
-        metrics.observe_programmed(&state, at(1_767_225_602));
+        metrics.observe_programmed(&state, None, at(1_767_225_602));
         let text = metrics.render();
         assert!(
             text.contains("kubeproxy_network_programming_duration_seconds_count 0"),
@@ -661,7 +689,7 @@ mod tests {
             ObjectKey::new("default", "web-abc"),
             std::sync::Arc::new(slice("2026-01-01T00:00:03Z")),
         );
-        metrics.observe_programmed(&state, at(1_767_225_605));
+        metrics.observe_programmed(&state, None, at(1_767_225_605));
         let text = metrics.render();
         assert!(
             text.contains("kubeproxy_network_programming_duration_seconds_count 1"),
@@ -684,8 +712,8 @@ mod tests {
         let later = SystemTime::from(
             k8s_openapi::jiff::Timestamp::from_second(1_767_225_602).expect("time"),
         );
-        metrics.observe_programmed(&state, later);
-        metrics.observe_programmed(&state, later);
+        metrics.observe_programmed(&state, None, later);
+        metrics.observe_programmed(&state, None, later);
         let text = metrics.render();
         assert!(
             text.contains("kubeproxy_network_programming_duration_seconds_count 1"),

@@ -5,6 +5,7 @@
 //! that cannot be used produce a [`Diagnostic`] (logged and counted by the agent) and
 //! never disturb the other services.
 mod endpoints;
+mod incremental;
 #[cfg(test)]
 mod tests;
 
@@ -15,6 +16,7 @@ use std::{
 };
 
 pub use endpoints::{categorize, Categorized, Endpoint, Policies};
+pub use incremental::{IncrementalModel, ModelChanges};
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
@@ -87,7 +89,7 @@ fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
 }
 
 /// Settings of this node that shape the model.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelSettings {
     /// Services labelled with `service.kubernetes.io/service-proxy-name` are ours only
     /// when the label equals this name.
@@ -247,66 +249,25 @@ impl Desired {
     }
 }
 
-/// Computes the desired frontends of every service in `state`.
+/// Computes the desired frontends of every service in `state`: the incremental model
+/// ([`IncrementalModel`]) run once from empty, so that a pass from scratch and a
+/// chain of incremental passes share every rule.
 #[must_use]
 pub fn desired(state: &ClusterState, settings: &ModelSettings) -> Desired {
-    let mut out = Desired::default();
-    let slices = slices_by_service(state, &mut out);
-    let node_name = state.node.name.as_deref().unwrap_or_default();
-    let zone = state
-        .node
-        .labels
-        .get(LABEL_TOPOLOGY_ZONE)
-        .map_or("", String::as_str);
-    let claims = RefCell::new(BTreeMap::new());
-    for (key, service) in &state.services {
-        let context = ServiceContext {
-            key,
-            service,
-            slices: slices.get(key).map_or(&[][..], Vec::as_slice),
-            node_name,
-            zone,
-            settings,
-            claims: &claims,
-        };
-        context.add_frontends(&mut out);
-    }
-    out
+    let mut model = IncrementalModel::default();
+    model.update(state, settings);
+    model.into_desired()
 }
 
-/// EndpointSlices grouped by the service they belong to. Slices without the
-/// service-name label or for unknown services are reported.
-fn slices_by_service<'a>(
-    state: &'a ClusterState,
-    out: &mut Desired,
-) -> BTreeMap<ObjectKey, Vec<&'a EndpointSlice>> {
-    let mut grouped: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
-    for (key, slice) in &state.endpoint_slices {
-        let service_name = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(LABEL_SERVICE_NAME));
-        let Some(service_name) = service_name else {
-            out.diagnose(
-                format!("EndpointSlice {key}"),
-                DiagnosticReason::OrphanEndpointSlice,
-                format!("no {LABEL_SERVICE_NAME} label"),
-            );
-            continue;
-        };
-        let service = ObjectKey::new(key.namespace.clone(), service_name.clone());
-        if !state.services.contains_key(&service) {
-            out.diagnose(
-                format!("EndpointSlice {key}"),
-                DiagnosticReason::OrphanEndpointSlice,
-                format!("service {service} does not exist"),
-            );
-            continue;
-        }
-        grouped.entry(service).or_default().push(slice);
-    }
-    grouped
+/// The service an EndpointSlice belongs to: its `kubernetes.io/service-name` label
+/// (`None` without one). The one place the model reads that label.
+fn slice_service_name(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_SERVICE_NAME))
+        .map(String::as_str)
 }
 
 /// Parses an L4 protocol name (unset means TCP, as the API defaults it).
@@ -332,7 +293,9 @@ struct ServiceContext<'a> {
     node_name: &'a str,
     zone: &'a str,
     settings: &'a ModelSettings,
-    /// Who holds each frontend so far, to decide conflicts.
+    /// This service's claim on each frontend (of default scope) it holds against its
+    /// own other ports; conflicts between services are decided across services by
+    /// [`IncrementalModel`].
     claims: &'a RefCell<BTreeMap<FrontendKey, Claim>>,
 }
 
@@ -679,16 +642,8 @@ impl ServiceContext<'_> {
                 }
             },
         };
-        if let Some(existing) = out.health_checks.get(&port) {
-            // kube-proxy would fail to bind the second one on every sync; the first
-            // service (in key order) keeps the port, as with frontends.
-            let message = format!(
-                "healthCheckNodePort {port} is already used by {}",
-                existing.service
-            );
-            self.diagnose(out, DiagnosticReason::FrontendConflict, message);
-            return;
-        }
+        // Two services with one port: decided across services by IncrementalModel
+        // (the first in key order keeps it, as kube-proxy binds it first).
         let local_endpoints = self.local_ready_endpoints();
         out.health_checks.insert(
             port,
@@ -937,18 +892,12 @@ impl ServiceContext<'_> {
         }
     }
 
-    /// Adds a frontend unless a better claim holds it (see [`Claim`]); a better claim
-    /// takes it from a worse one. The loser is reported. Returns whether this
-    /// service holds the frontend now.
+    /// Adds a frontend unless an earlier port of this service holds it (reported);
+    /// records the claim that competes with other services' for it (see [`Claim`]).
+    /// Returns whether this port holds the frontend within its service.
     fn insert(&self, out: &mut Desired, key: FrontendKey, spec: FrontendSpec) -> bool {
-        let claim = self.claim(spec.kind);
-        let Some(existing) = out.frontends.get(&key) else {
-            self.claims.borrow_mut().insert(key, claim);
-            out.frontends.insert(key, spec);
-            return true;
-        };
-        // Two ports of one service on one frontend: the first keeps it.
-        if existing.service_port.service == spec.service_port.service {
+        if let Some(existing) = out.frontends.get(&key) {
+            // Two ports of one service on one frontend: the first keeps it.
             if existing.service_port != spec.service_port {
                 self.diagnose(
                     out,
@@ -962,36 +911,10 @@ impl ServiceContext<'_> {
             }
             return false;
         }
-        let Some(holder) = self.claims.borrow().get(&key).cloned() else {
-            return false;
-        };
-        if holder < claim {
-            let message = conflict(&key, &existing.service_port, holder.beats(&claim));
-            self.diagnose(out, DiagnosticReason::FrontendConflict, message);
-            return false;
-        }
-        // Taken from the holder, which is reported; its cluster-internal twin (an
-        // externalTrafficPolicy Local frontend's) goes with it.
-        out.diagnose(
-            format!("Service {}", holder.service),
-            DiagnosticReason::FrontendConflict,
-            conflict(&key, &spec.service_port, claim.beats(&holder)),
-        );
+        // A cluster-internal twin follows the frontend it is the twin of.
         if key.scope == scope::DEFAULT {
-            let twin = FrontendKey {
-                scope: scope::INTERNAL,
-                ..key
-            };
-            if out
-                .frontends
-                .get(&twin)
-                .is_some_and(|twin| twin.service_port.service == holder.service)
-            {
-                out.frontends.remove(&twin);
-                self.claims.borrow_mut().remove(&twin);
-            }
+            self.claims.borrow_mut().insert(key, self.claim(spec.kind));
         }
-        self.claims.borrow_mut().insert(key, claim);
         out.frontends.insert(key, spec);
         true
     }

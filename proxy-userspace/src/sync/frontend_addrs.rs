@@ -18,13 +18,13 @@
 //! without them: for a ClusterIP its packets are rejected as undeclared ports, which
 //! is what a Service that is not programmed yet should get.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
 use proxy_common::{frontend_addr, FrontendAddrV4};
 
-use crate::model::{Desired, FrontendKind};
+use crate::model::{Desired, FrontendKey, FrontendKind};
 
 /// Writes to the frontend address set: the BPF map, or in tests a recorder.
 pub trait AddrWriter {
@@ -61,6 +61,10 @@ pub struct FrontendAddrs {
     /// Writes applied (and sets readopted): equal at two moments when the agent did
     /// not touch the set in between (a readback taken meanwhile is then current).
     writes: u64,
+    /// The last full pass (and every pass since) wrote everything: a pass over the
+    /// addresses of changed frontends is enough ([`Self::add_changed`]). Unset after a
+    /// readoption and after any failed write.
+    incremental_ready: bool,
 }
 
 /// The [`frontend_addr`] bit of a frontend kind.
@@ -71,6 +75,31 @@ fn kind_bit(kind: FrontendKind) -> u8 {
             frontend_addr::OTHER
         }
     }
+}
+
+/// The kinds the desired frontends at `addr` use (0: none), from the frontends at that
+/// address only (frontend keys are ordered by address first).
+fn desired_kinds_at(desired: &Desired, addr: Ipv4Addr) -> u8 {
+    let first = FrontendKey {
+        addr,
+        port: 0,
+        proto: 0,
+        scope: 0,
+    };
+    let last = FrontendKey {
+        addr,
+        port: u16::MAX,
+        proto: u8::MAX,
+        scope: u8::MAX,
+    };
+    let mut kinds = 0;
+    for spec in desired.frontends.range(first..=last).map(|(_, spec)| spec) {
+        kinds |= kind_bit(spec.kind);
+        if kinds == frontend_addr::CLUSTER_IP | frontend_addr::OTHER {
+            break;
+        }
+    }
+    kinds
 }
 
 /// The addresses the desired frontends use, with their kinds.
@@ -93,7 +122,11 @@ impl FrontendAddrs {
     /// A set that holds `held` (read back from the kernel after a restart).
     #[must_use]
     pub fn adopt(held: HashMap<Ipv4Addr, u8>) -> Self {
-        Self { held, writes: 0 }
+        Self {
+            held,
+            writes: 0,
+            incremental_ready: false,
+        }
     }
 
     /// Takes `real`, read back from the kernel, as what the set holds (someone else
@@ -101,6 +134,78 @@ impl FrontendAddrs {
     pub fn readopt(&mut self, real: Self) {
         self.held = real.held;
         self.writes += 1;
+        self.incremental_ready = false;
+    }
+
+    /// Whether [`Self::add_changed`] and [`Self::remove_changed`] may stand in for a
+    /// full pass.
+    #[must_use]
+    pub fn incremental_ready(&self) -> bool {
+        self.incremental_ready
+    }
+
+    /// Step 1 for the addresses of changed frontends only (`addrs`), as
+    /// [`Self::add_desired`] does for all.
+    pub fn add_changed(
+        &mut self,
+        desired: &Desired,
+        addrs: &BTreeSet<Ipv4Addr>,
+        writer: &mut impl AddrWriter,
+    ) -> Vec<AddrWriteError> {
+        let mut errors = Vec::new();
+        for &addr in addrs {
+            let kinds = desired_kinds_at(desired, addr);
+            if kinds != 0 {
+                let with_old = kinds | self.held.get(&addr).copied().unwrap_or(0);
+                self.put(addr, with_old, writer, &mut errors);
+            }
+        }
+        self.incremental_ready &= errors.is_empty();
+        errors
+    }
+
+    /// Step 2 for the addresses of changed frontends only (`addrs`), as
+    /// [`Self::remove_stale`] does for all; `programmed`: whether the service map
+    /// still holds a frontend at an address.
+    pub fn remove_changed(
+        &mut self,
+        desired: &Desired,
+        addrs: &BTreeSet<Ipv4Addr>,
+        programmed: impl Fn(Ipv4Addr) -> bool,
+        writer: &mut impl AddrWriter,
+    ) -> Vec<AddrWriteError> {
+        let mut errors = Vec::new();
+        for &addr in addrs {
+            let mut kinds = desired_kinds_at(desired, addr);
+            if kinds == 0 && programmed(addr) {
+                kinds = frontend_addr::OTHER;
+            }
+            if kinds != 0 {
+                self.put(addr, kinds, writer, &mut errors);
+            } else {
+                self.delete(addr, writer, &mut errors);
+            }
+        }
+        self.incremental_ready &= errors.is_empty();
+        errors
+    }
+
+    fn delete(
+        &mut self,
+        addr: Ipv4Addr,
+        writer: &mut impl AddrWriter,
+        errors: &mut Vec<AddrWriteError>,
+    ) {
+        if !self.held.contains_key(&addr) {
+            return;
+        }
+        match writer.delete_frontend_addr(addr) {
+            Ok(()) => {
+                self.held.remove(&addr);
+                self.writes += 1;
+            }
+            Err(message) => errors.push(AddrWriteError { addr, message }),
+        }
     }
 
     /// How many writes the set saw (see the field).
@@ -146,6 +251,7 @@ impl FrontendAddrs {
             let with_old = kinds | self.held.get(&addr).copied().unwrap_or(0);
             self.put(addr, with_old, writer, &mut errors);
         }
+        self.incremental_ready &= errors.is_empty();
         errors
     }
 
@@ -174,14 +280,9 @@ impl FrontendAddrs {
             .copied()
             .collect();
         for addr in stale {
-            match writer.delete_frontend_addr(addr) {
-                Ok(()) => {
-                    self.held.remove(&addr);
-                    self.writes += 1;
-                }
-                Err(message) => errors.push(AddrWriteError { addr, message }),
-            }
+            self.delete(addr, writer, &mut errors);
         }
+        self.incremental_ready = errors.is_empty();
         errors
     }
 }

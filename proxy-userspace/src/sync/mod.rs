@@ -20,7 +20,7 @@ pub mod frontend_addrs;
 mod tests;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -28,7 +28,7 @@ use proxy_common::{
     backend_flags, BackendV4, Be16, Be32, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
-use crate::model::{Desired, FrontendKey, FrontendSpec, ServicePortName};
+use crate::model::{Desired, FrontendKey, FrontendSpec, ModelChanges, ServicePortName};
 
 /// One write to the service or backend map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,7 +290,17 @@ pub struct Syncer {
     backend_ids: HashMap<BackendV4, u32>,
     next_backend_id: u32,
     service_ids: HashMap<ServicePortName, u32>,
+    /// The ids in `service_ids`.
+    ids_in_use: HashSet<u32>,
+    /// How many desired frontends each service port in `service_ids` has.
+    port_refs: HashMap<ServicePortName, usize>,
     next_service_id: u32,
+    /// The last full pass (and every pass since) wrote everything: the maps equal the
+    /// last desired state, so a pass over what changed since is enough. Unset after
+    /// an adoption and after any failed write.
+    incremental_ready: bool,
+    /// See [`Self::service_id_changes`].
+    service_id_changes: u64,
     /// Writes applied (and mirrors adopted) so far: tells whether the maps changed
     /// between two moments.
     writes: u64,
@@ -308,6 +318,8 @@ struct MirrorIndex {
     backend_refs: HashMap<u32, u32>,
     /// Frontend entries (slot 0) by service id.
     heads_by_service: HashMap<u32, BTreeSet<ServiceKeyV4>>,
+    /// How many frontend entries (slot 0) each address has.
+    heads_by_addr: HashMap<Ipv4Addr, usize>,
     /// Backends that may be named by no slot: written, or lost their last slot, since
     /// the last collection (all of them after an adoption).
     maybe_unused: BTreeSet<u32>,
@@ -336,6 +348,7 @@ impl MirrorIndex {
                     .entry(value.service_id)
                     .or_default()
                     .insert(*key);
+                *index.heads_by_addr.entry(key.addr.to_ipv4()).or_default() += 1;
             } else {
                 *index.backend_refs.entry(value.backend_id).or_default() += 1;
             }
@@ -379,7 +392,11 @@ impl Syncer {
             backend_ids,
             next_backend_id,
             service_ids: HashMap::new(),
+            ids_in_use: HashSet::new(),
+            port_refs: HashMap::new(),
             next_service_id,
+            incremental_ready: false,
+            service_id_changes: 0,
             writes: 0,
             index: MirrorIndex::of(&mirror),
             mirror,
@@ -403,6 +420,7 @@ impl Syncer {
         self.next_service_id = self.next_service_id.max(adopted.next_service_id);
         self.mirror = adopted.mirror;
         self.index = adopted.index;
+        self.incremental_ready = false;
         self.writes += 1;
     }
 
@@ -427,6 +445,23 @@ impl Syncer {
             .values()
             .flatten()
             .map(|key| key.addr.to_ipv4())
+    }
+
+    /// Whether the service map holds a frontend at `addr`.
+    #[must_use]
+    pub fn holds_frontend_at(&self, addr: Ipv4Addr) -> bool {
+        self.index.heads_by_addr.contains_key(&addr)
+    }
+
+    /// The ids of the service ports of the desired state last synced.
+    pub fn service_ids_in_use(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ids_in_use.iter().copied()
+    }
+
+    /// Moves whenever the set of service ids in use changes.
+    #[must_use]
+    pub fn service_id_changes(&self) -> u64 {
+        self.service_id_changes
     }
 
     /// The id of a service port, if it has one.
@@ -473,11 +508,195 @@ impl Syncer {
                 report.cleanup_errors.push(error);
             }
         }
-        self.collect_backends(writer, &mut report);
+        self.finish_pass(writer, &mut report);
+        report
+    }
+
+    /// Whether [`Self::sync_changes`] can bring the maps to a desired state from what
+    /// changed alone (else it runs a full pass).
+    #[must_use]
+    pub fn incremental_ready(&self) -> bool {
+        self.incremental_ready
+    }
+
+    /// Brings the maps to `desired` looking only at what `changes` names, when the
+    /// maps held the desired state before those changes (every pass since the last
+    /// full one wrote everything); otherwise, and when everything changed, a full
+    /// [`Self::sync`]. Same writes in the same order as a full pass.
+    pub fn sync_changes(
+        &mut self,
+        desired: &Desired,
+        changes: &ModelChanges,
+        writer: &mut impl MapWriter,
+    ) -> SyncReport {
+        if !self.incremental_ready || changes.all {
+            return self.sync(desired, writer);
+        }
+        let mut report = SyncReport::default();
+        self.index.touched.clear();
+        self.index.allocated.clear();
+        let (range_ports, mut range_ids) = self.assign_changed_service_ids(desired, changes);
+        let mut wanted_ranges = BTreeSet::new();
+        for name in &range_ports {
+            let Some(&service_id) = self.service_ids.get(name) else {
+                continue;
+            };
+            range_ids.insert(service_id);
+            for &(addr, prefix_len) in desired.source_ranges.get(name).into_iter().flatten() {
+                wanted_ranges.insert(SourceRangeKey {
+                    service_id,
+                    addr,
+                    prefix_len,
+                });
+            }
+        }
+        let held_ranges: BTreeSet<SourceRangeKey> = range_ids
+            .iter()
+            .flat_map(|&service_id| self.held_source_ranges(service_id))
+            .collect();
+        // Ranges before the frontends that check them, stale ones after (as in sync).
+        for key in wanted_ranges.difference(&held_ranges) {
+            if let Err(error) = self.apply(MapOp::PutSourceRange { key: *key }, writer, &mut report)
+            {
+                report.cleanup_errors.push(error);
+            }
+        }
+        // Room first: what nobody wants goes before anything new is written.
+        for frontend in changes.frontends.keys() {
+            if desired.frontends.contains_key(frontend) {
+                continue;
+            }
+            let head_key = service_key(frontend, 0);
+            if let Some(head) = self.mirror.services.get(&head_key).copied() {
+                self.remove_frontend(head_key, head, writer, &mut report);
+            }
+        }
+        for frontend in changes.frontends.keys() {
+            if let Some(spec) = desired.frontends.get(frontend) {
+                self.sync_frontend(
+                    frontend,
+                    spec,
+                    &desired.local_endpoints,
+                    writer,
+                    &mut report,
+                );
+            }
+        }
+        self.remove_orphan_slots(writer, &mut report);
+        for key in held_ranges.difference(&wanted_ranges) {
+            if let Err(error) =
+                self.apply(MapOp::DeleteSourceRange { key: *key }, writer, &mut report)
+            {
+                report.cleanup_errors.push(error);
+            }
+        }
+        self.finish_pass(writer, &mut report);
+        report
+    }
+
+    /// The source range entries the maps hold for one service id.
+    fn held_source_ranges(&self, service_id: u32) -> impl Iterator<Item = SourceRangeKey> + '_ {
+        let first = SourceRangeKey {
+            service_id,
+            addr: Ipv4Addr::UNSPECIFIED,
+            prefix_len: 0,
+        };
+        self.mirror
+            .source_ranges
+            .range(first..)
+            .take_while(move |key| key.service_id == service_id)
+            .copied()
+    }
+
+    /// What ends every pass: backends no slot names go, the pairs taken out of use are
+    /// reported, and whether the next pass may look at changes alone.
+    fn finish_pass(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
+        self.collect_backends(writer, report);
         // From the maps' state before and after, not from what the pass meant to do:
         // a pass that fails part-way still reports every pair it took out of use.
         report.removed_pairs = self.removed_pairs();
-        report
+        self.incremental_ready = report.failures.is_empty() && report.cleanup_errors.is_empty();
+    }
+
+    /// [`Self::assign_service_ids`] for the service ports of changed frontends only: a
+    /// port that lost its last frontend loses its id, one that gained its first gets
+    /// one. Returns the ports whose source ranges need a look (changed, or their id
+    /// did) and the ids that went.
+    fn assign_changed_service_ids(
+        &mut self,
+        desired: &Desired,
+        changes: &ModelChanges,
+    ) -> (BTreeSet<ServicePortName>, BTreeSet<u32>) {
+        let mut range_ports = changes.source_ranges.clone();
+        let mut gone_ids = BTreeSet::new();
+        let moved: Vec<(
+            &FrontendKey,
+            Option<&ServicePortName>,
+            Option<&ServicePortName>,
+        )> = changes
+            .frontends
+            .iter()
+            .map(|(key, before)| {
+                let after = desired.frontends.get(key).map(|spec| &spec.service_port);
+                (key, before.as_ref(), after)
+            })
+            .filter(|(_, before, after)| before != after)
+            .collect();
+        // Ports that went first, then new ones (a full pass drops before it adopts).
+        for (_, before, _) in &moved {
+            let Some(before) = before else {
+                continue;
+            };
+            let Some(count) = self.port_refs.get_mut(*before) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.port_refs.remove(*before);
+                if let Some(id) = self.service_ids.remove(*before) {
+                    self.ids_in_use.remove(&id);
+                    self.service_id_changes += 1;
+                    gone_ids.insert(id);
+                }
+                range_ports.insert((*before).clone());
+            }
+        }
+        for (frontend, _, after) in moved {
+            let Some(after) = after else {
+                continue;
+            };
+            let count = self.port_refs.entry(after.clone()).or_default();
+            *count += 1;
+            if *count == 1 && !self.service_ids.contains_key(after) {
+                self.give_service_id(frontend, after);
+                range_ports.insert(after.clone());
+            }
+        }
+        (range_ports, gone_ids)
+    }
+
+    /// Gives `name` the id its frontend carries in the maps (adoption) unless another
+    /// port has it, else a new one.
+    fn give_service_id(&mut self, frontend: &FrontendKey, name: &ServicePortName) {
+        let adopted = self
+            .mirror
+            .services
+            .get(&service_key(frontend, 0))
+            .map(|value| value.service_id)
+            .filter(|id| *id != 0 && !self.ids_in_use.contains(id));
+        let id = adopted.unwrap_or_else(|| {
+            while self.ids_in_use.contains(&self.next_service_id) || self.next_service_id == 0 {
+                self.next_service_id = self.next_service_id.wrapping_add(1);
+            }
+            let id = self.next_service_id;
+            // Never hand a just-freed id to the next new service: flows and
+            // affinities of the old one may still carry it.
+            self.next_service_id = self.next_service_id.wrapping_add(1);
+            id
+        });
+        self.ids_in_use.insert(id);
+        self.service_ids.insert(name.clone(), id);
+        self.service_id_changes += 1;
     }
 
     /// The `(service id, backend id)` pairs of this pass's touched frontends that no
@@ -514,13 +733,15 @@ impl Syncer {
     /// Gives every desired service port a stable id: the one it has, else the one its
     /// frontends carry in the maps (adoption), else a new one.
     fn assign_service_ids(&mut self, desired: &Desired) {
-        let wanted: BTreeSet<&ServicePortName> = desired
-            .frontends
-            .values()
-            .map(|spec| &spec.service_port)
-            .collect();
-        self.service_ids.retain(|name, _| wanted.contains(name));
-        let mut taken: BTreeSet<u32> = self.service_ids.values().copied().collect();
+        self.port_refs.clear();
+        for spec in desired.frontends.values() {
+            *self.port_refs.entry(spec.service_port.clone()).or_default() += 1;
+        }
+        let port_refs = &self.port_refs;
+        self.service_ids
+            .retain(|name, _| port_refs.contains_key(name));
+        self.ids_in_use = self.service_ids.values().copied().collect();
+        // Adoption before any new id, so that no new id takes an adoptable one.
         for (frontend, spec) in &desired.frontends {
             if self.service_ids.contains_key(&spec.service_port) {
                 continue;
@@ -530,23 +751,16 @@ impl Syncer {
                 .services
                 .get(&service_key(frontend, 0))
                 .map(|value| value.service_id)
-                .filter(|id| *id != 0 && !taken.contains(id));
+                .filter(|id| *id != 0 && !self.ids_in_use.contains(id));
             if let Some(id) = adopted {
-                taken.insert(id);
+                self.ids_in_use.insert(id);
                 self.service_ids.insert(spec.service_port.clone(), id);
+                self.service_id_changes += 1;
             }
         }
-        for spec in desired.frontends.values() {
+        for (frontend, spec) in &desired.frontends {
             if !self.service_ids.contains_key(&spec.service_port) {
-                while taken.contains(&self.next_service_id) || self.next_service_id == 0 {
-                    self.next_service_id = self.next_service_id.wrapping_add(1);
-                }
-                taken.insert(self.next_service_id);
-                self.service_ids
-                    .insert(spec.service_port.clone(), self.next_service_id);
-                // Never hand a just-freed id to the next new service: flows and
-                // affinities of the old one may still carry it.
-                self.next_service_id = self.next_service_id.wrapping_add(1);
+                self.give_service_id(frontend, &spec.service_port);
             }
         }
     }
@@ -640,6 +854,7 @@ impl Syncer {
         }
         let old = self.mirror.services.get(&key).copied();
         if key.slot == 0 {
+            let addr = key.addr.to_ipv4();
             if let Some(old) = old {
                 if let Some(heads) = self.index.heads_by_service.get_mut(&old.service_id) {
                     heads.remove(&key);
@@ -647,8 +862,15 @@ impl Syncer {
                         self.index.heads_by_service.remove(&old.service_id);
                     }
                 }
+                if let Some(count) = self.index.heads_by_addr.get_mut(&addr) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.index.heads_by_addr.remove(&addr);
+                    }
+                }
             }
             if let MapOp::PutService { value, .. } = *op {
+                *self.index.heads_by_addr.entry(addr).or_default() += 1;
                 self.index
                     .heads_by_service
                     .entry(value.service_id)
@@ -857,21 +1079,32 @@ impl Syncer {
             .collect();
         stale.sort_by_key(|(key, _)| *key);
         for (head_key, head) in stale {
-            if let Err(error) = self.apply(MapOp::DeleteService { key: head_key }, writer, report) {
-                report.cleanup_errors.push(error);
-                continue;
-            }
-            report.frontends_removed += 1;
-            for slot in 1..=head.count {
-                let key = ServiceKeyV4 { slot, ..head_key };
-                if self.mirror.services.contains_key(&key) {
-                    if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
-                        report.cleanup_errors.push(error);
-                    }
+            self.remove_frontend(head_key, head, writer, report);
+        }
+        self.remove_orphan_slots(writer, report);
+    }
+
+    /// Deletes one frontend: its entry, then its slots.
+    fn remove_frontend(
+        &mut self,
+        head_key: ServiceKeyV4,
+        head: ServiceValueV4,
+        writer: &mut impl MapWriter,
+        report: &mut SyncReport,
+    ) {
+        if let Err(error) = self.apply(MapOp::DeleteService { key: head_key }, writer, report) {
+            report.cleanup_errors.push(error);
+            return;
+        }
+        report.frontends_removed += 1;
+        for slot in 1..=head.count {
+            let key = ServiceKeyV4 { slot, ..head_key };
+            if self.mirror.services.contains_key(&key) {
+                if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
+                    report.cleanup_errors.push(error);
                 }
             }
         }
-        self.remove_orphan_slots(writer, report);
     }
 
     /// Deletes slots no frontend count covers (left by an interrupted agent, or by a

@@ -14,7 +14,7 @@ use proxy_common::{proto, scope, service_flags};
 
 use super::*;
 use crate::{
-    model::{FrontendKind, ServicePortName},
+    model::{FrontendKind, ModelChanges, ServicePortName},
     state::ObjectKey,
 };
 
@@ -156,15 +156,22 @@ impl FakeMaps {
         heads
             .into_iter()
             .map(|(key, head)| {
-                let mut backends: Vec<(Ipv4Addr, u16)> = (1..=head.count)
+                let mut backends: Vec<(Ipv4Addr, u16, u8)> = (1..=head.count)
                     .filter_map(|slot| self.services.get(&ServiceKeyV4 { slot, ..*key }))
                     .filter_map(|value| self.backends.get(&value.backend_id))
-                    .map(|b| (b.addr.to_ipv4(), b.port.to_host()))
+                    .map(|b| (b.addr.to_ipv4(), b.port.to_host(), b.flags))
                     .collect();
                 backends.sort_unstable();
                 let backends: Vec<String> = backends
                     .iter()
-                    .map(|(addr, port)| format!("{addr}:{port}"))
+                    .map(|(addr, port, flags)| {
+                        let local = if flags & backend_flags::LOCAL != 0 {
+                            " (local)"
+                        } else {
+                            ""
+                        };
+                        format!("{addr}:{port}{local}")
+                    })
                     .collect();
                 format!("{} -> {}", frontend_name(key), backends.join(","))
             })
@@ -1253,6 +1260,8 @@ fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_buil
     let mut fake = FakeMaps::default();
     let mut syncer = Syncer::default();
     let mut services: BTreeMap<usize, (Vec<u8>, bool)> = BTreeMap::new();
+    let mut previous = Desired::default();
+    let mut incremental_passes = 0;
     for pass in 0..300 {
         // Change a few services: add, drop, new backends, a NodePort twin on or off.
         for _ in 0..=next(3) {
@@ -1282,12 +1291,29 @@ fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_buil
                 std::iter::once(cluster_ip).chain(twin)
             })
             .collect();
-        let wanted = desired(&frontends);
+        let mut wanted = desired(&frontends);
+        // Source ranges on some service ports, some backends on this node.
+        for index in services.keys() {
+            if next(3) != 0 {
+                continue;
+            }
+            let octet = u8::try_from(next(4)).expect("small");
+            let ranges = BTreeSet::from([(Ipv4Addr::new(192, 0, 2, octet * 64), 26)]);
+            let name = fe(NAMES[*index], 0, &[]).service_port();
+            wanted.source_ranges.insert(name, ranges);
+        }
+        wanted.local_endpoints = (1..=12)
+            .filter(|_| next(4) == 0)
+            .map(|octet| Ipv4Addr::new(10, 244, 1, octet))
+            .collect();
         // Now and then a write fails part-way (a full map).
         fake.fail_on = (next(6) == 0).then(|| usize::try_from(1 + next(6)).expect("small"));
         fake.writes = 0;
         let before = syncer.mirror().pairs_in_use();
-        let report = syncer.sync(&wanted, &mut fake);
+        // What changed since the last desired state, as the model reports it.
+        let changes = changes_between(&previous, &wanted);
+        incremental_passes += usize::from(syncer.incremental_ready());
+        let report = syncer.sync_changes(&wanted, &changes, &mut fake);
         fake.fail_on = None;
         let walked: BTreeSet<(u32, u32)> = before
             .difference(&syncer.mirror().pairs_in_use())
@@ -1323,12 +1349,19 @@ fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_buil
         }
         // What a fresh syncer builds from nothing.
         let mut fresh = FakeMaps::default();
-        Syncer::default().sync(&wanted, &mut fresh);
+        let mut fresh_syncer = Syncer::default();
+        fresh_syncer.sync(&wanted, &mut fresh);
         assert_eq!(
             fake.resolved(),
             fresh.resolved(),
             "pass {pass}: the same frontends"
         );
+        assert_eq!(
+            named_source_ranges(&fake, &syncer, &NAMES),
+            named_source_ranges(&fresh, &fresh_syncer, &NAMES),
+            "pass {pass}: the same source ranges"
+        );
+        previous = wanted;
         // Nothing left behind: no slot above a count, no backend no slot names.
         let heads: HashMap<ServiceKeyV4, u16> = fake
             .services
@@ -1352,4 +1385,82 @@ fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_buil
         let held: BTreeSet<u32> = fake.backends.keys().copied().collect();
         assert_eq!(held, named, "pass {pass}: every backend named, no other");
     }
+    assert!(
+        incremental_passes > 200,
+        "most passes looked only at changes: {incremental_passes}"
+    );
+}
+
+/// The changes the model reports between two desired states: frontends whose spec
+/// or whose backends' locality differ, with the service port they had; service ports
+/// whose source ranges differ.
+fn changes_between(before: &Desired, after: &Desired) -> ModelChanges {
+    let moved_locality: BTreeSet<Ipv4Addr> = before
+        .local_endpoints
+        .symmetric_difference(&after.local_endpoints)
+        .copied()
+        .collect();
+    let keys: BTreeSet<&FrontendKey> = before
+        .frontends
+        .keys()
+        .chain(after.frontends.keys())
+        .collect();
+    let frontends = keys
+        .into_iter()
+        .filter(|key| {
+            let (old, new) = (before.frontends.get(key), after.frontends.get(key));
+            old != new
+                || new.is_some_and(|spec| {
+                    spec.backends
+                        .iter()
+                        .any(|backend| moved_locality.contains(backend.ip()))
+                })
+        })
+        .map(|key| {
+            (
+                *key,
+                before
+                    .frontends
+                    .get(key)
+                    .map(|spec| spec.service_port.clone()),
+            )
+        })
+        .collect();
+    let names: BTreeSet<&ServicePortName> = before
+        .source_ranges
+        .keys()
+        .chain(after.source_ranges.keys())
+        .collect();
+    let source_ranges = names
+        .into_iter()
+        .filter(|name| before.source_ranges.get(name) != after.source_ranges.get(name))
+        .cloned()
+        .collect();
+    ModelChanges {
+        frontends,
+        source_ranges,
+        local_endpoints: !moved_locality.is_empty(),
+        ..ModelChanges::default()
+    }
+}
+
+/// The source range entries of `fake`, by service name (ids differ between syncers).
+fn named_source_ranges(
+    fake: &FakeMaps,
+    syncer: &Syncer,
+    names: &[&'static str],
+) -> BTreeSet<(&'static str, Ipv4Addr, u8)> {
+    fake.source_ranges
+        .iter()
+        .map(|key| {
+            let name = names
+                .iter()
+                .find(|name| {
+                    syncer.service_id(&fe(name, 0, &[]).service_port()) == Some(key.service_id)
+                })
+                .copied()
+                .unwrap_or("<no service>");
+            (name, key.addr, key.prefix_len)
+        })
+        .collect()
 }

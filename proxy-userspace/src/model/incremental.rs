@@ -1,0 +1,671 @@
+//! The model kept up to date from one snapshot to the next, its work proportional to
+//! the objects that changed rather than to the cluster.
+//!
+//! Per service, [`IncrementalModel`] keeps the objects its output was computed from
+//! (the `Arc`s the source shares: an unchanged object keeps its `Arc`) and that output
+//! (frontends, local endpoints, source ranges, health check, diagnostics). A new
+//! [`ClusterState`] is zipped with the previous one in key order; only services whose
+//! object or slices changed (by `Arc` identity) are computed again. A slice that moved
+//! to another service, or went, changes its old and its new service. Other node
+//! settings change everything.
+//!
+//! What services decide together is kept per contested key: every claimant of a
+//! frontend (the smallest [`Claim`] holds it, its cluster-internal twin goes with it)
+//! and of a healthCheckNodePort (the first service in key order), so a change
+//! re-decides only the keys the changed services claim.
+#[cfg(test)]
+mod tests;
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_common::scope;
+
+use super::{
+    conflict, slice_service_name, Claim, Desired, Diagnostic, DiagnosticReason, FrontendKey,
+    FrontendSpec, ModelSettings, ServiceContext, ServicePortName, LABEL_SERVICE_NAME,
+    LABEL_TOPOLOGY_ZONE,
+};
+use crate::state::{ClusterState, NodeInfo, ObjectKey};
+
+/// What one [`IncrementalModel::update`] changed in [`IncrementalModel::desired`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelChanges {
+    /// Everything may have changed (the first update, other node settings).
+    pub all: bool,
+    /// Frontends added, changed or removed, with the service port each had before
+    /// (`None`: it is new). Also those whose backends' locality changed.
+    pub frontends: BTreeMap<FrontendKey, Option<ServicePortName>>,
+    /// Service ports whose source ranges changed (appeared, went or differ).
+    pub source_ranges: BTreeSet<ServicePortName>,
+    pub local_endpoints: bool,
+    pub health_checks: bool,
+    pub diagnostics: bool,
+    /// EndpointSlices added, changed or removed.
+    pub slices: Vec<ObjectKey>,
+}
+
+impl ModelChanges {
+    /// Whether nothing in the desired state changed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        !self.all
+            && self.frontends.is_empty()
+            && self.source_ranges.is_empty()
+            && !self.local_endpoints
+            && !self.health_checks
+            && !self.diagnostics
+    }
+
+    /// Adds what a later update changed (the changes of two updates no pass has
+    /// applied yet); the service port a frontend had before stays the earlier one.
+    pub fn merge(&mut self, later: Self) {
+        self.all |= later.all;
+        for (key, before) in later.frontends {
+            self.frontends.entry(key).or_insert(before);
+        }
+        self.source_ranges.extend(later.source_ranges);
+        self.local_endpoints |= later.local_endpoints;
+        self.health_checks |= later.health_checks;
+        self.diagnostics |= later.diagnostics;
+        self.slices.extend(later.slices);
+    }
+}
+
+/// One service: the objects its output was computed from, and that output.
+#[derive(Debug)]
+struct ServiceEntry {
+    service: Arc<Service>,
+    /// Frontends (with cluster-internal twins) before conflicts with other services,
+    /// local endpoints, source ranges, its health check, its own diagnostics.
+    output: Desired,
+    /// Its claim on each frontend of default scope in `output`.
+    claims: BTreeMap<FrontendKey, Claim>,
+}
+
+/// One EndpointSlice and the service it names.
+#[derive(Debug)]
+struct SliceEntry {
+    slice: Arc<EndpointSlice>,
+    service: Option<ObjectKey>,
+}
+
+/// The model's state between snapshots; [`Self::desired`] is what [`super::desired`]
+/// returns for the last state given.
+#[derive(Debug, Default)]
+pub struct IncrementalModel {
+    /// What the outputs were computed with (`None` before the first update).
+    computed_with: Option<(ModelSettings, NodeInfo)>,
+    services: BTreeMap<ObjectKey, ServiceEntry>,
+    slices: BTreeMap<ObjectKey, SliceEntry>,
+    /// Labelled slices by the service they name, whether or not it exists.
+    slices_by_service: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<EndpointSlice>>>,
+    /// Slices without a label or whose service does not exist.
+    orphans: BTreeMap<ObjectKey, Diagnostic>,
+    /// Every service claiming each frontend of default scope, best first.
+    claimants: HashMap<FrontendKey, Vec<Claim>>,
+    /// The claimants that do not hold a frontend, reported.
+    conflicts: BTreeMap<FrontendKey, Vec<Diagnostic>>,
+    /// Every service asking for each healthCheckNodePort.
+    health_claimants: BTreeMap<u16, BTreeSet<ObjectKey>>,
+    health_conflicts: BTreeMap<u16, Vec<Diagnostic>>,
+    /// How many services name each local endpoint address.
+    local_refs: HashMap<Ipv4Addr, usize>,
+    /// Desired frontends by their backends' addresses: those whose backends change
+    /// locality when an address joins or leaves the local endpoints.
+    by_backend_ip: HashMap<Ipv4Addr, HashSet<FrontendKey>>,
+    /// Services with diagnostics of their own.
+    diagnosed: BTreeSet<ObjectKey>,
+    desired: Desired,
+}
+
+/// Keys whose value differs between `old` and `new` (present in one only, or `same`
+/// says so), by one walk of both in key order. `same` may take the new `Arc` of an
+/// equal object into its entry.
+fn changed_keys<K: Ord + Clone, A, B>(
+    old: &mut BTreeMap<K, A>,
+    new: &BTreeMap<K, Arc<B>>,
+    mut same: impl FnMut(&K, &mut A, &Arc<B>) -> bool,
+) -> Vec<K> {
+    let mut changed = Vec::new();
+    let mut old_iter = old.iter_mut().peekable();
+    let mut new_iter = new.iter().peekable();
+    loop {
+        match (old_iter.peek(), new_iter.peek()) {
+            (None, None) => break,
+            (Some((key, _)), None) => {
+                changed.push((*key).clone());
+                old_iter.next();
+            }
+            (None, Some((key, _))) => {
+                changed.push((*key).clone());
+                new_iter.next();
+            }
+            (Some((old_key, _)), Some((new_key, new_value))) => match old_key.cmp(new_key) {
+                std::cmp::Ordering::Less => {
+                    changed.push((*old_key).clone());
+                    old_iter.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed.push((*new_key).clone());
+                    new_iter.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if let Some((key, old_value)) = old_iter.next() {
+                        if !same(key, old_value, new_value) {
+                            changed.push(key.clone());
+                        }
+                    }
+                    new_iter.next();
+                }
+            },
+        }
+    }
+    changed
+}
+
+/// Whether `new` is the object `held` is: the same `Arc` (what sources keep for an
+/// unchanged object), or an equal object (a manifest file re-read whole gives every
+/// object in it a new `Arc`), whose `Arc` `held` then takes, so the next update finds
+/// it by identity.
+fn same_object<T: PartialEq>(held: &mut Arc<T>, new: &Arc<T>) -> bool {
+    if Arc::ptr_eq(held, new) {
+        return true;
+    }
+    if **held == **new {
+        *held = Arc::clone(new);
+        return true;
+    }
+    false
+}
+
+/// The twin of a default-scope frontend, for cluster-internal clients.
+fn twin_of(key: &FrontendKey) -> FrontendKey {
+    FrontendKey {
+        scope: scope::INTERNAL,
+        ..*key
+    }
+}
+
+impl IncrementalModel {
+    /// The desired state for the last [`ClusterState`] given.
+    #[must_use]
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// The desired state, taking it.
+    #[must_use]
+    pub fn into_desired(self) -> Desired {
+        self.desired
+    }
+
+    /// Brings [`Self::desired`] to `state` and `settings`, computing again only what
+    /// changed since the last update; returns what changed.
+    pub fn update(&mut self, state: &ClusterState, settings: &ModelSettings) -> ModelChanges {
+        let mut changes = ModelChanges::default();
+        let settings_changed =
+            self.computed_with
+                .as_ref()
+                .is_none_or(|(old_settings, old_node)| {
+                    old_settings != settings || *old_node != state.node
+                });
+        let mut dirty: BTreeSet<ObjectKey> = if settings_changed {
+            changes.all = true;
+            self.computed_with = Some((settings.clone(), state.node.clone()));
+            self.services
+                .keys()
+                .chain(state.services.keys())
+                .cloned()
+                .collect()
+        } else {
+            changed_keys(&mut self.services, &state.services, |_, entry, service| {
+                same_object(&mut entry.service, service)
+            })
+            .into_iter()
+            .collect()
+        };
+        let by_service = &mut self.slices_by_service;
+        let changed_slices = changed_keys(
+            &mut self.slices,
+            &state.endpoint_slices,
+            |key, entry, slice| {
+                if !same_object(&mut entry.slice, slice) {
+                    return false;
+                }
+                // The index shares the slice: it takes the new Arc too.
+                if let Some(indexed) = entry
+                    .service
+                    .as_ref()
+                    .and_then(|service| by_service.get_mut(service))
+                    .and_then(|slices| slices.get_mut(key))
+                {
+                    *indexed = Arc::clone(slice);
+                }
+                true
+            },
+        );
+        for key in changed_slices {
+            changes.diagnostics |=
+                self.replace_slice(&key, state.endpoint_slices.get(&key), &mut dirty);
+            changes.slices.push(key);
+        }
+
+        let node_name = state.node.name.as_deref().unwrap_or_default();
+        let zone = state
+            .node
+            .labels
+            .get(LABEL_TOPOLOGY_ZONE)
+            .map_or("", String::as_str);
+        let mut touched_frontends = BTreeSet::new();
+        let mut touched_ports = BTreeSet::new();
+        let mut local_candidates = BTreeSet::new();
+        let mut old_ranges = BTreeMap::new();
+        for key in &dirty {
+            let old_diagnostics = self.remove_service(
+                key,
+                &mut touched_frontends,
+                &mut touched_ports,
+                &mut local_candidates,
+                &mut old_ranges,
+            );
+            let new_diagnostics = match state.services.get(key) {
+                Some(service) => {
+                    let entry = self.compute_service(key, service, node_name, zone, settings);
+                    let diagnostics = entry.output.diagnostics.clone();
+                    self.add_service(
+                        key,
+                        entry,
+                        &mut touched_frontends,
+                        &mut touched_ports,
+                        &mut local_candidates,
+                        &mut old_ranges,
+                    );
+                    diagnostics
+                }
+                None => Vec::new(),
+            };
+            changes.diagnostics |= old_diagnostics != new_diagnostics;
+            changes.diagnostics |= self.check_orphans(key, state.services.contains_key(key));
+        }
+        for (name, before) in old_ranges {
+            if self.desired.source_ranges.get(&name) != before.as_ref() {
+                changes.source_ranges.insert(name);
+            }
+        }
+        for key in touched_frontends {
+            self.resolve_frontend(&key, &mut changes);
+        }
+        for port in touched_ports {
+            self.resolve_health_check(port, &mut changes);
+        }
+        for addr in local_candidates {
+            let local = self.local_refs.contains_key(&addr);
+            if local == self.desired.local_endpoints.contains(&addr) {
+                continue;
+            }
+            changes.local_endpoints = true;
+            if local {
+                self.desired.local_endpoints.insert(addr);
+            } else {
+                self.desired.local_endpoints.remove(&addr);
+            }
+            // Their backends at `addr` change locality (a backend flag in the maps).
+            for key in self.by_backend_ip.get(&addr).into_iter().flatten() {
+                let port = self
+                    .desired
+                    .frontends
+                    .get(key)
+                    .map(|spec| spec.service_port.clone());
+                changes.frontends.entry(*key).or_insert(port);
+            }
+        }
+        if changes.diagnostics {
+            self.collect_diagnostics();
+        }
+        changes
+    }
+
+    /// Follows one slice from its old state to `new` in the per-service index; the
+    /// services it belonged to and belongs to now become dirty. Returns whether its
+    /// orphan report changed.
+    fn replace_slice(
+        &mut self,
+        key: &ObjectKey,
+        new: Option<&Arc<EndpointSlice>>,
+        dirty: &mut BTreeSet<ObjectKey>,
+    ) -> bool {
+        let old_report = self.orphans.remove(key);
+        if let Some(old) = self.slices.remove(key) {
+            if let Some(service) = old.service {
+                if let Some(slices) = self.slices_by_service.get_mut(&service) {
+                    slices.remove(key);
+                    if slices.is_empty() {
+                        self.slices_by_service.remove(&service);
+                    }
+                }
+                dirty.insert(service);
+            }
+        }
+        let Some(slice) = new else {
+            return old_report.is_some();
+        };
+        let service = slice_service_name(slice)
+            .map(|name| ObjectKey::new(key.namespace.clone(), name.to_owned()));
+        match &service {
+            Some(service) => {
+                self.slices_by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(key.clone(), Arc::clone(slice));
+                dirty.insert(service.clone());
+            }
+            None => {
+                self.orphans.insert(
+                    key.clone(),
+                    Diagnostic {
+                        object: format!("EndpointSlice {key}"),
+                        reason: DiagnosticReason::OrphanEndpointSlice,
+                        message: format!("no {LABEL_SERVICE_NAME} label"),
+                    },
+                );
+            }
+        }
+        self.slices.insert(
+            key.clone(),
+            SliceEntry {
+                slice: Arc::clone(slice),
+                service,
+            },
+        );
+        // A labelled slice's report is decided with its service (check_orphans).
+        old_report.as_ref() != self.orphans.get(key)
+    }
+
+    /// Reports the slices naming `service` as orphans exactly when it does not exist;
+    /// returns whether that changed anything.
+    fn check_orphans(&mut self, service: &ObjectKey, exists: bool) -> bool {
+        let Some(slices) = self.slices_by_service.get(service) else {
+            return false;
+        };
+        let mut changed = false;
+        for key in slices.keys() {
+            if exists {
+                changed |= self.orphans.remove(key).is_some();
+            } else if !self.orphans.contains_key(key) {
+                self.orphans.insert(
+                    key.clone(),
+                    Diagnostic {
+                        object: format!("EndpointSlice {key}"),
+                        reason: DiagnosticReason::OrphanEndpointSlice,
+                        message: format!("service {service} does not exist"),
+                    },
+                );
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Runs the model's rules over one service and its slices.
+    fn compute_service(
+        &self,
+        key: &ObjectKey,
+        service: &Arc<Service>,
+        node_name: &str,
+        zone: &str,
+        settings: &ModelSettings,
+    ) -> ServiceEntry {
+        let slices: Vec<&EndpointSlice> = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .map(Arc::as_ref)
+            .collect();
+        let claims = RefCell::new(BTreeMap::new());
+        let context = ServiceContext {
+            key,
+            service,
+            slices: &slices,
+            node_name,
+            zone,
+            settings,
+            claims: &claims,
+        };
+        let mut output = Desired::default();
+        context.add_frontends(&mut output);
+        ServiceEntry {
+            service: Arc::clone(service),
+            output,
+            claims: claims.into_inner(),
+        }
+    }
+
+    /// Takes a service's output out of the shared state; returns its diagnostics.
+    fn remove_service(
+        &mut self,
+        key: &ObjectKey,
+        touched_frontends: &mut BTreeSet<FrontendKey>,
+        touched_ports: &mut BTreeSet<u16>,
+        local_candidates: &mut BTreeSet<Ipv4Addr>,
+        old_ranges: &mut BTreeMap<ServicePortName, Option<BTreeSet<(Ipv4Addr, u8)>>>,
+    ) -> Vec<Diagnostic> {
+        let Some(old) = self.services.remove(key) else {
+            return Vec::new();
+        };
+        for (frontend, claim) in old.claims {
+            if let Some(claims) = self.claimants.get_mut(&frontend) {
+                claims.retain(|held| *held != claim);
+                if claims.is_empty() {
+                    self.claimants.remove(&frontend);
+                }
+            }
+            touched_frontends.insert(frontend);
+        }
+        for addr in old.output.local_endpoints {
+            if let Some(count) = self.local_refs.get_mut(&addr) {
+                *count -= 1;
+                if *count == 0 {
+                    self.local_refs.remove(&addr);
+                }
+            }
+            local_candidates.insert(addr);
+        }
+        for name in old.output.source_ranges.into_keys() {
+            let before = self.desired.source_ranges.remove(&name);
+            old_ranges.entry(name).or_insert(before);
+        }
+        for port in old.output.health_checks.into_keys() {
+            if let Some(claimants) = self.health_claimants.get_mut(&port) {
+                claimants.remove(key);
+                if claimants.is_empty() {
+                    self.health_claimants.remove(&port);
+                }
+            }
+            touched_ports.insert(port);
+        }
+        self.diagnosed.remove(key);
+        old.output.diagnostics
+    }
+
+    /// Puts a service's output into the shared state.
+    fn add_service(
+        &mut self,
+        key: &ObjectKey,
+        entry: ServiceEntry,
+        touched_frontends: &mut BTreeSet<FrontendKey>,
+        touched_ports: &mut BTreeSet<u16>,
+        local_candidates: &mut BTreeSet<Ipv4Addr>,
+        old_ranges: &mut BTreeMap<ServicePortName, Option<BTreeSet<(Ipv4Addr, u8)>>>,
+    ) {
+        for (frontend, claim) in &entry.claims {
+            let claims = self.claimants.entry(*frontend).or_default();
+            let at = claims.partition_point(|held| held < claim);
+            claims.insert(at, claim.clone());
+            touched_frontends.insert(*frontend);
+        }
+        for addr in &entry.output.local_endpoints {
+            *self.local_refs.entry(*addr).or_default() += 1;
+            local_candidates.insert(*addr);
+        }
+        for (name, ranges) in &entry.output.source_ranges {
+            let before = self
+                .desired
+                .source_ranges
+                .insert(name.clone(), ranges.clone());
+            old_ranges.entry(name.clone()).or_insert(before);
+        }
+        for port in entry.output.health_checks.keys() {
+            self.health_claimants
+                .entry(*port)
+                .or_default()
+                .insert(key.clone());
+            touched_ports.insert(*port);
+        }
+        if !entry.output.diagnostics.is_empty() {
+            self.diagnosed.insert(key.clone());
+        }
+        self.services.insert(key.clone(), entry);
+    }
+
+    /// Decides who holds `key` (and its cluster-internal twin) among its claimants,
+    /// and reports the others.
+    fn resolve_frontend(&mut self, key: &FrontendKey, changes: &mut ModelChanges) {
+        let twin = twin_of(key);
+        let claims = self.claimants.get(key).map_or(&[][..], Vec::as_slice);
+        let holder = claims
+            .first()
+            .and_then(|claim| Some((claim, self.services.get(&claim.service)?)));
+        let (spec, twin_spec) = holder.map_or((None, None), |(_, entry)| {
+            (
+                entry.output.frontends.get(key).cloned(),
+                entry.output.frontends.get(&twin).cloned(),
+            )
+        });
+        let diagnostics: Vec<Diagnostic> = match (holder, &spec) {
+            (Some((winner, _)), Some(spec)) => claims[1..]
+                .iter()
+                .map(|loser| Diagnostic {
+                    object: format!("Service {}", loser.service),
+                    reason: DiagnosticReason::FrontendConflict,
+                    message: conflict(key, &spec.service_port, winner.beats(loser)),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let reported = self.conflicts.get(key).map_or(&[][..], Vec::as_slice);
+        if reported != diagnostics.as_slice() {
+            changes.diagnostics = true;
+            if diagnostics.is_empty() {
+                self.conflicts.remove(key);
+            } else {
+                self.conflicts.insert(*key, diagnostics);
+            }
+        }
+        self.set_frontend(*key, spec, changes);
+        self.set_frontend(twin, twin_spec, changes);
+    }
+
+    /// Sets one desired frontend, noting the change.
+    fn set_frontend(
+        &mut self,
+        key: FrontendKey,
+        spec: Option<FrontendSpec>,
+        changes: &mut ModelChanges,
+    ) {
+        if self.desired.frontends.get(&key) == spec.as_ref() {
+            return;
+        }
+        let before = self.desired.frontends.remove(&key);
+        if let Some(before) = &before {
+            self.index_backends(&key, before, false);
+        }
+        if let Some(spec) = spec {
+            self.index_backends(&key, &spec, true);
+            self.desired.frontends.insert(key, spec);
+        }
+        let port = before.map(|before| before.service_port);
+        changes.frontends.entry(key).or_insert(port);
+    }
+
+    fn index_backends(&mut self, key: &FrontendKey, spec: &FrontendSpec, add: bool) {
+        for backend in &spec.backends {
+            let addr = *backend.ip();
+            if add {
+                self.by_backend_ip.entry(addr).or_default().insert(*key);
+            } else if let Some(keys) = self.by_backend_ip.get_mut(&addr) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_backend_ip.remove(&addr);
+                }
+            }
+        }
+    }
+
+    /// Decides which service serves a healthCheckNodePort: the first in key order
+    /// (kube-proxy would fail to bind the others on every sync); the others are
+    /// reported.
+    fn resolve_health_check(&mut self, port: u16, changes: &mut ModelChanges) {
+        let claimants = self.health_claimants.get(&port);
+        let winner = claimants.and_then(|claimants| claimants.first());
+        let health = winner
+            .and_then(|winner| self.services.get(winner))
+            .and_then(|entry| entry.output.health_checks.get(&port).cloned());
+        let diagnostics: Vec<Diagnostic> = match winner {
+            Some(winner) => claimants
+                .into_iter()
+                .flatten()
+                .skip(1)
+                .map(|loser| Diagnostic {
+                    object: format!("Service {loser}"),
+                    reason: DiagnosticReason::FrontendConflict,
+                    message: format!("healthCheckNodePort {port} is already used by {winner}"),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let reported = self
+            .health_conflicts
+            .get(&port)
+            .map_or(&[][..], Vec::as_slice);
+        if reported != diagnostics.as_slice() {
+            changes.diagnostics = true;
+            if diagnostics.is_empty() {
+                self.health_conflicts.remove(&port);
+            } else {
+                self.health_conflicts.insert(port, diagnostics);
+            }
+        }
+        if self.desired.health_checks.get(&port) != health.as_ref() {
+            changes.health_checks = true;
+            match health {
+                Some(health) => self.desired.health_checks.insert(port, health),
+                None => self.desired.health_checks.remove(&port),
+            };
+        }
+    }
+
+    /// The desired state's diagnostics, in a fixed order: orphan slices, each
+    /// service's own (in key order), then frontend and health check conflicts.
+    fn collect_diagnostics(&mut self) {
+        let own = self
+            .diagnosed
+            .iter()
+            .filter_map(|key| self.services.get(key))
+            .flat_map(|entry| entry.output.diagnostics.iter());
+        self.desired.diagnostics = self
+            .orphans
+            .values()
+            .chain(own)
+            .chain(self.conflicts.values().flatten())
+            .chain(self.health_conflicts.values().flatten())
+            .cloned()
+            .collect();
+    }
+}

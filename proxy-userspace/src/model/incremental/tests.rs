@@ -1,0 +1,215 @@
+//! The incremental model against the model run from scratch: a seeded, bounded random
+//! sequence of changes (services, slices moving between services, conflicts on
+//! frontends and health check ports, local endpoints, node settings), each applied
+//! incrementally, must leave what a fresh [`desired`] computes, and report every
+//! difference it made.
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::json;
+
+use super::*;
+use crate::model::desired;
+
+/// xorshift64: a fixed sequence, the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[usize::try_from(self.below(items.len() as u64)).expect("small")]
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+const SERVICES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+const SLICES: [&str; 8] = ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"];
+/// Few addresses and ports, so that services collide on them.
+const CLUSTER_IPS: [&str; 4] = ["10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4"];
+const CLAIMED_IPS: [&str; 2] = ["203.0.113.1", "203.0.113.2"];
+const NODE_PORTS: [i32; 2] = [30_000, 30_001];
+const HEALTH_PORTS: [i32; 2] = [32_000, 32_001];
+const ENDPOINT_IPS: [&str; 4] = ["10.244.1.1", "10.244.1.2", "10.244.2.1", "10.244.2.2"];
+
+fn random_service(rng: &mut Rng, name: &str) -> Service {
+    let service_type = *rng.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
+    let mut ports = vec![json!({"name": "http", "port": 80, "protocol": "TCP",
+        "nodePort": rng.pick(&NODE_PORTS)})];
+    if rng.chance(40) {
+        ports.push(json!({"name": "dns", "port": 53, "protocol": "UDP",
+            "nodePort": rng.pick(&NODE_PORTS)}));
+    }
+    let mut spec = json!({
+        "type": service_type,
+        "clusterIP": rng.pick(&CLUSTER_IPS),
+        "ports": ports,
+    });
+    if rng.chance(30) {
+        spec["externalIPs"] = json!([rng.pick(&CLAIMED_IPS)]);
+    }
+    if rng.chance(50) {
+        spec["externalTrafficPolicy"] = json!("Local");
+        spec["healthCheckNodePort"] = json!(rng.pick(&HEALTH_PORTS));
+    }
+    if rng.chance(30) {
+        spec["loadBalancerSourceRanges"] = json!([*rng.pick(&["192.0.2.0/24", "198.51.100.0/24"])]);
+    }
+    let mut metadata = json!({"name": name, "namespace": "ns"});
+    if rng.chance(70) {
+        metadata["creationTimestamp"] =
+            json!(rng.pick(&["2024-01-01T00:00:00Z", "2025-01-01T00:00:00Z"]));
+    }
+    let status = json!({"loadBalancer": {"ingress": [{"ip": rng.pick(&CLAIMED_IPS)}]}});
+    serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": status}))
+        .expect("a valid Service")
+}
+
+fn random_slice(rng: &mut Rng, name: &str) -> EndpointSlice {
+    let mut metadata = json!({"name": name, "namespace": "ns"});
+    if !rng.chance(10) {
+        // Now and then a service that does not exist.
+        let service = *rng.pick(&["a", "b", "c", "d", "e", "f", "gone"]);
+        metadata["labels"] = json!({ LABEL_SERVICE_NAME: service });
+    }
+    let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
+        .map(|_| {
+            json!({
+                "addresses": [rng.pick(&ENDPOINT_IPS)],
+                "conditions": {"ready": rng.chance(80)},
+                "nodeName": rng.pick(&["node-a", "node-b"]),
+            })
+        })
+        .collect();
+    let ports = json!([
+        {"name": "http", "port": 8080, "protocol": "TCP"},
+        {"name": "dns", "port": 5353, "protocol": "UDP"},
+    ]);
+    serde_json::from_value(json!({
+        "metadata": metadata, "addressType": "IPv4", "endpoints": endpoints, "ports": ports,
+    }))
+    .expect("a valid EndpointSlice")
+}
+
+/// Every difference between `before` and `after` is among `changes`.
+fn assert_reported(before: &Desired, after: &Desired, changes: &ModelChanges, step: usize) {
+    if changes.all {
+        return;
+    }
+    let keys: BTreeSet<&FrontendKey> = before
+        .frontends
+        .keys()
+        .chain(after.frontends.keys())
+        .collect();
+    for key in keys {
+        let (old, new) = (before.frontends.get(key), after.frontends.get(key));
+        if old != new {
+            assert_eq!(
+                changes.frontends.get(key),
+                Some(&old.map(|spec| spec.service_port.clone())),
+                "step {step}: frontend {key:?} changed unreported"
+            );
+        }
+    }
+    let names: BTreeSet<&ServicePortName> = before
+        .source_ranges
+        .keys()
+        .chain(after.source_ranges.keys())
+        .collect();
+    for name in names {
+        if before.source_ranges.get(name) != after.source_ranges.get(name) {
+            assert!(
+                changes.source_ranges.contains(name),
+                "step {step}: ranges of {name}"
+            );
+        }
+    }
+    assert_eq!(
+        changes.local_endpoints,
+        before.local_endpoints != after.local_endpoints,
+        "step {step}: local endpoints"
+    );
+    assert_eq!(
+        changes.health_checks,
+        before.health_checks != after.health_checks,
+        "step {step}: health checks"
+    );
+    if before.diagnostics != after.diagnostics {
+        assert!(changes.diagnostics, "step {step}: diagnostics");
+    }
+}
+
+#[test]
+fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut state = ClusterState::default();
+    state.node.name = Some("node-a".into());
+    let mut settings = ModelSettings {
+        proxy_name: None,
+        node_port_addresses: vec![Ipv4Addr::new(192, 168, 1, 10)],
+    };
+    let mut model = IncrementalModel::default();
+    let mut conflicts_seen = 0;
+    for step in 0..400 {
+        let before = model.desired().clone();
+        for _ in 0..=rng.below(3) {
+            match rng.below(10) {
+                0..=3 => {
+                    let name = *rng.pick(&SERVICES);
+                    let key = ObjectKey::new("ns", name);
+                    if rng.chance(25) {
+                        state.services.remove(&key);
+                    } else {
+                        state
+                            .services
+                            .insert(key, Arc::new(random_service(&mut rng, name)));
+                    }
+                }
+                4..=8 => {
+                    let name = *rng.pick(&SLICES);
+                    let key = ObjectKey::new("ns", name);
+                    if rng.chance(25) {
+                        state.endpoint_slices.remove(&key);
+                    } else {
+                        state
+                            .endpoint_slices
+                            .insert(key, Arc::new(random_slice(&mut rng, name)));
+                    }
+                }
+                _ if rng.chance(30) => {
+                    // Other node settings: everything is computed again.
+                    settings.node_port_addresses =
+                        vec![Ipv4Addr::new(192, 168, 1, 10 + u8::from(rng.chance(50)))];
+                }
+                _ => {}
+            }
+        }
+        let changes = model.update(&state, &settings);
+        let fresh = desired(&state, &settings);
+        assert_eq!(model.desired(), &fresh, "step {step}");
+        assert_reported(&before, &fresh, &changes, step);
+        conflicts_seen += fresh
+            .diagnostics
+            .iter()
+            .filter(|d| d.reason == DiagnosticReason::FrontendConflict)
+            .count();
+        // Nothing changed since: nothing to do.
+        let again = model.update(&state, &settings);
+        assert!(
+            again.is_empty() && again.slices.is_empty(),
+            "step {step}: {again:?}"
+        );
+    }
+    assert!(
+        conflicts_seen > 100,
+        "the sequence exercises conflicts: {conflicts_seen}"
+    );
+}
