@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     model::{Desired, FrontendKind, ServicePortName},
-    state::{ClusterState, ObjectKey},
+    state::{ClusterState, EndpointAddress, ObjectKey},
 };
 
 /// Where names files live.
@@ -177,38 +177,27 @@ pub fn collect(
         .map(|spec| &spec.service_port.service)
         .collect();
     let mut endpoints = Vec::new();
-    for slice in state.endpoint_slices.values() {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(crate::model::LABEL_SERVICE_NAME))
-        else {
+    for (key, slice) in &state.endpoint_slices {
+        let Some(service) = slice.service_name.as_deref() else {
             continue;
         };
-        let namespace = ObjectKey::of(&slice.metadata).namespace;
-        if !services.contains(&ObjectKey::new(namespace.clone(), service.clone())) {
+        let namespace = &key.namespace;
+        if !services.contains(&ObjectKey::new(namespace.as_str(), service)) {
             continue;
         }
         for endpoint in &slice.endpoints {
-            let Some(Ok(address)) = endpoint.addresses.first().map(|a| a.parse()) else {
+            let EndpointAddress::V4(address) = endpoint.address else {
                 continue;
             };
-            let conditions = endpoint.conditions.as_ref();
             endpoints.push(EndpointNames {
                 namespace: namespace.clone(),
-                service: service.clone(),
+                service: service.to_owned(),
                 address,
-                pod: endpoint
-                    .target_ref
-                    .as_ref()
-                    .filter(|target| target.kind.as_deref() == Some("Pod"))
-                    .and_then(|target| target.name.clone()),
-                node: endpoint.node_name.clone(),
-                // The API's defaults for unset conditions (the model reads them alike).
-                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                pod: endpoint.pod.as_deref().map(str::to_owned),
+                node: endpoint.node_name.as_deref().map(str::to_owned),
+                ready: endpoint.ready,
+                serving: endpoint.serving,
+                terminating: endpoint.terminating,
             });
         }
     }
@@ -231,7 +220,7 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
         .services
         .get(&name.service)
         .and_then(|service| service.spec.as_ref());
-    let policy = |value: Option<&String>| value.map_or("Cluster", String::as_str).to_owned();
+    let policy = |value: Option<&str>| value.unwrap_or("Cluster").to_owned();
     ServicePortNames {
         service_id,
         namespace: name.service.namespace.clone(),
@@ -239,10 +228,11 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
         port: name.port.clone(),
         protocol: protocol_name(name.proto),
         service_type: spec
-            .and_then(|spec| spec.type_.clone())
-            .unwrap_or_else(|| "ClusterIP".to_owned()),
-        internal_traffic_policy: policy(spec.and_then(|s| s.internal_traffic_policy.as_ref())),
-        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy.as_ref())),
+            .and_then(|spec| spec.type_.as_deref())
+            .unwrap_or("ClusterIP")
+            .to_owned(),
+        internal_traffic_policy: policy(spec.and_then(|s| s.internal_traffic_policy.as_deref())),
+        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy.as_deref())),
     }
 }
 
