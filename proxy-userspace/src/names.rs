@@ -16,10 +16,10 @@
 //! of it; it goes with the pins on exit and stays with `--keep-state`.
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -100,16 +100,18 @@ pub struct FrontendNames {
     pub service_id: u32,
 }
 
-/// One endpoint of a service as its EndpointSlices describe it.
+/// One endpoint of a service as its EndpointSlices describe it. The agent keeps the
+/// names it last wrote (one of these per endpoint, half a million at 50 000 services),
+/// so the strings every endpoint of a slice repeats are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointNames {
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// The service the endpoint belongs to.
-    pub service: String,
+    pub service: Arc<str>,
     pub address: Ipv4Addr,
     /// `targetRef` name when it is a Pod.
-    pub pod: Option<String>,
-    pub node: Option<String>,
+    pub pod: Option<Box<str>>,
+    pub node: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -181,20 +183,21 @@ pub fn collect(
         let Some(service) = slice.service_name.as_deref() else {
             continue;
         };
-        let namespace = &key.namespace;
-        if !services.contains(&ObjectKey::new(namespace.as_str(), service)) {
+        if !services.contains(&ObjectKey::new(key.namespace.as_str(), service)) {
             continue;
         }
+        let namespace: Arc<str> = key.namespace.as_str().into();
+        let service: Arc<str> = service.into();
         for endpoint in &slice.endpoints {
             let EndpointAddress::V4(address) = endpoint.address else {
                 continue;
             };
             endpoints.push(EndpointNames {
-                namespace: namespace.clone(),
-                service: service.to_owned(),
+                namespace: Arc::clone(&namespace),
+                service: Arc::clone(&service),
                 address,
-                pod: endpoint.pod.as_deref().map(str::to_owned),
-                node: endpoint.node_name.as_deref().map(str::to_owned),
+                pod: endpoint.pod.clone(),
+                node: endpoint.node_name.clone(),
                 ready: endpoint.ready,
                 serving: endpoint.serving,
                 terminating: endpoint.terminating,
@@ -249,17 +252,20 @@ pub fn write(path: &Path, names: &Names) -> Result<(), Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(error)?;
     }
-    let text = serde_json::to_vec(names).map_err(|source| error(source.into()))?;
     let temporary = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&temporary)
         .map_err(error)?;
-    file.write_all(&text).map_err(error)?;
-    drop(file);
+    // Written as it is serialized: at 500 000 endpoints the text would be ~100 MB.
+    let mut writer = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut writer, names).map_err(|source| error(source.into()))?;
+    writer
+        .into_inner()
+        .map_err(|failed| error(failed.into_error()))?;
     std::fs::rename(&temporary, path).map_err(error)
 }
 
