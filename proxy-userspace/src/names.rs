@@ -105,16 +105,61 @@ pub struct FrontendNames {
 /// so the strings every endpoint of a slice repeats are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointNames {
+    #[serde(with = "shared_text")]
     pub namespace: Arc<str>,
     /// The service the endpoint belongs to.
+    #[serde(with = "shared_text")]
     pub service: Arc<str>,
     pub address: Ipv4Addr,
     /// `targetRef` name when it is a Pod.
     pub pod: Option<Box<str>>,
+    #[serde(with = "shared_text::optional")]
     pub node: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+}
+
+/// Shared strings as JSON strings (serde's own impls for `Arc` need its `rc` feature,
+/// which would rebuild every crate that uses serde).
+mod shared_text {
+    use std::sync::Arc;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(text: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(deserializer).map(Arc::from)
+    }
+
+    pub mod optional {
+        use std::sync::Arc;
+
+        use serde::{Deserialize as _, Deserializer, Serializer};
+
+        #[expect(
+            clippy::ref_option,
+            reason = "serde's `with` passes the field by reference"
+        )]
+        pub fn serialize<S: Serializer>(
+            text: &Option<Arc<str>>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match text {
+                Some(text) => serializer.serialize_some(&**text),
+                None => serializer.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Arc<str>>, D::Error> {
+            Option::<String>::deserialize(deserializer).map(|text| text.map(Arc::from))
+        }
+    }
 }
 
 /// The whole file.
