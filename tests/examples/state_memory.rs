@@ -1,7 +1,7 @@
 //! How much heap the agent's stages take for the benchmark's service set: the
 //! manifest source's read (the state it keeps, and its transient peak), a second copy
 //! of the snapshot's maps (what the API source publishes from its stores), the model's
-//! `Desired`, and the names file's records. A counting allocator measures live and
+//! `Desired`, and the names file's records and writing them. A counting allocator measures live and
 //! peak bytes around each stage; the numbers are a breakdown of the agent's resident
 //! memory, whose real figure comes from `cargo xtask bench` (`agent_peak_mib`).
 //!
@@ -104,7 +104,9 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize) -> Result<()> {
             Some(id.get())
         })
     });
-    measure("names: serialize", || serde_json::to_vec(&collected))?;
+    measure("names: write the file", || {
+        names::write(&dir.join("names.json"), &collected)
+    })?;
     println!(
         "frontends {}, endpoints named {}",
         desired.frontends.len(),
