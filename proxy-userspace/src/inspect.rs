@@ -154,7 +154,12 @@ impl NameIndex {
             endpoints: names
                 .endpoints
                 .into_iter()
-                .map(|e| ((e.namespace.clone(), e.service.clone(), e.address), e))
+                .map(|e| {
+                    (
+                        (e.namespace.to_string(), e.service.to_string(), e.address),
+                        e,
+                    )
+                })
                 .collect(),
         }
     }
@@ -340,8 +345,8 @@ pub fn services(
                 });
                 BackendView {
                     address: endpoint_text(backend.addr, backend.port),
-                    pod: endpoint.and_then(|e| e.pod.clone()),
-                    node: endpoint.and_then(|e| e.node.clone()),
+                    pod: endpoint.and_then(|e| e.pod.as_deref().map(str::to_owned)),
+                    node: endpoint.and_then(|e| e.node.as_deref().map(str::to_owned)),
                     ready: endpoint.map(|e| e.ready),
                     serving: endpoint.map(|e| e.serving),
                     terminating: endpoint.map(|e| e.terminating),

@@ -11,7 +11,6 @@ use std::{
 };
 
 use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{
@@ -24,11 +23,8 @@ use prometheus_client::{
 };
 use proxy_common::COUNTER_NAMES;
 
-use crate::state::{ClusterState, ObjectKey};
-
-/// The annotation the EndpointSlice controller sets to when the change that produced a
-/// slice happened (what kube-proxy measures network programming latency from).
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub use crate::state::TRIGGER_TIME_ANNOTATION;
+use crate::state::{ClusterState, ObjectKey, SliceInfo};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
@@ -162,7 +158,7 @@ pub struct Metrics {
     /// The counter totals last seen, to turn totals into increments.
     last_datapath_totals: Mutex<Vec<u64>>,
     /// Trigger times already measured, per slice.
-    seen_trigger_times: Mutex<BTreeMap<ObjectKey, String>>,
+    seen_trigger_times: Mutex<BTreeMap<ObjectKey, Box<str>>>,
     /// When the agent started: trigger times before it are not measured (kube-proxy's
     /// rule: a change made while no proxy ran would count the outage as latency).
     started: SystemTime,
@@ -495,9 +491,9 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let observe = |key: &ObjectKey,
-                       slice: &EndpointSlice,
-                       seen: &BTreeMap<ObjectKey, String>,
-                       still_present: &mut BTreeMap<ObjectKey, String>| {
+                       slice: &SliceInfo,
+                       seen: &BTreeMap<ObjectKey, Box<str>>,
+                       still_present: &mut BTreeMap<ObjectKey, Box<str>>| {
             let Some(trigger) = trigger_time(slice) else {
                 return;
             };
@@ -554,12 +550,8 @@ impl Metrics {
 }
 
 /// The trigger-time annotation of a slice: its text and its parsed time.
-fn trigger_time(slice: &EndpointSlice) -> Option<(String, SystemTime)> {
-    let text = slice
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(TRIGGER_TIME_ANNOTATION)?;
+fn trigger_time(slice: &SliceInfo) -> Option<(Box<str>, SystemTime)> {
+    let text = slice.trigger_time.as_ref()?;
     let parsed = parse_rfc3339(text)?;
     Some((text.clone(), parsed))
 }
@@ -601,12 +593,15 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 mod tests {
     use std::collections::BTreeMap as Map;
 
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::{
+        api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
 
     use super::*;
 
-    fn slice(trigger: &str) -> EndpointSlice {
-        EndpointSlice {
+    /// A slice with a trigger time, as the sources convert it.
+    fn slice(trigger: &str) -> SliceInfo {
+        SliceInfo::from(&EndpointSlice {
             metadata: ObjectMeta {
                 name: Some("web-abc".into()),
                 namespace: Some("default".into()),
@@ -619,7 +614,7 @@ mod tests {
             address_type: "IPv4".into(),
             endpoints: Vec::new(),
             ports: None,
-        }
+        })
     }
 
     #[test]

@@ -16,17 +16,17 @@
 //! of it; it goes with the pins on exit and stays with `--keep-state`.
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     model::{Desired, FrontendKind, ServicePortName},
-    state::{ClusterState, ObjectKey},
+    state::{ClusterState, EndpointAddress, ObjectKey},
 };
 
 /// Where names files live.
@@ -100,19 +100,66 @@ pub struct FrontendNames {
     pub service_id: u32,
 }
 
-/// One endpoint of a service as its EndpointSlices describe it.
+/// One endpoint of a service as its EndpointSlices describe it. The agent keeps the
+/// names it last wrote (one of these per endpoint, half a million at 50 000 services),
+/// so the strings every endpoint of a slice repeats are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointNames {
-    pub namespace: String,
+    #[serde(with = "shared_text")]
+    pub namespace: Arc<str>,
     /// The service the endpoint belongs to.
-    pub service: String,
+    #[serde(with = "shared_text")]
+    pub service: Arc<str>,
     pub address: Ipv4Addr,
     /// `targetRef` name when it is a Pod.
-    pub pod: Option<String>,
-    pub node: Option<String>,
+    pub pod: Option<Box<str>>,
+    #[serde(with = "shared_text::optional")]
+    pub node: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+}
+
+/// Shared strings as JSON strings (serde's own impls for `Arc` need its `rc` feature,
+/// which would rebuild every crate that uses serde).
+mod shared_text {
+    use std::sync::Arc;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(text: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(deserializer).map(Arc::from)
+    }
+
+    pub mod optional {
+        use std::sync::Arc;
+
+        use serde::{Deserialize as _, Deserializer, Serializer};
+
+        #[expect(
+            clippy::ref_option,
+            reason = "serde's `with` passes the field by reference"
+        )]
+        pub fn serialize<S: Serializer>(
+            text: &Option<Arc<str>>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match text {
+                Some(text) => serializer.serialize_some(&**text),
+                None => serializer.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Arc<str>>, D::Error> {
+            Option::<String>::deserialize(deserializer).map(|text| text.map(Arc::from))
+        }
+    }
 }
 
 /// The whole file.
@@ -177,38 +224,28 @@ pub fn collect(
         .map(|spec| &spec.service_port.service)
         .collect();
     let mut endpoints = Vec::new();
-    for slice in state.endpoint_slices.values() {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(crate::model::LABEL_SERVICE_NAME))
-        else {
+    for (key, slice) in &state.endpoint_slices {
+        let Some(service) = slice.service_name.as_deref() else {
             continue;
         };
-        let namespace = ObjectKey::of(&slice.metadata).namespace;
-        if !services.contains(&ObjectKey::new(namespace.clone(), service.clone())) {
+        if !services.contains(&ObjectKey::new(key.namespace.as_str(), service)) {
             continue;
         }
+        let namespace: Arc<str> = key.namespace.as_str().into();
+        let service: Arc<str> = service.into();
         for endpoint in &slice.endpoints {
-            let Some(Ok(address)) = endpoint.addresses.first().map(|a| a.parse()) else {
+            let EndpointAddress::V4(address) = endpoint.address else {
                 continue;
             };
-            let conditions = endpoint.conditions.as_ref();
             endpoints.push(EndpointNames {
-                namespace: namespace.clone(),
-                service: service.clone(),
+                namespace: Arc::clone(&namespace),
+                service: Arc::clone(&service),
                 address,
-                pod: endpoint
-                    .target_ref
-                    .as_ref()
-                    .filter(|target| target.kind.as_deref() == Some("Pod"))
-                    .and_then(|target| target.name.clone()),
+                pod: endpoint.pod.clone(),
                 node: endpoint.node_name.clone(),
-                // The API's defaults for unset conditions (the model reads them alike).
-                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                ready: endpoint.ready,
+                serving: endpoint.serving,
+                terminating: endpoint.terminating,
             });
         }
     }
@@ -231,7 +268,7 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
         .services
         .get(&name.service)
         .and_then(|service| service.spec.as_ref());
-    let policy = |value: Option<&String>| value.map_or("Cluster", String::as_str).to_owned();
+    let policy = |value: Option<&str>| value.unwrap_or("Cluster").to_owned();
     ServicePortNames {
         service_id,
         namespace: name.service.namespace.clone(),
@@ -239,10 +276,11 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
         port: name.port.clone(),
         protocol: protocol_name(name.proto),
         service_type: spec
-            .and_then(|spec| spec.type_.clone())
-            .unwrap_or_else(|| "ClusterIP".to_owned()),
-        internal_traffic_policy: policy(spec.and_then(|s| s.internal_traffic_policy.as_ref())),
-        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy.as_ref())),
+            .and_then(|spec| spec.type_.as_deref())
+            .unwrap_or("ClusterIP")
+            .to_owned(),
+        internal_traffic_policy: policy(spec.and_then(|s| s.internal_traffic_policy.as_deref())),
+        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy.as_deref())),
     }
 }
 
@@ -259,17 +297,20 @@ pub fn write(path: &Path, names: &Names) -> Result<(), Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(error)?;
     }
-    let text = serde_json::to_vec(names).map_err(|source| error(source.into()))?;
     let temporary = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&temporary)
         .map_err(error)?;
-    file.write_all(&text).map_err(error)?;
-    drop(file);
+    // Written as it is serialized: at 500 000 endpoints the text would be ~100 MB.
+    let mut writer = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut writer, names).map_err(|source| error(source.into()))?;
+    writer
+        .into_inner()
+        .map_err(|failed| error(failed.into_error()))?;
     std::fs::rename(&temporary, path).map_err(error)
 }
 

@@ -23,15 +23,14 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::scope;
 
 use super::{
     conflict, slice_service_name, Claim, Desired, Diagnostic, DiagnosticReason, FrontendKey,
-    FrontendSpec, ModelSettings, ServiceContext, ServicePortName, LABEL_SERVICE_NAME,
+    FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServicePortName, LABEL_SERVICE_NAME,
     LABEL_TOPOLOGY_ZONE,
 };
-use crate::state::{ClusterState, NodeInfo, ObjectKey};
+use crate::state::{ClusterState, NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
 
 /// What one [`IncrementalModel::update`] changed in [`IncrementalModel::desired`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,7 +79,7 @@ impl ModelChanges {
 /// One service: the objects its output was computed from, and that output.
 #[derive(Debug)]
 struct ServiceEntry {
-    service: Arc<Service>,
+    service: Arc<ServiceInfo>,
     /// Frontends (with cluster-internal twins) before conflicts with other services,
     /// local endpoints, source ranges, its health check, its own diagnostics.
     output: Desired,
@@ -91,7 +90,7 @@ struct ServiceEntry {
 /// One EndpointSlice and the service it names.
 #[derive(Debug)]
 struct SliceEntry {
-    slice: Arc<EndpointSlice>,
+    slice: Arc<SliceInfo>,
     service: Option<ObjectKey>,
 }
 
@@ -104,7 +103,7 @@ pub struct IncrementalModel {
     services: BTreeMap<ObjectKey, ServiceEntry>,
     slices: BTreeMap<ObjectKey, SliceEntry>,
     /// Labelled slices by the service they name, whether or not it exists.
-    slices_by_service: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<EndpointSlice>>>,
+    slices_by_service: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<SliceInfo>>>,
     /// Slices without a label or whose service does not exist.
     orphans: BTreeMap<ObjectKey, Diagnostic>,
     /// Every service claiming each frontend of default scope, best first.
@@ -337,7 +336,7 @@ impl IncrementalModel {
     fn replace_slice(
         &mut self,
         key: &ObjectKey,
-        new: Option<&Arc<EndpointSlice>>,
+        new: Option<&Arc<SliceInfo>>,
         dirty: &mut BTreeSet<ObjectKey>,
     ) -> bool {
         let old_report = self.orphans.remove(key);
@@ -416,17 +415,17 @@ impl IncrementalModel {
     fn compute_service(
         &self,
         key: &ObjectKey,
-        service: &Arc<Service>,
+        service: &Arc<ServiceInfo>,
         node_name: &str,
         zone: &str,
         settings: &ModelSettings,
     ) -> ServiceEntry {
-        let slices: Vec<&EndpointSlice> = self
+        let slices: Vec<KeyedSlice<'_>> = self
             .slices_by_service
             .get(key)
             .into_iter()
-            .flat_map(BTreeMap::values)
-            .map(Arc::as_ref)
+            .flat_map(BTreeMap::iter)
+            .map(|(slice_key, slice)| (slice_key, slice.as_ref()))
             .collect();
         let claims = RefCell::new(BTreeMap::new());
         let context = ServiceContext {

@@ -17,21 +17,13 @@ use std::{
 
 pub use endpoints::{categorize, Categorized, Endpoint, Policies};
 pub use incremental::{IncrementalModel, ModelChanges};
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
-    discovery::v1::EndpointSlice,
-};
 use proxy_common::{proto, scope, service_flags};
 
-use crate::state::{ClusterState, ObjectKey};
-
-/// Label naming the proxy that should handle a service (kube-proxy skips services
-/// labelled for another proxy).
-pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-/// Label marking headless services.
-pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-/// Label tying an EndpointSlice to its Service.
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+use crate::state::{
+    AddressType, ClusterState, EndpointAddress, IpField, ObjectKey, Protocol, ServiceInfo,
+    ServicePortInfo, ServiceSpecInfo, SliceInfo,
+};
+pub use crate::state::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 /// Node label with the topology zone.
 pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 /// sessionAffinityConfig.clientIP.timeoutSeconds default and maximum.
@@ -260,23 +252,16 @@ pub fn desired(state: &ClusterState, settings: &ModelSettings) -> Desired {
 }
 
 /// The service an EndpointSlice belongs to: its `kubernetes.io/service-name` label
-/// (`None` without one). The one place the model reads that label.
-fn slice_service_name(slice: &EndpointSlice) -> Option<&str> {
-    slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|labels| labels.get(LABEL_SERVICE_NAME))
-        .map(String::as_str)
+/// (`None` without one).
+fn slice_service_name(slice: &SliceInfo) -> Option<&str> {
+    slice.service_name.as_deref()
 }
 
-/// Parses an L4 protocol name (unset means TCP, as the API defaults it).
-fn parse_protocol(protocol: Option<&str>) -> Result<u8, String> {
-    match protocol.unwrap_or("TCP") {
-        "TCP" => Ok(proto::TCP),
-        "UDP" => Ok(proto::UDP),
-        "SCTP" => Ok(proto::SCTP),
-        other => Err(format!("unknown protocol {other:?}")),
+/// The protocol number of a protocol field, or why there is none.
+fn protocol_number(protocol: &Protocol) -> Result<u8, String> {
+    match protocol {
+        Protocol::Known(number) => Ok(*number),
+        Protocol::Unknown(other) => Err(format!("unknown protocol {other:?}")),
     }
 }
 
@@ -285,11 +270,14 @@ fn valid_port(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|port| *port != 0)
 }
 
+/// A slice with its key.
+type KeyedSlice<'a> = (&'a ObjectKey, &'a SliceInfo);
+
 /// One service being turned into frontends.
 struct ServiceContext<'a> {
     key: &'a ObjectKey,
-    service: &'a Service,
-    slices: &'a [&'a EndpointSlice],
+    service: &'a ServiceInfo,
+    slices: &'a [KeyedSlice<'a>],
     node_name: &'a str,
     zone: &'a str,
     settings: &'a ModelSettings,
@@ -347,14 +335,12 @@ impl ServiceContext<'_> {
     /// kube-proxy's filters: services for another proxy, headless services and
     /// ExternalName services are not ours.
     fn is_ours(&self) -> bool {
-        let labels = self.service.metadata.labels.as_ref();
-        let label = |name: &str| labels.and_then(|labels| labels.get(name));
-        if let Some(proxy) = label(LABEL_SERVICE_PROXY_NAME) {
-            if self.settings.proxy_name.as_deref() != Some(proxy.as_str()) {
+        if let Some(proxy) = self.service.proxy_name.as_deref() {
+            if self.settings.proxy_name.as_deref() != Some(proxy) {
                 return false;
             }
         }
-        if label(LABEL_HEADLESS).is_some() {
+        if self.service.headless {
             return false;
         }
         let Some(spec) = &self.service.spec else {
@@ -363,26 +349,26 @@ impl ServiceContext<'_> {
         if spec.type_.as_deref() == Some("ExternalName") {
             return false;
         }
-        spec.cluster_ip.as_deref() != Some("None")
+        !matches!(&spec.cluster_ip, Some(IpField::Malformed(text)) if &**text == "None")
     }
 
-    /// Parses a list of IP strings, keeping IPv4 and reporting the rest.
+    /// Keeps the IPv4 addresses of a list of IP fields, reporting the rest.
     fn ipv4_list<'s>(
         &self,
         out: &mut Desired,
         what: &str,
-        ips: impl Iterator<Item = &'s str>,
+        ips: impl Iterator<Item = &'s IpField>,
     ) -> Vec<Ipv4Addr> {
         let mut v4 = Vec::new();
         for ip in ips {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(addr)) => v4.push(addr),
-                Ok(IpAddr::V6(addr)) => self.diagnose(
+            match ip {
+                IpField::Ip(IpAddr::V4(addr)) => v4.push(*addr),
+                IpField::Ip(IpAddr::V6(addr)) => self.diagnose(
                     out,
                     DiagnosticReason::UnsupportedIpFamily,
                     format!("{what} {addr} is IPv6; the datapath translates IPv4 only"),
                 ),
-                Err(_) => self.diagnose(
+                IpField::Malformed(ip) => self.diagnose(
                     out,
                     DiagnosticReason::Malformed,
                     format!("{what} {ip:?} is not an IP address"),
@@ -404,30 +390,22 @@ impl ServiceContext<'_> {
             };
         };
         // clusterIPs (dual stack) supersedes clusterIP; both may be set and agree.
-        let cluster_ips: Vec<&str> = match &spec.cluster_ips {
-            Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-            _ => spec.cluster_ip.iter().map(String::as_str).collect(),
+        let cluster_ips = if spec.cluster_ips.is_empty() {
+            spec.cluster_ip.as_slice()
+        } else {
+            &spec.cluster_ips
         };
-        let cluster_ips = self.ipv4_list(out, "clusterIP", cluster_ips.into_iter());
-        let external_ips = self.ipv4_list(
-            out,
-            "externalIP",
-            spec.external_ips.iter().flatten().map(String::as_str),
-        );
+        let cluster_ips = self.ipv4_list(out, "clusterIP", cluster_ips.iter());
+        let external_ips = self.ipv4_list(out, "externalIP", spec.external_ips.iter());
         let load_balancer_ips = if spec.type_.as_deref() == Some("LoadBalancer") {
-            let ingress = self
-                .service
-                .status
-                .as_ref()
-                .and_then(|status| status.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
             // ipMode Proxy: the load balancer proxies, so traffic never arrives with
             // the LB IP as destination; kube-proxy skips those.
-            let ips = ingress
-                .into_iter()
-                .flatten()
+            let ips = self
+                .service
+                .load_balancer_ingress
+                .iter()
                 .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
-                .filter_map(|ingress| ingress.ip.as_deref());
+                .map(|ingress| &ingress.ip);
             self.ipv4_list(out, "loadBalancer ingress IP", ips)
         } else {
             Vec::new()
@@ -435,7 +413,7 @@ impl ServiceContext<'_> {
         // Only IPv4 ranges restrict IPv4 traffic; with none valid, kube-proxy (per IP
         // family) installs no filter, and neither do we.
         let mut source_ranges = BTreeSet::new();
-        for range in spec.load_balancer_source_ranges.iter().flatten() {
+        for range in &spec.load_balancer_source_ranges {
             match parse_cidr(range) {
                 Ok((IpAddr::V4(addr), len)) => {
                     source_ranges.insert((addr, len));
@@ -464,15 +442,10 @@ impl ServiceContext<'_> {
 
     fn affinity_timeout(&self, out: &mut Desired) -> Option<u32> {
         let spec = self.service.spec.as_ref()?;
-        if spec.session_affinity.as_deref() != Some("ClientIP") {
+        if !spec.client_ip_affinity {
             return None;
         }
-        let configured = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|config| config.client_ip.as_ref())
-            .and_then(|client_ip| client_ip.timeout_seconds);
-        match configured {
+        match spec.affinity_timeout_seconds {
             None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
             Some(seconds) => match u32::try_from(seconds) {
                 Ok(seconds) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&seconds) => Some(seconds),
@@ -494,14 +467,13 @@ impl ServiceContext<'_> {
     /// The endpoints of one service port, from every slice of the service.
     fn endpoints(&self, out: &mut Desired, port_name: &str, proto: u8) -> Vec<Endpoint> {
         let mut found: BTreeMap<SocketAddrV4, Endpoint> = BTreeMap::new();
-        for slice in self.slices {
-            let slice_name = ObjectKey::of(&slice.metadata);
-            match slice.address_type.as_str() {
-                "IPv4" => {}
+        for &(slice_name, slice) in self.slices {
+            match &slice.address_type {
+                AddressType::IPv4 => {}
                 // IPv6 slices belong to the IPv6 family we do not translate (reported
                 // with the service's IPv6 clusterIP); FQDN slices kube-proxy ignores.
-                "IPv6" | "FQDN" => continue,
-                other => {
+                AddressType::IPv6 | AddressType::Fqdn => continue,
+                AddressType::Unknown(other) => {
                     out.diagnose(
                         format!("EndpointSlice {slice_name}"),
                         DiagnosticReason::Malformed,
@@ -510,9 +482,8 @@ impl ServiceContext<'_> {
                     continue;
                 }
             }
-            let matching_port = slice.ports.iter().flatten().find(|port| {
-                port.name.as_deref().unwrap_or_default() == port_name
-                    && parse_protocol(port.protocol.as_deref()) == Ok(proto)
+            let matching_port = slice.ports.iter().find(|port| {
+                &*port.name == port_name && protocol_number(&port.protocol) == Ok(proto)
             });
             let Some(target_port) = matching_port.and_then(|port| port.port) else {
                 continue;
@@ -527,40 +498,35 @@ impl ServiceContext<'_> {
             };
             for endpoint in &slice.endpoints {
                 // kube-proxy uses the first address of an endpoint only.
-                let Some(address) = endpoint.addresses.first() else {
-                    continue;
+                let ip = match &endpoint.address {
+                    EndpointAddress::V4(ip) => *ip,
+                    EndpointAddress::Text(address) => {
+                        out.diagnose(
+                            format!("EndpointSlice {slice_name}"),
+                            DiagnosticReason::Malformed,
+                            format!("endpoint address {address:?} is not an IPv4 address"),
+                        );
+                        continue;
+                    }
                 };
-                let Ok(ip) = address.parse::<Ipv4Addr>() else {
-                    out.diagnose(
-                        format!("EndpointSlice {slice_name}"),
-                        DiagnosticReason::Malformed,
-                        format!("endpoint address {address:?} is not an IPv4 address"),
-                    );
-                    continue;
-                };
-                let conditions = endpoint.conditions.as_ref();
-                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-                let hints = endpoint.hints.as_ref();
+                let hints = endpoint.hints.as_deref();
                 let addr = SocketAddrV4::new(ip, target_port);
                 let candidate = Endpoint {
                     addr,
-                    ready,
-                    // Unset means serving (API docs; kube-proxy's endpointslicecache).
-                    serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                    ready: endpoint.ready,
+                    serving: endpoint.serving,
+                    terminating: endpoint.terminating,
                     is_local: !self.node_name.is_empty()
                         && endpoint.node_name.as_deref() == Some(self.node_name),
                     zone_hints: hints
-                        .and_then(|h| h.for_zones.as_ref())
                         .into_iter()
-                        .flatten()
-                        .map(|zone| zone.name.clone())
+                        .flat_map(|h| h.for_zones.iter())
+                        .map(|zone| zone.to_string())
                         .collect::<BTreeSet<_>>(),
                     node_hints: hints
-                        .and_then(|h| h.for_nodes.as_ref())
                         .into_iter()
-                        .flatten()
-                        .map(|node| node.name.clone())
+                        .flat_map(|h| h.for_nodes.iter())
+                        .map(|node| node.to_string())
                         .collect::<BTreeSet<_>>(),
                 };
                 // The same address in two slices (a reused pod IP, an endpoint moving
@@ -595,7 +561,7 @@ impl ServiceContext<'_> {
         let is_node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        for port in spec.ports.iter().flatten() {
+        for port in &spec.ports {
             self.add_port_frontends(
                 out,
                 port,
@@ -612,10 +578,10 @@ impl ServiceContext<'_> {
     /// holds (type LoadBalancer and externalTrafficPolicy Local) and it has ports; a
     /// NodePort service with Local policy gets none. Called only for services with an
     /// IPv4 ClusterIP, as kube-proxy's IPv4 proxier sees no others.
-    fn add_health_check(&self, out: &mut Desired, spec: &ServiceSpec) {
+    fn add_health_check(&self, out: &mut Desired, spec: &ServiceSpecInfo) {
         let needs_health_check = spec.type_.as_deref() == Some("LoadBalancer")
             && spec.external_traffic_policy.as_deref() == Some("Local")
-            && spec.ports.as_ref().is_some_and(|ports| !ports.is_empty());
+            && !spec.ports.is_empty();
         if !needs_health_check {
             return;
         }
@@ -660,13 +626,13 @@ impl ServiceContext<'_> {
     /// do not count even when the frontends fall back to them (KEP-1669): the check
     /// fails so load balancers drain the node while its connections finish.
     fn local_ready_endpoints(&self) -> usize {
-        let ports: BTreeSet<(String, u8)> = self
+        let ports: BTreeSet<(&str, u8)> = self
             .slices
             .iter()
-            .flat_map(|slice| slice.ports.iter().flatten())
+            .flat_map(|(_, slice)| slice.ports.iter())
             .filter_map(|port| {
-                let proto = parse_protocol(port.protocol.as_deref()).ok()?;
-                Some((port.name.clone().unwrap_or_default(), proto))
+                let proto = protocol_number(&port.protocol).ok()?;
+                Some((&*port.name, proto))
             })
             .collect();
         // Problems in these slices are reported by the frontends of the service's own
@@ -688,15 +654,15 @@ impl ServiceContext<'_> {
     fn add_port_frontends(
         &self,
         out: &mut Desired,
-        port: &ServicePort,
+        port: &ServicePortInfo,
         addresses: &Addresses,
         affinity_timeout: Option<u32>,
         is_node_port_type: bool,
         internal_local: bool,
         external_local: bool,
     ) {
-        let port_name = port.name.clone().unwrap_or_default();
-        let proto = match parse_protocol(port.protocol.as_deref()) {
+        let port_name = port.name.to_string();
+        let proto = match protocol_number(&port.protocol) {
             Ok(proto::SCTP) => {
                 self.diagnose(
                     out,
@@ -876,12 +842,7 @@ impl ServiceContext<'_> {
 
     /// This service's claim on a frontend of `kind`.
     fn claim(&self, kind: FrontendKind) -> Claim {
-        let created = self
-            .service
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|time| time.0);
+        let created = self.service.created;
         Claim {
             rank: u8::from(matches!(
                 kind,

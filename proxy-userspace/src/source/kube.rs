@@ -1,13 +1,17 @@
-//! The Kubernetes API as the source: kube-rs watchers with reflector stores for
-//! Services, EndpointSlices (discovery.k8s.io/v1) and this node's own Node object.
+//! The Kubernetes API as the source: kube-rs watchers for Services, EndpointSlices
+//! (discovery.k8s.io/v1) and this node's own Node object, each feeding a store of its
+//! own ([`ObjectStore`]) that holds the objects in their compact form
+//! ([`crate::state`]): an object is converted as its event arrives and the whole
+//! Kubernetes object dropped, so the source never holds what only the API needs.
 //!
 //! Two rules keep the datapath safe while the API misbehaves:
 //! - nothing is published until every watcher has finished its initial list, so the
 //!   agent never syncs a partial view (which would delete frontends);
-//! - a broken watch publishes nothing: the reflector stores keep their last state, the
-//!   watcher reconnects with backoff (`default_backoff`) and relists after 410 Gone,
-//!   and a relist replaces a store only once it is complete (`InitDone`). Maps are never
-//!   flushed because a watch broke; only real changes reach them.
+//! - a broken watch publishes nothing: the stores keep their last state, the watcher
+//!   reconnects with backoff (`default_backoff`) and relists after 410 Gone, and a
+//!   relist replaces a store only once it is complete (`InitDone`), as kube-rs's
+//!   reflector does. Maps are never flushed because a watch broke; only real changes
+//!   reach them.
 //!
 //! Bursts are batched the way kube-proxy's bounded-frequency runner does it: the
 //! minimum sync period (`minSyncPeriod`, 1 s by default) is the least time between two
@@ -18,8 +22,9 @@
 //! EndpointSlices hides updates.
 //!
 //! Each published snapshot is the whole state of the stores (the model and the syncer
-//! diff it against the maps), built with the same [`Snapshot`] methods the manifest
-//! source uses.
+//! diff it against the maps), sharing every object with them. An object whose event
+//! changes nothing the agent reads (a status or annotation update, a relist) keeps its
+//! `Arc`, and such an event alone publishes nothing.
 use std::{
     collections::BTreeMap,
     fmt::Debug,
@@ -39,17 +44,15 @@ use k8s_openapi::api::{
 };
 use kube::{
     config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
-    runtime::{
-        reflector::{self, Store},
-        watcher, WatchStreamExt as _,
-    },
-    Api, Client, Config, ResourceExt as _,
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client, Config,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::Snapshot;
+use crate::state::{NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
 
 /// kube-proxy's default `minSyncPeriod`.
 pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
@@ -196,82 +199,225 @@ impl ApiStatus {
     }
 }
 
-/// What a watcher reported.
+/// A watcher event with the object in its compact form.
+#[derive(Debug)]
+enum StoreEvent<T> {
+    /// Added or modified.
+    Apply(ObjectKey, T),
+    Delete(ObjectKey),
+    /// A (re)list starts.
+    Init,
+    /// An object of the (re)list.
+    InitApply(ObjectKey, T),
+    /// The (re)list is complete: it replaces the store.
+    InitDone,
+}
+
+/// What a watcher reported, its objects already converted.
 #[derive(Debug)]
 enum Update {
-    /// A change reached the store (Apply, Delete).
-    Changed(Resource),
-    /// A (re)list started or delivered an object; the store is unchanged until it ends.
-    Listing(Resource),
-    /// A (re)list ended: the store now holds exactly the listed objects.
-    Listed(Resource),
+    Services(StoreEvent<ServiceInfo>),
+    EndpointSlices(StoreEvent<SliceInfo>),
+    Node(StoreEvent<NodeInfo>),
     /// The watch failed; the watcher retries with backoff.
     Failed(Resource, String),
 }
 
-/// Turns a reflected watcher stream into [`Update`]s.
-fn updates<K, S>(resource: Resource, events: S) -> BoxStream<'static, Update>
+/// What an update did to its store.
+#[derive(Debug, PartialEq, Eq)]
+enum Effect {
+    /// An object was added, changed or removed.
+    Changed,
+    /// Nothing the agent reads changed (an equal object, a delete of an unknown one).
+    Unchanged,
+    /// A (re)list started or delivered an object; the store is unchanged until it ends.
+    Listing,
+    /// A (re)list ended: the store now holds exactly the listed objects.
+    Listed,
+    /// The watch failed.
+    Failed(String),
+}
+
+/// A watched kind of object and its compact form: the one conversion in
+/// [`crate::state`].
+trait Watched:
+    kube::Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
+{
+    type Info: Send + 'static;
+    const RESOURCE: Resource;
+    fn compact(&self) -> Self::Info;
+    fn update(event: StoreEvent<Self::Info>) -> Update;
+}
+
+impl Watched for Service {
+    type Info = ServiceInfo;
+    const RESOURCE: Resource = Resource::Services;
+    fn compact(&self) -> ServiceInfo {
+        ServiceInfo::from(self)
+    }
+    fn update(event: StoreEvent<ServiceInfo>) -> Update {
+        Update::Services(event)
+    }
+}
+
+impl Watched for EndpointSlice {
+    type Info = SliceInfo;
+    const RESOURCE: Resource = Resource::EndpointSlices;
+    fn compact(&self) -> SliceInfo {
+        SliceInfo::from(self)
+    }
+    fn update(event: StoreEvent<SliceInfo>) -> Update {
+        Update::EndpointSlices(event)
+    }
+}
+
+impl Watched for Node {
+    type Info = NodeInfo;
+    const RESOURCE: Resource = Resource::Node;
+    fn compact(&self) -> NodeInfo {
+        NodeInfo::from(self)
+    }
+    fn update(event: StoreEvent<NodeInfo>) -> Update {
+        Update::Node(event)
+    }
+}
+
+/// Turns a watcher stream into [`Update`]s, converting each object as it arrives (the
+/// Kubernetes object is dropped right after).
+fn updates<K, S>(events: S) -> BoxStream<'static, Update>
 where
+    K: Watched,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
+    let keyed = |object: &K| (ObjectKey::of(object.meta()), object.compact());
     events
         .map(move |event| match event {
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Update::Changed(resource),
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Update::Listing(resource),
-            Ok(watcher::Event::InitDone) => Update::Listed(resource),
+            Ok(watcher::Event::Apply(object)) => {
+                let (key, info) = keyed(&object);
+                K::update(StoreEvent::Apply(key, info))
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                K::update(StoreEvent::Delete(ObjectKey::of(object.meta())))
+            }
+            Ok(watcher::Event::Init) => K::update(StoreEvent::Init),
+            Ok(watcher::Event::InitApply(object)) => {
+                let (key, info) = keyed(&object);
+                K::update(StoreEvent::InitApply(key, info))
+            }
+            Ok(watcher::Event::InitDone) => K::update(StoreEvent::InitDone),
             // kube-runtime's errors already include their causes in Display.
-            Err(error) => Update::Failed(resource, error.to_string()),
+            Err(error) => Update::Failed(K::RESOURCE, error.to_string()),
         })
         .boxed()
 }
 
-/// A watcher with backoff, reflected into a new store. The store keeps what the model
-/// and the metrics read, not what only the API needs: managed fields and annotations
-/// (`kubectl apply`'s last-applied-configuration alone is a second copy of each
-/// object) are dropped, all but the EndpointSlice trigger time the network
-/// programming latency is measured from.
-fn follow<K>(
-    resource: Resource,
-    api: Api<K>,
-    config: watcher::Config,
-) -> (Store<K>, BoxStream<'static, Update>)
-where
-    K: kube::Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    let (store, writer) = reflector::store();
-    let events = watcher(api, config)
-        .default_backoff()
-        .modify(|object: &mut K| {
-            object.managed_fields_mut().clear();
-            object
-                .annotations_mut()
-                .retain(|name, _| name == crate::metrics::TRIGGER_TIME_ANNOTATION);
-        });
-    (
-        store,
-        updates(resource, reflector::reflector(writer, events)),
-    )
+/// A watcher with backoff (reconnecting, relisting after 410 Gone), as [`Update`]s.
+fn follow<K: Watched>(api: Api<K>, config: watcher::Config) -> BoxStream<'static, Update> {
+    updates(watcher(api, config).default_backoff())
+}
+
+/// The objects of one watched kind, as the watcher's events leave them: kube-rs's
+/// reflector semantics over compact objects. A relist is gathered aside and replaces
+/// the objects when complete, so objects gone meanwhile are deleted and a relist cut
+/// short changes nothing.
+#[derive(Debug)]
+struct ObjectStore<T> {
+    objects: BTreeMap<ObjectKey, Arc<T>>,
+    /// The relist under way, if any.
+    relist: Option<BTreeMap<ObjectKey, Arc<T>>>,
+}
+
+impl<T> Default for ObjectStore<T> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relist: None,
+        }
+    }
+}
+
+impl<T: PartialEq> ObjectStore<T> {
+    fn apply(&mut self, event: StoreEvent<T>) -> Effect {
+        match event {
+            StoreEvent::Apply(key, object) => {
+                if self
+                    .objects
+                    .get(&key)
+                    .is_some_and(|known| **known == object)
+                {
+                    return Effect::Unchanged;
+                }
+                self.objects.insert(key, Arc::new(object));
+                Effect::Changed
+            }
+            StoreEvent::Delete(key) => match self.objects.remove(&key) {
+                Some(_) => Effect::Changed,
+                None => Effect::Unchanged,
+            },
+            StoreEvent::Init => {
+                self.relist = Some(BTreeMap::new());
+                Effect::Listing
+            }
+            StoreEvent::InitApply(key, object) => {
+                // An object the relist finds unchanged stays the same object.
+                let object = match self.objects.get(&key) {
+                    Some(known) if **known == object => Arc::clone(known),
+                    _ => Arc::new(object),
+                };
+                self.relist.get_or_insert_default().insert(key, object);
+                Effect::Listing
+            }
+            StoreEvent::InitDone => {
+                self.objects = self.relist.take().unwrap_or_default();
+                Effect::Listed
+            }
+        }
+    }
 }
 
 /// The stores the snapshots are read from.
+#[derive(Debug, Default)]
 struct Stores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    services: ObjectStore<ServiceInfo>,
+    slices: ObjectStore<SliceInfo>,
     /// `None` without a node name: no Node is watched.
-    node: Option<Store<Node>>,
+    node: Option<ObjectStore<NodeInfo>>,
 }
 
 impl Stores {
+    fn new(watch_node: bool) -> Self {
+        Self {
+            node: watch_node.then(ObjectStore::default),
+            ..Self::default()
+        }
+    }
+
+    /// Applies an update to its store: which resource it was about, and its effect.
+    fn apply(&mut self, update: Update) -> (Resource, Effect) {
+        match update {
+            Update::Services(event) => (Resource::Services, self.services.apply(event)),
+            Update::EndpointSlices(event) => (Resource::EndpointSlices, self.slices.apply(event)),
+            Update::Node(event) => {
+                let effect = match &mut self.node {
+                    Some(store) => store.apply(event),
+                    None => Effect::Unchanged,
+                };
+                (Resource::Node, effect)
+            }
+            Update::Failed(resource, error) => (resource, Effect::Failed(error)),
+        }
+    }
+
+    /// The snapshot of the stores: their maps, sharing every object.
     fn snapshot(&self, node_name: Option<&str>) -> Snapshot {
         let mut snapshot = Snapshot::for_node(node_name);
-        for service in self.services.state() {
-            snapshot.add_shared_service(service);
-        }
-        for slice in self.slices.state() {
-            snapshot.add_shared_endpoint_slice(slice);
-        }
-        for node in self.node.iter().flat_map(Store::state) {
-            snapshot.add_node(&node);
+        snapshot.state.services.clone_from(&self.services.objects);
+        snapshot
+            .state
+            .endpoint_slices
+            .clone_from(&self.slices.objects);
+        for node in self.node.iter().flat_map(|store| store.objects.values()) {
+            snapshot.add_node(node);
         }
         snapshot
     }
@@ -306,41 +452,29 @@ impl ApiSource {
     /// Follows the API and publishes a [`Snapshot`] once every initial list is done
     /// and then after every batch of changes, until the receiver is gone.
     pub async fn run(self, snapshots: watch::Sender<Arc<Snapshot>>) {
-        let (services, services_updates) = follow(
-            Resource::Services,
-            Api::<Service>::all(self.client.clone()),
-            watcher::Config::default(),
-        );
-        let (slices, slices_updates) = follow(
-            Resource::EndpointSlices,
-            Api::<EndpointSlice>::all(self.client.clone()),
-            watcher::Config::default(),
-        );
-        let mut streams = vec![services_updates, slices_updates];
+        let mut streams = vec![
+            follow(
+                Api::<Service>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+            follow(
+                Api::<EndpointSlice>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        ];
         // Only our own Node (its labels carry the topology zone).
-        let node = match self.node_name.as_deref() {
-            Some(name) => {
-                let (store, node_updates) = follow(
-                    Resource::Node,
-                    Api::<Node>::all(self.client.clone()),
-                    watcher::Config::default().fields(&format!("metadata.name={name}")),
-                );
-                streams.push(node_updates);
-                Some(store)
-            }
+        match self.node_name.as_deref() {
+            Some(name) => streams.push(follow(
+                Api::<Node>::all(self.client.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            )),
             None => {
                 warn!("no node name (--node-name, NODE_NAME): node-local endpoints and topology are unknown");
-                None
             }
-        };
-        let stores = Stores {
-            services,
-            slices,
-            node,
-        };
+        }
         publish(
             stream::select_all(streams),
-            &stores,
+            Stores::new(self.node_name.is_some()),
             self.node_name.as_deref(),
             self.min_sync_period,
             &self.status,
@@ -355,7 +489,7 @@ impl ApiSource {
 /// publish is older than that). Returns when the updates end or the receiver is gone.
 async fn publish(
     updates: impl Stream<Item = Update>,
-    stores: &Stores,
+    mut stores: Stores,
     node_name: Option<&str>,
     min_sync_period: Duration,
     status: &ApiStatus,
@@ -376,7 +510,7 @@ async fn publish(
         let Some(update) = updates.next().await else {
             return;
         };
-        pending |= note(update, &mut listed, status);
+        pending |= note(stores.apply(update), &mut listed, status);
         if !pending || listed.len() < watched.len() {
             continue;
         }
@@ -391,7 +525,7 @@ async fn publish(
                 biased;
                 update = updates.next() => match update {
                     Some(update) => {
-                        note(update, &mut listed, status);
+                        note(stores.apply(update), &mut listed, status);
                     }
                     None => return,
                 },
@@ -413,19 +547,23 @@ async fn publish(
     }
 }
 
-/// Records an update in the status and the list of listed resources; true when it
-/// changed a store.
-fn note(update: Update, listed: &mut Vec<Resource>, status: &ApiStatus) -> bool {
-    match update {
-        Update::Changed(resource) => {
+/// Records what an update did in the status and the list of listed resources; true
+/// when it changed a store.
+fn note(
+    (resource, effect): (Resource, Effect),
+    listed: &mut Vec<Resource>,
+    status: &ApiStatus,
+) -> bool {
+    match effect {
+        Effect::Changed => {
             status.succeeded(resource, false);
             true
         }
-        Update::Listing(resource) => {
+        Effect::Unchanged | Effect::Listing => {
             status.succeeded(resource, false);
             false
         }
-        Update::Listed(resource) => {
+        Effect::Listed => {
             status.succeeded(resource, true);
             if !listed.contains(&resource) {
                 info!(resource = resource.label(), "initial list done");
@@ -433,7 +571,7 @@ fn note(update: Update, listed: &mut Vec<Resource>, status: &ApiStatus) -> bool 
             }
             true
         }
-        Update::Failed(resource, error) => {
+        Effect::Failed(error) => {
             // The watcher retries with backoff (and relists after 410 Gone); the stores
             // and the datapath stay as they are meanwhile.
             warn!(resource = resource.label(), %error, "watch failed; keeping the last known state");
@@ -500,17 +638,15 @@ mod tests {
         Err(watcher::Error::NoResourceVersion)
     }
 
-    /// Sends events into a reflector; the stream never ends by itself.
-    struct Feed<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
+    /// Sends watcher events into the source's updates; the stream never ends by itself.
+    struct Feed<K: Watched> {
         tx: futures::channel::mpsc::UnboundedSender<Result<watcher::Event<K>, watcher::Error>>,
     }
 
-    impl<K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static> Feed<K> {
-        fn new(resource: Resource) -> (Self, Store<K>, BoxStream<'static, Update>) {
+    impl<K: Watched> Feed<K> {
+        fn new() -> (Self, BoxStream<'static, Update>) {
             let (tx, rx) = futures::channel::mpsc::unbounded();
-            let (store, writer) = reflector::store();
-            let stream = updates(resource, reflector::reflector(writer, rx));
-            (Self { tx }, store, stream)
+            (Self { tx }, updates(rx))
         }
 
         fn send(&self, events: Vec<Result<watcher::Event<K>, watcher::Error>>) {
@@ -531,22 +667,18 @@ mod tests {
 
     impl Harness {
         fn start() -> Self {
-            let (services, services_store, a) = Feed::new(Resource::Services);
-            let (slices, slices_store, b) = Feed::new(Resource::EndpointSlices);
-            let (nodes, node_store, c) = Feed::new(Resource::Node);
+            let (services, a) = Feed::new();
+            let (slices, b) = Feed::new();
+            let (nodes, c) = Feed::new();
             let (tx, mut snapshots) = watch::channel(Arc::new(Snapshot::default()));
             snapshots.mark_unchanged();
             let status = Arc::new(ApiStatus::default());
             let task = tokio::spawn({
                 let status = Arc::clone(&status);
                 async move {
-                    let stores = Stores {
-                        services: services_store,
-                        slices: slices_store,
-                        node: Some(node_store),
-                    };
                     let updates = stream::select_all([a, b, c]);
-                    publish(updates, &stores, Some("node-a"), PERIOD, &status, &tx).await;
+                    let stores = Stores::new(true);
+                    publish(updates, stores, Some("node-a"), PERIOD, &status, &tx).await;
                 }
             });
             Self {
@@ -635,10 +767,8 @@ mod tests {
         h.services.send(listed(vec![service("a"), service("b")]));
         h.slices.send(listed(vec![slice("a")]));
         h.nodes.send(listed(vec![node("node-a", "z")]));
-        assert_eq!(
-            names(&h.next().await.expect("first").state.services),
-            ["a", "b"]
-        );
+        let first = h.next().await.expect("first");
+        assert_eq!(names(&first.state.services), ["a", "b"]);
 
         // The watch breaks, again and again (the API server is gone).
         h.services.send(vec![failure(), failure()]);
@@ -661,6 +791,11 @@ mod tests {
         h.services.send(vec![Ok(watcher::Event::InitDone)]);
         let snapshot = h.next().await.expect("the relist");
         assert_eq!(names(&snapshot.state.services), ["b"]);
+        let key = crate::state::ObjectKey::new("default", "b");
+        assert!(
+            Arc::ptr_eq(&first.state.services[&key], &snapshot.state.services[&key]),
+            "an object the relist found unchanged is the same object"
+        );
         assert_eq!(
             names(&snapshot.state.endpoint_slices),
             ["a"],
@@ -713,6 +848,35 @@ mod tests {
         let snapshot = h.next().await.expect("the deletion");
         assert_eq!(names(&snapshot.state.services), ["b"]);
         assert_eq!(names(&snapshot.state.endpoint_slices), ["b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_the_agent_cannot_see_publishes_nothing() {
+        let mut h = Harness::start();
+        h.services.send(listed(vec![service("a")]));
+        h.slices.send(listed(vec![]));
+        h.nodes.send(listed(vec![]));
+        let first = h.next().await.expect("listed");
+        // Only what the agent drops changed (an annotation, the resource version).
+        let mut annotated = service("a");
+        annotated.metadata.annotations = Some([("note".to_owned(), "x".to_owned())].into());
+        annotated.metadata.resource_version = Some("2".into());
+        h.services.send(vec![Ok(watcher::Event::Apply(annotated))]);
+        assert!(
+            h.next().await.is_none(),
+            "an invisible change was published"
+        );
+        let mut moved: Service = service("a");
+        if let Some(spec) = moved.spec.as_mut() {
+            spec.cluster_ip = Some("10.96.0.2".into());
+        }
+        h.services.send(vec![Ok(watcher::Event::Apply(moved))]);
+        let second = h.next().await.expect("a real change");
+        let key = crate::state::ObjectKey::new("default", "a");
+        assert!(!Arc::ptr_eq(
+            &first.state.services[&key],
+            &second.state.services[&key]
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -37,6 +37,7 @@ use super::Snapshot;
 use crate::{
     metrics::ReasonLabels,
     model::{Diagnostic, DiagnosticReason},
+    state::NodeInfo,
 };
 
 /// The largest manifest file read (a file of 65 535 endpoints is about 4 MiB).
@@ -201,6 +202,11 @@ impl ManifestDir {
                 Ok(Some(text)) => {
                     let mut content = Snapshot::for_node(self.node_name.as_deref());
                     parse_documents(&text, &file.display().to_string(), &mut content);
+                    drop(text);
+                    // Objects of the file that did not change keep their copy.
+                    if let Some(known) = self.parsed.get(&file) {
+                        content.share_unchanged(&known.content.state);
+                    }
                     Arc::new(content)
                 }
                 // A directory, or gone since the listing.
@@ -251,11 +257,11 @@ impl ManifestDir {
 /// Adds what one file gave to the directory's snapshot (later files replace objects of
 /// the same name, as when one text held them all), sharing the objects.
 fn merge(snapshot: &mut Snapshot, file: &Snapshot) {
-    for service in file.state.services.values() {
-        snapshot.add_shared_service(Arc::clone(service));
+    for (key, service) in &file.state.services {
+        snapshot.add_shared_service(key.clone(), Arc::clone(service));
     }
-    for slice in file.state.endpoint_slices.values() {
-        snapshot.add_shared_endpoint_slice(Arc::clone(slice));
+    for (key, slice) in &file.state.endpoint_slices {
+        snapshot.add_shared_endpoint_slice(key.clone(), Arc::clone(slice));
     }
     if !file.state.node.labels.is_empty() {
         snapshot
@@ -388,17 +394,17 @@ fn add_object(value: serde_yaml::Value, origin: &str, snapshot: &mut Snapshot) {
     };
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
-            Ok(service) => snapshot.add_service(service),
+            Ok(service) => snapshot.add_service(&service),
             Err(error) => malformed(snapshot, error.to_string()),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_yaml::from_value::<EndpointSlice>(value) {
-                Ok(slice) => snapshot.add_endpoint_slice(slice),
+                Ok(slice) => snapshot.add_endpoint_slice(&slice),
                 Err(error) => malformed(snapshot, error.to_string()),
             }
         }
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
-            Ok(node) => snapshot.add_node(&node),
+            Ok(node) => snapshot.add_node(&NodeInfo::from(&node)),
             Err(error) => malformed(snapshot, error.to_string()),
         },
         (_, "List" | "ServiceList" | "EndpointSliceList") => {
@@ -709,32 +715,47 @@ mod tests {
             temp.manifests().join("web.yaml"),
             temp.manifests().join("db.yaml"),
         );
-        std::fs::write(&web, service("web", "10.96.0.10")).expect("write");
+        let api = service("api", "10.96.0.12");
+        std::fs::write(&web, format!("{api}---\n{}", service("web", "10.96.0.10"))).expect("write");
         std::fs::write(&db, service("db", "10.96.0.11")).expect("write");
         let mut dir = ManifestDir::new(temp.manifests(), None);
         let first = dir.read().expect("readable").snapshot;
         let key = |name: &str| crate::state::ObjectKey::new("default", name);
         // Rewritten (another size, so whatever the clock's granularity).
-        std::fs::write(&web, service("web", "10.96.0.100")).expect("write");
+        std::fs::write(&web, format!("{api}---\n{}", service("web", "10.96.0.100")))
+            .expect("write");
         let second = dir.read().expect("readable").snapshot;
-        assert_eq!(names(&second), ["db", "web"]);
-        assert!(
+        assert_eq!(names(&second), ["api", "db", "web"]);
+        let same = |name: &str| {
             Arc::ptr_eq(
-                &first.state.services[&key("db")],
-                &second.state.services[&key("db")]
-            ),
+                &first.state.services[&key(name)],
+                &second.state.services[&key(name)],
+            )
+        };
+        assert!(
+            same("db"),
             "an unchanged file's objects are the same objects"
+        );
+        assert!(
+            same("api"),
+            "an unchanged object of a changed file is the same object"
         );
         assert_eq!(
             second.state.services[&key("web")]
                 .spec
                 .as_ref()
-                .and_then(|spec| spec.cluster_ip.as_deref()),
-            Some("10.96.0.100"),
+                .and_then(|spec| spec.cluster_ip.clone()),
+            Some(crate::state::IpField::Ip(
+                "10.96.0.100".parse().expect("an IP")
+            )),
             "a changed file is parsed again"
         );
+        assert!(!same("web"), "a changed object is a new object");
         std::fs::remove_file(&db).expect("remove");
-        assert_eq!(names(&dir.read().expect("readable").snapshot), ["web"]);
+        assert_eq!(
+            names(&dir.read().expect("readable").snapshot),
+            ["api", "web"]
+        );
     }
 
     #[test]

@@ -9,17 +9,14 @@ pub mod manifests;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::error;
 
 use crate::{
     metrics::Metrics,
     model::Diagnostic,
-    state::{ClusterState, NodeInfo, ObjectKey},
+    state::{ClusterState, NodeInfo, ObjectKey, ServiceInfo, SliceInfo},
 };
 
 /// Which source the agent follows.
@@ -57,32 +54,59 @@ impl Snapshot {
     }
 
     /// Adds a Service, replacing one with the same namespace and name.
-    pub fn add_service(&mut self, service: Service) {
-        self.add_shared_service(Arc::new(service));
+    pub fn add_service(&mut self, service: &Service) {
+        self.add_shared_service(
+            ObjectKey::of(&service.metadata),
+            Arc::new(ServiceInfo::from(service)),
+        );
     }
 
-    /// Adds a Service held elsewhere too (a source's store), without copying it.
-    pub fn add_shared_service(&mut self, service: Arc<Service>) {
-        let key = ObjectKey::of(&service.metadata);
+    /// Adds a Service held elsewhere too (a source's store, an earlier snapshot),
+    /// without copying it.
+    pub fn add_shared_service(&mut self, key: ObjectKey, service: Arc<ServiceInfo>) {
         self.state.services.insert(key, service);
     }
 
     /// Adds an EndpointSlice, replacing one with the same namespace and name.
-    pub fn add_endpoint_slice(&mut self, slice: EndpointSlice) {
-        self.add_shared_endpoint_slice(Arc::new(slice));
+    pub fn add_endpoint_slice(&mut self, slice: &EndpointSlice) {
+        self.add_shared_endpoint_slice(
+            ObjectKey::of(&slice.metadata),
+            Arc::new(SliceInfo::from(slice)),
+        );
     }
 
-    /// Adds an EndpointSlice held elsewhere too (a source's store), without copying it.
-    pub fn add_shared_endpoint_slice(&mut self, slice: Arc<EndpointSlice>) {
-        let key = ObjectKey::of(&slice.metadata);
+    /// Adds an EndpointSlice held elsewhere too (a source's store, an earlier
+    /// snapshot), without copying it.
+    pub fn add_shared_endpoint_slice(&mut self, key: ObjectKey, slice: Arc<SliceInfo>) {
         self.state.endpoint_slices.insert(key, slice);
     }
 
     /// Takes the labels (topology zone) of `node` if it is this node; other nodes are
     /// ignored.
-    pub fn add_node(&mut self, node: &Node) {
-        if node.metadata.name.is_some() && node.metadata.name == self.state.node.name {
-            self.state.node.labels = node.metadata.labels.clone().unwrap_or_default();
+    pub fn add_node(&mut self, node: &NodeInfo) {
+        if node.name.is_some() && node.name == self.state.node.name {
+            self.state.node.labels.clone_from(&node.labels);
+        }
+    }
+
+    /// Replaces every object of `self` that equals the one `earlier` holds under the
+    /// same key by `earlier`'s copy, so objects that did not change keep their `Arc`
+    /// across snapshots (consumers compare them with `Arc::ptr_eq`) and are held once.
+    pub fn share_unchanged(&mut self, earlier: &ClusterState) {
+        share_equal(&mut self.state.services, &earlier.services);
+        share_equal(&mut self.state.endpoint_slices, &earlier.endpoint_slices);
+    }
+}
+
+fn share_equal<T: PartialEq>(
+    objects: &mut std::collections::BTreeMap<ObjectKey, Arc<T>>,
+    earlier: &std::collections::BTreeMap<ObjectKey, Arc<T>>,
+) {
+    for (key, object) in objects.iter_mut() {
+        if let Some(known) = earlier.get(key) {
+            if !Arc::ptr_eq(known, object) && **known == **object {
+                *object = Arc::clone(known);
+            }
         }
     }
 }

@@ -170,7 +170,7 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
                     } else {
                         state
                             .services
-                            .insert(key, Arc::new(random_service(&mut rng, name)));
+                            .insert(key, Arc::new(ServiceInfo::from(&random_service(&mut rng, name))));
                     }
                 }
                 4..=8 => {
@@ -181,7 +181,7 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
                     } else {
                         state
                             .endpoint_slices
-                            .insert(key, Arc::new(random_slice(&mut rng, name)));
+                            .insert(key, Arc::new(SliceInfo::from(&random_slice(&mut rng, name))));
                     }
                 }
                 _ if rng.chance(30) => {
