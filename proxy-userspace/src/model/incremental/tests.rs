@@ -168,9 +168,10 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
                     if rng.chance(25) {
                         state.services.remove(&key);
                     } else {
-                        state
-                            .services
-                            .insert(key, Arc::new(ServiceInfo::from(&random_service(&mut rng, name))));
+                        state.services.insert(
+                            key,
+                            Arc::new(ServiceInfo::from(&random_service(&mut rng, name))),
+                        );
                     }
                 }
                 4..=8 => {
@@ -179,9 +180,10 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
                     if rng.chance(25) {
                         state.endpoint_slices.remove(&key);
                     } else {
-                        state
-                            .endpoint_slices
-                            .insert(key, Arc::new(SliceInfo::from(&random_slice(&mut rng, name))));
+                        state.endpoint_slices.insert(
+                            key,
+                            Arc::new(SliceInfo::from(&random_slice(&mut rng, name))),
+                        );
                     }
                 }
                 _ if rng.chance(30) => {
