@@ -1044,8 +1044,8 @@ impl Agent {
                 labels
                     .entry(id)
                     .or_insert_with(|| crate::metrics::ServiceLabels {
-                        namespace: spec.service_port.service.namespace.clone(),
-                        service: spec.service_port.service.name.clone(),
+                        namespace: spec.service_port.service.namespace.to_string(),
+                        service: spec.service_port.service.name.to_string(),
                         port: spec.service_port.port.clone(),
                         protocol: names::protocol_name(spec.service_port.proto),
                     });

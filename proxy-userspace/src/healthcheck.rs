@@ -362,8 +362,8 @@ fn answer(health: &ServiceHealth, proxy_healthy: bool) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     // JSON string literals; for Kubernetes names (DNS labels) the same text as Go's %q.
-    let namespace = serde_json::Value::from(health.service.namespace.as_str());
-    let name = serde_json::Value::from(health.service.name.as_str());
+    let namespace = serde_json::Value::from(health.service.namespace.as_ref());
+    let name = serde_json::Value::from(health.service.name.as_ref());
     let body = format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {namespace},\n\t\t\"name\": {name}\n\t}},\n\t\
          \"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}"

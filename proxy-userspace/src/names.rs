@@ -228,10 +228,10 @@ pub fn collect(
         let Some(service) = slice.service_name.as_deref() else {
             continue;
         };
-        if !services.contains(&ObjectKey::new(key.namespace.as_str(), service)) {
+        if !services.contains(&ObjectKey::new(Arc::clone(&key.namespace), service)) {
             continue;
         }
-        let namespace: Arc<str> = key.namespace.as_str().into();
+        let namespace: Arc<str> = Arc::clone(&key.namespace);
         let service: Arc<str> = service.into();
         for endpoint in &slice.endpoints {
             let EndpointAddress::V4(address) = endpoint.address else {
@@ -271,8 +271,8 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
     let policy = |value: Option<&str>| value.unwrap_or("Cluster").to_owned();
     ServicePortNames {
         service_id,
-        namespace: name.service.namespace.clone(),
-        name: name.service.name.clone(),
+        namespace: name.service.namespace.to_string(),
+        name: name.service.name.to_string(),
         port: name.port.clone(),
         protocol: protocol_name(name.proto),
         service_type: spec

@@ -1550,7 +1550,7 @@ fn malformed_objects_do_not_disturb_others() {
     let web = desired
         .frontends
         .iter()
-        .find(|(_, spec)| spec.service_port.service.name == "web")
+        .find(|(_, spec)| spec.service_port.service.name.as_ref() == "web")
         .map(|(key, spec)| render(key, spec));
     assert_eq!(web.as_deref(), Some(WEB_11), "{diagnostics:#?}");
 }

@@ -708,7 +708,7 @@ mod tests {
     }
 
     fn names<V>(map: &BTreeMap<crate::state::ObjectKey, V>) -> Vec<String> {
-        map.keys().map(|key| key.name.clone()).collect()
+        map.keys().map(|key| key.name.to_string()).collect()
     }
 
     #[tokio::test(start_paused = true)]

@@ -628,7 +628,7 @@ mod tests {
             .state
             .services
             .keys()
-            .map(|key| key.name.clone())
+            .map(|key| key.name.to_string())
             .collect()
     }
 

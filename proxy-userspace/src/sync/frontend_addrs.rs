@@ -342,7 +342,7 @@ mod tests {
                     service_port: ServicePortName {
                         service: ObjectKey {
                             namespace: "default".into(),
-                            name: format!("svc-{addr}"),
+                            name: format!("svc-{addr}").into(),
                         },
                         port: "http".into(),
                         proto: proto::TCP,

@@ -750,7 +750,7 @@ fn failure_table() {
         let mut failed: Vec<&str> = report
             .failures
             .iter()
-            .map(|f| f.service_port.service.name.as_str())
+            .map(|f| f.service_port.service.name.as_ref())
             .collect();
         failed.sort_unstable();
         if failed != case.failed {
@@ -826,7 +826,7 @@ fn failed_names(report: &SyncReport) -> Vec<&str> {
     let mut names: Vec<&str> = report
         .failures
         .iter()
-        .map(|failure| failure.service_port.service.name.as_str())
+        .map(|failure| failure.service_port.service.name.as_ref())
         .collect();
     names.sort_unstable();
     names
