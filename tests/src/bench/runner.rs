@@ -505,7 +505,15 @@ fn agent_args(mode: Mode, socket_cgroup: Option<&Path>) -> Result<Vec<String>> {
 pub struct JoinedCgroup {
     path: PathBuf,
     home: PathBuf,
+    /// Dropped after [`Drop::drop`] has moved the process back.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Cgroup membership belongs to the whole process: two measurements in one process
+/// (the smoke tests, run in parallel) joining at once would move each other's client
+/// threads out of their cgroup, away from their socket hooks, and the later one would
+/// return "home" to a cgroup the earlier one removed. One joined cgroup at a time.
+static ONE_JOINED_CGROUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl JoinedCgroup {
     /// Creates `<cgroup2 mount>/<prefix>-bench` and moves this process into it.
@@ -513,6 +521,9 @@ impl JoinedCgroup {
     /// # Errors
     /// When there is no cgroup2 mount or the move fails.
     pub fn join(prefix: &str) -> Result<Self> {
+        let one_at_a_time = ONE_JOINED_CGROUP
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mount = crate::host::cgroup2_mount()?;
         // Empty cgroups of crashed runs (a SIGKILLed bench cannot move back).
         crate::host::sweep_stale(&mount);
@@ -525,7 +536,11 @@ impl JoinedCgroup {
         let home = mount.join(relative.trim_start_matches('/'));
         let path = mount.join(format!("{prefix}-bench"));
         std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        let joined = Self { path, home };
+        let joined = Self {
+            path,
+            home,
+            _one_at_a_time: one_at_a_time,
+        };
         std::fs::write(joined.path.join("cgroup.procs"), "0")
             .with_context(|| format!("joining {}", joined.path.display()))?;
         Ok(joined)
