@@ -234,10 +234,14 @@ impl IncrementalModel {
             &mut self.slices,
             &state.endpoint_slices,
             |key, entry, slice| {
+                if Arc::ptr_eq(&entry.slice, slice) {
+                    return true;
+                }
                 if !same_object(&mut entry.slice, slice) {
                     return false;
                 }
-                // The index shares the slice: it takes the new Arc too.
+                // An equal slice in a new Arc: the index shares the slice, so it takes
+                // the new Arc too.
                 if let Some(indexed) = entry
                     .service
                     .as_ref()
