@@ -30,7 +30,9 @@ use super::{
     FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServicePortName, LABEL_SERVICE_NAME,
     LABEL_TOPOLOGY_ZONE,
 };
-use crate::state::{ClusterState, NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
+use crate::state::{
+    ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revision, ServiceInfo, SliceInfo,
+};
 
 /// What one [`IncrementalModel::update`] changed in [`IncrementalModel::desired`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -120,6 +122,9 @@ pub struct IncrementalModel {
     by_backend_ip: HashMap<Ipv4Addr, HashSet<FrontendKey>>,
     /// Services with diagnostics of their own.
     diagnosed: BTreeSet<ObjectKey>,
+    /// The revision of the last state given (its steps not kept): the next state's
+    /// steps since it name the keys to compare.
+    seen: Revision,
     desired: Desired,
 }
 
@@ -168,6 +173,25 @@ fn changed_keys<K: Ord + Clone, A, B>(
     changed
 }
 
+/// [`changed_keys`] for the keys `candidates` only: the others are known to be
+/// unchanged.
+fn changed_among<'k, K: Ord + Clone + 'k, A, B>(
+    old: &mut BTreeMap<K, A>,
+    new: &BTreeMap<K, Arc<B>>,
+    candidates: impl IntoIterator<Item = &'k K>,
+    mut same: impl FnMut(&K, &mut A, &Arc<B>) -> bool,
+) -> Vec<K> {
+    candidates
+        .into_iter()
+        .filter(|key| match (old.get_mut(*key), new.get(*key)) {
+            (None, None) => false,
+            (Some(entry), Some(value)) => !same(key, entry, value),
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
 /// Whether `new` is the object `held` is: the same `Arc` (what sources keep for an
 /// unchanged object), or an equal object (a manifest file re-read whole gives every
 /// object in it a new `Arc`), whose `Arc` `held` then takes, so the next update finds
@@ -214,6 +238,15 @@ impl IncrementalModel {
                 .is_none_or(|(old_settings, old_node)| {
                     old_settings != settings || *old_node != state.node
                 });
+        // What the source says changed since the last state; else every key is compared.
+        let candidates: Option<ChangedKeys> = state.revision.changed_since(&self.seen);
+        self.seen = Revision {
+            steps: std::collections::VecDeque::new(),
+            ..state.revision.clone()
+        };
+        let same_service = |_: &ObjectKey, entry: &mut ServiceEntry, service: &Arc<ServiceInfo>| {
+            same_object(&mut entry.service, service)
+        };
         let mut dirty: BTreeSet<ObjectKey> = if settings_changed {
             changes.all = true;
             self.computed_with = Some((settings.clone(), state.node.clone()));
@@ -222,37 +255,49 @@ impl IncrementalModel {
                 .chain(state.services.keys())
                 .cloned()
                 .collect()
-        } else {
-            changed_keys(&mut self.services, &state.services, |_, entry, service| {
-                same_object(&mut entry.service, service)
-            })
+        } else if let Some(candidates) = &candidates {
+            changed_among(
+                &mut self.services,
+                &state.services,
+                &candidates.services,
+                same_service,
+            )
             .into_iter()
             .collect()
+        } else {
+            changed_keys(&mut self.services, &state.services, same_service)
+                .into_iter()
+                .collect()
         };
         let by_service = &mut self.slices_by_service;
-        let changed_slices = changed_keys(
-            &mut self.slices,
-            &state.endpoint_slices,
-            |key, entry, slice| {
-                if Arc::ptr_eq(&entry.slice, slice) {
-                    return true;
-                }
-                if !same_object(&mut entry.slice, slice) {
-                    return false;
-                }
-                // An equal slice in a new Arc: the index shares the slice, so it takes
-                // the new Arc too.
-                if let Some(indexed) = entry
-                    .service
-                    .as_ref()
-                    .and_then(|service| by_service.get_mut(service))
-                    .and_then(|slices| slices.get_mut(key))
-                {
-                    *indexed = Arc::clone(slice);
-                }
-                true
-            },
-        );
+        let same_slice = |key: &ObjectKey, entry: &mut SliceEntry, slice: &Arc<SliceInfo>| {
+            if Arc::ptr_eq(&entry.slice, slice) {
+                return true;
+            }
+            if !same_object(&mut entry.slice, slice) {
+                return false;
+            }
+            // An equal slice in a new Arc: the index shares the slice, so it takes
+            // the new Arc too.
+            if let Some(indexed) = entry
+                .service
+                .as_ref()
+                .and_then(|service| by_service.get_mut(service))
+                .and_then(|slices| slices.get_mut(key))
+            {
+                *indexed = Arc::clone(slice);
+            }
+            true
+        };
+        let changed_slices = match &candidates {
+            Some(candidates) => changed_among(
+                &mut self.slices,
+                &state.endpoint_slices,
+                &candidates.endpoint_slices,
+                same_slice,
+            ),
+            None => changed_keys(&mut self.slices, &state.endpoint_slices, same_slice),
+        };
         for key in changed_slices {
             changes.diagnostics |=
                 self.replace_slice(&key, state.endpoint_slices.get(&key), &mut dirty);
