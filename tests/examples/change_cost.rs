@@ -1,6 +1,6 @@
 //! What the benchmark's one endpoint change costs each stage of the agent, at N
 //! services: the manifest source's read of the changed file, the model's update, and
-//! the syncer's pass for the changes (against a writer that accepts every op, so the
+//! the syncer's pass for the changes (and, for the first pass, the names file) (against a writer that accepts every op, so the
 //! figure is the syncer's own work, not the kernel's). The agent logs the same stages
 //! per pass (`model_ms`, `syncer_ms`); this runs them without a kernel, many times, so
 //! a change to one of them can be measured on its own.
@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use kpr_lab::bench::services::ServiceSet;
 use proxy_userspace::{
     model::{IncrementalModel, ModelSettings},
+    names,
     source::manifests::ManifestDir,
     sync::{Capacity, MapOp, MapWriter, Syncer, WriteError},
 };
@@ -74,13 +75,24 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize, rounds: usize) 
     let started = Instant::now();
     syncer.sync(model.desired(), &mut writer);
     let sync_first = started.elapsed();
+    let started = Instant::now();
+    let collected = names::collect(&first.snapshot.state, model.desired(), |name| {
+        syncer.service_id(name)
+    });
+    let names_collect = started.elapsed();
+    let started = Instant::now();
+    names::write(&dir.join("names.json"), &collected)?;
+    let names_write = started.elapsed();
+    drop(collected);
     println!(
         "{services} services x {endpoints} endpoints, first pass: read {:.1} ms, model {:.1} ms, \
-         syncer {:.1} ms ({} ops)",
+         syncer {:.1} ms ({} ops), names: collect {:.1} ms, write {:.1} ms",
         millis(read_first),
         millis(model_first),
         millis(sync_first),
-        writer.ops
+        writer.ops,
+        millis(names_collect),
+        millis(names_write)
     );
     drop(first);
 

@@ -363,6 +363,10 @@ impl IncrementalModel {
             } else {
                 self.desired.local_endpoints.remove(&addr);
             }
+            if changes.all {
+                // Every frontend is written anyway.
+                continue;
+            }
             // Their backends at `addr` change locality (a backend flag in the maps).
             for key in self.by_backend_ip.get(&addr).into_iter().flatten() {
                 let port = self
