@@ -27,8 +27,8 @@ use proxy_common::scope;
 
 use super::{
     conflict, slice_service_name, Claim, Desired, Diagnostic, DiagnosticReason, FrontendKey,
-    FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServicePortName, LABEL_SERVICE_NAME,
-    LABEL_TOPOLOGY_ZONE,
+    FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServiceHealth, ServicePortName,
+    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE,
 };
 use crate::state::{
     ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revision, ServiceInfo, SliceInfo,
@@ -82,11 +82,44 @@ impl ModelChanges {
 #[derive(Debug)]
 struct ServiceEntry {
     service: Arc<ServiceInfo>,
-    /// Frontends (with cluster-internal twins) before conflicts with other services,
-    /// local endpoints, source ranges, its health check, its own diagnostics.
-    output: Desired,
-    /// Its claim on each frontend of default scope in `output`.
-    claims: BTreeMap<FrontendKey, Claim>,
+    output: ServiceOutput,
+    /// Its claim on each frontend of default scope in `output`, by key.
+    claims: Box<[(FrontendKey, Claim)]>,
+}
+
+/// What one service asks for before conflicts with other services: frontends (with
+/// cluster-internal twins), local endpoints, source ranges, its health check, its own
+/// diagnostics. The [`Desired`] its rules fill, kept as sorted slices: a service has a
+/// handful of each, and a map per field per service was most of the model's memory
+/// at 50 000 services (a map node holds eleven entries, however few it has).
+#[derive(Debug)]
+struct ServiceOutput {
+    frontends: Box<[(FrontendKey, FrontendSpec)]>,
+    local_endpoints: Box<[Ipv4Addr]>,
+    source_ranges: Box<[(ServicePortName, BTreeSet<(Ipv4Addr, u8)>)]>,
+    health_checks: Box<[(u16, ServiceHealth)]>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl From<Desired> for ServiceOutput {
+    fn from(desired: Desired) -> Self {
+        // Each map iterates in key order: the slices are sorted.
+        Self {
+            frontends: desired.frontends.into_iter().collect(),
+            local_endpoints: desired.local_endpoints.into_iter().collect(),
+            source_ranges: desired.source_ranges.into_iter().collect(),
+            health_checks: desired.health_checks.into_iter().collect(),
+            diagnostics: desired.diagnostics,
+        }
+    }
+}
+
+/// The value of `key` in a slice sorted by key.
+fn sorted_get<'a, K: Ord, V>(entries: &'a [(K, V)], key: &K) -> Option<&'a V> {
+    entries
+        .binary_search_by(|(held, _)| held.cmp(key))
+        .ok()
+        .map(|at| &entries[at].1)
 }
 
 /// One EndpointSlice and the service it names.
@@ -494,8 +527,8 @@ impl IncrementalModel {
         context.add_frontends(&mut output);
         ServiceEntry {
             service: Arc::clone(service),
-            output,
-            claims: claims.into_inner(),
+            output: output.into(),
+            claims: claims.into_inner().into_iter().collect(),
         }
     }
 
@@ -511,7 +544,7 @@ impl IncrementalModel {
         let Some(old) = self.services.remove(key) else {
             return Vec::new();
         };
-        for (frontend, claim) in old.claims {
+        for (frontend, claim) in old.claims.into_vec() {
             if let Some(claims) = self.claimants.get_mut(&frontend) {
                 claims.retain(|held| *held != claim);
                 if claims.is_empty() {
@@ -520,7 +553,7 @@ impl IncrementalModel {
             }
             touched_frontends.insert(frontend);
         }
-        for addr in old.output.local_endpoints {
+        for addr in old.output.local_endpoints.into_vec() {
             if let Some(count) = self.local_refs.get_mut(&addr) {
                 *count -= 1;
                 if *count == 0 {
@@ -529,11 +562,11 @@ impl IncrementalModel {
             }
             local_candidates.insert(addr);
         }
-        for name in old.output.source_ranges.into_keys() {
+        for (name, _) in old.output.source_ranges.into_vec() {
             let before = self.desired.source_ranges.remove(&name);
             old_ranges.entry(name).or_insert(before);
         }
-        for port in old.output.health_checks.into_keys() {
+        for (port, _) in old.output.health_checks.into_vec() {
             if let Some(claimants) = self.health_claimants.get_mut(&port) {
                 claimants.remove(key);
                 if claimants.is_empty() {
@@ -556,8 +589,12 @@ impl IncrementalModel {
         local_candidates: &mut BTreeSet<Ipv4Addr>,
         old_ranges: &mut BTreeMap<ServicePortName, Option<BTreeSet<(Ipv4Addr, u8)>>>,
     ) {
-        for (frontend, claim) in &entry.claims {
-            let claims = self.claimants.entry(*frontend).or_default();
+        for (frontend, claim) in entry.claims.iter() {
+            // Almost every frontend has one claimant: no room for more until needed.
+            let claims = self
+                .claimants
+                .entry(*frontend)
+                .or_insert_with(|| Vec::with_capacity(1));
             let at = claims.partition_point(|held| held < claim);
             claims.insert(at, claim.clone());
             touched_frontends.insert(*frontend);
@@ -566,14 +603,14 @@ impl IncrementalModel {
             *self.local_refs.entry(*addr).or_default() += 1;
             local_candidates.insert(*addr);
         }
-        for (name, ranges) in &entry.output.source_ranges {
+        for (name, ranges) in entry.output.source_ranges.iter() {
             let before = self
                 .desired
                 .source_ranges
                 .insert(name.clone(), ranges.clone());
             old_ranges.entry(name.clone()).or_insert(before);
         }
-        for port in entry.output.health_checks.keys() {
+        for (port, _) in entry.output.health_checks.iter() {
             self.health_claimants
                 .entry(*port)
                 .or_default()
@@ -596,8 +633,8 @@ impl IncrementalModel {
             .and_then(|claim| Some((claim, self.services.get(&claim.service)?)));
         let (spec, twin_spec) = holder.map_or((None, None), |(_, entry)| {
             (
-                entry.output.frontends.get(key).cloned(),
-                entry.output.frontends.get(&twin).cloned(),
+                sorted_get(&entry.output.frontends, key).cloned(),
+                sorted_get(&entry.output.frontends, &twin).cloned(),
             )
         });
         let diagnostics: Vec<Diagnostic> = match (holder, &spec) {
@@ -668,7 +705,7 @@ impl IncrementalModel {
         let winner = claimants.and_then(|claimants| claimants.first());
         let health = winner
             .and_then(|winner| self.services.get(winner))
-            .and_then(|entry| entry.output.health_checks.get(&port).cloned());
+            .and_then(|entry| sorted_get(&entry.output.health_checks, &port).cloned());
         let diagnostics: Vec<Diagnostic> = match winner {
             Some(winner) => claimants
                 .into_iter()
