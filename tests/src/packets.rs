@@ -653,5 +653,10 @@ pub fn port_unreachable_reply6(original: &Frame6) -> Vec<u8> {
 /// `[addr]:port` shorthand for tables.
 #[must_use]
 pub fn sock6(addr: &str, port: u16) -> SocketAddrV6 {
-    SocketAddrV6::new(addr.parse::<Ipv6Addr>().expect("an IPv6 literal"), port, 0, 0)
+    SocketAddrV6::new(
+        addr.parse::<Ipv6Addr>().expect("an IPv6 literal"),
+        port,
+        0,
+        0,
+    )
 }

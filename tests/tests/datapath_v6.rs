@@ -315,9 +315,7 @@ fn cases() -> Vec<Case> {
         Ext6::DestOpts,
         Ext6::DestOpts,
     ]);
-    let waypoint = syn
-        .clone()
-        .with_ext(&[Ext6::Routing { segments_left: 1 }]);
+    let waypoint = syn.clone().with_ext(&[Ext6::Routing { segments_left: 1 }]);
     let datagram = Frame6::udp(client(), vip_dns(), &[7; 40]);
     let first = |frame: Frame6| {
         frame.with_ext(&[Ext6::Fragment {
@@ -337,6 +335,17 @@ fn cases() -> Vec<Case> {
         transport: Transport6::NeighbourSolicitation,
         ..Frame6::tcp(client(), sock6(dst, 0), TcpFlags::SYN)
     };
+    // A payload whose datagram, once translated, sums so that its checksum computes to
+    // 0, which IPv6 UDP must send as 0xffff (0 means "none", invalid in IPv6): etherparse
+    // writes 0xffff there, so that is what the frame to the backend carries.
+    let zero_sum_payload = (0..=u16::MAX)
+        .map(u16::to_be_bytes)
+        .find(|payload| {
+            let bytes = Frame6::udp(client(), dns_backend(), payload).to_bytes();
+            bytes[14 + 40 + 6..14 + 40 + 8] == [0xff, 0xff]
+        })
+        .expect("some 2-byte payload sums to zero");
+    let zero_sum = Frame6::udp(client(), vip_dns(), &zero_sum_payload);
     let reject = |name, frame: Frame6, reason| Case {
         name,
         frontends: vec![web.clone(), empty.clone()],
@@ -368,6 +377,17 @@ fn cases() -> Vec<Case> {
                 &query,
                 Verdict::Pass,
                 Some(&query.clone().with_dst(dns_backend())),
+            )],
+            counters: vec![(counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "a UDP checksum that comes out 0 is sent as 0xffff",
+            frontends: vec![dns.clone()],
+            steps: vec![step(
+                Hook::PodIngress,
+                &zero_sum,
+                Verdict::Pass,
+                Some(&zero_sum.clone().with_dst(dns_backend())),
             )],
             counters: vec![(counter::NEW_FLOW, 1)],
         },
@@ -533,7 +553,10 @@ fn ipv6_table_frames_have_right_checksums_by_an_independent_computation() {
     let mut checked = 0;
     for case in cases() {
         for step in &case.steps {
-            for frame in [Some(&step.input), step.output.as_ref()].into_iter().flatten() {
+            for frame in [Some(&step.input), step.output.as_ref()]
+                .into_iter()
+                .flatten()
+            {
                 if upper_layer(frame).is_none() {
                     continue;
                 }
@@ -569,7 +592,9 @@ fn ipv6_outputs_have_right_checksums_by_an_independent_computation() {
         ],
     );
     let mut run = |hook, frame: &Frame6, verdict: Verdict| {
-        let output = harness.run_on(hook, &frame.to_bytes(), 1).expect("test run");
+        let output = harness
+            .run_on(hook, &frame.to_bytes(), 1)
+            .expect("test run");
         assert_eq!(output.verdict, verdict as i32, "{frame:?}");
         output.packet
     };
@@ -579,7 +604,11 @@ fn ipv6_outputs_have_right_checksums_by_an_independent_computation() {
     verify_checksum(&out, &[]);
     let reply = Frame6::tcp(backend(), client(), TcpFlags::SYN_ACK);
     let out = run(Hook::PodEgress, &reply, Verdict::Pass);
-    assert_eq!(&out[14 + 8..14 + 24], &vip().ip().octets(), "source back to the VIP");
+    assert_eq!(
+        &out[14 + 8..14 + 24],
+        &vip().ip().octets(),
+        "source back to the VIP"
+    );
     verify_checksum(&out, &[]);
     let datagram = Frame6::udp(client(), vip_dns(), &[7; 40]).with_ext(&[Ext6::Fragment {
         offset: 0,
@@ -591,7 +620,11 @@ fn ipv6_outputs_have_right_checksums_by_an_independent_computation() {
     verify_checksum(&out, &[7; 24]);
     let rejected = Frame6::tcp(client(), empty_vip(), TcpFlags::SYN);
     let out = run(Hook::PodIngress, &rejected, Verdict::Redirect);
-    assert_eq!(&out[14 + 40..14 + 42], &[1, 4], "destination unreachable, port");
+    assert_eq!(
+        &out[14 + 40..14 + 42],
+        &[1, 4],
+        "destination unreachable, port"
+    );
     verify_checksum(&out, &[]);
 }
 
@@ -625,7 +658,9 @@ fn a_new_ipv6_flow_records_both_directions_in_the_ipv6_conntrack() {
     );
     assert_eq!(forward.nat_dst_addr, Be32x4::from_ipv6(*backend().ip()));
     assert_eq!(forward.nat_dst_port, Be16::from_host(backend().port()));
-    let reply = table.get(&key(backend(), client()), 0).expect("reply entry");
+    let reply = table
+        .get(&key(backend(), client()), 0)
+        .expect("reply entry");
     assert_eq!(
         reply.flags,
         ct_flags::VIA_STACK | ct_flags::REPLY | ct_flags::REWRITE_SRC,
