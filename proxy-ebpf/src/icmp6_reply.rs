@@ -114,7 +114,8 @@ fn wire16(value: u16) -> u32 {
 pub fn send(skb: *mut __sk_buff, pkt: &Packet6, reason: Reason) -> Result<i32> {
     let ctx = &TcContext::new(skb);
     let quote_len = pkt.l4_off - ETH_HLEN + QUOTED_L4;
-    if quote_len > MAX_QUOTE || quote_len < IPV6_HLEN + QUOTED_L4 || quote_len % CHUNK != 0 {
+    if !(IPV6_HLEN + QUOTED_L4..=MAX_QUOTE).contains(&quote_len) || !quote_len.is_multiple_of(CHUNK)
+    {
         return Err(DropReason::REJECT_FAILED);
     }
     // Destination and source MAC, as 16-bit words.
@@ -122,9 +123,10 @@ pub fn send(skb: *mut __sk_buff, pkt: &Packet6, reason: Reason) -> Result<i32> {
     let headers_len = core::mem::size_of::<Headers>();
     let icmp_len = ICMPV6_HLEN + quote_len;
 
-    // SAFETY: the context pointer is the program's own skb. The reply is longer than
-    // the quote's end in the original, so growing or cutting keeps the quote whole.
+    // The reply is longer than the quote's end in the original, so growing or cutting
+    // keeps the quote whole.
     let reply_len = ETH_HLEN + headers_len + quote_len;
+    // SAFETY: the context pointer is the program's own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, reply_len as u32, 0) } != 0 {
         return Err(DropReason::REJECT_FAILED);
     }
