@@ -19,8 +19,8 @@ use kpr_lab::{
     packets::{port_unreachable_reply6, sock6, Ext6, Frame6, TcpFlags, Transport6},
 };
 use proxy_common::{
-    counter, ct_flags, frontend_addr, names, proto, scope, BackendV6, Be16, Be32x4, CtEntryV6,
-    CtKeyV6, FrontendAddrV6, ServiceKeyV6, ServiceValueV6,
+    counter, ct_flags, frontend_addr, names, proto, scope, service_flags, BackendV6, Be16, Be32x4,
+    CtEntryV6, CtKeyV6, FrontendAddrV6, ServiceKeyV6, ServiceValueV6,
 };
 use proxy_userspace::datapath::Hook;
 
@@ -49,6 +49,8 @@ struct Frontend6 {
     vip: SocketAddrV6,
     proto: u8,
     backends: Vec<SocketAddrV6>,
+    /// `service_flags`.
+    flags: u16,
 }
 
 fn frontend6(vip: SocketAddrV6, l4_proto: u8, backends: &[SocketAddrV6]) -> Frontend6 {
@@ -56,6 +58,7 @@ fn frontend6(vip: SocketAddrV6, l4_proto: u8, backends: &[SocketAddrV6]) -> Fron
         vip,
         proto: l4_proto,
         backends: backends.to_vec(),
+        flags: 0,
     }
 }
 
@@ -169,6 +172,7 @@ fn install_v6(harness: &mut DatapathHarness, frontends: &[Frontend6]) {
                 ServiceValueV6 {
                     service_id: u32::try_from(index + 1).expect("few frontends"),
                     count: u16::try_from(frontend.backends.len()).expect("few backends"),
+                    flags: frontend.flags,
                     ..ServiceValueV6::default()
                 },
                 0,
@@ -509,6 +513,32 @@ fn cases() -> Vec<Case> {
                 None,
             )],
             counters: vec![(counter::NEW_FLOW, 0)],
+        },
+        Case {
+            name: "source ranges have no IPv6 map yet: the frontend refuses every client",
+            frontends: vec![Frontend6 {
+                flags: service_flags::SOURCE_RANGES,
+                ..web.clone()
+            }],
+            steps: vec![step(Hook::PodIngress, &syn, Verdict::Drop, None)],
+            counters: vec![(counter::DROP_SOURCE_RANGE, 1), (counter::NEW_FLOW, 0)],
+        },
+        Case {
+            name: "a Local-policy frontend without local endpoints drops",
+            frontends: vec![Frontend6 {
+                flags: service_flags::DROP_WHEN_EMPTY,
+                ..empty.clone()
+            }],
+            steps: vec![step(
+                Hook::PodIngress,
+                &syn.clone().with_dst(empty_vip()),
+                Verdict::Drop,
+                None,
+            )],
+            counters: vec![
+                (counter::DROP_NO_LOCAL_BACKEND, 1),
+                (counter::REJECTED_NO_BACKEND, 0),
+            ],
         },
         reject(
             "a ClusterIP without endpoints answers ICMPv6 port unreachable",
