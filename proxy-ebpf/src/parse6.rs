@@ -22,7 +22,7 @@
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use proxy_common::{counter, proto, Be16, Be32x4, CtKeyV6};
 
-use crate::parse::{ETH_HLEN, L4_SRC_PORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF};
+use crate::parse::{ptr_at, ETH_HLEN, L4_SRC_PORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF};
 
 pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Length of the fixed IPv6 header.
@@ -128,9 +128,20 @@ pub fn parse(skb: *mut __sk_buff, pkt: &mut Packet6) -> bool {
     }
 }
 
+/// The `T` at `offset`: read in place where the linear data holds it (the common
+/// packet), else copied out by `bpf_skb_load_bytes`, which reads wherever it sits.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    match ptr_at::<T>(ctx, offset) {
+        // SAFETY: ptr_at checked the bounds; packet data has no alignment.
+        Some(ptr) => Some(unsafe { core::ptr::read_unaligned(ptr) }),
+        None => ctx.load(offset).ok(),
+    }
+}
+
 #[inline(always)]
 fn ipv6(ctx: &TcContext) -> Option<Packet6> {
-    let header: Ipv6Hdr = ctx.load(ETH_HLEN).ok()?;
+    let header: Ipv6Hdr = read(ctx, ETH_HLEN)?;
     if u32::from_be(header.vtc_flow) >> 28 != 6 {
         return None;
     }
@@ -142,13 +153,13 @@ fn ipv6(ctx: &TcContext) -> Option<Packet6> {
             proto::TCP | proto::UDP => break,
             NEXTHDR_HOP | NEXTHDR_DEST => {
                 // Next header, then the length in 8-byte units not counting the first.
-                let [following, len]: [u8; 2] = ctx.load(off).ok()?;
+                let [following, len]: [u8; 2] = read(ctx, off)?;
                 next = following;
                 off += (usize::from(len) + 1) * 8;
             }
             NEXTHDR_ROUTING => {
                 // Next header, length, routing type, segments left.
-                let [following, len, _, segments_left]: [u8; 4] = ctx.load(off).ok()?;
+                let [following, len, _, segments_left]: [u8; 4] = read(ctx, off)?;
                 if segments_left != 0 {
                     crate::stats::count(counter::IPV6_EXT_HEADERS_PASSED);
                     return None;
@@ -158,7 +169,7 @@ fn ipv6(ctx: &TcContext) -> Option<Packet6> {
             }
             NEXTHDR_FRAGMENT => {
                 // Next header, reserved, offset and flags; the identification follows.
-                let [following, _, high, low]: [u8; 4] = ctx.load(off).ok()?;
+                let [following, _, high, low]: [u8; 4] = read(ctx, off)?;
                 if u16::from_be_bytes([high, low]) & FRAG_OFFSET_MASK != 0 {
                     crate::stats::count(counter::FRAGMENT_PASSED);
                     return None;
@@ -179,7 +190,7 @@ fn ipv6(ctx: &TcContext) -> Option<Packet6> {
         }
         return None;
     }
-    let ports: [Be16; 2] = ctx.load(off + L4_SRC_PORT_OFF).ok()?;
+    let ports: [Be16; 2] = read(ctx, off + L4_SRC_PORT_OFF)?;
     let mut pkt = Packet6 {
         tuple: CtKeyV6 {
             src_addr: header.saddr,
@@ -193,7 +204,7 @@ fn ipv6(ctx: &TcContext) -> Option<Packet6> {
         tcp_flags: 0,
     };
     if next == proto::TCP {
-        let [doff, flags]: [u8; 2] = ctx.load(off + TCP_DOFF_OFF).ok()?;
+        let [doff, flags]: [u8; 2] = read(ctx, off + TCP_DOFF_OFF)?;
         if doff >> 4 < 5 {
             return None;
         }
