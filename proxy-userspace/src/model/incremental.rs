@@ -87,6 +87,9 @@ struct ServiceEntry {
     claims: Box<[(FrontendKey, Claim)]>,
 }
 
+/// loadBalancerSourceRanges of one service port: (address, prefix length).
+type SourceRanges = BTreeSet<(Ipv4Addr, u8)>;
+
 /// What one service asks for before conflicts with other services: frontends (with
 /// cluster-internal twins), local endpoints, source ranges, its health check, its own
 /// diagnostics. The [`Desired`] its rules fill, kept as sorted slices: a service has a
@@ -96,7 +99,7 @@ struct ServiceEntry {
 struct ServiceOutput {
     frontends: Box<[(FrontendKey, FrontendSpec)]>,
     local_endpoints: Box<[Ipv4Addr]>,
-    source_ranges: Box<[(ServicePortName, BTreeSet<(Ipv4Addr, u8)>)]>,
+    source_ranges: Box<[(ServicePortName, SourceRanges)]>,
     health_checks: Box<[(u16, ServiceHealth)]>,
     diagnostics: Vec<Diagnostic>,
 }
