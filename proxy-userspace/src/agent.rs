@@ -561,6 +561,7 @@ impl Agent {
         let Some(PassOutcome {
             report,
             health_checks_changed,
+            full,
         }) = self.sync_pass()
         else {
             return;
@@ -586,6 +587,11 @@ impl Agent {
                 // last knew: this configuration wants none.
                 None => cgroup::remove_pins(&self.config.pin_dir),
             }
+        }
+        if full {
+            // Everything may have been renamed: `kpr inspect` reads the names of what
+            // the maps now hold before the agent says it is healthy.
+            self.on_names_tick();
         }
         // kube-proxy's rule: healthy again once a pass has written the maps; a pass
         // that could not write them leaves the change pending (unhealthy once it has
@@ -958,17 +964,16 @@ impl Agent {
         let changed_slices = (!full).then_some(changes.slices.as_slice());
         self.metrics
             .observe_programmed(&snapshot.state, changed_slices, SystemTime::now());
-        // Names: written by a full pass; after a partial one, by the next names tick.
-        let names_started = Instant::now();
-        if full {
-            self.publish_names(&snapshot);
-        } else if !changes.is_empty() || !changes.slices.is_empty() {
+        // Names are not the datapath: written after the pass (after a full one before
+        // the agent says it is healthy, see apply_desired; else by the names tick).
+        if full || !changes.is_empty() || !changes.slices.is_empty() {
             self.names_stale = true;
         }
+        let counters_started = Instant::now();
         if full || self.service_counter_ids != self.syncer.service_id_changes() {
             self.sync_service_counters();
         }
-        let names_time = names_started.elapsed();
+        let counters_time = counters_started.elapsed();
         let frontends = self.model.desired().frontends.len();
         info!(
             services = snapshot.state.services.len(),
@@ -982,7 +987,7 @@ impl Agent {
             model_ms = model_time.as_micros() as f64 / 1000.0,
             syncer_ms = maps_time.as_micros() as f64 / 1000.0,
             map_writes_ms = map_writes_time.as_micros() as f64 / 1000.0,
-            names_ms = names_time.as_micros() as f64 / 1000.0,
+            service_counters_ms = counters_time.as_micros() as f64 / 1000.0,
             // The whole pass: the model's update for the snapshot, then everything
             // that brings the maps to it.
             elapsed_ms = (model_time + started.elapsed()).as_micros() as f64 / 1000.0,
@@ -994,6 +999,7 @@ impl Agent {
         Some(PassOutcome {
             report,
             health_checks_changed: full || changes.health_checks,
+            full,
         })
     }
 
@@ -1001,6 +1007,7 @@ impl Agent {
     /// ([`names`]), when they changed. A failure costs only the names: logged, retried
     /// on the next pass.
     fn publish_names(&mut self, snapshot: &Snapshot) {
+        let started = Instant::now();
         self.names_stale = false;
         let current = names::collect(&snapshot.state, self.model.desired(), |name| {
             self.syncer.service_id(name)
@@ -1011,7 +1018,13 @@ impl Agent {
         }
         let path = names::path_for(&self.config.pin_dir);
         match names::write(&path, &current) {
-            Ok(()) => self.published_names = Some(digest),
+            Ok(()) => {
+                self.published_names = Some(digest);
+                debug!(
+                    names_ms = started.elapsed().as_micros() as f64 / 1000.0,
+                    "names written"
+                );
+            }
             Err(error) => {
                 warn!(error = %crate::error_chain(&error), "cannot write the names file; kpr inspect shows service ids until a pass writes it");
                 self.published_names = None;
@@ -1279,6 +1292,8 @@ struct PassOutcome {
     report: SyncReport,
     /// The health check servers' desired state may have changed.
     health_checks_changed: bool,
+    /// The pass wrote everything.
+    full: bool,
 }
 
 /// Labels of `kpr_frontend_failures_total{reason}` and `kpr_frontends_unprogrammed`.

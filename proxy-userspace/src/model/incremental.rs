@@ -18,7 +18,7 @@ mod tests;
 
 use std::{
     cell::RefCell,
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -30,8 +30,9 @@ use super::{
     FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServiceHealth, ServicePortName,
     LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE,
 };
-use crate::state::{
-    ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revision, ServiceInfo, SliceInfo,
+use crate::{
+    state::{ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revision, ServiceInfo, SliceInfo},
+    FastMap, FastSet,
 };
 
 /// What one [`IncrementalModel::update`] changed in [`IncrementalModel::desired`].
@@ -145,17 +146,17 @@ pub struct IncrementalModel {
     /// Slices without a label or whose service does not exist.
     orphans: BTreeMap<ObjectKey, Diagnostic>,
     /// Every service claiming each frontend of default scope, best first.
-    claimants: HashMap<FrontendKey, Vec<Claim>>,
+    claimants: FastMap<FrontendKey, Vec<Claim>>,
     /// The claimants that do not hold a frontend, reported.
     conflicts: BTreeMap<FrontendKey, Vec<Diagnostic>>,
     /// Every service asking for each healthCheckNodePort.
     health_claimants: BTreeMap<u16, BTreeSet<ObjectKey>>,
     health_conflicts: BTreeMap<u16, Vec<Diagnostic>>,
     /// How many services name each local endpoint address.
-    local_refs: HashMap<Ipv4Addr, usize>,
+    local_refs: FastMap<Ipv4Addr, usize>,
     /// Desired frontends by their backends' addresses: those whose backends change
     /// locality when an address joins or leaves the local endpoints.
-    by_backend_ip: HashMap<Ipv4Addr, HashSet<FrontendKey>>,
+    by_backend_ip: FastMap<Ipv4Addr, FastSet<FrontendKey>>,
     /// Services with diagnostics of their own.
     diagnosed: BTreeSet<ObjectKey>,
     /// The revision of the last state given (its steps not kept): the next state's

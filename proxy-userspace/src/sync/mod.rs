@@ -20,7 +20,7 @@ pub mod frontend_addrs;
 mod tests;
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -28,7 +28,10 @@ use proxy_common::{
     backend_flags, BackendV4, Be16, Be32, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
 };
 
-use crate::model::{Desired, FrontendKey, FrontendSpec, ModelChanges, ServicePortName};
+use crate::{
+    model::{Desired, FrontendKey, FrontendSpec, ModelChanges, ServicePortName},
+    FastMap, FastSet,
+};
 
 /// One write to the service or backend map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,8 +113,8 @@ pub trait MapWriter {
 /// What the syncer believes the service and backend maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Mirror {
-    pub services: HashMap<ServiceKeyV4, ServiceValueV4>,
-    pub backends: HashMap<u32, BackendV4>,
+    pub services: FastMap<ServiceKeyV4, ServiceValueV4>,
+    pub backends: FastMap<u32, BackendV4>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
 }
 
@@ -144,8 +147,8 @@ impl Mirror {
     #[must_use]
     pub fn differences(&self, other: &Self) -> [usize; 3] {
         fn count<K: Eq + std::hash::Hash, V: PartialEq>(
-            a: &HashMap<K, V>,
-            b: &HashMap<K, V>,
+            a: &FastMap<K, V>,
+            b: &FastMap<K, V>,
         ) -> usize {
             a.iter()
                 .filter(|(key, value)| b.get(*key) != Some(*value))
@@ -287,13 +290,13 @@ impl Default for Capacity {
 pub struct Syncer {
     capacity: Capacity,
     mirror: Mirror,
-    backend_ids: HashMap<BackendV4, u32>,
+    backend_ids: FastMap<BackendV4, u32>,
     next_backend_id: u32,
-    service_ids: HashMap<ServicePortName, u32>,
+    service_ids: FastMap<ServicePortName, u32>,
     /// The ids in `service_ids`.
-    ids_in_use: HashSet<u32>,
+    ids_in_use: FastSet<u32>,
     /// How many desired frontends each service port in `service_ids` has.
-    port_refs: HashMap<ServicePortName, usize>,
+    port_refs: FastMap<ServicePortName, usize>,
     next_service_id: u32,
     /// The last full pass (and every pass since) wrote everything: the maps equal the
     /// last desired state, so a pass over what changed since is enough. Unset after
@@ -315,11 +318,11 @@ pub struct Syncer {
 #[derive(Debug, Default)]
 struct MirrorIndex {
     /// Slot entries (slot > 0, whatever the count) naming each backend id.
-    backend_refs: HashMap<u32, u32>,
+    backend_refs: FastMap<u32, u32>,
     /// Frontend entries (slot 0) by service id.
-    heads_by_service: HashMap<u32, BTreeSet<ServiceKeyV4>>,
+    heads_by_service: FastMap<u32, BTreeSet<ServiceKeyV4>>,
     /// How many frontend entries (slot 0) each address has.
-    heads_by_addr: HashMap<Ipv4Addr, usize>,
+    heads_by_addr: FastMap<Ipv4Addr, usize>,
     /// Backends that may be named by no slot: written, or lost their last slot, since
     /// the last collection (all of them after an adoption).
     maybe_unused: BTreeSet<u32>,
@@ -329,7 +332,7 @@ struct MirrorIndex {
     orphans_possible: bool,
     /// This pass: each frontend it touched, with its `(service id, backend id)` pairs
     /// before the first change.
-    touched: HashMap<ServiceKeyV4, Vec<(u32, u32)>>,
+    touched: FastMap<ServiceKeyV4, Vec<(u32, u32)>>,
     /// This pass: backend ids handed out (they may never be written).
     allocated: Vec<(BackendV4, u32)>,
 }
@@ -391,9 +394,9 @@ impl Syncer {
             capacity: Capacity::default(),
             backend_ids,
             next_backend_id,
-            service_ids: HashMap::new(),
-            ids_in_use: HashSet::new(),
-            port_refs: HashMap::new(),
+            service_ids: FastMap::default(),
+            ids_in_use: FastSet::default(),
+            port_refs: FastMap::default(),
             next_service_id,
             incremental_ready: false,
             service_id_changes: 0,
@@ -959,7 +962,7 @@ impl Syncer {
 
         let mut ops = Vec::new();
         // A set, not a scan of `ops`: a frontend may have 65 535 backends.
-        let mut queued = std::collections::HashSet::new();
+        let mut queued = FastSet::default();
         for (id, backend) in wanted_ids.iter().zip(&backends) {
             if self.mirror.backends.get(id) != Some(backend) && queued.insert(*id) {
                 ops.push(MapOp::PutBackend {

@@ -180,8 +180,8 @@ impl FakeMaps {
 
     fn mirror(&self) -> Mirror {
         Mirror {
-            services: self.services.clone(),
-            backends: self.backends.clone(),
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             source_ranges: self.source_ranges.clone(),
         }
     }
