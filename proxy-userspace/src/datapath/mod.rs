@@ -1,5 +1,6 @@
 //! Loading the eBPF object, typed handles on its maps, and the writes the agent makes.
 pub mod attach;
+mod batch;
 pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
@@ -831,5 +832,9 @@ impl MapWriter for Maps {
                 message: error.to_string(),
             }),
         }
+    }
+
+    fn apply_batch(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+        self.apply_batched(ops)
     }
 }
