@@ -1062,7 +1062,10 @@ fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix
     // One batch per frontend (2 + 2 + 1, 3 + 3 + 1, 1 + 1 + 1 ops), then the cleanup of
     // what b's batch left: its slot 1, then its 3 backends.
     assert_eq!(fake.batches, [5, 7, 3, 1, 3]);
-    assert!(!fake.services.keys().any(|key| key.addr == service_key(&b.key, 0).addr));
+    assert!(!fake
+        .services
+        .keys()
+        .any(|key| key.addr == service_key(&b.key, 0).addr));
 
     fake.fail_on = None;
     let retry = sync(&mut syncer, &mut fake, &[a.clone(), b.clone(), c.clone()]);
@@ -1082,7 +1085,12 @@ fn a_refused_delete_in_the_middle_of_a_cleanup_batch_does_not_stop_the_rest() {
     fake.fail_on = Some(3);
     fake.batches.clear();
     let report = sync(&mut syncer, &mut fake, &[a.clone()]);
-    assert_eq!(report.cleanup_errors.len(), 1, "{:?}", report.cleanup_errors);
+    assert_eq!(
+        report.cleanup_errors.len(),
+        1,
+        "{:?}",
+        report.cleanup_errors
+    );
     let refused = &report.cleanup_errors[0].op;
     assert!(
         matches!(refused, MapOp::DeleteService { key } if key.slot == 2),
