@@ -1084,7 +1084,7 @@ fn a_refused_delete_in_the_middle_of_a_cleanup_batch_does_not_stop_the_rest() {
     fake.writes = 0;
     fake.fail_on = Some(3);
     fake.batches.clear();
-    let report = sync(&mut syncer, &mut fake, &[a.clone()]);
+    let report = sync(&mut syncer, &mut fake, std::slice::from_ref(&a));
     assert_eq!(
         report.cleanup_errors.len(),
         1,
