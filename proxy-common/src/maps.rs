@@ -10,7 +10,7 @@
 //! are written before the frontend's count is raised, and the count is lowered before
 //! slots or backends are deleted. A packet that reads count `n` therefore always finds
 //! slots `1..=n` and the backends they name.
-use crate::{Be16, Be32};
+use crate::{Be16, Be32, Be32x4};
 
 /// Map names. The kernel keeps 15 bytes of a map name, and the agent pins maps under
 /// these names, so they double as the on-disk ABI: a layout change bumps the suffix.
@@ -32,6 +32,15 @@ pub mod names {
     pub const FRONTEND_ADDRS_V4: &str = "FE_ADDR_V4_V1";
     /// The service CIDR (one entry), whose unallocated addresses are dropped.
     pub const SERVICE_CIDR_V4: &str = "SVC_CIDR_V4_V1";
+    /// IPv6 frontends and backend slots ([`crate::ServiceKeyV6`]).
+    pub const SERVICES_V6: &str = "SVC_V6_V1";
+    pub const BACKENDS_V6: &str = "BACKEND_V6_V1";
+    /// Established IPv6 flows (a plain hash, as [`CONNTRACK_V4`]).
+    pub const CONNTRACK_V6: &str = "CT_V6_V1";
+    /// IPv6 flows not yet seen both ways (LRU, as [`CONNTRACK_NEW_V4`]).
+    pub const CONNTRACK_NEW_V6: &str = "CT_NEW_V6_V1";
+    /// Every IPv6 address some frontend uses.
+    pub const FRONTEND_ADDRS_V6: &str = "FE_ADDR_V6_V1";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -64,6 +73,16 @@ pub mod capacity {
     /// Distinct frontend addresses. Each takes at least one entry of the service map,
     /// so there can never be more of them than it holds.
     pub const FRONTEND_ADDRS_V4: u32 = SERVICES_V4;
+
+    /// The IPv6 tables, a quarter of their IPv4 counterparts: the agent does not fill
+    /// them yet, and every load preallocates a hash map's entries (an IPv6 conntrack
+    /// entry and key take 104 bytes against 56), so they stay small until it does and
+    /// sizes them as it sizes the IPv4 ones.
+    pub const SERVICES_V6: u32 = SERVICES_V4 / 4;
+    pub const BACKENDS_V6: u32 = BACKENDS_V4 / 4;
+    pub const CONNTRACK_V6: u32 = CONNTRACK_V4 / 4;
+    pub const CONNTRACK_NEW_V6: u32 = conntrack_new_for(CONNTRACK_V6);
+    pub const FRONTEND_ADDRS_V6: u32 = SERVICES_V6;
 }
 
 /// How long a fragmented datagram's first fragment vouches for the later ones: the
@@ -296,6 +315,88 @@ pub struct CtEntryV4 {
 }
 const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 40);
 
+/// Key of the IPv6 service map: [`ServiceKeyV4`] with an IPv6 address. Its value is a
+/// [`ServiceValueV6`] (the IPv4 value's shape: slots, counts and flags do not depend
+/// on the family).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct ServiceKeyV6 {
+    /// Frontend address: ClusterIP, node address, externalIP or LoadBalancer IP.
+    pub addr: Be32x4,
+    /// Frontend port.
+    pub port: Be16,
+    /// 0 for the frontend entry, `1..=count` for backend slots.
+    pub slot: u16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    /// [`scope`] of this entry.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKeyV6>() == 24);
+
+/// Value of the IPv6 service map: the same fields as the IPv4 one.
+pub type ServiceValueV6 = ServiceValueV4;
+
+/// An IPv6 backend (endpoint address and target port), keyed by backend id (its own
+/// id space, [`names::BACKENDS_V6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct BackendV6 {
+    pub addr: Be32x4,
+    pub port: Be16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    /// [`backend_flags`].
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<BackendV6>() == 20);
+
+/// IPv6 conntrack key: the 5-tuple of a packet as it arrives at the program (the
+/// addresses of its IPv6 header, the ports of the TCP/UDP header after its extension
+/// headers).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct CtKeyV6 {
+    pub src_addr: Be32x4,
+    pub dst_addr: Be32x4,
+    pub src_port: Be16,
+    pub dst_port: Be16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKeyV6>() == 40);
+
+/// IPv6 conntrack value: [`CtEntryV4`] with IPv6 addresses, the same flags and the
+/// same two-entries-per-flow scheme.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct CtEntryV6 {
+    /// As [`CtEntryV4::last_seen_ns`].
+    pub last_seen_ns: u64,
+    /// When a packet matching this entry last refreshed the peer entry.
+    pub peer_refreshed_ns: u64,
+    /// New source address (with [`ct_flags::REWRITE_SRC`]).
+    pub nat_src_addr: Be32x4,
+    /// New destination address (with [`ct_flags::REWRITE_DST`]).
+    pub nat_dst_addr: Be32x4,
+    /// The backend of the flow (an id of [`names::BACKENDS_V6`]).
+    pub backend_id: u32,
+    /// The service port of the flow.
+    pub service_id: u32,
+    pub nat_src_port: Be16,
+    pub nat_dst_port: Be16,
+    /// [`ct_flags`].
+    pub flags: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtEntryV6>() == 64);
+
+/// Value of the IPv6 frontend address set ([`names::FRONTEND_ADDRS_V6`]), whose key is
+/// the address ([`Be32x4`]), as the IPv4 set's key is a [`Be32`]: the same
+/// [`frontend_addr`] bits.
+pub type FrontendAddrV6 = FrontendAddrV4;
+
 /// How stale a peer entry's timestamp may get before a packet refreshes it: the two
 /// entries of a flow expire within this of each other, at the cost of one extra
 /// lookup per second of traffic instead of one per packet.
@@ -428,11 +529,17 @@ impl DatapathConfig {
     /// ignores expired entries) and the agent (which reaps them).
     #[must_use]
     pub const fn ct_timeout_ns(&self, entry: &CtEntryV4, l4_proto: u8) -> u64 {
+        self.state_timeout_ns(entry.flags, l4_proto)
+    }
+
+    /// Idle timeout of a flow whose entries carry [`ct_flags`] `flags`, either family.
+    #[must_use]
+    pub const fn state_timeout_ns(&self, flags: u16, l4_proto: u8) -> u64 {
         let seconds = if l4_proto != crate::proto::TCP {
             self.udp_timeout_s
-        } else if ct_flags::is_closed(entry.flags) {
+        } else if ct_flags::is_closed(flags) {
             self.tcp_closing_timeout_s
-        } else if entry.flags & ct_flags::ASSURED == 0 {
+        } else if flags & ct_flags::ASSURED == 0 {
             self.tcp_syn_timeout_s
         } else {
             self.tcp_established_timeout_s
@@ -454,6 +561,12 @@ impl DatapathConfig {
     #[must_use]
     pub const fn ct_expired(&self, entry: &CtEntryV4, l4_proto: u8, now_ns: u64) -> bool {
         now_ns.saturating_sub(entry.last_seen_ns) > self.ct_timeout_ns(entry, l4_proto)
+    }
+
+    /// [`Self::ct_expired`] for an IPv6 entry.
+    #[must_use]
+    pub const fn ct_expired_v6(&self, entry: &CtEntryV6, l4_proto: u8, now_ns: u64) -> bool {
+        now_ns.saturating_sub(entry.last_seen_ns) > self.state_timeout_ns(entry.flags, l4_proto)
     }
 }
 
@@ -515,6 +628,10 @@ pub mod counter {
     /// A new flow to a port that a live ClusterIP does not declare was answered with
     /// ICMP port unreachable (kube-proxy's nftables mode rejects it the same way).
     pub const REJECTED_UNDECLARED_PORT: u32 = 18;
+    /// An IPv6 packet passed untouched because its extension headers did not end in a
+    /// TCP/UDP header within the datapath's bounded walk (too many of them, or a
+    /// routing header with segments left: its destination is not the final one).
+    pub const IPV6_EXT_HEADERS_PASSED: u32 = 27;
     /// A new flow to a frontend that netfilter's conntrack already tracks (a flow
     /// kube-proxy's NAT set up before kpr took over) passed untouched, left to netfilter.
     pub const NF_TRACKED_PASSED: u32 = 31;
@@ -585,7 +702,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "",
     "",
     "",
-    "",
+    "ipv6_ext_headers_passed",
     "",
     "",
     "",
@@ -650,6 +767,11 @@ mod pod_impls {
         DatapathConfig,
         FrontendAddrV4,
         ServiceCidrV4,
+        ServiceKeyV6,
+        BackendV6,
+        CtKeyV6,
+        CtEntryV6,
+        Be32x4,
     );
 }
 
@@ -822,6 +944,13 @@ mod tests {
             names::FRAGMENTS_V4,
             names::COUNTERS,
             names::CONFIG,
+            names::FRONTEND_ADDRS_V4,
+            names::SERVICE_CIDR_V4,
+            names::SERVICES_V6,
+            names::BACKENDS_V6,
+            names::CONNTRACK_V6,
+            names::CONNTRACK_NEW_V6,
+            names::FRONTEND_ADDRS_V6,
         ] {
             assert!(name.len() <= 15, "{name}");
         }

@@ -38,7 +38,7 @@ use crate::{
 };
 
 /// Flags that describe an entry's own direction; the rest is the flow's state.
-const DIRECTION: u16 = ct_flags::REWRITE_SRC | ct_flags::REWRITE_DST | ct_flags::REPLY;
+pub(crate) const DIRECTION: u16 = ct_flags::REWRITE_SRC | ct_flags::REWRITE_DST | ct_flags::REPLY;
 
 /// The table an entry lives in.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -137,19 +137,20 @@ fn find(key: &CtKeyV4, now: u64) -> Option<(Table, *mut CtEntryV4)> {
 
 /// A TCP SYN without ACK: a client opening a connection.
 #[inline(always)]
-fn is_syn(tcp_flags: u8) -> bool {
+pub(crate) fn is_syn(tcp_flags: u8) -> bool {
     tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
 }
 
-/// The state bits a packet adds to its flow.
+/// The state bits a packet (of protocol `l4_proto`, with `tcp_flags`) adds to its
+/// flow; both families.
 #[inline(always)]
-fn transition(pkt: &Packet, is_reply: bool) -> u16 {
+pub(crate) fn transition(l4_proto: u8, tcp_flags: u8, is_reply: bool) -> u16 {
     let mut add = if is_reply { ct_flags::SEEN_REPLY } else { 0 };
-    if pkt.tuple.proto == proto::TCP {
-        if pkt.tcp_flags & tcp_flag::RST != 0 {
+    if l4_proto == proto::TCP {
+        if tcp_flags & tcp_flag::RST != 0 {
             add |= ct_flags::RST;
         }
-        if pkt.tcp_flags & tcp_flag::FIN != 0 {
+        if tcp_flags & tcp_flag::FIN != 0 {
             add |= if is_reply {
                 ct_flags::FIN_REPLY
             } else {
@@ -162,17 +163,17 @@ fn transition(pkt: &Packet, is_reply: bool) -> u16 {
 
 /// Whether a packet of the original direction, after the reply was seen, shows the
 /// flow established: for TCP the client's ACK of the SYN-ACK (or any later segment),
-/// for UDP any datagram.
+/// for UDP any datagram. Both families.
 #[inline(always)]
-fn completes_handshake(pkt: &Packet) -> bool {
-    pkt.tuple.proto != proto::TCP
-        || pkt.tcp_flags & (tcp_flag::ACK | tcp_flag::SYN | tcp_flag::RST) == tcp_flag::ACK
+pub(crate) fn completes_handshake(l4_proto: u8, tcp_flags: u8) -> bool {
+    l4_proto != proto::TCP
+        || tcp_flags & (tcp_flag::ACK | tcp_flag::SYN | tcp_flag::RST) == tcp_flag::ACK
 }
 
 /// Records that the established table had no room, so new flows are refused for
 /// [`CT_FULL_HOLD_NS`].
 #[inline(always)]
-fn mark_full(now: u64) {
+pub(crate) fn mark_full(now: u64) {
     if trace::active() {
         return;
     }
@@ -184,7 +185,7 @@ fn mark_full(now: u64) {
 
 /// Whether new flows are admitted (the established table had room lately).
 #[inline(always)]
-fn admits_new_flows(now: u64) -> bool {
+pub(crate) fn admits_new_flows(now: u64) -> bool {
     CT_FULL_V1
         .get(0)
         .is_none_or(|&full_at| now.saturating_sub(full_at) > CT_FULL_HOLD_NS)
@@ -260,12 +261,12 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
         table.remove(&peer_key(&pkt.tuple, &entry));
         return None;
     }
-    let state = (entry.flags | transition(pkt, is_reply)) & !DIRECTION;
+    let state = (entry.flags | transition(pkt.tuple.proto, pkt.tcp_flags, is_reply)) & !DIRECTION;
     let flags = (entry.flags & DIRECTION) | state;
     if table == Table::New
         && !is_reply
         && state & ct_flags::SEEN_REPLY != 0
-        && completes_handshake(pkt)
+        && completes_handshake(pkt.tuple.proto, pkt.tcp_flags)
         && promote(
             &pkt.tuple,
             &entry,

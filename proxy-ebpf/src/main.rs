@@ -38,19 +38,25 @@
 )]
 
 mod conntrack;
+mod conntrack6;
 mod destination;
 mod forward;
 mod fragments;
+mod icmp6_reply;
 mod icmp_error;
 mod icmp_reply;
 mod maps;
 mod nat;
+mod nat6;
 mod new_flow;
+mod new_flow6;
 mod node_ingress;
 mod parse;
+mod parse6;
 mod pod_ingress;
 mod reply_egress;
 mod service;
+mod service6;
 mod service_stats;
 mod snat;
 mod sock;
@@ -64,7 +70,7 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 
 /// The verdict of a stage's result; a drop is counted under its reason.
 #[inline(always)]
-fn verdict_of(result: verdict::Result<i32>) -> i32 {
+pub(crate) fn verdict_of(result: verdict::Result<i32>) -> i32 {
     match result {
         Ok(verdict) => verdict,
         Err(reason) => {
@@ -80,15 +86,26 @@ fn verdict_of(result: verdict::Result<i32>) -> i32 {
 
 /// TC ingress of pod-facing interfaces: packets leaving pods towards services, and
 /// replies of backends that must be translated back.
+///
+/// IPv6 frames take their own path ([`new_flow6`]), called from here rather than from
+/// inside the IPv4 one: the verifier limits the stack of a call chain to 512 bytes, and
+/// the IPv4 function's frame would leave the IPv6 stages too little of it.
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
+    if parse6::is_ipv6(&ctx) {
+        return new_flow6::pod_ingress(ctx.skb.skb, conntrack::now());
+    }
     verdict_of(pod_ingress::try_pod_ingress(&ctx))
 }
 
 /// TC egress of pod-facing interfaces: replies on their way into client pods, whose
 /// translation is undone here.
+/// IPv6 as in `tc_pod_ingress`.
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
+    if parse6::is_ipv6(&ctx) {
+        return new_flow6::reply_egress(ctx.skb.skb, conntrack::now());
+    }
     verdict_of(reply_egress::try_reply_egress(&ctx))
 }
 

@@ -8,8 +8,9 @@ use aya_ebpf::{
 use proxy_common::{
     capacity, counter,
     service_stats::{self, ServiceStatsV1},
-    AffinityKeyV4, AffinityValueV4, BackendV4, Be32, CtEntryV4, CtKeyV4, DatapathConfig, FragKeyV4,
-    FragValueV4, FrontendAddrV4, ServiceCidrV4, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
+    AffinityKeyV4, AffinityValueV4, BackendV4, BackendV6, Be32, Be32x4, CtEntryV4, CtEntryV6,
+    CtKeyV4, CtKeyV6, DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, FrontendAddrV6,
+    ServiceCidrV4, ServiceKeyV4, ServiceKeyV6, ServiceValueV4, ServiceValueV6, SourceRangeV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
@@ -67,6 +68,32 @@ pub static SRCRANGE_V4_V1: LpmTrie<SourceRangeV4, u8> =
 #[map]
 pub static FRAG_V4_V1: LruHashMap<FragKeyV4, FragValueV4> =
     LruHashMap::with_max_entries(capacity::FRAGMENTS_V4, 0);
+
+/// IPv6 frontends and backend slots ([`proxy_common::names::SERVICES_V6`]).
+#[map]
+pub static SVC_V6_V1: HashMap<ServiceKeyV6, ServiceValueV6> =
+    HashMap::with_max_entries(capacity::SERVICES_V6, 0);
+
+/// Every IPv6 address a frontend uses ([`proxy_common::names::FRONTEND_ADDRS_V6`]).
+#[map]
+pub static FE_ADDR_V6_V1: HashMap<Be32x4, FrontendAddrV6> =
+    HashMap::with_max_entries(capacity::FRONTEND_ADDRS_V6, 0);
+
+/// IPv6 backends by id ([`proxy_common::names::BACKENDS_V6`]).
+#[map]
+pub static BACKEND_V6_V1: HashMap<u32, BackendV6> =
+    HashMap::with_max_entries(capacity::BACKENDS_V6, 0);
+
+/// Established IPv6 flows ([`proxy_common::names::CONNTRACK_V6`]), as `CT_V4_V2`.
+#[map]
+pub static CT_V6_V1: HashMap<CtKeyV6, CtEntryV6> =
+    HashMap::with_max_entries(capacity::CONNTRACK_V6, 0);
+
+/// IPv6 flows not yet seen both ways ([`proxy_common::names::CONNTRACK_NEW_V6`]), as
+/// `CT_NEW_V4_V2`.
+#[map]
+pub static CT_NEW_V6_V1: LruHashMap<CtKeyV6, CtEntryV6> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK_NEW_V6, 0);
 
 /// Event and drop counters ([`proxy_common::counter`]).
 #[map]

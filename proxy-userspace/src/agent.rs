@@ -354,8 +354,9 @@ struct Agent {
     retry_pending: bool,
     /// Frontends the last pass could not program, with the reason label.
     failing: BTreeMap<FrontendKey, &'static str>,
-    /// The names file last written ([`names`]), so an unchanged one is not rewritten.
-    published_names: Option<names::Names>,
+    /// The digest ([`names::Names::digest`]) of the names file last written
+    /// ([`names`]), so an unchanged one is not rewritten.
+    published_names: Option<u64>,
     /// Which service ports the datapath counts traffic for.
     service_counters: ServiceCounters,
     /// The syncer's [`Syncer::service_id_changes`] the counters were last synced at.
@@ -1004,12 +1005,13 @@ impl Agent {
         let current = names::collect(&snapshot.state, self.model.desired(), |name| {
             self.syncer.service_id(name)
         });
-        if self.published_names.as_ref() == Some(&current) {
+        let digest = current.digest();
+        if self.published_names == Some(digest) {
             return;
         }
         let path = names::path_for(&self.config.pin_dir);
         match names::write(&path, &current) {
-            Ok(()) => self.published_names = Some(current),
+            Ok(()) => self.published_names = Some(digest),
             Err(error) => {
                 warn!(error = %crate::error_chain(&error), "cannot write the names file; kpr inspect shows service ids until a pass writes it");
                 self.published_names = None;

@@ -103,6 +103,116 @@ pub struct ClusterState {
     pub services: BTreeMap<ObjectKey, Arc<ServiceInfo>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<SliceInfo>>,
     pub node: NodeInfo,
+    /// Which keys may differ from the source's earlier states, so a consumer that
+    /// saw one of them compares those keys only, not every object.
+    pub revision: Revision,
+}
+
+/// Where a [`ClusterState`] stands in its source's sequence of states, and what
+/// changed over the last steps of it.
+///
+/// At 50 000 services, walking both maps to find the one slice that changed took the
+/// model longer than all the rest of a pass; the source knows what it changed.
+/// A consumer may skip states (a watch channel keeps the latest only): the steps of
+/// several states are kept, and one that skipped more than they cover, or saw
+/// another source's states, compares everything.
+#[derive(Clone, Debug, Default)]
+pub struct Revision {
+    /// The source instance whose states these are; 0 for a state of no sequence
+    /// (built by hand, or by a source that does not count): compare everything.
+    pub lineage: u64,
+    /// This state's place in its lineage: one more than the state before it.
+    pub number: u64,
+    /// The last steps up to this state, oldest first: each step's number and the keys
+    /// that may differ between the state before it and it, `None` when the source
+    /// cannot say (a relist).
+    pub steps: std::collections::VecDeque<(u64, Option<Arc<ChangedKeys>>)>,
+}
+
+/// The keys of the objects that may have changed (added, replaced or removed) in one
+/// step; every other object kept its `Arc`. Listing one that did not change is
+/// harmless: consumers still compare.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangedKeys {
+    pub services: std::collections::BTreeSet<ObjectKey>,
+    pub endpoint_slices: std::collections::BTreeSet<ObjectKey>,
+}
+
+impl ChangedKeys {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.endpoint_slices.is_empty()
+    }
+}
+
+/// How many steps a [`Revision`] keeps: a consumer that falls further behind than
+/// this compares everything, once.
+const REVISION_STEPS: usize = 64;
+
+/// The next lineage: every source instance counts its own states.
+static NEXT_LINEAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A source's count of its states: each [`Revisions::next`] is one step.
+#[derive(Debug)]
+pub struct Revisions {
+    current: Revision,
+}
+
+impl Default for Revisions {
+    fn default() -> Self {
+        Self {
+            current: Revision {
+                lineage: NEXT_LINEAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                number: 0,
+                steps: std::collections::VecDeque::new(),
+            },
+        }
+    }
+}
+
+impl Revisions {
+    /// The revision of the next state, which differs from the last one in `changed`
+    /// (`None`: in anything).
+    pub fn next(&mut self, changed: Option<ChangedKeys>) -> Revision {
+        let current = &mut self.current;
+        current.number += 1;
+        if current.steps.len() == REVISION_STEPS {
+            current.steps.pop_front();
+        }
+        current
+            .steps
+            .push_back((current.number, changed.map(Arc::new)));
+        current.clone()
+    }
+}
+
+impl Revision {
+    /// The keys that may differ between the state of revision `seen` (of this
+    /// lineage) and this one; `None` when the steps do not say (another lineage, a
+    /// step too old to be kept, a step of unknown changes).
+    #[must_use]
+    pub fn changed_since(&self, seen: &Revision) -> Option<ChangedKeys> {
+        if self.lineage == 0 || seen.lineage != self.lineage || seen.number > self.number {
+            return None;
+        }
+        let mut changed = ChangedKeys::default();
+        let mut expected = seen.number + 1;
+        for (number, step) in &self.steps {
+            if *number < expected {
+                continue;
+            }
+            if *number != expected {
+                return None;
+            }
+            let step = step.as_ref()?;
+            changed.services.extend(step.services.iter().cloned());
+            changed
+                .endpoint_slices
+                .extend(step.endpoint_slices.iter().cloned());
+            expected += 1;
+        }
+        (expected == self.number + 1).then_some(changed)
+    }
 }
 
 /// One shared copy of each distinct short string that many objects repeat (node

@@ -1,11 +1,12 @@
 //! Crafted frames for datapath tests, built with etherparse so checksums come from an
 //! implementation independent of the one under test.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use etherparse::{
     icmpv4::{DestUnreachableHeader, TimeExceededCode},
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader,
-    UdpHeader,
+    icmpv6::DestUnreachableCode,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpNumber,
+    Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -379,4 +380,283 @@ pub fn icmp_reply(original: &Frame, error: IcmpError) -> Vec<u8> {
 #[must_use]
 pub fn sock(a: u8, b: u8, c: u8, d: u8, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), port)
+}
+
+/// An IPv6 extension header of a crafted frame (RFC 8200 section 4), each 8 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ext6 {
+    /// Hop-by-hop options: one PadN option.
+    HopByHop,
+    /// Destination options: one PadN option.
+    DestOpts,
+    /// A routing header of an unassigned type with `segments_left` (0: the destination
+    /// is final and the header is ignored, RFC 8200 section 4.4).
+    Routing { segments_left: u8 },
+    /// A fragment header; the frame carries `len` bytes (all the rest: `None`) of the
+    /// datagram's fragmentable part from byte `offset * 8`.
+    Fragment {
+        offset: u16,
+        more: bool,
+        id: u32,
+        len: Option<usize>,
+    },
+}
+
+impl Ext6 {
+    fn number(self) -> u8 {
+        match self {
+            Self::HopByHop => 0,
+            Self::Routing { .. } => 43,
+            Self::Fragment { .. } => 44,
+            Self::DestOpts => 60,
+        }
+    }
+
+    fn bytes(self, next: u8) -> [u8; 8] {
+        match self {
+            // Next header, length 0 (8 bytes), PadN of 4 zero bytes.
+            Self::HopByHop | Self::DestOpts => [next, 0, 1, 4, 0, 0, 0, 0],
+            // Next header, length 0, type 253 (RFC 4727's experiment), segments left.
+            Self::Routing { segments_left } => [next, 0, 253, segments_left, 0, 0, 0, 0],
+            Self::Fragment {
+                offset, more, id, ..
+            } => {
+                let [a, b] = ((offset << 3) | u16::from(more)).to_be_bytes();
+                let [c, d, e, f] = id.to_be_bytes();
+                [next, 0, a, b, c, d, e, f]
+            }
+        }
+    }
+}
+
+/// The upper layer of a crafted IPv6 frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport6 {
+    Tcp(TcpFlags),
+    Udp,
+    /// A neighbour solicitation (RFC 4861 section 4.3) for the destination's
+    /// address, with the sender's link-layer address option; the ports are ignored.
+    NeighbourSolicitation,
+}
+
+/// An Ethernet + IPv6 (+ extension headers) + TCP/UDP/ICMPv6 frame, described by its
+/// fields; every checksum is computed by etherparse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: SocketAddrV6,
+    pub dst: SocketAddrV6,
+    pub transport: Transport6,
+    pub payload: Vec<u8>,
+    pub hop_limit: u8,
+    /// Extension headers in order, before the upper layer.
+    pub ext: Vec<Ext6>,
+}
+
+impl Frame6 {
+    /// A TCP segment from `src` to `dst`.
+    #[must_use]
+    pub fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: TcpFlags) -> Self {
+        Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
+            src,
+            dst,
+            transport: Transport6::Tcp(flags),
+            payload: Vec::new(),
+            hop_limit: 64,
+            ext: Vec::new(),
+        }
+    }
+
+    /// A UDP datagram from `src` to `dst` with `payload`.
+    #[must_use]
+    pub fn udp(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Self {
+        Self {
+            transport: Transport6::Udp,
+            payload: payload.to_vec(),
+            ..Self::tcp(src, dst, TcpFlags::SYN)
+        }
+    }
+
+    /// The same frame with these extension headers.
+    #[must_use]
+    pub fn with_ext(mut self, ext: &[Ext6]) -> Self {
+        self.ext = ext.to_vec();
+        self
+    }
+
+    /// The same frame with another destination.
+    #[must_use]
+    pub fn with_dst(mut self, dst: SocketAddrV6) -> Self {
+        self.dst = dst;
+        self
+    }
+
+    /// The same frame with another source.
+    #[must_use]
+    pub fn with_src(mut self, src: SocketAddrV6) -> Self {
+        self.src = src;
+        self
+    }
+
+    /// The frame a peer would answer with (addresses and MACs swapped).
+    #[must_use]
+    pub fn reply(&self, transport: Transport6) -> Self {
+        Self {
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            src: self.dst,
+            dst: self.src,
+            transport,
+            payload: Vec::new(),
+            hop_limit: 64,
+            ext: Vec::new(),
+        }
+    }
+
+    /// The upper-layer message of the whole datagram, checksum computed.
+    fn upper_layer(&self) -> (u8, Vec<u8>) {
+        let (src, dst) = (self.src.ip().octets(), self.dst.ip().octets());
+        let mut out = Vec::new();
+        match self.transport {
+            Transport6::Tcp(flags) => {
+                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1000, 64_240);
+                tcp.syn = flags.syn;
+                tcp.ack = flags.ack;
+                tcp.fin = flags.fin;
+                tcp.rst = flags.rst;
+                if flags.ack {
+                    tcp.acknowledgment_number = 2000;
+                }
+                tcp.checksum = tcp
+                    .calc_checksum_ipv6_raw(src, dst, &self.payload)
+                    .expect("small payload");
+                tcp.write(&mut out).expect("write to Vec");
+                out.extend_from_slice(&self.payload);
+                (6, out)
+            }
+            Transport6::Udp => {
+                let mut udp = UdpHeader {
+                    source_port: self.src.port(),
+                    destination_port: self.dst.port(),
+                    length: u16::try_from(UdpHeader::LEN + self.payload.len()).expect("small"),
+                    checksum: 0,
+                };
+                udp.checksum = udp
+                    .calc_checksum_ipv6_raw(src, dst, &self.payload)
+                    .expect("small payload");
+                udp.write(&mut out).expect("write to Vec");
+                out.extend_from_slice(&self.payload);
+                (17, out)
+            }
+            Transport6::NeighbourSolicitation => {
+                // Reserved, target address, source link-layer address option.
+                let mut body = vec![0u8; 4];
+                body.extend_from_slice(&dst);
+                body.extend_from_slice(&[1, 1]);
+                body.extend_from_slice(&self.src_mac);
+                let icmp = Icmpv6Header::with_checksum(
+                    Icmpv6Type::NeighborSolicitation,
+                    src,
+                    dst,
+                    &body[4..],
+                )
+                .expect("small");
+                icmp.write(&mut out).expect("write to Vec");
+                out.extend_from_slice(&body[4..]);
+                (58, out)
+            }
+        }
+    }
+
+    /// The frame's bytes. With a fragment header, the frame carries its part of the
+    /// upper-layer message (whose checksum covers the whole datagram).
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (upper, message) = self.upper_layer();
+        let mut body = Vec::new();
+        let mut message = message;
+        for (index, ext) in self.ext.iter().enumerate() {
+            let next = self.ext.get(index + 1).map_or(upper, |next| next.number());
+            body.extend_from_slice(&ext.bytes(next));
+            if let Ext6::Fragment { offset, len, .. } = *ext {
+                let start = usize::from(offset) * 8;
+                let end = len.map_or(message.len(), |len| start + len);
+                message = message[start..end].to_vec();
+            }
+        }
+        body.extend_from_slice(&message);
+        let ip = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::ZERO,
+            payload_length: u16::try_from(body.len()).expect("small"),
+            next_header: IpNumber(self.ext.first().map_or(upper, |ext| ext.number())),
+            hop_limit: self.hop_limit,
+            source: self.src.ip().octets(),
+            destination: self.dst.ip().octets(),
+        };
+        let mut out = Vec::new();
+        Ethernet2Header {
+            source: self.src_mac,
+            destination: self.dst_mac,
+            ether_type: EtherType::IPV6,
+        }
+        .write(&mut out)
+        .expect("write to Vec");
+        ip.write(&mut out).expect("write to Vec");
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+/// The ICMPv6 port unreachable (RFC 4443 section 3.1) the datapath answers `original`
+/// with: from the address it was sent to, back to its sender, quoting its IPv6 header,
+/// extension headers and first 8 upper-layer bytes.
+#[must_use]
+pub fn port_unreachable_reply6(original: &Frame6) -> Vec<u8> {
+    let bytes = original.to_bytes();
+    let quote_len = 40 + 8 * original.ext.len() + 8;
+    let quoted = &bytes[ETH_HLEN..ETH_HLEN + quote_len];
+    let (from, to) = (original.dst.ip().octets(), original.src.ip().octets());
+    let icmp = Icmpv6Header::with_checksum(
+        Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+        from,
+        to,
+        quoted,
+    )
+    .expect("small");
+    let ip = Ipv6Header {
+        traffic_class: 0,
+        flow_label: Ipv6FlowLabel::ZERO,
+        payload_length: u16::try_from(icmp.header_len() + quoted.len()).expect("small"),
+        next_header: IpNumber::IPV6_ICMP,
+        hop_limit: 64,
+        source: from,
+        destination: to,
+    };
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: original.dst_mac,
+        destination: original.src_mac,
+        ether_type: EtherType::IPV6,
+    }
+    .write(&mut out)
+    .expect("write to Vec");
+    ip.write(&mut out).expect("write to Vec");
+    icmp.write(&mut out).expect("write to Vec");
+    out.extend_from_slice(quoted);
+    out
+}
+
+/// `[addr]:port` shorthand for tables.
+#[must_use]
+pub fn sock6(addr: &str, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        addr.parse::<Ipv6Addr>().expect("an IPv6 literal"),
+        port,
+        0,
+        0,
+    )
 }

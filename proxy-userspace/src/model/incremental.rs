@@ -27,10 +27,12 @@ use proxy_common::scope;
 
 use super::{
     conflict, slice_service_name, Claim, Desired, Diagnostic, DiagnosticReason, FrontendKey,
-    FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServicePortName, LABEL_SERVICE_NAME,
-    LABEL_TOPOLOGY_ZONE,
+    FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServiceHealth, ServicePortName,
+    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE,
 };
-use crate::state::{ClusterState, NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
+use crate::state::{
+    ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revision, ServiceInfo, SliceInfo,
+};
 
 /// What one [`IncrementalModel::update`] changed in [`IncrementalModel::desired`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,11 +82,47 @@ impl ModelChanges {
 #[derive(Debug)]
 struct ServiceEntry {
     service: Arc<ServiceInfo>,
-    /// Frontends (with cluster-internal twins) before conflicts with other services,
-    /// local endpoints, source ranges, its health check, its own diagnostics.
-    output: Desired,
-    /// Its claim on each frontend of default scope in `output`.
-    claims: BTreeMap<FrontendKey, Claim>,
+    output: ServiceOutput,
+    /// Its claim on each frontend of default scope in `output`, by key.
+    claims: Box<[(FrontendKey, Claim)]>,
+}
+
+/// loadBalancerSourceRanges of one service port: (address, prefix length).
+type SourceRanges = BTreeSet<(Ipv4Addr, u8)>;
+
+/// What one service asks for before conflicts with other services: frontends (with
+/// cluster-internal twins), local endpoints, source ranges, its health check, its own
+/// diagnostics. The [`Desired`] its rules fill, kept as sorted slices: a service has a
+/// handful of each, and a map per field per service was most of the model's memory
+/// at 50 000 services (a map node holds eleven entries, however few it has).
+#[derive(Debug)]
+struct ServiceOutput {
+    frontends: Box<[(FrontendKey, FrontendSpec)]>,
+    local_endpoints: Box<[Ipv4Addr]>,
+    source_ranges: Box<[(ServicePortName, SourceRanges)]>,
+    health_checks: Box<[(u16, ServiceHealth)]>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl From<Desired> for ServiceOutput {
+    fn from(desired: Desired) -> Self {
+        // Each map iterates in key order: the slices are sorted.
+        Self {
+            frontends: desired.frontends.into_iter().collect(),
+            local_endpoints: desired.local_endpoints.into_iter().collect(),
+            source_ranges: desired.source_ranges.into_iter().collect(),
+            health_checks: desired.health_checks.into_iter().collect(),
+            diagnostics: desired.diagnostics,
+        }
+    }
+}
+
+/// The value of `key` in a slice sorted by key.
+fn sorted_get<'a, K: Ord, V>(entries: &'a [(K, V)], key: &K) -> Option<&'a V> {
+    entries
+        .binary_search_by(|(held, _)| held.cmp(key))
+        .ok()
+        .map(|at| &entries[at].1)
 }
 
 /// One EndpointSlice and the service it names.
@@ -120,6 +158,9 @@ pub struct IncrementalModel {
     by_backend_ip: HashMap<Ipv4Addr, HashSet<FrontendKey>>,
     /// Services with diagnostics of their own.
     diagnosed: BTreeSet<ObjectKey>,
+    /// The revision of the last state given (its steps not kept): the next state's
+    /// steps since it name the keys to compare.
+    seen: Revision,
     desired: Desired,
 }
 
@@ -168,6 +209,25 @@ fn changed_keys<K: Ord + Clone, A, B>(
     changed
 }
 
+/// [`changed_keys`] for the keys `candidates` only: the others are known to be
+/// unchanged.
+fn changed_among<'k, K: Ord + Clone + 'k, A, B>(
+    old: &mut BTreeMap<K, A>,
+    new: &BTreeMap<K, Arc<B>>,
+    candidates: impl IntoIterator<Item = &'k K>,
+    mut same: impl FnMut(&K, &mut A, &Arc<B>) -> bool,
+) -> Vec<K> {
+    candidates
+        .into_iter()
+        .filter(|key| match (old.get_mut(*key), new.get(*key)) {
+            (None, None) => false,
+            (Some(entry), Some(value)) => !same(key, entry, value),
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
 /// Whether `new` is the object `held` is: the same `Arc` (what sources keep for an
 /// unchanged object), or an equal object (a manifest file re-read whole gives every
 /// object in it a new `Arc`), whose `Arc` `held` then takes, so the next update finds
@@ -214,6 +274,15 @@ impl IncrementalModel {
                 .is_none_or(|(old_settings, old_node)| {
                     old_settings != settings || *old_node != state.node
                 });
+        // What the source says changed since the last state; else every key is compared.
+        let candidates: Option<ChangedKeys> = state.revision.changed_since(&self.seen);
+        self.seen = Revision {
+            steps: std::collections::VecDeque::new(),
+            ..state.revision.clone()
+        };
+        let same_service = |_: &ObjectKey, entry: &mut ServiceEntry, service: &Arc<ServiceInfo>| {
+            same_object(&mut entry.service, service)
+        };
         let mut dirty: BTreeSet<ObjectKey> = if settings_changed {
             changes.all = true;
             self.computed_with = Some((settings.clone(), state.node.clone()));
@@ -222,33 +291,49 @@ impl IncrementalModel {
                 .chain(state.services.keys())
                 .cloned()
                 .collect()
-        } else {
-            changed_keys(&mut self.services, &state.services, |_, entry, service| {
-                same_object(&mut entry.service, service)
-            })
+        } else if let Some(candidates) = &candidates {
+            changed_among(
+                &mut self.services,
+                &state.services,
+                &candidates.services,
+                same_service,
+            )
             .into_iter()
             .collect()
+        } else {
+            changed_keys(&mut self.services, &state.services, same_service)
+                .into_iter()
+                .collect()
         };
         let by_service = &mut self.slices_by_service;
-        let changed_slices = changed_keys(
-            &mut self.slices,
-            &state.endpoint_slices,
-            |key, entry, slice| {
-                if !same_object(&mut entry.slice, slice) {
-                    return false;
-                }
-                // The index shares the slice: it takes the new Arc too.
-                if let Some(indexed) = entry
-                    .service
-                    .as_ref()
-                    .and_then(|service| by_service.get_mut(service))
-                    .and_then(|slices| slices.get_mut(key))
-                {
-                    *indexed = Arc::clone(slice);
-                }
-                true
-            },
-        );
+        let same_slice = |key: &ObjectKey, entry: &mut SliceEntry, slice: &Arc<SliceInfo>| {
+            if Arc::ptr_eq(&entry.slice, slice) {
+                return true;
+            }
+            if !same_object(&mut entry.slice, slice) {
+                return false;
+            }
+            // An equal slice in a new Arc: the index shares the slice, so it takes
+            // the new Arc too.
+            if let Some(indexed) = entry
+                .service
+                .as_ref()
+                .and_then(|service| by_service.get_mut(service))
+                .and_then(|slices| slices.get_mut(key))
+            {
+                *indexed = Arc::clone(slice);
+            }
+            true
+        };
+        let changed_slices = match &candidates {
+            Some(candidates) => changed_among(
+                &mut self.slices,
+                &state.endpoint_slices,
+                &candidates.endpoint_slices,
+                same_slice,
+            ),
+            None => changed_keys(&mut self.slices, &state.endpoint_slices, same_slice),
+        };
         for key in changed_slices {
             changes.diagnostics |=
                 self.replace_slice(&key, state.endpoint_slices.get(&key), &mut dirty);
@@ -313,6 +398,10 @@ impl IncrementalModel {
                 self.desired.local_endpoints.insert(addr);
             } else {
                 self.desired.local_endpoints.remove(&addr);
+            }
+            if changes.all {
+                // Every frontend is written anyway.
+                continue;
             }
             // Their backends at `addr` change locality (a backend flag in the maps).
             for key in self.by_backend_ip.get(&addr).into_iter().flatten() {
@@ -441,8 +530,8 @@ impl IncrementalModel {
         context.add_frontends(&mut output);
         ServiceEntry {
             service: Arc::clone(service),
-            output,
-            claims: claims.into_inner(),
+            output: output.into(),
+            claims: claims.into_inner().into_iter().collect(),
         }
     }
 
@@ -458,7 +547,7 @@ impl IncrementalModel {
         let Some(old) = self.services.remove(key) else {
             return Vec::new();
         };
-        for (frontend, claim) in old.claims {
+        for (frontend, claim) in old.claims.into_vec() {
             if let Some(claims) = self.claimants.get_mut(&frontend) {
                 claims.retain(|held| *held != claim);
                 if claims.is_empty() {
@@ -467,7 +556,7 @@ impl IncrementalModel {
             }
             touched_frontends.insert(frontend);
         }
-        for addr in old.output.local_endpoints {
+        for addr in old.output.local_endpoints.into_vec() {
             if let Some(count) = self.local_refs.get_mut(&addr) {
                 *count -= 1;
                 if *count == 0 {
@@ -476,11 +565,11 @@ impl IncrementalModel {
             }
             local_candidates.insert(addr);
         }
-        for name in old.output.source_ranges.into_keys() {
+        for (name, _) in old.output.source_ranges.into_vec() {
             let before = self.desired.source_ranges.remove(&name);
             old_ranges.entry(name).or_insert(before);
         }
-        for port in old.output.health_checks.into_keys() {
+        for (port, _) in old.output.health_checks.into_vec() {
             if let Some(claimants) = self.health_claimants.get_mut(&port) {
                 claimants.remove(key);
                 if claimants.is_empty() {
@@ -503,8 +592,12 @@ impl IncrementalModel {
         local_candidates: &mut BTreeSet<Ipv4Addr>,
         old_ranges: &mut BTreeMap<ServicePortName, Option<BTreeSet<(Ipv4Addr, u8)>>>,
     ) {
-        for (frontend, claim) in &entry.claims {
-            let claims = self.claimants.entry(*frontend).or_default();
+        for (frontend, claim) in entry.claims.iter() {
+            // Almost every frontend has one claimant: no room for more until needed.
+            let claims = self
+                .claimants
+                .entry(*frontend)
+                .or_insert_with(|| Vec::with_capacity(1));
             let at = claims.partition_point(|held| held < claim);
             claims.insert(at, claim.clone());
             touched_frontends.insert(*frontend);
@@ -513,14 +606,14 @@ impl IncrementalModel {
             *self.local_refs.entry(*addr).or_default() += 1;
             local_candidates.insert(*addr);
         }
-        for (name, ranges) in &entry.output.source_ranges {
+        for (name, ranges) in entry.output.source_ranges.iter() {
             let before = self
                 .desired
                 .source_ranges
                 .insert(name.clone(), ranges.clone());
             old_ranges.entry(name.clone()).or_insert(before);
         }
-        for port in entry.output.health_checks.keys() {
+        for (port, _) in entry.output.health_checks.iter() {
             self.health_claimants
                 .entry(*port)
                 .or_default()
@@ -543,8 +636,8 @@ impl IncrementalModel {
             .and_then(|claim| Some((claim, self.services.get(&claim.service)?)));
         let (spec, twin_spec) = holder.map_or((None, None), |(_, entry)| {
             (
-                entry.output.frontends.get(key).cloned(),
-                entry.output.frontends.get(&twin).cloned(),
+                sorted_get(&entry.output.frontends, key).cloned(),
+                sorted_get(&entry.output.frontends, &twin).cloned(),
             )
         });
         let diagnostics: Vec<Diagnostic> = match (holder, &spec) {
@@ -615,7 +708,7 @@ impl IncrementalModel {
         let winner = claimants.and_then(|claimants| claimants.first());
         let health = winner
             .and_then(|winner| self.services.get(winner))
-            .and_then(|entry| entry.output.health_checks.get(&port).cloned());
+            .and_then(|entry| sorted_get(&entry.output.health_checks, &port).cloned());
         let diagnostics: Vec<Diagnostic> = match winner {
             Some(winner) => claimants
                 .into_iter()

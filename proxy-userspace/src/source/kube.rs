@@ -26,7 +26,7 @@
 //! changes nothing the agent reads (a status or annotation update, a relist) keeps its
 //! `Arc`, and such an event alone publishes nothing.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     path::{Path, PathBuf},
     pin::pin,
@@ -52,7 +52,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::Snapshot;
-use crate::state::{NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
+use crate::state::{ChangedKeys, NodeInfo, ObjectKey, Revisions, ServiceInfo, SliceInfo};
 
 /// kube-proxy's default `minSyncPeriod`.
 pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
@@ -325,6 +325,8 @@ struct ObjectStore<T> {
     objects: BTreeMap<ObjectKey, Arc<T>>,
     /// The relist under way, if any.
     relist: Option<BTreeMap<ObjectKey, Arc<T>>>,
+    /// The keys of the objects changed since the last snapshot.
+    changed: BTreeSet<ObjectKey>,
 }
 
 impl<T> Default for ObjectStore<T> {
@@ -332,6 +334,7 @@ impl<T> Default for ObjectStore<T> {
         Self {
             objects: BTreeMap::new(),
             relist: None,
+            changed: BTreeSet::new(),
         }
     }
 }
@@ -347,11 +350,15 @@ impl<T: PartialEq> ObjectStore<T> {
                 {
                     return Effect::Unchanged;
                 }
+                self.changed.insert(key.clone());
                 self.objects.insert(key, Arc::new(object));
                 Effect::Changed
             }
             StoreEvent::Delete(key) => match self.objects.remove(&key) {
-                Some(_) => Effect::Changed,
+                Some(_) => {
+                    self.changed.insert(key);
+                    Effect::Changed
+                }
                 None => Effect::Unchanged,
             },
             StoreEvent::Init => {
@@ -368,7 +375,19 @@ impl<T: PartialEq> ObjectStore<T> {
                 Effect::Listing
             }
             StoreEvent::InitDone => {
-                self.objects = self.relist.take().unwrap_or_default();
+                let listed = self.relist.take().unwrap_or_default();
+                // The objects the relist found unchanged kept their Arc.
+                for (key, known) in &self.objects {
+                    if !listed.get(key).is_some_and(|now| Arc::ptr_eq(now, known)) {
+                        self.changed.insert(key.clone());
+                    }
+                }
+                for key in listed.keys() {
+                    if !self.objects.contains_key(key) {
+                        self.changed.insert(key.clone());
+                    }
+                }
+                self.objects = listed;
                 Effect::Listed
             }
         }
@@ -382,6 +401,8 @@ struct Stores {
     slices: ObjectStore<SliceInfo>,
     /// `None` without a node name: no Node is watched.
     node: Option<ObjectStore<NodeInfo>>,
+    /// The count of the snapshots published, with the keys each changed.
+    revisions: Revisions,
 }
 
 impl Stores {
@@ -408,9 +429,18 @@ impl Stores {
         }
     }
 
-    /// The snapshot of the stores: their maps, sharing every object.
-    fn snapshot(&self, node_name: Option<&str>) -> Snapshot {
+    /// The snapshot of the stores: their maps, sharing every object, and the keys
+    /// changed since the last snapshot.
+    fn snapshot(&mut self, node_name: Option<&str>) -> Snapshot {
         let mut snapshot = Snapshot::for_node(node_name);
+        snapshot.state.revision = self.revisions.next(Some(ChangedKeys {
+            services: std::mem::take(&mut self.services.changed),
+            endpoint_slices: std::mem::take(&mut self.slices.changed),
+        }));
+        // The node is compared whole by its consumers.
+        if let Some(node) = &mut self.node {
+            node.changed.clear();
+        }
         snapshot.state.services.clone_from(&self.services.objects);
         snapshot
             .state
@@ -711,6 +741,19 @@ mod tests {
         map.keys().map(|key| key.name.to_string()).collect()
     }
 
+    /// The names of the services and slices `later` says changed since `earlier`.
+    fn changed_names(earlier: &Snapshot, later: &Snapshot) -> (Vec<String>, Vec<String>) {
+        let changed = later
+            .state
+            .revision
+            .changed_since(&earlier.state.revision)
+            .expect("the steps cover the earlier snapshot");
+        let names = |keys: &BTreeSet<crate::state::ObjectKey>| {
+            keys.iter().map(|key| key.name.to_string()).collect()
+        };
+        (names(&changed.services), names(&changed.endpoint_slices))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn nothing_is_published_before_every_initial_list() {
         let mut h = Harness::start();
@@ -801,6 +844,11 @@ mod tests {
             ["a"],
             "other stores kept"
         );
+        assert_eq!(
+            changed_names(&first, &snapshot),
+            (vec!["a".to_owned()], vec![]),
+            "the relist changed `a` only"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -841,11 +889,15 @@ mod tests {
         h.services.send(listed(vec![service("a"), service("b")]));
         h.slices.send(listed(vec![slice("a"), slice("b")]));
         h.nodes.send(listed(vec![]));
-        assert!(h.next().await.is_some());
+        let before = h.next().await.expect("the lists");
         h.services
             .send(vec![Ok(watcher::Event::Delete(service("a")))]);
         h.slices.send(vec![Ok(watcher::Event::Delete(slice("a")))]);
         let snapshot = h.next().await.expect("the deletion");
+        assert_eq!(
+            changed_names(&before, &snapshot),
+            (vec!["a".to_owned()], vec!["a".to_owned()])
+        );
         assert_eq!(names(&snapshot.state.services), ["b"]);
         assert_eq!(names(&snapshot.state.endpoint_slices), ["b"]);
     }

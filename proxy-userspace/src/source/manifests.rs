@@ -37,7 +37,7 @@ use super::Snapshot;
 use crate::{
     metrics::ReasonLabels,
     model::{Diagnostic, DiagnosticReason},
-    state::NodeInfo,
+    state::{ChangedKeys, NodeInfo, ObjectKey, Revisions},
 };
 
 /// The largest manifest file read (a file of 65 535 endpoints is about 4 MiB).
@@ -140,6 +140,8 @@ pub struct ManifestDir {
     dir: PathBuf,
     node_name: Option<String>,
     parsed: BTreeMap<PathBuf, ParsedFile>,
+    /// The count of the snapshots read, with the keys each read changed.
+    revisions: Revisions,
 }
 
 impl ManifestDir {
@@ -149,6 +151,7 @@ impl ManifestDir {
             dir,
             node_name,
             parsed: BTreeMap::new(),
+            revisions: Revisions::default(),
         }
     }
 
@@ -178,6 +181,7 @@ impl ManifestDir {
         let mut snapshot = Snapshot::for_node(self.node_name.as_deref());
         let mut unreadable = Vec::new();
         let mut parsed = BTreeMap::new();
+        let mut reparsed = Vec::new();
         for file in files {
             let stamp = match std::fs::metadata(&file) {
                 Ok(metadata) if !metadata.is_file() => continue,
@@ -244,14 +248,78 @@ impl ManifestDir {
                 }
             };
             merge(&mut snapshot, &content);
+            reparsed.push(file.clone());
             parsed.insert(file, ParsedFile { stamp, content });
         }
+        let changed = self.changed_keys(&parsed, &reparsed);
+        snapshot.state.revision = self.revisions.next(Some(changed));
         self.parsed = parsed;
         Ok(Read {
             snapshot,
             unreadable,
         })
     }
+}
+
+impl ManifestDir {
+    /// The keys a read changed: those of the files it parsed again whose object is
+    /// not the one they held before (the file's unchanged objects kept their `Arc`),
+    /// and every key of the files it no longer has. `self.parsed` still holds what
+    /// the files `now` does not carry over unchanged had before the read.
+    fn changed_keys(
+        &self,
+        now: &BTreeMap<PathBuf, ParsedFile>,
+        reparsed: &[PathBuf],
+    ) -> ChangedKeys {
+        let mut changed = ChangedKeys::default();
+        let empty = Snapshot::default();
+        for (file, before) in &self.parsed {
+            if !now.contains_key(file) {
+                add_differences(&mut changed, &before.content, &empty);
+            }
+        }
+        for file in reparsed {
+            let before = self
+                .parsed
+                .get(file)
+                .map_or(&empty, |known| &*known.content);
+            if let Some(after) = now.get(file) {
+                add_differences(&mut changed, before, &after.content);
+            }
+        }
+        changed
+    }
+}
+
+/// Adds to `changed` every key whose object differs between `before` and `after`
+/// (by `Arc` identity: equal objects share one).
+fn add_differences(changed: &mut ChangedKeys, before: &Snapshot, after: &Snapshot) {
+    fn differing<T>(
+        before: &BTreeMap<ObjectKey, Arc<T>>,
+        after: &BTreeMap<ObjectKey, Arc<T>>,
+        into: &mut std::collections::BTreeSet<ObjectKey>,
+    ) {
+        for (key, object) in before {
+            if !after.get(key).is_some_and(|now| Arc::ptr_eq(now, object)) {
+                into.insert(key.clone());
+            }
+        }
+        for key in after.keys() {
+            if !before.contains_key(key) {
+                into.insert(key.clone());
+            }
+        }
+    }
+    differing(
+        &before.state.services,
+        &after.state.services,
+        &mut changed.services,
+    );
+    differing(
+        &before.state.endpoint_slices,
+        &after.state.endpoint_slices,
+        &mut changed.endpoint_slices,
+    );
 }
 
 /// Adds what one file gave to the directory's snapshot (later files replace objects of
@@ -756,6 +824,54 @@ mod tests {
             names(&dir.read().expect("readable").snapshot),
             ["api", "web"]
         );
+    }
+
+    /// Each read's revision names the keys it changed, and only those: the model
+    /// compares no other object.
+    #[test]
+    fn each_read_names_the_keys_it_changed() {
+        let temp = TempDir::new();
+        let (web, db) = (
+            temp.manifests().join("web.yaml"),
+            temp.manifests().join("db.yaml"),
+        );
+        let api = service("api", "10.96.0.12");
+        std::fs::write(&web, format!("{api}---\n{}", service("web", "10.96.0.10"))).expect("write");
+        std::fs::write(&db, service("db", "10.96.0.11")).expect("write");
+        let mut dir = ManifestDir::new(temp.manifests(), None);
+        let mut last = dir.read().expect("readable").snapshot.state.revision;
+        let mut read_changes = |dir: &mut ManifestDir| {
+            let revision = dir.read().expect("readable").snapshot.state.revision;
+            let changed = revision
+                .changed_since(&last)
+                .expect("one step after the last");
+            last = revision;
+            let mut names: Vec<String> = changed
+                .services
+                .iter()
+                .map(|key| key.name.to_string())
+                .collect();
+            names.sort();
+            names
+        };
+        assert!(read_changes(&mut dir).is_empty(), "nothing changed");
+        std::fs::write(&web, format!("{api}---\n{}", service("web", "10.96.0.100")))
+            .expect("write");
+        assert_eq!(
+            read_changes(&mut dir),
+            ["web"],
+            "one object of a changed file"
+        );
+        std::fs::write(&db, "kind: [unterminated").expect("write");
+        assert_eq!(
+            read_changes(&mut dir),
+            ["db"],
+            "a file that no longer parses"
+        );
+        std::fs::write(&db, service("db", "10.96.0.11")).expect("write");
+        assert_eq!(read_changes(&mut dir), ["db"], "parsed again");
+        std::fs::remove_file(&web).expect("remove");
+        assert_eq!(read_changes(&mut dir), ["api", "web"], "a removed file");
     }
 
     #[test]

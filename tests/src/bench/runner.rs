@@ -81,6 +81,10 @@ pub struct Cell {
     /// ebpf modes with `--bpf-stats`: each of the agent's programs that ran during the
     /// connection test.
     pub programs: std::collections::BTreeMap<String, super::bpf_stats::ProgramCost>,
+    /// ebpf modes: the agent's log lines of its sync passes ("synced": each pass's
+    /// model, syncer, map-write and names times) and its last lines (the exit), as
+    /// it wrote them.
+    pub agent_log: Vec<String>,
     /// Set when the mode did not program all services within the program limit (its
     /// seconds): nothing else was measured, every other figure is absent.
     pub not_programmed_in_s: Option<f64>,
@@ -318,6 +322,7 @@ pub fn measure(
     bench.lab.stop_agent()?;
     if agent_pid.is_some() {
         cell.stop_ms = Some(millis(stopping.elapsed()));
+        cell.agent_log = passes_and_exit(&bench.lab.agent_log());
     }
     // Servers first, then the lab and its namespaces, then the API server.
     let Bench { servers, lab, api } = bench;
@@ -628,4 +633,17 @@ fn nft_sync(node: &crate::netns::Netns, transaction: &str, limit: Duration) -> R
         limit,
     )?;
     Ok(chains + sets + apply)
+}
+
+/// The "synced" lines of an agent's log and its last ones (how it stopped).
+fn passes_and_exit(log: &str) -> Vec<String> {
+    const LAST: usize = 8;
+    let lines: Vec<&str> = log.lines().collect();
+    let tail_from = lines.len().saturating_sub(LAST);
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(index, line)| *index >= tail_from || line.contains(" synced"))
+        .map(|(_, line)| (*line).to_owned())
+        .collect()
 }

@@ -2,7 +2,8 @@
 //! sequence of changes (services, slices moving between services, conflicts on
 //! frontends and health check ports, local endpoints, node settings), each applied
 //! incrementally, must leave what a fresh [`desired`] computes, and report every
-//! difference it made.
+//! difference it made; the same when the states say which keys changed (their
+//! [`Revision`]) and the model skips some of them, as the agent does.
 use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -149,7 +150,21 @@ fn assert_reported(before: &Desired, after: &Desired, changes: &ModelChanges, st
 
 #[test]
 fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
+    random_changes(false);
+}
+
+#[test]
+fn changes_named_by_the_revisions_leave_what_a_fresh_model_computes() {
+    random_changes(true);
+}
+
+/// The random sequence; `with_revisions`: every state says which keys changed (now
+/// and then it cannot say), and the model sees only some of the states.
+fn random_changes(with_revisions: bool) {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut revisions = crate::state::Revisions::default();
+    let mut changed = ChangedKeys::default();
+    let mut updates = 0;
     let mut state = ClusterState::default();
     state.node.name = Some("node-a".into());
     let mut settings = ModelSettings {
@@ -158,13 +173,14 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
     };
     let mut model = IncrementalModel::default();
     let mut conflicts_seen = 0;
+    let mut before = model.desired().clone();
     for step in 0..400 {
-        let before = model.desired().clone();
         for _ in 0..=rng.below(3) {
             match rng.below(10) {
                 0..=3 => {
                     let name = *rng.pick(&SERVICES);
                     let key = ObjectKey::new("ns", name);
+                    changed.services.insert(key.clone());
                     if rng.chance(25) {
                         state.services.remove(&key);
                     } else {
@@ -177,6 +193,7 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
                 4..=8 => {
                     let name = *rng.pick(&SLICES);
                     let key = ObjectKey::new("ns", name);
+                    changed.endpoint_slices.insert(key.clone());
                     if rng.chance(25) {
                         state.endpoint_slices.remove(&key);
                     } else {
@@ -194,6 +211,15 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
                 _ => {}
             }
         }
+        if with_revisions {
+            let step_changes = std::mem::take(&mut changed);
+            state.revision = revisions.next((!rng.chance(5)).then_some(step_changes));
+            if rng.chance(40) {
+                // A state the model never sees: the next one's steps cover it.
+                continue;
+            }
+        }
+        updates += 1;
         let changes = model.update(&state, &settings);
         let fresh = desired(&state, &settings);
         assert_eq!(model.desired(), &fresh, "step {step}");
@@ -209,9 +235,57 @@ fn changes_applied_one_by_one_leave_what_a_fresh_model_computes() {
             again.is_empty() && again.slices.is_empty(),
             "step {step}: {again:?}"
         );
+        before = fresh;
     }
+    assert!(updates > 200, "the model saw {updates} states");
     assert!(
         conflicts_seen > 100,
         "the sequence exercises conflicts: {conflicts_seen}"
     );
+}
+
+/// The model trusts a state's revision: a change its steps do not name is not looked
+/// for (so a source must name every key it changed), and a state of another lineage,
+/// or one further on than the steps cover, is compared whole.
+#[test]
+fn only_the_keys_the_revision_names_are_compared() {
+    let mut rng = Rng(7);
+    let settings = ModelSettings::default();
+    let mut state = ClusterState::default();
+    let mut revisions = crate::state::Revisions::default();
+    let key = ObjectKey::new("ns", "web");
+    state.services.insert(
+        key.clone(),
+        Arc::new(ServiceInfo::from(&random_service(&mut rng, "web"))),
+    );
+    state.revision = revisions.next(None);
+    let mut model = IncrementalModel::default();
+    model.update(&state, &settings);
+
+    let replace = |state: &mut ClusterState, rng: &mut Rng| loop {
+        let service = Arc::new(ServiceInfo::from(&random_service(rng, "web")));
+        if Some(&service) != state.services.get(&key) {
+            state.services.insert(key.clone(), service);
+            return;
+        }
+    };
+    // Changed, but the step names nothing: not seen.
+    replace(&mut state, &mut rng);
+    state.revision = revisions.next(Some(ChangedKeys::default()));
+    model.update(&state, &settings);
+    assert_ne!(model.desired(), &desired(&state, &settings));
+
+    // Named: seen.
+    state.revision = revisions.next(Some(ChangedKeys {
+        services: [key.clone()].into(),
+        ..ChangedKeys::default()
+    }));
+    model.update(&state, &settings);
+    assert_eq!(model.desired(), &desired(&state, &settings));
+
+    // Unnamed again, but in another lineage: compared whole.
+    replace(&mut state, &mut rng);
+    state.revision = crate::state::Revisions::default().next(Some(ChangedKeys::default()));
+    model.update(&state, &settings);
+    assert_eq!(model.desired(), &desired(&state, &settings));
 }

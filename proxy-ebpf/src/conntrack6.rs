@@ -1,0 +1,269 @@
+//! Connection tracking for IPv6 flows: the scheme of [`crate::conntrack`] (one entry
+//! per direction, a new-flow LRU table and an established plain hash, the same state
+//! machine and timeouts, the same refresh rules) over the IPv6 tables `CT_V6_V1` and
+//! `CT_NEW_V6_V1`. The state logic itself (which bits a packet adds, when a flow is
+//! established) is the IPv4 module's, shared; only keys, entries and tables differ.
+//! Entries are read and updated in place rather than copied: the IPv6 stages' stack is
+//! tight (see [`crate::parse6::parse`]). The trace instance never gets here
+//! ([`crate::new_flow6`]), so nothing below checks for it.
+use aya_ebpf::bindings::BPF_ANY;
+use proxy_common::{
+    counter, ct_flags, proto, Be16, Be32x4, CtEntryV6, CtKeyV6, CT_PEER_REFRESH_NS, CT_REFRESH_NS,
+};
+
+use crate::{
+    conntrack::{admits_new_flows, completes_handshake, is_syn, mark_full, transition, DIRECTION},
+    maps::{self, CT_NEW_V6_V1, CT_V6_V1},
+    parse6::{reversed, Packet6},
+    stats,
+    verdict::{DropReason, Result},
+};
+
+/// The table an entry lives in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Established,
+    New,
+}
+
+impl Table {
+    #[inline(always)]
+    fn get(self, key: &CtKeyV6) -> Option<*mut CtEntryV6> {
+        match self {
+            Self::Established => CT_V6_V1.get_ptr_mut(key),
+            Self::New => CT_NEW_V6_V1.get_ptr_mut(key),
+        }
+    }
+
+    #[inline(always)]
+    fn insert(self, key: &CtKeyV6, entry: &CtEntryV6, flags: u32) -> bool {
+        match self {
+            Self::Established => CT_V6_V1.insert(key, entry, u64::from(flags)).is_ok(),
+            Self::New => CT_NEW_V6_V1.insert(key, entry, u64::from(flags)).is_ok(),
+        }
+    }
+
+    #[inline(always)]
+    fn remove(self, key: &CtKeyV6) {
+        // Gone already is as good as removed.
+        let _ = match self {
+            Self::Established => CT_V6_V1.remove(key),
+            Self::New => CT_NEW_V6_V1.remove(key),
+        };
+    }
+}
+
+/// The tuple of the packet after `entry`'s rewrite.
+#[inline(always)]
+pub fn translated(tuple: &CtKeyV6, entry: &CtEntryV6) -> CtKeyV6 {
+    let mut out = *tuple;
+    if entry.flags & ct_flags::REWRITE_SRC != 0 {
+        out.src_addr = entry.nat_src_addr;
+        out.src_port = entry.nat_src_port;
+    }
+    if entry.flags & ct_flags::REWRITE_DST != 0 {
+        out.dst_addr = entry.nat_dst_addr;
+        out.dst_port = entry.nat_dst_port;
+    }
+    out
+}
+
+/// The key of the other direction's entry of the same flow.
+#[inline(always)]
+fn peer_key(tuple: &CtKeyV6, entry: &CtEntryV6) -> CtKeyV6 {
+    reversed(&translated(tuple, entry))
+}
+
+/// Finds the live entry of `key`: established table first; an expired established
+/// entry is removed on sight (see [`crate::conntrack`]).
+#[inline(always)]
+fn find(key: &CtKeyV6, now: u64) -> Option<(Table, *mut CtEntryV6)> {
+    let config = maps::config();
+    if let Some(ptr) = Table::Established.get(key) {
+        // SAFETY: valid for this program run; read in place (a copy would take stack
+        // the IPv6 frames do not have, see `crate::parse6::parse`).
+        if !config.ct_expired_v6(unsafe { &*ptr }, key.proto, now) {
+            return Some((Table::Established, ptr));
+        }
+        Table::Established.remove(key);
+    }
+    let ptr = Table::New.get(key)?;
+    // SAFETY: as above.
+    if config.ct_expired_v6(unsafe { &*ptr }, key.proto, now) {
+        return None;
+    }
+    Some((Table::New, ptr))
+}
+
+/// Moves a flow seen both ways from the new table to the established one, writing the
+/// entry of `key` (at `ptr`) as it now is into `out`; `false` (the flow stays new) when
+/// the established table is full or the peer is gone. Both entries are updated in
+/// place and inserted from the map's own memory, with no copy on the stack.
+#[inline(always)]
+fn promote(
+    key: &CtKeyV6,
+    ptr: *mut CtEntryV6,
+    peer: &CtKeyV6,
+    state: u16,
+    now: u64,
+    out: &mut CtEntryV6,
+) -> bool {
+    let Some(peer_ptr) = Table::New.get(peer) else {
+        return false;
+    };
+    let state = state | ct_flags::ASSURED;
+    // SAFETY: both pointers are valid for this program run; plain stores. A failed
+    // move leaves them marked established in the new table, which only lengthens
+    // their timeout there, as the IPv4 flow's would be after its next packet.
+    let (own, other) = unsafe {
+        (*ptr).flags = ((*ptr).flags & DIRECTION) | state;
+        (*ptr).last_seen_ns = now;
+        (*ptr).peer_refreshed_ns = now;
+        (*peer_ptr).flags = ((*peer_ptr).flags & DIRECTION) | state;
+        (*peer_ptr).last_seen_ns = now;
+        (&*ptr, &*peer_ptr)
+    };
+    // Established first, new removed after, as in the IPv4 module.
+    if !Table::Established.insert(peer, other, BPF_ANY) {
+        mark_full(now);
+        return false;
+    }
+    if !Table::Established.insert(key, own, BPF_ANY) {
+        Table::Established.remove(peer);
+        mark_full(now);
+        return false;
+    }
+    *out = *own;
+    Table::New.remove(key);
+    Table::New.remove(peer);
+    stats::count(counter::CT_ASSURED);
+    true
+}
+
+/// Finds the live entry of the packet's flow, advances the flow's state, refreshes
+/// the idle timers, and copies it into `out` ([`crate::conntrack::lookup`] for IPv6;
+/// a SYN on a closed flow starts a new one). `false`: no live entry. A function of its
+/// own, as [`crate::parse6::parse`] says why.
+#[inline(never)]
+pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
+    let Some((table, ptr)) = find(&pkt.tuple, now) else {
+        return false;
+    };
+    // SAFETY: the pointer is valid for this program run; fields are read in place.
+    let (old_flags, peer_refreshed_ns, last_seen_ns) =
+        unsafe { ((*ptr).flags, (*ptr).peer_refreshed_ns, (*ptr).last_seen_ns) };
+    // SAFETY: as above.
+    let peer = peer_key(&pkt.tuple, unsafe { &*ptr });
+    let is_reply = old_flags & ct_flags::REPLY != 0;
+    let l4_proto = pkt.tuple.proto;
+    if !is_reply
+        && l4_proto == proto::TCP
+        && is_syn(pkt.tcp_flags)
+        && ct_flags::is_closed(old_flags)
+    {
+        table.remove(&pkt.tuple);
+        table.remove(&peer);
+        return false;
+    }
+    let state = (old_flags | transition(l4_proto, pkt.tcp_flags, is_reply)) & !DIRECTION;
+    let flags = (old_flags & DIRECTION) | state;
+    if table == Table::New
+        && !is_reply
+        && state & ct_flags::SEEN_REPLY != 0
+        && completes_handshake(l4_proto, pkt.tcp_flags)
+        && promote(&pkt.tuple, ptr, &peer, state, now, out)
+    {
+        return true;
+    }
+    let refresh_peer = now.saturating_sub(peer_refreshed_ns) > CT_PEER_REFRESH_NS;
+    // SAFETY: plain stores into the map value of this program run.
+    unsafe {
+        if now.saturating_sub(last_seen_ns) > CT_REFRESH_NS {
+            (*ptr).last_seen_ns = now;
+        }
+        // The established packet's path writes nothing more.
+        if flags != old_flags || refresh_peer {
+            (*ptr).flags = flags;
+            if refresh_peer {
+                (*ptr).peer_refreshed_ns = now;
+            }
+        }
+        *out = *ptr;
+    }
+    out.flags = flags;
+    if flags != old_flags || refresh_peer {
+        if let Some(peer_ptr) = table.get(&peer) {
+            // SAFETY: as above.
+            unsafe {
+                (*peer_ptr).last_seen_ns = now;
+                (*peer_ptr).flags = ((*peer_ptr).flags & DIRECTION) | state;
+            }
+        }
+    }
+    true
+}
+
+/// What a new IPv6 flow is translated to.
+#[derive(Clone, Copy)]
+pub struct Translation {
+    pub new_dst: (Be32x4, Be16),
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// Records a new DNATed flow in the new-flow table: the entry for its original
+/// direction and the one for its replies, both through the stack
+/// ([`ct_flags::VIA_STACK`]: this slice of IPv6 has no redirect path). A live flow
+/// holding the reply key (another frontend's flow that becomes the same tuple once
+/// translated) refuses the new one, as in [`crate::conntrack::create`].
+///
+/// # Errors
+/// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails or
+/// the reply key is held by a live flow.
+#[inline(never)]
+pub fn create(original: &CtKeyV6, nat: &Translation, now: u64, out: &mut CtEntryV6) -> Result<()> {
+    if !admits_new_flows(now) {
+        return Err(DropReason::CT_FULL);
+    }
+    let mut after = *original;
+    (after.dst_addr, after.dst_port) = nat.new_dst;
+
+    let mut forward = CtEntryV6 {
+        last_seen_ns: now,
+        peer_refreshed_ns: now,
+        backend_id: nat.backend_id,
+        service_id: nat.service_id,
+        flags: ct_flags::VIA_STACK,
+        ..CtEntryV6::default()
+    };
+    let mut reply = forward;
+    reply.flags |= ct_flags::REPLY;
+    if after.dst_addr != original.dst_addr || after.dst_port != original.dst_port {
+        forward.flags |= ct_flags::REWRITE_DST;
+        forward.nat_dst_addr = after.dst_addr;
+        forward.nat_dst_port = after.dst_port;
+        reply.flags |= ct_flags::REWRITE_SRC;
+        reply.nat_src_addr = original.dst_addr;
+        reply.nat_src_port = original.dst_port;
+    }
+    let reply_key = reversed(&after);
+    if let Some(holder) = Table::Established.get(&reply_key) {
+        // SAFETY: copied out at once.
+        let holder = unsafe { *holder };
+        if !ct_flags::is_closed(holder.flags)
+            && !maps::config().ct_expired_v6(&holder, reply_key.proto, now)
+        {
+            return Err(DropReason::CT_INSERT);
+        }
+        Table::Established.remove(&reply_key);
+    }
+    if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
+        return Err(DropReason::CT_INSERT);
+    }
+    if !Table::New.insert(original, &forward, BPF_ANY) {
+        Table::New.remove(&reply_key);
+        return Err(DropReason::CT_INSERT);
+    }
+    *out = forward;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! IPv6 address and port rewriting with the L4 checksum update. IPv6 has no header
+//! checksum: the addresses count only in the TCP/UDP checksum, through its
+//! pseudo-header (RFC 8200 section 8.1), so a rewrite is one checksum update for the
+//! 16-byte address (its difference from `bpf_csum_diff`) and one for the port.
+//!
+//! UDP over IPv6 must carry a checksum: one that computes to 0 is sent as 0xffff
+//! (`BPF_F_MARK_MANGLED_0` does that), and a datagram that arrives with 0 is invalid
+//! (the receiver drops it; the helper leaves it 0 and so do we).
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
+    programs::TcContext,
+};
+use proxy_common::{ct_flags, proto, Be16, Be32x4, CtEntryV6};
+
+use crate::{
+    parse::{ETH_HLEN, L4_DST_PORT_OFF, L4_SRC_PORT_OFF},
+    parse6::{Packet6, IPV6_DST_OFF, IPV6_SRC_OFF},
+    stats,
+    verdict::{DropReason, Result},
+};
+
+/// `bpf_l4_csum_replace`'s flag for a pseudo-header change of an IPv6 packet (Linux
+/// 6.16 and the stable kernels it went to): on a CHECKSUM_COMPLETE packet it leaves
+/// `skb->csum` alone, which without it is adjusted as if an IPv4 header checksum had
+/// compensated the change, and ends up wrong. Older kernels refuse the flag
+/// (`-EINVAL`, before touching anything), and the update is retried without it.
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// The checksum difference of replacing `old` by `new` (16 bytes each).
+#[inline(always)]
+fn address_diff(old: &Be32x4, new: &Be32x4) -> Result<u64> {
+    let mut from = old.0;
+    let mut to = new.0;
+    // SAFETY: both buffers live on the stack for the call; the sizes are theirs.
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    // A checksum value is 32 bits; a negative return is an error.
+    u32::try_from(diff)
+        .map(u64::from)
+        .map_err(|_| DropReason::REWRITE)
+}
+
+/// Rewrites one end of the packet to `addr:port`, checksum and fields; unchanged
+/// fields cost nothing.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, pkt: &Packet6, end: End, addr: &Be32x4, port: Be16) -> Result<()> {
+    let (old_addr, old_port, addr_off, port_off) = match end {
+        End::Source => (
+            pkt.tuple.src_addr,
+            pkt.tuple.src_port,
+            ETH_HLEN + IPV6_SRC_OFF,
+            pkt.l4_off + L4_SRC_PORT_OFF,
+        ),
+        End::Destination => (
+            pkt.tuple.dst_addr,
+            pkt.tuple.dst_port,
+            ETH_HLEN + IPV6_DST_OFF,
+            pkt.l4_off + L4_DST_PORT_OFF,
+        ),
+    };
+    let l4_flags = if pkt.tuple.proto == proto::UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let csum_off = pkt.l4_csum_off();
+    if old_addr != *addr {
+        let diff = address_diff(&old_addr, addr)?;
+        // Size 0: `to` is a checksum difference, not a field value.
+        let flags = l4_flags | u64::from(BPF_F_PSEUDO_HDR);
+        if ctx
+            .l4_csum_replace(csum_off, 0, diff, flags | BPF_F_IPV6)
+            .is_err()
+        {
+            ctx.l4_csum_replace(csum_off, 0, diff, flags)
+                .map_err(|_| DropReason::REWRITE)?;
+        }
+        ctx.store(addr_off, addr, 0)
+            .map_err(|_| DropReason::REWRITE)?;
+    }
+    if old_port != port {
+        // Ports are not in the pseudo-header (the kernel skips this update for
+        // CHECKSUM_PARTIAL packets, whose field holds the pseudo-header sum).
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_port.0),
+            u64::from(port.0),
+            l4_flags | 2,
+        )
+        .map_err(|_| DropReason::REWRITE)?;
+        ctx.store(port_off, &port.0, 0)
+            .map_err(|_| DropReason::REWRITE)?;
+    }
+    Ok(())
+}
+
+/// Applies a conntrack entry's rewrite to the packet (a function of its own, see
+/// [`crate::parse6::parse`]).
+#[inline(never)]
+pub fn apply(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()> {
+    let ctx = &TcContext::new(skb);
+    if entry.flags & ct_flags::REWRITE_DST != 0 {
+        rewrite(
+            ctx,
+            pkt,
+            End::Destination,
+            &entry.nat_dst_addr,
+            entry.nat_dst_port,
+        )?;
+    }
+    if entry.flags & ct_flags::REWRITE_SRC != 0 {
+        rewrite(
+            ctx,
+            pkt,
+            End::Source,
+            &entry.nat_src_addr,
+            entry.nat_src_port,
+        )?;
+    }
+    Ok(())
+}
+
+/// [`apply`], counted as a translated packet of a known flow.
+#[inline(always)]
+pub fn translate(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()> {
+    apply(skb, pkt, entry)?;
+    stats::count(if entry.flags & ct_flags::REPLY != 0 {
+        proxy_common::counter::REPLY_TRANSLATED
+    } else {
+        proxy_common::counter::FORWARD_TRANSLATED
+    });
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! IPv6 header parsing: the fixed header, a bounded walk over extension headers, and
+//! the TCP/UDP ports after them. Produces offsets and the conntrack key, as
+//! [`crate::parse`] does for IPv4; never keeps pointers.
+//!
+//! The walk follows hop-by-hop options, routing, destination options and fragment
+//! headers (RFC 8200 section 4), at most [`MAX_EXT_HEADERS`] of them, so the verifier
+//! sees a bounded loop and a packet a bounded cost. What it does not take is passed
+//! untouched, as anything that is not ours:
+//! - a chain longer than that (counted, `ipv6_ext_headers_passed`);
+//! - a routing header with segments left: the destination address is a waypoint, not
+//!   the final destination the L4 checksum covers (also counted there);
+//! - a non-first fragment: it has no ports to find its flow by. The IPv4 path takes
+//!   those from its fragment map ([`crate::fragments`]); IPv6 has no such map yet, so
+//!   they pass (counted `fragment_passed`) and the datagram is lost, as a datagram is
+//!   whose first fragment came late on the IPv4 path;
+//! - ICMPv6 (neighbour discovery, router advertisements, echo, errors), ESP, AH and
+//!   every other next header.
+//!
+//! A datagram's first fragment carries the TCP/UDP header and is translated like an
+//! unfragmented packet; the L4 checksum covers the whole datagram, and its
+//! incremental update in the first fragment stays right for it.
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
+use proxy_common::{counter, proto, Be16, Be32x4, CtKeyV6};
+
+use crate::parse::{ptr_at, ETH_HLEN, L4_SRC_PORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF};
+
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// Length of the fixed IPv6 header.
+pub const IPV6_HLEN: usize = 40;
+/// Offsets inside the IPv6 header.
+pub const IPV6_SRC_OFF: usize = 8;
+pub const IPV6_DST_OFF: usize = 24;
+/// Extension headers the walk follows (IANA next-header numbers).
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Length of a fragment header (fixed, RFC 8200 section 4.5).
+const FRAG_HLEN: usize = 8;
+/// Fragment offset bits of the fragment header's third and fourth bytes (host order).
+const FRAG_OFFSET_MASK: u16 = 0xfff8;
+/// At most this many extension headers are walked; Linux sends none on a pod's TCP or
+/// UDP traffic, hop-by-hop for jumbograms or MLD, a fragment header for large UDP.
+pub const MAX_EXT_HEADERS: usize = 4;
+/// The TCP data offset byte, followed by the flags byte.
+const TCP_DOFF_OFF: usize = 12;
+
+/// What the datapath needs to know about an IPv6 TCP/UDP packet (an unfragmented one
+/// or a first fragment).
+#[derive(Clone, Copy, Default)]
+pub struct Packet6 {
+    /// The conntrack key: the packet's 5-tuple.
+    pub tuple: CtKeyV6,
+    /// Offset of the TCP/UDP header from the start of the frame (after every
+    /// extension header).
+    pub l4_off: usize,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+impl Packet6 {
+    /// Offset of the TCP/UDP checksum.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        if self.tuple.proto == proto::TCP {
+            self.l4_off + TCP_CSUM_OFF
+        } else {
+            self.l4_off + UDP_CSUM_OFF
+        }
+    }
+}
+
+/// The same flow seen from the other side.
+#[inline(always)]
+pub fn reversed(tuple: &CtKeyV6) -> CtKeyV6 {
+    CtKeyV6 {
+        src_addr: tuple.dst_addr,
+        dst_addr: tuple.src_addr,
+        src_port: tuple.dst_port,
+        dst_port: tuple.src_port,
+        proto: tuple.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Whether the frame is IPv6 by its ethertype: the entry points' dispatch, which every
+/// IPv4 packet pays too, so a direct read (the IPv4 parse reads the same bytes again)
+/// compared with a constant in network order.
+#[inline(always)]
+pub fn is_ipv6(ctx: &TcContext) -> bool {
+    let start = ctx.data();
+    if start + ETH_HLEN > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: the Ethernet header is inside the linear data (checked above).
+    let ether_type = unsafe { core::ptr::read_unaligned((start + 12) as *const u16) };
+    ether_type == ETH_P_IPV6.to_be()
+}
+
+/// The fixed IPv6 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    /// Version, traffic class, flow label.
+    vtc_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: Be32x4,
+    daddr: Be32x4,
+}
+
+/// Parses an IPv6 TCP/UDP frame into `pkt`. `false` means "not ours" (see the module
+/// comment): the kernel judges such packets itself.
+///
+/// Each IPv6 stage is a function of its own (a BPF-to-BPF call) that returns a scalar
+/// and writes into its caller's memory: the verifier limits the stack of a whole call
+/// chain to 512 bytes, and inlined into one frame the stages' 40-byte keys and 64-byte
+/// entries do not fit beside each other, while siblings share the space.
+#[inline(never)]
+pub fn parse(skb: *mut __sk_buff, pkt: &mut Packet6) -> bool {
+    match ipv6(&TcContext::new(skb)) {
+        Some(parsed) => {
+            *pkt = parsed;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The `T` at `offset`: read in place where the linear data holds it (the common
+/// packet), else copied out by `bpf_skb_load_bytes`, which reads wherever it sits.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    match ptr_at::<T>(ctx, offset) {
+        // SAFETY: ptr_at checked the bounds; packet data has no alignment.
+        Some(ptr) => Some(unsafe { core::ptr::read_unaligned(ptr) }),
+        None => ctx.load(offset).ok(),
+    }
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext) -> Option<Packet6> {
+    let header: Ipv6Hdr = read(ctx, ETH_HLEN)?;
+    if u32::from_be(header.vtc_flow) >> 28 != 6 {
+        return None;
+    }
+    let mut next = header.next_header;
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut walked = 0;
+    while walked < MAX_EXT_HEADERS {
+        match next {
+            proto::TCP | proto::UDP => break,
+            NEXTHDR_HOP | NEXTHDR_DEST => {
+                // Next header, then the length in 8-byte units not counting the first.
+                let [following, len]: [u8; 2] = read(ctx, off)?;
+                next = following;
+                off += (usize::from(len) + 1) * 8;
+            }
+            NEXTHDR_ROUTING => {
+                // Next header, length, routing type, segments left.
+                let [following, len, _, segments_left]: [u8; 4] = read(ctx, off)?;
+                if segments_left != 0 {
+                    crate::stats::count(counter::IPV6_EXT_HEADERS_PASSED);
+                    return None;
+                }
+                next = following;
+                off += (usize::from(len) + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                // Next header, reserved, offset and flags; the identification follows.
+                let [following, _, high, low]: [u8; 4] = read(ctx, off)?;
+                if u16::from_be_bytes([high, low]) & FRAG_OFFSET_MASK != 0 {
+                    crate::stats::count(counter::FRAGMENT_PASSED);
+                    return None;
+                }
+                next = following;
+                off += FRAG_HLEN;
+            }
+            _ => return None,
+        }
+        walked += 1;
+    }
+    if next != proto::TCP && next != proto::UDP {
+        if matches!(
+            next,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST
+        ) {
+            crate::stats::count(counter::IPV6_EXT_HEADERS_PASSED);
+        }
+        return None;
+    }
+    let ports: [Be16; 2] = read(ctx, off + L4_SRC_PORT_OFF)?;
+    let mut pkt = Packet6 {
+        tuple: CtKeyV6 {
+            src_addr: header.saddr,
+            dst_addr: header.daddr,
+            src_port: ports[0],
+            dst_port: ports[1],
+            proto: next,
+            _pad: [0; 3],
+        },
+        l4_off: off,
+        tcp_flags: 0,
+    };
+    if next == proto::TCP {
+        let [doff, flags]: [u8; 2] = read(ctx, off + TCP_DOFF_OFF)?;
+        if doff >> 4 < 5 {
+            return None;
+        }
+        pkt.tcp_flags = flags;
+    }
+    Some(pkt)
+}

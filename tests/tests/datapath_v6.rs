@@ -1,0 +1,701 @@
+//! BPF_PROG_TEST_RUN table of the IPv6 datapath slice (issue 13): ClusterIP DNAT of
+//! TCP and UDP at the pod-facing ingress, its reverse at the pod-facing egress, the
+//! extension-header walk, first and later fragments, neighbour discovery left alone,
+//! and the ICMPv6 reject.
+//!
+//! Frames are built with etherparse (`kpr_lab::packets::Frame6`) and the program's
+//! output is compared with them byte for byte; every output frame's TCP/UDP/ICMPv6
+//! checksum is also recomputed here from scratch over its bytes (`verify_checksum`),
+//! an implementation that shares nothing with etherparse or the kernel helpers.
+//!
+//! The agent does not fill the IPv6 maps yet, so each case writes its frontends into
+//! them by hand, in the syncer's layout and order (backends and slots, then the
+//! frontend; the frontend address set first).
+use std::net::SocketAddrV6;
+
+use aya::maps::{HashMap, MapData};
+use kpr_lab::{
+    datapath_cases::{DatapathHarness, Verdict},
+    packets::{port_unreachable_reply6, sock6, Ext6, Frame6, TcpFlags, Transport6},
+};
+use proxy_common::{
+    counter, ct_flags, frontend_addr, names, proto, scope, service_flags, BackendV6, Be16, Be32x4,
+    CtEntryV6, CtKeyV6, FrontendAddrV6, ServiceKeyV6, ServiceValueV6,
+};
+use proxy_userspace::datapath::Hook;
+
+fn client() -> SocketAddrV6 {
+    sock6("fd00:10:244:1::2", 40_000)
+}
+fn vip() -> SocketAddrV6 {
+    sock6("fd00:10:96::a", 80)
+}
+fn vip_dns() -> SocketAddrV6 {
+    sock6("fd00:10:96::35", 53)
+}
+fn empty_vip() -> SocketAddrV6 {
+    sock6("fd00:10:96::63", 80)
+}
+fn backend() -> SocketAddrV6 {
+    sock6("fd00:10:244:1::b", 8080)
+}
+fn dns_backend() -> SocketAddrV6 {
+    sock6("fd00:10:244:2::c", 5353)
+}
+
+/// An IPv6 ClusterIP frontend and its backends.
+#[derive(Clone, Debug)]
+struct Frontend6 {
+    vip: SocketAddrV6,
+    proto: u8,
+    backends: Vec<SocketAddrV6>,
+    /// `service_flags`.
+    flags: u16,
+}
+
+fn frontend6(vip: SocketAddrV6, l4_proto: u8, backends: &[SocketAddrV6]) -> Frontend6 {
+    Frontend6 {
+        vip,
+        proto: l4_proto,
+        backends: backends.to_vec(),
+        flags: 0,
+    }
+}
+
+/// One packet of a case and what must come out (`None`: the input, byte for byte).
+struct Step {
+    hook: Hook,
+    input: Vec<u8>,
+    verdict: Verdict,
+    output: Option<Vec<u8>>,
+}
+
+fn step(hook: Hook, input: &Frame6, verdict: Verdict, output: Option<&Frame6>) -> Step {
+    Step {
+        hook,
+        input: input.to_bytes(),
+        verdict,
+        output: output.map(Frame6::to_bytes),
+    }
+}
+
+struct Case {
+    name: &'static str,
+    frontends: Vec<Frontend6>,
+    steps: Vec<Step>,
+    counters: Vec<(u32, u64)>,
+}
+
+fn map<'a, K: aya::Pod, V: aya::Pod>(
+    harness: &'a mut DatapathHarness,
+    name: &str,
+) -> HashMap<&'a mut MapData, K, V> {
+    let map = harness
+        .datapath
+        .ebpf
+        .map_mut(name)
+        .unwrap_or_else(|| panic!("the object has no map {name}"));
+    HashMap::try_from(map).unwrap_or_else(|error| panic!("{name}: {error}"))
+}
+
+/// Empties every IPv6 map (the IPv4 ones and the counters: `DatapathHarness::clear`).
+fn clear_v6(harness: &mut DatapathHarness) {
+    fn empty<K: aya::Pod, V: aya::Pod>(harness: &mut DatapathHarness, name: &str) {
+        let mut map = map::<K, V>(harness, name);
+        let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            // Gone already (an LRU eviction) is as good as removed.
+            let _ = map.remove(&key);
+        }
+    }
+    empty::<ServiceKeyV6, ServiceValueV6>(harness, names::SERVICES_V6);
+    empty::<u32, BackendV6>(harness, names::BACKENDS_V6);
+    empty::<Be32x4, FrontendAddrV6>(harness, names::FRONTEND_ADDRS_V6);
+    empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_V6);
+    empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_NEW_V6);
+}
+
+/// Writes `frontends` into the IPv6 maps, in the syncer's order.
+fn install_v6(harness: &mut DatapathHarness, frontends: &[Frontend6]) {
+    let mut backend_id = 0u32;
+    for (index, frontend) in frontends.iter().enumerate() {
+        let addr = Be32x4::from_ipv6(*frontend.vip.ip());
+        map::<Be32x4, FrontendAddrV6>(harness, names::FRONTEND_ADDRS_V6)
+            .insert(
+                addr,
+                FrontendAddrV6 {
+                    kinds: frontend_addr::CLUSTER_IP,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .expect("frontend address");
+        let key = ServiceKeyV6 {
+            addr,
+            port: Be16::from_host(frontend.vip.port()),
+            slot: 0,
+            proto: frontend.proto,
+            scope: scope::DEFAULT,
+            _pad: [0; 2],
+        };
+        for (slot, backend) in frontend.backends.iter().enumerate() {
+            backend_id += 1;
+            map::<u32, BackendV6>(harness, names::BACKENDS_V6)
+                .insert(
+                    backend_id,
+                    BackendV6 {
+                        addr: Be32x4::from_ipv6(*backend.ip()),
+                        port: Be16::from_host(backend.port()),
+                        proto: frontend.proto,
+                        flags: 0,
+                    },
+                    0,
+                )
+                .expect("backend");
+            map::<ServiceKeyV6, ServiceValueV6>(harness, names::SERVICES_V6)
+                .insert(
+                    ServiceKeyV6 {
+                        slot: u16::try_from(slot + 1).expect("few backends"),
+                        ..key
+                    },
+                    ServiceValueV6 {
+                        backend_id,
+                        ..ServiceValueV6::default()
+                    },
+                    0,
+                )
+                .expect("slot");
+        }
+        map::<ServiceKeyV6, ServiceValueV6>(harness, names::SERVICES_V6)
+            .insert(
+                key,
+                ServiceValueV6 {
+                    service_id: u32::try_from(index + 1).expect("few frontends"),
+                    count: u16::try_from(frontend.backends.len()).expect("few backends"),
+                    flags: frontend.flags,
+                    ..ServiceValueV6::default()
+                },
+                0,
+            )
+            .expect("frontend");
+    }
+}
+
+/// The one's-complement sum of `bytes` as big-endian 16-bit words (RFC 1071), an odd
+/// last byte padded with zero.
+fn ones_complement_sum(bytes: &[u8]) -> u32 {
+    let mut sum: u32 = 0;
+    for pair in bytes.chunks(2) {
+        let high = u32::from(pair[0]) << 8;
+        let low = pair.get(1).map_or(0, |&byte| u32::from(byte));
+        sum += high | low;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+/// Where the upper layer of an IPv6 frame starts and what it is, by our own walk of
+/// its extension headers; `None` for a non-first fragment.
+fn upper_layer(frame: &[u8]) -> Option<(usize, u8)> {
+    assert_eq!(&frame[12..14], &[0x86, 0xdd], "an IPv6 frame");
+    let mut next = frame[14 + 6];
+    let mut at = 14 + 40;
+    loop {
+        match next {
+            0 | 43 | 60 => {
+                next = frame[at];
+                at += (usize::from(frame[at + 1]) + 1) * 8;
+            }
+            44 => {
+                let offset = u16::from_be_bytes([frame[at + 2], frame[at + 3]]) >> 3;
+                if offset != 0 {
+                    return None;
+                }
+                next = frame[at];
+                at += 8;
+            }
+            _ => return Some((at, next)),
+        }
+    }
+}
+
+/// Checks the TCP, UDP or ICMPv6 checksum of `frame` (an Ethernet + IPv6 frame) from
+/// scratch: the pseudo-header (RFC 8200 section 8.1) plus the upper-layer message,
+/// checksum field included, must sum to 0xffff; a UDP checksum must not be 0 (IPv6
+/// forbids "no checksum"). `rest`: the upper-layer bytes of the datagram's later
+/// fragments, when `frame` is a first fragment.
+fn verify_checksum(frame: &[u8], rest: &[u8]) {
+    let (start, next) = upper_layer(frame).expect("a frame with its upper-layer header");
+    let mut message = frame[start..].to_vec();
+    message.extend_from_slice(rest);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&frame[14 + 8..14 + 40]);
+    pseudo.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, next]);
+    pseudo.extend_from_slice(&message);
+    assert_eq!(
+        ones_complement_sum(&pseudo),
+        0xffff,
+        "upper-layer {next} checksum of {}",
+        hex(frame)
+    );
+    if next == proto::UDP {
+        assert_ne!(&message[6..8], &[0, 0], "IPv6 UDP checksum 0");
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `case` from empty maps; the first mismatch, described.
+fn run_case(harness: &mut DatapathHarness, case: &Case) -> Result<(), String> {
+    harness.clear().map_err(|error| format!("{error:#}"))?;
+    clear_v6(harness);
+    install_v6(harness, &case.frontends);
+    for (index, step) in case.steps.iter().enumerate() {
+        let context = format!("{}: step {} ({})", case.name, index + 1, step.hook.label());
+        let output = harness
+            .run_on(step.hook, &step.input, 1)
+            .map_err(|error| format!("{context}: {error:#}"))?;
+        if output.verdict != step.verdict as i32 {
+            return Err(format!(
+                "{context}: verdict {} instead of {:?}",
+                output.verdict, step.verdict
+            ));
+        }
+        let expected = step.output.as_ref().unwrap_or(&step.input);
+        if &output.packet != expected {
+            return Err(format!(
+                "{context}: packet differs\n  expected {}\n  got      {}",
+                hex(expected),
+                hex(&output.packet)
+            ));
+        }
+    }
+    let counters = harness
+        .datapath
+        .maps
+        .counters()
+        .map_err(|error| format!("{error:#}"))?;
+    for &(index, expected) in &case.counters {
+        let name = proxy_common::COUNTER_NAMES[index as usize];
+        if counters[index as usize] != expected {
+            return Err(format!(
+                "{}: counter {name} is {} instead of {expected}",
+                case.name, counters[index as usize]
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cases() -> Vec<Case> {
+    let web = frontend6(vip(), proto::TCP, &[backend()]);
+    let dns = frontend6(vip_dns(), proto::UDP, &[dns_backend()]);
+    let empty = frontend6(empty_vip(), proto::TCP, &[]);
+    let syn = Frame6::tcp(client(), vip(), TcpFlags::SYN);
+    let syn_to_backend = syn.clone().with_dst(backend());
+    let query = Frame6::udp(client(), vip_dns(), b"query");
+    let walked = |ext: &[Ext6]| {
+        (
+            syn.clone().with_ext(ext),
+            syn_to_backend.clone().with_ext(ext),
+        )
+    };
+    let (hbh_dest, hbh_dest_out) = walked(&[Ext6::HopByHop, Ext6::DestOpts]);
+    let (four, four_out) = walked(&[
+        Ext6::HopByHop,
+        Ext6::DestOpts,
+        Ext6::Routing { segments_left: 0 },
+        Ext6::DestOpts,
+    ]);
+    let five = syn.clone().with_ext(&[
+        Ext6::HopByHop,
+        Ext6::DestOpts,
+        Ext6::Routing { segments_left: 0 },
+        Ext6::DestOpts,
+        Ext6::DestOpts,
+    ]);
+    let waypoint = syn.clone().with_ext(&[Ext6::Routing { segments_left: 1 }]);
+    let datagram = Frame6::udp(client(), vip_dns(), &[7; 40]);
+    let first = |frame: Frame6| {
+        frame.with_ext(&[Ext6::Fragment {
+            offset: 0,
+            more: true,
+            id: 0x1234_5678,
+            len: Some(24),
+        }])
+    };
+    let later = datagram.clone().with_ext(&[Ext6::Fragment {
+        offset: 3,
+        more: false,
+        id: 0x1234_5678,
+        len: None,
+    }]);
+    let solicitation = |dst: &str| Frame6 {
+        transport: Transport6::NeighbourSolicitation,
+        ..Frame6::tcp(client(), sock6(dst, 0), TcpFlags::SYN)
+    };
+    // A payload whose datagram, once translated, sums so that its checksum computes to
+    // 0, which IPv6 UDP must send as 0xffff (0 means "none", invalid in IPv6): etherparse
+    // writes 0xffff there, so that is what the frame to the backend carries.
+    let zero_sum_payload = (0..=u16::MAX)
+        .map(u16::to_be_bytes)
+        .find(|payload| {
+            let bytes = Frame6::udp(client(), dns_backend(), payload).to_bytes();
+            bytes[14 + 40 + 6..14 + 40 + 8] == [0xff, 0xff]
+        })
+        .expect("some 2-byte payload sums to zero");
+    let zero_sum = Frame6::udp(client(), vip_dns(), &zero_sum_payload);
+    let reject = |name, frame: Frame6, reason| Case {
+        name,
+        frontends: vec![web.clone(), empty.clone()],
+        steps: vec![Step {
+            hook: Hook::PodIngress,
+            input: frame.to_bytes(),
+            verdict: Verdict::Redirect,
+            output: Some(port_unreachable_reply6(&frame)),
+        }],
+        counters: vec![(reason, 1), (counter::NEW_FLOW, 0)],
+    };
+    vec![
+        Case {
+            name: "TCP SYN to a ClusterIP is DNATed to its backend",
+            frontends: vec![web.clone()],
+            steps: vec![step(
+                Hook::PodIngress,
+                &syn,
+                Verdict::Pass,
+                Some(&syn_to_backend),
+            )],
+            counters: vec![(counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "UDP to a ClusterIP is DNATed to its backend",
+            frontends: vec![dns.clone()],
+            steps: vec![step(
+                Hook::PodIngress,
+                &query,
+                Verdict::Pass,
+                Some(&query.clone().with_dst(dns_backend())),
+            )],
+            counters: vec![(counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "a UDP checksum that comes out 0 is sent as 0xffff",
+            frontends: vec![dns.clone()],
+            steps: vec![step(
+                Hook::PodIngress,
+                &zero_sum,
+                Verdict::Pass,
+                Some(&zero_sum.clone().with_dst(dns_backend())),
+            )],
+            counters: vec![(counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "the reply is translated back at egress, and the handshake establishes the flow",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &syn, Verdict::Pass, Some(&syn_to_backend)),
+                step(
+                    Hook::PodEgress,
+                    &syn_to_backend.reply(Transport6::Tcp(TcpFlags::SYN_ACK)),
+                    Verdict::Pass,
+                    Some(&syn.reply(Transport6::Tcp(TcpFlags::SYN_ACK))),
+                ),
+                step(
+                    Hook::PodIngress,
+                    &Frame6::tcp(client(), vip(), TcpFlags::ACK),
+                    Verdict::Pass,
+                    Some(&Frame6::tcp(client(), backend(), TcpFlags::ACK)),
+                ),
+            ],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::FORWARD_TRANSLATED, 1),
+                (counter::CT_ASSURED, 1),
+            ],
+        },
+        Case {
+            name: "UDP reply is translated back at egress",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &query,
+                    Verdict::Pass,
+                    Some(&query.clone().with_dst(dns_backend())),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::udp(dns_backend(), client(), b"answer"),
+                    Verdict::Pass,
+                    Some(&Frame6::udp(vip_dns(), client(), b"answer")),
+                ),
+            ],
+            counters: vec![(counter::NEW_FLOW, 1), (counter::REPLY_TRANSLATED, 1)],
+        },
+        Case {
+            name: "hop-by-hop and destination options are walked and the packet translated",
+            frontends: vec![web.clone()],
+            steps: vec![step(
+                Hook::PodIngress,
+                &hbh_dest,
+                Verdict::Pass,
+                Some(&hbh_dest_out),
+            )],
+            counters: vec![(counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "four extension headers (routing with no segments left among them) are walked",
+            frontends: vec![web.clone()],
+            steps: vec![step(Hook::PodIngress, &four, Verdict::Pass, Some(&four_out))],
+            counters: vec![(counter::NEW_FLOW, 1)],
+        },
+        Case {
+            name: "five extension headers are more than the walk takes: passed untouched",
+            frontends: vec![web.clone()],
+            steps: vec![step(Hook::PodIngress, &five, Verdict::Pass, None)],
+            counters: vec![
+                (counter::NEW_FLOW, 0),
+                (counter::IPV6_EXT_HEADERS_PASSED, 1),
+            ],
+        },
+        Case {
+            name: "a routing header with segments left names a waypoint: passed untouched",
+            frontends: vec![web.clone()],
+            steps: vec![step(Hook::PodIngress, &waypoint, Verdict::Pass, None)],
+            counters: vec![
+                (counter::NEW_FLOW, 0),
+                (counter::IPV6_EXT_HEADERS_PASSED, 1),
+            ],
+        },
+        Case {
+            name: "a first fragment is translated; a later one has no ports and passes",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &first(datagram.clone()),
+                    Verdict::Pass,
+                    Some(&first(datagram.clone().with_dst(dns_backend()))),
+                ),
+                step(Hook::PodIngress, &later, Verdict::Pass, None),
+            ],
+            counters: vec![(counter::NEW_FLOW, 1), (counter::FRAGMENT_PASSED, 1)],
+        },
+        Case {
+            name: "neighbour solicitations, to a frontend address or its solicited-node group, are untouched",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &solicitation("fd00:10:96::a"), Verdict::Pass, None),
+                step(
+                    Hook::PodIngress,
+                    &solicitation("ff02::1:ff00:a"),
+                    Verdict::Pass,
+                    None,
+                ),
+                step(Hook::PodEgress, &solicitation("fd00:10:96::a"), Verdict::Pass, None),
+            ],
+            counters: vec![(counter::NEW_FLOW, 0)],
+        },
+        Case {
+            name: "traffic to an address no frontend uses passes untouched",
+            frontends: vec![web.clone()],
+            steps: vec![step(
+                Hook::PodIngress,
+                &syn.clone().with_dst(sock6("fd00:10:244:3::7", 80)),
+                Verdict::Pass,
+                None,
+            )],
+            counters: vec![(counter::NEW_FLOW, 0)],
+        },
+        Case {
+            name: "source ranges have no IPv6 map yet: the frontend refuses every client",
+            frontends: vec![Frontend6 {
+                flags: service_flags::SOURCE_RANGES,
+                ..web.clone()
+            }],
+            steps: vec![step(Hook::PodIngress, &syn, Verdict::Drop, None)],
+            counters: vec![(counter::DROP_SOURCE_RANGE, 1), (counter::NEW_FLOW, 0)],
+        },
+        Case {
+            name: "a Local-policy frontend without local endpoints drops",
+            frontends: vec![Frontend6 {
+                flags: service_flags::DROP_WHEN_EMPTY,
+                ..empty.clone()
+            }],
+            steps: vec![step(
+                Hook::PodIngress,
+                &syn.clone().with_dst(empty_vip()),
+                Verdict::Drop,
+                None,
+            )],
+            counters: vec![
+                (counter::DROP_NO_LOCAL_BACKEND, 1),
+                (counter::REJECTED_NO_BACKEND, 0),
+            ],
+        },
+        reject(
+            "a ClusterIP without endpoints answers ICMPv6 port unreachable",
+            syn.clone().with_dst(empty_vip()),
+            counter::REJECTED_NO_BACKEND,
+        ),
+        reject(
+            "the reject quotes the extension headers",
+            hbh_dest.clone().with_dst(empty_vip()),
+            counter::REJECTED_NO_BACKEND,
+        ),
+        reject(
+            "a port the ClusterIP does not declare answers ICMPv6 port unreachable",
+            syn.clone().with_dst(sock6("fd00:10:96::a", 81)),
+            counter::REJECTED_UNDECLARED_PORT,
+        ),
+    ]
+}
+
+#[test]
+fn ipv6_datapath_table() {
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    let mut failures = Vec::new();
+    for case in cases() {
+        if let Err(error) = run_case(&mut harness, &case) {
+            failures.push(error);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Every frame the table expects out (and every input, as a check of the builder)
+/// has a right checksum by the independent computation; fragments are checked with the
+/// rest of their datagram.
+#[test]
+fn ipv6_table_frames_have_right_checksums_by_an_independent_computation() {
+    let mut checked = 0;
+    for case in cases() {
+        for step in &case.steps {
+            for frame in [Some(&step.input), step.output.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if upper_layer(frame).is_none() {
+                    continue;
+                }
+                let is_first_fragment = frame[14 + 6] == 44;
+                if is_first_fragment {
+                    // The datagram's rest is in the case's later fragment: the last 24
+                    // of its 48 UDP bytes.
+                    verify_checksum(frame, &[7; 24]);
+                } else {
+                    verify_checksum(frame, &[]);
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} frames checked");
+}
+
+/// The program's own outputs, checked with the independent computation (rather than
+/// against etherparse): DNAT, the reverse, an extension-header chain, a first fragment
+/// and the reject.
+#[test]
+fn ipv6_outputs_have_right_checksums_by_an_independent_computation() {
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    harness.clear().expect("clear");
+    clear_v6(&mut harness);
+    install_v6(
+        &mut harness,
+        &[
+            frontend6(vip(), proto::TCP, &[backend()]),
+            frontend6(vip_dns(), proto::UDP, &[dns_backend()]),
+            frontend6(empty_vip(), proto::TCP, &[]),
+        ],
+    );
+    let mut run = |hook, frame: &Frame6, verdict: Verdict| {
+        let output = harness
+            .run_on(hook, &frame.to_bytes(), 1)
+            .expect("test run");
+        assert_eq!(output.verdict, verdict as i32, "{frame:?}");
+        output.packet
+    };
+    let syn = Frame6::tcp(client(), vip(), TcpFlags::SYN).with_ext(&[Ext6::HopByHop]);
+    let out = run(Hook::PodIngress, &syn, Verdict::Pass);
+    assert_ne!(out, syn.to_bytes(), "translated");
+    verify_checksum(&out, &[]);
+    let reply = Frame6::tcp(backend(), client(), TcpFlags::SYN_ACK);
+    let out = run(Hook::PodEgress, &reply, Verdict::Pass);
+    assert_eq!(
+        &out[14 + 8..14 + 24],
+        &vip().ip().octets(),
+        "source back to the VIP"
+    );
+    verify_checksum(&out, &[]);
+    let datagram = Frame6::udp(client(), vip_dns(), &[7; 40]).with_ext(&[Ext6::Fragment {
+        offset: 0,
+        more: true,
+        id: 9,
+        len: Some(24),
+    }]);
+    let out = run(Hook::PodIngress, &datagram, Verdict::Pass);
+    verify_checksum(&out, &[7; 24]);
+    let rejected = Frame6::tcp(client(), empty_vip(), TcpFlags::SYN);
+    let out = run(Hook::PodIngress, &rejected, Verdict::Redirect);
+    assert_eq!(
+        &out[14 + 40..14 + 42],
+        &[1, 4],
+        "destination unreachable, port"
+    );
+    verify_checksum(&out, &[]);
+}
+
+/// The flow's two entries are in the IPv6 tables, through the stack, with the
+/// translation and its reverse.
+#[test]
+fn a_new_ipv6_flow_records_both_directions_in_the_ipv6_conntrack() {
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    harness.clear().expect("clear");
+    clear_v6(&mut harness);
+    install_v6(&mut harness, &[frontend6(vip(), proto::TCP, &[backend()])]);
+    let syn = Frame6::tcp(client(), vip(), TcpFlags::SYN);
+    let output = harness
+        .run_on(Hook::PodIngress, &syn.to_bytes(), 1)
+        .expect("test run");
+    assert_eq!(output.verdict, Verdict::Pass as i32);
+    let key = |src: SocketAddrV6, dst: SocketAddrV6| CtKeyV6 {
+        src_addr: Be32x4::from_ipv6(*src.ip()),
+        dst_addr: Be32x4::from_ipv6(*dst.ip()),
+        src_port: Be16::from_host(src.port()),
+        dst_port: Be16::from_host(dst.port()),
+        proto: proto::TCP,
+        _pad: [0; 3],
+    };
+    let table = map::<CtKeyV6, CtEntryV6>(&mut harness, names::CONNTRACK_NEW_V6);
+    let forward = table.get(&key(client(), vip()), 0).expect("forward entry");
+    assert_eq!(
+        forward.flags,
+        ct_flags::VIA_STACK | ct_flags::REWRITE_DST,
+        "forward flags"
+    );
+    assert_eq!(forward.nat_dst_addr, Be32x4::from_ipv6(*backend().ip()));
+    assert_eq!(forward.nat_dst_port, Be16::from_host(backend().port()));
+    let reply = table
+        .get(&key(backend(), client()), 0)
+        .expect("reply entry");
+    assert_eq!(
+        reply.flags,
+        ct_flags::VIA_STACK | ct_flags::REPLY | ct_flags::REWRITE_SRC,
+        "reply flags"
+    );
+    assert_eq!(reply.nat_src_addr, Be32x4::from_ipv6(*vip().ip()));
+    assert_eq!(reply.nat_src_port, Be16::from_host(vip().port()));
+}
