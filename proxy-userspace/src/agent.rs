@@ -1285,6 +1285,13 @@ impl<W: MapWriter> MapWriter for TimedWriter<'_, W> {
         self.spent += started.elapsed();
         result
     }
+
+    fn apply_batch(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+        let started = Instant::now();
+        let result = self.inner.apply_batch(ops);
+        self.spent += started.elapsed();
+        result
+    }
 }
 
 /// What a sync pass tells the rest of [`Agent::apply_desired`].

@@ -649,6 +649,108 @@ fn the_frontend_address_set_and_the_service_counters_follow_the_service_map() {
     );
 }
 
+/// Batched map writes on the real maps (`MapWriter::apply_batch`: one `bpf()` call per
+/// run of puts or deletes on one map): they land as single writes would, a delete of a
+/// key that is not there is no failure and does not stop the batch, and a full map
+/// stops it at the first entry that does not fit, reported as full, with what came
+/// before in the map.
+#[test]
+fn batched_map_writes_land_in_order_and_a_full_map_stops_them_where_it_is_full() {
+    use proxy_userspace::{
+        model::FrontendKey,
+        sync::{backend_value, service_key, MapOp, MapWriter, SourceRangeKey},
+    };
+    let options = LoadOptions {
+        backends_max: Some(8),
+        ..LoadOptions::default()
+    };
+    let mut harness = DatapathHarness::with_options(&options).expect("load datapath");
+    let maps = &mut harness.datapath.maps;
+    let frontend = FrontendKey {
+        addr: std::net::Ipv4Addr::new(10, 96, 0, 1),
+        port: 80,
+        proto: proto::TCP,
+        scope: proxy_common::scope::DEFAULT,
+    };
+    let put_backend = |id: u8| MapOp::PutBackend {
+        id: u32::from(id),
+        backend: backend_value(
+            std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 244, 1, id), 8080),
+            proto::TCP,
+            false,
+        ),
+    };
+    let put_slot = |slot: u16| MapOp::PutService {
+        key: service_key(&frontend, slot),
+        value: proxy_common::ServiceValueV4 {
+            backend_id: u32::from(slot),
+            ..proxy_common::ServiceValueV4::default()
+        },
+    };
+    let range = SourceRangeKey {
+        service_id: 7,
+        addr: std::net::Ipv4Addr::new(192, 0, 2, 0),
+        prefix_len: 24,
+    };
+
+    // Backends, slots then the frontend entry, a source range (a trie): three runs.
+    let mut ops: Vec<MapOp> = (1..=4).map(put_backend).collect();
+    ops.extend((1..=4).map(put_slot));
+    let head = proxy_common::ServiceValueV4 {
+        service_id: 7,
+        count: 4,
+        ..proxy_common::ServiceValueV4::default()
+    };
+    ops.push(MapOp::PutService {
+        key: service_key(&frontend, 0),
+        value: head,
+    });
+    ops.push(MapOp::PutSourceRange { key: range });
+    let (applied, error) = maps.apply_batch(&ops);
+    assert_eq!(
+        (applied, error.map(|e| e.to_string())),
+        (ops.len(), None),
+        "all applied"
+    );
+    let mirror = maps.read_mirror().expect("read the maps");
+    for op in &ops {
+        let landed = match *op {
+            MapOp::PutBackend { id, backend } => mirror.backends.get(&id) == Some(&backend),
+            MapOp::PutService { key, value } => mirror.services.get(&key) == Some(&value),
+            MapOp::PutSourceRange { key } => mirror.source_ranges.contains(&key),
+            _ => false,
+        };
+        assert!(landed, "{op:?} is in the maps");
+    }
+    assert_eq!((mirror.services.len(), mirror.backends.len()), (5, 4));
+
+    // Deletes with a key never written between two that are there: all go.
+    let deletes = [4, 9, 3].map(|slot| MapOp::DeleteService {
+        key: service_key(&frontend, slot),
+    });
+    let (applied, error) = maps.apply_batch(&deletes);
+    assert_eq!(
+        (applied, error.map(|e| e.to_string())),
+        (3, None),
+        "a missing key is no failure"
+    );
+    let mirror = maps.read_mirror().expect("read the maps");
+    let slots: std::collections::BTreeSet<u16> =
+        mirror.services.keys().map(|key| key.slot).collect();
+    assert_eq!(slots, [0, 1, 2].into());
+
+    // The backend map holds 8: of 8 more, 4 fit; the 5th is refused as full.
+    let more: Vec<MapOp> = (5..=12).map(put_backend).collect();
+    let (applied, error) = maps.apply_batch(&more);
+    assert_eq!(applied, 4, "the entries that fit");
+    let error = error.expect("the map is full");
+    assert!(error.map_full, "reported as full: {error}");
+    assert_eq!(error.op, more[4], "the first that does not fit");
+    let mirror = maps.read_mirror().expect("read the maps");
+    let ids: std::collections::BTreeSet<u32> = mirror.backends.keys().copied().collect();
+    assert_eq!(ids, (1..=8).collect(), "the applied prefix landed");
+}
+
 #[test]
 fn with_the_established_table_full_new_flows_are_dropped_and_counted() {
     let options = LoadOptions {

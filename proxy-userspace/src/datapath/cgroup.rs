@@ -520,8 +520,8 @@ pub fn query(cgroup: &Path) -> Result<Vec<(SockHook, u32)>, Error> {
 
 /// The few `bpf()` commands aya 0.14 keeps private: opening a pinned object as a plain
 /// descriptor, reading a cgroup link's target, swapping a link's program, listing a
-/// cgroup's programs, and opening socket iterators in the calling thread's namespace
-/// ([`super::sock_destroy`]).
+/// cgroup's programs, opening socket iterators in the calling thread's namespace
+/// ([`super::sock_destroy`]), and batched map writes ([`super::batch`]).
 pub(crate) mod sys {
     use std::{
         io,
@@ -691,6 +691,43 @@ pub(crate) mod sys {
             }
         }
         Err(io::Error::from_raw_os_error(libc::ENOSPC))
+    }
+
+    /// `BPF_MAP_UPDATE_BATCH` (with `values`) or `BPF_MAP_DELETE_BATCH` (without) of
+    /// `count` entries on the map behind `map`. The kernel applies them in order and
+    /// stops at the first it refuses: the error comes with `Some(n)`, the first `n`
+    /// were applied and entry `n` was refused, or `None`, the call itself was refused
+    /// (no batches for this map type or kernel) and nothing was applied.
+    ///
+    /// # Safety
+    /// `keys` must point at `count` keys of the map's key size and `values`, if given,
+    /// at `count` values of its value size.
+    pub unsafe fn map_batch(
+        map: std::os::fd::BorrowedFd<'_>,
+        keys: *const u8,
+        values: Option<*const u8>,
+        count: u32,
+    ) -> Result<(), (Option<u32>, io::Error)> {
+        let mut attr = zeroed_attr();
+        attr.batch.map_fd = u32::try_from(map.as_raw_fd())
+            .map_err(|_| (None, io::Error::other("negative descriptor")))?;
+        attr.batch.keys = keys as u64;
+        attr.batch.count = count;
+        let cmd = match values {
+            Some(values) => {
+                attr.batch.values = values as u64;
+                bpf_cmd::BPF_MAP_UPDATE_BATCH
+            }
+            None => bpf_cmd::BPF_MAP_DELETE_BATCH,
+        };
+        let result = bpf(cmd, &mut attr);
+        // SAFETY: the kernel writes how many it applied back into `count`, once it
+        // started on the entries; a call refused before that leaves `count` as it was
+        // (a refused entry is never counted, so `count` back means none was tried).
+        let done = unsafe { attr.batch.count };
+        result
+            .map(drop)
+            .map_err(|error| ((done < count).then_some(done), error))
     }
 }
 

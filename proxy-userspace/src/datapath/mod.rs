@@ -1,5 +1,6 @@
 //! Loading the eBPF object, typed handles on its maps, and the writes the agent makes.
 pub mod attach;
+mod batch;
 pub mod cgroup;
 pub mod conntrack;
 pub mod interfaces;
@@ -799,6 +800,16 @@ impl crate::sync::frontend_addrs::AddrWriter for Maps {
     }
 }
 
+/// Whether a map error means "no such key". aya 0.14 reports a hash map's or a trie's
+/// refused delete as the syscall's ENOENT, not as `KeyNotFound`.
+fn is_missing(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(syscall) => syscall.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// Whether a map error means "the map is full".
 fn is_full(error: &MapError) -> bool {
     match error {
@@ -823,21 +834,27 @@ impl MapWriter for Maps {
         match result {
             Ok(()) => Ok(()),
             // Deleting what is already gone reaches the desired state.
-            Err(MapError::KeyNotFound)
-                if matches!(
-                    op,
-                    MapOp::DeleteBackend { .. }
-                        | MapOp::DeleteService { .. }
-                        | MapOp::DeleteSourceRange { .. }
-                ) =>
+            Err(error)
+                if is_missing(&error)
+                    && matches!(
+                        op,
+                        MapOp::DeleteBackend { .. }
+                            | MapOp::DeleteService { .. }
+                            | MapOp::DeleteSourceRange { .. }
+                    ) =>
             {
                 Ok(())
             }
             Err(error) => Err(WriteError {
                 op: *op,
                 map_full: is_full(&error),
-                message: error.to_string(),
+                // With the cause: the errno says why (E2BIG: full).
+                message: crate::error_chain(&error),
             }),
         }
+    }
+
+    fn apply_batch(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+        self.apply_batched(ops)
     }
 }

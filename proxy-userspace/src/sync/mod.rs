@@ -108,6 +108,18 @@ pub trait MapWriter {
     /// # Errors
     /// When the kernel refuses the write.
     fn apply(&mut self, op: &MapOp) -> Result<(), WriteError>;
+
+    /// Applies `ops` in order, stopping at the first the kernel refuses: how many were
+    /// applied (a prefix of `ops`), and the error of the next one. The same writes as
+    /// [`Self::apply`] one by one (the default), in fewer calls where the writer can.
+    fn apply_batch(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+        for (applied, op) in ops.iter().enumerate() {
+            if let Err(error) = self.apply(op) {
+                return (applied, Some(error));
+            }
+        }
+        (ops.len(), None)
+    }
 }
 
 /// What the syncer believes the service and backend maps hold.
@@ -813,6 +825,69 @@ impl Syncer {
             self.index.orphans_possible = true;
             return Err(error);
         }
+        self.record(&op, report);
+        Ok(())
+    }
+
+    /// [`Self::apply`] for each op of `ops` in order, in as few writer calls as it
+    /// can (one batch per run of ops on one map), stopping at the first op refused:
+    /// how many were applied, and the refusal.
+    fn apply_prefix(
+        &mut self,
+        ops: &[MapOp],
+        writer: &mut impl MapWriter,
+        report: &mut SyncReport,
+    ) -> (usize, Option<WriteError>) {
+        let (applied, error) = writer.apply_batch(ops);
+        let applied = applied.min(ops.len());
+        // Bookkeeping for what the kernel holds now: the applied prefix only.
+        for op in &ops[..applied] {
+            self.record(op, report);
+        }
+        if error.is_some() {
+            // Whatever these ops were part of stopped part-way.
+            self.index.orphans_possible = true;
+        }
+        (applied, error)
+    }
+
+    /// [`Self::apply_prefix`]: all of `ops`, or the error of the op that stopped them.
+    fn apply_all(
+        &mut self,
+        ops: &[MapOp],
+        writer: &mut impl MapWriter,
+        report: &mut SyncReport,
+    ) -> Result<(), WriteError> {
+        match self.apply_prefix(ops, writer, report) {
+            (_, Some(error)) => Err(error),
+            (_, None) => Ok(()),
+        }
+    }
+
+    /// [`Self::apply_prefix`] going on past refused ops (cleanup: each op stands
+    /// alone); the errors of those refused.
+    fn apply_each(
+        &mut self,
+        mut ops: &[MapOp],
+        writer: &mut impl MapWriter,
+        report: &mut SyncReport,
+    ) -> Vec<WriteError> {
+        let mut errors = Vec::new();
+        while !ops.is_empty() {
+            let (applied, error) = self.apply_prefix(ops, writer, report);
+            let Some(error) = error else {
+                break;
+            };
+            errors.push(error);
+            // Past the applied prefix and the op refused.
+            ops = ops.get(applied + 1..).unwrap_or_default();
+        }
+        errors
+    }
+
+    /// The bookkeeping of one op the writer applied: index, mirror, counters.
+    fn record(&mut self, op: &MapOp, report: &mut SyncReport) {
+        let op = *op;
         self.index_op(&op);
         report.frontend_set_changed |= match op {
             MapOp::PutService { key, .. } => {
@@ -834,7 +909,6 @@ impl Syncer {
         self.mirror.apply(&op);
         self.writes += 1;
         report.ops_applied += 1;
-        Ok(())
     }
 
     /// Keeps [`MirrorIndex`] in step with `op`, which the writer applied and the
@@ -996,15 +1070,15 @@ impl Syncer {
                 key: service_key(frontend, slot),
             });
         }
-        for op in ops {
-            if let Err(error) = self.apply(op, writer, report) {
-                report.failures.push(FrontendFailure {
-                    frontend: *frontend,
-                    service_port: spec.service_port.clone(),
-                    error,
-                });
-                return;
-            }
+        // In order, in batches: a refused op stops the frontend where it is, and what
+        // was applied before it keeps the rules above.
+        if let Err(error) = self.apply_all(&ops, writer, report) {
+            report.failures.push(FrontendFailure {
+                frontend: *frontend,
+                service_port: spec.service_port.clone(),
+                error,
+            });
+            return;
         }
         report.frontends_written += 1;
     }
@@ -1100,14 +1174,13 @@ impl Syncer {
             return;
         }
         report.frontends_removed += 1;
-        for slot in 1..=head.count {
-            let key = ServiceKeyV4 { slot, ..head_key };
-            if self.mirror.services.contains_key(&key) {
-                if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
-                    report.cleanup_errors.push(error);
-                }
-            }
-        }
+        let slots: Vec<MapOp> = (1..=head.count)
+            .map(|slot| ServiceKeyV4 { slot, ..head_key })
+            .filter(|key| self.mirror.services.contains_key(key))
+            .map(|key| MapOp::DeleteService { key })
+            .collect();
+        let errors = self.apply_each(&slots, writer, report);
+        report.cleanup_errors.extend(errors);
     }
 
     /// Deletes slots no frontend count covers (left by an interrupted agent, or by a
@@ -1130,26 +1203,30 @@ impl Syncer {
             .copied()
             .collect();
         orphans.sort();
-        for key in orphans {
-            if let Err(error) = self.apply(MapOp::DeleteService { key }, writer, report) {
-                report.cleanup_errors.push(error);
-            }
-        }
+        let ops: Vec<MapOp> = orphans
+            .into_iter()
+            .map(|key| MapOp::DeleteService { key })
+            .collect();
+        let errors = self.apply_each(&ops, writer, report);
+        report.cleanup_errors.extend(errors);
     }
 
     /// Deletes backends that no slot names any more (of those that may have become
     /// unnamed since the last collection).
     fn collect_backends(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
         let candidates = std::mem::take(&mut self.index.maybe_unused);
-        for id in candidates {
-            if self.index.backend_refs.contains_key(&id) || !self.mirror.backends.contains_key(&id)
-            {
-                continue;
-            }
-            if let Err(error) = self.apply(MapOp::DeleteBackend { id }, writer, report) {
+        let unused: Vec<MapOp> = candidates
+            .into_iter()
+            .filter(|id| {
+                !self.index.backend_refs.contains_key(id) && self.mirror.backends.contains_key(id)
+            })
+            .map(|id| MapOp::DeleteBackend { id })
+            .collect();
+        for error in self.apply_each(&unused, writer, report) {
+            if let MapOp::DeleteBackend { id } = error.op {
                 self.index.maybe_unused.insert(id);
-                report.cleanup_errors.push(error);
             }
+            report.cleanup_errors.push(error);
         }
         // Ids allocated for backends whose frontend failed were never written.
         for (backend, id) in std::mem::take(&mut self.index.allocated) {

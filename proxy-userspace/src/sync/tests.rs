@@ -34,6 +34,8 @@ struct FakeMaps {
     writes: usize,
     /// Applied ops, rendered.
     log: Vec<String>,
+    /// The length of each [`MapWriter::apply_batch`] call.
+    batches: Vec<usize>,
     /// Invariant violations, with the op that caused them.
     violations: Vec<String>,
     /// Skip the invariant check, which walks every slot after every op (quadratic for
@@ -230,6 +232,17 @@ impl MapWriter for FakeMaps {
         }
         self.log.push(line);
         Ok(())
+    }
+
+    /// As the kernel does a batch: in order, stopping at the first op refused.
+    fn apply_batch(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+        self.batches.push(ops.len());
+        for (applied, op) in ops.iter().enumerate() {
+            if let Err(error) = self.apply(op) {
+                return (applied, Some(error));
+            }
+        }
+        (ops.len(), None)
     }
 }
 
@@ -1022,6 +1035,73 @@ fn a_failed_slot_delete_still_reports_removed_pairs() {
         .map(|b| (web, ids[*b]))
         .collect();
     assert_eq!(report.removed_pairs, want);
+}
+
+// ---------------------------------------------------------------------------------
+// Batches: the syncer hands whole runs of ops to the writer, and keeps the mirror to
+// the part of a run the writer applied.
+
+#[test]
+fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix() {
+    let a = fe("a", 10, &[11, 12]);
+    let b = fe("b", 20, &[13, 14, 15]);
+    let c = fe("c", 30, &[16]);
+    // Writes: a's 2 backends, 2 slots, frontend (1-5); b's 3 backends (6-8), slot 1 (9),
+    // slot 2 (10, refused), ...
+    let mut fake = FakeMaps::failing_on(10);
+    let mut syncer = Syncer::default();
+    let report = sync(&mut syncer, &mut fake, &[a.clone(), b.clone(), c.clone()]);
+    assert_eq!(failed_names(&report), ["b"]);
+    let refused = &report.failures[0].error.op;
+    assert!(
+        matches!(refused, MapOp::PutService { key, .. } if key.slot == 2),
+        "the refused op is b's second slot: {refused:?}"
+    );
+    assert!(report.failures[0].error.map_full);
+    assert_eq!(fake.resolved(), resolved(&[a.clone(), c.clone()]));
+    // One batch per frontend (2 + 2 + 1, 3 + 3 + 1, 1 + 1 + 1 ops), then the cleanup of
+    // what b's batch left: its slot 1, then its 3 backends.
+    assert_eq!(fake.batches, [5, 7, 3, 1, 3]);
+    assert!(!fake
+        .services
+        .keys()
+        .any(|key| key.addr == service_key(&b.key, 0).addr));
+
+    fake.fail_on = None;
+    let retry = sync(&mut syncer, &mut fake, &[a.clone(), b.clone(), c.clone()]);
+    assert!(retry.failures.is_empty() && retry.cleanup_errors.is_empty());
+    assert_eq!(fake.resolved(), resolved(&[a, b, c]));
+}
+
+#[test]
+fn a_refused_delete_in_the_middle_of_a_cleanup_batch_does_not_stop_the_rest() {
+    let a = fe("a", 10, &[11]);
+    let b = fe("b", 20, &[12, 13, 14]);
+    let mut fake = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    sync(&mut syncer, &mut fake, &[a.clone(), b.clone()]);
+    // Removing b: its frontend (write 1), then its slots 1, 2 (refused), 3 in one batch.
+    fake.writes = 0;
+    fake.fail_on = Some(3);
+    fake.batches.clear();
+    let report = sync(&mut syncer, &mut fake, std::slice::from_ref(&a));
+    assert_eq!(
+        report.cleanup_errors.len(),
+        1,
+        "{:?}",
+        report.cleanup_errors
+    );
+    let refused = &report.cleanup_errors[0].op;
+    assert!(
+        matches!(refused, MapOp::DeleteService { key } if key.slot == 2),
+        "the refused op is b's slot 2: {refused:?}"
+    );
+    assert_eq!(fake.resolved(), resolved(&[a]));
+    // The slots' batch stops at slot 2 and slot 3 goes in the next; slot 2 in the
+    // orphan sweep the failure asked for; then b's backends.
+    assert_eq!(fake.batches, [3, 1, 1, 3]);
+    assert_eq!(fake.services.len(), 2, "a's frontend and slot");
+    assert_eq!(fake.backends.len(), 1, "a's backend");
 }
 
 // ---------------------------------------------------------------------------------
