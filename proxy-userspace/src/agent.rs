@@ -354,8 +354,8 @@ struct Agent {
     retry_pending: bool,
     /// Frontends the last pass could not program, with the reason label.
     failing: BTreeMap<FrontendKey, &'static str>,
-    /// The digest ([`names::Names::digest`]) of the names file last written
-    /// ([`names`]), so an unchanged one is not rewritten.
+    /// The digest of the names file last written ([`names::write_current`]), so an
+    /// unchanged one is not replaced.
     published_names: Option<u64>,
     /// Which service ports the datapath counts traffic for.
     service_counters: ServiceCounters,
@@ -1009,22 +1009,23 @@ impl Agent {
     fn publish_names(&mut self, snapshot: &Snapshot) {
         let started = Instant::now();
         self.names_stale = false;
-        let current = names::collect(&snapshot.state, self.model.desired(), |name| {
-            self.syncer.service_id(name)
-        });
-        let digest = current.digest();
-        if self.published_names == Some(digest) {
-            return;
-        }
         let path = names::path_for(&self.config.pin_dir);
-        match names::write(&path, &current) {
-            Ok(()) => {
+        let syncer = &self.syncer;
+        match names::write_current(
+            &path,
+            &snapshot.state,
+            self.model.desired(),
+            |name| syncer.service_id(name),
+            self.published_names,
+        ) {
+            Ok(names::Written::Replaced(digest)) => {
                 self.published_names = Some(digest);
                 debug!(
                     names_ms = started.elapsed().as_micros() as f64 / 1000.0,
                     "names written"
                 );
             }
+            Ok(names::Written::Unchanged) => {}
             Err(error) => {
                 warn!(error = %crate::error_chain(&error), "cannot write the names file; kpr inspect shows service ids until a pass writes it");
                 self.published_names = None;

@@ -72,7 +72,7 @@ pub fn path_for(pin_dir: &Path) -> PathBuf {
 }
 
 /// A service port by its id in the maps.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePortNames {
     pub service_id: u32,
     pub namespace: String,
@@ -89,7 +89,7 @@ pub struct ServicePortNames {
 }
 
 /// A frontend (one address the service port answers on) and its kind.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendNames {
     pub address: SocketAddrV4,
     pub protocol: String,
@@ -103,7 +103,7 @@ pub struct FrontendNames {
 /// One endpoint of a service as its EndpointSlices describe it. The agent keeps the
 /// names it last wrote (one of these per endpoint, half a million at 50 000 services),
 /// so the strings every endpoint of a slice repeats are shared, not copied.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointNames {
     #[serde(with = "shared_text")]
     pub namespace: Arc<str>,
@@ -163,27 +163,12 @@ mod shared_text {
 }
 
 /// The whole file.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Names {
     pub version: u32,
     pub service_ports: Vec<ServicePortNames>,
     pub frontends: Vec<FrontendNames>,
     pub endpoints: Vec<EndpointNames>,
-}
-
-impl Names {
-    /// A digest of the names: what the agent keeps of the names it last wrote, to
-    /// tell whether the next ones differ, instead of the names themselves (tens of
-    /// MiB at 50 000 services). Two different sets of names with one digest (a 64-bit
-    /// hash: odds of 2^-64 per change) would leave the file one change behind until
-    /// the next.
-    #[must_use]
-    pub fn digest(&self) -> u64 {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut hasher = std::hash::DefaultHasher::new();
-        self.hash(&mut hasher);
-        hasher.finish()
-    }
 }
 
 /// The kind's name as operators know it (`kubectl get svc` columns, the API's fields).
@@ -216,29 +201,56 @@ pub fn collect(
     desired: &Desired,
     service_id: impl Fn(&ServicePortName) -> Option<u32>,
 ) -> Names {
-    let mut service_ports: BTreeMap<u32, ServicePortNames> = BTreeMap::new();
-    let mut frontends = Vec::new();
-    for (key, spec) in &desired.frontends {
-        let Some(id) = service_id(&spec.service_port) else {
-            continue;
-        };
-        service_ports
-            .entry(id)
-            .or_insert_with(|| port_names(state, &spec.service_port, id));
-        frontends.push(FrontendNames {
+    let ports = programmed_ports(desired, &service_id);
+    Names {
+        version: VERSION,
+        service_ports: ports
+            .iter()
+            .map(|(id, name)| port_names(state, name, *id))
+            .collect(),
+        frontends: frontend_names(desired, &service_id).collect(),
+        endpoints: endpoint_names(&endpoint_groups(state, desired)).collect(),
+    }
+}
+
+/// The programmed service ports by id.
+fn programmed_ports<'d>(
+    desired: &'d Desired,
+    service_id: &impl Fn(&ServicePortName) -> Option<u32>,
+) -> BTreeMap<u32, &'d ServicePortName> {
+    desired
+        .frontends
+        .values()
+        .filter_map(|spec| Some((service_id(&spec.service_port)?, &spec.service_port)))
+        .collect()
+}
+
+fn frontend_names<'d>(
+    desired: &'d Desired,
+    service_id: &'d impl Fn(&ServicePortName) -> Option<u32>,
+) -> impl Iterator<Item = FrontendNames> + 'd {
+    desired.frontends.iter().filter_map(|(key, spec)| {
+        Some(FrontendNames {
             address: SocketAddrV4::new(key.addr, key.port),
             protocol: protocol_name(key.proto),
             scope: key.scope,
             kind: kind_name(spec.kind).to_owned(),
-            service_id: id,
-        });
-    }
+            service_id: service_id(&spec.service_port)?,
+        })
+    })
+}
+
+/// The slices of each service with a frontend, by (namespace, service name): the
+/// order the endpoints are listed in.
+type EndpointGroups<'s> = BTreeMap<(Arc<str>, &'s str), Vec<&'s crate::state::SliceInfo>>;
+
+fn endpoint_groups<'s>(state: &'s ClusterState, desired: &Desired) -> EndpointGroups<'s> {
     let services: std::collections::BTreeSet<&ObjectKey> = desired
         .frontends
         .values()
         .map(|spec| &spec.service_port.service)
         .collect();
-    let mut endpoints = Vec::new();
+    let mut groups = EndpointGroups::new();
     for (key, slice) in &state.endpoint_slices {
         let Some(service) = slice.service_name.as_deref() else {
             continue;
@@ -246,35 +258,124 @@ pub fn collect(
         if !services.contains(&ObjectKey::new(Arc::clone(&key.namespace), service)) {
             continue;
         }
-        let namespace: Arc<str> = Arc::clone(&key.namespace);
-        let service: Arc<str> = service.into();
-        for endpoint in &slice.endpoints {
-            let EndpointAddress::V4(address) = endpoint.address else {
-                continue;
-            };
-            endpoints.push(EndpointNames {
-                namespace: Arc::clone(&namespace),
-                service: Arc::clone(&service),
-                address,
-                pod: endpoint.pod.clone(),
-                node: endpoint.node_name.clone(),
-                ready: endpoint.ready,
-                serving: endpoint.serving,
-                terminating: endpoint.terminating,
-            });
-        }
+        groups
+            .entry((Arc::clone(&key.namespace), service))
+            .or_default()
+            .push(slice);
     }
-    endpoints.sort_by(|a, b| {
-        (&a.namespace, &a.service, a.address).cmp(&(&b.namespace, &b.service, b.address))
-    });
-    endpoints.dedup_by(|a, b| {
-        (&a.namespace, &a.service, a.address) == (&b.namespace, &b.service, b.address)
-    });
-    Names {
-        version: VERSION,
-        service_ports: service_ports.into_values().collect(),
-        frontends,
-        endpoints,
+    groups
+}
+
+/// Every endpoint of each group, by address, once (slices of one service may repeat
+/// an address); one group at a time, so a writer never holds them all.
+fn endpoint_names<'g>(groups: &'g EndpointGroups<'_>) -> impl Iterator<Item = EndpointNames> + 'g {
+    groups.iter().flat_map(|((namespace, service), slices)| {
+        let service: Arc<str> = (*service).into();
+        let mut endpoints: Vec<EndpointNames> = slices
+            .iter()
+            .flat_map(|slice| slice.endpoints.iter())
+            .filter_map(|endpoint| {
+                let EndpointAddress::V4(address) = endpoint.address else {
+                    return None;
+                };
+                Some(EndpointNames {
+                    namespace: Arc::clone(namespace),
+                    service: Arc::clone(&service),
+                    address,
+                    pod: endpoint.pod.clone(),
+                    node: endpoint.node_name.clone(),
+                    ready: endpoint.ready,
+                    serving: endpoint.serving,
+                    terminating: endpoint.terminating,
+                })
+            })
+            .collect();
+        // Stable: of one address, the first slice's endpoint stays.
+        endpoints.sort_by_key(|endpoint| endpoint.address);
+        endpoints.dedup_by_key(|endpoint| endpoint.address);
+        endpoints
+    })
+}
+
+/// What [`write_current`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The file now holds names with this digest.
+    Replaced(u64),
+    /// The names were those of the digest given: the file was left as it was.
+    Unchanged,
+}
+
+/// Writes the names of what `desired` programs to `path` as [`collect`] would give
+/// them, without holding them all (at 50 000 services of 10 endpoints they were 78
+/// MiB, on top of everything else the agent holds after a pass): each is serialized
+/// as it is made. `previous`: the digest of the file's content (a 64-bit hash of its
+/// bytes); names that serialize to the same digest leave the file as it is.
+///
+/// # Errors
+/// When the directory or the file cannot be written.
+pub fn write_current(
+    path: &Path,
+    state: &ClusterState,
+    desired: &Desired,
+    service_id: impl Fn(&ServicePortName) -> Option<u32>,
+    previous: Option<u64>,
+) -> Result<Written, Error> {
+    let ports = programmed_ports(desired, &service_id);
+    let groups = endpoint_groups(state, desired);
+    let view = NamesView {
+        service_ports: Streamed(std::cell::Cell::new(Some(
+            ports.iter().map(|(id, name)| port_names(state, name, *id)),
+        ))),
+        frontends: Streamed(std::cell::Cell::new(Some(frontend_names(
+            desired,
+            &service_id,
+        )))),
+        endpoints: Streamed(std::cell::Cell::new(Some(endpoint_names(&groups)))),
+    };
+    replace_file(path, previous, |writer| {
+        serde_json::to_writer(writer, &view).map_err(std::io::Error::from)
+    })
+}
+
+/// [`Names`], its lists made as they are serialized (the same fields in the same
+/// order, so [`read`] takes the file either way).
+struct NamesView<A, B, C> {
+    service_ports: Streamed<A>,
+    frontends: Streamed<B>,
+    endpoints: Streamed<C>,
+}
+
+impl<A, B, C> Serialize for NamesView<A, B, C>
+where
+    A: Iterator<Item = ServicePortNames>,
+    B: Iterator<Item = FrontendNames>,
+    C: Iterator<Item = EndpointNames>,
+{
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut names = serializer.serialize_struct("Names", 4)?;
+        names.serialize_field("version", &VERSION)?;
+        names.serialize_field("service_ports", &self.service_ports)?;
+        names.serialize_field("frontends", &self.frontends)?;
+        names.serialize_field("endpoints", &self.endpoints)?;
+        names.end()
+    }
+}
+
+/// A list serialized from an iterator, once.
+struct Streamed<I>(std::cell::Cell<Option<I>>);
+
+impl<I> Serialize for Streamed<I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.take() {
+            Some(items) => serializer.collect_seq(items),
+            None => serializer.collect_seq(std::iter::empty::<I::Item>()),
+        }
     }
 }
 
@@ -305,6 +406,19 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
 /// # Errors
 /// When the directory or the file cannot be written.
 pub fn write(path: &Path, names: &Names) -> Result<(), Error> {
+    replace_file(path, None, |writer| {
+        serde_json::to_writer(writer, names).map_err(std::io::Error::from)
+    })
+    .map(drop)
+}
+
+/// Writes what `fill` writes to a temporary file and renames it over `path` (0600),
+/// unless its bytes have the digest `previous`.
+fn replace_file(
+    path: &Path,
+    previous: Option<u64>,
+    fill: impl FnOnce(&mut std::io::BufWriter<Digesting<std::fs::File>>) -> std::io::Result<()>,
+) -> Result<Written, Error> {
     let error = |source| Error::Write {
         path: path.display().to_string(),
         source,
@@ -321,12 +435,47 @@ pub fn write(path: &Path, names: &Names) -> Result<(), Error> {
         .open(&temporary)
         .map_err(error)?;
     // Written as it is serialized: at 500 000 endpoints the text would be ~100 MB.
-    let mut writer = std::io::BufWriter::new(file);
-    serde_json::to_writer(&mut writer, names).map_err(|source| error(source.into()))?;
-    writer
+    // Hashed in the buffer's large chunks (the hash does not depend on how the bytes
+    // are cut).
+    let mut writer = std::io::BufWriter::with_capacity(
+        1 << 16,
+        Digesting {
+            inner: file,
+            hasher: std::hash::DefaultHasher::new(),
+        },
+    );
+    fill(&mut writer).map_err(error)?;
+    let digesting = writer
         .into_inner()
         .map_err(|failed| error(failed.into_error()))?;
-    std::fs::rename(&temporary, path).map_err(error)
+    let digest = std::hash::Hasher::finish(&digesting.hasher);
+    drop(digesting);
+    if previous == Some(digest) {
+        std::fs::remove_file(&temporary).map_err(error)?;
+        return Ok(Written::Unchanged);
+    }
+    std::fs::rename(&temporary, path).map_err(error)?;
+    Ok(Written::Replaced(digest))
+}
+
+/// A writer that hashes what passes through it. Two different contents with one
+/// digest (odds of 2^-64 per change) would leave the file one change behind, until
+/// the next.
+struct Digesting<W> {
+    inner: W,
+    hasher: std::hash::DefaultHasher,
+}
+
+impl<W: std::io::Write> std::io::Write for Digesting<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(bytes)?;
+        std::hash::Hasher::write(&mut self.hasher, &bytes[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Reads the file at `path`; `Ok(None)` when there is none (no agent wrote it yet).
@@ -379,6 +528,112 @@ mod tests {
             path_for(Path::new("/sys/fs/bpf/a")),
             path_for(Path::new("/sys/fs/bpf/b"))
         );
+    }
+
+    /// Two services, slices of one repeating an address (the first slice's wins), a
+    /// slice of no service; ids for all but one port.
+    fn cluster() -> (ClusterState, Desired) {
+        let service = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+                 spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n---\n"
+            )
+        };
+        let slice = |name: &str, service: &str, endpoints: &[(&str, &str)]| {
+            let endpoints: Vec<String> = endpoints
+                .iter()
+                .map(|(ip, pod)| {
+                    format!(
+                        "{{addresses: [{ip}], conditions: {{ready: true}}, \
+                         targetRef: {{kind: Pod, name: {pod}}}, nodeName: node-a}}"
+                    )
+                })
+                .collect();
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, \
+                 namespace: demo, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n---\n",
+                endpoints.join(", ")
+            )
+        };
+        let text = [
+            service("web", "10.96.0.10"),
+            service("db", "10.96.0.11"),
+            slice(
+                "web-b",
+                "web",
+                &[("10.0.0.2", "web-2b"), ("10.0.0.3", "web-3")],
+            ),
+            slice(
+                "web-a",
+                "web",
+                &[("10.0.0.2", "web-2a"), ("10.0.0.1", "web-1")],
+            ),
+            slice("db-a", "db", &[("10.0.1.1", "db-1")]),
+            slice("gone-a", "gone", &[("10.0.9.9", "gone-1")]),
+        ]
+        .concat();
+        let mut snapshot = crate::source::Snapshot::for_node(Some("node-a"));
+        crate::source::manifests::parse_documents(&text, "test.yaml", &mut snapshot);
+        let desired =
+            crate::model::desired(&snapshot.state, &crate::model::ModelSettings::default());
+        (snapshot.state, desired)
+    }
+
+    #[test]
+    fn names_written_as_they_are_made_read_back_as_collected_and_unchanged_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("kpr-names-stream-{}", std::process::id()));
+        let path = dir.join("x.names.json");
+        let (state, desired) = cluster();
+        let ids = |name: &ServicePortName| (&*name.service.name == "web").then_some(3);
+        let collected = collect(&state, &desired, ids);
+        let listed: Vec<(&str, String, Option<&str>)> = collected
+            .endpoints
+            .iter()
+            .map(|e| (&*e.service, e.address.to_string(), e.pod.as_deref()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("db", "10.0.1.1".into(), Some("db-1")),
+                ("web", "10.0.0.1".into(), Some("web-1")),
+                // Of a repeated address, the first slice's endpoint.
+                ("web", "10.0.0.2".into(), Some("web-2a")),
+                ("web", "10.0.0.3".into(), Some("web-3")),
+            ],
+            "by service and address, once each, no slice without a service"
+        );
+        let Ok(Written::Replaced(digest)) = write_current(&path, &state, &desired, ids, None)
+        else {
+            panic!("the first write replaces the file");
+        };
+        assert_eq!(read(&path).expect("readable"), Some(collected));
+        // The same names again: the file is not replaced.
+        let modified = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("stat");
+        assert_eq!(
+            write_current(&path, &state, &desired, ids, Some(digest)).expect("written"),
+            Written::Unchanged
+        );
+        assert_eq!(
+            std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .expect("stat"),
+            modified
+        );
+        assert!(!path.with_extension("json.tmp").exists());
+        // Other ids: other names.
+        let all = |_: &ServicePortName| Some(4);
+        assert!(matches!(
+            write_current(&path, &state, &desired, all, Some(digest)),
+            Ok(Written::Replaced(other)) if other != digest
+        ));
+        assert_eq!(
+            read(&path).expect("readable"),
+            Some(collect(&state, &desired, all))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

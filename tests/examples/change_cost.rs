@@ -76,23 +76,22 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize, rounds: usize) 
     syncer.sync(model.desired(), &mut writer);
     let sync_first = started.elapsed();
     let started = Instant::now();
-    let collected = names::collect(&first.snapshot.state, model.desired(), |name| {
-        syncer.service_id(name)
-    });
-    let names_collect = started.elapsed();
-    let started = Instant::now();
-    names::write(&dir.join("names.json"), &collected)?;
-    let names_write = started.elapsed();
-    drop(collected);
+    names::write_current(
+        &dir.join("names.json"),
+        &first.snapshot.state,
+        model.desired(),
+        |name| syncer.service_id(name),
+        None,
+    )?;
+    let names_written = started.elapsed();
     println!(
         "{services} services x {endpoints} endpoints, first pass: read {:.1} ms, model {:.1} ms, \
-         syncer {:.1} ms ({} ops), names: collect {:.1} ms, write {:.1} ms",
+         syncer {:.1} ms ({} ops), names file {:.1} ms",
         millis(read_first),
         millis(model_first),
         millis(sync_first),
         writer.ops,
-        millis(names_collect),
-        millis(names_write)
+        millis(names_written)
     );
     drop(first);
 

@@ -1,7 +1,7 @@
 //! How much heap the agent's stages take for the benchmark's service set: the
 //! manifest source's read (the state it keeps, and its transient peak), a second copy
 //! of the snapshot's maps (what the API source publishes from its stores), the model's
-//! `Desired`, and the names file's records and writing them. A counting allocator measures live and
+//! `Desired`, and writing the names file. A counting allocator measures live and
 //! peak bytes around each stage; the numbers are a breakdown of the agent's resident
 //! memory, whose real figure comes from `cargo xtask bench` (`agent_peak_mib`).
 //!
@@ -98,19 +98,17 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize) -> Result<()> {
     let settings = ModelSettings::default();
     let desired = measure("model: desired", || model::desired(state, &settings));
     let id = std::cell::Cell::new(0u32);
-    let collected = measure("names: collect", || {
-        names::collect(state, &desired, |_| {
-            id.set(id.get() + 1);
-            Some(id.get())
-        })
-    });
-    measure("names: write the file", || {
-        names::write(&dir.join("names.json"), &collected)
+    let ids = |_: &_| {
+        id.set(id.get() + 1);
+        Some(id.get())
+    };
+    measure("names: write the file as they are made", || {
+        names::write_current(&dir.join("names.json"), state, &desired, ids, None)
     })?;
+    let named = names::read(&dir.join("names.json"))?.map_or(0, |names| names.endpoints.len());
     println!(
-        "frontends {}, endpoints named {}",
-        desired.frontends.len(),
-        collected.endpoints.len()
+        "frontends {}, endpoints named {named}",
+        desired.frontends.len()
     );
     Ok(())
 }
