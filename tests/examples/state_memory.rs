@@ -1,7 +1,7 @@
 //! How much heap the agent's stages take for the benchmark's service set: the
 //! manifest source's read (the state it keeps, and its transient peak), a second copy
-//! of the snapshot's maps (what the API source publishes from its stores), the model's
-//! `Desired`, and writing the names file. A counting allocator measures live and
+//! of the snapshot's maps (what the API source publishes from its stores), the
+//! incremental model, the syncer's mirror and index, and writing the names file. A counting allocator measures live and
 //! peak bytes around each stage; the numbers are a breakdown of the agent's resident
 //! memory, whose real figure comes from `cargo xtask bench` (`agent_peak_mib`).
 //!
@@ -15,11 +15,21 @@ use std::{
 use anyhow::{Context as _, Result};
 use kpr_lab::bench::services::ServiceSet;
 use proxy_userspace::{
-    model::{self, ModelSettings},
+    model::{IncrementalModel, ModelSettings},
     names,
     source::manifests::ManifestDir,
     state::{ClusterState, EndpointInfo, ServiceInfo, SliceInfo},
+    sync::{Capacity, MapOp, MapWriter, Syncer, WriteError},
 };
+
+/// Accepts every op: the syncer's own memory is measured, not the kernel's.
+struct Accepting;
+
+impl MapWriter for Accepting {
+    fn apply(&mut self, _op: &MapOp) -> Result<(), WriteError> {
+        Ok(())
+    }
+}
 
 /// The system allocator, counting the bytes it holds now and at most.
 struct Counting;
@@ -96,14 +106,25 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize) -> Result<()> {
     let copy: ClusterState = measure("another copy of the snapshot's maps", || state.clone());
     drop(copy);
     let settings = ModelSettings::default();
-    let desired = measure("model: desired", || model::desired(state, &settings));
+    let mut model = IncrementalModel::default();
+    measure("model: what the agent keeps of it", || {
+        model.update(state, &settings)
+    });
+    let desired = model.desired();
+    let mut syncer = Syncer::default().with_capacity(Capacity {
+        services: usize::MAX,
+        backends: usize::MAX,
+    });
+    measure("syncer: its mirror of the maps and index", || {
+        syncer.sync(desired, &mut Accepting)
+    });
     let id = std::cell::Cell::new(0u32);
     let ids = |_: &_| {
         id.set(id.get() + 1);
         Some(id.get())
     };
     measure("names: write the file as they are made", || {
-        names::write_current(&dir.join("names.json"), state, &desired, ids, None)
+        names::write_current(&dir.join("names.json"), state, desired, ids, None)
     })?;
     let named = names::read(&dir.join("names.json"))?.map_or(0, |names| names.endpoints.len());
     println!(
