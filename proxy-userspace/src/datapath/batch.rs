@@ -156,4 +156,29 @@ impl Maps {
         }
         (done, None)
     }
+
+    /// [`crate::sync::frontend_addrs::AddrWriter::put_frontend_addrs`]: one call for
+    /// all of them, an entry the kernel refuses written alone (which says why).
+    pub(super) fn put_frontend_addrs_batched(
+        &mut self,
+        entries: &[(std::net::Ipv4Addr, proxy_common::FrontendAddrV4)],
+    ) -> (usize, Option<String>) {
+        use crate::sync::frontend_addrs::AddrWriter as _;
+        let (keys, values): (Vec<u32>, Vec<proxy_common::FrontendAddrV4>) = entries
+            .iter()
+            .map(|(addr, value)| (proxy_common::Be32::from_ipv4(*addr).0, *value))
+            .unzip();
+        let applied = match write(&self.frontend_addrs, &keys, Some(&values)) {
+            Batch::Applied(applied) => applied.min(entries.len()),
+            Batch::Refused => 0,
+        };
+        let mut done = applied;
+        for (addr, value) in &entries[applied..] {
+            if let Err(message) = self.put_frontend_addr(*addr, *value) {
+                return (done, Some(message));
+            }
+            done += 1;
+        }
+        (done, None)
+    }
 }

@@ -786,6 +786,13 @@ impl crate::sync::frontend_addrs::AddrWriter for Maps {
             .map_err(|error| error.to_string())
     }
 
+    fn put_frontend_addrs(
+        &mut self,
+        entries: &[(std::net::Ipv4Addr, proxy_common::FrontendAddrV4)],
+    ) -> (usize, Option<String>) {
+        self.put_frontend_addrs_batched(entries)
+    }
+
     fn delete_frontend_addr(
         &mut self,
         addr: std::net::Ipv4Addr,
@@ -794,7 +801,9 @@ impl crate::sync::frontend_addrs::AddrWriter for Maps {
             .frontend_addrs
             .remove(&proxy_common::Be32::from_ipv4(addr).0)
         {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            // Gone already: removed.
+            Err(error) if is_missing(&error) => Ok(()),
             Err(error) => Err(error.to_string()),
         }
     }
