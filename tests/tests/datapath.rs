@@ -945,3 +945,38 @@ fn an_established_packet_writes_its_entrys_timestamp_only_once_it_is_stale() {
         "only the timestamp changes"
     );
 }
+
+/// The frontend address set's writes: a batch of puts lands whole (read back from the
+/// kernel), and deleting an address the set no longer holds is no failure (the kernel
+/// says ENOENT, which the agent must not count as a failed write and retry forever).
+#[test]
+fn frontend_address_batches_land_and_deleting_a_gone_address_succeeds() {
+    use proxy_userspace::sync::frontend_addrs::AddrWriter as _;
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    let maps = &mut harness.datapath.maps;
+    let entries: Vec<(std::net::Ipv4Addr, proxy_common::FrontendAddrV4)> = (1..=200u8)
+        .map(|i| {
+            (
+                std::net::Ipv4Addr::new(10, 96, 1, i),
+                proxy_common::FrontendAddrV4 {
+                    kinds: proxy_common::frontend_addr::CLUSTER_IP,
+                    _pad: [0; 3],
+                },
+            )
+        })
+        .collect();
+    assert_eq!(maps.put_frontend_addrs(&entries), (200, None));
+    let read = maps.read_frontend_addrs().expect("read the set");
+    let held: std::collections::BTreeSet<std::net::Ipv4Addr> =
+        read.held().keys().copied().collect();
+    let wanted: std::collections::BTreeSet<std::net::Ipv4Addr> =
+        entries.iter().map(|(addr, _)| *addr).collect();
+    assert_eq!(
+        held, wanted,
+        "every address of the batch is in the kernel's set"
+    );
+    let gone = std::net::Ipv4Addr::new(10, 96, 2, 1);
+    assert_eq!(maps.delete_frontend_addr(gone), Ok(()));
+    assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()));
+    assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()), "twice");
+}
