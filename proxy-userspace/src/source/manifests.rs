@@ -776,8 +776,9 @@ mod tests {
         assert_eq!(failure_label(&error.source), "not_found");
     }
 
-    #[test]
-    fn only_changed_files_are_parsed_again_and_the_others_share_their_objects() {
+    /// `web.yaml` (services api and web) and `db.yaml` (service db); the api
+    /// service's text, to write web.yaml again with it.
+    fn two_files() -> (TempDir, PathBuf, PathBuf, String) {
         let temp = TempDir::new();
         let (web, db) = (
             temp.manifests().join("web.yaml"),
@@ -786,6 +787,12 @@ mod tests {
         let api = service("api", "10.96.0.12");
         std::fs::write(&web, format!("{api}---\n{}", service("web", "10.96.0.10"))).expect("write");
         std::fs::write(&db, service("db", "10.96.0.11")).expect("write");
+        (temp, web, db, api)
+    }
+
+    #[test]
+    fn only_changed_files_are_parsed_again_and_the_others_share_their_objects() {
+        let (temp, web, db, api) = two_files();
         let mut dir = ManifestDir::new(temp.manifests(), None);
         let first = dir.read().expect("readable").snapshot;
         let key = |name: &str| crate::state::ObjectKey::new("default", name);
@@ -830,14 +837,7 @@ mod tests {
     /// compares no other object.
     #[test]
     fn each_read_names_the_keys_it_changed() {
-        let temp = TempDir::new();
-        let (web, db) = (
-            temp.manifests().join("web.yaml"),
-            temp.manifests().join("db.yaml"),
-        );
-        let api = service("api", "10.96.0.12");
-        std::fs::write(&web, format!("{api}---\n{}", service("web", "10.96.0.10"))).expect("write");
-        std::fs::write(&db, service("db", "10.96.0.11")).expect("write");
+        let (temp, web, db, api) = two_files();
         let mut dir = ManifestDir::new(temp.manifests(), None);
         let mut last = dir.read().expect("readable").snapshot.state.revision;
         let mut read_changes = |dir: &mut ManifestDir| {
