@@ -41,6 +41,8 @@ pub mod names {
     pub const CONNTRACK_NEW_V6: &str = "CT_NEW_V6_V1";
     /// Every IPv6 address some frontend uses.
     pub const FRONTEND_ADDRS_V6: &str = "FE_ADDR_V6_V1";
+    /// First fragments' ports of IPv6 datagrams ([`crate::FragKeyV6`]).
+    pub const FRAGMENTS_V6: &str = "FRAG_V6_V1";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -83,6 +85,7 @@ pub mod capacity {
     pub const CONNTRACK_V6: u32 = CONNTRACK_V4 / 4;
     pub const CONNTRACK_NEW_V6: u32 = conntrack_new_for(CONNTRACK_V6);
     pub const FRONTEND_ADDRS_V6: u32 = SERVICES_V6;
+    pub const FRAGMENTS_V6: u32 = FRAGMENTS_V4 / 4;
 }
 
 /// How long a fragmented datagram's first fragment vouches for the later ones: the
@@ -474,6 +477,24 @@ pub struct FragValueV4 {
 }
 const _: () = assert!(core::mem::size_of::<FragValueV4>() == 16);
 
+/// Fragment map key of IPv6: one datagram in fragments, named by its source,
+/// destination and the fragment header's identification (RFC 8200 section 4.5), with
+/// the upper-layer protocol its fragments carry, as [`FragKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct FragKeyV6 {
+    pub src_addr: Be32x4,
+    pub dst_addr: Be32x4,
+    /// The fragment header's identification, as in the header.
+    pub id: Be32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragKeyV6>() == 40);
+
+/// Fragment map value of IPv6: the same ports as [`FragValueV4`].
+pub type FragValueV6 = FragValueV4;
+
 /// Runtime settings of the datapath (single entry of the config array), written by
 /// the agent at start. Timeouts follow kube-proxy's conntrack settings.
 #[repr(C)]
@@ -771,6 +792,7 @@ mod pod_impls {
         BackendV6,
         CtKeyV6,
         CtEntryV6,
+        FragKeyV6,
         Be32x4,
     );
 }
@@ -951,6 +973,7 @@ mod tests {
             names::CONNTRACK_V6,
             names::CONNTRACK_NEW_V6,
             names::FRONTEND_ADDRS_V6,
+            names::FRAGMENTS_V6,
         ] {
             assert!(name.len() <= 15, "{name}");
         }

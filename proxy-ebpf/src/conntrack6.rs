@@ -14,6 +14,7 @@ use proxy_common::{
 use crate::{
     conntrack::{admits_new_flows, completes_handshake, is_syn, mark_full, transition, DIRECTION},
     maps::{self, CT_NEW_V6_V1, CT_V6_V1},
+    parse::Kind,
     parse6::{reversed, Packet6},
     stats,
     verdict::{DropReason, Result},
@@ -149,6 +150,13 @@ pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
     let Some((table, ptr)) = find(&pkt.tuple, now) else {
         return false;
     };
+    if pkt.kind == Kind::IcmpError {
+        // An error only reads its flow's entry: it says nothing about the flow's state
+        // and may be forged, so it neither refreshes nor closes anything.
+        // SAFETY: the pointer is valid for this program run.
+        *out = unsafe { *ptr };
+        return true;
+    }
     // SAFETY: the pointer is valid for this program run; fields are read in place.
     let (old_flags, peer_refreshed_ns, last_seen_ns) =
         unsafe { ((*ptr).flags, (*ptr).peer_refreshed_ns, (*ptr).last_seen_ns) };

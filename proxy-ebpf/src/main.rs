@@ -42,6 +42,8 @@ mod conntrack6;
 mod destination;
 mod forward;
 mod fragments;
+mod fragments6;
+mod icmp6_error;
 mod icmp6_reply;
 mod icmp_error;
 mod icmp_reply;

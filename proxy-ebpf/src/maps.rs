@@ -9,8 +9,9 @@ use proxy_common::{
     capacity, counter,
     service_stats::{self, ServiceStatsV1},
     AffinityKeyV4, AffinityValueV4, BackendV4, BackendV6, Be32, Be32x4, CtEntryV4, CtEntryV6,
-    CtKeyV4, CtKeyV6, DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, FrontendAddrV6,
-    ServiceCidrV4, ServiceKeyV4, ServiceKeyV6, ServiceValueV4, ServiceValueV6, SourceRangeV4,
+    CtKeyV4, CtKeyV6, DatapathConfig, FragKeyV4, FragKeyV6, FragValueV4, FragValueV6,
+    FrontendAddrV4, FrontendAddrV6, ServiceCidrV4, ServiceKeyV4, ServiceKeyV6, ServiceValueV4,
+    ServiceValueV6, SourceRangeV4,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
@@ -94,6 +95,12 @@ pub static CT_V6_V1: HashMap<CtKeyV6, CtEntryV6> =
 #[map]
 pub static CT_NEW_V6_V1: LruHashMap<CtKeyV6, CtEntryV6> =
     LruHashMap::with_max_entries(capacity::CONNTRACK_NEW_V6, 0);
+
+/// First fragments' ports of IPv6 datagrams ([`proxy_common::names::FRAGMENTS_V6`]),
+/// as `FRAG_V4_V1`.
+#[map]
+pub static FRAG_V6_V1: LruHashMap<FragKeyV6, FragValueV6> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS_V6, 0);
 
 /// Event and drop counters ([`proxy_common::counter`]).
 #[map]

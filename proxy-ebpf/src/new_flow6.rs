@@ -2,6 +2,9 @@
 //! reverse on the replies. The IPv4 programs dispatch here on the ethertype only when
 //! their own parse found no IPv4 packet, so an IPv4 packet runs the code it ran before.
 //!
+//! ICMPv6 errors about a flow ([`crate::icmp6_error`]) and its datagrams' later
+//! fragments ([`crate::fragments6`]) follow the flow's entry, in the same hooks.
+//!
 //! Every IPv6 flow goes through the stack in both directions
 //! ([`proxy_common::ct_flags::VIA_STACK`]): its requests are DNATed at pod ingress and
 //! routed by the kernel, its replies translated back at the egress of the client's
@@ -17,8 +20,10 @@ use proxy_common::{counter, ct_flags, CtEntryV6};
 use crate::{
     conntrack6::{self, Translation},
     destination::Destination,
+    fragments6,
     icmp6_reply::{self, Reason},
     nat6,
+    parse::Kind,
     parse6::{self, Packet6},
     service6::{self, Chosen, Outcome},
     stats,
@@ -52,16 +57,26 @@ fn try_pod_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
         return Ok(PASS);
     }
     // The lean path: a packet to no frontend address is a pod's own traffic, or the
-    // reply of a local backend, which is translated at the client's egress.
+    // reply of a local backend (or an error travelling as one), which is translated at
+    // the client's egress. A later fragment has its addresses, so this comes before
+    // the fragment map is asked for its ports.
     let destination = service6::classify(&pkt.tuple.dst_addr);
     let Destination::Frontend { cluster_ip } = destination else {
         return Ok(PASS);
     };
+    if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
+        return Ok(PASS);
+    }
     let mut entry = CtEntryV6::default();
     if conntrack6::lookup(&pkt, now, &mut entry) {
+        fragments6::remember(&pkt, now);
         if entry.flags & ct_flags::REPLY == 0 {
             nat6::translate(skb, &pkt, &entry)?;
         }
+        return Ok(PASS);
+    }
+    // An error or a later fragment of no flow we know is not ours.
+    if pkt.kind != Kind::Transport {
         return Ok(PASS);
     }
     new_flow(skb, &pkt, now, cluster_ip, &mut entry)
@@ -74,9 +89,15 @@ fn try_reply_egress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     if !parse6::parse(skb, &mut pkt) {
         return Ok(PASS);
     }
+    if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
+        return Ok(PASS);
+    }
     let mut entry = CtEntryV6::default();
-    if conntrack6::lookup(&pkt, now, &mut entry) && entry.flags & ct_flags::REPLY != 0 {
-        nat6::translate(skb, &pkt, &entry)?;
+    if conntrack6::lookup(&pkt, now, &mut entry) {
+        fragments6::remember(&pkt, now);
+        if entry.flags & ct_flags::REPLY != 0 {
+            nat6::translate(skb, &pkt, &entry)?;
+        }
     }
     Ok(PASS)
 }
@@ -110,6 +131,7 @@ fn new_flow(
         service_id: chosen.service_id,
     };
     conntrack6::create(&pkt.tuple, &translation, now, entry)?;
+    fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
     nat6::apply(skb, pkt, entry)?;
     Ok(PASS)

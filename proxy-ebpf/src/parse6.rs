@@ -22,7 +22,7 @@
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use proxy_common::{counter, proto, Be16, Be32x4, CtKeyV6};
 
-use crate::parse::{ptr_at, ETH_HLEN, L4_SRC_PORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF};
+use crate::parse::{ptr_at, Kind, ETH_HLEN, L4_SRC_PORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF};
 
 pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Length of the fixed IPv6 header.
@@ -39,23 +39,57 @@ const NEXTHDR_DEST: u8 = 60;
 const FRAG_HLEN: usize = 8;
 /// Fragment offset bits of the fragment header's third and fourth bytes (host order).
 const FRAG_OFFSET_MASK: u16 = 0xfff8;
+/// ICMPv6 error types (RFC 4443 section 3): 1 destination unreachable, 2 packet too
+/// big, 3 time exceeded, 4 parameter problem; informational messages are 128 and up.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PARAM_PROB: u8 = 4;
+/// The ICMPv6 header: type, code, checksum, 4 bytes that depend on the type; an
+/// error's quoted packet follows it.
+pub const ICMPV6_HLEN: usize = 8;
+pub const ICMPV6_CSUM_OFF: usize = 2;
 /// At most this many extension headers are walked; Linux sends none on a pod's TCP or
 /// UDP traffic, hop-by-hop for jumbograms or MLD, a fragment header for large UDP.
 pub const MAX_EXT_HEADERS: usize = 4;
 /// The TCP data offset byte, followed by the flags byte.
 const TCP_DOFF_OFF: usize = 12;
 
-/// What the datapath needs to know about an IPv6 TCP/UDP packet (an unfragmented one
-/// or a first fragment).
-#[derive(Clone, Copy, Default)]
+/// What the datapath needs to know about an IPv6 TCP/UDP packet (an unfragmented one,
+/// a datagram's first or later fragment), or an ICMPv6 error quoting one.
+#[derive(Clone, Copy)]
 pub struct Packet6 {
-    /// The conntrack key: the packet's 5-tuple.
+    /// The conntrack key. For TCP/UDP, the packet's 5-tuple (a later fragment's ports
+    /// are zero until [`crate::fragments6`] gives it its first's). For an ICMPv6
+    /// error, the quoted packet's tuple reversed, as [`crate::parse::Packet::tuple`];
+    /// the error's own addresses stay in its header ([`crate::icmp6_error`] reads them).
     pub tuple: CtKeyV6,
-    /// Offset of the TCP/UDP header from the start of the frame (after every
-    /// extension header).
+    /// Offset of the TCP/UDP (or ICMPv6) header from the start of the frame, after
+    /// every extension header; for a later fragment, of its fragment's data.
     pub l4_off: usize,
+    /// The fragment header's identification (network order) when there is one.
+    pub frag_id: u32,
+    /// Offset of the quoted packet's TCP/UDP header, for an ICMPv6 error (its IPv6
+    /// header is at `l4_off + ICMPV6_HLEN`).
+    pub inner_l4_off: u16,
+    pub kind: Kind,
+    /// Whether the packet has a fragment header (for a first fragment: more follow or
+    /// may, so the datagram is remembered).
+    pub fragmented: bool,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+}
+
+impl Default for Packet6 {
+    fn default() -> Self {
+        Self {
+            tuple: CtKeyV6::default(),
+            l4_off: 0,
+            frag_id: 0,
+            inner_l4_off: 0,
+            kind: Kind::Transport,
+            fragmented: false,
+            tcp_flags: 0,
+        }
+    }
 }
 
 impl Packet6 {
@@ -139,18 +173,36 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     }
 }
 
+/// Where an extension-header walk ended: the next header that is not one the walk
+/// follows (or, after a later fragment's header, the fragment's protocol) and its
+/// offset, and the fragment header met on the way.
+#[derive(Clone, Copy)]
+struct Walked {
+    next: u8,
+    off: usize,
+    fragment: Fragment,
+    frag_id: u32,
+}
+
+/// The fragment header a walk met.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fragment {
+    None,
+    First,
+    /// A non-first fragment: what follows its header is the datagram's data.
+    Later,
+}
+
+/// Walks the extension headers from `next` at `off` (see the module comment).
+/// `None`: a header that cannot be read, a routing header with segments left, or a
+/// chain longer than [`MAX_EXT_HEADERS`] (both counted).
 #[inline(always)]
-fn ipv6(ctx: &TcContext) -> Option<Packet6> {
-    let header: Ipv6Hdr = read(ctx, ETH_HLEN)?;
-    if u32::from_be(header.vtc_flow) >> 28 != 6 {
-        return None;
-    }
-    let mut next = header.next_header;
-    let mut off = ETH_HLEN + IPV6_HLEN;
+fn walk(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<Walked> {
+    let mut fragment = Fragment::None;
+    let mut frag_id = 0;
     let mut walked = 0;
     while walked < MAX_EXT_HEADERS {
         match next {
-            proto::TCP | proto::UDP => break,
             NEXTHDR_HOP | NEXTHDR_DEST => {
                 // Next header, then the length in 8-byte units not counting the first.
                 let [following, len]: [u8; 2] = read(ctx, off)?;
@@ -168,47 +220,116 @@ fn ipv6(ctx: &TcContext) -> Option<Packet6> {
                 off += (usize::from(len) + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
-                // Next header, reserved, offset and flags; the identification follows.
-                let [following, _, high, low]: [u8; 4] = read(ctx, off)?;
-                if u16::from_be_bytes([high, low]) & FRAG_OFFSET_MASK != 0 {
-                    crate::stats::count(counter::FRAGMENT_PASSED);
-                    return None;
-                }
+                // Next header, reserved, offset and flags, then the identification.
+                let [following, _, high, low, id0, id1, id2, id3]: [u8; 8] = read(ctx, off)?;
                 next = following;
                 off += FRAG_HLEN;
+                frag_id = u32::from_ne_bytes([id0, id1, id2, id3]);
+                if u16::from_be_bytes([high, low]) & FRAG_OFFSET_MASK != 0 {
+                    // The rest is the datagram's data, not headers.
+                    fragment = Fragment::Later;
+                    break;
+                }
+                fragment = Fragment::First;
             }
-            _ => return None,
+            _ => break,
         }
         walked += 1;
     }
-    if next != proto::TCP && next != proto::UDP {
-        if matches!(
+    if fragment != Fragment::Later
+        && matches!(
             next,
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST
-        ) {
-            crate::stats::count(counter::IPV6_EXT_HEADERS_PASSED);
-        }
+        )
+    {
+        crate::stats::count(counter::IPV6_EXT_HEADERS_PASSED);
         return None;
     }
-    let ports: [Be16; 2] = read(ctx, off + L4_SRC_PORT_OFF)?;
+    Some(Walked {
+        next,
+        off,
+        fragment,
+        frag_id,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext) -> Option<Packet6> {
+    let header: Ipv6Hdr = read(ctx, ETH_HLEN)?;
+    if u32::from_be(header.vtc_flow) >> 28 != 6 {
+        return None;
+    }
+    let walked = walk(ctx, header.next_header, ETH_HLEN + IPV6_HLEN)?;
     let mut pkt = Packet6 {
         tuple: CtKeyV6 {
             src_addr: header.saddr,
             dst_addr: header.daddr,
-            src_port: ports[0],
-            dst_port: ports[1],
-            proto: next,
+            src_port: Be16(0),
+            dst_port: Be16(0),
+            proto: walked.next,
             _pad: [0; 3],
         },
-        l4_off: off,
-        tcp_flags: 0,
+        l4_off: walked.off,
+        frag_id: walked.frag_id,
+        fragmented: walked.fragment != Fragment::None,
+        ..Packet6::default()
     };
-    if next == proto::TCP {
-        let [doff, flags]: [u8; 2] = read(ctx, off + TCP_DOFF_OFF)?;
-        if doff >> 4 < 5 {
-            return None;
+    match walked.next {
+        proto::TCP | proto::UDP if walked.fragment == Fragment::Later => {
+            pkt.kind = Kind::LaterFragment;
         }
-        pkt.tcp_flags = flags;
+        proto::TCP | proto::UDP => {
+            let ports: [Be16; 2] = read(ctx, walked.off + L4_SRC_PORT_OFF)?;
+            pkt.tuple.src_port = ports[0];
+            pkt.tuple.dst_port = ports[1];
+            if walked.next == proto::TCP {
+                let [doff, flags]: [u8; 2] = read(ctx, walked.off + TCP_DOFF_OFF)?;
+                if doff >> 4 < 5 {
+                    return None;
+                }
+                pkt.tcp_flags = flags;
+            }
+        }
+        proto::ICMPV6 if walked.fragment == Fragment::None => icmp_error(ctx, &mut pkt)?,
+        _ => return None,
     }
     Some(pkt)
+}
+
+/// Recognises an ICMPv6 error (RFC 4443 section 3: destination unreachable, packet too
+/// big, time exceeded, parameter problem) quoting the start of a TCP/UDP packet, and
+/// makes its key the reversed quoted tuple (as [`crate::parse`] does for ICMP).
+/// Informational messages (echo, neighbour discovery, router advertisements, MLD) are
+/// not: `None`, and they pass untouched. The quoted packet's extension headers are
+/// walked as the outer ones; a quoted later fragment has no ports to match a flow by.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, pkt: &mut Packet6) -> Option<()> {
+    let icmp_type: u8 = read(ctx, pkt.l4_off)?;
+    if !(ICMPV6_DEST_UNREACH..=ICMPV6_PARAM_PROB).contains(&icmp_type) {
+        return None;
+    }
+    let inner_ip_off = pkt.l4_off + ICMPV6_HLEN;
+    let inner: Ipv6Hdr = read(ctx, inner_ip_off)?;
+    if u32::from_be(inner.vtc_flow) >> 28 != 6 {
+        return None;
+    }
+    let walked = walk(ctx, inner.next_header, inner_ip_off + IPV6_HLEN)?;
+    if walked.fragment == Fragment::Later
+        || (walked.next != proto::TCP && walked.next != proto::UDP)
+    {
+        return None;
+    }
+    let ports: [Be16; 2] = read(ctx, walked.off + L4_SRC_PORT_OFF)?;
+    pkt.tuple = reversed(&CtKeyV6 {
+        src_addr: inner.saddr,
+        dst_addr: inner.daddr,
+        src_port: ports[0],
+        dst_port: ports[1],
+        proto: walked.next,
+        _pad: [0; 3],
+    });
+    pkt.kind = Kind::IcmpError;
+    // The walk is bounded well below 64 KiB.
+    pkt.inner_l4_off = walked.off as u16;
+    Some(())
 }

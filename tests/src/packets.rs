@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use etherparse::{
     icmpv4::{DestUnreachableHeader, TimeExceededCode},
-    icmpv6::DestUnreachableCode,
+    icmpv6::{DestUnreachableCode, TimeExceededCode as TimeExceededCode6},
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpNumber,
     Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
 };
@@ -429,11 +429,35 @@ impl Ext6 {
     }
 }
 
+/// An ICMPv6 error message (RFC 4443 section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Icmp6Error {
+    PortUnreachable,
+    PacketTooBig { mtu: u32 },
+    HopLimitExceeded,
+}
+
+impl Icmp6Error {
+    fn icmp_type(self) -> Icmpv6Type {
+        match self {
+            Self::PortUnreachable => Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+            Self::PacketTooBig { mtu } => Icmpv6Type::PacketTooBig { mtu },
+            Self::HopLimitExceeded => Icmpv6Type::TimeExceeded(TimeExceededCode6::HopLimitExceeded),
+        }
+    }
+}
+
 /// The upper layer of a crafted IPv6 frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport6 {
     Tcp(TcpFlags),
     Udp,
+    /// An ICMPv6 error quoting the first `quote` bytes of the IPv6 packet in
+    /// [`Frame6::quoted`] (from its IPv6 header on); the ports are ignored.
+    Icmp {
+        error: Icmp6Error,
+        quote: usize,
+    },
     /// A neighbour solicitation (RFC 4861 section 4.3) for the destination's
     /// address, with the sender's link-layer address option; the ports are ignored.
     NeighbourSolicitation,
@@ -452,6 +476,8 @@ pub struct Frame6 {
     pub hop_limit: u8,
     /// Extension headers in order, before the upper layer.
     pub ext: Vec<Ext6>,
+    /// For [`Transport6::Icmp`]: the packet the error is about.
+    pub quoted: Option<Box<Frame6>>,
 }
 
 impl Frame6 {
@@ -467,7 +493,36 @@ impl Frame6 {
             payload: Vec::new(),
             hop_limit: 64,
             ext: Vec::new(),
+            quoted: None,
         }
+    }
+
+    /// The ICMPv6 error `from` sends to the sender of `about`, quoting its first
+    /// `quote` bytes (Linux quotes as much as fits in 1280 bytes: all of a small
+    /// packet).
+    #[must_use]
+    pub fn icmp_error(from: Ipv6Addr, about: &Frame6, error: Icmp6Error, quote: usize) -> Self {
+        Self {
+            src_mac: about.dst_mac,
+            dst_mac: about.src_mac,
+            src: SocketAddrV6::new(from, 0, 0, 0),
+            dst: SocketAddrV6::new(*about.src.ip(), 0, 0, 0),
+            transport: Transport6::Icmp { error, quote },
+            payload: Vec::new(),
+            hop_limit: 64,
+            ext: Vec::new(),
+            quoted: Some(Box::new(about.clone())),
+        }
+    }
+
+    /// The same error quoting another packet (the one its receiver really sent, after
+    /// translation), from another address.
+    #[must_use]
+    pub fn with_quoted(mut self, from: Ipv6Addr, about: &Frame6) -> Self {
+        self.src = SocketAddrV6::new(from, 0, 0, 0);
+        self.dst = SocketAddrV6::new(*about.src.ip(), 0, 0, 0);
+        self.quoted = Some(Box::new(about.clone()));
+        self
     }
 
     /// A UDP datagram from `src` to `dst` with `payload`.
@@ -513,6 +568,7 @@ impl Frame6 {
             payload: Vec::new(),
             hop_limit: 64,
             ext: Vec::new(),
+            quoted: None,
         }
     }
 
@@ -566,6 +622,19 @@ impl Frame6 {
                 .expect("small");
                 icmp.write(&mut out).expect("write to Vec");
                 out.extend_from_slice(&body[4..]);
+                (58, out)
+            }
+            Transport6::Icmp { error, quote } => {
+                let quoted = self
+                    .quoted
+                    .as_ref()
+                    .expect("an ICMPv6 error frame names the packet it quotes")
+                    .to_bytes();
+                let quoted = &quoted[ETH_HLEN..(ETH_HLEN + quote).min(quoted.len())];
+                let icmp = Icmpv6Header::with_checksum(error.icmp_type(), src, dst, quoted)
+                    .expect("small");
+                icmp.write(&mut out).expect("write to Vec");
+                out.extend_from_slice(quoted);
                 (58, out)
             }
         }

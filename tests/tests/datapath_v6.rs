@@ -11,16 +11,16 @@
 //! The agent does not fill the IPv6 maps yet, so each case writes its frontends into
 //! them by hand, in the syncer's layout and order (backends and slots, then the
 //! frontend; the frontend address set first).
-use std::net::SocketAddrV6;
+use std::net::{Ipv6Addr, SocketAddrV6};
 
 use aya::maps::{HashMap, MapData};
 use kpr_lab::{
     datapath_cases::{DatapathHarness, Verdict},
-    packets::{port_unreachable_reply6, sock6, Ext6, Frame6, TcpFlags, Transport6},
+    packets::{port_unreachable_reply6, sock6, Ext6, Frame6, Icmp6Error, TcpFlags, Transport6},
 };
 use proxy_common::{
     counter, ct_flags, frontend_addr, names, proto, scope, service_flags, BackendV6, Be16, Be32x4,
-    CtEntryV6, CtKeyV6, FrontendAddrV6, ServiceKeyV6, ServiceValueV6,
+    CtEntryV6, CtKeyV6, FragKeyV6, FragValueV6, FrontendAddrV6, ServiceKeyV6, ServiceValueV6,
 };
 use proxy_userspace::datapath::Hook;
 
@@ -42,6 +42,13 @@ fn backend() -> SocketAddrV6 {
 fn dns_backend() -> SocketAddrV6 {
     sock6("fd00:10:244:2::c", 5353)
 }
+/// A router between the client and its backend, which sends errors from its own
+/// address.
+fn router() -> Ipv6Addr {
+    "fd00:10:244:9::1".parse().expect("an IPv6 literal")
+}
+/// As much of a small packet as an IPv6 error quotes: all of it.
+const WHOLE: usize = 1232;
 
 /// An IPv6 ClusterIP frontend and its backends.
 #[derive(Clone, Debug)]
@@ -113,6 +120,7 @@ fn clear_v6(harness: &mut DatapathHarness) {
     empty::<Be32x4, FrontendAddrV6>(harness, names::FRONTEND_ADDRS_V6);
     empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_V6);
     empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_NEW_V6);
+    empty::<FragKeyV6, FragValueV6>(harness, names::FRAGMENTS_V6);
 }
 
 /// Writes `frontends` into the IPv6 maps, in the syncer's order.
@@ -246,6 +254,27 @@ fn verify_checksum(frame: &[u8], rest: &[u8]) {
     }
 }
 
+/// For an ICMPv6 error quoting the whole of a packet: checks the quoted packet's
+/// TCP/UDP checksum as [`verify_checksum`] does, with the quoted addresses. `false`
+/// when `frame` is no such error (nothing checked).
+fn verify_quoted_checksum(frame: &[u8]) -> bool {
+    let Some((start, 58)) = upper_layer(frame) else {
+        return false;
+    };
+    let inner = start + 8;
+    if frame[start] >= 128 || frame.len() < inner + 40 {
+        return false;
+    }
+    let inner_len = 40 + usize::from(u16::from_be_bytes([frame[inner + 4], frame[inner + 5]]));
+    if frame.len() != inner + inner_len {
+        return false;
+    }
+    let mut quoted = frame[..14].to_vec();
+    quoted.extend_from_slice(&frame[inner..]);
+    verify_checksum(&quoted, &[]);
+    true
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -329,12 +358,18 @@ fn cases() -> Vec<Case> {
             len: Some(24),
         }])
     };
-    let later = datagram.clone().with_ext(&[Ext6::Fragment {
-        offset: 3,
-        more: false,
-        id: 0x1234_5678,
-        len: None,
-    }]);
+    let later_of = |frame: Frame6| {
+        frame.with_ext(&[Ext6::Fragment {
+            offset: 3,
+            more: false,
+            id: 0x1234_5678,
+            len: None,
+        }])
+    };
+    let later = later_of(datagram.clone());
+    // The backend's answer, in the same split as the query's datagram.
+    let answer = Frame6::udp(dns_backend(), client(), &[7; 40]);
+    let too_big = Icmp6Error::PacketTooBig { mtu: 1280 };
     let solicitation = |dst: &str| Frame6 {
         transport: Transport6::NeighbourSolicitation,
         ..Frame6::tcp(client(), sock6(dst, 0), TcpFlags::SYN)
@@ -475,7 +510,7 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
-            name: "a first fragment is translated; a later one has no ports and passes",
+            name: "a first fragment is translated, and the later one follows it",
             frontends: vec![dns.clone()],
             steps: vec![
                 step(
@@ -484,9 +519,198 @@ fn cases() -> Vec<Case> {
                     Verdict::Pass,
                     Some(&first(datagram.clone().with_dst(dns_backend()))),
                 ),
-                step(Hook::PodIngress, &later, Verdict::Pass, None),
+                step(
+                    Hook::PodIngress,
+                    &later,
+                    Verdict::Pass,
+                    Some(&later.clone().with_dst(dns_backend())),
+                ),
             ],
-            counters: vec![(counter::NEW_FLOW, 1), (counter::FRAGMENT_PASSED, 1)],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::FRAGMENT_TRANSLATED, 1),
+                (counter::FRAGMENT_PASSED, 0),
+            ],
+        },
+        Case {
+            name: "a reply's fragments are translated back at egress, the later one by the first's ports",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &query,
+                    Verdict::Pass,
+                    Some(&query.clone().with_dst(dns_backend())),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &first(answer.clone()),
+                    Verdict::Pass,
+                    Some(&first(answer.clone().with_src(vip_dns()))),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &later_of(answer.clone()),
+                    Verdict::Pass,
+                    Some(&later_of(answer.clone().with_src(vip_dns()))),
+                ),
+            ],
+            counters: vec![
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::FRAGMENT_TRANSLATED, 1),
+            ],
+        },
+        Case {
+            name: "a later fragment before its first (or of an unknown datagram) passes",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &later, Verdict::Pass, None),
+                step(
+                    Hook::PodIngress,
+                    &first(datagram.clone()),
+                    Verdict::Pass,
+                    Some(&first(datagram.clone().with_dst(dns_backend()))),
+                ),
+                step(Hook::PodEgress, &later_of(answer.clone()), Verdict::Pass, None),
+            ],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::FRAGMENT_TRANSLATED, 0),
+                (counter::FRAGMENT_PASSED, 2),
+            ],
+        },
+        Case {
+            name: "a packet too big from a router about a request quotes the service to the client",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &syn, Verdict::Pass, Some(&syn_to_backend)),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &syn_to_backend, too_big, WHOLE),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(router(), &syn, too_big, WHOLE)),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "hop limit exceeded from a router about a request with extension headers",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &hbh_dest, Verdict::Pass, Some(&hbh_dest_out)),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &hbh_dest_out, Icmp6Error::HopLimitExceeded, WHOLE),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(router(), &hbh_dest, Icmp6Error::HopLimitExceeded, WHOLE)),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "a port unreachable from the backend itself comes from the service address",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &query,
+                    Verdict::Pass,
+                    Some(&query.clone().with_dst(dns_backend())),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(
+                        *dns_backend().ip(),
+                        &query.clone().with_dst(dns_backend()),
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    ),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(
+                        *vip_dns().ip(),
+                        &query,
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    )),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "the client's error about a reply goes to the backend, quoting the backend's reply",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &query,
+                    Verdict::Pass,
+                    Some(&query.clone().with_dst(dns_backend())),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &answer,
+                    Verdict::Pass,
+                    Some(&answer.clone().with_src(vip_dns())),
+                ),
+                step(
+                    Hook::PodIngress,
+                    &Frame6::icmp_error(
+                        *client().ip(),
+                        &answer.clone().with_src(vip_dns()),
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    ),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(
+                        *client().ip(),
+                        &answer,
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    )),
+                ),
+            ],
+            counters: vec![
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::ICMP_ERROR_TRANSLATED, 1),
+            ],
+        },
+        Case {
+            name: "an error quoting only the ports of a TCP header is translated without its checksum",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &syn, Verdict::Pass, Some(&syn_to_backend)),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &syn_to_backend, too_big, 40 + 8),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(router(), &syn, too_big, 40 + 8)),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "an error about no flow we know passes untouched",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &syn_to_backend, too_big, WHOLE),
+                    Verdict::Pass,
+                    None,
+                ),
+                step(
+                    Hook::PodIngress,
+                    &Frame6::icmp_error(
+                        *client().ip(),
+                        &syn.reply(Transport6::Tcp(TcpFlags::SYN_ACK)),
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    ),
+                    Verdict::Pass,
+                    None,
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 0), (counter::NEW_FLOW, 0)],
         },
         Case {
             name: "neighbour solicitations, to a frontend address or its solicited-node group, are untouched",
@@ -581,6 +805,7 @@ fn ipv6_datapath_table() {
 #[test]
 fn ipv6_table_frames_have_right_checksums_by_an_independent_computation() {
     let mut checked = 0;
+    let mut quoted = 0;
     for case in cases() {
         for step in &case.steps {
             for frame in [Some(&step.input), step.output.as_ref()]
@@ -599,10 +824,14 @@ fn ipv6_table_frames_have_right_checksums_by_an_independent_computation() {
                     verify_checksum(frame, &[]);
                 }
                 checked += 1;
+                if verify_quoted_checksum(frame) {
+                    quoted += 1;
+                }
             }
         }
     }
     assert!(checked > 20, "only {checked} frames checked");
+    assert!(quoted >= 8, "only {quoted} quoted packets checked");
 }
 
 /// The program's own outputs, checked with the independent computation (rather than
@@ -648,6 +877,33 @@ fn ipv6_outputs_have_right_checksums_by_an_independent_computation() {
     }]);
     let out = run(Hook::PodIngress, &datagram, Verdict::Pass);
     verify_checksum(&out, &[7; 24]);
+    // A router's packet too big about the translated SYN, and the client's port
+    // unreachable about a UDP reply: the outer and the quoted checksums.
+    let too_big = Frame6::icmp_error(
+        router(),
+        &Frame6::tcp(client(), backend(), TcpFlags::SYN).with_ext(&[Ext6::HopByHop]),
+        Icmp6Error::PacketTooBig { mtu: 1280 },
+        WHOLE,
+    );
+    let out = run(Hook::PodEgress, &too_big, Verdict::Pass);
+    assert_eq!(
+        &out[14 + 40 + 8 + 24..14 + 40 + 8 + 40],
+        &vip().ip().octets()
+    );
+    verify_checksum(&out, &[]);
+    assert!(verify_quoted_checksum(&out), "the whole quote");
+    let query = Frame6::udp(client(), vip_dns(), b"query");
+    run(Hook::PodIngress, &query, Verdict::Pass);
+    let unreachable = Frame6::icmp_error(
+        *client().ip(),
+        &Frame6::udp(vip_dns(), client(), b"answer"),
+        Icmp6Error::PortUnreachable,
+        WHOLE,
+    );
+    let out = run(Hook::PodIngress, &unreachable, Verdict::Pass);
+    assert_eq!(&out[14 + 24..14 + 40], &dns_backend().ip().octets());
+    verify_checksum(&out, &[]);
+    assert!(verify_quoted_checksum(&out), "the whole quote");
     let rejected = Frame6::tcp(client(), empty_vip(), TcpFlags::SYN);
     let out = run(Hook::PodIngress, &rejected, Verdict::Redirect);
     assert_eq!(
