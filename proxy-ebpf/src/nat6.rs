@@ -127,9 +127,6 @@ fn rewrite(ctx: &TcContext, pkt: &Packet6, end: End, addr: &Be32x4, port: Be16) 
 /// [`crate::parse6::parse`]).
 #[inline(never)]
 pub fn apply(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()> {
-    if pkt.kind == Kind::IcmpError {
-        return icmp6_error::translate(skb, pkt, entry);
-    }
     let ctx = &TcContext::new(skb);
     if entry.flags & ct_flags::REWRITE_DST != 0 {
         rewrite(
@@ -152,10 +149,17 @@ pub fn apply(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()
     Ok(())
 }
 
-/// [`apply`], counted as a translated packet of a known flow.
+/// [`apply`] (or, to an ICMPv6 error, [`icmp6_error::translate`]), counted as a
+/// translated packet of a known flow.
 #[inline(always)]
 pub fn translate(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()> {
-    apply(skb, pkt, entry)?;
+    // Called from here rather than from `apply`: one call deep less, which the
+    // 512-byte limit on the chain's stack needs.
+    if pkt.kind == Kind::IcmpError {
+        icmp6_error::translate(skb, pkt, entry)?;
+    } else {
+        apply(skb, pkt, entry)?;
+    }
     stats::count(match pkt.kind {
         Kind::IcmpError => counter::ICMP_ERROR_TRANSLATED,
         Kind::LaterFragment => counter::FRAGMENT_TRANSLATED,

@@ -9,12 +9,13 @@
 //! - a chain longer than that (counted, `ipv6_ext_headers_passed`);
 //! - a routing header with segments left: the destination address is a waypoint, not
 //!   the final destination the L4 checksum covers (also counted there);
-//! - a non-first fragment: it has no ports to find its flow by. The IPv4 path takes
-//!   those from its fragment map ([`crate::fragments`]); IPv6 has no such map yet, so
-//!   they pass (counted `fragment_passed`) and the datagram is lost, as a datagram is
-//!   whose first fragment came late on the IPv4 path;
-//! - ICMPv6 (neighbour discovery, router advertisements, echo, errors), ESP, AH and
-//!   every other next header.
+//! - ICMPv6 other than an error quoting a TCP/UDP packet (neighbour discovery, router
+//!   advertisements, MLD, echo), ESP, AH and every other next header.
+//!
+//! A non-first fragment has no ports to find its flow by: it is a
+//! [`Kind::LaterFragment`], whose ports [`crate::fragments6`] supplies from its first.
+//! An ICMPv6 error quoting a TCP/UDP packet is a [`Kind::IcmpError`] keyed by the
+//! quoted tuple reversed ([`crate::icmp6_error`]).
 //!
 //! A datagram's first fragment carries the TCP/UDP header and is translated like an
 //! unfragmented packet; the L4 checksum covers the whole datagram, and its
