@@ -43,6 +43,8 @@ pub mod names {
     pub const FRONTEND_ADDRS_V6: &str = "FE_ADDR_V6_V1";
     /// First fragments' ports of IPv6 datagrams ([`crate::FragKeyV6`]).
     pub const FRAGMENTS_V6: &str = "FRAG_V6_V1";
+    /// The node's IPv6 settings (one entry, [`crate::NodeConfigV6`]).
+    pub const CONFIG_V6: &str = "CONFIG_V6_V1";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -495,6 +497,66 @@ const _: () = assert!(core::mem::size_of::<FragKeyV6>() == 40);
 /// Fragment map value of IPv6: the same ports as [`FragValueV4`].
 pub type FragValueV6 = FragValueV4;
 
+/// The node's IPv6 settings (single entry of [`names::CONFIG_V6`]), beside
+/// [`DatapathConfig`], which keeps everything that does not depend on the family
+/// (timeouts, the SNAT port range): the IPv6 masquerade address and cluster CIDR. A map
+/// of its own rather than fields in `CONFIG_V3`, so the IPv4 config's layout and pins
+/// stay as they are.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct NodeConfigV6 {
+    /// The node's IPv6 address masqueraded flows take as their source; all-zero when
+    /// it has none: flows that need SNAT are dropped (`drop_no_snat_addr`).
+    pub snat_addr: Be32x4,
+    /// The cluster's IPv6 pod CIDR (`--cluster-cidr`'s IPv6 half); length 0 when
+    /// unset (every client is then outside it, as for IPv4).
+    pub cluster_cidr_addr: Be32x4,
+    pub cluster_cidr_len: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<NodeConfigV6>() == 40);
+
+impl NodeConfigV6 {
+    /// Whether the node has an IPv6 masquerade address.
+    #[must_use]
+    pub const fn has_snat_addr(&self) -> bool {
+        let a = self.snat_addr.0;
+        a[0] | a[1] | a[2] | a[3] != 0
+    }
+
+    /// Whether `addr` is inside the IPv6 cluster CIDR (false while it is unset), as
+    /// [`DatapathConfig::in_cluster_cidr`].
+    #[must_use]
+    pub const fn in_cluster_cidr(&self, addr: &Be32x4) -> bool {
+        let len = self.cluster_cidr_len as u32;
+        if len == 0 || len > 128 {
+            return false;
+        }
+        let mut word = 0;
+        while word < 4 {
+            let bits = if len > word as u32 * 32 {
+                len - word as u32 * 32
+            } else {
+                0
+            };
+            if bits == 0 {
+                break;
+            }
+            let mask = if bits >= 32 {
+                u32::MAX
+            } else {
+                !(u32::MAX >> bits)
+            };
+            let differ = u32::from_be(addr.0[word]) ^ u32::from_be(self.cluster_cidr_addr.0[word]);
+            if differ & mask != 0 {
+                return false;
+            }
+            word += 1;
+        }
+        true
+    }
+}
+
 /// Runtime settings of the datapath (single entry of the config array), written by
 /// the agent at start. Timeouts follow kube-proxy's conntrack settings.
 #[repr(C)]
@@ -793,6 +855,7 @@ mod pod_impls {
         CtKeyV6,
         CtEntryV6,
         FragKeyV6,
+        NodeConfigV6,
         Be32x4,
     );
 }
@@ -954,6 +1017,33 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_cluster_cidr_matches_by_prefix() {
+        let addr = |text: &str| Be32x4::from_ipv6(text.parse().expect("an IPv6 literal"));
+        let config = |cidr: &str, len| NodeConfigV6 {
+            cluster_cidr_addr: addr(cidr),
+            cluster_cidr_len: len,
+            ..NodeConfigV6::default()
+        };
+        let pods = config("fd00:10:244::", 56);
+        assert!(pods.in_cluster_cidr(&addr("fd00:10:244::1")));
+        assert!(pods.in_cluster_cidr(&addr("fd00:10:244:ff::1")));
+        assert!(!pods.in_cluster_cidr(&addr("fd00:10:244:100::1")), "bit 56");
+        assert!(!pods.in_cluster_cidr(&addr("fd00:10:245::1")));
+        assert!(config("fd00::", 8).in_cluster_cidr(&addr("fdff::1")));
+        assert!(!config("fd00::", 8).in_cluster_cidr(&addr("fe00::1")));
+        let host = config("fd00:10:244::7", 128);
+        assert!(host.in_cluster_cidr(&addr("fd00:10:244::7")));
+        assert!(!host.in_cluster_cidr(&addr("fd00:10:244::6")));
+        assert!(config("fd00:10:244::", 33).in_cluster_cidr(&addr("fd00:10:7fff::1")));
+        assert!(!config("fd00:10:244::", 33).in_cluster_cidr(&addr("fd00:10:8000::1")));
+        assert!(
+            !NodeConfigV6::default().in_cluster_cidr(&addr("fd00::1")),
+            "unset"
+        );
+        assert!(!NodeConfigV6::default().has_snat_addr());
+    }
+
+    #[test]
     fn map_names_fit_the_kernel_limit() {
         for name in [
             names::SERVICES_V4,
@@ -974,6 +1064,7 @@ mod tests {
             names::CONNTRACK_NEW_V6,
             names::FRONTEND_ADDRS_V6,
             names::FRAGMENTS_V6,
+            names::CONFIG_V6,
         ] {
             assert!(name.len() <= 15, "{name}");
         }

@@ -1,32 +1,36 @@
-//! IPv6 on the pod-facing hooks: ClusterIP DNAT of TCP/UDP flows from pods, and its
-//! reverse on the replies. The IPv4 programs dispatch here on the ethertype only when
-//! their own parse found no IPv4 packet, so an IPv4 packet runs the code it ran before.
+//! IPv6 on the TC hooks: DNAT of TCP/UDP flows from pods (ClusterIPs) and from outside
+//! the node (NodePorts, externalIPs, LoadBalancer IPs), with masquerade where the
+//! IPv4 path masquerades, and the reverse on the replies. The entry points dispatch
+//! here on the ethertype before the IPv4 code runs, so an IPv4 packet runs the code it
+//! ran before plus that one comparison.
 //!
 //! ICMPv6 errors about a flow ([`crate::icmp6_error`]) and its datagrams' later
 //! fragments ([`crate::fragments6`]) follow the flow's entry, in the same hooks.
 //!
-//! Every IPv6 flow goes through the stack in both directions
-//! ([`proxy_common::ct_flags::VIA_STACK`]): its requests are DNATed at pod ingress and
-//! routed by the kernel, its replies translated back at the egress of the client's
-//! interface, after routing (this slice has no IPv6 FIB redirect, masquerade, hairpin,
-//! affinity or node-facing path). Netfilter thus sees each flow both ways, with the
-//! backend's address.
+//! A flow from a pod, and one to a local backend, go through the stack in both
+//! directions ([`proxy_common::ct_flags::VIA_STACK`]): its requests are DNATed at
+//! ingress and routed by the kernel, its replies translated back at the egress of the
+//! client's interface, after routing. A flow from outside to a remote backend is sent
+//! to its next hop both ways ([`crate::forward6`]), as for IPv4. Netfilter thus sees
+//! each flow both ways or not at all. Not in IPv6 yet: hairpin (a pod reaching itself),
+//! session affinity, source ranges (refused), `kpr trace`.
 //!
 //! The stages are BPF-to-BPF calls ([`crate::parse6::parse`] says why); this frame
 //! holds the packet and its entry, which they fill.
 use aya_ebpf::bindings::__sk_buff;
-use proxy_common::{counter, ct_flags, CtEntryV6};
+use proxy_common::{backend_flags, counter, ct_flags, service_flags, Be32x4, CtEntryV6};
 
 use crate::{
     conntrack6::{self, Translation},
     destination::Destination,
+    forward6::{self, Flow},
     fragments6,
     icmp6_reply::{self, Reason},
-    nat6,
+    maps, nat6,
     parse::Kind,
     parse6::{self, Packet6},
     service6::{self, Chosen, Outcome},
-    stats,
+    snat6, stats,
     verdict::{DropReason, Result, PASS},
 };
 
@@ -79,7 +83,7 @@ fn try_pod_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     if pkt.kind != Kind::Transport {
         return Ok(PASS);
     }
-    new_flow(skb, &pkt, now, cluster_ip, &mut entry)
+    new_flow(skb, &pkt, now, Origin::Pod, cluster_ip, &mut entry)
 }
 
 /// Replies of flows through the stack get their frontend back as the source.
@@ -102,37 +106,115 @@ fn try_reply_egress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     Ok(PASS)
 }
 
+/// Where the client of a new flow is ([`crate::new_flow::Origin`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A pod on this node (pod-facing ingress).
+    Pod,
+    /// Outside this node (node-facing ingress).
+    Outside,
+}
+
+/// `tc_node_ingress` for an IPv6 frame: NodePorts, externalIPs and LoadBalancer IPs
+/// from outside the node, and the replies of the flows it sends to remote backends
+/// ([`crate::node_ingress`] for IPv4).
+#[inline(never)]
+pub fn node_ingress(skb: *mut __sk_buff, now: u64) -> i32 {
+    if crate::trace::active() {
+        return PASS;
+    }
+    crate::verdict_of(try_node_ingress(skb, now))
+}
+
+/// Replies come to addresses that are no frontend (the node's masquerade address, a
+/// local pod), so conntrack is asked first, as for IPv4.
+#[inline(always)]
+fn try_node_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
+    let mut pkt = Packet6::default();
+    if !parse6::parse(skb, &mut pkt) {
+        return Ok(PASS);
+    }
+    if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
+        return Ok(PASS);
+    }
+    let mut entry = CtEntryV6::default();
+    if conntrack6::lookup(&pkt, now, &mut entry) {
+        fragments6::remember(&pkt, now);
+        return forward6::known_flow(skb, &pkt, &entry);
+    }
+    if pkt.kind != Kind::Transport {
+        return Ok(PASS);
+    }
+    let Destination::Frontend { cluster_ip } = service6::classify(&pkt.tuple.dst_addr) else {
+        return Ok(PASS);
+    };
+    new_flow(skb, &pkt, now, Origin::Outside, cluster_ip, &mut entry)
+}
+
+/// Whether a new flow from outside the node is masqueraded to the node's IPv6
+/// address, by [`crate::new_flow`]'s rule: a remote backend of a NodePort, externalIP
+/// or LoadBalancer frontend, or of a ClusterIP reached from outside the cluster CIDR,
+/// so its replies come back here. Local backends never are; flows from pods are not in
+/// this slice (a pod reaching itself, the hairpin, has no IPv6 masquerade yet).
+#[inline(always)]
+fn needs_masquerade(origin: Origin, client: &Be32x4, chosen: &Chosen) -> bool {
+    origin == Origin::Outside
+        && chosen.backend.flags & backend_flags::LOCAL == 0
+        && (chosen.frontend_flags & service_flags::EXTERNAL != 0
+            || !maps::config_v6().is_some_and(|config| config.in_cluster_cidr(client)))
+}
+
 /// The first packet of a flow to a frontend address: the frontend's backend, or the
 /// reject (no endpoints, or a port the ClusterIP does not declare), as
 /// [`crate::new_flow::handle`] decides for IPv4. `entry` is scratch space for the new
 /// flow's entry.
+///
+/// A flow from a pod, and one to a local backend, go through the stack both ways
+/// ([`ct_flags::VIA_STACK`]); the others (from outside to a remote backend) are sent
+/// to their next hop ([`crate::forward6`]), masqueraded ([`crate::snat6`]) when
+/// [`needs_masquerade`] says so.
 #[inline(always)]
 fn new_flow(
     skb: *mut __sk_buff,
     pkt: &Packet6,
     now: u64,
+    origin: Origin,
     cluster_ip: bool,
     entry: &mut CtEntryV6,
 ) -> Result<i32> {
     let mut chosen = Chosen::default();
-    match service6::choose(&pkt.tuple, &mut chosen)? {
+    match service6::choose(&pkt.tuple, origin == Origin::Pod, &mut chosen)? {
         Outcome::Backend => {}
         Outcome::NoFrontend if cluster_ip => {
-            return icmp6_reply::send(skb, pkt, Reason::UndeclaredPort)
+            return icmp6_reply::send(skb, pkt, Reason::UndeclaredPort, 0)
         }
         Outcome::NoFrontend => return Ok(PASS),
         Outcome::SourceRanges => return Err(DropReason::SOURCE_RANGE),
         Outcome::EmptyDrop => return Err(DropReason::NO_LOCAL_BACKEND),
-        Outcome::Empty => return icmp6_reply::send(skb, pkt, Reason::NoBackend),
+        Outcome::Empty => return icmp6_reply::send(skb, pkt, Reason::NoBackend, 0),
     }
-    let translation = Translation {
-        new_dst: (chosen.backend.addr, chosen.backend.port),
-        backend_id: chosen.backend_id,
-        service_id: chosen.service_id,
-    };
-    conntrack6::create(&pkt.tuple, &translation, now, entry)?;
+    let masquerade = needs_masquerade(origin, &pkt.tuple.src_addr, &chosen);
+    let via_stack = origin == Origin::Pod || chosen.backend.flags & backend_flags::LOCAL != 0;
+    if masquerade {
+        snat6::create(&pkt.tuple, &chosen, now, entry)?;
+        stats::count(counter::SNAT_FLOW);
+    } else {
+        let translation = Translation {
+            new_src: (&pkt.tuple.src_addr, pkt.tuple.src_port),
+            chosen: &chosen,
+            via_stack,
+            masquerade: false,
+        };
+        if !conntrack6::create(&pkt.tuple, &translation, now, entry)? {
+            // A live flow of another frontend is the same tuple once translated.
+            return Err(DropReason::CT_INSERT);
+        }
+    }
     fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
-    nat6::apply(skb, pkt, entry)?;
-    Ok(PASS)
+    if via_stack && !masquerade {
+        nat6::apply(skb, pkt, entry)?;
+        return Ok(PASS);
+    }
+    forward6::translate_and_send(skb, pkt, entry, Flow::New)
 }

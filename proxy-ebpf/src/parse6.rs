@@ -20,8 +20,8 @@
 //! A datagram's first fragment carries the TCP/UDP header and is translated like an
 //! unfragmented packet; the L4 checksum covers the whole datagram, and its
 //! incremental update in the first fragment stays right for it.
-use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
-use proxy_common::{counter, proto, Be16, Be32x4, CtKeyV6};
+use aya_ebpf::{bindings::__sk_buff, helpers::bpf_skb_load_bytes, programs::TcContext};
+use proxy_common::{counter, proto, Be16, CtKeyV6};
 
 use crate::parse::{ptr_at, Kind, ETH_HLEN, L4_SRC_PORT_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF};
 
@@ -29,6 +29,7 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Length of the fixed IPv6 header.
 pub const IPV6_HLEN: usize = 40;
 /// Offsets inside the IPv6 header.
+pub const IPV6_HOP_LIMIT_OFF: usize = 7;
 pub const IPV6_SRC_OFF: usize = 8;
 pub const IPV6_DST_OFF: usize = 24;
 /// Extension headers the walk follows (IANA next-header numbers).
@@ -77,6 +78,8 @@ pub struct Packet6 {
     pub fragmented: bool,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// The IPv6 header's hop limit.
+    pub hop_limit: u8,
 }
 
 impl Default for Packet6 {
@@ -89,6 +92,7 @@ impl Default for Packet6 {
             kind: Kind::Transport,
             fragmented: false,
             tcp_flags: 0,
+            hop_limit: 0,
         }
     }
 }
@@ -132,35 +136,17 @@ pub fn is_ipv6(ctx: &TcContext) -> bool {
     ether_type == ETH_P_IPV6.to_be()
 }
 
-/// The fixed IPv6 header.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv6Hdr {
-    /// Version, traffic class, flow label.
-    vtc_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    saddr: Be32x4,
-    daddr: Be32x4,
-}
-
-/// Parses an IPv6 TCP/UDP frame into `pkt`. `false` means "not ours" (see the module
-/// comment): the kernel judges such packets itself.
+/// Parses an IPv6 TCP/UDP frame into `pkt` (a [`Packet6::default`]). `false` means
+/// "not ours" (see the module comment): the kernel judges such packets itself.
 ///
 /// Each IPv6 stage is a function of its own (a BPF-to-BPF call) that returns a scalar
 /// and writes into its caller's memory: the verifier limits the stack of a whole call
 /// chain to 512 bytes, and inlined into one frame the stages' 40-byte keys and 64-byte
-/// entries do not fit beside each other, while siblings share the space.
+/// entries do not fit beside each other, while siblings share the space. For the same
+/// reason the addresses are read straight into `pkt`, never into a header copy.
 #[inline(never)]
 pub fn parse(skb: *mut __sk_buff, pkt: &mut Packet6) -> bool {
-    match ipv6(&TcContext::new(skb)) {
-        Some(parsed) => {
-            *pkt = parsed;
-            true
-        }
-        None => false,
-    }
+    ipv6(&TcContext::new(skb), pkt).is_some()
 }
 
 /// The `T` at `offset`: read in place where the linear data holds it (the common
@@ -172,6 +158,35 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
         Some(ptr) => Some(unsafe { core::ptr::read_unaligned(ptr) }),
         None => ctx.load(offset).ok(),
     }
+}
+
+/// [`read`] into `dst`, with no copy on this frame's stack on either path.
+#[inline(always)]
+fn read_into<T: Copy>(ctx: &TcContext, offset: usize, dst: &mut T) -> Option<()> {
+    if let Some(ptr) = ptr_at::<T>(ctx, offset) {
+        // SAFETY: ptr_at checked the bounds; packet data has no alignment.
+        *dst = unsafe { core::ptr::read_unaligned(ptr) };
+        return Some(());
+    }
+    // SAFETY: `dst` is valid for `size_of::<T>()` bytes, and any bytes are a valid
+    // `T` here (the callers' types are plain integers).
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            (dst as *mut T).cast(),
+            core::mem::size_of::<T>() as u32,
+        )
+    };
+    (loaded == 0).then_some(())
+}
+
+/// The first 8 bytes of an IPv6 header: version (the top nibble of the first byte),
+/// next header, hop limit.
+#[inline(always)]
+fn fixed_start(ctx: &TcContext, offset: usize) -> Option<(u8, u8)> {
+    let [version_tc, _, _, _, _, _, next_header, hop_limit]: [u8; 8] = read(ctx, offset)?;
+    (version_tc >> 4 == 6).then_some((next_header, hop_limit))
 }
 
 /// Where an extension-header walk ended: the next header that is not one the walk
@@ -255,26 +270,16 @@ fn walk(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<Walked> {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &TcContext) -> Option<Packet6> {
-    let header: Ipv6Hdr = read(ctx, ETH_HLEN)?;
-    if u32::from_be(header.vtc_flow) >> 28 != 6 {
-        return None;
-    }
-    let walked = walk(ctx, header.next_header, ETH_HLEN + IPV6_HLEN)?;
-    let mut pkt = Packet6 {
-        tuple: CtKeyV6 {
-            src_addr: header.saddr,
-            dst_addr: header.daddr,
-            src_port: Be16(0),
-            dst_port: Be16(0),
-            proto: walked.next,
-            _pad: [0; 3],
-        },
-        l4_off: walked.off,
-        frag_id: walked.frag_id,
-        fragmented: walked.fragment != Fragment::None,
-        ..Packet6::default()
-    };
+fn ipv6(ctx: &TcContext, pkt: &mut Packet6) -> Option<()> {
+    let (next_header, hop_limit) = fixed_start(ctx, ETH_HLEN)?;
+    read_into(ctx, ETH_HLEN + IPV6_SRC_OFF, &mut pkt.tuple.src_addr)?;
+    read_into(ctx, ETH_HLEN + IPV6_DST_OFF, &mut pkt.tuple.dst_addr)?;
+    let walked = walk(ctx, next_header, ETH_HLEN + IPV6_HLEN)?;
+    pkt.tuple.proto = walked.next;
+    pkt.l4_off = walked.off;
+    pkt.frag_id = walked.frag_id;
+    pkt.fragmented = walked.fragment != Fragment::None;
+    pkt.hop_limit = hop_limit;
     match walked.next {
         proto::TCP | proto::UDP if walked.fragment == Fragment::Later => {
             pkt.kind = Kind::LaterFragment;
@@ -291,10 +296,10 @@ fn ipv6(ctx: &TcContext) -> Option<Packet6> {
                 pkt.tcp_flags = flags;
             }
         }
-        proto::ICMPV6 if walked.fragment == Fragment::None => icmp_error(ctx, &mut pkt)?,
+        proto::ICMPV6 if walked.fragment == Fragment::None => icmp_error(ctx, pkt)?,
         _ => return None,
     }
-    Some(pkt)
+    Some(())
 }
 
 /// Recognises an ICMPv6 error (RFC 4443 section 3: destination unreachable, packet too
@@ -310,25 +315,21 @@ fn icmp_error(ctx: &TcContext, pkt: &mut Packet6) -> Option<()> {
         return None;
     }
     let inner_ip_off = pkt.l4_off + ICMPV6_HLEN;
-    let inner: Ipv6Hdr = read(ctx, inner_ip_off)?;
-    if u32::from_be(inner.vtc_flow) >> 28 != 6 {
-        return None;
-    }
-    let walked = walk(ctx, inner.next_header, inner_ip_off + IPV6_HLEN)?;
+    let (inner_next, _) = fixed_start(ctx, inner_ip_off)?;
+    let walked = walk(ctx, inner_next, inner_ip_off + IPV6_HLEN)?;
     if walked.fragment == Fragment::Later
         || (walked.next != proto::TCP && walked.next != proto::UDP)
     {
         return None;
     }
-    let ports: [Be16; 2] = read(ctx, walked.off + L4_SRC_PORT_OFF)?;
-    pkt.tuple = reversed(&CtKeyV6 {
-        src_addr: inner.saddr,
-        dst_addr: inner.daddr,
-        src_port: ports[0],
-        dst_port: ports[1],
-        proto: walked.next,
-        _pad: [0; 3],
-    });
+    let [quoted_src_port, quoted_dst_port]: [Be16; 2] = read(ctx, walked.off + L4_SRC_PORT_OFF)?;
+    // The key is the quoted tuple reversed: its source is the key's destination. The
+    // outer addresses this overwrites stay in the header, where the rewrite reads them.
+    read_into(ctx, inner_ip_off + IPV6_SRC_OFF, &mut pkt.tuple.dst_addr)?;
+    read_into(ctx, inner_ip_off + IPV6_DST_OFF, &mut pkt.tuple.src_addr)?;
+    pkt.tuple.src_port = quoted_dst_port;
+    pkt.tuple.dst_port = quoted_src_port;
+    pkt.tuple.proto = walked.next;
     pkt.kind = Kind::IcmpError;
     // The walk is bounded well below 64 KiB.
     pkt.inner_l4_off = walked.off as u16;

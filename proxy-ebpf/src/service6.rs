@@ -118,16 +118,19 @@ pub struct Chosen {
     pub backend: BackendV6,
     pub backend_id: u32,
     pub service_id: u32,
+    /// The frontend's [`service_flags`].
+    pub frontend_flags: u16,
 }
 
-/// Decides a new flow from a pod to `tuple`'s destination: its frontend, and a
-/// backend written to `out`. A function of its own (see [`crate::parse6::parse`]).
+/// Decides a new flow to `tuple`'s destination (from a pod on this node: `from_pod`):
+/// its frontend, and a backend written to `out`. A function of its own (see
+/// [`crate::parse6::parse`]).
 ///
 /// # Errors
 /// `BACKEND_MISSING` when a slot or backend vanished under a concurrent update.
 #[inline(never)]
-pub fn choose(tuple: &CtKeyV6, out: &mut Chosen) -> Result<Outcome> {
-    let Some(frontend) = lookup(tuple, true) else {
+pub fn choose(tuple: &CtKeyV6, from_pod: bool, out: &mut Chosen) -> Result<Outcome> {
+    let Some(frontend) = lookup(tuple, from_pod) else {
         return Ok(Outcome::NoFrontend);
     };
     let flags = frontend.value.flags;
@@ -145,6 +148,7 @@ pub fn choose(tuple: &CtKeyV6, out: &mut Chosen) -> Result<Outcome> {
         backend,
         backend_id,
         service_id: frontend.value.service_id,
+        frontend_flags: flags,
     };
     Ok(Outcome::Backend)
 }

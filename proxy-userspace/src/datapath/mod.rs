@@ -418,7 +418,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 24] = [
+pub const ALL_MAPS: [&str; 25] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -446,6 +446,7 @@ pub const ALL_MAPS: [&str; 24] = [
     names::CONNTRACK_NEW_V6,
     names::FRONTEND_ADDRS_V6,
     names::FRAGMENTS_V6,
+    names::CONFIG_V6,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
