@@ -685,17 +685,18 @@ impl Frame6 {
 /// extension headers and first 8 upper-layer bytes.
 #[must_use]
 pub fn port_unreachable_reply6(original: &Frame6) -> Vec<u8> {
+    icmp6_reply(original, Icmp6Error::PortUnreachable)
+}
+
+/// The ICMPv6 `error` the datapath answers `original` with (the reject, or the packet
+/// too big and time exceeded of its redirect path): as [`port_unreachable_reply6`].
+#[must_use]
+pub fn icmp6_reply(original: &Frame6, error: Icmp6Error) -> Vec<u8> {
     let bytes = original.to_bytes();
     let quote_len = 40 + 8 * original.ext.len() + 8;
     let quoted = &bytes[ETH_HLEN..ETH_HLEN + quote_len];
     let (from, to) = (original.dst.ip().octets(), original.src.ip().octets());
-    let icmp = Icmpv6Header::with_checksum(
-        Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
-        from,
-        to,
-        quoted,
-    )
-    .expect("small");
+    let icmp = Icmpv6Header::with_checksum(error.icmp_type(), from, to, quoted).expect("small");
     let ip = Ipv6Header {
         traffic_class: 0,
         flow_label: Ipv6FlowLabel::ZERO,
