@@ -45,6 +45,10 @@ pub mod names {
     pub const FRAGMENTS_V6: &str = "FRAG_V6_V1";
     /// The node's IPv6 settings (one entry, [`crate::NodeConfigV6`]).
     pub const CONFIG_V6: &str = "CONFIG_V6_V1";
+    /// Session affinity of IPv6 clients ([`crate::AffinityKeyV6`]).
+    pub const AFFINITY_V6: &str = "AFFINITY_V6_V1";
+    /// loadBalancerSourceRanges of IPv6 ([`crate::SourceRangeV6`]).
+    pub const SOURCE_RANGES_V6: &str = "SRCRANGE_V6_V1";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -88,6 +92,8 @@ pub mod capacity {
     pub const CONNTRACK_NEW_V6: u32 = conntrack_new_for(CONNTRACK_V6);
     pub const FRONTEND_ADDRS_V6: u32 = SERVICES_V6;
     pub const FRAGMENTS_V6: u32 = FRAGMENTS_V4 / 4;
+    pub const AFFINITY_V6: u32 = AFFINITY_V4 / 4;
+    pub const SOURCE_RANGES_V6: u32 = SOURCE_RANGES_V4 / 4;
 }
 
 /// How long a fragmented datagram's first fragment vouches for the later ones: the
@@ -451,6 +457,31 @@ pub struct SourceRangeV4 {
     pub addr: Be32,
 }
 const _: () = assert!(core::mem::size_of::<SourceRangeV4>() == 8);
+
+/// Session affinity key of IPv6: [`AffinityKeyV4`] with the client's IPv6 address
+/// (affinity is per client address, as kube-proxy's `ClientIP`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct AffinityKeyV6 {
+    pub client_addr: Be32x4,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKeyV6>() == 20);
+
+/// Session affinity value of IPv6: the same record as [`AffinityValueV4`].
+pub type AffinityValueV6 = AffinityValueV4;
+
+/// A loadBalancerSourceRanges entry of IPv6: [`SourceRangeV4`] with an IPv6 address,
+/// the data of an LPM trie key whose prefix length is `32 + CIDR length` (the service
+/// id whole, the client address by prefix). Value: `1`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SourceRangeV6 {
+    /// The service port's id, big-endian so the trie's bitwise prefix starts with it.
+    pub service_id: Be32,
+    pub addr: Be32x4,
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeV6>() == 20);
 
 /// Fragment map key: one IPv4 datagram in fragments, as its fragments' headers name it
 /// (RFC 791: source, destination, protocol and identification identify a datagram).
@@ -856,6 +887,8 @@ mod pod_impls {
         CtEntryV6,
         FragKeyV6,
         NodeConfigV6,
+        AffinityKeyV6,
+        SourceRangeV6,
         Be32x4,
     );
 }
@@ -1065,6 +1098,8 @@ mod tests {
             names::FRONTEND_ADDRS_V6,
             names::FRAGMENTS_V6,
             names::CONFIG_V6,
+            names::AFFINITY_V6,
+            names::SOURCE_RANGES_V6,
         ] {
             assert!(name.len() <= 15, "{name}");
         }

@@ -194,25 +194,37 @@ fn new_flow(
         Outcome::Empty => return icmp6_reply::send(skb, pkt, Reason::NoBackend, 0),
     }
     let masquerade = needs_masquerade(origin, &pkt.tuple.src_addr, &chosen);
-    let via_stack = origin == Origin::Pod || chosen.backend.flags & backend_flags::LOCAL != 0;
-    if masquerade {
-        snat6::create(&pkt.tuple, &chosen, now, entry)?;
-        stats::count(counter::SNAT_FLOW);
+    let via_stack =
+        !masquerade && (origin == Origin::Pod || chosen.backend.flags & backend_flags::LOCAL != 0);
+    let new_src = if masquerade {
+        snat6::address()?
     } else {
-        let translation = Translation {
-            new_src: (&pkt.tuple.src_addr, pkt.tuple.src_port),
-            chosen: &chosen,
-            via_stack,
-            masquerade: false,
-        };
-        if !conntrack6::create(&pkt.tuple, &translation, now, entry)? {
-            // A live flow of another frontend is the same tuple once translated.
-            return Err(DropReason::CT_INSERT);
-        }
+        &pkt.tuple.src_addr
+    };
+    // One call for both kinds of flow: each call site of `create` is verified once per
+    // state that reaches it, and its masquerade retries make that the dearest part of
+    // this program for the verifier.
+    let translation = Translation {
+        new_src: (new_src, pkt.tuple.src_port),
+        chosen: &chosen,
+        via_stack,
+        masquerade,
+    };
+    if !conntrack6::create(&pkt.tuple, &translation, now, entry)? {
+        // Every port drawn is taken; or, without masquerade, a live flow of another
+        // frontend is the same tuple once translated.
+        return Err(if masquerade {
+            DropReason::SNAT_PORTS
+        } else {
+            DropReason::CT_INSERT
+        });
+    }
+    if masquerade {
+        stats::count(counter::SNAT_FLOW);
     }
     fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
-    if via_stack && !masquerade {
+    if via_stack {
         nat6::apply(skb, pkt, entry)?;
         return Ok(PASS);
     }

@@ -6,12 +6,10 @@
 //! draws the ports). That insert is the claim: atomic between CPUs, and a port is only
 //! taken over from an expired flow, so no separate claim map is needed.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{Be16, CtEntryV6, CtKeyV6};
+use proxy_common::{Be16, Be32x4};
 
 use crate::{
-    conntrack6::{self, Translation},
     maps,
-    service6::Chosen,
     verdict::{DropReason, Result},
 };
 
@@ -34,28 +32,14 @@ pub fn draw_port() -> Be16 {
     Be16::from_host(low.wrapping_add((random % span) as u16))
 }
 
-/// Creates the conntrack entries of a new masqueraded flow to `chosen`'s backend;
-/// `out` receives the original direction's entry (source: the node's address and the
-/// claimed port).
+/// The node's IPv6 masquerade address.
 ///
 /// # Errors
-/// `NO_SNAT_ADDR` when the node has no IPv6 masquerade address; `SNAT_PORTS` when every
-/// draw found its port taken; those of [`conntrack6::create`].
+/// `NO_SNAT_ADDR` when the node has none.
 #[inline(always)]
-pub fn create(original: &CtKeyV6, chosen: &Chosen, now: u64, out: &mut CtEntryV6) -> Result<()> {
-    let snat_addr = match maps::config_v6() {
-        Some(config) if config.has_snat_addr() => &config.snat_addr,
-        _ => return Err(DropReason::NO_SNAT_ADDR),
-    };
-    let translation = Translation {
-        new_src: (snat_addr, Be16(0)),
-        chosen,
-        via_stack: false,
-        masquerade: true,
-    };
-    if conntrack6::create(original, &translation, now, out)? {
-        Ok(())
-    } else {
-        Err(DropReason::SNAT_PORTS)
+pub fn address() -> Result<&'static Be32x4> {
+    match maps::config_v6() {
+        Some(config) if config.has_snat_addr() => Ok(&config.snat_addr),
+        _ => Err(DropReason::NO_SNAT_ADDR),
     }
 }

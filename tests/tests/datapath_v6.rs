@@ -17,7 +17,7 @@
 //! frontend; the frontend address set first).
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData};
 use kpr_lab::{
     datapath_cases::{DatapathHarness, Verdict},
     netns::Netns,
@@ -26,9 +26,10 @@ use kpr_lab::{
     },
 };
 use proxy_common::{
-    backend_flags, counter, ct_flags, frontend_addr, names, proto, scope, service_flags, BackendV6,
-    Be16, Be32x4, CtEntryV6, CtKeyV6, DatapathConfig, FragKeyV6, FragValueV6, FrontendAddrV6,
-    NodeConfigV6, ServiceKeyV6, ServiceValueV6,
+    backend_flags, counter, ct_flags, frontend_addr, names, proto, scope, service_flags,
+    AffinityKeyV6, AffinityValueV6, BackendV6, Be16, Be32, Be32x4, CtEntryV6, CtKeyV6,
+    DatapathConfig, FragKeyV6, FragValueV6, FrontendAddrV6, NodeConfigV6, ServiceKeyV6,
+    ServiceValueV6, SourceRangeV6,
 };
 use proxy_userspace::datapath::Hook;
 
@@ -102,6 +103,9 @@ struct Frontend6 {
     kinds: u8,
     /// Its backends run on this node (`backend_flags::LOCAL`).
     local: bool,
+    /// loadBalancerSourceRanges (with `service_flags::SOURCE_RANGES`).
+    source_ranges: Vec<(Ipv6Addr, u8)>,
+    affinity_timeout_s: u32,
 }
 
 fn frontend6(vip: SocketAddrV6, l4_proto: u8, backends: &[SocketAddrV6]) -> Frontend6 {
@@ -112,6 +116,8 @@ fn frontend6(vip: SocketAddrV6, l4_proto: u8, backends: &[SocketAddrV6]) -> Fron
         flags: 0,
         kinds: frontend_addr::CLUSTER_IP,
         local: false,
+        source_ranges: Vec::new(),
+        affinity_timeout_s: 0,
     }
 }
 
@@ -215,6 +221,18 @@ fn clear_v6(harness: &mut DatapathHarness) {
     empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_V6);
     empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_NEW_V6);
     empty::<FragKeyV6, FragValueV6>(harness, names::FRAGMENTS_V6);
+    empty::<AffinityKeyV6, AffinityValueV6>(harness, names::AFFINITY_V6);
+    let ranges = harness
+        .datapath
+        .ebpf
+        .map_mut(names::SOURCE_RANGES_V6)
+        .expect("the object has the IPv6 source ranges");
+    let mut ranges = LpmTrie::<_, SourceRangeV6, u8>::try_from(ranges).expect("a trie");
+    let keys: Vec<_> = ranges.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        // Gone already is as good as removed.
+        let _ = ranges.remove(&key);
+    }
 }
 
 /// Writes `frontends` into the IPv6 maps, in the syncer's order.
@@ -274,13 +292,30 @@ fn install_v6(harness: &mut DatapathHarness, frontends: &[Frontend6]) {
                 )
                 .expect("slot");
         }
+        let service_id = u32::try_from(index + 1).expect("few frontends");
+        let ranges = harness
+            .datapath
+            .ebpf
+            .map_mut(names::SOURCE_RANGES_V6)
+            .expect("the object has the IPv6 source ranges");
+        let mut ranges = LpmTrie::<_, SourceRangeV6, u8>::try_from(ranges).expect("a trie");
+        for &(range, len) in &frontend.source_ranges {
+            let data = SourceRangeV6 {
+                service_id: Be32::from_host(service_id),
+                addr: Be32x4::from_ipv6(range),
+            };
+            ranges
+                .insert(&Key::new(32 + u32::from(len), data), 1, 0)
+                .expect("source range");
+        }
         map::<ServiceKeyV6, ServiceValueV6>(harness, names::SERVICES_V6)
             .insert(
                 key,
                 ServiceValueV6 {
-                    service_id: u32::try_from(index + 1).expect("few frontends"),
+                    service_id,
                     count: u16::try_from(frontend.backends.len()).expect("few backends"),
                     flags: frontend.flags,
+                    affinity_timeout_s: frontend.affinity_timeout_s,
                     ..ServiceValueV6::default()
                 },
                 0,
@@ -845,7 +880,7 @@ fn cases() -> Vec<Case> {
             counters: vec![(counter::NEW_FLOW, 0)],
         },
         Case {
-            name: "source ranges have no IPv6 map yet: the frontend refuses every client",
+            name: "a frontend with source ranges, none of them the client's, drops",
             frontends: vec![Frontend6 {
                 flags: service_flags::SOURCE_RANGES,
                 ..web.clone()
@@ -1212,6 +1247,41 @@ fn node_cases() -> Vec<(Case, Node6)> {
         ),
         (
             Case {
+                name: "LoadBalancer source ranges: a client inside one is served, one outside every range dropped",
+                frontends: vec![Frontend6 {
+                    flags: service_flags::EXTERNAL | service_flags::SOURCE_RANGES,
+                    source_ranges: vec![
+                        ("2001:db8:113::".parse().expect("an IPv6 literal"), 48),
+                        ("2001:db8:200::1".parse().expect("an IPv6 literal"), 128),
+                    ],
+                    ..external6(lb_ip(), &[remote_backend()], false)
+                }],
+                steps: vec![
+                    step(
+                        Hook::NodeIngress,
+                        &Frame6::tcp(outside_client(), lb_ip(), TcpFlags::SYN),
+                        Verdict::Pass,
+                        Some(&masqueraded_syn),
+                    ),
+                    step(
+                        Hook::NodeIngress,
+                        &Frame6::tcp(sock6("2001:db8:114::7", 40_000), lb_ip(), TcpFlags::SYN),
+                        Verdict::Drop,
+                        None,
+                    ),
+                    step(
+                        Hook::NodeIngress,
+                        &Frame6::tcp(sock6("2001:db8:200::2", 40_000), lb_ip(), TcpFlags::SYN),
+                        Verdict::Drop,
+                        None,
+                    ),
+                ],
+                counters: vec![(counter::SNAT_FLOW, 1), (counter::DROP_SOURCE_RANGE, 2)],
+            },
+            snat,
+        ),
+        (
+            Case {
                 name: "a NodePort without endpoints answers port unreachable from the node's address",
                 frontends: vec![external6(node_port(), &[], false)],
                 steps: vec![Step {
@@ -1496,4 +1566,70 @@ fn ipv6_node_table_frames_have_right_checksums_by_an_independent_computation() {
         }
     }
     assert!(quoted >= 2, "only {quoted} quoted packets checked");
+}
+
+/// Session affinity per client address: every flow of one client goes to the backend
+/// its first flow got (of three), and the record names that client; without affinity
+/// the flows spread.
+#[test]
+fn ipv6_affinity_keeps_a_client_on_its_backend() {
+    let backends = [
+        sock6("fd00:10:244:1::11", 8080),
+        sock6("fd00:10:244:1::12", 8080),
+        sock6("fd00:10:244:1::13", 8080),
+    ];
+    let run_flows = |frontend: Frontend6| {
+        let mut harness = DatapathHarness::new().expect("load datapath");
+        harness.clear().expect("clear");
+        clear_v6(&mut harness);
+        install_v6(&mut harness, &[frontend]);
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 0..16 {
+            let syn = Frame6::tcp(
+                sock6("fd00:10:244:1::2", 40_000 + port),
+                vip(),
+                TcpFlags::SYN,
+            );
+            let output = harness
+                .run_on(Hook::PodIngress, &syn.to_bytes(), 1)
+                .expect("test run");
+            assert_eq!(output.verdict, Verdict::Pass as i32);
+            verify_checksum(&output.packet, &[]);
+            seen.insert(output.packet[14 + 24..14 + 40].to_vec());
+        }
+        let hits =
+            harness.datapath.maps.counters().expect("counters")[counter::AFFINITY_HIT as usize];
+        (harness, seen, hits)
+    };
+    let sticky = Frontend6 {
+        flags: service_flags::AFFINITY,
+        affinity_timeout_s: 10_800,
+        ..frontend6(vip(), proto::TCP, &backends)
+    };
+    let (mut harness, seen, hits) = run_flows(sticky);
+    assert_eq!(seen.len(), 1, "one backend for every flow of the client");
+    assert_eq!(hits, 15, "the first flow chose, the others hit");
+    let chosen = seen.into_iter().next().expect("one");
+    assert!(
+        backends
+            .iter()
+            .any(|backend| backend.ip().octets()[..] == chosen[..]),
+        "a backend of the service"
+    );
+    let records: Vec<AffinityKeyV6> =
+        map::<AffinityKeyV6, AffinityValueV6>(&mut harness, names::AFFINITY_V6)
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+    assert_eq!(
+        records,
+        vec![AffinityKeyV6 {
+            client_addr: Be32x4::from_ipv6("fd00:10:244:1::2".parse().expect("literal")),
+            service_id: 1,
+        }]
+    );
+    // Sixteen random picks of three land on one backend with probability 3^-15.
+    let (_, seen, hits) = run_flows(frontend6(vip(), proto::TCP, &backends));
+    assert!(seen.len() > 1, "without affinity the flows spread");
+    assert_eq!(hits, 0);
 }
