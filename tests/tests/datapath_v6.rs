@@ -1633,3 +1633,34 @@ fn ipv6_affinity_keeps_a_client_on_its_backend() {
     assert!(seen.len() > 1, "without affinity the flows spread");
     assert_eq!(hits, 0);
 }
+
+/// The IPv6 paths made the TC programs the dearest the verifier checks (each IPv6
+/// stage is re-verified for every state that reaches it): each must stay well inside
+/// the kernel's limit of 1,000,000 instructions processed, so that the next stage
+/// added is not the one that makes the object fail to load on every machine.
+#[test]
+fn tc_programs_leave_the_verifier_headroom() {
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    let mut report = Vec::new();
+    for hook in [
+        Hook::PodIngress,
+        Hook::PodEgress,
+        Hook::NodeIngress,
+        Hook::NodeEgress,
+    ] {
+        let program = harness.datapath.program(hook).expect("program");
+        let count = program
+            .info()
+            .expect("program info")
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions");
+        report.push((hook.label(), count));
+    }
+    eprintln!("verified instructions: {report:?}");
+    for (label, count) in report {
+        assert!(
+            count < 750_000,
+            "{label}: {count} instructions verified, near the limit"
+        );
+    }
+}
