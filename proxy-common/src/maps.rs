@@ -565,11 +565,7 @@ impl NodeConfigV6 {
         }
         let mut word = 0;
         while word < 4 {
-            let bits = if len > word as u32 * 32 {
-                len - word as u32 * 32
-            } else {
-                0
-            };
+            let bits = len.saturating_sub(word as u32 * 32);
             if bits == 0 {
                 break;
             }

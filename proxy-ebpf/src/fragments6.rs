@@ -37,7 +37,7 @@ pub fn remember(pkt: &Packet6, now: u64) {
     };
     // Losing the record loses the datagram's later fragments, as without the map;
     // never drop the first fragment for it.
-    let _ = FRAG_V6_V1.insert(&key(pkt), &value, 0);
+    let _ = FRAG_V6_V1.insert(key(pkt), value, 0);
 }
 
 /// Gives a later fragment its datagram's ports. `false` (counted): the datagram is
@@ -45,7 +45,7 @@ pub fn remember(pkt: &Packet6, now: u64) {
 #[inline(never)]
 pub fn resolve(pkt: &mut Packet6, now: u64) -> bool {
     let found = FRAG_V6_V1
-        .get_ptr(&key(pkt))
+        .get_ptr(key(pkt))
         // SAFETY: copied out at once.
         .map(|found| unsafe { *found })
         .filter(|found| now.saturating_sub(found.seen_ns) <= FRAGMENT_TIMEOUT_NS);

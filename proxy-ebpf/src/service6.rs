@@ -234,6 +234,6 @@ pub fn choose(tuple: &CtKeyV6, from_pod: bool, out: &mut Chosen) -> Result<Outco
         _pad: [0; 2],
     };
     // Losing an affinity record only costs stickiness for one flow; never drop for it.
-    let _ = AFFINITY_V6_V1.insert(&key, &record, u64::from(BPF_ANY));
+    let _ = AFFINITY_V6_V1.insert(key, record, u64::from(BPF_ANY));
     Ok(Outcome::Backend)
 }
