@@ -389,6 +389,8 @@ pub enum Ext6 {
     HopByHop,
     /// Destination options: one PadN option.
     DestOpts,
+    /// Destination options of `units` 8-byte units (one PadN option filling them).
+    LongDestOpts { units: u8 },
     /// A routing header of an unassigned type with `segments_left` (0: the destination
     /// is final and the header is ignored, RFC 8200 section 4.4).
     Routing { segments_left: u8 },
@@ -408,23 +410,38 @@ impl Ext6 {
             Self::HopByHop => 0,
             Self::Routing { .. } => 43,
             Self::Fragment { .. } => 44,
-            Self::DestOpts => 60,
+            Self::DestOpts | Self::LongDestOpts { .. } => 60,
         }
     }
 
-    fn bytes(self, next: u8) -> [u8; 8] {
+    fn bytes(self, next: u8) -> Vec<u8> {
         match self {
             // Next header, length 0 (8 bytes), PadN of 4 zero bytes.
-            Self::HopByHop | Self::DestOpts => [next, 0, 1, 4, 0, 0, 0, 0],
+            Self::HopByHop | Self::DestOpts => vec![next, 0, 1, 4, 0, 0, 0, 0],
+            // Next header, length in units after the first, PadN of the rest.
+            Self::LongDestOpts { units } => {
+                let len = usize::from(units) * 8;
+                let mut bytes = vec![next, units - 1, 1, u8::try_from(len - 4).expect("< 256")];
+                bytes.resize(len, 0);
+                bytes
+            }
             // Next header, length 0, type 253 (RFC 4727's experiment), segments left.
-            Self::Routing { segments_left } => [next, 0, 253, segments_left, 0, 0, 0, 0],
+            Self::Routing { segments_left } => vec![next, 0, 253, segments_left, 0, 0, 0, 0],
             Self::Fragment {
                 offset, more, id, ..
             } => {
                 let [a, b] = ((offset << 3) | u16::from(more)).to_be_bytes();
                 let [c, d, e, f] = id.to_be_bytes();
-                [next, 0, a, b, c, d, e, f]
+                vec![next, 0, a, b, c, d, e, f]
             }
+        }
+    }
+
+    /// Its length in bytes.
+    fn len(self) -> usize {
+        match self {
+            Self::LongDestOpts { units } => usize::from(units) * 8,
+            _ => 8,
         }
     }
 }
@@ -693,7 +710,7 @@ pub fn port_unreachable_reply6(original: &Frame6) -> Vec<u8> {
 #[must_use]
 pub fn icmp6_reply(original: &Frame6, error: Icmp6Error) -> Vec<u8> {
     let bytes = original.to_bytes();
-    let quote_len = 40 + 8 * original.ext.len() + 8;
+    let quote_len = 40 + original.ext.iter().map(|ext| ext.len()).sum::<usize>() + 8;
     let quoted = &bytes[ETH_HLEN..ETH_HLEN + quote_len];
     let (from, to) = (original.dst.ip().octets(), original.src.ip().octets());
     let icmp = Icmpv6Header::with_checksum(error.icmp_type(), from, to, quoted).expect("small");

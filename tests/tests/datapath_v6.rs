@@ -642,6 +642,30 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            name: "120 bytes of extension headers are walked; 128 are more than the walk takes",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &syn.clone().with_ext(&[Ext6::LongDestOpts { units: 15 }]),
+                    Verdict::Pass,
+                    Some(&syn_to_backend.clone().with_ext(&[Ext6::LongDestOpts { units: 15 }])),
+                ),
+                step(
+                    Hook::PodIngress,
+                    &syn.clone()
+                        .with_src(sock6("fd00:10:244:1::2", 40_001))
+                        .with_ext(&[Ext6::LongDestOpts { units: 16 }]),
+                    Verdict::Pass,
+                    None,
+                ),
+            ],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::IPV6_EXT_HEADERS_PASSED, 1),
+            ],
+        },
+        Case {
             name: "a routing header with segments left names a waypoint: passed untouched",
             frontends: vec![web.clone()],
             steps: vec![step(Hook::PodIngress, &waypoint, Verdict::Pass, None)],
