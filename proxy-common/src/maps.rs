@@ -41,6 +41,14 @@ pub mod names {
     pub const CONNTRACK_NEW_V6: &str = "CT_NEW_V6_V1";
     /// Every IPv6 address some frontend uses.
     pub const FRONTEND_ADDRS_V6: &str = "FE_ADDR_V6_V1";
+    /// First fragments' ports of IPv6 datagrams ([`crate::FragKeyV6`]).
+    pub const FRAGMENTS_V6: &str = "FRAG_V6_V1";
+    /// The node's IPv6 settings (one entry, [`crate::NodeConfigV6`]).
+    pub const CONFIG_V6: &str = "CONFIG_V6_V1";
+    /// Session affinity of IPv6 clients ([`crate::AffinityKeyV6`]).
+    pub const AFFINITY_V6: &str = "AFFINITY_V6_V1";
+    /// loadBalancerSourceRanges of IPv6 ([`crate::SourceRangeV6`]).
+    pub const SOURCE_RANGES_V6: &str = "SRCRANGE_V6_V1";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -83,6 +91,9 @@ pub mod capacity {
     pub const CONNTRACK_V6: u32 = CONNTRACK_V4 / 4;
     pub const CONNTRACK_NEW_V6: u32 = conntrack_new_for(CONNTRACK_V6);
     pub const FRONTEND_ADDRS_V6: u32 = SERVICES_V6;
+    pub const FRAGMENTS_V6: u32 = FRAGMENTS_V4 / 4;
+    pub const AFFINITY_V6: u32 = AFFINITY_V4 / 4;
+    pub const SOURCE_RANGES_V6: u32 = SOURCE_RANGES_V4 / 4;
 }
 
 /// How long a fragmented datagram's first fragment vouches for the later ones: the
@@ -447,6 +458,31 @@ pub struct SourceRangeV4 {
 }
 const _: () = assert!(core::mem::size_of::<SourceRangeV4>() == 8);
 
+/// Session affinity key of IPv6: [`AffinityKeyV4`] with the client's IPv6 address
+/// (affinity is per client address, as kube-proxy's `ClientIP`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct AffinityKeyV6 {
+    pub client_addr: Be32x4,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKeyV6>() == 20);
+
+/// Session affinity value of IPv6: the same record as [`AffinityValueV4`].
+pub type AffinityValueV6 = AffinityValueV4;
+
+/// A loadBalancerSourceRanges entry of IPv6: [`SourceRangeV4`] with an IPv6 address,
+/// the data of an LPM trie key whose prefix length is `32 + CIDR length` (the service
+/// id whole, the client address by prefix). Value: `1`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SourceRangeV6 {
+    /// The service port's id, big-endian so the trie's bitwise prefix starts with it.
+    pub service_id: Be32,
+    pub addr: Be32x4,
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeV6>() == 20);
+
 /// Fragment map key: one IPv4 datagram in fragments, as its fragments' headers name it
 /// (RFC 791: source, destination, protocol and identification identify a datagram).
 #[repr(C)]
@@ -473,6 +509,80 @@ pub struct FragValueV4 {
     pub _pad: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<FragValueV4>() == 16);
+
+/// Fragment map key of IPv6: one datagram in fragments, named by its source,
+/// destination and the fragment header's identification (RFC 8200 section 4.5), with
+/// the upper-layer protocol its fragments carry, as [`FragKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct FragKeyV6 {
+    pub src_addr: Be32x4,
+    pub dst_addr: Be32x4,
+    /// The fragment header's identification, as in the header.
+    pub id: Be32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragKeyV6>() == 40);
+
+/// Fragment map value of IPv6: the same ports as [`FragValueV4`].
+pub type FragValueV6 = FragValueV4;
+
+/// The node's IPv6 settings (single entry of [`names::CONFIG_V6`]), beside
+/// [`DatapathConfig`], which keeps everything that does not depend on the family
+/// (timeouts, the SNAT port range): the IPv6 masquerade address and cluster CIDR. A map
+/// of its own rather than fields in `CONFIG_V3`, so the IPv4 config's layout and pins
+/// stay as they are.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct NodeConfigV6 {
+    /// The node's IPv6 address masqueraded flows take as their source; all-zero when
+    /// it has none: flows that need SNAT are dropped (`drop_no_snat_addr`).
+    pub snat_addr: Be32x4,
+    /// The cluster's IPv6 pod CIDR (`--cluster-cidr`'s IPv6 half); length 0 when
+    /// unset (every client is then outside it, as for IPv4).
+    pub cluster_cidr_addr: Be32x4,
+    pub cluster_cidr_len: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<NodeConfigV6>() == 40);
+
+impl NodeConfigV6 {
+    /// Whether the node has an IPv6 masquerade address.
+    #[must_use]
+    pub const fn has_snat_addr(&self) -> bool {
+        let a = self.snat_addr.0;
+        a[0] | a[1] | a[2] | a[3] != 0
+    }
+
+    /// Whether `addr` is inside the IPv6 cluster CIDR (false while it is unset), as
+    /// [`DatapathConfig::in_cluster_cidr`].
+    #[must_use]
+    pub const fn in_cluster_cidr(&self, addr: &Be32x4) -> bool {
+        let len = self.cluster_cidr_len as u32;
+        if len == 0 || len > 128 {
+            return false;
+        }
+        let mut word = 0;
+        while word < 4 {
+            let bits = len.saturating_sub(word as u32 * 32);
+            if bits == 0 {
+                break;
+            }
+            let mask = if bits >= 32 {
+                u32::MAX
+            } else {
+                !(u32::MAX >> bits)
+            };
+            let differ = u32::from_be(addr.0[word]) ^ u32::from_be(self.cluster_cidr_addr.0[word]);
+            if differ & mask != 0 {
+                return false;
+            }
+            word += 1;
+        }
+        true
+    }
+}
 
 /// Runtime settings of the datapath (single entry of the config array), written by
 /// the agent at start. Timeouts follow kube-proxy's conntrack settings.
@@ -771,6 +881,10 @@ mod pod_impls {
         BackendV6,
         CtKeyV6,
         CtEntryV6,
+        FragKeyV6,
+        NodeConfigV6,
+        AffinityKeyV6,
+        SourceRangeV6,
         Be32x4,
     );
 }
@@ -932,6 +1046,33 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_cluster_cidr_matches_by_prefix() {
+        let addr = |text: &str| Be32x4::from_ipv6(text.parse().expect("an IPv6 literal"));
+        let config = |cidr: &str, len| NodeConfigV6 {
+            cluster_cidr_addr: addr(cidr),
+            cluster_cidr_len: len,
+            ..NodeConfigV6::default()
+        };
+        let pods = config("fd00:10:244::", 56);
+        assert!(pods.in_cluster_cidr(&addr("fd00:10:244::1")));
+        assert!(pods.in_cluster_cidr(&addr("fd00:10:244:ff::1")));
+        assert!(!pods.in_cluster_cidr(&addr("fd00:10:244:100::1")), "bit 56");
+        assert!(!pods.in_cluster_cidr(&addr("fd00:10:245::1")));
+        assert!(config("fd00::", 8).in_cluster_cidr(&addr("fdff::1")));
+        assert!(!config("fd00::", 8).in_cluster_cidr(&addr("fe00::1")));
+        let host = config("fd00:10:244::7", 128);
+        assert!(host.in_cluster_cidr(&addr("fd00:10:244::7")));
+        assert!(!host.in_cluster_cidr(&addr("fd00:10:244::6")));
+        assert!(config("fd00:10:244::", 33).in_cluster_cidr(&addr("fd00:10:7fff::1")));
+        assert!(!config("fd00:10:244::", 33).in_cluster_cidr(&addr("fd00:10:8000::1")));
+        assert!(
+            !NodeConfigV6::default().in_cluster_cidr(&addr("fd00::1")),
+            "unset"
+        );
+        assert!(!NodeConfigV6::default().has_snat_addr());
+    }
+
+    #[test]
     fn map_names_fit_the_kernel_limit() {
         for name in [
             names::SERVICES_V4,
@@ -951,6 +1092,10 @@ mod tests {
             names::CONNTRACK_V6,
             names::CONNTRACK_NEW_V6,
             names::FRONTEND_ADDRS_V6,
+            names::FRAGMENTS_V6,
+            names::CONFIG_V6,
+            names::AFFINITY_V6,
+            names::SOURCE_RANGES_V6,
         ] {
             assert!(name.len() <= 15, "{name}");
         }

@@ -6,7 +6,7 @@
 //! Entries are read and updated in place rather than copied: the IPv6 stages' stack is
 //! tight (see [`crate::parse6::parse`]). The trace instance never gets here
 //! ([`crate::new_flow6`]), so nothing below checks for it.
-use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
     counter, ct_flags, proto, Be16, Be32x4, CtEntryV6, CtKeyV6, CT_PEER_REFRESH_NS, CT_REFRESH_NS,
 };
@@ -14,8 +14,10 @@ use proxy_common::{
 use crate::{
     conntrack::{admits_new_flows, completes_handshake, is_syn, mark_full, transition, DIRECTION},
     maps::{self, CT_NEW_V6_V1, CT_V6_V1},
+    parse::Kind,
     parse6::{reversed, Packet6},
-    stats,
+    service6::Chosen,
+    snat6, stats,
     verdict::{DropReason, Result},
 };
 
@@ -149,6 +151,13 @@ pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
     let Some((table, ptr)) = find(&pkt.tuple, now) else {
         return false;
     };
+    if pkt.kind == Kind::IcmpError {
+        // An error only reads its flow's entry: it says nothing about the flow's state
+        // and may be forged, so it neither refreshes nor closes anything.
+        // SAFETY: the pointer is valid for this program run.
+        *out = unsafe { *ptr };
+        return true;
+    }
     // SAFETY: the pointer is valid for this program run; fields are read in place.
     let (old_flags, peer_refreshed_ns, last_seen_ns) =
         unsafe { ((*ptr).flags, (*ptr).peer_refreshed_ns, (*ptr).last_seen_ns) };
@@ -203,67 +212,140 @@ pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
     true
 }
 
-/// What a new IPv6 flow is translated to.
+/// What a new IPv6 flow is translated to: its new source, and the chosen backend as
+/// its new destination. By reference: the frames of the IPv6 new-flow path have no
+/// room for copies (see [`crate::parse6::parse`]).
 #[derive(Clone, Copy)]
-pub struct Translation {
-    pub new_dst: (Be32x4, Be16),
-    pub backend_id: u32,
-    pub service_id: u32,
+pub struct Translation<'a> {
+    pub new_src: (&'a Be32x4, Be16),
+    pub chosen: &'a Chosen,
+    /// Both directions go through the stack ([`ct_flags::VIA_STACK`]).
+    pub via_stack: bool,
+    /// The source port is claimed from the masquerade range ([`crate::snat6`]),
+    /// `new_src`'s port is ignored.
+    pub masquerade: bool,
 }
 
-/// Records a new DNATed flow in the new-flow table: the entry for its original
-/// direction and the one for its replies, both through the stack
-/// ([`ct_flags::VIA_STACK`]: this slice of IPv6 has no redirect path). A live flow
-/// holding the reply key (another frontend's flow that becomes the same tuple once
-/// translated) refuses the new one, as in [`crate::conntrack::create`].
+/// Claims `key` for a new flow's reply entry, as [`crate::conntrack`]'s claim: free,
+/// or held by an expired flow, in both tables; the atomic BPF_NOEXIST insert into the
+/// new table decides between CPUs. A function of its own: its paths (insert or not,
+/// expired or not, in two tables) end in one of two answers, so the verifier's states
+/// at each retry of [`create`]'s loop are the same whichever path failed, and it
+/// explores the retries once rather than once per combination of paths.
+#[inline(never)]
+fn claim(key: &CtKeyV6, reply: &CtEntryV6, now: u64) -> bool {
+    let config = maps::config();
+    let expired = |ptr: Option<*mut CtEntryV6>| {
+        // SAFETY: read in place, valid for this program run.
+        ptr.is_none_or(|holder| config.ct_expired_v6(unsafe { &*holder }, key.proto, now))
+    };
+    let claimed = Table::New.insert(key, reply, BPF_NOEXIST)
+        || (expired(Table::New.get(key)) && Table::New.insert(key, reply, BPF_ANY));
+    if !claimed {
+        return false;
+    }
+    if !expired(Table::Established.get(key)) {
+        Table::New.remove(key);
+        return false;
+    }
+    true
+}
+
+/// Records a new flow in the new-flow table: the entry for its original direction and
+/// the one for its replies, which undo it ([`crate::conntrack::create`] for IPv6).
+/// `out` receives the original direction's entry. `Ok(false)`: the reply key is held
+/// by a live flow. With [`Translation::masquerade`] that is every port drawn
+/// ([`crate::snat6::draw_port`]: the reply key's port is claimed, the entries do not
+/// depend on it, so only the claim is retried, which keeps the verifier's work for the
+/// retries small); without, another frontend's flow that becomes the same tuple once
+/// translated, and the new one is refused, as for IPv4.
 ///
 /// # Errors
-/// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails or
-/// the reply key is held by a live flow.
+/// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails.
 #[inline(never)]
-pub fn create(original: &CtKeyV6, nat: &Translation, now: u64, out: &mut CtEntryV6) -> Result<()> {
+pub fn create(
+    original: &CtKeyV6,
+    nat: &Translation,
+    now: u64,
+    out: &mut CtEntryV6,
+) -> Result<bool> {
     if !admits_new_flows(now) {
         return Err(DropReason::CT_FULL);
     }
-    let mut after = *original;
-    (after.dst_addr, after.dst_port) = nat.new_dst;
-
-    let mut forward = CtEntryV6 {
+    let (new_src, new_src_port) = nat.new_src;
+    let backend = &nat.chosen.backend;
+    let forward = out;
+    *forward = CtEntryV6 {
         last_seen_ns: now,
         peer_refreshed_ns: now,
-        backend_id: nat.backend_id,
-        service_id: nat.service_id,
-        flags: ct_flags::VIA_STACK,
+        backend_id: nat.chosen.backend_id,
+        service_id: nat.chosen.service_id,
+        flags: if nat.via_stack {
+            ct_flags::VIA_STACK
+        } else {
+            0
+        },
         ..CtEntryV6::default()
     };
-    let mut reply = forward;
+    let mut reply = *forward;
     reply.flags |= ct_flags::REPLY;
-    if after.dst_addr != original.dst_addr || after.dst_port != original.dst_port {
+    if backend.addr != original.dst_addr || backend.port != original.dst_port {
         forward.flags |= ct_flags::REWRITE_DST;
-        forward.nat_dst_addr = after.dst_addr;
-        forward.nat_dst_port = after.dst_port;
+        forward.nat_dst_addr = backend.addr;
+        forward.nat_dst_port = backend.port;
         reply.flags |= ct_flags::REWRITE_SRC;
         reply.nat_src_addr = original.dst_addr;
         reply.nat_src_port = original.dst_port;
     }
-    let reply_key = reversed(&after);
-    if let Some(holder) = Table::Established.get(&reply_key) {
-        // SAFETY: copied out at once.
-        let holder = unsafe { *holder };
-        if !ct_flags::is_closed(holder.flags)
-            && !maps::config().ct_expired_v6(&holder, reply_key.proto, now)
-        {
+    if *new_src != original.src_addr || new_src_port != original.src_port {
+        forward.flags |= ct_flags::REWRITE_SRC;
+        forward.nat_src_addr = *new_src;
+        forward.nat_src_port = new_src_port;
+        reply.flags |= ct_flags::REWRITE_DST;
+        reply.nat_dst_addr = original.src_addr;
+        reply.nat_dst_port = original.src_port;
+    }
+    // The translated tuple, reversed: built directly, with no copy of the translated
+    // one on the stack.
+    let mut reply_key = CtKeyV6 {
+        src_addr: backend.addr,
+        dst_addr: *new_src,
+        src_port: backend.port,
+        dst_port: new_src_port,
+        proto: original.proto,
+        _pad: [0; 3],
+    };
+    if nat.masquerade {
+        let mut claimed = false;
+        for _ in 0..snat6::ATTEMPTS {
+            reply_key.dst_port = snat6::draw_port();
+            if claim(&reply_key, &reply, now) {
+                forward.nat_src_port = reply_key.dst_port;
+                claimed = true;
+                break;
+            }
+        }
+        if !claimed {
+            return Ok(false);
+        }
+    } else {
+        if let Some(holder) = Table::Established.get(&reply_key) {
+            // SAFETY: read in place, valid for this program run.
+            let holder = unsafe { &*holder };
+            if !ct_flags::is_closed(holder.flags)
+                && !maps::config().ct_expired_v6(holder, reply_key.proto, now)
+            {
+                return Ok(false);
+            }
+            Table::Established.remove(&reply_key);
+        }
+        if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
             return Err(DropReason::CT_INSERT);
         }
-        Table::Established.remove(&reply_key);
     }
-    if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
-        return Err(DropReason::CT_INSERT);
-    }
-    if !Table::New.insert(original, &forward, BPF_ANY) {
+    if !Table::New.insert(original, forward, BPF_ANY) {
         Table::New.remove(&reply_key);
         return Err(DropReason::CT_INSERT);
     }
-    *out = forward;
-    Ok(())
+    Ok(true)
 }

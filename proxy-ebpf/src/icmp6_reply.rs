@@ -1,7 +1,9 @@
-//! The ICMPv6 reject: destination unreachable, port unreachable (RFC 4443 section
-//! 3.1, code 4), for new IPv6 flows to a frontend without endpoints and to a port a
-//! live ClusterIP does not declare, as kube-proxy's reject rules answer them (the
-//! client's connect() fails at once with ECONNREFUSED).
+//! ICMPv6 errors the datapath sends itself: the reject, destination unreachable, port
+//! unreachable (RFC 4443 section 3.1, code 4), for new IPv6 flows to a frontend
+//! without endpoints and to a port a live ClusterIP does not declare, as kube-proxy's
+//! reject rules answer them (the client's connect() fails at once with ECONNREFUSED);
+//! and, for packets the datapath redirects past the kernel's forwarding, the errors
+//! that forwarding would send: packet too big and time exceeded ([`crate::forward6`]).
 //!
 //! Built as [`crate::icmp_reply`] builds the IPv4 one: the frame becomes the error in
 //! place (resized, headers written from the stack) and goes back out of the interface
@@ -29,6 +31,10 @@ const ICMPV6_HLEN: usize = 8;
 /// Destination unreachable, port unreachable.
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+/// Packet too big (code 0), with the next hop's MTU.
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// Time exceeded, hop limit exceeded in transit (code 0).
+const ICMPV6_TIME_EXCEED: u8 = 3;
 /// The TCP/UDP bytes quoted after the headers: the ports and, for UDP, length and
 /// checksum.
 const QUOTED_L4: usize = 8;
@@ -38,13 +44,42 @@ const MAX_QUOTED_EXT: usize = 64;
 /// The quote's bound: the IPv6 header, extension headers, 8 TCP/UDP bytes.
 const MAX_QUOTE: usize = IPV6_HLEN + MAX_QUOTED_EXT + QUOTED_L4;
 
-/// Why the reject is sent, for the counters.
+/// Why the error is sent: which error, and what it is counted as.
 #[derive(Clone, Copy)]
 pub enum Reason {
-    /// A frontend without endpoints.
+    /// A frontend without endpoints: port unreachable.
     NoBackend,
-    /// A port no frontend of a live ClusterIP declares.
+    /// A port no frontend of a live ClusterIP declares: port unreachable.
     UndeclaredPort,
+    /// The packet does not fit the route's MTU, which a redirected packet learns from
+    /// its FIB lookup (IPv6 routers never fragment, RFC 8200 section 5): packet too
+    /// big, with that MTU ([`crate::forward6`]).
+    PacketTooBig,
+    /// The hop limit runs out on this hop of a redirected packet: time exceeded.
+    HopLimitExceeded,
+}
+
+impl Reason {
+    /// Type, code, and the 4 type-specific bytes (network order), `mtu` for packet
+    /// too big.
+    #[inline(always)]
+    fn header(self, mtu: u32) -> (u8, u8, u32) {
+        match self {
+            Self::NoBackend | Self::UndeclaredPort => (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0),
+            Self::PacketTooBig => (ICMPV6_PKT_TOOBIG, 0, mtu.to_be()),
+            Self::HopLimitExceeded => (ICMPV6_TIME_EXCEED, 0, 0),
+        }
+    }
+
+    #[inline(always)]
+    fn counter(self) -> u32 {
+        match self {
+            Self::NoBackend => counter::REJECTED_NO_BACKEND,
+            Self::UndeclaredPort => counter::REJECTED_UNDECLARED_PORT,
+            Self::PacketTooBig => counter::FRAG_NEEDED_SENT,
+            Self::HopLimitExceeded => counter::TIME_EXCEEDED_SENT,
+        }
+    }
 }
 
 /// The reply's IPv6 and ICMPv6 headers, written at once.
@@ -60,8 +95,9 @@ struct Headers {
     icmp_type: u8,
     icmp_code: u8,
     icmp_checksum: u16,
-    /// Unused in destination unreachable (RFC 4443 section 3.1).
-    icmp_unused: u32,
+    /// Unused in destination unreachable and time exceeded, the MTU in packet too big
+    /// (RFC 4443 sections 3.1 to 3.3).
+    icmp_data: u32,
 }
 
 /// The one's-complement sum (RFC 1071), not yet folded, of the 16-bit halves of
@@ -104,14 +140,17 @@ fn wire16(value: u16) -> u32 {
     u32::from(value.to_be())
 }
 
-/// Replaces the packet with the ICMPv6 port unreachable to its sender, counts it and
+/// Replaces the packet with the ICMPv6 error of `reason` to its sender (`mtu`: the
+/// MTU a packet too big names, else ignored; an argument of its own rather than a
+/// field of `Reason`: an enum's payload is undefined in the variants without one, and
+/// the verifier refuses a call that passes an undefined register), counts it and
 /// returns the redirect verdict that sends it back. A function of its own (see
 /// [`crate::parse6::parse`]); the quote never sits on the stack: the frame is grown to
 /// the reply's length and the quote moved back behind the new headers in place, 8
 /// bytes at a time from its end (the headers and extension headers are multiples of 8
 /// bytes, and so is the quote), summed for the checksum on the way.
 #[inline(never)]
-pub fn send(skb: *mut __sk_buff, pkt: &Packet6, reason: Reason) -> Result<i32> {
+pub fn send(skb: *mut __sk_buff, pkt: &Packet6, reason: Reason, mtu: u32) -> Result<i32> {
     let ctx = &TcContext::new(skb);
     let quote_len = pkt.l4_off - ETH_HLEN + QUOTED_L4;
     if !(IPV6_HLEN + QUOTED_L4..=MAX_QUOTE).contains(&quote_len) || !quote_len.is_multiple_of(CHUNK)
@@ -149,6 +188,7 @@ pub fn send(skb: *mut __sk_buff, pkt: &Packet6, reason: Reason) -> Result<i32> {
     let frontend: Be32x4 = ctx
         .load(quoted_ip + IPV6_DST_OFF)
         .map_err(|_| DropReason::REJECT_FAILED)?;
+    let (icmp_type, icmp_code, icmp_data) = reason.header(mtu);
     let mut headers = Headers {
         vtc_flow: 0x6000_0000u32.to_be(), // version 6, traffic class and flow label 0
         payload_len: (icmp_len as u16).to_be(),
@@ -156,21 +196,19 @@ pub fn send(skb: *mut __sk_buff, pkt: &Packet6, reason: Reason) -> Result<i32> {
         hop_limit: 64,
         saddr: frontend,
         daddr: client,
-        icmp_type: ICMPV6_DEST_UNREACH,
-        icmp_code: ICMPV6_PORT_UNREACH,
+        icmp_type,
+        icmp_code,
         icmp_checksum: 0,
-        icmp_unused: 0,
+        icmp_data,
     };
     // The pseudo-header (both addresses, the upper-layer length, the next header),
-    // then the message: its header (type and code; the rest is zero) and the quote.
+    // then the message: its header (type and code, the type's 4 bytes) and the quote.
     sum += sum_halves(&frontend.0)
         + sum_halves(&client.0)
         + wire16(icmp_len as u16)
         + wire16(u16::from(proto::ICMPV6))
-        + wire16(u16::from_be_bytes([
-            ICMPV6_DEST_UNREACH,
-            ICMPV6_PORT_UNREACH,
-        ]));
+        + wire16(u16::from_be_bytes([icmp_type, icmp_code]))
+        + sum_halves(&[icmp_data]);
     headers.icmp_checksum = fold(sum);
 
     let eth: [u16; 7] = [
@@ -193,9 +231,6 @@ pub fn send(skb: *mut __sk_buff, pkt: &Packet6, reason: Reason) -> Result<i32> {
     if unsafe { bpf_redirect(ifindex, 0) } != i64::from(TC_ACT_REDIRECT) {
         return Err(DropReason::REJECT_FAILED);
     }
-    stats::count(match reason {
-        Reason::NoBackend => counter::REJECTED_NO_BACKEND,
-        Reason::UndeclaredPort => counter::REJECTED_UNDECLARED_PORT,
-    });
+    stats::count(reason.counter());
     Ok(REDIRECT)
 }

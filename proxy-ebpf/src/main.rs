@@ -41,7 +41,10 @@ mod conntrack;
 mod conntrack6;
 mod destination;
 mod forward;
+mod forward6;
 mod fragments;
+mod fragments6;
+mod icmp6_error;
 mod icmp6_reply;
 mod icmp_error;
 mod icmp_reply;
@@ -59,6 +62,7 @@ mod service;
 mod service6;
 mod service_stats;
 mod snat;
+mod snat6;
 mod sock;
 mod sock_destroy;
 mod stats;
@@ -112,16 +116,24 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
 /// TC ingress of the node's external interfaces: traffic from other nodes and from
 /// outside the cluster to NodePorts, externalIPs, LoadBalancer IPs and ClusterIPs, and
 /// replies that must be translated back.
+/// IPv6 as in `tc_pod_ingress`.
 #[classifier]
 pub fn tc_node_ingress(ctx: TcContext) -> i32 {
+    if parse6::is_ipv6(&ctx) {
+        return new_flow6::node_ingress(ctx.skb.skb, conntrack::now());
+    }
     verdict_of(node_ingress::try_node_ingress(&ctx))
 }
 
 /// TC egress of the node's external interfaces: replies of local backends to clients
 /// outside the node, translated back (the same work as `tc_pod_egress`, on another
 /// interface).
+/// IPv6 as in `tc_pod_egress`.
 #[classifier]
 pub fn tc_node_egress(ctx: TcContext) -> i32 {
+    if parse6::is_ipv6(&ctx) {
+        return new_flow6::reply_egress(ctx.skb.skb, conntrack::now());
+    }
     verdict_of(reply_egress::try_reply_egress(&ctx))
 }
 

@@ -8,9 +8,10 @@ use aya_ebpf::{
 use proxy_common::{
     capacity, counter,
     service_stats::{self, ServiceStatsV1},
-    AffinityKeyV4, AffinityValueV4, BackendV4, BackendV6, Be32, Be32x4, CtEntryV4, CtEntryV6,
-    CtKeyV4, CtKeyV6, DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, FrontendAddrV6,
-    ServiceCidrV4, ServiceKeyV4, ServiceKeyV6, ServiceValueV4, ServiceValueV6, SourceRangeV4,
+    AffinityKeyV4, AffinityKeyV6, AffinityValueV4, AffinityValueV6, BackendV4, BackendV6, Be32,
+    Be32x4, CtEntryV4, CtEntryV6, CtKeyV4, CtKeyV6, DatapathConfig, FragKeyV4, FragKeyV6,
+    FragValueV4, FragValueV6, FrontendAddrV4, FrontendAddrV6, NodeConfigV6, ServiceCidrV4,
+    ServiceKeyV4, ServiceKeyV6, ServiceValueV4, ServiceValueV6, SourceRangeV4, SourceRangeV6,
 };
 
 /// Frontends and backend slots ([`proxy_common::names::SERVICES_V4`]).
@@ -95,6 +96,28 @@ pub static CT_V6_V1: HashMap<CtKeyV6, CtEntryV6> =
 pub static CT_NEW_V6_V1: LruHashMap<CtKeyV6, CtEntryV6> =
     LruHashMap::with_max_entries(capacity::CONNTRACK_NEW_V6, 0);
 
+/// First fragments' ports of IPv6 datagrams ([`proxy_common::names::FRAGMENTS_V6`]),
+/// as `FRAG_V4_V1`.
+#[map]
+pub static FRAG_V6_V1: LruHashMap<FragKeyV6, FragValueV6> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS_V6, 0);
+
+/// Session affinity of IPv6 clients ([`proxy_common::names::AFFINITY_V6`]), as
+/// `AFFINITY_V4_V2`.
+#[map]
+pub static AFFINITY_V6_V1: LruHashMap<AffinityKeyV6, AffinityValueV6> =
+    LruHashMap::with_max_entries(capacity::AFFINITY_V6, 0);
+
+/// IPv6 loadBalancerSourceRanges by service id
+/// ([`proxy_common::names::SOURCE_RANGES_V6`]), as `SRCRANGE_V4_V1`.
+#[map]
+pub static SRCRANGE_V6_V1: LpmTrie<SourceRangeV6, u8> =
+    LpmTrie::with_max_entries(capacity::SOURCE_RANGES_V6, 0);
+
+/// The node's IPv6 settings ([`proxy_common::names::CONFIG_V6`]): one entry.
+#[map]
+pub static CONFIG_V6_V1: Array<NodeConfigV6> = Array::with_max_entries(1, 0);
+
 /// Event and drop counters ([`proxy_common::counter`]).
 #[map]
 pub static COUNTERS_V3: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -115,4 +138,11 @@ pub fn config() -> DatapathConfig {
         Some(config) if config.udp_timeout_s != 0 => *config,
         _ => DatapathConfig::DEFAULT,
     }
+}
+
+/// The node's IPv6 settings (all-zero, "none", until the agent writes them), read in
+/// place: the IPv6 frames have no room for a copy.
+#[inline(always)]
+pub fn config_v6() -> Option<&'static NodeConfigV6> {
+    CONFIG_V6_V1.get(0)
 }

@@ -11,10 +11,11 @@ use aya_ebpf::{
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use proxy_common::{ct_flags, proto, Be16, Be32x4, CtEntryV6};
+use proxy_common::{counter, ct_flags, proto, Be16, Be32x4, CtEntryV6};
 
 use crate::{
-    parse::{ETH_HLEN, L4_DST_PORT_OFF, L4_SRC_PORT_OFF},
+    icmp6_error,
+    parse::{Kind, ETH_HLEN, L4_DST_PORT_OFF, L4_SRC_PORT_OFF},
     parse6::{Packet6, IPV6_DST_OFF, IPV6_SRC_OFF},
     stats,
     verdict::{DropReason, Result},
@@ -36,7 +37,7 @@ enum End {
 
 /// The checksum difference of replacing `old` by `new` (16 bytes each).
 #[inline(always)]
-fn address_diff(old: &Be32x4, new: &Be32x4) -> Result<u64> {
+pub fn address_diff(old: &Be32x4, new: &Be32x4) -> Result<u64> {
     let mut from = old.0;
     let mut to = new.0;
     // SAFETY: both buffers live on the stack for the call; the sizes are theirs.
@@ -47,45 +48,66 @@ fn address_diff(old: &Be32x4, new: &Be32x4) -> Result<u64> {
         .map_err(|_| DropReason::REWRITE)
 }
 
+/// Replaces the IPv6 header's address at `addr_off` (`old`) with `new`, and updates
+/// the upper-layer checksum at `csum_off`, which covers it through its pseudo-header.
+/// `l4_flags`: `BPF_F_MARK_MANGLED_0` for UDP.
+#[inline(always)]
+pub fn replace_addr(
+    ctx: &TcContext,
+    csum_off: usize,
+    addr_off: usize,
+    old: &Be32x4,
+    new: &Be32x4,
+    l4_flags: u64,
+) -> Result<()> {
+    let diff = address_diff(old, new)?;
+    // Size 0: `to` is a checksum difference, not a field value.
+    let flags = l4_flags | u64::from(BPF_F_PSEUDO_HDR);
+    if ctx
+        .l4_csum_replace(csum_off, 0, diff, flags | BPF_F_IPV6)
+        .is_err()
+    {
+        ctx.l4_csum_replace(csum_off, 0, diff, flags)
+            .map_err(|_| DropReason::REWRITE)?;
+    }
+    ctx.store(addr_off, new, 0).map_err(|_| DropReason::REWRITE)
+}
+
 /// Rewrites one end of the packet to `addr:port`, checksum and fields; unchanged
-/// fields cost nothing.
+/// fields cost nothing. A later fragment has neither ports nor the checksum (its
+/// first fragment's update covers the datagram): only its address changes.
 #[inline(always)]
 fn rewrite(ctx: &TcContext, pkt: &Packet6, end: End, addr: &Be32x4, port: Be16) -> Result<()> {
     let (old_addr, old_port, addr_off, port_off) = match end {
         End::Source => (
-            pkt.tuple.src_addr,
+            &pkt.tuple.src_addr,
             pkt.tuple.src_port,
             ETH_HLEN + IPV6_SRC_OFF,
             pkt.l4_off + L4_SRC_PORT_OFF,
         ),
         End::Destination => (
-            pkt.tuple.dst_addr,
+            &pkt.tuple.dst_addr,
             pkt.tuple.dst_port,
             ETH_HLEN + IPV6_DST_OFF,
             pkt.l4_off + L4_DST_PORT_OFF,
         ),
     };
+    let has_l4_header = pkt.kind == Kind::Transport;
     let l4_flags = if pkt.tuple.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
     };
     let csum_off = pkt.l4_csum_off();
-    if old_addr != *addr {
-        let diff = address_diff(&old_addr, addr)?;
-        // Size 0: `to` is a checksum difference, not a field value.
-        let flags = l4_flags | u64::from(BPF_F_PSEUDO_HDR);
-        if ctx
-            .l4_csum_replace(csum_off, 0, diff, flags | BPF_F_IPV6)
-            .is_err()
-        {
-            ctx.l4_csum_replace(csum_off, 0, diff, flags)
+    if old_addr != addr {
+        if has_l4_header {
+            replace_addr(ctx, csum_off, addr_off, old_addr, addr, l4_flags)?;
+        } else {
+            ctx.store(addr_off, addr, 0)
                 .map_err(|_| DropReason::REWRITE)?;
         }
-        ctx.store(addr_off, addr, 0)
-            .map_err(|_| DropReason::REWRITE)?;
     }
-    if old_port != port {
+    if old_port != port && has_l4_header {
         // Ports are not in the pseudo-header (the kernel skips this update for
         // CHECKSUM_PARTIAL packets, whose field holds the pseudo-header sum).
         ctx.l4_csum_replace(
@@ -127,14 +149,22 @@ pub fn apply(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()
     Ok(())
 }
 
-/// [`apply`], counted as a translated packet of a known flow.
+/// [`apply`] (or, to an ICMPv6 error, [`icmp6_error::translate`]), counted as a
+/// translated packet of a known flow.
 #[inline(always)]
 pub fn translate(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()> {
-    apply(skb, pkt, entry)?;
-    stats::count(if entry.flags & ct_flags::REPLY != 0 {
-        proxy_common::counter::REPLY_TRANSLATED
+    // Called from here rather than from `apply`: one call deep less, which the
+    // 512-byte limit on the chain's stack needs.
+    if pkt.kind == Kind::IcmpError {
+        icmp6_error::translate(skb, pkt, entry)?;
     } else {
-        proxy_common::counter::FORWARD_TRANSLATED
+        apply(skb, pkt, entry)?;
+    }
+    stats::count(match pkt.kind {
+        Kind::IcmpError => counter::ICMP_ERROR_TRANSLATED,
+        Kind::LaterFragment => counter::FRAGMENT_TRANSLATED,
+        Kind::Transport if entry.flags & ct_flags::REPLY != 0 => counter::REPLY_TRANSLATED,
+        Kind::Transport => counter::FORWARD_TRANSLATED,
     });
     Ok(())
 }

@@ -1,27 +1,36 @@
-//! IPv6 on the pod-facing hooks: ClusterIP DNAT of TCP/UDP flows from pods, and its
-//! reverse on the replies. The IPv4 programs dispatch here on the ethertype only when
-//! their own parse found no IPv4 packet, so an IPv4 packet runs the code it ran before.
+//! IPv6 on the TC hooks: DNAT of TCP/UDP flows from pods (ClusterIPs) and from outside
+//! the node (NodePorts, externalIPs, LoadBalancer IPs), with masquerade where the
+//! IPv4 path masquerades, and the reverse on the replies. The entry points dispatch
+//! here on the ethertype before the IPv4 code runs, so an IPv4 packet runs the code it
+//! ran before plus that one comparison.
 //!
-//! Every IPv6 flow goes through the stack in both directions
-//! ([`proxy_common::ct_flags::VIA_STACK`]): its requests are DNATed at pod ingress and
-//! routed by the kernel, its replies translated back at the egress of the client's
-//! interface, after routing (this slice has no IPv6 FIB redirect, masquerade, hairpin,
-//! affinity or node-facing path). Netfilter thus sees each flow both ways, with the
-//! backend's address.
+//! ICMPv6 errors about a flow ([`crate::icmp6_error`]) and its datagrams' later
+//! fragments ([`crate::fragments6`]) follow the flow's entry, in the same hooks.
+//!
+//! A flow from a pod, and one to a local backend, go through the stack in both
+//! directions ([`proxy_common::ct_flags::VIA_STACK`]): its requests are DNATed at
+//! ingress and routed by the kernel, its replies translated back at the egress of the
+//! client's interface, after routing. A flow from outside to a remote backend is sent
+//! to its next hop both ways ([`crate::forward6`]), as for IPv4. Netfilter thus sees
+//! each flow both ways or not at all. A pod reaching itself through a service (hairpin)
+//! is masqueraded and redirected both ways, as for IPv4. Not in IPv6 yet: `kpr trace`.
 //!
 //! The stages are BPF-to-BPF calls ([`crate::parse6::parse`] says why); this frame
 //! holds the packet and its entry, which they fill.
 use aya_ebpf::bindings::__sk_buff;
-use proxy_common::{counter, ct_flags, CtEntryV6};
+use proxy_common::{backend_flags, counter, ct_flags, service_flags, Be32x4, CtEntryV6};
 
 use crate::{
     conntrack6::{self, Translation},
     destination::Destination,
+    forward6::{self, Flow},
+    fragments6,
     icmp6_reply::{self, Reason},
-    nat6,
+    maps, nat6,
+    parse::Kind,
     parse6::{self, Packet6},
     service6::{self, Chosen, Outcome},
-    stats,
+    snat6, stats,
     verdict::{DropReason, Result, PASS},
 };
 
@@ -51,20 +60,29 @@ fn try_pod_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     if !parse6::parse(skb, &mut pkt) {
         return Ok(PASS);
     }
-    // The lean path: a packet to no frontend address is a pod's own traffic, or the
-    // reply of a local backend, which is translated at the client's egress.
-    let destination = service6::classify(&pkt.tuple.dst_addr);
-    let Destination::Frontend { cluster_ip } = destination else {
-        return Ok(PASS);
+    // The lean path: a packet to no frontend address (nor to the node's masquerade
+    // address, where a pod that reached itself answers) is a pod's own traffic, or the
+    // reply of a local backend (or an error travelling as one), which is translated at
+    // the client's egress. A later fragment has its addresses, so this comes before
+    // the fragment map is asked for its ports.
+    let cluster_ip = match service6::classify(&pkt.tuple.dst_addr) {
+        Destination::Frontend { cluster_ip } => cluster_ip,
+        _ if is_snat_addr(&pkt.tuple.dst_addr) => false,
+        _ => return Ok(PASS),
     };
-    let mut entry = CtEntryV6::default();
-    if conntrack6::lookup(&pkt, now, &mut entry) {
-        if entry.flags & ct_flags::REPLY == 0 {
-            nat6::translate(skb, &pkt, &entry)?;
-        }
+    if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
         return Ok(PASS);
     }
-    new_flow(skb, &pkt, now, cluster_ip, &mut entry)
+    let mut entry = CtEntryV6::default();
+    if conntrack6::lookup(&pkt, now, &mut entry) {
+        fragments6::remember(&pkt, now);
+        return forward6::known_flow(skb, &pkt, &entry);
+    }
+    // An error or a later fragment of no flow we know is not ours.
+    if pkt.kind != Kind::Transport {
+        return Ok(PASS);
+    }
+    new_flow(skb, &pkt, now, Origin::Pod, cluster_ip, &mut entry)
 }
 
 /// Replies of flows through the stack get their frontend back as the source.
@@ -74,43 +92,154 @@ fn try_reply_egress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     if !parse6::parse(skb, &mut pkt) {
         return Ok(PASS);
     }
+    if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
+        return Ok(PASS);
+    }
     let mut entry = CtEntryV6::default();
-    if conntrack6::lookup(&pkt, now, &mut entry) && entry.flags & ct_flags::REPLY != 0 {
-        nat6::translate(skb, &pkt, &entry)?;
+    if conntrack6::lookup(&pkt, now, &mut entry) {
+        fragments6::remember(&pkt, now);
+        if entry.flags & ct_flags::REPLY != 0 {
+            nat6::translate(skb, &pkt, &entry)?;
+        }
     }
     Ok(PASS)
+}
+
+/// Where the client of a new flow is ([`crate::new_flow::Origin`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A pod on this node (pod-facing ingress).
+    Pod,
+    /// Outside this node (node-facing ingress).
+    Outside,
+}
+
+/// `tc_node_ingress` for an IPv6 frame: NodePorts, externalIPs and LoadBalancer IPs
+/// from outside the node, and the replies of the flows it sends to remote backends
+/// ([`crate::node_ingress`] for IPv4).
+#[inline(never)]
+pub fn node_ingress(skb: *mut __sk_buff, now: u64) -> i32 {
+    if crate::trace::active() {
+        return PASS;
+    }
+    crate::verdict_of(try_node_ingress(skb, now))
+}
+
+/// Replies come to addresses that are no frontend (the node's masquerade address, a
+/// local pod), so conntrack is asked first, as for IPv4.
+#[inline(always)]
+fn try_node_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
+    let mut pkt = Packet6::default();
+    if !parse6::parse(skb, &mut pkt) {
+        return Ok(PASS);
+    }
+    if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
+        return Ok(PASS);
+    }
+    let mut entry = CtEntryV6::default();
+    if conntrack6::lookup(&pkt, now, &mut entry) {
+        fragments6::remember(&pkt, now);
+        return forward6::known_flow(skb, &pkt, &entry);
+    }
+    if pkt.kind != Kind::Transport {
+        return Ok(PASS);
+    }
+    let Destination::Frontend { cluster_ip } = service6::classify(&pkt.tuple.dst_addr) else {
+        return Ok(PASS);
+    };
+    new_flow(skb, &pkt, now, Origin::Outside, cluster_ip, &mut entry)
+}
+
+/// Whether `addr` is the node's IPv6 masquerade address.
+#[inline(always)]
+fn is_snat_addr(addr: &Be32x4) -> bool {
+    maps::config_v6().is_some_and(|config| config.has_snat_addr() && config.snat_addr == *addr)
+}
+
+/// Whether a new flow is masqueraded to the node's IPv6 address, by
+/// [`crate::new_flow`]'s rule. From a pod: only when the pod reaches itself (hairpin),
+/// whose own reply would otherwise never leave it. From outside: a remote backend of a
+/// NodePort, externalIP or LoadBalancer frontend, or of a ClusterIP reached from
+/// outside the cluster CIDR, so its replies come back here; local backends never are.
+#[inline(always)]
+fn needs_masquerade(origin: Origin, client: &Be32x4, chosen: &Chosen) -> bool {
+    match origin {
+        Origin::Pod => chosen.backend.addr == *client,
+        Origin::Outside => {
+            chosen.backend.flags & backend_flags::LOCAL == 0
+                && (chosen.frontend_flags & service_flags::EXTERNAL != 0
+                    || !maps::config_v6().is_some_and(|config| config.in_cluster_cidr(client)))
+        }
+    }
 }
 
 /// The first packet of a flow to a frontend address: the frontend's backend, or the
 /// reject (no endpoints, or a port the ClusterIP does not declare), as
 /// [`crate::new_flow::handle`] decides for IPv4. `entry` is scratch space for the new
 /// flow's entry.
+///
+/// A flow from a pod, and one to a local backend, go through the stack both ways
+/// ([`ct_flags::VIA_STACK`]); the others (from outside to a remote backend, a pod
+/// reaching itself) are sent to their next hop ([`crate::forward6`]), masqueraded
+/// ([`crate::snat6`]) when [`needs_masquerade`] says so.
 #[inline(always)]
 fn new_flow(
     skb: *mut __sk_buff,
     pkt: &Packet6,
     now: u64,
+    origin: Origin,
     cluster_ip: bool,
     entry: &mut CtEntryV6,
 ) -> Result<i32> {
     let mut chosen = Chosen::default();
-    match service6::choose(&pkt.tuple, &mut chosen)? {
+    match service6::choose(&pkt.tuple, origin == Origin::Pod, &mut chosen)? {
         Outcome::Backend => {}
         Outcome::NoFrontend if cluster_ip => {
-            return icmp6_reply::send(skb, pkt, Reason::UndeclaredPort)
+            return icmp6_reply::send(skb, pkt, Reason::UndeclaredPort, 0)
         }
         Outcome::NoFrontend => return Ok(PASS),
         Outcome::SourceRanges => return Err(DropReason::SOURCE_RANGE),
         Outcome::EmptyDrop => return Err(DropReason::NO_LOCAL_BACKEND),
-        Outcome::Empty => return icmp6_reply::send(skb, pkt, Reason::NoBackend),
+        Outcome::Empty => return icmp6_reply::send(skb, pkt, Reason::NoBackend, 0),
     }
-    let translation = Translation {
-        new_dst: (chosen.backend.addr, chosen.backend.port),
-        backend_id: chosen.backend_id,
-        service_id: chosen.service_id,
+    let masquerade = needs_masquerade(origin, &pkt.tuple.src_addr, &chosen);
+    let via_stack =
+        !masquerade && (origin == Origin::Pod || chosen.backend.flags & backend_flags::LOCAL != 0);
+    let new_src = if masquerade {
+        snat6::address()?
+    } else {
+        &pkt.tuple.src_addr
     };
-    conntrack6::create(&pkt.tuple, &translation, now, entry)?;
+    // One call for both kinds of flow: each call site of `create` is verified once per
+    // state that reaches it, and its masquerade retries make that the dearest part of
+    // this program for the verifier.
+    let translation = Translation {
+        new_src: (new_src, pkt.tuple.src_port),
+        chosen: &chosen,
+        via_stack,
+        masquerade,
+    };
+    if !conntrack6::create(&pkt.tuple, &translation, now, entry)? {
+        // Every port drawn is taken; or, without masquerade, a live flow of another
+        // frontend is the same tuple once translated.
+        return Err(if masquerade {
+            DropReason::SNAT_PORTS
+        } else {
+            DropReason::CT_INSERT
+        });
+    }
+    if masquerade {
+        stats::count(if origin == Origin::Pod {
+            counter::HAIRPIN_FLOW
+        } else {
+            counter::SNAT_FLOW
+        });
+    }
+    fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
-    nat6::apply(skb, pkt, entry)?;
-    Ok(PASS)
+    if via_stack {
+        nat6::apply(skb, pkt, entry)?;
+        return Ok(PASS);
+    }
+    forward6::translate_and_send(skb, pkt, entry, Flow::New)
 }

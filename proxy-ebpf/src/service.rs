@@ -82,7 +82,7 @@ fn slot(frontend: &Frontend, slot: u16) -> Option<u32> {
 /// rewrites slots in order when the backend set changes). Beyond them the client is
 /// re-balanced, as if the backend had left: a bounded loop for the verifier and the
 /// packet, and stickiness lost only for services that large after a change.
-const AFFINITY_SEARCH_SLOTS: u16 = 32;
+pub(crate) const AFFINITY_SEARCH_SLOTS: u16 = 32;
 
 /// The slot of `frontend` that names `backend_id` now: `hint` first, then the first
 /// [`AFFINITY_SEARCH_SLOTS`]. `None`: the backend left the service.

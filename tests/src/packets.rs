@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use etherparse::{
     icmpv4::{DestUnreachableHeader, TimeExceededCode},
-    icmpv6::DestUnreachableCode,
+    icmpv6::{DestUnreachableCode, TimeExceededCode as TimeExceededCode6},
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpNumber,
     Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
 };
@@ -389,6 +389,8 @@ pub enum Ext6 {
     HopByHop,
     /// Destination options: one PadN option.
     DestOpts,
+    /// Destination options of `units` 8-byte units (one PadN option filling them).
+    LongDestOpts { units: u8 },
     /// A routing header of an unassigned type with `segments_left` (0: the destination
     /// is final and the header is ignored, RFC 8200 section 4.4).
     Routing { segments_left: u8 },
@@ -408,23 +410,56 @@ impl Ext6 {
             Self::HopByHop => 0,
             Self::Routing { .. } => 43,
             Self::Fragment { .. } => 44,
-            Self::DestOpts => 60,
+            Self::DestOpts | Self::LongDestOpts { .. } => 60,
         }
     }
 
-    fn bytes(self, next: u8) -> [u8; 8] {
+    fn bytes(self, next: u8) -> Vec<u8> {
         match self {
             // Next header, length 0 (8 bytes), PadN of 4 zero bytes.
-            Self::HopByHop | Self::DestOpts => [next, 0, 1, 4, 0, 0, 0, 0],
+            Self::HopByHop | Self::DestOpts => vec![next, 0, 1, 4, 0, 0, 0, 0],
+            // Next header, length in units after the first, PadN of the rest.
+            Self::LongDestOpts { units } => {
+                let len = usize::from(units) * 8;
+                let mut bytes = vec![next, units - 1, 1, u8::try_from(len - 4).expect("< 256")];
+                bytes.resize(len, 0);
+                bytes
+            }
             // Next header, length 0, type 253 (RFC 4727's experiment), segments left.
-            Self::Routing { segments_left } => [next, 0, 253, segments_left, 0, 0, 0, 0],
+            Self::Routing { segments_left } => vec![next, 0, 253, segments_left, 0, 0, 0, 0],
             Self::Fragment {
                 offset, more, id, ..
             } => {
                 let [a, b] = ((offset << 3) | u16::from(more)).to_be_bytes();
                 let [c, d, e, f] = id.to_be_bytes();
-                [next, 0, a, b, c, d, e, f]
+                vec![next, 0, a, b, c, d, e, f]
             }
+        }
+    }
+
+    /// Its length in bytes.
+    fn len(self) -> usize {
+        match self {
+            Self::LongDestOpts { units } => usize::from(units) * 8,
+            _ => 8,
+        }
+    }
+}
+
+/// An ICMPv6 error message (RFC 4443 section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Icmp6Error {
+    PortUnreachable,
+    PacketTooBig { mtu: u32 },
+    HopLimitExceeded,
+}
+
+impl Icmp6Error {
+    fn icmp_type(self) -> Icmpv6Type {
+        match self {
+            Self::PortUnreachable => Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+            Self::PacketTooBig { mtu } => Icmpv6Type::PacketTooBig { mtu },
+            Self::HopLimitExceeded => Icmpv6Type::TimeExceeded(TimeExceededCode6::HopLimitExceeded),
         }
     }
 }
@@ -434,6 +469,12 @@ impl Ext6 {
 pub enum Transport6 {
     Tcp(TcpFlags),
     Udp,
+    /// An ICMPv6 error quoting the first `quote` bytes of the IPv6 packet in
+    /// [`Frame6::quoted`] (from its IPv6 header on); the ports are ignored.
+    Icmp {
+        error: Icmp6Error,
+        quote: usize,
+    },
     /// A neighbour solicitation (RFC 4861 section 4.3) for the destination's
     /// address, with the sender's link-layer address option; the ports are ignored.
     NeighbourSolicitation,
@@ -452,6 +493,8 @@ pub struct Frame6 {
     pub hop_limit: u8,
     /// Extension headers in order, before the upper layer.
     pub ext: Vec<Ext6>,
+    /// For [`Transport6::Icmp`]: the packet the error is about.
+    pub quoted: Option<Box<Frame6>>,
 }
 
 impl Frame6 {
@@ -467,7 +510,36 @@ impl Frame6 {
             payload: Vec::new(),
             hop_limit: 64,
             ext: Vec::new(),
+            quoted: None,
         }
+    }
+
+    /// The ICMPv6 error `from` sends to the sender of `about`, quoting its first
+    /// `quote` bytes (Linux quotes as much as fits in 1280 bytes: all of a small
+    /// packet).
+    #[must_use]
+    pub fn icmp_error(from: Ipv6Addr, about: &Frame6, error: Icmp6Error, quote: usize) -> Self {
+        Self {
+            src_mac: about.dst_mac,
+            dst_mac: about.src_mac,
+            src: SocketAddrV6::new(from, 0, 0, 0),
+            dst: SocketAddrV6::new(*about.src.ip(), 0, 0, 0),
+            transport: Transport6::Icmp { error, quote },
+            payload: Vec::new(),
+            hop_limit: 64,
+            ext: Vec::new(),
+            quoted: Some(Box::new(about.clone())),
+        }
+    }
+
+    /// The same error quoting another packet (the one its receiver really sent, after
+    /// translation), from another address.
+    #[must_use]
+    pub fn with_quoted(mut self, from: Ipv6Addr, about: &Frame6) -> Self {
+        self.src = SocketAddrV6::new(from, 0, 0, 0);
+        self.dst = SocketAddrV6::new(*about.src.ip(), 0, 0, 0);
+        self.quoted = Some(Box::new(about.clone()));
+        self
     }
 
     /// A UDP datagram from `src` to `dst` with `payload`.
@@ -513,6 +585,7 @@ impl Frame6 {
             payload: Vec::new(),
             hop_limit: 64,
             ext: Vec::new(),
+            quoted: None,
         }
     }
 
@@ -568,6 +641,19 @@ impl Frame6 {
                 out.extend_from_slice(&body[4..]);
                 (58, out)
             }
+            Transport6::Icmp { error, quote } => {
+                let quoted = self
+                    .quoted
+                    .as_ref()
+                    .expect("an ICMPv6 error frame names the packet it quotes")
+                    .to_bytes();
+                let quoted = &quoted[ETH_HLEN..(ETH_HLEN + quote).min(quoted.len())];
+                let icmp = Icmpv6Header::with_checksum(error.icmp_type(), src, dst, quoted)
+                    .expect("small");
+                icmp.write(&mut out).expect("write to Vec");
+                out.extend_from_slice(quoted);
+                (58, out)
+            }
         }
     }
 
@@ -616,17 +702,18 @@ impl Frame6 {
 /// extension headers and first 8 upper-layer bytes.
 #[must_use]
 pub fn port_unreachable_reply6(original: &Frame6) -> Vec<u8> {
+    icmp6_reply(original, Icmp6Error::PortUnreachable)
+}
+
+/// The ICMPv6 `error` the datapath answers `original` with (the reject, or the packet
+/// too big and time exceeded of its redirect path): as [`port_unreachable_reply6`].
+#[must_use]
+pub fn icmp6_reply(original: &Frame6, error: Icmp6Error) -> Vec<u8> {
     let bytes = original.to_bytes();
-    let quote_len = 40 + 8 * original.ext.len() + 8;
+    let quote_len = 40 + original.ext.iter().map(|ext| ext.len()).sum::<usize>() + 8;
     let quoted = &bytes[ETH_HLEN..ETH_HLEN + quote_len];
     let (from, to) = (original.dst.ip().octets(), original.src.ip().octets());
-    let icmp = Icmpv6Header::with_checksum(
-        Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
-        from,
-        to,
-        quoted,
-    )
-    .expect("small");
+    let icmp = Icmpv6Header::with_checksum(error.icmp_type(), from, to, quoted).expect("small");
     let ip = Ipv6Header {
         traffic_class: 0,
         flow_label: Ipv6FlowLabel::ZERO,

@@ -1,7 +1,11 @@
-//! BPF_PROG_TEST_RUN table of the IPv6 datapath slice (issue 13): ClusterIP DNAT of
-//! TCP and UDP at the pod-facing ingress, its reverse at the pod-facing egress, the
-//! extension-header walk, first and later fragments, neighbour discovery left alone,
-//! and the ICMPv6 reject.
+//! BPF_PROG_TEST_RUN tables of the IPv6 datapath (issue 13): ClusterIP DNAT of TCP
+//! and UDP at the pod-facing ingress, its reverse at the pod-facing egress, the
+//! extension-header walk, first and later fragments (the later by the fragment map),
+//! neighbour discovery left alone, the ICMPv6 reject, ICMPv6 errors about translated
+//! flows (packet too big, port unreachable, hop limit exceeded; outer and quoted
+//! headers); and the node-facing path: NodePort, LoadBalancer and ClusterIP from
+//! outside, SNAT with a claimed port, the FIB redirect with the hop limit decremented,
+//! packet too big and time exceeded of the redirect path.
 //!
 //! Frames are built with etherparse (`kpr_lab::packets::Frame6`) and the program's
 //! output is compared with them byte for byte; every output frame's TCP/UDP/ICMPv6
@@ -11,16 +15,21 @@
 //! The agent does not fill the IPv6 maps yet, so each case writes its frontends into
 //! them by hand, in the syncer's layout and order (backends and slots, then the
 //! frontend; the frontend address set first).
-use std::net::SocketAddrV6;
+use std::net::{Ipv6Addr, SocketAddrV6};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData};
 use kpr_lab::{
     datapath_cases::{DatapathHarness, Verdict},
-    packets::{port_unreachable_reply6, sock6, Ext6, Frame6, TcpFlags, Transport6},
+    netns::Netns,
+    packets::{
+        icmp6_reply, port_unreachable_reply6, sock6, Ext6, Frame6, Icmp6Error, TcpFlags, Transport6,
+    },
 };
 use proxy_common::{
-    counter, ct_flags, frontend_addr, names, proto, scope, service_flags, BackendV6, Be16, Be32x4,
-    CtEntryV6, CtKeyV6, FrontendAddrV6, ServiceKeyV6, ServiceValueV6,
+    backend_flags, counter, ct_flags, frontend_addr, names, proto, scope, service_flags,
+    AffinityKeyV6, AffinityValueV6, BackendV6, Be16, Be32, Be32x4, CtEntryV6, CtKeyV6,
+    DatapathConfig, FragKeyV6, FragValueV6, FrontendAddrV6, NodeConfigV6, ServiceKeyV6,
+    ServiceValueV6, SourceRangeV6,
 };
 use proxy_userspace::datapath::Hook;
 
@@ -42,6 +51,45 @@ fn backend() -> SocketAddrV6 {
 fn dns_backend() -> SocketAddrV6 {
     sock6("fd00:10:244:2::c", 5353)
 }
+/// A router between the client and its backend, which sends errors from its own
+/// address.
+fn router() -> Ipv6Addr {
+    "fd00:10:244:9::1".parse().expect("an IPv6 literal")
+}
+/// As much of a small packet as an IPv6 error quotes: all of it.
+const WHOLE: usize = 1232;
+
+/// The node-facing side: this node's address on the underlay, its only SNAT port, a
+/// client outside the cluster, frontends and backends.
+fn node() -> Ipv6Addr {
+    "fd00:192:168:1::10".parse().expect("an IPv6 literal")
+}
+const SNAT_PORT: u16 = 61_000;
+fn outside_client() -> SocketAddrV6 {
+    sock6("2001:db8:113::7", 40_000)
+}
+fn node_port() -> SocketAddrV6 {
+    SocketAddrV6::new(node(), 30_080, 0, 0)
+}
+fn lb_ip() -> SocketAddrV6 {
+    sock6("2001:db8:100::10", 80)
+}
+fn local_backend() -> SocketAddrV6 {
+    sock6("fd00:10:244:1::11", 8080)
+}
+fn remote_backend() -> SocketAddrV6 {
+    sock6("fd00:10:244:2::11", 8080)
+}
+fn masqueraded() -> SocketAddrV6 {
+    SocketAddrV6::new(node(), SNAT_PORT, 0, 0)
+}
+/// Another node's pod: inside the cluster CIDR.
+fn other_node_pod() -> SocketAddrV6 {
+    sock6("fd00:10:244:3::5", 41_000)
+}
+fn cluster_cidr() -> (Ipv6Addr, u8) {
+    ("fd00:10:244::".parse().expect("an IPv6 literal"), 56)
+}
 
 /// An IPv6 ClusterIP frontend and its backends.
 #[derive(Clone, Debug)]
@@ -51,6 +99,13 @@ struct Frontend6 {
     backends: Vec<SocketAddrV6>,
     /// `service_flags`.
     flags: u16,
+    /// `frontend_addr` kinds of its address.
+    kinds: u8,
+    /// Its backends run on this node (`backend_flags::LOCAL`).
+    local: bool,
+    /// loadBalancerSourceRanges (with `service_flags::SOURCE_RANGES`).
+    source_ranges: Vec<(Ipv6Addr, u8)>,
+    affinity_timeout_s: u32,
 }
 
 fn frontend6(vip: SocketAddrV6, l4_proto: u8, backends: &[SocketAddrV6]) -> Frontend6 {
@@ -59,7 +114,59 @@ fn frontend6(vip: SocketAddrV6, l4_proto: u8, backends: &[SocketAddrV6]) -> Fron
         proto: l4_proto,
         backends: backends.to_vec(),
         flags: 0,
+        kinds: frontend_addr::CLUSTER_IP,
+        local: false,
+        source_ranges: Vec::new(),
+        affinity_timeout_s: 0,
     }
+}
+
+/// A NodePort, externalIP or LoadBalancer frontend (`service_flags::EXTERNAL`).
+fn external6(addr: SocketAddrV6, backends: &[SocketAddrV6], local: bool) -> Frontend6 {
+    Frontend6 {
+        flags: service_flags::EXTERNAL,
+        kinds: frontend_addr::OTHER,
+        local,
+        ..frontend6(addr, proto::TCP, backends)
+    }
+}
+
+/// What the agent would know about the node, for the node-facing cases: its IPv6
+/// masquerade address, the only SNAT port (one port makes the translation
+/// predictable, and a second flow must then find it taken), the IPv6 cluster CIDR.
+#[derive(Clone, Copy, Default)]
+struct Node6 {
+    snat: Option<Ipv6Addr>,
+    cluster_cidr: Option<(Ipv6Addr, u8)>,
+}
+
+fn write_node6(harness: &mut DatapathHarness, node: &Node6) {
+    harness
+        .datapath
+        .maps
+        .set_config(&DatapathConfig {
+            snat_port_min: SNAT_PORT,
+            snat_port_max: SNAT_PORT,
+            ..DatapathConfig::DEFAULT
+        })
+        .expect("config");
+    let mut config = NodeConfigV6::default();
+    if let Some(addr) = node.snat {
+        config.snat_addr = Be32x4::from_ipv6(addr);
+    }
+    if let Some((addr, len)) = node.cluster_cidr {
+        config.cluster_cidr_addr = Be32x4::from_ipv6(addr);
+        config.cluster_cidr_len = len;
+    }
+    let map = harness
+        .datapath
+        .ebpf
+        .map_mut(names::CONFIG_V6)
+        .expect("the object has the IPv6 config");
+    Array::<_, NodeConfigV6>::try_from(map)
+        .expect("an array")
+        .set(0, config, 0)
+        .expect("IPv6 config");
 }
 
 /// One packet of a case and what must come out (`None`: the input, byte for byte).
@@ -113,6 +220,19 @@ fn clear_v6(harness: &mut DatapathHarness) {
     empty::<Be32x4, FrontendAddrV6>(harness, names::FRONTEND_ADDRS_V6);
     empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_V6);
     empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_NEW_V6);
+    empty::<FragKeyV6, FragValueV6>(harness, names::FRAGMENTS_V6);
+    empty::<AffinityKeyV6, AffinityValueV6>(harness, names::AFFINITY_V6);
+    let ranges = harness
+        .datapath
+        .ebpf
+        .map_mut(names::SOURCE_RANGES_V6)
+        .expect("the object has the IPv6 source ranges");
+    let mut ranges = LpmTrie::<_, SourceRangeV6, u8>::try_from(ranges).expect("a trie");
+    let keys: Vec<_> = ranges.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        // Gone already is as good as removed.
+        let _ = ranges.remove(&key);
+    }
 }
 
 /// Writes `frontends` into the IPv6 maps, in the syncer's order.
@@ -120,11 +240,13 @@ fn install_v6(harness: &mut DatapathHarness, frontends: &[Frontend6]) {
     let mut backend_id = 0u32;
     for (index, frontend) in frontends.iter().enumerate() {
         let addr = Be32x4::from_ipv6(*frontend.vip.ip());
-        map::<Be32x4, FrontendAddrV6>(harness, names::FRONTEND_ADDRS_V6)
+        let mut addrs = map::<Be32x4, FrontendAddrV6>(harness, names::FRONTEND_ADDRS_V6);
+        let kinds = addrs.get(&addr, 0).map_or(0, |found| found.kinds) | frontend.kinds;
+        addrs
             .insert(
                 addr,
                 FrontendAddrV6 {
-                    kinds: frontend_addr::CLUSTER_IP,
+                    kinds,
                     _pad: [0; 3],
                 },
                 0,
@@ -147,7 +269,11 @@ fn install_v6(harness: &mut DatapathHarness, frontends: &[Frontend6]) {
                         addr: Be32x4::from_ipv6(*backend.ip()),
                         port: Be16::from_host(backend.port()),
                         proto: frontend.proto,
-                        flags: 0,
+                        flags: if frontend.local {
+                            backend_flags::LOCAL
+                        } else {
+                            0
+                        },
                     },
                     0,
                 )
@@ -166,13 +292,30 @@ fn install_v6(harness: &mut DatapathHarness, frontends: &[Frontend6]) {
                 )
                 .expect("slot");
         }
+        let service_id = u32::try_from(index + 1).expect("few frontends");
+        let ranges = harness
+            .datapath
+            .ebpf
+            .map_mut(names::SOURCE_RANGES_V6)
+            .expect("the object has the IPv6 source ranges");
+        let mut ranges = LpmTrie::<_, SourceRangeV6, u8>::try_from(ranges).expect("a trie");
+        for &(range, len) in &frontend.source_ranges {
+            let data = SourceRangeV6 {
+                service_id: Be32::from_host(service_id),
+                addr: Be32x4::from_ipv6(range),
+            };
+            ranges
+                .insert(&Key::new(32 + u32::from(len), data), 1, 0)
+                .expect("source range");
+        }
         map::<ServiceKeyV6, ServiceValueV6>(harness, names::SERVICES_V6)
             .insert(
                 key,
                 ServiceValueV6 {
-                    service_id: u32::try_from(index + 1).expect("few frontends"),
+                    service_id,
                     count: u16::try_from(frontend.backends.len()).expect("few backends"),
                     flags: frontend.flags,
+                    affinity_timeout_s: frontend.affinity_timeout_s,
                     ..ServiceValueV6::default()
                 },
                 0,
@@ -246,14 +389,41 @@ fn verify_checksum(frame: &[u8], rest: &[u8]) {
     }
 }
 
+/// For an ICMPv6 error quoting the whole of a packet: checks the quoted packet's
+/// TCP/UDP checksum as [`verify_checksum`] does, with the quoted addresses. `false`
+/// when `frame` is no such error (nothing checked).
+fn verify_quoted_checksum(frame: &[u8]) -> bool {
+    let Some((start, 58)) = upper_layer(frame) else {
+        return false;
+    };
+    let inner = start + 8;
+    if frame[start] >= 128 || frame.len() < inner + 40 {
+        return false;
+    }
+    let inner_len = 40 + usize::from(u16::from_be_bytes([frame[inner + 4], frame[inner + 5]]));
+    if frame.len() != inner + inner_len {
+        return false;
+    }
+    let mut quoted = frame[..14].to_vec();
+    quoted.extend_from_slice(&frame[inner..]);
+    verify_checksum(&quoted, &[]);
+    true
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs `case` from empty maps; the first mismatch, described.
 fn run_case(harness: &mut DatapathHarness, case: &Case) -> Result<(), String> {
+    run_case_on(harness, case, &Node6::default())
+}
+
+/// [`run_case`] on a node with `node`'s settings.
+fn run_case_on(harness: &mut DatapathHarness, case: &Case, node: &Node6) -> Result<(), String> {
     harness.clear().map_err(|error| format!("{error:#}"))?;
     clear_v6(harness);
+    write_node6(harness, node);
     install_v6(harness, &case.frontends);
     for (index, step) in case.steps.iter().enumerate() {
         let context = format!("{}: step {} ({})", case.name, index + 1, step.hook.label());
@@ -329,12 +499,18 @@ fn cases() -> Vec<Case> {
             len: Some(24),
         }])
     };
-    let later = datagram.clone().with_ext(&[Ext6::Fragment {
-        offset: 3,
-        more: false,
-        id: 0x1234_5678,
-        len: None,
-    }]);
+    let later_of = |frame: Frame6| {
+        frame.with_ext(&[Ext6::Fragment {
+            offset: 3,
+            more: false,
+            id: 0x1234_5678,
+            len: None,
+        }])
+    };
+    let later = later_of(datagram.clone());
+    // The backend's answer, in the same split as the query's datagram.
+    let answer = Frame6::udp(dns_backend(), client(), &[7; 40]);
+    let too_big = Icmp6Error::PacketTooBig { mtu: 1280 };
     let solicitation = |dst: &str| Frame6 {
         transport: Transport6::NeighbourSolicitation,
         ..Frame6::tcp(client(), sock6(dst, 0), TcpFlags::SYN)
@@ -466,6 +642,30 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            name: "120 bytes of extension headers are walked; 128 are more than the walk takes",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &syn.clone().with_ext(&[Ext6::LongDestOpts { units: 15 }]),
+                    Verdict::Pass,
+                    Some(&syn_to_backend.clone().with_ext(&[Ext6::LongDestOpts { units: 15 }])),
+                ),
+                step(
+                    Hook::PodIngress,
+                    &syn.clone()
+                        .with_src(sock6("fd00:10:244:1::2", 40_001))
+                        .with_ext(&[Ext6::LongDestOpts { units: 16 }]),
+                    Verdict::Pass,
+                    None,
+                ),
+            ],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::IPV6_EXT_HEADERS_PASSED, 1),
+            ],
+        },
+        Case {
             name: "a routing header with segments left names a waypoint: passed untouched",
             frontends: vec![web.clone()],
             steps: vec![step(Hook::PodIngress, &waypoint, Verdict::Pass, None)],
@@ -475,7 +675,7 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
-            name: "a first fragment is translated; a later one has no ports and passes",
+            name: "a first fragment is translated, and the later one follows it",
             frontends: vec![dns.clone()],
             steps: vec![
                 step(
@@ -484,9 +684,198 @@ fn cases() -> Vec<Case> {
                     Verdict::Pass,
                     Some(&first(datagram.clone().with_dst(dns_backend()))),
                 ),
-                step(Hook::PodIngress, &later, Verdict::Pass, None),
+                step(
+                    Hook::PodIngress,
+                    &later,
+                    Verdict::Pass,
+                    Some(&later.clone().with_dst(dns_backend())),
+                ),
             ],
-            counters: vec![(counter::NEW_FLOW, 1), (counter::FRAGMENT_PASSED, 1)],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::FRAGMENT_TRANSLATED, 1),
+                (counter::FRAGMENT_PASSED, 0),
+            ],
+        },
+        Case {
+            name: "a reply's fragments are translated back at egress, the later one by the first's ports",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &query,
+                    Verdict::Pass,
+                    Some(&query.clone().with_dst(dns_backend())),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &first(answer.clone()),
+                    Verdict::Pass,
+                    Some(&first(answer.clone().with_src(vip_dns()))),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &later_of(answer.clone()),
+                    Verdict::Pass,
+                    Some(&later_of(answer.clone().with_src(vip_dns()))),
+                ),
+            ],
+            counters: vec![
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::FRAGMENT_TRANSLATED, 1),
+            ],
+        },
+        Case {
+            name: "a later fragment before its first (or of an unknown datagram) passes",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &later, Verdict::Pass, None),
+                step(
+                    Hook::PodIngress,
+                    &first(datagram.clone()),
+                    Verdict::Pass,
+                    Some(&first(datagram.clone().with_dst(dns_backend()))),
+                ),
+                step(Hook::PodEgress, &later_of(answer.clone()), Verdict::Pass, None),
+            ],
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::FRAGMENT_TRANSLATED, 0),
+                (counter::FRAGMENT_PASSED, 2),
+            ],
+        },
+        Case {
+            name: "a packet too big from a router about a request quotes the service to the client",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &syn, Verdict::Pass, Some(&syn_to_backend)),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &syn_to_backend, too_big, WHOLE),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(router(), &syn, too_big, WHOLE)),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "hop limit exceeded from a router about a request with extension headers",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &hbh_dest, Verdict::Pass, Some(&hbh_dest_out)),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &hbh_dest_out, Icmp6Error::HopLimitExceeded, WHOLE),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(router(), &hbh_dest, Icmp6Error::HopLimitExceeded, WHOLE)),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "a port unreachable from the backend itself comes from the service address",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &query,
+                    Verdict::Pass,
+                    Some(&query.clone().with_dst(dns_backend())),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(
+                        *dns_backend().ip(),
+                        &query.clone().with_dst(dns_backend()),
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    ),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(
+                        *vip_dns().ip(),
+                        &query,
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    )),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "the client's error about a reply goes to the backend, quoting the backend's reply",
+            frontends: vec![dns.clone()],
+            steps: vec![
+                step(
+                    Hook::PodIngress,
+                    &query,
+                    Verdict::Pass,
+                    Some(&query.clone().with_dst(dns_backend())),
+                ),
+                step(
+                    Hook::PodEgress,
+                    &answer,
+                    Verdict::Pass,
+                    Some(&answer.clone().with_src(vip_dns())),
+                ),
+                step(
+                    Hook::PodIngress,
+                    &Frame6::icmp_error(
+                        *client().ip(),
+                        &answer.clone().with_src(vip_dns()),
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    ),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(
+                        *client().ip(),
+                        &answer,
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    )),
+                ),
+            ],
+            counters: vec![
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::ICMP_ERROR_TRANSLATED, 1),
+            ],
+        },
+        Case {
+            name: "an error quoting only the ports of a TCP header is translated without its checksum",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(Hook::PodIngress, &syn, Verdict::Pass, Some(&syn_to_backend)),
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &syn_to_backend, too_big, 40 + 8),
+                    Verdict::Pass,
+                    Some(&Frame6::icmp_error(router(), &syn, too_big, 40 + 8)),
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        },
+        Case {
+            name: "an error about no flow we know passes untouched",
+            frontends: vec![web.clone()],
+            steps: vec![
+                step(
+                    Hook::PodEgress,
+                    &Frame6::icmp_error(router(), &syn_to_backend, too_big, WHOLE),
+                    Verdict::Pass,
+                    None,
+                ),
+                step(
+                    Hook::PodIngress,
+                    &Frame6::icmp_error(
+                        *client().ip(),
+                        &syn.reply(Transport6::Tcp(TcpFlags::SYN_ACK)),
+                        Icmp6Error::PortUnreachable,
+                        WHOLE,
+                    ),
+                    Verdict::Pass,
+                    None,
+                ),
+            ],
+            counters: vec![(counter::ICMP_ERROR_TRANSLATED, 0), (counter::NEW_FLOW, 0)],
         },
         Case {
             name: "neighbour solicitations, to a frontend address or its solicited-node group, are untouched",
@@ -515,7 +904,7 @@ fn cases() -> Vec<Case> {
             counters: vec![(counter::NEW_FLOW, 0)],
         },
         Case {
-            name: "source ranges have no IPv6 map yet: the frontend refuses every client",
+            name: "a frontend with source ranges, none of them the client's, drops",
             frontends: vec![Frontend6 {
                 flags: service_flags::SOURCE_RANGES,
                 ..web.clone()
@@ -581,6 +970,7 @@ fn ipv6_datapath_table() {
 #[test]
 fn ipv6_table_frames_have_right_checksums_by_an_independent_computation() {
     let mut checked = 0;
+    let mut quoted = 0;
     for case in cases() {
         for step in &case.steps {
             for frame in [Some(&step.input), step.output.as_ref()]
@@ -599,10 +989,14 @@ fn ipv6_table_frames_have_right_checksums_by_an_independent_computation() {
                     verify_checksum(frame, &[]);
                 }
                 checked += 1;
+                if verify_quoted_checksum(frame) {
+                    quoted += 1;
+                }
             }
         }
     }
     assert!(checked > 20, "only {checked} frames checked");
+    assert!(quoted >= 8, "only {quoted} quoted packets checked");
 }
 
 /// The program's own outputs, checked with the independent computation (rather than
@@ -648,6 +1042,33 @@ fn ipv6_outputs_have_right_checksums_by_an_independent_computation() {
     }]);
     let out = run(Hook::PodIngress, &datagram, Verdict::Pass);
     verify_checksum(&out, &[7; 24]);
+    // A router's packet too big about the translated SYN, and the client's port
+    // unreachable about a UDP reply: the outer and the quoted checksums.
+    let too_big = Frame6::icmp_error(
+        router(),
+        &Frame6::tcp(client(), backend(), TcpFlags::SYN).with_ext(&[Ext6::HopByHop]),
+        Icmp6Error::PacketTooBig { mtu: 1280 },
+        WHOLE,
+    );
+    let out = run(Hook::PodEgress, &too_big, Verdict::Pass);
+    assert_eq!(
+        &out[14 + 40 + 8 + 24..14 + 40 + 8 + 40],
+        &vip().ip().octets()
+    );
+    verify_checksum(&out, &[]);
+    assert!(verify_quoted_checksum(&out), "the whole quote");
+    let query = Frame6::udp(client(), vip_dns(), b"query");
+    run(Hook::PodIngress, &query, Verdict::Pass);
+    let unreachable = Frame6::icmp_error(
+        *client().ip(),
+        &Frame6::udp(vip_dns(), client(), b"answer"),
+        Icmp6Error::PortUnreachable,
+        WHOLE,
+    );
+    let out = run(Hook::PodIngress, &unreachable, Verdict::Pass);
+    assert_eq!(&out[14 + 24..14 + 40], &dns_backend().ip().octets());
+    verify_checksum(&out, &[]);
+    assert!(verify_quoted_checksum(&out), "the whole quote");
     let rejected = Frame6::tcp(client(), empty_vip(), TcpFlags::SYN);
     let out = run(Hook::PodIngress, &rejected, Verdict::Redirect);
     assert_eq!(
@@ -698,4 +1119,610 @@ fn a_new_ipv6_flow_records_both_directions_in_the_ipv6_conntrack() {
     );
     assert_eq!(reply.nat_src_addr, Be32x4::from_ipv6(*vip().ip()));
     assert_eq!(reply.nat_src_port, Be16::from_host(vip().port()));
+}
+
+/// The node-facing table: NodePort, LoadBalancer and ClusterIP from outside, SNAT
+/// with its one port, the reject, ICMPv6 errors and fragments of masqueraded flows.
+/// Run in an empty network namespace, where IPv6 forwarding is off and the FIB lookup
+/// refuses: the programs then pass the translated packet to the stack, so the verdict
+/// is Pass and the bytes are what is compared (the redirect: [`routed_cases`]).
+fn node_cases() -> Vec<(Case, Node6)> {
+    let snat = Node6 {
+        snat: Some(node()),
+        cluster_cidr: Some(cluster_cidr()),
+    };
+    let syn = Frame6::tcp(outside_client(), node_port(), TcpFlags::SYN);
+    let syn_ack = Transport6::Tcp(TcpFlags::SYN_ACK);
+    let masqueraded_syn = Frame6::tcp(masqueraded(), remote_backend(), TcpFlags::SYN);
+    let np_remote = external6(node_port(), &[remote_backend()], false);
+    let cluster_ip = frontend6(vip(), proto::TCP, &[remote_backend()]);
+    let backend_router: Ipv6Addr = "fd00:10:244:2::1".parse().expect("an IPv6 literal");
+    let datagram = |src, dst| Frame6::udp(src, dst, &[7; 40]);
+    let split = |frame: Frame6, first: bool| {
+        frame.with_ext(&[Ext6::Fragment {
+            offset: if first { 0 } else { 3 },
+            more: first,
+            id: 0x0bad_cafe,
+            len: first.then_some(24),
+        }])
+    };
+    let np_udp = Frontend6 {
+        proto: proto::UDP,
+        ..np_remote.clone()
+    };
+    vec![
+        (
+            Case {
+                name: "NodePort to a local backend: DNAT only, the reply leaves from the NodePort",
+                frontends: vec![external6(node_port(), &[local_backend()], true)],
+                steps: vec![
+                    step(
+                        Hook::NodeIngress,
+                        &syn,
+                        Verdict::Pass,
+                        Some(&syn.clone().with_dst(local_backend())),
+                    ),
+                    step(
+                        Hook::NodeEgress,
+                        &syn.clone().with_dst(local_backend()).reply(syn_ack),
+                        Verdict::Pass,
+                        Some(&syn.reply(syn_ack)),
+                    ),
+                ],
+                counters: vec![
+                    (counter::NEW_FLOW, 1),
+                    (counter::SNAT_FLOW, 0),
+                    (counter::REPLY_TRANSLATED, 1),
+                ],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "NodePort to a remote backend: DNAT and SNAT to the node's port, the reply translated back at ingress",
+                frontends: vec![np_remote.clone()],
+                steps: vec![
+                    step(Hook::NodeIngress, &syn, Verdict::Pass, Some(&masqueraded_syn)),
+                    step(
+                        Hook::NodeIngress,
+                        &masqueraded_syn.reply(syn_ack),
+                        Verdict::Pass,
+                        Some(&syn.reply(syn_ack)),
+                    ),
+                ],
+                counters: vec![
+                    (counter::NEW_FLOW, 1),
+                    (counter::SNAT_FLOW, 1),
+                    (counter::REPLY_TRANSLATED, 1),
+                ],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "the only SNAT port held by a live flow: a second client's flow is dropped",
+                frontends: vec![np_remote.clone()],
+                steps: vec![
+                    step(Hook::NodeIngress, &syn, Verdict::Pass, Some(&masqueraded_syn)),
+                    step(
+                        Hook::NodeIngress,
+                        &syn.clone().with_src(sock6("2001:db8:113::8", 40_000)),
+                        Verdict::Drop,
+                        None,
+                    ),
+                ],
+                counters: vec![(counter::SNAT_FLOW, 1), (counter::DROP_SNAT_PORTS, 1)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "no IPv6 masquerade address: a flow that needs SNAT is dropped",
+                frontends: vec![np_remote.clone()],
+                steps: vec![step(Hook::NodeIngress, &syn, Verdict::Drop, None)],
+                counters: vec![(counter::DROP_NO_SNAT_ADDR, 1), (counter::NEW_FLOW, 0)],
+            },
+            Node6 {
+                snat: None,
+                ..snat
+            },
+        ),
+        (
+            Case {
+                name: "LoadBalancer IP to a remote backend is masqueraded",
+                frontends: vec![external6(lb_ip(), &[remote_backend()], false)],
+                steps: vec![step(
+                    Hook::NodeIngress,
+                    &Frame6::tcp(outside_client(), lb_ip(), TcpFlags::SYN),
+                    Verdict::Pass,
+                    Some(&masqueraded_syn),
+                )],
+                counters: vec![(counter::SNAT_FLOW, 1)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "ClusterIP from another node's pod (inside the cluster CIDR): DNAT only",
+                frontends: vec![cluster_ip.clone()],
+                steps: vec![step(
+                    Hook::NodeIngress,
+                    &Frame6::tcp(other_node_pod(), vip(), TcpFlags::SYN),
+                    Verdict::Pass,
+                    Some(&Frame6::tcp(other_node_pod(), remote_backend(), TcpFlags::SYN)),
+                )],
+                counters: vec![(counter::NEW_FLOW, 1), (counter::SNAT_FLOW, 0)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "ClusterIP from outside the cluster CIDR is masqueraded",
+                frontends: vec![cluster_ip],
+                steps: vec![step(
+                    Hook::NodeIngress,
+                    &Frame6::tcp(outside_client(), vip(), TcpFlags::SYN),
+                    Verdict::Pass,
+                    Some(&masqueraded_syn),
+                )],
+                counters: vec![(counter::SNAT_FLOW, 1)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "LoadBalancer source ranges: a client inside one is served, one outside every range dropped",
+                frontends: vec![Frontend6 {
+                    flags: service_flags::EXTERNAL | service_flags::SOURCE_RANGES,
+                    source_ranges: vec![
+                        ("2001:db8:113::".parse().expect("an IPv6 literal"), 48),
+                        ("2001:db8:200::1".parse().expect("an IPv6 literal"), 128),
+                    ],
+                    ..external6(lb_ip(), &[remote_backend()], false)
+                }],
+                steps: vec![
+                    step(
+                        Hook::NodeIngress,
+                        &Frame6::tcp(outside_client(), lb_ip(), TcpFlags::SYN),
+                        Verdict::Pass,
+                        Some(&masqueraded_syn),
+                    ),
+                    step(
+                        Hook::NodeIngress,
+                        &Frame6::tcp(sock6("2001:db8:114::7", 40_000), lb_ip(), TcpFlags::SYN),
+                        Verdict::Drop,
+                        None,
+                    ),
+                    step(
+                        Hook::NodeIngress,
+                        &Frame6::tcp(sock6("2001:db8:200::2", 40_000), lb_ip(), TcpFlags::SYN),
+                        Verdict::Drop,
+                        None,
+                    ),
+                ],
+                counters: vec![(counter::SNAT_FLOW, 1), (counter::DROP_SOURCE_RANGE, 2)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "a pod reaching itself through its ClusterIP (hairpin) is masqueraded both ways",
+                frontends: vec![frontend6(vip(), proto::TCP, &[sock6("fd00:10:244:1::2", 8080)])],
+                steps: vec![
+                    step(
+                        Hook::PodIngress,
+                        &Frame6::tcp(client(), vip(), TcpFlags::SYN),
+                        Verdict::Pass,
+                        Some(&Frame6::tcp(
+                            masqueraded(),
+                            sock6("fd00:10:244:1::2", 8080),
+                            TcpFlags::SYN,
+                        )),
+                    ),
+                    step(
+                        Hook::PodIngress,
+                        &Frame6::tcp(sock6("fd00:10:244:1::2", 8080), masqueraded(), TcpFlags::SYN_ACK),
+                        Verdict::Pass,
+                        Some(&Frame6::tcp(vip(), client(), TcpFlags::SYN_ACK)),
+                    ),
+                    // Traffic to the node's address that belongs to no flow is the pod's own.
+                    step(
+                        Hook::PodIngress,
+                        &Frame6::tcp(client(), SocketAddrV6::new(node(), 22, 0, 0), TcpFlags::SYN),
+                        Verdict::Pass,
+                        None,
+                    ),
+                ],
+                counters: vec![
+                    (counter::HAIRPIN_FLOW, 1),
+                    (counter::SNAT_FLOW, 0),
+                    (counter::REPLY_TRANSLATED, 1),
+                    (counter::NEW_FLOW, 1),
+                ],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "a NodePort without endpoints answers port unreachable from the node's address",
+                frontends: vec![external6(node_port(), &[], false)],
+                steps: vec![Step {
+                    hook: Hook::NodeIngress,
+                    input: syn.to_bytes(),
+                    verdict: Verdict::Redirect,
+                    output: Some(port_unreachable_reply6(&syn)),
+                }],
+                counters: vec![(counter::REJECTED_NO_BACKEND, 1)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "a node port no frontend declares is the node's own: untouched",
+                frontends: vec![np_remote.clone()],
+                steps: vec![step(
+                    Hook::NodeIngress,
+                    &Frame6::tcp(outside_client(), SocketAddrV6::new(node(), 22, 0, 0), TcpFlags::SYN),
+                    Verdict::Pass,
+                    None,
+                )],
+                counters: vec![(counter::NEW_FLOW, 0)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "a router's packet too big about the masqueraded packet reaches the client about its own",
+                frontends: vec![np_remote.clone()],
+                steps: vec![
+                    step(Hook::NodeIngress, &syn, Verdict::Pass, Some(&masqueraded_syn)),
+                    step(
+                        Hook::NodeIngress,
+                        &Frame6::icmp_error(
+                            backend_router,
+                            &masqueraded_syn,
+                            Icmp6Error::PacketTooBig { mtu: 1280 },
+                            WHOLE,
+                        ),
+                        Verdict::Pass,
+                        Some(&Frame6::icmp_error(
+                            backend_router,
+                            &syn,
+                            Icmp6Error::PacketTooBig { mtu: 1280 },
+                            WHOLE,
+                        )),
+                    ),
+                ],
+                counters: vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "a NodePort datagram's fragments are masqueraded alike, the later by the first's ports",
+                frontends: vec![np_udp],
+                steps: vec![
+                    step(
+                        Hook::NodeIngress,
+                        &split(datagram(outside_client(), node_port()), true),
+                        Verdict::Pass,
+                        Some(&split(datagram(masqueraded(), remote_backend()), true)),
+                    ),
+                    step(
+                        Hook::NodeIngress,
+                        &split(datagram(outside_client(), node_port()), false),
+                        Verdict::Pass,
+                        Some(&split(datagram(masqueraded(), remote_backend()), false)),
+                    ),
+                ],
+                counters: vec![
+                    (counter::SNAT_FLOW, 1),
+                    (counter::FRAGMENT_TRANSLATED, 1),
+                ],
+            },
+            snat,
+        ),
+    ]
+}
+
+/// The routed namespace's link: MTU, the gateway towards the other nodes' pods and
+/// the outside clients.
+const ROUTED_MTU: u16 = 1400;
+const ROUTED_GATEWAY: &str = "fd00:192:168:1::1";
+
+/// Cases of the redirect path, run where the routes of `ipv6_routed_datapath_table`
+/// exist: the hop limit decremented on each redirect, both ways; hop limit 1 answered
+/// with time exceeded and a packet bigger than the route's MTU with packet too big,
+/// both quoting the packet as the client sent it, from the address it sent to.
+fn routed_cases() -> Vec<(Case, Node6)> {
+    let snat = Node6 {
+        snat: Some(node()),
+        cluster_cidr: Some(cluster_cidr()),
+    };
+    let np = external6(node_port(), &[remote_backend()], false);
+    let syn = Frame6::tcp(outside_client(), node_port(), TcpFlags::SYN);
+    let masqueraded_syn = Frame6::tcp(masqueraded(), remote_backend(), TcpFlags::SYN);
+    let syn_ack = Transport6::Tcp(TcpFlags::SYN_ACK);
+    let hop = |mut frame: Frame6, hop_limit| {
+        frame.hop_limit = hop_limit;
+        frame
+    };
+    let mut big = Frame6::tcp(outside_client(), node_port(), TcpFlags::ACK);
+    big.payload = vec![0x11; usize::from(ROUTED_MTU)];
+    let mut fits = big.clone();
+    // The IPv6 header (40) and TCP header (20) with the payload fill the MTU exactly.
+    fits.payload.truncate(usize::from(ROUTED_MTU) - 60);
+    let mut fits_out = hop(
+        Frame6::tcp(masqueraded(), remote_backend(), TcpFlags::ACK),
+        63,
+    );
+    fits_out.payload = fits.payload.clone();
+    vec![
+        (
+            Case {
+                name: "NodePort to a remote backend is redirected with the hop limit decremented, and so is its reply",
+                frontends: vec![np.clone()],
+                steps: vec![
+                    step(
+                        Hook::NodeIngress,
+                        &syn,
+                        Verdict::Redirect,
+                        Some(&hop(masqueraded_syn.clone(), 63)),
+                    ),
+                    step(
+                        Hook::NodeIngress,
+                        &masqueraded_syn.reply(syn_ack),
+                        Verdict::Redirect,
+                        Some(&hop(syn.reply(syn_ack), 63)),
+                    ),
+                ],
+                counters: vec![(counter::REDIRECTED, 2), (counter::SNAT_FLOW, 1)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "hop limit 1 is answered with time exceeded, quoting the packet untranslated",
+                frontends: vec![np.clone()],
+                steps: vec![Step {
+                    hook: Hook::NodeIngress,
+                    input: hop(syn.clone(), 1).to_bytes(),
+                    verdict: Verdict::Redirect,
+                    output: Some(icmp6_reply(&hop(syn.clone(), 1), Icmp6Error::HopLimitExceeded)),
+                }],
+                counters: vec![(counter::TIME_EXCEEDED_SENT, 1), (counter::REDIRECTED, 0)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "a packet bigger than the route's MTU is answered with packet too big (MTU 1400); one that fits is redirected",
+                frontends: vec![np],
+                steps: vec![
+                    step(Hook::NodeIngress, &syn, Verdict::Redirect, Some(&hop(masqueraded_syn, 63))),
+                    Step {
+                        hook: Hook::NodeIngress,
+                        input: big.to_bytes(),
+                        verdict: Verdict::Redirect,
+                        output: Some(icmp6_reply(
+                            &big,
+                            Icmp6Error::PacketTooBig {
+                                mtu: u32::from(ROUTED_MTU),
+                            },
+                        )),
+                    },
+                    step(Hook::NodeIngress, &fits, Verdict::Redirect, Some(&fits_out)),
+                ],
+                counters: vec![(counter::FRAG_NEEDED_SENT, 1), (counter::REDIRECTED, 2)],
+            },
+            snat,
+        ),
+    ]
+}
+
+/// Runs `cases` in `netns` (whose FIB the lookups see, never the machine's) and
+/// asserts they all pass.
+fn run_cases_in(netns: &Netns, cases: Vec<(Case, Node6)>) {
+    let failures = netns
+        .run(move || {
+            let mut harness = DatapathHarness::new()?;
+            let mut failures = Vec::new();
+            for (case, node) in &cases {
+                if let Err(error) = run_case_on(&mut harness, case, node) {
+                    failures.push(error);
+                }
+            }
+            Ok(failures)
+        })
+        .expect("run in the namespace");
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn ipv6_node_datapath_table() {
+    let netns =
+        Netns::create(&format!("{}-dp6", kpr_lab::netns::unique_prefix())).expect("namespace");
+    run_cases_in(&netns, node_cases());
+}
+
+#[test]
+fn ipv6_routed_datapath_table() {
+    // A namespace whose only link (a veth pair of its own) has MTU 1400 and a gateway
+    // with a fixed neighbour entry, so the FIB lookup succeeds.
+    let netns =
+        Netns::create(&format!("{}-rt6", kpr_lab::netns::unique_prefix())).expect("namespace");
+    let mtu = ROUTED_MTU.to_string();
+    for command in [
+        vec!["link", "set", "lo", "up"],
+        vec!["link", "add", "up0", "type", "veth", "peer", "name", "up1"],
+        vec!["link", "set", "up0", "mtu", &mtu, "up"],
+        vec!["link", "set", "up1", "up"],
+        vec![
+            "-6",
+            "addr",
+            "add",
+            "fd00:192:168:1::10/64",
+            "dev",
+            "up0",
+            "nodad",
+        ],
+        vec![
+            "-6",
+            "neigh",
+            "add",
+            ROUTED_GATEWAY,
+            "lladdr",
+            "02:00:00:00:00:aa",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "-6",
+            "route",
+            "add",
+            "fd00:10:244:2::/64",
+            "via",
+            ROUTED_GATEWAY,
+        ],
+        vec!["-6", "route", "add", "2001:db8::/32", "via", ROUTED_GATEWAY],
+        // This node's pods, behind their veth (here the pair's other end).
+        vec!["-6", "route", "add", "fd00:10:244:1::/64", "dev", "up1"],
+    ] {
+        netns.ip(&command).expect("routed namespace");
+    }
+    netns
+        .sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("forwarding");
+    run_cases_in(&netns, routed_cases());
+}
+
+/// Every frame the node tables expect out (which the program's output must equal byte
+/// for byte) and every input has a right checksum by the independent computation:
+/// the masqueraded and redirected packets, replies translated back, the errors the
+/// redirect path answers with, the translated ICMPv6 error (and its quoted packet).
+#[test]
+fn ipv6_node_table_frames_have_right_checksums_by_an_independent_computation() {
+    let mut quoted = 0;
+    for (case, _) in node_cases().into_iter().chain(routed_cases()) {
+        for step in &case.steps {
+            for frame in [Some(&step.input), step.output.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                match upper_layer(frame) {
+                    None => {}
+                    Some(_) if frame[14 + 6] == 44 => verify_checksum(frame, &[7; 24]),
+                    Some(_) => verify_checksum(frame, &[]),
+                }
+                if verify_quoted_checksum(frame) {
+                    quoted += 1;
+                }
+            }
+        }
+    }
+    assert!(quoted >= 2, "only {quoted} quoted packets checked");
+}
+
+/// Session affinity per client address: every flow of one client goes to the backend
+/// its first flow got (of three), and the record names that client; without affinity
+/// the flows spread.
+#[test]
+fn ipv6_affinity_keeps_a_client_on_its_backend() {
+    let backends = [
+        sock6("fd00:10:244:1::11", 8080),
+        sock6("fd00:10:244:1::12", 8080),
+        sock6("fd00:10:244:1::13", 8080),
+    ];
+    let run_flows = |frontend: Frontend6| {
+        let mut harness = DatapathHarness::new().expect("load datapath");
+        harness.clear().expect("clear");
+        clear_v6(&mut harness);
+        install_v6(&mut harness, &[frontend]);
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 0..16 {
+            let syn = Frame6::tcp(
+                sock6("fd00:10:244:1::2", 40_000 + port),
+                vip(),
+                TcpFlags::SYN,
+            );
+            let output = harness
+                .run_on(Hook::PodIngress, &syn.to_bytes(), 1)
+                .expect("test run");
+            assert_eq!(output.verdict, Verdict::Pass as i32);
+            verify_checksum(&output.packet, &[]);
+            seen.insert(output.packet[14 + 24..14 + 40].to_vec());
+        }
+        let hits =
+            harness.datapath.maps.counters().expect("counters")[counter::AFFINITY_HIT as usize];
+        (harness, seen, hits)
+    };
+    let sticky = Frontend6 {
+        flags: service_flags::AFFINITY,
+        affinity_timeout_s: 10_800,
+        ..frontend6(vip(), proto::TCP, &backends)
+    };
+    let (mut harness, seen, hits) = run_flows(sticky);
+    assert_eq!(seen.len(), 1, "one backend for every flow of the client");
+    assert_eq!(hits, 15, "the first flow chose, the others hit");
+    let chosen = seen.into_iter().next().expect("one");
+    assert!(
+        backends
+            .iter()
+            .any(|backend| backend.ip().octets()[..] == chosen[..]),
+        "a backend of the service"
+    );
+    let records: Vec<AffinityKeyV6> =
+        map::<AffinityKeyV6, AffinityValueV6>(&mut harness, names::AFFINITY_V6)
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+    assert_eq!(
+        records,
+        vec![AffinityKeyV6 {
+            client_addr: Be32x4::from_ipv6("fd00:10:244:1::2".parse().expect("literal")),
+            service_id: 1,
+        }]
+    );
+    // Sixteen random picks of three land on one backend with probability 3^-15.
+    let (_, seen, hits) = run_flows(frontend6(vip(), proto::TCP, &backends));
+    assert!(seen.len() > 1, "without affinity the flows spread");
+    assert_eq!(hits, 0);
+}
+
+/// The IPv6 paths made the TC programs the dearest the verifier checks (each IPv6
+/// stage is re-verified for every state that reaches it): each must stay well inside
+/// the kernel's limit of 1,000,000 instructions processed, so that the next stage
+/// added is not the one that makes the object fail to load on every machine.
+#[test]
+fn tc_programs_leave_the_verifier_headroom() {
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    let mut report = Vec::new();
+    for hook in [
+        Hook::PodIngress,
+        Hook::PodEgress,
+        Hook::NodeIngress,
+        Hook::NodeEgress,
+    ] {
+        let program = harness.datapath.program(hook).expect("program");
+        let count = program
+            .info()
+            .expect("program info")
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions");
+        report.push((hook.label(), count));
+    }
+    eprintln!("verified instructions: {report:?}");
+    for (label, count) in report {
+        assert!(
+            count < 750_000,
+            "{label}: {count} instructions verified, near the limit"
+        );
+    }
 }

@@ -419,7 +419,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 23] = [
+pub const ALL_MAPS: [&str; 27] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -439,13 +439,18 @@ pub const ALL_MAPS: [&str; 23] = [
     names::SERVICE_CIDR_V4,
     proxy_common::service_stats::NAME,
     // The IPv6 tables (issue 13): pinned and adopted like the rest; the datapath
-    // fills the conntrack ones, nothing in the agent writes the others yet, and tests
-    // reach them through `Datapath::ebpf` by these names.
+    // fills the conntrack, fragment and affinity ones, nothing in the agent writes the
+    // others yet (frontends, backends, source ranges, the IPv6 config), and tests reach
+    // them through `Datapath::ebpf` by these names.
     names::SERVICES_V6,
     names::BACKENDS_V6,
     names::CONNTRACK_V6,
     names::CONNTRACK_NEW_V6,
     names::FRONTEND_ADDRS_V6,
+    names::FRAGMENTS_V6,
+    names::CONFIG_V6,
+    names::AFFINITY_V6,
+    names::SOURCE_RANGES_V6,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
