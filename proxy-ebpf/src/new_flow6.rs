@@ -12,8 +12,8 @@
 //! ingress and routed by the kernel, its replies translated back at the egress of the
 //! client's interface, after routing. A flow from outside to a remote backend is sent
 //! to its next hop both ways ([`crate::forward6`]), as for IPv4. Netfilter thus sees
-//! each flow both ways or not at all. A pod reaching itself through a service (hairpin)
-//! is masqueraded and redirected both ways, as for IPv4. Not in IPv6 yet: `kpr trace`.
+//! each flow both ways or not at all. Not in IPv6 yet: hairpin (a pod reaching itself),
+//! session affinity, source ranges (refused), `kpr trace`.
 //!
 //! The stages are BPF-to-BPF calls ([`crate::parse6::parse`] says why); this frame
 //! holds the packet and its entry, which they fill.
@@ -60,15 +60,13 @@ fn try_pod_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     if !parse6::parse(skb, &mut pkt) {
         return Ok(PASS);
     }
-    // The lean path: a packet to no frontend address (nor to the node's masquerade
-    // address, where a pod that reached itself answers) is a pod's own traffic, or the
+    // The lean path: a packet to no frontend address is a pod's own traffic, or the
     // reply of a local backend (or an error travelling as one), which is translated at
     // the client's egress. A later fragment has its addresses, so this comes before
     // the fragment map is asked for its ports.
-    let cluster_ip = match service6::classify(&pkt.tuple.dst_addr) {
-        Destination::Frontend { cluster_ip } => cluster_ip,
-        _ if is_snat_addr(&pkt.tuple.dst_addr) => false,
-        _ => return Ok(PASS),
+    let destination = service6::classify(&pkt.tuple.dst_addr);
+    let Destination::Frontend { cluster_ip } = destination else {
+        return Ok(PASS);
     };
     if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
         return Ok(PASS);
@@ -76,7 +74,10 @@ fn try_pod_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     let mut entry = CtEntryV6::default();
     if conntrack6::lookup(&pkt, now, &mut entry) {
         fragments6::remember(&pkt, now);
-        return forward6::known_flow(skb, &pkt, &entry);
+        if entry.flags & ct_flags::REPLY == 0 {
+            nat6::translate(skb, &pkt, &entry)?;
+        }
+        return Ok(PASS);
     }
     // An error or a later fragment of no flow we know is not ours.
     if pkt.kind != Kind::Transport {
@@ -150,27 +151,17 @@ fn try_node_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     new_flow(skb, &pkt, now, Origin::Outside, cluster_ip, &mut entry)
 }
 
-/// Whether `addr` is the node's IPv6 masquerade address.
-#[inline(always)]
-fn is_snat_addr(addr: &Be32x4) -> bool {
-    maps::config_v6().is_some_and(|config| config.has_snat_addr() && config.snat_addr == *addr)
-}
-
-/// Whether a new flow is masqueraded to the node's IPv6 address, by
-/// [`crate::new_flow`]'s rule. From a pod: only when the pod reaches itself (hairpin),
-/// whose own reply would otherwise never leave it. From outside: a remote backend of a
-/// NodePort, externalIP or LoadBalancer frontend, or of a ClusterIP reached from
-/// outside the cluster CIDR, so its replies come back here; local backends never are.
+/// Whether a new flow from outside the node is masqueraded to the node's IPv6
+/// address, by [`crate::new_flow`]'s rule: a remote backend of a NodePort, externalIP
+/// or LoadBalancer frontend, or of a ClusterIP reached from outside the cluster CIDR,
+/// so its replies come back here. Local backends never are; flows from pods are not in
+/// this slice (a pod reaching itself, the hairpin, has no IPv6 masquerade yet).
 #[inline(always)]
 fn needs_masquerade(origin: Origin, client: &Be32x4, chosen: &Chosen) -> bool {
-    match origin {
-        Origin::Pod => chosen.backend.addr == *client,
-        Origin::Outside => {
-            chosen.backend.flags & backend_flags::LOCAL == 0
-                && (chosen.frontend_flags & service_flags::EXTERNAL != 0
-                    || !maps::config_v6().is_some_and(|config| config.in_cluster_cidr(client)))
-        }
-    }
+    origin == Origin::Outside
+        && chosen.backend.flags & backend_flags::LOCAL == 0
+        && (chosen.frontend_flags & service_flags::EXTERNAL != 0
+            || !maps::config_v6().is_some_and(|config| config.in_cluster_cidr(client)))
 }
 
 /// The first packet of a flow to a frontend address: the frontend's backend, or the
@@ -179,9 +170,9 @@ fn needs_masquerade(origin: Origin, client: &Be32x4, chosen: &Chosen) -> bool {
 /// flow's entry.
 ///
 /// A flow from a pod, and one to a local backend, go through the stack both ways
-/// ([`ct_flags::VIA_STACK`]); the others (from outside to a remote backend, a pod
-/// reaching itself) are sent to their next hop ([`crate::forward6`]), masqueraded
-/// ([`crate::snat6`]) when [`needs_masquerade`] says so.
+/// ([`ct_flags::VIA_STACK`]); the others (from outside to a remote backend) are sent
+/// to their next hop ([`crate::forward6`]), masqueraded ([`crate::snat6`]) when
+/// [`needs_masquerade`] says so.
 #[inline(always)]
 fn new_flow(
     skb: *mut __sk_buff,
@@ -229,11 +220,7 @@ fn new_flow(
         });
     }
     if masquerade {
-        stats::count(if origin == Origin::Pod {
-            counter::HAIRPIN_FLOW
-        } else {
-            counter::SNAT_FLOW
-        });
+        stats::count(counter::SNAT_FLOW);
     }
     fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);

@@ -1306,44 +1306,6 @@ fn node_cases() -> Vec<(Case, Node6)> {
         ),
         (
             Case {
-                name: "a pod reaching itself through its ClusterIP (hairpin) is masqueraded both ways",
-                frontends: vec![frontend6(vip(), proto::TCP, &[sock6("fd00:10:244:1::2", 8080)])],
-                steps: vec![
-                    step(
-                        Hook::PodIngress,
-                        &Frame6::tcp(client(), vip(), TcpFlags::SYN),
-                        Verdict::Pass,
-                        Some(&Frame6::tcp(
-                            masqueraded(),
-                            sock6("fd00:10:244:1::2", 8080),
-                            TcpFlags::SYN,
-                        )),
-                    ),
-                    step(
-                        Hook::PodIngress,
-                        &Frame6::tcp(sock6("fd00:10:244:1::2", 8080), masqueraded(), TcpFlags::SYN_ACK),
-                        Verdict::Pass,
-                        Some(&Frame6::tcp(vip(), client(), TcpFlags::SYN_ACK)),
-                    ),
-                    // Traffic to the node's address that belongs to no flow is the pod's own.
-                    step(
-                        Hook::PodIngress,
-                        &Frame6::tcp(client(), SocketAddrV6::new(node(), 22, 0, 0), TcpFlags::SYN),
-                        Verdict::Pass,
-                        None,
-                    ),
-                ],
-                counters: vec![
-                    (counter::HAIRPIN_FLOW, 1),
-                    (counter::SNAT_FLOW, 0),
-                    (counter::REPLY_TRANSLATED, 1),
-                    (counter::NEW_FLOW, 1),
-                ],
-            },
-            snat,
-        ),
-        (
-            Case {
                 name: "a NodePort without endpoints answers port unreachable from the node's address",
                 frontends: vec![external6(node_port(), &[], false)],
                 steps: vec![Step {
