@@ -1370,7 +1370,10 @@ impl DatapathHarness {
     ) -> Result<()> {
         self.datapath.maps.set_config(&node.config())?;
         let desired = Desired {
-            frontends: frontends.iter().cloned().collect(),
+            frontends: frontends
+                .iter()
+                .map(|(key, spec)| (*key, std::sync::Arc::new(spec.clone())))
+                .collect(),
             local_endpoints: node.local_backends.iter().copied().collect(),
             source_ranges: if node.source_ranges.is_empty() {
                 std::collections::BTreeMap::new()

@@ -98,7 +98,7 @@ type SourceRanges = BTreeSet<(Ipv4Addr, u8)>;
 /// at 50 000 services (a map node holds eleven entries, however few it has).
 #[derive(Debug)]
 struct ServiceOutput {
-    frontends: Box<[(FrontendKey, FrontendSpec)]>,
+    frontends: Box<[(FrontendKey, Arc<FrontendSpec>)]>,
     local_endpoints: Box<[Ipv4Addr]>,
     source_ranges: Box<[(ServicePortName, SourceRanges)]>,
     health_checks: Box<[(u16, ServiceHealth)]>,
@@ -669,7 +669,7 @@ impl IncrementalModel {
     fn set_frontend(
         &mut self,
         key: FrontendKey,
-        spec: Option<FrontendSpec>,
+        spec: Option<Arc<FrontendSpec>>,
         changes: &mut ModelChanges,
     ) {
         if self.desired.frontends.get(&key) == spec.as_ref() {
@@ -683,7 +683,7 @@ impl IncrementalModel {
             self.index_backends(&key, &spec, true);
             self.desired.frontends.insert(key, spec);
         }
-        let port = before.map(|before| before.service_port);
+        let port = before.map(|before| before.service_port.clone());
         changes.frontends.entry(key).or_insert(port);
     }
 

@@ -220,7 +220,9 @@ pub struct ServiceHealth {
 /// Everything the datapath should hold, plus what was skipped and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
+    /// Each spec shared with the output of the service that holds it (the model keeps
+    /// both).
+    pub frontends: BTreeMap<FrontendKey, std::sync::Arc<FrontendSpec>>,
     /// Addresses of endpoints on this node (their backends need no SNAT from outside).
     pub local_endpoints: BTreeSet<Ipv4Addr>,
     /// loadBalancerSourceRanges (IPv4 CIDRs) of service ports whose LoadBalancer
@@ -876,7 +878,7 @@ impl ServiceContext<'_> {
         if key.scope == scope::DEFAULT {
             self.claims.borrow_mut().insert(key, self.claim(spec.kind));
         }
-        out.frontends.insert(key, spec);
+        out.frontends.insert(key, std::sync::Arc::new(spec));
         true
     }
 }

@@ -385,7 +385,7 @@ mod tests {
                     proto: proto::TCP,
                     scope: scope::DEFAULT,
                 },
-                FrontendSpec {
+                std::sync::Arc::new(FrontendSpec {
                     service_port: ServicePortName {
                         service: ObjectKey {
                             namespace: "default".into(),
@@ -398,7 +398,7 @@ mod tests {
                     backends: Vec::new(),
                     flags: 0,
                     affinity_timeout_s: 0,
-                },
+                }),
             );
         }
         out

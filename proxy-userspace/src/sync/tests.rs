@@ -323,7 +323,10 @@ impl Fe {
 
 fn desired(frontends: &[Fe]) -> Desired {
     Desired {
-        frontends: frontends.iter().map(|fe| (fe.key, fe.spec())).collect(),
+        frontends: frontends
+            .iter()
+            .map(|fe| (fe.key, std::sync::Arc::new(fe.spec())))
+            .collect(),
         ..Desired::default()
     }
 }
@@ -925,7 +928,7 @@ fn a_frontend_using_every_slot_syncs_and_shrinks() {
     };
     let key = fe("web", 10, &[]).key;
     let desired_with = |count| Desired {
-        frontends: [(key, spec(count))].into(),
+        frontends: [(key, std::sync::Arc::new(spec(count)))].into(),
         ..Desired::default()
     };
     let mut fake = FakeMaps {
