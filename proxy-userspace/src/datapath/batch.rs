@@ -168,16 +168,28 @@ impl Maps {
             .iter()
             .map(|(addr, value)| (proxy_common::Be32::from_ipv4(*addr).0, *value))
             .unzip();
-        let applied = match write(&self.frontend_addrs, &keys, Some(&values)) {
-            Batch::Applied(applied) => applied.min(entries.len()),
-            Batch::Refused => 0,
-        };
-        let mut done = applied;
-        for (addr, value) in &entries[applied..] {
-            if let Err(message) = self.put_frontend_addr(*addr, *value) {
-                return (done, Some(message));
+        let mut done = 0;
+        while done < entries.len() {
+            match write(&self.frontend_addrs, &keys[done..], Some(&values[done..])) {
+                Batch::Applied(applied) => {
+                    done += applied.min(entries.len() - done);
+                    if let Some((addr, value)) = entries.get(done) {
+                        // The kernel stopped here: this entry alone says why.
+                        if let Err(message) = self.put_frontend_addr(*addr, *value) {
+                            return (done, Some(message));
+                        }
+                        done += 1;
+                    }
+                }
+                Batch::Refused => {
+                    for (addr, value) in &entries[done..] {
+                        if let Err(message) = self.put_frontend_addr(*addr, *value) {
+                            return (done, Some(message));
+                        }
+                        done += 1;
+                    }
+                }
             }
-            done += 1;
         }
         (done, None)
     }

@@ -167,14 +167,13 @@ impl FrontendAddrs {
         addrs: &BTreeSet<Ipv4Addr>,
         writer: &mut impl AddrWriter,
     ) -> Vec<AddrWriteError> {
-        let mut errors = Vec::new();
-        for &addr in addrs {
-            let kinds = desired_kinds_at(desired, addr);
-            if kinds != 0 {
-                let with_old = kinds | self.held.get(&addr).copied().unwrap_or(0);
-                self.put(addr, with_old, writer, &mut errors);
-            }
-        }
+        let wanted: Vec<(Ipv4Addr, u8)> = addrs
+            .iter()
+            .map(|&addr| (addr, desired_kinds_at(desired, addr)))
+            .filter(|&(_, kinds)| kinds != 0)
+            .map(|(addr, kinds)| (addr, kinds | self.held.get(&addr).copied().unwrap_or(0)))
+            .collect();
+        let errors = self.put_all(wanted, writer);
         self.incremental_ready &= errors.is_empty();
         errors
     }
