@@ -7,7 +7,7 @@
 //! the metrics and conntrack GC ticks, and shutdown ([`Agent::finish`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -32,8 +32,8 @@ use crate::{
     healthcheck::HealthCheckServers,
     metrics::{AttachLabels, DriftLabels, MapLabels, Metrics, ReasonLabels},
     model::{
-        Desired, Diagnostic, DiagnosticReason, FrontendKey, IncrementalModel, ModelChanges,
-        ModelSettings,
+        Desired, Diagnostic, DiagnosticReason, FamilyDesired, FrontendKey, IncrementalModel,
+        ModelChanges, ModelSettings,
     },
     names,
     service_counters::{self, ServiceCounters},
@@ -66,6 +66,11 @@ pub struct AgentConfig {
     pub node_port_filters: Vec<NodePortFilter>,
     /// The masquerade address (`None`: the first address of the external interfaces).
     pub node_ip: Option<std::net::Ipv4Addr>,
+    /// The IPv6 masquerade address (`None`: the first global IPv6 address of the
+    /// external interfaces).
+    pub node_ip_v6: Option<std::net::Ipv6Addr>,
+    /// The IPv6 half of kube-proxy's clusterCIDR.
+    pub cluster_cidr_v6: Option<(std::net::Ipv6Addr, u8)>,
     /// The cgroup v2 directory whose processes (and their descendants') get the
     /// socket-layer hooks that translate for host-network clients. `None`: no cgroup
     /// hook at all (the default: attaching is a node-wide decision, and a lab or test
@@ -121,25 +126,42 @@ pub struct MapDemand {
     /// Distinct backends.
     pub backends: usize,
     pub source_ranges: usize,
+    /// The same for the IPv6 maps.
+    pub services_v6: usize,
+    pub backends_v6: usize,
+    pub source_ranges_v6: usize,
+}
+
+/// `(service entries, distinct backends, source ranges)` one family fills.
+fn family_demand<F: crate::family::Family>(part: &FamilyDesired<F>) -> (usize, usize, usize) {
+    let backends: std::collections::HashSet<(F::Socket, u8)> = part
+        .frontends
+        .iter()
+        .flat_map(|(key, spec)| spec.backends.iter().map(|addr| (*addr, key.proto)))
+        .collect();
+    (
+        part.frontends
+            .values()
+            .map(|spec| 1 + spec.backends.len())
+            .sum(),
+        backends.len(),
+        part.source_ranges.values().map(BTreeSet::len).sum(),
+    )
 }
 
 impl MapDemand {
     /// What `desired` fills in the maps.
     #[must_use]
     pub fn of(desired: &Desired) -> Self {
-        let backends: std::collections::HashSet<(std::net::SocketAddrV4, u8)> = desired
-            .frontends
-            .iter()
-            .flat_map(|(key, spec)| spec.backends.iter().map(|addr| (*addr, key.proto)))
-            .collect();
+        let (services, backends, source_ranges) = family_demand(&desired.v4);
+        let (services_v6, backends_v6, source_ranges_v6) = family_demand(&desired.v6);
         Self {
-            services: desired
-                .frontends
-                .values()
-                .map(|spec| 1 + spec.backends.len())
-                .sum(),
-            backends: backends.len(),
-            source_ranges: desired.source_ranges.values().map(BTreeSet::len).sum(),
+            services,
+            backends,
+            source_ranges,
+            services_v6,
+            backends_v6,
+            source_ranges_v6,
         }
     }
 }
@@ -165,6 +187,13 @@ fn load_options(config: &AgentConfig, demand: &MapDemand) -> LoadOptions {
         source_ranges_max: Some(grown_for(
             sizes.source_ranges.unwrap_or(capacity::SOURCE_RANGES_V4),
             demand.source_ranges,
+        )),
+        // The IPv6 maps from their own defaults, grown as the IPv4 ones are.
+        services_v6_max: Some(grown_for(capacity::SERVICES_V6, demand.services_v6)),
+        backends_v6_max: Some(grown_for(capacity::BACKENDS_V6, demand.backends_v6)),
+        source_ranges_v6_max: Some(grown_for(
+            capacity::SOURCE_RANGES_V6,
+            demand.source_ranges_v6,
         )),
     }
 }
@@ -323,6 +352,10 @@ struct Agent {
     syncer: Syncer,
     /// The frontend address set, kept in step with the syncer's frontends.
     frontend_addrs: FrontendAddrs,
+    /// The IPv6 syncer and address set: the same code on the IPv6 maps, its own
+    /// backend and service ids (see `crate::family`).
+    syncer6: Syncer<Ipv6Addr>,
+    frontend_addrs6: FrontendAddrs<Ipv6Addr>,
     attachments: Attachments,
     cgroup_hooks: Option<CgroupHooks>,
     health: SyncHealth,
@@ -379,6 +412,9 @@ impl Agent {
         model_settings
             .node_port_addresses
             .clone_from(&node.node_port_addresses);
+        model_settings
+            .node_port_addresses_v6
+            .clone_from(&node.node_port_addresses_v6);
         let mut model = IncrementalModel::default();
         let model_started = Instant::now();
         let pending = model.update(&first.state, &model_settings);
@@ -401,6 +437,10 @@ impl Agent {
             .maps
             .set_config(&datapath_config(&config, &node))
             .context("writing the datapath settings")?;
+        datapath
+            .maps
+            .set_config_v6(&datapath_config_v6(&config, &node))
+            .context("writing the IPv6 datapath settings")?;
         socket_lb::configure(&mut datapath, &config)?;
         let map_pins = MapPins::record(&config.pin_dir, &crate::datapath::ALL_MAPS)
             .context("reading the map pins")?;
@@ -427,6 +467,20 @@ impl Agent {
             .maps
             .read_frontend_addrs()
             .context("reading the pinned frontend address set")?;
+        let mirror6 = datapath
+            .maps
+            .v6
+            .read_mirror()
+            .context("reading pinned IPv6 maps")?;
+        let syncer6 = Syncer::adopt(mirror6).with_capacity(SyncCapacity {
+            services: capacities.services_v6 as usize,
+            backends: capacities.backends_v6 as usize,
+        });
+        let frontend_addrs6 = datapath
+            .maps
+            .v6
+            .read_frontend_addrs()
+            .context("reading the pinned IPv6 frontend address set")?;
         datapath
             .maps
             .set_service_cidr(&config.service_cidr)
@@ -453,6 +507,8 @@ impl Agent {
             model_settings,
             syncer,
             frontend_addrs,
+            syncer6,
+            frontend_addrs6,
             attachments,
             cgroup_hooks,
             health,
@@ -560,6 +616,7 @@ impl Agent {
     async fn apply_desired(&mut self) {
         let Some(PassOutcome {
             report,
+            complete,
             health_checks_changed,
             full,
         }) = self.sync_pass()
@@ -596,7 +653,7 @@ impl Agent {
         // kube-proxy's rule: healthy again once a pass has written the maps; a pass
         // that could not write them leaves the change pending (unhealthy once it has
         // waited too long). A frontend that does not fit is logged and counted only.
-        if report.complete() {
+        if complete {
             self.health.synced();
         }
         self.refresh_metrics();
@@ -828,6 +885,7 @@ impl Agent {
             self.snapshot.take(),
             std::mem::take(&mut self.model),
             std::mem::take(&mut self.syncer),
+            std::mem::take(&mut self.syncer6),
         );
         let _ = std::thread::Builder::new()
             .name("kpr-free".into())
@@ -896,7 +954,9 @@ impl Agent {
         let changes = std::mem::take(&mut self.pending);
         let full = changes.all
             || !self.syncer.incremental_ready()
-            || !self.frontend_addrs.incremental_ready();
+            || !self.frontend_addrs.incremental_ready()
+            || !self.syncer6.incremental_ready()
+            || !self.frontend_addrs6.incremental_ready();
         let desired = self.model.desired();
         let changed_addrs: BTreeSet<std::net::Ipv4Addr> =
             changes.frontends.keys().map(|key| key.addr).collect();
@@ -945,6 +1005,32 @@ impl Agent {
             warn!(%error, "frontend address set write failed; retrying on the next pass");
             self.metrics.frontend_addr_write_failures.inc();
         }
+        // The IPv6 family, on its own maps, by the same rules.
+        let v6 = sync_family(
+            &mut self.syncer6,
+            &mut self.frontend_addrs6,
+            &mut self.datapath.maps,
+            desired,
+            &changes,
+            full,
+        );
+        for error in &v6.addr_errors {
+            warn!(%error, "frontend address set write failed; retrying on the next pass");
+            self.metrics.frontend_addr_write_failures.inc();
+        }
+        for failure in &v6.report.failures {
+            warn!(
+                service = %failure.service_port,
+                frontend = %format!("[{}]:{}", failure.frontend.addr, failure.frontend.port),
+                map_full = failure.error.map_full,
+                "cannot program IPv6 frontend (retrying): {}",
+                failure.error.message
+            );
+        }
+        for error in &v6.report.cleanup_errors {
+            warn!(%error, "cleanup write failed; retrying on the next pass");
+        }
+        self.upkeep.forget_v6(&v6.report.removed_pairs);
         if full || !report.failures.is_empty() || !self.failing.is_empty() {
             self.report_failures(&report);
         }
@@ -970,15 +1056,17 @@ impl Agent {
             self.names_stale = true;
         }
         let counters_started = Instant::now();
-        if full || self.service_counter_ids != self.syncer.service_id_changes() {
+        if full || self.service_counter_ids != self.service_id_changes() {
             self.sync_service_counters();
         }
         let counters_time = counters_started.elapsed();
-        let frontends = self.model.desired().frontends.len();
+        let frontends = self.model.desired().v4.frontends.len();
+        let frontends_v6 = self.model.desired().v6.frontends.len();
         info!(
             services = snapshot.state.services.len(),
             frontends,
-            written = report.frontends_written,
+            frontends_v6,
+            written = report.frontends_written + v6.report.frontends_written,
             removed = report.frontends_removed,
             map_writes = report.ops_applied,
             failed = report.failures.len(),
@@ -995,8 +1083,12 @@ impl Agent {
         );
         self.retry_pending = !report.failures.is_empty()
             || !report.cleanup_errors.is_empty()
-            || !addr_errors.is_empty();
+            || !addr_errors.is_empty()
+            || !v6.report.failures.is_empty()
+            || !v6.report.cleanup_errors.is_empty()
+            || !v6.addr_errors.is_empty();
         Some(PassOutcome {
+            complete: report.complete() && v6.report.complete(),
             report,
             health_checks_changed: full || changes.health_checks,
             full,
@@ -1033,11 +1125,23 @@ impl Agent {
         }
     }
 
+    /// Moves whenever either family's set of service ids changes.
+    fn service_id_changes(&self) -> u64 {
+        self.syncer
+            .service_id_changes()
+            .wrapping_add(self.syncer6.service_id_changes())
+    }
+
     /// Gives every programmed service port a counter entry (or none, when the counters
     /// are off). A failure costs only counts: logged, counted, retried on the next pass.
     fn sync_service_counters(&mut self) {
-        self.service_counter_ids = self.syncer.service_id_changes();
-        let ids: BTreeSet<u32> = self.syncer.service_ids_in_use().collect();
+        self.service_counter_ids = self.service_id_changes();
+        // The families' service ids are disjoint: one counters map holds both.
+        let ids: BTreeSet<u32> = self
+            .syncer
+            .service_ids_in_use()
+            .chain(self.syncer6.service_ids_in_use())
+            .collect();
         if let Err(error) = self.service_counters.sync(&mut self.datapath.maps, &ids) {
             warn!(error = %crate::error_chain(&error), "cannot update the per-service counters; retrying on the next pass");
             self.metrics.service_counter_failures.inc();
@@ -1055,22 +1159,41 @@ impl Agent {
         }
         let desired = self.model.desired();
         let mut labels = BTreeMap::new();
-        for spec in desired.frontends.values() {
-            if let Some(id) = self.syncer.service_id(&spec.service_port) {
+        let ports = desired
+            .v4
+            .frontends
+            .values()
+            .map(|spec| (self.syncer.service_id(&spec.service_port), &spec.service_port))
+            .chain(desired.v6.frontends.values().map(|spec| {
+                (
+                    self.syncer6.service_id(&spec.service_port),
+                    &spec.service_port,
+                )
+            }));
+        for (id, port) in ports {
+            if let Some(id) = id {
                 labels
                     .entry(id)
                     .or_insert_with(|| crate::metrics::ServiceLabels {
-                        namespace: spec.service_port.service.namespace.to_string(),
-                        service: spec.service_port.service.name.to_string(),
-                        port: spec.service_port.port.clone(),
-                        protocol: names::protocol_name(spec.service_port.proto),
+                        namespace: port.service.namespace.to_string(),
+                        service: port.service.name.to_string(),
+                        port: port.port.clone(),
+                        protocol: names::protocol_name(port.proto),
                     });
             }
         }
-        let totals = read
-            .into_iter()
-            .filter_map(|(id, total)| Some((labels.get(&id)?.clone(), total)))
-            .collect();
+        // A dual-stack service port has an id per family: its totals are their sum.
+        let mut totals: BTreeMap<crate::metrics::ServiceLabels, _> = BTreeMap::new();
+        for (id, total) in read {
+            let Some(label) = labels.get(&id) else {
+                continue;
+            };
+            let sum: &mut proxy_common::service_stats::ServiceStatsV1 =
+                totals.entry(label.clone()).or_default();
+            sum.connections += total.connections;
+            sum.packets += total.packets;
+            sum.bytes += total.bytes;
+        }
         self.metrics.record_service_totals(totals);
     }
 
@@ -1168,9 +1291,19 @@ impl Agent {
         {
             warn!(error = %crate::error_chain(&error), "cannot update the datapath settings");
         }
+        if let Err(error) = self
+            .datapath
+            .maps
+            .set_config_v6(&datapath_config_v6(&self.config, node))
+        {
+            warn!(error = %crate::error_chain(&error), "cannot update the IPv6 datapath settings");
+        }
         self.model_settings
             .node_port_addresses
             .clone_from(&node.node_port_addresses);
+        self.model_settings
+            .node_port_addresses_v6
+            .clone_from(&node.node_port_addresses_v6);
         self.compute_desired();
         self.sync_pass();
         let addresses = health_check_addresses(&self.config, &self.node);
@@ -1214,6 +1347,7 @@ impl Agent {
     fn refresh_metrics(&self) {
         let metrics = &self.metrics;
         let mirror = self.syncer.mirror();
+        let mirror6 = self.syncer6.mirror();
         let capacities = self.datapath.maps.capacities;
         let fill = [
             (
@@ -1225,6 +1359,26 @@ impl Agent {
                 proxy_common::names::BACKENDS_V4,
                 mirror.backends.len(),
                 capacities.backends,
+            ),
+            (
+                proxy_common::names::SERVICES_V6,
+                mirror6.services.len(),
+                capacities.services_v6,
+            ),
+            (
+                proxy_common::names::BACKENDS_V6,
+                mirror6.backends.len(),
+                capacities.backends_v6,
+            ),
+            (
+                proxy_common::names::SOURCE_RANGES_V6,
+                mirror6.source_ranges.len(),
+                capacities.source_ranges_v6,
+            ),
+            (
+                proxy_common::names::FRONTEND_ADDRS_V6,
+                self.frontend_addrs6.held().len(),
+                capacities.frontend_addrs_v6,
             ),
         ];
         for (map, entries, capacity) in fill {
@@ -1295,9 +1449,62 @@ impl<W: MapWriter> MapWriter for TimedWriter<'_, W> {
     }
 }
 
+/// What the IPv6 half of a sync pass did.
+struct FamilyPass<F: crate::family::Family> {
+    report: SyncReport<F>,
+    addr_errors: Vec<crate::sync::frontend_addrs::AddrWriteError<F>>,
+}
+
+/// One family's part of a sync pass: its address set before and after its syncer, as
+/// the IPv4 part of [`Agent::sync_pass`] does it (see `sync::frontend_addrs`).
+fn sync_family<F: crate::family::Family>(
+    syncer: &mut Syncer<F>,
+    addrs: &mut FrontendAddrs<F>,
+    maps: &mut crate::datapath::Maps,
+    desired: &Desired,
+    changes: &ModelChanges,
+    full: bool,
+) -> FamilyPass<F> {
+    let changed_addrs: BTreeSet<F> = F::changed_frontends(changes)
+        .keys()
+        .map(|key| key.addr)
+        .collect();
+    let mut addr_errors = if full {
+        addrs.add_desired(desired, maps)
+    } else {
+        addrs.add_changed(desired, &changed_addrs, maps)
+    };
+    let mut report = if full {
+        syncer.sync(desired, maps)
+    } else {
+        syncer.sync_changes(desired, changes, maps)
+    };
+    if report.failures.iter().any(|f| f.error.map_full) && report.ops_applied > 0 {
+        // Room may have been made only after a frontend was refused (as for IPv4).
+        let again = syncer.sync(desired, maps);
+        report.merge(again);
+    }
+    addr_errors.extend(if full {
+        addrs.remove_stale(desired, syncer.frontend_addrs(), maps)
+    } else {
+        addrs.remove_changed(
+            desired,
+            &changed_addrs,
+            |addr| syncer.holds_frontend_at(addr),
+            maps,
+        )
+    });
+    FamilyPass {
+        report,
+        addr_errors,
+    }
+}
+
 /// What a sync pass tells the rest of [`Agent::apply_desired`].
 struct PassOutcome {
     report: SyncReport,
+    /// Both families' maps were written (see [`SyncReport::complete`]).
+    complete: bool,
     /// The health check servers' desired state may have changed.
     health_checks_changed: bool,
     /// The pass wrote everything.
@@ -1395,6 +1602,20 @@ fn read_node_network(config: &AgentConfig) -> NodeNetwork {
         }
     };
     let mut node = node_network::decide(&addresses, &config.node_port_filters, config.node_ip);
+    let addresses_v6 =
+        match node_network::ipv6_addresses(|name| interfaces::matches(name, &patterns)) {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                warn!(%error, "cannot list the node's IPv6 addresses");
+                Vec::new()
+            }
+        };
+    node_network::decide_v6(
+        &mut node,
+        &addresses_v6,
+        &config.node_port_filters,
+        config.node_ip_v6,
+    );
     // Interfaces without an IPv4 address still get the node hooks (replies of remote
     // backends may arrive on them).
     if let Ok(all) = interfaces::list() {
@@ -1418,6 +1639,21 @@ fn health_check_addresses(config: &AgentConfig, node: &NodeNetwork) -> Vec<IpAdd
             .iter()
             .map(|addr| IpAddr::V4(*addr))
             .collect()
+    }
+}
+
+/// The node's IPv6 settings: its IPv6 masquerade address and the IPv6 cluster CIDR.
+fn datapath_config_v6(config: &AgentConfig, node: &NodeNetwork) -> proxy_common::NodeConfigV6 {
+    let (cidr, len) = config
+        .cluster_cidr_v6
+        .map_or((Ipv6Addr::UNSPECIFIED, 0), |(addr, len)| (addr, len));
+    proxy_common::NodeConfigV6 {
+        snat_addr: proxy_common::Be32x4::from_ipv6(
+            node.snat_addr_v6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+        ),
+        cluster_cidr_addr: proxy_common::Be32x4::from_ipv6(cidr),
+        cluster_cidr_len: len,
+        _pad: [0; 7],
     }
 }
 
@@ -1485,6 +1721,8 @@ mod tests {
             node_interfaces: None,
             node_port_filters: Vec::new(),
             node_ip: None,
+            node_ip_v6: None,
+            cluster_cidr_v6: None,
             cgroup_path: None,
             socket_lb: socket_lb::Mode::Off,
             service_counters: service_counters::Mode::Auto,

@@ -219,8 +219,9 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         }
     }
     if let Some(cidrs) = &config.cluster_cidr {
+        // kube-proxy's dual-stack form: one CIDR per family, comma-separated.
         for cidr in cidrs.split(',').filter(|cidr| !cidr.is_empty()) {
-            parse_ipv4_cidr(cidr).map_err(|message| format!("clusterCIDR: {message}"))?;
+            parse_ip_cidr(cidr).map_err(|message| format!("clusterCIDR: {message}"))?;
         }
     }
     if let Some(cidrs) = &config.service_cidr {
@@ -230,7 +231,7 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     }
     for address in config.node_port_addresses.iter().flatten() {
         if address != "primary" {
-            parse_ipv4_cidr(address).map_err(|message| format!("nodePortAddresses: {message}"))?;
+            parse_ip_cidr(address).map_err(|message| format!("nodePortAddresses: {message}"))?;
         }
     }
     if let Some(conntrack) = &config.conntrack {
@@ -268,7 +269,29 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     Ok(config)
 }
 
-/// Parses `a.b.c.d/len` (IPv4 only: the datapath is IPv4).
+/// Parses a CIDR of either family (`a.b.c.d/len`, `x:y::/len`).
+///
+/// # Errors
+/// When it is not one.
+pub fn parse_ip_cidr(text: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, len) = text
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR"))?;
+    let addr = addr
+        .parse::<std::net::IpAddr>()
+        .map_err(|_| format!("{text:?}: not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|len| *len <= max)
+        .ok_or_else(|| format!("{text:?}: bad prefix length"))?;
+    Ok((addr, len))
+}
+
+/// Parses `a.b.c.d/len` (IPv4 only: the settings that take it are IPv4's, such as
+/// the service CIDR).
 ///
 /// # Errors
 /// When it is not an IPv4 CIDR.
@@ -356,9 +379,11 @@ pub struct RunArgs {
     node_port_addresses: Vec<String>,
 
     /// The node's primary address: masqueraded (SNAT) traffic leaves with it. Default:
-    /// the first address of the external interfaces.
+    /// the first address of the external interfaces. Given twice, one per family
+    /// (kube-proxy's nodeIPOverride on a dual-stack node): `--node-ip 10.0.0.5
+    /// --node-ip fd00::5`.
     #[arg(long)]
-    node_ip: Option<std::net::Ipv4Addr>,
+    node_ip: Vec<std::net::IpAddr>,
 
     /// The cluster's pod CIDR (kube-proxy's clusterCIDR): ClusterIP traffic from
     /// outside it is masqueraded when its backend is on another node. Unset: all such
@@ -653,20 +678,32 @@ impl RunArgs {
                 name: "nodePortAddresses",
                 message,
             })?;
-        // kube-proxy takes a comma-separated list per family; the datapath is IPv4, so the
-        // first IPv4 CIDR counts.
-        let cluster_cidr = match args.cluster_cidr.as_deref() {
-            None | Some("") => None,
-            Some(list) => Some(
-                list.split(',')
-                    .map(parse_ipv4_cidr)
-                    .find_map(Result::ok)
-                    .ok_or_else(|| Error::Setting {
+        // kube-proxy takes a comma-separated list, one CIDR per family; the first of
+        // each family counts.
+        let (cluster_cidr, cluster_cidr_v6) = match args.cluster_cidr.as_deref() {
+            None | Some("") => (None, None),
+            Some(list) => {
+                let cidrs = list
+                    .split(',')
+                    .filter(|cidr| !cidr.trim().is_empty())
+                    .map(parse_ip_cidr)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|message| Error::Setting {
                         name: "clusterCIDR",
-                        message: format!("no IPv4 CIDR in {list:?}"),
-                    })?,
-            ),
+                        message,
+                    })?;
+                let v4 = cidrs.iter().find_map(|&(addr, len)| match addr {
+                    std::net::IpAddr::V4(v4) => Some((v4, len)),
+                    std::net::IpAddr::V6(_) => None,
+                });
+                let v6 = cidrs.iter().find_map(|&(addr, len)| match addr {
+                    std::net::IpAddr::V6(v6) => Some((v6, len)),
+                    std::net::IpAddr::V4(_) => None,
+                });
+                (v4, v6)
+            }
         };
+        let (node_ip, node_ip_v6) = node_ips(&args.node_ip)?;
         let service_cidr = match args.service_cidr.as_deref() {
             None | Some("") => None,
             Some(list) => Some(
@@ -693,7 +730,9 @@ impl RunArgs {
             pod_interfaces: args.pod_interfaces,
             node_interfaces: args.node_interfaces,
             node_port_filters,
-            node_ip: args.node_ip,
+            node_ip,
+            node_ip_v6,
+            cluster_cidr_v6,
             cgroup_path: args.cgroup_path.filter(|path| !path.as_os_str().is_empty()),
             socket_lb: args.socket_lb,
             service_counters: args.service_counters,
@@ -726,6 +765,7 @@ impl RunArgs {
             model: ModelSettings {
                 proxy_name: args.proxy_name,
                 node_port_addresses: Vec::new(),
+                node_port_addresses_v6: Vec::new(),
             },
             healthz_bind_address: optional_address(
                 "healthzBindAddress",
@@ -741,9 +781,55 @@ impl RunArgs {
     }
 }
 
+/// The `--node-ip` values by family: at most one of each, as kube-proxy's
+/// `--node-ip`/`nodeIPOverride` on a dual-stack node.
+fn node_ips(
+    ips: &[std::net::IpAddr],
+) -> Result<(Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>), Error> {
+    let mut v4 = None;
+    let mut v6 = None;
+    for ip in ips {
+        let duplicate = match *ip {
+            std::net::IpAddr::V4(addr) => v4.replace(addr).is_some(),
+            std::net::IpAddr::V6(addr) => v6.replace(addr).is_some(),
+        };
+        if duplicate {
+            return Err(Error::Setting {
+                name: "nodeIP",
+                message: format!(
+                    "{ip}: --node-ip takes one address per family (given twice: one IPv4, one IPv6)"
+                ),
+            });
+        }
+    }
+    Ok((v4, v6))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ip_takes_one_address_per_family() {
+        let v4: std::net::IpAddr = "10.0.0.5".parse().expect("v4");
+        let v6: std::net::IpAddr = "fd00::5".parse().expect("v6");
+        let (a, b) = node_ips(&[v4, v6]).expect("one of each");
+        assert_eq!(a, Some("10.0.0.5".parse().expect("v4")));
+        assert_eq!(b, Some("fd00::5".parse().expect("v6")));
+        assert!(node_ips(&[v4, v4]).is_err());
+        assert!(node_ips(&[v6, v6]).is_err());
+        assert_eq!(node_ips(&[]).expect("none"), (None, None));
+    }
+
+    #[test]
+    fn cluster_cidr_takes_kube_proxys_dual_stack_form() {
+        let config = parse("clusterCIDR: \"10.244.0.0/16,fd00:10:244::/56\"\n").expect("valid");
+        assert_eq!(
+            config.cluster_cidr.as_deref(),
+            Some("10.244.0.0/16,fd00:10:244::/56")
+        );
+        assert!(parse("nodePortAddresses: [\"fd00::/64\", primary]\n").is_ok());
+    }
 
     #[test]
     fn map_capacities_come_from_the_maps_block() {
@@ -818,7 +904,7 @@ conntrack:
             ),
             ("healthzBindAddress: nonsense\n", "healthzBindAddress"),
             ("clusterCIDR: 10.244.0.0/33\n", "clusterCIDR"),
-            ("clusterCIDR: fd00::/64\n", "IPv6"),
+            ("clusterCIDR: 10.244.0.0/16,fd00::/129\n", "clusterCIDR"),
             ("minSyncPeriod: 5 parsecs\n", "invalid duration"),
             ("kind: Deployment\n", "kind"),
             ("apiVersion: v1\n", "apiVersion"),

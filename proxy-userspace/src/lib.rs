@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 mod ebpf_stub;
+pub mod family;
 pub mod health;
 pub mod healthcheck;
 pub mod http;

@@ -218,7 +218,9 @@ fn programmed_ports<'d>(
     desired: &'d Desired,
     service_id: &impl Fn(&ServicePortName) -> Option<u32>,
 ) -> BTreeMap<u32, &'d ServicePortName> {
+    // IPv4 only: the names file and `kpr inspect` do not show IPv6 yet.
     desired
+        .v4
         .frontends
         .values()
         .filter_map(|spec| Some((service_id(&spec.service_port)?, &spec.service_port)))
@@ -229,7 +231,7 @@ fn frontend_names<'d>(
     desired: &'d Desired,
     service_id: &'d impl Fn(&ServicePortName) -> Option<u32>,
 ) -> impl Iterator<Item = FrontendNames> + 'd {
-    desired.frontends.iter().filter_map(|(key, spec)| {
+    desired.v4.frontends.iter().filter_map(|(key, spec)| {
         Some(FrontendNames {
             address: SocketAddrV4::new(key.addr, key.port),
             protocol: protocol_name(key.proto),
@@ -246,6 +248,7 @@ type EndpointGroups<'s> = BTreeMap<(Arc<str>, &'s str), Vec<&'s crate::state::Sl
 
 fn endpoint_groups<'s>(state: &'s ClusterState, desired: &Desired) -> EndpointGroups<'s> {
     let services: std::collections::BTreeSet<&ObjectKey> = desired
+        .v4
         .frontends
         .values()
         .map(|spec| &spec.service_port.service)

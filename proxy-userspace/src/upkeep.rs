@@ -15,7 +15,8 @@ use std::{
     thread::JoinHandle,
 };
 
-use proxy_common::{names, DatapathConfig};
+use aya::maps::{HashMap, MapData};
+use proxy_common::DatapathConfig;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -33,6 +34,8 @@ enum Request {
     Reap,
     /// Forget the UDP flows and affinities of these `(service id, backend id)` pairs.
     Forget(BTreeSet<(u32, u32)>),
+    /// The same for IPv6 pairs (backend ids of the IPv6 backend map).
+    ForgetV6(BTreeSet<(u32, u32)>),
 }
 
 /// The running upkeep thread.
@@ -75,7 +78,18 @@ impl Upkeep {
                             reap_started.store(false, Ordering::Relaxed);
                             reap(&mut tables, &config, capacities, &metrics, &keep_going);
                         }
-                        Request::Forget(pairs) => forget(&mut tables, &pairs, &keep_going),
+                        Request::Forget(pairs) => forget::<conntrack::V4>(
+                            [&mut tables.conntrack, &mut tables.conntrack_new],
+                            &mut tables.affinity,
+                            &pairs,
+                            &keep_going,
+                        ),
+                        Request::ForgetV6(pairs) => forget::<conntrack::V6>(
+                            [&mut tables.conntrack_v6, &mut tables.conntrack_new_v6],
+                            &mut tables.affinity_v6,
+                            &pairs,
+                            &keep_going,
+                        ),
                     }
                 }
             })?;
@@ -101,6 +115,13 @@ impl Upkeep {
     pub fn forget(&self, pairs: &BTreeSet<(u32, u32)>) {
         if !pairs.is_empty() {
             self.send(Request::Forget(pairs.clone()));
+        }
+    }
+
+    /// Asks to forget what tied clients to IPv6 `pairs`.
+    pub fn forget_v6(&self, pairs: &BTreeSet<(u32, u32)>) {
+        if !pairs.is_empty() {
+            self.send(Request::ForgetV6(pairs.clone()));
         }
     }
 
@@ -139,49 +160,76 @@ fn reap(
     keep_going: &dyn Fn() -> bool,
 ) {
     let now = conntrack::monotonic_now_ns();
-    match conntrack::collect_expired_in(
-        &mut tables.conntrack,
-        &mut tables.conntrack_new,
+    reap_family::<conntrack::V4>(
+        [&mut tables.conntrack, &mut tables.conntrack_new],
+        &tables.affinity,
+        [
+            capacities.conntrack,
+            capacities.conntrack_new,
+            capacities.affinity,
+        ],
         config,
         now,
+        metrics,
         keep_going,
-    ) {
+    );
+    reap_family::<conntrack::V6>(
+        [&mut tables.conntrack_v6, &mut tables.conntrack_new_v6],
+        &tables.affinity_v6,
+        [
+            capacities.conntrack_v6,
+            capacities.conntrack_new_v6,
+            capacities.affinity_v6,
+        ],
+        config,
+        now,
+        metrics,
+        keep_going,
+    );
+}
+
+/// One family's reaping pass and fill (both conntrack tables, the affinity map).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one family's tables and their capacities, beside what every pass shares"
+)]
+fn reap_family<L: conntrack::CtLayout>(
+    [table, table_new]: [&mut HashMap<MapData, L::Key, L::Entry>; 2],
+    affinity: &HashMap<MapData, L::AffinityKey, proxy_common::AffinityValueV4>,
+    [capacity, capacity_new, capacity_affinity]: [u32; 3],
+    config: &DatapathConfig,
+    now: u64,
+    metrics: &Metrics,
+    keep_going: &dyn Fn() -> bool,
+) {
+    match conntrack::collect_expired_in::<L>(table, table_new, config, now, keep_going) {
         Ok(report) if keep_going() => {
             debug!(
+                table = L::CONNTRACK,
                 live = report.live,
                 removed = report.removed,
                 "conntrack reaped"
             );
             metrics.conntrack_reaped.inc_by(report.removed as u64);
-            record_fill(
-                metrics,
-                names::CONNTRACK_V4,
-                report.live,
-                capacities.conntrack,
-            );
-            record_fill(
-                metrics,
-                names::CONNTRACK_NEW_V4,
-                report.live_new,
-                capacities.conntrack_new,
-            );
+            record_fill(metrics, L::CONNTRACK, report.live, capacity);
+            record_fill(metrics, L::CONNTRACK_NEW, report.live_new, capacity_new);
         }
         Ok(_) => {}
         Err(error) => warn!(error = %crate::error_chain(&error), "conntrack reaping failed"),
     }
-    let affinities = conntrack::count_affinities(&tables.affinity, keep_going);
+    let affinities = conntrack::count_affinities::<L>(affinity, keep_going);
     if keep_going() {
-        record_fill(metrics, names::AFFINITY_V4, affinities, capacities.affinity);
+        record_fill(metrics, L::AFFINITY, affinities, capacity_affinity);
     }
 }
 
-fn forget(tables: &mut Tables, pairs: &BTreeSet<(u32, u32)>, keep_going: &dyn Fn() -> bool) {
-    match conntrack::forget_backends_in(
-        [&mut tables.conntrack, &mut tables.conntrack_new],
-        &mut tables.affinity,
-        pairs,
-        keep_going,
-    ) {
+fn forget<L: conntrack::CtLayout>(
+    tables: [&mut HashMap<MapData, L::Key, L::Entry>; 2],
+    affinity: &mut HashMap<MapData, L::AffinityKey, proxy_common::AffinityValueV4>,
+    pairs: &BTreeSet<(u32, u32)>,
+    keep_going: &dyn Fn() -> bool,
+) {
+    match conntrack::forget_backends_in::<L>(tables, affinity, pairs, keep_going) {
         Ok((flows, affinities)) if flows + affinities > 0 => {
             info!(
                 udp_flows = flows,

@@ -9,8 +9,11 @@
 //! map, or a delete of a missing key, which is no failure) and lets the rest go on.
 use aya::{maps::IterableMap, Pod};
 
-use super::{cgroup::sys, Maps};
-use crate::sync::{MapOp, MapWriter, WriteError};
+use super::{cgroup::sys, FamilyMaps};
+use crate::{
+    family::Family,
+    sync::{MapOp, MapWriter, WriteError},
+};
 
 /// How far the kernel got with a batch.
 enum Batch {
@@ -50,19 +53,19 @@ fn write<K: Pod, V: Pod>(map: &impl IterableMap<K, V>, keys: &[K], values: Optio
 }
 
 /// Ops that go into one batch: the same map, all puts or all deletes.
-fn same_run(a: &MapOp, b: &MapOp) -> bool {
+fn same_run<F: Family>(a: &MapOp<F>, b: &MapOp<F>) -> bool {
     std::mem::discriminant(a) == std::mem::discriminant(b)
 }
 
-impl Maps {
+impl<F: Family> FamilyMaps<F> {
     /// Writes `run` (ops of one [`same_run`] kind) in one batch.
-    fn write_run(&self, run: &[MapOp]) -> Batch {
+    fn write_run(&self, run: &[MapOp<F>]) -> Batch {
         let Some(first) = run.first() else {
             return Batch::Applied(0);
         };
         match first {
             MapOp::PutBackend { .. } => {
-                let (ids, backends): (Vec<u32>, Vec<proxy_common::BackendV4>) = run
+                let (ids, backends): (Vec<u32>, Vec<F::Backend>) = run
                     .iter()
                     .filter_map(|op| match *op {
                         MapOp::PutBackend { id, backend } => Some((id, backend)),
@@ -125,7 +128,7 @@ impl Maps {
     }
 
     /// [`MapWriter::apply_batch`]: each run of ops on one map in one call.
-    pub(super) fn apply_batched(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+    pub(super) fn apply_batched(&mut self, ops: &[MapOp<F>]) -> (usize, Option<WriteError<F>>) {
         let mut done = 0;
         while let Some(first) = ops.get(done) {
             let run_len = ops[done..]
@@ -161,12 +164,12 @@ impl Maps {
     /// all of them, an entry the kernel refuses written alone (which says why).
     pub(super) fn put_frontend_addrs_batched(
         &mut self,
-        entries: &[(std::net::Ipv4Addr, proxy_common::FrontendAddrV4)],
+        entries: &[(F, proxy_common::FrontendAddrV4)],
     ) -> (usize, Option<String>) {
         use crate::sync::frontend_addrs::AddrWriter as _;
-        let (keys, values): (Vec<u32>, Vec<proxy_common::FrontendAddrV4>) = entries
+        let (keys, values): (Vec<F::AddrKey>, Vec<proxy_common::FrontendAddrV4>) = entries
             .iter()
-            .map(|(addr, value)| (proxy_common::Be32::from_ipv4(*addr).0, *value))
+            .map(|(addr, value)| (F::addr_key(*addr), *value))
             .unzip();
         let mut done = 0;
         while done < entries.len() {

@@ -10,13 +10,77 @@ use std::collections::BTreeSet;
 
 use aya::maps::{HashMap, IterableMap as _, MapData};
 use proxy_common::{
-    names, proto, AffinityKeyV4, AffinityValueV4, CtEntryV4, CtKeyV4, DatapathConfig,
+    names, proto, AffinityKeyV4, AffinityKeyV6, AffinityValueV4, CtEntryV4, CtEntryV6, CtKeyV4,
+    CtKeyV6, DatapathConfig,
 };
 
 use super::{reopen, Error, Maps, Result};
 
-type Table = HashMap<MapData, CtKeyV4, CtEntryV4>;
-type AffinityTable = HashMap<MapData, AffinityKeyV4, AffinityValueV4>;
+/// The conntrack and affinity layouts of one family, as the walks read them.
+pub trait CtLayout {
+    type Key: aya::Pod + Copy;
+    type Entry: aya::Pod + Copy;
+    type AffinityKey: aya::Pod + Copy;
+    const CONNTRACK: &'static str;
+    const CONNTRACK_NEW: &'static str;
+    const AFFINITY: &'static str;
+    fn proto(key: &Self::Key) -> u8;
+    fn expired(config: &DatapathConfig, entry: &Self::Entry, proto: u8, now_ns: u64) -> bool;
+    /// `(service id, backend id)` of a flow.
+    fn pair(entry: &Self::Entry) -> (u32, u32);
+    fn affinity_service(key: &Self::AffinityKey) -> u32;
+}
+
+/// IPv4's tables.
+pub struct V4;
+/// IPv6's tables (their entries' timestamps and flags are IPv4's, so one config
+/// expires both).
+pub struct V6;
+
+impl CtLayout for V4 {
+    type Key = CtKeyV4;
+    type Entry = CtEntryV4;
+    type AffinityKey = AffinityKeyV4;
+    const CONNTRACK: &'static str = names::CONNTRACK_V4;
+    const CONNTRACK_NEW: &'static str = names::CONNTRACK_NEW_V4;
+    const AFFINITY: &'static str = names::AFFINITY_V4;
+    fn proto(key: &CtKeyV4) -> u8 {
+        key.proto
+    }
+    fn expired(config: &DatapathConfig, entry: &CtEntryV4, proto: u8, now_ns: u64) -> bool {
+        config.ct_expired(entry, proto, now_ns)
+    }
+    fn pair(entry: &CtEntryV4) -> (u32, u32) {
+        (entry.service_id, entry.backend_id)
+    }
+    fn affinity_service(key: &AffinityKeyV4) -> u32 {
+        key.service_id
+    }
+}
+
+impl CtLayout for V6 {
+    type Key = CtKeyV6;
+    type Entry = CtEntryV6;
+    type AffinityKey = AffinityKeyV6;
+    const CONNTRACK: &'static str = names::CONNTRACK_V6;
+    const CONNTRACK_NEW: &'static str = names::CONNTRACK_NEW_V6;
+    const AFFINITY: &'static str = names::AFFINITY_V6;
+    fn proto(key: &CtKeyV6) -> u8 {
+        key.proto
+    }
+    fn expired(config: &DatapathConfig, entry: &CtEntryV6, proto: u8, now_ns: u64) -> bool {
+        config.ct_expired_v6(entry, proto, now_ns)
+    }
+    fn pair(entry: &CtEntryV6) -> (u32, u32) {
+        (entry.service_id, entry.backend_id)
+    }
+    fn affinity_service(key: &AffinityKeyV6) -> u32 {
+        key.service_id
+    }
+}
+
+type Table<L = V4> = HashMap<MapData, <L as CtLayout>::Key, <L as CtLayout>::Entry>;
+type AffinityTable<L = V4> = HashMap<MapData, <L as CtLayout>::AffinityKey, AffinityValueV4>;
 
 /// Handles of their own on the conntrack and affinity maps (the same kernel maps as
 /// the agent's [`Maps`]), for walks on another thread.
@@ -24,6 +88,9 @@ pub struct Tables {
     pub conntrack: Table,
     pub conntrack_new: Table,
     pub affinity: AffinityTable,
+    pub conntrack_v6: Table<V6>,
+    pub conntrack_new_v6: Table<V6>,
+    pub affinity_v6: AffinityTable<V6>,
 }
 
 impl Tables {
@@ -36,6 +103,9 @@ impl Tables {
             conntrack: reopen(maps.conntrack.map(), names::CONNTRACK_V4)?,
             conntrack_new: reopen(maps.conntrack_new.map(), names::CONNTRACK_NEW_V4)?,
             affinity: reopen(maps.affinity.map(), names::AFFINITY_V4)?,
+            conntrack_v6: reopen(maps.conntrack_v6.map(), names::CONNTRACK_V6)?,
+            conntrack_new_v6: reopen(maps.conntrack_new_v6.map(), names::CONNTRACK_NEW_V6)?,
+            affinity_v6: reopen(maps.affinity_v6.map(), names::AFFINITY_V6)?,
         })
     }
 }
@@ -70,8 +140,8 @@ fn ct_error(name: &'static str, source: aya::maps::MapError) -> Error {
 /// Removes the entries of one table idle for longer than their timeout; returns
 /// `(live, removed)`. Keys are collected first: deleting while walking with
 /// get_next_key restarts the walk.
-fn collect_table(
-    table: &mut Table,
+fn collect_table<L: CtLayout>(
+    table: &mut Table<L>,
     name: &'static str,
     config: &DatapathConfig,
     now_ns: u64,
@@ -89,7 +159,7 @@ fn collect_table(
             Err(aya::maps::MapError::KeyNotFound) => continue,
             Err(error) => return Err(ct_error(name, error)),
         };
-        if config.ct_expired(&value, key.proto, now_ns) {
+        if L::expired(config, &value, L::proto(&key), now_ns) {
             expired.push(key);
         } else {
             live += 1;
@@ -98,15 +168,15 @@ fn collect_table(
     // The datapath may have reused a key since the walk (an expired flow's 5-tuple
     // seen again starts a new flow under the same key): only delete what is still
     // expired now, or a fresh connection would lose its entry.
-    let still_expired: Vec<CtKeyV4> = expired
+    let still_expired: Vec<L::Key> = expired
         .into_iter()
         .filter(|key| {
             table
                 .get(key, 0)
-                .is_ok_and(|value| config.ct_expired(&value, key.proto, now_ns))
+                .is_ok_and(|value| L::expired(config, &value, L::proto(key), now_ns))
         })
         .collect();
-    Ok((live, remove_all(table, &still_expired)))
+    Ok((live, remove_all::<L>(table, &still_expired)))
 }
 
 /// Removes conntrack entries idle for longer than their timeout, in both tables.
@@ -114,7 +184,7 @@ fn collect_table(
 /// # Errors
 /// When a table cannot be read.
 pub fn collect_expired(maps: &mut Maps, config: &DatapathConfig, now_ns: u64) -> Result<GcReport> {
-    collect_expired_in(
+    collect_expired_in::<V4>(
         &mut maps.conntrack,
         &mut maps.conntrack_new,
         config,
@@ -128,18 +198,17 @@ pub fn collect_expired(maps: &mut Maps, config: &DatapathConfig, now_ns: u64) ->
 ///
 /// # Errors
 /// When a table cannot be read.
-pub fn collect_expired_in(
-    conntrack: &mut Table,
-    conntrack_new: &mut Table,
+pub fn collect_expired_in<L: CtLayout>(
+    conntrack: &mut Table<L>,
+    conntrack_new: &mut Table<L>,
     config: &DatapathConfig,
     now_ns: u64,
     keep_going: &dyn Fn() -> bool,
 ) -> Result<GcReport> {
-    let (live, removed) =
-        collect_table(conntrack, names::CONNTRACK_V4, config, now_ns, keep_going)?;
-    let (live_new, removed_new) = collect_table(
+    let (live, removed) = collect_table::<L>(conntrack, L::CONNTRACK, config, now_ns, keep_going)?;
+    let (live_new, removed_new) = collect_table::<L>(
         conntrack_new,
-        names::CONNTRACK_NEW_V4,
+        L::CONNTRACK_NEW,
         config,
         now_ns,
         keep_going,
@@ -151,7 +220,7 @@ pub fn collect_expired_in(
     })
 }
 
-fn remove_all(table: &mut Table, keys: &[CtKeyV4]) -> usize {
+fn remove_all<L: CtLayout>(table: &mut Table<L>, keys: &[L::Key]) -> usize {
     keys.iter().filter(|key| table.remove(key).is_ok()).count()
 }
 
@@ -165,7 +234,7 @@ fn remove_all(table: &mut Table, keys: &[CtKeyV4]) -> usize {
 /// # Errors
 /// When a map cannot be read.
 pub fn forget_backends(maps: &mut Maps, pairs: &BTreeSet<(u32, u32)>) -> Result<(usize, usize)> {
-    forget_backends_in(
+    forget_backends_in::<V4>(
         [&mut maps.conntrack, &mut maps.conntrack_new],
         &mut maps.affinity,
         pairs,
@@ -178,9 +247,9 @@ pub fn forget_backends(maps: &mut Maps, pairs: &BTreeSet<(u32, u32)>) -> Result<
 ///
 /// # Errors
 /// When a map cannot be read.
-pub fn forget_backends_in(
-    conntrack_tables: [&mut Table; 2],
-    affinity: &mut AffinityTable,
+pub fn forget_backends_in<L: CtLayout>(
+    conntrack_tables: [&mut Table<L>; 2],
+    affinity: &mut AffinityTable<L>,
     pairs: &BTreeSet<(u32, u32)>,
     keep_going: &dyn Fn() -> bool,
 ) -> Result<(usize, usize)> {
@@ -190,7 +259,7 @@ pub fn forget_backends_in(
     let mut flows_removed = 0;
     for (table, name) in conntrack_tables
         .into_iter()
-        .zip([names::CONNTRACK_V4, names::CONNTRACK_NEW_V4])
+        .zip([L::CONNTRACK, L::CONNTRACK_NEW])
     {
         let mut flows = Vec::new();
         for entry in table.iter() {
@@ -202,14 +271,14 @@ pub fn forget_backends_in(
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(error) => return Err(ct_error(name, error)),
             };
-            if key.proto == proto::UDP && pairs.contains(&(value.service_id, value.backend_id)) {
+            if L::proto(&key) == proto::UDP && pairs.contains(&L::pair(&value)) {
                 flows.push(key);
             }
         }
-        flows_removed += remove_all(table, &flows);
+        flows_removed += remove_all::<L>(table, &flows);
     }
 
-    let mut affinities: Vec<AffinityKeyV4> = Vec::new();
+    let mut affinities: Vec<L::AffinityKey> = Vec::new();
     for entry in affinity.iter() {
         if !keep_going() {
             break;
@@ -219,12 +288,12 @@ pub fn forget_backends_in(
             Err(aya::maps::MapError::KeyNotFound) => continue,
             Err(source) => {
                 return Err(Error::Map {
-                    name: names::AFFINITY_V4,
+                    name: L::AFFINITY,
                     source,
                 })
             }
         };
-        if pairs.contains(&(key.service_id, value.backend_id)) {
+        if pairs.contains(&(L::affinity_service(&key), value.backend_id)) {
             affinities.push(key);
         }
     }
@@ -237,6 +306,6 @@ pub fn forget_backends_in(
 
 /// How many entries the affinity table holds (a walk; stops early once `keep_going`
 /// says no).
-pub fn count_affinities(affinity: &AffinityTable, keep_going: &dyn Fn() -> bool) -> usize {
+pub fn count_affinities<L: CtLayout>(affinity: &AffinityTable<L>, keep_going: &dyn Fn() -> bool) -> usize {
     affinity.keys().take_while(|_| keep_going()).count()
 }

@@ -22,11 +22,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    counter, names, AffinityKeyV4, AffinityValueV4, BackendV4, CtEntryV4, CtKeyV4, DatapathConfig,
-    FragKeyV4, FragValueV4, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
+    counter, names, AffinityKeyV4, AffinityValueV4, AffinityKeyV6, CtEntryV4, CtEntryV6, CtKeyV4,
+    CtKeyV6, DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, NodeConfigV6,
+    ServiceValueV4,
 };
 
-use crate::sync::{MapOp, MapWriter, Mirror, WriteError};
+use crate::{
+    family::Family,
+    sync::{frontend_addrs::FrontendAddrs, MapOp, MapWriter, Mirror, WriteError},
+};
 
 /// The eBPF object, built by `proxy-userspace/build.rs` (see `cargo xtask build-ebpf`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KPR_EBPF_OBJECT"));
@@ -211,6 +215,12 @@ pub struct LoadOptions {
     /// Capacity of the loadBalancerSourceRanges trie (default
     /// [`proxy_common::capacity::SOURCE_RANGES_V4`]).
     pub source_ranges_max: Option<u32>,
+    /// The IPv6 service map (default [`proxy_common::capacity::SERVICES_V6`]).
+    pub services_v6_max: Option<u32>,
+    /// The IPv6 backend map (default [`proxy_common::capacity::BACKENDS_V6`]).
+    pub backends_v6_max: Option<u32>,
+    /// The IPv6 source-range trie (default [`proxy_common::capacity::SOURCE_RANGES_V6`]).
+    pub source_ranges_v6_max: Option<u32>,
 }
 
 /// What the kernel made each sized map hold at most: what was asked for, or, for a map
@@ -231,6 +241,16 @@ pub struct MapCapacities {
     /// The per-service counters: one entry per service port, so never more than the
     /// service map holds frontends (allocated on insert: a larger map costs nothing).
     pub service_stats: u32,
+    /// The IPv6 tables. Their conntrack and affinity tables keep the fixed defaults
+    /// of [`proxy_common::capacity`] (a quarter of IPv4's): `--conntrack-max` sizes
+    /// the IPv4 tables, as kube-proxy's sizes one netfilter table per node.
+    pub services_v6: u32,
+    pub backends_v6: u32,
+    pub source_ranges_v6: u32,
+    pub frontend_addrs_v6: u32,
+    pub conntrack_v6: u32,
+    pub conntrack_new_v6: u32,
+    pub affinity_v6: u32,
 }
 
 impl MapCapacities {
@@ -251,12 +271,21 @@ impl MapCapacities {
                 .unwrap_or(capacity::SOURCE_RANGES_V4),
             frontend_addrs: services,
             service_stats: services.max(proxy_common::service_stats::CAPACITY),
+            services_v6: options.services_v6_max.unwrap_or(capacity::SERVICES_V6),
+            backends_v6: options.backends_v6_max.unwrap_or(capacity::BACKENDS_V6),
+            source_ranges_v6: options
+                .source_ranges_v6_max
+                .unwrap_or(capacity::SOURCE_RANGES_V6),
+            frontend_addrs_v6: options.services_v6_max.unwrap_or(capacity::SERVICES_V6),
+            conntrack_v6: capacity::CONNTRACK_V6,
+            conntrack_new_v6: capacity::CONNTRACK_NEW_V6,
+            affinity_v6: capacity::AFFINITY_V6,
         }
     }
 
     /// `(map name, capacity)` of each sized map.
     #[must_use]
-    pub fn by_name(&self) -> [(&'static str, u32); 8] {
+    pub fn by_name(&self) -> [(&'static str, u32); 15] {
         [
             (names::SERVICES_V4, self.services),
             (names::BACKENDS_V4, self.backends),
@@ -266,6 +295,13 @@ impl MapCapacities {
             (names::SOURCE_RANGES_V4, self.source_ranges),
             (names::FRONTEND_ADDRS_V4, self.frontend_addrs),
             (proxy_common::service_stats::NAME, self.service_stats),
+            (names::SERVICES_V6, self.services_v6),
+            (names::BACKENDS_V6, self.backends_v6),
+            (names::SOURCE_RANGES_V6, self.source_ranges_v6),
+            (names::FRONTEND_ADDRS_V6, self.frontend_addrs_v6),
+            (names::CONNTRACK_V6, self.conntrack_v6),
+            (names::CONNTRACK_NEW_V6, self.conntrack_new_v6),
+            (names::AFFINITY_V6, self.affinity_v6),
         ]
     }
 }
@@ -298,77 +334,129 @@ where
     M::try_from(aya::maps::Map::from_map_data(data).map_err(map_error)?).map_err(map_error)
 }
 
+/// The maps of one family the syncer and the frontend address set own.
+pub struct FamilyMaps<F: Family> {
+    pub services: HashMap<MapData, F::ServiceKey, ServiceValueV4>,
+    pub backends: HashMap<MapData, u32, F::Backend>,
+    pub source_ranges: LpmTrie<MapData, F::RangeData, u8>,
+    /// Every frontend address (key: the address as the datapath reads it).
+    pub frontend_addrs: HashMap<MapData, F::AddrKey, FrontendAddrV4>,
+}
+
+impl<F: Family> FamilyMaps<F> {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            services: take(ebpf, F::SERVICES_MAP)?,
+            backends: take(ebpf, F::BACKENDS_MAP)?,
+            source_ranges: {
+                let name = F::SOURCE_RANGES_MAP;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                LpmTrie::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
+            frontend_addrs: take(ebpf, F::FRONTEND_ADDRS_MAP)?,
+        })
+    }
+
+    /// Second handles on the same maps, for another thread.
+    fn reopen(&self) -> Result<Self> {
+        use aya::maps::IterableMap as _;
+        Ok(Self {
+            services: reopen(self.services.map(), F::SERVICES_MAP)?,
+            backends: reopen(self.backends.map(), F::BACKENDS_MAP)?,
+            source_ranges: reopen(self.source_ranges.map(), F::SOURCE_RANGES_MAP)?,
+            frontend_addrs: reopen(self.frontend_addrs.map(), F::FRONTEND_ADDRS_MAP)?,
+        })
+    }
+
+    /// Reads the service, backend and source-range maps, for the syncer to adopt.
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn read_mirror(&self) -> Result<Mirror<F>> {
+        let mut mirror = Mirror::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(|source| Error::Map {
+                name: F::SERVICES_MAP,
+                source,
+            })?;
+            mirror.services.insert(key, value);
+        }
+        for entry in self.backends.iter() {
+            let (id, backend) = entry.map_err(|source| Error::Map {
+                name: F::BACKENDS_MAP,
+                source,
+            })?;
+            mirror.backends.insert(id, backend);
+        }
+        for entry in self.source_ranges.iter() {
+            let (key, _) = entry.map_err(|source| Error::Map {
+                name: F::SOURCE_RANGES_MAP,
+                source,
+            })?;
+            mirror
+                .source_ranges
+                .insert(crate::sync::SourceRangeKey::from_trie(&key));
+        }
+        Ok(mirror)
+    }
+
+    /// Reads the frontend address set, for the agent to adopt.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn read_frontend_addrs(&self) -> Result<FrontendAddrs<F>> {
+        let mut held = std::collections::HashMap::new();
+        for entry in self.frontend_addrs.iter() {
+            let (addr, value) = entry.map_err(|source| Error::Map {
+                name: F::FRONTEND_ADDRS_MAP,
+                source,
+            })?;
+            held.insert(F::from_addr_key(addr), value.kinds);
+        }
+        Ok(FrontendAddrs::adopt(held))
+    }
+
+    fn capacities(&self) -> Result<[u32; 4]> {
+        Ok([
+            max_entries(&self.services, F::SERVICES_MAP)?,
+            max_entries(&self.backends, F::BACKENDS_MAP)?,
+            max_entries(&self.source_ranges, F::SOURCE_RANGES_MAP)?,
+            max_entries(&self.frontend_addrs, F::FRONTEND_ADDRS_MAP)?,
+        ])
+    }
+}
+
 /// Handles of their own on the maps the syncer owns, to read them back on another
 /// thread (the periodic resync's readback walks every entry).
 pub struct MirrorReader {
-    services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
-    backends: HashMap<MapData, u32, BackendV4>,
-    source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
-    frontend_addrs: HashMap<MapData, u32, proxy_common::FrontendAddrV4>,
+    v4: FamilyMaps<std::net::Ipv4Addr>,
+    v6: FamilyMaps<std::net::Ipv6Addr>,
 }
 
 impl MirrorReader {
-    /// What the maps hold.
+    /// What the IPv4 maps hold.
     ///
     /// # Errors
     /// When a map cannot be read.
     pub fn read(&self) -> Result<Mirror> {
-        read_mirror(&self.services, &self.backends, &self.source_ranges)
+        self.v4.read_mirror()
     }
 
-    /// What the frontend address set holds.
+    /// What the IPv4 frontend address set holds.
     ///
     /// # Errors
     /// When the map cannot be read.
-    pub fn read_frontend_addrs(&self) -> Result<crate::sync::frontend_addrs::FrontendAddrs> {
-        read_frontend_addrs(&self.frontend_addrs)
+    pub fn read_frontend_addrs(&self) -> Result<FrontendAddrs> {
+        self.v4.read_frontend_addrs()
     }
-}
 
-fn read_frontend_addrs(
-    map: &HashMap<MapData, u32, proxy_common::FrontendAddrV4>,
-) -> Result<crate::sync::frontend_addrs::FrontendAddrs> {
-    let mut held = std::collections::HashMap::new();
-    for entry in map.iter() {
-        let (addr, value) = entry.map_err(|source| Error::Map {
-            name: names::FRONTEND_ADDRS_V4,
-            source,
-        })?;
-        held.insert(proxy_common::Be32(addr).to_ipv4(), value.kinds);
+    /// What the IPv6 maps and address set hold.
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn read_v6(&self) -> Result<(Mirror<std::net::Ipv6Addr>, FrontendAddrs<std::net::Ipv6Addr>)> {
+        Ok((self.v6.read_mirror()?, self.v6.read_frontend_addrs()?))
     }
-    Ok(crate::sync::frontend_addrs::FrontendAddrs::adopt(held))
-}
-
-fn read_mirror(
-    services: &HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
-    backends: &HashMap<MapData, u32, BackendV4>,
-    source_ranges: &LpmTrie<MapData, SourceRangeV4, u8>,
-) -> Result<Mirror> {
-    let mut mirror = Mirror::default();
-    for entry in services.iter() {
-        let (key, value) = entry.map_err(|source| Error::Map {
-            name: names::SERVICES_V4,
-            source,
-        })?;
-        mirror.services.insert(key, value);
-    }
-    for entry in backends.iter() {
-        let (id, backend) = entry.map_err(|source| Error::Map {
-            name: names::BACKENDS_V4,
-            source,
-        })?;
-        mirror.backends.insert(id, backend);
-    }
-    for entry in source_ranges.iter() {
-        let (key, _) = entry.map_err(|source| Error::Map {
-            name: names::SOURCE_RANGES_V4,
-            source,
-        })?;
-        mirror
-            .source_ranges
-            .insert(crate::sync::SourceRangeKey::from_trie(&key));
-    }
-    Ok(mirror)
 }
 
 /// The capacity of a loaded map, as the kernel reports it.
@@ -384,8 +472,10 @@ fn max_entries<K: aya::Pod, V>(
 
 /// Typed handles on every map.
 pub struct Maps {
-    pub services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
-    pub backends: HashMap<MapData, u32, BackendV4>,
+    /// The IPv4 service, backend, source-range maps and frontend address set.
+    pub v4: FamilyMaps<std::net::Ipv4Addr>,
+    /// The IPv6 ones.
+    pub v6: FamilyMaps<std::net::Ipv6Addr>,
     /// Established flows (a plain hash).
     pub conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
     /// Flows not yet seen both ways (LRU).
@@ -393,7 +483,13 @@ pub struct Maps {
     /// When the datapath last found the established table full (one entry).
     pub conntrack_full: Array<MapData, u64>,
     pub affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
-    pub source_ranges: LpmTrie<MapData, SourceRangeV4, u8>,
+    /// The IPv6 conntrack tables and affinity map (the datapath fills them; the agent
+    /// reaps and forgets).
+    pub conntrack_v6: HashMap<MapData, CtKeyV6, CtEntryV6>,
+    pub conntrack_new_v6: HashMap<MapData, CtKeyV6, CtEntryV6>,
+    pub affinity_v6: HashMap<MapData, AffinityKeyV6, AffinityValueV4>,
+    /// The node's IPv6 settings (one entry).
+    pub config_v6: Array<MapData, NodeConfigV6>,
     /// First fragments' ports of datagrams in flight (the datapath keeps it; read by
     /// tests and inspection).
     pub fragments: HashMap<MapData, FragKeyV4, FragValueV4>,
@@ -401,8 +497,6 @@ pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
     /// Settings of the socket-layer hooks (which sockets they translate).
     pub sock_config: Array<MapData, proxy_common::SockConfig>,
-    /// Every frontend address (key: the address in network order, `Be32`'s bytes).
-    pub frontend_addrs: HashMap<MapData, u32, proxy_common::FrontendAddrV4>,
     /// The service CIDR (one entry).
     pub service_cidr: Array<MapData, proxy_common::ServiceCidrV4>,
     /// Per-service traffic counters by service id (`crate::service_counters`).
@@ -438,10 +532,9 @@ pub const ALL_MAPS: [&str; 27] = [
     names::FRONTEND_ADDRS_V4,
     names::SERVICE_CIDR_V4,
     proxy_common::service_stats::NAME,
-    // The IPv6 tables (issue 13): pinned and adopted like the rest; the datapath
-    // fills the conntrack, fragment and affinity ones, nothing in the agent writes the
-    // others yet (frontends, backends, source ranges, the IPv6 config), and tests reach
-    // them through `Datapath::ebpf` by these names.
+    // The IPv6 tables (issue 13): pinned and adopted like the rest; the syncer writes
+    // the service, backend, source-range maps and the address set, the agent the
+    // config; the datapath fills conntrack, fragments and affinity.
     names::SERVICES_V6,
     names::BACKENDS_V6,
     names::CONNTRACK_V6,
@@ -554,8 +647,8 @@ impl Datapath {
         let object = sock_destroy::patch_kfunc_calls(EBPF_OBJECT, btf.as_ref());
         let mut ebpf = loader.load(&object)?;
         let mut maps = Maps {
-            services: take(&mut ebpf, names::SERVICES_V4)?,
-            backends: take(&mut ebpf, names::BACKENDS_V4)?,
+            v4: FamilyMaps::take(&mut ebpf)?,
+            v6: FamilyMaps::take(&mut ebpf)?,
             conntrack: take(&mut ebpf, names::CONNTRACK_V4)?,
             conntrack_new: take(&mut ebpf, names::CONNTRACK_NEW_V4)?,
             conntrack_full: {
@@ -564,14 +657,13 @@ impl Datapath {
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
             },
             affinity: take(&mut ebpf, names::AFFINITY_V4)?,
-            source_ranges: {
-                let map = ebpf
-                    .take_map(names::SOURCE_RANGES_V4)
-                    .ok_or(Error::MissingMap(names::SOURCE_RANGES_V4))?;
-                LpmTrie::try_from(map).map_err(|source| Error::Map {
-                    name: names::SOURCE_RANGES_V4,
-                    source,
-                })?
+            conntrack_v6: take(&mut ebpf, names::CONNTRACK_V6)?,
+            conntrack_new_v6: take(&mut ebpf, names::CONNTRACK_NEW_V6)?,
+            affinity_v6: take(&mut ebpf, names::AFFINITY_V6)?,
+            config_v6: {
+                let name = names::CONFIG_V6;
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+                Array::try_from(map).map_err(|source| Error::Map { name, source })?
             },
             fragments: take(&mut ebpf, names::FRAGMENTS_V4)?,
             counters: {
@@ -597,7 +689,6 @@ impl Datapath {
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
                 Array::try_from(map).map_err(|source| Error::Map { name, source })?
             },
-            frontend_addrs: take(&mut ebpf, names::FRONTEND_ADDRS_V4)?,
             service_cidr: {
                 let name = names::SERVICE_CIDR_V4;
                 let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
@@ -683,15 +774,25 @@ impl Maps {
     /// # Errors
     /// When the kernel does not say.
     pub fn read_capacities(&self) -> Result<MapCapacities> {
+        let [services, backends, source_ranges, frontend_addrs] = self.v4.capacities()?;
+        let [services_v6, backends_v6, source_ranges_v6, frontend_addrs_v6] =
+            self.v6.capacities()?;
         Ok(MapCapacities {
-            services: max_entries(&self.services, names::SERVICES_V4)?,
-            backends: max_entries(&self.backends, names::BACKENDS_V4)?,
+            services,
+            backends,
             conntrack: max_entries(&self.conntrack, names::CONNTRACK_V4)?,
             conntrack_new: max_entries(&self.conntrack_new, names::CONNTRACK_NEW_V4)?,
             affinity: max_entries(&self.affinity, names::AFFINITY_V4)?,
-            source_ranges: max_entries(&self.source_ranges, names::SOURCE_RANGES_V4)?,
-            frontend_addrs: max_entries(&self.frontend_addrs, names::FRONTEND_ADDRS_V4)?,
+            source_ranges,
+            frontend_addrs,
             service_stats: max_entries(&self.service_stats, proxy_common::service_stats::NAME)?,
+            services_v6,
+            backends_v6,
+            source_ranges_v6,
+            frontend_addrs_v6,
+            conntrack_v6: max_entries(&self.conntrack_v6, names::CONNTRACK_V6)?,
+            conntrack_new_v6: max_entries(&self.conntrack_new_v6, names::CONNTRACK_NEW_V6)?,
+            affinity_v6: max_entries(&self.affinity_v6, names::AFFINITY_V6)?,
         })
     }
 
@@ -702,6 +803,17 @@ impl Maps {
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
         self.config.set(0, config, 0).map_err(|source| Error::Map {
             name: names::CONFIG,
+            source,
+        })
+    }
+
+    /// Writes the node's IPv6 settings (masquerade address, IPv6 cluster CIDR).
+    ///
+    /// # Errors
+    /// When the kernel refuses the write.
+    pub fn set_config_v6(&mut self, config: &NodeConfigV6) -> Result<()> {
+        self.config_v6.set(0, config, 0).map_err(|source| Error::Map {
+            name: names::CONFIG_V6,
             source,
         })
     }
@@ -719,12 +831,12 @@ impl Maps {
             })
     }
 
-    /// Reads the frontend address set, for the agent to adopt.
+    /// Reads the IPv4 frontend address set, for the agent to adopt.
     ///
     /// # Errors
     /// When the map cannot be read.
-    pub fn read_frontend_addrs(&self) -> Result<crate::sync::frontend_addrs::FrontendAddrs> {
-        read_frontend_addrs(&self.frontend_addrs)
+    pub fn read_frontend_addrs(&self) -> Result<FrontendAddrs> {
+        self.v4.read_frontend_addrs()
     }
 
     /// Tells the socket-layer hooks which network namespace is the node's and which
@@ -741,25 +853,23 @@ impl Maps {
             })
     }
 
-    /// Reads the service and backend maps, for the syncer to adopt.
+    /// Reads the IPv4 service and backend maps, for the syncer to adopt.
     ///
     /// # Errors
     /// When a map cannot be read.
     pub fn read_mirror(&self) -> Result<Mirror> {
-        read_mirror(&self.services, &self.backends, &self.source_ranges)
+        self.v4.read_mirror()
     }
 
-    /// Second handles on the maps [`Self::read_mirror`] reads, for another thread.
+    /// Second handles on the maps [`Self::read_mirror`] (and its IPv6 twin) read, for
+    /// another thread.
     ///
     /// # Errors
     /// When the kernel refuses a handle.
     pub fn mirror_reader(&self) -> Result<MirrorReader> {
-        use aya::maps::IterableMap as _;
         Ok(MirrorReader {
-            services: reopen(self.services.map(), names::SERVICES_V4)?,
-            backends: reopen(self.backends.map(), names::BACKENDS_V4)?,
-            source_ranges: reopen(self.source_ranges.map(), names::SOURCE_RANGES_V4)?,
-            frontend_addrs: reopen(self.frontend_addrs.map(), names::FRONTEND_ADDRS_V4)?,
+            v4: self.v4.reopen()?,
+            v6: self.v6.reopen()?,
         })
     }
 
@@ -780,37 +890,47 @@ impl Maps {
     }
 }
 
-impl crate::sync::frontend_addrs::AddrWriter for Maps {
+impl<F: Family> crate::sync::frontend_addrs::AddrWriter<F> for FamilyMaps<F> {
     fn put_frontend_addr(
         &mut self,
-        addr: std::net::Ipv4Addr,
-        value: proxy_common::FrontendAddrV4,
+        addr: F,
+        value: FrontendAddrV4,
     ) -> std::result::Result<(), String> {
         self.frontend_addrs
-            .insert(proxy_common::Be32::from_ipv4(addr).0, value, 0)
+            .insert(F::addr_key(addr), value, 0)
             .map_err(|error| error.to_string())
     }
 
-    fn put_frontend_addrs(
-        &mut self,
-        entries: &[(std::net::Ipv4Addr, proxy_common::FrontendAddrV4)],
-    ) -> (usize, Option<String>) {
+    fn put_frontend_addrs(&mut self, entries: &[(F, FrontendAddrV4)]) -> (usize, Option<String>) {
         self.put_frontend_addrs_batched(entries)
     }
 
-    fn delete_frontend_addr(
-        &mut self,
-        addr: std::net::Ipv4Addr,
-    ) -> std::result::Result<(), String> {
-        match self
-            .frontend_addrs
-            .remove(&proxy_common::Be32::from_ipv4(addr).0)
-        {
+    fn delete_frontend_addr(&mut self, addr: F) -> std::result::Result<(), String> {
+        match self.frontend_addrs.remove(&F::addr_key(addr)) {
             Ok(()) => Ok(()),
             // Gone already: removed.
             Err(error) if is_missing(&error) => Ok(()),
             Err(error) => Err(error.to_string()),
         }
+    }
+}
+
+/// The agent writes every family's maps through its one [`Maps`].
+impl<F: Family> crate::sync::frontend_addrs::AddrWriter<F> for Maps {
+    fn put_frontend_addr(
+        &mut self,
+        addr: F,
+        value: FrontendAddrV4,
+    ) -> std::result::Result<(), String> {
+        F::maps_mut(self).put_frontend_addr(addr, value)
+    }
+
+    fn put_frontend_addrs(&mut self, entries: &[(F, FrontendAddrV4)]) -> (usize, Option<String>) {
+        F::maps_mut(self).put_frontend_addrs(entries)
+    }
+
+    fn delete_frontend_addr(&mut self, addr: F) -> std::result::Result<(), String> {
+        F::maps_mut(self).delete_frontend_addr(addr)
     }
 }
 
@@ -835,8 +955,8 @@ fn is_full(error: &MapError) -> bool {
     }
 }
 
-impl MapWriter for Maps {
-    fn apply(&mut self, op: &MapOp) -> std::result::Result<(), WriteError> {
+impl<F: Family> MapWriter<F> for FamilyMaps<F> {
+    fn apply(&mut self, op: &MapOp<F>) -> std::result::Result<(), WriteError<F>> {
         let result = match *op {
             MapOp::PutBackend { id, backend } => self.backends.insert(id, backend, 0),
             MapOp::DeleteBackend { id } => self.backends.remove(&id),
@@ -868,7 +988,17 @@ impl MapWriter for Maps {
         }
     }
 
-    fn apply_batch(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+    fn apply_batch(&mut self, ops: &[MapOp<F>]) -> (usize, Option<WriteError<F>>) {
         self.apply_batched(ops)
+    }
+}
+
+impl<F: Family> MapWriter<F> for Maps {
+    fn apply(&mut self, op: &MapOp<F>) -> std::result::Result<(), WriteError<F>> {
+        F::maps_mut(self).apply(op)
+    }
+
+    fn apply_batch(&mut self, ops: &[MapOp<F>]) -> (usize, Option<WriteError<F>>) {
+        F::maps_mut(self).apply_batch(ops)
     }
 }

@@ -2,7 +2,12 @@
 //! outside (where the node hooks attach), their IPv4 addresses, which of those serve
 //! NodePorts (kube-proxy's `nodePortAddresses`) and which one masqueraded traffic
 //! leaves with.
-use std::{collections::BTreeSet, ffi::CStr, io, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 /// The node's external interfaces and addresses as found now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,6 +18,11 @@ pub struct NodeNetwork {
     pub node_port_addresses: Vec<Ipv4Addr>,
     /// The address masqueraded traffic gets (`None`: no address found).
     pub snat_addr: Option<Ipv4Addr>,
+    /// The IPv6 addresses NodePorts answer on (global addresses of the external
+    /// interfaces: never link-local ones, which name no node from elsewhere).
+    pub node_port_addresses_v6: Vec<Ipv6Addr>,
+    /// The IPv6 address masqueraded IPv6 traffic gets.
+    pub snat_addr_v6: Option<Ipv6Addr>,
 }
 
 /// A `nodePortAddresses` entry.
@@ -20,6 +30,8 @@ pub struct NodeNetwork {
 pub enum NodePortFilter {
     /// An IPv4 CIDR: node addresses inside it.
     Cidr(Ipv4Addr, u8),
+    /// An IPv6 CIDR.
+    CidrV6(Ipv6Addr, u8),
     /// `primary`: the node's primary address (the masquerade address).
     Primary,
 }
@@ -33,7 +45,19 @@ impl NodePortFilter {
         if text.trim() == "primary" {
             return Ok(Self::Primary);
         }
-        crate::config::parse_ipv4_cidr(text).map(|(addr, len)| Self::Cidr(addr, len))
+        crate::config::parse_ip_cidr(text).map(|(addr, len)| match addr {
+            std::net::IpAddr::V4(v4) => Self::Cidr(v4, len),
+            std::net::IpAddr::V6(v6) => Self::CidrV6(v6, len),
+        })
+    }
+
+    /// Whether the filter speaks of IPv4 (`primary` speaks of both families).
+    fn is_v4(self) -> bool {
+        matches!(self, Self::Cidr(..) | Self::Primary)
+    }
+
+    fn is_v6(self) -> bool {
+        matches!(self, Self::CidrV6(..) | Self::Primary)
     }
 
     fn admits(self, addr: Ipv4Addr, primary: Option<Ipv4Addr>) -> bool {
@@ -43,6 +67,18 @@ impl NodePortFilter {
                 let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
                 u32::from(addr) & mask == u32::from(net) & mask
             }
+            Self::CidrV6(..) => false,
+        }
+    }
+
+    fn admits_v6(self, addr: Ipv6Addr, primary: Option<Ipv6Addr>) -> bool {
+        match self {
+            Self::Primary => primary == Some(addr),
+            Self::CidrV6(net, len) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                u128::from(addr) & mask == u128::from(net) & mask
+            }
+            Self::Cidr(..) => false,
         }
     }
 }
@@ -59,10 +95,13 @@ pub fn decide(
     node_ip: Option<Ipv4Addr>,
 ) -> NodeNetwork {
     let snat_addr = node_ip.or_else(|| addresses.first().map(|(_, addr)| *addr));
+    // Per family, as kube-proxy's NodePortAddresses: filters of the other family do
+    // not count, and a family no filter speaks of answers on all its addresses.
+    let v4_filters: Vec<NodePortFilter> = filters.iter().copied().filter(|f| f.is_v4()).collect();
     let mut node_port_addresses: Vec<Ipv4Addr> = addresses
         .iter()
         .map(|(_, addr)| *addr)
-        .filter(|addr| filters.is_empty() || filters.iter().any(|f| f.admits(*addr, snat_addr)))
+        .filter(|addr| v4_filters.is_empty() || v4_filters.iter().any(|f| f.admits(*addr, snat_addr)))
         .collect();
     node_port_addresses.sort_unstable();
     node_port_addresses.dedup();
@@ -70,7 +109,34 @@ pub fn decide(
         interfaces: addresses.iter().map(|(name, _)| name.clone()).collect(),
         node_port_addresses,
         snat_addr,
+        node_port_addresses_v6: Vec::new(),
+        snat_addr_v6: None,
     }
+}
+
+/// [`decide`]'s IPv6 half: the IPv6 NodePort addresses and masquerade address from
+/// the (interface, global IPv6 address) pairs of the external interfaces.
+pub fn decide_v6(
+    node: &mut NodeNetwork,
+    addresses: &[(String, Ipv6Addr)],
+    filters: &[NodePortFilter],
+    node_ip: Option<Ipv6Addr>,
+) {
+    let snat_addr = node_ip.or_else(|| addresses.first().map(|(_, addr)| *addr));
+    let v6_filters: Vec<NodePortFilter> = filters.iter().copied().filter(|f| f.is_v6()).collect();
+    let mut node_port_addresses: Vec<Ipv6Addr> = addresses
+        .iter()
+        .map(|(_, addr)| *addr)
+        .filter(|addr| {
+            v6_filters.is_empty() || v6_filters.iter().any(|f| f.admits_v6(*addr, snat_addr))
+        })
+        .collect();
+    node_port_addresses.sort_unstable();
+    node_port_addresses.dedup();
+    node.interfaces
+        .extend(addresses.iter().map(|(name, _)| name.clone()));
+    node.node_port_addresses_v6 = node_port_addresses;
+    node.snat_addr_v6 = snat_addr;
 }
 
 /// Interfaces that carry a default route (`/proc/net/route`): the node's way out, and
@@ -136,6 +202,48 @@ pub fn ipv4_addresses(wanted: impl Fn(&str) -> bool) -> io::Result<Vec<(String, 
     Ok(out)
 }
 
+/// The global IPv6 addresses (not link-local, not loopback) of the interfaces whose
+/// names `wanted` accepts, sorted by interface name then address.
+///
+/// # Errors
+/// When the kernel cannot list addresses.
+pub fn ipv6_addresses(wanted: impl Fn(&str) -> bool) -> io::Result<Vec<(String, Ipv6Addr)>> {
+    let mut out = Vec::new();
+    // SAFETY: as in ipv4_addresses: the list is read while alive, then freed once.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&raw mut head) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut entry = head;
+        while !entry.is_null() {
+            let current = &*entry;
+            entry = current.ifa_next;
+            if current.ifa_addr.is_null() || current.ifa_name.is_null() {
+                continue;
+            }
+            if i32::from((*current.ifa_addr).sa_family) != libc::AF_INET6 {
+                continue;
+            }
+            let name = CStr::from_ptr(current.ifa_name)
+                .to_string_lossy()
+                .into_owned();
+            if !wanted(&name) {
+                continue;
+            }
+            let sockaddr = &*current.ifa_addr.cast::<libc::sockaddr_in6>();
+            let addr = Ipv6Addr::from(sockaddr.sin6_addr.s6_addr);
+            if addr.is_loopback() || addr.is_unicast_link_local() || addr.is_unspecified() {
+                continue;
+            }
+            out.push((name, addr));
+        }
+        libc::freeifaddrs(head);
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +292,30 @@ mod tests {
         assert_eq!(primary.snat_addr, Some(ip("172.16.0.2")));
         assert_eq!(decide(&[], &[], None).snat_addr, None);
         assert!(NodePortFilter::parse("not-a-cidr").is_err());
+    }
+
+    #[test]
+    fn each_family_filters_its_own_addresses() {
+        let v4 = vec![("eth0".to_owned(), ip("192.168.1.10"))];
+        let v6: Vec<(String, Ipv6Addr)> = ["fd00:1::10", "2001:db8::10"]
+            .iter()
+            .map(|text| ("eth0".to_owned(), text.parse().expect("v6")))
+            .collect();
+        // An IPv6 filter only: IPv4 answers on every address, IPv6 on the matching one.
+        let filters = [NodePortFilter::parse("fd00:1::/64").expect("cidr")];
+        let mut node = decide(&v4, &filters, None);
+        decide_v6(&mut node, &v6, &filters, None);
+        assert_eq!(node.node_port_addresses, [ip("192.168.1.10")]);
+        assert_eq!(
+            node.node_port_addresses_v6,
+            ["fd00:1::10".parse::<Ipv6Addr>().expect("v6")]
+        );
+        assert_eq!(node.snat_addr_v6, Some("fd00:1::10".parse().expect("v6")));
+        // `primary` speaks of both families: the node IP of each.
+        let mut node = decide(&v4, &[NodePortFilter::Primary], None);
+        let chosen: Ipv6Addr = "2001:db8::10".parse().expect("v6");
+        decide_v6(&mut node, &v6, &[NodePortFilter::Primary], Some(chosen));
+        assert_eq!(node.node_port_addresses_v6, [chosen]);
+        assert_eq!(node.snat_addr_v6, Some(chosen));
     }
 }

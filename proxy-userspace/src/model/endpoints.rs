@@ -1,11 +1,13 @@
 //! Which endpoints of a service port a node uses: kube-proxy's `CategorizeEndpoints`
 //! (pkg/proxy/topology.go), reproduced rule by rule.
-use std::{collections::BTreeSet, net::SocketAddrV4};
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
-/// One endpoint of a service port, as read from an EndpointSlice.
+use crate::family::Family;
+
+/// One endpoint of a service port, as read from an EndpointSlice of family `F`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub addr: SocketAddrV4,
+pub struct Endpoint<F: Family = Ipv4Addr> {
+    pub addr: F::Socket,
     /// `conditions.ready`; unset counts as ready.
     pub ready: bool,
     /// `conditions.serving`; unset counts as serving.
@@ -42,14 +44,24 @@ impl Policies {
 }
 
 /// The endpoint sets of a service port on this node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Categorized {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Categorized<F: Family = Ipv4Addr> {
     /// Endpoints for Cluster traffic policy (topology applied).
-    pub cluster: Vec<SocketAddrV4>,
+    pub cluster: Vec<F::Socket>,
     /// Endpoints for Local traffic policy.
-    pub local: Vec<SocketAddrV4>,
+    pub local: Vec<F::Socket>,
     /// Whether the service has usable endpoints anywhere (decides reject vs drop).
     pub has_any: bool,
+}
+
+impl<F: Family> Default for Categorized<F> {
+    fn default() -> Self {
+        Self {
+            cluster: Vec::new(),
+            local: Vec::new(),
+            has_any: false,
+        }
+    }
 }
 
 /// Topology from hints: same node, then same zone, else none. A mode applies only
@@ -61,8 +73,8 @@ enum Topology {
     SameZone,
 }
 
-fn topology_from_hints(endpoints: &[Endpoint], node_name: &str, zone: &str) -> Topology {
-    let ready: Vec<&Endpoint> = endpoints.iter().filter(|ep| ep.ready).collect();
+fn topology_from_hints<F: Family>(endpoints: &[Endpoint<F>], node_name: &str, zone: &str) -> Topology {
+    let ready: Vec<&Endpoint<F>> = endpoints.iter().filter(|ep| ep.ready).collect();
     if ready.is_empty() {
         return Topology::None;
     }
@@ -77,7 +89,7 @@ fn topology_from_hints(endpoints: &[Endpoint], node_name: &str, zone: &str) -> T
     Topology::None
 }
 
-fn available_for_topology(ep: &Endpoint, topology: Topology, node_name: &str, zone: &str) -> bool {
+fn available_for_topology<F: Family>(ep: &Endpoint<F>, topology: Topology, node_name: &str, zone: &str) -> bool {
     match topology {
         Topology::None => true,
         Topology::SameNode => ep.node_hints.contains(node_name),
@@ -85,7 +97,7 @@ fn available_for_topology(ep: &Endpoint, topology: Topology, node_name: &str, zo
     }
 }
 
-fn addrs<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> Vec<SocketAddrV4> {
+fn addrs<'a, F: Family>(endpoints: impl Iterator<Item = &'a Endpoint<F>>) -> Vec<F::Socket> {
     endpoints.map(|ep| ep.addr).collect()
 }
 
@@ -93,12 +105,12 @@ fn addrs<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> Vec<SocketAddrV4>
 /// Cluster policy, local ones for Local policy, and each falls back to
 /// serving-and-terminating endpoints when it has no ready one (KEP-1669).
 #[must_use]
-pub fn categorize(
-    endpoints: &[Endpoint],
+pub fn categorize<F: Family>(
+    endpoints: &[Endpoint<F>],
     policies: Policies,
     node_name: &str,
     zone: &str,
-) -> Categorized {
+) -> Categorized<F> {
     let mut out = Categorized::default();
     if endpoints.is_empty() {
         return out;
@@ -118,7 +130,7 @@ pub fn categorize(
     if !policies.uses_local_endpoints() {
         return out;
     }
-    let usable = |ep: &&Endpoint| ep.ready || (ep.serving && ep.terminating);
+    let usable = |ep: &&Endpoint<F>| ep.ready || (ep.serving && ep.terminating);
     out.has_any |= endpoints.iter().any(|ep| usable(&ep));
     let local_ready = endpoints.iter().any(|ep| ep.is_local && ep.ready);
     out.local = if local_ready {

@@ -17,20 +17,20 @@
 mod tests;
 
 use std::{
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
 use proxy_common::scope;
 
 use super::{
-    conflict, slice_service_name, Claim, Desired, Diagnostic, DiagnosticReason, FrontendKey,
-    FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServiceHealth, ServicePortName,
-    LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE,
+    conflict, slice_service_name, Claim, Claims, Desired, Diagnostic, DiagnosticReason,
+    FamilyDesired, FrontendKey, FrontendSpec, KeyedSlice, ModelSettings, ServiceContext,
+    ServiceHealth, ServicePortName, LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE,
 };
 use crate::{
+    family::Family,
     state::{ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revision, ServiceInfo, SliceInfo},
     FastMap, FastSet,
 };
@@ -40,11 +40,15 @@ use crate::{
 pub struct ModelChanges {
     /// Everything may have changed (the first update, other node settings).
     pub all: bool,
-    /// Frontends added, changed or removed, with the service port each had before
-    /// (`None`: it is new). Also those whose backends' locality changed.
+    /// IPv4 frontends added, changed or removed, with the service port each had
+    /// before (`None`: it is new). Also those whose backends' locality changed.
     pub frontends: BTreeMap<FrontendKey, Option<ServicePortName>>,
-    /// Service ports whose source ranges changed (appeared, went or differ).
+    /// The same for IPv6 frontends.
+    pub frontends_v6: BTreeMap<FrontendKey<Ipv6Addr>, Option<ServicePortName>>,
+    /// Service ports whose IPv4 source ranges changed (appeared, went or differ).
     pub source_ranges: BTreeSet<ServicePortName>,
+    /// Service ports whose IPv6 source ranges changed.
+    pub source_ranges_v6: BTreeSet<ServicePortName>,
     pub local_endpoints: bool,
     pub health_checks: bool,
     pub diagnostics: bool,
@@ -58,7 +62,9 @@ impl ModelChanges {
     pub fn is_empty(&self) -> bool {
         !self.all
             && self.frontends.is_empty()
+            && self.frontends_v6.is_empty()
             && self.source_ranges.is_empty()
+            && self.source_ranges_v6.is_empty()
             && !self.local_endpoints
             && !self.health_checks
             && !self.diagnostics
@@ -71,7 +77,11 @@ impl ModelChanges {
         for (key, before) in later.frontends {
             self.frontends.entry(key).or_insert(before);
         }
+        for (key, before) in later.frontends_v6 {
+            self.frontends_v6.entry(key).or_insert(before);
+        }
         self.source_ranges.extend(later.source_ranges);
+        self.source_ranges_v6.extend(later.source_ranges_v6);
         self.local_endpoints |= later.local_endpoints;
         self.health_checks |= later.health_checks;
         self.diagnostics |= later.diagnostics;
@@ -84,36 +94,124 @@ impl ModelChanges {
 struct ServiceEntry {
     service: Arc<ServiceInfo>,
     output: ServiceOutput,
-    /// Its claim on each frontend of default scope in `output`, by key.
-    claims: Box<[(FrontendKey, Claim)]>,
 }
 
 /// loadBalancerSourceRanges of one service port: (address, prefix length).
-type SourceRanges = BTreeSet<(Ipv4Addr, u8)>;
+type SourceRanges<F> = BTreeSet<(F, u8)>;
 
-/// What one service asks for before conflicts with other services: frontends (with
-/// cluster-internal twins), local endpoints, source ranges, its health check, its own
-/// diagnostics. The [`Desired`] its rules fill, kept as sorted slices: a service has a
-/// handful of each, and a map per field per service was most of the model's memory
-/// at 50 000 services (a map node holds eleven entries, however few it has).
+/// What one service asks for in one family before conflicts with other services:
+/// frontends (with cluster-internal twins), local endpoints, source ranges, and its
+/// claim on each frontend of default scope. Sorted slices: a service has a handful of
+/// each, and a map per field per service was most of the model's memory at 50 000
+/// services (a map node holds eleven entries, however few it has).
 #[derive(Debug)]
-struct ServiceOutput {
-    frontends: Box<[(FrontendKey, Arc<FrontendSpec>)]>,
-    local_endpoints: Box<[Ipv4Addr]>,
-    source_ranges: Box<[(ServicePortName, SourceRanges)]>,
-    health_checks: Box<[(u16, ServiceHealth)]>,
-    diagnostics: Vec<Diagnostic>,
+struct FamilyOutput<F: Family> {
+    frontends: Box<[(FrontendKey<F>, Arc<FrontendSpec<F>>)]>,
+    local_endpoints: Box<[F]>,
+    source_ranges: Box<[(ServicePortName, SourceRanges<F>)]>,
+    claims: Box<[(FrontendKey<F>, Claim)]>,
 }
 
-impl From<Desired> for ServiceOutput {
-    fn from(desired: Desired) -> Self {
+impl<F: Family> FamilyOutput<F> {
+    fn of(desired: FamilyDesired<F>, claims: BTreeMap<FrontendKey<F>, Claim>) -> Self {
         // Each map iterates in key order: the slices are sorted.
         Self {
             frontends: desired.frontends.into_iter().collect(),
             local_endpoints: desired.local_endpoints.into_iter().collect(),
             source_ranges: desired.source_ranges.into_iter().collect(),
+            claims: claims.into_iter().collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frontends.is_empty()
+            && self.local_endpoints.is_empty()
+            && self.source_ranges.is_empty()
+            && self.claims.is_empty()
+    }
+}
+
+/// What one service asks for: each family's output, its health check, its own
+/// diagnostics. The IPv6 output is boxed and absent for a service without one, so an
+/// IPv4 service costs a pointer more than before dual stack, not four empty slices.
+#[derive(Debug)]
+struct ServiceOutput {
+    v4: FamilyOutput<Ipv4Addr>,
+    v6: Option<Box<FamilyOutput<Ipv6Addr>>>,
+    health_checks: Box<[(u16, ServiceHealth)]>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl ServiceOutput {
+    fn of(desired: Desired, claims: Claims) -> Self {
+        let v6 = FamilyOutput::of(desired.v6, claims.v6);
+        Self {
+            v4: FamilyOutput::of(desired.v4, claims.v4),
+            v6: (!v6.is_empty()).then(|| Box::new(v6)),
             health_checks: desired.health_checks.into_iter().collect(),
             diagnostics: desired.diagnostics,
+        }
+    }
+}
+
+/// How generic code finds its family's half of a service's output.
+trait OutputFamily: Family {
+    fn output(output: &ServiceOutput) -> Option<&FamilyOutput<Self>>;
+}
+
+impl OutputFamily for Ipv4Addr {
+    fn output(output: &ServiceOutput) -> Option<&FamilyOutput<Self>> {
+        Some(&output.v4)
+    }
+}
+
+impl OutputFamily for Ipv6Addr {
+    fn output(output: &ServiceOutput) -> Option<&FamilyOutput<Self>> {
+        output.v6.as_deref()
+    }
+}
+
+/// What services decide together in one family: who claims each frontend, and which
+/// frontends use each local endpoint address.
+#[derive(Debug)]
+struct FamilyIndex<F: Family> {
+    /// Every service claiming each frontend of default scope, best first.
+    claimants: FastMap<FrontendKey<F>, Vec<Claim>>,
+    /// The claimants that do not hold a frontend, reported.
+    conflicts: BTreeMap<FrontendKey<F>, Vec<Diagnostic>>,
+    /// How many services name each local endpoint address.
+    local_refs: FastMap<F, usize>,
+    /// Desired frontends by their backends' addresses: those whose backends change
+    /// locality when an address joins or leaves the local endpoints.
+    by_backend_ip: FastMap<F, FastSet<FrontendKey<F>>>,
+}
+
+impl<F: Family> Default for FamilyIndex<F> {
+    fn default() -> Self {
+        Self {
+            claimants: FastMap::default(),
+            conflicts: BTreeMap::new(),
+            local_refs: FastMap::default(),
+            by_backend_ip: FastMap::default(),
+        }
+    }
+}
+
+/// What one update touched in one family, to be decided once every dirty service
+/// is recomputed.
+#[derive(Debug)]
+struct Touched<F: Family> {
+    frontends: BTreeSet<FrontendKey<F>>,
+    local_candidates: BTreeSet<F>,
+    old_ranges: BTreeMap<ServicePortName, Option<SourceRanges<F>>>,
+}
+
+impl<F: Family> Default for Touched<F> {
+    fn default() -> Self {
+        Self {
+            frontends: BTreeSet::new(),
+            local_candidates: BTreeSet::new(),
+            old_ranges: BTreeMap::new(),
         }
     }
 }
@@ -145,18 +243,12 @@ pub struct IncrementalModel {
     slices_by_service: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<SliceInfo>>>,
     /// Slices without a label or whose service does not exist.
     orphans: BTreeMap<ObjectKey, Diagnostic>,
-    /// Every service claiming each frontend of default scope, best first.
-    claimants: FastMap<FrontendKey, Vec<Claim>>,
-    /// The claimants that do not hold a frontend, reported.
-    conflicts: BTreeMap<FrontendKey, Vec<Diagnostic>>,
+    /// Frontend claims and local endpoints, per family.
+    v4: FamilyIndex<Ipv4Addr>,
+    v6: FamilyIndex<Ipv6Addr>,
     /// Every service asking for each healthCheckNodePort.
     health_claimants: BTreeMap<u16, BTreeSet<ObjectKey>>,
     health_conflicts: BTreeMap<u16, Vec<Diagnostic>>,
-    /// How many services name each local endpoint address.
-    local_refs: FastMap<Ipv4Addr, usize>,
-    /// Desired frontends by their backends' addresses: those whose backends change
-    /// locality when an address joins or leaves the local endpoints.
-    by_backend_ip: FastMap<Ipv4Addr, FastSet<FrontendKey>>,
     /// Services with diagnostics of their own.
     diagnosed: BTreeSet<ObjectKey>,
     /// The revision of the last state given (its steps not kept): the next state's
@@ -245,10 +337,205 @@ fn same_object<T: PartialEq>(held: &mut Arc<T>, new: &Arc<T>) -> bool {
 }
 
 /// The twin of a default-scope frontend, for cluster-internal clients.
-fn twin_of(key: &FrontendKey) -> FrontendKey {
+fn twin_of<F: Family>(key: &FrontendKey<F>) -> FrontendKey<F> {
     FrontendKey {
         scope: scope::INTERNAL,
         ..*key
+    }
+}
+
+impl<F: OutputFamily> FamilyIndex<F> {
+    /// Takes a service's output of this family out of the shared state.
+    fn remove(
+        &mut self,
+        old: Option<&FamilyOutput<F>>,
+        desired: &mut FamilyDesired<F>,
+        touched: &mut Touched<F>,
+    ) {
+        let Some(old) = old else {
+            return;
+        };
+        for (frontend, claim) in &old.claims {
+            if let Some(claims) = self.claimants.get_mut(frontend) {
+                claims.retain(|held| held != claim);
+                if claims.is_empty() {
+                    self.claimants.remove(frontend);
+                }
+            }
+            touched.frontends.insert(*frontend);
+        }
+        for addr in &old.local_endpoints {
+            if let Some(count) = self.local_refs.get_mut(addr) {
+                *count -= 1;
+                if *count == 0 {
+                    self.local_refs.remove(addr);
+                }
+            }
+            touched.local_candidates.insert(*addr);
+        }
+        for (name, _) in &old.source_ranges {
+            let before = desired.source_ranges.remove(name);
+            touched.old_ranges.entry(name.clone()).or_insert(before);
+        }
+    }
+
+    /// Puts a service's output of this family into the shared state.
+    fn add(
+        &mut self,
+        new: Option<&FamilyOutput<F>>,
+        desired: &mut FamilyDesired<F>,
+        touched: &mut Touched<F>,
+    ) {
+        let Some(new) = new else {
+            return;
+        };
+        for (frontend, claim) in &new.claims {
+            // Almost every frontend has one claimant: no room for more until needed.
+            let claims = self
+                .claimants
+                .entry(*frontend)
+                .or_insert_with(|| Vec::with_capacity(1));
+            let at = claims.partition_point(|held| held < claim);
+            claims.insert(at, claim.clone());
+            touched.frontends.insert(*frontend);
+        }
+        for addr in &new.local_endpoints {
+            *self.local_refs.entry(*addr).or_default() += 1;
+            touched.local_candidates.insert(*addr);
+        }
+        for (name, ranges) in &new.source_ranges {
+            let before = desired.source_ranges.insert(name.clone(), ranges.clone());
+            touched.old_ranges.entry(name.clone()).or_insert(before);
+        }
+    }
+
+    /// Decides everything `touched` names, noting the changes.
+    fn resolve(
+        &mut self,
+        touched: Touched<F>,
+        services: &BTreeMap<ObjectKey, ServiceEntry>,
+        desired: &mut FamilyDesired<F>,
+        all: bool,
+        changes: &mut ModelChanges,
+    ) {
+        for (name, before) in touched.old_ranges {
+            if desired.source_ranges.get(&name) != before.as_ref() {
+                F::changed_ranges_mut(changes).insert(name);
+            }
+        }
+        for key in touched.frontends {
+            self.resolve_frontend(&key, services, desired, changes);
+        }
+        for addr in touched.local_candidates {
+            let local = self.local_refs.contains_key(&addr);
+            if local == desired.local_endpoints.contains(&addr) {
+                continue;
+            }
+            changes.local_endpoints = true;
+            if local {
+                desired.local_endpoints.insert(addr);
+            } else {
+                desired.local_endpoints.remove(&addr);
+            }
+            if all {
+                // Every frontend is written anyway.
+                continue;
+            }
+            // Their backends at `addr` change locality (a backend flag in the maps).
+            for key in self.by_backend_ip.get(&addr).into_iter().flatten() {
+                let port = desired
+                    .frontends
+                    .get(key)
+                    .map(|spec| spec.service_port.clone());
+                F::changed_frontends_mut(changes)
+                    .entry(*key)
+                    .or_insert(port);
+            }
+        }
+    }
+
+    /// Decides who holds `key` (and its cluster-internal twin) among its claimants,
+    /// and reports the others.
+    fn resolve_frontend(
+        &mut self,
+        key: &FrontendKey<F>,
+        services: &BTreeMap<ObjectKey, ServiceEntry>,
+        desired: &mut FamilyDesired<F>,
+        changes: &mut ModelChanges,
+    ) {
+        let twin = twin_of(key);
+        let claims = self.claimants.get(key).map_or(&[][..], Vec::as_slice);
+        let holder = claims.first().and_then(|claim| {
+            let output = F::output(&services.get(&claim.service)?.output)?;
+            Some((claim, output))
+        });
+        let (spec, twin_spec) = holder.map_or((None, None), |(_, output)| {
+            (
+                sorted_get(&output.frontends, key).cloned(),
+                sorted_get(&output.frontends, &twin).cloned(),
+            )
+        });
+        let diagnostics: Vec<Diagnostic> = match (holder, &spec) {
+            (Some((winner, _)), Some(spec)) => claims[1..]
+                .iter()
+                .map(|loser| Diagnostic {
+                    object: format!("Service {}", loser.service),
+                    reason: DiagnosticReason::FrontendConflict,
+                    message: conflict(key, &spec.service_port, winner.beats(loser)),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let reported = self.conflicts.get(key).map_or(&[][..], Vec::as_slice);
+        if reported != diagnostics.as_slice() {
+            changes.diagnostics = true;
+            if diagnostics.is_empty() {
+                self.conflicts.remove(key);
+            } else {
+                self.conflicts.insert(*key, diagnostics);
+            }
+        }
+        self.set_frontend(*key, spec, desired, changes);
+        self.set_frontend(twin, twin_spec, desired, changes);
+    }
+
+    /// Sets one desired frontend, noting the change.
+    fn set_frontend(
+        &mut self,
+        key: FrontendKey<F>,
+        spec: Option<Arc<FrontendSpec<F>>>,
+        desired: &mut FamilyDesired<F>,
+        changes: &mut ModelChanges,
+    ) {
+        if desired.frontends.get(&key) == spec.as_ref() {
+            return;
+        }
+        let before = desired.frontends.remove(&key);
+        if let Some(before) = &before {
+            self.index_backends(&key, before, false);
+        }
+        if let Some(spec) = spec {
+            self.index_backends(&key, &spec, true);
+            desired.frontends.insert(key, spec);
+        }
+        let port = before.map(|before| before.service_port.clone());
+        F::changed_frontends_mut(changes)
+            .entry(key)
+            .or_insert(port);
+    }
+
+    fn index_backends(&mut self, key: &FrontendKey<F>, spec: &FrontendSpec<F>, add: bool) {
+        for backend in &spec.backends {
+            let addr = F::socket_ip(backend);
+            if add {
+                self.by_backend_ip.entry(addr).or_default().insert(*key);
+            } else if let Some(keys) = self.by_backend_ip.get_mut(&addr) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_backend_ip.remove(&addr);
+                }
+            }
+        }
     }
 }
 
@@ -347,18 +634,12 @@ impl IncrementalModel {
             .labels
             .get(LABEL_TOPOLOGY_ZONE)
             .map_or("", String::as_str);
-        let mut touched_frontends = BTreeSet::new();
+        let mut touched_v4 = Touched::default();
+        let mut touched_v6 = Touched::default();
         let mut touched_ports = BTreeSet::new();
-        let mut local_candidates = BTreeSet::new();
-        let mut old_ranges = BTreeMap::new();
         for key in &dirty {
-            let old_diagnostics = self.remove_service(
-                key,
-                &mut touched_frontends,
-                &mut touched_ports,
-                &mut local_candidates,
-                &mut old_ranges,
-            );
+            let old_diagnostics =
+                self.remove_service(key, &mut touched_v4, &mut touched_v6, &mut touched_ports);
             let new_diagnostics = match state.services.get(key) {
                 Some(service) => {
                     let entry = self.compute_service(key, service, node_name, zone, settings);
@@ -366,10 +647,9 @@ impl IncrementalModel {
                     self.add_service(
                         key,
                         entry,
-                        &mut touched_frontends,
+                        &mut touched_v4,
+                        &mut touched_v6,
                         &mut touched_ports,
-                        &mut local_candidates,
-                        &mut old_ranges,
                     );
                     diagnostics
                 }
@@ -378,41 +658,23 @@ impl IncrementalModel {
             changes.diagnostics |= old_diagnostics != new_diagnostics;
             changes.diagnostics |= self.check_orphans(key, state.services.contains_key(key));
         }
-        for (name, before) in old_ranges {
-            if self.desired.source_ranges.get(&name) != before.as_ref() {
-                changes.source_ranges.insert(name);
-            }
-        }
-        for key in touched_frontends {
-            self.resolve_frontend(&key, &mut changes);
-        }
+        let all = changes.all;
+        self.v4.resolve(
+            touched_v4,
+            &self.services,
+            &mut self.desired.v4,
+            all,
+            &mut changes,
+        );
+        self.v6.resolve(
+            touched_v6,
+            &self.services,
+            &mut self.desired.v6,
+            all,
+            &mut changes,
+        );
         for port in touched_ports {
             self.resolve_health_check(port, &mut changes);
-        }
-        for addr in local_candidates {
-            let local = self.local_refs.contains_key(&addr);
-            if local == self.desired.local_endpoints.contains(&addr) {
-                continue;
-            }
-            changes.local_endpoints = true;
-            if local {
-                self.desired.local_endpoints.insert(addr);
-            } else {
-                self.desired.local_endpoints.remove(&addr);
-            }
-            if changes.all {
-                // Every frontend is written anyway.
-                continue;
-            }
-            // Their backends at `addr` change locality (a backend flag in the maps).
-            for key in self.by_backend_ip.get(&addr).into_iter().flatten() {
-                let port = self
-                    .desired
-                    .frontends
-                    .get(key)
-                    .map(|spec| spec.service_port.clone());
-                changes.frontends.entry(*key).or_insert(port);
-            }
         }
         if changes.diagnostics {
             self.collect_diagnostics();
@@ -517,7 +779,6 @@ impl IncrementalModel {
             .flat_map(BTreeMap::iter)
             .map(|(slice_key, slice)| (slice_key, slice.as_ref()))
             .collect();
-        let claims = RefCell::new(BTreeMap::new());
         let context = ServiceContext {
             key,
             service,
@@ -525,14 +786,13 @@ impl IncrementalModel {
             node_name,
             zone,
             settings,
-            claims: &claims,
         };
         let mut output = Desired::default();
-        context.add_frontends(&mut output);
+        let mut claims = Claims::default();
+        context.add_frontends(&mut output, &mut claims);
         ServiceEntry {
             service: Arc::clone(service),
-            output: output.into(),
-            claims: claims.into_inner().into_iter().collect(),
+            output: ServiceOutput::of(output, claims),
         }
     }
 
@@ -540,36 +800,17 @@ impl IncrementalModel {
     fn remove_service(
         &mut self,
         key: &ObjectKey,
-        touched_frontends: &mut BTreeSet<FrontendKey>,
+        touched_v4: &mut Touched<Ipv4Addr>,
+        touched_v6: &mut Touched<Ipv6Addr>,
         touched_ports: &mut BTreeSet<u16>,
-        local_candidates: &mut BTreeSet<Ipv4Addr>,
-        old_ranges: &mut BTreeMap<ServicePortName, Option<BTreeSet<(Ipv4Addr, u8)>>>,
     ) -> Vec<Diagnostic> {
         let Some(old) = self.services.remove(key) else {
             return Vec::new();
         };
-        for (frontend, claim) in old.claims.into_vec() {
-            if let Some(claims) = self.claimants.get_mut(&frontend) {
-                claims.retain(|held| *held != claim);
-                if claims.is_empty() {
-                    self.claimants.remove(&frontend);
-                }
-            }
-            touched_frontends.insert(frontend);
-        }
-        for addr in old.output.local_endpoints.into_vec() {
-            if let Some(count) = self.local_refs.get_mut(&addr) {
-                *count -= 1;
-                if *count == 0 {
-                    self.local_refs.remove(&addr);
-                }
-            }
-            local_candidates.insert(addr);
-        }
-        for (name, _) in old.output.source_ranges.into_vec() {
-            let before = self.desired.source_ranges.remove(&name);
-            old_ranges.entry(name).or_insert(before);
-        }
+        self.v4
+            .remove(Some(&old.output.v4), &mut self.desired.v4, touched_v4);
+        self.v6
+            .remove(old.output.v6.as_deref(), &mut self.desired.v6, touched_v6);
         for (port, _) in old.output.health_checks.into_vec() {
             if let Some(claimants) = self.health_claimants.get_mut(&port) {
                 claimants.remove(key);
@@ -588,32 +829,14 @@ impl IncrementalModel {
         &mut self,
         key: &ObjectKey,
         entry: ServiceEntry,
-        touched_frontends: &mut BTreeSet<FrontendKey>,
+        touched_v4: &mut Touched<Ipv4Addr>,
+        touched_v6: &mut Touched<Ipv6Addr>,
         touched_ports: &mut BTreeSet<u16>,
-        local_candidates: &mut BTreeSet<Ipv4Addr>,
-        old_ranges: &mut BTreeMap<ServicePortName, Option<BTreeSet<(Ipv4Addr, u8)>>>,
     ) {
-        for (frontend, claim) in entry.claims.iter() {
-            // Almost every frontend has one claimant: no room for more until needed.
-            let claims = self
-                .claimants
-                .entry(*frontend)
-                .or_insert_with(|| Vec::with_capacity(1));
-            let at = claims.partition_point(|held| held < claim);
-            claims.insert(at, claim.clone());
-            touched_frontends.insert(*frontend);
-        }
-        for addr in &entry.output.local_endpoints {
-            *self.local_refs.entry(*addr).or_default() += 1;
-            local_candidates.insert(*addr);
-        }
-        for (name, ranges) in entry.output.source_ranges.iter() {
-            let before = self
-                .desired
-                .source_ranges
-                .insert(name.clone(), ranges.clone());
-            old_ranges.entry(name.clone()).or_insert(before);
-        }
+        self.v4
+            .add(Some(&entry.output.v4), &mut self.desired.v4, touched_v4);
+        self.v6
+            .add(entry.output.v6.as_deref(), &mut self.desired.v6, touched_v6);
         for (port, _) in entry.output.health_checks.iter() {
             self.health_claimants
                 .entry(*port)
@@ -625,80 +848,6 @@ impl IncrementalModel {
             self.diagnosed.insert(key.clone());
         }
         self.services.insert(key.clone(), entry);
-    }
-
-    /// Decides who holds `key` (and its cluster-internal twin) among its claimants,
-    /// and reports the others.
-    fn resolve_frontend(&mut self, key: &FrontendKey, changes: &mut ModelChanges) {
-        let twin = twin_of(key);
-        let claims = self.claimants.get(key).map_or(&[][..], Vec::as_slice);
-        let holder = claims
-            .first()
-            .and_then(|claim| Some((claim, self.services.get(&claim.service)?)));
-        let (spec, twin_spec) = holder.map_or((None, None), |(_, entry)| {
-            (
-                sorted_get(&entry.output.frontends, key).cloned(),
-                sorted_get(&entry.output.frontends, &twin).cloned(),
-            )
-        });
-        let diagnostics: Vec<Diagnostic> = match (holder, &spec) {
-            (Some((winner, _)), Some(spec)) => claims[1..]
-                .iter()
-                .map(|loser| Diagnostic {
-                    object: format!("Service {}", loser.service),
-                    reason: DiagnosticReason::FrontendConflict,
-                    message: conflict(key, &spec.service_port, winner.beats(loser)),
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let reported = self.conflicts.get(key).map_or(&[][..], Vec::as_slice);
-        if reported != diagnostics.as_slice() {
-            changes.diagnostics = true;
-            if diagnostics.is_empty() {
-                self.conflicts.remove(key);
-            } else {
-                self.conflicts.insert(*key, diagnostics);
-            }
-        }
-        self.set_frontend(*key, spec, changes);
-        self.set_frontend(twin, twin_spec, changes);
-    }
-
-    /// Sets one desired frontend, noting the change.
-    fn set_frontend(
-        &mut self,
-        key: FrontendKey,
-        spec: Option<Arc<FrontendSpec>>,
-        changes: &mut ModelChanges,
-    ) {
-        if self.desired.frontends.get(&key) == spec.as_ref() {
-            return;
-        }
-        let before = self.desired.frontends.remove(&key);
-        if let Some(before) = &before {
-            self.index_backends(&key, before, false);
-        }
-        if let Some(spec) = spec {
-            self.index_backends(&key, &spec, true);
-            self.desired.frontends.insert(key, spec);
-        }
-        let port = before.map(|before| before.service_port.clone());
-        changes.frontends.entry(key).or_insert(port);
-    }
-
-    fn index_backends(&mut self, key: &FrontendKey, spec: &FrontendSpec, add: bool) {
-        for backend in &spec.backends {
-            let addr = *backend.ip();
-            if add {
-                self.by_backend_ip.entry(addr).or_default().insert(*key);
-            } else if let Some(keys) = self.by_backend_ip.get_mut(&addr) {
-                keys.remove(key);
-                if keys.is_empty() {
-                    self.by_backend_ip.remove(&addr);
-                }
-            }
-        }
     }
 
     /// Decides which service serves a healthCheckNodePort: the first in key order
@@ -756,7 +905,8 @@ impl IncrementalModel {
             .orphans
             .values()
             .chain(own)
-            .chain(self.conflicts.values().flatten())
+            .chain(self.v4.conflicts.values().flatten())
+            .chain(self.v6.conflicts.values().flatten())
             .chain(self.health_conflicts.values().flatten())
             .cloned()
             .collect();

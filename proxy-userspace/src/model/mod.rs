@@ -10,18 +10,20 @@ mod incremental;
 mod tests;
 
 use std::{
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 pub use endpoints::{categorize, Categorized, Endpoint, Policies};
 pub use incremental::{IncrementalModel, ModelChanges};
 use proxy_common::{proto, scope, service_flags};
 
-use crate::state::{
-    AddressType, ClusterState, EndpointAddress, IpField, ObjectKey, Protocol, ServiceInfo,
-    ServicePortInfo, ServiceSpecInfo, SliceInfo,
+use crate::{
+    family::{is_v4_mapped, Family},
+    state::{
+        AddressType, ClusterState, IpField, ObjectKey, Protocol, ServiceInfo, ServicePortInfo,
+        ServiceSpecInfo, SliceInfo,
+    },
 };
 pub use crate::state::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 /// Node label with the topology zone.
@@ -40,11 +42,11 @@ pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
 /// moves at most one other in or out, and different services choose differently.
 /// Returned in the order given.
 #[must_use]
-pub fn choose_backends(
+pub fn choose_backends<F: Family>(
     name: &ServicePortName,
-    backends: &[SocketAddrV4],
+    backends: &[F::Socket],
     limit: usize,
-) -> Vec<SocketAddrV4> {
+) -> Vec<F::Socket> {
     if backends.len() <= limit {
         return backends.to_vec();
     }
@@ -55,12 +57,7 @@ pub fn choose_backends(
     let mut ranked: Vec<(u64, usize)> = backends
         .iter()
         .enumerate()
-        .map(|(index, addr)| {
-            let mut bytes = [0u8; 6];
-            bytes[..4].copy_from_slice(&addr.ip().octets());
-            bytes[4..].copy_from_slice(&addr.port().to_be_bytes());
-            (fnv1a(seed, &bytes), index)
-        })
+        .map(|(index, addr)| (fnv1a(seed, &F::socket_bytes(addr)), index))
         .collect();
     ranked.sort_unstable();
     let mut chosen: Vec<usize> = ranked.into_iter().take(limit).map(|(_, i)| i).collect();
@@ -88,6 +85,8 @@ pub struct ModelSettings {
     pub proxy_name: Option<String>,
     /// Node addresses NodePorts listen on (kube-proxy's nodePortAddresses, resolved).
     pub node_port_addresses: Vec<Ipv4Addr>,
+    /// The IPv6 ones (the IPv6 frontends' NodePorts).
+    pub node_port_addresses_v6: Vec<Ipv6Addr>,
 }
 
 /// A service port as kube-proxy names it: service, port name and protocol.
@@ -121,10 +120,10 @@ pub fn proto_name(proto: u8) -> &'static str {
     }
 }
 
-/// Where a frontend listens.
+/// Where a frontend listens (an address of family `F`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FrontendKey {
-    pub addr: Ipv4Addr,
+pub struct FrontendKey<F: Family = Ipv4Addr> {
+    pub addr: F,
     pub port: u16,
     pub proto: u8,
     /// [`proxy_common::scope`].
@@ -142,11 +141,11 @@ pub enum FrontendKind {
 
 /// The desired state of one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendSpec {
+pub struct FrontendSpec<F: Family = Ipv4Addr> {
     pub service_port: ServicePortName,
     pub kind: FrontendKind,
     /// Sorted, without duplicates.
-    pub backends: Vec<SocketAddrV4>,
+    pub backends: Vec<F::Socket>,
     /// [`proxy_common::service_flags`].
     pub flags: u16,
     /// Session affinity timeout (with [`service_flags::AFFINITY`]), else 0.
@@ -158,7 +157,8 @@ pub struct FrontendSpec {
 pub enum DiagnosticReason {
     /// A field has a value the API would not accept (bad IP, port out of range, ...).
     Malformed,
-    /// IPv6 frontends or endpoints: the datapath translates IPv4 only.
+    /// An address of a family the service does not serve (an IPv6 externalIP of a
+    /// service without an IPv6 clusterIP), or an FQDN EndpointSlice.
     UnsupportedIpFamily,
     /// SCTP: the datapath translates TCP and UDP only.
     UnsupportedProtocol,
@@ -217,17 +217,35 @@ pub struct ServiceHealth {
     pub local_endpoints: usize,
 }
 
-/// Everything the datapath should hold, plus what was skipped and why.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Desired {
+/// What the datapath of one family should hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyDesired<F: Family> {
     /// Each spec shared with the output of the service that holds it (the model keeps
     /// both).
-    pub frontends: BTreeMap<FrontendKey, std::sync::Arc<FrontendSpec>>,
+    pub frontends: BTreeMap<FrontendKey<F>, std::sync::Arc<FrontendSpec<F>>>,
     /// Addresses of endpoints on this node (their backends need no SNAT from outside).
-    pub local_endpoints: BTreeSet<Ipv4Addr>,
-    /// loadBalancerSourceRanges (IPv4 CIDRs) of service ports whose LoadBalancer
-    /// frontends carry [`service_flags::SOURCE_RANGES`].
-    pub source_ranges: BTreeMap<ServicePortName, BTreeSet<(Ipv4Addr, u8)>>,
+    pub local_endpoints: BTreeSet<F>,
+    /// loadBalancerSourceRanges (CIDRs of this family) of service ports whose
+    /// LoadBalancer frontends of this family carry [`service_flags::SOURCE_RANGES`].
+    pub source_ranges: BTreeMap<ServicePortName, BTreeSet<(F, u8)>>,
+}
+
+impl<F: Family> Default for FamilyDesired<F> {
+    fn default() -> Self {
+        Self {
+            frontends: BTreeMap::new(),
+            local_endpoints: BTreeSet::new(),
+            source_ranges: BTreeMap::new(),
+        }
+    }
+}
+
+/// Everything the datapath should hold, plus what was skipped and why: each family
+/// computed on its own, as kube-proxy's per-family proxiers do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub v4: FamilyDesired<Ipv4Addr>,
+    pub v6: FamilyDesired<Ipv6Addr>,
     /// healthCheckNodePort servers this node should run, by port.
     pub health_checks: BTreeMap<u16, ServiceHealth>,
     pub diagnostics: Vec<Diagnostic>,
@@ -283,10 +301,15 @@ struct ServiceContext<'a> {
     node_name: &'a str,
     zone: &'a str,
     settings: &'a ModelSettings,
-    /// This service's claim on each frontend (of default scope) it holds against its
-    /// own other ports; conflicts between services are decided across services by
-    /// [`IncrementalModel`].
-    claims: &'a RefCell<BTreeMap<FrontendKey, Claim>>,
+}
+
+/// This service's claim on each frontend (of default scope) it holds against its own
+/// other ports, per family; conflicts between services are decided across services
+/// by [`IncrementalModel`].
+#[derive(Debug, Default)]
+struct Claims {
+    v4: BTreeMap<FrontendKey<Ipv4Addr>, Claim>,
+    v6: BTreeMap<FrontendKey<Ipv6Addr>, Claim>,
 }
 
 /// A service's claim on a frontend, ordered by the API's rules: what the API
@@ -316,13 +339,68 @@ impl Claim {
     }
 }
 
-/// Addresses a service answers on, by kind.
-struct Addresses {
-    cluster_ips: Vec<Ipv4Addr>,
-    external_ips: Vec<Ipv4Addr>,
-    load_balancer_ips: Vec<Ipv4Addr>,
-    /// IPv4 loadBalancerSourceRanges (address masked, prefix length).
-    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+/// Addresses of one family a service answers on, by kind.
+struct Addresses<F: Family> {
+    cluster_ips: Vec<F>,
+    external_ips: Vec<F>,
+    load_balancer_ips: Vec<F>,
+    /// loadBalancerSourceRanges of this family (address masked, prefix length).
+    source_ranges: BTreeSet<(F, u8)>,
+}
+
+impl<F: Family> Default for Addresses<F> {
+    fn default() -> Self {
+        Self {
+            cluster_ips: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: BTreeSet::new(),
+        }
+    }
+}
+
+impl<F: Family> Addresses<F> {
+    fn sort(&mut self) {
+        for list in [
+            &mut self.cluster_ips,
+            &mut self.external_ips,
+            &mut self.load_balancer_ips,
+        ] {
+            list.sort_unstable();
+            list.dedup();
+        }
+    }
+}
+
+/// The addresses of a service, split by family.
+#[derive(Default)]
+struct FamilyAddresses {
+    v4: Addresses<Ipv4Addr>,
+    v6: Addresses<Ipv6Addr>,
+}
+
+/// What each family's frontends of a service share: computed (and diagnosed) once.
+#[derive(Clone, Copy)]
+struct ServiceFacts {
+    affinity_timeout: Option<u32>,
+    internal_local: bool,
+    external_local: bool,
+}
+
+/// One valid service port (checked, and diagnosed, once for both families).
+struct PortFacts {
+    name: String,
+    proto: u8,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+/// The IP family name of an address, as `spec.ipFamilies` writes it.
+fn family_name(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::NAME,
+        IpAddr::V6(_) => Ipv6Addr::NAME,
+    }
 }
 
 impl ServiceContext<'_> {
@@ -354,22 +432,23 @@ impl ServiceContext<'_> {
         !matches!(&spec.cluster_ip, Some(IpField::Malformed(text)) if &**text == "None")
     }
 
-    /// Keeps the IPv4 addresses of a list of IP fields, reporting the rest.
-    fn ipv4_list<'s>(
+    /// The addresses of a list of IP fields that can be used, reporting the rest
+    /// (malformed, IPv4-mapped IPv6).
+    fn ip_list<'s>(
         &self,
         out: &mut Desired,
         what: &str,
         ips: impl Iterator<Item = &'s IpField>,
-    ) -> Vec<Ipv4Addr> {
-        let mut v4 = Vec::new();
+    ) -> Vec<IpAddr> {
+        let mut usable = Vec::new();
         for ip in ips {
             match ip {
-                IpField::Ip(IpAddr::V4(addr)) => v4.push(*addr),
-                IpField::Ip(IpAddr::V6(addr)) => self.diagnose(
+                IpField::Ip(addr) if is_v4_mapped(*addr) => self.diagnose(
                     out,
-                    DiagnosticReason::UnsupportedIpFamily,
-                    format!("{what} {addr} is IPv6; the datapath translates IPv4 only"),
+                    DiagnosticReason::Malformed,
+                    format!("{what} {addr} is an IPv4-mapped IPv6 address"),
                 ),
+                IpField::Ip(addr) => usable.push(*addr),
                 IpField::Malformed(ip) => self.diagnose(
                     out,
                     DiagnosticReason::Malformed,
@@ -377,29 +456,89 @@ impl ServiceContext<'_> {
                 ),
             }
         }
-        v4.sort_unstable();
-        v4.dedup();
-        v4
+        usable
     }
 
-    fn addresses(&self, out: &mut Desired) -> Addresses {
-        let Some(spec) = &self.service.spec else {
-            return Addresses {
-                cluster_ips: Vec::new(),
-                external_ips: Vec::new(),
-                load_balancer_ips: Vec::new(),
-                source_ranges: BTreeSet::new(),
-            };
-        };
-        // clusterIPs (dual stack) supersedes clusterIP; both may be set and agree.
-        let cluster_ips = if spec.cluster_ips.is_empty() {
+    /// The clusterIPs by family. `clusterIPs` (dual stack) supersedes `clusterIP`;
+    /// each entry must be of the family `ipFamilies` lists at its index, as the API
+    /// keeps them: one that is not is reported and skipped, the others stay.
+    fn cluster_ips(&self, out: &mut Desired, spec: &ServiceSpecInfo, to: &mut FamilyAddresses) {
+        let listed = if spec.cluster_ips.is_empty() {
             spec.cluster_ip.as_slice()
         } else {
             &spec.cluster_ips
         };
-        let cluster_ips = self.ipv4_list(out, "clusterIP", cluster_ips.iter());
-        let external_ips = self.ipv4_list(out, "externalIP", spec.external_ips.iter());
-        let load_balancer_ips = if spec.type_.as_deref() == Some("LoadBalancer") {
+        for (index, field) in listed.iter().enumerate() {
+            let Some(&ip) = self.ip_list(out, "clusterIP", std::iter::once(field)).first() else {
+                continue;
+            };
+            if let Some(family) = spec.ip_families.get(index) {
+                if &**family != family_name(ip) {
+                    self.diagnose(
+                        out,
+                        DiagnosticReason::Malformed,
+                        format!("clusterIP {ip} is listed under ipFamilies[{index}] {family}"),
+                    );
+                    continue;
+                }
+            }
+            match ip {
+                IpAddr::V4(v4) => to.v4.cluster_ips.push(v4),
+                IpAddr::V6(v6) => to.v6.cluster_ips.push(v6),
+            }
+        }
+    }
+
+    /// Splits named addresses (externalIPs, LoadBalancer IPs) by family. A family the
+    /// service has no clusterIP of is not served (kube-proxy's proxier of that family
+    /// skips the service); `report` says whether that is worth a diagnostic (an
+    /// externalIP the user wrote) or not (an ingress IP a load balancer reported).
+    fn split(
+        &self,
+        out: &mut Desired,
+        what: &str,
+        ips: Vec<IpAddr>,
+        report: bool,
+        to: &mut FamilyAddresses,
+        pick: fn(&mut FamilyAddresses) -> (&mut Vec<Ipv4Addr>, &mut Vec<Ipv6Addr>),
+    ) {
+        let has_v4 = !to.v4.cluster_ips.is_empty();
+        let has_v6 = !to.v6.cluster_ips.is_empty();
+        let (v4, v6) = pick(to);
+        for ip in ips {
+            let served = match ip {
+                IpAddr::V4(addr) if has_v4 => {
+                    v4.push(addr);
+                    true
+                }
+                IpAddr::V6(addr) if has_v6 => {
+                    v6.push(addr);
+                    true
+                }
+                _ => false,
+            };
+            if !served && report {
+                let family = family_name(ip);
+                self.diagnose(
+                    out,
+                    DiagnosticReason::UnsupportedIpFamily,
+                    format!("{what} {ip} is {family}; the service has no {family} clusterIP"),
+                );
+            }
+        }
+    }
+
+    fn addresses(&self, out: &mut Desired) -> FamilyAddresses {
+        let mut addresses = FamilyAddresses::default();
+        let Some(spec) = &self.service.spec else {
+            return addresses;
+        };
+        self.cluster_ips(out, spec, &mut addresses);
+        let external = self.ip_list(out, "externalIP", spec.external_ips.iter());
+        self.split(out, "externalIP", external, true, &mut addresses, |to| {
+            (&mut to.v4.external_ips, &mut to.v6.external_ips)
+        });
+        if spec.type_.as_deref() == Some("LoadBalancer") {
             // ipMode Proxy: the load balancer proxies, so traffic never arrives with
             // the LB IP as destination; kube-proxy skips those.
             let ips = self
@@ -408,25 +547,26 @@ impl ServiceContext<'_> {
                 .iter()
                 .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
                 .map(|ingress| &ingress.ip);
-            self.ipv4_list(out, "loadBalancer ingress IP", ips)
-        } else {
-            Vec::new()
-        };
-        // Only IPv4 ranges restrict IPv4 traffic; with none valid, kube-proxy (per IP
-        // family) installs no filter, and neither do we.
-        let mut source_ranges = BTreeSet::new();
+            let ips = self.ip_list(out, "loadBalancer ingress IP", ips);
+            self.split(out, "loadBalancer ingress IP", ips, false, &mut addresses, |to| {
+                (&mut to.v4.load_balancer_ips, &mut to.v6.load_balancer_ips)
+            });
+        }
+        // Only ranges of a family restrict that family's traffic; with none valid,
+        // kube-proxy (per IP family) installs no filter, and neither do we.
         for range in &spec.load_balancer_source_ranges {
             match parse_cidr(range) {
-                Ok((IpAddr::V4(addr), len)) => {
-                    source_ranges.insert((addr, len));
-                }
-                Ok((IpAddr::V6(_), _)) => self.diagnose(
+                Ok((addr, _)) if is_v4_mapped(addr) => self.diagnose(
                     out,
-                    DiagnosticReason::UnsupportedIpFamily,
-                    format!(
-                        "loadBalancerSourceRange {range:?} is IPv6; the datapath filters IPv4 only"
-                    ),
+                    DiagnosticReason::Malformed,
+                    format!("loadBalancerSourceRange {range:?} is an IPv4-mapped IPv6 range"),
                 ),
+                Ok((IpAddr::V4(addr), len)) => {
+                    addresses.v4.source_ranges.insert((addr, len));
+                }
+                Ok((IpAddr::V6(addr), len)) => {
+                    addresses.v6.source_ranges.insert((addr, len));
+                }
                 Err(message) => self.diagnose(
                     out,
                     DiagnosticReason::Malformed,
@@ -434,12 +574,9 @@ impl ServiceContext<'_> {
                 ),
             }
         }
-        Addresses {
-            cluster_ips,
-            external_ips,
-            load_balancer_ips,
-            source_ranges,
-        }
+        addresses.v4.sort();
+        addresses.v6.sort();
+        addresses
     }
 
     fn affinity_timeout(&self, out: &mut Desired) -> Option<u32> {
@@ -466,23 +603,39 @@ impl ServiceContext<'_> {
         }
     }
 
-    /// The endpoints of one service port, from every slice of the service.
-    fn endpoints(&self, out: &mut Desired, port_name: &str, proto: u8) -> Vec<Endpoint> {
-        let mut found: BTreeMap<SocketAddrV4, Endpoint> = BTreeMap::new();
+    /// Reports the service's slices that no family uses: FQDN slices (kube-proxy
+    /// ignores them) and unknown address types. Once per service, not per port.
+    fn report_slices(&self, out: &mut Desired) {
         for &(slice_name, slice) in self.slices {
             match &slice.address_type {
-                AddressType::IPv4 => {}
-                // IPv6 slices belong to the IPv6 family we do not translate (reported
-                // with the service's IPv6 clusterIP); FQDN slices kube-proxy ignores.
-                AddressType::IPv6 | AddressType::Fqdn => continue,
-                AddressType::Unknown(other) => {
-                    out.diagnose(
-                        format!("EndpointSlice {slice_name}"),
-                        DiagnosticReason::Malformed,
-                        format!("unknown addressType {other:?}"),
-                    );
-                    continue;
-                }
+                AddressType::IPv4 | AddressType::IPv6 => {}
+                AddressType::Fqdn => out.diagnose(
+                    format!("EndpointSlice {slice_name}"),
+                    DiagnosticReason::UnsupportedIpFamily,
+                    "addressType FQDN: kube-proxy serves IPv4 and IPv6 endpoints only".into(),
+                ),
+                AddressType::Unknown(other) => out.diagnose(
+                    format!("EndpointSlice {slice_name}"),
+                    DiagnosticReason::Malformed,
+                    format!("unknown addressType {other:?}"),
+                ),
+            }
+        }
+    }
+
+    /// The endpoints of one service port of family `F`, from every slice of the
+    /// service with that family's addressType (kube-proxy's proxier of a family
+    /// reads only its family's slices).
+    fn endpoints<F: Family>(
+        &self,
+        out: &mut Desired,
+        port_name: &str,
+        proto: u8,
+    ) -> Vec<Endpoint<F>> {
+        let mut found: BTreeMap<F::Socket, Endpoint<F>> = BTreeMap::new();
+        for &(slice_name, slice) in self.slices {
+            if slice.address_type != F::ADDRESS_TYPE {
+                continue;
             }
             let matching_port = slice.ports.iter().find(|port| {
                 &*port.name == port_name && protocol_number(&port.protocol) == Ok(proto)
@@ -500,19 +653,20 @@ impl ServiceContext<'_> {
             };
             for endpoint in &slice.endpoints {
                 // kube-proxy uses the first address of an endpoint only.
-                let ip = match &endpoint.address {
-                    EndpointAddress::V4(ip) => *ip,
-                    EndpointAddress::Text(address) => {
-                        out.diagnose(
-                            format!("EndpointSlice {slice_name}"),
-                            DiagnosticReason::Malformed,
-                            format!("endpoint address {address:?} is not an IPv4 address"),
-                        );
-                        continue;
-                    }
+                let Some(ip) = endpoint.address.ip().and_then(F::of) else {
+                    out.diagnose(
+                        format!("EndpointSlice {slice_name}"),
+                        DiagnosticReason::Malformed,
+                        format!(
+                            "endpoint address {:?} is not an {} address",
+                            endpoint.address.to_string(),
+                            F::NAME
+                        ),
+                    );
+                    continue;
                 };
                 let hints = endpoint.hints.as_deref();
-                let addr = SocketAddrV4::new(ip, target_port);
+                let addr = F::socket(ip, target_port);
                 let candidate = Endpoint {
                     addr,
                     ready: endpoint.ready,
@@ -545,7 +699,7 @@ impl ServiceContext<'_> {
         found.into_values().collect()
     }
 
-    fn add_frontends(&self, out: &mut Desired) {
+    fn add_frontends(&self, out: &mut Desired, claims: &mut Claims) {
         if !self.is_ours() {
             return;
         }
@@ -554,33 +708,42 @@ impl ServiceContext<'_> {
             return;
         };
         let addresses = self.addresses(out);
-        if addresses.cluster_ips.is_empty() {
-            // No IPv4 ClusterIP (IPv6-only, or not yet allocated): nothing to translate.
+        if addresses.v4.cluster_ips.is_empty() && addresses.v6.cluster_ips.is_empty() {
+            // No ClusterIP (not yet allocated, or none usable): nothing to translate.
             return;
         }
-        self.add_health_check(out, spec);
-        let affinity_timeout = self.affinity_timeout(out);
+        self.report_slices(out);
+        // One health check server per port (as kube-proxy's, which its proxiers
+        // share): it counts the endpoints of the service's first family.
+        if addresses.v4.cluster_ips.is_empty() {
+            self.add_health_check::<Ipv6Addr>(out, spec);
+        } else {
+            self.add_health_check::<Ipv4Addr>(out, spec);
+        }
+        let facts = ServiceFacts {
+            affinity_timeout: self.affinity_timeout(out),
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        };
         let is_node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         for port in &spec.ports {
-            self.add_port_frontends(
-                out,
-                port,
-                &addresses,
-                affinity_timeout,
-                is_node_port_type,
-                internal_local,
-                external_local,
-            );
+            let Some(port) = self.port_facts(out, port, is_node_port_type) else {
+                continue;
+            };
+            if !addresses.v4.cluster_ips.is_empty() {
+                self.add_port_frontends(out, &mut claims.v4, &port, &addresses.v4, facts);
+            }
+            if !addresses.v6.cluster_ips.is_empty() {
+                self.add_port_frontends(out, &mut claims.v6, &port, &addresses.v6, facts);
+            }
         }
     }
 
     /// kube-proxy serves a health check for a service exactly when its `NeedsHealthCheck`
     /// holds (type LoadBalancer and externalTrafficPolicy Local) and it has ports; a
-    /// NodePort service with Local policy gets none. Called only for services with an
-    /// IPv4 ClusterIP, as kube-proxy's IPv4 proxier sees no others.
-    fn add_health_check(&self, out: &mut Desired, spec: &ServiceSpecInfo) {
+    /// NodePort service with Local policy gets none. Called only for services with a
+    /// ClusterIP, as kube-proxy's proxiers see no others.
+    fn add_health_check<F: Family>(&self, out: &mut Desired, spec: &ServiceSpecInfo) {
         let needs_health_check = spec.type_.as_deref() == Some("LoadBalancer")
             && spec.external_traffic_policy.as_deref() == Some("Local")
             && !spec.ports.is_empty();
@@ -612,7 +775,7 @@ impl ServiceContext<'_> {
         };
         // Two services with one port: decided across services by IncrementalModel
         // (the first in key order keeps it, as kube-proxy binds it first).
-        let local_endpoints = self.local_ready_endpoints();
+        let local_endpoints = self.local_ready_endpoints::<F>();
         out.health_checks.insert(
             port,
             ServiceHealth {
@@ -627,7 +790,7 @@ impl ServiceContext<'_> {
     /// by IP, so a pod serving two ports counts once. Serving-but-terminating endpoints
     /// do not count even when the frontends fall back to them (KEP-1669): the check
     /// fails so load balancers drain the node while its connections finish.
-    fn local_ready_endpoints(&self) -> usize {
+    fn local_ready_endpoints<F: Family>(&self) -> usize {
         let ports: BTreeSet<(&str, u8)> = self
             .slices
             .iter()
@@ -640,29 +803,22 @@ impl ServiceContext<'_> {
         // Problems in these slices are reported by the frontends of the service's own
         // ports; reporting them again per slice port would only duplicate them.
         let mut unreported = Desired::default();
-        let ips: BTreeSet<Ipv4Addr> = ports
+        let ips: BTreeSet<F> = ports
             .iter()
-            .flat_map(|(name, proto)| self.endpoints(&mut unreported, name, *proto))
+            .flat_map(|(name, proto)| self.endpoints::<F>(&mut unreported, name, *proto))
             .filter(|endpoint| endpoint.is_local && endpoint.ready)
-            .map(|endpoint| *endpoint.addr.ip())
+            .map(|endpoint| F::socket_ip(&endpoint.addr))
             .collect();
         ips.len()
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "service-wide facts computed once by add_frontends"
-    )]
-    fn add_port_frontends(
+    /// Checks one service port (reported once, whatever the families).
+    fn port_facts(
         &self,
         out: &mut Desired,
         port: &ServicePortInfo,
-        addresses: &Addresses,
-        affinity_timeout: Option<u32>,
         is_node_port_type: bool,
-        internal_local: bool,
-        external_local: bool,
-    ) {
+    ) -> Option<PortFacts> {
         let port_name = port.name.to_string();
         let proto = match protocol_number(&port.protocol) {
             Ok(proto::SCTP) => {
@@ -671,7 +827,7 @@ impl ServiceContext<'_> {
                     DiagnosticReason::UnsupportedProtocol,
                     format!("port {port_name:?} is SCTP; the datapath translates TCP and UDP"),
                 );
-                return;
+                return None;
             }
             Ok(proto) => proto,
             Err(message) => {
@@ -680,7 +836,7 @@ impl ServiceContext<'_> {
                     DiagnosticReason::Malformed,
                     format!("port {port_name:?}: {message}"),
                 );
-                return;
+                return None;
             }
         };
         let Some(service_port) = valid_port(port.port) else {
@@ -692,7 +848,7 @@ impl ServiceContext<'_> {
                     port.port
                 ),
             );
-            return;
+            return None;
         };
         let node_port = match port.node_port.filter(|_| is_node_port_type) {
             None => None,
@@ -708,26 +864,47 @@ impl ServiceContext<'_> {
                 }
             },
         };
+        Some(PortFacts {
+            name: port_name,
+            proto,
+            port: service_port,
+            node_port,
+        })
+    }
+
+    /// The frontends of one service port in family `F`.
+    fn add_port_frontends<F: Family>(
+        &self,
+        out: &mut Desired,
+        claims: &mut BTreeMap<FrontendKey<F>, Claim>,
+        port: &PortFacts,
+        addresses: &Addresses<F>,
+        facts: ServiceFacts,
+    ) {
+        let proto = port.proto;
+        let service_port = port.port;
+        let node_port = port.node_port;
+        let node_port_addresses = F::node_port_addresses(self.settings);
         let has_external = node_port.is_some()
             || !addresses.external_ips.is_empty()
             || !addresses.load_balancer_ips.is_empty();
         let policies = Policies {
-            internal_local,
-            external_local: external_local && has_external,
+            internal_local: facts.internal_local,
+            external_local: facts.external_local && has_external,
             has_external,
         };
-        let endpoints = self.endpoints(out, &port_name, proto);
-        out.local_endpoints.extend(
+        let endpoints = self.endpoints::<F>(out, &port.name, proto);
+        F::part_mut(out).local_endpoints.extend(
             endpoints
                 .iter()
                 .filter(|endpoint| endpoint.is_local)
-                .map(|endpoint| *endpoint.addr.ip()),
+                .map(|endpoint| F::socket_ip(&endpoint.addr)),
         );
         let mut categorized = categorize(&endpoints, policies, self.node_name, self.zone);
 
         let name = ServicePortName {
             service: self.key.clone(),
-            port: port_name,
+            port: port.name.clone(),
             proto,
         };
         let usable = categorized.cluster.len().max(categorized.local.len());
@@ -742,30 +919,30 @@ impl ServiceContext<'_> {
                 ),
             );
             categorized.cluster =
-                choose_backends(&name, &categorized.cluster, MAX_BACKENDS_PER_FRONTEND);
+                choose_backends::<F>(&name, &categorized.cluster, MAX_BACKENDS_PER_FRONTEND);
             categorized.local =
-                choose_backends(&name, &categorized.local, MAX_BACKENDS_PER_FRONTEND);
+                choose_backends::<F>(&name, &categorized.local, MAX_BACKENDS_PER_FRONTEND);
         }
         let mut base_flags = 0;
-        if affinity_timeout.is_some() {
+        if facts.affinity_timeout.is_some() {
             base_flags |= service_flags::AFFINITY;
         }
-        let spec_for = |kind: FrontendKind, backends: &[SocketAddrV4], mut flags: u16| {
+        let spec_for = |kind: FrontendKind, backends: &[F::Socket], mut flags: u16| {
             // With endpoints somewhere but none usable here (Local policies),
             // kube-proxy drops; with no endpoints at all, it rejects.
             if backends.is_empty() && categorized.has_any {
                 flags |= service_flags::DROP_WHEN_EMPTY;
             }
-            FrontendSpec {
+            FrontendSpec::<F> {
                 service_port: name.clone(),
                 kind,
                 backends: backends.to_vec(),
                 flags: base_flags | flags,
-                affinity_timeout_s: affinity_timeout.unwrap_or(0),
+                affinity_timeout_s: facts.affinity_timeout.unwrap_or(0),
             }
         };
 
-        let internal_backends = if internal_local {
+        let internal_backends = if facts.internal_local {
             &categorized.local
         } else {
             &categorized.cluster
@@ -774,6 +951,7 @@ impl ServiceContext<'_> {
             let spec = spec_for(FrontendKind::ClusterIp, internal_backends, 0);
             self.insert(
                 out,
+                claims,
                 FrontendKey {
                     addr,
                     port: service_port,
@@ -799,7 +977,8 @@ impl ServiceContext<'_> {
         }
         let has_source_ranges = !addresses.source_ranges.is_empty();
         if has_source_ranges && !addresses.load_balancer_ips.is_empty() {
-            out.source_ranges
+            F::part_mut(out)
+                .source_ranges
                 .insert(name.clone(), addresses.source_ranges.clone());
         }
         let external = addresses
@@ -813,8 +992,7 @@ impl ServiceContext<'_> {
                     .map(|&addr| (FrontendKind::LoadBalancer, addr, service_port)),
             )
             .chain(node_port.into_iter().flat_map(|node_port| {
-                self.settings
-                    .node_port_addresses
+                node_port_addresses
                     .iter()
                     .map(move |&addr| (FrontendKind::NodePort, addr, node_port))
             }));
@@ -829,7 +1007,7 @@ impl ServiceContext<'_> {
                 proto,
                 scope: scope::DEFAULT,
             };
-            let held = self.insert(out, key, spec_for(kind, external_backends, flags));
+            let held = self.insert(out, claims, key, spec_for(kind, external_backends, flags));
             if held && policies.external_local {
                 // Cluster-internal clients get the ClusterIP's backend set.
                 let internal = FrontendKey {
@@ -837,7 +1015,7 @@ impl ServiceContext<'_> {
                     ..key
                 };
                 let internal_spec = spec_for(kind, internal_backends, service_flags::EXTERNAL);
-                self.insert(out, internal, internal_spec);
+                self.insert(out, claims, internal, internal_spec);
             }
         }
     }
@@ -858,36 +1036,45 @@ impl ServiceContext<'_> {
     /// Adds a frontend unless an earlier port of this service holds it (reported);
     /// records the claim that competes with other services' for it (see [`Claim`]).
     /// Returns whether this port holds the frontend within its service.
-    fn insert(&self, out: &mut Desired, key: FrontendKey, spec: FrontendSpec) -> bool {
-        if let Some(existing) = out.frontends.get(&key) {
+    fn insert<F: Family>(
+        &self,
+        out: &mut Desired,
+        claims: &mut BTreeMap<FrontendKey<F>, Claim>,
+        key: FrontendKey<F>,
+        spec: FrontendSpec<F>,
+    ) -> bool {
+        if let Some(existing) = F::part(out).frontends.get(&key) {
             // Two ports of one service on one frontend: the first keeps it.
             if existing.service_port != spec.service_port {
-                self.diagnose(
-                    out,
-                    DiagnosticReason::FrontendConflict,
-                    conflict(
-                        &key,
-                        &existing.service_port,
-                        "the same service's earlier port",
-                    ),
+                let message = conflict(
+                    &key,
+                    &existing.service_port,
+                    "the same service's earlier port",
                 );
+                self.diagnose(out, DiagnosticReason::FrontendConflict, message);
             }
             return false;
         }
         // A cluster-internal twin follows the frontend it is the twin of.
         if key.scope == scope::DEFAULT {
-            self.claims.borrow_mut().insert(key, self.claim(spec.kind));
+            claims.insert(key, self.claim(spec.kind));
         }
-        out.frontends.insert(key, std::sync::Arc::new(spec));
+        F::part_mut(out)
+            .frontends
+            .insert(key, std::sync::Arc::new(spec));
         true
     }
 }
 
 /// The message of a frontend conflict: who holds `key`, and by which right.
-fn conflict(key: &FrontendKey, holder: &ServicePortName, why: &str) -> String {
+fn conflict<F: Family>(key: &FrontendKey<F>, holder: &ServicePortName, why: &str) -> String {
+    let addr: IpAddr = key.addr.into();
+    let addr = match addr {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
     format!(
-        "{}:{}/{} is held by {holder} ({why})",
-        key.addr,
+        "{addr}:{}/{} is held by {holder} ({why})",
         key.port,
         proto_name(key.proto),
     )
@@ -909,12 +1096,11 @@ fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
         .ok()
         .filter(|len| *len <= max)
         .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?;
+    // Masked, so two spellings of one range are one entry (IPv6 too: the trie keys
+    // of one range must be equal to be written once).
     let addr = match addr {
-        IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-        }
-        v6 @ IpAddr::V6(_) => v6,
+        IpAddr::V4(v4) => IpAddr::V4(v4.masked(len)),
+        IpAddr::V6(v6) => IpAddr::V6(v6.masked(len)),
     };
     Ok((addr, len))
 }

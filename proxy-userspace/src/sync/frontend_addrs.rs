@@ -24,22 +24,26 @@ use std::{
 
 use proxy_common::{frontend_addr, FrontendAddrV4};
 
-use crate::model::{Desired, FrontendKey, FrontendKind};
+use crate::{
+    family::Family,
+    model::{Desired, FrontendKey, FrontendKind},
+};
 
-/// Writes to the frontend address set: the BPF map, or in tests a recorder.
-pub trait AddrWriter {
+/// Writes to the frontend address set of family `F`: the BPF map, or in tests a
+/// recorder.
+pub trait AddrWriter<F: Family = Ipv4Addr> {
     /// Sets the kinds of `addr`.
     ///
     /// # Errors
     /// When the kernel refuses the write (the map is full).
-    fn put_frontend_addr(&mut self, addr: Ipv4Addr, value: FrontendAddrV4) -> Result<(), String>;
+    fn put_frontend_addr(&mut self, addr: F, value: FrontendAddrV4) -> Result<(), String>;
 
     /// Sets the kinds of each address in order, stopping at the first write the
     /// kernel refuses: how many were written, and why the next was not. The maps do
     /// it in one call (a first pass at 50 000 services sets 50 000 addresses).
     fn put_frontend_addrs(
         &mut self,
-        entries: &[(Ipv4Addr, FrontendAddrV4)],
+        entries: &[(F, FrontendAddrV4)],
     ) -> (usize, Option<String>) {
         for (done, (addr, value)) in entries.iter().enumerate() {
             if let Err(message) = self.put_frontend_addr(*addr, *value) {
@@ -53,26 +57,26 @@ pub trait AddrWriter {
     ///
     /// # Errors
     /// When the kernel refuses the delete.
-    fn delete_frontend_addr(&mut self, addr: Ipv4Addr) -> Result<(), String>;
+    fn delete_frontend_addr(&mut self, addr: F) -> Result<(), String>;
 }
 
 /// A write to the set that failed; the next pass retries it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AddrWriteError {
-    pub addr: Ipv4Addr,
+pub struct AddrWriteError<F: Family = Ipv4Addr> {
+    pub addr: F,
     pub message: String,
 }
 
-impl std::fmt::Display for AddrWriteError {
+impl<F: Family> std::fmt::Display for AddrWriteError<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "frontend address {}: {}", self.addr, self.message)
     }
 }
 
 /// What the set holds (as far as the agent wrote it), address to [`frontend_addr`] bits.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FrontendAddrs {
-    held: HashMap<Ipv4Addr, u8>,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendAddrs<F: Family = Ipv4Addr> {
+    held: HashMap<F, u8>,
     /// Writes applied (and sets readopted): equal at two moments when the agent did
     /// not touch the set in between (a readback taken meanwhile is then current).
     writes: u64,
@@ -94,7 +98,7 @@ fn kind_bit(kind: FrontendKind) -> u8 {
 
 /// The kinds the desired frontends at `addr` use (0: none), from the frontends at that
 /// address only (frontend keys are ordered by address first).
-fn desired_kinds_at(desired: &Desired, addr: Ipv4Addr) -> u8 {
+fn desired_kinds_at<F: Family>(desired: &Desired, addr: F) -> u8 {
     let first = FrontendKey {
         addr,
         port: 0,
@@ -108,7 +112,11 @@ fn desired_kinds_at(desired: &Desired, addr: Ipv4Addr) -> u8 {
         scope: u8::MAX,
     };
     let mut kinds = 0;
-    for spec in desired.frontends.range(first..=last).map(|(_, spec)| spec) {
+    for spec in F::part(desired)
+        .frontends
+        .range(first..=last)
+        .map(|(_, spec)| spec)
+    {
         kinds |= kind_bit(spec.kind);
         if kinds == frontend_addr::CLUSTER_IP | frontend_addr::OTHER {
             break;
@@ -118,9 +126,9 @@ fn desired_kinds_at(desired: &Desired, addr: Ipv4Addr) -> u8 {
 }
 
 /// The addresses the desired frontends use, with their kinds.
-fn desired_addrs(desired: &Desired) -> BTreeMap<Ipv4Addr, u8> {
+fn desired_addrs<F: Family>(desired: &Desired) -> BTreeMap<F, u8> {
     let mut wanted = BTreeMap::new();
-    for (frontend, spec) in &desired.frontends {
+    for (frontend, spec) in &F::part(desired).frontends {
         *wanted.entry(frontend.addr).or_insert(0) |= kind_bit(spec.kind);
     }
     wanted
@@ -133,10 +141,16 @@ fn value(kinds: u8) -> FrontendAddrV4 {
     }
 }
 
-impl FrontendAddrs {
+impl<F: Family> Default for FrontendAddrs<F> {
+    fn default() -> Self {
+        Self::adopt(HashMap::new())
+    }
+}
+
+impl<F: Family> FrontendAddrs<F> {
     /// A set that holds `held` (read back from the kernel after a restart).
     #[must_use]
-    pub fn adopt(held: HashMap<Ipv4Addr, u8>) -> Self {
+    pub fn adopt(held: HashMap<F, u8>) -> Self {
         Self {
             held,
             writes: 0,
@@ -164,10 +178,10 @@ impl FrontendAddrs {
     pub fn add_changed(
         &mut self,
         desired: &Desired,
-        addrs: &BTreeSet<Ipv4Addr>,
-        writer: &mut impl AddrWriter,
-    ) -> Vec<AddrWriteError> {
-        let wanted: Vec<(Ipv4Addr, u8)> = addrs
+        addrs: &BTreeSet<F>,
+        writer: &mut impl AddrWriter<F>,
+    ) -> Vec<AddrWriteError<F>> {
+        let wanted: Vec<(F, u8)> = addrs
             .iter()
             .map(|&addr| (addr, desired_kinds_at(desired, addr)))
             .filter(|&(_, kinds)| kinds != 0)
@@ -184,10 +198,10 @@ impl FrontendAddrs {
     pub fn remove_changed(
         &mut self,
         desired: &Desired,
-        addrs: &BTreeSet<Ipv4Addr>,
-        programmed: impl Fn(Ipv4Addr) -> bool,
-        writer: &mut impl AddrWriter,
-    ) -> Vec<AddrWriteError> {
+        addrs: &BTreeSet<F>,
+        programmed: impl Fn(F) -> bool,
+        writer: &mut impl AddrWriter<F>,
+    ) -> Vec<AddrWriteError<F>> {
         let mut errors = Vec::new();
         for &addr in addrs {
             let mut kinds = desired_kinds_at(desired, addr);
@@ -206,9 +220,9 @@ impl FrontendAddrs {
 
     fn delete(
         &mut self,
-        addr: Ipv4Addr,
-        writer: &mut impl AddrWriter,
-        errors: &mut Vec<AddrWriteError>,
+        addr: F,
+        writer: &mut impl AddrWriter<F>,
+        errors: &mut Vec<AddrWriteError<F>>,
     ) {
         if !self.held.contains_key(&addr) {
             return;
@@ -230,16 +244,16 @@ impl FrontendAddrs {
 
     /// What the agent believes the set holds.
     #[must_use]
-    pub fn held(&self) -> &HashMap<Ipv4Addr, u8> {
+    pub fn held(&self) -> &HashMap<F, u8> {
         &self.held
     }
 
     fn put(
         &mut self,
-        addr: Ipv4Addr,
+        addr: F,
         kinds: u8,
-        writer: &mut impl AddrWriter,
-        errors: &mut Vec<AddrWriteError>,
+        writer: &mut impl AddrWriter<F>,
+        errors: &mut Vec<AddrWriteError<F>>,
     ) {
         if self.held.get(&addr) == Some(&kinds) {
             return;
@@ -258,9 +272,9 @@ impl FrontendAddrs {
     pub fn add_desired(
         &mut self,
         desired: &Desired,
-        writer: &mut impl AddrWriter,
-    ) -> Vec<AddrWriteError> {
-        let wanted = desired_addrs(desired)
+        writer: &mut impl AddrWriter<F>,
+    ) -> Vec<AddrWriteError<F>> {
+        let wanted = desired_addrs::<F>(desired)
             .into_iter()
             .map(|(addr, kinds)| (addr, kinds | self.held.get(&addr).copied().unwrap_or(0)))
             .collect::<Vec<_>>();
@@ -273,14 +287,14 @@ impl FrontendAddrs {
     /// the rest go on.
     fn put_all(
         &mut self,
-        wanted: impl IntoIterator<Item = (Ipv4Addr, u8)>,
-        writer: &mut impl AddrWriter,
-    ) -> Vec<AddrWriteError> {
-        let puts: Vec<(Ipv4Addr, u8)> = wanted
+        wanted: impl IntoIterator<Item = (F, u8)>,
+        writer: &mut impl AddrWriter<F>,
+    ) -> Vec<AddrWriteError<F>> {
+        let puts: Vec<(F, u8)> = wanted
             .into_iter()
             .filter(|(addr, kinds)| self.held.get(addr) != Some(kinds))
             .collect();
-        let entries: Vec<(Ipv4Addr, FrontendAddrV4)> = puts
+        let entries: Vec<(F, FrontendAddrV4)> = puts
             .iter()
             .map(|&(addr, kinds)| (addr, value(kinds)))
             .collect();
@@ -311,15 +325,15 @@ impl FrontendAddrs {
     pub fn remove_stale(
         &mut self,
         desired: &Desired,
-        programmed: impl IntoIterator<Item = Ipv4Addr>,
-        writer: &mut impl AddrWriter,
-    ) -> Vec<AddrWriteError> {
-        let mut wanted = desired_addrs(desired);
+        programmed: impl IntoIterator<Item = F>,
+        writer: &mut impl AddrWriter<F>,
+    ) -> Vec<AddrWriteError<F>> {
+        let mut wanted = desired_addrs::<F>(desired);
         for addr in programmed {
             wanted.entry(addr).or_insert(frontend_addr::OTHER);
         }
         let mut errors = self.put_all(wanted.iter().map(|(&addr, &kinds)| (addr, kinds)), writer);
-        let stale: Vec<Ipv4Addr> = self
+        let stale: Vec<F> = self
             .held
             .keys()
             .filter(|addr| !wanted.contains_key(addr))

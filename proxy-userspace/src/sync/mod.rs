@@ -19,74 +19,67 @@ pub mod frontend_addrs;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use proxy_common::{
-    backend_flags, BackendV4, Be16, Be32, ServiceKeyV4, ServiceValueV4, SourceRangeV4,
-};
+use proxy_common::{backend_flags, ServiceValueV4};
 
 use crate::{
+    family::Family,
     model::{Desired, FrontendKey, FrontendSpec, ModelChanges, ServicePortName},
     FastMap, FastSet,
 };
 
-/// One write to the service or backend map.
+/// One write to the service, backend or source-range map of family `F`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MapOp {
+pub enum MapOp<F: Family = Ipv4Addr> {
     PutBackend {
         id: u32,
-        backend: BackendV4,
+        backend: F::Backend,
     },
     DeleteBackend {
         id: u32,
     },
     PutService {
-        key: ServiceKeyV4,
+        key: F::ServiceKey,
         value: ServiceValueV4,
     },
     DeleteService {
-        key: ServiceKeyV4,
+        key: F::ServiceKey,
     },
     PutSourceRange {
-        key: SourceRangeKey,
+        key: SourceRangeKey<F>,
     },
     DeleteSourceRange {
-        key: SourceRangeKey,
+        key: SourceRangeKey<F>,
     },
 }
 
-/// One loadBalancerSourceRanges entry: a service port's id and an IPv4 CIDR.
+/// One loadBalancerSourceRanges entry: a service port's id and a CIDR of family `F`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceRangeKey {
+pub struct SourceRangeKey<F: Family = Ipv4Addr> {
     pub service_id: u32,
-    pub addr: Ipv4Addr,
+    pub addr: F,
     pub prefix_len: u8,
 }
 
-impl SourceRangeKey {
+impl<F: Family> SourceRangeKey<F> {
     /// The LPM trie key: the service id matches whole, the address by prefix.
     #[must_use]
-    pub fn trie_key(&self) -> aya::maps::lpm_trie::Key<SourceRangeV4> {
+    pub fn trie_key(&self) -> aya::maps::lpm_trie::Key<F::RangeData> {
         aya::maps::lpm_trie::Key::new(
             32 + u32::from(self.prefix_len),
-            SourceRangeV4 {
-                service_id: Be32::from_host(self.service_id),
-                addr: Be32::from_ipv4(self.addr),
-            },
+            F::range_data(self.service_id, self.addr),
         )
     }
 
     /// The entry a trie key stands for.
     #[must_use]
-    pub fn from_trie(key: &aya::maps::lpm_trie::Key<SourceRangeV4>) -> Self {
-        let data = key.data();
+    pub fn from_trie(key: &aya::maps::lpm_trie::Key<F::RangeData>) -> Self {
+        let (service_id, addr) = F::from_range_data(&key.data());
         Self {
-            service_id: data.service_id.to_host(),
-            addr: data.addr.to_ipv4(),
-            prefix_len: u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32),
+            service_id,
+            addr,
+            prefix_len: u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(F::BITS),
         }
     }
 }
@@ -94,25 +87,26 @@ impl SourceRangeKey {
 /// A map write the kernel refused.
 #[derive(Debug, thiserror::Error)]
 #[error("{op:?} failed: {message}")]
-pub struct WriteError {
-    pub op: MapOp,
+pub struct WriteError<F: Family = Ipv4Addr> {
+    pub op: MapOp<F>,
     pub message: String,
     /// The map is full (E2BIG / ENOMEM / ENOSPC): a capacity problem, not a bug.
     pub map_full: bool,
 }
 
-/// Something that applies map writes: the real BPF maps, or in tests a recorder.
-pub trait MapWriter {
+/// Something that applies map writes of family `F`: the real BPF maps, or in tests a
+/// recorder.
+pub trait MapWriter<F: Family = Ipv4Addr> {
     /// Applies one op.
     ///
     /// # Errors
     /// When the kernel refuses the write.
-    fn apply(&mut self, op: &MapOp) -> Result<(), WriteError>;
+    fn apply(&mut self, op: &MapOp<F>) -> Result<(), WriteError<F>>;
 
     /// Applies `ops` in order, stopping at the first the kernel refuses: how many were
     /// applied (a prefix of `ops`), and the error of the next one. The same writes as
     /// [`Self::apply`] one by one (the default), in fewer calls where the writer can.
-    fn apply_batch(&mut self, ops: &[MapOp]) -> (usize, Option<WriteError>) {
+    fn apply_batch(&mut self, ops: &[MapOp<F>]) -> (usize, Option<WriteError<F>>) {
         for (applied, op) in ops.iter().enumerate() {
             if let Err(error) = self.apply(op) {
                 return (applied, Some(error));
@@ -122,16 +116,26 @@ pub trait MapWriter {
     }
 }
 
-/// What the syncer believes the service and backend maps hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Mirror {
-    pub services: FastMap<ServiceKeyV4, ServiceValueV4>,
-    pub backends: FastMap<u32, BackendV4>,
-    pub source_ranges: BTreeSet<SourceRangeKey>,
+/// What the syncer believes the service and backend maps of family `F` hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror<F: Family = Ipv4Addr> {
+    pub services: FastMap<F::ServiceKey, ServiceValueV4>,
+    pub backends: FastMap<u32, F::Backend>,
+    pub source_ranges: BTreeSet<SourceRangeKey<F>>,
 }
 
-impl Mirror {
-    fn apply(&mut self, op: &MapOp) {
+impl<F: Family> Default for Mirror<F> {
+    fn default() -> Self {
+        Self {
+            services: FastMap::default(),
+            backends: FastMap::default(),
+            source_ranges: BTreeSet::new(),
+        }
+    }
+}
+
+impl<F: Family> Mirror<F> {
+    fn apply(&mut self, op: &MapOp<F>) {
         match *op {
             MapOp::PutBackend { id, backend } => {
                 self.backends.insert(id, backend);
@@ -177,8 +181,8 @@ impl Mirror {
     }
 
     /// Frontend entries (slot 0).
-    fn frontends(&self) -> impl Iterator<Item = (&ServiceKeyV4, &ServiceValueV4)> {
-        self.services.iter().filter(|(key, _)| key.slot == 0)
+    fn frontends(&self) -> impl Iterator<Item = (&F::ServiceKey, &ServiceValueV4)> {
+        self.services.iter().filter(|(key, _)| F::key_slot(key) == 0)
     }
 
     /// `(service id, backend id)` pairs a packet can reach: the slots `1..=count` of
@@ -189,7 +193,7 @@ impl Mirror {
         let mut pairs = BTreeSet::new();
         for (head_key, head) in self.frontends() {
             for slot in 1..=head.count {
-                let key = ServiceKeyV4 { slot, ..*head_key };
+                let key = F::key_with_slot(head_key, slot);
                 if let Some(value) = self.services.get(&key) {
                     pairs.insert((head.service_id, value.backend_id));
                 }
@@ -201,39 +205,31 @@ impl Mirror {
 
 /// The map key of a frontend's slot.
 #[must_use]
-pub fn service_key(frontend: &FrontendKey, slot: u16) -> ServiceKeyV4 {
-    ServiceKeyV4 {
-        addr: Be32::from_ipv4(frontend.addr),
-        port: Be16::from_host(frontend.port),
-        slot,
-        proto: frontend.proto,
-        scope: frontend.scope,
-        _pad: [0; 2],
-    }
+pub fn service_key<F: Family>(frontend: &FrontendKey<F>, slot: u16) -> F::ServiceKey {
+    F::service_key(frontend, slot)
 }
 
 /// The map value of a backend; `local`: the endpoint runs on this node.
 #[must_use]
-pub fn backend_value(addr: SocketAddrV4, proto: u8, local: bool) -> BackendV4 {
-    BackendV4 {
-        addr: Be32::from_ipv4(*addr.ip()),
-        port: Be16::from_host(addr.port()),
+pub fn backend_value<F: Family>(addr: F::Socket, proto: u8, local: bool) -> F::Backend {
+    F::backend(
+        &addr,
         proto,
-        flags: if local { backend_flags::LOCAL } else { 0 },
-    }
+        if local { backend_flags::LOCAL } else { 0 },
+    )
 }
 
 /// A frontend the kernel refused to take (fully or partly).
 #[derive(Debug)]
-pub struct FrontendFailure {
-    pub frontend: FrontendKey,
+pub struct FrontendFailure<F: Family = Ipv4Addr> {
+    pub frontend: FrontendKey<F>,
     pub service_port: ServicePortName,
-    pub error: WriteError,
+    pub error: WriteError<F>,
 }
 
 /// What one sync pass did.
-#[derive(Debug, Default)]
-pub struct SyncReport {
+#[derive(Debug)]
+pub struct SyncReport<F: Family = Ipv4Addr> {
     /// Frontends written (created or changed).
     pub frontends_written: usize,
     /// Frontends removed.
@@ -241,9 +237,9 @@ pub struct SyncReport {
     /// Map writes applied.
     pub ops_applied: usize,
     /// Frontends the kernel refused; their old state (if any) stays in place.
-    pub failures: Vec<FrontendFailure>,
+    pub failures: Vec<FrontendFailure<F>>,
     /// Ops on leftover entries that failed (retried on the next pass).
-    pub cleanup_errors: Vec<WriteError>,
+    pub cleanup_errors: Vec<WriteError<F>>,
     /// `(service id, backend id)` pairs that stopped being used: their UDP flows and
     /// affinity entries must go.
     pub removed_pairs: BTreeSet<(u32, u32)>,
@@ -252,7 +248,21 @@ pub struct SyncReport {
     pub frontend_set_changed: bool,
 }
 
-impl SyncReport {
+impl<F: Family> Default for SyncReport<F> {
+    fn default() -> Self {
+        Self {
+            frontends_written: 0,
+            frontends_removed: 0,
+            ops_applied: 0,
+            failures: Vec::new(),
+            cleanup_errors: Vec::new(),
+            removed_pairs: BTreeSet::new(),
+            frontend_set_changed: false,
+        }
+    }
+}
+
+impl<F: Family> SyncReport<F> {
     /// Adds what a second pass right after this one did: its failures replace these
     /// (they are the state now), the rest adds up.
     pub fn merge(&mut self, later: Self) {
@@ -298,11 +308,11 @@ impl Default for Capacity {
 /// be rolled back on every pass, nor take the room of the frontends after it. Room is
 /// made first: frontends nobody wants any more are removed before the desired ones are
 /// written.
-#[derive(Debug, Default)]
-pub struct Syncer {
+#[derive(Debug)]
+pub struct Syncer<F: Family = Ipv4Addr> {
     capacity: Capacity,
-    mirror: Mirror,
-    backend_ids: FastMap<BackendV4, u32>,
+    mirror: Mirror<F>,
+    backend_ids: FastMap<F::Backend, u32>,
     next_backend_id: u32,
     service_ids: FastMap<ServicePortName, u32>,
     /// The ids in `service_ids`.
@@ -321,20 +331,26 @@ pub struct Syncer {
     writes: u64,
     /// What keeps a pass's cleanup from walking every entry (the service map holds a
     /// frontend plus a slot per backend: 550 000 entries at 50 000 x 10).
-    index: MirrorIndex,
+    index: MirrorIndex<F>,
+}
+
+impl<F: Family> Default for Syncer<F> {
+    fn default() -> Self {
+        Self::adopt(Mirror::default())
+    }
 }
 
 /// Indexes over the mirror, kept by [`Syncer::apply`] op by op, so that a pass looks
 /// only at what it touched: which backends lost their last slot, which frontends share
 /// a service id, and whether orphan slots can exist at all.
-#[derive(Debug, Default)]
-struct MirrorIndex {
+#[derive(Debug)]
+struct MirrorIndex<F: Family> {
     /// Slot entries (slot > 0, whatever the count) naming each backend id.
     backend_refs: FastMap<u32, u32>,
     /// Frontend entries (slot 0) by service id.
-    heads_by_service: FastMap<u32, BTreeSet<ServiceKeyV4>>,
+    heads_by_service: FastMap<u32, BTreeSet<F::ServiceKey>>,
     /// How many frontend entries (slot 0) each address has.
-    heads_by_addr: FastMap<Ipv4Addr, usize>,
+    heads_by_addr: FastMap<F, usize>,
     /// Backends that may be named by no slot: written, or lost their last slot, since
     /// the last collection (all of them after an adoption).
     maybe_unused: BTreeSet<u32>,
@@ -344,26 +360,30 @@ struct MirrorIndex {
     orphans_possible: bool,
     /// This pass: each frontend it touched, with its `(service id, backend id)` pairs
     /// before the first change.
-    touched: FastMap<ServiceKeyV4, Vec<(u32, u32)>>,
+    touched: FastMap<F::ServiceKey, Vec<(u32, u32)>>,
     /// This pass: backend ids handed out (they may never be written).
-    allocated: Vec<(BackendV4, u32)>,
+    allocated: Vec<(F::Backend, u32)>,
 }
 
-impl MirrorIndex {
-    fn of(mirror: &Mirror) -> Self {
+impl<F: Family> MirrorIndex<F> {
+    fn of(mirror: &Mirror<F>) -> Self {
         let mut index = Self {
-            orphans_possible: true,
+            backend_refs: FastMap::default(),
+            heads_by_service: FastMap::default(),
+            heads_by_addr: FastMap::default(),
             maybe_unused: mirror.backends.keys().copied().collect(),
-            ..Self::default()
+            orphans_possible: true,
+            touched: FastMap::default(),
+            allocated: Vec::new(),
         };
         for (key, value) in &mirror.services {
-            if key.slot == 0 {
+            if F::key_slot(key) == 0 {
                 index
                     .heads_by_service
                     .entry(value.service_id)
                     .or_default()
                     .insert(*key);
-                *index.heads_by_addr.entry(key.addr.to_ipv4()).or_default() += 1;
+                *index.heads_by_addr.entry(F::key_addr(key)).or_default() += 1;
             } else {
                 *index.backend_refs.entry(value.backend_id).or_default() += 1;
             }
@@ -386,11 +406,16 @@ impl MirrorIndex {
     }
 }
 
-impl Syncer {
+/// Whether `id` is one of the service ids family `F` hands out.
+fn in_id_range<F: Family>(id: u32) -> bool {
+    (F::SERVICE_IDS.0..F::SERVICE_IDS.1).contains(&id)
+}
+
+impl<F: Family> Syncer<F> {
     /// A syncer for maps that hold `mirror` (empty maps, or what the kernel holds
     /// after a restart).
     #[must_use]
-    pub fn adopt(mirror: Mirror) -> Self {
+    pub fn adopt(mirror: Mirror<F>) -> Self {
         let backend_ids = mirror.backends.iter().map(|(&id, &b)| (b, id)).collect();
         let next_backend_id = mirror
             .backends
@@ -400,8 +425,9 @@ impl Syncer {
         let next_service_id = mirror
             .frontends()
             .map(|(_, value)| value.service_id)
+            .filter(|id| in_id_range::<F>(*id))
             .max()
-            .map_or(1, |max| max.wrapping_add(1));
+            .map_or(F::SERVICE_IDS.0, |max| max.wrapping_add(1));
         Self {
             capacity: Capacity::default(),
             backend_ids,
@@ -428,7 +454,7 @@ impl Syncer {
     /// Takes `mirror`, read from the maps themselves, as what they hold (after someone
     /// else wrote them): the next [`Self::sync`] repairs whatever differs from the
     /// desired state. Service ids stay; ids in use in `mirror` are never handed out.
-    pub fn readopt(&mut self, mirror: Mirror) {
+    pub fn readopt(&mut self, mirror: Mirror<F>) {
         let adopted = Self::adopt(mirror);
         self.backend_ids = adopted.backend_ids;
         self.next_backend_id = self.next_backend_id.max(adopted.next_backend_id);
@@ -447,24 +473,24 @@ impl Syncer {
 
     /// What the syncer believes the maps hold.
     #[must_use]
-    pub fn mirror(&self) -> &Mirror {
+    pub fn mirror(&self) -> &Mirror<F> {
         &self.mirror
     }
 
     /// The address of every frontend the service map holds (once per frontend entry),
     /// from the index: what a walk of the mirror's frontend entries finds, without
     /// walking their slots.
-    pub fn frontend_addrs(&self) -> impl Iterator<Item = std::net::Ipv4Addr> + '_ {
+    pub fn frontend_addrs(&self) -> impl Iterator<Item = F> + '_ {
         self.index
             .heads_by_service
             .values()
             .flatten()
-            .map(|key| key.addr.to_ipv4())
+            .map(F::key_addr)
     }
 
     /// Whether the service map holds a frontend at `addr`.
     #[must_use]
-    pub fn holds_frontend_at(&self, addr: Ipv4Addr) -> bool {
+    pub fn holds_frontend_at(&self, addr: F) -> bool {
         self.index.heads_by_addr.contains_key(&addr)
     }
 
@@ -486,7 +512,7 @@ impl Syncer {
     }
 
     /// Brings the maps to `desired`, through `writer`.
-    pub fn sync(&mut self, desired: &Desired, writer: &mut impl MapWriter) -> SyncReport {
+    pub fn sync(&mut self, desired: &Desired, writer: &mut impl MapWriter<F>) -> SyncReport<F> {
         let mut report = SyncReport::default();
         self.index.touched.clear();
         self.index.allocated.clear();
@@ -502,17 +528,12 @@ impl Syncer {
         }
         // Room first: what nobody wants goes before anything new is written.
         self.remove_undesired(desired, writer, &mut report);
-        for (frontend, spec) in &desired.frontends {
-            self.sync_frontend(
-                frontend,
-                spec,
-                &desired.local_endpoints,
-                writer,
-                &mut report,
-            );
+        let part = F::part(desired);
+        for (frontend, spec) in &part.frontends {
+            self.sync_frontend(frontend, spec, &part.local_endpoints, writer, &mut report);
         }
         self.remove_orphan_slots(writer, &mut report);
-        let stale_ranges: Vec<SourceRangeKey> = self
+        let stale_ranges: Vec<SourceRangeKey<F>> = self
             .mirror
             .source_ranges
             .difference(&wanted_ranges)
@@ -542,8 +563,8 @@ impl Syncer {
         &mut self,
         desired: &Desired,
         changes: &ModelChanges,
-        writer: &mut impl MapWriter,
-    ) -> SyncReport {
+        writer: &mut impl MapWriter<F>,
+    ) -> SyncReport<F> {
         if !self.incremental_ready || changes.all {
             return self.sync(desired, writer);
         }
@@ -557,7 +578,12 @@ impl Syncer {
                 continue;
             };
             range_ids.insert(service_id);
-            for &(addr, prefix_len) in desired.source_ranges.get(name).into_iter().flatten() {
+            for &(addr, prefix_len) in F::part(desired)
+                .source_ranges
+                .get(name)
+                .into_iter()
+                .flatten()
+            {
                 wanted_ranges.insert(SourceRangeKey {
                     service_id,
                     addr,
@@ -565,7 +591,7 @@ impl Syncer {
                 });
             }
         }
-        let held_ranges: BTreeSet<SourceRangeKey> = range_ids
+        let held_ranges: BTreeSet<SourceRangeKey<F>> = range_ids
             .iter()
             .flat_map(|&service_id| self.held_source_ranges(service_id))
             .collect();
@@ -577,8 +603,9 @@ impl Syncer {
             }
         }
         // Room first: what nobody wants goes before anything new is written.
-        for frontend in changes.frontends.keys() {
-            if desired.frontends.contains_key(frontend) {
+        let part = F::part(desired);
+        for frontend in F::changed_frontends(changes).keys() {
+            if part.frontends.contains_key(frontend) {
                 continue;
             }
             let head_key = service_key(frontend, 0);
@@ -586,15 +613,9 @@ impl Syncer {
                 self.remove_frontend(head_key, head, writer, &mut report);
             }
         }
-        for frontend in changes.frontends.keys() {
-            if let Some(spec) = desired.frontends.get(frontend) {
-                self.sync_frontend(
-                    frontend,
-                    spec,
-                    &desired.local_endpoints,
-                    writer,
-                    &mut report,
-                );
+        for frontend in F::changed_frontends(changes).keys() {
+            if let Some(spec) = part.frontends.get(frontend) {
+                self.sync_frontend(frontend, spec, &part.local_endpoints, writer, &mut report);
             }
         }
         self.remove_orphan_slots(writer, &mut report);
@@ -610,10 +631,13 @@ impl Syncer {
     }
 
     /// The source range entries the maps hold for one service id.
-    fn held_source_ranges(&self, service_id: u32) -> impl Iterator<Item = SourceRangeKey> + '_ {
+    fn held_source_ranges(
+        &self,
+        service_id: u32,
+    ) -> impl Iterator<Item = SourceRangeKey<F>> + '_ {
         let first = SourceRangeKey {
             service_id,
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: F::unspecified(),
             prefix_len: 0,
         };
         self.mirror
@@ -625,7 +649,7 @@ impl Syncer {
 
     /// What ends every pass: backends no slot names go, the pairs taken out of use are
     /// reported, and whether the next pass may look at changes alone.
-    fn finish_pass(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
+    fn finish_pass(&mut self, writer: &mut impl MapWriter<F>, report: &mut SyncReport<F>) {
         self.collect_backends(writer, report);
         // From the maps' state before and after, not from what the pass meant to do:
         // a pass that fails part-way still reports every pair it took out of use.
@@ -642,17 +666,19 @@ impl Syncer {
         desired: &Desired,
         changes: &ModelChanges,
     ) -> (BTreeSet<ServicePortName>, BTreeSet<u32>) {
-        let mut range_ports = changes.source_ranges.clone();
+        let mut range_ports = F::changed_ranges(changes).clone();
         let mut gone_ids = BTreeSet::new();
         let moved: Vec<(
-            &FrontendKey,
+            &FrontendKey<F>,
             Option<&ServicePortName>,
             Option<&ServicePortName>,
-        )> = changes
-            .frontends
+        )> = F::changed_frontends(changes)
             .iter()
             .map(|(key, before)| {
-                let after = desired.frontends.get(key).map(|spec| &spec.service_port);
+                let after = F::part(desired)
+                    .frontends
+                    .get(key)
+                    .map(|spec| &spec.service_port);
                 (key, before.as_ref(), after)
             })
             .filter(|(_, before, after)| before != after)
@@ -692,16 +718,25 @@ impl Syncer {
 
     /// Gives `name` the id its frontend carries in the maps (adoption) unless another
     /// port has it, else a new one.
-    fn give_service_id(&mut self, frontend: &FrontendKey, name: &ServicePortName) {
+    fn give_service_id(&mut self, frontend: &FrontendKey<F>, name: &ServicePortName) {
         let adopted = self
             .mirror
             .services
             .get(&service_key(frontend, 0))
             .map(|value| value.service_id)
-            .filter(|id| *id != 0 && !self.ids_in_use.contains(id));
+            .filter(|id| in_id_range::<F>(*id) && !self.ids_in_use.contains(id));
         let id = adopted.unwrap_or_else(|| {
-            while self.ids_in_use.contains(&self.next_service_id) || self.next_service_id == 0 {
-                self.next_service_id = self.next_service_id.wrapping_add(1);
+            // Within the family's range, wrapping to its start.
+            while self.ids_in_use.contains(&self.next_service_id)
+                || !in_id_range::<F>(self.next_service_id)
+            {
+                self.next_service_id = if self.next_service_id < F::SERVICE_IDS.1 - 1
+                    && self.next_service_id >= F::SERVICE_IDS.0
+                {
+                    self.next_service_id + 1
+                } else {
+                    F::SERVICE_IDS.0
+                };
             }
             let id = self.next_service_id;
             // Never hand a just-freed id to the next new service: flows and
@@ -731,7 +766,7 @@ impl Syncer {
 
     /// The pairs a packet can reach through the frontend entry `head`: its slots
     /// `1..=count` (slots above a count are never read by the datapath).
-    fn frontend_pairs(&self, head: &ServiceKeyV4) -> Vec<(u32, u32)> {
+    fn frontend_pairs(&self, head: &F::ServiceKey) -> Vec<(u32, u32)> {
         let Some(value) = self.mirror.services.get(head) else {
             return Vec::new();
         };
@@ -739,7 +774,7 @@ impl Syncer {
             .filter_map(|slot| {
                 self.mirror
                     .services
-                    .get(&ServiceKeyV4 { slot, ..*head })
+                    .get(&F::key_with_slot(head, slot))
                     .map(|slot_value| (value.service_id, slot_value.backend_id))
             })
             .collect()
@@ -749,7 +784,7 @@ impl Syncer {
     /// frontends carry in the maps (adoption), else a new one.
     fn assign_service_ids(&mut self, desired: &Desired) {
         self.port_refs.clear();
-        for spec in desired.frontends.values() {
+        for spec in F::part(desired).frontends.values() {
             *self.port_refs.entry(spec.service_port.clone()).or_default() += 1;
         }
         let port_refs = &self.port_refs;
@@ -757,7 +792,7 @@ impl Syncer {
             .retain(|name, _| port_refs.contains_key(name));
         self.ids_in_use = self.service_ids.values().copied().collect();
         // Adoption before any new id, so that no new id takes an adoptable one.
-        for (frontend, spec) in &desired.frontends {
+        for (frontend, spec) in &F::part(desired).frontends {
             if self.service_ids.contains_key(&spec.service_port) {
                 continue;
             }
@@ -766,14 +801,14 @@ impl Syncer {
                 .services
                 .get(&service_key(frontend, 0))
                 .map(|value| value.service_id)
-                .filter(|id| *id != 0 && !self.ids_in_use.contains(id));
+                .filter(|id| in_id_range::<F>(*id) && !self.ids_in_use.contains(id));
             if let Some(id) = adopted {
                 self.ids_in_use.insert(id);
                 self.service_ids.insert(spec.service_port.clone(), id);
                 self.service_id_changes += 1;
             }
         }
-        for (frontend, spec) in &desired.frontends {
+        for (frontend, spec) in &F::part(desired).frontends {
             if !self.service_ids.contains_key(&spec.service_port) {
                 self.give_service_id(frontend, &spec.service_port);
             }
@@ -781,9 +816,9 @@ impl Syncer {
     }
 
     /// The source range entries the desired state asks for, by service id.
-    fn wanted_source_ranges(&self, desired: &Desired) -> BTreeSet<SourceRangeKey> {
+    fn wanted_source_ranges(&self, desired: &Desired) -> BTreeSet<SourceRangeKey<F>> {
         let mut wanted = BTreeSet::new();
-        for (name, ranges) in &desired.source_ranges {
+        for (name, ranges) in &F::part(desired).source_ranges {
             let Some(&service_id) = self.service_ids.get(name) else {
                 continue;
             };
@@ -799,7 +834,7 @@ impl Syncer {
     }
 
     /// The id of a backend, allocating one if it has none yet.
-    fn backend_id(&mut self, backend: BackendV4) -> u32 {
+    fn backend_id(&mut self, backend: F::Backend) -> u32 {
         if let Some(&id) = self.backend_ids.get(&backend) {
             return id;
         }
@@ -816,10 +851,10 @@ impl Syncer {
 
     fn apply(
         &mut self,
-        op: MapOp,
-        writer: &mut impl MapWriter,
-        report: &mut SyncReport,
-    ) -> Result<(), WriteError> {
+        op: MapOp<F>,
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
+    ) -> Result<(), WriteError<F>> {
         if let Err(error) = writer.apply(&op) {
             // Whatever this op was part of stopped part-way.
             self.index.orphans_possible = true;
@@ -834,10 +869,10 @@ impl Syncer {
     /// how many were applied, and the refusal.
     fn apply_prefix(
         &mut self,
-        ops: &[MapOp],
-        writer: &mut impl MapWriter,
-        report: &mut SyncReport,
-    ) -> (usize, Option<WriteError>) {
+        ops: &[MapOp<F>],
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
+    ) -> (usize, Option<WriteError<F>>) {
         let (applied, error) = writer.apply_batch(ops);
         let applied = applied.min(ops.len());
         // Bookkeeping for what the kernel holds now: the applied prefix only.
@@ -854,10 +889,10 @@ impl Syncer {
     /// [`Self::apply_prefix`]: all of `ops`, or the error of the op that stopped them.
     fn apply_all(
         &mut self,
-        ops: &[MapOp],
-        writer: &mut impl MapWriter,
-        report: &mut SyncReport,
-    ) -> Result<(), WriteError> {
+        ops: &[MapOp<F>],
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
+    ) -> Result<(), WriteError<F>> {
         match self.apply_prefix(ops, writer, report) {
             (_, Some(error)) => Err(error),
             (_, None) => Ok(()),
@@ -868,10 +903,10 @@ impl Syncer {
     /// alone); the errors of those refused.
     fn apply_each(
         &mut self,
-        mut ops: &[MapOp],
-        writer: &mut impl MapWriter,
-        report: &mut SyncReport,
-    ) -> Vec<WriteError> {
+        mut ops: &[MapOp<F>],
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
+    ) -> Vec<WriteError<F>> {
         let mut errors = Vec::new();
         while !ops.is_empty() {
             let (applied, error) = self.apply_prefix(ops, writer, report);
@@ -886,15 +921,15 @@ impl Syncer {
     }
 
     /// The bookkeeping of one op the writer applied: index, mirror, counters.
-    fn record(&mut self, op: &MapOp, report: &mut SyncReport) {
+    fn record(&mut self, op: &MapOp<F>, report: &mut SyncReport<F>) {
         let op = *op;
         self.index_op(&op);
         report.frontend_set_changed |= match op {
             MapOp::PutService { key, .. } => {
-                key.slot == 0 && !self.mirror.services.contains_key(&key)
+                F::key_slot(&key) == 0 && !self.mirror.services.contains_key(&key)
             }
             MapOp::DeleteService { key } => {
-                key.slot == 0 && self.mirror.services.contains_key(&key)
+                F::key_slot(&key) == 0 && self.mirror.services.contains_key(&key)
             }
             _ => false,
         };
@@ -913,7 +948,7 @@ impl Syncer {
 
     /// Keeps [`MirrorIndex`] in step with `op`, which the writer applied and the
     /// mirror is about to.
-    fn index_op(&mut self, op: &MapOp) {
+    fn index_op(&mut self, op: &MapOp<F>) {
         let key = match *op {
             MapOp::PutService { key, .. } | MapOp::DeleteService { key } => key,
             MapOp::PutBackend { id, .. } => {
@@ -924,14 +959,14 @@ impl Syncer {
             }
             _ => return,
         };
-        let head = ServiceKeyV4 { slot: 0, ..key };
+        let head = F::key_with_slot(&key, 0);
         if !self.index.touched.contains_key(&head) {
             let pairs = self.frontend_pairs(&head);
             self.index.touched.insert(head, pairs);
         }
         let old = self.mirror.services.get(&key).copied();
-        if key.slot == 0 {
-            let addr = key.addr.to_ipv4();
+        if F::key_slot(&key) == 0 {
+            let addr = F::key_addr(&key);
             if let Some(old) = old {
                 if let Some(heads) = self.index.heads_by_service.get_mut(&old.service_id) {
                     heads.remove(&key);
@@ -965,7 +1000,7 @@ impl Syncer {
     }
 
     /// The backend ids in slots `1..=count` of a frontend, as the mirror holds them.
-    fn current_slots(&self, frontend: &FrontendKey, count: u16) -> Vec<u32> {
+    fn current_slots(&self, frontend: &FrontendKey<F>, count: u16) -> Vec<u32> {
         (1..=count)
             .map(|slot| {
                 self.mirror
@@ -978,11 +1013,11 @@ impl Syncer {
 
     fn sync_frontend(
         &mut self,
-        frontend: &FrontendKey,
-        spec: &FrontendSpec,
-        local_endpoints: &BTreeSet<Ipv4Addr>,
-        writer: &mut impl MapWriter,
-        report: &mut SyncReport,
+        frontend: &FrontendKey<F>,
+        spec: &FrontendSpec<F>,
+        local_endpoints: &BTreeSet<F>,
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
     ) {
         let Some(&service_id) = self.service_ids.get(&spec.service_port) else {
             return;
@@ -1005,10 +1040,13 @@ impl Syncer {
             });
             return;
         };
-        let backends: Vec<BackendV4> = spec
+        let backends: Vec<F::Backend> = spec
             .backends
             .iter()
-            .map(|addr| backend_value(*addr, frontend.proto, local_endpoints.contains(addr.ip())))
+            .map(|addr| {
+                let local = local_endpoints.contains(&F::socket_ip(addr));
+                backend_value::<F>(*addr, frontend.proto, local)
+            })
             .collect();
         let wanted_ids: Vec<u32> = backends.iter().map(|b| self.backend_id(*b)).collect();
         let head_key = service_key(frontend, 0);
@@ -1087,10 +1125,10 @@ impl Syncer {
     /// naming `backend_ids` needs; the refusal names the map and the numbers.
     fn check_room(
         &self,
-        frontend: &FrontendKey,
+        frontend: &FrontendKey<F>,
         count: u16,
         backend_ids: &[u32],
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), WriteError<F>> {
         let new_services = (0..=count)
             .filter(|slot| {
                 !self
@@ -1106,13 +1144,13 @@ impl Syncer {
             .len();
         let checks = [
             (
-                proxy_common::names::SERVICES_V4,
+                F::SERVICES_MAP,
                 new_services,
                 self.mirror.services.len(),
                 self.capacity.services,
             ),
             (
-                proxy_common::names::BACKENDS_V4,
+                F::BACKENDS_MAP,
                 new_backends,
                 self.mirror.backends.len(),
                 self.capacity.backends,
@@ -1140,15 +1178,15 @@ impl Syncer {
     fn remove_undesired(
         &mut self,
         desired: &Desired,
-        writer: &mut impl MapWriter,
-        report: &mut SyncReport,
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
     ) {
-        let desired_keys: BTreeSet<ServiceKeyV4> = desired
+        let desired_keys: BTreeSet<F::ServiceKey> = F::part(desired)
             .frontends
             .keys()
             .map(|key| service_key(key, 0))
             .collect();
-        let mut stale: Vec<(ServiceKeyV4, ServiceValueV4)> = self
+        let mut stale: Vec<(F::ServiceKey, ServiceValueV4)> = self
             .mirror
             .frontends()
             .filter(|(key, _)| !desired_keys.contains(key))
@@ -1164,18 +1202,18 @@ impl Syncer {
     /// Deletes one frontend: its entry, then its slots.
     fn remove_frontend(
         &mut self,
-        head_key: ServiceKeyV4,
+        head_key: F::ServiceKey,
         head: ServiceValueV4,
-        writer: &mut impl MapWriter,
-        report: &mut SyncReport,
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
     ) {
         if let Err(error) = self.apply(MapOp::DeleteService { key: head_key }, writer, report) {
             report.cleanup_errors.push(error);
             return;
         }
         report.frontends_removed += 1;
-        let slots: Vec<MapOp> = (1..=head.count)
-            .map(|slot| ServiceKeyV4 { slot, ..head_key })
+        let slots: Vec<MapOp<F>> = (1..=head.count)
+            .map(|slot| F::key_with_slot(&head_key, slot))
             .filter(|key| self.mirror.services.contains_key(key))
             .map(|key| MapOp::DeleteService { key })
             .collect();
@@ -1185,25 +1223,25 @@ impl Syncer {
 
     /// Deletes slots no frontend count covers (left by an interrupted agent, or by a
     /// frontend whose update failed part-way).
-    fn remove_orphan_slots(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
+    fn remove_orphan_slots(&mut self, writer: &mut impl MapWriter<F>, report: &mut SyncReport<F>) {
         if !self.index.orphans_possible {
             return;
         }
         // Set again by any delete below that fails.
         self.index.orphans_possible = false;
-        let mut orphans: Vec<ServiceKeyV4> = self
+        let mut orphans: Vec<F::ServiceKey> = self
             .mirror
             .services
             .keys()
-            .filter(|key| key.slot != 0)
+            .filter(|key| F::key_slot(key) != 0)
             .filter(|key| {
-                let head = self.mirror.services.get(&ServiceKeyV4 { slot: 0, ..**key });
-                head.is_none_or(|head| key.slot > head.count)
+                let head = self.mirror.services.get(&F::key_with_slot(key, 0));
+                head.is_none_or(|head| F::key_slot(key) > head.count)
             })
             .copied()
             .collect();
         orphans.sort();
-        let ops: Vec<MapOp> = orphans
+        let ops: Vec<MapOp<F>> = orphans
             .into_iter()
             .map(|key| MapOp::DeleteService { key })
             .collect();
@@ -1213,9 +1251,9 @@ impl Syncer {
 
     /// Deletes backends that no slot names any more (of those that may have become
     /// unnamed since the last collection).
-    fn collect_backends(&mut self, writer: &mut impl MapWriter, report: &mut SyncReport) {
+    fn collect_backends(&mut self, writer: &mut impl MapWriter<F>, report: &mut SyncReport<F>) {
         let candidates = std::mem::take(&mut self.index.maybe_unused);
-        let unused: Vec<MapOp> = candidates
+        let unused: Vec<MapOp<F>> = candidates
             .into_iter()
             .filter(|id| {
                 !self.index.backend_refs.contains_key(id) && self.mirror.backends.contains_key(id)
