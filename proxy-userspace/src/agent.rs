@@ -1763,13 +1763,14 @@ mod tests {
     #[test]
     fn the_demand_counts_frontends_slots_and_distinct_backends() {
         let desired = desired_for(20, 10);
-        assert_eq!(desired.frontends.len(), 20, "{:?}", desired.diagnostics);
+        assert_eq!(desired.v4.frontends.len(), 20, "{:?}", desired.diagnostics);
         assert_eq!(
             MapDemand::of(&desired),
             MapDemand {
                 services: 20 * 11,
                 backends: 10,
                 source_ranges: 0,
+                ..MapDemand::default()
             }
         );
     }
@@ -1782,9 +1783,13 @@ mod tests {
             services: 1_100_000,
             backends: 10,
             source_ranges: 0,
+            services_v6: 2_000,
+            ..MapDemand::default()
         };
         let options = load_options(&config(MapSizes::default()), &demand);
         assert_eq!(options.services_max, Some(1_650_000), "half again as room");
+        // The IPv6 service map from its own default: 2 000 entries fit in it.
+        assert_eq!(options.services_v6_max, Some(capacity::SERVICES_V6));
         assert_eq!(options.backends_max, Some(capacity::BACKENDS_V4));
         assert_eq!(options.source_ranges_max, Some(capacity::SOURCE_RANGES_V4));
         assert_eq!(options.affinity_max, None);

@@ -8,7 +8,10 @@
 //! `has-internal`, `src-ranges`.
 //!
 //! A health check (healthCheckNodePort) is written `port namespace/service local=N`.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
+};
 
 use proxy_common::{scope, service_flags};
 
@@ -28,6 +31,9 @@ const NODE_IPS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(192, 168, 1, 10),
     Ipv4Addr::new(192, 168, 1, 11),
 ];
+
+/// The node's IPv6 NodePort addresses in every case.
+const NODE_IPS_V6: [Ipv6Addr; 1] = [Ipv6Addr::new(0xfd00, 0x192, 0x168, 1, 0, 0, 0, 0x10)];
 
 // Endpoint conditions as the EndpointSlice controller writes them.
 const READY: &str = "conditions: {ready: true, serving: true, terminating: false}";
@@ -173,6 +179,7 @@ fn settings(proxy_name: Option<&str>) -> ModelSettings {
     ModelSettings {
         proxy_name: proxy_name.map(str::to_owned),
         node_port_addresses: NODE_IPS.to_vec(),
+        node_port_addresses_v6: NODE_IPS_V6.to_vec(),
     }
 }
 
@@ -187,10 +194,14 @@ fn run(yaml: &str, settings: &ModelSettings) -> (Desired, Vec<Diagnostic>) {
     (desired, diagnostics)
 }
 
-fn render(key: &FrontendKey, spec: &FrontendSpec) -> String {
+fn render<F: crate::family::Family>(key: &FrontendKey<F>, spec: &FrontendSpec<F>) -> String {
+    // IPv6 frontends as `[addr]:port`, like their backends (SocketAddrV6's Display).
+    let addr = match key.addr.into() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
     let mut line = format!(
-        "{}:{}/{}",
-        key.addr,
+        "{addr}:{}/{}",
         key.port,
         proto_name(key.proto).to_uppercase()
     );
@@ -750,7 +761,7 @@ endpoints: [{addresses: [10.244.1.13]}]
         ]),
         case(
             "address_types",
-            "FQDN and IPv6 slices are ignored silently; an unknown addressType is malformed",
+            "an FQDN slice is reported, an IPv6 slice is not read for IPv4 frontends; an unknown addressType is malformed",
             &[
                 web(),
                 web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
@@ -760,7 +771,10 @@ endpoints: [{addresses: [10.244.1.13]}]
             ],
         )
         .frontends(&[WEB_11])
-        .diagnostics(&[(Malformed, "EndpointSlice default/web-ipx")]),
+        .diagnostics(&[
+            (UnsupportedIpFamily, "EndpointSlice default/web-fqdn"),
+            (Malformed, "EndpointSlice default/web-ipx"),
+        ]),
         case(
             "unparsable_objects",
             "objects the API types reject are reported (by the source or the model); the rest is used",
@@ -1195,11 +1209,23 @@ spec:
     ]
 }
 
+/// A Service with a status (LoadBalancer ingress IPs), flow-style.
+fn service_with_status(name: &str, spec: &str, status: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, uid: uid-{name}, resourceVersion: \"7\"}}
+spec: {spec}
+status: {status}
+"
+    )
+}
+
 fn ip_family_cases() -> Vec<Case> {
     vec![
         case(
             "ipv6_only",
-            "ipFamilies [IPv6] is rejected with a diagnostic; its IPv6 slice is ignored; others stay",
+            "ipFamilies [IPv6]: IPv6 ClusterIP and NodePorts (on the node's IPv6 addresses) from the IPv6 slice only",
             &[
                 web(),
                 web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
@@ -1210,26 +1236,181 @@ fn ip_family_cases() -> Vec<Case> {
                      type: NodePort, ports: [{name: http, port: 80, nodePort: 30090}]}",
                 ),
                 typed_slice("six-1", "six", "IPv6", "[{name: http, port: 8080}]", &[ep("fd00::1:11", NODE, READY)]),
+                // An IPv4 slice of an IPv6-only service is not read (no IPv4 proxier sees it).
+                slice("six-v4", "six", "[{name: http, port: 8080}]", &[ep("10.244.1.99", NODE, READY)]),
             ],
         )
-        .frontends(&[WEB_11])
-        .diagnostics(&[(UnsupportedIpFamily, "Service default/six")]),
+        .frontends(&[
+            WEB_11,
+            "[fd00::10]:80/TCP default/six:http cluster -> [fd00::1:11]:8080",
+            "[fd00:192:168:1::10]:30090/TCP default/six:http nodeport -> [fd00::1:11]:8080 ext",
+        ]),
         case(
             "dual_stack",
-            "dual-stack service: the IPv4 half is programmed, the IPv6 clusterIP reported",
+            "dual-stack service: each family's clusterIP with its own family's slices, NodePorts on each family's addresses",
             &[
                 service(
                     "dual",
                     "",
-                    "{clusterIP: 10.96.0.90, clusterIPs: [10.96.0.90, 'fd00::90'], ipFamilies: [IPv4, IPv6], \
-                     ipFamilyPolicy: RequireDualStack, ports: [{name: http, port: 80}]}",
+                    "{type: NodePort, clusterIP: 10.96.0.90, clusterIPs: [10.96.0.90, 'fd00::90'], ipFamilies: [IPv4, IPv6], \
+                     ipFamilyPolicy: RequireDualStack, ports: [{name: http, port: 80, nodePort: 30091}]}",
                 ),
                 slice("dual-v4", "dual", "[{name: http, port: 8080}]", &[ep("10.244.1.11", NODE, READY)]),
-                typed_slice("dual-v6", "dual", "IPv6", "[{name: http, port: 8080}]", &[ep("fd00::1:11", NODE, READY)]),
+                typed_slice("dual-v6", "dual", "IPv6", "[{name: http, port: 8080}]", &[
+                    ep("fd00::1:11", NODE, READY),
+                    ep("fd00::1:12", "node-b", READY),
+                ]),
             ],
         )
-        .frontends(&["10.96.0.90:80/TCP default/dual:http cluster -> 10.244.1.11:8080"])
-        .diagnostics(&[(UnsupportedIpFamily, "Service default/dual")]),
+        .frontends(&[
+            "10.96.0.90:80/TCP default/dual:http cluster -> 10.244.1.11:8080",
+            "192.168.1.10:30091/TCP default/dual:http nodeport -> 10.244.1.11:8080 ext",
+            "192.168.1.11:30091/TCP default/dual:http nodeport -> 10.244.1.11:8080 ext",
+            "[fd00::90]:80/TCP default/dual:http cluster -> [fd00::1:11]:8080,[fd00::1:12]:8080",
+            "[fd00:192:168:1::10]:30091/TCP default/dual:http nodeport -> [fd00::1:11]:8080,[fd00::1:12]:8080 ext",
+        ]),
+        case(
+            "ipv6_primary_family",
+            "ipFamilies [IPv6, IPv4]: the order of clusterIPs follows ipFamilies; both families served",
+            &[
+                service(
+                    "six4",
+                    "",
+                    "{clusterIP: 'fd00::91', clusterIPs: ['fd00::91', 10.96.0.91], ipFamilies: [IPv6, IPv4], \
+                     ipFamilyPolicy: PreferDualStack, ports: [{name: http, port: 80}]}",
+                ),
+                typed_slice("six4-v6", "six4", "IPv6", "[{name: http, port: 8080}]", &[ep("fd00::1:11", NODE, READY)]),
+                slice("six4-v4", "six4", "[{name: http, port: 8080}]", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.91:80/TCP default/six4:http cluster -> 10.244.1.11:8080",
+            "[fd00::91]:80/TCP default/six4:http cluster -> [fd00::1:11]:8080",
+        ]),
+        case(
+            "prefer_dual_stack_ipv4_endpoints_only",
+            "PreferDualStack with IPv4 slices only: IPv4 serves them, the IPv6 frontend has none (rejects)",
+            &[
+                service(
+                    "pref",
+                    "",
+                    "{clusterIP: 10.96.0.92, clusterIPs: [10.96.0.92, 'fd00::92'], ipFamilies: [IPv4, IPv6], \
+                     ipFamilyPolicy: PreferDualStack, ports: [{name: http, port: 80}]}",
+                ),
+                slice("pref-v4", "pref", "[{name: http, port: 8080}]", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.92:80/TCP default/pref:http cluster -> 10.244.1.11:8080",
+            "[fd00::92]:80/TCP default/pref:http cluster -> -",
+        ]),
+        case(
+            "ipv6_external_and_load_balancer",
+            "IPv6 externalIPs, LoadBalancer IPs and source ranges apply to the IPv6 frontends, IPv4 ones to IPv4's; \
+             eTP Local gives each family its local endpoints and an internal twin",
+            &[
+                service_with_status(
+                    "lb6",
+                    "{type: LoadBalancer, clusterIP: 10.96.0.93, clusterIPs: [10.96.0.93, 'fd00::93'], \
+                     ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, externalTrafficPolicy: Local, \
+                     healthCheckNodePort: 32010, allocateLoadBalancerNodePorts: false, \
+                     externalIPs: [203.0.113.93, '2001:db8::93'], \
+                     loadBalancerSourceRanges: [198.51.100.0/24, '2001:db8:1::/48'], \
+                     ports: [{name: http, port: 80}]}",
+                    "{loadBalancer: {ingress: [{ip: 198.51.100.93}, {ip: '2001:db8:2::93'}]}}",
+                ),
+                slice("lb6-v4", "lb6", "[{name: http, port: 8080}]", &[
+                    ep("10.244.1.11", NODE, READY),
+                    ep("10.244.2.11", "node-b", READY),
+                ]),
+                typed_slice("lb6-v6", "lb6", "IPv6", "[{name: http, port: 8080}]", &[
+                    ep("fd00::1:11", NODE, READY),
+                    ep("fd00::2:11", "node-b", READY),
+                ]),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.93:80/TCP default/lb6:http cluster -> 10.244.1.11:8080,10.244.2.11:8080",
+            "203.0.113.93:80/TCP default/lb6:http external -> 10.244.1.11:8080 ext ext-local has-internal",
+            "203.0.113.93:80/TCP/internal default/lb6:http external -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+            "198.51.100.93:80/TCP default/lb6:http lb -> 10.244.1.11:8080 ext ext-local has-internal src-ranges",
+            "198.51.100.93:80/TCP/internal default/lb6:http lb -> 10.244.1.11:8080,10.244.2.11:8080 ext",
+            "[fd00::93]:80/TCP default/lb6:http cluster -> [fd00::1:11]:8080,[fd00::2:11]:8080",
+            "[2001:db8::93]:80/TCP default/lb6:http external -> [fd00::1:11]:8080 ext ext-local has-internal",
+            "[2001:db8::93]:80/TCP/internal default/lb6:http external -> [fd00::1:11]:8080,[fd00::2:11]:8080 ext",
+            "[2001:db8:2::93]:80/TCP default/lb6:http lb -> [fd00::1:11]:8080 ext ext-local has-internal src-ranges",
+            "[2001:db8:2::93]:80/TCP/internal default/lb6:http lb -> [fd00::1:11]:8080,[fd00::2:11]:8080 ext",
+        ])
+        .health_checks(&["32010 default/lb6 local=1"]),
+        case(
+            "cluster_ip_under_the_other_family",
+            "a clusterIP listed under the other ipFamilies entry is reported and skipped; the valid one stays",
+            &[
+                service(
+                    "mixed",
+                    "",
+                    "{clusterIP: 10.96.0.94, clusterIPs: [10.96.0.94, 10.96.0.95], ipFamilies: [IPv4, IPv6], \
+                     ipFamilyPolicy: RequireDualStack, ports: [{name: http, port: 80}]}",
+                ),
+                slice("mixed-v4", "mixed", "[{name: http, port: 8080}]", &[ep("10.244.1.11", NODE, READY)]),
+            ],
+        )
+        .frontends(&["10.96.0.94:80/TCP default/mixed:http cluster -> 10.244.1.11:8080"])
+        .diagnostics(&[(Malformed, "Service default/mixed")]),
+        case(
+            "v4_mapped_addresses",
+            "IPv4-mapped IPv6 addresses (clusterIP, externalIP, source range, endpoint) are reported and skipped; \
+             the rest of the service and other services stay",
+            &[
+                web(),
+                web_slice("web-7xk2p", &[ep("10.244.1.11", NODE, READY)]),
+                service(
+                    "mapped",
+                    "",
+                    "{clusterIP: '::ffff:10.96.0.96', clusterIPs: ['::ffff:10.96.0.96'], ipFamilies: [IPv6], \
+                     ports: [{name: http, port: 80}]}",
+                ),
+                service(
+                    "six",
+                    "",
+                    "{clusterIP: 'fd00::97', clusterIPs: ['fd00::97'], ipFamilies: [IPv6], \
+                     externalIPs: ['::ffff:203.0.113.97'], type: LoadBalancer, allocateLoadBalancerNodePorts: false, \
+                     loadBalancerSourceRanges: ['::ffff:198.51.100.0/120'], ports: [{name: http, port: 80}]}",
+                ),
+                typed_slice("six-1", "six", "IPv6", "[{name: http, port: 8080}]", &[
+                    ep("fd00::1:11", NODE, READY),
+                    ep("::ffff:10.244.1.12", NODE, READY),
+                    ep("10.244.1.13", NODE, READY),
+                ]),
+            ],
+        )
+        .frontends(&[WEB_11, "[fd00::97]:80/TCP default/six:http cluster -> [fd00::1:11]:8080"])
+        .diagnostics(&[
+            (Malformed, "Service default/mapped"),
+            (Malformed, "Service default/six"),
+            (Malformed, "Service default/six"),
+            // The mapped and the IPv4 address in an IPv6 slice.
+            (Malformed, "EndpointSlice default/six-1"),
+            (Malformed, "EndpointSlice default/six-1"),
+        ]),
+        case(
+            "other_family_addresses_of_single_stack",
+            "an IPv6 externalIP of an IPv4-only service is reported; an IPv6 ingress IP and range are not served, silently",
+            &[
+                service_with_status(
+                    "four",
+                    "{type: LoadBalancer, clusterIP: 10.96.0.98, clusterIPs: [10.96.0.98], ipFamilies: [IPv4], \
+                     allocateLoadBalancerNodePorts: false, externalIPs: ['2001:db8::98'], \
+                     loadBalancerSourceRanges: ['2001:db8:1::/48'], ports: [{name: http, port: 80}]}",
+                    "{loadBalancer: {ingress: [{ip: 198.51.100.98}, {ip: '2001:db8:2::98'}]}}",
+                ),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.98:80/TCP default/four:http cluster -> -",
+            "198.51.100.98:80/TCP default/four:http lb -> - ext",
+        ])
+        .diagnostics(&[(UnsupportedIpFamily, "Service default/four")]),
     ]
 }
 
@@ -1415,7 +1596,7 @@ fn health_check_cases() -> Vec<Case> {
         ),
         case(
             "health_check_ip_families",
-            "IPv6-only: no check (kube-proxy's IPv4 proxier does not see it); dual-stack: IPv6 endpoints are not counted",
+            "IPv6-only: the check counts IPv6 endpoints; dual-stack: the IPv4 ones (the first family's)",
             &[
                 pending_lb(
                     "six",
@@ -1437,9 +1618,12 @@ fn health_check_cases() -> Vec<Case> {
                 ]),
             ],
         )
-        .frontends(&["10.96.0.82:80/TCP default/dual:http cluster -> 10.244.1.11:8080"])
-        .health_checks(&["32006 default/dual local=1"])
-        .diagnostics(&[(UnsupportedIpFamily, "Service default/six"), (UnsupportedIpFamily, "Service default/dual")]),
+        .frontends(&[
+            "10.96.0.82:80/TCP default/dual:http cluster -> 10.244.1.11:8080",
+            "[fd00::81]:80/TCP default/six:http cluster -> [fd00::1:11]:8080",
+            "[fd00::82]:80/TCP default/dual:http cluster -> [fd00::1:11]:8080,[fd00::1:12]:8080",
+        ])
+        .health_checks(&["32005 default/six local=1", "32006 default/dual local=1"]),
     ]
 }
 
@@ -1465,10 +1649,19 @@ fn model_table() {
     for case in &cases {
         assert!(names.insert(case.name), "duplicate case name {}", case.name);
         let (desired, diagnostics) = run(&case.yaml, &settings(case.proxy_name));
+        // Both families' frontends, each rendered as its address reads.
         let got: BTreeSet<String> = desired
+            .v4
             .frontends
             .iter()
             .map(|(key, spec)| render(key, spec))
+            .chain(
+                desired
+                    .v6
+                    .frontends
+                    .iter()
+                    .map(|(key, spec)| render(key, spec)),
+            )
             .collect();
         let want: BTreeSet<String> = case.frontends.iter().map(|s| (*s).to_owned()).collect();
         if got != want {
@@ -1548,7 +1741,7 @@ fn malformed_objects_do_not_disturb_others() {
     let (desired, diagnostics) = run(&docs(&parts), &settings(None));
     assert!(!diagnostics.is_empty());
     let web = desired
-        .frontends
+        .v4.frontends
         .iter()
         .find(|(_, spec)| spec.service_port.service.name.as_ref() == "web")
         .map(|(key, spec)| render(key, spec));
@@ -1564,7 +1757,7 @@ fn default_settings_open_no_node_ports() {
     );
     let (desired, diagnostics) = run(&yaml, &ModelSettings::default());
     assert!(diagnostics.is_empty(), "{diagnostics:?}");
-    let kinds: Vec<FrontendKind> = desired.frontends.values().map(|spec| spec.kind).collect();
+    let kinds: Vec<FrontendKind> = desired.v4.frontends.values().map(|spec| spec.kind).collect();
     assert_eq!(kinds, [FrontendKind::ClusterIp]);
 }
 
@@ -1592,7 +1785,7 @@ fn serving_unset_counts_as_serving() {
     ]);
     let (desired, _) = run(&yaml, &settings(None));
     let lines: Vec<String> = desired
-        .frontends
+        .v4.frontends
         .iter()
         .map(|(k, s)| render(k, s))
         .collect();
@@ -1617,7 +1810,7 @@ fn duplicate_endpoint_prefers_the_non_terminating_one() {
     ]);
     let (desired, _) = run(&yaml, &settings(None));
     let lines: Vec<String> = desired
-        .frontends
+        .v4.frontends
         .iter()
         .map(|(k, s)| render(k, s))
         .collect();
@@ -1971,8 +2164,8 @@ fn a_service_port_with_more_endpoints_than_a_frontend_holds_serves_as_many_as_fi
     let state = web_with_endpoints(&addresses);
     let settings = settings(None);
     let first = desired(&state, &settings);
-    let [(_, spec)] = first.frontends.iter().collect::<Vec<_>>()[..] else {
-        panic!("one frontend: {:?}", first.frontends.keys());
+    let [(_, spec)] = first.v4.frontends.iter().collect::<Vec<_>>()[..] else {
+        panic!("one frontend: {:?}", first.v4.frontends.keys());
     };
     assert_eq!(spec.backends.len(), MAX_BACKENDS_PER_FRONTEND);
     assert!(spec.backends.is_sorted(), "backends stay sorted");
@@ -1992,7 +2185,7 @@ fn a_service_port_with_more_endpoints_than_a_frontend_holds_serves_as_many_as_fi
     addresses.retain(|address| address != leaving.ip());
     let second = desired(&web_with_endpoints(&addresses), &settings);
     let after: BTreeSet<SocketAddrV4> = second
-        .frontends
+        .v4.frontends
         .values()
         .flat_map(|spec| spec.backends.iter().copied())
         .collect();
@@ -2015,17 +2208,17 @@ fn choose_backends_is_a_stable_subset_that_differs_between_services() {
         port: "http".into(),
         proto: proxy_common::proto::TCP,
     };
-    let web = choose_backends(&name("web"), &backends, 5);
+    let web = choose_backends::<Ipv4Addr>(&name("web"), &backends, 5);
     assert_eq!(web.len(), 5);
     assert!(web.is_sorted() && web.iter().all(|b| backends.contains(b)));
-    assert_eq!(choose_backends(&name("web"), &backends, 5), web, "stable");
+    assert_eq!(choose_backends::<Ipv4Addr>(&name("web"), &backends, 5), web, "stable");
     assert_ne!(
-        choose_backends(&name("api"), &backends, 5),
+        choose_backends::<Ipv4Addr>(&name("api"), &backends, 5),
         web,
         "every service chooses its own"
     );
     assert_eq!(
-        choose_backends(&name("web"), &backends[..4], 5),
+        choose_backends::<Ipv4Addr>(&name("web"), &backends[..4], 5),
         backends[..4],
         "within the limit: all"
     );

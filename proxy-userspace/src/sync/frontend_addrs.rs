@@ -391,7 +391,7 @@ mod tests {
     fn desired(frontends: &[(Ipv4Addr, u16, FrontendKind)]) -> Desired {
         let mut out = Desired::default();
         for &(addr, port, kind) in frontends {
-            out.frontends.insert(
+            out.v4.frontends.insert(
                 FrontendKey {
                     addr,
                     port,

@@ -7,10 +7,10 @@
 //! - fail with `map_full` on the Nth write, or when the service map is at capacity.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
 };
 
-use proxy_common::{proto, scope, service_flags};
+use proxy_common::{proto, scope, service_flags, BackendV4, Be16, Be32, ServiceKeyV4};
 
 use super::*;
 use crate::{
@@ -323,10 +323,13 @@ impl Fe {
 
 fn desired(frontends: &[Fe]) -> Desired {
     Desired {
-        frontends: frontends
-            .iter()
-            .map(|fe| (fe.key, std::sync::Arc::new(fe.spec())))
-            .collect(),
+        v4: crate::model::FamilyDesired {
+            frontends: frontends
+                .iter()
+                .map(|fe| (fe.key, std::sync::Arc::new(fe.spec())))
+                .collect(),
+            ..crate::model::FamilyDesired::default()
+        },
         ..Desired::default()
     }
 }
@@ -928,7 +931,10 @@ fn a_frontend_using_every_slot_syncs_and_shrinks() {
     };
     let key = fe("web", 10, &[]).key;
     let desired_with = |count| Desired {
-        frontends: [(key, std::sync::Arc::new(spec(count)))].into(),
+        v4: crate::model::FamilyDesired {
+            frontends: [(key, std::sync::Arc::new(spec(count)))].into(),
+            ..crate::model::FamilyDesired::default()
+        },
         ..Desired::default()
     };
     let mut fake = FakeMaps {
@@ -1253,7 +1259,7 @@ fn adopting_cleans_what_an_interrupted_agent_left() {
     );
     fake.backends.insert(
         77,
-        backend_value(
+        backend_value::<Ipv4Addr>(
             SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 77), 8080),
             proto::TCP,
             false,
@@ -1383,9 +1389,9 @@ fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_buil
             let octet = u8::try_from(next(4)).expect("small");
             let ranges = BTreeSet::from([(Ipv4Addr::new(192, 0, 2, octet * 64), 26)]);
             let name = fe(NAMES[*index], 0, &[]).service_port();
-            wanted.source_ranges.insert(name, ranges);
+            wanted.v4.source_ranges.insert(name, ranges);
         }
-        wanted.local_endpoints = (1..=12)
+        wanted.v4.local_endpoints = (1..=12)
             .filter(|_| next(4) == 0)
             .map(|octet| Ipv4Addr::new(10, 244, 1, octet))
             .collect();
@@ -1479,19 +1485,19 @@ fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_buil
 /// whose source ranges differ.
 fn changes_between(before: &Desired, after: &Desired) -> ModelChanges {
     let moved_locality: BTreeSet<Ipv4Addr> = before
-        .local_endpoints
-        .symmetric_difference(&after.local_endpoints)
+        .v4.local_endpoints
+        .symmetric_difference(&after.v4.local_endpoints)
         .copied()
         .collect();
     let keys: BTreeSet<&FrontendKey> = before
-        .frontends
+        .v4.frontends
         .keys()
-        .chain(after.frontends.keys())
+        .chain(after.v4.frontends.keys())
         .collect();
     let frontends = keys
         .into_iter()
         .filter(|key| {
-            let (old, new) = (before.frontends.get(key), after.frontends.get(key));
+            let (old, new) = (before.v4.frontends.get(key), after.v4.frontends.get(key));
             old != new
                 || new.is_some_and(|spec| {
                     spec.backends
@@ -1503,20 +1509,20 @@ fn changes_between(before: &Desired, after: &Desired) -> ModelChanges {
             (
                 *key,
                 before
-                    .frontends
+                    .v4.frontends
                     .get(key)
                     .map(|spec| spec.service_port.clone()),
             )
         })
         .collect();
     let names: BTreeSet<&ServicePortName> = before
-        .source_ranges
+        .v4.source_ranges
         .keys()
-        .chain(after.source_ranges.keys())
+        .chain(after.v4.source_ranges.keys())
         .collect();
     let source_ranges = names
         .into_iter()
-        .filter(|name| before.source_ranges.get(name) != after.source_ranges.get(name))
+        .filter(|name| before.v4.source_ranges.get(name) != after.v4.source_ranges.get(name))
         .cloned()
         .collect();
     ModelChanges {

@@ -106,12 +106,12 @@ fn assert_reported(before: &Desired, after: &Desired, changes: &ModelChanges, st
         return;
     }
     let keys: BTreeSet<&FrontendKey> = before
-        .frontends
+        .v4.frontends
         .keys()
-        .chain(after.frontends.keys())
+        .chain(after.v4.frontends.keys())
         .collect();
     for key in keys {
-        let (old, new) = (before.frontends.get(key), after.frontends.get(key));
+        let (old, new) = (before.v4.frontends.get(key), after.v4.frontends.get(key));
         if old != new {
             assert_eq!(
                 changes.frontends.get(key),
@@ -121,12 +121,12 @@ fn assert_reported(before: &Desired, after: &Desired, changes: &ModelChanges, st
         }
     }
     let names: BTreeSet<&ServicePortName> = before
-        .source_ranges
+        .v4.source_ranges
         .keys()
-        .chain(after.source_ranges.keys())
+        .chain(after.v4.source_ranges.keys())
         .collect();
     for name in names {
-        if before.source_ranges.get(name) != after.source_ranges.get(name) {
+        if before.v4.source_ranges.get(name) != after.v4.source_ranges.get(name) {
             assert!(
                 changes.source_ranges.contains(name),
                 "step {step}: ranges of {name}"
@@ -135,7 +135,7 @@ fn assert_reported(before: &Desired, after: &Desired, changes: &ModelChanges, st
     }
     assert_eq!(
         changes.local_endpoints,
-        before.local_endpoints != after.local_endpoints,
+        before.v4.local_endpoints != after.v4.local_endpoints,
         "step {step}: local endpoints"
     );
     assert_eq!(
@@ -170,6 +170,7 @@ fn random_changes(with_revisions: bool) {
     let mut settings = ModelSettings {
         proxy_name: None,
         node_port_addresses: vec![Ipv4Addr::new(192, 168, 1, 10)],
+        node_port_addresses_v6: vec!["fd00::10".parse().expect("v6")],
     };
     let mut model = IncrementalModel::default();
     let mut conflicts_seen = 0;
