@@ -1553,3 +1553,165 @@ fn named_source_ranges(
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------------
+// IPv6: the same syncer on the IPv6 maps.
+
+/// In-memory IPv6 maps that check, after every op, the invariant the datapath reads
+/// by (a frontend of count `n` has slots `1..=n`, each naming a backend).
+#[derive(Default)]
+struct FakeMapsV6 {
+    mirror: Mirror<std::net::Ipv6Addr>,
+    log: Vec<MapOp<std::net::Ipv6Addr>>,
+    violations: Vec<String>,
+}
+
+impl MapWriter<std::net::Ipv6Addr> for FakeMapsV6 {
+    fn apply(
+        &mut self,
+        op: &MapOp<std::net::Ipv6Addr>,
+    ) -> Result<(), WriteError<std::net::Ipv6Addr>> {
+        self.mirror.apply(op);
+        self.log.push(*op);
+        for (key, head) in self.mirror.frontends() {
+            for slot in 1..=head.count {
+                let slot_key = proxy_common::ServiceKeyV6 { slot, ..*key };
+                match self.mirror.services.get(&slot_key) {
+                    Some(value) if self.mirror.backends.contains_key(&value.backend_id) => {}
+                    _ => self
+                        .violations
+                        .push(format!("after {op:?}: {key:?} slot {slot} unusable")),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn v6_desired(backends: &[u16], ranges: &[(&str, u8)]) -> Desired {
+    let addr: std::net::Ipv6Addr = "fd00::10".parse().expect("v6");
+    let key = FrontendKey {
+        addr,
+        port: 80,
+        proto: proto::TCP,
+        scope: scope::DEFAULT,
+    };
+    let service_port = ServicePortName {
+        service: ObjectKey::new("default", "six"),
+        port: "http".into(),
+        proto: proto::TCP,
+    };
+    let spec = FrontendSpec::<std::net::Ipv6Addr> {
+        service_port: service_port.clone(),
+        kind: FrontendKind::LoadBalancer,
+        backends: backends
+            .iter()
+            .map(|i| {
+                std::net::SocketAddrV6::new(
+                    std::net::Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, *i),
+                    8080,
+                    0,
+                    0,
+                )
+            })
+            .collect(),
+        flags: if ranges.is_empty() {
+            0
+        } else {
+            service_flags::SOURCE_RANGES
+        },
+        affinity_timeout_s: 0,
+    };
+    let mut desired = desired(&[fe("web", 10, &[1])]);
+    desired
+        .v6
+        .frontends
+        .insert(key, std::sync::Arc::new(spec));
+    if !ranges.is_empty() {
+        desired.v6.source_ranges.insert(
+            service_port,
+            ranges
+                .iter()
+                .map(|(addr, len)| (addr.parse().expect("v6"), *len))
+                .collect(),
+        );
+    }
+    desired
+}
+
+#[test]
+fn ipv6_frontends_are_written_to_their_own_maps_in_the_same_order() {
+    let mut v6 = Syncer::<std::net::Ipv6Addr>::default();
+    let mut maps = FakeMapsV6::default();
+    let desired = v6_desired(&[1, 2], &[("2001:db8::", 48)]);
+    let report = v6.sync(&desired, &mut maps);
+    assert!(report.complete() && report.failures.is_empty(), "{report:?}");
+    assert_eq!(report.frontends_written, 1, "the IPv4 frontend is not this syncer's");
+    // The range first, then backends, slots, and the frontend last.
+    let kinds: Vec<&str> = maps
+        .log
+        .iter()
+        .map(|op| match op {
+            MapOp::PutSourceRange { .. } => "range",
+            MapOp::PutBackend { .. } => "backend",
+            MapOp::PutService { key, .. } if key.slot == 0 => "frontend",
+            MapOp::PutService { .. } => "slot",
+            _ => "delete",
+        })
+        .collect();
+    assert_eq!(kinds, ["range", "backend", "backend", "slot", "slot", "frontend"]);
+    let (head_key, head) = maps.mirror.frontends().next().expect("one frontend");
+    assert_eq!(
+        head_key.addr,
+        proxy_common::Be32x4::from_ipv6("fd00::10".parse().expect("v6"))
+    );
+    assert_eq!(head.count, 2);
+    // The service id is of IPv6's range, and so is the range entry's.
+    let service_id = head.service_id;
+    assert!(service_id >= <std::net::Ipv6Addr as crate::family::Family>::SERVICE_IDS.0);
+    let range = maps.mirror.source_ranges.iter().next().expect("one range");
+    assert_eq!((range.service_id, range.prefix_len), (service_id, 48));
+    assert_eq!(range.trie_key().prefix_len(), 32 + 48);
+    // One backend leaves: the count is lowered before its slot and backend go.
+    maps.log.clear();
+    let report = v6.sync(&v6_desired(&[2], &[]), &mut maps);
+    assert_eq!(report.removed_pairs.len(), 1, "{report:?}");
+    let order: Vec<String> = maps.log.iter().map(|op| format!("{op:?}")).collect();
+    let at = |needle: &str| {
+        order
+            .iter()
+            .position(|op| op.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} in {order:#?}"))
+    };
+    assert!(at("DeleteBackend") > at("DeleteService"), "{order:#?}");
+    assert!(at("DeleteSourceRange") > at("slot: 0"), "{order:#?}");
+    assert!(maps.violations.is_empty(), "{:#?}", maps.violations);
+    // The same state again: nothing to write.
+    maps.log.clear();
+    v6.sync(&v6_desired(&[2], &[]), &mut maps);
+    assert!(maps.log.is_empty(), "{:#?}", maps.log);
+}
+
+#[test]
+fn an_ipv6_change_is_synced_incrementally() {
+    let mut v6 = Syncer::<std::net::Ipv6Addr>::default();
+    let mut maps = FakeMapsV6::default();
+    v6.sync(&v6_desired(&[1], &[]), &mut maps);
+    assert!(v6.incremental_ready());
+    let after = v6_desired(&[1, 3], &[]);
+    let key = *after.v6.frontends.keys().next().expect("one");
+    let mut changes = ModelChanges::default();
+    changes.frontends_v6.insert(
+        key,
+        Some(after.v6.frontends[&key].service_port.clone()),
+    );
+    maps.log.clear();
+    v6.sync_changes(&after, &changes, &mut maps);
+    // One new backend, its slot, the raised count: nothing else looked at or written.
+    assert_eq!(maps.log.len(), 3, "{:#?}", maps.log);
+    let mut full = Syncer::<std::net::Ipv6Addr>::default();
+    let mut fresh = FakeMapsV6::default();
+    full.sync(&after, &mut fresh);
+    assert_eq!(maps.mirror.services.len(), fresh.mirror.services.len());
+    assert!(maps.violations.is_empty(), "{:#?}", maps.violations);
+}

@@ -40,6 +40,11 @@ const CLAIMED_IPS: [&str; 2] = ["203.0.113.1", "203.0.113.2"];
 const NODE_PORTS: [i32; 2] = [30_000, 30_001];
 const HEALTH_PORTS: [i32; 2] = [32_000, 32_001];
 const ENDPOINT_IPS: [&str; 4] = ["10.244.1.1", "10.244.1.2", "10.244.2.1", "10.244.2.2"];
+/// The IPv6 twins: a service is IPv4-only, IPv6-only or dual-stack, so both families'
+/// claims, conflicts and local endpoints are exercised (and their independence).
+const CLUSTER_IPS_V6: [&str; 3] = ["fd00::1", "fd00::2", "fd00::3"];
+const CLAIMED_IPS_V6: [&str; 2] = ["2001:db8::1", "2001:db8::2"];
+const ENDPOINT_IPS_V6: [&str; 3] = ["fd00:1::1", "fd00:1::2", "fd00:2::1"];
 
 fn random_service(rng: &mut Rng, name: &str) -> Service {
     let service_type = *rng.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
@@ -49,27 +54,46 @@ fn random_service(rng: &mut Rng, name: &str) -> Service {
         ports.push(json!({"name": "dns", "port": 53, "protocol": "UDP",
             "nodePort": rng.pick(&NODE_PORTS)}));
     }
+    let (families, cluster_ips) = match rng.below(4) {
+        0 => (
+            json!(["IPv6"]),
+            json!([rng.pick(&CLUSTER_IPS_V6)]),
+        ),
+        1 => (
+            json!(["IPv4", "IPv6"]),
+            json!([rng.pick(&CLUSTER_IPS), rng.pick(&CLUSTER_IPS_V6)]),
+        ),
+        _ => (json!(["IPv4"]), json!([rng.pick(&CLUSTER_IPS)])),
+    };
     let mut spec = json!({
         "type": service_type,
-        "clusterIP": rng.pick(&CLUSTER_IPS),
+        "clusterIP": cluster_ips[0],
+        "clusterIPs": cluster_ips,
+        "ipFamilies": families,
         "ports": ports,
     });
     if rng.chance(30) {
-        spec["externalIPs"] = json!([rng.pick(&CLAIMED_IPS)]);
+        spec["externalIPs"] = json!([rng.pick(&CLAIMED_IPS), rng.pick(&CLAIMED_IPS_V6)]);
     }
     if rng.chance(50) {
         spec["externalTrafficPolicy"] = json!("Local");
         spec["healthCheckNodePort"] = json!(rng.pick(&HEALTH_PORTS));
     }
     if rng.chance(30) {
-        spec["loadBalancerSourceRanges"] = json!([*rng.pick(&["192.0.2.0/24", "198.51.100.0/24"])]);
+        spec["loadBalancerSourceRanges"] = json!([
+            *rng.pick(&["192.0.2.0/24", "198.51.100.0/24"]),
+            *rng.pick(&["2001:db8:1::/48", "2001:db8:2::/48"]),
+        ]);
     }
     let mut metadata = json!({"name": name, "namespace": "ns"});
     if rng.chance(70) {
         metadata["creationTimestamp"] =
             json!(rng.pick(&["2024-01-01T00:00:00Z", "2025-01-01T00:00:00Z"]));
     }
-    let status = json!({"loadBalancer": {"ingress": [{"ip": rng.pick(&CLAIMED_IPS)}]}});
+    let status = json!({"loadBalancer": {"ingress": [
+        {"ip": rng.pick(&CLAIMED_IPS)},
+        {"ip": rng.pick(&CLAIMED_IPS_V6)},
+    ]}});
     serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": status}))
         .expect("a valid Service")
 }
@@ -81,10 +105,16 @@ fn random_slice(rng: &mut Rng, name: &str) -> EndpointSlice {
         let service = *rng.pick(&["a", "b", "c", "d", "e", "f", "gone"]);
         metadata["labels"] = json!({ LABEL_SERVICE_NAME: service });
     }
+    let v6 = rng.chance(40);
     let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
         .map(|_| {
+            let address = if v6 {
+                *rng.pick(&ENDPOINT_IPS_V6)
+            } else {
+                *rng.pick(&ENDPOINT_IPS)
+            };
             json!({
-                "addresses": [rng.pick(&ENDPOINT_IPS)],
+                "addresses": [address],
                 "conditions": {"ready": rng.chance(80)},
                 "nodeName": rng.pick(&["node-a", "node-b"]),
             })
@@ -95,9 +125,50 @@ fn random_slice(rng: &mut Rng, name: &str) -> EndpointSlice {
         {"name": "dns", "port": 5353, "protocol": "UDP"},
     ]);
     serde_json::from_value(json!({
-        "metadata": metadata, "addressType": "IPv4", "endpoints": endpoints, "ports": ports,
+        "metadata": metadata, "addressType": if v6 { "IPv6" } else { "IPv4" },
+        "endpoints": endpoints, "ports": ports,
     }))
     .expect("a valid EndpointSlice")
+}
+
+/// Every difference between `before` and `after` in family `F` is among `changes`.
+fn assert_family_reported<F: Family>(
+    before: &Desired,
+    after: &Desired,
+    changes: &ModelChanges,
+    step: usize,
+) {
+    let (before, after) = (F::part(before), F::part(after));
+    let keys: BTreeSet<&FrontendKey<F>> = before
+        .frontends
+        .keys()
+        .chain(after.frontends.keys())
+        .collect();
+    for key in keys {
+        let (old, new) = (before.frontends.get(key), after.frontends.get(key));
+        if old != new {
+            assert_eq!(
+                F::changed_frontends(changes).get(key),
+                Some(&old.map(|spec| spec.service_port.clone())),
+                "step {step}: {} frontend {key:?} changed unreported",
+                F::NAME
+            );
+        }
+    }
+    let names: BTreeSet<&ServicePortName> = before
+        .source_ranges
+        .keys()
+        .chain(after.source_ranges.keys())
+        .collect();
+    for name in names {
+        if before.source_ranges.get(name) != after.source_ranges.get(name) {
+            assert!(
+                F::changed_ranges(changes).contains(name),
+                "step {step}: {} ranges of {name}",
+                F::NAME
+            );
+        }
+    }
 }
 
 /// Every difference between `before` and `after` is among `changes`.
@@ -105,37 +176,12 @@ fn assert_reported(before: &Desired, after: &Desired, changes: &ModelChanges, st
     if changes.all {
         return;
     }
-    let keys: BTreeSet<&FrontendKey> = before
-        .v4.frontends
-        .keys()
-        .chain(after.v4.frontends.keys())
-        .collect();
-    for key in keys {
-        let (old, new) = (before.v4.frontends.get(key), after.v4.frontends.get(key));
-        if old != new {
-            assert_eq!(
-                changes.frontends.get(key),
-                Some(&old.map(|spec| spec.service_port.clone())),
-                "step {step}: frontend {key:?} changed unreported"
-            );
-        }
-    }
-    let names: BTreeSet<&ServicePortName> = before
-        .v4.source_ranges
-        .keys()
-        .chain(after.v4.source_ranges.keys())
-        .collect();
-    for name in names {
-        if before.v4.source_ranges.get(name) != after.v4.source_ranges.get(name) {
-            assert!(
-                changes.source_ranges.contains(name),
-                "step {step}: ranges of {name}"
-            );
-        }
-    }
+    assert_family_reported::<Ipv4Addr>(before, after, changes, step);
+    assert_family_reported::<std::net::Ipv6Addr>(before, after, changes, step);
     assert_eq!(
         changes.local_endpoints,
-        before.v4.local_endpoints != after.v4.local_endpoints,
+        before.v4.local_endpoints != after.v4.local_endpoints
+            || before.v6.local_endpoints != after.v6.local_endpoints,
         "step {step}: local endpoints"
     );
     assert_eq!(
@@ -174,6 +220,7 @@ fn random_changes(with_revisions: bool) {
     };
     let mut model = IncrementalModel::default();
     let mut conflicts_seen = 0;
+    let mut v6_frontends_seen = 0;
     let mut before = model.desired().clone();
     for step in 0..400 {
         for _ in 0..=rng.below(3) {
@@ -230,6 +277,7 @@ fn random_changes(with_revisions: bool) {
             .iter()
             .filter(|d| d.reason == DiagnosticReason::FrontendConflict)
             .count();
+        v6_frontends_seen += fresh.v6.frontends.len();
         // Nothing changed since: nothing to do.
         let again = model.update(&state, &settings);
         assert!(
@@ -242,6 +290,10 @@ fn random_changes(with_revisions: bool) {
     assert!(
         conflicts_seen > 100,
         "the sequence exercises conflicts: {conflicts_seen}"
+    );
+    assert!(
+        v6_frontends_seen > 200,
+        "the sequence exercises IPv6 frontends: {v6_frontends_seen}"
     );
 }
 
