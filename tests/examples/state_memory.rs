@@ -129,7 +129,7 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize) -> Result<()> {
     let named = names::read(&dir.join("names.json"))?.map_or(0, |names| names.endpoints.len());
     println!(
         "frontends {}, endpoints named {named}",
-        desired.frontends.len()
+        desired.v4.frontends.len()
     );
     Ok(())
 }

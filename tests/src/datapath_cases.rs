@@ -1306,18 +1306,18 @@ impl DatapathHarness {
         self.syncer = Syncer::default();
         self.frontend_addrs = FrontendAddrs::default();
         let maps = &mut self.datapath.maps;
-        let keys: Vec<_> = maps.frontend_addrs.keys().collect::<Result<_, _>>()?;
+        let keys: Vec<_> = maps.v4.frontend_addrs.keys().collect::<Result<_, _>>()?;
         for key in keys {
-            maps.frontend_addrs.remove(&key)?;
+            maps.v4.frontend_addrs.remove(&key)?;
         }
         maps.set_service_cidr(&ServiceCidrV4::default())?;
-        let keys: Vec<_> = maps.services.keys().collect::<Result<_, _>>()?;
+        let keys: Vec<_> = maps.v4.services.keys().collect::<Result<_, _>>()?;
         for key in keys {
-            maps.services.remove(&key)?;
+            maps.v4.services.remove(&key)?;
         }
-        let keys: Vec<_> = maps.backends.keys().collect::<Result<_, _>>()?;
+        let keys: Vec<_> = maps.v4.backends.keys().collect::<Result<_, _>>()?;
         for key in keys {
-            maps.backends.remove(&key)?;
+            maps.v4.backends.remove(&key)?;
         }
         for table in [&mut maps.conntrack, &mut maps.conntrack_new] {
             let keys: Vec<_> = table.keys().filter_map(Result::ok).collect();
@@ -1330,9 +1330,9 @@ impl DatapathHarness {
         for key in keys {
             let _ = maps.affinity.remove(&key);
         }
-        let keys: Vec<_> = maps.source_ranges.keys().filter_map(Result::ok).collect();
+        let keys: Vec<_> = maps.v4.source_ranges.keys().filter_map(Result::ok).collect();
         for key in keys {
-            let _ = maps.source_ranges.remove(&key);
+            let _ = maps.v4.source_ranges.remove(&key);
         }
         let keys: Vec<_> = maps.fragments.keys().filter_map(Result::ok).collect();
         for key in keys {
@@ -1370,6 +1370,7 @@ impl DatapathHarness {
     ) -> Result<()> {
         self.datapath.maps.set_config(&node.config())?;
         let desired = Desired {
+            v4: proxy_userspace::model::FamilyDesired {
             frontends: frontends
                 .iter()
                 .map(|(key, spec)| (*key, std::sync::Arc::new(spec.clone())))
@@ -1387,6 +1388,7 @@ impl DatapathHarness {
                         )
                     })
                     .collect()
+            },
             },
             ..Desired::default()
         };

@@ -633,6 +633,7 @@ fn the_frontend_address_set_and_the_service_counters_follow_the_service_map() {
         harness
             .datapath
             .maps
+            .v4
             .frontend_addrs
             .insert(addr.0, value, 0)
             .expect("an address within the capacity");
@@ -642,6 +643,7 @@ fn the_frontend_address_set_and_the_service_counters_follow_the_service_map() {
         harness
             .datapath
             .maps
+            .v4
             .frontend_addrs
             .insert(one_more.0, value, 0)
             .is_err(),
@@ -674,7 +676,7 @@ fn batched_map_writes_land_in_order_and_a_full_map_stops_them_where_it_is_full()
     };
     let put_backend = |id: u8| MapOp::PutBackend {
         id: u32::from(id),
-        backend: backend_value(
+        backend: backend_value::<std::net::Ipv4Addr>(
             std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 244, 1, id), 8080),
             proto::TCP,
             false,
@@ -725,7 +727,7 @@ fn batched_map_writes_land_in_order_and_a_full_map_stops_them_where_it_is_full()
     assert_eq!((mirror.services.len(), mirror.backends.len()), (5, 4));
 
     // Deletes with a key never written between two that are there: all go.
-    let deletes = [4, 9, 3].map(|slot| MapOp::DeleteService {
+    let deletes = [4, 9, 3].map(|slot| MapOp::<std::net::Ipv4Addr>::DeleteService {
         key: service_key(&frontend, slot),
     });
     let (applied, error) = maps.apply_batch(&deletes);

@@ -141,6 +141,8 @@ fn when_the_source_ends_the_datapath_stays_and_the_agent_exits_with_an_error() {
         node_interfaces: Some(Vec::new()),
         node_port_filters: Vec::new(),
         node_ip: None,
+        node_ip_v6: None,
+        cluster_cidr_v6: None,
         cgroup_path: None,
         socket_lb: proxy_userspace::socket_lb::Mode::All,
         service_counters: proxy_userspace::service_counters::Mode::Auto,
