@@ -17,7 +17,7 @@
 //! frontend; the frontend address set first).
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData};
 use kpr_lab::{
     datapath_cases::{DatapathHarness, Verdict},
     netns::Netns,
@@ -158,14 +158,10 @@ fn write_node6(harness: &mut DatapathHarness, node: &Node6) {
         config.cluster_cidr_addr = Be32x4::from_ipv6(addr);
         config.cluster_cidr_len = len;
     }
-    let map = harness
+    harness
         .datapath
-        .ebpf
-        .map_mut(names::CONFIG_V6)
-        .expect("the object has the IPv6 config");
-    Array::<_, NodeConfigV6>::try_from(map)
-        .expect("an array")
-        .set(0, config, 0)
+        .maps
+        .set_config_v6(&config)
         .expect("IPv6 config");
 }
 
@@ -193,16 +189,47 @@ struct Case {
     counters: Vec<(u32, u64)>,
 }
 
-fn map<'a, K: aya::Pod, V: aya::Pod>(
-    harness: &'a mut DatapathHarness,
-    name: &str,
-) -> HashMap<&'a mut MapData, K, V> {
-    let map = harness
-        .datapath
-        .ebpf
-        .map_mut(name)
-        .unwrap_or_else(|| panic!("the object has no map {name}"));
-    HashMap::try_from(map).unwrap_or_else(|error| panic!("{name}: {error}"))
+/// The map `name` on a handle of its own: the agent's `Maps` owns the IPv6 maps it
+/// writes or walks (taken from the object when it loaded), the others stay in the
+/// object.
+fn raw_map(harness: &mut DatapathHarness, name: &str) -> aya::maps::Map {
+    use std::os::fd::AsFd as _;
+
+    use aya::maps::IterableMap as _;
+    let maps = &harness.datapath.maps;
+    let owned: Option<&MapData> = match name {
+        names::SERVICES_V6 => Some(maps.v6.services.map()),
+        names::BACKENDS_V6 => Some(maps.v6.backends.map()),
+        names::FRONTEND_ADDRS_V6 => Some(maps.v6.frontend_addrs.map()),
+        names::SOURCE_RANGES_V6 => Some(maps.v6.source_ranges.map()),
+        names::CONNTRACK_V6 => Some(maps.conntrack_v6.map()),
+        names::CONNTRACK_NEW_V6 => Some(maps.conntrack_new_v6.map()),
+        names::AFFINITY_V6 => Some(maps.affinity_v6.map()),
+        _ => None,
+    };
+    let data = match owned {
+        Some(data) => data,
+        None => harness
+            .datapath
+            .ebpf
+            .map(name)
+            .and_then(|map| match map {
+                aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => Some(data),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("the object has no map {name}")),
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .unwrap_or_else(|error| panic!("{name}: {error}"));
+    let data = MapData::from_fd(fd).unwrap_or_else(|error| panic!("{name}: {error}"));
+    aya::maps::Map::from_map_data(data).unwrap_or_else(|error| panic!("{name}: {error}"))
+}
+
+fn map<K: aya::Pod, V: aya::Pod>(harness: &mut DatapathHarness, name: &str) -> HashMap<MapData, K, V> {
+    HashMap::try_from(raw_map(harness, name)).unwrap_or_else(|error| panic!("{name}: {error}"))
 }
 
 /// Empties every IPv6 map (the IPv4 ones and the counters: `DatapathHarness::clear`).
@@ -222,11 +249,7 @@ fn clear_v6(harness: &mut DatapathHarness) {
     empty::<CtKeyV6, CtEntryV6>(harness, names::CONNTRACK_NEW_V6);
     empty::<FragKeyV6, FragValueV6>(harness, names::FRAGMENTS_V6);
     empty::<AffinityKeyV6, AffinityValueV6>(harness, names::AFFINITY_V6);
-    let ranges = harness
-        .datapath
-        .ebpf
-        .map_mut(names::SOURCE_RANGES_V6)
-        .expect("the object has the IPv6 source ranges");
+    let ranges = raw_map(harness, names::SOURCE_RANGES_V6);
     let mut ranges = LpmTrie::<_, SourceRangeV6, u8>::try_from(ranges).expect("a trie");
     let keys: Vec<_> = ranges.keys().filter_map(Result::ok).collect();
     for key in keys {
@@ -293,11 +316,7 @@ fn install_v6(harness: &mut DatapathHarness, frontends: &[Frontend6]) {
                 .expect("slot");
         }
         let service_id = u32::try_from(index + 1).expect("few frontends");
-        let ranges = harness
-            .datapath
-            .ebpf
-            .map_mut(names::SOURCE_RANGES_V6)
-            .expect("the object has the IPv6 source ranges");
+        let ranges = raw_map(harness, names::SOURCE_RANGES_V6);
         let mut ranges = LpmTrie::<_, SourceRangeV6, u8>::try_from(ranges).expect("a trie");
         for &(range, len) in &frontend.source_ranges {
             let data = SourceRangeV6 {
