@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::Read as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -29,6 +29,9 @@ use crate::{
 
 /// The node's address on every pod-facing veth (the pods' gateway).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The node's IPv6 address on every pod-facing veth (the pods' IPv6 gateway): a
+/// link-local one, as routed CNIs use, so no global address repeats across veths.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// Where the agent's health server listens inside the node namespace.
 pub const HEALTHZ: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
 /// Where the agent's metrics server listens inside the node namespace.
@@ -39,6 +42,8 @@ pub const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a lab with IPv6.
+    pub ipv6: Option<Ipv6Addr>,
     /// The node-side interface of its veth pair.
     pub host_interface: String,
     pub netns: Netns,
@@ -63,6 +68,8 @@ pub struct Lab {
     open_files_limit: Option<(u64, u64)>,
     /// Leave `--metrics-bind-address` to the agent's default.
     default_metrics_address: bool,
+    /// Whether the node namespace has IPv6 forwarding on ([`Lab::enable_ipv6`]).
+    ipv6: bool,
     /// Declared last: dropped after the pods, whose veths live in it.
     pub node: Netns,
 }
@@ -99,8 +106,23 @@ impl Lab {
             source_args: None,
             open_files_limit: None,
             default_metrics_address: false,
+            ipv6: false,
             node,
         })
+    }
+
+    /// Turns IPv6 on in the node namespace: forwarding (in this namespace only: the
+    /// sysctl is per network namespace) and no duplicate address detection, so the
+    /// addresses the lab gives are usable at once instead of after a second of DAD.
+    ///
+    /// # Errors
+    /// When a sysctl cannot be written.
+    pub fn enable_ipv6(&mut self) -> Result<()> {
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        self.node.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        self.node.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        self.ipv6 = true;
+        Ok(())
     }
 
     /// Adds a pod namespace with address `ip`, wired to the node.
@@ -108,7 +130,25 @@ impl Lab {
     /// # Errors
     /// When a command fails.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
+        self.add_dual_pod(name, ip, None)
+    }
+
+    /// Adds a pod with an IPv4 address and, when given, an IPv6 one (after
+    /// [`Lab::enable_ipv6`]): a /128 on its `eth0` (`nodad`), a default route via
+    /// [`GATEWAY_V6`], and the node's route to the /128 on its veth.
+    ///
+    /// # Errors
+    /// When a command fails, or IPv6 was not enabled.
+    pub fn add_dual_pod(&mut self, name: &str, ip: Ipv4Addr, ipv6: Option<Ipv6Addr>) -> Result<&Pod> {
+        if ipv6.is_some() && !self.ipv6 {
+            bail!("IPv6 pod {name} in a lab without IPv6 (Lab::enable_ipv6)");
+        }
         let netns = Netns::create(&format!("{}-{name}", self.prefix))?;
+        if self.ipv6 {
+            // Before the veth is made, so its eth0 is born without DAD.
+            netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+            netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        }
         let host_interface = format!("veth{}", self.pods.len());
         self.node.ip(&[
             "link",
@@ -144,9 +184,48 @@ impl Lab {
             "eth0",
             "onlink",
         ])?;
+        if let Some(ipv6) = ipv6 {
+            self.node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{GATEWAY_V6}/64"),
+                "dev",
+                &host_interface,
+                "nodad",
+            ])?;
+            self.node.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{ipv6}/128"),
+                "dev",
+                &host_interface,
+            ])?;
+            netns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ipv6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            netns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &GATEWAY_V6.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+        }
         let pod = Pod {
             name: name.to_owned(),
             ip,
+            ipv6,
             host_interface,
             netns,
         };
@@ -177,6 +256,20 @@ impl Lab {
     pub fn serve(&mut self, pod: &str, port: u16) -> Result<()> {
         let pod = self.pod(pod);
         let server = EchoServer::start(&pod.netns, &pod.name, SocketAddrV4::new(pod.ip, port))?;
+        self.servers.push(server);
+        Ok(())
+    }
+
+    /// Starts TCP and UDP echo servers on `port` of the pod's IPv6 address.
+    ///
+    /// # Errors
+    /// When the pod has none, or binding fails.
+    pub fn serve_v6(&mut self, pod: &str, port: u16) -> Result<()> {
+        let pod = self.pod(pod);
+        let Some(ipv6) = pod.ipv6 else {
+            bail!("pod {} has no IPv6 address", pod.name);
+        };
+        let server = EchoServer::start(&pod.netns, &pod.name, SocketAddrV6::new(ipv6, port, 0, 0))?;
         self.servers.push(server);
         Ok(())
     }

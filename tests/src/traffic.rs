@@ -56,11 +56,13 @@ pub struct EchoServer {
 const POLL: Duration = Duration::from_millis(5);
 
 impl EchoServer {
-    /// Starts TCP and UDP servers named `name` on `addr` inside `netns`.
+    /// Starts TCP and UDP servers named `name` on `addr` (either family) inside
+    /// `netns`.
     ///
     /// # Errors
     /// When binding fails.
-    pub fn start(netns: &Netns, name: &str, addr: SocketAddrV4) -> Result<Self> {
+    pub fn start(netns: &Netns, name: &str, addr: impl Into<SocketAddr>) -> Result<Self> {
+        let addr: SocketAddr = addr.into();
         let stop = Arc::new(AtomicBool::new(false));
         let (tcp, udp) = netns.run(|| {
             let tcp = TcpListener::bind(addr).with_context(|| format!("binding tcp {addr}"))?;
@@ -178,8 +180,9 @@ pub fn io_error_kind(error: &anyhow::Error) -> std::io::ErrorKind {
 ///
 /// # Errors
 /// When the connection is refused, times out, or the answer is malformed.
-pub fn tcp_request(dst: SocketAddrV4, timeout: Duration) -> Result<Answer> {
-    let mut stream = TcpStream::connect_timeout(&dst.into(), timeout)
+pub fn tcp_request(dst: impl Into<SocketAddr>, timeout: Duration) -> Result<Answer> {
+    let dst: SocketAddr = dst.into();
+    let mut stream = TcpStream::connect_timeout(&dst, timeout)
         .with_context(|| format!("connecting to {dst}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"hello\n")?;
@@ -195,8 +198,14 @@ pub fn tcp_request(dst: SocketAddrV4, timeout: Duration) -> Result<Answer> {
 ///
 /// # Errors
 /// When no answer arrives in time.
-pub fn udp_request(dst: SocketAddrV4, timeout: Duration) -> Result<(Answer, SocketAddr)> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+pub fn udp_request(dst: impl Into<SocketAddr>, timeout: Duration) -> Result<(Answer, SocketAddr)> {
+    let dst: SocketAddr = dst.into();
+    // A socket of the destination's family.
+    let socket = if dst.is_ipv4() {
+        UdpSocket::bind("0.0.0.0:0")?
+    } else {
+        UdpSocket::bind("[::]:0")?
+    };
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello\n", dst)?;
     let mut buf = [0u8; 1500];

@@ -1,0 +1,335 @@
+//! IPv6 and dual stack end to end on the TC path: real TCP and UDP sockets in pod
+//! namespaces with IPv6 addresses, the agent in the node namespace (IPv6 forwarding on
+//! there only) reading manifests with IPv6 and dual-stack Services, an outside client
+//! behind the node's external interface for NodePorts. `--socket-lb off`: every
+//! connection takes the TC path (the socket hooks are IPv4-only for now).
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    time::Duration,
+};
+
+use anyhow::Result;
+use kpr_lab::{
+    lab::Lab,
+    netns::Netns,
+    traffic::{io_error_kind, tcp_request, udp_request},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
+/// The IPv6-only Service `six`: ClusterIP, NodePorts 30080/TCP and 30053/UDP.
+const SIX_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// The dual-stack Service `dual` (RequireDualStack).
+const DUAL_VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const DUAL_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+/// `pref`: PreferDualStack with IPv4 endpoints only.
+const PREF_VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const PREF_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30);
+/// `empty`: IPv6-only, no endpoints.
+const EMPTY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40);
+/// The node's address on its external interface, and the outside client's.
+const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 1);
+const OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 0x100);
+
+fn pod_v6(host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, host)
+}
+
+fn v6(ip: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0))
+}
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+fn slice(service: &str, family: &str, addresses: &[String]) -> String {
+    let endpoints: String = addresses
+        .iter()
+        .map(|address| {
+            format!("  - addresses: ['{address}']\n    nodeName: node-a\n    conditions: {{ready: true}}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-{family}
+  namespace: demo
+  labels: {{kubernetes.io/service-name: {service}}}
+addressType: {family}
+ports:
+  - {{name: http, port: 8080, protocol: TCP}}
+  - {{name: dns, port: 8080, protocol: UDP}}
+endpoints:
+{endpoints}"
+    )
+}
+
+fn manifests() -> String {
+    let web: Vec<String> = (0..3).map(|i| pod_v6(0x11 + i).to_string()).collect();
+    [
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: six, namespace: demo}}
+spec:
+  type: NodePort
+  clusterIP: '{SIX_VIP}'
+  clusterIPs: ['{SIX_VIP}']
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}}
+"
+        ),
+        slice("six", "IPv6", &web),
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: dual, namespace: demo}}
+spec:
+  clusterIP: {DUAL_VIP_V4}
+  clusterIPs: [{DUAL_VIP_V4}, '{DUAL_VIP_V6}']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
+"
+        ),
+        slice("dual", "IPv4", &["10.244.1.21".into()]),
+        slice("dual", "IPv6", &[pod_v6(0x21).to_string()]),
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: pref, namespace: demo}}
+spec:
+  clusterIP: {PREF_VIP_V4}
+  clusterIPs: [{PREF_VIP_V4}, '{PREF_VIP_V6}']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
+"
+        ),
+        slice("pref", "IPv4", &["10.244.1.31".into()]),
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: demo}}
+spec:
+  clusterIP: '{EMPTY_VIP}'
+  clusterIPs: ['{EMPTY_VIP}']
+  ipFamilies: [IPv6]
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
+"
+        ),
+    ]
+    .join("---\n")
+}
+
+/// A dual-stack lab node with its pods serving, an outside namespace on the node's
+/// external interface `ext0`, and the agent running.
+struct Ipv6Lab {
+    lab: Lab,
+    /// The outside client, behind `ext0`; removed with the lab (its veth goes with it).
+    outside: Netns,
+}
+
+fn ipv6_lab() -> Result<Ipv6Lab> {
+    let mut lab = Lab::new()?;
+    lab.enable_ipv6()?;
+    lab.add_dual_pod("client", CLIENT_V4, Some(CLIENT_V6))?;
+    for i in 0..3u8 {
+        let name = format!("web-{i}");
+        lab.add_dual_pod(
+            &name,
+            Ipv4Addr::new(10, 244, 1, 11 + i),
+            Some(pod_v6(0x11 + u16::from(i))),
+        )?;
+        lab.serve_v6(&name, 8080)?;
+    }
+    // Both families served on both pods: what a pod that answers proves is the
+    // datapath's choice, never a missing server.
+    for (name, v4_host, host) in [("dual-0", 21, 0x21), ("pref-0", 31, 0x31)] {
+        lab.add_dual_pod(name, Ipv4Addr::new(10, 244, 1, v4_host), Some(pod_v6(host)))?;
+        lab.serve(name, 8080)?;
+        lab.serve_v6(name, 8080)?;
+    }
+    let outside = Netns::create(&format!("{}-out", lab.prefix))?;
+    outside.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    outside.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    lab.node.ip(&[
+        "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns",
+        outside.name(),
+    ])?;
+    lab.node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{NODE_V6}/64"),
+        "dev",
+        "ext0",
+        "nodad",
+    ])?;
+    lab.node.ip(&["link", "set", "ext0", "up"])?;
+    outside.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{OUTSIDE_V6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    outside.ip(&["link", "set", "eth0", "up"])?;
+    lab.write_manifest("services.yaml", &manifests())?;
+    lab.start_agent(&[
+        "--node-interfaces",
+        "ext0",
+        "--socket-lb",
+        "off",
+        "--cluster-cidr",
+        "10.244.0.0/16,fd00:10:244::/56",
+    ])?;
+    lab.wait_attached()?;
+    Ok(Ipv6Lab { lab, outside })
+}
+
+fn is_refused(error: &anyhow::Error) -> bool {
+    io_error_kind(error) == std::io::ErrorKind::ConnectionRefused
+}
+
+#[test]
+fn an_ipv6_cluster_ip_spreads_tcp_and_udp_from_a_pod_over_every_backend() {
+    let lab = ipv6_lab().expect("lab");
+    let client = &lab.lab.pod("client").netns;
+    let answers = client
+        .run(|| {
+            (0..90)
+                .map(|_| tcp_request(v6(SIX_VIP, 80), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("90 connections to the IPv6 ClusterIP");
+    let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
+    for answer in &answers {
+        *per_backend.entry(answer.server.clone()).or_default() += 1;
+        // The backend sees the client pod's own IPv6 address.
+        assert_eq!(answer.seen_client.ip(), IpAddr::V6(CLIENT_V6), "{answer:?}");
+    }
+    eprintln!("IPv6 connections per backend: {per_backend:?}");
+    assert_eq!(
+        per_backend.keys().cloned().collect::<Vec<_>>(),
+        ["web-0", "web-1", "web-2"]
+    );
+    assert!(
+        per_backend.values().all(|count| *count >= 10),
+        "{per_backend:?}"
+    );
+    let replies = client
+        .run(|| {
+            (0..30)
+                .map(|_| udp_request(v6(SIX_VIP, 53), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("UDP answers through the IPv6 ClusterIP");
+    for (answer, from) in &replies {
+        // The reply comes from the ClusterIP: it was translated back.
+        assert_eq!(*from, v6(SIX_VIP, 53));
+        assert_eq!(answer.seen_client.ip(), IpAddr::V6(CLIENT_V6));
+    }
+    // The agent reports what it programmed in the IPv6 maps.
+    let entries = lab
+        .lab
+        .metric("kpr_map_entries{map=\"SVC_V6_V1\"}")
+        .expect("metrics")
+        .expect("an IPv6 service map fill");
+    // six: 2 ClusterIP + 2 NodePort frontends of 3 slots; dual, pref, empty: 1 + n.
+    assert!(entries >= 16.0, "SVC_V6_V1 holds {entries}");
+}
+
+#[test]
+fn an_ipv6_node_port_answers_a_client_outside_the_node() {
+    let lab = ipv6_lab().expect("lab");
+    let answers = lab
+        .outside
+        .run(|| {
+            (0..30)
+                .map(|_| tcp_request(v6(NODE_V6, 30080), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("TCP through the IPv6 NodePort");
+    let servers: std::collections::BTreeSet<&str> =
+        answers.iter().map(|answer| answer.server.as_str()).collect();
+    assert!(
+        servers.iter().all(|server| server.starts_with("web-")) && servers.len() >= 2,
+        "{servers:?}"
+    );
+    let (answer, from) = lab
+        .outside
+        .run(|| udp_request(v6(NODE_V6, 30053), TIMEOUT))
+        .expect("UDP through the IPv6 NodePort");
+    assert_eq!(from, v6(NODE_V6, 30053), "the reply comes from the NodePort");
+    assert!(answer.server.starts_with("web-"), "{answer:?}");
+}
+
+#[test]
+fn a_dual_stack_service_answers_on_both_cluster_ips_from_one_client() {
+    let lab = ipv6_lab().expect("lab");
+    let client = &lab.lab.pod("client").netns;
+    let (over_v4, over_v6) = client
+        .run(|| {
+            Ok((
+                tcp_request(v4(DUAL_VIP_V4, 80), TIMEOUT)?,
+                tcp_request(v6(DUAL_VIP_V6, 80), TIMEOUT)?,
+            ))
+        })
+        .expect("both clusterIPs answer");
+    // Each family's frontend goes to that family's endpoint of the same pod.
+    assert_eq!(over_v4.server, "dual-0");
+    assert_eq!(over_v4.seen_client.ip(), IpAddr::V4(CLIENT_V4));
+    assert_eq!(over_v6.server, "dual-0");
+    assert_eq!(over_v6.seen_client.ip(), IpAddr::V6(CLIENT_V6));
+}
+
+#[test]
+fn prefer_dual_stack_with_ipv4_endpoints_only_serves_ipv4_and_refuses_ipv6() {
+    let lab = ipv6_lab().expect("lab");
+    let client = &lab.lab.pod("client").netns;
+    let answer = client
+        .run(|| tcp_request(v4(PREF_VIP_V4, 80), TIMEOUT))
+        .expect("the IPv4 clusterIP serves its IPv4 endpoint");
+    assert_eq!(answer.server, "pref-0");
+    // The pod serves IPv6 too, but no IPv6 slice names it: its IPv6 frontend has no
+    // endpoints and rejects (ICMPv6 port unreachable), as kube-proxy's IPv6 proxier.
+    let error = client
+        .run(|| Ok(tcp_request(v6(PREF_VIP_V6, 80), TIMEOUT)))
+        .expect("run")
+        .expect_err("the IPv6 clusterIP has no endpoints");
+    assert!(is_refused(&error), "expected connection refused, got {error:#}");
+}
+
+#[test]
+fn an_ipv6_service_without_endpoints_refuses_and_the_ipv6_pins_go_with_the_agent() {
+    let mut lab = ipv6_lab().expect("lab");
+    let error = lab
+        .lab
+        .pod("client")
+        .netns
+        .run(|| Ok(tcp_request(v6(EMPTY_VIP, 80), TIMEOUT)))
+        .expect("run")
+        .expect_err("nobody serves this service");
+    assert!(is_refused(&error), "expected connection refused, got {error:#}");
+    let pins = lab.lab.pin_dir();
+    for map in ["SVC_V6_V1", "BACKEND_V6_V1", "FE_ADDR_V6_V1", "CONFIG_V6_V1"] {
+        assert!(pins.join(map).exists(), "{map} is pinned while the agent runs");
+    }
+    lab.lab.stop_agent().expect("stop");
+    lab.lab.wait_detached_and_unpinned().expect("unpinned");
+    assert!(!pins.join("SVC_V6_V1").exists());
+}
