@@ -1163,7 +1163,12 @@ impl Agent {
             .v4
             .frontends
             .values()
-            .map(|spec| (self.syncer.service_id(&spec.service_port), &spec.service_port))
+            .map(|spec| {
+                (
+                    self.syncer.service_id(&spec.service_port),
+                    &spec.service_port,
+                )
+            })
             .chain(desired.v6.frontends.values().map(|spec| {
                 (
                     self.syncer6.service_id(&spec.service_port),

@@ -151,7 +151,9 @@ impl Family for Ipv4Addr {
     }
 
     fn masked(self, len: u8) -> Self {
-        let mask = u32::MAX.checked_shl(32 - u32::from(len.min(32))).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(len.min(32)))
+            .unwrap_or(0);
         Ipv4Addr::from(u32::from(self) & mask)
     }
 

@@ -1330,7 +1330,12 @@ impl DatapathHarness {
         for key in keys {
             let _ = maps.affinity.remove(&key);
         }
-        let keys: Vec<_> = maps.v4.source_ranges.keys().filter_map(Result::ok).collect();
+        let keys: Vec<_> = maps
+            .v4
+            .source_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
         for key in keys {
             let _ = maps.v4.source_ranges.remove(&key);
         }
@@ -1371,24 +1376,24 @@ impl DatapathHarness {
         self.datapath.maps.set_config(&node.config())?;
         let desired = Desired {
             v4: proxy_userspace::model::FamilyDesired {
-            frontends: frontends
-                .iter()
-                .map(|(key, spec)| (*key, std::sync::Arc::new(spec.clone())))
-                .collect(),
-            local_endpoints: node.local_backends.iter().copied().collect(),
-            source_ranges: if node.source_ranges.is_empty() {
-                std::collections::BTreeMap::new()
-            } else {
-                frontends
+                frontends: frontends
                     .iter()
-                    .map(|(_, spec)| {
-                        (
-                            spec.service_port.clone(),
-                            node.source_ranges.iter().copied().collect(),
-                        )
-                    })
-                    .collect()
-            },
+                    .map(|(key, spec)| (*key, std::sync::Arc::new(spec.clone())))
+                    .collect(),
+                local_endpoints: node.local_backends.iter().copied().collect(),
+                source_ranges: if node.source_ranges.is_empty() {
+                    std::collections::BTreeMap::new()
+                } else {
+                    frontends
+                        .iter()
+                        .map(|(_, spec)| {
+                            (
+                                spec.service_port.clone(),
+                                node.source_ranges.iter().copied().collect(),
+                            )
+                        })
+                        .collect()
+                },
             },
             ..Desired::default()
         };

@@ -139,7 +139,12 @@ impl Lab {
     ///
     /// # Errors
     /// When a command fails, or IPv6 was not enabled.
-    pub fn add_dual_pod(&mut self, name: &str, ip: Ipv4Addr, ipv6: Option<Ipv6Addr>) -> Result<&Pod> {
+    pub fn add_dual_pod(
+        &mut self,
+        name: &str,
+        ip: Ipv4Addr,
+        ipv6: Option<Ipv6Addr>,
+    ) -> Result<&Pod> {
         if ipv6.is_some() && !self.ipv6 {
             bail!("IPv6 pod {name} in a lab without IPv6 (Lab::enable_ipv6)");
         }

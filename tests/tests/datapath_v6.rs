@@ -228,7 +228,10 @@ fn raw_map(harness: &mut DatapathHarness, name: &str) -> aya::maps::Map {
     aya::maps::Map::from_map_data(data).unwrap_or_else(|error| panic!("{name}: {error}"))
 }
 
-fn map<K: aya::Pod, V: aya::Pod>(harness: &mut DatapathHarness, name: &str) -> HashMap<MapData, K, V> {
+fn map<K: aya::Pod, V: aya::Pod>(
+    harness: &mut DatapathHarness,
+    name: &str,
+) -> HashMap<MapData, K, V> {
     HashMap::try_from(raw_map(harness, name)).unwrap_or_else(|error| panic!("{name}: {error}"))
 }
 

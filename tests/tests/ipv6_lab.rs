@@ -165,7 +165,15 @@ fn ipv6_lab() -> Result<Ipv6Lab> {
     outside.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
     outside.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
     lab.node.ip(&[
-        "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns",
+        "link",
+        "add",
+        "ext0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
         outside.name(),
     ])?;
     lab.node.ip(&[
@@ -264,8 +272,10 @@ fn an_ipv6_node_port_answers_a_client_outside_the_node() {
                 .collect::<Result<Vec<_>>>()
         })
         .expect("TCP through the IPv6 NodePort");
-    let servers: std::collections::BTreeSet<&str> =
-        answers.iter().map(|answer| answer.server.as_str()).collect();
+    let servers: std::collections::BTreeSet<&str> = answers
+        .iter()
+        .map(|answer| answer.server.as_str())
+        .collect();
     assert!(
         servers.iter().all(|server| server.starts_with("web-")) && servers.len() >= 2,
         "{servers:?}"
@@ -274,7 +284,11 @@ fn an_ipv6_node_port_answers_a_client_outside_the_node() {
         .outside
         .run(|| udp_request(v6(NODE_V6, 30053), TIMEOUT))
         .expect("UDP through the IPv6 NodePort");
-    assert_eq!(from, v6(NODE_V6, 30053), "the reply comes from the NodePort");
+    assert_eq!(
+        from,
+        v6(NODE_V6, 30053),
+        "the reply comes from the NodePort"
+    );
     assert!(answer.server.starts_with("web-"), "{answer:?}");
 }
 
@@ -311,7 +325,10 @@ fn prefer_dual_stack_with_ipv4_endpoints_only_serves_ipv4_and_refuses_ipv6() {
         .run(|| Ok(tcp_request(v6(PREF_VIP_V6, 80), TIMEOUT)))
         .expect("run")
         .expect_err("the IPv6 clusterIP has no endpoints");
-    assert!(is_refused(&error), "expected connection refused, got {error:#}");
+    assert!(
+        is_refused(&error),
+        "expected connection refused, got {error:#}"
+    );
 }
 
 #[test]
@@ -324,10 +341,21 @@ fn an_ipv6_service_without_endpoints_refuses_and_the_ipv6_pins_go_with_the_agent
         .run(|| Ok(tcp_request(v6(EMPTY_VIP, 80), TIMEOUT)))
         .expect("run")
         .expect_err("nobody serves this service");
-    assert!(is_refused(&error), "expected connection refused, got {error:#}");
+    assert!(
+        is_refused(&error),
+        "expected connection refused, got {error:#}"
+    );
     let pins = lab.lab.pin_dir();
-    for map in ["SVC_V6_V1", "BACKEND_V6_V1", "FE_ADDR_V6_V1", "CONFIG_V6_V1"] {
-        assert!(pins.join(map).exists(), "{map} is pinned while the agent runs");
+    for map in [
+        "SVC_V6_V1",
+        "BACKEND_V6_V1",
+        "FE_ADDR_V6_V1",
+        "CONFIG_V6_V1",
+    ] {
+        assert!(
+            pins.join(map).exists(),
+            "{map} is pinned while the agent runs"
+        );
     }
     lab.lab.stop_agent().expect("stop");
     lab.lab.wait_detached_and_unpinned().expect("unpinned");

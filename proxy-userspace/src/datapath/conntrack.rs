@@ -206,13 +206,8 @@ pub fn collect_expired_in<L: CtLayout>(
     keep_going: &dyn Fn() -> bool,
 ) -> Result<GcReport> {
     let (live, removed) = collect_table::<L>(conntrack, L::CONNTRACK, config, now_ns, keep_going)?;
-    let (live_new, removed_new) = collect_table::<L>(
-        conntrack_new,
-        L::CONNTRACK_NEW,
-        config,
-        now_ns,
-        keep_going,
-    )?;
+    let (live_new, removed_new) =
+        collect_table::<L>(conntrack_new, L::CONNTRACK_NEW, config, now_ns, keep_going)?;
     Ok(GcReport {
         live,
         live_new,
@@ -306,6 +301,9 @@ pub fn forget_backends_in<L: CtLayout>(
 
 /// How many entries the affinity table holds (a walk; stops early once `keep_going`
 /// says no).
-pub fn count_affinities<L: CtLayout>(affinity: &AffinityTable<L>, keep_going: &dyn Fn() -> bool) -> usize {
+pub fn count_affinities<L: CtLayout>(
+    affinity: &AffinityTable<L>,
+    keep_going: &dyn Fn() -> bool,
+) -> usize {
     affinity.keys().take_while(|_| keep_going()).count()
 }

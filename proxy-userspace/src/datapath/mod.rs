@@ -22,9 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    counter, names, AffinityKeyV4, AffinityValueV4, AffinityKeyV6, CtEntryV4, CtEntryV6, CtKeyV4,
-    CtKeyV6, DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, NodeConfigV6,
-    ServiceValueV4,
+    counter, names, AffinityKeyV4, AffinityKeyV6, AffinityValueV4, CtEntryV4, CtEntryV6, CtKeyV4,
+    CtKeyV6, DatapathConfig, FragKeyV4, FragValueV4, FrontendAddrV4, NodeConfigV6, ServiceValueV4,
 };
 
 use crate::{
@@ -454,7 +453,12 @@ impl MirrorReader {
     ///
     /// # Errors
     /// When a map cannot be read.
-    pub fn read_v6(&self) -> Result<(Mirror<std::net::Ipv6Addr>, FrontendAddrs<std::net::Ipv6Addr>)> {
+    pub fn read_v6(
+        &self,
+    ) -> Result<(
+        Mirror<std::net::Ipv6Addr>,
+        FrontendAddrs<std::net::Ipv6Addr>,
+    )> {
         Ok((self.v6.read_mirror()?, self.v6.read_frontend_addrs()?))
     }
 }
@@ -812,10 +816,12 @@ impl Maps {
     /// # Errors
     /// When the kernel refuses the write.
     pub fn set_config_v6(&mut self, config: &NodeConfigV6) -> Result<()> {
-        self.config_v6.set(0, config, 0).map_err(|source| Error::Map {
-            name: names::CONFIG_V6,
-            source,
-        })
+        self.config_v6
+            .set(0, config, 0)
+            .map_err(|source| Error::Map {
+                name: names::CONFIG_V6,
+                source,
+            })
     }
 
     /// Writes the service CIDR (length 0: none, nothing is dropped).

@@ -101,7 +101,9 @@ pub fn decide(
     let mut node_port_addresses: Vec<Ipv4Addr> = addresses
         .iter()
         .map(|(_, addr)| *addr)
-        .filter(|addr| v4_filters.is_empty() || v4_filters.iter().any(|f| f.admits(*addr, snat_addr)))
+        .filter(|addr| {
+            v4_filters.is_empty() || v4_filters.iter().any(|f| f.admits(*addr, snat_addr))
+        })
         .collect();
     node_port_addresses.sort_unstable();
     node_port_addresses.dedup();

@@ -73,7 +73,11 @@ enum Topology {
     SameZone,
 }
 
-fn topology_from_hints<F: Family>(endpoints: &[Endpoint<F>], node_name: &str, zone: &str) -> Topology {
+fn topology_from_hints<F: Family>(
+    endpoints: &[Endpoint<F>],
+    node_name: &str,
+    zone: &str,
+) -> Topology {
     let ready: Vec<&Endpoint<F>> = endpoints.iter().filter(|ep| ep.ready).collect();
     if ready.is_empty() {
         return Topology::None;
@@ -89,7 +93,12 @@ fn topology_from_hints<F: Family>(endpoints: &[Endpoint<F>], node_name: &str, zo
     Topology::None
 }
 
-fn available_for_topology<F: Family>(ep: &Endpoint<F>, topology: Topology, node_name: &str, zone: &str) -> bool {
+fn available_for_topology<F: Family>(
+    ep: &Endpoint<F>,
+    topology: Topology,
+    node_name: &str,
+    zone: &str,
+) -> bool {
     match topology {
         Topology::None => true,
         Topology::SameNode => ep.node_hints.contains(node_name),

@@ -519,9 +519,7 @@ impl<F: OutputFamily> FamilyIndex<F> {
             desired.frontends.insert(key, spec);
         }
         let port = before.map(|before| before.service_port.clone());
-        F::changed_frontends_mut(changes)
-            .entry(key)
-            .or_insert(port);
+        F::changed_frontends_mut(changes).entry(key).or_insert(port);
     }
 
     fn index_backends(&mut self, key: &FrontendKey<F>, spec: &FrontendSpec<F>, add: bool) {

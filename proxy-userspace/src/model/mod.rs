@@ -18,6 +18,7 @@ pub use endpoints::{categorize, Categorized, Endpoint, Policies};
 pub use incremental::{IncrementalModel, ModelChanges};
 use proxy_common::{proto, scope, service_flags};
 
+pub use crate::state::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 use crate::{
     family::{is_v4_mapped, Family},
     state::{
@@ -25,7 +26,6 @@ use crate::{
         ServiceSpecInfo, SliceInfo,
     },
 };
-pub use crate::state::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 /// Node label with the topology zone.
 pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 /// sessionAffinityConfig.clientIP.timeoutSeconds default and maximum.
@@ -469,7 +469,10 @@ impl ServiceContext<'_> {
             &spec.cluster_ips
         };
         for (index, field) in listed.iter().enumerate() {
-            let Some(&ip) = self.ip_list(out, "clusterIP", std::iter::once(field)).first() else {
+            let Some(&ip) = self
+                .ip_list(out, "clusterIP", std::iter::once(field))
+                .first()
+            else {
                 continue;
             };
             if let Some(family) = spec.ip_families.get(index) {
@@ -548,9 +551,14 @@ impl ServiceContext<'_> {
                 .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
                 .map(|ingress| &ingress.ip);
             let ips = self.ip_list(out, "loadBalancer ingress IP", ips);
-            self.split(out, "loadBalancer ingress IP", ips, false, &mut addresses, |to| {
-                (&mut to.v4.load_balancer_ips, &mut to.v6.load_balancer_ips)
-            });
+            self.split(
+                out,
+                "loadBalancer ingress IP",
+                ips,
+                false,
+                &mut addresses,
+                |to| (&mut to.v4.load_balancer_ips, &mut to.v6.load_balancer_ips),
+            );
         }
         // Only ranges of a family restrict that family's traffic; with none valid,
         // kube-proxy (per IP family) installs no filter, and neither do we.

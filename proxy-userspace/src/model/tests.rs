@@ -1741,7 +1741,8 @@ fn malformed_objects_do_not_disturb_others() {
     let (desired, diagnostics) = run(&docs(&parts), &settings(None));
     assert!(!diagnostics.is_empty());
     let web = desired
-        .v4.frontends
+        .v4
+        .frontends
         .iter()
         .find(|(_, spec)| spec.service_port.service.name.as_ref() == "web")
         .map(|(key, spec)| render(key, spec));
@@ -1757,7 +1758,12 @@ fn default_settings_open_no_node_ports() {
     );
     let (desired, diagnostics) = run(&yaml, &ModelSettings::default());
     assert!(diagnostics.is_empty(), "{diagnostics:?}");
-    let kinds: Vec<FrontendKind> = desired.v4.frontends.values().map(|spec| spec.kind).collect();
+    let kinds: Vec<FrontendKind> = desired
+        .v4
+        .frontends
+        .values()
+        .map(|spec| spec.kind)
+        .collect();
     assert_eq!(kinds, [FrontendKind::ClusterIp]);
 }
 
@@ -1785,7 +1791,8 @@ fn serving_unset_counts_as_serving() {
     ]);
     let (desired, _) = run(&yaml, &settings(None));
     let lines: Vec<String> = desired
-        .v4.frontends
+        .v4
+        .frontends
         .iter()
         .map(|(k, s)| render(k, s))
         .collect();
@@ -1810,7 +1817,8 @@ fn duplicate_endpoint_prefers_the_non_terminating_one() {
     ]);
     let (desired, _) = run(&yaml, &settings(None));
     let lines: Vec<String> = desired
-        .v4.frontends
+        .v4
+        .frontends
         .iter()
         .map(|(k, s)| render(k, s))
         .collect();
@@ -2185,7 +2193,8 @@ fn a_service_port_with_more_endpoints_than_a_frontend_holds_serves_as_many_as_fi
     addresses.retain(|address| address != leaving.ip());
     let second = desired(&web_with_endpoints(&addresses), &settings);
     let after: BTreeSet<SocketAddrV4> = second
-        .v4.frontends
+        .v4
+        .frontends
         .values()
         .flat_map(|spec| spec.backends.iter().copied())
         .collect();
@@ -2211,7 +2220,11 @@ fn choose_backends_is_a_stable_subset_that_differs_between_services() {
     let web = choose_backends::<Ipv4Addr>(&name("web"), &backends, 5);
     assert_eq!(web.len(), 5);
     assert!(web.is_sorted() && web.iter().all(|b| backends.contains(b)));
-    assert_eq!(choose_backends::<Ipv4Addr>(&name("web"), &backends, 5), web, "stable");
+    assert_eq!(
+        choose_backends::<Ipv4Addr>(&name("web"), &backends, 5),
+        web,
+        "stable"
+    );
     assert_ne!(
         choose_backends::<Ipv4Addr>(&name("api"), &backends, 5),
         web,

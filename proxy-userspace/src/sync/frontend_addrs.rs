@@ -41,10 +41,7 @@ pub trait AddrWriter<F: Family = Ipv4Addr> {
     /// Sets the kinds of each address in order, stopping at the first write the
     /// kernel refuses: how many were written, and why the next was not. The maps do
     /// it in one call (a first pass at 50 000 services sets 50 000 addresses).
-    fn put_frontend_addrs(
-        &mut self,
-        entries: &[(F, FrontendAddrV4)],
-    ) -> (usize, Option<String>) {
+    fn put_frontend_addrs(&mut self, entries: &[(F, FrontendAddrV4)]) -> (usize, Option<String>) {
         for (done, (addr, value)) in entries.iter().enumerate() {
             if let Err(message) = self.put_frontend_addr(*addr, *value) {
                 return (done, Some(message));

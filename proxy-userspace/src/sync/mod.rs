@@ -182,7 +182,9 @@ impl<F: Family> Mirror<F> {
 
     /// Frontend entries (slot 0).
     fn frontends(&self) -> impl Iterator<Item = (&F::ServiceKey, &ServiceValueV4)> {
-        self.services.iter().filter(|(key, _)| F::key_slot(key) == 0)
+        self.services
+            .iter()
+            .filter(|(key, _)| F::key_slot(key) == 0)
     }
 
     /// `(service id, backend id)` pairs a packet can reach: the slots `1..=count` of
@@ -212,11 +214,7 @@ pub fn service_key<F: Family>(frontend: &FrontendKey<F>, slot: u16) -> F::Servic
 /// The map value of a backend; `local`: the endpoint runs on this node.
 #[must_use]
 pub fn backend_value<F: Family>(addr: F::Socket, proto: u8, local: bool) -> F::Backend {
-    F::backend(
-        &addr,
-        proto,
-        if local { backend_flags::LOCAL } else { 0 },
-    )
+    F::backend(&addr, proto, if local { backend_flags::LOCAL } else { 0 })
 }
 
 /// A frontend the kernel refused to take (fully or partly).
@@ -631,10 +629,7 @@ impl<F: Family> Syncer<F> {
     }
 
     /// The source range entries the maps hold for one service id.
-    fn held_source_ranges(
-        &self,
-        service_id: u32,
-    ) -> impl Iterator<Item = SourceRangeKey<F>> + '_ {
+    fn held_source_ranges(&self, service_id: u32) -> impl Iterator<Item = SourceRangeKey<F>> + '_ {
         let first = SourceRangeKey {
             service_id,
             addr: F::unspecified(),

@@ -1485,12 +1485,14 @@ fn passes_that_look_only_at_what_changed_leave_what_a_full_walk_and_a_fresh_buil
 /// whose source ranges differ.
 fn changes_between(before: &Desired, after: &Desired) -> ModelChanges {
     let moved_locality: BTreeSet<Ipv4Addr> = before
-        .v4.local_endpoints
+        .v4
+        .local_endpoints
         .symmetric_difference(&after.v4.local_endpoints)
         .copied()
         .collect();
     let keys: BTreeSet<&FrontendKey> = before
-        .v4.frontends
+        .v4
+        .frontends
         .keys()
         .chain(after.v4.frontends.keys())
         .collect();
@@ -1509,14 +1511,16 @@ fn changes_between(before: &Desired, after: &Desired) -> ModelChanges {
             (
                 *key,
                 before
-                    .v4.frontends
+                    .v4
+                    .frontends
                     .get(key)
                     .map(|spec| spec.service_port.clone()),
             )
         })
         .collect();
     let names: BTreeSet<&ServicePortName> = before
-        .v4.source_ranges
+        .v4
+        .source_ranges
         .keys()
         .chain(after.v4.source_ranges.keys())
         .collect();
@@ -1623,10 +1627,7 @@ fn v6_desired(backends: &[u16], ranges: &[(&str, u8)]) -> Desired {
         affinity_timeout_s: 0,
     };
     let mut desired = desired(&[fe("web", 10, &[1])]);
-    desired
-        .v6
-        .frontends
-        .insert(key, std::sync::Arc::new(spec));
+    desired.v6.frontends.insert(key, std::sync::Arc::new(spec));
     if !ranges.is_empty() {
         desired.v6.source_ranges.insert(
             service_port,
@@ -1645,8 +1646,14 @@ fn ipv6_frontends_are_written_to_their_own_maps_in_the_same_order() {
     let mut maps = FakeMapsV6::default();
     let desired = v6_desired(&[1, 2], &[("2001:db8::", 48)]);
     let report = v6.sync(&desired, &mut maps);
-    assert!(report.complete() && report.failures.is_empty(), "{report:?}");
-    assert_eq!(report.frontends_written, 1, "the IPv4 frontend is not this syncer's");
+    assert!(
+        report.complete() && report.failures.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.frontends_written, 1,
+        "the IPv4 frontend is not this syncer's"
+    );
     // The range first, then backends, slots, and the frontend last.
     let kinds: Vec<&str> = maps
         .log
@@ -1659,7 +1666,10 @@ fn ipv6_frontends_are_written_to_their_own_maps_in_the_same_order() {
             _ => "delete",
         })
         .collect();
-    assert_eq!(kinds, ["range", "backend", "backend", "slot", "slot", "frontend"]);
+    assert_eq!(
+        kinds,
+        ["range", "backend", "backend", "slot", "slot", "frontend"]
+    );
     let (head_key, head) = maps.mirror.frontends().next().expect("one frontend");
     assert_eq!(
         head_key.addr,
@@ -1701,10 +1711,9 @@ fn an_ipv6_change_is_synced_incrementally() {
     let after = v6_desired(&[1, 3], &[]);
     let key = *after.v6.frontends.keys().next().expect("one");
     let mut changes = ModelChanges::default();
-    changes.frontends_v6.insert(
-        key,
-        Some(after.v6.frontends[&key].service_port.clone()),
-    );
+    changes
+        .frontends_v6
+        .insert(key, Some(after.v6.frontends[&key].service_port.clone()));
     maps.log.clear();
     v6.sync_changes(&after, &changes, &mut maps);
     // One new backend, its slot, the raised count: nothing else looked at or written.

@@ -55,10 +55,7 @@ fn random_service(rng: &mut Rng, name: &str) -> Service {
             "nodePort": rng.pick(&NODE_PORTS)}));
     }
     let (families, cluster_ips) = match rng.below(4) {
-        0 => (
-            json!(["IPv6"]),
-            json!([rng.pick(&CLUSTER_IPS_V6)]),
-        ),
+        0 => (json!(["IPv6"]), json!([rng.pick(&CLUSTER_IPS_V6)])),
         1 => (
             json!(["IPv4", "IPv6"]),
             json!([rng.pick(&CLUSTER_IPS), rng.pick(&CLUSTER_IPS_V6)]),
