@@ -189,10 +189,6 @@ fn reap(
 }
 
 /// One family's reaping pass and fill (both conntrack tables, the affinity map).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one family's tables and their capacities, beside what every pass shares"
-)]
 fn reap_family<L: conntrack::CtLayout>(
     [table, table_new]: [&mut HashMap<MapData, L::Key, L::Entry>; 2],
     affinity: &HashMap<MapData, L::AffinityKey, proxy_common::AffinityValueV4>,

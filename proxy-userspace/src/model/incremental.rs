@@ -99,6 +99,9 @@ struct ServiceEntry {
 /// loadBalancerSourceRanges of one service port: (address, prefix length).
 type SourceRanges<F> = BTreeSet<(F, u8)>;
 
+/// A frontend and its shared spec.
+type KeyedSpec<F> = (FrontendKey<F>, Arc<FrontendSpec<F>>);
+
 /// What one service asks for in one family before conflicts with other services:
 /// frontends (with cluster-internal twins), local endpoints, source ranges, and its
 /// claim on each frontend of default scope. Sorted slices: a service has a handful of
@@ -106,7 +109,7 @@ type SourceRanges<F> = BTreeSet<(F, u8)>;
 /// services (a map node holds eleven entries, however few it has).
 #[derive(Debug)]
 struct FamilyOutput<F: Family> {
-    frontends: Box<[(FrontendKey<F>, Arc<FrontendSpec<F>>)]>,
+    frontends: Box<[KeyedSpec<F>]>,
     local_endpoints: Box<[F]>,
     source_ranges: Box<[(ServicePortName, SourceRanges<F>)]>,
     claims: Box<[(FrontendKey<F>, Claim)]>,
