@@ -756,8 +756,9 @@ impl Agent {
         Some(Readback {
             writes: self.syncer.writes(),
             addr_writes: self.frontend_addrs.writes(),
+            writes_v6: (self.syncer6.writes(), self.frontend_addrs6.writes()),
             task: tokio::task::spawn_blocking(move || {
-                (reader.read(), reader.read_frontend_addrs())
+                (reader.read(), reader.read_frontend_addrs(), reader.read_v6())
             }),
         })
     }
@@ -765,7 +766,17 @@ impl Agent {
     /// The resync's read of the maps is done: repair what differs from what the agent
     /// wrote (unless the agent wrote the maps meanwhile: then the next resync looks).
     async fn on_readback(&mut self, read: MapsRead) {
-        let addr_drift = self.frontend_addr_drift(read.addr_writes, read.frontend_addrs);
+        // The IPv6 maps first: whether they need a pass joins the IPv4 decision, so
+        // one pass repairs both.
+        let v6_drift = family_drift(
+            &mut self.syncer6,
+            &mut self.frontend_addrs6,
+            read.writes_v6,
+            read.v6,
+            &self.metrics,
+        );
+        let addr_drift =
+            self.frontend_addr_drift(read.addr_writes, read.frontend_addrs) + v6_drift;
         let real = match read.mirror {
             Ok(real) => real,
             Err(error) => {
@@ -858,13 +869,7 @@ impl Agent {
     }
 
     fn drift_repaired(&self, map: &str, kind: &str, count: usize) {
-        self.metrics
-            .drift_repaired
-            .get_or_create(&DriftLabels {
-                map: map.to_owned(),
-                kind: kind.to_owned(),
-            })
-            .inc_by(count as u64);
+        drift_repaired(&self.metrics, map, kind, count);
     }
 
     /// Conntrack reaping, on the upkeep thread.
@@ -1531,10 +1536,87 @@ fn failure_label(failure: &FrontendFailure) -> &'static str {
 struct Readback {
     writes: u64,
     addr_writes: u64,
+    /// The IPv6 syncer's and address set's write counts.
+    writes_v6: (u64, u64),
     task: tokio::task::JoinHandle<(
         crate::datapath::Result<Mirror>,
         crate::datapath::Result<FrontendAddrs>,
+        crate::datapath::Result<(Mirror<Ipv6Addr>, FrontendAddrs<Ipv6Addr>)>,
     )>,
+}
+
+/// Counts a repair in `kpr_drift_repaired_total`.
+fn drift_repaired(metrics: &Metrics, map: &str, kind: &str, count: usize) {
+    metrics
+        .drift_repaired
+        .get_or_create(&DriftLabels {
+            map: map.to_owned(),
+            kind: kind.to_owned(),
+        })
+        .inc_by(count as u64);
+}
+
+/// One family's resync comparison ([`Agent::on_readback`] does IPv4's the same way):
+/// what the kernel holds is taken as the syncer's and the address set's state when it
+/// differs from what they wrote, unless they wrote during the read (`writes_then`).
+/// Returns how many entries differ (the next pass repairs them).
+fn family_drift<F: crate::family::Family>(
+    syncer: &mut Syncer<F>,
+    addrs: &mut FrontendAddrs<F>,
+    (writes_then, addr_writes_then): (u64, u64),
+    read: crate::datapath::Result<(Mirror<F>, FrontendAddrs<F>)>,
+    metrics: &Metrics,
+) -> usize {
+    let (real, real_addrs) = match read {
+        Ok(read) => read,
+        Err(error) => {
+            warn!(error = %crate::error_chain(&error), family = F::NAME, "cannot read the maps back; retrying on the next resync");
+            return 0;
+        }
+    };
+    let mut drift = 0;
+    if writes_then == syncer.writes() {
+        let differences = syncer.mirror().differences(&real);
+        let maps = [F::SERVICES_MAP, F::BACKENDS_MAP, F::SOURCE_RANGES_MAP];
+        for (map, count) in maps.into_iter().zip(differences) {
+            if count > 0 {
+                warn!(
+                    map,
+                    entries = count,
+                    "the map differs from what the agent wrote; repairing"
+                );
+                drift_repaired(metrics, map, "entries", count);
+                drift += count;
+            }
+        }
+        if drift > 0 {
+            syncer.readopt(real);
+        }
+    }
+    if addr_writes_then == addrs.writes() {
+        let held = addrs.held();
+        let addr_drift = real_addrs
+            .held()
+            .iter()
+            .filter(|(addr, kinds)| held.get(*addr) != Some(*kinds))
+            .count()
+            + held
+                .keys()
+                .filter(|addr| !real_addrs.held().contains_key(*addr))
+                .count();
+        if addr_drift > 0 {
+            let map = F::FRONTEND_ADDRS_MAP;
+            warn!(
+                map,
+                entries = addr_drift,
+                "the map differs from what the agent wrote; repairing"
+            );
+            drift_repaired(metrics, map, "entries", addr_drift);
+            addrs.readopt(real_addrs);
+            drift += addr_drift;
+        }
+    }
+    drift
 }
 
 /// What the resync's read of the maps found: the syncer's maps and the frontend
@@ -1545,6 +1627,8 @@ struct MapsRead {
     addr_writes: u64,
     mirror: crate::datapath::Result<Mirror>,
     frontend_addrs: crate::datapath::Result<FrontendAddrs>,
+    writes_v6: (u64, u64),
+    v6: crate::datapath::Result<(Mirror<Ipv6Addr>, FrontendAddrs<Ipv6Addr>)>,
 }
 
 /// The result of the read in progress; never, without one.
@@ -1552,14 +1636,14 @@ async fn next_readback(readback: &mut Option<Readback>) -> MapsRead {
     let Some(pending) = readback else {
         return std::future::pending().await;
     };
-    let (mirror, frontend_addrs) = match (&mut pending.task).await {
+    let (mirror, frontend_addrs, v6) = match (&mut pending.task).await {
         Ok(read) => read,
         Err(error) => {
             let failed = || crate::datapath::Error::Io {
                 path: "the map readback".into(),
                 source: std::io::Error::other(error.to_string()),
             };
-            (Err(failed()), Err(failed()))
+            (Err(failed()), Err(failed()), Err(failed()))
         }
     };
     MapsRead {
@@ -1567,6 +1651,8 @@ async fn next_readback(readback: &mut Option<Readback>) -> MapsRead {
         addr_writes: pending.addr_writes,
         mirror,
         frontend_addrs,
+        writes_v6: pending.writes_v6,
+        v6,
     }
 }
 

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
+use proxy_common::{Be16, Be32x4, ServiceKeyV6, ServiceValueV6};
 use kpr_lab::{
     lab::Lab,
     netns::Netns,
@@ -142,6 +143,10 @@ struct Ipv6Lab {
 }
 
 fn ipv6_lab() -> Result<Ipv6Lab> {
+    ipv6_lab_with(&[])
+}
+
+fn ipv6_lab_with(extra_args: &[&str]) -> Result<Ipv6Lab> {
     let mut lab = Lab::new()?;
     lab.enable_ipv6()?;
     lab.add_dual_pod("client", CLIENT_V4, Some(CLIENT_V6))?;
@@ -197,14 +202,16 @@ fn ipv6_lab() -> Result<Ipv6Lab> {
     ])?;
     outside.ip(&["link", "set", "eth0", "up"])?;
     lab.write_manifest("services.yaml", &manifests())?;
-    lab.start_agent(&[
+    let mut args = vec![
         "--node-interfaces",
         "ext0",
         "--socket-lb",
         "off",
         "--cluster-cidr",
         "10.244.0.0/16,fd00:10:244::/56",
-    ])?;
+    ];
+    args.extend_from_slice(extra_args);
+    lab.start_agent(&args)?;
     lab.wait_attached()?;
     Ok(Ipv6Lab { lab, outside })
 }
@@ -360,4 +367,42 @@ fn an_ipv6_service_without_endpoints_refuses_and_the_ipv6_pins_go_with_the_agent
     lab.lab.stop_agent().expect("stop");
     lab.lab.wait_detached_and_unpinned().expect("unpinned");
     assert!(!pins.join("SVC_V6_V1").exists());
+}
+
+#[test]
+fn an_ipv6_frontend_deleted_behind_the_agents_back_is_repaired_by_the_periodic_resync() {
+    let lab = ipv6_lab_with(&["--sync-period-ms", "3000"]).expect("lab");
+    let client = &lab.lab.pod("client").netns;
+    client
+        .run(|| tcp_request(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("six answers");
+    // What `bpftool map delete` would do to six's IPv6 frontend entry.
+    let path = lab.lab.pin_dir().join(proxy_common::names::SERVICES_V6);
+    let mut services = aya::maps::HashMap::<_, ServiceKeyV6, ServiceValueV6>::try_from(
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&path).expect("pinned")),
+    )
+    .expect("the IPv6 service map");
+    let key = ServiceKeyV6 {
+        addr: Be32x4::from_ipv6(SIX_VIP),
+        port: Be16::from_host(80),
+        slot: 0,
+        proto: proxy_common::proto::TCP,
+        scope: proxy_common::scope::DEFAULT,
+        _pad: [0; 2],
+    };
+    services.remove(&key).expect("delete six's frontend entry");
+    assert!(
+        client.run(|| Ok(tcp_request(v6(SIX_VIP, 80), TIMEOUT).is_err())).expect("run"),
+        "six answers without its frontend entry"
+    );
+    lab.lab
+        .wait_for("six to answer again", Duration::from_secs(10), || {
+            client.run(|| Ok(tcp_request(v6(SIX_VIP, 80), TIMEOUT).is_ok()))
+        })
+        .expect("the entry is repaired");
+    let repaired = lab
+        .lab
+        .metric("kpr_datapath_drift_repaired_total{map=\"SVC_V6_V1\",kind=\"entries\"}")
+        .expect("metrics");
+    assert!(repaired.is_some_and(|n| n >= 1.0), "{repaired:?}");
 }
