@@ -32,8 +32,8 @@ use crate::{
     healthcheck::HealthCheckServers,
     metrics::{AttachLabels, DriftLabels, MapLabels, Metrics, ReasonLabels},
     model::{
-        Desired, Diagnostic, DiagnosticReason, FamilyDesired, FrontendKey, IncrementalModel,
-        ModelChanges, ModelSettings,
+        Desired, Diagnostic, DiagnosticReason, FamilyDesired, IncrementalModel, ModelChanges,
+        ModelSettings,
     },
     names,
     service_counters::{self, ServiceCounters},
@@ -385,8 +385,9 @@ struct Agent {
     synced_once: bool,
     /// The last pass left something unwritten: the next rescan tries again.
     retry_pending: bool,
-    /// Frontends the last pass could not program, with the reason label.
-    failing: BTreeMap<FrontendKey, &'static str>,
+    /// Frontends (of either family, as `addr:port`) the last pass could not
+    /// program, with the reason label.
+    failing: BTreeMap<String, &'static str>,
     /// The digest of the names file last written ([`names::write_current`]), so an
     /// unchanged one is not replaced.
     published_names: Option<u64>,
@@ -758,7 +759,11 @@ impl Agent {
             addr_writes: self.frontend_addrs.writes(),
             writes_v6: (self.syncer6.writes(), self.frontend_addrs6.writes()),
             task: tokio::task::spawn_blocking(move || {
-                (reader.read(), reader.read_frontend_addrs(), reader.read_v6())
+                (
+                    reader.read(),
+                    reader.read_frontend_addrs(),
+                    reader.read_v6(),
+                )
             }),
         })
     }
@@ -775,8 +780,7 @@ impl Agent {
             read.v6,
             &self.metrics,
         );
-        let addr_drift =
-            self.frontend_addr_drift(read.addr_writes, read.frontend_addrs) + v6_drift;
+        let addr_drift = self.frontend_addr_drift(read.addr_writes, read.frontend_addrs) + v6_drift;
         let real = match read.mirror {
             Ok(real) => real,
             Err(error) => {
@@ -1023,21 +1027,16 @@ impl Agent {
             warn!(%error, "frontend address set write failed; retrying on the next pass");
             self.metrics.frontend_addr_write_failures.inc();
         }
-        for failure in &v6.report.failures {
-            warn!(
-                service = %failure.service_port,
-                frontend = %format!("[{}]:{}", failure.frontend.addr, failure.frontend.port),
-                map_full = failure.error.map_full,
-                "cannot program IPv6 frontend (retrying): {}",
-                failure.error.message
-            );
-        }
         for error in &v6.report.cleanup_errors {
             warn!(%error, "cleanup write failed; retrying on the next pass");
         }
         self.upkeep.forget_v6(&v6.report.removed_pairs);
-        if full || !report.failures.is_empty() || !self.failing.is_empty() {
-            self.report_failures(&report);
+        if full
+            || !report.failures.is_empty()
+            || !v6.report.failures.is_empty()
+            || !self.failing.is_empty()
+        {
+            self.report_failures(&report, &v6.report);
         }
         for error in &report.cleanup_errors {
             warn!(%error, "cleanup write failed; retrying on the next pass");
@@ -1209,32 +1208,41 @@ impl Agent {
 
     /// Logs frontends that newly failed (and those programmed again) and counts them;
     /// one that keeps failing on every retry is logged once.
-    fn report_failures(&mut self, report: &SyncReport) {
-        let failing: BTreeMap<FrontendKey, &'static str> = report
+    fn report_failures(&mut self, report: &SyncReport, report_v6: &SyncReport<Ipv6Addr>) {
+        let failures: Vec<FailureView<'_>> = report
             .failures
             .iter()
-            .map(|failure| (failure.frontend, failure_label(failure)))
+            .map(FailureView::of)
+            .chain(report_v6.failures.iter().map(FailureView::of))
             .collect();
-        for failure in &report.failures {
+        let failing: BTreeMap<String, &'static str> = failures
+            .iter()
+            .map(|failure| (failure.frontend.clone(), failure.label))
+            .collect();
+        for failure in &failures {
             if self.failing.contains_key(&failure.frontend) {
                 continue;
             }
             self.metrics
                 .frontend_failures
                 .get_or_create(&ReasonLabels {
-                    reason: failure_label(failure).to_owned(),
+                    reason: failure.label.to_owned(),
                 })
                 .inc();
             error!(
                 service = %failure.service_port,
-                frontend = %format!("{}:{}", failure.frontend.addr, failure.frontend.port),
-                map_full = failure.error.map_full,
+                frontend = %failure.frontend,
+                map_full = failure.map_full,
                 "cannot program frontend (retrying): {}",
-                failure.error.message
+                failure.message
             );
         }
-        for frontend in self.failing.keys().filter(|key| !failing.contains_key(key)) {
-            info!(frontend = %format!("{}:{}", frontend.addr, frontend.port), "frontend programmed after failures");
+        for frontend in self
+            .failing
+            .keys()
+            .filter(|key| !failing.contains_key(*key))
+        {
+            info!(frontend = %frontend, "frontend programmed after failures");
         }
         for reason in FAILURE_LABELS {
             let count = failing.values().filter(|label| **label == reason).count();
@@ -1524,11 +1532,42 @@ struct PassOutcome {
 /// Labels of `kpr_frontend_failures_total{reason}` and `kpr_frontends_unprogrammed`.
 const FAILURE_LABELS: [&str; 2] = ["map_full", "write_error"];
 
-fn failure_label(failure: &FrontendFailure) -> &'static str {
+fn failure_label<F: crate::family::Family>(failure: &FrontendFailure<F>) -> &'static str {
     if failure.error.map_full {
         FAILURE_LABELS[0]
     } else {
         FAILURE_LABELS[1]
+    }
+}
+
+/// A frontend failure of either family, as the logs and metrics show it.
+struct FailureView<'a> {
+    /// `addr:port/proto` (`[addr]:port/proto` for IPv6).
+    frontend: String,
+    service_port: &'a crate::model::ServicePortName,
+    label: &'static str,
+    map_full: bool,
+    message: &'a str,
+}
+
+impl<'a> FailureView<'a> {
+    fn of<F: crate::family::Family>(failure: &'a FrontendFailure<F>) -> Self {
+        let key = &failure.frontend;
+        let addr = match key.addr.into() {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        Self {
+            frontend: format!(
+                "{addr}:{}/{}",
+                key.port,
+                crate::model::proto_name(key.proto)
+            ),
+            service_port: &failure.service_port,
+            label: failure_label(failure),
+            map_full: failure.error.map_full,
+            message: &failure.error.message,
+        }
     }
 }
 

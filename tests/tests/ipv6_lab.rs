@@ -10,12 +10,12 @@ use std::{
 };
 
 use anyhow::Result;
-use proxy_common::{Be16, Be32x4, ServiceKeyV6, ServiceValueV6};
 use kpr_lab::{
     lab::Lab,
     netns::Netns,
     traffic::{io_error_kind, tcp_request, udp_request},
 };
+use proxy_common::{Be16, Be32x4, ServiceKeyV6, ServiceValueV6};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -392,7 +392,9 @@ fn an_ipv6_frontend_deleted_behind_the_agents_back_is_repaired_by_the_periodic_r
     };
     services.remove(&key).expect("delete six's frontend entry");
     assert!(
-        client.run(|| Ok(tcp_request(v6(SIX_VIP, 80), TIMEOUT).is_err())).expect("run"),
+        client
+            .run(|| Ok(tcp_request(v6(SIX_VIP, 80), TIMEOUT).is_err()))
+            .expect("run"),
         "six answers without its frontend entry"
     );
     lab.lab
