@@ -1580,9 +1580,12 @@ struct Readback {
     task: tokio::task::JoinHandle<(
         crate::datapath::Result<Mirror>,
         crate::datapath::Result<FrontendAddrs>,
-        crate::datapath::Result<(Mirror<Ipv6Addr>, FrontendAddrs<Ipv6Addr>)>,
+        crate::datapath::Result<ReadV6>,
     )>,
 }
+
+/// What the readback found in the IPv6 maps and address set.
+type ReadV6 = (Mirror<Ipv6Addr>, FrontendAddrs<Ipv6Addr>);
 
 /// Counts a repair in `kpr_drift_repaired_total`.
 fn drift_repaired(metrics: &Metrics, map: &str, kind: &str, count: usize) {
@@ -1667,7 +1670,7 @@ struct MapsRead {
     mirror: crate::datapath::Result<Mirror>,
     frontend_addrs: crate::datapath::Result<FrontendAddrs>,
     writes_v6: (u64, u64),
-    v6: crate::datapath::Result<(Mirror<Ipv6Addr>, FrontendAddrs<Ipv6Addr>)>,
+    v6: crate::datapath::Result<ReadV6>,
 }
 
 /// The result of the read in progress; never, without one.
