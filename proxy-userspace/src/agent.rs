@@ -1909,6 +1909,27 @@ mod tests {
     }
 
     #[test]
+    fn the_ipv6_datapath_config_carries_the_node_address_and_cluster_cidr() {
+        let mut config = config(MapSizes::default());
+        let v6 = |text: &str| text.parse::<Ipv6Addr>().expect("v6");
+        config.cluster_cidr_v6 = Some((v6("fd00:10:244::"), 56));
+        let node = NodeNetwork {
+            snat_addr_v6: Some(v6("fd00::5")),
+            ..NodeNetwork::default()
+        };
+        let settings = datapath_config_v6(&config, &node);
+        assert!(settings.has_snat_addr());
+        assert_eq!(settings.snat_addr.to_ipv6(), v6("fd00::5"));
+        let inside = proxy_common::Be32x4::from_ipv6(v6("fd00:10:244:1::7"));
+        let outside = proxy_common::Be32x4::from_ipv6(v6("fd00:10:245::7"));
+        assert!(settings.in_cluster_cidr(&inside));
+        assert!(!settings.in_cluster_cidr(&outside));
+        // Without an IPv6 address, masquerade has none (the datapath then drops).
+        let bare = datapath_config_v6(&config, &NodeNetwork::default());
+        assert!(!bare.has_snat_addr());
+    }
+
+    #[test]
     fn maps_grow_past_the_configured_size_for_the_cluster_found_at_start() {
         use proxy_common::capacity;
         // 100 000 services of 10 endpoints: 1.1 million service entries.

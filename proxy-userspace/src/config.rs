@@ -821,6 +821,50 @@ mod tests {
         assert_eq!(node_ips(&[]).expect("none"), (None, None));
     }
 
+    /// `kpr run` with these flags, merged as main.rs merges them (no config file).
+    fn run_config(args: &[&str]) -> Result<AgentConfig, Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("kpr").chain(args.iter().copied()),
+        )
+        .map_err(|error| Error::Setting {
+            name: "args",
+            message: error.to_string(),
+        })?;
+        cli.run.agent_config(&|_| true)
+    }
+
+    #[test]
+    fn dual_stack_flags_give_each_family_its_node_ip_and_cluster_cidr() {
+        let config = run_config(&[
+            "--node-ip",
+            "10.0.0.5",
+            "--node-ip",
+            "fd00::5",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:10:244::/56",
+        ])
+        .expect("valid");
+        assert_eq!(config.node_ip, Some("10.0.0.5".parse().expect("v4")));
+        assert_eq!(config.node_ip_v6, Some("fd00::5".parse().expect("v6")));
+        assert_eq!(config.datapath.cluster_cidr_len, 16);
+        assert_eq!(
+            config.cluster_cidr_v6,
+            Some(("fd00:10:244::".parse().expect("v6"), 56))
+        );
+        // An IPv6-only cluster: no IPv4 CIDR, no IPv4 node IP.
+        let six = run_config(&["--node-ip", "fd00::5", "--cluster-cidr", "fd00:10:244::/56"])
+            .expect("valid");
+        assert_eq!((six.node_ip, six.datapath.cluster_cidr_len), (None, 0));
+        assert!(six.cluster_cidr_v6.is_some());
+        assert!(run_config(&["--node-ip", "10.0.0.5", "--node-ip", "10.0.0.6"]).is_err());
+        assert!(run_config(&["--cluster-cidr", "10.244.0.0/16,nonsense"]).is_err());
+    }
+
     #[test]
     fn cluster_cidr_takes_kube_proxys_dual_stack_form() {
         let config = parse("clusterCIDR: \"10.244.0.0/16,fd00:10:244::/56\"\n").expect("valid");
