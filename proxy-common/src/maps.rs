@@ -82,10 +82,11 @@ pub mod capacity {
     /// so there can never be more of them than it holds.
     pub const FRONTEND_ADDRS_V4: u32 = SERVICES_V4;
 
-    /// The IPv6 tables, a quarter of their IPv4 counterparts: the agent does not fill
-    /// them yet, and every load preallocates a hash map's entries (an IPv6 conntrack
-    /// entry and key take 104 bytes against 56), so they stay small until it does and
-    /// sizes them as it sizes the IPv4 ones.
+    /// The IPv6 tables, a quarter of their IPv4 counterparts: every load preallocates
+    /// a hash map's entries (an IPv6 conntrack entry and key take 104 bytes against
+    /// 56), and most clusters are IPv4 or dual-stack with IPv4 first. The agent grows
+    /// the service, backend and source-range maps past these for the cluster it finds
+    /// at start, as it grows the IPv4 ones; conntrack and affinity keep these sizes.
     pub const SERVICES_V6: u32 = SERVICES_V4 / 4;
     pub const BACKENDS_V6: u32 = BACKENDS_V4 / 4;
     pub const CONNTRACK_V6: u32 = CONNTRACK_V4 / 4;
