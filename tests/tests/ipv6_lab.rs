@@ -31,7 +31,14 @@ const PREF_VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const PREF_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30);
 /// `empty`: IPv6-only, no endpoints.
 const EMPTY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40);
+/// `sticky6`: IPv6-only, sessionAffinity ClientIP over the three web pods.
+const STICKY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x70);
 /// The node's address on its external interface, and the outside client's.
+/// `six`'s IPv6 externalIP, and the LoadBalancer IPs of `lb6` (eTP Local, open to
+/// the outside client) and `ranged6` (open to another range only).
+const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x30, 0, 0, 0, 0, 1);
+const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x50, 0, 0, 0, 0, 1);
+const RANGED_LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x60, 0, 0, 0, 0, 1);
 const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 1);
 const OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 0x100);
 
@@ -70,6 +77,31 @@ endpoints:
     )
 }
 
+/// An IPv6-only LoadBalancer Service with its ingress IP and one source range.
+fn load_balancer(name: &str, host: u16, ip: Ipv6Addr, range: &str, policy: &str) -> String {
+    let vip = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, host);
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: '{vip}'
+  clusterIPs: ['{vip}']
+  ipFamilies: [IPv6]
+  externalTrafficPolicy: {policy}
+  healthCheckNodePort: 32{host:03}
+  allocateLoadBalancerNodePorts: false
+  loadBalancerSourceRanges: ['{range}']
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
+status:
+  loadBalancer:
+    ingress: [{{ip: '{ip}'}}]
+"
+    )
+}
+
 fn manifests() -> String {
     let web: Vec<String> = (0..3).map(|i| pod_v6(0x11 + i).to_string()).collect();
     [
@@ -83,12 +115,37 @@ spec:
   clusterIPs: ['{SIX_VIP}']
   ipFamilies: [IPv6]
   ipFamilyPolicy: SingleStack
+  externalIPs: ['{EXTERNAL_V6}']
   ports:
   - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}
   - {{name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}}
 "
         ),
         slice("six", "IPv6", &web),
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: sticky6, namespace: demo}}
+spec:
+  clusterIP: '{STICKY_VIP}'
+  clusterIPs: ['{STICKY_VIP}']
+  ipFamilies: [IPv6]
+  sessionAffinity: ClientIP
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
+"
+        ),
+        slice("sticky6", "IPv6", &web),
+        load_balancer("lb6", 0x50, LB_V6, &format!("{OUTSIDE_V6}/128"), "Local"),
+        slice("lb6", "IPv6", &[pod_v6(0x11).to_string()]),
+        load_balancer(
+            "ranged6",
+            0x60,
+            RANGED_LB_V6,
+            "2001:db8:ffff::/48",
+            "Cluster",
+        ),
+        slice("ranged6", "IPv6", &[pod_v6(0x11).to_string()]),
         format!(
             "apiVersion: v1
 kind: Service
@@ -201,6 +258,16 @@ fn ipv6_lab_with(extra_args: &[&str]) -> Result<Ipv6Lab> {
         "nodad",
     ])?;
     outside.ip(&["link", "set", "eth0", "up"])?;
+    // The externalIP and LoadBalancer IPs are routed to the node, as a router or a
+    // load balancer in front of it would.
+    outside.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8::/32",
+        "via",
+        &NODE_V6.to_string(),
+    ])?;
     lab.write_manifest("services.yaml", &manifests())?;
     let mut args = vec![
         "--node-interfaces",
@@ -407,4 +474,51 @@ fn an_ipv6_frontend_deleted_behind_the_agents_back_is_repaired_by_the_periodic_r
         .metric("kpr_datapath_drift_repaired_total{map=\"SVC_V6_V1\",kind=\"entries\"}")
         .expect("metrics");
     assert!(repaired.is_some_and(|n| n >= 1.0), "{repaired:?}");
+}
+
+#[test]
+fn ipv6_external_and_load_balancer_ips_follow_the_policy_and_the_source_ranges() {
+    let lab = ipv6_lab().expect("lab");
+    let outside = &lab.outside;
+    let answer = outside
+        .run(|| tcp_request(v6(EXTERNAL_V6, 80), TIMEOUT))
+        .expect("the IPv6 externalIP answers");
+    assert!(answer.server.starts_with("web-"), "{answer:?}");
+    // externalTrafficPolicy Local, a local endpoint: the client's own address is kept.
+    let answer = outside
+        .run(|| tcp_request(v6(LB_V6, 80), TIMEOUT))
+        .expect("the IPv6 LoadBalancer IP answers a client in its source range");
+    assert_eq!(answer.server, "web-0");
+    assert_eq!(answer.seen_client.ip(), IpAddr::V6(OUTSIDE_V6));
+    // A client outside the only range is dropped: no answer, no refusal.
+    let error = outside
+        .run(|| {
+            Ok(tcp_request(
+                v6(RANGED_LB_V6, 80),
+                Duration::from_millis(700),
+            ))
+        })
+        .expect("run")
+        .expect_err("a client outside the source ranges gets nothing");
+    assert_eq!(
+        io_error_kind(&error),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not refused: {error:#}"
+    );
+}
+
+#[test]
+fn ipv6_session_affinity_keeps_a_client_on_one_backend() {
+    let lab = ipv6_lab().expect("lab");
+    let servers: std::collections::BTreeSet<String> = lab
+        .lab
+        .pod("client")
+        .netns
+        .run(|| {
+            (0..20)
+                .map(|_| tcp_request(v6(STICKY_VIP, 80), TIMEOUT).map(|answer| answer.server))
+                .collect::<Result<_>>()
+        })
+        .expect("20 connections");
+    assert_eq!(servers.len(), 1, "one backend for one client: {servers:?}");
 }
