@@ -64,6 +64,7 @@ mod service_stats;
 mod snat;
 mod snat6;
 mod sock;
+mod sock6;
 mod sock_destroy;
 mod stats;
 mod takeover;

@@ -419,7 +419,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 28] = [
+pub const ALL_MAPS: [&str; 30] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -434,6 +434,8 @@ pub const ALL_MAPS: [&str; 28] = [
     proxy_common::sock::CONFIG_NAME,
     proxy_common::sock::AFFINITY_V4_NAME,
     proxy_common::sock::DESTROY_V4_NAME,
+    proxy_common::sock::RNAT_V6_NAME,
+    proxy_common::sock::AFFINITY_V6_NAME,
     proxy_common::takeover::NF_CHECK_NAME,
     names::FRONTEND_ADDRS_V4,
     names::SERVICE_CIDR_V4,
