@@ -252,6 +252,18 @@ pub fn run(config: &Config) -> Result<Report> {
                 cost.single_run_miss_ns
             );
             report.tc.push(cost);
+            let cost = tc_cost::measure_v6(set, config.tc_repeat, config.tc_new_flows)
+                .with_context(|| format!("BPF_PROG_TEST_RUN of IPv6 at N={}", set.len()))?;
+            eprintln!(
+                "  IPv6: new flow {:.0} ns (all to one service: {:.0} ns), established {:.0} ns (one run per call: {:.0} ns), miss {:.0} ns (one run per call: {:.0} ns)",
+                cost.new_flow_ns,
+                cost.new_flow_one_service_ns,
+                cost.established_ns,
+                cost.single_run_established_ns,
+                cost.miss_ns,
+                cost.single_run_miss_ns
+            );
+            report.tc.push(cost);
         }
     }
 

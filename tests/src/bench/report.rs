@@ -238,7 +238,11 @@ impl Report {
                 };
                 let tc = Mode::from_str(&first.mode)
                     .is_ok_and(Mode::is_ebpf)
-                    .then(|| self.tc.iter().find(|tc| tc.services == first.services))
+                    .then(|| {
+                        self.tc
+                            .iter()
+                            .find(|tc| tc.services == first.services && tc.family == "IPv4")
+                    })
                     .flatten();
                 Summary {
                     services: first.services,
@@ -430,6 +434,7 @@ impl Report {
         Table {
             headers: vec![
                 "N",
+                "family",
                 "new 1/call",
                 "est 1/call",
                 "est rep.",
@@ -447,13 +452,18 @@ impl Report {
                 .map(|tc| {
                     vec![
                         tc.services.to_string(),
+                        tc.family.to_owned(),
                         format!("{:.0}", tc.new_flow_ns),
                         format!("{:.0}", tc.single_run_established_ns),
                         format!("{:.0}", tc.established_ns),
                         format!("{:.0}", tc.miss_ns),
                         format!("{:.0}", tc.single_run_miss_ns),
                         format!("{:.0}", tc.new_flow_one_service_ns),
-                        format!("{:.0}", tc.established_counted_ns),
+                        if tc.family == "IPv4" {
+                            format!("{:.0}", tc.established_counted_ns)
+                        } else {
+                            "-".to_owned()
+                        },
                         format!("{:.1}", tc.new_over_established_same_method()),
                         format!("{:.1}", tc.new_over_established_repeated()),
                     ]
@@ -789,6 +799,7 @@ mod tests {
         }
         report.tc.push(TcCost {
             services: 10,
+            family: "IPv4",
             new_flow_ns: 300.0,
             established_ns: 60.0,
             single_run_established_ns: 150.0,

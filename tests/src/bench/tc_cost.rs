@@ -34,7 +34,10 @@
 //!   frontend, slot and backend entries stay in the caches: the new flow (random
 //!   services) minus this is what the service and backend lookups cost when they miss
 //!   the CPU caches and TLB at N services.
-use std::{collections::BTreeSet, net::SocketAddrV4};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+};
 
 use anyhow::{bail, Result};
 use proxy_common::{proto, service_flags};
@@ -43,9 +46,15 @@ use proxy_userspace::service_counters::{Mode as CountersMode, ServiceCounters};
 use serde::Serialize;
 
 use super::services::ServiceSet;
+use proxy_userspace::{
+    model::{Desired, FamilyDesired, FrontendKey, FrontendKind, FrontendSpec, ServicePortName},
+    state::ObjectKey,
+    sync::{frontend_addrs::FrontendAddrs, Syncer},
+};
+
 use crate::{
     datapath_cases::{frontend, DatapathHarness},
-    packets::{Frame, TcpFlags},
+    packets::{Frame, Frame6, TcpFlags},
     scenario::CLIENT_IP,
 };
 
@@ -53,6 +62,8 @@ use crate::{
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct TcCost {
     pub services: usize,
+    /// `IPv4` or `IPv6`: the family of the services and packets.
+    pub family: &'static str,
     pub new_flow_ns: f64,
     pub established_ns: f64,
     pub single_run_established_ns: f64,
@@ -76,66 +87,132 @@ impl TcCost {
     }
 }
 
+/// The frames one family's measurement sends through pod ingress.
+trait Frames {
+    /// A TCP segment from client port `port` to service `index`'s frontend, or with
+    /// `None` to the looped frontend (see the module doc).
+    fn to_service(&self, port: u16, index: Option<usize>, flags: TcpFlags) -> Vec<u8>;
+    /// A SYN from client port `port` to a pod address (no frontend).
+    fn to_pod(&self, port: u16) -> Vec<u8>;
+}
+
+/// IPv4: the bench's services as they are.
+struct Ipv4Frames<'a>(&'a ServiceSet);
+
+impl Frames for Ipv4Frames<'_> {
+    fn to_service(&self, port: u16, index: Option<usize>, flags: TcpFlags) -> Vec<u8> {
+        let index = index.unwrap_or(self.0.len());
+        Frame::tcp(
+            SocketAddrV4::new(CLIENT_IP, port),
+            ServiceSet::frontend(index),
+            flags,
+        )
+        .to_bytes()
+    }
+
+    fn to_pod(&self, port: u16) -> Vec<u8> {
+        Frame::tcp(
+            SocketAddrV4::new(CLIENT_IP, port),
+            self.0.backends()[0],
+            TcpFlags::SYN,
+        )
+        .to_bytes()
+    }
+}
+
+/// IPv6: the same services and pods with IPv6 addresses (`fd00:96::/64` ClusterIPs,
+/// `fd00:10:244:1::/64` pods, the IPv4 address's low 32 bits as the interface id).
+struct Ipv6Frames<'a>(&'a ServiceSet);
+
+/// The IPv6 twin of an IPv4 address of the bench (see [`Ipv6Frames`]).
+fn twin(prefix: [u16; 4], addr: Ipv4Addr) -> Ipv6Addr {
+    let low = u32::from(addr);
+    #[expect(clippy::cast_possible_truncation, reason = "the two halves of a u32")]
+    let (high, low) = ((low >> 16) as u16, low as u16);
+    Ipv6Addr::new(prefix[0], prefix[1], prefix[2], prefix[3], 0, 0, high, low)
+}
+
+const CLUSTER_IPS_V6: [u16; 4] = [0xfd00, 0x96, 0, 0];
+const PODS_V6: [u16; 4] = [0xfd00, 0x10, 0x244, 1];
+
+fn frontend_v6(index: usize) -> SocketAddrV6 {
+    let v4 = ServiceSet::frontend(index);
+    SocketAddrV6::new(twin(CLUSTER_IPS_V6, *v4.ip()), v4.port(), 0, 0)
+}
+
+fn pod_v6(addr: SocketAddrV4) -> SocketAddrV6 {
+    SocketAddrV6::new(twin(PODS_V6, *addr.ip()), addr.port(), 0, 0)
+}
+
+impl Frames for Ipv6Frames<'_> {
+    fn to_service(&self, port: u16, index: Option<usize>, flags: TcpFlags) -> Vec<u8> {
+        let index = index.unwrap_or(self.0.len());
+        let client = pod_v6(SocketAddrV4::new(CLIENT_IP, port));
+        Frame6::tcp(client, frontend_v6(index), flags).to_bytes()
+    }
+
+    fn to_pod(&self, port: u16) -> Vec<u8> {
+        let client = pod_v6(SocketAddrV4::new(CLIENT_IP, port));
+        Frame6::tcp(client, pod_v6(self.0.backends()[0]), TcpFlags::SYN).to_bytes()
+    }
+}
+
+/// A harness with a service map as large as the agent would make it for `set`
+/// (frontends plus a slot per backend, half again to grow), not the default.
+fn harness_for(set: &ServiceSet) -> Result<DatapathHarness> {
+    let entries = set.len() * (1 + set.backends().len());
+    let grown = |default| proxy_userspace::datapath::grown_for(default, entries);
+    DatapathHarness::with_options(&LoadOptions {
+        services_max: Some(grown(proxy_common::capacity::SERVICES_V4)),
+        services_v6_max: Some(grown(proxy_common::capacity::SERVICES_V6)),
+        ..LoadOptions::default()
+    })
+}
+
+fn affinity_flags(set: &ServiceSet) -> u16 {
+    if set.affinity() {
+        service_flags::AFFINITY
+    } else {
+        0
+    }
+}
+
 /// Loads the datapath, programs `set` and measures. `repeat` runs per call for the
 /// established and miss cases, `new_flows` single runs for new flows.
 ///
 /// # Errors
 /// When loading, programming or a run fails, or a packet gets an unexpected verdict.
 pub fn measure(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> {
-    // A service map as large as the agent would make it for this set (frontends plus
-    // a slot per backend, half again to grow), not the default.
-    let entries = set.len() * (1 + set.backends().len());
-    let mut harness = DatapathHarness::with_options(&LoadOptions {
-        services_max: Some(proxy_userspace::datapath::grown_for(
-            proxy_common::capacity::SERVICES_V4,
-            entries,
-        )),
-        ..LoadOptions::default()
-    })?;
-    let frontends: Vec<_> = (0..set.len())
+    let mut harness = harness_for(set)?;
+    let mut installed: Vec<_> = (0..set.len())
         .map(|index| {
             frontend(
                 &ServiceSet::name(index),
                 ServiceSet::frontend(index),
                 proto::TCP,
                 set.backends(),
-                if set.affinity() {
-                    service_flags::AFFINITY
-                } else {
-                    0
-                },
+                affinity_flags(set),
             )
         })
         .collect();
     // The repeated established packet's own frontend (see the module doc).
     let looped = ServiceSet::frontend(set.len());
-    let mut installed = frontends.clone();
     installed.push(frontend("looped", looped, proto::TCP, &[looped], 0));
     harness.install(&installed)?;
-    let client = |port: u16| SocketAddrV4::new(CLIENT_IP, port);
+    let frames = Ipv4Frames(set);
+    let mut cost = timings(&mut harness, "IPv4", &frames, set.len(), repeat, new_flows)?;
 
-    let miss = Frame::tcp(client(40_000), set.backends()[0], TcpFlags::SYN).to_bytes();
-    let miss_ns = run_checked(&mut harness, &miss, repeat, "miss")?;
-
-    let middle = ServiceSet::frontend(set.len() / 2);
-    let first = Frame::tcp(client(40_001), looped, TcpFlags::SYN).to_bytes();
-    run_checked(
-        &mut harness,
-        &first,
-        1,
-        "first packet of the established flow",
-    )?;
-    let established = Frame::tcp(client(40_001), looped, TcpFlags::ACK).to_bytes();
-    let established_ns = run_checked(&mut harness, &established, repeat, "established")?;
+    // The established packet again with its service's counters on.
     let Some(looped_id) = installed
         .last()
         .and_then(|(_, spec)| harness.service_id(&spec.service_port))
     else {
         bail!("the looped frontend has no service id");
     };
+    let established = frames.to_service(LOOPED_PORT, None, TcpFlags::ACK);
     let mut counters = ServiceCounters::adopt(CountersMode::On, &harness.datapath.maps);
     counters.sync(&mut harness.datapath.maps, &BTreeSet::from([looped_id]))?;
-    let established_counted_ns = run_checked(
+    cost.established_counted_ns = run_checked(
         &mut harness,
         &established,
         repeat,
@@ -148,13 +225,114 @@ pub fn measure(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> 
     if counted != u64::from(repeat) {
         bail!("established, repeat: {counted} of {repeat} runs took the established path");
     }
-    let mut counters = ServiceCounters::adopt(CountersMode::Off, &harness.datapath.maps);
-    counters.sync(&mut harness.datapath.maps, &BTreeSet::from([looped_id]))?;
+    Ok(cost)
+}
+
+/// [`measure`] for the same services and pods with IPv6 addresses, programmed by the
+/// IPv6 syncer. Per-service counters are IPv4-only, so `established_counted_ns` is 0.
+///
+/// # Errors
+/// As [`measure`].
+pub fn measure_v6(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> {
+    let mut harness = harness_for(set)?;
+    let backends: Vec<SocketAddrV6> = set.backends().iter().copied().map(pod_v6).collect();
+    let spec = |name: String, backends: Vec<SocketAddrV6>, flags| FrontendSpec::<Ipv6Addr> {
+        service_port: ServicePortName {
+            service: ObjectKey::new("bench", name.as_str()),
+            port: "http".to_owned(),
+            proto: proto::TCP,
+        },
+        kind: FrontendKind::ClusterIp,
+        backends,
+        flags,
+        affinity_timeout_s: if flags & service_flags::AFFINITY != 0 {
+            10_800
+        } else {
+            0
+        },
+    };
+    let key = |addr: SocketAddrV6| FrontendKey::<Ipv6Addr> {
+        addr: *addr.ip(),
+        port: addr.port(),
+        proto: proto::TCP,
+        scope: proxy_common::scope::DEFAULT,
+    };
+    let mut installed: Vec<_> = (0..set.len())
+        .map(|index| {
+            (
+                key(frontend_v6(index)),
+                spec(
+                    ServiceSet::name(index),
+                    backends.clone(),
+                    affinity_flags(set),
+                ),
+            )
+        })
+        .collect();
+    let looped = frontend_v6(set.len());
+    installed.push((key(looped), spec("looped".to_owned(), vec![looped], 0)));
+    install_v6(&mut harness, &installed)?;
+    timings(
+        &mut harness,
+        "IPv6",
+        &Ipv6Frames(set),
+        set.len(),
+        repeat,
+        new_flows,
+    )
+}
+
+/// Programs `frontends` into the IPv6 maps through the real IPv6 syncer and frontend
+/// address set, in the agent's order (addresses, then frontends).
+fn install_v6(
+    harness: &mut DatapathHarness,
+    frontends: &[(FrontendKey<Ipv6Addr>, FrontendSpec<Ipv6Addr>)],
+) -> Result<()> {
+    let desired = Desired {
+        v6: FamilyDesired {
+            frontends: frontends
+                .iter()
+                .map(|(key, spec)| (*key, std::sync::Arc::new(spec.clone())))
+                .collect(),
+            ..FamilyDesired::default()
+        },
+        ..Desired::default()
+    };
+    let maps = &mut harness.datapath.maps;
+    let mut addrs = FrontendAddrs::<Ipv6Addr>::default();
+    if let Some(error) = addrs.add_desired(&desired, maps).first() {
+        bail!("programming the IPv6 frontend address set: {error}");
+    }
+    let report = Syncer::<Ipv6Addr>::default().sync(&desired, maps);
+    if let Some(failure) = report.failures.first() {
+        bail!("programming {}: {}", failure.service_port, failure.error);
+    }
+    Ok(())
+}
+
+/// The client port of the looped flow (the repeated established packet).
+const LOOPED_PORT: u16 = 40_001;
+
+/// Every figure but `established_counted_ns`, on a harness that holds `services`
+/// frontends plus the looped one.
+fn timings(
+    harness: &mut DatapathHarness,
+    family: &'static str,
+    frames: &impl Frames,
+    services: usize,
+    repeat: u32,
+    new_flows: u16,
+) -> Result<TcCost> {
+    let miss_ns = run_checked(harness, &frames.to_pod(40_000), repeat, "miss")?;
+
+    let first = frames.to_service(LOOPED_PORT, None, TcpFlags::SYN);
+    run_checked(harness, &first, 1, "first packet of the established flow")?;
+    let established = frames.to_service(LOOPED_PORT, None, TcpFlags::ACK);
+    let established_ns = run_checked(harness, &established, repeat, "established")?;
 
     let mut single = 0.0;
     for flow in 0..new_flows {
-        let miss = Frame::tcp(client(1024 + flow), set.backends()[0], TcpFlags::SYN).to_bytes();
-        single += run_checked(&mut harness, &miss, 1, "single-run miss")?;
+        single += run_checked(harness, &frames.to_pod(1024 + flow), 1, "single-run miss")?;
     }
     let single_run_miss_ns = single / f64::from(new_flows.max(1));
 
@@ -169,34 +347,34 @@ pub fn measure(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCost> 
             clippy::cast_possible_truncation,
             reason = "an index modulo the length"
         )]
-        let index = (random % set.len() as u64) as usize;
-        let (source, destination) = (client(1024 + flow), ServiceSet::frontend(index));
-        let syn = Frame::tcp(source, destination, TcpFlags::SYN).to_bytes();
-        total += run_checked(&mut harness, &syn, 1, "new flow")?;
-        flows.push((source, destination));
+        let index = (random % services as u64) as usize;
+        let syn = frames.to_service(1024 + flow, Some(index), TcpFlags::SYN);
+        total += run_checked(harness, &syn, 1, "new flow")?;
+        flows.push((1024 + flow, index));
     }
     let new_flow_ns = total / f64::from(new_flows.max(1));
 
     // The same flows again, now established, each once in turn.
     let mut established_total = 0.0;
-    for &(source, destination) in &flows {
-        let ack = Frame::tcp(source, destination, TcpFlags::ACK).to_bytes();
-        established_total += run_checked(&mut harness, &ack, 1, "established, one run per call")?;
+    for &(port, index) in &flows {
+        let ack = frames.to_service(port, Some(index), TcpFlags::ACK);
+        established_total += run_checked(harness, &ack, 1, "established, one run per call")?;
     }
     let single_run_established_ns = established_total / f64::from(new_flows.max(1));
 
     let mut one_service = 0.0;
     for flow in 0..new_flows {
-        let syn = Frame::tcp(client(30_000 + flow), middle, TcpFlags::SYN).to_bytes();
-        one_service += run_checked(&mut harness, &syn, 1, "new flow to one service")?;
+        let syn = frames.to_service(30_000 + flow, Some(services / 2), TcpFlags::SYN);
+        one_service += run_checked(harness, &syn, 1, "new flow to one service")?;
     }
     let new_flow_one_service_ns = one_service / f64::from(new_flows.max(1));
     Ok(TcCost {
-        services: set.len(),
+        services,
+        family,
         new_flow_ns,
         established_ns,
         single_run_established_ns,
-        established_counted_ns,
+        established_counted_ns: 0.0,
         miss_ns,
         single_run_miss_ns,
         new_flow_one_service_ns,

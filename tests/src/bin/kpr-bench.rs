@@ -103,11 +103,16 @@ fn main() -> Result<()> {
         for &count in &config.services {
             let set = bench::services::ServiceSet::new(count, config.endpoints)?
                 .with_affinity(config.affinity);
-            let cost = bench::tc_cost::measure(&set, config.tc_repeat, config.tc_new_flows)
-                .with_context(|| format!("BPF_PROG_TEST_RUN at N={count}"))?;
-            println!(
-                "N={count} M={} TC ns: new / est (1-run est) / miss (1-run miss): {:.0} / {:.0} ({:.0}) / {:.0} ({:.0}); new flows to one service {:.0}; est with per-service counters {:.0}",
+            for cost in [
+                bench::tc_cost::measure(&set, config.tc_repeat, config.tc_new_flows)
+                    .with_context(|| format!("BPF_PROG_TEST_RUN at N={count}"))?,
+                bench::tc_cost::measure_v6(&set, config.tc_repeat, config.tc_new_flows)
+                    .with_context(|| format!("BPF_PROG_TEST_RUN of IPv6 at N={count}"))?,
+            ] {
+                println!(
+                "N={count} M={} {} TC ns: new / est (1-run est) / miss (1-run miss): {:.0} / {:.0} ({:.0}) / {:.0} ({:.0}); new flows to one service {:.0}; est with per-service counters {:.0}",
                 config.endpoints,
+                cost.family,
                 cost.new_flow_ns,
                 cost.established_ns,
                 cost.single_run_established_ns,
@@ -116,6 +121,7 @@ fn main() -> Result<()> {
                 cost.new_flow_one_service_ns,
                 cost.established_counted_ns
             );
+            }
         }
         return Ok(());
     }
