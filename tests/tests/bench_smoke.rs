@@ -126,7 +126,16 @@ fn every_mode_carries_connections_and_the_results_are_written() {
             _ => {}
         }
     }
-    assert_eq!(report.tc.len(), 2);
+    // One TC cost row per N and family.
+    assert_eq!(report.tc.len(), 4);
+    assert_eq!(
+        report
+            .tc
+            .iter()
+            .filter(|cost| cost.family == "IPv6")
+            .count(),
+        2
+    );
 
     let files = report.write(&out).expect("writing results");
     for name in [
