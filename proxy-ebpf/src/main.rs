@@ -58,6 +58,7 @@ mod parse;
 mod parse6;
 mod pod_ingress;
 mod reply_egress;
+mod sctp;
 mod service;
 mod service6;
 mod service_stats;

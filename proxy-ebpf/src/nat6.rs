@@ -3,6 +3,9 @@
 //! pseudo-header (RFC 8200 section 8.1), so a rewrite is one checksum update for the
 //! 16-byte address (its difference from `bpf_csum_diff`) and one for the port.
 //!
+//! SCTP's CRC32c covers no pseudo-header: its address rewrite touches no checksum at
+//! all, its port rewrite only the CRC ([`crate::sctp`]).
+//!
 //! UDP over IPv6 must carry a checksum: one that computes to 0 is sent as 0xffff
 //! (`BPF_F_MARK_MANGLED_0` does that), and a datagram that arrives with 0 is invalid
 //! (the receiver drops it; the helper leaves it 0 and so do we).
@@ -14,10 +17,10 @@ use aya_ebpf::{
 use proxy_common::{counter, ct_flags, proto, Be16, Be32x4, CtEntryV6};
 
 use crate::{
-    icmp6_error,
+    conntrack6, icmp6_error,
     parse::{Kind, ETH_HLEN, L4_DST_PORT_OFF, L4_SRC_PORT_OFF},
-    parse6::{Packet6, IPV6_DST_OFF, IPV6_SRC_OFF},
-    stats,
+    parse6::{Packet6, IPV6_DST_OFF, IPV6_HLEN, IPV6_PAYLOAD_LEN_OFF, IPV6_SRC_OFF},
+    sctp, stats,
     verdict::{DropReason, Result},
 };
 
@@ -93,6 +96,19 @@ fn rewrite(ctx: &TcContext, pkt: &Packet6, end: End, addr: &Be32x4, port: Be16) 
         ),
     };
     let has_l4_header = pkt.kind == Kind::Transport;
+    if pkt.tuple.proto == proto::SCTP {
+        // No internet checksum covers these bytes (see `crate::sctp`); the CRC is
+        // updated for the ports by `apply`.
+        if old_addr != addr {
+            ctx.store(addr_off, addr, sctp::STORE_FLAGS)
+                .map_err(|_| DropReason::REWRITE)?;
+        }
+        if old_port != port && has_l4_header {
+            ctx.store(port_off, &port.0, sctp::STORE_FLAGS)
+                .map_err(|_| DropReason::REWRITE)?;
+        }
+        return Ok(());
+    }
     let l4_flags = if pkt.tuple.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
@@ -144,6 +160,22 @@ pub fn apply(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()
             End::Source,
             &entry.nat_src_addr,
             entry.nat_src_port,
+        )?;
+    }
+    if pkt.tuple.proto == proto::SCTP && pkt.kind == Kind::Transport {
+        // The SCTP packet runs from its header to the end of the IPv6 payload, whose
+        // length counts the extension headers before it.
+        let payload_len: Be16 = ctx
+            .load(ETH_HLEN + IPV6_PAYLOAD_LEN_OFF)
+            .map_err(|_| DropReason::REWRITE)?;
+        let ext_len = pkt.l4_off - (ETH_HLEN + IPV6_HLEN);
+        let after = conntrack6::translated(&pkt.tuple, entry);
+        sctp::ports_changed(
+            skb,
+            pkt.l4_off,
+            u32::from(payload_len.to_host()).saturating_sub(ext_len as u32),
+            (pkt.tuple.src_port, pkt.tuple.dst_port),
+            (after.src_port, after.dst_port),
         )?;
     }
     Ok(())
