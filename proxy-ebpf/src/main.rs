@@ -92,15 +92,21 @@ pub(crate) fn verdict_of(result: verdict::Result<i32>) -> i32 {
 /// TC ingress of pod-facing interfaces: packets leaving pods towards services, and
 /// replies of backends that must be translated back.
 ///
+/// Every TC entry point ends with [`sctp::finish`]: the SCTP checksum update the NAT
+/// stages deferred (why: [`sctp`]).
+///
 /// IPv6 frames take their own path ([`new_flow6`]), called from here rather than from
 /// inside the IPv4 one: the verifier limits the stack of a call chain to 512 bytes, and
 /// the IPv4 function's frame would leave the IPv6 stages too little of it.
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::pod_ingress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(pod_ingress::try_pod_ingress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::pod_ingress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(pod_ingress::try_pod_ingress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// TC egress of pod-facing interfaces: replies on their way into client pods, whose
@@ -108,10 +114,13 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 /// IPv6 as in `tc_pod_ingress`.
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::reply_egress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(reply_egress::try_reply_egress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::reply_egress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(reply_egress::try_reply_egress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// TC ingress of the node's external interfaces: traffic from other nodes and from
@@ -120,10 +129,13 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
 /// IPv6 as in `tc_pod_ingress`.
 #[classifier]
 pub fn tc_node_ingress(ctx: TcContext) -> i32 {
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::node_ingress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(node_ingress::try_node_ingress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::node_ingress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(node_ingress::try_node_ingress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// TC egress of the node's external interfaces: replies of local backends to clients
@@ -132,10 +144,13 @@ pub fn tc_node_ingress(ctx: TcContext) -> i32 {
 /// IPv6 as in `tc_pod_egress`.
 #[classifier]
 pub fn tc_node_egress(ctx: TcContext) -> i32 {
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::reply_egress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(reply_egress::try_reply_egress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::reply_egress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(reply_egress::try_reply_egress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// Host builds only exist to be checked (see the top of this file).

@@ -1,7 +1,7 @@
 //! Address and port rewriting with incremental checksum updates (RFC 1624 through the
 //! kernel's csum helpers, which also handle CHECKSUM_PARTIAL packets from veths). SCTP
 //! has no internet checksum over its header: its addresses change only the IP header
-//! checksum, its ports its CRC32c ([`crate::sctp`]).
+//! checksum, its ports its CRC32c ([`crate::sctp`], deferred to the program's end).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
@@ -57,8 +57,8 @@ fn update_checksums(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: B
         End::Source => (pkt.tuple.src_addr, pkt.tuple.src_port),
         End::Destination => (pkt.tuple.dst_addr, pkt.tuple.dst_port),
     };
-    // SCTP's CRC32c covers no pseudo-header (an address change leaves it alone) and is
-    // updated for the ports by `apply`.
+    // SCTP's CRC32c covers no pseudo-header (an address change leaves it alone); its
+    // ports' change is `crate::sctp`'s.
     let has_l4_header = pkt.kind == Kind::Transport && pkt.tuple.proto != proto::SCTP;
     // UDP checksum 0 means "none": MARK_MANGLED_0 keeps it 0 instead of inventing one.
     let l4_flags = if pkt.tuple.proto == proto::UDP {
@@ -126,13 +126,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: Be16) 
             .map_err(|_| DropReason::REWRITE)?;
     }
     if old_port != port && pkt.kind == Kind::Transport {
-        // No internet checksum covers an SCTP port (see `crate::sctp`).
-        let flags = if pkt.tuple.proto == proto::SCTP {
-            sctp::STORE_FLAGS
-        } else {
-            0
-        };
-        ctx.store(port_off, &port.0, flags)
+        ctx.store(port_off, &port.0, 0)
             .map_err(|_| DropReason::REWRITE)?;
     }
     Ok(())
@@ -158,10 +152,18 @@ pub fn apply(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
     if pkt.kind == Kind::IcmpError {
         return icmp_error::translate(ctx, pkt, entry);
     }
-    if pkt.kind == Kind::Transport
-        && pkt.ip_hlen == IP_HLEN_NO_OPTIONS
-        && pkt.tuple.proto != proto::SCTP
-    {
+    if pkt.tuple.proto == proto::SCTP {
+        // Parsing leaves SCTP only unfragmented packets (`Kind::Transport`).
+        let after = conntrack::translated(&pkt.tuple, entry);
+        sctp::defer(
+            ctx.skb.skb,
+            pkt.l4_off,
+            u32::from(pkt.tot_len).saturating_sub(pkt.ip_hlen as u32),
+            (pkt.tuple.src_port, pkt.tuple.dst_port),
+            (after.src_port, after.dst_port),
+        );
+    }
+    if pkt.kind == Kind::Transport && pkt.ip_hlen == IP_HLEN_NO_OPTIONS {
         // The common packet: checksum updates, then every changed field in one store
         // (instead of one per address and port).
         if entry.flags & ct_flags::REWRITE_DST != 0 {
@@ -212,16 +214,6 @@ pub fn apply(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
             End::Source,
             entry.nat_src_addr,
             entry.nat_src_port,
-        )?;
-    }
-    if pkt.tuple.proto == proto::SCTP && pkt.kind == Kind::Transport {
-        let after = conntrack::translated(&pkt.tuple, entry);
-        sctp::ports_changed(
-            ctx.skb.skb,
-            pkt.l4_off,
-            u32::from(pkt.tot_len).saturating_sub(pkt.ip_hlen as u32),
-            (pkt.tuple.src_port, pkt.tuple.dst_port),
-            (after.src_port, after.dst_port),
         )?;
     }
     Ok(())
