@@ -72,6 +72,9 @@ pub enum SctpCrc {
     /// 0: the CRC is still to be computed by offload (CHECKSUM_PARTIAL), as Linux hands
     /// over the packets of its own SCTP sockets on a device with SCTP CRC offload.
     Offload,
+    /// Exactly this field (read little-endian): a quoted packet whose CRC belongs to
+    /// another packet (the one before translation).
+    Field(u32),
 }
 
 /// The verification tag of every crafted SCTP packet but an INIT's.
@@ -82,6 +85,14 @@ pub const SCTP_VTAG: u32 = 0x5c7f_0a11;
 #[must_use]
 pub fn crc32c(bytes: &[u8]) -> u32 {
     crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(bytes)
+}
+
+/// The checksum field of the SCTP packet in an IPv4 `frame` (Ethernet first, no IP
+/// options), read as it is stored (little-endian).
+#[must_use]
+pub fn sctp_field(frame: &[u8]) -> u32 {
+    let start = ETH_HLEN + 20 + 8;
+    u32::from_le_bytes(frame[start..start + 4].try_into().expect("4 bytes"))
 }
 
 /// Whether the SCTP packet `sctp` (common header first) carries its right CRC32c.
@@ -145,6 +156,7 @@ pub fn sctp_packet(
         SctpCrc::Valid => crc32c(&out),
         SctpCrc::Corrupt => !crc32c(&out),
         SctpCrc::Offload => 0,
+        SctpCrc::Field(field) => field,
     };
     out[8..12].copy_from_slice(&field.to_le_bytes());
     out
