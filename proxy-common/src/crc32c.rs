@@ -99,7 +99,11 @@ mod tests {
         for &byte in bytes {
             crc ^= u32::from(byte);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ POLY } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ POLY
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -125,7 +129,9 @@ mod tests {
 
     #[test]
     fn a_port_change_keeps_the_checksum_valid_for_every_length() {
-        for len in [12usize, 13, 16, 20, 33, 64, 255, 256, 257, 511, 1024, 1499, 1500] {
+        for len in [
+            12usize, 13, 16, 20, 33, 64, 255, 256, 257, 511, 1024, 1499, 1500,
+        ] {
             let mut bytes = packet(len, len as u8);
             let old: [u8; 4] = bytes[0..4].try_into().unwrap();
             let new = [0x1f, 0x90, old[2] ^ 0x5a, 0x01];

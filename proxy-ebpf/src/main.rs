@@ -5,7 +5,8 @@
 //! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
 //! a new flow's translation, [`fragments`] lets later IP fragments follow their first,
 //! [`snat`] masquerades with a port it claims, [`nat`] rewrites addresses with their
-//! checksums, [`icmp_error`] translates ICMP errors about translated flows, [`forward`]
+//! checksums (SCTP's CRC32c in [`sctp`], at each entry point's end), [`icmp_error`]
+//! translates ICMP errors about translated flows, [`forward`]
 //! sends translated packets to their next hop, [`icmp_reply`] sends the ICMP errors the
 //! datapath answers with itself (reject, fragmentation needed, time exceeded), [`sock`]
 //! translates at the socket layer for clients on the node (pods and the node's own

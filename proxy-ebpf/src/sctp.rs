@@ -114,13 +114,8 @@ pub fn finish(ctx: &TcContext, verdict: i32) -> i32 {
 fn update_crc(skb: *mut __sk_buff) -> bool {
     let ctx = TcContext::new(skb);
     // SAFETY: reads of the program's own context.
-    let (pending, old, new) = unsafe {
-        (
-            (*skb).cb[CB_WHERE],
-            (*skb).cb[CB_OLD],
-            (*skb).cb[CB_NEW],
-        )
-    };
+    let (pending, old, new) =
+        unsafe { ((*skb).cb[CB_WHERE], (*skb).cb[CB_OLD], (*skb).cb[CB_NEW]) };
     let csum_off = (pending & 0xffff) as usize + SCTP_CSUM_OFF;
     let sctp_len = pending >> 16;
     let Ok(field) = ctx.load::<u32>(csum_off) else {

@@ -1546,8 +1546,12 @@ pub fn sctp_cases() -> Vec<Case> {
     // The backend's port unreachable about the translated INIT, quoting all of it: the
     // client must get it about its own INIT (ports and addresses), whose quoted CRC
     // stays the translated packet's (a quote's CRC is never updated, see icmp_error.rs).
-    let unreachable_in =
-        Frame::icmp_error(*backend.ip(), &sent_init, IcmpError::PortUnreachable, QUOTE_ALL);
+    let unreachable_in = Frame::icmp_error(
+        *backend.ip(),
+        &sent_init,
+        IcmpError::PortUnreachable,
+        QUOTE_ALL,
+    );
     let quoted_as_sent = with_crc(
         init.clone(),
         SctpCrc::Field(sctp_field(&sent_init.to_bytes())),

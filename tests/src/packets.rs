@@ -118,7 +118,11 @@ pub fn sctp_packet(
     crc: SctpCrc,
     payload: &[u8],
 ) -> Vec<u8> {
-    let vtag = if chunk == SctpChunk::Init { 0 } else { SCTP_VTAG };
+    let vtag = if chunk == SctpChunk::Init {
+        0
+    } else {
+        SCTP_VTAG
+    };
     let mut out = Vec::new();
     out.extend_from_slice(&src_port.to_be_bytes());
     out.extend_from_slice(&dst_port.to_be_bytes());
@@ -195,7 +199,10 @@ pub enum Transport {
         checksum: bool,
     },
     /// SCTP with one chunk; the frame's payload is a DATA chunk's user data.
-    Sctp { chunk: SctpChunk, crc: SctpCrc },
+    Sctp {
+        chunk: SctpChunk,
+        crc: SctpCrc,
+    },
     /// An ICMP error quoting the first `quote` bytes of the IP packet in
     /// [`Frame::quoted`] (its header and at least 8 bytes after it).
     Icmp {
@@ -603,7 +610,10 @@ pub enum Transport6 {
     Tcp(TcpFlags),
     Udp,
     /// SCTP with one chunk (see [`Transport::Sctp`]).
-    Sctp { chunk: SctpChunk, crc: SctpCrc },
+    Sctp {
+        chunk: SctpChunk,
+        crc: SctpCrc,
+    },
     /// An ICMPv6 error quoting the first `quote` bytes of the IPv6 packet in
     /// [`Frame6::quoted`] (from its IPv6 header on); the ports are ignored.
     Icmp {

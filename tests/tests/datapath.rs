@@ -111,7 +111,10 @@ fn sctp_table_frames_carry_crc32c_by_an_independent_implementation() {
             }
         }
     }
-    assert!(valid >= 12 && corrupt == 2, "{valid} valid, {corrupt} corrupt");
+    assert!(
+        valid >= 12 && corrupt == 2,
+        "{valid} valid, {corrupt} corrupt"
+    );
 }
 
 #[test]

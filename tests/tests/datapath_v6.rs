@@ -1725,9 +1725,10 @@ fn sctp_cases6() -> Vec<(Case, Node6)> {
             .try_into()
             .expect("4 bytes"),
     );
-    let unreachable_out = unreachable_in
-        .clone()
-        .with_quoted(*vip().ip(), &with_crc(init.clone(), SctpCrc::Field(sent_field)));
+    let unreachable_out = unreachable_in.clone().with_quoted(
+        *vip().ip(),
+        &with_crc(init.clone(), SctpCrc::Field(sent_field)),
+    );
     let first_fragment = data(vip()).with_ext(&[Ext6::Fragment {
         offset: 0,
         more: true,
