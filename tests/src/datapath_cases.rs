@@ -1631,6 +1631,30 @@ pub fn sctp_cases() -> Vec<Case> {
             vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
         ),
         Case::without_node(
+            "SCTP to a ClusterIP without endpoints, or to a port it declares for TCP only, is refused with ICMP port unreachable (kube-proxy's reject), and the association starts nothing",
+            vec![
+                frontend("diameter-empty", sock(10, 96, 0, 32, 3868), proto::SCTP, &[], 0),
+                frontend("web", sock(10, 96, 0, 33, 3868), proto::TCP, &[backend], 0),
+            ],
+            [sock(10, 96, 0, 32, 3868), sock(10, 96, 0, 33, 3868)]
+                .into_iter()
+                .map(|dst| {
+                    let refused = Frame::sctp(client(), dst, SctpChunk::Init);
+                    Step {
+                        hook: Hook::PodIngress,
+                        output: Expected::Bytes(port_unreachable_reply(&refused)),
+                        input: refused,
+                        verdict: Verdict::Redirect,
+                    }
+                })
+                .collect(),
+            vec![
+                (counter::REJECTED_NO_BACKEND, 1),
+                (counter::REJECTED_UNDECLARED_PORT, 1),
+                (counter::NEW_FLOW, 0),
+            ],
+        ),
+        Case::without_node(
             "SCTP over IP fragments passes untouched (the CRC of a fragmented packet cannot be updated from its first fragment)",
             vec![diameter],
             vec![step(Hook::PodIngress, first_fragment, Expected::Unchanged)],
