@@ -1032,3 +1032,73 @@ fn frontend_address_batches_land_and_deleting_a_gone_address_succeeds() {
     assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()));
     assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()), "twice");
 }
+
+/// What the CRC32c update costs a known SCTP flow's packet (1000 bytes of DATA), beside
+/// the same flow without a port change and a UDP flow with one: medians of 20 000
+/// single runs (each one `BPF_PROG_TEST_RUN` call, so the kernel's own per-call setup
+/// is in every figure; a repeat count would run every repetition on the already
+/// translated packet). Printed with `--nocapture`; the bound only catches an update
+/// gone far off its fixed cost (it reads no payload).
+#[test]
+fn sctp_crc_update_cost() {
+    use kpr_lab::packets::SctpChunk;
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    harness.clear().expect("clear");
+    let client = sock(10, 244, 1, 2, 40_000);
+    let changed = sock(10, 96, 0, 30, 3868);
+    let same = sock(10, 96, 0, 32, 3869);
+    let udp_vip = sock(10, 96, 0, 31, 53);
+    harness
+        .install(&[
+            frontend(
+                "sctp",
+                changed,
+                proto::SCTP,
+                &[sock(10, 244, 1, 13, 3869)],
+                0,
+            ),
+            frontend(
+                "sctp-same",
+                same,
+                proto::SCTP,
+                &[sock(10, 244, 1, 15, 3869)],
+                0,
+            ),
+            frontend("udp", udp_vip, proto::UDP, &[sock(10, 244, 1, 14, 5353)], 0),
+        ])
+        .expect("install");
+    let sctp_data = |dst| {
+        let mut frame = Frame::sctp(client, dst, SctpChunk::Data);
+        frame.payload = vec![7; 1000];
+        frame
+    };
+    let mut medians = Vec::new();
+    for (name, frame) in [
+        ("sctp, port changed", sctp_data(changed)),
+        ("sctp, same port", sctp_data(same)),
+        ("udp, port changed", Frame::udp(client, udp_vip, &[7; 1000])),
+    ] {
+        let bytes = frame.to_bytes();
+        harness
+            .run_on(Hook::PodIngress, &bytes, 1)
+            .expect("first packet");
+        let mut runs: Vec<u128> = (0..20_000)
+            .map(|_| {
+                harness
+                    .run_on(Hook::PodIngress, &bytes, 1)
+                    .expect("run")
+                    .duration
+                    .as_nanos()
+            })
+            .collect();
+        runs.sort_unstable();
+        println!("{name}: median {} ns per call", runs[runs.len() / 2]);
+        medians.push(runs[runs.len() / 2]);
+    }
+    assert!(
+        medians[0] < 3 * medians[2],
+        "the SCTP update costs {} ns against UDP's {} ns",
+        medians[0],
+        medians[2]
+    );
+}
