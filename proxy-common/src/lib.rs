@@ -13,6 +13,7 @@
 //!   old layout as new.
 #![no_std]
 
+pub mod crc32c;
 pub mod maps;
 pub mod service_stats;
 pub mod sock;

@@ -39,6 +39,9 @@ pub mod stage {
     pub const DROPPED: u32 = 1 << 11;
     /// The frontend entry used is the in-cluster (internal) scope.
     pub const INTERNAL_SCOPE: u32 = 1 << 12;
+    /// A ClusterIP that declares no frontend for this port and protocol: rejected with
+    /// ICMP port unreachable.
+    pub const UNDECLARED_REJECT: u32 = 1 << 13;
 }
 
 /// What one run decided.

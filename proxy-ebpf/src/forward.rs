@@ -48,13 +48,19 @@ pub enum NextHop {
 }
 
 /// The length the route's MTU is checked against: the packet's, or for a GSO packet
-/// (TCP segmentation offload across a veth) the length of each segment it becomes.
+/// (TCP segmentation offload across a veth) the length of each segment it becomes; 0
+/// (not checked) for an SCTP GSO packet.
 #[inline(always)]
 fn wire_len(ctx: &TcContext, pkt: &Packet) -> u16 {
     // SAFETY: reading a field of the program's own skb.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
         return pkt.tot_len;
+    }
+    if pkt.tuple.proto == proto::SCTP {
+        // SCTP's GSO packets are lists of whole packets (gso_size GSO_BY_FRAGS), each
+        // sized by SCTP to the path MTU it knows; the kernel checks them one by one.
+        return 0;
     }
     let l4_hlen = if pkt.tuple.proto == proto::TCP {
         u32::from(pkt.tcp_hlen)

@@ -123,10 +123,11 @@ impl Quoted {
             usize::from(pkt.inner_l4_off) + if is_udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
         // The load fails when the quote stops before the checksum: nothing to update.
         // A UDP checksum of 0 is invalid in IPv6 and stays as it is.
+        // A quoted SCTP CRC32c is left as it came (why: `crate::icmp_error`).
         let l4_csum = ctx
             .load::<u16>(l4_csum_off)
             .ok()
-            .filter(|&csum| !(is_udp && csum == 0))
+            .filter(|&csum| !(is_udp && csum == 0) && pkt.tuple.proto != proto::SCTP)
             .map(|csum| (l4_csum_off, csum));
         Self {
             icmp_csum_off: pkt.l4_off + ICMPV6_CSUM_OFF,

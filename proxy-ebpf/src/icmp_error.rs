@@ -21,7 +21,8 @@
 //! Checksums, as netfilter's `nf_nat_ipv4_manip_pkt` on an inner header: the quoted IP
 //! header's; the quoted L4 checksum when the error quotes it (UDP's is in the first 8
 //! bytes, so always, unless it is 0 = none; TCP's only when 18 bytes or more of the TCP
-//! header are quoted, as Linux quotes up to 576 bytes); and the ICMP checksum, which
+//! header are quoted, as Linux quotes up to 576 bytes; a quoted SCTP CRC32c never, see
+//! `Quoted::new`); and the ICMP checksum, which
 //! covers the whole ICMP message and no pseudo-header. A quoted address change leaves
 //! the ICMP sum as it was (the quoted header's checksum changes by the opposite
 //! amount), so only quoted ports and the quoted L4 checksum change it. Every update is
@@ -134,11 +135,14 @@ impl Quoted {
         let is_udp = pkt.tuple.proto == proto::UDP;
         let l4_csum_off = pkt.inner_l4_off + if is_udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
         // The load fails when the error quotes fewer bytes than that (TCP with the
-        // minimum 8): nothing to update then.
+        // minimum 8): nothing to update then. A quoted SCTP packet's CRC32c covers the
+        // whole packet, of which the error holds the start: no update can make it
+        // right, and the receiver matches the error by ports and verification tag
+        // (RFC 9260 appendix C), never by it. It is left as it came.
         let l4_csum = ctx
             .load::<u16>(l4_csum_off)
             .ok()
-            .filter(|&csum| !(is_udp && csum == 0))
+            .filter(|&csum| !(is_udp && csum == 0) && pkt.tuple.proto != proto::SCTP)
             .map(|csum| (l4_csum_off, csum));
         Self {
             icmp_csum_off: pkt.l4_off + ICMP_CSUM_OFF,

@@ -5,7 +5,8 @@
 //! records flows, [`service`] finds frontends and picks backends, [`new_flow`] decides
 //! a new flow's translation, [`fragments`] lets later IP fragments follow their first,
 //! [`snat`] masquerades with a port it claims, [`nat`] rewrites addresses with their
-//! checksums, [`icmp_error`] translates ICMP errors about translated flows, [`forward`]
+//! checksums (SCTP's CRC32c in [`sctp`], at each entry point's end), [`icmp_error`]
+//! translates ICMP errors about translated flows, [`forward`]
 //! sends translated packets to their next hop, [`icmp_reply`] sends the ICMP errors the
 //! datapath answers with itself (reject, fragmentation needed, time exceeded), [`sock`]
 //! translates at the socket layer for clients on the node (pods and the node's own
@@ -58,6 +59,7 @@ mod parse;
 mod parse6;
 mod pod_ingress;
 mod reply_egress;
+mod sctp;
 mod service;
 mod service6;
 mod service_stats;
@@ -93,15 +95,21 @@ pub(crate) fn verdict_of(result: verdict::Result<i32>) -> i32 {
 /// TC ingress of pod-facing interfaces: packets leaving pods towards services, and
 /// replies of backends that must be translated back.
 ///
+/// Every TC entry point ends with [`sctp::finish`]: the SCTP checksum update the NAT
+/// stages deferred (why: [`sctp`]).
+///
 /// IPv6 frames take their own path ([`new_flow6`]), called from here rather than from
 /// inside the IPv4 one: the verifier limits the stack of a call chain to 512 bytes, and
 /// the IPv4 function's frame would leave the IPv6 stages too little of it.
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::pod_ingress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(pod_ingress::try_pod_ingress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::pod_ingress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(pod_ingress::try_pod_ingress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// TC egress of pod-facing interfaces: replies on their way into client pods, whose
@@ -114,10 +122,13 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
     if !via_stack::may_carry_replies(unsafe { (*ctx.skb.skb).ifindex }) {
         return verdict::PASS;
     }
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::reply_egress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(reply_egress::try_reply_egress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::reply_egress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(reply_egress::try_reply_egress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// TC ingress of the node's external interfaces: traffic from other nodes and from
@@ -126,10 +137,13 @@ pub fn tc_pod_egress(ctx: TcContext) -> i32 {
 /// IPv6 as in `tc_pod_ingress`.
 #[classifier]
 pub fn tc_node_ingress(ctx: TcContext) -> i32 {
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::node_ingress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(node_ingress::try_node_ingress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::node_ingress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(node_ingress::try_node_ingress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// TC egress of the node's external interfaces: replies of local backends to clients
@@ -138,10 +152,13 @@ pub fn tc_node_ingress(ctx: TcContext) -> i32 {
 /// IPv6 as in `tc_pod_egress`.
 #[classifier]
 pub fn tc_node_egress(ctx: TcContext) -> i32 {
-    if parse6::is_ipv6(&ctx) {
-        return new_flow6::reply_egress(ctx.skb.skb, conntrack::now());
-    }
-    verdict_of(reply_egress::try_reply_egress(&ctx))
+    sctp::begin(&ctx);
+    let verdict = if parse6::is_ipv6(&ctx) {
+        new_flow6::reply_egress(ctx.skb.skb, conntrack::now())
+    } else {
+        verdict_of(reply_egress::try_reply_egress(&ctx))
+    };
+    sctp::finish(&ctx, verdict)
 }
 
 /// Host builds only exist to be checked (see the top of this file).

@@ -1,5 +1,7 @@
 //! Address and port rewriting with incremental checksum updates (RFC 1624 through the
-//! kernel's csum helpers, which also handle CHECKSUM_PARTIAL packets from veths).
+//! kernel's csum helpers, which also handle CHECKSUM_PARTIAL packets from veths). SCTP
+//! has no internet checksum over its header: its addresses change only the IP header
+//! checksum, its ports its CRC32c ([`crate::sctp`], deferred to the program's end).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
@@ -12,7 +14,7 @@ use crate::{
         Kind, Packet, ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DST_PORT_OFF,
         L4_SRC_PORT_OFF,
     },
-    service_stats, stats,
+    sctp, service_stats, stats,
     verdict::{DropReason, Result},
 };
 
@@ -55,7 +57,9 @@ fn update_checksums(ctx: &TcContext, pkt: &Packet, end: End, addr: Be32, port: B
         End::Source => (pkt.tuple.src_addr, pkt.tuple.src_port),
         End::Destination => (pkt.tuple.dst_addr, pkt.tuple.dst_port),
     };
-    let has_l4_header = pkt.kind == Kind::Transport;
+    // SCTP's CRC32c covers no pseudo-header (an address change leaves it alone); its
+    // ports' change is `crate::sctp`'s.
+    let has_l4_header = pkt.kind == Kind::Transport && pkt.tuple.proto != proto::SCTP;
     // UDP checksum 0 means "none": MARK_MANGLED_0 keeps it 0 instead of inventing one.
     let l4_flags = if pkt.tuple.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
@@ -147,6 +151,17 @@ const IP_HLEN_NO_OPTIONS: usize = 20;
 pub fn apply(ctx: &TcContext, pkt: &Packet, entry: &CtEntryV4) -> Result<()> {
     if pkt.kind == Kind::IcmpError {
         return icmp_error::translate(ctx, pkt, entry);
+    }
+    if pkt.tuple.proto == proto::SCTP {
+        // Parsing leaves SCTP only unfragmented packets (`Kind::Transport`).
+        let after = conntrack::translated(&pkt.tuple, entry);
+        sctp::defer(
+            ctx.skb.skb,
+            pkt.l4_off,
+            u32::from(pkt.tot_len).saturating_sub(pkt.ip_hlen as u32),
+            (pkt.tuple.src_port, pkt.tuple.dst_port),
+            (after.src_port, after.dst_port),
+        );
     }
     if pkt.kind == Kind::Transport && pkt.ip_hlen == IP_HLEN_NO_OPTIONS {
         // The common packet: checksum updates, then every changed field in one store

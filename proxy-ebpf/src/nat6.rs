@@ -3,21 +3,24 @@
 //! pseudo-header (RFC 8200 section 8.1), so a rewrite is one checksum update for the
 //! 16-byte address (its difference from `bpf_csum_diff`) and one for the port.
 //!
+//! SCTP's CRC32c covers no pseudo-header: its address rewrite touches no checksum at
+//! all, its port rewrite only the CRC ([`crate::sctp`], deferred to the program's end).
+//!
 //! UDP over IPv6 must carry a checksum: one that computes to 0 is sent as 0xffff
 //! (`BPF_F_MARK_MANGLED_0` does that), and a datagram that arrives with 0 is invalid
 //! (the receiver drops it; the helper leaves it 0 and so do we).
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use proxy_common::{counter, ct_flags, proto, Be16, Be32x4, CtEntryV6};
 
 use crate::{
-    icmp6_error,
+    conntrack6, icmp6_error,
     parse::{Kind, ETH_HLEN, L4_DST_PORT_OFF, L4_SRC_PORT_OFF},
-    parse6::{Packet6, IPV6_DST_OFF, IPV6_SRC_OFF},
-    stats,
+    parse6::{Packet6, IPV6_DST_OFF, IPV6_HLEN, IPV6_PAYLOAD_LEN_OFF, IPV6_SRC_OFF},
+    sctp, stats,
     verdict::{DropReason, Result},
 };
 
@@ -93,6 +96,8 @@ fn rewrite(ctx: &TcContext, pkt: &Packet6, end: End, addr: &Be32x4, port: Be16) 
         ),
     };
     let has_l4_header = pkt.kind == Kind::Transport;
+    // SCTP's CRC32c has no pseudo-header, and its ports' change is `crate::sctp`'s.
+    let has_l4_csum = has_l4_header && pkt.tuple.proto != proto::SCTP;
     let l4_flags = if pkt.tuple.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
@@ -100,23 +105,27 @@ fn rewrite(ctx: &TcContext, pkt: &Packet6, end: End, addr: &Be32x4, port: Be16) 
     };
     let csum_off = pkt.l4_csum_off();
     if old_addr != addr {
-        if has_l4_header {
+        if has_l4_csum {
             replace_addr(ctx, csum_off, addr_off, old_addr, addr, l4_flags)?;
         } else {
-            ctx.store(addr_off, addr, 0)
+            // No checksum in this packet covers the address (a later fragment, SCTP):
+            // RECOMPUTE_CSUM keeps a CHECKSUM_COMPLETE packet's `skb->csum` right.
+            ctx.store(addr_off, addr, u64::from(BPF_F_RECOMPUTE_CSUM))
                 .map_err(|_| DropReason::REWRITE)?;
         }
     }
     if old_port != port && has_l4_header {
-        // Ports are not in the pseudo-header (the kernel skips this update for
-        // CHECKSUM_PARTIAL packets, whose field holds the pseudo-header sum).
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_port.0),
-            u64::from(port.0),
-            l4_flags | 2,
-        )
-        .map_err(|_| DropReason::REWRITE)?;
+        if has_l4_csum {
+            // Ports are not in the pseudo-header (the kernel skips this update for
+            // CHECKSUM_PARTIAL packets, whose field holds the pseudo-header sum).
+            ctx.l4_csum_replace(
+                csum_off,
+                u64::from(old_port.0),
+                u64::from(port.0),
+                l4_flags | 2,
+            )
+            .map_err(|_| DropReason::REWRITE)?;
+        }
         ctx.store(port_off, &port.0, 0)
             .map_err(|_| DropReason::REWRITE)?;
     }
@@ -128,6 +137,22 @@ fn rewrite(ctx: &TcContext, pkt: &Packet6, end: End, addr: &Be32x4, port: Be16) 
 #[inline(never)]
 pub fn apply(skb: *mut __sk_buff, pkt: &Packet6, entry: &CtEntryV6) -> Result<()> {
     let ctx = &TcContext::new(skb);
+    if pkt.tuple.proto == proto::SCTP && pkt.kind == Kind::Transport {
+        // The SCTP packet runs from its header to the end of the IPv6 payload, whose
+        // length counts the extension headers before it.
+        let payload_len: Be16 = ctx
+            .load(ETH_HLEN + IPV6_PAYLOAD_LEN_OFF)
+            .map_err(|_| DropReason::REWRITE)?;
+        let ext_len = pkt.l4_off.saturating_sub(ETH_HLEN + IPV6_HLEN);
+        let after = conntrack6::translated(&pkt.tuple, entry);
+        sctp::defer(
+            skb,
+            pkt.l4_off,
+            u32::from(payload_len.to_host()).saturating_sub(ext_len as u32),
+            (pkt.tuple.src_port, pkt.tuple.dst_port),
+            (after.src_port, after.dst_port),
+        );
+    }
     if entry.flags & ct_flags::REWRITE_DST != 0 {
         rewrite(
             ctx,

@@ -83,6 +83,7 @@ pub fn handle(
     }
     let Some(frontend) = service::lookup(&pkt.tuple, origin == Origin::Pod) else {
         if cluster_ip {
+            trace::stage(stage::UNDECLARED_REJECT);
             return icmp_reply::send(ctx, pkt, IcmpReply::PortUndeclared);
         }
         return Ok(PASS);

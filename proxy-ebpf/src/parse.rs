@@ -1,6 +1,13 @@
-//! Header parsing: Ethernet, IPv4, TCP/UDP, and ICMP errors that quote a TCP/UDP
-//! packet. Produces offsets and the conntrack key; never keeps pointers, because every
-//! helper that writes the packet invalidates them.
+//! Header parsing: Ethernet, IPv4, TCP/UDP/SCTP, and ICMP errors that quote a
+//! TCP/UDP/SCTP packet. Produces offsets and the conntrack key; never keeps pointers,
+//! because every helper that writes the packet invalidates them.
+//!
+//! SCTP's ports sit where UDP's do (RFC 9260 section 3.1), and the rest of the datapath
+//! treats it as UDP except for its checksum ([`crate::sctp`]). SCTP over IP fragments
+//! is passed untouched: its CRC32c covers the whole SCTP packet, so a port change
+//! cannot be applied to a first fragment without the datagram's length, which only
+//! the last fragment tells. SCTP sizes its packets to the path MTU itself (RFC 9260
+//! section 6.9), so it fragments at the IP layer only where PMTU discovery fails.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{proto, Be16, Be32, CtKeyV4};
 
@@ -46,8 +53,8 @@ pub mod icmp_type {
 /// What kind of packet it is, which decides what may be rewritten.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A TCP/UDP packet with its L4 header: unfragmented, or a datagram's first
-    /// fragment.
+    /// A TCP/UDP/SCTP packet with its L4 header: unfragmented, or (TCP/UDP) a
+    /// datagram's first fragment.
     Transport,
     /// A non-first fragment: no L4 header. Its tuple's ports are zero until the
     /// fragment map supplies the first fragment's ([`crate::fragments`]).
@@ -89,7 +96,7 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// Offset of the TCP/UDP checksum.
+    /// Offset of the TCP/UDP checksum (SCTP has none of this kind: [`crate::sctp`]).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.tuple.proto == proto::TCP {
@@ -167,7 +174,7 @@ pub(crate) fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-/// Parses an IPv4 TCP/UDP frame, or an ICMP error quoting one. `None` means "not
+/// Parses an IPv4 TCP/UDP/SCTP frame, or an ICMP error quoting one. `None` means "not
 /// ours": another protocol, or a header that does not fit (the kernel will judge such
 /// packets itself).
 #[inline(always)]
@@ -221,7 +228,9 @@ pub fn ipv4(ctx: &TcContext) -> Option<Packet> {
             pkt.kind = Kind::LaterFragment;
             Some(pkt)
         }
-        proto::TCP | proto::UDP => {
+        // Any fragment of SCTP (see the module comment).
+        proto::SCTP if later_fragment || frag_field & IP_MF != 0 => None,
+        proto::TCP | proto::UDP | proto::SCTP => {
             transport(ctx, &mut pkt)?;
             Some(pkt)
         }
@@ -252,7 +261,7 @@ fn transport(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
     Some(())
 }
 
-/// Recognises an ICMP error that quotes the start of a TCP/UDP packet (RFC 792: the IP
+/// Recognises an ICMP error that quotes the start of a TCP/UDP/SCTP packet (RFC 792: the IP
 /// header and at least 8 bytes of its payload, which hold the ports) and makes its key
 /// the reversed quoted tuple. The quoted bytes are read with `bpf_skb_load_bytes`,
 /// which works wherever they sit in the buffer.
@@ -271,7 +280,7 @@ fn icmp_error(ctx: &TcContext, pkt: &mut Packet) -> Option<()> {
     if inner.version_ihl >> 4 != 4 || inner_hlen < 20 {
         return None;
     }
-    if inner.protocol != proto::TCP && inner.protocol != proto::UDP {
+    if !matches!(inner.protocol, proto::TCP | proto::UDP | proto::SCTP) {
         return None;
     }
     // A quoted later fragment has no ports to match a flow by.

@@ -1,5 +1,5 @@
 //! IPv6 header parsing: the fixed header, a bounded walk over extension headers, and
-//! the TCP/UDP ports after them. Produces offsets and the conntrack key, as
+//! the TCP/UDP/SCTP ports after them. Produces offsets and the conntrack key, as
 //! [`crate::parse`] does for IPv4; never keeps pointers.
 //!
 //! The walk follows hop-by-hop options, routing, destination options and fragment
@@ -10,8 +10,9 @@
 //!   `ipv6_ext_headers_passed`);
 //! - a routing header with segments left: the destination address is a waypoint, not
 //!   the final destination the L4 checksum covers (also counted there);
-//! - ICMPv6 other than an error quoting a TCP/UDP packet (neighbour discovery, router
-//!   advertisements, MLD, echo), ESP, AH and every other next header.
+//! - ICMPv6 other than an error quoting a TCP/UDP/SCTP packet (neighbour discovery,
+//!   router advertisements, MLD, echo), ESP, AH and every other next header;
+//! - SCTP with a fragment header (why: [`crate::parse`]).
 //!
 //! A non-first fragment has no ports to find its flow by: it is a
 //! [`Kind::LaterFragment`], whose ports [`crate::fragments6`] supplies from its first.
@@ -30,6 +31,7 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Length of the fixed IPv6 header.
 pub const IPV6_HLEN: usize = 40;
 /// Offsets inside the IPv6 header.
+pub const IPV6_PAYLOAD_LEN_OFF: usize = 4;
 pub const IPV6_HOP_LIMIT_OFF: usize = 7;
 pub const IPV6_SRC_OFF: usize = 8;
 pub const IPV6_DST_OFF: usize = 24;
@@ -102,7 +104,7 @@ impl Default for Packet6 {
 }
 
 impl Packet6 {
-    /// Offset of the TCP/UDP checksum.
+    /// Offset of the TCP/UDP checksum (SCTP has none of this kind: [`crate::sctp`]).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.tuple.proto == proto::TCP {
@@ -297,7 +299,9 @@ fn ipv6(ctx: &TcContext, pkt: &mut Packet6) -> Option<()> {
         proto::TCP | proto::UDP if walked.fragment == Fragment::Later => {
             pkt.kind = Kind::LaterFragment;
         }
-        proto::TCP | proto::UDP => {
+        // Any fragment of SCTP: passed untouched, as in [`crate::parse`].
+        proto::SCTP if walked.fragment != Fragment::None => return None,
+        proto::TCP | proto::UDP | proto::SCTP => {
             let ports: [Be16; 2] = read(ctx, walked.off + L4_SRC_PORT_OFF)?;
             pkt.tuple.src_port = ports[0];
             pkt.tuple.dst_port = ports[1];
@@ -333,7 +337,7 @@ fn icmp_error(ctx: &TcContext, pkt: &mut Packet6) -> Option<()> {
     let (inner_next, _) = fixed_start(ctx, inner_ip_off)?;
     let walked = walk(ctx, inner_next, inner_ip_off + IPV6_HLEN)?;
     if walked.fragment == Fragment::Later
-        || (walked.next != proto::TCP && walked.next != proto::UDP)
+        || !matches!(walked.next, proto::TCP | proto::UDP | proto::SCTP)
     {
         return None;
     }

@@ -781,6 +781,17 @@ pub fn describe_packet(frame: &[u8]) -> String {
             icmp.type_u8(),
             icmp.code_u8()
         ),
+        // etherparse has no SCTP: its ports are the first 4 bytes, as UDP's.
+        None if ip.header().protocol() == etherparse::IpNumber::SCTP => {
+            match ip.payload().payload.get(0..4) {
+                Some(&[a, b, c, d]) => format!(
+                    "{src}:{} -> {dst}:{} SCTP",
+                    u16::from_be_bytes([a, b]),
+                    u16::from_be_bytes([c, d])
+                ),
+                _ => format!("{src} -> {dst} SCTP, truncated"),
+            }
+        }
         _ => format!("{src} -> {dst} protocol {}", ip.header().protocol().0),
     }
 }
@@ -828,7 +839,9 @@ pub fn trace_view(
     } else {
         stages.push("conntrack: no flow for this 5-tuple".to_owned());
     }
-    if has(stage::PARSED) && !known {
+    if has(stage::UNDECLARED_REJECT) {
+        stages.push("frontend: none for this port and protocol on a ClusterIP; refused".to_owned());
+    } else if has(stage::PARSED) && !known {
         stages.push(
             "frontend: none for this address, port and protocol; passes untouched".to_owned(),
         );
@@ -895,7 +908,7 @@ pub fn trace_view(
             .filter(|name| !name.is_empty())
             .map_or("unknown".to_owned(), |name| (*name).to_owned());
         format!("drop: {reason}")
-    } else if has(stage::EMPTY_REJECT) {
+    } else if has(stage::EMPTY_REJECT) || has(stage::UNDECLARED_REJECT) {
         "reject".to_owned()
     } else if run.verdict == 7 {
         "translate and redirect".to_owned()

@@ -70,7 +70,7 @@ enum InspectWhat {
         /// Only flows with this port at either end.
         #[arg(long)]
         port: Option<u16>,
-        /// Only this protocol (tcp or udp).
+        /// Only this protocol (tcp, udp or sctp).
         #[arg(long, value_parser = parse_protocol)]
         protocol: Option<u8>,
     },
@@ -93,7 +93,7 @@ struct TraceArgs {
     /// The destination address:port.
     #[arg(long)]
     to: std::net::SocketAddrV4,
-    /// tcp or udp.
+    /// tcp, udp or sctp.
     #[arg(long, value_parser = parse_protocol, default_value = "tcp")]
     protocol: u8,
     /// The packet arrives from outside the node (the node-facing program) instead of
@@ -112,7 +112,8 @@ fn parse_protocol(text: &str) -> Result<u8, String> {
     match text.to_ascii_lowercase().as_str() {
         "tcp" => Ok(proxy_common::proto::TCP),
         "udp" => Ok(proxy_common::proto::UDP),
-        other => Err(format!("unknown protocol {other:?} (tcp or udp)")),
+        "sctp" => Ok(proxy_common::proto::SCTP),
+        other => Err(format!("unknown protocol {other:?} (tcp, udp or sctp)")),
     }
 }
 

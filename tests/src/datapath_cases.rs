@@ -22,7 +22,8 @@ use proxy_userspace::{
 };
 
 use crate::packets::{
-    icmp_reply, port_unreachable_reply, sock, Fragment, Frame, IcmpError, TcpFlags, Transport,
+    icmp_reply, port_unreachable_reply, sctp_field, sock, Fragment, Frame, IcmpError, SctpChunk,
+    SctpCrc, TcpFlags, Transport,
 };
 
 /// The verdicts the program returns (TC_ACT_*).
@@ -1547,4 +1548,183 @@ fn hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join("")
+}
+
+/// SCTP over IPv4 (translated as UDP is, its CRC32c kept valid across port changes):
+/// pod to ClusterIP both ways, the address-only DNAT, a corrupted CRC, a CRC left to
+/// offload, an ICMP error about a flow, fragments, and a NodePort flow masqueraded with
+/// a claimed port. Every expected frame's CRC32c comes from the `crc` crate
+/// ([`crate::packets::crc32c`]), never from the datapath's code. Run in an empty
+/// network namespace (the node case's FIB lookup finds no route: Pass).
+#[must_use]
+pub fn sctp_cases() -> Vec<Case> {
+    use addr::client;
+    use node_addr::*;
+    let vip = sock(10, 96, 0, 30, 3868);
+    let backend = sock(10, 244, 1, 13, 3869);
+    let same_port_vip = sock(10, 96, 0, 31, 3869);
+    let diameter = frontend("diameter", vip, proto::SCTP, &[backend], 0);
+    let same_port = frontend("diameter-same", same_port_vip, proto::SCTP, &[backend], 0);
+    let init = Frame::sctp(client(), vip, SctpChunk::Init);
+    let sent_init = init.clone().with_dst(backend);
+    let init_ack = |from| Frame::sctp(from, client(), SctpChunk::InitAck);
+    let data = |dst| {
+        let mut frame = Frame::sctp(client(), dst, SctpChunk::Data);
+        frame.payload = b"capabilities-exchange".to_vec();
+        frame
+    };
+    let with_crc = |mut frame: Frame, crc| {
+        if let Transport::Sctp { chunk, .. } = frame.transport {
+            frame.transport = Transport::Sctp { chunk, crc };
+        }
+        frame
+    };
+    let step = |hook: Hook, input: Frame, output: Expected| Step {
+        hook,
+        input,
+        verdict: Verdict::Pass,
+        output,
+    };
+    // The backend's port unreachable about the translated INIT, quoting all of it: the
+    // client must get it about its own INIT (ports and addresses), whose quoted CRC
+    // stays the translated packet's (a quote's CRC is never updated, see icmp_error.rs).
+    let unreachable_in = Frame::icmp_error(
+        *backend.ip(),
+        &sent_init,
+        IcmpError::PortUnreachable,
+        QUOTE_ALL,
+    );
+    let quoted_as_sent = with_crc(
+        init.clone(),
+        SctpCrc::Field(sctp_field(&sent_init.to_bytes())),
+    );
+    let unreachable_out = unreachable_in
+        .clone()
+        .with_quoted(*vip.ip(), &quoted_as_sent);
+    let first_fragment = data(vip).fragment(Fragment {
+        offset: 0,
+        len: 24,
+        more: true,
+    });
+    let snat = NodeSetup {
+        snat: Some((NODE, SNAT_PORT)),
+        cluster_cidr: Some((Ipv4Addr::new(10, 244, 0, 0), 16)),
+        ..NodeSetup::default()
+    };
+    let outside_init = Frame::sctp(outside_client(), node_port(), SctpChunk::Init);
+    let masqueraded_init = Frame::sctp(masqueraded(), remote_backend(), SctpChunk::Init);
+    let init_ack_transport = Transport::Sctp {
+        chunk: SctpChunk::InitAck,
+        crc: SctpCrc::Valid,
+    };
+    vec![
+        Case::without_node(
+            "SCTP INIT to a ClusterIP is DNATed with its port changed and its CRC32c updated; the INIT ACK comes back from the ClusterIP; DATA follows the flow",
+            vec![diameter.clone()],
+            vec![
+                step(Hook::PodIngress, init.clone(), Expected::Frame(sent_init.clone())),
+                step(Hook::PodEgress, init_ack(backend), Expected::Frame(init_ack(vip))),
+                step(Hook::PodIngress, data(vip), Expected::Frame(data(backend))),
+            ],
+            vec![
+                (counter::NEW_FLOW, 1),
+                (counter::REPLY_TRANSLATED, 1),
+                (counter::FORWARD_TRANSLATED, 1),
+                (counter::DROP_REWRITE, 0),
+            ],
+        ),
+        Case::without_node(
+            "SCTP to a ClusterIP whose port is its targetPort: the address changes, the CRC32c (no pseudo-header) does not",
+            vec![same_port],
+            vec![step(
+                Hook::PodIngress,
+                Frame::sctp(client(), same_port_vip, SctpChunk::Init),
+                Expected::Frame(Frame::sctp(client(), backend, SctpChunk::Init)),
+            )],
+            vec![(counter::NEW_FLOW, 1)],
+        ),
+        Case::without_node(
+            "an SCTP packet with a wrong CRC32c is translated, not validated: it leaves as wrong as it came, for its receiver to drop",
+            vec![diameter.clone()],
+            vec![step(
+                Hook::PodIngress,
+                with_crc(init.clone(), SctpCrc::Corrupt),
+                Expected::Frame(with_crc(sent_init.clone(), SctpCrc::Corrupt)),
+            )],
+            vec![(counter::NEW_FLOW, 1), (counter::DROP_REWRITE, 0)],
+        ),
+        Case::without_node(
+            "an SCTP packet whose CRC32c is left to offload (field 0, CHECKSUM_PARTIAL) keeps the field 0 through DNAT",
+            vec![diameter.clone()],
+            vec![step(
+                Hook::PodIngress,
+                with_crc(init.clone(), SctpCrc::Offload),
+                Expected::Frame(with_crc(sent_init.clone(), SctpCrc::Offload)),
+            )],
+            vec![(counter::NEW_FLOW, 1)],
+        ),
+        Case::without_node(
+            "ICMP port unreachable from the backend about an SCTP flow reaches the client about its own packet (ports, addresses, ICMP checksum)",
+            vec![diameter.clone()],
+            vec![
+                step(Hook::PodIngress, init.clone(), Expected::Frame(sent_init.clone())),
+                step(Hook::PodEgress, unreachable_in, Expected::Frame(unreachable_out)),
+            ],
+            vec![(counter::ICMP_ERROR_TRANSLATED, 1)],
+        ),
+        Case::without_node(
+            "SCTP to a ClusterIP without endpoints, or to a port it declares for TCP only, is refused with ICMP port unreachable (kube-proxy's reject), and the association starts nothing",
+            vec![
+                frontend("diameter-empty", sock(10, 96, 0, 32, 3868), proto::SCTP, &[], 0),
+                frontend("web", sock(10, 96, 0, 33, 3868), proto::TCP, &[backend], 0),
+            ],
+            [sock(10, 96, 0, 32, 3868), sock(10, 96, 0, 33, 3868)]
+                .into_iter()
+                .map(|dst| {
+                    let refused = Frame::sctp(client(), dst, SctpChunk::Init);
+                    Step {
+                        hook: Hook::PodIngress,
+                        output: Expected::Bytes(port_unreachable_reply(&refused)),
+                        input: refused,
+                        verdict: Verdict::Redirect,
+                    }
+                })
+                .collect(),
+            vec![
+                (counter::REJECTED_NO_BACKEND, 1),
+                (counter::REJECTED_UNDECLARED_PORT, 1),
+                (counter::NEW_FLOW, 0),
+            ],
+        ),
+        Case::without_node(
+            "SCTP over IP fragments passes untouched (the CRC of a fragmented packet cannot be updated from its first fragment)",
+            vec![diameter],
+            vec![step(Hook::PodIngress, first_fragment, Expected::Unchanged)],
+            vec![(counter::NEW_FLOW, 0)],
+        ),
+        Case {
+            name: "SCTP NodePort to a remote backend: masqueraded with a claimed port (both ports change, the CRC32c follows), the INIT ACK translated back",
+            frontends: vec![frontend(
+                "np-sctp",
+                node_port(),
+                proto::SCTP,
+                &[remote_backend()],
+                service_flags::EXTERNAL,
+            )],
+            steps: vec![
+                step(Hook::NodeIngress, outside_init.clone(), Expected::Frame(masqueraded_init.clone())),
+                step(
+                    Hook::NodeIngress,
+                    masqueraded_init.reply(init_ack_transport),
+                    Expected::Frame(outside_init.reply(init_ack_transport)),
+                ),
+            ],
+            node: snat,
+            counters: vec![
+                (counter::NEW_FLOW, 1),
+                (counter::SNAT_FLOW, 1),
+                (counter::REPLY_TRANSLATED, 1),
+            ],
+        },
+    ]
 }

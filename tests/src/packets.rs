@@ -1,5 +1,7 @@
 //! Crafted frames for datapath tests, built with etherparse so checksums come from an
-//! implementation independent of the one under test.
+//! implementation independent of the one under test. etherparse has no SCTP: SCTP
+//! packets are laid out here (RFC 9260 section 3) and their CRC32c computed by the
+//! `crc` crate.
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use etherparse::{
@@ -49,6 +51,121 @@ impl TcpFlags {
     };
 }
 
+/// The chunk a crafted SCTP packet carries (RFC 9260 section 3.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SctpChunk {
+    /// INIT: the association's first packet, verification tag 0.
+    Init,
+    /// INIT ACK with a state cookie.
+    InitAck,
+    /// DATA carrying the frame's payload.
+    Data,
+}
+
+/// The checksum field of a crafted SCTP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SctpCrc {
+    /// The packet's CRC32c.
+    Valid,
+    /// The CRC32c with every bit flipped: a corrupted packet.
+    Corrupt,
+    /// 0: the CRC is still to be computed by offload (CHECKSUM_PARTIAL), as Linux hands
+    /// over the packets of its own SCTP sockets on a device with SCTP CRC offload.
+    Offload,
+    /// Exactly this field (read little-endian): a quoted packet whose CRC belongs to
+    /// another packet (the one before translation).
+    Field(u32),
+}
+
+/// The verification tag of every crafted SCTP packet but an INIT's.
+pub const SCTP_VTAG: u32 = 0x5c7f_0a11;
+
+/// CRC32c of `bytes` (RFC 9260 appendix A) by the `crc` crate, the datapath's
+/// independent reference.
+#[must_use]
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(bytes)
+}
+
+/// The checksum field of the SCTP packet in an IPv4 `frame` (Ethernet first, no IP
+/// options), read as it is stored (little-endian).
+#[must_use]
+pub fn sctp_field(frame: &[u8]) -> u32 {
+    let start = ETH_HLEN + 20 + 8;
+    u32::from_le_bytes(frame[start..start + 4].try_into().expect("4 bytes"))
+}
+
+/// Whether the SCTP packet `sctp` (common header first) carries its right CRC32c.
+#[must_use]
+pub fn sctp_crc_is_valid(sctp: &[u8]) -> bool {
+    let Some(field) = sctp.get(8..12) else {
+        return false;
+    };
+    let field = u32::from_le_bytes(field.try_into().expect("4 bytes"));
+    let mut zeroed = sctp.to_vec();
+    zeroed[8..12].fill(0);
+    field == crc32c(&zeroed)
+}
+
+/// An SCTP packet from `src_port` to `dst_port`: the common header and one chunk, its
+/// checksum as `crc` says (the CRC covers the packet with the field zeroed, and sits in
+/// it little-endian, as Linux writes it).
+#[must_use]
+pub fn sctp_packet(
+    src_port: u16,
+    dst_port: u16,
+    chunk: SctpChunk,
+    crc: SctpCrc,
+    payload: &[u8],
+) -> Vec<u8> {
+    let vtag = if chunk == SctpChunk::Init {
+        0
+    } else {
+        SCTP_VTAG
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(&src_port.to_be_bytes());
+    out.extend_from_slice(&dst_port.to_be_bytes());
+    out.extend_from_slice(&vtag.to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    let init = |chunk_type: u8, params: &[u8]| {
+        // Type, flags, length; initiate tag, a_rwnd, streams out and in, initial TSN.
+        let len = u16::try_from(20 + params.len()).expect("small chunk");
+        let mut bytes = vec![chunk_type, 0];
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(&0x0a0b_0c0d_u32.to_be_bytes());
+        bytes.extend_from_slice(&106_496_u32.to_be_bytes());
+        bytes.extend_from_slice(&[0, 10, 0, 10]);
+        bytes.extend_from_slice(&0x0000_1000_u32.to_be_bytes());
+        bytes.extend_from_slice(params);
+        bytes
+    };
+    match chunk {
+        SctpChunk::Init => out.extend(init(1, &[])),
+        // A state cookie parameter (type 7) of 8 bytes.
+        SctpChunk::InitAck => out.extend(init(2, &[0, 7, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8])),
+        SctpChunk::Data => {
+            // Type 0, flags B|E, length; TSN, stream 0, sequence 0, PPID 0; the user
+            // data padded to 4 bytes (the length does not count the padding).
+            let len = u16::try_from(16 + payload.len()).expect("small chunk");
+            out.extend_from_slice(&[0, 3]);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&0x0000_1000_u32.to_be_bytes());
+            out.extend_from_slice(&[0; 8]);
+            out.extend_from_slice(payload);
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+    }
+    let field = match crc {
+        SctpCrc::Valid => crc32c(&out),
+        SctpCrc::Corrupt => !crc32c(&out),
+        SctpCrc::Offload => 0,
+        SctpCrc::Field(field) => field,
+    };
+    out[8..12].copy_from_slice(&field.to_le_bytes());
+    out
+}
+
 /// An ICMP error message (RFC 792).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IcmpError {
@@ -80,6 +197,11 @@ pub enum Transport {
     /// UDP; `checksum: false` sends checksum 0 ("none", legal for IPv4).
     Udp {
         checksum: bool,
+    },
+    /// SCTP with one chunk; the frame's payload is a DATA chunk's user data.
+    Sctp {
+        chunk: SctpChunk,
+        crc: SctpCrc,
     },
     /// An ICMP error quoting the first `quote` bytes of the IP packet in
     /// [`Frame::quoted`] (its header and at least 8 bytes after it).
@@ -193,6 +315,20 @@ impl Frame {
         self
     }
 
+    /// An SCTP packet from `src` to `dst` with a valid CRC32c.
+    #[must_use]
+    pub fn sctp(src: SocketAddrV4, dst: SocketAddrV4, chunk: SctpChunk) -> Self {
+        Self {
+            src,
+            dst,
+            transport: Transport::Sctp {
+                chunk,
+                crc: SctpCrc::Valid,
+            },
+            ..Self::blank()
+        }
+    }
+
     /// A UDP datagram from `src` to `dst` with `payload`.
     #[must_use]
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
@@ -286,6 +422,10 @@ impl Frame {
                 udp.write(&mut l4).expect("write to Vec");
                 l4.extend_from_slice(&self.payload);
                 ip
+            }
+            Transport::Sctp { chunk, crc } => {
+                l4 = sctp_packet(self.src.port(), self.dst.port(), chunk, crc, &self.payload);
+                self.ip_header(IpNumber::SCTP, l4.len())
             }
             Transport::Icmp { error, quote } => {
                 let quoted = self
@@ -469,6 +609,11 @@ impl Icmp6Error {
 pub enum Transport6 {
     Tcp(TcpFlags),
     Udp,
+    /// SCTP with one chunk (see [`Transport::Sctp`]).
+    Sctp {
+        chunk: SctpChunk,
+        crc: SctpCrc,
+    },
     /// An ICMPv6 error quoting the first `quote` bytes of the IPv6 packet in
     /// [`Frame6::quoted`] (from its IPv6 header on); the ports are ignored.
     Icmp {
@@ -552,6 +697,18 @@ impl Frame6 {
         }
     }
 
+    /// An SCTP packet from `src` to `dst` with a valid CRC32c.
+    #[must_use]
+    pub fn sctp(src: SocketAddrV6, dst: SocketAddrV6, chunk: SctpChunk) -> Self {
+        Self {
+            transport: Transport6::Sctp {
+                chunk,
+                crc: SctpCrc::Valid,
+            },
+            ..Self::tcp(src, dst, TcpFlags::SYN)
+        }
+    }
+
     /// The same frame with these extension headers.
     #[must_use]
     pub fn with_ext(mut self, ext: &[Ext6]) -> Self {
@@ -624,6 +781,10 @@ impl Frame6 {
                 out.extend_from_slice(&self.payload);
                 (17, out)
             }
+            Transport6::Sctp { chunk, crc } => (
+                132,
+                sctp_packet(self.src.port(), self.dst.port(), chunk, crc, &self.payload),
+            ),
             Transport6::NeighbourSolicitation => {
                 // Reserved, target address, source link-layer address option.
                 let mut body = vec![0u8; 4];

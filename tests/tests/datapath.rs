@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use kpr_lab::{
     datapath_cases::{
-        addr, cases, frontend, node_cases, routed_cases, Case, DatapathHarness, ROUTED_GATEWAY,
-        ROUTED_LINK_MTU,
+        addr, cases, frontend, node_cases, routed_cases, sctp_cases, Case, DatapathHarness,
+        Expected, ROUTED_GATEWAY, ROUTED_LINK_MTU,
     },
     netns::Netns,
     packets::{sock, Frame, TcpFlags, Transport},
@@ -63,6 +63,58 @@ fn node_datapath_table() {
     let netns =
         Netns::create(&format!("{}-dp", kpr_lab::netns::unique_prefix())).expect("namespace");
     run_cases_in(&netns, &node_cases());
+}
+
+/// SCTP (issue 13, item 5): the kernels of the development machines have no SCTP
+/// sockets, so SCTP is proven on these frames only.
+#[test]
+fn sctp_datapath_table() {
+    let netns =
+        Netns::create(&format!("{}-sctp", kpr_lab::netns::unique_prefix())).expect("namespace");
+    run_cases_in(&netns, &sctp_cases());
+}
+
+/// The SCTP table's frames, checked by the `crc` crate on their own: every packet
+/// built with a valid CRC32c has one, the corrupted ones have not (so the table's byte
+/// comparison compares CRCs that are right, and wrong, by an independent reference).
+#[test]
+fn sctp_table_frames_carry_crc32c_by_an_independent_implementation() {
+    use kpr_lab::packets::{sctp_crc_is_valid, SctpCrc};
+    let mut valid = 0;
+    let mut corrupt = 0;
+    for case in sctp_cases() {
+        for step in &case.steps {
+            let outputs = match &step.output {
+                Expected::Frame(frame) => vec![frame.clone()],
+                _ => Vec::new(),
+            };
+            for frame in std::iter::once(step.input.clone()).chain(outputs) {
+                let Transport::Sctp { crc, .. } = frame.transport else {
+                    continue;
+                };
+                if frame.fragment.is_some() {
+                    continue;
+                }
+                let bytes = frame.to_bytes();
+                let sctp = &bytes[14 + 20..];
+                match crc {
+                    SctpCrc::Valid => {
+                        assert!(sctp_crc_is_valid(sctp), "{}: a valid CRC32c", case.name);
+                        valid += 1;
+                    }
+                    SctpCrc::Corrupt => {
+                        assert!(!sctp_crc_is_valid(sctp), "{}: a wrong CRC32c", case.name);
+                        corrupt += 1;
+                    }
+                    SctpCrc::Offload | SctpCrc::Field(_) => {}
+                }
+            }
+        }
+    }
+    assert!(
+        valid >= 12 && corrupt == 2,
+        "{valid} valid, {corrupt} corrupt"
+    );
 }
 
 #[test]
@@ -981,6 +1033,76 @@ fn frontend_address_batches_land_and_deleting_a_gone_address_succeeds() {
     assert_eq!(maps.delete_frontend_addr(gone), Ok(()));
     assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()));
     assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()), "twice");
+}
+
+/// What the CRC32c update costs a known SCTP flow's packet (1000 bytes of DATA), beside
+/// the same flow without a port change and a UDP flow with one: medians of 20 000
+/// single runs (each one `BPF_PROG_TEST_RUN` call, so the kernel's own per-call setup
+/// is in every figure; a repeat count would run every repetition on the already
+/// translated packet). Printed with `--nocapture`; the bound only catches an update
+/// gone far off its fixed cost (it reads no payload).
+#[test]
+fn sctp_crc_update_cost() {
+    use kpr_lab::packets::SctpChunk;
+    let mut harness = DatapathHarness::new().expect("load datapath");
+    harness.clear().expect("clear");
+    let client = sock(10, 244, 1, 2, 40_000);
+    let changed = sock(10, 96, 0, 30, 3868);
+    let same = sock(10, 96, 0, 32, 3869);
+    let udp_vip = sock(10, 96, 0, 31, 53);
+    harness
+        .install(&[
+            frontend(
+                "sctp",
+                changed,
+                proto::SCTP,
+                &[sock(10, 244, 1, 13, 3869)],
+                0,
+            ),
+            frontend(
+                "sctp-same",
+                same,
+                proto::SCTP,
+                &[sock(10, 244, 1, 15, 3869)],
+                0,
+            ),
+            frontend("udp", udp_vip, proto::UDP, &[sock(10, 244, 1, 14, 5353)], 0),
+        ])
+        .expect("install");
+    let sctp_data = |dst| {
+        let mut frame = Frame::sctp(client, dst, SctpChunk::Data);
+        frame.payload = vec![7; 1000];
+        frame
+    };
+    let mut medians = Vec::new();
+    for (name, frame) in [
+        ("sctp, port changed", sctp_data(changed)),
+        ("sctp, same port", sctp_data(same)),
+        ("udp, port changed", Frame::udp(client, udp_vip, &[7; 1000])),
+    ] {
+        let bytes = frame.to_bytes();
+        harness
+            .run_on(Hook::PodIngress, &bytes, 1)
+            .expect("first packet");
+        let mut runs: Vec<u128> = (0..20_000)
+            .map(|_| {
+                harness
+                    .run_on(Hook::PodIngress, &bytes, 1)
+                    .expect("run")
+                    .duration
+                    .as_nanos()
+            })
+            .collect();
+        runs.sort_unstable();
+        println!("{name}: median {} ns per call", runs[runs.len() / 2]);
+        medians.push(runs[runs.len() / 2]);
+    }
+    assert!(
+        medians[0] < 3 * medians[2],
+        "the SCTP update costs {} ns against UDP's {} ns",
+        medians[0],
+        medians[2]
+    );
 }
 
 /// The pod egress program translates replies of flows through the stack only on the

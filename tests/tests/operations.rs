@@ -587,6 +587,59 @@ endpoints:
 - {addresses: [10.244.1.13], nodeName: node-a, targetRef: {kind: Pod, namespace: demo, name: web-2}}
 ";
 
+/// An SCTP Service (a Diameter-like port, translated 3868 -> 3869) and its slice.
+const DIAMETER: &str = "apiVersion: v1
+kind: Service
+metadata: {name: diameter, namespace: demo}
+spec:
+  clusterIP: 10.96.0.38
+  ports: [{name: dia, port: 3868, targetPort: 3869, protocol: SCTP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: diameter-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: diameter}
+addressType: IPv4
+ports: [{name: dia, port: 3869, protocol: SCTP}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a, targetRef: {kind: Pod, namespace: demo, name: web-0}}
+";
+
+/// An SCTP Service through the whole agent (manifest, model, syncer, pinned maps),
+/// shown by `kpr inspect` and `kpr trace --protocol sctp`: the kernels here have no
+/// SCTP sockets, so the trace instance's test run on the live maps stands in for real
+/// traffic (the byte-level translation is `sctp_datapath_table`'s).
+#[test]
+fn an_sctp_service_is_programmed_and_traced_to_its_backend() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    lab.write_manifest("diameter.yaml", DIAMETER)
+        .expect("write");
+    lab.wait_for("diameter programmed", Duration::from_secs(10), || {
+        Ok(
+            kpr_json(&lab, &["inspect", "services", "--service", "demo/diameter"])
+                .as_array()
+                .is_some_and(|rows| !rows.is_empty()),
+        )
+    })
+    .expect("diameter");
+    let services = kpr_json(&lab, &["inspect", "services", "--service", "demo/diameter"]);
+    println!("{services:#}");
+    assert_eq!(services[0]["protocol"], "SCTP", "{services}");
+    let trace = trace_json(&lab, "10.96.0.38:3868", &["--protocol", "sctp"]);
+    println!("{trace:#}");
+    assert_eq!(trace["verdict"], "translate", "{trace}");
+    assert_eq!(trace["service"], "demo/diameter:dia", "{trace}");
+    assert_eq!(
+        trace["packet_out"], "10.244.1.2:41000 -> 10.244.1.11:3869 SCTP",
+        "{trace}"
+    );
+    // The same address's TCP port 3868 is declared for SCTP only: refused.
+    let tcp = trace_json(&lab, "10.96.0.38:3868", &[]);
+    assert_eq!(tcp["verdict"], "reject", "{tcp}");
+}
+
 /// `kpr trace --json` from the client pod's address, run in the node namespace (the
 /// redirect path's route lookups see the node's routes).
 fn trace_json(lab: &Lab, to: &str, extra: &[&str]) -> serde_json::Value {

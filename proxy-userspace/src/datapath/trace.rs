@@ -152,8 +152,27 @@ impl Tracer {
     }
 }
 
-/// A first packet from `client` to `destination`: a TCP SYN or a UDP datagram, in an
-/// Ethernet frame, checksums computed.
+/// An SCTP packet with one INIT chunk (RFC 9260 section 3.3.2): common header
+/// (verification tag 0), then type 1, flags, length 20, initiate tag, a_rwnd, 10
+/// streams each way, initial TSN; its CRC32c (section 6.8) in the checksum field,
+/// little-endian as Linux writes it.
+fn sctp_init(src_port: u16, dst_port: u16) -> Vec<u8> {
+    let mut packet = Vec::with_capacity(32);
+    packet.extend_from_slice(&src_port.to_be_bytes());
+    packet.extend_from_slice(&dst_port.to_be_bytes());
+    packet.extend_from_slice(&[0; 8]);
+    packet.extend_from_slice(&[1, 0, 0, 20]);
+    packet.extend_from_slice(&0x6b70_7274_u32.to_be_bytes());
+    packet.extend_from_slice(&106_496_u32.to_be_bytes());
+    packet.extend_from_slice(&[0, 10, 0, 10]);
+    packet.extend_from_slice(&1_u32.to_be_bytes());
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&packet);
+    packet[8..12].copy_from_slice(&crc.to_le_bytes());
+    packet
+}
+
+/// A first packet from `client` to `destination`: a TCP SYN, a UDP datagram or an SCTP
+/// INIT, in an Ethernet frame, checksums computed.
 #[must_use]
 pub fn first_packet(client: SocketAddrV4, destination: SocketAddrV4, l4_proto: u8) -> Vec<u8> {
     let builder =
@@ -161,7 +180,13 @@ pub fn first_packet(client: SocketAddrV4, destination: SocketAddrV4, l4_proto: u
             .ipv4(client.ip().octets(), destination.ip().octets(), 64);
     let payload = b"kpr trace";
     let mut out = Vec::new();
-    let written = if l4_proto == proxy_common::proto::UDP {
+    let written = if l4_proto == proxy_common::proto::SCTP {
+        builder.write(
+            &mut out,
+            etherparse::IpNumber::SCTP,
+            &sctp_init(client.port(), destination.port()),
+        )
+    } else if l4_proto == proxy_common::proto::UDP {
         builder
             .udp(client.port(), destination.port())
             .write(&mut out, payload)
@@ -176,4 +201,42 @@ pub fn first_packet(client: SocketAddrV4, destination: SocketAddrV4, l4_proto: u
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sctp_first_packet_is_an_init_with_a_valid_crc32c() {
+        let client = "10.244.1.2:40000".parse().expect("address");
+        let to = "10.96.0.30:3868".parse().expect("address");
+        let frame = first_packet(client, to, proxy_common::proto::SCTP);
+        let ip = &frame[14..];
+        assert_eq!(ip[9], proxy_common::proto::SCTP, "IP protocol");
+        assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 20 + 32);
+        let sctp = &ip[20..];
+        assert_eq!(sctp.len(), 32);
+        assert_eq!(
+            &sctp[0..4],
+            &[0x9c, 0x40, 0x0f, 0x1c],
+            "ports 40000 -> 3868"
+        );
+        assert_eq!(sctp[12], 1, "an INIT chunk");
+        // The CRC32c check value of RFC 9260 appendix A's algorithm, bit by bit.
+        let mut zeroed = sctp.to_vec();
+        zeroed[8..12].fill(0);
+        let mut crc = !0u32;
+        for byte in zeroed {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82f6_3b78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        assert_eq!(sctp[8..12], (!crc).to_le_bytes());
+    }
 }

@@ -160,7 +160,8 @@ pub enum DiagnosticReason {
     /// An address of a family the service does not serve (an IPv6 externalIP of a
     /// service without an IPv6 clusterIP), or an FQDN EndpointSlice.
     UnsupportedIpFamily,
-    /// SCTP: the datapath translates TCP and UDP only.
+    /// A protocol the datapath does not translate: none since SCTP is (TCP, UDP and
+    /// SCTP are; anything else is `Malformed`); kept for its metric label.
     UnsupportedProtocol,
     /// An EndpointSlice names a Service that does not exist (or has no name label).
     OrphanEndpointSlice,
@@ -829,14 +830,6 @@ impl ServiceContext<'_> {
     ) -> Option<PortFacts> {
         let port_name = port.name.to_string();
         let proto = match protocol_number(&port.protocol) {
-            Ok(proto::SCTP) => {
-                self.diagnose(
-                    out,
-                    DiagnosticReason::UnsupportedProtocol,
-                    format!("port {port_name:?} is SCTP; the datapath translates TCP and UDP"),
-                );
-                return None;
-            }
             Ok(proto) => proto,
             Err(message) => {
                 self.diagnose(

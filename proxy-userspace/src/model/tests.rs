@@ -18,7 +18,7 @@ use proxy_common::{scope, service_flags};
 use super::{
     DiagnosticReason::{
         EndpointLimit, FrontendConflict, Malformed, OrphanEndpointSlice, UnreadableSource,
-        UnsupportedIpFamily, UnsupportedProtocol,
+        UnsupportedIpFamily,
     },
     *,
 };
@@ -702,7 +702,7 @@ fn malformed_cases() -> Vec<Case> {
         .diagnostics(&[(Malformed, "Service default/ports"), (Malformed, "Service default/ports")]),
         case(
             "bad_protocols",
-            "SCTP is unsupported and an unknown protocol malformed; the TCP port stays",
+            "an unknown protocol is malformed; the SCTP and TCP ports stay",
             &[service(
                 "protos",
                 "",
@@ -710,8 +710,40 @@ fn malformed_cases() -> Vec<Case> {
                  {name: t, port: 82, protocol: TCP}]}",
             )],
         )
-        .frontends(&["10.96.0.51:82/TCP default/protos:t cluster -> -"])
-        .diagnostics(&[(UnsupportedProtocol, "Service default/protos"), (Malformed, "Service default/protos")]),
+        .frontends(&["10.96.0.51:80/SCTP default/protos:s cluster -> -", "10.96.0.51:82/TCP default/protos:t cluster -> -"])
+        .diagnostics(&[(Malformed, "Service default/protos")]),
+        case(
+            "sctp",
+            "SCTP ports get every frontend TCP and UDP get (ClusterIP, NodePort, externalIP, LoadBalancer), with the slice's SCTP port",
+            &[
+                service(
+                    "diameter",
+                    "",
+                    "{type: LoadBalancer, clusterIP: 10.96.0.52, externalIPs: [203.0.113.52], \
+                     ports: [{name: dia, port: 3868, protocol: SCTP, targetPort: 3869, nodePort: 30868}, \
+                     {name: dia-tcp, port: 3868, protocol: TCP, targetPort: 3869, nodePort: 30869}]}",
+                )
+                .replace("spec:", "status: {loadBalancer: {ingress: [{ip: 198.51.100.52}]}}\nspec:"),
+                slice(
+                    "diameter-1",
+                    "diameter",
+                    "[{name: dia, port: 3869, protocol: SCTP}, {name: dia-tcp, port: 3869, protocol: TCP}]",
+                    &[ep("10.244.1.11", NODE, READY)],
+                ),
+            ],
+        )
+        .frontends(&[
+            "10.96.0.52:3868/SCTP default/diameter:dia cluster -> 10.244.1.11:3869",
+            "192.168.1.10:30868/SCTP default/diameter:dia nodeport -> 10.244.1.11:3869 ext",
+            "192.168.1.11:30868/SCTP default/diameter:dia nodeport -> 10.244.1.11:3869 ext",
+            "203.0.113.52:3868/SCTP default/diameter:dia external -> 10.244.1.11:3869 ext",
+            "198.51.100.52:3868/SCTP default/diameter:dia lb -> 10.244.1.11:3869 ext",
+            "10.96.0.52:3868/TCP default/diameter:dia-tcp cluster -> 10.244.1.11:3869",
+            "192.168.1.10:30869/TCP default/diameter:dia-tcp nodeport -> 10.244.1.11:3869 ext",
+            "192.168.1.11:30869/TCP default/diameter:dia-tcp nodeport -> 10.244.1.11:3869 ext",
+            "203.0.113.52:3868/TCP default/diameter:dia-tcp external -> 10.244.1.11:3869 ext",
+            "198.51.100.52:3868/TCP default/diameter:dia-tcp lb -> 10.244.1.11:3869 ext",
+        ]),
         case(
             "bad_endpoint_addresses",
             "a non-IP and an IPv6 address in an IPv4 slice are skipped; the slice's other endpoints stay",
