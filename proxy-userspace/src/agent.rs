@@ -473,6 +473,13 @@ impl Agent {
             .v6
             .read_mirror()
             .context("reading pinned IPv6 maps")?;
+        if !mirror6.services.is_empty() {
+            info!(
+                entries = mirror6.services.len(),
+                backends = mirror6.backends.len(),
+                "adopting the IPv6 maps of a previous agent"
+            );
+        }
         let syncer6 = Syncer::adopt(mirror6).with_capacity(SyncCapacity {
             services: capacities.services_v6 as usize,
             backends: capacities.backends_v6 as usize,

@@ -191,6 +191,16 @@ spec:
     .join("---\n")
 }
 
+/// The agent's flags in every lab of this file.
+const AGENT_ARGS: [&str; 6] = [
+    "--node-interfaces",
+    "ext0",
+    "--socket-lb",
+    "off",
+    "--cluster-cidr",
+    "10.244.0.0/16,fd00:10:244::/56",
+];
+
 /// A dual-stack lab node with its pods serving, an outside namespace on the node's
 /// external interface `ext0`, and the agent running.
 struct Ipv6Lab {
@@ -269,14 +279,7 @@ fn ipv6_lab_with(extra_args: &[&str]) -> Result<Ipv6Lab> {
         &NODE_V6.to_string(),
     ])?;
     lab.write_manifest("services.yaml", &manifests())?;
-    let mut args = vec![
-        "--node-interfaces",
-        "ext0",
-        "--socket-lb",
-        "off",
-        "--cluster-cidr",
-        "10.244.0.0/16,fd00:10:244::/56",
-    ];
+    let mut args = AGENT_ARGS.to_vec();
     args.extend_from_slice(extra_args);
     lab.start_agent(&args)?;
     lab.wait_attached()?;
@@ -521,4 +524,46 @@ fn ipv6_session_affinity_keeps_a_client_on_one_backend() {
         })
         .expect("20 connections");
     assert_eq!(servers.len(), 1, "one backend for one client: {servers:?}");
+}
+
+#[test]
+fn ipv6_connections_survive_an_agent_crash_and_the_next_agent_adopts_the_ipv6_maps() {
+    let mut lab = ipv6_lab().expect("lab");
+    let mut conversation = lab
+        .lab
+        .pod("client")
+        .netns
+        .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("a long-lived IPv6 connection");
+    let server = conversation.ask().expect("first answer").server;
+    let entries = |lab: &Lab| lab.metric("kpr_map_entries{map=\"SVC_V6_V1\"}");
+    let before = entries(&lab.lab).expect("metrics");
+    // SIGKILL leaves programs attached and maps pinned: IPv6 keeps being translated.
+    lab.lab.kill_agent().expect("kill");
+    lab.lab
+        .pod("client")
+        .netns
+        .run(|| tcp_request(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("a new IPv6 connection with no agent running");
+    lab.lab.start_agent(&AGENT_ARGS).expect("restart");
+    let client = &lab.lab.pod("client").netns;
+    assert!(
+        lab.lab
+            .agent_log()
+            .contains("adopting the IPv6 maps of a previous agent"),
+        "{}",
+        lab.lab.agent_log()
+    );
+    assert_eq!(
+        conversation.ask().expect("the connection survived").server,
+        server
+    );
+    client
+        .run(|| tcp_request(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("a new IPv6 connection after the restart");
+    assert_eq!(
+        entries(&lab.lab).expect("metrics"),
+        before,
+        "the same entries, adopted"
+    );
 }
