@@ -20,7 +20,9 @@ pub mod takeover;
 pub mod trace;
 
 pub use maps::*;
-pub use sock::{SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4};
+pub use sock::{
+    SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevKeyV6, SockRevValueV4, SockRevValueV6,
+};
 
 /// A `u16` in network byte order, as it sits in a packet header.
 #[repr(transparent)]

@@ -49,6 +49,9 @@ pub mod names {
     pub const AFFINITY_V6: &str = "AFFINITY_V6_V1";
     /// loadBalancerSourceRanges of IPv6 ([`crate::SourceRangeV6`]).
     pub const SOURCE_RANGES_V6: &str = "SRCRANGE_V6_V1";
+    /// Pod-facing interfaces whose pods have flows translated by TC, both families
+    /// ([`crate::via_stack_slot`]).
+    pub const VIA_STACK_IFACES: &str = "VIA_STACK_IF_V1";
 }
 
 /// Default capacities; the agent may raise them at load time.
@@ -95,6 +98,23 @@ pub mod capacity {
     pub const FRAGMENTS_V6: u32 = FRAGMENTS_V4 / 4;
     pub const AFFINITY_V6: u32 = AFFINITY_V4 / 4;
     pub const SOURCE_RANGES_V6: u32 = SOURCE_RANGES_V4 / 4;
+    /// Slots of [`super::names::VIA_STACK_IFACES`]: interface indexes share a slot
+    /// modulo this (a shared slot only costs the lookups it would save).
+    pub const VIA_STACK_IFACES: u32 = 16_384;
+}
+
+/// The slot of [`names::VIA_STACK_IFACES`] that stands for interface `ifindex`.
+///
+/// The pod-facing egress program translates the replies of pods' flows that went
+/// through the stack (to a local backend, or not redirected), on their way into the
+/// client's pod: through the interface whose ingress program created the flow. A slot
+/// is set (to 1) when that ingress program creates a flow and never cleared by the
+/// datapath, so an egress packet whose interface's slot is 0 cannot be such a reply and
+/// passes without the two conntrack lookups a miss costs. With socket-level translation on, pods'
+/// flows never reach the TC programs, so most interfaces' slots stay 0.
+#[must_use]
+pub const fn via_stack_slot(ifindex: u32) -> u32 {
+    ifindex % capacity::VIA_STACK_IFACES
 }
 
 /// How long a fragmented datagram's first fragment vouches for the later ones: the
@@ -1097,6 +1117,7 @@ mod tests {
             names::CONFIG_V6,
             names::AFFINITY_V6,
             names::SOURCE_RANGES_V6,
+            names::VIA_STACK_IFACES,
         ] {
             assert!(name.len() <= 15, "{name}");
         }

@@ -13,7 +13,7 @@
 //! the reverse map, lists their cookies in [`DESTROY_V4_NAME`] and runs the socket
 //! iterator programs, which call `bpf_sock_destroy()` on exactly those sockets: the
 //! application sees `ECONNABORTED` and connects again, to a live backend.
-use crate::{Be16, Be32};
+use crate::{Be16, Be32, Be32x4};
 
 /// Name of the reverse map ([`SockRevKeyV4`] -> [`SockRevValueV4`]). The rules of
 /// [`crate::names`] apply: at most 15 bytes, and a version suffix that changes with the
@@ -131,10 +131,70 @@ pub struct SockAffinityKeyV4 {
 }
 const _: () = assert!(core::mem::size_of::<SockAffinityKeyV4>() == 16);
 
+/// Name of the IPv6 reverse map ([`SockRevKeyV6`] -> [`SockRevValueV6`]): sockets of
+/// AF_INET6 translated to an IPv6 backend. An AF_INET6 socket that reaches an IPv4
+/// service through an IPv4-mapped address (`::ffff:10.96.0.10`, how Go and Java
+/// clients on dual-stack sockets talk to IPv4) is translated by the IPv4 maps and
+/// recorded in [`RNAT_V4_NAME`], so every socket of an IPv4 service is found there.
+pub const RNAT_V6_NAME: &str = "SOCK_RNAT_V6_V1";
+
+/// Capacity of the IPv6 reverse map (LRU, as [`RNAT_V4_CAPACITY`]).
+pub const RNAT_V6_CAPACITY: u32 = RNAT_V4_CAPACITY / 2;
+
+/// Name of the socket-layer affinity map of IPv6 services ([`SockAffinityKeyV4`]:
+/// namespace and service port, whatever the family -> [`crate::AffinityValueV6`]).
+pub const AFFINITY_V6_NAME: &str = "SOCK_AFF_V6_V1";
+
+/// Capacity of the IPv6 socket-layer affinity map.
+pub const AFFINITY_V6_CAPACITY: u32 = AFFINITY_V4_CAPACITY / 2;
+
+/// Key of the IPv6 reverse map: a socket and the IPv6 backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SockRevKeyV6 {
+    /// `bpf_get_socket_cookie()`.
+    pub cookie: u64,
+    /// The backend address the socket was translated to.
+    pub backend_addr: Be32x4,
+    /// The backend port.
+    pub backend_port: Be16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<SockRevKeyV6>() == 32);
+
+/// Value of the IPv6 reverse map (the fields of [`SockRevValueV4`], an IPv6 frontend).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct SockRevValueV6 {
+    /// `bpf_get_netns_cookie()` of the socket's network namespace.
+    pub netns_cookie: u64,
+    /// The service port the frontend belongs to.
+    pub service_id: u32,
+    /// The backend chosen (an id of [`crate::names::BACKENDS_V6`]).
+    pub backend_id: u32,
+    /// The frontend address (a ClusterIP).
+    pub frontend_addr: Be32x4,
+    /// The frontend port.
+    pub frontend_port: Be16,
+    /// [`rev_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<SockRevValueV6>() == 40);
+
 #[cfg(feature = "user")]
 mod pod_impls {
     //! Userspace only: aya's `Pod` marks the types safe to copy to and from the kernel.
-    use super::{SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4};
+    use super::{
+        SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevKeyV6, SockRevValueV4, SockRevValueV6,
+    };
+
+    // SAFETY: as for the IPv4 layouts below.
+    unsafe impl aya::Pod for SockRevKeyV6 {}
+    // SAFETY: as for the IPv4 layouts below.
+    unsafe impl aya::Pod for SockRevValueV6 {}
 
     // SAFETY: #[repr(C)], only integer fields, every padding byte is an explicit field,
     // so any bit pattern is valid and none is uninitialised.
@@ -153,7 +213,14 @@ mod tests {
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
-        for name in [RNAT_V4_NAME, CONFIG_NAME, AFFINITY_V4_NAME, DESTROY_V4_NAME] {
+        for name in [
+            RNAT_V4_NAME,
+            CONFIG_NAME,
+            AFFINITY_V4_NAME,
+            DESTROY_V4_NAME,
+            RNAT_V6_NAME,
+            AFFINITY_V6_NAME,
+        ] {
             assert!(name.len() <= 15, "{name}");
         }
     }

@@ -64,11 +64,13 @@ mod service_stats;
 mod snat;
 mod snat6;
 mod sock;
+mod sock6;
 mod sock_destroy;
 mod stats;
 mod takeover;
 mod trace;
 mod verdict;
+mod via_stack;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -104,9 +106,14 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 
 /// TC egress of pod-facing interfaces: replies on their way into client pods, whose
 /// translation is undone here.
-/// IPv6 as in `tc_pod_ingress`.
+/// IPv6 as in `tc_pod_ingress`. An interface whose pods never had a flow through the
+/// stack carries no such reply ([`via_stack`]): its packets pass at once.
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
+    // SAFETY: the context's skb is valid for the program's run.
+    if !via_stack::may_carry_replies(unsafe { (*ctx.skb.skb).ifindex }) {
+        return verdict::PASS;
+    }
     if parse6::is_ipv6(&ctx) {
         return new_flow6::reply_egress(ctx.skb.skb, conntrack::now());
     }

@@ -146,3 +146,8 @@ pub fn config() -> DatapathConfig {
 pub fn config_v6() -> Option<&'static NodeConfigV6> {
     CONFIG_V6_V1.get(0)
 }
+
+/// Pod-facing interfaces whose clients have flows through the stack
+/// ([`proxy_common::names::VIA_STACK_IFACES`], [`crate::via_stack`]).
+#[map]
+pub static VIA_STACK_IF_V1: Array<u32> = Array::with_max_entries(capacity::VIA_STACK_IFACES, 0);

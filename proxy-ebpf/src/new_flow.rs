@@ -158,6 +158,13 @@ pub fn handle(
             counter::SNAT_FLOW
         });
     }
+    if origin == Origin::Pod {
+        // Any pod flow's replies may meet the egress program of the client's interface:
+        // a flow through the stack's always do, another's when its packets could not be
+        // redirected and went through the stack ([`forward::send`]).
+        // SAFETY: the context's skb is valid for the program's run.
+        crate::via_stack::note_client_interface(unsafe { (*ctx.skb.skb).ifindex });
+    }
     if via_stack {
         nat::apply(ctx, pkt, &entry)?;
         return Ok(PASS);

@@ -224,6 +224,12 @@ fn new_flow(
     }
     fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
+    if origin == Origin::Pod {
+        // As for IPv4 ([`crate::via_stack`]): this flow's replies may meet the egress
+        // program of the client's interface.
+        // SAFETY: the program's skb is valid for its run.
+        crate::via_stack::note_client_interface(unsafe { (*skb).ifindex });
+    }
     if via_stack {
         nat6::apply(skb, pkt, entry)?;
         return Ok(PASS);

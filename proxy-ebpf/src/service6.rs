@@ -48,7 +48,7 @@ fn get(key: &ServiceKeyV6) -> Option<ServiceValueV6> {
 /// The frontend the packet is addressed to, if any. Traffic from pods uses the
 /// internal backend set where a service has one (`from_pod`), as for IPv4.
 #[inline(always)]
-fn lookup(tuple: &CtKeyV6, from_pod: bool) -> Option<Frontend> {
+pub(crate) fn lookup(tuple: &CtKeyV6, from_pod: bool) -> Option<Frontend> {
     let mut key = ServiceKeyV6 {
         addr: tuple.dst_addr,
         port: tuple.dst_port,
@@ -87,7 +87,7 @@ fn backend(id: u32) -> Option<BackendV6> {
 /// A backend picked at random among the frontend's slots, written to `out`; returns
 /// the slot that named it. The frontend must have `count > 0`.
 #[inline(always)]
-fn pick_random(frontend: &Frontend, out: &mut Chosen) -> Result<u16> {
+pub(crate) fn pick_random(frontend: &Frontend, out: &mut Chosen) -> Result<u16> {
     let count = u32::from(frontend.value.count);
     // SAFETY: the helper has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
@@ -133,7 +133,19 @@ fn current_slot(frontend: &Frontend, backend_id: u32, hint: u16) -> u16 {
 fn remembered(frontend: &Frontend, key: &AffinityKeyV6, now: u64, out: &mut Chosen) -> Option<u16> {
     let record = AFFINITY_V6_V1.get_ptr(key)?;
     // SAFETY: copied out at once.
-    let record: AffinityValueV6 = unsafe { *record };
+    honoured(frontend, unsafe { *record }, now, out)
+}
+
+/// `record`'s backend, when the record still holds at `now` (within the service's
+/// timeout, its backend still in a slot), written to `out`; returns the slot that holds
+/// the backend now. Shared with the socket layer's records ([`crate::sock6`]).
+#[inline(always)]
+pub(crate) fn honoured(
+    frontend: &Frontend,
+    record: AffinityValueV6,
+    now: u64,
+    out: &mut Chosen,
+) -> Option<u16> {
     let timeout_ns = u64::from(frontend.value.affinity_timeout_s) * 1_000_000_000;
     if now.saturating_sub(record.last_used_ns) > timeout_ns {
         return None;

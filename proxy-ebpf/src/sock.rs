@@ -55,8 +55,8 @@ pub static SOCK_AFF_V4_V1: LruHashMap<SockAffinityKeyV4, AffinityValueV4> =
 
 /// Verdicts of sock_addr programs: the syscall goes ahead, or fails (with EPERM, or with
 /// the error set by `bpf_set_retval`).
-const ALLOW: i32 = 1;
-const REFUSE: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const REFUSE: i32 = 0;
 
 /// `socket(2)` types, from linux/net.h.
 const SOCK_STREAM: u32 = 1;
@@ -108,7 +108,7 @@ fn translate(ctx: &SockAddrContext, flags: u8) -> i32 {
 
 /// The protocol the service map knows the socket by, if it is one we translate.
 #[inline(always)]
-fn l4_proto(addr: &bpf_sock_addr) -> Option<u8> {
+pub(crate) fn l4_proto(addr: &bpf_sock_addr) -> Option<u8> {
     // The type alone is not enough: SCTP has stream sockets too, ICMP datagram ones.
     match (addr.type_, addr.protocol) {
         (SOCK_STREAM, p) if p == u32::from(proto::TCP) => Some(proto::TCP),
@@ -119,24 +119,24 @@ fn l4_proto(addr: &bpf_sock_addr) -> Option<u8> {
 
 /// `user_port` holds the port as `sin_port` does (network order) in its low 16 bits.
 #[inline(always)]
-fn user_port(addr: &bpf_sock_addr) -> Be16 {
+pub(crate) fn user_port(addr: &bpf_sock_addr) -> Be16 {
     Be16(addr.user_port as u16)
 }
 
 /// Where a socket to translate lives.
 #[derive(Clone, Copy)]
-struct Client {
+pub(crate) struct Client {
     /// Its network namespace's cookie.
-    netns_cookie: u64,
+    pub netns_cookie: u64,
     /// Whether that is the node's own namespace.
-    host: bool,
+    pub host: bool,
 }
 
 /// The socket's namespace, if the configured [`mode`] translates its sockets. Pods
 /// share the cgroup tree with host processes but not their namespace, so with
 /// [`mode::HOST`] their traffic is left to the TC programs.
 #[inline(always)]
-fn client(ctx: &SockAddrContext) -> Option<Client> {
+pub(crate) fn client(ctx: &SockAddrContext) -> Option<Client> {
     let config = SOCK_CONFIG_V1.get(0).copied().unwrap_or_default();
     if config.mode == mode::OFF || config.host_netns_cookie == 0 {
         return None;
@@ -148,9 +148,20 @@ fn client(ctx: &SockAddrContext) -> Option<Client> {
 }
 
 #[inline(always)]
-fn cookie(ctx: &SockAddrContext) -> u64 {
+pub(crate) fn cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper only reads the socket behind the program's own context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// What a translating hook does with the socket address it was given.
+#[derive(Clone, Copy)]
+pub(crate) enum Translated<A> {
+    /// Not a frontend (or not a socket we translate): the syscall goes ahead unchanged.
+    Leave,
+    /// Refused, with the errno already set.
+    Refuse,
+    /// The backend to write into the socket address.
+    To(A, Be16),
 }
 
 /// Rewrites a frontend destination to a backend and records the reverse entry. `Ok`
@@ -162,12 +173,35 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32> {
     let Some(l4) = l4_proto(addr) else {
         return Ok(ALLOW);
     };
+    match translate_v4(ctx, l4, Be32(addr.user_ip4), user_port(addr), flags)? {
+        Translated::Leave => Ok(ALLOW),
+        Translated::Refuse => Ok(REFUSE),
+        Translated::To(backend_addr, backend_port) => {
+            addr.user_ip4 = backend_addr.0;
+            addr.user_port = u32::from(backend_port.0);
+            Ok(ALLOW)
+        }
+    }
+}
+
+/// The IPv4 translation of a socket addressed to `dst_addr:dst_port`, whether the
+/// socket is AF_INET or an AF_INET6 one using an IPv4-mapped address
+/// ([`crate::sock6`]): the frontend, the refusal of a service without endpoints, the
+/// backend choice, and the reverse entry that shows the frontend again.
+#[inline(always)]
+pub(crate) fn translate_v4(
+    ctx: &SockAddrContext,
+    l4: u8,
+    dst_addr: Be32,
+    dst_port: Be16,
+    flags: u8,
+) -> Result<Translated<Be32>> {
     let Some(client) = client(ctx) else {
-        return Ok(ALLOW);
+        return Ok(Translated::Leave);
     };
     let tuple = CtKeyV4 {
-        dst_addr: Be32(addr.user_ip4),
-        dst_port: user_port(addr),
+        dst_addr,
+        dst_port,
         proto: l4,
         ..CtKeyV4::default()
     };
@@ -178,12 +212,10 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32> {
         // rejects it. Everything else (an unallocated service address included) goes
         // ahead; a pod's packets then meet the TC path, which drops the latter.
         if let Destination::Frontend { cluster_ip: true } = destination::classify(tuple.dst_addr) {
-            // SAFETY: as for the refusal below.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            stats::count(counter::REJECTED_UNDECLARED_PORT);
-            return Ok(REFUSE);
+            refuse(counter::REJECTED_UNDECLARED_PORT);
+            return Ok(Translated::Refuse);
         }
-        return Ok(ALLOW);
+        return Ok(Translated::Leave);
     };
     if frontend.value.count == 0 {
         // No endpoints, or (DROP_WHEN_EMPTY, Local traffic policies) none on this
@@ -191,11 +223,8 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32> {
         // drops silently in the second case, but a syscall has no silent drop to offer
         // short of sending into the void and letting the client time out, which helps
         // nobody; so both refuse.
-        // SAFETY: the helper only sets the syscall's return value; connect4 and
-        // sendmsg4 may call it (6.18 allows it for every sock_addr hook that can refuse).
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        stats::count(counter::SOCK_REJECTED);
-        return Ok(REFUSE);
+        refuse(counter::SOCK_REJECTED);
+        return Ok(Translated::Refuse);
     }
     let (backend_id, backend) = select_backend(&frontend, client.netns_cookie)?;
     let key = SockRevKeyV4 {
@@ -217,18 +246,32 @@ fn try_translate(ctx: &SockAddrContext, flags: u8) -> Result<i32> {
     SOCK_RNAT_V4_V2
         .insert(key, value, u64::from(BPF_ANY))
         .map_err(|_| DropReason::SOCK_RNAT_INSERT)?;
-    addr.user_ip4 = backend.addr.0;
-    addr.user_port = u32::from(backend.port.0);
+    count_translated(frontend.value.service_id, flags, client);
+    Ok(Translated::To(backend.addr, backend.port))
+}
+
+/// Fails the syscall with ECONNREFUSED, what kube-proxy's REJECT gives a client, and
+/// counts why.
+#[inline(always)]
+pub(crate) fn refuse(reason: u32) {
+    // SAFETY: the helper only sets the syscall's return value; connect and sendmsg
+    // hooks may call it (6.18 allows it for every sock_addr hook that can refuse).
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    stats::count(reason);
+}
+
+/// Counts a translation of either family.
+#[inline(always)]
+pub(crate) fn count_translated(service_id: u32, flags: u8, client: Client) {
     stats::count(counter::SOCK_TRANSLATED);
     if flags & rev_flags::CONNECTED != 0 {
         // A connected socket is one connection; unconnected datagrams are not counted
         // as connections (each sendmsg() passes here).
-        service_stats::count_socket_connection(frontend.value.service_id);
+        service_stats::count_socket_connection(service_id);
     }
     if !client.host {
         stats::count(counter::SOCK_TRANSLATED_POD);
     }
-    Ok(ALLOW)
 }
 
 /// Picks the backend as the TC path does, with session affinity kept per client network
@@ -278,18 +321,32 @@ fn restore_frontend(ctx: &SockAddrContext) {
     let Some(l4) = l4_proto(addr) else {
         return;
     };
+    if let Some((frontend_addr, frontend_port)) =
+        frontend_of_v4(ctx, l4, Be32(addr.user_ip4), user_port(addr))
+    {
+        addr.user_ip4 = frontend_addr.0;
+        addr.user_port = u32::from(frontend_port.0);
+    }
+}
+
+/// The frontend a socket translated to IPv4 backend `backend_addr:backend_port`
+/// addressed, if it was.
+#[inline(always)]
+pub(crate) fn frontend_of_v4(
+    ctx: &SockAddrContext,
+    l4: u8,
+    backend_addr: Be32,
+    backend_port: Be16,
+) -> Option<(Be32, Be16)> {
     let key = SockRevKeyV4 {
         cookie: cookie(ctx),
-        backend_addr: Be32(addr.user_ip4),
-        backend_port: user_port(addr),
+        backend_addr,
+        backend_port,
         proto: l4,
         _pad: 0,
     };
-    let Some(frontend) = SOCK_RNAT_V4_V2.get_ptr(key) else {
-        return;
-    };
+    let found = SOCK_RNAT_V4_V2.get_ptr(key)?;
     // SAFETY: copied out at once; entries are replaced, never edited in place.
-    let frontend = unsafe { *frontend };
-    addr.user_ip4 = frontend.frontend_addr.0;
-    addr.user_port = u32::from(frontend.frontend_port.0);
+    let found = unsafe { *found };
+    Some((found.frontend_addr, found.frontend_port))
 }

@@ -4,7 +4,7 @@
 //! agent. Views are plain serializable structs, printed as tables or JSON by `main`.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
@@ -12,7 +12,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
     counter, ct_flags, names, proto, scope, service_flags, sock, AffinityKeyV4, AffinityValueV4,
     BackendV4, Be16, Be32, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceValueV4, SockAffinityKeyV4,
-    SockConfig, SockRevKeyV4, SockRevValueV4, COUNTER_NAMES,
+    SockConfig, SockRevKeyV4, SockRevKeyV6, SockRevValueV4, SockRevValueV6, COUNTER_NAMES,
 };
 use serde::Serialize;
 
@@ -43,6 +43,8 @@ pub struct PinnedMaps {
     affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
     counters: PerCpuArray<MapData, u64>,
     sock_reverse: HashMap<MapData, SockRevKeyV4, SockRevValueV4>,
+    /// Absent on a node whose agent predates the AF_INET6 hooks.
+    sock_reverse_v6: Option<HashMap<MapData, SockRevKeyV6, SockRevValueV6>>,
     sock_affinity: HashMap<MapData, SockAffinityKeyV4, AffinityValueV4>,
     sock_config: Array<MapData, SockConfig>,
 }
@@ -87,6 +89,11 @@ impl PinnedMaps {
                     source,
                 })?,
             sock_reverse: hash(pin_dir, sock::RNAT_V4_NAME, true)?,
+            sock_reverse_v6: pin_dir
+                .join(sock::RNAT_V6_NAME)
+                .exists()
+                .then(|| hash(pin_dir, sock::RNAT_V6_NAME, true))
+                .transpose()?,
             sock_affinity: hash(pin_dir, sock::AFFINITY_V4_NAME, true)?,
             sock_config: Array::try_from(Map::Array(open(pin_dir, sock::CONFIG_NAME)?)).map_err(
                 |source| Error::Read {
@@ -629,12 +636,14 @@ pub struct SocketView {
     pub connected: bool,
 }
 
-/// Every socket-layer translation the reverse map remembers.
+/// Every socket-layer translation the reverse maps remember (IPv4, including AF_INET6
+/// sockets that reached IPv4 services through IPv4-mapped addresses, and IPv6).
 ///
 /// # Errors
-/// When the map cannot be read.
+/// When a map cannot be read.
 pub fn sockets(maps: &PinnedMaps) -> Result<Vec<SocketView>> {
     let host = maps.host_netns_cookie();
+    let netns = |cookie: u64| if cookie == host { "host" } else { "pod" };
     let mut views = Vec::new();
     for entry in maps.sock_reverse.iter() {
         let (key, value) = match entry {
@@ -648,16 +657,37 @@ pub fn sockets(maps: &PinnedMaps) -> Result<Vec<SocketView>> {
             }
         };
         views.push(SocketView {
-            netns: if value.netns_cookie == host {
-                "host"
-            } else {
-                "pod"
-            },
+            netns: netns(value.netns_cookie),
             netns_cookie: value.netns_cookie,
             cookie: key.cookie,
             protocol: protocol_name(key.proto),
             frontend: endpoint_text(value.frontend_addr, value.frontend_port),
             backend: endpoint_text(key.backend_addr, key.backend_port),
+            service_id: value.service_id,
+            connected: value.flags & sock::rev_flags::CONNECTED != 0,
+        });
+    }
+    for entry in maps.sock_reverse_v6.iter().flat_map(HashMap::iter) {
+        let (key, value) = match entry {
+            Ok(entry) => entry,
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(source) => {
+                return Err(Error::Read {
+                    name: sock::RNAT_V6_NAME,
+                    source,
+                })
+            }
+        };
+        let text = |addr: proxy_common::Be32x4, port: Be16| {
+            SocketAddrV6::new(addr.to_ipv6(), port.to_host(), 0, 0).to_string()
+        };
+        views.push(SocketView {
+            netns: netns(value.netns_cookie),
+            netns_cookie: value.netns_cookie,
+            cookie: key.cookie,
+            protocol: protocol_name(key.proto),
+            frontend: text(value.frontend_addr, value.frontend_port),
+            backend: text(key.backend_addr, key.backend_port),
             service_id: value.service_id,
             connected: value.flags & sock::rev_flags::CONNECTED != 0,
         });

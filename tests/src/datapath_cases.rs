@@ -1458,6 +1458,41 @@ impl DatapathHarness {
         })
     }
 
+    /// Runs the program of `hook` once on `frame` as if it went through the interface
+    /// with index `ifindex` (which must exist in the calling thread's namespace; without
+    /// one the kernel runs every program on the loopback device, index 1).
+    ///
+    /// # Errors
+    /// When BPF_PROG_TEST_RUN fails.
+    pub fn run_on_interface(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        ifindex: u32,
+    ) -> Result<RunOutput> {
+        // A `struct __sk_buff` up to and including `ifindex` (offset 40): the kernel
+        // takes its size from what is passed and wants every field it does not accept
+        // from user space zero.
+        const IFINDEX_OFF: usize = 40;
+        let mut context = [0u8; IFINDEX_OFF + 4];
+        context[IFINDEX_OFF..].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; 2048];
+        let program = self.datapath.program(hook)?;
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&context),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunOutput {
+            verdict: result.return_value as i32,
+            packet: out,
+            duration: result.duration,
+        })
+    }
+
     /// Runs a case from a clean state. Returns a description of the first mismatch.
     ///
     /// # Errors

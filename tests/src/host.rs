@@ -212,9 +212,10 @@ pub fn run_client(
     netns: &Path,
     cgroup: Option<&TestCgroup>,
     mode: Mode,
-    dst: std::net::SocketAddrV4,
+    dst: impl Into<std::net::SocketAddr>,
     count: usize,
 ) -> Result<Vec<Outcome>> {
+    let dst = dst.into();
     let mut child = spawn_client(client, netns, cgroup, mode, dst, count, Stdio::null())?;
     // Every request has its own 2 s timeouts (30 s for tcp-wait); this only bounds a
     // hung client.
@@ -272,8 +273,9 @@ impl Session {
         netns: &Path,
         cgroup: Option<&TestCgroup>,
         mode: Mode,
-        dst: std::net::SocketAddrV4,
+        dst: impl Into<std::net::SocketAddr>,
     ) -> Result<Self> {
+        let dst = dst.into();
         let mut child = spawn_client(client, netns, cgroup, mode, dst, 0, Stdio::piped())?;
         let stdin = child.stdin.take().context("client stdin")?;
         let stdout = child.stdout.take().context("client stdout")?;
@@ -314,7 +316,7 @@ fn spawn_client(
     netns: &Path,
     cgroup: Option<&TestCgroup>,
     mode: Mode,
-    dst: std::net::SocketAddrV4,
+    dst: std::net::SocketAddr,
     count: usize,
     stdin: Stdio,
 ) -> Result<std::process::Child> {

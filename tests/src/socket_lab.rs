@@ -1,7 +1,7 @@
 //! A lab whose agent hooks a cgroup of the test's own, for the socket-layer tests
 //! (`host_client.rs`, `socket_lb.rs`): client processes in the node's namespace or in a
 //! pod's, inside that cgroup or outside it, and readers of what the agent reports.
-use std::{collections::BTreeSet, net::SocketAddrV4, path::Path, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::Path, time::Duration};
 
 use proxy_userspace::datapath::cgroup::{self, SockHook};
 
@@ -87,7 +87,7 @@ impl SocketLab {
         &self,
         in_cgroup: bool,
         mode: Mode,
-        dst: SocketAddrV4,
+        dst: impl Into<SocketAddr>,
         count: usize,
     ) -> Vec<Outcome> {
         self.client_in(&self.lab.node.path(), in_cgroup, mode, dst, count)
@@ -100,7 +100,7 @@ impl SocketLab {
         pod: &str,
         in_cgroup: bool,
         mode: Mode,
-        dst: SocketAddrV4,
+        dst: impl Into<SocketAddr>,
         count: usize,
     ) -> Vec<Outcome> {
         self.client_in(&self.lab.pod(pod).netns.path(), in_cgroup, mode, dst, count)
@@ -116,9 +116,10 @@ impl SocketLab {
         netns: &Path,
         in_cgroup: bool,
         mode: Mode,
-        dst: SocketAddrV4,
+        dst: impl Into<SocketAddr>,
         count: usize,
     ) -> Vec<Outcome> {
+        let dst = dst.into();
         run_client(
             &self.client,
             netns,
@@ -135,7 +136,8 @@ impl SocketLab {
     /// # Panics
     /// When the client cannot start.
     #[must_use]
-    pub fn session(&self, netns: &Path, mode: Mode, dst: SocketAddrV4) -> Session {
+    pub fn session(&self, netns: &Path, mode: Mode, dst: impl Into<SocketAddr>) -> Session {
+        let dst = dst.into();
         Session::start(&self.client, netns, Some(&self.cgroup), mode, dst)
             .unwrap_or_else(|error| panic!("session {mode:?} {dst}: {error:#}"))
     }

@@ -982,3 +982,62 @@ fn frontend_address_batches_land_and_deleting_a_gone_address_succeeds() {
     assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()));
     assert_eq!(maps.delete_frontend_addr(entries[0].0), Ok(()), "twice");
 }
+
+/// The pod egress program translates replies of flows through the stack only on the
+/// interface whose ingress created them, and lets every packet leaving through an
+/// interface that never had one pass without a conntrack lookup (`VIA_STACK_IF_V1`):
+/// the same reply, on another pod's interface, is left as it is.
+#[test]
+fn pod_egress_translates_replies_only_where_a_flow_through_the_stack_began() {
+    let netns =
+        Netns::create(&format!("{}-via", kpr_lab::netns::unique_prefix())).expect("namespace");
+    // Another pod's interface: one end of a veth pair of the namespace's own.
+    netns
+        .ip(&[
+            "link", "add", "kprvia0", "type", "veth", "peer", "name", "kprvia1",
+        ])
+        .expect("veth pair");
+    let outcome = netns
+        .run(|| {
+            // SAFETY: a NUL-terminated name; the call only reads it.
+            let other = unsafe { libc::if_nametoindex(c"kprvia0".as_ptr()) };
+            anyhow::ensure!(other > 1, "kprvia0 has no index");
+            let loopback = 1;
+            let mut harness = DatapathHarness::new()?;
+            harness.clear()?;
+            harness.install(&[frontend(
+                "web",
+                addr::vip(),
+                proto::TCP,
+                &[addr::backend()],
+                0,
+            )])?;
+            let syn = Frame::tcp(addr::client(), addr::vip(), TcpFlags::SYN);
+            let reply = Frame::tcp(addr::backend(), addr::client(), TcpFlags::SYN_ACK);
+            let before = harness.run_on_interface(Hook::PodEgress, &reply.to_bytes(), loopback)?;
+            let dnat = harness.run_on_interface(Hook::PodIngress, &syn.to_bytes(), loopback)?;
+            let elsewhere = harness.run_on_interface(Hook::PodEgress, &reply.to_bytes(), other)?;
+            let at_client =
+                harness.run_on_interface(Hook::PodEgress, &reply.to_bytes(), loopback)?;
+            Ok((before, dnat, elsewhere, at_client))
+        })
+        .expect("run in the namespace");
+    let (before, dnat, elsewhere, at_client) = outcome;
+    let reply = Frame::tcp(addr::backend(), addr::client(), TcpFlags::SYN_ACK).to_bytes();
+    assert_eq!(before.packet, reply, "no flow yet: nothing to translate");
+    assert_eq!(
+        dnat.packet,
+        Frame::tcp(addr::client(), addr::backend(), TcpFlags::SYN).to_bytes(),
+        "the SYN is DNATed through the stack"
+    );
+    assert_eq!(
+        (elsewhere.verdict, elsewhere.packet),
+        (0, reply),
+        "another interface's egress leaves the reply alone"
+    );
+    assert_eq!(
+        at_client.packet,
+        Frame::tcp(addr::vip(), addr::client(), TcpFlags::SYN_ACK).to_bytes(),
+        "the client's interface gives the reply its ClusterIP back"
+    );
+}

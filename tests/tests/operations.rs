@@ -196,9 +196,14 @@ fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
     let crash_restart = restart.elapsed();
 
     // An upgrade: SIGTERM with --keep-state, then a new agent swaps the programs in place.
+    // The old agent is one from before the via-stack interface set existed (its pin is
+    // removed): the new agent creates the set and must mark every interface, or the
+    // adopted flows' replies would leave the client's interface untranslated.
     new_connections.wait_answered(&lab, 20, "after the restart");
     let upgrade = Instant::now();
     lab.stop_agent().expect("stop with --keep-state");
+    std::fs::remove_file(lab.pin_dir().join(proxy_common::names::VIA_STACK_IFACES))
+        .expect("remove the via-stack interface set's pin");
     lab.start_agent(&[]).expect("start the new agent");
     let upgrade_restart = upgrade.elapsed();
     new_connections.wait_answered(&lab, 20, "after the upgrade");
@@ -226,6 +231,12 @@ fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
     assert!(
         lab.agent_log()
             .contains("adopting the maps of a previous agent"),
+        "{}",
+        lab.agent_log()
+    );
+    assert!(
+        lab.agent_log()
+            .contains("without the via-stack interface set"),
         "{}",
         lab.agent_log()
     );

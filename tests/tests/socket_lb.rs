@@ -478,3 +478,65 @@ fn a_connect_still_waiting_for_a_removed_backend_is_aborted() {
     let next = lab.pod_client("client", true, Mode::Tcp, sock(SLOW_VIP, 80), 2);
     let _ = answered_by(&next, &["web-1"]);
 }
+
+/// The IPv4-mapped form of `addr:port`, as an AF_INET6 socket addresses IPv4.
+fn mapped(addr: Ipv4Addr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.to_ipv6_mapped().into(), port)
+}
+
+#[test]
+fn dual_stack_sockets_reach_ipv4_services_through_ipv4_mapped_addresses() {
+    // A Go or Java client opens AF_INET6 sockets for every family and addresses an IPv4
+    // ClusterIP as ::ffff:10.96.0.10: the connect6/sendmsg6 hooks translate it with the
+    // IPv4 maps, and getpeername6/recvmsg6 show it the mapped ClusterIP again.
+    let mut lab = socket_lab();
+    lab.start_agent(&[]);
+    let attached: BTreeSet<SockHook> = hooks(lab.cgroup.path())
+        .into_iter()
+        .map(|(hook, _)| hook)
+        .collect();
+    assert_eq!(
+        attached,
+        SockHook::ALL.into_iter().collect(),
+        "every socket hook, both families, is attached"
+    );
+    let before = lab.counters();
+
+    let tcp = lab.pod_client("client", true, Mode::Tcp, mapped(WEB_VIP, 80), 30);
+    let servers = answered_by(&tcp, &WEB_BACKENDS);
+    assert!(servers.len() >= 2, "30 connections all went to {servers:?}");
+    assert_peer(&tcp, "[::ffff:10.96.0.10]:80");
+    for outcome in &tcp {
+        assert_eq!(seen_ip(outcome), CLIENT_IP, "{outcome:?}");
+    }
+    for mode in [Mode::UdpConnected, Mode::UdpUnconnected] {
+        let udp = lab.pod_client("client", true, mode, mapped(DNS_VIP, 53), 10);
+        let _ = answered_by(&udp, &WEB_BACKENDS);
+        for outcome in &udp {
+            assert_eq!(
+                outcome.source.as_deref(),
+                Some("[::ffff:10.96.0.53]:53"),
+                "{mode:?}: {outcome:?}"
+            );
+            let expected_peer = (mode == Mode::UdpConnected).then_some("[::ffff:10.96.0.53]:53");
+            assert_eq!(
+                outcome.peer.as_deref(),
+                expected_peer,
+                "{mode:?}: {outcome:?}"
+            );
+        }
+    }
+    let after = lab.counters();
+    assert!(
+        counter(&after, "sock_translated_pod") >= counter(&before, "sock_translated_pod") + 50,
+        "{before} -> {after}"
+    );
+    assert_eq!(
+        counter(&after, "new_flow"),
+        counter(&before, "new_flow"),
+        "a mapped connection went through TC: {before} -> {after}"
+    );
+    for outcome in lab.pod_client("client", true, Mode::Tcp, mapped(NOBODY_VIP, 80), 3) {
+        assert_eq!(outcome.errno, Some(libc::ECONNREFUSED), "{outcome:?}");
+    }
+}

@@ -41,14 +41,24 @@ pub enum SockHook {
     Recvmsg4,
     /// `getpeername()`: backend -> frontend, `sock_getpeername4`.
     Getpeername4,
+    /// The AF_INET6 twins (`sock_*6`): IPv6 services, and IPv4 ones reached through
+    /// IPv4-mapped addresses.
+    Connect6,
+    Sendmsg6,
+    Recvmsg6,
+    Getpeername6,
 }
 
 impl SockHook {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 8] = [
         Self::Connect4,
         Self::Sendmsg4,
         Self::Recvmsg4,
         Self::Getpeername4,
+        Self::Connect6,
+        Self::Sendmsg6,
+        Self::Recvmsg6,
+        Self::Getpeername6,
     ];
 
     /// The program's name in the object.
@@ -59,6 +69,10 @@ impl SockHook {
             Self::Sendmsg4 => "sock_sendmsg4",
             Self::Recvmsg4 => "sock_recvmsg4",
             Self::Getpeername4 => "sock_getpeername4",
+            Self::Connect6 => "sock_connect6",
+            Self::Sendmsg6 => "sock_sendmsg6",
+            Self::Recvmsg6 => "sock_recvmsg6",
+            Self::Getpeername6 => "sock_getpeername6",
         }
     }
 
@@ -70,6 +84,10 @@ impl SockHook {
             Self::Sendmsg4 => "sendmsg4",
             Self::Recvmsg4 => "recvmsg4",
             Self::Getpeername4 => "getpeername4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg6 => "sendmsg6",
+            Self::Recvmsg6 => "recvmsg6",
+            Self::Getpeername6 => "getpeername6",
         }
     }
 
@@ -79,6 +97,10 @@ impl SockHook {
             Self::Sendmsg4 => CgroupSockAddrAttachType::UDPSendMsg4,
             Self::Recvmsg4 => CgroupSockAddrAttachType::UDPRecvMsg4,
             Self::Getpeername4 => CgroupSockAddrAttachType::GetPeerName4,
+            Self::Connect6 => CgroupSockAddrAttachType::Connect6,
+            Self::Sendmsg6 => CgroupSockAddrAttachType::UDPSendMsg6,
+            Self::Recvmsg6 => CgroupSockAddrAttachType::UDPRecvMsg6,
+            Self::Getpeername6 => CgroupSockAddrAttachType::GetPeerName6,
         }
     }
 
@@ -775,6 +797,10 @@ mod tests {
         assert_eq!(SockHook::Sendmsg4.kernel_attach_type(), 14);
         assert_eq!(SockHook::Recvmsg4.kernel_attach_type(), 19);
         assert_eq!(SockHook::Getpeername4.kernel_attach_type(), 29);
+        assert_eq!(SockHook::Connect6.kernel_attach_type(), 11);
+        assert_eq!(SockHook::Sendmsg6.kernel_attach_type(), 15);
+        assert_eq!(SockHook::Recvmsg6.kernel_attach_type(), 20);
+        assert_eq!(SockHook::Getpeername6.kernel_attach_type(), 30);
     }
 
     #[test]

@@ -517,7 +517,7 @@ pub struct Datapath {
 }
 
 /// Every map of the object, pinned under these names.
-pub const ALL_MAPS: [&str; 27] = [
+pub const ALL_MAPS: [&str; 30] = [
     names::SERVICES_V4,
     names::BACKENDS_V4,
     names::CONNTRACK_V4,
@@ -532,6 +532,8 @@ pub const ALL_MAPS: [&str; 27] = [
     proxy_common::sock::CONFIG_NAME,
     proxy_common::sock::AFFINITY_V4_NAME,
     proxy_common::sock::DESTROY_V4_NAME,
+    proxy_common::sock::RNAT_V6_NAME,
+    proxy_common::sock::AFFINITY_V6_NAME,
     proxy_common::takeover::NF_CHECK_NAME,
     names::FRONTEND_ADDRS_V4,
     names::SERVICE_CIDR_V4,
@@ -548,6 +550,7 @@ pub const ALL_MAPS: [&str; 27] = [
     names::CONFIG_V6,
     names::AFFINITY_V6,
     names::SOURCE_RANGES_V6,
+    names::VIA_STACK_IFACES,
 ];
 
 /// Pins of maps whose layout an earlier version used. Nothing reads them any more (a
@@ -561,6 +564,41 @@ pub const RETIRED_MAPS: [&str; 6] = [
     "SOCK_RNAT_V4_V1",
     "SOCK_HOSTNS_V1",
 ];
+
+/// Whether `dir` holds the conntrack tables of an earlier agent but no
+/// [`names::VIA_STACK_IFACES`] set: an agent from before the set existed, whose flows
+/// through the stack no slot records.
+fn conntrack_pinned_without_via_stack_set(dir: &Path) -> bool {
+    let conntrack = [
+        names::CONNTRACK_V4,
+        names::CONNTRACK_NEW_V4,
+        names::CONNTRACK_V6,
+        names::CONNTRACK_NEW_V6,
+    ];
+    conntrack.iter().any(|name| dir.join(name).exists())
+        && !dir.join(names::VIA_STACK_IFACES).exists()
+}
+
+/// Sets every slot of [`names::VIA_STACK_IFACES`], so the pod egress programs look up
+/// every packet as before the set existed: the adopted flows' replies (and those the
+/// previous agent's programs create until ours replace them) are still translated.
+/// Interfaces whose slot is set for no flow only pay the lookups they paid before.
+fn mark_every_interface(ebpf: &mut Ebpf) -> Result<()> {
+    let name = names::VIA_STACK_IFACES;
+    let map = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+    let mut slots: Array<&mut aya::maps::MapData, u32> =
+        Array::try_from(map).map_err(|source| Error::Map { name, source })?;
+    for slot in 0..proxy_common::capacity::VIA_STACK_IFACES {
+        slots
+            .set(slot, 1, 0)
+            .map_err(|source| Error::Map { name, source })?;
+    }
+    tracing::info!(
+        slots = proxy_common::capacity::VIA_STACK_IFACES,
+        "adopted conntrack tables from an agent without the via-stack interface set: every pod interface's replies are looked up"
+    );
+    Ok(())
+}
 
 /// Removes the pins of [`RETIRED_MAPS`] under `dir`.
 pub fn remove_retired_pins(dir: &Path) {
@@ -618,6 +656,10 @@ impl Datapath {
             return Err(Error::StubObject);
         }
         let mut loader = EbpfLoader::new();
+        let flows_without_interfaces = options
+            .pin_dir
+            .as_deref()
+            .is_some_and(conntrack_pinned_without_via_stack_set);
         let map_pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| {
@@ -650,6 +692,9 @@ impl Datapath {
         loader.btf(btf.as_ref());
         let object = sock_destroy::patch_kfunc_calls(EBPF_OBJECT, btf.as_ref());
         let mut ebpf = loader.load(&object)?;
+        if flows_without_interfaces {
+            mark_every_interface(&mut ebpf)?;
+        }
         let mut maps = Maps {
             v4: FamilyMaps::take(&mut ebpf)?,
             v6: FamilyMaps::take(&mut ebpf)?,

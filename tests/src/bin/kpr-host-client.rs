@@ -6,10 +6,12 @@
 //! to ADDR, each on a fresh socket, and prints one JSON [`Outcome`] per request: who
 //! answered and which addresses the socket calls reported, or the errno of the failure.
 //! `tcp-session|udp-session ADDR 0` keeps one socket and makes one request per line
-//! read from stdin, connecting again after a failure.
+//! read from stdin, connecting again after a failure. ADDR is `IP:PORT` or
+//! `[IPv6]:PORT`; an IPv6 one (`[::ffff:10.96.0.10]:80` included) is used from an
+//! AF_INET6 socket.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     process::ExitCode,
     time::Duration,
 };
@@ -43,8 +45,8 @@ fn answered(text: &str, outcome: Outcome) -> Outcome {
     }
 }
 
-fn tcp(dst: SocketAddrV4, connect_timeout: Duration) -> std::io::Result<Outcome> {
-    let stream = TcpStream::connect_timeout(&dst.into(), connect_timeout)?;
+fn tcp(dst: SocketAddr, connect_timeout: Duration) -> std::io::Result<Outcome> {
+    let stream = TcpStream::connect_timeout(&dst, connect_timeout)?;
     let peer = stream.peer_addr()?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     (&stream).write_all(b"hello\n")?;
@@ -59,8 +61,19 @@ fn tcp(dst: SocketAddrV4, connect_timeout: Duration) -> std::io::Result<Outcome>
     ))
 }
 
-fn udp(dst: SocketAddrV4, connected: bool) -> std::io::Result<Outcome> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+/// The unspecified address of `dst`'s family: an IPv6 destination (an IPv4-mapped one
+/// included) gets an AF_INET6 socket, as a dual-stack client opens.
+fn wildcard(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => "0.0.0.0:0",
+        SocketAddr::V6(_) => "[::]:0",
+    }
+    .parse()
+    .unwrap_or(dst)
+}
+
+fn udp(dst: SocketAddr, connected: bool) -> std::io::Result<Outcome> {
+    let socket = UdpSocket::bind(wildcard(dst))?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     let peer = if connected {
         socket.connect(dst)?;
@@ -89,13 +102,13 @@ enum Held {
     Udp(UdpSocket),
 }
 
-fn open(dst: SocketAddrV4, tcp: bool) -> std::io::Result<Held> {
+fn open(dst: SocketAddr, tcp: bool) -> std::io::Result<Held> {
     if tcp {
-        let stream = TcpStream::connect_timeout(&dst.into(), TIMEOUT)?;
+        let stream = TcpStream::connect_timeout(&dst, TIMEOUT)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         Ok(Held::Tcp(BufReader::new(stream)))
     } else {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let socket = UdpSocket::bind(wildcard(dst))?;
         socket.set_read_timeout(Some(TIMEOUT))?;
         socket.connect(dst)?;
         Ok(Held::Udp(socket))
@@ -139,7 +152,7 @@ fn ask(held: &mut Held) -> std::io::Result<Outcome> {
 }
 
 /// The session modes: one request per stdin line on a socket kept between requests.
-fn session(dst: SocketAddrV4, tcp: bool, out: &mut impl std::io::Write) -> ExitCode {
+fn session(dst: SocketAddr, tcp: bool, out: &mut impl std::io::Write) -> ExitCode {
     let mut held: Option<Held> = None;
     for line in std::io::stdin().lines() {
         if line.is_err() {
