@@ -1,8 +1,9 @@
 //! IPv6 and dual stack end to end on the TC path: real TCP and UDP sockets in pod
 //! namespaces with IPv6 addresses, the agent in the node namespace (IPv6 forwarding on
 //! there only) reading manifests with IPv6 and dual-stack Services, an outside client
-//! behind the node's external interface for NodePorts. `--socket-lb off`: every
-//! connection takes the TC path (the socket hooks are IPv4-only for now).
+//! behind the node's external interface for NodePorts. No cgroup is hooked: every
+//! connection takes the TC path, except in the last test, whose pod sockets are in a
+//! hooked test cgroup and are translated by the AF_INET6 socket hooks.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -214,6 +215,16 @@ fn ipv6_lab() -> Result<Ipv6Lab> {
 }
 
 fn ipv6_lab_with(extra_args: &[&str]) -> Result<Ipv6Lab> {
+    let (mut lab, outside) = ipv6_lab_without_agent()?;
+    let mut args = AGENT_ARGS.to_vec();
+    args.extend_from_slice(extra_args);
+    lab.start_agent(&args)?;
+    lab.wait_attached()?;
+    Ok(Ipv6Lab { lab, outside })
+}
+
+/// The lab of [`ipv6_lab`] and its outside namespace, before the agent starts.
+fn ipv6_lab_without_agent() -> Result<(Lab, Netns)> {
     let mut lab = Lab::new()?;
     lab.enable_ipv6()?;
     lab.add_dual_pod("client", CLIENT_V4, Some(CLIENT_V6))?;
@@ -279,11 +290,7 @@ fn ipv6_lab_with(extra_args: &[&str]) -> Result<Ipv6Lab> {
         &NODE_V6.to_string(),
     ])?;
     lab.write_manifest("services.yaml", &manifests())?;
-    let mut args = AGENT_ARGS.to_vec();
-    args.extend_from_slice(extra_args);
-    lab.start_agent(&args)?;
-    lab.wait_attached()?;
-    Ok(Ipv6Lab { lab, outside })
+    Ok((lab, outside))
 }
 
 fn is_refused(error: &anyhow::Error) -> bool {
@@ -565,5 +572,47 @@ fn ipv6_connections_survive_an_agent_crash_and_the_next_agent_adopts_the_ipv6_ma
         entries(&lab.lab).expect("metrics"),
         before,
         "the same entries, adopted"
+    );
+}
+
+#[test]
+fn ipv6_sockets_in_the_hooked_cgroup_are_translated_at_connect_by_the_ipv6_maps() {
+    use kpr_lab::{
+        host::Mode,
+        socket_lab::{answered_by, assert_peer, counter, SocketLab},
+    };
+    let (lab, _outside) = ipv6_lab_without_agent().expect("lab");
+    let mut lab = SocketLab::from_lab(
+        lab,
+        std::path::Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
+    );
+    // The socket hooks on (the default mode), on the test's cgroup: the connect6 and
+    // sendmsg6 hooks find the IPv6 frontends in the maps this agent fills.
+    lab.start_agent(&AGENT_ARGS[..2]);
+    let before = lab.counters();
+    let tcp = lab.pod_client("client", true, Mode::Tcp, v6(SIX_VIP, 80), 30);
+    let servers = answered_by(&tcp, &["web-0", "web-1", "web-2"]);
+    assert!(servers.len() >= 2, "30 connections all went to {servers:?}");
+    // getpeername() shows the ClusterIP, the backend sees the pod itself.
+    assert_peer(&tcp, &format!("[{SIX_VIP}]:80"));
+    for outcome in &tcp {
+        let seen: Option<SocketAddr> = outcome.seen_client.as_deref().and_then(|s| s.parse().ok());
+        assert_eq!(
+            seen.map(|s| s.ip()),
+            Some(IpAddr::V6(CLIENT_V6)),
+            "{outcome:?}"
+        );
+    }
+    let udp = lab.pod_client("client", true, Mode::UdpConnected, v6(SIX_VIP, 53), 10);
+    let _ = answered_by(&udp, &["web-0", "web-1", "web-2"]);
+    let after = lab.counters();
+    assert!(
+        counter(&after, "sock_translated_pod") >= counter(&before, "sock_translated_pod") + 40,
+        "{before} -> {after}"
+    );
+    assert_eq!(
+        counter(&after, "new_flow"),
+        counter(&before, "new_flow"),
+        "an IPv6 connection in the hooked cgroup went through TC: {before} -> {after}"
     );
 }
