@@ -1050,9 +1050,12 @@ impl Agent {
         }
         self.upkeep.forget(&report.removed_pairs);
         let socket_cgroup = socket_lb::hooked_cgroup(&self.config);
-        if let Err(error) =
-            socket_lb::forget_backends(&mut self.datapath, socket_cgroup, &report.removed_pairs)
-        {
+        if let Err(error) = socket_lb::forget_backends(
+            &mut self.datapath,
+            socket_cgroup,
+            &report.removed_pairs,
+            &v6.report.removed_pairs,
+        ) {
             warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
             self.metrics.socket_forget_failures.inc();
         }

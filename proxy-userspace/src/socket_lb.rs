@@ -21,7 +21,8 @@ use aya::maps::{HashMap, MapData};
 use proxy_common::{
     proto,
     sock::{self, rev_flags},
-    AffinityValueV4, SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevValueV4,
+    AffinityValueV4, SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevKeyV6, SockRevValueV4,
+    SockRevValueV6,
 };
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -154,8 +155,9 @@ fn matching<K: aya::Pod + Ord, V: aya::Pod>(
 }
 
 /// Forgets the socket-layer state of `(service id, backend id)` pairs that are gone
-/// and destroys the connected sockets still tied to them, in the namespaces of the
-/// processes of `cgroup` (the hooked cgroup; `None`: no hooks, nothing to destroy).
+/// (`pairs` of IPv4 services, `pairs_v6` of IPv6 ones: each family has its own backend
+/// ids) and destroys the connected sockets still tied to them, in the namespaces of
+/// the processes of `cgroup` (the hooked cgroup; `None`: no hooks, nothing to destroy).
 ///
 /// # Errors
 /// When a map cannot be read or the sockets cannot be destroyed.
@@ -163,8 +165,9 @@ pub fn forget_backends(
     datapath: &mut Datapath,
     cgroup: Option<&Path>,
     pairs: &BTreeSet<(u32, u32)>,
+    pairs_v6: &BTreeSet<(u32, u32)>,
 ) -> Result<Forgotten, Error> {
-    if pairs.is_empty() {
+    if pairs.is_empty() && pairs_v6.is_empty() {
         return Ok(Forgotten::default());
     }
     let mut forgotten = Forgotten::default();
@@ -192,6 +195,35 @@ pub fn forget_backends(
             }
         }
     }
+    if !pairs_v6.is_empty() {
+        // The same for AF_INET6 sockets of IPv6 services (an IPv4 service's sockets,
+        // IPv4-mapped ones too, are all in the IPv4 map above).
+        let name = sock::RNAT_V6_NAME;
+        let mut reverse: HashMap<_, SockRevKeyV6, SockRevValueV6> = datapath.hash_map(name)?;
+        let stale = matching(&reverse, name, |_, value| {
+            pairs_v6.contains(&(value.service_id, value.backend_id))
+        })?;
+        for (key, value) in &stale {
+            if value.flags & rev_flags::CONNECTED == 0 {
+                continue;
+            }
+            cookies.insert(key.cookie);
+            namespaces.insert(value.netns_cookie);
+            if key.proto == proto::UDP && reverse.remove(key).is_ok() {
+                forgotten.reverse_entries += 1;
+            }
+        }
+        let name = sock::AFFINITY_V6_NAME;
+        let mut affinity: HashMap<_, SockAffinityKeyV4, AffinityValueV4> =
+            datapath.hash_map(name)?;
+        let stale = matching(&affinity, name, |key, value| {
+            pairs_v6.contains(&(key.service_id, value.backend_id))
+        })?;
+        forgotten.affinities += stale
+            .iter()
+            .filter(|(key, _)| affinity.remove(key).is_ok())
+            .count();
+    }
     {
         let name = sock::AFFINITY_V4_NAME;
         let mut affinity: HashMap<_, SockAffinityKeyV4, AffinityValueV4> =
@@ -199,7 +231,7 @@ pub fn forget_backends(
         let stale = matching(&affinity, name, |key, value| {
             pairs.contains(&(key.service_id, value.backend_id))
         })?;
-        forgotten.affinities = stale
+        forgotten.affinities += stale
             .iter()
             .filter(|(key, _)| affinity.remove(key).is_ok())
             .count();

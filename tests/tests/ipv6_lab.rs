@@ -616,3 +616,72 @@ fn ipv6_sockets_in_the_hooked_cgroup_are_translated_at_connect_by_the_ipv6_maps(
         "an IPv6 connection in the hooked cgroup went through TC: {before} -> {after}"
     );
 }
+
+/// `solo6`: an IPv6-only UDP service on one of the web pods.
+const SOLO_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x80);
+
+fn solo6(pod: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: solo6, namespace: demo}}
+spec:
+  clusterIP: '{SOLO_VIP}'
+  clusterIPs: ['{SOLO_VIP}']
+  ipFamilies: [IPv6]
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 8080}}
+---
+{}",
+        slice("solo6", "IPv6", &[pod_v6(pod).to_string()])
+    )
+}
+
+#[test]
+fn a_connected_ipv6_udp_socket_of_a_removed_backend_is_destroyed_and_reconnects() {
+    use kpr_lab::{host::Mode, socket_lab::SocketLab};
+    let (lab, _outside) = ipv6_lab_without_agent().expect("lab");
+    lab.write_manifest("solo6.yaml", &solo6(0x11))
+        .expect("write");
+    let mut lab = SocketLab::from_lab(
+        lab,
+        std::path::Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
+    );
+    lab.start_agent(&AGENT_ARGS[..2]);
+    let pod = lab.lab.pod("client").netns.path();
+    let mut session = lab.session(&pod, Mode::UdpSession, v6(SOLO_VIP, 53));
+    let first = session.ask().expect("first request");
+    assert_eq!(first.server.as_deref(), Some("web-0"), "{first:?}");
+    // web-0 leaves for web-1; it keeps serving, so a socket left connected to it would
+    // go on getting its answers.
+    lab.lab
+        .write_manifest("solo6.yaml", &solo6(0x12))
+        .expect("write");
+    let mut errors = Vec::new();
+    let mut last = None;
+    lab.lab
+        .wait_for("the socket to leave web-0", Duration::from_secs(10), || {
+            let outcome = session.ask()?;
+            let server = outcome.server.clone();
+            if server.is_none() {
+                errors.push(outcome.clone());
+            }
+            last = Some(outcome);
+            Ok(server.as_deref() == Some("web-1"))
+        })
+        .unwrap_or_else(|error| panic!("still pinned: {last:?} {errors:?}: {error:#}"));
+    // Destroyed (one failed request at most), connected again to the live backend.
+    assert!(errors.len() <= 1, "{errors:?}");
+    for error in &errors {
+        assert!(
+            matches!(error.errno, Some(libc::ECONNABORTED | libc::EDESTADDRREQ)),
+            "{error:?}"
+        );
+    }
+    let next = session.ask().expect("request after the move");
+    assert_eq!(next.server.as_deref(), Some("web-1"), "{next:?}");
+    assert_eq!(
+        next.source.as_deref(),
+        Some(format!("[{SOLO_VIP}]:53").as_str())
+    );
+}
