@@ -473,6 +473,13 @@ impl Agent {
             .v6
             .read_mirror()
             .context("reading pinned IPv6 maps")?;
+        if !mirror6.services.is_empty() {
+            info!(
+                entries = mirror6.services.len(),
+                backends = mirror6.backends.len(),
+                "adopting the IPv6 maps of a previous agent"
+            );
+        }
         let syncer6 = Syncer::adopt(mirror6).with_capacity(SyncCapacity {
             services: capacities.services_v6 as usize,
             backends: capacities.backends_v6 as usize,
@@ -1046,10 +1053,8 @@ impl Agent {
         if let Err(error) = socket_lb::forget_backends(
             &mut self.datapath,
             socket_cgroup,
-            socket_lb::RemovedPairs {
-                v4: &report.removed_pairs,
-                v6: &v6.report.removed_pairs,
-            },
+            &report.removed_pairs,
+            &v6.report.removed_pairs,
         ) {
             warn!(error = %crate::error_chain(&error), "cannot forget the sockets of removed backends");
             self.metrics.socket_forget_failures.inc();

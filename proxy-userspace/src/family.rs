@@ -48,8 +48,8 @@ pub trait Family:
     /// The EndpointSlice `addressType` of this family.
     const ADDRESS_TYPE: AddressType;
     /// The service ids this family's syncer hands out, `start..end`: disjoint, so the
-    /// per-service counters (one map for both families) and `kpr inspect` tell the
-    /// IPv4 and IPv6 halves of a service port apart.
+    /// per-service counters (one map for both families) never add one family's
+    /// service port to another's (the agent sums a dual-stack port's two ids).
     const SERVICE_IDS: (u32, u32);
     /// Map names, for errors and metrics.
     const SERVICES_MAP: &'static str;

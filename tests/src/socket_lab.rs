@@ -43,6 +43,21 @@ impl SocketLab {
         }
     }
 
+    /// A socket lab on a lab built by the caller (one with IPv6, say), with a fresh
+    /// cgroup; the agent is not started yet.
+    ///
+    /// # Panics
+    /// When the cgroup cannot be made.
+    #[must_use]
+    pub fn from_lab(lab: Lab, client: &Path) -> Self {
+        let cgroup = TestCgroup::create(&lab.prefix).expect("the test's cgroup");
+        Self {
+            lab,
+            cgroup,
+            client: client.to_path_buf(),
+        }
+    }
+
     /// Starts the agent on the test's cgroup (plus `extra` arguments) and waits until
     /// every TC and cgroup hook is attached.
     ///

@@ -6,7 +6,7 @@
 //! lines (long-lived connections); UDP answers each datagram.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -226,8 +226,9 @@ impl Conversation {
     ///
     /// # Errors
     /// When the connection fails.
-    pub fn open(dst: SocketAddrV4, timeout: Duration) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&dst.into(), timeout)
+    pub fn open(dst: impl Into<SocketAddr>, timeout: Duration) -> Result<Self> {
+        let dst: SocketAddr = dst.into();
+        let stream = TcpStream::connect_timeout(&dst, timeout)
             .with_context(|| format!("connecting to {dst}"))?;
         stream.set_read_timeout(Some(timeout))?;
         Ok(Self {

@@ -1,8 +1,9 @@
 //! IPv6 and dual stack end to end on the TC path: real TCP and UDP sockets in pod
 //! namespaces with IPv6 addresses, the agent in the node namespace (IPv6 forwarding on
 //! there only) reading manifests with IPv6 and dual-stack Services, an outside client
-//! behind the node's external interface for NodePorts. `--socket-lb off`: every
-//! connection takes the TC path (the socket hooks are IPv4-only for now).
+//! behind the node's external interface for NodePorts. No cgroup is hooked: every
+//! connection takes the TC path, except in the last test, whose pod sockets are in a
+//! hooked test cgroup and are translated by the AF_INET6 socket hooks.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -191,6 +192,16 @@ spec:
     .join("---\n")
 }
 
+/// The agent's flags in every lab of this file.
+const AGENT_ARGS: [&str; 6] = [
+    "--node-interfaces",
+    "ext0",
+    "--socket-lb",
+    "off",
+    "--cluster-cidr",
+    "10.244.0.0/16,fd00:10:244::/56",
+];
+
 /// A dual-stack lab node with its pods serving, an outside namespace on the node's
 /// external interface `ext0`, and the agent running.
 struct Ipv6Lab {
@@ -204,6 +215,16 @@ fn ipv6_lab() -> Result<Ipv6Lab> {
 }
 
 fn ipv6_lab_with(extra_args: &[&str]) -> Result<Ipv6Lab> {
+    let (mut lab, outside) = ipv6_lab_without_agent()?;
+    let mut args = AGENT_ARGS.to_vec();
+    args.extend_from_slice(extra_args);
+    lab.start_agent(&args)?;
+    lab.wait_attached()?;
+    Ok(Ipv6Lab { lab, outside })
+}
+
+/// The lab of [`ipv6_lab`] and its outside namespace, before the agent starts.
+fn ipv6_lab_without_agent() -> Result<(Lab, Netns)> {
     let mut lab = Lab::new()?;
     lab.enable_ipv6()?;
     lab.add_dual_pod("client", CLIENT_V4, Some(CLIENT_V6))?;
@@ -269,18 +290,7 @@ fn ipv6_lab_with(extra_args: &[&str]) -> Result<Ipv6Lab> {
         &NODE_V6.to_string(),
     ])?;
     lab.write_manifest("services.yaml", &manifests())?;
-    let mut args = vec![
-        "--node-interfaces",
-        "ext0",
-        "--socket-lb",
-        "off",
-        "--cluster-cidr",
-        "10.244.0.0/16,fd00:10:244::/56",
-    ];
-    args.extend_from_slice(extra_args);
-    lab.start_agent(&args)?;
-    lab.wait_attached()?;
-    Ok(Ipv6Lab { lab, outside })
+    Ok((lab, outside))
 }
 
 fn is_refused(error: &anyhow::Error) -> bool {
@@ -521,4 +531,157 @@ fn ipv6_session_affinity_keeps_a_client_on_one_backend() {
         })
         .expect("20 connections");
     assert_eq!(servers.len(), 1, "one backend for one client: {servers:?}");
+}
+
+#[test]
+fn ipv6_connections_survive_an_agent_crash_and_the_next_agent_adopts_the_ipv6_maps() {
+    let mut lab = ipv6_lab().expect("lab");
+    let mut conversation = lab
+        .lab
+        .pod("client")
+        .netns
+        .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("a long-lived IPv6 connection");
+    let server = conversation.ask().expect("first answer").server;
+    let entries = |lab: &Lab| lab.metric("kpr_map_entries{map=\"SVC_V6_V1\"}");
+    let before = entries(&lab.lab).expect("metrics");
+    // SIGKILL leaves programs attached and maps pinned: IPv6 keeps being translated.
+    lab.lab.kill_agent().expect("kill");
+    lab.lab
+        .pod("client")
+        .netns
+        .run(|| tcp_request(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("a new IPv6 connection with no agent running");
+    lab.lab.start_agent(&AGENT_ARGS).expect("restart");
+    let client = &lab.lab.pod("client").netns;
+    assert!(
+        lab.lab
+            .agent_log()
+            .contains("adopting the IPv6 maps of a previous agent"),
+        "{}",
+        lab.lab.agent_log()
+    );
+    assert_eq!(
+        conversation.ask().expect("the connection survived").server,
+        server
+    );
+    client
+        .run(|| tcp_request(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("a new IPv6 connection after the restart");
+    assert_eq!(
+        entries(&lab.lab).expect("metrics"),
+        before,
+        "the same entries, adopted"
+    );
+}
+
+#[test]
+fn ipv6_sockets_in_the_hooked_cgroup_are_translated_at_connect_by_the_ipv6_maps() {
+    use kpr_lab::{
+        host::Mode,
+        socket_lab::{answered_by, assert_peer, counter, SocketLab},
+    };
+    let (lab, _outside) = ipv6_lab_without_agent().expect("lab");
+    let mut lab = SocketLab::from_lab(
+        lab,
+        std::path::Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
+    );
+    // The socket hooks on (the default mode), on the test's cgroup: the connect6 and
+    // sendmsg6 hooks find the IPv6 frontends in the maps this agent fills.
+    lab.start_agent(&AGENT_ARGS[..2]);
+    let before = lab.counters();
+    let tcp = lab.pod_client("client", true, Mode::Tcp, v6(SIX_VIP, 80), 30);
+    let servers = answered_by(&tcp, &["web-0", "web-1", "web-2"]);
+    assert!(servers.len() >= 2, "30 connections all went to {servers:?}");
+    // getpeername() shows the ClusterIP, the backend sees the pod itself.
+    assert_peer(&tcp, &format!("[{SIX_VIP}]:80"));
+    for outcome in &tcp {
+        let seen: Option<SocketAddr> = outcome.seen_client.as_deref().and_then(|s| s.parse().ok());
+        assert_eq!(
+            seen.map(|s| s.ip()),
+            Some(IpAddr::V6(CLIENT_V6)),
+            "{outcome:?}"
+        );
+    }
+    let udp = lab.pod_client("client", true, Mode::UdpConnected, v6(SIX_VIP, 53), 10);
+    let _ = answered_by(&udp, &["web-0", "web-1", "web-2"]);
+    let after = lab.counters();
+    assert!(
+        counter(&after, "sock_translated_pod") >= counter(&before, "sock_translated_pod") + 40,
+        "{before} -> {after}"
+    );
+    assert_eq!(
+        counter(&after, "new_flow"),
+        counter(&before, "new_flow"),
+        "an IPv6 connection in the hooked cgroup went through TC: {before} -> {after}"
+    );
+}
+
+/// `solo6`: an IPv6-only UDP service on one of the web pods.
+const SOLO_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x80);
+
+fn solo6(pod: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: solo6, namespace: demo}}
+spec:
+  clusterIP: '{SOLO_VIP}'
+  clusterIPs: ['{SOLO_VIP}']
+  ipFamilies: [IPv6]
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 8080}}
+---
+{}",
+        slice("solo6", "IPv6", &[pod_v6(pod).to_string()])
+    )
+}
+
+#[test]
+fn a_connected_ipv6_udp_socket_of_a_removed_backend_is_destroyed_and_reconnects() {
+    use kpr_lab::{host::Mode, socket_lab::SocketLab};
+    let (lab, _outside) = ipv6_lab_without_agent().expect("lab");
+    lab.write_manifest("solo6.yaml", &solo6(0x11))
+        .expect("write");
+    let mut lab = SocketLab::from_lab(
+        lab,
+        std::path::Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
+    );
+    lab.start_agent(&AGENT_ARGS[..2]);
+    let pod = lab.lab.pod("client").netns.path();
+    let mut session = lab.session(&pod, Mode::UdpSession, v6(SOLO_VIP, 53));
+    let first = session.ask().expect("first request");
+    assert_eq!(first.server.as_deref(), Some("web-0"), "{first:?}");
+    // web-0 leaves for web-1; it keeps serving, so a socket left connected to it would
+    // go on getting its answers.
+    lab.lab
+        .write_manifest("solo6.yaml", &solo6(0x12))
+        .expect("write");
+    let mut errors = Vec::new();
+    let mut last = None;
+    lab.lab
+        .wait_for("the socket to leave web-0", Duration::from_secs(10), || {
+            let outcome = session.ask()?;
+            let server = outcome.server.clone();
+            if server.is_none() {
+                errors.push(outcome.clone());
+            }
+            last = Some(outcome);
+            Ok(server.as_deref() == Some("web-1"))
+        })
+        .unwrap_or_else(|error| panic!("still pinned: {last:?} {errors:?}: {error:#}"));
+    // Destroyed (one failed request at most), connected again to the live backend.
+    assert!(errors.len() <= 1, "{errors:?}");
+    for error in &errors {
+        assert!(
+            matches!(error.errno, Some(libc::ECONNABORTED | libc::EDESTADDRREQ)),
+            "{error:?}"
+        );
+    }
+    let next = session.ask().expect("request after the move");
+    assert_eq!(next.server.as_deref(), Some("web-1"), "{next:?}");
+    assert_eq!(
+        next.source.as_deref(),
+        Some(format!("[{SOLO_VIP}]:53").as_str())
+    );
 }
