@@ -21,8 +21,8 @@ use aya::maps::{HashMap, MapData};
 use proxy_common::{
     proto,
     sock::{self, rev_flags},
-    AffinityValueV4, SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevKeyV6, SockRevValueV4,
-    SockRevValueV6,
+    AffinityValueV4, AffinityValueV6, SockAffinityKeyV4, SockConfig, SockRevKeyV4, SockRevKeyV6,
+    SockRevValueV4, SockRevValueV6,
 };
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -154,10 +154,121 @@ fn matching<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(found)
 }
 
+/// A reverse map's entry, whatever the family.
+trait ReverseEntry: aya::Pod + Ord {
+    type Value: aya::Pod;
+    fn cookie(&self) -> u64;
+    fn proto(&self) -> u8;
+}
+
+impl ReverseEntry for SockRevKeyV4 {
+    type Value = SockRevValueV4;
+    fn cookie(&self) -> u64 {
+        self.cookie
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+impl ReverseEntry for SockRevKeyV6 {
+    type Value = SockRevValueV6;
+    fn cookie(&self) -> u64 {
+        self.cookie
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+/// What a reverse value says of its socket: (service id, backend id), netns cookie,
+/// flags.
+trait ReverseValue {
+    fn pair(&self) -> (u32, u32);
+    fn netns_cookie(&self) -> u64;
+    fn flags(&self) -> u8;
+}
+
+impl ReverseValue for SockRevValueV4 {
+    fn pair(&self) -> (u32, u32) {
+        (self.service_id, self.backend_id)
+    }
+    fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+    fn flags(&self) -> u8 {
+        self.flags
+    }
+}
+
+impl ReverseValue for SockRevValueV6 {
+    fn pair(&self) -> (u32, u32) {
+        (self.service_id, self.backend_id)
+    }
+    fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+    fn flags(&self) -> u8 {
+        self.flags
+    }
+}
+
+/// Collects the connected sockets of one family's reverse map tied to `pairs` into
+/// `cookies` and `namespaces`, and removes the entries of connected UDP sockets.
+fn forget_reverse<K>(
+    datapath: &mut Datapath,
+    name: &'static str,
+    pairs: &BTreeSet<(u32, u32)>,
+    cookies: &mut BTreeSet<u64>,
+    namespaces: &mut BTreeSet<u64>,
+) -> Result<usize, Error>
+where
+    K: ReverseEntry,
+    K::Value: ReverseValue,
+{
+    let mut reverse: HashMap<_, K, K::Value> = datapath.hash_map(name)?;
+    let stale = matching(&reverse, name, |_, value| pairs.contains(&value.pair()))?;
+    let mut removed = 0;
+    for (key, value) in &stale {
+        if value.flags() & rev_flags::CONNECTED == 0 {
+            // Unconnected UDP: translated again on its next datagram; the entry
+            // still shows the frontend for a late reply of the old backend.
+            continue;
+        }
+        cookies.insert(key.cookie());
+        namespaces.insert(value.netns_cookie());
+        // A connected UDP socket is destroyed below: its entry has nothing left to
+        // restore. A TCP socket is destroyed only while still connecting; an
+        // established one keeps its backend, and getpeername() its frontend.
+        if key.proto() == proto::UDP && reverse.remove(key).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes the socket-layer affinity entries of one family tied to `pairs`.
+fn forget_affinities<V: aya::Pod>(
+    datapath: &mut Datapath,
+    name: &'static str,
+    pairs: &BTreeSet<(u32, u32)>,
+    backend_id: impl Fn(&V) -> u32,
+) -> Result<usize, Error> {
+    let mut affinity: HashMap<_, SockAffinityKeyV4, V> = datapath.hash_map(name)?;
+    let stale = matching(&affinity, name, |key, value| {
+        pairs.contains(&(key.service_id, backend_id(value)))
+    })?;
+    Ok(stale
+        .iter()
+        .filter(|(key, _)| affinity.remove(key).is_ok())
+        .count())
+}
+
 /// Forgets the socket-layer state of `(service id, backend id)` pairs that are gone
 /// (`pairs` of IPv4 services, `pairs_v6` of IPv6 ones: each family has its own backend
 /// ids) and destroys the connected sockets still tied to them, in the namespaces of
 /// the processes of `cgroup` (the hooked cgroup; `None`: no hooks, nothing to destroy).
+/// AF_INET6 sockets of IPv4 services (IPv4-mapped addresses) are in the IPv4 map.
 ///
 /// # Errors
 /// When a map cannot be read or the sockets cannot be destroyed.
@@ -173,68 +284,35 @@ pub fn forget_backends(
     let mut forgotten = Forgotten::default();
     let mut cookies = BTreeSet::new();
     let mut namespaces = BTreeSet::new();
-    {
-        let name = sock::RNAT_V4_NAME;
-        let mut reverse: HashMap<_, SockRevKeyV4, SockRevValueV4> = datapath.hash_map(name)?;
-        let stale = matching(&reverse, name, |_, value| {
-            pairs.contains(&(value.service_id, value.backend_id))
-        })?;
-        for (key, value) in &stale {
-            if value.flags & rev_flags::CONNECTED == 0 {
-                // Unconnected UDP: translated again on its next datagram; the entry
-                // still shows the frontend for a late reply of the old backend.
-                continue;
-            }
-            cookies.insert(key.cookie);
-            namespaces.insert(value.netns_cookie);
-            // A connected UDP socket is destroyed below: its entry has nothing left to
-            // restore. A TCP socket is destroyed only while still connecting; an
-            // established one keeps its backend, and getpeername() its frontend.
-            if key.proto == proto::UDP && reverse.remove(key).is_ok() {
-                forgotten.reverse_entries += 1;
-            }
-        }
+    if !pairs.is_empty() {
+        forgotten.reverse_entries += forget_reverse::<SockRevKeyV4>(
+            datapath,
+            sock::RNAT_V4_NAME,
+            pairs,
+            &mut cookies,
+            &mut namespaces,
+        )?;
+        forgotten.affinities += forget_affinities(
+            datapath,
+            sock::AFFINITY_V4_NAME,
+            pairs,
+            |value: &AffinityValueV4| value.backend_id,
+        )?;
     }
     if !pairs_v6.is_empty() {
-        // The same for AF_INET6 sockets of IPv6 services (an IPv4 service's sockets,
-        // IPv4-mapped ones too, are all in the IPv4 map above).
-        let name = sock::RNAT_V6_NAME;
-        let mut reverse: HashMap<_, SockRevKeyV6, SockRevValueV6> = datapath.hash_map(name)?;
-        let stale = matching(&reverse, name, |_, value| {
-            pairs_v6.contains(&(value.service_id, value.backend_id))
-        })?;
-        for (key, value) in &stale {
-            if value.flags & rev_flags::CONNECTED == 0 {
-                continue;
-            }
-            cookies.insert(key.cookie);
-            namespaces.insert(value.netns_cookie);
-            if key.proto == proto::UDP && reverse.remove(key).is_ok() {
-                forgotten.reverse_entries += 1;
-            }
-        }
-        let name = sock::AFFINITY_V6_NAME;
-        let mut affinity: HashMap<_, SockAffinityKeyV4, AffinityValueV4> =
-            datapath.hash_map(name)?;
-        let stale = matching(&affinity, name, |key, value| {
-            pairs_v6.contains(&(key.service_id, value.backend_id))
-        })?;
-        forgotten.affinities += stale
-            .iter()
-            .filter(|(key, _)| affinity.remove(key).is_ok())
-            .count();
-    }
-    {
-        let name = sock::AFFINITY_V4_NAME;
-        let mut affinity: HashMap<_, SockAffinityKeyV4, AffinityValueV4> =
-            datapath.hash_map(name)?;
-        let stale = matching(&affinity, name, |key, value| {
-            pairs.contains(&(key.service_id, value.backend_id))
-        })?;
-        forgotten.affinities += stale
-            .iter()
-            .filter(|(key, _)| affinity.remove(key).is_ok())
-            .count();
+        forgotten.reverse_entries += forget_reverse::<SockRevKeyV6>(
+            datapath,
+            sock::RNAT_V6_NAME,
+            pairs_v6,
+            &mut cookies,
+            &mut namespaces,
+        )?;
+        forgotten.affinities += forget_affinities(
+            datapath,
+            sock::AFFINITY_V6_NAME,
+            pairs_v6,
+            |value: &AffinityValueV6| value.backend_id,
+        )?;
     }
     forgotten.sockets_listed = cookies.len();
     if let Some(cgroup) = cgroup.filter(|_| !cookies.is_empty()) {
