@@ -1774,13 +1774,27 @@ fn read_node_network(config: &AgentConfig) -> NodeNetwork {
 /// The datapath settings: the configured ones plus the node's masquerade address.
 /// Where healthCheckNodePorts listen: kube-proxy's rule, the node addresses that
 /// nodePortAddresses admits, or every address (`0.0.0.0`) when it is unset.
+/// Where healthCheckNodePorts listen, as kube-proxy's per-family servers: every address
+/// of nodePortAddresses of both families, or without it the wildcard of each family the
+/// node has NodePort addresses of (IPv6's only then: a node without IPv6 could not
+/// bind it, and a port is bound on all its addresses or on none).
 fn health_check_addresses(config: &AgentConfig, node: &NodeNetwork) -> Vec<IpAddr> {
     if config.node_port_filters.is_empty() {
-        config.health_check_addresses.clone()
+        let mut addresses = config.health_check_addresses.clone();
+        let all_of_ipv4 = addresses.contains(&IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        if all_of_ipv4 && !node.node_port_addresses_v6.is_empty() {
+            addresses.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        }
+        addresses
     } else {
         node.node_port_addresses
             .iter()
             .map(|addr| IpAddr::V4(*addr))
+            .chain(
+                node.node_port_addresses_v6
+                    .iter()
+                    .map(|addr| IpAddr::V6(*addr)),
+            )
             .collect()
     }
 }

@@ -273,6 +273,30 @@ impl OpenPort {
     }
 }
 
+/// A listener on `addr`. The IPv6 wildcard takes IPv6 only: the IPv4 wildcard beside
+/// it has its own listener (kube-proxy's per-family servers), and a dual-stack `[::]`
+/// would hold the IPv4 port too and make that bind fail.
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let SocketAddr::V6(v6) = addr else {
+        return TcpListener::bind(addr).await;
+    };
+    if !v6.ip().is_unspecified() {
+        return TcpListener::bind(addr).await;
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_only_v6(true)?;
+    // As tokio's own bind: a port closed a moment ago can be bound again at once.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Binds `port` on every address, then serves it. All or nothing, as kube-proxy: a
 /// port bound on some addresses only would be closed again.
 async fn open_port(
@@ -286,13 +310,11 @@ async fn open_port(
     for &ip in addresses {
         let addr = SocketAddr::new(ip, port);
         // Dropping `bound` on error closes the listeners already bound.
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Bind {
-                addr,
-                service: health.service.clone(),
-                source,
-            })?;
+        let listener = bind(addr).await.map_err(|source| Error::Bind {
+            addr,
+            service: health.service.clone(),
+            source,
+        })?;
         bound.push((addr, listener));
     }
     let (state, state_rx) = watch::channel(health.clone());

@@ -763,9 +763,10 @@ pub fn sample(metrics: &str, prefix: &str) -> Option<f64> {
 ///
 /// # Errors
 /// When the server does not answer.
-pub fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+pub fn http_get(addr: impl Into<std::net::SocketAddr>, path: &str) -> Result<(u16, String)> {
     use std::io::Write as _;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1))?;
+    let addr = addr.into();
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut response = String::new();

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Result;
 use kpr_lab::{
-    lab::Lab,
+    lab::{http_get, Lab},
     netns::Netns,
     traffic::{io_error_kind, tcp_request, udp_request},
 };
@@ -684,4 +684,18 @@ fn a_connected_ipv6_udp_socket_of_a_removed_backend_is_destroyed_and_reconnects(
         next.source.as_deref(),
         Some(format!("[{SOLO_VIP}]:53").as_str())
     );
+}
+
+#[test]
+fn ipv6_health_check_node_ports_answer_on_the_nodes_ipv6_address() {
+    // `lb6` (externalTrafficPolicy Local, healthCheckNodePort 32080) has its endpoint
+    // on this node: a load balancer asking over IPv6 hears 200 and one local endpoint,
+    // as it would over IPv4 (kube-proxy runs a health check server per family).
+    let lab = ipv6_lab().expect("lab");
+    let (code, body) = lab
+        .outside
+        .run(|| http_get(v6(NODE_V6, 32080), "/healthz"))
+        .expect("the health check port answers on the node's IPv6 address");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
 }
