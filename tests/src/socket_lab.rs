@@ -261,3 +261,27 @@ pub fn metric(metrics: &str, prefix: &str) -> Option<f64> {
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
 }
+
+/// Asks `session` until a backend other than `gone` answers; returns the errors seen
+/// on the way.
+///
+/// # Panics
+/// When `gone` keeps answering (a socket pinned to it) for [`DEADLINE`].
+pub fn until_moved(lab: &Lab, session: &mut Session, gone: &str) -> Vec<Outcome> {
+    let mut errors = Vec::new();
+    let mut last = None;
+    let moved = lab.wait_for("the socket to leave the removed backend", DEADLINE, || {
+        let outcome = session.ask()?;
+        let server = outcome.server.clone();
+        if server.is_none() {
+            errors.push(outcome.clone());
+        }
+        last = Some(outcome);
+        Ok(server.is_some_and(|server| server != gone))
+    });
+    assert!(
+        moved.is_ok(),
+        "still pinned to {gone}: last answer {last:?}, errors {errors:?}"
+    );
+    errors
+}

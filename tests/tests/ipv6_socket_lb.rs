@@ -8,12 +8,12 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     path::Path,
-    time::Duration,
 };
 
 use kpr_lab::{
     host::{run_client, Mode, Outcome, Session, TestCgroup},
     lab::Lab,
+    socket_lab::until_moved,
 };
 
 const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -21,7 +21,6 @@ const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
 const SIX_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const EMPTY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40);
 const WEB: [&str; 3] = ["web-0", "web-1", "web-2"];
-const DEADLINE: Duration = Duration::from_secs(10);
 
 fn pod_v6(host: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, host)
@@ -242,23 +241,7 @@ fn a_connected_ipv6_udp_socket_of_a_removed_backend_is_destroyed_and_reconnects(
     lab.lab
         .write_manifest("six.yaml", &manifests(&others))
         .expect("manifests");
-    let mut errors = Vec::new();
-    let mut last = None;
-    let moved = lab
-        .lab
-        .wait_for("the socket to leave the removed backend", DEADLINE, || {
-            let outcome = session.ask()?;
-            let server = outcome.server.clone();
-            if server.is_none() {
-                errors.push(outcome.clone());
-            }
-            last = Some(outcome);
-            Ok(server.is_some_and(|server| server != gone))
-        });
-    assert!(
-        moved.is_ok(),
-        "still pinned to {gone}: last answer {last:?}, errors {errors:?}"
-    );
+    let errors = until_moved(&lab.lab, &mut session, &gone);
     assert!(errors.len() <= 1, "{errors:?}");
     let next = session.ask().expect("request after the move");
     assert_eq!(next.source.as_deref(), Some("[fd00:96::10]:53"), "{next:?}");

@@ -16,7 +16,8 @@ use kpr_lab::{
     host::{Mode, Outcome},
     scenario::{sock, CLIENT_IP},
     socket_lab::{
-        answered_by, assert_peer, counter, hooks, inspect_json, plain_log, SocketLab, DEADLINE,
+        answered_by, assert_peer, counter, hooks, inspect_json, plain_log, until_moved, SocketLab,
+        DEADLINE,
     },
 };
 use proxy_userspace::datapath::cgroup::SockHook;
@@ -274,29 +275,6 @@ fn pod_sockets_are_translated_at_connect_with_the_tc_paths_semantics() {
     assert!(counter(&after, "new_flow") >= counter(&before, "new_flow") + 3);
 }
 
-/// Asks `session` until a backend other than `gone` answers; returns the errors seen
-/// on the way. Panics when `gone` keeps answering (a socket pinned to it).
-fn until_moved(lab: &SocketLab, session: &mut kpr_lab::host::Session, gone: &str) -> Vec<Outcome> {
-    let mut errors = Vec::new();
-    let mut last = None;
-    let moved = lab
-        .lab
-        .wait_for("the socket to leave the removed backend", DEADLINE, || {
-            let outcome = session.ask()?;
-            let server = outcome.server.clone();
-            if server.is_none() {
-                errors.push(outcome.clone());
-            }
-            last = Some(outcome);
-            Ok(server.is_some_and(|server| server != gone))
-        });
-    assert!(
-        moved.is_ok(),
-        "still pinned: last answer {last:?}, errors {errors:?}"
-    );
-    errors
-}
-
 #[test]
 fn connected_udp_sockets_of_a_removed_backend_are_destroyed_and_reconnect() {
     let mut lab = socket_lab();
@@ -342,7 +320,7 @@ fn connected_udp_sockets_of_a_removed_backend_are_destroyed_and_reconnect() {
     // request each (ECONNABORTED, or EDESTADDRREQ when the send comes first on the
     // disconnected socket), then the client connects again, to a live backend.
     for (who, session) in [("pod", &mut pod_udp), ("node", &mut host_udp)] {
-        let errors = until_moved(&lab, session, "web-0");
+        let errors = until_moved(&lab.lab, session, "web-0");
         assert!(errors.len() <= 1, "{who}: {errors:?}");
         for error in &errors {
             assert!(
