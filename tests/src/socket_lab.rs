@@ -285,3 +285,27 @@ pub fn until_moved(lab: &Lab, session: &mut Session, gone: &str) -> Vec<Outcome>
     );
     errors
 }
+
+/// Asserts that between the counters `before` and `after` at least `translated` pod
+/// sockets were translated at the socket layer and the TC programs created no flow (no
+/// conntrack entry, no per-packet rewrite); `what` names the connections in the message.
+///
+/// # Panics
+/// When either does not hold.
+pub fn assert_socket_path_only(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+    translated: u64,
+    what: &str,
+) {
+    assert!(
+        counter(after, "sock_translated_pod")
+            >= counter(before, "sock_translated_pod") + translated,
+        "{before} -> {after}"
+    );
+    assert_eq!(
+        counter(after, "new_flow"),
+        counter(before, "new_flow"),
+        "{what} went through TC: {before} -> {after}"
+    );
+}

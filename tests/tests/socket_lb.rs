@@ -16,8 +16,8 @@ use kpr_lab::{
     host::{Mode, Outcome},
     scenario::{sock, CLIENT_IP},
     socket_lab::{
-        answered_by, assert_peer, counter, hooks, inspect_json, plain_log, until_moved, SocketLab,
-        DEADLINE,
+        answered_by, assert_peer, assert_socket_path_only, counter, hooks, inspect_json, plain_log,
+        until_moved, SocketLab, DEADLINE,
     },
 };
 use proxy_userspace::datapath::cgroup::SockHook;
@@ -175,15 +175,7 @@ fn pod_sockets_are_translated_at_connect_with_the_tc_paths_semantics() {
     // All of it took the socket path: counted there, and not one new TC flow (so no
     // conntrack entry and no per-packet rewrite).
     let after = lab.counters();
-    assert!(
-        counter(&after, "sock_translated_pod") >= counter(&before, "sock_translated_pod") + 50,
-        "{before} -> {after}"
-    );
-    assert_eq!(
-        counter(&after, "new_flow"),
-        counter(&before, "new_flow"),
-        "a pod's connection went through TC: {before} -> {after}"
-    );
+    assert_socket_path_only(&before, &after, 50, "a pod's connection");
     let sockets = inspect_json(&lab.lab, "sockets");
     let entries = sockets.as_array().expect("a list of socket entries");
     assert!(
@@ -505,15 +497,7 @@ fn dual_stack_sockets_reach_ipv4_services_through_ipv4_mapped_addresses() {
         }
     }
     let after = lab.counters();
-    assert!(
-        counter(&after, "sock_translated_pod") >= counter(&before, "sock_translated_pod") + 50,
-        "{before} -> {after}"
-    );
-    assert_eq!(
-        counter(&after, "new_flow"),
-        counter(&before, "new_flow"),
-        "a mapped connection went through TC: {before} -> {after}"
-    );
+    assert_socket_path_only(&before, &after, 50, "a mapped connection");
     for outcome in lab.pod_client("client", true, Mode::Tcp, mapped(NOBODY_VIP, 80), 3) {
         assert_eq!(outcome.errno, Some(libc::ECONNREFUSED), "{outcome:?}");
     }
