@@ -22,7 +22,7 @@ use aya_ebpf::{
         __sk_buff, bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use proxy_common::{counter, ct_flags, proto, Be32x4, CtEntryV6};
@@ -206,6 +206,59 @@ pub fn translate_and_send(
         Flow::Known => nat6::translate(skb, pkt, entry)?,
     }
     send(skb, pkt, hop)
+}
+
+/// Whether a packet of `entry`'s flow goes back where it came from once translated:
+/// a pod reaching itself through a frontend (the hairpin), both ways.
+#[inline(always)]
+pub fn is_hairpin(pkt: &Packet6, entry: &CtEntryV6) -> bool {
+    entry.flags & ct_flags::REWRITE_DST != 0 && entry.nat_dst_addr == pkt.tuple.src_addr
+}
+
+/// Whether a hairpin packet has a hop left ([`send_back`]); asked before it is
+/// translated, so a packet dropped for it is left as it came.
+///
+/// # Errors
+/// `TTL_EXCEEDED` when its hop limit runs out on this hop.
+#[inline(always)]
+pub fn hairpin_hop(pkt: &Packet6) -> Result<()> {
+    if pkt.hop_limit <= 1 {
+        return Err(DropReason::TTL_EXCEEDED);
+    }
+    Ok(())
+}
+
+/// Sends a hairpin packet ([`is_hairpin`]), already translated, back out of the
+/// interface it came in on, to the pod that sent it, as a router would (the MAC
+/// addresses swapped, the hop limit decremented). No route lookup is needed, and no
+/// MTU can be smaller than the one the packet came through. A packet with hop limit 1
+/// is dropped (counted as `drop_ttl_exceeded`) rather than answered with time
+/// exceeded ([`hairpin_hop`], before the translation): the one difference from the
+/// kernel's forwarding, for a pod that reaches itself with hop limit 1. Its callers
+/// translate the packet first, at the call site they share with the flows through the
+/// stack: the verifier walks the rewrite once per call site and state, the dearest
+/// part of the pod-facing program.
+#[inline(never)]
+pub fn send_back(skb: *mut __sk_buff, pkt: &Packet6) -> Result<i32> {
+    let ctx = TcContext::new(skb);
+    // Destination and source MAC, as 16-bit words, swapped.
+    let macs: [u16; 6] = ctx.load(0).map_err(|_| DropReason::REWRITE)?;
+    let swapped = [macs[3], macs[4], macs[5], macs[0], macs[1], macs[2]];
+    ctx.store(0, &swapped, 0).map_err(|_| DropReason::REWRITE)?;
+    ctx.store(
+        ETH_HLEN + IPV6_HOP_LIMIT_OFF,
+        &pkt.hop_limit.saturating_sub(1),
+        0,
+    )
+    .map_err(|_| DropReason::REWRITE)?;
+    // SAFETY: reading a field of the program's own skb.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: the helper has no preconditions; flags 0 = egress of `ifindex`.
+    if unsafe { bpf_redirect(ifindex, 0) } != i64::from(TC_ACT_REDIRECT) {
+        return Err(DropReason::REWRITE);
+    }
+    stats::count(counter::REDIRECTED);
+    Ok(REDIRECT)
 }
 
 /// A packet of a flow conntrack knows, at the node-facing ingress (as

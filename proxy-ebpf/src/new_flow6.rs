@@ -12,8 +12,9 @@
 //! ingress and routed by the kernel, its replies translated back at the egress of the
 //! client's interface, after routing. A flow from outside to a remote backend is sent
 //! to its next hop both ways ([`crate::forward6`]), as for IPv4. Netfilter thus sees
-//! each flow both ways or not at all. Not in IPv6 yet: hairpin (a pod reaching itself),
-//! session affinity, source ranges (refused), `kpr trace`.
+//! each flow both ways or not at all. A pod reaching itself through a frontend (the
+//! hairpin) is masqueraded to the node's IPv6 address and redirected both ways, as for
+//! IPv4: its own reply would otherwise never leave it.
 //!
 //! The stages are BPF-to-BPF calls ([`crate::parse6::parse`] says why); this frame
 //! holds the packet and its entry, which they fill.
@@ -62,28 +63,53 @@ fn try_pod_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     }
     // The lean path: a packet to no frontend address is a pod's own traffic, or the
     // reply of a local backend (or an error travelling as one), which is translated at
-    // the client's egress. A later fragment has its addresses, so this comes before
-    // the fragment map is asked for its ports.
-    let destination = service6::classify(&pkt.tuple.dst_addr);
-    let Destination::Frontend { cluster_ip } = destination else {
+    // the client's egress; except a reply to the node's masquerade address, which
+    // only a hairpin flow's backend sends from a pod. A later fragment has its
+    // addresses, so this comes before the fragment map is asked for its ports.
+    if !matches!(
+        service6::classify(&pkt.tuple.dst_addr),
+        Destination::Frontend { .. }
+    ) && !is_masquerade_address(&pkt.tuple.dst_addr)
+    {
         return Ok(PASS);
-    };
+    }
     if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
         return Ok(PASS);
     }
     let mut entry = CtEntryV6::default();
     if conntrack6::lookup(&pkt, now, &mut entry) {
         fragments6::remember(&pkt, now);
-        if entry.flags & ct_flags::REPLY == 0 {
+        // A flow through the stack has its requests translated here, its replies at
+        // the client's egress; the hairpin is translated both ways and sent back. An
+        // ICMPv6 error about a hairpin flow passes untranslated, to the node.
+        let hairpin = pkt.kind != Kind::IcmpError && forward6::is_hairpin(&pkt, &entry);
+        if hairpin {
+            forward6::hairpin_hop(&pkt)?;
+        }
+        if hairpin || entry.flags & ct_flags::REPLY == 0 {
             nat6::translate(skb, &pkt, &entry)?;
+        }
+        if hairpin {
+            return forward6::send_back(skb, &pkt);
         }
         return Ok(PASS);
     }
-    // An error or a later fragment of no flow we know is not ours.
+    // An error or a later fragment of no flow we know is not ours, nor is a packet to
+    // the masquerade address of no flow. Classified again rather than carried over the
+    // lookup: a value live across it would double the states the verifier walks there.
     if pkt.kind != Kind::Transport {
         return Ok(PASS);
     }
+    let Destination::Frontend { cluster_ip } = service6::classify(&pkt.tuple.dst_addr) else {
+        return Ok(PASS);
+    };
     new_flow(skb, &pkt, now, Origin::Pod, cluster_ip, &mut entry)
+}
+
+/// Whether `addr` is the node's IPv6 masquerade address.
+#[inline(always)]
+fn is_masquerade_address(addr: &Be32x4) -> bool {
+    snat6::address().is_ok_and(|snat| snat == addr)
 }
 
 /// Replies of flows through the stack get their frontend back as the source.
@@ -151,17 +177,21 @@ fn try_node_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     new_flow(skb, &pkt, now, Origin::Outside, cluster_ip, &mut entry)
 }
 
-/// Whether a new flow from outside the node is masqueraded to the node's IPv6
-/// address, by [`crate::new_flow`]'s rule: a remote backend of a NodePort, externalIP
-/// or LoadBalancer frontend, or of a ClusterIP reached from outside the cluster CIDR,
-/// so its replies come back here. Local backends never are; flows from pods are not in
-/// this slice (a pod reaching itself, the hairpin, has no IPv6 masquerade yet).
+/// Whether a new flow is masqueraded to the node's IPv6 address, by
+/// [`crate::new_flow`]'s rule: from a pod, only when the pod reaches itself (the
+/// hairpin); from outside, a remote backend of a NodePort, externalIP or LoadBalancer
+/// frontend, or of a ClusterIP reached from outside the cluster CIDR, so its replies
+/// come back here. Local backends of outside clients never are.
 #[inline(always)]
 fn needs_masquerade(origin: Origin, client: &Be32x4, chosen: &Chosen) -> bool {
-    origin == Origin::Outside
-        && chosen.backend.flags & backend_flags::LOCAL == 0
-        && (chosen.frontend_flags & service_flags::EXTERNAL != 0
-            || !maps::config_v6().is_some_and(|config| config.in_cluster_cidr(client)))
+    match origin {
+        Origin::Pod => chosen.backend.addr == *client,
+        Origin::Outside => {
+            chosen.backend.flags & backend_flags::LOCAL == 0
+                && (chosen.frontend_flags & service_flags::EXTERNAL != 0
+                    || !maps::config_v6().is_some_and(|config| config.in_cluster_cidr(client)))
+        }
+    }
 }
 
 /// The first packet of a flow to a frontend address: the frontend's backend, or the
@@ -170,9 +200,9 @@ fn needs_masquerade(origin: Origin, client: &Be32x4, chosen: &Chosen) -> bool {
 /// flow's entry.
 ///
 /// A flow from a pod, and one to a local backend, go through the stack both ways
-/// ([`ct_flags::VIA_STACK`]); the others (from outside to a remote backend) are sent
-/// to their next hop ([`crate::forward6`]), masqueraded ([`crate::snat6`]) when
-/// [`needs_masquerade`] says so.
+/// ([`ct_flags::VIA_STACK`]) unless masqueraded; the others (from outside to a remote
+/// backend, a pod reaching itself) are sent to their next hop ([`crate::forward6`]),
+/// masqueraded ([`crate::snat6`]) when [`needs_masquerade`] says so.
 #[inline(always)]
 fn new_flow(
     skb: *mut __sk_buff,
@@ -220,7 +250,11 @@ fn new_flow(
         });
     }
     if masquerade {
-        stats::count(counter::SNAT_FLOW);
+        stats::count(if origin == Origin::Pod {
+            counter::HAIRPIN_FLOW
+        } else {
+            counter::SNAT_FLOW
+        });
     }
     fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
@@ -230,9 +264,17 @@ fn new_flow(
         // SAFETY: the program's skb is valid for its run.
         crate::via_stack::note_client_interface(unsafe { (*skb).ifindex });
     }
-    if via_stack {
+    // A pod's flow that is not through the stack is masqueraded: the hairpin, sent
+    // back where it came from.
+    if via_stack || origin == Origin::Pod {
+        if !via_stack {
+            forward6::hairpin_hop(pkt)?;
+        }
         nat6::apply(skb, pkt, entry)?;
-        return Ok(PASS);
+        if via_stack {
+            return Ok(PASS);
+        }
+        return forward6::send_back(skb, pkt);
     }
     forward6::translate_and_send(skb, pkt, entry, Flow::New)
 }

@@ -23,7 +23,7 @@ use kpr_lab::{
     netns::Netns,
     packets::{
         icmp6_reply, port_unreachable_reply6, sctp_crc_is_valid, sock6, Ext6, Frame6, Icmp6Error,
-        SctpChunk, SctpCrc, TcpFlags, Transport6,
+        SctpChunk, SctpCrc, TcpFlags, Transport6, CLIENT_MAC, NODE_MAC,
     },
 };
 use proxy_common::{
@@ -1442,6 +1442,24 @@ fn routed_cases() -> Vec<(Case, Node6)> {
         63,
     );
     fits_out.payload = fits.payload.clone();
+    // The hairpin: a pod reaching itself through its ClusterIP (the backend is the
+    // client's own address) is masqueraded to the node and redirected both ways.
+    let own = SocketAddrV6::new(*client().ip(), 8080, 0, 0);
+    let hairpin = frontend6(vip(), proto::TCP, &[own]);
+    let pod_syn = Frame6::tcp(client(), vip(), TcpFlags::SYN);
+    let hairpin_syn = Frame6::tcp(masqueraded(), own, TcpFlags::SYN);
+    // Sent back out of the interface it came in on, as a router: from the node's MAC
+    // to the pod's, one hop less.
+    let back_to_pod = |mut frame: Frame6| {
+        frame.src_mac = NODE_MAC;
+        frame.dst_mac = CLIENT_MAC;
+        frame.hop_limit -= 1;
+        frame
+    };
+    // The pod's reply, from its MAC to the node's.
+    let mut hairpin_syn_ack = hairpin_syn.reply(syn_ack);
+    hairpin_syn_ack.src_mac = CLIENT_MAC;
+    hairpin_syn_ack.dst_mac = NODE_MAC;
     vec![
         (
             Case {
@@ -1462,6 +1480,35 @@ fn routed_cases() -> Vec<(Case, Node6)> {
                     ),
                 ],
                 counters: vec![(counter::REDIRECTED, 2), (counter::SNAT_FLOW, 1)],
+            },
+            snat,
+        ),
+        (
+            Case {
+                name: "a pod reaching itself is masqueraded to the node and redirected, and so is its reply",
+                frontends: vec![hairpin],
+                steps: vec![
+                    step(
+                        Hook::PodIngress,
+                        &pod_syn,
+                        Verdict::Redirect,
+                        Some(&back_to_pod(hairpin_syn.clone())),
+                    ),
+                    step(
+                        Hook::PodIngress,
+                        &hairpin_syn_ack,
+                        Verdict::Redirect,
+                        Some(&back_to_pod(pod_syn.reply(syn_ack))),
+                    ),
+                    // Hop limit 1 would run out on this hop: dropped, not answered.
+                    step(Hook::PodIngress, &hop(pod_syn.clone(), 1), Verdict::Drop, None),
+                ],
+                counters: vec![
+                    (counter::REDIRECTED, 2),
+                    (counter::HAIRPIN_FLOW, 1),
+                    (counter::SNAT_FLOW, 0),
+                    (counter::DROP_TTL_EXCEEDED, 1),
+                ],
             },
             snat,
         ),

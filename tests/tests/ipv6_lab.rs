@@ -345,6 +345,52 @@ fn an_ipv6_cluster_ip_spreads_tcp_and_udp_from_a_pod_over_every_backend() {
     assert!(entries >= 16.0, "SVC_V6_V1 holds {entries}");
 }
 
+/// The hairpin over IPv6: a pod reaching itself through its service's ClusterIP is
+/// masqueraded to the node's IPv6 address, so its reply leaves the pod and comes back
+/// translated (without masquerade the pod would answer itself and the connection
+/// would never open). Fails before IPv6 masqueraded pod flows.
+#[test]
+fn an_ipv6_pod_reaches_itself_through_its_service_masqueraded_to_the_node() {
+    let lab = ipv6_lab().expect("lab");
+    let web_0 = &lab.lab.pod("web-0").netns;
+    let answers = web_0
+        .run(|| {
+            (0..30)
+                .map(|_| tcp_request(v6(SIX_VIP, 80), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("web-0 to its own service over IPv6");
+    let to_itself: Vec<_> = answers.iter().filter(|a| a.server == "web-0").collect();
+    // Thirty picks of three miss web-0 with probability (2/3)^30, about 5e-6.
+    assert!(
+        !to_itself.is_empty(),
+        "never chose itself in 30 tries: {answers:?}"
+    );
+    for answer in to_itself {
+        assert_eq!(answer.seen_client.ip(), IpAddr::V6(NODE_V6), "{answer:?}");
+    }
+    for answer in answers.iter().filter(|a| a.server != "web-0") {
+        assert_eq!(
+            answer.seen_client.ip(),
+            IpAddr::V6(pod_v6(0x11)),
+            "other backends see the pod: {answer:?}"
+        );
+    }
+    // Counted in the datapath (the metrics refresh every 2 s).
+    lab.lab
+        .wait_for(
+            "hairpin_flow in the metrics",
+            Duration::from_secs(10),
+            || {
+                Ok(lab
+                    .lab
+                    .metric("kpr_datapath_events_total{event=\"hairpin_flow\"}")?
+                    .is_some_and(|flows| flows >= 1.0))
+            },
+        )
+        .expect("hairpin flows counted");
+}
+
 #[test]
 fn an_ipv6_node_port_answers_a_client_outside_the_node() {
     let lab = ipv6_lab().expect("lab");
