@@ -1116,12 +1116,17 @@ impl Agent {
         let started = Instant::now();
         self.names_stale = false;
         let path = names::path_for(&self.config.pin_dir);
-        let syncer = &self.syncer;
+        let (syncer, syncer6) = (&self.syncer, &self.syncer6);
         match names::write_current(
             &path,
             &snapshot.state,
             self.model.desired(),
-            |name| syncer.service_id(name),
+            |family: &crate::state::AddressType, name: &crate::model::ServicePortName| match family
+            {
+                crate::state::AddressType::IPv4 => syncer.service_id(name),
+                crate::state::AddressType::IPv6 => syncer6.service_id(name),
+                crate::state::AddressType::Fqdn | crate::state::AddressType::Unknown(_) => None,
+            },
             self.published_names,
         ) {
             Ok(names::Written::Replaced(digest)) => {

@@ -64,9 +64,10 @@ enum InspectWhat {
     },
     /// Conntrack entries (two per translated flow).
     Conntrack {
-        /// Only flows with this address at either end, before or after translation.
+        /// Only flows with this address (IPv4 or IPv6) at either end, before or after
+        /// translation.
         #[arg(long)]
-        addr: Option<std::net::Ipv4Addr>,
+        addr: Option<std::net::IpAddr>,
         /// Only flows with this port at either end.
         #[arg(long)]
         port: Option<u16>,
@@ -86,13 +87,15 @@ enum InspectWhat {
 
 #[derive(Args, Debug)]
 struct TraceArgs {
-    /// The client: an address, or address:port (port 40000 when left out; the port
-    /// of an open connection shows that flow's translation).
+    /// The client: an address, or address:port (`10.244.1.2:40000`,
+    /// `[fd00:244::2]:40000`; port 40000 when left out; the port of an open connection
+    /// shows that flow's translation).
     #[arg(long, value_parser = parse_client)]
-    client: std::net::SocketAddrV4,
-    /// The destination address:port.
+    client: std::net::SocketAddr,
+    /// The destination address:port (`10.96.0.10:80`, `[fd00::10]:80`), of the
+    /// client's family.
     #[arg(long)]
-    to: std::net::SocketAddrV4,
+    to: std::net::SocketAddr,
     /// tcp, udp or sctp.
     #[arg(long, value_parser = parse_protocol, default_value = "tcp")]
     protocol: u8,
@@ -117,13 +120,12 @@ fn parse_protocol(text: &str) -> Result<u8, String> {
     }
 }
 
-fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
+fn parse_client(text: &str) -> Result<std::net::SocketAddr, String> {
     text.parse()
-        .or_else(|_| {
-            text.parse()
-                .map(|ip| std::net::SocketAddrV4::new(ip, 40_000))
+        .or_else(|_| text.parse().map(|ip| std::net::SocketAddr::new(ip, 40_000)))
+        .map_err(|_| {
+            format!("{text:?} is neither an address nor address:port ([address]:port for IPv6)")
         })
-        .map_err(|_| format!("{text:?} is neither an IPv4 address nor address:port"))
 }
 
 #[derive(Args, Debug)]
@@ -393,7 +395,13 @@ fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&args.bpffs)?;
     let index = inspect::NameIndex::read(&args.bpffs)?;
     let mut tracer = trace::Tracer::load(&args.bpffs).context("loading the trace instance")?;
-    let frame = trace::first_packet(args.client, args.to, args.protocol);
+    let Some(frame) = trace::first_packet(args.client, args.to, args.protocol) else {
+        anyhow::bail!(
+            "--client {} and --to {} are of different families: a packet has one",
+            args.client,
+            args.to
+        );
+    };
     let hook = if args.from_outside {
         Hook::NodeIngress
     } else {
