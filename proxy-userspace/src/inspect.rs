@@ -59,6 +59,8 @@ trait Tables: Family {
     type Ct: CtLayout;
     /// The socket-layer affinity map (keyed by network namespace, both families).
     const SOCK_AFFINITY: &'static str;
+    /// What a frontend without endpoints answers.
+    const REJECT: &'static str;
     /// Address, port, protocol and scope of a service map key.
     fn frontend(key: &Self::ServiceKey) -> (SocketAddr, u8, u8);
     fn backend_socket(backend: &Self::Backend) -> SocketAddr;
@@ -83,6 +85,7 @@ fn v6(addr: Be32x4, port: Be16) -> SocketAddr {
 impl Tables for Ipv4Addr {
     type Ct = V4;
     const SOCK_AFFINITY: &'static str = sock::AFFINITY_V4_NAME;
+    const REJECT: &'static str = "reject (ICMP port unreachable)";
 
     fn frontend(key: &Self::ServiceKey) -> (SocketAddr, u8, u8) {
         (v4(key.addr, key.port), key.proto, key.scope)
@@ -118,6 +121,7 @@ impl Tables for Ipv4Addr {
 impl Tables for Ipv6Addr {
     type Ct = V6;
     const SOCK_AFFINITY: &'static str = sock::AFFINITY_V6_NAME;
+    const REJECT: &'static str = "reject (ICMPv6 port unreachable)";
 
     fn frontend(key: &Self::ServiceKey) -> (SocketAddr, u8, u8) {
         (v6(key.addr, key.port), key.proto, key.scope)
@@ -513,7 +517,7 @@ fn family_services<F: Tables>(
             when_empty: if value.flags & service_flags::DROP_WHEN_EMPTY != 0 {
                 "drop (endpoints only on other nodes)"
             } else {
-                "reject (ICMP port unreachable)"
+                F::REJECT
             },
             backends,
             service_id: value.service_id,
