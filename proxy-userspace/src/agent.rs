@@ -505,7 +505,7 @@ impl Agent {
         .with_rejected_counter(metrics.http_rejected("health_check"));
         // Before anything is attached: connections kube-proxy translated stay netfilter's.
         let mut takeover = Takeover::new(KernelSupport::probe());
-        takeover.refresh_recorded(&mut datapath, syncer.mirror(), &metrics);
+        takeover.refresh_recorded(&mut datapath, (syncer.mirror(), syncer6.mirror()), &metrics);
         Ok(Self {
             lock: Some(lock),
             config,
@@ -638,8 +638,11 @@ impl Agent {
         }
         // Listing the frontends walks the whole mirror: only when the set changed.
         if report.frontend_set_changed || !self.synced_once {
-            self.takeover
-                .after_sync(&mut self.datapath, self.syncer.mirror(), &self.metrics);
+            self.takeover.after_sync(
+                &mut self.datapath,
+                (self.syncer.mirror(), self.syncer6.mirror()),
+                &self.metrics,
+            );
         }
         if !self.synced_once {
             // Attach only once the maps hold the whole desired state, so no pod ever
@@ -670,8 +673,11 @@ impl Agent {
     /// Whether netfilter still holds flows kube-proxy translated to our frontends: the
     /// datapath's check stays on exactly as long.
     fn on_takeover_tick(&mut self) {
-        self.takeover
-            .refresh_recorded(&mut self.datapath, self.syncer.mirror(), &self.metrics);
+        self.takeover.refresh_recorded(
+            &mut self.datapath,
+            (self.syncer.mirror(), self.syncer6.mirror()),
+            &self.metrics,
+        );
     }
 
     /// A link came, went or changed: follow the node's network and attach.

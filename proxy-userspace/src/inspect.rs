@@ -61,8 +61,6 @@ trait Tables: Family {
     const SOCK_AFFINITY: &'static str;
     /// What a frontend without endpoints answers.
     const REJECT: &'static str;
-    /// Address, port, protocol and scope of a service map key.
-    fn frontend(key: &Self::ServiceKey) -> (SocketAddr, u8, u8);
     fn backend_socket(backend: &Self::Backend) -> SocketAddr;
     fn flow(key: &CtKey<Self>, entry: &CtEntry<Self>) -> Flow;
     /// Client address and service id of an affinity record.
@@ -86,10 +84,6 @@ impl Tables for Ipv4Addr {
     type Ct = V4;
     const SOCK_AFFINITY: &'static str = sock::AFFINITY_V4_NAME;
     const REJECT: &'static str = "reject (ICMP port unreachable)";
-
-    fn frontend(key: &Self::ServiceKey) -> (SocketAddr, u8, u8) {
-        (v4(key.addr, key.port), key.proto, key.scope)
-    }
 
     fn backend_socket(backend: &Self::Backend) -> SocketAddr {
         v4(backend.addr, backend.port)
@@ -122,10 +116,6 @@ impl Tables for Ipv6Addr {
     type Ct = V6;
     const SOCK_AFFINITY: &'static str = sock::AFFINITY_V6_NAME;
     const REJECT: &'static str = "reject (ICMPv6 port unreachable)";
-
-    fn frontend(key: &Self::ServiceKey) -> (SocketAddr, u8, u8) {
-        (v6(key.addr, key.port), key.proto, key.scope)
-    }
 
     fn backend_socket(backend: &Self::Backend) -> SocketAddr {
         v6(backend.addr, backend.port)
@@ -474,7 +464,12 @@ fn family_services<F: Tables>(
         if !filter.matches(namespace.as_deref(), name.as_deref()) {
             continue;
         }
-        let (address, l4_proto, key_scope) = F::frontend(key);
+        let frontend = F::key_frontend(key);
+        let (address, l4_proto, key_scope) = (
+            SocketAddr::new(frontend.addr.into(), frontend.port),
+            frontend.proto,
+            frontend.scope,
+        );
         let protocol = protocol_name(l4_proto);
         let mut backends: Vec<BackendView> = (1..=value.count)
             .filter_map(|slot| entries.get(&F::key_with_slot(key, slot)))

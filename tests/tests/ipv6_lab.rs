@@ -943,3 +943,78 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     assert_eq!(over_v4["backend"], "10.244.1.21:8080");
     drop(conversation);
 }
+
+/// kube-proxy's IPv6 connections at takeover: netfilter DNATs a pod's connection to
+/// the IPv6 ClusterIP before the agent starts (kube-proxy's rule, one nft line). The
+/// agent reads the AF_INET6 conntrack dump, counts the connection as one to its own
+/// frontend and warns that the IPv6 datapath does not leave it to netfilter yet; the
+/// IPv4 check (which IPv6 packets never ask) stays off.
+#[test]
+fn kube_proxys_ipv6_connections_are_counted_at_takeover() {
+    let (mut lab, _outside) = ipv6_lab_without_agent().expect("lab");
+    let backend = format!("[{}]:8080", pod_v6(0x11));
+    let vip = SIX_VIP.to_string();
+    for command in [
+        &["add", "table", "ip6", "kube-proxy-v6"][..],
+        &[
+            "add",
+            "chain",
+            "ip6",
+            "kube-proxy-v6",
+            "pre",
+            "{ type nat hook prerouting priority dstnat ; }",
+        ],
+        &[
+            "add",
+            "rule",
+            "ip6",
+            "kube-proxy-v6",
+            "pre",
+            "ip6",
+            "daddr",
+            &vip,
+            "tcp",
+            "dport",
+            "80",
+            "dnat",
+            "to",
+            &backend,
+        ],
+    ] {
+        lab.node
+            .exec("nft", command)
+            .expect("kube-proxy's DNAT rule");
+    }
+    let mut conversation = lab
+        .pod("client")
+        .netns
+        .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("netfilter's connection to the IPv6 ClusterIP");
+    assert_eq!(conversation.ask().expect("ask").server, "web-0");
+    let flows = lab
+        .node
+        .run(|| Ok(proxy_userspace::takeover::ctnetlink::nat_flows()?))
+        .expect("netfilter's DNAT flows");
+    assert!(
+        flows.iter().any(|flow| flow.dst == v6(SIX_VIP, 80)),
+        "the AF_INET6 dump holds the connection: {flows:?}"
+    );
+    lab.start_agent(&AGENT_ARGS).expect("agent");
+    lab.wait_for(
+        "kube-proxy's IPv6 connection counted",
+        Duration::from_secs(10),
+        || Ok(lab.metric("kpr_takeover_ipv6_netfilter_flows")? == Some(1.0)),
+    )
+    .expect("kpr_takeover_ipv6_netfilter_flows");
+    assert_eq!(
+        lab.metric("kpr_takeover_check_enabled").expect("metrics"),
+        Some(0.0),
+        "IPv6 connections do not switch the IPv4 check on"
+    );
+    let log = lab.agent_log();
+    assert!(
+        log.contains("the IPv6 datapath does not leave them to it yet"),
+        "{log}"
+    );
+    drop(conversation);
+}
