@@ -871,7 +871,10 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
                 Ok(entries("CT_V6_V1").is_some_and(|n| n >= 2.0)
                     && entries("AFFINITY_V6_V1").is_some_and(|n| n >= 1.0)
                     && entries("SRCRANGE_V6_V1").is_some_and(|n| n >= 2.0)
-                    && entries("FE_ADDR_V6_V1").is_some_and(|n| n >= 1.0))
+                    && entries("FE_ADDR_V6_V1").is_some_and(|n| n >= 1.0)
+                    // And IPv4's (dual's and pref's ClusterIPs; no IPv4 ranges).
+                    && entries("FE_ADDR_V4_V1").is_some_and(|n| n >= 2.0)
+                    && entries("SRCRANGE_V4_V1") == Some(0.0))
             },
         )
         .expect("IPv6 map fill");
