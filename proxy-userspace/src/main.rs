@@ -283,13 +283,22 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&flows);
             }
+            // IPv6 ends are wider than the IPv4 columns: as wide as the widest.
+            let end = flows
+                .iter()
+                .map(|flow| flow.source.len().max(flow.destination.len()))
+                .fold(22, usize::max);
+            let rewrite = flows
+                .iter()
+                .map(|flow| flow.rewrite.len())
+                .fold(30, usize::max);
             println!(
-                "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8} {:<11} STATE",
+                "{:<5} {:<end$} {:<end$} {:<8} {:<rewrite$} {:>8} {:<11} STATE",
                 "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE", "IDLE_S", "TABLE"
             );
             for flow in flows {
                 println!(
-                    "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8.1} {:<11} {}",
+                    "{:<5} {:<end$} {:<end$} {:<8} {:<rewrite$} {:>8.1} {:<11} {}",
                     flow.protocol,
                     flow.source,
                     flow.destination,
@@ -306,13 +315,21 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&records);
             }
+            let client = records
+                .iter()
+                .map(|record| record.client.len())
+                .fold(26, usize::max);
+            let backend = records
+                .iter()
+                .map(|record| record.backend.as_ref().map_or(0, String::len))
+                .fold(22, usize::max);
             println!(
-                "{:<6} {:<26} {:>4} {:<22} {:>8}",
+                "{:<6} {:<client$} {:>4} {:<backend$} {:>8}",
                 "PATH", "CLIENT", "ID", "BACKEND", "IDLE_S"
             );
             for record in records {
                 println!(
-                    "{:<6} {:<26} {:>4} {:<22} {:>8.1}",
+                    "{:<6} {:<client$} {:>4} {:<backend$} {:>8.1}",
                     record.path,
                     record.client,
                     record.service_id,
@@ -326,13 +343,17 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&sockets);
             }
+            let end = sockets
+                .iter()
+                .map(|socket| socket.frontend.len().max(socket.backend.len()))
+                .fold(22, usize::max);
             println!(
-                "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} CONNECTED",
+                "{:<5} {:<22} {:<5} {:<end$} {:<end$} {:>4} CONNECTED",
                 "NETNS", "NETNS_COOKIE", "PROTO", "FRONTEND", "BACKEND", "ID"
             );
             for socket in sockets {
                 println!(
-                    "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} {}",
+                    "{:<5} {:<22} {:<5} {:<end$} {:<end$} {:>4} {}",
                     socket.netns,
                     socket.netns_cookie,
                     socket.protocol,
@@ -358,8 +379,13 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
 
 /// The services table: one line per frontend, backends (pod, readiness) after it.
 fn print_services(services: &[inspect::ServiceView]) {
+    // An IPv6 frontend is wider than the IPv4 column: as wide as the widest.
+    let frontend = services
+        .iter()
+        .map(|service| service.frontend.len())
+        .fold(21, usize::max);
     println!(
-        "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} BACKENDS",
+        "{:<28} {:<12} {:<frontend$} {:<5} {:<10} {:<40} BACKENDS",
         "SERVICE", "TYPE", "FRONTEND", "PROTO", "CLIENTS", "POLICY"
     );
     for service in services {
@@ -379,7 +405,7 @@ fn print_services(services: &[inspect::ServiceView]) {
             service.policy.join("; ")
         };
         println!(
-            "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} {backends}",
+            "{:<28} {:<12} {:<frontend$} {:<5} {:<10} {:<40} {backends}",
             service.service,
             service.kind,
             service.frontend,

@@ -900,7 +900,10 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     assert_eq!(trace["program"], "pod-ingress");
     assert_eq!(
         trace["stages"],
-        serde_json::json!([proxy_userspace::inspect::IPV6_UNTRACED])
+        serde_json::json!([
+            proxy_userspace::inspect::IPV6_UNTRACED,
+            "maps (not traced): demo/six:http ClusterIP [fd00:96::10]:80, 3 backend(s)"
+        ])
     );
     assert_eq!(
         trace["verdict"],
@@ -918,6 +921,7 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
             "udp",
         ])
         .expect("an IPv6 UDP trace");
+    println!("{text}");
     assert!(
         text.starts_with("[fd00:10:244:1::2]:40001 -> [fd00:96::10]:53 UDP (pod-ingress)"),
         "{text}"
