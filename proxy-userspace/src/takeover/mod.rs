@@ -83,6 +83,28 @@ fn family_frontends<F: Family>(mirror: &Mirror<F>) -> BTreeSet<FrontendAddr> {
         .collect()
 }
 
+/// Of netfilter's NAT flows, those to `frontends`: (IPv4, IPv6). Before the first sync
+/// (`frontends` empty) every IPv4 flow counts, so the check is on while the agent
+/// does not know its frontends; IPv6 flows count only to a known frontend (the IPv6
+/// datapath never asks netfilter, so they would only be warned about).
+fn count_frontend_flows(
+    flows: &[ctnetlink::NatFlow],
+    frontends: &BTreeSet<FrontendAddr>,
+) -> (usize, usize) {
+    let to_frontend = |flow: &&ctnetlink::NatFlow| {
+        frontends.contains(&(flow.dst.ip(), flow.dst.port(), flow.proto))
+    };
+    let v4 = flows
+        .iter()
+        .filter(|flow| flow.dst.is_ipv4() && (frontends.is_empty() || to_frontend(flow)))
+        .count();
+    let v6 = flows
+        .iter()
+        .filter(|flow| flow.dst.is_ipv6() && to_frontend(flow))
+        .count();
+    (v4, v6)
+}
+
 /// Writes the check's setting.
 ///
 /// # Errors
@@ -209,17 +231,7 @@ impl Takeover {
                 return Err(Error::Dump(error));
             }
         };
-        let (mut frontend_flows, mut frontend_flows_v6) = (0, 0);
-        for flow in flows.iter().filter(|flow| {
-            frontends.is_empty()
-                || frontends.contains(&(flow.dst.ip(), flow.dst.port(), flow.proto))
-        }) {
-            if flow.dst.is_ipv4() {
-                frontend_flows += 1;
-            } else {
-                frontend_flows_v6 += 1;
-            }
-        }
+        let (frontend_flows, frontend_flows_v6) = count_frontend_flows(&flows, frontends);
         let enabled = self.write(datapath, frontend_flows > 0)?;
         Ok(Report {
             nat_flows: flows.len(),
@@ -348,5 +360,51 @@ impl Takeover {
             (false, _) => {}
         }
         Ok(enabled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(dst: &str) -> ctnetlink::NatFlow {
+        let dst: std::net::SocketAddr = dst.parse().expect("address");
+        let src = if dst.is_ipv4() {
+            "10.244.1.2:40000"
+        } else {
+            "[fd00:10:244:1::2]:40000"
+        };
+        ctnetlink::NatFlow {
+            proto: proxy_common::proto::TCP,
+            src: src.parse().expect("address"),
+            dst,
+        }
+    }
+
+    #[test]
+    fn flows_are_counted_per_family_ipv6_ones_only_to_known_frontends() {
+        let flows = [
+            flow("10.96.0.10:80"),
+            flow("10.96.0.99:80"),
+            flow("[fd00:96::10]:80"),
+            flow("[fd00:96::99]:80"),
+        ];
+        // Before the first sync: every IPv4 flow, no IPv6 one.
+        assert_eq!(count_frontend_flows(&flows, &BTreeSet::new()), (2, 0));
+        let frontends: BTreeSet<FrontendAddr> = [
+            (
+                "10.96.0.10".parse().expect("v4"),
+                80,
+                proxy_common::proto::TCP,
+            ),
+            (
+                "fd00:96::10".parse().expect("v6"),
+                80,
+                proxy_common::proto::TCP,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(count_frontend_flows(&flows, &frontends), (1, 1));
     }
 }
