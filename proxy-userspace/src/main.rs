@@ -55,14 +55,14 @@ struct InspectArgs {
 
 #[derive(Subcommand, Debug)]
 enum InspectWhat {
-    /// Services: every frontend (ClusterIP, NodePort, externalIP, LoadBalancer) with
-    /// its policies and backends (pods and their readiness).
+    /// Services: every frontend (ClusterIP, NodePort, externalIP, LoadBalancer) of
+    /// both families with its policies and backends (pods and their readiness).
     Services {
         /// Only this service: namespace/name (a bare name means namespace default).
         #[arg(long, value_name = "NAMESPACE/NAME")]
         service: Option<String>,
     },
-    /// Conntrack entries (two per translated flow).
+    /// Conntrack entries of both families (two per translated flow).
     Conntrack {
         /// Only flows with this address (IPv4 or IPv6) at either end, before or after
         /// translation.
