@@ -505,7 +505,7 @@ impl Agent {
         .with_rejected_counter(metrics.http_rejected("health_check"));
         // Before anything is attached: connections kube-proxy translated stay netfilter's.
         let mut takeover = Takeover::new(KernelSupport::probe());
-        takeover.refresh_recorded(&mut datapath, syncer.mirror(), &metrics);
+        takeover.refresh_recorded(&mut datapath, (syncer.mirror(), syncer6.mirror()), &metrics);
         Ok(Self {
             lock: Some(lock),
             config,
@@ -638,8 +638,11 @@ impl Agent {
         }
         // Listing the frontends walks the whole mirror: only when the set changed.
         if report.frontend_set_changed || !self.synced_once {
-            self.takeover
-                .after_sync(&mut self.datapath, self.syncer.mirror(), &self.metrics);
+            self.takeover.after_sync(
+                &mut self.datapath,
+                (self.syncer.mirror(), self.syncer6.mirror()),
+                &self.metrics,
+            );
         }
         if !self.synced_once {
             // Attach only once the maps hold the whole desired state, so no pod ever
@@ -670,8 +673,11 @@ impl Agent {
     /// Whether netfilter still holds flows kube-proxy translated to our frontends: the
     /// datapath's check stays on exactly as long.
     fn on_takeover_tick(&mut self) {
-        self.takeover
-            .refresh_recorded(&mut self.datapath, self.syncer.mirror(), &self.metrics);
+        self.takeover.refresh_recorded(
+            &mut self.datapath,
+            (self.syncer.mirror(), self.syncer6.mirror()),
+            &self.metrics,
+        );
     }
 
     /// A link came, went or changed: follow the node's network and attach.
@@ -1116,12 +1122,17 @@ impl Agent {
         let started = Instant::now();
         self.names_stale = false;
         let path = names::path_for(&self.config.pin_dir);
-        let syncer = &self.syncer;
+        let (syncer, syncer6) = (&self.syncer, &self.syncer6);
         match names::write_current(
             &path,
             &snapshot.state,
             self.model.desired(),
-            |name| syncer.service_id(name),
+            |family: &crate::state::AddressType, name: &crate::model::ServicePortName| match family
+            {
+                crate::state::AddressType::IPv4 => syncer.service_id(name),
+                crate::state::AddressType::IPv6 => syncer6.service_id(name),
+                crate::state::AddressType::Fqdn | crate::state::AddressType::Unknown(_) => None,
+            },
             self.published_names,
         ) {
             Ok(names::Written::Replaced(digest)) => {
@@ -1377,38 +1388,28 @@ impl Agent {
         let mirror = self.syncer.mirror();
         let mirror6 = self.syncer6.mirror();
         let capacities = self.datapath.maps.capacities;
-        let fill = [
-            (
-                proxy_common::names::SERVICES_V4,
-                mirror.services.len(),
+        // Each family's four maps the syncer writes, by one function.
+        let fill = family_fill(
+            mirror,
+            self.frontend_addrs.held().len(),
+            [
                 capacities.services,
-            ),
-            (
-                proxy_common::names::BACKENDS_V4,
-                mirror.backends.len(),
                 capacities.backends,
-            ),
-            (
-                proxy_common::names::SERVICES_V6,
-                mirror6.services.len(),
+                capacities.source_ranges,
+                capacities.frontend_addrs,
+            ],
+        )
+        .into_iter()
+        .chain(family_fill(
+            mirror6,
+            self.frontend_addrs6.held().len(),
+            [
                 capacities.services_v6,
-            ),
-            (
-                proxy_common::names::BACKENDS_V6,
-                mirror6.backends.len(),
                 capacities.backends_v6,
-            ),
-            (
-                proxy_common::names::SOURCE_RANGES_V6,
-                mirror6.source_ranges.len(),
                 capacities.source_ranges_v6,
-            ),
-            (
-                proxy_common::names::FRONTEND_ADDRS_V6,
-                self.frontend_addrs6.held().len(),
                 capacities.frontend_addrs_v6,
-            ),
-        ];
+            ],
+        ));
         for (map, entries, capacity) in fill {
             let labels = MapLabels {
                 map: map.to_owned(),
@@ -1598,6 +1599,25 @@ struct Readback {
 type ReadV6 = (Mirror<Ipv6Addr>, FrontendAddrs<Ipv6Addr>);
 
 /// Counts a repair in `kpr_drift_repaired_total`.
+/// The fill of one family's service, backend, source-range maps and frontend address
+/// set (`capacities` in that order), for `kpr_map_entries`/`kpr_map_capacity`.
+fn family_fill<F: crate::family::Family>(
+    mirror: &crate::sync::Mirror<F>,
+    frontend_addrs: usize,
+    [services, backends, source_ranges, addrs]: [u32; 4],
+) -> [(&'static str, usize, u32); 4] {
+    [
+        (F::SERVICES_MAP, mirror.services.len(), services),
+        (F::BACKENDS_MAP, mirror.backends.len(), backends),
+        (
+            F::SOURCE_RANGES_MAP,
+            mirror.source_ranges.len(),
+            source_ranges,
+        ),
+        (F::FRONTEND_ADDRS_MAP, frontend_addrs, addrs),
+    ]
+}
+
 fn drift_repaired(metrics: &Metrics, map: &str, kind: &str, count: usize) {
     metrics
         .drift_repaired

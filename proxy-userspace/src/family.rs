@@ -74,6 +74,8 @@ pub trait Family:
     fn key_slot(key: &Self::ServiceKey) -> u16;
     fn key_with_slot(key: &Self::ServiceKey, slot: u16) -> Self::ServiceKey;
     fn key_addr(key: &Self::ServiceKey) -> Self;
+    /// The frontend of a key (the inverse of [`Self::service_key`], slot aside).
+    fn key_frontend(key: &Self::ServiceKey) -> FrontendKey<Self>;
     fn backend(socket: &Self::Socket, proto: u8, flags: u8) -> Self::Backend;
     fn range_data(service_id: u32, addr: Self) -> Self::RangeData;
     fn from_range_data(data: &Self::RangeData) -> (u32, Self);
@@ -184,6 +186,15 @@ impl Family for Ipv4Addr {
 
     fn key_addr(key: &ServiceKeyV4) -> Self {
         key.addr.to_ipv4()
+    }
+
+    fn key_frontend(key: &ServiceKeyV4) -> FrontendKey<Self> {
+        FrontendKey {
+            addr: key.addr.to_ipv4(),
+            port: key.port.to_host(),
+            proto: key.proto,
+            scope: key.scope,
+        }
     }
 
     fn backend(socket: &SocketAddrV4, proto: u8, flags: u8) -> BackendV4 {
@@ -332,6 +343,15 @@ impl Family for Ipv6Addr {
         key.addr.to_ipv6()
     }
 
+    fn key_frontend(key: &ServiceKeyV6) -> FrontendKey<Self> {
+        FrontendKey {
+            addr: key.addr.to_ipv6(),
+            port: key.port.to_host(),
+            proto: key.proto,
+            scope: key.scope,
+        }
+    }
+
     fn backend(socket: &SocketAddrV6, proto: u8, flags: u8) -> BackendV6 {
         BackendV6 {
             addr: Be32x4::from_ipv6(*socket.ip()),
@@ -424,6 +444,24 @@ mod tests {
         assert_eq!(Ipv4Addr::of(mapped), None);
         assert_eq!(Ipv6Addr::of(mapped), None);
         assert!(Ipv6Addr::of("fd00::1".parse().expect("v6")).is_some());
+    }
+
+    #[test]
+    fn a_key_gives_back_its_frontend() {
+        let v4 = FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            proto: 6,
+            scope: 1,
+        };
+        assert_eq!(Ipv4Addr::key_frontend(&Ipv4Addr::service_key(&v4, 3)), v4);
+        let v6 = FrontendKey {
+            addr: "fd00:96::10".parse::<Ipv6Addr>().expect("v6"),
+            port: 53,
+            proto: 17,
+            scope: 0,
+        };
+        assert_eq!(Ipv6Addr::key_frontend(&Ipv6Addr::service_key(&v6, 0)), v6);
     }
 
     #[test]

@@ -4,19 +4,23 @@
 //! agent. Views are plain serializable structs, printed as tables or JSON by `main`.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    counter, ct_flags, names, proto, scope, service_flags, sock, AffinityKeyV4, AffinityValueV4,
-    BackendV4, Be16, Be32, CtEntryV4, CtKeyV4, ServiceKeyV4, ServiceValueV4, SockAffinityKeyV4,
-    SockConfig, SockRevKeyV4, SockRevKeyV6, SockRevValueV4, SockRevValueV6, COUNTER_NAMES,
+    counter, ct_flags, names, proto, scope, service_flags, sock, AffinityValueV4, Be16, Be32,
+    Be32x4, CtEntryV4, CtEntryV6, CtKeyV4, CtKeyV6, ServiceValueV4, SockAffinityKeyV4, SockConfig,
+    SockRevKeyV4, SockRevKeyV6, SockRevValueV4, SockRevValueV6, COUNTER_NAMES,
 };
 use serde::Serialize;
 
-use crate::names as published;
+use crate::{
+    datapath::conntrack::{CtLayout, V4, V6},
+    family::Family,
+    names as published,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -34,18 +38,161 @@ pub enum Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// A conntrack entry of either family, as the views show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Flow {
+    proto: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+    nat_src: SocketAddr,
+    nat_dst: SocketAddr,
+    flags: u16,
+    service_id: u32,
+    backend_id: u32,
+    last_seen_ns: u64,
+}
+
+/// What `kpr inspect` reads of one family's maps: their layouts, read into the
+/// family-neutral views by one code path ([`Family`] has the rest).
+trait Tables: Family {
+    /// The family's conntrack and affinity layouts and names.
+    type Ct: CtLayout;
+    /// The socket-layer affinity map (keyed by network namespace, both families).
+    const SOCK_AFFINITY: &'static str;
+    /// What a frontend without endpoints answers.
+    const REJECT: &'static str;
+    fn backend_socket(backend: &Self::Backend) -> SocketAddr;
+    fn flow(key: &CtKey<Self>, entry: &CtEntry<Self>) -> Flow;
+    /// Client address and service id of an affinity record.
+    fn affinity_client(key: &AffinityKey<Self>) -> (IpAddr, u32);
+    fn pins(maps: &PinnedMaps) -> Option<&FamilyPins<Self>>;
+}
+
+type CtKey<F> = <<F as Tables>::Ct as CtLayout>::Key;
+type CtEntry<F> = <<F as Tables>::Ct as CtLayout>::Entry;
+type AffinityKey<F> = <<F as Tables>::Ct as CtLayout>::AffinityKey;
+
+fn v4(addr: Be32, port: Be16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(addr.to_ipv4()), port.to_host())
+}
+
+fn v6(addr: Be32x4, port: Be16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(addr.to_ipv6()), port.to_host())
+}
+
+impl Tables for Ipv4Addr {
+    type Ct = V4;
+    const SOCK_AFFINITY: &'static str = sock::AFFINITY_V4_NAME;
+    const REJECT: &'static str = "reject (ICMP port unreachable)";
+
+    fn backend_socket(backend: &Self::Backend) -> SocketAddr {
+        v4(backend.addr, backend.port)
+    }
+
+    fn flow(key: &CtKeyV4, entry: &CtEntryV4) -> Flow {
+        Flow {
+            proto: key.proto,
+            src: v4(key.src_addr, key.src_port),
+            dst: v4(key.dst_addr, key.dst_port),
+            nat_src: v4(entry.nat_src_addr, entry.nat_src_port),
+            nat_dst: v4(entry.nat_dst_addr, entry.nat_dst_port),
+            flags: entry.flags,
+            service_id: entry.service_id,
+            backend_id: entry.backend_id,
+            last_seen_ns: entry.last_seen_ns,
+        }
+    }
+
+    fn affinity_client(key: &AffinityKey<Self>) -> (IpAddr, u32) {
+        (IpAddr::V4(key.client_addr.to_ipv4()), key.service_id)
+    }
+
+    fn pins(maps: &PinnedMaps) -> Option<&FamilyPins<Self>> {
+        Some(&maps.v4)
+    }
+}
+
+impl Tables for Ipv6Addr {
+    type Ct = V6;
+    const SOCK_AFFINITY: &'static str = sock::AFFINITY_V6_NAME;
+    const REJECT: &'static str = "reject (ICMPv6 port unreachable)";
+
+    fn backend_socket(backend: &Self::Backend) -> SocketAddr {
+        v6(backend.addr, backend.port)
+    }
+
+    fn flow(key: &CtKeyV6, entry: &CtEntryV6) -> Flow {
+        Flow {
+            proto: key.proto,
+            src: v6(key.src_addr, key.src_port),
+            dst: v6(key.dst_addr, key.dst_port),
+            nat_src: v6(entry.nat_src_addr, entry.nat_src_port),
+            nat_dst: v6(entry.nat_dst_addr, entry.nat_dst_port),
+            flags: entry.flags,
+            service_id: entry.service_id,
+            backend_id: entry.backend_id,
+            last_seen_ns: entry.last_seen_ns,
+        }
+    }
+
+    fn affinity_client(key: &AffinityKey<Self>) -> (IpAddr, u32) {
+        (IpAddr::V6(key.client_addr.to_ipv6()), key.service_id)
+    }
+
+    fn pins(maps: &PinnedMaps) -> Option<&FamilyPins<Self>> {
+        maps.v6.as_ref()
+    }
+}
+
+/// One family's pinned maps.
+struct FamilyPins<F: Tables> {
+    services: HashMap<MapData, F::ServiceKey, ServiceValueV4>,
+    backends: HashMap<MapData, u32, F::Backend>,
+    conntrack: HashMap<MapData, CtKey<F>, CtEntry<F>>,
+    conntrack_new: HashMap<MapData, CtKey<F>, CtEntry<F>>,
+    affinity: HashMap<MapData, AffinityKey<F>, AffinityValueV4>,
+    sock_affinity: HashMap<MapData, SockAffinityKeyV4, AffinityValueV4>,
+}
+
+impl<F: Tables> FamilyPins<F> {
+    fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            services: hash(pin_dir, F::SERVICES_MAP, false)?,
+            backends: hash(pin_dir, F::BACKENDS_MAP, false)?,
+            conntrack: hash(pin_dir, F::Ct::CONNTRACK, false)?,
+            conntrack_new: hash(pin_dir, F::Ct::CONNTRACK_NEW, true)?,
+            affinity: hash(pin_dir, F::Ct::AFFINITY, true)?,
+            sock_affinity: hash(pin_dir, F::SOCK_AFFINITY, true)?,
+        })
+    }
+
+    fn service_entries(&self) -> Result<BTreeMap<F::ServiceKey, ServiceValueV4>> {
+        self.services
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| Error::Read {
+                name: F::SERVICES_MAP,
+                source,
+            })
+    }
+
+    fn backend(&self, id: u32) -> Option<SocketAddr> {
+        self.backends
+            .get(&id, 0)
+            .ok()
+            .map(|backend| F::backend_socket(&backend))
+    }
+}
+
 /// The pinned maps of a node.
 pub struct PinnedMaps {
-    services: HashMap<MapData, ServiceKeyV4, ServiceValueV4>,
-    backends: HashMap<MapData, u32, BackendV4>,
-    conntrack: HashMap<MapData, CtKeyV4, CtEntryV4>,
-    conntrack_new: HashMap<MapData, CtKeyV4, CtEntryV4>,
-    affinity: HashMap<MapData, AffinityKeyV4, AffinityValueV4>,
+    v4: FamilyPins<Ipv4Addr>,
+    /// Absent on a node whose agent predates the IPv6 maps.
+    v6: Option<FamilyPins<Ipv6Addr>>,
     counters: PerCpuArray<MapData, u64>,
     sock_reverse: HashMap<MapData, SockRevKeyV4, SockRevValueV4>,
     /// Absent on a node whose agent predates the AF_INET6 hooks.
     sock_reverse_v6: Option<HashMap<MapData, SockRevKeyV6, SockRevValueV6>>,
-    sock_affinity: HashMap<MapData, SockAffinityKeyV4, AffinityValueV4>,
     sock_config: Array<MapData, SockConfig>,
 }
 
@@ -78,11 +225,12 @@ impl PinnedMaps {
     /// When a map is not pinned there or has another layout.
     pub fn open(pin_dir: &Path) -> Result<Self> {
         Ok(Self {
-            services: hash(pin_dir, names::SERVICES_V4, false)?,
-            backends: hash(pin_dir, names::BACKENDS_V4, false)?,
-            conntrack: hash(pin_dir, names::CONNTRACK_V4, false)?,
-            conntrack_new: hash(pin_dir, names::CONNTRACK_NEW_V4, true)?,
-            affinity: hash(pin_dir, names::AFFINITY_V4, true)?,
+            v4: FamilyPins::open(pin_dir)?,
+            v6: pin_dir
+                .join(names::SERVICES_V6)
+                .exists()
+                .then(|| FamilyPins::open(pin_dir))
+                .transpose()?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, names::COUNTERS)?))
                 .map_err(|source| Error::Read {
                     name: names::COUNTERS,
@@ -94,7 +242,6 @@ impl PinnedMaps {
                 .exists()
                 .then(|| hash(pin_dir, sock::RNAT_V6_NAME, true))
                 .transpose()?,
-            sock_affinity: hash(pin_dir, sock::AFFINITY_V4_NAME, true)?,
             sock_config: Array::try_from(Map::Array(open(pin_dir, sock::CONFIG_NAME)?)).map_err(
                 |source| Error::Read {
                     name: sock::CONFIG_NAME,
@@ -102,20 +249,6 @@ impl PinnedMaps {
                 },
             )?,
         })
-    }
-
-    fn service_entries(&self) -> Result<BTreeMap<ServiceKeyV4, ServiceValueV4>> {
-        self.services
-            .iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|source| Error::Read {
-                name: names::SERVICES_V4,
-                source,
-            })
-    }
-
-    fn backend(&self, id: u32) -> Option<BackendV4> {
-        self.backends.get(&id, 0).ok()
     }
 }
 
@@ -128,17 +261,13 @@ fn protocol_name(number: u8) -> String {
     }
 }
 
-fn endpoint_text(addr: Be32, port: Be16) -> String {
-    SocketAddrV4::new(addr.to_ipv4(), port.to_host()).to_string()
-}
-
 /// The names the agent published ([`crate::names`]), indexed for lookups; empty when
 /// there is no names file (then ids stand in for names).
 #[derive(Clone, Debug, Default)]
 pub struct NameIndex {
     service_ports: BTreeMap<u32, published::ServicePortNames>,
-    kinds: BTreeMap<(SocketAddrV4, String, u8), String>,
-    endpoints: BTreeMap<(String, String, Ipv4Addr), published::EndpointNames>,
+    kinds: BTreeMap<(SocketAddr, String, u8), String>,
+    endpoints: BTreeMap<(String, String, IpAddr), published::EndpointNames>,
 }
 
 impl NameIndex {
@@ -273,7 +402,7 @@ fn kind_rank(kind: &str) -> u8 {
 /// The policies a frontend's flags (and its service's spec) put in force, in words.
 fn policy_words(
     value: &ServiceValueV4,
-    key: &ServiceKeyV4,
+    key_scope: u8,
     port: Option<&published::ServicePortNames>,
 ) -> Vec<String> {
     let mut words = Vec::new();
@@ -284,7 +413,7 @@ fn policy_words(
             value.affinity_timeout_s
         ));
     }
-    if key.scope == scope::INTERNAL {
+    if key_scope == scope::INTERNAL {
         words.push("pods on this node get every endpoint".to_owned());
     } else if flags & service_flags::EXTERNAL_LOCAL != 0 {
         words.push("externalTrafficPolicy Local (client address kept)".to_owned());
@@ -318,40 +447,41 @@ impl ServiceFilter {
     }
 }
 
-/// Every frontend (or those `filter` keeps), sorted by namespace/name, port name,
-/// frontend type, address and scope.
-///
-/// # Errors
-/// When a map cannot be read.
-pub fn services(
+fn family_services<F: Tables>(
     maps: &PinnedMaps,
     index: &NameIndex,
     filter: &ServiceFilter,
-) -> Result<Vec<ServiceView>> {
-    let entries = maps.service_entries()?;
-    let mut views = Vec::new();
-    for (key, value) in entries.iter().filter(|(key, _)| key.slot == 0) {
+    views: &mut Vec<ServiceView>,
+) -> Result<()> {
+    let Some(pins) = F::pins(maps) else {
+        return Ok(());
+    };
+    let entries = pins.service_entries()?;
+    for (key, value) in entries.iter().filter(|(key, _)| F::key_slot(key) == 0) {
         let port = index.service_ports.get(&value.service_id);
         let namespace = port.map(|port| port.namespace.clone());
         let name = port.map(|port| port.name.clone());
         if !filter.matches(namespace.as_deref(), name.as_deref()) {
             continue;
         }
-        let address = SocketAddrV4::new(key.addr.to_ipv4(), key.port.to_host());
-        let protocol = protocol_name(key.proto);
+        let frontend = F::key_frontend(key);
+        let (address, l4_proto, key_scope) = (
+            SocketAddr::new(frontend.addr.into(), frontend.port),
+            frontend.proto,
+            frontend.scope,
+        );
+        let protocol = protocol_name(l4_proto);
         let mut backends: Vec<BackendView> = (1..=value.count)
-            .filter_map(|slot| entries.get(&ServiceKeyV4 { slot, ..*key }))
-            .filter_map(|slot_value| maps.backend(slot_value.backend_id))
+            .filter_map(|slot| entries.get(&F::key_with_slot(key, slot)))
+            .filter_map(|slot_value| pins.backend(slot_value.backend_id))
             .map(|backend| {
                 let endpoint = port.and_then(|port| {
-                    index.endpoints.get(&(
-                        port.namespace.clone(),
-                        port.name.clone(),
-                        backend.addr.to_ipv4(),
-                    ))
+                    index
+                        .endpoints
+                        .get(&(port.namespace.clone(), port.name.clone(), backend.ip()))
                 });
                 BackendView {
-                    address: endpoint_text(backend.addr, backend.port),
+                    address: backend.to_string(),
                     pod: endpoint.and_then(|e| e.pod.as_deref().map(str::to_owned)),
                     node: endpoint.and_then(|e| e.node.as_deref().map(str::to_owned)),
                     ready: endpoint.map(|e| e.ready),
@@ -368,29 +498,45 @@ pub fn services(
             name,
             kind: index
                 .kinds
-                .get(&(address, protocol.clone(), key.scope))
+                .get(&(address, protocol.clone(), key_scope))
                 .cloned()
                 .unwrap_or_else(|| "unknown".to_owned()),
             frontend: address.to_string(),
             protocol,
-            clients: if key.scope == scope::INTERNAL {
+            clients: if key_scope == scope::INTERNAL {
                 "in-cluster"
             } else {
                 "all"
             },
-            policy: policy_words(value, key, port),
+            policy: policy_words(value, key_scope, port),
             when_empty: if value.flags & service_flags::DROP_WHEN_EMPTY != 0 {
                 "drop (endpoints only on other nodes)"
             } else {
-                "reject (ICMP port unreachable)"
+                F::REJECT
             },
             backends,
             service_id: value.service_id,
             flags: value.flags,
-            scope: key.scope,
+            scope: key_scope,
             affinity_timeout_s: value.affinity_timeout_s,
         });
     }
+    Ok(())
+}
+
+/// Every frontend of both families (or those `filter` keeps), sorted by
+/// namespace/name, port name, frontend type, address and scope.
+///
+/// # Errors
+/// When a map cannot be read.
+pub fn services(
+    maps: &PinnedMaps,
+    index: &NameIndex,
+    filter: &ServiceFilter,
+) -> Result<Vec<ServiceView>> {
+    let mut views = Vec::new();
+    family_services::<Ipv4Addr>(maps, index, filter, &mut views)?;
+    family_services::<Ipv6Addr>(maps, index, filter, &mut views)?;
     views.sort_by(|a, b| {
         (
             &a.namespace,
@@ -440,22 +586,37 @@ pub struct FlowView {
 /// Which flows to show.
 #[derive(Clone, Debug, Default)]
 pub struct FlowFilter {
-    /// Either end (before or after translation) has this address.
-    pub addr: Option<Ipv4Addr>,
+    /// Either end (before or after translation) has this address (of either family).
+    pub addr: Option<IpAddr>,
     /// Either end has this port.
     pub port: Option<u16>,
     pub protocol: Option<u8>,
 }
 
-/// Conntrack entries that match `filter`.
+/// Conntrack entries of both families that match `filter`.
 ///
 /// # Errors
 /// When the map cannot be read.
 pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<Vec<FlowView>> {
     let mut flows = Vec::new();
+    family_conntrack::<Ipv4Addr>(maps, filter, now_ns, &mut flows);
+    family_conntrack::<Ipv6Addr>(maps, filter, now_ns, &mut flows);
+    flows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+    Ok(flows)
+}
+
+fn family_conntrack<F: Tables>(
+    maps: &PinnedMaps,
+    filter: &FlowFilter,
+    now_ns: u64,
+    flows: &mut Vec<FlowView>,
+) {
+    let Some(pins) = F::pins(maps) else {
+        return;
+    };
     let tables = [
-        ("established", &maps.conntrack),
-        ("new", &maps.conntrack_new),
+        ("established", &pins.conntrack),
+        ("new", &pins.conntrack_new),
     ];
     for (table, entry) in tables
         .into_iter()
@@ -463,61 +624,54 @@ pub fn conntrack(maps: &PinnedMaps, filter: &FlowFilter, now_ns: u64) -> Result<
     {
         // Entries can vanish (evicted, moved, reaped) during the walk; skip those.
         let Ok((key, value)) = entry else { continue };
-        let addrs = [
-            key.src_addr,
-            key.dst_addr,
-            value.nat_src_addr,
-            value.nat_dst_addr,
-        ];
-        let ports = [
-            key.src_port,
-            key.dst_port,
-            value.nat_src_port,
-            value.nat_dst_port,
-        ];
-        if filter
-            .addr
-            .is_some_and(|addr| !addrs.contains(&Be32::from_ipv4(addr)))
-            || filter
-                .port
-                .is_some_and(|port| !ports.contains(&Be16::from_host(port)))
-            || filter.protocol.is_some_and(|number| number != key.proto)
-        {
-            continue;
+        if let Some(view) = flow_view(&F::flow(&key, &value), table, filter, now_ns) {
+            flows.push(view);
         }
-        let mut rewrite = Vec::new();
-        if value.flags & ct_flags::REWRITE_SRC != 0 {
-            rewrite.push(format!(
-                "src -> {}",
-                endpoint_text(value.nat_src_addr, value.nat_src_port)
-            ));
-        }
-        if value.flags & ct_flags::REWRITE_DST != 0 {
-            rewrite.push(format!(
-                "dst -> {}",
-                endpoint_text(value.nat_dst_addr, value.nat_dst_port)
-            ));
-        }
-        flows.push(FlowView {
-            protocol: protocol_name(key.proto),
-            source: endpoint_text(key.src_addr, key.src_port),
-            destination: endpoint_text(key.dst_addr, key.dst_port),
-            direction: if value.flags & ct_flags::REPLY != 0 {
-                "reply"
-            } else {
-                "original"
-            },
-            rewrite: rewrite.join(", "),
-            table,
-            state: flow_state(key.proto, value.flags),
-            closing: ct_flags::is_closed(value.flags),
-            service_id: value.service_id,
-            backend_id: value.backend_id,
-            idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
-        });
     }
-    flows.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
-    Ok(flows)
+}
+
+/// The view of `flow`, if `filter` keeps it.
+fn flow_view(
+    flow: &Flow,
+    table: &'static str,
+    filter: &FlowFilter,
+    now_ns: u64,
+) -> Option<FlowView> {
+    let ends = [flow.src, flow.dst, flow.nat_src, flow.nat_dst];
+    if filter
+        .addr
+        .is_some_and(|addr| !ends.iter().any(|end| end.ip() == addr))
+        || filter
+            .port
+            .is_some_and(|port| !ends.iter().any(|end| end.port() == port))
+        || filter.protocol.is_some_and(|number| number != flow.proto)
+    {
+        return None;
+    }
+    let mut rewrite = Vec::new();
+    if flow.flags & ct_flags::REWRITE_SRC != 0 {
+        rewrite.push(format!("src -> {}", flow.nat_src));
+    }
+    if flow.flags & ct_flags::REWRITE_DST != 0 {
+        rewrite.push(format!("dst -> {}", flow.nat_dst));
+    }
+    Some(FlowView {
+        protocol: protocol_name(flow.proto),
+        source: flow.src.to_string(),
+        destination: flow.dst.to_string(),
+        direction: if flow.flags & ct_flags::REPLY != 0 {
+            "reply"
+        } else {
+            "original"
+        },
+        rewrite: rewrite.join(", "),
+        table,
+        state: flow_state(flow.proto, flow.flags),
+        closing: ct_flags::is_closed(flow.flags),
+        service_id: flow.service_id,
+        backend_id: flow.backend_id,
+        idle_s: now_ns.saturating_sub(flow.last_seen_ns) as f64 / 1e9,
+    })
 }
 
 /// The name of a flow's state (see [`FlowView::state`]).
@@ -562,42 +716,52 @@ pub struct AffinityView {
     pub idle_s: f64,
 }
 
-/// Every affinity record.
+/// Every affinity record of both families.
 ///
 /// # Errors
 /// When the map cannot be read.
 pub fn affinity(maps: &PinnedMaps, now_ns: u64) -> Result<Vec<AffinityView>> {
-    let mut views: Vec<AffinityView> = maps
-        .affinity
-        .iter()
-        .filter_map(std::result::Result::ok)
-        .map(|(key, value)| AffinityView {
-            path: "tc",
-            client: key.client_addr.to_ipv4().to_string(),
-            service_id: key.service_id,
-            backend: maps
-                .backend(value.backend_id)
-                .map(|b| endpoint_text(b.addr, b.port)),
-            idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
-        })
-        .collect();
+    let mut views = Vec::new();
+    family_affinity::<Ipv4Addr>(maps, now_ns, &mut views);
+    family_affinity::<Ipv6Addr>(maps, now_ns, &mut views);
+    views.sort_by(|a, b| (a.path, &a.client, a.service_id).cmp(&(b.path, &b.client, b.service_id)));
+    Ok(views)
+}
+
+fn family_affinity<F: Tables>(maps: &PinnedMaps, now_ns: u64, views: &mut Vec<AffinityView>) {
+    let Some(pins) = F::pins(maps) else {
+        return;
+    };
+    let backend = |id: u32| pins.backend(id).map(|socket| socket.to_string());
+    let idle = |last_used_ns: u64| now_ns.saturating_sub(last_used_ns) as f64 / 1e9;
+    views.extend(
+        pins.affinity
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .map(|(key, value)| {
+                let (client, service_id) = F::affinity_client(&key);
+                AffinityView {
+                    path: "tc",
+                    client: client.to_string(),
+                    service_id,
+                    backend: backend(value.backend_id),
+                    idle_s: idle(value.last_used_ns),
+                }
+            }),
+    );
     let host = maps.host_netns_cookie();
     views.extend(
-        maps.sock_affinity
+        pins.sock_affinity
             .iter()
             .filter_map(std::result::Result::ok)
             .map(|(key, value)| AffinityView {
                 path: "socket",
                 client: netns_name(key.netns_cookie, host),
                 service_id: key.service_id,
-                backend: maps
-                    .backend(value.backend_id)
-                    .map(|b| endpoint_text(b.addr, b.port)),
-                idle_s: now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9,
+                backend: backend(value.backend_id),
+                idle_s: idle(value.last_used_ns),
             }),
     );
-    views.sort_by(|a, b| (a.path, &a.client, a.service_id).cmp(&(b.path, &b.client, b.service_id)));
-    Ok(views)
 }
 
 /// A socket-layer client's name: the node, or a pod's network namespace by cookie.
@@ -661,8 +825,8 @@ pub fn sockets(maps: &PinnedMaps) -> Result<Vec<SocketView>> {
             netns_cookie: value.netns_cookie,
             cookie: key.cookie,
             protocol: protocol_name(key.proto),
-            frontend: endpoint_text(value.frontend_addr, value.frontend_port),
-            backend: endpoint_text(key.backend_addr, key.backend_port),
+            frontend: v4(value.frontend_addr, value.frontend_port).to_string(),
+            backend: v4(key.backend_addr, key.backend_port).to_string(),
             service_id: value.service_id,
             connected: value.flags & sock::rev_flags::CONNECTED != 0,
         });
@@ -678,16 +842,13 @@ pub fn sockets(maps: &PinnedMaps) -> Result<Vec<SocketView>> {
                 })
             }
         };
-        let text = |addr: proxy_common::Be32x4, port: Be16| {
-            SocketAddrV6::new(addr.to_ipv6(), port.to_host(), 0, 0).to_string()
-        };
         views.push(SocketView {
             netns: netns(value.netns_cookie),
             netns_cookie: value.netns_cookie,
             cookie: key.cookie,
             protocol: protocol_name(key.proto),
-            frontend: text(value.frontend_addr, value.frontend_port),
-            backend: text(key.backend_addr, key.backend_port),
+            frontend: v6(value.frontend_addr, value.frontend_port).to_string(),
+            backend: v6(key.backend_addr, key.backend_port).to_string(),
             service_id: value.service_id,
             connected: value.flags & sock::rev_flags::CONNECTED != 0,
         });
@@ -739,13 +900,13 @@ pub struct TraceView {
 }
 
 impl NameIndex {
-    fn kind(&self, address: SocketAddrV4, protocol: &str, scope: u8) -> Option<&str> {
+    fn kind(&self, address: SocketAddr, protocol: &str, scope: u8) -> Option<&str> {
         self.kinds
             .get(&(address, protocol.to_owned(), scope))
             .map(String::as_str)
     }
 
-    fn pod(&self, service_id: u32, address: Ipv4Addr) -> Option<&str> {
+    fn pod(&self, service_id: u32, address: IpAddr) -> Option<&str> {
         let port = self.service_ports.get(&service_id)?;
         self.endpoints
             .get(&(port.namespace.clone(), port.name.clone(), address))?
@@ -754,47 +915,107 @@ impl NameIndex {
     }
 }
 
-/// A packet in words: `10.244.1.2:40000 -> 10.244.1.11:8080 TCP`, or the ICMP message.
+/// A packet in words: `10.244.1.2:40000 -> 10.244.1.11:8080 TCP`,
+/// `[fd00::2]:40000 -> [fd00::11]:8080 TCP`, or the ICMP message.
 #[must_use]
 pub fn describe_packet(frame: &[u8]) -> String {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     let Ok(packet) = SlicedPacket::from_ethernet(frame) else {
-        return format!("{} bytes, not IPv4", frame.len());
+        return format!("{} bytes, not IP", frame.len());
     };
-    let Some(NetSlice::Ipv4(ip)) = &packet.net else {
-        return format!("{} bytes, not IPv4", frame.len());
+    let (src, dst, payload): (IpAddr, IpAddr, &etherparse::IpPayloadSlice<'_>) = match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+            ip.payload(),
+        ),
+        Some(NetSlice::Ipv6(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+            ip.payload(),
+        ),
+        _ => return format!("{} bytes, not IP", frame.len()),
     };
-    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+    let ends = |src_port: u16, dst_port: u16| {
+        format!(
+            "{} -> {}",
+            SocketAddr::new(src, src_port),
+            SocketAddr::new(dst, dst_port)
+        )
+    };
     match &packet.transport {
-        Some(TransportSlice::Tcp(tcp)) => format!(
-            "{src}:{} -> {dst}:{} TCP",
-            tcp.source_port(),
-            tcp.destination_port()
-        ),
-        Some(TransportSlice::Udp(udp)) => format!(
-            "{src}:{} -> {dst}:{} UDP",
-            udp.source_port(),
-            udp.destination_port()
-        ),
+        Some(TransportSlice::Tcp(tcp)) => {
+            format!("{} TCP", ends(tcp.source_port(), tcp.destination_port()))
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            format!("{} UDP", ends(udp.source_port(), udp.destination_port()))
+        }
         Some(TransportSlice::Icmpv4(icmp)) => format!(
             "{src} -> {dst} ICMP type {} code {}",
             icmp.type_u8(),
             icmp.code_u8()
         ),
+        Some(TransportSlice::Icmpv6(icmp)) => format!(
+            "{src} -> {dst} ICMPv6 type {} code {}",
+            icmp.type_u8(),
+            icmp.code_u8()
+        ),
         // etherparse has no SCTP: its ports are the first 4 bytes, as UDP's.
-        None if ip.header().protocol() == etherparse::IpNumber::SCTP => {
-            match ip.payload().payload.get(0..4) {
+        None if payload.ip_number == etherparse::IpNumber::SCTP => {
+            match payload.payload.get(0..4) {
                 Some(&[a, b, c, d]) => format!(
-                    "{src}:{} -> {dst}:{} SCTP",
-                    u16::from_be_bytes([a, b]),
-                    u16::from_be_bytes([c, d])
+                    "{} SCTP",
+                    ends(u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]))
                 ),
                 _ => format!("{src} -> {dst} SCTP, truncated"),
             }
         }
-        _ => format!("{src} -> {dst} protocol {}", ip.header().protocol().0),
+        _ => format!("{src} -> {dst} protocol {}", payload.ip_number.0),
     }
 }
+
+impl PinnedMaps {
+    /// The backend `id` of the family of `destination`'s maps.
+    fn backend_of(&self, destination: SocketAddr, id: u32) -> Option<SocketAddr> {
+        match destination {
+            SocketAddr::V4(_) => self.v4.backend(id),
+            SocketAddr::V6(_) => self.v6.as_ref()?.backend(id),
+        }
+    }
+}
+
+/// What the service map holds for a frontend (the default scope's entry), in words:
+/// a read of the maps, not the datapath's decision.
+fn frontend_in_maps<F: Tables>(
+    pins: &FamilyPins<F>,
+    index: &NameIndex,
+    addr: F,
+    port: u16,
+    l4_proto: u8,
+    protocol: &str,
+) -> String {
+    let frontend = crate::model::FrontendKey {
+        addr,
+        port,
+        proto: l4_proto,
+        scope: scope::DEFAULT,
+    };
+    let address = SocketAddr::new(addr.into(), port);
+    match pins.services.get(&F::service_key(&frontend, 0), 0) {
+        Ok(value) => format!(
+            "maps (not traced): {} {} {address}, {} backend(s)",
+            index.service_port(value.service_id),
+            index
+                .kind(address, protocol, scope::DEFAULT)
+                .unwrap_or("frontend"),
+            value.count
+        ),
+        Err(_) => format!("maps (not traced): no frontend {address} {protocol}"),
+    }
+}
+
+/// The stage line of an IPv6 packet the datapath did not trace.
+pub const IPV6_UNTRACED: &str = "trace: the datapath's IPv6 path records no stages yet (its trace instance passes IPv6 packets untouched); `kpr inspect services` and `kpr inspect conntrack` show what it holds for this frontend";
 
 /// Turns a run of the trace instance ([`crate::datapath::trace`]) into words, with
 /// services named from `index`.
@@ -802,7 +1023,7 @@ pub fn describe_packet(frame: &[u8]) -> String {
 pub fn trace_view(
     maps: &PinnedMaps,
     index: &NameIndex,
-    packet: (SocketAddrV4, SocketAddrV4, u8),
+    packet: (SocketAddr, SocketAddr, u8),
     from_outside: bool,
     run: &crate::datapath::trace::TraceRun,
 ) -> TraceView {
@@ -815,16 +1036,27 @@ pub fn trace_view(
     let known = has(stage::CT_HIT) || has(stage::FRONTEND);
     let service = known.then(|| index.service_port(record.service_id));
     let backend = (has(stage::CT_HIT) || has(stage::BACKEND))
-        .then(|| maps.backend(record.backend_id))
+        .then(|| maps.backend_of(destination, record.backend_id))
         .flatten()
         .map(|backend| {
-            let address = endpoint_text(backend.addr, backend.port);
-            match index.pod(record.service_id, backend.addr.to_ipv4()) {
+            let address = backend.to_string();
+            match index.pod(record.service_id, backend.ip()) {
                 Some(pod) => format!("{address} ({pod})"),
                 None => address,
             }
         });
-    if !has(stage::PARSED) {
+    // The IPv6 path records no stages yet: its trace instance passes every packet
+    // untouched, so neither its verdict nor its packet out says what traffic gets.
+    let untraced = !has(stage::PARSED) && destination.is_ipv6();
+    if untraced {
+        stages.push(IPV6_UNTRACED.to_owned());
+        if let SocketAddr::V6(to) = destination {
+            stages.push(maps.v6.as_ref().map_or_else(
+                || "maps: this node has no IPv6 maps".to_owned(),
+                |pins| frontend_in_maps(pins, index, *to.ip(), to.port(), l4_proto, &protocol),
+            ));
+        }
+    } else if !has(stage::PARSED) {
         stages.push("parse: not a packet the datapath handles; passes untouched".to_owned());
     } else if has(stage::CT_HIT) {
         stages.push(format!(
@@ -902,7 +1134,9 @@ pub fn trace_view(
             "masquerade: no, the client's address is kept".to_owned()
         });
     }
-    let verdict = if has(stage::DROPPED) || run.verdict == 2 {
+    let verdict = if untraced {
+        "unknown (the IPv6 path is not traced yet)".to_owned()
+    } else if has(stage::DROPPED) || run.verdict == 2 {
         let reason = COUNTER_NAMES
             .get(record.drop_reason as usize)
             .filter(|name| !name.is_empty())
@@ -930,10 +1164,187 @@ pub fn trace_view(
         stages,
         verdict,
         backend,
-        packet_out: if run.verdict == 2 {
+        packet_out: if untraced {
+            "(unknown: not traced)".to_owned()
+        } else if run.verdict == 2 {
             "(none: dropped)".to_owned()
         } else {
             describe_packet(&run.packet)
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(text: &str) -> SocketAddr {
+        text.parse().expect("socket address")
+    }
+
+    /// An IPv6 flow's original entry, masqueraded and DNATed, read through the same
+    /// view as IPv4's: `[addr]:port` ends, the filter by either family's address.
+    #[test]
+    fn an_ipv6_flow_reads_as_an_ipv4_one_does() {
+        let client = socket("[fd00:244::2]:40000");
+        let frontend = socket("[fd00:96::10]:80");
+        let (SocketAddr::V6(c), SocketAddr::V6(f)) = (client, frontend) else {
+            panic!("IPv6");
+        };
+        let key = CtKeyV6 {
+            src_addr: Be32x4::from_ipv6(*c.ip()),
+            dst_addr: Be32x4::from_ipv6(*f.ip()),
+            src_port: Be16::from_host(c.port()),
+            dst_port: Be16::from_host(f.port()),
+            proto: proto::TCP,
+            _pad: [0; 3],
+        };
+        let entry = CtEntryV6 {
+            last_seen_ns: 1_000_000_000,
+            nat_src_addr: Be32x4::from_ipv6("fd00::1".parse().expect("v6")),
+            nat_src_port: Be16::from_host(61_000),
+            nat_dst_addr: Be32x4::from_ipv6("fd00:244::5".parse().expect("v6")),
+            nat_dst_port: Be16::from_host(8080),
+            flags: ct_flags::REWRITE_SRC | ct_flags::REWRITE_DST | ct_flags::SEEN_REPLY,
+            service_id: 0x8000_0001,
+            backend_id: 3,
+            ..CtEntryV6::default()
+        };
+        let flow = Ipv6Addr::flow(&key, &entry);
+        let all = FlowFilter::default();
+        let view = flow_view(&flow, "new", &all, 3_000_000_000).expect("kept");
+        assert_eq!(view.source, "[fd00:244::2]:40000");
+        assert_eq!(view.destination, "[fd00:96::10]:80");
+        assert_eq!(
+            view.rewrite,
+            "src -> [fd00::1]:61000, dst -> [fd00:244::5]:8080"
+        );
+        assert_eq!(
+            (view.direction, view.state, view.service_id),
+            ("original", "syn_received", 0x8000_0001)
+        );
+        assert!((view.idle_s - 2.0).abs() < 1e-9);
+        let by = |addr: &str| FlowFilter {
+            addr: Some(addr.parse().expect("address")),
+            ..FlowFilter::default()
+        };
+        assert!(
+            flow_view(&flow, "new", &by("fd00:244::5"), 0).is_some(),
+            "the backend"
+        );
+        assert!(flow_view(&flow, "new", &by("fd00:244::9"), 0).is_none());
+        assert!(flow_view(&flow, "new", &by("10.96.0.10"), 0).is_none());
+        let port = FlowFilter {
+            port: Some(8080),
+            ..FlowFilter::default()
+        };
+        assert!(flow_view(&flow, "new", &port, 0).is_some());
+    }
+
+    #[test]
+    fn an_ipv4_flow_still_reads_as_before() {
+        let key = CtKeyV4 {
+            src_addr: Be32::from_ipv4(Ipv4Addr::new(10, 244, 1, 2)),
+            dst_addr: Be32::from_ipv4(Ipv4Addr::new(10, 96, 0, 10)),
+            src_port: Be16::from_host(40_000),
+            dst_port: Be16::from_host(80),
+            proto: proto::UDP,
+            _pad: [0; 3],
+        };
+        let entry = CtEntryV4 {
+            nat_dst_addr: Be32::from_ipv4(Ipv4Addr::new(10, 244, 1, 11)),
+            nat_dst_port: Be16::from_host(8080),
+            flags: ct_flags::REWRITE_DST,
+            ..CtEntryV4::default()
+        };
+        let view = flow_view(
+            &Ipv4Addr::flow(&key, &entry),
+            "established",
+            &FlowFilter {
+                addr: Some("10.244.1.11".parse().expect("address")),
+                ..FlowFilter::default()
+            },
+            0,
+        )
+        .expect("kept");
+        assert_eq!(
+            (view.source.as_str(), view.destination.as_str()),
+            ("10.244.1.2:40000", "10.96.0.10:80")
+        );
+        assert_eq!(view.rewrite, "dst -> 10.244.1.11:8080");
+        assert_eq!(view.state, "unreplied");
+    }
+
+    #[test]
+    fn ipv6_packets_are_described_with_bracketed_ends() {
+        use crate::datapath::trace::first_packet;
+        let client = socket("[fd00:244::2]:40000");
+        let tcp = first_packet(client, socket("[fd00:96::10]:80"), proto::TCP).expect("frame");
+        assert_eq!(
+            describe_packet(&tcp),
+            "[fd00:244::2]:40000 -> [fd00:96::10]:80 TCP"
+        );
+        let sctp = first_packet(client, socket("[fd00:96::10]:3868"), proto::SCTP).expect("frame");
+        assert_eq!(
+            describe_packet(&sctp),
+            "[fd00:244::2]:40000 -> [fd00:96::10]:3868 SCTP"
+        );
+        let udp = first_packet(
+            socket("10.244.1.2:40000"),
+            socket("10.96.0.10:53"),
+            proto::UDP,
+        )
+        .expect("frame");
+        assert_eq!(
+            describe_packet(&udp),
+            "10.244.1.2:40000 -> 10.96.0.10:53 UDP"
+        );
+        assert_eq!(describe_packet(&[0; 10]), "10 bytes, not IP");
+    }
+
+    /// The names file's IPv6 frontends and endpoints are found by the socket address
+    /// and address the maps give.
+    #[test]
+    fn the_index_names_ipv6_frontends_and_pods() {
+        let names = published::Names {
+            version: published::VERSION,
+            service_ports: vec![published::ServicePortNames {
+                service_id: 0x8000_0001,
+                namespace: "demo".into(),
+                name: "web".into(),
+                port: "http".into(),
+                protocol: "TCP".into(),
+                service_type: "ClusterIP".into(),
+                internal_traffic_policy: "Cluster".into(),
+                external_traffic_policy: "Cluster".into(),
+            }],
+            frontends: vec![published::FrontendNames {
+                address: socket("[fd00:96::10]:80"),
+                protocol: "TCP".into(),
+                scope: scope::DEFAULT,
+                kind: "ClusterIP".into(),
+                service_id: 0x8000_0001,
+            }],
+            endpoints: vec![published::EndpointNames {
+                namespace: "demo".into(),
+                service: "web".into(),
+                address: "fd00:244::5".parse().expect("v6"),
+                pod: Some("web-1".into()),
+                node: None,
+                ready: true,
+                serving: true,
+                terminating: false,
+            }],
+        };
+        let index = NameIndex::new(Some(names));
+        assert_eq!(index.service_port(0x8000_0001), "demo/web:http");
+        assert_eq!(
+            index.kind(socket("[fd00:96::10]:80"), "TCP", scope::DEFAULT),
+            Some("ClusterIP")
+        );
+        assert_eq!(
+            index.pod(0x8000_0001, "fd00:244::5".parse().expect("v6")),
+            Some("web-1")
+        );
     }
 }

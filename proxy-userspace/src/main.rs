@@ -55,18 +55,19 @@ struct InspectArgs {
 
 #[derive(Subcommand, Debug)]
 enum InspectWhat {
-    /// Services: every frontend (ClusterIP, NodePort, externalIP, LoadBalancer) with
-    /// its policies and backends (pods and their readiness).
+    /// Services: every frontend (ClusterIP, NodePort, externalIP, LoadBalancer) of
+    /// both families with its policies and backends (pods and their readiness).
     Services {
         /// Only this service: namespace/name (a bare name means namespace default).
         #[arg(long, value_name = "NAMESPACE/NAME")]
         service: Option<String>,
     },
-    /// Conntrack entries (two per translated flow).
+    /// Conntrack entries of both families (two per translated flow).
     Conntrack {
-        /// Only flows with this address at either end, before or after translation.
+        /// Only flows with this address (IPv4 or IPv6) at either end, before or after
+        /// translation.
         #[arg(long)]
-        addr: Option<std::net::Ipv4Addr>,
+        addr: Option<std::net::IpAddr>,
         /// Only flows with this port at either end.
         #[arg(long)]
         port: Option<u16>,
@@ -86,13 +87,15 @@ enum InspectWhat {
 
 #[derive(Args, Debug)]
 struct TraceArgs {
-    /// The client: an address, or address:port (port 40000 when left out; the port
-    /// of an open connection shows that flow's translation).
+    /// The client: an address, or address:port (`10.244.1.2:40000`,
+    /// `[fd00:244::2]:40000`; port 40000 when left out; the port of an open connection
+    /// shows that flow's translation).
     #[arg(long, value_parser = parse_client)]
-    client: std::net::SocketAddrV4,
-    /// The destination address:port.
+    client: std::net::SocketAddr,
+    /// The destination address:port (`10.96.0.10:80`, `[fd00::10]:80`), of the
+    /// client's family.
     #[arg(long)]
-    to: std::net::SocketAddrV4,
+    to: std::net::SocketAddr,
     /// tcp, udp or sctp.
     #[arg(long, value_parser = parse_protocol, default_value = "tcp")]
     protocol: u8,
@@ -117,13 +120,12 @@ fn parse_protocol(text: &str) -> Result<u8, String> {
     }
 }
 
-fn parse_client(text: &str) -> Result<std::net::SocketAddrV4, String> {
+fn parse_client(text: &str) -> Result<std::net::SocketAddr, String> {
     text.parse()
-        .or_else(|_| {
-            text.parse()
-                .map(|ip| std::net::SocketAddrV4::new(ip, 40_000))
+        .or_else(|_| text.parse().map(|ip| std::net::SocketAddr::new(ip, 40_000)))
+        .map_err(|_| {
+            format!("{text:?} is neither an address nor address:port ([address]:port for IPv6)")
         })
-        .map_err(|_| format!("{text:?} is neither an IPv4 address nor address:port"))
 }
 
 #[derive(Args, Debug)]
@@ -281,13 +283,22 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&flows);
             }
+            // IPv6 ends are wider than the IPv4 columns: as wide as the widest.
+            let end = flows
+                .iter()
+                .map(|flow| flow.source.len().max(flow.destination.len()))
+                .fold(22, usize::max);
+            let rewrite = flows
+                .iter()
+                .map(|flow| flow.rewrite.len())
+                .fold(30, usize::max);
             println!(
-                "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8} {:<11} STATE",
+                "{:<5} {:<end$} {:<end$} {:<8} {:<rewrite$} {:>8} {:<11} STATE",
                 "PROTO", "SOURCE", "DESTINATION", "DIR", "REWRITE", "IDLE_S", "TABLE"
             );
             for flow in flows {
                 println!(
-                    "{:<5} {:<22} {:<22} {:<8} {:<30} {:>8.1} {:<11} {}",
+                    "{:<5} {:<end$} {:<end$} {:<8} {:<rewrite$} {:>8.1} {:<11} {}",
                     flow.protocol,
                     flow.source,
                     flow.destination,
@@ -304,13 +315,21 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&records);
             }
+            let client = records
+                .iter()
+                .map(|record| record.client.len())
+                .fold(26, usize::max);
+            let backend = records
+                .iter()
+                .map(|record| record.backend.as_ref().map_or(0, String::len))
+                .fold(22, usize::max);
             println!(
-                "{:<6} {:<26} {:>4} {:<22} {:>8}",
+                "{:<6} {:<client$} {:>4} {:<backend$} {:>8}",
                 "PATH", "CLIENT", "ID", "BACKEND", "IDLE_S"
             );
             for record in records {
                 println!(
-                    "{:<6} {:<26} {:>4} {:<22} {:>8.1}",
+                    "{:<6} {:<client$} {:>4} {:<backend$} {:>8.1}",
                     record.path,
                     record.client,
                     record.service_id,
@@ -324,13 +343,17 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&sockets);
             }
+            let end = sockets
+                .iter()
+                .map(|socket| socket.frontend.len().max(socket.backend.len()))
+                .fold(22, usize::max);
             println!(
-                "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} CONNECTED",
+                "{:<5} {:<22} {:<5} {:<end$} {:<end$} {:>4} CONNECTED",
                 "NETNS", "NETNS_COOKIE", "PROTO", "FRONTEND", "BACKEND", "ID"
             );
             for socket in sockets {
                 println!(
-                    "{:<5} {:<22} {:<5} {:<22} {:<22} {:>4} {}",
+                    "{:<5} {:<22} {:<5} {:<end$} {:<end$} {:>4} {}",
                     socket.netns,
                     socket.netns_cookie,
                     socket.protocol,
@@ -356,8 +379,13 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
 
 /// The services table: one line per frontend, backends (pod, readiness) after it.
 fn print_services(services: &[inspect::ServiceView]) {
+    // An IPv6 frontend is wider than the IPv4 column: as wide as the widest.
+    let frontend = services
+        .iter()
+        .map(|service| service.frontend.len())
+        .fold(21, usize::max);
     println!(
-        "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} BACKENDS",
+        "{:<28} {:<12} {:<frontend$} {:<5} {:<10} {:<40} BACKENDS",
         "SERVICE", "TYPE", "FRONTEND", "PROTO", "CLIENTS", "POLICY"
     );
     for service in services {
@@ -377,7 +405,7 @@ fn print_services(services: &[inspect::ServiceView]) {
             service.policy.join("; ")
         };
         println!(
-            "{:<28} {:<12} {:<21} {:<5} {:<10} {:<40} {backends}",
+            "{:<28} {:<12} {:<frontend$} {:<5} {:<10} {:<40} {backends}",
             service.service,
             service.kind,
             service.frontend,
@@ -393,7 +421,13 @@ fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&args.bpffs)?;
     let index = inspect::NameIndex::read(&args.bpffs)?;
     let mut tracer = trace::Tracer::load(&args.bpffs).context("loading the trace instance")?;
-    let frame = trace::first_packet(args.client, args.to, args.protocol);
+    let Some(frame) = trace::first_packet(args.client, args.to, args.protocol) else {
+        anyhow::bail!(
+            "--client {} and --to {} are of different families: a packet has one",
+            args.client,
+            args.to
+        );
+    };
     let hook = if args.from_outside {
         Hook::NodeIngress
     } else {

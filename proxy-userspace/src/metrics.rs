@@ -136,6 +136,9 @@ pub struct Metrics {
     /// kpr_takeover_netfilter_flows: connections netfilter translates to a frontend of
     /// ours (kube-proxy's, from before the takeover), which the datapath leaves to it.
     pub takeover_netfilter_flows: Gauge,
+    /// kpr_takeover_ipv6_netfilter_flows: IPv6 connections netfilter translates to a
+    /// frontend of ours, which the IPv6 datapath does not leave to it yet.
+    pub takeover_ipv6_netfilter_flows: Gauge,
     /// kpr_takeover_check_enabled: 1 while the datapath asks netfilter's conntrack
     /// about new flows to frontends.
     pub takeover_check_enabled: Gauge,
@@ -209,6 +212,7 @@ impl Metrics {
             health_check_bind_failures: Family::default(),
             http_rejected: Family::default(),
             takeover_netfilter_flows: Gauge::default(),
+            takeover_ipv6_netfilter_flows: Gauge::default(),
             takeover_check_enabled: Gauge::default(),
             takeover_failures: Family::default(),
             service_connections: Family::default(),
@@ -290,6 +294,11 @@ impl Metrics {
             "kpr_takeover_netfilter_flows",
             "Connections netfilter translates to our frontends (kube-proxy's), left to it until they end",
             metrics.takeover_netfilter_flows.clone(),
+        );
+        registry.register(
+            "kpr_takeover_ipv6_netfilter_flows",
+            "IPv6 connections netfilter translates to our frontends (kube-proxy's), which the IPv6 datapath translates again (it does not ask netfilter yet)",
+            metrics.takeover_ipv6_netfilter_flows.clone(),
         );
         registry.register(
             "kpr_takeover_check_enabled",

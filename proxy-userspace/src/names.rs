@@ -16,7 +16,7 @@
 //! of it; it goes with the pins on exit and stays with `--keep-state`.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -25,8 +25,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    family::Family,
     model::{Desired, FrontendKind, ServicePortName},
-    state::{ClusterState, EndpointAddress, ObjectKey},
+    state::{AddressType, ClusterState, EndpointAddress, ObjectKey},
 };
 
 /// Where names files live.
@@ -91,7 +92,8 @@ pub struct ServicePortNames {
 /// A frontend (one address the service port answers on) and its kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendNames {
-    pub address: SocketAddrV4,
+    /// `10.96.0.10:80` or `[fd00::10]:80` (a file of an IPv4-only agent reads the same).
+    pub address: SocketAddr,
     pub protocol: String,
     /// [`proxy_common::scope`].
     pub scope: u8,
@@ -110,7 +112,8 @@ pub struct EndpointNames {
     /// The service the endpoint belongs to.
     #[serde(with = "shared_text")]
     pub service: Arc<str>,
-    pub address: Ipv4Addr,
+    /// Either family: a dual-stack service lists its IPv4 and IPv6 endpoints.
+    pub address: IpAddr,
     /// `targetRef` name when it is a Pod.
     pub pod: Option<Box<str>>,
     #[serde(with = "shared_text::optional")]
@@ -193,14 +196,17 @@ pub fn protocol_name(number: u8) -> String {
     }
 }
 
-/// The names of everything `desired` programs, with the ids `service_id` gives (the
-/// syncer's); service ports without an id (not programmed) are left out.
+/// The service id a family's syncer gave a service port (`None`: not programmed in
+/// that family). A dual-stack service port has one per family.
+pub trait ServiceIds: Fn(&AddressType, &ServicePortName) -> Option<u32> {}
+
+impl<T: Fn(&AddressType, &ServicePortName) -> Option<u32>> ServiceIds for T {}
+
+/// The names of everything `desired` programs in both families, with the ids
+/// `service_id` gives (the syncers'); service ports without an id (not programmed)
+/// are left out.
 #[must_use]
-pub fn collect(
-    state: &ClusterState,
-    desired: &Desired,
-    service_id: impl Fn(&ServicePortName) -> Option<u32>,
-) -> Names {
+pub fn collect(state: &ClusterState, desired: &Desired, service_id: impl ServiceIds) -> Names {
     let ports = programmed_ports(desired, &service_id);
     Names {
         version: VERSION,
@@ -213,31 +219,53 @@ pub fn collect(
     }
 }
 
-/// The programmed service ports by id.
+/// The programmed service ports of both families by id (the families' ids are
+/// disjoint: [`Family::SERVICE_IDS`]).
 fn programmed_ports<'d>(
     desired: &'d Desired,
-    service_id: &impl Fn(&ServicePortName) -> Option<u32>,
+    service_id: &impl ServiceIds,
 ) -> BTreeMap<u32, &'d ServicePortName> {
-    // IPv4 only: the names file and `kpr inspect` do not show IPv6 yet.
-    desired
-        .v4
-        .frontends
-        .values()
-        .filter_map(|spec| Some((service_id(&spec.service_port)?, &spec.service_port)))
-        .collect()
+    let mut ports = BTreeMap::new();
+    family_ports::<std::net::Ipv4Addr>(desired, service_id, &mut ports);
+    family_ports::<std::net::Ipv6Addr>(desired, service_id, &mut ports);
+    ports
+}
+
+fn family_ports<'d, F: Family>(
+    desired: &'d Desired,
+    service_id: &impl ServiceIds,
+    ports: &mut BTreeMap<u32, &'d ServicePortName>,
+) {
+    ports.extend(F::part(desired).frontends.values().filter_map(|spec| {
+        Some((
+            service_id(&F::ADDRESS_TYPE, &spec.service_port)?,
+            &spec.service_port,
+        ))
+    }));
 }
 
 fn frontend_names<'d>(
     desired: &'d Desired,
-    service_id: &'d impl Fn(&ServicePortName) -> Option<u32>,
+    service_id: &'d impl ServiceIds,
 ) -> impl Iterator<Item = FrontendNames> + 'd {
-    desired.v4.frontends.iter().filter_map(|(key, spec)| {
+    family_frontend_names::<std::net::Ipv4Addr>(desired, service_id).chain(family_frontend_names::<
+        std::net::Ipv6Addr,
+    >(
+        desired, service_id
+    ))
+}
+
+fn family_frontend_names<'d, F: Family>(
+    desired: &'d Desired,
+    service_id: &'d impl ServiceIds,
+) -> impl Iterator<Item = FrontendNames> + 'd {
+    F::part(desired).frontends.iter().filter_map(|(key, spec)| {
         Some(FrontendNames {
-            address: SocketAddrV4::new(key.addr, key.port),
+            address: SocketAddr::new(key.addr.into(), key.port),
             protocol: protocol_name(key.proto),
             scope: key.scope,
             kind: kind_name(spec.kind).to_owned(),
-            service_id: service_id(&spec.service_port)?,
+            service_id: service_id(&F::ADDRESS_TYPE, &spec.service_port)?,
         })
     })
 }
@@ -252,6 +280,13 @@ fn endpoint_groups<'s>(state: &'s ClusterState, desired: &Desired) -> EndpointGr
         .frontends
         .values()
         .map(|spec| &spec.service_port.service)
+        .chain(
+            desired
+                .v6
+                .frontends
+                .values()
+                .map(|spec| &spec.service_port.service),
+        )
         .collect();
     let mut groups = EndpointGroups::new();
     for (key, slice) in &state.endpoint_slices {
@@ -278,8 +313,10 @@ fn endpoint_names<'g>(groups: &'g EndpointGroups<'_>) -> impl Iterator<Item = En
             .iter()
             .flat_map(|slice| slice.endpoints.iter())
             .filter_map(|endpoint| {
-                let EndpointAddress::V4(address) = endpoint.address else {
-                    return None;
+                let address = match &endpoint.address {
+                    EndpointAddress::V4(address) => IpAddr::V4(*address),
+                    EndpointAddress::V6(address) => IpAddr::V6(**address),
+                    EndpointAddress::Text(_) => return None,
                 };
                 Some(EndpointNames {
                     namespace: Arc::clone(namespace),
@@ -321,7 +358,7 @@ pub fn write_current(
     path: &Path,
     state: &ClusterState,
     desired: &Desired,
-    service_id: impl Fn(&ServicePortName) -> Option<u32>,
+    service_id: impl ServiceIds,
     previous: Option<u64>,
 ) -> Result<Written, Error> {
     let ports = programmed_ports(desired, &service_id);
@@ -588,7 +625,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kpr-names-stream-{}", std::process::id()));
         let path = dir.join("x.names.json");
         let (state, desired) = cluster();
-        let ids = |name: &ServicePortName| (&*name.service.name == "web").then_some(3);
+        let ids =
+            |_: &AddressType, name: &ServicePortName| (&*name.service.name == "web").then_some(3);
         let collected = collect(&state, &desired, ids);
         let listed: Vec<(&str, String, Option<&str>)> = collected
             .endpoints
@@ -627,7 +665,7 @@ mod tests {
         );
         assert!(!path.with_extension("json.tmp").exists());
         // Other ids: other names.
-        let all = |_: &ServicePortName| Some(4);
+        let all = |_: &AddressType, _: &ServicePortName| Some(4);
         assert!(matches!(
             write_current(&path, &state, &desired, all, Some(digest)),
             Ok(Written::Replaced(other)) if other != digest
@@ -637,6 +675,111 @@ mod tests {
             Some(collect(&state, &desired, all))
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A dual-stack service (IPv4 and IPv6 clusterIPs, a slice of each family) and an
+    /// IPv6-only one: each family's frontends are named with that family's id, in
+    /// `[addr]:port` form for IPv6, and the endpoints of both families are listed.
+    #[test]
+    fn both_families_are_named_each_with_its_own_id() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
+             spec: {ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv4, IPv6], \
+             clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00:96::10'], \
+             ports: [{name: http, port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: six, namespace: demo}\n\
+             spec: {ipFamilyPolicy: SingleStack, ipFamilies: [IPv6], \
+             clusterIP: 'fd00:96::11', clusterIPs: ['fd00:96::11'], ports: [{port: 53, protocol: UDP}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-4, \
+             namespace: demo, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.0.1], \
+             conditions: {ready: true}, targetRef: {kind: Pod, name: web-1}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-6, \
+             namespace: demo, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\n\
+             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: ['fd00:244::1'], \
+             conditions: {ready: true}, targetRef: {kind: Pod, name: web-1}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: six-6, \
+             namespace: demo, labels: {kubernetes.io/service-name: six}}\naddressType: IPv6\n\
+             ports: [{port: 5353, protocol: UDP}]\nendpoints: [{addresses: ['fd00:244::2'], \
+             conditions: {ready: false}, targetRef: {kind: Pod, name: six-1}}]\n";
+        let mut snapshot = crate::source::Snapshot::for_node(Some("node-a"));
+        crate::source::manifests::parse_documents(text, "test.yaml", &mut snapshot);
+        let desired =
+            crate::model::desired(&snapshot.state, &crate::model::ModelSettings::default());
+        let ids = |family: &AddressType, name: &ServicePortName| {
+            let base = match family {
+                AddressType::IPv4 => 1,
+                AddressType::IPv6 => 0x8000_0001,
+                _ => return None,
+            };
+            Some(base + u32::from(&*name.service.name == "six"))
+        };
+        let names = collect(&snapshot.state, &desired, ids);
+        let ports: Vec<(u32, &str)> = names
+            .service_ports
+            .iter()
+            .map(|port| (port.service_id, port.name.as_str()))
+            .collect();
+        assert_eq!(
+            ports,
+            [(1, "web"), (0x8000_0001, "web"), (0x8000_0002, "six")]
+        );
+        let frontends: Vec<(String, &str, u32)> = names
+            .frontends
+            .iter()
+            .map(|f| (f.address.to_string(), f.kind.as_str(), f.service_id))
+            .collect();
+        assert_eq!(
+            frontends,
+            [
+                ("10.96.0.10:80".to_owned(), "ClusterIP", 1),
+                ("[fd00:96::10]:80".to_owned(), "ClusterIP", 0x8000_0001),
+                ("[fd00:96::11]:53".to_owned(), "ClusterIP", 0x8000_0002),
+            ]
+        );
+        let endpoints: Vec<(&str, String, Option<&str>, bool)> = names
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    &*e.service,
+                    e.address.to_string(),
+                    e.pod.as_deref(),
+                    e.ready,
+                )
+            })
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                ("six", "fd00:244::2".to_owned(), Some("six-1"), false),
+                ("web", "10.0.0.1".to_owned(), Some("web-1"), true),
+                ("web", "fd00:244::1".to_owned(), Some("web-1"), true),
+            ]
+        );
+        // Through the file and back, as `kpr inspect` reads it.
+        let dir = std::env::temp_dir().join(format!("kpr-names-v6-{}", std::process::id()));
+        let path = dir.join("x.names.json");
+        write_current(&path, &snapshot.state, &desired, ids, None).expect("written");
+        assert_eq!(read(&path).expect("readable"), Some(names));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The file of an agent that named IPv4 only (`SocketAddrV4`, `Ipv4Addr`) reads.
+    #[test]
+    fn an_ipv4_only_file_still_reads() {
+        let text = r#"{"version":1,"service_ports":[],"frontends":[{"address":"10.96.0.10:80",
+            "protocol":"TCP","scope":0,"kind":"ClusterIP","service_id":1}],
+            "endpoints":[{"namespace":"demo","service":"web","address":"10.0.0.1","pod":"web-1",
+            "node":null,"ready":true,"serving":true,"terminating":false}]}"#;
+        let names: Names = serde_json::from_str(text).expect("an IPv4-only file");
+        assert_eq!(
+            names.frontends[0].address,
+            "10.96.0.10:80".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(
+            names.endpoints[0].address,
+            "10.0.0.1".parse::<IpAddr>().expect("addr")
+        );
     }
 
     #[test]

@@ -80,7 +80,12 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize, rounds: usize) 
         &dir.join("names.json"),
         &first.snapshot.state,
         model.desired(),
-        |name| syncer.service_id(name),
+        // IPv4 services only here: the one syncer is IPv4's.
+        |family: &_, name: &_| {
+            (*family == proxy_userspace::state::AddressType::IPv4)
+                .then(|| syncer.service_id(name))
+                .flatten()
+        },
         None,
     )?;
     let names_written = started.elapsed();

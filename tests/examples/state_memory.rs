@@ -119,7 +119,7 @@ fn run(dir: &std::path::Path, services: usize, endpoints: usize) -> Result<()> {
         syncer.sync(desired, &mut Accepting)
     });
     let id = std::cell::Cell::new(0u32);
-    let ids = |_: &_| {
+    let ids = |_: &_, _: &_| {
         id.set(id.get() + 1);
         Some(id.get())
     };

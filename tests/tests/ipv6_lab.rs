@@ -745,3 +745,329 @@ fn ipv6_health_check_node_ports_answer_on_the_nodes_ipv6_address() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"localEndpoints\": 1"), "{body}");
 }
+
+/// `kpr <args> --json` on the lab's node, parsed.
+fn kpr_json(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let text = lab.kpr(&args).expect("kpr");
+    serde_json::from_str(&text).unwrap_or_else(|error| panic!("kpr {args:?}: {error}: {text}"))
+}
+
+fn find<'v>(list: &'v serde_json::Value, key: &str, value: &str) -> &'v serde_json::Value {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .find(|item| item[key] == value)
+        .unwrap_or_else(|| panic!("no {key} {value} in {list}"))
+}
+
+/// `kpr inspect` shows the IPv6 maps as it shows the IPv4 ones (frontends named from
+/// the names file, `[addr]:port`, backends with their endpoints' conditions, flows,
+/// affinity records), a dual-stack service under one name in both families, the
+/// IPv6 tables' fill in `kpr_map_entries`; `kpr trace` takes an IPv6 destination.
+#[test]
+fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
+    let lab = ipv6_lab().expect("lab");
+    let client = &lab.lab.pod("client").netns;
+    let mut conversation = client
+        .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("connect to the IPv6 ClusterIP");
+    let server = conversation.ask().expect("ask").server;
+    client
+        .run(|| tcp_request(v6(STICKY_VIP, 80), TIMEOUT))
+        .expect("a connection to the affinity service");
+
+    let services = kpr_json(&lab.lab, &["inspect", "services"]);
+    let six = find(&services, "frontend", &v6(SIX_VIP, 80).to_string());
+    assert_eq!(six["service"], "demo/six:http", "{six}");
+    assert_eq!(six["type"], "ClusterIP");
+    assert_eq!(six["protocol"], "TCP");
+    let backends: Vec<&str> = six["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|backend| backend["address"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            "[fd00:10:244:1::11]:8080",
+            "[fd00:10:244:1::12]:8080",
+            "[fd00:10:244:1::13]:8080"
+        ],
+        "{six}"
+    );
+    // The endpoints' conditions come from the IPv6 slice.
+    assert!(
+        six["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .all(|backend| backend["ready"] == true && backend["node"] == "node-a"),
+        "{six}"
+    );
+    let node_port = find(&services, "frontend", &v6(NODE_V6, 30080).to_string());
+    assert_eq!(node_port["type"], "NodePort", "{node_port}");
+    let udp = find(&services, "frontend", &v6(SIX_VIP, 53).to_string());
+    assert_eq!(
+        (&udp["service"], &udp["protocol"]),
+        (&"demo/six:dns".into(), &"UDP".into())
+    );
+    // A dual-stack service: one name, a frontend per family, each family's endpoint.
+    let dual = kpr_json(&lab.lab, &["inspect", "services", "--service", "demo/dual"]);
+    let frontends: Vec<(&str, &str, &str)> = dual
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|view| {
+            (
+                view["service"].as_str().unwrap_or_default(),
+                view["frontend"].as_str().unwrap_or_default(),
+                view["backends"][0]["address"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        frontends,
+        [
+            ("demo/dual:http", "10.96.0.20:80", "10.244.1.21:8080"),
+            (
+                "demo/dual:http",
+                "[fd00:96::20]:80",
+                "[fd00:10:244:1::21]:8080"
+            ),
+        ],
+        "{dual}"
+    );
+    let pref = kpr_json(&lab.lab, &["inspect", "services", "--service", "demo/pref"]);
+    let pref6 = find(&pref, "frontend", &v6(PREF_VIP_V6, 80).to_string());
+    assert_eq!(pref6["backends"], serde_json::json!([]), "{pref6}");
+    assert_eq!(pref6["when_empty"], "reject (ICMPv6 port unreachable)");
+    let table = lab
+        .lab
+        .kpr(&["inspect", "services", "--service", "demo/six"])
+        .expect("table");
+    println!("{table}");
+    assert!(
+        table.contains("demo/six:http") && table.contains("[fd00:96::10]:80"),
+        "{table}"
+    );
+
+    // The open connection's two entries in CT_V6, found by the IPv6 ClusterIP.
+    let flows = kpr_json(
+        &lab.lab,
+        &[
+            "inspect",
+            "conntrack",
+            "--addr",
+            &SIX_VIP.to_string(),
+            "--protocol",
+            "tcp",
+        ],
+    );
+    let local = conversation.local_addr().expect("local address");
+    let original = flows
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|flow| flow["direction"] == "original" && flow["source"] == local.to_string())
+        .unwrap_or_else(|| panic!("no original entry of {local}: {flows}"));
+    let backend = match server.as_str() {
+        "web-0" => pod_v6(0x11),
+        "web-1" => pod_v6(0x12),
+        _ => pod_v6(0x13),
+    };
+    assert_eq!(original["destination"], v6(SIX_VIP, 80).to_string());
+    assert_eq!(
+        original["rewrite"],
+        format!("dst -> {}", v6(backend, 8080)),
+        "{original}"
+    );
+    assert!(
+        flows
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|flow| flow["direction"] == "reply"),
+        "{flows}"
+    );
+    // The affinity record of the IPv6 client.
+    let affinity = kpr_json(&lab.lab, &["inspect", "affinity"]);
+    let record = find(&affinity, "client", &CLIENT_V6.to_string());
+    assert_eq!(record["path"], "tc", "{record}");
+    assert!(
+        record["backend"]
+            .as_str()
+            .is_some_and(|backend| backend.starts_with("[fd00:10:244:1::1")),
+        "{record}"
+    );
+
+    // The IPv6 conntrack and affinity tables' fill, from the upkeep thread's walk
+    // (every 10 s).
+    lab.lab
+        .wait_for(
+            "the IPv6 tables' fill in kpr_map_entries",
+            Duration::from_secs(25),
+            || {
+                let metrics = lab.lab.metrics()?;
+                let entries = |map: &str| {
+                    kpr_lab::lab::sample(&metrics, &format!("kpr_map_entries{{map=\"{map}\"}}"))
+                };
+                Ok(entries("CT_V6_V1").is_some_and(|n| n >= 2.0)
+                    && entries("AFFINITY_V6_V1").is_some_and(|n| n >= 1.0)
+                    && entries("SRCRANGE_V6_V1").is_some_and(|n| n >= 2.0)
+                    && entries("FE_ADDR_V6_V1").is_some_and(|n| n >= 1.0)
+                    // And IPv4's (dual's and pref's ClusterIPs; no IPv4 ranges).
+                    && entries("FE_ADDR_V4_V1").is_some_and(|n| n >= 2.0)
+                    && entries("SRCRANGE_V4_V1") == Some(0.0))
+            },
+        )
+        .expect("IPv6 map fill");
+
+    // kpr trace takes an IPv6 destination and runs an IPv6 packet; the datapath's
+    // IPv6 path does not trace yet, and the view says so rather than "pass".
+    let trace = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--client",
+            &CLIENT_V6.to_string(),
+            "--to",
+            &v6(SIX_VIP, 80).to_string(),
+        ],
+    );
+    assert_eq!(
+        trace["client"],
+        v6(CLIENT_V6, 40_000).to_string(),
+        "{trace}"
+    );
+    assert_eq!(trace["destination"], "[fd00:96::10]:80");
+    assert_eq!(trace["program"], "pod-ingress");
+    assert_eq!(
+        trace["stages"],
+        serde_json::json!([
+            proxy_userspace::inspect::IPV6_UNTRACED,
+            "maps (not traced): demo/six:http ClusterIP [fd00:96::10]:80, 3 backend(s)"
+        ])
+    );
+    assert_eq!(
+        trace["verdict"],
+        "unknown (the IPv6 path is not traced yet)"
+    );
+    let text = lab
+        .lab
+        .kpr(&[
+            "trace",
+            "--client",
+            &format!("[{CLIENT_V6}]:40001"),
+            "--to",
+            "[fd00:96::10]:53",
+            "--protocol",
+            "udp",
+        ])
+        .expect("an IPv6 UDP trace");
+    println!("{text}");
+    assert!(
+        text.starts_with("[fd00:10:244:1::2]:40001 -> [fd00:96::10]:53 UDP (pod-ingress)"),
+        "{text}"
+    );
+    let mixed = lab
+        .lab
+        .kpr(&[
+            "trace",
+            "--client",
+            "10.244.1.2",
+            "--to",
+            "[fd00:96::10]:80",
+        ])
+        .expect_err("a packet has one family");
+    assert!(
+        format!("{mixed:#}").contains("different families"),
+        "{mixed:#}"
+    );
+    // The dual-stack service's IPv4 frontend traces as before, named.
+    let over_v4 = kpr_json(
+        &lab.lab,
+        &["trace", "--client", "10.244.1.2", "--to", "10.96.0.20:80"],
+    );
+    assert_eq!(over_v4["verdict"], "translate", "{over_v4}");
+    assert_eq!(over_v4["service"], "demo/dual:http");
+    assert_eq!(over_v4["backend"], "10.244.1.21:8080");
+    drop(conversation);
+}
+
+/// kube-proxy's IPv6 connections at takeover: netfilter DNATs a pod's connection to
+/// the IPv6 ClusterIP before the agent starts (kube-proxy's rule, one nft line). The
+/// agent reads the AF_INET6 conntrack dump, counts the connection as one to its own
+/// frontend and warns that the IPv6 datapath does not leave it to netfilter yet; the
+/// IPv4 check (which IPv6 packets never ask) stays off.
+#[test]
+fn kube_proxys_ipv6_connections_are_counted_at_takeover() {
+    let (mut lab, _outside) = ipv6_lab_without_agent().expect("lab");
+    let backend = format!("[{}]:8080", pod_v6(0x11));
+    let vip = SIX_VIP.to_string();
+    for command in [
+        &["add", "table", "ip6", "kube-proxy-v6"][..],
+        &[
+            "add",
+            "chain",
+            "ip6",
+            "kube-proxy-v6",
+            "pre",
+            "{ type nat hook prerouting priority dstnat ; }",
+        ],
+        &[
+            "add",
+            "rule",
+            "ip6",
+            "kube-proxy-v6",
+            "pre",
+            "ip6",
+            "daddr",
+            &vip,
+            "tcp",
+            "dport",
+            "80",
+            "dnat",
+            "to",
+            &backend,
+        ],
+    ] {
+        lab.node
+            .exec("nft", command)
+            .expect("kube-proxy's DNAT rule");
+    }
+    let mut conversation = lab
+        .pod("client")
+        .netns
+        .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
+        .expect("netfilter's connection to the IPv6 ClusterIP");
+    assert_eq!(conversation.ask().expect("ask").server, "web-0");
+    let flows = lab
+        .node
+        .run(|| Ok(proxy_userspace::takeover::ctnetlink::nat_flows()?))
+        .expect("netfilter's DNAT flows");
+    assert!(
+        flows.iter().any(|flow| flow.dst == v6(SIX_VIP, 80)),
+        "the AF_INET6 dump holds the connection: {flows:?}"
+    );
+    lab.start_agent(&AGENT_ARGS).expect("agent");
+    lab.wait_for(
+        "kube-proxy's IPv6 connection counted",
+        Duration::from_secs(10),
+        || Ok(lab.metric("kpr_takeover_ipv6_netfilter_flows")? == Some(1.0)),
+    )
+    .expect("kpr_takeover_ipv6_netfilter_flows");
+    assert_eq!(
+        lab.metric("kpr_takeover_check_enabled").expect("metrics"),
+        Some(0.0),
+        "IPv6 connections do not switch the IPv4 check on"
+    );
+    let log = lab.agent_log();
+    assert!(
+        log.contains("the IPv6 datapath does not leave them to it yet"),
+        "{log}"
+    );
+    drop(conversation);
+}

@@ -327,9 +327,9 @@ fn the_datapath_asks_netfilter_about_new_flows_while_the_check_is_on() {
     let (nat, tcp, udp, seen) = results;
     // netfilter's own view: both flows through the rule are DNAT flows, the plain one
     // is not.
-    let nat_clients: Vec<SocketAddrV4> = nat.iter().map(|flow| flow.src).collect();
+    let nat_clients: Vec<std::net::SocketAddr> = nat.iter().map(|flow| flow.src).collect();
     assert!(
-        nat_clients.contains(&tcp) && nat_clients.contains(&udp),
+        nat_clients.contains(&tcp.into()) && nat_clients.contains(&udp.into()),
         "{nat:?}"
     );
     assert_eq!(nat.len(), 2, "{nat:?}");
@@ -746,7 +746,7 @@ fn new_connections(cluster: &Cluster, count: usize) -> Result<(usize, usize, Vec
         .filter(|(conversation, dst)| {
             conversation.local_addr().is_ok_and(|local| {
                 nat.iter()
-                    .any(|flow| flow.dst == *dst && flow.src.port() == local.port())
+                    .any(|flow| flow.dst == (*dst).into() && flow.src.port() == local.port())
             })
         })
         .count();

@@ -3,7 +3,7 @@
 //! ([`proxy_common::trace`]): it writes no map of the node's (no conntrack, affinity,
 //! SNAT claim, fragment or counter) and records each stage's decision in a map of its
 //! own. The same code as the datapath's, so trace and traffic cannot disagree.
-use std::{net::SocketAddrV4, path::Path};
+use std::{net::SocketAddr, path::Path};
 
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuValues},
@@ -71,7 +71,12 @@ impl Tracer {
             }
             loader.map_pin_path(name, path);
         }
-        for name in [names::CONNTRACK_V4, names::CONNTRACK_NEW_V4] {
+        for name in [
+            names::CONNTRACK_V4,
+            names::CONNTRACK_NEW_V4,
+            names::CONNTRACK_V6,
+            names::CONNTRACK_NEW_V6,
+        ] {
             loader.map_max_entries(name, pinned_max_entries(&pin_dir.join(name))?);
         }
         loader.override_global(GLOBAL, &1u8, true);
@@ -172,12 +177,21 @@ fn sctp_init(src_port: u16, dst_port: u16) -> Vec<u8> {
 }
 
 /// A first packet from `client` to `destination`: a TCP SYN, a UDP datagram or an SCTP
-/// INIT, in an Ethernet frame, checksums computed.
+/// INIT, in an Ethernet frame (IPv4, or IPv6 with hop limit 64), checksums computed.
+/// `None` when the two are of different families.
 #[must_use]
-pub fn first_packet(client: SocketAddrV4, destination: SocketAddrV4, l4_proto: u8) -> Vec<u8> {
-    let builder =
-        etherparse::PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0xfe])
-            .ipv4(client.ip().octets(), destination.ip().octets(), 64);
+pub fn first_packet(client: SocketAddr, destination: SocketAddr, l4_proto: u8) -> Option<Vec<u8>> {
+    let ethernet =
+        etherparse::PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0xfe]);
+    let builder = match (client, destination) {
+        (SocketAddr::V4(from), SocketAddr::V4(to)) => {
+            ethernet.ipv4(from.ip().octets(), to.ip().octets(), 64)
+        }
+        (SocketAddr::V6(from), SocketAddr::V6(to)) => {
+            ethernet.ipv6(from.ip().octets(), to.ip().octets(), 64)
+        }
+        _ => return None,
+    };
     let payload = b"kpr trace";
     let mut out = Vec::new();
     let written = if l4_proto == proxy_common::proto::SCTP {
@@ -197,10 +211,7 @@ pub fn first_packet(client: SocketAddrV4, destination: SocketAddrV4, l4_proto: u
             .write(&mut out, &[])
     };
     // Writing into a Vec fails only for sizes far beyond these.
-    if written.is_err() {
-        out.clear();
-    }
-    out
+    written.ok().map(|()| out)
 }
 
 #[cfg(test)]
@@ -211,7 +222,7 @@ mod tests {
     fn the_sctp_first_packet_is_an_init_with_a_valid_crc32c() {
         let client = "10.244.1.2:40000".parse().expect("address");
         let to = "10.96.0.30:3868".parse().expect("address");
-        let frame = first_packet(client, to, proxy_common::proto::SCTP);
+        let frame = first_packet(client, to, proxy_common::proto::SCTP).expect("one family");
         let ip = &frame[14..];
         assert_eq!(ip[9], proxy_common::proto::SCTP, "IP protocol");
         assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 20 + 32);
@@ -238,5 +249,48 @@ mod tests {
             }
         }
         assert_eq!(sctp[8..12], (!crc).to_le_bytes());
+    }
+
+    /// An IPv6 first packet: Ethernet type 0x86dd, next header TCP straight after the
+    /// fixed header, a SYN whose checksum (over the IPv6 pseudo-header) verifies.
+    #[test]
+    fn an_ipv6_first_packet_is_a_syn_with_a_valid_checksum() {
+        let client: SocketAddr = "[fd00:244::2]:40000".parse().expect("address");
+        let to: SocketAddr = "[fd00:96::10]:80".parse().expect("address");
+        let frame = first_packet(client, to, proxy_common::proto::TCP).expect("one family");
+        assert_eq!(&frame[12..14], &[0x86, 0xdd], "ethertype IPv6");
+        let packet = etherparse::SlicedPacket::from_ethernet(&frame).expect("parses");
+        let Some(etherparse::NetSlice::Ipv6(ip)) = &packet.net else {
+            panic!("not IPv6: {:?}", packet.net);
+        };
+        assert_eq!(ip.header().next_header(), etherparse::IpNumber::TCP);
+        assert_eq!(ip.header().hop_limit(), 64);
+        assert_eq!(
+            std::net::IpAddr::from(ip.header().source_addr()),
+            client.ip()
+        );
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = &packet.transport else {
+            panic!("not TCP");
+        };
+        assert!(tcp.syn() && !tcp.ack());
+        assert_eq!((tcp.source_port(), tcp.destination_port()), (40_000, 80));
+        let expected = tcp
+            .to_header()
+            .calc_checksum_ipv6(&ip.header().to_header(), tcp.payload())
+            .expect("checksum");
+        assert_eq!(tcp.checksum(), expected);
+        assert!(first_packet(client, "10.96.0.10:80".parse().expect("address"), 6).is_none());
+    }
+
+    #[test]
+    fn ipv6_udp_and_sctp_first_packets() {
+        let client: SocketAddr = "[fd00:244::2]:40000".parse().expect("address");
+        let to: SocketAddr = "[fd00:96::10]:53".parse().expect("address");
+        let udp = first_packet(client, to, proxy_common::proto::UDP).expect("one family");
+        assert_eq!(udp[14 + 6], proxy_common::proto::UDP, "next header");
+        let sctp = first_packet(client, to, proxy_common::proto::SCTP).expect("one family");
+        assert_eq!(sctp[14 + 6], proxy_common::proto::SCTP, "next header");
+        assert_eq!(sctp.len(), 14 + 40 + 32);
+        assert_eq!(sctp[14 + 40 + 12], 1, "an INIT chunk");
     }
 }

@@ -1,12 +1,12 @@
 //! Netfilter's conntrack table over netlink (`NETLINK_NETFILTER`, ctnetlink): the
-//! IPv4 flows whose destination netfilter translates (status `IPS_DST_NAT`), as their
-//! original 5-tuples. The kernel filters the dump by status (`CTA_STATUS` with
+//! IPv4 and IPv6 flows whose destination netfilter translates (status `IPS_DST_NAT`),
+//! as their original 5-tuples; one dump per family (`nfgenmsg.nfgen_family`). The kernel filters the dump by status (`CTA_STATUS` with
 //! `CTA_STATUS_MASK`, Linux 5.19), so a node with a large conntrack table and no NAT
 //! sends back nothing; the status is checked here too, for kernels that ignore the
 //! filter.
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
@@ -16,9 +16,9 @@ use proxy_common::takeover::ips;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NatFlow {
     pub proto: u8,
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// The destination the client used: a ClusterIP, a node address and NodePort, ...
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
 }
 
 const NETLINK_NETFILTER: i32 = 12;
@@ -41,6 +41,8 @@ mod attr {
     pub const TUPLE_PROTO: u16 = 2;
     pub const IP_V4_SRC: u16 = 1;
     pub const IP_V4_DST: u16 = 2;
+    pub const IP_V6_SRC: u16 = 3;
+    pub const IP_V6_DST: u16 = 4;
     pub const PROTO_NUM: u16 = 1;
     pub const PROTO_SRC_PORT: u16 = 2;
     pub const PROTO_DST_PORT: u16 = 3;
@@ -50,8 +52,11 @@ fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
-/// The dump request: every IPv4 entry whose status has `IPS_DST_NAT`.
-fn dump_request(seq: u32) -> Vec<u8> {
+/// The families dumped, as `nfgen_family` names them.
+const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
+
+/// The dump request: every entry of `family` whose status has `IPS_DST_NAT`.
+fn dump_request(seq: u32, family: u8) -> Vec<u8> {
     let status = u32::try_from(ips::DST_NAT).unwrap_or(0).to_be_bytes();
     let attrs: [(u16, [u8; 4]); 2] = [(attr::STATUS, status), (attr::STATUS_MASK, status)];
     let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len() * 8;
@@ -61,8 +66,8 @@ fn dump_request(seq: u32) -> Vec<u8> {
     message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     message.extend_from_slice(&seq.to_ne_bytes());
     message.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family AF_INET, version 0, res_id 0.
-    message.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    // nfgenmsg: family, version 0, res_id 0.
+    message.extend_from_slice(&[family, 0, 0, 0]);
     for (kind, value) in attrs {
         message.extend_from_slice(&8u16.to_ne_bytes());
         message.extend_from_slice(&kind.to_ne_bytes());
@@ -90,6 +95,11 @@ fn be32(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.get(0..4)?.try_into().ok()?))
 }
 
+fn v6(bytes: &[u8]) -> Option<Ipv6Addr> {
+    let octets: [u8; 16] = bytes.get(0..16)?.try_into().ok()?;
+    Some(Ipv6Addr::from(octets))
+}
+
 fn be16(bytes: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(bytes.get(0..2)?.try_into().ok()?))
 }
@@ -103,15 +113,23 @@ fn nat_flow(attrs: &[u8]) -> Option<NatFlow> {
     let tuple = find(attrs, attr::TUPLE_ORIG)?;
     let ip = find(tuple, attr::TUPLE_IP)?;
     let l4 = find(tuple, attr::TUPLE_PROTO)?;
-    let src = Ipv4Addr::from(find(ip, attr::IP_V4_SRC).and_then(be32)?);
-    let dst = Ipv4Addr::from(find(ip, attr::IP_V4_DST).and_then(be32)?);
+    let (src, dst) = match (find(ip, attr::IP_V4_SRC), find(ip, attr::IP_V4_DST)) {
+        (Some(src), Some(dst)) => (
+            IpAddr::V4(Ipv4Addr::from(be32(src)?)),
+            IpAddr::V4(Ipv4Addr::from(be32(dst)?)),
+        ),
+        _ => (
+            IpAddr::V6(v6(find(ip, attr::IP_V6_SRC)?)?),
+            IpAddr::V6(v6(find(ip, attr::IP_V6_DST)?)?),
+        ),
+    };
     let proto = *find(l4, attr::PROTO_NUM)?.first()?;
     let src_port = find(l4, attr::PROTO_SRC_PORT).and_then(be16)?;
     let dst_port = find(l4, attr::PROTO_DST_PORT).and_then(be16)?;
     Some(NatFlow {
         proto,
-        src: SocketAddrV4::new(src, src_port),
-        dst: SocketAddrV4::new(dst, dst_port),
+        src: SocketAddr::new(src, src_port),
+        dst: SocketAddr::new(dst, dst_port),
     })
 }
 
@@ -168,11 +186,11 @@ fn parse_datagram(mut bytes: &[u8], seq: u32, flows: &mut Vec<NatFlow>) -> io::R
     Ok(Part::More)
 }
 
-/// Every IPv4 flow of the calling thread's network namespace whose destination
-/// netfilter translates.
+/// Every IPv4 and IPv6 flow of the calling thread's network namespace whose
+/// destination netfilter translates.
 ///
 /// # Errors
-/// When the netlink socket fails or the kernel refuses the dump (a kernel without
+/// When the netlink socket fails or the kernel refuses a dump (a kernel without
 /// `CONFIG_NF_CT_NETLINK`).
 pub fn nat_flows() -> io::Result<Vec<NatFlow>> {
     // SAFETY: plain socket call; the fd is owned by OwnedFd from here on.
@@ -187,8 +205,26 @@ pub fn nat_flows() -> io::Result<Vec<NatFlow>> {
         }
         OwnedFd::from_raw_fd(raw)
     };
-    let seq = 1;
-    let request = dump_request(seq);
+    let mut flows = Vec::new();
+    // Dump datagrams are at most a page or two; 64 KiB holds any of them whole.
+    let mut buffer = vec![0u8; 65_536];
+    // One dump at a time: netlink runs one per socket; each has its own sequence
+    // number, so a late answer to the first is never read as the second's.
+    for (seq, family) in (1..).zip(FAMILIES) {
+        dump(&socket, seq, family, &mut buffer, &mut flows)?;
+    }
+    Ok(flows)
+}
+
+/// One family's dump into `flows`.
+fn dump(
+    socket: &OwnedFd,
+    seq: u32,
+    family: u8,
+    buffer: &mut [u8],
+    flows: &mut Vec<NatFlow>,
+) -> io::Result<()> {
+    let request = dump_request(seq, family);
     // SAFETY: sending a buffer of the given length to the kernel (the default
     // destination of an unconnected netlink socket is the kernel).
     let sent = unsafe {
@@ -202,9 +238,6 @@ pub fn nat_flows() -> io::Result<Vec<NatFlow>> {
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut flows = Vec::new();
-    // Dump datagrams are at most a page or two; 64 KiB holds any of them whole.
-    let mut buffer = vec![0u8; 65_536];
     loop {
         // SAFETY: reading into a buffer of the given length.
         let read = unsafe {
@@ -223,10 +256,10 @@ pub fn nat_flows() -> io::Result<Vec<NatFlow>> {
             return Err(error);
         };
         if read == 0 {
-            return Ok(flows);
+            return Ok(());
         }
-        if let Part::Done = parse_datagram(&buffer[..read], seq, &mut flows)? {
-            return Ok(flows);
+        if let Part::Done = parse_datagram(&buffer[..read], seq, flows)? {
+            return Ok(());
         }
     }
 }
@@ -247,8 +280,22 @@ mod tests {
 
     /// A conntrack message as the kernel sends it (nested attributes flagged).
     fn message(seq: u32, status: u32, src: [u8; 4], dst: [u8; 4], ports: (u16, u16)) -> Vec<u8> {
-        const NESTED: u16 = 0x8000;
         let ip = [nla(attr::IP_V4_SRC, &src), nla(attr::IP_V4_DST, &dst)].concat();
+        message_of(seq, status, libc::AF_INET as u8, &ip, ports)
+    }
+
+    fn message_v6(seq: u32, status: u32, src: &str, dst: &str, ports: (u16, u16)) -> Vec<u8> {
+        let octets = |text: &str| text.parse::<Ipv6Addr>().expect("v6").octets();
+        let ip = [
+            nla(attr::IP_V6_SRC, &octets(src)),
+            nla(attr::IP_V6_DST, &octets(dst)),
+        ]
+        .concat();
+        message_of(seq, status, libc::AF_INET6 as u8, &ip, ports)
+    }
+
+    fn message_of(seq: u32, status: u32, family: u8, ip: &[u8], ports: (u16, u16)) -> Vec<u8> {
+        const NESTED: u16 = 0x8000;
         let l4 = [
             nla(attr::PROTO_NUM, &[6]),
             nla(attr::PROTO_SRC_PORT, &ports.0.to_be_bytes()),
@@ -256,12 +303,12 @@ mod tests {
         ]
         .concat();
         let tuple = [
-            nla(attr::TUPLE_IP | NESTED, &ip),
+            nla(attr::TUPLE_IP | NESTED, ip),
             nla(attr::TUPLE_PROTO | NESTED, &l4),
         ]
         .concat();
         let body = [
-            vec![libc::AF_INET as u8, 0, 0, 0],
+            vec![family, 0, 0, 0],
             nla(attr::TUPLE_ORIG | NESTED, &tuple),
             nla(attr::STATUS, &status.to_be_bytes()),
         ]
@@ -313,6 +360,25 @@ mod tests {
     }
 
     #[test]
+    fn reads_ipv6_dnat_flows() {
+        let dnat = message_v6(2, 0x2a, "fd00:10:244:1::2", "fd00:96::10", (40_000, 80));
+        let plain = message_v6(2, 0x0a, "fd00:10:244:1::3", "fd00:96::10", (40_001, 80));
+        let mut flows = Vec::new();
+        assert!(matches!(
+            parse_datagram(&[dnat, plain].concat(), 2, &mut flows),
+            Ok(Part::More)
+        ));
+        assert_eq!(
+            flows,
+            vec![NatFlow {
+                proto: 6,
+                src: "[fd00:10:244:1::2]:40000".parse().expect("addr"),
+                dst: "[fd00:96::10]:80".parse().expect("addr"),
+            }]
+        );
+    }
+
+    #[test]
     fn a_truncated_message_is_an_error() {
         let mut message = message(1, 0x2a, [10, 0, 0, 1], [10, 0, 0, 2], (1, 2));
         message.truncate(30);
@@ -321,9 +387,12 @@ mod tests {
 
     #[test]
     fn the_request_asks_for_dnat_entries_only() {
-        let request = dump_request(9);
+        let request = dump_request(9, libc::AF_INET as u8);
         assert_eq!(request.len(), 36);
         assert_eq!(&request[16..20], &[libc::AF_INET as u8, 0, 0, 0]);
+        let request6 = dump_request(10, libc::AF_INET6 as u8);
+        assert_eq!(&request6[16..20], &[libc::AF_INET6 as u8, 0, 0, 0]);
+        assert_eq!(request6[20..], request[20..], "the same status filter");
         let attrs: Vec<(u16, Vec<u8>)> = attributes(&request[20..])
             .map(|(kind, payload)| (kind, payload.to_vec()))
             .collect();

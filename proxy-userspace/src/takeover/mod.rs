@@ -8,10 +8,21 @@
 //! translates (`IPS_DST_NAT`) to an address and port that is a frontend of ours
 //! ([`Takeover::refresh`], at start before anything is attached, after each sync, and
 //! periodically). Once those flows have ended, the check goes off by itself.
+//!
+//! Both families' NAT flows are read. The IPv6 datapath does not ask netfilter yet
+//! (`proxy-ebpf/src/new_flow6.rs` has no such check): kube-proxy's IPv6 connections
+//! to our IPv6 frontends are counted (`kpr_takeover_ipv6_netfilter_flows`) and
+//! warned about, since kpr translates their next packets again, but they do not
+//! switch the IPv4 check on.
 pub mod btf;
 pub mod ctnetlink;
 
-use std::{collections::BTreeSet, io, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use aya::maps::{Array, MapError};
 use proxy_common::takeover::{NfCheck, NF_CHECK_NAME};
@@ -19,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::Datapath,
+    family::Family,
     metrics::{Metrics, ReasonLabels},
     sync::Mirror,
 };
@@ -44,18 +56,53 @@ impl Error {
     }
 }
 
-/// A frontend as netfilter's tuples name it: address, port, protocol.
-pub type FrontendAddr = (Ipv4Addr, u16, u8);
+/// A frontend as netfilter's tuples name it: address (either family), port, protocol.
+pub type FrontendAddr = (IpAddr, u16, u8);
 
-/// The frontends of the service map (slot-0 entries), as the datapath holds them.
+/// The frontends of both families' service maps (slot-0 entries), as the datapath
+/// holds them.
 #[must_use]
-pub fn frontends_of(mirror: &Mirror) -> BTreeSet<FrontendAddr> {
+pub fn frontends_of(
+    mirror: &Mirror<Ipv4Addr>,
+    mirror6: &Mirror<Ipv6Addr>,
+) -> BTreeSet<FrontendAddr> {
+    let mut frontends = family_frontends(mirror);
+    frontends.extend(family_frontends(mirror6));
+    frontends
+}
+
+fn family_frontends<F: Family>(mirror: &Mirror<F>) -> BTreeSet<FrontendAddr> {
     mirror
         .services
-        .keys()
-        .filter(|key| key.slot == 0)
-        .map(|key| (key.addr.to_ipv4(), key.port.to_host(), key.proto))
+        .iter()
+        .filter(|(key, _)| F::key_slot(key) == 0)
+        .map(|(key, _)| {
+            let frontend = F::key_frontend(key);
+            (frontend.addr.into(), frontend.port, frontend.proto)
+        })
         .collect()
+}
+
+/// Of netfilter's NAT flows, those to `frontends`: (IPv4, IPv6). Before the first sync
+/// (`frontends` empty) every IPv4 flow counts, so the check is on while the agent
+/// does not know its frontends; IPv6 flows count only to a known frontend (the IPv6
+/// datapath never asks netfilter, so they would only be warned about).
+fn count_frontend_flows(
+    flows: &[ctnetlink::NatFlow],
+    frontends: &BTreeSet<FrontendAddr>,
+) -> (usize, usize) {
+    let to_frontend = |flow: &&ctnetlink::NatFlow| {
+        frontends.contains(&(flow.dst.ip(), flow.dst.port(), flow.proto))
+    };
+    let v4 = flows
+        .iter()
+        .filter(|flow| flow.dst.is_ipv4() && (frontends.is_empty() || to_frontend(flow)))
+        .count();
+    let v6 = flows
+        .iter()
+        .filter(|flow| flow.dst.is_ipv6() && to_frontend(flow))
+        .count();
+    (v4, v6)
 }
 
 /// Writes the check's setting.
@@ -120,8 +167,12 @@ impl KernelSupport {
 pub struct Report {
     /// Flows netfilter translates (any destination).
     pub nat_flows: usize,
-    /// Of those, the flows to a frontend of ours: kube-proxy's connections still open.
+    /// Of those, the IPv4 flows to a frontend of ours: kube-proxy's connections still
+    /// open, which the datapath leaves to netfilter.
     pub frontend_flows: usize,
+    /// The IPv6 flows to a frontend of ours, which the IPv6 datapath does not leave
+    /// to netfilter yet.
+    pub frontend_flows_v6: usize,
     /// Whether the datapath now asks netfilter.
     pub enabled: bool,
 }
@@ -142,6 +193,9 @@ pub struct Takeover {
     /// Whether `kpr cleanup --kube-proxy-rules`'s NAT hold was looked for since
     /// netfilter last translated a connection to a frontend.
     hold_released: bool,
+    /// The IPv6 flows to our frontends of the last refresh (warned about when they
+    /// appear).
+    frontend_flows_v6: usize,
 }
 
 impl Takeover {
@@ -153,6 +207,7 @@ impl Takeover {
             written: None,
             frontends: None,
             hold_released: false,
+            frontend_flows_v6: 0,
         }
     }
 
@@ -176,17 +231,12 @@ impl Takeover {
                 return Err(Error::Dump(error));
             }
         };
-        let frontend_flows = flows
-            .iter()
-            .filter(|flow| {
-                frontends.is_empty()
-                    || frontends.contains(&(*flow.dst.ip(), flow.dst.port(), flow.proto))
-            })
-            .count();
+        let (frontend_flows, frontend_flows_v6) = count_frontend_flows(&flows, frontends);
         let enabled = self.write(datapath, frontend_flows > 0)?;
         Ok(Report {
             nat_flows: flows.len(),
             frontend_flows,
+            frontend_flows_v6,
             enabled,
         })
     }
@@ -196,18 +246,22 @@ impl Takeover {
     pub fn refresh_recorded(
         &mut self,
         datapath: &mut Datapath,
-        mirror: &Mirror,
+        (mirror, mirror6): (&Mirror<Ipv4Addr>, &Mirror<Ipv6Addr>),
         metrics: &Metrics,
     ) {
-        let frontends = frontends_of(mirror);
+        let frontends = frontends_of(mirror, mirror6);
         let result = self.refresh(datapath, &frontends);
         self.frontends = Some(frontends);
         match result {
             Ok(report) => {
-                self.release_hold_when_done(report.frontend_flows);
+                self.release_hold_when_done(report.frontend_flows + report.frontend_flows_v6);
+                self.warn_of_ipv6_flows(report.frontend_flows_v6);
                 metrics
                     .takeover_netfilter_flows
                     .set(i64::try_from(report.frontend_flows).unwrap_or(i64::MAX));
+                metrics
+                    .takeover_ipv6_netfilter_flows
+                    .set(i64::try_from(report.frontend_flows_v6).unwrap_or(i64::MAX));
                 metrics
                     .takeover_check_enabled
                     .set(i64::from(report.enabled));
@@ -250,11 +304,30 @@ impl Takeover {
         }
     }
 
+    /// Warns when kube-proxy's IPv6 connections to our frontends appear: the IPv6
+    /// datapath translates their next packets again (it does not ask netfilter).
+    fn warn_of_ipv6_flows(&mut self, flows: usize) {
+        if flows > 0 && self.frontend_flows_v6 == 0 {
+            warn!(
+                connections = flows,
+                "netfilter translates IPv6 connections to our frontends (kube-proxy's), but the IPv6 datapath does not leave them to it yet: kpr translates them again, and those to a backend other than kube-proxy's break"
+            );
+        } else if flows == 0 && self.frontend_flows_v6 > 0 {
+            info!("no IPv6 connection kube-proxy translated is left");
+        }
+        self.frontend_flows_v6 = flows;
+    }
+
     /// After a sync: refreshes when the frontends changed, so a frontend that
     /// netfilter holds connections for is never translated before the next scan.
-    pub fn after_sync(&mut self, datapath: &mut Datapath, mirror: &Mirror, metrics: &Metrics) {
-        if self.frontends.as_ref() != Some(&frontends_of(mirror)) {
-            self.refresh_recorded(datapath, mirror, metrics);
+    pub fn after_sync(
+        &mut self,
+        datapath: &mut Datapath,
+        mirrors: (&Mirror<Ipv4Addr>, &Mirror<Ipv6Addr>),
+        metrics: &Metrics,
+    ) {
+        if self.frontends.as_ref() != Some(&frontends_of(mirrors.0, mirrors.1)) {
+            self.refresh_recorded(datapath, mirrors, metrics);
         }
     }
 
@@ -287,5 +360,51 @@ impl Takeover {
             (false, _) => {}
         }
         Ok(enabled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(dst: &str) -> ctnetlink::NatFlow {
+        let dst: std::net::SocketAddr = dst.parse().expect("address");
+        let src = if dst.is_ipv4() {
+            "10.244.1.2:40000"
+        } else {
+            "[fd00:10:244:1::2]:40000"
+        };
+        ctnetlink::NatFlow {
+            proto: proxy_common::proto::TCP,
+            src: src.parse().expect("address"),
+            dst,
+        }
+    }
+
+    #[test]
+    fn flows_are_counted_per_family_ipv6_ones_only_to_known_frontends() {
+        let flows = [
+            flow("10.96.0.10:80"),
+            flow("10.96.0.99:80"),
+            flow("[fd00:96::10]:80"),
+            flow("[fd00:96::99]:80"),
+        ];
+        // Before the first sync: every IPv4 flow, no IPv6 one.
+        assert_eq!(count_frontend_flows(&flows, &BTreeSet::new()), (2, 0));
+        let frontends: BTreeSet<FrontendAddr> = [
+            (
+                "10.96.0.10".parse().expect("v4"),
+                80,
+                proxy_common::proto::TCP,
+            ),
+            (
+                "fd00:96::10".parse().expect("v6"),
+                80,
+                proxy_common::proto::TCP,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(count_frontend_flows(&flows, &frontends), (1, 1));
     }
 }
