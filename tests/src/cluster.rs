@@ -11,7 +11,7 @@
 //! points at the underlay, so the agent finds `eth0` as its external interface by
 //! itself. The outside client reaches LoadBalancer and external IPs (198.51.100.0/24)
 //! through node-a, as a load balancer's router would.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 
@@ -32,6 +32,22 @@ pub const CLIENT_IPS: [Ipv4Addr; 2] = [
 ];
 /// Where the outside client sends LoadBalancer and external IPs.
 pub const SERVICE_IPS_ROUTE: &str = "198.51.100.0/24";
+
+/// The underlay's IPv6 addresses after [`Cluster::enable_ipv6`]: its gateway, the
+/// nodes', the outside client's (the first inside test source ranges, the second
+/// outside them), the nodes' IPv6 pod CIDRs, and the IPv6 LoadBalancer and external
+/// IPs the client sends through node-a.
+pub const UNDERLAY_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x50, 0, 0, 0, 1);
+pub const NODE_IPS_V6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x50, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x50, 0, 0, 0, 0x12),
+];
+pub const CLIENT_IPS_V6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x50, 0, 0, 0, 0x100),
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x50, 0, 0, 0, 0x101),
+];
+pub const POD_CIDRS_V6: [&str; 2] = ["fd00:10:244:1::/64", "fd00:10:244:2::/64"];
+pub const SERVICE_IPS_ROUTE_V6: &str = "2001:db8:100::/48";
 
 /// Two nodes, an underlay and an outside client. Dropping it removes everything.
 pub struct Cluster {
@@ -127,6 +143,94 @@ impl Cluster {
             underlay,
             nodes,
         })
+    }
+
+    /// Makes the cluster dual stack, before its pods are added: IPv6 forwarding in
+    /// each node ([`Lab::enable_ipv6`]), the IPv6 addresses above on the underlay
+    /// (no duplicate address detection, so they are usable at once), each node's
+    /// default IPv6 route via the underlay's gateway and a route to the other node's
+    /// IPv6 pod CIDR via that node, and the client's route to the IPv6 service IPs via
+    /// node-a, as the IPv4 ones.
+    ///
+    /// # Errors
+    /// When a sysctl, address or route cannot be set.
+    pub fn enable_ipv6(&mut self) -> Result<()> {
+        for netns in [&self.underlay, &self.client] {
+            netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+            netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        }
+        for lab in &mut self.nodes {
+            lab.enable_ipv6()?;
+        }
+        let with_len = |ip: Ipv6Addr| format!("{ip}/64");
+        self.underlay.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &with_len(UNDERLAY_GATEWAY_V6),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        self.client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &with_len(CLIENT_IPS_V6[0]),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        // Deprecated (preferred lifetime 0): used only by a socket bound to it, so the
+        // client's connections come from the first address, as IPv4's do.
+        self.client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &with_len(CLIENT_IPS_V6[1]),
+            "dev",
+            "eth0",
+            "nodad",
+            "preferred_lft",
+            "0",
+        ])?;
+        self.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            SERVICE_IPS_ROUTE_V6,
+            "via",
+            &NODE_IPS_V6[0].to_string(),
+        ])?;
+        for (index, lab) in self.nodes.iter().enumerate() {
+            lab.node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &with_len(NODE_IPS_V6[index]),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            lab.node.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &UNDERLAY_GATEWAY_V6.to_string(),
+            ])?;
+            let other = 1 - index;
+            lab.node.ip(&[
+                "-6",
+                "route",
+                "add",
+                POD_CIDRS_V6[other],
+                "via",
+                &NODE_IPS_V6[other].to_string(),
+            ])?;
+        }
+        Ok(())
     }
 
     /// Writes a manifest into every node's manifest directory.
