@@ -369,7 +369,7 @@ pub struct RunArgs {
     /// The node's external interfaces, where traffic from other nodes and from outside
     /// the cluster arrives (NodePort, externalIPs, LoadBalancer IPs): exact names or
     /// prefixes ending in `*`, comma-separated. Default: the interfaces that carry a
-    /// default route.
+    /// default route (IPv4 or IPv6).
     #[arg(long, value_delimiter = ',')]
     node_interfaces: Option<Vec<String>>,
 

@@ -391,6 +391,35 @@ fn an_ipv6_pod_reaches_itself_through_its_service_masqueraded_to_the_node() {
         .expect("hairpin flows counted");
 }
 
+/// A node whose only default route is IPv6 (as an IPv6-only node's) finds its
+/// external interface by that route, without `--node-interfaces`: its NodePorts
+/// answer on the interface's IPv6 address. Before, only IPv4 default routes counted,
+/// and such a node had no external interface.
+#[test]
+fn the_interface_of_an_ipv6_default_route_is_external_without_node_interfaces() {
+    let (mut lab, outside) = ipv6_lab_without_agent().expect("lab");
+    lab.node
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &OUTSIDE_V6.to_string(),
+            "dev",
+            "ext0",
+        ])
+        .expect("the IPv6 default route");
+    let [interfaces_flag, _, rest @ ..] = AGENT_ARGS;
+    assert_eq!(interfaces_flag, "--node-interfaces");
+    lab.start_agent(&rest).expect("agent");
+    lab.wait_attached().expect("attached");
+    let answer = outside
+        .run(|| tcp_request(v6(NODE_V6, 30080), TIMEOUT))
+        .expect("the IPv6 NodePort on the default route's interface");
+    assert!(answer.server.starts_with("web-"), "{answer:?}");
+}
+
 #[test]
 fn an_ipv6_node_port_answers_a_client_outside_the_node() {
     let lab = ipv6_lab().expect("lab");

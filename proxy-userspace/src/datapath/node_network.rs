@@ -141,14 +141,40 @@ pub fn decide_v6(
     node.snat_addr_v6 = snat_addr;
 }
 
-/// Interfaces that carry a default route (`/proc/net/route`): the node's way out, and
-/// where traffic from outside arrives on a typical node.
+/// Interfaces that carry a default route of either family (`/proc/net/route`,
+/// `/proc/net/ipv6_route`): the node's way out, and where traffic from outside arrives
+/// on a typical node, dual-stack and IPv6-only nodes included.
 ///
 /// # Errors
-/// When the routing table cannot be read.
+/// When the IPv4 routing table cannot be read. A kernel without IPv6 has no IPv6
+/// table, which adds nothing.
 pub fn default_route_interfaces() -> io::Result<BTreeSet<String>> {
-    let table = std::fs::read_to_string("/proc/net/route")?;
-    Ok(parse_default_routes(&table))
+    let mut names = parse_default_routes(&std::fs::read_to_string("/proc/net/route")?);
+    match std::fs::read_to_string("/proc/net/ipv6_route") {
+        Ok(table) => names.extend(parse_default_routes_v6(&table)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    Ok(names)
+}
+
+/// The interfaces of `/proc/net/ipv6_route`'s default routes (`::/0`), leaving out the
+/// kernel's unreachable entries on `lo` (`RTF_REJECT`) and routes not up.
+fn parse_default_routes_v6(table: &str) -> BTreeSet<String> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_REJECT: u32 = 0x200;
+    table
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [destination, prefix_len, _, _, _, _, _, _, flags, name] = fields[..] else {
+                return None;
+            };
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            let default = destination.bytes().all(|digit| digit == b'0') && prefix_len == "00";
+            (default && flags & RTF_UP != 0 && flags & RTF_REJECT == 0).then(|| name.to_owned())
+        })
+        .collect()
 }
 
 fn parse_default_routes(table: &str) -> BTreeSet<String> {
@@ -264,6 +290,23 @@ mod tests {
             parse_default_routes(table),
             BTreeSet::from(["eth0".to_owned()])
         );
+    }
+
+    #[test]
+    fn ipv6_default_routes_name_their_interfaces_but_not_the_unreachable_ones() {
+        let zeros = "00000000000000000000000000000000";
+        let table = format!(
+            "fd000000000000000000000000000000 40 {zeros} 00 {zeros} 00000100 00000001 00000000 00000001     eth1\n\
+             {zeros} 00 {zeros} 00 fd000000000000000000000000000001 00000400 00000002 00000000 00000003     eth0\n\
+             {zeros} 00 {zeros} 00 {zeros} ffffffff 00000001 00000000 00200200       lo\n\
+             00000000000000000000000000000001 80 {zeros} 00 {zeros} 00000000 00000002 00000000 80200001       lo\n"
+        );
+        assert_eq!(
+            parse_default_routes_v6(&table),
+            BTreeSet::from(["eth0".to_owned()])
+        );
+        assert!(parse_default_routes_v6("").is_empty());
+        assert!(parse_default_routes_v6("garbage line\n").is_empty());
     }
 
     #[test]
