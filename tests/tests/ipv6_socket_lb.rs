@@ -121,6 +121,20 @@ impl SocketLab6 {
         .unwrap_or_else(|error| panic!("client {mode:?} {dst}: {error:#}"))
     }
 
+    /// `count` requests from a host-network client: a process in the node's own
+    /// namespace, inside the test's cgroup.
+    fn host_client(&self, mode: Mode, dst: SocketAddr, count: usize) -> Vec<Outcome> {
+        run_client(
+            Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
+            &self.lab.node.path(),
+            Some(&self.cgroup),
+            mode,
+            dst,
+            count,
+        )
+        .unwrap_or_else(|error| panic!("host client {mode:?} {dst}: {error:#}"))
+    }
+
     fn session(&self, mode: Mode, dst: SocketAddr) -> Session {
         Session::start(
             Path::new(env!("CARGO_BIN_EXE_kpr-host-client")),
@@ -156,6 +170,63 @@ fn servers(outcomes: &[Outcome]) -> BTreeSet<String> {
             server
         })
         .collect()
+}
+
+/// Host-network clients over IPv6 (kubelet, hostNetwork pods): AF_INET6 sockets of a
+/// process in the node's namespace, in the hooked cgroup, reach an IPv6 ClusterIP
+/// through the `*6` hooks, see the ClusterIP as their peer, and the backend sees the
+/// node's own IPv6 address.
+#[test]
+fn ipv6_host_clients_in_the_cgroup_reach_ipv6_cluster_ips_and_see_the_frontend() {
+    let lab = SocketLab6::new();
+    // The node's global IPv6 address, the source its sockets pick for pods.
+    let node_v6: Ipv6Addr = "fd00:192:168::1".parse().expect("literal");
+    lab.lab
+        .node
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{node_v6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])
+        .expect("the node's IPv6 address");
+    let tcp = lab.host_client(Mode::Tcp, v6(SIX_VIP, 80), 20);
+    let answered = servers(&tcp);
+    assert!(
+        answered.len() >= 2,
+        "20 connections all went to {answered:?}"
+    );
+    for outcome in &tcp {
+        assert_eq!(
+            outcome.peer.as_deref(),
+            Some("[fd00:96::10]:80"),
+            "{outcome:?}"
+        );
+        let seen: SocketAddr = outcome
+            .seen_client
+            .as_deref()
+            .and_then(|seen| seen.parse().ok())
+            .unwrap_or_else(|| panic!("{outcome:?}"));
+        assert_eq!(seen.ip(), node_v6, "the backend sees the node: {outcome:?}");
+    }
+    for mode in [Mode::UdpConnected, Mode::UdpUnconnected] {
+        let udp = lab.host_client(mode, v6(SIX_VIP, 53), 6);
+        let _ = servers(&udp);
+        for outcome in &udp {
+            assert_eq!(
+                outcome.source.as_deref(),
+                Some("[fd00:96::10]:53"),
+                "{mode:?}: {outcome:?}"
+            );
+        }
+    }
+    // A service without endpoints is refused at connect(), as on IPv4.
+    for outcome in lab.host_client(Mode::Tcp, v6(EMPTY_VIP, 80), 1) {
+        assert_eq!(outcome.errno, Some(libc::ECONNREFUSED), "{outcome:?}");
+    }
 }
 
 #[test]
