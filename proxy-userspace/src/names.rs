@@ -323,7 +323,7 @@ fn endpoint_names<'g>(groups: &'g EndpointGroups<'_>) -> impl Iterator<Item = En
                     service: Arc::clone(&service),
                     address,
                     pod: endpoint.pod.clone(),
-                    node: endpoint.node_name.clone(),
+                    node: endpoint.node_name().cloned(),
                     ready: endpoint.ready,
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,

@@ -149,6 +149,13 @@ impl ChangedKeys {
 /// this compares everything, once.
 const REVISION_STEPS: usize = 64;
 
+/// The most keys a step names; a step that changed more says "anything may differ"
+/// (`None`), and a consumer compares every object once (a walk of the maps by `Arc`
+/// identity, a few milliseconds at 50 000 services). A source's first state names
+/// every object, and its steps stay for [`REVISION_STEPS`] states: 5 MiB of keys at
+/// 50 000 services, kept for nothing.
+pub const MAX_CHANGED_KEYS: usize = 4096;
+
 /// The next lineage: every source instance counts its own states.
 static NEXT_LINEAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -176,6 +183,12 @@ impl Revisions {
     pub fn next(&mut self, changed: Option<ChangedKeys>) -> Revision {
         let current = &mut self.current;
         current.number += 1;
+        // The first state follows none a consumer could have seen: its keys would
+        // never be read.
+        let changed = changed.filter(|changed| {
+            current.number > 1
+                && changed.services.len() + changed.endpoint_slices.len() <= MAX_CHANGED_KEYS
+        });
         if current.steps.len() == REVISION_STEPS {
             current.steps.pop_front();
         }
@@ -215,38 +228,56 @@ impl Revision {
     }
 }
 
-/// One shared copy of each distinct short string that many objects repeat (node
-/// names, zones, port names, policy values). Entries nobody else holds any more are
-/// dropped whenever the table has doubled since the last sweep, so it stays bounded
-/// by what the objects in memory use.
-struct Interner {
-    strings: HashSet<Arc<str>>,
+/// One shared copy of each distinct value that many objects repeat (short strings:
+/// node names, zones, port names, policy values; an endpoint's [`Locality`]). Entries
+/// nobody else holds any more are dropped whenever the table has doubled since the
+/// last sweep, so it stays bounded by what the objects in memory use.
+struct Interner<T: ?Sized> {
+    known: HashSet<Arc<T>>,
     /// Size after the last sweep.
     swept_at: usize,
 }
 
-static INTERNER: Mutex<Option<Interner>> = Mutex::new(None);
+impl<T: ?Sized + std::hash::Hash + Eq> Interner<T> {
+    /// The shared copy of `value`, made by `make` when there is none yet.
+    fn get<Q>(table: &Mutex<Option<Self>>, value: &Q, make: impl FnOnce(&Q) -> Arc<T>) -> Arc<T>
+    where
+        Arc<T>: std::borrow::Borrow<Q>,
+        Q: ?Sized + std::hash::Hash + Eq,
+    {
+        let mut guard = table.lock().unwrap_or_else(PoisonError::into_inner);
+        let interner = guard.get_or_insert_with(|| Self {
+            known: HashSet::new(),
+            swept_at: 0,
+        });
+        if let Some(known) = interner.known.get(value) {
+            return Arc::clone(known);
+        }
+        if interner.known.len() >= 2 * interner.swept_at.max(1024) {
+            interner.known.retain(|known| Arc::strong_count(known) > 1);
+            interner.swept_at = interner.known.len();
+        }
+        let shared = make(value);
+        interner.known.insert(Arc::clone(&shared));
+        shared
+    }
+}
+
+static STRINGS: Mutex<Option<Interner<str>>> = Mutex::new(None);
+static LOCALITIES: Mutex<Option<Interner<Locality>>> = Mutex::new(None);
 
 /// The shared copy of `text`.
 #[must_use]
 pub fn intern(text: &str) -> Arc<str> {
-    let mut guard = INTERNER.lock().unwrap_or_else(PoisonError::into_inner);
-    let interner = guard.get_or_insert_with(|| Interner {
-        strings: HashSet::new(),
-        swept_at: 0,
-    });
-    if let Some(known) = interner.strings.get(text) {
-        return Arc::clone(known);
-    }
-    if interner.strings.len() >= 2 * interner.swept_at.max(1024) {
-        interner
-            .strings
-            .retain(|known| Arc::strong_count(known) > 1);
-        interner.swept_at = interner.strings.len();
-    }
-    let shared: Arc<str> = Arc::from(text);
-    interner.strings.insert(Arc::clone(&shared));
-    shared
+    Interner::get(&STRINGS, text, |text: &str| Arc::from(text))
+}
+
+/// The shared copy of `locality`.
+#[must_use]
+pub fn intern_locality(locality: Locality) -> Arc<Locality> {
+    Interner::get(&LOCALITIES, &locality, |locality| {
+        Arc::new(locality.clone())
+    })
 }
 
 fn intern_opt(text: Option<&String>) -> Option<Arc<str>> {
@@ -533,14 +564,11 @@ impl std::fmt::Display for EndpointAddress {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub address: EndpointAddress,
-    /// `nodeName`.
-    pub node_name: Option<Arc<str>>,
-    /// `zone`.
-    pub zone: Option<Arc<str>>,
-    /// `hints`, when there are any (most endpoints have none).
-    pub hints: Option<Box<EndpointHintsInfo>>,
     /// `targetRef.name` when the target is a Pod (for `kpr inspect`).
     pub pod: Option<Box<str>>,
+    /// `nodeName`, `zone` and `hints`, shared with every endpoint that has the same
+    /// (`None` when all three are unset).
+    pub locality: Option<Arc<Locality>>,
     /// `conditions.ready`.
     pub ready: bool,
     /// `conditions.serving`.
@@ -549,8 +577,42 @@ pub struct EndpointInfo {
     pub terminating: bool,
 }
 
+impl EndpointInfo {
+    /// `nodeName`.
+    #[must_use]
+    pub fn node_name(&self) -> Option<&Arc<str>> {
+        self.locality.as_ref()?.node_name.as_ref()
+    }
+
+    /// `zone`.
+    #[must_use]
+    pub fn zone(&self) -> Option<&Arc<str>> {
+        self.locality.as_ref()?.zone.as_ref()
+    }
+
+    /// `hints`, when there are any (most endpoints have none).
+    #[must_use]
+    pub fn hints(&self) -> Option<&EndpointHintsInfo> {
+        self.locality.as_ref()?.hints.as_ref()
+    }
+}
+
+/// Where an endpoint runs and which topology hints it carries. The endpoints of one
+/// node (and zone, and hints) share one interned copy ([`intern_locality`]): a few
+/// distinct values per cluster, where a copy per endpoint cost 40 bytes each, 20 MB
+/// at 500 000 endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Locality {
+    /// `nodeName`.
+    pub node_name: Option<Arc<str>>,
+    /// `zone`.
+    pub zone: Option<Arc<str>>,
+    /// `hints`, when there are any.
+    pub hints: Option<EndpointHintsInfo>,
+}
+
 /// An endpoint's topology hints.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EndpointHintsInfo {
     /// `forZones[].name`.
     pub for_zones: Box<[Arc<str>]>,
@@ -623,18 +685,21 @@ impl EndpointInfo {
                 .flatten()
                 .map(|node| intern(&node.name))
                 .collect();
-            (!for_zones.is_empty() || !for_nodes.is_empty()).then(|| {
-                Box::new(EndpointHintsInfo {
-                    for_zones,
-                    for_nodes,
-                })
+            (!for_zones.is_empty() || !for_nodes.is_empty()).then_some(EndpointHintsInfo {
+                for_zones,
+                for_nodes,
             })
         });
-        Some(Self {
-            address,
+        let locality = Locality {
             node_name: intern_opt(endpoint.node_name.as_ref()),
             zone: intern_opt(endpoint.zone.as_ref()),
             hints,
+        };
+        let unplaced =
+            locality.node_name.is_none() && locality.zone.is_none() && locality.hints.is_none();
+        Some(Self {
+            address,
+            locality: (!unplaced).then(|| intern_locality(locality)),
             pod: endpoint
                 .target_ref
                 .as_ref()
@@ -650,7 +715,135 @@ impl EndpointInfo {
     }
 }
 
-// What one endpoint costs beyond its strings: half a million of them (50 000 services
-// of 10 endpoints) take this times 500 000 bytes, 40 MB at 80.
-const _: () = assert!(size_of::<EndpointInfo>() == 80);
+// What one endpoint costs beyond its pod's name: half a million of them (50 000
+// services of 10 endpoints) take this times 500 000 bytes, 24 MB at 48 (40 MB at 80,
+// with its own node name, zone and hints pointers).
+const _: () = assert!(size_of::<EndpointInfo>() == 48);
 const _: () = assert!(size_of::<EndpointAddress>() == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(yaml: &str) -> Option<EndpointInfo> {
+        let endpoint: Endpoint = serde_yaml::from_str(yaml).expect("an endpoint");
+        EndpointInfo::of(&endpoint)
+    }
+
+    /// What an endpoint says comes back from its compact form, address by kind.
+    #[test]
+    fn endpoints_keep_what_they_said() {
+        let cases = [
+            (
+                "{addresses: [10.0.0.1], nodeName: n1, zone: z1, \
+                 hints: {forZones: [{name: z1}], forNodes: [{name: n1}]}, \
+                 targetRef: {kind: Pod, name: web-1}, conditions: {ready: false}}",
+                "10.0.0.1",
+                Some("n1"),
+                Some("z1"),
+                Some((vec!["z1"], vec!["n1"])),
+                Some("web-1"),
+                (false, true, false),
+            ),
+            (
+                "{addresses: ['fd00::1', '10.0.0.9'], nodeName: n2, \
+                 targetRef: {kind: Node, name: n2}, conditions: {terminating: true}}",
+                "fd00::1",
+                Some("n2"),
+                None,
+                None,
+                None,
+                (true, true, true),
+            ),
+            (
+                "{addresses: [not-an-ip], zone: z2, conditions: {serving: false}}",
+                "not-an-ip",
+                None,
+                Some("z2"),
+                None,
+                None,
+                (true, false, false),
+            ),
+            (
+                "{addresses: [10.0.0.2], hints: {forZones: []}}",
+                "10.0.0.2",
+                None,
+                None,
+                None,
+                None,
+                (true, true, false),
+            ),
+        ];
+        for (yaml, address, node, zone, hints, pod, conditions) in cases {
+            let unplaced = node.is_none() && zone.is_none() && hints.is_none();
+            let info = endpoint(yaml).expect("has an address");
+            assert_eq!(info.address.to_string(), address, "{yaml}");
+            assert_eq!(info.node_name().map(|n| &**n), node, "{yaml}");
+            assert_eq!(info.zone().map(|z| &**z), zone, "{yaml}");
+            let got_hints = info.hints().map(|hints| {
+                let names = |names: &[Arc<str>]| -> Vec<String> {
+                    names.iter().map(ToString::to_string).collect()
+                };
+                (names(&hints.for_zones), names(&hints.for_nodes))
+            });
+            let want_hints = hints.map(|(zones, nodes): (Vec<&str>, Vec<&str>)| {
+                let owned = |names: Vec<&str>| names.into_iter().map(String::from).collect();
+                (owned(zones), owned(nodes))
+            });
+            assert_eq!(got_hints, want_hints, "{yaml}");
+            assert_eq!(info.pod.as_deref(), pod, "{yaml}");
+            assert_eq!(
+                (info.ready, info.serving, info.terminating),
+                conditions,
+                "{yaml}"
+            );
+            assert_eq!(info.locality.is_none(), unplaced, "{yaml}");
+        }
+        assert_eq!(endpoint("{addresses: []}"), None, "no address, no endpoint");
+    }
+
+    /// Endpoints of one node, zone and hints share one locality; any difference
+    /// makes another.
+    #[test]
+    fn localities_are_shared() {
+        let on = |node: &str, zone: &str| {
+            endpoint(&format!(
+                "{{addresses: [10.0.0.1], nodeName: {node}, zone: {zone}}}"
+            ))
+            .and_then(|info| info.locality)
+            .expect("placed")
+        };
+        let first = on("node-loc-a", "zone-loc-1");
+        assert!(Arc::ptr_eq(&first, &on("node-loc-a", "zone-loc-1")));
+        assert!(!Arc::ptr_eq(&first, &on("node-loc-a", "zone-loc-2")));
+        assert!(!Arc::ptr_eq(&first, &on("node-loc-b", "zone-loc-1")));
+        let node = first.node_name.as_ref().expect("a node");
+        assert!(Arc::ptr_eq(node, &intern("node-loc-a")), "its strings too");
+    }
+
+    fn keys(count: usize) -> ChangedKeys {
+        ChangedKeys {
+            services: (0..count)
+                .map(|n| ObjectKey::new("ns", format!("s{n}")))
+                .collect(),
+            endpoint_slices: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// A source's first state and a step of more than [`MAX_CHANGED_KEYS`] keep no
+    /// keys: a consumer compares everything, as it would have to anyway (first) or
+    /// at the cost of one walk (many); smaller steps still name their keys.
+    #[test]
+    fn large_steps_keep_no_keys() {
+        let mut revisions = Revisions::default();
+        let first = revisions.next(Some(keys(3)));
+        assert!(first.steps.iter().all(|(_, step)| step.is_none()));
+        let second = revisions.next(Some(keys(2)));
+        assert_eq!(second.changed_since(&first), Some(keys(2)));
+        let third = revisions.next(Some(keys(MAX_CHANGED_KEYS + 1)));
+        assert_eq!(third.changed_since(&second), None);
+        assert_eq!(third.changed_since(&first), None);
+        let fourth = revisions.next(Some(keys(MAX_CHANGED_KEYS)));
+        assert_eq!(fourth.changed_since(&third), Some(keys(MAX_CHANGED_KEYS)));
+    }
+}

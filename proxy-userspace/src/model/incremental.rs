@@ -35,6 +35,8 @@ use crate::{
     FastMap, FastSet,
 };
 
+use super::sorted::SortedVec;
+
 /// What one [`IncrementalModel::update`] changed in [`IncrementalModel::desired`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelChanges {
@@ -248,7 +250,7 @@ pub struct IncrementalModel {
     services: BTreeMap<ObjectKey, ServiceEntry>,
     slices: BTreeMap<ObjectKey, SliceEntry>,
     /// Labelled slices by the service they name, whether or not it exists.
-    slices_by_service: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<SliceInfo>>>,
+    slices_by_service: BTreeMap<ObjectKey, SortedVec<ObjectKey, Arc<SliceInfo>>>,
     /// Slices without a label or whose service does not exist.
     orphans: BTreeMap<ObjectKey, Diagnostic>,
     /// Frontend claims and local endpoints, per family.
@@ -629,8 +631,12 @@ impl IncrementalModel {
             None => changed_keys(&mut self.slices, &state.endpoint_slices, same_slice),
         };
         for key in changed_slices {
-            changes.diagnostics |=
-                self.replace_slice(&key, state.endpoint_slices.get(&key), &mut dirty);
+            changes.diagnostics |= self.replace_slice(
+                &key,
+                state.endpoint_slices.get(&key),
+                &state.services,
+                &mut dirty,
+            );
             changes.slices.push(key);
         }
 
@@ -695,6 +701,7 @@ impl IncrementalModel {
         &mut self,
         key: &ObjectKey,
         new: Option<&Arc<SliceInfo>>,
+        services: &BTreeMap<ObjectKey, Arc<ServiceInfo>>,
         dirty: &mut BTreeSet<ObjectKey>,
     ) -> bool {
         let old_report = self.orphans.remove(key);
@@ -712,8 +719,13 @@ impl IncrementalModel {
         let Some(slice) = new else {
             return old_report.is_some();
         };
-        let service = slice_service_name(slice)
-            .map(|name| ObjectKey::new(key.namespace.clone(), name.to_owned()));
+        // The service's own key when it exists: its strings are shared, not copied.
+        let service = slice_service_name(slice).map(|name| {
+            let named = ObjectKey::new(key.namespace.clone(), name.to_owned());
+            services
+                .get_key_value(&named)
+                .map_or(named, |(known, _)| known.clone())
+        });
         match &service {
             Some(service) => {
                 self.slices_by_service
@@ -782,7 +794,7 @@ impl IncrementalModel {
             .slices_by_service
             .get(key)
             .into_iter()
-            .flat_map(BTreeMap::iter)
+            .flat_map(SortedVec::iter)
             .map(|(slice_key, slice)| (slice_key, slice.as_ref()))
             .collect();
         let context = ServiceContext {

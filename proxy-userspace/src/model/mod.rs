@@ -6,6 +6,7 @@
 //! never disturb the other services.
 mod endpoints;
 mod incremental;
+pub(crate) mod sorted;
 #[cfg(test)]
 mod tests;
 
@@ -674,7 +675,7 @@ impl ServiceContext<'_> {
                     );
                     continue;
                 };
-                let hints = endpoint.hints.as_deref();
+                let hints = endpoint.hints();
                 let addr = F::socket(ip, target_port);
                 let candidate = Endpoint {
                     addr,
@@ -682,7 +683,7 @@ impl ServiceContext<'_> {
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,
                     is_local: !self.node_name.is_empty()
-                        && endpoint.node_name.as_deref() == Some(self.node_name),
+                        && endpoint.node_name().map(|name| &**name) == Some(self.node_name),
                     zone_hints: hints
                         .into_iter()
                         .flat_map(|h| h.for_zones.iter())

@@ -252,8 +252,15 @@ pub fn run(config: &Config) -> Result<Report> {
                 cost.single_run_miss_ns
             );
             report.tc.push(cost);
-            let cost = tc_cost::measure_v6(set, config.tc_repeat, config.tc_new_flows)
-                .with_context(|| format!("BPF_PROG_TEST_RUN of IPv6 at N={}", set.len()))?;
+            // The IPv6 service map holds 262 144 entries: 50 000 services of 10
+            // endpoints (550 000) do not fit. The rest of the bench still runs.
+            let cost = match tc_cost::measure_v6(set, config.tc_repeat, config.tc_new_flows) {
+                Ok(cost) => cost,
+                Err(error) => {
+                    eprintln!("  IPv6: not measured at N={}: {error:#}", set.len());
+                    continue;
+                }
+            };
             eprintln!(
                 "  IPv6: new flow {:.0} ns (all to one service: {:.0} ns), established {:.0} ns (one run per call: {:.0} ns), miss {:.0} ns (one run per call: {:.0} ns)",
                 cost.new_flow_ns,
