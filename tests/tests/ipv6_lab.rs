@@ -765,7 +765,9 @@ fn find<'v>(list: &'v serde_json::Value, key: &str, value: &str) -> &'v serde_js
 /// `kpr inspect` shows the IPv6 maps as it shows the IPv4 ones (frontends named from
 /// the names file, `[addr]:port`, backends with their endpoints' conditions, flows,
 /// affinity records), a dual-stack service under one name in both families, the
-/// IPv6 tables' fill in `kpr_map_entries`; `kpr trace` takes an IPv6 destination.
+/// IPv6 tables' fill in `kpr_map_entries`; `kpr trace` runs IPv6 packets through the
+/// IPv6 path's stages (new flow, known flow, affinity, reject, source ranges) and
+/// writes nothing.
 #[test]
 fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     let lab = ipv6_lab().expect("lab");
@@ -925,8 +927,8 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
         )
         .expect("IPv6 map fill");
 
-    // kpr trace takes an IPv6 destination and runs an IPv6 packet; the datapath's
-    // IPv6 path does not trace yet, and the view says so rather than "pass".
+    // kpr trace runs an IPv6 packet through the IPv6 path's trace instance: each
+    // stage's decision, the backend, the verdict and the packet as it leaves.
     let trace = kpr_json(
         &lab.lab,
         &[
@@ -944,16 +946,142 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     );
     assert_eq!(trace["destination"], "[fd00:96::10]:80");
     assert_eq!(trace["program"], "pod-ingress");
+    assert_eq!(trace["service"], "demo/six:http", "{trace}");
+    let chosen = trace["backend"].as_str().unwrap_or_default().to_owned();
+    let chosen_addr = chosen.split(' ').next().unwrap_or_default().to_owned();
+    assert!(
+        [0x11, 0x12, 0x13]
+            .iter()
+            .any(|host| chosen_addr == v6(pod_v6(*host), 8080).to_string()),
+        "{trace}"
+    );
     assert_eq!(
         trace["stages"],
         serde_json::json!([
-            proxy_userspace::inspect::IPV6_UNTRACED,
-            "maps (not traced): demo/six:http ClusterIP [fd00:96::10]:80, 3 backend(s)"
-        ])
+            "conntrack: no flow for this 5-tuple",
+            "frontend: demo/six:http ClusterIP [fd00:96::10]:80, 3 backend(s)",
+            "scope: the frontend's backend set",
+            format!("backend: {chosen}"),
+            "masquerade: no, the client's address is kept",
+        ]),
+        "{trace}"
+    );
+    assert_eq!(trace["verdict"], "translate", "{trace}");
+    assert_eq!(
+        trace["packet_out"],
+        format!("{} -> {chosen_addr} TCP", v6(CLIENT_V6, 40_000)),
+        "{trace}"
+    );
+    // The open connection's port: its conntrack entry, and the backend it talks to.
+    let known = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--client",
+            &local.to_string(),
+            "--to",
+            &v6(SIX_VIP, 80).to_string(),
+        ],
     );
     assert_eq!(
-        trace["verdict"],
-        "unknown (the IPv6 path is not traced yet)"
+        known["stages"][0],
+        "conntrack: a flow of demo/six:http matches (original direction); its rewrite applies",
+        "{known}"
+    );
+    assert!(
+        known["backend"]
+            .as_str()
+            .is_some_and(|name| name.starts_with(&v6(backend, 8080).to_string())),
+        "{known}"
+    );
+    assert_eq!(known["verdict"], "translate", "{known}");
+    // The affinity service: the client's record (written by the connection above)
+    // chooses.
+    let sticky = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--client",
+            &CLIENT_V6.to_string(),
+            "--to",
+            &v6(STICKY_VIP, 80).to_string(),
+        ],
+    );
+    let stages = sticky["stages"].as_array().expect("stages");
+    assert!(
+        stages.contains(&"affinity: the client's record chose the backend".into()),
+        "{sticky}"
+    );
+    let address = |value: &serde_json::Value| {
+        value
+            .as_str()
+            .and_then(|text| text.split(' ').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        address(&sticky["backend"]),
+        address(&record["backend"]),
+        "{sticky}"
+    );
+    // No endpoints: rejected with ICMPv6. Outside the source ranges: dropped.
+    let empty = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--client",
+            &CLIENT_V6.to_string(),
+            "--to",
+            &v6(EMPTY_VIP, 80).to_string(),
+        ],
+    );
+    assert!(
+        empty["stages"]
+            .as_array()
+            .expect("stages")
+            .contains(&"backends: none (no endpoints)".into()),
+        "{empty}"
+    );
+    assert_eq!(empty["verdict"], "reject", "{empty}");
+    let denied = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--from-outside",
+            "--client",
+            &OUTSIDE_V6.to_string(),
+            "--to",
+            &v6(RANGED_LB_V6, 80).to_string(),
+        ],
+    );
+    assert_eq!(denied["program"], "node-ingress");
+    assert!(
+        denied["stages"]
+            .as_array()
+            .expect("stages")
+            .contains(&"source ranges: the client is outside loadBalancerSourceRanges".into()),
+        "{denied}"
+    );
+    assert_eq!(denied["verdict"], "drop: drop_source_range", "{denied}");
+    // The trace instance wrote nothing: no flow of the traced client port.
+    let flows = kpr_json(
+        &lab.lab,
+        &[
+            "inspect",
+            "conntrack",
+            "--addr",
+            &SIX_VIP.to_string(),
+            "--protocol",
+            "tcp",
+        ],
+    );
+    assert!(
+        !flows
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|flow| flow["source"] == v6(CLIENT_V6, 40_000).to_string()),
+        "{flows}"
     );
     let text = lab
         .lab
