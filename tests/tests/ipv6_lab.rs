@@ -1125,13 +1125,14 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     drop(conversation);
 }
 
-/// kube-proxy's IPv6 connections at takeover: netfilter DNATs a pod's connection to
-/// the IPv6 ClusterIP before the agent starts (kube-proxy's rule, one nft line). The
-/// agent reads the AF_INET6 conntrack dump, counts the connection as one to its own
-/// frontend and warns that the IPv6 datapath does not leave it to netfilter yet; the
-/// IPv4 check (which IPv6 packets never ask) stays off.
+/// kube-proxy's IPv6 connections at takeover: netfilter DNATs a pod's connections to
+/// the IPv6 ClusterIP before the agent starts (kube-proxy's rule, one nft line), all to
+/// web-0. The agent reads the AF_INET6 conntrack dump, counts them as connections to
+/// its own frontend and switches the datapath's netfilter check on; the IPv6 path
+/// then leaves their packets to netfilter, so each keeps talking to web-0 (translated
+/// again, most would land on another of the three backends and be reset).
 #[test]
-fn kube_proxys_ipv6_connections_are_counted_at_takeover() {
+fn kube_proxys_ipv6_connections_survive_the_takeover() {
     let (mut lab, _outside) = ipv6_lab_without_agent().expect("lab");
     let backend = format!("[{}]:8080", pod_v6(0x11));
     let vip = SIX_VIP.to_string();
@@ -1166,36 +1167,75 @@ fn kube_proxys_ipv6_connections_are_counted_at_takeover() {
             .exec("nft", command)
             .expect("kube-proxy's DNAT rule");
     }
-    let mut conversation = lab
-        .pod("client")
-        .netns
-        .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
-        .expect("netfilter's connection to the IPv6 ClusterIP");
-    assert_eq!(conversation.ask().expect("ask").server, "web-0");
+    // Four connections: translated again at random, all four would stay on web-0
+    // once in 81 runs.
+    let mut conversations = (0..4)
+        .map(|_| {
+            lab.pod("client")
+                .netns
+                .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
+                .expect("netfilter's connection to the IPv6 ClusterIP")
+        })
+        .collect::<Vec<_>>();
+    for conversation in &mut conversations {
+        assert_eq!(conversation.ask().expect("ask").server, "web-0");
+    }
     let flows = lab
         .node
         .run(|| Ok(proxy_userspace::takeover::ctnetlink::nat_flows()?))
         .expect("netfilter's DNAT flows");
-    assert!(
-        flows.iter().any(|flow| flow.dst == v6(SIX_VIP, 80)),
-        "the AF_INET6 dump holds the connection: {flows:?}"
+    assert_eq!(
+        flows
+            .iter()
+            .filter(|flow| flow.dst == v6(SIX_VIP, 80))
+            .count(),
+        4,
+        "the AF_INET6 dump holds the connections: {flows:?}"
     );
     lab.start_agent(&AGENT_ARGS).expect("agent");
     lab.wait_for(
-        "kube-proxy's IPv6 connection counted",
+        "kube-proxy's IPv6 connections counted, the check on",
         Duration::from_secs(10),
-        || Ok(lab.metric("kpr_takeover_ipv6_netfilter_flows")? == Some(1.0)),
+        || {
+            Ok(
+                lab.metric("kpr_takeover_ipv6_netfilter_flows")? == Some(4.0)
+                    && lab.metric("kpr_takeover_check_enabled")? == Some(1.0),
+            )
+        },
     )
-    .expect("kpr_takeover_ipv6_netfilter_flows");
-    assert_eq!(
-        lab.metric("kpr_takeover_check_enabled").expect("metrics"),
-        Some(0.0),
-        "IPv6 connections do not switch the IPv4 check on"
-    );
+    .expect("kpr_takeover_ipv6_netfilter_flows and the check");
+    // The agent has synced: the IPv6 ClusterIP is a frontend of the datapath's.
+    lab.wait_for(
+        "the IPv6 ClusterIP in the service map",
+        Duration::from_secs(10),
+        || {
+            let services = lab.kpr(&["inspect", "services", "--json"])?;
+            Ok(services.contains(&v6(SIX_VIP, 80).to_string()))
+        },
+    )
+    .expect("synced");
+    for conversation in &mut conversations {
+        assert_eq!(
+            conversation.ask().expect("ask after the takeover").server,
+            "web-0",
+            "kube-proxy's connection keeps its backend"
+        );
+    }
+    // Each of their packets was passed to netfilter, counted.
+    lab.wait_for(
+        "the passed packets counted",
+        Duration::from_secs(25),
+        || {
+            Ok(lab
+                .metric("kpr_datapath_events_total{event=\"nf_tracked_passed\"}")?
+                .is_some_and(|n| n >= 4.0))
+        },
+    )
+    .expect("nf_tracked_passed");
     let log = lab.agent_log();
     assert!(
-        log.contains("the IPv6 datapath does not leave them to it yet"),
-        "{log}"
+        !log.contains("does not leave them to it yet"),
+        "no warning left: {log}"
     );
-    drop(conversation);
+    drop(conversations);
 }
