@@ -1063,6 +1063,23 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
         "{denied}"
     );
     assert_eq!(denied["verdict"], "drop: drop_source_range", "{denied}");
+    // The trace instance, which the verifier walks with TRACE set, stays well within
+    // the kernel's limit.
+    let verified = lab
+        .lab
+        .node
+        .run(|| {
+            let mut tracer = proxy_userspace::datapath::trace::Tracer::load(&lab.lab.pin_dir())?;
+            Ok(tracer.verified_instructions()?)
+        })
+        .expect("the trace instance");
+    eprintln!("trace instance, verified instructions: {verified:?}");
+    for (label, count) in verified {
+        assert!(
+            count.is_some_and(|count| count < 750_000),
+            "{label}: {count:?}"
+        );
+    }
     // The trace instance wrote nothing: no flow of the traced client port.
     let flows = kpr_json(
         &lab.lab,
