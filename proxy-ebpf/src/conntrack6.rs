@@ -4,8 +4,9 @@
 //! `CT_NEW_V6_V1`. The state logic itself (which bits a packet adds, when a flow is
 //! established) is the IPv4 module's, shared; only keys, entries and tables differ.
 //! Entries are read and updated in place rather than copied: the IPv6 stages' stack is
-//! tight (see [`crate::parse6::parse`]). The trace instance never gets here
-//! ([`crate::new_flow6`]), so nothing below checks for it.
+//! tight (see [`crate::parse6::parse`]). In the trace instance ([`crate::trace`])
+//! nothing is written: inserts answer as they would have, removes and in-place
+//! updates are skipped, and a lookup's copy shows the entry as the packet leaves it.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
     counter, ct_flags, proto, Be16, Be32x4, CtEntryV6, CtKeyV6, CT_PEER_REFRESH_NS, CT_REFRESH_NS,
@@ -17,7 +18,7 @@ use crate::{
     parse::Kind,
     parse6::{reversed, Packet6},
     service6::Chosen,
-    snat6, stats,
+    snat6, stats, trace,
     verdict::{DropReason, Result},
 };
 
@@ -39,6 +40,10 @@ impl Table {
 
     #[inline(always)]
     fn insert(self, key: &CtKeyV6, entry: &CtEntryV6, flags: u32) -> bool {
+        if trace::active() {
+            // Written nowhere; the answer the insert would give.
+            return flags != BPF_NOEXIST || self.get(key).is_none();
+        }
         match self {
             Self::Established => CT_V6_V1.insert(key, entry, u64::from(flags)).is_ok(),
             Self::New => CT_NEW_V6_V1.insert(key, entry, u64::from(flags)).is_ok(),
@@ -47,6 +52,9 @@ impl Table {
 
     #[inline(always)]
     fn remove(self, key: &CtKeyV6) {
+        if trace::active() {
+            return;
+        }
         // Gone already is as good as removed.
         let _ = match self {
             Self::Established => CT_V6_V1.remove(key),
@@ -114,6 +122,15 @@ fn promote(
         return false;
     };
     let state = state | ct_flags::ASSURED;
+    if trace::active() {
+        // Written nowhere: the entry as the move would leave it.
+        // SAFETY: valid for this program run; copied out.
+        *out = unsafe { *ptr };
+        out.flags = (out.flags & DIRECTION) | state;
+        out.last_seen_ns = now;
+        out.peer_refreshed_ns = now;
+        return true;
+    }
     // SAFETY: both pointers are valid for this program run; plain stores. A failed
     // move leaves them marked established in the new table, which only lengthens
     // their timeout there, as the IPv4 flow's would be after its next packet.
@@ -151,6 +168,14 @@ pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
     let Some((table, ptr)) = find(&pkt.tuple, now) else {
         return false;
     };
+    trace::note(|record| {
+        // SAFETY: the pointer is valid for this program run; read in place.
+        let entry = unsafe { &*ptr };
+        record.stages |= proxy_common::trace::stage::CT_HIT;
+        record.service_id = entry.service_id;
+        record.backend_id = entry.backend_id;
+        record.ct_flags = entry.flags;
+    });
     if pkt.kind == Kind::IcmpError {
         // An error only reads its flow's entry: it says nothing about the flow's state
         // and may be forged, so it neither refreshes nor closes anything.
@@ -185,6 +210,13 @@ pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
         return true;
     }
     let refresh_peer = now.saturating_sub(peer_refreshed_ns) > CT_PEER_REFRESH_NS;
+    if trace::active() {
+        // Written nowhere: the entry with the state this packet gives it.
+        // SAFETY: valid for this program run; copied out.
+        *out = unsafe { *ptr };
+        out.flags = flags;
+        return true;
+    }
     // SAFETY: plain stores into the map value of this program run.
     unsafe {
         if now.saturating_sub(last_seen_ns) > CT_REFRESH_NS {

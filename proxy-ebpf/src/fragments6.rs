@@ -23,10 +23,11 @@ fn key(pkt: &Packet6) -> FragKeyV6 {
 }
 
 /// Remembers the ports of a first fragment of a flow's datagram (call it once the
-/// packet is known to belong to a flow); other packets are ignored.
+/// packet is known to belong to a flow); other packets are ignored, and the trace
+/// instance ([`crate::trace`]) remembers nothing.
 #[inline(never)]
 pub fn remember(pkt: &Packet6, now: u64) {
-    if pkt.kind != Kind::Transport || !pkt.fragmented {
+    if pkt.kind != Kind::Transport || !pkt.fragmented || crate::trace::active() {
         return;
     }
     let value = FragValueV6 {

@@ -19,7 +19,9 @@
 //! The stages are BPF-to-BPF calls ([`crate::parse6::parse`] says why); this frame
 //! holds the packet and its entry, which they fill.
 use aya_ebpf::bindings::__sk_buff;
-use proxy_common::{backend_flags, counter, ct_flags, service_flags, Be32x4, CtEntryV6};
+use proxy_common::{
+    backend_flags, counter, ct_flags, service_flags, trace::stage, Be32x4, CtEntryV6,
+};
 
 use crate::{
     conntrack6::{self, Translation},
@@ -31,7 +33,7 @@ use crate::{
     parse::Kind,
     parse6::{self, Packet6},
     service6::{self, Chosen, Outcome},
-    snat6, stats,
+    snat6, stats, trace,
     verdict::{DropReason, Result, PASS},
 };
 
@@ -39,19 +41,12 @@ use crate::{
 /// drop already counted.
 #[inline(never)]
 pub fn pod_ingress(skb: *mut __sk_buff, now: u64) -> i32 {
-    // `kpr trace` does not follow IPv6 yet; its instance must write no map.
-    if crate::trace::active() {
-        return PASS;
-    }
     crate::verdict_of(try_pod_ingress(skb, now))
 }
 
 /// The egress programs for an IPv6 frame, as [`pod_ingress`].
 #[inline(never)]
 pub fn reply_egress(skb: *mut __sk_buff, now: u64) -> i32 {
-    if crate::trace::active() {
-        return PASS;
-    }
     crate::verdict_of(try_reply_egress(skb, now))
 }
 
@@ -61,6 +56,7 @@ fn try_pod_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     if !parse6::parse(skb, &mut pkt) {
         return Ok(PASS);
     }
+    trace::stage(stage::PARSED);
     // The lean path: a packet to no frontend address is a pod's own traffic, or the
     // reply of a local backend (or an error travelling as one), which is translated at
     // the client's egress; except a reply to the node's masquerade address, which
@@ -146,9 +142,6 @@ enum Origin {
 /// ([`crate::node_ingress`] for IPv4).
 #[inline(never)]
 pub fn node_ingress(skb: *mut __sk_buff, now: u64) -> i32 {
-    if crate::trace::active() {
-        return PASS;
-    }
     crate::verdict_of(try_node_ingress(skb, now))
 }
 
@@ -160,6 +153,7 @@ fn try_node_ingress(skb: *mut __sk_buff, now: u64) -> Result<i32> {
     if !parse6::parse(skb, &mut pkt) {
         return Ok(PASS);
     }
+    trace::stage(stage::PARSED);
     if pkt.kind == Kind::LaterFragment && !fragments6::resolve(&mut pkt, now) {
         return Ok(PASS);
     }
@@ -213,17 +207,25 @@ fn new_flow(
     entry: &mut CtEntryV6,
 ) -> Result<i32> {
     let mut chosen = Chosen::default();
-    match service6::choose(&pkt.tuple, origin == Origin::Pod, &mut chosen)? {
+    match service6::choose(skb, pkt, origin == Origin::Pod, &mut chosen)? {
         Outcome::Backend => {}
         Outcome::NoFrontend if cluster_ip => {
-            return icmp6_reply::send(skb, pkt, Reason::UndeclaredPort, 0)
+            trace::stage(stage::UNDECLARED_REJECT);
+            return icmp6_reply::send(skb, pkt, Reason::UndeclaredPort, 0);
         }
-        Outcome::NoFrontend => return Ok(PASS),
+        Outcome::NoFrontend | Outcome::Netfilter => return Ok(PASS),
         Outcome::SourceRanges => return Err(DropReason::SOURCE_RANGE),
         Outcome::EmptyDrop => return Err(DropReason::NO_LOCAL_BACKEND),
         Outcome::Empty => return icmp6_reply::send(skb, pkt, Reason::NoBackend, 0),
     }
     let masquerade = needs_masquerade(origin, &pkt.tuple.src_addr, &chosen);
+    trace::note(|record| {
+        record.stages |= stage::BACKEND;
+        record.backend_id = chosen.backend_id;
+        if masquerade {
+            record.stages |= stage::MASQUERADE;
+        }
+    });
     let via_stack =
         !masquerade && (origin == Origin::Pod || chosen.backend.flags & backend_flags::LOCAL != 0);
     let new_src = if masquerade {

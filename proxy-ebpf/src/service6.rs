@@ -4,17 +4,22 @@
 //! affinity per client address (`AFFINITY_V6_V1`, records honoured while their
 //! backend is still in a slot of the service, as for IPv4) and loadBalancerSourceRanges
 //! (`SRCRANGE_V6_V1`, an LPM trie keyed by service id and client address).
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_ANY},
+    helpers::bpf_get_prandom_u32,
+    maps::lpm_trie::Key,
+};
 use proxy_common::{
-    counter, frontend_addr, scope, service_flags, AffinityKeyV6, AffinityValueV6, BackendV6, Be32,
-    Be32x4, CtKeyV6, ServiceKeyV6, ServiceValueV6, SourceRangeV6,
+    counter, frontend_addr, scope, service_flags, trace::stage, AffinityKeyV6, AffinityValueV6,
+    BackendV6, Be32, Be32x4, CtKeyV6, ServiceKeyV6, ServiceValueV6, SourceRangeV6,
 };
 
 use crate::{
     destination::Destination,
     maps::{AFFINITY_V6_V1, BACKEND_V6_V1, FE_ADDR_V6_V1, SRCRANGE_V6_V1, SVC_V6_V1},
+    parse6::Packet6,
     service::AFFINITY_SEARCH_SLOTS,
-    stats,
+    stats, takeover, trace,
     verdict::{DropReason, Result},
 };
 
@@ -185,6 +190,9 @@ pub enum Outcome {
     EmptyDrop,
     /// The frontend has loadBalancerSourceRanges and the client is in none of them.
     SourceRanges,
+    /// Netfilter's conntrack already translates the flow (kube-proxy's, at a
+    /// takeover, [`crate::takeover`]): it passes untouched.
+    Netfilter,
 }
 
 /// The backend a new flow goes to.
@@ -197,25 +205,52 @@ pub struct Chosen {
     pub frontend_flags: u16,
 }
 
-/// Decides a new flow to `tuple`'s destination (from a pod on this node: `from_pod`):
-/// its frontend, and a backend written to `out`. A function of its own (see
-/// [`crate::parse6::parse`]).
+/// Decides a new flow to the packet's destination (from a pod on this node:
+/// `from_pod`): its frontend, and a backend written to `out`; a flow netfilter
+/// translates is left to it. A function of its own (see [`crate::parse6::parse`]).
+/// Each decision is noted for `kpr trace` ([`crate::trace`]), whose instance records
+/// no affinity.
 ///
 /// # Errors
 /// `BACKEND_MISSING` when a slot or backend vanished under a concurrent update.
 #[inline(never)]
-pub fn choose(tuple: &CtKeyV6, from_pod: bool, out: &mut Chosen) -> Result<Outcome> {
+pub fn choose(
+    skb: *mut __sk_buff,
+    pkt: &Packet6,
+    from_pod: bool,
+    out: &mut Chosen,
+) -> Result<Outcome> {
+    let tuple = &pkt.tuple;
     let Some(frontend) = lookup(tuple, from_pod) else {
         return Ok(Outcome::NoFrontend);
     };
+    trace::note(|record| {
+        record.stages |= stage::FRONTEND;
+        if frontend.key.scope == scope::INTERNAL {
+            record.stages |= stage::INTERNAL_SCOPE;
+        }
+        record.service_id = frontend.value.service_id;
+        record.frontend_flags = frontend.value.flags;
+        record.frontend_count = frontend.value.count;
+    });
+    if takeover::netfilter_translates6(skb, pkt) {
+        trace::stage(stage::NETFILTER);
+        return Ok(Outcome::Netfilter);
+    }
     let flags = frontend.value.flags;
-    if flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(&frontend, &tuple.src_addr) {
-        return Ok(Outcome::SourceRanges);
+    if flags & service_flags::SOURCE_RANGES != 0 {
+        if !source_allowed(&frontend, &tuple.src_addr) {
+            trace::stage(stage::SOURCE_DENIED);
+            return Ok(Outcome::SourceRanges);
+        }
+        trace::stage(stage::SOURCE_ALLOWED);
     }
     if frontend.value.count == 0 {
         if flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            trace::stage(stage::EMPTY_DROP);
             return Ok(Outcome::EmptyDrop);
         }
+        trace::stage(stage::EMPTY_REJECT);
         return Ok(Outcome::Empty);
     }
     out.service_id = frontend.value.service_id;
@@ -235,10 +270,14 @@ pub fn choose(tuple: &CtKeyV6, from_pod: bool, out: &mut Chosen) -> Result<Outco
     let slot_used = match remembered(&frontend, &key, now, out) {
         Some(slot_used) => {
             stats::count(counter::AFFINITY_HIT);
+            trace::stage(stage::AFFINITY_HIT);
             slot_used
         }
         None => pick_random(&frontend, out)?,
     };
+    if trace::active() {
+        return Ok(Outcome::Backend);
+    }
     let record = AffinityValueV6 {
         last_used_ns: now,
         backend_id: out.backend_id,

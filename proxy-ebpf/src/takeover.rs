@@ -3,7 +3,7 @@
 //! to netfilter, so the connection keeps the backend kube-proxy chose until it ends.
 //!
 //! Only packets that missed our own conntrack and hit a frontend get here
-//! ([`crate::new_flow`]), and only while the agent has switched the check on
+//! ([`crate::new_flow`], [`crate::service6::choose`] for IPv6), and only while the agent has switched the check on
 //! ([`proxy_common::takeover::NfCheck`]): the agent does so while netfilter holds NAT
 //! entries for our frontends, so a node that never ran kube-proxy pays nothing.
 //!
@@ -33,6 +33,7 @@ use proxy_common::{
 
 use crate::{
     parse::{tcp_flag, Packet},
+    parse6::Packet6,
     stats,
 };
 
@@ -45,6 +46,15 @@ pub static NF_CHECK_V1: Array<NfCheck> = Array::with_max_entries(1, 0);
 struct SockTupleV4 {
     saddr: u32,
     daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// `struct bpf_sock_tuple`'s IPv6 arm, network order.
+#[repr(C)]
+struct SockTupleV6 {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
     sport: u16,
     dport: u16,
 }
@@ -68,10 +78,11 @@ const IP_CT_DIR_ORIGINAL: u8 = 0;
 unsafe extern "C" {
     /// The kernel's `struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *, struct
     /// bpf_sock_tuple *, u32, struct bpf_ct_opts *, u32)` (Linux 6.0): the entry holding
-    /// the tuple (in either direction) with a reference taken, or null.
+    /// the tuple (in either direction) with a reference taken, or null. The tuple's
+    /// size says which arm of the union it is ([`SockTupleV4`], [`SockTupleV6`]).
     fn bpf_skb_ct_lookup(
         skb: *mut __sk_buff,
-        tuple: *mut SockTupleV4,
+        tuple: *mut c_void,
         tuple_size: u32,
         opts: *mut CtOpts,
         opts_size: u32,
@@ -80,29 +91,30 @@ unsafe extern "C" {
     fn bpf_ct_release(ct: *mut c_void);
 }
 
-/// The `status` bits of netfilter's entry for the packet's tuple, if it has one.
+/// The `status` bits of netfilter's entry for `tuple` (`tuple_size` bytes on the stack,
+/// an arm of `bpf_sock_tuple`), if it has one with the tuple as its original direction.
 #[inline(always)]
-fn netfilter_status(ctx: &TcContext, pkt: &Packet, status_offset: u32) -> Option<u64> {
-    let mut tuple = SockTupleV4 {
-        saddr: pkt.tuple.src_addr.0,
-        daddr: pkt.tuple.dst_addr.0,
-        sport: pkt.tuple.src_port.0,
-        dport: pkt.tuple.dst_port.0,
-    };
+fn netfilter_status(
+    skb: *mut __sk_buff,
+    tuple: *mut c_void,
+    tuple_size: u32,
+    l4proto: u8,
+    status_offset: u32,
+) -> Option<u64> {
     let mut opts = CtOpts {
         netns_id: CURRENT_NETNS,
         error: 0,
-        l4proto: pkt.tuple.proto,
+        l4proto,
         dir: 0,
         reserved: [0; 2],
     };
-    // SAFETY: the context is the program's own; tuple and opts are stack memory of the
+    // SAFETY: the skb is the program's own; tuple and opts are stack memory of the
     // sizes passed.
     let ct = unsafe {
         bpf_skb_ct_lookup(
-            ctx.skb.skb,
-            &raw mut tuple,
-            size_of::<SockTupleV4>() as u32,
+            skb,
+            tuple,
+            tuple_size,
             &raw mut opts,
             size_of::<CtOpts>() as u32,
         )
@@ -121,24 +133,72 @@ fn netfilter_status(ctx: &TcContext, pkt: &Packet, status_offset: u32) -> Option
     status.ok().filter(|_| original)
 }
 
-/// Whether the packet belongs to a flow netfilter translates, which must pass
-/// untouched (counted). Called for packets of new flows to a frontend only.
+/// The check's setting, when it is on.
 #[inline(always)]
-pub fn netfilter_translates(ctx: &TcContext, pkt: &Packet) -> bool {
-    let Some(check) = NF_CHECK_V1.get(0) else {
-        return false;
-    };
-    if check.enabled == 0 {
-        return false;
-    }
-    let Some(status) = netfilter_status(ctx, pkt, check.status_offset) else {
-        return false;
-    };
-    let syn = pkt.tuple.proto == proto::TCP
-        && pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+fn enabled_check() -> Option<&'static NfCheck> {
+    NF_CHECK_V1.get(0).filter(|check| check.enabled != 0)
+}
+
+/// Whether netfilter's entry with `status` translates the flow of a packet of
+/// protocol `l4_proto` with `tcp_flags` (counted when it does).
+#[inline(always)]
+fn theirs(status: u64, l4_proto: u8, tcp_flags: u8) -> bool {
+    let syn =
+        l4_proto == proto::TCP && tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
     let theirs = status & ips::DST_NAT != 0 && !(syn && status & ips::SEEN_REPLY != 0);
     if theirs {
         stats::count(counter::NF_TRACKED_PASSED);
     }
     theirs
+}
+
+/// Whether the packet belongs to a flow netfilter translates, which must pass
+/// untouched (counted). Called for packets of new flows to a frontend only.
+#[inline(always)]
+pub fn netfilter_translates(ctx: &TcContext, pkt: &Packet) -> bool {
+    let Some(check) = enabled_check() else {
+        return false;
+    };
+    let mut tuple = SockTupleV4 {
+        saddr: pkt.tuple.src_addr.0,
+        daddr: pkt.tuple.dst_addr.0,
+        sport: pkt.tuple.src_port.0,
+        dport: pkt.tuple.dst_port.0,
+    };
+    let Some(status) = netfilter_status(
+        ctx.skb.skb,
+        (&raw mut tuple).cast(),
+        size_of::<SockTupleV4>() as u32,
+        pkt.tuple.proto,
+        check.status_offset,
+    ) else {
+        return false;
+    };
+    theirs(status, pkt.tuple.proto, pkt.tcp_flags)
+}
+
+/// [`netfilter_translates`] for an IPv6 packet, asked with the tuple's IPv6 arm. A
+/// function of its own, as the IPv6 stages are ([`crate::parse6::parse`]): the tuple
+/// lives in its frame, and its caller sees one scalar back.
+#[inline(never)]
+pub fn netfilter_translates6(skb: *mut __sk_buff, pkt: &Packet6) -> bool {
+    let Some(check) = enabled_check() else {
+        return false;
+    };
+    let mut tuple = SockTupleV6 {
+        saddr: pkt.tuple.src_addr.0,
+        daddr: pkt.tuple.dst_addr.0,
+        sport: pkt.tuple.src_port.0,
+        dport: pkt.tuple.dst_port.0,
+    };
+    let Some(status) = netfilter_status(
+        skb,
+        (&raw mut tuple).cast(),
+        size_of::<SockTupleV6>() as u32,
+        pkt.tuple.proto,
+        check.status_offset,
+    ) else {
+        return false;
+    };
+    theirs(status, pkt.tuple.proto, pkt.tcp_flags)
 }

@@ -984,39 +984,6 @@ impl PinnedMaps {
     }
 }
 
-/// What the service map holds for a frontend (the default scope's entry), in words:
-/// a read of the maps, not the datapath's decision.
-fn frontend_in_maps<F: Tables>(
-    pins: &FamilyPins<F>,
-    index: &NameIndex,
-    addr: F,
-    port: u16,
-    l4_proto: u8,
-    protocol: &str,
-) -> String {
-    let frontend = crate::model::FrontendKey {
-        addr,
-        port,
-        proto: l4_proto,
-        scope: scope::DEFAULT,
-    };
-    let address = SocketAddr::new(addr.into(), port);
-    match pins.services.get(&F::service_key(&frontend, 0), 0) {
-        Ok(value) => format!(
-            "maps (not traced): {} {} {address}, {} backend(s)",
-            index.service_port(value.service_id),
-            index
-                .kind(address, protocol, scope::DEFAULT)
-                .unwrap_or("frontend"),
-            value.count
-        ),
-        Err(_) => format!("maps (not traced): no frontend {address} {protocol}"),
-    }
-}
-
-/// The stage line of an IPv6 packet the datapath did not trace.
-pub const IPV6_UNTRACED: &str = "trace: the datapath's IPv6 path records no stages yet (its trace instance passes IPv6 packets untouched); `kpr inspect services` and `kpr inspect conntrack` show what it holds for this frontend";
-
 /// Turns a run of the trace instance ([`crate::datapath::trace`]) into words, with
 /// services named from `index`.
 #[must_use]
@@ -1045,18 +1012,7 @@ pub fn trace_view(
                 None => address,
             }
         });
-    // The IPv6 path records no stages yet: its trace instance passes every packet
-    // untouched, so neither its verdict nor its packet out says what traffic gets.
-    let untraced = !has(stage::PARSED) && destination.is_ipv6();
-    if untraced {
-        stages.push(IPV6_UNTRACED.to_owned());
-        if let SocketAddr::V6(to) = destination {
-            stages.push(maps.v6.as_ref().map_or_else(
-                || "maps: this node has no IPv6 maps".to_owned(),
-                |pins| frontend_in_maps(pins, index, *to.ip(), to.port(), l4_proto, &protocol),
-            ));
-        }
-    } else if !has(stage::PARSED) {
+    if !has(stage::PARSED) {
         stages.push("parse: not a packet the datapath handles; passes untouched".to_owned());
     } else if has(stage::CT_HIT) {
         stages.push(format!(
@@ -1134,9 +1090,7 @@ pub fn trace_view(
             "masquerade: no, the client's address is kept".to_owned()
         });
     }
-    let verdict = if untraced {
-        "unknown (the IPv6 path is not traced yet)".to_owned()
-    } else if has(stage::DROPPED) || run.verdict == 2 {
+    let verdict = if has(stage::DROPPED) || run.verdict == 2 {
         let reason = COUNTER_NAMES
             .get(record.drop_reason as usize)
             .filter(|name| !name.is_empty())
@@ -1164,9 +1118,7 @@ pub fn trace_view(
         stages,
         verdict,
         backend,
-        packet_out: if untraced {
-            "(unknown: not traced)".to_owned()
-        } else if run.verdict == 2 {
+        packet_out: if run.verdict == 2 {
             "(none: dropped)".to_owned()
         } else {
             describe_packet(&run.packet)

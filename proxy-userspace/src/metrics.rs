@@ -133,11 +133,11 @@ pub struct Metrics {
     /// kpr_health_check_bind_failures_total{reason}: healthCheckNodePort listeners that
     /// could not be opened (each failed attempt; they are retried).
     pub health_check_bind_failures: Family<ReasonLabels, Counter>,
-    /// kpr_takeover_netfilter_flows: connections netfilter translates to a frontend of
-    /// ours (kube-proxy's, from before the takeover), which the datapath leaves to it.
+    /// kpr_takeover_netfilter_flows: IPv4 connections netfilter translates to a
+    /// frontend of ours (kube-proxy's, from before the takeover), which the datapath
+    /// leaves to it.
     pub takeover_netfilter_flows: Gauge,
-    /// kpr_takeover_ipv6_netfilter_flows: IPv6 connections netfilter translates to a
-    /// frontend of ours, which the IPv6 datapath does not leave to it yet.
+    /// kpr_takeover_ipv6_netfilter_flows: the same for IPv6 connections.
     pub takeover_ipv6_netfilter_flows: Gauge,
     /// kpr_takeover_check_enabled: 1 while the datapath asks netfilter's conntrack
     /// about new flows to frontends.
@@ -292,12 +292,12 @@ impl Metrics {
         );
         registry.register(
             "kpr_takeover_netfilter_flows",
-            "Connections netfilter translates to our frontends (kube-proxy's), left to it until they end",
+            "IPv4 connections netfilter translates to our frontends (kube-proxy's), left to it until they end",
             metrics.takeover_netfilter_flows.clone(),
         );
         registry.register(
             "kpr_takeover_ipv6_netfilter_flows",
-            "IPv6 connections netfilter translates to our frontends (kube-proxy's), which the IPv6 datapath translates again (it does not ask netfilter yet)",
+            "IPv6 connections netfilter translates to our frontends (kube-proxy's), left to it until they end",
             metrics.takeover_ipv6_netfilter_flows.clone(),
         );
         registry.register(

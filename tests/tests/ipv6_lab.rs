@@ -794,7 +794,9 @@ fn find<'v>(list: &'v serde_json::Value, key: &str, value: &str) -> &'v serde_js
 /// `kpr inspect` shows the IPv6 maps as it shows the IPv4 ones (frontends named from
 /// the names file, `[addr]:port`, backends with their endpoints' conditions, flows,
 /// affinity records), a dual-stack service under one name in both families, the
-/// IPv6 tables' fill in `kpr_map_entries`; `kpr trace` takes an IPv6 destination.
+/// IPv6 tables' fill in `kpr_map_entries`; `kpr trace` runs IPv6 packets through the
+/// IPv6 path's stages (new flow, known flow, affinity, reject, source ranges) and
+/// writes nothing.
 #[test]
 fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     let lab = ipv6_lab().expect("lab");
@@ -954,8 +956,8 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
         )
         .expect("IPv6 map fill");
 
-    // kpr trace takes an IPv6 destination and runs an IPv6 packet; the datapath's
-    // IPv6 path does not trace yet, and the view says so rather than "pass".
+    // kpr trace runs an IPv6 packet through the IPv6 path's trace instance: each
+    // stage's decision, the backend, the verdict and the packet as it leaves.
     let trace = kpr_json(
         &lab.lab,
         &[
@@ -973,16 +975,159 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     );
     assert_eq!(trace["destination"], "[fd00:96::10]:80");
     assert_eq!(trace["program"], "pod-ingress");
+    assert_eq!(trace["service"], "demo/six:http", "{trace}");
+    let chosen = trace["backend"].as_str().unwrap_or_default().to_owned();
+    let chosen_addr = chosen.split(' ').next().unwrap_or_default().to_owned();
+    assert!(
+        [0x11, 0x12, 0x13]
+            .iter()
+            .any(|host| chosen_addr == v6(pod_v6(*host), 8080).to_string()),
+        "{trace}"
+    );
     assert_eq!(
         trace["stages"],
         serde_json::json!([
-            proxy_userspace::inspect::IPV6_UNTRACED,
-            "maps (not traced): demo/six:http ClusterIP [fd00:96::10]:80, 3 backend(s)"
-        ])
+            "conntrack: no flow for this 5-tuple",
+            "frontend: demo/six:http ClusterIP [fd00:96::10]:80, 3 backend(s)",
+            "scope: the frontend's backend set",
+            format!("backend: {chosen}"),
+            "masquerade: no, the client's address is kept",
+        ]),
+        "{trace}"
+    );
+    assert_eq!(trace["verdict"], "translate", "{trace}");
+    assert_eq!(
+        trace["packet_out"],
+        format!("{} -> {chosen_addr} TCP", v6(CLIENT_V6, 40_000)),
+        "{trace}"
+    );
+    // The open connection's port: its conntrack entry, and the backend it talks to.
+    let known = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--client",
+            &local.to_string(),
+            "--to",
+            &v6(SIX_VIP, 80).to_string(),
+        ],
     );
     assert_eq!(
-        trace["verdict"],
-        "unknown (the IPv6 path is not traced yet)"
+        known["stages"][0],
+        "conntrack: a flow of demo/six:http matches (original direction); its rewrite applies",
+        "{known}"
+    );
+    assert!(
+        known["backend"]
+            .as_str()
+            .is_some_and(|name| name.starts_with(&v6(backend, 8080).to_string())),
+        "{known}"
+    );
+    assert_eq!(known["verdict"], "translate", "{known}");
+    // The affinity service: the client's record (written by the connection above)
+    // chooses.
+    let sticky = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--client",
+            &CLIENT_V6.to_string(),
+            "--to",
+            &v6(STICKY_VIP, 80).to_string(),
+        ],
+    );
+    let stages = sticky["stages"].as_array().expect("stages");
+    assert!(
+        stages.contains(&"affinity: the client's record chose the backend".into()),
+        "{sticky}"
+    );
+    let address = |value: &serde_json::Value| {
+        value
+            .as_str()
+            .and_then(|text| text.split(' ').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        address(&sticky["backend"]),
+        address(&record["backend"]),
+        "{sticky}"
+    );
+    // No endpoints: rejected with ICMPv6. Outside the source ranges: dropped.
+    let empty = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--client",
+            &CLIENT_V6.to_string(),
+            "--to",
+            &v6(EMPTY_VIP, 80).to_string(),
+        ],
+    );
+    assert!(
+        empty["stages"]
+            .as_array()
+            .expect("stages")
+            .contains(&"backends: none (no endpoints)".into()),
+        "{empty}"
+    );
+    assert_eq!(empty["verdict"], "reject", "{empty}");
+    let denied = kpr_json(
+        &lab.lab,
+        &[
+            "trace",
+            "--from-outside",
+            "--client",
+            &OUTSIDE_V6.to_string(),
+            "--to",
+            &v6(RANGED_LB_V6, 80).to_string(),
+        ],
+    );
+    assert_eq!(denied["program"], "node-ingress");
+    assert!(
+        denied["stages"]
+            .as_array()
+            .expect("stages")
+            .contains(&"source ranges: the client is outside loadBalancerSourceRanges".into()),
+        "{denied}"
+    );
+    assert_eq!(denied["verdict"], "drop: drop_source_range", "{denied}");
+    // The trace instance, which the verifier walks with TRACE set, stays well within
+    // the kernel's limit.
+    let verified = lab
+        .lab
+        .node
+        .run(|| {
+            let mut tracer = proxy_userspace::datapath::trace::Tracer::load(&lab.lab.pin_dir())?;
+            Ok(tracer.verified_instructions()?)
+        })
+        .expect("the trace instance");
+    eprintln!("trace instance, verified instructions: {verified:?}");
+    for (label, count) in verified {
+        assert!(
+            count.is_some_and(|count| count < 750_000),
+            "{label}: {count:?}"
+        );
+    }
+    // The trace instance wrote nothing: no flow of the traced client port.
+    let flows = kpr_json(
+        &lab.lab,
+        &[
+            "inspect",
+            "conntrack",
+            "--addr",
+            &SIX_VIP.to_string(),
+            "--protocol",
+            "tcp",
+        ],
+    );
+    assert!(
+        !flows
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|flow| flow["source"] == v6(CLIENT_V6, 40_000).to_string()),
+        "{flows}"
     );
     let text = lab
         .lab
@@ -1026,13 +1171,14 @@ fn inspect_and_trace_show_the_ipv6_and_dual_stack_services() {
     drop(conversation);
 }
 
-/// kube-proxy's IPv6 connections at takeover: netfilter DNATs a pod's connection to
-/// the IPv6 ClusterIP before the agent starts (kube-proxy's rule, one nft line). The
-/// agent reads the AF_INET6 conntrack dump, counts the connection as one to its own
-/// frontend and warns that the IPv6 datapath does not leave it to netfilter yet; the
-/// IPv4 check (which IPv6 packets never ask) stays off.
+/// kube-proxy's IPv6 connections at takeover: netfilter DNATs a pod's connections to
+/// the IPv6 ClusterIP before the agent starts (kube-proxy's rule, one nft line), all to
+/// web-0. The agent reads the AF_INET6 conntrack dump, counts them as connections to
+/// its own frontend and switches the datapath's netfilter check on; the IPv6 path
+/// then leaves their packets to netfilter, so each keeps talking to web-0 (translated
+/// again, most would land on another of the three backends and be reset).
 #[test]
-fn kube_proxys_ipv6_connections_are_counted_at_takeover() {
+fn kube_proxys_ipv6_connections_survive_the_takeover() {
     let (mut lab, _outside) = ipv6_lab_without_agent().expect("lab");
     let backend = format!("[{}]:8080", pod_v6(0x11));
     let vip = SIX_VIP.to_string();
@@ -1067,36 +1213,75 @@ fn kube_proxys_ipv6_connections_are_counted_at_takeover() {
             .exec("nft", command)
             .expect("kube-proxy's DNAT rule");
     }
-    let mut conversation = lab
-        .pod("client")
-        .netns
-        .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
-        .expect("netfilter's connection to the IPv6 ClusterIP");
-    assert_eq!(conversation.ask().expect("ask").server, "web-0");
+    // Four connections: translated again at random, all four would stay on web-0
+    // once in 81 runs.
+    let mut conversations = (0..4)
+        .map(|_| {
+            lab.pod("client")
+                .netns
+                .run(|| kpr_lab::traffic::Conversation::open(v6(SIX_VIP, 80), TIMEOUT))
+                .expect("netfilter's connection to the IPv6 ClusterIP")
+        })
+        .collect::<Vec<_>>();
+    for conversation in &mut conversations {
+        assert_eq!(conversation.ask().expect("ask").server, "web-0");
+    }
     let flows = lab
         .node
         .run(|| Ok(proxy_userspace::takeover::ctnetlink::nat_flows()?))
         .expect("netfilter's DNAT flows");
-    assert!(
-        flows.iter().any(|flow| flow.dst == v6(SIX_VIP, 80)),
-        "the AF_INET6 dump holds the connection: {flows:?}"
+    assert_eq!(
+        flows
+            .iter()
+            .filter(|flow| flow.dst == v6(SIX_VIP, 80))
+            .count(),
+        4,
+        "the AF_INET6 dump holds the connections: {flows:?}"
     );
     lab.start_agent(&AGENT_ARGS).expect("agent");
     lab.wait_for(
-        "kube-proxy's IPv6 connection counted",
+        "kube-proxy's IPv6 connections counted, the check on",
         Duration::from_secs(10),
-        || Ok(lab.metric("kpr_takeover_ipv6_netfilter_flows")? == Some(1.0)),
+        || {
+            Ok(
+                lab.metric("kpr_takeover_ipv6_netfilter_flows")? == Some(4.0)
+                    && lab.metric("kpr_takeover_check_enabled")? == Some(1.0),
+            )
+        },
     )
-    .expect("kpr_takeover_ipv6_netfilter_flows");
-    assert_eq!(
-        lab.metric("kpr_takeover_check_enabled").expect("metrics"),
-        Some(0.0),
-        "IPv6 connections do not switch the IPv4 check on"
-    );
+    .expect("kpr_takeover_ipv6_netfilter_flows and the check");
+    // The agent has synced: the IPv6 ClusterIP is a frontend of the datapath's.
+    lab.wait_for(
+        "the IPv6 ClusterIP in the service map",
+        Duration::from_secs(10),
+        || {
+            let services = lab.kpr(&["inspect", "services", "--json"])?;
+            Ok(services.contains(&v6(SIX_VIP, 80).to_string()))
+        },
+    )
+    .expect("synced");
+    for conversation in &mut conversations {
+        assert_eq!(
+            conversation.ask().expect("ask after the takeover").server,
+            "web-0",
+            "kube-proxy's connection keeps its backend"
+        );
+    }
+    // Each of their packets was passed to netfilter, counted.
+    lab.wait_for(
+        "the passed packets counted",
+        Duration::from_secs(25),
+        || {
+            Ok(lab
+                .metric("kpr_datapath_events_total{event=\"nf_tracked_passed\"}")?
+                .is_some_and(|n| n >= 4.0))
+        },
+    )
+    .expect("nf_tracked_passed");
     let log = lab.agent_log();
     assert!(
-        log.contains("the IPv6 datapath does not leave them to it yet"),
-        "{log}"
+        !log.contains("does not leave them to it yet"),
+        "no warning left: {log}"
     );
-    drop(conversation);
+    drop(conversations);
 }

@@ -107,6 +107,25 @@ impl Tracer {
             .map_err(|source| Error::Program { name, source })
     }
 
+    /// How many instructions the verifier walked for each program of the trace
+    /// instance (pod ingress, node ingress), as the kernel reports them; `None` where
+    /// it does not.
+    ///
+    /// # Errors
+    /// When a program's information cannot be read.
+    pub fn verified_instructions(&mut self) -> Result<Vec<(&'static str, Option<u32>)>> {
+        let mut counts = Vec::new();
+        for hook in [Hook::PodIngress, Hook::NodeIngress] {
+            let name = hook.program_name();
+            let info = self
+                .program(hook)?
+                .info()
+                .map_err(|source| Error::Program { name, source })?;
+            counts.push((hook.label(), info.verified_instruction_count()));
+        }
+        Ok(counts)
+    }
+
     /// Runs the program of `hook` once on `frame`.
     ///
     /// # Errors

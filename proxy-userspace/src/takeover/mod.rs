@@ -9,11 +9,11 @@
 //! ([`Takeover::refresh`], at start before anything is attached, after each sync, and
 //! periodically). Once those flows have ended, the check goes off by itself.
 //!
-//! Both families' NAT flows are read. The IPv6 datapath does not ask netfilter yet
-//! (`proxy-ebpf/src/new_flow6.rs` has no such check): kube-proxy's IPv6 connections
-//! to our IPv6 frontends are counted (`kpr_takeover_ipv6_netfilter_flows`) and
-//! warned about, since kpr translates their next packets again, but they do not
-//! switch the IPv4 check on.
+//! Both families' NAT flows are read, and both families' new-flow paths ask netfilter
+//! while the check is on (`proxy-ebpf/src/service6.rs` `choose` for IPv6, with the
+//! IPv6 arm of `bpf_sock_tuple`): flows of either family switch it on, each counted
+//! in its own metric (`kpr_takeover_netfilter_flows`,
+//! `kpr_takeover_ipv6_netfilter_flows`).
 pub mod btf;
 pub mod ctnetlink;
 
@@ -84,25 +84,25 @@ fn family_frontends<F: Family>(mirror: &Mirror<F>) -> BTreeSet<FrontendAddr> {
 }
 
 /// Of netfilter's NAT flows, those to `frontends`: (IPv4, IPv6). Before the first sync
-/// (`frontends` empty) every IPv4 flow counts, so the check is on while the agent
-/// does not know its frontends; IPv6 flows count only to a known frontend (the IPv6
-/// datapath never asks netfilter, so they would only be warned about).
+/// (`frontends` empty) every flow counts, so the check is on while the agent does not
+/// know its frontends.
 fn count_frontend_flows(
     flows: &[ctnetlink::NatFlow],
     frontends: &BTreeSet<FrontendAddr>,
 ) -> (usize, usize) {
-    let to_frontend = |flow: &&ctnetlink::NatFlow| {
-        frontends.contains(&(flow.dst.ip(), flow.dst.port(), flow.proto))
-    };
-    let v4 = flows
+    flows
         .iter()
-        .filter(|flow| flow.dst.is_ipv4() && (frontends.is_empty() || to_frontend(flow)))
-        .count();
-    let v6 = flows
-        .iter()
-        .filter(|flow| flow.dst.is_ipv6() && to_frontend(flow))
-        .count();
-    (v4, v6)
+        .filter(|flow| {
+            frontends.is_empty()
+                || frontends.contains(&(flow.dst.ip(), flow.dst.port(), flow.proto))
+        })
+        .fold((0, 0), |(v4, v6), flow| {
+            if flow.dst.is_ipv4() {
+                (v4 + 1, v6)
+            } else {
+                (v4, v6 + 1)
+            }
+        })
 }
 
 /// Writes the check's setting.
@@ -170,8 +170,7 @@ pub struct Report {
     /// Of those, the IPv4 flows to a frontend of ours: kube-proxy's connections still
     /// open, which the datapath leaves to netfilter.
     pub frontend_flows: usize,
-    /// The IPv6 flows to a frontend of ours, which the IPv6 datapath does not leave
-    /// to netfilter yet.
+    /// The IPv6 flows to a frontend of ours, left to netfilter likewise.
     pub frontend_flows_v6: usize,
     /// Whether the datapath now asks netfilter.
     pub enabled: bool,
@@ -193,9 +192,6 @@ pub struct Takeover {
     /// Whether `kpr cleanup --kube-proxy-rules`'s NAT hold was looked for since
     /// netfilter last translated a connection to a frontend.
     hold_released: bool,
-    /// The IPv6 flows to our frontends of the last refresh (warned about when they
-    /// appear).
-    frontend_flows_v6: usize,
 }
 
 impl Takeover {
@@ -207,12 +203,11 @@ impl Takeover {
             written: None,
             frontends: None,
             hold_released: false,
-            frontend_flows_v6: 0,
         }
     }
 
-    /// Dumps netfilter's NAT flows, counts those to `frontends` and switches the check
-    /// on while there are any. Before the first sync `frontends` is empty: then every
+    /// Dumps netfilter's NAT flows, counts those to `frontends` (either family) and
+    /// switches the check on while there are any. Before the first sync `frontends` is empty: then every
     /// NAT flow counts, so nothing kube-proxy set up is translated again while the
     /// agent does not yet know its frontends.
     ///
@@ -232,7 +227,7 @@ impl Takeover {
             }
         };
         let (frontend_flows, frontend_flows_v6) = count_frontend_flows(&flows, frontends);
-        let enabled = self.write(datapath, frontend_flows > 0)?;
+        let enabled = self.write(datapath, frontend_flows + frontend_flows_v6 > 0)?;
         Ok(Report {
             nat_flows: flows.len(),
             frontend_flows,
@@ -255,7 +250,6 @@ impl Takeover {
         match result {
             Ok(report) => {
                 self.release_hold_when_done(report.frontend_flows + report.frontend_flows_v6);
-                self.warn_of_ipv6_flows(report.frontend_flows_v6);
                 metrics
                     .takeover_netfilter_flows
                     .set(i64::try_from(report.frontend_flows).unwrap_or(i64::MAX));
@@ -302,20 +296,6 @@ impl Takeover {
                 warn!(error = %crate::error_chain(&error), "cannot remove the NAT hold table");
             }
         }
-    }
-
-    /// Warns when kube-proxy's IPv6 connections to our frontends appear: the IPv6
-    /// datapath translates their next packets again (it does not ask netfilter).
-    fn warn_of_ipv6_flows(&mut self, flows: usize) {
-        if flows > 0 && self.frontend_flows_v6 == 0 {
-            warn!(
-                connections = flows,
-                "netfilter translates IPv6 connections to our frontends (kube-proxy's), but the IPv6 datapath does not leave them to it yet: kpr translates them again, and those to a backend other than kube-proxy's break"
-            );
-        } else if flows == 0 && self.frontend_flows_v6 > 0 {
-            info!("no IPv6 connection kube-proxy translated is left");
-        }
-        self.frontend_flows_v6 = flows;
     }
 
     /// After a sync: refreshes when the frontends changed, so a frontend that
@@ -382,15 +362,15 @@ mod tests {
     }
 
     #[test]
-    fn flows_are_counted_per_family_ipv6_ones_only_to_known_frontends() {
+    fn flows_are_counted_per_family_all_before_the_first_sync() {
         let flows = [
             flow("10.96.0.10:80"),
             flow("10.96.0.99:80"),
             flow("[fd00:96::10]:80"),
             flow("[fd00:96::99]:80"),
         ];
-        // Before the first sync: every IPv4 flow, no IPv6 one.
-        assert_eq!(count_frontend_flows(&flows, &BTreeSet::new()), (2, 0));
+        // Before the first sync: every flow of both families.
+        assert_eq!(count_frontend_flows(&flows, &BTreeSet::new()), (2, 2));
         let frontends: BTreeSet<FrontendAddr> = [
             (
                 "10.96.0.10".parse().expect("v4"),
