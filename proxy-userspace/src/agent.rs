@@ -409,6 +409,16 @@ impl Agent {
             metrics,
         } = prepared;
         let node = read_node_network(&config);
+        // Both families: an IPv6-only node has no IPv4 field to show, and its NodePorts
+        // and masquerade address are the IPv6 ones.
+        info!(
+            interfaces = ?node.interfaces,
+            node_port_addresses = ?node.node_port_addresses,
+            snat_addr = ?node.snat_addr,
+            node_port_addresses_v6 = ?node.node_port_addresses_v6,
+            snat_addr_v6 = ?node.snat_addr_v6,
+            "the node's network"
+        );
         let mut model_settings = config.model.clone();
         model_settings
             .node_port_addresses
@@ -1321,6 +1331,8 @@ impl Agent {
             interfaces = ?node.interfaces,
             node_port_addresses = ?node.node_port_addresses,
             snat_addr = ?node.snat_addr,
+            node_port_addresses_v6 = ?node.node_port_addresses_v6,
+            snat_addr_v6 = ?node.snat_addr_v6,
             "the node's network changed"
         );
         if let Err(error) = self

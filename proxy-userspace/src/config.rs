@@ -463,7 +463,9 @@ pub struct RunArgs {
     #[arg(long)]
     proxy_name: Option<String>,
 
-    /// Address of the /healthz and /livez server ("" to disable).
+    /// Address of the /healthz and /livez server ("" to disable). The IPv4 wildcard
+    /// serves both families (a dual-stack `[::]` socket where the node has IPv6), as
+    /// kube-proxy's default does.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
 

@@ -52,12 +52,13 @@ impl Limits {
 /// How long to pause accepting after the process ran out of descriptors.
 const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 
-/// Binds `addr` and serves `router` on it within the bounds, until the task is dropped.
+/// Binds `addr` (see [`bind`]) and serves `router` on it within the bounds, until the
+/// task is dropped.
 ///
 /// # Errors
 /// When the address cannot be bound.
 pub async fn bind_and_serve(addr: SocketAddr, router: Router, rejected: Counter) -> io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = bind(addr).await?;
     serve(
         listener,
         router,
@@ -67,6 +68,51 @@ pub async fn bind_and_serve(addr: SocketAddr, router: Router, rejected: Counter)
     )
     .await;
     Ok(())
+}
+
+/// Binds a listener on `addr`. The IPv4 wildcard (`/healthz`'s default,
+/// `0.0.0.0:10256`) becomes a dual-stack `[::]` socket (`IPV6_V6ONLY` off) that takes
+/// both families: an IPv4 socket would leave the server unreachable on a node with
+/// IPv6 addresses only, where the kubelet and load balancers probe over IPv6. That is
+/// what kube-proxy's default gives in effect: Go listens on a wildcard address with a
+/// dual-stack AF_INET6 socket wherever the kernel has IPv4-mapped addresses. Where
+/// IPv6 is unavailable (no AF_INET6 sockets, or `[::]` cannot be bound), the IPv4
+/// wildcard itself. Any other address is bound as it is.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let SocketAddr::V4(v4) = addr else {
+        return TcpListener::bind(addr).await;
+    };
+    if !v4.ip().is_unspecified() {
+        return TcpListener::bind(addr).await;
+    }
+    match bind_dual_stack(v4.port()) {
+        Ok(listener) => Ok(listener),
+        Err(error) => {
+            debug!(%addr, %error, "no dual-stack [::] socket; listening on IPv4 only");
+            TcpListener::bind(addr).await
+        }
+    }
+}
+
+/// A listener on `[::]:port` that also takes IPv4 (as IPv4-mapped addresses).
+fn bind_dual_stack(port: u16) -> io::Result<TcpListener> {
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Explicit: `net.ipv6.bindv6only` may make IPv6-only the namespace's default.
+    socket.set_only_v6(false)?;
+    // As tokio's own bind: a port closed a moment ago can be bound again at once.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves; then
@@ -156,6 +202,54 @@ mod tests {
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         Ok(response.lines().next().unwrap_or_default().to_owned())
+    }
+
+    /// An IPv4 wildcard address serves both families: a client of the IPv6 loopback
+    /// is answered as one of the IPv4 loopback. Before, the listener was an IPv4
+    /// socket and `[::1]` was refused, as every IPv6 address of an IPv6-only node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ipv4_wildcard_listens_on_both_families() {
+        let listener = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            Router::new().route("/", get(|| async { "ok" })),
+            Limits::DEFAULT,
+            Counter::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let statuses = tokio::task::spawn_blocking(move || {
+            [
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            ]
+            .map(|addr| (addr, get_status(addr).map_err(|error| error.to_string())))
+        })
+        .await
+        .expect("client");
+        for (addr, status) in statuses {
+            assert!(
+                status.as_ref().is_ok_and(|status| status.contains("200")),
+                "{addr}: {status:?}"
+            );
+        }
+        let _ = stop.send(());
+        server.await.expect("server stops");
+    }
+
+    /// A specific address is bound as given: the loopback stays the loopback.
+    #[tokio::test]
+    async fn a_specific_address_is_bound_as_given() {
+        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("bind");
+        let local = listener.local_addr().expect("address");
+        assert_eq!(local.ip(), std::net::IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
