@@ -6,6 +6,10 @@
 //! 169.254.1.1/32 so it answers the pod's ARP, and the node routes each pod's /32 to
 //! its veth. ClusterIPs are routed nowhere: only the datapath makes them answer.
 //!
+//! An IPv6-only lab ([`Lab::new_ipv6_only`]) has the same shape without IPv4: pods
+//! with a /128 only and a default route via the link-local [`GATEWAY_V6`], no IPv4
+//! address on any interface but the loopback.
+//!
 //! Everything lives under the run's prefix (see [`crate::netns`]): namespaces, the run
 //! directory with the manifests the agent reads, a private bpffs for its pins, and its
 //! log. Drop stops the agent and removes all of it, also when a test panics.
@@ -34,14 +38,18 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// Where the agent's health server listens inside the node namespace.
 pub const HEALTHZ: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
+/// Where an IPv6-only lab reaches the health server: the agent keeps its default
+/// address (`0.0.0.0:10256`), which must serve IPv6 too.
+pub const HEALTHZ_V6: SocketAddrV6 = SocketAddrV6::new(Ipv6Addr::LOCALHOST, 10256, 0, 0);
 /// Where the agent's metrics server listens inside the node namespace.
 pub const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
 
-/// A pod: a namespace with one address.
+/// A pod: a namespace with an address of one family or one of each.
 #[derive(Debug)]
 pub struct Pod {
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// Its IPv4 address (none in an IPv6-only lab).
+    pub ip: Option<Ipv4Addr>,
     /// Its IPv6 address, in a lab with IPv6.
     pub ipv6: Option<Ipv6Addr>,
     /// The node-side interface of its veth pair.
@@ -70,6 +78,9 @@ pub struct Lab {
     default_metrics_address: bool,
     /// Whether the node namespace has IPv6 forwarding on ([`Lab::enable_ipv6`]).
     ipv6: bool,
+    /// Where `/healthz` is asked: [`HEALTHZ`], given to the agent, or in an IPv6-only
+    /// lab [`HEALTHZ_V6`] with the agent on its default address.
+    healthz: std::net::SocketAddr,
     /// Declared last: dropped after the pods, whose veths live in it.
     pub node: Netns,
 }
@@ -107,8 +118,23 @@ impl Lab {
             open_files_limit: None,
             default_metrics_address: false,
             ipv6: false,
+            healthz: HEALTHZ.into(),
             node,
         })
+    }
+
+    /// A node namespace for IPv6 only: IPv6 on ([`Lab::enable_ipv6`]), pods added with
+    /// [`Lab::add_ipv6_pod`], and the agent's health server left on its default
+    /// address and asked over IPv6 ([`HEALTHZ_V6`]). The node gets no IPv4 address:
+    /// [`ipv4_state`] shows what IPv4 a namespace has besides its loopback.
+    ///
+    /// # Errors
+    /// As [`Lab::new`] and [`Lab::enable_ipv6`].
+    pub fn new_ipv6_only() -> Result<Self> {
+        let mut lab = Self::new()?;
+        lab.enable_ipv6()?;
+        lab.healthz = HEALTHZ_V6.into();
+        Ok(lab)
     }
 
     /// Turns IPv6 on in the node namespace: forwarding (in this namespace only: the
@@ -130,7 +156,16 @@ impl Lab {
     /// # Errors
     /// When a command fails.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
-        self.add_dual_pod(name, ip, None)
+        self.add_pod_with(name, Some(ip), None)
+    }
+
+    /// Adds a pod with an IPv6 address only (after [`Lab::enable_ipv6`]), wired as the
+    /// IPv6 half of [`Lab::add_dual_pod`].
+    ///
+    /// # Errors
+    /// When a command fails, or IPv6 was not enabled.
+    pub fn add_ipv6_pod(&mut self, name: &str, ipv6: Ipv6Addr) -> Result<&Pod> {
+        self.add_pod_with(name, None, Some(ipv6))
     }
 
     /// Adds a pod with an IPv4 address and, when given, an IPv6 one (after
@@ -145,6 +180,20 @@ impl Lab {
         ip: Ipv4Addr,
         ipv6: Option<Ipv6Addr>,
     ) -> Result<&Pod> {
+        self.add_pod_with(name, Some(ip), ipv6)
+    }
+
+    /// A pod with the addresses given: the IPv4 one routed through [`GATEWAY`], the
+    /// IPv6 one through [`GATEWAY_V6`].
+    fn add_pod_with(
+        &mut self,
+        name: &str,
+        ip: Option<Ipv4Addr>,
+        ipv6: Option<Ipv6Addr>,
+    ) -> Result<&Pod> {
+        if ip.is_none() && ipv6.is_none() {
+            bail!("pod {name} without an address");
+        }
         if ipv6.is_some() && !self.ipv6 {
             bail!("IPv6 pod {name} in a lab without IPv6 (Lab::enable_ipv6)");
         }
@@ -167,28 +216,30 @@ impl Lab {
             "netns",
             netns.name(),
         ])?;
-        self.node.ip(&[
-            "addr",
-            "add",
-            &format!("{GATEWAY}/32"),
-            "dev",
-            &host_interface,
-        ])?;
         self.node.ip(&["link", "set", &host_interface, "up"])?;
-        self.node
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_interface])?;
-        netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &GATEWAY.to_string(),
-            "dev",
-            "eth0",
-            "onlink",
-        ])?;
+        if let Some(ip) = ip {
+            self.node.ip(&[
+                "addr",
+                "add",
+                &format!("{GATEWAY}/32"),
+                "dev",
+                &host_interface,
+            ])?;
+            self.node
+                .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_interface])?;
+            netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            netns.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &GATEWAY.to_string(),
+                "dev",
+                "eth0",
+                "onlink",
+            ])?;
+        }
         if let Some(ipv6) = ipv6 {
             self.node.ip(&[
                 "-6",
@@ -254,13 +305,17 @@ impl Lab {
         &self.pods
     }
 
-    /// Starts TCP and UDP echo servers named after the pod on `port` of its address.
+    /// Starts TCP and UDP echo servers named after the pod on `port` of its IPv4
+    /// address.
     ///
     /// # Errors
-    /// When binding fails.
+    /// When the pod has no IPv4 address, or binding fails.
     pub fn serve(&mut self, pod: &str, port: u16) -> Result<()> {
         let pod = self.pod(pod);
-        let server = EchoServer::start(&pod.netns, &pod.name, SocketAddrV4::new(pod.ip, port))?;
+        let Some(ip) = pod.ip else {
+            bail!("pod {} has no IPv4 address", pod.name);
+        };
+        let server = EchoServer::start(&pod.netns, &pod.name, SocketAddrV4::new(ip, port))?;
         self.servers.push(server);
         Ok(())
     }
@@ -424,8 +479,11 @@ impl Lab {
         command
             .args(["--node-name", &self.node_name])
             .arg("--bpffs")
-            .arg(self.pin_dir())
-            .args(["--healthz-bind-address", &HEALTHZ.to_string()]);
+            .arg(self.pin_dir());
+        // An IPv6-only lab leaves the health server on the agent's default address.
+        if self.healthz == std::net::SocketAddr::from(HEALTHZ) {
+            command.args(["--healthz-bind-address", &HEALTHZ.to_string()]);
+        }
         if !self.default_metrics_address {
             command.args(["--metrics-bind-address", &METRICS.to_string()]);
         }
@@ -530,15 +588,27 @@ impl Lab {
     /// # Errors
     /// When the query fails.
     pub fn attached_programs(&self) -> Result<Vec<(String, &'static str, String)>> {
-        use aya::programs::{SchedClassifier, TcAttachType};
         let interfaces: Vec<String> = self
             .pods
             .values()
             .map(|pod| pod.host_interface.clone())
             .collect();
+        self.attached_programs_on(&interfaces)
+    }
+
+    /// Programs attached with TCX to `interfaces` of the node namespace (the external
+    /// one, say), as [`Lab::attached_programs`] gives them.
+    ///
+    /// # Errors
+    /// When the query fails (an interface that does not exist, say).
+    pub fn attached_programs_on(
+        &self,
+        interfaces: &[String],
+    ) -> Result<Vec<(String, &'static str, String)>> {
+        use aya::programs::{SchedClassifier, TcAttachType};
         self.node.run(|| {
             let mut attached = Vec::new();
-            for interface in &interfaces {
+            for interface in interfaces {
                 for (direction, attach_type) in [
                     ("ingress", TcAttachType::Ingress),
                     ("egress", TcAttachType::Egress),
@@ -579,7 +649,79 @@ impl Lab {
     /// # Errors
     /// When the server does not answer.
     pub fn healthz(&self) -> Result<(u16, String)> {
-        self.node.run(|| http_get(HEALTHZ, "/healthz"))
+        self.node.run(|| http_get(self.healthz, "/healthz"))
+    }
+
+    /// Adds an outside namespace `<prefix>-<name>` on a veth whose node end is
+    /// `interface`: `node_addr`/64 on the node's end, `outside_addr`/64 on the outside
+    /// `eth0`, no DAD on either (usable at once). The namespace goes when the returned
+    /// [`Netns`] drops; the veth goes with it, or with the node.
+    ///
+    /// # Errors
+    /// When a command fails.
+    pub fn add_outside_ipv6(
+        &self,
+        name: &str,
+        interface: &str,
+        node_addr: Ipv6Addr,
+        outside_addr: Ipv6Addr,
+    ) -> Result<Netns> {
+        let outside = Netns::create(&format!("{}-{name}", self.prefix))?;
+        outside.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        outside.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        self.node.ip(&[
+            "link",
+            "add",
+            interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            outside.name(),
+        ])?;
+        self.node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{node_addr}/64"),
+            "dev",
+            interface,
+            "nodad",
+        ])?;
+        self.node.ip(&["link", "set", interface, "up"])?;
+        outside.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{outside_addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        outside.ip(&["link", "set", "eth0", "up"])?;
+        Ok(outside)
+    }
+
+    /// Gives the node namespace an IPv6 default route via `gateway` on `interface`, as
+    /// an IPv6-only node has (the agent takes that interface as external).
+    ///
+    /// # Errors
+    /// When the route cannot be added.
+    pub fn add_ipv6_default_route(&self, gateway: Ipv6Addr, interface: &str) -> Result<()> {
+        self.node
+            .ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+                "dev",
+                interface,
+            ])
+            .map(drop)
     }
 
     /// GET /metrics from inside the node namespace.
@@ -707,6 +849,25 @@ impl Drop for Lab {
         proxy_userspace::names::remove(&proxy_userspace::names::path_for(&self.pin_dir()));
         netns::remove_run_dir(&self.run_dir);
     }
+}
+
+/// What IPv4 the namespace `netns` has besides its loopback: every IPv4 address on
+/// another interface and every route of the main table, one line each (`ip -4 -o`).
+/// Empty for a node or pod of an IPv6-only lab.
+///
+/// # Errors
+/// When `ip` fails.
+pub fn ipv4_state(netns: &Netns) -> Result<Vec<String>> {
+    let text = |output: std::process::Output| String::from_utf8_lossy(&output.stdout).into_owned();
+    let addresses = text(netns.ip(&["-4", "-o", "addr", "show"])?);
+    let routes = text(netns.ip(&["-4", "-o", "route", "show", "table", "main"])?);
+    Ok(addresses
+        .lines()
+        // `<index>: <name>    inet ...`
+        .filter(|line| line.split_whitespace().nth(1) != Some("lo"))
+        .chain(routes.lines())
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Removes the run directory if construction fails halfway.

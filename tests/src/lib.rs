@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cluster;
 pub mod datapath_cases;
 pub mod host;
+pub mod ipv6;
 pub mod kube_proxy;
 pub mod lab;
 pub mod netns;

@@ -3,14 +3,22 @@
 //! manifests. The demo and the end-to-end tests share this.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use serde::Deserialize as _;
 
-use crate::lab::Lab;
+use crate::{lab::Lab, netns::Netns, traffic::tcp_request};
+
+/// How long one of [`NewConnections`]' connections may take.
+const NEW_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The client pod's address (in the example pod CIDR, distinct from every endpoint).
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -174,4 +182,81 @@ pub fn service_frontends(dir: &Path) -> Result<Vec<ServiceFrontend>> {
         }
     }
     Ok(frontends)
+}
+
+/// Background new TCP connections from a namespace to one address, one every few
+/// milliseconds, counting the answered and failed ones and the longest time between
+/// two answers: the datapath serving through whatever the agent does meanwhile
+/// (crashes, restarts, upgrades).
+pub struct NewConnections {
+    stop: Arc<AtomicBool>,
+    /// Successful connections so far.
+    answered: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<Result<(usize, usize, Duration)>>,
+}
+
+impl NewConnections {
+    /// Starts connecting from `netns` to `target`, each connection one request.
+    ///
+    /// # Panics
+    /// When the thread cannot enter the namespace.
+    #[must_use]
+    pub fn start(netns: &Netns, target: impl Into<SocketAddr>) -> Self {
+        let target = target.into();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let answered = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&answered);
+        let thread = netns
+            .spawn(move || {
+                let (mut ok, mut failed) = (0, 0);
+                let mut longest_gap = Duration::ZERO;
+                let mut last_success = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    if tcp_request(target, NEW_CONNECTION_TIMEOUT).is_ok() {
+                        ok += 1;
+                        counted.fetch_add(1, Ordering::Relaxed);
+                        longest_gap = longest_gap.max(last_success.elapsed());
+                        last_success = Instant::now();
+                    } else {
+                        failed += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (ok, failed, longest_gap)
+            })
+            .expect("spawn in the namespace");
+        let thread =
+            std::thread::spawn(move || thread.join().map_err(|_| anyhow::anyhow!("panicked"))?);
+        Self {
+            stop,
+            answered,
+            thread,
+        }
+    }
+
+    /// Waits until `more` new connections have been answered from now on: the
+    /// datapath served through whatever the agent is doing meanwhile.
+    ///
+    /// # Panics
+    /// When they are not answered within 20 s.
+    pub fn wait_answered(&self, lab: &Lab, more: usize, while_what: &str) {
+        let target = self.answered.load(Ordering::Relaxed) + more;
+        lab.wait_for(
+            &format!("{more} new connections answered {while_what}"),
+            Duration::from_secs(20),
+            || Ok(self.answered.load(Ordering::Relaxed) >= target),
+        )
+        .unwrap_or_else(|error| panic!("{error:#}"));
+    }
+
+    /// Stops and returns (successful, failed, longest time between two successes).
+    ///
+    /// # Panics
+    /// When the client thread panicked.
+    #[must_use]
+    pub fn finish(self) -> (usize, usize, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("join").expect("client thread")
+    }
 }

@@ -6,12 +6,13 @@
 //! hooked test cgroup and are translated by the AF_INET6 socket hooks.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
 use anyhow::Result;
 use kpr_lab::{
+    ipv6::{load_balancer, pod_v6, slice, v4, v6},
     lab::{http_get, Lab},
     netns::Netns,
     traffic::{io_error_kind, tcp_request, udp_request},
@@ -42,66 +43,6 @@ const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x50, 0, 0, 0, 0, 1);
 const RANGED_LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x60, 0, 0, 0, 0, 1);
 const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 1);
 const OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 0x100);
-
-fn pod_v6(host: u16) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, host)
-}
-
-fn v6(ip: Ipv6Addr, port: u16) -> SocketAddr {
-    SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0))
-}
-
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(ip, port))
-}
-
-fn slice(service: &str, family: &str, addresses: &[String]) -> String {
-    let endpoints: String = addresses
-        .iter()
-        .map(|address| {
-            format!("  - addresses: ['{address}']\n    nodeName: node-a\n    conditions: {{ready: true}}\n")
-        })
-        .collect();
-    format!(
-        "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {service}-{family}
-  namespace: demo
-  labels: {{kubernetes.io/service-name: {service}}}
-addressType: {family}
-ports:
-  - {{name: http, port: 8080, protocol: TCP}}
-  - {{name: dns, port: 8080, protocol: UDP}}
-endpoints:
-{endpoints}"
-    )
-}
-
-/// An IPv6-only LoadBalancer Service with its ingress IP and one source range.
-fn load_balancer(name: &str, host: u16, ip: Ipv6Addr, range: &str, policy: &str) -> String {
-    let vip = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, host);
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: demo}}
-spec:
-  type: LoadBalancer
-  clusterIP: '{vip}'
-  clusterIPs: ['{vip}']
-  ipFamilies: [IPv6]
-  externalTrafficPolicy: {policy}
-  healthCheckNodePort: 32{host:03}
-  allocateLoadBalancerNodePorts: false
-  loadBalancerSourceRanges: ['{range}']
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
-status:
-  loadBalancer:
-    ingress: [{{ip: '{ip}'}}]
-"
-    )
-}
 
 fn manifests() -> String {
     let web: Vec<String> = (0..3).map(|i| pod_v6(0x11 + i).to_string()).collect();
@@ -244,41 +185,7 @@ fn ipv6_lab_without_agent() -> Result<(Lab, Netns)> {
         lab.serve(name, 8080)?;
         lab.serve_v6(name, 8080)?;
     }
-    let outside = Netns::create(&format!("{}-out", lab.prefix))?;
-    outside.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
-    outside.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
-    lab.node.ip(&[
-        "link",
-        "add",
-        "ext0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        outside.name(),
-    ])?;
-    lab.node.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{NODE_V6}/64"),
-        "dev",
-        "ext0",
-        "nodad",
-    ])?;
-    lab.node.ip(&["link", "set", "ext0", "up"])?;
-    outside.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{OUTSIDE_V6}/64"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    outside.ip(&["link", "set", "eth0", "up"])?;
+    let outside = lab.add_outside_ipv6("out", "ext0", NODE_V6, OUTSIDE_V6)?;
     // The externalIP and LoadBalancer IPs are routed to the node, as a router or a
     // load balancer in front of it would.
     outside.ip(&[

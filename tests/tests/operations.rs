@@ -2,17 +2,13 @@
 //! without dropping traffic, and a clean node after `kpr cleanup`.
 use std::{
     net::Ipv4Addr,
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use kpr_lab::{
     lab::{sample, Lab},
-    scenario::{examples_dir, lab_for_manifests, sock},
+    scenario::{examples_dir, lab_for_manifests, sock, NewConnections},
     traffic::{tcp_request, Conversation},
 };
 
@@ -103,70 +99,6 @@ fn health_and_metrics_endpoints_report_the_datapath() {
     assert!(lab.agent_log().contains("broken"), "the skip is logged");
 }
 
-/// Background new connections, one every few milliseconds, recording the longest run
-/// of failures.
-struct NewConnections {
-    stop: Arc<AtomicBool>,
-    /// Successful connections so far.
-    answered: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<Result<(usize, usize, Duration)>>,
-}
-
-impl NewConnections {
-    fn start(lab: &Lab) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let answered = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&answered);
-        let thread = lab
-            .pod("client")
-            .netns
-            .spawn(move || {
-                let (mut ok, mut failed) = (0, 0);
-                let mut longest_gap = Duration::ZERO;
-                let mut last_success = Instant::now();
-                while !flag.load(Ordering::Relaxed) {
-                    if tcp_request(sock(WEB_VIP, 80), TIMEOUT).is_ok() {
-                        ok += 1;
-                        counted.fetch_add(1, Ordering::Relaxed);
-                        longest_gap = longest_gap.max(last_success.elapsed());
-                        last_success = Instant::now();
-                    } else {
-                        failed += 1;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                (ok, failed, longest_gap)
-            })
-            .expect("spawn in the client pod");
-        let thread =
-            std::thread::spawn(move || thread.join().map_err(|_| anyhow::anyhow!("panicked"))?);
-        Self {
-            stop,
-            answered,
-            thread,
-        }
-    }
-
-    /// Waits until `more` new connections have been answered from now on: the
-    /// datapath served through whatever the agent is doing meanwhile.
-    fn wait_answered(&self, lab: &Lab, more: usize, while_what: &str) {
-        let target = self.answered.load(Ordering::Relaxed) + more;
-        lab.wait_for(
-            &format!("{more} new connections answered {while_what}"),
-            Duration::from_secs(20),
-            || Ok(self.answered.load(Ordering::Relaxed) >= target),
-        )
-        .unwrap_or_else(|error| panic!("{error:#}"));
-    }
-
-    /// (successful, failed, longest time between two successes).
-    fn finish(self) -> (usize, usize, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("join").expect("client thread")
-    }
-}
-
 #[test]
 fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
     let mut lab = lab_for_manifests(&examples_dir()).expect("lab");
@@ -183,7 +115,7 @@ fn established_and_new_connections_survive_a_crash_restart_and_an_upgrade() {
                 .collect()
         })
         .expect("200 long-lived connections");
-    let new_connections = NewConnections::start(&lab);
+    let new_connections = NewConnections::start(&lab.pod("client").netns, sock(WEB_VIP, 80));
 
     // A crash: SIGKILL leaves programs attached and maps pinned; the next agent adopts
     // them. Meanwhile, with no agent at all, new connections are still answered.
