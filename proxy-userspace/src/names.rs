@@ -432,7 +432,7 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
             .unwrap_or("ClusterIP")
             .to_owned(),
         internal_traffic_policy: policy(spec.and_then(|s| s.internal_traffic_policy.as_deref())),
-        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy.as_deref())),
+        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy())),
     }
 }
 

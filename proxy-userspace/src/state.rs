@@ -350,22 +350,71 @@ pub struct ServiceSpecInfo {
     /// `ipFamilyPolicy` (`SingleStack`, `PreferDualStack`, `RequireDualStack`).
     pub ip_family_policy: Option<Arc<str>>,
     pub ports: Box<[ServicePortInfo]>,
-    /// `externalIPs`.
-    pub external_ips: Box<[IpField]>,
     /// `sessionAffinity` is `ClientIP`.
     pub client_ip_affinity: bool,
+    /// `internalTrafficPolicy` (`Cluster` when unset).
+    pub internal_traffic_policy: Option<Arc<str>>,
+    /// The fields a ClusterIP service leaves unset, boxed together (`None` when all
+    /// are): 80 bytes of every service's 272 at 50 000 services, 4 MiB.
+    pub rare: Option<Box<RareSpecFields>>,
+}
+
+/// The fields of a ServiceSpec most services leave unset (read through the
+/// accessors of [`ServiceSpecInfo`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RareSpecFields {
+    /// `externalIPs`.
+    pub external_ips: Box<[IpField]>,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`, as given (checked by the model).
     pub affinity_timeout_seconds: Option<i32>,
     /// `externalTrafficPolicy` (`Cluster` when unset).
     pub external_traffic_policy: Option<Arc<str>>,
-    /// `internalTrafficPolicy` (`Cluster` when unset).
-    pub internal_traffic_policy: Option<Arc<str>>,
     /// `healthCheckNodePort`, as given (checked by the model).
     pub health_check_node_port: Option<i32>,
     /// `loadBalancerSourceRanges`, as written (the model parses and reports them).
     pub load_balancer_source_ranges: Box<[Box<str>]>,
     /// `trafficDistribution` (`PreferClose`, ...).
     pub traffic_distribution: Option<Arc<str>>,
+}
+
+impl ServiceSpecInfo {
+    /// `externalIPs`.
+    #[must_use]
+    pub fn external_ips(&self) -> &[IpField] {
+        self.rare.as_ref().map_or(&[], |rare| &rare.external_ips)
+    }
+
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`, as given.
+    #[must_use]
+    pub fn affinity_timeout_seconds(&self) -> Option<i32> {
+        self.rare.as_ref()?.affinity_timeout_seconds
+    }
+
+    /// `externalTrafficPolicy` (`Cluster` when unset).
+    #[must_use]
+    pub fn external_traffic_policy(&self) -> Option<&str> {
+        self.rare.as_ref()?.external_traffic_policy.as_deref()
+    }
+
+    /// `healthCheckNodePort`, as given.
+    #[must_use]
+    pub fn health_check_node_port(&self) -> Option<i32> {
+        self.rare.as_ref()?.health_check_node_port
+    }
+
+    /// `loadBalancerSourceRanges`, as written.
+    #[must_use]
+    pub fn load_balancer_source_ranges(&self) -> &[Box<str>] {
+        self.rare
+            .as_ref()
+            .map_or(&[], |rare| &rare.load_balancer_source_ranges)
+    }
+
+    /// `trafficDistribution`.
+    #[must_use]
+    pub fn traffic_distribution(&self) -> Option<&str> {
+        self.rare.as_ref()?.traffic_distribution.as_deref()
+    }
 }
 
 /// One entry of `spec.ports`.
@@ -429,6 +478,23 @@ fn ip_fields(ips: Option<&Vec<String>>) -> Box<[IpField]> {
 
 impl From<&ServiceSpec> for ServiceSpecInfo {
     fn from(spec: &ServiceSpec) -> Self {
+        let rare = RareSpecFields {
+            external_ips: ip_fields(spec.external_ips.as_ref()),
+            affinity_timeout_seconds: spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds),
+            external_traffic_policy: intern_opt(spec.external_traffic_policy.as_ref()),
+            health_check_node_port: spec.health_check_node_port,
+            load_balancer_source_ranges: spec
+                .load_balancer_source_ranges
+                .iter()
+                .flatten()
+                .map(|range| range.as_str().into())
+                .collect(),
+            traffic_distribution: intern_opt(spec.traffic_distribution.as_ref()),
+        };
         Self {
             type_: intern_opt(spec.type_.as_ref()),
             cluster_ip: spec.cluster_ip.as_deref().map(IpField::parse),
@@ -446,23 +512,9 @@ impl From<&ServiceSpec> for ServiceSpecInfo {
                 .flatten()
                 .map(ServicePortInfo::from)
                 .collect(),
-            external_ips: ip_fields(spec.external_ips.as_ref()),
             client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
-            affinity_timeout_seconds: spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|config| config.client_ip.as_ref())
-                .and_then(|client_ip| client_ip.timeout_seconds),
-            external_traffic_policy: intern_opt(spec.external_traffic_policy.as_ref()),
             internal_traffic_policy: intern_opt(spec.internal_traffic_policy.as_ref()),
-            health_check_node_port: spec.health_check_node_port,
-            load_balancer_source_ranges: spec
-                .load_balancer_source_ranges
-                .iter()
-                .flatten()
-                .map(|range| range.as_str().into())
-                .collect(),
-            traffic_distribution: intern_opt(spec.traffic_distribution.as_ref()),
+            rare: (rare != RareSpecFields::default()).then(|| Box::new(rare)),
         }
     }
 }

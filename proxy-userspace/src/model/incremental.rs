@@ -22,6 +22,7 @@ use std::{
     sync::Arc,
 };
 
+use k8s_openapi::jiff::Timestamp;
 use proxy_common::scope;
 
 use super::{
@@ -34,7 +35,6 @@ use crate::{
     state::{ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revision, ServiceInfo, SliceInfo},
     FastMap, FastSet,
 };
-use k8s_openapi::jiff::Timestamp;
 
 use super::sorted::{group_sorted, SortedVec};
 

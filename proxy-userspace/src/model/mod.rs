@@ -563,7 +563,7 @@ impl ServiceContext<'_> {
             return addresses;
         };
         self.cluster_ips(out, spec, &mut addresses);
-        let external = self.ip_list(out, "externalIP", spec.external_ips.iter());
+        let external = self.ip_list(out, "externalIP", spec.external_ips().iter());
         self.split(out, "externalIP", external, true, &mut addresses, |to| {
             (&mut to.v4.external_ips, &mut to.v6.external_ips)
         });
@@ -588,7 +588,7 @@ impl ServiceContext<'_> {
         }
         // Only ranges of a family restrict that family's traffic; with none valid,
         // kube-proxy (per IP family) installs no filter, and neither do we.
-        for range in &spec.load_balancer_source_ranges {
+        for range in spec.load_balancer_source_ranges() {
             match parse_cidr(range) {
                 Ok((addr, _)) if is_v4_mapped(addr) => self.diagnose(
                     out,
@@ -618,7 +618,7 @@ impl ServiceContext<'_> {
         if !spec.client_ip_affinity {
             return None;
         }
-        match spec.affinity_timeout_seconds {
+        match spec.affinity_timeout_seconds() {
             None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
             Some(seconds) => match u32::try_from(seconds) {
                 Ok(seconds) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&seconds) => Some(seconds),
@@ -757,7 +757,7 @@ impl ServiceContext<'_> {
         let facts = ServiceFacts {
             affinity_timeout: self.affinity_timeout(out),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            external_local: spec.external_traffic_policy() == Some("Local"),
         };
         let is_node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         for port in &spec.ports {
@@ -779,12 +779,12 @@ impl ServiceContext<'_> {
     /// ClusterIP, as kube-proxy's proxiers see no others.
     fn add_health_check<F: Family>(&self, out: &mut Desired, spec: &ServiceSpecInfo) {
         let needs_health_check = spec.type_.as_deref() == Some("LoadBalancer")
-            && spec.external_traffic_policy.as_deref() == Some("Local")
+            && spec.external_traffic_policy() == Some("Local")
             && !spec.ports.is_empty();
         if !needs_health_check {
             return;
         }
-        let port = match spec.health_check_node_port {
+        let port = match spec.health_check_node_port() {
             // The API allocates one for every such service; without it, load balancers
             // cannot tell which nodes have endpoints (kube-proxy logs and goes on).
             None | Some(0) => {
