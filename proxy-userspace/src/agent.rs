@@ -1217,7 +1217,7 @@ impl Agent {
                     .or_insert_with(|| crate::metrics::ServiceLabels {
                         namespace: port.service.namespace.to_string(),
                         service: port.service.name.to_string(),
-                        port: port.port.clone(),
+                        port: port.port.to_string(),
                         protocol: names::protocol_name(port.proto),
                     });
             }

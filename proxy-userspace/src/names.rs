@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     family::Family,
     model::{Desired, FrontendKind, ServicePortName},
-    state::{AddressType, ClusterState, EndpointAddress, ObjectKey},
+    state::{AddressType, ClusterState, ObjectKey},
 };
 
 /// Where names files live.
@@ -313,20 +313,16 @@ fn endpoint_names<'g>(groups: &'g EndpointGroups<'_>) -> impl Iterator<Item = En
             .iter()
             .flat_map(|slice| slice.endpoints.iter())
             .filter_map(|endpoint| {
-                let address = match &endpoint.address {
-                    EndpointAddress::V4(address) => IpAddr::V4(*address),
-                    EndpointAddress::V6(address) => IpAddr::V6(**address),
-                    EndpointAddress::Text(_) => return None,
-                };
+                let address = endpoint.address().ip()?;
                 Some(EndpointNames {
                     namespace: Arc::clone(namespace),
                     service: Arc::clone(&service),
                     address,
-                    pod: endpoint.pod.clone(),
+                    pod: endpoint.pod().map(|pod| (**pod).into()),
                     node: endpoint.node_name().cloned(),
-                    ready: endpoint.ready,
-                    serving: endpoint.serving,
-                    terminating: endpoint.terminating,
+                    ready: endpoint.ready(),
+                    serving: endpoint.serving(),
+                    terminating: endpoint.terminating(),
                 })
             })
             .collect();
@@ -429,14 +425,14 @@ fn port_names(state: &ClusterState, name: &ServicePortName, service_id: u32) -> 
         service_id,
         namespace: name.service.namespace.to_string(),
         name: name.service.name.to_string(),
-        port: name.port.clone(),
+        port: name.port.to_string(),
         protocol: protocol_name(name.proto),
         service_type: spec
             .and_then(|spec| spec.type_.as_deref())
             .unwrap_or("ClusterIP")
             .to_owned(),
         internal_traffic_policy: policy(spec.and_then(|s| s.internal_traffic_policy.as_deref())),
-        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy.as_deref())),
+        external_traffic_policy: policy(spec.and_then(|s| s.external_traffic_policy())),
     }
 }
 

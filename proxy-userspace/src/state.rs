@@ -229,7 +229,7 @@ impl Revision {
 }
 
 /// One shared copy of each distinct value that many objects repeat (short strings:
-/// node names, zones, port names, policy values; an endpoint's [`Locality`]). Entries
+/// node names, zones, port names, policy values; an endpoint's [`EndpointDetails`]). Entries
 /// nobody else holds any more are dropped whenever the table has doubled since the
 /// last sweep, so it stays bounded by what the objects in memory use.
 struct Interner<T: ?Sized> {
@@ -264,7 +264,7 @@ impl<T: ?Sized + std::hash::Hash + Eq> Interner<T> {
 }
 
 static STRINGS: Mutex<Option<Interner<str>>> = Mutex::new(None);
-static LOCALITIES: Mutex<Option<Interner<Locality>>> = Mutex::new(None);
+static DETAILS: Mutex<Option<Interner<EndpointDetails>>> = Mutex::new(None);
 
 /// The shared copy of `text`.
 #[must_use]
@@ -272,12 +272,10 @@ pub fn intern(text: &str) -> Arc<str> {
     Interner::get(&STRINGS, text, |text: &str| Arc::from(text))
 }
 
-/// The shared copy of `locality`.
+/// The shared copy of `details`.
 #[must_use]
-pub fn intern_locality(locality: Locality) -> Arc<Locality> {
-    Interner::get(&LOCALITIES, &locality, |locality| {
-        Arc::new(locality.clone())
-    })
+pub fn intern_details(details: EndpointDetails) -> Arc<EndpointDetails> {
+    Interner::get(&DETAILS, &details, |details| Arc::new(details.clone()))
 }
 
 fn intern_opt(text: Option<&String>) -> Option<Arc<str>> {
@@ -352,22 +350,71 @@ pub struct ServiceSpecInfo {
     /// `ipFamilyPolicy` (`SingleStack`, `PreferDualStack`, `RequireDualStack`).
     pub ip_family_policy: Option<Arc<str>>,
     pub ports: Box<[ServicePortInfo]>,
-    /// `externalIPs`.
-    pub external_ips: Box<[IpField]>,
     /// `sessionAffinity` is `ClientIP`.
     pub client_ip_affinity: bool,
+    /// `internalTrafficPolicy` (`Cluster` when unset).
+    pub internal_traffic_policy: Option<Arc<str>>,
+    /// The fields a ClusterIP service leaves unset, boxed together (`None` when all
+    /// are): 80 bytes of every service's 272 at 50 000 services, 4 MiB.
+    pub rare: Option<Box<RareSpecFields>>,
+}
+
+/// The fields of a ServiceSpec most services leave unset (read through the
+/// accessors of [`ServiceSpecInfo`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RareSpecFields {
+    /// `externalIPs`.
+    pub external_ips: Box<[IpField]>,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`, as given (checked by the model).
     pub affinity_timeout_seconds: Option<i32>,
     /// `externalTrafficPolicy` (`Cluster` when unset).
     pub external_traffic_policy: Option<Arc<str>>,
-    /// `internalTrafficPolicy` (`Cluster` when unset).
-    pub internal_traffic_policy: Option<Arc<str>>,
     /// `healthCheckNodePort`, as given (checked by the model).
     pub health_check_node_port: Option<i32>,
     /// `loadBalancerSourceRanges`, as written (the model parses and reports them).
     pub load_balancer_source_ranges: Box<[Box<str>]>,
     /// `trafficDistribution` (`PreferClose`, ...).
     pub traffic_distribution: Option<Arc<str>>,
+}
+
+impl ServiceSpecInfo {
+    /// `externalIPs`.
+    #[must_use]
+    pub fn external_ips(&self) -> &[IpField] {
+        self.rare.as_ref().map_or(&[], |rare| &rare.external_ips)
+    }
+
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`, as given.
+    #[must_use]
+    pub fn affinity_timeout_seconds(&self) -> Option<i32> {
+        self.rare.as_ref()?.affinity_timeout_seconds
+    }
+
+    /// `externalTrafficPolicy` (`Cluster` when unset).
+    #[must_use]
+    pub fn external_traffic_policy(&self) -> Option<&str> {
+        self.rare.as_ref()?.external_traffic_policy.as_deref()
+    }
+
+    /// `healthCheckNodePort`, as given.
+    #[must_use]
+    pub fn health_check_node_port(&self) -> Option<i32> {
+        self.rare.as_ref()?.health_check_node_port
+    }
+
+    /// `loadBalancerSourceRanges`, as written.
+    #[must_use]
+    pub fn load_balancer_source_ranges(&self) -> &[Box<str>] {
+        self.rare
+            .as_ref()
+            .map_or(&[], |rare| &rare.load_balancer_source_ranges)
+    }
+
+    /// `trafficDistribution`.
+    #[must_use]
+    pub fn traffic_distribution(&self) -> Option<&str> {
+        self.rare.as_ref()?.traffic_distribution.as_deref()
+    }
 }
 
 /// One entry of `spec.ports`.
@@ -431,6 +478,23 @@ fn ip_fields(ips: Option<&Vec<String>>) -> Box<[IpField]> {
 
 impl From<&ServiceSpec> for ServiceSpecInfo {
     fn from(spec: &ServiceSpec) -> Self {
+        let rare = RareSpecFields {
+            external_ips: ip_fields(spec.external_ips.as_ref()),
+            affinity_timeout_seconds: spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds),
+            external_traffic_policy: intern_opt(spec.external_traffic_policy.as_ref()),
+            health_check_node_port: spec.health_check_node_port,
+            load_balancer_source_ranges: spec
+                .load_balancer_source_ranges
+                .iter()
+                .flatten()
+                .map(|range| range.as_str().into())
+                .collect(),
+            traffic_distribution: intern_opt(spec.traffic_distribution.as_ref()),
+        };
         Self {
             type_: intern_opt(spec.type_.as_ref()),
             cluster_ip: spec.cluster_ip.as_deref().map(IpField::parse),
@@ -448,23 +512,9 @@ impl From<&ServiceSpec> for ServiceSpecInfo {
                 .flatten()
                 .map(ServicePortInfo::from)
                 .collect(),
-            external_ips: ip_fields(spec.external_ips.as_ref()),
             client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
-            affinity_timeout_seconds: spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|config| config.client_ip.as_ref())
-                .and_then(|client_ip| client_ip.timeout_seconds),
-            external_traffic_policy: intern_opt(spec.external_traffic_policy.as_ref()),
             internal_traffic_policy: intern_opt(spec.internal_traffic_policy.as_ref()),
-            health_check_node_port: spec.health_check_node_port,
-            load_balancer_source_ranges: spec
-                .load_balancer_source_ranges
-                .iter()
-                .flatten()
-                .map(|range| range.as_str().into())
-                .collect(),
-            traffic_distribution: intern_opt(spec.traffic_distribution.as_ref()),
+            rare: (rare != RareSpecFields::default()).then(|| Box::new(rare)),
         }
     }
 }
@@ -513,102 +563,208 @@ pub struct SlicePortInfo {
     pub port: Option<i32>,
 }
 
-/// The first of an endpoint's `addresses` (kube-proxy uses no other): an IPv4 or
-/// IPv6 address, or the text as written when it is neither (malformed).
-///
-/// The IPv6 address and the text are boxed so that the enum stays 16 bytes, as it
-/// was with IPv4 alone (the size assert below): an IPv6 address inline would make it
-/// 24, and every IPv4 endpoint 8 bytes larger. IPv6 endpoints pay one small
-/// allocation each instead.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EndpointAddress {
-    V4(Ipv4Addr),
-    V6(Box<Ipv6Addr>),
-    Text(Box<Box<str>>),
+/// The first of an endpoint's `addresses` (kube-proxy uses no other), as the model and
+/// the names read it: an IP address, or the text as written when it is none
+/// (malformed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointAddress<'a> {
+    Ip(IpAddr),
+    Text(&'a str),
 }
 
-impl EndpointAddress {
-    /// Parses an address as written in a slice.
-    #[must_use]
-    pub fn parse(text: &str) -> Self {
-        match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => Self::V4(v4),
-            Ok(IpAddr::V6(v6)) => Self::V6(Box::new(v6)),
-            Err(_) => Self::Text(Box::new(text.into())),
-        }
-    }
-
+impl EndpointAddress<'_> {
     /// The address, unless it is malformed.
     #[must_use]
-    pub fn ip(&self) -> Option<IpAddr> {
+    pub fn ip(self) -> Option<IpAddr> {
         match self {
-            Self::V4(v4) => Some(IpAddr::V4(*v4)),
-            Self::V6(v6) => Some(IpAddr::V6(**v6)),
+            Self::Ip(ip) => Some(ip),
             Self::Text(_) => None,
         }
     }
 }
 
-impl std::fmt::Display for EndpointAddress {
+impl std::fmt::Display for EndpointAddress<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::V4(v4) => v4.fmt(f),
-            Self::V6(v6) => v6.fmt(f),
+            Self::Ip(ip) => ip.fmt(f),
             Self::Text(text) => f.write_str(text),
         }
     }
 }
 
-/// One endpoint of a slice. Conditions hold the API's defaults for unset values
-/// (ready and serving unless said otherwise, not terminating), as kube-proxy reads them.
+/// An address that is not IPv4, kept in the endpoint's [`EndpointDetails`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum OtherAddress {
+    V6(Ipv6Addr),
+    /// Text that is no IP address, as written.
+    Text(Box<str>),
+}
+
+/// [`EndpointInfo::bits`]: the conditions, and whether the address is the IPv4 one
+/// held inline.
+mod endpoint_bits {
+    pub const READY: u8 = 1;
+    pub const SERVING: u8 = 1 << 1;
+    pub const TERMINATING: u8 = 1 << 2;
+    /// `ipv4` is the address; else [`super::EndpointDetails::address`] holds it.
+    pub const IPV4: u8 = 1 << 3;
+}
+
+/// One endpoint of a slice: 16 bytes. Half a million of them (50 000 services of 10
+/// endpoints) were 24 MB at 48 bytes, plus a pod name of its own each (another 16 MB):
+/// now the IPv4 address and the conditions are held inline, and everything else the
+/// endpoint says (pod, node, zone, hints, an address that is not IPv4) is one
+/// [`EndpointDetails`] shared by every endpoint that says the same (the endpoints of
+/// one pod in the slices of several services, or of both families). Conditions hold
+/// the API's defaults for unset values (ready and serving unless said otherwise, not
+/// terminating), as kube-proxy reads them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
-    pub address: EndpointAddress,
-    /// `targetRef.name` when the target is a Pod (for `kpr inspect`).
-    pub pod: Option<Box<str>>,
-    /// `nodeName`, `zone` and `hints`, shared with every endpoint that has the same
-    /// (`None` when all three are unset).
-    pub locality: Option<Arc<Locality>>,
-    /// `conditions.ready`.
-    pub ready: bool,
-    /// `conditions.serving`.
-    pub serving: bool,
-    /// `conditions.terminating`.
-    pub terminating: bool,
+    /// `None` when the endpoint says nothing but an IPv4 address and its conditions.
+    details: Option<Arc<EndpointDetails>>,
+    ipv4: Ipv4Addr,
+    /// [`endpoint_bits`].
+    bits: u8,
 }
 
 impl EndpointInfo {
+    /// An endpoint from what it says (the form [`EndpointInfo::of`] reads from the API
+    /// object); `address` as written in the slice.
+    #[must_use]
+    pub fn new(address: &str, conditions: EndpointConditions, details: EndpointDetails) -> Self {
+        let mut bits = 0;
+        for (set, bit) in [
+            (conditions.ready, endpoint_bits::READY),
+            (conditions.serving, endpoint_bits::SERVING),
+            (conditions.terminating, endpoint_bits::TERMINATING),
+        ] {
+            if set {
+                bits |= bit;
+            }
+        }
+        let mut details = details;
+        let ipv4 = match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => {
+                bits |= endpoint_bits::IPV4;
+                v4
+            }
+            Ok(IpAddr::V6(v6)) => {
+                details.address = Some(OtherAddress::V6(v6));
+                Ipv4Addr::UNSPECIFIED
+            }
+            Err(_) => {
+                details.address = Some(OtherAddress::Text(address.into()));
+                Ipv4Addr::UNSPECIFIED
+            }
+        };
+        Self {
+            details: (details != EndpointDetails::default()).then(|| intern_details(details)),
+            ipv4,
+            bits,
+        }
+    }
+
+    /// The endpoint's address.
+    #[must_use]
+    pub fn address(&self) -> EndpointAddress<'_> {
+        if self.bits & endpoint_bits::IPV4 != 0 {
+            return EndpointAddress::Ip(IpAddr::V4(self.ipv4));
+        }
+        match self.details.as_ref().and_then(|d| d.address.as_ref()) {
+            Some(OtherAddress::V6(v6)) => EndpointAddress::Ip(IpAddr::V6(*v6)),
+            Some(OtherAddress::Text(text)) => EndpointAddress::Text(text),
+            // Not made by `new`, which always records the address somewhere.
+            None => EndpointAddress::Text(""),
+        }
+    }
+
+    /// `conditions.ready`.
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.bits & endpoint_bits::READY != 0
+    }
+
+    /// `conditions.serving`.
+    #[must_use]
+    pub fn serving(&self) -> bool {
+        self.bits & endpoint_bits::SERVING != 0
+    }
+
+    /// `conditions.terminating`.
+    #[must_use]
+    pub fn terminating(&self) -> bool {
+        self.bits & endpoint_bits::TERMINATING != 0
+    }
+
+    /// What the endpoint says besides its IPv4 address and conditions (shared).
+    #[must_use]
+    pub fn details(&self) -> Option<&Arc<EndpointDetails>> {
+        self.details.as_ref()
+    }
+
+    /// `targetRef.name` when the target is a Pod (for `kpr inspect`).
+    #[must_use]
+    pub fn pod(&self) -> Option<&Arc<str>> {
+        self.details.as_ref()?.pod.as_ref()
+    }
+
     /// `nodeName`.
     #[must_use]
     pub fn node_name(&self) -> Option<&Arc<str>> {
-        self.locality.as_ref()?.node_name.as_ref()
+        self.details.as_ref()?.node_name.as_ref()
     }
 
     /// `zone`.
     #[must_use]
     pub fn zone(&self) -> Option<&Arc<str>> {
-        self.locality.as_ref()?.zone.as_ref()
+        self.details.as_ref()?.zone.as_ref()
     }
 
     /// `hints`, when there are any (most endpoints have none).
     #[must_use]
     pub fn hints(&self) -> Option<&EndpointHintsInfo> {
-        self.locality.as_ref()?.hints.as_ref()
+        self.details.as_ref()?.hints.as_ref()
     }
 }
 
-/// Where an endpoint runs and which topology hints it carries. The endpoints of one
-/// node (and zone, and hints) share one interned copy ([`intern_locality`]): a few
-/// distinct values per cluster, where a copy per endpoint cost 40 bytes each, 20 MB
-/// at 500 000 endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Locality {
+/// An endpoint's `conditions`, with the API's defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointConditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Default for EndpointConditions {
+    /// Unset means ready and serving, not terminating (API docs; kube-proxy's
+    /// endpointslicecache).
+    fn default() -> Self {
+        Self {
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+}
+
+/// Who an endpoint is and where it runs: its pod, node, zone and topology hints, and
+/// its address when that is not IPv4. Interned ([`intern_details`]): the endpoints of
+/// one pod share one copy, and so do the pod-less endpoints of one node (a few
+/// distinct values per node, where a copy of the pod name per endpoint cost 32 bytes
+/// each and the node, zone and hints pointers 40 more).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointDetails {
+    /// `targetRef.name` when the target is a Pod.
+    pub pod: Option<Arc<str>>,
     /// `nodeName`.
     pub node_name: Option<Arc<str>>,
     /// `zone`.
     pub zone: Option<Arc<str>>,
     /// `hints`, when there are any.
     pub hints: Option<EndpointHintsInfo>,
+    /// The address of an endpoint whose address is not IPv4 (an IPv6 endpoint's
+    /// details are its own, as its address is).
+    pub address: Option<OtherAddress>,
 }
 
 /// An endpoint's topology hints.
@@ -670,8 +826,7 @@ impl From<&EndpointPort> for SlicePortInfo {
 impl EndpointInfo {
     /// The endpoint, unless it has no address.
     fn of(endpoint: &Endpoint) -> Option<Self> {
-        let address = EndpointAddress::parse(endpoint.addresses.first()?);
-        let conditions = endpoint.conditions.as_ref();
+        let address = endpoint.addresses.first()?;
         let hints = endpoint.hints.as_ref().and_then(|hints| {
             let for_zones: Box<[Arc<str>]> = hints
                 .for_zones
@@ -690,37 +845,37 @@ impl EndpointInfo {
                 for_nodes,
             })
         });
-        let locality = Locality {
-            node_name: intern_opt(endpoint.node_name.as_ref()),
-            zone: intern_opt(endpoint.zone.as_ref()),
-            hints,
-        };
-        let unplaced =
-            locality.node_name.is_none() && locality.zone.is_none() && locality.hints.is_none();
-        Some(Self {
-            address,
-            locality: (!unplaced).then(|| intern_locality(locality)),
+        let details = EndpointDetails {
             pod: endpoint
                 .target_ref
                 .as_ref()
                 .filter(|target| target.kind.as_deref() == Some("Pod"))
                 .and_then(|target| target.name.as_deref())
-                .map(Into::into),
-            // Unset means ready and serving, not terminating (API docs; kube-proxy's
-            // endpointslicecache).
-            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-        })
+                // Not interned on its own: the details are, and a pod's name is in
+                // no others.
+                .map(Arc::from),
+            node_name: intern_opt(endpoint.node_name.as_ref()),
+            zone: intern_opt(endpoint.zone.as_ref()),
+            hints,
+            address: None,
+        };
+        let conditions = endpoint.conditions.as_ref();
+        let unset = EndpointConditions::default();
+        let conditions = EndpointConditions {
+            ready: conditions.and_then(|c| c.ready).unwrap_or(unset.ready),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(unset.serving),
+            terminating: conditions
+                .and_then(|c| c.terminating)
+                .unwrap_or(unset.terminating),
+        };
+        Some(Self::new(address, conditions, details))
     }
 }
 
-// What one endpoint costs beyond its pod's name: half a million of them (50 000
-// services of 10 endpoints) take this times 500 000 bytes, 24 MB at 48 (40 MB at 80,
-// with its own node name, zone and hints pointers).
-const _: () = assert!(size_of::<EndpointInfo>() == 48);
-const _: () = assert!(size_of::<EndpointAddress>() == 16);
-
+// What one endpoint costs beyond the details it shares: half a million of them (50 000
+// services of 10 endpoints) take this times 500 000 bytes, 8 MB at 16 (24 MB at 48,
+// with an address enum and the node's details pointer, plus its own pod name).
+const _: () = assert!(size_of::<EndpointInfo>() == 16);
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -775,9 +930,15 @@ mod tests {
             ),
         ];
         for (yaml, address, node, zone, hints, pod, conditions) in cases {
-            let unplaced = node.is_none() && zone.is_none() && hints.is_none();
+            let inline = address.parse::<Ipv4Addr>().is_ok();
+            let bare = node.is_none() && zone.is_none() && hints.is_none() && pod.is_none();
             let info = endpoint(yaml).expect("has an address");
-            assert_eq!(info.address.to_string(), address, "{yaml}");
+            assert_eq!(info.address().to_string(), address, "{yaml}");
+            assert_eq!(
+                info.address().ip(),
+                address.parse::<IpAddr>().ok(),
+                "{yaml}"
+            );
             assert_eq!(info.node_name().map(|n| &**n), node, "{yaml}");
             assert_eq!(info.zone().map(|z| &**z), zone, "{yaml}");
             let got_hints = info.hints().map(|hints| {
@@ -791,32 +952,97 @@ mod tests {
                 (owned(zones), owned(nodes))
             });
             assert_eq!(got_hints, want_hints, "{yaml}");
-            assert_eq!(info.pod.as_deref(), pod, "{yaml}");
+            assert_eq!(info.pod().map(|p| &**p), pod, "{yaml}");
             assert_eq!(
-                (info.ready, info.serving, info.terminating),
+                (info.ready(), info.serving(), info.terminating()),
                 conditions,
                 "{yaml}"
             );
-            assert_eq!(info.locality.is_none(), unplaced, "{yaml}");
+            // An IPv4 endpoint that says nothing else needs no details; any other
+            // address is kept in them.
+            assert_eq!(info.details().is_none(), bare && inline, "{yaml}");
         }
         assert_eq!(endpoint("{addresses: []}"), None, "no address, no endpoint");
     }
 
-    /// Endpoints of one node, zone and hints share one locality; any difference
-    /// makes another.
+    /// Every combination of conditions and every kind of address survives the
+    /// packing into one byte and the inline IPv4 address.
     #[test]
-    fn localities_are_shared() {
-        let on = |node: &str, zone: &str| {
+    fn conditions_and_addresses_pack() {
+        let addresses = [
+            "10.1.2.3",
+            "0.0.0.0",
+            "fd00::7",
+            "::ffff:10.0.0.1",
+            "bad addr",
+        ];
+        for address in addresses {
+            for bits in 0..8u8 {
+                let conditions = EndpointConditions {
+                    ready: bits & 1 != 0,
+                    serving: bits & 2 != 0,
+                    terminating: bits & 4 != 0,
+                };
+                let info = EndpointInfo::new(address, conditions, EndpointDetails::default());
+                assert_eq!(info.ready(), conditions.ready, "{address} {bits}");
+                assert_eq!(info.serving(), conditions.serving, "{address} {bits}");
+                assert_eq!(
+                    info.terminating(),
+                    conditions.terminating,
+                    "{address} {bits}"
+                );
+                assert_eq!(info.address().to_string(), address, "{address}");
+                assert_eq!(info.address().ip(), address.parse().ok(), "{address}");
+            }
+        }
+        let v4 = EndpointInfo::new(
+            "10.1.2.3",
+            EndpointConditions::default(),
+            Default::default(),
+        );
+        let v4_other = EndpointInfo::new(
+            "10.1.2.4",
+            EndpointConditions::default(),
+            Default::default(),
+        );
+        assert_ne!(v4, v4_other, "the inline address takes part in equality");
+    }
+
+    /// Endpoints of one pod, node, zone and hints share their details; any
+    /// difference makes another, and an IPv6 address details of its own.
+    #[test]
+    fn details_are_shared() {
+        let on = |address: &str, pod: &str, node: &str, zone: &str| {
             endpoint(&format!(
-                "{{addresses: [10.0.0.1], nodeName: {node}, zone: {zone}}}"
+                "{{addresses: ['{address}'], nodeName: {node}, zone: {zone}, \
+                 targetRef: {{kind: Pod, name: {pod}}}}}"
             ))
-            .and_then(|info| info.locality)
+            .and_then(|info| info.details().cloned())
             .expect("placed")
         };
-        let first = on("node-loc-a", "zone-loc-1");
-        assert!(Arc::ptr_eq(&first, &on("node-loc-a", "zone-loc-1")));
-        assert!(!Arc::ptr_eq(&first, &on("node-loc-a", "zone-loc-2")));
-        assert!(!Arc::ptr_eq(&first, &on("node-loc-b", "zone-loc-1")));
+        let first = on("10.0.0.1", "pod-a", "node-loc-a", "zone-loc-1");
+        assert!(Arc::ptr_eq(
+            &first,
+            &on("10.9.0.1", "pod-a", "node-loc-a", "zone-loc-1")
+        ));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &on("10.0.0.1", "pod-b", "node-loc-a", "zone-loc-1")
+        ));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &on("10.0.0.1", "pod-a", "node-loc-a", "zone-loc-2")
+        ));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &on("10.0.0.1", "pod-a", "node-loc-b", "zone-loc-1")
+        ));
+        let v6 = on("fd00::1", "pod-a", "node-loc-a", "zone-loc-1");
+        assert!(!Arc::ptr_eq(&first, &v6));
+        assert_eq!(
+            v6.address,
+            Some(OtherAddress::V6("fd00::1".parse().expect("v6")))
+        );
         let node = first.node_name.as_ref().expect("a node");
         assert!(Arc::ptr_eq(node, &intern("node-loc-a")), "its strings too");
     }

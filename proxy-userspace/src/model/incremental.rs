@@ -22,12 +22,13 @@ use std::{
     sync::Arc,
 };
 
+use k8s_openapi::jiff::Timestamp;
 use proxy_common::scope;
 
 use super::{
-    conflict, slice_service_name, Claim, Claims, Desired, Diagnostic, DiagnosticReason,
-    FamilyDesired, FrontendKey, FrontendSpec, KeyedSlice, ModelSettings, ServiceContext,
-    ServiceHealth, ServicePortName, LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE,
+    conflict, slice_service_name, Claim, Desired, Diagnostic, DiagnosticReason, FamilyDesired,
+    FrontendKey, FrontendSpec, KeyedSlice, ModelSettings, ServiceContext, ServiceHealth,
+    ServicePortName, LABEL_SERVICE_NAME, LABEL_TOPOLOGY_ZONE,
 };
 use crate::{
     family::Family,
@@ -35,12 +36,14 @@ use crate::{
     FastMap, FastSet,
 };
 
-use super::sorted::SortedVec;
+use super::sorted::{group_sorted, SortedVec};
 
 /// What one [`IncrementalModel::update`] changed in [`IncrementalModel::desired`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelChanges {
-    /// Everything may have changed (the first update, other node settings).
+    /// Everything may have changed (the first update, other node settings): the
+    /// frontends, source ranges and slices below are then not listed (a full pass
+    /// reads none of them; at 50 000 services the first update's lists were 10 MiB).
     pub all: bool,
     /// IPv4 frontends added, changed or removed, with the service port each had
     /// before (`None`: it is new). Also those whose backends' locality changed.
@@ -105,26 +108,24 @@ type SourceRanges<F> = BTreeSet<(F, u8)>;
 type KeyedSpec<F> = (FrontendKey<F>, Arc<FrontendSpec<F>>);
 
 /// What one service asks for in one family before conflicts with other services:
-/// frontends (with cluster-internal twins), local endpoints, source ranges, and its
-/// claim on each frontend of default scope. Sorted slices: a service has a handful of
-/// each, and a map per field per service was most of the model's memory at 50 000
-/// services (a map node holds eleven entries, however few it has).
+/// frontends (with cluster-internal twins), local endpoints, source ranges. Sorted
+/// slices: a service has a handful of each, and a map per field per service was most
+/// of the model's memory at 50 000 services (a map node holds eleven entries, however
+/// few it has). Its claims on frontends are not kept: [`Self::claims`] derives them.
 #[derive(Debug)]
 struct FamilyOutput<F: Family> {
     frontends: Box<[KeyedSpec<F>]>,
     local_endpoints: Box<[F]>,
     source_ranges: Box<[(ServicePortName, SourceRanges<F>)]>,
-    claims: Box<[(FrontendKey<F>, Claim)]>,
 }
 
 impl<F: Family> FamilyOutput<F> {
-    fn of(desired: FamilyDesired<F>, claims: BTreeMap<FrontendKey<F>, Claim>) -> Self {
+    fn of(desired: FamilyDesired<F>) -> Self {
         // Each map iterates in key order: the slices are sorted.
         Self {
             frontends: desired.frontends.into_iter().collect(),
             local_endpoints: desired.local_endpoints.into_iter().collect(),
             source_ranges: desired.source_ranges.into_iter().collect(),
-            claims: claims.into_iter().collect(),
         }
     }
 
@@ -132,37 +133,74 @@ impl<F: Family> FamilyOutput<F> {
         self.frontends.is_empty()
             && self.local_endpoints.is_empty()
             && self.source_ranges.is_empty()
-            && self.claims.is_empty()
+    }
+
+    /// The service's claim on each frontend of default scope it holds (its
+    /// cluster-internal twins follow them): what [`super::ServiceContext`] claimed
+    /// when it added them, from the frontend's kind and the service's age and key.
+    /// Derived rather than kept, a copy of the key and age per frontend (10 MiB at
+    /// 50 000 services with the claimants' vectors).
+    fn claims<'a>(
+        &'a self,
+        service: &'a ObjectKey,
+        created: Option<Timestamp>,
+    ) -> impl Iterator<Item = (FrontendKey<F>, Claim)> + 'a {
+        self.frontends
+            .iter()
+            .filter(|(key, _)| key.scope == scope::DEFAULT)
+            .map(move |(key, spec)| (*key, Claim::new(spec.kind, created, service.clone())))
     }
 }
 
 /// What one service asks for: each family's output, its health check, its own
-/// diagnostics. The IPv6 output is boxed and absent for a service without one, so an
-/// IPv4 service costs a pointer more than before dual stack, not four empty slices.
+/// diagnostics. What most services have none of (an IPv6 output, health checks,
+/// diagnostics) is boxed together and absent for a service without any of it.
 #[derive(Debug)]
 struct ServiceOutput {
     v4: FamilyOutput<Ipv4Addr>,
-    v6: Option<Box<FamilyOutput<Ipv6Addr>>>,
+    rare: Option<Box<RareOutput>>,
+}
+
+/// The parts of a [`ServiceOutput`] most services have none of.
+#[derive(Debug)]
+struct RareOutput {
+    v6: Option<FamilyOutput<Ipv6Addr>>,
     health_checks: Box<[(u16, ServiceHealth)]>,
-    diagnostics: Vec<Diagnostic>,
+    diagnostics: Box<[Diagnostic]>,
 }
 
 impl ServiceOutput {
-    fn of(desired: Desired, claims: Claims) -> Self {
-        let v6 = FamilyOutput::of(desired.v6, claims.v6);
-        Self {
-            v4: FamilyOutput::of(desired.v4, claims.v4),
-            v6: (!v6.is_empty()).then(|| Box::new(v6)),
+    fn of(desired: Desired) -> Self {
+        let v6 = FamilyOutput::of(desired.v6);
+        let rare = RareOutput {
+            v6: (!v6.is_empty()).then_some(v6),
             health_checks: desired.health_checks.into_iter().collect(),
-            diagnostics: desired.diagnostics,
+            diagnostics: desired.diagnostics.into_boxed_slice(),
+        };
+        let none =
+            rare.v6.is_none() && rare.health_checks.is_empty() && rare.diagnostics.is_empty();
+        Self {
+            v4: FamilyOutput::of(desired.v4),
+            rare: (!none).then(|| Box::new(rare)),
         }
+    }
+
+    fn v6(&self) -> Option<&FamilyOutput<Ipv6Addr>> {
+        self.rare.as_ref()?.v6.as_ref()
+    }
+
+    fn health_checks(&self) -> &[(u16, ServiceHealth)] {
+        self.rare.as_ref().map_or(&[], |rare| &rare.health_checks)
+    }
+
+    fn diagnostics(&self) -> &[Diagnostic] {
+        self.rare.as_ref().map_or(&[], |rare| &rare.diagnostics)
     }
 }
 
-// What dual stack costs an IPv4 service in the model: 8 bytes (the absent IPv6
-// output's pointer) over the 112 of one entry before it (the claims moved into the
-// family's output).
-const _: () = assert!(size_of::<ServiceEntry>() == 120);
+// What the model keeps per service beside its frontends: 64 bytes (120 with the
+// IPv6 output's pointer, health checks and diagnostics inline and the claims kept).
+const _: () = assert!(size_of::<ServiceEntry>() == 64);
 
 /// How generic code finds its family's half of a service's output.
 trait OutputFamily: Family {
@@ -177,7 +215,59 @@ impl OutputFamily for Ipv4Addr {
 
 impl OutputFamily for Ipv6Addr {
     fn output(output: &ServiceOutput) -> Option<&FamilyOutput<Self>> {
-        output.v6.as_deref()
+        output.v6()
+    }
+}
+
+/// Every service claiming one frontend, best first: almost always one, held inline
+/// (a vector of one was a heap block per frontend).
+#[derive(Debug)]
+enum Claimants {
+    One(Claim),
+    Many(Vec<Claim>),
+}
+
+impl Claimants {
+    fn as_slice(&self) -> &[Claim] {
+        match self {
+            Self::One(claim) => std::slice::from_ref(claim),
+            Self::Many(claims) => claims,
+        }
+    }
+
+    /// Adds a claim in its place.
+    fn insert(&mut self, claim: Claim) {
+        match self {
+            Self::One(held) => {
+                let held = held.clone();
+                let mut claims = vec![held, claim];
+                claims.sort();
+                *self = Self::Many(claims);
+            }
+            Self::Many(claims) => {
+                let at = claims.partition_point(|held| *held < claim);
+                claims.insert(at, claim);
+            }
+        }
+    }
+
+    /// Removes `service`'s claim; returns whether none is left.
+    fn remove(&mut self, service: &ObjectKey) -> bool {
+        match self {
+            Self::One(held) => held.service == *service,
+            Self::Many(claims) => {
+                claims.retain(|held| held.service != *service);
+                match claims.len() {
+                    0 => true,
+                    1 => {
+                        let last = claims.remove(0);
+                        *self = Self::One(last);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
     }
 }
 
@@ -186,7 +276,7 @@ impl OutputFamily for Ipv6Addr {
 #[derive(Debug)]
 struct FamilyIndex<F: Family> {
     /// Every service claiming each frontend of default scope, best first.
-    claimants: FastMap<FrontendKey<F>, Vec<Claim>>,
+    claimants: FastMap<FrontendKey<F>, Claimants>,
     /// The claimants that do not hold a frontend, reported.
     conflicts: BTreeMap<FrontendKey<F>, Vec<Diagnostic>>,
     /// How many services name each local endpoint address.
@@ -239,6 +329,32 @@ fn sorted_get<'a, K: Ord, V>(entries: &'a [(K, V)], key: &K) -> Option<&'a V> {
 struct SliceEntry {
     slice: Arc<SliceInfo>,
     service: Option<ObjectKey>,
+}
+
+/// The slices one update adds, put into the model's maps together once every
+/// changed slice is seen (see [`extend_sorted`]).
+#[derive(Default)]
+struct AddedSlices {
+    /// In key order.
+    slices: Vec<(ObjectKey, SliceEntry)>,
+    /// (service, slice key, slice) of the labelled ones.
+    by_service: Vec<(ObjectKey, ObjectKey, Arc<SliceInfo>)>,
+}
+
+/// Puts `entries`, in key order and of keys `map` does not hold, into `map`. When
+/// they are many against what it holds (a first update, every service recomputed),
+/// the map is built again from both sorted runs in one go: that packs its nodes full
+/// where inserting in key order leaves each about half full (a node of
+/// `ServiceEntry`s is over 1 KiB; 7 MiB at 50 000 services), and costs no more than
+/// the inserts. A few are inserted.
+fn extend_sorted<K: Ord, V>(map: &mut BTreeMap<K, V>, entries: Vec<(K, V)>) {
+    if entries.len() * 4 < map.len() {
+        map.extend(entries);
+        return;
+    }
+    let held = std::mem::take(map);
+    // Two sorted runs: the stable sort `collect` does merges them in linear time.
+    *map = held.into_iter().chain(entries).collect();
 }
 
 /// The model's state between snapshots; [`Self::desired`] is what [`super::desired`]
@@ -355,9 +471,10 @@ fn twin_of<F: Family>(key: &FrontendKey<F>) -> FrontendKey<F> {
 }
 
 impl<F: OutputFamily> FamilyIndex<F> {
-    /// Takes a service's output of this family out of the shared state.
+    /// Takes `service`'s output of this family out of the shared state.
     fn remove(
         &mut self,
+        service: &ObjectKey,
         old: Option<&FamilyOutput<F>>,
         desired: &mut FamilyDesired<F>,
         touched: &mut Touched<F>,
@@ -365,10 +482,13 @@ impl<F: OutputFamily> FamilyIndex<F> {
         let Some(old) = old else {
             return;
         };
-        for (frontend, claim) in &old.claims {
+        for (frontend, _) in old
+            .frontends
+            .iter()
+            .filter(|(key, _)| key.scope == scope::DEFAULT)
+        {
             if let Some(claims) = self.claimants.get_mut(frontend) {
-                claims.retain(|held| held != claim);
-                if claims.is_empty() {
+                if claims.remove(service) {
                     self.claimants.remove(frontend);
                 }
             }
@@ -389,9 +509,11 @@ impl<F: OutputFamily> FamilyIndex<F> {
         }
     }
 
-    /// Puts a service's output of this family into the shared state.
+    /// Puts `service`'s output of this family into the shared state.
     fn add(
         &mut self,
+        service: &ObjectKey,
+        created: Option<Timestamp>,
         new: Option<&FamilyOutput<F>>,
         desired: &mut FamilyDesired<F>,
         touched: &mut Touched<F>,
@@ -399,15 +521,14 @@ impl<F: OutputFamily> FamilyIndex<F> {
         let Some(new) = new else {
             return;
         };
-        for (frontend, claim) in &new.claims {
-            // Almost every frontend has one claimant: no room for more until needed.
-            let claims = self
-                .claimants
-                .entry(*frontend)
-                .or_insert_with(|| Vec::with_capacity(1));
-            let at = claims.partition_point(|held| held < claim);
-            claims.insert(at, claim.clone());
-            touched.frontends.insert(*frontend);
+        for (frontend, claim) in new.claims(service, created) {
+            match self.claimants.entry(frontend) {
+                std::collections::hash_map::Entry::Vacant(vacant) => {
+                    vacant.insert(Claimants::One(claim));
+                }
+                std::collections::hash_map::Entry::Occupied(held) => held.into_mut().insert(claim),
+            }
+            touched.frontends.insert(frontend);
         }
         for addr in &new.local_endpoints {
             *self.local_refs.entry(*addr).or_default() += 1;
@@ -429,7 +550,7 @@ impl<F: OutputFamily> FamilyIndex<F> {
         changes: &mut ModelChanges,
     ) {
         for (name, before) in touched.old_ranges {
-            if desired.source_ranges.get(&name) != before.as_ref() {
+            if !all && desired.source_ranges.get(&name) != before.as_ref() {
                 F::changed_ranges_mut(changes).insert(name);
             }
         }
@@ -474,7 +595,7 @@ impl<F: OutputFamily> FamilyIndex<F> {
         changes: &mut ModelChanges,
     ) {
         let twin = twin_of(key);
-        let claims = self.claimants.get(key).map_or(&[][..], Vec::as_slice);
+        let claims = self.claimants.get(key).map_or(&[][..], Claimants::as_slice);
         let holder = claims.first().and_then(|claim| {
             let output = F::output(&services.get(&claim.service)?.output)?;
             Some((claim, output))
@@ -528,8 +649,10 @@ impl<F: OutputFamily> FamilyIndex<F> {
             self.index_backends(&key, &spec, true);
             desired.frontends.insert(key, spec);
         }
-        let port = before.map(|before| before.service_port.clone());
-        F::changed_frontends_mut(changes).entry(key).or_insert(port);
+        if !changes.all {
+            let port = before.map(|before| before.service_port.clone());
+            F::changed_frontends_mut(changes).entry(key).or_insert(port);
+        }
     }
 
     fn index_backends(&mut self, key: &FrontendKey<F>, spec: &FrontendSpec<F>, add: bool) {
@@ -630,14 +753,32 @@ impl IncrementalModel {
             ),
             None => changed_keys(&mut self.slices, &state.endpoint_slices, same_slice),
         };
+        let mut added = AddedSlices::default();
         for key in changed_slices {
             changes.diagnostics |= self.replace_slice(
                 &key,
                 state.endpoint_slices.get(&key),
                 &state.services,
                 &mut dirty,
+                &mut added,
             );
-            changes.slices.push(key);
+            if !changes.all {
+                changes.slices.push(key);
+            }
+        }
+        extend_sorted(&mut self.slices, added.slices);
+        if self.slices_by_service.is_empty() {
+            added
+                .by_service
+                .sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            self.slices_by_service = group_sorted(added.by_service);
+        } else {
+            for (service, key, slice) in added.by_service {
+                self.slices_by_service
+                    .entry(service)
+                    .or_default()
+                    .insert(key, slice);
+            }
         }
 
         let node_name = state.node.name.as_deref().unwrap_or_default();
@@ -649,20 +790,23 @@ impl IncrementalModel {
         let mut touched_v4 = Touched::default();
         let mut touched_v6 = Touched::default();
         let mut touched_ports = BTreeSet::new();
+        // Computed in key order, put into the map together (see `extend_sorted`).
+        let mut computed = Vec::new();
         for key in &dirty {
             let old_diagnostics =
                 self.remove_service(key, &mut touched_v4, &mut touched_v6, &mut touched_ports);
             let new_diagnostics = match state.services.get(key) {
                 Some(service) => {
                     let entry = self.compute_service(key, service, node_name, zone, settings);
-                    let diagnostics = entry.output.diagnostics.clone();
+                    let diagnostics = entry.output.diagnostics().to_vec();
                     self.add_service(
                         key,
-                        entry,
+                        &entry,
                         &mut touched_v4,
                         &mut touched_v6,
                         &mut touched_ports,
                     );
+                    computed.push((key.clone(), entry));
                     diagnostics
                 }
                 None => Vec::new(),
@@ -670,6 +814,7 @@ impl IncrementalModel {
             changes.diagnostics |= old_diagnostics != new_diagnostics;
             changes.diagnostics |= self.check_orphans(key, state.services.contains_key(key));
         }
+        extend_sorted(&mut self.services, computed);
         let all = changes.all;
         self.v4.resolve(
             touched_v4,
@@ -703,6 +848,7 @@ impl IncrementalModel {
         new: Option<&Arc<SliceInfo>>,
         services: &BTreeMap<ObjectKey, Arc<ServiceInfo>>,
         dirty: &mut BTreeSet<ObjectKey>,
+        added: &mut AddedSlices,
     ) -> bool {
         let old_report = self.orphans.remove(key);
         if let Some(old) = self.slices.remove(key) {
@@ -728,10 +874,9 @@ impl IncrementalModel {
         });
         match &service {
             Some(service) => {
-                self.slices_by_service
-                    .entry(service.clone())
-                    .or_default()
-                    .insert(key.clone(), Arc::clone(slice));
+                added
+                    .by_service
+                    .push((service.clone(), key.clone(), Arc::clone(slice)));
                 dirty.insert(service.clone());
             }
             None => {
@@ -745,13 +890,13 @@ impl IncrementalModel {
                 );
             }
         }
-        self.slices.insert(
+        added.slices.push((
             key.clone(),
             SliceEntry {
                 slice: Arc::clone(slice),
                 service,
             },
-        );
+        ));
         // A labelled slice's report is decided with its service (check_orphans).
         old_report.as_ref() != self.orphans.get(key)
     }
@@ -806,11 +951,10 @@ impl IncrementalModel {
             settings,
         };
         let mut output = Desired::default();
-        let mut claims = Claims::default();
-        context.add_frontends(&mut output, &mut claims);
+        context.add_frontends(&mut output);
         ServiceEntry {
             service: Arc::clone(service),
-            output: ServiceOutput::of(output, claims),
+            output: ServiceOutput::of(output),
         }
     }
 
@@ -826,10 +970,11 @@ impl IncrementalModel {
             return Vec::new();
         };
         self.v4
-            .remove(Some(&old.output.v4), &mut self.desired.v4, touched_v4);
+            .remove(key, Some(&old.output.v4), &mut self.desired.v4, touched_v4);
         self.v6
-            .remove(old.output.v6.as_deref(), &mut self.desired.v6, touched_v6);
-        for (port, _) in old.output.health_checks.into_vec() {
+            .remove(key, old.output.v6(), &mut self.desired.v6, touched_v6);
+        for (port, _) in old.output.health_checks() {
+            let port = *port;
             if let Some(claimants) = self.health_claimants.get_mut(&port) {
                 claimants.remove(key);
                 if claimants.is_empty() {
@@ -839,33 +984,44 @@ impl IncrementalModel {
             touched_ports.insert(port);
         }
         self.diagnosed.remove(key);
-        old.output.diagnostics
+        old.output.diagnostics().to_vec()
     }
 
-    /// Puts a service's output into the shared state.
+    /// Puts a service's output into the shared state (the entry itself goes into
+    /// `self.services` after the pass's other services: `extend_sorted`).
     fn add_service(
         &mut self,
         key: &ObjectKey,
-        entry: ServiceEntry,
+        entry: &ServiceEntry,
         touched_v4: &mut Touched<Ipv4Addr>,
         touched_v6: &mut Touched<Ipv6Addr>,
         touched_ports: &mut BTreeSet<u16>,
     ) {
-        self.v4
-            .add(Some(&entry.output.v4), &mut self.desired.v4, touched_v4);
-        self.v6
-            .add(entry.output.v6.as_deref(), &mut self.desired.v6, touched_v6);
-        for (port, _) in entry.output.health_checks.iter() {
+        let created = entry.service.created;
+        self.v4.add(
+            key,
+            created,
+            Some(&entry.output.v4),
+            &mut self.desired.v4,
+            touched_v4,
+        );
+        self.v6.add(
+            key,
+            created,
+            entry.output.v6(),
+            &mut self.desired.v6,
+            touched_v6,
+        );
+        for (port, _) in entry.output.health_checks() {
             self.health_claimants
                 .entry(*port)
                 .or_default()
                 .insert(key.clone());
             touched_ports.insert(*port);
         }
-        if !entry.output.diagnostics.is_empty() {
+        if !entry.output.diagnostics().is_empty() {
             self.diagnosed.insert(key.clone());
         }
-        self.services.insert(key.clone(), entry);
     }
 
     /// Decides which service serves a healthCheckNodePort: the first in key order
@@ -876,7 +1032,7 @@ impl IncrementalModel {
         let winner = claimants.and_then(|claimants| claimants.first());
         let health = winner
             .and_then(|winner| self.services.get(winner))
-            .and_then(|entry| sorted_get(&entry.output.health_checks, &port).cloned());
+            .and_then(|entry| sorted_get(entry.output.health_checks(), &port).cloned());
         let diagnostics: Vec<Diagnostic> = match winner {
             Some(winner) => claimants
                 .into_iter()
@@ -918,7 +1074,7 @@ impl IncrementalModel {
             .diagnosed
             .iter()
             .filter_map(|key| self.services.get(key))
-            .flat_map(|entry| entry.output.diagnostics.iter());
+            .flat_map(|entry| entry.output.diagnostics().iter());
         self.desired.diagnostics = self
             .orphans
             .values()

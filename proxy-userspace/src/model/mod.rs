@@ -94,7 +94,9 @@ pub struct ModelSettings {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
     pub service: ObjectKey,
-    pub port: String,
+    /// Shared with the service's port (interned): every frontend, change and syncer
+    /// entry of the port holds a copy of its name.
+    pub port: std::sync::Arc<str>,
     pub proto: u8,
 }
 
@@ -305,35 +307,57 @@ struct ServiceContext<'a> {
     settings: &'a ModelSettings,
 }
 
-/// This service's claim on each frontend (of default scope) it holds against its own
-/// other ports, per family; conflicts between services are decided across services
-/// by [`IncrementalModel`].
-#[derive(Debug, Default)]
-struct Claims {
-    v4: BTreeMap<FrontendKey<Ipv4Addr>, Claim>,
-    v6: BTreeMap<FrontendKey<Ipv6Addr>, Claim>,
-}
-
 /// A service's claim on a frontend, ordered by the API's rules: what the API
 /// allocated (a ClusterIP, a NodePort) beats what a spec or a load balancer merely
 /// names (externalIPs, LoadBalancer ingress IPs); between equal claims the older
 /// Service wins (creationTimestamp; unknown counts as newest), then namespace/name.
 /// The smaller claim wins.
+///
+/// Every frontend of default scope has one per claimant (the model keeps them per
+/// frontend): packed into 48 bytes, the age as seconds and nanoseconds.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
     /// 0 for allocated addresses, 1 for claimed ones.
     rank: u8,
-    /// `(false, time)` with a creationTimestamp, `(true, _)` without.
-    age: (bool, Option<k8s_openapi::jiff::Timestamp>),
+    /// No creationTimestamp: newer than any.
+    unknown_age: bool,
+    /// The creationTimestamp's seconds and nanoseconds (0 when unknown).
+    created_s: i64,
+    created_ns: i32,
     service: ObjectKey,
 }
 
+const _: () = assert!(size_of::<Claim>() == 48);
+
 impl Claim {
+    /// The claim a service created at `created` (if known) makes on a frontend of
+    /// `kind`.
+    fn new(
+        kind: FrontendKind,
+        created: Option<k8s_openapi::jiff::Timestamp>,
+        service: ObjectKey,
+    ) -> Self {
+        Self {
+            rank: u8::from(matches!(
+                kind,
+                FrontendKind::ExternalIp | FrontendKind::LoadBalancer
+            )),
+            unknown_age: created.is_none(),
+            created_s: created.map_or(0, |time| time.as_second()),
+            created_ns: created.map_or(0, |time| time.subsec_nanosecond()),
+            service,
+        }
+    }
+
+    fn age(&self) -> (bool, i64, i32) {
+        (self.unknown_age, self.created_s, self.created_ns)
+    }
+
     /// Why this claim beats `other`.
     fn beats(&self, other: &Self) -> &'static str {
         if self.rank < other.rank {
             "an address the API allocated beats an externalIP or LoadBalancer claim"
-        } else if self.age < other.age {
+        } else if self.age() < other.age() {
             "the older Service wins"
         } else {
             "equal claims of the same age: first by namespace/name"
@@ -391,7 +415,7 @@ struct ServiceFacts {
 
 /// One valid service port (checked, and diagnosed, once for both families).
 struct PortFacts {
-    name: String,
+    name: std::sync::Arc<str>,
     proto: u8,
     port: u16,
     node_port: Option<u16>,
@@ -539,7 +563,7 @@ impl ServiceContext<'_> {
             return addresses;
         };
         self.cluster_ips(out, spec, &mut addresses);
-        let external = self.ip_list(out, "externalIP", spec.external_ips.iter());
+        let external = self.ip_list(out, "externalIP", spec.external_ips().iter());
         self.split(out, "externalIP", external, true, &mut addresses, |to| {
             (&mut to.v4.external_ips, &mut to.v6.external_ips)
         });
@@ -564,7 +588,7 @@ impl ServiceContext<'_> {
         }
         // Only ranges of a family restrict that family's traffic; with none valid,
         // kube-proxy (per IP family) installs no filter, and neither do we.
-        for range in &spec.load_balancer_source_ranges {
+        for range in spec.load_balancer_source_ranges() {
             match parse_cidr(range) {
                 Ok((addr, _)) if is_v4_mapped(addr) => self.diagnose(
                     out,
@@ -594,7 +618,7 @@ impl ServiceContext<'_> {
         if !spec.client_ip_affinity {
             return None;
         }
-        match spec.affinity_timeout_seconds {
+        match spec.affinity_timeout_seconds() {
             None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
             Some(seconds) => match u32::try_from(seconds) {
                 Ok(seconds) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&seconds) => Some(seconds),
@@ -663,13 +687,13 @@ impl ServiceContext<'_> {
             };
             for endpoint in &slice.endpoints {
                 // kube-proxy uses the first address of an endpoint only.
-                let Some(ip) = endpoint.address.ip().and_then(F::of) else {
+                let Some(ip) = endpoint.address().ip().and_then(F::of) else {
                     out.diagnose(
                         format!("EndpointSlice {slice_name}"),
                         DiagnosticReason::Malformed,
                         format!(
                             "endpoint address {:?} is not an {} address",
-                            endpoint.address.to_string(),
+                            endpoint.address().to_string(),
                             F::NAME
                         ),
                     );
@@ -679,9 +703,9 @@ impl ServiceContext<'_> {
                 let addr = F::socket(ip, target_port);
                 let candidate = Endpoint {
                     addr,
-                    ready: endpoint.ready,
-                    serving: endpoint.serving,
-                    terminating: endpoint.terminating,
+                    ready: endpoint.ready(),
+                    serving: endpoint.serving(),
+                    terminating: endpoint.terminating(),
                     is_local: !self.node_name.is_empty()
                         && endpoint.node_name().map(|name| &**name) == Some(self.node_name),
                     zone_hints: hints
@@ -709,7 +733,7 @@ impl ServiceContext<'_> {
         found.into_values().collect()
     }
 
-    fn add_frontends(&self, out: &mut Desired, claims: &mut Claims) {
+    fn add_frontends(&self, out: &mut Desired) {
         if !self.is_ours() {
             return;
         }
@@ -733,7 +757,7 @@ impl ServiceContext<'_> {
         let facts = ServiceFacts {
             affinity_timeout: self.affinity_timeout(out),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            external_local: spec.external_traffic_policy() == Some("Local"),
         };
         let is_node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         for port in &spec.ports {
@@ -741,10 +765,10 @@ impl ServiceContext<'_> {
                 continue;
             };
             if !addresses.v4.cluster_ips.is_empty() {
-                self.add_port_frontends(out, &mut claims.v4, &port, &addresses.v4, facts);
+                self.add_port_frontends(out, &port, &addresses.v4, facts);
             }
             if !addresses.v6.cluster_ips.is_empty() {
-                self.add_port_frontends(out, &mut claims.v6, &port, &addresses.v6, facts);
+                self.add_port_frontends(out, &port, &addresses.v6, facts);
             }
         }
     }
@@ -755,12 +779,12 @@ impl ServiceContext<'_> {
     /// ClusterIP, as kube-proxy's proxiers see no others.
     fn add_health_check<F: Family>(&self, out: &mut Desired, spec: &ServiceSpecInfo) {
         let needs_health_check = spec.type_.as_deref() == Some("LoadBalancer")
-            && spec.external_traffic_policy.as_deref() == Some("Local")
+            && spec.external_traffic_policy() == Some("Local")
             && !spec.ports.is_empty();
         if !needs_health_check {
             return;
         }
-        let port = match spec.health_check_node_port {
+        let port = match spec.health_check_node_port() {
             // The API allocates one for every such service; without it, load balancers
             // cannot tell which nodes have endpoints (kube-proxy logs and goes on).
             None | Some(0) => {
@@ -829,7 +853,7 @@ impl ServiceContext<'_> {
         port: &ServicePortInfo,
         is_node_port_type: bool,
     ) -> Option<PortFacts> {
-        let port_name = port.name.to_string();
+        let port_name = std::sync::Arc::clone(&port.name);
         let proto = match protocol_number(&port.protocol) {
             Ok(proto) => proto,
             Err(message) => {
@@ -878,7 +902,6 @@ impl ServiceContext<'_> {
     fn add_port_frontends<F: Family>(
         &self,
         out: &mut Desired,
-        claims: &mut BTreeMap<FrontendKey<F>, Claim>,
         port: &PortFacts,
         addresses: &Addresses<F>,
         facts: ServiceFacts,
@@ -953,7 +976,6 @@ impl ServiceContext<'_> {
             let spec = spec_for(FrontendKind::ClusterIp, internal_backends, 0);
             self.insert(
                 out,
-                claims,
                 FrontendKey {
                     addr,
                     port: service_port,
@@ -1009,7 +1031,7 @@ impl ServiceContext<'_> {
                 proto,
                 scope: scope::DEFAULT,
             };
-            let held = self.insert(out, claims, key, spec_for(kind, external_backends, flags));
+            let held = self.insert(out, key, spec_for(kind, external_backends, flags));
             if held && policies.external_local {
                 // Cluster-internal clients get the ClusterIP's backend set.
                 let internal = FrontendKey {
@@ -1017,31 +1039,18 @@ impl ServiceContext<'_> {
                     ..key
                 };
                 let internal_spec = spec_for(kind, internal_backends, service_flags::EXTERNAL);
-                self.insert(out, claims, internal, internal_spec);
+                self.insert(out, internal, internal_spec);
             }
         }
     }
 
-    /// This service's claim on a frontend of `kind`.
-    fn claim(&self, kind: FrontendKind) -> Claim {
-        let created = self.service.created;
-        Claim {
-            rank: u8::from(matches!(
-                kind,
-                FrontendKind::ExternalIp | FrontendKind::LoadBalancer
-            )),
-            age: (created.is_none(), created),
-            service: self.key.clone(),
-        }
-    }
-
-    /// Adds a frontend unless an earlier port of this service holds it (reported);
-    /// records the claim that competes with other services' for it (see [`Claim`]).
-    /// Returns whether this port holds the frontend within its service.
+    /// Adds a frontend unless an earlier port of this service holds it (reported).
+    /// Each one of default scope is this service's claim against other services'
+    /// for it (see [`Claim`]; a cluster-internal twin follows the frontend it is the
+    /// twin of). Returns whether this port holds the frontend within its service.
     fn insert<F: Family>(
         &self,
         out: &mut Desired,
-        claims: &mut BTreeMap<FrontendKey<F>, Claim>,
         key: FrontendKey<F>,
         spec: FrontendSpec<F>,
     ) -> bool {
@@ -1056,10 +1065,6 @@ impl ServiceContext<'_> {
                 self.diagnose(out, DiagnosticReason::FrontendConflict, message);
             }
             return false;
-        }
-        // A cluster-internal twin follows the frontend it is the twin of.
-        if key.scope == scope::DEFAULT {
-            claims.insert(key, self.claim(spec.kind));
         }
         F::part_mut(out)
             .frontends

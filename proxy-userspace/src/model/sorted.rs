@@ -68,6 +68,25 @@ impl<'a, K, V> IntoIterator for &'a SortedVec<K, V> {
     }
 }
 
+/// The map of groups of `entries` sorted by group, then key (unique): each group's
+/// entries in a [`SortedVec`] with room for exactly those, the map built in one go
+/// (its nodes full: inserting in key order leaves them about half full).
+pub(crate) fn group_sorted<G: Ord, K: Ord, V>(
+    entries: Vec<(G, K, V)>,
+) -> std::collections::BTreeMap<G, SortedVec<K, V>> {
+    let mut groups = Vec::new();
+    let mut entries = entries.into_iter().peekable();
+    while let Some((group, key, value)) = entries.next() {
+        let mut run = vec![(key, value)];
+        while let Some((_, key, value)) = entries.next_if(|(next, _, _)| *next == group) {
+            run.push((key, value));
+        }
+        run.shrink_to_fit();
+        groups.push((group, SortedVec(run)));
+    }
+    groups.into_iter().collect()
+}
+
 /// A small set as a sorted vector: a [`SortedVec`] of keys alone.
 pub(crate) type SortedSet<T> = SortedVec<T, ()>;
 
@@ -101,6 +120,26 @@ mod tests {
         map.remove(&2);
         map.remove(&3);
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn groups_take_room_for_their_entries() {
+        let entries = vec![(1, "a", 10), (1, "b", 11), (2, "a", 20), (5, "z", 50)];
+        let groups = group_sorted(entries);
+        let flat: Vec<(i32, &str, i32)> = groups
+            .iter()
+            .flat_map(|(group, entries)| entries.iter().map(|(k, v)| (*group, *k, *v)))
+            .collect();
+        assert_eq!(
+            flat,
+            [(1, "a", 10), (1, "b", 11), (2, "a", 20), (5, "z", 50)]
+        );
+        let room: Vec<usize> = groups
+            .values()
+            .map(|entries| entries.0.capacity())
+            .collect();
+        assert_eq!(room, [2, 1, 1]);
+        assert!(group_sorted(Vec::<(u8, u8, u8)>::new()).is_empty());
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::Snapshot;
 use crate::{
     metrics::ReasonLabels,
     model::{Diagnostic, DiagnosticReason},
-    state::{ChangedKeys, NodeInfo, ObjectKey, Revisions},
+    state::{ChangedKeys, ClusterState, NodeInfo, ObjectKey, Revisions, ServiceInfo, SliceInfo},
 };
 
 /// The largest manifest file read (a file of 65 535 endpoints is about 4 MiB).
@@ -179,6 +179,7 @@ impl ManifestDir {
         }
         files.sort();
         let mut snapshot = Snapshot::for_node(self.node_name.as_deref());
+        let mut merged = Merged::default();
         let mut unreadable = Vec::new();
         let mut parsed = BTreeMap::new();
         let mut reparsed = Vec::new();
@@ -197,7 +198,7 @@ impl ManifestDir {
                     .is_some_and(|known| known.stamp == stamp);
             if unchanged {
                 if let Some(known) = self.parsed.remove(&file) {
-                    merge(&mut snapshot, &known.content);
+                    merge(&mut snapshot, &mut merged, &known.content);
                     parsed.insert(file, known);
                     continue;
                 }
@@ -207,6 +208,7 @@ impl ManifestDir {
                     let mut content = Snapshot::for_node(self.node_name.as_deref());
                     parse_documents(&text, &file.display().to_string(), &mut content);
                     drop(text);
+                    compact_maps(&mut content.state);
                     // Objects of the file that did not change keep their copy.
                     if let Some(known) = self.parsed.get(&file) {
                         content.share_unchanged(&known.content.state);
@@ -235,7 +237,7 @@ impl ManifestDir {
                         &format!("{error}; using its last readable content"),
                     ));
                     unreadable.push((file.clone(), error));
-                    merge(&mut snapshot, &known.content);
+                    merge(&mut snapshot, &mut merged, &known.content);
                     // Read again next time, whatever its stamp says.
                     parsed.insert(
                         file,
@@ -247,10 +249,13 @@ impl ManifestDir {
                     continue;
                 }
             };
-            merge(&mut snapshot, &content);
+            merge(&mut snapshot, &mut merged, &content);
             reparsed.push(file.clone());
             parsed.insert(file, ParsedFile { stamp, content });
         }
+        // Later files replace objects of the same key: `collect` keeps the last.
+        snapshot.state.services = merged.services.into_iter().collect();
+        snapshot.state.endpoint_slices = merged.endpoint_slices.into_iter().collect();
         let changed = self.changed_keys(&parsed, &reparsed);
         snapshot.state.revision = self.revisions.next(Some(changed));
         self.parsed = parsed;
@@ -322,15 +327,40 @@ fn add_differences(changed: &mut ChangedKeys, before: &Snapshot, after: &Snapsho
     );
 }
 
+/// The objects of every file, in file order, for the directory's maps: built once
+/// from all of them, their nodes are full (inserted one by one in key order, each
+/// was about half full: 4 MiB more at 50 000 services), and no slower.
+#[derive(Default)]
+struct Merged {
+    services: Vec<(ObjectKey, Arc<ServiceInfo>)>,
+    endpoint_slices: Vec<(ObjectKey, Arc<SliceInfo>)>,
+}
+
+/// The maps of `state` built again in one go, their nodes full. For a file just
+/// parsed (its objects were inserted one by one): a few thousand entries against
+/// the seconds of YAML they came from.
+fn compact_maps(state: &mut ClusterState) {
+    state.services = std::mem::take(&mut state.services).into_iter().collect();
+    state.endpoint_slices = std::mem::take(&mut state.endpoint_slices)
+        .into_iter()
+        .collect();
+}
+
 /// Adds what one file gave to the directory's snapshot (later files replace objects of
 /// the same name, as when one text held them all), sharing the objects.
-fn merge(snapshot: &mut Snapshot, file: &Snapshot) {
-    for (key, service) in &file.state.services {
-        snapshot.add_shared_service(key.clone(), Arc::clone(service));
-    }
-    for (key, slice) in &file.state.endpoint_slices {
-        snapshot.add_shared_endpoint_slice(key.clone(), Arc::clone(slice));
-    }
+fn merge(snapshot: &mut Snapshot, merged: &mut Merged, file: &Snapshot) {
+    merged.services.extend(
+        file.state
+            .services
+            .iter()
+            .map(|(key, service)| (key.clone(), Arc::clone(service))),
+    );
+    merged.endpoint_slices.extend(
+        file.state
+            .endpoint_slices
+            .iter()
+            .map(|(key, slice)| (key.clone(), Arc::clone(slice))),
+    );
     if !file.state.node.labels.is_empty() {
         snapshot
             .state

@@ -239,7 +239,7 @@ pub fn measure_v6(set: &ServiceSet, repeat: u32, new_flows: u16) -> Result<TcCos
     let spec = |name: String, backends: Vec<SocketAddrV6>, flags| FrontendSpec::<Ipv6Addr> {
         service_port: ServicePortName {
             service: ObjectKey::new("bench", name.as_str()),
-            port: "http".to_owned(),
+            port: "http".into(),
             proto: proto::TCP,
         },
         kind: FrontendKind::ClusterIp,

@@ -10,7 +10,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::json;
 
 use super::*;
-use crate::model::desired;
+use crate::model::{desired, FrontendKind};
 
 /// xorshift64: a fixed sequence, the same on every run.
 struct Rng(u64);
@@ -338,4 +338,55 @@ fn only_the_keys_the_revision_names_are_compared() {
     state.revision = crate::state::Revisions::default().next(Some(ChangedKeys::default()));
     model.update(&state, &settings);
     assert_eq!(model.desired(), &desired(&state, &settings));
+}
+
+/// Many entries rebuild the map from both sorted runs, a few are inserted: either way
+/// the map holds the union, in order.
+#[test]
+fn extend_sorted_keeps_every_entry() {
+    for (held, added) in [
+        (0..0, 0..10),
+        (0..100, 100..110),
+        (0..10, 10..100),
+        (5..6, 0..5),
+    ] {
+        let mut map: BTreeMap<u32, u32> = held.clone().map(|k| (k * 2, k)).collect();
+        let entries: Vec<(u32, u32)> = added.clone().map(|k| (k * 2 + 1, k)).collect();
+        extend_sorted(&mut map, entries);
+        let mut want: Vec<(u32, u32)> = held
+            .map(|k| (k * 2, k))
+            .chain(added.map(|k| (k * 2 + 1, k)))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(map.into_iter().collect::<Vec<_>>(), want);
+    }
+}
+
+/// Claimants stay sorted best first, go from one inline to many and back, and say
+/// when the last one left.
+#[test]
+fn claimants_keep_the_best_first() {
+    let claim = |name: &str, rank: FrontendKind| Claim::new(rank, None, ObjectKey::new("ns", name));
+    let mut claimants = Claimants::One(claim("b", FrontendKind::ClusterIp));
+    claimants.insert(claim("c", FrontendKind::ExternalIp));
+    claimants.insert(claim("a", FrontendKind::ClusterIp));
+    let names = |claimants: &Claimants| -> Vec<String> {
+        claimants
+            .as_slice()
+            .iter()
+            .map(|claim| claim.service.name.to_string())
+            .collect()
+    };
+    assert_eq!(names(&claimants), ["a", "b", "c"]);
+    assert!(!claimants.remove(&ObjectKey::new("ns", "a")));
+    assert!(!claimants.remove(&ObjectKey::new("ns", "c")));
+    assert!(matches!(claimants, Claimants::One(_)), "one left, inline");
+    assert!(
+        !claimants.remove(&ObjectKey::new("ns", "zz")),
+        "not a claimant"
+    );
+    assert!(
+        claimants.remove(&ObjectKey::new("ns", "b")),
+        "the last one left"
+    );
 }
