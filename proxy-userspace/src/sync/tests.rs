@@ -416,16 +416,16 @@ fn transitions() -> Vec<Transition> {
     vec![
         Transition {
             name: "first_sync",
-            description: "empty maps: backends, then slots, then the frontend, for each frontend",
+            description: "empty maps: every frontend's backends (one batch), then for each frontend its slots, then its frontend entry",
             before: vec![],
             after: vec![web(&[11, 12]), dns.clone()],
             ops: &[
                 "put backend 10.244.1.11:8080",
                 "put backend 10.244.1.12:8080",
+                "put backend 10.244.1.21:8080",
                 "put slot 10.96.0.10:80/TCP#1 = 10.244.1.11:8080",
                 "put slot 10.96.0.10:80/TCP#2 = 10.244.1.12:8080",
                 "put frontend 10.96.0.10:80/TCP count=2",
-                "put backend 10.244.1.21:8080",
                 "put slot 10.96.0.53:80/TCP#1 = 10.244.1.21:8080",
                 "put frontend 10.96.0.53:80/TCP count=1",
             ],
@@ -678,20 +678,20 @@ fn failure_cases() -> Vec<FailureCase> {
     vec![
         FailureCase {
             name: "new_frontend_head_refused",
-            description: "b's frontend entry is refused (write 8): a and c programmed, b's slot and backend cleaned",
+            description: "b's frontend entry is refused (write 9, after the 4 backends and a's and b's slots): a and c programmed, b's slot and backend cleaned",
             before: vec![],
             after: vec![a.clone(), b.clone(), c.clone()],
-            fault: Fault::OnWrite(8),
+            fault: Fault::OnWrite(9),
             failed: &["b"],
             cleanup_errors: 0,
             programmed: vec![a.clone(), c.clone()],
         },
         FailureCase {
             name: "new_backend_refused",
-            description: "b's backend is refused (write 6): nothing of b is written",
+            description: "b's backend is refused (write 3, after a's two): nothing of b is written, a and c are finished alone",
             before: vec![],
             after: vec![a.clone(), b.clone(), c.clone()],
-            fault: Fault::OnWrite(6),
+            fault: Fault::OnWrite(3),
             failed: &["b"],
             cleanup_errors: 0,
             programmed: vec![a.clone(), c.clone()],
@@ -1055,9 +1055,9 @@ fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix
     let a = fe("a", 10, &[11, 12]);
     let b = fe("b", 20, &[13, 14, 15]);
     let c = fe("c", 30, &[16]);
-    // Writes: a's 2 backends, 2 slots, frontend (1-5); b's 3 backends (6-8), slot 1 (9),
-    // slot 2 (10, refused), ...
-    let mut fake = FakeMaps::failing_on(10);
+    // One batch: the 6 backends (writes 1-6), a's 2 slots and frontend (7-9), b's slot 1
+    // (10), slot 2 (11, refused), ...
+    let mut fake = FakeMaps::failing_on(11);
     let mut syncer = Syncer::default();
     let report = sync(&mut syncer, &mut fake, &[a.clone(), b.clone(), c.clone()]);
     assert_eq!(failed_names(&report), ["b"]);
@@ -1068,9 +1068,10 @@ fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix
     );
     assert!(report.failures[0].error.map_full);
     assert_eq!(fake.resolved(), resolved(&[a.clone(), c.clone()]));
-    // One batch per frontend (2 + 2 + 1, 3 + 3 + 1, 1 + 1 + 1 ops), then the cleanup of
-    // what b's batch left: its slot 1, then its 3 backends.
-    assert_eq!(fake.batches, [5, 7, 3, 1, 3]);
+    // One batch for all three (6 backends, 3 + 4 + 2 service ops); c, which it did not
+    // finish, alone (its slot and frontend: its backend was written); then the cleanup
+    // of what b left: its slot 1, then its 3 backends.
+    assert_eq!(fake.batches, [15, 2, 1, 3]);
     assert!(!fake
         .services
         .keys()
@@ -1211,9 +1212,9 @@ fn adopting_the_maps_then_syncing_the_same_state_writes_nothing() {
     assert_eq!(
         fake.log,
         [
+            "put backend 10.244.1.31:8080",
             "put frontend 10.96.0.10:80/TCP count=2 flags=0x1 affinity=60",
             "delete slot 10.96.0.10:80/TCP#3",
-            "put backend 10.244.1.31:8080",
             "put slot 10.96.0.99:80/TCP#1 = 10.244.1.31:8080",
             "put frontend 10.96.0.99:80/TCP count=1",
             "put frontend 192.168.1.10:30080/TCP count=2 flags=0x9 affinity=60",
