@@ -381,3 +381,424 @@ impl<F: Family> ServiceEntries<F> {
                 .sum::<usize>()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each row applies puts and deletes to [`ServiceEntries`] and to a plain map of
+    //! the same keys (what the kernel holds, one entry per key), and checks after
+    //! every step that the two agree on everything the syncer asks.
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        net::Ipv4Addr,
+    };
+
+    use proxy_common::{Be16, Be32, ServiceKeyV4};
+
+    use super::*;
+
+    type Entries = ServiceEntries<Ipv4Addr>;
+
+    /// Frontend `f` (10.96.0.f:80/TCP), slot `slot`.
+    fn key(frontend: u8, slot: u16) -> ServiceKeyV4 {
+        ServiceKeyV4 {
+            addr: Be32::from_ipv4(Ipv4Addr::new(10, 96, 0, frontend)),
+            port: Be16::from_host(80),
+            slot,
+            proto: 6,
+            scope: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    fn head(count: u16) -> ServiceValueV4 {
+        ServiceValueV4 {
+            service_id: 7,
+            count,
+            ..ServiceValueV4::default()
+        }
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        Put(ServiceKeyV4, ServiceValueV4),
+        Delete(ServiceKeyV4),
+    }
+    use Step::{Delete, Put};
+
+    fn put_head(frontend: u8, count: u16) -> Step {
+        Put(key(frontend, 0), head(count))
+    }
+
+    fn put_slot(frontend: u8, slot: u16, backend_id: u32) -> Step {
+        Put(key(frontend, slot), slot_value(backend_id))
+    }
+
+    fn delete(frontend: u8, slot: u16) -> Step {
+        Delete(key(frontend, slot))
+    }
+
+    /// A slot value read back from a map someone else wrote: more than a backend id.
+    fn odd(backend_id: u32) -> ServiceValueV4 {
+        ServiceValueV4 {
+            backend_id,
+            service_id: 99,
+            ..ServiceValueV4::default()
+        }
+    }
+
+    type Reference = BTreeMap<ServiceKeyV4, ServiceValueV4>;
+
+    /// Every way `entries` must agree with `reference`; the problems found.
+    fn disagreements(entries: &Entries, reference: &Reference) -> Vec<String> {
+        let mut problems = Vec::new();
+        if entries.len() != reference.len() {
+            problems.push(format!("len {} != {}", entries.len(), reference.len()));
+        }
+        let iterated: Reference = entries.iter().collect();
+        if entries.iter().count() != iterated.len() {
+            problems.push("iter yields a key twice".to_owned());
+        }
+        if &iterated != reference {
+            problems.push(format!("iter {iterated:?} != {reference:?}"));
+        }
+        // Every key of the reference, and the neighbours of each (absent ones).
+        let probes: BTreeSet<ServiceKeyV4> = reference
+            .keys()
+            .flat_map(|key| {
+                [0, 1, 2, key.slot.saturating_add(1)]
+                    .map(|slot| ServiceKeyV4 { slot, ..*key })
+                    .into_iter()
+                    .chain([*key])
+            })
+            .collect();
+        for probe in &probes {
+            if entries.get(probe) != reference.get(probe).copied() {
+                problems.push(format!(
+                    "get {probe:?}: {:?} != {:?}",
+                    entries.get(probe),
+                    reference.get(probe)
+                ));
+            }
+        }
+        let heads: Reference = entries.heads().map(|(k, v)| (*k, *v)).collect();
+        let want_heads: Reference = reference
+            .iter()
+            .filter(|(key, _)| key.slot == 0)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        if heads != want_heads {
+            problems.push(format!("heads {heads:?} != {want_heads:?}"));
+        }
+        for (head_key, value) in &want_heads {
+            let slots: Vec<Option<u32>> = entries.slots(head_key, value.count).collect();
+            let want: Vec<Option<u32>> = (1..=value.count)
+                .map(|slot| {
+                    reference
+                        .get(&ServiceKeyV4 { slot, ..*head_key })
+                        .map(|value| value.backend_id)
+                })
+                .collect();
+            if slots != want {
+                problems.push(format!("slots of {head_key:?}: {slots:?} != {want:?}"));
+            }
+        }
+        let orphans: Vec<ServiceKeyV4> = reference
+            .keys()
+            .filter(|key| key.slot != 0)
+            .filter(|key| {
+                reference
+                    .get(&ServiceKeyV4 { slot: 0, ..**key })
+                    .is_none_or(|head| key.slot > head.count)
+            })
+            .copied()
+            .collect();
+        if entries.orphan_slots() != orphans {
+            problems.push(format!(
+                "orphans {:?} != {orphans:?}",
+                entries.orphan_slots()
+            ));
+        }
+        // Built again from the map's entries, in another order: the same picture.
+        let rebuilt: Entries = reference.iter().rev().map(|(k, v)| (*k, *v)).collect();
+        if &rebuilt != entries {
+            problems.push("not equal to the same entries inserted in another order".into());
+        }
+        if entries.differences(&rebuilt) != 0 || rebuilt.differences(entries) != 0 {
+            problems.push("differences from an equal picture".into());
+        }
+        problems
+    }
+
+    struct Row {
+        name: &'static str,
+        steps: Vec<Step>,
+        /// How many frontends (map keys ignoring the slot) are held at the end.
+        frontends: usize,
+    }
+
+    fn rows() -> Vec<Row> {
+        vec![
+            Row {
+                name: "a frontend written as the syncer does: slots, then its entry",
+                steps: vec![put_slot(1, 1, 11), put_slot(1, 2, 12), put_head(1, 2)],
+                frontends: 1,
+            },
+            Row {
+                name: "grow: slots 3 and 4 added, the count raised",
+                steps: vec![
+                    put_slot(1, 1, 11),
+                    put_head(1, 1),
+                    put_slot(1, 2, 12),
+                    put_slot(1, 3, 13),
+                    put_head(1, 3),
+                ],
+                frontends: 1,
+            },
+            Row {
+                name: "shrink: the count lowered, then the slots above it deleted",
+                steps: vec![
+                    put_slot(1, 1, 11),
+                    put_slot(1, 2, 12),
+                    put_slot(1, 3, 13),
+                    put_slot(1, 4, 14),
+                    put_head(1, 4),
+                    put_head(1, 1),
+                    delete(1, 2),
+                    delete(1, 3),
+                    delete(1, 4),
+                ],
+                frontends: 1,
+            },
+            Row {
+                name: "shrink in the middle: a hole, then the last slot",
+                steps: vec![
+                    put_slot(1, 1, 11),
+                    put_slot(1, 2, 12),
+                    put_slot(1, 3, 13),
+                    put_head(1, 3),
+                    delete(1, 2),
+                    delete(1, 3),
+                    put_slot(1, 2, 13),
+                ],
+                frontends: 1,
+            },
+            Row {
+                name: "a slot rewritten to another backend",
+                steps: vec![put_slot(1, 1, 11), put_head(1, 1), put_slot(1, 1, 12)],
+                frontends: 1,
+            },
+            Row {
+                name: "removed: its entry first, then its slots; nothing left",
+                steps: vec![
+                    put_slot(1, 1, 11),
+                    put_slot(1, 2, 12),
+                    put_head(1, 2),
+                    delete(1, 0),
+                    delete(1, 1),
+                    delete(1, 2),
+                ],
+                frontends: 0,
+            },
+            Row {
+                name: "read back: a slot of another shape, then written plainly, then deleted",
+                steps: vec![
+                    put_head(1, 2),
+                    put_slot(1, 1, 11),
+                    Put(key(1, 2), odd(12)),
+                    put_slot(1, 2, 12),
+                    Put(key(1, 2), odd(13)),
+                    delete(1, 2),
+                ],
+                frontends: 1,
+            },
+            Row {
+                name: "read back: a slot naming backend 0 (no backend has it)",
+                steps: vec![put_head(1, 1), Put(key(1, 1), slot_value(0))],
+                frontends: 1,
+            },
+            Row {
+                name: "read back: a slot value with a count, in a frontend's last slot",
+                steps: vec![
+                    put_slot(1, 1, 11),
+                    Put(
+                        key(1, 2),
+                        ServiceValueV4 {
+                            count: 3,
+                            ..slot_value(12)
+                        },
+                    ),
+                    put_head(1, 2),
+                ],
+                frontends: 1,
+            },
+            Row {
+                name: "read back: orphans, slots of no frontend entry and above a count",
+                steps: vec![
+                    put_slot(2, 1, 21),
+                    put_slot(2, 3, 23),
+                    Put(key(2, 4), odd(24)),
+                    put_head(3, 1),
+                    put_slot(3, 1, 31),
+                    put_slot(3, 2, 32),
+                    Put(key(3, 5), odd(35)),
+                ],
+                frontends: 2,
+            },
+            Row {
+                name: "read back: a key with padding set is another frontend",
+                steps: vec![
+                    put_head(1, 1),
+                    put_slot(1, 1, 11),
+                    Put(
+                        ServiceKeyV4 {
+                            _pad: [1, 0],
+                            ..key(1, 1)
+                        },
+                        slot_value(12),
+                    ),
+                ],
+                frontends: 2,
+            },
+            Row {
+                name: "the top slot number",
+                steps: vec![
+                    put_slot(1, u16::MAX, 11),
+                    put_head(1, u16::MAX),
+                    delete(1, u16::MAX),
+                ],
+                frontends: 1,
+            },
+            Row {
+                name: "deleting what is not held changes nothing",
+                steps: vec![delete(1, 0), delete(1, 3), put_head(1, 0), delete(1, 1)],
+                frontends: 1,
+            },
+        ]
+    }
+
+    #[test]
+    fn service_entries_hold_what_the_map_holds() {
+        let mut failures = Vec::new();
+        for row in rows() {
+            let mut entries = Entries::default();
+            let mut reference = Reference::new();
+            for (at, step) in row.steps.iter().enumerate() {
+                let (held, want) = match *step {
+                    Put(key, value) => (entries.insert(key, value), reference.insert(key, value)),
+                    Delete(key) => (entries.remove(&key), reference.remove(&key)),
+                };
+                if held != want {
+                    failures.push(format!(
+                        "{}: step {at} {step:?} returned {held:?}, want {want:?}",
+                        row.name
+                    ));
+                }
+                for problem in disagreements(&entries, &reference) {
+                    failures.push(format!("{}: after step {at} {step:?}: {problem}", row.name));
+                }
+            }
+            if entries.frontend_count() != row.frontends {
+                failures.push(format!(
+                    "{}: {} frontends held, want {}",
+                    row.name,
+                    entries.frontend_count(),
+                    row.frontends
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn differences_count_entries_as_the_map_holds_them() {
+        let plain = || vec![put_slot(1, 1, 11), put_slot(1, 2, 12), put_head(1, 2)];
+        let with = |extra: &[Step]| {
+            let mut steps = plain();
+            steps.extend_from_slice(extra);
+            steps
+        };
+        // (name, one side, other side, entries that differ)
+        let rows: Vec<(&str, Vec<Step>, Vec<Step>, usize)> = vec![
+            ("the same", plain(), plain(), 0),
+            ("a slot names another backend", plain(), with(&[put_slot(1, 2, 13)]), 1),
+            ("the frontend entry deleted", plain(), with(&[delete(1, 0)]), 1),
+            ("the count changed", plain(), with(&[put_head(1, 1)]), 1),
+            ("a slot above the count", plain(), with(&[put_slot(1, 3, 13)]), 1),
+            ("a hole", plain(), with(&[delete(1, 1)]), 1),
+            ("the same slot of another shape", plain(), with(&[Put(key(1, 2), odd(12))]), 1),
+            (
+                "a second frontend",
+                plain(),
+                with(&[put_slot(2, 1, 21), put_head(2, 1)]),
+                2,
+            ),
+            ("everything gone", plain(), vec![], 3),
+            (
+                "odd on both sides, equal",
+                with(&[Put(key(1, 3), odd(13))]),
+                with(&[Put(key(1, 3), odd(13))]),
+                0,
+            ),
+        ];
+        let build = |steps: &[Step]| {
+            let mut entries = Entries::default();
+            let mut reference = Reference::new();
+            for step in steps {
+                match *step {
+                    Put(key, value) => {
+                        entries.insert(key, value);
+                        reference.insert(key, value);
+                    }
+                    Delete(key) => {
+                        entries.remove(&key);
+                        reference.remove(&key);
+                    }
+                }
+            }
+            (entries, reference)
+        };
+        let mut failures = Vec::new();
+        for (name, one, other, want) in rows {
+            let ((a, ref_a), (b, ref_b)) = (build(&one), build(&other));
+            let by_key = ref_a
+                .iter()
+                .filter(|(key, value)| ref_b.get(*key) != Some(*value))
+                .count()
+                + ref_b.keys().filter(|key| !ref_a.contains_key(*key)).count();
+            for (direction, got) in [("a-b", a.differences(&b)), ("b-a", b.differences(&a))] {
+                if got != want || by_key != want {
+                    failures.push(format!(
+                        "{name} ({direction}): {got} differ, key by key {by_key}, want {want}"
+                    ));
+                }
+            }
+            if (a == b) != (want == 0) {
+                failures.push(format!("{name}: equality disagrees with differences"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn a_shrunk_frontend_gives_its_room_back() {
+        let mut entries = Entries::default();
+        for slot in 1..=1000 {
+            entries.insert(key(1, slot), slot_value(u32::from(slot)));
+        }
+        entries.insert(key(1, 0), head(1000));
+        entries.insert(key(1, 0), head(10));
+        for slot in 11..=1000 {
+            entries.remove(&key(1, slot));
+        }
+        let entry = &entries.frontends[&key(1, 0)];
+        assert_eq!(entry.slots.len(), 10);
+        assert!(entry.slots.capacity() < 40, "{}", entry.slots.capacity());
+        // Written as the syncer writes a frontend, the vector holds its slots exactly.
+        let mut entries = Entries::default();
+        for slot in 1..=10 {
+            entries.insert(key(2, slot), slot_value(u32::from(slot)));
+        }
+        entries.insert(key(2, 0), head(10));
+        assert_eq!(entries.frontends[&key(2, 0)].slots.capacity(), 10);
+    }
+}

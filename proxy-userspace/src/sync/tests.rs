@@ -1083,6 +1083,135 @@ fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix
     assert_eq!(fake.resolved(), resolved(&[a, b, c]));
 }
 
+/// A pass writes its frontends in one batch (here: two new ones sharing a backend,
+/// one that grows, one that shrinks). A refusal at any op of it fails the frontend
+/// that op belongs to (a backend's: the first frontend that needs it) and no other:
+/// the rest of the batch is finished in the same pass.
+#[test]
+fn a_refused_op_anywhere_in_a_shared_batch_fails_its_frontend_only() {
+    let before = [fe("c", 30, &[14]), fe("d", 40, &[15, 16, 17])];
+    let after = [
+        fe("a", 10, &[11, 12]),
+        fe("b", 20, &[12, 13]),
+        fe("c", 30, &[14, 18]),
+        fe("d", 40, &[15]),
+    ];
+    let mut clean = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    sync(&mut syncer, &mut clean, &before);
+    clean.log.clear();
+    clean.batches.clear();
+    sync(&mut syncer, &mut clean, &after);
+    // 4 backends, a's and b's 2 slots and frontend, c's slot and count, d's count and
+    // 2 slot deletions: one batch; then d's 2 unused backends.
+    assert_eq!(clean.batches, [15, 2], "{:#?}", clean.log);
+    let owner = |line: &str| -> &'static str {
+        let by_frontend = after.iter().find(|fe| {
+            let name = frontend_name(&service_key(&fe.key, 0));
+            line.contains(&format!("{name} ")) || line.contains(&format!("{name}#"))
+        });
+        let by_backend = || {
+            after.iter().find(|fe| {
+                line.starts_with("put backend ")
+                    && fe
+                        .backends
+                        .iter()
+                        .any(|b| line.ends_with(&format!(" 10.244.1.{b}:8080")))
+            })
+        };
+        by_frontend.or_else(by_backend).map_or("?", |fe| fe.name)
+    };
+    let line_of = |fake: &FakeMaps, name: &str| -> Option<String> {
+        let fe = after.iter().find(|fe| fe.name == name)?;
+        let head = frontend_name(&service_key(&fe.key, 0));
+        fake.resolved().into_iter().find(|line| line.starts_with(&format!("{head} ")))
+    };
+    let mut failures = Vec::new();
+    for write in 1..=15 {
+        let refused = owner(&clean.log[write - 1]);
+        let mut fake = FakeMaps::default();
+        let mut syncer = Syncer::default();
+        sync(&mut syncer, &mut fake, &before);
+        fake.writes = 0;
+        fake.fail_on = Some(write);
+        let report = sync(&mut syncer, &mut fake, &after);
+        let case = format!("write {write} ({}, {refused}'s)", clean.log[write - 1]);
+        if failed_names(&report) != [refused] {
+            failures.push(format!("{case}: failed {:?}", failed_names(&report)));
+        }
+        if report.frontends_written != 3 {
+            failures.push(format!("{case}: {} written", report.frontends_written));
+        }
+        let mut programmed = FakeMaps::default();
+        sync(&mut Syncer::default(), &mut programmed, &after);
+        let mut old = FakeMaps::default();
+        sync(&mut Syncer::default(), &mut old, &before);
+        for fe in &after {
+            let got = line_of(&fake, fe.name);
+            let new = line_of(&programmed, fe.name);
+            let fine = if fe.name == refused {
+                // Its old state, none if it had none, or done (a refused deletion of
+                // a slot its lowered count no longer covers).
+                got == line_of(&old, fe.name) || got == new
+            } else {
+                got == new
+            };
+            if !fine {
+                failures.push(format!("{case}: {} resolves to {got:?}", fe.name));
+            }
+        }
+        fake.fail_on = None;
+        let retry = sync(&mut syncer, &mut fake, &after);
+        if !retry.failures.is_empty() || fake.resolved() != resolved(&after) {
+            failures.push(format!("{case}: the retry left {:#?}", fake.resolved()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A first pass of thousands of frontends hands the writer a few batches, none much
+/// longer than [`BATCH_OPS`], instead of two per frontend.
+#[test]
+fn a_first_pass_of_thousands_of_frontends_takes_a_few_writer_calls() {
+    let template = fe("web", 10, &[]);
+    let frontends = (0..3000u32)
+        .map(|i| {
+            let key = FrontendKey {
+                addr: Ipv4Addr::from(0x0a60_0000 + i),
+                ..template.key
+            };
+            let mut spec = template.spec();
+            spec.backends = (0..2)
+                .map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + 2 * i + b), 8080))
+                .collect();
+            (key, std::sync::Arc::new(spec))
+        })
+        .collect();
+    let desired = Desired {
+        v4: crate::model::FamilyDesired {
+            frontends,
+            ..crate::model::FamilyDesired::default()
+        },
+        ..Desired::default()
+    };
+    let mut fake = FakeMaps {
+        unchecked: true,
+        ..FakeMaps::default()
+    };
+    let mut syncer = Syncer::default();
+    let report = syncer.sync(&desired, &mut fake);
+    assert!(report.failures.is_empty() && report.cleanup_errors.is_empty());
+    assert_eq!(
+        (report.ops_applied, report.frontends_written),
+        (3000 * 5, 3000)
+    );
+    // 5 ops a frontend: 1639 frontends fill the first batch past 8192, 1361 the second.
+    assert_eq!(fake.batches, [8195, 6805]);
+    fake.check_invariant("the pass");
+    assert!(fake.violations.is_empty(), "{:?}", &fake.violations[..1]);
+    assert_eq!(syncer.mirror(), &fake.mirror());
+}
+
 #[test]
 fn a_refused_delete_in_the_middle_of_a_cleanup_batch_does_not_stop_the_rest() {
     let a = fe("a", 10, &[11]);
