@@ -1151,9 +1151,10 @@ impl<F: Family> Syncer<F> {
         let owner = if applied < backend_ops {
             owners.get(applied).copied()
         } else {
-            Some(planned.partition_point(|frontend| {
-                backend_ops + frontend.service_ops.end <= applied
-            }))
+            Some(
+                planned
+                    .partition_point(|frontend| backend_ops + frontend.service_ops.end <= applied),
+            )
         };
         let mut error = Some(error);
         let mut unfinished = Vec::new();

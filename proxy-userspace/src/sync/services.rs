@@ -297,14 +297,16 @@ impl<F: Family> ServiceEntries<F> {
     ) -> impl Iterator<Item = Option<u32>> + '_ {
         let entry = self.frontends.get(head_key);
         let head_key = *head_key;
-        (1..=count).map(move |slot| match entry.map_or(0, |entry| entry.slot(slot)) {
-            0 if self.odd.is_empty() => None,
-            0 => self
-                .odd
-                .get(&F::key_with_slot(&head_key, slot))
-                .map(|value| value.backend_id),
-            backend_id => Some(backend_id),
-        })
+        (1..=count).map(
+            move |slot| match entry.map_or(0, |entry| entry.slot(slot)) {
+                0 if self.odd.is_empty() => None,
+                0 => self
+                    .odd
+                    .get(&F::key_with_slot(&head_key, slot))
+                    .map(|value| value.backend_id),
+                backend_id => Some(backend_id),
+            },
+        )
     }
 
     /// The slot entries no frontend count covers: slots above their frontend entry's
@@ -359,7 +361,11 @@ impl<F: Family> ServiceEntries<F> {
         let empty = FrontendEntry::default();
         let held = |entry: &FrontendEntry| {
             usize::from(entry.head.is_some())
-                + entry.slots.iter().filter(|backend_id| **backend_id != 0).count()
+                + entry
+                    .slots
+                    .iter()
+                    .filter(|backend_id| **backend_id != 0)
+                    .count()
         };
         let mut differ = 0;
         for (key, mine) in &self.frontends {
@@ -720,12 +726,32 @@ mod tests {
         // (name, one side, other side, entries that differ)
         let rows: Vec<(&str, Vec<Step>, Vec<Step>, usize)> = vec![
             ("the same", plain(), plain(), 0),
-            ("a slot names another backend", plain(), with(&[put_slot(1, 2, 13)]), 1),
-            ("the frontend entry deleted", plain(), with(&[delete(1, 0)]), 1),
+            (
+                "a slot names another backend",
+                plain(),
+                with(&[put_slot(1, 2, 13)]),
+                1,
+            ),
+            (
+                "the frontend entry deleted",
+                plain(),
+                with(&[delete(1, 0)]),
+                1,
+            ),
             ("the count changed", plain(), with(&[put_head(1, 1)]), 1),
-            ("a slot above the count", plain(), with(&[put_slot(1, 3, 13)]), 1),
+            (
+                "a slot above the count",
+                plain(),
+                with(&[put_slot(1, 3, 13)]),
+                1,
+            ),
             ("a hole", plain(), with(&[delete(1, 1)]), 1),
-            ("the same slot of another shape", plain(), with(&[Put(key(1, 2), odd(12))]), 1),
+            (
+                "the same slot of another shape",
+                plain(),
+                with(&[Put(key(1, 2), odd(12))]),
+                1,
+            ),
             (
                 "a second frontend",
                 plain(),

@@ -1124,7 +1124,9 @@ fn a_refused_op_anywhere_in_a_shared_batch_fails_its_frontend_only() {
     let line_of = |fake: &FakeMaps, name: &str| -> Option<String> {
         let fe = after.iter().find(|fe| fe.name == name)?;
         let head = frontend_name(&service_key(&fe.key, 0));
-        fake.resolved().into_iter().find(|line| line.starts_with(&format!("{head} ")))
+        fake.resolved()
+            .into_iter()
+            .find(|line| line.starts_with(&format!("{head} ")))
     };
     let mut failures = Vec::new();
     for write in 1..=15 {
