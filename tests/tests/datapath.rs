@@ -770,7 +770,7 @@ fn batched_map_writes_land_in_order_and_a_full_map_stops_them_where_it_is_full()
     for op in &ops {
         let landed = match *op {
             MapOp::PutBackend { id, backend } => mirror.backends.get(&id) == Some(&backend),
-            MapOp::PutService { key, value } => mirror.services.get(&key) == Some(&value),
+            MapOp::PutService { key, value } => mirror.services.get(&key) == Some(value),
             MapOp::PutSourceRange { key } => mirror.source_ranges.contains(&key),
             _ => false,
         };

@@ -16,6 +16,7 @@
 //! once the writer has applied it, so a failed write (a full map) leaves the mirror equal
 //! to the kernel and the next pass retries.
 pub mod frontend_addrs;
+pub mod services;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +24,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use proxy_common::{backend_flags, ServiceValueV4};
 
+pub use self::services::ServiceEntries;
 use crate::{
     family::Family,
     model::{sorted::SortedSet, Desired, FrontendKey, FrontendSpec, ModelChanges, ServicePortName},
@@ -119,7 +121,8 @@ pub trait MapWriter<F: Family = Ipv4Addr> {
 /// What the syncer believes the service and backend maps of family `F` hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mirror<F: Family = Ipv4Addr> {
-    pub services: FastMap<F::ServiceKey, ServiceValueV4>,
+    /// One entry per frontend inside, the map's keys and values outside.
+    pub services: ServiceEntries<F>,
     pub backends: FastMap<u32, F::Backend>,
     pub source_ranges: BTreeSet<SourceRangeKey<F>>,
 }
@@ -127,7 +130,7 @@ pub struct Mirror<F: Family = Ipv4Addr> {
 impl<F: Family> Default for Mirror<F> {
     fn default() -> Self {
         Self {
-            services: FastMap::default(),
+            services: ServiceEntries::default(),
             backends: FastMap::default(),
             source_ranges: BTreeSet::new(),
         }
@@ -172,7 +175,7 @@ impl<F: Family> Mirror<F> {
                 + b.keys().filter(|key| !a.contains_key(*key)).count()
         }
         [
-            count(&self.services, &other.services),
+            self.services.differences(&other.services),
             count(&self.backends, &other.backends),
             self.source_ranges
                 .symmetric_difference(&other.source_ranges)
@@ -180,11 +183,9 @@ impl<F: Family> Mirror<F> {
         ]
     }
 
-    /// Frontend entries (slot 0).
-    fn frontends(&self) -> impl Iterator<Item = (&F::ServiceKey, &ServiceValueV4)> {
-        self.services
-            .iter()
-            .filter(|(key, _)| F::key_slot(key) == 0)
+    /// The frontend entries (slot 0), without walking their slots.
+    pub fn frontends(&self) -> impl Iterator<Item = (&F::ServiceKey, &ServiceValueV4)> {
+        self.services.heads()
     }
 
     /// `(service id, backend id)` pairs a packet can reach: the slots `1..=count` of
@@ -347,6 +348,72 @@ struct PortEntry {
     refs: u32,
 }
 
+/// The most ops a pass hands the writer in one call (the kernel writes a batch of
+/// them entry by entry, so more would save no syscall worth having, and hold more
+/// memory).
+const BATCH_OPS: usize = 8192;
+
+/// Frontends planned for one writer call, with their ops in write order: every
+/// backend they need written first (a backend before any slot that names it), then
+/// each frontend's service map ops in the order of the module's notes.
+struct Chunk<'a, F: Family> {
+    backend_ops: Vec<MapOp<F>>,
+    /// The index in `frontends` of the frontend that queued each backend op.
+    backend_owners: Vec<usize>,
+    /// The backend ids `backend_ops` writes, with the index of their op.
+    queued_backends: FastMap<u32, usize>,
+    service_ops: Vec<MapOp<F>>,
+    frontends: Vec<Planned<'a, F>>,
+    /// Entries the chunk adds to the service map and removes from it, and adds to
+    /// the backend map: room taken before the next frontend's check.
+    services_added: usize,
+    services_removed: usize,
+    backends_added: usize,
+}
+
+impl<F: Family> Default for Chunk<'_, F> {
+    fn default() -> Self {
+        Self {
+            backend_ops: Vec::new(),
+            backend_owners: Vec::new(),
+            queued_backends: FastMap::default(),
+            service_ops: Vec::new(),
+            frontends: Vec::new(),
+            services_added: 0,
+            services_removed: 0,
+            backends_added: 0,
+        }
+    }
+}
+
+impl<F: Family> Chunk<'_, F> {
+    fn len(&self) -> usize {
+        self.backend_ops.len() + self.service_ops.len()
+    }
+
+    /// Empty, keeping the room of its buffers.
+    fn clear(&mut self) {
+        self.backend_ops.clear();
+        self.backend_owners.clear();
+        self.queued_backends.clear();
+        self.service_ops.clear();
+        self.frontends.clear();
+        self.services_added = 0;
+        self.services_removed = 0;
+        self.backends_added = 0;
+    }
+}
+
+/// One frontend of a [`Chunk`].
+struct Planned<'a, F: Family> {
+    frontend: &'a FrontendKey<F>,
+    spec: &'a FrontendSpec<F>,
+    /// The last of the chunk's backend ops it needs (its own or another's).
+    last_backend_op: Option<usize>,
+    /// Its ops in the chunk's `service_ops`.
+    service_ops: std::ops::Range<usize>,
+}
+
 /// Indexes over the mirror, kept by [`Syncer::apply`] op by op, so that a pass looks
 /// only at what it touched: which backends lost their last slot, which frontends share
 /// a service id, and whether orphan slots can exist at all.
@@ -383,14 +450,14 @@ impl<F: Family> MirrorIndex<F> {
             touched: FastMap::default(),
             allocated: Vec::new(),
         };
-        for (key, value) in &mirror.services {
-            if F::key_slot(key) == 0 {
+        for (key, value) in mirror.services.iter() {
+            if F::key_slot(&key) == 0 {
                 index
                     .heads_by_service
                     .entry(value.service_id)
                     .or_default()
-                    .insert_key(*key);
-                *index.heads_by_addr.entry(F::key_addr(key)).or_default() += 1;
+                    .insert_key(key);
+                *index.heads_by_addr.entry(F::key_addr(&key)).or_default() += 1;
             } else {
                 *index.backend_refs.entry(value.backend_id).or_default() += 1;
             }
@@ -422,7 +489,8 @@ impl<F: Family> Syncer<F> {
     /// A syncer for maps that hold `mirror` (empty maps, or what the kernel holds
     /// after a restart).
     #[must_use]
-    pub fn adopt(mirror: Mirror<F>) -> Self {
+    pub fn adopt(mut mirror: Mirror<F>) -> Self {
+        mirror.services.shrink_to_fit();
         let backend_ids = mirror.backends.iter().map(|(&id, &b)| (b, id)).collect();
         let next_backend_id = mirror
             .backends
@@ -536,9 +604,8 @@ impl<F: Family> Syncer<F> {
         // Room first: what nobody wants goes before anything new is written.
         self.remove_undesired(desired, writer, &mut report);
         let part = F::part(desired);
-        for (frontend, spec) in &part.frontends {
-            self.sync_frontend(frontend, spec, &part.local_endpoints, writer, &mut report);
-        }
+        let frontends = part.frontends.iter().map(|(key, spec)| (key, &**spec));
+        self.write_frontends(frontends, &part.local_endpoints, writer, &mut report);
         self.remove_orphan_slots(writer, &mut report);
         let stale_ranges: Vec<SourceRangeKey<F>> = self
             .mirror
@@ -555,18 +622,12 @@ impl<F: Family> Syncer<F> {
         report
     }
 
-    /// Makes room in the mirror's service map for every entry `desired` asks for, at
-    /// once: grown entry by entry, its last resize held the old table and the new one
-    /// together (15 and 30 MiB for the 550 000 entries of 50 000 x 10), the syncer's
-    /// peak.
+    /// Makes room in the mirror for every frontend `desired` asks for, at once: grown
+    /// entry by entry, its last resize holds the old table and the new one together.
     fn reserve_for(&mut self, desired: &Desired) {
-        let wanted: usize = F::part(desired)
-            .frontends
-            .values()
-            .map(|spec| 1 + spec.backends.len())
-            .sum();
+        let wanted = F::part(desired).frontends.len();
         let services = &mut self.mirror.services;
-        services.reserve(wanted.saturating_sub(services.len()));
+        services.reserve(wanted.saturating_sub(services.frontend_count()));
     }
 
     /// Whether [`Self::sync_changes`] can bring the maps to a desired state from what
@@ -630,15 +691,15 @@ impl<F: Family> Syncer<F> {
                 continue;
             }
             let head_key = service_key(frontend, 0);
-            if let Some(head) = self.mirror.services.get(&head_key).copied() {
+            if let Some(head) = self.mirror.services.get(&head_key) {
                 self.remove_frontend(head_key, head, writer, &mut report);
             }
         }
-        for frontend in F::changed_frontends(changes).keys() {
-            if let Some(spec) = part.frontends.get(frontend) {
-                self.sync_frontend(frontend, spec, &part.local_endpoints, writer, &mut report);
-            }
-        }
+        let frontends = F::changed_frontends(changes)
+            .keys()
+            .filter_map(|frontend| part.frontends.get_key_value(frontend))
+            .map(|(key, spec)| (key, &**spec));
+        self.write_frontends(frontends, &part.local_endpoints, writer, &mut report);
         self.remove_orphan_slots(writer, &mut report);
         for key in held_ranges.difference(&wanted_ranges) {
             if let Err(error) =
@@ -806,13 +867,11 @@ impl<F: Family> Syncer<F> {
         let Some(value) = self.mirror.services.get(head) else {
             return Vec::new();
         };
-        (1..=value.count)
-            .filter_map(|slot| {
-                self.mirror
-                    .services
-                    .get(&F::key_with_slot(head, slot))
-                    .map(|slot_value| (value.service_id, slot_value.backend_id))
-            })
+        self.mirror
+            .services
+            .slots(head, value.count)
+            .flatten()
+            .map(|backend_id| (value.service_id, backend_id))
             .collect()
     }
 
@@ -928,19 +987,6 @@ impl<F: Family> Syncer<F> {
         (applied, error)
     }
 
-    /// [`Self::apply_prefix`]: all of `ops`, or the error of the op that stopped them.
-    fn apply_all(
-        &mut self,
-        ops: &[MapOp<F>],
-        writer: &mut impl MapWriter<F>,
-        report: &mut SyncReport<F>,
-    ) -> Result<(), WriteError<F>> {
-        match self.apply_prefix(ops, writer, report) {
-            (_, Some(error)) => Err(error),
-            (_, None) => Ok(()),
-        }
-    }
-
     /// [`Self::apply_prefix`] going on past refused ops (cleanup: each op stands
     /// alone); the errors of those refused.
     fn apply_each(
@@ -1003,10 +1049,16 @@ impl<F: Family> Syncer<F> {
         };
         let head = F::key_with_slot(&key, 0);
         if !self.index.touched.contains_key(&head) {
+            // A frontend that reached no pair before its first change has none to
+            // report: not kept (a first pass would keep every frontend, 2.4 MiB at
+            // 50 000). Looked up again on its next op, which may then keep the pairs
+            // this pass gave it; still reachable afterwards, they are not reported.
             let pairs = self.frontend_pairs(&head);
-            self.index.touched.insert(head, pairs);
+            if !pairs.is_empty() {
+                self.index.touched.insert(head, pairs);
+            }
         }
-        let old = self.mirror.services.get(&key).copied();
+        let old = self.mirror.services.get(&key);
         if F::key_slot(&key) == 0 {
             let addr = F::key_addr(&key);
             if let Some(old) = old {
@@ -1041,24 +1093,107 @@ impl<F: Family> Syncer<F> {
         }
     }
 
-    /// The backend ids in slots `1..=count` of a frontend, as the mirror holds them.
-    fn current_slots(&self, frontend: &FrontendKey<F>, count: u16) -> Vec<u32> {
-        (1..=count)
-            .map(|slot| {
-                self.mirror
-                    .services
-                    .get(&service_key(frontend, slot))
-                    .map_or(0, |value| value.backend_id)
-            })
-            .collect()
-    }
-
-    fn sync_frontend(
+    /// Writes `frontends`, each as [`Self::plan_frontend`] plans it, many of them to
+    /// one writer call (one `bpf()` call per map and [`BATCH_OPS`] ops instead of two
+    /// per frontend: 100 000 at 50 000 services).
+    fn write_frontends<'a>(
         &mut self,
-        frontend: &FrontendKey<F>,
-        spec: &FrontendSpec<F>,
+        frontends: impl Iterator<Item = (&'a FrontendKey<F>, &'a FrontendSpec<F>)>,
         local_endpoints: &BTreeSet<F>,
         writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
+    ) {
+        let mut chunk = Chunk::default();
+        for (frontend, spec) in frontends {
+            self.plan_frontend(frontend, spec, local_endpoints, &mut chunk, report);
+            if chunk.len() >= BATCH_OPS {
+                self.write_chunk(&mut chunk, local_endpoints, writer, report);
+            }
+        }
+        self.write_chunk(&mut chunk, local_endpoints, writer, report);
+    }
+
+    /// Writes what `chunk` planned, in one writer call. A refused op fails the
+    /// frontend it belongs to; every other frontend the call did not finish is then
+    /// planned again from what the maps now hold and written alone, so that one
+    /// refusal fails one frontend, as it would have written one by one.
+    fn write_chunk<'a>(
+        &mut self,
+        chunk: &mut Chunk<'a, F>,
+        local_endpoints: &BTreeSet<F>,
+        writer: &mut impl MapWriter<F>,
+        report: &mut SyncReport<F>,
+    ) {
+        if chunk.frontends.is_empty() {
+            return;
+        }
+        let backend_ops = chunk.backend_ops.len();
+        let mut ops = std::mem::take(&mut chunk.backend_ops);
+        ops.append(&mut chunk.service_ops);
+        let planned = std::mem::take(&mut chunk.frontends);
+        let owners = std::mem::take(&mut chunk.backend_owners);
+        chunk.clear();
+        let (applied, error) = self.apply_prefix(&ops, writer, report);
+        let error = error.or_else(|| {
+            ops.get(applied).map(|op| WriteError {
+                op: *op,
+                message: "the writer stopped before this op without saying why".to_owned(),
+                map_full: false,
+            })
+        });
+        // The ops buffer goes back for the next chunk.
+        ops.clear();
+        chunk.backend_ops = ops;
+        let Some(error) = error else {
+            report.frontends_written += planned.len();
+            return;
+        };
+        let owner = if applied < backend_ops {
+            owners.get(applied).copied()
+        } else {
+            Some(
+                planned
+                    .partition_point(|frontend| backend_ops + frontend.service_ops.end <= applied),
+            )
+        };
+        let mut error = Some(error);
+        let mut unfinished = Vec::new();
+        for (index, frontend) in planned.into_iter().enumerate() {
+            if Some(index) == owner {
+                if let Some(error) = error.take() {
+                    report.failures.push(FrontendFailure {
+                        frontend: *frontend.frontend,
+                        service_port: frontend.spec.service_port.clone(),
+                        error,
+                    });
+                }
+                continue;
+            }
+            let finished = frontend.last_backend_op.is_none_or(|at| at < applied)
+                && backend_ops + frontend.service_ops.end <= applied;
+            if finished {
+                report.frontends_written += 1;
+            } else {
+                unfinished.push((frontend.frontend, frontend.spec));
+            }
+        }
+        for (frontend, spec) in unfinished {
+            let mut alone = Chunk::default();
+            self.plan_frontend(frontend, spec, local_endpoints, &mut alone, report);
+            self.write_chunk(&mut alone, local_endpoints, writer, report);
+        }
+    }
+
+    /// Plans the ops that bring one frontend to `spec` into `chunk`, in the order of
+    /// the module's notes: its new backends (with the chunk's, before any slot), then
+    /// its slots, its frontend entry, and the deletion of the slots above its count.
+    /// Nothing when the maps hold it already; a failure when it does not fit.
+    fn plan_frontend<'a>(
+        &mut self,
+        frontend: &'a FrontendKey<F>,
+        spec: &'a FrontendSpec<F>,
+        local_endpoints: &BTreeSet<F>,
+        chunk: &mut Chunk<'a, F>,
         report: &mut SyncReport<F>,
     ) {
         let Some(service_id) = self.service_id(&spec.service_port) else {
@@ -1099,36 +1234,59 @@ impl<F: Family> Syncer<F> {
             count,
             flags: spec.flags,
         };
-        let current_head = self.mirror.services.get(&head_key).copied();
+        let current_head = self.mirror.services.get(&head_key);
         let current_count = current_head.map_or(0, |value| value.count);
-        let current_ids = self.current_slots(frontend, current_count);
-        if current_head == Some(head) && current_ids == wanted_ids {
+        let current_ids: Vec<Option<u32>> = self
+            .mirror
+            .services
+            .slots(&head_key, current_count)
+            .collect();
+        let unchanged_slots = current_ids.len() == wanted_ids.len()
+            && current_ids
+                .iter()
+                .zip(&wanted_ids)
+                .all(|(current, wanted)| *current == Some(*wanted));
+        if current_head == Some(head) && unchanged_slots {
             return;
         }
-        if let Err(error) = self.check_room(frontend, count, &wanted_ids) {
-            report.failures.push(FrontendFailure {
-                frontend: *frontend,
-                service_port: spec.service_port.clone(),
-                error,
-            });
-            return;
-        }
+        let new_services = match self.check_room(frontend, count, &wanted_ids, chunk) {
+            Ok(new_services) => new_services,
+            Err(error) => {
+                report.failures.push(FrontendFailure {
+                    frontend: *frontend,
+                    service_port: spec.service_port.clone(),
+                    error,
+                });
+                return;
+            }
+        };
 
-        let mut ops = Vec::new();
-        // A set, not a scan of `ops`: a frontend may have 65 535 backends.
-        let mut queued = FastSet::default();
+        let this = chunk.frontends.len();
+        let mut last_backend_op = None;
         for (id, backend) in wanted_ids.iter().zip(&backends) {
-            if self.mirror.backends.get(id) != Some(backend) && queued.insert(*id) {
-                ops.push(MapOp::PutBackend {
+            // Once per chunk, the first frontend that needs it writing it.
+            if let Some(&at) = chunk.queued_backends.get(id) {
+                last_backend_op = last_backend_op.max(Some(at));
+                continue;
+            }
+            let held = self.mirror.backends.get(id);
+            if held != Some(backend) {
+                let at = chunk.backend_ops.len();
+                chunk.queued_backends.insert(*id, at);
+                chunk.backend_ops.push(MapOp::PutBackend {
                     id: *id,
                     backend: *backend,
                 });
+                chunk.backend_owners.push(this);
+                chunk.backends_added += usize::from(held.is_none());
+                last_backend_op = Some(at);
             }
         }
+        let first_op = chunk.service_ops.len();
         for (index, id) in wanted_ids.iter().enumerate() {
-            if current_ids.get(index) != Some(id) {
+            if current_ids.get(index) != Some(&Some(*id)) {
                 let slot = (index + 1) as u16;
-                ops.push(MapOp::PutService {
+                chunk.service_ops.push(MapOp::PutService {
                     key: service_key(frontend, slot),
                     value: ServiceValueV4 {
                         backend_id: *id,
@@ -1138,7 +1296,7 @@ impl<F: Family> Syncer<F> {
             }
         }
         if current_head != Some(head) {
-            ops.push(MapOp::PutService {
+            chunk.service_ops.push(MapOp::PutService {
                 key: head_key,
                 value: head,
             });
@@ -1146,55 +1304,62 @@ impl<F: Family> Syncer<F> {
         // Counted in u32: a full frontend has slot 65535, and no slot above it.
         for slot in (u32::from(count) + 1)..=u32::from(current_count) {
             let slot = u16::try_from(slot).unwrap_or(u16::MAX);
-            ops.push(MapOp::DeleteService {
+            chunk.service_ops.push(MapOp::DeleteService {
                 key: service_key(frontend, slot),
             });
         }
-        // In order, in batches: a refused op stops the frontend where it is, and what
-        // was applied before it keeps the rules above.
-        if let Err(error) = self.apply_all(&ops, writer, report) {
-            report.failures.push(FrontendFailure {
-                frontend: *frontend,
-                service_port: spec.service_port.clone(),
-                error,
-            });
-            return;
-        }
-        report.frontends_written += 1;
+        chunk.services_added += new_services;
+        chunk.services_removed += current_ids
+            .iter()
+            .skip(usize::from(count))
+            .filter(|held| held.is_some())
+            .count();
+        chunk.frontends.push(Planned {
+            frontend,
+            spec,
+            last_backend_op,
+            service_ops: first_op..chunk.service_ops.len(),
+        });
     }
 
     /// Whether the maps have room for the new entries a frontend of `count` slots
-    /// naming `backend_ids` needs; the refusal names the map and the numbers.
+    /// naming `backend_ids` needs, after what `chunk` writes before it: how many
+    /// service map entries it adds, or the refusal, which names the map and the
+    /// numbers.
     fn check_room(
         &self,
         frontend: &FrontendKey<F>,
         count: u16,
         backend_ids: &[u32],
-    ) -> Result<(), WriteError<F>> {
-        let new_services = (0..=count)
-            .filter(|slot| {
-                !self
-                    .mirror
-                    .services
-                    .contains_key(&service_key(frontend, *slot))
-            })
-            .count();
+        chunk: &Chunk<'_, F>,
+    ) -> Result<usize, WriteError<F>> {
+        let head_key = service_key(frontend, 0);
+        let new_services = usize::from(!self.mirror.services.contains_key(&head_key))
+            + self
+                .mirror
+                .services
+                .slots(&head_key, count)
+                .filter(Option::is_none)
+                .count();
         let new_backends = backend_ids
             .iter()
-            .filter(|id| !self.mirror.backends.contains_key(id))
+            .filter(|id| {
+                !self.mirror.backends.contains_key(id) && !chunk.queued_backends.contains_key(id)
+            })
             .collect::<BTreeSet<_>>()
             .len();
         let checks = [
             (
                 F::SERVICES_MAP,
                 new_services,
-                self.mirror.services.len(),
+                (self.mirror.services.len() + chunk.services_added)
+                    .saturating_sub(chunk.services_removed),
                 self.capacity.services,
             ),
             (
                 F::BACKENDS_MAP,
                 new_backends,
-                self.mirror.backends.len(),
+                self.mirror.backends.len() + chunk.backends_added,
                 self.capacity.backends,
             ),
         ];
@@ -1213,7 +1378,7 @@ impl<F: Family> Syncer<F> {
                 });
             }
         }
-        Ok(())
+        Ok(new_services)
     }
 
     /// Deletes frontends nobody wants, and slots no frontend count covers.
@@ -1255,9 +1420,11 @@ impl<F: Family> Syncer<F> {
         }
         report.frontends_removed += 1;
         let slots: Vec<MapOp<F>> = (1..=head.count)
-            .map(|slot| F::key_with_slot(&head_key, slot))
-            .filter(|key| self.mirror.services.contains_key(key))
-            .map(|key| MapOp::DeleteService { key })
+            .zip(self.mirror.services.slots(&head_key, head.count))
+            .filter(|(_, backend_id)| backend_id.is_some())
+            .map(|(slot, _)| MapOp::DeleteService {
+                key: F::key_with_slot(&head_key, slot),
+            })
             .collect();
         let errors = self.apply_each(&slots, writer, report);
         report.cleanup_errors.extend(errors);
@@ -1271,19 +1438,10 @@ impl<F: Family> Syncer<F> {
         }
         // Set again by any delete below that fails.
         self.index.orphans_possible = false;
-        let mut orphans: Vec<F::ServiceKey> = self
+        let ops: Vec<MapOp<F>> = self
             .mirror
             .services
-            .keys()
-            .filter(|key| F::key_slot(key) != 0)
-            .filter(|key| {
-                let head = self.mirror.services.get(&F::key_with_slot(key, 0));
-                head.is_none_or(|head| F::key_slot(key) > head.count)
-            })
-            .copied()
-            .collect();
-        orphans.sort();
-        let ops: Vec<MapOp<F>> = orphans
+            .orphan_slots()
             .into_iter()
             .map(|key| MapOp::DeleteService { key })
             .collect();

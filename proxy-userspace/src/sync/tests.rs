@@ -416,16 +416,16 @@ fn transitions() -> Vec<Transition> {
     vec![
         Transition {
             name: "first_sync",
-            description: "empty maps: backends, then slots, then the frontend, for each frontend",
+            description: "empty maps: every frontend's backends (one batch), then for each frontend its slots, then its frontend entry",
             before: vec![],
             after: vec![web(&[11, 12]), dns.clone()],
             ops: &[
                 "put backend 10.244.1.11:8080",
                 "put backend 10.244.1.12:8080",
+                "put backend 10.244.1.21:8080",
                 "put slot 10.96.0.10:80/TCP#1 = 10.244.1.11:8080",
                 "put slot 10.96.0.10:80/TCP#2 = 10.244.1.12:8080",
                 "put frontend 10.96.0.10:80/TCP count=2",
-                "put backend 10.244.1.21:8080",
                 "put slot 10.96.0.53:80/TCP#1 = 10.244.1.21:8080",
                 "put frontend 10.96.0.53:80/TCP count=1",
             ],
@@ -678,20 +678,20 @@ fn failure_cases() -> Vec<FailureCase> {
     vec![
         FailureCase {
             name: "new_frontend_head_refused",
-            description: "b's frontend entry is refused (write 8): a and c programmed, b's slot and backend cleaned",
+            description: "b's frontend entry is refused (write 9, after the 4 backends and a's and b's slots): a and c programmed, b's slot and backend cleaned",
             before: vec![],
             after: vec![a.clone(), b.clone(), c.clone()],
-            fault: Fault::OnWrite(8),
+            fault: Fault::OnWrite(9),
             failed: &["b"],
             cleanup_errors: 0,
             programmed: vec![a.clone(), c.clone()],
         },
         FailureCase {
             name: "new_backend_refused",
-            description: "b's backend is refused (write 6): nothing of b is written",
+            description: "b's backend is refused (write 3, after a's two): nothing of b is written, a and c are finished alone",
             before: vec![],
             after: vec![a.clone(), b.clone(), c.clone()],
-            fault: Fault::OnWrite(6),
+            fault: Fault::OnWrite(3),
             failed: &["b"],
             cleanup_errors: 0,
             programmed: vec![a.clone(), c.clone()],
@@ -1055,9 +1055,9 @@ fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix
     let a = fe("a", 10, &[11, 12]);
     let b = fe("b", 20, &[13, 14, 15]);
     let c = fe("c", 30, &[16]);
-    // Writes: a's 2 backends, 2 slots, frontend (1-5); b's 3 backends (6-8), slot 1 (9),
-    // slot 2 (10, refused), ...
-    let mut fake = FakeMaps::failing_on(10);
+    // One batch: the 6 backends (writes 1-6), a's 2 slots and frontend (7-9), b's slot 1
+    // (10), slot 2 (11, refused), ...
+    let mut fake = FakeMaps::failing_on(11);
     let mut syncer = Syncer::default();
     let report = sync(&mut syncer, &mut fake, &[a.clone(), b.clone(), c.clone()]);
     assert_eq!(failed_names(&report), ["b"]);
@@ -1068,9 +1068,10 @@ fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix
     );
     assert!(report.failures[0].error.map_full);
     assert_eq!(fake.resolved(), resolved(&[a.clone(), c.clone()]));
-    // One batch per frontend (2 + 2 + 1, 3 + 3 + 1, 1 + 1 + 1 ops), then the cleanup of
-    // what b's batch left: its slot 1, then its 3 backends.
-    assert_eq!(fake.batches, [5, 7, 3, 1, 3]);
+    // One batch for all three (6 backends, 3 + 4 + 2 service ops); c, which it did not
+    // finish, alone (its slot and frontend: its backend was written); then the cleanup
+    // of what b left: its slot 1, then its 3 backends.
+    assert_eq!(fake.batches, [15, 2, 1, 3]);
     assert!(!fake
         .services
         .keys()
@@ -1080,6 +1081,137 @@ fn a_refused_op_in_the_middle_of_a_frontends_batch_keeps_only_the_applied_prefix
     let retry = sync(&mut syncer, &mut fake, &[a.clone(), b.clone(), c.clone()]);
     assert!(retry.failures.is_empty() && retry.cleanup_errors.is_empty());
     assert_eq!(fake.resolved(), resolved(&[a, b, c]));
+}
+
+/// A pass writes its frontends in one batch (here: two new ones sharing a backend,
+/// one that grows, one that shrinks). A refusal at any op of it fails the frontend
+/// that op belongs to (a backend's: the first frontend that needs it) and no other:
+/// the rest of the batch is finished in the same pass.
+#[test]
+fn a_refused_op_anywhere_in_a_shared_batch_fails_its_frontend_only() {
+    let before = [fe("c", 30, &[14]), fe("d", 40, &[15, 16, 17])];
+    let after = [
+        fe("a", 10, &[11, 12]),
+        fe("b", 20, &[12, 13]),
+        fe("c", 30, &[14, 18]),
+        fe("d", 40, &[15]),
+    ];
+    let mut clean = FakeMaps::default();
+    let mut syncer = Syncer::default();
+    sync(&mut syncer, &mut clean, &before);
+    clean.log.clear();
+    clean.batches.clear();
+    sync(&mut syncer, &mut clean, &after);
+    // 4 backends, a's and b's 2 slots and frontend, c's slot and count, d's count and
+    // 2 slot deletions: one batch; then d's 2 unused backends.
+    assert_eq!(clean.batches, [15, 2], "{:#?}", clean.log);
+    let owner = |line: &str| -> &'static str {
+        let by_frontend = after.iter().find(|fe| {
+            let name = frontend_name(&service_key(&fe.key, 0));
+            line.contains(&format!("{name} ")) || line.contains(&format!("{name}#"))
+        });
+        let by_backend = || {
+            after.iter().find(|fe| {
+                line.starts_with("put backend ")
+                    && fe
+                        .backends
+                        .iter()
+                        .any(|b| line.ends_with(&format!(" 10.244.1.{b}:8080")))
+            })
+        };
+        by_frontend.or_else(by_backend).map_or("?", |fe| fe.name)
+    };
+    let line_of = |fake: &FakeMaps, name: &str| -> Option<String> {
+        let fe = after.iter().find(|fe| fe.name == name)?;
+        let head = frontend_name(&service_key(&fe.key, 0));
+        fake.resolved()
+            .into_iter()
+            .find(|line| line.starts_with(&format!("{head} ")))
+    };
+    let mut failures = Vec::new();
+    for write in 1..=15 {
+        let refused = owner(&clean.log[write - 1]);
+        let mut fake = FakeMaps::default();
+        let mut syncer = Syncer::default();
+        sync(&mut syncer, &mut fake, &before);
+        fake.writes = 0;
+        fake.fail_on = Some(write);
+        let report = sync(&mut syncer, &mut fake, &after);
+        let case = format!("write {write} ({}, {refused}'s)", clean.log[write - 1]);
+        if failed_names(&report) != [refused] {
+            failures.push(format!("{case}: failed {:?}", failed_names(&report)));
+        }
+        if report.frontends_written != 3 {
+            failures.push(format!("{case}: {} written", report.frontends_written));
+        }
+        let mut programmed = FakeMaps::default();
+        sync(&mut Syncer::default(), &mut programmed, &after);
+        let mut old = FakeMaps::default();
+        sync(&mut Syncer::default(), &mut old, &before);
+        for fe in &after {
+            let got = line_of(&fake, fe.name);
+            let new = line_of(&programmed, fe.name);
+            let fine = if fe.name == refused {
+                // Its old state, none if it had none, or done (a refused deletion of
+                // a slot its lowered count no longer covers).
+                got == line_of(&old, fe.name) || got == new
+            } else {
+                got == new
+            };
+            if !fine {
+                failures.push(format!("{case}: {} resolves to {got:?}", fe.name));
+            }
+        }
+        fake.fail_on = None;
+        let retry = sync(&mut syncer, &mut fake, &after);
+        if !retry.failures.is_empty() || fake.resolved() != resolved(&after) {
+            failures.push(format!("{case}: the retry left {:#?}", fake.resolved()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A first pass of thousands of frontends hands the writer a few batches, none much
+/// longer than [`BATCH_OPS`], instead of two per frontend.
+#[test]
+fn a_first_pass_of_thousands_of_frontends_takes_a_few_writer_calls() {
+    let template = fe("web", 10, &[]);
+    let frontends = (0..3000u32)
+        .map(|i| {
+            let key = FrontendKey {
+                addr: Ipv4Addr::from(0x0a60_0000 + i),
+                ..template.key
+            };
+            let mut spec = template.spec();
+            spec.backends = (0..2)
+                .map(|b| SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + 2 * i + b), 8080))
+                .collect();
+            (key, std::sync::Arc::new(spec))
+        })
+        .collect();
+    let desired = Desired {
+        v4: crate::model::FamilyDesired {
+            frontends,
+            ..crate::model::FamilyDesired::default()
+        },
+        ..Desired::default()
+    };
+    let mut fake = FakeMaps {
+        unchecked: true,
+        ..FakeMaps::default()
+    };
+    let mut syncer = Syncer::default();
+    let report = syncer.sync(&desired, &mut fake);
+    assert!(report.failures.is_empty() && report.cleanup_errors.is_empty());
+    assert_eq!(
+        (report.ops_applied, report.frontends_written),
+        (3000 * 5, 3000)
+    );
+    // 5 ops a frontend: 1639 frontends fill the first batch past 8192, 1361 the second.
+    assert_eq!(fake.batches, [8195, 6805]);
+    fake.check_invariant("the pass");
+    assert!(fake.violations.is_empty(), "{:?}", &fake.violations[..1]);
+    assert_eq!(syncer.mirror(), &fake.mirror());
 }
 
 #[test]
@@ -1211,9 +1343,9 @@ fn adopting_the_maps_then_syncing_the_same_state_writes_nothing() {
     assert_eq!(
         fake.log,
         [
+            "put backend 10.244.1.31:8080",
             "put frontend 10.96.0.10:80/TCP count=2 flags=0x1 affinity=60",
             "delete slot 10.96.0.10:80/TCP#3",
-            "put backend 10.244.1.31:8080",
             "put slot 10.96.0.99:80/TCP#1 = 10.244.1.31:8080",
             "put frontend 10.96.0.99:80/TCP count=1",
             "put frontend 192.168.1.10:30080/TCP count=2 flags=0x9 affinity=60",

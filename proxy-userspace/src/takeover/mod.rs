@@ -73,9 +73,7 @@ pub fn frontends_of(
 
 fn family_frontends<F: Family>(mirror: &Mirror<F>) -> BTreeSet<FrontendAddr> {
     mirror
-        .services
-        .iter()
-        .filter(|(key, _)| F::key_slot(key) == 0)
+        .frontends()
         .map(|(key, _)| {
             let frontend = F::key_frontend(key);
             (frontend.addr.into(), frontend.port, frontend.proto)
