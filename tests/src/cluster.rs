@@ -11,6 +11,11 @@
 //! points at the underlay, so the agent finds `eth0` as its external interface by
 //! itself. The outside client reaches LoadBalancer and external IPs (198.51.100.0/24)
 //! through node-a, as a load balancer's router would.
+//!
+//! [`Cluster::enable_ipv6`] adds IPv6 to all of it (dual stack);
+//! [`Cluster::new_ipv6_only`] builds the same shape with the IPv6 addresses only
+//! (`fd00:192:168:50::/64` underlay, `fd00:10:244:{1,2}::/64` pods,
+//! `2001:db8:100::/48` service IPs) and no IPv4 anywhere.
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
