@@ -349,11 +349,22 @@ fn node_ports_cluster_ip_and_external_ip(stack: Stack) {
             .unwrap_or_else(|error| panic!("UDP NodePort on node {node}: {error:#}"));
         let servers: BTreeSet<&str> = replies.iter().map(|(a, _)| a.server.as_str()).collect();
         assert_eq!(servers, BTreeSet::from(["web-a", "web-b"]));
-        for (_, from) in &replies {
+        for (answer, from) in &replies {
             assert_eq!(
                 *from,
                 SocketAddr::from(v6(node_ip, 30053)),
                 "UDP reply source"
+            );
+            // The same sources as TCP's: the client's own, or the node's.
+            let expected = if answer.server == local {
+                outside
+            } else {
+                IpAddr::V6(node_ip)
+            };
+            assert_eq!(
+                answer.seen_client.ip(),
+                expected,
+                "UDP on node {node}: {answer:?}"
             );
         }
     }
@@ -395,6 +406,26 @@ fn node_ports_cluster_ip_and_external_ip(stack: Stack) {
             IpAddr::V6(CLIENT_POD),
             "{answer:?}"
         );
+    }
+    // UDP likewise, answered from the ClusterIP.
+    let replies = pod
+        .run(|| {
+            (0..30)
+                .map(|_| udp_request(v6(WEB_VIP, 53), TIMEOUT))
+                .collect::<Result<Vec<_>>>()
+        })
+        .expect("the pod to the IPv6 ClusterIP over UDP");
+    assert!(
+        replies.iter().any(|(answer, _)| answer.server == "web-b"),
+        "UDP never chose node-b's backend: {replies:?}"
+    );
+    for (answer, from) in &replies {
+        assert_eq!(
+            answer.seen_client.ip(),
+            IpAddr::V6(CLIENT_POD),
+            "{answer:?}"
+        );
+        assert_eq!(*from, SocketAddr::from(v6(WEB_VIP, 53)), "UDP reply source");
     }
     // And the other node's IPv6 NodePort.
     let answer = pod
