@@ -11,6 +11,11 @@
 //! points at the underlay, so the agent finds `eth0` as its external interface by
 //! itself. The outside client reaches LoadBalancer and external IPs (198.51.100.0/24)
 //! through node-a, as a load balancer's router would.
+//!
+//! [`Cluster::enable_ipv6`] adds IPv6 to all of it (dual stack);
+//! [`Cluster::new_ipv6_only`] builds the same shape with the IPv6 addresses only
+//! (`fd00:192:168:50::/64` underlay, `fd00:10:244:{1,2}::/64` pods,
+//! `2001:db8:100::/48` service IPs) and no IPv4 anywhere.
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
@@ -73,7 +78,8 @@ impl Cluster {
         }
         let prefix = nodes[0].prefix.clone();
         let underlay = Netns::create(&format!("{prefix}-ul"))?;
-        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        let client = Netns::create(&format!("{prefix}-out"))?;
+        wire_underlay(&underlay, &nodes, &client)?;
         underlay.ip(&[
             "addr",
             "add",
@@ -81,39 +87,14 @@ impl Cluster {
             "dev",
             "br0",
         ])?;
-        underlay.ip(&["link", "set", "br0", "up"])?;
-        let client = Netns::create(&format!("{prefix}-out"))?;
-        let mut members: Vec<(&Netns, String)> = nodes
+        for (netns, address) in nodes
             .iter()
+            .map(|lab| &lab.node)
             .zip(NODE_IPS)
-            .map(|(lab, ip)| (&lab.node, format!("{ip}/24")))
-            .collect();
-        members.push((&client, format!("{}/24", CLIENT_IPS[0])));
-        for (index, (netns, address)) in members.iter().enumerate() {
-            let port = format!("ul{index}");
-            underlay.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                netns.name(),
-            ])?;
-            underlay.ip(&["link", "set", &port, "master", "br0", "up"])?;
-            netns.ip(&["addr", "add", address, "dev", "eth0"])?;
-            netns.ip(&["link", "set", "eth0", "up"])?;
+            .chain([(&client, CLIENT_IPS[0]), (&client, CLIENT_IPS[1])])
+        {
+            netns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
         }
-        client.ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", CLIENT_IPS[1]),
-            "dev",
-            "eth0",
-        ])?;
         client.ip(&[
             "route",
             "add",
@@ -145,6 +126,41 @@ impl Cluster {
         })
     }
 
+    /// The same two nodes with IPv6 only: every node a [`Lab::new_ipv6_only`], the
+    /// underlay, the client and the nodes' `eth0` with the IPv6 addresses of
+    /// [`Cluster::enable_ipv6`] and no IPv4 address or route at all (the loopbacks
+    /// aside: [`crate::lab::ipv4_state`] is empty everywhere), each node's only default
+    /// route the IPv6 one via the underlay's gateway, from which the agent finds its
+    /// external interface and node address by itself (no `--node-ip`). Pods go on with
+    /// [`Lab::add_ipv6_pod`].
+    ///
+    /// # Errors
+    /// When a namespace, sysctl, link, address or route cannot be made.
+    pub fn new_ipv6_only() -> Result<Self> {
+        let mut nodes = Vec::new();
+        for name in NODE_NAMES {
+            let mut lab = Lab::new_ipv6_only()?;
+            lab.node_name = name.to_owned();
+            nodes.push(lab);
+        }
+        let prefix = nodes[0].prefix.clone();
+        let underlay = Netns::create(&format!("{prefix}-ul"))?;
+        let client = Netns::create(&format!("{prefix}-out"))?;
+        // Before the links are made, so their link-local addresses skip DAD too.
+        for netns in [&underlay, &client] {
+            netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+            netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        }
+        wire_underlay(&underlay, &nodes, &client)?;
+        let cluster = Self {
+            client,
+            underlay,
+            nodes,
+        };
+        cluster.add_ipv6_addresses_and_routes()?;
+        Ok(cluster)
+    }
+
     /// Makes the cluster dual stack, before its pods are added: IPv6 forwarding in
     /// each node ([`Lab::enable_ipv6`]), the IPv6 addresses above on the underlay
     /// (no duplicate address detection, so they are usable at once), each node's
@@ -162,6 +178,12 @@ impl Cluster {
         for lab in &mut self.nodes {
             lab.enable_ipv6()?;
         }
+        self.add_ipv6_addresses_and_routes()
+    }
+
+    /// The IPv6 addresses and routes of [`Cluster::enable_ipv6`], on namespaces
+    /// whose IPv6 is already on.
+    fn add_ipv6_addresses_and_routes(&self) -> Result<()> {
         let with_len = |ip: Ipv6Addr| format!("{ip}/64");
         self.underlay.ip(&[
             "-6",
@@ -302,4 +324,34 @@ impl Cluster {
     pub fn underlay(&self) -> &Netns {
         &self.underlay
     }
+}
+
+/// Makes the bridge `br0` in `underlay` and plugs every node and the client into it
+/// with a veth whose far end is their `eth0`, all up and without addresses.
+fn wire_underlay(underlay: &Netns, nodes: &[Lab], client: &Netns) -> Result<()> {
+    underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+    underlay.ip(&["link", "set", "br0", "up"])?;
+    for (index, netns) in nodes
+        .iter()
+        .map(|lab| &lab.node)
+        .chain([client])
+        .enumerate()
+    {
+        let port = format!("ul{index}");
+        underlay.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        underlay.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+    }
+    Ok(())
 }
