@@ -18,7 +18,7 @@ use crate::{
     parse::Kind,
     parse6::{reversed, Packet6},
     service6::Chosen,
-    snat6, stats, trace,
+    snat, stats, trace,
     verdict::{DropReason, Result},
 };
 
@@ -249,11 +249,13 @@ pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
 /// room for copies (see [`crate::parse6::parse`]).
 #[derive(Clone, Copy)]
 pub struct Translation<'a> {
+    /// The client's own address and port (the port may still be remapped, see
+    /// [`create`]), or the node's masquerade address.
     pub new_src: (&'a Be32x4, Be16),
     pub chosen: &'a Chosen,
     /// Both directions go through the stack ([`ct_flags::VIA_STACK`]).
     pub via_stack: bool,
-    /// The source port is claimed from the masquerade range ([`crate::snat6`]),
+    /// The source port is drawn from the masquerade range ([`crate::snat`]),
     /// `new_src`'s port is ignored.
     pub masquerade: bool,
 }
@@ -283,14 +285,27 @@ fn claim(key: &CtKeyV6, reply: &CtEntryV6, now: u64) -> bool {
     true
 }
 
+/// Gives up the reply key of a closed flow in the established table
+/// ([`crate::conntrack`]'s `release_closed`: a client reusing a port in TIME_WAIT for
+/// another frontend of the same backend keeps its port).
+#[inline(always)]
+fn release_closed(key: &CtKeyV6) {
+    if let Some(holder) = Table::Established.get(key) {
+        // SAFETY: read in place, valid for this program run.
+        if ct_flags::is_closed(unsafe { (*holder).flags }) {
+            Table::Established.remove(key);
+        }
+    }
+}
+
 /// Records a new flow in the new-flow table: the entry for its original direction and
-/// the one for its replies, which undo it ([`crate::conntrack::create`] for IPv6).
-/// `out` receives the original direction's entry. `Ok(false)`: the reply key is held
-/// by a live flow. With [`Translation::masquerade`] that is every port drawn
-/// ([`crate::snat6::draw_port`]: the reply key's port is claimed, the entries do not
-/// depend on it, so only the claim is retried, which keeps the verifier's work for the
-/// retries small); without, another frontend's flow that becomes the same tuple once
-/// translated, and the new one is refused, as for IPv4.
+/// the one for its replies, which undo it ([`crate::conntrack::create`] for IPv6, with
+/// the same choice of source port: a masqueraded flow draws it from the masquerade
+/// range, any other asks for the client's own and, when a live flow holds that reply
+/// key, has it remapped to a drawn one, keeping the client's address). `out` receives
+/// the original direction's entry. `Ok(false)`: every key tried is held by a live
+/// flow. Only the claim is retried: the entries depend on the port only through the
+/// source rewrite, set in the loop.
 ///
 /// # Errors
 /// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails.
@@ -329,14 +344,8 @@ pub fn create(
         reply.nat_src_addr = original.dst_addr;
         reply.nat_src_port = original.dst_port;
     }
-    if *new_src != original.src_addr || new_src_port != original.src_port {
-        forward.flags |= ct_flags::REWRITE_SRC;
-        forward.nat_src_addr = *new_src;
-        forward.nat_src_port = new_src_port;
-        reply.flags |= ct_flags::REWRITE_DST;
-        reply.nat_dst_addr = original.src_addr;
-        reply.nat_dst_port = original.src_port;
-    }
+    // Whether the address changes is known before any port is tried.
+    let new_addr = *new_src != original.src_addr;
     // The translated tuple, reversed: built directly, with no copy of the translated
     // one on the stack.
     let mut reply_key = CtKeyV6 {
@@ -348,32 +357,29 @@ pub fn create(
         _pad: [0; 3],
     };
     if nat.masquerade {
-        let mut claimed = false;
-        for _ in 0..snat6::ATTEMPTS {
-            reply_key.dst_port = snat6::draw_port();
-            if claim(&reply_key, &reply, now) {
-                forward.nat_src_port = reply_key.dst_port;
-                claimed = true;
-                break;
-            }
-        }
-        if !claimed {
-            return Ok(false);
-        }
+        reply_key.dst_port = snat::draw_port();
     } else {
-        if let Some(holder) = Table::Established.get(&reply_key) {
-            // SAFETY: read in place, valid for this program run.
-            let holder = unsafe { &*holder };
-            if !ct_flags::is_closed(holder.flags)
-                && !maps::config().ct_expired_v6(holder, reply_key.proto, now)
-            {
-                return Ok(false);
-            }
-            Table::Established.remove(&reply_key);
+        release_closed(&reply_key);
+    }
+    let mut claimed = false;
+    // The client's own port (unless masqueraded), then the draws.
+    for _ in 0..=snat::ATTEMPTS {
+        if new_addr || reply_key.dst_port != original.src_port {
+            forward.flags |= ct_flags::REWRITE_SRC;
+            forward.nat_src_addr = *new_src;
+            forward.nat_src_port = reply_key.dst_port;
+            reply.flags |= ct_flags::REWRITE_DST;
+            reply.nat_dst_addr = original.src_addr;
+            reply.nat_dst_port = original.src_port;
         }
-        if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
-            return Err(DropReason::CT_INSERT);
+        if claim(&reply_key, &reply, now) {
+            claimed = true;
+            break;
         }
+        reply_key.dst_port = snat::draw_port();
+    }
+    if !claimed {
+        return Ok(false);
     }
     if !Table::New.insert(original, forward, BPF_ANY) {
         Table::New.remove(&reply_key);
