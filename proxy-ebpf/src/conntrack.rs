@@ -313,7 +313,7 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
 #[derive(Clone, Copy)]
 pub struct Translation {
     /// The source the flow leaves with: the client's own (its port may still be
-    /// remapped, see [`create`]), or the node's masquerade address.
+    /// remapped, see [`create`]), or with [`Self::masquerade`] the node's address.
     pub new_src: (Be32, Be16),
     pub new_dst: (Be32, Be16),
     pub backend_id: u32,
@@ -353,6 +353,28 @@ fn claim(key: &CtKeyV4, reply: &CtEntryV4, now: u64) -> bool {
     true
 }
 
+/// A new flow's reply entry and key, until its port is claimed.
+struct ReplyClaim4 {
+    key: CtKeyV4,
+    entry: CtEntryV4,
+    now: u64,
+    claimed: bool,
+}
+
+impl snat::ReplyClaim for ReplyClaim4 {
+    #[inline(always)]
+    fn claim_port(&mut self, port: Be16) -> bool {
+        self.key.dst_port = port;
+        self.claimed = claim(&self.key, &self.entry, self.now);
+        self.claimed
+    }
+
+    #[inline(always)]
+    fn claimed(&self) -> bool {
+        self.claimed
+    }
+}
+
 /// Gives up the reply key of a closed flow in the established table. A client reuses
 /// a source port for another frontend while its first connection is in TIME_WAIT, and
 /// both go to one backend: the two flows are the same tuple once translated. Lookups
@@ -377,7 +399,7 @@ fn release_closed(key: &CtKeyV4) {
 /// is chosen so that it is:
 /// - a masqueraded flow ([`Translation::masquerade`]) draws its port from the
 ///   masquerade range ([`crate::snat::draw_port`]), at most
-///   [`crate::snat::ATTEMPTS`]` + 1` times;
+///   [`crate::snat::ATTEMPTS`] times;
 /// - any other flow first asks for the client's own port; when a live flow holds that
 ///   key (the client uses one ephemeral port towards two frontends at once, and both
 ///   chose the same backend: Linux picks ports per destination), the source port is
@@ -385,15 +407,17 @@ fn release_closed(key: &CtKeyV4) {
 ///   address is kept, as netfilter's NAT searches for a unique tuple. Its replies get
 ///   the client's port back.
 ///
-/// One claim loop for both kinds, in one function: the verifier walks it once per
-/// state that reaches this call, and a single call site keeps those few.
+/// One call site, the draws in `bpf_loop` ([`crate::snat::claim_drawn`]): the
+/// verifier walks them once per state that reaches the call, and keeps those few.
+/// Inlined: the IPv4 entry points' frames hold its values already, and a frame of its
+/// own would take the call chain to [`claim`] past the 512-byte stack limit.
 ///
 /// `Ok(false)`: every key tried is held by a live flow. A remapped flow is told from
 /// the others by its entry: [`ct_flags::REWRITE_SRC`] without masquerade.
 ///
 /// # Errors
 /// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails.
-#[inline(never)]
+#[inline(always)]
 pub fn create(
     original: &CtKeyV4,
     nat: &Translation,
@@ -418,52 +442,48 @@ pub fn create(
         },
         ..CtEntryV4::default()
     };
-    let mut reply = *forward;
-    reply.flags |= ct_flags::REPLY;
+    let mut reply = ReplyClaim4 {
+        // The translated tuple, reversed.
+        key: CtKeyV4 {
+            src_addr: new_dst_addr,
+            dst_addr: new_src_addr,
+            src_port: new_dst_port,
+            dst_port: new_src_port,
+            proto: original.proto,
+            _pad: [0; 3],
+        },
+        entry: *forward,
+        now,
+        claimed: false,
+    };
+    reply.entry.flags |= ct_flags::REPLY;
     if new_dst_addr != original.dst_addr || new_dst_port != original.dst_port {
         forward.flags |= ct_flags::REWRITE_DST;
         forward.nat_dst_addr = new_dst_addr;
         forward.nat_dst_port = new_dst_port;
-        reply.flags |= ct_flags::REWRITE_SRC;
-        reply.nat_src_addr = original.dst_addr;
-        reply.nat_src_port = original.dst_port;
+        reply.entry.flags |= ct_flags::REWRITE_SRC;
+        reply.entry.nat_src_addr = original.dst_addr;
+        reply.entry.nat_src_port = original.dst_port;
     }
-    // The translated tuple, reversed.
-    let mut reply_key = CtKeyV4 {
-        src_addr: new_dst_addr,
-        dst_addr: new_src_addr,
-        src_port: new_dst_port,
-        dst_port: new_src_port,
-        proto: original.proto,
-        _pad: [0; 3],
-    };
-    if nat.masquerade {
-        reply_key.dst_port = snat::draw_port();
-    } else {
-        release_closed(&reply_key);
+    // The client's own port, unless masqueraded.
+    if !nat.masquerade {
+        release_closed(&reply.key);
+        reply.claimed = claim(&reply.key, &reply.entry, now);
     }
-    let mut claimed = false;
-    // The client's own port (unless masqueraded), then the draws.
-    for _ in 0..=snat::ATTEMPTS {
-        if reply_key.dst_addr != original.src_addr || reply_key.dst_port != original.src_port {
-            forward.flags |= ct_flags::REWRITE_SRC;
-            forward.nat_src_addr = reply_key.dst_addr;
-            forward.nat_src_port = reply_key.dst_port;
-            reply.flags |= ct_flags::REWRITE_DST;
-            reply.nat_dst_addr = original.src_addr;
-            reply.nat_dst_port = original.src_port;
+    if !reply.claimed {
+        // Masqueraded or remapped: the source is rewritten, to a drawn port.
+        forward.flags |= ct_flags::REWRITE_SRC;
+        forward.nat_src_addr = new_src_addr;
+        reply.entry.flags |= ct_flags::REWRITE_DST;
+        reply.entry.nat_dst_addr = original.src_addr;
+        reply.entry.nat_dst_port = original.src_port;
+        if !snat::claim_drawn_unrolled(&mut reply) {
+            return Ok(false);
         }
-        if claim(&reply_key, &reply, now) {
-            claimed = true;
-            break;
-        }
-        reply_key.dst_port = snat::draw_port();
-    }
-    if !claimed {
-        return Ok(false);
+        forward.nat_src_port = reply.key.dst_port;
     }
     if !Table::New.insert(original, forward, BPF_ANY) {
-        Table::New.remove(&reply_key);
+        Table::New.remove(&reply.key);
         return Err(DropReason::CT_INSERT);
     }
     Ok(true)
