@@ -496,13 +496,17 @@ fn one_client_port_reaches_two_cluster_ips_of_one_backend_at_once() {
         .expect("write manifest");
     }
     let client = &lab.pod("client").netns;
-    lab.wait_for("both ClusterIPs of web-0 to answer", CHANGE_DEADLINE, || {
-        client.run(|| {
-            Ok(WEB0_VIPS
-                .iter()
-                .all(|vip| tcp_request(sock(*vip, 80), Duration::from_millis(300)).is_ok()))
-        })
-    })
+    lab.wait_for(
+        "both ClusterIPs of web-0 to answer",
+        CHANGE_DEADLINE,
+        || {
+            client.run(|| {
+                Ok(WEB0_VIPS
+                    .iter()
+                    .all(|vip| tcp_request(sock(*vip, 80), Duration::from_millis(300)).is_ok()))
+            })
+        },
+    )
     .expect("ClusterIPs programmed");
 
     let (mut first, mut second, port) = client
@@ -524,7 +528,10 @@ fn one_client_port_reaches_two_cluster_ips_of_one_backend_at_once() {
         })
         .expect("two connections from one client port");
     for conversation in [&first, &second] {
-        assert_eq!(conversation.local_addr().expect("local address").port(), port);
+        assert_eq!(
+            conversation.local_addr().expect("local address").port(),
+            port
+        );
     }
     for round in 0..3 {
         let to_first = first.ask().expect("the first connection answers");

@@ -567,7 +567,8 @@ fn cases() -> Vec<Case> {
     let third_vip = sock6("fd00:10:96::1e", 80);
     let remapped = SocketAddrV6::new(*client().ip(), SNAT_PORT, 0, 0);
     let tcp = |src, dst, flags| Frame6::tcp(src, dst, flags);
-    let pass = |hook, input: &Frame6, output: &Frame6| step(hook, input, Verdict::Pass, Some(output));
+    let pass =
+        |hook, input: &Frame6, output: &Frame6| step(hook, input, Verdict::Pass, Some(output));
     vec![
         Case {
             name: "one client port to two ClusterIPs of one backend at once: the second flow's source port is remapped, each flow's replies come back to the client's port from its own ClusterIP; with no port left a third is dropped",
