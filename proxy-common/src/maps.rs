@@ -759,6 +759,11 @@ pub mod counter {
     /// A new flow to a port that a live ClusterIP does not declare was answered with
     /// ICMP port unreachable (kube-proxy's nftables mode rejects it the same way).
     pub const REJECTED_UNDECLARED_PORT: u32 = 18;
+    /// A new flow that keeps its client's address had its source port remapped: a
+    /// live flow already held its translated tuple (the client used the same port
+    /// towards another frontend with the same backend), so a port of the masquerade
+    /// range was claimed instead, as netfilter's NAT finds a unique tuple.
+    pub const SOURCE_PORT_REMAPPED: u32 = 19;
     /// An IPv6 packet passed untouched because its extension headers did not end in a
     /// TCP/UDP header within the datapath's bounded walk (too many of them, or a
     /// routing header with segments left: its destination is not the final one).
@@ -781,7 +786,8 @@ pub mod counter {
     pub const DROP_REJECT_FAILED: u32 = 36;
     /// Dropped: the client is outside the service's loadBalancerSourceRanges.
     pub const DROP_SOURCE_RANGE: u32 = 37;
-    /// Dropped: no free SNAT port for the flow (every try collided with a live flow).
+    /// Dropped: no free port for the flow, masqueraded or remapped (every try
+    /// collided with a live flow to the same backend).
     pub const DROP_SNAT_PORTS: u32 = 38;
     /// Dropped: SNAT was needed but the agent has not set the node's address.
     pub const DROP_NO_SNAT_ADDR: u32 = 39;
@@ -825,7 +831,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "sock_translated_pod",
     "sock_destroyed",
     "rejected_undeclared_port",
-    "",
+    "source_port_remapped",
     "",
     "",
     "",

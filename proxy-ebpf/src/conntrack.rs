@@ -33,7 +33,7 @@ use proxy_common::{
 use crate::{
     maps::{self, CT_FULL_V1, CT_NEW_V4_V2, CT_V4_V2},
     parse::{reversed, tcp_flag, Kind, Packet},
-    stats, trace,
+    snat, stats, trace,
     verdict::{DropReason, Result},
 };
 
@@ -312,35 +312,33 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<CtEntryV4> {
 /// What a new flow is translated to.
 #[derive(Clone, Copy)]
 pub struct Translation {
+    /// The source the flow leaves with: the client's own (its port may still be
+    /// remapped, see [`create`]), or with [`Self::masquerade`] the node's address.
     pub new_src: (Be32, Be16),
     pub new_dst: (Be32, Be16),
     pub backend_id: u32,
     pub service_id: u32,
     /// Both directions go through the stack ([`ct_flags::VIA_STACK`]).
     pub via_stack: bool,
-}
-
-/// What [`create`] did.
-#[derive(Clone, Copy)]
-pub enum Created {
-    /// Both entries are in place; this is the original direction's.
-    Flow(CtEntryV4),
-    /// The reply key a claim asked for is held by a live flow (see [`create`]).
-    ReplyKeyTaken,
+    /// The source port is drawn from the masquerade range ([`crate::snat`]);
+    /// `new_src`'s port is ignored.
+    pub masquerade: bool,
 }
 
 /// Claims `key` for a new flow's reply entry: free, or held by an expired flow, in
 /// both tables. The insert into the new table is atomic (BPF_NOEXIST), so two CPUs
-/// never claim the same key; the established table is checked after it, so a flow
-/// moving there concurrently is seen either way.
-#[inline(always)]
+/// never claim the same key (nor does a flow overwrite a live one's); the established
+/// table is checked after it, so a flow moving there concurrently is seen either way.
+/// A function of its own, as [`crate::conntrack6`]'s claim: every path ends in one of
+/// two answers, so the verifier finds the same state at each retry of [`create`]'s
+/// loop whichever path failed.
+#[inline(never)]
 fn claim(key: &CtKeyV4, reply: &CtEntryV4, now: u64) -> bool {
     let config = maps::config();
     let expired = |ptr: Option<*mut CtEntryV4>| {
         ptr.is_none_or(|holder| {
-            // SAFETY: copied out at once.
-            let holder = unsafe { *holder };
-            config.ct_expired(&holder, key.proto, now)
+            // SAFETY: read in place, valid for this program run.
+            config.ct_expired(unsafe { &*holder }, key.proto, now)
         })
     };
     let claimed = Table::New.insert(key, reply, BPF_NOEXIST)
@@ -355,14 +353,67 @@ fn claim(key: &CtKeyV4, reply: &CtEntryV4, now: u64) -> bool {
     true
 }
 
+/// A new flow's reply entry and key, until its port is claimed.
+struct ReplyClaim4 {
+    key: CtKeyV4,
+    entry: CtEntryV4,
+    now: u64,
+    claimed: bool,
+}
+
+impl snat::ReplyClaim for ReplyClaim4 {
+    #[inline(always)]
+    fn claim_port(&mut self, port: Be16) -> bool {
+        self.key.dst_port = port;
+        self.claimed = claim(&self.key, &self.entry, self.now);
+        self.claimed
+    }
+
+    #[inline(always)]
+    fn claimed(&self) -> bool {
+        self.claimed
+    }
+}
+
+/// Gives up the reply key of a closed flow in the established table. A client reuses
+/// a source port for another frontend while its first connection is in TIME_WAIT, and
+/// both go to one backend: the two flows are the same tuple once translated. Lookups
+/// try the established table first, so the old flow's reply entry left there would
+/// take the new flow's replies; a flow that is over gives its key up, and the new one
+/// keeps the client's port, as netfilter lets a new SYN reuse a TIME_WAIT tuple.
+#[inline(always)]
+fn release_closed(key: &CtKeyV4) {
+    if let Some(holder) = Table::Established.get(key) {
+        // SAFETY: read in place, valid for this program run.
+        if ct_flags::is_closed(unsafe { (*holder).flags }) {
+            Table::Established.remove(key);
+        }
+    }
+}
+
 /// Records a new flow in the new-flow table: the entry for its original direction
-/// (`original` becomes the translated tuple) and the entry for replies (which undo
-/// it).
+/// (written to `out`) and the entry for replies, which undo it.
 ///
-/// With `claim_reply`, the reply key must be free (or held by an expired flow): that is
-/// how a masqueraded flow claims its source port ([`crate::snat`]); a live holder
-/// gives [`Created::ReplyKeyTaken`] so the caller can draw another port. A port held by
-/// an established flow is never taken.
+/// The reply key `(backend, new source)` must be free, or held by an expired flow
+/// ([`claim`]); a live holder is never overwritten, in either table. The source port
+/// is chosen so that it is:
+/// - a masqueraded flow ([`Translation::masquerade`]) draws its port from the
+///   masquerade range ([`crate::snat::draw_port`]), at most
+///   [`crate::snat::ATTEMPTS`] times;
+/// - any other flow first asks for the client's own port; when a live flow holds that
+///   key (the client uses one ephemeral port towards two frontends at once, and both
+///   chose the same backend: Linux picks ports per destination), the source port is
+///   remapped, drawn from the same range as masquerade ports while the client's
+///   address is kept, as netfilter's NAT searches for a unique tuple. Its replies get
+///   the client's port back.
+///
+/// One call site, the draws in `bpf_loop` ([`crate::snat::claim_drawn`]): the
+/// verifier walks them once per state that reaches the call, and keeps those few.
+/// Inlined: the IPv4 entry points' frames hold its values already, and a frame of its
+/// own would take the call chain to [`claim`] past the 512-byte stack limit.
+///
+/// `Ok(false)`: every key tried is held by a live flow. A remapped flow is told from
+/// the others by its entry: [`ct_flags::REWRITE_SRC`] without masquerade.
 ///
 /// # Errors
 /// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails.
@@ -371,73 +422,69 @@ pub fn create(
     original: &CtKeyV4,
     nat: &Translation,
     now: u64,
-    claim_reply: bool,
-) -> Result<Created> {
+    out: &mut CtEntryV4,
+) -> Result<bool> {
     if !admits_new_flows(now) {
         return Err(DropReason::CT_FULL);
     }
-    let mut after = *original;
-    (after.src_addr, after.src_port) = nat.new_src;
-    (after.dst_addr, after.dst_port) = nat.new_dst;
-
-    let mut forward = CtEntryV4 {
+    let (new_src_addr, new_src_port) = nat.new_src;
+    let (new_dst_addr, new_dst_port) = nat.new_dst;
+    let forward = out;
+    *forward = CtEntryV4 {
         last_seen_ns: now,
         peer_refreshed_ns: now,
         backend_id: nat.backend_id,
         service_id: nat.service_id,
+        flags: if nat.via_stack {
+            ct_flags::VIA_STACK
+        } else {
+            0
+        },
         ..CtEntryV4::default()
     };
-    if nat.via_stack {
-        forward.flags = ct_flags::VIA_STACK;
-    }
-    let mut reply = forward;
-    reply.flags |= ct_flags::REPLY;
-    if after.dst_addr != original.dst_addr || after.dst_port != original.dst_port {
+    let mut reply = ReplyClaim4 {
+        // The translated tuple, reversed.
+        key: CtKeyV4 {
+            src_addr: new_dst_addr,
+            dst_addr: new_src_addr,
+            src_port: new_dst_port,
+            dst_port: new_src_port,
+            proto: original.proto,
+            _pad: [0; 3],
+        },
+        entry: *forward,
+        now,
+        claimed: false,
+    };
+    reply.entry.flags |= ct_flags::REPLY;
+    if new_dst_addr != original.dst_addr || new_dst_port != original.dst_port {
         forward.flags |= ct_flags::REWRITE_DST;
-        forward.nat_dst_addr = after.dst_addr;
-        forward.nat_dst_port = after.dst_port;
-        reply.flags |= ct_flags::REWRITE_SRC;
-        reply.nat_src_addr = original.dst_addr;
-        reply.nat_src_port = original.dst_port;
+        forward.nat_dst_addr = new_dst_addr;
+        forward.nat_dst_port = new_dst_port;
+        reply.entry.flags |= ct_flags::REWRITE_SRC;
+        reply.entry.nat_src_addr = original.dst_addr;
+        reply.entry.nat_src_port = original.dst_port;
     }
-    if after.src_addr != original.src_addr || after.src_port != original.src_port {
+    // The client's own port, unless masqueraded.
+    if !nat.masquerade {
+        release_closed(&reply.key);
+        reply.claimed = claim(&reply.key, &reply.entry, now);
+    }
+    if !reply.claimed {
+        // Masqueraded or remapped: the source is rewritten, to a drawn port.
         forward.flags |= ct_flags::REWRITE_SRC;
-        forward.nat_src_addr = after.src_addr;
-        forward.nat_src_port = after.src_port;
-        reply.flags |= ct_flags::REWRITE_DST;
-        reply.nat_dst_addr = original.src_addr;
-        reply.nat_dst_port = original.src_port;
+        forward.nat_src_addr = new_src_addr;
+        reply.entry.flags |= ct_flags::REWRITE_DST;
+        reply.entry.nat_dst_addr = original.src_addr;
+        reply.entry.nat_dst_port = original.src_port;
+        if !snat::claim_drawn_unrolled(&mut reply) {
+            return Ok(false);
+        }
+        forward.nat_src_port = reply.key.dst_port;
     }
-    let reply_key = reversed(&after);
-    if claim_reply {
-        if !claim(&reply_key, &reply, now) {
-            return Ok(Created::ReplyKeyTaken);
-        }
-    } else {
-        // Two flows to different frontends can become the same tuple once translated
-        // (a client reuses a source port for another ClusterIP while the first
-        // connection is in TIME_WAIT, and both go to one backend). Lookups try the
-        // established table first, so an old flow's reply entry left there would take
-        // this flow's replies and translate them to the old frontend: a flow that is
-        // over gives its key up; a live one keeps it (netfilter would remap the source
-        // port; here the new flow is refused and its client retries).
-        if let Some(holder) = Table::Established.get(&reply_key) {
-            // SAFETY: copied out at once.
-            let holder = unsafe { *holder };
-            if !ct_flags::is_closed(holder.flags)
-                && !maps::config().ct_expired(&holder, reply_key.proto, now)
-            {
-                return Ok(Created::ReplyKeyTaken);
-            }
-            Table::Established.remove(&reply_key);
-        }
-        if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
-            return Err(DropReason::CT_INSERT);
-        }
-    }
-    if !Table::New.insert(original, &forward, BPF_ANY) {
-        Table::New.remove(&reply_key);
+    if !Table::New.insert(original, forward, BPF_ANY) {
+        Table::New.remove(&reply.key);
         return Err(DropReason::CT_INSERT);
     }
-    Ok(Created::Flow(forward))
+    Ok(true)
 }

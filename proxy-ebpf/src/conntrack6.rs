@@ -18,7 +18,7 @@ use crate::{
     parse::Kind,
     parse6::{reversed, Packet6},
     service6::Chosen,
-    snat6, stats, trace,
+    snat, stats, trace,
     verdict::{DropReason, Result},
 };
 
@@ -249,11 +249,13 @@ pub fn lookup(pkt: &Packet6, now: u64, out: &mut CtEntryV6) -> bool {
 /// room for copies (see [`crate::parse6::parse`]).
 #[derive(Clone, Copy)]
 pub struct Translation<'a> {
+    /// The client's own address and port (the port may still be remapped, see
+    /// [`create`]), or with [`Self::masquerade`] the node's address.
     pub new_src: (&'a Be32x4, Be16),
     pub chosen: &'a Chosen,
     /// Both directions go through the stack ([`ct_flags::VIA_STACK`]).
     pub via_stack: bool,
-    /// The source port is claimed from the masquerade range ([`crate::snat6`]),
+    /// The source port is drawn from the masquerade range ([`crate::snat`]),
     /// `new_src`'s port is ignored.
     pub masquerade: bool,
 }
@@ -283,14 +285,50 @@ fn claim(key: &CtKeyV6, reply: &CtEntryV6, now: u64) -> bool {
     true
 }
 
+/// A new flow's reply entry and key, until its port is claimed ([`snat::claim_drawn`]'s
+/// loop context).
+struct ReplyClaim6<'a> {
+    key: CtKeyV6,
+    entry: &'a mut CtEntryV6,
+    now: u64,
+    claimed: bool,
+}
+
+impl snat::ReplyClaim for ReplyClaim6<'_> {
+    #[inline(always)]
+    fn claim_port(&mut self, port: Be16) -> bool {
+        self.key.dst_port = port;
+        self.claimed = claim(&self.key, self.entry, self.now);
+        self.claimed
+    }
+
+    #[inline(always)]
+    fn claimed(&self) -> bool {
+        self.claimed
+    }
+}
+
+/// Gives up the reply key of a closed flow in the established table
+/// ([`crate::conntrack`]'s `release_closed`: a client reusing a port in TIME_WAIT for
+/// another frontend of the same backend keeps its port).
+#[inline(always)]
+fn release_closed(key: &CtKeyV6) {
+    if let Some(holder) = Table::Established.get(key) {
+        // SAFETY: read in place, valid for this program run.
+        if ct_flags::is_closed(unsafe { (*holder).flags }) {
+            Table::Established.remove(key);
+        }
+    }
+}
+
 /// Records a new flow in the new-flow table: the entry for its original direction and
-/// the one for its replies, which undo it ([`crate::conntrack::create`] for IPv6).
-/// `out` receives the original direction's entry. `Ok(false)`: the reply key is held
-/// by a live flow. With [`Translation::masquerade`] that is every port drawn
-/// ([`crate::snat6::draw_port`]: the reply key's port is claimed, the entries do not
-/// depend on it, so only the claim is retried, which keeps the verifier's work for the
-/// retries small); without, another frontend's flow that becomes the same tuple once
-/// translated, and the new one is refused, as for IPv4.
+/// the one for its replies, which undo it ([`crate::conntrack::create`] for IPv6, with
+/// the same choice of source port: a masqueraded flow draws it from the masquerade
+/// range, any other asks for the client's own and, when a live flow holds that reply
+/// key, has it remapped to a drawn one, keeping the client's address). `out` receives
+/// the original direction's entry. `Ok(false)`: every key tried is held by a live
+/// flow. Only the claim is retried, in `bpf_loop` ([`crate::snat::claim_drawn`]): the
+/// entries do not depend on the drawn port.
 ///
 /// # Errors
 /// `CT_FULL` while the established table is full; `CT_INSERT` when an insert fails.
@@ -306,74 +344,74 @@ pub fn create(
     }
     let (new_src, new_src_port) = nat.new_src;
     let backend = &nat.chosen.backend;
-    let forward = out;
-    *forward = CtEntryV6 {
+    let rewrite_dst = backend.addr != original.dst_addr || backend.port != original.dst_port;
+    // The reply entry is built first, in `out`, and claimed from there; the original
+    // direction's then takes its place. No entry is copied on the stack: the frames of
+    // this call chain are near the 512-byte limit.
+    *out = CtEntryV6 {
         last_seen_ns: now,
         peer_refreshed_ns: now,
         backend_id: nat.chosen.backend_id,
         service_id: nat.chosen.service_id,
-        flags: if nat.via_stack {
-            ct_flags::VIA_STACK
-        } else {
-            0
-        },
+        flags: ct_flags::REPLY
+            | if nat.via_stack {
+                ct_flags::VIA_STACK
+            } else {
+                0
+            },
         ..CtEntryV6::default()
     };
-    let mut reply = *forward;
-    reply.flags |= ct_flags::REPLY;
-    if backend.addr != original.dst_addr || backend.port != original.dst_port {
+    if rewrite_dst {
+        out.flags |= ct_flags::REWRITE_SRC;
+        out.nat_src_addr = original.dst_addr;
+        out.nat_src_port = original.dst_port;
+    }
+    let mut reply = ReplyClaim6 {
+        // The translated tuple, reversed.
+        key: CtKeyV6 {
+            src_addr: backend.addr,
+            dst_addr: *new_src,
+            src_port: backend.port,
+            dst_port: new_src_port,
+            proto: original.proto,
+            _pad: [0; 3],
+        },
+        entry: out,
+        now,
+        claimed: false,
+    };
+    // The client's own port, unless masqueraded.
+    if !nat.masquerade {
+        release_closed(&reply.key);
+        reply.claimed = claim(&reply.key, reply.entry, now);
+    }
+    let rewrite_src = !reply.claimed;
+    if rewrite_src {
+        // Masqueraded or remapped: the source is rewritten, to a drawn port, and the
+        // replies get the client's back.
+        reply.entry.flags |= ct_flags::REWRITE_DST;
+        reply.entry.nat_dst_addr = original.src_addr;
+        reply.entry.nat_dst_port = original.src_port;
+        if !snat::claim_drawn(&mut reply) {
+            return Ok(false);
+        }
+    }
+    let reply_key = reply.key;
+    let forward = reply.entry;
+    forward.flags &= !(ct_flags::REPLY | ct_flags::REWRITE_SRC | ct_flags::REWRITE_DST);
+    forward.nat_src_addr = Be32x4::default();
+    forward.nat_src_port = Be16::default();
+    forward.nat_dst_addr = Be32x4::default();
+    forward.nat_dst_port = Be16::default();
+    if rewrite_dst {
         forward.flags |= ct_flags::REWRITE_DST;
         forward.nat_dst_addr = backend.addr;
         forward.nat_dst_port = backend.port;
-        reply.flags |= ct_flags::REWRITE_SRC;
-        reply.nat_src_addr = original.dst_addr;
-        reply.nat_src_port = original.dst_port;
     }
-    if *new_src != original.src_addr || new_src_port != original.src_port {
+    if rewrite_src {
         forward.flags |= ct_flags::REWRITE_SRC;
         forward.nat_src_addr = *new_src;
-        forward.nat_src_port = new_src_port;
-        reply.flags |= ct_flags::REWRITE_DST;
-        reply.nat_dst_addr = original.src_addr;
-        reply.nat_dst_port = original.src_port;
-    }
-    // The translated tuple, reversed: built directly, with no copy of the translated
-    // one on the stack.
-    let mut reply_key = CtKeyV6 {
-        src_addr: backend.addr,
-        dst_addr: *new_src,
-        src_port: backend.port,
-        dst_port: new_src_port,
-        proto: original.proto,
-        _pad: [0; 3],
-    };
-    if nat.masquerade {
-        let mut claimed = false;
-        for _ in 0..snat6::ATTEMPTS {
-            reply_key.dst_port = snat6::draw_port();
-            if claim(&reply_key, &reply, now) {
-                forward.nat_src_port = reply_key.dst_port;
-                claimed = true;
-                break;
-            }
-        }
-        if !claimed {
-            return Ok(false);
-        }
-    } else {
-        if let Some(holder) = Table::Established.get(&reply_key) {
-            // SAFETY: read in place, valid for this program run.
-            let holder = unsafe { &*holder };
-            if !ct_flags::is_closed(holder.flags)
-                && !maps::config().ct_expired_v6(holder, reply_key.proto, now)
-            {
-                return Ok(false);
-            }
-            Table::Established.remove(&reply_key);
-        }
-        if !Table::New.insert(&reply_key, &reply, BPF_ANY) {
-            return Err(DropReason::CT_INSERT);
-        }
+        forward.nat_src_port = reply_key.dst_port;
     }
     if !Table::New.insert(original, forward, BPF_ANY) {
         Table::New.remove(&reply_key);

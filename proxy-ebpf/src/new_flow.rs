@@ -3,10 +3,12 @@
 //! Shared by the pod-facing and the node-facing ingress programs, which differ only in
 //! where the client is ([`Origin`]).
 use aya_ebpf::programs::TcContext;
-use proxy_common::{backend_flags, counter, service_flags, trace::stage, CtKeyV4};
+use proxy_common::{
+    backend_flags, counter, ct_flags, service_flags, trace::stage, CtEntryV4, CtKeyV4,
+};
 
 use crate::{
-    conntrack::{self, Created, Translation},
+    conntrack::{self, Translation},
     destination::Destination,
     forward::{self, Flow},
     fragments,
@@ -133,22 +135,31 @@ pub fn handle(
             record.stages |= stage::MASQUERADE;
         }
     });
-    let entry = if masquerade {
-        snat::create(&pkt.tuple, &backend, backend_id, service_id, now)?
-    } else {
-        let translation = Translation {
-            new_src: (pkt.tuple.src_addr, pkt.tuple.src_port),
-            new_dst: (backend.addr, backend.port),
-            backend_id,
-            service_id,
-            via_stack,
-        };
-        match conntrack::create(&pkt.tuple, &translation, now, false)? {
-            Created::Flow(entry) => entry,
-            // A live flow of another frontend is the same tuple once translated.
-            Created::ReplyKeyTaken => return Err(DropReason::CT_INSERT),
-        }
+    let translation = Translation {
+        new_src: (
+            if masquerade {
+                snat::address()?
+            } else {
+                pkt.tuple.src_addr
+            },
+            pkt.tuple.src_port,
+        ),
+        new_dst: (backend.addr, backend.port),
+        backend_id,
+        service_id,
+        via_stack,
+        masquerade,
     };
+    // One call site for every kind of flow: the claim loop in it is verified once per
+    // state that reaches it.
+    let mut entry = CtEntryV4::default();
+    if !conntrack::create(&pkt.tuple, &translation, now, &mut entry)? {
+        // Every port tried is held by a live flow to that backend.
+        return Err(DropReason::SNAT_PORTS);
+    }
+    if !masquerade && entry.flags & ct_flags::REWRITE_SRC != 0 {
+        stats::count(counter::SOURCE_PORT_REMAPPED);
+    }
     fragments::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
     service_stats::count_new_flow(service_id, pkt);

@@ -233,23 +233,23 @@ fn new_flow(
     } else {
         &pkt.tuple.src_addr
     };
-    // One call for both kinds of flow: each call site of `create` is verified once per
-    // state that reaches it, and its masquerade retries make that the dearest part of
-    // this program for the verifier.
+    // One call for every kind of flow: each call site of `create` is verified once per
+    // state that reaches it, and its claim retries (masquerade, remapped ports) make
+    // that the dearest part of this program for the verifier.
     let translation = Translation {
         new_src: (new_src, pkt.tuple.src_port),
         chosen: &chosen,
         via_stack,
         masquerade,
     };
+    // A hairpin packet that could not be sent back is dropped before it claims a port
+    // (a flow that never starts must not hold one for its timeout).
+    if origin == Origin::Pod && !via_stack {
+        forward6::hairpin_hop(pkt)?;
+    }
     if !conntrack6::create(&pkt.tuple, &translation, now, entry)? {
-        // Every port drawn is taken; or, without masquerade, a live flow of another
-        // frontend is the same tuple once translated.
-        return Err(if masquerade {
-            DropReason::SNAT_PORTS
-        } else {
-            DropReason::CT_INSERT
-        });
+        // Every port tried is held by a live flow to that backend.
+        return Err(DropReason::SNAT_PORTS);
     }
     if masquerade {
         stats::count(if origin == Origin::Pod {
@@ -257,6 +257,8 @@ fn new_flow(
         } else {
             counter::SNAT_FLOW
         });
+    } else if entry.flags & ct_flags::REWRITE_SRC != 0 {
+        stats::count(counter::SOURCE_PORT_REMAPPED);
     }
     fragments6::remember(pkt, now);
     stats::count(counter::NEW_FLOW);
@@ -269,9 +271,6 @@ fn new_flow(
     // A pod's flow that is not through the stack is masqueraded: the hairpin, sent
     // back where it came from.
     if via_stack || origin == Origin::Pod {
-        if !via_stack {
-            forward6::hairpin_hop(pkt)?;
-        }
         nat6::apply(skb, pkt, entry)?;
         if via_stack {
             return Ok(PASS);

@@ -216,7 +216,68 @@ pub fn cases() -> Vec<Case> {
         output: Expected::Frame(output),
     };
 
+    // One ephemeral port towards two ClusterIPs at once, both to one backend (Linux
+    // picks ports per destination): the second flow's source port is remapped to the
+    // masquerade range's only port here, its replies get the client's port back.
+    let remapped = sock(10, 244, 1, 2, node_addr::SNAT_PORT);
+    let one_port = NodeSetup {
+        snat: Some((node_addr::NODE, node_addr::SNAT_PORT)),
+        local_backends: vec![*backend().ip()],
+        ..NodeSetup::default()
+    };
+    let third_vip = sock(10, 96, 0, 30, 80);
+    let third = frontend("third", third_vip, proto::TCP, &[backend()], 0);
+    let other_syn = Frame::tcp(client(), other_vip, TcpFlags::SYN);
+    let backend_syn_ack = |to: SocketAddrV4| Frame::tcp(backend(), to, TcpFlags::SYN_ACK);
+
     vec![
+        Case {
+            name: "one client port to two ClusterIPs of one backend at once, the first flow half-open: the second flow's source port is remapped, each flow's replies come back to the client's port from its own ClusterIP; with no port left a third is dropped",
+            frontends: vec![web.clone(), other.clone(), third],
+            steps: vec![
+                step(Hook::PodIngress, syn.clone(), syn.clone().with_dst(backend())),
+                step(Hook::PodIngress, other_syn.clone(), Frame::tcp(remapped, backend(), TcpFlags::SYN)),
+                step(Hook::PodEgress, backend_syn_ack(remapped), reply(other_vip, TcpFlags::SYN_ACK)),
+                step(Hook::PodEgress, backend_syn_ack(client()), reply(vip(), TcpFlags::SYN_ACK)),
+                step(Hook::PodIngress, Frame::tcp(client(), other_vip, TcpFlags::ACK), Frame::tcp(remapped, backend(), TcpFlags::ACK)),
+                step(Hook::PodIngress, Frame::tcp(client(), vip(), TcpFlags::ACK), Frame::tcp(client(), backend(), TcpFlags::ACK)),
+                // Both flows are established now; data still goes each its own way.
+                step(Hook::PodEgress, Frame::tcp(backend(), remapped, TcpFlags::ACK), reply(other_vip, TcpFlags::ACK)),
+                step(Hook::PodEgress, Frame::tcp(backend(), client(), TcpFlags::ACK), reply(vip(), TcpFlags::ACK)),
+                Step {
+                    hook: Hook::PodIngress,
+                    input: Frame::tcp(client(), third_vip, TcpFlags::SYN),
+                    verdict: Verdict::Drop,
+                    output: Expected::Unchanged,
+                },
+            ],
+            node: one_port.clone(),
+            counters: vec![
+                (counter::NEW_FLOW, 2),
+                (counter::SOURCE_PORT_REMAPPED, 1),
+                (counter::CT_ASSURED, 2),
+                (counter::DROP_SNAT_PORTS, 1),
+                (counter::DROP_CT_INSERT, 0),
+            ],
+        },
+        Case {
+            name: "one client port to two ClusterIPs of one backend, the first flow established: the second flow's source port is remapped instead of the flow refused",
+            frontends: vec![web.clone(), other.clone()],
+            steps: vec![
+                step(Hook::PodIngress, syn.clone(), syn.clone().with_dst(backend())),
+                step(Hook::PodEgress, backend_syn_ack(client()), reply(vip(), TcpFlags::SYN_ACK)),
+                step(Hook::PodIngress, Frame::tcp(client(), vip(), TcpFlags::ACK), Frame::tcp(client(), backend(), TcpFlags::ACK)),
+                step(Hook::PodIngress, other_syn, Frame::tcp(remapped, backend(), TcpFlags::SYN)),
+                step(Hook::PodEgress, backend_syn_ack(remapped), reply(other_vip, TcpFlags::SYN_ACK)),
+                step(Hook::PodEgress, Frame::tcp(backend(), client(), TcpFlags::ACK), reply(vip(), TcpFlags::ACK)),
+            ],
+            node: one_port,
+            counters: vec![
+                (counter::NEW_FLOW, 2),
+                (counter::SOURCE_PORT_REMAPPED, 1),
+                (counter::DROP_CT_INSERT, 0),
+            ],
+        },
         Case {
             name: "a port reused for another ClusterIP once the first connection closed: the new flow's replies come from the new ClusterIP, not from the old flow's entry",
             frontends: vec![web.clone(), other],
@@ -232,7 +293,8 @@ pub fn cases() -> Vec<Case> {
                 step(Hook::PodEgress, reply(backend(), TcpFlags::SYN_ACK), reply(other_vip, TcpFlags::SYN_ACK)),
             ],
             node: NodeSetup::default(),
-            counters: vec![(counter::NEW_FLOW, 2)],
+            // The closed flow gave its key up: the client's port is kept.
+            counters: vec![(counter::NEW_FLOW, 2), (counter::SOURCE_PORT_REMAPPED, 0)],
         },
         Case {
             name:

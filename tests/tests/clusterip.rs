@@ -430,3 +430,129 @@ fn an_unallocated_service_address_never_leaves_the_node_while_other_traffic_does
         .run(|| tcp_request(sock(WEB_VIP, 80), TIMEOUT))
         .expect("a ClusterIP still answers");
 }
+
+/// Two ClusterIPs whose only endpoint is web-0 (10.244.1.11:8080).
+const WEB0_VIPS: [std::net::Ipv4Addr; 2] = [
+    std::net::Ipv4Addr::new(10, 96, 0, 40),
+    std::net::Ipv4Addr::new(10, 96, 0, 41),
+];
+
+/// A Service at `vip` port 80 with web-0 as its one endpoint.
+fn web0_service(name: &str, vip: std::net::Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  type: ClusterIP
+  clusterIP: {vip}
+  clusterIPs: [{vip}]
+  ipFamilies: [IPv4]
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+  - addresses: [10.244.1.11]
+    conditions: {{ready: true}}
+    nodeName: node-a
+    targetRef: {{kind: Pod, namespace: demo, name: web-0}}
+"
+    )
+}
+
+/// A TCP socket bound to `local` with SO_REUSEADDR (so a second one can share the
+/// port), connected to `dst`.
+fn connect_from(local: SocketAddr, dst: SocketAddr) -> Result<std::net::TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&local.into())?;
+    socket.connect_timeout(&dst.into(), TIMEOUT)?;
+    let stream = std::net::TcpStream::from(socket);
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Linux picks ephemeral ports per destination, so a client may use one port towards
+/// two ClusterIPs at once; when both choose the same backend, the two flows are one
+/// tuple once translated. netfilter remaps the second flow's source port; so does
+/// kpr: both connections exchange data, the backend sees the second from another port,
+/// and the client sees its own port on both. (On the old code the second connection's
+/// SYN was dropped: its translated tuple was held.)
+#[test]
+fn one_client_port_reaches_two_cluster_ips_of_one_backend_at_once() {
+    let lab = lab_for_manifests(&examples_dir()).expect("lab");
+    for (index, vip) in WEB0_VIPS.iter().enumerate() {
+        lab.write_manifest(
+            &format!("web0-{index}.yaml"),
+            &web0_service(&format!("web0-{index}"), *vip),
+        )
+        .expect("write manifest");
+    }
+    let client = &lab.pod("client").netns;
+    lab.wait_for(
+        "both ClusterIPs of web-0 to answer",
+        CHANGE_DEADLINE,
+        || {
+            client.run(|| {
+                Ok(WEB0_VIPS
+                    .iter()
+                    .all(|vip| tcp_request(sock(*vip, 80), Duration::from_millis(300)).is_ok()))
+            })
+        },
+    )
+    .expect("ClusterIPs programmed");
+
+    let (mut first, mut second, port) = client
+        .run(|| {
+            let first = connect_from(
+                SocketAddr::from(sock(CLIENT_IP, 0)),
+                SocketAddr::from(sock(WEB0_VIPS[0], 80)),
+            )?;
+            let port = first.local_addr()?.port();
+            let second = connect_from(
+                SocketAddr::from(sock(CLIENT_IP, port)),
+                SocketAddr::from(sock(WEB0_VIPS[1], 80)),
+            )?;
+            Ok((
+                Conversation::from_stream(first),
+                Conversation::from_stream(second),
+                port,
+            ))
+        })
+        .expect("two connections from one client port");
+    for conversation in [&first, &second] {
+        assert_eq!(
+            conversation.local_addr().expect("local address").port(),
+            port
+        );
+    }
+    for round in 0..3 {
+        let to_first = first.ask().expect("the first connection answers");
+        let to_second = second.ask().expect("the second connection answers");
+        assert_eq!(to_first.server, "web-0");
+        assert_eq!(to_second.server, "web-0");
+        assert_eq!(
+            to_first.seen_client,
+            SocketAddr::from(sock(CLIENT_IP, port)),
+            "round {round}: the first flow keeps the client's port"
+        );
+        assert_eq!(to_second.seen_client.ip(), std::net::IpAddr::V4(CLIENT_IP));
+        assert_ne!(
+            to_second.seen_client.port(),
+            port,
+            "round {round}: the second flow's port is remapped"
+        );
+    }
+    let remapped = "kpr_datapath_events_total{event=\"source_port_remapped\"}";
+    lab.wait_for("the remap to be counted", CHANGE_DEADLINE, || {
+        Ok(lab.metric(remapped)?.is_some_and(|count| count >= 1.0))
+    })
+    .expect("remap counted");
+}

@@ -560,7 +560,76 @@ fn cases() -> Vec<Case> {
         }],
         counters: vec![(reason, 1), (counter::NEW_FLOW, 0)],
     };
+    // One ephemeral port towards two ClusterIPs at once, both to one backend: the
+    // second flow's source port is remapped to the masquerade range's only port (no
+    // masquerade address is needed for it), and its replies get the client's port back.
+    let other_vip = sock6("fd00:10:96::14", 80);
+    let third_vip = sock6("fd00:10:96::1e", 80);
+    let remapped = SocketAddrV6::new(*client().ip(), SNAT_PORT, 0, 0);
+    let tcp = |src, dst, flags| Frame6::tcp(src, dst, flags);
+    let pass =
+        |hook, input: &Frame6, output: &Frame6| step(hook, input, Verdict::Pass, Some(output));
     vec![
+        Case {
+            name: "one client port to two ClusterIPs of one backend at once: the second flow's source port is remapped, each flow's replies come back to the client's port from its own ClusterIP; with no port left a third is dropped",
+            frontends: vec![
+                web.clone(),
+                frontend6(other_vip, proto::TCP, &[backend()]),
+                frontend6(third_vip, proto::TCP, &[backend()]),
+            ],
+            steps: vec![
+                pass(Hook::PodIngress, &syn, &syn_to_backend),
+                pass(
+                    Hook::PodIngress,
+                    &tcp(client(), other_vip, TcpFlags::SYN),
+                    &tcp(remapped, backend(), TcpFlags::SYN),
+                ),
+                pass(
+                    Hook::PodEgress,
+                    &tcp(backend(), remapped, TcpFlags::SYN_ACK),
+                    &tcp(other_vip, client(), TcpFlags::SYN_ACK),
+                ),
+                pass(
+                    Hook::PodEgress,
+                    &tcp(backend(), client(), TcpFlags::SYN_ACK),
+                    &tcp(vip(), client(), TcpFlags::SYN_ACK),
+                ),
+                pass(
+                    Hook::PodIngress,
+                    &tcp(client(), other_vip, TcpFlags::ACK),
+                    &tcp(remapped, backend(), TcpFlags::ACK),
+                ),
+                pass(
+                    Hook::PodIngress,
+                    &tcp(client(), vip(), TcpFlags::ACK),
+                    &tcp(client(), backend(), TcpFlags::ACK),
+                ),
+                // Both established: each flow's data still goes its own way.
+                pass(
+                    Hook::PodEgress,
+                    &tcp(backend(), remapped, TcpFlags::ACK),
+                    &tcp(other_vip, client(), TcpFlags::ACK),
+                ),
+                pass(
+                    Hook::PodEgress,
+                    &tcp(backend(), client(), TcpFlags::ACK),
+                    &tcp(vip(), client(), TcpFlags::ACK),
+                ),
+                step(
+                    Hook::PodIngress,
+                    &tcp(client(), third_vip, TcpFlags::SYN),
+                    Verdict::Drop,
+                    None,
+                ),
+            ],
+            counters: vec![
+                (counter::NEW_FLOW, 2),
+                (counter::SOURCE_PORT_REMAPPED, 1),
+                (counter::CT_ASSURED, 2),
+                (counter::DROP_SNAT_PORTS, 1),
+                (counter::DROP_CT_INSERT, 0),
+            ],
+        },
         Case {
             name: "TCP SYN to a ClusterIP is DNATed to its backend",
             frontends: vec![web.clone()],
@@ -1488,6 +1557,19 @@ fn routed_cases() -> Vec<(Case, Node6)> {
                 name: "a pod reaching itself is masqueraded to the node and redirected, and so is its reply",
                 frontends: vec![hairpin],
                 steps: vec![
+                    // A new flow whose first packet has hop limit 1 is dropped before it
+                    // claims the only masquerade port, which the next flow then gets.
+                    step(
+                        Hook::PodIngress,
+                        &hop(
+                            pod_syn
+                                .clone()
+                                .with_src(SocketAddrV6::new(*client().ip(), 40_001, 0, 0)),
+                            1,
+                        ),
+                        Verdict::Drop,
+                        None,
+                    ),
                     step(
                         Hook::PodIngress,
                         &pod_syn,
@@ -1507,7 +1589,8 @@ fn routed_cases() -> Vec<(Case, Node6)> {
                     (counter::REDIRECTED, 2),
                     (counter::HAIRPIN_FLOW, 1),
                     (counter::SNAT_FLOW, 0),
-                    (counter::DROP_TTL_EXCEEDED, 1),
+                    (counter::DROP_TTL_EXCEEDED, 2),
+                    (counter::DROP_SNAT_PORTS, 0),
                 ],
             },
             snat,
