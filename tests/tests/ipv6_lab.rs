@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::Result;
 use kpr_lab::{
-    ipv6::{load_balancer, pod_v6, slice, v4, v6},
+    ipv6::{
+        common_services, pod_v6, slice, v4, v6, CLIENT_V6, EMPTY_VIP, EXTERNAL_V6, LB_V6, NODE_V6,
+        OUTSIDE_V6, RANGED_LB_V6, SIX_VIP, STICKY_VIP,
+    },
     lab::{http_get, Lab},
     netns::Netns,
     traffic::{io_error_kind, tcp_request, udp_request},
@@ -22,72 +25,16 @@ use proxy_common::{Be16, Be32x4, ServiceKeyV6, ServiceValueV6};
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
-const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
-/// The IPv6-only Service `six`: ClusterIP, NodePorts 30080/TCP and 30053/UDP.
-const SIX_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 /// The dual-stack Service `dual` (RequireDualStack).
 const DUAL_VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const DUAL_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
 /// `pref`: PreferDualStack with IPv4 endpoints only.
 const PREF_VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const PREF_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30);
-/// `empty`: IPv6-only, no endpoints.
-const EMPTY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40);
-/// `sticky6`: IPv6-only, sessionAffinity ClientIP over the three web pods.
-const STICKY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x70);
-/// The node's address on its external interface, and the outside client's.
-/// `six`'s IPv6 externalIP, and the LoadBalancer IPs of `lb6` (eTP Local, open to
-/// the outside client) and `ranged6` (open to another range only).
-const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x30, 0, 0, 0, 0, 1);
-const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x50, 0, 0, 0, 0, 1);
-const RANGED_LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x60, 0, 0, 0, 0, 1);
-const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 1);
-const OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 0x100);
 
 fn manifests() -> String {
-    let web: Vec<String> = (0..3).map(|i| pod_v6(0x11 + i).to_string()).collect();
-    [
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: six, namespace: demo}}
-spec:
-  type: NodePort
-  clusterIP: '{SIX_VIP}'
-  clusterIPs: ['{SIX_VIP}']
-  ipFamilies: [IPv6]
-  ipFamilyPolicy: SingleStack
-  externalIPs: ['{EXTERNAL_V6}']
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}
-  - {{name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}}
-"
-        ),
-        slice("six", "IPv6", &web),
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: sticky6, namespace: demo}}
-spec:
-  clusterIP: '{STICKY_VIP}'
-  clusterIPs: ['{STICKY_VIP}']
-  ipFamilies: [IPv6]
-  sessionAffinity: ClientIP
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
-"
-        ),
-        slice("sticky6", "IPv6", &web),
-        load_balancer("lb6", 0x50, LB_V6, &format!("{OUTSIDE_V6}/128"), "Local"),
-        slice("lb6", "IPv6", &[pod_v6(0x11).to_string()]),
-        load_balancer(
-            "ranged6",
-            0x60,
-            RANGED_LB_V6,
-            "2001:db8:ffff::/48",
-            "Cluster",
-        ),
-        slice("ranged6", "IPv6", &[pod_v6(0x11).to_string()]),
+    let mut documents = common_services();
+    documents.extend([
         format!(
             "apiVersion: v1
 kind: Service
@@ -117,20 +64,8 @@ spec:
 "
         ),
         slice("pref", "IPv4", &["10.244.1.31".into()]),
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: empty, namespace: demo}}
-spec:
-  clusterIP: '{EMPTY_VIP}'
-  clusterIPs: ['{EMPTY_VIP}']
-  ipFamilies: [IPv6]
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
-"
-        ),
-    ]
-    .join("---\n")
+    ]);
+    documents.join("---\n")
 }
 
 /// The agent's flags in every lab of this file.

@@ -15,7 +15,10 @@ use std::{
 use anyhow::Result;
 use kpr_lab::{
     host::Mode,
-    ipv6::{load_balancer, pod_v6, slice, v6},
+    ipv6::{
+        common_services, pod_v6, slice, v6, CLIENT_V6, EMPTY_VIP, EXTERNAL_V6, LB_V6, NODE_V6,
+        OUTSIDE_V6, RANGED_LB_V6, SIX_VIP, STICKY_VIP,
+    },
     lab::{http_get, ipv4_state, Lab},
     netns::Netns,
     scenario::NewConnections,
@@ -27,23 +30,8 @@ use kpr_lab::{
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
-/// `six`: NodePort Service (80/TCP on 30080, 53/UDP on 30053) with an externalIP.
-const SIX_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
-/// `empty`: no endpoints.
-const EMPTY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40);
-/// `sticky6`: sessionAffinity ClientIP over the three web pods.
-const STICKY_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x70);
 /// `gone6`: a Service on web-1 that the test removes.
 const GONE_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x90);
-const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x30, 0, 0, 0, 0, 1);
-/// `lb6`'s LoadBalancer IP: eTP Local, open to the outside client only.
-const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x50, 0, 0, 0, 0, 1);
-/// `ranged6`'s: open to another range only.
-const RANGED_LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x60, 0, 0, 0, 0, 1);
-/// The node's address on its external interface `ext0`, and the outside client's.
-const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 1);
-const OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, 0, 0x100);
 
 const WEB: [&str; 3] = ["web-0", "web-1", "web-2"];
 
@@ -52,63 +40,7 @@ const WEB: [&str; 3] = ["web-0", "web-1", "web-2"];
 const AGENT_ARGS: [&str; 2] = ["--cluster-cidr", "fd00:10:244::/56"];
 
 fn services() -> String {
-    let web: Vec<String> = (0..3).map(|i| pod_v6(0x11 + i).to_string()).collect();
-    [
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: six, namespace: demo}}
-spec:
-  type: NodePort
-  clusterIP: '{SIX_VIP}'
-  clusterIPs: ['{SIX_VIP}']
-  ipFamilies: [IPv6]
-  ipFamilyPolicy: SingleStack
-  externalIPs: ['{EXTERNAL_V6}']
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}
-  - {{name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}}
-"
-        ),
-        slice("six", "IPv6", &web),
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: sticky6, namespace: demo}}
-spec:
-  clusterIP: '{STICKY_VIP}'
-  clusterIPs: ['{STICKY_VIP}']
-  ipFamilies: [IPv6]
-  sessionAffinity: ClientIP
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
-"
-        ),
-        slice("sticky6", "IPv6", &web),
-        format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: empty, namespace: demo}}
-spec:
-  clusterIP: '{EMPTY_VIP}'
-  clusterIPs: ['{EMPTY_VIP}']
-  ipFamilies: [IPv6]
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
-"
-        ),
-        load_balancer("lb6", 0x50, LB_V6, &format!("{OUTSIDE_V6}/128"), "Local"),
-        slice("lb6", "IPv6", &[pod_v6(0x11).to_string()]),
-        load_balancer(
-            "ranged6",
-            0x60,
-            RANGED_LB_V6,
-            "2001:db8:ffff::/48",
-            "Cluster",
-        ),
-        slice("ranged6", "IPv6", &[pod_v6(0x11).to_string()]),
-    ]
-    .join("---\n")
+    common_services().join("---\n")
 }
 
 /// `gone6`, in a file of its own so the test can remove it.
