@@ -409,16 +409,7 @@ impl Agent {
             metrics,
         } = prepared;
         let node = read_node_network(&config);
-        // Both families: an IPv6-only node has no IPv4 field to show, and its NodePorts
-        // and masquerade address are the IPv6 ones.
-        info!(
-            interfaces = ?node.interfaces,
-            node_port_addresses = ?node.node_port_addresses,
-            snat_addr = ?node.snat_addr,
-            node_port_addresses_v6 = ?node.node_port_addresses_v6,
-            snat_addr_v6 = ?node.snat_addr_v6,
-            "the node's network"
-        );
+        log_node_network(&node, "the node's network");
         let mut model_settings = config.model.clone();
         model_settings
             .node_port_addresses
@@ -1327,14 +1318,7 @@ impl Agent {
     /// and the health check ports to the new NodePort addresses.
     async fn apply_node_network(&mut self) {
         let node = &self.node;
-        info!(
-            interfaces = ?node.interfaces,
-            node_port_addresses = ?node.node_port_addresses,
-            snat_addr = ?node.snat_addr,
-            node_port_addresses_v6 = ?node.node_port_addresses_v6,
-            snat_addr_v6 = ?node.snat_addr_v6,
-            "the node's network changed"
-        );
+        log_node_network(node, "the node's network changed");
         if let Err(error) = self
             .datapath
             .maps
@@ -1757,6 +1741,19 @@ fn attach_cgroup_hooks(hooks: &mut CgroupHooks, datapath: &mut Datapath) {
 }
 
 /// The node's external interfaces and addresses, as the namespace holds them now.
+/// One log line of the node's network, both families: an IPv6-only node has no IPv4
+/// field to show, and its NodePorts and masquerade address are the IPv6 ones.
+fn log_node_network(node: &NodeNetwork, what: &str) {
+    info!(
+        interfaces = ?node.interfaces,
+        node_port_addresses = ?node.node_port_addresses,
+        snat_addr = ?node.snat_addr,
+        node_port_addresses_v6 = ?node.node_port_addresses_v6,
+        snat_addr_v6 = ?node.snat_addr_v6,
+        "{what}"
+    );
+}
+
 fn read_node_network(config: &AgentConfig) -> NodeNetwork {
     let patterns = match &config.node_interfaces {
         Some(patterns) => patterns.clone(),
