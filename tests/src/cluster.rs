@@ -288,18 +288,7 @@ impl Cluster {
     /// When a link or route cannot be made.
     pub fn route_pods_over_link(&self, mtu: u16) -> Result<()> {
         let [a, b] = [&self.nodes[0].node, &self.nodes[1].node];
-        a.ip(&[
-            "link",
-            "add",
-            "tun0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "tun0",
-            "netns",
-            b.name(),
-        ])?;
+        a.add_veth("tun0", b, "tun0")?;
         let mtu = mtu.to_string();
         for (index, (netns, address)) in [(a, "10.255.0.1/30"), (b, "10.255.0.2/30")]
             .into_iter()
@@ -338,18 +327,7 @@ fn wire_underlay(underlay: &Netns, nodes: &[Lab], client: &Netns) -> Result<()> 
         .enumerate()
     {
         let port = format!("ul{index}");
-        underlay.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        underlay.add_veth(&port, netns, "eth0")?;
         underlay.ip(&["link", "set", &port, "master", "br0", "up"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
     }

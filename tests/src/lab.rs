@@ -204,18 +204,7 @@ impl Lab {
             netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         }
         let host_interface = format!("veth{}", self.pods.len());
-        self.node.ip(&[
-            "link",
-            "add",
-            &host_interface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        self.node.add_veth(&host_interface, &netns, "eth0")?;
         self.node.ip(&["link", "set", &host_interface, "up"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         if let Some(ip) = ip {
@@ -669,18 +658,7 @@ impl Lab {
         let outside = Netns::create(&format!("{}-{name}", self.prefix))?;
         outside.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         outside.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
-        self.node.ip(&[
-            "link",
-            "add",
-            interface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            outside.name(),
-        ])?;
+        self.node.add_veth(interface, &outside, "eth0")?;
         self.node.ip(&[
             "-6",
             "addr",

@@ -135,6 +135,26 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// Creates a veth pair: `local` in this namespace, `peer_name` in `peer`.
+    ///
+    /// # Errors
+    /// When `ip link add` fails.
+    pub fn add_veth(&self, local: &str, peer: &Netns, peer_name: &str) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            local,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_name,
+            "netns",
+            peer.name(),
+        ])?;
+        Ok(())
+    }
+
     /// Any command inside the namespace (`ip netns exec`).
     ///
     /// # Errors

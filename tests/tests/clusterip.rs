@@ -347,18 +347,7 @@ fn uplink_host(
     kpr_lab::traffic::EchoServer,
 )> {
     let peer = kpr_lab::netns::Netns::create(&format!("{}-up", lab.prefix))?;
-    lab.node.ip(&[
-        "link",
-        "add",
-        "uplink0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        peer.name(),
-    ])?;
+    lab.node.add_veth("uplink0", &peer, "eth0")?;
     lab.node.ip(&[
         "addr",
         "add",
